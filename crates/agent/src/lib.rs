@@ -1,1 +1,102 @@
-//! airlock-agent
+//! airlock's agent: PID 1 inside the sandbox.
+//!
+//! It reads its launch plan from the control channel, confines itself (and
+//! so everything it will start) with the jail's in-sandbox steps, runs the
+//! command in its own session, forwards the signals the supervisor sends,
+//! reaps every orphan, and reports how the command ended. When the command
+//! ends, the agent exits, and the kernel kills whatever the command left
+//! behind in the PID namespace.
+
+mod signals;
+
+use std::io;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use airlock_jail::setup;
+use airlock_jail::spawn::AGENT_CONTROL_FD;
+use airlock_proto::{AgentMessage, HostMessage, Launch};
+
+/// Exit code when the agent itself fails (mirrors `airlock run`'s 125).
+const AGENT_FAILED: i32 = 125;
+
+/// The agent's entry point; returns the process exit code.
+pub fn main() -> i32 {
+    // Re-armed after exec: if the supervisor dies, so does the sandbox.
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    // SAFETY: the supervisor placed the agent's end of the control channel at
+    // this descriptor number; nothing else in this process owns it.
+    let mut control = unsafe { UnixStream::from_raw_fd(AGENT_CONTROL_FD) };
+    let launch = match airlock_proto::recv::<_, HostMessage>(&mut control) {
+        Ok(Some(HostMessage::Launch(launch))) => launch,
+        // The supervisor went away before sending a plan: nothing to do.
+        Ok(None) => return AGENT_FAILED,
+        Err(e) => {
+            report(&mut control, AgentMessage::SetupFailed { step: "read the launch plan".into(), message: e.to_string() });
+            return AGENT_FAILED;
+        }
+    };
+    match setup::confine(&launch.jail) {
+        Ok(confinement) => report(&mut control, AgentMessage::Confined { landlock: confinement.landlock }),
+        Err(e) => {
+            report(&mut control, AgentMessage::SetupFailed { step: e.step.to_string(), message: e.message });
+            return AGENT_FAILED;
+        }
+    }
+    run_command(&mut control, &launch)
+}
+
+fn report(control: &mut UnixStream, msg: AgentMessage) {
+    // The supervisor may already be gone; then the kernel ends us anyway.
+    let _ = airlock_proto::send(control, &msg);
+}
+
+fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
+    let Some((program, args)) = launch.command.split_first() else {
+        report(control, AgentMessage::ExecFailed { exit_code: 127, message: "empty command".into() });
+        return 127;
+    };
+    let waiter = match signals::Waiter::install() {
+        Ok(w) => w,
+        Err(e) => {
+            report(control, AgentMessage::SetupFailed { step: "install signal handlers".into(), message: e.to_string() });
+            return AGENT_FAILED;
+        }
+    };
+    let cwd = if launch.cwd.is_dir() { launch.cwd.clone() } else { "/".into() };
+    let mut cmd = Command::new(program);
+    cmd.args(args).env_clear().envs(launch.env.iter().cloned()).current_dir(&cwd);
+    let tty = launch.tty;
+    // SAFETY: the closure runs between fork and exec and makes only raw
+    // system calls (setsid, ioctl), which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Its own session and process group: signals are forwarded to the
+            // whole group, and a terminal, if any, becomes its controlling one.
+            rustix::process::setsid()?;
+            if tty {
+                rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+            }
+            Ok(())
+        });
+    }
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let exit_code = if e.kind() == io::ErrorKind::NotFound { 127 } else { 126 };
+            report(control, AgentMessage::ExecFailed { exit_code, message: format!("{program}: {e}") });
+            return exit_code;
+        }
+    };
+    let pid = child.id() as i32;
+    report(control, AgentMessage::Started { pid });
+    let status = waiter.run_until_exit(pid);
+    report(control, AgentMessage::Exited { code: status.code, signal: status.signal });
+    match (status.code, status.signal) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => AGENT_FAILED,
+    }
+}

@@ -1,1 +1,35 @@
-fn main() {}
+//! The `airlock` command: argument parsing and presentation only. Every
+//! decision is made in the library crates.
+
+mod cli;
+mod present;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // The same binary is the in-sandbox agent; that role takes no flags.
+    if std::env::args().nth(1).as_deref() == Some(airlock_runtime::AGENT_ROLE) {
+        return code(airlock_agent::main());
+    }
+    init_logging();
+    let args = cli::Cli::parse();
+    match cli::dispatch(args) {
+        Ok(status) => code(status),
+        Err(err) => {
+            present::error(err.as_ref());
+            code(airlock_runtime::exit_codes::AIRLOCK_FAILED)
+        }
+    }
+}
+
+fn code(status: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(status).unwrap_or(1))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}

@@ -1,9 +1,21 @@
 //! The process tier: namespaces, the sandbox's root filesystem view, seccomp,
 //! Landlock, cgroups (v2 and v1), rlimits, and probing what the host supports.
+//!
+//! Host side: [`spawn`] (clone into namespaces, id maps, cgroup placement),
+//! [`cgroup`], [`probe`]. Sandbox side, run by the agent on itself:
+//! [`setup::confine`], which uses [`mounts`], [`rlimit`], [`privileges`],
+//! [`landlock_rules`] and [`seccomp`].
 
 pub mod cgroup;
 pub mod landlock_rules;
+pub mod mounts;
+pub mod plan;
 pub mod privileges;
 pub mod probe;
 pub mod rlimit;
 pub mod seccomp;
+pub mod setup;
+pub mod spawn;
+pub mod sys;
+
+pub use plan::JailPlan;

@@ -1,1 +1,351 @@
-//! TODO
+//! Dropping privileges of the sandbox's PID 1 before it starts the command.
+//!
+//! The agent is root inside its user namespace and so holds a full capability
+//! set there. Capabilities in a user namespace still reach kernel code that
+//! unprivileged users cannot (mounting filesystems, netfilter, raw sockets), so
+//! the command must start with none: empty bounding and ambient sets (nothing
+//! can come back through exec) and empty effective/permitted/inheritable sets.
+//! no_new_privs stops setuid/file-capability executables from granting
+//! anything, and a non-dumpable PID 1 cannot be ptrace-attached or have its
+//! memory read through /proc by the command it runs.
+//!
+//! These calls affect the calling thread only (capabilities and the dumpable
+//! flag are per-thread in the kernel); call them on the thread that forks or
+//! execs the command.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+
+/// Why a privilege change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivError {
+    /// A `prctl` call failed.
+    #[error("prctl({what}) failed: {source}")]
+    Prctl {
+        /// The operation, e.g. `PR_SET_NO_NEW_PRIVS`.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Dropping one capability from the bounding set failed.
+    #[error(
+        "dropping capability {cap} from the bounding set failed: {source}; the process needs \
+         CAP_SETPCAP (airlock's agent runs as root in its user namespace)"
+    )]
+    BoundingDrop {
+        /// Capability number.
+        cap: u32,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `capset` failed.
+    #[error("capset clearing effective/permitted/inheritable capabilities failed: {0}")]
+    Capset(#[source] io::Error),
+    /// `/proc/sys/kernel/cap_last_cap` could not be read or parsed.
+    #[error(
+        "cannot read the highest capability number from {path}: {problem}; is /proc mounted \
+         in the sandbox?"
+    )]
+    LastCap {
+        /// The file read.
+        path: &'static str,
+        /// What went wrong.
+        problem: String,
+    },
+    /// Capabilities were still present after dropping them.
+    #[error("capabilities are still present after dropping them ({status})")]
+    StillPresent {
+        /// The Cap* lines of /proc/self/status.
+        status: String,
+    },
+}
+
+const CAP_LAST_CAP: &str = "/proc/sys/kernel/cap_last_cap";
+
+/// `prctl` with integer arguments, turning -1 into the OS error.
+fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<libc::c_int> {
+    let zero: libc::c_ulong = 0;
+    // SAFETY: every option passed here takes only integer arguments; no memory
+    // is handed to the kernel. All variadic arguments are full-width longs, as
+    // the kernel reads them (PR_CAP_AMBIENT rejects non-zero unused ones).
+    let rc = unsafe { libc::prctl(option, arg2, zero, zero, zero) };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Sets no_new_privs: execve can never again grant privileges (setuid bits,
+/// file capabilities). Required before an unprivileged seccomp install.
+pub fn set_no_new_privs() -> Result<(), PrivError> {
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1)
+        .map(|_| ())
+        .map_err(|source| PrivError::Prctl {
+            what: "PR_SET_NO_NEW_PRIVS",
+            source,
+        })
+}
+
+/// Marks the process non-dumpable: no core dumps of the agent's memory, and
+/// processes without CAP_SYS_PTRACE cannot ptrace it or open its /proc files.
+/// The kernel resets this flag on execve, so the command itself stays dumpable.
+pub fn set_non_dumpable() -> Result<(), PrivError> {
+    prctl(libc::PR_SET_DUMPABLE, 0)
+        .map(|_| ())
+        .map_err(|source| PrivError::Prctl {
+            what: "PR_SET_DUMPABLE",
+            source,
+        })
+}
+
+/// The highest capability number this kernel knows.
+fn last_cap() -> Result<u32, PrivError> {
+    let text = fs::read_to_string(CAP_LAST_CAP).map_err(|e| PrivError::LastCap {
+        path: CAP_LAST_CAP,
+        problem: e.to_string(),
+    })?;
+    text.trim().parse().map_err(|e| PrivError::LastCap {
+        path: CAP_LAST_CAP,
+        problem: format!("`{}` is not a number: {e}", text.trim()),
+    })
+}
+
+/// `struct __user_cap_header_struct` (linux/capability.h).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`; version 3 uses two of them (caps 0-31, 32-63).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Sets effective, permitted and inheritable capabilities of the calling
+/// thread to empty.
+fn capset_clear() -> io::Result<()> {
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: `header` and `data` are valid, correctly laid out (repr(C)) and
+    // live for the whole call; version 3 reads exactly two data structs.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Drops every capability for good: the bounding set (every capability up to
+/// the kernel's `cap_last_cap`), the ambient set, then effective, permitted and
+/// inheritable. The order matters: dropping from the bounding set needs
+/// CAP_SETPCAP, which the final capset removes. Checks the result afterwards.
+pub fn drop_all_capabilities() -> Result<(), PrivError> {
+    for cap in 0..=last_cap()? {
+        match prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap)) {
+            Ok(_) => {}
+            // A capability this kernel does not support is already absent.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(source) => return Err(PrivError::BoundingDrop { cap, source }),
+        }
+    }
+    prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+    )
+    .map_err(|source| PrivError::Prctl {
+        what: "PR_CAP_AMBIENT_CLEAR_ALL",
+        source,
+    })?;
+    capset_clear().map_err(PrivError::Capset)?;
+    if !capabilities_are_empty() {
+        return Err(PrivError::StillPresent {
+            status: cap_lines(Path::new("/proc/thread-self/status")).unwrap_or_default(),
+        });
+    }
+    Ok(())
+}
+
+/// The CapInh/CapPrm/CapEff/CapBnd/CapAmb lines of a status file.
+fn cap_lines(path: &Path) -> io::Result<String> {
+    let text = fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("Cap"))
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// Whether the calling thread holds no capability at all, judged from its
+/// `/proc/thread-self/status` (effective, permitted, bounding and ambient
+/// sets). Unreadable or malformed status counts as "not empty".
+pub fn capabilities_are_empty() -> bool {
+    let Ok(text) = fs::read_to_string("/proc/thread-self/status") else {
+        return false;
+    };
+    let mut seen = 0;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        if matches!(key, "CapEff" | "CapPrm" | "CapBnd" | "CapAmb") {
+            match u64::from_str_radix(value.trim(), 16) {
+                Ok(0) => seen += 1,
+                _ => return false,
+            }
+        }
+    }
+    seen == 4
+}
+
+/// Helpers for tests that must run in a forked child because they change the
+/// process irreversibly (seccomp, Landlock, capabilities).
+#[cfg(test)]
+pub(crate) mod test_fork {
+    /// Whether the test may proceed as root; prints why not otherwise, and
+    /// panics under CI=true so CI cannot silently skip it.
+    pub(crate) fn have_root(test: &str) -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test} needs root and CI=true"
+        );
+        eprintln!("skipping {test}: needs root");
+        false
+    }
+
+    /// Runs `f` in a forked child and returns its result as the child's exit
+    /// code (101 if it panicked, 128 + signal if it was killed).
+    pub(crate) fn run_in_child(f: impl FnOnce() -> i32) -> i32 {
+        // SAFETY: the child only runs `f` and then `_exit`s without returning
+        // into the test harness; glibc's fork handlers keep malloc usable in
+        // the child of a multithreaded parent.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+            // SAFETY: _exit ends only this child, skipping the parent's atexit
+            // handlers and buffered state that the child must not flush.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is our child and `status` is a valid out-pointer.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
+        if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            128 + libc::WTERMSIG(status)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::test_fork::{have_root, run_in_child};
+    use super::*;
+    use std::os::unix::fs::chown;
+
+    #[test]
+    fn no_new_privs_is_set() {
+        let code = run_in_child(|| {
+            if prctl(libc::PR_GET_NO_NEW_PRIVS, 0).ok() != Some(0) {
+                return 1;
+            }
+            if set_no_new_privs().is_err() {
+                return 2;
+            }
+            match prctl(libc::PR_GET_NO_NEW_PRIVS, 0) {
+                Ok(1) => 0,
+                _ => 3,
+            }
+        });
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn non_dumpable_is_set() {
+        let code = run_in_child(|| {
+            if set_non_dumpable().is_err() {
+                return 1;
+            }
+            match prctl(libc::PR_GET_DUMPABLE, 0) {
+                Ok(0) => 0,
+                _ => 2,
+            }
+        });
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn drop_all_capabilities_empties_every_set_and_chown_fails() {
+        if !have_root("drop_all_capabilities_empties_every_set_and_chown_fails") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("owned");
+        fs::write(&file, b"x").unwrap();
+        // Root can hand the file to another user before the drop...
+        assert!(!capabilities_are_empty());
+        let code = run_in_child(|| {
+            if chown(&file, Some(4242), None).is_err() {
+                return 1;
+            }
+            if let Err(e) = drop_all_capabilities() {
+                eprintln!("{e}");
+                return 2;
+            }
+            if !capabilities_are_empty() {
+                return 3;
+            }
+            let status = fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+            let zero = |key: &str| {
+                status.lines().any(|l| {
+                    l.strip_prefix(key)
+                        .and_then(|v| v.strip_prefix(':'))
+                        .is_some_and(|v| v.trim() == "0000000000000000")
+                })
+            };
+            if !(zero("CapEff") && zero("CapPrm") && zero("CapBnd") && zero("CapInh")) {
+                return 4;
+            }
+            // ...but not after it.
+            match chown(&file, Some(4343), None) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => 0,
+                Err(_) => 5,
+                Ok(()) => 6,
+            }
+        });
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn last_cap_is_read_from_proc() {
+        let cap = last_cap().unwrap();
+        // CAP_AUDIT_READ (37) exists since Linux 3.16.
+        assert!(cap >= 37, "{cap}");
+    }
+}

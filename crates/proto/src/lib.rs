@@ -1,1 +1,130 @@
-//! airlock-proto
+//! The host ↔ agent protocol: typed messages, one enum per direction, sent as
+//! length-prefixed JSON frames. The transport is any byte stream (a socketpair
+//! for the process tier; a virtio-serial port will do for a VM).
+//!
+//! Everything the agent sends comes from inside the sandbox and is untrusted:
+//! frames are size-limited and decoded into closed types only.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use airlock_jail::JailPlan;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Largest frame either side accepts. A plan is a few KiB; anything near this
+/// is a bug or an attack.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Host → agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HostMessage {
+    /// Build the sandbox and run the command. Sent once, first.
+    Launch(Box<Launch>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Launch {
+    pub jail: JailPlan,
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    /// stdin is a terminal: make it the command's controlling terminal.
+    pub tty: bool,
+}
+
+/// Agent → host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The sandbox is built and confined; the command is about to start.
+    Confined { landlock: String },
+    /// A setup step failed; nothing untrusted ran.
+    SetupFailed { step: String, message: String },
+    /// The command runs as this pid (inside the sandbox's PID namespace).
+    Started { pid: i32 },
+    /// The command could not be executed: 127 not found, 126 not executable.
+    ExecFailed { exit_code: i32, message: String },
+    /// The command ended.
+    Exited { code: Option<i32>, signal: Option<i32> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("control channel: {0}")]
+    Io(#[from] io::Error),
+    #[error("control channel: frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("control channel: malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Writes one frame: a 4-byte big-endian length, then JSON.
+pub fn send<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), ProtoError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtoError::TooLarge(body.len()));
+    }
+    let len = u32::try_from(body.len()).map_err(|_| ProtoError::TooLarge(body.len()))?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream.
+pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, ProtoError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtoError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(serde_json::from_slice(&body)?))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let mut buf = Vec::new();
+        let msg = AgentMessage::Exited { code: Some(3), signal: None };
+        send(&mut buf, &msg).unwrap();
+        let back: AgentMessage = recv(&mut buf.as_slice()).unwrap().unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn clean_eof_is_none() {
+        let r: Option<AgentMessage> = recv(&mut [].as_slice()).unwrap();
+        assert!(r.is_none());
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_allocation() {
+        let frame = u32::MAX.to_be_bytes();
+        let r: Result<Option<AgentMessage>, _> = recv(&mut frame.as_slice());
+        assert!(matches!(r, Err(ProtoError::TooLarge(_))));
+    }
+
+    #[test]
+    fn unknown_message_type_is_malformed() {
+        let body = br#"{"type":"give_me_root"}"#;
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        let r: Result<Option<AgentMessage>, _> = recv(&mut frame.as_slice());
+        assert!(matches!(r, Err(ProtoError::Malformed(_))));
+    }
+}

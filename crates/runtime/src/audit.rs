@@ -1,1 +1,869 @@
-//! TODO
+//! The per-sandbox audit trail: `audit.jsonl`, one JSON object per line.
+//!
+//! The file is only ever appended to. Each record is serialized first and
+//! written with a single `write(2)` on an `O_APPEND` descriptor, so a crash
+//! leaves at most one torn line at the end, never a line spliced into another.
+//! Several processes may hold the log open at once (the supervisor, then
+//! `airlock apply` or `airlock rm`): each append happens under an exclusive
+//! `flock` on the file, during which the writer re-reads the tail whenever the
+//! file grew behind its back, so `seq` stays strictly increasing across writers
+//! and reopenings.
+//!
+//! Paths in events come from inside the sandbox and may not be UTF-8; they are
+//! written as a JSON string when they are UTF-8 and as
+//! `{"non_utf8_hex": "…"}` otherwise, so a weird file name can neither make an
+//! event unrecordable nor be disguised by lossy conversion.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{FlockOperation, OFlags, flock};
+use serde::{Deserialize, Serialize};
+
+/// Why the audit log could not be opened, read or appended to.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("could not {action} audit log {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "audit log {path} is damaged at line {line}: {source}; \
+         keep the file for inspection and move it aside to continue"
+    )]
+    Corrupt {
+        path: PathBuf,
+        line: u64,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("could not encode a {event} audit event for {path}: {source}")]
+    Encode {
+        event: &'static str,
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One line of `audit.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When the record was written: RFC 3339, UTC, milliseconds.
+    pub ts: String,
+    /// 1 for the first record of a sandbox, then +1 per record.
+    pub seq: u64,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}
+
+/// Something that happened to a sandbox, in the order the lifecycle produces
+/// them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AuditEvent {
+    Created {
+        policy: String,
+        #[serde(with = "path_repr::option")]
+        workspace: Option<PathBuf>,
+        workspace_mode: String,
+        limits: serde_json::Value,
+        degraded: Vec<String>,
+    },
+    CommandStarted {
+        argv: Vec<String>,
+        pid: Option<i32>,
+    },
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        duration_ms: u64,
+        oom_killed: bool,
+    },
+    TimeLimitHit {
+        limit_secs: u64,
+    },
+    /// `gc` found a sandbox whose supervisor died without finalizing it.
+    SupervisorLost {
+        detail: String,
+    },
+    DiffSummary {
+        added: u64,
+        modified: u64,
+        deleted: u64,
+    },
+    ArtifactsCaptured {
+        #[serde(with = "path_repr::vec")]
+        files: Vec<PathBuf>,
+        bytes: u64,
+    },
+    Applied {
+        #[serde(with = "path_repr::vec")]
+        written: Vec<PathBuf>,
+        #[serde(with = "path_repr::vec")]
+        deleted: Vec<PathBuf>,
+        allow_protected: bool,
+        by_uid: u32,
+    },
+    ApplyRefused {
+        reason: String,
+    },
+    Removed {
+        reason: String,
+    },
+    Error {
+        stage: String,
+        message: String,
+    },
+}
+
+impl AuditEvent {
+    /// The `event` tag as written in the file; used in error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuditEvent::Created { .. } => "created",
+            AuditEvent::CommandStarted { .. } => "command_started",
+            AuditEvent::Exited { .. } => "exited",
+            AuditEvent::TimeLimitHit { .. } => "time_limit_hit",
+            AuditEvent::SupervisorLost { .. } => "supervisor_lost",
+            AuditEvent::DiffSummary { .. } => "diff_summary",
+            AuditEvent::ArtifactsCaptured { .. } => "artifacts_captured",
+            AuditEvent::Applied { .. } => "applied",
+            AuditEvent::ApplyRefused { .. } => "apply_refused",
+            AuditEvent::Removed { .. } => "removed",
+            AuditEvent::Error { .. } => "error",
+        }
+    }
+
+    /// Events that close a chapter of the sandbox's life are forced to disk:
+    /// losing them in a power cut would leave the trail claiming a sandbox is
+    /// still running, or hide that its changes reached the workspace. The
+    /// others are frequent and may ride on the page cache.
+    fn must_sync(&self) -> bool {
+        matches!(
+            self,
+            AuditEvent::Exited { .. } | AuditEvent::Removed { .. } | AuditEvent::Applied { .. }
+        )
+    }
+}
+
+/// An open, append-only audit log.
+#[derive(Debug)]
+pub struct AuditLog {
+    file: File,
+    path: PathBuf,
+    next_seq: u64,
+    /// File length right after our last append; a different length means
+    /// another writer (or a crash) changed the tail and `next_seq` must be
+    /// re-read. `None` forces a re-read.
+    known_len: Option<u64>,
+}
+
+impl AuditLog {
+    /// Opens (creating with mode 0600 if missing) the log at `path`. Never
+    /// truncates, except for a torn last line left by a crash, which is cut off
+    /// with a warning so the next record starts on a line of its own.
+    pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+            .map_err(|source| AuditError::Io {
+                action: "open",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let mut log = AuditLog {
+            file,
+            path: path.to_path_buf(),
+            next_seq: 1,
+            known_len: None,
+        };
+        log.locked(AuditLog::resync)?;
+        Ok(log)
+    }
+
+    /// The path this log appends to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `event` with the next sequence number and the current time.
+    pub fn record(&mut self, event: AuditEvent) -> Result<(), AuditError> {
+        self.locked(|log| {
+            log.resync()?;
+            let record = AuditRecord {
+                ts: rfc3339_utc(SystemTime::now()),
+                seq: log.next_seq,
+                event,
+            };
+            let mut line = serde_json::to_vec(&record).map_err(|source| AuditError::Encode {
+                event: record.event.kind(),
+                path: log.path.clone(),
+                source,
+            })?;
+            line.push(b'\n');
+            if let Err(source) = (&log.file).write_all(&line) {
+                // A short write may have left a partial line; the next
+                // record's resync repairs it.
+                log.known_len = None;
+                return Err(log.io_error("append to", source));
+            }
+            log.known_len = log.known_len.map(|len| len + line.len() as u64);
+            log.next_seq += 1;
+            if record.event.must_sync() {
+                log.file
+                    .sync_data()
+                    .map_err(|source| log.io_error("sync", source))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads every record. A torn last line (a crash mid-write) is skipped
+    /// with a warning; anything unparseable before it is an error, because
+    /// that means the log was damaged, not interrupted.
+    pub fn read_all(path: &Path) -> Result<Vec<AuditRecord>, AuditError> {
+        let io_err = |source| AuditError::Io {
+            action: "read",
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+            .map_err(io_err)?;
+        let mut reader = BufReader::new(file);
+        let mut records = Vec::new();
+        let mut line = Vec::new();
+        let mut line_no = 0u64;
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line).map_err(io_err)?;
+            if n == 0 {
+                break;
+            }
+            line_no += 1;
+            let complete = line.last() == Some(&b'\n');
+            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            if text.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice::<AuditRecord>(text) {
+                Ok(record) => records.push(record),
+                Err(source) if complete => {
+                    return Err(AuditError::Corrupt {
+                        path: path.to_path_buf(),
+                        line: line_no,
+                        source,
+                    });
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        line = line_no,
+                        error = %err,
+                        "skipping torn last line of audit log"
+                    );
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    /// Runs `f` while holding an exclusive flock on the log file.
+    fn locked<T>(
+        &mut self,
+        f: impl FnOnce(&mut AuditLog) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        flock(&self.file, FlockOperation::LockExclusive)
+            .map_err(|e| self.io_error("lock", e.into()))?;
+        let result = f(self);
+        if let Err(err) = flock(&self.file, FlockOperation::Unlock) {
+            // Closing the file releases the lock anyway; the record itself
+            // was written, so this is not worth failing the caller for.
+            tracing::warn!(path = %self.path.display(), error = %err, "could not unlock audit log");
+        }
+        result
+    }
+
+    /// Re-reads the tail when the file length is not the one we left it at:
+    /// cuts off a torn last line and takes `next_seq` from the last record.
+    /// Must run under the lock.
+    fn resync(&mut self) -> Result<(), AuditError> {
+        let mut len = self
+            .file
+            .metadata()
+            .map_err(|source| self.io_error("stat", source))?
+            .len();
+        if self.known_len == Some(len) {
+            return Ok(());
+        }
+        if len == 0 {
+            self.next_seq = 1;
+            self.known_len = Some(0);
+            return Ok(());
+        }
+        let mut last = [0u8; 1];
+        self.file
+            .read_exact_at(&mut last, len - 1)
+            .map_err(|source| self.io_error("read", source))?;
+        if last[0] != b'\n' {
+            let keep = match self.rfind_newline(len) {
+                Ok(Some(pos)) => pos + 1,
+                Ok(None) => 0,
+                Err(source) => return Err(self.io_error("read", source)),
+            };
+            tracing::warn!(
+                path = %self.path.display(),
+                bytes = len - keep,
+                "cutting off a torn last line of the audit log (left by a crash)"
+            );
+            self.file
+                .set_len(keep)
+                .map_err(|source| self.io_error("repair", source))?;
+            len = keep;
+        }
+        if len == 0 {
+            self.next_seq = 1;
+            self.known_len = Some(0);
+            return Ok(());
+        }
+        // The last complete line is (previous newline, len - 1).
+        let start = match self.rfind_newline(len - 1) {
+            Ok(Some(pos)) => pos + 1,
+            Ok(None) => 0,
+            Err(source) => return Err(self.io_error("read", source)),
+        };
+        let line_len = usize::try_from(len - 1 - start).map_err(|_| {
+            self.io_error(
+                "read",
+                io::Error::new(io::ErrorKind::InvalidData, "last line too long"),
+            )
+        })?;
+        let mut line = vec![0u8; line_len];
+        self.file
+            .read_exact_at(&mut line, start)
+            .map_err(|source| self.io_error("read", source))?;
+        #[derive(Deserialize)]
+        struct SeqOnly {
+            seq: u64,
+        }
+        let SeqOnly { seq } =
+            serde_json::from_slice(&line).map_err(|source| AuditError::Corrupt {
+                path: self.path.clone(),
+                line: self.count_lines(start).unwrap_or(0) + 1,
+                source,
+            })?;
+        self.next_seq = seq + 1;
+        self.known_len = Some(len);
+        Ok(())
+    }
+
+    /// Offset of the last `\n` strictly before `end`, reading backwards in
+    /// chunks so a long log costs only its tail.
+    fn rfind_newline(&self, end: u64) -> io::Result<Option<u64>> {
+        const CHUNK: u64 = 8192;
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut hi = end;
+        while hi > 0 {
+            let lo = hi.saturating_sub(CHUNK);
+            let chunk = &mut buf[..(hi - lo) as usize];
+            self.file.read_exact_at(chunk, lo)?;
+            if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+                return Ok(Some(lo + i as u64));
+            }
+            hi = lo;
+        }
+        Ok(None)
+    }
+
+    /// Number of newlines before `end`; only used to give a line number in
+    /// the rare error message.
+    fn count_lines(&self, end: u64) -> io::Result<u64> {
+        let mut buf = vec![0u8; 65536];
+        let mut pos = 0u64;
+        let mut count = 0u64;
+        while pos < end {
+            let want = (end - pos).min(buf.len() as u64) as usize;
+            self.file.read_exact_at(&mut buf[..want], pos)?;
+            count += buf[..want].iter().filter(|&&b| b == b'\n').count() as u64;
+            pos += want as u64;
+        }
+        Ok(count)
+    }
+
+    fn io_error(&self, action: &'static str, source: io::Error) -> AuditError {
+        AuditError::Io {
+            action,
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+/// Formats `t` as RFC 3339 in UTC with millisecond precision, e.g.
+/// `2024-05-01T12:34:56.789Z`. Fixed width for years 0–9999, so these strings
+/// sort in time order.
+pub fn rfc3339_utc(t: SystemTime) -> String {
+    let (secs, millis) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_millis()),
+        Err(e) => {
+            // Before 1970: step back to the whole second below.
+            let d = e.duration();
+            let mut secs = -(d.as_secs() as i64);
+            let mut millis = 0;
+            if d.subsec_nanos() > 0 {
+                secs -= 1;
+                millis = 1000 - d.subsec_nanos().div_ceil(1_000_000);
+            }
+            (secs, millis)
+        }
+    };
+    let days = secs.div_euclid(86_400);
+    let of_day = secs.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60
+    )
+}
+
+/// Parses an RFC 3339 timestamp (`Z` or a numeric offset, optional fraction)
+/// as written by [`rfc3339_utc`] or by hand. `None` when it is not one; used
+/// by `gc` and `ls` to compute ages from the state directory.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(range)?;
+        if !part.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        part.parse().ok()
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut nanos = 0u32;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        for (i, c) in frac.bytes().take(digits).enumerate() {
+            if i < 9 {
+                nanos += u32::from(c - b'0') * 10u32.pow(8 - i as u32);
+            }
+        }
+        rest = &frac[digits..];
+    }
+    let offset_secs = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let ob = rest.as_bytes();
+            if ob.len() != 6 || ob[3] != b':' {
+                return None;
+            }
+            let sign = match ob[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let oh: i64 = rest.get(1..3)?.parse().ok()?;
+            let om: i64 = rest.get(4..6)?.parse().ok()?;
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            sign * (oh * 3600 + om * 60)
+        }
+    };
+    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
+        - offset_secs;
+    let base = if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(secs as u64))?
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))?
+    };
+    base.checked_add(Duration::from_nanos(u64::from(nanos)))
+}
+
+fn is_leap(year: i64) -> bool {
+    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if is_leap(year) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian
+/// calendar. Works in 400-year eras (146 097 days each), with years starting
+/// on 1 March so the leap day is the last day of its year.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468; // shift the epoch to 0000-03-01
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153; // 0 = March
+    let day = (day_of_year - (153 * shifted_month + 2) / 5 + 1) as u32;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Inverse of [`civil_from_days`].
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = year - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let year_of_era = year.rem_euclid(400);
+    let shifted_month = if month > 2 { month - 3 } else { month + 9 };
+    let day_of_year = (153 * shifted_month + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// Exact JSON form for paths that may not be UTF-8 (see the module comment).
+pub(crate) mod path_repr {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Bytes { non_utf8_hex: String },
+    }
+
+    fn to_repr(path: &Path) -> Repr {
+        match path.to_str() {
+            Some(s) => Repr::Text(s.to_owned()),
+            None => Repr::Bytes {
+                non_utf8_hex: path
+                    .as_os_str()
+                    .as_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            },
+        }
+    }
+
+    fn from_repr<E: serde::de::Error>(repr: Repr) -> Result<PathBuf, E> {
+        match repr {
+            Repr::Text(s) => Ok(PathBuf::from(s)),
+            Repr::Bytes { non_utf8_hex } => {
+                let hex = non_utf8_hex.as_bytes();
+                if hex.len() % 2 != 0 {
+                    return Err(E::custom("non_utf8_hex has an odd number of digits"));
+                }
+                let digit = |c: u8| {
+                    (c as char)
+                        .to_digit(16)
+                        .ok_or_else(|| E::custom("non_utf8_hex holds a non-hex digit"))
+                };
+                let bytes = hex
+                    .chunks(2)
+                    .map(|pair| Ok((digit(pair[0])? * 16 + digit(pair[1])?) as u8))
+                    .collect::<Result<Vec<u8>, E>>()?;
+                Ok(PathBuf::from(OsString::from_vec(bytes)))
+            }
+        }
+    }
+
+    pub(crate) mod option {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(
+            path: &Option<PathBuf>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            path.as_deref().map(to_repr).serialize(s)
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<PathBuf>, D::Error> {
+            Option::<Repr>::deserialize(d)?.map(from_repr).transpose()
+        }
+    }
+
+    pub(crate) mod vec {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(paths: &[PathBuf], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(paths.iter().map(|p| to_repr(p)))
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Vec<PathBuf>, D::Error> {
+            Vec::<Repr>::deserialize(d)?
+                .into_iter()
+                .map(from_repr)
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn removed(reason: &str) -> AuditEvent {
+        AuditEvent::Removed {
+            reason: reason.into(),
+        }
+    }
+
+    fn started(cmd: &str) -> AuditEvent {
+        AuditEvent::CommandStarted {
+            argv: vec![cmd.into()],
+            pid: Some(7),
+        }
+    }
+
+    #[test]
+    fn appends_one_line_per_record_and_creates_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.record(AuditEvent::Created {
+            policy: "local-dev".into(),
+            workspace: Some("/src/app".into()),
+            workspace_mode: "overlay".into(),
+            limits: serde_json::json!({"memory_mb": 512}),
+            degraded: vec!["cgroups".into()],
+        })
+        .unwrap();
+        log.record(started("make")).unwrap();
+
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let first: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(first["event"], "created");
+        assert_eq!(first["seq"], 1);
+        assert_eq!(first["workspace"], "/src/app");
+        assert_eq!(first["limits"]["memory_mb"], 512);
+        let second: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(second["event"], "command_started");
+        assert_eq!(second["seq"], 2);
+
+        let records = AuditLog::read_all(&path).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].event, started("make"));
+        assert!(parse_rfc3339(&records[0].ts).is_some(), "{}", records[0].ts);
+    }
+
+    #[test]
+    fn reopening_continues_seq_and_never_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        {
+            let mut log = AuditLog::open(&path).unwrap();
+            for i in 0..3 {
+                log.record(started(&format!("cmd{i}"))).unwrap();
+            }
+        }
+        let mut log = AuditLog::open(&path).unwrap();
+        log.record(removed("done")).unwrap();
+        let seqs: Vec<u64> = AuditLog::read_all(&path)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn two_open_writers_keep_seq_increasing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut a = AuditLog::open(&path).unwrap();
+        let mut b = AuditLog::open(&path).unwrap();
+        a.record(started("a1")).unwrap();
+        b.record(started("b1")).unwrap();
+        a.record(started("a2")).unwrap();
+        let seqs: Vec<u64> = AuditLog::read_all(&path)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn torn_last_line_is_skipped_on_read_and_cut_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        {
+            let mut log = AuditLog::open(&path).unwrap();
+            log.record(started("one")).unwrap();
+            log.record(started("two")).unwrap();
+        }
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"ts":"2024-01-01T00:00:00.000Z","seq":3,"event":"rem"#)
+            .unwrap();
+        drop(f);
+
+        let records = AuditLog::read_all(&path).unwrap();
+        assert_eq!(records.len(), 2);
+
+        let mut log = AuditLog::open(&path).unwrap();
+        log.record(removed("after crash")).unwrap();
+        let records = AuditLog::read_all(&path).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[2].seq, 3);
+        assert_eq!(records[2].event, removed("after crash"));
+    }
+
+    #[test]
+    fn garbage_in_the_middle_is_an_error_with_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        {
+            let mut log = AuditLog::open(&path).unwrap();
+            log.record(started("one")).unwrap();
+        }
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"not json\n").unwrap();
+        drop(f);
+        // Reopening refuses to guess a seq after a damaged last record.
+        let err = AuditLog::open(&path).unwrap_err();
+        assert!(matches!(err, AuditError::Corrupt { line: 2, .. }), "{err}");
+        // A corrupt line followed by valid records is reported by read_all.
+        let valid = serde_json::to_string(&AuditRecord {
+            ts: rfc3339_utc(SystemTime::now()),
+            seq: 9,
+            event: removed("x"),
+        })
+        .unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        writeln!(f, "{valid}").unwrap();
+        drop(f);
+        let err = AuditLog::read_all(&path).unwrap_err();
+        assert!(matches!(err, AuditError::Corrupt { line: 2, .. }), "{err}");
+        assert!(err.to_string().contains("audit.jsonl"), "{err}");
+    }
+
+    #[test]
+    fn non_utf8_paths_round_trip_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let weird = PathBuf::from(OsString::from_vec(b"src/\xff\xfe.rs".to_vec()));
+        let event = AuditEvent::Applied {
+            written: vec![weird.clone(), "src/ok.rs".into()],
+            deleted: vec![],
+            allow_protected: false,
+            by_uid: 1000,
+        };
+        let mut log = AuditLog::open(&path).unwrap();
+        log.record(event.clone()).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains(r#"{"non_utf8_hex":"7372632ffffe2e7273"}"#),
+            "{text}"
+        );
+        let records = AuditLog::read_all(&path).unwrap();
+        assert_eq!(records[0].event, event);
+    }
+
+    #[test]
+    fn refuses_symlinked_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"").unwrap();
+        let link = dir.path().join("audit.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(AuditLog::open(&link).is_err());
+    }
+
+    #[test]
+    fn formats_known_instants() {
+        let at = |secs: u64, millis: u64| {
+            rfc3339_utc(UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis))
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(at(1_709_251_199, 999), "2024-02-29T23:59:59.999Z");
+        assert_eq!(at(4_102_444_800, 0), "2100-01-01T00:00:00.000Z");
+        let before = UNIX_EPOCH - Duration::from_millis(1500);
+        assert_eq!(rfc3339_utc(before), "1969-12-31T23:59:58.500Z");
+    }
+
+    #[test]
+    fn parse_inverts_format() {
+        for ms in [
+            0u64,
+            1,
+            951_782_400_005,
+            1_709_251_199_999,
+            253_402_300_799_000,
+        ] {
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            assert_eq!(parse_rfc3339(&rfc3339_utc(t)), Some(t), "{ms}");
+        }
+        let t = UNIX_EPOCH - Duration::from_millis(1500);
+        assert_eq!(parse_rfc3339(&rfc3339_utc(t)), Some(t));
+        assert_eq!(
+            parse_rfc3339("2024-03-01T02:00:00+02:00"),
+            parse_rfc3339("2024-03-01T00:00:00Z")
+        );
+        for bad in [
+            "",
+            "2024-02-30T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T00:00:00",
+            "2024-01-01T00:00:00.Z",
+            "2024-01-01T00:00:00+2:00",
+            "２024-01-01T00:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,7 +1,117 @@
 //! The sandbox lifecycle: resolve policy, create the state directory, start the
 //! jail, stream output, enforce limits, finalize (diff, artifacts, audit) and
-//! clean up. Used in-process by `airlock run`.
+//! clean up. Used in-process by `airlock run`; the other subcommands' work on
+//! existing sandboxes lives in [`ops`].
 
 pub mod audit;
+mod layer;
 pub mod names;
+pub mod ops;
+pub mod plan;
+pub mod run;
+mod signals;
 pub mod state;
+mod stdio;
+
+use std::io;
+use std::path::PathBuf;
+
+use airlock_policy::Policy;
+
+pub use run::{Notice, RunOutcome, RunRequest, run};
+
+/// argv[1] that makes the airlock binary act as the in-sandbox agent.
+pub const AGENT_ROLE: &str = "__agent";
+
+/// Exit codes shared with `docker run` and `timeout`.
+pub mod exit_codes {
+    pub const TIMED_OUT: i32 = 124;
+    pub const AIRLOCK_FAILED: i32 = 125;
+    pub const CANNOT_EXECUTE: i32 = 126;
+    pub const NOT_FOUND: i32 = 127;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Policy(#[from] airlock_policy::PolicyError),
+    #[error(transparent)]
+    StateDir(#[from] state::StateError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] airlock_jail::cgroup::CgroupError),
+    #[error(transparent)]
+    Spawn(#[from] airlock_jail::spawn::SpawnError),
+    #[error(transparent)]
+    Control(#[from] airlock_proto::ProtoError),
+    #[error(transparent)]
+    Workspace(#[from] airlock_workspace::WorkspaceError),
+    #[error("the sandbox could not be set up: {0}")]
+    SetupFailed(String),
+    #[error("this host lacks {feature}, which policy {policy} requires; run `airlock doctor` for how to fix it, or use a policy that lists \"{feature}\" in isolation.allow_weaker")]
+    HostLacks { feature: String, policy: String },
+    #[error("the microvm tier is not available in this version of airlock; use tier = \"process\"")]
+    TierUnavailable,
+    #[error("no command given: put it after `--`, e.g. `airlock run -- make test`")]
+    NoCommand,
+    #[error("workspace {0}: {1}")]
+    WorkspaceDir(PathBuf, #[source] io::Error),
+    #[error("refusing / as the workspace: pick the project directory with --workspace")]
+    WorkspaceIsRoot,
+    #[error("writable layer {0}: {1}")]
+    Layer(PathBuf, #[source] io::Error),
+    #[error("state directory {0}: {1}")]
+    State(PathBuf, #[source] io::Error),
+    #[error("state directory {0} must be searchable by the sandbox's unprivileged uid (mode o+x on it and every parent): {1}")]
+    StateNotTraversable(PathBuf, String),
+    #[error("cannot find airlock's own executable: {0}")]
+    SelfExe(#[source] io::Error),
+    #[error("cannot forward signals to the sandbox: {0}")]
+    Signals(#[source] io::Error),
+    #[error("waiting for the sandbox: {0}")]
+    Wait(#[source] io::Error),
+}
+
+/// Current time, RFC 3339 UTC.
+pub fn now_rfc3339() -> String {
+    audit::rfc3339_utc(std::time::SystemTime::now())
+}
+
+fn limits_json(policy: &Policy) -> serde_json::Value {
+    serde_json::json!({
+        "timeout_secs": policy.limits.timeout.as_secs(),
+        "memory": policy.limits.memory,
+        "pids": policy.limits.pids,
+        "cpus": policy.limits.cpus,
+        "disk": policy.limits.disk,
+        "nofile": policy.limits.nofile,
+    })
+}
+
+/// As root, the sandbox's root is an unprivileged host uid that must still
+/// reach its own mount points in the state directory: the state root and its
+/// parents need o+x (never o+r: names stay unlisted).
+fn prepare_state_root(root: &state::StateRoot, is_root: bool) -> Result<(), RunError> {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root {
+        return Ok(());
+    }
+    let path = root.path();
+    let meta = std::fs::metadata(path).map_err(|e| RunError::State(path.to_path_buf(), e))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o001 == 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode((mode & 0o7777) | 0o711))
+            .map_err(|e| RunError::State(path.to_path_buf(), e))?;
+    }
+    for ancestor in path.ancestors().skip(1) {
+        let mode = std::fs::metadata(ancestor).map(|m| m.permissions().mode()).unwrap_or(0);
+        if mode & 0o001 == 0 {
+            return Err(RunError::StateNotTraversable(
+                path.to_path_buf(),
+                format!("{} has mode {:o}; run `chmod o+x {}`", ancestor.display(), mode & 0o7777, ancestor.display()),
+            ));
+        }
+    }
+    Ok(())
+}

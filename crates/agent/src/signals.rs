@@ -1,0 +1,104 @@
+//! PID 1's signal handling: forward what the supervisor sends to the
+//! command's process group, reap every child, notice the command's end.
+//!
+//! The kernel drops signals to a namespace's init unless it has a handler, so
+//! each forwarded signal gets a no-op handler and is then blocked and read
+//! synchronously with sigwaitinfo: no work happens in signal context.
+
+use std::io;
+
+const FORWARDED: &[libc::c_int] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
+
+pub struct Waiter {
+    set: libc::sigset_t,
+}
+
+pub struct ExitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+extern "C" fn ignore(_: libc::c_int) {}
+
+impl Waiter {
+    pub fn install() -> io::Result<Waiter> {
+        // SAFETY: sigset_t is plain data; sigemptyset initializes it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: set is a valid sigset_t.
+        unsafe { libc::sigemptyset(&mut set) };
+        for &sig in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
+            // SAFETY: set is a valid, initialized sigset_t.
+            unsafe { libc::sigaddset(&mut set, sig) };
+            install_noop_handler(sig)?;
+        }
+        // SAFETY: set is initialized; the old mask is not needed. Children
+        // get an empty mask from std::process::Command before exec.
+        let ret = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Waiter { set })
+    }
+
+    /// Waits for the command `pid` to end, forwarding signals meanwhile.
+    pub fn run_until_exit(&self, pid: i32) -> ExitStatus {
+        loop {
+            if let Some(status) = reap_all(pid) {
+                return status;
+            }
+            // SAFETY: siginfo_t is plain data written by the kernel.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: the set and the out-pointer are valid.
+            let sig = unsafe { libc::sigwaitinfo(&self.set, &mut info) };
+            if sig < 0 || sig == libc::SIGCHLD {
+                continue;
+            }
+            // To the whole group first; the command may have left it.
+            // SAFETY: kill has no memory-safety requirements.
+            if unsafe { libc::kill(-pid, sig) } != 0 {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, sig) };
+            }
+        }
+    }
+}
+
+fn install_noop_handler(sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: sigaction is plain data; zeroed is a valid empty action.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = ignore as *const () as usize;
+    action.sa_flags = libc::SA_RESTART;
+    // SAFETY: action is initialized; the handler does nothing and is
+    // async-signal-safe.
+    let ret = unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) };
+    if ret != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Reaps every exited child without blocking; returns the command's status
+/// once it is among them.
+fn reap_all(command: i32) -> Option<ExitStatus> {
+    let mut found = None;
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: status is a valid out-pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return found;
+        }
+        if pid == command {
+            found = Some(if libc::WIFEXITED(status) {
+                ExitStatus { code: Some(libc::WEXITSTATUS(status)), signal: None }
+            } else {
+                ExitStatus { code: None, signal: Some(libc::WTERMSIG(status)) }
+            });
+        }
+    }
+}

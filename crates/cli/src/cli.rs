@@ -1,0 +1,234 @@
+//! The command line: what each subcommand takes, and which library call it
+//! becomes.
+
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use airlock_policy::{Overrides, Policy, WorkspaceMode, parse_duration, parse_size};
+use airlock_runtime::state::StateRoot;
+use airlock_runtime::{RunRequest, ops};
+use clap::{Args, Parser, Subcommand};
+
+use crate::present;
+
+pub type CliResult = Result<i32, Box<dyn std::error::Error>>;
+
+#[derive(Parser)]
+#[command(name = "airlock", version, about = "Run untrusted code in a sandbox whose changes wait for your review.")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command in a new sandbox (no daemon needed).
+    Run(RunArgs),
+    /// Show what a sandbox changed in its workspace.
+    Diff {
+        name: String,
+        /// Files changed and lines added/removed, instead of the full diff.
+        #[arg(long, conflicts_with = "json")]
+        stat: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a sandbox's changes into its workspace, after confirmation.
+    Apply {
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Also write protected paths (.git/hooks, shell rc files, editor config, …).
+        #[arg(long)]
+        allow_protected: bool,
+    },
+    /// List sandboxes.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove sandboxes (stopping them first if they still run).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Clean up after sandboxes whose supervisor died, and leftover kernel objects.
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Report what isolation this host supports and how to fix what is missing.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, show and check policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Built-in policy name (dev, ci, plugin, remediation) or a policy file.
+    #[arg(long, default_value = "dev")]
+    policy: String,
+    /// The directory the sandbox works on (default: the current directory).
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+    /// Workspace mode: overlay, ro, rw, none (default: the policy's).
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<WorkspaceMode>,
+    /// Sandbox name (default: generated, like brave-otter).
+    #[arg(long)]
+    name: Option<String>,
+    /// Maximum runtime, e.g. 30s, 10m, 2h.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<std::time::Duration>,
+    /// Memory limit, e.g. 512M, 2G.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Maximum number of processes.
+    #[arg(long)]
+    pids: Option<u64>,
+    /// CPU limit in cores, e.g. 0.5, 2.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Set an environment variable inside (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Remove the sandbox after the run, whatever the policy's cleanup rule.
+    #[arg(long)]
+    rm: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// List the built-in policies.
+    Ls,
+    /// Print a policy: a built-in's documented source, or a file fully resolved.
+    Show { name: String },
+    /// Validate a policy file.
+    Check { file: PathBuf },
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<WorkspaceMode, String> {
+    s.parse()
+}
+
+pub fn dispatch(cli: Cli) -> CliResult {
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Diff { name, stat, json } => {
+            let view = ops::diff(&state()?, &name)?;
+            present::diff(&view, stat, json)?;
+            Ok(0)
+        }
+        Command::Apply { name, yes, allow_protected } => apply(&name, yes, allow_protected),
+        Command::Ls { json } => {
+            present::list(&ops::list(&state()?)?, json)?;
+            Ok(0)
+        }
+        Command::Rm { names } => {
+            let root = state()?;
+            for name in names {
+                ops::remove(&root, &name)?;
+                println!("removed {name}");
+            }
+            Ok(0)
+        }
+        Command::Gc { json } => {
+            present::gc(&ops::gc(&state()?)?, json)?;
+            Ok(0)
+        }
+        Command::Doctor { json } => {
+            let report = airlock_jail::probe::probe_host();
+            present::doctor(&report, json)?;
+            Ok(0)
+        }
+        Command::Policy(cmd) => policy(cmd),
+    }
+}
+
+fn state() -> Result<StateRoot, Box<dyn std::error::Error>> {
+    Ok(StateRoot::from_env()?)
+}
+
+fn run(args: RunArgs) -> CliResult {
+    let req = RunRequest {
+        policy: args.policy,
+        overrides: Overrides {
+            timeout: args.timeout,
+            memory: args.memory,
+            pids: args.pids,
+            cpus: args.cpus,
+            env: args.env,
+            workspace_mode: args.mode,
+        },
+        workspace: args.workspace,
+        name: args.name,
+        remove_after: args.rm,
+        command: args.command,
+    };
+    let outcome = airlock_runtime::run(&req, &mut present::notice)?;
+    present::run_summary(&outcome);
+    Ok(outcome.exit_code)
+}
+
+fn apply(name: &str, yes: bool, allow_protected: bool) -> CliResult {
+    let root = state()?;
+    let pending = ops::prepare_apply(&root, name, allow_protected)?;
+    if pending.view.diff.is_empty() {
+        println!("sandbox {name} changed nothing; nothing to apply");
+        return Ok(0);
+    }
+    let mut out = io::stdout().lock();
+    pending.view.diff.render_stat(&mut out)?;
+    drop(out);
+    if !yes {
+        if !io::stdin().is_terminal() {
+            return Err(format!("refusing to apply without confirmation: stdin is not a terminal; pass --yes to apply {name}").into());
+        }
+        print!("Apply these changes to {}? [y/N] ", pending.view.lower.display());
+        io::stdout().flush()?;
+        let mut answer = String::new();
+        io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing applied");
+            return Ok(1);
+        }
+    }
+    let report = ops::apply(pending)?;
+    println!("applied: {} written, {} deleted", report.written.len(), report.deleted.len());
+    Ok(0)
+}
+
+fn policy(cmd: PolicyCommand) -> CliResult {
+    match cmd {
+        PolicyCommand::Ls => {
+            for name in Policy::builtin_names() {
+                let description = Policy::builtin(name).map(|p| p.description).unwrap_or_default();
+                println!("{name:<12} {description}");
+            }
+        }
+        PolicyCommand::Show { name } => match Policy::builtin_source(&name) {
+            Some(source) => print!("{source}"),
+            None => print!("{}", Policy::resolve(&name)?.to_toml()),
+        },
+        PolicyCommand::Check { file } => {
+            let policy = Policy::load_file(&file)?;
+            println!("{}: ok (policy {}, extends {})", file.display(), policy.name, policy.extends_chain.join(" → "));
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,134 @@
+//! Everything the person at the terminal reads: results, notices, errors.
+//! Output that scripts read (--json) goes to stdout; airlock's own remarks
+//! during `run` go to stderr so they never mix with the command's output.
+
+use std::io::{self, Write};
+
+use airlock_jail::probe::{HostReport, Status};
+use airlock_runtime::ops::{DiffView, GcReport, SandboxSummary};
+use airlock_runtime::{Notice, RunOutcome};
+
+/// Prints an error and its whole chain of causes, once.
+pub fn error(err: &dyn std::error::Error) {
+    let mut msg = format!("airlock: error: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(&format!("\n  caused by: {text}"));
+        }
+        source = cause.source();
+    }
+    eprintln!("{msg}");
+}
+
+pub fn notice(n: Notice) {
+    match n {
+        Notice::Warning(text) => eprintln!("airlock: warning: {text}"),
+        Notice::Info(text) => eprintln!("airlock: {text}"),
+    }
+}
+
+pub fn run_summary(o: &RunOutcome) {
+    let mut parts = Vec::new();
+    if o.timed_out {
+        parts.push("time limit reached, command killed".to_string());
+    }
+    if o.oom_killed {
+        parts.push("memory limit reached, a process was killed".to_string());
+    }
+    if let Some(stat) = &o.changes {
+        let files = stat.files_added + stat.files_modified + stat.files_deleted + stat.type_changed;
+        if files == 0 {
+            parts.push("no changes".to_string());
+        } else if !o.removed {
+            parts.push(format!(
+                "{files} file{} changed. Review: airlock diff {} · Apply: airlock apply {}",
+                if files == 1 { "" } else { "s" },
+                o.name,
+                o.name
+            ));
+        } else {
+            parts.push(format!("{files} file{} changed (discarded)", if files == 1 { "" } else { "s" }));
+        }
+    }
+    if !o.artifacts.is_empty() {
+        parts.push(format!("{} artifact(s) captured", o.artifacts.len()));
+    }
+    if o.removed {
+        parts.push("removed".to_string());
+    }
+    let detail = if parts.is_empty() { "done".to_string() } else { parts.join("; ") };
+    eprintln!("airlock: sandbox {}: {detail}", o.name);
+}
+
+pub fn diff(view: &DiffView, stat: bool, json: bool) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &view.diff.to_json())?;
+        writeln!(out)?;
+    } else if stat {
+        view.diff.render_stat(&mut out)?;
+    } else {
+        view.diff.render_unified(&view.lower, &view.upper, &mut out)?;
+    }
+    out.flush()
+}
+
+pub fn list(items: &[SandboxSummary], json: bool) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, items)?;
+        return writeln!(out);
+    }
+    writeln!(out, "{:<24} {:<8} {:<12} {:<5} {:<8} WORKSPACE", "NAME", "STATE", "POLICY", "EXIT", "MODE")?;
+    for s in items {
+        let exit = s.exit_code.map_or("-".to_string(), |c| c.to_string());
+        let ws = s.workspace.as_ref().map_or("-".to_string(), |p| p.display().to_string());
+        writeln!(out, "{:<24} {:<8} {:<12} {:<5} {:<8} {ws}", s.name, s.state, s.policy, exit, s.workspace_mode)?;
+    }
+    Ok(())
+}
+
+pub fn gc(report: &GcReport, json: bool) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, report)?;
+        return writeln!(out);
+    }
+    for name in &report.lost {
+        writeln!(out, "sandbox {name}: supervisor gone, marked failed")?;
+    }
+    for name in &report.removed {
+        writeln!(out, "sandbox {name}: removed (cleanup rule)")?;
+    }
+    for what in &report.released {
+        writeln!(out, "released {what}")?;
+    }
+    if report.lost.is_empty() && report.removed.is_empty() && report.released.is_empty() {
+        writeln!(out, "nothing to clean up")?;
+    }
+    Ok(())
+}
+
+pub fn doctor(report: &HostReport, json: bool) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, report)?;
+        return writeln!(out);
+    }
+    writeln!(out, "kernel: {}", report.kernel)?;
+    writeln!(out, "running as: {}", if report.running_as_root { "root" } else { "an unprivileged user (rootless)" })?;
+    for c in &report.checks {
+        let mark = match c.status {
+            Status::Ok => "ok     ",
+            Status::Limited => "limited",
+            Status::Missing => "MISSING",
+        };
+        writeln!(out, "[{mark}] {:<22} {}", c.id, c.detail)?;
+        if let Some(fix) = &c.fix {
+            writeln!(out, "          fix: {fix}")?;
+        }
+    }
+    Ok(())
+}

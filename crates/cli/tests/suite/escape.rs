@@ -1,0 +1,128 @@
+//! Attempts to get out: every test runs real untrusted-style code in a real
+//! sandbox and checks the host side.
+
+use super::support::*;
+
+fn sandboxed(env: &Env, name: &str, script: &str) -> std::process::Output {
+    env.run_sh(name, &["--rm"], script)
+}
+
+#[test]
+fn cannot_write_outside_the_workspace() {
+    let env = Env::new();
+    let outside = env.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let script = format!(
+        "for p in /etc/airlock-evil /usr/airlock-evil /airlock-evil {o}/evil; do \
+           (echo pwned > $p) 2>/dev/null && echo WROTE $p; done; \
+         mkdir -p {o} 2>/dev/null && (echo pwned > {o}/evil) 2>/dev/null; true",
+        o = outside.display()
+    );
+    let o = sandboxed(&env, "write-out", &script);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(!stdout(&o).contains("WROTE /etc") && !stdout(&o).contains("WROTE /usr"), "{}", show(&o));
+    for p in ["/etc/airlock-evil", "/usr/airlock-evil", "/airlock-evil"] {
+        assert!(!std::path::Path::new(p).exists(), "{p} was created on the host");
+    }
+    assert!(!outside.join("evil").exists(), "wrote to a host directory outside the workspace");
+}
+
+#[test]
+fn workspace_writes_wait_for_review() {
+    let env = Env::new();
+    let o = env.run_sh("review", &[], "echo patched >> src/lib.c; rm README; echo new > added.txt");
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(std::fs::read_to_string(env.workspace.join("src/lib.c")).unwrap(), "int x;\n");
+    assert!(env.workspace.join("README").exists());
+    assert!(!env.workspace.join("added.txt").exists());
+    assert!(stderr(&o).contains("airlock diff review"), "{}", show(&o));
+}
+
+#[test]
+fn host_secrets_and_sockets_are_hidden() {
+    let env = Env::new();
+    let o = sandboxed(
+        &env,
+        "secrets",
+        "echo shadow:$(cat /etc/shadow 2>/dev/null | wc -c); \
+         echo root:$(ls -A /root | wc -l); echo home:$(ls -A /home | wc -l); \
+         echo run:$(ls -A /run | wc -l); \
+         for s in /run/docker.sock /var/run/docker.sock /run/dbus/system_bus_socket; do [ -e $s ] && echo FOUND $s; done; \
+         echo ssh:${SSH_AUTH_SOCK:-none}; echo kcore:$(head -c 16 /proc/kcore 2>/dev/null | wc -c); \
+         echo state:$(ls $AIRLOCK_STATE_DIR 2>/dev/null | wc -l)",
+    );
+    let out = stdout(&o);
+    for expected in ["shadow:0", "root:0", "home:0", "run:0", "ssh:none", "kcore:0", "state:0"] {
+        assert!(out.contains(expected), "expected {expected}\n{}", show(&o));
+    }
+    assert!(!out.contains("FOUND"), "{}", show(&o));
+}
+
+#[test]
+fn host_network_is_unreachable() {
+    let env = Env::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let o = sandboxed(
+        &env,
+        "network",
+        &format!(
+            "bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null && echo CONNECTED; \
+             echo ifaces:$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); \
+             getent hosts example.com >/dev/null 2>&1 && echo RESOLVED; true"
+        ),
+    );
+    assert!(listener.accept().is_err(), "the sandbox reached a host listener");
+    assert!(!stdout(&o).contains("CONNECTED"), "{}", show(&o));
+    assert!(!stdout(&o).contains("RESOLVED"), "{}", show(&o));
+    assert!(stdout(&o).contains("ifaces:lo,"), "{}", show(&o));
+}
+
+#[test]
+fn host_processes_are_invisible_and_pid1_is_the_agent() {
+    let env = Env::new();
+    let me = std::process::id();
+    let o = sandboxed(
+        &env,
+        "pids",
+        &format!(
+            "echo count:$(ls -d /proc/[0-9]* | wc -l); [ -e /proc/{me} ] && echo SEE-HOST; \
+             echo init:$(tr '\\0' ' ' < /proc/1/cmdline); \
+             cat /proc/1/environ >/dev/null 2>&1 && echo READ-AGENT-ENV; true"
+        ),
+    );
+    let out = stdout(&o);
+    let count: usize = out.lines().find_map(|l| l.strip_prefix("count:")).unwrap().trim().parse().unwrap();
+    assert!(count < 10, "{}", show(&o));
+    assert!(out.contains("init:airlock-agent"), "{}", show(&o));
+    assert!(!out.contains("READ-AGENT-ENV"), "{}", show(&o));
+    if me > 10 {
+        assert!(!out.contains("SEE-HOST"), "{}", show(&o));
+    }
+}
+
+#[test]
+fn no_privileges_inside() {
+    let env = Env::new();
+    let o = sandboxed(
+        &env,
+        "privs",
+        "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; \
+         unshare -U true 2>/dev/null && echo UNSHARED; \
+         mount -t tmpfs x /mnt 2>/dev/null && echo MOUNTED; \
+         echo uidmap:$(cat /proc/self/uid_map); echo host:$(hostname); true",
+    );
+    let out = stdout(&o);
+    assert!(out.contains("CapEff:\t0000000000000000"), "{}", show(&o));
+    assert!(out.contains("CapBnd:\t0000000000000000"), "{}", show(&o));
+    assert!(out.contains("NoNewPrivs:\t1"), "{}", show(&o));
+    assert!(out.contains("Seccomp:\t2"), "{}", show(&o));
+    assert!(!out.contains("UNSHARED") && !out.contains("MOUNTED"), "{}", show(&o));
+    assert!(out.contains("host:privs"), "{}", show(&o));
+    // Root inside is never root outside.
+    let map = out.lines().find_map(|l| l.strip_prefix("uidmap:")).unwrap();
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(fields[0], "0");
+    assert_ne!(fields[1], "0", "root inside maps to host root: {map}");
+}

@@ -1,0 +1,139 @@
+//! Limits and lifetime: time limits, signals, the supervisor's death,
+//! cleanup rules, and bombs that must hit the sandbox's limits only.
+
+use std::process::Stdio;
+
+use super::support::*;
+
+#[test]
+fn time_limit_kills_the_whole_tree_with_124() {
+    let env = Env::new();
+    let token = "sleep 4242.4201";
+    let started = std::time::Instant::now();
+    let o = env.run_sh("timeout", &["--timeout", "2s"], &format!("({token} &) ; {token}"));
+    assert_eq!(o.status.code(), Some(124), "{}", show(&o));
+    assert!(started.elapsed().as_secs() < 30);
+    assert!(wait_until(5, || pids_running(token).is_empty()), "survivors: {:?}", pids_running(token));
+    let audit = std::fs::read_to_string(env.sandbox_dir("timeout").join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"time_limit_hit\""), "{audit}");
+}
+
+#[test]
+fn sigterm_reaches_the_command() {
+    let env = Env::new();
+    let child = env
+        .airlock([
+            "run",
+            "--name",
+            "sigterm",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let meta = env.sandbox_dir("sigterm").join("logs/stdout.log");
+    assert!(wait_until(20, || std::fs::read_to_string(&meta).is_ok_and(|s| s.contains("ready"))));
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::TERM)
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(42), "{}", show(&o));
+    assert!(stdout(&o).contains("got-term"));
+}
+
+#[test]
+fn supervisor_death_kills_the_sandbox_and_gc_cleans_up() {
+    let env = Env::new();
+    let token = "sleep 4242.4202";
+    let mut child = env
+        .airlock(["run", "--name", "orphan", "--", "sh", "-c", &format!("({token} &); echo x > new-file; {token}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(20, || pids_running(token).len() >= 2), "sandbox never started");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(wait_until(10, || pids_running(token).is_empty()), "survivors: {:?}", pids_running(token));
+
+    let o = env.airlock(["ls", "--json"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list[0]["state"], "lost", "{list}");
+
+    let o = env.airlock(["gc", "--json"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["lost"][0], "orphan", "{report}");
+    assert!(cgroup_dirs("orphan").is_empty(), "{:?}", cgroup_dirs("orphan"));
+    assert!(mounts_containing(&env.sandbox_dir("orphan").display().to_string()).is_empty());
+    let audit = std::fs::read_to_string(env.sandbox_dir("orphan").join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"supervisor_lost\""), "{audit}");
+    // The work done before the crash is still reviewable.
+    let o = env.airlock(["diff", "orphan", "--json"]).output().unwrap();
+    assert!(stdout(&o).contains("new-file"), "{}", show(&o));
+}
+
+#[test]
+fn rm_flag_and_cleanup_rules_remove_the_sandbox() {
+    let env = Env::new();
+    let o = env.run_sh("gone", &["--rm"], "true");
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(!env.sandbox_dir("gone").exists());
+
+    // ci removes successful sandboxes and keeps failed ones for debugging.
+    let o = env.run_sh("ci-ok", &["--policy", "ci"], "true");
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(!env.sandbox_dir("ci-ok").exists());
+    let o = env.run_sh("ci-fail", &["--policy", "ci"], "exit 1");
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(env.sandbox_dir("ci-fail").exists());
+}
+
+#[test]
+fn fork_bomb_hits_the_pids_limit() {
+    let env = Env::new();
+    let o = env.run_sh("forkbomb", &["--pids", "64", "--timeout", "10s", "--rm"], "b() { b | b & }; b; sleep 3");
+    // Whatever the bomb's fate, the host can still start processes and the
+    // run ended within its limit.
+    assert!(o.status.code().is_some(), "{}", show(&o));
+    assert!(std::process::Command::new("true").status().unwrap().success());
+}
+
+#[test]
+fn memory_bomb_hits_the_memory_limit() {
+    if !require(is_root(), "root (cgroup limits)") {
+        return;
+    }
+    let env = Env::new();
+    let o = env.run_sh(
+        "membomb",
+        &["--memory", "64M", "--timeout", "60s"],
+        "x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    );
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(!stdout(&o).contains("survived"), "{}", show(&o));
+    assert!(stderr(&o).contains("memory limit"), "{}", show(&o));
+}
+
+#[test]
+fn disk_filling_hits_the_layer_budget() {
+    if !require(is_root(), "root (size-limited writable layer)") {
+        return;
+    }
+    let env = Env::new();
+    let policy = env.dir.path().join("small-disk.toml");
+    std::fs::write(&policy, "extends = \"dev\"\n[limits]\ndisk = \"16M\"\n").unwrap();
+    let o = env.run_sh(
+        "diskfill",
+        &["--policy", policy.to_str().unwrap()],
+        "i=0; while [ $i -lt 64 ]; do head -c 1048576 /dev/zero > f$i || { echo full at $i; exit 9; }; i=$((i+1)); done",
+    );
+    assert_eq!(o.status.code(), Some(9), "{}", show(&o));
+    assert!(stdout(&o).contains("full at"), "{}", show(&o));
+    // The host's copy of the workspace is untouched.
+    assert!(!env.workspace.join("f0").exists());
+}

@@ -1,0 +1,6 @@
+pub mod support;
+
+mod cli;
+mod escape;
+mod lifecycle;
+mod workspace;

@@ -1,0 +1,157 @@
+//! Shared helpers: a private state directory and workspace per test, the
+//! built binary, and host-feature requirements that fail loudly in CI.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_airlock");
+
+/// A test's own state directory and workspace, removed at the end.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub workspace: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new().prefix("airlock-test-").tempdir_in(test_root()).unwrap();
+        // The sandbox's root is an unprivileged host uid that must reach its
+        // mount points below the state directory.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let state = dir.path().join("state");
+        let workspace = dir.path().join("repo");
+        std::fs::create_dir_all(&workspace).unwrap();
+        std::fs::write(workspace.join("README"), "hello\n").unwrap();
+        std::fs::create_dir_all(workspace.join("src")).unwrap();
+        std::fs::write(workspace.join("src/lib.c"), "int x;\n").unwrap();
+        Env { dir, state, workspace }
+    }
+
+    /// `airlock` with this test's state directory and workspace as cwd.
+    pub fn airlock<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("AIRLOCK_STATE_DIR", &self.state)
+            .env("AIRLOCK_CGROUP_PARENT", cgroup_parent())
+            .env_remove("AIRLOCK_LOG")
+            .current_dir(&self.workspace)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `airlock run --name NAME [extra…] -- sh -c SCRIPT`.
+    pub fn run_sh(&self, name: &str, extra: &[&str], script: &str) -> Output {
+        let mut args: Vec<&str> = vec!["run", "--name", name];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", script]);
+        self.airlock(args).output().unwrap()
+    }
+
+    pub fn sandbox_dir(&self, name: &str) -> PathBuf {
+        self.state.join(name)
+    }
+}
+
+/// Where test directories go: not /tmp, which the sandbox replaces with its
+/// own tmpfs (a workspace there would still work, but escapes would be
+/// harder to see).
+fn test_root() -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf();
+    std::fs::create_dir_all(&root).unwrap();
+    root
+}
+
+pub fn cgroup_parent() -> String {
+    format!("airlock-test-{}", std::process::id())
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Skips (outside CI) or fails (in CI) when `ok` is false.
+#[must_use]
+pub fn require(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if in_ci() {
+        panic!("this test needs {what}, which this host lacks (CI=true makes that a failure)");
+    }
+    eprintln!("SKIPPED: this test needs {what}");
+    false
+}
+
+/// A debug dump for assertion messages.
+pub fn show(o: &Output) -> String {
+    format!("status {:?}\n--- stdout\n{}\n--- stderr\n{}", o.status.code(), stdout(o), stderr(o))
+}
+
+/// Host pids whose command line contains `needle`.
+pub fn pids_running(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && pid != std::process::id() as i32 {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Polls `f` for up to `secs` seconds.
+pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    f()
+}
+
+/// Mount points (from this process's view) whose path contains `needle`.
+pub fn mounts_containing(needle: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The cgroup directories a sandbox would have, in every hierarchy present.
+pub fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+    let parent = cgroup_parent();
+    let mut out = Vec::new();
+    for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/unified"] {
+        let p = Path::new(base).join(&parent).join(name);
+        if p.exists() {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -1,0 +1,378 @@
+//! The sandbox's root filesystem, built inside its own mount namespace.
+//!
+//! The order is part of the design:
+//! 1. Make every mount private first, so nothing we do propagates to the host.
+//! 2. Build the new root on a fresh tmpfs: read-only host system directories,
+//!    a fresh /proc, a minimal /dev, private tmpfs for /tmp, /run and $HOME.
+//! 3. Mask secrets and kernel knobs after their parents exist.
+//! 4. Mount the workspace last: it may live below /tmp or /home, which only
+//!    exist once step 2 has created them.
+//! 5. pivot_root into the new root and detach the old one, then make the root
+//!    tmpfs itself read-only.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, symlink};
+use std::path::{Component, Path, PathBuf};
+
+use rustix::mount::{
+    MountFlags, MountPropagationFlags, MoveMountFlags, UnmountFlags, mount, mount_bind_recursive,
+    mount_change, move_mount, unmount,
+};
+
+use crate::plan::{JailPlan, WorkspaceMountMode, WorkspaceSource};
+use crate::sys;
+
+/// Host paths that are never visible inside, whatever the policy says:
+/// credentials, private keys and the host's administrative configuration.
+pub const ALWAYS_HIDDEN: &[&str] = &[
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/sudoers",
+    "/etc/sudoers.d",
+    "/etc/security/opasswd",
+    "/etc/ssl/private",
+    "/etc/ssh/ssh_host_rsa_key",
+    "/etc/ssh/ssh_host_ecdsa_key",
+    "/etc/ssh/ssh_host_ed25519_key",
+    "/etc/ssh/ssh_host_dsa_key",
+    "/etc/kubernetes",
+    "/etc/docker",
+    "/etc/containerd",
+    "/etc/credstore",
+    "/etc/credstore.encrypted",
+    "/etc/wireguard",
+    "/etc/NetworkManager/system-connections",
+    "/etc/libvirt",
+    "/etc/cloud",
+];
+
+/// Kernel interfaces below /proc that OCI runtimes mask: they leak host
+/// memory, keys or timing, or let root poke the kernel.
+const PROC_MASKED: &[&str] = &[
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/key-users",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+    "/proc/latency_stats",
+    "/proc/kallsyms",
+    "/proc/kmsg",
+    "/proc/acpi",
+    "/proc/scsi",
+    "/proc/asound",
+    "/proc/firmware",
+    "/proc/interrupts",
+    "/proc/sysrq-trigger",
+    "/proc/config.gz",
+    "/sys/firmware",
+    "/sys/kernel/debug",
+    "/sys/kernel/security",
+    "/sys/kernel/tracing",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Kernel interfaces that stay visible but read-only.
+const PROC_READ_ONLY: &[&str] = &["/proc/sys", "/proc/irq", "/proc/bus", "/proc/fs"];
+
+/// Device nodes bound from the host into the minimal /dev.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Directories that get a private, size-limited tmpfs.
+const PRIVATE_TMPFS: &[&str] = &["/tmp", "/var/tmp", "/run", "/root", "/home"];
+
+/// The sandbox's $HOME: root's home inside, empty.
+pub const SANDBOX_HOME: &str = "/root";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{step} ({path}): {source}")]
+pub struct MountError {
+    pub step: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+trait Context<T> {
+    fn ctx(self, step: &'static str, path: &Path) -> Result<T, MountError>;
+}
+
+impl<T, E: Into<io::Error>> Context<T> for Result<T, E> {
+    fn ctx(self, step: &'static str, path: &Path) -> Result<T, MountError> {
+        self.map_err(|e| MountError { step, path: path.to_path_buf(), source: e.into() })
+    }
+}
+
+/// `root` joined with an absolute in-sandbox path.
+fn under(root: &Path, path: &Path) -> PathBuf {
+    let mut out = root.to_path_buf();
+    for c in path.components() {
+        if let Component::Normal(part) = c {
+            out.push(part);
+        }
+    }
+    out
+}
+
+fn cstr(path: &Path) -> Result<CString, MountError> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+        .ctx("path contains a NUL byte", path)
+}
+
+fn mkdir_all(path: &Path) -> Result<(), MountError> {
+    fs::DirBuilder::new().recursive(true).mode(0o755).create(path).ctx("create mount point", path)
+}
+
+fn touch(path: &Path) -> Result<(), MountError> {
+    if let Some(parent) = path.parent() {
+        mkdir_all(parent)?;
+    }
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map(drop)
+        .ctx("create file mount point", path)
+}
+
+/// mount(2) of a filesystem with string options.
+fn mount_fs(source: &str, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> io::Result<()> {
+    let data = CString::new(data).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    mount(source, target, fstype, flags, Some(data.as_c_str())).map_err(io::Error::from)
+}
+
+fn tmpfs(target: &Path, size: u64, mode: u32, flags: MountFlags) -> Result<(), MountError> {
+    let data = format!("size={size},mode={mode:o}");
+    mount_fs("tmpfs", target, "tmpfs", flags, &data).ctx("mount tmpfs", target)
+}
+
+const SAFE: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
+
+/// Makes a mount (and, with `recursive`, everything below it) read-only,
+/// nosuid and nodev, keeping whatever flags the kernel locked.
+fn make_read_only(target: &Path, recursive: bool) -> Result<(), MountError> {
+    let flags = if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+    let set = u64::from(libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV);
+    sys::mount_setattr(None, &cstr(target)?, flags, set, 0, None).ctx("make read-only", target)
+}
+
+/// Binds a host path read-only at the same place under `root`. Symlinks
+/// (e.g. /bin -> usr/bin on merged-/usr systems) are recreated, not followed.
+fn bind_read_only(root: &Path, host: &Path) -> Result<(), MountError> {
+    let meta = match fs::symlink_metadata(host) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).ctx("inspect host path", host),
+    };
+    let target = under(root, host);
+    if meta.file_type().is_symlink() {
+        let link = fs::read_link(host).ctx("read host symlink", host)?;
+        if let Some(parent) = target.parent() {
+            mkdir_all(parent)?;
+        }
+        return match symlink(&link, &target) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e).ctx("recreate symlink", &target),
+            _ => Ok(()),
+        };
+    }
+    if meta.is_dir() {
+        mkdir_all(&target)?;
+    } else {
+        touch(&target)?;
+    }
+    mount_bind_recursive(host, &target).ctx("bind host path", host)?;
+    make_read_only(&target, true)
+}
+
+/// Hides `path` (already under the new root): an empty read-only tmpfs over
+/// a directory, /dev/null over a file. Missing paths need no hiding.
+fn mask(path: &Path) -> Result<(), MountError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    if meta.file_type().is_symlink() {
+        // A symlink cannot be mounted over; its target is masked on its own
+        // if it is sensitive, and it resolves inside the new root anyway.
+        return Ok(());
+    }
+    if meta.is_dir() {
+        mount_fs("tmpfs", path, "tmpfs", SAFE | MountFlags::NOEXEC | MountFlags::RDONLY, "size=4k,mode=000")
+            .ctx("mask directory", path)
+    } else {
+        mount_bind_recursive("/dev/null", path).ctx("mask file", path)?;
+        make_read_only(path, false)
+    }
+}
+
+/// Builds the new root and pivots into it. Runs inside the sandbox's new
+/// user and mount namespaces, as root of that user namespace.
+pub fn build_root(plan: &JailPlan) -> Result<(), MountError> {
+    let slash = Path::new("/");
+    mount_change(slash, MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
+        .ctx("make all mounts private", slash)?;
+
+    let root = plan.root_mountpoint.as_path();
+    tmpfs(root, 16 << 20, 0o755, SAFE)?;
+
+    for host in &plan.read_only {
+        bind_read_only(root, host)?;
+    }
+
+    // /proc for the new PID namespace. mount(2) of proc is only allowed when
+    // this namespace already sees a fully visible /proc, which it does: the
+    // host's is still mounted at /proc at this point.
+    let proc_dir = under(root, Path::new("/proc"));
+    mkdir_all(&proc_dir)?;
+    mount_fs("proc", &proc_dir, "proc", SAFE | MountFlags::NOEXEC, "").ctx("mount /proc", &proc_dir)?;
+
+    // /sys, read-only. A kernel that refuses sysfs here (it does when /sys is
+    // partly hidden on the host) leaves an empty directory: no tool we know of
+    // needs /sys to run, and failing closed is the safer default.
+    let sys_dir = under(root, Path::new("/sys"));
+    mkdir_all(&sys_dir)?;
+    if let Err(e) = mount_fs("sysfs", &sys_dir, "sysfs", SAFE | MountFlags::NOEXEC | MountFlags::RDONLY, "") {
+        tracing::debug!("sysfs not mounted inside the sandbox: {e}");
+    }
+
+    build_dev(root, plan.tmp_size)?;
+
+    for dir in PRIVATE_TMPFS {
+        let target = under(root, Path::new(dir));
+        mkdir_all(&target)?;
+        let mode = if *dir == "/tmp" || *dir == "/var/tmp" { 0o1777 } else { 0o755 };
+        tmpfs(&target, plan.tmp_size, mode, SAFE)?;
+    }
+    // Programs that expect /var/run find the private /run.
+    let var_run = under(root, Path::new("/var/run"));
+    if fs::symlink_metadata(&var_run).is_err() {
+        symlink("../run", &var_run).ctx("create /var/run", &var_run)?;
+    }
+
+    let hidden = ALWAYS_HIDDEN.iter().map(PathBuf::from).chain(plan.hidden.iter().cloned());
+    for path in hidden.chain(PROC_MASKED.iter().map(PathBuf::from)) {
+        mask(&under(root, &path))?;
+    }
+    for path in PROC_READ_ONLY {
+        let target = under(root, Path::new(path));
+        if target.exists() {
+            mount_bind_recursive(&target, &target).ctx("bind kernel knob", &target)?;
+            make_read_only(&target, true)?;
+        }
+    }
+
+    if let Some(ws) = &plan.workspace {
+        mount_workspace(root, ws)?;
+    }
+
+    pivot(root)
+}
+
+fn build_dev(root: &Path, shm_size: u64) -> Result<(), MountError> {
+    let dev = under(root, Path::new("/dev"));
+    mkdir_all(&dev)?;
+    tmpfs(&dev, 1 << 20, 0o755, MountFlags::NOSUID | MountFlags::NOEXEC)?;
+    for name in DEVICES {
+        let host = Path::new("/dev").join(name);
+        if !host.exists() {
+            continue;
+        }
+        let target = dev.join(name);
+        touch(&target)?;
+        // A user namespace may not create device nodes; binding the host's
+        // harmless ones is how every rootless runtime provides them.
+        mount_bind_recursive(&host, &target).ctx("bind device", &host)?;
+    }
+    let pts = dev.join("pts");
+    mkdir_all(&pts)?;
+    mount_fs("devpts", &pts, "devpts", MountFlags::NOSUID | MountFlags::NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+        .ctx("mount devpts", &pts)?;
+    let links: [(&str, &str); 5] = [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ];
+    for (name, target) in links {
+        symlink(target, dev.join(name)).ctx("create /dev link", &dev.join(name))?;
+    }
+    let shm = dev.join("shm");
+    mkdir_all(&shm)?;
+    tmpfs(&shm, shm_size, 0o1777, SAFE | MountFlags::NOEXEC)?;
+    Ok(())
+}
+
+fn mount_workspace(root: &Path, ws: &crate::plan::WorkspaceMount) -> Result<(), MountError> {
+    let target = under(root, &ws.path);
+    mkdir_all(&target)?;
+    // First place the host directory at its path inside: the id-mapped tree
+    // the supervisor prepared (root), or a bind of the host path (rootless,
+    // where the caller owns the path anyway). For overlay it then serves as
+    // the lower layer, and the overlay is mounted on top of it.
+    match ws.source {
+        WorkspaceSource::MountFd(fd) => {
+            // SAFETY: the supervisor passed this descriptor to us at this
+            // number and nothing else in the agent owns it.
+            let tree = unsafe { OwnedFd::from_raw_fd(fd) };
+            move_mount(&tree, c"", rustix::fs::CWD, &target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+                .ctx("attach id-mapped workspace", &ws.path)?;
+        }
+        WorkspaceSource::Path => {
+            mount_bind_recursive(&ws.path, &target).ctx("bind workspace", &ws.path)?;
+        }
+    }
+    let nosuid = u64::from(libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV);
+    match &ws.mode {
+        WorkspaceMountMode::Overlay { upper, work } => {
+            let data = format!(
+                "lowerdir={},upperdir={},workdir={},userxattr",
+                escape_overlay(&target),
+                escape_overlay(upper),
+                escape_overlay(work)
+            );
+            mount_fs("overlay", &target, "overlay", SAFE, &data).ctx("mount workspace overlay", &ws.path)
+        }
+        WorkspaceMountMode::ReadOnly => make_read_only(&target, true),
+        WorkspaceMountMode::ReadWrite => sys::mount_setattr(
+            None,
+            &cstr(&target)?,
+            libc::AT_RECURSIVE as libc::c_uint,
+            nosuid,
+            0,
+            None,
+        )
+        .ctx("make workspace nosuid", &target),
+    }
+}
+
+/// overlayfs splits its options on ',' and its layer lists on ':'; both
+/// are escaped with a backslash.
+fn escape_overlay(path: &Path) -> String {
+    let mut out = String::new();
+    for ch in path.to_string_lossy().chars() {
+        if matches!(ch, ',' | ':' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn pivot(root: &Path) -> Result<(), MountError> {
+    // pivot_root(".", ".") stacks the old root on top of the new one; the
+    // detach then removes it without needing a directory to park it in.
+    rustix::process::chdir(root).ctx("enter new root", root)?;
+    rustix::process::pivot_root(".", ".").ctx("pivot_root", root)?;
+    unmount(".", UnmountFlags::DETACH).ctx("detach old root", root)?;
+    rustix::process::chdir("/").ctx("enter new root", root)?;
+    make_read_only(Path::new("/"), false)?;
+    Ok(())
+}

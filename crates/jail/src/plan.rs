@@ -1,0 +1,73 @@
+//! The launch plan: everything the in-sandbox side needs to build the
+//! sandbox's view of the world. The runtime computes it from a resolved policy
+//! with a pure function; the jail only carries it out.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What the agent builds before it starts the command.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JailPlan {
+    /// Hostname inside the sandbox's UTS namespace.
+    pub hostname: String,
+    /// A host directory the agent mounts the new root's tmpfs on. It must
+    /// exist and must not be inside any path the plan mounts.
+    pub root_mountpoint: PathBuf,
+    /// Host paths bound read-only at the same place (missing ones are skipped).
+    pub read_only: Vec<PathBuf>,
+    /// Host paths masked inside, on top of [`crate::mounts::ALWAYS_HIDDEN`].
+    pub hidden: Vec<PathBuf>,
+    /// Size of each private tmpfs (/tmp, /var/tmp, /run, $HOME, /dev/shm).
+    pub tmp_size: u64,
+    /// The workspace, at the same absolute path as on the host.
+    pub workspace: Option<WorkspaceMount>,
+    pub rlimits: RlimitPlan,
+    pub landlock: LandlockPlan,
+    /// Install the seccomp filter (always true outside of tests of the jail itself).
+    pub seccomp: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkspaceMount {
+    /// The host path, which is also the path inside.
+    pub path: PathBuf,
+    pub mode: WorkspaceMountMode,
+    /// The host directory that is the source of the workspace: the plain
+    /// host path, or (as root) an id-mapped view of it passed as a file
+    /// descriptor number that the agent inherited.
+    pub source: WorkspaceSource,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkspaceSource {
+    Path,
+    /// A detached, id-mapped mount (open_tree + MOUNT_ATTR_IDMAP) at this fd.
+    MountFd(i32),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum WorkspaceMountMode {
+    /// Read-only lower layer; writes land in `upper` (host paths, visible
+    /// before pivot_root).
+    Overlay { upper: PathBuf, work: PathBuf },
+    ReadOnly,
+    ReadWrite,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RlimitPlan {
+    pub nofile: Option<u64>,
+    pub nproc: Option<u64>,
+    pub fsize: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LandlockPlan {
+    /// Apply Landlock at all.
+    pub enabled: bool,
+    /// Fail the launch when the kernel cannot enforce it fully.
+    pub required: bool,
+}

@@ -1,0 +1,764 @@
+//! The sandbox's seccomp filter: a reviewed denylist, compiled at run time for
+//! the architecture airlock runs on.
+//!
+//! Why a denylist with default ALLOW: the command is arbitrary developer
+//! tooling (compilers, package managers, language runtimes), so an allowlist
+//! would break real programs in ways nobody can predict, while namespaces,
+//! dropped capabilities and Landlock already confine what ordinary syscalls can
+//! reach. The filter closes the kernel interfaces that stay reachable despite
+//! those layers or carry outsized kernel risk. Each entry lives in `deny.toml`
+//! with the reason it is there, and the tests hold the compiled program to that
+//! file.
+//!
+//! The filter is installed last, right before the command is executed: it still
+//! allows everything the agent needs to start and reap the command (fork,
+//! execve, wait, kill, read, write) and the Landlock syscalls, so the order
+//! "Landlock, drop capabilities, no_new_privs, seccomp" works.
+
+mod bpf;
+mod syscalls;
+
+use serde::Deserialize;
+
+/// The reviewed rules, embedded so the binary cannot run with a different list.
+const DENY_TOML: &str = include_str!("deny.toml");
+
+/// What a denied syscall returns to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyAction {
+    /// Fail with EPERM: "not allowed here".
+    Eperm,
+    /// Fail with ENOSYS: "this kernel lacks the call", so libc and libraries
+    /// fall back to an older interface (clone3 → clone).
+    Enosys,
+}
+
+impl DenyAction {
+    /// The errno the caller sees.
+    pub fn errno(self) -> i32 {
+        match self {
+            DenyAction::Eperm => libc::EPERM,
+            DenyAction::Enosys => libc::ENOSYS,
+        }
+    }
+}
+
+/// How much of a 64-bit syscall argument a condition compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgWidth {
+    /// The low 32 bits: for arguments the kernel reads as `int`/`unsigned int`,
+    /// which ignores the high half (so comparing it would be bypassable).
+    Dword,
+    /// All 64 bits: for `long`/pointer-sized arguments.
+    Qword,
+}
+
+/// A comparison against one syscall argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgOp {
+    /// The argument equals the value.
+    Eq(u64),
+    /// The argument differs from the value.
+    Ne(u64),
+    /// `argument & mask == value`.
+    MaskedEq {
+        /// Bits of the argument that are compared.
+        mask: u64,
+        /// Expected value of those bits.
+        value: u64,
+    },
+}
+
+/// One condition on a syscall argument; a rule's conditions are ANDed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArgCondition {
+    /// Argument index, 0 to 5.
+    pub arg: u8,
+    /// How many bits are compared.
+    pub width: ArgWidth,
+    /// The comparison.
+    pub op: ArgOp,
+}
+
+/// One entry of the reviewed filter data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeccompRule {
+    /// Syscall name as in the kernel's table.
+    pub syscall: String,
+    /// What the call returns when the rule matches.
+    pub action: DenyAction,
+    /// Argument conditions, all of which must hold; empty means every call.
+    pub conditions: Vec<ArgCondition>,
+    /// Architectures the rule applies to; empty means all.
+    pub arches: Vec<String>,
+    /// Why the call is denied.
+    pub reason: String,
+}
+
+impl SeccompRule {
+    /// Whether this rule is part of the filter on the architecture airlock was
+    /// built for.
+    pub fn applies_here(&self) -> bool {
+        match syscalls::ARCH {
+            Some((arch, _)) => self.arches.is_empty() || self.arches.iter().any(|a| a == arch),
+            None => false,
+        }
+    }
+}
+
+/// Why the filter could not be read, compiled or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The embedded data is not valid TOML or has unknown fields.
+    #[error("the embedded seccomp rules (crates/jail/src/seccomp/deny.toml) do not parse: {0}")]
+    Parse(#[source] toml::de::Error),
+    /// An entry parses but makes no sense.
+    #[error(
+        "seccomp rule #{index} (`{syscall}`) in deny.toml is invalid: {problem}; fix the entry"
+    )]
+    InvalidRule {
+        /// Position of the entry in the file, from 0.
+        index: usize,
+        /// The entry's syscall.
+        syscall: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The syscall name has no number on this architecture.
+    #[error(
+        "seccomp rule #{index}: syscall `{syscall}` is not known on {arch}; add it to \
+         seccomp/syscalls.rs or limit the rule with `arches`"
+    )]
+    UnknownSyscall {
+        /// Position of the entry in the file, from 0.
+        index: usize,
+        /// The unknown name.
+        syscall: String,
+        /// The architecture airlock was built for.
+        arch: &'static str,
+    },
+    /// airlock has no syscall table for this architecture.
+    #[error(
+        "seccomp filtering is not available for this architecture ({arch}); airlock supports \
+         x86_64 and aarch64"
+    )]
+    UnsupportedArch {
+        /// `std::env::consts::ARCH`.
+        arch: &'static str,
+    },
+    /// A syscall's rules are too long for BPF's 8-bit jump offsets.
+    #[error(
+        "the seccomp rules for `{syscall}` are too long for one BPF jump; split them across \
+         fewer conditions"
+    )]
+    JumpTooFar {
+        /// The syscall whose block is too long.
+        syscall: String,
+    },
+    /// The program exceeds the kernel's instruction limit.
+    #[error("the seccomp program has {len} instructions; the kernel accepts at most 4096")]
+    TooLong {
+        /// Instruction count.
+        len: usize,
+    },
+    /// The kernel refused the filter.
+    #[error(
+        "installing the seccomp filter failed: {0}; the kernel needs CONFIG_SECCOMP_FILTER \
+         (run `airlock doctor`)"
+    )]
+    Install(#[source] seccompiler::Error),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    deny: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    syscall: String,
+    errno: String,
+    #[serde(default)]
+    when: Vec<RawCondition>,
+    #[serde(default)]
+    arches: Vec<String>,
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCondition {
+    arg: u8,
+    width: u8,
+    op: String,
+    value: u64,
+    mask: Option<u64>,
+}
+
+const KNOWN_ARCHES: &[&str] = &["x86_64", "aarch64"];
+
+fn parse_condition(raw: &RawCondition) -> Result<ArgCondition, String> {
+    if raw.arg > 5 {
+        return Err(format!("argument index {} is not in 0..=5", raw.arg));
+    }
+    let width = match raw.width {
+        32 => ArgWidth::Dword,
+        64 => ArgWidth::Qword,
+        w => return Err(format!("width {w} is neither 32 nor 64")),
+    };
+    let op = match (raw.op.as_str(), raw.mask) {
+        ("eq", None) => ArgOp::Eq(raw.value),
+        ("ne", None) => ArgOp::Ne(raw.value),
+        ("masked_eq", Some(mask)) => {
+            if raw.value & !mask != 0 {
+                return Err(format!(
+                    "value {:#x} has bits outside mask {mask:#x}, so it can never match",
+                    raw.value
+                ));
+            }
+            ArgOp::MaskedEq {
+                mask,
+                value: raw.value,
+            }
+        }
+        ("masked_eq", None) => return Err("op `masked_eq` needs a `mask`".into()),
+        ("eq" | "ne", Some(_)) => return Err(format!("op `{}` takes no `mask`", raw.op)),
+        (other, _) => return Err(format!("unknown op `{other}` (use eq, ne or masked_eq)")),
+    };
+    if width == ArgWidth::Dword {
+        let too_wide = match op {
+            ArgOp::Eq(v) | ArgOp::Ne(v) => v > u64::from(u32::MAX),
+            ArgOp::MaskedEq { mask, .. } => mask > u64::from(u32::MAX),
+        };
+        if too_wide {
+            return Err("a 32-bit condition has a value or mask wider than 32 bits".into());
+        }
+    }
+    Ok(ArgCondition {
+        arg: raw.arg,
+        width,
+        op,
+    })
+}
+
+fn parse_rule(raw: RawRule) -> Result<SeccompRule, String> {
+    if raw.syscall.trim().is_empty() {
+        return Err("empty syscall name".into());
+    }
+    if raw.reason.trim().is_empty() {
+        return Err("empty reason; every entry must say why it is denied".into());
+    }
+    let action = match raw.errno.as_str() {
+        "EPERM" => DenyAction::Eperm,
+        "ENOSYS" => DenyAction::Enosys,
+        other => return Err(format!("errno `{other}` is not EPERM or ENOSYS")),
+    };
+    if let Some(a) = raw
+        .arches
+        .iter()
+        .find(|a| !KNOWN_ARCHES.contains(&a.as_str()))
+    {
+        return Err(format!("unknown architecture `{a}` in `arches`"));
+    }
+    let conditions = raw
+        .when
+        .iter()
+        .map(parse_condition)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(SeccompRule {
+        syscall: raw.syscall,
+        action,
+        conditions,
+        arches: raw.arches,
+        reason: raw.reason,
+    })
+}
+
+/// The rules of the embedded filter data, for every architecture (see
+/// [`SeccompRule::applies_here`]); `airlock doctor` and reviews print them.
+pub fn rules() -> Result<Vec<SeccompRule>, SeccompError> {
+    let file: RawFile = toml::from_str(DENY_TOML).map_err(SeccompError::Parse)?;
+    file.deny
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| {
+            let syscall = raw.syscall.clone();
+            parse_rule(raw).map_err(|problem| SeccompError::InvalidRule {
+                index,
+                syscall,
+                problem,
+            })
+        })
+        .collect()
+}
+
+/// Compiles the embedded rules into a BPF program for the architecture airlock
+/// was built for: foreign syscall ABIs kill the process, x32 syscalls get
+/// ENOSYS, listed calls get their errno, everything else is allowed.
+pub fn compile() -> Result<seccompiler::BpfProgram, SeccompError> {
+    let (arch, audit_arch) = syscalls::ARCH.ok_or(SeccompError::UnsupportedArch {
+        arch: std::env::consts::ARCH,
+    })?;
+    let mut grouped: Vec<bpf::SyscallRules> = Vec::new();
+    for (index, rule) in rules()?.into_iter().enumerate() {
+        if !rule.applies_here() {
+            continue;
+        }
+        let nr = syscalls::number(&rule.syscall)
+            .and_then(|nr| u32::try_from(nr).ok())
+            .ok_or_else(|| SeccompError::UnknownSyscall {
+                index,
+                syscall: rule.syscall.clone(),
+                arch,
+            })?;
+        let compiled = bpf::CompiledRule {
+            conditions: rule.conditions,
+            ret: bpf::errno_ret(rule.action.errno()),
+        };
+        match grouped.iter_mut().find(|g| g.nr == nr) {
+            Some(group) => {
+                // An unconditional rule already covers every call; a second rule
+                // for the same syscall would be dead or contradict it.
+                if group
+                    .rules
+                    .iter()
+                    .chain([&compiled])
+                    .any(|r| r.conditions.is_empty())
+                {
+                    return Err(SeccompError::InvalidRule {
+                        index,
+                        syscall: rule.syscall,
+                        problem: "another entry for this syscall has no `when`, so one of \
+                                  them is redundant"
+                            .into(),
+                    });
+                }
+                group.rules.push(compiled);
+            }
+            None => grouped.push(bpf::SyscallRules {
+                name: rule.syscall,
+                nr,
+                rules: vec![compiled],
+            }),
+        }
+    }
+    bpf::emit(audit_arch, cfg!(target_arch = "x86_64"), &grouped)
+}
+
+/// Installs `prog` on every thread of the calling process (seccomp TSYNC), so
+/// no thread of the agent stays unfiltered and every child inherits it.
+///
+/// Sets no_new_privs itself (seccompiler does so before installing; it is
+/// idempotent), because an unprivileged filter install requires it and the
+/// filter must never be skipped for lack of it.
+pub fn install(prog: &seccompiler::BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter_all_threads(prog).map_err(SeccompError::Install)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::privileges::test_fork::run_in_child;
+
+    fn current_audit_arch() -> u32 {
+        syscalls::ARCH.unwrap().1
+    }
+
+    fn nr(name: &str) -> u32 {
+        u32::try_from(syscalls::number(name).unwrap()).unwrap()
+    }
+
+    /// Runs the compiled program in the test interpreter.
+    fn verdict(prog: &[seccompiler::sock_filter], name: &str, args: [u64; 6]) -> u32 {
+        bpf::run(prog, nr(name), current_audit_arch(), args)
+    }
+
+    fn eperm() -> u32 {
+        bpf::errno_ret(libc::EPERM)
+    }
+
+    #[test]
+    fn data_parses_and_every_entry_has_a_reason() {
+        let rules = rules().unwrap();
+        assert!(rules.len() > 50, "only {} rules", rules.len());
+        for r in &rules {
+            assert!(!r.reason.trim().is_empty(), "{} has no reason", r.syscall);
+        }
+    }
+
+    #[test]
+    fn every_rule_resolves_on_this_arch() {
+        for r in rules().unwrap().iter().filter(|r| r.applies_here()) {
+            assert!(
+                syscalls::number(&r.syscall).is_some(),
+                "{} does not resolve",
+                r.syscall
+            );
+        }
+    }
+
+    #[test]
+    fn required_syscalls_are_denied_unconditionally() {
+        let required = [
+            "init_module",
+            "finit_module",
+            "delete_module",
+            "kexec_load",
+            "kexec_file_load",
+            "bpf",
+            "perf_event_open",
+            "add_key",
+            "request_key",
+            "keyctl",
+            "mount",
+            "umount2",
+            "pivot_root",
+            "chroot",
+            "move_mount",
+            "open_tree",
+            "fsopen",
+            "fsconfig",
+            "fsmount",
+            "fspick",
+            "mount_setattr",
+            "unshare",
+            "setns",
+            "process_vm_readv",
+            "process_vm_writev",
+            "open_by_handle_at",
+            "name_to_handle_at",
+            "userfaultfd",
+            "swapon",
+            "swapoff",
+            "reboot",
+            "syslog",
+            "acct",
+            "settimeofday",
+            "clock_settime",
+            "clock_adjtime",
+            "adjtimex",
+            "quotactl",
+            "lookup_dcookie",
+            "io_uring_enter",
+            "io_uring_register",
+            "vhangup",
+            "sethostname",
+            "setdomainname",
+            "nfsservctl",
+            "kcmp",
+        ];
+        let prog = compile().unwrap();
+        for name in required {
+            assert_eq!(verdict(&prog, name, [0; 6]), eperm(), "{name}");
+            assert_eq!(verdict(&prog, name, [u64::MAX; 6]), eperm(), "{name}");
+        }
+        for name in ["clone3", "io_uring_setup"] {
+            assert_eq!(
+                verdict(&prog, name, [0; 6]),
+                bpf::errno_ret(libc::ENOSYS),
+                "{name}"
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        for name in ["iopl", "ioperm"] {
+            assert_eq!(verdict(&prog, name, [0; 6]), eperm(), "{name}");
+        }
+    }
+
+    #[test]
+    fn compiled_program_matches_each_rule_of_the_data() {
+        let prog = compile().unwrap();
+        for rule in rules().unwrap().iter().filter(|r| r.applies_here()) {
+            // Build arguments that satisfy every condition of the rule.
+            let mut args = [0u64; 6];
+            let mut satisfiable = true;
+            for c in &rule.conditions {
+                let a = &mut args[usize::from(c.arg)];
+                match c.op {
+                    ArgOp::Eq(v) => *a = v,
+                    ArgOp::MaskedEq { mask, value } => *a = (*a & !mask) | value,
+                    // Pick a value different from every `ne` operand.
+                    ArgOp::Ne(_) => {
+                        let avoid: Vec<u64> = rule
+                            .conditions
+                            .iter()
+                            .filter_map(|o| match o.op {
+                                ArgOp::Ne(v) if o.arg == c.arg => Some(v),
+                                _ => None,
+                            })
+                            .collect();
+                        match (1u64..).find(|v| !avoid.contains(v)) {
+                            Some(v) => *a = v,
+                            None => satisfiable = false,
+                        }
+                    }
+                }
+            }
+            assert!(satisfiable);
+            assert_eq!(
+                verdict(&prog, &rule.syscall, args),
+                bpf::errno_ret(rule.action.errno()),
+                "{} with {:?}",
+                rule.syscall,
+                rule.conditions
+            );
+        }
+    }
+
+    #[test]
+    fn clone_filter_allows_fork_and_threads_but_no_namespace_flag() {
+        let prog = compile().unwrap();
+        let allow = libc::SECCOMP_RET_ALLOW;
+        let thread = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM
+            | libc::CLONE_SETTLS
+            | libc::CLONE_PARENT_SETTID
+            | libc::CLONE_CHILD_CLEARTID) as u64;
+        let fork = libc::SIGCHLD as u64;
+        let vfork = (libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD) as u64;
+        for flags in [thread, fork, vfork] {
+            assert_eq!(verdict(&prog, "clone", [flags, 0, 0, 0, 0, 0]), allow);
+        }
+        let namespace_flags = [
+            libc::CLONE_NEWNS,
+            libc::CLONE_NEWCGROUP,
+            libc::CLONE_NEWUTS,
+            libc::CLONE_NEWIPC,
+            libc::CLONE_NEWUSER,
+            libc::CLONE_NEWPID,
+            libc::CLONE_NEWNET,
+        ];
+        for ns in namespace_flags {
+            let flags = fork | ns as u64;
+            assert_eq!(verdict(&prog, "clone", [flags, 0, 0, 0, 0, 0]), eperm());
+            // High bits must not hide the flag: the kernel ignores them.
+            let padded = flags | 0xffff_ffff_0000_0000;
+            assert_eq!(verdict(&prog, "clone", [padded, 0, 0, 0, 0, 0]), eperm());
+        }
+        // The data covers exactly the namespace flags libc knows for clone().
+        let masks: Vec<u64> = rules()
+            .unwrap()
+            .iter()
+            .filter(|r| r.syscall == "clone")
+            .flat_map(|r| r.conditions.iter())
+            .filter_map(|c| match c.op {
+                ArgOp::MaskedEq { mask, .. } => Some(mask),
+                _ => None,
+            })
+            .collect();
+        let mut expected: Vec<u64> = namespace_flags.iter().map(|f| *f as u64).collect();
+        let mut got = masks.clone();
+        expected.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn argument_filters_match_libc_constants() {
+        let prog = compile().unwrap();
+        let allow = libc::SECCOMP_RET_ALLOW;
+        // libc's ioctl request type is u64 on glibc and i32 on musl.
+        #[allow(clippy::unnecessary_cast)]
+        let req = |r: libc::Ioctl| r as u64;
+        let ioctl = |cmd: u64| verdict(&prog, "ioctl", [0, cmd, 0, 0, 0, 0]);
+        assert_eq!(ioctl(req(libc::TIOCSTI)), eperm());
+        assert_eq!(ioctl(req(libc::TIOCLINUX)), eperm());
+        assert_eq!(ioctl(req(libc::TIOCSTI) | 0x1_0000_0000), eperm());
+        assert_eq!(ioctl(req(libc::TCGETS)), allow);
+        assert_eq!(ioctl(req(libc::TIOCGWINSZ)), allow);
+
+        let ptrace = |req: u64| verdict(&prog, "ptrace", [req, 0, 0, 0, 0, 0]);
+        assert_eq!(ptrace(libc::PTRACE_ATTACH as u64), eperm());
+        assert_eq!(ptrace(libc::PTRACE_SEIZE as u64), eperm());
+        assert_eq!(ptrace(libc::PTRACE_TRACEME as u64), allow);
+        assert_eq!(ptrace(libc::PTRACE_PEEKDATA as u64), allow);
+        assert_eq!(ptrace(libc::PTRACE_CONT as u64), allow);
+
+        let personality = |p: u64| verdict(&prog, "personality", [p, 0, 0, 0, 0, 0]);
+        assert_eq!(personality(0xffff_ffff), allow);
+        assert_eq!(personality(0), allow);
+        assert_eq!(personality(libc::ADDR_NO_RANDOMIZE as u64), eperm());
+        assert_eq!(personality(0x0040_0000), eperm()); // READ_IMPLIES_EXEC
+
+        let socket = |family: i32, proto: i32| {
+            verdict(&prog, "socket", [family as u64, 3, proto as u64, 0, 0, 0])
+        };
+        assert_eq!(socket(libc::AF_NETLINK, libc::NETLINK_ROUTE), allow);
+        assert_eq!(socket(libc::AF_NETLINK, libc::NETLINK_AUDIT), eperm());
+        assert_eq!(socket(libc::AF_NETLINK, libc::NETLINK_NETFILTER), eperm());
+        assert_eq!(socket(libc::AF_UNIX, 0), allow);
+        assert_eq!(socket(libc::AF_INET, 6), allow);
+    }
+
+    #[test]
+    fn unlisted_syscalls_are_allowed_and_foreign_abis_are_not() {
+        let prog = compile().unwrap();
+        let allow = libc::SECCOMP_RET_ALLOW;
+        let unlisted = [
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_execve,
+            libc::SYS_wait4,
+            libc::SYS_kill,
+            libc::SYS_landlock_create_ruleset,
+            libc::SYS_landlock_restrict_self,
+            libc::SYS_seccomp,
+        ];
+        for n in unlisted {
+            let n = u32::try_from(n).unwrap();
+            assert_eq!(bpf::run(&prog, n, current_audit_arch(), [0; 6]), allow);
+        }
+        // A 32-bit ABI (i386 on x86_64, arm on aarch64) would use other numbers.
+        assert_eq!(
+            bpf::run(&prog, 21, 0x4000_0003, [0; 6]),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            bpf::run(
+                &prog,
+                nr("mount") | bpf::X32_SYSCALL_BIT,
+                current_audit_arch(),
+                [0; 6]
+            ),
+            bpf::errno_ret(libc::ENOSYS)
+        );
+        assert!(prog.len() < bpf::MAX_INSNS);
+    }
+
+    /// A raw syscall with integer (or null) arguments, for the behavioural tests.
+    fn raw_syscall(nr: libc::c_long, args: [libc::c_long; 5]) -> i32 {
+        // SAFETY: every caller passes only integers or null pointers; the kernel
+        // validates them and nothing in this process's memory is written.
+        let rc = unsafe { libc::syscall(nr, args[0], args[1], args[2], args[3], args[4]) };
+        if rc == -1 {
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(255)
+        } else {
+            0
+        }
+    }
+
+    /// Forks, installs the filter in the child, runs `call` there and returns
+    /// the errno it saw (0 for success, 200 if the install failed).
+    fn errno_under_filter(call: impl FnOnce() -> i32) -> i32 {
+        let prog = compile().unwrap();
+        run_in_child(|| {
+            if install(&prog).is_err() {
+                return 200;
+            }
+            call()
+        })
+    }
+
+    /// A pid above the kernel's maximum, so an unfiltered ptrace or
+    /// process_vm_readv would fail with ESRCH instead of touching a process.
+    const NO_SUCH_PID: libc::c_long = 0x3fff_fff0;
+
+    #[test]
+    fn installed_filter_denies_with_eperm() {
+        let null = 0;
+        let cases: [(&str, libc::c_long, [libc::c_long; 5]); 8] = [
+            ("mount", libc::SYS_mount, [null, null, null, 0, null]),
+            (
+                "unshare(CLONE_NEWUSER)",
+                libc::SYS_unshare,
+                [libc::CLONE_NEWUSER as libc::c_long, 0, 0, 0, 0],
+            ),
+            (
+                "keyctl",
+                libc::SYS_keyctl,
+                [libc::KEYCTL_GET_KEYRING_ID as libc::c_long, -1, 0, 0, 0],
+            ),
+            ("bpf", libc::SYS_bpf, [0, null, 0, 0, 0]),
+            (
+                "ptrace(PTRACE_ATTACH)",
+                libc::SYS_ptrace,
+                [libc::PTRACE_ATTACH as libc::c_long, NO_SUCH_PID, 0, 0, 0],
+            ),
+            (
+                "ptrace(PTRACE_SEIZE)",
+                libc::SYS_ptrace,
+                [libc::PTRACE_SEIZE as libc::c_long, NO_SUCH_PID, 0, 0, 0],
+            ),
+            (
+                "ioctl(TIOCSTI)",
+                libc::SYS_ioctl,
+                [0, libc::TIOCSTI as libc::c_long, null, 0, 0],
+            ),
+            (
+                "process_vm_readv",
+                libc::SYS_process_vm_readv,
+                [NO_SUCH_PID, null, 0, null, 0],
+            ),
+        ];
+        for (what, nr, args) in cases {
+            assert_eq!(
+                errno_under_filter(move || raw_syscall(nr, args)),
+                libc::EPERM,
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn installed_filter_denies_clone_with_new_namespace() {
+        let got = errno_under_filter(|| {
+            let flags = (libc::CLONE_NEWNS | libc::SIGCHLD) as libc::c_long;
+            // SAFETY: clone without CLONE_VM and with a null stack behaves like
+            // fork; if the filter failed to deny it, the child leaves at once.
+            let rc = unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
+            match rc {
+                // SAFETY: _exit is async-signal-safe and ends only this child.
+                0 => unsafe { libc::_exit(0) },
+                -1 => std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(255),
+                _ => 0,
+            }
+        });
+        assert_eq!(got, libc::EPERM);
+    }
+
+    #[test]
+    fn installed_filter_returns_enosys_for_clone3_and_x32() {
+        assert_eq!(
+            errno_under_filter(|| raw_syscall(libc::SYS_clone3, [0; 5])),
+            libc::ENOSYS
+        );
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            errno_under_filter(|| raw_syscall(
+                libc::SYS_getpid | libc::c_long::from(bpf::X32_SYSCALL_BIT),
+                [0; 5]
+            )),
+            libc::ENOSYS
+        );
+    }
+
+    #[test]
+    fn installed_filter_still_runs_threads_and_fork_exec() {
+        let got = errno_under_filter(|| {
+            // glibc tries clone3 first and must fall back to clone on ENOSYS.
+            let thread_ok = std::thread::spawn(|| 7).join().map(|v| v == 7);
+            if thread_ok.ok() != Some(true) {
+                return 1;
+            }
+            match std::process::Command::new("/bin/true").status() {
+                Ok(s) if s.success() => 0,
+                Ok(_) => 2,
+                Err(e) => e.raw_os_error().unwrap_or(3),
+            }
+        });
+        assert_eq!(got, 0);
+    }
+}

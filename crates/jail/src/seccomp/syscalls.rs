@@ -1,0 +1,108 @@
+//! Syscall names the filter data may use, resolved to numbers for the
+//! architecture airlock was built for.
+//!
+//! The numbers come from libc's `SYS_*` constants, so a name that libc does not
+//! know for this architecture fails to compile here instead of silently
+//! producing a filter that matches the wrong call. The table only lists what
+//! `deny.toml` needs (plus what the tests exercise); adding an entry to the data
+//! means adding its name here, which keeps both under review together.
+
+use libc::c_long;
+
+/// Name and audit architecture value (`AUDIT_ARCH_*` from linux/audit.h) of the
+/// architecture this build targets; the filter checks it first.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const ARCH: Option<(&str, u32)> = Some(("x86_64", 0xC000_003E));
+#[cfg(target_arch = "aarch64")]
+pub(crate) const ARCH: Option<(&str, u32)> = Some(("aarch64", 0xC000_00B7));
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub(crate) const ARCH: Option<(&str, u32)> = None;
+
+/// `open_tree_attr` (Linux 6.15) is newer than libc's tables; syscalls added
+/// since Linux 5.1 share one number on every architecture.
+const SYS_OPEN_TREE_ATTR: c_long = 467;
+
+/// Syscalls present on every architecture airlock supports.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const COMMON: &[(&str, c_long)] = &[
+    ("acct", libc::SYS_acct),
+    ("add_key", libc::SYS_add_key),
+    ("adjtimex", libc::SYS_adjtimex),
+    ("bpf", libc::SYS_bpf),
+    ("chroot", libc::SYS_chroot),
+    ("clock_adjtime", libc::SYS_clock_adjtime),
+    ("clock_settime", libc::SYS_clock_settime),
+    ("clone", libc::SYS_clone),
+    ("clone3", libc::SYS_clone3),
+    ("delete_module", libc::SYS_delete_module),
+    ("finit_module", libc::SYS_finit_module),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fsopen", libc::SYS_fsopen),
+    ("fspick", libc::SYS_fspick),
+    ("init_module", libc::SYS_init_module),
+    ("io_uring_enter", libc::SYS_io_uring_enter),
+    ("io_uring_register", libc::SYS_io_uring_register),
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("ioctl", libc::SYS_ioctl),
+    ("kcmp", libc::SYS_kcmp),
+    ("kexec_file_load", libc::SYS_kexec_file_load),
+    ("kexec_load", libc::SYS_kexec_load),
+    ("keyctl", libc::SYS_keyctl),
+    ("lookup_dcookie", libc::SYS_lookup_dcookie),
+    ("mount", libc::SYS_mount),
+    ("mount_setattr", libc::SYS_mount_setattr),
+    ("move_mount", libc::SYS_move_mount),
+    ("name_to_handle_at", libc::SYS_name_to_handle_at),
+    ("nfsservctl", libc::SYS_nfsservctl),
+    ("open_by_handle_at", libc::SYS_open_by_handle_at),
+    ("open_tree", libc::SYS_open_tree),
+    ("open_tree_attr", SYS_OPEN_TREE_ATTR),
+    ("perf_event_open", libc::SYS_perf_event_open),
+    ("personality", libc::SYS_personality),
+    ("pidfd_getfd", libc::SYS_pidfd_getfd),
+    ("pivot_root", libc::SYS_pivot_root),
+    ("process_vm_readv", libc::SYS_process_vm_readv),
+    ("process_vm_writev", libc::SYS_process_vm_writev),
+    ("ptrace", libc::SYS_ptrace),
+    ("quotactl", libc::SYS_quotactl),
+    ("quotactl_fd", libc::SYS_quotactl_fd),
+    ("reboot", libc::SYS_reboot),
+    ("request_key", libc::SYS_request_key),
+    ("setdomainname", libc::SYS_setdomainname),
+    ("sethostname", libc::SYS_sethostname),
+    ("setns", libc::SYS_setns),
+    ("settimeofday", libc::SYS_settimeofday),
+    ("socket", libc::SYS_socket),
+    ("swapoff", libc::SYS_swapoff),
+    ("swapon", libc::SYS_swapon),
+    ("syslog", libc::SYS_syslog),
+    ("umount2", libc::SYS_umount2),
+    ("unshare", libc::SYS_unshare),
+    ("userfaultfd", libc::SYS_userfaultfd),
+    ("vhangup", libc::SYS_vhangup),
+];
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const COMMON: &[(&str, c_long)] = &[];
+
+/// Syscalls that exist only on x86_64.
+#[cfg(target_arch = "x86_64")]
+const ARCH_ONLY: &[(&str, c_long)] = &[
+    ("ioperm", libc::SYS_ioperm),
+    ("iopl", libc::SYS_iopl),
+    ("modify_ldt", libc::SYS_modify_ldt),
+    ("uselib", libc::SYS_uselib),
+];
+
+#[cfg(not(target_arch = "x86_64"))]
+const ARCH_ONLY: &[(&str, c_long)] = &[];
+
+/// The number of `name` on this build's architecture, if the table knows it.
+pub(crate) fn number(name: &str) -> Option<c_long> {
+    COMMON
+        .iter()
+        .chain(ARCH_ONLY)
+        .find(|(n, _)| *n == name)
+        .map(|(_, nr)| *nr)
+}

@@ -1,0 +1,179 @@
+//! Layering: a file refines the profile it extends.
+//!
+//! Scalars and grant-like lists (`read_only`, `capture`, `env.pass`,
+//! `allow_weaker`) are replaced when the refining layer names them; deny-like
+//! lists (`hidden`, `protected`) are unioned so no layer can remove a deny;
+//! `env.set` is merged key by key.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{FileErrorKind, MAX_EXTENDS_DEPTH, PolicyError};
+use crate::parse::{Layer, Source, parse_layer};
+use crate::{Policy, WorkspaceMode, Writeback, builtin};
+
+/// Appends the items of `extra` not already in `base`, keeping base order.
+fn union<T: PartialEq + Clone>(base: &[T], extra: &[T]) -> Vec<T> {
+    let mut out = base.to_vec();
+    for item in extra {
+        if !out.contains(item) {
+            out.push(item.clone());
+        }
+    }
+    out
+}
+
+/// Returns `base` refined by `layer`. Purely mechanical: cross-key checks are
+/// done by the caller, which knows where the keys are in the file.
+pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
+    let mut p = base.clone();
+    macro_rules! replace {
+        ($($field:ident => $target:expr),+ $(,)?) => {
+            $(if let Some(v) = &layer.$field { $target = v.clone(); })+
+        };
+    }
+    replace! {
+        description => p.description,
+        tier => p.isolation.tier,
+        allow_weaker => p.isolation.allow_weaker,
+        read_only => p.filesystem.read_only,
+        tmp_size => p.filesystem.tmp_size,
+        timeout => p.limits.timeout,
+        memory => p.limits.memory,
+        pids => p.limits.pids,
+        cpus => p.limits.cpus,
+        disk => p.limits.disk,
+        nofile => p.limits.nofile,
+        allow_raise => p.limits.allow_raise,
+        egress => p.network.egress,
+        capture => p.artifacts.capture,
+        max_bytes => p.artifacts.max_bytes,
+        on_success => p.cleanup.on_success,
+        on_failure => p.cleanup.on_failure,
+        pass => p.env.pass,
+    }
+    if let Some(mode) = &layer.mode {
+        p.workspace.mode = *mode.get_ref();
+    }
+    if let Some(writeback) = &layer.writeback {
+        p.workspace.writeback = *writeback.get_ref();
+    }
+    if let Some(hidden) = &layer.hidden {
+        p.filesystem.hidden = union(&base.filesystem.hidden, hidden);
+    }
+    if let Some(protected) = &layer.protected {
+        p.workspace.protected = union(&base.workspace.protected, protected);
+    }
+    if let Some(set) = &layer.set {
+        p.env
+            .set
+            .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    p
+}
+
+/// Checks rules that involve more than one key, after `layer` was applied.
+pub(crate) fn check_combined(
+    src: &Source<'_>,
+    layer: &Layer,
+    p: &Policy,
+) -> Result<(), PolicyError> {
+    if p.workspace.mode == WorkspaceMode::Rw && p.workspace.writeback == Writeback::Never {
+        // Point at whichever of the two keys this file set; it created the conflict.
+        let (span, key, reason) = match (&layer.mode, &layer.writeback) {
+            (None, Some(wb)) => (
+                wb.span(),
+                "writeback",
+                "\"never\" cannot be combined with mode = \"rw\", which writes to the host \
+                 workspace directly; set mode = \"overlay\" (changes are discarded) as well",
+            ),
+            (mode, _) => (
+                mode.as_ref().map_or(0..0, |m| m.span()),
+                "mode",
+                "\"rw\" cannot be combined with writeback = \"never\": rw writes to the host \
+                 workspace directly; use mode = \"overlay\" (changes are discarded) or \
+                 writeback = \"review\"",
+            ),
+        };
+        return Err(src.invalid(span, "workspace", key, reason.to_string()));
+    }
+    Ok(())
+}
+
+pub(crate) fn load_file(path: &Path) -> Result<Policy, PolicyError> {
+    let mut visiting = Vec::new();
+    load_chain(path, &mut visiting)
+}
+
+/// Loads `path` and, recursively, what it extends. `visiting` holds the
+/// canonical paths of the files above this one, for cycle detection.
+fn load_chain(path: &Path, visiting: &mut Vec<(PathBuf, PathBuf)>) -> Result<Policy, PolicyError> {
+    let read_error = |source| PolicyError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let canonical = path.canonicalize().map_err(read_error)?;
+    if visiting.iter().any(|(c, _)| *c == canonical) {
+        let mut chain: Vec<PathBuf> = visiting.iter().map(|(_, shown)| shown.clone()).collect();
+        chain.push(path.to_path_buf());
+        return Err(PolicyError::ExtendsCycle { chain });
+    }
+    if visiting.len() >= MAX_EXTENDS_DEPTH {
+        return Err(PolicyError::ExtendsTooDeep {
+            path: path.to_path_buf(),
+            max: MAX_EXTENDS_DEPTH,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_error)?;
+    let src = Source { path, text: &text };
+    let layer = parse_layer(&src)?;
+
+    visiting.push((canonical, path.to_path_buf()));
+    let base = match &layer.extends {
+        None => builtin::load_checked("dev")?,
+        Some(name) if builtin::source(name.get_ref()).is_some() => {
+            builtin::load_checked(name.get_ref())?
+        }
+        Some(name) => {
+            let target = path.parent().unwrap_or(Path::new(".")).join(name.get_ref());
+            if !target.is_file() {
+                return Err(src.error(
+                    name.span(),
+                    FileErrorKind::InvalidValue {
+                        section: "",
+                        key: "extends".to_string(),
+                        reason: format!(
+                            "{:?} is neither a built-in profile ({}) nor a policy file \
+                             (looked for {})",
+                            name.get_ref(),
+                            builtin::NAMES.join(", "),
+                            target.display()
+                        ),
+                    },
+                ));
+            }
+            load_chain(&target, visiting)?
+        }
+    };
+    visiting.pop();
+
+    let mut policy = apply(&base, &layer);
+    check_combined(&src, &layer, &policy)?;
+    policy.name = path.file_stem().map_or_else(
+        || path.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    );
+    policy.extends_chain.push(path.display().to_string());
+    Ok(policy)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn union_keeps_base_order_and_drops_duplicates() {
+        assert_eq!(union(&[1, 2], &[3, 2, 1, 4]), vec![1, 2, 3, 4]);
+        assert_eq!(union::<u8>(&[], &[]), Vec::<u8>::new());
+    }
+}

@@ -1,0 +1,286 @@
+//! Work on sandboxes that already exist: list, diff, apply, remove, gc.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use airlock_policy::{CleanupAction, Policy, Writeback};
+use airlock_workspace::{ApplyOptions, ApplyReport, Diff};
+use serde::Serialize;
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::layer;
+use crate::state::{SandboxDir, SandboxMeta, SandboxState, StateRoot};
+use crate::{RunError, now_rfc3339};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Workspace(#[from] airlock_workspace::WorkspaceError),
+    #[error(transparent)]
+    Apply(#[from] airlock_workspace::ApplyError),
+    #[error("sandbox {0} has no workspace overlay, so there is nothing to diff or apply")]
+    NoOverlay(String),
+    #[error("sandbox {name} is still running (supervisor pid {pid}); wait for it to finish, or `airlock rm {name}` to stop it")]
+    StillRunning { name: String, pid: i32 },
+    #[error("policy {policy} of sandbox {name} forbids writing changes back (workspace.writeback = \"never\"); read them with `airlock diff {name}`")]
+    WritebackForbidden { name: String, policy: String },
+    #[error("the stored policy of sandbox {0} cannot be read: {1}")]
+    StoredPolicy(String, airlock_policy::PolicyError),
+    #[error("could not stop sandbox {0}: its supervisor did not exit")]
+    StopFailed(String),
+}
+
+/// One line of `airlock ls`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxSummary {
+    pub name: String,
+    pub state: String,
+    pub live: bool,
+    pub policy: String,
+    pub workspace: Option<PathBuf>,
+    pub workspace_mode: String,
+    pub created_at: String,
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub command: Vec<String>,
+}
+
+pub fn list(root: &StateRoot) -> Result<Vec<SandboxSummary>, OpError> {
+    let mut out = Vec::new();
+    for sandbox in root.list()? {
+        let Ok(meta) = sandbox.read_meta() else { continue };
+        let live = sandbox.is_live();
+        let state = match (&meta.state, live) {
+            (SandboxState::Running | SandboxState::Creating, false) => "lost".to_string(),
+            (s, _) => state_name(s).to_string(),
+        };
+        out.push(SandboxSummary {
+            name: meta.name.clone(),
+            state,
+            live,
+            policy: meta.policy.clone(),
+            workspace: meta.workspace.clone(),
+            workspace_mode: meta.workspace_mode.clone(),
+            created_at: meta.created_at.clone(),
+            exit_code: meta.exit.as_ref().and_then(|e| {
+                if e.timed_out { Some(crate::exit_codes::TIMED_OUT) } else { e.code.or(e.signal.map(|s| 128 + s)) }
+            }),
+            timed_out: meta.exit.as_ref().is_some_and(|e| e.timed_out),
+            command: meta.command.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn state_name(state: &SandboxState) -> &'static str {
+    match state {
+        SandboxState::Creating => "creating",
+        SandboxState::Running => "running",
+        SandboxState::Exited => "exited",
+        SandboxState::Failed => "failed",
+    }
+}
+
+/// A sandbox's change, with the two trees it was computed from.
+pub struct DiffView {
+    pub diff: Diff,
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+}
+
+pub fn diff(root: &StateRoot, name: &str) -> Result<DiffView, OpError> {
+    let sandbox = root.open(name)?;
+    let meta = sandbox.read_meta()?;
+    let (lower, upper) = layers(&sandbox, &meta)?;
+    let diff = airlock_workspace::compute_diff(&lower, &upper)?;
+    Ok(DiffView { diff, lower, upper })
+}
+
+fn layers(sandbox: &SandboxDir, meta: &SandboxMeta) -> Result<(PathBuf, PathBuf), OpError> {
+    let Some(lower) = meta.workspace.clone().filter(|_| meta.workspace_mode == "overlay") else {
+        return Err(OpError::NoOverlay(meta.name.clone()));
+    };
+    // While it runs (as root) the layer is still on its tmpfs.
+    let live_upper = sandbox.layer_dir().join("upper");
+    let upper = if layer::is_mount_point(&sandbox.layer_dir()) { live_upper } else { sandbox.upper_dir() };
+    Ok((lower, upper))
+}
+
+/// A validated apply, ready to be confirmed and carried out.
+pub struct PendingApply {
+    sandbox: SandboxDir,
+    pub view: DiffView,
+    options: ApplyOptions,
+}
+
+/// Validates everything `apply` would do, without writing.
+pub fn prepare_apply(root: &StateRoot, name: &str, allow_protected: bool) -> Result<PendingApply, OpError> {
+    let sandbox = root.open(name)?;
+    let meta = sandbox.read_meta()?;
+    if sandbox.is_live() {
+        return Err(OpError::StillRunning { name: name.to_string(), pid: meta.supervisor_pid.unwrap_or(0) });
+    }
+    let policy = stored_policy(&sandbox)?;
+    if policy.workspace.writeback == Writeback::Never {
+        return Err(OpError::WritebackForbidden { name: name.to_string(), policy: meta.policy });
+    }
+    let view = diff(root, name)?;
+    let options = ApplyOptions { allow_protected, protected: policy.workspace.protected.clone() };
+    if let Err(e) = airlock_workspace::check_apply(&view.diff, &view.upper, &view.lower, &options) {
+        let mut audit = AuditLog::open(&sandbox.audit_path())?;
+        audit.record(AuditEvent::ApplyRefused { reason: e.to_string() })?;
+        return Err(e.into());
+    }
+    Ok(PendingApply { sandbox, view, options })
+}
+
+pub fn apply(pending: PendingApply) -> Result<ApplyReport, OpError> {
+    let PendingApply { sandbox, view, options } = pending;
+    let mut audit = AuditLog::open(&sandbox.audit_path())?;
+    let report = match airlock_workspace::apply(&view.diff, &view.upper, &view.lower, &options) {
+        Ok(r) => r,
+        Err(e) => {
+            audit.record(AuditEvent::ApplyRefused { reason: e.to_string() })?;
+            return Err(e.into());
+        }
+    };
+    audit.record(AuditEvent::Applied {
+        written: report.written.clone(),
+        deleted: report.deleted.clone(),
+        allow_protected: options.allow_protected,
+        by_uid: rustix::process::getuid().as_raw(),
+    })?;
+    let mut meta = sandbox.read_meta()?;
+    meta.applied_at = Some(now_rfc3339());
+    sandbox.write_meta(&meta)?;
+    Ok(report)
+}
+
+fn stored_policy(sandbox: &SandboxDir) -> Result<Policy, OpError> {
+    Policy::load_file(&sandbox.policy_path()).map_err(|e| OpError::StoredPolicy(sandbox.name().to_string(), e))
+}
+
+/// Removes a sandbox, stopping it first if it still runs.
+pub fn remove(root: &StateRoot, name: &str) -> Result<(), OpError> {
+    let sandbox = root.open(name)?;
+    if sandbox.is_live() {
+        stop(&sandbox)?;
+    }
+    release_leftovers(&sandbox, false);
+    if let Ok(mut audit) = AuditLog::open(&sandbox.audit_path()) {
+        let _ = audit.record(AuditEvent::Removed { reason: "airlock rm".into() });
+    }
+    sandbox.remove_all()?;
+    Ok(())
+}
+
+/// Kills a running sandbox's supervisor; the agent dies with it (parent-death
+/// signal) and the PID namespace with the agent.
+fn stop(sandbox: &SandboxDir) -> Result<(), OpError> {
+    let meta = sandbox.read_meta()?;
+    if let Some(pid) = meta.supervisor_pid.and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+    if let Some(cg) = airlock_jail::cgroup::SandboxCgroup::open(sandbox.name()) {
+        let _ = cg.kill_all();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sandbox.is_live() {
+        if Instant::now() > deadline {
+            return Err(OpError::StopFailed(sandbox.name().to_string()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Kernel objects a dead supervisor may have left: the cgroup and the layer
+/// tmpfs. The layer is persisted first when `keep_layer`, so a review is
+/// still possible.
+fn release_leftovers(sandbox: &SandboxDir, keep_layer: bool) -> Vec<String> {
+    let mut done = Vec::new();
+    if let Some(cg) = airlock_jail::cgroup::SandboxCgroup::open(sandbox.name())
+        && cg.remove().is_ok()
+    {
+        done.push(format!("cgroup {}", sandbox.name()));
+    }
+    let layer_dir = sandbox.layer_dir();
+    if layer::is_mount_point(&layer_dir) {
+        if keep_layer {
+            let _ = airlock_workspace::persist_layer(&layer_dir.join("upper"), &sandbox.upper_dir());
+        }
+        if layer::release(&layer_dir).is_ok() {
+            done.push(format!("mount {}", layer_dir.display()));
+        }
+    }
+    done
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    /// Sandboxes whose supervisor died, now marked failed.
+    pub lost: Vec<String>,
+    /// Sandboxes removed per their policy's cleanup rule.
+    pub removed: Vec<String>,
+    /// Kernel objects released (cgroups, mounts).
+    pub released: Vec<String>,
+}
+
+/// Finds sandboxes whose supervisor died (SIGKILL, crash, reboot), releases
+/// what they left in the kernel, records it, and applies the cleanup rule.
+pub fn gc(root: &StateRoot) -> Result<GcReport, OpError> {
+    let mut report = GcReport::default();
+    let mut known = Vec::new();
+    for sandbox in root.list()? {
+        known.push(sandbox.name().to_string());
+        if sandbox.is_live() {
+            continue;
+        }
+        let Ok(mut meta) = sandbox.read_meta() else { continue };
+        if !matches!(meta.state, SandboxState::Creating | SandboxState::Running) {
+            report.released.extend(release_leftovers(&sandbox, true));
+            continue;
+        }
+        report.released.extend(release_leftovers(&sandbox, true));
+        let mut audit = AuditLog::open(&sandbox.audit_path())?;
+        audit.record(AuditEvent::SupervisorLost {
+            detail: format!(
+                "supervisor pid {} is gone; the sandbox's processes died with it",
+                meta.supervisor_pid.unwrap_or(0)
+            ),
+        })?;
+        meta.state = SandboxState::Failed;
+        meta.finished_at = Some(now_rfc3339());
+        sandbox.write_meta(&meta)?;
+        report.lost.push(meta.name.clone());
+        let remove = stored_policy(&sandbox).is_ok_and(|p| p.cleanup.on_failure == CleanupAction::Remove);
+        if remove {
+            audit.record(AuditEvent::Removed { reason: "gc: cleanup rule for failed sandboxes".into() })?;
+            drop(audit);
+            sandbox.remove_all()?;
+            report.removed.push(meta.name.clone());
+        }
+    }
+    // Cgroups whose state directory is gone entirely.
+    for name in airlock_jail::cgroup::SandboxCgroup::list() {
+        if !known.contains(&name)
+            && let Some(cg) = airlock_jail::cgroup::SandboxCgroup::open(&name)
+            && cg.remove().is_ok()
+        {
+            report.released.push(format!("cgroup {name}"));
+        }
+    }
+    Ok(report)
+}
+
+/// The workspace a sandbox was created for (for messages).
+pub fn workspace_of(root: &StateRoot, name: &str) -> Option<PathBuf> {
+    root.open(name).ok()?.read_meta().ok()?.workspace
+}
+

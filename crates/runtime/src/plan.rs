@@ -1,0 +1,246 @@
+//! From a resolved policy to a launch: a pure function, so every decision
+//! about what the sandbox gets is unit-tested without starting anything.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use airlock_jail::plan::{
+    JailPlan, LandlockPlan, RlimitPlan, WorkspaceMount, WorkspaceMountMode, WorkspaceSource,
+};
+use airlock_jail::spawn::AGENT_WORKSPACE_FD;
+use airlock_policy::{Policy, Weakening, WorkspaceMode};
+use airlock_proto::Launch;
+
+/// What the host can enforce, as far as a policy cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    pub is_root: bool,
+    pub cgroups: bool,
+    pub landlock: bool,
+    /// The writable layer can be size-limited (a tmpfs the supervisor mounts).
+    pub disk_quota: bool,
+}
+
+/// A host feature the policy needs and the host lacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    pub feature: Weakening,
+    pub allowed: bool,
+}
+
+/// Which required features are missing, and whether the policy tolerates it.
+pub fn shortfalls(policy: &Policy, host: &HostFacts) -> Vec<Shortfall> {
+    let mut out = Vec::new();
+    let mut check = |present: bool, feature: Weakening| {
+        if !present {
+            out.push(Shortfall { allowed: policy.allows_weaker(feature), feature });
+        }
+    };
+    check(host.cgroups, Weakening::Cgroups);
+    check(host.landlock, Weakening::Landlock);
+    if policy.workspace.mode == WorkspaceMode::Overlay {
+        check(host.disk_quota, Weakening::DiskQuota);
+    }
+    out
+}
+
+/// Where the sandbox's host-side pieces live.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxPaths {
+    pub rootfs: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+/// Everything the plan depends on besides the policy.
+pub struct LaunchInput<'a> {
+    pub name: &'a str,
+    pub command: &'a [String],
+    pub workspace: Option<&'a Path>,
+    /// The caller's working directory, kept when it lies in the workspace.
+    pub cwd: &'a Path,
+    pub paths: &'a SandboxPaths,
+    pub host: &'a HostFacts,
+    /// The workspace arrives as an id-mapped tree (root only).
+    pub idmapped_workspace: bool,
+    pub tty: bool,
+    pub host_env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+/// Standard search path inside the sandbox.
+pub const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
+    let workspace = match (policy.workspace.mode, input.workspace) {
+        (WorkspaceMode::None, _) | (_, None) => None,
+        (mode, Some(path)) => Some(WorkspaceMount {
+            path: path.to_path_buf(),
+            mode: match mode {
+                WorkspaceMode::Ro => WorkspaceMountMode::ReadOnly,
+                WorkspaceMode::Rw => WorkspaceMountMode::ReadWrite,
+                _ => WorkspaceMountMode::Overlay {
+                    upper: input.paths.upper.clone(),
+                    work: input.paths.work.clone(),
+                },
+            },
+            source: if input.idmapped_workspace {
+                WorkspaceSource::MountFd(AGENT_WORKSPACE_FD)
+            } else {
+                WorkspaceSource::Path
+            },
+        }),
+    };
+    let cwd = match &workspace {
+        Some(ws) if input.cwd.starts_with(&ws.path) => input.cwd.to_path_buf(),
+        Some(ws) => ws.path.clone(),
+        None => PathBuf::from(airlock_jail::mounts::SANDBOX_HOME),
+    };
+    let jail = JailPlan {
+        hostname: input.name.to_string(),
+        root_mountpoint: input.paths.rootfs.clone(),
+        read_only: policy.filesystem.read_only.clone(),
+        hidden: policy.filesystem.hidden.clone(),
+        tmp_size: policy.filesystem.tmp_size,
+        workspace,
+        rlimits: RlimitPlan {
+            nofile: Some(policy.limits.nofile),
+            // Counted per user namespace on current kernels: a second fence
+            // against fork bombs besides the pids cgroup.
+            nproc: Some(policy.limits.pids),
+            fsize: Some(policy.limits.disk),
+        },
+        landlock: LandlockPlan {
+            enabled: input.host.landlock,
+            required: !policy.allows_weaker(Weakening::Landlock),
+        },
+        seccomp: true,
+    };
+    Launch {
+        jail,
+        command: input.command.to_vec(),
+        env: environment(policy, input).into_iter().collect(),
+        cwd,
+        tty: input.tty,
+    }
+}
+
+/// The command's environment: a fixed base, the host variables the policy
+/// passes through, then the policy's (and the command line's) fixed values.
+fn environment(policy: &Policy, input: &LaunchInput<'_>) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let base = [
+        ("PATH", SANDBOX_PATH),
+        ("HOME", airlock_jail::mounts::SANDBOX_HOME),
+        ("USER", "root"),
+        ("LOGNAME", "root"),
+        ("SHELL", "/bin/sh"),
+    ];
+    for (k, v) in base {
+        env.insert(k.to_string(), v.to_string());
+    }
+    env.insert("AIRLOCK_SANDBOX".to_string(), input.name.to_string());
+    for name in &policy.env.pass {
+        if let Some(value) = (input.host_env)(name) {
+            env.insert(name.clone(), value);
+        }
+    }
+    for (k, v) in &policy.env.set {
+        env.insert(k.clone(), v.clone());
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn paths() -> SandboxPaths {
+        SandboxPaths { rootfs: "/s/rootfs".into(), upper: "/s/layer/upper".into(), work: "/s/layer/work".into() }
+    }
+
+    fn host() -> HostFacts {
+        HostFacts { is_root: true, cgroups: true, landlock: true, disk_quota: true }
+    }
+
+    fn plan_for(policy: &Policy, cwd: &str, idmapped: bool) -> Launch {
+        let command = vec!["make".to_string(), "test".to_string()];
+        let paths = paths();
+        let host = host();
+        let env = |name: &str| match name {
+            "TERM" => Some("xterm".to_string()),
+            "SSH_AUTH_SOCK" => Some("/run/user/1000/ssh".to_string()),
+            _ => None,
+        };
+        launch(
+            policy,
+            &LaunchInput {
+                name: "brave-otter",
+                command: &command,
+                workspace: Some(Path::new("/home/u/repo")),
+                cwd: Path::new(cwd),
+                paths: &paths,
+                host: &host,
+                idmapped_workspace: idmapped,
+                tty: false,
+                host_env: &env,
+            },
+        )
+    }
+
+    #[test]
+    fn dev_overlays_the_workspace_at_the_same_path() {
+        let policy = Policy::builtin("dev").unwrap();
+        let l = plan_for(&policy, "/home/u/repo/src", true);
+        let ws = l.jail.workspace.unwrap();
+        assert_eq!(ws.path, Path::new("/home/u/repo"));
+        assert_eq!(ws.source, WorkspaceSource::MountFd(AGENT_WORKSPACE_FD));
+        assert!(matches!(ws.mode, WorkspaceMountMode::Overlay { .. }));
+        assert_eq!(l.cwd, Path::new("/home/u/repo/src"));
+    }
+
+    #[test]
+    fn cwd_outside_the_workspace_starts_at_its_root() {
+        let policy = Policy::builtin("dev").unwrap();
+        let l = plan_for(&policy, "/etc", false);
+        assert_eq!(l.cwd, Path::new("/home/u/repo"));
+        assert_eq!(l.jail.workspace.unwrap().source, WorkspaceSource::Path);
+    }
+
+    #[test]
+    fn plugin_gets_a_read_only_workspace() {
+        let policy = Policy::builtin("plugin").unwrap();
+        let l = plan_for(&policy, "/home/u/repo", false);
+        assert_eq!(l.jail.workspace.unwrap().mode, WorkspaceMountMode::ReadOnly);
+        assert_eq!(l.jail.rlimits.nproc, Some(policy.limits.pids));
+    }
+
+    #[test]
+    fn environment_passes_only_what_the_policy_names() {
+        let policy = Policy::builtin("dev").unwrap();
+        let l = plan_for(&policy, "/", false);
+        let env: BTreeMap<_, _> = l.env.into_iter().collect();
+        assert_eq!(env.get("TERM").map(String::as_str), Some("xterm"));
+        assert!(!env.contains_key("SSH_AUTH_SOCK"));
+        assert_eq!(env.get("HOME").map(String::as_str), Some("/root"));
+        assert_eq!(env.get("AIRLOCK_SANDBOX").map(String::as_str), Some("brave-otter"));
+    }
+
+    #[test]
+    fn missing_features_are_reported_with_the_policy_verdict() {
+        let weak = HostFacts { is_root: false, cgroups: false, landlock: true, disk_quota: false };
+        let dev = shortfalls(&Policy::builtin("dev").unwrap(), &weak);
+        assert!(dev.iter().all(|s| s.allowed), "{dev:?}");
+        assert_eq!(dev.len(), 2);
+        let ci = shortfalls(&Policy::builtin("ci").unwrap(), &weak);
+        assert!(ci.iter().all(|s| !s.allowed));
+    }
+
+    #[test]
+    fn landlock_is_required_unless_the_policy_allows_weaker() {
+        let ci = Policy::builtin("ci").unwrap();
+        assert!(plan_for(&ci, "/", false).jail.landlock.required);
+        let dev = Policy::builtin("dev").unwrap();
+        assert!(!plan_for(&dev, "/", false).jail.landlock.required);
+    }
+}

@@ -1,0 +1,479 @@
+//! `airlock run`: one sandbox, one command, in-process, no daemon.
+//!
+//! resolve policy → check the host → create the state dir → cgroup and
+//! writable layer → spawn the agent → stream output, forward signals,
+//! enforce the deadline → finalize (layer, diff summary, artifacts, audit)
+//! → clean up per policy → the command's exit code.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use airlock_jail::cgroup::{CgroupLimits, SandboxCgroup};
+use airlock_jail::spawn::{self, IdMap, SpawnRequest};
+use airlock_policy::{CleanupAction, Overrides, Policy, WorkspaceMode};
+use airlock_proto::{AgentMessage, HostMessage};
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::layer::WritableLayer;
+use crate::plan::{self, HostFacts, LaunchInput, SandboxPaths};
+use crate::state::{ExitInfo, SandboxDir, SandboxMeta, SandboxState, StateRoot};
+use crate::stdio::SandboxStdio;
+use crate::{RunError, exit_codes, now_rfc3339};
+
+/// What the caller asked for.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    pub policy: String,
+    pub overrides: Overrides,
+    pub workspace: Option<PathBuf>,
+    pub name: Option<String>,
+    pub remove_after: bool,
+    pub command: Vec<String>,
+}
+
+/// Something the person at the terminal should know, as it happens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    Warning(String),
+    Info(String),
+}
+
+/// How the run ended.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub name: String,
+    pub exit_code: i32,
+    pub timed_out: bool,
+    pub oom_killed: bool,
+    pub changes: Option<airlock_workspace::DiffStat>,
+    pub removed: bool,
+    pub artifacts: Vec<PathBuf>,
+}
+
+pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcome, RunError> {
+    let base = Policy::resolve(&req.policy)?;
+    let policy = base.apply_overrides(&req.overrides)?;
+    if policy.isolation.tier == airlock_policy::Tier::Microvm {
+        return Err(RunError::TierUnavailable);
+    }
+    if req.command.is_empty() {
+        return Err(RunError::NoCommand);
+    }
+    let workspace = resolve_workspace(&policy, req.workspace.as_deref())?;
+    if policy.workspace.mode == WorkspaceMode::Rw && workspace.is_some() {
+        notify(Notice::Warning(
+            "workspace mode rw: the sandbox writes straight into the host directory, with no review".into(),
+        ));
+    }
+
+    let is_root = rustix::process::geteuid().is_root();
+    let cgroup_support = airlock_jail::cgroup::probe();
+    let host = HostFacts {
+        is_root,
+        cgroups: cgroup_support.writable
+            && cgroup_support.memory.is_some()
+            && cgroup_support.pids.is_some()
+            && cgroup_support.cpu.is_some(),
+        landlock: airlock_jail::landlock_rules::abi_version().is_some(),
+        disk_quota: is_root,
+    };
+    let mut degraded = Vec::new();
+    for s in plan::shortfalls(&policy, &host) {
+        if !s.allowed {
+            return Err(RunError::HostLacks { feature: s.feature.to_string(), policy: policy.name.clone() });
+        }
+        degraded.push(s.feature.to_string());
+    }
+    if !degraded.is_empty() {
+        notify(Notice::Warning(format!(
+            "running weaker than the host could with root: without {} (policy {} allows it; see `airlock doctor`)",
+            degraded.join(", "),
+            policy.name
+        )));
+    }
+
+    let root = StateRoot::from_env()?;
+    crate::prepare_state_root(&root, is_root)?;
+    let sandbox = root.create_sandbox(req.name.as_deref())?;
+    let result = supervise(&sandbox, &policy, workspace.as_deref(), &host, degraded, req, notify);
+    if let Err(e) = &result {
+        record_failure(&sandbox, e);
+    }
+    result
+}
+
+fn resolve_workspace(policy: &Policy, requested: Option<&Path>) -> Result<Option<PathBuf>, RunError> {
+    if policy.workspace.mode == WorkspaceMode::None {
+        return Ok(None);
+    }
+    let dir = match requested {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_dir().map_err(|e| RunError::WorkspaceDir(PathBuf::from("."), e))?,
+    };
+    let dir = dir.canonicalize().map_err(|e| RunError::WorkspaceDir(dir.clone(), e))?;
+    if !dir.is_dir() {
+        return Err(RunError::WorkspaceDir(dir, io::Error::from(io::ErrorKind::NotADirectory)));
+    }
+    if dir == Path::new("/") {
+        return Err(RunError::WorkspaceIsRoot);
+    }
+    Ok(Some(dir))
+}
+
+/// Host uid that root inside this sandbox becomes (root only): one block of
+/// 65536 ids per sandbox, picked from its name, far above ordinary users.
+fn host_id_base(name: &str) -> u32 {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    1_000_000_000 + ((hash % 15_000) as u32) * 65_536
+}
+
+fn supervise(
+    sandbox: &SandboxDir,
+    policy: &Policy,
+    workspace: Option<&Path>,
+    host: &HostFacts,
+    degraded: Vec<String>,
+    req: &RunRequest,
+    notify: &mut dyn FnMut(Notice),
+) -> Result<RunOutcome, RunError> {
+    let _live = sandbox.lock_live()?;
+    let name = sandbox.name().to_string();
+    if host.is_root {
+        // Searchable (not listable) by the sandbox's unprivileged root, which
+        // must reach its mount points below.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
+    }
+    let id_map = IdMap::for_current_user(host_id_base(&name));
+    std::fs::write(sandbox.policy_path(), policy.to_toml()).map_err(|e| RunError::State(sandbox.policy_path(), e))?;
+
+    let mut meta = SandboxMeta {
+        name: name.clone(),
+        created_at: now_rfc3339(),
+        policy: policy.name.clone(),
+        workspace: workspace.map(Path::to_path_buf),
+        workspace_mode: workspace_mode_name(policy, workspace),
+        command: req.command.clone(),
+        state: SandboxState::Creating,
+        supervisor_pid: Some(std::process::id() as i32),
+        host_uid: Some(id_map.host_root_uid),
+        cgroup: None,
+        started_at: None,
+        finished_at: None,
+        exit: None,
+        applied_at: None,
+        degraded: degraded.clone(),
+    };
+    sandbox.write_meta(&meta)?;
+    let mut audit = AuditLog::open(&sandbox.audit_path())?;
+    audit.record(AuditEvent::Created {
+        policy: policy.name.clone(),
+        workspace: meta.workspace.clone(),
+        workspace_mode: meta.workspace_mode.clone(),
+        limits: crate::limits_json(policy),
+        degraded: degraded.clone(),
+    })?;
+
+    let cgroup = if host.cgroups {
+        let limits = CgroupLimits {
+            memory: Some(policy.limits.memory),
+            pids: Some(policy.limits.pids),
+            cpus: Some(policy.limits.cpus),
+        };
+        let cg = SandboxCgroup::create(&name, &limits)?;
+        meta.cgroup = Some(name.clone());
+        Some(cg)
+    } else {
+        None
+    };
+
+    let overlay = workspace.is_some() && policy.workspace.mode == WorkspaceMode::Overlay;
+    let layer = if overlay {
+        Some(WritableLayer::create(sandbox, host.disk_quota.then_some(policy.limits.disk), id_map.host_root_uid)?)
+    } else {
+        None
+    };
+    let rootfs = sandbox.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(|e| RunError::State(rootfs.clone(), e))?;
+    let paths = SandboxPaths {
+        rootfs,
+        upper: layer.as_ref().map_or_else(|| sandbox.upper_dir(), |l| l.upper.clone()),
+        work: layer.as_ref().map_or_else(|| sandbox.work_dir(), |l| l.work.clone()),
+    };
+
+    // As root the workspace is seen through an id-mapped mount, so that files
+    // owned by host users keep their owners inside while the sandbox's root
+    // stays an unprivileged host uid.
+    let tree = match workspace {
+        Some(ws) if host.is_root => Some(spawn::idmapped_tree(ws, &id_map)?),
+        _ => None,
+    };
+
+    let mut stdio = SandboxStdio::new(&sandbox.stdout_log(), &sandbox.stderr_log())
+        .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let host_env = |k: &str| std::env::var(k).ok();
+    let launch = plan::launch(
+        policy,
+        &LaunchInput {
+            name: &name,
+            command: &req.command,
+            workspace,
+            cwd: &cwd,
+            paths: &paths,
+            host,
+            idmapped_workspace: tree.is_some(),
+            tty: stdio.tty.is_some(),
+            host_env: &host_env,
+        },
+    );
+
+    let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
+    let spawned = spawn::spawn(
+        &SpawnRequest {
+            agent_exe: &exe,
+            agent_args: &["airlock-agent", crate::AGENT_ROLE],
+            stdio: stdio.child_fds(),
+            workspace_tree: tree.as_ref().map(|t| std::os::fd::AsFd::as_fd(t)),
+            id_map: &id_map,
+        },
+        |pid| match &cgroup {
+            Some(cg) => cg.add_pid(pid).map_err(|e| e.to_string()),
+            None => Ok(()),
+        },
+    )?;
+    drop(tree);
+    stdio.release_child_ends();
+    let agent_pid = spawned.pid;
+    let mut control = spawned.control;
+    airlock_proto::send(&mut control, &HostMessage::Launch(Box::new(launch)))?;
+
+    meta.state = SandboxState::Running;
+    meta.started_at = Some(now_rfc3339());
+    sandbox.write_meta(&meta)?;
+
+    let forwarder = crate::signals::Forwarder::start(agent_pid, stdio.tty.as_ref().and_then(|p| p.resize_handle().ok()))
+        .map_err(RunError::Signals)?;
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        while let Ok(Some(msg)) = airlock_proto::recv::<_, AgentMessage>(&mut control) {
+            if tx.send(msg).is_err() {
+                break;
+            }
+        }
+    });
+
+    let started = Instant::now();
+    let deadline = started + policy.limits.timeout;
+    let mut ending = Ending::default();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(AgentMessage::Confined { landlock }) => {
+                ending.confined = true;
+                tracing::debug!(%landlock, "sandbox confined");
+            }
+            Ok(AgentMessage::Started { pid }) => {
+                audit.record(AuditEvent::CommandStarted { argv: req.command.clone(), pid: Some(pid) })?;
+            }
+            Ok(AgentMessage::SetupFailed { step, message }) => {
+                ending.setup_failed = Some(format!("{step}: {}", truncate(&message)));
+            }
+            Ok(AgentMessage::ExecFailed { exit_code, message }) => {
+                let code = if exit_code == 126 { 126 } else { 127 };
+                ending.exec_failed = Some((code, truncate(&message)));
+            }
+            Ok(AgentMessage::Exited { code, signal }) => {
+                ending.code = code;
+                ending.signal = signal;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                ending.timed_out = true;
+                audit.record(AuditEvent::TimeLimitHit { limit_secs: policy.limits.timeout.as_secs() })?;
+                // PID 1 dying takes the whole PID namespace with it; the
+                // cgroup kill catches anything that raced out of it.
+                let _ = rustix::process::kill_process(pid_of(agent_pid), rustix::process::Signal::KILL);
+                if let Some(cg) = &cgroup {
+                    let _ = cg.kill_all();
+                }
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let status = airlock_jail::sys::wait_pid(agent_pid).map_err(RunError::Wait)?;
+    let _ = reader.join();
+    drop(forwarder);
+    stdio.finish();
+    let duration = started.elapsed();
+
+    if !ending.confined && !ending.timed_out && ending.setup_failed.is_none() {
+        ending.setup_failed = Some(format!(
+            "the sandbox agent ended before confining itself (wait status {status:#x}); its messages are above"
+        ));
+    }
+    if ending.code.is_none() && ending.signal.is_none() && !ending.timed_out {
+        // The agent died without reporting: take its own status.
+        if libc::WIFSIGNALED(status) {
+            ending.signal = Some(libc::WTERMSIG(status));
+        } else if ending.setup_failed.is_none() && ending.exec_failed.is_none() {
+            ending.code = Some(libc::WEXITSTATUS(status));
+        }
+    }
+    let oom_killed = cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
+    let exit_code = ending.exit_code();
+    audit.record(AuditEvent::Exited {
+        code: ending.code,
+        signal: ending.signal,
+        duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        oom_killed,
+    })?;
+    if let Some(cg) = &cgroup
+        && let Err(e) = cg.remove()
+    {
+        notify(Notice::Warning(format!("could not remove the sandbox's cgroup: {e}; `airlock gc` will retry")));
+    }
+
+    meta.state = if ending.setup_failed.is_some() { SandboxState::Failed } else { SandboxState::Exited };
+    meta.finished_at = Some(now_rfc3339());
+    meta.exit = Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });
+    sandbox.write_meta(&meta)?;
+
+    if let Some(reason) = &ending.setup_failed {
+        audit.record(AuditEvent::Error { stage: "setup".into(), message: reason.clone() })?;
+        if let Some(layer) = layer {
+            let _ = layer.discard();
+        }
+        return Err(RunError::SetupFailed(reason.clone()));
+    }
+    if let Some((_, message)) = &ending.exec_failed {
+        notify(Notice::Warning(message.clone()));
+    }
+
+    // Finalize: persist the writable layer, summarize the change, capture artifacts.
+    let mut changes = None;
+    let mut artifacts = Vec::new();
+    if let (Some(layer), Some(ws)) = (layer, workspace) {
+        layer.persist(sandbox)?;
+        let diff = airlock_workspace::compute_diff(ws, &sandbox.upper_dir())?;
+        let stat = diff.stat();
+        audit.record(AuditEvent::DiffSummary {
+            added: stat.files_added + stat.dirs_added,
+            modified: stat.files_modified + stat.type_changed,
+            deleted: stat.files_deleted + stat.dirs_deleted,
+        })?;
+        changes = Some(stat);
+    }
+    if let Some(ws) = workspace
+        && !policy.artifacts.capture.is_empty()
+    {
+        let upper = sandbox.upper_dir();
+        match airlock_workspace::capture_artifacts(
+            &upper,
+            ws,
+            &policy.artifacts.capture,
+            &sandbox.artifacts_dir(),
+            policy.artifacts.max_bytes,
+        ) {
+            Ok(files) => {
+                let bytes = files.iter().filter_map(|f| std::fs::symlink_metadata(sandbox.artifacts_dir().join(f)).ok()).map(|m| m.len()).sum();
+                audit.record(AuditEvent::ArtifactsCaptured { files: files.clone(), bytes })?;
+                artifacts = files;
+            }
+            Err(e) => notify(Notice::Warning(format!("artifact capture: {e}"))),
+        }
+    }
+
+    let succeeded = exit_code == 0;
+    let action = if succeeded { policy.cleanup.on_success } else { policy.cleanup.on_failure };
+    let remove = req.remove_after || action == CleanupAction::Remove;
+    if remove {
+        audit.record(AuditEvent::Removed {
+            reason: if req.remove_after { "--rm".into() } else { format!("cleanup rule of policy {}", policy.name) },
+        })?;
+        drop(audit);
+        drop(_live);
+        sandbox.remove_all()?;
+    }
+    Ok(RunOutcome {
+        name,
+        exit_code,
+        timed_out: ending.timed_out,
+        oom_killed,
+        changes,
+        removed: remove,
+        artifacts,
+    })
+}
+
+#[derive(Default)]
+struct Ending {
+    code: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+    confined: bool,
+    setup_failed: Option<String>,
+    exec_failed: Option<(i32, String)>,
+}
+
+impl Ending {
+    fn exit_code(&self) -> i32 {
+        if self.timed_out {
+            return exit_codes::TIMED_OUT;
+        }
+        if let Some((code, _)) = self.exec_failed {
+            return code;
+        }
+        if self.setup_failed.is_some() {
+            return exit_codes::AIRLOCK_FAILED;
+        }
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(sig)) => 128 + sig,
+            (None, None) => exit_codes::AIRLOCK_FAILED,
+        }
+    }
+}
+
+fn pid_of(pid: i32) -> rustix::process::Pid {
+    rustix::process::Pid::from_raw(pid).unwrap_or(rustix::process::Pid::INIT)
+}
+
+/// Messages from the agent are untrusted; keep what we print bounded.
+fn truncate(s: &str) -> String {
+    const MAX: usize = 2000;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn workspace_mode_name(policy: &Policy, workspace: Option<&Path>) -> String {
+    match (workspace, policy.workspace.mode) {
+        (None, _) | (_, WorkspaceMode::None) => "none",
+        (_, WorkspaceMode::Overlay) => "overlay",
+        (_, WorkspaceMode::Ro) => "ro",
+        (_, WorkspaceMode::Rw) => "rw",
+    }
+    .to_string()
+}
+
+fn record_failure(sandbox: &SandboxDir, error: &RunError) {
+    if let Ok(mut audit) = AuditLog::open(&sandbox.audit_path()) {
+        let _ = audit.record(AuditEvent::Error { stage: "run".into(), message: error.to_string() });
+    }
+    if let Ok(mut meta) = sandbox.read_meta()
+        && matches!(meta.state, SandboxState::Creating | SandboxState::Running)
+    {
+        meta.state = SandboxState::Failed;
+        meta.finished_at = Some(now_rfc3339());
+        let _ = sandbox.write_meta(&meta);
+    }
+}

@@ -1,0 +1,165 @@
+//! The sandbox's standard streams as the supervisor sees them: piped and
+//! copied to both the caller and the sandbox's log files, or, when the caller
+//! sits at a terminal, a fresh pseudo-terminal relayed in raw mode.
+//!
+//! The sandbox never gets the caller's terminal itself: a terminal shared
+//! with the host is a way to inject keystrokes into the host shell.
+
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::thread::JoinHandle;
+
+use rustix::termios::{self, OptionalActions, Termios};
+
+/// The sandbox's side of its streams plus the threads copying them.
+pub struct SandboxStdio {
+    /// stdin, stdout, stderr for the agent (closed by the supervisor after spawn).
+    child: [OwnedFd; 3],
+    copiers: Vec<JoinHandle<()>>,
+    pub tty: Option<Pty>,
+}
+
+/// A pseudo-terminal relayed to the caller's terminal.
+pub struct Pty {
+    master: OwnedFd,
+    saved: Option<Termios>,
+}
+
+impl SandboxStdio {
+    /// Chooses a pty when both stdin and stdout are terminals.
+    pub fn new(stdout_log: &Path, stderr_log: &Path) -> io::Result<SandboxStdio> {
+        if io::stdin().is_terminal() && io::stdout().is_terminal() {
+            return Self::with_pty(stdout_log);
+        }
+        let stdin = rustix::io::fcntl_dupfd_cloexec(io::stdin().as_fd(), 3)?;
+        let (out_read, out_write) = pipe()?;
+        let (err_read, err_write) = pipe()?;
+        let copiers = vec![
+            tee(out_read, Box::new(io::stdout()), create_log(stdout_log)?),
+            tee(err_read, Box::new(io::stderr()), create_log(stderr_log)?),
+        ];
+        Ok(SandboxStdio { child: [stdin, out_write, err_write], copiers, tty: None })
+    }
+
+    fn with_pty(stdout_log: &Path) -> io::Result<SandboxStdio> {
+        let master = rustix::pty::openpt(rustix::pty::OpenptFlags::RDWR | rustix::pty::OpenptFlags::NOCTTY)?;
+        rustix::pty::grantpt(&master)?;
+        rustix::pty::unlockpt(&master)?;
+        let name = rustix::pty::ptsname(&master, Vec::new())?;
+        let slave: OwnedFd = File::options().read(true).write(true).open(name.to_string_lossy().as_ref())?.into();
+        if let Ok(size) = termios::tcgetwinsize(io::stdin()) {
+            let _ = termios::tcsetwinsize(&master, size);
+        }
+        let saved = enter_raw_mode();
+        let log = create_log(stdout_log)?;
+        let output = File::from(master.try_clone()?);
+        let mut input = File::from(master.try_clone()?);
+        let copiers = vec![tee(output.into(), Box::new(io::stdout()), log)];
+        // Not joined: it blocks reading the caller's stdin and ends with the process.
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut stdin = io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 || input.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let child = [slave.try_clone()?, slave.try_clone()?, slave];
+        Ok(SandboxStdio { child, copiers, tty: Some(Pty { master, saved }) })
+    }
+
+    pub fn child_fds(&self) -> [BorrowedFd<'_>; 3] {
+        [self.child[0].as_fd(), self.child[1].as_fd(), self.child[2].as_fd()]
+    }
+
+    /// Closes the supervisor's copies of the sandbox's ends, so that the
+    /// copiers see end-of-file when the sandbox is gone.
+    pub fn release_child_ends(&mut self) {
+        let devnull = |_: &OwnedFd| File::open("/dev/null").map(OwnedFd::from);
+        if let (Ok(a), Ok(b), Ok(c)) = (devnull(&self.child[0]), devnull(&self.child[1]), devnull(&self.child[2])) {
+            self.child = [a, b, c];
+        }
+    }
+
+    /// Waits until all output has been copied.
+    pub fn finish(&mut self) {
+        for copier in self.copiers.drain(..) {
+            let _ = copier.join();
+        }
+        if let Some(pty) = &mut self.tty {
+            pty.restore();
+        }
+    }
+}
+
+impl Pty {
+    /// A descriptor of the terminal for copying window size changes to it.
+    pub fn resize_handle(&self) -> io::Result<OwnedFd> {
+        self.master.try_clone()
+    }
+
+    fn restore(&mut self) {
+        if let Some(saved) = self.saved.take() {
+            let _ = termios::tcsetattr(io::stdin(), OptionalActions::Now, &saved);
+        }
+    }
+}
+
+impl Drop for Pty {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
+
+fn enter_raw_mode() -> Option<Termios> {
+    let saved = termios::tcgetattr(io::stdin()).ok()?;
+    let mut raw = saved.clone();
+    raw.make_raw();
+    termios::tcsetattr(io::stdin(), OptionalActions::Now, &raw).ok()?;
+    Some(saved)
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
+}
+
+fn create_log(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    File::options().create(true).append(true).mode(0o600).open(path)
+}
+
+/// Copies everything from `source` to the caller and to the log. A caller
+/// that stops reading (a closed pipe) does not stop the log.
+fn tee(source: OwnedFd, mut caller: Box<dyn Write + Send>, mut log: File) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut source = File::from(source);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut caller_open = true;
+        loop {
+            let n = match source.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // EIO is how a pty master reports that the last slave closed.
+                Err(_) => break,
+            };
+            if caller_open && (caller.write_all(&buf[..n]).is_err() || caller.flush().is_err()) {
+                caller_open = false;
+            }
+            let _ = log.write_all(&buf[..n]);
+        }
+    })
+}
+
+/// Copies the caller's window size to the sandbox's terminal.
+pub fn sync_window_size(master: BorrowedFd<'_>) {
+    if let Ok(size) = termios::tcgetwinsize(io::stdin()) {
+        let _ = termios::tcsetwinsize(master, size);
+    }
+}

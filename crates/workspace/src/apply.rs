@@ -1,0 +1,948 @@
+//! Applying a reviewed diff back to the host workspace.
+//!
+//! The diff and the upper layer come from untrusted code, so apply is built
+//! as two phases:
+//!
+//! 1. **Validate** every change without writing anything: path syntax,
+//!    protected paths, special files, symlink targets, the host side (no
+//!    symlink on the way, no conflicting concurrent change) and the upper
+//!    side (still what the diff says). Every refusal is collected, and one
+//!    refusal stops the whole apply.
+//! 2. **Write** with a journal: entries that go away are first renamed
+//!    aside (same directory, unique name), new content is written to a
+//!    temporary name and renamed into place. If any step fails, the journal
+//!    is undone in reverse and the workspace is as before. On success the
+//!    set-aside entries are deleted.
+//!
+//! All host paths are resolved beneath the workspace descriptor with
+//! symlinks refused (see [`crate::fsx`]); symlinks from the diff are
+//! created with their link text verbatim and never resolved. New entries
+//! get at most `0o777` permission bits (setuid, setgid and sticky are
+//! stripped and reported) and belong to the user running apply.
+
+use std::collections::BTreeSet;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use rustix::fs::{Mode, OFlags, RenameFlags};
+
+use crate::diff::{Change, ChangeKind, Diff, EntryType};
+use crate::error::{ApplyError, Refusal, RefusalReason};
+use crate::fsx::{self, MAX_DEPTH, Meta};
+use crate::names;
+
+/// What apply may do beyond the safe default.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// Apply changes to protected paths, `.git` replacements and symlinks
+    /// whose target is absolute or leaves the workspace. Never lifts the
+    /// refusal of devices/FIFOs/sockets, invalid paths, host-side symlinks
+    /// or conflicts.
+    pub allow_protected: bool,
+    /// Globs (globset syntax) relative to the workspace. A change is
+    /// protected when its path or any ancestor matches, and a deletion of a
+    /// directory is protected when anything inside it on the host matches.
+    /// `*` also matches `/` here, so `*.env` protects at any depth.
+    pub protected: Vec<String>,
+}
+
+/// What apply did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Files, symlinks and directories created or rewritten, and entries
+    /// whose permission bits changed.
+    pub written: Vec<PathBuf>,
+    /// Entries removed (each listed deleted path, including children of a
+    /// removed directory).
+    pub deleted: Vec<PathBuf>,
+    /// Entries whose setuid/setgid/sticky bits were dropped.
+    pub stripped_mode_bits: Vec<PathBuf>,
+    /// Added entries the host already had, identical; left alone.
+    pub unchanged: Vec<PathBuf>,
+    /// Non-fatal problems after the changes were in place (for example a
+    /// set-aside copy that could not be removed).
+    pub warnings: Vec<String>,
+}
+
+/// Runs the validation pass alone: `Ok` means [`apply`] would not refuse
+/// (it can still fail on I/O, in which case it rolls back).
+pub fn check_apply(
+    diff: &Diff,
+    upper: &Path,
+    workspace: &Path,
+    opts: &ApplyOptions,
+) -> Result<(), ApplyError> {
+    let roots = Roots::open(upper, workspace)?;
+    validate(diff, &roots, opts).map(|_| ())
+}
+
+/// Validates every change, then writes them all or none.
+pub fn apply(
+    diff: &Diff,
+    upper: &Path,
+    workspace: &Path,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, ApplyError> {
+    let roots = Roots::open(upper, workspace)?;
+    let plan = validate(diff, &roots, opts)?;
+    execute(&roots, plan)
+}
+
+struct Roots {
+    upper: OwnedFd,
+    ws: OwnedFd,
+}
+
+impl Roots {
+    fn open(upper: &Path, workspace: &Path) -> Result<Roots, ApplyError> {
+        let open = |op, p: &Path| {
+            fsx::open_root(p).map_err(|source| ApplyError::Open {
+                op,
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        Ok(Roots {
+            upper: open("open upper layer", upper)?,
+            ws: open("open workspace", workspace)?,
+        })
+    }
+}
+
+/// One write-phase operation.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Set the entry aside (restored on rollback, deleted on success).
+    Remove,
+    Mkdir { mode: u32 },
+    WriteFile { mode: u32, replace: bool },
+    Symlink { target: PathBuf, replace: bool },
+    Chmod { mode: u32, dir: bool },
+}
+
+#[derive(Debug, Clone)]
+struct Step {
+    path: PathBuf,
+    op: Op,
+}
+
+struct Plan {
+    removes: Vec<Step>,
+    creates: Vec<Step>,
+    report: ApplyReport,
+}
+
+/// Whether a path lies inside something the plan replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cover {
+    /// Host state applies.
+    None,
+    /// Under a directory the plan creates: the host has nothing here.
+    Fresh,
+    /// Under an entry the plan removes.
+    Removed,
+}
+
+fn build_globset(patterns: &[String]) -> Result<GlobSet, ApplyError> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        let glob = Glob::new(p).map_err(|source| ApplyError::InvalidGlob {
+            glob: p.clone(),
+            source,
+        })?;
+        b.add(glob);
+    }
+    b.build().map_err(|source| ApplyError::InvalidGlob {
+        glob: patterns.join(", "),
+        source,
+    })
+}
+
+/// Permission bits apply will create: never setuid/setgid/sticky.
+fn sanitize_mode(mode: Option<u32>, default: u32) -> (u32, bool) {
+    let mode = mode.unwrap_or(default);
+    (mode & 0o777, mode & 0o7000 != 0)
+}
+
+/// True when `target`, placed at `link`, is absolute or climbs above the
+/// workspace root lexically.
+fn symlink_escapes(link: &Path, target: &Path) -> bool {
+    let bytes = target.as_os_str().as_bytes();
+    if bytes.first() == Some(&b'/') {
+        return true;
+    }
+    let mut depth = link.components().count().saturating_sub(1);
+    for comp in bytes.split(|b| *b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return true,
+            },
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
+/// The record's own fields must agree with its kind.
+fn malformed(c: &Change) -> Option<&'static str> {
+    match (c.kind, c.old_type, c.new_type) {
+        (ChangeKind::Added, None, Some(_)) => None,
+        (ChangeKind::Deleted, Some(_), None) => None,
+        (ChangeKind::Modified, Some(a), Some(b)) if a == b => None,
+        (ChangeKind::TypeChanged, Some(a), Some(b)) if a != b => None,
+        _ => Some("kind and old/new types disagree"),
+    }
+}
+
+struct Validator<'a> {
+    roots: &'a Roots,
+    opts: &'a ApplyOptions,
+    globs: GlobSet,
+    refusals: Vec<Refusal>,
+    fresh: BTreeSet<PathBuf>,
+    removed: BTreeSet<PathBuf>,
+    plan: Plan,
+}
+
+fn validate(diff: &Diff, roots: &Roots, opts: &ApplyOptions) -> Result<Plan, ApplyError> {
+    let mut changes: Vec<&Change> = diff.changes.iter().collect();
+    changes.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut v = Validator {
+        roots,
+        opts,
+        globs: build_globset(&opts.protected)?,
+        refusals: Vec::new(),
+        fresh: BTreeSet::new(),
+        removed: BTreeSet::new(),
+        plan: Plan {
+            removes: Vec::new(),
+            creates: Vec::new(),
+            report: ApplyReport::default(),
+        },
+    };
+    let mut seen = BTreeSet::new();
+    for c in changes {
+        if !seen.insert(c.path.as_os_str().as_bytes().to_vec()) {
+            v.refuse(c, RefusalReason::Malformed("the path is listed twice"));
+            continue;
+        }
+        v.check(c)?;
+    }
+    if !v.refusals.is_empty() {
+        return Err(ApplyError::Refused {
+            refusals: v.refusals,
+        });
+    }
+    Ok(v.plan)
+}
+
+impl Validator<'_> {
+    fn refuse(&mut self, c: &Change, reason: RefusalReason) {
+        self.refusals.push(Refusal {
+            path: c.path.clone(),
+            reason,
+        });
+    }
+
+    fn io_err(op: &'static str, path: &Path, source: io::Error) -> ApplyError {
+        ApplyError::Validate {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The protected pattern matching `path` or one of its ancestors.
+    fn protected_match(&self, path: &Path) -> Option<PathBuf> {
+        if self.globs.is_empty() {
+            return None;
+        }
+        path.ancestors()
+            .filter(|a| !a.as_os_str().is_empty())
+            .find(|a| self.globs.is_match(a))
+            .map(Path::to_path_buf)
+    }
+
+    fn cover(&self, path: &Path) -> Cover {
+        let mut ancestors = path.ancestors().skip(1);
+        if ancestors.clone().any(|a| self.fresh.contains(a)) {
+            Cover::Fresh
+        } else if ancestors.any(|a| self.removed.contains(a)) {
+            Cover::Removed
+        } else {
+            Cover::None
+        }
+    }
+
+    fn check(&mut self, c: &Change) -> Result<(), ApplyError> {
+        if let Some(why) = names::invalid_reason(&c.path) {
+            self.refuse(c, RefusalReason::InvalidPath(why));
+            return Ok(());
+        }
+        if let Some(why) = malformed(c) {
+            self.refuse(c, RefusalReason::Malformed(why));
+            return Ok(());
+        }
+        if c.new_type == Some(EntryType::Other) {
+            self.refuse(c, RefusalReason::SpecialFile);
+            return Ok(());
+        }
+        let mut policy_ok = true;
+        if !self.opts.allow_protected {
+            if let Some(matched) = self.protected_match(&c.path) {
+                self.refuse(c, RefusalReason::Protected { matched });
+                policy_ok = false;
+            }
+            let is_git = c.path.file_name() == Some(OsStr::new(".git"));
+            let git_bad = match c.kind {
+                ChangeKind::Added => c.new_type != Some(EntryType::Dir),
+                ChangeKind::Modified => c.new_type == Some(EntryType::Symlink),
+                ChangeKind::Deleted | ChangeKind::TypeChanged => true,
+            };
+            if is_git && git_bad {
+                self.refuse(c, RefusalReason::GitReplaced);
+                policy_ok = false;
+            }
+            let escaping = match (c.new_type, &c.symlink_target) {
+                (Some(EntryType::Symlink), Some(t)) if symlink_escapes(&c.path, t) => Some(t),
+                _ => None,
+            };
+            if let Some(target) = escaping {
+                self.refuse(
+                    c,
+                    RefusalReason::SymlinkEscapes {
+                        target: target.clone(),
+                    },
+                );
+                policy_ok = false;
+            }
+        }
+        if c.new_type == Some(EntryType::Symlink)
+            && c.symlink_target
+                .as_ref()
+                .is_none_or(|t| t.as_os_str().is_empty() || t.as_os_str().as_bytes().contains(&0))
+        {
+            self.refuse(c, RefusalReason::Malformed("symlink without a usable target"));
+            return Ok(());
+        }
+        if c.new_type.is_some() && !self.check_upper(c)? {
+            return Ok(());
+        }
+        let cover = self.cover(&c.path);
+        let host = match cover {
+            Cover::Fresh => {
+                if c.kind != ChangeKind::Added {
+                    self.refuse(
+                        c,
+                        RefusalReason::Malformed("only additions can lie inside a new directory"),
+                    );
+                    return Ok(());
+                }
+                None
+            }
+            Cover::Removed => {
+                if c.kind != ChangeKind::Deleted {
+                    self.refuse(
+                        c,
+                        RefusalReason::Malformed("only deletions can lie inside a removed entry"),
+                    );
+                } else if policy_ok {
+                    self.plan.report.deleted.push(c.path.clone());
+                }
+                return Ok(());
+            }
+            Cover::None => match self.host_lookup(c)? {
+                HostLookup::Found(m) => m,
+                HostLookup::Refused => return Ok(()),
+            },
+        };
+        self.plan_change(c, host)
+    }
+
+    /// The upper entry must still be what the diff says. Returns false
+    /// after refusing.
+    fn check_upper(&mut self, c: &Change) -> Result<bool, ApplyError> {
+        let upper = self.roots.upper.as_fd();
+        let meta = match fsx::lstat(upper, &c.path) {
+            Ok(m) => m,
+            Err(e) if fsx::is_symlink_refusal(&e) => {
+                self.refuse(
+                    c,
+                    RefusalReason::UpperMismatch("a symlink lies on its path in the layer".into()),
+                );
+                return Ok(false);
+            }
+            Err(e) => return Err(Self::io_err("inspect upper layer entry", &c.path, e)),
+        };
+        let mismatch = match meta {
+            None => Some("it is missing from the layer".to_string()),
+            Some(m) if m.whiteout || Some(m.ty) != c.new_type => {
+                Some(format!("it is now a {} in the layer", m.kind_name))
+            }
+            Some(m) if m.ty == EntryType::File && c.content_changed && c.size != Some(m.size) => {
+                Some("its size changed".to_string())
+            }
+            Some(m) if m.ty == EntryType::Symlink => {
+                let target = fsx::read_link(upper, &c.path)
+                    .map_err(|e| Self::io_err("read upper link", &c.path, e))?;
+                (Some(&target) != c.symlink_target.as_ref())
+                    .then(|| "its link target changed".to_string())
+            }
+            Some(_) => None,
+        };
+        if let Some(what) = mismatch {
+            self.refuse(c, RefusalReason::UpperMismatch(what));
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn host_lookup(&mut self, c: &Change) -> Result<HostLookup, ApplyError> {
+        let ws = self.roots.ws.as_fd();
+        let (parent, name) =
+            fsx::split(&c.path).map_err(|e| Self::io_err("split path", &c.path, e))?;
+        let dir = match fsx::open_dir(ws, parent) {
+            Ok(d) => d,
+            Err(e) if fsx::is_symlink_refusal(&e) => {
+                self.refuse(c, RefusalReason::SymlinkOnPath);
+                return Ok(HostLookup::Refused);
+            }
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) => {
+                self.refuse(c, RefusalReason::SymlinkOnPath);
+                return Ok(HostLookup::Refused);
+            }
+            Err(e) if fsx::is_absent(&e) => {
+                if c.kind == ChangeKind::Deleted {
+                    return Ok(HostLookup::Found(None));
+                }
+                self.refuse(
+                    c,
+                    RefusalReason::Conflict("its parent directory no longer exists on the host".into()),
+                );
+                return Ok(HostLookup::Refused);
+            }
+            Err(e) => return Err(Self::io_err("open directory", parent, e)),
+        };
+        let meta =
+            fsx::lstat_at(dir.as_fd(), name).map_err(|e| Self::io_err("stat", &c.path, e))?;
+        Ok(HostLookup::Found(meta))
+    }
+
+    fn plan_change(&mut self, c: &Change, host: Option<Meta>) -> Result<(), ApplyError> {
+        let path = c.path.clone();
+        match c.kind {
+            ChangeKind::Added => match host {
+                None => self.plan_create(c),
+                Some(h) if Some(h.ty) == c.new_type && self.host_matches_upper(c, h)? => {
+                    self.plan.report.unchanged.push(path);
+                    Ok(())
+                }
+                Some(h) => {
+                    let what = if Some(h.ty) == c.new_type {
+                        "it was also created on the host, with different content".to_string()
+                    } else {
+                        format!("it was also created on the host, as a {}", h.kind_name)
+                    };
+                    self.refuse(c, RefusalReason::Conflict(what));
+                    Ok(())
+                }
+            },
+            ChangeKind::Modified => {
+                let Some(h) = host.filter(|h| Some(h.ty) == c.old_type) else {
+                    self.refuse(c, Self::gone_conflict(host));
+                    return Ok(());
+                };
+                let (mode, stripped) = sanitize_mode(c.new_mode, h.mode);
+                if stripped {
+                    self.plan.report.stripped_mode_bits.push(path.clone());
+                }
+                let op = match c.new_type {
+                    Some(EntryType::Dir) => Op::Chmod { mode, dir: true },
+                    Some(EntryType::File) if !c.content_changed => Op::Chmod { mode, dir: false },
+                    Some(EntryType::File) => Op::WriteFile {
+                        mode,
+                        replace: true,
+                    },
+                    Some(EntryType::Symlink) => Op::Symlink {
+                        target: c.symlink_target.clone().unwrap_or_default(),
+                        replace: true,
+                    },
+                    Some(EntryType::Other) | None => return Ok(()),
+                };
+                self.plan.creates.push(Step { path, op });
+                Ok(())
+            }
+            ChangeKind::Deleted => match host {
+                None => Ok(()),
+                Some(h) if Some(h.ty) == c.old_type => {
+                    self.plan_remove(c, h)?;
+                    self.plan.report.deleted.push(path);
+                    Ok(())
+                }
+                Some(h) => {
+                    self.refuse(
+                        c,
+                        RefusalReason::Conflict(format!(
+                            "it is now a {} on the host",
+                            h.kind_name
+                        )),
+                    );
+                    Ok(())
+                }
+            },
+            ChangeKind::TypeChanged => {
+                let Some(h) = host.filter(|h| Some(h.ty) == c.old_type) else {
+                    self.refuse(c, Self::gone_conflict(host));
+                    return Ok(());
+                };
+                self.plan_remove(c, h)?;
+                self.plan_create(c)
+            }
+        }
+    }
+
+    fn gone_conflict(host: Option<Meta>) -> RefusalReason {
+        RefusalReason::Conflict(match host {
+            None => "it no longer exists on the host".to_string(),
+            Some(h) => format!("it is now a {} on the host", h.kind_name),
+        })
+    }
+
+    fn plan_create(&mut self, c: &Change) -> Result<(), ApplyError> {
+        let path = c.path.clone();
+        let op = match c.new_type {
+            Some(EntryType::Dir) => {
+                let (mode, stripped) = sanitize_mode(c.new_mode, 0o755);
+                if stripped {
+                    self.plan.report.stripped_mode_bits.push(path.clone());
+                }
+                self.fresh.insert(path.clone());
+                Op::Mkdir { mode }
+            }
+            Some(EntryType::File) => {
+                let (mode, stripped) = sanitize_mode(c.new_mode, 0o644);
+                if stripped {
+                    self.plan.report.stripped_mode_bits.push(path.clone());
+                }
+                Op::WriteFile {
+                    mode,
+                    replace: false,
+                }
+            }
+            Some(EntryType::Symlink) => Op::Symlink {
+                target: c.symlink_target.clone().unwrap_or_default(),
+                replace: false,
+            },
+            Some(EntryType::Other) | None => return Ok(()),
+        };
+        self.plan.creates.push(Step { path, op });
+        Ok(())
+    }
+
+    fn plan_remove(&mut self, c: &Change, host: Meta) -> Result<(), ApplyError> {
+        if host.ty == EntryType::Dir && !self.opts.allow_protected {
+            let dir = fsx::open_dir(self.roots.ws.as_fd(), &c.path)
+                .map_err(|e| Self::io_err("open directory", &c.path, e))?;
+            if let Some(matched) = self.protected_inside(dir.as_fd(), &c.path, 0)? {
+                self.refuse(c, RefusalReason::Protected { matched });
+                return Ok(());
+            }
+        }
+        self.removed.insert(c.path.clone());
+        self.plan.removes.push(Step {
+            path: c.path.clone(),
+            op: Op::Remove,
+        });
+        Ok(())
+    }
+
+    /// Finds a protected path (or a nested `.git`) inside a host directory that is
+    /// about to be removed, however the diff describes its contents.
+    fn protected_inside(
+        &self,
+        dir: BorrowedFd<'_>,
+        rel: &Path,
+        depth: usize,
+    ) -> Result<Option<PathBuf>, ApplyError> {
+        if depth > MAX_DEPTH {
+            return Err(Self::io_err(
+                "walk",
+                rel,
+                io::Error::new(io::ErrorKind::InvalidInput, "directory nesting too deep"),
+            ));
+        }
+        let names = fsx::list_dir(dir).map_err(|e| Self::io_err("read directory", rel, e))?;
+        for name in names {
+            let child = rel.join(&name);
+            if name == ".git" || (!self.globs.is_empty() && self.globs.is_match(&child)) {
+                return Ok(Some(child));
+            }
+            let meta = fsx::lstat_at(dir, &name).map_err(|e| Self::io_err("stat", &child, e))?;
+            if meta.is_some_and(|m| m.ty == EntryType::Dir) {
+                let sub = rustix::fs::openat(
+                    dir,
+                    &name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| Self::io_err("open directory", &child, e.into()))?;
+                if let Some(found) = self.protected_inside(sub.as_fd(), &child, depth + 1)? {
+                    return Ok(Some(found));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// For an addition the host already has: is it the same thing?
+    fn host_matches_upper(&self, c: &Change, host: Meta) -> Result<bool, ApplyError> {
+        let ws = self.roots.ws.as_fd();
+        let upper = self.roots.upper.as_fd();
+        match host.ty {
+            EntryType::Dir => Ok(true),
+            EntryType::File => {
+                let a = fsx::open_file(ws, &c.path).map_err(|e| Self::io_err("open", &c.path, e))?;
+                let b = fsx::open_file(upper, &c.path)
+                    .map_err(|e| Self::io_err("open upper file", &c.path, e))?;
+                fsx::same_content(a, b).map_err(|e| Self::io_err("read", &c.path, e))
+            }
+            EntryType::Symlink => {
+                let t = fsx::read_link(ws, &c.path)
+                    .map_err(|e| Self::io_err("read link", &c.path, e))?;
+                Ok(Some(&t) == c.symlink_target.as_ref())
+            }
+            EntryType::Other => Ok(false),
+        }
+    }
+}
+
+enum HostLookup {
+    Found(Option<Meta>),
+    Refused,
+}
+
+/// One thing the write phase did, and how to take it back.
+#[derive(Debug)]
+enum Undo {
+    /// We created `name`; undo removes it.
+    Created { parent: PathBuf, name: OsString },
+    /// We renamed `name` to `backup`; undo renames it back.
+    MovedAside {
+        parent: PathBuf,
+        name: OsString,
+        backup: OsString,
+    },
+    /// We renamed our temporary `from` to `to`; undo renames it back.
+    Renamed {
+        parent: PathBuf,
+        from: OsString,
+        to: OsString,
+    },
+    /// We changed permission bits; undo restores them.
+    Chmod { path: PathBuf, old: u32, dir: bool },
+}
+
+static NAME_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A name for a temporary or set-aside entry; `O_EXCL` and
+/// `RENAME_NOREPLACE` make a clash an error, never an overwrite.
+fn scratch_name(kind: &str) -> OsString {
+    let n = NAME_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    OsString::from(format!(
+        ".airlock-{kind}-{}-{nanos:x}-{n}",
+        std::process::id()
+    ))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: fail the write phase at the N-th mutating step.
+    pub(crate) static FAIL_AT_STEP: std::cell::Cell<Option<usize>> =
+        const { std::cell::Cell::new(None) };
+}
+
+struct Writer<'a> {
+    roots: &'a Roots,
+    undo: Vec<Undo>,
+    backups: Vec<(PathBuf, OsString)>,
+    steps_done: usize,
+}
+
+type WriteResult<T> = Result<T, (&'static str, PathBuf, io::Error)>;
+
+impl Writer<'_> {
+    /// Called before every mutation; lets tests inject a failure anywhere.
+    fn checkpoint(&mut self, path: &Path) -> WriteResult<()> {
+        self.steps_done += 1;
+        #[cfg(test)]
+        {
+            if FAIL_AT_STEP.with(|f| f.get()) == Some(self.steps_done) {
+                return Err((
+                    "continue (injected failure)",
+                    path.to_path_buf(),
+                    io::Error::other("injected failure"),
+                ));
+            }
+        }
+        let _ = path;
+        Ok(())
+    }
+
+    fn parent_dir(&self, path: &Path) -> WriteResult<(OwnedFd, PathBuf, OsString)> {
+        let (parent, name) = fsx::split(path).map_err(|e| ("split", path.to_path_buf(), e))?;
+        let dir = fsx::open_dir(self.roots.ws.as_fd(), parent)
+            .map_err(|e| ("open directory", parent.to_path_buf(), e))?;
+        Ok((dir, parent.to_path_buf(), name.to_os_string()))
+    }
+
+    fn move_aside(&mut self, dir: BorrowedFd<'_>, parent: &Path, name: &OsStr) -> WriteResult<()> {
+        let path = parent.join(name);
+        self.checkpoint(&path)?;
+        let backup = scratch_name("old");
+        rustix::fs::renameat_with(dir, name, dir, &backup, RenameFlags::NOREPLACE)
+            .map_err(|e| ("set aside", path.clone(), e.into()))?;
+        self.undo.push(Undo::MovedAside {
+            parent: parent.to_path_buf(),
+            name: name.to_os_string(),
+            backup: backup.clone(),
+        });
+        self.backups.push((parent.to_path_buf(), backup));
+        Ok(())
+    }
+
+    fn remove(&mut self, path: &Path) -> WriteResult<()> {
+        let (dir, parent, name) = self.parent_dir(path)?;
+        self.move_aside(dir.as_fd(), &parent, &name)
+    }
+
+    fn mkdir(&mut self, path: &Path) -> WriteResult<()> {
+        let (dir, parent, name) = self.parent_dir(path)?;
+        self.checkpoint(path)?;
+        // Owner-only until the end, so nothing can be slipped inside
+        // before the final mode is set.
+        rustix::fs::mkdirat(&dir, &name, Mode::from_raw_mode(0o700))
+            .map_err(|e| ("create directory", path.to_path_buf(), e.into()))?;
+        self.undo.push(Undo::Created { parent, name });
+        Ok(())
+    }
+
+    /// Creates the temporary entry with `make`, then moves it into place,
+    /// setting the old entry aside first when replacing.
+    fn install(
+        &mut self,
+        path: &Path,
+        replace: bool,
+        make: impl FnOnce(BorrowedFd<'_>, &OsStr) -> WriteResult<()>,
+    ) -> WriteResult<()> {
+        let (dir, parent, name) = self.parent_dir(path)?;
+        let tmp = scratch_name("new");
+        self.checkpoint(path)?;
+        self.undo.push(Undo::Created {
+            parent: parent.clone(),
+            name: tmp.clone(),
+        });
+        make(dir.as_fd(), &tmp)?;
+        if replace {
+            self.move_aside(dir.as_fd(), &parent, &name)?;
+        }
+        self.checkpoint(path)?;
+        rustix::fs::renameat_with(&dir, &tmp, &dir, &name, RenameFlags::NOREPLACE)
+            .map_err(|e| ("move into place", path.to_path_buf(), e.into()))?;
+        self.undo.push(Undo::Renamed {
+            parent,
+            from: tmp,
+            to: name,
+        });
+        Ok(())
+    }
+
+    fn write_file(&mut self, path: &Path, mode: u32, replace: bool) -> WriteResult<()> {
+        // The source is opened with O_NOFOLLOW and checked to be a regular
+        // file: a symlink in the layer is never read through.
+        let mut src = fsx::open_file(self.roots.upper.as_fd(), path)
+            .map_err(|e| ("open upper file", path.to_path_buf(), e))?;
+        self.install(path, replace, |dir, tmp| {
+            let fd = rustix::fs::openat(
+                dir,
+                tmp,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(|e| ("create", path.to_path_buf(), e.into()))?;
+            let mut dst = File::from(fd);
+            io::copy(&mut src, &mut dst).map_err(|e| ("write", path.to_path_buf(), e))?;
+            rustix::fs::fchmod(&dst, Mode::from_raw_mode(mode))
+                .map_err(|e| ("set mode of", path.to_path_buf(), e.into()))?;
+            Ok(())
+        })
+    }
+
+    fn symlink(&mut self, path: &Path, target: &Path, replace: bool) -> WriteResult<()> {
+        self.install(path, replace, |dir, tmp| {
+            rustix::fs::symlinkat(target, dir, tmp)
+                .map_err(|e| ("create symlink", path.to_path_buf(), e.into()))
+        })
+    }
+
+    fn chmod(&mut self, path: &Path, mode: u32, is_dir: bool) -> WriteResult<()> {
+        self.checkpoint(path)?;
+        let old = set_mode(self.roots.ws.as_fd(), path, mode, is_dir)
+            .map_err(|e| ("set mode of", path.to_path_buf(), e))?;
+        self.undo.push(Undo::Chmod {
+            path: path.to_path_buf(),
+            old,
+            dir: is_dir,
+        });
+        Ok(())
+    }
+
+    /// Takes back everything in reverse; failures are collected, and the
+    /// remaining undo steps still run.
+    fn rollback(&mut self) -> Vec<String> {
+        let ws = self.roots.ws.as_fd();
+        let mut errors = Vec::new();
+        while let Some(step) = self.undo.pop() {
+            let result = match &step {
+                Undo::Created { parent, name } => fsx::open_dir(ws, parent)
+                    .and_then(|d| fsx::remove_tree_at(d.as_fd(), name, 0)),
+                Undo::MovedAside {
+                    parent,
+                    name,
+                    backup,
+                } => fsx::open_dir(ws, parent).and_then(|d| {
+                    rustix::fs::renameat_with(&d, backup, &d, name, RenameFlags::NOREPLACE)
+                        .map_err(io::Error::from)
+                }),
+                Undo::Renamed { parent, from, to } => fsx::open_dir(ws, parent).and_then(|d| {
+                    rustix::fs::renameat_with(&d, to, &d, from, RenameFlags::NOREPLACE)
+                        .map_err(io::Error::from)
+                }),
+                Undo::Chmod { path, old, dir } => set_mode(ws, path, *old, *dir).map(|_| ()),
+            };
+            if let Err(e) = result {
+                errors.push(format!("undo {step:?}: {e}"));
+            }
+        }
+        errors
+    }
+}
+
+/// Sets the permission bits of the entry at `path` (never through a
+/// symlink) and returns the previous ones.
+fn set_mode(ws: BorrowedFd<'_>, path: &Path, mode: u32, is_dir: bool) -> io::Result<u32> {
+    let (parent, name) = fsx::split(path)?;
+    let dir = fsx::open_dir(ws, parent)?;
+    let fd: OwnedFd = if is_dir {
+        rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?
+    } else {
+        fsx::open_file_at(dir.as_fd(), name)?.into()
+    };
+    let old = rustix::fs::fstat(&fd)?.st_mode & 0o7777;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
+    Ok(old)
+}
+
+fn execute(roots: &Roots, plan: Plan) -> Result<ApplyReport, ApplyError> {
+    let Plan {
+        mut removes,
+        creates,
+        mut report,
+    } = plan;
+    let mut w = Writer {
+        roots,
+        undo: Vec::new(),
+        backups: Vec::new(),
+        steps_done: 0,
+    };
+    // Deepest first, so a removed parent never hides a child we still
+    // want to set aside.
+    removes.sort_by(|a, b| b.path.cmp(&a.path));
+    let result = (|| -> WriteResult<()> {
+        for step in &removes {
+            w.remove(&step.path)?;
+        }
+        let mut new_dirs = Vec::new();
+        for step in &creates {
+            match &step.op {
+                Op::Mkdir { mode } => {
+                    w.mkdir(&step.path)?;
+                    new_dirs.push((step.path.clone(), *mode));
+                }
+                Op::WriteFile { mode, replace } => w.write_file(&step.path, *mode, *replace)?,
+                Op::Symlink { target, replace } => w.symlink(&step.path, target, *replace)?,
+                Op::Chmod { mode, dir } => w.chmod(&step.path, *mode, *dir)?,
+                Op::Remove => {}
+            }
+            report.written.push(step.path.clone());
+        }
+        // Final modes of new directories last (deepest first), so a
+        // read-only directory does not block filling it.
+        for (path, mode) in new_dirs.iter().rev() {
+            w.chmod(path, *mode, true)?;
+        }
+        Ok(())
+    })();
+    if let Err((op, path, source)) = result {
+        let rollback_errors = w.rollback();
+        return Err(ApplyError::Write {
+            op,
+            path,
+            source,
+            rollback_errors,
+        });
+    }
+    for (parent, backup) in &w.backups {
+        let removed = fsx::open_dir(roots.ws.as_fd(), parent)
+            .and_then(|d| fsx::remove_tree_at(d.as_fd(), backup, 0));
+        if let Err(e) = removed {
+            let msg = format!(
+                "could not delete the set-aside copy {}: {e}",
+                names::quote(&parent.join(backup))
+            );
+            tracing::warn!("{msg}");
+            report.warnings.push(msg);
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlink_escape_is_lexical() {
+        assert!(symlink_escapes(Path::new("a"), Path::new("/etc/passwd")));
+        assert!(symlink_escapes(Path::new("a"), Path::new("../x")));
+        assert!(symlink_escapes(Path::new("d/a"), Path::new("../../x")));
+        assert!(symlink_escapes(Path::new("d/a"), Path::new("x/../../..")));
+        assert!(!symlink_escapes(Path::new("d/a"), Path::new("../x")));
+        assert!(!symlink_escapes(Path::new("a"), Path::new("./b/../c")));
+    }
+
+    #[test]
+    fn modes_are_sanitized() {
+        assert_eq!(sanitize_mode(Some(0o4755), 0o644), (0o755, true));
+        assert_eq!(sanitize_mode(Some(0o2775), 0o644), (0o775, true));
+        assert_eq!(sanitize_mode(Some(0o1777), 0o644), (0o777, true));
+        assert_eq!(sanitize_mode(Some(0o640), 0o644), (0o640, false));
+        assert_eq!(sanitize_mode(None, 0o644), (0o644, false));
+    }
+}

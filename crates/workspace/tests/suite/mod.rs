@@ -1,0 +1,6 @@
+mod apply;
+mod artifacts;
+mod common;
+mod diff;
+mod overlay;
+mod persist;
