@@ -34,7 +34,10 @@ pub fn main() -> i32 {
         // The supervisor went away before sending a plan: nothing to do.
         Ok(None) => return AGENT_FAILED,
         Err(e) => {
-            report(&mut control, AgentMessage::SetupFailed { step: "read the launch plan".into(), message: e.to_string() });
+            report(
+                &mut control,
+                AgentMessage::SetupFailed { step: "read the launch plan".into(), message: e.to_string() },
+            );
             return AGENT_FAILED;
         }
     };
@@ -61,7 +64,10 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
     let waiter = match signals::Waiter::install() {
         Ok(w) => w,
         Err(e) => {
-            report(control, AgentMessage::SetupFailed { step: "install signal handlers".into(), message: e.to_string() });
+            report(
+                control,
+                AgentMessage::SetupFailed { step: "install signal handlers".into(), message: e.to_string() },
+            );
             return AGENT_FAILED;
         }
     };

@@ -14,7 +14,11 @@ use crate::present;
 pub type CliResult = Result<i32, Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
-#[command(name = "airlock", version, about = "Run untrusted code in a sandbox whose changes wait for your review.")]
+#[command(
+    name = "airlock",
+    version,
+    about = "Run untrusted code in a sandbox whose changes wait for your review."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -197,7 +201,10 @@ fn apply(name: &str, yes: bool, allow_protected: bool) -> CliResult {
     drop(out);
     if !yes {
         if !io::stdin().is_terminal() {
-            return Err(format!("refusing to apply without confirmation: stdin is not a terminal; pass --yes to apply {name}").into());
+            return Err(format!(
+                "refusing to apply without confirmation: stdin is not a terminal; pass --yes to apply {name}"
+            )
+            .into());
         }
         print!("Apply these changes to {}? [y/N] ", pending.view.lower.display());
         io::stdout().flush()?;
@@ -227,7 +234,12 @@ fn policy(cmd: PolicyCommand) -> CliResult {
         },
         PolicyCommand::Check { file } => {
             let policy = Policy::load_file(&file)?;
-            println!("{}: ok (policy {}, extends {})", file.display(), policy.name, policy.extends_chain.join(" → "));
+            println!(
+                "{}: ok (policy {}, extends {})",
+                file.display(),
+                policy.name,
+                policy.extends_chain.join(" → ")
+            );
         }
     }
     Ok(0)

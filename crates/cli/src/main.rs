@@ -17,6 +17,14 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     match cli::dispatch(args) {
         Ok(status) => code(status),
+        // A reader that stops early (`airlock diff x | head`) is not an error.
+        Err(err)
+            if err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            code(0)
+        }
         Err(err) => {
             present::error(err.as_ref());
             code(airlock_runtime::exit_codes::AIRLOCK_FAILED)

@@ -85,7 +85,11 @@ pub fn list(items: &[SandboxSummary], json: bool) -> io::Result<()> {
     for s in items {
         let exit = s.exit_code.map_or("-".to_string(), |c| c.to_string());
         let ws = s.workspace.as_ref().map_or("-".to_string(), |p| p.display().to_string());
-        writeln!(out, "{:<24} {:<8} {:<12} {:<5} {:<8} {ws}", s.name, s.state, s.policy, exit, s.workspace_mode)?;
+        writeln!(
+            out,
+            "{:<24} {:<8} {:<12} {:<5} {:<8} {ws}",
+            s.name, s.state, s.policy, exit, s.workspace_mode
+        )?;
     }
     Ok(())
 }
@@ -118,7 +122,11 @@ pub fn doctor(report: &HostReport, json: bool) -> io::Result<()> {
         return writeln!(out);
     }
     writeln!(out, "kernel: {}", report.kernel)?;
-    writeln!(out, "running as: {}", if report.running_as_root { "root" } else { "an unprivileged user (rootless)" })?;
+    writeln!(
+        out,
+        "running as: {}",
+        if report.running_as_root { "root" } else { "an unprivileged user (rootless)" }
+    )?;
     for c in &report.checks {
         let mark = match c.status {
             Status::Ok => "ok     ",

@@ -29,8 +29,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    ABI, Access, AccessFs, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, PathFdError,
-    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus, Scope,
+    ABI, Access, AccessFs, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, PathFdError, Ruleset,
+    RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus, Scope,
 };
 
 /// `LANDLOCK_CREATE_RULESET_VERSION` (linux/landlock.h): query the ABI version.
@@ -113,14 +113,7 @@ pub fn abi_version() -> Option<i32> {
     let null: *const libc::c_void = std::ptr::null();
     // SAFETY: LANDLOCK_CREATE_RULESET_VERSION with a null attribute pointer and
     // size 0 only queries the version; the kernel reads no memory.
-    let v = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            null,
-            0usize,
-            CREATE_RULESET_VERSION,
-        )
-    };
+    let v = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, null, 0usize, CREATE_RULESET_VERSION) };
     i32::try_from(v).ok().filter(|v| *v > 0)
 }
 
@@ -130,10 +123,7 @@ pub fn abi_version() -> Option<i32> {
 /// enforcing (older) kernel is accepted and reported in the outcome. The
 /// landlock crate sets no_new_privs as part of this, as Landlock requires it
 /// for processes without CAP_SYS_ADMIN.
-pub fn restrict_self(
-    rules: &LandlockRules,
-    required: bool,
-) -> Result<LandlockOutcome, LandlockError> {
+pub fn restrict_self(rules: &LandlockRules, required: bool) -> Result<LandlockOutcome, LandlockError> {
     let all = AccessFs::from_all(TARGET_ABI);
     let read = AccessFs::from_read(TARGET_ABI);
     let mut ruleset = Ruleset::default()
@@ -144,22 +134,14 @@ pub fn restrict_self(
         .map_err(LandlockError::Ruleset)?
         .create()
         .map_err(LandlockError::Ruleset)?;
-    let grants = rules
-        .read_exec
-        .iter()
-        .map(|p| (p, read))
-        .chain(rules.read_write.iter().map(|p| (p, all)));
+    let grants = rules.read_exec.iter().map(|p| (p, read)).chain(rules.read_write.iter().map(|p| (p, all)));
     for (path, access) in grants {
         let Some(rule) = path_rule(path, access)? else {
             tracing::debug!(path = %path.display(), "Landlock path does not exist; skipped");
             continue;
         };
-        ruleset = ruleset
-            .add_rule(rule)
-            .map_err(|source| LandlockError::AddRule {
-                path: path.clone(),
-                source,
-            })?;
+        ruleset =
+            ruleset.add_rule(rule).map_err(|source| LandlockError::AddRule { path: path.clone(), source })?;
     }
     let status = ruleset.restrict_self().map_err(LandlockError::Ruleset)?;
     let abi = abi_version().unwrap_or(0);
@@ -178,29 +160,16 @@ pub fn restrict_self(
 /// The rule granting `access` beneath `path`, or `None` if `path` does not
 /// exist. Files get only the rights that apply to files (the kernel rejects
 /// directory rights on them).
-fn path_rule(
-    path: &Path,
-    access: BitFlags<AccessFs>,
-) -> Result<Option<PathBeneath<PathFd>>, LandlockError> {
+fn path_rule(path: &Path, access: BitFlags<AccessFs>) -> Result<Option<PathBeneath<PathFd>>, LandlockError> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
-            return Err(LandlockError::Stat {
-                path: path.to_owned(),
-                source,
-            });
+            return Err(LandlockError::Stat { path: path.to_owned(), source });
         }
     };
-    let access = if meta.is_dir() {
-        access
-    } else {
-        access & AccessFs::from_file(TARGET_ABI)
-    };
-    let fd = PathFd::new(path).map_err(|source| LandlockError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
+    let access = if meta.is_dir() { access } else { access & AccessFs::from_file(TARGET_ABI) };
+    let fd = PathFd::new(path).map_err(|source| LandlockError::Open { path: path.to_owned(), source })?;
     Ok(Some(PathBeneath::new(fd, access)))
 }
 
@@ -224,17 +193,10 @@ mod tests {
     }
 
     fn system_read_exec() -> Vec<PathBuf> {
-        [
-            "/usr",
-            "/bin",
-            "/lib",
-            "/lib64",
-            "/etc",
-            "/does-not-exist-airlock",
-        ]
-        .into_iter()
-        .map(PathBuf::from)
-        .collect()
+        ["/usr", "/bin", "/lib", "/lib64", "/etc", "/does-not-exist-airlock"]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect()
     }
 
     #[test]
@@ -244,18 +206,13 @@ mod tests {
         }
         let inside = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
-        let rules = LandlockRules {
-            read_exec: system_read_exec(),
-            read_write: vec![inside.path().to_owned()],
-        };
+        let rules =
+            LandlockRules { read_exec: system_read_exec(), read_write: vec![inside.path().to_owned()] };
         let inside_file = inside.path().join("ok");
         let outside_file = outside.path().join("denied");
         let code = run_in_child(|| {
             match restrict_self(&rules, true) {
-                Ok(
-                    LandlockOutcome::FullyEnforced { .. }
-                    | LandlockOutcome::PartiallyEnforced { .. },
-                ) => {}
+                Ok(LandlockOutcome::FullyEnforced { .. } | LandlockOutcome::PartiallyEnforced { .. }) => {}
                 Ok(LandlockOutcome::NotSupported) => return 1,
                 Err(e) => {
                     eprintln!("{e}");
@@ -292,10 +249,7 @@ mod tests {
         let ro = tempfile::tempdir().unwrap();
         let existing = ro.path().join("existing");
         std::fs::write(&existing, b"data").unwrap();
-        let rules = LandlockRules {
-            read_exec: vec![ro.path().to_owned()],
-            read_write: vec![],
-        };
+        let rules = LandlockRules { read_exec: vec![ro.path().to_owned()], read_write: vec![] };
         let code = run_in_child(|| {
             if restrict_self(&rules, true).is_err() {
                 return 1;
@@ -303,8 +257,7 @@ mod tests {
             if std::fs::read(&existing).ok().as_deref() != Some(b"data".as_slice()) {
                 return 2;
             }
-            let denied =
-                |r: io::Result<()>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EACCES));
+            let denied = |r: io::Result<()>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EACCES));
             if !denied(std::fs::write(&existing, b"changed")) {
                 return 3;
             }
@@ -332,21 +285,14 @@ mod tests {
             if unsafe { libc::kill(parent, 0) } != 0 {
                 return 1;
             }
-            let rules = LandlockRules {
-                read_exec: system_read_exec(),
-                read_write: vec![],
-            };
+            let rules = LandlockRules { read_exec: system_read_exec(), read_write: vec![] };
             if restrict_self(&rules, true).is_err() {
                 return 2;
             }
             // SAFETY: as above.
             let rc = unsafe { libc::kill(parent, 0) };
             let errno = io::Error::last_os_error().raw_os_error();
-            if rc == -1 && errno == Some(libc::EPERM) {
-                0
-            } else {
-                3
-            }
+            if rc == -1 && errno == Some(libc::EPERM) { 0 } else { 3 }
         });
         assert_eq!(code, 0);
     }

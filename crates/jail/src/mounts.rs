@@ -292,8 +292,14 @@ fn build_dev(root: &Path, shm_size: u64) -> Result<(), MountError> {
     }
     let pts = dev.join("pts");
     mkdir_all(&pts)?;
-    mount_fs("devpts", &pts, "devpts", MountFlags::NOSUID | MountFlags::NOEXEC, "newinstance,ptmxmode=0666,mode=620")
-        .ctx("mount devpts", &pts)?;
+    mount_fs(
+        "devpts",
+        &pts,
+        "devpts",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        "newinstance,ptmxmode=0666,mode=620",
+    )
+    .ctx("mount devpts", &pts)?;
     let links: [(&str, &str); 5] = [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -341,15 +347,10 @@ fn mount_workspace(root: &Path, ws: &crate::plan::WorkspaceMount) -> Result<(), 
             mount_fs("overlay", &target, "overlay", SAFE, &data).ctx("mount workspace overlay", &ws.path)
         }
         WorkspaceMountMode::ReadOnly => make_read_only(&target, true),
-        WorkspaceMountMode::ReadWrite => sys::mount_setattr(
-            None,
-            &cstr(&target)?,
-            libc::AT_RECURSIVE as libc::c_uint,
-            nosuid,
-            0,
-            None,
-        )
-        .ctx("make workspace nosuid", &target),
+        WorkspaceMountMode::ReadWrite => {
+            sys::mount_setattr(None, &cstr(&target)?, libc::AT_RECURSIVE as libc::c_uint, nosuid, 0, None)
+                .ctx("make workspace nosuid", &target)
+        }
     }
 }
 

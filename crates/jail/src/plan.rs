@@ -52,7 +52,10 @@ pub enum WorkspaceSource {
 pub enum WorkspaceMountMode {
     /// Read-only lower layer; writes land in `upper` (host paths, visible
     /// before pivot_root).
-    Overlay { upper: PathBuf, work: PathBuf },
+    Overlay {
+        upper: PathBuf,
+        work: PathBuf,
+    },
     ReadOnly,
     ReadWrite,
 }

@@ -72,11 +72,7 @@ fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<libc::c_int> {
     // is handed to the kernel. All variadic arguments are full-width longs, as
     // the kernel reads them (PR_CAP_AMBIENT rejects non-zero unused ones).
     let rc = unsafe { libc::prctl(option, arg2, zero, zero, zero) };
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
 /// Sets no_new_privs: execve can never again grant privileges (setuid bits,
@@ -84,10 +80,7 @@ fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<libc::c_int> {
 pub fn set_no_new_privs() -> Result<(), PrivError> {
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1)
         .map(|_| ())
-        .map_err(|source| PrivError::Prctl {
-            what: "PR_SET_NO_NEW_PRIVS",
-            source,
-        })
+        .map_err(|source| PrivError::Prctl { what: "PR_SET_NO_NEW_PRIVS", source })
 }
 
 /// Marks the process non-dumpable: no core dumps of the agent's memory, and
@@ -96,18 +89,13 @@ pub fn set_no_new_privs() -> Result<(), PrivError> {
 pub fn set_non_dumpable() -> Result<(), PrivError> {
     prctl(libc::PR_SET_DUMPABLE, 0)
         .map(|_| ())
-        .map_err(|source| PrivError::Prctl {
-            what: "PR_SET_DUMPABLE",
-            source,
-        })
+        .map_err(|source| PrivError::Prctl { what: "PR_SET_DUMPABLE", source })
 }
 
 /// The highest capability number this kernel knows.
 fn last_cap() -> Result<u32, PrivError> {
-    let text = fs::read_to_string(CAP_LAST_CAP).map_err(|e| PrivError::LastCap {
-        path: CAP_LAST_CAP,
-        problem: e.to_string(),
-    })?;
+    let text = fs::read_to_string(CAP_LAST_CAP)
+        .map_err(|e| PrivError::LastCap { path: CAP_LAST_CAP, problem: e.to_string() })?;
     text.trim().parse().map_err(|e| PrivError::LastCap {
         path: CAP_LAST_CAP,
         problem: format!("`{}` is not a number: {e}", text.trim()),
@@ -135,23 +123,12 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 /// Sets effective, permitted and inheritable capabilities of the calling
 /// thread to empty.
 fn capset_clear() -> io::Result<()> {
-    let header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [CapData {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
+    let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
     // SAFETY: `header` and `data` are valid, correctly laid out (repr(C)) and
     // live for the whole call; version 3 reads exactly two data structs.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Drops every capability for good: the bounding set (every capability up to
@@ -167,14 +144,8 @@ pub fn drop_all_capabilities() -> Result<(), PrivError> {
             Err(source) => return Err(PrivError::BoundingDrop { cap, source }),
         }
     }
-    prctl(
-        libc::PR_CAP_AMBIENT,
-        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-    )
-    .map_err(|source| PrivError::Prctl {
-        what: "PR_CAP_AMBIENT_CLEAR_ALL",
-        source,
-    })?;
+    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong)
+        .map_err(|source| PrivError::Prctl { what: "PR_CAP_AMBIENT_CLEAR_ALL", source })?;
     capset_clear().map_err(PrivError::Capset)?;
     if !capabilities_are_empty() {
         return Err(PrivError::StillPresent {
@@ -187,11 +158,7 @@ pub fn drop_all_capabilities() -> Result<(), PrivError> {
 /// The CapInh/CapPrm/CapEff/CapBnd/CapAmb lines of a status file.
 fn cap_lines(path: &Path) -> io::Result<String> {
     let text = fs::read_to_string(path)?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("Cap"))
-        .collect::<Vec<_>>()
-        .join(", "))
+    Ok(text.lines().filter(|l| l.starts_with("Cap")).collect::<Vec<_>>().join(", "))
 }
 
 /// Whether the calling thread holds no capability at all, judged from its
@@ -227,10 +194,7 @@ pub(crate) mod test_fork {
         if unsafe { libc::geteuid() } == 0 {
             return true;
         }
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test} needs root and CI=true"
-        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{test} needs root and CI=true");
         eprintln!("skipping {test}: needs root");
         false
     }
@@ -253,11 +217,7 @@ pub(crate) mod test_fork {
         // SAFETY: `pid` is our child and `status` is a valid out-pointer.
         let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
         assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
-        if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            128 + libc::WTERMSIG(status)
-        }
+        if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) }
     }
 }
 

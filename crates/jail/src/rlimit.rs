@@ -64,17 +64,11 @@ type RawResource = libc::c_int;
 type Resource = (RawResource, &'static str);
 
 fn get(resource: Resource) -> Result<libc::rlimit, RlimitError> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
     let rc = unsafe { libc::getrlimit(resource.0, &mut lim) };
     if rc == -1 {
-        return Err(RlimitError::Get {
-            resource: resource.1,
-            source: io::Error::last_os_error(),
-        });
+        return Err(RlimitError::Get { resource: resource.1, source: io::Error::last_os_error() });
     }
     Ok(lim)
 }
@@ -107,13 +101,7 @@ fn apply_one(resource: Resource, wanted: u64) -> Result<(), RlimitError> {
     } else {
         wanted
     };
-    set(
-        resource,
-        libc::rlimit {
-            rlim_cur: value,
-            rlim_max: value,
-        },
-    )
+    set(resource, libc::rlimit { rlim_cur: value, rlim_max: value })
 }
 
 /// Applies every limit that is set in `r` to the calling process.
@@ -144,11 +132,7 @@ mod tests {
     fn sets_soft_and_hard_and_leaves_unset_limits_alone() {
         let fsize_before = get((libc::RLIMIT_FSIZE, "RLIMIT_FSIZE")).unwrap();
         let code = run_in_child(|| {
-            let r = Rlimits {
-                nofile: Some(64),
-                core: Some(0),
-                ..Rlimits::default()
-            };
+            let r = Rlimits { nofile: Some(64), core: Some(0), ..Rlimits::default() };
             if apply(&r).is_err() {
                 return 1;
             }
@@ -165,16 +149,9 @@ mod tests {
                 return 4;
             }
             // The hard limit holds: the soft limit cannot be raised past it.
-            let raised = libc::rlimit {
-                rlim_cur: 65,
-                rlim_max: 65,
-            };
+            let raised = libc::rlimit { rlim_cur: 65, rlim_max: 65 };
             let raised = set((libc::RLIMIT_NOFILE, "RLIMIT_NOFILE"), raised);
-            if raised.is_err() || have_sys_resource() {
-                0
-            } else {
-                5
-            }
+            if raised.is_err() || have_sys_resource() { 0 } else { 5 }
         });
         assert_eq!(code, 0);
     }
@@ -192,26 +169,16 @@ mod tests {
     #[test]
     fn clamps_to_the_current_hard_limit() {
         let code = run_in_child(|| {
-            let lowered = libc::rlimit {
-                rlim_cur: 100,
-                rlim_max: 100,
-            };
+            let lowered = libc::rlimit { rlim_cur: 100, rlim_max: 100 };
             if set((libc::RLIMIT_NOFILE, "RLIMIT_NOFILE"), lowered).is_err() {
                 return 1;
             }
-            let r = Rlimits {
-                nofile: Some(1_000_000),
-                ..Rlimits::default()
-            };
+            let r = Rlimits { nofile: Some(1_000_000), ..Rlimits::default() };
             if apply(&r).is_err() {
                 return 2;
             }
             let nofile = get((libc::RLIMIT_NOFILE, "")).unwrap();
-            if (nofile.rlim_cur, nofile.rlim_max) == (100, 100) {
-                0
-            } else {
-                3
-            }
+            if (nofile.rlim_cur, nofile.rlim_max) == (100, 100) { 0 } else { 3 }
         });
         assert_eq!(code, 0);
     }
@@ -224,10 +191,7 @@ mod tests {
             // SIGXFSZ would kill the child; ignore it so write returns EFBIG.
             // SAFETY: setting a signal to SIG_IGN installs no handler code.
             unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-            let r = Rlimits {
-                fsize: Some(4096),
-                ..Rlimits::default()
-            };
+            let r = Rlimits { fsize: Some(4096), ..Rlimits::default() };
             if apply(&r).is_err() {
                 return 1;
             }

@@ -121,7 +121,8 @@ pub fn spawn(
 ) -> Result<Spawned, SpawnError> {
     // Opened here, as the supervisor: the sandbox's unprivileged root may not
     // be allowed to walk the directories the binary lives in.
-    let exe = fs::File::open(req.agent_exe).map_err(|e| SpawnError::AgentBinary(req.agent_exe.to_path_buf(), e))?;
+    let exe =
+        fs::File::open(req.agent_exe).map_err(|e| SpawnError::AgentBinary(req.agent_exe.to_path_buf(), e))?;
     let exe_fd = exe.as_raw_fd();
     let args: Vec<CString> = req
         .agent_args

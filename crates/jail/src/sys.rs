@@ -11,11 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
 /// `clone(2)` with fork semantics (no new stack) into new namespaces.
@@ -126,7 +122,14 @@ pub fn raw_execveat(fd: RawFd, argv: &[*const c_char], envp: &[*const c_char]) -
     // SAFETY: empty is a valid C string; argv and envp are null-terminated
     // arrays of pointers to C strings that the caller keeps alive.
     unsafe {
-        libc::syscall(libc::SYS_execveat, fd, empty.as_ptr(), argv.as_ptr(), envp.as_ptr(), libc::AT_EMPTY_PATH)
+        libc::syscall(
+            libc::SYS_execveat,
+            fd,
+            empty.as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
     };
     io::Error::last_os_error()
 }
@@ -182,8 +185,9 @@ pub fn mount_setattr(
 /// namespace, created down).
 pub fn set_loopback_up() -> io::Result<()> {
     // SAFETY: socket() has no memory-safety requirements.
-    let sock = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) } as libc::c_long)?
-        as RawFd;
+    let sock = check(
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) } as libc::c_long
+    )? as RawFd;
     // SAFETY: ifreq is plain old data; zeroed is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {

@@ -10,8 +10,8 @@ use crate::error::{FileErrorKind, PolicyError};
 use crate::layer::{apply, check_combined};
 use crate::parse::{SCHEMA, Source, parse_layer};
 use crate::{
-    Artifacts, Cleanup, CleanupAction, Egress, EnvPolicy, Filesystem, Isolation, Limits, Network,
-    Policy, Tier, WorkspaceMode, WorkspacePolicy, Writeback,
+    Artifacts, Cleanup, CleanupAction, Egress, EnvPolicy, Filesystem, Isolation, Limits, Network, Policy,
+    Tier, WorkspaceMode, WorkspacePolicy, Writeback,
 };
 
 pub(crate) const NAMES: &[&str] = &["dev", "ci", "plugin", "remediation"];
@@ -36,14 +36,9 @@ pub(crate) fn load(name: &str) -> Option<Policy> {
 /// Parses a built-in profile; every key must be present and `extends` absent,
 /// so a profile never silently depends on another one's values.
 pub(crate) fn load_checked(name: &str) -> Result<Policy, PolicyError> {
-    let text = source(name).ok_or_else(|| PolicyError::NotFound {
-        name: name.to_string(),
-    })?;
+    let text = source(name).ok_or_else(|| PolicyError::NotFound { name: name.to_string() })?;
     let shown = PathBuf::from(format!("<built-in profile {name}>"));
-    let src = Source {
-        path: Path::new(&shown),
-        text,
-    };
+    let src = Source { path: Path::new(&shown), text };
     let layer = parse_layer(&src)?;
     if let Some(extends) = &layer.extends {
         return Err(src.invalid(
@@ -84,15 +79,8 @@ fn blank() -> Policy {
         name: String::new(),
         description: String::new(),
         extends_chain: Vec::new(),
-        isolation: Isolation {
-            tier: Tier::Process,
-            allow_weaker: BTreeSet::new(),
-        },
-        filesystem: Filesystem {
-            read_only: Vec::new(),
-            hidden: Vec::new(),
-            tmp_size: 0,
-        },
+        isolation: Isolation { tier: Tier::Process, allow_weaker: BTreeSet::new() },
+        filesystem: Filesystem { read_only: Vec::new(), hidden: Vec::new(), tmp_size: 0 },
         workspace: WorkspacePolicy {
             mode: WorkspaceMode::None,
             writeback: Writeback::Never,
@@ -107,21 +95,10 @@ fn blank() -> Policy {
             nofile: 0,
             allow_raise: false,
         },
-        network: Network {
-            egress: Egress::None,
-        },
-        artifacts: Artifacts {
-            capture: Vec::new(),
-            max_bytes: 0,
-        },
-        cleanup: Cleanup {
-            on_success: CleanupAction::Keep,
-            on_failure: CleanupAction::Keep,
-        },
-        env: EnvPolicy {
-            pass: Vec::new(),
-            set: BTreeMap::new(),
-        },
+        network: Network { egress: Egress::None },
+        artifacts: Artifacts { capture: Vec::new(), max_bytes: 0 },
+        cleanup: Cleanup { on_success: CleanupAction::Keep, on_failure: CleanupAction::Keep },
+        env: EnvPolicy { pass: Vec::new(), set: BTreeMap::new() },
     }
 }
 

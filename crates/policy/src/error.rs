@@ -23,12 +23,7 @@ pub enum PolicyError {
 
     /// A problem at a known position inside a policy file.
     #[error("{}:{line}:{column}: {kind}", path.display())]
-    File {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        kind: FileErrorKind,
-    },
+    File { path: PathBuf, line: usize, column: usize, kind: FileErrorKind },
 
     /// `resolve` got something that is neither a built-in name nor a file.
     #[error(
@@ -54,21 +49,11 @@ pub enum PolicyError {
          {policy:?}, which has allow_raise = false; choose a value of at most {current}, \
          or write a policy file that extends {policy:?} and sets [limits] {limit}"
     )]
-    LimitRaise {
-        limit: &'static str,
-        flag: &'static str,
-        policy: String,
-        current: String,
-        requested: String,
-    },
+    LimitRaise { limit: &'static str, flag: &'static str, policy: String, current: String, requested: String },
 
     /// A CLI override value is out of range or malformed.
     #[error("{flag} {value}: {reason}")]
-    InvalidOverride {
-        flag: &'static str,
-        value: String,
-        reason: String,
-    },
+    InvalidOverride { flag: &'static str, value: String, reason: String },
 
     /// A read-write workspace was requested where nothing may be written back.
     #[error(
@@ -88,28 +73,15 @@ pub enum FileErrorKind {
 
     /// A key the schema does not know (often a typo).
     #[error("unknown key `{key}` {} (expected one of: {})", section_label(.section), .expected.join(", "))]
-    UnknownKey {
-        section: &'static str,
-        key: String,
-        expected: &'static [&'static str],
-    },
+    UnknownKey { section: &'static str, key: String, expected: &'static [&'static str] },
 
     /// A value of the wrong TOML type, e.g. a string where a list belongs.
     #[error("{}: expected {expected}, found {found}", key_label(.section, .key))]
-    WrongType {
-        section: &'static str,
-        key: String,
-        expected: &'static str,
-        found: &'static str,
-    },
+    WrongType { section: &'static str, key: String, expected: &'static str, found: &'static str },
 
     /// A value of the right type that is not acceptable.
     #[error("{}: {reason}", key_label(.section, .key))]
-    InvalidValue {
-        section: &'static str,
-        key: String,
-        reason: String,
-    },
+    InvalidValue { section: &'static str, key: String, reason: String },
 }
 
 impl FileErrorKind {
@@ -119,35 +91,21 @@ impl FileErrorKind {
             Self::Syntax(_) => None,
             Self::UnknownKey { section, key, .. }
             | Self::WrongType { section, key, .. }
-            | Self::InvalidValue { section, key, .. } => Some(if section.is_empty() {
-                key.clone()
-            } else {
-                format!("{section}.{key}")
-            }),
+            | Self::InvalidValue { section, key, .. } => {
+                Some(if section.is_empty() { key.clone() } else { format!("{section}.{key}") })
+            }
         }
     }
 }
 
 fn section_label(section: &str) -> String {
-    if section.is_empty() {
-        "at the top level".to_string()
-    } else {
-        format!("in [{section}]")
-    }
+    if section.is_empty() { "at the top level".to_string() } else { format!("in [{section}]") }
 }
 
 fn key_label(section: &str, key: &str) -> String {
-    if section.is_empty() {
-        key.to_string()
-    } else {
-        format!("[{section}] {key}")
-    }
+    if section.is_empty() { key.to_string() } else { format!("[{section}] {key}") }
 }
 
 fn display_chain(chain: &[PathBuf]) -> String {
-    chain
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(" -> ")
+    chain.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" -> ")
 }

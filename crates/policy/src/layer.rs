@@ -64,19 +64,13 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         p.workspace.protected = union(&base.workspace.protected, protected);
     }
     if let Some(set) = &layer.set {
-        p.env
-            .set
-            .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        p.env.set.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     p
 }
 
 /// Checks rules that involve more than one key, after `layer` was applied.
-pub(crate) fn check_combined(
-    src: &Source<'_>,
-    layer: &Layer,
-    p: &Policy,
-) -> Result<(), PolicyError> {
+pub(crate) fn check_combined(src: &Source<'_>, layer: &Layer, p: &Policy) -> Result<(), PolicyError> {
     if p.workspace.mode == WorkspaceMode::Rw && p.workspace.writeback == Writeback::Never {
         // Point at whichever of the two keys this file set; it created the conflict.
         let (span, key, reason) = match (&layer.mode, &layer.writeback) {
@@ -107,10 +101,7 @@ pub(crate) fn load_file(path: &Path) -> Result<Policy, PolicyError> {
 /// Loads `path` and, recursively, what it extends. `visiting` holds the
 /// canonical paths of the files above this one, for cycle detection.
 fn load_chain(path: &Path, visiting: &mut Vec<(PathBuf, PathBuf)>) -> Result<Policy, PolicyError> {
-    let read_error = |source| PolicyError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
+    let read_error = |source| PolicyError::Read { path: path.to_path_buf(), source };
     let canonical = path.canonicalize().map_err(read_error)?;
     if visiting.iter().any(|(c, _)| *c == canonical) {
         let mut chain: Vec<PathBuf> = visiting.iter().map(|(_, shown)| shown.clone()).collect();
@@ -118,10 +109,7 @@ fn load_chain(path: &Path, visiting: &mut Vec<(PathBuf, PathBuf)>) -> Result<Pol
         return Err(PolicyError::ExtendsCycle { chain });
     }
     if visiting.len() >= MAX_EXTENDS_DEPTH {
-        return Err(PolicyError::ExtendsTooDeep {
-            path: path.to_path_buf(),
-            max: MAX_EXTENDS_DEPTH,
-        });
+        return Err(PolicyError::ExtendsTooDeep { path: path.to_path_buf(), max: MAX_EXTENDS_DEPTH });
     }
     let text = std::fs::read_to_string(path).map_err(read_error)?;
     let src = Source { path, text: &text };
@@ -130,9 +118,7 @@ fn load_chain(path: &Path, visiting: &mut Vec<(PathBuf, PathBuf)>) -> Result<Pol
     visiting.push((canonical, path.to_path_buf()));
     let base = match &layer.extends {
         None => builtin::load_checked("dev")?,
-        Some(name) if builtin::source(name.get_ref()).is_some() => {
-            builtin::load_checked(name.get_ref())?
-        }
+        Some(name) if builtin::source(name.get_ref()).is_some() => builtin::load_checked(name.get_ref())?,
         Some(name) => {
             let target = path.parent().unwrap_or(Path::new(".")).join(name.get_ref());
             if !target.is_file() {
@@ -158,10 +144,8 @@ fn load_chain(path: &Path, visiting: &mut Vec<(PathBuf, PathBuf)>) -> Result<Pol
 
     let mut policy = apply(&base, &layer);
     check_combined(&src, &layer, &policy)?;
-    policy.name = path.file_stem().map_or_else(
-        || path.display().to_string(),
-        |s| s.to_string_lossy().into_owned(),
-    );
+    policy.name =
+        path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
     policy.extends_chain.push(path.display().to_string());
     Ok(policy)
 }

@@ -252,9 +252,7 @@ impl Policy {
         if path.exists() {
             Self::load_file(path)
         } else {
-            Err(PolicyError::NotFound {
-                name: name_or_path.to_string(),
-            })
+            Err(PolicyError::NotFound { name: name_or_path.to_string() })
         }
     }
 
@@ -277,7 +275,6 @@ impl Policy {
 
     /// Whether `airlock apply` may write the sandbox's changes back.
     pub fn allows_writeback(&self) -> bool {
-        self.workspace.writeback == Writeback::Review
-            && self.workspace.mode == WorkspaceMode::Overlay
+        self.workspace.writeback == Writeback::Review && self.workspace.mode == WorkspaceMode::Overlay
     }
 }

@@ -32,23 +32,13 @@ fn check_raise(
     requested: String,
 ) -> Result<(), PolicyError> {
     if raised && !policy.limits.allow_raise {
-        return Err(PolicyError::LimitRaise {
-            limit,
-            flag,
-            policy: policy.name.clone(),
-            current,
-            requested,
-        });
+        return Err(PolicyError::LimitRaise { limit, flag, policy: policy.name.clone(), current, requested });
     }
     Ok(())
 }
 
 fn invalid(flag: &'static str, value: String, reason: &str) -> PolicyError {
-    PolicyError::InvalidOverride {
-        flag,
-        value,
-        reason: reason.to_string(),
-    }
+    PolicyError::InvalidOverride { flag, value, reason: reason.to_string() }
 }
 
 pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError> {
@@ -75,57 +65,27 @@ pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError>
         if memory < MIN_MEMORY {
             return Err(invalid("--memory", shown, "must be at least 16M"));
         }
-        check_raise(
-            base,
-            "memory",
-            "--memory",
-            memory > limits.memory,
-            format_size(limits.memory),
-            shown,
-        )?;
+        check_raise(base, "memory", "--memory", memory > limits.memory, format_size(limits.memory), shown)?;
         p.limits.memory = memory;
     }
     if let Some(pids) = o.pids {
         if pids == 0 {
             return Err(invalid("--pids", pids.to_string(), "must be at least 1"));
         }
-        check_raise(
-            base,
-            "pids",
-            "--pids",
-            pids > limits.pids,
-            limits.pids.to_string(),
-            pids.to_string(),
-        )?;
+        check_raise(base, "pids", "--pids", pids > limits.pids, limits.pids.to_string(), pids.to_string())?;
         p.limits.pids = pids;
     }
     if let Some(cpus) = o.cpus {
         if !(cpus.is_finite() && cpus > 0.0) {
-            return Err(invalid(
-                "--cpus",
-                cpus.to_string(),
-                "must be a number greater than 0",
-            ));
+            return Err(invalid("--cpus", cpus.to_string(), "must be a number greater than 0"));
         }
-        check_raise(
-            base,
-            "cpus",
-            "--cpus",
-            cpus > limits.cpus,
-            limits.cpus.to_string(),
-            cpus.to_string(),
-        )?;
+        check_raise(base, "cpus", "--cpus", cpus > limits.cpus, limits.cpus.to_string(), cpus.to_string())?;
         p.limits.cpus = cpus;
     }
     for (name, value) in &o.env {
-        check_env_name(name)
-            .map_err(|reason| invalid("--env", format!("{name}={value}"), &reason))?;
+        check_env_name(name).map_err(|reason| invalid("--env", format!("{name}={value}"), &reason))?;
         if value.contains('\0') {
-            return Err(invalid(
-                "--env",
-                name.clone(),
-                "value must not contain a NUL byte",
-            ));
+            return Err(invalid("--env", name.clone(), "value must not contain a NUL byte"));
         }
         p.env.set.insert(name.clone(), value.clone());
     }
@@ -133,9 +93,7 @@ pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError>
         // Any mode is a deliberate choice; only rw can move changes to the
         // host without review, so it is refused where writeback is "never".
         if mode == WorkspaceMode::Rw && base.workspace.writeback == Writeback::Never {
-            return Err(PolicyError::RwWithoutWriteback {
-                policy: base.name.clone(),
-            });
+            return Err(PolicyError::RwWithoutWriteback { policy: base.name.clone() });
         }
         p.workspace.mode = mode;
     }

@@ -15,9 +15,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::error::{FileErrorKind, PolicyError};
-use crate::{
-    CleanupAction, Egress, Tier, Weakening, WorkspaceMode, Writeback, parse_duration, parse_size,
-};
+use crate::{CleanupAction, Egress, Tier, Weakening, WorkspaceMode, Writeback, parse_duration, parse_size};
 
 pub(crate) type Span = Range<usize>;
 
@@ -38,15 +36,7 @@ const TOP_KEYS: &[&str] = &[
 const ISOLATION_KEYS: &[&str] = &["tier", "allow_weaker"];
 const FILESYSTEM_KEYS: &[&str] = &["read_only", "hidden", "tmp_size"];
 const WORKSPACE_KEYS: &[&str] = &["mode", "writeback", "protected"];
-const LIMITS_KEYS: &[&str] = &[
-    "timeout",
-    "memory",
-    "pids",
-    "cpus",
-    "disk",
-    "nofile",
-    "allow_raise",
-];
+const LIMITS_KEYS: &[&str] = &["timeout", "memory", "pids", "cpus", "disk", "nofile", "allow_raise"];
 const NETWORK_KEYS: &[&str] = &["egress"];
 const ARTIFACTS_KEYS: &[&str] = &["capture", "max_bytes"];
 const CLEANUP_KEYS: &[&str] = &["on_success", "on_failure"];
@@ -104,29 +94,11 @@ pub(crate) struct Source<'a> {
 impl Source<'_> {
     pub fn error(&self, span: Span, kind: FileErrorKind) -> PolicyError {
         let (line, column) = line_column(self.text, span.start);
-        PolicyError::File {
-            path: self.path.to_path_buf(),
-            line,
-            column,
-            kind,
-        }
+        PolicyError::File { path: self.path.to_path_buf(), line, column, kind }
     }
 
-    pub fn invalid(
-        &self,
-        span: Span,
-        section: &'static str,
-        key: &str,
-        reason: String,
-    ) -> PolicyError {
-        self.error(
-            span,
-            FileErrorKind::InvalidValue {
-                section,
-                key: key.to_string(),
-                reason,
-            },
-        )
+    pub fn invalid(&self, span: Span, section: &'static str, key: &str, reason: String) -> PolicyError {
+        self.error(span, FileErrorKind::InvalidValue { section, key: key.to_string(), reason })
     }
 }
 
@@ -146,12 +118,7 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
         let span = e.span().unwrap_or(0..0);
         src.error(span, FileErrorKind::Syntax(e.message().trim().to_string()))
     })?;
-    let top = Section {
-        src,
-        name: "",
-        table: doc.get_ref(),
-        allowed: TOP_KEYS,
-    };
+    let top = Section { src, name: "", table: doc.get_ref(), allowed: TOP_KEYS };
     top.check_unknown()?;
 
     let mut layer = Layer {
@@ -162,9 +129,7 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
 
     if let Some(s) = top.section("isolation", ISOLATION_KEYS)? {
         layer.tier = s.keyword::<Tier>("tier")?.map(Spanned::into_inner);
-        layer.allow_weaker = s
-            .keyword_list::<Weakening>("allow_weaker")?
-            .map(|v| v.into_iter().collect());
+        layer.allow_weaker = s.keyword_list::<Weakening>("allow_weaker")?.map(|v| v.into_iter().collect());
         layer.keys_set.extend(s.present());
     }
     if let Some(s) = top.section("filesystem", FILESYSTEM_KEYS)? {
@@ -199,12 +164,8 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
         layer.keys_set.extend(s.present());
     }
     if let Some(s) = top.section("cleanup", CLEANUP_KEYS)? {
-        layer.on_success = s
-            .keyword::<CleanupAction>("on_success")?
-            .map(Spanned::into_inner);
-        layer.on_failure = s
-            .keyword::<CleanupAction>("on_failure")?
-            .map(Spanned::into_inner);
+        layer.on_success = s.keyword::<CleanupAction>("on_success")?.map(Spanned::into_inner);
+        layer.on_failure = s.keyword::<CleanupAction>("on_failure")?.map(Spanned::into_inner);
         layer.keys_set.extend(s.present());
     }
     if let Some(s) = top.section("env", ENV_KEYS)? {
@@ -220,9 +181,7 @@ pub(crate) fn check_env_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         Err("environment variable name is empty".to_string())
     } else if name.contains('=') || name.contains('\0') {
-        Err(format!(
-            "environment variable name {name:?} must not contain '=' or NUL"
-        ))
+        Err(format!("environment variable name {name:?} must not contain '=' or NUL"))
     } else {
         Ok(())
     }
@@ -250,16 +209,12 @@ fn check_glob(g: &str) -> Result<(), String> {
         return Err("glob is empty".to_string());
     }
     if g.starts_with('/') {
-        return Err(format!(
-            "glob {g:?} must be relative to the workspace root, e.g. \"**/*.log\""
-        ));
+        return Err(format!("glob {g:?} must be relative to the workspace root, e.g. \"**/*.log\""));
     }
     if g.split(['/', '\\']).any(|part| part == "..") {
         return Err(format!("glob {g:?} must not contain \"..\""));
     }
-    globset::Glob::new(g)
-        .map(|_| ())
-        .map_err(|e| format!("glob {g:?} is invalid: {}", e.kind()))
+    globset::Glob::new(g).map(|_| ()).map_err(|e| format!("glob {g:?} is invalid: {}", e.kind()))
 }
 
 fn type_name(v: &DeValue<'_>) -> &'static str {
@@ -274,10 +229,7 @@ fn type_name(v: &DeValue<'_>) -> &'static str {
     }
 }
 
-type Entry<'t, 'i> = (
-    &'t Spanned<std::borrow::Cow<'i, str>>,
-    &'t Spanned<DeValue<'i>>,
-);
+type Entry<'t, 'i> = (&'t Spanned<std::borrow::Cow<'i, str>>, &'t Spanned<DeValue<'i>>);
 
 /// One TOML table being read against its list of allowed keys.
 struct Section<'s, 't, 'i> {
@@ -290,11 +242,8 @@ struct Section<'s, 't, 'i> {
 impl<'s, 't, 'i> Section<'s, 't, 'i> {
     /// Rejects keys not in the schema, reporting the first one in the file.
     fn check_unknown(&self) -> Result<(), PolicyError> {
-        let mut unknown: Vec<Entry<'t, 'i>> = self
-            .table
-            .iter()
-            .filter(|(k, _)| !self.allowed.contains(&k.get_ref().as_ref()))
-            .collect();
+        let mut unknown: Vec<Entry<'t, 'i>> =
+            self.table.iter().filter(|(k, _)| !self.allowed.contains(&k.get_ref().as_ref())).collect();
         unknown.sort_by_key(|(k, _)| k.span().start);
         match unknown.first() {
             Some((key, _)) => Err(self.src.error(
@@ -315,18 +264,10 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
 
     /// "section.key" for each key present in this table.
     fn present(&self) -> Vec<String> {
-        self.table
-            .iter()
-            .map(|(k, _)| format!("{}.{}", self.name, k.get_ref()))
-            .collect()
+        self.table.iter().map(|(k, _)| format!("{}.{}", self.name, k.get_ref())).collect()
     }
 
-    fn wrong_type(
-        &self,
-        key: &str,
-        value: &Spanned<DeValue<'_>>,
-        expected: &'static str,
-    ) -> PolicyError {
+    fn wrong_type(&self, key: &str, value: &Spanned<DeValue<'_>>, expected: &'static str) -> PolicyError {
         self.src.error(
             value.span(),
             FileErrorKind::WrongType {
@@ -353,12 +294,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
         let DeValue::Table(table) = value.get_ref() else {
             return Err(self.wrong_type(key, value, "a table"));
         };
-        let section = Section {
-            src: self.src,
-            name: key,
-            table,
-            allowed,
-        };
+        let section = Section { src: self.src, name: key, table, allowed };
         section.check_unknown()?;
         Ok(Some(section))
     }
@@ -390,10 +326,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
             .map(Some)
     }
 
-    fn keyword<T: FromStr<Err = String>>(
-        &self,
-        key: &str,
-    ) -> Result<Option<Spanned<T>>, PolicyError> {
+    fn keyword<T: FromStr<Err = String>>(&self, key: &str) -> Result<Option<Spanned<T>>, PolicyError> {
         let Some(s) = self.string(key)? else {
             return Ok(None);
         };
@@ -403,10 +336,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
             .map_err(|reason| self.invalid(span, key, reason))
     }
 
-    fn keyword_list<T: FromStr<Err = String>>(
-        &self,
-        key: &str,
-    ) -> Result<Option<Vec<T>>, PolicyError> {
+    fn keyword_list<T: FromStr<Err = String>>(&self, key: &str) -> Result<Option<Vec<T>>, PolicyError> {
         let Some(items) = self.string_list(key)? else {
             return Ok(None);
         };
@@ -423,9 +353,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
         };
         items
             .into_iter()
-            .map(|s| {
-                check_host_path(s.get_ref()).map_err(|reason| self.invalid(s.span(), key, reason))
-            })
+            .map(|s| check_host_path(s.get_ref()).map_err(|reason| self.invalid(s.span(), key, reason)))
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
     }
@@ -469,8 +397,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
         };
         let mut out = BTreeMap::new();
         for (name, value) in table.iter() {
-            check_env_name(name.get_ref())
-                .map_err(|reason| self.invalid(name.span(), key, reason))?;
+            check_env_name(name.get_ref()).map_err(|reason| self.invalid(name.span(), key, reason))?;
             let DeValue::String(text) = value.get_ref() else {
                 return Err(self.wrong_type(key, value, "a string value"));
             };
@@ -517,11 +444,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
             return Err(self.wrong_type(key, v, "an integer"));
         };
         if n < min {
-            return Err(self.invalid(
-                v.span(),
-                key,
-                format!("{n} is too small: must be at least {min}"),
-            ));
+            return Err(self.invalid(v.span(), key, format!("{n} is too small: must be at least {min}")));
         }
         Ok(Some(n))
     }
@@ -531,17 +454,11 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
             return Ok(None);
         };
         let n = match v.get_ref() {
-            DeValue::String(s) => {
-                parse_size(s).map_err(|reason| self.invalid(v.span(), key, reason))?
-            }
+            DeValue::String(s) => parse_size(s).map_err(|reason| self.invalid(v.span(), key, reason))?,
             _ => match self.unsigned(key, v)? {
                 Some(n) => n,
                 None => {
-                    return Err(self.wrong_type(
-                        key,
-                        v,
-                        "a size such as \"512M\" or a number of bytes",
-                    ));
+                    return Err(self.wrong_type(key, v, "a size such as \"512M\" or a number of bytes"));
                 }
             },
         };
@@ -564,17 +481,11 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
             return Ok(None);
         };
         let d = match v.get_ref() {
-            DeValue::String(s) => {
-                parse_duration(s).map_err(|reason| self.invalid(v.span(), key, reason))?
-            }
+            DeValue::String(s) => parse_duration(s).map_err(|reason| self.invalid(v.span(), key, reason))?,
             _ => match self.unsigned(key, v)? {
                 Some(n) => Duration::from_secs(n),
                 None => {
-                    return Err(self.wrong_type(
-                        key,
-                        v,
-                        "a duration such as \"10m\" or a number of seconds",
-                    ));
+                    return Err(self.wrong_type(key, v, "a duration such as \"10m\" or a number of seconds"));
                 }
             },
         };
@@ -634,22 +545,14 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Layer, PolicyError> {
-        parse_layer(&Source {
-            path: Path::new("my-policy.toml"),
-            text,
-        })
+        parse_layer(&Source { path: Path::new("my-policy.toml"), text })
     }
 
     fn err(text: &str) -> (String, usize, usize, FileErrorKind) {
         match parse(text).unwrap_err() {
             e @ PolicyError::File { .. } => {
                 let msg = e.to_string();
-                let PolicyError::File {
-                    line, column, kind, ..
-                } = e
-                else {
-                    unreachable!()
-                };
+                let PolicyError::File { line, column, kind, .. } = e else { unreachable!() };
                 (msg, line, column, kind)
             }
             other => panic!("expected a file error, got {other}"),
@@ -683,11 +586,7 @@ mod tests {
         let (_, line, _, kind) = err("zzz = 1\naaa = 2\n");
         assert_eq!(line, 1);
         assert_eq!(kind.key().as_deref(), Some("zzz"));
-        assert!(
-            err("[limitz]\n")
-                .0
-                .contains("unknown key `limitz` at the top level")
-        );
+        assert!(err("[limitz]\n").0.contains("unknown key `limitz` at the top level"));
     }
 
     #[test]
@@ -716,10 +615,7 @@ mod tests {
         let (msg, line, column, kind) = err("[limits]\ntimeout = \"forever\"\n");
         assert_eq!((line, column), (2, 11));
         assert_eq!(kind.key().as_deref(), Some("limits.timeout"));
-        assert!(
-            msg.contains("[limits] timeout: invalid duration \"forever\""),
-            "{msg}"
-        );
+        assert!(msg.contains("[limits] timeout: invalid duration \"forever\""), "{msg}");
     }
 
     #[test]
@@ -728,14 +624,11 @@ mod tests {
         assert_eq!((line, column), (2, 8));
         assert_eq!(kind.key().as_deref(), Some("isolation.tier"));
         assert!(
-            msg.ends_with(
-                "[isolation] tier: invalid value \"vm\": expected one of \"process\", \"microvm\""
-            ),
+            msg.ends_with("[isolation] tier: invalid value \"vm\": expected one of \"process\", \"microvm\""),
             "{msg}"
         );
 
-        let (msg, line, column, _) =
-            err("[isolation]\nallow_weaker = [\"cgroups\", \"seccomp\"]\n");
+        let (msg, line, column, _) = err("[isolation]\nallow_weaker = [\"cgroups\", \"seccomp\"]\n");
         assert_eq!((line, column), (2, 28));
         assert!(msg.contains("\"seccomp\""), "{msg}");
     }
@@ -744,15 +637,9 @@ mod tests {
     fn wrong_type_is_reported() {
         let (msg, line, _, _) = err("[limits]\npids = \"many\"\n");
         assert_eq!(line, 2);
-        assert!(
-            msg.ends_with("[limits] pids: expected an integer, found a string"),
-            "{msg}"
-        );
+        assert!(msg.ends_with("[limits] pids: expected an integer, found a string"), "{msg}");
         let (msg, _, _, _) = err("limits = 3\n");
-        assert!(
-            msg.ends_with("limits: expected a table, found an integer"),
-            "{msg}"
-        );
+        assert!(msg.ends_with("limits: expected a table, found an integer"), "{msg}");
         let (msg, _, _, _) = err("[env]\npass = \"TERM\"\n");
         assert!(msg.contains("expected an array of strings"), "{msg}");
     }
@@ -777,8 +664,7 @@ mod tests {
 
     #[test]
     fn numbers_accept_integer_forms() {
-        let layer =
-            parse("[limits]\ntimeout = 90\nmemory = 33554432\ncpus = 2\npids = 1_000\n").unwrap();
+        let layer = parse("[limits]\ntimeout = 90\nmemory = 33554432\ncpus = 2\npids = 1_000\n").unwrap();
         assert_eq!(layer.timeout, Some(Duration::from_secs(90)));
         assert_eq!(layer.memory, Some(32 * MIB));
         assert_eq!(layer.cpus, Some(2.0));
@@ -789,18 +675,9 @@ mod tests {
     fn paths_and_globs_are_checked() {
         for (text, needle) in [
             ("[filesystem]\nread_only = [\"usr\"]\n", "must be absolute"),
-            (
-                "[filesystem]\nhidden = [\"/home/../root\"]\n",
-                "must not contain \"..\"",
-            ),
-            (
-                "[workspace]\nprotected = [\"/etc/**\"]\n",
-                "must be relative",
-            ),
-            (
-                "[workspace]\nprotected = [\"../x\"]\n",
-                "must not contain \"..\"",
-            ),
+            ("[filesystem]\nhidden = [\"/home/../root\"]\n", "must not contain \"..\""),
+            ("[workspace]\nprotected = [\"/etc/**\"]\n", "must be relative"),
+            ("[workspace]\nprotected = [\"../x\"]\n", "must not contain \"..\""),
             ("[artifacts]\ncapture = [\"out/{a,b\"]\n", "is invalid"),
             ("[artifacts]\ncapture = [\"\"]\n", "empty"),
         ] {
@@ -819,20 +696,14 @@ mod tests {
         let (msg, _, _, _) = err("[env]\nset = { A = 1 }\n");
         assert!(msg.contains("expected a string value"), "{msg}");
         let layer = parse("[env]\nset = { CI = \"true\", \"X Y\" = \"z\" }\n").unwrap();
-        assert_eq!(
-            layer.set.unwrap().get("CI").map(String::as_str),
-            Some("true")
-        );
+        assert_eq!(layer.set.unwrap().get("CI").map(String::as_str), Some("true"));
     }
 
     #[test]
     fn egress_other_than_none_says_why() {
         let (msg, line, column, _) = err("[network]\negress = \"allowlist\"\n");
         assert_eq!((line, column), (2, 10));
-        assert!(
-            msg.contains("only \"none\" is accepted in this version"),
-            "{msg}"
-        );
+        assert!(msg.contains("only \"none\" is accepted in this version"), "{msg}");
     }
 
     #[test]
@@ -847,14 +718,10 @@ mod tests {
 
     #[test]
     fn keys_set_tracks_what_the_file_named() {
-        let layer =
-            parse("extends = \"ci\"\n[limits]\nmemory = \"1G\"\n[env]\nset = {}\n").unwrap();
+        let layer = parse("extends = \"ci\"\n[limits]\nmemory = \"1G\"\n[env]\nset = {}\n").unwrap();
         let keys: Vec<&str> = layer.keys_set.iter().map(String::as_str).collect();
         assert_eq!(keys, ["env.set", "limits.memory"]);
-        assert_eq!(
-            layer.extends.map(Spanned::into_inner).as_deref(),
-            Some("ci")
-        );
+        assert_eq!(layer.extends.map(Spanned::into_inner).as_deref(), Some("ci"));
         assert!(layer.timeout.is_none());
     }
 }

@@ -31,10 +31,7 @@ fn quote(s: &str) -> String {
 
 /// A bare key when TOML allows one, otherwise a quoted key.
 fn key(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
         s.to_string()
     } else {
         quote(s)
@@ -60,23 +57,11 @@ fn paths(items: &[std::path::PathBuf]) -> String {
 }
 
 pub(crate) fn to_toml(p: &Policy) -> String {
-    let root = p
-        .extends_chain
-        .first()
-        .filter(|name| builtin::source(name).is_some())
-        .map_or("dev", String::as_str);
+    let root =
+        p.extends_chain.first().filter(|name| builtin::source(name).is_some()).map_or("dev", String::as_str);
     let chain = p.extends_chain.join(" -> ");
-    let set: Vec<String> = p
-        .env
-        .set
-        .iter()
-        .map(|(k, v)| format!("{} = {}", key(k), quote(v)))
-        .collect();
-    let set = if set.is_empty() {
-        "{}".to_string()
-    } else {
-        format!("{{ {} }}", set.join(", "))
-    };
+    let set: Vec<String> = p.env.set.iter().map(|(k, v)| format!("{} = {}", key(k), quote(v))).collect();
+    let set = if set.is_empty() { "{}".to_string() } else { format!("{{ {} }}", set.join(", ")) };
 
     let mut out = String::new();
     // Writing to a String cannot fail; `let _` keeps the lints quiet.

@@ -12,12 +12,8 @@ const KIB: u64 = 1024;
 const DURATION_UNITS: &[(&str, u64)] = &[("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)];
 
 /// Size suffixes, largest first; formatting walks this list in order.
-const SIZE_UNITS: &[(char, u64)] = &[
-    ('T', KIB * KIB * KIB * KIB),
-    ('G', KIB * KIB * KIB),
-    ('M', KIB * KIB),
-    ('K', KIB),
-];
+const SIZE_UNITS: &[(char, u64)] =
+    &[('T', KIB * KIB * KIB * KIB), ('G', KIB * KIB * KIB), ('M', KIB * KIB), ('K', KIB)];
 
 fn duration_error(s: &str) -> String {
     format!(
@@ -53,16 +49,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let (number, after) = rest.split_at(digits);
         let unit_len = after.bytes().take_while(u8::is_ascii_alphabetic).count();
         let (unit, after) = after.split_at(unit_len);
-        let value: u64 = number
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: number too large"))?;
+        let value: u64 = number.parse().map_err(|_| format!("invalid duration {s:?}: number too large"))?;
         let part = if unit == "ms" {
             Some(Duration::from_millis(value))
         } else {
-            let (_, secs) = DURATION_UNITS
-                .iter()
-                .find(|(name, _)| *name == unit)
-                .ok_or_else(|| duration_error(s))?;
+            let (_, secs) =
+                DURATION_UNITS.iter().find(|(name, _)| *name == unit).ok_or_else(|| duration_error(s))?;
             value.checked_mul(*secs).map(Duration::from_secs)
         };
         total = part
@@ -111,10 +103,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     }
     let (number, multiplier) = match body.chars().last() {
         Some(last) if last.is_ascii_alphabetic() => {
-            let (_, mult) = SIZE_UNITS
-                .iter()
-                .find(|(unit, _)| *unit == last)
-                .ok_or_else(|| size_error(s))?;
+            let (_, mult) = SIZE_UNITS.iter().find(|(unit, _)| *unit == last).ok_or_else(|| size_error(s))?;
             (&body[..body.len() - 1], *mult)
         }
         _ => (body, 1),
@@ -158,24 +147,12 @@ mod tests {
         assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(
-            parse_duration("1500ms").unwrap(),
-            Duration::from_millis(1500)
-        );
+        assert_eq!(parse_duration("1500ms").unwrap(), Duration::from_millis(1500));
     }
 
     #[test]
     fn durations_reject_garbage() {
-        for bad in [
-            "",
-            "lots",
-            "h",
-            "10x",
-            "1.5h",
-            "-5s",
-            "10 m s",
-            "99999999999999999999d",
-        ] {
+        for bad in ["", "lots", "h", "10x", "1.5h", "-5s", "10 m s", "99999999999999999999d"] {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains("invalid duration"), "{bad}: {err}");
         }
@@ -184,13 +161,7 @@ mod tests {
 
     #[test]
     fn durations_format_round_trip() {
-        for (secs, text) in [
-            (0, "0s"),
-            (30, "30s"),
-            (600, "10m"),
-            (5400, "1h30m"),
-            (90_061, "1d1h1m1s"),
-        ] {
+        for (secs, text) in [(0, "0s"), (30, "30s"), (600, "10m"), (5400, "1h30m"), (90_061, "1d1h1m1s")] {
             let d = Duration::from_secs(secs);
             assert_eq!(format_duration(d), text);
             assert_eq!(parse_duration(text).unwrap(), d);
@@ -214,16 +185,7 @@ mod tests {
 
     #[test]
     fn sizes_reject_garbage() {
-        for bad in [
-            "",
-            "lots",
-            "M",
-            "12X",
-            "1.5G",
-            "-1M",
-            "512iB",
-            "99999999999T",
-        ] {
+        for bad in ["", "lots", "M", "12X", "1.5G", "-1M", "512iB", "99999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
         }
         assert_eq!(

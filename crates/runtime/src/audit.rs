@@ -148,10 +148,7 @@ impl AuditEvent {
     /// still running, or hide that its changes reached the workspace. The
     /// others are frequent and may ride on the page cache.
     fn must_sync(&self) -> bool {
-        matches!(
-            self,
-            AuditEvent::Exited { .. } | AuditEvent::Removed { .. } | AuditEvent::Applied { .. }
-        )
+        matches!(self, AuditEvent::Exited { .. } | AuditEvent::Removed { .. } | AuditEvent::Applied { .. })
     }
 }
 
@@ -179,17 +176,8 @@ impl AuditLog {
             .mode(0o600)
             .custom_flags(OFlags::NOFOLLOW.bits() as i32)
             .open(path)
-            .map_err(|source| AuditError::Io {
-                action: "open",
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let mut log = AuditLog {
-            file,
-            path: path.to_path_buf(),
-            next_seq: 1,
-            known_len: None,
-        };
+            .map_err(|source| AuditError::Io { action: "open", path: path.to_path_buf(), source })?;
+        let mut log = AuditLog { file, path: path.to_path_buf(), next_seq: 1, known_len: None };
         log.locked(AuditLog::resync)?;
         Ok(log)
     }
@@ -203,11 +191,7 @@ impl AuditLog {
     pub fn record(&mut self, event: AuditEvent) -> Result<(), AuditError> {
         self.locked(|log| {
             log.resync()?;
-            let record = AuditRecord {
-                ts: rfc3339_utc(SystemTime::now()),
-                seq: log.next_seq,
-                event,
-            };
+            let record = AuditRecord { ts: rfc3339_utc(SystemTime::now()), seq: log.next_seq, event };
             let mut line = serde_json::to_vec(&record).map_err(|source| AuditError::Encode {
                 event: record.event.kind(),
                 path: log.path.clone(),
@@ -223,9 +207,7 @@ impl AuditLog {
             log.known_len = log.known_len.map(|len| len + line.len() as u64);
             log.next_seq += 1;
             if record.event.must_sync() {
-                log.file
-                    .sync_data()
-                    .map_err(|source| log.io_error("sync", source))?;
+                log.file.sync_data().map_err(|source| log.io_error("sync", source))?;
             }
             Ok(())
         })
@@ -235,11 +217,7 @@ impl AuditLog {
     /// with a warning; anything unparseable before it is an error, because
     /// that means the log was damaged, not interrupted.
     pub fn read_all(path: &Path) -> Result<Vec<AuditRecord>, AuditError> {
-        let io_err = |source| AuditError::Io {
-            action: "read",
-            path: path.to_path_buf(),
-            source,
-        };
+        let io_err = |source| AuditError::Io { action: "read", path: path.to_path_buf(), source };
         let file = OpenOptions::new()
             .read(true)
             .custom_flags(OFlags::NOFOLLOW.bits() as i32)
@@ -264,11 +242,7 @@ impl AuditLog {
             match serde_json::from_slice::<AuditRecord>(text) {
                 Ok(record) => records.push(record),
                 Err(source) if complete => {
-                    return Err(AuditError::Corrupt {
-                        path: path.to_path_buf(),
-                        line: line_no,
-                        source,
-                    });
+                    return Err(AuditError::Corrupt { path: path.to_path_buf(), line: line_no, source });
                 }
                 Err(err) => {
                     tracing::warn!(
@@ -284,12 +258,8 @@ impl AuditLog {
     }
 
     /// Runs `f` while holding an exclusive flock on the log file.
-    fn locked<T>(
-        &mut self,
-        f: impl FnOnce(&mut AuditLog) -> Result<T, AuditError>,
-    ) -> Result<T, AuditError> {
-        flock(&self.file, FlockOperation::LockExclusive)
-            .map_err(|e| self.io_error("lock", e.into()))?;
+    fn locked<T>(&mut self, f: impl FnOnce(&mut AuditLog) -> Result<T, AuditError>) -> Result<T, AuditError> {
+        flock(&self.file, FlockOperation::LockExclusive).map_err(|e| self.io_error("lock", e.into()))?;
         let result = f(self);
         if let Err(err) = flock(&self.file, FlockOperation::Unlock) {
             // Closing the file releases the lock anyway; the record itself
@@ -303,11 +273,7 @@ impl AuditLog {
     /// cuts off a torn last line and takes `next_seq` from the last record.
     /// Must run under the lock.
     fn resync(&mut self) -> Result<(), AuditError> {
-        let mut len = self
-            .file
-            .metadata()
-            .map_err(|source| self.io_error("stat", source))?
-            .len();
+        let mut len = self.file.metadata().map_err(|source| self.io_error("stat", source))?.len();
         if self.known_len == Some(len) {
             return Ok(());
         }
@@ -317,9 +283,7 @@ impl AuditLog {
             return Ok(());
         }
         let mut last = [0u8; 1];
-        self.file
-            .read_exact_at(&mut last, len - 1)
-            .map_err(|source| self.io_error("read", source))?;
+        self.file.read_exact_at(&mut last, len - 1).map_err(|source| self.io_error("read", source))?;
         if last[0] != b'\n' {
             let keep = match self.rfind_newline(len) {
                 Ok(Some(pos)) => pos + 1,
@@ -331,9 +295,7 @@ impl AuditLog {
                 bytes = len - keep,
                 "cutting off a torn last line of the audit log (left by a crash)"
             );
-            self.file
-                .set_len(keep)
-                .map_err(|source| self.io_error("repair", source))?;
+            self.file.set_len(keep).map_err(|source| self.io_error("repair", source))?;
             len = keep;
         }
         if len == 0 {
@@ -348,25 +310,19 @@ impl AuditLog {
             Err(source) => return Err(self.io_error("read", source)),
         };
         let line_len = usize::try_from(len - 1 - start).map_err(|_| {
-            self.io_error(
-                "read",
-                io::Error::new(io::ErrorKind::InvalidData, "last line too long"),
-            )
+            self.io_error("read", io::Error::new(io::ErrorKind::InvalidData, "last line too long"))
         })?;
         let mut line = vec![0u8; line_len];
-        self.file
-            .read_exact_at(&mut line, start)
-            .map_err(|source| self.io_error("read", source))?;
+        self.file.read_exact_at(&mut line, start).map_err(|source| self.io_error("read", source))?;
         #[derive(Deserialize)]
         struct SeqOnly {
             seq: u64,
         }
-        let SeqOnly { seq } =
-            serde_json::from_slice(&line).map_err(|source| AuditError::Corrupt {
-                path: self.path.clone(),
-                line: self.count_lines(start).unwrap_or(0) + 1,
-                source,
-            })?;
+        let SeqOnly { seq } = serde_json::from_slice(&line).map_err(|source| AuditError::Corrupt {
+            path: self.path.clone(),
+            line: self.count_lines(start).unwrap_or(0) + 1,
+            source,
+        })?;
         self.next_seq = seq + 1;
         self.known_len = Some(len);
         Ok(())
@@ -406,11 +362,7 @@ impl AuditLog {
     }
 
     fn io_error(&self, action: &'static str, source: io::Error) -> AuditError {
-        AuditError::Io {
-            action,
-            path: self.path.clone(),
-            source,
-        }
+        AuditError::Io { action, path: self.path.clone(), source }
     }
 }
 
@@ -506,8 +458,7 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
             sign * (oh * 3600 + om * 60)
         }
     };
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
-        - offset_secs;
+    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
     let base = if secs >= 0 {
         UNIX_EPOCH.checked_add(Duration::from_secs(secs as u64))?
     } else {
@@ -536,16 +487,11 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468; // shift the epoch to 0000-03-01
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let shifted_month = (5 * day_of_year + 2) / 153; // 0 = March
     let day = (day_of_year - (153 * shifted_month + 2) / 5 + 1) as u32;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    } as u32;
+    let month = if shifted_month < 10 { shifted_month + 3 } else { shifted_month - 9 } as u32;
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     (year, month, day)
 }
@@ -577,12 +523,7 @@ pub(crate) mod path_repr {
         match path.to_str() {
             Some(s) => Repr::Text(s.to_owned()),
             None => Repr::Bytes {
-                non_utf8_hex: path
-                    .as_os_str()
-                    .as_bytes()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
+                non_utf8_hex: path.as_os_str().as_bytes().iter().map(|b| format!("{b:02x}")).collect(),
             },
         }
     }
@@ -596,9 +537,7 @@ pub(crate) mod path_repr {
                     return Err(E::custom("non_utf8_hex has an odd number of digits"));
                 }
                 let digit = |c: u8| {
-                    (c as char)
-                        .to_digit(16)
-                        .ok_or_else(|| E::custom("non_utf8_hex holds a non-hex digit"))
+                    (c as char).to_digit(16).ok_or_else(|| E::custom("non_utf8_hex holds a non-hex digit"))
                 };
                 let bytes = hex
                     .chunks(2)
@@ -612,16 +551,11 @@ pub(crate) mod path_repr {
     pub(crate) mod option {
         use super::*;
 
-        pub(crate) fn serialize<S: Serializer>(
-            path: &Option<PathBuf>,
-            s: S,
-        ) -> Result<S::Ok, S::Error> {
+        pub(crate) fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
             path.as_deref().map(to_repr).serialize(s)
         }
 
-        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Option<PathBuf>, D::Error> {
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
             Option::<Repr>::deserialize(d)?.map(from_repr).transpose()
         }
     }
@@ -633,13 +567,8 @@ pub(crate) mod path_repr {
             s.collect_seq(paths.iter().map(|p| to_repr(p)))
         }
 
-        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Vec<PathBuf>, D::Error> {
-            Vec::<Repr>::deserialize(d)?
-                .into_iter()
-                .map(from_repr)
-                .collect()
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+            Vec::<Repr>::deserialize(d)?.into_iter().map(from_repr).collect()
         }
     }
 }
@@ -652,16 +581,11 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn removed(reason: &str) -> AuditEvent {
-        AuditEvent::Removed {
-            reason: reason.into(),
-        }
+        AuditEvent::Removed { reason: reason.into() }
     }
 
     fn started(cmd: &str) -> AuditEvent {
-        AuditEvent::CommandStarted {
-            argv: vec![cmd.into()],
-            pid: Some(7),
-        }
+        AuditEvent::CommandStarted { argv: vec![cmd.into()], pid: Some(7) }
     }
 
     #[test]
@@ -711,11 +635,7 @@ mod tests {
         }
         let mut log = AuditLog::open(&path).unwrap();
         log.record(removed("done")).unwrap();
-        let seqs: Vec<u64> = AuditLog::read_all(&path)
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let seqs: Vec<u64> = AuditLog::read_all(&path).unwrap().iter().map(|r| r.seq).collect();
         assert_eq!(seqs, vec![1, 2, 3, 4]);
     }
 
@@ -728,11 +648,7 @@ mod tests {
         a.record(started("a1")).unwrap();
         b.record(started("b1")).unwrap();
         a.record(started("a2")).unwrap();
-        let seqs: Vec<u64> = AuditLog::read_all(&path)
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let seqs: Vec<u64> = AuditLog::read_all(&path).unwrap().iter().map(|r| r.seq).collect();
         assert_eq!(seqs, vec![1, 2, 3]);
     }
 
@@ -746,8 +662,7 @@ mod tests {
             log.record(started("two")).unwrap();
         }
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(br#"{"ts":"2024-01-01T00:00:00.000Z","seq":3,"event":"rem"#)
-            .unwrap();
+        f.write_all(br#"{"ts":"2024-01-01T00:00:00.000Z","seq":3,"event":"rem"#).unwrap();
         drop(f);
 
         let records = AuditLog::read_all(&path).unwrap();
@@ -804,10 +719,7 @@ mod tests {
         let mut log = AuditLog::open(&path).unwrap();
         log.record(event.clone()).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(
-            text.contains(r#"{"non_utf8_hex":"7372632ffffe2e7273"}"#),
-            "{text}"
-        );
+        assert!(text.contains(r#"{"non_utf8_hex":"7372632ffffe2e7273"}"#), "{text}");
         let records = AuditLog::read_all(&path).unwrap();
         assert_eq!(records[0].event, event);
     }
@@ -824,9 +736,8 @@ mod tests {
 
     #[test]
     fn formats_known_instants() {
-        let at = |secs: u64, millis: u64| {
-            rfc3339_utc(UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis))
-        };
+        let at =
+            |secs: u64, millis: u64| rfc3339_utc(UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis));
         assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
         assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
         assert_eq!(at(1_709_251_199, 999), "2024-02-29T23:59:59.999Z");
@@ -837,22 +748,13 @@ mod tests {
 
     #[test]
     fn parse_inverts_format() {
-        for ms in [
-            0u64,
-            1,
-            951_782_400_005,
-            1_709_251_199_999,
-            253_402_300_799_000,
-        ] {
+        for ms in [0u64, 1, 951_782_400_005, 1_709_251_199_999, 253_402_300_799_000] {
             let t = UNIX_EPOCH + Duration::from_millis(ms);
             assert_eq!(parse_rfc3339(&rfc3339_utc(t)), Some(t), "{ms}");
         }
         let t = UNIX_EPOCH - Duration::from_millis(1500);
         assert_eq!(parse_rfc3339(&rfc3339_utc(t)), Some(t));
-        assert_eq!(
-            parse_rfc3339("2024-03-01T02:00:00+02:00"),
-            parse_rfc3339("2024-03-01T00:00:00Z")
-        );
+        assert_eq!(parse_rfc3339("2024-03-01T02:00:00+02:00"), parse_rfc3339("2024-03-01T00:00:00Z"));
         for bad in [
             "",
             "2024-02-30T00:00:00Z",

@@ -49,7 +49,9 @@ pub enum RunError {
     Workspace(#[from] airlock_workspace::WorkspaceError),
     #[error("the sandbox could not be set up: {0}")]
     SetupFailed(String),
-    #[error("this host lacks {feature}, which policy {policy} requires; run `airlock doctor` for how to fix it, or use a policy that lists \"{feature}\" in isolation.allow_weaker")]
+    #[error(
+        "this host lacks {feature}, which policy {policy} requires; run `airlock doctor` for how to fix it, or use a policy that lists \"{feature}\" in isolation.allow_weaker"
+    )]
     HostLacks { feature: String, policy: String },
     #[error("the microvm tier is not available in this version of airlock; use tier = \"process\"")]
     TierUnavailable,
@@ -63,7 +65,9 @@ pub enum RunError {
     Layer(PathBuf, #[source] io::Error),
     #[error("state directory {0}: {1}")]
     State(PathBuf, #[source] io::Error),
-    #[error("state directory {0} must be searchable by the sandbox's unprivileged uid (mode o+x on it and every parent): {1}")]
+    #[error(
+        "state directory {0} must be searchable by the sandbox's unprivileged uid (mode o+x on it and every parent): {1}"
+    )]
     StateNotTraversable(PathBuf, String),
     #[error("cannot find airlock's own executable: {0}")]
     SelfExe(#[source] io::Error),
@@ -109,7 +113,12 @@ fn prepare_state_root(root: &state::StateRoot, is_root: bool) -> Result<(), RunE
         if mode & 0o001 == 0 {
             return Err(RunError::StateNotTraversable(
                 path.to_path_buf(),
-                format!("{} has mode {:o}; run `chmod o+x {}`", ancestor.display(), mode & 0o7777, ancestor.display()),
+                format!(
+                    "{} has mode {:o}; run `chmod o+x {}`",
+                    ancestor.display(),
+                    mode & 0o7777,
+                    ancestor.display()
+                ),
             ));
         }
     }

@@ -10,30 +10,28 @@ use std::io::Read;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const ADJECTIVES: [&str; 100] = [
-    "able", "agile", "amber", "ample", "azure", "bold", "brave", "breezy", "bright", "brisk",
-    "calm", "candid", "clever", "cosmic", "cozy", "crisp", "curious", "daring", "dapper", "deft",
-    "eager", "early", "earnest", "easy", "elated", "epic", "fair", "fancy", "fearless", "fiery",
-    "fleet", "fond", "frank", "fresh", "friendly", "frosty", "gentle", "giddy", "glad", "golden",
-    "grand", "happy", "hardy", "hasty", "hearty", "honest", "humble", "icy", "jolly", "jovial",
-    "keen", "kind", "lively", "loyal", "lucid", "lucky", "merry", "mighty", "mellow", "modest",
-    "misty", "nimble", "noble", "patient", "plucky", "polite", "proud", "quick", "quiet", "rapid",
-    "ready", "rosy", "rustic", "sandy", "shiny", "silent", "silver", "sleek", "smart", "snowy",
-    "solid", "spry", "steady", "stellar", "stout", "sturdy", "sunny", "swift", "tidy", "tender",
-    "tranquil", "trusty", "upbeat", "valiant", "vivid", "warm", "wise", "witty", "zany", "zesty",
+    "able", "agile", "amber", "ample", "azure", "bold", "brave", "breezy", "bright", "brisk", "calm",
+    "candid", "clever", "cosmic", "cozy", "crisp", "curious", "daring", "dapper", "deft", "eager", "early",
+    "earnest", "easy", "elated", "epic", "fair", "fancy", "fearless", "fiery", "fleet", "fond", "frank",
+    "fresh", "friendly", "frosty", "gentle", "giddy", "glad", "golden", "grand", "happy", "hardy", "hasty",
+    "hearty", "honest", "humble", "icy", "jolly", "jovial", "keen", "kind", "lively", "loyal", "lucid",
+    "lucky", "merry", "mighty", "mellow", "modest", "misty", "nimble", "noble", "patient", "plucky",
+    "polite", "proud", "quick", "quiet", "rapid", "ready", "rosy", "rustic", "sandy", "shiny", "silent",
+    "silver", "sleek", "smart", "snowy", "solid", "spry", "steady", "stellar", "stout", "sturdy", "sunny",
+    "swift", "tidy", "tender", "tranquil", "trusty", "upbeat", "valiant", "vivid", "warm", "wise", "witty",
+    "zany", "zesty",
 ];
 
 const ANIMALS: [&str; 100] = [
-    "aardvark", "alpaca", "ant", "antelope", "badger", "bat", "bear", "beaver", "bison", "bobcat",
-    "buffalo", "camel", "caribou", "cat", "cheetah", "chipmunk", "cobra", "condor", "cougar",
-    "coyote", "crab", "crane", "crow", "deer", "dingo", "dolphin", "donkey", "dove", "duck",
-    "eagle", "eel", "elk", "emu", "falcon", "ferret", "finch", "fox", "frog", "gazelle", "gecko",
-    "gerbil", "gibbon", "giraffe", "goat", "goose", "gopher", "gorilla", "hare", "hawk",
-    "hedgehog", "heron", "hippo", "hornet", "horse", "hyena", "ibex", "ibis", "iguana", "impala",
-    "jackal", "jaguar", "kestrel", "kiwi", "koala", "lemur", "leopard", "lion", "llama", "lobster",
-    "lynx", "magpie", "marmot", "meerkat", "mole", "moose", "newt", "ocelot", "octopus", "okapi",
-    "orca", "otter", "owl", "ox", "panda", "panther", "parrot", "pelican", "penguin", "puffin",
-    "quail", "rabbit", "raven", "salmon", "seal", "sparrow", "stork", "swan", "tapir", "walrus",
-    "wombat",
+    "aardvark", "alpaca", "ant", "antelope", "badger", "bat", "bear", "beaver", "bison", "bobcat", "buffalo",
+    "camel", "caribou", "cat", "cheetah", "chipmunk", "cobra", "condor", "cougar", "coyote", "crab", "crane",
+    "crow", "deer", "dingo", "dolphin", "donkey", "dove", "duck", "eagle", "eel", "elk", "emu", "falcon",
+    "ferret", "finch", "fox", "frog", "gazelle", "gecko", "gerbil", "gibbon", "giraffe", "goat", "goose",
+    "gopher", "gorilla", "hare", "hawk", "hedgehog", "heron", "hippo", "hornet", "horse", "hyena", "ibex",
+    "ibis", "iguana", "impala", "jackal", "jaguar", "kestrel", "kiwi", "koala", "lemur", "leopard", "lion",
+    "llama", "lobster", "lynx", "magpie", "marmot", "meerkat", "mole", "moose", "newt", "ocelot", "octopus",
+    "okapi", "orca", "otter", "owl", "ox", "panda", "panther", "parrot", "pelican", "penguin", "puffin",
+    "quail", "rabbit", "raven", "salmon", "seal", "sparrow", "stork", "swan", "tapir", "walrus", "wombat",
 ];
 
 /// Returns a fresh "adjective-animal" name such as "brave-otter".
@@ -59,10 +57,7 @@ pub(crate) fn random_u32() -> u32 {
     if from_kernel.is_ok() {
         return u32::from_ne_bytes(buf);
     }
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     // Fold the 128-bit nanosecond count and mix in the pid; a multiplicative
     // hash spreads the low-entropy bits over the whole word.
     let folded = (nanos as u64) ^ ((nanos >> 64) as u64) ^ u64::from(std::process::id());
@@ -84,10 +79,7 @@ mod tests {
             assert_eq!(unique.len(), list.len(), "duplicate word in list");
             for word in list {
                 assert!(!word.is_empty());
-                assert!(
-                    word.bytes().all(|b| b.is_ascii_lowercase()),
-                    "{word:?} is not lowercase ascii"
-                );
+                assert!(word.bytes().all(|b| b.is_ascii_lowercase()), "{word:?} is not lowercase ascii");
             }
         }
     }

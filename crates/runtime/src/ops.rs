@@ -26,9 +26,13 @@ pub enum OpError {
     Apply(#[from] airlock_workspace::ApplyError),
     #[error("sandbox {0} has no workspace overlay, so there is nothing to diff or apply")]
     NoOverlay(String),
-    #[error("sandbox {name} is still running (supervisor pid {pid}); wait for it to finish, or `airlock rm {name}` to stop it")]
+    #[error(
+        "sandbox {name} is still running (supervisor pid {pid}); wait for it to finish, or `airlock rm {name}` to stop it"
+    )]
     StillRunning { name: String, pid: i32 },
-    #[error("policy {policy} of sandbox {name} forbids writing changes back (workspace.writeback = \"never\"); read them with `airlock diff {name}`")]
+    #[error(
+        "policy {policy} of sandbox {name} forbids writing changes back (workspace.writeback = \"never\"); read them with `airlock diff {name}`"
+    )]
     WritebackForbidden { name: String, policy: String },
     #[error("the stored policy of sandbox {0} cannot be read: {1}")]
     StoredPolicy(String, airlock_policy::PolicyError),
@@ -69,7 +73,11 @@ pub fn list(root: &StateRoot) -> Result<Vec<SandboxSummary>, OpError> {
             workspace_mode: meta.workspace_mode.clone(),
             created_at: meta.created_at.clone(),
             exit_code: meta.exit.as_ref().and_then(|e| {
-                if e.timed_out { Some(crate::exit_codes::TIMED_OUT) } else { e.code.or(e.signal.map(|s| 128 + s)) }
+                if e.timed_out {
+                    Some(crate::exit_codes::TIMED_OUT)
+                } else {
+                    e.code.or(e.signal.map(|s| 128 + s))
+                }
             }),
             timed_out: meta.exit.as_ref().is_some_and(|e| e.timed_out),
             command: meta.command.clone(),
@@ -163,7 +171,8 @@ pub fn apply(pending: PendingApply) -> Result<ApplyReport, OpError> {
 }
 
 fn stored_policy(sandbox: &SandboxDir) -> Result<Policy, OpError> {
-    Policy::load_file(&sandbox.policy_path()).map_err(|e| OpError::StoredPolicy(sandbox.name().to_string(), e))
+    Policy::load_file(&sandbox.policy_path())
+        .map_err(|e| OpError::StoredPolicy(sandbox.name().to_string(), e))
 }
 
 /// Removes a sandbox, stopping it first if it still runs.
@@ -267,10 +276,14 @@ pub fn gc(root: &StateRoot) -> Result<GcReport, OpError> {
             report.removed.push(meta.name.clone());
         }
     }
-    // Cgroups whose state directory is gone entirely.
+    // Cgroups whose state directory is gone entirely. Only empty ones: a
+    // cgroup with processes belongs to a live sandbox of another state
+    // directory (the cgroup parent is shared), never to a dead supervisor,
+    // whose sandbox died with it.
     for name in airlock_jail::cgroup::SandboxCgroup::list() {
         if !known.contains(&name)
             && let Some(cg) = airlock_jail::cgroup::SandboxCgroup::open(&name)
+            && cg.pids().is_empty()
             && cg.remove().is_ok()
         {
             report.released.push(format!("cgroup {name}"));
@@ -283,4 +296,3 @@ pub fn gc(root: &StateRoot) -> Result<GcReport, OpError> {
 pub fn workspace_of(root: &StateRoot, name: &str) -> Option<PathBuf> {
     root.open(name).ok()?.read_meta().ok()?.workspace
 }
-

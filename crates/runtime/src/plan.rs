@@ -156,7 +156,11 @@ mod tests {
     use super::*;
 
     fn paths() -> SandboxPaths {
-        SandboxPaths { rootfs: "/s/rootfs".into(), upper: "/s/layer/upper".into(), work: "/s/layer/work".into() }
+        SandboxPaths {
+            rootfs: "/s/rootfs".into(),
+            upper: "/s/layer/upper".into(),
+            work: "/s/layer/work".into(),
+        }
     }
 
     fn host() -> HostFacts {

@@ -125,7 +125,8 @@ fn resolve_workspace(policy: &Policy, requested: Option<&Path>) -> Result<Option
 /// Host uid that root inside this sandbox becomes (root only): one block of
 /// 65536 ids per sandbox, picked from its name, far above ordinary users.
 fn host_id_base(name: &str) -> u32 {
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let hash =
+        name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     1_000_000_000 + ((hash % 15_000) as u32) * 65_536
 }
 
@@ -148,7 +149,8 @@ fn supervise(
             .map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     }
     let id_map = IdMap::for_current_user(host_id_base(&name));
-    std::fs::write(sandbox.policy_path(), policy.to_toml()).map_err(|e| RunError::State(sandbox.policy_path(), e))?;
+    std::fs::write(sandbox.policy_path(), policy.to_toml())
+        .map_err(|e| RunError::State(sandbox.policy_path(), e))?;
 
     let mut meta = SandboxMeta {
         name: name.clone(),
@@ -192,7 +194,11 @@ fn supervise(
 
     let overlay = workspace.is_some() && policy.workspace.mode == WorkspaceMode::Overlay;
     let layer = if overlay {
-        Some(WritableLayer::create(sandbox, host.disk_quota.then_some(policy.limits.disk), id_map.host_root_uid)?)
+        Some(WritableLayer::create(
+            sandbox,
+            host.disk_quota.then_some(policy.limits.disk),
+            id_map.host_root_uid,
+        )?)
     } else {
         None
     };
@@ -255,8 +261,9 @@ fn supervise(
     meta.started_at = Some(now_rfc3339());
     sandbox.write_meta(&meta)?;
 
-    let forwarder = crate::signals::Forwarder::start(agent_pid, stdio.tty.as_ref().and_then(|p| p.resize_handle().ok()))
-        .map_err(RunError::Signals)?;
+    let forwarder =
+        crate::signals::Forwarder::start(agent_pid, stdio.tty.as_ref().and_then(|p| p.resize_handle().ok()))
+            .map_err(RunError::Signals)?;
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
         while let Ok(Some(msg)) = airlock_proto::recv::<_, AgentMessage>(&mut control) {
@@ -334,12 +341,15 @@ fn supervise(
     if let Some(cg) = &cgroup
         && let Err(e) = cg.remove()
     {
-        notify(Notice::Warning(format!("could not remove the sandbox's cgroup: {e}; `airlock gc` will retry")));
+        notify(Notice::Warning(format!(
+            "could not remove the sandbox's cgroup: {e}; `airlock gc` will retry"
+        )));
     }
 
     meta.state = if ending.setup_failed.is_some() { SandboxState::Failed } else { SandboxState::Exited };
     meta.finished_at = Some(now_rfc3339());
-    meta.exit = Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });
+    meta.exit =
+        Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });
     sandbox.write_meta(&meta)?;
 
     if let Some(reason) = &ending.setup_failed {
@@ -379,7 +389,11 @@ fn supervise(
             policy.artifacts.max_bytes,
         ) {
             Ok(files) => {
-                let bytes = files.iter().filter_map(|f| std::fs::symlink_metadata(sandbox.artifacts_dir().join(f)).ok()).map(|m| m.len()).sum();
+                let bytes = files
+                    .iter()
+                    .filter_map(|f| std::fs::symlink_metadata(sandbox.artifacts_dir().join(f)).ok())
+                    .map(|m| m.len())
+                    .sum();
                 audit.record(AuditEvent::ArtifactsCaptured { files: files.clone(), bytes })?;
                 artifacts = files;
             }
@@ -392,7 +406,11 @@ fn supervise(
     let remove = req.remove_after || action == CleanupAction::Remove;
     if remove {
         audit.record(AuditEvent::Removed {
-            reason: if req.remove_after { "--rm".into() } else { format!("cleanup rule of policy {}", policy.name) },
+            reason: if req.remove_after {
+                "--rm".into()
+            } else {
+                format!("cleanup rule of policy {}", policy.name)
+            },
         })?;
         drop(audit);
         drop(_live);

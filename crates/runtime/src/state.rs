@@ -39,8 +39,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use rustix::fs::{
-    AtFlags, FileType, FlockOperation, Mode, OFlags, StatxAttributes, StatxFlags, flock, openat,
-    statx, unlinkat,
+    AtFlags, FileType, FlockOperation, Mode, OFlags, StatxAttributes, StatxFlags, flock, openat, statx,
+    unlinkat,
 };
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
@@ -119,12 +119,7 @@ pub enum StateError {
 /// components, cgroup names and hostnames, so the alphabet is deliberately
 /// small.
 pub fn validate_name(name: &str) -> Result<(), StateError> {
-    let invalid = |reason| {
-        Err(StateError::InvalidName {
-            name: name.to_owned(),
-            reason,
-        })
-    };
+    let invalid = |reason| Err(StateError::InvalidName { name: name.to_owned(), reason });
     let Some(&first) = name.as_bytes().first() else {
         return invalid("it is empty");
     };
@@ -163,10 +158,7 @@ impl StateRoot {
             .recursive(true)
             .mode(0o700)
             .create(&path)
-            .map_err(|source| StateError::CreateRoot {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| StateError::CreateRoot { path: path.clone(), source })?;
         Ok(StateRoot { path })
     }
 
@@ -202,10 +194,7 @@ impl StateRoot {
                 other => return other,
             }
         }
-        Err(StateError::NamesExhausted {
-            root: self.path.clone(),
-            tries: TRIES,
-        })
+        Err(StateError::NamesExhausted { root: self.path.clone(), tries: TRIES })
     }
 
     /// An existing sandbox by name.
@@ -213,19 +202,12 @@ impl StateRoot {
         validate_name(name)?;
         let path = self.path.join(name);
         match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_dir() => Ok(SandboxDir {
-                name: name.to_owned(),
-                path,
-            }),
+            Ok(meta) if meta.is_dir() => Ok(SandboxDir { name: name.to_owned(), path }),
             Ok(_) => Err(StateError::NotASandbox { path }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StateError::NotFound {
-                name: name.to_owned(),
-            }),
-            Err(source) => Err(StateError::Io {
-                action: "inspect",
-                path,
-                source,
-            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(StateError::NotFound { name: name.to_owned() })
+            }
+            Err(source) => Err(StateError::Io { action: "inspect", path, source }),
         }
     }
 
@@ -237,20 +219,13 @@ impl StateRoot {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => {
-                return Err(StateError::Io {
-                    action: "list",
-                    path: self.path.clone(),
-                    source,
-                });
+                return Err(StateError::Io { action: "list", path: self.path.clone(), source });
             }
         };
         let mut found = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| StateError::Io {
-                action: "list",
-                path: self.path.clone(),
-                source,
-            })?;
+            let entry =
+                entry.map_err(|source| StateError::Io { action: "list", path: self.path.clone(), source })?;
             let path = entry.path();
             let file_name = entry.file_name();
             if file_name.as_bytes().starts_with(b".") {
@@ -279,10 +254,7 @@ impl StateRoot {
             // Birth time where the filesystem records it; the mtime of a
             // sandbox directory changes rarely (only when top-level entries
             // are added), so it is a fair stand-in.
-            let created = meta
-                .created()
-                .or_else(|_| meta.modified())
-                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let created = meta.created().or_else(|_| meta.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
             found.push((created, SandboxDir { name, path }));
         }
         found.sort_by(|(ta, a), (tb, b)| ta.cmp(tb).then_with(|| a.name.cmp(&b.name)));
@@ -294,33 +266,19 @@ impl StateRoot {
         match DirBuilder::new().mode(0o700).create(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(StateError::Exists {
-                    name: name.to_owned(),
-                    path,
-                });
+                return Err(StateError::Exists { name: name.to_owned(), path });
             }
             Err(source) => {
-                return Err(StateError::Io {
-                    action: "create sandbox directory",
-                    path,
-                    source,
-                });
+                return Err(StateError::Io { action: "create sandbox directory", path, source });
             }
         }
-        let dir = SandboxDir {
-            name: name.to_owned(),
-            path,
-        };
+        let dir = SandboxDir { name: name.to_owned(), path };
         for sub in [dir.path.join("logs"), dir.artifacts_dir()] {
             if let Err(source) = DirBuilder::new().mode(0o700).create(&sub) {
                 if let Err(cleanup) = dir.remove_all() {
                     tracing::warn!(path = %dir.path.display(), error = %cleanup, "could not remove half-created sandbox directory");
                 }
-                return Err(StateError::Io {
-                    action: "create",
-                    path: sub,
-                    source,
-                });
+                return Err(StateError::Io { action: "create", path: sub, source });
             }
         }
         Ok(dir)
@@ -329,10 +287,7 @@ impl StateRoot {
 
 /// The state root from the environment; a pure function so the order can be
 /// tested without touching the process environment.
-fn default_root(
-    var: impl Fn(&str) -> Option<OsString>,
-    is_root: bool,
-) -> Result<PathBuf, StateError> {
+fn default_root(var: impl Fn(&str) -> Option<OsString>, is_root: bool) -> Result<PathBuf, StateError> {
     let nonempty = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = nonempty("AIRLOCK_STATE_DIR") {
         if !dir.is_absolute() {
@@ -479,11 +434,8 @@ impl SandboxDir {
     /// directory, fsync, rename, fsync of the directory).
     pub fn write_meta(&self, meta: &SandboxMeta) -> Result<(), StateError> {
         let path = self.meta_path();
-        let mut bytes =
-            serde_json::to_vec_pretty(meta).map_err(|source| StateError::EncodeMeta {
-                path: path.clone(),
-                source,
-            })?;
+        let mut bytes = serde_json::to_vec_pretty(meta)
+            .map_err(|source| StateError::EncodeMeta { path: path.clone(), source })?;
         bytes.push(b'\n');
         let tmp = self.path.join(format!(
             ".meta.json.{}.{}.tmp",
@@ -492,11 +444,7 @@ impl SandboxDir {
         ));
         let io_err = |action, path: &Path| {
             let path = path.to_path_buf();
-            move |source| StateError::Io {
-                action,
-                path,
-                source,
-            }
+            move |source| StateError::Io { action, path, source }
         };
         let result = (|| {
             let mut file = OpenOptions::new()
@@ -515,9 +463,7 @@ impl SandboxDir {
             let _ = std::fs::remove_file(&tmp);
             return result;
         }
-        File::open(&self.path)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io_err("sync", &self.path))
+        File::open(&self.path).and_then(|dir| dir.sync_all()).map_err(io_err("sync", &self.path))
     }
 
     /// Takes the live lock, held by the supervisor for the sandbox's whole
@@ -534,22 +480,11 @@ impl SandboxDir {
             .mode(0o600)
             .custom_flags(OFlags::NOFOLLOW.bits() as i32)
             .open(&path)
-            .map_err(|source| StateError::Io {
-                action: "open",
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| StateError::Io { action: "open", path: path.clone(), source })?;
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(LiveLock { _file: file, path }),
-            Err(Errno::WOULDBLOCK) => Err(StateError::Busy {
-                name: self.name.clone(),
-                path,
-            }),
-            Err(e) => Err(StateError::Io {
-                action: "lock",
-                path,
-                source: e.into(),
-            }),
+            Err(Errno::WOULDBLOCK) => Err(StateError::Busy { name: self.name.clone(), path }),
+            Err(e) => Err(StateError::Io { action: "lock", path, source: e.into() }),
         }
     }
 
@@ -595,33 +530,24 @@ impl SandboxDir {
         let (parent, leaf) = match (self.path.parent(), self.path.file_name()) {
             (Some(parent), Some(leaf)) => (parent, leaf),
             _ => {
-                return Err(StateError::NotASandbox {
-                    path: self.path.clone(),
-                });
+                return Err(StateError::NotASandbox { path: self.path.clone() });
             }
         };
-        let parent_fd = rustix::fs::open(
-            parent,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| io_at("open", parent, e))?;
-        let leaf = CString::new(leaf.as_bytes()).map_err(|_| StateError::NotASandbox {
-            path: self.path.clone(),
-        })?;
+        let parent_fd =
+            rustix::fs::open(parent, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                .map_err(|e| io_at("open", parent, e))?;
+        let leaf =
+            CString::new(leaf.as_bytes()).map_err(|_| StateError::NotASandbox { path: self.path.clone() })?;
         let top = match stat_at(&parent_fd, &leaf) {
             Ok(top) => top,
             Err(Errno::NOENT) => return Ok(()),
             Err(e) => return Err(io_at("inspect", &self.path, e)),
         };
         if top.file_type != FileType::Directory {
-            return unlinkat(&parent_fd, &leaf, AtFlags::empty())
-                .map_err(|e| io_at("remove", &self.path, e));
+            return unlinkat(&parent_fd, &leaf, AtFlags::empty()).map_err(|e| io_at("remove", &self.path, e));
         }
         if top.mount_root {
-            return Err(StateError::MountPoint {
-                path: self.path.clone(),
-            });
+            return Err(StateError::MountPoint { path: self.path.clone() });
         }
         remove_tree(&parent_fd, &leaf, top, &self.path)
     }
@@ -691,18 +617,11 @@ impl EntryStat {
 }
 
 fn stat_at(dir: impl AsFd, name: &CStr) -> Result<EntryStat, Errno> {
-    statx(
-        dir,
-        name,
-        AtFlags::SYMLINK_NOFOLLOW,
-        StatxFlags::BASIC_STATS,
-    )
-    .map(|st| EntryStat::from_statx(&st))
+    statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::BASIC_STATS).map(|st| EntryStat::from_statx(&st))
 }
 
 fn stat_fd(fd: impl AsFd) -> Result<EntryStat, Errno> {
-    statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS)
-        .map(|st| EntryStat::from_statx(&st))
+    statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS).map(|st| EntryStat::from_statx(&st))
 }
 
 /// One directory on the way down: its name in its parent, its identity (to
@@ -714,19 +633,9 @@ struct Frame {
     subdirs: Vec<CString>,
 }
 
-fn remove_tree(
-    parent_fd: &OwnedFd,
-    leaf: &CStr,
-    top: EntryStat,
-    top_path: &Path,
-) -> Result<(), StateError> {
+fn remove_tree(parent_fd: &OwnedFd, leaf: &CStr, top: EntryStat, top_path: &Path) -> Result<(), StateError> {
     let mut cur = open_dir_for_removal(parent_fd, leaf, top, top_path)?;
-    let mut stack = vec![Frame {
-        name: leaf.to_owned(),
-        dev: top.dev,
-        ino: top.ino,
-        subdirs: Vec::new(),
-    }];
+    let mut stack = vec![Frame { name: leaf.to_owned(), dev: top.dev, ino: top.ino, subdirs: Vec::new() }];
     let path_of = |stack: &[Frame]| -> PathBuf {
         let mut path = top_path.to_path_buf();
         for frame in stack.iter().skip(1) {
@@ -750,12 +659,7 @@ fn remove_tree(
             }
             cur = open_dir_for_removal(&cur, &child, st, &child_path)?;
             let subdirs = clear_files(&cur, top.dev, &child_path)?;
-            stack.push(Frame {
-                name: child,
-                dev: st.dev,
-                ino: st.ino,
-                subdirs,
-            });
+            stack.push(Frame { name: child, dev: st.dev, ino: st.ino, subdirs });
             continue;
         }
         // `cur` is now empty: climb to its parent and remove it there.
@@ -779,8 +683,7 @@ fn remove_tree(
         if (up_st.dev, up_st.ino) != (parent.dev, parent.ino) {
             return Err(StateError::ChangedDuringRemoval { path: done_path });
         }
-        unlinkat(&up, &done.name, AtFlags::REMOVEDIR)
-            .map_err(|e| io_at("remove", &done_path, e))?;
+        unlinkat(&up, &done.name, AtFlags::REMOVEDIR).map_err(|e| io_at("remove", &done_path, e))?;
         cur = up;
     }
 }
@@ -834,8 +737,8 @@ fn open_dir_for_removal(
 ) -> Result<OwnedFd, StateError> {
     let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     if st.perm & 0o700 != 0o700 {
-        let handle = openat(parent, name, flags | OFlags::PATH, Mode::empty())
-            .map_err(|e| io_at("open", path, e))?;
+        let handle =
+            openat(parent, name, flags | OFlags::PATH, Mode::empty()).map_err(|e| io_at("open", path, e))?;
         let proc_path = format!("/proc/self/fd/{}", handle.as_raw_fd());
         let mode = Mode::from_raw_mode(st.perm | 0o700);
         rustix::fs::chmod(proc_path.as_str(), mode).map_err(|e| io_at("chmod u+rwx", path, e))?;
@@ -846,11 +749,7 @@ fn open_dir_for_removal(
 }
 
 fn io_at(action: &'static str, path: &Path, errno: Errno) -> StateError {
-    StateError::Io {
-        action,
-        path: path.to_path_buf(),
-        source: errno.into(),
-    }
+    StateError::Io { action, path: path.to_path_buf(), source: errno.into() }
 }
 
 #[cfg(test)]
@@ -866,10 +765,7 @@ mod tests {
         if rustix::process::geteuid().is_root() {
             return true;
         }
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test} needs root and CI=true"
-        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{test} needs root and CI=true");
         eprintln!("skipping {test}: needs root");
         false
     }
@@ -888,12 +784,7 @@ mod tests {
             cgroup: None,
             started_at: None,
             finished_at: None,
-            exit: Some(ExitInfo {
-                code: Some(0),
-                signal: None,
-                timed_out: false,
-                oom_killed: false,
-            }),
+            exit: Some(ExitInfo { code: Some(0), signal: None, timed_out: false, oom_killed: false }),
             applied_at: None,
             degraded: vec!["cgroups".into()],
         }
@@ -911,19 +802,8 @@ mod tests {
         for ok in ["a", "brave-otter", "0", "x.y_z-1", &"a".repeat(63)] {
             validate_name(ok).unwrap();
         }
-        for bad in [
-            "",
-            ".",
-            "..",
-            ".hidden",
-            "-flag",
-            "_x",
-            "a/b",
-            "Upper",
-            "sp ace",
-            "ü",
-            &"a".repeat(64),
-        ] {
+        for bad in ["", ".", "..", ".hidden", "-flag", "_x", "a/b", "Upper", "sp ace", "ü", &"a".repeat(64)]
+        {
             let err = validate_name(bad).unwrap_err();
             assert!(matches!(err, StateError::InvalidName { .. }), "{bad:?}");
             assert!(err.to_string().contains("a-z, 0-9"), "{err}");
@@ -933,12 +813,7 @@ mod tests {
     #[test]
     fn state_root_order() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| OsString::from(v))
-            }
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| OsString::from(v))
         };
         let all = env(&[
             ("AIRLOCK_STATE_DIR", "/srv/airlock"),
@@ -948,24 +823,12 @@ mod tests {
         assert_eq!(default_root(all, false).unwrap(), Path::new("/srv/airlock"));
         assert_eq!(default_root(all, true).unwrap(), Path::new("/srv/airlock"));
         let user = env(&[("XDG_STATE_HOME", "/home/u/.state"), ("HOME", "/home/u")]);
-        assert_eq!(
-            default_root(user, true).unwrap(),
-            Path::new("/var/lib/airlock")
-        );
-        assert_eq!(
-            default_root(user, false).unwrap(),
-            Path::new("/home/u/.state/airlock")
-        );
+        assert_eq!(default_root(user, true).unwrap(), Path::new("/var/lib/airlock"));
+        assert_eq!(default_root(user, false).unwrap(), Path::new("/home/u/.state/airlock"));
         let relative_xdg = env(&[("XDG_STATE_HOME", "state"), ("HOME", "/home/u")]);
-        assert_eq!(
-            default_root(relative_xdg, false).unwrap(),
-            Path::new("/home/u/.local/state/airlock")
-        );
+        assert_eq!(default_root(relative_xdg, false).unwrap(), Path::new("/home/u/.local/state/airlock"));
         let empty = env(&[("AIRLOCK_STATE_DIR", ""), ("HOME", "/home/u")]);
-        assert_eq!(
-            default_root(empty, false).unwrap(),
-            Path::new("/home/u/.local/state/airlock")
-        );
+        assert_eq!(default_root(empty, false).unwrap(), Path::new("/home/u/.local/state/airlock"));
         let relative = env(&[("AIRLOCK_STATE_DIR", "state")]);
         let err = default_root(relative, true).unwrap_err();
         assert!(err.to_string().contains("AIRLOCK_STATE_DIR"), "{err}");
@@ -985,22 +848,13 @@ mod tests {
 
         let err = root.create_sandbox(Some("brave-otter")).unwrap_err();
         assert!(matches!(err, StateError::Exists { .. }), "{err}");
-        assert!(matches!(
-            root.create_sandbox(Some("../escape")),
-            Err(StateError::InvalidName { .. })
-        ));
+        assert!(matches!(root.create_sandbox(Some("../escape")), Err(StateError::InvalidName { .. })));
 
         assert_eq!(root.open("brave-otter").unwrap(), dir);
         let err = root.open("calm-heron").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "no sandbox named calm-heron; see `airlock ls`"
-        );
+        assert_eq!(err.to_string(), "no sandbox named calm-heron; see `airlock ls`");
         std::fs::write(root.path().join("plain"), b"").unwrap();
-        assert!(matches!(
-            root.open("plain"),
-            Err(StateError::NotASandbox { .. })
-        ));
+        assert!(matches!(root.open("plain"), Err(StateError::NotASandbox { .. })));
 
         let generated = root.create_sandbox(None).unwrap();
         validate_name(generated.name()).unwrap();
@@ -1030,19 +884,9 @@ mod tests {
         std::fs::create_dir(root.path().join("Not-Valid")).unwrap();
         std::fs::create_dir(root.path().join(".tmp")).unwrap();
         symlink("/", root.path().join("link")).unwrap();
-        let names: Vec<String> = root
-            .list()
-            .unwrap()
-            .iter()
-            .map(|d| d.name().to_owned())
-            .collect();
+        let names: Vec<String> = root.list().unwrap().iter().map(|d| d.name().to_owned()).collect();
         assert_eq!(names, ["zeta", "alpha", "mid"]);
-        assert!(
-            StateRoot::at(root.path().join("missing"))
-                .list()
-                .unwrap()
-                .is_empty()
-        );
+        assert!(StateRoot::at(root.path().join("missing")).list().unwrap().is_empty());
     }
 
     #[test]
@@ -1107,16 +951,9 @@ mod tests {
         std::fs::write(dir.meta_path(), &full[..full.len() / 2]).unwrap();
         let err = dir.read_meta().unwrap_err();
         assert!(matches!(err, StateError::CorruptMeta { .. }), "{err}");
-        assert!(
-            err.to_string()
-                .contains(&*dir.meta_path().to_string_lossy()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&*dir.meta_path().to_string_lossy()), "{err}");
         std::fs::write(dir.meta_path(), b"\0\xff garbage").unwrap();
-        assert!(matches!(
-            dir.read_meta(),
-            Err(StateError::CorruptMeta { .. })
-        ));
+        assert!(matches!(dir.read_meta(), Err(StateError::CorruptMeta { .. })));
         std::fs::remove_file(dir.meta_path()).unwrap();
         assert!(matches!(dir.read_meta(), Err(StateError::Io { .. })));
     }
@@ -1160,10 +997,7 @@ mod tests {
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !dir.is_live() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "child never took the lock"
-            );
+            assert!(std::time::Instant::now() < deadline, "child never took the lock");
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(matches!(dir.lock_live(), Err(StateError::Busy { .. })));
@@ -1171,10 +1005,7 @@ mod tests {
         child.wait().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while dir.is_live() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "lock outlived its holder"
-            );
+            assert!(std::time::Instant::now() < deadline, "lock outlived its holder");
             std::thread::sleep(Duration::from_millis(10));
         }
         dir.lock_live().unwrap();
@@ -1206,12 +1037,8 @@ mod tests {
         symlink("../../../../outside", upper.join("src/relative")).unwrap();
         symlink("dangling-target", upper.join("dangling")).unwrap();
         std::fs::hard_link(outside.join("precious"), upper.join("hard")).unwrap();
-        rustix::fs::mkfifoat(
-            rustix::fs::CWD,
-            upper.join("fifo").as_path(),
-            Mode::from_raw_mode(0o600),
-        )
-        .unwrap();
+        rustix::fs::mkfifoat(rustix::fs::CWD, upper.join("fifo").as_path(), Mode::from_raw_mode(0o600))
+            .unwrap();
         // Nested mode-000 directories with content, like overlayfs's
         // work/work or a sandbox that chmod-ed its own tree to 0.
         let locked = upper.join("locked");
@@ -1221,11 +1048,7 @@ mod tests {
         std::fs::set_permissions(locked.join("inner"), PermissionsExt::from_mode(0o000)).unwrap();
         std::fs::set_permissions(&locked, PermissionsExt::from_mode(0o000)).unwrap();
         std::fs::create_dir_all(dir.work_dir().join("work")).unwrap();
-        std::fs::set_permissions(
-            dir.work_dir().join("work"),
-            PermissionsExt::from_mode(0o000),
-        )
-        .unwrap();
+        std::fs::set_permissions(dir.work_dir().join("work"), PermissionsExt::from_mode(0o000)).unwrap();
         // Read-only file in a read-only directory.
         std::fs::create_dir(upper.join("ro")).unwrap();
         std::fs::write(upper.join("ro/f"), b"").unwrap();
@@ -1234,19 +1057,12 @@ mod tests {
         // The outside directory's mode is a canary: a chmod that followed a
         // link would change it.
         std::fs::set_permissions(&outside, PermissionsExt::from_mode(0o555)).unwrap();
-        Hostile {
-            _tmp: tmp,
-            dir,
-            outside,
-        }
+        Hostile { _tmp: tmp, dir, outside }
     }
 
     fn assert_outside_untouched(outside: &Path) {
         assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep me");
-        assert_eq!(
-            std::fs::read(outside.join("sub/also")).unwrap(),
-            b"keep me too"
-        );
+        assert_eq!(std::fs::read(outside.join("sub/also")).unwrap(), b"keep me too");
         let mode = std::fs::metadata(outside).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o555, "outside directory was chmod-ed");
     }
@@ -1300,18 +1116,11 @@ mod tests {
         }
         // The removal must chmod to get anywhere: prove the tree is locked.
         let locked = h.dir.upper_dir().join("locked");
-        assert_eq!(
-            std::fs::metadata(&locked).unwrap().permissions().mode() & 0o777,
-            0
-        );
+        assert_eq!(std::fs::metadata(&locked).unwrap().permissions().mode() & 0o777, 0);
 
         use std::os::unix::process::CommandExt;
         let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "state::tests::unprivileged_remove_helper",
-                "--nocapture",
-            ])
+            .args(["--exact", "state::tests::unprivileged_remove_helper", "--nocapture"])
             .env(HELPER_ENV, h.dir.path())
             .uid(NOBODY)
             .gid(NOBODY)
@@ -1327,32 +1136,16 @@ mod tests {
         let (_tmp, root) = root();
         let dir = root.create_sandbox(Some("deep")).unwrap();
         let component = c"a-long-directory-name-0123456789";
-        let mut fd = rustix::fs::open(
-            dir.path(),
-            OFlags::RDONLY | OFlags::DIRECTORY,
-            Mode::empty(),
-        )
-        .unwrap();
+        let mut fd = rustix::fs::open(dir.path(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
         // 200 × 33 bytes ≈ 6.6 KB, beyond PATH_MAX (4096): only fd-relative
         // operations can reach the bottom.
         for _ in 0..200 {
             rustix::fs::mkdirat(&fd, component, Mode::from_raw_mode(0o700)).unwrap();
             rustix::fs::symlinkat(c"/", &fd, c"root-link").unwrap();
-            fd = openat(
-                &fd,
-                component,
-                OFlags::RDONLY | OFlags::DIRECTORY,
-                Mode::empty(),
-            )
-            .unwrap();
+            fd = openat(&fd, component, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
         }
-        let file = openat(
-            &fd,
-            c"bottom",
-            OFlags::WRONLY | OFlags::CREATE,
-            Mode::from_raw_mode(0o600),
-        )
-        .unwrap();
+        let file =
+            openat(&fd, c"bottom", OFlags::WRONLY | OFlags::CREATE, Mode::from_raw_mode(0o600)).unwrap();
         drop(file);
         dir.remove_all().unwrap();
         assert!(!dir.path().exists());
@@ -1374,8 +1167,7 @@ mod tests {
         unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }.unwrap();
         rustix::mount::mount_change(
             "/",
-            rustix::mount::MountPropagationFlags::REC
-                | rustix::mount::MountPropagationFlags::PRIVATE,
+            rustix::mount::MountPropagationFlags::REC | rustix::mount::MountPropagationFlags::PRIVATE,
         )
         .unwrap();
         // A bind mount stays on the same device: only the mount-root
@@ -1405,9 +1197,6 @@ mod tests {
         symlink(tmp.path(), dir.path().join("to-tmp")).unwrap();
         let used = dir.disk_usage() - empty;
         assert!(used >= 256 << 10, "{used}");
-        assert!(
-            used < 512 << 10,
-            "hard link counted twice or link followed: {used}"
-        );
+        assert!(used < 512 << 10, "hard link counted twice or link followed: {used}");
     }
 }

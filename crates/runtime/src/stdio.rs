@@ -48,7 +48,8 @@ impl SandboxStdio {
         rustix::pty::grantpt(&master)?;
         rustix::pty::unlockpt(&master)?;
         let name = rustix::pty::ptsname(&master, Vec::new())?;
-        let slave: OwnedFd = File::options().read(true).write(true).open(name.to_string_lossy().as_ref())?.into();
+        let slave: OwnedFd =
+            File::options().read(true).write(true).open(name.to_string_lossy().as_ref())?.into();
         if let Ok(size) = termios::tcgetwinsize(io::stdin()) {
             let _ = termios::tcsetwinsize(&master, size);
         }
@@ -79,7 +80,9 @@ impl SandboxStdio {
     /// copiers see end-of-file when the sandbox is gone.
     pub fn release_child_ends(&mut self) {
         let devnull = |_: &OwnedFd| File::open("/dev/null").map(OwnedFd::from);
-        if let (Ok(a), Ok(b), Ok(c)) = (devnull(&self.child[0]), devnull(&self.child[1]), devnull(&self.child[2])) {
+        if let (Ok(a), Ok(b), Ok(c)) =
+            (devnull(&self.child[0]), devnull(&self.child[1]), devnull(&self.child[2]))
+        {
             self.child = [a, b, c];
         }
     }

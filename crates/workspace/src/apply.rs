@@ -102,16 +102,9 @@ struct Roots {
 impl Roots {
     fn open(upper: &Path, workspace: &Path) -> Result<Roots, ApplyError> {
         let open = |op, p: &Path| {
-            fsx::open_root(p).map_err(|source| ApplyError::Open {
-                op,
-                path: p.to_path_buf(),
-                source,
-            })
+            fsx::open_root(p).map_err(|source| ApplyError::Open { op, path: p.to_path_buf(), source })
         };
-        Ok(Roots {
-            upper: open("open upper layer", upper)?,
-            ws: open("open workspace", workspace)?,
-        })
+        Ok(Roots { upper: open("open upper layer", upper)?, ws: open("open workspace", workspace)? })
     }
 }
 
@@ -120,10 +113,21 @@ impl Roots {
 enum Op {
     /// Set the entry aside (restored on rollback, deleted on success).
     Remove,
-    Mkdir { mode: u32 },
-    WriteFile { mode: u32, replace: bool },
-    Symlink { target: PathBuf, replace: bool },
-    Chmod { mode: u32, dir: bool },
+    Mkdir {
+        mode: u32,
+    },
+    WriteFile {
+        mode: u32,
+        replace: bool,
+    },
+    Symlink {
+        target: PathBuf,
+        replace: bool,
+    },
+    Chmod {
+        mode: u32,
+        dir: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -152,16 +156,10 @@ enum Cover {
 fn build_globset(patterns: &[String]) -> Result<GlobSet, ApplyError> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        let glob = Glob::new(p).map_err(|source| ApplyError::InvalidGlob {
-            glob: p.clone(),
-            source,
-        })?;
+        let glob = Glob::new(p).map_err(|source| ApplyError::InvalidGlob { glob: p.clone(), source })?;
         b.add(glob);
     }
-    b.build().map_err(|source| ApplyError::InvalidGlob {
-        glob: patterns.join(", "),
-        source,
-    })
+    b.build().map_err(|source| ApplyError::InvalidGlob { glob: patterns.join(", "), source })
 }
 
 /// Permission bits apply will create: never setuid/setgid/sticky.
@@ -222,11 +220,7 @@ fn validate(diff: &Diff, roots: &Roots, opts: &ApplyOptions) -> Result<Plan, App
         refusals: Vec::new(),
         fresh: BTreeSet::new(),
         removed: BTreeSet::new(),
-        plan: Plan {
-            removes: Vec::new(),
-            creates: Vec::new(),
-            report: ApplyReport::default(),
-        },
+        plan: Plan { removes: Vec::new(), creates: Vec::new(), report: ApplyReport::default() },
     };
     let mut seen = BTreeSet::new();
     for c in changes {
@@ -237,27 +231,18 @@ fn validate(diff: &Diff, roots: &Roots, opts: &ApplyOptions) -> Result<Plan, App
         v.check(c)?;
     }
     if !v.refusals.is_empty() {
-        return Err(ApplyError::Refused {
-            refusals: v.refusals,
-        });
+        return Err(ApplyError::Refused { refusals: v.refusals });
     }
     Ok(v.plan)
 }
 
 impl Validator<'_> {
     fn refuse(&mut self, c: &Change, reason: RefusalReason) {
-        self.refusals.push(Refusal {
-            path: c.path.clone(),
-            reason,
-        });
+        self.refusals.push(Refusal { path: c.path.clone(), reason });
     }
 
     fn io_err(op: &'static str, path: &Path, source: io::Error) -> ApplyError {
-        ApplyError::Validate {
-            op,
-            path: path.to_path_buf(),
-            source,
-        }
+        ApplyError::Validate { op, path: path.to_path_buf(), source }
     }
 
     /// The protected pattern matching `path` or one of its ancestors.
@@ -316,12 +301,7 @@ impl Validator<'_> {
                 _ => None,
             };
             if let Some(target) = escaping {
-                self.refuse(
-                    c,
-                    RefusalReason::SymlinkEscapes {
-                        target: target.clone(),
-                    },
-                );
+                self.refuse(c, RefusalReason::SymlinkEscapes { target: target.clone() });
                 policy_ok = false;
             }
         }
@@ -340,20 +320,14 @@ impl Validator<'_> {
         let host = match cover {
             Cover::Fresh => {
                 if c.kind != ChangeKind::Added {
-                    self.refuse(
-                        c,
-                        RefusalReason::Malformed("only additions can lie inside a new directory"),
-                    );
+                    self.refuse(c, RefusalReason::Malformed("only additions can lie inside a new directory"));
                     return Ok(());
                 }
                 None
             }
             Cover::Removed => {
                 if c.kind != ChangeKind::Deleted {
-                    self.refuse(
-                        c,
-                        RefusalReason::Malformed("only deletions can lie inside a removed entry"),
-                    );
+                    self.refuse(c, RefusalReason::Malformed("only deletions can lie inside a removed entry"));
                 } else if policy_ok {
                     self.plan.report.deleted.push(c.path.clone());
                 }
@@ -387,14 +361,15 @@ impl Validator<'_> {
             Some(m) if m.whiteout || Some(m.ty) != c.new_type => {
                 Some(format!("it is now a {} in the layer", m.kind_name))
             }
-            Some(m) if m.ty == EntryType::File && c.content_changed && c.size != Some(m.size) => {
+            Some(m)
+                if m.ty == EntryType::File && c.content_changed && c.size.is_some_and(|s| s != m.size) =>
+            {
                 Some("its size changed".to_string())
             }
             Some(m) if m.ty == EntryType::Symlink => {
                 let target = fsx::read_link(upper, &c.path)
                     .map_err(|e| Self::io_err("read upper link", &c.path, e))?;
-                (Some(&target) != c.symlink_target.as_ref())
-                    .then(|| "its link target changed".to_string())
+                (Some(&target) != c.symlink_target.as_ref()).then(|| "its link target changed".to_string())
             }
             Some(_) => None,
         };
@@ -407,8 +382,7 @@ impl Validator<'_> {
 
     fn host_lookup(&mut self, c: &Change) -> Result<HostLookup, ApplyError> {
         let ws = self.roots.ws.as_fd();
-        let (parent, name) =
-            fsx::split(&c.path).map_err(|e| Self::io_err("split path", &c.path, e))?;
+        let (parent, name) = fsx::split(&c.path).map_err(|e| Self::io_err("split path", &c.path, e))?;
         let dir = match fsx::open_dir(ws, parent) {
             Ok(d) => d,
             Err(e) if fsx::is_symlink_refusal(&e) => {
@@ -431,8 +405,7 @@ impl Validator<'_> {
             }
             Err(e) => return Err(Self::io_err("open directory", parent, e)),
         };
-        let meta =
-            fsx::lstat_at(dir.as_fd(), name).map_err(|e| Self::io_err("stat", &c.path, e))?;
+        let meta = fsx::lstat_at(dir.as_fd(), name).map_err(|e| Self::io_err("stat", &c.path, e))?;
         Ok(HostLookup::Found(meta))
     }
 
@@ -467,14 +440,10 @@ impl Validator<'_> {
                 let op = match c.new_type {
                     Some(EntryType::Dir) => Op::Chmod { mode, dir: true },
                     Some(EntryType::File) if !c.content_changed => Op::Chmod { mode, dir: false },
-                    Some(EntryType::File) => Op::WriteFile {
-                        mode,
-                        replace: true,
-                    },
-                    Some(EntryType::Symlink) => Op::Symlink {
-                        target: c.symlink_target.clone().unwrap_or_default(),
-                        replace: true,
-                    },
+                    Some(EntryType::File) => Op::WriteFile { mode, replace: true },
+                    Some(EntryType::Symlink) => {
+                        Op::Symlink { target: c.symlink_target.clone().unwrap_or_default(), replace: true }
+                    }
                     Some(EntryType::Other) | None => return Ok(()),
                 };
                 self.plan.creates.push(Step { path, op });
@@ -490,10 +459,7 @@ impl Validator<'_> {
                 Some(h) => {
                     self.refuse(
                         c,
-                        RefusalReason::Conflict(format!(
-                            "it is now a {} on the host",
-                            h.kind_name
-                        )),
+                        RefusalReason::Conflict(format!("it is now a {} on the host", h.kind_name)),
                     );
                     Ok(())
                 }
@@ -532,15 +498,11 @@ impl Validator<'_> {
                 if stripped {
                     self.plan.report.stripped_mode_bits.push(path.clone());
                 }
-                Op::WriteFile {
-                    mode,
-                    replace: false,
-                }
+                Op::WriteFile { mode, replace: false }
             }
-            Some(EntryType::Symlink) => Op::Symlink {
-                target: c.symlink_target.clone().unwrap_or_default(),
-                replace: false,
-            },
+            Some(EntryType::Symlink) => {
+                Op::Symlink { target: c.symlink_target.clone().unwrap_or_default(), replace: false }
+            }
             Some(EntryType::Other) | None => return Ok(()),
         };
         self.plan.creates.push(Step { path, op });
@@ -557,10 +519,7 @@ impl Validator<'_> {
             }
         }
         self.removed.insert(c.path.clone());
-        self.plan.removes.push(Step {
-            path: c.path.clone(),
-            op: Op::Remove,
-        });
+        self.plan.removes.push(Step { path: c.path.clone(), op: Op::Remove });
         Ok(())
     }
 
@@ -615,8 +574,7 @@ impl Validator<'_> {
                 fsx::same_content(a, b).map_err(|e| Self::io_err("read", &c.path, e))
             }
             EntryType::Symlink => {
-                let t = fsx::read_link(ws, &c.path)
-                    .map_err(|e| Self::io_err("read link", &c.path, e))?;
+                let t = fsx::read_link(ws, &c.path).map_err(|e| Self::io_err("read link", &c.path, e))?;
                 Ok(Some(&t) == c.symlink_target.as_ref())
             }
             EntryType::Other => Ok(false),
@@ -635,17 +593,9 @@ enum Undo {
     /// We created `name`; undo removes it.
     Created { parent: PathBuf, name: OsString },
     /// We renamed `name` to `backup`; undo renames it back.
-    MovedAside {
-        parent: PathBuf,
-        name: OsString,
-        backup: OsString,
-    },
+    MovedAside { parent: PathBuf, name: OsString, backup: OsString },
     /// We renamed our temporary `from` to `to`; undo renames it back.
-    Renamed {
-        parent: PathBuf,
-        from: OsString,
-        to: OsString,
-    },
+    Renamed { parent: PathBuf, from: OsString, to: OsString },
     /// We changed permission bits; undo restores them.
     Chmod { path: PathBuf, old: u32, dir: bool },
 }
@@ -660,10 +610,7 @@ fn scratch_name(kind: &str) -> OsString {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    OsString::from(format!(
-        ".airlock-{kind}-{}-{nanos:x}-{n}",
-        std::process::id()
-    ))
+    OsString::from(format!(".airlock-{kind}-{}-{nanos:x}-{n}", std::process::id()))
 }
 
 #[cfg(test)]
@@ -749,10 +696,7 @@ impl Writer<'_> {
         let (dir, parent, name) = self.parent_dir(path)?;
         let tmp = scratch_name("new");
         self.checkpoint(path)?;
-        self.undo.push(Undo::Created {
-            parent: parent.clone(),
-            name: tmp.clone(),
-        });
+        self.undo.push(Undo::Created { parent: parent.clone(), name: tmp.clone() });
         make(dir.as_fd(), &tmp)?;
         if replace {
             self.move_aside(dir.as_fd(), &parent, &name)?;
@@ -760,11 +704,7 @@ impl Writer<'_> {
         self.checkpoint(path)?;
         rustix::fs::renameat_with(&dir, &tmp, &dir, &name, RenameFlags::NOREPLACE)
             .map_err(|e| ("move into place", path.to_path_buf(), e.into()))?;
-        self.undo.push(Undo::Renamed {
-            parent,
-            from: tmp,
-            to: name,
-        });
+        self.undo.push(Undo::Renamed { parent, from: tmp, to: name });
         Ok(())
     }
 
@@ -800,11 +740,7 @@ impl Writer<'_> {
         self.checkpoint(path)?;
         let old = set_mode(self.roots.ws.as_fd(), path, mode, is_dir)
             .map_err(|e| ("set mode of", path.to_path_buf(), e))?;
-        self.undo.push(Undo::Chmod {
-            path: path.to_path_buf(),
-            old,
-            dir: is_dir,
-        });
+        self.undo.push(Undo::Chmod { path: path.to_path_buf(), old, dir: is_dir });
         Ok(())
     }
 
@@ -815,13 +751,10 @@ impl Writer<'_> {
         let mut errors = Vec::new();
         while let Some(step) = self.undo.pop() {
             let result = match &step {
-                Undo::Created { parent, name } => fsx::open_dir(ws, parent)
-                    .and_then(|d| fsx::remove_tree_at(d.as_fd(), name, 0)),
-                Undo::MovedAside {
-                    parent,
-                    name,
-                    backup,
-                } => fsx::open_dir(ws, parent).and_then(|d| {
+                Undo::Created { parent, name } => {
+                    fsx::open_dir(ws, parent).and_then(|d| fsx::remove_tree_at(d.as_fd(), name, 0))
+                }
+                Undo::MovedAside { parent, name, backup } => fsx::open_dir(ws, parent).and_then(|d| {
                     rustix::fs::renameat_with(&d, backup, &d, name, RenameFlags::NOREPLACE)
                         .map_err(io::Error::from)
                 }),
@@ -860,17 +793,8 @@ fn set_mode(ws: BorrowedFd<'_>, path: &Path, mode: u32, is_dir: bool) -> io::Res
 }
 
 fn execute(roots: &Roots, plan: Plan) -> Result<ApplyReport, ApplyError> {
-    let Plan {
-        mut removes,
-        creates,
-        mut report,
-    } = plan;
-    let mut w = Writer {
-        roots,
-        undo: Vec::new(),
-        backups: Vec::new(),
-        steps_done: 0,
-    };
+    let Plan { mut removes, creates, mut report } = plan;
+    let mut w = Writer { roots, undo: Vec::new(), backups: Vec::new(), steps_done: 0 };
     // Deepest first, so a removed parent never hides a child we still
     // want to set aside.
     removes.sort_by(|a, b| b.path.cmp(&a.path));
@@ -901,21 +825,14 @@ fn execute(roots: &Roots, plan: Plan) -> Result<ApplyReport, ApplyError> {
     })();
     if let Err((op, path, source)) = result {
         let rollback_errors = w.rollback();
-        return Err(ApplyError::Write {
-            op,
-            path,
-            source,
-            rollback_errors,
-        });
+        return Err(ApplyError::Write { op, path, source, rollback_errors });
     }
     for (parent, backup) in &w.backups {
-        let removed = fsx::open_dir(roots.ws.as_fd(), parent)
-            .and_then(|d| fsx::remove_tree_at(d.as_fd(), backup, 0));
+        let removed =
+            fsx::open_dir(roots.ws.as_fd(), parent).and_then(|d| fsx::remove_tree_at(d.as_fd(), backup, 0));
         if let Err(e) = removed {
-            let msg = format!(
-                "could not delete the set-aside copy {}: {e}",
-                names::quote(&parent.join(backup))
-            );
+            let msg =
+                format!("could not delete the set-aside copy {}: {e}", names::quote(&parent.join(backup)));
             tracing::warn!("{msg}");
             report.warnings.push(msg);
         }
@@ -925,7 +842,115 @@ fn execute(roots: &Roots, plan: Plan) -> Result<ApplyReport, ApplyError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::compute_diff;
+    use std::collections::BTreeMap;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn snapshot(base: &Path) -> BTreeMap<PathBuf, String> {
+        fn walk(base: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, String>) {
+            let mut names: Vec<_> =
+                fs::read_dir(base.join(rel)).unwrap().map(|e| e.unwrap().file_name()).collect();
+            names.sort();
+            for name in names {
+                let child = rel.join(&name);
+                let full = base.join(&child);
+                let meta = fs::symlink_metadata(&full).unwrap();
+                let mode = meta.permissions().mode() & 0o7777;
+                let desc = if meta.file_type().is_symlink() {
+                    format!("link {:?}", fs::read_link(&full).unwrap())
+                } else if meta.is_dir() {
+                    walk(base, &child, out);
+                    format!("dir {mode:o}")
+                } else {
+                    format!("file {mode:o} {:?}", fs::read(&full).unwrap())
+                };
+                out.insert(child, desc);
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(base, Path::new(""), &mut out);
+        out
+    }
+
+    fn put(base: &Path, rel: &str, content: &[u8]) {
+        let p = base.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, content).unwrap();
+    }
+
+    /// Fails the write phase at every possible step in turn; each time the
+    /// workspace must come back byte-identical, and the same workspace is
+    /// reused, so any leftover from a rollback would show up.
+    #[test]
+    fn failure_at_any_write_step_rolls_back_completely() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = tmp.path().join("ws");
+        let upper = tmp.path().join("upper");
+        put(&ws, "a.txt", b"old a\n");
+        put(&ws, "del.txt", b"delete me\n");
+        put(&ws, "deldir/inner/x", b"x\n");
+        put(&ws, "file2dir", b"f\n");
+        put(&ws, "dir2file/c", b"c\n");
+        put(&ws, "mode.sh", b"#!/bin/sh\n");
+        std::os::unix::fs::symlink("a.txt", ws.join("ln")).unwrap();
+        fs::create_dir_all(&upper).unwrap();
+        put(&upper, "a.txt", b"new a\n");
+        put(&upper, "file2dir/inside", b"i\n");
+        put(&upper, "dir2file", b"now file\n");
+        put(&upper, "mode.sh", b"#!/bin/sh\n");
+        fs::set_permissions(upper.join("mode.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        put(&upper, "new/deep/file", b"n\n");
+        fs::set_permissions(upper.join("new/deep"), fs::Permissions::from_mode(0o555)).unwrap();
+        std::os::unix::fs::symlink("mode.sh", upper.join("ln")).unwrap();
+        let mut diff = compute_diff(&ws, &upper).unwrap();
+        // Deletions without whiteouts (which need root): add the records.
+        for (path, ty) in [("del.txt", EntryType::File), ("deldir", EntryType::Dir)] {
+            diff.changes.push(Change {
+                path: PathBuf::from(path),
+                kind: ChangeKind::Deleted,
+                old_type: Some(ty),
+                new_type: None,
+                old_mode: Some(0o644),
+                new_mode: None,
+                size: None,
+                binary: false,
+                symlink_target: None,
+                old_symlink_target: None,
+                lines_added: None,
+                lines_removed: None,
+                content_changed: true,
+            });
+        }
+        let before = snapshot(&ws);
+        let opts = ApplyOptions::default();
+        let mut step = 1;
+        loop {
+            FAIL_AT_STEP.with(|f| f.set(Some(step)));
+            let result = apply(&diff, &upper, &ws, &opts);
+            FAIL_AT_STEP.with(|f| f.set(None));
+            match result {
+                Err(ApplyError::Write { rollback_errors, .. }) => {
+                    assert!(rollback_errors.is_empty(), "step {step}: {rollback_errors:?}");
+                    assert_eq!(snapshot(&ws), before, "after failing at step {step}");
+                }
+                Ok(_) => break,
+                Err(other) => panic!("step {step}: unexpected {other}"),
+            }
+            step += 1;
+        }
+        assert!(step > 10, "only {step} steps: the hook is not reached");
+        let after = snapshot(&ws);
+        assert_eq!(after[Path::new("a.txt")], format!("file 644 {:?}", b"new a\n"));
+        assert_eq!(after[Path::new("mode.sh")], format!("file 755 {:?}", b"#!/bin/sh\n"));
+        assert_eq!(after[Path::new("new/deep")], "dir 555");
+        assert_eq!(after[Path::new("ln")], "link \"mode.sh\"");
+        assert!(!after.contains_key(Path::new("deldir")));
+        assert!(!after.contains_key(Path::new("del.txt")));
+        assert!(after.keys().all(|p| !p.to_string_lossy().contains(".airlock-")));
+    }
 
     #[test]
     fn symlink_escape_is_lexical() {

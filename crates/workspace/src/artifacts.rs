@@ -32,10 +32,8 @@ pub fn capture_artifacts(
     max_bytes: u64,
 ) -> Result<Vec<PathBuf>, WorkspaceError> {
     let set = build(globs)?;
-    let upper_fd =
-        fsx::open_root(upper).map_err(|e| WorkspaceError::io("open upper layer", upper, e))?;
-    let lower_fd =
-        fsx::open_root(lower).map_err(|e| WorkspaceError::io("open workspace", lower, e))?;
+    let upper_fd = fsx::open_root(upper).map_err(|e| WorkspaceError::io("open upper layer", upper, e))?;
+    let lower_fd = fsx::open_root(lower).map_err(|e| WorkspaceError::io("open workspace", lower, e))?;
     std::fs::create_dir_all(dest).map_err(|e| WorkspaceError::io("create directory", dest, e))?;
     let dest_fd = fsx::open_root(dest).map_err(|e| WorkspaceError::io("open directory", dest, e))?;
     let mut cap = Capture {
@@ -57,16 +55,10 @@ fn build(globs: &[String]) -> Result<GlobSet, WorkspaceError> {
         let glob = GlobBuilder::new(g)
             .literal_separator(true)
             .build()
-            .map_err(|source| WorkspaceError::InvalidGlob {
-                glob: g.clone(),
-                source,
-            })?;
+            .map_err(|source| WorkspaceError::InvalidGlob { glob: g.clone(), source })?;
         b.add(glob);
     }
-    b.build().map_err(|source| WorkspaceError::InvalidGlob {
-        glob: globs.join(", "),
-        source,
-    })
+    b.build().map_err(|source| WorkspaceError::InvalidGlob { glob: globs.join(", "), source })
 }
 
 #[derive(Clone, Copy)]
@@ -104,20 +96,10 @@ impl Capture {
         depth: usize,
     ) -> Result<(), WorkspaceError> {
         if depth > MAX_DEPTH {
-            return Err(WorkspaceError::TooDeep {
-                path: rel.to_path_buf(),
-            });
+            return Err(WorkspaceError::TooDeep { path: rel.to_path_buf() });
         }
-        let upper_dir = if in_upper {
-            Self::open_dir_opt(self.upper.as_fd(), rel)?
-        } else {
-            None
-        };
-        let lower_dir = if lower_visible {
-            Self::open_dir_opt(self.lower.as_fd(), rel)?
-        } else {
-            None
-        };
+        let upper_dir = if in_upper { Self::open_dir_opt(self.upper.as_fd(), rel)? } else { None };
+        let lower_dir = if lower_visible { Self::open_dir_opt(self.lower.as_fd(), rel)? } else { None };
         let mut names = std::collections::BTreeSet::new();
         for d in [&upper_dir, &lower_dir].into_iter().flatten() {
             let listed =
@@ -131,17 +113,17 @@ impl Capture {
                 None => None,
             };
             let low = match &lower_dir {
-                Some(d) => fsx::lstat_at(d.as_fd(), &name)
-                    .map_err(|e| WorkspaceError::io("stat", &child, e))?,
+                Some(d) => {
+                    fsx::lstat_at(d.as_fd(), &name).map_err(|e| WorkspaceError::io("stat", &child, e))?
+                }
                 None => None,
             };
             match (up, low) {
                 (Some(u), _) if u.is_whiteout() => {}
                 (Some(u), low) => match u.meta.ty {
                     EntryType::Dir => {
-                        let lower_child = lower_visible
-                            && !u.opaque
-                            && low.is_some_and(|l| l.ty == EntryType::Dir);
+                        let lower_child =
+                            lower_visible && !u.opaque && low.is_some_and(|l| l.ty == EntryType::Dir);
                         self.walk(&child, true, lower_child, depth + 1)?;
                     }
                     EntryType::File => self.take(&child, Source::Upper, u.meta.size)?,
@@ -207,7 +189,6 @@ impl Capture {
                 Err(e) => return Err(WorkspaceError::io("create directory", &sofar, e.into())),
             }
         }
-        fsx::open_dir(self.dest.as_fd(), parent)
-            .map_err(|e| WorkspaceError::io("open directory", parent, e))
+        fsx::open_dir(self.dest.as_fd(), parent).map_err(|e| WorkspaceError::io("open directory", parent, e))
     }
 }

@@ -251,16 +251,9 @@ pub(crate) struct Walker {
 
 impl Walker {
     pub(crate) fn open(lower: &Path, upper: &Path) -> Result<Walker, WorkspaceError> {
-        let lower_fd =
-            fsx::open_root(lower).map_err(|e| WorkspaceError::io("open workspace", lower, e))?;
-        let upper_fd =
-            fsx::open_root(upper).map_err(|e| WorkspaceError::io("open upper layer", upper, e))?;
-        Ok(Walker {
-            lower: lower_fd,
-            upper: upper_fd,
-            changes: Vec::new(),
-            lower_lookups: 0,
-        })
+        let lower_fd = fsx::open_root(lower).map_err(|e| WorkspaceError::io("open workspace", lower, e))?;
+        let upper_fd = fsx::open_root(upper).map_err(|e| WorkspaceError::io("open upper layer", upper, e))?;
+        Ok(Walker { lower: lower_fd, upper: upper_fd, changes: Vec::new(), lower_lookups: 0 })
     }
 
     pub(crate) fn run(&mut self) -> Result<(), WorkspaceError> {
@@ -272,27 +265,18 @@ impl Walker {
             match name.split_once("overlay.").map(|(_, k)| k) {
                 Some("opaque") if value == b"y" => opaque = true,
                 Some("opaque" | "redirect" | "metacopy" | "whiteout" | "whiteouts") => {
-                    return Err(WorkspaceError::UnsupportedOverlay {
-                        path: root.to_path_buf(),
-                        xattr: name,
-                    });
+                    return Err(WorkspaceError::UnsupportedOverlay { path: root.to_path_buf(), xattr: name });
                 }
                 _ => {}
             }
         }
-        let mode = if opaque {
-            DirMode::Replace { lower: true }
-        } else {
-            DirMode::Merged
-        };
+        let mode = if opaque { DirMode::Replace { lower: true } } else { DirMode::Merged };
         self.walk_dir(root, mode, 0)
     }
 
     fn walk_dir(&mut self, rel: &Path, mode: DirMode, depth: usize) -> Result<(), WorkspaceError> {
         if depth > MAX_DEPTH {
-            return Err(WorkspaceError::TooDeep {
-                path: rel.to_path_buf(),
-            });
+            return Err(WorkspaceError::TooDeep { path: rel.to_path_buf() });
         }
         let upper_dir = fsx::open_dir(self.upper.as_fd(), rel)
             .map_err(|e| WorkspaceError::io("open upper directory", rel, e))?;
@@ -315,8 +299,8 @@ impl Walker {
             // An opaque directory hides all of lower's children: list them
             // so the ones upper does not bring back show up as deleted.
             self.lower_lookups += 1;
-            let lower_names = fsx::list_dir(ld.as_fd())
-                .map_err(|e| WorkspaceError::io("read directory", rel, e))?;
+            let lower_names =
+                fsx::list_dir(ld.as_fd()).map_err(|e| WorkspaceError::io("read directory", rel, e))?;
             names.extend(lower_names);
         }
         for name in names {
@@ -329,8 +313,7 @@ impl Walker {
             let lower_meta = match &lower_dir {
                 Some(ld) => {
                     self.lower_lookups += 1;
-                    fsx::lstat_at(ld.as_fd(), &name)
-                        .map_err(|e| WorkspaceError::io("stat", &child, e))?
+                    fsx::lstat_at(ld.as_fd(), &name).map_err(|e| WorkspaceError::io("stat", &child, e))?
                 }
                 None => None,
             };
@@ -464,20 +447,17 @@ impl Walker {
 
     fn deleted_children(&mut self, rel: &Path, depth: usize) -> Result<(), WorkspaceError> {
         if depth > MAX_DEPTH {
-            return Err(WorkspaceError::TooDeep {
-                path: rel.to_path_buf(),
-            });
+            return Err(WorkspaceError::TooDeep { path: rel.to_path_buf() });
         }
         self.lower_lookups += 1;
         let dir = fsx::open_dir(self.lower.as_fd(), rel)
             .map_err(|e| WorkspaceError::io("open directory", rel, e))?;
-        let names =
-            fsx::list_dir(dir.as_fd()).map_err(|e| WorkspaceError::io("read directory", rel, e))?;
+        let names = fsx::list_dir(dir.as_fd()).map_err(|e| WorkspaceError::io("read directory", rel, e))?;
         for name in names {
             let child = rel.join(&name);
             self.lower_lookups += 1;
-            if let Some(meta) = fsx::lstat_at(dir.as_fd(), &name)
-                .map_err(|e| WorkspaceError::io("stat", &child, e))?
+            if let Some(meta) =
+                fsx::lstat_at(dir.as_fd(), &name).map_err(|e| WorkspaceError::io("stat", &child, e))?
             {
                 self.deleted(&child, meta, depth)?;
             }
@@ -537,9 +517,7 @@ impl Walker {
     fn sniff(&self, side: Side, rel: &Path) -> Result<Sniff, WorkspaceError> {
         let head = fsx::read_head(self.side(side), rel, SNIFF_LEN)
             .map_err(|e| WorkspaceError::io("read", rel, e))?;
-        Ok(Sniff {
-            binary: looks_binary(&head),
-        })
+        Ok(Sniff { binary: looks_binary(&head) })
     }
 
     /// Fills the line counts for a text change when both sides fit in
@@ -559,8 +537,7 @@ impl Walker {
                 .map_err(|e| WorkspaceError::io("read", rel, e))?;
             Ok(bytes.map(|b| String::from_utf8(b).ok()))
         };
-        let (Some(old), Some(new)) = (load(Side::Lower, with_old)?, load(Side::Upper, with_new)?)
-        else {
+        let (Some(old), Some(new)) = (load(Side::Lower, with_old)?, load(Side::Upper, with_new)?) else {
             // Too large to diff: no line counts, not binary either.
             return Ok(());
         };
@@ -589,4 +566,38 @@ struct Sniff {
 /// Git's rule: a NUL byte in the first few kilobytes means binary.
 pub(crate) fn looks_binary(head: &[u8]) -> bool {
     head.contains(&0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::fs;
+
+    /// The walk is driven by the upper layer: a big workspace with a small
+    /// change costs a handful of lower lookups, not one per file.
+    #[test]
+    fn lower_lookups_do_not_grow_with_the_workspace() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lower = tmp.path().join("lower");
+        let upper = tmp.path().join("upper");
+        for d in 0..40 {
+            let dir = lower.join(format!("pkg{d}"));
+            fs::create_dir_all(&dir).unwrap();
+            for i in 0..50 {
+                fs::write(dir.join(format!("f{i}.txt")), b"x\n").unwrap();
+            }
+        }
+        fs::create_dir_all(upper.join("pkg7")).unwrap();
+        fs::write(upper.join("pkg7/f3.txt"), b"changed\n").unwrap();
+        fs::write(upper.join("new.txt"), b"new\n").unwrap();
+        let mut walker = Walker::open(&lower, &upper).unwrap();
+        walker.run().unwrap();
+        assert_eq!(walker.changes.len(), 2);
+        assert!(
+            walker.lower_lookups <= 6,
+            "{} lower lookups for 2 changes in a 2000-file tree",
+            walker.lower_lookups
+        );
+    }
 }

@@ -157,15 +157,12 @@ impl std::fmt::Display for RefusalReason {
                 f,
                 "a .git entry would be deleted or become a file or symlink (which can point git at hostile hooks)"
             ),
-            RefusalReason::SymlinkOnPath => write!(
-                f,
-                "a symlink or non-directory on the host lies on this path; it is never followed"
-            ),
-            RefusalReason::SymlinkEscapes { target } => write!(
-                f,
-                "symlink target {} is absolute or leaves the workspace",
-                quote(target)
-            ),
+            RefusalReason::SymlinkOnPath => {
+                write!(f, "a symlink or non-directory on the host lies on this path; it is never followed")
+            }
+            RefusalReason::SymlinkEscapes { target } => {
+                write!(f, "symlink target {} is absolute or leaves the workspace", quote(target))
+            }
             RefusalReason::Conflict(what) => write!(f, "conflict with the host: {what}"),
             RefusalReason::UpperMismatch(what) => {
                 write!(f, "the sandbox layer changed after the diff: {what}")
@@ -257,11 +254,7 @@ pub enum ApplyError {
 
     /// A write failed; the workspace was rolled back to its prior state
     /// (unless `rollback_errors` says otherwise).
-    #[error(
-        "cannot {op} {}: {source}; {}",
-        quote(path),
-        rollback_summary(rollback_errors)
-    )]
+    #[error("cannot {op} {}: {source}; {}", quote(path), rollback_summary(rollback_errors))]
     Write {
         /// What we were doing.
         op: &'static str,

@@ -67,22 +67,14 @@ impl Meta {
 /// Opens the root of a tree. The root path itself is trusted (it comes from
 /// the host's configuration), so it may be reached through symlinks.
 pub(crate) fn open_root(path: &Path) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
+    Ok(rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
 }
 
 /// Opens directory `rel` beneath `root` without following any symlink.
 /// `rel` must already be validated (only normal components).
 pub(crate) fn open_dir(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-    let target: &Path = if rel.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        rel
-    };
+    let target: &Path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
     let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     // openat2 returns EAGAIN when a concurrent rename raced the lookup.
     for _ in 0..8 {
@@ -104,10 +96,7 @@ fn open_dir_walk(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
     let mut cur = rustix::fs::openat(root, ".", flags, Mode::empty())?;
     for comp in rel.components() {
         let Component::Normal(name) = comp else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "path component is not a plain name",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "path component is not a plain name"));
         };
         cur = rustix::fs::openat(&cur, name, flags, Mode::empty())?;
     }
@@ -118,10 +107,7 @@ fn open_dir_walk(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
 pub(crate) fn split(rel: &Path) -> io::Result<(&Path, &OsStr)> {
     match (rel.parent(), rel.file_name()) {
         (Some(parent), Some(name)) => Ok((parent, name)),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "path has no final component",
-        )),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "path has no final component")),
     }
 }
 
@@ -204,10 +190,7 @@ pub(crate) fn open_file_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<File
     )?;
     let st = rustix::fs::fstat(&fd)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
     }
     Ok(File::from(fd))
 }
@@ -221,11 +204,7 @@ pub(crate) fn open_file(root: BorrowedFd<'_>, rel: &Path) -> io::Result<File> {
 
 /// Reads a whole regular file if it is at most `limit` bytes; `None` when
 /// it is larger, so huge hostile files are never pulled into memory.
-pub(crate) fn read_file_bounded(
-    root: BorrowedFd<'_>,
-    rel: &Path,
-    limit: u64,
-) -> io::Result<Option<Vec<u8>>> {
+pub(crate) fn read_file_bounded(root: BorrowedFd<'_>, rel: &Path, limit: u64) -> io::Result<Option<Vec<u8>>> {
     let file = open_file(root, rel)?;
     let mut buf = Vec::new();
     file.take(limit.saturating_add(1)).read_to_end(&mut buf)?;

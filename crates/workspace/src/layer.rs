@@ -39,15 +39,10 @@ pub(crate) fn inspect(
     name: &OsStr,
     rel: &Path,
 ) -> Result<Option<UpperEntry>, WorkspaceError> {
-    let Some(meta) = fsx::lstat_at(dir, name).map_err(|e| WorkspaceError::io("stat", rel, e))?
-    else {
+    let Some(meta) = fsx::lstat_at(dir, name).map_err(|e| WorkspaceError::io("stat", rel, e))? else {
         return Ok(None);
     };
-    let mut entry = UpperEntry {
-        meta,
-        opaque: false,
-        opaque_xattr: None,
-    };
+    let mut entry = UpperEntry { meta, opaque: false, opaque_xattr: None };
     let fd = match meta.ty {
         EntryType::Dir => rustix::fs::openat(
             dir,
@@ -56,14 +51,13 @@ pub(crate) fn inspect(
             Mode::empty(),
         )
         .map_err(|e| WorkspaceError::io("open directory", rel, e.into()))?,
-        EntryType::File => fsx::open_file_at(dir, name)
-            .map_err(|e| WorkspaceError::io("open file", rel, e))?
-            .into(),
+        EntryType::File => {
+            fsx::open_file_at(dir, name).map_err(|e| WorkspaceError::io("open file", rel, e))?.into()
+        }
         // Whiteouts, symlinks and special files carry no xattr we act on.
         EntryType::Symlink | EntryType::Other => return Ok(Some(entry)),
     };
-    let xattrs =
-        fsx::overlay_xattrs(fd.as_fd()).map_err(|e| WorkspaceError::io("read xattrs of", rel, e))?;
+    let xattrs = fsx::overlay_xattrs(fd.as_fd()).map_err(|e| WorkspaceError::io("read xattrs of", rel, e))?;
     for (xname, value) in xattrs {
         let (prefix, key) = match xname.split_once("overlay.") {
             Some((p, k)) => (p, k),
@@ -72,11 +66,8 @@ pub(crate) fn inspect(
         match key {
             "opaque" if value == b"y" && meta.ty == EntryType::Dir => {
                 entry.opaque = true;
-                entry.opaque_xattr = Some(if prefix == "trusted." {
-                    "trusted.overlay.opaque"
-                } else {
-                    "user.overlay.opaque"
-                });
+                entry.opaque_xattr =
+                    Some(if prefix == "trusted." { "trusted.overlay.opaque" } else { "user.overlay.opaque" });
             }
             "opaque" | "redirect" | "metacopy" | "whiteout" | "whiteouts" => {
                 return Err(WorkspaceError::UnsupportedOverlay {

@@ -45,9 +45,7 @@ pub fn quote(path: &Path) -> String {
 
 /// [`quote`] for raw bytes.
 pub(crate) fn quote_bytes(bytes: &[u8]) -> String {
-    let plain = bytes
-        .iter()
-        .all(|b| (0x20..0x7f).contains(b) && *b != b'"' && *b != b'\\');
+    let plain = bytes.iter().all(|b| (0x20..0x7f).contains(b) && *b != b'"' && *b != b'\\');
     if plain {
         return String::from_utf8_lossy(bytes).into_owned();
     }
@@ -99,10 +97,7 @@ mod tests {
     #[test]
     fn quoting_neutralises_spoofing_names() {
         assert_eq!(quote(Path::new("src/main.rs")), "src/main.rs");
-        assert_eq!(
-            quote(Path::new("x\n+++ b/etc/passwd")),
-            "\"x\\n+++ b/etc/passwd\""
-        );
+        assert_eq!(quote(Path::new("x\n+++ b/etc/passwd")), "\"x\\n+++ b/etc/passwd\"");
         assert_eq!(quote(Path::new("\u{1b}[2J")), "\"\\033[2J\"");
         assert_eq!(quote(Path::new(OsStr::from_bytes(b"caf\xe9"))), "\"caf\\351\"");
         assert_eq!(quote_prefixed("a/", Path::new("x y")), "a/x y");

@@ -25,19 +25,15 @@ use crate::layer::{self, UpperEntry};
 /// is created if needed). On failure the partial copy is removed.
 pub fn persist_layer(from: &Path, to: &Path) -> Result<(), WorkspaceError> {
     if std::fs::symlink_metadata(to).is_ok() {
-        return Err(WorkspaceError::DestinationExists {
-            path: to.to_path_buf(),
-        });
+        return Err(WorkspaceError::DestinationExists { path: to.to_path_buf() });
     }
     let src = fsx::open_root(from).map_err(|e| WorkspaceError::io("open layer", from, e))?;
     if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| WorkspaceError::io("create directory", parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| WorkspaceError::io("create directory", parent, e))?;
     }
     std::fs::create_dir(to).map_err(|e| WorkspaceError::io("create directory", to, e))?;
-    let result = fsx::open_root(to)
-        .map_err(|e| WorkspaceError::io("open directory", to, e))
-        .and_then(|dst| {
+    let result =
+        fsx::open_root(to).map_err(|e| WorkspaceError::io("open directory", to, e)).and_then(|dst| {
             copy_root(src.as_fd(), dst.as_fd())?;
             rustix::fs::syncfs(&dst).map_err(|e| WorkspaceError::io("sync", to, e.into()))
         });
@@ -54,16 +50,12 @@ pub fn persist_layer(from: &Path, to: &Path) -> Result<(), WorkspaceError> {
 fn copy_root(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<(), WorkspaceError> {
     let root = Path::new("");
     let st = rustix::fs::fstat(src).map_err(|e| WorkspaceError::io("stat", root, e.into()))?;
-    let xattrs =
-        fsx::overlay_xattrs(src).map_err(|e| WorkspaceError::io("read xattrs of", root, e))?;
+    let xattrs = fsx::overlay_xattrs(src).map_err(|e| WorkspaceError::io("read xattrs of", root, e))?;
     for (name, value) in xattrs {
         match name.split_once("overlay.").map(|(_, k)| k) {
             Some("opaque") if value == b"y" => set_opaque(dst, &name, root)?,
             Some("opaque" | "redirect" | "metacopy" | "whiteout" | "whiteouts") => {
-                return Err(WorkspaceError::UnsupportedOverlay {
-                    path: root.to_path_buf(),
-                    xattr: name,
-                });
+                return Err(WorkspaceError::UnsupportedOverlay { path: root.to_path_buf(), xattr: name });
             }
             _ => {}
         }
@@ -79,13 +71,7 @@ fn set_opaque(dir: BorrowedFd<'_>, xattr: &str, rel: &Path) -> Result<(), Worksp
 
 /// Ownership first: `chown` clears setuid bits, and the mode is applied
 /// after it anyway, with setuid/setgid removed.
-fn finish_dir(
-    fd: BorrowedFd<'_>,
-    uid: u32,
-    gid: u32,
-    mode: u32,
-    rel: &Path,
-) -> Result<(), WorkspaceError> {
+fn finish_dir(fd: BorrowedFd<'_>, uid: u32, gid: u32, mode: u32, rel: &Path) -> Result<(), WorkspaceError> {
     rustix::fs::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
         .map_err(|e| WorkspaceError::io("set owner of", rel, e.into()))?;
     rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o1777))
@@ -99,12 +85,9 @@ fn copy_children(
     depth: usize,
 ) -> Result<(), WorkspaceError> {
     if depth > MAX_DEPTH {
-        return Err(WorkspaceError::TooDeep {
-            path: rel.to_path_buf(),
-        });
+        return Err(WorkspaceError::TooDeep { path: rel.to_path_buf() });
     }
-    let names =
-        fsx::list_dir(src).map_err(|e| WorkspaceError::io("read directory", rel, e))?;
+    let names = fsx::list_dir(src).map_err(|e| WorkspaceError::io("read directory", rel, e))?;
     for name in names {
         let child = rel.join(&name);
         let Some(entry) = layer::inspect(src, &name, &child)? else {
@@ -126,14 +109,8 @@ fn copy_entry(
     let meta = entry.meta;
     let owner = (Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)));
     if entry.is_whiteout() {
-        rustix::fs::mknodat(
-            dst,
-            name,
-            FileType::CharacterDevice,
-            Mode::empty(),
-            rustix::fs::makedev(0, 0),
-        )
-        .map_err(|e| WorkspaceError::io("create whiteout", rel, e.into()))?;
+        rustix::fs::mknodat(dst, name, FileType::CharacterDevice, Mode::empty(), rustix::fs::makedev(0, 0))
+            .map_err(|e| WorkspaceError::io("create whiteout", rel, e.into()))?;
         return rustix::fs::chownat(dst, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| WorkspaceError::io("set owner of", rel, e.into()));
     }
@@ -158,8 +135,7 @@ fn copy_entry(
             finish_dir(d.as_fd(), meta.uid, meta.gid, meta.mode, rel)
         }
         EntryType::File => {
-            let mut input =
-                fsx::open_file_at(src, name).map_err(|e| WorkspaceError::io("open", rel, e))?;
+            let mut input = fsx::open_file_at(src, name).map_err(|e| WorkspaceError::io("open", rel, e))?;
             let fd = rustix::fs::openat(
                 dst,
                 name,
@@ -175,16 +151,28 @@ fn copy_entry(
                 .map_err(|e| WorkspaceError::io("set mode of", rel, e.into()))
         }
         EntryType::Symlink => {
-            let target =
-                fsx::read_link_at(src, name).map_err(|e| WorkspaceError::io("read link", rel, e))?;
+            let target = fsx::read_link_at(src, name).map_err(|e| WorkspaceError::io("read link", rel, e))?;
             rustix::fs::symlinkat(&target, dst, name)
                 .map_err(|e| WorkspaceError::io("create symlink", rel, e.into()))?;
             rustix::fs::chownat(dst, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|e| WorkspaceError::io("set owner of", rel, e.into()))
         }
-        EntryType::Other => Err(WorkspaceError::SpecialFile {
-            path: rel.to_path_buf(),
-            kind: meta.kind_name,
-        }),
+        // A FIFO or socket the sandbox left is kept as an inert node of the
+        // same type (creating one needs no privilege and opens nothing), so
+        // the review shows it and apply refuses it. Devices cannot be made in
+        // a user namespace; one here means the layer was tampered with.
+        EntryType::Other => {
+            let ty = match meta.kind_name {
+                "fifo" => FileType::Fifo,
+                "socket" => FileType::Socket,
+                _ => {
+                    return Err(WorkspaceError::SpecialFile { path: rel.to_path_buf(), kind: meta.kind_name });
+                }
+            };
+            rustix::fs::mknodat(dst, name, ty, Mode::from_raw_mode(0o600), 0)
+                .map_err(|e| WorkspaceError::io("create placeholder for", rel, e.into()))?;
+            rustix::fs::chownat(dst, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| WorkspaceError::io("set owner of", rel, e.into()))
+        }
     }
 }

@@ -21,10 +21,7 @@ use crate::names::{quote, quote_prefixed};
 const DIFF_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn text_diff<'a>(old: &'a str, new: &'a str) -> TextDiff<'a, 'a, str> {
-    TextDiff::configure()
-        .algorithm(Algorithm::Myers)
-        .timeout(DIFF_TIMEOUT)
-        .diff_lines(old, new)
+    TextDiff::configure().algorithm(Algorithm::Myers).timeout(DIFF_TIMEOUT).diff_lines(old, new)
 }
 
 /// Lines added and removed between two texts.
@@ -81,10 +78,7 @@ impl Diff {
     pub fn render_unified(&self, lower: &Path, upper: &Path, out: &mut dyn Write) -> io::Result<()> {
         let lower_fd = fsx::open_root(lower)?;
         let upper_fd = fsx::open_root(upper)?;
-        let sides = Sides {
-            lower: lower_fd.as_fd(),
-            upper: upper_fd.as_fd(),
-        };
+        let sides = Sides { lower: lower_fd.as_fd(), upper: upper_fd.as_fd() };
         for c in &self.changes {
             render_change(&sides, c, out)?;
         }
@@ -103,11 +97,7 @@ impl Diff {
             .map(|c| {
                 let added = c.lines_added.unwrap_or(0);
                 let removed = c.lines_removed.unwrap_or(0);
-                let count = if c.binary {
-                    "Bin".to_string()
-                } else {
-                    (added + removed).to_string()
-                };
+                let count = if c.binary { "Bin".to_string() } else { (added + removed).to_string() };
                 (quote(&c.path), count, added, removed)
             })
             .collect();
@@ -131,26 +121,12 @@ impl Diff {
         }
         let s = self.stat();
         let files = rows.len();
-        write!(
-            out,
-            " {files} file{} changed",
-            if files == 1 { "" } else { "s" }
-        )?;
+        write!(out, " {files} file{} changed", if files == 1 { "" } else { "s" })?;
         if s.lines_added > 0 {
-            write!(
-                out,
-                ", {} insertion{}(+)",
-                s.lines_added,
-                if s.lines_added == 1 { "" } else { "s" }
-            )?;
+            write!(out, ", {} insertion{}(+)", s.lines_added, if s.lines_added == 1 { "" } else { "s" })?;
         }
         if s.lines_removed > 0 {
-            write!(
-                out,
-                ", {} deletion{}(-)",
-                s.lines_removed,
-                if s.lines_removed == 1 { "" } else { "s" }
-            )?;
+            write!(out, ", {} deletion{}(-)", s.lines_removed, if s.lines_removed == 1 { "" } else { "s" })?;
         }
         writeln!(out)
     }
@@ -169,12 +145,7 @@ fn render_change(sides: &Sides<'_>, c: &Change, out: &mut dyn Write) -> io::Resu
 }
 
 fn header(c: &Change, out: &mut dyn Write) -> io::Result<()> {
-    writeln!(
-        out,
-        "diff --git {} {}",
-        quote_prefixed("a/", &c.path),
-        quote_prefixed("b/", &c.path)
-    )
+    writeln!(out, "diff --git {} {}", quote_prefixed("a/", &c.path), quote_prefixed("b/", &c.path))
 }
 
 fn render_new(sides: &Sides<'_>, c: &Change, out: &mut dyn Write) -> io::Result<()> {
@@ -195,10 +166,7 @@ fn render_new(sides: &Sides<'_>, c: &Change, out: &mut dyn Write) -> io::Result<
             Content::Binary => writeln!(out, "Binary files /dev/null and {b} differ"),
             Content::TooLarge(n) => writeln!(out, "File {b} too large to show ({n} bytes)"),
         },
-        _ => writeln!(
-            out,
-            "Special file (device, FIFO or socket): shown for review, never applied"
-        ),
+        _ => writeln!(out, "Special file (device, FIFO or socket): shown for review, never applied"),
     }
 }
 
@@ -240,13 +208,9 @@ fn render_modified(sides: &Sides<'_>, c: &Change, out: &mut dyn Write) -> io::Re
     let a = quote_prefixed("a/", &c.path);
     let b = quote_prefixed("b/", &c.path);
     match c.new_type {
-        Some(EntryType::Symlink) => link_hunk(
-            c.old_symlink_target.as_deref(),
-            c.symlink_target.as_deref(),
-            &a,
-            &b,
-            out,
-        ),
+        Some(EntryType::Symlink) => {
+            link_hunk(c.old_symlink_target.as_deref(), c.symlink_target.as_deref(), &a, &b, out)
+        }
         Some(EntryType::File) => match (sides.load(false, c)?, sides.load(true, c)?) {
             (Content::Text(old), Content::Text(new)) => text_hunks(&old, &new, &a, &b, out),
             (Content::TooLarge(_), _) | (_, Content::TooLarge(_)) => {
@@ -287,10 +251,7 @@ fn link_hunk(
 fn text_hunks(old: &str, new: &str, a: &str, b: &str, out: &mut dyn Write) -> io::Result<()> {
     let diff = text_diff(old, new);
     let mut buf = Vec::new();
-    diff.unified_diff()
-        .context_radius(3)
-        .header(a, b)
-        .to_writer(&mut buf)?;
+    diff.unified_diff().context_radius(3).header(a, b).to_writer(&mut buf)?;
     out.write_all(&make_visible(&buf))
 }
 

@@ -88,7 +88,8 @@ fn doctor_reports_every_check_as_json() {
     let o = env.airlock(["doctor", "--json"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let ids: Vec<&str> = report["checks"].as_array().unwrap().iter().filter_map(|c| c["id"].as_str()).collect();
+    let ids: Vec<&str> =
+        report["checks"].as_array().unwrap().iter().filter_map(|c| c["id"].as_str()).collect();
     for id in ["user-namespaces", "seccomp", "landlock", "cgroup-memory", "overlayfs-in-userns"] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }

@@ -38,8 +38,11 @@ fn sigterm_reaches_the_command() {
     let pid = child.id() as i32;
     let meta = env.sandbox_dir("sigterm").join("logs/stdout.log");
     assert!(wait_until(20, || std::fs::read_to_string(&meta).is_ok_and(|s| s.contains("ready"))));
-    rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::TERM)
-        .unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(42), "{}", show(&o));
     assert!(stdout(&o).contains("got-term"));
@@ -50,7 +53,15 @@ fn supervisor_death_kills_the_sandbox_and_gc_cleans_up() {
     let env = Env::new();
     let token = "sleep 4242.4202";
     let mut child = env
-        .airlock(["run", "--name", "orphan", "--", "sh", "-c", &format!("({token} &); echo x > new-file; {token}")])
+        .airlock([
+            "run",
+            "--name",
+            "orphan",
+            "--",
+            "sh",
+            "-c",
+            &format!("({token} &); echo x > new-file; {token}"),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -96,10 +107,16 @@ fn rm_flag_and_cleanup_rules_remove_the_sandbox() {
 #[test]
 fn fork_bomb_hits_the_pids_limit() {
     let env = Env::new();
-    let o = env.run_sh("forkbomb", &["--pids", "64", "--timeout", "10s", "--rm"], "b() { b | b & }; b; sleep 3");
-    // Whatever the bomb's fate, the host can still start processes and the
-    // run ended within its limit.
-    assert!(o.status.code().is_some(), "{}", show(&o));
+    let token = "sleep 4242.4204";
+    let o = env.run_sh(
+        "forkbomb",
+        &["--pids", "32", "--timeout", "20s", "--rm"],
+        &format!("i=0; while [ $i -lt 200 ]; do {token} & i=$((i+1)); done; echo all-started"),
+    );
+    assert!(!stdout(&o).contains("all-started"), "{}", show(&o));
+    assert!(stderr(&o).to_lowercase().contains("fork"), "{}", show(&o));
+    // Nothing it started outlives it, and the host still starts processes.
+    assert!(wait_until(5, || pids_running(token).is_empty()), "survivors: {:?}", pids_running(token));
     assert!(std::process::Command::new("true").status().unwrap().success());
 }
 

@@ -147,7 +147,13 @@ pub fn mounts_containing(needle: &str) -> Vec<String> {
 pub fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
     let parent = cgroup_parent();
     let mut out = Vec::new();
-    for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/unified"] {
+    for base in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/unified",
+    ] {
         let p = Path::new(base).join(&parent).join(name);
         if p.exists() {
             out.push(p);

@@ -60,15 +60,26 @@ fn apply_never_writes_through_a_host_symlink() {
     let o = env.run_sh("through", &[], "mkdir -p via && echo owned > via/file");
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     std::os::unix::fs::symlink(&target, env.workspace.join("via")).unwrap();
+    // The review shows the host's link being replaced by the sandbox's
+    // directory; applying does exactly that and never follows the link.
+    let o = env.airlock(["diff", "through", "--json"]).output().unwrap();
+    assert!(stdout(&o).contains("type_changed"), "{}", show(&o));
     let o = apply(&env, "through", &[]);
-    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(!target.join("file").exists(), "apply wrote through a host symlink");
+    let via = std::fs::symlink_metadata(env.workspace.join("via")).unwrap();
+    assert!(via.is_dir());
+    assert_eq!(std::fs::read_to_string(env.workspace.join("via/file")).unwrap(), "owned\n");
 }
 
 #[test]
 fn type_changes_apply_safely() {
     let env = Env::new();
-    let o = env.run_sh("types", &[], "rm -r src && echo now-a-file > src; rm README && mkdir README && echo in > README/x");
+    let o = env.run_sh(
+        "types",
+        &[],
+        "rm -r src && echo now-a-file > src; rm README && mkdir README && echo in > README/x",
+    );
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let o = apply(&env, "types", &[]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
@@ -136,7 +147,11 @@ fn writeback_never_refuses_apply() {
 #[test]
 fn artifacts_matching_the_policy_are_captured() {
     let env = Env::new();
-    let o = env.run_sh("artifacts", &["--policy", "ci"], "mkdir -p out && echo '<testsuite/>' > out/junit-report.xml; exit 1");
+    let o = env.run_sh(
+        "artifacts",
+        &["--policy", "ci"],
+        "mkdir -p out && echo '<testsuite/>' > out/junit-report.xml; exit 1",
+    );
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     let captured = env.sandbox_dir("artifacts").join("artifacts/out/junit-report.xml");
     assert_eq!(std::fs::read_to_string(captured).unwrap(), "<testsuite/>\n");

@@ -51,12 +51,7 @@ pub(crate) struct SyscallRules {
 }
 
 fn stmt(code: u16, k: u32) -> sock_filter {
-    sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
+    sock_filter { code, jt: 0, jf: 0, k }
 }
 
 fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
@@ -144,9 +139,8 @@ fn emit_rule(name: &str, rule: &CompiledRule) -> Result<Vec<sock_filter>, Seccom
     out.push(stmt(RET_K, rule.ret));
     let len = out.len();
     for (idx, branch) in fails {
-        let off = u8::try_from(len - idx - 1).map_err(|_| SeccompError::JumpTooFar {
-            syscall: name.into(),
-        })?;
+        let off =
+            u8::try_from(len - idx - 1).map_err(|_| SeccompError::JumpTooFar { syscall: name.into() })?;
         if let Some(insn) = out.get_mut(idx) {
             match branch {
                 Branch::True => insn.jt = off,
@@ -187,9 +181,8 @@ pub(crate) fn emit(
         if sc.rules.iter().any(|r| !r.conditions.is_empty()) {
             body.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
         }
-        let skip = u8::try_from(body.len()).map_err(|_| SeccompError::JumpTooFar {
-            syscall: sc.name.clone(),
-        })?;
+        let skip =
+            u8::try_from(body.len()).map_err(|_| SeccompError::JumpTooFar { syscall: sc.name.clone() })?;
         prog.push(jump(JMP_JEQ_K, sc.nr, 0, skip));
         prog.extend(body);
     }
@@ -227,11 +220,7 @@ pub(crate) fn run(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u
             }
             ALU_AND_K => acc &= insn.k,
             JMP_JEQ_K | JMP_JGE_K => {
-                let taken = if insn.code == JMP_JEQ_K {
-                    acc == insn.k
-                } else {
-                    acc >= insn.k
-                };
+                let taken = if insn.code == JMP_JEQ_K { acc == insn.k } else { acc >= insn.k };
                 pc += usize::from(if taken { insn.jt } else { insn.jf });
             }
             RET_K => return insn.k,

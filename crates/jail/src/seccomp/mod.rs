@@ -113,9 +113,7 @@ pub enum SeccompError {
     #[error("the embedded seccomp rules (crates/jail/src/seccomp/deny.toml) do not parse: {0}")]
     Parse(#[source] toml::de::Error),
     /// An entry parses but makes no sense.
-    #[error(
-        "seccomp rule #{index} (`{syscall}`) in deny.toml is invalid: {problem}; fix the entry"
-    )]
+    #[error("seccomp rule #{index} (`{syscall}`) in deny.toml is invalid: {problem}; fix the entry")]
     InvalidRule {
         /// Position of the entry in the file, from 0.
         index: usize,
@@ -218,10 +216,7 @@ fn parse_condition(raw: &RawCondition) -> Result<ArgCondition, String> {
                     raw.value
                 ));
             }
-            ArgOp::MaskedEq {
-                mask,
-                value: raw.value,
-            }
+            ArgOp::MaskedEq { mask, value: raw.value }
         }
         ("masked_eq", None) => return Err("op `masked_eq` needs a `mask`".into()),
         ("eq" | "ne", Some(_)) => return Err(format!("op `{}` takes no `mask`", raw.op)),
@@ -236,11 +231,7 @@ fn parse_condition(raw: &RawCondition) -> Result<ArgCondition, String> {
             return Err("a 32-bit condition has a value or mask wider than 32 bits".into());
         }
     }
-    Ok(ArgCondition {
-        arg: raw.arg,
-        width,
-        op,
-    })
+    Ok(ArgCondition { arg: raw.arg, width, op })
 }
 
 fn parse_rule(raw: RawRule) -> Result<SeccompRule, String> {
@@ -255,25 +246,11 @@ fn parse_rule(raw: RawRule) -> Result<SeccompRule, String> {
         "ENOSYS" => DenyAction::Enosys,
         other => return Err(format!("errno `{other}` is not EPERM or ENOSYS")),
     };
-    if let Some(a) = raw
-        .arches
-        .iter()
-        .find(|a| !KNOWN_ARCHES.contains(&a.as_str()))
-    {
+    if let Some(a) = raw.arches.iter().find(|a| !KNOWN_ARCHES.contains(&a.as_str())) {
         return Err(format!("unknown architecture `{a}` in `arches`"));
     }
-    let conditions = raw
-        .when
-        .iter()
-        .map(parse_condition)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(SeccompRule {
-        syscall: raw.syscall,
-        action,
-        conditions,
-        arches: raw.arches,
-        reason: raw.reason,
-    })
+    let conditions = raw.when.iter().map(parse_condition).collect::<Result<Vec<_>, _>>()?;
+    Ok(SeccompRule { syscall: raw.syscall, action, conditions, arches: raw.arches, reason: raw.reason })
 }
 
 /// The rules of the embedded filter data, for every architecture (see
@@ -285,11 +262,7 @@ pub fn rules() -> Result<Vec<SeccompRule>, SeccompError> {
         .enumerate()
         .map(|(index, raw)| {
             let syscall = raw.syscall.clone();
-            parse_rule(raw).map_err(|problem| SeccompError::InvalidRule {
-                index,
-                syscall,
-                problem,
-            })
+            parse_rule(raw).map_err(|problem| SeccompError::InvalidRule { index, syscall, problem })
         })
         .collect()
 }
@@ -298,9 +271,8 @@ pub fn rules() -> Result<Vec<SeccompRule>, SeccompError> {
 /// was built for: foreign syscall ABIs kill the process, x32 syscalls get
 /// ENOSYS, listed calls get their errno, everything else is allowed.
 pub fn compile() -> Result<seccompiler::BpfProgram, SeccompError> {
-    let (arch, audit_arch) = syscalls::ARCH.ok_or(SeccompError::UnsupportedArch {
-        arch: std::env::consts::ARCH,
-    })?;
+    let (arch, audit_arch) =
+        syscalls::ARCH.ok_or(SeccompError::UnsupportedArch { arch: std::env::consts::ARCH })?;
     let mut grouped: Vec<bpf::SyscallRules> = Vec::new();
     for (index, rule) in rules()?.into_iter().enumerate() {
         if !rule.applies_here() {
@@ -308,25 +280,14 @@ pub fn compile() -> Result<seccompiler::BpfProgram, SeccompError> {
         }
         let nr = syscalls::number(&rule.syscall)
             .and_then(|nr| u32::try_from(nr).ok())
-            .ok_or_else(|| SeccompError::UnknownSyscall {
-                index,
-                syscall: rule.syscall.clone(),
-                arch,
-            })?;
-        let compiled = bpf::CompiledRule {
-            conditions: rule.conditions,
-            ret: bpf::errno_ret(rule.action.errno()),
-        };
+            .ok_or_else(|| SeccompError::UnknownSyscall { index, syscall: rule.syscall.clone(), arch })?;
+        let compiled =
+            bpf::CompiledRule { conditions: rule.conditions, ret: bpf::errno_ret(rule.action.errno()) };
         match grouped.iter_mut().find(|g| g.nr == nr) {
             Some(group) => {
                 // An unconditional rule already covers every call; a second rule
                 // for the same syscall would be dead or contradict it.
-                if group
-                    .rules
-                    .iter()
-                    .chain([&compiled])
-                    .any(|r| r.conditions.is_empty())
-                {
+                if group.rules.iter().chain([&compiled]).any(|r| r.conditions.is_empty()) {
                     return Err(SeccompError::InvalidRule {
                         index,
                         syscall: rule.syscall,
@@ -337,11 +298,7 @@ pub fn compile() -> Result<seccompiler::BpfProgram, SeccompError> {
                 }
                 group.rules.push(compiled);
             }
-            None => grouped.push(bpf::SyscallRules {
-                name: rule.syscall,
-                nr,
-                rules: vec![compiled],
-            }),
+            None => grouped.push(bpf::SyscallRules { name: rule.syscall, nr, rules: vec![compiled] }),
         }
     }
     bpf::emit(audit_arch, cfg!(target_arch = "x86_64"), &grouped)
@@ -393,11 +350,7 @@ mod tests {
     #[test]
     fn every_rule_resolves_on_this_arch() {
         for r in rules().unwrap().iter().filter(|r| r.applies_here()) {
-            assert!(
-                syscalls::number(&r.syscall).is_some(),
-                "{} does not resolve",
-                r.syscall
-            );
+            assert!(syscalls::number(&r.syscall).is_some(), "{} does not resolve", r.syscall);
         }
     }
 
@@ -457,11 +410,7 @@ mod tests {
             assert_eq!(verdict(&prog, name, [u64::MAX; 6]), eperm(), "{name}");
         }
         for name in ["clone3", "io_uring_setup"] {
-            assert_eq!(
-                verdict(&prog, name, [0; 6]),
-                bpf::errno_ret(libc::ENOSYS),
-                "{name}"
-            );
+            assert_eq!(verdict(&prog, name, [0; 6]), bpf::errno_ret(libc::ENOSYS), "{name}");
         }
         #[cfg(target_arch = "x86_64")]
         for name in ["iopl", "ioperm"] {
@@ -588,9 +537,8 @@ mod tests {
         assert_eq!(personality(libc::ADDR_NO_RANDOMIZE as u64), eperm());
         assert_eq!(personality(0x0040_0000), eperm()); // READ_IMPLIES_EXEC
 
-        let socket = |family: i32, proto: i32| {
-            verdict(&prog, "socket", [family as u64, 3, proto as u64, 0, 0, 0])
-        };
+        let socket =
+            |family: i32, proto: i32| verdict(&prog, "socket", [family as u64, 3, proto as u64, 0, 0, 0]);
         assert_eq!(socket(libc::AF_NETLINK, libc::NETLINK_ROUTE), allow);
         assert_eq!(socket(libc::AF_NETLINK, libc::NETLINK_AUDIT), eperm());
         assert_eq!(socket(libc::AF_NETLINK, libc::NETLINK_NETFILTER), eperm());
@@ -617,18 +565,10 @@ mod tests {
             assert_eq!(bpf::run(&prog, n, current_audit_arch(), [0; 6]), allow);
         }
         // A 32-bit ABI (i386 on x86_64, arm on aarch64) would use other numbers.
-        assert_eq!(
-            bpf::run(&prog, 21, 0x4000_0003, [0; 6]),
-            libc::SECCOMP_RET_KILL_PROCESS
-        );
+        assert_eq!(bpf::run(&prog, 21, 0x4000_0003, [0; 6]), libc::SECCOMP_RET_KILL_PROCESS);
         #[cfg(target_arch = "x86_64")]
         assert_eq!(
-            bpf::run(
-                &prog,
-                nr("mount") | bpf::X32_SYSCALL_BIT,
-                current_audit_arch(),
-                [0; 6]
-            ),
+            bpf::run(&prog, nr("mount") | bpf::X32_SYSCALL_BIT, current_audit_arch(), [0; 6]),
             bpf::errno_ret(libc::ENOSYS)
         );
         assert!(prog.len() < bpf::MAX_INSNS);
@@ -639,13 +579,7 @@ mod tests {
         // SAFETY: every caller passes only integers or null pointers; the kernel
         // validates them and nothing in this process's memory is written.
         let rc = unsafe { libc::syscall(nr, args[0], args[1], args[2], args[3], args[4]) };
-        if rc == -1 {
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(255)
-        } else {
-            0
-        }
+        if rc == -1 { std::io::Error::last_os_error().raw_os_error().unwrap_or(255) } else { 0 }
     }
 
     /// Forks, installs the filter in the child, runs `call` there and returns
@@ -669,16 +603,8 @@ mod tests {
         let null = 0;
         let cases: [(&str, libc::c_long, [libc::c_long; 5]); 8] = [
             ("mount", libc::SYS_mount, [null, null, null, 0, null]),
-            (
-                "unshare(CLONE_NEWUSER)",
-                libc::SYS_unshare,
-                [libc::CLONE_NEWUSER as libc::c_long, 0, 0, 0, 0],
-            ),
-            (
-                "keyctl",
-                libc::SYS_keyctl,
-                [libc::KEYCTL_GET_KEYRING_ID as libc::c_long, -1, 0, 0, 0],
-            ),
+            ("unshare(CLONE_NEWUSER)", libc::SYS_unshare, [libc::CLONE_NEWUSER as libc::c_long, 0, 0, 0, 0]),
+            ("keyctl", libc::SYS_keyctl, [libc::KEYCTL_GET_KEYRING_ID as libc::c_long, -1, 0, 0, 0]),
             ("bpf", libc::SYS_bpf, [0, null, 0, 0, 0]),
             (
                 "ptrace(PTRACE_ATTACH)",
@@ -690,23 +616,11 @@ mod tests {
                 libc::SYS_ptrace,
                 [libc::PTRACE_SEIZE as libc::c_long, NO_SUCH_PID, 0, 0, 0],
             ),
-            (
-                "ioctl(TIOCSTI)",
-                libc::SYS_ioctl,
-                [0, libc::TIOCSTI as libc::c_long, null, 0, 0],
-            ),
-            (
-                "process_vm_readv",
-                libc::SYS_process_vm_readv,
-                [NO_SUCH_PID, null, 0, null, 0],
-            ),
+            ("ioctl(TIOCSTI)", libc::SYS_ioctl, [0, libc::TIOCSTI as libc::c_long, null, 0, 0]),
+            ("process_vm_readv", libc::SYS_process_vm_readv, [NO_SUCH_PID, null, 0, null, 0]),
         ];
         for (what, nr, args) in cases {
-            assert_eq!(
-                errno_under_filter(move || raw_syscall(nr, args)),
-                libc::EPERM,
-                "{what}"
-            );
+            assert_eq!(errno_under_filter(move || raw_syscall(nr, args)), libc::EPERM, "{what}");
         }
     }
 
@@ -720,9 +634,7 @@ mod tests {
             match rc {
                 // SAFETY: _exit is async-signal-safe and ends only this child.
                 0 => unsafe { libc::_exit(0) },
-                -1 => std::io::Error::last_os_error()
-                    .raw_os_error()
-                    .unwrap_or(255),
+                -1 => std::io::Error::last_os_error().raw_os_error().unwrap_or(255),
                 _ => 0,
             }
         });
@@ -731,10 +643,7 @@ mod tests {
 
     #[test]
     fn installed_filter_returns_enosys_for_clone3_and_x32() {
-        assert_eq!(
-            errno_under_filter(|| raw_syscall(libc::SYS_clone3, [0; 5])),
-            libc::ENOSYS
-        );
+        assert_eq!(errno_under_filter(|| raw_syscall(libc::SYS_clone3, [0; 5])), libc::ENOSYS);
         #[cfg(target_arch = "x86_64")]
         assert_eq!(
             errno_under_filter(|| raw_syscall(

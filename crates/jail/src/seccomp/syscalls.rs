@@ -100,9 +100,5 @@ const ARCH_ONLY: &[(&str, c_long)] = &[];
 
 /// The number of `name` on this build's architecture, if the table knows it.
 pub(crate) fn number(name: &str) -> Option<c_long> {
-    COMMON
-        .iter()
-        .chain(ARCH_ONLY)
-        .find(|(n, _)| *n == name)
-        .map(|(_, nr)| *nr)
+    COMMON.iter().chain(ARCH_ONLY).find(|(n, _)| *n == name).map(|(_, nr)| *nr)
 }

@@ -5,8 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use airlock_workspace::{
-    ApplyError, ApplyOptions, Change, ChangeKind, Diff, EntryType, RefusalReason, apply,
-    check_apply, compute_diff,
+    ApplyError, ApplyOptions, Change, ChangeKind, Diff, EntryType, RefusalReason, apply, check_apply,
+    compute_diff,
 };
 
 use super::common::*;
@@ -44,9 +44,7 @@ fn change(path: &str, kind: ChangeKind, old: Option<EntryType>, new: Option<Entr
 
 fn refusals(err: ApplyError) -> Vec<(PathBuf, RefusalReason)> {
     match err {
-        ApplyError::Refused { refusals } => {
-            refusals.into_iter().map(|r| (r.path, r.reason)).collect()
-        }
+        ApplyError::Refused { refusals } => refusals.into_iter().map(|r| (r.path, r.reason)).collect(),
         other => panic!("expected a refusal, got {other}"),
     }
 }
@@ -82,11 +80,7 @@ fn applies_adds_modifies_deletes_and_dirs() {
     assert!(report.written.contains(&PathBuf::from("newdir/link")));
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
     // No scratch entries left behind.
-    assert!(
-        snapshot(&f.lower)
-            .keys()
-            .all(|p| !p.to_string_lossy().contains(".airlock-")),
-    );
+    assert!(snapshot(&f.lower).keys().all(|p| !p.to_string_lossy().contains(".airlock-")),);
 }
 
 #[test]
@@ -113,18 +107,11 @@ fn upper_symlink_to_outside_is_refused_and_never_read_through() {
 
     let refused = refusals(apply(&diff, &f.upper, &f.lower, &opts()).unwrap_err());
     assert_eq!(refused.len(), 2, "{refused:?}");
-    assert!(
-        refused
-            .iter()
-            .all(|(_, r)| matches!(r, RefusalReason::SymlinkEscapes { .. }))
-    );
+    assert!(refused.iter().all(|(_, r)| matches!(r, RefusalReason::SymlinkEscapes { .. })));
     assert!(snapshot(&f.lower).is_empty());
 
     // Allowed explicitly: created as a link, with the text verbatim.
-    let allow = ApplyOptions {
-        allow_protected: true,
-        ..opts()
-    };
+    let allow = ApplyOptions { allow_protected: true, ..opts() };
     apply(&diff, &f.upper, &f.lower, &allow).unwrap();
     let meta = fs::symlink_metadata(f.lower.join("leak")).unwrap();
     assert!(meta.file_type().is_symlink());
@@ -139,9 +126,7 @@ fn forged_file_record_over_upper_symlink_is_refused() {
     let secret = f.outside("secret");
     write(&secret, "shadow", b"root:hash\n");
     symlink(&f.upper, "copy", secret.join("shadow").to_str().unwrap());
-    let diff = Diff {
-        changes: vec![change("copy", ChangeKind::Added, None, Some(EntryType::File))],
-    };
+    let diff = Diff { changes: vec![change("copy", ChangeKind::Added, None, Some(EntryType::File))] };
     let refused = refusals(apply(&diff, &f.upper, &f.lower, &opts()).unwrap_err());
     assert!(matches!(refused[0].1, RefusalReason::UpperMismatch(_)), "{refused:?}");
     assert!(snapshot(&f.lower).is_empty());
@@ -158,28 +143,16 @@ fn host_symlink_on_the_path_is_refused() {
     let diff = Diff {
         changes: vec![
             change("link/new", ChangeKind::Added, None, Some(EntryType::File)),
-            change(
-                "link/passwd",
-                ChangeKind::Modified,
-                Some(EntryType::File),
-                Some(EntryType::File),
-            ),
+            change("link/passwd", ChangeKind::Modified, Some(EntryType::File), Some(EntryType::File)),
         ],
     };
     let refused = refusals(apply(&diff, &f.upper, &f.lower, &opts()).unwrap_err());
     assert_eq!(refused.len(), 2);
-    assert!(
-        refused
-            .iter()
-            .all(|(_, r)| *r == RefusalReason::SymlinkOnPath)
-    );
+    assert!(refused.iter().all(|(_, r)| *r == RefusalReason::SymlinkOnPath));
     assert_eq!(fs::read(outside.join("passwd")).unwrap(), b"root:x:0:0\n");
     assert!(!outside.join("new").exists());
     // Even allow_protected does not lift it.
-    let allow = ApplyOptions {
-        allow_protected: true,
-        ..opts()
-    };
+    let allow = ApplyOptions { allow_protected: true, ..opts() };
     assert!(apply(&diff, &f.upper, &f.lower, &allow).is_err());
 }
 
@@ -189,19 +162,13 @@ fn traversal_names_are_all_refused() {
     let outside = f.outside("victim");
     write(&f.upper, "ok", b"fine\n");
     let bad = ["../victim/x", "a/../../victim/x", "/tmp/abs", "a//b", "./a", "a/."];
-    let mut changes: Vec<Change> = bad
-        .iter()
-        .map(|p| change(p, ChangeKind::Added, None, Some(EntryType::File)))
-        .collect();
+    let mut changes: Vec<Change> =
+        bad.iter().map(|p| change(p, ChangeKind::Added, None, Some(EntryType::File))).collect();
     changes.push(change("ok", ChangeKind::Added, None, Some(EntryType::File)));
     let diff = Diff { changes };
     let refused = refusals(apply(&diff, &f.upper, &f.lower, &opts()).unwrap_err());
     assert_eq!(refused.len(), bad.len(), "{refused:?}");
-    assert!(
-        refused
-            .iter()
-            .all(|(_, r)| matches!(r, RefusalReason::InvalidPath(_)))
-    );
+    assert!(refused.iter().all(|(_, r)| matches!(r, RefusalReason::InvalidPath(_))));
     assert!(snapshot(&f.lower).is_empty(), "nothing written");
     assert!(snapshot(&outside).is_empty());
 }
@@ -228,7 +195,7 @@ fn device_nodes_are_refused() {
     let f = Fixture::new();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &f.upper.join("null"),
+        f.upper.join("null"),
         rustix::fs::FileType::CharacterDevice,
         rustix::fs::Mode::from_raw_mode(0o666),
         rustix::fs::makedev(1, 3),
@@ -256,10 +223,7 @@ fn setuid_and_setgid_are_stripped() {
     assert_eq!(mode("sticky"), 0o777);
     let mut stripped = report.stripped_mode_bits.clone();
     stripped.sort();
-    assert_eq!(
-        stripped,
-        vec![PathBuf::from("sgid"), PathBuf::from("sticky"), PathBuf::from("suid")]
-    );
+    assert_eq!(stripped, vec![PathBuf::from("sgid"), PathBuf::from("sticky"), PathBuf::from("suid")]);
 }
 
 #[test]
@@ -322,10 +286,7 @@ fn protected_paths_refused_without_flag_and_allowed_with_it() {
     assert_eq!(snapshot(&f.lower), before);
 
     apply(&diff, &f.upper, &f.lower, &protected_opts(true)).unwrap();
-    assert_eq!(
-        fs::read(f.lower.join(".git/hooks/pre-commit")).unwrap(),
-        b"#!/bin/sh\nevil\n"
-    );
+    assert_eq!(fs::read(f.lower.join(".git/hooks/pre-commit")).unwrap(), b"#!/bin/sh\nevil\n");
 }
 
 #[test]
@@ -336,17 +297,13 @@ fn deleting_a_dir_holding_protected_files_is_refused() {
     write(&f.lower, "other/secrets.env", b"K=V\n");
     whiteout(&f.upper, "sub");
     // A forged diff that hides the children of the deleted directory.
-    let diff = Diff {
-        changes: vec![change("other", ChangeKind::Deleted, Some(EntryType::Dir), None)],
-    };
+    let diff = Diff { changes: vec![change("other", ChangeKind::Deleted, Some(EntryType::Dir), None)] };
     let refused = refusals(apply(&diff, &f.upper, &f.lower, &protected_opts(false)).unwrap_err());
     assert_eq!(
         refused,
         vec![(
             PathBuf::from("other"),
-            RefusalReason::Protected {
-                matched: PathBuf::from("other/secrets.env")
-            }
+            RefusalReason::Protected { matched: PathBuf::from("other/secrets.env") }
         )]
     );
     let diff = compute_diff(&f.lower, &f.upper).unwrap();
@@ -363,11 +320,8 @@ fn git_replaced_by_a_file_is_refused() {
     write(&f.upper, "vendor/lib/.git", b"gitdir: /tmp/evil\n");
     let diff = compute_diff(&f.lower, &f.upper).unwrap();
     let refused = refusals(apply(&diff, &f.upper, &f.lower, &opts()).unwrap_err());
-    let git: Vec<_> = refused
-        .iter()
-        .filter(|(_, r)| *r == RefusalReason::GitReplaced)
-        .map(|(p, _)| p.clone())
-        .collect();
+    let git: Vec<_> =
+        refused.iter().filter(|(_, r)| *r == RefusalReason::GitReplaced).map(|(p, _)| p.clone()).collect();
     assert_eq!(git, vec![PathBuf::from(".git"), PathBuf::from("vendor/lib/.git")]);
     assert!(f.lower.join(".git/HEAD").exists());
 }
@@ -473,11 +427,7 @@ fn failed_write_rolls_back_for_real() {
     let after = snapshot(&f.lower);
     rustix::mount::unmount(&target, rustix::mount::UnmountFlags::DETACH).unwrap();
     match result {
-        Err(ApplyError::Write {
-            path,
-            rollback_errors,
-            ..
-        }) => {
+        Err(ApplyError::Write { path, rollback_errors, .. }) => {
             assert_eq!(path, PathBuf::from("zz-mounted"));
             assert!(rollback_errors.is_empty(), "{rollback_errors:?}");
         }

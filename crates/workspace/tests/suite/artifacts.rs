@@ -51,14 +51,9 @@ fn stops_at_the_size_budget() {
     write(&f.upper, "a.log", &[b'a'; 600]);
     write(&f.upper, "b.log", &[b'b'; 600]);
     let dest = f.root.join("artifacts");
-    let err = capture_artifacts(&f.upper, &f.lower, &["*.log".to_string()], &dest, 1000)
-        .unwrap_err();
+    let err = capture_artifacts(&f.upper, &f.lower, &["*.log".to_string()], &dest, 1000).unwrap_err();
     match err {
-        WorkspaceError::ArtifactLimit {
-            limit,
-            skipped,
-            copied,
-        } => {
+        WorkspaceError::ArtifactLimit { limit, skipped, copied } => {
             assert_eq!(limit, 1000);
             assert_eq!(skipped, PathBuf::from("b.log"));
             assert_eq!(copied, vec![PathBuf::from("a.log")]);
@@ -71,7 +66,6 @@ fn stops_at_the_size_budget() {
 #[test]
 fn invalid_glob_is_reported() {
     let f = Fixture::new();
-    let err = capture_artifacts(&f.upper, &f.lower, &["a[".to_string()], &f.root.join("d"), 10)
-        .unwrap_err();
+    let err = capture_artifacts(&f.upper, &f.lower, &["a[".to_string()], &f.root.join("d"), 10).unwrap_err();
     assert!(matches!(err, WorkspaceError::InvalidGlob { .. }), "{err}");
 }

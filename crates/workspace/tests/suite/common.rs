@@ -40,12 +40,7 @@ impl Fixture {
         let upper = root.join("upper");
         fs::create_dir(&lower).unwrap();
         fs::create_dir(&upper).unwrap();
-        Fixture {
-            _dir: dir,
-            root,
-            lower,
-            upper,
-        }
+        Fixture { _dir: dir, root, lower, upper }
     }
 
     /// A scratch directory next to the trees (for "outside" targets).
@@ -87,29 +82,16 @@ pub fn whiteout(base: &Path, rel: &str) {
     if let Some(parent) = p.parent() {
         fs::create_dir_all(parent).unwrap();
     }
-    rustix::fs::mknodat(
-        CWD,
-        &p,
-        FileType::CharacterDevice,
-        Mode::empty(),
-        rustix::fs::makedev(0, 0),
-    )
-    .unwrap();
+    rustix::fs::mknodat(CWD, &p, FileType::CharacterDevice, Mode::empty(), rustix::fs::makedev(0, 0))
+        .unwrap();
 }
 
 pub fn fifo(base: &Path, rel: &str) {
-    rustix::fs::mknodat(
-        CWD,
-        &base.join(rel),
-        FileType::Fifo,
-        Mode::from_raw_mode(0o644),
-        0,
-    )
-    .unwrap();
+    rustix::fs::mknodat(CWD, base.join(rel), FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap();
 }
 
 pub fn set_xattr(base: &Path, rel: &str, name: &str, value: &[u8]) {
-    rustix::fs::lsetxattr(&base.join(rel), name, value, XattrFlags::empty()).unwrap();
+    rustix::fs::lsetxattr(base.join(rel), name, value, XattrFlags::empty()).unwrap();
 }
 
 pub fn opaque(base: &Path, rel: &str) {
@@ -125,10 +107,7 @@ pub fn snapshot(base: &Path) -> BTreeMap<PathBuf, String> {
 }
 
 fn walk(base: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, String>) {
-    let mut entries: Vec<_> = fs::read_dir(base.join(rel))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let mut entries: Vec<_> = fs::read_dir(base.join(rel)).unwrap().map(|e| e.unwrap().file_name()).collect();
     entries.sort();
     for name in entries {
         let child = rel.join(&name);
@@ -151,24 +130,4 @@ fn walk(base: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, String>) {
 
 pub fn os(bytes: &[u8]) -> &OsStr {
     OsStr::from_bytes(bytes)
-}
-
-/// A copy of a tree (files, dirs, symlinks), for a workspace that starts
-/// equal to lower.
-pub fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let src = entry.path();
-        let dst = to.join(entry.file_name());
-        let meta = fs::symlink_metadata(&src).unwrap();
-        if meta.file_type().is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(&src).unwrap(), &dst).unwrap();
-        } else if meta.is_dir() {
-            copy_tree(&src, &dst);
-            fs::set_permissions(&dst, meta.permissions()).unwrap();
-        } else {
-            fs::copy(&src, &dst).unwrap();
-        }
-    }
 }

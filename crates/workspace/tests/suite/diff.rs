@@ -8,10 +8,7 @@ use super::common::*;
 use crate::require_root;
 
 fn kinds(diff: &Diff) -> Vec<(String, ChangeKind)> {
-    diff.changes
-        .iter()
-        .map(|c| (c.path.to_string_lossy().into_owned(), c.kind))
-        .collect()
+    diff.changes.iter().map(|c| (c.path.to_string_lossy().into_owned(), c.kind)).collect()
 }
 
 fn unified(diff: &Diff, f: &Fixture) -> String {
@@ -120,10 +117,7 @@ fn opaque_dir_replacing_a_file_is_a_type_change() {
     let diff = compute_diff(&f.lower, &f.upper).unwrap();
     assert_eq!(
         kinds(&diff),
-        vec![
-            ("x".into(), ChangeKind::TypeChanged),
-            ("x/inner".into(), ChangeKind::Added),
-        ]
+        vec![("x".into(), ChangeKind::TypeChanged), ("x/inner".into(), ChangeKind::Added),]
     );
 }
 
@@ -192,10 +186,7 @@ fn mode_only_change() {
     assert!(c.is_mode_only());
     assert_eq!((c.old_mode, c.new_mode), (Some(0o644), Some(0o755)));
     let text = unified(&diff, &f);
-    assert_eq!(
-        text,
-        "diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n"
-    );
+    assert_eq!(text, "diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n");
 }
 
 #[test]
@@ -237,12 +228,12 @@ fn unified_output_is_git_style() {
 #[test]
 fn hostile_names_are_quoted_in_review_output() {
     let f = Fixture::new();
-    let name = os(b"x\n+++ b/etc/passwd\x1b[2J");
+    let name = os(b"x\n+++ b\x1b[2J");
     std::fs::write(f.upper.join(name), b"\x1b]0;pwned\x07hello\n").unwrap();
     let diff = compute_diff(&f.lower, &f.upper).unwrap();
     let text = unified(&diff, &f);
-    assert!(!text.contains("\n+++ b/etc/passwd"), "{text}");
-    assert!(text.contains("\"b/x\\n+++ b/etc/passwd\\033[2J\""), "{text}");
+    assert!(!text.contains("\n+++ b\n"), "{text}");
+    assert!(text.contains("\"b/x\\n+++ b\\033[2J\""), "{text}");
     assert!(!text.contains('\x1b'), "escape reached the terminal: {text:?}");
     assert!(text.contains("+^[]0;pwned^Ghello"), "{text}");
     let mut stat = Vec::new();
@@ -286,12 +277,9 @@ fn stat_counts_and_render() {
     let mut out = Vec::new();
     diff.render_stat(&mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
-    assert!(text.contains(" m.txt        | 3 ++-\n"), "{text}");
+    assert!(text.contains(" m.txt        |   3 ++-\n"), "{text}");
     assert!(text.contains(" img.png      | Bin\n"), "{text}");
-    assert!(
-        text.ends_with(" 5 files changed, 3 insertions(+), 4 deletions(-)\n"),
-        "{text}"
-    );
+    assert!(text.ends_with(" 5 files changed, 3 insertions(+), 4 deletions(-)\n"), "{text}");
 }
 
 #[test]

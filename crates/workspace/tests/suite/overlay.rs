@@ -20,12 +20,8 @@ fn real_overlay_upper_layer_diffs_and_applies() {
     write_mode(&f.lower, "chmod.sh", b"#!/bin/sh\n", 0o644);
     let work = f.outside("work");
     let merged = f.outside("merged");
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        f.lower.display(),
-        f.upper.display(),
-        work.display()
-    );
+    let data =
+        format!("lowerdir={},upperdir={},workdir={}", f.lower.display(), f.upper.display(), work.display());
     let data = std::ffi::CString::new(data).unwrap();
     let mounted = rustix::mount::mount(
         "overlay",
@@ -48,18 +44,14 @@ fn real_overlay_upper_layer_diffs_and_applies() {
         fs::create_dir(merged.join("tree"))?;
         fs::write(merged.join("tree/c"), b"c\n")?;
         fs::write(merged.join("new.txt"), b"new\n")?;
-        fs::set_permissions(
-            merged.join("chmod.sh"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )?;
+        fs::set_permissions(merged.join("chmod.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         Ok(())
     })();
     rustix::mount::unmount(&merged, rustix::mount::UnmountFlags::empty()).unwrap();
     writes.unwrap();
 
     let diff = compute_diff(&f.lower, &f.upper).unwrap();
-    let got: Vec<(PathBuf, ChangeKind)> =
-        diff.changes.iter().map(|c| (c.path.clone(), c.kind)).collect();
+    let got: Vec<(PathBuf, ChangeKind)> = diff.changes.iter().map(|c| (c.path.clone(), c.kind)).collect();
     assert_eq!(
         got,
         vec![

@@ -24,7 +24,7 @@ fn whiteouts_opaque_dirs_modes_and_links_survive() {
     fs::set_permissions(f.upper.join("d"), fs::Permissions::from_mode(0o750)).unwrap();
     rustix::fs::chownat(
         rustix::fs::CWD,
-        &f.upper.join("m"),
+        f.upper.join("m"),
         Some(rustix::fs::Uid::from_raw(100_000)),
         Some(rustix::fs::Gid::from_raw(100_000)),
         rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
@@ -38,7 +38,7 @@ fn whiteouts_opaque_dirs_modes_and_links_survive() {
     assert!(gone.file_type().is_char_device());
     assert_eq!(gone.rdev(), 0);
     let mut opaque = [0u8; 8];
-    let n = rustix::fs::lgetxattr(&to.join("d"), "trusted.overlay.opaque", &mut opaque[..]).unwrap();
+    let n = rustix::fs::lgetxattr(to.join("d"), "trusted.overlay.opaque", &mut opaque[..]).unwrap();
     assert_eq!(&opaque[..n], b"y");
     let mode = |p: &str| fs::symlink_metadata(to.join(p)).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode("m"), 0o700);
@@ -51,23 +51,24 @@ fn whiteouts_opaque_dirs_modes_and_links_survive() {
     let copy = compute_diff(&f.lower, &to).unwrap();
     // Only the stripped setuid bit differs.
     let strip = |d: &airlock_workspace::Diff| {
-        d.changes
-            .iter()
-            .map(|c| (c.path.clone(), c.kind, c.new_mode.map(|m| m & 0o777)))
-            .collect::<Vec<_>>()
+        d.changes.iter().map(|c| (c.path.clone(), c.kind, c.new_mode.map(|m| m & 0o777))).collect::<Vec<_>>()
     };
     assert_eq!(strip(&original), strip(&copy));
 }
 
 #[test]
-fn special_files_are_refused_and_the_partial_copy_removed() {
+fn fifos_are_kept_as_inert_nodes_that_apply_refuses() {
+    use std::os::unix::fs::FileTypeExt;
     let f = Fixture::new();
     write(&f.upper, "a", b"a\n");
     fifo(&f.upper, "pipe");
     let to = f.root.join("copy");
-    let err = persist_layer(&f.upper, &to).unwrap_err();
-    assert!(matches!(err, WorkspaceError::SpecialFile { kind: "fifo", .. }), "{err}");
-    assert!(!to.exists());
+    persist_layer(&f.upper, &to).unwrap();
+    assert!(std::fs::symlink_metadata(to.join("pipe")).unwrap().file_type().is_fifo());
+    let diff = compute_diff(&f.lower, &to).unwrap();
+    let err = airlock_workspace::apply(&diff, &to, &f.lower, &Default::default()).unwrap_err();
+    assert!(err.to_string().contains("pipe"), "{err}");
+    assert!(!f.lower.join("a").exists(), "partial apply");
 }
 
 #[test]

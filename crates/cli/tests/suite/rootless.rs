@@ -1,0 +1,142 @@
+//! The same guarantees when airlock runs as an ordinary user (rootless): the
+//! test binary, when root, re-runs airlock as the `airlock-test` user that
+//! `scripts/test.sh` creates.
+
+use std::os::unix::fs::chown;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use super::support::*;
+
+const USER: &str = "airlock-test";
+
+struct Rootless {
+    env: Env,
+    uid: u32,
+}
+
+fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&name)).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+    })
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    chown(path, Some(uid), Some(gid)).unwrap();
+    if path.is_dir() && !path.is_symlink() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            chown_tree(&entry.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+/// A test environment owned by the unprivileged user, or None (skipped).
+fn setup() -> Option<Rootless> {
+    let env = Env::new();
+    if !is_root() {
+        // Already unprivileged: the whole suite is the rootless run.
+        return Some(Rootless { uid: rustix::process::getuid().as_raw(), env });
+    }
+    let ids = user_ids(USER);
+    if !require(ids.is_some(), "the user airlock-test (created by scripts/test.sh)") {
+        return None;
+    }
+    let (uid, gid) = ids?;
+    std::fs::create_dir_all(&env.state).unwrap();
+    chown_tree(env.dir.path(), uid, gid);
+    Some(Rootless { env, uid })
+}
+
+impl Rootless {
+    fn airlock(&self, args: &[&str]) -> Command {
+        let mut cmd = if is_root() {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid", USER, "--regid", USER, "--init-groups", "--"]).arg(BIN);
+            c.env("HOME", format!("/home/{USER}"));
+            c
+        } else {
+            Command::new(BIN)
+        };
+        cmd.args(args)
+            .env("AIRLOCK_STATE_DIR", &self.env.state)
+            .current_dir(&self.env.workspace)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run_sh(&self, name: &str, extra: &[&str], script: &str) -> Output {
+        let mut args = vec!["run", "--name", name];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", script]);
+        self.airlock(&args).output().unwrap()
+    }
+}
+
+#[test]
+fn rootless_run_confines_and_keeps_changes_for_review() {
+    let Some(r) = setup() else { return };
+    let outside = r.env.dir.path().join("outside-file");
+    let script = format!(
+        "id -u; cat /proc/self/uid_map; grep CapEff /proc/self/status; \
+         echo patched >> src/lib.c; (echo pwned > {}) 2>/dev/null; (echo x > /etc/evil) 2>/dev/null; \
+         echo procs:$(ls -d /proc/[0-9]* | wc -l); exit 5",
+        outside.display()
+    );
+    let o = r.run_sh("rootless", &[], &script);
+    assert_eq!(o.status.code(), Some(5), "{}", show(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("0\n"), "{}", show(&o));
+    // Root inside is the unprivileged user outside.
+    let map: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(map, ["0", &r.uid.to_string(), "1"], "{}", show(&o));
+    assert!(out.contains("CapEff:\t0000000000000000"), "{}", show(&o));
+    assert!(!outside.exists());
+    assert!(!Path::new("/etc/evil").exists());
+    let procs: usize = out.lines().find_map(|l| l.strip_prefix("procs:")).unwrap().trim().parse().unwrap();
+    assert!(procs < 10, "{}", show(&o));
+    // Without root there are no cgroups or disk quota: dev allows running
+    // weaker, and says so.
+    if is_root() {
+        assert!(stderr(&o).contains("running weaker"), "{}", show(&o));
+    }
+    assert_eq!(std::fs::read_to_string(r.env.workspace.join("src/lib.c")).unwrap(), "int x;\n");
+
+    let o = r.airlock(&["diff", "rootless", "--stat"]).output().unwrap();
+    assert!(stdout(&o).contains("src/lib.c"), "{}", show(&o));
+    let o = r.airlock(&["apply", "rootless", "--yes"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(std::fs::read_to_string(r.env.workspace.join("src/lib.c")).unwrap(), "int x;\npatched\n");
+}
+
+#[test]
+fn rootless_refuses_a_policy_that_needs_what_it_lacks() {
+    let Some(r) = setup() else { return };
+    if !is_root() {
+        eprintln!(
+            "SKIPPED: decides per host whether cgroups are delegated; checked when the suite runs as root"
+        );
+        return;
+    }
+    let o = r.run_sh("strict", &["--policy", "ci"], "true");
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+    assert!(stderr(&o).contains("cgroups") && stderr(&o).contains("airlock doctor"), "{}", show(&o));
+}
+
+#[test]
+fn rootless_time_limit_and_network() {
+    let Some(r) = setup() else { return };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let token = "sleep 4242.4203";
+    let script = format!(
+        "bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null && echo CONNECTED; ({token} &); {token}"
+    );
+    let o = r.run_sh("rootless-limits", &["--timeout", "2s", "--rm"], &script);
+    assert_eq!(o.status.code(), Some(124), "{}", show(&o));
+    assert!(!stdout(&o).contains("CONNECTED"), "{}", show(&o));
+    assert!(listener.accept().is_err());
+    assert!(wait_until(5, || pids_running(token).is_empty()), "survivors: {:?}", pids_running(token));
+}
