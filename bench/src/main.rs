@@ -1,1 +1,557 @@
-fn main() {}
+//! airlock-bench: how fast airlock starts a sandbox, how long `airlock diff`
+//! takes as the workspace grows, and how much memory a run needs, beside
+//! bubblewrap and runc doing the same job. See bench/README.md.
+
+mod fixtures;
+mod measure;
+mod report;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use measure::{Sample, Summary};
+
+/// Everything that goes wrong here is reported as a sentence.
+#[derive(Debug)]
+pub struct BenchError(String);
+
+impl BenchError {
+    pub fn new(msg: impl Into<String>) -> BenchError {
+        BenchError(msg.into())
+    }
+}
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+const USAGE: &str = "\
+usage: airlock-bench --airlock PATH [options]
+
+Runs airlock's startup, diff and memory benchmarks, and the same startup with
+bubblewrap and runc where they are installed; prints medians, p90 and ratios.
+
+options:
+  --airlock PATH       the airlock binary to measure (build it with --release)
+  -n, --iterations N   timed runs per case (default 30)
+  --warmup N           untimed runs before each case (default 3)
+  --work-dir DIR       where trees and state directories go; every parent must
+                       be o+x (default: $CARGO_TARGET_DIR/bench-work, else
+                       bench-work beside the airlock binary's target directory)
+  --workspace-files N  files in the startup benchmark's workspace (default 10000)
+  --diff-small N       files in the small diff workspace (default 1000)
+  --diff-large N       files in the large diff workspace (default 100000)
+  --no-bwrap           skip bubblewrap even if installed
+  --no-runc            skip runc even if installed
+  --keep               keep the scratch directory afterwards
+  --strict             exit 2 when a target is missed
+  -h, --help           this text";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub airlock: PathBuf,
+    pub iterations: usize,
+    pub warmup: usize,
+    pub work_dir: Option<PathBuf>,
+    pub workspace_files: usize,
+    pub diff_small: usize,
+    pub diff_large: usize,
+    pub bwrap: bool,
+    pub runc: bool,
+    pub keep: bool,
+    pub strict: bool,
+}
+
+enum Parsed {
+    Run(Options),
+    Help,
+}
+
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchError> {
+    let mut airlock = None;
+    let mut o = Options {
+        airlock: PathBuf::new(),
+        iterations: 30,
+        warmup: 3,
+        work_dir: None,
+        workspace_files: 10_000,
+        diff_small: 1_000,
+        diff_large: 100_000,
+        bwrap: true,
+        runc: true,
+        keep: false,
+        strict: false,
+    };
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String, BenchError> {
+            inline.clone().or_else(|| args.next()).ok_or_else(|| BenchError::new(format!("{name} needs a value")))
+        };
+        let number = |name: &str, v: String, min: usize| -> Result<usize, BenchError> {
+            match v.parse::<usize>() {
+                Ok(n) if n >= min => Ok(n),
+                _ => Err(BenchError::new(format!("{name}: expected a whole number ≥ {min}, got {v:?}"))),
+            }
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "--airlock" => airlock = Some(PathBuf::from(value("--airlock")?)),
+            "-n" | "--iterations" => o.iterations = number("--iterations", value("--iterations")?, 1)?,
+            "--warmup" => o.warmup = number("--warmup", value("--warmup")?, 0)?,
+            "--work-dir" => o.work_dir = Some(PathBuf::from(value("--work-dir")?)),
+            "--workspace-files" => {
+                o.workspace_files = number("--workspace-files", value("--workspace-files")?, 1)?;
+            }
+            "--diff-small" => {
+                o.diff_small = number("--diff-small", value("--diff-small")?, fixtures::TOUCHED)?;
+            }
+            "--diff-large" => {
+                o.diff_large = number("--diff-large", value("--diff-large")?, fixtures::TOUCHED)?;
+            }
+            "--no-bwrap" => o.bwrap = false,
+            "--no-runc" => o.runc = false,
+            "--keep" => o.keep = true,
+            "--strict" => o.strict = true,
+            other => return Err(BenchError::new(format!("unknown argument {other:?}; see --help"))),
+        }
+    }
+    o.airlock = airlock.ok_or_else(|| BenchError::new("--airlock PATH is required; see --help"))?;
+    Ok(Parsed::Run(o))
+}
+
+fn main() {
+    let code = match parse_args(std::env::args().skip(1)) {
+        Ok(Parsed::Help) => {
+            println!("{USAGE}");
+            0
+        }
+        Ok(Parsed::Run(opts)) => match run(&opts) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("airlock-bench: {e}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("airlock-bench: {e}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+/// One thing to measure: how to build its command for iteration `i`, and what
+/// to tidy (untimed) after each run.
+pub struct Case {
+    pub label: String,
+    make: Box<dyn Fn(usize) -> Command>,
+    after: Option<Box<dyn Fn(usize)>>,
+}
+
+/// A case's outcome.
+pub enum Outcome {
+    Measured(Summary),
+    Failed(String),
+    Skipped(String),
+}
+
+impl Outcome {
+    pub fn summary(&self) -> Option<&Summary> {
+        match self {
+            Outcome::Measured(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Runs a case: `warmup` untimed runs with their output captured (so a
+/// failure is shown in full), then `iterations` timed runs.
+fn measure_case(case: &Case, opts: &Options) -> Outcome {
+    eprint!("  {:<48} ", case.label);
+    let result = (|| -> Result<Summary, BenchError> {
+        for i in 0..opts.warmup {
+            let r = measure::checked((case.make)(i), &case.label);
+            if let Some(after) = &case.after {
+                after(i);
+            }
+            r?;
+        }
+        let mut samples: Vec<Sample> = Vec::with_capacity(opts.iterations);
+        for i in opts.warmup..opts.warmup + opts.iterations {
+            let r = measure::timed((case.make)(i), &case.label);
+            if let Some(after) = &case.after {
+                after(i);
+            }
+            samples.push(r?);
+        }
+        Summary::of(&samples).ok_or_else(|| BenchError::new("no samples"))
+    })();
+    match result {
+        Ok(s) => {
+            eprintln!("median {}", report::ms(s.median));
+            Outcome::Measured(s)
+        }
+        Err(e) => {
+            eprintln!("FAILED");
+            Outcome::Failed(e.to_string())
+        }
+    }
+}
+
+/// Results, keyed by what was measured.
+pub struct Results {
+    pub opts: Options,
+    pub header: Vec<String>,
+    pub notes: Vec<String>,
+    pub airlock_none: Outcome,
+    pub airlock_ws: Outcome,
+    pub bwrap_none: Outcome,
+    pub bwrap_ws: Outcome,
+    pub runc_none: Outcome,
+    pub runc_ws: Outcome,
+    pub diff_small: Outcome,
+    pub diff_large: Outcome,
+    pub diff_stats: Vec<String>,
+}
+
+fn run(opts: &Options) -> Result<i32, BenchError> {
+    let airlock = std::fs::canonicalize(&opts.airlock)
+        .map_err(|e| BenchError::new(format!("--airlock {}: {e}", opts.airlock.display())))?;
+    let version = {
+        let mut v = Command::new(&airlock);
+        v.arg("--version");
+        measure::checked(v, "airlock --version")?.trim().to_string()
+    };
+
+    let (work_root, mut notes) = fixtures::choose_work_root(opts.work_dir.as_deref(), &airlock)?;
+    fixtures::make_dir_0755(&work_root)?;
+    let scratch = work_root.join(format!("run-{}", std::process::id()));
+    if scratch.exists() {
+        return Err(BenchError::new(format!("{} already exists; remove it", scratch.display())));
+    }
+    fixtures::make_dir_0755(&scratch)?;
+
+    let bwrap = if opts.bwrap { fixtures::find_in_path("bwrap") } else { None };
+    let runc = if opts.runc { fixtures::find_in_path("runc") } else { None };
+    let mut header = vec![
+        format!("airlock:    {} ({version})", airlock.display()),
+        format!("bubblewrap: {}", peer_line(bwrap.as_deref(), opts.bwrap, "--version")),
+        format!("runc:       {}", peer_line(runc.as_deref(), opts.runc, "--version")),
+        format!("host:       Linux {}, {} cores, {}", kernel(), cores(), if fixtures::is_root() { "root" } else { "not root" }),
+        format!("runs:       {} timed after {} warm-up per case", opts.iterations, opts.warmup),
+        format!("scratch:    {}", scratch.display()),
+    ];
+
+    eprintln!("airlock-bench: building workspace trees in {}", scratch.display());
+    let started = Instant::now();
+    let ws = scratch.join(format!("ws-{}", opts.workspace_files));
+    let small = scratch.join(format!("diff-{}", opts.diff_small));
+    let large = scratch.join(format!("diff-{}", opts.diff_large));
+    fixtures::make_tree(&ws, opts.workspace_files)?;
+    fixtures::make_tree(&small, opts.diff_small)?;
+    fixtures::make_tree(&large, opts.diff_large)?;
+    header.push(format!("trees:      built in {}", report::secs(started.elapsed())));
+
+    eprintln!("airlock-bench: startup");
+    let state_none = scratch.join("state-run-none");
+    let state_ws = scratch.join("state-run-workspace");
+    let airlock_none = measure_case(&airlock_run_case(&airlock, &state_none, &scratch, None), opts);
+    let airlock_ws = measure_case(&airlock_run_case(&airlock, &state_ws, &scratch, Some(&ws)), opts);
+    for state in [&state_none, &state_ws] {
+        let left = std::fs::read_dir(state).map(|d| d.count()).unwrap_or(0);
+        if left > 0 {
+            notes.push(format!("{left} entries left in {} after --rm runs", state.display()));
+        }
+    }
+
+    let (bwrap_none, bwrap_ws) = match &bwrap {
+        Some(b) => (
+            measure_case(&bwrap_case(b, &scratch, None), opts),
+            measure_case(&bwrap_case(b, &scratch, Some(&ws)), opts),
+        ),
+        None => (skipped(opts.bwrap, "bwrap"), skipped(opts.bwrap, "bwrap")),
+    };
+    let (runc_none, runc_ws) = match &runc {
+        Some(r) => {
+            let root = scratch.join("runc-root");
+            fixtures::make_dir_0755(&root)?;
+            let none = runc_outcome(r, &root, &scratch.join("bundle-plain"), None, "plain", opts, &mut header);
+            let with_ws = runc_outcome(r, &root, &scratch.join("bundle-ws"), Some(&ws), "ws", opts, &mut header);
+            (none, with_ws)
+        }
+        None => (skipped(opts.runc, "runc"), skipped(opts.runc, "runc")),
+    };
+
+    eprintln!("airlock-bench: diff");
+    let state_diff = scratch.join("state-diff");
+    let mut diff_stats = Vec::new();
+    let diff_small = diff_outcome(&airlock, &state_diff, &small, opts.diff_small, opts, &mut diff_stats);
+    let diff_large = diff_outcome(&airlock, &state_diff, &large, opts.diff_large, opts, &mut diff_stats);
+
+    let results = Results {
+        opts: opts.clone(),
+        header,
+        notes,
+        airlock_none,
+        airlock_ws,
+        bwrap_none,
+        bwrap_ws,
+        runc_none,
+        runc_ws,
+        diff_small,
+        diff_large,
+        diff_stats,
+    };
+    let verdict = report::print(&results);
+
+    if opts.keep {
+        println!("\nkept {}", scratch.display());
+    } else {
+        cleanup(&scratch);
+    }
+
+    let airlock_failed = [&results.airlock_none, &results.airlock_ws, &results.diff_small, &results.diff_large]
+        .iter()
+        .any(|o| matches!(o, Outcome::Failed(_)));
+    Ok(if airlock_failed {
+        1
+    } else if opts.strict && !verdict.all_met {
+        2
+    } else {
+        0
+    })
+}
+
+fn skipped(wanted: bool, name: &str) -> Outcome {
+    Outcome::Skipped(if wanted { format!("{name} is not installed") } else { format!("--no-{name}") })
+}
+
+fn peer_line(path: Option<&Path>, wanted: bool, version_flag: &str) -> String {
+    match path {
+        None if !wanted => "skipped (flag)".into(),
+        None => "not installed: its rows are skipped".into(),
+        Some(p) => {
+            let mut c = Command::new(p);
+            c.arg(version_flag);
+            let v = measure::checked(c, "version").unwrap_or_default();
+            format!("{} ({})", p.display(), v.lines().next().unwrap_or("version unknown").trim())
+        }
+    }
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(usize::from).unwrap_or(1)
+}
+
+fn airlock_run_case(airlock: &Path, state: &Path, cwd: &Path, workspace: Option<&Path>) -> Case {
+    let (airlock, state, cwd) = (airlock.to_path_buf(), state.to_path_buf(), cwd.to_path_buf());
+    let ws = workspace.map(Path::to_path_buf);
+    let label = match &ws {
+        None => "airlock run --rm --mode none -- /bin/true".to_string(),
+        Some(_) => "airlock run --rm (overlay workspace) -- /bin/true".to_string(),
+    };
+    Case {
+        label,
+        make: Box::new(move |_| {
+            let mut c = Command::new(&airlock);
+            c.env("AIRLOCK_STATE_DIR", &state).current_dir(&cwd).args(["run", "--rm"]);
+            match &ws {
+                None => c.args(["--mode", "none"]),
+                Some(ws) => c.args(["--mode", "overlay", "--workspace"]).arg(ws),
+            };
+            c.args(["--", "/bin/true"]);
+            c
+        }),
+        after: None,
+    }
+}
+
+fn bwrap_case(bwrap: &Path, cwd: &Path, workspace: Option<&Path>) -> Case {
+    let (bwrap, cwd) = (bwrap.to_path_buf(), cwd.to_path_buf());
+    let ws = workspace.map(Path::to_path_buf);
+    let label = match &ws {
+        None => "bwrap --ro-bind / / --unshare-all /bin/true".to_string(),
+        Some(_) => "bwrap … --bind WORKSPACE WORKSPACE /bin/true".to_string(),
+    };
+    Case {
+        label,
+        make: Box::new(move |_| {
+            let mut c = Command::new(&bwrap);
+            c.current_dir(&cwd).args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
+            if let Some(ws) = &ws {
+                c.arg("--bind").arg(ws).arg(ws);
+            }
+            c.args(["--unshare-all", "--die-with-parent", "/bin/true"]);
+            c
+        }),
+        after: None,
+    }
+}
+
+fn runc_outcome(
+    runc: &Path,
+    root: &Path,
+    bundle: &Path,
+    workspace: Option<&Path>,
+    tag: &str,
+    opts: &Options,
+    header: &mut Vec<String>,
+) -> Outcome {
+    let label = match workspace {
+        None => "runc run (minimal rootfs) /bin/true".to_string(),
+        Some(_) => "runc run + bind WORKSPACE /bin/true".to_string(),
+    };
+    let kind = match fixtures::make_runc_bundle(runc, bundle, workspace) {
+        Ok(kind) => kind,
+        Err(e) => {
+            eprintln!("  {label:<48} FAILED (bundle)");
+            return Outcome::Failed(format!("cannot build the OCI bundle: {e}"));
+        }
+    };
+    if workspace.is_none() {
+        header.push(format!("runc rootfs: {kind}"));
+    }
+    let id = |i: usize| format!("airlock-bench-{}-{tag}-{i}", std::process::id());
+    let (r1, root1, b1) = (runc.to_path_buf(), root.to_path_buf(), bundle.to_path_buf());
+    let (r2, root2) = (runc.to_path_buf(), root.to_path_buf());
+    let case = Case {
+        label,
+        make: Box::new(move |i| {
+            let mut c = Command::new(&r1);
+            c.arg("--root").arg(&root1).arg("run").arg("--bundle").arg(&b1).arg(id(i));
+            c
+        }),
+        // `runc run` without --detach deletes the container when it exits;
+        // this catches one left behind by a failed run.
+        after: Some(Box::new(move |i| {
+            let mut c = Command::new(&r2);
+            c.arg("--root").arg(&root2).args(["delete", "--force"]).arg(id(i));
+            c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            let _ = c.status();
+        })),
+    };
+    measure_case(&case, opts)
+}
+
+/// Makes a sandbox over `tree` that appends to ten files, then times
+/// `airlock diff NAME --stat` on it.
+fn diff_outcome(
+    airlock: &Path,
+    state: &Path,
+    tree: &Path,
+    files: usize,
+    opts: &Options,
+    stats: &mut Vec<String>,
+) -> Outcome {
+    let name = format!("bench-diff-{files}");
+    let label = format!("airlock diff --stat ({} files, 10 changed)", report::count(files));
+    let with_state = |args: &[&str]| {
+        let mut c = Command::new(airlock);
+        c.env("AIRLOCK_STATE_DIR", state).current_dir(tree).args(args);
+        c
+    };
+    let mut make = with_state(&["run", "--name", &name, "--mode", "overlay", "--workspace"]);
+    make.arg(tree).args(["--", "sh", "-c", "for i in $(seq 10); do echo x >> f$i; done"]);
+    if let Err(e) = measure::checked(make, &format!("airlock run --name {name}")) {
+        eprintln!("  {label:<48} FAILED (setup)");
+        return Outcome::Failed(e.to_string());
+    }
+    match measure::checked(with_state(&["diff", &name, "--stat"]), "airlock diff --stat") {
+        Ok(out) => {
+            let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
+            stats.push(format!("{}-file workspace: {}", report::count(files), last.trim()));
+        }
+        Err(e) => {
+            eprintln!("  {label:<48} FAILED");
+            return Outcome::Failed(e.to_string());
+        }
+    }
+    let (airlock_c, state_c, tree_c, name_c) =
+        (airlock.to_path_buf(), state.to_path_buf(), tree.to_path_buf(), name.clone());
+    let case = Case {
+        label,
+        make: Box::new(move |_| {
+            let mut c = Command::new(&airlock_c);
+            c.env("AIRLOCK_STATE_DIR", &state_c).current_dir(&tree_c).args(["diff", &name_c, "--stat"]);
+            c
+        }),
+        after: None,
+    };
+    let outcome = measure_case(&case, opts);
+    let mut rm = with_state(&["rm", &name]);
+    rm.stdout(std::process::Stdio::null());
+    if let Err(e) = measure::checked(rm, "airlock rm") {
+        eprintln!("  warning: {e}");
+    }
+    outcome
+}
+
+/// Removes the scratch directory, unless something is still mounted below it
+/// (then deleting could reach into the mounted filesystem).
+fn cleanup(scratch: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = scratch.to_string_lossy();
+    let busy: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|mp| mp.starts_with(prefix.as_ref()))
+        .collect();
+    if !busy.is_empty() {
+        eprintln!(
+            "airlock-bench: not removing {}: still mounted below it: {}",
+            scratch.display(),
+            busy.join(", ")
+        );
+        return;
+    }
+    let started = Instant::now();
+    if let Err(e) = std::fs::remove_dir_all(scratch) {
+        eprintln!("airlock-bench: could not remove {}: {e}", scratch.display());
+    } else if started.elapsed() > Duration::from_secs(5) {
+        eprintln!("airlock-bench: removed {} in {}", scratch.display(), report::secs(started.elapsed()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Parsed, BenchError> {
+        parse_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let Parsed::Run(o) = parse(&["--airlock", "/x/airlock"]).unwrap() else { panic!("help") };
+        assert_eq!((o.iterations, o.warmup, o.diff_large), (30, 3, 100_000));
+        let Parsed::Run(o) = parse(&["--airlock=/a", "-n", "5", "--warmup=0", "--no-runc"]).unwrap() else {
+            panic!("help")
+        };
+        assert_eq!((o.iterations, o.warmup, o.runc, o.bwrap), (5, 0, false, true));
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--airlock", "/a", "-n", "0"]).is_err());
+        assert!(parse(&["--airlock", "/a", "--frobnicate"]).is_err());
+        assert!(parse(&["--airlock", "/a", "--diff-small", "3"]).is_err());
+        assert!(matches!(parse(&["--help"]).unwrap(), Parsed::Help));
+    }
+}

@@ -159,7 +159,7 @@ const SAFE: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
 /// nosuid and nodev, keeping whatever flags the kernel locked.
 fn make_read_only(target: &Path, recursive: bool) -> Result<(), MountError> {
     let flags = if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
-    let set = u64::from(libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV);
+    let set = libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
     sys::mount_setattr(None, &cstr(target)?, flags, set, 0, None).ctx("make read-only", target)
 }
 
@@ -335,7 +335,7 @@ fn mount_workspace(root: &Path, ws: &crate::plan::WorkspaceMount) -> Result<(), 
             mount_bind_recursive(&ws.path, &target).ctx("bind workspace", &ws.path)?;
         }
     }
-    let nosuid = u64::from(libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV);
+    let nosuid = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
     match &ws.mode {
         WorkspaceMountMode::Overlay { upper, work } => {
             let data = format!(

@@ -249,7 +249,7 @@ pub fn idmapped_tree(path: &Path, id_map: &IdMap) -> Result<OwnedFd, SpawnError>
             Some(tree.as_fd()),
             c"",
             libc::AT_EMPTY_PATH as libc::c_uint,
-            u64::from(libc::MOUNT_ATTR_IDMAP),
+            libc::MOUNT_ATTR_IDMAP,
             0,
             Some(userns.as_fd()),
         )?;

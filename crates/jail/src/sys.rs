@@ -193,12 +193,12 @@ pub fn set_loopback_up() -> io::Result<()> {
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
         *dst = *src as c_char;
     }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own.
     let result = (|| {
+        // SAFETY: SIOCGIFFLAGS fills the ifreq we own.
         check(unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) } as libc::c_long)?;
         // SAFETY: the kernel filled ifru_flags for SIOCGIFFLAGS.
         unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-        // SAFETY: as above.
+        // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
         check(unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) } as libc::c_long)?;
         Ok(())
     })();

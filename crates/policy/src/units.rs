@@ -126,7 +126,7 @@ pub fn format_size(n: u64) -> String {
         return "0B".to_string();
     }
     for (unit, size) in SIZE_UNITS {
-        if n % size == 0 {
+        if n.is_multiple_of(*size) {
             return format!("{}{unit}", n / size);
         }
     }

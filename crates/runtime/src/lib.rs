@@ -34,7 +34,7 @@ pub mod exit_codes {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
-    Policy(#[from] airlock_policy::PolicyError),
+    Policy(Box<airlock_policy::PolicyError>),
     #[error(transparent)]
     StateDir(#[from] state::StateError),
     #[error(transparent)]
@@ -75,6 +75,12 @@ pub enum RunError {
     Signals(#[source] io::Error),
     #[error("waiting for the sandbox: {0}")]
     Wait(#[source] io::Error),
+}
+
+impl From<airlock_policy::PolicyError> for RunError {
+    fn from(e: airlock_policy::PolicyError) -> Self {
+        RunError::Policy(Box::new(e))
+    }
 }
 
 /// Current time, RFC 3339 UTC.

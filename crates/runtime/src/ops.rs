@@ -35,7 +35,7 @@ pub enum OpError {
     )]
     WritebackForbidden { name: String, policy: String },
     #[error("the stored policy of sandbox {0} cannot be read: {1}")]
-    StoredPolicy(String, airlock_policy::PolicyError),
+    StoredPolicy(String, Box<airlock_policy::PolicyError>),
     #[error("could not stop sandbox {0}: its supervisor did not exit")]
     StopFailed(String),
 }
@@ -172,7 +172,7 @@ pub fn apply(pending: PendingApply) -> Result<ApplyReport, OpError> {
 
 fn stored_policy(sandbox: &SandboxDir) -> Result<Policy, OpError> {
     Policy::load_file(&sandbox.policy_path())
-        .map_err(|e| OpError::StoredPolicy(sandbox.name().to_string(), e))
+        .map_err(|e| OpError::StoredPolicy(sandbox.name().to_string(), Box::new(e)))
 }
 
 /// Removes a sandbox, stopping it first if it still runs.

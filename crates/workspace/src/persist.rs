@@ -166,7 +166,10 @@ fn copy_entry(
                 "fifo" => FileType::Fifo,
                 "socket" => FileType::Socket,
                 _ => {
-                    return Err(WorkspaceError::SpecialFile { path: rel.to_path_buf(), kind: meta.kind_name });
+                    return Err(WorkspaceError::SpecialFile {
+                        path: rel.to_path_buf(),
+                        kind: meta.kind_name,
+                    });
                 }
             };
             rustix::fs::mknodat(dst, name, ty, Mode::from_raw_mode(0o600), 0)
