@@ -26,16 +26,19 @@ pub fn make_dir_0755(dir: &Path) -> Result<(), BenchError> {
 /// The first existing ancestor of `dir` (or `dir` itself) that others cannot
 /// traverse, if any. airlock refuses a state directory below one of those.
 pub fn untraversable_ancestor(dir: &Path) -> Option<(PathBuf, u32)> {
-    dir.ancestors().filter_map(|a| fs::metadata(a).ok().map(|m| (a, m.permissions().mode()))).find_map(
-        |(a, mode)| if mode & 0o001 == 0 { Some((a.to_path_buf(), mode & 0o7777)) } else { None },
-    )
+    dir.ancestors()
+        .filter_map(|a| fs::metadata(a).ok().map(|m| (a, m.permissions().mode())))
+        .find_map(|(a, mode)| if mode & 0o001 == 0 { Some((a.to_path_buf(), mode & 0o7777)) } else { None })
 }
 
 /// Picks the directory that holds this run's trees and state directories:
 /// the one asked for, else a `bench-work` directory in the cargo target
 /// directory, else one under the system temp directory. Every ancestor must be
 /// o+x, since airlock checks that of its state directory.
-pub fn choose_work_root(requested: Option<&Path>, airlock: &Path) -> Result<(PathBuf, Vec<String>), BenchError> {
+pub fn choose_work_root(
+    requested: Option<&Path>,
+    airlock: &Path,
+) -> Result<(PathBuf, Vec<String>), BenchError> {
     let mut notes = Vec::new();
     if let Some(dir) = requested {
         let dir = absolute(dir)?;
@@ -187,7 +190,11 @@ fn copy_file(from: &Path, to: &Path) -> Result<(), BenchError> {
 /// Creates an OCI bundle in `bundle` whose container runs `/bin/true`: a
 /// rootfs from [`make_rootfs`], `runc spec` (rootless unless we are root),
 /// made non-interactive, plus a read-write bind mount of `workspace` if given.
-pub fn make_runc_bundle(runc: &Path, bundle: &Path, workspace: Option<&Path>) -> Result<RootfsKind, BenchError> {
+pub fn make_runc_bundle(
+    runc: &Path,
+    bundle: &Path,
+    workspace: Option<&Path>,
+) -> Result<RootfsKind, BenchError> {
     make_dir_0755(bundle)?;
     let kind = make_rootfs(&bundle.join("rootfs"))?;
     let mut spec = Command::new(runc);
@@ -244,7 +251,10 @@ mod tests {
                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
         assert_eq!(
             ldd_paths(out),
-            vec![PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
         );
     }
 

@@ -95,7 +95,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
             _ => (arg.clone(), None),
         };
         let mut value = |name: &str| -> Result<String, BenchError> {
-            inline.clone().or_else(|| args.next()).ok_or_else(|| BenchError::new(format!("{name} needs a value")))
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| BenchError::new(format!("{name} needs a value")))
         };
         let number = |name: &str, v: String, min: usize| -> Result<usize, BenchError> {
             match v.parse::<usize>() {
@@ -174,38 +177,74 @@ impl Outcome {
     }
 }
 
-/// Runs a case: `warmup` untimed runs with their output captured (so a
-/// failure is shown in full), then `iterations` timed runs.
-fn measure_case(case: &Case, opts: &Options) -> Outcome {
-    eprint!("  {:<48} ", case.label);
-    let result = (|| -> Result<Summary, BenchError> {
+/// A case to measure, or one whose outcome is already known (skipped, or
+/// failed while being set up).
+pub enum Slot {
+    Run(Case),
+    Done(Outcome),
+}
+
+/// Measures cases side by side: each gets `warmup` untimed runs with output
+/// captured (so a failure is shown in full); then `iterations` rounds run
+/// every case once, in turn, so that a burst of load elsewhere on the machine
+/// lands on all of them alike rather than on whichever ran at the time. A
+/// case that fails is dropped from later rounds.
+fn measure_interleaved(slots: Vec<Slot>, opts: &Options) -> Vec<Outcome> {
+    struct Live {
+        case: Case,
+        samples: Vec<Sample>,
+        failed: Option<String>,
+    }
+    let mut live: Vec<Result<Live, Outcome>> = slots
+        .into_iter()
+        .map(|slot| match slot {
+            Slot::Run(case) => Ok(Live { case, samples: Vec::with_capacity(opts.iterations), failed: None }),
+            Slot::Done(outcome) => Err(outcome),
+        })
+        .collect();
+    let run_once = |case: &Case, i: usize, warm: bool| -> Result<Option<Sample>, BenchError> {
+        let r = if warm {
+            measure::checked((case.make)(i), &case.label).map(|_| None)
+        } else {
+            measure::timed((case.make)(i), &case.label).map(Some)
+        };
+        if let Some(after) = &case.after {
+            after(i);
+        }
+        r
+    };
+    for l in live.iter_mut().flatten() {
+        eprint!("  warm-up  {:<52} ", l.case.label);
         for i in 0..opts.warmup {
-            let r = measure::checked((case.make)(i), &case.label);
-            if let Some(after) = &case.after {
-                after(i);
+            if let Err(e) = run_once(&l.case, i, true) {
+                l.failed = Some(e.to_string());
+                break;
             }
-            r?;
         }
-        let mut samples: Vec<Sample> = Vec::with_capacity(opts.iterations);
-        for i in opts.warmup..opts.warmup + opts.iterations {
-            let r = measure::timed((case.make)(i), &case.label);
-            if let Some(after) = &case.after {
-                after(i);
+        eprintln!("{}", if l.failed.is_some() { "FAILED" } else { "ok" });
+    }
+    for round in 0..opts.iterations {
+        eprint!("\r  measure  round {}/{}", round + 1, opts.iterations);
+        let i = opts.warmup + round;
+        for l in live.iter_mut().flatten().filter(|l| l.failed.is_none()) {
+            match run_once(&l.case, i, false) {
+                Ok(Some(sample)) => l.samples.push(sample),
+                Ok(None) => {}
+                Err(e) => l.failed = Some(format!("timed run {}: {e}", round + 1)),
             }
-            samples.push(r?);
-        }
-        Summary::of(&samples).ok_or_else(|| BenchError::new("no samples"))
-    })();
-    match result {
-        Ok(s) => {
-            eprintln!("median {}", report::ms(s.median));
-            Outcome::Measured(s)
-        }
-        Err(e) => {
-            eprintln!("FAILED");
-            Outcome::Failed(e.to_string())
         }
     }
+    eprintln!();
+    live.into_iter()
+        .map(|slot| match slot {
+            Err(outcome) => outcome,
+            Ok(Live { failed: Some(why), .. }) => Outcome::Failed(why),
+            Ok(Live { samples, .. }) => match Summary::of(&samples) {
+                Some(s) => Outcome::Measured(s),
+                None => Outcome::Failed("no samples".into()),
+            },
+        })
+        .collect()
 }
 
 /// Results, keyed by what was measured.
@@ -247,7 +286,12 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         format!("airlock:    {} ({version})", airlock.display()),
         format!("bubblewrap: {}", peer_line(bwrap.as_deref(), opts.bwrap, "--version")),
         format!("runc:       {}", peer_line(runc.as_deref(), opts.runc, "--version")),
-        format!("host:       Linux {}, {} cores, {}", kernel(), cores(), if fixtures::is_root() { "root" } else { "not root" }),
+        format!(
+            "host:       Linux {}, {} cores, {}",
+            kernel(),
+            cores(),
+            if fixtures::is_root() { "root" } else { "not root" }
+        ),
         format!("runs:       {} timed after {} warm-up per case", opts.iterations, opts.warmup),
         format!("scratch:    {}", scratch.display()),
     ];
@@ -262,11 +306,36 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     fixtures::make_tree(&large, opts.diff_large)?;
     header.push(format!("trees:      built in {}", report::secs(started.elapsed())));
 
-    eprintln!("airlock-bench: startup");
+    eprintln!("airlock-bench: startup, {} cases interleaved", 6);
     let state_none = scratch.join("state-run-none");
     let state_ws = scratch.join("state-run-workspace");
-    let airlock_none = measure_case(&airlock_run_case(&airlock, &state_none, &scratch, None), opts);
-    let airlock_ws = measure_case(&airlock_run_case(&airlock, &state_ws, &scratch, Some(&ws)), opts);
+    let peer = |found: &Option<PathBuf>, wanted: bool, name: &str, make: &dyn Fn(&Path) -> Slot| match found {
+        Some(p) => make(p),
+        None => Slot::Done(skipped(wanted, name)),
+    };
+    let runc_root = scratch.join("runc-root");
+    fixtures::make_dir_0755(&runc_root)?;
+    let mut runc_slot = |ws: Option<&Path>, tag: &'static str| {
+        peer(&runc, opts.runc, "runc", &|r| {
+            runc_slot(r, &runc_root, &scratch.join(format!("bundle-{tag}")), ws, tag)
+        })
+    };
+    let (runc_none, runc_ws) = (runc_slot(None, "plain"), runc_slot(Some(&ws), "ws"));
+    let slots = vec![
+        Slot::Run(airlock_run_case(&airlock, &state_none, &scratch, None)),
+        peer(&bwrap, opts.bwrap, "bwrap", &|b| Slot::Run(bwrap_case(b, &scratch, None))),
+        runc_none.0,
+        Slot::Run(airlock_run_case(&airlock, &state_ws, &scratch, Some(&ws))),
+        peer(&bwrap, opts.bwrap, "bwrap", &|b| Slot::Run(bwrap_case(b, &scratch, Some(&ws)))),
+        runc_ws.0,
+    ];
+    if let Some(kind) = runc_none.1 {
+        header.push(format!("runc rootfs: {kind}"));
+    }
+    let mut startup = measure_interleaved(slots, opts).into_iter();
+    let mut next = || startup.next().unwrap_or_else(|| Outcome::Failed("not measured".into()));
+    let (airlock_none, bwrap_none, runc_none, airlock_ws, bwrap_ws, runc_ws) =
+        (next(), next(), next(), next(), next(), next());
     for state in [&state_none, &state_ws] {
         let left = std::fs::read_dir(state).map(|d| d.count()).unwrap_or(0);
         if left > 0 {
@@ -274,29 +343,24 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         }
     }
 
-    let (bwrap_none, bwrap_ws) = match &bwrap {
-        Some(b) => (
-            measure_case(&bwrap_case(b, &scratch, None), opts),
-            measure_case(&bwrap_case(b, &scratch, Some(&ws)), opts),
-        ),
-        None => (skipped(opts.bwrap, "bwrap"), skipped(opts.bwrap, "bwrap")),
-    };
-    let (runc_none, runc_ws) = match &runc {
-        Some(r) => {
-            let root = scratch.join("runc-root");
-            fixtures::make_dir_0755(&root)?;
-            let none = runc_outcome(r, &root, &scratch.join("bundle-plain"), None, "plain", opts, &mut header);
-            let with_ws = runc_outcome(r, &root, &scratch.join("bundle-ws"), Some(&ws), "ws", opts, &mut header);
-            (none, with_ws)
-        }
-        None => (skipped(opts.runc, "runc"), skipped(opts.runc, "runc")),
-    };
-
     eprintln!("airlock-bench: diff");
     let state_diff = scratch.join("state-diff");
     let mut diff_stats = Vec::new();
-    let diff_small = diff_outcome(&airlock, &state_diff, &small, opts.diff_small, opts, &mut diff_stats);
-    let diff_large = diff_outcome(&airlock, &state_diff, &large, opts.diff_large, opts, &mut diff_stats);
+    let sizes = [(&small, opts.diff_small), (&large, opts.diff_large)];
+    let slots = sizes
+        .iter()
+        .map(|(tree, files)| diff_slot(&airlock, &state_diff, tree, *files, &mut diff_stats))
+        .collect();
+    let mut diffs = measure_interleaved(slots, opts).into_iter();
+    let mut next = || diffs.next().unwrap_or_else(|| Outcome::Failed("not measured".into()));
+    let (diff_small, diff_large) = (next(), next());
+    for (_, files) in sizes {
+        let mut rm = Command::new(&airlock);
+        rm.env("AIRLOCK_STATE_DIR", &state_diff).args(["rm", &diff_name(files)]);
+        if let Err(e) = measure::checked(rm, "airlock rm") {
+            notes.push(format!("could not remove the diff sandbox: {e}"));
+        }
+    }
 
     let results = Results {
         opts: opts.clone(),
@@ -320,9 +384,10 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         cleanup(&scratch);
     }
 
-    let airlock_failed = [&results.airlock_none, &results.airlock_ws, &results.diff_small, &results.diff_large]
-        .iter()
-        .any(|o| matches!(o, Outcome::Failed(_)));
+    let airlock_failed =
+        [&results.airlock_none, &results.airlock_ws, &results.diff_small, &results.diff_large]
+            .iter()
+            .any(|o| matches!(o, Outcome::Failed(_)));
     Ok(if airlock_failed {
         1
     } else if opts.strict && !verdict.all_met {
@@ -402,15 +467,15 @@ fn bwrap_case(bwrap: &Path, cwd: &Path, workspace: Option<&Path>) -> Case {
     }
 }
 
-fn runc_outcome(
+/// A runc case, with its OCI bundle built in `bundle`; also says how the
+/// bundle's root filesystem was made.
+fn runc_slot(
     runc: &Path,
     root: &Path,
     bundle: &Path,
     workspace: Option<&Path>,
-    tag: &str,
-    opts: &Options,
-    header: &mut Vec<String>,
-) -> Outcome {
+    tag: &'static str,
+) -> (Slot, Option<fixtures::RootfsKind>) {
     let label = match workspace {
         None => "runc run (minimal rootfs) /bin/true".to_string(),
         Some(_) => "runc run + bind WORKSPACE /bin/true".to_string(),
@@ -418,14 +483,11 @@ fn runc_outcome(
     let kind = match fixtures::make_runc_bundle(runc, bundle, workspace) {
         Ok(kind) => kind,
         Err(e) => {
-            eprintln!("  {label:<48} FAILED (bundle)");
-            return Outcome::Failed(format!("cannot build the OCI bundle: {e}"));
+            eprintln!("  setup    {label:<52} FAILED");
+            return (Slot::Done(Outcome::Failed(format!("cannot build the OCI bundle: {e}"))), None);
         }
     };
-    if workspace.is_none() {
-        header.push(format!("runc rootfs: {kind}"));
-    }
-    let id = |i: usize| format!("airlock-bench-{}-{tag}-{i}", std::process::id());
+    let id = move |i: usize| format!("airlock-bench-{}-{tag}-{i}", std::process::id());
     let (r1, root1, b1) = (runc.to_path_buf(), root.to_path_buf(), bundle.to_path_buf());
     let (r2, root2) = (runc.to_path_buf(), root.to_path_buf());
     let case = Case {
@@ -444,20 +506,17 @@ fn runc_outcome(
             let _ = c.status();
         })),
     };
-    measure_case(&case, opts)
+    (Slot::Run(case), Some(kind))
 }
 
-/// Makes a sandbox over `tree` that appends to ten files, then times
-/// `airlock diff NAME --stat` on it.
-fn diff_outcome(
-    airlock: &Path,
-    state: &Path,
-    tree: &Path,
-    files: usize,
-    opts: &Options,
-    stats: &mut Vec<String>,
-) -> Outcome {
-    let name = format!("bench-diff-{files}");
+fn diff_name(files: usize) -> String {
+    format!("bench-diff-{files}")
+}
+
+/// Makes a sandbox over `tree` that appends to ten files, checks that
+/// `airlock diff --stat` shows it, and returns the case that times that.
+fn diff_slot(airlock: &Path, state: &Path, tree: &Path, files: usize, stats: &mut Vec<String>) -> Slot {
+    let name = diff_name(files);
     let label = format!("airlock diff --stat ({} files, 10 changed)", report::count(files));
     let with_state = |args: &[&str]| {
         let mut c = Command::new(airlock);
@@ -467,8 +526,8 @@ fn diff_outcome(
     let mut make = with_state(&["run", "--name", &name, "--mode", "overlay", "--workspace"]);
     make.arg(tree).args(["--", "sh", "-c", "for i in $(seq 10); do echo x >> f$i; done"]);
     if let Err(e) = measure::checked(make, &format!("airlock run --name {name}")) {
-        eprintln!("  {label:<48} FAILED (setup)");
-        return Outcome::Failed(e.to_string());
+        eprintln!("  setup    {label:<52} FAILED");
+        return Slot::Done(Outcome::Failed(e.to_string()));
     }
     match measure::checked(with_state(&["diff", &name, "--stat"]), "airlock diff --stat") {
         Ok(out) => {
@@ -476,28 +535,20 @@ fn diff_outcome(
             stats.push(format!("{}-file workspace: {}", report::count(files), last.trim()));
         }
         Err(e) => {
-            eprintln!("  {label:<48} FAILED");
-            return Outcome::Failed(e.to_string());
+            eprintln!("  setup    {label:<52} FAILED");
+            return Slot::Done(Outcome::Failed(e.to_string()));
         }
     }
-    let (airlock_c, state_c, tree_c, name_c) =
-        (airlock.to_path_buf(), state.to_path_buf(), tree.to_path_buf(), name.clone());
-    let case = Case {
+    let (airlock, state, tree) = (airlock.to_path_buf(), state.to_path_buf(), tree.to_path_buf());
+    Slot::Run(Case {
         label,
         make: Box::new(move |_| {
-            let mut c = Command::new(&airlock_c);
-            c.env("AIRLOCK_STATE_DIR", &state_c).current_dir(&tree_c).args(["diff", &name_c, "--stat"]);
+            let mut c = Command::new(&airlock);
+            c.env("AIRLOCK_STATE_DIR", &state).current_dir(&tree).args(["diff", &name, "--stat"]);
             c
         }),
         after: None,
-    };
-    let outcome = measure_case(&case, opts);
-    let mut rm = with_state(&["rm", &name]);
-    rm.stdout(std::process::Stdio::null());
-    if let Err(e) = measure::checked(rm, "airlock rm") {
-        eprintln!("  warning: {e}");
-    }
-    outcome
+    })
 }
 
 /// Removes the scratch directory, unless something is still mounted below it

@@ -10,10 +10,10 @@
 mod signals;
 
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use airlock_jail::setup;
 use airlock_jail::spawn::AGENT_CONTROL_FD;
@@ -51,6 +51,27 @@ pub fn main() -> i32 {
     run_command(&mut control, &launch)
 }
 
+fn setup_failed(control: &mut UnixStream, step: &str, err: &dyn std::fmt::Display) -> i32 {
+    report(control, AgentMessage::SetupFailed { step: step.into(), message: err.to_string() });
+    AGENT_FAILED
+}
+
+/// Opens a pseudo-terminal pair and sends the master to the supervisor.
+fn open_terminal(control: &UnixStream) -> io::Result<OwnedFd> {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname(&master, Vec::new())?;
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    airlock_proto::send_fd(control, master.as_fd())?;
+    Ok(slave)
+}
+
 fn report(control: &mut UnixStream, msg: AgentMessage) {
     // The supervisor may already be gone; then the kernel ends us anyway.
     let _ = airlock_proto::send(control, &msg);
@@ -74,6 +95,21 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
     let cwd = if launch.cwd.is_dir() { launch.cwd.clone() } else { "/".into() };
     let mut cmd = Command::new(program);
     cmd.args(args).env_clear().envs(launch.env.iter().cloned()).current_dir(&cwd);
+    if launch.tty {
+        // The terminal comes from the sandbox's own devpts instance, so that
+        // it has a name inside (`tty` works); the supervisor gets its master
+        // end and relays it to the caller's terminal.
+        match open_terminal(control) {
+            Ok(slave) => {
+                let (a, b) = match (slave.try_clone(), slave.try_clone()) {
+                    (Ok(a), Ok(b)) => (a, b),
+                    (Err(e), _) | (_, Err(e)) => return setup_failed(control, "open the terminal", &e),
+                };
+                cmd.stdin(Stdio::from(a)).stdout(Stdio::from(b)).stderr(Stdio::from(slave));
+            }
+            Err(e) => return setup_failed(control, "open the terminal", &e),
+        }
+    }
     let tty = launch.tty;
     // SAFETY: the closure runs between fork and exec and makes only raw
     // system calls (setsid, ioctl), which are async-signal-safe.

@@ -5,7 +5,9 @@
 //! Everything the agent sends comes from inside the sandbox and is untrusted:
 //! frames are size-limited and decoded into closed types only.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
 use airlock_jail::JailPlan;
@@ -92,10 +94,70 @@ pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, ProtoE
     Ok(Some(serde_json::from_slice(&body)?))
 }
 
+/// Passes a file descriptor (the sandbox's terminal) across the control
+/// channel, as one marker byte carrying SCM_RIGHTS. Sent between frames: the
+/// receiver reads frames with exact lengths, so it never swallows the byte.
+pub fn send_fd(socket: impl AsFd, fd: BorrowedFd<'_>) -> io::Result<()> {
+    let fds = [fd];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    if !control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("control message buffer too small"));
+    }
+    rustix::net::sendmsg(socket, &[IoSlice::new(&[0xfd])], &mut control, rustix::net::SendFlags::empty())?;
+    Ok(())
+}
+
+/// Receives the descriptor sent by [`send_fd`].
+pub fn recv_fd(socket: impl AsFd) -> io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        socket,
+        &mut [IoSliceMut::new(&mut byte)],
+        &mut control,
+        rustix::net::RecvFlags::CMSG_CLOEXEC,
+    )?;
+    if msg.bytes != 1 || byte[0] != 0xfd {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "expected a descriptor on the control channel",
+        ));
+    }
+    for message in control.drain() {
+        if let rustix::net::RecvAncillaryMessage::ScmRights(mut fds) = message
+            && let Some(fd) = fds.next()
+        {
+            return Ok(fd);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::InvalidData, "no descriptor arrived on the control channel"))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn descriptors_pass_between_frames() {
+        use std::os::unix::net::UnixStream;
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let (r, mut w) = std::io::pipe().unwrap();
+        send(&mut a, &AgentMessage::Started { pid: 2 }).unwrap();
+        send_fd(&a, r.as_fd()).unwrap();
+        send(&mut a, &AgentMessage::Exited { code: Some(0), signal: None }).unwrap();
+        let first: AgentMessage = recv(&mut b).unwrap().unwrap();
+        assert_eq!(first, AgentMessage::Started { pid: 2 });
+        let fd = recv_fd(&b).unwrap();
+        let last: AgentMessage = recv(&mut b).unwrap().unwrap();
+        assert_eq!(last, AgentMessage::Exited { code: Some(0), signal: None });
+        w.write_all(b"x").unwrap();
+        let mut got = [0u8; 1];
+        std::fs::File::from(fd).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"x");
+    }
 
     #[test]
     fn round_trip() {

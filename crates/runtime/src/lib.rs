@@ -71,6 +71,8 @@ pub enum RunError {
     StateNotTraversable(PathBuf, String),
     #[error("cannot find airlock's own executable: {0}")]
     SelfExe(#[source] io::Error),
+    #[error("cannot connect the sandbox's terminal: {0}")]
+    Terminal(#[source] io::Error),
     #[error("cannot forward signals to the sandbox: {0}")]
     Signals(#[source] io::Error),
     #[error("waiting for the sandbox: {0}")]
@@ -81,6 +83,18 @@ impl From<airlock_policy::PolicyError> for RunError {
     fn from(e: airlock_policy::PolicyError) -> Self {
         RunError::Policy(Box::new(e))
     }
+}
+
+/// The sandbox's cgroup name: its own name plus a hash of its state
+/// directory, because the cgroup parent is shared by every state directory
+/// on the host and two of them may hold sandboxes of the same name.
+pub fn cgroup_name(sandbox: &state::SandboxDir) -> String {
+    let path = sandbox.path().as_os_str().as_encoded_bytes();
+    let hash =
+        path.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+    let name = sandbox.name();
+    let prefix = &name[..name.len().min(48)];
+    format!("{prefix}-{:012x}", hash & 0xffff_ffff_ffff)
 }
 
 /// Current time, RFC 3339 UTC.

@@ -196,7 +196,7 @@ fn stop(sandbox: &SandboxDir) -> Result<(), OpError> {
     if let Some(pid) = meta.supervisor_pid.and_then(rustix::process::Pid::from_raw) {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     }
-    if let Some(cg) = airlock_jail::cgroup::SandboxCgroup::open(sandbox.name()) {
+    if let Some(cg) = sandbox_cgroup(sandbox) {
         let _ = cg.kill_all();
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -209,15 +209,19 @@ fn stop(sandbox: &SandboxDir) -> Result<(), OpError> {
     Ok(())
 }
 
+fn sandbox_cgroup(sandbox: &SandboxDir) -> Option<airlock_jail::cgroup::SandboxCgroup> {
+    airlock_jail::cgroup::SandboxCgroup::open(&crate::cgroup_name(sandbox))
+}
+
 /// Kernel objects a dead supervisor may have left: the cgroup and the layer
 /// tmpfs. The layer is persisted first when `keep_layer`, so a review is
 /// still possible.
 fn release_leftovers(sandbox: &SandboxDir, keep_layer: bool) -> Vec<String> {
     let mut done = Vec::new();
-    if let Some(cg) = airlock_jail::cgroup::SandboxCgroup::open(sandbox.name())
+    if let Some(cg) = sandbox_cgroup(sandbox)
         && cg.remove().is_ok()
     {
-        done.push(format!("cgroup {}", sandbox.name()));
+        done.push(format!("cgroup {}", cg.name()));
     }
     let layer_dir = sandbox.layer_dir();
     if layer::is_mount_point(&layer_dir) {
@@ -247,7 +251,7 @@ pub fn gc(root: &StateRoot) -> Result<GcReport, OpError> {
     let mut report = GcReport::default();
     let mut known = Vec::new();
     for sandbox in root.list()? {
-        known.push(sandbox.name().to_string());
+        known.push(crate::cgroup_name(&sandbox));
         if sandbox.is_live() {
             continue;
         }

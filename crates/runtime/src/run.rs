@@ -52,6 +52,9 @@ pub struct RunOutcome {
     pub artifacts: Vec<PathBuf>,
 }
 
+/// How long the agent may take to build and confine the sandbox.
+const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcome, RunError> {
     let base = Policy::resolve(&req.policy)?;
     let policy = base.apply_overrides(&req.overrides)?;
@@ -185,8 +188,11 @@ fn supervise(
             pids: Some(policy.limits.pids),
             cpus: Some(policy.limits.cpus),
         };
-        let cg = SandboxCgroup::create(&name, &limits)?;
-        meta.cgroup = Some(name.clone());
+        let cgroup_name = crate::cgroup_name(sandbox);
+        let cg = SandboxCgroup::create(&cgroup_name, &limits)?;
+        meta.cgroup = Some(cgroup_name);
+        // Recorded at once: if this supervisor dies, gc finds the cgroup by it.
+        sandbox.write_meta(&meta)?;
         Some(cg)
     } else {
         None
@@ -218,7 +224,8 @@ fn supervise(
         _ => None,
     };
 
-    let mut stdio = SandboxStdio::new(&sandbox.stdout_log(), &sandbox.stderr_log())
+    let terminal = SandboxStdio::caller_has_terminal();
+    let mut stdio = SandboxStdio::new(&sandbox.stdout_log(), &sandbox.stderr_log(), terminal)
         .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let host_env = |k: &str| std::env::var(k).ok();
@@ -232,7 +239,7 @@ fn supervise(
             paths: &paths,
             host,
             idmapped_workspace: tree.is_some(),
-            tty: stdio.tty.is_some(),
+            tty: terminal,
             host_env: &host_env,
         },
     );
@@ -261,10 +268,23 @@ fn supervise(
     meta.started_at = Some(now_rfc3339());
     sandbox.write_meta(&meta)?;
 
+    // The first message says whether the sandbox came up; with a terminal,
+    // its master end follows it. Bounded, so a wedged setup cannot hang us.
+    let _ = control.set_read_timeout(Some(SETUP_TIMEOUT));
+    let first = airlock_proto::recv::<_, AgentMessage>(&mut control);
+    if terminal && matches!(first, Ok(Some(AgentMessage::Confined { .. }))) {
+        let master = airlock_proto::recv_fd(&control).map_err(RunError::Terminal)?;
+        stdio.attach_terminal(master, &sandbox.stdout_log()).map_err(RunError::Terminal)?;
+    }
+    let _ = control.set_read_timeout(None);
+
     let forwarder =
         crate::signals::Forwarder::start(agent_pid, stdio.tty.as_ref().and_then(|p| p.resize_handle().ok()))
             .map_err(RunError::Signals)?;
     let (tx, rx) = mpsc::channel();
+    if let Ok(Some(msg)) = first {
+        let _ = tx.send(msg);
+    }
     let reader = std::thread::spawn(move || {
         while let Ok(Some(msg)) = airlock_proto::recv::<_, AgentMessage>(&mut control) {
             if tx.send(msg).is_err() {

@@ -28,12 +28,21 @@ pub struct Pty {
 }
 
 impl SandboxStdio {
-    /// Chooses a pty when both stdin and stdout are terminals.
-    pub fn new(stdout_log: &Path, stderr_log: &Path) -> io::Result<SandboxStdio> {
-        if io::stdin().is_terminal() && io::stdout().is_terminal() {
-            return Self::with_pty(stdout_log);
-        }
-        let stdin = rustix::io::fcntl_dupfd_cloexec(io::stdin().as_fd(), 3)?;
+    /// Whether the caller sits at a terminal (stdin and stdout both are one).
+    pub fn caller_has_terminal() -> bool {
+        io::stdin().is_terminal() && io::stdout().is_terminal()
+    }
+
+    /// Pipes for the agent's stdout and stderr, copied to the caller and the
+    /// logs. Without a terminal the caller's stdin is passed as it is; with
+    /// one, the agent gets /dev/null and the command gets a pseudo-terminal
+    /// later ([`SandboxStdio::attach_terminal`]).
+    pub fn new(stdout_log: &Path, stderr_log: &Path, terminal: bool) -> io::Result<SandboxStdio> {
+        let stdin = if terminal {
+            File::open("/dev/null")?.into()
+        } else {
+            rustix::io::fcntl_dupfd_cloexec(io::stdin().as_fd(), 3)?
+        };
         let (out_read, out_write) = pipe()?;
         let (err_read, err_write) = pipe()?;
         let copiers = vec![
@@ -43,21 +52,17 @@ impl SandboxStdio {
         Ok(SandboxStdio { child: [stdin, out_write, err_write], copiers, tty: None })
     }
 
-    fn with_pty(stdout_log: &Path) -> io::Result<SandboxStdio> {
-        let master = rustix::pty::openpt(rustix::pty::OpenptFlags::RDWR | rustix::pty::OpenptFlags::NOCTTY)?;
-        rustix::pty::grantpt(&master)?;
-        rustix::pty::unlockpt(&master)?;
-        let name = rustix::pty::ptsname(&master, Vec::new())?;
-        let slave: OwnedFd =
-            File::options().read(true).write(true).open(name.to_string_lossy().as_ref())?.into();
+    /// Relays the sandbox's terminal (its master end, opened inside the
+    /// sandbox) to the caller's terminal, in raw mode until the run ends.
+    pub fn attach_terminal(&mut self, master: OwnedFd, log: &Path) -> io::Result<()> {
         if let Ok(size) = termios::tcgetwinsize(io::stdin()) {
             let _ = termios::tcsetwinsize(&master, size);
         }
-        let saved = enter_raw_mode();
-        let log = create_log(stdout_log)?;
+        let log = create_log(log)?;
         let output = File::from(master.try_clone()?);
         let mut input = File::from(master.try_clone()?);
-        let copiers = vec![tee(output.into(), Box::new(io::stdout()), log)];
+        let saved = enter_raw_mode();
+        self.copiers.push(tee(output.into(), Box::new(io::stdout()), log));
         // Not joined: it blocks reading the caller's stdin and ends with the process.
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -68,8 +73,8 @@ impl SandboxStdio {
                 }
             }
         });
-        let child = [slave.try_clone()?, slave.try_clone()?, slave];
-        Ok(SandboxStdio { child, copiers, tty: Some(Pty { master, saved }) })
+        self.tty = Some(Pty { master, saved });
+        Ok(())
     }
 
     pub fn child_fds(&self) -> [BorrowedFd<'_>; 3] {

@@ -51,7 +51,7 @@ fn sigterm_reaches_the_command() {
 #[test]
 fn supervisor_death_kills_the_sandbox_and_gc_cleans_up() {
     let env = Env::new();
-    let token = "sleep 4242.4202";
+    let token = "sleep 04242.4202";
     let mut child = env
         .airlock([
             "run",
@@ -60,13 +60,18 @@ fn supervisor_death_kills_the_sandbox_and_gc_cleans_up() {
             "--",
             "sh",
             "-c",
-            &format!("({token} &); echo x > new-file; {token}"),
+            // The duration is assembled inside, so only the sleeps themselves
+            // carry the token in their command line.
+            "t=4242.420$((1+1)); (sleep 0$t &); echo x > new-file; sleep 0$t",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     assert!(wait_until(20, || pids_running(token).len() >= 2), "sandbox never started");
+    if is_root() {
+        assert!(!cgroup_dirs("orphan").is_empty(), "the running sandbox has no cgroup");
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(wait_until(10, || pids_running(token).is_empty()), "survivors: {:?}", pids_running(token));
@@ -153,4 +158,39 @@ fn disk_filling_hits_the_layer_budget() {
     assert!(stdout(&o).contains("full at"), "{}", show(&o));
     // The host's copy of the workspace is untouched.
     assert!(!env.workspace.join("f0").exists());
+}
+
+#[test]
+fn pid1_reaps_orphans() {
+    let env = Env::new();
+    let o = env.run_sh(
+        "reaper",
+        &["--rm"],
+        "for i in 1 2 3 4 5; do (sleep 0.05 &) ; done; sleep 1; \
+         echo zombies:$(cat /proc/[0-9]*/stat 2>/dev/null | awk '$3 == \"Z\"' | wc -l)",
+    );
+    assert!(stdout(&o).contains("zombies:0"), "{}", show(&o));
+}
+
+#[test]
+fn a_terminal_gets_a_fresh_pty_inside() {
+    if !require(
+        std::process::Command::new("script").arg("--version").output().is_ok(),
+        "script(1) from util-linux",
+    ) {
+        return;
+    }
+    let env = Env::new();
+    let command = format!("{BIN} run --rm -- sh -c 'tty; test -t 0 && echo stdin-is-tty'");
+    let o = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("AIRLOCK_STATE_DIR", &env.state)
+        .env("AIRLOCK_CGROUP_PARENT", cgroup_parent())
+        .current_dir(&env.workspace)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert!(out.contains("/dev/pts/0"), "{}", show(&o));
+    assert!(out.contains("stdin-is-tty"), "{}", show(&o));
 }

@@ -143,7 +143,8 @@ pub fn mounts_containing(needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// The cgroup directories a sandbox would have, in every hierarchy present.
+/// The cgroup directories of sandbox `name` (named `<name>-<hash>`), in
+/// every hierarchy present.
 pub fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
     let parent = cgroup_parent();
     let mut out = Vec::new();
@@ -154,9 +155,11 @@ pub fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
         "/sys/fs/cgroup/cpu",
         "/sys/fs/cgroup/unified",
     ] {
-        let p = Path::new(base).join(&parent).join(name);
-        if p.exists() {
-            out.push(p);
+        let Ok(entries) = std::fs::read_dir(Path::new(base).join(&parent)) else { continue };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&format!("{name}-")) {
+                out.push(entry.path());
+            }
         }
     }
     out

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every airlock benchmark on a fresh machine, in one command:
+#
+#   bench/run.sh [harness options]      e.g. bench/run.sh --iterations 100
+#
+# 1. As root, installs the peers it compares against (bubblewrap, runc) with
+#    apt-get when they are missing. A peer that cannot be installed is reported
+#    and its rows are skipped; the rest still runs.
+# 2. Builds airlock and the harness in release mode.
+# 3. Runs the harness (bench/src) against that airlock binary. Options after
+#    run.sh are passed to it; `bench/run.sh --help` lists them.
+#
+# Scratch files go to $CARGO_TARGET_DIR/bench-work (default target/bench-work),
+# which airlock needs to be o+x all the way up; see bench/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '== %s\n' "$*" >&2; }
+warn() { printf '!! %s\n' "$*" >&2; }
+
+# peer command -> Debian package
+declare -A PEERS=([bwrap]=bubblewrap [runc]=runc)
+
+missing=()
+for cmd in "${!PEERS[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        warn "not root: cannot install ${missing[*]}; those peers are skipped"
+    elif ! command -v apt-get >/dev/null 2>&1; then
+        warn "no apt-get on this machine: cannot install ${missing[*]}; those peers are skipped"
+    else
+        say "installing peers: ${missing[*]}"
+        if ! apt-get update -qq; then
+            warn "apt-get update failed; trying to install from the existing package lists"
+        fi
+        for cmd in "${missing[@]}"; do
+            pkg="${PEERS[$cmd]}"
+            if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null \
+                && command -v "$cmd" >/dev/null 2>&1; then
+                say "installed $pkg"
+            else
+                warn "could not install $pkg: benchmarks against $cmd are skipped"
+            fi
+        done
+    fi
+fi
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+say "building airlock (release)"
+cargo build --release -p airlock
+say "building the harness (release)"
+cargo build --release -p airlock-bench
+
+say "running the benchmarks"
+exec "$CARGO_TARGET_DIR/release/airlock-bench" --airlock "$CARGO_TARGET_DIR/release/airlock" "$@"

@@ -1,0 +1,266 @@
+//! The printed report: tables of medians, p90 and ratios, peak memory, and
+//! each target beside the number it judges.
+
+use std::time::Duration;
+
+use crate::{Outcome, Results};
+
+/// airlock's startup may take at most this many times bubblewrap's median.
+pub const MAX_RATIO_VS_BWRAP: f64 = 3.0;
+/// …and must stay well under this, in absolute terms.
+pub const STARTUP_BUDGET: Duration = Duration::from_millis(50);
+/// diff(large)/diff(small) at or below this counts as "close to 1": the time
+/// does not grow with the tree.
+pub const MAX_DIFF_GROWTH: f64 = 1.5;
+
+pub struct Verdict {
+    pub all_met: bool,
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+pub fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// 1000 → "1k", 100000 → "100k", 1234 → "1234".
+pub fn count(n: usize) -> String {
+    if n >= 1000 && n.is_multiple_of(1000) { format!("{}k", n / 1000) } else { n.to_string() }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn ratio(a: Duration, b: Duration) -> Option<f64> {
+    let b = b.as_secs_f64();
+    (b > 0.0).then(|| a.as_secs_f64() / b)
+}
+
+fn ratio_cell(ours: &Outcome, peer: &Outcome) -> String {
+    match (ours.summary(), peer.summary()) {
+        (Some(a), Some(b)) => ratio(a.median, b.median).map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
+        _ => "-".into(),
+    }
+}
+
+const LABEL_W: usize = 52;
+
+fn time_row(label: &str, outcome: &Outcome, vs_bwrap: String, vs_runc: String, problems: &mut Vec<String>) {
+    let f = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3);
+    match outcome {
+        Outcome::Measured(s) => println!(
+            "  {label:<LABEL_W$} {:>8} {:>8} {:>8} {:>8} {vs_bwrap:>8} {vs_runc:>8}",
+            f(s.median),
+            f(s.p90),
+            f(s.min),
+            f(s.max)
+        ),
+        Outcome::Skipped(why) => println!("  {label:<LABEL_W$} skipped: {why}"),
+        Outcome::Failed(why) => {
+            println!("  {label:<LABEL_W$} FAILED (see below)");
+            problems.push(format!("{label}: {why}"));
+        }
+    }
+}
+
+fn time_header(first: &str, ratios: bool) {
+    let (b, r) = if ratios { ("×bwrap", "×runc") } else { ("", "") };
+    println!("  {first:<LABEL_W$} {:>8} {:>8} {:>8} {:>8} {b:>8} {r:>8}", "median", "p90", "min", "max");
+}
+
+/// Prints the whole report to stdout and says whether every target was met.
+pub fn print(r: &Results) -> Verdict {
+    let mut problems = Vec::new();
+    println!();
+    println!("airlock-bench");
+    for line in &r.header {
+        println!("  {line}");
+    }
+
+    println!();
+    println!("== startup: one sandbox runs /bin/true; wall time from spawn to reap, ms");
+    println!("   (×bwrap, ×runc: airlock's median divided by that peer's, same workspace setup)");
+    time_header("without a workspace", true);
+    time_row(
+        "airlock run --rm --mode none -- /bin/true",
+        &r.airlock_none,
+        ratio_cell(&r.airlock_none, &r.bwrap_none),
+        ratio_cell(&r.airlock_none, &r.runc_none),
+        &mut problems,
+    );
+    time_row(
+        "bwrap --ro-bind / / --unshare-all /bin/true",
+        &r.bwrap_none,
+        String::new(),
+        String::new(),
+        &mut problems,
+    );
+    time_row(
+        "runc run (minimal rootfs) /bin/true",
+        &r.runc_none,
+        String::new(),
+        String::new(),
+        &mut problems,
+    );
+    println!("  with a {}-file workspace", count(r.opts.workspace_files));
+    time_row(
+        "airlock run --rm (overlay) -- /bin/true",
+        &r.airlock_ws,
+        ratio_cell(&r.airlock_ws, &r.bwrap_ws),
+        ratio_cell(&r.airlock_ws, &r.runc_ws),
+        &mut problems,
+    );
+    time_row(
+        "bwrap … --bind WORKSPACE WORKSPACE /bin/true",
+        &r.bwrap_ws,
+        String::new(),
+        String::new(),
+        &mut problems,
+    );
+    time_row(
+        "runc run + bind mount of WORKSPACE /bin/true",
+        &r.runc_ws,
+        String::new(),
+        String::new(),
+        &mut problems,
+    );
+
+    println!();
+    println!("== airlock diff NAME --stat, on a sandbox that appended to 10 files; ms");
+    time_header("workspace size", false);
+    let small_label = format!("{} files", count(r.opts.diff_small));
+    let large_label = format!("{} files", count(r.opts.diff_large));
+    time_row(&small_label, &r.diff_small, String::new(), String::new(), &mut problems);
+    time_row(&large_label, &r.diff_large, String::new(), String::new(), &mut problems);
+    let growth = match (r.diff_small.summary(), r.diff_large.summary()) {
+        (Some(s), Some(l)) => ratio(l.median, s.median),
+        _ => None,
+    };
+    if let Some(g) = growth {
+        println!("  ratio {large_label} / {small_label} (medians): {g:.2}");
+    }
+    for line in &r.diff_stats {
+        println!("  stat of the {line}");
+    }
+
+    println!();
+    println!("== peak memory: ru_maxrss of the reaped child from wait4, MiB (median over runs, max)");
+    println!("  {:<LABEL_W$} {:>8} {:>8} {:>8}", "", "median", "max", "×bwrap");
+    let mem_rows: [(&str, &Outcome, Option<&Outcome>); 6] = [
+        ("airlock run --rm --mode none -- /bin/true", &r.airlock_none, Some(&r.bwrap_none)),
+        ("airlock run --rm (overlay) -- /bin/true", &r.airlock_ws, Some(&r.bwrap_ws)),
+        ("bwrap (no workspace)", &r.bwrap_none, None),
+        ("bwrap --bind WORKSPACE", &r.bwrap_ws, None),
+        ("runc run (minimal rootfs)", &r.runc_none, None),
+        ("runc run + bind mount", &r.runc_ws, None),
+    ];
+    for (label, outcome, peer) in mem_rows {
+        let Some(s) = outcome.summary() else {
+            println!("  {label:<LABEL_W$} -");
+            continue;
+        };
+        let vs =
+            peer.and_then(Outcome::summary).filter(|p| p.rss_median_kib > 0).map_or_else(String::new, |p| {
+                format!("{:.2}x", s.rss_median_kib as f64 / p.rss_median_kib as f64)
+            });
+        println!("  {label:<LABEL_W$} {:>8} {:>8} {vs:>8}", mib(s.rss_median_kib), mib(s.rss_max_kib));
+    }
+    println!("  note: Linux reports the largest single process among the child and the descendants");
+    println!("  reaped beneath it, not a sum. For airlock that is in practice the supervisor (the");
+    println!("  `airlock` process itself); the sandboxed processes are not added on top, and neither");
+    println!("  is kernel memory (namespaces, mounts, page cache).");
+
+    println!();
+    println!("== targets");
+    let mut all_met = true;
+    let mut target = |met: Option<bool>, text: String| {
+        let tag = match met {
+            Some(true) => "[met]   ",
+            Some(false) => {
+                all_met = false;
+                "[MISSED]"
+            }
+            None => {
+                all_met = false;
+                "[n/a]   "
+            }
+        };
+        println!("  {tag} {text}");
+    };
+    for (what, ours, peer) in [
+        ("airlock run --mode none", &r.airlock_none, &r.bwrap_none),
+        ("airlock run (overlay workspace)", &r.airlock_ws, &r.bwrap_ws),
+    ] {
+        match (ours.summary(), peer.summary()) {
+            (Some(a), Some(b)) => {
+                let limit = b.median.mul_f64(MAX_RATIO_VS_BWRAP);
+                target(
+                    Some(a.median <= limit),
+                    format!(
+                        "{what}: median {} within {MAX_RATIO_VS_BWRAP}x of bwrap's {} (limit {})",
+                        ms(a.median),
+                        ms(b.median),
+                        ms(limit)
+                    ),
+                );
+            }
+            _ => target(None, format!("{what} within {MAX_RATIO_VS_BWRAP}x of bwrap: not measured")),
+        }
+        match ours.summary() {
+            Some(a) => target(
+                Some(a.median < STARTUP_BUDGET),
+                format!(
+                    "{what}: median {} well under {} ({:.0}% of it)",
+                    ms(a.median),
+                    ms(STARTUP_BUDGET),
+                    100.0 * a.median.as_secs_f64() / STARTUP_BUDGET.as_secs_f64()
+                ),
+            ),
+            None => target(None, format!("{what} under {}: not measured", ms(STARTUP_BUDGET))),
+        }
+    }
+    match growth {
+        Some(g) => target(
+            Some(g <= MAX_DIFF_GROWTH),
+            format!(
+                "diff --stat time does not grow with the tree: {large_label} / {small_label} = {g:.2} \
+                 (close to 1: ≤ {MAX_DIFF_GROWTH})"
+            ),
+        ),
+        None => target(None, "diff --stat growth: not measured".into()),
+    }
+
+    if !r.notes.is_empty() || !problems.is_empty() {
+        println!();
+        println!("== notes");
+        for n in &r.notes {
+            println!("  {n}");
+        }
+        for p in &problems {
+            println!("  FAILED {p}");
+        }
+    }
+    Verdict { all_met }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_read_as_people_write_them() {
+        assert_eq!(count(1000), "1k");
+        assert_eq!(count(100_000), "100k");
+        assert_eq!(count(1234), "1234");
+        assert_eq!(count(10), "10");
+    }
+
+    #[test]
+    fn ratio_of_zero_is_none() {
+        assert_eq!(ratio(Duration::from_millis(3), Duration::ZERO), None);
+        assert_eq!(ratio(Duration::from_millis(3), Duration::from_millis(2)), Some(1.5));
+    }
+}
