@@ -7,6 +7,7 @@ mod measure;
 mod report;
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -223,8 +224,14 @@ fn measure_interleaved(slots: Vec<Slot>, opts: &Options) -> Vec<Outcome> {
         }
         eprintln!("{}", if l.failed.is_some() { "FAILED" } else { "ok" });
     }
+    let tty = std::io::stderr().is_terminal();
+    if !tty {
+        eprint!("  measure  {} rounds …", opts.iterations);
+    }
     for round in 0..opts.iterations {
-        eprint!("\r  measure  round {}/{}", round + 1, opts.iterations);
+        if tty {
+            eprint!("\r  measure  round {}/{}", round + 1, opts.iterations);
+        }
         let i = opts.warmup + round;
         for l in live.iter_mut().flatten().filter(|l| l.failed.is_none()) {
             match run_once(&l.case, i, false) {
@@ -234,7 +241,7 @@ fn measure_interleaved(slots: Vec<Slot>, opts: &Options) -> Vec<Outcome> {
             }
         }
     }
-    eprintln!();
+    eprintln!("{}", if tty { "" } else { " done" });
     live.into_iter()
         .map(|slot| match slot {
             Err(outcome) => outcome,
@@ -296,6 +303,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         format!("scratch:    {}", scratch.display()),
     ];
 
+    let load_start = loadavg();
     eprintln!("airlock-bench: building workspace trees in {}", scratch.display());
     let started = Instant::now();
     let ws = scratch.join(format!("ws-{}", opts.workspace_files));
@@ -315,12 +323,11 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     };
     let runc_root = scratch.join("runc-root");
     fixtures::make_dir_0755(&runc_root)?;
-    let mut runc_slot = |ws: Option<&Path>, tag: &'static str| {
-        peer(&runc, opts.runc, "runc", &|r| {
-            runc_slot(r, &runc_root, &scratch.join(format!("bundle-{tag}")), ws, tag)
-        })
+    let runc_case = |ws: Option<&Path>, tag: &'static str| match &runc {
+        Some(r) => runc_slot(r, &runc_root, &scratch.join(format!("bundle-{tag}")), ws, tag),
+        None => (Slot::Done(skipped(opts.runc, "runc")), None),
     };
-    let (runc_none, runc_ws) = (runc_slot(None, "plain"), runc_slot(Some(&ws), "ws"));
+    let (runc_none, runc_ws) = (runc_case(None, "plain"), runc_case(Some(&ws), "ws"));
     let slots = vec![
         Slot::Run(airlock_run_case(&airlock, &state_none, &scratch, None)),
         peer(&bwrap, opts.bwrap, "bwrap", &|b| Slot::Run(bwrap_case(b, &scratch, None))),
@@ -360,6 +367,18 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         if let Err(e) = measure::checked(rm, "airlock rm") {
             notes.push(format!("could not remove the diff sandbox: {e}"));
         }
+    }
+
+    let load_end = loadavg();
+    header.push(format!("load avg:   {load_start} at start, {load_end} at end (1, 5, 15 min)"));
+    let busy =
+        |l: &str| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.5);
+    if busy(&load_start) || busy(&load_end) {
+        notes.push(
+            "the machine was not idle (load average above 0.5): absolute times are noisier than on an idle \
+             machine; ratios suffer less, since the cases run interleaved"
+                .into(),
+        );
     }
 
     let results = Results {
@@ -416,6 +435,13 @@ fn peer_line(path: Option<&Path>, wanted: bool, version_flag: &str) -> String {
 
 fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// The first three fields of /proc/loadavg.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn cores() -> usize {
