@@ -303,7 +303,6 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         format!("scratch:    {}", scratch.display()),
     ];
 
-    let load_start = loadavg();
     eprintln!("airlock-bench: building workspace trees in {}", scratch.display());
     let started = Instant::now();
     let ws = scratch.join(format!("ws-{}", opts.workspace_files));
@@ -312,8 +311,22 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     fixtures::make_tree(&ws, opts.workspace_files)?;
     fixtures::make_tree(&small, opts.diff_small)?;
     fixtures::make_tree(&large, opts.diff_large)?;
-    header.push(format!("trees:      built in {}", report::secs(started.elapsed())));
+    // Write the new trees out now, so that their writeback does not compete
+    // with the runs being timed.
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    header.push(format!("trees:      built and synced in {}", report::secs(started.elapsed())));
 
+    let idle_busy = cpu_busy(Duration::from_secs(1));
+    if let Some(busy) = idle_busy {
+        header.push(format!("cpu busy:   {busy:.0}% of all cores in the second before measuring"));
+        if busy > 20.0 {
+            notes.push(format!(
+                "the machine was not idle ({busy:.0}% CPU busy before measuring): absolute times are noisier \
+                 than on an idle machine; ratios suffer less, since the cases run interleaved"
+            ));
+        }
+    }
     eprintln!("airlock-bench: startup, {} cases interleaved", 6);
     let state_none = scratch.join("state-run-none");
     let state_ws = scratch.join("state-run-workspace");
@@ -367,18 +380,6 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         if let Err(e) = measure::checked(rm, "airlock rm") {
             notes.push(format!("could not remove the diff sandbox: {e}"));
         }
-    }
-
-    let load_end = loadavg();
-    header.push(format!("load avg:   {load_start} at start, {load_end} at end (1, 5, 15 min)"));
-    let busy =
-        |l: &str| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.5);
-    if busy(&load_start) || busy(&load_end) {
-        notes.push(
-            "the machine was not idle (load average above 0.5): absolute times are noisier than on an idle \
-             machine; ratios suffer less, since the cases run interleaved"
-                .into(),
-        );
     }
 
     let results = Results {
@@ -437,11 +438,23 @@ fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-/// The first three fields of /proc/loadavg.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
+/// How busy the CPUs are over `window` while we sleep, in percent of all
+/// cores, from /proc/stat; None where that cannot be read.
+fn cpu_busy(window: Duration) -> Option<f64> {
+    fn sample() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> =
+            stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal …
+        let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+        Some((fields.iter().take(8).sum(), idle))
+    }
+    let (total0, idle0) = sample()?;
+    std::thread::sleep(window);
+    let (total1, idle1) = sample()?;
+    let total = total1.checked_sub(total0)?;
+    let idle = idle1.checked_sub(idle0)?;
+    (total > 0).then(|| 100.0 * total.saturating_sub(idle) as f64 / total as f64)
 }
 
 fn cores() -> usize {

@@ -7,6 +7,7 @@
 //! ends, the agent exits, and the kernel kills whatever the command left
 //! behind in the PID namespace.
 
+mod egress;
 mod signals;
 
 use std::io;
@@ -31,6 +32,10 @@ pub fn main() -> i32 {
     let mut control = unsafe { UnixStream::from_raw_fd(AGENT_CONTROL_FD) };
     let launch = match airlock_proto::recv::<_, HostMessage>(&mut control) {
         Ok(Some(HostMessage::Launch(launch))) => launch,
+        Ok(Some(HostMessage::Proceed)) => {
+            report(&mut control, AgentMessage::SetupFailed { step: "read the launch plan".into(), message: "Proceed before Launch".into() });
+            return AGENT_FAILED;
+        }
         // The supervisor went away before sending a plan: nothing to do.
         Ok(None) => return AGENT_FAILED,
         Err(e) => {
@@ -41,12 +46,19 @@ pub fn main() -> i32 {
             return AGENT_FAILED;
         }
     };
+    if let Err(e) = setup::build(&launch.jail) {
+        return setup_failed(&mut control, e.step, &e.message);
+    }
+    // Untrusted code runs only once the supervisor confirms the cgroup.
+    match airlock_proto::recv::<_, HostMessage>(&mut control) {
+        Ok(Some(HostMessage::Proceed)) => {}
+        Ok(None) => return AGENT_FAILED,
+        Ok(Some(other)) => return setup_failed(&mut control, "wait for the cgroup", &format!("unexpected {other:?}")),
+        Err(e) => return setup_failed(&mut control, "wait for the cgroup", &e),
+    }
     match setup::confine(&launch.jail) {
         Ok(confinement) => report(&mut control, AgentMessage::Confined { landlock: confinement.landlock }),
-        Err(e) => {
-            report(&mut control, AgentMessage::SetupFailed { step: e.step.to_string(), message: e.message });
-            return AGENT_FAILED;
-        }
+        Err(e) => return setup_failed(&mut control, e.step, &e.message),
     }
     run_command(&mut control, &launch)
 }
@@ -92,6 +104,11 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
             return AGENT_FAILED;
         }
     };
+    if let Some(ports) = launch.egress
+        && let Err(e) = egress::listen(ports)
+    {
+        return setup_failed(control, "listen for the egress proxy", &e);
+    }
     let cwd = if launch.cwd.is_dir() { launch.cwd.clone() } else { "/".into() };
     let mut cmd = Command::new(program);
     cmd.args(args).env_clear().envs(launch.env.iter().cloned()).current_dir(&cwd);

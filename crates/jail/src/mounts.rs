@@ -271,6 +271,9 @@ pub fn build_root(plan: &JailPlan) -> Result<(), MountError> {
     if let Some(ws) = &plan.workspace {
         mount_workspace(root, ws)?;
     }
+    for file in &plan.files {
+        bind_file(root, &file.source, &file.target)?;
+    }
 
     pivot(root)
 }
@@ -352,6 +355,19 @@ fn mount_workspace(root: &Path, ws: &crate::plan::WorkspaceMount) -> Result<(), 
                 .ctx("make workspace nosuid", &target)
         }
     }
+}
+
+/// Binds one host file read-only at `target` inside (created if missing;
+/// skipped when its directory does not exist and cannot be made, as for a
+/// host without /etc/ssl/certs).
+fn bind_file(root: &Path, source: &Path, target: &Path) -> Result<(), MountError> {
+    let inside = under(root, target);
+    if fs::symlink_metadata(&inside).is_err() && touch(&inside).is_err() {
+        tracing::debug!("not binding {}: cannot create it inside", target.display());
+        return Ok(());
+    }
+    mount_bind_recursive(source, &inside).ctx("bind file", target)?;
+    make_read_only(&inside, false)
 }
 
 /// overlayfs splits its options on ',' and its layer lists on ':'; both

@@ -22,10 +22,19 @@ pub struct JailPlan {
     pub tmp_size: u64,
     /// The workspace, at the same absolute path as on the host.
     pub workspace: Option<WorkspaceMount>,
+    /// Host files bound read-only at a path inside (the egress proxy's trust
+    /// bundle), after everything else is mounted.
+    pub files: Vec<FileBind>,
     pub rlimits: RlimitPlan,
     pub landlock: LandlockPlan,
     /// Install the seccomp filter (always true outside of tests of the jail itself).
     pub seccomp: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileBind {
+    pub source: PathBuf,
+    pub target: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

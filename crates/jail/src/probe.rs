@@ -7,20 +7,22 @@
 //!
 //! Checks that change process state run in a forked child so this process
 //! stays untouched (a multi-threaded process cannot even `unshare` a user
-//! namespace). The child runs only raw system calls on data prepared before
-//! the fork, reports `(step, errno)` over a pipe and `_exit`s: after fork in a
-//! multi-threaded process, allocating or taking a lock could deadlock.
+//! namespace). The child runs only raw system calls ([`crate::sys`]'s
+//! `raw_*` helpers) on data prepared before the fork, reports
+//! `(step, errno)` over a pipe and `_exit`s: after fork in a multi-threaded
+//! process, allocating or taking a lock could deadlock.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::cgroup::{self, CgroupError, CgroupLimits, Placement, SandboxCgroup};
+use crate::sys;
 
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -86,8 +88,52 @@ pub fn probe_host() -> HostReport {
     HostReport { checks, running_as_root: root, kernel }
 }
 
-fn check(id: &'static str, title: &str, status: Status, detail: String, fix: Option<String>) -> Check {
-    Check { id, title: title.to_owned(), status, detail, fix }
+/// What one check is about; builds its outcomes, so that a fix comes with
+/// every outcome but Ok.
+#[derive(Clone, Copy)]
+struct Subject<'a> {
+    id: &'static str,
+    title: &'a str,
+}
+
+impl Subject<'_> {
+    fn outcome(self, status: Status, detail: String, fix: Option<String>) -> Check {
+        Check { id: self.id, title: self.title.to_owned(), status, detail, fix }
+    }
+
+    fn ok(self, detail: impl Into<String>) -> Check {
+        self.outcome(Status::Ok, detail.into(), None)
+    }
+
+    fn missing(self, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        self.outcome(Status::Missing, detail.into(), Some(fix.into()))
+    }
+
+    fn limited(self, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        self.outcome(Status::Limited, detail.into(), Some(fix.into()))
+    }
+
+    /// The probe child could not be started or did not report.
+    fn child_broken(self, e: &io::Error) -> Check {
+        self.missing(format!("the probe could not run: {e}"), "check process limits (ulimit -u) and retry")
+    }
+
+    /// The outcome of work done by [`in_child`]: Ok with `worked` when every
+    /// step succeeded, else Missing naming the failed step (1-based index
+    /// into `steps`) with the fix `fix` gives for that failure.
+    fn after_child<S: Into<String>>(
+        self,
+        result: io::Result<Result<(), ChildFailure>>,
+        steps: &[&str],
+        worked: impl Into<String>,
+        fix: impl FnOnce(ChildFailure) -> S,
+    ) -> Check {
+        match result {
+            Ok(Ok(())) => self.ok(worked),
+            Ok(Err(f)) => self.missing(f.describe(steps), fix(f)),
+            Err(e) => self.child_broken(&e),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -99,28 +145,27 @@ const USERNS_STEPS: &[&str] = &[
 ];
 
 fn check_user_namespaces(root: bool) -> Check {
-    const ID: &str = "user-namespaces";
-    const TITLE: &str = "user namespaces";
+    const CHECK: Subject<'static> = Subject { id: "user-namespaces", title: "user namespaces" };
     // Step 2 matters: with AppArmor's userns restriction the unshare succeeds
     // but the namespace grants no capabilities, so nothing can be set up in it.
-    let result = in_child(|| {
-        sys::unshare(libc::CLONE_NEWUSER).map_err(|e| (1, e))?;
-        sys::unshare(libc::CLONE_NEWNS).map_err(|e| (2, e))
-    });
-    match result {
-        Ok(Ok(())) => check(
-            ID,
-            TITLE,
-            Status::Ok,
-            format!(
-                "a child created a user namespace and used its capabilities (as {})",
-                if root { "root" } else { "this user" }
-            ),
-            None,
+    CHECK.after_child(
+        unshare_in_new_userns(libc::CLONE_NEWNS),
+        USERNS_STEPS,
+        format!(
+            "a child created a user namespace and used its capabilities (as {})",
+            if root { "root" } else { "this user" }
         ),
-        Ok(Err(f)) => check(ID, TITLE, Status::Missing, f.describe(USERNS_STEPS), Some(userns_fix(f.errno))),
-        Err(e) => child_broken(ID, TITLE, &e),
-    }
+        |f| userns_fix(f.errno),
+    )
+}
+
+/// In a child: creates a user namespace (step 1), then in it a namespace of
+/// kind `flag` (step 2), which needs the new namespace's capabilities.
+fn unshare_in_new_userns(flag: libc::c_int) -> io::Result<Result<(), ChildFailure>> {
+    in_child(|| {
+        sys::raw_unshare(libc::CLONE_NEWUSER).map_err(step(1))?;
+        sys::raw_unshare(flag).map_err(step(2))
+    })
 }
 
 /// Names the sysctl that blocks user namespaces on this host.
@@ -165,43 +210,25 @@ const NAMESPACES: &[(&str, libc::c_int)] = &[
 ];
 
 fn check_namespaces() -> Check {
-    const ID: &str = "namespaces";
-    const TITLE: &str = "mount, pid, net, ipc, uts and cgroup namespaces";
+    const CHECK: Subject<'static> =
+        Subject { id: "namespaces", title: "mount, pid, net, ipc, uts and cgroup namespaces" };
     let steps = &["create a user namespace", "create the namespace inside it"];
     let mut ok = Vec::new();
     let mut failed = Vec::new();
     for (name, flag) in NAMESPACES {
-        let flag = *flag;
-        match in_child(|| {
-            sys::unshare(libc::CLONE_NEWUSER).map_err(|e| (1, e))?;
-            sys::unshare(flag).map_err(|e| (2, e))
-        }) {
+        match unshare_in_new_userns(*flag) {
             Ok(Ok(())) => ok.push(*name),
             Ok(Err(f)) => failed.push(format!("{name}: {}", f.describe(steps))),
             Err(e) => failed.push(format!("{name}: {e}")),
         }
     }
     if failed.is_empty() {
-        return check(
-            ID,
-            TITLE,
-            Status::Ok,
-            format!("created inside a new user namespace: {}", ok.join(", ")),
-            None,
-        );
+        return CHECK.ok(format!("created inside a new user namespace: {}", ok.join(", ")));
     }
-    let status = if ok.is_empty() { Status::Missing } else { Status::Limited };
-    check(
-        ID,
-        TITLE,
-        status,
-        format!("failed: {}; worked: [{}]", failed.join("; "), ok.join(", ")),
-        Some(
-            "enable the missing namespaces in the kernel (CONFIG_*_NS), and see the \
-             user-namespaces check"
-                .to_owned(),
-        ),
-    )
+    let detail = format!("failed: {}; worked: [{}]", failed.join("; "), ok.join(", "));
+    let fix = "enable the missing namespaces in the kernel (CONFIG_*_NS), and see the \
+               user-namespaces check";
+    if ok.is_empty() { CHECK.missing(detail, fix) } else { CHECK.limited(detail, fix) }
 }
 
 const OVERLAY_STEPS: &[&str] = &[
@@ -220,8 +247,8 @@ const OVERLAY_STEPS: &[&str] = &[
 ];
 
 fn check_overlay_in_userns() -> Check {
-    const ID: &str = "overlayfs-in-userns";
-    const TITLE: &str = "overlayfs inside a user namespace";
+    const CHECK: Subject<'static> =
+        Subject { id: "overlayfs-in-userns", title: "overlayfs inside a user namespace" };
     let uid = rustix::process::geteuid().as_raw();
     let gid = rustix::process::getegid().as_raw();
     // Everything the child needs, prepared before the fork.
@@ -249,122 +276,80 @@ fn check_overlay_in_userns() -> Check {
         ))
     })();
     let Ok((base_c, lower, upper, work, merged, options, file)) = prepared else {
-        return check(
-            ID,
-            TITLE,
-            Status::Missing,
+        return CHECK.missing(
             format!("the temporary directory {} contains a NUL byte", base.display()),
-            Some("set TMPDIR to a plain path".to_owned()),
+            "set TMPDIR to a plain path",
         );
     };
     let uid_map = format!("0 {uid} 1");
     let gid_map = format!("0 {gid} 1");
     let result = in_child(|| {
-        sys::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS).map_err(|e| (1, e))?;
-        sys::write_file(c"/proc/self/setgroups", b"deny").map_err(|e| (2, e))?;
-        sys::write_file(c"/proc/self/uid_map", uid_map.as_bytes()).map_err(|e| (3, e))?;
-        sys::write_file(c"/proc/self/gid_map", gid_map.as_bytes()).map_err(|e| (4, e))?;
-        sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None).map_err(|e| (5, e))?;
+        sys::raw_unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS).map_err(step(1))?;
+        sys::raw_write_file(c"/proc/self/setgroups", b"deny").map_err(step(2))?;
+        sys::raw_write_file(c"/proc/self/uid_map", uid_map.as_bytes()).map_err(step(3))?;
+        sys::raw_write_file(c"/proc/self/gid_map", gid_map.as_bytes()).map_err(step(4))?;
+        sys::raw_mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None).map_err(step(5))?;
         // The tmpfs hides the real temp dir only inside this child's mount
         // namespace, so nothing is left behind on the host.
-        sys::mount(Some(c"tmpfs"), &base_c, Some(c"tmpfs"), 0, Some(c"size=4m")).map_err(|e| (6, e))?;
-        for (step, dir) in [(7, &lower), (8, &upper), (9, &work), (10, &merged)] {
-            sys::mkdir(dir).map_err(|e| (step, e))?;
+        sys::raw_mount(Some(c"tmpfs"), &base_c, Some(c"tmpfs"), 0, Some(c"size=4m")).map_err(step(6))?;
+        for (n, dir) in [(7, &lower), (8, &upper), (9, &work), (10, &merged)] {
+            sys::raw_mkdir(dir, 0o755).map_err(step(n))?;
         }
-        sys::mount(Some(c"overlay"), &merged, Some(c"overlay"), 0, Some(&options)).map_err(|e| (11, e))?;
-        sys::create_file(&file).map_err(|e| (12, e))
+        sys::raw_mount(Some(c"overlay"), &merged, Some(c"overlay"), 0, Some(&options)).map_err(step(11))?;
+        sys::raw_create_file(&file, b"ok").map_err(step(12))
     });
-    match result {
-        Ok(Ok(())) => check(
-            ID,
-            TITLE,
-            Status::Ok,
-            "a child mapped itself to root in a new user namespace, mounted an overlay \
-             (userxattr) on a tmpfs and wrote through it"
-                .to_owned(),
-            None,
-        ),
-        Ok(Err(f)) => check(
-            ID,
-            TITLE,
-            Status::Missing,
-            f.describe(OVERLAY_STEPS),
-            Some(if f.step <= 4 {
-                "see the user-namespaces check".to_owned()
+    CHECK.after_child(
+        result,
+        OVERLAY_STEPS,
+        "a child mapped itself to root in a new user namespace, mounted an overlay \
+         (userxattr) on a tmpfs and wrote through it",
+        |f| {
+            if f.step <= 4 {
+                "see the user-namespaces check"
             } else {
                 "overlayfs in user namespaces needs Linux 5.11 or later with overlay \
                  built in (modprobe overlay); or run airlock as root"
-                    .to_owned()
-            }),
-        ),
-        Err(e) => child_broken(ID, TITLE, &e),
-    }
+            }
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------
 // Idmapped mounts
 
-const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-
-/// `struct mount_attr` from <linux/mount.h> (not in the libc crate).
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
 fn check_idmapped_mounts(root: bool) -> Check {
-    const ID: &str = "idmapped-mounts";
-    const TITLE: &str = "idmapped mounts";
+    const CHECK: Subject<'static> = Subject { id: "idmapped-mounts", title: "idmapped mounts" };
     if !root {
-        return check(
-            ID,
-            TITLE,
-            Status::Missing,
+        return CHECK.missing(
             "not tried: creating an idmapped mount needs root (CAP_SYS_ADMIN in the initial \
-             user namespace)"
-                .to_owned(),
-            Some("run airlock as root to map workspace ownership with idmapped mounts".to_owned()),
+             user namespace)",
+            "run airlock as root to map workspace ownership with idmapped mounts",
         );
     }
     let dir = std::env::temp_dir().join(format!("airlock-idmap-probe-{}", std::process::id()));
     if let Err(e) = fs::create_dir(&dir) {
-        return check(
-            ID,
-            TITLE,
-            Status::Missing,
+        return CHECK.missing(
             format!("cannot create the probe directory {}: {e}", dir.display()),
-            Some("make the temporary directory (TMPDIR) writable".to_owned()),
+            "make the temporary directory (TMPDIR) writable",
         );
     }
     let result = try_idmap(&dir);
     let _ = fs::remove_dir(&dir);
     let fstype = fs_name(&dir);
     match result {
-        Ok(()) => {
-            check(ID, TITLE, Status::Ok, format!("idmapped a clone of {} ({fstype})", dir.display()), None)
-        }
+        Ok(()) => CHECK.ok(format!("idmapped a clone of {} ({fstype})", dir.display())),
         Err(IdmapError::Syscall(what, e)) => {
             let why = match e.raw_os_error() {
                 Some(libc::ENOSYS) => "the kernel has no mount_setattr (needs Linux 5.12+)".to_owned(),
                 Some(libc::EINVAL) => format!("{fstype} does not support idmapped mounts here"),
                 _ => format!("{what} failed: {e}"),
             };
-            check(
-                ID,
-                TITLE,
-                Status::Missing,
+            CHECK.missing(
                 format!("{why} (tried on {})", dir.display()),
-                Some(
-                    "use Linux 6.3+ (idmapped tmpfs) or keep the state directory on ext4, \
-                     xfs or btrfs"
-                        .to_owned(),
-                ),
+                "use Linux 6.3+ (idmapped tmpfs) or keep the state directory on ext4, xfs or btrfs",
             )
         }
-        Err(IdmapError::Setup(e)) => child_broken(ID, TITLE, &e),
+        Err(IdmapError::Setup(e)) => CHECK.child_broken(&e),
     }
 }
 
@@ -377,13 +362,20 @@ enum IdmapError {
 /// helper child's user namespace. The detached mount is never attached, so
 /// closing its fd discards it.
 fn try_idmap(dir: &Path) -> Result<(), IdmapError> {
-    let (ready_r, ready_w) = sys::pipe().map_err(IdmapError::Setup)?;
+    let (ready_r, ready_w) = cloexec_pipe().map_err(IdmapError::Setup)?;
     let ready_w_raw = ready_w.as_raw_fd();
-    let helper = sys::fork(|| -> Result<(), (u8, i32)> {
-        sys::unshare(libc::CLONE_NEWUSER).map_err(|e| (1, e))?;
-        sys::write_byte(ready_w_raw).map_err(|e| (2, e))?;
-        sys::pause_forever()
-    })
+    // SAFETY: the helper makes only raw system calls on the descriptor number
+    // copied above, then sleeps until kill_and_reap below kills it.
+    let helper = unsafe {
+        sys::fork_child(|| {
+            if sys::raw_unshare(libc::CLONE_NEWUSER).is_err()
+                || sys::raw_write_all(ready_w_raw, b"r").is_err()
+            {
+                return 1;
+            }
+            sys::raw_pause_forever()
+        })
+    }
     .map_err(IdmapError::Setup)?;
     drop(ready_w);
     let outcome = (|| {
@@ -396,16 +388,8 @@ fn try_idmap(dir: &Path) -> Result<(), IdmapError> {
         fs::write(proc_dir.join("gid_map"), "0 100000 65536")
             .map_err(|e| IdmapError::Syscall("write the helper's gid_map", e))?;
         let userns = fs::File::open(proc_dir.join("ns/user")).map_err(IdmapError::Setup)?;
-        let tree = rustix::mount::open_tree(
-            rustix::fs::CWD,
-            dir,
-            rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
-        )
-        .map_err(|e| IdmapError::Syscall("open_tree", e.into()))?;
-        let fd = u64::try_from(userns.as_raw_fd())
-            .map_err(|_| IdmapError::Setup(io::Error::other("negative fd")))?;
-        let attr = MountAttr { attr_set: MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd: fd };
-        sys::mount_setattr(tree.as_raw_fd(), &attr).map_err(|e| IdmapError::Syscall("mount_setattr", e))
+        let tree = sys::clone_tree(dir).map_err(|e| IdmapError::Syscall("open_tree", e))?;
+        sys::idmap_tree(tree.as_fd(), userns.as_fd()).map_err(|e| IdmapError::Syscall("mount_setattr", e))
     })();
     sys::kill_and_reap(helper);
     outcome
@@ -433,18 +417,14 @@ fn fs_name(path: &Path) -> String {
 // seccomp and Landlock
 
 fn check_seccomp() -> Check {
-    const ID: &str = "seccomp";
-    const TITLE: &str = "seccomp filters";
+    const CHECK: Subject<'static> = Subject { id: "seccomp", title: "seccomp filters" };
     let status_text = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field =
         |key: &str| status_text.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_owned());
     let Some(mode) = field("Seccomp:") else {
-        return check(
-            ID,
-            TITLE,
-            Status::Missing,
-            "/proc/self/status has no Seccomp field: the kernel is built without CONFIG_SECCOMP".to_owned(),
-            Some("use a kernel with CONFIG_SECCOMP_FILTER=y".to_owned()),
+        return CHECK.missing(
+            "/proc/self/status has no Seccomp field: the kernel is built without CONFIG_SECCOMP",
+            "use a kernel with CONFIG_SECCOMP_FILTER=y",
         );
     };
     let inherited = field("Seccomp_filters:").unwrap_or_else(|| "0".to_owned());
@@ -457,54 +437,32 @@ fn check_seccomp() -> Check {
     }];
     let fprog = libc::sock_fprog { len: 1, filter: program.as_mut_ptr() };
     let result = in_child(|| {
-        sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map_err(|e| (1, e))?;
-        sys::seccomp_filter(&fprog).map_err(|e| (2, e))
+        sys::raw_set_no_new_privs().map_err(step(1))?;
+        sys::raw_seccomp_set_filter(&fprog).map_err(step(2))
     });
-    let steps = &["set no_new_privs", "install a seccomp filter"];
-    match result {
-        Ok(Ok(())) => check(
-            ID,
-            TITLE,
-            Status::Ok,
-            format!(
-                "a child installed a filter; airlock itself runs with Seccomp mode {mode} and \
-                 {inherited} inherited filter(s), which sandboxes stack on"
-            ),
-            None,
+    CHECK.after_child(
+        result,
+        &["set no_new_privs", "install a seccomp filter"],
+        format!(
+            "a child installed a filter; airlock itself runs with Seccomp mode {mode} and \
+             {inherited} inherited filter(s), which sandboxes stack on"
         ),
-        Ok(Err(f)) => check(
-            ID,
-            TITLE,
-            Status::Missing,
-            f.describe(steps),
-            Some("use a kernel with CONFIG_SECCOMP_FILTER=y".to_owned()),
-        ),
-        Err(e) => child_broken(ID, TITLE, &e),
-    }
+        |_| "use a kernel with CONFIG_SECCOMP_FILTER=y",
+    )
 }
 
 fn check_landlock() -> Check {
-    const ID: &str = "landlock";
-    const TITLE: &str = "Landlock";
+    const CHECK: Subject<'static> = Subject { id: "landlock", title: "Landlock" };
     match sys::landlock_abi() {
-        Ok(abi) => check(ID, TITLE, Status::Ok, format!("Landlock ABI version {abi}"), None),
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => check(
-            ID,
-            TITLE,
-            Status::Missing,
-            "the kernel has Landlock but it is not enabled at boot".to_owned(),
-            Some(
-                "add landlock to the kernel's lsm= boot parameter (e.g. \
-                 lsm=landlock,lockdown,yama,integrity,apparmor,bpf) and reboot"
-                    .to_owned(),
-            ),
+        Ok(abi) => CHECK.ok(format!("Landlock ABI version {abi}")),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => CHECK.missing(
+            "the kernel has Landlock but it is not enabled at boot",
+            "add landlock to the kernel's lsm= boot parameter (e.g. \
+             lsm=landlock,lockdown,yama,integrity,apparmor,bpf) and reboot",
         ),
-        Err(e) => check(
-            ID,
-            TITLE,
-            Status::Missing,
+        Err(e) => CHECK.missing(
             format!("landlock_create_ruleset failed: {e}"),
-            Some("use Linux 5.13+ built with CONFIG_SECURITY_LANDLOCK=y".to_owned()),
+            "use Linux 5.13+ built with CONFIG_SECURITY_LANDLOCK=y",
         ),
     }
 }
@@ -519,17 +477,15 @@ fn check_cgroup(
     support: &cgroup::CgroupSupport,
 ) -> Check {
     let title = format!("cgroup {controller} limits");
+    let check = Subject { id, title: &title };
     let Some(placement) = placement else {
-        return check(
-            id,
-            &title,
-            Status::Missing,
+        return check.missing(
             format!("no hierarchy offers the {controller} controller ({})", support.detail),
-            Some(format!(
+            format!(
                 "mount the {controller} controller (cgroup v2 with it enabled, or \
                  `mount -t cgroup -o {controller} cgroup /sys/fs/cgroup/{controller}`), \
-                 or remove the {controller} limit from the policy"
-            )),
+                 or use a policy with isolation.allow_weaker = [\"cgroups\"]"
+            ),
         );
     };
     let where_ = match placement {
@@ -544,31 +500,17 @@ fn check_cgroup(
     // Really create one: write access to the mount point says little about
     // enabling controllers or writing limit files.
     let name = format!("doctor-{}-{controller}", std::process::id());
-    let created = SandboxCgroup::create(&name, &limits).and_then(|cg| cg.remove());
-    match created {
-        Ok(()) => check(
-            id,
-            &title,
-            Status::Ok,
-            format!("{where_}; a test cgroup with a {controller} limit was created and removed"),
-            None,
-        ),
-        Err(CgroupError::NotPermitted { fix, source, path }) => check(
-            id,
-            &title,
-            Status::Missing,
-            format!("{where_}, but cannot create {}: {source}", path.display()),
-            Some(fix),
-        ),
-        Err(CgroupError::ControllerMissing { fix, .. }) => {
-            check(id, &title, Status::Missing, where_, Some(fix))
+    match SandboxCgroup::create(&name, &limits).and_then(|cg| cg.remove()) {
+        Ok(()) => {
+            check.ok(format!("{where_}; a test cgroup with a {controller} limit was created and removed"))
         }
-        Err(e) => check(
-            id,
-            &title,
-            Status::Missing,
+        Err(CgroupError::NotPermitted { fix, source, path }) => {
+            check.missing(format!("{where_}, but cannot create {}: {source}", path.display()), fix)
+        }
+        Err(CgroupError::ControllerMissing { fix, .. }) => check.missing(where_, fix),
+        Err(e) => check.missing(
             format!("{where_}, but a test cgroup failed: {e}"),
-            Some("run `airlock gc`, then retry; report a bug if it persists".to_owned()),
+            "run `airlock gc`, then retry; report a bug if it persists",
         ),
     }
 }
@@ -582,86 +524,52 @@ const DISK_QUOTA_STEPS: &[&str] = &[
 ];
 
 fn check_disk_quota(root: bool) -> Check {
-    const ID: &str = "disk-quota";
-    const TITLE: &str = "size limit for the writable layer";
+    const CHECK: Subject<'static> = Subject { id: "disk-quota", title: "size limit for the writable layer" };
     if !root {
-        return check(
-            ID,
-            TITLE,
-            Status::Missing,
-            "the workspace's writable layer cannot be size-limited without root".to_owned(),
-            Some("run airlock as root to cap the writable layer's size".to_owned()),
+        return CHECK.missing(
+            "the workspace's writable layer cannot be size-limited without root",
+            "run airlock as root to cap the writable layer's size",
         );
     }
     let Ok(dir) = CString::new(std::env::temp_dir().as_os_str().as_bytes()) else {
-        return check(
-            ID,
-            TITLE,
-            Status::Missing,
-            "the temporary directory path contains a NUL byte".to_owned(),
-            Some("set TMPDIR to a plain path".to_owned()),
-        );
+        return CHECK
+            .missing("the temporary directory path contains a NUL byte", "set TMPDIR to a plain path");
     };
     const LIMIT: u64 = 1 << 20;
     let result = in_child(|| {
-        sys::unshare(libc::CLONE_NEWNS).map_err(|e| (1, e))?;
-        sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None).map_err(|e| (2, e))?;
-        sys::mount(Some(c"tmpfs"), &dir, Some(c"tmpfs"), 0, Some(c"size=1m")).map_err(|e| (3, e))?;
-        let bytes = sys::fs_bytes(&dir).map_err(|e| (4, e))?;
+        sys::raw_unshare(libc::CLONE_NEWNS).map_err(step(1))?;
+        sys::raw_mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None).map_err(step(2))?;
+        sys::raw_mount(Some(c"tmpfs"), &dir, Some(c"tmpfs"), 0, Some(c"size=1m")).map_err(step(3))?;
+        let bytes = sys::raw_fs_size(&dir).map_err(step(4))?;
         if bytes > LIMIT {
             return Err((5, 0));
         }
         Ok(())
     });
-    match result {
-        Ok(Ok(())) => check(
-            ID,
-            TITLE,
-            Status::Ok,
-            "a child mounted a 1 MiB tmpfs in its own mount namespace and the kernel \
-             enforced the size"
-                .to_owned(),
-            None,
-        ),
-        Ok(Err(f)) => check(
-            ID,
-            TITLE,
-            Status::Missing,
-            f.describe(DISK_QUOTA_STEPS),
-            Some("use a kernel with tmpfs (CONFIG_TMPFS=y)".to_owned()),
-        ),
-        Err(e) => child_broken(ID, TITLE, &e),
-    }
+    CHECK.after_child(
+        result,
+        DISK_QUOTA_STEPS,
+        "a child mounted a 1 MiB tmpfs in its own mount namespace and the kernel enforced the size",
+        |_| "use a kernel with tmpfs (CONFIG_TMPFS=y)",
+    )
 }
 
 fn check_kvm() -> Check {
-    const ID: &str = "kvm";
-    const TITLE: &str = "KVM for the microVM tier";
+    const CHECK: Subject<'static> = Subject { id: "kvm", title: "KVM for the microVM tier" };
     const LATER: &str = "the microVM tier is not in this version, so nothing uses it yet";
     let path = Path::new("/dev/kvm");
     if !path.exists() {
-        return check(
-            ID,
-            TITLE,
-            Status::Missing,
+        return CHECK.missing(
             format!("/dev/kvm does not exist; {LATER}"),
-            Some(
-                "enable virtualization in the firmware and load kvm_intel or kvm_amd \
-                 (on a cloud VM: pick an instance type with nested virtualization)"
-                    .to_owned(),
-            ),
+            "enable virtualization in the firmware and load kvm_intel or kvm_amd \
+             (on a cloud VM: pick an instance type with nested virtualization)",
         );
     }
     match fs::OpenOptions::new().read(true).write(true).open(path) {
-        Ok(_) => check(ID, TITLE, Status::Ok, format!("/dev/kvm opens read-write; {LATER}"), None),
-        Err(e) => check(
-            ID,
-            TITLE,
-            Status::Limited,
+        Ok(_) => CHECK.ok(format!("/dev/kvm opens read-write; {LATER}")),
+        Err(e) => CHECK.limited(
             format!("/dev/kvm exists but cannot be opened read-write: {e}; {LATER}"),
-            Some(
-                "add your user to the kvm group (`sudo usermod -aG kvm $USER`), then log in again".to_owned(),
-            ),
+            "add your user to the kvm group (`sudo usermod -aG kvm $USER`), then log in again",
         ),
     }
 }
@@ -687,14 +595,13 @@ impl ChildFailure {
     }
 }
 
-fn child_broken(id: &'static str, title: &str, e: &io::Error) -> Check {
-    check(
-        id,
-        title,
-        Status::Missing,
-        format!("the probe could not run: {e}"),
-        Some("check process limits (ulimit -u) and retry".to_owned()),
-    )
+/// Tags a failed system call in a probe child with its 1-based step number.
+fn step(n: u8) -> impl FnOnce(io::Error) -> (u8, i32) {
+    move |e| (n, e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
 /// Runs `f` in a forked child and returns its verdict. `f` must only make
@@ -705,21 +612,22 @@ fn in_child<F>(f: F) -> io::Result<Result<(), ChildFailure>>
 where
     F: FnOnce() -> Result<(), (u8, i32)>,
 {
-    let (read_end, write_end) = sys::pipe()?;
+    let (read_end, write_end) = cloexec_pipe()?;
     let write_raw = write_end.as_raw_fd();
-    let pid = sys::fork(|| {
-        let (step, errno) = match f() {
-            Ok(()) => (0u8, 0i32),
-            Err(e) => e,
-        };
-        let e = errno.to_ne_bytes();
-        let msg = [step, e[0], e[1], e[2], e[3]];
-        sys::write_all(write_raw, &msg).map_err(|e| (0, e))
-    })?;
+    // SAFETY: the child runs `f`, restricted as documented above, and writes
+    // its report from a stack buffer with a raw write.
+    let pid = unsafe {
+        sys::fork_child(|| {
+            let (step, errno) = f().err().unwrap_or((0, 0));
+            let e = errno.to_ne_bytes();
+            let msg = [step, e[0], e[1], e[2], e[3]];
+            if sys::raw_write_all(write_raw, &msg).is_ok() { 0 } else { 1 }
+        })
+    }?;
     drop(write_end);
     let mut msg = [0u8; 5];
     let read = fs::File::from(read_end).read_exact(&mut msg);
-    let status = sys::wait(pid)?;
+    let status = sys::wait_pid(pid)?;
     if read.is_err() {
         return Err(io::Error::other(format!(
             "probe child {pid} ended without a report (wait status {status:#x})"
@@ -730,219 +638,6 @@ where
         0 => Ok(()),
         step => Err(ChildFailure { step, errno }),
     })
-}
-
-/// The raw system calls the probes use, each unsafe block in its own small
-/// function. Functions used in children neither allocate nor lock.
-mod sys {
-    use super::*;
-
-    fn errno() -> i32 {
-        io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
-    }
-
-    fn check(ret: libc::c_int) -> Result<(), i32> {
-        if ret < 0 { Err(errno()) } else { Ok(()) }
-    }
-
-    pub(super) fn unshare(flags: libc::c_int) -> Result<(), i32> {
-        // SAFETY: unshare only changes this process's namespaces; probes call
-        // it in forked children, never in the caller.
-        check(unsafe { libc::unshare(flags) })
-    }
-
-    pub(super) fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), i32> {
-        // SAFETY: the options used (PR_SET_NO_NEW_PRIVS) take integer
-        // arguments only; called in probe children.
-        check(unsafe { libc::prctl(option, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) })
-    }
-
-    pub(super) fn seccomp_filter(prog: &libc::sock_fprog) -> Result<(), i32> {
-        // SAFETY: prog points at a valid program that outlives the call; the
-        // kernel copies it.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
-                0 as libc::c_uint,
-                prog as *const libc::sock_fprog,
-            )
-        };
-        if ret < 0 { Err(errno()) } else { Ok(()) }
-    }
-
-    pub(super) fn landlock_abi() -> io::Result<i64> {
-        const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
-        // SAFETY: with a null attribute pointer, size 0 and the VERSION flag
-        // the kernel only returns the ABI number; no memory is touched.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_landlock_create_ruleset,
-                std::ptr::null::<libc::c_void>(),
-                0usize,
-                LANDLOCK_CREATE_RULESET_VERSION,
-            )
-        };
-        if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
-    }
-
-    pub(super) fn mount_setattr(tree: RawFd, attr: &MountAttr) -> io::Result<()> {
-        // SAFETY: tree is an open detached-mount fd, the empty path with
-        // AT_EMPTY_PATH names it, and attr is a valid struct of the size passed.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                tree,
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH as libc::c_uint,
-                attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        };
-        if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-    }
-
-    pub(super) fn mount(
-        source: Option<&CStr>,
-        target: &CStr,
-        fstype: Option<&CStr>,
-        flags: libc::c_ulong,
-        data: Option<&CStr>,
-    ) -> Result<(), i32> {
-        let ptr = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
-        // SAFETY: every pointer is null or a NUL-terminated string alive for
-        // the call; called only in probe children with their own mount
-        // namespace, so the host's mounts are unaffected.
-        check(unsafe { libc::mount(ptr(source), target.as_ptr(), ptr(fstype), flags, ptr(data).cast()) })
-    }
-
-    pub(super) fn mkdir(path: &CStr) -> Result<(), i32> {
-        // SAFETY: path is NUL-terminated and alive for the call.
-        check(unsafe { libc::mkdir(path.as_ptr(), 0o755) })
-    }
-
-    fn open(path: &CStr, flags: libc::c_int) -> Result<RawFd, i32> {
-        // SAFETY: path is NUL-terminated and alive for the call.
-        let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, 0o644 as libc::c_uint) };
-        if fd < 0 { Err(errno()) } else { Ok(fd) }
-    }
-
-    fn close(fd: RawFd) {
-        // SAFETY: fd was opened by the caller and is not used afterwards.
-        unsafe { libc::close(fd) };
-    }
-
-    pub(super) fn write_all(fd: RawFd, mut data: &[u8]) -> Result<(), i32> {
-        while !data.is_empty() {
-            // SAFETY: data is a valid buffer of the length passed.
-            let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-            if n < 0 {
-                let e = errno();
-                if e == libc::EINTR {
-                    continue;
-                }
-                return Err(e);
-            }
-            let n = usize::try_from(n).unwrap_or(0);
-            if n == 0 {
-                return Err(libc::EIO);
-            }
-            data = data.get(n..).unwrap_or_default();
-        }
-        Ok(())
-    }
-
-    pub(super) fn write_byte(fd: RawFd) -> Result<(), i32> {
-        write_all(fd, b"r")
-    }
-
-    /// Writes a whole /proc control file in one go.
-    pub(super) fn write_file(path: &CStr, data: &[u8]) -> Result<(), i32> {
-        let fd = open(path, libc::O_WRONLY)?;
-        let r = write_all(fd, data);
-        close(fd);
-        r
-    }
-
-    pub(super) fn create_file(path: &CStr) -> Result<(), i32> {
-        let fd = open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL)?;
-        let r = write_all(fd, b"ok");
-        close(fd);
-        r
-    }
-
-    /// Total size in bytes of the filesystem at `path`.
-    pub(super) fn fs_bytes(path: &CStr) -> Result<u64, i32> {
-        // SAFETY: statfs64 is plain old data; all-zero is a valid value.
-        let mut st: libc::statfs64 = unsafe { std::mem::zeroed() };
-        // SAFETY: path is NUL-terminated; st is a valid out-pointer.
-        check(unsafe { libc::statfs64(path.as_ptr(), &mut st) })?;
-        // f_blocks is u64 in statfs64; f_bsize is a signed word but positive.
-        let blocks: u64 = st.f_blocks;
-        Ok(blocks.saturating_mul(st.f_bsize as u64))
-    }
-
-    pub(super) fn pause_forever() -> ! {
-        loop {
-            // SAFETY: pause has no preconditions.
-            unsafe { libc::pause() };
-        }
-    }
-
-    pub(super) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: fds is a valid array of two ints for the kernel to fill.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-    }
-
-    /// Forks; the child runs `f` and `_exit`s (0 when `f` succeeded, 1
-    /// otherwise) without returning into the caller's code.
-    pub(super) fn fork<F, T>(f: F) -> io::Result<libc::pid_t>
-    where
-        F: FnOnce() -> Result<T, (u8, i32)>,
-    {
-        // SAFETY: the child only runs `f`, which callers restrict to raw
-        // system calls on pre-built data, then _exit; it never unwinds or
-        // returns into code that might use locks held by other threads.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if pid == 0 {
-            let code = if f().is_ok() { 0 } else { 1 };
-            // SAFETY: _exit skips atexit handlers and destructors, which is
-            // what a forked child of a multi-threaded process must do.
-            unsafe { libc::_exit(code) };
-        }
-        Ok(pid)
-    }
-
-    /// Waits for `pid`; returns the raw wait status.
-    pub(super) fn wait(pid: libc::pid_t) -> io::Result<libc::c_int> {
-        let mut status = 0;
-        loop {
-            // SAFETY: status is a valid out-pointer for the call.
-            let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
-            if r == pid {
-                return Ok(status);
-            }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e);
-            }
-        }
-    }
-
-    pub(super) fn kill_and_reap(pid: libc::pid_t) {
-        // SAFETY: pid is our own child that has not been reaped, so it cannot
-        // have been reused by another process.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let _ = wait(pid);
-    }
 }
 
 #[cfg(test)]
@@ -971,7 +666,7 @@ mod tests {
         // A raw syscall failure travels back with its real errno.
         let missing = c"/nonexistent-airlock-probe/x";
         assert_eq!(
-            in_child(|| sys::mkdir(missing).map_err(|e| (7, e))).unwrap(),
+            in_child(|| sys::raw_mkdir(missing, 0o755).map_err(step(7))).unwrap(),
             Err(ChildFailure { step: 7, errno: libc::ENOENT })
         );
         let f = ChildFailure { step: 2, errno: libc::EACCES };

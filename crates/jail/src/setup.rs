@@ -2,9 +2,10 @@
 //! in order, before it starts any untrusted code.
 //!
 //! Why this order:
-//! - cgroup namespace first, so its root is the sandbox's own cgroup (the
-//!   supervisor placed us there before letting us run);
-//! - mounts while we still hold CAP_SYS_ADMIN in our user namespace;
+//! - mounts while we still hold CAP_SYS_ADMIN in our user namespace
+//!   ([`build`], overlapping the supervisor's cgroup placement);
+//! - cgroup namespace once the supervisor says we are in our cgroup, so its
+//!   root is the sandbox's own cgroup;
 //! - rlimits and non-dumpable before anything untrusted can observe us;
 //! - Landlock before the capability drop (it needs no privilege, but it
 //!   must be in place before seccomp forbids nothing it needs);
@@ -35,16 +36,24 @@ pub struct Confinement {
     pub landlock: String,
 }
 
-/// Confines the calling process (the agent, PID 1 of the sandbox).
+/// Builds the sandbox's view of the world: the root filesystem, hostname
+/// and loopback. Runs before the supervisor has placed the agent in its
+/// cgroup (that write can take a kernel grace period; overlapping it with
+/// this work saves most of it); only airlock's own code runs here.
+pub fn build(plan: &JailPlan) -> Result<(), SetupError> {
+    mounts::build_root(plan).map_err(step("build the root filesystem"))?;
+    rustix::system::sethostname(plan.hostname.as_bytes()).map_err(step("set the hostname"))?;
+    sys::set_loopback_up().map_err(step("bring up loopback"))?;
+    Ok(())
+}
+
+/// Confines the calling process (the agent, PID 1 of the sandbox), once it
+/// is in its cgroup: everything after this is untrusted-safe.
 pub fn confine(plan: &JailPlan) -> Result<Confinement, SetupError> {
     // SAFETY: a new cgroup namespace changes no memory or file descriptor
     // state of this process; it only changes how /proc/self/cgroup reads.
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWCGROUP) }
         .map_err(step("enter a cgroup namespace"))?;
-    mounts::build_root(plan).map_err(step("build the root filesystem"))?;
-    rustix::system::sethostname(plan.hostname.as_bytes()).map_err(step("set the hostname"))?;
-    sys::set_loopback_up().map_err(step("bring up loopback"))?;
-
     let limits = rlimit::Rlimits {
         nofile: plan.rlimits.nofile,
         nproc: plan.rlimits.nproc,

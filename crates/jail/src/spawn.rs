@@ -20,6 +20,9 @@ use crate::sys;
 /// Descriptor numbers the agent finds its inputs at.
 pub const AGENT_CONTROL_FD: i32 = 3;
 pub const AGENT_WORKSPACE_FD: i32 = 4;
+/// The agent's end of the egress channel (accepted proxy connections go
+/// out over it as descriptors).
+pub const AGENT_EGRESS_FD: i32 = 5;
 
 /// How ids inside the sandbox map to host ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +98,8 @@ pub struct SpawnRequest<'a> {
     pub stdio: [BorrowedFd<'a>; 3],
     /// An id-mapped workspace tree handed to the agent at [`AGENT_WORKSPACE_FD`].
     pub workspace_tree: Option<BorrowedFd<'a>>,
+    /// The agent's end of the egress channel, handed over at [`AGENT_EGRESS_FD`].
+    pub egress_channel: Option<BorrowedFd<'a>>,
     pub id_map: &'a IdMap,
 }
 
@@ -151,6 +156,9 @@ pub fn spawn(
     if let Some(tree) = req.workspace_tree {
         sources.push((sys::dup_above(tree, high).map_err(SpawnError::Channel)?, AGENT_WORKSPACE_FD));
     }
+    if let Some(channel) = req.egress_channel {
+        sources.push((sys::dup_above(channel, high).map_err(SpawnError::Channel)?, AGENT_EGRESS_FD));
+    }
     let placements: Vec<(i32, i32)> = sources.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect();
     let sync_fd = sync_read.as_raw_fd();
     let sync_write_fd = sync_write.as_raw_fd();
@@ -169,7 +177,8 @@ pub fn spawn(
                 sys::raw_exit(125);
             }
             if sys::raw_become_namespace_root(drop_groups).is_err() {
-                sys::raw_write_all(2, b"airlock: cannot become root of the sandbox's user namespace\n");
+                let _ =
+                    sys::raw_write_all(2, b"airlock: cannot become root of the sandbox's user namespace\n");
                 sys::raw_exit(125);
             }
             for (from, to) in &placements {
@@ -184,7 +193,7 @@ pub fn spawn(
             }
             sys::raw_close_from(first_unused + 1);
             let _ = sys::raw_execveat(first_unused, &argv, &envp);
-            sys::raw_write_all(2, b"airlock: cannot execute the sandbox agent\n");
+            let _ = sys::raw_write_all(2, b"airlock: cannot execute the sandbox agent\n");
             sys::raw_exit(125);
         }
     };
@@ -240,19 +249,8 @@ pub fn idmapped_tree(path: &Path, id_map: &IdMap) -> Result<OwnedFd, SpawnError>
     let result = (|| {
         id_map.write_for(pid)?;
         let userns = fs::File::open(format!("/proc/{pid}/ns/user"))?;
-        let tree = rustix::mount::open_tree(
-            rustix::fs::CWD,
-            path,
-            rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
-        )?;
-        sys::mount_setattr(
-            Some(tree.as_fd()),
-            c"",
-            libc::AT_EMPTY_PATH as libc::c_uint,
-            libc::MOUNT_ATTR_IDMAP,
-            0,
-            Some(userns.as_fd()),
-        )?;
+        let tree = sys::clone_tree(path)?;
+        sys::idmap_tree(tree.as_fd(), userns.as_fd())?;
         Ok::<_, io::Error>(tree)
     })();
     drop(hold_write);

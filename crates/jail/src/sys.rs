@@ -1,18 +1,23 @@
 //! Thin wrappers over the system calls that neither rustix nor the standard
 //! library cover. Every `unsafe` block in the jail's core lives here.
 //!
-//! The `raw_*` functions are meant for the child between `clone` and
-//! `execve`, where only async-signal-safe calls are allowed: they make the
-//! system call directly and never touch libc's internal state (locks,
-//! thread lists).
+//! The `raw_*` functions are meant for a child between `clone` and `execve`
+//! (or `_exit`), where only async-signal-safe calls are allowed: they make
+//! the system call directly and never touch libc's internal state (locks,
+//! thread lists) or allocate. Their errors are plain errno values, which
+//! carry no heap data either.
 
 use std::ffi::{CStr, c_char, c_int};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::Path;
 
 fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
+
+// ---------------------------------------------------------------------------
+// Processes
 
 /// `clone(2)` with fork semantics (no new stack) into new namespaces.
 /// Returns `Some(pid)` in the parent and `None` in the child.
@@ -43,58 +48,109 @@ pub unsafe fn clone_into_namespaces(flags: c_int) -> io::Result<Option<i32>> {
     }
 }
 
-/// Blocks until one byte arrives or the pipe closes; `true` if a byte arrived.
-pub fn raw_read_byte(fd: RawFd) -> bool {
-    let mut byte = 0u8;
+/// Forks a child that runs `body` and `_exit`s with the code it returns,
+/// never returning into the caller's code. Returns the child's pid.
+///
+/// # Safety
+/// As for [`clone_into_namespaces`]: `body` may use only async-signal-safe
+/// operations (the `raw_*` helpers, on data prepared before the call), must
+/// not allocate and must not panic.
+pub unsafe fn fork_child(body: impl FnOnce() -> c_int) -> io::Result<i32> {
+    // SAFETY: the child runs only `body`, which the caller restricts as
+    // documented above, and then leaves with _exit.
+    match unsafe { clone_into_namespaces(0) }? {
+        Some(pid) => Ok(pid),
+        None => raw_exit(body()),
+    }
+}
+
+/// Leaves the process immediately without running destructors or atexit
+/// handlers (which may take locks the parent's other threads held).
+pub fn raw_exit(code: c_int) -> ! {
+    // SAFETY: _exit never returns and has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// Reaps a child, retrying on EINTR; returns the raw wait status.
+pub fn wait_pid(pid: i32) -> io::Result<c_int> {
+    let mut status: c_int = 0;
     loop {
-        // SAFETY: reads at most one byte into a valid, owned local buffer.
-        let n = unsafe { libc::syscall(libc::SYS_read, fd, &mut byte as *mut u8, 1usize) };
-        if n == 1 {
-            return true;
+        // SAFETY: status is a valid out-pointer for waitpid.
+        let ret = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if ret >= 0 {
+            return Ok(status);
         }
-        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-            continue;
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
         }
-        return false;
     }
 }
 
-/// Writes a whole buffer with raw `write` calls (async-signal-safe).
-pub fn raw_write_all(fd: RawFd, mut buf: &[u8]) {
-    while !buf.is_empty() {
-        // SAFETY: the pointer and length describe a live slice.
-        let n = unsafe { libc::syscall(libc::SYS_write, fd, buf.as_ptr(), buf.len()) };
-        if n <= 0 {
-            if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return;
-        }
-        buf = &buf[n as usize..];
-    }
+/// Sends SIGKILL to an unreaped child of ours and reaps it.
+pub fn kill_and_reap(pid: i32) {
+    // SAFETY: kill has no memory-safety requirements. The caller passes its
+    // own child that has not been reaped, so the pid cannot have been reused
+    // by another process.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = wait_pid(pid);
 }
 
-/// `dup3(from, to, 0)`: the copy at `to` survives `execve`.
-pub fn raw_dup_to(from: RawFd, to: RawFd) -> io::Result<()> {
-    raw_dup3(from, to, 0)
+/// `unshare(2)`: moves this process into new namespaces.
+pub fn raw_unshare(flags: c_int) -> io::Result<()> {
+    // SAFETY: unshare takes integer flags only.
+    check(unsafe { libc::syscall(libc::SYS_unshare, flags) }).map(drop)
 }
 
-/// `dup3(from, to, flags)`.
-pub fn raw_dup3(from: RawFd, to: RawFd, flags: c_int) -> io::Result<()> {
-    if from == to {
-        // dup3 refuses equal fds; clear close-on-exec instead.
-        // SAFETY: F_SETFD with 0 only changes the fd's flags.
-        return check(unsafe { libc::syscall(libc::SYS_fcntl, from, libc::F_SETFD, 0) }).map(drop);
-    }
-    // SAFETY: duplicating an fd has no memory-safety requirements.
-    check(unsafe { libc::syscall(libc::SYS_dup3, from, to, flags) }).map(drop)
+/// `prctl(2)` with one integer argument.
+fn raw_prctl(option: c_int, arg: libc::c_ulong) -> io::Result<()> {
+    let zero: libc::c_ulong = 0;
+    // SAFETY: every option passed here takes integer arguments only.
+    check(unsafe { libc::syscall(libc::SYS_prctl, option, arg, zero, zero, zero) }).map(drop)
 }
 
 /// Sets the parent-death signal so the child dies with its supervisor.
 pub fn raw_set_pdeathsig(sig: c_int) -> io::Result<()> {
-    // SAFETY: PR_SET_PDEATHSIG takes an integer signal number.
-    check(unsafe { libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) })
-        .map(drop)
+    raw_prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong)
+}
+
+/// Sets no_new_privs, which an unprivileged process needs before it may
+/// install a seccomp filter.
+pub fn raw_set_no_new_privs() -> io::Result<()> {
+    raw_prctl(libc::PR_SET_NO_NEW_PRIVS, 1)
+}
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, 0, prog)`: installs a seccomp filter.
+pub fn raw_seccomp_set_filter(prog: &libc::sock_fprog) -> io::Result<()> {
+    // SAFETY: prog points at a valid program that outlives the call; the
+    // kernel copies it.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0 as libc::c_uint,
+            prog as *const libc::sock_fprog,
+        )
+    })
+    .map(drop)
+}
+
+/// Sleeps until a signal kills the process.
+pub fn raw_pause_forever() -> ! {
+    loop {
+        // SAFETY: with no descriptors, no timeout and no signal mask, ppoll
+        // only blocks until a signal; the kernel accepts the null pointers.
+        unsafe {
+            libc::syscall(
+                libc::SYS_ppoll,
+                std::ptr::null_mut::<libc::pollfd>(),
+                0 as libc::nfds_t,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<libc::sigset_t>(),
+                0usize,
+            )
+        };
+    }
 }
 
 /// Becomes root of the current user namespace and drops supplementary groups.
@@ -134,11 +190,144 @@ pub fn raw_execveat(fd: RawFd, argv: &[*const c_char], envp: &[*const c_char]) -
     io::Error::last_os_error()
 }
 
-/// Leaves the process immediately without running destructors or atexit
-/// handlers (which may take locks the parent's other threads held).
-pub fn raw_exit(code: c_int) -> ! {
-    // SAFETY: _exit never returns and has no preconditions.
-    unsafe { libc::_exit(code) }
+// ---------------------------------------------------------------------------
+// Descriptors and files
+
+/// Blocks until one byte arrives or the pipe closes; `true` if a byte arrived.
+pub fn raw_read_byte(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: reads at most one byte into a valid, owned local buffer.
+        let n = unsafe { libc::syscall(libc::SYS_read, fd, &mut byte as *mut u8, 1usize) };
+        if n == 1 {
+            return true;
+        }
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return false;
+    }
+}
+
+/// Writes a whole buffer with raw `write` calls, retrying on EINTR. A write
+/// that makes no progress fails with EIO.
+pub fn raw_write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: the pointer and length describe a live slice.
+        match check(unsafe { libc::syscall(libc::SYS_write, fd, buf.as_ptr(), buf.len()) }) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ok(n) => buf = buf.get(n as usize..).unwrap_or_default(),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `openat(AT_FDCWD, path, flags | O_CLOEXEC, 0o644)`.
+fn raw_open(path: &CStr, flags: c_int) -> io::Result<RawFd> {
+    // SAFETY: path is a NUL-terminated string alive for the call.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            0o644 as libc::c_uint,
+        )
+    })?;
+    Ok(fd as RawFd)
+}
+
+/// Opens `path` write-only (plus `flags`), writes all of `data`, closes it.
+fn raw_write_path(path: &CStr, flags: c_int, data: &[u8]) -> io::Result<()> {
+    let fd = raw_open(path, libc::O_WRONLY | flags)?;
+    let written = raw_write_all(fd, data);
+    raw_close(fd);
+    written
+}
+
+/// Writes `data` to an existing file, such as a /proc control file (which
+/// takes a short value in one write).
+pub fn raw_write_file(path: &CStr, data: &[u8]) -> io::Result<()> {
+    raw_write_path(path, 0, data)
+}
+
+/// Creates `path`, which must not exist yet, with `data` in it.
+pub fn raw_create_file(path: &CStr, data: &[u8]) -> io::Result<()> {
+    raw_write_path(path, libc::O_CREAT | libc::O_EXCL, data)
+}
+
+/// `close(2)` without libc's bookkeeping, for the child after clone.
+pub fn raw_close(fd: RawFd) {
+    // SAFETY: closing a descriptor number has no memory-safety requirements.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+}
+
+/// Closes every descriptor from `first` up, so nothing the supervisor
+/// inherited from its own parent leaks into the sandbox.
+pub fn raw_close_from(first: c_int) {
+    // SAFETY: close_range only closes descriptors; no memory is involved.
+    unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0) };
+}
+
+/// Duplicates `fd` to a close-on-exec descriptor numbered at least `min`.
+pub fn dup_above(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    rustix::io::fcntl_dupfd_cloexec(fd, min).map_err(io::Error::from)
+}
+
+/// `dup3(from, to, 0)`: the copy at `to` survives `execve`.
+pub fn raw_dup_to(from: RawFd, to: RawFd) -> io::Result<()> {
+    raw_dup3(from, to, 0)
+}
+
+/// `dup3(from, to, flags)`.
+pub fn raw_dup3(from: RawFd, to: RawFd, flags: c_int) -> io::Result<()> {
+    if from == to {
+        // dup3 refuses equal fds; clear close-on-exec instead.
+        // SAFETY: F_SETFD with 0 only changes the fd's flags.
+        return check(unsafe { libc::syscall(libc::SYS_fcntl, from, libc::F_SETFD, 0) }).map(drop);
+    }
+    // SAFETY: duplicating an fd has no memory-safety requirements.
+    check(unsafe { libc::syscall(libc::SYS_dup3, from, to, flags) }).map(drop)
+}
+
+// ---------------------------------------------------------------------------
+// Filesystems and mounts
+
+/// `mount(2)`; `None` passes a null pointer.
+pub fn raw_mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> io::Result<()> {
+    let ptr = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: every pointer is null or a NUL-terminated string alive for the
+    // call.
+    check(unsafe {
+        libc::syscall(libc::SYS_mount, ptr(source), target.as_ptr(), ptr(fstype), flags, ptr(data))
+    })
+    .map(drop)
+}
+
+/// `mkdirat(AT_FDCWD, path, mode)`.
+pub fn raw_mkdir(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: path is a NUL-terminated string alive for the call.
+    check(unsafe { libc::syscall(libc::SYS_mkdirat, libc::AT_FDCWD, path.as_ptr(), mode) }).map(drop)
+}
+
+/// Total size in bytes of the filesystem at `path`, from `statfs(2)`.
+pub fn raw_fs_size(path: &CStr) -> io::Result<u64> {
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: path is NUL-terminated; st is a valid out-pointer. On 64-bit
+    // Linux, libc's `struct statfs` is the kernel's layout.
+    check(unsafe { libc::syscall(libc::SYS_statfs, path.as_ptr(), &mut st as *mut libc::statfs) })?;
+    // f_blocks is unsigned; f_bsize is a signed word but positive.
+    let blocks: u64 = st.f_blocks;
+    Ok(blocks.saturating_mul(st.f_bsize as u64))
 }
 
 /// `mount_setattr(2)`: changes mount attributes, recursively if asked.
@@ -181,6 +370,31 @@ pub fn mount_setattr(
     .map(drop)
 }
 
+/// A detached copy of the mount at `path` (`open_tree` with
+/// OPEN_TREE_CLONE): nothing sees it until it is attached, and closing the
+/// descriptor without attaching it discards it.
+pub fn clone_tree(path: &Path) -> io::Result<OwnedFd> {
+    use rustix::mount::OpenTreeFlags;
+    let flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    Ok(rustix::mount::open_tree(rustix::fs::CWD, path, flags)?)
+}
+
+/// Id-maps the detached mount `tree` with the id maps of the user namespace
+/// `userns` (`mount_setattr` with MOUNT_ATTR_IDMAP).
+pub fn idmap_tree(tree: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::Result<()> {
+    mount_setattr(
+        Some(tree),
+        c"",
+        libc::AT_EMPTY_PATH as libc::c_uint,
+        libc::MOUNT_ATTR_IDMAP,
+        0,
+        Some(userns),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Network and LSMs
+
 /// Brings the loopback interface up (the only interface in a new network
 /// namespace, created down).
 pub fn set_loopback_up() -> io::Result<()> {
@@ -207,36 +421,18 @@ pub fn set_loopback_up() -> io::Result<()> {
     result
 }
 
-/// Closes every descriptor from `first` up, so nothing the supervisor
-/// inherited from its own parent leaks into the sandbox.
-pub fn raw_close_from(first: c_int) {
-    // SAFETY: close_range only closes descriptors; no memory is involved.
-    unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0) };
-}
-
-/// Duplicates `fd` to a close-on-exec descriptor numbered at least `min`.
-pub fn dup_above(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<std::os::fd::OwnedFd> {
-    rustix::io::fcntl_dupfd_cloexec(fd, min).map_err(io::Error::from)
-}
-
-/// Reaps a child, retrying on EINTR; returns the raw wait status.
-pub fn wait_pid(pid: i32) -> io::Result<c_int> {
-    let mut status: c_int = 0;
-    loop {
-        // SAFETY: status is a valid out-pointer for waitpid.
-        let ret = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if ret >= 0 {
-            return Ok(status);
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINTR) {
-            return Err(err);
-        }
-    }
-}
-
-/// `close(2)` without libc's bookkeeping, for the child after clone.
-pub fn raw_close(fd: RawFd) {
-    // SAFETY: closing a descriptor number has no memory-safety requirements.
-    unsafe { libc::syscall(libc::SYS_close, fd) };
+/// The Landlock ABI version the kernel offers; EOPNOTSUPP when Landlock is
+/// built in but not enabled at boot.
+pub fn landlock_abi() -> io::Result<libc::c_long> {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: with a null attribute pointer, size 0 and the VERSION flag the
+    // kernel only returns the ABI number; no memory is touched.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    })
 }

@@ -51,7 +51,7 @@ pub(crate) fn load_checked(name: &str) -> Result<Policy, PolicyError> {
     let mut missing: Vec<String> = SCHEMA
         .iter()
         .flat_map(|(section, keys)| keys.iter().map(move |k| format!("{section}.{k}")))
-        .filter(|k| !layer.keys_set.contains(k))
+        .filter(|k| !layer.keys_set.contains_key(k))
         .collect();
     if layer.description.is_none() {
         missing.push("description".to_string());
@@ -60,7 +60,7 @@ pub(crate) fn load_checked(name: &str) -> Result<Policy, PolicyError> {
         return Err(src.error(
             0..0,
             FileErrorKind::InvalidValue {
-                section: "",
+                section: String::new(),
                 key: missing.join(", "),
                 reason: "built-in profile must set every key".to_string(),
             },
@@ -95,10 +95,18 @@ fn blank() -> Policy {
             nofile: 0,
             allow_raise: false,
         },
-        network: Network { egress: Egress::None },
+        network: Network {
+            egress: Egress::None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            allow_flag: false,
+            extra_roots: Vec::new(),
+            rules: Vec::new(),
+        },
         artifacts: Artifacts { capture: Vec::new(), max_bytes: 0 },
         cleanup: Cleanup { on_success: CleanupAction::Keep, on_failure: CleanupAction::Keep },
         env: EnvPolicy { pass: Vec::new(), set: BTreeMap::new() },
+        secrets: Vec::new(),
     }
 }
 

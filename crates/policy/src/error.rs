@@ -55,6 +55,27 @@ pub enum PolicyError {
     #[error("{flag} {value}: {reason}")]
     InvalidOverride { flag: &'static str, value: String, reason: String },
 
+    /// `--allow` was given for a policy whose sandbox has no network at all.
+    #[error(
+        "--allow {entry}: policy {policy:?} has egress = \"none\": the sandbox has no network \
+         at all, so no host can be allowed; use a policy with egress = \"proxy\" (dev, ci, remediation)"
+    )]
+    AllowWithoutEgress { policy: String, entry: String },
+
+    /// `--allow` was given for a policy that keeps its allow list in files.
+    #[error(
+        "--allow {entry}: policy {policy:?} has allow_flag = false, so hosts can only be allowed \
+         in a policy file; write one that extends {policy:?} and lists the host in [network] allow"
+    )]
+    AllowFlagDisabled { policy: String, entry: String },
+
+    /// `--env` named a variable the policy reserves for a secret's placeholder.
+    #[error(
+        "--env {name}: {name} is secret [secrets.{name}] of policy {policy:?}; inside the sandbox \
+         it holds a placeholder that the egress proxy replaces, and it cannot be set directly"
+    )]
+    EnvIsSecret { policy: String, name: String },
+
     /// A read-write workspace was requested where nothing may be written back.
     #[error(
         "workspace mode \"rw\" is not allowed by policy {policy:?}: it has \
@@ -73,15 +94,19 @@ pub enum FileErrorKind {
 
     /// A key the schema does not know (often a typo).
     #[error("unknown key `{key}` {} (expected one of: {})", section_label(.section), .expected.join(", "))]
-    UnknownKey { section: &'static str, key: String, expected: &'static [&'static str] },
+    UnknownKey { section: String, key: String, expected: &'static [&'static str] },
 
     /// A value of the wrong TOML type, e.g. a string where a list belongs.
     #[error("{}: expected {expected}, found {found}", key_label(.section, .key))]
-    WrongType { section: &'static str, key: String, expected: &'static str, found: &'static str },
+    WrongType { section: String, key: String, expected: &'static str, found: &'static str },
 
     /// A value of the right type that is not acceptable.
     #[error("{}: {reason}", key_label(.section, .key))]
-    InvalidValue { section: &'static str, key: String, reason: String },
+    InvalidValue { section: String, key: String, reason: String },
+
+    /// A required key is absent from a table that is present.
+    #[error("{}: missing key `{key}`: {hint}", section_title(.section))]
+    MissingKey { section: String, key: &'static str, hint: &'static str },
 }
 
 impl FileErrorKind {
@@ -94,16 +119,25 @@ impl FileErrorKind {
             | Self::InvalidValue { section, key, .. } => {
                 Some(if section.is_empty() { key.clone() } else { format!("{section}.{key}") })
             }
+            Self::MissingKey { section, key, .. } => Some(format!("{section}.{key}")),
         }
     }
 }
 
+/// Sections written as arrays of tables (`[[...]]`) in policy files.
+const ARRAY_SECTIONS: &[&str] = &["network.rule"];
+
+/// A section as its header is written in a policy file.
+fn section_title(section: &str) -> String {
+    if ARRAY_SECTIONS.contains(&section) { format!("[[{section}]]") } else { format!("[{section}]") }
+}
+
 fn section_label(section: &str) -> String {
-    if section.is_empty() { "at the top level".to_string() } else { format!("in [{section}]") }
+    if section.is_empty() { "at the top level".to_string() } else { format!("in {}", section_title(section)) }
 }
 
 fn key_label(section: &str, key: &str) -> String {
-    if section.is_empty() { key.to_string() } else { format!("[{section}] {key}") }
+    if section.is_empty() { key.to_string() } else { format!("{} {key}", section_title(section)) }
 }
 
 fn display_chain(chain: &[PathBuf]) -> String {

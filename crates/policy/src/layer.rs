@@ -1,9 +1,11 @@
 //! Layering: a file refines the profile it extends.
 //!
 //! Scalars and grant-like lists (`read_only`, `capture`, `env.pass`,
-//! `allow_weaker`) are replaced when the refining layer names them; deny-like
-//! lists (`hidden`, `protected`) are unioned so no layer can remove a deny;
-//! `env.set` is merged key by key.
+//! `allow_weaker`, `network.allow`, `network.extra_roots`) are replaced when
+//! the refining layer names them; deny-like lists (`hidden`, `protected`,
+//! `network.deny`, `network.rule`) are unioned so no layer can remove a deny;
+//! `env.set` is merged key by key, and `secrets` name by name (a layer that
+//! defines a secret of the same name replaces the whole entry).
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +47,9 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         nofile => p.limits.nofile,
         allow_raise => p.limits.allow_raise,
         egress => p.network.egress,
+        allow => p.network.allow,
+        allow_flag => p.network.allow_flag,
+        extra_roots => p.network.extra_roots,
         capture => p.artifacts.capture,
         max_bytes => p.artifacts.max_bytes,
         on_success => p.cleanup.on_success,
@@ -66,6 +71,19 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
     if let Some(set) = &layer.set {
         p.env.set.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
+    if let Some(deny) = &layer.deny {
+        p.network.deny = union(&base.network.deny, deny);
+    }
+    if let Some(rules) = &layer.rules {
+        p.network.rules = union(&base.network.rules, rules);
+    }
+    for (_, secret) in &layer.secrets {
+        match p.secrets.iter_mut().find(|s| s.name == secret.name) {
+            Some(existing) => *existing = secret.clone(),
+            None => p.secrets.push(secret.clone()),
+        }
+    }
+    p.secrets.sort_by(|a, b| a.name.cmp(&b.name));
     p
 }
 
@@ -89,6 +107,67 @@ pub(crate) fn check_combined(src: &Source<'_>, layer: &Layer, p: &Policy) -> Res
             ),
         };
         return Err(src.invalid(span, "workspace", key, reason.to_string()));
+    }
+    check_network(src, layer, p)?;
+    check_secrets(src, layer, p)
+}
+
+/// Allow entries are meaningless without egress; a file that lists some but
+/// leaves egress "none" (or turns it off under inherited ones) is a mistake
+/// worth naming.
+fn check_network(src: &Source<'_>, layer: &Layer, p: &Policy) -> Result<(), PolicyError> {
+    if p.network.has_egress() || p.network.allow.is_empty() {
+        return Ok(());
+    }
+    let span_of = |key: &str| layer.keys_set.get(key).cloned().unwrap_or(0..0);
+    if layer.allow.as_ref().is_some_and(|a| !a.is_empty()) {
+        return Err(src.invalid(
+            span_of("network.allow"),
+            "network",
+            "allow",
+            "lists destinations, but egress = \"none\" gives the sandbox no network at all; \
+             set egress = \"proxy\" to reach them through airlock's egress proxy"
+                .to_string(),
+        ));
+    }
+    let inherited: Vec<&str> = p.network.allow.iter().map(|a| a.source.as_str()).collect();
+    Err(src.invalid(
+        span_of("network.egress"),
+        "network",
+        "egress",
+        format!(
+            "\"none\" leaves the inherited allow entries ({}) unreachable; write allow = [] \
+             as well to say that nothing is reachable",
+            inherited.join(", ")
+        ),
+    ))
+}
+
+/// A secret's variable must hold the placeholder inside: passing the host's
+/// variable through or setting it would put the real value (or another one)
+/// in its place.
+fn check_secrets(src: &Source<'_>, layer: &Layer, p: &Policy) -> Result<(), PolicyError> {
+    for secret in &p.secrets {
+        let env_key = if p.env.pass.contains(&secret.name) {
+            "pass"
+        } else if p.env.set.contains_key(&secret.name) {
+            "set"
+        } else {
+            continue;
+        };
+        let reason = format!(
+            "{} is a secret and is also in env.{env_key}; inside the sandbox it must hold the \
+             placeholder that the egress proxy replaces, so remove it from env.{env_key}",
+            secret.name
+        );
+        // Point at the secret when this file defined it, else at the env key it set.
+        return Err(match layer.secrets.iter().find(|(_, s)| s.name == secret.name) {
+            Some((span, _)) => src.invalid(span.clone(), "secrets", &secret.name, reason),
+            None => {
+                let span = layer.keys_set.get(&format!("env.{env_key}")).cloned().unwrap_or(0..0);
+                src.invalid(span, "env", env_key, reason)
+            }
+        });
     }
     Ok(())
 }
@@ -125,7 +204,7 @@ fn load_chain(path: &Path, visiting: &mut Vec<(PathBuf, PathBuf)>) -> Result<Pol
                 return Err(src.error(
                     name.span(),
                     FileErrorKind::InvalidValue {
-                        section: "",
+                        section: String::new(),
                         key: "extends".to_string(),
                         reason: format!(
                             "{:?} is neither a built-in profile ({}) nor a policy file \

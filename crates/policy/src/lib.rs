@@ -3,12 +3,14 @@
 //! A [`Policy`] is resolved from layers — a built-in profile, then policy
 //! files that `extend` it, then CLI [`Overrides`] — and validated at every
 //! step. It starts nothing: the runtime turns a resolved policy into a launch
-//! plan. Deny-like lists (`hidden`, `protected`) only ever grow across layers,
-//! and CLI flags can only tighten limits unless the policy says otherwise.
+//! plan. Deny-like lists (`hidden`, `protected`, `network.deny`,
+//! `network.rule`) only ever grow across layers, and CLI flags can only
+//! tighten limits unless the policy says otherwise.
 
 mod builtin;
 mod error;
 mod layer;
+mod network;
 mod overrides;
 mod parse;
 mod render;
@@ -21,6 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use error::{FileErrorKind, MAX_EXTENDS_DEPTH, PolicyError};
+pub use network::{HostMatch, HostPattern, HostRule, Network, Secret, SecretSource};
 pub use overrides::Overrides;
 pub use units::{format_duration, format_size, parse_duration, parse_size};
 
@@ -40,6 +43,9 @@ pub struct Policy {
     pub artifacts: Artifacts,
     pub cleanup: Cleanup,
     pub env: EnvPolicy,
+    /// Credentials injected by the egress proxy, sorted by name.
+    #[serde(default)]
+    pub secrets: Vec<Secret>,
 }
 
 /// Which isolation mechanism runs the sandbox, and which host features may be
@@ -85,12 +91,6 @@ pub struct Limits {
     pub nofile: u64,
     /// Whether CLI flags may raise limits above these values.
     pub allow_raise: bool,
-}
-
-/// Network access. Only "no network at all" exists until the egress proxy ships.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Network {
-    pub egress: Egress,
 }
 
 /// Files copied out of the workspace after the run.
@@ -208,8 +208,10 @@ keyword_enum! {
 keyword_enum! {
     /// Network egress mode.
     Egress {
-        /// No network at all.
+        /// No network at all: the sandbox has only loopback and no proxy.
         None => "none",
+        /// Only through airlock's egress proxy, to destinations the policy allows.
+        Proxy => "proxy",
     }
 }
 
@@ -271,6 +273,11 @@ impl Policy {
     /// Whether the runtime may run without host feature `w` (and warn).
     pub fn allows_weaker(&self, w: Weakening) -> bool {
         self.isolation.allow_weaker.contains(&w)
+    }
+
+    /// The secret injected as environment variable `name`, if any.
+    pub fn secret(&self, name: &str) -> Option<&Secret> {
+        self.secrets.iter().find(|s| s.name == name)
     }
 
     /// Whether `airlock apply` may write the sandbox's changes back.

@@ -1,12 +1,13 @@
-//! The CLI layer: flags like `--timeout` and `--env` on top of a resolved
-//! policy. Flags tighten; they raise a limit only where the policy author
-//! allowed it with `allow_raise = true`.
+//! The CLI layer: flags like `--timeout`, `--env` and `--allow` on top of a
+//! resolved policy. Flags tighten; they raise a limit only where the policy
+//! author allowed it with `allow_raise = true`, and add a network destination
+//! only where the policy has `allow_flag = true`.
 
 use std::time::Duration;
 
 use crate::error::PolicyError;
 use crate::parse::check_env_name;
-use crate::{Policy, WorkspaceMode, Writeback, format_duration, format_size};
+use crate::{HostPattern, Policy, WorkspaceMode, Writeback, format_duration, format_size};
 
 /// Values given on the command line; `None` keeps the policy's value.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -18,6 +19,9 @@ pub struct Overrides {
     /// `--env K=V`, added to `env.set` (later entries win).
     pub env: Vec<(String, String)>,
     pub workspace_mode: Option<WorkspaceMode>,
+    /// `--allow HOST[:PORT]`, appended to `network.allow`; refused unless the
+    /// policy has egress and `allow_flag = true`.
+    pub allow: Vec<String>,
 }
 
 const MIN_MEMORY: u64 = 16 * 1024 * 1024;
@@ -84,6 +88,9 @@ pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError>
     }
     for (name, value) in &o.env {
         check_env_name(name).map_err(|reason| invalid("--env", format!("{name}={value}"), &reason))?;
+        if base.secret(name).is_some() {
+            return Err(PolicyError::EnvIsSecret { policy: base.name.clone(), name: name.clone() });
+        }
         if value.contains('\0') {
             return Err(invalid("--env", name.clone(), "value must not contain a NUL byte"));
         }
@@ -96,6 +103,18 @@ pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError>
             return Err(PolicyError::RwWithoutWriteback { policy: base.name.clone() });
         }
         p.workspace.mode = mode;
+    }
+    for entry in &o.allow {
+        let pattern = HostPattern::parse(entry).map_err(|reason| invalid("--allow", entry.clone(), &reason))?;
+        if !base.network.has_egress() {
+            return Err(PolicyError::AllowWithoutEgress { policy: base.name.clone(), entry: entry.clone() });
+        }
+        if !base.network.allow_flag {
+            return Err(PolicyError::AllowFlagDisabled { policy: base.name.clone(), entry: entry.clone() });
+        }
+        if !p.network.allow.contains(&pattern) {
+            p.network.allow.push(pattern);
+        }
     }
     Ok(p)
 }

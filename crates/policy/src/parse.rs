@@ -15,7 +15,11 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::error::{FileErrorKind, PolicyError};
-use crate::{CleanupAction, Egress, Tier, Weakening, WorkspaceMode, Writeback, parse_duration, parse_size};
+use crate::network::{check_method, path_glob};
+use crate::{
+    CleanupAction, Egress, HostPattern, HostRule, Secret, SecretSource, Tier, Weakening, WorkspaceMode,
+    Writeback, parse_duration, parse_size,
+};
 
 pub(crate) type Span = Range<usize>;
 
@@ -32,12 +36,18 @@ const TOP_KEYS: &[&str] = &[
     "artifacts",
     "cleanup",
     "env",
+    "secrets",
 ];
 const ISOLATION_KEYS: &[&str] = &["tier", "allow_weaker"];
 const FILESYSTEM_KEYS: &[&str] = &["read_only", "hidden", "tmp_size"];
 const WORKSPACE_KEYS: &[&str] = &["mode", "writeback", "protected"];
 const LIMITS_KEYS: &[&str] = &["timeout", "memory", "pids", "cpus", "disk", "nofile", "allow_raise"];
-const NETWORK_KEYS: &[&str] = &["egress"];
+const NETWORK_KEYS: &[&str] = &["egress", "allow", "deny", "allow_flag", "extra_roots", "rule"];
+/// The `[network]` keys a built-in must set; `rule` is an array of tables a
+/// profile may leave out.
+const NETWORK_REQUIRED: &[&str] = &["egress", "allow", "deny", "allow_flag", "extra_roots"];
+const RULE_KEYS: &[&str] = &["host", "methods", "paths"];
+const SECRET_KEYS: &[&str] = &["from", "hosts"];
 const ARTIFACTS_KEYS: &[&str] = &["capture", "max_bytes"];
 const CLEANUP_KEYS: &[&str] = &["on_success", "on_failure"];
 const ENV_KEYS: &[&str] = &["pass", "set"];
@@ -48,7 +58,7 @@ pub(crate) const SCHEMA: &[(&str, &[&str])] = &[
     ("filesystem", FILESYSTEM_KEYS),
     ("workspace", WORKSPACE_KEYS),
     ("limits", LIMITS_KEYS),
-    ("network", NETWORK_KEYS),
+    ("network", NETWORK_REQUIRED),
     ("artifacts", ARTIFACTS_KEYS),
     ("cleanup", CLEANUP_KEYS),
     ("env", ENV_KEYS),
@@ -75,14 +85,22 @@ pub(crate) struct Layer {
     pub nofile: Option<u64>,
     pub allow_raise: Option<bool>,
     pub egress: Option<Egress>,
+    pub allow: Option<Vec<HostPattern>>,
+    pub deny: Option<Vec<HostPattern>>,
+    pub allow_flag: Option<bool>,
+    pub extra_roots: Option<Vec<PathBuf>>,
+    pub rules: Option<Vec<HostRule>>,
     pub capture: Option<Vec<String>>,
     pub max_bytes: Option<u64>,
     pub on_success: Option<CleanupAction>,
     pub on_failure: Option<CleanupAction>,
     pub pass: Option<Vec<String>>,
     pub set: Option<BTreeMap<String, String>>,
-    /// "section.key" for every key present, to check built-ins are complete.
-    pub keys_set: BTreeSet<String>,
+    /// Secrets this file defines, each with the span of its table.
+    pub secrets: Vec<(Span, Secret)>,
+    /// "section.key" for every key present, with the span of its value: to
+    /// check built-ins are complete and to point at keys in cross-key errors.
+    pub keys_set: BTreeMap<String, Span>,
 }
 
 /// The file being parsed, for turning byte spans into `path:line:column`.
@@ -97,8 +115,8 @@ impl Source<'_> {
         PolicyError::File { path: self.path.to_path_buf(), line, column, kind }
     }
 
-    pub fn invalid(&self, span: Span, section: &'static str, key: &str, reason: String) -> PolicyError {
-        self.error(span, FileErrorKind::InvalidValue { section, key: key.to_string(), reason })
+    pub fn invalid(&self, span: Span, section: &str, key: &str, reason: String) -> PolicyError {
+        self.error(span, FileErrorKind::InvalidValue { section: section.to_string(), key: key.to_string(), reason })
     }
 }
 
@@ -118,7 +136,7 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
         let span = e.span().unwrap_or(0..0);
         src.error(span, FileErrorKind::Syntax(e.message().trim().to_string()))
     })?;
-    let top = Section { src, name: "", table: doc.get_ref(), allowed: TOP_KEYS };
+    let top = Section { src, name: String::new(), table: doc.get_ref(), allowed: TOP_KEYS };
     top.check_unknown()?;
 
     let mut layer = Layer {
@@ -155,7 +173,12 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
         layer.keys_set.extend(s.present());
     }
     if let Some(s) = top.section("network", NETWORK_KEYS)? {
-        layer.egress = s.egress("egress")?;
+        layer.egress = s.keyword::<Egress>("egress")?.map(Spanned::into_inner);
+        layer.allow = s.host_list("allow", true)?;
+        layer.deny = s.host_list("deny", true)?;
+        layer.allow_flag = s.boolean("allow_flag")?;
+        layer.extra_roots = s.path_list("extra_roots")?;
+        layer.rules = s.rules("rule")?;
         layer.keys_set.extend(s.present());
     }
     if let Some(s) = top.section("artifacts", ARTIFACTS_KEYS)? {
@@ -173,6 +196,7 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
         layer.set = s.env_map("set")?;
         layer.keys_set.extend(s.present());
     }
+    layer.secrets = top.secrets("secrets")?;
     Ok(layer)
 }
 
@@ -187,9 +211,25 @@ pub(crate) fn check_env_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a variable name that a shell can use: letters, digits and '_', not
+/// starting with a digit. Secrets need this because their placeholder is read
+/// by whatever tool runs inside.
+pub(crate) fn check_portable_env_name(name: &str) -> Result<(), String> {
+    check_env_name(name)?;
+    let mut bytes = name.bytes();
+    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(format!(
+            "environment variable name {name:?} must start with a letter or '_' and contain \
+             only letters, digits and '_'"
+        ));
+    }
+    Ok(())
+}
+
 /// Host paths must be absolute and free of `..` so what is hidden or bound is
 /// exactly what the policy author sees.
-fn check_host_path(p: &str) -> Result<PathBuf, String> {
+pub(crate) fn check_host_path(p: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(p);
     if p.contains('\0') {
         return Err(format!("path {p:?} contains a NUL byte"));
@@ -234,7 +274,7 @@ type Entry<'t, 'i> = (&'t Spanned<std::borrow::Cow<'i, str>>, &'t Spanned<DeValu
 /// One TOML table being read against its list of allowed keys.
 struct Section<'s, 't, 'i> {
     src: &'s Source<'s>,
-    name: &'static str,
+    name: String,
     table: &'t DeTable<'i>,
     allowed: &'static [&'static str],
 }
@@ -249,7 +289,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
             Some((key, _)) => Err(self.src.error(
                 key.span(),
                 FileErrorKind::UnknownKey {
-                    section: self.name,
+                    section: self.name.clone(),
                     key: key.get_ref().to_string(),
                     expected: self.allowed,
                 },
@@ -262,16 +302,16 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
         self.table.iter().find(|(k, _)| k.get_ref().as_ref() == key)
     }
 
-    /// "section.key" for each key present in this table.
-    fn present(&self) -> Vec<String> {
-        self.table.iter().map(|(k, _)| format!("{}.{}", self.name, k.get_ref())).collect()
+    /// "section.key" and the value's span for each key present in this table.
+    fn present(&self) -> Vec<(String, Span)> {
+        self.table.iter().map(|(k, v)| (format!("{}.{}", self.name, k.get_ref()), v.span())).collect()
     }
 
     fn wrong_type(&self, key: &str, value: &Spanned<DeValue<'_>>, expected: &'static str) -> PolicyError {
         self.src.error(
             value.span(),
             FileErrorKind::WrongType {
-                section: self.name,
+                section: self.name.clone(),
                 key: key.to_string(),
                 expected,
                 found: type_name(value.get_ref()),
@@ -280,7 +320,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
     }
 
     fn invalid(&self, span: Span, key: &str, reason: String) -> PolicyError {
-        self.src.invalid(span, self.name, key, reason)
+        self.src.invalid(span, &self.name, key, reason)
     }
 
     fn section(
@@ -294,7 +334,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
         let DeValue::Table(table) = value.get_ref() else {
             return Err(self.wrong_type(key, value, "a table"));
         };
-        let section = Section { src: self.src, name: key, table, allowed };
+        let section = Section { src: self.src, name: key.to_string(), table, allowed };
         section.check_unknown()?;
         Ok(Some(section))
     }
@@ -521,21 +561,171 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
         Ok(Some(n))
     }
 
-    fn egress(&self, key: &str) -> Result<Option<Egress>, PolicyError> {
-        let Some(s) = self.string(key)? else {
+    fn missing(&self, span: Span, key: &'static str, hint: &'static str) -> PolicyError {
+        self.src.error(span, FileErrorKind::MissingKey { section: self.name.clone(), key, hint })
+    }
+
+    /// A list of host patterns; `ports` says whether `:port` is accepted.
+    fn host_list(&self, key: &str, ports: bool) -> Result<Option<Vec<HostPattern>>, PolicyError> {
+        let Some(items) = self.string_list(key)? else {
             return Ok(None);
         };
-        Egress::from_str(s.get_ref()).map(Some).map_err(|_| {
-            self.invalid(
+        items.iter().map(|s| self.host_pattern(key, s, ports)).collect::<Result<Vec<_>, _>>().map(Some)
+    }
+
+    fn host_pattern(&self, key: &str, s: &Spanned<String>, ports: bool) -> Result<HostPattern, PolicyError> {
+        let pattern =
+            HostPattern::parse(s.get_ref()).map_err(|reason| self.invalid(s.span(), key, reason))?;
+        if !ports && pattern.port.is_some() {
+            return Err(self.invalid(
                 s.span(),
                 key,
                 format!(
-                    "{:?} is not supported: only \"none\" is accepted in this version; \
-                     per-host egress through the airlock egress proxy arrives in a later release",
+                    "{:?} has a port; a rule applies to every port of its host, so write the host only",
                     s.get_ref()
                 ),
-            )
-        })
+            ));
+        }
+        Ok(pattern)
+    }
+
+    /// A list that must not be empty when present, because empty would mean
+    /// something nobody wants (`why` says what).
+    fn nonempty_list(&self, key: &str, why: &str) -> Result<Option<Vec<Spanned<String>>>, PolicyError> {
+        let Some(items) = self.string_list(key)? else {
+            return Ok(None);
+        };
+        if items.is_empty() {
+            let span = self.entry(key).map_or(0..0, |(_, v)| v.span());
+            return Err(self.invalid(span, key, why.to_string()));
+        }
+        Ok(Some(items))
+    }
+
+    fn methods(&self, key: &str) -> Result<Option<Vec<String>>, PolicyError> {
+        let why = "an empty list would refuse every request; leave `methods` out to allow every method";
+        let Some(items) = self.nonempty_list(key, why)? else {
+            return Ok(None);
+        };
+        items
+            .into_iter()
+            .map(|m| {
+                check_method(m.get_ref())
+                    .map_err(|reason| self.invalid(m.span(), key, reason))
+                    .map(|()| m.into_inner())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    fn path_globs(&self, key: &str) -> Result<Option<Vec<String>>, PolicyError> {
+        let why = "an empty list would refuse every request; leave `paths` out to allow every path";
+        let Some(items) = self.nonempty_list(key, why)? else {
+            return Ok(None);
+        };
+        items
+            .into_iter()
+            .map(|p| {
+                path_glob(p.get_ref())
+                    .map_err(|reason| self.invalid(p.span(), key, reason))
+                    .map(|_| p.into_inner())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// `[[network.rule]]`: an array of tables, each one [`HostRule`].
+    fn rules(&self, key: &str) -> Result<Option<Vec<HostRule>>, PolicyError> {
+        let Some((_, v)) = self.entry(key) else {
+            return Ok(None);
+        };
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.wrong_type(key, v, "an array of tables, written [[network.rule]]"));
+        };
+        let mut rules = Vec::with_capacity(items.len());
+        for item in items {
+            let DeValue::Table(table) = item.get_ref() else {
+                return Err(self.wrong_type(key, item, "a table, written [[network.rule]]"));
+            };
+            let rule =
+                Section { src: self.src, name: format!("{}.{key}", self.name), table, allowed: RULE_KEYS };
+            rule.check_unknown()?;
+            let Some(host) = rule.string("host")? else {
+                return Err(rule.missing(
+                    item.span(),
+                    "host",
+                    "name the host pattern the rule is for, e.g. host = \"api.example.com\"",
+                ));
+            };
+            let pattern = rule.host_pattern("host", &host, false)?;
+            let methods = rule.methods("methods")?;
+            let paths = rule.path_globs("paths")?;
+            if methods.is_none() && paths.is_none() {
+                return Err(rule.invalid(
+                    host.span(),
+                    "host",
+                    "the rule has neither `methods` nor `paths`, so it restricts nothing; \
+                     add one of them, or remove the rule"
+                        .to_string(),
+                ));
+            }
+            rules.push(HostRule {
+                host: pattern,
+                methods: methods.unwrap_or_default(),
+                paths: paths.unwrap_or_default(),
+            });
+        }
+        Ok(Some(rules))
+    }
+
+    /// `[secrets.NAME]` tables, sorted by name, each with its table's span.
+    fn secrets(&self, key: &'static str) -> Result<Vec<(Span, Secret)>, PolicyError> {
+        let Some((_, v)) = self.entry(key) else {
+            return Ok(Vec::new());
+        };
+        let DeValue::Table(table) = v.get_ref() else {
+            return Err(self.wrong_type(key, v, "a table of secrets, written [secrets.NAME]"));
+        };
+        // The keys of [secrets] are variable names, not schema keys.
+        let all = Section { src: self.src, name: key.to_string(), table, allowed: &[] };
+        let mut out = Vec::with_capacity(table.len());
+        for (name, value) in table.iter() {
+            let name_text = name.get_ref().to_string();
+            check_portable_env_name(&name_text).map_err(|reason| all.invalid(name.span(), &name_text, reason))?;
+            let DeValue::Table(fields) = value.get_ref() else {
+                return Err(all.wrong_type(&name_text, value, "a table with `from` and `hosts`"));
+            };
+            let secret =
+                Section { src: self.src, name: format!("{key}.{name_text}"), table: fields, allowed: SECRET_KEYS };
+            secret.check_unknown()?;
+            let Some(from) = secret.string("from")? else {
+                return Err(secret.missing(
+                    value.span(),
+                    "from",
+                    "say where the value comes from: \"env:NAME\", \"file:/absolute/path\" or \"cmd:COMMAND\"",
+                ));
+            };
+            let source =
+                SecretSource::parse(from.get_ref()).map_err(|reason| secret.invalid(from.span(), "from", reason))?;
+            let Some(hosts) = secret.host_list("hosts", true)? else {
+                return Err(secret.missing(
+                    value.span(),
+                    "hosts",
+                    "name the hosts whose requests get the value, e.g. hosts = [\"api.example.com\"]",
+                ));
+            };
+            if hosts.is_empty() {
+                let span = secret.entry("hosts").map_or(0..0, |(_, v)| v.span());
+                return Err(secret.invalid(
+                    span,
+                    "hosts",
+                    "an empty list sends the secret to no host; name the hosts that need it".to_string(),
+                ));
+            }
+            out.push((value.span(), Secret { name: name_text, from: source, hosts }));
+        }
+        out.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        Ok(out)
     }
 }
 
@@ -700,10 +890,118 @@ mod tests {
     }
 
     #[test]
-    fn egress_other_than_none_says_why() {
+    fn egress_values_are_none_and_proxy() {
         let (msg, line, column, _) = err("[network]\negress = \"allowlist\"\n");
         assert_eq!((line, column), (2, 10));
-        assert!(msg.contains("only \"none\" is accepted in this version"), "{msg}");
+        assert!(msg.ends_with("[network] egress: invalid value \"allowlist\": expected one of \"none\", \"proxy\""), "{msg}");
+        assert_eq!(parse("[network]\negress = \"proxy\"\n").unwrap().egress, Some(Egress::Proxy));
+    }
+
+    #[test]
+    fn full_network_and_secrets_example_parses() {
+        let text = r#"
+[network]
+egress = "proxy"
+allow = ["api.example.com", "*.example.org:443", "127.0.0.1:8080", "10.1.0.0/16:5432", "[::1]:8080"]
+deny  = ["uploads.example.org"]
+allow_flag = true
+extra_roots = ["/etc/airlock/roots.pem"]
+
+[[network.rule]]
+host = "api.example.com"
+methods = ["GET", "HEAD"]
+paths = ["/repos/**"]
+
+[[network.rule]]
+host = "*.example.org"
+paths = ["/v1/*"]
+
+[secrets.EXAMPLE_TOKEN]
+from = "env:EXAMPLE_TOKEN"
+hosts = ["api.example.com"]
+
+[secrets.A_KEY]
+from = "file:/run/keys/a"
+hosts = ["*.example.org:443", "10.0.0.0/8"]
+"#;
+        let layer = parse(text).unwrap();
+        assert_eq!(layer.egress, Some(Egress::Proxy));
+        let allow: Vec<String> = layer.allow.unwrap().into_iter().map(String::from).collect();
+        assert_eq!(allow, ["api.example.com", "*.example.org:443", "127.0.0.1:8080", "10.1.0.0/16:5432", "[::1]:8080"]);
+        assert_eq!(layer.deny.unwrap()[0].source, "uploads.example.org");
+        assert_eq!(layer.allow_flag, Some(true));
+        assert_eq!(layer.extra_roots, Some(vec![PathBuf::from("/etc/airlock/roots.pem")]));
+        let rules = layer.rules.unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].methods, ["GET", "HEAD"]);
+        assert_eq!(rules[0].paths, ["/repos/**"]);
+        assert!(rules[1].methods.is_empty());
+        let names: Vec<&str> = layer.secrets.iter().map(|(_, s)| s.name.as_str()).collect();
+        assert_eq!(names, ["A_KEY", "EXAMPLE_TOKEN"], "sorted by name");
+        assert_eq!(layer.secrets[1].1.from, SecretSource::Env("EXAMPLE_TOKEN".into()));
+        assert_eq!(layer.secrets[0].1.hosts.len(), 2);
+        assert!(layer.keys_set.contains_key("network.rule"));
+
+        // Inline forms work as well.
+        let inline = "network = { egress = \"proxy\", rule = [{ host = \"a.example.com\", methods = [\"GET\"] }] }\n\
+                      secrets = { T = { from = \"cmd:echo x\", hosts = [\"a.example.com\"] } }\n";
+        let layer = parse(inline).unwrap();
+        assert_eq!(layer.rules.unwrap()[0].host.source, "a.example.com");
+        assert_eq!(layer.secrets[0].1.from, SecretSource::Cmd("echo x".into()));
+    }
+
+    /// Every network and secrets error: (file, line, column, dotted key, text in the message).
+    #[test]
+    fn network_and_secrets_errors_point_at_the_key() {
+        let cases: &[(&str, (usize, usize), &str, &str)] = &[
+            ("[network]\nallow = [\"api.example.com\", \"*.com\"]\n", (2, 29), "network.allow", "bare TLD"),
+            ("[network]\nallow = [\"*\"]\n", (2, 10), "network.allow", "bare TLD"),
+            ("[network]\ndeny = [\"a.example.com:0\"]\n", (2, 9), "network.deny", "from 1 to 65535"),
+            ("[network]\nallow = \"api.example.com\"\n", (2, 9), "network.allow", "expected an array of strings"),
+            ("[network]\nallow = [443]\n", (2, 10), "network.allow", "expected a string"),
+            ("[network]\nallow_flag = \"yes\"\n", (2, 14), "network.allow_flag", "expected true or false"),
+            ("[network]\nextra_roots = [\"roots.pem\"]\n", (2, 16), "network.extra_roots", "must be absolute"),
+            ("[network]\negres = \"proxy\"\n", (2, 1), "network.egres", "expected one of: egress, allow, deny"),
+            ("[network]\nrule = { host = \"a.example.com\" }\n", (2, 8), "network.rule", "[[network.rule]]"),
+            ("[network]\nrule = [\"a.example.com\"]\n", (2, 9), "network.rule", "expected a table"),
+            ("[[network.rule]]\nmethods = [\"GET\"]\n", (1, 1), "network.rule.host", "missing key `host`"),
+            ("[[network.rule]]\nhost = \"a.example.com:443\"\nmethods = [\"GET\"]\n", (2, 8), "network.rule.host", "has a port"),
+            ("[[network.rule]]\nhost = \"*.com\"\nmethods = [\"GET\"]\n", (2, 8), "network.rule.host", "bare TLD"),
+            ("[[network.rule]]\nhost = \"a.example.com\"\n", (2, 8), "network.rule.host", "restricts nothing"),
+            ("[[network.rule]]\nhost = \"a.example.com\"\nmethods = []\n", (3, 11), "network.rule.methods", "refuse every request"),
+            ("[[network.rule]]\nhost = \"a.example.com\"\nmethods = [\"get\"]\n", (3, 12), "network.rule.methods", "must be uppercase"),
+            ("[[network.rule]]\nhost = \"a.example.com\"\npaths = []\n", (3, 9), "network.rule.paths", "refuse every request"),
+            ("[[network.rule]]\nhost = \"a.example.com\"\npaths = [\"v1/**\"]\n", (3, 10), "network.rule.paths", "start with '/'"),
+            ("[[network.rule]]\nhost = \"a.example.com\"\npaths = [\"/a?b=1\"]\n", (3, 10), "network.rule.paths", "query string"),
+            ("[[network.rule]]\nhost = \"a.example.com\"\npaths = [\"/{a\"]\n", (3, 10), "network.rule.paths", "is invalid"),
+            ("[[network.rule]]\nhost = \"a.example.com\"\nmethod = [\"GET\"]\n", (3, 1), "network.rule.method", "in [[network.rule]] (expected one of: host, methods, paths)"),
+            ("secrets = 1\n", (1, 11), "secrets", "expected a table of secrets"),
+            ("[secrets]\nTOKEN = \"env:X\"\n", (2, 9), "secrets.TOKEN", "expected a table with `from` and `hosts`"),
+            ("[secrets.\"MY-TOKEN\"]\nfrom = \"env:X\"\nhosts = [\"a.example.com\"]\n", (1, 10), "secrets.MY-TOKEN", "only letters, digits and '_'"),
+            ("[secrets.T]\nhosts = [\"a.example.com\"]\n", (1, 1), "secrets.T.from", "missing key `from`"),
+            ("[secrets.T]\nfrom = \"env:X\"\n", (1, 1), "secrets.T.hosts", "missing key `hosts`"),
+            ("[secrets.T]\nfrom = \"env:X\"\nhosts = []\n", (3, 9), "secrets.T.hosts", "sends the secret to no host"),
+            ("[secrets.T]\nfrom = \"vault:x\"\nhosts = [\"a.example.com\"]\n", (2, 8), "secrets.T.from", "unknown kind"),
+            ("[secrets.T]\nfrom = \"file:keys/t\"\nhosts = [\"a.example.com\"]\n", (2, 8), "secrets.T.from", "must be absolute"),
+            ("[secrets.T]\nfrom = \"env:X\"\nhosts = [\"*.org\"]\n", (3, 10), "secrets.T.hosts", "bare TLD"),
+            ("[secrets.T]\nfrom = \"env:X\"\nhost = [\"a.example.com\"]\n", (3, 1), "secrets.T.host", "in [secrets.T] (expected one of: from, hosts)"),
+        ];
+        for (text, position, key, needle) in cases {
+            let (msg, line, column, kind) = err(text);
+            assert_eq!((line, column), *position, "{text:?}: {msg}");
+            assert_eq!(kind.key().as_deref(), Some(*key), "{text:?}: {msg}");
+            assert!(msg.contains(needle), "{text:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn error_messages_name_the_section_as_written() {
+        let (msg, ..) = err("[[network.rule]]\nhost = \"a.example.com\"\nmethods = [\"get\"]\n");
+        assert!(msg.starts_with("my-policy.toml:3:12: [[network.rule]] methods: method \"get\" must be uppercase"), "{msg}");
+        let (msg, ..) = err("[secrets.T]\nfrom = \"env:X\"\n");
+        assert!(msg.starts_with("my-policy.toml:1:1: [secrets.T]: missing key `hosts`: name the hosts"), "{msg}");
+        let (msg, ..) = err("[network]\nallow = [\"*.com\"]\n");
+        assert!(msg.starts_with("my-policy.toml:2:10: [network] allow: host pattern \"*.com\" is a bare TLD"), "{msg}");
     }
 
     #[test]
@@ -719,7 +1017,7 @@ mod tests {
     #[test]
     fn keys_set_tracks_what_the_file_named() {
         let layer = parse("extends = \"ci\"\n[limits]\nmemory = \"1G\"\n[env]\nset = {}\n").unwrap();
-        let keys: Vec<&str> = layer.keys_set.iter().map(String::as_str).collect();
+        let keys: Vec<&str> = layer.keys_set.keys().map(String::as_str).collect();
         assert_eq!(keys, ["env.set", "limits.memory"]);
         assert_eq!(layer.extends.map(Spanned::into_inner).as_deref(), Some("ci"));
         assert!(layer.timeout.is_none());

@@ -96,6 +96,11 @@ pub(crate) fn to_toml(p: &Policy) -> String {
          \n\
          [network]\n\
          egress = {egress}\n\
+         allow = {allow}\n\
+         deny = {deny}\n\
+         allow_flag = {allow_flag}\n\
+         extra_roots = {extra_roots}\n\
+         {rules}\
          \n\
          [artifacts]\n\
          capture = {capture}\n\
@@ -132,7 +137,37 @@ pub(crate) fn to_toml(p: &Policy) -> String {
         on_success = quote(p.cleanup.on_success.as_str()),
         on_failure = quote(p.cleanup.on_failure.as_str()),
         pass = list(&p.env.pass),
+        allow = list(p.network.allow.iter().map(|h| h.source.as_str())),
+        deny = list(p.network.deny.iter().map(|h| h.source.as_str())),
+        allow_flag = p.network.allow_flag,
+        extra_roots = paths(&p.network.extra_roots),
+        rules = rules(p),
     );
+    for secret in &p.secrets {
+        let _ = write!(
+            out,
+            "\n[secrets.{name}]\nfrom = {from}\nhosts = {hosts}\n",
+            name = key(&secret.name),
+            from = quote(&secret.from.to_string()),
+            hosts = list(secret.hosts.iter().map(|h| h.source.as_str())),
+        );
+    }
+    out
+}
+
+/// `[[network.rule]]` tables, right under `[network]`; a key left out means
+/// "any", so empty lists are not written.
+fn rules(p: &Policy) -> String {
+    let mut out = String::new();
+    for rule in &p.network.rules {
+        let _ = write!(out, "\n[[network.rule]]\nhost = {}\n", quote(&rule.host.source));
+        if !rule.methods.is_empty() {
+            let _ = writeln!(out, "methods = {}", list(&rule.methods));
+        }
+        if !rule.paths.is_empty() {
+            let _ = writeln!(out, "paths = {}", list(&rule.paths));
+        }
+    }
     out
 }
 
@@ -172,5 +207,51 @@ mod tests {
         assert_eq!(back.env, p.env);
         assert_eq!(back.limits, p.limits);
         assert_eq!(back.filesystem, p.filesystem);
+    }
+
+    #[test]
+    fn network_and_secrets_round_trip() {
+        use crate::{HostPattern, HostRule, Secret, SecretSource};
+        let h = |s: &str| HostPattern::parse(s).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Policy::builtin("remediation").unwrap();
+        p.network.allow = ["api.example.com", "*.Example.org:443", "127.0.0.1:8080", "10.1.0.0/16:5432", "[::1]:8080"]
+            .into_iter()
+            .map(h)
+            .collect();
+        p.network.deny = vec![h("uploads.example.org"), h("fd00::/8")];
+        p.network.allow_flag = true;
+        p.network.extra_roots = vec!["/etc/airlock/roots.pem".into()];
+        p.network.rules = vec![
+            HostRule {
+                host: h("api.example.com"),
+                methods: vec!["GET".into(), "HEAD".into()],
+                paths: vec!["/repos/**".into()],
+            },
+            HostRule { host: h("*.example.net"), methods: vec!["GET".into()], paths: vec![] },
+            HostRule { host: h("10.0.0.0/8"), methods: vec![], paths: vec!["/health".into()] },
+        ];
+        p.secrets = vec![
+            Secret {
+                name: "A_TOKEN".into(),
+                from: SecretSource::Cmd("printf '%s' \"x\"".into()),
+                hosts: vec![h("api.example.com"), h("*.example.org:443")],
+            },
+            Secret {
+                name: "B_TOKEN".into(),
+                from: SecretSource::File("/run/keys/b".into()),
+                hosts: vec![h("b.example.com")],
+            },
+            Secret { name: "C".into(), from: SecretSource::Env("HOST_C".into()), hosts: vec![h("[::1]:8080")] },
+        ];
+        let path = write_to(&p, dir.path());
+        let back = Policy::load_file(&path).unwrap_or_else(|e| panic!("{e}\n{}", to_toml(&p)));
+        assert_eq!(back.network, p.network);
+        assert_eq!(back.secrets, p.secrets);
+        let sources: Vec<&str> = back.network.allow.iter().map(|a| a.source.as_str()).collect();
+        assert_eq!(sources[1], "*.Example.org:443", "entries are written as the author spelled them");
+        // And a second time, from the file written the first time.
+        let again = write_to(&Policy { name: "again".into(), ..back.clone() }, dir.path());
+        assert_eq!(Policy::load_file(&again).unwrap().network, p.network);
     }
 }

@@ -24,6 +24,9 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub enum HostMessage {
     /// Build the sandbox and run the command. Sent once, first.
     Launch(Box<Launch>),
+    /// The agent is in its cgroup: confine and start the command. Sent once,
+    /// after Launch.
+    Proceed,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -34,6 +37,16 @@ pub struct Launch {
     pub cwd: PathBuf,
     /// stdin is a terminal: make it the command's controlling terminal.
     pub tty: bool,
+    /// Listen on these loopback ports and hand each accepted connection to
+    /// the host's egress proxy. None: the sandbox has no network at all.
+    pub egress: Option<EgressPorts>,
+}
+
+/// The agent's loopback listeners for the egress proxy.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EgressPorts {
+    pub http: u16,
+    pub socks: u16,
 }
 
 /// Agent → host.
@@ -98,18 +111,35 @@ pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, ProtoE
 /// channel, as one marker byte carrying SCM_RIGHTS. Sent between frames: the
 /// receiver reads frames with exact lengths, so it never swallows the byte.
 pub fn send_fd(socket: impl AsFd, fd: BorrowedFd<'_>) -> io::Result<()> {
+    send_tagged_fd(socket, 0xfd, fd)
+}
+
+/// Receives the descriptor sent by [`send_fd`].
+pub fn recv_fd(socket: impl AsFd) -> io::Result<OwnedFd> {
+    let (tag, fd) = recv_tagged_fd(socket)?;
+    if tag != 0xfd {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "expected a descriptor on the control channel",
+        ));
+    }
+    Ok(fd)
+}
+
+/// Passes a descriptor with a one-byte tag (which listener it came from).
+pub fn send_tagged_fd(socket: impl AsFd, tag: u8, fd: BorrowedFd<'_>) -> io::Result<()> {
     let fds = [fd];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
     if !control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)) {
         return Err(io::Error::other("control message buffer too small"));
     }
-    rustix::net::sendmsg(socket, &[IoSlice::new(&[0xfd])], &mut control, rustix::net::SendFlags::empty())?;
+    rustix::net::sendmsg(socket, &[IoSlice::new(&[tag])], &mut control, rustix::net::SendFlags::empty())?;
     Ok(())
 }
 
-/// Receives the descriptor sent by [`send_fd`].
-pub fn recv_fd(socket: impl AsFd) -> io::Result<OwnedFd> {
+/// Receives a descriptor and its tag; end of stream is `UnexpectedEof`.
+pub fn recv_tagged_fd(socket: impl AsFd) -> io::Result<(u8, OwnedFd)> {
     let mut byte = [0u8; 1];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
@@ -119,17 +149,14 @@ pub fn recv_fd(socket: impl AsFd) -> io::Result<OwnedFd> {
         &mut control,
         rustix::net::RecvFlags::CMSG_CLOEXEC,
     )?;
-    if msg.bytes != 1 || byte[0] != 0xfd {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "expected a descriptor on the control channel",
-        ));
+    if msg.bytes == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
     }
     for message in control.drain() {
         if let rustix::net::RecvAncillaryMessage::ScmRights(mut fds) = message
             && let Some(fd) = fds.next()
         {
-            return Ok(fd);
+            return Ok((byte[0], fd));
         }
     }
     Err(io::Error::new(io::ErrorKind::InvalidData, "no descriptor arrived on the control channel"))

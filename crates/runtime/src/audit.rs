@@ -123,6 +123,8 @@ pub enum AuditEvent {
         stage: String,
         message: String,
     },
+    /// One decision of the egress proxy (a connection or a request).
+    Network(airlock_egress::NetEvent),
 }
 
 impl AuditEvent {
@@ -140,6 +142,7 @@ impl AuditEvent {
             AuditEvent::ApplyRefused { .. } => "apply_refused",
             AuditEvent::Removed { .. } => "removed",
             AuditEvent::Error { .. } => "error",
+            AuditEvent::Network(_) => "network",
         }
     }
 

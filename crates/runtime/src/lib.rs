@@ -6,6 +6,7 @@
 pub mod audit;
 mod layer;
 pub mod names;
+pub mod network;
 pub mod ops;
 pub mod plan;
 pub mod run;
@@ -71,6 +72,8 @@ pub enum RunError {
     StateNotTraversable(PathBuf, String),
     #[error("cannot find airlock's own executable: {0}")]
     SelfExe(#[source] io::Error),
+    #[error("egress proxy: {0}")]
+    Egress(String),
     #[error("cannot connect the sandbox's terminal: {0}")]
     Terminal(#[source] io::Error),
     #[error("cannot forward signals to the sandbox: {0}")]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use airlock_jail::plan::{
-    JailPlan, LandlockPlan, RlimitPlan, WorkspaceMount, WorkspaceMountMode, WorkspaceSource,
+    FileBind, JailPlan, LandlockPlan, RlimitPlan, WorkspaceMount, WorkspaceMountMode, WorkspaceSource,
 };
 use airlock_jail::spawn::AGENT_WORKSPACE_FD;
 use airlock_policy::{Policy, Weakening, WorkspaceMode};
@@ -65,6 +65,18 @@ pub struct LaunchInput<'a> {
     pub idmapped_workspace: bool,
     pub tty: bool,
     pub host_env: &'a dyn Fn(&str) -> Option<String>,
+    /// The egress proxy, when the policy gives the sandbox network.
+    pub network: Option<NetworkInput<'a>>,
+}
+
+/// What the sandbox needs to reach the egress proxy.
+pub struct NetworkInput<'a> {
+    pub ports: airlock_proto::EgressPorts,
+    /// Proxy settings, CA paths and secret placeholders.
+    pub env: &'a [(String, String)],
+    /// The trust bundle on the host, and where it goes inside.
+    pub bundle: &'a Path,
+    pub bundle_targets: &'a [&'a str],
 }
 
 /// Standard search path inside the sandbox.
@@ -102,6 +114,16 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         hidden: policy.filesystem.hidden.clone(),
         tmp_size: policy.filesystem.tmp_size,
         workspace,
+        files: input
+            .network
+            .as_ref()
+            .map(|n| {
+                n.bundle_targets
+                    .iter()
+                    .map(|t| FileBind { source: n.bundle.to_path_buf(), target: PathBuf::from(t) })
+                    .collect()
+            })
+            .unwrap_or_default(),
         rlimits: RlimitPlan {
             nofile: Some(policy.limits.nofile),
             // Counted per user namespace on current kernels: a second fence
@@ -121,6 +143,7 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         env: environment(policy, input).into_iter().collect(),
         cwd,
         tty: input.tty,
+        egress: input.network.as_ref().map(|n| n.ports),
     }
 }
 
@@ -142,6 +165,11 @@ fn environment(policy: &Policy, input: &LaunchInput<'_>) -> BTreeMap<String, Str
     for name in &policy.env.pass {
         if let Some(value) = (input.host_env)(name) {
             env.insert(name.clone(), value);
+        }
+    }
+    if let Some(network) = &input.network {
+        for (k, v) in network.env {
+            env.insert(k.clone(), v.clone());
         }
     }
     for (k, v) in &policy.env.set {
@@ -188,6 +216,7 @@ mod tests {
                 idmapped_workspace: idmapped,
                 tty: false,
                 host_env: &env,
+                network: None,
             },
         )
     }

@@ -224,8 +224,11 @@ fn supervise(
         _ => None,
     };
 
+    let network = crate::network::Network::start(policy, &name, sandbox.path(), &sandbox.audit_path())?;
+    let secret_values = network.as_ref().map(|n| n.secret_values()).unwrap_or_default();
+    let network_env = network.as_ref().map(|n| n.environment()).unwrap_or_default();
     let terminal = SandboxStdio::caller_has_terminal();
-    let mut stdio = SandboxStdio::new(&sandbox.stdout_log(), &sandbox.stderr_log(), terminal)
+    let mut stdio = SandboxStdio::new(&sandbox.stdout_log(), &sandbox.stderr_log(), terminal, &secret_values)
         .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let host_env = |k: &str| std::env::var(k).ok();
@@ -241,6 +244,12 @@ fn supervise(
             idmapped_workspace: tree.is_some(),
             tty: terminal,
             host_env: &host_env,
+            network: network.as_ref().map(|n| plan::NetworkInput {
+                ports: n.ports,
+                env: &network_env,
+                bundle: &n.bundle,
+                bundle_targets: &[crate::network::SANDBOX_CA_BUNDLE, crate::network::SYSTEM_CA_BUNDLE],
+            }),
         },
     );
 
@@ -251,18 +260,31 @@ fn supervise(
             agent_args: &["airlock-agent", crate::AGENT_ROLE],
             stdio: stdio.child_fds(),
             workspace_tree: tree.as_ref().map(|t| std::os::fd::AsFd::as_fd(t)),
+            egress_channel: network.as_ref().and_then(|n| n.agent_end.as_ref()).map(std::os::fd::AsFd::as_fd),
             id_map: &id_map,
         },
-        |pid| match &cgroup {
-            Some(cg) => cg.add_pid(pid).map_err(|e| e.to_string()),
-            None => Ok(()),
-        },
+        |_| Ok(()),
     )?;
     drop(tree);
     stdio.release_child_ends();
     let agent_pid = spawned.pid;
     let mut control = spawned.control;
     airlock_proto::send(&mut control, &HostMessage::Launch(Box::new(launch)))?;
+    // While the agent builds the root filesystem: the cgroup write, which
+    // may wait for a kernel grace period. Untrusted code waits for Proceed.
+    if let Some(cg) = &cgroup
+        && let Err(e) = cg.add_pid(agent_pid)
+    {
+        let _ = rustix::process::kill_process(pid_of(agent_pid), rustix::process::Signal::KILL);
+        let _ = airlock_jail::sys::wait_pid(agent_pid);
+        return Err(e.into());
+    }
+    airlock_proto::send(&mut control, &HostMessage::Proceed)?;
+    let mut network = network;
+    if let Some(n) = network.as_mut() {
+        // The agent holds its own copy now.
+        drop(n.agent_end.take());
+    }
 
     meta.state = SandboxState::Running;
     meta.started_at = Some(now_rfc3339());
@@ -333,6 +355,9 @@ fn supervise(
     }
     let status = airlock_jail::sys::wait_pid(agent_pid).map_err(RunError::Wait)?;
     let _ = reader.join();
+    if let Some(n) = network {
+        n.stop();
+    }
     drop(forwarder);
     stdio.finish();
     let duration = started.elapsed();
@@ -418,6 +443,13 @@ fn supervise(
                 artifacts = files;
             }
             Err(e) => notify(Notice::Warning(format!("artifact capture: {e}"))),
+        }
+    }
+
+    // A credential echoed back by a server must not stay on disk.
+    for dir in [sandbox.upper_dir(), sandbox.artifacts_dir()] {
+        if let Err(e) = crate::network::scrub_tree(&dir, &secret_values) {
+            notify(Notice::Warning(format!("could not scrub secrets from {}: {e}", dir.display())));
         }
     }
 

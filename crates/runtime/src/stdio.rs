@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::thread::JoinHandle;
 
+use airlock_egress::redact::Redactor;
 use rustix::termios::{self, OptionalActions, Termios};
 
 /// The sandbox's side of its streams plus the threads copying them.
@@ -19,6 +20,7 @@ pub struct SandboxStdio {
     child: [OwnedFd; 3],
     copiers: Vec<JoinHandle<()>>,
     pub tty: Option<Pty>,
+    secrets: Vec<(String, Vec<u8>)>,
 }
 
 /// A pseudo-terminal relayed to the caller's terminal.
@@ -37,7 +39,14 @@ impl SandboxStdio {
     /// logs. Without a terminal the caller's stdin is passed as it is; with
     /// one, the agent gets /dev/null and the command gets a pseudo-terminal
     /// later ([`SandboxStdio::attach_terminal`]).
-    pub fn new(stdout_log: &Path, stderr_log: &Path, terminal: bool) -> io::Result<SandboxStdio> {
+    /// Secret values in `secrets` are redacted from both the caller's copy
+    /// and the logs.
+    pub fn new(
+        stdout_log: &Path,
+        stderr_log: &Path,
+        terminal: bool,
+        secrets: &[(String, Vec<u8>)],
+    ) -> io::Result<SandboxStdio> {
         let stdin = if terminal {
             File::open("/dev/null")?.into()
         } else {
@@ -46,10 +55,10 @@ impl SandboxStdio {
         let (out_read, out_write) = pipe()?;
         let (err_read, err_write) = pipe()?;
         let copiers = vec![
-            tee(out_read, Box::new(io::stdout()), create_log(stdout_log)?),
-            tee(err_read, Box::new(io::stderr()), create_log(stderr_log)?),
+            tee(out_read, Box::new(io::stdout()), create_log(stdout_log)?, redactor(secrets)),
+            tee(err_read, Box::new(io::stderr()), create_log(stderr_log)?, redactor(secrets)),
         ];
-        Ok(SandboxStdio { child: [stdin, out_write, err_write], copiers, tty: None })
+        Ok(SandboxStdio { child: [stdin, out_write, err_write], copiers, tty: None, secrets: secrets.to_vec() })
     }
 
     /// Relays the sandbox's terminal (its master end, opened inside the
@@ -62,7 +71,7 @@ impl SandboxStdio {
         let output = File::from(master.try_clone()?);
         let mut input = File::from(master.try_clone()?);
         let saved = enter_raw_mode();
-        self.copiers.push(tee(output.into(), Box::new(io::stdout()), log));
+        self.copiers.push(tee(output.into(), Box::new(io::stdout()), log, redactor(&self.secrets)));
         // Not joined: it blocks reading the caller's stdin and ends with the process.
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -142,9 +151,19 @@ fn create_log(path: &Path) -> io::Result<File> {
     File::options().create(true).append(true).mode(0o600).open(path)
 }
 
-/// Copies everything from `source` to the caller and to the log. A caller
-/// that stops reading (a closed pipe) does not stop the log.
-fn tee(source: OwnedFd, mut caller: Box<dyn Write + Send>, mut log: File) -> JoinHandle<()> {
+fn redactor(secrets: &[(String, Vec<u8>)]) -> Option<Redactor> {
+    (!secrets.is_empty()).then(|| Redactor::new(secrets))
+}
+
+/// Copies everything from `source` to the caller and to the log, with
+/// secret values redacted. A caller that stops reading (a closed pipe) does
+/// not stop the log.
+fn tee(
+    source: OwnedFd,
+    mut caller: Box<dyn Write + Send>,
+    mut log: File,
+    mut redactor: Option<Redactor>,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut source = File::from(source);
         let mut buf = vec![0u8; 64 * 1024];
@@ -157,10 +176,22 @@ fn tee(source: OwnedFd, mut caller: Box<dyn Write + Send>, mut log: File) -> Joi
                 // EIO is how a pty master reports that the last slave closed.
                 Err(_) => break,
             };
-            if caller_open && (caller.write_all(&buf[..n]).is_err() || caller.flush().is_err()) {
+            let chunk = match redactor.as_mut() {
+                Some(r) => r.feed(&buf[..n]),
+                None => buf[..n].to_vec(),
+            };
+            if caller_open && (caller.write_all(&chunk).is_err() || caller.flush().is_err()) {
                 caller_open = false;
             }
-            let _ = log.write_all(&buf[..n]);
+            let _ = log.write_all(&chunk);
+        }
+        if let Some(r) = redactor.as_mut() {
+            let rest = r.finish();
+            if caller_open {
+                let _ = caller.write_all(&rest);
+                let _ = caller.flush();
+            }
+            let _ = log.write_all(&rest);
         }
     })
 }

@@ -46,6 +46,9 @@ const KILL_DEADLINE: Duration = Duration::from_secs(2);
 /// How long [`SandboxCgroup::remove`] retries an `rmdir` that says EBUSY
 /// (the kernel releases a cgroup shortly after its last task is gone).
 const RMDIR_DEADLINE: Duration = Duration::from_secs(1);
+/// How long [`Manager::freeze`] waits for a freeze to take hold before the
+/// caller signals anyway.
+const FREEZE_WAIT: Duration = Duration::from_millis(200);
 const POLL: Duration = Duration::from_millis(10);
 /// CFS period for CPU limits: 100ms, the kernel default.
 const CPU_PERIOD_US: u64 = 100_000;
@@ -202,14 +205,31 @@ trait Manager {
     /// the kernel has no such switch and the caller must signal one by one.
     fn kill_switch(&self) -> Result<bool, CgroupError>;
 
-    /// Freezes or thaws. Returns false when this hierarchy cannot freeze.
+    /// Asks the kernel to freeze or thaw. Returns false when this hierarchy
+    /// cannot freeze.
     fn set_frozen(&self, frozen: bool) -> Result<bool, CgroupError>;
 
-    /// OOM kills inside the sandbox, when this hierarchy serves memory.
+    /// Whether a requested freeze has taken hold (the kernel stops the tasks
+    /// asynchronously).
+    fn is_frozen(&self) -> bool;
+
+    /// OOM kills inside the sandbox, as the memory controller counts them.
+    /// Only asked of a hierarchy that serves memory.
     fn oom_kills(&self) -> Option<u64>;
 
-    /// Peak memory use in bytes, when this hierarchy serves memory.
+    /// Peak memory use in bytes, when the kernel records it. Only asked of a
+    /// hierarchy that serves memory.
     fn memory_peak(&self) -> Option<u64>;
+
+    /// Freezes and waits up to [`FREEZE_WAIT`] for the freeze to hold.
+    /// Returns false when this hierarchy cannot freeze.
+    fn freeze(&self) -> Result<bool, CgroupError> {
+        if !self.set_frozen(true)? {
+            return Ok(false);
+        }
+        wait_until(FREEZE_WAIT, || self.is_frozen());
+        Ok(true)
+    }
 
     fn add_pid(&self, pid: i32) -> Result<(), CgroupError> {
         write_value(&self.path().join("cgroup.procs"), &pid.to_string())
@@ -217,6 +237,27 @@ trait Manager {
 
     fn pids(&self) -> Vec<i32> {
         read_pids(&self.path().join("cgroup.procs"))
+    }
+}
+
+/// Where a sandbox's directory lies in one hierarchy:
+/// `<mount>/<parent>/<name>`.
+#[derive(Debug, Clone)]
+pub(crate) struct CgroupDir {
+    mount: PathBuf,
+    parent: PathBuf,
+    path: PathBuf,
+}
+
+impl CgroupDir {
+    fn new(mount: PathBuf, parent: &str, name: &str) -> CgroupDir {
+        let parent = mount.join(parent);
+        let path = parent.join(name);
+        CgroupDir { mount, parent, path }
+    }
+    /// A control file in the sandbox's directory.
+    fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
     }
 }
 
@@ -237,8 +278,8 @@ impl Hierarchy {
 
     fn mount(&self) -> &Path {
         match self {
-            Hierarchy::V1(c) => &c.mount,
-            Hierarchy::V2(c) => &c.mount,
+            Hierarchy::V1(c) => &c.dir.mount,
+            Hierarchy::V2(c) => &c.dir.mount,
         }
     }
 }
@@ -488,12 +529,17 @@ impl SandboxCgroup {
     /// controller, since nothing could then be OOM-killed by the sandbox's
     /// limit).
     pub fn oom_kills(&self) -> u64 {
-        self.parts.iter().find_map(|p| p.manager().oom_kills()).unwrap_or(0)
+        self.memory_managers().find_map(|m| m.oom_kills()).unwrap_or(0)
     }
 
     /// Highest memory use seen, in bytes, when the kernel records it.
     pub fn memory_peak(&self) -> Option<u64> {
-        self.parts.iter().find_map(|p| p.manager().memory_peak())
+        self.memory_managers().find_map(|m| m.memory_peak())
+    }
+
+    /// The hierarchies whose memory controller limits this sandbox.
+    fn memory_managers(&self) -> impl Iterator<Item = &dyn Manager> {
+        self.parts.iter().map(Hierarchy::manager).filter(|m| m.serves(Controller::Memory))
     }
 
     /// Kills everything, then removes the sandbox's directory in every
@@ -531,7 +577,7 @@ impl SandboxCgroup {
     fn freeze_and_signal(&self) -> Result<(), CgroupError> {
         let mut frozen_by = None;
         for part in &self.parts {
-            if part.manager().set_frozen(true)? {
+            if part.manager().freeze()? {
                 frozen_by = Some(part);
                 break;
             }
@@ -568,7 +614,8 @@ fn plan(layout: &Layout, parent: &str, name: &str) -> Vec<Hierarchy> {
             .into_iter()
             .filter(|c| matches!(layout.placement(*c), Some(Placement::V2(_))))
             .collect();
-        parts.push(Hierarchy::V2(v2::V2Cgroup::new(v2.path.clone(), parent, name, served)));
+        let dir = CgroupDir::new(v2.path.clone(), parent, name);
+        parts.push(Hierarchy::V2(v2::V2Cgroup::new(dir, served)));
     }
     let mut seen: Vec<PathBuf> = Vec::new();
     for mount in &layout.v1 {
@@ -578,12 +625,8 @@ fn plan(layout: &Layout, parent: &str, name: &str) -> Vec<Hierarchy> {
         let freezer_needed = layout.v2.is_none() && mount.controllers.iter().any(|c| c == "freezer");
         if (serves_ours || freezer_needed) && !seen.contains(&mount.path) {
             seen.push(mount.path.clone());
-            parts.push(Hierarchy::V1(v1::V1Cgroup::new(
-                mount.path.clone(),
-                parent,
-                name,
-                &mount.controllers,
-            )));
+            let dir = CgroupDir::new(mount.path.clone(), parent, name);
+            parts.push(Hierarchy::V1(v1::V1Cgroup::new(dir, &mount.controllers)));
         }
     }
     parts
@@ -606,14 +649,14 @@ fn missing_fix(controller: Controller, layout: &Layout) -> String {
     match &layout.v2 {
         Some(v2) if layout.v1.is_empty() => format!(
             "the cgroup v2 root {} does not offer it (cgroup.controllers); enable it in the \
-             kernel (for memory: boot parameter cgroup_enable=memory) or remove the {name} \
-             limit from the policy",
+             kernel (for memory: boot parameter cgroup_enable=memory) or use a policy \
+             that allows running without cgroup limits (isolation.allow_weaker = [\"cgroups\"])",
             v2.path.display()
         ),
         _ => format!(
             "mount it (`mount -t cgroup -o {name} cgroup /sys/fs/cgroup/{name}` on a v1/hybrid \
-             host, or boot with systemd.unified_cgroup_hierarchy=1 for pure v2), or remove \
-             the {name} limit from the policy"
+             host, or boot with systemd.unified_cgroup_hierarchy=1 for pure v2), or use a policy that \
+             allows running without cgroup limits (isolation.allow_weaker = [\"cgroups\"])"
         ),
     }
 }
@@ -621,8 +664,8 @@ fn missing_fix(controller: Controller, layout: &Layout) -> String {
 fn not_permitted_fix(path: &Path) -> String {
     let uid = rustix::process::geteuid().as_raw();
     format!(
-        "uid {uid} cannot create cgroups under {}: run airlock as root, or remove the \
-         memory/pids/cpu limits from the policy to run without cgroup limits",
+        "uid {uid} cannot create cgroups under {}: run airlock as root, or use a \
+         policy that allows running without cgroup limits (isolation.allow_weaker = [\"cgroups\"], as `dev` does)",
         path.display()
     )
 }
@@ -735,6 +778,14 @@ fn sigkill(pid: i32) -> io::Result<()> {
         // Gone already, which is what we want.
         Err(rustix::io::Errno::SRCH) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Polls `done` every [`POLL`] until it holds or `limit` has passed.
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit && !done() {
+        thread::sleep(POLL);
     }
 }
 

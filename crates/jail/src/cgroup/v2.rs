@@ -2,34 +2,25 @@
 //! through `cgroup.subtree_control`, `cgroup.kill` and `cgroup.freeze` built in.
 
 use std::io;
-use std::path::{Path, PathBuf};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use super::{
-    CPU_PERIOD_US, CgroupError, CgroupLimits, Controller, Manager, POLL, cpu_quota_us, create_leaf,
+    CPU_PERIOD_US, CgroupDir, CgroupError, CgroupLimits, Controller, Manager, cpu_quota_us, create_leaf,
     keyed_value, read_text, read_u64, write_value,
 };
-
-/// How long to wait for a freeze to take hold before signalling anyway.
-const FREEZE_WAIT: Duration = Duration::from_millis(200);
 
 /// A sandbox's directory in the v2 tree.
 #[derive(Debug, Clone)]
 pub(crate) struct V2Cgroup {
-    pub(crate) mount: PathBuf,
-    parent: PathBuf,
-    path: PathBuf,
+    pub(crate) dir: CgroupDir,
     /// Controllers the v2 root offers that airlock uses; the v2 tree is used
     /// for tracking even when this is empty (hybrid hosts).
     served: Vec<Controller>,
 }
 
 impl V2Cgroup {
-    pub(crate) fn new(mount: PathBuf, parent: &str, name: &str, served: Vec<Controller>) -> Self {
-        let parent = mount.join(parent);
-        let path = parent.join(name);
-        V2Cgroup { mount, parent, path, served }
+    pub(crate) fn new(dir: CgroupDir, served: Vec<Controller>) -> Self {
+        V2Cgroup { dir, served }
     }
 
     /// Creates the parent and the sandbox directory, enabling the controllers
@@ -37,10 +28,10 @@ impl V2Cgroup {
     /// ancestor lists it in `cgroup.subtree_control`. Controllers the limits
     /// need must be enabled; the others (kept for accounting) are best effort.
     pub(crate) fn create(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
-        create_leaf(&self.parent, &self.path, || {
+        create_leaf(&self.dir.parent, &self.dir.path, || {
             for controller in &self.served {
                 let required = controller.requested(limits);
-                for dir in [&self.mount, &self.parent] {
+                for dir in [&self.dir.mount, &self.dir.parent] {
                     match enable(dir, controller.name()) {
                         Ok(()) => {}
                         Err(e) if required => return Err(e),
@@ -70,25 +61,25 @@ fn enable(dir: &Path, controller: &str) -> Result<(), CgroupError> {
 
 impl Manager for V2Cgroup {
     fn path(&self) -> &Path {
-        &self.path
+        &self.dir.path
     }
 
     fn apply(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
         if let (Some(bytes), true) = (limits.memory, self.serves(Controller::Memory)) {
-            write_value(&self.path.join("memory.max"), &bytes.to_string())?;
+            write_value(&self.dir.file("memory.max"), &bytes.to_string())?;
             // memory.swap.max is absent when the kernel has no swap
             // accounting; then there is no swap to disable either.
-            match write_value(&self.path.join("memory.swap.max"), "0") {
+            match write_value(&self.dir.file("memory.swap.max"), "0") {
                 Err(CgroupError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
                 other => other?,
             }
         }
         if let (Some(max), true) = (limits.pids, self.serves(Controller::Pids)) {
-            write_value(&self.path.join("pids.max"), &max.to_string())?;
+            write_value(&self.dir.file("pids.max"), &max.to_string())?;
         }
         if let (Some(cpus), true) = (limits.cpus, self.serves(Controller::Cpu)) {
             let value = format!("{} {CPU_PERIOD_US}", cpu_quota_us(cpus));
-            write_value(&self.path.join("cpu.max"), &value)?;
+            write_value(&self.dir.file("cpu.max"), &value)?;
         }
         Ok(())
     }
@@ -98,7 +89,7 @@ impl Manager for V2Cgroup {
     }
 
     fn kill_switch(&self) -> Result<bool, CgroupError> {
-        let file = self.path.join("cgroup.kill");
+        let file = self.dir.file("cgroup.kill");
         // cgroup.kill appeared in Linux 5.14.
         if !file.exists() {
             return Ok(false);
@@ -108,39 +99,27 @@ impl Manager for V2Cgroup {
     }
 
     fn set_frozen(&self, frozen: bool) -> Result<bool, CgroupError> {
-        let file = self.path.join("cgroup.freeze");
+        let file = self.dir.file("cgroup.freeze");
         // cgroup.freeze appeared in Linux 5.2.
         if !file.exists() {
             return Ok(false);
         }
         write_value(&file, if frozen { "1" } else { "0" })?;
-        if frozen {
-            // Freezing is asynchronous; cgroup.events says when it holds.
-            let start = Instant::now();
-            while start.elapsed() < FREEZE_WAIT {
-                let events = read_text(&self.path.join("cgroup.events")).unwrap_or_default();
-                if keyed_value(&events, "frozen") == Some(1) {
-                    break;
-                }
-                thread::sleep(POLL);
-            }
-        }
         Ok(true)
     }
 
+    fn is_frozen(&self) -> bool {
+        let events = read_text(&self.dir.file("cgroup.events")).unwrap_or_default();
+        keyed_value(&events, "frozen") == Some(1)
+    }
+
     fn oom_kills(&self) -> Option<u64> {
-        if !self.serves(Controller::Memory) {
-            return None;
-        }
-        let events = read_text(&self.path.join("memory.events"))?;
+        let events = read_text(&self.dir.file("memory.events"))?;
         keyed_value(&events, "oom_kill")
     }
 
     fn memory_peak(&self) -> Option<u64> {
-        if !self.serves(Controller::Memory) {
-            return None;
-        }
         // memory.peak appeared in Linux 5.19.
-        read_u64(&self.path.join("memory.peak"))
+        read_u64(&self.dir.file("memory.peak"))
     }
 }

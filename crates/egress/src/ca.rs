@@ -1,0 +1,410 @@
+//! The per-sandbox certificate authority, used where the policy needs to see
+//! inside a TLS connection (method/path rules, secret injection).
+//!
+//! Each sandbox gets a CA generated for it alone: a fresh ECDSA P-256 key that
+//! lives only in this process's memory, a certificate valid for a week, and
+//! leaf certificates issued on demand for the hosts the sandbox connects to.
+//! The CA certificate (never the key) goes into the sandbox's trust store.
+//!
+//! Upstream connections are verified against the host's own roots plus the
+//! roots the policy adds; see [`upstream_client_config`].
+//!
+//! Everything here uses rustls's ring provider explicitly, so nothing depends
+//! on a process-wide default provider being installed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, BufReader};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::string::Ia5String;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// Where the host's CA bundle is looked for, in order; the first that exists
+/// is used. `SSL_CERT_FILE`, when set for the airlock process, comes first.
+pub const HOST_BUNDLE_PATHS: [&str; 3] =
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
+
+/// How far before "now" certificates become valid, so that a guest clock a
+/// little behind the host's still accepts them.
+const BACKDATE: Duration = Duration::from_secs(60 * 60);
+
+/// How long a sandbox CA (and every leaf it issues) stays valid.
+const LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// Upper bound on cached leaf configurations per sandbox. A wildcard allow
+/// entry lets a sandbox name any number of hosts; past this bound an
+/// arbitrary entry is evicted (connections holding it keep their `Arc`).
+const LEAF_CACHE_LIMIT: usize = 1024;
+
+/// The only application protocol the intercepting proxy speaks.
+const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// Errors from the sandbox CA and the TLS configurations built here.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot generate the certificate authority for sandbox {sandbox:?}: {source}")]
+    Generate { sandbox: String, source: rcgen::Error },
+
+    #[error(
+        "the system clock ({secs_since_epoch}s since 1970) is outside the range a certificate can carry; \
+         fix the host clock"
+    )]
+    Clock { secs_since_epoch: u64 },
+
+    #[error("cannot issue a certificate for {host:?}: {reason}")]
+    InvalidHost { host: String, reason: &'static str },
+
+    #[error("cannot issue a certificate for {host}: {source}")]
+    Leaf { host: String, source: rcgen::Error },
+
+    #[error("cannot build the TLS configuration for {what}: {source}")]
+    Tls { what: String, source: rustls::Error },
+
+    #[error("cannot read the CA bundle {}: {source}", path.display())]
+    ReadBundle { path: PathBuf, source: io::Error },
+
+    #[error("{} contains no PEM certificate (expected a -----BEGIN CERTIFICATE----- block)", path.display())]
+    EmptyBundle { path: PathBuf },
+
+    #[error("{}: certificate #{index} cannot be used as a trusted root: {source}", path.display())]
+    BadRoot { path: PathBuf, index: usize, source: rustls::Error },
+
+    #[error(
+        "no trusted roots for verifying upstream TLS: none of {searched} exists and the policy adds no CA \
+         file; install the host's CA bundle (the ca-certificates package) or add roots to the policy"
+    )]
+    NoRoots { searched: String },
+}
+
+/// A certificate authority that exists for one sandbox only.
+///
+/// The key is generated in memory by [`SandboxCa::generate`] and never
+/// written anywhere; dropping the value forgets it. Leaf configurations are
+/// cached per host, so repeated connections to one host reuse one leaf.
+pub struct SandboxCa {
+    sandbox: String,
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    leaves: Mutex<HashMap<String, Arc<ServerConfig>>>,
+}
+
+impl fmt::Debug for SandboxCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The key stays out of every debug print.
+        f.debug_struct("SandboxCa").field("sandbox", &self.sandbox).finish_non_exhaustive()
+    }
+}
+
+impl SandboxCa {
+    /// Generates a fresh CA for `sandbox_name`: a new ECDSA P-256 key, a
+    /// self-signed certificate with CN "airlock sandbox <name> CA", valid
+    /// from one hour ago for seven days. Two calls never share a key.
+    pub fn generate(sandbox_name: &str) -> Result<SandboxCa, CaError> {
+        let generate_err = |source| CaError::Generate { sandbox: sandbox_name.to_owned(), source };
+
+        let now = SystemTime::now();
+        let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
+        let not_after = now.checked_add(LIFETIME).unwrap_or(now);
+
+        let mut params = CertificateParams::default();
+        set_validity(&mut params, not_before, not_after)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("airlock sandbox {sandbox_name} CA"));
+        dn.push(DnType::OrganizationName, "airlock");
+        params.distinguished_name = dn;
+        // Path length 0: this CA signs leaves only, never another CA.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate_err)?;
+        let cert = params.self_signed(&key).map_err(generate_err)?;
+        let issuer = Issuer::new(params, key);
+
+        Ok(SandboxCa {
+            sandbox: sandbox_name.to_owned(),
+            issuer,
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            not_before,
+            not_after,
+            leaves: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The CA certificate in PEM form, for the sandbox's trust store.
+    pub fn cert_pem(&self) -> String {
+        self.cert_pem.clone()
+    }
+
+    /// The CA certificate in DER form.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// A TLS server configuration presenting a leaf for `host` signed by this
+    /// CA: a DNS name (case-insensitive, trailing dot ignored) or an IP
+    /// literal (`[::1]` brackets accepted). ALPN offers http/1.1 only.
+    /// Cached per host.
+    pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {
+        let name = LeafName::parse(host)?;
+        let key = name.canonical();
+        if let Some(config) = self.lock_leaves().get(&key) {
+            return Ok(Arc::clone(config));
+        }
+
+        // Issue outside the lock; a concurrent first connection to the same
+        // host may issue twice, and the first one inserted wins.
+        let config = Arc::new(self.issue(&name, &key)?);
+        let mut leaves = self.lock_leaves();
+        if !leaves.contains_key(&key) && leaves.len() >= LEAF_CACHE_LIMIT {
+            let victim = leaves.keys().next().cloned();
+            if let Some(victim) = victim {
+                leaves.remove(&victim);
+            }
+        }
+        Ok(Arc::clone(leaves.entry(key).or_insert(config)))
+    }
+
+    fn lock_leaves(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ServerConfig>>> {
+        // The map holds only finished configurations, so a panic elsewhere
+        // while it was locked cannot have left it half-updated.
+        self.leaves.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn issue(&self, name: &LeafName, key: &str) -> Result<ServerConfig, CaError> {
+        let leaf_err = |source| CaError::Leaf { host: key.to_owned(), source };
+
+        let mut params = CertificateParams::default();
+        set_validity(&mut params, self.not_before, self.not_after)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, key);
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![match name {
+            LeafName::Dns(dns) => SanType::DnsName(Ia5String::try_from(dns.as_str()).map_err(leaf_err)?),
+            LeafName::Ip(ip) => SanType::IpAddress(*ip),
+        }];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(leaf_err)?;
+        let leaf = params.signed_by(&leaf_key, &self.issuer).map_err(leaf_err)?;
+        let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+
+        let tls_err = |source| CaError::Tls { what: format!("the intercepted host {key}"), source };
+        let mut config = ServerConfig::builder_with_provider(ring_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(tls_err)?
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], private)
+            .map_err(tls_err)?;
+        config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+        Ok(config)
+    }
+}
+
+/// The rustls client configuration for the proxy's upstream connections:
+/// the host's roots (see [`HOST_BUNDLE_PATHS`]) plus the PEM root files the
+/// policy adds. ALPN offers http/1.1 only.
+///
+/// Every file in `extra_roots` must exist and hold at least one usable
+/// certificate. A missing host bundle is tolerated when extra roots are
+/// given; with neither, this fails rather than trust nothing silently.
+pub fn upstream_client_config(extra_roots: &[PathBuf]) -> Result<Arc<ClientConfig>, CaError> {
+    let roots = load_roots(&host_bundle_candidates(), extra_roots)?;
+    client_config_with_roots(roots)
+}
+
+/// A PEM bundle for inside the sandbox: the host's bundle (found as for
+/// [`upstream_client_config`]) followed by the sandbox CA, so that tools
+/// reading one file trust both. Without a host bundle, the CA alone.
+pub fn sandbox_trust_bundle(ca_pem: &str) -> Result<String, CaError> {
+    let candidates = host_bundle_candidates();
+    let mut bundle = match find_host_bundle(&candidates) {
+        Some(path) => std::fs::read_to_string(&path).map_err(|source| CaError::ReadBundle { path, source })?,
+        None => {
+            tracing::warn!(
+                searched = %display_paths(&candidates),
+                "no host CA bundle found; the sandbox will trust only its own CA"
+            );
+            String::new()
+        }
+    };
+    if !bundle.is_empty() && !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(ca_pem);
+    if !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    Ok(bundle)
+}
+
+/// The ring crypto provider, passed explicitly to every config builder.
+fn ring_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client_config_with_roots(roots: RootCertStore) -> Result<Arc<ClientConfig>, CaError> {
+    let mut config = ClientConfig::builder_with_provider(ring_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| CaError::Tls { what: "upstream connections".to_owned(), source })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `SSL_CERT_FILE` (when set and non-empty) followed by [`HOST_BUNDLE_PATHS`].
+fn host_bundle_candidates() -> Vec<PathBuf> {
+    let mut candidates = Vec::with_capacity(HOST_BUNDLE_PATHS.len() + 1);
+    if let Some(file) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) {
+        candidates.push(PathBuf::from(file));
+    }
+    candidates.extend(HOST_BUNDLE_PATHS.iter().map(PathBuf::from));
+    candidates
+}
+
+fn find_host_bundle(candidates: &[PathBuf]) -> Option<PathBuf> {
+    candidates.iter().find(|path| path.is_file()).cloned()
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Builds the upstream root store: the first existing host bundle among
+/// `candidates` (unparseable entries skipped, as distributions ship a few)
+/// and every certificate of every `extra` file (strict: the policy named
+/// them, so a bad one is an error).
+fn load_roots(candidates: &[PathBuf], extra: &[PathBuf]) -> Result<RootCertStore, CaError> {
+    let mut roots = RootCertStore::empty();
+
+    match find_host_bundle(candidates) {
+        Some(path) => {
+            let (certs, malformed) = read_pem_certs(&path)?;
+            let (added, ignored) = roots.add_parsable_certificates(certs);
+            tracing::debug!(bundle = %path.display(), added, ignored, malformed, "loaded host CA bundle");
+            if added == 0 {
+                tracing::warn!(bundle = %path.display(), "the host CA bundle holds no usable root");
+            }
+        }
+        None => {
+            if extra.is_empty() {
+                return Err(CaError::NoRoots { searched: display_paths(candidates) });
+            }
+            tracing::warn!(searched = %display_paths(candidates), "no host CA bundle found");
+        }
+    }
+
+    for path in extra {
+        let (certs, malformed) = read_pem_certs(path)?;
+        if malformed > 0 || certs.is_empty() {
+            return Err(CaError::EmptyBundle { path: path.clone() });
+        }
+        for (index, cert) in certs.into_iter().enumerate() {
+            roots.add(cert).map_err(|source| CaError::BadRoot { path: path.clone(), index, source })?;
+        }
+    }
+
+    if roots.is_empty() {
+        return Err(CaError::NoRoots { searched: display_paths(candidates) });
+    }
+    Ok(roots)
+}
+
+/// Reads every CERTIFICATE block of a PEM file; returns the certificates and
+/// how many blocks could not be decoded.
+fn read_pem_certs(path: &Path) -> Result<(Vec<CertificateDer<'static>>, usize), CaError> {
+    let file = std::fs::File::open(path)
+        .map_err(|source| CaError::ReadBundle { path: path.to_path_buf(), source })?;
+    let mut reader = BufReader::new(file);
+    let mut certs = Vec::new();
+    let mut malformed = 0;
+    for item in rustls_pemfile::certs(&mut reader) {
+        match item {
+            Ok(cert) => certs.push(cert),
+            Err(err) if err.kind() == io::ErrorKind::InvalidData => malformed += 1,
+            Err(source) => return Err(CaError::ReadBundle { path: path.to_path_buf(), source }),
+        }
+    }
+    Ok((certs, malformed))
+}
+
+/// Sets a certificate's validity window, refusing clocks outside what X.509
+/// (and the date conversion, which would panic) can represent.
+fn set_validity(params: &mut CertificateParams, from: SystemTime, to: SystemTime) -> Result<(), CaError> {
+    // Year 9000: far inside GeneralizedTime and the conversion's range.
+    const MAX_SECS: u64 = 221_845_392_000;
+    for at in [from, to] {
+        match at.duration_since(UNIX_EPOCH) {
+            Ok(since) if since.as_secs() < MAX_SECS => {}
+            Ok(since) => return Err(CaError::Clock { secs_since_epoch: since.as_secs() }),
+            Err(_) => return Err(CaError::Clock { secs_since_epoch: 0 }),
+        }
+    }
+    params.not_before = from.into();
+    params.not_after = to.into();
+    Ok(())
+}
+
+/// The name a leaf certificate is issued for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LeafName {
+    Dns(String),
+    Ip(IpAddr),
+}
+
+impl LeafName {
+    fn parse(host: &str) -> Result<LeafName, CaError> {
+        let invalid = |reason| CaError::InvalidHost { host: host.to_owned(), reason };
+        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return Ok(LeafName::Ip(ip));
+        }
+        let name = bare.strip_suffix('.').unwrap_or(bare).to_ascii_lowercase();
+        if name.is_empty() {
+            return Err(invalid("the host name is empty"));
+        }
+        if name.len() > 253 {
+            return Err(invalid("the host name is longer than 253 characters"));
+        }
+        for label in name.split('.') {
+            if label.is_empty() {
+                return Err(invalid("the host name has an empty label"));
+            }
+            if label.len() > 63 {
+                return Err(invalid("a label of the host name is longer than 63 characters"));
+            }
+            if label.starts_with('-') || label.ends_with('-') {
+                return Err(invalid("a label of the host name starts or ends with '-'"));
+            }
+            if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(invalid("the host name may hold only letters, digits, '-', '_' and '.'"));
+            }
+        }
+        Ok(LeafName::Dns(name))
+    }
+
+    fn canonical(&self) -> String {
+        match self {
+            LeafName::Dns(name) => name.clone(),
+            LeafName::Ip(ip) => ip.to_string(),
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! TLS interception, only for destinations whose policy needs to see
+//! requests (method/path rules) or receive secrets. The sandbox's client is
+//! served a certificate from the sandbox's own CA; upstream is verified
+//! against the host's roots (plus the policy's). Each request is decided on
+//! its own and gets its secrets substituted here, at the edge.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::event::Handling;
+use crate::http::{ProxyBody, refuse_request, text, to_origin_form};
+use crate::proxy::{EventBuilder, Shared};
+use crate::rules::Decision;
+
+pub(crate) async fn run<C>(
+    shared: Arc<Shared>,
+    client: C,
+    upstream: TcpStream,
+    addr: SocketAddr,
+    ev: EventBuilder,
+) where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let fail = |reason: String| {
+        let mut event = ev.event(false, &reason, Handling::Refused);
+        event.address = Some(addr.to_string());
+        shared.sink.record(event);
+    };
+    let server_config = match shared.ca.server_config(&ev.host) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot issue a certificate for {}: {e}", ev.host)),
+    };
+    let client_tls = match tokio_rustls::TlsAcceptor::from(server_config).accept(client).await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("TLS with the sandbox's client failed: {e}")),
+    };
+    let Ok(name) = ServerName::try_from(ev.host.clone()) else {
+        return fail(format!("{} is not a valid TLS server name", ev.host));
+    };
+    let upstream_tls =
+        match tokio_rustls::TlsConnector::from(shared.upstream_tls.clone()).connect(name, upstream).await {
+            Ok(s) => s,
+            Err(e) => return fail(format!("upstream {} failed TLS verification: {e}", ev.host)),
+        };
+    let (sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream_tls)).await {
+        Ok(pair) => pair,
+        Err(e) => return fail(format!("upstream {}: {e}", ev.host)),
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let sender = Arc::new(Mutex::new(sender));
+    let ev = Arc::new(ev);
+    let service = service_fn(move |req| {
+        let (shared, sender, ev) = (shared.clone(), sender.clone(), ev.clone());
+        async move { Ok::<_, Infallible>(request(shared, sender, ev, addr, req).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .serve_connection(TokioIo::new(client_tls), service)
+        .await;
+}
+
+async fn request(
+    shared: Arc<Shared>,
+    sender: Arc<Mutex<hyper::client::conn::http1::SendRequest<Incoming>>>,
+    ev: Arc<EventBuilder>,
+    addr: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let (host, port) = (ev.host.clone(), ev.port);
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let what = format!("{method} https://{host}:{port}{path}");
+    let rule = match shared.rules.decide_request(&host, port, &method, &path) {
+        Decision::Allow { rule } => rule,
+        Decision::Deny { reason } => return refuse_request(&shared, &ev, &what, &reason, &method, &path),
+    };
+    let mut req = to_origin_form(req, &host, port, true);
+    let secrets = shared.secrets_for(&host, port);
+    let mut used = Vec::new();
+    if !secrets.is_empty() {
+        for value in req.headers_mut().values_mut() {
+            let (new, changed) = crate::secrets::substitute(value.as_bytes(), &secrets);
+            if changed && let Ok(v) = HeaderValue::from_bytes(&new) {
+                *value = v;
+            }
+        }
+        // Which secrets went out, by name, for the audit log.
+        used = secrets.iter().map(|s| s.name.clone()).collect();
+    }
+    let mut event = ev.event(true, &rule, Handling::Intercepted);
+    event.address = Some(addr.to_string());
+    event.method = Some(method);
+    event.path = Some(path);
+    event.secrets = used;
+    let result = sender.lock().await.send_request(req).await;
+    match result {
+        Ok(resp) => {
+            event.bytes_in = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+            shared.sink.record(event);
+            resp.map(|b| b.boxed())
+        }
+        Err(e) => {
+            shared.sink.record(event);
+            text(StatusCode::BAD_GATEWAY, &format!("airlock: upstream {host}: {e}"), None)
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! The egress proxy: the sandbox's only way out. It decides per connection
+//! and per request against the policy, resolves names itself and refuses
+//! private destinations, terminates TLS only where the policy needs to see
+//! inside, and injects secrets at the edge so the sandbox never holds them.
+//!
+//! Connections reach it as file descriptors: the agent accepts them on its
+//! loopback ports inside the sandbox and passes each one over a socketpair
+//! ([`proxy::Port`] tags which port). No host socket is visible inside.
+
+pub mod addr;
+pub mod ca;
+pub mod event;
+mod http;
+mod intercept;
+pub mod proxy;
+pub mod redact;
+pub mod rules;
+pub mod secrets;
+pub mod sni;
+mod socks;
+mod tunnel;
+
+pub use event::{EventSink, Handling, NetEvent};
+pub use http::DENIED_HEADER;
+pub use proxy::{Port, Proxy, ProxyConfig, ProxyError, ProxyHandle};
+
+/// The agent's listening ports on the sandbox's loopback.
+pub const HTTP_PROXY_PORT: u16 = 3128;
+pub const SOCKS_PROXY_PORT: u16 = 1080;

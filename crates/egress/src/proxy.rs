@@ -1,0 +1,276 @@
+//! The proxy server: a tokio runtime of its own, fed with connections that
+//! the agent accepted inside the sandbox (on its loopback HTTP and SOCKS
+//! ports) and handed over as file descriptors.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use airlock_policy::HostPattern;
+use tokio::net::TcpStream;
+
+use crate::ca::SandboxCa;
+use crate::event::{EventSink, Handling, NetEvent};
+use crate::rules::{Decision, NetRules};
+use crate::secrets::ResolvedSecret;
+
+/// Which of the agent's listeners a connection arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Http,
+    Socks,
+}
+
+impl Port {
+    pub fn tag(self) -> u8 {
+        match self {
+            Port::Http => b'h',
+            Port::Socks => b's',
+        }
+    }
+
+    pub fn from_tag(tag: u8) -> Option<Port> {
+        match tag {
+            b'h' => Some(Port::Http),
+            b's' => Some(Port::Socks),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Port::Http => "http",
+            Port::Socks => "socks",
+        }
+    }
+}
+
+/// Everything the proxy decides with.
+pub struct ProxyConfig {
+    /// For messages: "policy dev refused …".
+    pub policy_name: String,
+    pub rules: NetRules,
+    pub ca: Arc<SandboxCa>,
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub secrets: Vec<ResolvedSecret>,
+}
+
+/// A secret and the host patterns it may be sent to.
+pub(crate) struct ScopedSecret {
+    pub secret: ResolvedSecret,
+    pub hosts: Vec<HostPattern>,
+}
+
+pub(crate) struct Shared {
+    pub policy_name: String,
+    pub rules: NetRules,
+    pub ca: Arc<SandboxCa>,
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub secrets: Vec<ScopedSecret>,
+    pub sink: Arc<dyn EventSink>,
+}
+
+impl Shared {
+    /// The secrets that may be injected into requests to `host:port`.
+    pub fn secrets_for(&self, host: &str, port: u16) -> Vec<&ResolvedSecret> {
+        self.secrets
+            .iter()
+            .filter(|s| s.hosts.iter().any(|h| h.matches_name(host, port)))
+            .map(|s| &s.secret)
+            .collect()
+    }
+
+    /// Whether the proxy must terminate TLS for this destination.
+    pub fn must_intercept(&self, host: &str, port: u16) -> bool {
+        self.rules.needs_inspection(host, port) || !self.secrets_for(host, port).is_empty()
+    }
+
+    pub fn refusal_text(&self, what: &str, reason: &str) -> String {
+        format!("airlock: policy {} refused {what}: {reason}", self.policy_name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot start the egress proxy's runtime: {0}")]
+    Runtime(#[source] io::Error),
+    #[error("secret {name} has an invalid host pattern {pattern:?}: {reason}")]
+    SecretHost { name: String, pattern: String, reason: String },
+}
+
+/// The running proxy. Dropping it stops it.
+pub struct Proxy {
+    runtime: Option<tokio::runtime::Runtime>,
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    pub fn start(config: ProxyConfig, sink: Arc<dyn EventSink>) -> Result<Proxy, ProxyError> {
+        let mut secrets = Vec::new();
+        for secret in config.secrets {
+            let mut hosts = Vec::new();
+            for pattern in &secret.hosts {
+                let parsed = HostPattern::parse(pattern).map_err(|reason| ProxyError::SecretHost {
+                    name: secret.name.clone(),
+                    pattern: pattern.clone(),
+                    reason,
+                })?;
+                hosts.push(parsed);
+            }
+            secrets.push(ScopedSecret { secret, hosts });
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("airlock-egress")
+            .enable_all()
+            .build()
+            .map_err(ProxyError::Runtime)?;
+        let shared = Arc::new(Shared {
+            policy_name: config.policy_name,
+            rules: config.rules,
+            ca: config.ca,
+            upstream_tls: config.upstream_tls,
+            secrets,
+            sink,
+        });
+        Ok(Proxy { runtime: Some(runtime), shared })
+    }
+
+    /// Serves one connection accepted inside the sandbox.
+    pub fn serve(&self, fd: OwnedFd, port: Port) {
+        if let Some(handle) = self.handle() {
+            handle.serve(fd, port);
+        }
+    }
+
+    /// A handle for serving from other threads.
+    pub fn handle(&self) -> Option<ProxyHandle> {
+        Some(ProxyHandle { runtime: self.runtime.as_ref()?.handle().clone(), shared: self.shared.clone() })
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Cloneable access to a running proxy.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    runtime: tokio::runtime::Handle,
+    shared: Arc<Shared>,
+}
+
+impl ProxyHandle {
+    pub fn serve(&self, fd: OwnedFd, port: Port) {
+        let shared = self.shared.clone();
+        let std_stream = std::net::TcpStream::from(fd);
+        self.runtime.spawn(async move {
+            if std_stream.set_nonblocking(true).is_err() {
+                return;
+            }
+            let Ok(stream) = TcpStream::from_std(std_stream) else { return };
+            match port {
+                Port::Http => crate::http::serve(shared, stream).await,
+                Port::Socks => crate::socks::serve(shared, stream).await,
+            }
+        });
+    }
+}
+
+/// The first steps every connection shares: policy on the name, then on
+/// each resolved address, then a TCP connection to the first address that
+/// is allowed and answers. Connecting to the checked address itself (never
+/// re-resolving) is what makes DNS rebinding useless.
+pub(crate) async fn open_upstream(
+    shared: &Shared,
+    host: &str,
+    port: u16,
+) -> Result<(TcpStream, SocketAddr, String), Refusal> {
+    let rule = match shared.rules.decide_target(host, port) {
+        Decision::Allow { rule } => rule,
+        Decision::Deny { reason } => return Err(Refusal::Policy(reason)),
+    };
+    let rules_host = host.to_string();
+    let addrs = {
+        let shared_rules = &shared.rules;
+        // Name resolution blocks; the resolver is the host's.
+        let result =
+            tokio::task::block_in_place(|| crate::addr::resolve_allowed(shared_rules, &rules_host, port));
+        match result {
+            Ok(addrs) => addrs,
+            Err(Decision::Deny { reason }) => return Err(Refusal::Policy(reason)),
+            Err(Decision::Allow { .. }) => {
+                return Err(Refusal::Unreachable(format!("{host} has no usable address")));
+            }
+        }
+    };
+    let mut last_error = format!("{host} did not resolve");
+    for addr in addrs {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok((stream, addr, rule));
+            }
+            Ok(Err(e)) => last_error = format!("{addr}: {e}"),
+            Err(_) => last_error = format!("{addr}: no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+        }
+    }
+    Err(Refusal::Unreachable(last_error))
+}
+
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a connection did not go through.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// The policy said no (403 / SOCKS "not allowed by ruleset").
+    Policy(String),
+    /// Allowed, but the destination could not be reached (502 / host unreachable).
+    Unreachable(String),
+}
+
+impl Refusal {
+    pub fn reason(&self) -> &str {
+        match self {
+            Refusal::Policy(r) | Refusal::Unreachable(r) => r,
+        }
+    }
+}
+
+/// Builds an event with the fields every path fills the same way.
+pub(crate) struct EventBuilder {
+    pub via: Port,
+    pub host: String,
+    pub port: u16,
+    pub started: Instant,
+}
+
+impl EventBuilder {
+    pub fn new(via: Port, host: &str, port: u16) -> EventBuilder {
+        EventBuilder { via, host: host.to_string(), port, started: Instant::now() }
+    }
+
+    pub fn event(&self, allowed: bool, rule: &str, handling: Handling) -> NetEvent {
+        NetEvent {
+            via: self.via.name().to_string(),
+            host: self.host.clone(),
+            port: self.port,
+            address: None,
+            method: None,
+            path: None,
+            allowed,
+            rule: rule.to_string(),
+            handling,
+            bytes_out: 0,
+            bytes_in: 0,
+            duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            secrets: Vec::new(),
+        }
+    }
+}

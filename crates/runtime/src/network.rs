@@ -1,0 +1,217 @@
+//! The sandbox's network as the supervisor sets it up: the egress proxy with
+//! this sandbox's CA, rules and secrets; the channel over which the agent
+//! hands it connections; and what the sandbox needs to use it (environment,
+//! trust bundle, secret placeholders).
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use airlock_egress::ca::{self, SandboxCa};
+use airlock_egress::proxy::{Port, Proxy, ProxyConfig};
+use airlock_egress::redact::Redactor;
+use airlock_egress::rules::NetRules;
+use airlock_egress::secrets::{self, ResolvedSecret, SecretSourceSpec};
+use airlock_egress::{HTTP_PROXY_PORT, NetEvent, SOCKS_PROXY_PORT};
+use airlock_policy::{Egress, Policy, SecretSource};
+use airlock_proto::EgressPorts;
+
+use crate::RunError;
+use crate::audit::{AuditEvent, AuditLog};
+
+/// Where the trust bundle appears inside the sandbox.
+pub const SANDBOX_CA_BUNDLE: &str = "/run/airlock/ca-bundle.pem";
+/// The host's usual bundle path, overlaid inside with the same bundle so
+/// tools that ignore the environment trust the sandbox's CA too.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A running egress setup for one sandbox.
+pub struct Network {
+    proxy: Option<Proxy>,
+    pump: Option<JoinHandle<()>>,
+    /// The agent's end of the egress channel (placed at fd 5 in the agent).
+    pub agent_end: Option<OwnedFd>,
+    pub ports: EgressPorts,
+    pub bundle: PathBuf,
+    secrets: Vec<ResolvedSecret>,
+}
+
+impl Network {
+    /// Starts the proxy for `policy`, or returns None when the policy gives
+    /// the sandbox no network at all.
+    pub fn start(policy: &Policy, name: &str, state_dir: &Path, audit_path: &Path) -> Result<Option<Network>, RunError> {
+        if policy.network.egress == Egress::None {
+            return Ok(None);
+        }
+        let fail = |what: &str, e: &dyn std::fmt::Display| RunError::Egress(format!("{what}: {e}"));
+        let specs: Vec<(String, SecretSourceSpec, Vec<String>)> = policy
+            .secrets
+            .iter()
+            .map(|s| {
+                let source = match &s.from {
+                    SecretSource::Env(v) => SecretSourceSpec::Env(v.clone()),
+                    SecretSource::File(p) => SecretSourceSpec::File(p.clone()),
+                    SecretSource::Cmd(c) => SecretSourceSpec::Cmd(c.clone()),
+                };
+                (s.name.clone(), source, s.hosts.iter().map(|h| h.source.clone()).collect())
+            })
+            .collect();
+        let secrets = secrets::resolve(&specs).map_err(|e| fail("reading the policy's secrets", &e))?;
+        let sandbox_ca = SandboxCa::generate(name).map_err(|e| fail("creating the sandbox's CA", &e))?;
+        let bundle_text =
+            ca::sandbox_trust_bundle(&sandbox_ca.cert_pem()).map_err(|e| fail("building the trust bundle", &e))?;
+        let bundle = state_dir.join("ca-bundle.pem");
+        write_public(&bundle, bundle_text.as_bytes()).map_err(|e| RunError::State(bundle.clone(), e))?;
+        let upstream_tls = ca::upstream_client_config(&policy.network.extra_roots)
+            .map_err(|e| fail("loading trust roots for upstream TLS", &e))?;
+
+        let audit = Mutex::new(AuditLog::open(audit_path)?);
+        let sink = move |event: NetEvent| {
+            if let Ok(mut log) = audit.lock() {
+                let _ = log.record(AuditEvent::Network(event));
+            }
+        };
+        let proxy = Proxy::start(
+            ProxyConfig {
+                policy_name: policy.name.clone(),
+                rules: NetRules::from_policy(policy),
+                ca: Arc::new(sandbox_ca),
+                upstream_tls,
+                secrets: secrets.clone(),
+            },
+            Arc::new(sink),
+        )
+        .map_err(|e| fail("starting the egress proxy", &e))?;
+
+        let (host_end, agent_end) = UnixStream::pair().map_err(|e| fail("creating the egress channel", &e))?;
+        let handle = proxy.handle();
+        let pump = std::thread::Builder::new()
+            .name("egress-pump".into())
+            .spawn(move || {
+                let Some(handle) = handle else { return };
+                // Ends when the agent (and with it the sandbox) is gone.
+                while let Ok((tag, fd)) = airlock_proto::recv_tagged_fd(&host_end) {
+                    if let Some(port) = Port::from_tag(tag) {
+                        handle.serve(fd, port);
+                    }
+                }
+            })
+            .map_err(|e| fail("starting the egress channel", &e))?;
+        Ok(Some(Network {
+            proxy: Some(proxy),
+            pump: Some(pump),
+            agent_end: Some(agent_end.into()),
+            ports: EgressPorts { http: HTTP_PROXY_PORT, socks: SOCKS_PROXY_PORT },
+            bundle,
+            secrets,
+        }))
+    }
+
+    /// Variables that point tools at the proxy and the trust bundle, and
+    /// the secrets' placeholders.
+    pub fn environment(&self) -> Vec<(String, String)> {
+        let http = format!("http://127.0.0.1:{}", self.ports.http);
+        let socks = format!("socks5h://127.0.0.1:{}", self.ports.socks);
+        let no_proxy = "localhost,127.0.0.1,::1".to_string();
+        let mut env = Vec::new();
+        for (k, v) in [
+            ("HTTP_PROXY", &http),
+            ("HTTPS_PROXY", &http),
+            ("ALL_PROXY", &socks),
+            ("NO_PROXY", &no_proxy),
+        ] {
+            env.push((k.to_string(), v.clone()));
+            env.push((k.to_ascii_lowercase(), v.clone()));
+        }
+        let tools = [
+            ("NODE_USE_ENV_PROXY", "1".to_string()),
+            ("npm_config_proxy", http.clone()),
+            ("npm_config_https_proxy", http.clone()),
+            ("PIP_PROXY", http.clone()),
+            ("CARGO_HTTP_PROXY", http.clone()),
+            ("GIT_CONFIG_COUNT", "1".to_string()),
+            ("GIT_CONFIG_KEY_0", "http.proxy".to_string()),
+            ("GIT_CONFIG_VALUE_0", http.clone()),
+        ];
+        env.extend(tools.into_iter().map(|(k, v)| (k.to_string(), v)));
+        for var in [
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+            "CURL_CA_BUNDLE",
+            "GIT_SSL_CAINFO",
+            "PIP_CERT",
+            "CARGO_HTTP_CAINFO",
+        ] {
+            env.push((var.to_string(), SANDBOX_CA_BUNDLE.to_string()));
+        }
+        for secret in &self.secrets {
+            env.push((secret.name.clone(), secret.placeholder.clone()));
+        }
+        env
+    }
+
+    /// A redactor for everything the sandbox's output and files may carry.
+    pub fn redactor(&self) -> Option<Redactor> {
+        if self.secrets.is_empty() {
+            return None;
+        }
+        Some(Redactor::new(&self.secret_values()))
+    }
+
+    pub fn secret_values(&self) -> Vec<(String, Vec<u8>)> {
+        self.secrets.iter().map(|s| (s.name.clone(), s.value.expose().to_vec())).collect()
+    }
+
+    /// Stops the proxy once the sandbox is gone; the events are recorded.
+    pub fn stop(mut self) {
+        if let Some(pump) = self.pump.take() {
+            let _ = pump.join();
+        }
+        drop(self.proxy.take());
+    }
+}
+
+/// World-readable (the sandbox's unprivileged root reads it through a bind
+/// mount), written atomically.
+fn write_public(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Removes secret values from every regular file below `dir` (the persisted
+/// layer, the artifacts): a server that echoes a credential back must not
+/// leave it in the state directory. Never follows symlinks.
+pub fn scrub_tree(dir: &Path, secrets: &[(String, Vec<u8>)]) -> std::io::Result<usize> {
+    fn walk(dir: &Path, secrets: &[(String, Vec<u8>)], depth: usize, scrubbed: &mut usize) -> std::io::Result<()> {
+        if depth > 512 {
+            return Ok(());
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            if meta.is_dir() {
+                walk(&path, secrets, depth + 1, scrubbed)?;
+            } else if meta.is_file() {
+                let data = std::fs::read(&path)?;
+                let clean = airlock_egress::redact::redact_all(&data, secrets);
+                if clean != data {
+                    std::fs::write(&path, clean)?;
+                    *scrubbed += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut scrubbed = 0;
+    if !secrets.is_empty() {
+        walk(dir, secrets, 0, &mut scrubbed)?;
+    }
+    Ok(scrubbed)
+}
