@@ -70,6 +70,19 @@ enum Command {
     /// List, show and check policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The sandbox's network: every connection and request the egress proxy decided.
+    #[command(subcommand)]
+    Net(NetCommand),
+}
+
+#[derive(Subcommand)]
+enum NetCommand {
+    /// Every connection and request, with the decision and the rule that made it.
+    Log {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -98,6 +111,9 @@ struct RunArgs {
     /// CPU limit in cores, e.g. 0.5, 2.
     #[arg(long)]
     cpus: Option<f64>,
+    /// Allow egress to HOST[:PORT] (repeatable), where the policy permits the flag.
+    #[arg(long = "allow", value_name = "HOST[:PORT]")]
+    allow: Vec<String>,
     /// Set an environment variable inside (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -161,6 +177,10 @@ pub fn dispatch(cli: Cli) -> CliResult {
             Ok(0)
         }
         Command::Policy(cmd) => policy(cmd),
+        Command::Net(NetCommand::Log { name, json }) => {
+            present::net_log(&ops::net_log(&state()?, &name)?, json)?;
+            Ok(0)
+        }
     }
 }
 
@@ -178,6 +198,7 @@ fn run(args: RunArgs) -> CliResult {
             cpus: args.cpus,
             env: args.env,
             workspace_mode: args.mode,
+            allow: args.allow,
         },
         workspace: args.workspace,
         name: args.name,

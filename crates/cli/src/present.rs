@@ -5,7 +5,7 @@
 use std::io::{self, Write};
 
 use airlock_jail::probe::{HostReport, Status};
-use airlock_runtime::ops::{DiffView, GcReport, SandboxSummary};
+use airlock_runtime::ops::{DiffView, GcReport, NetLogEntry, SandboxSummary};
 use airlock_runtime::{Notice, RunOutcome};
 
 /// Prints an error and its whole chain of causes, once.
@@ -137,6 +137,31 @@ pub fn doctor(report: &HostReport, json: bool) -> io::Result<()> {
         if let Some(fix) = &c.fix {
             writeln!(out, "          fix: {fix}")?;
         }
+    }
+    Ok(())
+}
+
+pub fn net_log(entries: &[NetLogEntry], json: bool) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, entries)?;
+        return writeln!(out);
+    }
+    if entries.is_empty() {
+        return writeln!(out, "no network activity recorded");
+    }
+    for e in entries {
+        let ev = &e.event;
+        let verdict = if ev.allowed { "allow" } else { "DENY " };
+        let request = match (&ev.method, &ev.path) {
+            (Some(m), Some(p)) => format!(" {m} {p}"),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{} {verdict} {:<5} {}:{}{request}  [{}] out={}B in={}B {}ms",
+            e.ts, ev.via, ev.host, ev.port, ev.rule, ev.bytes_out, ev.bytes_in, ev.duration_ms
+        )?;
     }
     Ok(())
 }

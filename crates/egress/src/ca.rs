@@ -110,7 +110,7 @@ impl fmt::Debug for SandboxCa {
 
 impl SandboxCa {
     /// Generates a fresh CA for `sandbox_name`: a new ECDSA P-256 key, a
-    /// self-signed certificate with CN "airlock sandbox <name> CA", valid
+    /// self-signed certificate with CN `airlock sandbox <name> CA`, valid
     /// from one hour ago for seven days. Two calls never share a key.
     pub fn generate(sandbox_name: &str) -> Result<SandboxCa, CaError> {
         let generate_err = |source| CaError::Generate { sandbox: sandbox_name.to_owned(), source };
@@ -236,7 +236,9 @@ pub fn upstream_client_config(extra_roots: &[PathBuf]) -> Result<Arc<ClientConfi
 pub fn sandbox_trust_bundle(ca_pem: &str) -> Result<String, CaError> {
     let candidates = host_bundle_candidates();
     let mut bundle = match find_host_bundle(&candidates) {
-        Some(path) => std::fs::read_to_string(&path).map_err(|source| CaError::ReadBundle { path, source })?,
+        Some(path) => {
+            std::fs::read_to_string(&path).map_err(|source| CaError::ReadBundle { path, source })?
+        }
         None => {
             tracing::warn!(
                 searched = %display_paths(&candidates),
@@ -405,6 +407,241 @@ impl LeafName {
         match self {
             LeafName::Dns(name) => name.clone(),
             LeafName::Ip(ip) => ip.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+
+    fn roots_from_pem(pem: &str) -> RootCertStore {
+        let mut roots = RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        roots
+    }
+
+    fn client_trusting(pem: &str) -> Arc<ClientConfig> {
+        client_config_with_roots(roots_from_pem(pem)).unwrap()
+    }
+
+    /// A full handshake over an in-memory pipe, then one exchange each way.
+    /// Returns the negotiated ALPN protocol, or the client's error.
+    async fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let (client_io, server_io) = tokio::io::duplex(16 * 1024);
+        let server_side = async move {
+            let mut tls = TlsAcceptor::from(server).accept(server_io).await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            assert_eq!(&buf, b"ping");
+            tls.write_all(b"pong").await.map_err(|e| e.to_string())?;
+            tls.flush().await.map_err(|e| e.to_string())
+        };
+        let name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+        let client_side = async move {
+            let mut tls =
+                TlsConnector::from(client).connect(name, client_io).await.map_err(|e| e.to_string())?;
+            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+            tls.flush().await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            assert_eq!(&buf, b"pong");
+            Ok::<_, String>(alpn)
+        };
+        let both = async { tokio::join!(server_side, client_side) };
+        let (server_result, client_result) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .map_err(|_| "handshake hung".to_owned())?;
+        let alpn = client_result?;
+        server_result?;
+        Ok(alpn)
+    }
+
+    #[tokio::test]
+    async fn leaves_for_names_and_addresses_complete_a_handshake() {
+        let ca = SandboxCa::generate("t1").unwrap();
+        let client = client_trusting(&ca.cert_pem());
+
+        let alpn = handshake(ca.server_config("api.example.com").unwrap(), client.clone(), "api.example.com")
+            .await
+            .unwrap();
+        assert_eq!(alpn.as_deref(), Some(ALPN_HTTP11));
+
+        handshake(ca.server_config("127.0.0.1").unwrap(), client.clone(), "127.0.0.1").await.unwrap();
+        handshake(ca.server_config("[::1]").unwrap(), client, "::1").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_leaf_is_refused_for_any_other_name() {
+        let ca = SandboxCa::generate("t2").unwrap();
+        let client = client_trusting(&ca.cert_pem());
+        let server = ca.server_config("api.example.com").unwrap();
+
+        let err = handshake(server.clone(), client.clone(), "other.example.com").await.unwrap_err();
+        assert!(err.contains("not valid for name") || err.contains("NotValidForName"), "{err}");
+        handshake(server, client.clone(), "example.com").await.unwrap_err();
+        handshake(ca.server_config("127.0.0.1").unwrap(), client, "127.0.0.2").await.unwrap_err();
+    }
+
+    #[tokio::test]
+    async fn another_sandboxes_ca_is_not_trusted() {
+        let ca = SandboxCa::generate("same-name").unwrap();
+        let other = SandboxCa::generate("same-name").unwrap();
+        assert_ne!(ca.cert_pem(), other.cert_pem());
+        assert_ne!(ca.cert_der(), other.cert_der());
+
+        let client_of_other = client_trusting(&other.cert_pem());
+        let err = handshake(ca.server_config("api.example.com").unwrap(), client_of_other, "api.example.com")
+            .await
+            .unwrap_err();
+        // Same sandbox name, same subject: found as issuer, refused by signature.
+        assert!(err.contains("invalid peer certificate"), "{err}");
+    }
+
+    #[test]
+    fn ca_certificate_names_the_sandbox() {
+        let ca = SandboxCa::generate("build-42").unwrap();
+        let cn = b"airlock sandbox build-42 CA";
+        assert!(ca.cert_der().windows(cn.len()).any(|w| w == cn));
+        assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(!format!("{ca:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn leaf_configs_are_cached_per_normalised_host() {
+        let ca = SandboxCa::generate("t3").unwrap();
+        let first = ca.server_config("api.example.com").unwrap();
+        assert!(Arc::ptr_eq(&first, &ca.server_config("api.example.com").unwrap()));
+        assert!(Arc::ptr_eq(&first, &ca.server_config("API.Example.com.").unwrap()));
+        assert!(!Arc::ptr_eq(&first, &ca.server_config("www.example.com").unwrap()));
+        assert_eq!(first.alpn_protocols, vec![ALPN_HTTP11.to_vec()]);
+    }
+
+    #[test]
+    fn hosts_that_are_not_names_are_refused() {
+        let ca = SandboxCa::generate("t4").unwrap();
+        for bad in ["", ".", "a..example.com", "*.example.com", "-x.example.com", "a b.example.com", "x/y"] {
+            let err = ca.server_config(bad).unwrap_err();
+            assert!(matches!(err, CaError::InvalidHost { .. }), "{bad:?}: {err:?}");
+        }
+        let long = format!("{}.example.com", "a".repeat(64));
+        assert!(matches!(ca.server_config(&long), Err(CaError::InvalidHost { .. })));
+    }
+
+    fn default_candidates() -> Vec<PathBuf> {
+        HOST_BUNDLE_PATHS.iter().map(PathBuf::from).collect()
+    }
+
+    #[test]
+    fn host_bundle_provides_roots() {
+        let candidates = default_candidates();
+        if find_host_bundle(&candidates).is_none() {
+            eprintln!("no host CA bundle at {}; skipping", display_paths(&candidates));
+            return;
+        }
+        let roots = load_roots(&candidates, &[]).unwrap();
+        assert!(!roots.is_empty());
+        upstream_client_config(&[]).unwrap();
+    }
+
+    /// An independent test CA (as a policy would add) and a server whose
+    /// leaf it signed.
+    fn test_ca_and_server(host: &str) -> (String, Arc<ServerConfig>) {
+        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        ca_params.distinguished_name.push(DnType::CommonName, "test upstream CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let leaf =
+            CertificateParams::new(vec![host.to_owned()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+        let server = ServerConfig::builder_with_provider(ring_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+            )
+            .unwrap();
+        (ca_cert.pem(), Arc::new(server))
+    }
+
+    #[tokio::test]
+    async fn extra_root_files_are_trusted_upstream() {
+        let (ca_pem, server) = test_ca_and_server("upstream.example.net");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extra-ca.pem");
+        std::fs::write(&path, &ca_pem).unwrap();
+
+        // With the host bundle (if any) as in production…
+        if find_host_bundle(&host_bundle_candidates()).is_some() {
+            let client = upstream_client_config(std::slice::from_ref(&path)).unwrap();
+            let alpn = handshake(server.clone(), client, "upstream.example.net").await.unwrap();
+            assert_eq!(alpn, None, "the test server offers no ALPN");
+        }
+
+        // …and with the extra root alone.
+        let missing = vec![dir.path().join("no-bundle.pem")];
+        let roots = load_roots(&missing, std::slice::from_ref(&path)).unwrap();
+        assert_eq!(roots.len(), 1);
+        let client = client_config_with_roots(roots).unwrap();
+        handshake(server.clone(), client.clone(), "upstream.example.net").await.unwrap();
+        handshake(server, client, "elsewhere.example.net").await.unwrap_err();
+    }
+
+    #[test]
+    fn bad_root_files_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = vec![dir.path().join("no-bundle.pem")];
+
+        let err = load_roots(&none, &[]).unwrap_err();
+        assert!(matches!(err, CaError::NoRoots { .. }), "{err:?}");
+
+        let absent = dir.path().join("absent.pem");
+        let err = load_roots(&none, std::slice::from_ref(&absent)).unwrap_err();
+        assert!(matches!(err, CaError::ReadBundle { .. }) && err.to_string().contains("absent.pem"), "{err}");
+
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        let err = load_roots(&none, std::slice::from_ref(&garbage)).unwrap_err();
+        assert!(
+            matches!(err, CaError::EmptyBundle { .. }) && err.to_string().contains("garbage.pem"),
+            "{err}"
+        );
+
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n").unwrap();
+        assert!(load_roots(&none, std::slice::from_ref(&broken)).is_err());
+    }
+
+    #[test]
+    fn trust_bundle_ends_with_the_sandbox_ca() {
+        let ca = SandboxCa::generate("t5").unwrap();
+        let bundle = sandbox_trust_bundle(&ca.cert_pem()).unwrap();
+        assert!(bundle.ends_with(&ca.cert_pem()) || bundle.ends_with(&format!("{}\n", ca.cert_pem())));
+        if let Some(host) = find_host_bundle(&host_bundle_candidates()) {
+            let host = std::fs::read_to_string(host).unwrap();
+            assert!(bundle.starts_with(host.trim_end()));
+            assert!(roots_from_pem(&bundle).len() > 1);
         }
     }
 }

@@ -48,8 +48,12 @@ pub(crate) async fn run<C>(
     let Ok(name) = ServerName::try_from(ev.host.clone()) else {
         return fail(format!("{} is not a valid TLS server name", ev.host));
     };
+    let upstream_config = match shared.upstream_tls() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot load trust roots for upstream TLS: {e}")),
+    };
     let upstream_tls =
-        match tokio_rustls::TlsConnector::from(shared.upstream_tls.clone()).connect(name, upstream).await {
+        match tokio_rustls::TlsConnector::from(upstream_config).connect(name, upstream).await {
             Ok(s) => s,
             Err(e) => return fail(format!("upstream {} failed TLS verification: {e}", ev.host)),
         };

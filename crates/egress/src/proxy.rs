@@ -53,7 +53,8 @@ pub struct ProxyConfig {
     pub policy_name: String,
     pub rules: NetRules,
     pub ca: Arc<SandboxCa>,
-    pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// Extra PEM roots the policy trusts for upstream TLS, besides the host's.
+    pub extra_roots: Vec<std::path::PathBuf>,
     pub secrets: Vec<ResolvedSecret>,
 }
 
@@ -67,12 +68,21 @@ pub(crate) struct Shared {
     pub policy_name: String,
     pub rules: NetRules,
     pub ca: Arc<SandboxCa>,
-    pub upstream_tls: Arc<rustls::ClientConfig>,
+    extra_roots: Vec<std::path::PathBuf>,
+    /// Built on first use: parsing the host's roots costs more than most
+    /// sandboxes' whole network use, and many never intercept anything.
+    upstream_tls: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
     pub secrets: Vec<ScopedSecret>,
     pub sink: Arc<dyn EventSink>,
 }
 
 impl Shared {
+    pub fn upstream_tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        self.upstream_tls
+            .get_or_init(|| crate::ca::upstream_client_config(&self.extra_roots).map_err(|e| e.to_string()))
+            .clone()
+    }
+
     /// The secrets that may be injected into requests to `host:port`.
     pub fn secrets_for(&self, host: &str, port: u16) -> Vec<&ResolvedSecret> {
         self.secrets
@@ -131,7 +141,8 @@ impl Proxy {
             policy_name: config.policy_name,
             rules: config.rules,
             ca: config.ca,
-            upstream_tls: config.upstream_tls,
+            extra_roots: config.extra_roots,
+            upstream_tls: std::sync::OnceLock::new(),
             secrets,
             sink,
         });

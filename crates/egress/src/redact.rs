@@ -16,7 +16,6 @@
 //! passes through without delay.
 
 /// A streaming redactor for one output stream.
-#[derive(Debug)]
 pub struct Redactor {
     /// Secret names, indexed by `Pattern::name`.
     names: Vec<String>,
@@ -29,7 +28,6 @@ pub struct Redactor {
     run: Option<Run>,
 }
 
-#[derive(Debug)]
 struct Pattern {
     value: Vec<u8>,
     name: usize,
@@ -43,6 +41,16 @@ struct Run {
     end: usize,
     /// Secrets whose occurrences make up the run, in order.
     names: Vec<usize>,
+}
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only: the values and held bytes are (possibly) secret.
+        f.debug_struct("Redactor")
+            .field("names", &self.names)
+            .field("held_bytes", &self.pending.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Whether a secret occurrence starts at a position.
@@ -70,7 +78,7 @@ impl Redactor {
         }
         for patterns in &mut by_first_byte {
             // Stable: of equal values, the first given names them.
-            patterns.sort_by(|a, b| b.value.len().cmp(&a.value.len()));
+            patterns.sort_by_key(|pattern| std::cmp::Reverse(pattern.value.len()));
         }
         Redactor { names, by_first_byte, pending: Vec::new(), run: None }
     }
@@ -208,12 +216,13 @@ mod tests {
     /// longest occurrence (brute force) starts or extends a run.
     fn reference(data: &[u8], list: &[(String, Vec<u8>)]) -> Vec<u8> {
         let longest_at = |pos: usize| {
-            list.iter()
-                .filter(|(_, v)| !v.is_empty() && data[pos..].starts_with(v))
-                .fold(None, |best: Option<(usize, &String)>, (n, v)| match best {
+            list.iter().filter(|(_, v)| !v.is_empty() && data[pos..].starts_with(v)).fold(
+                None,
+                |best: Option<(usize, &String)>, (n, v)| match best {
                     Some((len, _)) if len >= v.len() => best,
                     _ => Some((v.len(), n)),
-                })
+                },
+            )
         };
         let mut out = Vec::new();
         let mut run: Option<(usize, Vec<&String>)> = None;
@@ -275,7 +284,10 @@ mod tests {
 
     #[test]
     fn replaces_each_occurrence_with_the_name() {
-        assert_eq!(all("token=s3cret; again s3cret.", &[("TOKEN", "s3cret")]), "token=[REDACTED:TOKEN]; again [REDACTED:TOKEN].");
+        assert_eq!(
+            all("token=s3cret; again s3cret.", &[("TOKEN", "s3cret")]),
+            "token=[REDACTED:TOKEN]; again [REDACTED:TOKEN]."
+        );
         assert_eq!(all("s3crets3cret", &[("T", "s3cret")]), "[REDACTED:T][REDACTED:T]");
         assert_eq!(all("nothing here", &[("T", "s3cret")]), "nothing here");
         assert_eq!(all("s3cre", &[("T", "s3cret")]), "s3cre");
@@ -286,7 +298,10 @@ mod tests {
         // A secret inside another: one label, the longer one's.
         assert_eq!(all("x abcdef y", &[("SHORT", "abc"), ("LONG", "abcdef")]), "x [REDACTED:LONG] y");
         // Sharing a stretch: both labels, nothing of either shown.
-        assert_eq!(all("<tokenAAxy-BBBB>", &[("A", "tokenAAxy"), ("B", "xy-BBBB")]), "<[REDACTED:A][REDACTED:B]>");
+        assert_eq!(
+            all("<tokenAAxy-BBBB>", &[("A", "tokenAAxy"), ("B", "xy-BBBB")]),
+            "<[REDACTED:A][REDACTED:B]>"
+        );
         // A secret overlapping itself.
         assert_eq!(all("aaaaa!", &[("A", "aaa")]), "[REDACTED:A]!");
         // Same value under two names: the first given names it.
@@ -299,6 +314,9 @@ mod tests {
         assert!(r.is_empty());
         assert_eq!(r.feed(b"partial line with no newline"), b"partial line with no newline");
         assert_eq!(r.finish(), b"");
+
+        let shown = format!("{:?}", Redactor::new(&secrets(&[("T", "s3cret")])));
+        assert!(shown.contains("\"T\"") && !shown.contains("s3cret"), "{shown}");
 
         let mut none = Redactor::new(&[]);
         assert!(none.is_empty());
@@ -318,13 +336,15 @@ mod tests {
         assert_eq!(r.feed(b"tail s3c"), b"tail ");
         assert_eq!(r.finish(), b"s3c");
         // Reusable after finish.
-        assert_eq!(r.feed(b"s3cret"), b"");
-        assert_eq!(r.finish(), b"[REDACTED:T]");
+        // A run is labelled as soon as nothing can extend it.
+        assert_eq!(r.feed(b"s3cret"), b"[REDACTED:T]");
+        assert_eq!(r.finish(), b"");
     }
 
     #[test]
     fn every_split_position_gives_the_one_shot_result() {
-        let list = secrets(&[("A", "tokenAAxy"), ("B", "xy-BBBB"), ("C", "abc"), ("D", "abcdef"), ("E", "zz")]);
+        let list =
+            secrets(&[("A", "tokenAAxy"), ("B", "xy-BBBB"), ("C", "abc"), ("D", "abcdef"), ("E", "zz")]);
         let data = b"pre tokenAAxy-BBBB mid abcdefabc zzzzz abcde tokenAA xy-BBB abc".as_slice();
         let expected = redact_all(data, &list);
         assert_eq!(expected, reference(data, &list));
@@ -363,7 +383,8 @@ mod tests {
             let expected = reference(&data, &list);
             assert_eq!(redact_all(&data, &list), expected, "{list:?} {data:?}");
             assert_eq!(without_labels(&expected), uncovered(&data, &list), "{list:?} {data:?}");
-            let mut cuts: Vec<usize> = (0..next() % 6).map(|_| (next() as usize) % (data.len() + 1)).collect();
+            let mut cuts: Vec<usize> =
+                (0..next() % 6).map(|_| (next() as usize) % (data.len() + 1)).collect();
             cuts.sort_unstable();
             assert_eq!(streamed(&data, &cuts, &list), expected, "{list:?} {data:?} {cuts:?}");
         }

@@ -150,7 +150,9 @@ pub enum SecretError {
     #[error("secret {name}: {source_spec} gave an empty value; an empty secret is a configuration error")]
     Empty { name: String, source_spec: String },
 
-    #[error("secret {name}: {source_spec} gave more than {MAX_VALUE_LEN} bytes, too large for an HTTP header")]
+    #[error(
+        "secret {name}: {source_spec} gave more than {MAX_VALUE_LEN} bytes, too large for an HTTP header"
+    )]
     TooLarge { name: String, source_spec: String },
 
     #[error(
@@ -176,7 +178,9 @@ fn quote_stderr(stderr: &str) -> String {
 /// Reads each secret from its source on the host and gives it a fresh
 /// placeholder `airlock-placeholder-<NAME>-<32 hex>` that neither contains
 /// nor occurs in any secret's value.
-pub fn resolve(specs: &[(String, SecretSourceSpec, Vec<String>)]) -> Result<Vec<ResolvedSecret>, SecretError> {
+pub fn resolve(
+    specs: &[(String, SecretSourceSpec, Vec<String>)],
+) -> Result<Vec<ResolvedSecret>, SecretError> {
     resolve_with_timeout(specs, COMMAND_TIMEOUT)
 }
 
@@ -290,7 +294,11 @@ fn check_value(name: &str, spec: &SecretSourceSpec, value: &[u8]) -> Result<(), 
     }
     // An HTTP field value is visible ASCII, space, tab and obs-text (RFC 9110 §5.5).
     if let Some(offset) = value.iter().position(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-        return Err(SecretError::NotHeaderSafe { name: name.to_owned(), source_spec: spec.to_string(), offset });
+        return Err(SecretError::NotHeaderSafe {
+            name: name.to_owned(),
+            source_spec: spec.to_string(),
+            offset,
+        });
     }
     Ok(())
 }
@@ -312,7 +320,8 @@ fn limit_plus_one() -> u64 {
 /// Runs `/bin/sh -c command` with stdin closed, collecting stdout (bounded)
 /// and the end of stderr, killing it after `timeout`.
 fn run_command(name: &str, command: &str, timeout: Duration, into: &mut Vec<u8>) -> Result<(), SecretError> {
-    let timed_out = || SecretError::CommandTimeout { name: name.to_owned(), command: command.to_owned(), timeout };
+    let timed_out =
+        || SecretError::CommandTimeout { name: name.to_owned(), command: command.to_owned(), timeout };
     let mut child = Command::new("/bin/sh")
         .arg("-c")
         .arg(command)
@@ -320,7 +329,11 @@ fn run_command(name: &str, command: &str, timeout: Duration, into: &mut Vec<u8>)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| SecretError::Spawn { name: name.to_owned(), command: command.to_owned(), source })?;
+        .map_err(|source| SecretError::Spawn {
+            name: name.to_owned(),
+            command: command.to_owned(),
+            source,
+        })?;
 
     // Both pipes are drained on their own threads so that neither can fill
     // up and stall the command; results come back over channels so that a
@@ -360,7 +373,11 @@ fn run_command(name: &str, command: &str, timeout: Duration, into: &mut Vec<u8>)
             Err(source) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(SecretError::Spawn { name: name.to_owned(), command: command.to_owned(), source });
+                return Err(SecretError::Spawn {
+                    name: name.to_owned(),
+                    command: command.to_owned(),
+                    source,
+                });
             }
         }
     };
@@ -380,7 +397,9 @@ fn run_command(name: &str, command: &str, timeout: Duration, into: &mut Vec<u8>)
             std::mem::swap(into, &mut output.0);
             Ok(())
         }
-        Ok(Err(source)) => Err(SecretError::Spawn { name: name.to_owned(), command: command.to_owned(), source }),
+        Ok(Err(source)) => {
+            Err(SecretError::Spawn { name: name.to_owned(), command: command.to_owned(), source })
+        }
         Err(_) => Err(timed_out()),
     }
 }
@@ -415,7 +434,11 @@ fn trim_start(bytes: &mut Vec<u8>, strip: impl Fn(u8) -> bool) {
 
 /// Draws `airlock-placeholder-<name>-<32 hex>` until it neither contains
 /// nor is contained in any of `values`.
-fn draw_placeholder(name: &str, values: &[SecretValue], urandom: &mut impl Read) -> Result<String, SecretError> {
+fn draw_placeholder(
+    name: &str,
+    values: &[SecretValue],
+    urandom: &mut impl Read,
+) -> Result<String, SecretError> {
     for _ in 0..PLACEHOLDER_ATTEMPTS {
         let mut random = [0u8; 16];
         urandom.read_exact(&mut random).map_err(|source| SecretError::Random { source })?;
@@ -428,7 +451,8 @@ fn draw_placeholder(name: &str, values: &[SecretValue], urandom: &mut impl Read)
             placeholder.push(hex_digit(byte & 0x0f));
         }
         let collides = values.iter().any(|value| {
-            contains(value.expose(), placeholder.as_bytes()) || contains(placeholder.as_bytes(), value.expose())
+            contains(value.expose(), placeholder.as_bytes())
+                || contains(placeholder.as_bytes(), value.expose())
         });
         if !collides {
             return Ok(placeholder);
@@ -529,7 +553,8 @@ mod tests {
         assert!(msg.contains("TOKEN") && msg.contains("not logged in") && msg.contains('3'), "{msg}");
 
         // Output before a failure is never reported.
-        let err = resolve_one(SecretSourceSpec::Cmd("echo half-printed-value; exit 1".into())).unwrap_err();
+        let err =
+            resolve_one(SecretSourceSpec::Cmd("printf 'half-%s' printed-value; exit 1".into())).unwrap_err();
         assert!(!err.to_string().contains("half-printed-value"), "{err}");
 
         let err = resolve_one(SecretSourceSpec::Cmd("true".into())).unwrap_err();
@@ -620,7 +645,11 @@ mod tests {
     #[test]
     fn substituted_values_are_not_scanned_again() {
         let two = fixed("TWO", "airlock-placeholder-TWO-ffeeddccbbaa99887766554433221100", b"two");
-        let one = fixed("ONE", "airlock-placeholder-ONE-00112233445566778899aabbccddeeff", two.placeholder.as_bytes());
+        let one = fixed(
+            "ONE",
+            "airlock-placeholder-ONE-00112233445566778899aabbccddeeff",
+            two.placeholder.as_bytes(),
+        );
         let (out, _) = substitute(one.placeholder.as_bytes(), &[&one, &two]);
         assert_eq!(out, two.placeholder.as_bytes());
     }

@@ -137,9 +137,9 @@ impl HostPattern {
         let host = normalize_host(host);
         match &self.host {
             HostMatch::Exact(name) => host == *name,
-            HostMatch::Suffix(suffix) => host
-                .strip_suffix(suffix.as_str())
-                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            HostMatch::Suffix(suffix) => {
+                host.strip_suffix(suffix.as_str()).is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+            }
             HostMatch::Ip(_) | HostMatch::Cidr(_) => {
                 parse_ip_literal(&host).is_some_and(|ip| self.covers_ip(ip))
             }
@@ -348,7 +348,9 @@ fn split_port(s: &str) -> Result<(&str, Option<u16>, bool), String> {
         return Err(format!("host pattern {s:?} contains whitespace or control characters"));
     }
     if s.contains("://") {
-        return Err(format!("host pattern {s:?} has a URL scheme; write the host only, e.g. \"example.com:443\""));
+        return Err(format!(
+            "host pattern {s:?} has a URL scheme; write the host only, e.g. \"example.com:443\""
+        ));
     }
     if let Some(rest) = s.strip_prefix('[') {
         let Some((inner, after)) = rest.split_once(']') else {
@@ -498,7 +500,7 @@ fn check_dns_name(name: &str, whole: &str) -> Result<String, String> {
         }
         if let Some(c) = label.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
             return Err(format!(
-                "host pattern {whole:?} contains {c:?}; a host name has letters, digits, '-' and '.' only"
+                "host pattern {whole:?} contains {c:?}; a host name has letters, digits, '-', '_' and '.' only"
             ));
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -660,7 +662,11 @@ mod tests {
         for (pattern, addr, port, matches, explicit) in cases {
             let pat = p(pattern);
             assert_eq!(pat.matches_ip(ip(addr), *port), *matches, "{pattern} vs {addr}:{port}");
-            assert_eq!(pat.names_address_explicitly(ip(addr), *port), *explicit, "{pattern} vs {addr}:{port}");
+            assert_eq!(
+                pat.names_address_explicitly(ip(addr), *port),
+                *explicit,
+                "{pattern} vs {addr}:{port}"
+            );
         }
     }
 
@@ -679,10 +685,7 @@ mod tests {
     fn secret_sources() {
         assert_eq!(SecretSource::parse("env:TOKEN").unwrap(), SecretSource::Env("TOKEN".into()));
         assert_eq!(SecretSource::parse("file:/run/t").unwrap(), SecretSource::File("/run/t".into()));
-        assert_eq!(
-            SecretSource::parse("cmd:pass show x").unwrap(),
-            SecretSource::Cmd("pass show x".into())
-        );
+        assert_eq!(SecretSource::parse("cmd:pass show x").unwrap(), SecretSource::Cmd("pass show x".into()));
         for s in ["env:TOKEN", "file:/run/t", "cmd:pass show x:y"] {
             assert_eq!(SecretSource::parse(s).unwrap().to_string(), s);
         }

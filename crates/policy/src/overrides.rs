@@ -105,7 +105,8 @@ pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError>
         p.workspace.mode = mode;
     }
     for entry in &o.allow {
-        let pattern = HostPattern::parse(entry).map_err(|reason| invalid("--allow", entry.clone(), &reason))?;
+        let pattern =
+            HostPattern::parse(entry).map_err(|reason| invalid("--allow", entry.clone(), &reason))?;
         if !base.network.has_egress() {
             return Err(PolicyError::AllowWithoutEgress { policy: base.name.clone(), entry: entry.clone() });
         }

@@ -116,7 +116,10 @@ impl Source<'_> {
     }
 
     pub fn invalid(&self, span: Span, section: &str, key: &str, reason: String) -> PolicyError {
-        self.error(span, FileErrorKind::InvalidValue { section: section.to_string(), key: key.to_string(), reason })
+        self.error(
+            span,
+            FileErrorKind::InvalidValue { section: section.to_string(), key: key.to_string(), reason },
+        )
     }
 }
 
@@ -691,12 +694,17 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
         let mut out = Vec::with_capacity(table.len());
         for (name, value) in table.iter() {
             let name_text = name.get_ref().to_string();
-            check_portable_env_name(&name_text).map_err(|reason| all.invalid(name.span(), &name_text, reason))?;
+            check_portable_env_name(&name_text)
+                .map_err(|reason| all.invalid(name.span(), &name_text, reason))?;
             let DeValue::Table(fields) = value.get_ref() else {
                 return Err(all.wrong_type(&name_text, value, "a table with `from` and `hosts`"));
             };
-            let secret =
-                Section { src: self.src, name: format!("{key}.{name_text}"), table: fields, allowed: SECRET_KEYS };
+            let secret = Section {
+                src: self.src,
+                name: format!("{key}.{name_text}"),
+                table: fields,
+                allowed: SECRET_KEYS,
+            };
             secret.check_unknown()?;
             let Some(from) = secret.string("from")? else {
                 return Err(secret.missing(
@@ -705,8 +713,8 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
                     "say where the value comes from: \"env:NAME\", \"file:/absolute/path\" or \"cmd:COMMAND\"",
                 ));
             };
-            let source =
-                SecretSource::parse(from.get_ref()).map_err(|reason| secret.invalid(from.span(), "from", reason))?;
+            let source = SecretSource::parse(from.get_ref())
+                .map_err(|reason| secret.invalid(from.span(), "from", reason))?;
             let Some(hosts) = secret.host_list("hosts", true)? else {
                 return Err(secret.missing(
                     value.span(),
@@ -893,7 +901,12 @@ mod tests {
     fn egress_values_are_none_and_proxy() {
         let (msg, line, column, _) = err("[network]\negress = \"allowlist\"\n");
         assert_eq!((line, column), (2, 10));
-        assert!(msg.ends_with("[network] egress: invalid value \"allowlist\": expected one of \"none\", \"proxy\""), "{msg}");
+        assert!(
+            msg.ends_with(
+                "[network] egress: invalid value \"allowlist\": expected one of \"none\", \"proxy\""
+            ),
+            "{msg}"
+        );
         assert_eq!(parse("[network]\negress = \"proxy\"\n").unwrap().egress, Some(Egress::Proxy));
     }
 
@@ -927,7 +940,10 @@ hosts = ["*.example.org:443", "10.0.0.0/8"]
         let layer = parse(text).unwrap();
         assert_eq!(layer.egress, Some(Egress::Proxy));
         let allow: Vec<String> = layer.allow.unwrap().into_iter().map(String::from).collect();
-        assert_eq!(allow, ["api.example.com", "*.example.org:443", "127.0.0.1:8080", "10.1.0.0/16:5432", "[::1]:8080"]);
+        assert_eq!(
+            allow,
+            ["api.example.com", "*.example.org:443", "127.0.0.1:8080", "10.1.0.0/16:5432", "[::1]:8080"]
+        );
         assert_eq!(layer.deny.unwrap()[0].source, "uploads.example.org");
         assert_eq!(layer.allow_flag, Some(true));
         assert_eq!(layer.extra_roots, Some(vec![PathBuf::from("/etc/airlock/roots.pem")]));
@@ -957,34 +973,129 @@ hosts = ["*.example.org:443", "10.0.0.0/8"]
             ("[network]\nallow = [\"api.example.com\", \"*.com\"]\n", (2, 29), "network.allow", "bare TLD"),
             ("[network]\nallow = [\"*\"]\n", (2, 10), "network.allow", "bare TLD"),
             ("[network]\ndeny = [\"a.example.com:0\"]\n", (2, 9), "network.deny", "from 1 to 65535"),
-            ("[network]\nallow = \"api.example.com\"\n", (2, 9), "network.allow", "expected an array of strings"),
+            (
+                "[network]\nallow = \"api.example.com\"\n",
+                (2, 9),
+                "network.allow",
+                "expected an array of strings",
+            ),
             ("[network]\nallow = [443]\n", (2, 10), "network.allow", "expected a string"),
             ("[network]\nallow_flag = \"yes\"\n", (2, 14), "network.allow_flag", "expected true or false"),
-            ("[network]\nextra_roots = [\"roots.pem\"]\n", (2, 16), "network.extra_roots", "must be absolute"),
-            ("[network]\negres = \"proxy\"\n", (2, 1), "network.egres", "expected one of: egress, allow, deny"),
+            (
+                "[network]\nextra_roots = [\"roots.pem\"]\n",
+                (2, 16),
+                "network.extra_roots",
+                "must be absolute",
+            ),
+            (
+                "[network]\negres = \"proxy\"\n",
+                (2, 1),
+                "network.egres",
+                "expected one of: egress, allow, deny",
+            ),
             ("[network]\nrule = { host = \"a.example.com\" }\n", (2, 8), "network.rule", "[[network.rule]]"),
             ("[network]\nrule = [\"a.example.com\"]\n", (2, 9), "network.rule", "expected a table"),
             ("[[network.rule]]\nmethods = [\"GET\"]\n", (1, 1), "network.rule.host", "missing key `host`"),
-            ("[[network.rule]]\nhost = \"a.example.com:443\"\nmethods = [\"GET\"]\n", (2, 8), "network.rule.host", "has a port"),
-            ("[[network.rule]]\nhost = \"*.com\"\nmethods = [\"GET\"]\n", (2, 8), "network.rule.host", "bare TLD"),
-            ("[[network.rule]]\nhost = \"a.example.com\"\n", (2, 8), "network.rule.host", "restricts nothing"),
-            ("[[network.rule]]\nhost = \"a.example.com\"\nmethods = []\n", (3, 11), "network.rule.methods", "refuse every request"),
-            ("[[network.rule]]\nhost = \"a.example.com\"\nmethods = [\"get\"]\n", (3, 12), "network.rule.methods", "must be uppercase"),
-            ("[[network.rule]]\nhost = \"a.example.com\"\npaths = []\n", (3, 9), "network.rule.paths", "refuse every request"),
-            ("[[network.rule]]\nhost = \"a.example.com\"\npaths = [\"v1/**\"]\n", (3, 10), "network.rule.paths", "start with '/'"),
-            ("[[network.rule]]\nhost = \"a.example.com\"\npaths = [\"/a?b=1\"]\n", (3, 10), "network.rule.paths", "query string"),
-            ("[[network.rule]]\nhost = \"a.example.com\"\npaths = [\"/{a\"]\n", (3, 10), "network.rule.paths", "is invalid"),
-            ("[[network.rule]]\nhost = \"a.example.com\"\nmethod = [\"GET\"]\n", (3, 1), "network.rule.method", "in [[network.rule]] (expected one of: host, methods, paths)"),
+            (
+                "[[network.rule]]\nhost = \"a.example.com:443\"\nmethods = [\"GET\"]\n",
+                (2, 8),
+                "network.rule.host",
+                "has a port",
+            ),
+            (
+                "[[network.rule]]\nhost = \"*.com\"\nmethods = [\"GET\"]\n",
+                (2, 8),
+                "network.rule.host",
+                "bare TLD",
+            ),
+            (
+                "[[network.rule]]\nhost = \"a.example.com\"\n",
+                (2, 8),
+                "network.rule.host",
+                "restricts nothing",
+            ),
+            (
+                "[[network.rule]]\nhost = \"a.example.com\"\nmethods = []\n",
+                (3, 11),
+                "network.rule.methods",
+                "refuse every request",
+            ),
+            (
+                "[[network.rule]]\nhost = \"a.example.com\"\nmethods = [\"get\"]\n",
+                (3, 12),
+                "network.rule.methods",
+                "must be uppercase",
+            ),
+            (
+                "[[network.rule]]\nhost = \"a.example.com\"\npaths = []\n",
+                (3, 9),
+                "network.rule.paths",
+                "refuse every request",
+            ),
+            (
+                "[[network.rule]]\nhost = \"a.example.com\"\npaths = [\"v1/**\"]\n",
+                (3, 10),
+                "network.rule.paths",
+                "start with '/'",
+            ),
+            (
+                "[[network.rule]]\nhost = \"a.example.com\"\npaths = [\"/a?b=1\"]\n",
+                (3, 10),
+                "network.rule.paths",
+                "query string",
+            ),
+            (
+                "[[network.rule]]\nhost = \"a.example.com\"\npaths = [\"/{a\"]\n",
+                (3, 10),
+                "network.rule.paths",
+                "is invalid",
+            ),
+            (
+                "[[network.rule]]\nhost = \"a.example.com\"\nmethod = [\"GET\"]\n",
+                (3, 1),
+                "network.rule.method",
+                "in [[network.rule]] (expected one of: host, methods, paths)",
+            ),
             ("secrets = 1\n", (1, 11), "secrets", "expected a table of secrets"),
-            ("[secrets]\nTOKEN = \"env:X\"\n", (2, 9), "secrets.TOKEN", "expected a table with `from` and `hosts`"),
-            ("[secrets.\"MY-TOKEN\"]\nfrom = \"env:X\"\nhosts = [\"a.example.com\"]\n", (1, 10), "secrets.MY-TOKEN", "only letters, digits and '_'"),
+            (
+                "[secrets]\nTOKEN = \"env:X\"\n",
+                (2, 9),
+                "secrets.TOKEN",
+                "expected a table with `from` and `hosts`",
+            ),
+            (
+                "[secrets.\"MY-TOKEN\"]\nfrom = \"env:X\"\nhosts = [\"a.example.com\"]\n",
+                (1, 10),
+                "secrets.MY-TOKEN",
+                "only letters, digits and '_'",
+            ),
             ("[secrets.T]\nhosts = [\"a.example.com\"]\n", (1, 1), "secrets.T.from", "missing key `from`"),
             ("[secrets.T]\nfrom = \"env:X\"\n", (1, 1), "secrets.T.hosts", "missing key `hosts`"),
-            ("[secrets.T]\nfrom = \"env:X\"\nhosts = []\n", (3, 9), "secrets.T.hosts", "sends the secret to no host"),
-            ("[secrets.T]\nfrom = \"vault:x\"\nhosts = [\"a.example.com\"]\n", (2, 8), "secrets.T.from", "unknown kind"),
-            ("[secrets.T]\nfrom = \"file:keys/t\"\nhosts = [\"a.example.com\"]\n", (2, 8), "secrets.T.from", "must be absolute"),
+            (
+                "[secrets.T]\nfrom = \"env:X\"\nhosts = []\n",
+                (3, 9),
+                "secrets.T.hosts",
+                "sends the secret to no host",
+            ),
+            (
+                "[secrets.T]\nfrom = \"vault:x\"\nhosts = [\"a.example.com\"]\n",
+                (2, 8),
+                "secrets.T.from",
+                "unknown kind",
+            ),
+            (
+                "[secrets.T]\nfrom = \"file:keys/t\"\nhosts = [\"a.example.com\"]\n",
+                (2, 8),
+                "secrets.T.from",
+                "must be absolute",
+            ),
             ("[secrets.T]\nfrom = \"env:X\"\nhosts = [\"*.org\"]\n", (3, 10), "secrets.T.hosts", "bare TLD"),
-            ("[secrets.T]\nfrom = \"env:X\"\nhost = [\"a.example.com\"]\n", (3, 1), "secrets.T.host", "in [secrets.T] (expected one of: from, hosts)"),
+            (
+                "[secrets.T]\nfrom = \"env:X\"\nhost = [\"a.example.com\"]\n",
+                (3, 1),
+                "secrets.T.host",
+                "in [secrets.T] (expected one of: from, hosts)",
+            ),
         ];
         for (text, position, key, needle) in cases {
             let (msg, line, column, kind) = err(text);
@@ -997,11 +1108,22 @@ hosts = ["*.example.org:443", "10.0.0.0/8"]
     #[test]
     fn error_messages_name_the_section_as_written() {
         let (msg, ..) = err("[[network.rule]]\nhost = \"a.example.com\"\nmethods = [\"get\"]\n");
-        assert!(msg.starts_with("my-policy.toml:3:12: [[network.rule]] methods: method \"get\" must be uppercase"), "{msg}");
+        assert!(
+            msg.starts_with(
+                "my-policy.toml:3:12: [[network.rule]] methods: method \"get\" must be uppercase"
+            ),
+            "{msg}"
+        );
         let (msg, ..) = err("[secrets.T]\nfrom = \"env:X\"\n");
-        assert!(msg.starts_with("my-policy.toml:1:1: [secrets.T]: missing key `hosts`: name the hosts"), "{msg}");
+        assert!(
+            msg.starts_with("my-policy.toml:1:1: [secrets.T]: missing key `hosts`: name the hosts"),
+            "{msg}"
+        );
         let (msg, ..) = err("[network]\nallow = [\"*.com\"]\n");
-        assert!(msg.starts_with("my-policy.toml:2:10: [network] allow: host pattern \"*.com\" is a bare TLD"), "{msg}");
+        assert!(
+            msg.starts_with("my-policy.toml:2:10: [network] allow: host pattern \"*.com\" is a bare TLD"),
+            "{msg}"
+        );
     }
 
     #[test]

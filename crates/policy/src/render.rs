@@ -215,10 +215,11 @@ mod tests {
         let h = |s: &str| HostPattern::parse(s).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut p = Policy::builtin("remediation").unwrap();
-        p.network.allow = ["api.example.com", "*.Example.org:443", "127.0.0.1:8080", "10.1.0.0/16:5432", "[::1]:8080"]
-            .into_iter()
-            .map(h)
-            .collect();
+        p.network.allow =
+            ["api.example.com", "*.Example.org:443", "127.0.0.1:8080", "10.1.0.0/16:5432", "[::1]:8080"]
+                .into_iter()
+                .map(h)
+                .collect();
         p.network.deny = vec![h("uploads.example.org"), h("fd00::/8")];
         p.network.allow_flag = true;
         p.network.extra_roots = vec!["/etc/airlock/roots.pem".into()];
@@ -242,7 +243,11 @@ mod tests {
                 from: SecretSource::File("/run/keys/b".into()),
                 hosts: vec![h("b.example.com")],
             },
-            Secret { name: "C".into(), from: SecretSource::Env("HOST_C".into()), hosts: vec![h("[::1]:8080")] },
+            Secret {
+                name: "C".into(),
+                from: SecretSource::Env("HOST_C".into()),
+                hosts: vec![h("[::1]:8080")],
+            },
         ];
         let path = write_to(&p, dir.path());
         let back = Policy::load_file(&path).unwrap_or_else(|e| panic!("{e}\n{}", to_toml(&p)));

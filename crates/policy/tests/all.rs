@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use airlock_policy::{
-    CleanupAction, FileErrorKind, Overrides, Policy, PolicyError, Tier, Weakening, WorkspaceMode, Writeback,
-    parse_size,
+    CleanupAction, Egress, FileErrorKind, HostMatch, HostPattern, Overrides, Policy, PolicyError,
+    SecretSource, Tier, Weakening, WorkspaceMode, Writeback, parse_size,
 };
 
 const GIB: u64 = 1024 * 1024 * 1024;
@@ -432,4 +432,233 @@ fn enums_display_as_toml_and_serialize_kebab_case() {
     let json = serde_json::to_string(&dev).unwrap();
     let back: Policy = serde_json::from_str(&json).unwrap();
     assert_eq!(back, dev);
+}
+
+fn sources(patterns: &[HostPattern]) -> Vec<&str> {
+    patterns.iter().map(|p| p.source.as_str()).collect()
+}
+
+fn file_error(err: &PolicyError) -> (usize, usize, String) {
+    let PolicyError::File { line, column, kind, .. } = err else { panic!("expected a file error: {err}") };
+    (*line, *column, kind.key().unwrap_or_default())
+}
+
+#[test]
+fn builtin_network_sections_match_the_brief() {
+    for name in ["dev", "ci", "remediation"] {
+        let p = Policy::builtin(name).unwrap();
+        assert_eq!(p.network.egress, Egress::Proxy, "{name}");
+        assert!(p.network.has_egress());
+        assert!(p.network.allow.is_empty() && p.network.deny.is_empty(), "{name}: deny by default");
+        assert!(p.network.rules.is_empty() && p.network.extra_roots.is_empty(), "{name}");
+        assert_eq!(p.network.allow_flag, name == "dev", "{name}");
+        assert!(p.secrets.is_empty(), "{name}");
+    }
+    let plugin = Policy::builtin("plugin").unwrap();
+    assert_eq!(plugin.network.egress, Egress::None);
+    assert!(!plugin.network.allow_flag);
+    assert!(plugin.network.allow.is_empty());
+    // The commented examples are valid policy text: uncommenting them works.
+    let rem = Policy::builtin_source("remediation").unwrap();
+    assert!(rem.contains("#   [secrets.EXAMPLE_TOKEN]"), "remediation documents secrets");
+    let dir = tempfile::tempdir().unwrap();
+    for name in Policy::builtin_names() {
+        let source = Policy::builtin_source(name).unwrap();
+        let at = source.find("# Network:").unwrap();
+        let example: String = source[at..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .filter_map(|l| l.strip_prefix("#   "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let text = format!("extends = \"{name}\"\n{example}");
+        let path = write(dir.path(), &format!("{name}-example.toml"), &text);
+        let p = Policy::load_file(&path).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
+        assert!(!p.network.allow.is_empty(), "{name}: {text}");
+    }
+}
+
+#[test]
+fn network_layering_unions_denies_and_rules_and_replaces_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.toml",
+        "extends = \"ci\"\n\
+         [network]\n\
+         allow = [\"api.example.com\", \"*.example.org:443\"]\n\
+         deny = [\"uploads.example.org\"]\n\
+         extra_roots = [\"/etc/airlock/base.pem\"]\n\
+         [[network.rule]]\nhost = \"api.example.com\"\nmethods = [\"GET\"]\n",
+    );
+    let leaf = write(
+        dir.path(),
+        "leaf.toml",
+        "extends = \"base.toml\"\n\
+         [network]\n\
+         allow = [\"api.example.com:443\"]\n\
+         deny = []\n\
+         allow_flag = true\n\
+         extra_roots = []\n\
+         [[network.rule]]\nhost = \"api.example.com\"\npaths = [\"/repos/**\"]\n\
+         [[network.rule]]\nhost = \"api.example.com\"\nmethods = [\"GET\"]\n",
+    );
+    let p = Policy::load_file(&leaf).unwrap();
+    // A deny and a rule cannot be removed, even by an empty list.
+    assert_eq!(sources(&p.network.deny), ["uploads.example.org"]);
+    assert_eq!(p.network.rules.len(), 2, "the repeated rule is not duplicated");
+    assert_eq!(p.network.rules[0].methods, ["GET"]);
+    assert_eq!(p.network.rules[1].paths, ["/repos/**"]);
+    // Grants are replaced.
+    assert_eq!(sources(&p.network.allow), ["api.example.com:443"]);
+    assert!(p.network.extra_roots.is_empty());
+    assert!(p.network.allow_flag);
+    assert_eq!(p.network.egress, Egress::Proxy, "egress comes from ci");
+
+    // A layer that adds a deny keeps the ones it inherited.
+    let more =
+        write(dir.path(), "more.toml", "extends = \"base.toml\"\n[network]\ndeny = [\"10.0.0.0/8\"]\n");
+    let p = Policy::load_file(&more).unwrap();
+    assert_eq!(sources(&p.network.deny), ["uploads.example.org", "10.0.0.0/8"]);
+    assert_eq!(p.network.deny[1].host, HostMatch::Cidr("10.0.0.0/8".parse().unwrap()));
+    assert_eq!(
+        sources(&p.network.allow),
+        ["api.example.com", "*.example.org:443"],
+        "untouched allow is inherited"
+    );
+}
+
+#[test]
+fn secrets_merge_by_name_and_a_redefinition_replaces_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.toml",
+        "extends = \"remediation\"\n\
+         [secrets.B_TOKEN]\nfrom = \"env:B\"\nhosts = [\"b.example.com\", \"*.example.org\"]\n\
+         [secrets.A_TOKEN]\nfrom = \"file:/run/keys/a\"\nhosts = [\"a.example.com\"]\n",
+    );
+    let leaf = write(
+        dir.path(),
+        "leaf.toml",
+        "extends = \"base.toml\"\n\
+         [secrets.B_TOKEN]\nfrom = \"cmd:print-token b\"\nhosts = [\"b.example.com:443\"]\n\
+         [secrets.C_TOKEN]\nfrom = \"env:C\"\nhosts = [\"c.example.net\"]\n",
+    );
+    let p = Policy::load_file(&leaf).unwrap();
+    let names: Vec<&str> = p.secrets.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["A_TOKEN", "B_TOKEN", "C_TOKEN"]);
+    let a = p.secret("A_TOKEN").unwrap();
+    assert_eq!(a.from, SecretSource::File("/run/keys/a".into()));
+    let b = p.secret("B_TOKEN").unwrap();
+    assert_eq!(b.from, SecretSource::Cmd("print-token b".into()));
+    assert_eq!(sources(&b.hosts), ["b.example.com:443"], "the whole entry is replaced, hosts included");
+    assert!(p.secret("D").is_none());
+}
+
+#[test]
+fn allow_entries_need_egress() {
+    let dir = tempfile::tempdir().unwrap();
+    // Listing hosts on top of "plugin" without turning the proxy on.
+    let path =
+        write(dir.path(), "p.toml", "extends = \"plugin\"\n[network]\nallow = [\"api.example.com\"]\n");
+    let err = Policy::load_file(&path).unwrap_err();
+    assert_eq!(file_error(&err), (3, 9, "network.allow".to_string()));
+    assert!(err.to_string().contains("set egress = \"proxy\""), "{err}");
+    let ok = write(
+        dir.path(),
+        "ok.toml",
+        "extends = \"plugin\"\n[network]\negress = \"proxy\"\nallow = [\"api.example.com\"]\n",
+    );
+    assert_eq!(sources(&Policy::load_file(&ok).unwrap().network.allow), ["api.example.com"]);
+    // Turning egress off under inherited allow entries must say so explicitly.
+    let off = write(dir.path(), "off.toml", "extends = \"ok.toml\"\n[network]\negress = \"none\"\n");
+    let err = Policy::load_file(&off).unwrap_err();
+    assert_eq!(file_error(&err), (3, 10, "network.egress".to_string()));
+    assert!(err.to_string().contains("api.example.com") && err.to_string().contains("allow = []"), "{err}");
+    let off =
+        write(dir.path(), "off2.toml", "extends = \"ok.toml\"\n[network]\negress = \"none\"\nallow = []\n");
+    assert!(!Policy::load_file(&off).unwrap().network.has_egress());
+}
+
+#[test]
+fn a_secret_cannot_also_be_passed_or_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "[secrets.TOKEN]\nfrom = \"env:TOKEN\"\nhosts = [\"api.example.com\"]\n";
+    let path = write(dir.path(), "p.toml", &format!("[env]\npass = [\"TERM\", \"TOKEN\"]\n{secret}"));
+    let err = Policy::load_file(&path).unwrap_err();
+    assert_eq!(file_error(&err), (3, 1, "secrets.TOKEN".to_string()));
+    assert!(err.to_string().contains("remove it from env.pass"), "{err}");
+
+    let base = write(dir.path(), "base.toml", secret);
+    let leaf = write(dir.path(), "leaf.toml", "extends = \"base.toml\"\n[env]\nset = { TOKEN = \"x\" }\n");
+    let err = Policy::load_file(&leaf).unwrap_err();
+    assert_eq!(file_error(&err), (3, 7, "env.set".to_string()));
+    assert!(err.to_string().contains("env.set"), "{err}");
+    assert_eq!(Policy::load_file(&base).unwrap().secrets.len(), 1);
+}
+
+#[test]
+fn allow_flag_adds_entries_where_the_policy_permits() {
+    let dev = Policy::builtin("dev").unwrap();
+    let o = Overrides {
+        allow: vec!["api.example.com".into(), "127.0.0.1:8080".into(), "api.example.com".into()],
+        ..Overrides::default()
+    };
+    let p = dev.apply_overrides(&o).unwrap();
+    assert_eq!(sources(&p.network.allow), ["api.example.com", "127.0.0.1:8080"]);
+
+    let err =
+        dev.apply_overrides(&Overrides { allow: vec!["*.com".into()], ..Overrides::default() }).unwrap_err();
+    assert!(matches!(err, PolicyError::InvalidOverride { flag: "--allow", .. }), "{err}");
+    assert!(err.to_string().contains("bare TLD"), "{err}");
+
+    for name in ["ci", "remediation"] {
+        let p = Policy::builtin(name).unwrap();
+        let err = p.apply_overrides(&o).unwrap_err();
+        assert!(matches!(err, PolicyError::AllowFlagDisabled { .. }), "{name}: {err}");
+        let msg = err.to_string();
+        assert!(msg.contains("allow_flag = false") && msg.contains(&format!("{name:?}")), "{msg}");
+    }
+    let plugin = Policy::builtin("plugin").unwrap();
+    let err = plugin.apply_overrides(&o).unwrap_err();
+    assert!(matches!(err, PolicyError::AllowWithoutEgress { .. }), "{err}");
+    assert!(err.to_string().contains("egress = \"none\""), "{err}");
+    // Without --allow nothing changes, whatever allow_flag says.
+    assert_eq!(plugin.apply_overrides(&Overrides::default()).unwrap(), plugin);
+}
+
+#[test]
+fn env_flag_cannot_set_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path =
+        write(dir.path(), "s.toml", "[secrets.TOKEN]\nfrom = \"env:T\"\nhosts = [\"api.example.com\"]\n");
+    let p = Policy::load_file(&path).unwrap();
+    let o = Overrides { env: vec![("TOKEN".into(), "x".into())], ..Overrides::default() };
+    let err = p.apply_overrides(&o).unwrap_err();
+    assert!(matches!(err, PolicyError::EnvIsSecret { .. }), "{err}");
+    assert!(err.to_string().contains("placeholder"), "{err}");
+}
+
+#[test]
+fn network_and_secrets_survive_json_and_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "net.toml",
+        "extends = \"dev\"\n\
+         [network]\nallow = [\"API.example.com\", \"[fd00::/8]:443\"]\ndeny = [\"uploads.example.org\"]\n\
+         [[network.rule]]\nhost = \"api.example.com\"\nmethods = [\"GET\", \"HEAD\"]\npaths = [\"/repos/**\"]\n\
+         [secrets.TOKEN]\nfrom = \"env:TOKEN\"\nhosts = [\"api.example.com\"]\n",
+    );
+    let p = Policy::load_file(&path).unwrap();
+    let json = serde_json::to_string(&p).unwrap();
+    assert!(json.contains("\"API.example.com\"") && json.contains("\"env:TOKEN\""), "{json}");
+    let back: Policy = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, p);
+
+    let again = write(dir.path(), "again.toml", &p.to_toml());
+    let back = Policy::load_file(&again).unwrap_or_else(|e| panic!("{e}\n{}", p.to_toml()));
+    assert_eq!(back.network, p.network);
+    assert_eq!(back.secrets, p.secrets);
 }

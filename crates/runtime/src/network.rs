@@ -11,11 +11,10 @@ use std::thread::JoinHandle;
 
 use airlock_egress::ca::{self, SandboxCa};
 use airlock_egress::proxy::{Port, Proxy, ProxyConfig};
-use airlock_egress::redact::Redactor;
 use airlock_egress::rules::NetRules;
-use airlock_egress::secrets::{self, ResolvedSecret, SecretSourceSpec};
+use airlock_egress::secrets::{self, SecretSourceSpec};
 use airlock_egress::{HTTP_PROXY_PORT, NetEvent, SOCKS_PROXY_PORT};
-use airlock_policy::{Egress, Policy, SecretSource};
+use airlock_policy::{Egress, HostMatch, HostPattern, Policy, SecretSource};
 use airlock_proto::EgressPorts;
 
 use crate::RunError;
@@ -35,7 +34,12 @@ pub struct Network {
     pub agent_end: Option<OwnedFd>,
     pub ports: EgressPorts,
     pub bundle: PathBuf,
-    secrets: Vec<ResolvedSecret>,
+    /// (variable, placeholder) for the sandbox's environment.
+    placeholders: Vec<(String, String)>,
+    /// (name, value) for redaction; the values never leave this process.
+    redactions: Vec<(String, Vec<u8>)>,
+    /// The policy allows some host loopback address explicitly.
+    host_loopback_allowed: bool,
 }
 
 impl Network {
@@ -59,13 +63,13 @@ impl Network {
             })
             .collect();
         let secrets = secrets::resolve(&specs).map_err(|e| fail("reading the policy's secrets", &e))?;
+        let placeholders = secrets.iter().map(|s| (s.name.clone(), s.placeholder.clone())).collect();
+        let redactions = secrets.iter().map(|s| (s.name.clone(), s.value.expose().to_vec())).collect();
         let sandbox_ca = SandboxCa::generate(name).map_err(|e| fail("creating the sandbox's CA", &e))?;
         let bundle_text =
             ca::sandbox_trust_bundle(&sandbox_ca.cert_pem()).map_err(|e| fail("building the trust bundle", &e))?;
         let bundle = state_dir.join("ca-bundle.pem");
         write_public(&bundle, bundle_text.as_bytes()).map_err(|e| RunError::State(bundle.clone(), e))?;
-        let upstream_tls = ca::upstream_client_config(&policy.network.extra_roots)
-            .map_err(|e| fail("loading trust roots for upstream TLS", &e))?;
 
         let audit = Mutex::new(AuditLog::open(audit_path)?);
         let sink = move |event: NetEvent| {
@@ -78,8 +82,8 @@ impl Network {
                 policy_name: policy.name.clone(),
                 rules: NetRules::from_policy(policy),
                 ca: Arc::new(sandbox_ca),
-                upstream_tls,
-                secrets: secrets.clone(),
+                extra_roots: policy.network.extra_roots.clone(),
+                secrets,
             },
             Arc::new(sink),
         )
@@ -105,7 +109,9 @@ impl Network {
             agent_end: Some(agent_end.into()),
             ports: EgressPorts { http: HTTP_PROXY_PORT, socks: SOCKS_PROXY_PORT },
             bundle,
-            secrets,
+            placeholders,
+            redactions,
+            host_loopback_allowed: policy.network.allow.iter().any(names_loopback),
         }))
     }
 
@@ -114,7 +120,10 @@ impl Network {
     pub fn environment(&self) -> Vec<(String, String)> {
         let http = format!("http://127.0.0.1:{}", self.ports.http);
         let socks = format!("socks5h://127.0.0.1:{}", self.ports.socks);
-        let no_proxy = "localhost,127.0.0.1,::1".to_string();
+        // Loopback normally means the sandbox's own (its test servers). When
+        // the policy names a host loopback service, loopback goes through
+        // the proxy instead, which is the only way to reach the host's.
+        let no_proxy = if self.host_loopback_allowed { String::new() } else { "localhost,127.0.0.1,::1".to_string() };
         let mut env = Vec::new();
         for (k, v) in [
             ("HTTP_PROXY", &http),
@@ -147,22 +156,13 @@ impl Network {
         ] {
             env.push((var.to_string(), SANDBOX_CA_BUNDLE.to_string()));
         }
-        for secret in &self.secrets {
-            env.push((secret.name.clone(), secret.placeholder.clone()));
-        }
+        env.extend(self.placeholders.iter().cloned());
         env
     }
 
-    /// A redactor for everything the sandbox's output and files may carry.
-    pub fn redactor(&self) -> Option<Redactor> {
-        if self.secrets.is_empty() {
-            return None;
-        }
-        Some(Redactor::new(&self.secret_values()))
-    }
-
+    /// (name, value) of every secret, for redacting output and files.
     pub fn secret_values(&self) -> Vec<(String, Vec<u8>)> {
-        self.secrets.iter().map(|s| (s.name.clone(), s.value.expose().to_vec())).collect()
+        self.redactions.clone()
     }
 
     /// Stops the proxy once the sandbox is gone; the events are recorded.
@@ -171,6 +171,16 @@ impl Network {
             let _ = pump.join();
         }
         drop(self.proxy.take());
+    }
+}
+
+fn names_loopback(pattern: &HostPattern) -> bool {
+    let v4 = std::net::IpAddr::from([127, 0, 0, 1]);
+    let v6 = std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+    match &pattern.host {
+        HostMatch::Ip(ip) => ip.is_loopback(),
+        HostMatch::Cidr(net) => net.contains(&v4) || net.contains(&v6),
+        _ => false,
     }
 }
 

@@ -300,3 +300,24 @@ pub fn gc(root: &StateRoot) -> Result<GcReport, OpError> {
 pub fn workspace_of(root: &StateRoot, name: &str) -> Option<PathBuf> {
     root.open(name).ok()?.read_meta().ok()?.workspace
 }
+
+/// One line of `airlock net log`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetLogEntry {
+    pub ts: String,
+    #[serde(flatten)]
+    pub event: airlock_egress::NetEvent,
+}
+
+/// Every egress decision recorded for a sandbox, oldest first.
+pub fn net_log(root: &StateRoot, name: &str) -> Result<Vec<NetLogEntry>, OpError> {
+    let sandbox = root.open(name)?;
+    let records = AuditLog::read_all(&sandbox.audit_path())?;
+    Ok(records
+        .into_iter()
+        .filter_map(|r| match r.event {
+            AuditEvent::Network(event) => Some(NetLogEntry { ts: r.ts, event }),
+            _ => None,
+        })
+        .collect())
+}
