@@ -1,0 +1,1 @@
+//! (egress tests: being written)
