@@ -33,7 +33,13 @@ pub fn main() -> i32 {
     let launch = match airlock_proto::recv::<_, HostMessage>(&mut control) {
         Ok(Some(HostMessage::Launch(launch))) => launch,
         Ok(Some(HostMessage::Proceed)) => {
-            report(&mut control, AgentMessage::SetupFailed { step: "read the launch plan".into(), message: "Proceed before Launch".into() });
+            report(
+                &mut control,
+                AgentMessage::SetupFailed {
+                    step: "read the launch plan".into(),
+                    message: "Proceed before Launch".into(),
+                },
+            );
             return AGENT_FAILED;
         }
         // The supervisor went away before sending a plan: nothing to do.
@@ -53,7 +59,9 @@ pub fn main() -> i32 {
     match airlock_proto::recv::<_, HostMessage>(&mut control) {
         Ok(Some(HostMessage::Proceed)) => {}
         Ok(None) => return AGENT_FAILED,
-        Ok(Some(other)) => return setup_failed(&mut control, "wait for the cgroup", &format!("unexpected {other:?}")),
+        Ok(Some(other)) => {
+            return setup_failed(&mut control, "wait for the cgroup", &format!("unexpected {other:?}"));
+        }
         Err(e) => return setup_failed(&mut control, "wait for the cgroup", &e),
     }
     match setup::confine(&launch.jail) {

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
@@ -13,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::count::{Counted, RecordOnDrop};
 use crate::event::Handling;
 use crate::proxy::{EventBuilder, Port, Refusal, Shared, open_upstream};
 use crate::rules::Decision;
@@ -110,14 +112,28 @@ async fn plain(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBod
     event.address = Some(addr.to_string());
     event.method = Some(method);
     event.path = Some(path);
+    forward(&shared, &mut sender, req, event, &ev, &host).await
+}
+
+/// Sends one request upstream and streams the response back, counting both
+/// bodies; the event is recorded when the response body is done.
+pub(crate) async fn forward(
+    shared: &Shared,
+    sender: &mut hyper::client::conn::http1::SendRequest<Counted<Incoming>>,
+    req: Request<Incoming>,
+    event: crate::event::NetEvent,
+    ev: &EventBuilder,
+    host: &str,
+) -> Response<ProxyBody> {
+    let out = Arc::new(AtomicU64::new(0));
+    let inbound = Arc::new(AtomicU64::new(0));
+    let req = req.map(|b| Counted::new(b, out.clone()));
+    let record =
+        RecordOnDrop { event, out, inbound: inbound.clone(), started: ev.started, sink: shared.sink.clone() };
     match sender.send_request(req).await {
-        Ok(resp) => {
-            event.bytes_in = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            shared.sink.record(event);
-            resp.map(|b| b.boxed())
-        }
+        Ok(resp) => resp.map(|b| Counted::recording(b, inbound, record).boxed()),
         Err(e) => {
-            shared.sink.record(event);
+            drop(record);
             text(StatusCode::BAD_GATEWAY, &format!("airlock: upstream {host}: {e}"), None)
         }
     }

@@ -8,8 +8,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -19,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use crate::event::Handling;
-use crate::http::{ProxyBody, refuse_request, text, to_origin_form};
+use crate::http::{ProxyBody, refuse_request, to_origin_form};
 use crate::proxy::{EventBuilder, Shared};
 use crate::rules::Decision;
 
@@ -52,11 +51,10 @@ pub(crate) async fn run<C>(
         Ok(c) => c,
         Err(e) => return fail(format!("cannot load trust roots for upstream TLS: {e}")),
     };
-    let upstream_tls =
-        match tokio_rustls::TlsConnector::from(upstream_config).connect(name, upstream).await {
-            Ok(s) => s,
-            Err(e) => return fail(format!("upstream {} failed TLS verification: {e}", ev.host)),
-        };
+    let upstream_tls = match tokio_rustls::TlsConnector::from(upstream_config).connect(name, upstream).await {
+        Ok(s) => s,
+        Err(e) => return fail(format!("upstream {} failed TLS verification: {e}", ev.host)),
+    };
     let (sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream_tls)).await {
         Ok(pair) => pair,
         Err(e) => return fail(format!("upstream {}: {e}", ev.host)),
@@ -78,7 +76,7 @@ pub(crate) async fn run<C>(
 
 async fn request(
     shared: Arc<Shared>,
-    sender: Arc<Mutex<hyper::client::conn::http1::SendRequest<Incoming>>>,
+    sender: Arc<Mutex<hyper::client::conn::http1::SendRequest<crate::count::Counted<Incoming>>>>,
     ev: Arc<EventBuilder>,
     addr: SocketAddr,
     req: Request<Incoming>,
@@ -109,16 +107,6 @@ async fn request(
     event.method = Some(method);
     event.path = Some(path);
     event.secrets = used;
-    let result = sender.lock().await.send_request(req).await;
-    match result {
-        Ok(resp) => {
-            event.bytes_in = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            shared.sink.record(event);
-            resp.map(|b| b.boxed())
-        }
-        Err(e) => {
-            shared.sink.record(event);
-            text(StatusCode::BAD_GATEWAY, &format!("airlock: upstream {host}: {e}"), None)
-        }
-    }
+    let mut sender = sender.lock().await;
+    crate::http::forward(&shared, &mut sender, req, event, &ev, &host).await
 }

@@ -9,6 +9,7 @@
 
 pub mod addr;
 pub mod ca;
+mod count;
 pub mod event;
 mod http;
 mod intercept;

@@ -45,7 +45,12 @@ pub struct Network {
 impl Network {
     /// Starts the proxy for `policy`, or returns None when the policy gives
     /// the sandbox no network at all.
-    pub fn start(policy: &Policy, name: &str, state_dir: &Path, audit_path: &Path) -> Result<Option<Network>, RunError> {
+    pub fn start(
+        policy: &Policy,
+        name: &str,
+        state_dir: &Path,
+        audit_path: &Path,
+    ) -> Result<Option<Network>, RunError> {
         if policy.network.egress == Egress::None {
             return Ok(None);
         }
@@ -66,8 +71,8 @@ impl Network {
         let placeholders = secrets.iter().map(|s| (s.name.clone(), s.placeholder.clone())).collect();
         let redactions = secrets.iter().map(|s| (s.name.clone(), s.value.expose().to_vec())).collect();
         let sandbox_ca = SandboxCa::generate(name).map_err(|e| fail("creating the sandbox's CA", &e))?;
-        let bundle_text =
-            ca::sandbox_trust_bundle(&sandbox_ca.cert_pem()).map_err(|e| fail("building the trust bundle", &e))?;
+        let bundle_text = ca::sandbox_trust_bundle(&sandbox_ca.cert_pem())
+            .map_err(|e| fail("building the trust bundle", &e))?;
         let bundle = state_dir.join("ca-bundle.pem");
         write_public(&bundle, bundle_text.as_bytes()).map_err(|e| RunError::State(bundle.clone(), e))?;
 
@@ -89,7 +94,8 @@ impl Network {
         )
         .map_err(|e| fail("starting the egress proxy", &e))?;
 
-        let (host_end, agent_end) = UnixStream::pair().map_err(|e| fail("creating the egress channel", &e))?;
+        let (host_end, agent_end) =
+            UnixStream::pair().map_err(|e| fail("creating the egress channel", &e))?;
         let handle = proxy.handle();
         let pump = std::thread::Builder::new()
             .name("egress-pump".into())
@@ -123,14 +129,12 @@ impl Network {
         // Loopback normally means the sandbox's own (its test servers). When
         // the policy names a host loopback service, loopback goes through
         // the proxy instead, which is the only way to reach the host's.
-        let no_proxy = if self.host_loopback_allowed { String::new() } else { "localhost,127.0.0.1,::1".to_string() };
+        let no_proxy =
+            if self.host_loopback_allowed { String::new() } else { "localhost,127.0.0.1,::1".to_string() };
         let mut env = Vec::new();
-        for (k, v) in [
-            ("HTTP_PROXY", &http),
-            ("HTTPS_PROXY", &http),
-            ("ALL_PROXY", &socks),
-            ("NO_PROXY", &no_proxy),
-        ] {
+        for (k, v) in
+            [("HTTP_PROXY", &http), ("HTTPS_PROXY", &http), ("ALL_PROXY", &socks), ("NO_PROXY", &no_proxy)]
+        {
             env.push((k.to_string(), v.clone()));
             env.push((k.to_ascii_lowercase(), v.clone()));
         }
@@ -198,7 +202,12 @@ fn write_public(path: &Path, data: &[u8]) -> std::io::Result<()> {
 /// layer, the artifacts): a server that echoes a credential back must not
 /// leave it in the state directory. Never follows symlinks.
 pub fn scrub_tree(dir: &Path, secrets: &[(String, Vec<u8>)]) -> std::io::Result<usize> {
-    fn walk(dir: &Path, secrets: &[(String, Vec<u8>)], depth: usize, scrubbed: &mut usize) -> std::io::Result<()> {
+    fn walk(
+        dir: &Path,
+        secrets: &[(String, Vec<u8>)],
+        depth: usize,
+        scrubbed: &mut usize,
+    ) -> std::io::Result<()> {
         if depth > 512 {
             return Ok(());
         }

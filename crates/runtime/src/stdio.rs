@@ -58,7 +58,12 @@ impl SandboxStdio {
             tee(out_read, Box::new(io::stdout()), create_log(stdout_log)?, redactor(secrets)),
             tee(err_read, Box::new(io::stderr()), create_log(stderr_log)?, redactor(secrets)),
         ];
-        Ok(SandboxStdio { child: [stdin, out_write, err_write], copiers, tty: None, secrets: secrets.to_vec() })
+        Ok(SandboxStdio {
+            child: [stdin, out_write, err_write],
+            copiers,
+            tty: None,
+            secrets: secrets.to_vec(),
+        })
     }
 
     /// Relays the sandbox's terminal (its master end, opened inside the
