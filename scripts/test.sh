@@ -11,10 +11,12 @@ say() { printf '\n== %s\n' "$*"; }
 
 if [ "$(id -u)" = 0 ]; then
     if command -v apt-get >/dev/null; then
-        # util-linux: setpriv (run tests as an unprivileged user); iproute2:
-        # inspect network namespaces; passwd: useradd for that user.
+        # What the tests run, inside sandboxes or around them: setpriv
+        # (util-linux) for the rootless tests, script (bsdutils) for the pty
+        # test, useradd (passwd), curl and python3 as clients inside
+        # sandboxes, openssl and ca-certificates for the TLS tests.
         missing=()
-        for pkg in util-linux iproute2 passwd procps; do
+        for pkg in util-linux bsdutils iproute2 passwd procps curl python3 openssl ca-certificates; do
             dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
         done
         if [ "${#missing[@]}" -gt 0 ]; then
