@@ -1,7 +1,9 @@
 //! airlock-bench: how fast airlock starts a sandbox, how long `airlock diff`
-//! takes as the workspace grows, and how much memory a run needs, beside
-//! bubblewrap and runc doing the same job. See bench/README.md.
+//! takes as the workspace grows, how much memory a run needs, beside
+//! bubblewrap and runc doing the same job; and what the egress proxy costs a
+//! download and a request against going direct. See bench/README.md.
 
+mod egress;
 mod fixtures;
 mod measure;
 mod report;
@@ -36,7 +38,9 @@ const USAGE: &str = "\
 usage: airlock-bench --airlock PATH [options]
 
 Runs airlock's startup, diff and memory benchmarks, and the same startup with
-bubblewrap and runc where they are installed; prints medians, p90 and ratios.
+bubblewrap and runc where they are installed, and the egress benchmarks
+(a download and small requests through airlock's proxy and direct, with curl);
+prints medians, p90 and ratios.
 
 options:
   --airlock PATH       the airlock binary to measure (build it with --release)
@@ -50,6 +54,11 @@ options:
   --diff-large N       files in the large diff workspace (default 100000)
   --no-bwrap           skip bubblewrap even if installed
   --no-runc            skip runc even if installed
+  --only LIST          run only these sections, comma-separated: startup, diff,
+                       egress (startup includes peak memory)
+  --egress-runs N      timed runs per egress case (default 5)
+  --egress-requests N  small requests per latency run (default 200)
+  --download-mib N     size of the egress download in MiB (default 256)
   --keep               keep the scratch directory afterwards
   --strict             exit 2 when a target is missed
   -h, --help           this text";
@@ -67,6 +76,43 @@ pub struct Options {
     pub runc: bool,
     pub keep: bool,
     pub strict: bool,
+    pub sections: Sections,
+    pub egress_runs: usize,
+    pub egress_requests: usize,
+    pub download_mib: u64,
+}
+
+/// Which groups of benchmarks to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sections {
+    /// Startup and its peak memory.
+    pub startup: bool,
+    pub diff: bool,
+    pub egress: bool,
+}
+
+impl Sections {
+    const ALL: Sections = Sections { startup: true, diff: true, egress: true };
+
+    fn parse(list: &str) -> Result<Sections, BenchError> {
+        let mut s = Sections { startup: false, diff: false, egress: false };
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "startup" | "memory" => s.startup = true,
+                "diff" => s.diff = true,
+                "egress" => s.egress = true,
+                other => {
+                    return Err(BenchError::new(format!(
+                        "--only: unknown section {other:?} (startup, diff, egress)"
+                    )));
+                }
+            }
+        }
+        if s == (Sections { startup: false, diff: false, egress: false }) {
+            return Err(BenchError::new("--only needs at least one section (startup, diff, egress)"));
+        }
+        Ok(s)
+    }
 }
 
 enum Parsed {
@@ -88,6 +134,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
         runc: true,
         keep: false,
         strict: false,
+        sections: Sections::ALL,
+        egress_runs: 5,
+        egress_requests: 200,
+        download_mib: 256,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -126,6 +176,14 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
             "--no-runc" => o.runc = false,
             "--keep" => o.keep = true,
             "--strict" => o.strict = true,
+            "--only" => o.sections = Sections::parse(&value("--only")?)?,
+            "--egress-runs" => o.egress_runs = number("--egress-runs", value("--egress-runs")?, 1)?,
+            "--egress-requests" => {
+                o.egress_requests = number("--egress-requests", value("--egress-requests")?, 1)?;
+            }
+            "--download-mib" => {
+                o.download_mib = number("--download-mib", value("--download-mib")?, 1)? as u64;
+            }
             other => return Err(BenchError::new(format!("unknown argument {other:?}; see --help"))),
         }
     }
@@ -268,6 +326,29 @@ pub struct Results {
     pub diff_small: Outcome,
     pub diff_large: Outcome,
     pub diff_stats: Vec<String>,
+    /// None when the section was not selected.
+    pub egress: Option<EgressResults>,
+}
+
+/// The egress section's outcome: per case, the pooled values of all timed
+/// runs (MiB/s for downloads, seconds per request for latency), or why there
+/// are none.
+pub struct EgressResults {
+    pub download: Vec<(egress::Route, Result<Vec<f64>, String>)>,
+    pub latency: Vec<(egress::Route, Result<Vec<f64>, String>)>,
+}
+
+impl EgressResults {
+    fn failed(&self) -> bool {
+        self.download.iter().chain(&self.latency).any(|(_, r)| r.is_err())
+    }
+}
+
+/// The startup group's six outcomes, in the order of [`Results`].
+type StartupOutcomes = (Outcome, Outcome, Outcome, Outcome, Outcome, Outcome);
+
+fn not_selected() -> Outcome {
+    Outcome::Skipped("not selected (--only)".into())
 }
 
 fn run(opts: &Options) -> Result<i32, BenchError> {
@@ -287,35 +368,61 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     }
     fixtures::make_dir_0755(&scratch)?;
 
-    let bwrap = if opts.bwrap { fixtures::find_in_path("bwrap") } else { None };
-    let runc = if opts.runc { fixtures::find_in_path("runc") } else { None };
-    let mut header = vec![
-        format!("airlock:    {} ({version})", airlock.display()),
-        format!("bubblewrap: {}", peer_line(bwrap.as_deref(), opts.bwrap, "--version")),
-        format!("runc:       {}", peer_line(runc.as_deref(), opts.runc, "--version")),
-        format!(
-            "host:       Linux {}, {} cores, {}",
-            kernel(),
-            cores(),
-            if fixtures::is_root() { "root" } else { "not root" }
-        ),
-        format!("runs:       {} timed after {} warm-up per case", opts.iterations, opts.warmup),
-        format!("scratch:    {}", scratch.display()),
-    ];
+    let sections = opts.sections;
+    let bwrap = if opts.bwrap && sections.startup { fixtures::find_in_path("bwrap") } else { None };
+    let runc = if opts.runc && sections.startup { fixtures::find_in_path("runc") } else { None };
+    let curl = if sections.egress { fixtures::find_in_path("curl") } else { None };
+    let mut header = vec![format!("airlock:    {} ({version})", airlock.display())];
+    if sections.startup {
+        header.push(format!("bubblewrap: {}", peer_line(bwrap.as_deref(), opts.bwrap, "--version")));
+        header.push(format!("runc:       {}", peer_line(runc.as_deref(), opts.runc, "--version")));
+    }
+    if sections.egress {
+        header.push(format!("curl:       {}", peer_line(curl.as_deref(), true, "--version")));
+    }
+    header.push(format!(
+        "host:       Linux {}, {} cores, {}",
+        kernel(),
+        cores(),
+        if fixtures::is_root() { "root" } else { "not root" }
+    ));
+    if sections.startup || sections.diff {
+        header.push(format!("runs:       {} timed after {} warm-up per case", opts.iterations, opts.warmup));
+    }
+    if sections.egress {
+        header.push(format!(
+            "egress:     {} timed runs after {} warm-up per case; {} MiB download, {} requests per latency run",
+            opts.egress_runs, opts.warmup, opts.download_mib, opts.egress_requests
+        ));
+    }
+    if sections != Sections::ALL {
+        let names: Vec<&str> = [(sections.startup, "startup"), (sections.diff, "diff"), (sections.egress, "egress")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+        header.push(format!("sections:   {} (--only)", names.join(", ")));
+    }
+    header.push(format!("scratch:    {}", scratch.display()));
 
-    eprintln!("airlock-bench: building workspace trees in {}", scratch.display());
-    let started = Instant::now();
     let ws = scratch.join(format!("ws-{}", opts.workspace_files));
     let small = scratch.join(format!("diff-{}", opts.diff_small));
     let large = scratch.join(format!("diff-{}", opts.diff_large));
-    fixtures::make_tree(&ws, opts.workspace_files)?;
-    fixtures::make_tree(&small, opts.diff_small)?;
-    fixtures::make_tree(&large, opts.diff_large)?;
-    // Write the new trees out now, so that their writeback does not compete
-    // with the runs being timed.
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
-    header.push(format!("trees:      built and synced in {}", report::secs(started.elapsed())));
+    if sections.startup || sections.diff {
+        eprintln!("airlock-bench: building workspace trees in {}", scratch.display());
+        let started = Instant::now();
+        if sections.startup {
+            fixtures::make_tree(&ws, opts.workspace_files)?;
+        }
+        if sections.diff {
+            fixtures::make_tree(&small, opts.diff_small)?;
+            fixtures::make_tree(&large, opts.diff_large)?;
+        }
+        // Write the new trees out now, so that their writeback does not compete
+        // with the runs being timed.
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        header.push(format!("trees:      built and synced in {}", report::secs(started.elapsed())));
+    }
 
     let idle_busy = cpu_busy(Duration::from_secs(1));
     if let Some(busy) = idle_busy {
@@ -327,60 +434,42 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             ));
         }
     }
-    eprintln!("airlock-bench: startup, {} cases interleaved", 6);
-    let state_none = scratch.join("state-run-none");
-    let state_ws = scratch.join("state-run-workspace");
-    let peer = |found: &Option<PathBuf>, wanted: bool, name: &str, make: &dyn Fn(&Path) -> Slot| match found {
-        Some(p) => make(p),
-        None => Slot::Done(skipped(wanted, name)),
-    };
-    let runc_root = scratch.join("runc-root");
-    fixtures::make_dir_0755(&runc_root)?;
-    let runc_case = |ws: Option<&Path>, tag: &'static str| match &runc {
-        Some(r) => runc_slot(r, &runc_root, &scratch.join(format!("bundle-{tag}")), ws, tag),
-        None => (Slot::Done(skipped(opts.runc, "runc")), None),
-    };
-    let (runc_none, runc_ws) = (runc_case(None, "plain"), runc_case(Some(&ws), "ws"));
-    let slots = vec![
-        Slot::Run(airlock_run_case(&airlock, &state_none, &scratch, None)),
-        peer(&bwrap, opts.bwrap, "bwrap", &|b| Slot::Run(bwrap_case(b, &scratch, None))),
-        runc_none.0,
-        Slot::Run(airlock_run_case(&airlock, &state_ws, &scratch, Some(&ws))),
-        peer(&bwrap, opts.bwrap, "bwrap", &|b| Slot::Run(bwrap_case(b, &scratch, Some(&ws)))),
-        runc_ws.0,
-    ];
-    if let Some(kind) = runc_none.1 {
-        header.push(format!("runc rootfs: {kind}"));
-    }
-    let mut startup = measure_interleaved(slots, opts).into_iter();
-    let mut next = || startup.next().unwrap_or_else(|| Outcome::Failed("not measured".into()));
-    let (airlock_none, bwrap_none, runc_none, airlock_ws, bwrap_ws, runc_ws) =
-        (next(), next(), next(), next(), next(), next());
-    for state in [&state_none, &state_ws] {
-        let left = std::fs::read_dir(state).map(|d| d.count()).unwrap_or(0);
-        if left > 0 {
-            notes.push(format!("{left} entries left in {} after --rm runs", state.display()));
-        }
-    }
 
-    eprintln!("airlock-bench: diff");
-    let state_diff = scratch.join("state-diff");
+    let (airlock_none, bwrap_none, runc_none, airlock_ws, bwrap_ws, runc_ws) = if sections.startup {
+        startup(opts, &airlock, &scratch, &ws, bwrap.as_deref(), runc.as_deref(), &mut header, &mut notes)?
+    } else {
+        (not_selected(), not_selected(), not_selected(), not_selected(), not_selected(), not_selected())
+    };
+
     let mut diff_stats = Vec::new();
-    let sizes = [(&small, opts.diff_small), (&large, opts.diff_large)];
-    let slots = sizes
-        .iter()
-        .map(|(tree, files)| diff_slot(&airlock, &state_diff, tree, *files, &mut diff_stats))
-        .collect();
-    let mut diffs = measure_interleaved(slots, opts).into_iter();
-    let mut next = || diffs.next().unwrap_or_else(|| Outcome::Failed("not measured".into()));
-    let (diff_small, diff_large) = (next(), next());
-    for (_, files) in sizes {
-        let mut rm = Command::new(&airlock);
-        rm.env("AIRLOCK_STATE_DIR", &state_diff).args(["rm", &diff_name(files)]);
-        if let Err(e) = measure::checked(rm, "airlock rm") {
-            notes.push(format!("could not remove the diff sandbox: {e}"));
+    let (diff_small, diff_large) = if sections.diff {
+        eprintln!("airlock-bench: diff");
+        let state_diff = scratch.join("state-diff");
+        let sizes = [(&small, opts.diff_small), (&large, opts.diff_large)];
+        let slots = sizes
+            .iter()
+            .map(|(tree, files)| diff_slot(&airlock, &state_diff, tree, *files, &mut diff_stats))
+            .collect();
+        let mut diffs = measure_interleaved(slots, opts).into_iter();
+        let mut next = || diffs.next().unwrap_or_else(|| Outcome::Failed("not measured".into()));
+        let pair = (next(), next());
+        for (_, files) in sizes {
+            let mut rm = Command::new(&airlock);
+            rm.env("AIRLOCK_STATE_DIR", &state_diff).args(["rm", &diff_name(files)]);
+            if let Err(e) = measure::checked(rm, "airlock rm") {
+                notes.push(format!("could not remove the diff sandbox: {e}"));
+            }
         }
-    }
+        pair
+    } else {
+        (not_selected(), not_selected())
+    };
+
+    let egress = if sections.egress {
+        Some(egress_section(opts, &airlock, &scratch, curl.as_deref(), &mut notes)?)
+    } else {
+        None
+    };
 
     let results = Results {
         opts: opts.clone(),
@@ -395,6 +484,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         diff_small,
         diff_large,
         diff_stats,
+        egress,
     };
     let verdict = report::print(&results);
 
@@ -407,7 +497,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     let airlock_failed =
         [&results.airlock_none, &results.airlock_ws, &results.diff_small, &results.diff_large]
             .iter()
-            .any(|o| matches!(o, Outcome::Failed(_)));
+            .any(|o| matches!(o, Outcome::Failed(_)))
+            || results.egress.as_ref().is_some_and(EgressResults::failed);
     Ok(if airlock_failed {
         1
     } else if opts.strict && !verdict.all_met {
@@ -415,6 +506,97 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     } else {
         0
     })
+}
+
+/// The startup group: airlock, bubblewrap and runc, each without and with a
+/// workspace, interleaved.
+#[allow(clippy::too_many_arguments)]
+fn startup(
+    opts: &Options,
+    airlock: &Path,
+    scratch: &Path,
+    ws: &Path,
+    bwrap: Option<&Path>,
+    runc: Option<&Path>,
+    header: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Result<StartupOutcomes, BenchError> {
+    eprintln!("airlock-bench: startup, {} cases interleaved", 6);
+    let state_none = scratch.join("state-run-none");
+    let state_ws = scratch.join("state-run-workspace");
+    let peer = |found: Option<&Path>, wanted: bool, name: &str, make: &dyn Fn(&Path) -> Slot| match found {
+        Some(p) => make(p),
+        None => Slot::Done(skipped(wanted, name)),
+    };
+    let runc_root = scratch.join("runc-root");
+    fixtures::make_dir_0755(&runc_root)?;
+    let runc_case = |ws: Option<&Path>, tag: &'static str| match runc {
+        Some(r) => runc_slot(r, &runc_root, &scratch.join(format!("bundle-{tag}")), ws, tag),
+        None => (Slot::Done(skipped(opts.runc, "runc")), None),
+    };
+    let (runc_none, runc_ws) = (runc_case(None, "plain"), runc_case(Some(ws), "ws"));
+    let slots = vec![
+        Slot::Run(airlock_run_case(airlock, &state_none, scratch, None)),
+        peer(bwrap, opts.bwrap, "bwrap", &|b| Slot::Run(bwrap_case(b, scratch, None))),
+        runc_none.0,
+        Slot::Run(airlock_run_case(airlock, &state_ws, scratch, Some(ws))),
+        peer(bwrap, opts.bwrap, "bwrap", &|b| Slot::Run(bwrap_case(b, scratch, Some(ws)))),
+        runc_ws.0,
+    ];
+    if let Some(kind) = runc_none.1 {
+        header.push(format!("runc rootfs: {kind}"));
+    }
+    let mut startup = measure_interleaved(slots, opts).into_iter();
+    let mut next = || startup.next().unwrap_or_else(|| Outcome::Failed("not measured".into()));
+    let outcomes = (next(), next(), next(), next(), next(), next());
+    for state in [&state_none, &state_ws] {
+        let left = std::fs::read_dir(state).map(|d| d.count()).unwrap_or(0);
+        if left > 0 {
+            notes.push(format!("{left} entries left in {} after --rm runs", state.display()));
+        }
+    }
+    Ok(outcomes)
+}
+
+/// The egress group: a server on loopback; the download over each route,
+/// interleaved; then the small requests over each route, interleaved.
+fn egress_section(
+    opts: &Options,
+    airlock: &Path,
+    scratch: &Path,
+    curl: Option<&Path>,
+    notes: &mut Vec<String>,
+) -> Result<EgressResults, BenchError> {
+    use egress::{EgressCase, Job, Route};
+    let routes = [Route::Direct, Route::Tunnel, Route::Plain];
+    let Some(curl) = curl else {
+        let why = || Err("curl is not installed on the host".to_string());
+        return Ok(EgressResults {
+            download: routes.iter().map(|r| (*r, why())).collect(),
+            latency: routes.iter().map(|r| (*r, why())).collect(),
+        });
+    };
+    let bytes = opts.download_mib * 1024 * 1024;
+    let server = egress::Server::start(bytes)?;
+    let sandbox = egress::Sandbox {
+        airlock: airlock.to_path_buf(),
+        state: scratch.join("state-egress"),
+        cwd: scratch.to_path_buf(),
+    };
+    let group = |job: Job, what: &str| {
+        eprintln!("airlock-bench: egress, {what} on 127.0.0.1:{}, {} cases interleaved", server.port(), routes.len());
+        let cases: Vec<EgressCase> = routes.iter().map(|&route| EgressCase { route, job }).collect();
+        let results = egress::measure(&cases, curl, &sandbox, server.port(), opts.warmup, opts.egress_runs);
+        routes.iter().copied().zip(results).collect::<Vec<_>>()
+    };
+    let download = group(Job::Download { bytes }, &format!("{} MiB download", opts.download_mib));
+    let latency = group(Job::Requests { requests: opts.egress_requests }, &format!("{} small requests", opts.egress_requests));
+    drop(server);
+    let left = std::fs::read_dir(&sandbox.state).map(|d| d.count()).unwrap_or(0);
+    if left > 0 {
+        notes.push(format!("{left} entries left in {} after --rm runs", sandbox.state.display()));
+    }
+    Ok(EgressResults { download, latency })
 }
 
 fn skipped(wanted: bool, name: &str) -> Outcome {

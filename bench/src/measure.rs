@@ -126,6 +126,28 @@ fn median_duration(sorted: &[Duration]) -> Option<Duration> {
     Some((*a + *b) / 2)
 }
 
+/// Order statistics over plain numbers (rates, per-request times): median
+/// (mean of the two middle values for an even count), p90 by nearest rank,
+/// min and max. None for no values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub n: usize,
+    pub median: f64,
+    pub p90: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(values: &[f64]) -> Option<Stats> {
+        let mut v = values.to_vec();
+        v.sort_unstable_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 { *v.get(n / 2)? } else { (v.get((n / 2).checked_sub(1)?)? + v.get(n / 2)?) / 2.0 };
+        Some(Stats { n, median, p90: *v.get(nearest_rank(n, 90)?)?, min: *v.first()?, max: *v.last()? })
+    }
+}
+
 /// Index of the `pct`th percentile by the nearest-rank method.
 fn nearest_rank(n: usize, pct: usize) -> Option<usize> {
     if n == 0 {
@@ -162,6 +184,14 @@ mod tests {
         let s = Summary::of(&[ms(4)]).unwrap();
         assert_eq!((s.median, s.p90), (Duration::from_millis(4), Duration::from_millis(4)));
         assert!(Summary::of(&[]).is_none());
+    }
+
+    #[test]
+    fn stats_of_numbers() {
+        let s = Stats::of(&[3.0, 1.0, 2.0, 4.0]).unwrap();
+        assert_eq!((s.n, s.median, s.p90, s.min, s.max), (4, 2.5, 4.0, 1.0, 4.0));
+        assert_eq!(Stats::of(&[5.0]).unwrap().median, 5.0);
+        assert!(Stats::of(&[]).is_none());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::{Outcome, Results};
+use crate::egress::Route;
+use crate::measure::Stats;
+use crate::{EgressResults, Outcome, Results};
 
 /// airlock's startup may take at most this many times bubblewrap's median.
 pub const MAX_RATIO_VS_BWRAP: f64 = 3.0;
@@ -12,6 +14,11 @@ pub const STARTUP_BUDGET: Duration = Duration::from_millis(50);
 /// diff(large)/diff(small) at or below this counts as "close to 1": the time
 /// does not grow with the tree.
 pub const MAX_DIFF_GROWTH: f64 = 1.5;
+/// A download through a CONNECT tunnel must reach at least this share of the
+/// direct download's throughput.
+pub const MIN_TUNNEL_SHARE: f64 = 0.80;
+/// The proxy may add at most this much to the median time of a request.
+pub const MAX_ADDED_LATENCY: Duration = Duration::from_millis(1);
 
 pub struct Verdict {
     pub all_met: bool,
@@ -80,6 +87,64 @@ pub fn print(r: &Results) -> Verdict {
         println!("  {line}");
     }
 
+    let sections = r.opts.sections;
+    if sections.startup {
+        print_startup(r, &mut problems);
+    }
+    let growth = if sections.diff { print_diff(r, &mut problems) } else { None };
+    let egress = r.egress.as_ref().map(|e| print_egress(e, &r.opts, &mut problems));
+
+    println!();
+    println!("== targets");
+    let mut all_met = true;
+    let mut target = |met: Option<bool>, text: String| {
+        let tag = match met {
+            Some(true) => "[met]   ",
+            Some(false) => {
+                all_met = false;
+                "[MISSED]"
+            }
+            None => {
+                all_met = false;
+                "[n/a]   "
+            }
+        };
+        println!("  {tag} {text}");
+    };
+    if sections.startup {
+        startup_targets(r, &mut target);
+    }
+    if sections.diff {
+        let (small_label, large_label) = diff_labels(r);
+        match growth {
+            Some(g) => target(
+                Some(g <= MAX_DIFF_GROWTH),
+                format!(
+                    "diff --stat time does not grow with the tree: {large_label} / {small_label} = {g:.2} \
+                     (close to 1: ≤ {MAX_DIFF_GROWTH})"
+                ),
+            ),
+            None => target(None, "diff --stat growth: not measured".into()),
+        }
+    }
+    if let Some(e) = &egress {
+        egress_targets(e, &mut target);
+    }
+
+    if !r.notes.is_empty() || !problems.is_empty() {
+        println!();
+        println!("== notes");
+        for n in &r.notes {
+            println!("  {n}");
+        }
+        for p in &problems {
+            println!("  FAILED {p}");
+        }
+    }
+    Verdict { all_met }
+}
+
+fn print_startup(r: &Results, problems: &mut Vec<String>) {
     println!();
     println!("== startup: one sandbox runs /bin/true; wall time from spawn to reap, ms");
     println!("   (×bwrap, ×runc: airlock's median divided by that peer's, same workspace setup)");
@@ -89,21 +154,21 @@ pub fn print(r: &Results) -> Verdict {
         &r.airlock_none,
         ratio_cell(&r.airlock_none, &r.bwrap_none),
         ratio_cell(&r.airlock_none, &r.runc_none),
-        &mut problems,
+        problems,
     );
     time_row(
         "bwrap --ro-bind / / --unshare-all /bin/true",
         &r.bwrap_none,
         String::new(),
         String::new(),
-        &mut problems,
+        problems,
     );
     time_row(
         "runc run (minimal rootfs) /bin/true",
         &r.runc_none,
         String::new(),
         String::new(),
-        &mut problems,
+        problems,
     );
     println!("  with a {}-file workspace", count(r.opts.workspace_files));
     time_row(
@@ -111,40 +176,22 @@ pub fn print(r: &Results) -> Verdict {
         &r.airlock_ws,
         ratio_cell(&r.airlock_ws, &r.bwrap_ws),
         ratio_cell(&r.airlock_ws, &r.runc_ws),
-        &mut problems,
+        problems,
     );
     time_row(
         "bwrap … --bind WORKSPACE WORKSPACE /bin/true",
         &r.bwrap_ws,
         String::new(),
         String::new(),
-        &mut problems,
+        problems,
     );
     time_row(
         "runc run + bind mount of WORKSPACE /bin/true",
         &r.runc_ws,
         String::new(),
         String::new(),
-        &mut problems,
+        problems,
     );
-
-    println!();
-    println!("== airlock diff NAME --stat, on a sandbox that appended to 10 files; ms");
-    time_header("workspace size", false);
-    let small_label = format!("{} files", count(r.opts.diff_small));
-    let large_label = format!("{} files", count(r.opts.diff_large));
-    time_row(&small_label, &r.diff_small, String::new(), String::new(), &mut problems);
-    time_row(&large_label, &r.diff_large, String::new(), String::new(), &mut problems);
-    let growth = match (r.diff_small.summary(), r.diff_large.summary()) {
-        (Some(s), Some(l)) => ratio(l.median, s.median),
-        _ => None,
-    };
-    if let Some(g) = growth {
-        println!("  ratio {large_label} / {small_label} (medians): {g:.2}");
-    }
-    for line in &r.diff_stats {
-        println!("  stat of the {line}");
-    }
 
     println!();
     println!("== peak memory: ru_maxrss of the reaped child from wait4, MiB (median over runs, max)");
@@ -172,24 +219,34 @@ pub fn print(r: &Results) -> Verdict {
     println!("  reaped beneath it, not a sum. For airlock that is in practice the supervisor (the");
     println!("  `airlock` process itself); the sandboxed processes are not added on top, and neither");
     println!("  is kernel memory (namespaces, mounts, page cache).");
+}
 
+fn diff_labels(r: &Results) -> (String, String) {
+    (format!("{} files", count(r.opts.diff_small)), format!("{} files", count(r.opts.diff_large)))
+}
+
+/// Prints the diff table; returns diff(large) / diff(small) of the medians.
+fn print_diff(r: &Results, problems: &mut Vec<String>) -> Option<f64> {
     println!();
-    println!("== targets");
-    let mut all_met = true;
-    let mut target = |met: Option<bool>, text: String| {
-        let tag = match met {
-            Some(true) => "[met]   ",
-            Some(false) => {
-                all_met = false;
-                "[MISSED]"
-            }
-            None => {
-                all_met = false;
-                "[n/a]   "
-            }
-        };
-        println!("  {tag} {text}");
+    println!("== airlock diff NAME --stat, on a sandbox that appended to 10 files; ms");
+    time_header("workspace size", false);
+    let (small_label, large_label) = diff_labels(r);
+    time_row(&small_label, &r.diff_small, String::new(), String::new(), problems);
+    time_row(&large_label, &r.diff_large, String::new(), String::new(), problems);
+    let growth = match (r.diff_small.summary(), r.diff_large.summary()) {
+        (Some(s), Some(l)) => ratio(l.median, s.median),
+        _ => None,
     };
+    if let Some(g) = growth {
+        println!("  ratio {large_label} / {small_label} (medians): {g:.2}");
+    }
+    for line in &r.diff_stats {
+        println!("  stat of the {line}");
+    }
+    growth
+}
+
+fn startup_targets(r: &Results, target: &mut impl FnMut(Option<bool>, String)) {
     for (what, ours, peer) in [
         ("airlock run --mode none", &r.airlock_none, &r.bwrap_none),
         ("airlock run (overlay workspace)", &r.airlock_ws, &r.bwrap_ws),
@@ -222,28 +279,133 @@ pub fn print(r: &Results) -> Verdict {
             None => target(None, format!("{what} under {}: not measured", ms(STARTUP_BUDGET))),
         }
     }
-    match growth {
-        Some(g) => target(
-            Some(g <= MAX_DIFF_GROWTH),
-            format!(
-                "diff --stat time does not grow with the tree: {large_label} / {small_label} = {g:.2} \
-                 (close to 1: ≤ {MAX_DIFF_GROWTH})"
-            ),
-        ),
-        None => target(None, "diff --stat growth: not measured".into()),
-    }
+}
 
-    if !r.notes.is_empty() || !problems.is_empty() {
-        println!();
-        println!("== notes");
-        for n in &r.notes {
-            println!("  {n}");
-        }
-        for p in &problems {
-            println!("  FAILED {p}");
+/// The egress medians the targets judge, per route.
+struct EgressMedians {
+    /// MiB/s.
+    download: Vec<(Route, Option<f64>)>,
+    /// Seconds per request.
+    latency: Vec<(Route, Option<f64>)>,
+}
+
+fn median_of(rows: &[(Route, Option<f64>)], route: Route) -> Option<f64> {
+    rows.iter().find(|(r, _)| *r == route).and_then(|(_, m)| *m)
+}
+
+fn print_egress(e: &EgressResults, opts: &crate::Options, problems: &mut Vec<String>) -> EgressMedians {
+    let mut failed = |route: Route, what: &str, why: &str| {
+        println!("  {:<LABEL_W$} FAILED (see below)", route.describe());
+        problems.push(format!("egress {what}, {}: {why}", route.describe()));
+    };
+
+    println!();
+    println!(
+        "== egress: one {} MiB download from a server on 127.0.0.1; curl's speed_download, MiB/s",
+        opts.download_mib
+    );
+    println!("  {:<LABEL_W$} {:>8} {:>8} {:>8} {:>8}", "", "median", "min", "max", "×direct");
+    let stats: Vec<(Route, Option<Stats>)> =
+        e.download.iter().map(|(route, r)| (*route, r.as_ref().ok().and_then(|v| Stats::of(v)))).collect();
+    let direct = stats.iter().find(|(r, _)| *r == Route::Direct).and_then(|(_, s)| *s);
+    let mut runs = 0;
+    for ((route, result), (_, s)) in e.download.iter().zip(&stats) {
+        match (result, s) {
+            (Err(why), _) => failed(*route, "download", why),
+            (Ok(_), None) => failed(*route, "download", "no samples"),
+            (Ok(_), Some(s)) => {
+                runs = runs.max(s.n);
+                let vs = match (route, direct) {
+                    (Route::Direct, _) | (_, None) => String::new(),
+                    (_, Some(d)) => format!("{:.2}", s.median / d.median),
+                };
+                println!(
+                    "  {:<LABEL_W$} {:>8.1} {:>8.1} {:>8.1} {vs:>8}",
+                    route.describe(),
+                    s.median,
+                    s.min,
+                    s.max
+                );
+            }
         }
     }
-    Verdict { all_met }
+    println!("  ({runs} runs per route; ×direct: the median over the direct median)");
+    let download = stats.iter().map(|(r, s)| (*r, s.map(|s| s.median))).collect();
+
+    println!();
+    println!(
+        "== egress: {} small GETs per curl process, one connection (to the server, or to the proxy);",
+        opts.egress_requests
+    );
+    println!("   curl's time_total per request, ms, over all requests of all runs");
+    println!("  {:<LABEL_W$} {:>8} {:>8} {:>8} {:>8} {:>8}", "", "median", "p90", "min", "max", "added");
+    let stats: Vec<(Route, Option<Stats>)> =
+        e.latency.iter().map(|(route, r)| (*route, r.as_ref().ok().and_then(|v| Stats::of(v)))).collect();
+    let direct = stats.iter().find(|(r, _)| *r == Route::Direct).and_then(|(_, s)| *s);
+    let mut requests = 0;
+    for ((route, result), (_, s)) in e.latency.iter().zip(&stats) {
+        match (result, s) {
+            (Err(why), _) => failed(*route, "requests", why),
+            (Ok(_), None) => failed(*route, "requests", "no samples"),
+            (Ok(_), Some(s)) => {
+                requests = requests.max(s.n);
+                let added = match (route, direct) {
+                    (Route::Direct, _) | (_, None) => String::new(),
+                    (_, Some(d)) => format!("{:+.3}", (s.median - d.median) * 1e3),
+                };
+                println!(
+                    "  {:<LABEL_W$} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {added:>8}",
+                    route.describe(),
+                    s.median * 1e3,
+                    s.p90 * 1e3,
+                    s.min * 1e3,
+                    s.max * 1e3
+                );
+            }
+        }
+    }
+    println!("  ({requests} requests per route; added: the median minus the direct median)");
+    let latency = stats.iter().map(|(r, s)| (*r, s.map(|s| s.median))).collect();
+    EgressMedians { download, latency }
+}
+
+fn egress_targets(e: &EgressMedians, target: &mut impl FnMut(Option<bool>, String)) {
+    let direct = median_of(&e.download, Route::Direct);
+    match (median_of(&e.download, Route::Tunnel), direct) {
+        (Some(t), Some(d)) if d > 0.0 => {
+            let share = t / d;
+            target(
+                Some(share >= MIN_TUNNEL_SHARE),
+                format!(
+                    "download through a CONNECT tunnel: {t:.0} MiB/s, {:.0}% of direct's {d:.0} MiB/s \
+                     (≥ {:.0}%)",
+                    share * 100.0,
+                    MIN_TUNNEL_SHARE * 100.0
+                ),
+            );
+        }
+        _ => target(None, "download through a CONNECT tunnel vs direct: not measured".into()),
+    }
+    let limit_ms = MAX_ADDED_LATENCY.as_secs_f64() * 1e3;
+    let direct = median_of(&e.latency, Route::Direct);
+    for (route, what) in [(Route::Tunnel, "a CONNECT tunnel"), (Route::Plain, "plain HTTP proxying")] {
+        match (median_of(&e.latency, route), direct) {
+            (Some(p), Some(d)) => {
+                let added = p - d;
+                target(
+                    Some(added <= MAX_ADDED_LATENCY.as_secs_f64()),
+                    format!(
+                        "request latency through {what}: median {:.3} ms, {:+.3} ms over direct's \
+                         {:.3} ms (≤ {limit_ms} ms added)",
+                        p * 1e3,
+                        added * 1e3,
+                        d * 1e3
+                    ),
+                );
+            }
+            _ => target(None, format!("request latency through {what} vs direct: not measured")),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -28,8 +28,8 @@ pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// A running egress setup for one sandbox.
 pub struct Network {
-    proxy: Option<Proxy>,
-    pump: Option<JoinHandle<()>>,
+    /// Runs the proxy; returns it when the sandbox is gone, for shutdown.
+    pump: Option<JoinHandle<Option<Proxy>>>,
     /// The agent's end of the egress channel (placed at fd 5 in the agent).
     pub agent_end: Option<OwnedFd>,
     pub ports: EgressPorts,
@@ -82,35 +82,38 @@ impl Network {
                 let _ = log.record(AuditEvent::Network(event));
             }
         };
-        let proxy = Proxy::start(
-            ProxyConfig {
-                policy_name: policy.name.clone(),
-                rules: NetRules::from_policy(policy),
-                ca: Arc::new(sandbox_ca),
-                extra_roots: policy.network.extra_roots.clone(),
-                secrets,
-            },
-            Arc::new(sink),
-        )
-        .map_err(|e| fail("starting the egress proxy", &e))?;
-
+        let config = ProxyConfig {
+            policy_name: policy.name.clone(),
+            rules: NetRules::from_policy(policy),
+            ca: Arc::new(sandbox_ca),
+            extra_roots: policy.network.extra_roots.clone(),
+            secrets,
+        };
         let (host_end, agent_end) =
             UnixStream::pair().map_err(|e| fail("creating the egress channel", &e))?;
-        let handle = proxy.handle();
+        // The proxy's runtime starts on this thread, in parallel with the
+        // sandbox's own start; connections queue on the channel meanwhile.
         let pump = std::thread::Builder::new()
             .name("egress-pump".into())
             .spawn(move || {
-                let Some(handle) = handle else { return };
+                let proxy = match Proxy::start(config, Arc::new(sink)) {
+                    Ok(proxy) => proxy,
+                    Err(e) => {
+                        // Fail closed: the sandbox's connections are refused.
+                        tracing::error!("egress proxy did not start: {e}");
+                        return None;
+                    }
+                };
                 // Ends when the agent (and with it the sandbox) is gone.
                 while let Ok((tag, fd)) = airlock_proto::recv_tagged_fd(&host_end) {
                     if let Some(port) = Port::from_tag(tag) {
-                        handle.serve(fd, port);
+                        proxy.serve(fd, port);
                     }
                 }
+                Some(proxy)
             })
             .map_err(|e| fail("starting the egress channel", &e))?;
         Ok(Some(Network {
-            proxy: Some(proxy),
             pump: Some(pump),
             agent_end: Some(agent_end.into()),
             ports: EgressPorts { http: HTTP_PROXY_PORT, socks: SOCKS_PROXY_PORT },
@@ -171,10 +174,11 @@ impl Network {
 
     /// Stops the proxy once the sandbox is gone; the events are recorded.
     pub fn stop(mut self) {
-        if let Some(pump) = self.pump.take() {
-            let _ = pump.join();
+        if let Some(pump) = self.pump.take()
+            && let Ok(Some(proxy)) = pump.join()
+        {
+            drop(proxy);
         }
-        drop(self.proxy.take());
     }
 }
 

@@ -1,0 +1,391 @@
+//! The egress benchmarks: a large download and a run of small requests, each
+//! through airlock's egress proxy from inside a sandbox and directly on the
+//! host, against an HTTP/1.1 server the harness itself runs on loopback.
+//!
+//! Every number comes from curl's own `--write-out` timers, so sandbox
+//! startup is never in them: `speed_download` for the download (bytes over
+//! the transfer's total time) and `time_total` per request for latency.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use crate::{BenchError, measure};
+
+/// What the small-request benchmark fetches: a short body, so that the time
+/// is the round trip and not the transfer.
+pub const SMALL_PATH: &str = "/small";
+const SMALL_BODY: &[u8] = b"airlock-bench: a small response\n";
+/// The download.
+pub const BIG_PATH: &str = "/big";
+const CHUNK: usize = 1 << 20;
+pub const MIB: f64 = 1024.0 * 1024.0;
+
+/// curl's `--write-out` for every transfer: one line each.
+const WRITE_OUT: &str = "%{http_code} %{size_download} %{speed_download} %{time_total}\\n";
+
+/// Proxy settings a direct run on the host must not pick up.
+const PROXY_VARS: [&str; 8] =
+    ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"];
+
+/// An HTTP/1.1 server on 127.0.0.1 with keep-alive: `GET /big` answers
+/// `big_bytes` zero bytes, `GET /small…` a 32-byte body, anything else 404.
+/// One thread per connection. Stops when dropped.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(big_bytes: u64) -> Result<Server, BenchError> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .map_err(|e| BenchError::new(format!("cannot listen on 127.0.0.1: {e}")))?;
+        let addr = listener.local_addr().map_err(|e| BenchError::new(format!("listener address: {e}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_seen = stop.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("bench-http".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop_seen.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let _ = std::thread::Builder::new()
+                        .name("bench-http-conn".into())
+                        .spawn(move || serve_connection(conn, big_bytes));
+                }
+            })
+            .map_err(|e| BenchError::new(format!("cannot start the server thread: {e}")))?;
+        Ok(Server { addr, stop, acceptor: Some(acceptor) })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the acceptor so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A parsed request head: the target, and whether the client keeps the
+/// connection open after the response.
+struct Head {
+    target: String,
+    keep_alive: bool,
+}
+
+fn read_head(reader: &mut impl BufRead) -> Option<Head> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let (_method, target, version) = (parts.next()?, parts.next()?.to_string(), parts.next()?);
+    let mut keep_alive = version.eq_ignore_ascii_case("HTTP/1.1");
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.trim().eq_ignore_ascii_case("connection")
+        {
+            let value = value.trim();
+            if value.eq_ignore_ascii_case("close") {
+                keep_alive = false;
+            } else if value.eq_ignore_ascii_case("keep-alive") {
+                keep_alive = true;
+            }
+        }
+    }
+    Some(Head { target, keep_alive })
+}
+
+fn serve_connection(conn: TcpStream, big_bytes: u64) {
+    let _ = conn.set_nodelay(true);
+    let Ok(read_half) = conn.try_clone() else { return };
+    let mut reader = BufReader::new(read_half);
+    let mut out = conn;
+    let zeros = vec![0u8; CHUNK];
+    while let Some(head) = read_head(&mut reader) {
+        let path = head.target.split('?').next().unwrap_or("");
+        let connection = if head.keep_alive { "keep-alive" } else { "close" };
+        let ok = match path {
+            BIG_PATH => {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                     Content-Length: {big_bytes}\r\nConnection: {connection}\r\n\r\n"
+                );
+                out.write_all(head.as_bytes()).is_ok() && write_zeros(&mut out, &zeros, big_bytes)
+            }
+            SMALL_PATH => {
+                // Head and body in one write: one segment each way per request.
+                let mut resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: {connection}\r\n\r\n",
+                    SMALL_BODY.len()
+                )
+                .into_bytes();
+                resp.extend_from_slice(SMALL_BODY);
+                out.write_all(&resp).is_ok()
+            }
+            _ => out
+                .write_all(
+                    format!("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: {connection}\r\n\r\n")
+                        .as_bytes(),
+                )
+                .is_ok(),
+        };
+        if !ok || !head.keep_alive {
+            break;
+        }
+    }
+    let _ = out.shutdown(Shutdown::Both);
+}
+
+fn write_zeros(out: &mut TcpStream, zeros: &[u8], mut left: u64) -> bool {
+    while left > 0 {
+        let n = usize::try_from(left).map_or(zeros.len(), |l| l.min(zeros.len()));
+        if out.write_all(&zeros[..n]).is_err() {
+            return false;
+        }
+        left -= n as u64;
+    }
+    true
+}
+
+/// Where a case's curl runs, and how it reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// On the host, straight to the server.
+    Direct,
+    /// Inside a sandbox, through the proxy with CONNECT (`curl -p`): the
+    /// proxy opens one upstream connection and relays bytes untouched.
+    Tunnel,
+    /// Inside a sandbox, through the proxy as plain HTTP (absolute-form
+    /// requests): the proxy decides each request and forwards it.
+    Plain,
+}
+
+impl Route {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Route::Direct => "direct, on the host",
+            Route::Tunnel => "sandbox, proxy CONNECT tunnel (curl -p)",
+            Route::Plain => "sandbox, proxy plain HTTP (absolute URL)",
+        }
+    }
+}
+
+/// What one curl invocation fetches, and what each of its transfers yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// One download of `bytes`; yields MiB/s.
+    Download { bytes: u64 },
+    /// `requests` small GETs on one connection; yields seconds per request.
+    Requests { requests: usize },
+}
+
+/// How to run airlock for the sandboxed cases.
+#[derive(Clone)]
+pub struct Sandbox {
+    pub airlock: PathBuf,
+    pub state: PathBuf,
+    pub cwd: PathBuf,
+}
+
+/// The command for one run of `job` over `route`.
+pub fn command(curl: &Path, sandbox: &Sandbox, port: u16, route: Route, job: Job) -> Command {
+    let url = match job {
+        Job::Download { .. } => format!("http://127.0.0.1:{port}{BIG_PATH}"),
+        // curl's URL globbing: N transfers in one process, reusing the
+        // connection (to the server, or to the proxy and through it).
+        Job::Requests { requests } => format!("http://127.0.0.1:{port}{SMALL_PATH}?[1-{requests}]"),
+    };
+    let mut curl_args: Vec<String> = vec!["-s".into(), "-o".into(), "/dev/null".into()];
+    match route {
+        // No proxy from the environment, whatever the caller's is.
+        Route::Direct => curl_args.extend(["--noproxy".into(), "*".into()]),
+        // The sandbox's http_proxy points at airlock's proxy; -p makes curl
+        // CONNECT even for http://.
+        Route::Tunnel => curl_args.push("-p".into()),
+        Route::Plain => {}
+    }
+    curl_args.extend(["-w".into(), WRITE_OUT.into(), url]);
+    match route {
+        Route::Direct => {
+            let mut c = Command::new(curl);
+            for v in PROXY_VARS {
+                c.env_remove(v);
+            }
+            c.args(curl_args);
+            c
+        }
+        Route::Tunnel | Route::Plain => {
+            let mut c = Command::new(&sandbox.airlock);
+            c.env("AIRLOCK_STATE_DIR", &sandbox.state)
+                .current_dir(&sandbox.cwd)
+                .args(["run", "--rm", "--mode", "none", "--allow"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--")
+                .arg(curl)
+                .args(curl_args);
+            c
+        }
+    }
+}
+
+/// Reads curl's `--write-out` lines for `job`: checks that every transfer
+/// got a 200 with the expected size, and returns one value per transfer
+/// (MiB/s for a download, seconds for a request).
+pub fn parse_write_out(out: &str, job: Job) -> Result<Vec<f64>, BenchError> {
+    let (count, size) = match job {
+        Job::Download { bytes } => (1, bytes),
+        Job::Requests { requests } => (requests, SMALL_BODY.len() as u64),
+    };
+    let mut values = Vec::with_capacity(count);
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [code, got, speed, total] = f.as_slice() else {
+            return Err(BenchError::new(format!("unexpected curl --write-out line {line:?}")));
+        };
+        if *code != "200" {
+            return Err(BenchError::new(format!("HTTP status {code} (expected 200)")));
+        }
+        let num = |s: &str| s.parse::<f64>().map_err(|_| BenchError::new(format!("not a number in {line:?}")));
+        let got = num(got)?;
+        if got != size as f64 {
+            return Err(BenchError::new(format!("got {got} bytes, expected {size}")));
+        }
+        values.push(match job {
+            Job::Download { .. } => num(speed)? / MIB,
+            Job::Requests { .. } => num(total)?,
+        });
+    }
+    if values.len() != count {
+        return Err(BenchError::new(format!("curl reported {} transfers, expected {count}", values.len())));
+    }
+    Ok(values)
+}
+
+/// One case: a route and a job.
+pub struct EgressCase {
+    pub route: Route,
+    pub job: Job,
+}
+
+/// Runs the cases side by side: `warmup` untimed runs each, then `rounds`
+/// rounds of every case in turn (as the other groups do), pooling each
+/// case's values. A case that fails is dropped from later rounds.
+pub fn measure(
+    cases: &[EgressCase],
+    curl: &Path,
+    sandbox: &Sandbox,
+    port: u16,
+    warmup: usize,
+    rounds: usize,
+) -> Vec<Result<Vec<f64>, String>> {
+    let once = |c: &EgressCase| -> Result<Vec<f64>, BenchError> {
+        let what = format!("curl ({})", c.route.describe());
+        let out = measure::checked(command(curl, sandbox, port, c.route, c.job), &what)?;
+        parse_write_out(&out, c.job).map_err(|e| BenchError::new(format!("{what}: {e}")))
+    };
+    let mut results: Vec<Result<Vec<f64>, String>> = Vec::with_capacity(cases.len());
+    for c in cases {
+        eprint!("  warm-up  {:<52} ", c.route.describe());
+        let mut r = Ok(Vec::new());
+        for _ in 0..warmup {
+            if let Err(e) = once(c) {
+                r = Err(e.to_string());
+                break;
+            }
+        }
+        eprintln!("{}", if r.is_err() { "FAILED" } else { "ok" });
+        results.push(r);
+    }
+    eprint!("  measure  {rounds} rounds …");
+    for round in 0..rounds {
+        for (c, r) in cases.iter().zip(results.iter_mut()) {
+            let Ok(values) = r else { continue };
+            match once(c) {
+                Ok(v) => values.extend(v),
+                Err(e) => *r = Err(format!("timed run {}: {e}", round + 1)),
+            }
+        }
+    }
+    eprintln!(" done");
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::Read;
+
+    use super::*;
+
+    #[test]
+    fn write_out_is_checked_and_converted() {
+        let job = Job::Download { bytes: 2 * 1024 * 1024 };
+        let v = parse_write_out("200 2097152 104857600 0.02\n", job).unwrap();
+        assert_eq!(v, vec![100.0]);
+        assert!(parse_write_out("403 2097152 1 0.02\n", job).is_err());
+        assert!(parse_write_out("200 100 1 0.02\n", job).is_err());
+        assert!(parse_write_out("", job).is_err());
+        let job = Job::Requests { requests: 2 };
+        let v = parse_write_out("200 32 100 0.000250\n200 32 100 0.000750\n", job).unwrap();
+        assert_eq!(v, vec![0.00025, 0.00075]);
+        assert!(parse_write_out("200 32 100 0.000250\n", job).is_err());
+    }
+
+    #[test]
+    fn server_keeps_the_connection_and_sizes_the_download() {
+        let server = Server::start(3 * CHUNK as u64 + 5).unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        for _ in 0..2 {
+            s.write_all(b"GET /small?1 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut line = String::new();
+            let mut len = 0;
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.strip_prefix("Content-Length: ") {
+                    len = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            assert_eq!(body, SMALL_BODY);
+        }
+        s.write_all(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        let mut all = Vec::new();
+        reader.read_to_end(&mut all).unwrap();
+        let text = String::from_utf8_lossy(&all[..200]);
+        assert!(text.contains(&format!("Content-Length: {}", 3 * CHUNK + 5)), "{text}");
+        let head_end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(all.len() - head_end, 3 * CHUNK + 5);
+    }
+}
