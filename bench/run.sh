@@ -3,9 +3,10 @@
 #
 #   bench/run.sh [harness options]      e.g. bench/run.sh --iterations 100
 #
-# 1. As root, installs the peers it compares against (bubblewrap, runc) with
-#    apt-get when they are missing. A peer that cannot be installed is reported
-#    and its rows are skipped; the rest still runs.
+# 1. As root, installs the peers it compares against (bubblewrap, runc) and
+#    curl (the egress benchmarks' client) with apt-get when they are missing.
+#    One that cannot be installed is reported and its rows are skipped; the
+#    rest still runs.
 # 2. Builds airlock and the harness in release mode.
 # 3. Runs the harness (bench/src) against that airlock binary. Options after
 #    run.sh are passed to it; `bench/run.sh --help` lists them.
@@ -18,8 +19,10 @@ cd "$(dirname "$0")/.."
 say() { printf '== %s\n' "$*" >&2; }
 warn() { printf '!! %s\n' "$*" >&2; }
 
-# peer command -> Debian package
-declare -A PEERS=([bwrap]=bubblewrap [runc]=runc)
+# command -> Debian package: the peers, and curl for the egress benchmarks
+declare -A PEERS=([bwrap]=bubblewrap [runc]=runc [curl]=curl)
+# what is lost without it
+declare -A USED_BY=([bwrap]="benchmarks against bwrap" [runc]="benchmarks against runc" [curl]="egress benchmarks")
 
 missing=()
 for cmd in "${!PEERS[@]}"; do
@@ -28,11 +31,11 @@ done
 
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
-        warn "not root: cannot install ${missing[*]}; those peers are skipped"
+        warn "not root: cannot install ${missing[*]}; what needs them is skipped"
     elif ! command -v apt-get >/dev/null 2>&1; then
-        warn "no apt-get on this machine: cannot install ${missing[*]}; those peers are skipped"
+        warn "no apt-get on this machine: cannot install ${missing[*]}; what needs them is skipped"
     else
-        say "installing peers: ${missing[*]}"
+        say "installing: ${missing[*]}"
         if ! apt-get update -qq; then
             warn "apt-get update failed; trying to install from the existing package lists"
         fi
@@ -42,7 +45,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
                 && command -v "$cmd" >/dev/null 2>&1; then
                 say "installed $pkg"
             else
-                warn "could not install $pkg: benchmarks against $cmd are skipped"
+                warn "could not install $pkg: ${USED_BY[$cmd]} are skipped"
             fi
         done
     fi

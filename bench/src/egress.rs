@@ -29,8 +29,16 @@ pub const MIB: f64 = 1024.0 * 1024.0;
 const WRITE_OUT: &str = "%{http_code} %{size_download} %{speed_download} %{time_total}\\n";
 
 /// Proxy settings a direct run on the host must not pick up.
-const PROXY_VARS: [&str; 8] =
-    ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"];
+const PROXY_VARS: [&str; 8] = [
+    "http_proxy",
+    "HTTP_PROXY",
+    "https_proxy",
+    "HTTPS_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+];
 
 /// An HTTP/1.1 server on 127.0.0.1 with keep-alive: `GET /big` answers
 /// `big_bytes` zero bytes, `GET /small…` a 32-byte body, anything else 404.
@@ -73,9 +81,12 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the acceptor so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.acceptor.take() {
+        // Wake the acceptor so it sees the flag; wait for it only if that
+        // worked, so a failure here cannot hang the harness.
+        let woke = TcpStream::connect_timeout(&self.addr, std::time::Duration::from_secs(1)).is_ok();
+        if let Some(t) = self.acceptor.take()
+            && woke
+        {
             let _ = t.join();
         }
     }
@@ -147,12 +158,12 @@ fn serve_connection(conn: TcpStream, big_bytes: u64) {
                 resp.extend_from_slice(SMALL_BODY);
                 out.write_all(&resp).is_ok()
             }
-            _ => out
-                .write_all(
-                    format!("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: {connection}\r\n\r\n")
-                        .as_bytes(),
-                )
-                .is_ok(),
+            _ => {
+                let resp = format!(
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: {connection}\r\n\r\n"
+                );
+                out.write_all(resp.as_bytes()).is_ok()
+            }
         };
         if !ok || !head.keep_alive {
             break;
@@ -270,7 +281,8 @@ pub fn parse_write_out(out: &str, job: Job) -> Result<Vec<f64>, BenchError> {
         if *code != "200" {
             return Err(BenchError::new(format!("HTTP status {code} (expected 200)")));
         }
-        let num = |s: &str| s.parse::<f64>().map_err(|_| BenchError::new(format!("not a number in {line:?}")));
+        let num =
+            |s: &str| s.parse::<f64>().map_err(|_| BenchError::new(format!("not a number in {line:?}")));
         let got = num(got)?;
         if got != size as f64 {
             return Err(BenchError::new(format!("got {got} bytes, expected {size}")));

@@ -396,10 +396,11 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         ));
     }
     if sections != Sections::ALL {
-        let names: Vec<&str> = [(sections.startup, "startup"), (sections.diff, "diff"), (sections.egress, "egress")]
-            .into_iter()
-            .filter_map(|(on, name)| on.then_some(name))
-            .collect();
+        let names: Vec<&str> =
+            [(sections.startup, "startup"), (sections.diff, "diff"), (sections.egress, "egress")]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
         header.push(format!("sections:   {} (--only)", names.join(", ")));
     }
     header.push(format!("scratch:    {}", scratch.display()));
@@ -466,6 +467,18 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     };
 
     let egress = if sections.egress {
+        // The first sample was taken before the other sections ran: take another.
+        if (sections.startup || sections.diff)
+            && let Some(busy) = cpu_busy(Duration::from_secs(1))
+        {
+            header
+                .push(format!("cpu busy:   {busy:.0}% of all cores in the second before the egress section"));
+            if busy > 20.0 {
+                notes.push(format!(
+                    "the machine was not idle before the egress section ({busy:.0}% CPU busy): its numbers are noisy"
+                ));
+            }
+        }
         Some(egress_section(opts, &airlock, &scratch, curl.as_deref(), &mut notes)?)
     } else {
         None
@@ -584,13 +597,20 @@ fn egress_section(
         cwd: scratch.to_path_buf(),
     };
     let group = |job: Job, what: &str| {
-        eprintln!("airlock-bench: egress, {what} on 127.0.0.1:{}, {} cases interleaved", server.port(), routes.len());
+        eprintln!(
+            "airlock-bench: egress, {what} on 127.0.0.1:{}, {} cases interleaved",
+            server.port(),
+            routes.len()
+        );
         let cases: Vec<EgressCase> = routes.iter().map(|&route| EgressCase { route, job }).collect();
         let results = egress::measure(&cases, curl, &sandbox, server.port(), opts.warmup, opts.egress_runs);
         routes.iter().copied().zip(results).collect::<Vec<_>>()
     };
     let download = group(Job::Download { bytes }, &format!("{} MiB download", opts.download_mib));
-    let latency = group(Job::Requests { requests: opts.egress_requests }, &format!("{} small requests", opts.egress_requests));
+    let latency = group(
+        Job::Requests { requests: opts.egress_requests },
+        &format!("{} small requests", opts.egress_requests),
+    );
     drop(server);
     let left = std::fs::read_dir(&sandbox.state).map(|d| d.count()).unwrap_or(0);
     if left > 0 {
@@ -611,7 +631,10 @@ fn peer_line(path: Option<&Path>, wanted: bool, version_flag: &str) -> String {
             let mut c = Command::new(p);
             c.arg(version_flag);
             let v = measure::checked(c, "version").unwrap_or_default();
-            format!("{} ({})", p.display(), v.lines().next().unwrap_or("version unknown").trim())
+            // curl's first line goes on to list its libraries: keep "curl 7.88.1".
+            let first = v.lines().next().unwrap_or("version unknown");
+            let first = first.split_once(" (").map_or(first, |(name, _)| name);
+            format!("{} ({})", p.display(), first.trim())
         }
     }
 }
@@ -825,5 +848,23 @@ mod tests {
         assert!(parse(&["--airlock", "/a", "--frobnicate"]).is_err());
         assert!(parse(&["--airlock", "/a", "--diff-small", "3"]).is_err());
         assert!(matches!(parse(&["--help"]).unwrap(), Parsed::Help));
+        assert!(parse(&["--airlock", "/a", "--only", "network"]).is_err());
+        assert!(parse(&["--airlock", "/a", "--only", ","]).is_err());
+        assert!(parse(&["--airlock", "/a", "--egress-runs", "0"]).is_err());
+    }
+
+    #[test]
+    fn sections_and_egress_options() {
+        let Parsed::Run(o) = parse(&["--airlock", "/a"]).unwrap() else { panic!("help") };
+        assert_eq!(o.sections, Sections::ALL);
+        assert_eq!((o.egress_runs, o.egress_requests, o.download_mib), (5, 200, 256));
+        let Parsed::Run(o) =
+            parse(&["--airlock", "/a", "--only=egress,diff", "--egress-requests", "50", "--download-mib=64"])
+                .unwrap()
+        else {
+            panic!("help")
+        };
+        assert_eq!(o.sections, Sections { startup: false, diff: true, egress: true });
+        assert_eq!((o.egress_requests, o.download_mib), (50, 64));
     }
 }

@@ -143,7 +143,8 @@ impl Stats {
         let mut v = values.to_vec();
         v.sort_unstable_by(f64::total_cmp);
         let n = v.len();
-        let median = if n % 2 == 1 { *v.get(n / 2)? } else { (v.get((n / 2).checked_sub(1)?)? + v.get(n / 2)?) / 2.0 };
+        let median =
+            if n % 2 == 1 { *v.get(n / 2)? } else { (v.get((n / 2).checked_sub(1)?)? + v.get(n / 2)?) / 2.0 };
         Some(Stats { n, median, p90: *v.get(nearest_rank(n, 90)?)?, min: *v.first()?, max: *v.last()? })
     }
 }

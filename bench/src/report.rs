@@ -163,13 +163,7 @@ fn print_startup(r: &Results, problems: &mut Vec<String>) {
         String::new(),
         problems,
     );
-    time_row(
-        "runc run (minimal rootfs) /bin/true",
-        &r.runc_none,
-        String::new(),
-        String::new(),
-        problems,
-    );
+    time_row("runc run (minimal rootfs) /bin/true", &r.runc_none, String::new(), String::new(), problems);
     println!("  with a {}-file workspace", count(r.opts.workspace_files));
     time_row(
         "airlock run --rm (overlay) -- /bin/true",

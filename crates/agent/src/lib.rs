@@ -27,6 +27,12 @@ const AGENT_FAILED: i32 = 125;
 pub fn main() -> i32 {
     // Re-armed after exec: if the supervisor dies, so does the sandbox.
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    // The channels to the host (control, egress) stay the agent's: nothing
+    // it starts may inherit them.
+    if let Err(e) = airlock_jail::sys::cloexec_from(3) {
+        eprintln!("airlock agent: cannot protect its channels: {e}");
+        return AGENT_FAILED;
+    }
     // SAFETY: the supervisor placed the agent's end of the control channel at
     // this descriptor number; nothing else in this process owns it.
     let mut control = unsafe { UnixStream::from_raw_fd(AGENT_CONTROL_FD) };

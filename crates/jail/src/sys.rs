@@ -436,3 +436,18 @@ pub fn landlock_abi() -> io::Result<libc::c_long> {
         )
     })
 }
+
+/// Marks every descriptor from `first` up close-on-exec
+/// (`close_range(first, ~0, CLOSE_RANGE_CLOEXEC)`).
+pub fn cloexec_from(first: c_int) -> io::Result<()> {
+    // SAFETY: changes descriptor flags only; no memory is involved.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    })
+    .map(drop)
+}

@@ -69,7 +69,7 @@ impl Network {
             .collect();
         let secrets = secrets::resolve(&specs).map_err(|e| fail("reading the policy's secrets", &e))?;
         let placeholders = secrets.iter().map(|s| (s.name.clone(), s.placeholder.clone())).collect();
-        let redactions = secrets.iter().map(|s| (s.name.clone(), s.value.expose().to_vec())).collect();
+        let redactions = redactions_of(&secrets);
         let sandbox_ca = SandboxCa::generate(name).map_err(|e| fail("creating the sandbox's CA", &e))?;
         let bundle_text = ca::sandbox_trust_bundle(&sandbox_ca.cert_pem())
             .map_err(|e| fail("building the trust bundle", &e))?;
@@ -77,7 +77,12 @@ impl Network {
         write_public(&bundle, bundle_text.as_bytes()).map_err(|e| RunError::State(bundle.clone(), e))?;
 
         let audit = Mutex::new(AuditLog::open(audit_path)?);
-        let sink = move |event: NetEvent| {
+        let scrub: Vec<(String, Vec<u8>)> = redactions_of(&secrets);
+        let sink = move |mut event: NetEvent| {
+            // A request line can carry a value the sandbox got echoed back.
+            event.path = event.path.map(|p| redact_str(&p, &scrub));
+            event.host = redact_str(&event.host, &scrub);
+            event.rule = redact_str(&event.rule, &scrub);
             if let Ok(mut log) = audit.lock() {
                 let _ = log.record(AuditEvent::Network(event));
             }
@@ -104,10 +109,17 @@ impl Network {
                         return None;
                     }
                 };
-                // Ends when the agent (and with it the sandbox) is gone.
-                while let Ok((tag, fd)) = airlock_proto::recv_tagged_fd(&host_end) {
-                    if let Some(port) = Port::from_tag(tag) {
-                        proxy.serve(fd, port);
+                // Ends when the agent (and with it the sandbox) is gone; a
+                // malformed message is dropped, not fatal.
+                loop {
+                    match airlock_proto::recv_tagged_fd(&host_end) {
+                        Ok((tag, fd)) => {
+                            if let Some(port) = Port::from_tag(tag) {
+                                proxy.serve(fd, port);
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
+                        Err(_) => break,
                     }
                 }
                 Some(proxy)
@@ -202,39 +214,66 @@ fn write_public(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Removes secret values from every regular file below `dir` (the persisted
-/// layer, the artifacts): a server that echoes a credential back must not
-/// leave it in the state directory. Never follows symlinks.
+fn redactions_of(secrets: &[airlock_egress::secrets::ResolvedSecret]) -> Vec<(String, Vec<u8>)> {
+    secrets.iter().map(|s| (s.name.clone(), s.value.expose().to_vec())).collect()
+}
+
+/// `text` with every secret value replaced by its redaction label.
+pub fn redact_str(text: &str, secrets: &[(String, Vec<u8>)]) -> String {
+    if secrets.is_empty() {
+        return text.to_string();
+    }
+    String::from_utf8_lossy(&airlock_egress::redact::redact_all(text.as_bytes(), secrets)).into_owned()
+}
+
+/// Removes secret values from everything below `dir` that the sandbox
+/// wrote (the writable layer, the artifacts): file contents, file and
+/// directory names, symlink targets. A server that echoes a credential back
+/// must not leave it in the state directory. Never follows symlinks; keeps
+/// going past entries it cannot read, and reports how many it changed.
 pub fn scrub_tree(dir: &Path, secrets: &[(String, Vec<u8>)]) -> std::io::Result<usize> {
-    fn walk(
-        dir: &Path,
-        secrets: &[(String, Vec<u8>)],
-        depth: usize,
-        scrubbed: &mut usize,
-    ) -> std::io::Result<()> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    fn redact_bytes(data: &[u8], secrets: &[(String, Vec<u8>)]) -> Option<Vec<u8>> {
+        let clean = airlock_egress::redact::redact_all(data, secrets);
+        (clean != data).then_some(clean)
+    }
+    fn walk(dir: &Path, secrets: &[(String, Vec<u8>)], depth: usize, changed: &mut usize) {
         if depth > 512 {
-            return Ok(());
+            return;
         }
-        let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
         for entry in entries.flatten() {
-            let path = entry.path();
-            let meta = std::fs::symlink_metadata(&path)?;
-            if meta.is_dir() {
-                walk(&path, secrets, depth + 1, scrubbed)?;
-            } else if meta.is_file() {
-                let data = std::fs::read(&path)?;
-                let clean = airlock_egress::redact::redact_all(&data, secrets);
-                if clean != data {
-                    std::fs::write(&path, clean)?;
-                    *scrubbed += 1;
+            let mut path = entry.path();
+            if let Some(name) = redact_bytes(entry.file_name().as_bytes(), secrets) {
+                let renamed = dir.join(std::ffi::OsString::from_vec(name));
+                if std::fs::rename(&path, &renamed).is_ok() {
+                    path = renamed;
+                    *changed += 1;
                 }
             }
+            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+            if meta.is_dir() {
+                walk(&path, secrets, depth + 1, changed);
+            } else if meta.file_type().is_symlink() {
+                if let Ok(target) = std::fs::read_link(&path)
+                    && let Some(clean) = redact_bytes(target.as_os_str().as_bytes(), secrets)
+                    && std::fs::remove_file(&path).is_ok()
+                    && std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&clean), &path).is_ok()
+                {
+                    *changed += 1;
+                }
+            } else if meta.is_file()
+                && let Ok(data) = std::fs::read(&path)
+                && let Some(clean) = redact_bytes(&data, secrets)
+                && std::fs::write(&path, clean).is_ok()
+            {
+                *changed += 1;
+            }
         }
-        Ok(())
     }
-    let mut scrubbed = 0;
+    let mut changed = 0;
     if !secrets.is_empty() {
-        walk(dir, secrets, 0, &mut scrubbed)?;
+        walk(dir, secrets, 0, &mut changed);
     }
-    Ok(scrubbed)
+    Ok(changed)
 }

@@ -412,6 +412,11 @@ fn supervise(
     let mut changes = None;
     let mut artifacts = Vec::new();
     if let (Some(layer), Some(ws)) = (layer, workspace) {
+        // Scrubbed before it is copied to disk (as root it is still on its
+        // tmpfs here): an echoed credential never reaches the state dir.
+        if let Err(e) = crate::network::scrub_tree(&layer.upper, &secret_values) {
+            notify(Notice::Warning(format!("could not scrub secrets from the layer: {e}")));
+        }
         layer.persist(sandbox)?;
         let diff = airlock_workspace::compute_diff(ws, &sandbox.upper_dir())?;
         let stat = diff.stat();
@@ -439,7 +444,11 @@ fn supervise(
                     .filter_map(|f| std::fs::symlink_metadata(sandbox.artifacts_dir().join(f)).ok())
                     .map(|m| m.len())
                     .sum();
-                audit.record(AuditEvent::ArtifactsCaptured { files: files.clone(), bytes })?;
+                let names = files
+                    .iter()
+                    .map(|f| PathBuf::from(crate::network::redact_str(&f.to_string_lossy(), &secret_values)))
+                    .collect();
+                audit.record(AuditEvent::ArtifactsCaptured { files: names, bytes })?;
                 artifacts = files;
             }
             Err(e) => notify(Notice::Warning(format!("artifact capture: {e}"))),
@@ -447,7 +456,7 @@ fn supervise(
     }
 
     // A credential echoed back by a server must not stay on disk.
-    for dir in [sandbox.upper_dir(), sandbox.artifacts_dir()] {
+    for dir in [sandbox.artifacts_dir()] {
         if let Err(e) = crate::network::scrub_tree(&dir, &secret_values) {
             notify(Notice::Warning(format!("could not scrub secrets from {}: {e}", dir.display())));
         }
