@@ -53,7 +53,7 @@ impl Rootless {
     fn airlock(&self, args: &[&str]) -> Command {
         let mut cmd = if is_root() {
             let mut c = Command::new("setpriv");
-            c.args(["--reuid", USER, "--regid", USER, "--init-groups", "--"]).arg(BIN);
+            c.args(["--reuid", USER, "--regid", USER, "--init-groups", "--"]).arg(public_bin());
             c.env("HOME", format!("/home/{USER}"));
             c
         } else {

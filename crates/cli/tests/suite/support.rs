@@ -61,11 +61,41 @@ impl Env {
 
 /// Where test directories go: not /tmp, which the sandbox replaces with its
 /// own tmpfs (a workspace there would still work, but escapes would be
-/// harder to see).
-fn test_root() -> PathBuf {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf();
-    std::fs::create_dir_all(&root).unwrap();
-    root
+/// harder to see). The sandbox's unprivileged root and the rootless tests'
+/// user must be able to walk to it, so a checkout below a private directory
+/// (say /root) falls back to /var/tmp.
+pub fn test_root() -> PathBuf {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf();
+    std::fs::create_dir_all(&target).unwrap();
+    if searchable_by_others(&target) {
+        return target;
+    }
+    let fallback = Path::new("/var/tmp/airlock-tests").to_path_buf();
+    std::fs::create_dir_all(&fallback).unwrap();
+    std::fs::set_permissions(&fallback, std::fs::Permissions::from_mode(0o755)).unwrap();
+    fallback
+}
+
+fn searchable_by_others(path: &Path) -> bool {
+    path.ancestors()
+        .all(|p| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o001 != 0).unwrap_or(false))
+}
+
+/// The airlock binary at a path every user can reach (the rootless tests
+/// run it as another user): the built one, or a copy in the test root.
+pub fn public_bin() -> PathBuf {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let built = Path::new(BIN).to_path_buf();
+        if searchable_by_others(built.parent().unwrap()) {
+            return built;
+        }
+        let copy = test_root().join(format!("airlock-{}", std::process::id()));
+        std::fs::copy(&built, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    })
+    .clone()
 }
 
 pub fn cgroup_parent() -> String {
