@@ -231,7 +231,8 @@ pub fn command(curl: &Path, sandbox: &Sandbox, port: u16, route: Route, job: Job
         // connection (to the server, or to the proxy and through it).
         Job::Requests { requests } => format!("http://127.0.0.1:{port}{SMALL_PATH}?[1-{requests}]"),
     };
-    let mut curl_args: Vec<String> = vec!["-s".into(), "-o".into(), "/dev/null".into()];
+    // -sS: no progress meter, but an error still says what went wrong.
+    let mut curl_args: Vec<String> = vec!["-sS".into(), "-o".into(), "/dev/null".into()];
     match route {
         // No proxy from the environment, whatever the caller's is.
         Route::Direct => curl_args.extend(["--noproxy".into(), "*".into()]),
@@ -316,8 +317,8 @@ pub fn measure(
     rounds: usize,
 ) -> Vec<Result<Vec<f64>, String>> {
     let once = |c: &EgressCase| -> Result<Vec<f64>, BenchError> {
-        let what = format!("curl ({})", c.route.describe());
-        let out = measure::checked(command(curl, sandbox, port, c.route, c.job), &what)?;
+        let what = if c.route == Route::Direct { "curl" } else { "airlock run … -- curl" };
+        let out = measure::checked(command(curl, sandbox, port, c.route, c.job), what)?;
         parse_write_out(&out, c.job).map_err(|e| BenchError::new(format!("{what}: {e}")))
     };
     let mut results: Vec<Result<Vec<f64>, String>> = Vec::with_capacity(cases.len());

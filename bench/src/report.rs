@@ -298,6 +298,10 @@ fn print_egress(e: &EgressResults, opts: &crate::Options, problems: &mut Vec<Str
         "== egress: one {} MiB download from a server on 127.0.0.1; curl's speed_download, MiB/s",
         opts.download_mib
     );
+    if let Some(why) = &e.skipped {
+        println!("  skipped: {why} (and so is the small-request benchmark)");
+        return EgressMedians { download: Vec::new(), latency: Vec::new() };
+    }
     println!("  {:<LABEL_W$} {:>8} {:>8} {:>8} {:>8}", "", "median", "min", "max", "×direct");
     let stats: Vec<(Route, Option<Stats>)> =
         e.download.iter().map(|(route, r)| (*route, r.as_ref().ok().and_then(|v| Stats::of(v)))).collect();

@@ -97,6 +97,7 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
         )));
     }
 
+    tracing::debug!("phase: start: policy resolved, host checked");
     let root = StateRoot::from_env()?;
     crate::prepare_state_root(&root, is_root)?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
@@ -182,6 +183,7 @@ fn supervise(
         degraded: degraded.clone(),
     })?;
 
+    tracing::debug!("phase: state directory ready");
     let cgroup = if host.cgroups {
         let limits = CgroupLimits {
             memory: Some(policy.limits.memory),
@@ -198,6 +200,7 @@ fn supervise(
         None
     };
 
+    tracing::debug!("phase: cgroup created");
     let overlay = workspace.is_some() && policy.workspace.mode == WorkspaceMode::Overlay;
     let layer = if overlay {
         Some(WritableLayer::create(
@@ -219,11 +222,13 @@ fn supervise(
     // As root the workspace is seen through an id-mapped mount, so that files
     // owned by host users keep their owners inside while the sandbox's root
     // stays an unprivileged host uid.
+    tracing::debug!("phase: writable layer ready");
     let tree = match workspace {
         Some(ws) if host.is_root => Some(spawn::idmapped_tree(ws, &id_map)?),
         _ => None,
     };
 
+    tracing::debug!("phase: id-mapped workspace ready");
     let network = crate::network::Network::start(policy, &name, sandbox.path(), &sandbox.audit_path())?;
     let secret_values = network.as_ref().map(|n| n.secret_values()).unwrap_or_default();
     let network_env = network.as_ref().map(|n| n.environment()).unwrap_or_default();
@@ -254,6 +259,7 @@ fn supervise(
     );
 
     let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
+    tracing::debug!("phase: network ready");
     let spawned = spawn::spawn(
         &SpawnRequest {
             agent_exe: &exe,
@@ -279,6 +285,7 @@ fn supervise(
         let _ = airlock_jail::sys::wait_pid(agent_pid);
         return Err(e.into());
     }
+    tracing::debug!("phase: agent in its cgroup");
     airlock_proto::send(&mut control, &HostMessage::Proceed)?;
     let mut network = network;
     if let Some(n) = network.as_mut() {
@@ -293,6 +300,7 @@ fn supervise(
     // The first message says whether the sandbox came up; with a terminal,
     // its master end follows it. Bounded, so a wedged setup cannot hang us.
     let _ = control.set_read_timeout(Some(SETUP_TIMEOUT));
+    tracing::debug!("phase: waiting for the agent");
     let first = airlock_proto::recv::<_, AgentMessage>(&mut control);
     if terminal && matches!(first, Ok(Some(AgentMessage::Confined { .. }))) {
         let master = airlock_proto::recv_fd(&control).map_err(RunError::Terminal)?;
@@ -353,6 +361,7 @@ fn supervise(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
+    tracing::debug!("phase: command ended");
     let status = airlock_jail::sys::wait_pid(agent_pid).map_err(RunError::Wait)?;
     let _ = reader.join();
     if let Some(n) = network {
@@ -408,6 +417,10 @@ fn supervise(
         notify(Notice::Warning(message.clone()));
     }
 
+    let succeeded = exit_code == 0;
+    let action = if succeeded { policy.cleanup.on_success } else { policy.cleanup.on_failure };
+    let remove = req.remove_after || action == CleanupAction::Remove;
+
     // Finalize: persist the writable layer, summarize the change, capture artifacts.
     let mut changes = None;
     let mut artifacts = Vec::new();
@@ -417,8 +430,17 @@ fn supervise(
         if let Err(e) = crate::network::scrub_tree(&layer.upper, &secret_values) {
             notify(Notice::Warning(format!("could not scrub secrets from the layer: {e}")));
         }
-        layer.persist(sandbox)?;
-        let diff = airlock_workspace::compute_diff(ws, &sandbox.upper_dir())?;
+        // A sandbox about to be removed is summarized from its live layer;
+        // copying it to disk first would be wasted work.
+        let live_upper = layer.upper.clone();
+        let unpersisted = if remove {
+            Some(layer)
+        } else {
+            layer.persist(sandbox)?;
+            None
+        };
+        let review_upper = if remove { live_upper } else { sandbox.upper_dir() };
+        let diff = airlock_workspace::compute_diff(ws, &review_upper)?;
         let stat = diff.stat();
         audit.record(AuditEvent::DiffSummary {
             added: stat.files_added + stat.dirs_added,
@@ -426,9 +448,14 @@ fn supervise(
             deleted: stat.files_deleted + stat.dirs_deleted,
         })?;
         changes = Some(stat);
+        if let Some(layer) = unpersisted {
+            let _ = layer.discard();
+        }
     }
+    // Artifacts of a sandbox about to be removed would go with it.
     if let Some(ws) = workspace
         && !policy.artifacts.capture.is_empty()
+        && !remove
     {
         let upper = sandbox.upper_dir();
         match airlock_workspace::capture_artifacts(
@@ -462,9 +489,7 @@ fn supervise(
         }
     }
 
-    let succeeded = exit_code == 0;
-    let action = if succeeded { policy.cleanup.on_success } else { policy.cleanup.on_failure };
-    let remove = req.remove_after || action == CleanupAction::Remove;
+    tracing::debug!("phase: finalized");
     if remove {
         audit.record(AuditEvent::Removed {
             reason: if req.remove_after {
@@ -477,6 +502,7 @@ fn supervise(
         drop(_live);
         sandbox.remove_all()?;
     }
+    tracing::debug!("phase: cleaned up");
     Ok(RunOutcome {
         name,
         exit_code,
