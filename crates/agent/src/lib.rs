@@ -8,6 +8,7 @@
 //! behind in the PID namespace.
 
 mod egress;
+mod service;
 mod signals;
 
 use std::io;
@@ -21,7 +22,7 @@ use airlock_jail::spawn::AGENT_CONTROL_FD;
 use airlock_proto::{AgentMessage, HostMessage, Launch};
 
 /// Exit code when the agent itself fails (mirrors `airlock run`'s 125).
-const AGENT_FAILED: i32 = 125;
+pub(crate) const AGENT_FAILED: i32 = 125;
 
 /// The agent's entry point; returns the process exit code.
 pub fn main() -> i32 {
@@ -38,12 +39,12 @@ pub fn main() -> i32 {
     let mut control = unsafe { UnixStream::from_raw_fd(AGENT_CONTROL_FD) };
     let launch = match airlock_proto::recv::<_, HostMessage>(&mut control) {
         Ok(Some(HostMessage::Launch(launch))) => launch,
-        Ok(Some(HostMessage::Proceed)) => {
+        Ok(Some(other)) => {
             report(
                 &mut control,
                 AgentMessage::SetupFailed {
                     step: "read the launch plan".into(),
-                    message: "Proceed before Launch".into(),
+                    message: format!("expected Launch first, got {other:?}"),
                 },
             );
             return AGENT_FAILED;
@@ -104,10 +105,6 @@ fn report(control: &mut UnixStream, msg: AgentMessage) {
 }
 
 fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
-    let Some((program, args)) = launch.command.split_first() else {
-        report(control, AgentMessage::ExecFailed { exit_code: 127, message: "empty command".into() });
-        return 127;
-    };
     let waiter = match signals::Waiter::install() {
         Ok(w) => w,
         Err(e) => {
@@ -123,6 +120,13 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
     {
         return setup_failed(control, "listen for the egress proxy", &e);
     }
+    // No command: a long-lived sandbox that runs processes on request.
+    let Some((program, args)) = launch.command.split_first() else {
+        return match control.try_clone() {
+            Ok(stream) => service::serve(stream, launch, waiter),
+            Err(e) => setup_failed(control, "start serving", &e),
+        };
+    };
     let cwd = if launch.cwd.is_dir() { launch.cwd.clone() } else { "/".into() };
     let mut cmd = Command::new(program);
     cmd.args(args).env_clear().envs(launch.env.iter().cloned()).current_dir(&cwd);

@@ -95,3 +95,49 @@ fn reap_all(command: i32) -> Option<ExitStatus> {
         }
     }
 }
+
+/// What woke the agent up in service mode.
+pub enum Wake {
+    /// A forwarded signal arrived from the supervisor.
+    Signal(i32),
+    /// Children ended; these are their pids and statuses (orphans included).
+    Reaped(Vec<(i32, ExitStatus)>),
+}
+
+impl Waiter {
+    /// Blocks until a signal arrives or children end.
+    pub fn next(&self) -> Wake {
+        loop {
+            let reaped = reap_any();
+            if !reaped.is_empty() {
+                return Wake::Reaped(reaped);
+            }
+            // SAFETY: siginfo_t is plain data written by the kernel.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: the set and the out-pointer are valid.
+            let sig = unsafe { libc::sigwaitinfo(&self.set, &mut info) };
+            if sig > 0 && sig != libc::SIGCHLD {
+                return Wake::Signal(sig);
+            }
+        }
+    }
+}
+
+/// Reaps every exited child without blocking.
+fn reap_any() -> Vec<(i32, ExitStatus)> {
+    let mut out = Vec::new();
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: status is a valid out-pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return out;
+        }
+        let st = if libc::WIFEXITED(status) {
+            ExitStatus { code: Some(libc::WEXITSTATUS(status)), signal: None }
+        } else {
+            ExitStatus { code: None, signal: Some(libc::WTERMSIG(status)) }
+        };
+        out.push((pid, st));
+    }
+}

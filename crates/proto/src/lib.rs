@@ -27,6 +27,30 @@ pub enum HostMessage {
     /// The agent is in its cgroup: confine and start the command. Sent once,
     /// after Launch.
     Proceed,
+    /// Service mode (a Launch without a command): start another process.
+    Exec(Box<ExecRequest>),
+    /// Input for an exec's stdin; empty data closes it.
+    Stdin { id: u32, data: Vec<u8> },
+    /// Send a signal to an exec's process group.
+    Signal { id: u32, signal: i32 },
+}
+
+/// One process to start in a sandbox in service mode.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecRequest {
+    /// Chosen by the host; echoed on every message about this exec.
+    pub id: u32,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdout,
+    Stderr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -63,6 +87,16 @@ pub enum AgentMessage {
     ExecFailed { exit_code: i32, message: String },
     /// The command ended.
     Exited { code: Option<i32>, signal: Option<i32> },
+    /// Service mode: the agent is ready for Exec requests.
+    Serving,
+    /// Service mode: an exec's process started.
+    ExecStarted { id: u32, pid: i32 },
+    /// Service mode: output of an exec (at most 64 KiB per message).
+    ExecOutput { id: u32, stream: Stream, data: Vec<u8> },
+    /// Service mode: an exec could not start (126/127 like a shell).
+    ExecRefused { id: u32, exit_code: i32, message: String },
+    /// Service mode: an exec ended; all its output was sent before this.
+    ExecEnded { id: u32, code: Option<i32>, signal: Option<i32> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +195,8 @@ pub fn recv_tagged_fd(socket: impl AsFd) -> io::Result<(u8, OwnedFd)> {
     }
     Err(io::Error::new(io::ErrorKind::InvalidData, "no descriptor arrived on the control channel"))
 }
+
+pub mod supervisor;
 
 #[cfg(test)]
 mod tests {

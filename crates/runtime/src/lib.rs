@@ -5,6 +5,7 @@
 
 pub mod audit;
 mod layer;
+mod lifecycle;
 pub mod names;
 pub mod network;
 pub mod ops;

@@ -1,0 +1,200 @@
+//! Service mode: the agent stays up as PID 1 of a long-lived sandbox and runs
+//! processes on request (`airlock exec`), streaming their output back over
+//! the control channel. Several may run at once; each is its own session.
+//!
+//! Threads: one reads the supervisor's requests and starts processes, two
+//! per process copy its output, and the main thread reaps children (it owns
+//! the signal mask) and reports each end once the output has been sent.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Launch, Stream};
+
+use crate::signals::{Waiter, Wake};
+
+/// Largest output chunk per message.
+const CHUNK: usize = 64 * 1024;
+/// After a process ends, how long its output may still trail in (a
+/// background child can hold the pipe open forever).
+const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+
+type Writer = Arc<Mutex<UnixStream>>;
+
+struct Running {
+    id: u32,
+    stdin: Option<ChildStdin>,
+    pumps: Vec<JoinHandle<()>>,
+}
+
+/// pid → the exec it belongs to.
+type Table = Arc<Mutex<HashMap<i32, Running>>>;
+
+pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter) -> i32 {
+    let writer: Writer = match control.try_clone() {
+        Ok(w) => Arc::new(Mutex::new(w)),
+        Err(_) => return crate::AGENT_FAILED,
+    };
+    let table: Table = Arc::new(Mutex::new(HashMap::new()));
+    send(&writer, AgentMessage::Serving);
+
+    let (closed_tx, closed_rx) = mpsc::channel::<()>();
+    {
+        let (writer, table, launch) = (writer.clone(), table.clone(), launch.clone());
+        let spawned = std::thread::Builder::new().name("requests".into()).spawn(move || {
+            read_requests(control, &writer, &table, &launch);
+            let _ = closed_tx.send(());
+        });
+        if spawned.is_err() {
+            return crate::AGENT_FAILED;
+        }
+    }
+    loop {
+        // The supervisor gone: the sandbox ends with us.
+        if closed_rx.try_recv().is_ok() {
+            return 0;
+        }
+        match waiter.next() {
+            // SIGTERM from the supervisor ends the sandbox; others are
+            // meant for a command, and execs get theirs by request.
+            Wake::Signal(libc::SIGTERM) => return 0,
+            Wake::Signal(_) => {}
+            Wake::Reaped(ended) => {
+                for (pid, status) in ended {
+                    let entry = table.lock().ok().and_then(|mut t| t.remove(&pid));
+                    if let Some(running) = entry {
+                        finish(&writer, running, status);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reports an exec's end once its output has been sent (bounded wait).
+fn finish(writer: &Writer, running: Running, status: crate::signals::ExitStatus) {
+    let writer = writer.clone();
+    std::thread::spawn(move || {
+        let (done_tx, done_rx) = mpsc::channel();
+        let pumps = running.pumps;
+        std::thread::spawn(move || {
+            for pump in pumps {
+                let _ = pump.join();
+            }
+            let _ = done_tx.send(());
+        });
+        let _ = done_rx.recv_timeout(OUTPUT_GRACE);
+        drop(running.stdin);
+        send(&writer, AgentMessage::ExecEnded { id: running.id, code: status.code, signal: status.signal });
+    });
+}
+
+fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, launch: &Launch) {
+    while let Ok(Some(msg)) = airlock_proto::recv::<_, HostMessage>(&mut control) {
+        match msg {
+            HostMessage::Exec(req) => start(writer, table, launch, &req),
+            HostMessage::Stdin { id, data } => {
+                if let Ok(mut t) = table.lock()
+                    && let Some(running) = t.values_mut().find(|r| r.id == id)
+                {
+                    if data.is_empty() {
+                        running.stdin = None;
+                    } else if let Some(stdin) = running.stdin.as_mut()
+                        && stdin.write_all(&data).is_err()
+                    {
+                        running.stdin = None;
+                    }
+                }
+            }
+            HostMessage::Signal { id, signal } => {
+                let pid = table.lock().ok().and_then(|t| t.iter().find(|(_, r)| r.id == id).map(|(p, _)| *p));
+                if let Some(pid) = pid {
+                    // SAFETY: kill has no memory-safety requirements.
+                    if unsafe { libc::kill(-pid, signal) } != 0 {
+                        // SAFETY: as above.
+                        unsafe { libc::kill(pid, signal) };
+                    }
+                }
+            }
+            HostMessage::Launch(_) | HostMessage::Proceed => {}
+        }
+    }
+}
+
+fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
+    let Some((program, args)) = req.argv.split_first() else {
+        send(
+            writer,
+            AgentMessage::ExecRefused { id: req.id, exit_code: 127, message: "empty command".into() },
+        );
+        return;
+    };
+    let cwd = req.cwd.clone().filter(|p| p.is_dir()).unwrap_or_else(|| launch.cwd.clone());
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(launch.env.iter().cloned())
+        .envs(req.env.iter().cloned())
+        .current_dir(&cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid is a raw system call, async-signal-safe between fork
+    // and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()?;
+            Ok(())
+        });
+    }
+    // Spawn and register under the lock, so the reaper cannot miss the pid.
+    let Ok(mut t) = table.lock() else { return };
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let exit_code = if e.kind() == io::ErrorKind::NotFound { 127 } else { 126 };
+            send(
+                writer,
+                AgentMessage::ExecRefused { id: req.id, exit_code, message: format!("{program}: {e}") },
+            );
+            return;
+        }
+    };
+    let pid = child.id() as i32;
+    send(writer, AgentMessage::ExecStarted { id: req.id, pid });
+    let mut pumps = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        pumps.push(pump(writer.clone(), req.id, Stream::Stdout, out));
+    }
+    if let Some(err) = child.stderr.take() {
+        pumps.push(pump(writer.clone(), req.id, Stream::Stderr, err));
+    }
+    t.insert(pid, Running { id: req.id, stdin: child.stdin.take(), pumps });
+}
+
+fn pump(writer: Writer, id: u32, stream: Stream, mut source: impl Read + Send + 'static) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match source.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => send(&writer, AgentMessage::ExecOutput { id, stream, data: buf[..n].to_vec() }),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+fn send(writer: &Writer, msg: AgentMessage) {
+    if let Ok(mut w) = writer.lock() {
+        let _ = airlock_proto::send(&mut *w, &msg);
+    }
+}

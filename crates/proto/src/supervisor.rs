@@ -1,0 +1,65 @@
+//! The protocol between a sandbox's supervisor and its clients (the daemon,
+//! the CLI): one Unix-socket connection per operation, the same framing as
+//! the agent protocol. The supervisor is the only peer that talks to the
+//! agent; clients never reach inside the sandbox directly.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::Stream;
+
+/// What a client asks a supervisor, first message on a connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Run a process; the connection then carries its events until it ends.
+    Exec(ExecSpec),
+    /// Stop the sandbox (its processes are killed; it is finalized).
+    Stop,
+    /// Move the deadline later by this many seconds.
+    Extend { seconds: u64 },
+    /// How the sandbox is doing.
+    Status,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Kill the process (and its group) after this many seconds.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// What a supervisor sends back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Exec(ExecEvent),
+    Ok,
+    Status { running: bool, deadline_unix: u64, idle_timeout_secs: Option<u64>, execs_running: u32 },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ExecEvent {
+    Started {
+        pid: i32,
+    },
+    Output {
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    /// The last event of an exec. Exit codes follow `airlock run`: 126/127
+    /// when it could not start, 124 when its timeout killed it.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+}

@@ -1,0 +1,408 @@
+//! The two halves of a sandbox's life that every owner shares — `airlock
+//! run` in the foreground and the long-lived supervisor behind the daemon:
+//! bringing a sandbox up to the point where untrusted code may run, and
+//! finalizing it once its agent is gone.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use airlock_jail::cgroup::{CgroupLimits, SandboxCgroup};
+use airlock_jail::spawn::{self, IdMap, SpawnRequest};
+use airlock_policy::{CleanupAction, Policy, WorkspaceMode};
+use airlock_proto::HostMessage;
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::layer::WritableLayer;
+use crate::network::Network;
+use crate::plan::{self, HostFacts, LaunchInput, SandboxPaths};
+use crate::run::{Notice, RunOutcome};
+use crate::state::{ExitInfo, LiveLock, SandboxDir, SandboxMeta, SandboxState};
+use crate::stdio::SandboxStdio;
+use crate::{RunError, exit_codes, now_rfc3339};
+
+/// A sandbox whose agent is up and may run untrusted code.
+pub(crate) struct Launched {
+    pub name: String,
+    pub meta: SandboxMeta,
+    pub audit: AuditLog,
+    pub cgroup: Option<SandboxCgroup>,
+    pub layer: Option<WritableLayer>,
+    pub network: Option<Network>,
+    pub secret_values: Vec<(String, Vec<u8>)>,
+    pub stdio: SandboxStdio,
+    pub agent_pid: i32,
+    pub control: UnixStream,
+}
+
+/// Creates everything around the sandbox and starts its agent. `command`
+/// empty starts the agent in service mode (processes on request).
+pub(crate) fn launch_sandbox(
+    sandbox: &SandboxDir,
+    policy: &Policy,
+    workspace: Option<&Path>,
+    host: &HostFacts,
+    degraded: Vec<String>,
+    command: &[String],
+    terminal: bool,
+) -> Result<Launched, RunError> {
+    let name = sandbox.name().to_string();
+    if host.is_root {
+        // Searchable (not listable) by the sandbox's unprivileged root, which
+        // must reach its mount points below.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
+    }
+    let id_map = IdMap::for_current_user(host_id_base(&name));
+    std::fs::write(sandbox.policy_path(), policy.to_toml())
+        .map_err(|e| RunError::State(sandbox.policy_path(), e))?;
+
+    let mut meta = SandboxMeta {
+        name: name.clone(),
+        created_at: now_rfc3339(),
+        policy: policy.name.clone(),
+        workspace: workspace.map(Path::to_path_buf),
+        workspace_mode: workspace_mode_name(policy, workspace),
+        command: command.to_vec(),
+        state: SandboxState::Creating,
+        supervisor_pid: Some(std::process::id() as i32),
+        host_uid: Some(id_map.host_root_uid),
+        cgroup: None,
+        started_at: None,
+        finished_at: None,
+        exit: None,
+        applied_at: None,
+        degraded: degraded.clone(),
+    };
+    sandbox.write_meta(&meta)?;
+    let mut audit = AuditLog::open(&sandbox.audit_path())?;
+    audit.record(AuditEvent::Created {
+        policy: policy.name.clone(),
+        workspace: meta.workspace.clone(),
+        workspace_mode: meta.workspace_mode.clone(),
+        limits: crate::limits_json(policy),
+        degraded: degraded.clone(),
+    })?;
+
+    tracing::debug!("phase: state directory ready");
+    let cgroup = if host.cgroups {
+        let limits = CgroupLimits {
+            memory: Some(policy.limits.memory),
+            pids: Some(policy.limits.pids),
+            cpus: Some(policy.limits.cpus),
+        };
+        let cgroup_name = crate::cgroup_name(sandbox);
+        let cg = SandboxCgroup::create(&cgroup_name, &limits)?;
+        meta.cgroup = Some(cgroup_name);
+        // Recorded at once: if this supervisor dies, gc finds the cgroup by it.
+        sandbox.write_meta(&meta)?;
+        Some(cg)
+    } else {
+        None
+    };
+
+    tracing::debug!("phase: cgroup created");
+    let overlay = workspace.is_some() && policy.workspace.mode == WorkspaceMode::Overlay;
+    let layer = if overlay {
+        Some(WritableLayer::create(
+            sandbox,
+            host.disk_quota.then_some(policy.limits.disk),
+            id_map.host_root_uid,
+        )?)
+    } else {
+        None
+    };
+    let rootfs = sandbox.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(|e| RunError::State(rootfs.clone(), e))?;
+    let paths = SandboxPaths {
+        rootfs,
+        upper: layer.as_ref().map_or_else(|| sandbox.upper_dir(), |l| l.upper.clone()),
+        work: layer.as_ref().map_or_else(|| sandbox.work_dir(), |l| l.work.clone()),
+    };
+
+    // As root the workspace is seen through an id-mapped mount, so that files
+    // owned by host users keep their owners inside while the sandbox's root
+    // stays an unprivileged host uid.
+    tracing::debug!("phase: writable layer ready");
+    let tree = match workspace {
+        Some(ws) if host.is_root => Some(spawn::idmapped_tree(ws, &id_map)?),
+        _ => None,
+    };
+
+    tracing::debug!("phase: id-mapped workspace ready");
+    let network = crate::network::Network::start(policy, &name, sandbox.path(), &sandbox.audit_path())?;
+    let secret_values = network.as_ref().map(|n| n.secret_values()).unwrap_or_default();
+    let network_env = network.as_ref().map(|n| n.environment()).unwrap_or_default();
+    let mut stdio = SandboxStdio::new(&sandbox.stdout_log(), &sandbox.stderr_log(), terminal, &secret_values)
+        .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let host_env = |k: &str| std::env::var(k).ok();
+    let launch = plan::launch(
+        policy,
+        &LaunchInput {
+            name: &name,
+            command,
+            workspace,
+            cwd: &cwd,
+            paths: &paths,
+            host,
+            idmapped_workspace: tree.is_some(),
+            tty: terminal,
+            host_env: &host_env,
+            network: network.as_ref().map(|n| plan::NetworkInput {
+                ports: n.ports,
+                env: &network_env,
+                bundle: &n.bundle,
+                bundle_targets: &[crate::network::SANDBOX_CA_BUNDLE, crate::network::SYSTEM_CA_BUNDLE],
+            }),
+        },
+    );
+
+    let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
+    tracing::debug!("phase: network ready");
+    let spawned = spawn::spawn(
+        &SpawnRequest {
+            agent_exe: &exe,
+            agent_args: &["airlock-agent", crate::AGENT_ROLE],
+            stdio: stdio.child_fds(),
+            workspace_tree: tree.as_ref().map(|t| std::os::fd::AsFd::as_fd(t)),
+            egress_channel: network.as_ref().and_then(|n| n.agent_end.as_ref()).map(std::os::fd::AsFd::as_fd),
+            id_map: &id_map,
+        },
+        |_| Ok(()),
+    )?;
+    drop(tree);
+    stdio.release_child_ends();
+    let agent_pid = spawned.pid;
+    let mut control = spawned.control;
+    airlock_proto::send(&mut control, &HostMessage::Launch(Box::new(launch)))?;
+    // While the agent builds the root filesystem: the cgroup write, which
+    // may wait for a kernel grace period. Untrusted code waits for Proceed.
+    if let Some(cg) = &cgroup
+        && let Err(e) = cg.add_pid(agent_pid)
+    {
+        let _ = rustix::process::kill_process(pid_of(agent_pid), rustix::process::Signal::KILL);
+        let _ = airlock_jail::sys::wait_pid(agent_pid);
+        return Err(e.into());
+    }
+    tracing::debug!("phase: agent in its cgroup");
+    airlock_proto::send(&mut control, &HostMessage::Proceed)?;
+    let mut network = network;
+    if let Some(n) = network.as_mut() {
+        // The agent holds its own copy now.
+        drop(n.agent_end.take());
+    }
+
+    meta.state = SandboxState::Running;
+    meta.started_at = Some(now_rfc3339());
+    sandbox.write_meta(&meta)?;
+
+    Ok(Launched { name, meta, audit, cgroup, layer, network, secret_values, stdio, agent_pid, control })
+}
+
+/// Host uid that root inside this sandbox becomes (root only): one block of
+/// 65536 ids per sandbox, picked from its name, far above ordinary users.
+fn host_id_base(name: &str) -> u32 {
+    let hash =
+        name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    1_000_000_000 + ((hash % 15_000) as u32) * 65_536
+}
+
+fn workspace_mode_name(policy: &Policy, workspace: Option<&Path>) -> String {
+    match (workspace, policy.workspace.mode) {
+        (None, _) | (_, WorkspaceMode::None) => "none",
+        (_, WorkspaceMode::Overlay) => "overlay",
+        (_, WorkspaceMode::Ro) => "ro",
+        (_, WorkspaceMode::Rw) => "rw",
+    }
+    .to_string()
+}
+
+pub(crate) fn pid_of(pid: i32) -> rustix::process::Pid {
+    rustix::process::Pid::from_raw(pid).unwrap_or(rustix::process::Pid::INIT)
+}
+
+/// What is left of a sandbox once its agent has ended.
+pub(crate) struct Remains {
+    pub name: String,
+    pub meta: SandboxMeta,
+    pub audit: AuditLog,
+    pub cgroup: Option<SandboxCgroup>,
+    pub layer: Option<WritableLayer>,
+    pub secret_values: Vec<(String, Vec<u8>)>,
+}
+
+/// Records how the sandbox ended, releases its kernel objects, keeps (or
+/// summarizes) its layer, captures artifacts and applies the cleanup rule.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finalize(
+    sandbox: &SandboxDir,
+    policy: &Policy,
+    workspace: Option<&Path>,
+    remains: Remains,
+    ending: Ending,
+    duration: Duration,
+    remove_after: bool,
+    live: LiveLock,
+    notify: &mut dyn FnMut(Notice),
+) -> Result<RunOutcome, RunError> {
+    let Remains { name, mut meta, mut audit, cgroup, layer, secret_values } = remains;
+    let oom_killed = cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
+    let exit_code = ending.exit_code();
+    audit.record(AuditEvent::Exited {
+        code: ending.code,
+        signal: ending.signal,
+        duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        oom_killed,
+    })?;
+    if let Some(cg) = &cgroup
+        && let Err(e) = cg.remove()
+    {
+        notify(Notice::Warning(format!(
+            "could not remove the sandbox's cgroup: {e}; `airlock gc` will retry"
+        )));
+    }
+
+    meta.state = if ending.setup_failed.is_some() { SandboxState::Failed } else { SandboxState::Exited };
+    meta.finished_at = Some(now_rfc3339());
+    meta.exit =
+        Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });
+    sandbox.write_meta(&meta)?;
+
+    if let Some(reason) = &ending.setup_failed {
+        audit.record(AuditEvent::Error { stage: "setup".into(), message: reason.clone() })?;
+        if let Some(layer) = layer {
+            let _ = layer.discard();
+        }
+        return Err(RunError::SetupFailed(reason.clone()));
+    }
+    if let Some((_, message)) = &ending.exec_failed {
+        notify(Notice::Warning(message.clone()));
+    }
+
+    let succeeded = exit_code == 0;
+    let action = if succeeded { policy.cleanup.on_success } else { policy.cleanup.on_failure };
+    let remove = remove_after || action == CleanupAction::Remove;
+
+    // Finalize: persist the writable layer, summarize the change, capture artifacts.
+    let mut changes = None;
+    let mut artifacts = Vec::new();
+    if let (Some(layer), Some(ws)) = (layer, workspace) {
+        // Scrubbed before it is copied to disk (as root it is still on its
+        // tmpfs here): an echoed credential never reaches the state dir.
+        if let Err(e) = crate::network::scrub_tree(&layer.upper, &secret_values) {
+            notify(Notice::Warning(format!("could not scrub secrets from the layer: {e}")));
+        }
+        // A sandbox about to be removed is summarized from its live layer;
+        // copying it to disk first would be wasted work.
+        let live_upper = layer.upper.clone();
+        let unpersisted = if remove {
+            Some(layer)
+        } else {
+            layer.persist(sandbox)?;
+            None
+        };
+        let review_upper = if remove { live_upper } else { sandbox.upper_dir() };
+        let diff = airlock_workspace::compute_diff(ws, &review_upper)?;
+        let stat = diff.stat();
+        audit.record(AuditEvent::DiffSummary {
+            added: stat.files_added + stat.dirs_added,
+            modified: stat.files_modified + stat.type_changed,
+            deleted: stat.files_deleted + stat.dirs_deleted,
+        })?;
+        changes = Some(stat);
+        if let Some(layer) = unpersisted {
+            let _ = layer.discard();
+        }
+    }
+    // Artifacts of a sandbox about to be removed would go with it.
+    if let Some(ws) = workspace
+        && !policy.artifacts.capture.is_empty()
+        && !remove
+    {
+        let upper = sandbox.upper_dir();
+        match airlock_workspace::capture_artifacts(
+            &upper,
+            ws,
+            &policy.artifacts.capture,
+            &sandbox.artifacts_dir(),
+            policy.artifacts.max_bytes,
+        ) {
+            Ok(files) => {
+                let bytes = files
+                    .iter()
+                    .filter_map(|f| std::fs::symlink_metadata(sandbox.artifacts_dir().join(f)).ok())
+                    .map(|m| m.len())
+                    .sum();
+                let names = files
+                    .iter()
+                    .map(|f| PathBuf::from(crate::network::redact_str(&f.to_string_lossy(), &secret_values)))
+                    .collect();
+                audit.record(AuditEvent::ArtifactsCaptured { files: names, bytes })?;
+                artifacts = files;
+            }
+            Err(e) => notify(Notice::Warning(format!("artifact capture: {e}"))),
+        }
+    }
+
+    // A credential echoed back by a server must not stay on disk.
+    for dir in [sandbox.artifacts_dir()] {
+        if let Err(e) = crate::network::scrub_tree(&dir, &secret_values) {
+            notify(Notice::Warning(format!("could not scrub secrets from {}: {e}", dir.display())));
+        }
+    }
+
+    tracing::debug!("phase: finalized");
+    if remove {
+        audit.record(AuditEvent::Removed {
+            reason: if remove_after {
+                "--rm".into()
+            } else {
+                format!("cleanup rule of policy {}", policy.name)
+            },
+        })?;
+        drop(audit);
+        drop(live);
+        sandbox.remove_all()?;
+    }
+    tracing::debug!("phase: cleaned up");
+    Ok(RunOutcome {
+        name,
+        exit_code,
+        timed_out: ending.timed_out,
+        oom_killed,
+        changes,
+        removed: remove,
+        artifacts,
+    })
+}
+
+#[derive(Default)]
+pub(crate) struct Ending {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub confined: bool,
+    pub setup_failed: Option<String>,
+    pub exec_failed: Option<(i32, String)>,
+}
+
+impl Ending {
+    pub fn exit_code(&self) -> i32 {
+        if self.timed_out {
+            return exit_codes::TIMED_OUT;
+        }
+        if let Some((code, _)) = self.exec_failed {
+            return code;
+        }
+        if self.setup_failed.is_some() {
+            return exit_codes::AIRLOCK_FAILED;
+        }
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(sig)) => 128 + sig,
+            (None, None) => exit_codes::AIRLOCK_FAILED,
+        }
+    }
+}
