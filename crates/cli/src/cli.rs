@@ -5,8 +5,10 @@ use std::io::{self, BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use airlock_policy::{Overrides, Policy, WorkspaceMode, parse_duration, parse_size};
+use airlock_proto::Stream;
+use airlock_proto::supervisor::ExecEvent;
 use airlock_runtime::state::StateRoot;
-use airlock_runtime::{RunRequest, ops};
+use airlock_runtime::{RunRequest, ops, supervisor};
 use clap::{Args, Parser, Subcommand};
 
 use crate::present;
@@ -28,6 +30,12 @@ pub struct Cli {
 enum Command {
     /// Run a command in a new sandbox (no daemon needed).
     Run(RunArgs),
+    /// Create a long-lived sandbox (run processes in it with `exec`).
+    Create(CreateArgs),
+    /// Run a process in a long-lived sandbox; its exit code is the process's.
+    Exec(ExecArgs),
+    /// Stop a long-lived sandbox (it stays until `rm`, for review).
+    Stop { name: String },
     /// Show what a sandbox changed in its workspace.
     Diff {
         name: String,
@@ -87,6 +95,19 @@ enum NetCommand {
 
 #[derive(Args)]
 struct RunArgs {
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+    /// Remove the sandbox after the run, whatever the policy's cleanup rule.
+    #[arg(long)]
+    rm: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// The options every new sandbox takes (`run` and `create`).
+#[derive(Args)]
+struct SandboxArgs {
     /// Built-in policy name (dev, ci, plugin, remediation) or a policy file.
     #[arg(long, default_value = "dev")]
     policy: String,
@@ -117,9 +138,46 @@ struct RunArgs {
     /// Set an environment variable inside (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
-    /// Remove the sandbox after the run, whatever the policy's cleanup rule.
+}
+
+impl SandboxArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            timeout: self.timeout,
+            memory: self.memory,
+            pids: self.pids,
+            cpus: self.cpus,
+            env: self.env.clone(),
+            workspace_mode: self.mode,
+            allow: self.allow.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+    /// Stop the sandbox after this long without an exec, e.g. 10m.
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<std::time::Duration>,
+    /// A label K=V (repeatable), for finding sandboxes later.
+    #[arg(long = "label", value_parser = parse_env)]
+    labels: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    name: String,
+    /// Set an environment variable for this process (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory inside the sandbox.
     #[arg(long)]
-    rm: bool,
+    cwd: Option<PathBuf>,
+    /// Kill the process after this long (exit code 124), e.g. 30s.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<std::time::Duration>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -149,6 +207,16 @@ fn parse_mode(s: &str) -> Result<WorkspaceMode, String> {
 pub fn dispatch(cli: Cli) -> CliResult {
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Create(args) => create(args),
+        Command::Exec(args) => exec(args),
+        Command::Stop { name } => {
+            let root = state()?;
+            supervisor::SupervisorClient::connect(&root.open(&name)?)
+                .map_err(|e| format!("sandbox {name} is not running: {e}"))?
+                .stop()?;
+            println!("stopping {name}");
+            Ok(0)
+        }
         Command::Diff { name, stat, json } => {
             let view = ops::diff(&state()?, &name)?;
             present::diff(&view, stat, json)?;
@@ -190,24 +258,64 @@ fn state() -> Result<StateRoot, Box<dyn std::error::Error>> {
 
 fn run(args: RunArgs) -> CliResult {
     let req = RunRequest {
-        policy: args.policy,
-        overrides: Overrides {
-            timeout: args.timeout,
-            memory: args.memory,
-            pids: args.pids,
-            cpus: args.cpus,
-            env: args.env,
-            workspace_mode: args.mode,
-            allow: args.allow,
-        },
-        workspace: args.workspace,
-        name: args.name,
+        overrides: args.sandbox.overrides(),
+        policy: args.sandbox.policy,
+        workspace: args.sandbox.workspace,
+        name: args.sandbox.name,
         remove_after: args.rm,
         command: args.command,
     };
     let outcome = airlock_runtime::run(&req, &mut present::notice)?;
     present::run_summary(&outcome);
     Ok(outcome.exit_code)
+}
+
+fn create(args: CreateArgs) -> CliResult {
+    let req = supervisor::CreateRequest {
+        name: args.sandbox.name.clone(),
+        policy: args.sandbox.policy.clone(),
+        overrides: args.sandbox.overrides(),
+        workspace: args.sandbox.workspace.clone(),
+        labels: args.labels.into_iter().collect(),
+        idle_timeout: args.idle_timeout,
+        env: Vec::new(),
+    };
+    let created = supervisor::create(&state()?, &req)?;
+    println!("{}", created.name);
+    Ok(0)
+}
+
+fn exec(args: ExecArgs) -> CliResult {
+    let root = state()?;
+    let client = supervisor::SupervisorClient::connect(&root.open(&args.name)?)
+        .map_err(|e| format!("sandbox {} is not running: {e}", args.name))?;
+    let spec = airlock_proto::supervisor::ExecSpec {
+        argv: args.command,
+        env: args.env,
+        cwd: args.cwd,
+        timeout_secs: args.timeout.map(|d| d.as_secs().max(1)),
+    };
+    let mut code = airlock_runtime::exit_codes::AIRLOCK_FAILED;
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    client.exec(&spec, &mut |event| match event {
+        ExecEvent::Started { .. } => {}
+        ExecEvent::Output { stream: Stream::Stdout, data } => {
+            let _ = out.write_all(&data);
+            let _ = out.flush();
+        }
+        ExecEvent::Output { stream: Stream::Stderr, data } => {
+            let _ = err.write_all(&data);
+        }
+        ExecEvent::Exited { code: c, signal, timed_out } => {
+            code = if timed_out {
+                airlock_runtime::exit_codes::TIMED_OUT
+            } else {
+                c.or(signal.map(|s| 128 + s)).unwrap_or(airlock_runtime::exit_codes::AIRLOCK_FAILED)
+            };
+        }
+    })?;
+    Ok(code)
 }
 
 fn apply(name: &str, yes: bool, allow_protected: bool) -> CliResult {

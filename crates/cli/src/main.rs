@@ -9,9 +9,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // The same binary is the in-sandbox agent; that role takes no flags.
-    if std::env::args().nth(1).as_deref() == Some(airlock_runtime::AGENT_ROLE) {
-        return code(airlock_agent::main());
+    // The same binary is the in-sandbox agent and each long-lived sandbox's
+    // supervisor; those roles take no flags.
+    match std::env::args().nth(1).as_deref() {
+        Some(airlock_runtime::AGENT_ROLE) => return code(airlock_agent::main()),
+        Some(airlock_runtime::supervisor::SUPERVISOR_ROLE) => {
+            return code(airlock_runtime::supervisor::main());
+        }
+        _ => {}
     }
     init_logging();
     let args = cli::Cli::parse();

@@ -72,8 +72,8 @@ pub(crate) async fn relay<C>(
     }
     let (more_out, bytes_in) =
         tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER)
-        .await
-        .unwrap_or((0, 0));
+            .await
+            .unwrap_or((0, 0));
     let mut event = ev.event(true, &rule, Handling::Tunnel);
     event.address = Some(addr.to_string());
     event.bytes_out = out + more_out;

@@ -451,3 +451,18 @@ pub fn cloexec_from(first: c_int) -> io::Result<()> {
     })
     .map(drop)
 }
+
+/// `fork(2)` through libc, which keeps its own state consistent in the
+/// child. Returns `Some(pid)` in the parent, `None` in the child.
+///
+/// # Safety
+/// The calling process must be single-threaded: the child continues with
+/// ordinary code, which may take locks another thread held.
+pub unsafe fn fork() -> io::Result<Option<i32>> {
+    // SAFETY: the caller guarantees there is no other thread.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        pid => Ok(Some(pid)),
+    }
+}

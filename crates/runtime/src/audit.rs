@@ -125,6 +125,23 @@ pub enum AuditEvent {
     },
     /// One decision of the egress proxy (a connection or a request).
     Network(airlock_egress::NetEvent),
+    /// A long-lived sandbox ran a process on request.
+    ExecStarted {
+        id: u32,
+        argv: Vec<String>,
+        pid: Option<i32>,
+    },
+    ExecEnded {
+        id: u32,
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        duration_ms: u64,
+    },
+    /// A long-lived sandbox was stopped: by request, deadline or idleness.
+    Stopped {
+        reason: String,
+    },
 }
 
 impl AuditEvent {
@@ -143,6 +160,9 @@ impl AuditEvent {
             AuditEvent::Removed { .. } => "removed",
             AuditEvent::Error { .. } => "error",
             AuditEvent::Network(_) => "network",
+            AuditEvent::ExecStarted { .. } => "exec_started",
+            AuditEvent::ExecEnded { .. } => "exec_ended",
+            AuditEvent::Stopped { .. } => "stopped",
         }
     }
 
@@ -151,7 +171,13 @@ impl AuditEvent {
     /// still running, or hide that its changes reached the workspace. The
     /// others are frequent and may ride on the page cache.
     fn must_sync(&self) -> bool {
-        matches!(self, AuditEvent::Exited { .. } | AuditEvent::Removed { .. } | AuditEvent::Applied { .. })
+        matches!(
+            self,
+            AuditEvent::Exited { .. }
+                | AuditEvent::Removed { .. }
+                | AuditEvent::Applied { .. }
+                | AuditEvent::Stopped { .. }
+        )
     }
 }
 

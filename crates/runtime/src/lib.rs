@@ -14,6 +14,7 @@ pub mod run;
 mod signals;
 pub mod state;
 mod stdio;
+pub mod supervisor;
 
 use std::io;
 use std::path::PathBuf;
@@ -73,6 +74,8 @@ pub enum RunError {
     StateNotTraversable(PathBuf, String),
     #[error("cannot find airlock's own executable: {0}")]
     SelfExe(#[source] io::Error),
+    #[error("sandbox supervisor: {0}")]
+    Supervisor(String),
     #[error("egress proxy: {0}")]
     Egress(String),
     #[error("cannot connect the sandbox's terminal: {0}")]

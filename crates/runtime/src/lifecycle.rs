@@ -74,6 +74,10 @@ pub(crate) fn launch_sandbox(
         exit: None,
         applied_at: None,
         degraded: degraded.clone(),
+        owner_uid: Some(rustix::process::getuid().as_raw()),
+        labels: Default::default(),
+        deadline_unix: None,
+        idle_timeout_secs: None,
     };
     sandbox.write_meta(&meta)?;
     let mut audit = AuditLog::open(&sandbox.audit_path())?;
@@ -243,7 +247,9 @@ pub(crate) fn finalize(
     remains: Remains,
     ending: Ending,
     duration: Duration,
-    remove_after: bool,
+    // Some(true): remove now (`--rm`); Some(false): keep whatever the policy
+    // says (long-lived sandboxes, removed by request); None: the policy's rule.
+    remove: Option<bool>,
     live: LiveLock,
     notify: &mut dyn FnMut(Notice),
 ) -> Result<RunOutcome, RunError> {
@@ -283,7 +289,8 @@ pub(crate) fn finalize(
 
     let succeeded = exit_code == 0;
     let action = if succeeded { policy.cleanup.on_success } else { policy.cleanup.on_failure };
-    let remove = remove_after || action == CleanupAction::Remove;
+    let remove_after = remove == Some(true);
+    let remove = remove.unwrap_or(action == CleanupAction::Remove);
 
     // Finalize: persist the writable layer, summarize the change, capture artifacts.
     let mut changes = None;

@@ -92,6 +92,7 @@ fn state_name(state: &SandboxState) -> &'static str {
         SandboxState::Running => "running",
         SandboxState::Exited => "exited",
         SandboxState::Failed => "failed",
+        SandboxState::Stopped => "stopped",
     }
 }
 

@@ -54,21 +54,55 @@ pub struct RunOutcome {
 const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcome, RunError> {
-    let base = Policy::resolve(&req.policy)?;
-    let policy = base.apply_overrides(&req.overrides)?;
-    if policy.isolation.tier == airlock_policy::Tier::Microvm {
-        return Err(RunError::TierUnavailable);
-    }
     if req.command.is_empty() {
         return Err(RunError::NoCommand);
     }
-    let workspace = resolve_workspace(&policy, req.workspace.as_deref())?;
+    let checked = check(&req.policy, &req.overrides, req.workspace.as_deref(), notify)?;
+    tracing::debug!("phase: start: policy resolved, host checked");
+    let root = StateRoot::from_env()?;
+    crate::prepare_state_root(&root, checked.host.is_root)?;
+    let sandbox = root.create_sandbox(req.name.as_deref())?;
+    let result = supervise(
+        &sandbox,
+        &checked.policy,
+        checked.workspace.as_deref(),
+        &checked.host,
+        checked.degraded,
+        req,
+        notify,
+    );
+    if let Err(e) = &result {
+        record_failure(&sandbox, e);
+    }
+    result
+}
+
+/// A request checked against the policy and the host, before anything exists.
+pub(crate) struct Checked {
+    pub policy: Policy,
+    pub workspace: Option<PathBuf>,
+    pub host: HostFacts,
+    pub degraded: Vec<String>,
+}
+
+/// Resolves the policy with the caller's overrides, the workspace, and what
+/// the host can enforce; refuses what the policy would not run weaker.
+pub(crate) fn check(
+    policy: &str,
+    overrides: &Overrides,
+    workspace: Option<&Path>,
+    notify: &mut dyn FnMut(Notice),
+) -> Result<Checked, RunError> {
+    let policy = Policy::resolve(policy)?.apply_overrides(overrides)?;
+    if policy.isolation.tier == airlock_policy::Tier::Microvm {
+        return Err(RunError::TierUnavailable);
+    }
+    let workspace = resolve_workspace(&policy, workspace)?;
     if policy.workspace.mode == WorkspaceMode::Rw && workspace.is_some() {
         notify(Notice::Warning(
             "workspace mode rw: the sandbox writes straight into the host directory, with no review".into(),
         ));
     }
-
     let is_root = rustix::process::geteuid().is_root();
     let cgroup_support = airlock_jail::cgroup::probe();
     let host = HostFacts {
@@ -94,16 +128,7 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
             policy.name
         )));
     }
-
-    tracing::debug!("phase: start: policy resolved, host checked");
-    let root = StateRoot::from_env()?;
-    crate::prepare_state_root(&root, is_root)?;
-    let sandbox = root.create_sandbox(req.name.as_deref())?;
-    let result = supervise(&sandbox, &policy, workspace.as_deref(), &host, degraded, req, notify);
-    if let Err(e) = &result {
-        record_failure(&sandbox, e);
-    }
-    result
+    Ok(Checked { policy, workspace, host, degraded })
 }
 
 fn resolve_workspace(policy: &Policy, requested: Option<&Path>) -> Result<Option<PathBuf>, RunError> {
@@ -250,7 +275,7 @@ fn supervise(
         Remains { name, meta, audit, cgroup, layer, secret_values },
         ending,
         duration,
-        req.remove_after,
+        if req.remove_after { Some(true) } else { None },
         live,
         notify,
     )
@@ -269,7 +294,7 @@ fn truncate(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-fn record_failure(sandbox: &SandboxDir, error: &RunError) {
+pub(crate) fn record_failure(sandbox: &SandboxDir, error: &RunError) {
     if let Ok(mut audit) = AuditLog::open(&sandbox.audit_path()) {
         let _ = audit.record(AuditEvent::Error { stage: "run".into(), message: error.to_string() });
     }

@@ -337,6 +337,17 @@ pub struct SandboxMeta {
     /// Features the sandbox ran without because the policy allowed it and
     /// the host lacked them, e.g. "cgroups".
     pub degraded: Vec<String>,
+    /// Who asked for the sandbox (the daemon's tenancy is by uid).
+    #[serde(default)]
+    pub owner_uid: Option<u32>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Long-lived sandboxes: when the supervisor stops it (Unix seconds),
+    /// and after how long without an exec it stops on its own.
+    #[serde(default)]
+    pub deadline_unix: Option<u64>,
+    #[serde(default)]
+    pub idle_timeout_secs: Option<u64>,
 }
 
 /// Where a sandbox is in its life. Written as a lowercase string.
@@ -349,6 +360,8 @@ pub enum SandboxState {
     Exited,
     /// airlock itself failed; the command may never have run.
     Failed,
+    /// A long-lived sandbox that was stopped (by request, deadline or idleness).
+    Stopped,
 }
 
 /// How the command ended.
@@ -787,6 +800,10 @@ mod tests {
             exit: Some(ExitInfo { code: Some(0), signal: None, timed_out: false, oom_killed: false }),
             applied_at: None,
             degraded: vec!["cgroups".into()],
+            owner_uid: None,
+            labels: Default::default(),
+            deadline_unix: None,
+            idle_timeout_secs: None,
         }
     }
 

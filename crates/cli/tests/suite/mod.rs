@@ -4,5 +4,6 @@ mod cli;
 mod egress;
 mod escape;
 mod lifecycle;
+mod longlived;
 mod rootless;
 mod workspace;

@@ -1,0 +1,133 @@
+//! Long-lived sandboxes: `create`, `exec`, `stop`, each owned by a detached
+//! supervisor process that enforces the deadline and the idle timeout.
+
+use std::process::Output;
+
+use super::support::*;
+
+fn create(env: &Env, name: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["create", "--name", name];
+    args.extend_from_slice(extra);
+    env.airlock(args).output().unwrap()
+}
+
+fn exec(env: &Env, name: &str, script: &str) -> Output {
+    env.airlock(["exec", name, "--", "sh", "-c", script]).output().unwrap()
+}
+
+fn state_of(env: &Env, name: &str) -> String {
+    let o = env.airlock(["ls", "--json"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .map(|s| s["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+fn supervisor_pid(env: &Env, name: &str) -> i32 {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.sandbox_dir(name).join("meta.json")).unwrap()).unwrap();
+    meta["supervisor_pid"].as_i64().unwrap() as i32
+}
+
+#[test]
+fn create_exec_stop_and_review() {
+    let env = Env::new();
+    let o = create(&env, "svc", &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), "svc");
+    assert_eq!(state_of(&env, "svc"), "running");
+
+    let o = exec(&env, "svc", "echo out; echo err >&2; hostname; exit 3");
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert_eq!(stdout(&o), "out\nsvc\n");
+    assert_eq!(stderr(&o), "err\n");
+
+    // Processes see the workspace through the overlay, like `run`.
+    let o = exec(&env, "svc", "echo patched >> src/lib.c; cat src/lib.c");
+    assert_eq!(stdout(&o), "int x;\npatched\n", "{}", show(&o));
+    assert_eq!(std::fs::read_to_string(env.workspace.join("src/lib.c")).unwrap(), "int x;\n");
+
+    let o = env.airlock(["exec", "svc", "--", "no-such-program"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(127), "{}", show(&o));
+    let o = env.airlock(["exec", "svc", "--timeout", "1s", "--", "sleep", "30"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(124), "{}", show(&o));
+
+    let o = env.airlock(["stop", "svc"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(wait_until(10, || state_of(&env, "svc") == "stopped"), "state {}", state_of(&env, "svc"));
+    // Nothing is lost: diff, logs and audit stay until rm.
+    let o = env.airlock(["diff", "svc", "--stat"]).output().unwrap();
+    assert!(stdout(&o).contains("src/lib.c"), "{}", show(&o));
+    let log = std::fs::read_to_string(env.sandbox_dir("svc").join("logs/stdout.log")).unwrap();
+    assert!(log.contains("out\n"), "{log}");
+    let audit = std::fs::read_to_string(env.sandbox_dir("svc").join("audit.jsonl")).unwrap();
+    for event in ["\"exec_started\"", "\"exec_ended\"", "\"stopped\"", "stopped on request"] {
+        assert!(audit.contains(event), "{event} missing: {audit}");
+    }
+    let o = env.airlock(["rm", "svc"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+}
+
+#[test]
+fn execs_run_concurrently() {
+    let env = Env::new();
+    assert_eq!(create(&env, "many", &[]).status.code(), Some(0));
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let mut cmd = env.airlock(["exec", "many", "--", "sh", "-c", &format!("sleep 1; echo {i}")]);
+            std::thread::spawn(move || cmd.output().unwrap())
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    for (i, h) in handles.into_iter().enumerate() {
+        let o = h.join().unwrap();
+        assert_eq!(stdout(&o), format!("{i}\n"), "{}", show(&o));
+    }
+    assert!(started.elapsed().as_secs() < 4, "execs ran one after another");
+    let _ = env.airlock(["rm", "many"]).output();
+}
+
+#[test]
+fn idle_timeout_and_deadline_stop_the_sandbox() {
+    let env = Env::new();
+    assert_eq!(create(&env, "idle", &["--idle-timeout", "2s"]).status.code(), Some(0));
+    assert_eq!(create(&env, "deadline", &["--timeout", "2s"]).status.code(), Some(0));
+    assert!(wait_until(15, || state_of(&env, "idle") == "stopped"));
+    assert!(wait_until(15, || state_of(&env, "deadline") == "stopped"));
+    let idle = std::fs::read_to_string(env.sandbox_dir("idle").join("audit.jsonl")).unwrap();
+    assert!(idle.contains("idle timeout reached"), "{idle}");
+    let deadline = std::fs::read_to_string(env.sandbox_dir("deadline").join("audit.jsonl")).unwrap();
+    assert!(deadline.contains("maximum runtime reached"), "{deadline}");
+}
+
+#[test]
+fn the_supervisor_is_detached_and_its_death_is_cleaned_up() {
+    let env = Env::new();
+    assert_eq!(create(&env, "owned", &[]).status.code(), Some(0));
+    let pid = supervisor_pid(&env, "owned");
+    // Not a child of whoever created it: it outlives its creator.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ppid: i32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_ne!(ppid, std::process::id() as i32);
+    let token = "sleep 04242.4205";
+    let mut bg =
+        env.airlock(["exec", "owned", "--", "sh", "-c", "t=4242.420$((2+3)); sleep 0$t"]).spawn().unwrap();
+    assert!(wait_until(10, || !pids_running(token).is_empty()), "exec never started");
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    assert!(wait_until(10, || pids_running(token).is_empty()), "survivors: {:?}", pids_running(token));
+    let _ = bg.wait();
+    assert!(wait_until(10, || state_of(&env, "owned") == "lost"), "state {}", state_of(&env, "owned"));
+    let o = env.airlock(["gc", "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["lost"][0], "owned", "{report}");
+    let audit = std::fs::read_to_string(env.sandbox_dir("owned").join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"supervisor_lost\""), "{audit}");
+}

@@ -1,0 +1,740 @@
+//! Long-lived sandboxes: one small supervisor process per sandbox.
+//!
+//! The supervisor owns its sandbox for its whole life, not the daemon: it
+//! starts it (the same launch as `airlock run`, with the agent in service
+//! mode), serves requests on `<state>/<name>/supervisor.sock` (exec, stop,
+//! extend, status), enforces the deadline and the idle timeout, and
+//! finalizes the sandbox when it stops. It is detached (its own session,
+//! reparented to init), so the daemon can die and restart while sandboxes
+//! keep running and their deadlines keep firing.
+//!
+//! Threads: the main one waits for the next reason to stop; one reads the
+//! agent's messages and routes exec events to the connection that asked;
+//! one accepts client connections, each served on its own thread.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use airlock_policy::{Overrides, Policy};
+use airlock_proto::supervisor::{ExecEvent, ExecSpec, Reply, Request};
+use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Stream};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::lifecycle::{Ending, Launched, Remains, finalize, launch_sandbox, pid_of};
+use crate::run::Notice;
+use crate::state::{SandboxDir, SandboxState, StateRoot};
+use crate::{RunError, now_rfc3339};
+
+/// argv[1] of the supervisor role.
+pub const SUPERVISOR_ROLE: &str = "__supervise";
+/// The descriptor on which the supervisor reports "ready NAME" or "error …".
+const READY_FD: i32 = 3;
+/// The socket clients reach the supervisor on, inside the sandbox's state dir.
+pub const SOCKET: &str = "supervisor.sock";
+
+/// What a client asks for when creating a long-lived sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateRequest {
+    pub name: Option<String>,
+    pub policy: String,
+    #[serde(skip)]
+    pub overrides: Overrides,
+    pub workspace: Option<PathBuf>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub idle_timeout: Option<Duration>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+/// The wire form of a request to the supervisor process (overrides are not
+/// serializable as a whole; their parts are).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Spec {
+    request: CreateRequest,
+    timeout: Option<Duration>,
+    memory: Option<u64>,
+    pids: Option<u64>,
+    cpus: Option<f64>,
+    env: Vec<(String, String)>,
+    workspace_mode: Option<String>,
+    allow: Vec<String>,
+    owner_uid: u32,
+}
+
+pub struct Created {
+    pub name: String,
+}
+
+/// Starts a detached supervisor for a new sandbox and waits until the
+/// sandbox runs (or says why it could not).
+pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError> {
+    // Validate here, so that a bad request fails fast with the real error.
+    let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
+    drop(policy);
+    let o = &req.overrides;
+    let spec = Spec {
+        request: req.clone(),
+        timeout: o.timeout,
+        memory: o.memory,
+        pids: o.pids,
+        cpus: o.cpus,
+        env: o.env.iter().cloned().chain(req.env.iter().cloned()).collect(),
+        workspace_mode: o.workspace_mode.map(|m| m.to_string()),
+        allow: o.allow.clone(),
+        owner_uid: rustix::process::getuid().as_raw(),
+    };
+    let spec_json = serde_json::to_vec(&spec).map_err(|e| RunError::Supervisor(e.to_string()))?;
+    let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
+    let (ready_read, ready_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| RunError::Supervisor(e.to_string()))?;
+    let ready_raw = std::os::fd::AsRawFd::as_raw_fd(&ready_write);
+    let mut cmd = Command::new(exe);
+    cmd.arg(SUPERVISOR_ROLE)
+        .env("AIRLOCK_STATE_DIR", root.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: between fork and exec this only calls setsid and dup2, both
+    // async-signal-safe raw system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::setsid()?;
+            airlock_jail::sys::raw_dup_to(ready_raw, READY_FD)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| RunError::Supervisor(format!("cannot start: {e}")))?;
+    drop(ready_write);
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&spec_json).map_err(|e| RunError::Supervisor(e.to_string()))?;
+    }
+    let mut answer = String::new();
+    let _ = io::BufRead::read_line(&mut io::BufReader::new(std::fs::File::from(ready_read)), &mut answer);
+    // The first process exits as soon as it has forked the real supervisor.
+    let _ = child.wait();
+    let answer = answer.trim();
+    match answer.split_once(' ') {
+        Some(("ready", name)) => Ok(Created { name: name.to_string() }),
+        Some(("error", message)) => Err(RunError::Supervisor(message.to_string())),
+        _ => Err(RunError::Supervisor(format!("the supervisor ended without saying why ({answer:?})"))),
+    }
+}
+
+/// The supervisor role's entry point (`airlock __supervise`).
+pub fn main() -> i32 {
+    // SAFETY: the READY_FD descriptor was placed by `create` for us alone.
+    let ready = unsafe { OwnedFd::from_raw_fd(READY_FD) };
+    let mut ready = std::fs::File::from(ready);
+    // Detach for good: the first process exits, the second is reparented
+    // to init (or the nearest subreaper) and outlives whoever created it.
+    // SAFETY: nothing has started a thread yet in this process.
+    match unsafe { airlock_jail::sys::fork() } {
+        Ok(Some(_)) => return 0,
+        Ok(None) => {}
+        Err(e) => {
+            let _ = writeln!(ready, "error cannot detach: {e}");
+            return 1;
+        }
+    }
+    let mut input = Vec::new();
+    if let Err(e) = io::stdin().read_to_end(&mut input) {
+        let _ = writeln!(ready, "error cannot read the request: {e}");
+        return 1;
+    }
+    let mut ready = Some(ready);
+    match serve_new(&input, &mut ready) {
+        Ok(()) => 0,
+        Err(e) => {
+            if let Some(ready) = ready.as_mut() {
+                let _ = writeln!(ready, "error {}", one_line(&e.to_string()));
+            } else {
+                tracing::error!("sandbox supervisor failed: {e}");
+            }
+            1
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.replace('\n', " ")
+}
+
+fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunError> {
+    let spec: Spec = serde_json::from_slice(input).map_err(|e| RunError::Supervisor(e.to_string()))?;
+    let mode = match &spec.workspace_mode {
+        Some(m) => Some(m.parse().map_err(RunError::Supervisor)?),
+        None => None,
+    };
+    let overrides = Overrides {
+        timeout: spec.timeout,
+        memory: spec.memory,
+        pids: spec.pids,
+        cpus: spec.cpus,
+        env: spec.env.clone(),
+        workspace_mode: mode,
+        allow: spec.allow.clone(),
+    };
+    let req = &spec.request;
+    let checked = crate::run::check(&req.policy, &overrides, req.workspace.as_deref(), &mut |_| {})?;
+    let root = StateRoot::from_env()?;
+    crate::prepare_state_root(&root, checked.host.is_root)?;
+    let sandbox = root.create_sandbox(req.name.as_deref())?;
+    let live = sandbox.lock_live()?;
+    let launched = match launch_sandbox(
+        &sandbox,
+        &checked.policy,
+        checked.workspace.as_deref(),
+        &checked.host,
+        checked.degraded.clone(),
+        &[],
+        false,
+    ) {
+        Ok(l) => l,
+        Err(e) => {
+            crate::run::record_failure(&sandbox, &e);
+            return Err(e);
+        }
+    };
+    let mut supervisor = Supervisor::start(&sandbox, &checked.policy, launched, &spec, req)?;
+    // Said once, then the descriptor is closed: the creator returns now.
+    if let Some(mut ready) = ready.take() {
+        let _ = writeln!(ready, "ready {}", sandbox.name());
+    }
+    let outcome = supervisor.run();
+    supervisor.finish(&sandbox, &checked.policy, checked.workspace.as_deref(), live, outcome)
+}
+
+/// Why the sandbox stops.
+enum StopReason {
+    Requested,
+    Deadline,
+    Idle,
+    AgentGone,
+}
+
+impl StopReason {
+    fn text(&self) -> &'static str {
+        match self {
+            StopReason::Requested => "stopped on request",
+            StopReason::Deadline => "maximum runtime reached",
+            StopReason::Idle => "idle timeout reached",
+            StopReason::AgentGone => "the sandbox's agent ended",
+        }
+    }
+}
+
+/// Messages to the supervisor's main thread.
+enum Control {
+    Stop,
+    AgentGone,
+}
+
+type ExecRoutes = Arc<Mutex<HashMap<u32, Sender<ExecEvent>>>>;
+
+struct Supervisor {
+    name: String,
+    launched: Option<Launched>,
+    agent: Arc<Mutex<UnixStream>>,
+    routes: ExecRoutes,
+    control_rx: Receiver<Control>,
+    deadline: Arc<AtomicU64>,
+    idle_timeout: Option<Duration>,
+    last_activity: Arc<Mutex<Instant>>,
+    running_execs: Arc<AtomicU32>,
+    started: Instant,
+    socket: PathBuf,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Supervisor {
+    fn start(
+        sandbox: &SandboxDir,
+        policy: &Policy,
+        mut launched: Launched,
+        spec: &Spec,
+        req: &CreateRequest,
+    ) -> Result<Supervisor, RunError> {
+        // The agent first confirms it is confined, then that it serves.
+        let _ = launched.control.set_read_timeout(Some(Duration::from_secs(60)));
+        for _ in 0..2 {
+            match airlock_proto::recv::<_, AgentMessage>(&mut launched.control) {
+                Ok(Some(AgentMessage::Confined { .. } | AgentMessage::Serving)) => {}
+                Ok(Some(AgentMessage::SetupFailed { step, message })) => {
+                    kill_agent(launched.agent_pid);
+                    return Err(RunError::SetupFailed(format!("{step}: {message}")));
+                }
+                other => {
+                    kill_agent(launched.agent_pid);
+                    return Err(RunError::SetupFailed(format!("the agent did not come up: {other:?}")));
+                }
+            }
+        }
+        let _ = launched.control.set_read_timeout(None);
+
+        let deadline = unix_now() + policy.limits.timeout.as_secs();
+        launched.meta.owner_uid = Some(spec.owner_uid);
+        launched.meta.labels = req.labels.clone();
+        launched.meta.deadline_unix = Some(deadline);
+        launched.meta.idle_timeout_secs = req.idle_timeout.map(|d| d.as_secs());
+        sandbox.write_meta(&launched.meta)?;
+
+        let socket = sandbox.path().join(SOCKET);
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).map_err(|e| RunError::State(socket.clone(), e))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| RunError::State(socket.clone(), e))?;
+        }
+
+        let agent_reader = launched.control.try_clone().map_err(|e| RunError::Supervisor(e.to_string()))?;
+        let agent = Arc::new(Mutex::new(
+            launched.control.try_clone().map_err(|e| RunError::Supervisor(e.to_string()))?,
+        ));
+        let routes: ExecRoutes = Arc::new(Mutex::new(HashMap::new()));
+        let (control_tx, control_rx) = mpsc::channel();
+        let last_activity = Arc::new(Mutex::new(Instant::now()));
+        let running_execs = Arc::new(AtomicU32::new(0));
+        let deadline = Arc::new(AtomicU64::new(deadline));
+        let logs = Logs::open(sandbox, &launched.secret_values)?;
+        let audit = Arc::new(Mutex::new(AuditLog::open(&sandbox.audit_path())?));
+
+        spawn_agent_reader(agent_reader, routes.clone(), control_tx.clone(), last_activity.clone(), logs);
+        let server = Server {
+            agent: agent.clone(),
+            routes: routes.clone(),
+            control: control_tx,
+            deadline: deadline.clone(),
+            idle_timeout: req.idle_timeout,
+            last_activity: last_activity.clone(),
+            running_execs: running_execs.clone(),
+            next_id: Arc::new(AtomicU32::new(1)),
+            audit,
+        };
+        std::thread::Builder::new()
+            .name("clients".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let server = server.clone();
+                    std::thread::spawn(move || server.handle(conn));
+                }
+            })
+            .map_err(|e| RunError::Supervisor(e.to_string()))?;
+
+        Ok(Supervisor {
+            name: sandbox.name().to_string(),
+            launched: Some(launched),
+            agent,
+            routes,
+            control_rx,
+            deadline,
+            idle_timeout: req.idle_timeout,
+            last_activity,
+            running_execs,
+            started: Instant::now(),
+            socket,
+        })
+    }
+
+    /// Waits for the reason to stop.
+    fn run(&mut self) -> StopReason {
+        loop {
+            let now = unix_now();
+            let deadline = self.deadline.load(Ordering::Relaxed);
+            if now >= deadline {
+                return StopReason::Deadline;
+            }
+            let mut wait = Duration::from_secs(deadline - now);
+            if let Some(idle) = self.idle_timeout {
+                let idle_for = self.last_activity.lock().map_or(Duration::ZERO, |t| t.elapsed());
+                if self.running_execs.load(Ordering::Relaxed) == 0 {
+                    if idle_for >= idle {
+                        return StopReason::Idle;
+                    }
+                    wait = wait.min(idle - idle_for);
+                } else {
+                    wait = wait.min(idle);
+                }
+            }
+            match self.control_rx.recv_timeout(wait.min(Duration::from_secs(60))) {
+                Ok(Control::Stop) => return StopReason::Requested,
+                Ok(Control::AgentGone) => return StopReason::AgentGone,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return StopReason::AgentGone,
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        sandbox: &SandboxDir,
+        policy: &Policy,
+        workspace: Option<&Path>,
+        live: crate::state::LiveLock,
+        reason: StopReason,
+    ) -> Result<(), RunError> {
+        let _ = std::fs::remove_file(&self.socket);
+        let Some(launched) = self.launched.take() else { return Ok(()) };
+        let Launched {
+            name,
+            meta,
+            mut audit,
+            cgroup,
+            layer,
+            network,
+            secret_values,
+            mut stdio,
+            agent_pid,
+            control,
+        } = launched;
+        audit.record(AuditEvent::Stopped { reason: reason.text().to_string() })?;
+        kill_agent(agent_pid);
+        if let Some(cg) = &cgroup {
+            let _ = cg.kill_all();
+        }
+        let _ = airlock_jail::sys::wait_pid(agent_pid);
+        drop(control);
+        if let Ok(agent) = self.agent.lock() {
+            let _ = agent.shutdown(std::net::Shutdown::Both);
+        }
+        // Anyone still waiting on an exec learns it ended with the sandbox.
+        if let Ok(mut routes) = self.routes.lock() {
+            for (_, tx) in routes.drain() {
+                let _ =
+                    tx.send(ExecEvent::Exited { code: None, signal: Some(libc::SIGKILL), timed_out: false });
+            }
+        }
+        if let Some(n) = network {
+            n.stop();
+        }
+        stdio.release_child_ends();
+        stdio.finish();
+        let ending = Ending {
+            timed_out: matches!(reason, StopReason::Deadline),
+            confined: true,
+            code: Some(0),
+            ..Ending::default()
+        };
+        let mut notices = Vec::new();
+        let outcome = finalize(
+            sandbox,
+            policy,
+            workspace,
+            Remains { name, meta, audit, cgroup, layer, secret_values },
+            ending,
+            self.started.elapsed(),
+            Some(false),
+            live,
+            &mut |n| notices.push(n),
+        )?;
+        // A long-lived sandbox ends "stopped", whatever the cleanup did.
+        if !outcome.removed
+            && let Ok(mut meta) = sandbox.read_meta()
+        {
+            meta.state = SandboxState::Stopped;
+            meta.finished_at = Some(now_rfc3339());
+            sandbox.write_meta(&meta)?;
+        }
+        for n in notices {
+            if let Notice::Warning(w) = n {
+                tracing::warn!(sandbox = %self.name, "{w}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn kill_agent(pid: i32) {
+    let _ = rustix::process::kill_process(pid_of(pid), rustix::process::Signal::KILL);
+}
+
+/// Exec output goes to the sandbox's logs too, redacted like `run`'s.
+struct Logs {
+    out: std::fs::File,
+    err: std::fs::File,
+    secrets: Vec<(String, Vec<u8>)>,
+}
+
+impl Logs {
+    fn open(sandbox: &SandboxDir, secrets: &[(String, Vec<u8>)]) -> Result<Logs, RunError> {
+        let open = |p: PathBuf| {
+            std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| RunError::State(p, e))
+        };
+        Ok(Logs {
+            out: open(sandbox.stdout_log())?,
+            err: open(sandbox.stderr_log())?,
+            secrets: secrets.to_vec(),
+        })
+    }
+
+    fn write(&mut self, stream: Stream, data: &[u8]) -> Vec<u8> {
+        let data = if self.secrets.is_empty() {
+            data.to_vec()
+        } else {
+            airlock_egress::redact::redact_all(data, &self.secrets)
+        };
+        let file = match stream {
+            Stream::Stdout => &mut self.out,
+            Stream::Stderr => &mut self.err,
+        };
+        let _ = file.write_all(&data);
+        data
+    }
+}
+
+fn spawn_agent_reader(
+    mut agent: UnixStream,
+    routes: ExecRoutes,
+    control: Sender<Control>,
+    last_activity: Arc<Mutex<Instant>>,
+    mut logs: Logs,
+) {
+    std::thread::spawn(move || {
+        while let Ok(Some(msg)) = airlock_proto::recv::<_, AgentMessage>(&mut agent) {
+            if let Ok(mut t) = last_activity.lock() {
+                *t = Instant::now();
+            }
+            let (id, event, last) = match msg {
+                AgentMessage::ExecStarted { id, pid } => (id, ExecEvent::Started { pid }, false),
+                AgentMessage::ExecOutput { id, stream, data } => {
+                    let data = logs.write(stream, &data);
+                    (id, ExecEvent::Output { stream, data }, false)
+                }
+                AgentMessage::ExecRefused { id, exit_code, message } => {
+                    let data = logs.write(Stream::Stderr, format!("airlock: {message}\n").as_bytes());
+                    if let Ok(r) = routes.lock()
+                        && let Some(tx) = r.get(&id)
+                    {
+                        let _ = tx.send(ExecEvent::Output { stream: Stream::Stderr, data });
+                    }
+                    (id, ExecEvent::Exited { code: Some(exit_code), signal: None, timed_out: false }, true)
+                }
+                AgentMessage::ExecEnded { id, code, signal } => {
+                    (id, ExecEvent::Exited { code, signal, timed_out: false }, true)
+                }
+                _ => continue,
+            };
+            if let Ok(mut r) = routes.lock() {
+                if let Some(tx) = r.get(&id) {
+                    let _ = tx.send(event);
+                }
+                if last {
+                    r.remove(&id);
+                }
+            }
+        }
+        let _ = control.send(Control::AgentGone);
+    });
+}
+
+/// Serves client connections; cloned per connection.
+#[derive(Clone)]
+struct Server {
+    agent: Arc<Mutex<UnixStream>>,
+    routes: ExecRoutes,
+    control: Sender<Control>,
+    deadline: Arc<AtomicU64>,
+    idle_timeout: Option<Duration>,
+    last_activity: Arc<Mutex<Instant>>,
+    running_execs: Arc<AtomicU32>,
+    next_id: Arc<AtomicU32>,
+    audit: Arc<Mutex<AuditLog>>,
+}
+
+impl Server {
+    fn handle(&self, mut conn: UnixStream) {
+        let request = match airlock_proto::recv::<_, Request>(&mut conn) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                let _ = airlock_proto::send(&mut conn, &Reply::Error { message: e.to_string() });
+                return;
+            }
+        };
+        let reply = match request {
+            Request::Exec(spec) => return self.exec(conn, spec),
+            Request::Stop => {
+                let _ = self.control.send(Control::Stop);
+                Reply::Ok
+            }
+            Request::Extend { seconds } => {
+                self.deadline.fetch_add(seconds, Ordering::Relaxed);
+                Reply::Ok
+            }
+            Request::Status => Reply::Status {
+                running: true,
+                deadline_unix: self.deadline.load(Ordering::Relaxed),
+                idle_timeout_secs: self.idle_timeout.map(|d| d.as_secs()),
+                execs_running: self.running_execs.load(Ordering::Relaxed),
+            },
+        };
+        let _ = airlock_proto::send(&mut conn, &reply);
+    }
+
+    fn exec(&self, mut conn: UnixStream, spec: ExecSpec) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        if let Ok(mut r) = self.routes.lock() {
+            r.insert(id, tx);
+        }
+        self.running_execs.fetch_add(1, Ordering::Relaxed);
+        let request = HostMessage::Exec(Box::new(ExecRequest {
+            id,
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+            cwd: spec.cwd.clone(),
+        }));
+        let sent =
+            self.agent.lock().map(|mut a| airlock_proto::send(&mut *a, &request).is_ok()).unwrap_or(false);
+        if sent {
+            self.relay_exec(&mut conn, id, &spec, &rx);
+        } else {
+            let message = "the sandbox's agent is gone".to_string();
+            let _ = airlock_proto::send(&mut conn, &Reply::Error { message });
+        }
+        if let Ok(mut r) = self.routes.lock() {
+            r.remove(&id);
+        }
+        self.running_execs.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut t) = self.last_activity.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    /// Relays an exec's events to its client until it ends, enforcing its
+    /// timeout and recording its start and end in the audit log.
+    fn relay_exec(&self, conn: &mut UnixStream, id: u32, spec: &ExecSpec, rx: &Receiver<ExecEvent>) {
+        let started = Instant::now();
+        let deadline = spec.timeout_secs.map(|s| started + Duration::from_secs(s));
+        let mut timed_out = false;
+        let mut pid = None;
+        loop {
+            let wait =
+                deadline.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
+            let event = match rx.recv_timeout(wait) {
+                Ok(event) => event,
+                Err(mpsc::RecvTimeoutError::Timeout) if deadline.is_some() && !timed_out => {
+                    timed_out = true;
+                    let kill = HostMessage::Signal { id, signal: libc::SIGKILL };
+                    if let Ok(mut a) = self.agent.lock() {
+                        let _ = airlock_proto::send(&mut *a, &kill);
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let event = match event {
+                ExecEvent::Started { pid: p } => {
+                    pid = Some(p);
+                    self.record(AuditEvent::ExecStarted { id, argv: spec.argv.clone(), pid: Some(p) });
+                    ExecEvent::Started { pid: p }
+                }
+                ExecEvent::Exited { code, signal, .. } if timed_out => {
+                    ExecEvent::Exited { code: Some(crate::exit_codes::TIMED_OUT).or(code), signal, timed_out }
+                }
+                other => other,
+            };
+            let last = matches!(event, ExecEvent::Exited { .. });
+            if let ExecEvent::Exited { code, signal, timed_out } = &event {
+                if pid.is_none() {
+                    self.record(AuditEvent::ExecStarted { id, argv: spec.argv.clone(), pid: None });
+                }
+                self.record(AuditEvent::ExecEnded {
+                    id,
+                    code: *code,
+                    signal: *signal,
+                    timed_out: *timed_out,
+                    duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            // A client that went away does not stop the process.
+            let _ = airlock_proto::send(conn, &Reply::Exec(event));
+            if last {
+                return;
+            }
+        }
+    }
+
+    fn record(&self, event: AuditEvent) {
+        if let Ok(mut audit) = self.audit.lock() {
+            let _ = audit.record(event);
+        }
+    }
+}
+
+/// A client of one sandbox's supervisor (the daemon, the CLI).
+pub struct SupervisorClient {
+    socket: PathBuf,
+}
+
+impl SupervisorClient {
+    pub fn connect(sandbox: &SandboxDir) -> io::Result<SupervisorClient> {
+        let socket = sandbox.path().join(SOCKET);
+        // Fail now, not on first use, when nobody is listening.
+        UnixStream::connect(&socket)?;
+        Ok(SupervisorClient { socket })
+    }
+
+    fn request(&self, request: &Request) -> io::Result<UnixStream> {
+        let mut conn = UnixStream::connect(&self.socket)?;
+        airlock_proto::send(&mut conn, request).map_err(io::Error::other)?;
+        Ok(conn)
+    }
+
+    fn simple(&self, request: &Request) -> io::Result<Reply> {
+        let mut conn = self.request(request)?;
+        match airlock_proto::recv::<_, Reply>(&mut conn).map_err(io::Error::other)? {
+            Some(Reply::Error { message }) => Err(io::Error::other(message)),
+            Some(reply) => Ok(reply),
+            None => Err(io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+
+    /// Runs a process and reports its events until it ends.
+    pub fn exec(&self, spec: &ExecSpec, on_event: &mut dyn FnMut(ExecEvent)) -> io::Result<()> {
+        let mut conn = self.request(&Request::Exec(spec.clone()))?;
+        loop {
+            match airlock_proto::recv::<_, Reply>(&mut conn).map_err(io::Error::other)? {
+                Some(Reply::Exec(event)) => {
+                    let last = matches!(event, ExecEvent::Exited { .. });
+                    on_event(event);
+                    if last {
+                        return Ok(());
+                    }
+                }
+                Some(Reply::Error { message }) => return Err(io::Error::other(message)),
+                Some(_) => {}
+                None => return Err(io::Error::other("the sandbox stopped during the exec")),
+            }
+        }
+    }
+
+    pub fn stop(&self) -> io::Result<()> {
+        self.simple(&Request::Stop).map(drop)
+    }
+
+    pub fn extend(&self, seconds: u64) -> io::Result<()> {
+        self.simple(&Request::Extend { seconds }).map(drop)
+    }
+
+    pub fn status(&self) -> io::Result<Reply> {
+        self.simple(&Request::Status)
+    }
+}
