@@ -34,6 +34,9 @@ enum Command {
     Create(CreateArgs),
     /// Run a process in a long-lived sandbox; its exit code is the process's.
     Exec(ExecArgs),
+    /// Copy a file into or out of a long-lived sandbox: `cp FILE NAME:/path`,
+    /// `cp NAME:/path FILE`.
+    Cp { source: String, destination: String },
     /// Stop a long-lived sandbox (it stays until `rm`, for review).
     Stop { name: String },
     /// Show what a sandbox changed in its workspace.
@@ -209,6 +212,7 @@ pub fn dispatch(cli: Cli) -> CliResult {
         Command::Run(args) => run(args),
         Command::Create(args) => create(args),
         Command::Exec(args) => exec(args),
+        Command::Cp { source, destination } => cp(&source, &destination),
         Command::Stop { name } => {
             let root = state()?;
             supervisor::SupervisorClient::connect(&root.open(&name)?)
@@ -298,7 +302,8 @@ fn exec(args: ExecArgs) -> CliResult {
     let mut code = airlock_runtime::exit_codes::AIRLOCK_FAILED;
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
-    client.exec(&spec, &mut |event| match event {
+    let input: Box<dyn std::io::Read + Send> = Box::new(std::io::stdin());
+    client.exec_with_input(&spec, Some(input), &mut |event| match event {
         ExecEvent::Started { .. } => {}
         ExecEvent::Output { stream: Stream::Stdout, data } => {
             let _ = out.write_all(&data);
@@ -316,6 +321,67 @@ fn exec(args: ExecArgs) -> CliResult {
         }
     })?;
     Ok(code)
+}
+
+/// `NAME:/path` → (NAME, /path); a host path otherwise.
+fn sandbox_path(arg: &str) -> Option<(&str, &str)> {
+    let (name, path) = arg.split_once(':')?;
+    (airlock_runtime::state::validate_name(name).is_ok() && path.starts_with('/')).then_some((name, path))
+}
+
+/// Files only: the copy runs `cat` inside the sandbox, so the path is
+/// resolved in the sandbox's view and can reach nothing else. Directories
+/// coming out of a sandbox would be untrusted archives; use diff/apply.
+fn cp(source: &str, destination: &str) -> CliResult {
+    let root = state()?;
+    let client = |name: &str| -> Result<supervisor::SupervisorClient, Box<dyn std::error::Error>> {
+        Ok(supervisor::SupervisorClient::connect(&root.open(name)?)
+            .map_err(|e| format!("sandbox {name} is not running: {e}"))?)
+    };
+    let mut failed = None;
+    let mut collect = |event: ExecEvent, sink: &mut dyn Write| match event {
+        ExecEvent::Output { stream: Stream::Stdout, data } => {
+            let _ = sink.write_all(&data);
+        }
+        ExecEvent::Output { stream: Stream::Stderr, data } => {
+            let _ = std::io::stderr().write_all(&data);
+        }
+        ExecEvent::Exited { code, signal, .. } if code != Some(0) => {
+            failed = Some(code.or(signal.map(|s| 128 + s)))
+        }
+        _ => {}
+    };
+    match (sandbox_path(source), sandbox_path(destination)) {
+        (None, Some((name, path))) => {
+            let file = std::fs::File::open(source).map_err(|e| format!("{source}: {e}"))?;
+            if file.metadata()?.is_dir() {
+                return Err(format!("{source} is a directory; airlock cp copies files").into());
+            }
+            let spec = airlock_proto::supervisor::ExecSpec {
+                argv: vec!["sh".into(), "-c".into(), "cat > \"$1\"".into(), "sh".into(), path.into()],
+                ..Default::default()
+            };
+            client(name)?
+                .exec_with_input(&spec, Some(Box::new(file)), &mut |e| collect(e, &mut std::io::sink()))?;
+        }
+        (Some((name, path)), None) => {
+            let mut file = std::fs::File::create(destination).map_err(|e| format!("{destination}: {e}"))?;
+            let spec = airlock_proto::supervisor::ExecSpec {
+                argv: vec!["cat".into(), "--".into(), path.into()],
+                ..Default::default()
+            };
+            client(name)?.exec(&spec, &mut |e| collect(e, &mut file))?;
+            if failed.is_some() {
+                drop(file);
+                let _ = std::fs::remove_file(destination);
+            }
+        }
+        _ => return Err("exactly one of SOURCE and DESTINATION must be NAME:/absolute/path".into()),
+    }
+    match failed {
+        Some(code) => Err(format!("copy failed inside the sandbox (exit {})", code.unwrap_or(-1)).into()),
+        None => Ok(0),
+    }
 }
 
 fn apply(name: &str, yes: bool, allow_protected: bool) -> CliResult {

@@ -21,6 +21,12 @@ pub enum Request {
     Extend { seconds: u64 },
     /// How the sandbox is doing.
     Status,
+    /// After Exec, on the same connection: input for the process's stdin.
+    Stdin { data: Vec<u8> },
+    /// After Exec: the client's input ended.
+    CloseStdin,
+    /// After Exec: a signal for the process's group (SIGINT, SIGTERM, …).
+    Signal { signal: i32 },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

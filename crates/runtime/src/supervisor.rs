@@ -577,6 +577,9 @@ impl Server {
                 self.deadline.fetch_add(seconds, Ordering::Relaxed);
                 Reply::Ok
             }
+            Request::Stdin { .. } | Request::CloseStdin | Request::Signal { .. } => {
+                Reply::Error { message: "no exec on this connection: send Exec first".into() }
+            }
             Request::Status => Reply::Status {
                 running: true,
                 deadline_unix: self.deadline.load(Ordering::Relaxed),
@@ -603,6 +606,7 @@ impl Server {
         let sent =
             self.agent.lock().map(|mut a| airlock_proto::send(&mut *a, &request).is_ok()).unwrap_or(false);
         if sent {
+            self.forward_input(&conn, id);
             self.relay_exec(&mut conn, id, &spec, &rx);
         } else {
             let message = "the sandbox's agent is gone".to_string();
@@ -615,6 +619,30 @@ impl Server {
         if let Ok(mut t) = self.last_activity.lock() {
             *t = Instant::now();
         }
+    }
+
+    /// Passes what the client sends after Exec (stdin, signals) to the agent,
+    /// until the client closes its side.
+    fn forward_input(&self, conn: &UnixStream, id: u32) {
+        let Ok(mut reader) = conn.try_clone() else { return };
+        let agent = self.agent.clone();
+        std::thread::spawn(move || {
+            while let Ok(Some(request)) = airlock_proto::recv::<_, Request>(&mut reader) {
+                let msg = match request {
+                    Request::Stdin { data } if !data.is_empty() => HostMessage::Stdin { id, data },
+                    Request::Stdin { .. } | Request::CloseStdin => {
+                        HostMessage::Stdin { id, data: Vec::new() }
+                    }
+                    Request::Signal { signal } => HostMessage::Signal { id, signal },
+                    _ => continue,
+                };
+                let sent =
+                    agent.lock().map(|mut a| airlock_proto::send(&mut *a, &msg).is_ok()).unwrap_or(false);
+                if !sent {
+                    return;
+                }
+            }
+        });
     }
 
     /// Relays an exec's events to its client until it ends, enforcing its
@@ -707,9 +735,39 @@ impl SupervisorClient {
         }
     }
 
-    /// Runs a process and reports its events until it ends.
+    /// Runs a process and reports its events until it ends. Its stdin is
+    /// closed at once; see [`SupervisorClient::exec_with_input`].
     pub fn exec(&self, spec: &ExecSpec, on_event: &mut dyn FnMut(ExecEvent)) -> io::Result<()> {
+        self.exec_with_input(spec, None, on_event)
+    }
+
+    /// Like [`SupervisorClient::exec`], feeding `input` to the process's
+    /// stdin from another thread until it ends.
+    pub fn exec_with_input(
+        &self,
+        spec: &ExecSpec,
+        input: Option<Box<dyn Read + Send>>,
+        on_event: &mut dyn FnMut(ExecEvent),
+    ) -> io::Result<()> {
         let mut conn = self.request(&Request::Exec(spec.clone()))?;
+        let mut writer = conn.try_clone()?;
+        std::thread::spawn(move || {
+            if let Some(mut input) = input {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match input.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let data = buf[..n].to_vec();
+                            if airlock_proto::send(&mut writer, &Request::Stdin { data }).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            let _ = airlock_proto::send(&mut writer, &Request::CloseStdin);
+        });
         loop {
             match airlock_proto::recv::<_, Reply>(&mut conn).map_err(io::Error::other)? {
                 Some(Reply::Exec(event)) => {

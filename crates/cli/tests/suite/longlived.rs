@@ -131,3 +131,36 @@ fn the_supervisor_is_detached_and_its_death_is_cleaned_up() {
     let audit = std::fs::read_to_string(env.sandbox_dir("owned").join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"supervisor_lost\""), "{audit}");
 }
+
+#[test]
+fn stdin_reaches_an_exec_and_cp_copies_both_ways() {
+    use std::io::Write;
+    let env = Env::new();
+    assert_eq!(create(&env, "io", &[]).status.code(), Some(0));
+    let mut child = env
+        .airlock(["exec", "io", "--", "sh", "-c", "read a; read b; echo $b-$a"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"one\ntwo\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&o), "two-one\n", "{}", show(&o));
+
+    let fixture = env.dir.path().join("fixture.json");
+    std::fs::write(&fixture, "{\"a\": 1}\n").unwrap();
+    let o = env.airlock(["cp"]).arg(&fixture).arg("io:/tmp/fixture.json").output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = exec(&env, "io", "cat /tmp/fixture.json; echo made > /tmp/back.txt");
+    assert_eq!(stdout(&o), "{\"a\": 1}\n", "{}", show(&o));
+    let back = env.dir.path().join("back.txt");
+    let o = env.airlock(["cp", "io:/tmp/back.txt"]).arg(&back).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "made\n");
+    // A missing file is an error, and leaves nothing behind on the host.
+    let missing = env.dir.path().join("missing.txt");
+    let o = env.airlock(["cp", "io:/tmp/nope"]).arg(&missing).output().unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(!missing.exists());
+    let _ = env.airlock(["rm", "io"]).output();
+}
