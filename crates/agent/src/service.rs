@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -30,7 +31,10 @@ type Writer = Arc<Mutex<UnixStream>>;
 
 struct Running {
     id: u32,
-    stdin: Option<ChildStdin>,
+    /// The process's stdin pipe, or its terminal's master end.
+    stdin: Option<Box<dyn Write + Send>>,
+    /// The terminal's master end, for resizing.
+    terminal: Option<OwnedFd>,
     pumps: Vec<JoinHandle<()>>,
 }
 
@@ -123,6 +127,15 @@ fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, launch
                     }
                 }
             }
+            HostMessage::Resize { id, rows, cols } => {
+                if let Ok(t) = table.lock()
+                    && let Some(master) = t.values().find(|r| r.id == id).and_then(|r| r.terminal.as_ref())
+                {
+                    let size =
+                        rustix::termios::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+                    let _ = rustix::termios::tcsetwinsize(master, size);
+                }
+            }
             HostMessage::Launch(_) | HostMessage::Proceed => {}
         }
     }
@@ -142,15 +155,40 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
         .env_clear()
         .envs(launch.env.iter().cloned())
         .envs(req.env.iter().cloned())
-        .current_dir(&cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: setsid is a raw system call, async-signal-safe between fork
-    // and exec.
+        .current_dir(&cwd);
+    let terminal = match req.tty {
+        Some((rows, cols)) => match open_terminal(rows, cols) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                let message = format!("cannot open a terminal: {e}");
+                send(writer, AgentMessage::ExecRefused { id: req.id, exit_code: 126, message });
+                return;
+            }
+        },
+        None => None,
+    };
+    match &terminal {
+        Some((_, slave)) => {
+            let (Ok(a), Ok(b), Ok(c)) = (slave.try_clone(), slave.try_clone(), slave.try_clone()) else {
+                let message = "cannot share the terminal".to_string();
+                send(writer, AgentMessage::ExecRefused { id: req.id, exit_code: 126, message });
+                return;
+            };
+            cmd.stdin(Stdio::from(a)).stdout(Stdio::from(b)).stderr(Stdio::from(c));
+        }
+        None => {
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+    }
+    let tty = terminal.is_some();
+    // SAFETY: setsid and TIOCSCTTY are raw system calls, async-signal-safe
+    // between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             rustix::process::setsid()?;
+            if tty {
+                rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+            }
             Ok(())
         });
     }
@@ -167,16 +205,45 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
             return;
         }
     };
+    drop(cmd);
     let pid = child.id() as i32;
     send(writer, AgentMessage::ExecStarted { id: req.id, pid });
     let mut pumps = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        pumps.push(pump(writer.clone(), req.id, Stream::Stdout, out));
-    }
-    if let Some(err) = child.stderr.take() {
-        pumps.push(pump(writer.clone(), req.id, Stream::Stderr, err));
-    }
-    t.insert(pid, Running { id: req.id, stdin: child.stdin.take(), pumps });
+    let (stdin, master): (Option<Box<dyn Write + Send>>, Option<OwnedFd>) = match terminal {
+        Some((master, slave)) => {
+            drop(slave);
+            let (Ok(reader), Ok(input)) = (master.try_clone(), master.try_clone()) else { return };
+            pumps.push(pump(writer.clone(), req.id, Stream::Stdout, std::fs::File::from(reader)));
+            (Some(Box::new(std::fs::File::from(input))), Some(master))
+        }
+        None => {
+            if let Some(out) = child.stdout.take() {
+                pumps.push(pump(writer.clone(), req.id, Stream::Stdout, out));
+            }
+            if let Some(err) = child.stderr.take() {
+                pumps.push(pump(writer.clone(), req.id, Stream::Stderr, err));
+            }
+            (child.stdin.take().map(|s| Box::new(s) as Box<dyn Write + Send>), None)
+        }
+    };
+    t.insert(pid, Running { id: req.id, stdin, terminal: master, pumps });
+}
+
+/// A terminal pair from the sandbox's own devpts, of the given size.
+fn open_terminal(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname(&master, Vec::new())?;
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let size = rustix::termios::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    rustix::termios::tcsetwinsize(&master, size)?;
+    Ok((master, slave))
 }
 
 fn pump(writer: Writer, id: u32, stream: Stream, mut source: impl Read + Send + 'static) -> JoinHandle<()> {

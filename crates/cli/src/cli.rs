@@ -172,6 +172,12 @@ struct CreateArgs {
 #[derive(Args)]
 struct ExecArgs {
     name: String,
+    /// Pass this terminal's input to the process.
+    #[arg(long, short = 'i')]
+    interactive: bool,
+    /// Run the process on a terminal (with -i from a terminal: an interactive session).
+    #[arg(long, short = 't')]
+    tty: bool,
     /// Set an environment variable for this process (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -290,36 +296,54 @@ fn create(args: CreateArgs) -> CliResult {
 }
 
 fn exec(args: ExecArgs) -> CliResult {
+    use std::io::IsTerminal;
     let root = state()?;
     let client = supervisor::SupervisorClient::connect(&root.open(&args.name)?)
         .map_err(|e| format!("sandbox {} is not running: {e}", args.name))?;
+    let terminal = args.tty.then(crate::terminal::size).map(|s| s.unwrap_or((24, 80)));
     let spec = airlock_proto::supervisor::ExecSpec {
         argv: args.command,
         env: args.env,
         cwd: args.cwd,
         timeout_secs: args.timeout.map(|d| d.as_secs().max(1)),
+        tty: terminal,
     };
+    // Raw mode only for a real interactive session; restored on drop.
+    let _raw = (args.tty && args.interactive && std::io::stdin().is_terminal())
+        .then(crate::terminal::RawMode::enter);
+    let input: Option<Box<dyn std::io::Read + Send>> =
+        if args.interactive { Some(Box::new(std::io::stdin())) } else { None };
     let mut code = airlock_runtime::exit_codes::AIRLOCK_FAILED;
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
-    let input: Box<dyn std::io::Read + Send> = Box::new(std::io::stdin());
-    client.exec_with_input(&spec, Some(input), &mut |event| match event {
-        ExecEvent::Started { .. } => {}
-        ExecEvent::Output { stream: Stream::Stdout, data } => {
-            let _ = out.write_all(&data);
-            let _ = out.flush();
-        }
-        ExecEvent::Output { stream: Stream::Stderr, data } => {
-            let _ = err.write_all(&data);
-        }
-        ExecEvent::Exited { code: c, signal, timed_out } => {
-            code = if timed_out {
-                airlock_runtime::exit_codes::TIMED_OUT
-            } else {
-                c.or(signal.map(|s| 128 + s)).unwrap_or(airlock_runtime::exit_codes::AIRLOCK_FAILED)
-            };
-        }
-    })?;
+    let mut resizer = None;
+    client.exec_session(
+        &spec,
+        input,
+        &mut |event| match event {
+            ExecEvent::Started { .. } => {}
+            ExecEvent::Output { stream: Stream::Stdout, data } => {
+                let _ = out.write_all(&data);
+                let _ = out.flush();
+            }
+            ExecEvent::Output { stream: Stream::Stderr, data } => {
+                let _ = err.write_all(&data);
+            }
+            ExecEvent::Exited { code: c, signal, timed_out } => {
+                code = if timed_out {
+                    airlock_runtime::exit_codes::TIMED_OUT
+                } else {
+                    c.or(signal.map(|s| 128 + s)).unwrap_or(airlock_runtime::exit_codes::AIRLOCK_FAILED)
+                };
+            }
+        },
+        &mut |control| {
+            if terminal.is_some() {
+                resizer = crate::terminal::forward_resizes(control).ok();
+            }
+        },
+    )?;
+    drop(resizer);
     Ok(code)
 }
 

@@ -3,6 +3,7 @@
 
 mod cli;
 mod present;
+mod terminal;
 
 use std::process::ExitCode;
 

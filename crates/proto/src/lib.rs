@@ -33,6 +33,8 @@ pub enum HostMessage {
     Stdin { id: u32, data: Vec<u8> },
     /// Send a signal to an exec's process group.
     Signal { id: u32, signal: i32 },
+    /// Resize an exec's terminal.
+    Resize { id: u32, rows: u16, cols: u16 },
 }
 
 /// One process to start in a sandbox in service mode.
@@ -43,6 +45,10 @@ pub struct ExecRequest {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<PathBuf>,
+    /// Run on a pseudo-terminal of this size (rows, columns); its output
+    /// arrives as stdout.
+    #[serde(default)]
+    pub tty: Option<(u16, u16)>,
 }
 
 /// Which output stream a chunk came from.

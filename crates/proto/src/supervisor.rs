@@ -27,6 +27,8 @@ pub enum Request {
     CloseStdin,
     /// After Exec: a signal for the process's group (SIGINT, SIGTERM, …).
     Signal { signal: i32 },
+    /// After Exec: the client's terminal changed size.
+    Resize { rows: u16, cols: u16 },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -39,6 +41,9 @@ pub struct ExecSpec {
     /// Kill the process (and its group) after this many seconds.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Run on a terminal of this size (rows, columns).
+    #[serde(default)]
+    pub tty: Option<(u16, u16)>,
 }
 
 /// What a supervisor sends back.

@@ -577,7 +577,7 @@ impl Server {
                 self.deadline.fetch_add(seconds, Ordering::Relaxed);
                 Reply::Ok
             }
-            Request::Stdin { .. } | Request::CloseStdin | Request::Signal { .. } => {
+            Request::Stdin { .. } | Request::CloseStdin | Request::Signal { .. } | Request::Resize { .. } => {
                 Reply::Error { message: "no exec on this connection: send Exec first".into() }
             }
             Request::Status => Reply::Status {
@@ -602,6 +602,7 @@ impl Server {
             argv: spec.argv.clone(),
             env: spec.env.clone(),
             cwd: spec.cwd.clone(),
+            tty: spec.tty,
         }));
         let sent =
             self.agent.lock().map(|mut a| airlock_proto::send(&mut *a, &request).is_ok()).unwrap_or(false);
@@ -634,6 +635,7 @@ impl Server {
                         HostMessage::Stdin { id, data: Vec::new() }
                     }
                     Request::Signal { signal } => HostMessage::Signal { id, signal },
+                    Request::Resize { rows, cols } => HostMessage::Resize { id, rows, cols },
                     _ => continue,
                 };
                 let sent =
@@ -707,6 +709,27 @@ impl Server {
     }
 }
 
+/// Sends signals and terminal sizes to a running exec.
+#[derive(Clone)]
+pub struct ExecControl {
+    conn: Arc<Mutex<UnixStream>>,
+}
+
+impl ExecControl {
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        self.send(&Request::Signal { signal })
+    }
+
+    pub fn resize(&self, rows: u16, cols: u16) -> io::Result<()> {
+        self.send(&Request::Resize { rows, cols })
+    }
+
+    fn send(&self, request: &Request) -> io::Result<()> {
+        let mut conn = self.conn.lock().map_err(|_| io::Error::other("exec control poisoned"))?;
+        airlock_proto::send(&mut *conn, request).map_err(io::Error::other)
+    }
+}
+
 /// A client of one sandbox's supervisor (the daemon, the CLI).
 pub struct SupervisorClient {
     socket: PathBuf,
@@ -749,8 +772,22 @@ impl SupervisorClient {
         input: Option<Box<dyn Read + Send>>,
         on_event: &mut dyn FnMut(ExecEvent),
     ) -> io::Result<()> {
+        self.exec_session(spec, input, on_event, &mut |_| {})
+    }
+
+    /// The general form: `session` gets a handle for sending signals and
+    /// terminal sizes while the exec runs.
+    pub fn exec_session(
+        &self,
+        spec: &ExecSpec,
+        input: Option<Box<dyn Read + Send>>,
+        on_event: &mut dyn FnMut(ExecEvent),
+        session: &mut dyn FnMut(ExecControl),
+    ) -> io::Result<()> {
         let mut conn = self.request(&Request::Exec(spec.clone()))?;
-        let mut writer = conn.try_clone()?;
+        // One writer for input and control, so their frames never interleave.
+        let control = ExecControl { conn: Arc::new(Mutex::new(conn.try_clone()?)) };
+        session(control.clone());
         std::thread::spawn(move || {
             if let Some(mut input) = input {
                 let mut buf = vec![0u8; 64 * 1024];
@@ -758,15 +795,14 @@ impl SupervisorClient {
                     match input.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => {
-                            let data = buf[..n].to_vec();
-                            if airlock_proto::send(&mut writer, &Request::Stdin { data }).is_err() {
+                            if control.send(&Request::Stdin { data: buf[..n].to_vec() }).is_err() {
                                 return;
                             }
                         }
                     }
                 }
             }
-            let _ = airlock_proto::send(&mut writer, &Request::CloseStdin);
+            let _ = control.send(&Request::CloseStdin);
         });
         loop {
             match airlock_proto::recv::<_, Reply>(&mut conn).map_err(io::Error::other)? {

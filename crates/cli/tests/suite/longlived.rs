@@ -138,7 +138,7 @@ fn stdin_reaches_an_exec_and_cp_copies_both_ways() {
     let env = Env::new();
     assert_eq!(create(&env, "io", &[]).status.code(), Some(0));
     let mut child = env
-        .airlock(["exec", "io", "--", "sh", "-c", "read a; read b; echo $b-$a"])
+        .airlock(["exec", "-i", "io", "--", "sh", "-c", "read a; read b; echo $b-$a"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -163,4 +163,34 @@ fn stdin_reaches_an_exec_and_cp_copies_both_ways() {
     assert_ne!(o.status.code(), Some(0));
     assert!(!missing.exists());
     let _ = env.airlock(["rm", "io"]).output();
+}
+
+#[test]
+fn exec_with_a_terminal() {
+    if !require(
+        std::process::Command::new("script").arg("--version").output().is_ok(),
+        "script(1) from util-linux",
+    ) {
+        return;
+    }
+    let env = Env::new();
+    assert_eq!(create(&env, "tty", &[]).status.code(), Some(0));
+    // Without -i the process gets no input; -t gives it a terminal of its own.
+    let o = env
+        .airlock(["exec", "-t", "tty", "--", "sh", "-c", "tty; test -t 0 && echo stdin-is-tty"])
+        .output()
+        .unwrap();
+    assert!(stdout(&o).contains("/dev/pts/"), "{}", show(&o));
+    assert!(stdout(&o).contains("stdin-is-tty"), "{}", show(&o));
+    // Interactive, from a terminal: input goes through, the size follows.
+    let command = format!("printf 'echo typed-$((40+2))\\nexit 7\\n' | {} exec -it tty -- sh", BIN);
+    let o = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("AIRLOCK_STATE_DIR", &env.state)
+        .current_dir(&env.workspace)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(stdout(&o).contains("typed-42"), "{}", show(&o));
+    let _ = env.airlock(["rm", "tty"]).output();
 }

@@ -1,0 +1,65 @@
+//! The caller's terminal during `airlock exec -it`: raw mode while the
+//! session lasts, and its size changes sent to the sandbox's terminal.
+
+use std::io;
+
+use airlock_runtime::supervisor::ExecControl;
+use rustix::termios::{self, OptionalActions, Termios};
+use signal_hook::consts::signal::SIGWINCH;
+use signal_hook::iterator::Signals;
+
+/// (rows, columns) of the caller's terminal, if stdin is one.
+pub fn size() -> Option<(u16, u16)> {
+    termios::tcgetwinsize(io::stdin()).ok().map(|w| (w.ws_row, w.ws_col))
+}
+
+/// Puts stdin's terminal in raw mode until dropped.
+pub struct RawMode {
+    saved: Option<Termios>,
+}
+
+impl RawMode {
+    pub fn enter() -> RawMode {
+        let saved = termios::tcgetattr(io::stdin()).ok();
+        if let Some(saved) = &saved {
+            let mut raw = saved.clone();
+            raw.make_raw();
+            let _ = termios::tcsetattr(io::stdin(), OptionalActions::Now, &raw);
+        }
+        RawMode { saved }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            let _ = termios::tcsetattr(io::stdin(), OptionalActions::Now, saved);
+        }
+    }
+}
+
+/// Sends the terminal's size to the exec whenever it changes, until dropped.
+pub struct Resizer {
+    handle: signal_hook::iterator::Handle,
+}
+
+pub fn forward_resizes(control: ExecControl) -> io::Result<Resizer> {
+    let mut signals = Signals::new([SIGWINCH])?;
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            if let Some((rows, cols)) = size()
+                && control.resize(rows, cols).is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok(Resizer { handle })
+}
+
+impl Drop for Resizer {
+    fn drop(&mut self) {
+        self.handle.close();
+    }
+}
