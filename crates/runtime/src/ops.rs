@@ -190,9 +190,17 @@ pub fn remove(root: &StateRoot, name: &str) -> Result<(), OpError> {
     Ok(())
 }
 
-/// Kills a running sandbox's supervisor; the agent dies with it (parent-death
-/// signal) and the PID namespace with the agent.
+/// Stops a running sandbox: a long-lived one is asked to stop (it then
+/// finalizes itself); anything that does not go within seconds — or a
+/// foreground `airlock run` — has its supervisor killed, and its agent dies
+/// with it (parent-death signal), the PID namespace with the agent.
 fn stop(sandbox: &SandboxDir) -> Result<(), OpError> {
+    if let Ok(client) = crate::supervisor::SupervisorClient::connect(sandbox)
+        && client.stop().is_ok()
+        && wait_not_live(sandbox, Duration::from_secs(10))
+    {
+        return Ok(());
+    }
     let meta = sandbox.read_meta()?;
     if let Some(pid) = meta.supervisor_pid.and_then(rustix::process::Pid::from_raw) {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
@@ -200,14 +208,22 @@ fn stop(sandbox: &SandboxDir) -> Result<(), OpError> {
     if let Some(cg) = sandbox_cgroup(sandbox) {
         let _ = cg.kill_all();
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    if wait_not_live(sandbox, Duration::from_secs(5)) {
+        Ok(())
+    } else {
+        Err(OpError::StopFailed(sandbox.name().to_string()))
+    }
+}
+
+fn wait_not_live(sandbox: &SandboxDir, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
     while sandbox.is_live() {
         if Instant::now() > deadline {
-            return Err(OpError::StopFailed(sandbox.name().to_string()));
+            return false;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
+    true
 }
 
 fn sandbox_cgroup(sandbox: &SandboxDir) -> Option<airlock_jail::cgroup::SandboxCgroup> {
