@@ -37,6 +37,18 @@ enum Command {
     /// Copy a file into or out of a long-lived sandbox: `cp FILE NAME:/path`,
     /// `cp NAME:/path FILE`.
     Cp { source: String, destination: String },
+    /// Everything known about a sandbox: state, limits, deadline, policy.
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The sandbox's captured output (stdout; --stderr for the other one).
+    Logs {
+        name: String,
+        #[arg(long)]
+        stderr: bool,
+    },
     /// Stop a long-lived sandbox (it stays until `rm`, for review).
     Stop { name: String },
     /// Show what a sandbox changed in its workspace.
@@ -84,6 +96,17 @@ enum Command {
     /// The sandbox's network: every connection and request the egress proxy decided.
     #[command(subcommand)]
     Net(NetCommand),
+    /// Serve the HTTP/JSON API on a Unix socket (sandboxes outlive it).
+    Daemon {
+        /// Socket path (default: /run/airlock/airlock.sock as root, else
+        /// $XDG_RUNTIME_DIR/airlock/airlock.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// A group (name or gid) whose members may connect: the socket
+        /// becomes root:GROUP 0660.
+        #[arg(long)]
+        group: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -219,6 +242,17 @@ pub fn dispatch(cli: Cli) -> CliResult {
         Command::Create(args) => create(args),
         Command::Exec(args) => exec(args),
         Command::Cp { source, destination } => cp(&source, &destination),
+        Command::Inspect { name, json } => {
+            present::inspect(&ops::inspect(&state()?, &name)?, json)?;
+            Ok(0)
+        }
+        Command::Logs { name, stderr } => {
+            let (out, err) = ops::log_paths(&state()?, &name)?;
+            let path = if stderr { err } else { out };
+            let mut file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            std::io::copy(&mut file, &mut std::io::stdout().lock())?;
+            Ok(0)
+        }
         Command::Stop { name } => {
             let root = state()?;
             supervisor::SupervisorClient::connect(&root.open(&name)?)
@@ -257,6 +291,10 @@ pub fn dispatch(cli: Cli) -> CliResult {
         Command::Policy(cmd) => policy(cmd),
         Command::Net(NetCommand::Log { name, json }) => {
             present::net_log(&ops::net_log(&state()?, &name)?, json)?;
+            Ok(0)
+        }
+        Command::Daemon { socket, group } => {
+            airlock_server::run_daemon(airlock_server::DaemonOptions { socket, group, state_dir: None })?;
             Ok(0)
         }
     }

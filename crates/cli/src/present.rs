@@ -5,7 +5,7 @@
 use std::io::{self, Write};
 
 use airlock_jail::probe::{HostReport, Status};
-use airlock_runtime::ops::{DiffView, GcReport, NetLogEntry, SandboxSummary};
+use airlock_runtime::ops::{DiffView, GcReport, Inspection, NetLogEntry, SandboxSummary};
 use airlock_runtime::{Notice, RunOutcome};
 
 /// Prints an error and its whole chain of causes, once.
@@ -163,5 +163,38 @@ pub fn net_log(entries: &[NetLogEntry], json: bool) -> io::Result<()> {
             e.ts, ev.via, ev.host, ev.port, ev.rule, ev.bytes_out, ev.bytes_in, ev.duration_ms
         )?;
     }
+    Ok(())
+}
+
+pub fn inspect(i: &Inspection, json: bool) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, i)?;
+        return writeln!(out);
+    }
+    let m = &i.meta;
+    writeln!(out, "name:       {}", i.name)?;
+    writeln!(out, "state:      {}", i.state)?;
+    writeln!(out, "policy:     {}", m.policy)?;
+    let ws = m.workspace.as_ref().map_or("-".to_string(), |p| p.display().to_string());
+    writeln!(out, "workspace:  {ws} ({})", m.workspace_mode)?;
+    writeln!(out, "created:    {}", m.created_at)?;
+    if let Some(f) = &m.finished_at {
+        writeln!(out, "finished:   {f}")?;
+    }
+    if let Some(d) = m.deadline_unix {
+        writeln!(out, "deadline:   {d} (unix seconds)")?;
+    }
+    if let Some(idle) = m.idle_timeout_secs {
+        writeln!(out, "idle after: {idle}s")?;
+    }
+    if !m.labels.is_empty() {
+        let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        writeln!(out, "labels:     {}", labels.join(", "))?;
+    }
+    if !m.degraded.is_empty() {
+        writeln!(out, "running without: {}", m.degraded.join(", "))?;
+    }
+    writeln!(out, "state dir:  {}", i.path.display())?;
     Ok(())
 }

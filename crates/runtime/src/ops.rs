@@ -338,3 +338,42 @@ pub fn net_log(root: &StateRoot, name: &str) -> Result<Vec<NetLogEntry>, OpError
         })
         .collect())
 }
+
+/// Everything known about one sandbox, for `airlock inspect`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    pub name: String,
+    /// creating, running, stopped, exited, failed, or lost (supervisor died).
+    pub state: String,
+    pub live: bool,
+    pub path: PathBuf,
+    /// The recorded metadata (its `state` is as last written; `state` above
+    /// also knows when the supervisor is gone).
+    pub meta: SandboxMeta,
+    /// The resolved policy the sandbox runs under, as TOML.
+    pub policy_toml: Option<String>,
+}
+
+pub fn inspect(root: &StateRoot, name: &str) -> Result<Inspection, OpError> {
+    let sandbox = root.open(name)?;
+    let meta = sandbox.read_meta()?;
+    let live = sandbox.is_live();
+    let state = match (&meta.state, live) {
+        (SandboxState::Running | SandboxState::Creating, false) => "lost".to_string(),
+        (s, _) => state_name(s).to_string(),
+    };
+    Ok(Inspection {
+        name: meta.name.clone(),
+        state,
+        live,
+        path: sandbox.path().to_path_buf(),
+        policy_toml: std::fs::read_to_string(sandbox.policy_path()).ok(),
+        meta,
+    })
+}
+
+/// The sandbox's captured output: (stdout log, stderr log).
+pub fn log_paths(root: &StateRoot, name: &str) -> Result<(PathBuf, PathBuf), OpError> {
+    let sandbox = root.open(name)?;
+    Ok((sandbox.stdout_log(), sandbox.stderr_log()))
+}

@@ -55,9 +55,19 @@ fn create_exec_stop_and_review() {
     let o = env.airlock(["exec", "svc", "--timeout", "1s", "--", "sleep", "30"]).output().unwrap();
     assert_eq!(o.status.code(), Some(124), "{}", show(&o));
 
+    let o = env.airlock(["inspect", "svc", "--json"]).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["state"], "running", "{info}");
+    assert!(info["meta"]["deadline_unix"].as_u64().is_some(), "{info}");
+    let o = env.airlock(["logs", "svc"]).output().unwrap();
+    assert!(stdout(&o).contains("out\n"), "{}", show(&o));
+
     let o = env.airlock(["stop", "svc"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(wait_until(10, || state_of(&env, "svc") == "stopped"), "state {}", state_of(&env, "svc"));
+    let o = env.airlock(["inspect", "svc", "--json"]).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["state"], "stopped", "{info}");
     // Nothing is lost: diff, logs and audit stay until rm.
     let o = env.airlock(["diff", "svc", "--stat"]).output().unwrap();
     assert!(stdout(&o).contains("src/lib.c"), "{}", show(&o));
