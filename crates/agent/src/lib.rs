@@ -83,18 +83,10 @@ fn setup_failed(control: &mut UnixStream, step: &str, err: &dyn std::fmt::Displa
     AGENT_FAILED
 }
 
-/// Opens a pseudo-terminal pair and sends the master to the supervisor.
+/// Opens a terminal and sends its master end to the supervisor (which sets
+/// its size from the caller's terminal).
 fn open_terminal(control: &UnixStream) -> io::Result<OwnedFd> {
-    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
-    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
-    grantpt(&master)?;
-    unlockpt(&master)?;
-    let name = ptsname(&master, Vec::new())?;
-    let slave = rustix::fs::open(
-        name.as_c_str(),
-        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )?;
+    let (master, slave) = service::open_terminal(24, 80)?;
     airlock_proto::send_fd(control, master.as_fd())?;
     Ok(slave)
 }

@@ -230,7 +230,7 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
 }
 
 /// A terminal pair from the sandbox's own devpts, of the given size.
-fn open_terminal(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn open_terminal(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
     use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
     let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
     grantpt(&master)?;
