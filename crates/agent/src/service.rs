@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Launch, Stream};
 
-use crate::signals::{Waiter, Wake};
+use crate::signals::{Waiter, reap_any};
 
 /// Largest output chunk per message.
 const CHUNK: usize = 64 * 1024;
@@ -65,19 +65,21 @@ pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter) -> i32 {
         if closed_rx.try_recv().is_ok() {
             return 0;
         }
-        match waiter.next() {
+        match waiter.next_signal(Duration::from_secs(1)) {
             // SIGTERM from the supervisor ends the sandbox; others are
             // meant for a command, and execs get theirs by request.
-            Wake::Signal(libc::SIGTERM) => return 0,
-            Wake::Signal(_) => {}
-            Wake::Reaped(ended) => {
-                for (pid, status) in ended {
-                    let entry = table.lock().ok().and_then(|mut t| t.remove(&pid));
-                    if let Some(running) = entry {
+            Some(libc::SIGTERM) => return 0,
+            // Reaping holds the table's lock: a spawn in progress holds it
+            // too, and must reap its own child if its exec fails.
+            Some(libc::SIGCHLD) => {
+                let Ok(mut table) = table.lock() else { return crate::AGENT_FAILED };
+                for (pid, status) in reap_any() {
+                    if let Some(running) = table.remove(&pid) {
                         finish(&writer, running, status);
                     }
                 }
             }
+            _ => {}
         }
     }
 }

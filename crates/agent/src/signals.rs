@@ -96,35 +96,23 @@ fn reap_all(command: i32) -> Option<ExitStatus> {
     }
 }
 
-/// What woke the agent up in service mode.
-pub enum Wake {
-    /// A forwarded signal arrived from the supervisor.
-    Signal(i32),
-    /// Children ended; these are their pids and statuses (orphans included).
-    Reaped(Vec<(i32, ExitStatus)>),
-}
-
 impl Waiter {
-    /// Blocks until a signal arrives or children end.
-    pub fn next(&self) -> Wake {
-        loop {
-            let reaped = reap_any();
-            if !reaped.is_empty() {
-                return Wake::Reaped(reaped);
-            }
-            // SAFETY: siginfo_t is plain data written by the kernel.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            // SAFETY: the set and the out-pointer are valid.
-            let sig = unsafe { libc::sigwaitinfo(&self.set, &mut info) };
-            if sig > 0 && sig != libc::SIGCHLD {
-                return Wake::Signal(sig);
-            }
-        }
+    /// Waits up to `timeout` for a forwarded signal or SIGCHLD.
+    pub fn next_signal(&self, timeout: std::time::Duration) -> Option<i32> {
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+        };
+        // SAFETY: siginfo_t is plain data written by the kernel.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the set, the out-pointer and the timeout are valid.
+        let sig = unsafe { libc::sigtimedwait(&self.set, &mut info, &ts) };
+        (sig > 0).then_some(sig)
     }
 }
 
 /// Reaps every exited child without blocking.
-fn reap_any() -> Vec<(i32, ExitStatus)> {
+pub fn reap_any() -> Vec<(i32, ExitStatus)> {
     let mut out = Vec::new();
     loop {
         let mut status: libc::c_int = 0;

@@ -327,6 +327,7 @@ fn create(args: CreateArgs) -> CliResult {
         labels: args.labels.into_iter().collect(),
         idle_timeout: args.idle_timeout,
         env: Vec::new(),
+        owner_uid: None,
     };
     let created = supervisor::create(&state()?, &req)?;
     println!("{}", created.name);

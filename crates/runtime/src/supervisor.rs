@@ -56,6 +56,10 @@ pub struct CreateRequest {
     pub idle_timeout: Option<Duration>,
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// Who the sandbox is for; the caller's uid when None. The daemon sets
+    /// the uid of the client it serves.
+    #[serde(default)]
+    pub owner_uid: Option<u32>,
 }
 
 /// The wire form of a request to the supervisor process (overrides are not
@@ -93,7 +97,7 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
         env: o.env.iter().cloned().chain(req.env.iter().cloned()).collect(),
         workspace_mode: o.workspace_mode.map(|m| m.to_string()),
         allow: o.allow.clone(),
-        owner_uid: rustix::process::getuid().as_raw(),
+        owner_uid: req.owner_uid.unwrap_or_else(|| rustix::process::getuid().as_raw()),
     };
     let spec_json = serde_json::to_vec(&spec).map_err(|e| RunError::Supervisor(e.to_string()))?;
     let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
@@ -207,7 +211,15 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
             return Err(e);
         }
     };
-    let mut supervisor = Supervisor::start(&sandbox, &checked.policy, launched, &spec, req)?;
+    // What `extend` may reach: the unmodified policy's limit, which flags
+    // only ever shortened; a week when the policy lets flags raise limits.
+    let base = Policy::resolve(&req.policy)?;
+    let max_runtime = if base.limits.allow_raise {
+        Duration::from_secs(7 * 24 * 3600).max(checked.policy.limits.timeout)
+    } else {
+        base.limits.timeout
+    };
+    let mut supervisor = Supervisor::start(&sandbox, &checked.policy, launched, &spec, req, max_runtime)?;
     // Said once, then the descriptor is closed: the creator returns now.
     if let Some(mut ready) = ready.take() {
         let _ = writeln!(ready, "ready {}", sandbox.name());
@@ -268,6 +280,7 @@ impl Supervisor {
         mut launched: Launched,
         spec: &Spec,
         req: &CreateRequest,
+        max_runtime: Duration,
     ) -> Result<Supervisor, RunError> {
         // The agent first confirms it is confined, then that it serves.
         let _ = launched.control.set_read_timeout(Some(Duration::from_secs(60)));
@@ -325,6 +338,8 @@ impl Supervisor {
             running_execs: running_execs.clone(),
             next_id: Arc::new(AtomicU32::new(1)),
             audit,
+            max_deadline: unix_now() + max_runtime.as_secs(),
+            max_runtime_secs: max_runtime.as_secs(),
         };
         std::thread::Builder::new()
             .name("clients".into())
@@ -555,6 +570,11 @@ struct Server {
     running_execs: Arc<AtomicU32>,
     next_id: Arc<AtomicU32>,
     audit: Arc<Mutex<AuditLog>>,
+    /// The latest deadline `extend` may set: the policy's maximum runtime
+    /// from the start (a flag may shorten it, extend may give time back up
+    /// to it); unbounded within a week when the policy allows raising.
+    max_deadline: u64,
+    max_runtime_secs: u64,
 }
 
 impl Server {
@@ -574,8 +594,18 @@ impl Server {
                 Reply::Ok
             }
             Request::Extend { seconds } => {
-                self.deadline.fetch_add(seconds, Ordering::Relaxed);
-                Reply::Ok
+                let wanted = self.deadline.load(Ordering::Relaxed).saturating_add(seconds);
+                if wanted > self.max_deadline {
+                    Reply::Error {
+                        message: format!(
+                            "the policy caps this sandbox's runtime at {} s from its start; it cannot be extended past that",
+                            self.max_runtime_secs
+                        ),
+                    }
+                } else {
+                    self.deadline.store(wanted, Ordering::Relaxed);
+                    Reply::Ok
+                }
             }
             Request::Stdin { .. } | Request::CloseStdin | Request::Signal { .. } | Request::Resize { .. } => {
                 Reply::Error { message: "no exec on this connection: send Exec first".into() }

@@ -50,8 +50,11 @@ fn create_exec_stop_and_review() {
     assert_eq!(stdout(&o), "int x;\npatched\n", "{}", show(&o));
     assert_eq!(std::fs::read_to_string(env.workspace.join("src/lib.c")).unwrap(), "int x;\n");
 
-    let o = env.airlock(["exec", "svc", "--", "no-such-program"]).output().unwrap();
-    assert_eq!(o.status.code(), Some(127), "{}", show(&o));
+    // Repeated: a failed exec must not race the agent's reaper.
+    for _ in 0..5 {
+        let o = env.airlock(["exec", "svc", "--", "no-such-program"]).output().unwrap();
+        assert_eq!(o.status.code(), Some(127), "{}", show(&o));
+    }
     let o = env.airlock(["exec", "svc", "--timeout", "1s", "--", "sleep", "30"]).output().unwrap();
     assert_eq!(o.status.code(), Some(124), "{}", show(&o));
 

@@ -1,6 +1,7 @@
 pub mod support;
 
 mod cli;
+mod daemon;
 mod egress;
 mod escape;
 mod lifecycle;

@@ -1,0 +1,111 @@
+//! The seed's sandboxd primitives, for tools written against Docker's
+//! sandbox daemon: `GET /vm`, `POST /vm`, `DELETE /vm/{name}`. A "VM" is an
+//! airlock sandbox (process tier, policy `dev`), its `vm_id` and `vm_name`
+//! the sandbox's name, its `agent_name` the `agent_name` label. This surface
+//! is frozen; new features go to `/v1`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::sandboxes::{CreateBody, create_sandbox, prepare_create, remove_sandbox};
+use crate::app::App;
+use crate::auth::Peer;
+use crate::error::ApiError;
+use crate::extract::{JsonBody, SandboxName};
+use crate::sandbox::{self, Loaded};
+
+pub const AGENT_LABEL: &str = "agent_name";
+
+#[derive(Debug, Serialize)]
+pub struct Vm {
+    pub vm_id: String,
+    pub vm_name: String,
+    pub agent_name: String,
+    pub workspace_dir: String,
+}
+
+/// What `POST /vm` answers: the VM, plus where its egress CA bundle is.
+/// airlock runs no Docker daemon per sandbox, so `docker_socket` is null.
+#[derive(Debug, Serialize)]
+pub struct CreatedVm {
+    #[serde(flatten)]
+    pub vm: Vm,
+    pub docker_socket: Option<String>,
+    pub ca_cert_path: Option<String>,
+}
+
+fn vm(loaded: &Loaded) -> Vm {
+    Vm {
+        vm_id: loaded.name().to_owned(),
+        vm_name: loaded.name().to_owned(),
+        agent_name: loaded.labels.get(AGENT_LABEL).cloned().unwrap_or_default(),
+        workspace_dir: loaded
+            .meta
+            .as_ref()
+            .and_then(|m| m.workspace.as_ref())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// `GET /vm`: the caller's sandboxes.
+pub async fn list(State(app): State<Arc<App>>, peer: Peer) -> Result<Json<Vec<Vm>>, ApiError> {
+    let vms = app.blocking(move |app| Ok(sandbox::visible(app, &peer)?.iter().map(vm).collect())).await?;
+    Ok(Json(vms))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub agent_name: String,
+    pub workspace_dir: PathBuf,
+}
+
+/// `POST /vm`.
+pub async fn create(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    JsonBody(body): JsonBody<CreateVm>,
+) -> Result<(StatusCode, Json<CreatedVm>), ApiError> {
+    let request = CreateBody {
+        policy: Some("dev".to_owned()),
+        workspace: Some(body.workspace_dir),
+        labels: BTreeMap::from([(AGENT_LABEL.to_owned(), body.agent_name)]),
+        ..CreateBody::default()
+    };
+    let prepared = prepare_create(&peer, request)?;
+    let created = app
+        .blocking(move |app| {
+            let loaded = create_sandbox(app, &peer, prepared)?;
+            let bundle = loaded.dir.path().join("ca-bundle.pem");
+            Ok(CreatedVm {
+                vm: vm(&loaded),
+                docker_socket: None,
+                ca_cert_path: bundle.exists().then(|| bundle.to_string_lossy().into_owned()),
+            })
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeletedVm {
+    pub vm_name: String,
+    pub removed: bool,
+}
+
+/// `DELETE /vm/{name}`.
+pub async fn remove(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+) -> Result<Json<DeletedVm>, ApiError> {
+    let removed = app.blocking(move |app| remove_sandbox(app, &peer, &name)).await?;
+    Ok(Json(DeletedVm { vm_name: removed.name, removed: removed.removed }))
+}

@@ -1,0 +1,530 @@
+//! `/v1/sandboxes`: create, list, inspect, stop, extend, diff, apply, remove.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use airlock_policy::{Overrides, Policy, WorkspaceMode};
+use airlock_runtime::ops;
+use airlock_runtime::supervisor::{self, CreateRequest, SupervisorClient};
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+
+use super::{DurationArg, SizeArg, check_env, check_labels, label_filter};
+use crate::app::{App, Op};
+use crate::auth::{Peer, check_workspace};
+use crate::error::ApiError;
+use crate::extract::{JsonBody, QueryPairs, SandboxName};
+use crate::sandbox::{self, ApiState, Loaded, SandboxView};
+
+/// How long stop waits for the supervisor to finish the sandbox.
+const STOP_WAIT: Duration = Duration::from_secs(60);
+/// Longest single extension of a deadline.
+const MAX_EXTEND_SECS: u64 = 7 * 24 * 3600;
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    pub name: Option<String>,
+    pub policy: Option<String>,
+    pub workspace: Option<PathBuf>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub timeout: Option<DurationArg>,
+    pub idle_timeout: Option<DurationArg>,
+    pub memory: Option<SizeArg>,
+    pub pids: Option<u64>,
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// A create request checked against the caller's rights, ready for the
+/// runtime.
+pub struct PreparedCreate {
+    pub request: CreateRequest,
+    /// The resolved workspace a non-root caller was allowed; checked again
+    /// against what the sandbox actually got.
+    pub checked_workspace: Option<PathBuf>,
+}
+
+pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, ApiError> {
+    if let Some(name) = &body.name {
+        airlock_runtime::state::validate_name(name)?;
+    }
+    let policy = body.policy.unwrap_or_else(|| "dev".to_owned());
+    let builtin = Policy::builtin_names().contains(&policy.as_str());
+    if !builtin {
+        let is_file = policy.starts_with('/');
+        if !peer.is_root() {
+            tracing::warn!(uid = peer.uid, policy, "denied: policy file requested by a non-root caller");
+            return Err(ApiError::forbidden(format!(
+                "policy {policy:?}: only the built-in policies ({}) are available through the daemon to \
+                 non-root callers",
+                Policy::builtin_names().join(", ")
+            )));
+        }
+        if !is_file {
+            return Err(ApiError::bad_request(
+                "invalid_policy",
+                format!(
+                    "unknown policy {policy:?}: give a built-in name ({}) or an absolute path to a policy file",
+                    Policy::builtin_names().join(", ")
+                ),
+            ));
+        }
+    }
+    let workspace = match &body.workspace {
+        Some(path) => Some(check_workspace(peer, path)?),
+        None => None,
+    };
+    check_labels(&body.labels)?;
+    let env = check_env(&body.env)?;
+    if body.allow.len() > 256 || body.allow.iter().any(|a| a.is_empty() || a.len() > 300) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "allow: at most 256 entries of HOST[:PORT], each 1-300 characters",
+        ));
+    }
+    if let Some(cpus) = body.cpus
+        && !(cpus.is_finite() && cpus > 0.0)
+    {
+        return Err(ApiError::bad_request("invalid_request", "cpus must be a positive number"));
+    }
+    let overrides = Overrides {
+        timeout: body.timeout.as_ref().map(|t| t.get("timeout")).transpose()?,
+        memory: body.memory.as_ref().map(|m| m.get("memory")).transpose()?,
+        pids: body.pids,
+        cpus: body.cpus,
+        env,
+        // An API call has no current directory to fall back on: without a
+        // workspace, nothing is mounted.
+        workspace_mode: workspace.is_none().then_some(WorkspaceMode::None),
+        allow: body.allow,
+    };
+    let request = CreateRequest {
+        name: body.name,
+        policy,
+        overrides,
+        workspace: workspace.clone(),
+        labels: body.labels,
+        idle_timeout: body.idle_timeout.as_ref().map(|t| t.get("idle_timeout")).transpose()?,
+        env: Vec::new(),
+        owner_uid: Some(peer.uid),
+    };
+    let checked_workspace = workspace.filter(|_| !peer.is_root());
+    Ok(PreparedCreate { request, checked_workspace })
+}
+
+pub async fn create(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    JsonBody(body): JsonBody<CreateBody>,
+) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
+    let prepared = prepare_create(&peer, body)?;
+    let view =
+        app.blocking(move |app| create_sandbox(app, &peer, prepared).map(|l| sandbox::view(&l))).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Creates a sandbox for `peer` and indexes it. Blocks until it runs.
+pub fn create_sandbox(app: &Arc<App>, peer: &Peer, prepared: PreparedCreate) -> Result<Loaded, ApiError> {
+    let PreparedCreate { request, checked_workspace } = prepared;
+    let _guard = match &request.name {
+        Some(name) => {
+            let guard = app.claim(name, Op::Create).map_err(|op| {
+                ApiError::conflict("conflict", format!("a sandbox named {name} is {}", op.doing()))
+            })?;
+            if app.root.open(name).is_ok() {
+                return Err(ApiError::conflict(
+                    "conflict",
+                    format!("a sandbox named {name} already exists; choose another name"),
+                ));
+            }
+            Some(guard)
+        }
+        None => None,
+    };
+    let started = Instant::now();
+    let created = match supervisor::create(&app.root, &request) {
+        Ok(created) => created,
+        Err(e) => {
+            let err = ApiError::from(e);
+            app.record_event(
+                request.name.as_deref(),
+                Some(peer.uid),
+                "create_failed",
+                serde_json::json!({ "error": err.message, "policy": request.policy }),
+            );
+            // A named sandbox that got as far as a state directory stays
+            // for inspection: index it so its owner can see and remove it.
+            if let Some(name) = &request.name
+                && let Ok(dir) = app.root.open(name)
+                && let Ok(mut loaded) = sandbox::load(app, dir, None)
+            {
+                loaded.owner_uid = peer.uid;
+                loaded.labels = request.labels.clone();
+                let _ = app.db.upsert_sandbox(&sandbox::row_for(&loaded));
+            }
+            return Err(err);
+        }
+    };
+    let dir = app.root.open(&created.name)?;
+    let mut loaded = sandbox::load(app, dir, None)?;
+    loaded.owner_uid = peer.uid;
+    loaded.labels = request.labels.clone();
+    // The runtime resolved the workspace again when it mounted it: if the
+    // path changed in between (a directory swapped for a symlink), the
+    // sandbox may see something the caller was not allowed; end it.
+    if let Some(expected) = checked_workspace {
+        let got = loaded.meta.as_ref().and_then(|m| m.workspace.clone());
+        if got.as_ref() != Some(&expected) {
+            tracing::warn!(
+                uid = peer.uid,
+                sandbox = created.name,
+                expected = %expected.display(),
+                got = ?got,
+                "denied: the workspace changed while the sandbox was created; removing it"
+            );
+            if let Ok(client) = SupervisorClient::connect(&loaded.dir) {
+                let _ = client.stop();
+            }
+            let _ = ops::remove(&app.root, &created.name);
+            return Err(ApiError::forbidden(format!(
+                "workspace {} changed while the sandbox was being created; nothing was kept",
+                expected.display()
+            )));
+        }
+    }
+    app.db.upsert_sandbox(&sandbox::row_for(&loaded))?;
+    app.record_event(
+        Some(&created.name),
+        Some(peer.uid),
+        "created",
+        serde_json::json!({
+            "policy": loaded.policy(),
+            "workspace": loaded.meta.as_ref().and_then(|m| m.workspace.as_ref()).map(|p| p.to_string_lossy()),
+            "labels": loaded.labels,
+            "millis": started.elapsed().as_millis() as u64,
+        }),
+    );
+    Ok(loaded)
+}
+
+#[derive(serde::Serialize)]
+pub struct SandboxList {
+    pub sandboxes: Vec<SandboxView>,
+}
+
+/// `GET /v1/sandboxes?label=k=v&state=running`.
+pub async fn list(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    query: QueryPairs,
+) -> Result<Json<SandboxList>, ApiError> {
+    query.only(&["label", "state"])?;
+    let labels = query.all("label").map(label_filter).collect::<Result<Vec<_>, _>>()?;
+    let states = query.all("state").map(ApiState::parse).collect::<Result<Vec<_>, _>>()?;
+    let sandboxes = app
+        .blocking(move |app| {
+            Ok(sandbox::visible(app, &peer)?
+                .iter()
+                .filter(|l| states.is_empty() || states.contains(&l.state))
+                .filter(|l| labels.iter().all(|(k, v)| l.labels.get(k) == Some(v)))
+                .map(sandbox::view)
+                .collect())
+        })
+        .await?;
+    Ok(Json(SandboxList { sandboxes }))
+}
+
+/// `GET /v1/sandboxes/{name}`.
+pub async fn inspect(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+) -> Result<Json<SandboxView>, ApiError> {
+    let view = app
+        .blocking(move |app| {
+            let loaded = sandbox::authorize(app, &peer, &name)?;
+            Ok(sandbox::inspect(app, &loaded))
+        })
+        .await?;
+    Ok(Json(view))
+}
+
+fn client_for(loaded: &Loaded) -> Result<SupervisorClient, ApiError> {
+    if loaded.state != ApiState::Running {
+        return Err(ApiError::conflict(
+            "not_running",
+            format!("sandbox {} is not running (state: {})", loaded.name(), loaded.state.as_str()),
+        ));
+    }
+    SupervisorClient::connect(&loaded.dir).map_err(|e| {
+        ApiError::conflict(
+            "not_managed",
+            format!(
+                "sandbox {} has no supervisor to talk to ({e}); a sandbox of `airlock run` ends with its \
+                 command or with `airlock rm`",
+                loaded.name()
+            ),
+        )
+    })
+}
+
+/// Asks the supervisor to stop and waits until it has finished the sandbox.
+fn stop_and_wait(loaded: &Loaded) -> Result<(), ApiError> {
+    let client = client_for(loaded)?;
+    client.stop().map_err(|e| ApiError::internal(format!("stopping sandbox {}: {e}", loaded.name())))?;
+    let deadline = Instant::now() + STOP_WAIT;
+    while loaded.dir.is_live() {
+        if Instant::now() > deadline {
+            return Err(ApiError::internal(format!(
+                "sandbox {} did not finish within {}s of being asked to stop",
+                loaded.name(),
+                STOP_WAIT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// `POST /v1/sandboxes/{name}/stop`. Stopping a sandbox that is not running
+/// is not an error: the answer is its state.
+pub async fn stop(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+) -> Result<Json<SandboxView>, ApiError> {
+    let view = app.blocking(move |app| stop_sandbox(app, &peer, &name)).await?;
+    Ok(Json(view))
+}
+
+fn stop_sandbox(app: &Arc<App>, peer: &Peer, name: &str) -> Result<SandboxView, ApiError> {
+    let loaded = sandbox::authorize(app, peer, name)?;
+    if matches!(loaded.state, ApiState::Stopped | ApiState::Failed) {
+        return Ok(sandbox::view(&loaded));
+    }
+    let _guard = app
+        .claim(name, Op::Stop)
+        .map_err(|op| ApiError::conflict("busy", format!("sandbox {name} is {}", op.doing())))?;
+    stop_and_wait(&loaded)?;
+    let after = sandbox::authorize(app, peer, name)?;
+    app.db.set_state(name, after.state.as_str())?;
+    app.record_event(
+        Some(name),
+        Some(after.owner_uid),
+        "stopped",
+        serde_json::json!({ "reason": "requested" }),
+    );
+    Ok(sandbox::view(&after))
+}
+
+#[derive(serde::Serialize)]
+pub struct Removed {
+    pub name: String,
+    pub removed: bool,
+}
+
+/// `DELETE /v1/sandboxes/{name}`: stops it if it runs, then removes it.
+pub async fn remove(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+) -> Result<Json<Removed>, ApiError> {
+    let removed = app.blocking(move |app| remove_sandbox(app, &peer, &name)).await?;
+    Ok(Json(removed))
+}
+
+pub fn remove_sandbox(app: &Arc<App>, peer: &Peer, name: &str) -> Result<Removed, ApiError> {
+    let loaded = sandbox::authorize(app, peer, name)?;
+    let _guard = app
+        .claim(name, Op::Remove)
+        .map_err(|op| ApiError::conflict("busy", format!("sandbox {name} is {}", op.doing())))?;
+    if loaded.state == ApiState::Running
+        && let Err(e) = stop_and_wait(&loaded)
+    {
+        // `ops::remove` kills what is still live.
+        tracing::debug!("orderly stop before removal failed: {e}");
+    }
+    ops::remove(&app.root, name)?;
+    app.db.delete_sandbox(name)?;
+    app.record_event(
+        Some(name),
+        Some(loaded.owner_uid),
+        "destroyed",
+        serde_json::json!({ "reason": "requested" }),
+    );
+    Ok(Removed { name: name.to_owned(), removed: true })
+}
+
+/// `POST /v1/sandboxes/{name}/extend`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendBody {
+    pub seconds: u64,
+}
+
+pub async fn extend(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+    JsonBody(body): JsonBody<ExtendBody>,
+) -> Result<Json<SandboxView>, ApiError> {
+    if body.seconds == 0 || body.seconds > MAX_EXTEND_SECS {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("seconds must be between 1 and {MAX_EXTEND_SECS}"),
+        ));
+    }
+    let view = app
+        .blocking(move |app| {
+            let loaded = sandbox::authorize(app, &peer, &name)?;
+            let client = client_for(&loaded)?;
+            client.extend(body.seconds).map_err(|e| ApiError::internal(format!("extending {name}: {e}")))?;
+            app.record_event(
+                Some(&name),
+                Some(loaded.owner_uid),
+                "extended",
+                serde_json::json!({ "seconds": body.seconds }),
+            );
+            Ok(sandbox::inspect(app, &loaded))
+        })
+        .await?;
+    Ok(Json(view))
+}
+
+/// `GET /v1/sandboxes/{name}/diff`.
+pub async fn diff(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let json = app
+        .blocking(move |app| {
+            sandbox::authorize(app, &peer, &name)?;
+            Ok(ops::diff(&app.root, &name)?.diff.to_json())
+        })
+        .await?;
+    Ok(Json(json))
+}
+
+/// `POST /v1/sandboxes/{name}/apply`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyBody {
+    #[serde(default)]
+    pub allow_protected: bool,
+}
+
+pub async fn apply(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+    JsonBody(body): JsonBody<ApplyBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let json = app
+        .blocking(move |app| {
+            let loaded = sandbox::authorize(app, &peer, &name)?;
+            if !peer.is_root() && peer.uid != app.daemon_uid {
+                // The daemon writes as itself (root); files it wrote into a
+                // user's workspace would be root's. Until apply can run as
+                // the owner, users apply with their own `airlock apply`.
+                tracing::warn!(
+                    uid = peer.uid,
+                    sandbox = name,
+                    "denied: apply through the daemon by a non-root caller"
+                );
+                return Err(ApiError::forbidden(format!(
+                    "apply through the daemon is available to root only for now; run `airlock apply {name}`"
+                )));
+            }
+            let pending = ops::prepare_apply(&app.root, &name, body.allow_protected)?;
+            if pending.view.diff.is_empty() {
+                return Ok(serde_json::json!({ "applied": false, "written": [], "deleted": [] }));
+            }
+            let report = ops::apply(pending)?;
+            let paths =
+                |v: &[PathBuf]| v.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>();
+            let json = serde_json::json!({
+                "applied": true,
+                "written": paths(&report.written),
+                "deleted": paths(&report.deleted),
+            });
+            app.record_event(
+                Some(&name),
+                Some(loaded.owner_uid),
+                "applied",
+                serde_json::json!({
+                    "written": report.written.len(),
+                    "deleted": report.deleted.len(),
+                    "allow_protected": body.allow_protected,
+                }),
+            );
+            Ok(json)
+        })
+        .await?;
+    Ok(Json(json))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn peer(uid: u32) -> Peer {
+        Peer { uid, gid: uid, pid: None }
+    }
+
+    #[test]
+    fn create_requests_are_checked() {
+        let ok = prepare_create(&peer(0), CreateBody::default()).unwrap();
+        assert_eq!(ok.request.policy, "dev");
+        assert_eq!(ok.request.overrides.workspace_mode, Some(WorkspaceMode::None));
+
+        let bad_name = CreateBody { name: Some("Bad Name!".into()), ..CreateBody::default() };
+        assert_eq!(prepare_create(&peer(0), bad_name).err().unwrap().code, "invalid_name");
+
+        let file = CreateBody { policy: Some("/etc/shadow".into()), ..CreateBody::default() };
+        assert_eq!(prepare_create(&peer(1000), file).err().unwrap().code, "forbidden");
+        let unknown = CreateBody { policy: Some("nope".into()), ..CreateBody::default() };
+        assert_eq!(prepare_create(&peer(0), unknown).err().unwrap().code, "invalid_policy");
+
+        let relative = CreateBody { workspace: Some("repo".into()), ..CreateBody::default() };
+        assert_eq!(prepare_create(&peer(0), relative).err().unwrap().code, "invalid_workspace");
+
+        let cpus = CreateBody { cpus: Some(f64::NAN), ..CreateBody::default() };
+        assert!(prepare_create(&peer(0), cpus).is_err());
+
+        let full = CreateBody {
+            timeout: Some(DurationArg::Text("10m".into())),
+            idle_timeout: Some(DurationArg::Seconds(30)),
+            memory: Some(SizeArg::Text("256M".into())),
+            env: BTreeMap::from([("A".into(), "1".into())]),
+            labels: BTreeMap::from([("team".into(), "x".into())]),
+            ..CreateBody::default()
+        };
+        let req = prepare_create(&peer(0), full).unwrap().request;
+        assert_eq!(req.overrides.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(req.idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(req.overrides.memory, Some(256 << 20));
+        assert_eq!(req.overrides.env, [("A".to_string(), "1".to_string())]);
+        assert_eq!(req.labels["team"], "x");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_str::<CreateBody>(r#"{"nmae": "x"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        assert!(serde_json::from_str::<ExtendBody>(r#"{"seconds": 5, "x": 1}"#).is_err());
+        assert!(serde_json::from_str::<ApplyBody>(r#"{"allow": true}"#).is_err());
+    }
+}

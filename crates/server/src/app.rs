@@ -1,0 +1,151 @@
+//! What every handler shares: the state root, the index, the event
+//! notifier, the metrics, and the names being created right now.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use airlock_runtime::state::StateRoot;
+use axum::http::StatusCode;
+use tokio::sync::watch;
+
+use crate::db::Db;
+use crate::error::{ApiError, DaemonError};
+
+pub struct App {
+    pub root: StateRoot,
+    pub db: Db,
+    /// The id of the newest event; followers of `/v1/events` wait on it.
+    events: watch::Sender<i64>,
+    pub metrics: Metrics,
+    /// Sandboxes this daemon is creating, stopping or removing right now:
+    /// the periodic reconcile leaves them alone, and a second operation on
+    /// the same name is refused until the first ends.
+    busy: Mutex<HashMap<String, Op>>,
+    /// The uid the daemon runs as.
+    pub daemon_uid: u32,
+}
+
+impl App {
+    /// Opens the index in the state root.
+    pub fn open(root: StateRoot) -> Result<App, DaemonError> {
+        let db = Db::open(&root.path().join("airlock.db"))?;
+        Ok(App::with_db(root, db))
+    }
+
+    pub fn with_db(root: StateRoot, db: Db) -> App {
+        let (events, _) = watch::channel(0);
+        App {
+            root,
+            db,
+            events,
+            metrics: Metrics::default(),
+            busy: Mutex::new(HashMap::new()),
+            daemon_uid: rustix::process::geteuid().as_raw(),
+        }
+    }
+
+    /// Runs `f` on a blocking thread: the runtime's calls (supervisor
+    /// sockets, file walks, SQLite) all block.
+    pub async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Arc<App>) -> Result<T, ApiError> + Send + 'static,
+    {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || f(&app)).await?
+    }
+
+    /// Appends an event to the index and wakes the followers. A failure to
+    /// record is logged, never fatal to the operation that caused it.
+    pub fn record_event(
+        &self,
+        sandbox: Option<&str>,
+        owner: Option<u32>,
+        kind: &str,
+        detail: serde_json::Value,
+    ) {
+        let ts = airlock_runtime::now_rfc3339();
+        match self.db.record_event(&ts, sandbox, owner, kind, &detail) {
+            Ok(id) => {
+                self.events.send_replace(id);
+            }
+            Err(e) => tracing::warn!(error = %e, kind, sandbox, "could not record an event"),
+        }
+    }
+
+    pub fn subscribe_events(&self) -> watch::Receiver<i64> {
+        self.events.subscribe()
+    }
+
+    /// Marks `name` as under `op`; `Err` with the operation already under
+    /// way if there is one.
+    pub fn claim(self: &Arc<Self>, name: &str, op: Op) -> Result<BusyGuard, Op> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = busy.get(name) {
+            return Err(*current);
+        }
+        busy.insert(name.to_owned(), op);
+        Ok(BusyGuard { app: self.clone(), name: name.to_owned() })
+    }
+
+    pub fn busy_with(&self, name: &str) -> Option<Op> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner()).get(name).copied()
+    }
+}
+
+/// A lifecycle operation the daemon has under way on a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Create,
+    Stop,
+    Remove,
+}
+
+impl Op {
+    pub fn doing(self) -> &'static str {
+        match self {
+            Op::Create => "being created",
+            Op::Stop => "being stopped",
+            Op::Remove => "being removed",
+        }
+    }
+}
+
+/// Releases its name when dropped.
+pub struct BusyGuard {
+    app: Arc<App>,
+    name: String,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.app.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.name);
+    }
+}
+
+/// Counters for `/metrics` (since this daemon started).
+#[derive(Default)]
+pub struct Metrics {
+    execs: AtomicU64,
+    responses: Mutex<BTreeMap<u16, u64>>,
+}
+
+impl Metrics {
+    pub fn count_exec(&self) {
+        self.execs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn execs(&self) -> u64 {
+        self.execs.load(Ordering::Relaxed)
+    }
+
+    pub fn count_response(&self, status: StatusCode) {
+        let mut responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        *responses.entry(status.as_u16()).or_default() += 1;
+    }
+
+    pub fn responses(&self) -> BTreeMap<u16, u64> {
+        self.responses.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

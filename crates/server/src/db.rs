@@ -1,0 +1,428 @@
+//! The daemon's index: `<state root>/airlock.db` (SQLite). It records what
+//! a sandbox's own files do not: who owns it, its labels, the execs run in it
+//! and the daemon's event stream. The state directories stay the source of
+//! truth for the sandboxes themselves; `reconcile` brings the two together.
+//!
+//! The schema is versioned with `PRAGMA user_version`: migration *n* takes a
+//! database from version *n* to *n + 1*, each in its own transaction.
+//! Released migrations are never edited, only appended to.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+/// The migrations, in order. `MIGRATIONS.len()` is the current version.
+const MIGRATIONS: &[&str] = &[
+    // 1: sandboxes, execs, events.
+    "CREATE TABLE sandboxes (
+        name       TEXT PRIMARY KEY,
+        owner_uid  INTEGER NOT NULL,
+        labels     TEXT NOT NULL DEFAULT '{}',
+        policy     TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE execs (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        sandbox    TEXT NOT NULL,
+        argv       TEXT NOT NULL,
+        pid        INTEGER,
+        started_at TEXT NOT NULL,
+        ended_at   TEXT,
+        exit_code  INTEGER,
+        signal     INTEGER,
+        timed_out  INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX execs_by_sandbox ON execs(sandbox);
+    CREATE TABLE events (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts        TEXT NOT NULL,
+        sandbox   TEXT,
+        owner_uid INTEGER,
+        kind      TEXT NOT NULL,
+        detail    TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_by_owner ON events(owner_uid, id);",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "database {path} has schema version {found}, newer than this airlock knows ({known}); \
+         run the airlock that created it, or move the file away to start a fresh index"
+    )]
+    Newer { path: PathBuf, found: u32, known: u32 },
+    #[error("database {path}: could not set its permissions: {source}")]
+    Permissions {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One row of `sandboxes`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxRow {
+    pub name: String,
+    pub owner_uid: u32,
+    pub labels: BTreeMap<String, String>,
+    pub policy: String,
+    pub state: String,
+    pub created_at: String,
+}
+
+/// One row of `events`, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRow {
+    pub id: i64,
+    pub ts: String,
+    pub sandbox: Option<String>,
+    pub kind: String,
+    pub detail: serde_json::Value,
+}
+
+/// How an exec ended, for its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecEnd {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+}
+
+/// The database behind one mutex: every statement is short, and the daemon
+/// calls these from blocking threads.
+pub struct Db {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl Db {
+    /// Opens (creating if needed) and migrates the database at `path`. The
+    /// file is 0600: labels and argv are the owners' business.
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        let conn = Connection::open(path).map_err(sqlite(path))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|source| DbError::Permissions { path: path.to_path_buf(), source })?;
+        }
+        Db::setup(path, conn)
+    }
+
+    /// A private in-memory database (tests).
+    pub fn in_memory() -> Result<Db, DbError> {
+        let path = Path::new(":memory:");
+        Db::setup(path, Connection::open_in_memory().map_err(sqlite(path))?)
+    }
+
+    fn setup(path: &Path, mut conn: Connection) -> Result<Db, DbError> {
+        // WAL lets readers run beside a writer; the busy timeout covers a
+        // second process (an `airlock` CLI reading the index) holding a lock.
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sqlite(path))?;
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(())).map_err(sqlite(path))?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sqlite(path))?;
+        migrate(path, &mut conn)?;
+        Ok(Db { path: path.to_path_buf(), conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (statements are atomic), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> DbError + '_ {
+        |source| DbError::Sqlite { path: self.path.clone(), source }
+    }
+
+    pub fn schema_version(&self) -> Result<u32, DbError> {
+        user_version(&self.conn()).map_err(self.err())
+    }
+
+    /// Inserts a sandbox, or replaces the row of one with the same name (a
+    /// row left by a sandbox removed behind the daemon's back).
+    pub fn upsert_sandbox(&self, row: &SandboxRow) -> Result<(), DbError> {
+        let labels = labels_json(&row.labels);
+        self.conn()
+            .execute(
+                "INSERT INTO sandboxes (name, owner_uid, labels, policy, state, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(name) DO UPDATE SET owner_uid = ?2, labels = ?3, policy = ?4,
+                     state = ?5, created_at = ?6",
+                params![row.name, row.owner_uid, labels, row.policy, row.state, row.created_at],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn sandbox(&self, name: &str) -> Result<Option<SandboxRow>, DbError> {
+        self.conn()
+            .query_row(
+                "SELECT name, owner_uid, labels, policy, state, created_at FROM sandboxes WHERE name = ?1",
+                params![name],
+                sandbox_row,
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, owner_uid, labels, policy, state, created_at FROM sandboxes ORDER BY name")
+            .map_err(self.err())?;
+        let rows = stmt.query_map([], sandbox_row).map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Records the state the daemon last saw; returns the previous one.
+    pub fn set_state(&self, name: &str, state: &str) -> Result<Option<String>, DbError> {
+        let conn = self.conn();
+        let previous: Option<String> = conn
+            .query_row("SELECT state FROM sandboxes WHERE name = ?1", params![name], |r| r.get(0))
+            .optional()
+            .map_err(self.err())?;
+        if previous.as_deref() != Some(state) {
+            conn.execute("UPDATE sandboxes SET state = ?2 WHERE name = ?1", params![name, state])
+                .map_err(self.err())?;
+        }
+        Ok(previous)
+    }
+
+    /// Forgets a sandbox and its execs; its events stay (they are history).
+    pub fn delete_sandbox(&self, name: &str) -> Result<(), DbError> {
+        let conn = self.conn();
+        conn.execute("DELETE FROM sandboxes WHERE name = ?1", params![name]).map_err(self.err())?;
+        conn.execute("DELETE FROM execs WHERE sandbox = ?1", params![name]).map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn exec_started(
+        &self,
+        sandbox: &str,
+        argv: &[String],
+        pid: Option<i32>,
+        ts: &str,
+    ) -> Result<i64, DbError> {
+        let argv = serde_json::to_string(argv).unwrap_or_else(|_| "[]".to_owned());
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO execs (sandbox, argv, pid, started_at) VALUES (?1, ?2, ?3, ?4)",
+            params![sandbox, argv, pid, ts],
+        )
+        .map_err(self.err())?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    pub fn exec_pid(&self, id: i64, pid: i32) -> Result<(), DbError> {
+        self.conn()
+            .execute("UPDATE execs SET pid = ?2 WHERE id = ?1", params![id, pid])
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn exec_ended(&self, id: i64, end: ExecEnd, ts: &str) -> Result<(), DbError> {
+        self.conn()
+            .execute(
+                "UPDATE execs SET ended_at = ?2, exit_code = ?3, signal = ?4, timed_out = ?5 WHERE id = ?1",
+                params![id, ts, end.code, end.signal, end.timed_out],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Execs recorded for a sandbox: (total, still running).
+    pub fn exec_counts(&self, sandbox: &str) -> Result<(u64, u64), DbError> {
+        self.conn()
+            .query_row(
+                "SELECT COUNT(*), COUNT(*) - COUNT(ended_at) FROM execs WHERE sandbox = ?1",
+                params![sandbox],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .map(|(total, running)| (total.max(0) as u64, running.max(0) as u64))
+            .map_err(self.err())
+    }
+
+    /// Appends an event; returns its id.
+    pub fn record_event(
+        &self,
+        ts: &str,
+        sandbox: Option<&str>,
+        owner_uid: Option<u32>,
+        kind: &str,
+        detail: &serde_json::Value,
+    ) -> Result<i64, DbError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO events (ts, sandbox, owner_uid, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![ts, sandbox, owner_uid, kind, detail.to_string()],
+        )
+        .map_err(self.err())?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Events after `after`, oldest first, at most `limit`; only those of
+    /// `owner` unless it is `None` (root sees all). `sandbox` narrows further.
+    pub fn events_after(
+        &self,
+        after: i64,
+        owner: Option<u32>,
+        sandbox: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<EventRow>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, ts, sandbox, kind, detail FROM events
+                 WHERE id > ?1 AND (?2 IS NULL OR owner_uid = ?2) AND (?3 IS NULL OR sandbox = ?3)
+                 ORDER BY id LIMIT ?4",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![after, owner, sandbox, limit], |r| {
+                let detail: String = r.get(4)?;
+                Ok(EventRow {
+                    id: r.get(0)?,
+                    ts: r.get(1)?,
+                    sandbox: r.get(2)?,
+                    kind: r.get(3)?,
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+}
+
+fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> DbError + '_ {
+    move |source| DbError::Sqlite { path: path.to_path_buf(), source }
+}
+
+fn user_version(conn: &Connection) -> Result<u32, rusqlite::Error> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, u32>(0))
+}
+
+fn migrate(path: &Path, conn: &mut Connection) -> Result<(), DbError> {
+    let known = MIGRATIONS.len() as u32;
+    let found = user_version(conn).map_err(sqlite(path))?;
+    if found > known {
+        return Err(DbError::Newer { path: path.to_path_buf(), found, known });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction().map_err(sqlite(path))?;
+        tx.execute_batch(sql).map_err(sqlite(path))?;
+        // PRAGMA takes no parameters; the value is our own integer.
+        tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1)).map_err(sqlite(path))?;
+        tx.commit().map_err(sqlite(path))?;
+        tracing::info!(path = %path.display(), version = index + 1, "database migrated");
+    }
+    Ok(())
+}
+
+fn labels_json(labels: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(labels).unwrap_or_else(|_| "{}".to_owned())
+}
+
+fn sandbox_row(r: &rusqlite::Row<'_>) -> Result<SandboxRow, rusqlite::Error> {
+    let labels: String = r.get(2)?;
+    Ok(SandboxRow {
+        name: r.get(0)?,
+        owner_uid: r.get(1)?,
+        labels: serde_json::from_str(&labels).unwrap_or_default(),
+        policy: r.get(3)?,
+        state: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn row(name: &str, owner: u32) -> SandboxRow {
+        SandboxRow {
+            name: name.into(),
+            owner_uid: owner,
+            labels: BTreeMap::from([("team".into(), "a".into())]),
+            policy: "dev".into(),
+            state: "running".into(),
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn migrates_a_fresh_database_and_reopens_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.db");
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        db.upsert_sandbox(&row("a", 1000)).unwrap();
+        drop(db);
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.sandbox("a").unwrap().unwrap(), row("a", 1000));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA user_version = 999").unwrap();
+        drop(conn);
+        let err = Db::open(&path).err().unwrap();
+        assert!(matches!(err, DbError::Newer { found: 999, .. }), "{err}");
+    }
+
+    #[test]
+    fn sandboxes_state_and_deletion() {
+        let db = Db::in_memory().unwrap();
+        db.upsert_sandbox(&row("b", 1)).unwrap();
+        db.upsert_sandbox(&row("a", 2)).unwrap();
+        let mut replaced = row("b", 3);
+        replaced.labels.clear();
+        db.upsert_sandbox(&replaced).unwrap();
+        let names: Vec<_> = db.sandboxes().unwrap().into_iter().map(|r| (r.name, r.owner_uid)).collect();
+        assert_eq!(names, [("a".to_owned(), 2), ("b".to_owned(), 3)]);
+        assert_eq!(db.set_state("a", "stopped").unwrap().as_deref(), Some("running"));
+        assert_eq!(db.set_state("a", "stopped").unwrap().as_deref(), Some("stopped"));
+        assert_eq!(db.set_state("zzz", "stopped").unwrap(), None);
+        let id = db.exec_started("a", &["echo".into()], None, "t0").unwrap();
+        db.exec_pid(id, 7).unwrap();
+        assert_eq!(db.exec_counts("a").unwrap(), (1, 1));
+        db.exec_ended(id, ExecEnd { code: Some(0), signal: None, timed_out: false }, "t1").unwrap();
+        assert_eq!(db.exec_counts("a").unwrap(), (1, 0));
+        db.delete_sandbox("a").unwrap();
+        assert!(db.sandbox("a").unwrap().is_none());
+        assert_eq!(db.exec_counts("a").unwrap(), (0, 0));
+    }
+
+    #[test]
+    fn events_are_filtered_by_owner_and_sandbox() {
+        let db = Db::in_memory().unwrap();
+        let detail = serde_json::json!({"k": 1});
+        let first = db.record_event("t", Some("a"), Some(1000), "created", &detail).unwrap();
+        db.record_event("t", Some("b"), Some(0), "created", &detail).unwrap();
+        db.record_event("t", Some("a"), Some(1000), "stopped", &detail).unwrap();
+        let all = db.events_after(0, None, None, 100).unwrap();
+        assert_eq!(all.len(), 3);
+        let mine = db.events_after(0, Some(1000), None, 100).unwrap();
+        assert_eq!(mine.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["created", "stopped"]);
+        assert_eq!(mine[0].detail, detail);
+        assert_eq!(db.events_after(first, Some(1000), None, 100).unwrap().len(), 1);
+        assert_eq!(db.events_after(0, None, Some("b"), 100).unwrap().len(), 1);
+        assert_eq!(db.events_after(0, None, None, 2).unwrap().len(), 2);
+    }
+}
