@@ -227,7 +227,10 @@ pub fn spawn(
 /// ids appear shifted by `id_map` the same way the sandbox's own ids are, so
 /// a workspace owned by host root is owned by root inside the sandbox, while
 /// the sandbox's root stays an unprivileged id on the host.
-pub fn idmapped_tree(path: &Path, id_map: &IdMap) -> Result<OwnedFd, SpawnError> {
+///
+/// `owner`: when the sandbox is made for another user (by the daemon), the
+/// uid that must own the workspace; checked on the very directory mounted.
+pub fn idmapped_tree(path: &Path, id_map: &IdMap, owner: Option<u32>) -> Result<OwnedFd, SpawnError> {
     let fail = |source: io::Error| SpawnError::IdMappedMount { path: path.to_path_buf(), source };
     // A throwaway process whose only job is to own a user namespace with the
     // sandbox's id map; the kernel takes the map from its namespace file.
@@ -249,11 +252,48 @@ pub fn idmapped_tree(path: &Path, id_map: &IdMap) -> Result<OwnedFd, SpawnError>
     let result = (|| {
         id_map.write_for(pid)?;
         let userns = fs::File::open(format!("/proc/{pid}/ns/user"))?;
-        let tree = sys::clone_tree(path)?;
+        let tree = sys::clone_tree_checked(path, owner)?;
         sys::idmap_tree(tree.as_fd(), userns.as_fd())?;
         Ok::<_, io::Error>(tree)
     })();
     drop(hold_write);
     let _ = sys::wait_pid(pid);
     result.map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn root_or_skip() -> bool {
+        if rustix::process::geteuid().is_root() {
+            return true;
+        }
+        assert!(std::env::var("CI").is_err(), "needs root (open_tree)");
+        eprintln!("SKIPPED: needs root (open_tree)");
+        false
+    }
+
+    #[test]
+    fn a_checked_tree_refuses_symlinks_and_other_owners() {
+        if !root_or_skip() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+
+        assert!(sys::clone_tree_checked(&real, Some(0)).is_ok());
+        assert!(sys::clone_tree_checked(&real, None).is_ok());
+        // A workspace swapped for a symlink is not followed.
+        assert!(sys::clone_tree_checked(&link, None).is_err());
+        // Nor one owned by someone other than the requester.
+        std::os::unix::fs::chown(&real, Some(4242), Some(4242)).unwrap();
+        let err = sys::clone_tree_checked(&real, Some(1000)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        assert!(sys::clone_tree_checked(&real, Some(4242)).is_ok());
+    }
 }

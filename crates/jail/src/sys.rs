@@ -373,6 +373,34 @@ pub fn mount_setattr(
 /// A detached copy of the mount at `path` (`open_tree` with
 /// OPEN_TREE_CLONE): nothing sees it until it is attached, and closing the
 /// descriptor without attaching it discards it.
+/// Like [`clone_tree`], but resolves `path` without following any symlink
+/// and, when `owner` is given, refuses a directory some other uid owns. The
+/// mount is made from the descriptor that was checked, so swapping the path
+/// for something else after a check gets nowhere.
+pub fn clone_tree_checked(path: &Path, owner: Option<u32>) -> io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use rustix::mount::OpenTreeFlags;
+    let dir = rustix::fs::openat2(
+        rustix::fs::CWD,
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS,
+    )?;
+    if let Some(uid) = owner {
+        let found = rustix::fs::fstat(&dir)?.st_uid;
+        if found != uid {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the workspace is owned by uid {found}, not by the requesting uid {uid}"),
+            ));
+        }
+    }
+    let flags =
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH;
+    Ok(rustix::mount::open_tree(&dir, c"", flags)?)
+}
+
 pub fn clone_tree(path: &Path) -> io::Result<OwnedFd> {
     use rustix::mount::OpenTreeFlags;
     let flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;

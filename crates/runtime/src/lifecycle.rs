@@ -35,17 +35,24 @@ pub(crate) struct Launched {
     pub control: UnixStream,
 }
 
-/// Creates everything around the sandbox and starts its agent. `command`
-/// empty starts the agent in service mode (processes on request).
-pub(crate) fn launch_sandbox(
-    sandbox: &SandboxDir,
-    policy: &Policy,
-    workspace: Option<&Path>,
-    host: &HostFacts,
-    degraded: Vec<String>,
-    command: &[String],
-    terminal: bool,
-) -> Result<Launched, RunError> {
+/// What a sandbox is launched with.
+pub(crate) struct LaunchSpec<'a> {
+    pub sandbox: &'a SandboxDir,
+    pub policy: &'a Policy,
+    pub workspace: Option<&'a Path>,
+    pub host: &'a HostFacts,
+    pub degraded: Vec<String>,
+    /// Empty: the agent serves processes on request (long-lived sandboxes).
+    pub command: &'a [String],
+    pub terminal: bool,
+    /// For a sandbox made on another user's behalf: the uid that must own
+    /// the workspace directory that gets mounted.
+    pub workspace_owner: Option<u32>,
+}
+
+/// Creates everything around the sandbox and starts its agent.
+pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError> {
+    let LaunchSpec { sandbox, policy, workspace, host, degraded, command, terminal, workspace_owner } = spec;
     let name = sandbox.name().to_string();
     if host.is_root {
         // Searchable (not listable) by the sandbox's unprivileged root, which
@@ -130,7 +137,7 @@ pub(crate) fn launch_sandbox(
     // stays an unprivileged host uid.
     tracing::debug!("phase: writable layer ready");
     let tree = match workspace {
-        Some(ws) if host.is_root => Some(spawn::idmapped_tree(ws, &id_map)?),
+        Some(ws) if host.is_root => Some(spawn::idmapped_tree(ws, &id_map, workspace_owner)?),
         _ => None,
     };
 

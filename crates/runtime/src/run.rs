@@ -14,7 +14,7 @@ use airlock_policy::{Overrides, Policy, WorkspaceMode};
 use airlock_proto::AgentMessage;
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::lifecycle::{Ending, Launched, Remains, finalize, launch_sandbox, pid_of};
+use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, pid_of};
 use crate::plan::{self, HostFacts};
 use crate::state::{SandboxDir, SandboxState, StateRoot};
 use crate::stdio::SandboxStdio;
@@ -171,7 +171,16 @@ fn supervise(
         mut stdio,
         agent_pid,
         mut control,
-    } = launch_sandbox(sandbox, policy, workspace, host, degraded, &req.command, terminal)?;
+    } = launch_sandbox(LaunchSpec {
+        sandbox,
+        policy,
+        workspace,
+        host,
+        degraded,
+        command: &req.command,
+        terminal,
+        workspace_owner: None,
+    })?;
 
     // The first message says whether the sandbox came up; with a terminal,
     // its master end follows it. Bounded, so a wedged setup cannot hang us.

@@ -30,7 +30,7 @@ use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Stream};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::lifecycle::{Ending, Launched, Remains, finalize, launch_sandbox, pid_of};
+use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, pid_of};
 use crate::run::Notice;
 use crate::state::{SandboxDir, SandboxState, StateRoot};
 use crate::{RunError, now_rfc3339};
@@ -196,15 +196,16 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     crate::prepare_state_root(&root, checked.host.is_root)?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
     let live = sandbox.lock_live()?;
-    let launched = match launch_sandbox(
-        &sandbox,
-        &checked.policy,
-        checked.workspace.as_deref(),
-        &checked.host,
-        checked.degraded.clone(),
-        &[],
-        false,
-    ) {
+    let launched = match launch_sandbox(LaunchSpec {
+        sandbox: &sandbox,
+        policy: &checked.policy,
+        workspace: checked.workspace.as_deref(),
+        host: &checked.host,
+        degraded: checked.degraded.clone(),
+        command: &[],
+        terminal: false,
+        workspace_owner: (spec.owner_uid != 0).then_some(spec.owner_uid),
+    }) {
         Ok(l) => l,
         Err(e) => {
             crate::run::record_failure(&sandbox, &e);
