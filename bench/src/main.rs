@@ -1,8 +1,10 @@
 //! airlock-bench: how fast airlock starts a sandbox, how long `airlock diff`
 //! takes as the workspace grows, how much memory a run needs, beside
-//! bubblewrap and runc doing the same job; and what the egress proxy costs a
-//! download and a request against going direct. See bench/README.md.
+//! bubblewrap and runc doing the same job; what the egress proxy costs a
+//! download and a request against going direct; and how `airlock daemon`
+//! creates, execs in and holds many sandboxes. See bench/README.md.
 
+mod daemon;
 mod egress;
 mod fixtures;
 mod measure;
@@ -39,7 +41,9 @@ usage: airlock-bench --airlock PATH [options]
 
 Runs airlock's startup, diff and memory benchmarks, and the same startup with
 bubblewrap and runc where they are installed, and the egress benchmarks
-(a download and small requests through airlock's proxy and direct, with curl);
+(a download and small requests through airlock's proxy and direct, with curl),
+and the daemon benchmarks (create → first exec, exec round trip, concurrent
+creates and memory per idle sandbox, against its own `airlock daemon`);
 prints medians, p90 and ratios.
 
 options:
@@ -55,10 +59,14 @@ options:
   --no-bwrap           skip bubblewrap even if installed
   --no-runc            skip runc even if installed
   --only LIST          run only these sections, comma-separated: startup, diff,
-                       egress (startup includes peak memory)
+                       egress, daemon (startup includes peak memory)
   --egress-runs N      timed runs per egress case (default 5)
   --egress-requests N  small requests per latency run (default 200)
   --download-mib N     size of the egress download in MiB (default 256)
+  --daemon-execs N     execs of `true` per route in the daemon's round-trip
+                       benchmark (default 200)
+  --daemon-counts LIST sandboxes held at once by the daemon, comma-separated
+                       (default 1,10,200)
   --keep               keep the scratch directory afterwards
   --strict             exit 2 when a target is missed
   -h, --help           this text";
@@ -80,6 +88,8 @@ pub struct Options {
     pub egress_runs: usize,
     pub egress_requests: usize,
     pub download_mib: u64,
+    pub daemon_execs: usize,
+    pub daemon_counts: Vec<usize>,
 }
 
 /// Which groups of benchmarks to run.
@@ -89,27 +99,30 @@ pub struct Sections {
     pub startup: bool,
     pub diff: bool,
     pub egress: bool,
+    pub daemon: bool,
 }
 
 impl Sections {
-    const ALL: Sections = Sections { startup: true, diff: true, egress: true };
+    const ALL: Sections = Sections { startup: true, diff: true, egress: true, daemon: true };
+    const NONE: Sections = Sections { startup: false, diff: false, egress: false, daemon: false };
 
     fn parse(list: &str) -> Result<Sections, BenchError> {
-        let mut s = Sections { startup: false, diff: false, egress: false };
+        let mut s = Sections::NONE;
         for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             match name {
                 "startup" | "memory" => s.startup = true,
                 "diff" => s.diff = true,
                 "egress" => s.egress = true,
+                "daemon" => s.daemon = true,
                 other => {
                     return Err(BenchError::new(format!(
-                        "--only: unknown section {other:?} (startup, diff, egress)"
+                        "--only: unknown section {other:?} (startup, diff, egress, daemon)"
                     )));
                 }
             }
         }
-        if s == (Sections { startup: false, diff: false, egress: false }) {
-            return Err(BenchError::new("--only needs at least one section (startup, diff, egress)"));
+        if s == Sections::NONE {
+            return Err(BenchError::new("--only needs at least one section (startup, diff, egress, daemon)"));
         }
         Ok(s)
     }
@@ -138,6 +151,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
         egress_runs: 5,
         egress_requests: 200,
         download_mib: 256,
+        daemon_execs: 200,
+        daemon_counts: vec![1, 10, 200],
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -184,6 +199,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
             "--download-mib" => {
                 o.download_mib = number("--download-mib", value("--download-mib")?, 1)? as u64;
             }
+            "--daemon-execs" => o.daemon_execs = number("--daemon-execs", value("--daemon-execs")?, 1)?,
+            "--daemon-counts" => o.daemon_counts = daemon::parse_counts(&value("--daemon-counts")?)?,
             other => return Err(BenchError::new(format!("unknown argument {other:?}; see --help"))),
         }
     }
@@ -328,6 +345,8 @@ pub struct Results {
     pub diff_stats: Vec<String>,
     /// None when the section was not selected.
     pub egress: Option<EgressResults>,
+    /// None when the section was not selected.
+    pub daemon: Option<daemon::DaemonResults>,
 }
 
 /// The egress section's outcome: per case, the pooled values of all timed
@@ -397,12 +416,25 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             opts.egress_runs, opts.warmup, opts.download_mib, opts.egress_requests
         ));
     }
+    if sections.daemon {
+        header.push(format!(
+            "daemon:     {} create → first exec runs after {} warm-up; {} execs per route; {} sandboxes at once",
+            opts.iterations,
+            opts.warmup,
+            opts.daemon_execs,
+            opts.daemon_counts.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+        ));
+    }
     if sections != Sections::ALL {
-        let names: Vec<&str> =
-            [(sections.startup, "startup"), (sections.diff, "diff"), (sections.egress, "egress")]
-                .into_iter()
-                .filter_map(|(on, name)| on.then_some(name))
-                .collect();
+        let names: Vec<&str> = [
+            (sections.startup, "startup"),
+            (sections.diff, "diff"),
+            (sections.egress, "egress"),
+            (sections.daemon, "daemon"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
         header.push(format!("sections:   {} (--only)", names.join(", ")));
     }
     header.push(format!("scratch:    {}", scratch.display()));
@@ -486,6 +518,29 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         None
     };
 
+    let daemon = if sections.daemon {
+        if (sections.startup || sections.diff || sections.egress)
+            && let Some(busy) = cpu_busy(Duration::from_secs(1))
+        {
+            header
+                .push(format!("cpu busy:   {busy:.0}% of all cores in the second before the daemon section"));
+            if busy > 20.0 {
+                notes.push(format!(
+                    "the machine was not idle before the daemon section ({busy:.0}% CPU busy): its numbers are noisy"
+                ));
+            }
+        }
+        let plan = daemon::Plan {
+            iterations: opts.iterations,
+            warmup: opts.warmup,
+            execs: opts.daemon_execs,
+            counts: opts.daemon_counts.clone(),
+        };
+        Some(daemon::run(&airlock, &scratch.join("daemon"), &plan, &mut notes))
+    } else {
+        None
+    };
+
     let results = Results {
         opts: opts.clone(),
         header,
@@ -500,6 +555,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         diff_large,
         diff_stats,
         egress,
+        daemon,
     };
     let verdict = report::print(&results);
 
@@ -513,7 +569,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         [&results.airlock_none, &results.airlock_ws, &results.diff_small, &results.diff_large]
             .iter()
             .any(|o| matches!(o, Outcome::Failed(_)))
-            || results.egress.as_ref().is_some_and(EgressResults::failed);
+            || results.egress.as_ref().is_some_and(EgressResults::failed)
+            || results.daemon.as_ref().is_some_and(daemon::DaemonResults::failed);
     Ok(if airlock_failed {
         1
     } else if opts.strict && !verdict.all_met {
@@ -869,7 +926,15 @@ mod tests {
         else {
             panic!("help")
         };
-        assert_eq!(o.sections, Sections { startup: false, diff: true, egress: true });
+        assert_eq!(o.sections, Sections { diff: true, egress: true, ..Sections::NONE });
         assert_eq!((o.egress_requests, o.download_mib), (50, 64));
+        let Parsed::Run(o) =
+            parse(&["--airlock", "/a", "--only", "daemon", "--daemon-counts=1,5", "--daemon-execs", "20"])
+                .unwrap()
+        else {
+            panic!("help")
+        };
+        assert_eq!(o.sections, Sections { daemon: true, ..Sections::NONE });
+        assert_eq!((o.daemon_counts, o.daemon_execs), (vec![1, 5], 20));
     }
 }

@@ -53,9 +53,15 @@ fn ratio_cell(ours: &Outcome, peer: &Outcome) -> String {
     }
 }
 
-const LABEL_W: usize = 52;
+pub const LABEL_W: usize = 52;
 
-fn time_row(label: &str, outcome: &Outcome, vs_bwrap: String, vs_runc: String, problems: &mut Vec<String>) {
+pub fn time_row(
+    label: &str,
+    outcome: &Outcome,
+    vs_bwrap: String,
+    vs_runc: String,
+    problems: &mut Vec<String>,
+) {
     let f = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3);
     match outcome {
         Outcome::Measured(s) => println!(
@@ -73,7 +79,7 @@ fn time_row(label: &str, outcome: &Outcome, vs_bwrap: String, vs_runc: String, p
     }
 }
 
-fn time_header(first: &str, ratios: bool) {
+pub fn time_header(first: &str, ratios: bool) {
     let (b, r) = if ratios { ("×bwrap", "×runc") } else { ("", "") };
     println!("  {first:<LABEL_W$} {:>8} {:>8} {:>8} {:>8} {b:>8} {r:>8}", "median", "p90", "min", "max");
 }
@@ -93,6 +99,9 @@ pub fn print(r: &Results) -> Verdict {
     }
     let growth = if sections.diff { print_diff(r, &mut problems) } else { None };
     let egress = r.egress.as_ref().map(|e| print_egress(e, &r.opts, &mut problems));
+    if let Some(d) = &r.daemon {
+        crate::daemon::print(d, &mut problems);
+    }
 
     println!();
     println!("== targets");
@@ -129,6 +138,13 @@ pub fn print(r: &Results) -> Verdict {
     }
     if let Some(e) = &egress {
         egress_targets(e, &mut target);
+    }
+    if let Some(d) = &r.daemon {
+        if d.skipped.is_some() {
+            target(None, "daemon targets: the daemon did not start".into());
+        } else {
+            crate::daemon::targets(d, &mut target);
+        }
     }
 
     if !r.notes.is_empty() || !problems.is_empty() {
