@@ -32,6 +32,14 @@ if [ "$(id -u)" = 0 ]; then
     fi
 fi
 
+# The API fuzz test (crates/cli/tests/suite/daemon_fuzz.rs) drives the
+# daemon with schemathesis, from PyPI. PIP_BREAK_SYSTEM_PACKAGES lets pip
+# install into a distribution's Python that is marked externally managed.
+if ! command -v schemathesis >/dev/null; then
+    say "installing schemathesis"
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet schemathesis
+fi
+
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 say "format"

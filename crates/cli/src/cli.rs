@@ -13,6 +13,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::present;
 
+#[path = "daemon_client.rs"]
+mod daemon_client;
+
+use daemon_client::{Daemon, DaemonError};
+
 pub type CliResult = Result<i32, Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
@@ -22,6 +27,10 @@ pub type CliResult = Result<i32, Box<dyn std::error::Error>>;
     about = "Run untrusted code in a sandbox whose changes wait for your review."
 )]
 pub struct Cli {
+    /// Work on the state directory directly, even when a daemon answers on
+    /// its socket ($AIRLOCK_SOCKET, or the daemon's default).
+    #[arg(long, global = true)]
+    direct: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,6 +42,10 @@ enum Command {
     /// Create a long-lived sandbox (run processes in it with `exec`).
     Create(CreateArgs),
     /// Run a process in a long-lived sandbox; its exit code is the process's.
+    ///
+    /// With a daemon, the process runs through its API; `-i` and `-t` talk
+    /// to the sandbox's supervisor directly instead, as the API has no stdin
+    /// or terminal yet.
     Exec(ExecArgs),
     /// Copy a file into or out of a long-lived sandbox: `cp FILE NAME:/path`,
     /// `cp NAME:/path FILE`.
@@ -79,6 +92,21 @@ enum Command {
     Rm {
         #[arg(required = true)]
         names: Vec<String>,
+    },
+    /// The daemon's event log, one line per event (needs a running daemon).
+    Events {
+        /// Keep reading: print new events as they happen.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only the events of this sandbox.
+        #[arg(long)]
+        sandbox: Option<String>,
+        /// Start after the event with this id.
+        #[arg(long, value_name = "ID")]
+        since: Option<u64>,
+        /// Print each event as the daemon's JSON object, one per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Clean up after sandboxes whose supervisor died, and leftover kernel objects.
     Gc {
@@ -140,7 +168,9 @@ struct SandboxArgs {
     /// The directory the sandbox works on (default: the current directory).
     #[arg(long)]
     workspace: Option<PathBuf>,
-    /// Workspace mode: overlay, ro, rw, none (default: the policy's).
+    /// Workspace mode: overlay, ro, rw, none (default: the policy's). With
+    /// a daemon, `create` with overlay, ro or rw runs directly (the API
+    /// takes the policy's mode).
     #[arg(long, value_parser = parse_mode)]
     mode: Option<WorkspaceMode>,
     /// Sandbox name (default: generated, like brave-otter).
@@ -195,10 +225,12 @@ struct CreateArgs {
 #[derive(Args)]
 struct ExecArgs {
     name: String,
-    /// Pass this terminal's input to the process.
+    /// Pass this terminal's input to the process (talks to the sandbox
+    /// directly, not through the daemon).
     #[arg(long, short = 'i')]
     interactive: bool,
-    /// Run the process on a terminal (with -i from a terminal: an interactive session).
+    /// Run the process on a terminal (with -i from a terminal: an interactive
+    /// session); talks to the sandbox directly, not through the daemon.
     #[arg(long, short = 't')]
     tty: bool,
     /// Set an environment variable for this process (repeatable).
@@ -236,8 +268,37 @@ fn parse_mode(s: &str) -> Result<WorkspaceMode, String> {
     s.parse()
 }
 
+impl Command {
+    /// Whether this command, with these options, can go through the daemon.
+    fn daemon_capable(&self) -> bool {
+        match self {
+            Command::Create(args) => matches!(args.sandbox.mode, None | Some(WorkspaceMode::None)),
+            Command::Exec(args) => !args.interactive && !args.tty,
+            // The text forms need the files themselves: computed here.
+            Command::Diff { json, .. } => *json,
+            Command::Ls { .. }
+            | Command::Inspect { .. }
+            | Command::Stop { .. }
+            | Command::Rm { .. }
+            | Command::Apply { .. }
+            | Command::Events { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Uses the daemon when one answers on its socket (and `--direct` was not
+/// given); works on the state directory directly otherwise.
 pub fn dispatch(cli: Cli) -> CliResult {
-    match cli.command {
+    let daemon = if cli.direct || !cli.command.daemon_capable() { None } else { Daemon::detect() };
+    match daemon {
+        Some(daemon) => through_daemon(&daemon, cli.command),
+        None => direct(cli.command, cli.direct),
+    }
+}
+
+fn direct(command: Command, forced: bool) -> CliResult {
+    match command {
         Command::Run(args) => run(args),
         Command::Create(args) => create(args),
         Command::Exec(args) => exec(args),
@@ -271,6 +332,20 @@ pub fn dispatch(cli: Cli) -> CliResult {
             present::list(&ops::list(&state()?)?, json)?;
             Ok(0)
         }
+        Command::Events { .. } if forced => {
+            Err("airlock events reads the daemon's event log; run it without --direct".into())
+        }
+        Command::Events { .. } => Err(match daemon_client::socket_path() {
+            Some(socket) => format!(
+                "airlock events reads the daemon's event log, and no daemon answers on {}; start one with \
+                 `airlock daemon` (or set AIRLOCK_SOCKET)",
+                socket.display()
+            ),
+            None => "airlock events reads the daemon's event log, and there is no daemon socket to look for \
+                     (set AIRLOCK_SOCKET or XDG_RUNTIME_DIR)"
+                .to_owned(),
+        }
+        .into()),
         Command::Rm { names } => {
             let root = state()?;
             for name in names {
@@ -447,12 +522,37 @@ fn cp(source: &str, destination: &str) -> CliResult {
     }
 }
 
+/// What the person decided about a sandbox's changes.
+enum Confirmed {
+    Apply(ops::PendingApply),
+    /// Nothing to do: the exit code.
+    Done(i32),
+}
+
 fn apply(name: &str, yes: bool, allow_protected: bool) -> CliResult {
+    match confirm_apply(name, yes, allow_protected)? {
+        Confirmed::Done(code) => Ok(code),
+        Confirmed::Apply(pending) => apply_locally(pending),
+    }
+}
+
+fn apply_locally(pending: ops::PendingApply) -> CliResult {
+    let report = ops::apply(pending)?;
+    println!("applied: {} written, {} deleted", report.written.len(), report.deleted.len());
+    Ok(0)
+}
+
+/// Checks the changes, shows their summary and asks (unless `yes`).
+fn confirm_apply(
+    name: &str,
+    yes: bool,
+    allow_protected: bool,
+) -> Result<Confirmed, Box<dyn std::error::Error>> {
     let root = state()?;
     let pending = ops::prepare_apply(&root, name, allow_protected)?;
     if pending.view.diff.is_empty() {
         println!("sandbox {name} changed nothing; nothing to apply");
-        return Ok(0);
+        return Ok(Confirmed::Done(0));
     }
     let mut out = io::stdout().lock();
     pending.view.diff.render_stat(&mut out)?;
@@ -470,12 +570,10 @@ fn apply(name: &str, yes: bool, allow_protected: bool) -> CliResult {
         io::stdin().lock().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
             println!("nothing applied");
-            return Ok(1);
+            return Ok(Confirmed::Done(1));
         }
     }
-    let report = ops::apply(pending)?;
-    println!("applied: {} written, {} deleted", report.written.len(), report.deleted.len());
-    Ok(0)
+    Ok(Confirmed::Apply(pending))
 }
 
 fn policy(cmd: PolicyCommand) -> CliResult {
@@ -501,4 +599,236 @@ fn policy(cmd: PolicyCommand) -> CliResult {
         }
     }
     Ok(0)
+}
+
+/// The commands the daemon serves; anything else runs directly.
+fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
+    use hyper::Method;
+    let sandbox_path =
+        |name: &str, rest: &str| format!("/v1/sandboxes/{}{rest}", daemon_client::encode(name));
+    match command {
+        Command::Create(args) => remote_create(daemon, args),
+        Command::Exec(args) => remote_exec(daemon, args),
+        Command::Ls { json } => {
+            let answer = daemon.json(Method::GET, "/v1/sandboxes", None)?;
+            let sandboxes = answer["sandboxes"].as_array().cloned().unwrap_or_default();
+            let mut out = io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &sandboxes)?;
+                writeln!(out)?;
+            } else {
+                daemon_client::print_list(&sandboxes, &mut out)?;
+            }
+            Ok(0)
+        }
+        Command::Inspect { name, json } => {
+            let answer = daemon.json(Method::GET, &sandbox_path(&name, ""), None)?;
+            let mut out = io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &answer)?;
+                writeln!(out)?;
+            } else {
+                daemon_client::print_inspect(&answer, &mut out)?;
+            }
+            Ok(0)
+        }
+        Command::Stop { name } => {
+            let answer = daemon.json(Method::POST, &sandbox_path(&name, "/stop"), None)?;
+            println!("stopped {name} ({})", answer["state"].as_str().unwrap_or("stopped"));
+            Ok(0)
+        }
+        Command::Rm { names } => {
+            for name in names {
+                daemon.json(Method::DELETE, &sandbox_path(&name, ""), None)?;
+                println!("removed {name}");
+            }
+            Ok(0)
+        }
+        Command::Diff { name, json: true, .. } => {
+            let answer = daemon.json(Method::GET, &sandbox_path(&name, "/diff"), None)?;
+            let mut out = io::stdout().lock();
+            serde_json::to_writer_pretty(&mut out, &answer)?;
+            writeln!(out)?;
+            Ok(0)
+        }
+        Command::Apply { name, yes, allow_protected } => {
+            let pending = match confirm_apply(&name, yes, allow_protected)? {
+                Confirmed::Done(code) => return Ok(code),
+                Confirmed::Apply(pending) => pending,
+            };
+            let body = serde_json::json!({ "allow_protected": allow_protected });
+            match daemon.json(Method::POST, &sandbox_path(&name, "/apply"), Some(&body)) {
+                Ok(answer) => {
+                    let count = |key: &str| answer[key].as_array().map_or(0, Vec::len);
+                    println!("applied: {} written, {} deleted", count("written"), count("deleted"));
+                    Ok(0)
+                }
+                // A root daemon writes only for root; a user applies as themself.
+                Err(e) if e.code() == Some("forbidden") => apply_locally(pending),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Events { follow, sandbox, since, json } => {
+            remote_events(daemon, follow, sandbox, since, json)
+        }
+        other => direct(other, false),
+    }
+}
+
+/// The policy as the daemon takes it: a built-in name, or a policy file by
+/// its absolute path.
+fn policy_for_daemon(policy: &str) -> Result<String, Box<dyn std::error::Error>> {
+    if Policy::builtin_names().contains(&policy) || !std::path::Path::new(policy).exists() {
+        return Ok(policy.to_owned());
+    }
+    let path = std::fs::canonicalize(policy).map_err(|e| format!("policy file {policy}: {e}"))?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+fn remote_create(daemon: &Daemon, args: CreateArgs) -> CliResult {
+    use serde_json::{Value, json};
+    let s = &args.sandbox;
+    let mut body = serde_json::Map::new();
+    if let Some(name) = &s.name {
+        body.insert("name".into(), json!(name));
+    }
+    body.insert("policy".into(), json!(policy_for_daemon(&s.policy)?));
+    // As without a daemon, the workspace defaults to the current directory;
+    // `--mode none` mounts nothing.
+    if s.mode != Some(WorkspaceMode::None) {
+        let workspace = match &s.workspace {
+            Some(path) => path.clone(),
+            None => std::env::current_dir()?,
+        };
+        let absolute = std::fs::canonicalize(&workspace)
+            .map_err(|e| format!("workspace {}: {e}", workspace.display()))?;
+        body.insert("workspace".into(), json!(absolute));
+    }
+    if !s.env.is_empty() {
+        body.insert("env".into(), Value::Object(s.env.iter().map(|(k, v)| (k.clone(), json!(v))).collect()));
+    }
+    if !args.labels.is_empty() {
+        body.insert(
+            "labels".into(),
+            Value::Object(args.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
+        );
+    }
+    if let Some(timeout) = s.timeout {
+        body.insert("timeout".into(), json!(timeout.as_secs().max(1)));
+    }
+    if let Some(idle) = args.idle_timeout {
+        body.insert("idle_timeout".into(), json!(idle.as_secs().max(1)));
+    }
+    if let Some(memory) = s.memory {
+        body.insert("memory".into(), json!(memory));
+    }
+    if let Some(pids) = s.pids {
+        body.insert("pids".into(), json!(pids));
+    }
+    if let Some(cpus) = s.cpus {
+        body.insert("cpus".into(), json!(cpus));
+    }
+    if !s.allow.is_empty() {
+        body.insert("allow".into(), json!(s.allow));
+    }
+    let created = daemon.json(hyper::Method::POST, "/v1/sandboxes", Some(&Value::Object(body)))?;
+    println!("{}", created["name"].as_str().unwrap_or_default());
+    Ok(0)
+}
+
+fn remote_exec(daemon: &Daemon, args: ExecArgs) -> CliResult {
+    use serde_json::{Value, json};
+    let mut body = json!({ "argv": args.command });
+    if !args.env.is_empty() {
+        body["env"] = Value::Object(args.env.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
+    }
+    if let Some(cwd) = &args.cwd {
+        body["cwd"] = json!(cwd);
+    }
+    if let Some(timeout) = args.timeout {
+        body["timeout"] = json!(timeout.as_secs().max(1));
+    }
+    let path = format!("/v1/sandboxes/{}/exec", daemon_client::encode(&args.name));
+    let mut code = None;
+    let mut out = io::stdout();
+    let mut err = io::stderr();
+    daemon.lines(hyper::Method::POST, &path, Some(&body), &mut |line| {
+        if line.is_empty() {
+            return Ok(());
+        }
+        let event: Value = serde_json::from_str(line)?;
+        let data = || daemon_client::base64_decode(event["data"].as_str().unwrap_or_default());
+        match event["type"].as_str() {
+            Some("stdout") => {
+                let _ = out.write_all(&data()?);
+                let _ = out.flush();
+            }
+            Some("stderr") => {
+                let _ = err.write_all(&data()?);
+            }
+            Some("exit") => {
+                code = Some(if event["timed_out"] == true {
+                    airlock_runtime::exit_codes::TIMED_OUT
+                } else {
+                    let signal = event["signal"].as_i64().map(|s| 128 + s);
+                    event["code"]
+                        .as_i64()
+                        .or(signal)
+                        .and_then(|c| i32::try_from(c).ok())
+                        .unwrap_or(airlock_runtime::exit_codes::AIRLOCK_FAILED)
+                });
+            }
+            Some("error") => {
+                return Err(DaemonError::Protocol(format!(
+                    "exec in {}: {}",
+                    args.name,
+                    event["message"].as_str().unwrap_or("the exec broke off")
+                )));
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    let _ = out.flush();
+    Ok(code.ok_or_else(|| DaemonError::Protocol("the exec stream ended without an exit status".into()))?)
+}
+
+fn remote_events(
+    daemon: &Daemon,
+    follow: bool,
+    sandbox: Option<String>,
+    since: Option<u64>,
+    json: bool,
+) -> CliResult {
+    let mut query = Vec::new();
+    if follow {
+        query.push("follow=true".to_owned());
+    }
+    if let Some(name) = &sandbox {
+        query.push(format!("sandbox={}", daemon_client::encode(name)));
+    }
+    if let Some(id) = since {
+        query.push(format!("since={id}"));
+    }
+    let path =
+        if query.is_empty() { "/v1/events".to_owned() } else { format!("/v1/events?{}", query.join("&")) };
+    let mut parser = daemon_client::SseParser::default();
+    let result = daemon.lines(hyper::Method::GET, &path, None, &mut |line| {
+        let Some(event) = parser.line(line) else { return Ok(()) };
+        let mut out = io::stdout().lock();
+        if json {
+            writeln!(out, "{}", event.data)?;
+        } else {
+            let value: serde_json::Value = serde_json::from_str(&event.data)?;
+            daemon_client::print_event(&value, &mut out)?;
+        }
+        out.flush()?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => Ok(0),
+        // A reader that stops early (`airlock events -f | head`) is not an error.
+        Err(DaemonError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) => Err(e.into()),
+    }
 }

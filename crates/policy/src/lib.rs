@@ -285,3 +285,10 @@ impl Policy {
         self.workspace.writeback == Writeback::Review && self.workspace.mode == WorkspaceMode::Overlay
     }
 }
+
+/// The fewest processes a sandbox may be limited to: its agent (PID 1 and
+/// its threads for the egress listeners) counts against the limit.
+pub const MIN_PIDS: u64 = 8;
+/// The most CPUs a limit may name; beyond it the kernel's quota arithmetic
+/// overflows.
+pub const MAX_CPUS: f64 = 1024.0;

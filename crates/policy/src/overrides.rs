@@ -73,15 +73,23 @@ pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError>
         p.limits.memory = memory;
     }
     if let Some(pids) = o.pids {
-        if pids == 0 {
-            return Err(invalid("--pids", pids.to_string(), "must be at least 1"));
+        if pids < crate::MIN_PIDS {
+            return Err(invalid(
+                "--pids",
+                pids.to_string(),
+                "must be at least 8 (the sandbox's own agent needs a few)",
+            ));
         }
         check_raise(base, "pids", "--pids", pids > limits.pids, limits.pids.to_string(), pids.to_string())?;
         p.limits.pids = pids;
     }
     if let Some(cpus) = o.cpus {
-        if !(cpus.is_finite() && cpus > 0.0) {
-            return Err(invalid("--cpus", cpus.to_string(), "must be a number greater than 0"));
+        if !(cpus.is_finite() && cpus > 0.0 && cpus <= crate::MAX_CPUS) {
+            return Err(invalid(
+                "--cpus",
+                cpus.to_string(),
+                "must be a number greater than 0 and at most 1024",
+            ));
         }
         check_raise(base, "cpus", "--cpus", cpus > limits.cpus, limits.cpus.to_string(), cpus.to_string())?;
         p.limits.cpus = cpus;

@@ -168,7 +168,7 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
     if let Some(s) = top.section("limits", LIMITS_KEYS)? {
         layer.timeout = s.duration_positive("timeout")?;
         layer.memory = s.size_at_least("memory", 16 * MIB)?;
-        layer.pids = s.integer_at_least("pids", 1)?;
+        layer.pids = s.integer_at_least("pids", crate::MIN_PIDS)?;
         layer.cpus = s.cpus("cpus")?;
         layer.disk = s.size_at_least("disk", MIB)?;
         layer.nofile = s.integer_at_least("nofile", 16)?;
@@ -554,7 +554,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
                 .map_err(|_| self.invalid(v.span(), key, format!("{i} is out of range")))?,
             _ => return Err(self.wrong_type(key, v, "a number such as 2 or 0.5")),
         };
-        if !(n.is_finite() && n > 0.0) {
+        if !(n.is_finite() && n > 0.0 && n <= crate::MAX_CPUS) {
             return Err(self.invalid(
                 v.span(),
                 key,
@@ -845,7 +845,7 @@ mod tests {
     #[test]
     fn ranges_are_enforced() {
         for (text, needle) in [
-            ("[limits]\npids = 0\n", "at least 1"),
+            ("[limits]\npids = 0\n", "at least 8"),
             ("[limits]\npids = -3\n", "must not be negative"),
             ("[limits]\nmemory = \"8M\"\n", "at least 16M"),
             ("[limits]\ncpus = 0\n", "greater than 0"),

@@ -96,10 +96,14 @@ impl From<airlock_policy::PolicyError> for RunError {
 /// directory, because the cgroup parent is shared by every state directory
 /// on the host and two of them may hold sandboxes of the same name.
 pub fn cgroup_name(sandbox: &state::SandboxDir) -> String {
-    let path = sandbox.path().as_os_str().as_encoded_bytes();
+    cgroup_name_at(sandbox.path(), sandbox.name())
+}
+
+/// [`cgroup_name`] for the sandbox `name` whose directory is (or was) `path`.
+pub fn cgroup_name_at(path: &std::path::Path, name: &str) -> String {
+    let path = path.as_os_str().as_encoded_bytes();
     let hash =
         path.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
-    let name = sandbox.name();
     let prefix = &name[..name.len().min(48)];
     format!("{prefix}-{:012x}", hash & 0xffff_ffff_ffff)
 }

@@ -242,6 +242,10 @@ pub(crate) struct Remains {
     pub cgroup: Option<SandboxCgroup>,
     pub layer: Option<WritableLayer>,
     pub secret_values: Vec<(String, Vec<u8>)>,
+    /// The state to record when it ended normally: `exited` for a command,
+    /// `stopped` for a long-lived sandbox. Written before the live lock is
+    /// released, so nobody who waits for the lock sees a half-done sandbox.
+    pub final_state: SandboxState,
 }
 
 /// Records how the sandbox ended, releases its kernel objects, keeps (or
@@ -260,7 +264,7 @@ pub(crate) fn finalize(
     live: LiveLock,
     notify: &mut dyn FnMut(Notice),
 ) -> Result<RunOutcome, RunError> {
-    let Remains { name, mut meta, mut audit, cgroup, layer, secret_values } = remains;
+    let Remains { name, mut meta, mut audit, cgroup, layer, secret_values, final_state } = remains;
     let oom_killed = cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
     let exit_code = ending.exit_code();
     audit.record(AuditEvent::Exited {
@@ -277,7 +281,7 @@ pub(crate) fn finalize(
         )));
     }
 
-    meta.state = if ending.setup_failed.is_some() { SandboxState::Failed } else { SandboxState::Exited };
+    meta.state = if ending.setup_failed.is_some() { SandboxState::Failed } else { final_state };
     meta.finished_at = Some(now_rfc3339());
     meta.exit =
         Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });

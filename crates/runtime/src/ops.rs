@@ -297,12 +297,13 @@ pub fn gc(root: &StateRoot) -> Result<GcReport, OpError> {
             report.removed.push(meta.name.clone());
         }
     }
-    // Cgroups whose state directory is gone entirely. Only empty ones: a
-    // cgroup with processes belongs to a live sandbox of another state
-    // directory (the cgroup parent is shared), never to a dead supervisor,
-    // whose sandbox died with it.
+    // Cgroups whose sandbox directory is gone: only those that were made
+    // for this state root (the name's hash says so; the cgroup parent is
+    // shared by every state root on the host, and another one may be
+    // creating a cgroup right now), and only empty ones.
     for name in airlock_jail::cgroup::SandboxCgroup::list() {
         if !known.contains(&name)
+            && ours(root, &name)
             && let Some(cg) = airlock_jail::cgroup::SandboxCgroup::open(&name)
             && cg.pids().is_empty()
             && cg.remove().is_ok()
@@ -311,6 +312,14 @@ pub fn gc(root: &StateRoot) -> Result<GcReport, OpError> {
         }
     }
     Ok(report)
+}
+
+/// Whether cgroup `name` (`<sandbox>-<hash>`) was made for a sandbox of
+/// this state root.
+fn ours(root: &StateRoot, name: &str) -> bool {
+    let Some((sandbox, _)) = name.rsplit_once('-') else { return false };
+    // Names cut short in the cgroup name cannot be told apart: leave them.
+    sandbox.len() < 48 && crate::cgroup_name_at(&root.path().join(sandbox), sandbox) == name
 }
 
 /// The workspace a sandbox was created for (for messages).

@@ -281,7 +281,7 @@ fn supervise(
         sandbox,
         policy,
         workspace,
-        Remains { name, meta, audit, cgroup, layer, secret_values },
+        Remains { name, meta, audit, cgroup, layer, secret_values, final_state: SandboxState::Exited },
         ending,
         duration,
         if req.remove_after { Some(true) } else { None },

@@ -29,11 +29,11 @@ use airlock_proto::supervisor::{ExecEvent, ExecSpec, Reply, Request};
 use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Stream};
 use serde::{Deserialize, Serialize};
 
+use crate::RunError;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, pid_of};
 use crate::run::Notice;
 use crate::state::{SandboxDir, SandboxState, StateRoot};
-use crate::{RunError, now_rfc3339};
 
 /// argv[1] of the supervisor role.
 pub const SUPERVISOR_ROLE: &str = "__supervise";
@@ -448,25 +448,17 @@ impl Supervisor {
             ..Ending::default()
         };
         let mut notices = Vec::new();
-        let outcome = finalize(
+        finalize(
             sandbox,
             policy,
             workspace,
-            Remains { name, meta, audit, cgroup, layer, secret_values },
+            Remains { name, meta, audit, cgroup, layer, secret_values, final_state: SandboxState::Stopped },
             ending,
             self.started.elapsed(),
             Some(false),
             live,
             &mut |n| notices.push(n),
         )?;
-        // A long-lived sandbox ends "stopped", whatever the cleanup did.
-        if !outcome.removed
-            && let Ok(mut meta) = sandbox.read_meta()
-        {
-            meta.state = SandboxState::Stopped;
-            meta.finished_at = Some(now_rfc3339());
-            sandbox.write_meta(&meta)?;
-        }
         for n in notices {
             if let Notice::Warning(w) = n {
                 tracing::warn!(sandbox = %self.name, "{w}");

@@ -1,7 +1,10 @@
 pub mod support;
 
 mod cli;
+mod cli_daemon;
 mod daemon;
+mod daemon_fuzz;
+mod daemon_scale;
 mod egress;
 mod escape;
 mod lifecycle;

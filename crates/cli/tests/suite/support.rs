@@ -40,6 +40,9 @@ impl Env {
         cmd.args(args)
             .env("AIRLOCK_STATE_DIR", &self.state)
             .env("AIRLOCK_CGROUP_PARENT", cgroup_parent())
+            // Never a daemon the host may be running: the tests that want
+            // one start their own and point AIRLOCK_SOCKET at it.
+            .env("AIRLOCK_SOCKET", self.dir.path().join("no-daemon.sock"))
             .env_remove("AIRLOCK_LOG")
             .current_dir(&self.workspace)
             .stdin(Stdio::null());

@@ -388,7 +388,9 @@ pub async fn extend(
         .blocking(move |app| {
             let loaded = sandbox::authorize(app, &peer, &name)?;
             let client = client_for(&loaded)?;
-            client.extend(body.seconds).map_err(|e| ApiError::internal(format!("extending {name}: {e}")))?;
+            client
+                .extend(body.seconds)
+                .map_err(|e| ApiError::conflict("extend_refused", format!("extending {name}: {e}")))?;
             app.record_event(
                 Some(&name),
                 Some(loaded.owner_uid),

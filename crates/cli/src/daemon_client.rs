@@ -1,0 +1,436 @@
+//! The CLI's side of `airlock daemon`: finds a daemon on its socket and
+//! speaks its HTTP/JSON API (docs/api.md). Blocking on the outside (the
+//! CLI is synchronous), a single-threaded tokio runtime inside.
+//!
+//! A daemon is used when one answers `GET /v1/health` within a second on
+//! `$AIRLOCK_SOCKET`, or else on the daemon's default socket; otherwise the
+//! CLI works directly on the state directory, as it does with `--direct`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// How long the daemon has to answer the health check.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot start the daemon client: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot reach the daemon on {}: {source}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the daemon: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("building a request for the daemon: {0}")]
+    Request(#[from] hyper::http::Error),
+    /// The daemon refused: `{"error": {"code", "message"}}`.
+    #[error("{message}")]
+    Api { status: u16, code: String, message: String },
+    #[error("the daemon answered something that is not the expected JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the daemon's answer broke off: {0}")]
+    Protocol(String),
+    #[error("writing output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl DaemonError {
+    /// The API's error code, for a refusal.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            DaemonError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// The socket the CLI looks for a daemon on: `$AIRLOCK_SOCKET`, else the
+/// daemon's default (`/run/airlock/airlock.sock` as root,
+/// `$XDG_RUNTIME_DIR/airlock/airlock.sock` otherwise).
+pub fn socket_path() -> Option<PathBuf> {
+    match std::env::var_os("AIRLOCK_SOCKET").filter(|s| !s.is_empty()) {
+        Some(path) => Some(PathBuf::from(path)),
+        None => airlock_server::default_socket().ok(),
+    }
+}
+
+/// A daemon that answered its health check.
+pub struct Daemon {
+    socket: PathBuf,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Daemon {
+    /// The daemon on [`socket_path`], if one answers there within a second.
+    pub fn detect() -> Option<Daemon> {
+        let socket = socket_path()?;
+        // No socket file: no daemon, and no need to start a runtime.
+        if !socket.exists() {
+            return None;
+        }
+        let daemon = Daemon::at(socket).ok()?;
+        daemon.healthy().then_some(daemon)
+    }
+
+    pub fn at(socket: PathBuf) -> Result<Daemon, DaemonError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(DaemonError::Runtime)?;
+        Ok(Daemon { socket, runtime })
+    }
+
+    fn healthy(&self) -> bool {
+        let check = async {
+            let response = self.send(Method::GET, "/v1/health", None).await?;
+            let ok = response.status() == StatusCode::OK;
+            let body = response.into_body().collect().await?.to_bytes();
+            let value: Value = serde_json::from_slice(&body)?;
+            Ok::<bool, DaemonError>(ok && value["status"] == "ok")
+        };
+        self.runtime
+            .block_on(async { tokio::time::timeout(HEALTH_TIMEOUT, check).await })
+            .is_ok_and(|r| r.unwrap_or(false))
+    }
+
+    /// Sends one request on a connection of its own.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Response<Incoming>, DaemonError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| DaemonError::Connect { socket: self.socket.clone(), source })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("daemon connection: {e}");
+            }
+        });
+        let mut builder = Request::builder().method(method).uri(path).header(header::HOST, "airlock");
+        let payload = match body {
+            Some(value) => {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+                Bytes::from(serde_json::to_vec(value)?)
+            }
+            None => Bytes::new(),
+        };
+        Ok(sender.send_request(builder.body(Full::new(payload))?).await?)
+    }
+
+    /// A request whose answer is one JSON document; refusals become
+    /// [`DaemonError::Api`].
+    pub fn json(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, DaemonError> {
+        self.runtime.block_on(async {
+            let response = self.send(method, path, body).await?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            if !status.is_success() {
+                return Err(refusal(status, &bytes));
+            }
+            Ok(serde_json::from_slice(&bytes)?)
+        })
+    }
+
+    /// A request whose answer is a stream of lines (NDJSON, server-sent
+    /// events): `on_line` gets each complete line, without its newline, as
+    /// it arrives.
+    pub fn lines(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        on_line: &mut dyn FnMut(&str) -> Result<(), DaemonError>,
+    ) -> Result<(), DaemonError> {
+        self.runtime.block_on(async {
+            let response = self.send(method, path, body).await?;
+            let status = response.status();
+            let mut body = response.into_body();
+            if !status.is_success() {
+                let bytes = body.collect().await?.to_bytes();
+                return Err(refusal(status, &bytes));
+            }
+            let mut pending: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame?.into_data() else { continue };
+                pending.extend_from_slice(&data);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let text = String::from_utf8_lossy(&line[..end]);
+                    on_line(text.trim_end_matches('\r'))?;
+                }
+            }
+            if !pending.is_empty() {
+                on_line(String::from_utf8_lossy(&pending).trim_end_matches('\r'))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+fn refusal(status: StatusCode, body: &[u8]) -> DaemonError {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let error = parsed.as_ref().map(|v| &v["error"]);
+    let field = |name: &str| error.and_then(|e| e[name].as_str()).map(str::to_owned);
+    DaemonError::Api {
+        status: status.as_u16(),
+        code: field("code").unwrap_or_else(|| "unknown".to_owned()),
+        message: field("message").unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(body);
+            format!("the daemon answered {status}: {}", text.trim())
+        }),
+    }
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes standard base64 (with or without padding), as the exec stream
+/// carries output.
+pub fn base64_decode(text: &str) -> Result<Vec<u8>, DaemonError> {
+    fn value(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some(u32::from(c - b'A')),
+            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let digits = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    for chunk in digits.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            let v = value(c).ok_or_else(|| DaemonError::Protocol(format!("invalid base64 in {text:?}")))?;
+            acc |= v << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        match chunk.len() {
+            4 => out.extend_from_slice(&bytes[1..4]),
+            3 => out.extend_from_slice(&bytes[1..3]),
+            2 => out.push(bytes[1]),
+            _ => return Err(DaemonError::Protocol(format!("truncated base64 in {text:?}"))),
+        }
+    }
+    Ok(out)
+}
+
+/// One server-sent event, as `GET /v1/events` frames it.
+#[derive(Debug, Default)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// Reassembles server-sent events from lines.
+#[derive(Default)]
+pub struct SseParser {
+    current: SseEvent,
+    has_data: bool,
+}
+
+impl SseParser {
+    /// Feeds one line; a blank line completes an event.
+    pub fn line(&mut self, line: &str) -> Option<SseEvent> {
+        if line.is_empty() {
+            let done = std::mem::take(&mut self.current);
+            let had = std::mem::take(&mut self.has_data);
+            return had.then_some(done);
+        }
+        if line.starts_with(':') {
+            return None;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => self.current.id = Some(value.to_owned()),
+            "event" => self.current.event = Some(value.to_owned()),
+            "data" => {
+                if self.has_data {
+                    self.current.data.push('\n');
+                }
+                self.current.data.push_str(value);
+                self.has_data = true;
+            }
+            _ => {}
+        }
+        None
+    }
+}
+
+/// `airlock ls` from the daemon's sandboxes.
+pub fn print_list(sandboxes: &[Value], out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(out, "{:<24} {:<8} {:<12} {:<5} {:<8} WORKSPACE", "NAME", "STATE", "POLICY", "EXIT", "MODE")?;
+    for s in sandboxes {
+        let exit = match &s["exit"] {
+            Value::Object(e) => {
+                match (e.get("code").and_then(Value::as_i64), e.get("signal").and_then(Value::as_i64)) {
+                    (Some(code), _) => code.to_string(),
+                    (None, Some(signal)) => format!("sig{signal}"),
+                    _ => "-".to_owned(),
+                }
+            }
+            _ => "-".to_owned(),
+        };
+        let state = if s["lost"] == true { "lost".to_owned() } else { text(&s["state"]) };
+        writeln!(
+            out,
+            "{:<24} {:<8} {:<12} {:<5} {:<8} {}",
+            text(&s["name"]),
+            state,
+            text(&s["policy"]),
+            exit,
+            text(&s["workspace_mode"]),
+            text(&s["workspace"])
+        )?;
+    }
+    Ok(())
+}
+
+/// `airlock inspect NAME` from the daemon's answer.
+pub fn print_inspect(s: &Value, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(out, "name:       {}", text(&s["name"]))?;
+    let lost = if s["lost"] == true { " (supervisor lost)" } else { "" };
+    writeln!(out, "state:      {}{lost}", text(&s["state"]))?;
+    writeln!(out, "policy:     {}", text(&s["policy"]))?;
+    writeln!(out, "workspace:  {} ({})", text(&s["workspace"]), text(&s["workspace_mode"]))?;
+    writeln!(out, "created:    {}", text(&s["created_at"]))?;
+    if let Some(f) = s["finished_at"].as_str() {
+        writeln!(out, "finished:   {f}")?;
+    }
+    if let Some(d) = s["deadline"].as_str() {
+        writeln!(out, "deadline:   {d}")?;
+    }
+    if let Some(idle) = s["idle_timeout_secs"].as_u64() {
+        writeln!(out, "idle after: {idle}s")?;
+    }
+    if let Some(labels) = s["labels"].as_object().filter(|l| !l.is_empty()) {
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={}", text(v))).collect();
+        writeln!(out, "labels:     {}", labels.join(", "))?;
+    }
+    if let Some(degraded) = s["degraded"].as_array().filter(|d| !d.is_empty()) {
+        let degraded: Vec<String> = degraded.iter().map(text).collect();
+        writeln!(out, "running without: {}", degraded.join(", "))?;
+    }
+    if let Some(e) = s["exit"].as_object() {
+        let mut parts = Vec::new();
+        if let Some(code) = e.get("code").and_then(Value::as_i64) {
+            parts.push(format!("code {code}"));
+        }
+        if let Some(signal) = e.get("signal").and_then(Value::as_i64) {
+            parts.push(format!("signal {signal}"));
+        }
+        if e.get("timed_out") == Some(&Value::Bool(true)) {
+            parts.push("timed out".to_owned());
+        }
+        if e.get("oom_killed") == Some(&Value::Bool(true)) {
+            parts.push("out of memory".to_owned());
+        }
+        writeln!(out, "exit:       {}", parts.join(", "))?;
+    }
+    if let Some(pid) = s["supervisor_pid"].as_i64() {
+        writeln!(out, "supervisor: pid {pid}")?;
+    }
+    if let Some(total) = s["execs_total"].as_u64() {
+        writeln!(out, "execs:      {total} ({} running)", s["execs_running"].as_u64().unwrap_or(0))?;
+    }
+    Ok(())
+}
+
+/// One line per event: `ID TIME SANDBOX KIND DETAIL`.
+pub fn print_event(event: &Value, out: &mut dyn Write) -> std::io::Result<()> {
+    let detail = match &event["detail"] {
+        Value::Null => String::new(),
+        Value::Object(m) if m.is_empty() => String::new(),
+        other => other.to_string(),
+    };
+    writeln!(
+        out,
+        "{:<6} {} {:<24} {:<16} {detail}",
+        text(&event["id"]),
+        text(&event["ts"]),
+        text(&event["sandbox"]),
+        text(&event["kind"])
+    )
+}
+
+/// A JSON value as a person reads it: strings bare, nothing as `-`.
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn base64_decodes_padded_and_unpadded() {
+        assert_eq!(base64_decode("aGkK").unwrap(), b"hi\n");
+        assert_eq!(base64_decode("aA==").unwrap(), b"h");
+        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
+        assert_eq!(base64_decode("aGk").unwrap(), b"hi");
+        assert_eq!(base64_decode("").unwrap(), b"");
+        assert_eq!(base64_decode("/+8=").unwrap(), [0xff, 0xef]);
+        assert!(base64_decode("a*==").is_err());
+        assert!(base64_decode("a").is_err());
+    }
+
+    #[test]
+    fn sse_events_are_reassembled_and_comments_skipped() {
+        let mut p = SseParser::default();
+        let mut got = Vec::new();
+        for line in [": keepalive", "", "id: 4", "event: created", "data: {\"id\":4}", "", ""] {
+            got.extend(p.line(line));
+        }
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id.as_deref(), Some("4"));
+        assert_eq!(got[0].event.as_deref(), Some("created"));
+        assert_eq!(got[0].data, "{\"id\":4}");
+    }
+
+    #[test]
+    fn encode_escapes_everything_but_unreserved() {
+        assert_eq!(encode("ci-42"), "ci-42");
+        assert_eq!(encode("a=b c/d"), "a%3Db%20c%2Fd");
+    }
+
+    #[test]
+    fn refusals_carry_the_daemons_message() {
+        let e = refusal(StatusCode::CONFLICT, br#"{"error":{"code":"conflict","message":"taken"}}"#);
+        assert_eq!(e.to_string(), "taken");
+        assert_eq!(e.code(), Some("conflict"));
+        let e = refusal(StatusCode::BAD_GATEWAY, b"nope");
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+}

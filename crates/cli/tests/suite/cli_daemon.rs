@@ -1,0 +1,332 @@
+//! The CLI through `airlock daemon`: with a daemon answering on
+//! `$AIRLOCK_SOCKET`, create/exec/ls/inspect/events/stop/rm/diff/apply go
+//! through its API (the daemon's event log and its SQLite-backed fields
+//! show it); without one, or with `--direct`, the same commands work on
+//! the state directory as before.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::support::*;
+
+/// The cgroup hierarchies a sandbox's cgroup may be in.
+const CGROUP_BASES: [&str; 5] = [
+    "/sys/fs/cgroup",
+    "/sys/fs/cgroup/memory",
+    "/sys/fs/cgroup/pids",
+    "/sys/fs/cgroup/cpu",
+    "/sys/fs/cgroup/unified",
+];
+
+/// A daemon with its own state directory, socket and cgroup parent: the
+/// daemon cleans up cgroups under its parent that none of its sandboxes
+/// own, so sharing the suite's parent would reap other tests' sandboxes.
+struct Daemon {
+    env: Env,
+    socket: PathBuf,
+    cgroup_parent: String,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start(tag: &str) -> Daemon {
+        let env = Env::new();
+        let socket = env.dir.path().join("run/airlock.sock");
+        let cgroup_parent = format!("{}-cli-{tag}", cgroup_parent());
+        let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+        let child = env
+            .airlock(["daemon", "--socket", socket.to_str().unwrap()])
+            .env("AIRLOCK_CGROUP_PARENT", &cgroup_parent)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Daemon { env, socket, cgroup_parent, child: Some(child) };
+        assert!(wait_until(20, || d.curl("/v1/health").contains("\"ok\"")), "the daemon did not come up");
+        d
+    }
+
+    /// `airlock ARGS` with this daemon's socket.
+    fn airlock(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = self.env.airlock(args);
+        cmd.env("AIRLOCK_SOCKET", &self.socket).env("AIRLOCK_CGROUP_PARENT", &self.cgroup_parent);
+        cmd
+    }
+
+    /// A GET with curl, as a check independent of the CLI.
+    fn curl(&self, path: &str) -> String {
+        let out = Command::new("curl")
+            .args(["-sS", "-m", "30", "--unix-socket"])
+            .arg(&self.socket)
+            .arg(format!("http://airlock{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The kinds of the daemon's events about `name`.
+    fn event_kinds(&self, name: &str) -> Vec<String> {
+        self.curl(&format!("/v1/events?sandbox={name}"))
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+                rustix::process::Signal::TERM,
+            );
+            let _ = child.wait();
+        }
+        // Sandboxes outlive the daemon: remove what the test left.
+        if let Ok(entries) = std::fs::read_dir(&self.env.state) {
+            let names: Vec<String> = entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect();
+            if !names.is_empty() {
+                let mut args = vec!["--direct".to_owned(), "rm".to_owned()];
+                args.extend(names);
+                let _ = self.env.airlock(&args).env("AIRLOCK_CGROUP_PARENT", &self.cgroup_parent).output();
+            }
+        }
+        for base in CGROUP_BASES {
+            let _ = std::fs::remove_dir(std::path::Path::new(base).join(&self.cgroup_parent));
+        }
+    }
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", show(o)))
+}
+
+fn ok(o: &Output) {
+    assert_eq!(o.status.code(), Some(0), "{}", show(o));
+}
+
+#[test]
+fn cli_create_exec_ls_inspect_events_stop_rm_through_the_daemon() {
+    let d = Daemon::start("rt");
+    let o = d.airlock(&["create", "--name", "cd1", "--label", "team=infra", "--env", "GREETING=hi"]);
+    ok(&o);
+    assert_eq!(stdout(&o).trim(), "cd1");
+    // The daemon made it: its log says so, with the labels it indexed.
+    let events = d.curl("/v1/events?sandbox=cd1");
+    assert!(events.contains("event: created") && events.contains("\"team\":\"infra\""), "{events}");
+
+    let o = d.airlock(&["exec", "cd1", "--", "sh", "-c", "echo out; echo $GREETING >&2; exit 3"]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert_eq!(stdout(&o), "out\n");
+    assert_eq!(stderr(&o), "hi\n");
+    let o = d.airlock(&["exec", "cd1", "--env", "V=1", "--cwd", "/", "--", "sh", "-c", "echo $V; pwd"]);
+    ok(&o);
+    assert_eq!(stdout(&o), "1\n/\n");
+    let o = d.airlock(&["exec", "cd1", "--timeout", "1s", "--", "sleep", "30"]);
+    assert_eq!(o.status.code(), Some(124), "{}", show(&o));
+    let kinds = d.event_kinds("cd1");
+    assert_eq!(kinds.iter().filter(|k| *k == "exec_ended").count(), 3, "{kinds:?}");
+
+    // ls and inspect print the daemon's objects (owner and exec counts come
+    // from its index).
+    let o = d.airlock(&["ls", "--json"]);
+    ok(&o);
+    let list = json(&o);
+    let entry = list.as_array().unwrap().iter().find(|s| s["name"] == "cd1").unwrap().clone();
+    assert_eq!(entry["state"], "running", "{list}");
+    assert_eq!(entry["labels"]["team"], "infra", "{list}");
+    assert!(entry["owner_uid"].as_u64().is_some(), "{list}");
+    let o = d.airlock(&["ls"]);
+    ok(&o);
+    assert!(stdout(&o).lines().any(|l| l.starts_with("cd1 ") && l.contains("running")), "{}", show(&o));
+    let o = d.airlock(&["inspect", "cd1", "--json"]);
+    ok(&o);
+    let info = json(&o);
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["execs_total"], 3, "{info}");
+    assert!(info["supervisor_pid"].as_i64().is_some(), "{info}");
+    let o = d.airlock(&["inspect", "cd1"]);
+    ok(&o);
+    assert!(stdout(&o).contains("labels:     team=infra"), "{}", show(&o));
+    assert!(stdout(&o).contains("execs:      3"), "{}", show(&o));
+
+    // Logs are read from the state directory, with or without a daemon.
+    let o = d.airlock(&["logs", "cd1"]);
+    ok(&o);
+    assert!(stdout(&o).contains("out\n"), "{}", show(&o));
+
+    // Errors are the daemon's message, exit 125.
+    let o = d.airlock(&["exec", "nope", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+    assert!(stderr(&o).starts_with("airlock: error: "), "{}", show(&o));
+    assert!(stderr(&o).contains("nope"), "{}", show(&o));
+    let o = d.airlock(&["create", "--name", "cd1"]);
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+    assert!(stderr(&o).contains("already exists"), "{}", show(&o));
+
+    let o = d.airlock(&["stop", "cd1"]);
+    ok(&o);
+    let o = d.airlock(&["inspect", "cd1", "--json"]);
+    assert_eq!(json(&o)["state"], "stopped", "{}", show(&o));
+    let o = d.airlock(&["exec", "cd1", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+    assert!(stderr(&o).contains("not running"), "{}", show(&o));
+
+    // events: one line per event; --json prints the daemon's objects.
+    let o = d.airlock(&["events", "--sandbox", "cd1"]);
+    ok(&o);
+    let text = stdout(&o);
+    for kind in ["created", "exec_started", "exec_ended", "stopped"] {
+        assert!(text.lines().any(|l| l.split_whitespace().nth(3) == Some(kind)), "no {kind}: {text}");
+    }
+    let o = d.airlock(&["events", "--json"]);
+    ok(&o);
+    let objects: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        objects.iter().any(|e| e["kind"] == "stopped" && e["detail"]["reason"] == "requested"),
+        "{objects:?}"
+    );
+    let first = objects[0]["id"].as_u64().unwrap();
+    let o = d.airlock(&["events", "--json", "--since", &first.to_string()]);
+    ok(&o);
+    assert_eq!(stdout(&o).lines().count(), objects.len() - 1, "{}", show(&o));
+
+    let o = d.airlock(&["rm", "cd1"]);
+    ok(&o);
+    assert!(!d.env.sandbox_dir("cd1").exists());
+    assert!(d.event_kinds("cd1").iter().any(|k| k == "destroyed"));
+    let o = d.airlock(&["inspect", "cd1"]);
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+}
+
+#[test]
+fn cli_events_follow_streams_new_events() {
+    let d = Daemon::start("follow");
+    let mut child = d
+        .cmd(&["events", "--follow", "--json", "--sandbox", "cdf"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    ok(&d.airlock(&["create", "--name", "cdf"]));
+    ok(&d.airlock(&["exec", "cdf", "--", "true"]));
+    let mut kinds = Vec::new();
+    while !kinds.iter().any(|k| k == "exec_ended") {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else { break };
+        let event: Value = serde_json::from_str(&line).unwrap();
+        kinds.push(event["kind"].as_str().unwrap().to_owned());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(kinds, ["created", "exec_started", "exec_ended"]);
+}
+
+#[test]
+fn cli_diff_and_apply_through_the_daemon() {
+    let d = Daemon::start("apply");
+    ok(&d.airlock(&["create", "--name", "cda"]));
+    ok(&d.airlock(&["exec", "cda", "--", "sh", "-c", "echo patched >> src/lib.c"]));
+    ok(&d.airlock(&["stop", "cda"]));
+    let o = d.airlock(&["diff", "cda", "--json"]);
+    ok(&o);
+    let diff = json(&o);
+    assert!(diff.to_string().contains("src/lib.c"), "{diff}");
+    let o = d.airlock(&["diff", "cda"]);
+    ok(&o);
+    assert!(stdout(&o).contains("+patched"), "{}", show(&o));
+    let o = d.airlock(&["apply", "cda", "--yes"]);
+    ok(&o);
+    assert!(stdout(&o).contains("applied: 1 written"), "{}", show(&o));
+    assert_eq!(std::fs::read_to_string(d.env.workspace.join("src/lib.c")).unwrap(), "int x;\npatched\n");
+    assert!(d.event_kinds("cda").iter().any(|k| k == "applied"), "{:?}", d.event_kinds("cda"));
+}
+
+#[test]
+fn cli_direct_flag_bypasses_a_running_daemon() {
+    let d = Daemon::start("direct");
+    let o = d.airlock(&["--direct", "create", "--name", "cdd", "--label", "k=v"]);
+    ok(&o);
+    let o = d.airlock(&["exec", "cdd", "--direct", "--", "echo", "hi"]);
+    ok(&o);
+    assert_eq!(stdout(&o), "hi\n");
+    // Neither went through the daemon's API.
+    let kinds = d.event_kinds("cdd");
+    assert!(!kinds.iter().any(|k| k == "created" || k == "exec_ended"), "{kinds:?}");
+    let o = d.airlock(&["--direct", "ls", "--json"]);
+    ok(&o);
+    let list = json(&o);
+    assert!(list.as_array().unwrap().iter().any(|s| s["name"] == "cdd"), "{list}");
+    let o = d.airlock(&["--direct", "events"]);
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+    assert!(stderr(&o).contains("without --direct"), "{}", show(&o));
+    ok(&d.airlock(&["--direct", "rm", "cdd"]));
+}
+
+/// Without a daemon (no socket, or a socket nobody answers on) the same
+/// commands work on the state directory.
+#[test]
+fn cli_without_a_daemon_works_directly() {
+    let env = Env::new();
+    let socket = env.dir.path().join("no-daemon.sock");
+    // A socket that accepts connections but never answers: the health
+    // check gives up after a second.
+    let silent = env.dir.path().join("silent.sock");
+    let _listener = UnixListener::bind(&silent).unwrap();
+    for (i, socket) in [&socket, &silent].into_iter().enumerate() {
+        let name = format!("nd{i}");
+        let run = |args: &[&str]| env.airlock(args).env("AIRLOCK_SOCKET", socket).output().unwrap();
+        let started = std::time::Instant::now();
+        let o = run(&["create", "--name", &name, "--label", "k=v"]);
+        ok(&o);
+        assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+        assert_eq!(stdout(&o).trim(), name);
+        let o = run(&["exec", &name, "--", "sh", "-c", "echo out; exit 4"]);
+        assert_eq!(o.status.code(), Some(4), "{}", show(&o));
+        assert_eq!(stdout(&o), "out\n");
+        let o = run(&["ls", "--json"]);
+        ok(&o);
+        let list = json(&o);
+        let entry = list.as_array().unwrap().iter().find(|s| s["name"] == name.as_str()).unwrap().clone();
+        assert!(entry.get("owner_uid").is_none(), "the daemon's object, without a daemon: {entry}");
+        let o = run(&["inspect", &name, "--json"]);
+        ok(&o);
+        assert_eq!(json(&o)["state"], "running", "{}", show(&o));
+        ok(&run(&["stop", &name]));
+        assert!(
+            wait_until(10, || json(&run(&["inspect", &name, "--json"]))["state"] == "stopped"),
+            "{}",
+            show(&run(&["inspect", &name, "--json"]))
+        );
+        let o = run(&["events"]);
+        assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+        assert!(stderr(&o).contains("no daemon answers"), "{}", show(&o));
+        ok(&run(&["rm", &name]));
+        assert!(!env.sandbox_dir(&name).exists());
+    }
+}
