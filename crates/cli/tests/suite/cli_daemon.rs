@@ -6,50 +6,28 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
 
+use super::daemon_scale::TestDaemon;
 use super::support::*;
 
-/// The cgroup hierarchies a sandbox's cgroup may be in.
-const CGROUP_BASES: [&str; 5] = [
-    "/sys/fs/cgroup",
-    "/sys/fs/cgroup/memory",
-    "/sys/fs/cgroup/pids",
-    "/sys/fs/cgroup/cpu",
-    "/sys/fs/cgroup/unified",
-];
-
-/// A daemon with its own state directory, socket and cgroup parent: the
-/// daemon cleans up cgroups under its parent that none of its sandboxes
-/// own, so sharing the suite's parent would reap other tests' sandboxes.
+/// The shared test daemon (its own state directory, socket and cgroup
+/// parent), driven here through the CLI.
 struct Daemon {
-    env: Env,
-    socket: PathBuf,
-    cgroup_parent: String,
-    child: Option<Child>,
+    inner: TestDaemon,
 }
 
 impl Daemon {
     fn start(tag: &str) -> Daemon {
-        let env = Env::new();
-        let socket = env.dir.path().join("run/airlock.sock");
-        let cgroup_parent = format!("{}-cli-{tag}", cgroup_parent());
-        let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
-        let child = env
-            .airlock(["daemon", "--socket", socket.to_str().unwrap()])
-            .env("AIRLOCK_CGROUP_PARENT", &cgroup_parent)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Daemon { env, socket, cgroup_parent, child: Some(child) };
-        assert!(wait_until(20, || d.curl("/v1/health").contains("\"ok\"")), "the daemon did not come up");
-        d
+        Daemon { inner: TestDaemon::start(&format!("cli-{tag}")) }
+    }
+
+    fn env(&self) -> &Env {
+        &self.inner.env
     }
 
     /// `airlock ARGS` with this daemon's socket.
@@ -58,20 +36,14 @@ impl Daemon {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = self.env.airlock(args);
-        cmd.env("AIRLOCK_SOCKET", &self.socket).env("AIRLOCK_CGROUP_PARENT", &self.cgroup_parent);
+        let mut cmd = self.inner.env.airlock(args);
+        cmd.env("AIRLOCK_SOCKET", &self.inner.socket).env("AIRLOCK_CGROUP_PARENT", &self.inner.cgroup_parent);
         cmd
     }
 
     /// A GET with curl, as a check independent of the CLI.
     fn curl(&self, path: &str) -> String {
-        let out = Command::new("curl")
-            .args(["-sS", "-m", "30", "--unix-socket"])
-            .arg(&self.socket)
-            .arg(format!("http://airlock{path}"))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.inner.request("GET", path, None).1
     }
 
     /// The kinds of the daemon's events about `name`.
@@ -81,35 +53,6 @@ impl Daemon {
             .filter_map(|l| l.strip_prefix("event: "))
             .map(str::to_owned)
             .collect()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-                rustix::process::Signal::TERM,
-            );
-            let _ = child.wait();
-        }
-        // Sandboxes outlive the daemon: remove what the test left.
-        if let Ok(entries) = std::fs::read_dir(&self.env.state) {
-            let names: Vec<String> = entries
-                .flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect();
-            if !names.is_empty() {
-                let mut args = vec!["--direct".to_owned(), "rm".to_owned()];
-                args.extend(names);
-                let _ = self.env.airlock(&args).env("AIRLOCK_CGROUP_PARENT", &self.cgroup_parent).output();
-            }
-        }
-        for base in CGROUP_BASES {
-            let _ = std::fs::remove_dir(std::path::Path::new(base).join(&self.cgroup_parent));
-        }
     }
 }
 
@@ -209,7 +152,7 @@ fn cli_create_exec_ls_inspect_events_stop_rm_through_the_daemon() {
 
     let o = d.airlock(&["rm", "cd1"]);
     ok(&o);
-    assert!(!d.env.sandbox_dir("cd1").exists());
+    assert!(!d.env().sandbox_dir("cd1").exists());
     assert!(d.event_kinds("cd1").iter().any(|k| k == "destroyed"));
     let o = d.airlock(&["inspect", "cd1"]);
     assert_eq!(o.status.code(), Some(125), "{}", show(&o));
@@ -263,7 +206,7 @@ fn cli_diff_and_apply_through_the_daemon() {
     let o = d.airlock(&["apply", "cda", "--yes"]);
     ok(&o);
     assert!(stdout(&o).contains("applied: 1 written"), "{}", show(&o));
-    assert_eq!(std::fs::read_to_string(d.env.workspace.join("src/lib.c")).unwrap(), "int x;\npatched\n");
+    assert_eq!(std::fs::read_to_string(d.env().workspace.join("src/lib.c")).unwrap(), "int x;\npatched\n");
     assert!(d.event_kinds("cda").iter().any(|k| k == "applied"), "{:?}", d.event_kinds("cda"));
 }
 
