@@ -10,7 +10,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter, on};
 
-use crate::api::{compat, events, exec, meta, sandboxes};
+use crate::api::{compat, events, exec, files, meta, sandboxes};
 use crate::app::App;
 use crate::extract::BODY_LIMIT;
 
@@ -18,6 +18,7 @@ use crate::extract::BODY_LIMIT;
 pub enum Method {
     Get,
     Post,
+    Put,
     Delete,
 }
 
@@ -26,6 +27,7 @@ impl Method {
         match self {
             Method::Get => "get",
             Method::Post => "post",
+            Method::Put => "put",
             Method::Delete => "delete",
         }
     }
@@ -34,6 +36,7 @@ impl Method {
         match self {
             Method::Get => MethodFilter::GET,
             Method::Post => MethodFilter::POST,
+            Method::Put => MethodFilter::PUT,
             Method::Delete => MethodFilter::DELETE,
         }
     }
@@ -69,6 +72,11 @@ pub fn table() -> Vec<Route> {
         route(Post, "/v1/sandboxes/{name}/extend", sandboxes::extend),
         route(Get, "/v1/sandboxes/{name}/diff", sandboxes::diff),
         route(Post, "/v1/sandboxes/{name}/apply", sandboxes::apply),
+        route(Get, "/v1/sandboxes/{name}/files", files::read),
+        route(Put, "/v1/sandboxes/{name}/files", files::write),
+        route(Get, "/v1/sandboxes/{name}/files/list", files::list),
+        route(Get, "/v1/sandboxes/{name}/files/stat", files::stat),
+        route(Get, "/v1/sandboxes/{name}/artifacts", files::artifacts),
         route(Get, "/v1/events", events::events),
         route(Get, "/metrics", meta::metrics),
         route(Get, "/vm", compat::list),

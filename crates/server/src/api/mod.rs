@@ -4,6 +4,7 @@
 pub mod compat;
 pub mod events;
 pub mod exec;
+pub mod files;
 pub mod meta;
 pub mod sandboxes;
 

@@ -1,0 +1,338 @@
+//! The files API (`/v1/sandboxes/{name}/files…`) and the artifacts tar
+//! stream, through a real daemon with curl.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+
+use super::daemon_scale::TestDaemon;
+use super::support::*;
+
+/// (status, raw body) of a curl request; `upload` is sent as the body.
+fn curl(d: &TestDaemon, method: &str, path: &str, upload: Option<&Path>) -> (u16, Vec<u8>) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-m", "120", "-X", method, "-w", "\n%{http_code}", "--unix-socket"]).arg(&d.socket);
+    if let Some(file) = upload {
+        cmd.args(["-H", "content-type: application/octet-stream", "--data-binary"])
+            .arg(format!("@{}", file.display()));
+    }
+    let out = cmd.arg(format!("http://airlock{path}")).stdin(Stdio::null()).output().unwrap();
+    let text = out.stdout;
+    let split = text.iter().rposition(|b| *b == b'\n').unwrap_or(0);
+    let code = String::from_utf8_lossy(&text[split..]).trim().parse().unwrap_or(0);
+    (code, text[..split].to_vec())
+}
+
+fn as_json(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+fn assert_error(status: u16, body: &[u8], want_status: u16, want_code: &str) {
+    let v = as_json(body);
+    assert_eq!((status, v["error"]["code"].as_str()), (want_status, Some(want_code)), "{v}");
+}
+
+/// The decoded stdout of an exec.
+fn exec_stdout(d: &TestDaemon, name: &str, argv: &[&str]) -> Vec<u8> {
+    let (status, body) =
+        d.request("POST", &format!("/v1/sandboxes/{name}/exec"), Some(&json!({ "argv": argv }).to_string()));
+    assert_eq!(status, 200, "{body}");
+    let mut out = Vec::new();
+    for line in body.lines().filter(|l| !l.is_empty()) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if v["type"] == "stdout" {
+            out.extend(base64_decode(v["data"].as_str().unwrap()));
+        }
+    }
+    out
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        let data: Vec<u8> = chunk.iter().copied().filter(|c| *c != b'=').map(value).collect();
+        let n = data.iter().enumerate().fold(0u32, |n, (i, v)| n | (u32::from(*v) << (18 - 6 * i)));
+        for i in 0..data.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+#[test]
+fn daemon_files_write_read_list_stat() {
+    let d = TestDaemon::start("files");
+    let (status, created) = d.json("POST", "/v1/sandboxes", Some(json!({ "name": "fs" })));
+    assert_eq!(status, 201, "{created}");
+
+    // Write binary content with PUT, read it back with GET and with cat.
+    let content: Vec<u8> = (0..=255u8).cycle().take(200_000).collect();
+    let upload = d.env.dir.path().join("upload.bin");
+    std::fs::write(&upload, &content).unwrap();
+    let (status, body) = curl(&d, "PUT", "/v1/sandboxes/fs/files?path=/tmp/up.bin", Some(&upload));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(as_json(&body), json!({ "path": "/tmp/up.bin", "size": 200_000 }));
+    let (status, read) = curl(&d, "GET", "/v1/sandboxes/fs/files?path=/tmp/up.bin", None);
+    assert_eq!(status, 200);
+    assert!(read == content, "GET returned {} bytes, not the 200000 written", read.len());
+    let via_exec = exec_stdout(&d, "fs", &["sha256sum", "/tmp/up.bin"]);
+    let host = Command::new("sha256sum").arg(&upload).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&via_exec).split_whitespace().next(),
+        String::from_utf8_lossy(&host.stdout).split_whitespace().next(),
+    );
+    // The file is the sandbox's, not the host's.
+    assert!(!Path::new("/tmp/up.bin").exists() || std::fs::read("/tmp/up.bin").unwrap() != content);
+
+    // An empty file reads as an empty 200.
+    let empty = d.env.dir.path().join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let (status, _) = curl(&d, "PUT", "/v1/sandboxes/fs/files?path=/tmp/dir%20x/../empty", Some(&empty));
+    assert_eq!(status, 404, "the directory /tmp/dir x does not exist");
+    exec_stdout(&d, "fs", &["sh", "-c", "mkdir -p '/tmp/dir x' && ln -s ../up.bin '/tmp/dir x/link'"]);
+    let (status, _) = curl(&d, "PUT", "/v1/sandboxes/fs/files?path=/tmp/dir%20x/empty", Some(&empty));
+    assert_eq!(status, 200);
+    let (status, read) = curl(&d, "GET", "/v1/sandboxes/fs/files?path=/tmp/dir%20x/empty", None);
+    assert_eq!((status, read.len()), (200, 0));
+
+    // A name that is not UTF-8.
+    exec_stdout(&d, "fs", &["sh", "-c", "printf x > \"/tmp/dir x/$(printf 'bad\\377')\""]);
+
+    let (status, list) = curl(&d, "GET", "/v1/sandboxes/fs/files/list?path=/tmp/dir%20x", None);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&list));
+    let list = as_json(&list);
+    assert_eq!(list["path"], "/tmp/dir x");
+    let entries = list["entries"].as_array().unwrap();
+    let names: Vec<&str> = entries.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["bad\u{fffd}", "empty", "link"], "{list}");
+    assert_eq!(entries[0]["name_b64"], "YmFk/w==", "{list}");
+    assert_eq!((entries[0]["type"].as_str(), entries[0]["size"].as_u64()), (Some("file"), Some(1)));
+    assert_eq!(entries[1]["type"], "file");
+    assert!(entries[1].get("name_b64").is_none(), "{list}");
+    assert_eq!(entries[2]["type"], "symlink");
+    assert!(entries[1]["mtime"].as_str().unwrap().ends_with('Z'), "{list}");
+
+    let (status, stat) = curl(&d, "GET", "/v1/sandboxes/fs/files/stat?path=/tmp/up.bin", None);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&stat));
+    let stat = as_json(&stat);
+    assert_eq!(stat["name"], "up.bin");
+    assert_eq!(stat["type"], "file");
+    assert_eq!(stat["size"], 200_000);
+    assert!(stat["mode"].as_u64().is_some_and(|m| m & 0o600 == 0o600), "{stat}");
+    let (_, stat) = curl(&d, "GET", "/v1/sandboxes/fs/files/stat?path=/tmp/dir%20x/link", None);
+    assert_eq!(as_json(&stat)["type"], "symlink");
+    let (_, stat) = curl(&d, "GET", "/v1/sandboxes/fs/files/stat?path=/tmp", None);
+    assert_eq!(as_json(&stat)["type"], "dir");
+    // Reading through the symlink reads its target, inside the sandbox.
+    let (status, read) = curl(&d, "GET", "/v1/sandboxes/fs/files?path=/tmp/dir%20x/link", None);
+    assert_eq!((status, read.len()), (200, content.len()));
+
+    // Missing files, wrong kinds, bad paths.
+    for path in ["/files?path=/nope", "/files/stat?path=/nope/x", "/files/list?path=/nope"] {
+        let (status, body) = curl(&d, "GET", &format!("/v1/sandboxes/fs{path}"), None);
+        assert_error(status, &body, 404, "file_not_found");
+    }
+    let (status, body) = curl(&d, "GET", "/v1/sandboxes/fs/files?path=/tmp", None);
+    assert_error(status, &body, 422, "wrong_file_type");
+    let (status, body) = curl(&d, "GET", "/v1/sandboxes/fs/files/list?path=/tmp/up.bin", None);
+    assert_error(status, &body, 422, "wrong_file_type");
+    for query in ["", "?path=", "?path=tmp/x", "?path=/a%00b", "?path=/x&mode=1"] {
+        let (status, body) = curl(&d, "GET", &format!("/v1/sandboxes/fs/files{query}"), None);
+        assert_eq!(status, 400, "{query}: {}", String::from_utf8_lossy(&body));
+    }
+    let (status, body) = curl(&d, "GET", "/v1/sandboxes/absent/files?path=/etc/hostname", None);
+    assert_error(status, &body, 404, "not_found");
+
+    // Traversal resolves inside the sandbox: never the host's /etc/shadow.
+    let host_first = std::fs::read_to_string("/etc/shadow")
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .filter(|l| !l.is_empty());
+    for path in ["/../../etc/shadow", "/tmp/../../../etc/shadow", "/etc/../etc/./shadow"] {
+        let (status, body) =
+            curl(&d, "GET", &format!("/v1/sandboxes/fs/files?path={}", path.replace('/', "%2F")), None);
+        if status == 200 {
+            let first = String::from_utf8_lossy(&body).lines().next().map(str::to_string);
+            if let Some(host_first) = &host_first {
+                assert_ne!(first.as_ref(), Some(host_first), "{path}: the host's /etc/shadow leaked");
+            }
+        } else {
+            assert!([404, 422].contains(&status), "{path}: {status} {}", String::from_utf8_lossy(&body));
+        }
+    }
+    // Writing the host's files is just as impossible.
+    let marker = d.env.dir.path().join("host-marker");
+    std::fs::write(&marker, b"host").unwrap();
+    let (status, _) = curl(
+        &d,
+        "PUT",
+        &format!("/v1/sandboxes/fs/files?path=/../..{}", marker.display()).replace(' ', "%20"),
+        Some(&upload),
+    );
+    assert!(status != 200 || std::fs::read(&marker).unwrap() == b"host", "{status}");
+
+    // A stopped sandbox has no files to offer.
+    let (status, body) = d.request("POST", "/v1/sandboxes/fs/stop", None);
+    assert_eq!(status, 200, "{body}");
+    for (method, path) in [
+        ("GET", "/files?path=/tmp/up.bin"),
+        ("PUT", "/files?path=/tmp/up.bin"),
+        ("GET", "/files/list?path=/tmp"),
+        ("GET", "/files/stat?path=/tmp"),
+    ] {
+        let up = (method == "PUT").then_some(upload.as_path());
+        let (status, body) = curl(&d, method, &format!("/v1/sandboxes/fs{path}"), up);
+        assert_error(status, &body, 409, "not_running");
+    }
+    assert!(d.remove_all_and_settle(30).is_empty());
+}
+
+#[test]
+fn daemon_files_artifacts_tar_of_a_ci_sandbox() {
+    let d = TestDaemon::start("artifacts");
+    let ws = d.env.workspace.display().to_string();
+    let (status, created) =
+        d.json("POST", "/v1/sandboxes", Some(json!({ "name": "ci1", "policy": "ci", "workspace": ws })));
+    assert_eq!(status, 201, "{created}");
+
+    let report = d.env.dir.path().join("report.xml");
+    std::fs::write(&report, "<testsuite tests=\"1\"/>\n").unwrap();
+    let (status, body) = curl(
+        &d,
+        "PUT",
+        &format!("/v1/sandboxes/ci1/files?path={ws}/junit-report.xml").replace(' ', "%20"),
+        Some(&report),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    exec_stdout(
+        &d,
+        "ci1",
+        &["sh", "-c", &format!("mkdir -p {ws}/test-results/deep && echo ok > {ws}/test-results/deep/r.txt")],
+    );
+    // The workspace is an overlay: the host's copy is untouched.
+    assert!(!d.env.workspace.join("junit-report.xml").exists());
+
+    let (status, body) = d.request("POST", "/v1/sandboxes/ci1/stop", None);
+    assert_eq!(status, 200, "{body}");
+
+    let (status, tar) = curl(&d, "GET", "/v1/sandboxes/ci1/artifacts", None);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&tar));
+    assert_eq!(tar.len() % 512, 0);
+    let tar_file = d.env.dir.path().join("artifacts.tar");
+    std::fs::write(&tar_file, &tar).unwrap();
+    let listed = Command::new("tar").arg("-tf").arg(&tar_file).output().unwrap();
+    assert!(listed.status.success(), "{}", show(&listed));
+    let names = stdout(&listed);
+    assert!(names.lines().any(|l| l == "junit-report.xml"), "{names}");
+    assert!(names.lines().any(|l| l == "test-results/deep/r.txt"), "{names}");
+    let extracted = Command::new("tar").arg("-xOf").arg(&tar_file).arg("junit-report.xml").output().unwrap();
+    assert_eq!(stdout(&extracted), "<testsuite tests=\"1\"/>\n", "{}", show(&extracted));
+
+    let (status, body) = curl(&d, "GET", "/v1/sandboxes/nope/artifacts", None);
+    assert_error(status, &body, 404, "not_found");
+    assert!(d.remove_all_and_settle(30).is_empty());
+}
+
+/// A daemon whose socket the group `airlock-test` may reach, for the
+/// tenancy test; removes what it created when dropped.
+struct GroupDaemon {
+    env: Env,
+    socket: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl GroupDaemon {
+    fn start(group: &str) -> GroupDaemon {
+        let env = Env::new();
+        let socket = env.dir.path().join("run/airlock.sock");
+        let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+        let child = env
+            .airlock(["daemon", "--socket", &socket.display().to_string(), "--group", group])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = GroupDaemon { env, socket, child };
+        assert!(
+            wait_until(20, || d.curl_as(None, "GET", "/v1/health").0 == 200),
+            "the daemon did not come up"
+        );
+        d
+    }
+
+    /// (status, body) of a request as `user` (None: as the test's user).
+    fn curl_as(&self, user: Option<&str>, method: &str, path: &str) -> (u16, String) {
+        let mut cmd = match user {
+            Some(user) => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid", user, "--regid", user, "--init-groups", "--", "curl"]);
+                c
+            }
+            None => Command::new("curl"),
+        };
+        cmd.args(["-sS", "-m", "60", "-X", method, "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&self.socket)
+            .arg(format!("http://airlock{path}"));
+        if method == "PUT" {
+            cmd.args(["--data-binary", "x"]);
+        }
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+}
+
+impl Drop for GroupDaemon {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let _ = self.child.wait();
+        let _ = self.env.airlock(["rm", "roots"]).output();
+    }
+}
+
+#[test]
+fn daemon_files_of_another_users_sandbox_are_not_found() {
+    const TEST_USER: &str = "airlock-test";
+    if !require(is_root(), "root (to run requests as another user)") {
+        return;
+    }
+    let has_user = Command::new("id").arg(TEST_USER).output().is_ok_and(|o| o.status.success());
+    if !require(has_user, "the user airlock-test (created by scripts/test.sh)") {
+        return;
+    }
+    let d = GroupDaemon::start(TEST_USER);
+    let create = Command::new("curl")
+        .args(["-sS", "-m", "120", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&d.socket)
+        .args(["-H", "content-type: application/json", "--data-binary", r#"{"name":"roots"}"#])
+        .arg("http://airlock/v1/sandboxes")
+        .output()
+        .unwrap();
+    assert!(stdout(&create).ends_with("\n201"), "{}", show(&create));
+    let (status, _) = d.curl_as(None, "GET", "/v1/sandboxes/roots/files?path=/etc/hostname");
+    assert_eq!(status, 200);
+    for (method, path) in [
+        ("GET", "/files?path=/etc/hostname"),
+        ("PUT", "/files?path=/tmp/x"),
+        ("GET", "/files/list?path=/"),
+        ("GET", "/files/stat?path=/"),
+        ("GET", "/artifacts"),
+    ] {
+        let (status, body) = d.curl_as(Some(TEST_USER), method, &format!("/v1/sandboxes/roots{path}"));
+        assert_error(status, body.as_bytes(), 404, "not_found");
+    }
+    let (status, body) = d.curl_as(None, "DELETE", "/v1/sandboxes/roots");
+    assert_eq!(status, 200, "{body}");
+}

@@ -1,0 +1,834 @@
+//! Files inside a running sandbox, and the artifacts of any sandbox:
+//!
+//! - `GET  /v1/sandboxes/{name}/files?path=/abs` — a regular file's bytes;
+//! - `PUT  /v1/sandboxes/{name}/files?path=/abs` — writes the body there;
+//! - `GET  /v1/sandboxes/{name}/files/list?path=/abs/dir` — a directory's entries;
+//! - `GET  /v1/sandboxes/{name}/files/stat?path=/abs` — one entry;
+//! - `GET  /v1/sandboxes/{name}/artifacts` — the captured artifacts as a tar stream.
+//!
+//! The file operations never touch the host's filesystem: each is a process
+//! (`cat`, `find`) run *inside* the sandbox through its supervisor, so a path
+//! means what it means to the sandbox's own processes, `..` and symlinks
+//! included, and nothing outside the sandbox's view can be named. The names
+//! `find` reports are untrusted bytes, read NUL-separated.
+//!
+//! The artifacts are files the daemon itself wrote into the state directory;
+//! they are walked without following symlinks and sent as a ustar archive.
+
+use std::cell::OnceCell;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, UNIX_EPOCH};
+
+use airlock_proto::Stream;
+use airlock_proto::supervisor::{ExecEvent, ExecSpec};
+use airlock_runtime::supervisor::{ExecControl, SupervisorClient};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body::Frame;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::app::App;
+use crate::auth::Peer;
+use crate::body::{ChannelBody, base64};
+use crate::error::ApiError;
+use crate::extract::{QueryPairs, SandboxName};
+use crate::sandbox::{self, ApiState};
+
+/// Largest body `PUT .../files` accepts.
+pub const FILE_LIMIT: usize = 64 << 20;
+/// Largest listing (the raw `find` output) `files/list` reads.
+const LIST_LIMIT: usize = 16 << 20;
+/// How much of a failed process's stderr an error message quotes.
+const STDERR_LIMIT: usize = 2048;
+/// The exit status the scripts below use for "no such file".
+const MISSING: i32 = 3;
+/// The exit status the scripts below use for "not the right kind of file".
+const WRONG_KIND: i32 = 4;
+const SIGKILL: i32 = 9;
+
+/// Reads a regular file (following symlinks, as the sandbox sees them).
+/// FIFOs and devices are refused: they could block or never end.
+const READ_SCRIPT: &str = r#"if [ ! -e "$1" ]; then exit 3; fi
+if [ ! -f "$1" ]; then echo "$1: not a regular file" >&2; exit 4; fi
+exec cat -- "$1""#;
+
+/// Writes stdin to a file whose directory exists; an existing target must
+/// be a regular file.
+const WRITE_SCRIPT: &str = r#"d=$(dirname -- "$1")
+if [ ! -d "$d" ]; then exit 3; fi
+if [ -e "$1" ] && [ ! -f "$1" ]; then echo "$1: exists and is not a regular file" >&2; exit 4; fi
+exec cat > "$1""#;
+
+/// Lists a directory (a symlink to one is followed: `-H`).
+const LIST_SCRIPT: &str = r#"if [ ! -e "$1" ] && [ ! -L "$1" ]; then exit 3; fi
+if [ ! -d "$1" ]; then echo "$1: not a directory" >&2; exit 4; fi
+exec find -H "$1" -mindepth 1 -maxdepth 1 -printf "$2""#;
+
+/// Describes one path itself (a symlink is reported as a symlink).
+const STAT_SCRIPT: &str = r#"if [ ! -e "$1" ] && [ ! -L "$1" ]; then exit 3; fi
+exec find "$1" -maxdepth 0 -printf "$2""#;
+
+/// `find -printf` formats: name, type, size, mode, mtime, each ended by NUL
+/// (find itself turns `\0` into the byte).
+const LIST_FORMAT: &str = "%P\\0%y\\0%s\\0%m\\0%T@\\0";
+const STAT_FORMAT: &str = "%f\\0%y\\0%s\\0%m\\0%T@\\0";
+
+/// The `path` query parameter: absolute, no NUL, at most 4096 bytes.
+fn query_path(query: &QueryPairs) -> Result<String, ApiError> {
+    query.only(&["path"])?;
+    let invalid = |m: String| ApiError::bad_request("invalid_path", m);
+    let path = query.get("path").ok_or_else(|| invalid("the path query parameter is required".into()))?;
+    if !path.starts_with('/') {
+        return Err(invalid(format!("path {path:?} must be absolute")));
+    }
+    if path.contains('\0') || path.len() > 4096 {
+        return Err(invalid("path must be at most 4096 bytes without NUL".into()));
+    }
+    Ok(path.to_owned())
+}
+
+/// The supervisor of a running sandbox `peer` may use.
+async fn running(app: &Arc<App>, peer: Peer, name: String) -> Result<SupervisorClient, ApiError> {
+    app.blocking(move |app| {
+        let loaded = sandbox::authorize(app, &peer, &name)?;
+        if loaded.state != ApiState::Running {
+            return Err(ApiError::conflict(
+                "not_running",
+                format!("sandbox {name} is not running (state: {})", loaded.state.as_str()),
+            ));
+        }
+        SupervisorClient::connect(&loaded.dir).map_err(|e| {
+            ApiError::conflict(
+                "not_managed",
+                format!("sandbox {name} has no supervisor to run processes ({e})"),
+            )
+        })
+    })
+    .await
+}
+
+fn spec(script: &str, args: &[&str], timeout_secs: Option<u64>) -> ExecSpec {
+    let mut argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned(), "sh".to_owned()];
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    ExecSpec { argv, timeout_secs, ..ExecSpec::default() }
+}
+
+/// How a process in the sandbox ended.
+#[derive(Debug, Default)]
+struct Finish {
+    code: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+    stderr: Vec<u8>,
+    /// The exec broke off (the sandbox stopped under it).
+    broken: Option<String>,
+}
+
+impl Finish {
+    fn ok(&self) -> bool {
+        self.broken.is_none() && self.code == Some(0)
+    }
+
+    fn keep_stderr(&mut self, data: &[u8]) {
+        let room = STDERR_LIMIT.saturating_sub(self.stderr.len());
+        self.stderr.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// The API error for a process that did not succeed on `path`.
+    fn error(&self, what: &str, path: &str) -> ApiError {
+        if let Some(message) = &self.broken {
+            return ApiError::conflict("not_running", format!("{what} {path}: {message}"));
+        }
+        if self.code == Some(MISSING) {
+            let message = if what == "write" {
+                format!("the directory of {path} does not exist in the sandbox")
+            } else {
+                format!("no file {path} in the sandbox")
+            };
+            return ApiError::new(StatusCode::NOT_FOUND, "file_not_found", message);
+        }
+        let how = match (self.code, self.signal, self.timed_out) {
+            (_, _, true) => "timed out".to_owned(),
+            (Some(code), _, _) => format!("exit status {code}"),
+            (None, Some(signal), _) => format!("signal {signal}"),
+            (None, None, _) => "no exit status".to_owned(),
+        };
+        let stderr = String::from_utf8_lossy(&self.stderr);
+        let stderr = stderr.trim();
+        let code = if self.code == Some(WRONG_KIND) { "wrong_file_type" } else { "file_error" };
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            code,
+            if stderr.is_empty() {
+                format!("{what} {path}: {how}")
+            } else {
+                format!("{what} {path}: {how}: {stderr}")
+            },
+        )
+    }
+}
+
+/// Runs `spec` to its end, keeping at most `limit` bytes of stdout (more
+/// kills the process and fails).
+fn collect(
+    client: &SupervisorClient,
+    spec: &ExecSpec,
+    input: Option<Bytes>,
+    limit: usize,
+) -> (Vec<u8>, bool, Finish) {
+    let mut out = Vec::new();
+    let mut over = false;
+    let mut finish = Finish::default();
+    let control: OnceCell<ExecControl> = OnceCell::new();
+    let input = input.map(|b| Box::new(io::Cursor::new(b)) as Box<dyn Read + Send>);
+    let result = client.exec_session(
+        spec,
+        input,
+        &mut |event| match event {
+            ExecEvent::Started { .. } => {}
+            ExecEvent::Output { stream: Stream::Stdout, data } => {
+                if over {
+                    return;
+                }
+                if out.len() + data.len() > limit {
+                    over = true;
+                    if let Some(c) = control.get() {
+                        let _ = c.signal(SIGKILL);
+                    }
+                } else {
+                    out.extend_from_slice(&data);
+                }
+            }
+            ExecEvent::Output { stream: Stream::Stderr, data } => finish.keep_stderr(&data),
+            ExecEvent::Exited { code, signal, timed_out } => {
+                finish.code = code;
+                finish.signal = signal;
+                finish.timed_out = timed_out;
+            }
+        },
+        &mut |c| {
+            let _ = control.set(c);
+        },
+    );
+    if let Err(e) = result {
+        finish.broken = Some(e.to_string());
+    }
+    (out, over, finish)
+}
+
+/// What the blocking reader of `GET .../files` sends the response body.
+enum Chunk {
+    Data(Bytes),
+    End(Finish),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("reading the file broke off: {0}")]
+struct ReadBrokeOff(String);
+
+/// The streamed bytes of a file; an error ends the response abnormally, so
+/// a client never mistakes a cut-off file for a whole one.
+struct FileBody {
+    first: Option<Bytes>,
+    rx: mpsc::Receiver<Chunk>,
+    done: bool,
+}
+
+impl http_body::Body for FileBody {
+    type Data = Bytes;
+    type Error = ReadBrokeOff;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ReadBrokeOff>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Chunk::Data(bytes))) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+            Poll::Ready(Some(Chunk::End(finish))) => {
+                self.done = true;
+                if finish.ok() {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Err(ReadBrokeOff(finish.error("read", "the file").message))))
+                }
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(Some(Err(ReadBrokeOff("the reader ended without a status".into()))))
+            }
+        }
+    }
+}
+
+/// The blocking half of a read: streams stdout to `tx`; kills the process
+/// when the client hangs up.
+fn stream_read(client: &SupervisorClient, spec: &ExecSpec, tx: &mpsc::Sender<Chunk>) {
+    let mut finish = Finish::default();
+    let control: OnceCell<ExecControl> = OnceCell::new();
+    let mut gone = false;
+    let result = client.exec_session(
+        spec,
+        None,
+        &mut |event| match event {
+            ExecEvent::Started { .. } => {}
+            ExecEvent::Output { stream: Stream::Stdout, data } => {
+                if !gone && tx.blocking_send(Chunk::Data(Bytes::from(data))).is_err() {
+                    gone = true;
+                    if let Some(c) = control.get() {
+                        let _ = c.signal(SIGKILL);
+                    }
+                }
+            }
+            ExecEvent::Output { stream: Stream::Stderr, data } => finish.keep_stderr(&data),
+            ExecEvent::Exited { code, signal, timed_out } => {
+                finish.code = code;
+                finish.signal = signal;
+                finish.timed_out = timed_out;
+            }
+        },
+        &mut |c| {
+            let _ = control.set(c);
+        },
+    );
+    if let Err(e) = result {
+        finish.broken = Some(e.to_string());
+    }
+    let _ = tx.blocking_send(Chunk::End(finish));
+}
+
+/// `GET /v1/sandboxes/{name}/files?path=…`
+pub async fn read(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
+    let path = query_path(&query)?;
+    let client = running(&app, peer, name).await?;
+    let spec = spec(READ_SCRIPT, &[&path], None);
+    let (tx, mut rx) = mpsc::channel::<Chunk>(16);
+    tokio::task::spawn_blocking(move || stream_read(&client, &spec, &tx));
+    // Nothing is promised until the first bytes (or the end) arrive: a
+    // missing file is a 404, not an empty 200.
+    let first = match rx.recv().await {
+        Some(Chunk::Data(bytes)) => Some(bytes),
+        Some(Chunk::End(finish)) if finish.ok() => None,
+        Some(Chunk::End(finish)) => return Err(finish.error("read", &path)),
+        None => return Err(ApiError::internal("the file reader ended without a status")),
+    };
+    let done = first.is_none();
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::new(FileBody { first, rx, done }))
+        .map_err(|e| ApiError::internal(format!("building the file response: {e}")))
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes.
+async fn body_bytes(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body::Body as _;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the file is larger than {limit} bytes"),
+        )
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let mut out = Vec::new();
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        match frame {
+            None => return Ok(Bytes::from(out)),
+            Some(Err(e)) => {
+                return Err(ApiError::bad_request("invalid_body", format!("reading the body: {e}")));
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if out.len() + data.len() > limit {
+                        return Err(too_large());
+                    }
+                    out.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Written {
+    pub path: String,
+    pub size: usize,
+}
+
+/// `PUT /v1/sandboxes/{name}/files?path=…`
+pub async fn write(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+    query: QueryPairs,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let path = query_path(&query)?;
+    let client = running(&app, peer, name).await?;
+    let bytes = body_bytes(body, FILE_LIMIT).await?;
+    let size = bytes.len();
+    let target = path.clone();
+    let finish = tokio::task::spawn_blocking(move || {
+        collect(&client, &spec(WRITE_SCRIPT, &[&target], Some(600)), Some(bytes), 4096).2
+    })
+    .await?;
+    if !finish.ok() {
+        return Err(finish.error("write", &path));
+    }
+    Ok(axum::Json(Written { path, size }).into_response())
+}
+
+/// One directory entry, as `files/list` and `files/stat` answer it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Entry {
+    /// The name, lossily decoded when it is not UTF-8.
+    pub name: String,
+    /// The name's bytes in base64, only when they are not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_b64: Option<String>,
+    /// `file`, `dir`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub size: u64,
+    /// Permission bits (`0o644` is 420).
+    pub mode: u32,
+    /// RFC 3339, UTC.
+    pub mtime: String,
+}
+
+/// Parses `find -printf` output of five NUL-ended fields per entry.
+fn parse_entries(out: &[u8]) -> Result<Vec<Entry>, String> {
+    let mut fields: Vec<&[u8]> = out.split(|b| *b == 0).collect();
+    // The output ends with a NUL, so the split ends with an empty piece.
+    if fields.pop().is_some_and(|last| !last.is_empty()) {
+        return Err("find's output does not end with NUL".into());
+    }
+    if !fields.len().is_multiple_of(5) {
+        return Err(format!("find printed {} fields, not a multiple of 5", fields.len()));
+    }
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    fields
+        .chunks(5)
+        .map(|f| {
+            let (name, name_b64) = match std::str::from_utf8(f[0]) {
+                Ok(s) => (s.to_owned(), None),
+                Err(_) => (text(f[0]), Some(base64(f[0]))),
+            };
+            let kind = match f[1] {
+                b"f" => "file",
+                b"d" => "dir",
+                b"l" => "symlink",
+                _ => "other",
+            };
+            let size = text(f[2]).parse::<u64>().map_err(|e| format!("size {:?}: {e}", text(f[2])))?;
+            let mode =
+                u32::from_str_radix(&text(f[3]), 8).map_err(|e| format!("mode {:?}: {e}", text(f[3])))?;
+            let mtime = mtime(&text(f[4])).ok_or_else(|| format!("mtime {:?}", text(f[4])))?;
+            Ok(Entry { name, name_b64, kind, size, mode, mtime })
+        })
+        .collect()
+}
+
+/// `find`'s `%T@` (seconds since the epoch with a fraction) as RFC 3339.
+fn mtime(s: &str) -> Option<String> {
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let digits: String = frac.chars().take(9).collect();
+    let nanos: u32 = if digits.is_empty() { 0 } else { format!("{digits:0<9}").parse().ok()? };
+    let t = if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::new(secs.unsigned_abs(), nanos))?
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))?
+    };
+    Some(airlock_runtime::audit::rfc3339_utc(t))
+}
+
+async fn find(
+    app: &Arc<App>,
+    peer: Peer,
+    name: String,
+    query: &QueryPairs,
+    script: &'static str,
+    format: &'static str,
+) -> Result<Vec<Entry>, ApiError> {
+    let path = query_path(query)?;
+    let client = running(app, peer, name).await?;
+    let target = path.clone();
+    let (out, over, finish) = tokio::task::spawn_blocking(move || {
+        collect(&client, &spec(script, &[&target, format], Some(60)), None, LIST_LIMIT)
+    })
+    .await?;
+    if over {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "file_error",
+            format!("the listing of {path} is larger than {LIST_LIMIT} bytes"),
+        ));
+    }
+    if !finish.ok() {
+        return Err(finish.error("list", &path));
+    }
+    parse_entries(&out).map_err(|e| ApiError::internal(format!("listing {path}: {e}")))
+}
+
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    pub path: String,
+    pub entries: Vec<Entry>,
+}
+
+/// `GET /v1/sandboxes/{name}/files/list?path=…`
+pub async fn list(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+    query: QueryPairs,
+) -> Result<axum::Json<Listing>, ApiError> {
+    let mut entries = find(&app, peer, name, &query, LIST_SCRIPT, LIST_FORMAT).await?;
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(axum::Json(Listing { path: query_path(&query)?, entries }))
+}
+
+/// `GET /v1/sandboxes/{name}/files/stat?path=…`
+pub async fn stat(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+    query: QueryPairs,
+) -> Result<axum::Json<Entry>, ApiError> {
+    let entries = find(&app, peer, name, &query, STAT_SCRIPT, STAT_FORMAT).await?;
+    match <[Entry; 1]>::try_from(entries) {
+        Ok([entry]) => Ok(axum::Json(entry)),
+        Err(entries) => Err(ApiError::internal(format!("stat answered {} entries, not one", entries.len()))),
+    }
+}
+
+/// `GET /v1/sandboxes/{name}/artifacts`: works in any state.
+pub async fn artifacts(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+) -> Result<Response, ApiError> {
+    let dir = app.blocking(move |app| Ok(sandbox::authorize(app, &peer, &name)?.dir.artifacts_dir())).await?;
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::task::spawn_blocking(move || {
+        let mut tar = Tar::new(ChunkWriter { tx, buf: Vec::with_capacity(CHUNK) });
+        // A client that hangs up ends the walk with a broken pipe.
+        if let Err(e) = tar.append_tree(&dir).and_then(|()| tar.finish()) {
+            tracing::debug!(error = %e, "the artifacts stream ended early");
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-tar")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::new(ChannelBody::new(rx)))
+        .map_err(|e| ApiError::internal(format!("building the artifacts response: {e}")))
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// Buffers writes into chunks for a [`ChannelBody`].
+struct ChunkWriter {
+    tx: mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx.blocking_send(chunk).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// A minimal ustar writer: regular files and directories only.
+struct Tar<W: Write> {
+    out: W,
+}
+
+/// The largest size an 11-digit octal field holds.
+const USTAR_MAX_SIZE: u64 = 0o77_777_777_777;
+
+impl<W: Write> Tar<W> {
+    fn new(out: W) -> Tar<W> {
+        Tar { out }
+    }
+
+    /// Every directory and regular file below `root`, in name order, named
+    /// relative to it; symlinks and other kinds are skipped, never followed.
+    fn append_tree(&mut self, root: &Path) -> io::Result<()> {
+        let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let entries = match std::fs::read_dir(root.join(&rel)) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && rel.as_os_str().is_empty() => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let mut names: Vec<_> = entries.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
+            names.sort();
+            let mut subdirs = Vec::new();
+            for name in names {
+                let rel = rel.join(&name);
+                let full = root.join(&rel);
+                let meta = std::fs::symlink_metadata(&full)?;
+                if meta.is_dir() {
+                    if self.header(&rel, &meta, b'5', 0)? {
+                        subdirs.push(rel);
+                    }
+                } else if meta.is_file() {
+                    self.append_file(&rel, &full)?;
+                } else {
+                    tracing::warn!(path = %full.display(), "artifacts: skipping an entry that is not a file or directory");
+                }
+            }
+            // Popped in name order.
+            stack.extend(subdirs.into_iter().rev());
+        }
+        Ok(())
+    }
+
+    fn append_file(&mut self, rel: &Path, full: &Path) -> io::Result<()> {
+        let nofollow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+        let file = match File::options().read(true).custom_flags(nofollow).open(full) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(path = %full.display(), error = %e, "artifacts: skipping an unreadable file");
+                return Ok(());
+            }
+        };
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Ok(());
+        }
+        let size = meta.len();
+        if !self.header(rel, &meta, b'0', size)? {
+            return Ok(());
+        }
+        // Exactly `size` bytes, whatever the file does meanwhile.
+        let copied = io::copy(&mut file.take(size), &mut self.out)?;
+        self.zeros(size - copied)?;
+        self.zeros((512 - size % 512) % 512)
+    }
+
+    fn zeros(&mut self, mut n: u64) -> io::Result<()> {
+        const ZEROS: [u8; 512] = [0; 512];
+        while n > 0 {
+            let k = n.min(512);
+            self.out.write_all(&ZEROS[..k as usize])?;
+            n -= k;
+        }
+        Ok(())
+    }
+
+    /// Writes a header; false (and a warning) when the entry cannot be
+    /// represented and is skipped.
+    fn header(&mut self, rel: &Path, meta: &std::fs::Metadata, kind: u8, size: u64) -> io::Result<bool> {
+        let mut name = rel.as_os_str().as_encoded_bytes().to_vec();
+        if kind == b'5' {
+            name.push(b'/');
+        }
+        match ustar_header(&name, meta.mode() & 0o7777, size, meta.mtime().max(0).unsigned_abs(), kind) {
+            Some(block) => {
+                self.out.write_all(&block)?;
+                Ok(true)
+            }
+            None => {
+                tracing::warn!(path = %rel.display(), size, "artifacts: skipping an entry ustar cannot name or size");
+                Ok(false)
+            }
+        }
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.zeros(1024)?;
+        self.out.flush()
+    }
+}
+
+/// Writes `value` as zero-padded octal filling `field` but its last byte (NUL).
+fn octal(field: &mut [u8], value: u64) -> Option<()> {
+    let digits = field.len() - 1;
+    let text = format!("{value:0digits$o}");
+    if text.len() > digits {
+        return None;
+    }
+    field[..digits].copy_from_slice(text.as_bytes());
+    field[digits] = 0;
+    Some(())
+}
+
+/// One 512-byte ustar header; None when the name cannot be split into the
+/// 155-byte prefix and 100-byte name fields, or the size is too large.
+fn ustar_header(name: &[u8], mode: u32, size: u64, mtime: u64, kind: u8) -> Option<[u8; 512]> {
+    let mut h = [0u8; 512];
+    let (prefix, rest) = if name.len() <= 100 {
+        (&[][..], name)
+    } else {
+        // Split at a '/' leaving at most 155 bytes before it and 1-100 after.
+        let at = (0..name.len())
+            .filter(|&i| name[i] == b'/' && i <= 155 && name.len() - i - 1 <= 100 && i + 1 < name.len())
+            .find(|&i| name[i + 1..].iter().any(|b| *b != b'/'))?;
+        (&name[..at], &name[at + 1..])
+    };
+    if size > USTAR_MAX_SIZE || prefix.len() > 155 || rest.is_empty() || rest.len() > 100 {
+        return None;
+    }
+    h[..rest.len()].copy_from_slice(rest);
+    octal(&mut h[100..108], u64::from(mode))?;
+    octal(&mut h[108..116], 0)?;
+    octal(&mut h[116..124], 0)?;
+    octal(&mut h[124..136], size)?;
+    octal(&mut h[136..148], mtime.min(USTAR_MAX_SIZE))?;
+    h[156] = kind;
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[265..269].copy_from_slice(b"root");
+    h[297..301].copy_from_slice(b"root");
+    h[345..345 + prefix.len()].copy_from_slice(prefix);
+    h[148..156].fill(b' ');
+    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+    octal(&mut h[148..155], u64::from(sum))?;
+    h[155] = b' ';
+    Some(h)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn paths_are_checked() {
+        let q = |s: &str| QueryPairs(serde_urlencoded::from_str(s).unwrap());
+        assert_eq!(query_path(&q("path=/etc/passwd")).unwrap(), "/etc/passwd");
+        assert_eq!(query_path(&q("path=%2F..%2F..%2Fetc")).unwrap(), "/../../etc");
+        for bad in ["", "path=", "path=rel", "path=/a%00b", "path=/x&other=1"] {
+            assert_eq!(query_path(&q(bad)).unwrap_err().status, StatusCode::BAD_REQUEST, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn find_output_is_parsed() {
+        let nul =
+            |fields: &[&[u8]]| fields.iter().flat_map(|f| f.iter().copied().chain([0])).collect::<Vec<u8>>();
+        let out = nul(&[
+            b"a.txt",
+            b"f",
+            b"5",
+            b"644",
+            b"1732812345.5000000000",
+            b"\xff\xfe",
+            b"d",
+            b"4096",
+            b"755",
+            b"0",
+            b"l",
+            b"l",
+            b"3",
+            b"777",
+            b"-1.0",
+        ]);
+        let entries = parse_entries(&out).unwrap();
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[0].name, "a.txt");
+        assert_eq!(entries[0].name_b64, None);
+        assert_eq!((entries[0].kind, entries[0].size, entries[0].mode), ("file", 5, 0o644));
+        assert_eq!(entries[0].mtime, "2024-11-28T16:45:45.500Z");
+        assert_eq!(entries[1].name_b64.as_deref(), Some("//4="));
+        assert_eq!(entries[1].kind, "dir");
+        assert_eq!(entries[2].kind, "symlink");
+        assert!(parse_entries(b"").unwrap().is_empty());
+        assert!(parse_entries(&nul(&[b"a", b"f"])).is_err());
+        assert!(parse_entries(&nul(&[b"a", b"f", b"x", b"644", b"0"])).is_err());
+        let mut cut = nul(&[b"a", b"f", b"1", b"644", b"0"]);
+        cut.pop();
+        assert!(parse_entries(&cut).is_err());
+    }
+
+    #[test]
+    fn ustar_headers() {
+        let h = ustar_header(b"dir/junit.xml", 0o644, 13, 1_700_000_000, b'0').unwrap();
+        assert_eq!(&h[..13], b"dir/junit.xml");
+        assert_eq!(&h[100..108], b"0000644\0");
+        assert_eq!(&h[124..136], b"00000000015\0");
+        assert_eq!(&h[257..263], b"ustar\0");
+        let stored: u32 = u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8).unwrap();
+        let mut blank = h;
+        blank[148..156].fill(b' ');
+        assert_eq!(stored, blank.iter().map(|b| u32::from(*b)).sum::<u32>());
+        let long = format!("{}/{}", "p".repeat(120), "n".repeat(90));
+        let h = ustar_header(long.as_bytes(), 0o644, 0, 0, b'0').unwrap();
+        assert_eq!(&h[..90], "n".repeat(90).as_bytes());
+        assert_eq!(&h[345..465], "p".repeat(120).as_bytes());
+        assert!(ustar_header("x".repeat(101).as_bytes(), 0o644, 0, 0, b'0').is_none());
+        assert!(ustar_header(b"big", 0o644, USTAR_MAX_SIZE + 1, 0, b'0').is_none());
+    }
+
+    #[test]
+    fn a_tree_becomes_a_tar() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("out/deep")).unwrap();
+        std::fs::write(tmp.path().join("out/junit.xml"), "<testsuite/>").unwrap();
+        std::fs::write(tmp.path().join("top.txt"), "x".repeat(600)).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", tmp.path().join("link")).unwrap();
+        let mut out = Vec::new();
+        let mut tar = Tar::new(&mut out);
+        tar.append_tree(tmp.path()).unwrap();
+        tar.finish().unwrap();
+        assert_eq!(out.len() % 512, 0);
+        let mut names = Vec::new();
+        let mut at = 0;
+        while at + 512 <= out.len() && out[at] != 0 {
+            let h = &out[at..at + 512];
+            let end = h[..100].iter().position(|b| *b == 0).unwrap_or(100);
+            names.push(String::from_utf8(h[..end].to_vec()).unwrap());
+            let size = u64::from_str_radix(std::str::from_utf8(&h[124..135]).unwrap(), 8).unwrap();
+            at += 512 + size.div_ceil(512) as usize * 512;
+        }
+        assert_eq!(names, ["out/", "top.txt", "out/deep/", "out/junit.xml"]);
+        let mut empty = Vec::new();
+        Tar::new(&mut empty).append_tree(&tmp.path().join("absent")).unwrap();
+        assert!(empty.is_empty());
+    }
+}
