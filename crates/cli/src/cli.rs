@@ -134,6 +134,21 @@ enum Command {
         /// becomes root:GROUP 0660.
         #[arg(long)]
         group: Option<String>,
+        /// Also serve the API over TLS on this TCP address (ADDR:PORT);
+        /// needs --tls-cert, --tls-key and --tokens.
+        #[arg(long, value_name = "ADDR:PORT", requires_all = ["tls_cert", "tls_key", "tokens"])]
+        listen: Option<std::net::SocketAddr>,
+        /// PEM certificate chain for --listen.
+        #[arg(long, value_name = "CERT.pem", requires = "listen")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for --listen (not readable by others).
+        #[arg(long, value_name = "KEY.pem", requires = "listen")]
+        tls_key: Option<PathBuf>,
+        /// Bearer tokens for --listen: lines `<uid> <sha256-hex-of-token>
+        /// [comment]` (make one with `printf %s TOKEN | sha256sum`); the
+        /// file must be readable by its owner only.
+        #[arg(long, value_name = "FILE", requires = "listen")]
+        tokens: Option<PathBuf>,
     },
 }
 
@@ -368,8 +383,24 @@ fn direct(command: Command, forced: bool) -> CliResult {
             present::net_log(&ops::net_log(&state()?, &name)?, json)?;
             Ok(0)
         }
-        Command::Daemon { socket, group } => {
-            airlock_server::run_daemon(airlock_server::DaemonOptions { socket, group, state_dir: None })?;
+        Command::Daemon { socket, group, listen, tls_cert, tls_key, tokens } => {
+            let tcp = match (listen, tls_cert, tls_key, tokens) {
+                (None, None, None, None) => None,
+                (Some(listen), Some(cert), Some(key), Some(tokens)) => {
+                    Some(airlock_server::TcpOptions { listen, cert, key, tokens })
+                }
+                _ => {
+                    return Err("a TCP listener needs all of --listen, --tls-cert, --tls-key and --tokens \
+                                (it never serves without TLS and bearer tokens)"
+                        .into());
+                }
+            };
+            airlock_server::run_daemon(airlock_server::DaemonOptions {
+                socket,
+                group,
+                state_dir: None,
+                tcp,
+            })?;
             Ok(0)
         }
     }

@@ -12,6 +12,7 @@
 //!
 //! ```text
 //! serve     socket, peer credentials, accept loop, signals
+//! tcp       the optional TLS listener, bearer tokens → uid
 //! routes    the one route table (router + OpenAPI sync test)
 //! api/*     handlers, one file per resource
 //! sandbox   state dir + index row → what the API shows; tenancy checks
@@ -31,6 +32,8 @@ mod reconcile;
 pub mod routes;
 mod sandbox;
 mod serve;
+mod tcp;
 
 pub use error::{ApiError, DaemonError};
 pub use serve::{DaemonOptions, default_socket, run_daemon};
+pub use tcp::TcpOptions;

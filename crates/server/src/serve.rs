@@ -44,6 +44,8 @@ pub struct DaemonOptions {
     pub group: Option<String>,
     /// The state root; default `StateRoot::from_env()`.
     pub state_dir: Option<PathBuf>,
+    /// Also serve the API over TLS on TCP, for bearer-token tenants.
+    pub tcp: Option<crate::tcp::TcpOptions>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -100,13 +102,25 @@ async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
         "reconciled the index with the state directories"
     );
 
+    let tcp = match &opts.tcp {
+        Some(tcp) => Some(crate::tcp::bind(tcp).await?),
+        None => None,
+    };
     let bound = bind(&socket, gid)?;
     tracing::info!(socket = %socket.display(), state = %app.root.path().display(), "airlock daemon listening");
     eprintln!("airlock daemon: listening on {}", socket.display());
 
+    let tcp = tcp.map(|server| {
+        tracing::info!(listen = %server.local, "airlock daemon listening on TCP (TLS, bearer tokens)");
+        eprintln!("airlock daemon: listening on https://{} (TLS, bearer tokens)", server.local);
+        tokio::spawn(crate::tcp::accept_loop(server, app.clone(), MAX_CONNECTIONS, HEADER_TIMEOUT))
+    });
     let reconciler = tokio::spawn(reconcile_loop(app.clone()));
     let result = accept_loop(&bound.listener, &socket, app.clone()).await;
     reconciler.abort();
+    if let Some(tcp) = tcp {
+        tcp.abort();
+    }
     // Best effort: a stale socket is replaced at the next start anyway.
     let _ = std::fs::remove_file(&socket);
     drop(bound);
@@ -211,7 +225,7 @@ async fn serve_connection(stream: UnixStream, router: axum::Router, app: Arc<App
 /// daemon is root (tenancy then confines them to their own sandboxes); only
 /// its own user (and root) when it is not, since every sandbox it starts runs
 /// as that user.
-fn admit(peer: Option<Peer>, app: &App) -> Result<Peer, ApiError> {
+pub(crate) fn admit(peer: Option<Peer>, app: &App) -> Result<Peer, ApiError> {
     let Some(peer) = peer else {
         return Err(ApiError::forbidden("the daemon could not identify the caller (SO_PEERCRED failed)"));
     };
@@ -225,7 +239,7 @@ fn admit(peer: Option<Peer>, app: &App) -> Result<Peer, ApiError> {
     Ok(peer)
 }
 
-fn refusal(e: &ApiError) -> Response<Body> {
+pub(crate) fn refusal(e: &ApiError) -> Response<Body> {
     let mut response = Response::new(Body::from(e.body()));
     *response.status_mut() = e.status;
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));

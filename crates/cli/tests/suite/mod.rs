@@ -6,6 +6,7 @@ mod daemon;
 mod daemon_files;
 mod daemon_fuzz;
 mod daemon_scale;
+mod daemon_tcp;
 mod egress;
 mod escape;
 mod lifecycle;
