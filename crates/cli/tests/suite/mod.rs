@@ -3,6 +3,7 @@ pub mod support;
 mod cli;
 mod cli_daemon;
 mod daemon;
+mod daemon_attach;
 mod daemon_files;
 mod daemon_fuzz;
 mod daemon_scale;

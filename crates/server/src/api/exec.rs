@@ -1,31 +1,47 @@
-//! `POST /v1/sandboxes/{name}/exec`: runs a process in a running sandbox
-//! and streams its events as NDJSON, one JSON object per line:
+//! `POST /v1/sandboxes/{name}/exec`: runs a process in a running sandbox.
 //!
-//! ```text
-//! {"type":"started","pid":12}
-//! {"type":"stdout","data":"aGkK"}          base64, as the process wrote it
-//! {"type":"stderr","data":"..."}
-//! {"type":"exit","code":0,"signal":null,"timed_out":false}
-//! {"type":"error","message":"..."}         only if the exec broke off
-//! ```
+//! Two ways to talk to it:
+//!
+//! * plain (the default): the body is the JSON request, the answer streams
+//!   the exec's events as NDJSON, one JSON object per line:
+//!
+//!   ```text
+//!   {"type":"started","pid":12}
+//!   {"type":"stdout","data":"aGkK"}          base64, as the process wrote it
+//!   {"type":"stderr","data":"..."}
+//!   {"type":"exit","code":0,"signal":null,"timed_out":false}
+//!   {"type":"error","message":"..."}         only if the exec broke off
+//!   ```
+//!
+//! * interactive (`?stream=raw`): a full-duplex HTTP/1.1 exchange. The
+//!   request body (chunked, sent as the client goes) starts with the JSON
+//!   request on one line, then carries frames from the client; the answer's
+//!   body carries frames to the client. A frame is one type byte, a 4-byte
+//!   big-endian payload length and the payload. From the client: 0 stdin
+//!   bytes, 4 resize (rows u16, cols u16, big-endian), 5 signal (i32
+//!   big-endian), 6 close stdin; the end of the request body closes stdin
+//!   too. To the client: 1 stdout, 2 stderr (with a TTY all output is
+//!   stdout), 3 the end: the same JSON as the NDJSON `exit` (or `error`)
+//!   line, always the last frame.
 //!
 //! The supervisor client blocks, so the exec runs on a blocking thread and
-//! hands each line to the response body through a bounded channel: a slow
+//! hands its output to the response body through a bounded channel: a slow
 //! reader slows the exec's output down rather than growing memory.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use airlock_proto::Stream;
 use airlock_proto::supervisor::{ExecEvent, ExecSpec};
-use airlock_runtime::supervisor::SupervisorClient;
+use airlock_runtime::supervisor::{ExecControl, SupervisorClient};
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::header;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{StatusCode, header};
 use axum::response::Response;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{DurationArg, check_env};
 use crate::app::App;
@@ -33,8 +49,23 @@ use crate::auth::Peer;
 use crate::body::{ChannelBody, base64};
 use crate::db::ExecEnd;
 use crate::error::ApiError;
-use crate::extract::{JsonBody, SandboxName};
+use crate::extract::{BODY_LIMIT, JsonBody, QueryPairs, SandboxName};
 use crate::sandbox::{self, ApiState};
+
+/// The terminal size of `tty: true`.
+const DEFAULT_TTY: (u16, u16) = (24, 80);
+/// The largest frame a client may send.
+const MAX_FRAME: usize = 1 << 20;
+
+/// Frame types, to the client.
+const FRAME_STDOUT: u8 = 1;
+const FRAME_STDERR: u8 = 2;
+const FRAME_END: u8 = 3;
+/// Frame types, from the client.
+const FRAME_STDIN: u8 = 0;
+const FRAME_RESIZE: u8 = 4;
+const FRAME_SIGNAL: u8 = 5;
+const FRAME_CLOSE_STDIN: u8 = 6;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,8 +75,23 @@ pub struct ExecBody {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<PathBuf>,
     #[serde(default)]
-    pub tty: bool,
+    pub tty: Option<TtyArg>,
     pub timeout: Option<DurationArg>,
+}
+
+/// `tty`: `false`, `true` (24x80) or `{"rows": R, "cols": C}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TtyArg {
+    On(bool),
+    Size(TtySize),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 pub fn exec_spec(body: ExecBody) -> Result<ExecSpec, ApiError> {
@@ -56,12 +102,16 @@ pub fn exec_spec(body: ExecBody) -> Result<ExecSpec, ApiError> {
     if body.argv.len() > 4096 || body.argv.iter().any(|a| a.contains('\0')) {
         return Err(invalid("argv: at most 4096 arguments, none containing NUL".into()));
     }
-    if body.tty {
-        return Err(ApiError::bad_request(
-            "unsupported",
-            "tty exec is not available through the API yet; send tty: false",
-        ));
-    }
+    let tty = match body.tty {
+        None | Some(TtyArg::On(false)) => None,
+        Some(TtyArg::On(true)) => Some(DEFAULT_TTY),
+        Some(TtyArg::Size(TtySize { rows, cols })) => {
+            if rows == 0 || cols == 0 {
+                return Err(invalid(format!("tty: rows and cols must be at least 1, got {rows}x{cols}")));
+            }
+            Some((rows, cols))
+        }
+    };
     if let Some(cwd) = &body.cwd
         && (!cwd.is_absolute() || cwd.as_os_str().as_encoded_bytes().contains(&0))
     {
@@ -77,39 +127,42 @@ pub fn exec_spec(body: ExecBody) -> Result<ExecSpec, ApiError> {
             .map(|t| t.get("timeout"))
             .transpose()?
             .map(|d| d.as_secs().max(1)),
-        ..ExecSpec::default()
+        tty,
     })
+}
+
+/// Whether the query asks for the interactive, framed exchange.
+fn raw_mode(query: &QueryPairs) -> Result<bool, ApiError> {
+    query.only(&["stream"])?;
+    match query.0.iter().rev().find(|(k, _)| k == "stream").map(|(_, v)| v.as_str()) {
+        None | Some("ndjson") => Ok(false),
+        Some("raw") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("stream must be raw or ndjson, got {other:?}"),
+        )),
+    }
 }
 
 pub async fn exec(
     State(app): State<Arc<App>>,
     peer: Peer,
     SandboxName(name): SandboxName,
-    JsonBody(body): JsonBody<ExecBody>,
+    query: QueryPairs,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    if raw_mode(&query)? {
+        return exec_raw(app, peer, name, request).await;
+    }
+    let JsonBody(body) = JsonBody::<ExecBody>::from_request(request, &app).await?;
     let spec = exec_spec(body)?;
-    let target = name.clone();
-    let (client, owner) = app
-        .blocking(move |app| {
-            let loaded = sandbox::authorize(app, &peer, &target)?;
-            if loaded.state != ApiState::Running {
-                return Err(ApiError::conflict(
-                    "not_running",
-                    format!("sandbox {target} is not running (state: {})", loaded.state.as_str()),
-                ));
-            }
-            let client = SupervisorClient::connect(&loaded.dir).map_err(|e| {
-                ApiError::conflict(
-                    "not_managed",
-                    format!("sandbox {target} has no supervisor to run processes ({e})"),
-                )
-            })?;
-            Ok((client, loaded.owner_uid))
-        })
-        .await?;
+    let client = connect(&app, peer, &name).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let worker = app.clone();
-    tokio::task::spawn_blocking(move || run(&worker, &client, &spec, &name, owner, &tx));
+    tokio::task::spawn_blocking(move || {
+        let mut out = Output { tx: &tx, gone: false, raw: false };
+        run(&worker, &client, &spec, &name, None, &mut |_| {}, &mut out);
+    });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .header(header::CACHE_CONTROL, "no-store")
@@ -117,15 +170,321 @@ pub async fn exec(
         .map_err(|e| ApiError::internal(format!("building the exec response: {e}")))
 }
 
-/// The blocking half: runs the exec, sends its lines, records it.
+/// Checks the caller may exec in `name` and reaches its supervisor; also
+/// answers the sandbox's owner.
+async fn connect(app: &Arc<App>, peer: Peer, name: &str) -> Result<(SupervisorClient, u32), ApiError> {
+    let target = name.to_string();
+    app.blocking(move |app| {
+        let loaded = sandbox::authorize(app, &peer, &target)?;
+        if loaded.state != ApiState::Running {
+            return Err(ApiError::conflict(
+                "not_running",
+                format!("sandbox {target} is not running (state: {})", loaded.state.as_str()),
+            ));
+        }
+        let client = SupervisorClient::connect(&loaded.dir).map_err(|e| {
+            ApiError::conflict(
+                "not_managed",
+                format!("sandbox {target} has no supervisor to run processes ({e})"),
+            )
+        })?;
+        Ok((client, loaded.owner_uid))
+    })
+    .await
+}
+
+/// The request body as it arrives, with what has been read but not used.
+struct Incoming {
+    body: Body,
+    buf: Vec<u8>,
+    ended: bool,
+}
+
+impl Incoming {
+    /// Reads one more chunk into `buf`; false at the end of the body.
+    async fn fill(&mut self) -> Result<bool, ApiError> {
+        while !self.ended {
+            let frame = std::future::poll_fn(|cx| {
+                http_body::Body::poll_frame(std::pin::Pin::new(&mut self.body), cx)
+            })
+            .await;
+            match frame {
+                None => self.ended = true,
+                Some(Err(e)) => {
+                    return Err(ApiError::bad_request("invalid_body", format!("reading the request: {e}")));
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        self.buf.extend_from_slice(&data);
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// The JSON request: the body up to its first newline.
+    async fn request_line(&mut self) -> Result<Vec<u8>, ApiError> {
+        loop {
+            if let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf[..at].to_vec();
+                self.buf.drain(..=at);
+                return Ok(line);
+            }
+            if self.buf.len() > BODY_LIMIT {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the exec request line is longer than {BODY_LIMIT} bytes"),
+                ));
+            }
+            if !self.fill().await? {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "the body must start with the exec request as one line of JSON",
+                ));
+            }
+        }
+    }
+
+    /// The next client frame; `None` at the end of the body.
+    async fn frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, String> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                if len > MAX_FRAME {
+                    return Err(format!("a frame of {len} bytes is larger than {MAX_FRAME}"));
+                }
+                if self.buf.len() >= 5 + len {
+                    let kind = self.buf[0];
+                    let payload = self.buf[5..5 + len].to_vec();
+                    self.buf.drain(..5 + len);
+                    return Ok(Some((kind, payload)));
+                }
+            }
+            match self.fill().await {
+                Ok(true) => {}
+                Ok(false) if self.buf.is_empty() => return Ok(None),
+                Ok(false) => return Err("the body ended inside a frame".into()),
+                Err(e) => return Err(e.message),
+            }
+        }
+    }
+}
+
+/// The process's stdin: what the client sends, until it closes it.
+struct ChannelReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+async fn exec_raw(app: Arc<App>, peer: Peer, name: String, request: Request) -> Result<Response, ApiError> {
+    let mut incoming = Incoming { body: request.into_body(), buf: Vec::new(), ended: false };
+    let line = incoming.request_line().await?;
+    let body: ExecBody = serde_json::from_slice(&line)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON request line: {e}")))?;
+    let spec = exec_spec(body)?;
+    let client = connect(&app, peer, &name).await?;
+
+    let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(16);
+    let (control_tx, control_rx) = oneshot::channel::<ExecControl>();
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let worker = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let input = ChannelReader { rx: stdin_rx, chunk: Vec::new(), at: 0 };
+        let mut control_tx = Some(control_tx);
+        let mut out = Output { tx: &tx, gone: false, raw: true };
+        run(
+            &worker,
+            &client,
+            &spec,
+            &name,
+            Some(Box::new(input)),
+            &mut |control| {
+                if let Some(sender) = control_tx.take() {
+                    let _ = sender.send(control);
+                }
+            },
+            &mut out,
+        );
+        let _ = done_tx.send(());
+    });
+    tokio::spawn(async move {
+        // Once the exec is over, the rest of the body is not wanted: dropping
+        // it (and the stdin sender) also ends the supervisor client's
+        // stdin thread.
+        tokio::select! {
+            result = pump(incoming, stdin_tx, control_rx) => {
+                if let Err(message) = result {
+                    tracing::debug!(%message, "an interactive exec's request body broke off");
+                }
+            }
+            _ = done_rx => {}
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/vnd.airlock.exec-stream")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::new(ChannelBody::new(rx)))
+        .map_err(|e| ApiError::internal(format!("building the exec response: {e}")))
+}
+
+/// Hands the client's frames to the exec until the body ends (or a frame is
+/// malformed: stdin is closed then and the rest of the body ignored).
+async fn pump(
+    mut incoming: Incoming,
+    stdin: mpsc::Sender<Vec<u8>>,
+    control_rx: oneshot::Receiver<ExecControl>,
+) -> Result<(), String> {
+    let mut stdin = Some(stdin);
+    let mut control_rx = Some(control_rx);
+    let mut control: Option<ExecControl> = None;
+    while let Some((kind, payload)) = incoming.frame().await? {
+        match kind {
+            FRAME_STDIN => {
+                // Stdin already closed, or the exec is over: dropped.
+                if let Some(tx) = &stdin
+                    && !payload.is_empty()
+                    && tx.send(payload).await.is_err()
+                {
+                    stdin = None;
+                }
+            }
+            FRAME_CLOSE_STDIN => stdin = None,
+            FRAME_RESIZE | FRAME_SIGNAL => {
+                let order = match (kind, payload.as_slice()) {
+                    (FRAME_RESIZE, [r0, r1, c0, c1]) => {
+                        Order::Resize(u16::from_be_bytes([*r0, *r1]), u16::from_be_bytes([*c0, *c1]))
+                    }
+                    (FRAME_SIGNAL, [a, b, c, d]) => Order::Signal(i32::from_be_bytes([*a, *b, *c, *d])),
+                    _ => {
+                        return Err(format!(
+                            "frame type {kind} needs a 4-byte payload, got {}",
+                            payload.len()
+                        ));
+                    }
+                };
+                if control.is_none()
+                    && let Some(rx) = control_rx.take()
+                {
+                    control = rx.await.ok();
+                }
+                // No control: the exec never started or is over.
+                if let Some(ctl) = control.clone() {
+                    let sent = tokio::task::spawn_blocking(move || match order {
+                        Order::Resize(rows, cols) => ctl.resize(rows, cols),
+                        Order::Signal(signal) => ctl.signal(signal),
+                    })
+                    .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        control = None;
+                    }
+                }
+            }
+            other => return Err(format!("unknown frame type {other}")),
+        }
+    }
+    Ok(())
+}
+
+enum Order {
+    Resize(u16, u16),
+    Signal(i32),
+}
+
+/// Where the exec's output goes: NDJSON lines or frames.
+struct Output<'a> {
+    tx: &'a mpsc::Sender<Bytes>,
+    gone: bool,
+    raw: bool,
+}
+
+impl Output<'_> {
+    fn send(&mut self, chunk: Vec<u8>) {
+        // The reader hung up: the process runs on to its end (its stdin is
+        // closed when the request body ends), its output is dropped.
+        if !self.gone && self.tx.blocking_send(Bytes::from(chunk)).is_err() {
+            self.gone = true;
+        }
+    }
+
+    fn json(&mut self, value: &serde_json::Value) {
+        if self.raw {
+            return self.frame(FRAME_END, value.to_string().as_bytes());
+        }
+        let mut line = value.to_string().into_bytes();
+        line.push(b'\n');
+        self.send(line);
+    }
+
+    fn frame(&mut self, kind: u8, payload: &[u8]) {
+        let mut chunk = Vec::with_capacity(5 + payload.len());
+        chunk.push(kind);
+        chunk.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        chunk.extend_from_slice(payload);
+        self.send(chunk);
+    }
+
+    fn started(&mut self, pid: i32) {
+        if !self.raw {
+            self.json(&serde_json::json!({ "type": "started", "pid": pid }));
+        }
+    }
+
+    fn output(&mut self, stream: Stream, data: &[u8]) {
+        if self.raw {
+            let kind = match stream {
+                Stream::Stdout => FRAME_STDOUT,
+                Stream::Stderr => FRAME_STDERR,
+            };
+            // Frames stay below what a client must buffer.
+            for piece in data.chunks(MAX_FRAME) {
+                self.frame(kind, piece);
+            }
+            return;
+        }
+        let kind = match stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        };
+        self.json(&serde_json::json!({ "type": kind, "data": base64(data) }));
+    }
+}
+
+/// The blocking half: runs the exec, sends its output, records it.
 fn run(
     app: &App,
-    client: &SupervisorClient,
+    (client, owner): &(SupervisorClient, u32),
     spec: &ExecSpec,
     name: &str,
-    owner: u32,
-    tx: &mpsc::Sender<Bytes>,
+    input: Option<Box<dyn Read + Send>>,
+    session: &mut dyn FnMut(ExecControl),
+    out: &mut Output<'_>,
 ) {
+    let owner = *owner;
     app.metrics.count_exec();
     let ts = airlock_runtime::now_rfc3339();
     let id = app
@@ -135,43 +494,29 @@ fn run(
         .ok();
     app.record_event(Some(name), Some(owner), "exec_started", serde_json::json!({ "argv": spec.argv }));
     let mut end = ExecEnd { code: None, signal: None, timed_out: false };
-    let mut reader_gone = false;
-    let mut send = |value: serde_json::Value| {
-        if reader_gone {
-            return;
-        }
-        let mut line = value.to_string().into_bytes();
-        line.push(b'\n');
-        // The reader hung up: the process runs on to its end (there is no
-        // way to cancel it from here yet), its output is dropped.
-        if tx.blocking_send(Bytes::from(line)).is_err() {
-            reader_gone = true;
-        }
-    };
-    let result = client.exec(spec, &mut |event| match event {
-        ExecEvent::Started { pid } => {
-            if let Some(id) = id {
-                let _ = app.db.exec_pid(id, pid);
+    let result = client.exec_session(
+        spec,
+        input,
+        &mut |event| match event {
+            ExecEvent::Started { pid } => {
+                if let Some(id) = id {
+                    let _ = app.db.exec_pid(id, pid);
+                }
+                out.started(pid);
             }
-            send(serde_json::json!({ "type": "started", "pid": pid }));
-        }
-        ExecEvent::Output { stream, data } => {
-            let kind = match stream {
-                Stream::Stdout => "stdout",
-                Stream::Stderr => "stderr",
-            };
-            send(serde_json::json!({ "type": kind, "data": base64(&data) }));
-        }
-        ExecEvent::Exited { code, signal, timed_out } => {
-            end = ExecEnd { code, signal, timed_out };
-            send(
-                serde_json::json!({ "type": "exit", "code": code, "signal": signal, "timed_out": timed_out }),
-            );
-        }
-    });
+            ExecEvent::Output { stream, data } => out.output(stream, &data),
+            ExecEvent::Exited { code, signal, timed_out } => {
+                end = ExecEnd { code, signal, timed_out };
+                out.json(
+                    &serde_json::json!({ "type": "exit", "code": code, "signal": signal, "timed_out": timed_out }),
+                );
+            }
+        },
+        session,
+    );
     let error = result.err().map(|e| e.to_string());
     if let Some(message) = &error {
-        send(serde_json::json!({ "type": "error", "message": message }));
+        out.json(&serde_json::json!({ "type": "error", "message": message }));
     }
     let ended = airlock_runtime::now_rfc3339();
     if let Some(id) = id
@@ -209,11 +554,47 @@ mod tests {
         assert_eq!(spec.argv, ["echo", "hi"]);
         assert_eq!(spec.env, [("A".to_string(), "1".to_string())]);
         assert_eq!(spec.timeout_secs, Some(5));
+        assert_eq!(spec.tty, None);
         assert_eq!(body(r#"{"argv":[]}"#).unwrap_err().code, "invalid_request");
         assert_eq!(body(r#"{"argv":[""]}"#).unwrap_err().code, "invalid_request");
         assert_eq!(body(r#"{"argv":["a\u0000b"]}"#).unwrap_err().code, "invalid_request");
         assert_eq!(body(r#"{"argv":["sh"],"cwd":"rel"}"#).unwrap_err().code, "invalid_request");
-        assert_eq!(body(r#"{"argv":["sh"],"tty":true}"#).unwrap_err().code, "unsupported");
         assert!(serde_json::from_str::<ExecBody>(r#"{"argv":["sh"],"stdin":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn tty_takes_a_flag_or_a_size() {
+        assert_eq!(body(r#"{"argv":["sh"],"tty":false}"#).unwrap().tty, None);
+        assert_eq!(body(r#"{"argv":["sh"],"tty":true}"#).unwrap().tty, Some((24, 80)));
+        assert_eq!(body(r#"{"argv":["sh"],"tty":{"rows":30,"cols":100}}"#).unwrap().tty, Some((30, 100)));
+        assert_eq!(
+            body(r#"{"argv":["sh"],"tty":{"rows":0,"cols":100}}"#).unwrap_err().code,
+            "invalid_request"
+        );
+        assert!(serde_json::from_str::<ExecBody>(r#"{"argv":["sh"],"tty":{"rows":1}}"#).is_err());
+        assert!(serde_json::from_str::<ExecBody>(r#"{"argv":["sh"],"tty":"yes"}"#).is_err());
+    }
+
+    #[test]
+    fn the_stream_query_picks_the_mode() {
+        let q = |s: &str| raw_mode(&QueryPairs(serde_urlencoded::from_str(s).unwrap()));
+        assert!(!q("").unwrap());
+        assert!(!q("stream=ndjson").unwrap());
+        assert!(q("stream=raw").unwrap());
+        assert_eq!(q("stream=ws").unwrap_err().code, "invalid_query");
+        assert_eq!(q("other=1").unwrap_err().code, "invalid_query");
+    }
+
+    #[tokio::test]
+    async fn client_frames_are_parsed_across_chunks() {
+        let mut bytes = b"{\"argv\":[\"sh\"]}\n".to_vec();
+        bytes.extend_from_slice(&[0, 0, 0, 0, 3, b'a', b'b', b'c', 4, 0, 0, 0, 4, 0, 30, 0, 100]);
+        let mut incoming = Incoming { body: Body::from(bytes), buf: Vec::new(), ended: false };
+        assert_eq!(incoming.request_line().await.unwrap(), b"{\"argv\":[\"sh\"]}");
+        assert_eq!(incoming.frame().await.unwrap(), Some((0, b"abc".to_vec())));
+        assert_eq!(incoming.frame().await.unwrap(), Some((4, vec![0, 30, 0, 100])));
+        assert_eq!(incoming.frame().await.unwrap(), None);
+        let mut cut = Incoming { body: Body::from(vec![0u8, 0, 0, 0, 9, 1]), buf: Vec::new(), ended: false };
+        assert!(cut.frame().await.is_err());
     }
 }
