@@ -139,11 +139,12 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
     }
     let tty = launch.tty;
     // SAFETY: the closure runs between fork and exec and makes only raw
-    // system calls (setsid, ioctl), which are async-signal-safe.
+    // system calls (sigprocmask, setsid, ioctl), which are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             // Its own session and process group: signals are forwarded to the
             // whole group, and a terminal, if any, becomes its controlling one.
+            crate::signals::unblock_all()?;
             rustix::process::setsid()?;
             if tty {
                 rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;

@@ -183,10 +183,11 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
         }
     }
     let tty = terminal.is_some();
-    // SAFETY: setsid and TIOCSCTTY are raw system calls, async-signal-safe
-    // between fork and exec.
+    // SAFETY: sigprocmask, setsid and TIOCSCTTY are raw system calls,
+    // async-signal-safe between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            crate::signals::unblock_all()?;
             rustix::process::setsid()?;
             if tty {
                 rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;

@@ -33,7 +33,8 @@ impl Waiter {
             install_noop_handler(sig)?;
         }
         // SAFETY: set is initialized; the old mask is not needed. Children
-        // get an empty mask from std::process::Command before exec.
+        // unblock everything before exec (`unblock_all`), since a mask
+        // survives exec.
         let ret = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
         if ret != 0 {
             return Err(io::Error::last_os_error());
@@ -128,4 +129,20 @@ pub fn reap_any() -> Vec<(i32, ExitStatus)> {
         };
         out.push((pid, st));
     }
+}
+
+/// Unblocks every signal. For the child between fork and exec: the agent
+/// blocks the signals it reads with sigwaitinfo, and a blocked mask survives
+/// exec, so without this a command could never be interrupted.
+/// Async-signal-safe: a single sigprocmask call.
+pub fn unblock_all() -> io::Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: empty is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: the set is initialized; the old mask is not needed.
+    if unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -194,3 +194,25 @@ fn a_terminal_gets_a_fresh_pty_inside() {
     assert!(out.contains("/dev/pts/0"), "{}", show(&o));
     assert!(out.contains("stdin-is-tty"), "{}", show(&o));
 }
+
+#[test]
+fn sigterm_reaches_a_command_without_handlers() {
+    // No trap: the signal's default action must apply, which needs the
+    // command to start with nothing blocked.
+    let env = Env::new();
+    let token = "sleep 04242.4206";
+    let child = env
+        .airlock(["run", "--rm", "--", "sh", "-c", "exec sleep 0$((4242)).420$((3+3))"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(20, || !pids_running(token).is_empty()), "never started");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(128 + 15), "{}", show(&o));
+}
