@@ -91,6 +91,25 @@ fn open_terminal(control: &UnixStream) -> io::Result<OwnedFd> {
     Ok(slave)
 }
 
+/// Starts `cmd` in its own session and process group, with no signal
+/// blocked (the agent's sigwaitinfo mask would otherwise survive exec), and
+/// with its stdin as controlling terminal when `tty`: signals are forwarded
+/// to the whole group.
+pub(crate) fn in_own_session(cmd: &mut Command, tty: bool) {
+    // SAFETY: the closure runs between fork and exec and makes only raw
+    // system calls (sigprocmask, setsid, ioctl), which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            crate::signals::unblock_all()?;
+            rustix::process::setsid()?;
+            if tty {
+                rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+            }
+            Ok(())
+        });
+    }
+}
+
 fn report(control: &mut UnixStream, msg: AgentMessage) {
     // The supervisor may already be gone; then the kernel ends us anyway.
     let _ = airlock_proto::send(control, &msg);
@@ -137,21 +156,7 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
             Err(e) => return setup_failed(control, "open the terminal", &e),
         }
     }
-    let tty = launch.tty;
-    // SAFETY: the closure runs between fork and exec and makes only raw
-    // system calls (sigprocmask, setsid, ioctl), which are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Its own session and process group: signals are forwarded to the
-            // whole group, and a terminal, if any, becomes its controlling one.
-            crate::signals::unblock_all()?;
-            rustix::process::setsid()?;
-            if tty {
-                rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
-            }
-            Ok(())
-        });
-    }
+    in_own_session(&mut cmd, launch.tty);
     let child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -182,19 +181,7 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         }
     }
-    let tty = terminal.is_some();
-    // SAFETY: sigprocmask, setsid and TIOCSCTTY are raw system calls,
-    // async-signal-safe between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            crate::signals::unblock_all()?;
-            rustix::process::setsid()?;
-            if tty {
-                rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
-            }
-            Ok(())
-        });
-    }
+    crate::in_own_session(&mut cmd, terminal.is_some());
     // Spawn and register under the lock, so the reaper cannot miss the pid.
     let Ok(mut t) = table.lock() else { return };
     let mut child = match cmd.spawn() {

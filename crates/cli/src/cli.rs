@@ -332,7 +332,7 @@ fn direct(command: Command, forced: bool) -> CliResult {
         Command::Stop { name } => {
             let root = state()?;
             supervisor::SupervisorClient::connect(&root.open(&name)?)
-                .map_err(|e| format!("sandbox {name} is not running: {e}"))?
+                .map_err(|e| format!("sandbox {name} is not running ({e}); see `airlock ls`, or start one with `airlock create`"))?
                 .stop()?;
             println!("stopping {name}");
             Ok(0)
@@ -443,8 +443,12 @@ fn create(args: CreateArgs) -> CliResult {
 fn exec(args: ExecArgs) -> CliResult {
     use std::io::IsTerminal;
     let root = state()?;
-    let client = supervisor::SupervisorClient::connect(&root.open(&args.name)?)
-        .map_err(|e| format!("sandbox {} is not running: {e}", args.name))?;
+    let client = supervisor::SupervisorClient::connect(&root.open(&args.name)?).map_err(|e| {
+        format!(
+            "sandbox {} is not running ({e}); see `airlock ls`, or start one with `airlock create`",
+            args.name
+        )
+    })?;
     let terminal = args.tty.then(crate::terminal::size).map(|s| s.unwrap_or((24, 80)));
     let spec = airlock_proto::supervisor::ExecSpec {
         argv: args.command,
@@ -504,8 +508,11 @@ fn sandbox_path(arg: &str) -> Option<(&str, &str)> {
 fn cp(source: &str, destination: &str) -> CliResult {
     let root = state()?;
     let client = |name: &str| -> Result<supervisor::SupervisorClient, Box<dyn std::error::Error>> {
-        Ok(supervisor::SupervisorClient::connect(&root.open(name)?)
-            .map_err(|e| format!("sandbox {name} is not running: {e}"))?)
+        Ok(supervisor::SupervisorClient::connect(&root.open(name)?).map_err(|e| {
+            format!(
+                "sandbox {name} is not running ({e}); see `airlock ls`, or start one with `airlock create`"
+            )
+        })?)
     };
     let mut failed = None;
     let mut collect = |event: ExecEvent, sink: &mut dyn Write| match event {
