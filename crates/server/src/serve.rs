@@ -1,7 +1,8 @@
 //! The daemon's process: pick and secure the socket, open the index,
 //! reconcile it with the state directories, then serve HTTP/1.1 on the Unix
 //! socket until SIGINT/SIGTERM. Sandboxes are owned by their supervisors, so
-//! stopping the daemon stops none of them.
+//! stopping the daemon stops none of them. SIGHUP re-reads the TCP
+//! listener's tokens file (and does nothing else).
 //!
 //! Every connection is attributed to its peer's uid (SO_PEERCRED), which the
 //! handlers find as a [`Peer`] extension on each request.
@@ -50,6 +51,7 @@ pub struct DaemonOptions {
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run_daemon(opts: DaemonOptions) -> Result<(), DaemonError> {
+    raise_nofile_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(256)
@@ -58,6 +60,35 @@ pub fn run_daemon(opts: DaemonOptions) -> Result<(), DaemonError> {
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(serve(opts))
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection
+/// holds a descriptor, and a daemon left at the usual soft limit of 1024
+/// would run out (EMFILE) with [`MAX_CONNECTIONS`] clients connected, failing
+/// their requests and its own work (the index, supervisor sockets) alike.
+/// Best effort: on failure the daemon runs with the limit it has. The
+/// supervisors it starts inherit the raised limit; sandboxed commands get
+/// their policy's `nofile` regardless.
+fn raise_nofile_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    if current == maximum {
+        tracing::debug!(soft = ?current, hard = ?maximum, "RLIMIT_NOFILE: soft limit already at the hard limit");
+        return;
+    }
+    match setrlimit(Resource::Nofile, Rlimit { current: maximum, maximum }) {
+        Ok(()) => tracing::debug!(
+            from = ?current,
+            to = ?maximum,
+            "RLIMIT_NOFILE: raised the soft limit to the hard limit"
+        ),
+        Err(e) => tracing::warn!(
+            soft = ?current,
+            hard = ?maximum,
+            error = %e,
+            "cannot raise RLIMIT_NOFILE's soft limit; many concurrent clients may exhaust descriptors"
+        ),
+    }
 }
 
 /// The socket path when none is given: `/run/airlock/airlock.sock` for
@@ -102,10 +133,14 @@ async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
         "reconciled the index with the state directories"
     );
 
+    // Before the daemon announces itself: from then on a SIGHUP must find
+    // this handler, not the default action (exit).
+    let hangup = hangup_signal();
     let tcp = match &opts.tcp {
         Some(tcp) => Some(crate::tcp::bind(tcp).await?),
         None => None,
     };
+    let reloader = tokio::spawn(reload_on_hangup(hangup, tcp.as_ref().map(|server| server.tokens.clone())));
     let bound = bind(&socket, gid)?;
     tracing::info!(socket = %socket.display(), state = %app.root.path().display(), "airlock daemon listening");
     eprintln!("airlock daemon: listening on {}", socket.display());
@@ -118,6 +153,7 @@ async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
     let reconciler = tokio::spawn(reconcile_loop(app.clone()));
     let result = accept_loop(&bound.listener, &socket, app.clone()).await;
     reconciler.abort();
+    reloader.abort();
     if let Some(tcp) = tcp {
         tcp.abort();
     }
@@ -125,6 +161,32 @@ async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&socket);
     drop(bound);
     result
+}
+
+fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    signal(SignalKind::hangup())
+        .map_err(
+            |e| tracing::warn!(error = %e, "cannot install a SIGHUP handler; SIGHUP will stop the daemon"),
+        )
+        .ok()
+}
+
+/// On each SIGHUP, re-reads the tokens file of the TCP listener, if any.
+async fn reload_on_hangup(
+    hangup: Option<tokio::signal::unix::Signal>,
+    tokens: Option<Arc<crate::tcp::TokenStore>>,
+) {
+    let Some(mut hangup) = hangup else { return };
+    while hangup.recv().await.is_some() {
+        let Some(tokens) = tokens.clone() else {
+            tracing::info!("SIGHUP: no TCP listener, so no tokens file to reload; nothing to do");
+            continue;
+        };
+        if let Err(e) = tokio::task::spawn_blocking(move || tokens.reload_and_log()).await {
+            tracing::warn!(error = %e, "SIGHUP: the reload task failed; the previous tokens stay in force");
+        }
+    }
 }
 
 async fn reconcile_loop(app: Arc<App>) {

@@ -11,13 +11,16 @@
 //!
 //! That uid is then the caller, exactly as a Unix-socket peer's would be.
 //! The file must be private to the daemon's user (or root); a listener
-//! without TLS or without tokens is refused at start.
+//! without TLS or without tokens is refused at start. `SIGHUP` re-reads it:
+//! a valid file replaces the whole set at once (a removed line revokes its
+//! token for every request from then on, on open connections too), and an
+//! invalid one is logged and ignored, the previous set staying in force.
 
 use std::io::BufReader;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -130,6 +133,55 @@ impl Tokens {
     }
 }
 
+/// The tokens in force and the file they came from. Each request takes the
+/// current set; a reload swaps in a new one whole, so a request sees either
+/// the old set or the new one, never a mix.
+#[derive(Debug)]
+pub(crate) struct TokenStore {
+    path: PathBuf,
+    current: RwLock<Arc<Tokens>>,
+}
+
+impl TokenStore {
+    fn load(path: &Path) -> Result<TokenStore, TcpError> {
+        Ok(TokenStore { path: path.to_path_buf(), current: RwLock::new(Arc::new(Tokens::load(path)?)) })
+    }
+
+    /// The set in force now.
+    fn current(&self) -> Arc<Tokens> {
+        // A writer cannot panic while holding the lock (it only assigns),
+        // but a poisoned lock still holds a complete set.
+        self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Re-reads the file: on success its tokens replace the current set;
+    /// on failure the current set stays and the error says what is wrong.
+    /// Returns the number of tokens now in force.
+    pub(crate) fn reload(&self) -> Result<usize, TcpError> {
+        let tokens = Tokens::load(&self.path)?;
+        let count = tokens.entries.len();
+        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(tokens);
+        Ok(count)
+    }
+
+    /// [`TokenStore::reload`] with the outcome logged, for `SIGHUP`.
+    pub(crate) fn reload_and_log(&self) {
+        match self.reload() {
+            Ok(count) => tracing::info!(
+                path = %self.path.display(),
+                tokens = count,
+                "SIGHUP: reloaded the tokens file; the new set is in force"
+            ),
+            Err(e) => tracing::error!(
+                path = %self.path.display(),
+                error = %e,
+                "SIGHUP: the tokens file is not usable; the previous tokens stay in force \
+                 (fix the file and send SIGHUP again)"
+            ),
+        }
+    }
+}
+
 fn parse_digest(hex: &str) -> Option<[u8; 32]> {
     if hex.len() != 64 || !hex.is_ascii() {
         return None;
@@ -192,7 +244,7 @@ fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, DaemonErr
 pub(crate) struct TcpServer {
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    tokens: Arc<Tokens>,
+    pub(crate) tokens: Arc<TokenStore>,
     pub(crate) local: SocketAddr,
 }
 
@@ -200,7 +252,7 @@ pub(crate) struct TcpServer {
 /// reported here, before the daemon announces itself.
 pub(crate) async fn bind(opts: &TcpOptions) -> Result<TcpServer, DaemonError> {
     let config = tls_config(&opts.cert, &opts.key)?;
-    let tokens = Tokens::load(&opts.tokens).map_err(failed("use the tokens file", &opts.tokens))?;
+    let tokens = TokenStore::load(&opts.tokens).map_err(failed("use the tokens file", &opts.tokens))?;
     let listener = TcpListener::bind(opts.listen).await.map_err(|source| DaemonError::Io {
         action: "listen on",
         path: PathBuf::from(opts.listen.to_string()),
@@ -244,7 +296,7 @@ async fn serve_connection(
     stream: TcpStream,
     remote: SocketAddr,
     acceptor: TlsAcceptor,
-    tokens: Arc<Tokens>,
+    tokens: Arc<TokenStore>,
     router: axum::Router,
     app: Arc<App>,
     header_timeout: Duration,
@@ -265,7 +317,7 @@ async fn serve_connection(
         let app = app.clone();
         let tokens = tokens.clone();
         async move {
-            let admitted = authenticate(&tokens, request.headers(), remote)
+            let admitted = authenticate(&tokens.current(), request.headers(), remote)
                 .and_then(|peer| crate::serve::admit(Some(peer), &app));
             let response = match admitted {
                 Ok(peer) => {
@@ -390,6 +442,35 @@ mod tests {
         assert!(matches!(Tokens::load(&path), Err(TcpError::NotPrivate { mode: 0o644 })));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(Tokens::load(&path).unwrap().lookup("test"), Some(0));
+    }
+
+    #[test]
+    fn reload_replaces_the_tokens_or_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, format!("1000 {TEST_DIGEST}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let store = TokenStore::load(&path).unwrap();
+        let before = store.current();
+        assert_eq!(before.lookup("test"), Some(1000));
+
+        // An invalid file (or one others can read) changes nothing.
+        std::fs::write(&path, "1000 not-a-digest\n").unwrap();
+        assert!(matches!(store.reload(), Err(TcpError::BadLine { line: 1, .. })));
+        assert_eq!(store.current().lookup("test"), Some(1000));
+        std::fs::write(&path, "").unwrap();
+        assert!(matches!(store.reload(), Err(TcpError::NoTokens)));
+        std::fs::write(&path, format!("7 {TEST_DIGEST}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(store.reload(), Err(TcpError::NotPrivate { .. })));
+        assert_eq!(store.current().lookup("test"), Some(1000));
+
+        // A valid one replaces the set; a set already taken is unchanged.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, format!("0 {}\n", "ab".repeat(32))).unwrap();
+        assert_eq!(store.reload().unwrap(), 1);
+        assert_eq!(store.current().lookup("test"), None);
+        assert_eq!(before.lookup("test"), Some(1000));
     }
 
     #[test]

@@ -36,17 +36,20 @@ pub(super) struct TestDaemon {
 
 impl TestDaemon {
     pub fn start(tag: &str) -> TestDaemon {
+        TestDaemon::start_with(tag, |_| {})
+    }
+
+    /// [`TestDaemon::start`], with `configure` applied to the daemon's
+    /// command before it is spawned.
+    pub fn start_with(tag: &str, configure: impl FnOnce(&mut Command)) -> TestDaemon {
         let env = Env::new();
         let socket = env.dir.path().join("run/airlock.sock");
         let cgroup_parent = format!("{}-{tag}", cgroup_parent());
         let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
-        let child = env
-            .airlock(["daemon", "--socket", &socket.display().to_string()])
-            .env("AIRLOCK_CGROUP_PARENT", &cgroup_parent)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut cmd = env.airlock(["daemon", "--socket", &socket.display().to_string()]);
+        cmd.env("AIRLOCK_CGROUP_PARENT", &cgroup_parent).stdout(Stdio::null()).stderr(log);
+        configure(&mut cmd);
+        let child = cmd.spawn().unwrap();
         let d = TestDaemon { env, socket, cgroup_parent, child: Some(child) };
         let up = wait_until(20, || d.request("GET", "/v1/health", None).0 == 200);
         assert!(up, "the daemon did not come up on {}:\n{}", d.socket.display(), d.log());

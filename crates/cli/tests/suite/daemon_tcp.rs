@@ -67,6 +67,16 @@ impl TcpDaemon {
         std::fs::read_to_string(self.env.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// Sends the daemon SIGHUP (re-read the tokens file).
+    fn hangup(&self) {
+        let pid = self.child.as_ref().map(|c| c.id() as i32).unwrap();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::HUP,
+        )
+        .unwrap();
+    }
+
     fn request(&self, token: Option<&str>, method: &str, path: &str, body: Option<&str>) -> Answer {
         let url = format!("https://127.0.0.1:{}{path}", self.port);
         self.curl(token, method, &url, body)
@@ -281,4 +291,50 @@ fn daemon_tcp_tokens_are_tenants() {
     let (status, inspect) = d.json(root_token, "GET", "/v1/sandboxes/tcp-roots", None);
     assert_eq!(status, 200, "{inspect}");
     assert_eq!(inspect["state"], "running", "{inspect}");
+}
+
+#[test]
+fn daemon_tcp_sighup_reloads_the_tokens() {
+    let (keeper, revoked, added) = ("keeper-token-60d1", "revoked-token-2a7c", "added-token-9e04");
+    let d = TcpDaemon::start(&[(my_uid(), keeper), (my_uid(), revoked)]);
+    let status = |token: &str| d.request(Some(token), "GET", "/v1/sandboxes", None).status;
+    assert_eq!(status(revoked), 200);
+    assert_unauthorized(&d.request(Some(added), "GET", "/v1/sandboxes", None));
+
+    // Its line removed and SIGHUP sent, a token answers 401 from then on.
+    write_tokens(d.env.dir.path(), &[(my_uid(), keeper)]);
+    d.hangup();
+    assert!(wait_until(10, || status(revoked) == 401), "still accepted after SIGHUP: {}", d.log());
+    assert_unauthorized(&d.request(Some(revoked), "GET", "/v1/sandboxes", None));
+    assert_eq!(status(keeper), 200);
+
+    // A new line and SIGHUP: the new token works.
+    write_tokens(d.env.dir.path(), &[(my_uid(), keeper), (my_uid(), added)]);
+    d.hangup();
+    assert!(wait_until(10, || status(added) == 200), "new token refused after SIGHUP: {}", d.log());
+    assert_eq!(status(keeper), 200);
+
+    // A malformed file is refused with the reason, and the tokens in force stay.
+    let path = d.env.dir.path().join("tokens");
+    std::fs::write(&path, format!("{} not-a-digest\n", my_uid())).unwrap();
+    d.hangup();
+    assert!(
+        wait_until(10, || d.log().contains("previous tokens stay in force")),
+        "no reload error logged: {}",
+        d.log()
+    );
+    let log = d.log();
+    assert!(log.contains("line 1") && log.contains("64 hex digits"), "{log}");
+    assert!(!log.contains(keeper) && !log.contains(added), "a token reached the log: {log}");
+    assert_eq!(status(keeper), 200);
+    assert_eq!(status(added), 200);
+    assert_unauthorized(&d.request(Some(revoked), "GET", "/v1/sandboxes", None));
+
+    // So is a file others may read; and the daemon is still up throughout.
+    write_tokens(d.env.dir.path(), &[(my_uid(), revoked)]);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    d.hangup();
+    assert!(wait_until(10, || d.log().contains("chmod 600")), "no reload error logged: {}", d.log());
+    assert_eq!(status(keeper), 200);
+    assert_eq!(status(revoked), 401);
 }

@@ -5,6 +5,7 @@ mod cli_daemon;
 mod daemon;
 mod daemon_attach;
 mod daemon_files;
+mod daemon_flood;
 mod daemon_fuzz;
 mod daemon_scale;
 mod daemon_tcp;
