@@ -110,6 +110,26 @@ impl Daemon {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Response<Incoming>, DaemonError> {
+        let (content_type, payload) = match body {
+            Some(value) => (Some("application/json"), Bytes::from(serde_json::to_vec(value)?)),
+            None => (None, Bytes::new()),
+        };
+        self.send_body(method, path, content_type, Full::new(payload)).await
+    }
+
+    /// Sends one request with any body (a stream, for an interactive exec)
+    /// on a connection of its own.
+    async fn send_body<B>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: B,
+    ) -> Result<Response<Incoming>, DaemonError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| DaemonError::Connect { socket: self.socket.clone(), source })?;
@@ -120,14 +140,91 @@ impl Daemon {
             }
         });
         let mut builder = Request::builder().method(method).uri(path).header(header::HOST, "airlock");
-        let payload = match body {
-            Some(value) => {
-                builder = builder.header(header::CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(value)?)
+        if let Some(content_type) = content_type {
+            builder = builder.header(header::CONTENT_TYPE, content_type);
+        }
+        Ok(sender.send_request(builder.body(body)?).await?)
+    }
+
+    /// Sends `payload` as the body (a file for `PUT …/files`); the answer is
+    /// one JSON document.
+    pub fn put_bytes(&self, path: &str, payload: Vec<u8>) -> Result<Value, DaemonError> {
+        self.runtime.block_on(async {
+            let response = self
+                .send_body(
+                    Method::PUT,
+                    path,
+                    Some("application/octet-stream"),
+                    Full::new(Bytes::from(payload)),
+                )
+                .await?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            if !status.is_success() {
+                return Err(refusal(status, &bytes));
             }
-            None => Bytes::new(),
-        };
-        Ok(sender.send_request(builder.body(Full::new(payload))?).await?)
+            Ok(serde_json::from_slice(&bytes)?)
+        })
+    }
+
+    /// A `GET` whose answer is bytes (a file, a log), written to `sink` as
+    /// they arrive. A refusal is an error before anything is written.
+    pub fn download(&self, path: &str, sink: &mut dyn Write) -> Result<u64, DaemonError> {
+        self.runtime.block_on(async {
+            let response = self.send(Method::GET, path, None).await?;
+            let status = response.status();
+            let mut body = response.into_body();
+            if !status.is_success() {
+                let bytes = body.collect().await?.to_bytes();
+                return Err(refusal(status, &bytes));
+            }
+            let mut written = 0u64;
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame?.into_data() else { continue };
+                sink.write_all(&data)?;
+                written += data.len() as u64;
+            }
+            sink.flush()?;
+            Ok(written)
+        })
+    }
+
+    /// An interactive exec (`?stream=raw`): sends the request line, then
+    /// whatever arrives on `input` (already framed), and hands each frame of
+    /// the answer to `on_frame` until the end frame, which it returns.
+    pub fn exec_stream(
+        &self,
+        path: &str,
+        request: &Value,
+        input: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        mut on_frame: impl FnMut(u8, &[u8]) -> Result<(), DaemonError>,
+    ) -> Result<Vec<u8>, DaemonError> {
+        use airlock_proto::exec_stream as frames;
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        let body = RequestStream { first: Some(Bytes::from(line)), input };
+        self.runtime.block_on(async {
+            let response =
+                self.send_body(Method::POST, path, Some("application/vnd.airlock.exec-stream"), body).await?;
+            let status = response.status();
+            let mut body = response.into_body();
+            if !status.is_success() {
+                let bytes = body.collect().await?.to_bytes();
+                return Err(refusal(status, &bytes));
+            }
+            let mut pending = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame?.into_data() else { continue };
+                pending.extend_from_slice(&data);
+                while let Some((kind, payload)) = frames::take(&mut pending).map_err(DaemonError::Protocol)? {
+                    if kind == frames::END {
+                        return Ok(payload);
+                    }
+                    on_frame(kind, &payload)?;
+                }
+            }
+            Err(DaemonError::Protocol("the exec stream ended without its end frame".into()))
+        })
     }
 
     /// A request whose answer is one JSON document; refusals become
@@ -180,6 +277,28 @@ impl Daemon {
     }
 }
 
+/// The request body of an interactive exec: its first line, then frames as
+/// the caller produces them; ends when every sender is gone.
+struct RequestStream {
+    first: Option<Bytes>,
+    input: tokio::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl hyper::body::Body for RequestStream {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if let Some(first) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(first))));
+        }
+        self.input.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(Bytes::from(c)))))
+    }
+}
+
 fn refusal(status: StatusCode, body: &[u8]) -> DaemonError {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     let error = parsed.as_ref().map(|v| &v["error"]);
@@ -205,38 +324,6 @@ pub fn encode(s: &str) -> String {
         }
     }
     out
-}
-
-/// Decodes standard base64 (with or without padding), as the exec stream
-/// carries output.
-pub fn base64_decode(text: &str) -> Result<Vec<u8>, DaemonError> {
-    fn value(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    let digits = text.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    for chunk in digits.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            let v = value(c).ok_or_else(|| DaemonError::Protocol(format!("invalid base64 in {text:?}")))?;
-            acc |= v << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        match chunk.len() {
-            4 => out.extend_from_slice(&bytes[1..4]),
-            3 => out.extend_from_slice(&bytes[1..3]),
-            2 => out.push(bytes[1]),
-            _ => return Err(DaemonError::Protocol(format!("truncated base64 in {text:?}"))),
-        }
-    }
-    Ok(out)
 }
 
 /// One server-sent event, as `GET /v1/events` frames it.
@@ -393,18 +480,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    #[test]
-    fn base64_decodes_padded_and_unpadded() {
-        assert_eq!(base64_decode("aGkK").unwrap(), b"hi\n");
-        assert_eq!(base64_decode("aA==").unwrap(), b"h");
-        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
-        assert_eq!(base64_decode("aGk").unwrap(), b"hi");
-        assert_eq!(base64_decode("").unwrap(), b"");
-        assert_eq!(base64_decode("/+8=").unwrap(), [0xff, 0xef]);
-        assert!(base64_decode("a*==").is_err());
-        assert!(base64_decode("a").is_err());
-    }
 
     #[test]
     fn sse_events_are_reassembled_and_comments_skipped() {

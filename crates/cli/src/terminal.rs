@@ -3,7 +3,6 @@
 
 use std::io;
 
-use airlock_runtime::supervisor::ExecControl;
 use rustix::termios::{self, OptionalActions, Termios};
 use signal_hook::consts::signal::SIGWINCH;
 use signal_hook::iterator::Signals;
@@ -43,13 +42,15 @@ pub struct Resizer {
     handle: signal_hook::iterator::Handle,
 }
 
-pub fn forward_resizes(control: ExecControl) -> io::Result<Resizer> {
+/// Calls `resize` with the terminal's size whenever it changes, until
+/// dropped or until `resize` answers false (the session is over).
+pub fn forward_resizes(mut resize: impl FnMut(u16, u16) -> bool + Send + 'static) -> io::Result<Resizer> {
     let mut signals = Signals::new([SIGWINCH])?;
     let handle = signals.handle();
     std::thread::spawn(move || {
         for _ in signals.forever() {
             if let Some((rows, cols)) = size()
-                && control.resize(rows, cols).is_err()
+                && !resize(rows, cols)
             {
                 return;
             }

@@ -202,6 +202,7 @@ pub fn recv_tagged_fd(socket: impl AsFd) -> io::Result<(u8, OwnedFd)> {
     Err(io::Error::new(io::ErrorKind::InvalidData, "no descriptor arrived on the control channel"))
 }
 
+pub mod exec_stream;
 pub mod supervisor;
 
 #[cfg(test)]

@@ -71,6 +71,7 @@ pub fn table() -> Vec<Route> {
         route(Post, "/v1/sandboxes/{name}/stop", sandboxes::stop),
         route(Post, "/v1/sandboxes/{name}/extend", sandboxes::extend),
         route(Get, "/v1/sandboxes/{name}/diff", sandboxes::diff),
+        route(Get, "/v1/sandboxes/{name}/logs", sandboxes::logs),
         route(Post, "/v1/sandboxes/{name}/apply", sandboxes::apply),
         route(Get, "/v1/sandboxes/{name}/files", files::read),
         route(Put, "/v1/sandboxes/{name}/files", files::write),
@@ -260,6 +261,11 @@ mod tests {
                 if path.contains("{name}") {
                     assert!(responses.contains_key("404"), "{method} {path}: 404 not documented");
                 }
+                assert_eq!(
+                    responses.get("401").and_then(|r| r["$ref"].as_str()),
+                    Some("#/components/responses/Unauthorized"),
+                    "{method} {path}: the TCP listener's 401 not documented"
+                );
             }
         }
     }

@@ -273,3 +273,132 @@ fn cli_without_a_daemon_works_directly() {
         assert!(!env.sandbox_dir(&name).exists());
     }
 }
+
+/// `exec` (plain, `-i`, `-t`, `-it` on a real terminal), `cp` and `logs`
+/// through the API. The CLI here has a state directory of its own, with no
+/// sandbox in it, so only the daemon can have served them.
+#[test]
+fn cli_exec_cp_and_logs_go_through_the_daemon() {
+    let d = Daemon::start("io");
+    ok(&d.airlock(&["create", "--name", "cio"]));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let cli = |args: &[&str]| {
+        let mut cmd = d.cmd(args);
+        cmd.env("AIRLOCK_STATE_DIR", elsewhere.path());
+        cmd
+    };
+    let run = |args: &[&str]| cli(args).output().unwrap();
+
+    // stdin with -i; stdout, stderr and the exit code come back apart.
+    let mut child = cli(&["exec", "-i", "cio", "--", "sh", "-c", "cat; echo done >&2; exit 5"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"piped in\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", show(&o));
+    assert_eq!(stdout(&o), "piped in\n");
+    assert_eq!(stderr(&o), "done\n");
+    // Without -i the process's stdin is empty, not the caller's.
+    let o = run(&["exec", "cio", "--", "sh", "-c", "cat; echo end"]);
+    ok(&o);
+    assert_eq!(stdout(&o), "end\n");
+
+    // -t without a terminal here: one inside, of the default size.
+    let o = run(&["exec", "-t", "cio", "--", "sh", "-c", "tty; stty size"]);
+    ok(&o);
+    assert!(stdout(&o).starts_with("/dev/pts/"), "{}", show(&o));
+    assert!(stdout(&o).contains("24 80"), "{}", show(&o));
+    // -it on a real terminal (script(1) makes one): the sandbox's terminal
+    // takes the caller's size, and keys typed reach the process.
+    let command =
+        format!("stty rows 41 cols 123; {} exec -it cio -- sh -c 'stty size; read x; echo got:$x'", BIN);
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &command, "/dev/null"]);
+    for (key, value) in cli(&[]).get_envs() {
+        match value {
+            Some(value) => script.env(key, value),
+            None => script.env_remove(key),
+        };
+    }
+    let mut child =
+        script.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    std::io::Write::write_all(&mut input, b"typed\r").unwrap();
+    let o = child.wait_with_output().unwrap();
+    drop(input);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("41 123"), "{}", show(&o));
+    assert!(stdout(&o).contains("got:typed"), "{}", show(&o));
+
+    // A signal sent to `airlock exec` reaches the process.
+    let mut child = cli(&[
+        "exec",
+        "cio",
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-int; exit 7' INT; echo ready; sleep 60 & wait",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "got-int");
+    assert_eq!(child.wait().unwrap().code(), Some(7));
+
+    // A client that goes away takes its process with it.
+    let mut child = cli(&["exec", "cio", "--", "sh", "-c", "echo $$; exec sleep 300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        wait_until(10, || run(&["exec", "cio", "--", "kill", "-0", &pid]).status.code() == Some(1)),
+        "process {pid} still runs after its client went away"
+    );
+    let cancelled = d.curl("/v1/events?sandbox=cio");
+    assert!(cancelled.contains("\"cancelled\":true") && cancelled.contains("sleep 300"), "{cancelled}");
+
+    // cp both ways, into directories, through the files API.
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("fixture.json"), b"{\"k\": 1}\n").unwrap();
+    let fixture = host.path().join("fixture.json");
+    ok(&run(&["cp", fixture.to_str().unwrap(), "cio:/tmp/"]));
+    let o = run(&["exec", "cio", "--", "cat", "/tmp/fixture.json"]);
+    assert_eq!(stdout(&o), "{\"k\": 1}\n", "{}", show(&o));
+    ok(&run(&["exec", "cio", "--", "sh", "-c", "printf 'from inside' > /tmp/report.txt"]));
+    let back = tempfile::tempdir().unwrap();
+    ok(&run(&["cp", "cio:/tmp/report.txt", back.path().to_str().unwrap()]));
+    assert_eq!(std::fs::read_to_string(back.path().join("report.txt")).unwrap(), "from inside");
+    let missing = back.path().join("missing.txt");
+    let o = run(&["cp", "cio:/tmp/nope", missing.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+    assert!(stderr(&o).contains("/tmp/nope"), "{}", show(&o));
+    assert!(!missing.exists(), "a failed copy left {}", missing.display());
+    let kinds = d.event_kinds("cio");
+    assert!(kinds.iter().any(|k| k == "file_written") && kinds.iter().any(|k| k == "file_read"), "{kinds:?}");
+
+    // logs: the sandbox's captured output, each stream on its own.
+    let o = run(&["logs", "cio"]);
+    ok(&o);
+    assert!(stdout(&o).contains("piped in\n") && !stdout(&o).contains("done\n"), "{}", show(&o));
+    let o = run(&["logs", "cio", "--stderr"]);
+    ok(&o);
+    assert!(stdout(&o).contains("done\n"), "{}", show(&o));
+    let o = run(&["logs", "nope"]);
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+}

@@ -24,6 +24,9 @@
 //!   stdout), 3 the end: the same JSON as the NDJSON `exit` (or `error`)
 //!   line, always the last frame.
 //!
+//! A client that hangs up before the end cancels the exec: its process
+//! group is killed (SIGKILL) and the exec is recorded as ended by it.
+//!
 //! The supervisor client blocks, so the exec runs on a blocking thread and
 //! hands its output to the response body through a bounded channel: a slow
 //! reader slows the exec's output down rather than growing memory.
@@ -32,8 +35,10 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use airlock_proto::Stream;
+use airlock_proto::exec_stream as frames;
 use airlock_proto::supervisor::{ExecEvent, ExecSpec};
 use airlock_runtime::supervisor::{ExecControl, SupervisorClient};
 use axum::body::{Body, Bytes};
@@ -41,7 +46,7 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::Response;
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{DurationArg, check_env};
 use crate::app::App;
@@ -54,18 +59,6 @@ use crate::sandbox::{self, ApiState};
 
 /// The terminal size of `tty: true`.
 const DEFAULT_TTY: (u16, u16) = (24, 80);
-/// The largest frame a client may send.
-const MAX_FRAME: usize = 1 << 20;
-
-/// Frame types, to the client.
-const FRAME_STDOUT: u8 = 1;
-const FRAME_STDERR: u8 = 2;
-const FRAME_END: u8 = 3;
-/// Frame types, from the client.
-const FRAME_STDIN: u8 = 0;
-const FRAME_RESIZE: u8 = 4;
-const FRAME_SIGNAL: u8 = 5;
-const FRAME_CLOSE_STDIN: u8 = 6;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,10 +151,25 @@ pub async fn exec(
     let spec = exec_spec(body)?;
     let client = connect(&app, peer, &name).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let (control_tx, control_rx) = watch::channel(None);
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let output = tx.clone();
+    let gone = async move { output.closed().await };
+    tokio::spawn(cancel_on_hangup(gone, control_rx, done_rx, cancelled.clone()));
     let worker = app.clone();
     tokio::task::spawn_blocking(move || {
-        let mut out = Output { tx: &tx, gone: false, raw: false };
-        run(&worker, &client, &spec, &name, None, &mut |_| {}, &mut out);
+        let mut out = Output { tx: &tx, gone: false, raw: false, cancelled };
+        run(
+            &worker,
+            &client,
+            &spec,
+            &name,
+            None,
+            &mut |control| _ = control_tx.send(Some(control)),
+            &mut out,
+        );
+        let _ = done_tx.send(());
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
@@ -251,28 +259,28 @@ impl Incoming {
     }
 
     /// The next client frame; `None` at the end of the body.
-    async fn frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, String> {
+    async fn frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, BodyBroke> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                if len > MAX_FRAME {
-                    return Err(format!("a frame of {len} bytes is larger than {MAX_FRAME}"));
-                }
-                if self.buf.len() >= 5 + len {
-                    let kind = self.buf[0];
-                    let payload = self.buf[5..5 + len].to_vec();
-                    self.buf.drain(..5 + len);
-                    return Ok(Some((kind, payload)));
-                }
+            if let Some(frame) = frames::take(&mut self.buf).map_err(BodyBroke::Malformed)? {
+                return Ok(Some(frame));
             }
             match self.fill().await {
                 Ok(true) => {}
                 Ok(false) if self.buf.is_empty() => return Ok(None),
-                Ok(false) => return Err("the body ended inside a frame".into()),
-                Err(e) => return Err(e.message),
+                Ok(false) => return Err(BodyBroke::Malformed("the body ended inside a frame".into())),
+                Err(e) => return Err(BodyBroke::Lost(e.message)),
             }
         }
     }
+}
+
+/// Why an interactive exec's request body stopped early.
+#[derive(Debug)]
+enum BodyBroke {
+    /// The connection failed or closed mid-body: the client is gone.
+    Lost(String),
+    /// Something that is not a frame: stdin is closed, the rest ignored.
+    Malformed(String),
 }
 
 /// The process's stdin: what the client sends, until it closes it.
@@ -309,39 +317,53 @@ async fn exec_raw(app: Arc<App>, peer: Peer, name: String, request: Request) -> 
     let client = connect(&app, peer, &name).await?;
 
     let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(16);
-    let (control_tx, control_rx) = oneshot::channel::<ExecControl>();
+    let (control_tx, control_rx) = watch::channel(None);
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let (done_tx, done_rx) = oneshot::channel::<()>();
+    let (hangup_done_tx, hangup_done_rx) = oneshot::channel::<()>();
+    let (lost_tx, lost_rx) = oneshot::channel::<()>();
+    let cancelled = Arc::new(AtomicBool::new(false));
+    // Gone is either: the response cannot be delivered, or the request body
+    // broke off (a silent process gives the response nothing to fail on).
+    let output = tx.clone();
+    let gone = async move {
+        tokio::select! {
+            _ = output.closed() => {}
+            Ok(()) = lost_rx => {}
+        }
+    };
+    tokio::spawn(cancel_on_hangup(gone, control_rx.clone(), hangup_done_rx, cancelled.clone()));
     let worker = app.clone();
     tokio::task::spawn_blocking(move || {
         let input = ChannelReader { rx: stdin_rx, chunk: Vec::new(), at: 0 };
-        let mut control_tx = Some(control_tx);
-        let mut out = Output { tx: &tx, gone: false, raw: true };
+        let mut out = Output { tx: &tx, gone: false, raw: true, cancelled };
         run(
             &worker,
             &client,
             &spec,
             &name,
             Some(Box::new(input)),
-            &mut |control| {
-                if let Some(sender) = control_tx.take() {
-                    let _ = sender.send(control);
-                }
-            },
+            &mut |control| _ = control_tx.send(Some(control)),
             &mut out,
         );
         let _ = done_tx.send(());
+        let _ = hangup_done_tx.send(());
     });
     tokio::spawn(async move {
         // Once the exec is over, the rest of the body is not wanted: dropping
         // it (and the stdin sender) also ends the supervisor client's
         // stdin thread.
         tokio::select! {
-            result = pump(incoming, stdin_tx, control_rx) => {
-                if let Err(message) = result {
-                    tracing::debug!(%message, "an interactive exec's request body broke off");
+            result = pump(incoming, stdin_tx, control_rx) => match result {
+                Ok(()) => {}
+                Err(BodyBroke::Lost(message)) => {
+                    tracing::debug!(%message, "an interactive exec's client went away");
+                    let _ = lost_tx.send(());
                 }
-            }
+                Err(BodyBroke::Malformed(message)) => {
+                    tracing::debug!(%message, "an interactive exec's request body is malformed");
+                }
+            },
             _ = done_rx => {}
         }
     });
@@ -357,14 +379,14 @@ async fn exec_raw(app: Arc<App>, peer: Peer, name: String, request: Request) -> 
 async fn pump(
     mut incoming: Incoming,
     stdin: mpsc::Sender<Vec<u8>>,
-    control_rx: oneshot::Receiver<ExecControl>,
-) -> Result<(), String> {
+    mut control_rx: watch::Receiver<Option<ExecControl>>,
+) -> Result<(), BodyBroke> {
     let mut stdin = Some(stdin);
-    let mut control_rx = Some(control_rx);
     let mut control: Option<ExecControl> = None;
+    let mut control_gone = false;
     while let Some((kind, payload)) = incoming.frame().await? {
         match kind {
-            FRAME_STDIN => {
+            frames::STDIN => {
                 // Stdin already closed, or the exec is over: dropped.
                 if let Some(tx) = &stdin
                     && !payload.is_empty()
@@ -373,24 +395,23 @@ async fn pump(
                     stdin = None;
                 }
             }
-            FRAME_CLOSE_STDIN => stdin = None,
-            FRAME_RESIZE | FRAME_SIGNAL => {
+            frames::CLOSE_STDIN => stdin = None,
+            frames::RESIZE | frames::SIGNAL => {
                 let order = match (kind, payload.as_slice()) {
-                    (FRAME_RESIZE, [r0, r1, c0, c1]) => {
+                    (frames::RESIZE, [r0, r1, c0, c1]) => {
                         Order::Resize(u16::from_be_bytes([*r0, *r1]), u16::from_be_bytes([*c0, *c1]))
                     }
-                    (FRAME_SIGNAL, [a, b, c, d]) => Order::Signal(i32::from_be_bytes([*a, *b, *c, *d])),
+                    (frames::SIGNAL, [a, b, c, d]) => Order::Signal(i32::from_be_bytes([*a, *b, *c, *d])),
                     _ => {
-                        return Err(format!(
+                        return Err(BodyBroke::Malformed(format!(
                             "frame type {kind} needs a 4-byte payload, got {}",
                             payload.len()
-                        ));
+                        )));
                     }
                 };
-                if control.is_none()
-                    && let Some(rx) = control_rx.take()
-                {
-                    control = rx.await.ok();
+                if control.is_none() && !control_gone {
+                    control = control_rx.wait_for(Option::is_some).await.ok().and_then(|c| c.clone());
+                    control_gone = control.is_none();
                 }
                 // No control: the exec never started or is over.
                 if let Some(ctl) = control.clone() {
@@ -401,10 +422,11 @@ async fn pump(
                     .await;
                     if !matches!(sent, Ok(Ok(()))) {
                         control = None;
+                        control_gone = true;
                     }
                 }
             }
-            other => return Err(format!("unknown frame type {other}")),
+            other => return Err(BodyBroke::Malformed(format!("unknown frame type {other}"))),
         }
     }
     Ok(())
@@ -415,17 +437,44 @@ enum Order {
     Signal(i32),
 }
 
+/// An exec whose client hung up is killed (its whole process group): no one
+/// is left to read its output or end it, and an agent that gave up on a
+/// request expects the work to stop with it.
+async fn cancel_on_hangup(
+    gone: impl Future<Output = ()>,
+    mut control: watch::Receiver<Option<ExecControl>>,
+    done: oneshot::Receiver<()>,
+    cancelled: Arc<AtomicBool>,
+) {
+    let hung_up = async {
+        gone.await;
+        control.wait_for(Option::is_some).await.ok().and_then(|c| c.clone())
+    };
+    tokio::select! {
+        control = hung_up => {
+            if let Some(control) = control {
+                tracing::info!("an exec's client hung up; killing the process");
+                cancelled.store(true, Ordering::SeqCst);
+                let _ = tokio::task::spawn_blocking(move || control.signal(super::SIGKILL)).await;
+            }
+        }
+        _ = done => {}
+    }
+}
+
 /// Where the exec's output goes: NDJSON lines or frames.
 struct Output<'a> {
     tx: &'a mpsc::Sender<Bytes>,
     gone: bool,
     raw: bool,
+    /// Set when the client hung up and the process was killed for it.
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Output<'_> {
     fn send(&mut self, chunk: Vec<u8>) {
-        // The reader hung up: the process runs on to its end (its stdin is
-        // closed when the request body ends), its output is dropped.
+        // The reader hung up: the rest of the output is dropped while
+        // `cancel_on_hangup` kills the process.
         if !self.gone && self.tx.blocking_send(Bytes::from(chunk)).is_err() {
             self.gone = true;
         }
@@ -433,7 +482,7 @@ impl Output<'_> {
 
     fn json(&mut self, value: &serde_json::Value) {
         if self.raw {
-            return self.frame(FRAME_END, value.to_string().as_bytes());
+            return self.frame(frames::END, value.to_string().as_bytes());
         }
         let mut line = value.to_string().into_bytes();
         line.push(b'\n');
@@ -441,11 +490,9 @@ impl Output<'_> {
     }
 
     fn frame(&mut self, kind: u8, payload: &[u8]) {
-        let mut chunk = Vec::with_capacity(5 + payload.len());
-        chunk.push(kind);
-        chunk.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        chunk.extend_from_slice(payload);
-        self.send(chunk);
+        for frame in frames::encode_chunked(kind, payload) {
+            self.send(frame);
+        }
     }
 
     fn started(&mut self, pid: i32) {
@@ -457,14 +504,10 @@ impl Output<'_> {
     fn output(&mut self, stream: Stream, data: &[u8]) {
         if self.raw {
             let kind = match stream {
-                Stream::Stdout => FRAME_STDOUT,
-                Stream::Stderr => FRAME_STDERR,
+                Stream::Stdout => frames::STDOUT,
+                Stream::Stderr => frames::STDERR,
             };
-            // Frames stay below what a client must buffer.
-            for piece in data.chunks(MAX_FRAME) {
-                self.frame(kind, piece);
-            }
-            return;
+            return self.frame(kind, data);
         }
         let kind = match stream {
             Stream::Stdout => "stdout",
@@ -534,6 +577,7 @@ fn run(
             "signal": end.signal,
             "timed_out": end.timed_out,
             "error": error,
+            "cancelled": out.cancelled.load(Ordering::SeqCst),
         }),
     );
 }

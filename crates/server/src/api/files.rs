@@ -53,7 +53,6 @@ const STDERR_LIMIT: usize = 2048;
 const MISSING: i32 = 3;
 /// The exit status the scripts below use for "not the right kind of file".
 const WRONG_KIND: i32 = 4;
-const SIGKILL: i32 = 9;
 
 /// Reads a regular file (following symlinks, as the sandbox sees them).
 /// FIFOs and devices are refused: they could block or never end.
@@ -96,8 +95,9 @@ fn query_path(query: &QueryPairs) -> Result<String, ApiError> {
     Ok(path.to_owned())
 }
 
-/// The supervisor of a running sandbox `peer` may use.
-async fn running(app: &Arc<App>, peer: Peer, name: String) -> Result<SupervisorClient, ApiError> {
+/// The supervisor of a running sandbox `peer` may use, and the sandbox's
+/// owner (for the event log).
+async fn running(app: &Arc<App>, peer: Peer, name: String) -> Result<(SupervisorClient, u32), ApiError> {
     app.blocking(move |app| {
         let loaded = sandbox::authorize(app, &peer, &name)?;
         if loaded.state != ApiState::Running {
@@ -106,12 +106,13 @@ async fn running(app: &Arc<App>, peer: Peer, name: String) -> Result<SupervisorC
                 format!("sandbox {name} is not running (state: {})", loaded.state.as_str()),
             ));
         }
-        SupervisorClient::connect(&loaded.dir).map_err(|e| {
+        let client = SupervisorClient::connect(&loaded.dir).map_err(|e| {
             ApiError::conflict(
                 "not_managed",
                 format!("sandbox {name} has no supervisor to run processes ({e})"),
             )
-        })
+        })?;
+        Ok((client, loaded.owner_uid))
     })
     .await
 }
@@ -202,7 +203,7 @@ fn collect(
                 if out.len() + data.len() > limit {
                     over = true;
                     if let Some(c) = control.get() {
-                        let _ = c.signal(SIGKILL);
+                        let _ = c.signal(super::SIGKILL);
                     }
                 } else {
                     out.extend_from_slice(&data);
@@ -291,7 +292,7 @@ fn stream_read(client: &SupervisorClient, spec: &ExecSpec, tx: &mpsc::Sender<Chu
                 if !gone && tx.blocking_send(Chunk::Data(Bytes::from(data))).is_err() {
                     gone = true;
                     if let Some(c) = control.get() {
-                        let _ = c.signal(SIGKILL);
+                        let _ = c.signal(super::SIGKILL);
                     }
                 }
             }
@@ -320,7 +321,7 @@ pub async fn read(
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let path = query_path(&query)?;
-    let client = running(&app, peer, name).await?;
+    let (client, owner) = running(&app, peer, name.clone()).await?;
     let spec = spec(READ_SCRIPT, &[&path], None);
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
     tokio::task::spawn_blocking(move || stream_read(&client, &spec, &tx));
@@ -333,6 +334,7 @@ pub async fn read(
         None => return Err(ApiError::internal("the file reader ended without a status")),
     };
     let done = first.is_none();
+    app.record_event(Some(&name), Some(owner), "file_read", serde_json::json!({ "path": path }));
     Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CACHE_CONTROL, "no-store")
@@ -388,7 +390,7 @@ pub async fn write(
     body: Body,
 ) -> Result<Response, ApiError> {
     let path = query_path(&query)?;
-    let client = running(&app, peer, name).await?;
+    let (client, owner) = running(&app, peer, name.clone()).await?;
     let bytes = body_bytes(body, FILE_LIMIT).await?;
     let size = bytes.len();
     let target = path.clone();
@@ -399,6 +401,12 @@ pub async fn write(
     if !finish.ok() {
         return Err(finish.error("write", &path));
     }
+    app.record_event(
+        Some(&name),
+        Some(owner),
+        "file_written",
+        serde_json::json!({ "path": path, "size": size }),
+    );
     Ok(axum::Json(Written { path, size }).into_response())
 }
 
@@ -476,7 +484,7 @@ async fn find(
     format: &'static str,
 ) -> Result<Vec<Entry>, ApiError> {
     let path = query_path(query)?;
-    let client = running(app, peer, name).await?;
+    let (client, _) = running(app, peer, name).await?;
     let target = path.clone();
     let (out, over, finish) = tokio::task::spawn_blocking(move || {
         collect(&client, &spec(script, &[&target, format], Some(60)), None, LIST_LIMIT)

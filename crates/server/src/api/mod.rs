@@ -15,6 +15,9 @@ use serde::Deserialize;
 
 use crate::error::ApiError;
 
+/// What ends an exec nobody waits for any more (its process group).
+pub(crate) const SIGKILL: i32 = 9;
+
 /// A duration: seconds as a number, or text like "30s", "10m", "2h".
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]

@@ -1,6 +1,8 @@
 //! `/v1/sandboxes`: create, list, inspect, stop, extend, diff, apply, remove.
 
 use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,14 +10,19 @@ use std::time::{Duration, Instant};
 use airlock_policy::{Overrides, Policy, WorkspaceMode};
 use airlock_runtime::ops;
 use airlock_runtime::supervisor::{self, CreateRequest, SupervisorClient};
+
 use axum::Json;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::Response;
 use serde::Deserialize;
+use tokio::sync::mpsc;
 
 use super::{DurationArg, SizeArg, check_env, check_labels, label_filter};
 use crate::app::{App, Op};
 use crate::auth::{Peer, check_workspace};
+use crate::body::ChannelBody;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, QueryPairs, SandboxName};
 use crate::sandbox::{self, ApiState, Loaded, SandboxView};
@@ -416,6 +423,64 @@ pub async fn diff(
         })
         .await?;
     Ok(Json(json))
+}
+
+/// `GET /v1/sandboxes/{name}/logs?stream=stdout|stderr`: the sandbox's
+/// captured output as it was written (redacted of secrets), streamed from
+/// its state directory. Empty while nothing has been written.
+pub async fn logs(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
+    query.only(&["stream"])?;
+    let stderr = match query.get("stream") {
+        None | Some("stdout") => false,
+        Some("stderr") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("stream must be stdout or stderr, got {other:?}"),
+            ));
+        }
+    };
+    let file = app
+        .blocking(move |app| {
+            sandbox::authorize(app, &peer, &name)?;
+            let (stdout, stderr_log) = ops::log_paths(&app.root, &name)?;
+            let path = if stderr { stderr_log } else { stdout };
+            // The state directory is the host's, but a link there is never
+            // followed: logs are files the runtime wrote.
+            let opened = std::fs::File::options()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(&path);
+            match opened {
+                Ok(file) => Ok(Some(file)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(ApiError::internal(format!("reading {}: {e}", path.display()))),
+            }
+        })
+        .await?;
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    if let Some(mut file) = file {
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            // Ends at the end of the file, on an error, or when the client
+            // hangs up (the send fails).
+            while let Ok(n @ 1..) = file.read(&mut buf) {
+                if tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::new(ChannelBody::new(rx)))
+        .map_err(|e| ApiError::internal(format!("building the logs response: {e}")))
 }
 
 /// `POST /v1/sandboxes/{name}/apply`.

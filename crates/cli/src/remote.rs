@@ -1,0 +1,329 @@
+//! The commands that go through `airlock daemon` when one answers: each
+//! becomes requests to its API (docs/api.md), and the answers are shown
+//! the way the direct commands show theirs.
+
+use std::io::{self, Read, Write};
+
+use airlock_policy::{Policy, WorkspaceMode};
+use airlock_proto::exec_stream as frames;
+use serde_json::{Value, json};
+
+use super::daemon_client::{self, Daemon, DaemonError};
+use super::{
+    CliResult, Command, Confirmed, Copy, CreateArgs, ExecArgs, apply_locally, confirm_apply, direct,
+    exit_status,
+};
+
+/// The commands the daemon serves; anything else runs directly.
+pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
+    use hyper::Method;
+    let sandbox_path =
+        |name: &str, rest: &str| format!("/v1/sandboxes/{}{rest}", daemon_client::encode(name));
+    match command {
+        Command::Create(args) => remote_create(daemon, args),
+        Command::Exec(args) => remote_exec(daemon, args),
+        Command::Ls { json } => {
+            let answer = daemon.json(Method::GET, "/v1/sandboxes", None)?;
+            let sandboxes = answer["sandboxes"].as_array().cloned().unwrap_or_default();
+            let mut out = io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &sandboxes)?;
+                writeln!(out)?;
+            } else {
+                daemon_client::print_list(&sandboxes, &mut out)?;
+            }
+            Ok(0)
+        }
+        Command::Inspect { name, json } => {
+            let answer = daemon.json(Method::GET, &sandbox_path(&name, ""), None)?;
+            let mut out = io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &answer)?;
+                writeln!(out)?;
+            } else {
+                daemon_client::print_inspect(&answer, &mut out)?;
+            }
+            Ok(0)
+        }
+        Command::Stop { name } => {
+            let answer = daemon.json(Method::POST, &sandbox_path(&name, "/stop"), None)?;
+            println!("stopped {name} ({})", answer["state"].as_str().unwrap_or("stopped"));
+            Ok(0)
+        }
+        Command::Rm { names } => {
+            for name in names {
+                daemon.json(Method::DELETE, &sandbox_path(&name, ""), None)?;
+                println!("removed {name}");
+            }
+            Ok(0)
+        }
+        Command::Diff { name, json: true, .. } => {
+            let answer = daemon.json(Method::GET, &sandbox_path(&name, "/diff"), None)?;
+            let mut out = io::stdout().lock();
+            serde_json::to_writer_pretty(&mut out, &answer)?;
+            writeln!(out)?;
+            Ok(0)
+        }
+        Command::Apply { name, yes, allow_protected } => {
+            let pending = match confirm_apply(&name, yes, allow_protected)? {
+                Confirmed::Done(code) => return Ok(code),
+                Confirmed::Apply(pending) => pending,
+            };
+            let body = serde_json::json!({ "allow_protected": allow_protected });
+            match daemon.json(Method::POST, &sandbox_path(&name, "/apply"), Some(&body)) {
+                Ok(answer) => {
+                    let count = |key: &str| answer[key].as_array().map_or(0, Vec::len);
+                    println!("applied: {} written, {} deleted", count("written"), count("deleted"));
+                    Ok(0)
+                }
+                // A root daemon writes only for root; a user applies as themself.
+                Err(e) if e.code() == Some("forbidden") => apply_locally(pending),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Events { follow, sandbox, since, json } => {
+            remote_events(daemon, follow, sandbox, since, json)
+        }
+        Command::Cp { source, destination } => remote_cp(daemon, Copy::plan(&source, &destination)?),
+        Command::Logs { name, stderr } => {
+            let stream = if stderr { "stderr" } else { "stdout" };
+            daemon.download(
+                &sandbox_path(&name, &format!("/logs?stream={stream}")),
+                &mut io::stdout().lock(),
+            )?;
+            Ok(0)
+        }
+        other => direct(other, false),
+    }
+}
+
+/// The policy as the daemon takes it: a built-in name, or a policy file by
+/// its absolute path.
+fn policy_for_daemon(policy: &str) -> Result<String, Box<dyn std::error::Error>> {
+    if Policy::builtin_names().contains(&policy) || !std::path::Path::new(policy).exists() {
+        return Ok(policy.to_owned());
+    }
+    let path = std::fs::canonicalize(policy).map_err(|e| format!("policy file {policy}: {e}"))?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+fn remote_create(daemon: &Daemon, args: CreateArgs) -> CliResult {
+    let s = &args.sandbox;
+    let mut body = serde_json::Map::new();
+    if let Some(name) = &s.name {
+        body.insert("name".into(), json!(name));
+    }
+    body.insert("policy".into(), json!(policy_for_daemon(&s.policy)?));
+    // As without a daemon, the workspace defaults to the current directory;
+    // `--mode none` mounts nothing.
+    if s.mode != Some(WorkspaceMode::None) {
+        let workspace = match &s.workspace {
+            Some(path) => path.clone(),
+            None => std::env::current_dir()?,
+        };
+        let absolute = std::fs::canonicalize(&workspace)
+            .map_err(|e| format!("workspace {}: {e}", workspace.display()))?;
+        body.insert("workspace".into(), json!(absolute));
+    }
+    if !s.env.is_empty() {
+        body.insert("env".into(), Value::Object(s.env.iter().map(|(k, v)| (k.clone(), json!(v))).collect()));
+    }
+    if !args.labels.is_empty() {
+        body.insert(
+            "labels".into(),
+            Value::Object(args.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
+        );
+    }
+    if let Some(timeout) = s.timeout {
+        body.insert("timeout".into(), json!(timeout.as_secs().max(1)));
+    }
+    if let Some(idle) = args.idle_timeout {
+        body.insert("idle_timeout".into(), json!(idle.as_secs().max(1)));
+    }
+    if let Some(memory) = s.memory {
+        body.insert("memory".into(), json!(memory));
+    }
+    if let Some(pids) = s.pids {
+        body.insert("pids".into(), json!(pids));
+    }
+    if let Some(cpus) = s.cpus {
+        body.insert("cpus".into(), json!(cpus));
+    }
+    if !s.allow.is_empty() {
+        body.insert("allow".into(), json!(s.allow));
+    }
+    let created = daemon.json(hyper::Method::POST, "/v1/sandboxes", Some(&Value::Object(body)))?;
+    println!("{}", created["name"].as_str().unwrap_or_default());
+    Ok(0)
+}
+
+/// `airlock exec` through the API, in its interactive form whatever the
+/// flags: stdin (with `-i`) and the terminal's size changes (with `-t`) go
+/// up as frames, output comes down as frames. SIGINT, SIGTERM, SIGHUP and
+/// SIGQUIT sent to `airlock` are passed on to the process; a terminal in
+/// raw mode sends its keys (Ctrl-C among them) as input instead.
+fn remote_exec(daemon: &Daemon, args: ExecArgs) -> CliResult {
+    use std::io::IsTerminal;
+    let mut body = json!({ "argv": args.command });
+    if !args.env.is_empty() {
+        body["env"] = Value::Object(args.env.iter().map(|(k, v)| (k.clone(), json!(v))).collect());
+    }
+    if let Some(cwd) = &args.cwd {
+        body["cwd"] = json!(cwd);
+    }
+    if let Some(timeout) = args.timeout {
+        body["timeout"] = json!(timeout.as_secs().max(1));
+    }
+    let terminal = args.tty.then(crate::terminal::size).map(|s| s.unwrap_or((24, 80)));
+    if let Some((rows, cols)) = terminal {
+        body["tty"] = json!({ "rows": rows, "cols": cols });
+    }
+    let path = format!("/v1/sandboxes/{}/exec?stream=raw", daemon_client::encode(&args.name));
+    let (input, frames_in) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    if args.interactive {
+        let input = input.clone();
+        std::thread::spawn(move || {
+            let mut stdin = io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let frame = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => frames::encode(frames::CLOSE_STDIN, &[]),
+                    Ok(n) => frames::encode(frames::STDIN, &buf[..n]),
+                };
+                let last = frame[0] == frames::CLOSE_STDIN;
+                if input.blocking_send(frame).is_err() || last {
+                    return;
+                }
+            }
+        });
+    } else {
+        let _ = input.try_send(frames::encode(frames::CLOSE_STDIN, &[]));
+    }
+    let resizes = input.clone();
+    let _resizer = terminal
+        .map(|_| {
+            crate::terminal::forward_resizes(move |rows, cols| {
+                resizes.blocking_send(frames::resize(rows, cols)).is_ok()
+            })
+        })
+        .transpose()?;
+    let _signals = forward_signals(input)?;
+    // Raw mode only for a real interactive session; restored on drop.
+    let _raw =
+        (args.tty && args.interactive && io::stdin().is_terminal()).then(crate::terminal::RawMode::enter);
+    let mut out = io::stdout();
+    let mut err = io::stderr();
+    let end = daemon.exec_stream(&path, &body, frames_in, |kind, payload| {
+        match kind {
+            frames::STDOUT => {
+                out.write_all(payload)?;
+                out.flush()?;
+            }
+            frames::STDERR => err.write_all(payload)?,
+            _ => {}
+        }
+        Ok(())
+    })?;
+    drop(_raw);
+    exec_end(&args.name, &serde_json::from_slice(&end)?)
+}
+
+/// The exit code from the exec's `exit` object; its `error` as an error.
+fn exec_end(name: &str, end: &Value) -> CliResult {
+    if end["type"] == "error" {
+        let message = end["message"].as_str().unwrap_or("the exec broke off");
+        return Err(DaemonError::Protocol(format!("exec in {name}: {message}")).into());
+    }
+    let number = |key: &str| end[key].as_i64().and_then(|n| i32::try_from(n).ok());
+    Ok(exit_status(number("code"), number("signal"), end["timed_out"] == true))
+}
+
+/// Passes the signals a person or a job control system sends `airlock` on
+/// to the process in the sandbox, until dropped.
+fn forward_signals(input: tokio::sync::mpsc::Sender<Vec<u8>>) -> io::Result<SignalForwarder> {
+    use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])?;
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            if input.blocking_send(frames::signal(signal)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(SignalForwarder { handle })
+}
+
+struct SignalForwarder {
+    handle: signal_hook::iterator::Handle,
+}
+
+impl Drop for SignalForwarder {
+    fn drop(&mut self) {
+        self.handle.close();
+    }
+}
+
+/// `airlock cp` through the files API. Into the sandbox the file goes as
+/// one request body (the daemon takes up to 64 MiB); out of it, the bytes
+/// are streamed into the file, which is removed again if the copy fails.
+fn remote_cp(daemon: &Daemon, copy: Copy<'_>) -> CliResult {
+    let files = |name: &str, path: &str| {
+        format!("/v1/sandboxes/{}/files?path={}", daemon_client::encode(name), daemon_client::encode(path))
+    };
+    match copy {
+        Copy::In { file, name, path } => {
+            let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            daemon.put_bytes(&files(name, &path), bytes)?;
+        }
+        Copy::Out { name, path, file } => {
+            let mut output = std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            if let Err(e) = daemon.download(&files(name, path), &mut output) {
+                drop(output);
+                let _ = std::fs::remove_file(&file);
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn remote_events(
+    daemon: &Daemon,
+    follow: bool,
+    sandbox: Option<String>,
+    since: Option<u64>,
+    json: bool,
+) -> CliResult {
+    let mut query = Vec::new();
+    if follow {
+        query.push("follow=true".to_owned());
+    }
+    if let Some(name) = &sandbox {
+        query.push(format!("sandbox={}", daemon_client::encode(name)));
+    }
+    if let Some(id) = since {
+        query.push(format!("since={id}"));
+    }
+    let path =
+        if query.is_empty() { "/v1/events".to_owned() } else { format!("/v1/events?{}", query.join("&")) };
+    let mut parser = daemon_client::SseParser::default();
+    let result = daemon.lines(hyper::Method::GET, &path, None, &mut |line| {
+        let Some(event) = parser.line(line) else { return Ok(()) };
+        let mut out = io::stdout().lock();
+        if json {
+            writeln!(out, "{}", event.data)?;
+        } else {
+            let value: serde_json::Value = serde_json::from_str(&event.data)?;
+            daemon_client::print_event(&value, &mut out)?;
+        }
+        out.flush()?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => Ok(0),
+        // A reader that stops early (`airlock events -f | head`) is not an error.
+        Err(DaemonError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
