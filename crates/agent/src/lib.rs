@@ -10,6 +10,7 @@
 mod egress;
 mod service;
 mod signals;
+mod users;
 
 use std::io;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -71,7 +72,14 @@ pub fn main() -> i32 {
         }
         Err(e) => return setup_failed(&mut control, "wait for the cgroup", &e),
     }
-    match setup::confine(&launch.jail) {
+    // A long-lived sandbox (no command) may be asked to run an exec as
+    // another user; the agent keeps what switching ids takes, nothing more.
+    let keep = if launch.command.is_empty() {
+        setup::AgentPrivileges::SwitchIds
+    } else {
+        setup::AgentPrivileges::None
+    };
+    match setup::confine(&launch.jail, keep) {
         Ok(confinement) => report(&mut control, AgentMessage::Confined { landlock: confinement.landlock }),
         Err(e) => return setup_failed(&mut control, e.step, &e.message),
     }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -151,12 +152,28 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
         return;
     };
     let cwd = req.cwd.clone().filter(|p| p.is_dir()).unwrap_or_else(|| launch.cwd.clone());
+    let user = match req.user.as_deref().map(crate::users::resolve).transpose() {
+        Ok(user) => user,
+        Err(message) => {
+            send(writer, AgentMessage::ExecRefused { id: req.id, exit_code: 126, message });
+            return;
+        }
+    };
     let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .envs(launch.env.iter().cloned())
-        .envs(req.env.iter().cloned())
-        .current_dir(&cwd);
+    cmd.args(args).env_clear().envs(launch.env.iter().cloned());
+    if let Some(user) = &user {
+        // std sets the group, drops supplementary groups (where the user
+        // namespace allows setgroups) and then the user, in the child; the
+        // change of uid takes the agent's id-switching capabilities with it.
+        cmd.uid(user.uid).gid(user.gid);
+        if let Some(name) = &user.name {
+            cmd.env("USER", name).env("LOGNAME", name);
+        }
+        if let Some(home) = &user.home {
+            cmd.env("HOME", home);
+        }
+    }
+    cmd.envs(req.env.iter().cloned()).current_dir(&cwd);
     let terminal = match req.tty {
         Some((rows, cols)) => match open_terminal(rows, cols) {
             Ok(pair) => Some(pair),
@@ -188,10 +205,16 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
         Ok(child) => child,
         Err(e) => {
             let exit_code = if e.kind() == io::ErrorKind::NotFound { 127 } else { 126 };
-            send(
-                writer,
-                AgentMessage::ExecRefused { id: req.id, exit_code, message: format!("{program}: {e}") },
-            );
+            let message = match &user {
+                // The kernel refuses ids outside the user namespace's map.
+                Some(u) if e.raw_os_error() == Some(libc::EINVAL) => format!(
+                    "cannot run as uid {} gid {}: not mapped in this sandbox's user namespace (a rootless \
+                     sandbox has only root; others map ids 0-65535)",
+                    u.uid, u.gid
+                ),
+                _ => format!("{program}: {e}"),
+            };
+            send(writer, AgentMessage::ExecRefused { id: req.id, exit_code, message });
             return;
         }
     };

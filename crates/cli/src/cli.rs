@@ -248,6 +248,11 @@ struct ExecArgs {
     /// session, whose size changes follow this terminal's).
     #[arg(long, short = 't')]
     tty: bool,
+    /// Run as this user of the sandbox: UID[:GID] or NAME[:GROUP] from its
+    /// own /etc/passwd and /etc/group (default: root inside, which is no one
+    /// on the host).
+    #[arg(long, short = 'u')]
+    user: Option<String>,
     /// Set an environment variable for this process (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -458,6 +463,7 @@ fn exec(args: ExecArgs) -> CliResult {
         cwd: args.cwd,
         timeout_secs: args.timeout.map(|d| d.as_secs().max(1)),
         tty: terminal,
+        user: args.user,
     };
     // Raw mode only for a real interactive session; restored on drop.
     let _raw = (args.tty && args.interactive && std::io::stdin().is_terminal())

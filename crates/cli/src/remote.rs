@@ -174,6 +174,9 @@ fn remote_exec(daemon: &Daemon, args: ExecArgs) -> CliResult {
     if let Some(timeout) = args.timeout {
         body["timeout"] = json!(timeout.as_secs().max(1));
     }
+    if let Some(user) = &args.user {
+        body["user"] = json!(user);
+    }
     let terminal = args.tty.then(crate::terminal::size).map(|s| s.unwrap_or((24, 80)));
     if let Some((rows, cols)) = terminal {
         body["tty"] = json!({ "rows": rows, "cols": cols });

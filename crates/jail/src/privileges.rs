@@ -120,11 +120,25 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// Sets effective, permitted and inheritable capabilities of the calling
-/// thread to empty.
-fn capset_clear() -> io::Result<()> {
+/// Capability numbers (linux/capability.h).
+pub const CAP_SETGID: u32 = 6;
+pub const CAP_SETUID: u32 = 7;
+
+/// What a long-lived sandbox's agent keeps so that an exec can run as
+/// another user of the sandbox: switching ids (setgroups, setgid, setuid)
+/// and nothing else.
+pub const ID_SWITCHING: &[u32] = &[CAP_SETGID, CAP_SETUID];
+
+/// Sets the calling thread's effective and permitted capabilities to `keep`
+/// (all below 64) and its inheritable ones to empty.
+fn capset_only(keep: &[u32]) -> io::Result<()> {
     let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
-    let data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    let mut data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    for &cap in keep {
+        let word = &mut data[(cap / 32) as usize];
+        word.effective |= 1 << (cap % 32);
+        word.permitted |= 1 << (cap % 32);
+    }
     // SAFETY: `header` and `data` are valid, correctly laid out (repr(C)) and
     // live for the whole call; version 3 reads exactly two data structs.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
@@ -136,6 +150,15 @@ fn capset_clear() -> io::Result<()> {
 /// inheritable. The order matters: dropping from the bounding set needs
 /// CAP_SETPCAP, which the final capset removes. Checks the result afterwards.
 pub fn drop_all_capabilities() -> Result<(), PrivError> {
+    drop_capabilities_except(&[])
+}
+
+/// As [`drop_all_capabilities`], but the calling thread keeps `keep` in its
+/// effective and permitted sets. The bounding set is still emptied, so no
+/// program it starts can have them: execve grants a process (root included)
+/// only what the bounding set allows, and the inheritable and ambient sets
+/// are empty.
+pub fn drop_capabilities_except(keep: &[u32]) -> Result<(), PrivError> {
     for cap in 0..=last_cap()? {
         match prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap)) {
             Ok(_) => {}
@@ -146,8 +169,8 @@ pub fn drop_all_capabilities() -> Result<(), PrivError> {
     }
     prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong)
         .map_err(|source| PrivError::Prctl { what: "PR_CAP_AMBIENT_CLEAR_ALL", source })?;
-    capset_clear().map_err(PrivError::Capset)?;
-    if !capabilities_are_empty() {
+    capset_only(keep).map_err(PrivError::Capset)?;
+    if !holds_only(keep) {
         return Err(PrivError::StillPresent {
             status: cap_lines(Path::new("/proc/thread-self/status")).unwrap_or_default(),
         });
@@ -165,22 +188,32 @@ fn cap_lines(path: &Path) -> io::Result<String> {
 /// `/proc/thread-self/status` (effective, permitted, bounding and ambient
 /// sets). Unreadable or malformed status counts as "not empty".
 pub fn capabilities_are_empty() -> bool {
+    holds_only(&[])
+}
+
+/// Whether the calling thread's effective and permitted sets are exactly
+/// `keep` and its inheritable, bounding and ambient sets are empty.
+fn holds_only(keep: &[u32]) -> bool {
     let Ok(text) = fs::read_to_string("/proc/thread-self/status") else {
         return false;
     };
+    let kept: u64 = keep.iter().fold(0, |mask, &cap| mask | (1 << cap));
     let mut seen = 0;
     for line in text.lines() {
         let Some((key, value)) = line.split_once(':') else {
             continue;
         };
-        if matches!(key, "CapEff" | "CapPrm" | "CapBnd" | "CapAmb") {
-            match u64::from_str_radix(value.trim(), 16) {
-                Ok(0) => seen += 1,
-                _ => return false,
-            }
+        let expected = match key {
+            "CapEff" | "CapPrm" => kept,
+            "CapInh" | "CapBnd" | "CapAmb" => 0,
+            _ => continue,
+        };
+        match u64::from_str_radix(value.trim(), 16) {
+            Ok(mask) if mask == expected => seen += 1,
+            _ => return false,
         }
     }
-    seen == 4
+    seen == 5
 }
 
 /// Helpers for tests that must run in a forked child because they change the
@@ -307,5 +340,50 @@ mod tests {
         let cap = last_cap().unwrap();
         // CAP_AUDIT_READ (37) exists since Linux 3.16.
         assert!(cap >= 37, "{cap}");
+    }
+
+    #[test]
+    fn keeping_id_switching_allows_setuid_but_nothing_else_and_exec_gets_none() {
+        if !have_root("keeping_id_switching_allows_setuid_but_nothing_else_and_exec_gets_none") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("owned");
+        fs::write(&file, b"x").unwrap();
+        let code = run_in_child(|| {
+            if let Err(e) = drop_capabilities_except(ID_SWITCHING) {
+                eprintln!("{e}");
+                return 1;
+            }
+            if capabilities_are_empty() || !holds_only(ID_SWITCHING) {
+                return 2;
+            }
+            // Not even chown: only the ids may change.
+            if chown(&file, Some(4343), None).is_ok() {
+                return 3;
+            }
+            // A program started as root gets nothing back through exec.
+            let Ok(out) = std::process::Command::new("/bin/sh")
+                .args(["-c", "grep -E '^Cap(Prm|Eff)' /proc/self/status"])
+                .output()
+            else {
+                return 4;
+            };
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if text.lines().count() != 2 || !text.lines().all(|l| l.ends_with("0000000000000000")) {
+                eprintln!("{text}");
+                return 5;
+            }
+            // And a switch of ids works, after which nothing is left.
+            // SAFETY: setgid/setuid take plain integers.
+            if unsafe { libc::setgid(4242) } != 0 || unsafe { libc::setuid(4242) } != 0 {
+                return 6;
+            }
+            if !capabilities_are_empty() {
+                return 7;
+            }
+            0
+        });
+        assert_eq!(code, 0);
     }
 }

@@ -47,9 +47,19 @@ pub fn build(plan: &JailPlan) -> Result<(), SetupError> {
     Ok(())
 }
 
+/// Which capabilities the confined agent keeps for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentPrivileges {
+    /// None (`airlock run`: the agent starts one command as root inside).
+    None,
+    /// Switching ids only, so that execs in a long-lived sandbox can run as
+    /// another user of the sandbox. The processes it starts get none.
+    SwitchIds,
+}
+
 /// Confines the calling process (the agent, PID 1 of the sandbox), once it
 /// is in its cgroup: everything after this is untrusted-safe.
-pub fn confine(plan: &JailPlan) -> Result<Confinement, SetupError> {
+pub fn confine(plan: &JailPlan, keep: AgentPrivileges) -> Result<Confinement, SetupError> {
     // SAFETY: a new cgroup namespace changes no memory or file descriptor
     // state of this process; it only changes how /proc/self/cgroup reads.
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWCGROUP) }
@@ -76,7 +86,11 @@ pub fn confine(plan: &JailPlan) -> Result<Confinement, SetupError> {
         "off".to_string()
     };
 
-    privileges::drop_all_capabilities().map_err(step("drop capabilities"))?;
+    let kept = match keep {
+        AgentPrivileges::None => &[][..],
+        AgentPrivileges::SwitchIds => privileges::ID_SWITCHING,
+    };
+    privileges::drop_capabilities_except(kept).map_err(step("drop capabilities"))?;
     privileges::set_no_new_privs().map_err(step("set no_new_privs"))?;
     if plan.seccomp {
         let filter = seccomp::compile().map_err(step("compile the seccomp filter"))?;

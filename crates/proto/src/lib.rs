@@ -49,6 +49,11 @@ pub struct ExecRequest {
     /// arrives as stdout.
     #[serde(default)]
     pub tty: Option<(u16, u16)>,
+    /// Run as this user of the sandbox: `UID[:GID]` or `NAME[:GROUP]`, names
+    /// looked up in the sandbox's own /etc/passwd and /etc/group. Root
+    /// inside when absent.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// Which output stream a chunk came from.

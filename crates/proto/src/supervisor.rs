@@ -44,6 +44,9 @@ pub struct ExecSpec {
     /// Run on a terminal of this size (rows, columns).
     #[serde(default)]
     pub tty: Option<(u16, u16)>,
+    /// Run as this user of the sandbox (see `ExecRequest::user`).
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// What a supervisor sends back.

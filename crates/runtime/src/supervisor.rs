@@ -626,6 +626,7 @@ impl Server {
             env: spec.env.clone(),
             cwd: spec.cwd.clone(),
             tty: spec.tty,
+            user: spec.user.clone(),
         }));
         let sent =
             self.agent.lock().map(|mut a| airlock_proto::send(&mut *a, &request).is_ok()).unwrap_or(false);

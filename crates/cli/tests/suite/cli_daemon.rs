@@ -301,6 +301,13 @@ fn cli_exec_cp_and_logs_go_through_the_daemon() {
     assert_eq!(o.status.code(), Some(5), "{}", show(&o));
     assert_eq!(stdout(&o), "piped in\n");
     assert_eq!(stderr(&o), "done\n");
+    // --user: that user of the sandbox.
+    let o = run(&["exec", "--user", "nobody", "cio", "--", "id", "-un"]);
+    ok(&o);
+    assert_eq!(stdout(&o), "nobody\n");
+    let o = run(&["exec", "--user", "ghost", "cio", "--", "true"]);
+    assert_eq!(o.status.code(), Some(126), "{}", show(&o));
+    assert!(stderr(&o).contains("ghost"), "{}", show(&o));
     // Without -i the process's stdin is empty, not the caller's.
     let o = run(&["exec", "cio", "--", "sh", "-c", "cat; echo end"]);
     ok(&o);

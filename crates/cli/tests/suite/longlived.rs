@@ -207,3 +207,55 @@ fn exec_with_a_terminal() {
     assert!(stdout(&o).contains("typed-42"), "{}", show(&o));
     let _ = env.airlock(["rm", "tty"]).output();
 }
+
+/// `exec --user`: the process runs as that user of the sandbox, with no
+/// capabilities and no way back to root; the agent keeps only what
+/// switching ids takes, and processes started as root get none of it.
+#[test]
+fn exec_as_another_user_of_the_sandbox() {
+    let env = Env::new();
+    assert_eq!(create(&env, "users", &[]).status.code(), Some(0));
+    let as_user = |user: &str, script: &str| {
+        env.airlock(["exec", "--user", user, "users", "--", "sh", "-c", script]).output().unwrap()
+    };
+    let o = exec(&env, "users", "echo secret > /tmp/root-only; chmod 600 /tmp/root-only; id -u");
+    assert_eq!(stdout(&o), "0\n", "{}", show(&o));
+
+    let o = as_user(
+        "nobody",
+        "id -u; id -g; echo $USER $HOME; grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status; \
+         cat /tmp/root-only 2>/dev/null || echo denied; touch /tmp/mine; stat -c %u /tmp/mine",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..3], ["65534", "65534", "nobody /nonexistent"], "{}", show(&o));
+    assert!(lines[3..8].iter().all(|l| l.ends_with("0000000000000000")), "{}", show(&o));
+    assert_eq!(&lines[8..], ["denied", "65534"], "{}", show(&o));
+
+    let o = as_user("1234:50", "id -u; id -g");
+    assert_eq!(stdout(&o), "1234\n50\n", "{}", show(&o));
+
+    let o = as_user("ghost", "true");
+    assert_eq!(o.status.code(), Some(126), "{}", show(&o));
+    assert!(stderr(&o).contains("no user \"ghost\""), "{}", show(&o));
+    let o = as_user("70000", "true");
+    assert_eq!(o.status.code(), Some(126), "{}", show(&o));
+    assert!(stderr(&o).contains("not mapped"), "{}", show(&o));
+
+    // The agent holds CAP_SETUID and CAP_SETGID (0xc0) and nothing else, with
+    // an empty bounding set; a process started as root has no capability.
+    let o = exec(&env, "users", "grep -E '^Cap(Prm|Eff|Bnd|Inh|Amb)' /proc/1/status /proc/self/status");
+    let caps = stdout(&o);
+    for line in caps.lines() {
+        let expected =
+            if line.starts_with("/proc/1/status:CapPrm") || line.starts_with("/proc/1/status:CapEff") {
+                "00000000000000c0"
+            } else {
+                "0000000000000000"
+            };
+        assert!(line.ends_with(expected), "{line}\n{}", show(&o));
+    }
+    assert_eq!(caps.lines().count(), 10, "{}", show(&o));
+    assert_eq!(env.airlock(["rm", "users"]).output().unwrap().status.code(), Some(0));
+}

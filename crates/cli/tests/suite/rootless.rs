@@ -140,3 +140,19 @@ fn rootless_time_limit_and_network() {
     assert!(listener.accept().is_err());
     assert!(wait_until(5, || pids_running(token).is_empty()), "survivors: {:?}", pids_running(token));
 }
+
+/// A rootless sandbox maps only root: `exec --user` to anyone else is
+/// refused with the reason, and root works as before.
+#[test]
+fn rootless_exec_user_other_than_root_is_refused() {
+    let Some(r) = setup() else { return };
+    let o = r.airlock(&["create", "--name", "rl-users"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = r.airlock(&["exec", "--user", "0", "rl-users", "--", "id", "-u"]).output().unwrap();
+    assert_eq!(stdout(&o), "0\n", "{}", show(&o));
+    let o = r.airlock(&["exec", "--user", "nobody", "rl-users", "--", "id", "-u"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(126), "{}", show(&o));
+    assert!(stderr(&o).contains("not mapped"), "{}", show(&o));
+    let o = r.airlock(&["rm", "rl-users"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+}

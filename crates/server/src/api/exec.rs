@@ -70,6 +70,8 @@ pub struct ExecBody {
     #[serde(default)]
     pub tty: Option<TtyArg>,
     pub timeout: Option<DurationArg>,
+    /// `UID[:GID]` or `NAME[:GROUP]` of the sandbox; root inside by default.
+    pub user: Option<String>,
 }
 
 /// `tty`: `false`, `true` (24x80) or `{"rows": R, "cols": C}`.
@@ -110,6 +112,14 @@ pub fn exec_spec(body: ExecBody) -> Result<ExecSpec, ApiError> {
     {
         return Err(invalid(format!("cwd {} must be an absolute path", cwd.display())));
     }
+    if let Some(user) = &body.user {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':');
+        if user.is_empty() || user.len() > 64 || !user.chars().all(allowed) || user.matches(':').count() > 1 {
+            return Err(invalid(format!(
+                "user {user:?} must be UID[:GID] or NAME[:GROUP] (letters, digits, '_', '-', '.')"
+            )));
+        }
+    }
     Ok(ExecSpec {
         argv: body.argv,
         env: check_env(&body.env)?,
@@ -121,6 +131,7 @@ pub fn exec_spec(body: ExecBody) -> Result<ExecSpec, ApiError> {
             .transpose()?
             .map(|d| d.as_secs().max(1)),
         tty,
+        user: body.user,
     })
 }
 
@@ -604,6 +615,12 @@ mod tests {
         assert_eq!(body(r#"{"argv":["a\u0000b"]}"#).unwrap_err().code, "invalid_request");
         assert_eq!(body(r#"{"argv":["sh"],"cwd":"rel"}"#).unwrap_err().code, "invalid_request");
         assert!(serde_json::from_str::<ExecBody>(r#"{"argv":["sh"],"stdin":"x"}"#).is_err());
+        assert_eq!(body(r#"{"argv":["id"],"user":"1000:50"}"#).unwrap().user.as_deref(), Some("1000:50"));
+        assert_eq!(body(r#"{"argv":["id"],"user":"nobody"}"#).unwrap().user.as_deref(), Some("nobody"));
+        for bad in ["", "a b", "a:b:c", "../x", r"x\u0000"] {
+            let json = format!(r#"{{"argv":["id"],"user":"{bad}"}}"#);
+            assert_eq!(body(&json).unwrap_err().code, "invalid_request", "{bad:?}");
+        }
     }
 
     #[test]
