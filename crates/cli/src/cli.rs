@@ -293,9 +293,8 @@ impl Command {
     fn daemon_capable(&self) -> bool {
         match self {
             Command::Create(args) => matches!(args.sandbox.mode, None | Some(WorkspaceMode::None)),
-            // The text forms need the files themselves: computed here.
-            Command::Diff { json, .. } => *json,
-            Command::Exec(_)
+            Command::Diff { .. }
+            | Command::Exec(_)
             | Command::Cp { .. }
             | Command::Logs { .. }
             | Command::Ls { .. }
@@ -644,23 +643,30 @@ fn confirm_apply(
     let mut out = io::stdout().lock();
     pending.view.diff.render_stat(&mut out)?;
     drop(out);
-    if !yes {
-        if !io::stdin().is_terminal() {
-            return Err(format!(
-                "refusing to apply without confirmation: stdin is not a terminal; pass --yes to apply {name}"
-            )
-            .into());
-        }
-        print!("Apply these changes to {}? [y/N] ", pending.view.lower.display());
-        io::stdout().flush()?;
-        let mut answer = String::new();
-        io::stdin().lock().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            println!("nothing applied");
-            return Ok(Confirmed::Done(1));
-        }
+    if !yes && !ask_to_apply(name, &pending.view.lower.display().to_string())? {
+        return Ok(Confirmed::Done(1));
     }
     Ok(Confirmed::Apply(pending))
+}
+
+/// Asks whether to apply `name`'s changes (shown above) to `workspace`;
+/// refuses to guess when nobody can answer.
+fn ask_to_apply(name: &str, workspace: &str) -> Result<bool, Box<dyn std::error::Error>> {
+    if !io::stdin().is_terminal() {
+        return Err(format!(
+            "refusing to apply without confirmation: stdin is not a terminal; pass --yes to apply {name}"
+        )
+        .into());
+    }
+    print!("Apply these changes to {workspace}? [y/N] ");
+    io::stdout().flush()?;
+    let mut answer = String::new();
+    io::stdin().lock().read_line(&mut answer)?;
+    let yes = matches!(answer.trim(), "y" | "Y" | "yes");
+    if !yes {
+        println!("nothing applied");
+    }
+    Ok(yes)
 }
 
 fn policy(cmd: PolicyCommand) -> CliResult {

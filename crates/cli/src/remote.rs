@@ -6,12 +6,12 @@ use std::io::{self, Read, Write};
 
 use airlock_policy::{Policy, WorkspaceMode};
 use airlock_proto::exec_stream as frames;
+use airlock_runtime::ops;
 use serde_json::{Value, json};
 
 use super::daemon_client::{self, Daemon, DaemonError};
 use super::{
-    CliResult, Command, Confirmed, Copy, CreateArgs, ExecArgs, apply_locally, confirm_apply, direct,
-    exit_status,
+    CliResult, Command, Copy, CreateArgs, ExecArgs, apply_locally, ask_to_apply, direct, exit_status,
 };
 
 /// The commands the daemon serves; anything else runs directly.
@@ -57,30 +57,20 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
             }
             Ok(0)
         }
-        Command::Diff { name, json: true, .. } => {
-            let answer = daemon.json(Method::GET, &sandbox_path(&name, "/diff"), None)?;
-            let mut out = io::stdout().lock();
-            serde_json::to_writer_pretty(&mut out, &answer)?;
-            writeln!(out)?;
+        Command::Diff { name, stat, json } => {
+            if json {
+                let answer = daemon.json(Method::GET, &sandbox_path(&name, "/diff"), None)?;
+                let mut out = io::stdout().lock();
+                serde_json::to_writer_pretty(&mut out, &answer)?;
+                writeln!(out)?;
+            } else {
+                let format = if stat { "stat" } else { "patch" };
+                let path = sandbox_path(&name, &format!("/diff?format={format}"));
+                daemon.download(&path, &mut io::stdout().lock())?;
+            }
             Ok(0)
         }
-        Command::Apply { name, yes, allow_protected } => {
-            let pending = match confirm_apply(&name, yes, allow_protected)? {
-                Confirmed::Done(code) => return Ok(code),
-                Confirmed::Apply(pending) => pending,
-            };
-            let body = serde_json::json!({ "allow_protected": allow_protected });
-            match daemon.json(Method::POST, &sandbox_path(&name, "/apply"), Some(&body)) {
-                Ok(answer) => {
-                    let count = |key: &str| answer[key].as_array().map_or(0, Vec::len);
-                    println!("applied: {} written, {} deleted", count("written"), count("deleted"));
-                    Ok(0)
-                }
-                // A root daemon writes only for root; a user applies as themself.
-                Err(e) if e.code() == Some("forbidden") => apply_locally(pending),
-                Err(e) => Err(e.into()),
-            }
-        }
+        Command::Apply { name, yes, allow_protected } => remote_apply(daemon, &name, yes, allow_protected),
         Command::Events { follow, sandbox, since, json } => {
             remote_events(daemon, follow, sandbox, since, json)
         }
@@ -94,6 +84,38 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
             Ok(0)
         }
         other => direct(other, false),
+    }
+}
+
+/// `airlock apply` through the daemon: the summary and the workspace come
+/// from the API, the daemon writes. A root daemon writes only for root, so
+/// a user applies the same changes as themself.
+fn remote_apply(daemon: &Daemon, name: &str, yes: bool, allow_protected: bool) -> CliResult {
+    use hyper::Method;
+    let sandbox = |rest: &str| format!("/v1/sandboxes/{}{rest}", daemon_client::encode(name));
+    let diff = daemon.json(Method::GET, &sandbox("/diff"), None)?;
+    if diff["changes"].as_array().is_none_or(Vec::is_empty) {
+        println!("sandbox {name} changed nothing; nothing to apply");
+        return Ok(0);
+    }
+    daemon.download(&sandbox("/diff?format=stat"), &mut io::stdout().lock())?;
+    if !yes {
+        let info = daemon.json(Method::GET, &sandbox(""), None)?;
+        if !ask_to_apply(name, info["workspace"].as_str().unwrap_or("its workspace"))? {
+            return Ok(1);
+        }
+    }
+    let body = json!({ "allow_protected": allow_protected });
+    match daemon.json(Method::POST, &sandbox("/apply"), Some(&body)) {
+        Ok(answer) => {
+            let count = |key: &str| answer[key].as_array().map_or(0, Vec::len);
+            println!("applied: {} written, {} deleted", count("written"), count("deleted"));
+            Ok(0)
+        }
+        Err(e) if e.code() == Some("forbidden") => {
+            apply_locally(ops::prepare_apply(&super::state()?, name, allow_protected)?)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -34,6 +34,46 @@ impl http_body::Body for ChannelBody {
     }
 }
 
+/// A blocking writer into a [`ChannelBody`]'s channel, in chunks: lets code
+/// that renders into `io::Write` (a diff) stream its output. A write fails
+/// once the client hung up, which ends the rendering.
+pub struct ChannelWriter {
+    tx: mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    const CHUNK: usize = 64 * 1024;
+
+    pub fn new(tx: mpsc::Sender<Bytes>) -> ChannelWriter {
+        ChannelWriter { tx, buf: Vec::with_capacity(Self::CHUNK) }
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= Self::CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx.blocking_send(chunk).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+}
+
+impl Drop for ChannelWriter {
+    fn drop(&mut self) {
+        let _ = std::io::Write::flush(self);
+    }
+}
+
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /// Standard base64 (RFC 4648, with padding).

@@ -196,15 +196,27 @@ fn cli_diff_and_apply_through_the_daemon() {
     ok(&d.airlock(&["create", "--name", "cda"]));
     ok(&d.airlock(&["exec", "cda", "--", "sh", "-c", "echo patched >> src/lib.c"]));
     ok(&d.airlock(&["stop", "cda"]));
-    let o = d.airlock(&["diff", "cda", "--json"]);
+    // Every form through the API: this CLI's own state directory is empty.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| d.cmd(args).env("AIRLOCK_STATE_DIR", elsewhere.path()).output().unwrap();
+    let o = run(&["diff", "cda", "--json"]);
     ok(&o);
     let diff = json(&o);
     assert!(diff.to_string().contains("src/lib.c"), "{diff}");
-    let o = d.airlock(&["diff", "cda"]);
+    let o = run(&["diff", "cda"]);
     ok(&o);
     assert!(stdout(&o).contains("+patched"), "{}", show(&o));
-    let o = d.airlock(&["apply", "cda", "--yes"]);
+    let o = run(&["diff", "cda", "--stat"]);
     ok(&o);
+    assert!(stdout(&o).contains("src/lib.c") && stdout(&o).contains("1 file changed"), "{}", show(&o));
+    // Without a terminal to ask, apply refuses unless told --yes.
+    let o = run(&["apply", "cda"]);
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+    assert!(stderr(&o).contains("--yes"), "{}", show(&o));
+    assert_eq!(std::fs::read_to_string(d.env().workspace.join("src/lib.c")).unwrap(), "int x;\n");
+    let o = run(&["apply", "cda", "--yes"]);
+    ok(&o);
+    assert!(stdout(&o).contains("src/lib.c"), "{}", show(&o));
     assert!(stdout(&o).contains("applied: 1 written"), "{}", show(&o));
     assert_eq!(std::fs::read_to_string(d.env().workspace.join("src/lib.c")).unwrap(), "int x;\npatched\n");
     assert!(d.event_kinds("cda").iter().any(|k| k == "applied"), "{:?}", d.event_kinds("cda"));

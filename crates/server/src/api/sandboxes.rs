@@ -15,14 +15,14 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::{DurationArg, SizeArg, check_env, check_labels, label_filter};
 use crate::app::{App, Op};
 use crate::auth::{Peer, check_workspace};
-use crate::body::ChannelBody;
+use crate::body::{ChannelBody, ChannelWriter};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, QueryPairs, SandboxName};
 use crate::sandbox::{self, ApiState, Loaded, SandboxView};
@@ -410,19 +410,49 @@ pub async fn extend(
     Ok(Json(view))
 }
 
-/// `GET /v1/sandboxes/{name}/diff`.
+/// `GET /v1/sandboxes/{name}/diff[?format=json|stat|patch]`: the changes as
+/// JSON (the default), or as `airlock diff --stat` / `airlock diff` print
+/// them (text, streamed while it is rendered).
 pub async fn diff(
     State(app): State<Arc<App>>,
     peer: Peer,
     SandboxName(name): SandboxName,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let json = app
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
+    query.only(&["format"])?;
+    let format = query.get("format").unwrap_or("json").to_owned();
+    if !matches!(format.as_str(), "json" | "stat" | "patch") {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("format must be json, stat or patch, got {format:?}"),
+        ));
+    }
+    let view = app
         .blocking(move |app| {
             sandbox::authorize(app, &peer, &name)?;
-            Ok(ops::diff(&app.root, &name)?.diff.to_json())
+            Ok(ops::diff(&app.root, &name)?)
         })
         .await?;
-    Ok(Json(json))
+    if format == "json" {
+        return Ok(Json(view.diff.to_json()).into_response());
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    tokio::task::spawn_blocking(move || {
+        let mut out = ChannelWriter::new(tx);
+        let rendered = if format == "stat" {
+            view.diff.render_stat(&mut out)
+        } else {
+            view.diff.render_unified(&view.lower, &view.upper, &mut out)
+        };
+        if let Err(e) = rendered {
+            tracing::debug!(error = %e, "rendering a diff stopped");
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::new(ChannelBody::new(rx)))
+        .map_err(|e| ApiError::internal(format!("building the diff response: {e}")))
 }
 
 /// `GET /v1/sandboxes/{name}/logs?stream=stdout|stderr`: the sandbox's
