@@ -184,9 +184,7 @@ struct SandboxArgs {
     /// The directory the sandbox works on (default: the current directory).
     #[arg(long)]
     workspace: Option<PathBuf>,
-    /// Workspace mode: overlay, ro, rw, none (default: the policy's). With
-    /// a daemon, `create` with overlay, ro or rw runs directly (the API
-    /// takes the policy's mode).
+    /// Workspace mode: overlay, ro, rw, none (default: the policy's).
     #[arg(long, value_parser = parse_mode)]
     mode: Option<WorkspaceMode>,
     /// Sandbox name (default: generated, like brave-otter).
@@ -289,22 +287,23 @@ fn parse_mode(s: &str) -> Result<WorkspaceMode, String> {
 }
 
 impl Command {
-    /// Whether this command, with these options, can go through the daemon.
+    /// Whether this command can go through the daemon (`run`, `gc`,
+    /// `doctor`, `policy`, `net` and `daemon` itself always work here).
     fn daemon_capable(&self) -> bool {
-        match self {
-            Command::Create(args) => matches!(args.sandbox.mode, None | Some(WorkspaceMode::None)),
-            Command::Diff { .. }
-            | Command::Exec(_)
-            | Command::Cp { .. }
-            | Command::Logs { .. }
-            | Command::Ls { .. }
-            | Command::Inspect { .. }
-            | Command::Stop { .. }
-            | Command::Rm { .. }
-            | Command::Apply { .. }
-            | Command::Events { .. } => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            Command::Create(_)
+                | Command::Diff { .. }
+                | Command::Exec(_)
+                | Command::Cp { .. }
+                | Command::Logs { .. }
+                | Command::Ls { .. }
+                | Command::Inspect { .. }
+                | Command::Stop { .. }
+                | Command::Rm { .. }
+                | Command::Apply { .. }
+                | Command::Events { .. }
+        )
     }
 }
 

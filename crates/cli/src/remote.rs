@@ -147,6 +147,9 @@ fn remote_create(daemon: &Daemon, args: CreateArgs) -> CliResult {
             .map_err(|e| format!("workspace {}: {e}", workspace.display()))?;
         body.insert("workspace".into(), json!(absolute));
     }
+    if let Some(mode) = s.mode {
+        body.insert("workspace_mode".into(), json!(mode.to_string()));
+    }
     if !s.env.is_empty() {
         body.insert("env".into(), Value::Object(s.env.iter().map(|(k, v)| (k.clone(), json!(v))).collect()));
     }

@@ -1,5 +1,5 @@
 //! The CLI through `airlock daemon`: with a daemon answering on
-//! `$AIRLOCK_SOCKET`, create/exec/ls/inspect/events/stop/rm/diff/apply go
+//! `$AIRLOCK_SOCKET`, create/exec/cp/logs/ls/inspect/events/stop/rm/diff/apply go
 //! through its API (the daemon's event log and its SQLite-backed fields
 //! show it); without one, or with `--direct`, the same commands work on
 //! the state directory as before.
@@ -420,4 +420,24 @@ fn cli_exec_cp_and_logs_go_through_the_daemon() {
     assert!(stdout(&o).contains("done\n"), "{}", show(&o));
     let o = run(&["logs", "nope"]);
     assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+}
+
+/// `create --mode` goes through the API too: a read-only workspace is
+/// read-only, and a mode the policy forbids is refused by the daemon.
+#[test]
+fn cli_create_with_a_workspace_mode_through_the_daemon() {
+    let d = Daemon::start("mode");
+    ok(&d.airlock(&["create", "--name", "cro", "--mode", "ro"]));
+    assert!(d.event_kinds("cro").iter().any(|k| k == "created"), "{:?}", d.event_kinds("cro"));
+    let o = d.airlock(&["inspect", "cro", "--json"]);
+    assert_eq!(json(&o)["workspace_mode"], "ro", "{}", show(&o));
+    let o = d.airlock(&["exec", "cro", "--", "sh", "-c", "cat src/lib.c; echo x >> src/lib.c"]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o), "int x;\n", "{}", show(&o));
+    assert!(stderr(&o).contains("Read-only"), "{}", show(&o));
+    ok(&d.airlock(&["rm", "cro"]));
+    // The plugin policy mounts no workspace and takes no other mode.
+    let o = d.airlock(&["create", "--name", "cpl", "--policy", "plugin", "--mode", "rw"]);
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+    assert!(stderr(&o).contains("not allowed by policy \"plugin\""), "{}", show(&o));
 }

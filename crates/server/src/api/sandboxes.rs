@@ -50,6 +50,9 @@ pub struct CreateBody {
     pub cpus: Option<f64>,
     #[serde(default)]
     pub allow: Vec<String>,
+    /// overlay, ro, rw or none; the policy's mode when absent (none
+    /// without a workspace). The policy decides which it permits.
+    pub workspace_mode: Option<String>,
 }
 
 /// A create request checked against the caller's rights, ready for the
@@ -104,6 +107,21 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
     {
         return Err(ApiError::bad_request("invalid_request", "cpus must be a positive number"));
     }
+    let workspace_mode = match &body.workspace_mode {
+        None => workspace.is_none().then_some(WorkspaceMode::None),
+        Some(text) => {
+            let mode: WorkspaceMode = text.parse().map_err(|e: String| {
+                ApiError::bad_request("invalid_request", format!("workspace_mode: {e}"))
+            })?;
+            if mode != WorkspaceMode::None && workspace.is_none() {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    format!("workspace_mode {text} needs a workspace: give its absolute path"),
+                ));
+            }
+            Some(mode)
+        }
+    };
     let overrides = Overrides {
         timeout: body.timeout.as_ref().map(|t| t.get("timeout")).transpose()?,
         memory: body.memory.as_ref().map(|m| m.get("memory")).transpose()?,
@@ -112,7 +130,7 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
         env,
         // An API call has no current directory to fall back on: without a
         // workspace, nothing is mounted.
-        workspace_mode: workspace.is_none().then_some(WorkspaceMode::None),
+        workspace_mode,
         allow: body.allow,
     };
     let request = CreateRequest {
@@ -600,6 +618,24 @@ mod tests {
 
         let cpus = CreateBody { cpus: Some(f64::NAN), ..CreateBody::default() };
         assert!(prepare_create(&peer(0), cpus).is_err());
+
+        let mode = |m: &str, ws: Option<&str>| CreateBody {
+            workspace_mode: Some(m.into()),
+            workspace: ws.map(Into::into),
+            ..CreateBody::default()
+        };
+        let ro = prepare_create(&peer(0), mode("ro", Some("/tmp"))).unwrap().request;
+        assert_eq!(ro.overrides.workspace_mode, Some(WorkspaceMode::Ro));
+        let none = prepare_create(&peer(0), mode("none", None)).unwrap().request;
+        assert_eq!(none.overrides.workspace_mode, Some(WorkspaceMode::None));
+        assert_eq!(prepare_create(&peer(0), mode("rw", None)).err().unwrap().code, "invalid_request");
+        assert_eq!(
+            prepare_create(&peer(0), mode("sideways", Some("/tmp"))).err().unwrap().code,
+            "invalid_request"
+        );
+        // With a workspace and no mode, the policy's mode applies.
+        let ws = CreateBody { workspace: Some("/tmp".into()), ..CreateBody::default() };
+        assert_eq!(prepare_create(&peer(0), ws).unwrap().request.overrides.workspace_mode, None);
 
         let full = CreateBody {
             timeout: Some(DurationArg::Text("10m".into())),
