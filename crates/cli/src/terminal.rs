@@ -7,9 +7,13 @@ use rustix::termios::{self, OptionalActions, Termios};
 use signal_hook::consts::signal::SIGWINCH;
 use signal_hook::iterator::Signals;
 
-/// (rows, columns) of the caller's terminal, if stdin is one.
+/// (rows, columns) of the caller's terminal, if stdin is one and knows its
+/// size (a pty whose size was never set reports 0x0).
 pub fn size() -> Option<(u16, u16)> {
-    termios::tcgetwinsize(io::stdin()).ok().map(|w| (w.ws_row, w.ws_col))
+    termios::tcgetwinsize(io::stdin())
+        .ok()
+        .map(|w| (w.ws_row, w.ws_col))
+        .filter(|&(rows, cols)| rows > 0 && cols > 0)
 }
 
 /// Puts stdin's terminal in raw mode until dropped.

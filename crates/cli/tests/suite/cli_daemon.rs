@@ -352,6 +352,19 @@ fn cli_exec_cp_and_logs_go_through_the_daemon() {
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(stdout(&o).contains("41 123"), "{}", show(&o));
     assert!(stdout(&o).contains("got:typed"), "{}", show(&o));
+    // A terminal that never learnt its size (0x0) gets the default one.
+    let command = format!("stty rows 0 cols 0; {BIN} exec -t cio -- stty size");
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &command, "/dev/null"]).stdin(Stdio::null());
+    for (key, value) in cli(&[]).get_envs() {
+        match value {
+            Some(value) => script.env(key, value),
+            None => script.env_remove(key),
+        };
+    }
+    let o = script.output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("24 80"), "{}", show(&o));
 
     // A signal sent to `airlock exec` reaches the process.
     let mut child = cli(&[
