@@ -300,6 +300,19 @@ fn cli_exec_cp_and_logs_go_through_the_daemon() {
         cmd
     };
     let run = |args: &[&str]| cli(args).output().unwrap();
+    // `sh -c COMMAND` on a terminal of its own (script(1) makes one), with
+    // this CLI's environment.
+    let in_terminal = |command: &str| {
+        let mut script = std::process::Command::new("script");
+        script.args(["-qec", command, "/dev/null"]);
+        for (key, value) in cli(&[]).get_envs() {
+            match value {
+                Some(value) => script.env(key, value),
+                None => script.env_remove(key),
+            };
+        }
+        script
+    };
 
     // stdin with -i; stdout, stderr and the exit code come back apart.
     let mut child = cli(&["exec", "-i", "cio", "--", "sh", "-c", "cat; echo done >&2; exit 5"])
@@ -334,16 +347,12 @@ fn cli_exec_cp_and_logs_go_through_the_daemon() {
     // takes the caller's size, and keys typed reach the process.
     let command =
         format!("stty rows 41 cols 123; {} exec -it cio -- sh -c 'stty size; read x; echo got:$x'", BIN);
-    let mut script = std::process::Command::new("script");
-    script.args(["-qec", &command, "/dev/null"]);
-    for (key, value) in cli(&[]).get_envs() {
-        match value {
-            Some(value) => script.env(key, value),
-            None => script.env_remove(key),
-        };
-    }
-    let mut child =
-        script.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = in_terminal(&command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut input = child.stdin.take().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     std::io::Write::write_all(&mut input, b"typed\r").unwrap();
@@ -354,15 +363,7 @@ fn cli_exec_cp_and_logs_go_through_the_daemon() {
     assert!(stdout(&o).contains("got:typed"), "{}", show(&o));
     // A terminal that never learnt its size (0x0) gets the default one.
     let command = format!("stty rows 0 cols 0; {BIN} exec -t cio -- stty size");
-    let mut script = std::process::Command::new("script");
-    script.args(["-qec", &command, "/dev/null"]).stdin(Stdio::null());
-    for (key, value) in cli(&[]).get_envs() {
-        match value {
-            Some(value) => script.env(key, value),
-            None => script.env_remove(key),
-        };
-    }
-    let o = script.output().unwrap();
+    let o = in_terminal(&command).stdin(Stdio::null()).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(stdout(&o).contains("24 80"), "{}", show(&o));
 
