@@ -462,6 +462,7 @@ fn exec(args: ExecArgs) -> CliResult {
         timeout_secs: args.timeout.map(|d| d.as_secs().max(1)),
         tty: terminal,
         user: args.user,
+        transfer: false,
     };
     // Raw mode only for a real interactive session; restored on drop.
     let _raw = (args.tty && args.interactive && std::io::stdin().is_terminal())
@@ -583,6 +584,7 @@ fn cp(copy: Copy<'_>) -> CliResult {
             let input = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             let spec = airlock_proto::supervisor::ExecSpec {
                 argv: vec!["sh".into(), "-c".into(), "cat > \"$1\"".into(), "sh".into(), path],
+                transfer: true,
                 ..Default::default()
             };
             client(name)?
@@ -592,6 +594,7 @@ fn cp(copy: Copy<'_>) -> CliResult {
             let mut output = std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             let spec = airlock_proto::supervisor::ExecSpec {
                 argv: vec!["cat".into(), "--".into(), path.into()],
+                transfer: true,
                 ..Default::default()
             };
             client(name)?.exec(&spec, &mut |e| collect(e, &mut output))?;

@@ -254,7 +254,14 @@ enum Control {
     AgentGone,
 }
 
-type ExecRoutes = Arc<Mutex<HashMap<u32, Sender<ExecEvent>>>>;
+type ExecRoutes = Arc<Mutex<HashMap<u32, Route>>>;
+
+/// Where an exec's events go, and whether its output is the sandbox's
+/// (logged) or a file being copied (not).
+struct Route {
+    tx: Sender<ExecEvent>,
+    logged: bool,
+}
 
 struct Supervisor {
     name: String,
@@ -431,9 +438,9 @@ impl Supervisor {
         }
         // Anyone still waiting on an exec learns it ended with the sandbox.
         if let Ok(mut routes) = self.routes.lock() {
-            for (_, tx) in routes.drain() {
-                let _ =
-                    tx.send(ExecEvent::Exited { code: None, signal: Some(libc::SIGKILL), timed_out: false });
+            for (_, route) in routes.drain() {
+                let ended = ExecEvent::Exited { code: None, signal: Some(libc::SIGKILL), timed_out: false };
+                let _ = route.tx.send(ended);
             }
         }
         if let Some(n) = network {
@@ -491,17 +498,21 @@ impl Logs {
         })
     }
 
-    fn write(&mut self, stream: Stream, data: &[u8]) -> Vec<u8> {
+    /// Redacts `data` and, when `logged`, appends it to its stream's log.
+    /// Returns what the client gets (redacted either way).
+    fn write(&mut self, stream: Stream, data: &[u8], logged: bool) -> Vec<u8> {
         let data = if self.secrets.is_empty() {
             data.to_vec()
         } else {
             airlock_egress::redact::redact_all(data, &self.secrets)
         };
-        let file = match stream {
-            Stream::Stdout => &mut self.out,
-            Stream::Stderr => &mut self.err,
-        };
-        let _ = file.write_all(&data);
+        if logged {
+            let file = match stream {
+                Stream::Stdout => &mut self.out,
+                Stream::Stderr => &mut self.err,
+            };
+            let _ = file.write_all(&data);
+        }
         data
     }
 }
@@ -518,18 +529,20 @@ fn spawn_agent_reader(
             if let Ok(mut t) = last_activity.lock() {
                 *t = Instant::now();
             }
+            let logged =
+                |id: u32| routes.lock().ok().and_then(|r| r.get(&id).map(|r| r.logged)).unwrap_or(true);
             let (id, event, last) = match msg {
                 AgentMessage::ExecStarted { id, pid } => (id, ExecEvent::Started { pid }, false),
                 AgentMessage::ExecOutput { id, stream, data } => {
-                    let data = logs.write(stream, &data);
+                    let data = logs.write(stream, &data, logged(id));
                     (id, ExecEvent::Output { stream, data }, false)
                 }
                 AgentMessage::ExecRefused { id, exit_code, message } => {
-                    let data = logs.write(Stream::Stderr, format!("airlock: {message}\n").as_bytes());
+                    let data = logs.write(Stream::Stderr, format!("airlock: {message}\n").as_bytes(), true);
                     if let Ok(r) = routes.lock()
-                        && let Some(tx) = r.get(&id)
+                        && let Some(route) = r.get(&id)
                     {
-                        let _ = tx.send(ExecEvent::Output { stream: Stream::Stderr, data });
+                        let _ = route.tx.send(ExecEvent::Output { stream: Stream::Stderr, data });
                     }
                     (id, ExecEvent::Exited { code: Some(exit_code), signal: None, timed_out: false }, true)
                 }
@@ -539,8 +552,8 @@ fn spawn_agent_reader(
                 _ => continue,
             };
             if let Ok(mut r) = routes.lock() {
-                if let Some(tx) = r.get(&id) {
-                    let _ = tx.send(event);
+                if let Some(route) = r.get(&id) {
+                    let _ = route.tx.send(event);
                 }
                 if last {
                     r.remove(&id);
@@ -617,7 +630,7 @@ impl Server {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         if let Ok(mut r) = self.routes.lock() {
-            r.insert(id, tx);
+            r.insert(id, Route { tx, logged: !spec.transfer });
         }
         self.running_execs.fetch_add(1, Ordering::Relaxed);
         let request = HostMessage::Exec(Box::new(ExecRequest {

@@ -429,6 +429,8 @@ fn cli_exec_cp_and_logs_go_through_the_daemon() {
     let o = run(&["logs", "cio"]);
     ok(&o);
     assert!(stdout(&o).contains("piped in\n") && !stdout(&o).contains("done\n"), "{}", show(&o));
+    // Files copied in or out are not the sandbox's output: not in its logs.
+    assert!(!stdout(&o).contains("from inside"), "{}", show(&o));
     let o = run(&["logs", "cio", "--stderr"]);
     ok(&o);
     assert!(stdout(&o).contains("done\n"), "{}", show(&o));

@@ -175,6 +175,11 @@ fn stdin_reaches_an_exec_and_cp_copies_both_ways() {
     let o = env.airlock(["cp", "io:/tmp/nope"]).arg(&missing).output().unwrap();
     assert_ne!(o.status.code(), Some(0));
     assert!(!missing.exists());
+    // The copied file is not the sandbox's output: the logs have the exec's
+    // `cat` once, and nothing of the copy out.
+    let log = std::fs::read_to_string(env.sandbox_dir("io").join("logs/stdout.log")).unwrap();
+    assert_eq!(log.matches("{\"a\": 1}").count(), 1, "{log}");
+    assert!(!log.contains("made"), "{log}");
     let _ = env.airlock(["rm", "io"]).output();
 }
 

@@ -120,7 +120,7 @@ async fn running(app: &Arc<App>, peer: Peer, name: String) -> Result<(Supervisor
 fn spec(script: &str, args: &[&str], timeout_secs: Option<u64>) -> ExecSpec {
     let mut argv = vec!["sh".to_owned(), "-c".to_owned(), script.to_owned(), "sh".to_owned()];
     argv.extend(args.iter().map(|a| (*a).to_owned()));
-    ExecSpec { argv, timeout_secs, ..ExecSpec::default() }
+    ExecSpec { argv, timeout_secs, transfer: true, ..ExecSpec::default() }
 }
 
 /// How a process in the sandbox ended.
