@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::daemon_scale::TestDaemon;
+use super::daemon_harness::TestDaemon;
 use super::support::*;
 
 /// The shared test daemon (its own state directory, socket and cgroup

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::daemon_scale::TestDaemon;
+use super::daemon_harness::TestDaemon;
 
 /// One interactive exec on its own connection.
 struct Session {

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use super::daemon_scale::TestDaemon;
+use super::daemon_harness::TestDaemon;
 use super::support::*;
 
 /// (status, raw body) of a curl request; `upload` is sent as the body.

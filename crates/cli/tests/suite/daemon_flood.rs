@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use super::daemon_scale::TestDaemon;
+use super::daemon_harness::TestDaemon;
 use super::support::*;
 
 /// Connections open at once.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::daemon_scale::TestDaemon;
+use super::daemon_harness::TestDaemon;
 use super::support::*;
 
 /// How long schemathesis may run before the test kills it and fails.

@@ -7,6 +7,7 @@ mod daemon_attach;
 mod daemon_files;
 mod daemon_flood;
 mod daemon_fuzz;
+mod daemon_harness;
 mod daemon_scale;
 mod daemon_tcp;
 mod egress;
