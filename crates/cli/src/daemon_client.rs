@@ -146,18 +146,31 @@ impl Daemon {
         Ok(sender.send_request(builder.body(body)?).await?)
     }
 
-    /// Sends `payload` as the body (a file for `PUT …/files`); the answer is
-    /// one JSON document.
-    pub fn put_bytes(&self, path: &str, payload: Vec<u8>) -> Result<Value, DaemonError> {
+    /// Streams `file` as the body of a `PUT` (`…/files`); the answer is one
+    /// JSON document. The body declares the file's length, so a file that
+    /// shrinks while it is read breaks the request off rather than sending
+    /// a shorter file as if complete.
+    pub fn put_file(&self, path: &str, mut file: std::fs::File) -> Result<Value, DaemonError> {
+        use std::io::Read;
+        let len = file.metadata()?.len();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        std::thread::spawn(move || {
+            loop {
+                let mut buf = vec![0u8; 256 * 1024];
+                match file.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(buf).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let body = RequestStream { first: None, input: rx, len: Some(len) };
         self.runtime.block_on(async {
-            let response = self
-                .send_body(
-                    Method::PUT,
-                    path,
-                    Some("application/octet-stream"),
-                    Full::new(Bytes::from(payload)),
-                )
-                .await?;
+            let response = self.send_body(Method::PUT, path, Some("application/octet-stream"), body).await?;
             let status = response.status();
             let bytes = response.into_body().collect().await?.to_bytes();
             if !status.is_success() {
@@ -202,7 +215,7 @@ impl Daemon {
         use airlock_proto::exec_stream as frames;
         let mut line = serde_json::to_vec(request)?;
         line.push(b'\n');
-        let body = RequestStream { first: Some(Bytes::from(line)), input };
+        let body = RequestStream { first: Some(Bytes::from(line)), input, len: None };
         self.runtime.block_on(async {
             let response =
                 self.send_body(Method::POST, path, Some("application/vnd.airlock.exec-stream"), body).await?;
@@ -277,11 +290,13 @@ impl Daemon {
     }
 }
 
-/// The request body of an interactive exec: its first line, then frames as
-/// the caller produces them; ends when every sender is gone.
+/// A request body produced as it goes: an interactive exec's first line and
+/// then its frames, or a file's chunks; ends when every sender is gone.
 struct RequestStream {
     first: Option<Bytes>,
     input: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    /// The exact length, when known (sent as Content-Length).
+    len: Option<u64>,
 }
 
 impl hyper::body::Body for RequestStream {
@@ -296,6 +311,10 @@ impl hyper::body::Body for RequestStream {
             return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(first))));
         }
         self.input.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(Bytes::from(c)))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.len.map_or_else(hyper::body::SizeHint::default, hyper::body::SizeHint::with_exact)
     }
 }
 

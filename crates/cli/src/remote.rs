@@ -292,17 +292,17 @@ impl Drop for SignalForwarder {
     }
 }
 
-/// `airlock cp` through the files API. Into the sandbox the file goes as
-/// one request body (the daemon takes up to 64 MiB); out of it, the bytes
-/// are streamed into the file, which is removed again if the copy fails.
+/// `airlock cp` through the files API, streamed both ways: into the sandbox
+/// the file replaces the target only once it has all arrived; out of it,
+/// the host file is removed again if the copy fails.
 fn remote_cp(daemon: &Daemon, copy: Copy<'_>) -> CliResult {
     let files = |name: &str, path: &str| {
         format!("/v1/sandboxes/{}/files?path={}", daemon_client::encode(name), daemon_client::encode(path))
     };
     match copy {
         Copy::In { file, name, path } => {
-            let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            daemon.put_bytes(&files(name, &path), bytes)?;
+            let input = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            daemon.put_file(&files(name, &path), input)?;
         }
         Copy::Out { name, path, file } => {
             let mut output = std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;

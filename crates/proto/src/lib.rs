@@ -30,7 +30,11 @@ pub enum HostMessage {
     /// Service mode (a Launch without a command): start another process.
     Exec(Box<ExecRequest>),
     /// Input for an exec's stdin; empty data closes it.
-    Stdin { id: u32, data: Vec<u8> },
+    Stdin {
+        id: u32,
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
     /// Send a signal to an exec's process group.
     Signal { id: u32, signal: i32 },
     /// Resize an exec's terminal.
@@ -103,7 +107,12 @@ pub enum AgentMessage {
     /// Service mode: an exec's process started.
     ExecStarted { id: u32, pid: i32 },
     /// Service mode: output of an exec (at most 64 KiB per message).
-    ExecOutput { id: u32, stream: Stream, data: Vec<u8> },
+    ExecOutput {
+        id: u32,
+        stream: Stream,
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
     /// Service mode: an exec could not start (126/127 like a shell).
     ExecRefused { id: u32, exit_code: i32, message: String },
     /// Service mode: an exec ended; all its output was sent before this.
@@ -207,6 +216,7 @@ pub fn recv_tagged_fd(socket: impl AsFd) -> io::Result<(u8, OwnedFd)> {
     Err(io::Error::new(io::ErrorKind::InvalidData, "no descriptor arrived on the control channel"))
 }
 
+pub mod bytes;
 pub mod exec_stream;
 pub mod supervisor;
 

@@ -22,7 +22,10 @@ pub enum Request {
     /// How the sandbox is doing.
     Status,
     /// After Exec, on the same connection: input for the process's stdin.
-    Stdin { data: Vec<u8> },
+    Stdin {
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
     /// After Exec: the client's input ended.
     CloseStdin,
     /// After Exec: a signal for the process's group (SIGINT, SIGTERM, …).
@@ -71,6 +74,7 @@ pub enum ExecEvent {
     },
     Output {
         stream: Stream,
+        #[serde(with = "crate::bytes")]
         data: Vec<u8>,
     },
     /// The last event of an exec. Exit codes follow `airlock run`: 126/127

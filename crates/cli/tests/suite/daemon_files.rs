@@ -336,3 +336,67 @@ fn daemon_files_of_another_users_sandbox_are_not_found() {
     let (status, body) = d.curl_as(None, "DELETE", "/v1/sandboxes/roots");
     assert_eq!(status, 200, "{body}");
 }
+
+/// `PUT …/files` streams: a file larger than any in-memory limit arrives
+/// whole, an existing file keeps its mode, and an upload that breaks off
+/// leaves the old file as it was and no temporary file behind.
+#[test]
+fn daemon_files_write_streams_and_replaces_atomically() {
+    use std::io::{Read, Write};
+    let d = TestDaemon::start("files-big");
+    let (status, created) = d.json("POST", "/v1/sandboxes", Some(json!({ "name": "big" })));
+    assert_eq!(status, 201, "{created}");
+
+    // 96 MiB: more than the daemon ever held in memory for a write before.
+    let upload = d.env.dir.path().join("big.bin");
+    let mut file = std::fs::File::create(&upload).unwrap();
+    let block: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+    for _ in 0..96 {
+        file.write_all(&block).unwrap();
+    }
+    drop(file);
+    let (status, body) = curl(&d, "PUT", "/v1/sandboxes/big/files?path=/tmp/big.bin", Some(&upload));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(as_json(&body)["size"], 96 << 20);
+    let sum = |argv: &[&str]| String::from_utf8(exec_stdout(&d, "big", argv)).unwrap();
+    let host_sum = Command::new("sha256sum").arg(&upload).output().unwrap();
+    let host_sum = String::from_utf8_lossy(&host_sum.stdout).split_whitespace().next().unwrap().to_owned();
+    assert!(sum(&["sha256sum", "/tmp/big.bin"]).starts_with(&host_sum));
+
+    // An executable keeps its mode when it is replaced.
+    exec_stdout(&d, "big", &["sh", "-c", "printf old > /tmp/tool; chmod 755 /tmp/tool"]);
+    let small = d.env.dir.path().join("new.txt");
+    std::fs::write(&small, b"new").unwrap();
+    let (status, _) = curl(&d, "PUT", "/v1/sandboxes/big/files?path=/tmp/tool", Some(&small));
+    assert_eq!(status, 200);
+    assert_eq!(sum(&["sh", "-c", "stat -c %a /tmp/tool; cat /tmp/tool"]), "755\nnew");
+
+    // A body that breaks off halfway: the old content stays.
+    let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    write!(
+        conn,
+        "PUT /v1/sandboxes/big/files?path=/tmp/tool HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\npartial"
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    assert!(
+        wait_until(10, || sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp | grep -c airlock-upload"])
+            == "new0\n"),
+        "{}",
+        sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp"])
+    );
+    // Oversized by its declared length: refused before anything is written.
+    let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    write!(
+        conn,
+        "PUT /v1/sandboxes/big/files?path=/tmp/tool HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\nxx"
+    )
+    .unwrap();
+    let mut answer = [0u8; 12];
+    conn.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp | grep -c airlock-upload"]), "new0\n");
+}

@@ -51,7 +51,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{DurationArg, check_env};
 use crate::app::App;
 use crate::auth::Peer;
-use crate::body::{ChannelBody, base64};
+use crate::body::{ChannelBody, ChannelReader, base64};
 use crate::db::ExecEnd;
 use crate::error::ApiError;
 use crate::extract::{BODY_LIMIT, JsonBody, QueryPairs, SandboxName};
@@ -295,31 +295,6 @@ enum BodyBroke {
     Malformed(String),
 }
 
-/// The process's stdin: what the client sends, until it closes it.
-struct ChannelReader {
-    rx: mpsc::Receiver<Vec<u8>>,
-    chunk: Vec<u8>,
-    at: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.at >= self.chunk.len() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => {
-                    self.chunk = chunk;
-                    self.at = 0;
-                }
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.at);
-        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-}
-
 async fn exec_raw(app: Arc<App>, peer: Peer, name: String, request: Request) -> Result<Response, ApiError> {
     let mut incoming = Incoming { body: request.into_body(), buf: Vec::new(), ended: false };
     let line = incoming.request_line().await?;
@@ -347,7 +322,7 @@ async fn exec_raw(app: Arc<App>, peer: Peer, name: String, request: Request) -> 
     tokio::spawn(cancel_on_hangup(gone, control_rx.clone(), hangup_done_rx, cancelled.clone()));
     let worker = app.clone();
     tokio::task::spawn_blocking(move || {
-        let input = ChannelReader { rx: stdin_rx, chunk: Vec::new(), at: 0 };
+        let input = ChannelReader::new(stdin_rx);
         let mut out = Output { tx: &tx, gone: false, raw: true, cancelled };
         run(
             &worker,

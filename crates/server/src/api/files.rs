@@ -38,13 +38,16 @@ use tokio::sync::mpsc;
 
 use crate::app::App;
 use crate::auth::Peer;
-use crate::body::{ChannelBody, base64};
+use crate::body::{ChannelBody, ChannelReader, base64};
 use crate::error::ApiError;
 use crate::extract::{QueryPairs, SandboxName};
 use crate::sandbox::{self, ApiState};
 
-/// Largest body `PUT .../files` accepts.
-pub const FILE_LIMIT: usize = 64 << 20;
+/// Largest body `PUT .../files` accepts. It is streamed into the sandbox,
+/// never held in memory; the sandbox's own disk limit usually ends it first.
+pub const FILE_LIMIT: u64 = 4 << 30;
+/// How long a write may take, the upload included.
+const WRITE_TIMEOUT_SECS: u64 = 3600;
 /// Largest listing (the raw `find` output) `files/list` reads.
 const LIST_LIMIT: usize = 16 << 20;
 /// How much of a failed process's stderr an error message quotes.
@@ -60,12 +63,26 @@ const READ_SCRIPT: &str = r#"if [ ! -e "$1" ]; then exit 3; fi
 if [ ! -f "$1" ]; then echo "$1: not a regular file" >&2; exit 4; fi
 exec cat -- "$1""#;
 
-/// Writes stdin to a file whose directory exists; an existing target must
-/// be a regular file.
+/// Writes stdin to a new temporary file beside the target (whose directory
+/// must exist; an existing target must be a regular file) and prints its
+/// name first: the daemon renames it into place only once the whole body
+/// arrived, so a write that breaks off leaves the old file as it was.
 const WRITE_SCRIPT: &str = r#"d=$(dirname -- "$1")
 if [ ! -d "$d" ]; then exit 3; fi
 if [ -e "$1" ] && [ ! -f "$1" ]; then echo "$1: exists and is not a regular file" >&2; exit 4; fi
-exec cat > "$1""#;
+t=$(mktemp -- "$d/.airlock-upload.XXXXXXXXXX") || exit 5
+printf '%s\n' "$t"
+exec cat > "$t""#;
+
+/// Puts a finished upload in place: the old file's mode, or a new file's
+/// usual one (mktemp made it private). `$2` must be one of ours.
+const COMMIT_SCRIPT: &str = r#"case "$2" in "$(dirname -- "$1")"/.airlock-upload.*) ;; *) exit 4;; esac
+if [ -f "$1" ]; then chmod --reference="$1" -- "$2"; else chmod a+r -- "$2"; fi
+exec mv -f -- "$2" "$1""#;
+
+/// Removes an upload that did not finish.
+const ABORT_SCRIPT: &str = r#"case "$2" in "$(dirname -- "$1")"/.airlock-upload.*) ;; *) exit 4;; esac
+exec rm -f -- "$2""#;
 
 /// Lists a directory (a symlink to one is followed: `-H`).
 const LIST_SCRIPT: &str = r#"if [ ! -e "$1" ] && [ ! -L "$1" ]; then exit 3; fi
@@ -183,14 +200,13 @@ impl Finish {
 fn collect(
     client: &SupervisorClient,
     spec: &ExecSpec,
-    input: Option<Bytes>,
+    input: Option<Box<dyn Read + Send>>,
     limit: usize,
 ) -> (Vec<u8>, bool, Finish) {
     let mut out = Vec::new();
     let mut over = false;
     let mut finish = Finish::default();
     let control: OnceCell<ExecControl> = OnceCell::new();
-    let input = input.map(|b| Box::new(io::Cursor::new(b)) as Box<dyn Read + Send>);
     let result = client.exec_session(
         spec,
         input,
@@ -342,8 +358,10 @@ pub async fn read(
         .map_err(|e| ApiError::internal(format!("building the file response: {e}")))
 }
 
-/// Reads the whole request body, refusing more than `limit` bytes.
-async fn body_bytes(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Feeds the request body to a process's stdin, refusing more than `limit`
+/// bytes; answers how many bytes the whole body had. Stops early, without
+/// an error, when the process stops reading (its end says why).
+async fn pump_body(mut body: Body, stdin: mpsc::Sender<Vec<u8>>, limit: u64) -> Result<u64, ApiError> {
     use http_body::Body as _;
     let too_large = || {
         ApiError::new(
@@ -352,23 +370,26 @@ async fn body_bytes(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
             format!("the file is larger than {limit} bytes"),
         )
     };
-    if body.size_hint().lower() > limit as u64 {
+    if body.size_hint().lower() > limit {
         return Err(too_large());
     }
-    let mut out = Vec::new();
+    let mut total = 0u64;
     loop {
         let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         match frame {
-            None => return Ok(Bytes::from(out)),
+            None => return Ok(total),
             Some(Err(e)) => {
                 return Err(ApiError::bad_request("invalid_body", format!("reading the body: {e}")));
             }
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
-                    if out.len() + data.len() > limit {
+                    total += data.len() as u64;
+                    if total > limit {
                         return Err(too_large());
                     }
-                    out.extend_from_slice(&data);
+                    if stdin.send(data.to_vec()).await.is_err() {
+                        return Ok(total);
+                    }
                 }
             }
         }
@@ -378,10 +399,11 @@ async fn body_bytes(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
 #[derive(Debug, Serialize)]
 pub struct Written {
     pub path: String,
-    pub size: usize,
+    pub size: u64,
 }
 
-/// `PUT /v1/sandboxes/{name}/files?path=…`
+/// `PUT /v1/sandboxes/{name}/files?path=…`: streamed into a temporary
+/// file beside the target, renamed over it once complete.
 pub async fn write(
     State(app): State<Arc<App>>,
     peer: Peer,
@@ -391,15 +413,35 @@ pub async fn write(
 ) -> Result<Response, ApiError> {
     let path = query_path(&query)?;
     let (client, owner) = running(&app, peer, name.clone()).await?;
-    let bytes = body_bytes(body, FILE_LIMIT).await?;
-    let size = bytes.len();
+    let (stdin, stdin_rx) = mpsc::channel::<Vec<u8>>(8);
     let target = path.clone();
-    let finish = tokio::task::spawn_blocking(move || {
-        collect(&client, &spec(WRITE_SCRIPT, &[&target], Some(600)), Some(bytes), 4096).2
-    })
-    .await?;
-    if !finish.ok() {
-        return Err(finish.error("write", &path));
+    let upload = tokio::task::spawn_blocking(move || {
+        let input: Box<dyn Read + Send> = Box::new(ChannelReader::new(stdin_rx));
+        let (out, _, finish) =
+            collect(&client, &spec(WRITE_SCRIPT, &[&target], Some(WRITE_TIMEOUT_SECS)), Some(input), 4096);
+        (client, out, finish)
+    });
+    let (received, uploaded) = tokio::join!(pump_body(body, stdin, FILE_LIMIT), upload);
+    let (client, out, finish) = uploaded?;
+    let temp = String::from_utf8_lossy(&out).lines().next().unwrap_or_default().to_owned();
+    let settle = |script: &'static str| {
+        let (target, temp) = (path.clone(), temp.clone());
+        tokio::task::spawn_blocking(move || {
+            collect(&client, &spec(script, &[&target, &temp], Some(60)), None, 4096).2
+        })
+    };
+    let size = match received {
+        Ok(size) if finish.ok() => size,
+        failed => {
+            if !temp.is_empty() {
+                let _ = settle(ABORT_SCRIPT).await;
+            }
+            return Err(failed.err().unwrap_or_else(|| finish.error("write", &path)));
+        }
+    };
+    let committed = settle(COMMIT_SCRIPT).await?;
+    if !committed.ok() {
+        return Err(committed.error("write", &path));
     }
     app.record_event(
         Some(&name),
