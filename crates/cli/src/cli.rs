@@ -554,6 +554,17 @@ impl<'a> Copy<'a> {
     }
 }
 
+/// Writes stdin beside `$1` and renames it into place only when all `$2`
+/// bytes arrived, so a copy that breaks off leaves the old file as it was;
+/// a replaced file keeps its mode.
+const COPY_IN_SCRIPT: &str = r#"d=$(dirname -- "$1")
+if [ ! -d "$d" ]; then echo "$d: no such directory in the sandbox" >&2; exit 1; fi
+if [ -e "$1" ] && [ ! -f "$1" ]; then echo "$1: exists and is not a regular file" >&2; exit 1; fi
+t=$(mktemp -- "$d/.airlock-upload.XXXXXXXXXX") || exit 1
+if ! cat > "$t" || [ "$(wc -c < "$t")" != "$2" ]; then rm -f -- "$t"; echo "the copy broke off" >&2; exit 1; fi
+if [ -f "$1" ]; then chmod --reference="$1" -- "$t"; else chmod a+r -- "$t"; fi
+exec mv -f -- "$t" "$1""#;
+
 /// Files only: the copy runs `cat` inside the sandbox, so the path is
 /// resolved in the sandbox's view and can reach nothing else. Directories
 /// coming out of a sandbox would be untrusted archives; use diff/apply.
@@ -582,8 +593,9 @@ fn cp(copy: Copy<'_>) -> CliResult {
     match copy {
         Copy::In { file, name, path } => {
             let input = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let size = input.metadata()?.len().to_string();
             let spec = airlock_proto::supervisor::ExecSpec {
-                argv: vec!["sh".into(), "-c".into(), "cat > \"$1\"".into(), "sh".into(), path],
+                argv: vec!["sh".into(), "-c".into(), COPY_IN_SCRIPT.into(), "sh".into(), path, size],
                 transfer: true,
                 ..Default::default()
             };

@@ -166,6 +166,29 @@ fn stdin_reaches_an_exec_and_cp_copies_both_ways() {
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let o = exec(&env, "io", "cat /tmp/fixture.json; echo made > /tmp/back.txt");
     assert_eq!(stdout(&o), "{\"a\": 1}\n", "{}", show(&o));
+    // Replacing a file keeps its mode; into a missing directory is an error.
+    exec(&env, "io", "chmod 751 /tmp/fixture.json");
+    let o = env.airlock(["cp"]).arg(&fixture).arg("io:/tmp/fixture.json").output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = exec(&env, "io", "stat -c %a /tmp/fixture.json; ls -a /tmp | grep -c airlock-upload");
+    assert_eq!(stdout(&o), "751\n0\n", "{}", show(&o));
+    let o = env.airlock(["cp"]).arg(&fixture).arg("io:/nowhere/x").output().unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("/nowhere"), "{}", show(&o));
+    // Input that is not the size the file had (a FIFO says 0 and then
+    // delivers more) is refused, and the old file stays.
+    let fifo = env.dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let feeder = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::write(fifo, b"unexpected"))
+    };
+    let o = env.airlock(["cp"]).arg(&fifo).arg("io:/tmp/fixture.json").output().unwrap();
+    let _ = feeder.join();
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("broke off"), "{}", show(&o));
+    let o = exec(&env, "io", "cat /tmp/fixture.json; ls -a /tmp | grep -c airlock-upload");
+    assert_eq!(stdout(&o), "{\"a\": 1}\n0\n", "{}", show(&o));
     let back = env.dir.path().join("back.txt");
     let o = env.airlock(["cp", "io:/tmp/back.txt"]).arg(&back).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
@@ -175,10 +198,10 @@ fn stdin_reaches_an_exec_and_cp_copies_both_ways() {
     let o = env.airlock(["cp", "io:/tmp/nope"]).arg(&missing).output().unwrap();
     assert_ne!(o.status.code(), Some(0));
     assert!(!missing.exists());
-    // The copied file is not the sandbox's output: the logs have the exec's
-    // `cat` once, and nothing of the copy out.
+    // The copied file is not the sandbox's output: the logs have the two
+    // execs' `cat`, and nothing of the copy out.
     let log = std::fs::read_to_string(env.sandbox_dir("io").join("logs/stdout.log")).unwrap();
-    assert_eq!(log.matches("{\"a\": 1}").count(), 1, "{log}");
+    assert_eq!(log.matches("{\"a\": 1}").count(), 2, "{log}");
     assert!(!log.contains("made"), "{log}");
     let _ = env.airlock(["rm", "io"]).output();
 }
