@@ -1,136 +1,19 @@
 //! `airlock daemon`: the API over its Unix socket, driven with curl (the
 //! way a person or script would) and with raw sockets for the abuse tests.
-//! Each test starts its own daemon on a socket in its own directory.
+//! Each test starts its own daemon (`daemon_harness`) on a socket in its
+//! own directory.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::daemon_harness::TestDaemon;
 use super::support::*;
 
 const TEST_USER: &str = "airlock-test";
-
-struct Daemon {
-    env: Env,
-    socket: PathBuf,
-    child: Option<Child>,
-    extra: Vec<String>,
-}
-
-impl Daemon {
-    fn start(extra: &[&str]) -> Daemon {
-        let env = Env::new();
-        let socket = env.dir.path().join("run/airlock.sock");
-        let mut d = Daemon { env, socket, child: None, extra: extra.iter().map(|s| s.to_string()).collect() };
-        d.spawn();
-        d
-    }
-
-    fn spawn(&mut self) {
-        let mut args = vec!["daemon".to_string(), "--socket".into(), self.socket.display().to_string()];
-        args.extend(self.extra.iter().cloned());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.env.dir.path().join("daemon.log"))
-            .unwrap();
-        let child = self.env.airlock(&args).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        self.child = Some(child);
-        let up = wait_until(20, || self.request("GET", "/v1/health", None).0 == 200);
-        assert!(up, "the daemon did not come up on {}", self.socket.display());
-    }
-
-    /// SIGKILLs the daemon (sandboxes must survive it).
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-
-    fn curl_args(&self, method: &str, path: &str, body: Option<&str>) -> Vec<String> {
-        let mut args: Vec<String> = vec![
-            "-sS".into(),
-            "-m".into(),
-            "60".into(),
-            "--unix-socket".into(),
-            self.socket.display().to_string(),
-            "-X".into(),
-            method.into(),
-            "-w".into(),
-            "\n%{http_code}".into(),
-        ];
-        if let Some(body) = body {
-            args.extend([
-                "-H".into(),
-                "content-type: application/json".into(),
-                "--data-binary".into(),
-                body.into(),
-            ]);
-        }
-        args.push(format!("http://airlock{path}"));
-        args
-    }
-
-    /// (status, body) of one request made with curl as the test's user.
-    fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let out = Command::new("curl").args(self.curl_args(method, path, body)).output().unwrap();
-        split_status(&String::from_utf8_lossy(&out.stdout))
-    }
-
-    /// The same as another user, through setpriv.
-    fn request_as(&self, user: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let out = Command::new("setpriv")
-            .args(["--reuid", user, "--regid", user, "--init-groups", "--", "curl"])
-            .args(self.curl_args(method, path, body))
-            .output()
-            .unwrap();
-        split_status(&String::from_utf8_lossy(&out.stdout))
-    }
-
-    fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let body = body.map(|b| b.to_string());
-        let (status, text) = self.request(method, path, body.as_deref());
-        let value =
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
-        (status, value)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-                rustix::process::Signal::TERM,
-            );
-            let _ = child.wait();
-        }
-        // Sandboxes outlive the daemon by design: remove what the test left.
-        if let Ok(entries) = std::fs::read_dir(&self.env.state) {
-            let names: Vec<String> = entries
-                .flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect();
-            if !names.is_empty() {
-                let mut args = vec!["rm".to_string()];
-                args.extend(names);
-                let _ = self.env.airlock(&args).output();
-            }
-        }
-    }
-}
-
-fn split_status(out: &str) -> (u16, String) {
-    let (body, code) = out.rsplit_once('\n').unwrap_or(("", out));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
 
 fn assert_error(status: u16, body: &str, want_status: u16, want_code: &str) {
     assert_eq!(status, want_status, "{body}");
@@ -145,7 +28,7 @@ fn exec_lines(body: &str) -> Vec<Value> {
     body.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-fn event_kinds(d: &Daemon, query: &str) -> Vec<String> {
+fn event_kinds(d: &TestDaemon, query: &str) -> Vec<String> {
     let (status, text) = d.request("GET", &format!("/v1/events{query}"), None);
     assert_eq!(status, 200, "{text}");
     text.lines().filter_map(|l| l.strip_prefix("event: ")).map(str::to_string).collect()
@@ -153,7 +36,7 @@ fn event_kinds(d: &Daemon, query: &str) -> Vec<String> {
 
 #[test]
 fn daemon_round_trip_create_list_inspect_exec_stop_delete() {
-    let d = Daemon::start(&[]);
+    let d = TestDaemon::start_args("api-1", &[]);
     let (status, health) = d.json("GET", "/v1/health", None);
     assert_eq!(status, 200);
     assert_eq!(health["status"], "ok");
@@ -232,7 +115,7 @@ fn daemon_round_trip_create_list_inspect_exec_stop_delete() {
 
 #[test]
 fn daemon_answers_bad_input_with_json_4xx() {
-    let d = Daemon::start(&[]);
+    let d = TestDaemon::start_args("api-2", &[]);
     let (s, b) = d.request("POST", "/v1/sandboxes", Some("{garbage"));
     assert_error(s, &b, 400, "invalid_json");
     let (s, b) = d.request("POST", "/v1/sandboxes", Some(r#"{"name":"x","colour":"red"}"#));
@@ -305,7 +188,7 @@ fn daemon_users_see_only_their_own_sandboxes() {
     }
     // The group makes the socket reachable by the test user; tenancy is
     // what must keep them out of root's sandboxes.
-    let d = Daemon::start(&["--group", TEST_USER]);
+    let d = TestDaemon::start_args("api-3", &["--group", TEST_USER]);
     let (status, created) = d.json("POST", "/v1/sandboxes", Some(json!({ "name": "roots" })));
     assert_eq!(status, 201, "{created}");
     let (status, mine) = d.json("GET", "/v1/sandboxes", None);
@@ -346,13 +229,12 @@ fn daemon_users_see_only_their_own_sandboxes() {
 
 #[test]
 fn daemon_restart_keeps_sandboxes_and_a_dead_supervisor_is_collected() {
-    let mut d = Daemon::start(&[]);
+    let mut d = TestDaemon::start_args("api-4", &[]);
     for name in ["keep", "lose"] {
         let (status, created) = d.json("POST", "/v1/sandboxes", Some(json!({ "name": name })));
         assert_eq!(status, 201, "{created}");
     }
-    d.kill();
-    d.spawn();
+    d.restart();
     let (status, body) = d.request("POST", "/v1/sandboxes/keep/exec", Some(r#"{"argv":["echo","still"]}"#));
     assert_eq!(status, 200, "{body}");
     assert_eq!(exec_lines(&body).last().unwrap()["code"], 0, "{body}");
@@ -375,7 +257,7 @@ fn daemon_restart_keeps_sandboxes_and_a_dead_supervisor_is_collected() {
 
 #[test]
 fn daemon_serves_the_committed_openapi_document() {
-    let d = Daemon::start(&[]);
+    let d = TestDaemon::start_args("api-5", &[]);
     let (status, served) = d.request("GET", "/v1/openapi.json", None);
     assert_eq!(status, 200);
     let committed =

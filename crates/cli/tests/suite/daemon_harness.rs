@@ -24,6 +24,7 @@ pub(super) struct TestDaemon {
     pub env: Env,
     pub socket: PathBuf,
     pub cgroup_parent: String,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -32,21 +33,60 @@ impl TestDaemon {
         TestDaemon::start_with(tag, |_| {})
     }
 
+    /// [`TestDaemon::start`] with more `airlock daemon` flags, kept for
+    /// [`TestDaemon::restart`].
+    pub fn start_args(tag: &str, extra: &[&str]) -> TestDaemon {
+        let mut d = TestDaemon::new(tag, extra);
+        d.spawn(|_| {});
+        d
+    }
+
     /// [`TestDaemon::start`], with `configure` applied to the daemon's
     /// command before it is spawned.
     pub fn start_with(tag: &str, configure: impl FnOnce(&mut Command)) -> TestDaemon {
+        let mut d = TestDaemon::new(tag, &[]);
+        d.spawn(configure);
+        d
+    }
+
+    fn new(tag: &str, extra: &[&str]) -> TestDaemon {
         let env = Env::new();
         let socket = env.dir.path().join("run/airlock.sock");
         let cgroup_parent = format!("{}-{tag}", cgroup_parent());
-        let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
-        let mut cmd = env.airlock(["daemon", "--socket", &socket.display().to_string()]);
-        cmd.env("AIRLOCK_CGROUP_PARENT", &cgroup_parent).stdout(Stdio::null()).stderr(log);
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        TestDaemon { env, socket, cgroup_parent, extra, child: None }
+    }
+
+    fn spawn(&mut self, configure: impl FnOnce(&mut Command)) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.env.dir.path().join("daemon.log"))
+            .unwrap();
+        let mut cmd = self.env.airlock(["daemon", "--socket", &self.socket.display().to_string()]);
+        cmd.args(&self.extra)
+            .env("AIRLOCK_CGROUP_PARENT", &self.cgroup_parent)
+            .stdout(Stdio::null())
+            .stderr(log);
         configure(&mut cmd);
-        let child = cmd.spawn().unwrap();
-        let d = TestDaemon { env, socket, cgroup_parent, child: Some(child) };
-        let up = wait_until(20, || d.request("GET", "/v1/health", None).0 == 200);
-        assert!(up, "the daemon did not come up on {}:\n{}", d.socket.display(), d.log());
-        d
+        self.child = Some(cmd.spawn().unwrap());
+        let up = wait_until(20, || self.request("GET", "/v1/health", None).0 == 200);
+        assert!(up, "the daemon did not come up on {}:\n{}", self.socket.display(), self.log());
+    }
+
+    /// SIGKILLs the daemon (its sandboxes must survive it).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts the daemon again, on the same socket and state, with the same
+    /// flags.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn(|_| {});
     }
 
     pub fn pid(&self) -> Option<i32> {
@@ -60,7 +100,17 @@ impl TestDaemon {
     /// (status, body) of one request made with curl; status 0 when curl
     /// got no answer at all.
     pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let mut cmd = Command::new("curl");
+        self.curl(Command::new("curl"), method, path, body)
+    }
+
+    /// [`TestDaemon::request`] as another user, through setpriv.
+    pub fn request_as(&self, user: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut setpriv = Command::new("setpriv");
+        setpriv.args(["--reuid", user, "--regid", user, "--init-groups", "--", "curl"]);
+        self.curl(setpriv, method, path, body)
+    }
+
+    fn curl(&self, mut cmd: Command, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
         cmd.args(["-sS", "-m", "120", "-X", method, "-w", "\n%{http_code}", "--unix-socket"])
             .arg(&self.socket);
         if let Some(body) = body {
