@@ -36,7 +36,13 @@ impl TestDaemon {
     /// [`TestDaemon::start`] with more `airlock daemon` flags, kept for
     /// [`TestDaemon::restart`].
     pub fn start_args(tag: &str, extra: &[&str]) -> TestDaemon {
-        let mut d = TestDaemon::new(tag, extra);
+        TestDaemon::start_prepared(tag, |_| extra.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// [`TestDaemon::start_args`] with flags that name files the test puts
+    /// in the daemon's directory first (`prepare` gets the [`Env`]).
+    pub fn start_prepared(tag: &str, prepare: impl FnOnce(&Env) -> Vec<String>) -> TestDaemon {
+        let mut d = TestDaemon::new(tag, prepare);
         d.spawn(|_| {});
         d
     }
@@ -44,16 +50,16 @@ impl TestDaemon {
     /// [`TestDaemon::start`], with `configure` applied to the daemon's
     /// command before it is spawned.
     pub fn start_with(tag: &str, configure: impl FnOnce(&mut Command)) -> TestDaemon {
-        let mut d = TestDaemon::new(tag, &[]);
+        let mut d = TestDaemon::new(tag, |_| Vec::new());
         d.spawn(configure);
         d
     }
 
-    fn new(tag: &str, extra: &[&str]) -> TestDaemon {
+    fn new(tag: &str, prepare: impl FnOnce(&Env) -> Vec<String>) -> TestDaemon {
         let env = Env::new();
         let socket = env.dir.path().join("run/airlock.sock");
         let cgroup_parent = format!("{}-{tag}", cgroup_parent());
-        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let extra = prepare(&env);
         TestDaemon { env, socket, cgroup_parent, extra, child: None }
     }
 

@@ -4,20 +4,28 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
+use super::daemon_harness::TestDaemon;
 use super::support::*;
 
 const TEST_USER: &str = "airlock-test";
 
+/// A [`TestDaemon`] that also listens on TLS, with tokens for tenants.
 struct TcpDaemon {
-    env: Env,
-    socket: PathBuf,
+    daemon: TestDaemon,
     port: u16,
     cert: PathBuf,
-    child: Option<Child>,
+}
+
+impl std::ops::Deref for TcpDaemon {
+    type Target = TestDaemon;
+
+    fn deref(&self) -> &TestDaemon {
+        &self.daemon
+    }
 }
 
 /// What one curl request saw: status (0 when the request failed outright),
@@ -32,49 +40,34 @@ impl TcpDaemon {
     /// Starts a daemon with a Unix socket and a TLS listener whose tokens
     /// file maps each `(uid, token)`.
     fn start(tenants: &[(u32, &str)]) -> TcpDaemon {
-        let env = Env::new();
-        let (cert, key) = write_cert(env.dir.path());
-        let tokens = write_tokens(env.dir.path(), tenants);
         let port = free_port();
-        let socket = env.dir.path().join("run/airlock.sock");
-        let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
-        let listen = format!("127.0.0.1:{port}");
-        let child = env
-            .airlock([
-                "daemon".as_ref(),
-                "--socket".as_ref(),
-                socket.as_os_str(),
-                "--listen".as_ref(),
-                listen.as_ref(),
-                "--tls-cert".as_ref(),
-                cert.as_os_str(),
-                "--tls-key".as_ref(),
-                key.as_os_str(),
-                "--tokens".as_ref(),
-                tokens.as_os_str(),
-            ] as [&std::ffi::OsStr; 11])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = TcpDaemon { env, socket, port, cert, child: Some(child) };
+        let mut cert = PathBuf::new();
+        let daemon = TestDaemon::start_prepared(&format!("tcp-{port}"), |env| {
+            let (cert_path, key) = write_cert(env.dir.path());
+            let tokens = write_tokens(env.dir.path(), tenants);
+            cert = cert_path.clone();
+            let path = |p: &Path| p.display().to_string();
+            vec![
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--tls-cert".into(),
+                path(&cert_path),
+                "--tls-key".into(),
+                path(&key),
+                "--tokens".into(),
+                path(&tokens),
+            ]
+        });
+        let d = TcpDaemon { daemon, port, cert };
         let up = wait_until(20, || d.request(Some(tenants[0].1), "GET", "/v1/health", None).status == 200);
-        assert!(up, "the daemon did not come up on port {port}: {}", d.log());
+        assert!(up, "the TLS listener did not come up on port {port}: {}", d.log());
         d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.env.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
     /// Sends the daemon SIGHUP (re-read the tokens file).
     fn hangup(&self) {
-        let pid = self.child.as_ref().map(|c| c.id() as i32).unwrap();
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(pid).unwrap(),
-            rustix::process::Signal::HUP,
-        )
-        .unwrap();
+        let pid = self.pid().and_then(rustix::process::Pid::from_raw).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
     }
 
     fn request(&self, token: Option<&str>, method: &str, path: &str, body: Option<&str>) -> Answer {
@@ -112,32 +105,6 @@ impl TcpDaemon {
         let value = serde_json::from_str(&answer.body)
             .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {}", answer.body));
         (answer.status, value)
-    }
-}
-
-impl Drop for TcpDaemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-                rustix::process::Signal::TERM,
-            );
-            let _ = child.wait();
-        }
-        // Sandboxes outlive the daemon by design: remove what the test left.
-        if let Ok(entries) = std::fs::read_dir(&self.env.state) {
-            let names: Vec<String> = entries
-                .flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect();
-            if !names.is_empty() {
-                let mut args = vec!["rm".to_string()];
-                args.extend(names);
-                let _ = self.env.airlock(&args).output();
-            }
-        }
     }
 }
 
