@@ -289,6 +289,9 @@ impl Policy {
 /// The fewest processes a sandbox may be limited to: its agent (PID 1 and
 /// its threads for the egress listeners) counts against the limit.
 pub const MIN_PIDS: u64 = 8;
+/// The most processes a limit may name: the kernel's own ceiling on pids
+/// (PID_MAX_LIMIT on 64-bit); `pids.max` refuses anything above it.
+pub const MAX_PIDS: u64 = 4_194_304;
 /// The most CPUs a limit may name; beyond it the kernel's quota arithmetic
 /// overflows.
 pub const MAX_CPUS: f64 = 1024.0;

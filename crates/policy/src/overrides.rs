@@ -80,6 +80,9 @@ pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError>
                 "must be at least 8 (the sandbox's own agent needs a few)",
             ));
         }
+        if pids > crate::MAX_PIDS {
+            return Err(invalid("--pids", pids.to_string(), "must be at most 4194304 (the kernel's limit)"));
+        }
         check_raise(base, "pids", "--pids", pids > limits.pids, limits.pids.to_string(), pids.to_string())?;
         p.limits.pids = pids;
     }

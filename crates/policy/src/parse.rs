@@ -168,10 +168,11 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
     if let Some(s) = top.section("limits", LIMITS_KEYS)? {
         layer.timeout = s.duration_positive("timeout")?;
         layer.memory = s.size_at_least("memory", 16 * MIB)?;
-        layer.pids = s.integer_at_least("pids", crate::MIN_PIDS)?;
+        layer.pids = s.integer_between("pids", crate::MIN_PIDS, crate::MAX_PIDS)?;
         layer.cpus = s.cpus("cpus")?;
         layer.disk = s.size_at_least("disk", MIB)?;
-        layer.nofile = s.integer_at_least("nofile", 16)?;
+        // The kernel refuses more than fs.nr_open (1048576 by default).
+        layer.nofile = s.integer_between("nofile", 16, 1 << 20)?;
         layer.allow_raise = s.boolean("allow_raise")?;
         layer.keys_set.extend(s.present());
     }
@@ -479,7 +480,7 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
             .map_err(|_| self.invalid(v.span(), key, format!("{int} must not be negative")))
     }
 
-    fn integer_at_least(&self, key: &str, min: u64) -> Result<Option<u64>, PolicyError> {
+    fn integer_between(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>, PolicyError> {
         let Some((_, v)) = self.entry(key) else {
             return Ok(None);
         };
@@ -488,6 +489,9 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
         };
         if n < min {
             return Err(self.invalid(v.span(), key, format!("{n} is too small: must be at least {min}")));
+        }
+        if n > max {
+            return Err(self.invalid(v.span(), key, format!("{n} is too large: must be at most {max}")));
         }
         Ok(Some(n))
     }

@@ -377,6 +377,8 @@ fn overrides_reject_out_of_range_values() {
         Overrides { timeout: Some(Duration::ZERO), ..Overrides::default() },
         Overrides { memory: Some(MIB), ..Overrides::default() },
         Overrides { pids: Some(0), ..Overrides::default() },
+        // Past what the kernel's pids.max takes (found by fuzzing the API).
+        Overrides { pids: Some(122_249_543_541), ..Overrides::default() },
         Overrides { cpus: Some(0.0), ..Overrides::default() },
         Overrides { cpus: Some(f64::NAN), ..Overrides::default() },
     ] {
@@ -661,4 +663,18 @@ fn network_and_secrets_survive_json_and_toml() {
     let back = Policy::load_file(&again).unwrap_or_else(|e| panic!("{e}\n{}", p.to_toml()));
     assert_eq!(back.network, p.network);
     assert_eq!(back.secrets, p.secrets);
+}
+
+#[test]
+fn limits_beyond_what_the_kernel_takes_are_refused_where_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = write(dir.path(), "pids.toml", "[limits]\npids = 5000000\n");
+    let err = Policy::load_file(&pids).unwrap_err();
+    assert_eq!(file_error(&err), (2, 8, "limits.pids".to_string()));
+    assert!(err.to_string().contains("at most 4194304"), "{err}");
+    let nofile = write(dir.path(), "nofile.toml", "[limits]\nnofile = 2000000\n");
+    let err = Policy::load_file(&nofile).unwrap_err();
+    assert!(err.to_string().contains("at most 1048576"), "{err}");
+    let ok = write(dir.path(), "ok.toml", "[limits]\npids = 4194304\nnofile = 1048576\n");
+    assert_eq!(Policy::load_file(&ok).unwrap().limits.pids, 4_194_304);
 }

@@ -34,6 +34,20 @@ impl http_body::Body for ChannelBody {
     }
 }
 
+/// A `200` whose body is `body`, streamed as it is produced, of
+/// `content_type`, never cached.
+pub fn streamed<B>(content_type: &'static str, body: B) -> axum::response::Response
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    let mut response = axum::response::Response::new(axum::body::Body::new(body));
+    let headers = response.headers_mut();
+    headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static(content_type));
+    headers.insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    response
+}
+
 /// A blocking writer into a [`ChannelBody`]'s channel, in chunks: lets code
 /// that renders into `io::Write` (a diff) stream its output. A write fails
 /// once the client hung up, which ends the rendering.

@@ -16,9 +16,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use tokio::sync::mpsc;
 
@@ -53,11 +53,7 @@ pub async fn events(
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(stream(app, peer.owner_filter(), sandbox, since, follow, tx));
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::new(ChannelBody::new(rx)))
-        .map_err(|e| ApiError::internal(format!("building the event stream: {e}")))
+    Ok(crate::body::streamed("text/event-stream", ChannelBody::new(rx)))
 }
 
 async fn stream(

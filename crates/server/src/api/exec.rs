@@ -43,7 +43,7 @@ use airlock_proto::supervisor::{ExecEvent, ExecSpec};
 use airlock_runtime::supervisor::{ExecControl, SupervisorClient};
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -183,11 +183,7 @@ pub async fn exec(
         );
         let _ = done_tx.send(());
     });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::new(ChannelBody::new(rx)))
-        .map_err(|e| ApiError::internal(format!("building the exec response: {e}")))
+    Ok(crate::body::streamed("application/x-ndjson", ChannelBody::new(rx)))
 }
 
 /// Checks the caller may exec in `name` and reaches its supervisor; also
@@ -354,11 +350,7 @@ async fn exec_raw(app: Arc<App>, peer: Peer, name: String, request: Request) -> 
             _ = done_rx => {}
         }
     });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/vnd.airlock.exec-stream")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::new(ChannelBody::new(rx)))
-        .map_err(|e| ApiError::internal(format!("building the exec response: {e}")))
+    Ok(crate::body::streamed("application/vnd.airlock.exec-stream", ChannelBody::new(rx)))
 }
 
 /// Hands the client's frames to the exec until the body ends (or a frame is

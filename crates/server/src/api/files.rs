@@ -30,7 +30,7 @@ use airlock_proto::supervisor::{ExecEvent, ExecSpec};
 use airlock_runtime::supervisor::{ExecControl, SupervisorClient};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use http_body::Frame;
 use serde::Serialize;
@@ -351,11 +351,7 @@ pub async fn read(
     };
     let done = first.is_none();
     app.record_event(Some(&name), Some(owner), "file_read", serde_json::json!({ "path": path }));
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::new(FileBody { first, rx, done }))
-        .map_err(|e| ApiError::internal(format!("building the file response: {e}")))
+    Ok(crate::body::streamed("application/octet-stream", FileBody { first, rx, done }))
 }
 
 /// Feeds the request body to a process's stdin, refusing more than `limit`
@@ -592,11 +588,7 @@ pub async fn artifacts(
             tracing::debug!(error = %e, "the artifacts stream ended early");
         }
     });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-tar")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::new(ChannelBody::new(rx)))
-        .map_err(|e| ApiError::internal(format!("building the artifacts response: {e}")))
+    Ok(crate::body::streamed("application/x-tar", ChannelBody::new(rx)))
 }
 
 const CHUNK: usize = 64 * 1024;

@@ -12,9 +12,9 @@ use airlock_runtime::ops;
 use airlock_runtime::supervisor::{self, CreateRequest, SupervisorClient};
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -466,11 +466,7 @@ pub async fn diff(
             tracing::debug!(error = %e, "rendering a diff stopped");
         }
     });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::new(ChannelBody::new(rx)))
-        .map_err(|e| ApiError::internal(format!("building the diff response: {e}")))
+    Ok(crate::body::streamed("text/plain; charset=utf-8", ChannelBody::new(rx)))
 }
 
 /// `GET /v1/sandboxes/{name}/logs?stream=stdout|stderr`: the sandbox's
@@ -524,11 +520,7 @@ pub async fn logs(
             }
         });
     }
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::new(ChannelBody::new(rx)))
-        .map_err(|e| ApiError::internal(format!("building the logs response: {e}")))
+    Ok(crate::body::streamed("application/octet-stream", ChannelBody::new(rx)))
 }
 
 /// `POST /v1/sandboxes/{name}/apply`.
