@@ -681,6 +681,14 @@ impl Server {
                     return;
                 }
             }
+            // The client is gone (clients never half-close: the end of input
+            // is CloseStdin), so no one is left to read the output or end the
+            // process: kill its group. Once the exec has ended, the agent no
+            // longer knows the id and ignores this.
+            let kill = HostMessage::Signal { id, signal: libc::SIGKILL };
+            if let Ok(mut a) = agent.lock() {
+                let _ = airlock_proto::send(&mut *a, &kill);
+            }
         });
     }
 

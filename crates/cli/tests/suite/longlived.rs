@@ -287,3 +287,25 @@ fn exec_as_another_user_of_the_sandbox() {
     assert_eq!(caps.lines().count(), 10, "{}", show(&o));
     assert_eq!(env.airlock(["rm", "users"]).output().unwrap().status.code(), Some(0));
 }
+
+/// An exec whose client dies (here `airlock exec`, SIGKILLed) is killed:
+/// no one is left to read its output or end it.
+#[test]
+fn an_exec_dies_with_its_client() {
+    use std::io::BufRead;
+    let env = Env::new();
+    assert_eq!(create(&env, "orphan", &[]).status.code(), Some(0));
+    let mut child = env
+        .airlock(["exec", "orphan", "--", "sh", "-c", "echo $$; exec sleep 300"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let pid = line.trim().to_owned();
+    child.kill().unwrap();
+    let _ = child.wait();
+    let gone = wait_until(10, || exec(&env, "orphan", &format!("kill -0 {pid}")).status.code() == Some(1));
+    assert!(gone, "process {pid} still runs after its client died");
+    let _ = env.airlock(["rm", "orphan"]).output();
+}
