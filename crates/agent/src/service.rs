@@ -122,11 +122,7 @@ fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, launch
             HostMessage::Signal { id, signal } => {
                 let pid = table.lock().ok().and_then(|t| t.iter().find(|(_, r)| r.id == id).map(|(p, _)| *p));
                 if let Some(pid) = pid {
-                    // SAFETY: kill has no memory-safety requirements.
-                    if unsafe { libc::kill(-pid, signal) } != 0 {
-                        // SAFETY: as above.
-                        unsafe { libc::kill(pid, signal) };
-                    }
+                    crate::signals::signal_group(pid, signal);
                 }
             }
             HostMessage::Resize { id, rows, cols } => {

@@ -55,13 +55,18 @@ impl Waiter {
             if sig < 0 || sig == libc::SIGCHLD {
                 continue;
             }
-            // To the whole group first; the command may have left it.
-            // SAFETY: kill has no memory-safety requirements.
-            if unsafe { libc::kill(-pid, sig) } != 0 {
-                // SAFETY: as above.
-                unsafe { libc::kill(pid, sig) };
-            }
+            signal_group(pid, sig);
         }
+    }
+}
+
+/// Sends `sig` to the process group led by `pid` (a command started in its
+/// own session), or to the process alone if it has left its group.
+pub(crate) fn signal_group(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill takes plain integers; it has no memory-safety requirements.
+    if unsafe { libc::kill(-pid, sig) } != 0 {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, sig) };
     }
 }
 
