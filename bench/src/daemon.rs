@@ -371,7 +371,7 @@ impl Daemon {
         let mut c = Command::new(&self.airlock);
         c.env("AIRLOCK_STATE_DIR", &self.state)
             .env_remove("AIRLOCK_SOCKET")
-            .args(["exec", name, "--", "true"]);
+            .args(["--direct", "exec", name, "--", "true"]);
         c
     }
 }
