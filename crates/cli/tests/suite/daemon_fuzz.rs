@@ -156,7 +156,8 @@ fn daemon_survives_schemathesis_without_a_server_error() {
         .arg(&spec)
         .args(["--url", &forwarder.url()])
         .args(["--checks", "not_a_server_error"])
-        .args(["--max-examples", "30"])
+        // AIRLOCK_FUZZ_EXAMPLES digs deeper by hand (the suite keeps to 30).
+        .args(["--max-examples", &std::env::var("AIRLOCK_FUZZ_EXAMPLES").unwrap_or_else(|_| "30".into())])
         .args(["--workers", "2"])
         .args(["--request-timeout", "60"])
         .args(["--generation-database", "none"])
