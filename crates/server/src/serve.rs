@@ -278,7 +278,8 @@ async fn serve_connection(stream: UnixStream, router: axum::Router, app: Arc<App
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(64 * 1024);
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+    // Upgrades: the interactive exec's `Upgrade: airlock-exec-stream` form.
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).with_upgrades().await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }

@@ -1,7 +1,8 @@
-//! Interactive exec through the daemon's API (`?stream=raw`): stdin,
-//! terminals, resizes and signals, spoken by hand over the Unix socket —
-//! a chunked HTTP/1.1 request whose body carries the client's frames while
-//! the answer's body carries the process's.
+//! Interactive exec through the daemon's API: stdin, terminals, resizes and
+//! signals, spoken by hand over the Unix socket — either (`?stream=raw`) a
+//! chunked HTTP/1.1 request whose body carries the client's frames while
+//! the answer's body carries the process's, or (`Upgrade:
+//! airlock-exec-stream`) a `101` after which the connection carries them.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::daemon_harness::TestDaemon;
+use super::support::wait_until;
 
 /// One interactive exec on its own connection.
 struct Session {
@@ -17,6 +19,8 @@ struct Session {
     reader: BufReader<UnixStream>,
     /// The answer's body as read so far, not yet split into frames.
     body: Vec<u8>,
+    /// The connection was upgraded: frames travel bare, not in chunks.
+    upgraded: bool,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
 }
@@ -31,6 +35,7 @@ impl Session {
             writer: conn.try_clone().unwrap(),
             reader: BufReader::new(conn),
             body: Vec::new(),
+            upgraded: false,
             stdout: Vec::new(),
             stderr: Vec::new(),
         };
@@ -57,7 +62,45 @@ impl Session {
         s
     }
 
+    /// The `Upgrade` form: the JSON request as the body, then a `101`.
+    fn upgrade(d: &TestDaemon, name: &str, request: Value) -> Session {
+        let conn = UnixStream::connect(&d.socket).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut s = Session {
+            writer: conn.try_clone().unwrap(),
+            reader: BufReader::new(conn),
+            body: Vec::new(),
+            upgraded: true,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        };
+        let request = request.to_string();
+        let head = format!(
+            "POST /v1/sandboxes/{name}/exec HTTP/1.1\r\nHost: airlock\r\nConnection: Upgrade\r\n\
+             Upgrade: airlock-exec-stream\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}",
+            request.len()
+        );
+        s.writer.write_all(head.as_bytes()).unwrap();
+        let mut status = String::new();
+        s.reader.read_line(&mut status).unwrap();
+        let mut headers = String::new();
+        loop {
+            let mut line = String::new();
+            s.reader.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            headers.push_str(&line.to_ascii_lowercase());
+        }
+        assert!(status.starts_with("HTTP/1.1 101"), "{status}{headers}\n{}", d.log());
+        assert!(headers.contains("upgrade: airlock-exec-stream"), "{headers}");
+        s
+    }
+
     fn chunk(&mut self, data: &[u8]) {
+        if self.upgraded {
+            return self.writer.write_all(data).unwrap();
+        }
         let mut out = format!("{:x}\r\n", data.len()).into_bytes();
         out.extend_from_slice(data);
         out.extend_from_slice(b"\r\n");
@@ -100,6 +143,16 @@ impl Session {
                     self.body.drain(..5 + len);
                     return Some(frame);
                 }
+            }
+            if self.upgraded {
+                let mut data = vec![0u8; 64 * 1024];
+                let n = self.reader.read(&mut data).unwrap();
+                if n == 0 {
+                    assert!(self.body.is_empty(), "the stream ended inside a frame");
+                    return None;
+                }
+                self.body.extend_from_slice(&data[..n]);
+                continue;
             }
             // One chunk of the chunked answer.
             let mut size = String::new();
@@ -230,4 +283,55 @@ fn daemon_exec_takes_stdin_a_terminal_resizes_and_signals() {
 
     let (status, body) = d.request("DELETE", "/v1/sandboxes/att", None);
     assert!(status == 200 || status == 204, "{status} {body}");
+}
+
+#[test]
+fn daemon_exec_upgrades_the_connection_to_frames() {
+    let d = TestDaemon::start("upgrade");
+    create(&d, "upg");
+    // Stdin in, output and the exit status out, over the upgraded stream.
+    let mut s = Session::upgrade(&d, "upg", json!({ "argv": ["sh", "-c", "read x; echo got:$x; exit 3"] }));
+    s.stdin("hello\n");
+    s.send(6, b"");
+    let end = s.end();
+    assert_eq!(end["code"], 3, "{end}");
+    assert_eq!(s.out(), "got:hello\n");
+    // A terminal, resized while the process runs.
+    let mut s = Session::upgrade(
+        &d,
+        "upg",
+        json!({ "argv": ["sh", "-c", "stty size; read x; stty size"], "tty": { "rows": 30, "cols": 100 } }),
+    );
+    s.wait_for("30 100");
+    s.resize(50, 132);
+    s.stdin("\n");
+    s.wait_for("50 132");
+    assert_eq!(s.end()["code"], 0);
+    // A client that goes away takes its process with it.
+    let mut s = Session::upgrade(&d, "upg", json!({ "argv": ["sh", "-c", "echo $$; exec sleep 300"] }));
+    s.wait_for("\n");
+    let pid = s.out().trim().to_owned();
+    drop(s);
+    let alive = |pid: &str| {
+        let (status, body) = d.request(
+            "POST",
+            "/v1/sandboxes/upg/exec",
+            Some(&json!({ "argv": ["kill", "-0", pid] }).to_string()),
+        );
+        assert_eq!(status, 200, "{body}");
+        body.contains("\"code\":0")
+    };
+    assert!(wait_until(10, || !alive(&pid)), "process {pid} outlived its upgraded connection");
+    // Only this protocol is offered.
+    let (status, body) = d.request("GET", "/v1/health", None);
+    assert_eq!(status, 200, "{body}");
+    let mut conn = UnixStream::connect(&d.socket).unwrap();
+    conn.write_all(
+        b"POST /v1/sandboxes/upg/exec HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Content-Length: 15\r\n\r\n{\"argv\":[\"id\"]}",
+    )
+    .unwrap();
+    let mut answer = [0u8; 12];
+    conn.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 400");
 }

@@ -43,9 +43,10 @@ use airlock_proto::supervisor::{ExecEvent, ExecSpec};
 use airlock_runtime::supervisor::{ExecControl, SupervisorClient};
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::Response;
 use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{DurationArg, check_env};
@@ -59,6 +60,10 @@ use crate::sandbox::{self, ApiState};
 
 /// The terminal size of `tty: true`.
 const DEFAULT_TTY: (u16, u16) = (24, 80);
+/// The content type of the framed interactive answer.
+const STREAM_TYPE: &str = "application/vnd.airlock.exec-stream";
+/// What `Upgrade:` names to switch the connection to those frames.
+const UPGRADE_PROTOCOL: &str = "airlock-exec-stream";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +161,20 @@ pub async fn exec(
     query: QueryPairs,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let upgrade = request.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    match upgrade {
+        Some(protocol) if protocol.eq_ignore_ascii_case(UPGRADE_PROTOCOL) => {
+            query.only(&[])?;
+            return exec_upgraded(app, peer, name, request).await;
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_upgrade",
+                format!("Upgrade: {other} is not offered; exec upgrades only to {UPGRADE_PROTOCOL}"),
+            ));
+        }
+        None => {}
+    }
     if raw_mode(&query)? {
         return exec_raw(app, peer, name, request).await;
     }
@@ -298,7 +317,80 @@ async fn exec_raw(app: Arc<App>, peer: Peer, name: String, request: Request) -> 
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON request line: {e}")))?;
     let spec = exec_spec(body)?;
     let client = connect(&app, peer, &name).await?;
+    let output = start_session(app, client, spec, name, incoming, None);
+    Ok(crate::body::streamed(STREAM_TYPE, ChannelBody::new(output)))
+}
 
+/// The `Upgrade` form: the JSON request is the body, the answer is `101`,
+/// and the connection then carries the same frames both ways, for clients
+/// that cannot stream a request body while reading the answer.
+async fn exec_upgraded(
+    app: Arc<App>,
+    peer: Peer,
+    name: String,
+    mut request: Request,
+) -> Result<Response, ApiError> {
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let JsonBody(body) = JsonBody::<ExecBody>::from_request(request, &app).await?;
+    let spec = exec_spec(body)?;
+    let client = connect(&app, peer, &name).await?;
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return tracing::debug!(error = %e, "an exec upgrade did not happen"),
+        };
+        let (mut reader, mut writer) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+        let (chunks, chunks_rx) = mpsc::channel::<Bytes>(16);
+        let (gone_tx, gone_rx) = oneshot::channel::<()>();
+        // The connection's end is the client's: a clean end of input is a
+        // close-stdin frame, so end of stream means the client is gone.
+        let read = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = gone_tx.send(());
+                        return;
+                    }
+                    Ok(n) => {
+                        if chunks.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let incoming =
+            Incoming { body: Body::new(ChannelBody::new(chunks_rx)), buf: Vec::new(), ended: false };
+        let mut output = start_session(app, client, spec, name, incoming, Some(gone_rx));
+        while let Some(chunk) = output.recv().await {
+            if writer.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+        read.abort();
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, UPGRADE_PROTOCOL)
+        .body(Body::empty())
+        .map_err(|e| ApiError::internal(format!("building the upgrade answer: {e}")))
+}
+
+/// Runs an interactive exec fed by `incoming`'s frames and answers the
+/// channel its output frames arrive on. The exec is killed when the client
+/// is gone: its output cannot be delivered, its frames broke off, or
+/// `client_gone` fires.
+fn start_session(
+    app: Arc<App>,
+    client: (SupervisorClient, u32),
+    spec: ExecSpec,
+    name: String,
+    incoming: Incoming,
+    client_gone: Option<oneshot::Receiver<()>>,
+) -> mpsc::Receiver<Bytes> {
     let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(16);
     let (control_tx, control_rx) = watch::channel(None);
     let (tx, rx) = mpsc::channel::<Bytes>(64);
@@ -306,22 +398,33 @@ async fn exec_raw(app: Arc<App>, peer: Peer, name: String, request: Request) -> 
     let (hangup_done_tx, hangup_done_rx) = oneshot::channel::<()>();
     let (lost_tx, lost_rx) = oneshot::channel::<()>();
     let cancelled = Arc::new(AtomicBool::new(false));
-    // Gone is either: the response cannot be delivered, or the request body
-    // broke off (a silent process gives the response nothing to fail on).
+    // Gone is any of: the output cannot be delivered, the request body
+    // broke off (a silent process gives the output nothing to fail on), or
+    // the caller saw the connection end.
     let output = tx.clone();
     let gone = async move {
+        let told = async {
+            // A sender dropped unused means nothing: wait on.
+            let seen = match client_gone {
+                Some(rx) => rx.await.is_ok(),
+                None => false,
+            };
+            if !seen {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             _ = output.closed() => {}
             Ok(()) = lost_rx => {}
+            _ = told => {}
         }
     };
     tokio::spawn(cancel_on_hangup(gone, control_rx.clone(), hangup_done_rx, cancelled.clone()));
-    let worker = app.clone();
     tokio::task::spawn_blocking(move || {
         let input = ChannelReader::new(stdin_rx);
         let mut out = Output { tx: &tx, gone: false, raw: true, cancelled };
         run(
-            &worker,
+            &app,
             &client,
             &spec,
             &name,
@@ -350,7 +453,7 @@ async fn exec_raw(app: Arc<App>, peer: Peer, name: String, request: Request) -> 
             _ = done_rx => {}
         }
     });
-    Ok(crate::body::streamed("application/vnd.airlock.exec-stream", ChannelBody::new(rx)))
+    rx
 }
 
 /// Hands the client's frames to the exec until the body ends (or a frame is
