@@ -473,6 +473,7 @@ fn exec(args: ExecArgs) -> CliResult {
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
     let mut resizer = None;
+    let mut forwarder = None;
     client.exec_session(
         &spec,
         input,
@@ -489,13 +490,16 @@ fn exec(args: ExecArgs) -> CliResult {
         },
         &mut |control| {
             if terminal.is_some() {
+                let control = control.clone();
                 resizer =
                     crate::terminal::forward_resizes(move |rows, cols| control.resize(rows, cols).is_ok())
                         .ok();
             }
+            forwarder = crate::terminal::forward_signals(move |signal| control.signal(signal).is_ok()).ok();
         },
     )?;
     drop(resizer);
+    drop(forwarder);
     Ok(code)
 }
 

@@ -235,7 +235,8 @@ fn remote_exec(daemon: &Daemon, args: ExecArgs) -> CliResult {
             })
         })
         .transpose()?;
-    let _signals = forward_signals(input)?;
+    let _signals =
+        crate::terminal::forward_signals(move |signal| input.blocking_send(frames::signal(signal)).is_ok())?;
     // Raw mode only for a real interactive session; restored on drop.
     let _raw =
         (args.tty && args.interactive && io::stdin().is_terminal()).then(crate::terminal::RawMode::enter);
@@ -264,32 +265,6 @@ fn exec_end(name: &str, end: &Value) -> CliResult {
     }
     let number = |key: &str| end[key].as_i64().and_then(|n| i32::try_from(n).ok());
     Ok(exit_status(number("code"), number("signal"), end["timed_out"] == true))
-}
-
-/// Passes the signals a person or a job control system sends `airlock` on
-/// to the process in the sandbox, until dropped.
-fn forward_signals(input: tokio::sync::mpsc::Sender<Vec<u8>>) -> io::Result<SignalForwarder> {
-    use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])?;
-    let handle = signals.handle();
-    std::thread::spawn(move || {
-        for signal in signals.forever() {
-            if input.blocking_send(frames::signal(signal)).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(SignalForwarder { handle })
-}
-
-struct SignalForwarder {
-    handle: signal_hook::iterator::Handle,
-}
-
-impl Drop for SignalForwarder {
-    fn drop(&mut self) {
-        self.handle.close();
-    }
 }
 
 /// `airlock cp` through the files API, streamed both ways: into the sandbox

@@ -1,10 +1,11 @@
-//! The caller's terminal during `airlock exec -it`: raw mode while the
-//! session lasts, and its size changes sent to the sandbox's terminal.
+//! The caller's terminal and signals during `airlock exec`: raw mode while
+//! an interactive session lasts, its size changes sent to the sandbox's
+//! terminal, and the signals `airlock` gets passed on to the process.
 
 use std::io;
 
 use rustix::termios::{self, OptionalActions, Termios};
-use signal_hook::consts::signal::SIGWINCH;
+use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
 use signal_hook::iterator::Signals;
 
 /// (rows, columns) of the caller's terminal, if stdin is one and knows its
@@ -64,6 +65,32 @@ pub fn forward_resizes(mut resize: impl FnMut(u16, u16) -> bool + Send + 'static
 }
 
 impl Drop for Resizer {
+    fn drop(&mut self) {
+        self.handle.close();
+    }
+}
+
+/// Passes SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to `airlock` on with
+/// `send`, until dropped or until `send` answers false (the exec is over).
+pub fn forward_signals(mut send: impl FnMut(i32) -> bool + Send + 'static) -> io::Result<Forwarder> {
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])?;
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            if !send(signal) {
+                return;
+            }
+        }
+    });
+    Ok(Forwarder { handle })
+}
+
+/// Stops forwarding signals when dropped.
+pub struct Forwarder {
+    handle: signal_hook::iterator::Handle,
+}
+
+impl Drop for Forwarder {
     fn drop(&mut self) {
         self.handle.close();
     }

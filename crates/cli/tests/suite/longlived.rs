@@ -309,3 +309,31 @@ fn an_exec_dies_with_its_client() {
     assert!(gone, "process {pid} still runs after its client died");
     let _ = env.airlock(["rm", "orphan"]).output();
 }
+
+/// Without a daemon too, a signal sent to `airlock exec` reaches the
+/// process, which may handle it.
+#[test]
+fn signals_to_airlock_exec_reach_the_process() {
+    use std::io::BufRead;
+    let env = Env::new();
+    assert_eq!(create(&env, "sig", &[]).status.code(), Some(0));
+    let mut child = env
+        .airlock([
+            "exec",
+            "sig",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 7' TERM; echo ready; sleep 60 & wait",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "got-term");
+    assert_eq!(child.wait().unwrap().code(), Some(7));
+    let _ = env.airlock(["rm", "sig"]).output();
+}
