@@ -24,6 +24,17 @@ if [ "$(id -u)" = 0 ]; then
             apt-get update -qq
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
         fi
+        # The pure-cgroup-v2 test boots a Debian kernel in QEMU (software
+        # emulation) with a busybox initramfs: suite/cgroup_v2.rs.
+        vm_missing=()
+        for pkg in qemu-system-x86 busybox-static linux-image-amd64 cpio; do
+            dpkg -s "$pkg" >/dev/null 2>&1 || vm_missing+=("$pkg")
+        done
+        if [ "${#vm_missing[@]}" -gt 0 ]; then
+            say "installing ${vm_missing[*]}"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${vm_missing[@]}"
+        fi
     fi
     # The rootless tests run airlock as this ordinary user.
     if ! id airlock-test >/dev/null 2>&1; then

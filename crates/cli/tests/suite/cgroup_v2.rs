@@ -1,0 +1,185 @@
+//! Pure cgroup v2, the layout of most real hosts. This machine is hybrid
+//! (v1 controllers), so the test boots a real kernel in QEMU where the
+//! unified hierarchy holds every controller, and runs airlock there: the
+//! host's root filesystem is the guest's, read-only over 9p, so the guest
+//! runs this very build. Software emulation (TCG) on purpose: KVM here only
+//! runs guests built for the host's nested hypervisor, and a stock kernel
+//! hangs under it.
+//!
+//! What the guest checks is printed as `CHECK name value` lines on its
+//! console; the test reads them back.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::support::*;
+
+/// The guest's init: loads 9p over virtio, mounts the host's root
+/// read-only, and hands over to the test's script there.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+/bin/busybox mount -t devtmpfs dev /dev
+for m in $(/bin/busybox cat /modules.order); do /bin/busybox insmod /mods/$m.ko || echo "insmod $m failed"; done
+/bin/busybox mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 root /newroot || /bin/busybox poweroff -f
+/bin/busybox umount /proc /sys /dev
+exec /bin/busybox switch_root /newroot /bin/sh "$SCRIPT"
+"#;
+
+/// Modules the guest needs, each after what it depends on.
+const MODULES: [&str; 11] = [
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "netfs",
+    "fscache",
+    "9pnet",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+];
+
+/// The newest installed kernel with its modules: (vmlinuz, modules dir).
+fn kernel() -> Option<(PathBuf, PathBuf)> {
+    let mut found: Vec<(PathBuf, PathBuf)> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let version = name.strip_prefix("vmlinuz-")?.to_owned();
+            let modules = Path::new("/lib/modules").join(&version);
+            modules.join("kernel/fs/9p/9p.ko").exists().then_some((e.path(), modules))
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn available(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Builds the initramfs (busybox, the modules, the init) in `dir`.
+fn initramfs(dir: &Path, modules: &Path, script: &Path) -> PathBuf {
+    let root = dir.join("initrd");
+    for sub in ["bin", "mods", "proc", "sys", "dev", "newroot"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for module in MODULES {
+        let out =
+            Command::new("find").arg(modules).args(["-name", &format!("{module}.ko")]).output().unwrap();
+        let path = String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_owned);
+        let path = path.unwrap_or_else(|| panic!("module {module} not found below {}", modules.display()));
+        std::fs::copy(path, root.join(format!("mods/{module}.ko"))).unwrap();
+    }
+    std::fs::write(root.join("modules.order"), MODULES.join("\n")).unwrap();
+    let init = INIT.replace("\"$SCRIPT\"", &format!("\"{}\"", script.display()));
+    std::fs::write(root.join("init"), init).unwrap();
+    std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let image = dir.join("initrd.gz");
+    let packed = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && find . | cpio -o -H newc 2>/dev/null | gzip > '{}'",
+            root.display(),
+            image.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(packed.success(), "packing the initramfs failed");
+    image
+}
+
+/// The guest's test: a pure v2 hierarchy with memory, pids and cpu
+/// delegated at the root, then airlock's doctor and limits.
+fn guest_script(state: &Path) -> String {
+    format!(
+        r#"#!/bin/sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm
+for d in /tmp /run /var/tmp /root; do mount -t tmpfs tmpfs $d; done
+mount -t cgroup2 none /sys/fs/cgroup
+echo "+memory +pids +cpu" > /sys/fs/cgroup/cgroup.subtree_control
+echo "CHECK v1-mounted $(grep -c ' - cgroup ' /proc/self/mountinfo)"
+export AIRLOCK_STATE_DIR={state}
+A={bin}
+$A doctor > /tmp/doctor 2>&1
+for c in cgroup-memory cgroup-pids cgroup-cpu; do echo "CHECK $c $(grep -c "^\[ok *\] $c .*v2 at /sys/fs/cgroup" /tmp/doctor)"; done
+$A run --rm --policy ci --mode none -- sh -c 'echo inside' > /tmp/out 2>&1
+echo "CHECK run $? $(grep -c '^inside$' /tmp/out)"
+$A run --rm --policy ci --mode none --pids 20 -- sh -c 'for i in $(seq 40); do sleep 5 & done; wait' > /tmp/out 2>&1
+echo "CHECK pids $(grep -c 'Cannot fork\|Resource temporarily unavailable' /tmp/out)"
+$A run --rm --policy ci --mode none --memory 32M -- sh -c 'head -c 200M /dev/zero | tail > /dev/null; echo "hog $?"' > /tmp/out 2>&1
+echo "CHECK memory $(grep -c 'memory limit reached' /tmp/out) $(grep -c 'hog 0' /tmp/out)"
+$A run --rm --policy ci --mode none --cpus 0.5 -- sh -c 'cat /proc/self/cgroup' > /tmp/out 2>&1
+echo "CHECK cpus $?"
+$A run --rm --policy ci --mode none --timeout 2s -- sleep 60 > /tmp/out 2>&1
+echo "CHECK timeout $?"
+echo "CHECK leftovers $(find /sys/fs/cgroup -mindepth 1 -type d | wc -l)"
+echo CHECK done
+echo o > /proc/sysrq-trigger
+"#,
+        state = state.display(),
+        bin = BIN,
+    )
+}
+
+#[test]
+fn pure_cgroup_v2_host_in_a_vm() {
+    let kernel = kernel();
+    let ready = kernel.is_some()
+        && available("qemu-system-x86_64")
+        && available("cpio")
+        && Path::new("/bin/busybox").exists();
+    if !require(
+        ready && is_root(),
+        "root, a kernel in /boot with its modules, qemu-system-x86_64, busybox and cpio (scripts/test.sh installs them)",
+    ) {
+        return;
+    }
+    let (vmlinuz, modules) = kernel.unwrap();
+    let dir = tempfile::tempdir_in(test_root()).unwrap();
+    let script = dir.path().join("guest.sh");
+    std::fs::write(&script, guest_script(Path::new("/tmp/state"))).unwrap();
+    let image = initramfs(dir.path(), &modules, &script);
+    let out = Command::new("timeout")
+        .args(["600", "qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-smp", "2"])
+        .args(["-nographic", "-no-reboot", "-kernel"])
+        .arg(&vmlinuz)
+        .arg("-initrd")
+        .arg(&image)
+        .args(["-append", "console=ttyS0 loglevel=3 panic=-1 lsm=landlock,yama"])
+        .args(["-virtfs", "local,path=/,mount_tag=root,security_model=none,readonly=on,multidevs=remap"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let check = |name: &str| -> String {
+        console
+            .lines()
+            .find_map(|l| l.split_once(&format!("CHECK {name} ")).map(|(_, v)| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no CHECK {name} on the guest's console:\n{console}"))
+    };
+    assert!(console.contains("CHECK done"), "the guest did not finish:\n{console}");
+    // Nothing of v1: this really is a pure v2 host.
+    assert_eq!(check("v1-mounted"), "0", "{console}");
+    for controller in ["cgroup-memory", "cgroup-pids", "cgroup-cpu"] {
+        assert_eq!(check(controller), "1", "doctor does not find {controller} on v2:\n{console}");
+    }
+    assert_eq!(check("run"), "0 1", "{console}");
+    assert_ne!(check("pids"), "0", "the pids limit did not stop a fork bomb:\n{console}");
+    // The hog is killed (or the whole sandbox with it) and airlock says why.
+    assert_eq!(check("memory"), "1 0", "the memory limit did not hold:\n{console}");
+    assert_eq!(check("cpus"), "0", "{console}");
+    assert_eq!(check("timeout"), "124", "{console}");
+    assert_eq!(check("leftovers"), "0", "cgroups left behind:\n{console}");
+}
