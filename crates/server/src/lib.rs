@@ -14,7 +14,7 @@
 //! serve     socket, peer credentials, accept loop, signals
 //! tcp       the optional TLS listener, bearer tokens → uid
 //! routes    the one route table (router + OpenAPI sync test)
-//! api/*     handlers, one file per resource
+//! api/*     handlers, one file per resource (exec_session: the interactive exec)
 //! sandbox   state dir + index row → what the API shows; tenancy checks
 //! auth      the caller (Peer), and what a user may name on the host
 //! db        SQLite schema, migrations, queries

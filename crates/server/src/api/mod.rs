@@ -4,6 +4,7 @@
 pub mod compat;
 pub mod events;
 pub mod exec;
+mod exec_session;
 pub mod files;
 pub mod meta;
 pub mod sandboxes;
