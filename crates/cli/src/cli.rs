@@ -343,7 +343,9 @@ fn direct(command: Command, forced: bool) -> CliResult {
             Ok(0)
         }
         Command::Diff { name, stat, json } => {
-            let view = ops::diff(&state()?, &name)?;
+            let mut progress = present::ProgressLine::stderr("diff");
+            let view = ops::diff(&state()?, &name, &mut |n| progress.update(n))?;
+            drop(progress);
             present::diff(&view, stat, json)?;
             Ok(0)
         }
@@ -641,7 +643,9 @@ fn apply(name: &str, yes: bool, allow_protected: bool) -> CliResult {
 }
 
 fn apply_locally(pending: ops::PendingApply) -> CliResult {
-    let report = ops::apply(pending)?;
+    let mut progress = present::ProgressLine::stderr("apply");
+    let report = ops::apply(pending, &mut |n| progress.update(n))?;
+    drop(progress);
     println!("applied: {} written, {} deleted", report.written.len(), report.deleted.len());
     Ok(0)
 }
@@ -653,7 +657,9 @@ fn confirm_apply(
     allow_protected: bool,
 ) -> Result<Confirmed, Box<dyn std::error::Error>> {
     let root = state()?;
-    let pending = ops::prepare_apply(&root, name, allow_protected)?;
+    let mut progress = present::ProgressLine::stderr("diff");
+    let pending = ops::prepare_apply(&root, name, allow_protected, &mut |n| progress.update(n))?;
+    drop(progress);
     if pending.view.diff.is_empty() {
         println!("sandbox {name} changed nothing; nothing to apply");
         return Ok(Confirmed::Done(0));

@@ -2,7 +2,8 @@
 //! Output that scripts read (--json) goes to stdout; airlock's own remarks
 //! during `run` go to stderr so they never mix with the command's output.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
+use std::time::{Duration, Instant};
 
 use airlock_jail::probe::{HostReport, Status};
 use airlock_runtime::ops::{DiffView, GcReport, Inspection, NetLogEntry, SandboxSummary};
@@ -197,4 +198,87 @@ pub fn inspect(i: &Inspection, json: bool) -> io::Result<()> {
     }
     writeln!(out, "state dir:  {}", i.path.display())?;
     Ok(())
+}
+
+/// A one-line count on stderr while long work goes on (a diff or an apply
+/// of many files), for a person at a terminal: it appears only once the
+/// work has taken a moment, changes at most ten times a second, and is
+/// wiped when done. Nothing when stderr is not a terminal.
+pub struct ProgressLine<W: Write = io::Stderr> {
+    what: &'static str,
+    out: Option<W>,
+    started: Instant,
+    shown: Option<Instant>,
+}
+
+/// How long work runs before its progress is shown, and how often it changes.
+const PROGRESS_AFTER: Duration = Duration::from_millis(300);
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+impl ProgressLine {
+    pub fn stderr(what: &'static str) -> ProgressLine {
+        let err = io::stderr();
+        let out = err.is_terminal().then_some(err);
+        ProgressLine { what, out, started: Instant::now(), shown: None }
+    }
+}
+
+impl<W: Write> ProgressLine<W> {
+    pub fn update(&mut self, entries: u64) {
+        self.update_at(entries, Instant::now());
+    }
+
+    fn update_at(&mut self, entries: u64, now: Instant) {
+        let Some(out) = self.out.as_mut() else { return };
+        let due = match self.shown {
+            None => now.duration_since(self.started) >= PROGRESS_AFTER,
+            Some(last) => now.duration_since(last) >= PROGRESS_EVERY,
+        };
+        if due {
+            let _ = write!(out, "\r\x1b[Kairlock: {}: {entries} entries…", self.what);
+            let _ = out.flush();
+            self.shown = Some(now);
+        }
+    }
+}
+
+impl<W: Write> Drop for ProgressLine<W> {
+    fn drop(&mut self) {
+        if let (Some(out), Some(_)) = (self.out.as_mut(), self.shown) {
+            let _ = write!(out, "\r\x1b[K");
+            let _ = out.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn progress_appears_late_changes_seldom_and_is_wiped() {
+        let mut buf = Vec::new();
+        let start = Instant::now();
+        {
+            let mut line = ProgressLine { what: "diff", out: Some(&mut buf), started: start, shown: None };
+            line.update_at(10, start + Duration::from_millis(100));
+            line.update_at(20, start + Duration::from_millis(350));
+            line.update_at(30, start + Duration::from_millis(400));
+            line.update_at(40, start + Duration::from_millis(460));
+        }
+        let text = String::from_utf8(buf).unwrap();
+        assert_eq!(
+            text, "\r\x1b[Kairlock: diff: 20 entries…\r\x1b[Kairlock: diff: 40 entries…\r\x1b[K",
+            "{text:?}"
+        );
+        // Work that ends quickly leaves nothing behind.
+        let mut quiet = Vec::new();
+        {
+            let mut line = ProgressLine { what: "apply", out: Some(&mut quiet), started: start, shown: None };
+            line.update_at(5, start + Duration::from_millis(10));
+        }
+        assert!(quiet.is_empty());
+    }
 }

@@ -113,7 +113,7 @@ fn remote_apply(daemon: &Daemon, name: &str, yes: bool, allow_protected: bool) -
             Ok(0)
         }
         Err(e) if e.code() == Some("forbidden") => {
-            apply_locally(ops::prepare_apply(&super::state()?, name, allow_protected)?)
+            apply_locally(ops::prepare_apply(&super::state()?, name, allow_protected, &mut |_| {})?)
         }
         Err(e) => Err(e.into()),
     }

@@ -103,11 +103,12 @@ pub struct DiffView {
     pub upper: PathBuf,
 }
 
-pub fn diff(root: &StateRoot, name: &str) -> Result<DiffView, OpError> {
+/// `progress` hears how many entries have been examined, now and then.
+pub fn diff(root: &StateRoot, name: &str, progress: &mut dyn FnMut(u64)) -> Result<DiffView, OpError> {
     let sandbox = root.open(name)?;
     let meta = sandbox.read_meta()?;
     let (lower, upper) = layers(&sandbox, &meta)?;
-    let diff = airlock_workspace::compute_diff(&lower, &upper)?;
+    let diff = airlock_workspace::compute_diff_with(&lower, &upper, progress)?;
     Ok(DiffView { diff, lower, upper })
 }
 
@@ -129,7 +130,12 @@ pub struct PendingApply {
 }
 
 /// Validates everything `apply` would do, without writing.
-pub fn prepare_apply(root: &StateRoot, name: &str, allow_protected: bool) -> Result<PendingApply, OpError> {
+pub fn prepare_apply(
+    root: &StateRoot,
+    name: &str,
+    allow_protected: bool,
+    progress: &mut dyn FnMut(u64),
+) -> Result<PendingApply, OpError> {
     let sandbox = root.open(name)?;
     let meta = sandbox.read_meta()?;
     if sandbox.is_live() {
@@ -139,7 +145,7 @@ pub fn prepare_apply(root: &StateRoot, name: &str, allow_protected: bool) -> Res
     if policy.workspace.writeback == Writeback::Never {
         return Err(OpError::WritebackForbidden { name: name.to_string(), policy: meta.policy });
     }
-    let view = diff(root, name)?;
+    let view = diff(root, name, progress)?;
     let options = ApplyOptions { allow_protected, protected: policy.workspace.protected.clone() };
     if let Err(e) = airlock_workspace::check_apply(&view.diff, &view.upper, &view.lower, &options) {
         let mut audit = AuditLog::open(&sandbox.audit_path())?;
@@ -149,10 +155,12 @@ pub fn prepare_apply(root: &StateRoot, name: &str, allow_protected: bool) -> Res
     Ok(PendingApply { sandbox, view, options })
 }
 
-pub fn apply(pending: PendingApply) -> Result<ApplyReport, OpError> {
+/// `progress` hears how many entries have been written or removed.
+pub fn apply(pending: PendingApply, progress: &mut dyn FnMut(u64)) -> Result<ApplyReport, OpError> {
     let PendingApply { sandbox, view, options } = pending;
     let mut audit = AuditLog::open(&sandbox.audit_path())?;
-    let report = match airlock_workspace::apply(&view.diff, &view.upper, &view.lower, &options) {
+    let report = match airlock_workspace::apply_with(&view.diff, &view.upper, &view.lower, &options, progress)
+    {
         Ok(r) => r,
         Err(e) => {
             audit.record(AuditEvent::ApplyRefused { reason: e.to_string() })?;

@@ -89,9 +89,21 @@ pub fn apply(
     workspace: &Path,
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
+    apply_with(diff, upper, workspace, opts, &mut |_| {})
+}
+
+/// [`apply`], telling `progress` how many entries it has written or
+/// removed so far (for a progress line on large applies).
+pub fn apply_with(
+    diff: &Diff,
+    upper: &Path,
+    workspace: &Path,
+    opts: &ApplyOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<ApplyReport, ApplyError> {
     let roots = Roots::open(upper, workspace)?;
     let plan = validate(diff, &roots, opts)?;
-    execute(&roots, plan)
+    execute(&roots, plan, progress)
 }
 
 struct Roots {
@@ -792,18 +804,23 @@ fn set_mode(ws: BorrowedFd<'_>, path: &Path, mode: u32, is_dir: bool) -> io::Res
     Ok(old)
 }
 
-fn execute(roots: &Roots, plan: Plan) -> Result<ApplyReport, ApplyError> {
+fn execute(roots: &Roots, plan: Plan, progress: &mut dyn FnMut(u64)) -> Result<ApplyReport, ApplyError> {
     let Plan { mut removes, creates, mut report } = plan;
     let mut w = Writer { roots, undo: Vec::new(), backups: Vec::new(), steps_done: 0 };
     // Deepest first, so a removed parent never hides a child we still
     // want to set aside.
     removes.sort_by(|a, b| b.path.cmp(&a.path));
     let result = (|| -> WriteResult<()> {
+        let mut done = 0u64;
         for step in &removes {
             w.remove(&step.path)?;
+            done += 1;
+            progress(done);
         }
         let mut new_dirs = Vec::new();
         for step in &creates {
+            done += 1;
+            progress(done);
             match &step.op {
                 Op::Mkdir { mode } => {
                     w.mkdir(&step.path)?;

@@ -222,7 +222,19 @@ impl Diff {
 /// Symlinks are never followed on either side. Fails on overlay features we
 /// cannot interpret (redirects, metacopy) rather than guessing.
 pub fn compute_diff(lower: &Path, upper: &Path) -> Result<Diff, WorkspaceError> {
+    compute_diff_with(lower, upper, &mut |_| {})
+}
+
+/// [`compute_diff`], telling `progress` how many entries of the upper layer
+/// it has examined so far, now and then (for a progress line on large
+/// diffs).
+pub fn compute_diff_with(
+    lower: &Path,
+    upper: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Diff, WorkspaceError> {
     let mut walker = Walker::open(lower, upper)?;
+    walker.progress = Some(progress);
     walker.run()?;
     let mut changes = walker.changes;
     changes.sort_by(|a, b| a.path.cmp(&b.path));
@@ -240,20 +252,30 @@ enum DirMode {
     Replace { lower: bool },
 }
 
-pub(crate) struct Walker {
+pub(crate) struct Walker<'p> {
     lower: OwnedFd,
     upper: OwnedFd,
     pub(crate) changes: Vec<Change>,
     /// Lower-tree lookups made; the test suite uses it to show the walk
     /// does not scale with the size of the workspace.
     pub(crate) lower_lookups: usize,
+    /// Entries examined, and who wants to know.
+    examined: u64,
+    progress: Option<&'p mut dyn FnMut(u64)>,
 }
 
-impl Walker {
-    pub(crate) fn open(lower: &Path, upper: &Path) -> Result<Walker, WorkspaceError> {
+impl<'p> Walker<'p> {
+    pub(crate) fn open(lower: &Path, upper: &Path) -> Result<Walker<'p>, WorkspaceError> {
         let lower_fd = fsx::open_root(lower).map_err(|e| WorkspaceError::io("open workspace", lower, e))?;
         let upper_fd = fsx::open_root(upper).map_err(|e| WorkspaceError::io("open upper layer", upper, e))?;
-        Ok(Walker { lower: lower_fd, upper: upper_fd, changes: Vec::new(), lower_lookups: 0 })
+        Ok(Walker {
+            lower: lower_fd,
+            upper: upper_fd,
+            changes: Vec::new(),
+            lower_lookups: 0,
+            examined: 0,
+            progress: None,
+        })
     }
 
     pub(crate) fn run(&mut self) -> Result<(), WorkspaceError> {
@@ -319,6 +341,10 @@ impl Walker {
             };
             let parent_replaces = matches!(mode, DirMode::Replace { .. });
             self.compare(&child, upper_entry, lower_meta, parent_replaces, depth)?;
+            self.examined += 1;
+        }
+        if let Some(progress) = self.progress.as_mut() {
+            progress(self.examined);
         }
         Ok(())
     }

@@ -26,9 +26,9 @@ mod names;
 mod persist;
 mod render;
 
-pub use apply::{ApplyOptions, ApplyReport, apply, check_apply};
+pub use apply::{ApplyOptions, ApplyReport, apply, apply_with, check_apply};
 pub use artifacts::capture_artifacts;
-pub use diff::{Change, ChangeKind, Diff, DiffStat, EntryType, compute_diff};
+pub use diff::{Change, ChangeKind, Diff, DiffStat, EntryType, compute_diff, compute_diff_with};
 pub use error::{ApplyError, Refusal, RefusalReason, WorkspaceError};
 pub use fsx::MAX_DEPTH;
 pub use names::quote;

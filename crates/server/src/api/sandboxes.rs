@@ -448,7 +448,7 @@ pub async fn diff(
     let view = app
         .blocking(move |app| {
             sandbox::authorize(app, &peer, &name)?;
-            Ok(ops::diff(&app.root, &name)?)
+            Ok(ops::diff(&app.root, &name, &mut |_| {})?)
         })
         .await?;
     if format == "json" {
@@ -553,11 +553,11 @@ pub async fn apply(
                     "apply through the daemon is available to root only for now; run `airlock apply {name}`"
                 )));
             }
-            let pending = ops::prepare_apply(&app.root, &name, body.allow_protected)?;
+            let pending = ops::prepare_apply(&app.root, &name, body.allow_protected, &mut |_| {})?;
             if pending.view.diff.is_empty() {
                 return Ok(serde_json::json!({ "applied": false, "written": [], "deleted": [] }));
             }
-            let report = ops::apply(pending)?;
+            let report = ops::apply(pending, &mut |_| {})?;
             let paths =
                 |v: &[PathBuf]| v.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>();
             let json = serde_json::json!({

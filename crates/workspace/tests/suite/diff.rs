@@ -344,3 +344,26 @@ fn upper_symlink_is_reported_not_followed() {
     assert_eq!(c.symlink_target, Some(PathBuf::from("/etc/shadow")));
     assert_eq!(c.size, None);
 }
+
+/// Long diffs and applies report how far they are, for a progress line.
+#[test]
+fn diff_and_apply_report_progress() {
+    let f = Fixture::new();
+    for i in 0..50 {
+        write(&f.upper, &format!("d{}/f{i}.txt", i % 5), b"new\n");
+    }
+    let mut seen = Vec::new();
+    let diff = airlock_workspace::compute_diff_with(&f.lower, &f.upper, &mut |n| seen.push(n)).unwrap();
+    assert_eq!(diff.changes.len(), 55, "{diff:?}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    // 50 files and 5 directories examined, reported once per directory.
+    assert_eq!(seen.last(), Some(&55), "{seen:?}");
+    assert_eq!(seen.len(), 6, "{seen:?}");
+
+    let mut written = Vec::new();
+    let opts = airlock_workspace::ApplyOptions::default();
+    let report =
+        airlock_workspace::apply_with(&diff, &f.upper, &f.lower, &opts, &mut |n| written.push(n)).unwrap();
+    assert_eq!(report.written.len(), 55);
+    assert_eq!(written, (1..=55).collect::<Vec<u64>>());
+}
