@@ -342,11 +342,19 @@ impl<'p> Walker<'p> {
             let parent_replaces = matches!(mode, DirMode::Replace { .. });
             self.compare(&child, upper_entry, lower_meta, parent_replaces, depth)?;
             self.examined += 1;
+            // Within a huge directory too, not only at its end.
+            if self.examined.is_multiple_of(1024) {
+                self.report();
+            }
         }
+        self.report();
+        Ok(())
+    }
+
+    fn report(&mut self) {
         if let Some(progress) = self.progress.as_mut() {
             progress(self.examined);
         }
-        Ok(())
     }
 
     fn compare(
