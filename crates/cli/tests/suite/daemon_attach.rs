@@ -45,17 +45,7 @@ impl Session {
         );
         s.writer.write_all(head.as_bytes()).unwrap();
         s.chunk(format!("{request}\n").as_bytes());
-        let mut status = String::new();
-        s.reader.read_line(&mut status).unwrap();
-        let mut headers = String::new();
-        loop {
-            let mut line = String::new();
-            s.reader.read_line(&mut line).unwrap();
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-            headers.push_str(&line.to_ascii_lowercase());
-        }
+        let (status, headers) = s.head();
         assert!(status.starts_with("HTTP/1.1 200"), "{status}{headers}\n{}", d.log());
         assert!(headers.contains("content-type: application/vnd.airlock.exec-stream"), "{headers}");
         assert!(headers.contains("transfer-encoding: chunked"), "{headers}");
@@ -81,20 +71,25 @@ impl Session {
             request.len()
         );
         s.writer.write_all(head.as_bytes()).unwrap();
-        let mut status = String::new();
-        s.reader.read_line(&mut status).unwrap();
-        let mut headers = String::new();
-        loop {
-            let mut line = String::new();
-            s.reader.read_line(&mut line).unwrap();
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-            headers.push_str(&line.to_ascii_lowercase());
-        }
+        let (status, headers) = s.head();
         assert!(status.starts_with("HTTP/1.1 101"), "{status}{headers}\n{}", d.log());
         assert!(headers.contains("upgrade: airlock-exec-stream"), "{headers}");
         s
+    }
+
+    /// The answer's status line and its headers, lowercased.
+    fn head(&mut self) -> (String, String) {
+        let mut status = String::new();
+        self.reader.read_line(&mut status).unwrap();
+        let mut headers = String::new();
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                return (status, headers);
+            }
+            headers.push_str(&line.to_ascii_lowercase());
+        }
     }
 
     fn chunk(&mut self, data: &[u8]) {
