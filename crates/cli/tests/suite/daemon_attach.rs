@@ -26,19 +26,23 @@ struct Session {
 }
 
 impl Session {
-    /// Sends the request head and the JSON request line, then reads the
-    /// answer's head: it must be a 200 with the frame stream.
-    fn open(d: &TestDaemon, name: &str, request: Value) -> Session {
+    fn connect(d: &TestDaemon, upgraded: bool) -> Session {
         let conn = UnixStream::connect(&d.socket).unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut s = Session {
+        Session {
             writer: conn.try_clone().unwrap(),
             reader: BufReader::new(conn),
             body: Vec::new(),
-            upgraded: false,
+            upgraded,
             stdout: Vec::new(),
             stderr: Vec::new(),
-        };
+        }
+    }
+
+    /// Sends the request head and the JSON request line, then reads the
+    /// answer's head: it must be a 200 with the frame stream.
+    fn open(d: &TestDaemon, name: &str, request: Value) -> Session {
+        let mut s = Session::connect(d, false);
         let head = format!(
             "POST /v1/sandboxes/{name}/exec?stream=raw HTTP/1.1\r\nHost: airlock\r\n\
              Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -54,16 +58,7 @@ impl Session {
 
     /// The `Upgrade` form: the JSON request as the body, then a `101`.
     fn upgrade(d: &TestDaemon, name: &str, request: Value) -> Session {
-        let conn = UnixStream::connect(&d.socket).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut s = Session {
-            writer: conn.try_clone().unwrap(),
-            reader: BufReader::new(conn),
-            body: Vec::new(),
-            upgraded: true,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-        };
+        let mut s = Session::connect(d, true);
         let request = request.to_string();
         let head = format!(
             "POST /v1/sandboxes/{name}/exec HTTP/1.1\r\nHost: airlock\r\nConnection: Upgrade\r\n\
