@@ -929,9 +929,27 @@ fn dns_lookups_inside_fail() {
     assert!(section(&out, "socks").contains("socks-reply=2"), "{}", show(&o));
 }
 
-/// Secret-scoped policy for two HTTPS servers (A gets the secret, B does
-/// not, both intercepted because of a rule on their host) and a plain-HTTP
-/// server C on the same address.
+/// Two HTTPS servers (A gets the secret, B does not, both intercepted
+/// because of a rule on their host), a plain-HTTP server C on the same
+/// address, and the policy that says so.
+struct SecretsRig {
+    env: Env,
+    a: EchoServer,
+    b: EchoServer,
+    c: EchoServer,
+    policy: String,
+}
+
+impl SecretsRig {
+    fn new() -> SecretsRig {
+        let env = Env::new();
+        let tls = test_tls();
+        let (a, b, c) = (EchoServer::https(&tls), EchoServer::https(&tls), EchoServer::http());
+        let policy = secrets_policy(&env, &tls, a.port, b.port, c.port);
+        SecretsRig { env, a, b, c, policy }
+    }
+}
+
 fn secrets_policy(env: &Env, tls: &TestTls, a: u16, b: u16, c: u16) -> String {
     let ca = write_ca(env, tls);
     let path = write_policy(
@@ -956,10 +974,7 @@ fn secrets_are_substituted_only_in_headers_to_their_hosts() {
     if !needs_clients() {
         return;
     }
-    let env = Env::new();
-    let tls = test_tls();
-    let (a, b, c) = (EchoServer::https(&tls), EchoServer::https(&tls), EchoServer::http());
-    let policy = secrets_policy(&env, &tls, a.port, b.port, c.port);
+    let SecretsRig { env, a, b, c, policy } = SecretsRig::new();
     let value = secret_value();
     let auth = "-H \"Authorization: Bearer $EXAMPLE_TOKEN\"";
     let o = run_in(
@@ -1026,10 +1041,7 @@ fn secret_value_is_absent_from_the_state_directory() {
     if !needs_clients() {
         return;
     }
-    let env = Env::new();
-    let tls = test_tls();
-    let (a, b, c) = (EchoServer::https(&tls), EchoServer::https(&tls), EchoServer::http());
-    let policy = secrets_policy(&env, &tls, a.port, b.port, c.port);
+    let SecretsRig { env, a, b: _b, c: _c, policy } = SecretsRig::new();
     let value = secret_value();
     let o = run_in(
         &env,
@@ -1064,12 +1076,9 @@ fn secret_value_is_absent_from_the_state_directory() {
     let mut files = Vec::new();
     walk_files(&env.state, &mut files);
     assert!(files.len() > 3, "{files:?}");
-    let needle = value.as_bytes();
-    let leaks: Vec<&PathBuf> = files
-        .iter()
-        .filter(|f| std::fs::read(f).unwrap().windows(needle.len()).any(|w| w == needle))
-        .collect();
-    assert!(leaks.is_empty(), "the secret value is in {leaks:?}");
+    let mut leaks = Vec::new();
+    find_value(&env.state, value.as_bytes(), &mut leaks);
+    assert!(leaks.is_empty(), "the secret value is in the state directory: {leaks:#?}");
 
     // The changed workspace file is in the state directory, redacted.
     let diff = env.airlock(["diff", "leak"]).output().unwrap();
@@ -1090,10 +1099,7 @@ fn secret_value_is_absent_from_names_and_links_in_the_state_directory() {
     if !needs_clients() {
         return;
     }
-    let env = Env::new();
-    let tls = test_tls();
-    let (a, b, c) = (EchoServer::https(&tls), EchoServer::https(&tls), EchoServer::http());
-    let policy = secrets_policy(&env, &tls, a.port, b.port, c.port);
+    let SecretsRig { env, a, b: _b, c: _c, policy } = SecretsRig::new();
     let value = secret_value();
     let o = run_in(
         &env,

@@ -195,34 +195,29 @@ impl Finish {
     }
 }
 
-/// Runs `spec` to its end, keeping at most `limit` bytes of stdout (more
-/// kills the process and fails).
-fn collect(
+/// Runs `spec` to its end, handing its stdout to `stdout`; when that
+/// answers false (too much, or no one to send it to) the process is killed
+/// and the rest of its output dropped. Stderr is kept for error messages.
+fn run_script(
     client: &SupervisorClient,
     spec: &ExecSpec,
     input: Option<Box<dyn Read + Send>>,
-    limit: usize,
-) -> (Vec<u8>, bool, Finish) {
-    let mut out = Vec::new();
-    let mut over = false;
+    stdout: &mut dyn FnMut(Vec<u8>) -> bool,
+) -> Finish {
     let mut finish = Finish::default();
     let control: OnceCell<ExecControl> = OnceCell::new();
+    let mut stopped = false;
     let result = client.exec_session(
         spec,
         input,
         &mut |event| match event {
             ExecEvent::Started { .. } => {}
             ExecEvent::Output { stream: Stream::Stdout, data } => {
-                if over {
-                    return;
-                }
-                if out.len() + data.len() > limit {
-                    over = true;
+                if !stopped && !stdout(data) {
+                    stopped = true;
                     if let Some(c) = control.get() {
                         let _ = c.signal(super::SIGKILL);
                     }
-                } else {
-                    out.extend_from_slice(&data);
                 }
             }
             ExecEvent::Output { stream: Stream::Stderr, data } => finish.keep_stderr(&data),
@@ -239,6 +234,26 @@ fn collect(
     if let Err(e) = result {
         finish.broken = Some(e.to_string());
     }
+    finish
+}
+
+/// Runs `spec` to its end, keeping at most `limit` bytes of stdout (more
+/// kills the process and fails).
+fn collect(
+    client: &SupervisorClient,
+    spec: &ExecSpec,
+    input: Option<Box<dyn Read + Send>>,
+    limit: usize,
+) -> (Vec<u8>, bool, Finish) {
+    let mut out = Vec::new();
+    let mut over = false;
+    let finish = run_script(client, spec, input, &mut |data| {
+        over = out.len() + data.len() > limit;
+        if !over {
+            out.extend_from_slice(&data);
+        }
+        !over
+    });
     (out, over, finish)
 }
 
@@ -296,36 +311,8 @@ impl http_body::Body for FileBody {
 /// The blocking half of a read: streams stdout to `tx`; kills the process
 /// when the client hangs up.
 fn stream_read(client: &SupervisorClient, spec: &ExecSpec, tx: &mpsc::Sender<Chunk>) {
-    let mut finish = Finish::default();
-    let control: OnceCell<ExecControl> = OnceCell::new();
-    let mut gone = false;
-    let result = client.exec_session(
-        spec,
-        None,
-        &mut |event| match event {
-            ExecEvent::Started { .. } => {}
-            ExecEvent::Output { stream: Stream::Stdout, data } => {
-                if !gone && tx.blocking_send(Chunk::Data(Bytes::from(data))).is_err() {
-                    gone = true;
-                    if let Some(c) = control.get() {
-                        let _ = c.signal(super::SIGKILL);
-                    }
-                }
-            }
-            ExecEvent::Output { stream: Stream::Stderr, data } => finish.keep_stderr(&data),
-            ExecEvent::Exited { code, signal, timed_out } => {
-                finish.code = code;
-                finish.signal = signal;
-                finish.timed_out = timed_out;
-            }
-        },
-        &mut |c| {
-            let _ = control.set(c);
-        },
-    );
-    if let Err(e) = result {
-        finish.broken = Some(e.to_string());
-    }
+    let finish =
+        run_script(client, spec, None, &mut |data| tx.blocking_send(Chunk::Data(Bytes::from(data))).is_ok());
     let _ = tx.blocking_send(Chunk::End(finish));
 }
 
