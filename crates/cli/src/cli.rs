@@ -567,7 +567,7 @@ const COPY_IN_SCRIPT: &str = r#"d=$(dirname -- "$1")
 if [ ! -d "$d" ]; then echo "$d: no such directory in the sandbox" >&2; exit 1; fi
 if [ -e "$1" ] && [ ! -f "$1" ]; then echo "$1: exists and is not a regular file" >&2; exit 1; fi
 t=$(mktemp -- "$d/.airlock-upload.XXXXXXXXXX") || exit 1
-if ! cat > "$t" || [ "$(wc -c < "$t")" != "$2" ]; then rm -f -- "$t"; echo "the copy broke off" >&2; exit 1; fi
+if ! cat > "$t" || [ "$(wc -c < "$t")" != "$2" ]; then rm -f -- "$t"; echo "the copy broke off (the source changed size while it was read); $1 is unchanged, copy again" >&2; exit 1; fi
 if [ -f "$1" ]; then chmod --reference="$1" -- "$t"; else chmod a+r -- "$t"; fi
 exec mv -f -- "$t" "$1""#;
 

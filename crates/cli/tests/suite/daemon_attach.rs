@@ -8,6 +8,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use super::daemon_harness::TestDaemon;
@@ -324,4 +326,47 @@ fn daemon_exec_upgrades_the_connection_to_frames() {
     let mut answer = [0u8; 12];
     conn.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"HTTP/1.1 400");
+}
+
+/// The plain NDJSON form too: a client that goes away mid-exec (here the
+/// process prints nothing more, so only the closed connection tells) gets
+/// its process killed, and the event log says the exec was cancelled.
+#[test]
+fn daemon_ndjson_exec_is_cancelled_when_its_client_hangs_up() {
+    let d = TestDaemon::start("hangup");
+    create(&d, "hup");
+    let request = json!({ "argv": ["sh", "-c", "echo $$; exec sleep 300"] }).to_string();
+    let conn = UnixStream::connect(&d.socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    write!(
+        writer,
+        "POST /v1/sandboxes/hup/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{request}",
+        request.len()
+    )
+    .unwrap();
+    // Read the answer until the stdout line carrying the pid.
+    let mut reader = BufReader::new(conn);
+    let pid = loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the answer ended early");
+        let Some(start) = line.find('{') else { continue };
+        let Ok(event) = serde_json::from_str::<Value>(line[start..].trim()) else { continue };
+        if event["type"] == "stdout" {
+            let text = STANDARD.decode(event["data"].as_str().unwrap()).unwrap();
+            break String::from_utf8(text).unwrap().trim().to_owned();
+        }
+    };
+    drop(reader);
+    drop(writer);
+    let alive = || {
+        let body = json!({ "argv": ["kill", "-0", &pid] }).to_string();
+        let (status, answer) = d.request("POST", "/v1/sandboxes/hup/exec", Some(&body));
+        assert_eq!(status, 200, "{answer}");
+        answer.contains("\"code\":0")
+    };
+    assert!(wait_until(10, || !alive()), "process {pid} outlived its client");
+    let events = d.request("GET", "/v1/events?sandbox=hup", None).1;
+    assert!(events.contains("\"cancelled\":true") && events.contains("sleep 300"), "{events}");
 }

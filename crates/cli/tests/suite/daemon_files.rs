@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use super::daemon_harness::TestDaemon;
@@ -43,26 +45,7 @@ fn exec_stdout(d: &TestDaemon, name: &str, argv: &[&str]) -> Vec<u8> {
     for line in body.lines().filter(|l| !l.is_empty()) {
         let v: Value = serde_json::from_str(line).unwrap();
         if v["type"] == "stdout" {
-            out.extend(base64_decode(v["data"].as_str().unwrap()));
-        }
-    }
-    out
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        _ => 63,
-    };
-    let mut out = Vec::new();
-    for chunk in s.as_bytes().chunks(4) {
-        let data: Vec<u8> = chunk.iter().copied().filter(|c| *c != b'=').map(value).collect();
-        let n = data.iter().enumerate().fold(0u32, |n, (i, v)| n | (u32::from(*v) << (18 - 6 * i)));
-        for i in 0..data.len().saturating_sub(1) {
-            out.push((n >> (16 - 8 * i)) as u8);
+            out.extend(STANDARD.decode(v["data"].as_str().unwrap()).unwrap());
         }
     }
     out
