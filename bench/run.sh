@@ -3,8 +3,9 @@
 #
 #   bench/run.sh [harness options]      e.g. bench/run.sh --iterations 100
 #
-# 1. As root, installs the peers it compares against (bubblewrap, runc) and
-#    curl (the egress benchmarks' client) with apt-get when they are missing.
+# 1. As root, installs the peers it compares against (bubblewrap, runc, socat)
+#    and curl (the egress benchmarks' client) with apt-get when they are
+#    missing.
 #    One that cannot be installed is reported and its rows are skipped; the
 #    rest still runs.
 # 2. Builds airlock and the harness in release mode.
@@ -20,9 +21,12 @@ say() { printf '== %s\n' "$*" >&2; }
 warn() { printf '!! %s\n' "$*" >&2; }
 
 # command -> Debian package: the peers, and curl for the egress benchmarks
-declare -A PEERS=([bwrap]=bubblewrap [runc]=runc [curl]=curl)
+# (tinyproxy is compared against where installed, but not installed here: its
+# package starts a system proxy service.)
+declare -A PEERS=([bwrap]=bubblewrap [runc]=runc [curl]=curl [socat]=socat)
 # what is lost without it
-declare -A USED_BY=([bwrap]="benchmarks against bwrap" [runc]="benchmarks against runc" [curl]="egress benchmarks")
+declare -A USED_BY=([bwrap]="benchmarks against bwrap" [runc]="benchmarks against runc" [curl]="egress benchmarks"
+    [socat]="egress rows through a bare relay")
 
 missing=()
 for cmd in "${!PEERS[@]}"; do

@@ -5,14 +5,21 @@
 //! Every number comes from curl's own `--write-out` timers, so sandbox
 //! startup is never in them: `speed_download` for the download (bytes over
 //! the transfer's total time) and `time_total` per request for latency.
+//!
+//! Two peers on the host, where installed, put the proxy's numbers in
+//! context: socat forwarding one TCP port to the server (a bare relay: what
+//! any proxy that copies bytes between two sockets costs on this machine,
+//! with no proxy protocol, policy or sandbox) and tinyproxy (an HTTP proxy
+//! with CONNECT, no sandbox).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::{BenchError, measure};
 
@@ -188,6 +195,10 @@ fn write_zeros(out: &mut TcpStream, zeros: &[u8], mut left: u64) -> bool {
 pub enum Route {
     /// On the host, straight to the server.
     Direct,
+    /// On the host, through socat forwarding a port to the server.
+    Relay,
+    /// On the host, through tinyproxy with CONNECT (`curl -p`).
+    PeerProxy,
     /// Inside a sandbox, through the proxy with CONNECT (`curl -p`): the
     /// proxy opens one upstream connection and relays bytes untouched.
     Tunnel,
@@ -200,6 +211,8 @@ impl Route {
     pub fn describe(self) -> &'static str {
         match self {
             Route::Direct => "direct, on the host",
+            Route::Relay => "host, socat TCP forward (a bare relay)",
+            Route::PeerProxy => "host, tinyproxy CONNECT tunnel (curl -p)",
             Route::Tunnel => "sandbox, proxy CONNECT tunnel (curl -p)",
             Route::Plain => "sandbox, proxy plain HTTP (absolute URL)",
         }
@@ -223,8 +236,43 @@ pub struct Sandbox {
     pub cwd: PathBuf,
 }
 
+/// Everything a case's command needs: the client, the server's port, and
+/// how to reach each route.
+pub struct Endpoints {
+    pub curl: PathBuf,
+    pub server: u16,
+    pub sandbox: Sandbox,
+    /// socat's listening port, when it runs.
+    pub relay: Option<u16>,
+    /// tinyproxy's listening port, when it runs.
+    pub peer_proxy: Option<u16>,
+}
+
+impl Endpoints {
+    /// The routes this machine can measure: direct and airlock's always,
+    /// the peers where they run.
+    pub fn routes(&self) -> Vec<Route> {
+        let mut routes = vec![Route::Direct];
+        if self.relay.is_some() {
+            routes.push(Route::Relay);
+        }
+        if self.peer_proxy.is_some() {
+            routes.push(Route::PeerProxy);
+        }
+        routes.extend([Route::Tunnel, Route::Plain]);
+        routes
+    }
+}
+
 /// The command for one run of `job` over `route`.
-pub fn command(curl: &Path, sandbox: &Sandbox, port: u16, route: Route, job: Job) -> Command {
+pub fn command(ends: &Endpoints, route: Route, job: Job) -> Result<Command, BenchError> {
+    let missing = |what: &str| BenchError::new(format!("{what} is not running"));
+    // The relay is the only route whose URL names another port: curl
+    // believes it talks to the server.
+    let port = match route {
+        Route::Relay => ends.relay.ok_or_else(|| missing("socat"))?,
+        _ => ends.server,
+    };
     let url = match job {
         Job::Download { .. } => format!("http://127.0.0.1:{port}{BIG_PATH}"),
         // curl's URL globbing: N transfers in one process, reusing the
@@ -235,16 +283,20 @@ pub fn command(curl: &Path, sandbox: &Sandbox, port: u16, route: Route, job: Job
     let mut curl_args: Vec<String> = vec!["-sS".into(), "-o".into(), "/dev/null".into()];
     match route {
         // No proxy from the environment, whatever the caller's is.
-        Route::Direct => curl_args.extend(["--noproxy".into(), "*".into()]),
+        Route::Direct | Route::Relay => curl_args.extend(["--noproxy".into(), "*".into()]),
+        Route::PeerProxy => {
+            let proxy = ends.peer_proxy.ok_or_else(|| missing("tinyproxy"))?;
+            curl_args.extend(["-p".into(), "-x".into(), format!("http://127.0.0.1:{proxy}")]);
+        }
         // The sandbox's http_proxy points at airlock's proxy; -p makes curl
         // CONNECT even for http://.
         Route::Tunnel => curl_args.push("-p".into()),
         Route::Plain => {}
     }
     curl_args.extend(["-w".into(), WRITE_OUT.into(), url]);
-    match route {
-        Route::Direct => {
-            let mut c = Command::new(curl);
+    Ok(match route {
+        Route::Direct | Route::Relay | Route::PeerProxy => {
+            let mut c = Command::new(&ends.curl);
             for v in PROXY_VARS {
                 c.env_remove(v);
             }
@@ -252,17 +304,92 @@ pub fn command(curl: &Path, sandbox: &Sandbox, port: u16, route: Route, job: Job
             c
         }
         Route::Tunnel | Route::Plain => {
+            let sandbox = &ends.sandbox;
             let mut c = Command::new(&sandbox.airlock);
             c.env("AIRLOCK_STATE_DIR", &sandbox.state)
                 .current_dir(&sandbox.cwd)
                 .args(["run", "--rm", "--mode", "none", "--allow"])
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--")
-                .arg(curl)
+                .arg(&ends.curl)
                 .args(curl_args);
             c
         }
+    })
+}
+
+/// A peer process serving on a loopback port; killed when dropped.
+pub struct PeerProcess {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// A port on 127.0.0.1 that nothing listens on now, for a peer to take.
+fn free_port() -> Result<u16, BenchError> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|e| BenchError::new(format!("cannot find a free port on 127.0.0.1: {e}")))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| BenchError::new(format!("listener address: {e}")))
+}
+
+/// Starts `cmd` (which must listen on `port`) and waits until it accepts a
+/// connection, or says why it did not.
+fn start_peer(mut cmd: Command, name: &str, port: u16) -> Result<PeerProcess, BenchError> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| BenchError::new(format!("cannot start {name}: {e}")))?;
+    let mut peer = PeerProcess { child, port };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    loop {
+        if let Ok(Some(status)) = peer.child.try_wait() {
+            return Err(BenchError::new(format!("{name} exited before listening ({status})")));
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return Ok(peer);
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::new(format!("{name} did not listen on 127.0.0.1:{port} within 5 s")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// socat forwarding a fresh port to `server`, a process per connection
+/// (`fork`), with a 1 MiB transfer buffer (its default, 8 KiB, would make
+/// it slower than it needs to be).
+pub fn start_relay(socat: &Path, server: u16) -> Result<PeerProcess, BenchError> {
+    let port = free_port()?;
+    let mut c = Command::new(socat);
+    c.args(["-b", "1048576"])
+        .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+        .arg(format!("TCP:127.0.0.1:{server}"));
+    start_peer(c, "socat", port)
+}
+
+/// tinyproxy in the foreground on a fresh port, with a configuration in
+/// `dir`: loopback only, no log file, every CONNECT port allowed (it allows
+/// all when the configuration names none).
+pub fn start_peer_proxy(tinyproxy: &Path, dir: &Path) -> Result<PeerProcess, BenchError> {
+    let port = free_port()?;
+    let conf = dir.join("tinyproxy.conf");
+    let text = format!(
+        "Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 600\nMaxClients 64\nLogLevel Critical\n"
+    );
+    std::fs::write(&conf, text)
+        .map_err(|e| BenchError::new(format!("cannot write {}: {e}", conf.display())))?;
+    let mut c = Command::new(tinyproxy);
+    c.arg("-d").arg("-c").arg(&conf);
+    start_peer(c, "tinyproxy", port)
 }
 
 /// Reads curl's `--write-out` lines for `job`: checks that every transfer
@@ -310,15 +437,16 @@ pub struct EgressCase {
 /// case's values. A case that fails is dropped from later rounds.
 pub fn measure(
     cases: &[EgressCase],
-    curl: &Path,
-    sandbox: &Sandbox,
-    port: u16,
+    ends: &Endpoints,
     warmup: usize,
     rounds: usize,
 ) -> Vec<Result<Vec<f64>, String>> {
     let once = |c: &EgressCase| -> Result<Vec<f64>, BenchError> {
-        let what = if c.route == Route::Direct { "curl" } else { "airlock run … -- curl" };
-        let out = measure::checked(command(curl, sandbox, port, c.route, c.job), what)?;
+        let what = match c.route {
+            Route::Direct | Route::Relay | Route::PeerProxy => "curl",
+            Route::Tunnel | Route::Plain => "airlock run … -- curl",
+        };
+        let out = measure::checked(command(ends, c.route, c.job)?, what)?;
         parse_write_out(&out, c.job).map_err(|e| BenchError::new(format!("{what}: {e}")))
     };
     let mut results: Vec<Result<Vec<f64>, String>> = Vec::with_capacity(cases.len());
@@ -368,6 +496,55 @@ mod tests {
         let v = parse_write_out("200 32 100 0.000250\n200 32 100 0.000750\n", job).unwrap();
         assert_eq!(v, vec![0.00025, 0.00075]);
         assert!(parse_write_out("200 32 100 0.000250\n", job).is_err());
+    }
+
+    fn ends(relay: Option<u16>, peer_proxy: Option<u16>) -> Endpoints {
+        Endpoints {
+            curl: "/usr/bin/curl".into(),
+            server: 8000,
+            sandbox: Sandbox { airlock: "/bin/airlock".into(), state: "/s".into(), cwd: "/".into() },
+            relay,
+            peer_proxy,
+        }
+    }
+
+    fn args(c: &Command) -> Vec<String> {
+        c.get_args().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn each_route_reaches_the_server_its_own_way() {
+        let job = Job::Download { bytes: 1 };
+        let e = ends(Some(9001), Some(9002));
+        assert_eq!(e.routes(), [Route::Direct, Route::Relay, Route::PeerProxy, Route::Tunnel, Route::Plain]);
+
+        // The relay: curl talks to socat's port as if it were the server.
+        let relay = command(&e, Route::Relay, job).unwrap();
+        assert_eq!(relay.get_program(), "/usr/bin/curl");
+        let a = args(&relay);
+        assert!(a.contains(&"http://127.0.0.1:9001/big".to_string()), "{a:?}");
+        assert!(a.windows(2).any(|w| w == ["--noproxy", "*"]), "{a:?}");
+
+        // tinyproxy: a CONNECT to the server's port through the proxy's.
+        let a = args(&command(&e, Route::PeerProxy, job).unwrap());
+        assert!(a.windows(3).any(|w| w == ["-p", "-x", "http://127.0.0.1:9002"]), "{a:?}");
+        assert!(a.contains(&"http://127.0.0.1:8000/big".to_string()), "{a:?}");
+
+        // airlock's tunnel: the server's port, allowed, from inside a sandbox.
+        let tunnel = command(&e, Route::Tunnel, job).unwrap();
+        assert_eq!(tunnel.get_program(), "/bin/airlock");
+        let a = args(&tunnel);
+        assert!(a.windows(2).any(|w| w == ["--allow", "127.0.0.1:8000"]), "{a:?}");
+        assert!(a.contains(&"-p".to_string()) && a.contains(&"http://127.0.0.1:8000/big".to_string()));
+    }
+
+    #[test]
+    fn a_peer_that_is_not_running_has_no_route() {
+        let e = ends(None, None);
+        assert_eq!(e.routes(), [Route::Direct, Route::Tunnel, Route::Plain]);
+        let job = Job::Requests { requests: 2 };
+        assert!(command(&e, Route::Relay, job).is_err());
+        assert!(command(&e, Route::PeerProxy, job).is_err());
     }
 
     #[test]

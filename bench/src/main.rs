@@ -393,6 +393,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     let bwrap = if opts.bwrap && sections.startup { fixtures::find_in_path("bwrap") } else { None };
     let runc = if opts.runc && sections.startup { fixtures::find_in_path("runc") } else { None };
     let curl = if sections.egress { fixtures::find_in_path("curl") } else { None };
+    let socat = if sections.egress { fixtures::find_in_path("socat") } else { None };
+    let tinyproxy = if sections.egress { fixtures::find_in_path("tinyproxy") } else { None };
     let mut header = vec![format!("airlock:    {} ({version})", airlock.display())];
     if sections.startup {
         header.push(format!("bubblewrap: {}", peer_line(bwrap.as_deref(), opts.bwrap, "--version")));
@@ -400,6 +402,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     }
     if sections.egress {
         header.push(format!("curl:       {}", peer_line(curl.as_deref(), true, "--version")));
+        header.push(format!("socat:      {}", peer_line(socat.as_deref(), true, "-V")));
+        header.push(format!("tinyproxy:  {}", peer_line(tinyproxy.as_deref(), true, "-v")));
     }
     header.push(format!(
         "host:       Linux {}, {} cores, {}",
@@ -513,7 +517,9 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
                 ));
             }
         }
-        Some(egress_section(opts, &airlock, &scratch, curl.as_deref(), &mut notes)?)
+        let tools =
+            EgressTools { curl: curl.as_deref(), socat: socat.as_deref(), tinyproxy: tinyproxy.as_deref() };
+        Some(egress_section(opts, &airlock, &scratch, tools, &mut notes)?)
     } else {
         None
     };
@@ -630,18 +636,26 @@ fn startup(
     Ok(outcomes)
 }
 
-/// The egress group: a server on loopback; the download over each route,
-/// interleaved; then the small requests over each route, interleaved.
+/// The programs the egress section runs: the client, and the peers on the
+/// host (None when not installed).
+struct EgressTools<'a> {
+    curl: Option<&'a Path>,
+    socat: Option<&'a Path>,
+    tinyproxy: Option<&'a Path>,
+}
+
+/// The egress group: a server on loopback, and the peers in front of it;
+/// the download over each route, interleaved; then the small requests over
+/// each route, interleaved.
 fn egress_section(
     opts: &Options,
     airlock: &Path,
     scratch: &Path,
-    curl: Option<&Path>,
+    tools: EgressTools,
     notes: &mut Vec<String>,
 ) -> Result<EgressResults, BenchError> {
-    use egress::{EgressCase, Job, Route};
-    let routes = [Route::Direct, Route::Tunnel, Route::Plain];
-    let Some(curl) = curl else {
+    use egress::{EgressCase, Job};
+    let Some(curl) = tools.curl else {
         return Ok(EgressResults {
             skipped: Some("curl is not installed".into()),
             download: Vec::new(),
@@ -653,11 +667,28 @@ fn egress_section(
         .checked_mul(1024 * 1024)
         .ok_or_else(|| BenchError::new(format!("--download-mib {} is too large", opts.download_mib)))?;
     let server = egress::Server::start(bytes)?;
-    let sandbox = egress::Sandbox {
-        airlock: airlock.to_path_buf(),
-        state: scratch.join("state-egress"),
-        cwd: scratch.to_path_buf(),
+    // A peer that does not start loses its rows, not the section.
+    let mut peer = |started: Result<egress::PeerProcess, BenchError>| match started {
+        Ok(p) => Some(p),
+        Err(e) => {
+            notes.push(format!("{e}: its egress rows are skipped"));
+            None
+        }
     };
+    let relay = tools.socat.and_then(|s| peer(egress::start_relay(s, server.port())));
+    let peer_proxy = tools.tinyproxy.and_then(|t| peer(egress::start_peer_proxy(t, scratch)));
+    let ends = egress::Endpoints {
+        curl: curl.to_path_buf(),
+        server: server.port(),
+        sandbox: egress::Sandbox {
+            airlock: airlock.to_path_buf(),
+            state: scratch.join("state-egress"),
+            cwd: scratch.to_path_buf(),
+        },
+        relay: relay.as_ref().map(|p| p.port),
+        peer_proxy: peer_proxy.as_ref().map(|p| p.port),
+    };
+    let routes = ends.routes();
     let group = |job: Job, what: &str| {
         eprintln!(
             "airlock-bench: egress, {what} on 127.0.0.1:{}, {} cases interleaved",
@@ -665,7 +696,7 @@ fn egress_section(
             routes.len()
         );
         let cases: Vec<EgressCase> = routes.iter().map(|&route| EgressCase { route, job }).collect();
-        let results = egress::measure(&cases, curl, &sandbox, server.port(), opts.warmup, opts.egress_runs);
+        let results = egress::measure(&cases, &ends, opts.warmup, opts.egress_runs);
         routes.iter().copied().zip(results).collect::<Vec<_>>()
     };
     let download = group(Job::Download { bytes }, &format!("{} MiB download", opts.download_mib));
@@ -673,10 +704,11 @@ fn egress_section(
         Job::Requests { requests: opts.egress_requests },
         &format!("{} small requests", opts.egress_requests),
     );
-    drop(server);
-    let left = std::fs::read_dir(&sandbox.state).map(|d| d.count()).unwrap_or(0);
+    drop((relay, peer_proxy, server));
+    let state = &ends.sandbox.state;
+    let left = std::fs::read_dir(state).map(|d| d.count()).unwrap_or(0);
     if left > 0 {
-        notes.push(format!("{left} entries left in {} after --rm runs", sandbox.state.display()));
+        notes.push(format!("{left} entries left in {} after --rm runs", state.display()));
     }
     Ok(EgressResults { skipped: None, download, latency })
 }
@@ -693,9 +725,12 @@ fn peer_line(path: Option<&Path>, wanted: bool, version_flag: &str) -> String {
             let mut c = Command::new(p);
             c.arg(version_flag);
             let v = measure::checked(c, "version").unwrap_or_default();
+            // socat names its authors first: take its version line.
+            let first = v.lines().find(|l| l.contains(" version ")).or_else(|| v.lines().next());
+            let first = first.unwrap_or("version unknown");
             // curl's first line goes on to list its libraries: keep "curl 7.88.1".
-            let first = v.lines().next().unwrap_or("version unknown");
             let first = first.split_once(" (").map_or(first, |(name, _)| name);
+            let first = first.split_once(" on ").map_or(first, |(name, _)| name);
             format!("{} ({})", p.display(), first.trim())
         }
     }
