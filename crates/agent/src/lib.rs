@@ -8,6 +8,7 @@
 //! behind in the PID namespace.
 
 mod egress;
+mod oom;
 mod service;
 mod signals;
 mod users;
@@ -60,6 +61,8 @@ pub fn main() -> i32 {
             return AGENT_FAILED;
         }
     };
+    // Before the agent's /proc is replaced and Landlock confines it.
+    oom::keep_handle();
     if let Err(e) = setup::build(&launch.jail) {
         return setup_failed(&mut control, e.step, &e.message);
     }
@@ -165,7 +168,7 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
         }
     }
     in_own_session(&mut cmd, launch.tty);
-    let child = match cmd.spawn() {
+    let child = match oom::spawn_ahead_of_agent(&mut cmd) {
         Ok(child) => child,
         Err(e) => {
             let exit_code = if e.kind() == io::ErrorKind::NotFound { 127 } else { 126 };

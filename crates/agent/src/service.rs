@@ -197,7 +197,7 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
     crate::in_own_session(&mut cmd, terminal.is_some());
     // Spawn and register under the lock, so the reaper cannot miss the pid.
     let Ok(mut t) = table.lock() else { return };
-    let mut child = match cmd.spawn() {
+    let mut child = match crate::oom::spawn_ahead_of_agent(&mut cmd) {
         Ok(child) => child,
         Err(e) => {
             let exit_code = if e.kind() == io::ErrorKind::NotFound { 127 } else { 126 };

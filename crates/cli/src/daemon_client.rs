@@ -444,20 +444,13 @@ pub fn print_inspect(s: &Value, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(out, "running without: {}", degraded.join(", "))?;
     }
     if let Some(e) = s["exit"].as_object() {
-        let mut parts = Vec::new();
-        if let Some(code) = e.get("code").and_then(Value::as_i64) {
-            parts.push(format!("code {code}"));
-        }
-        if let Some(signal) = e.get("signal").and_then(Value::as_i64) {
-            parts.push(format!("signal {signal}"));
-        }
-        if e.get("timed_out") == Some(&Value::Bool(true)) {
-            parts.push("timed out".to_owned());
-        }
-        if e.get("oom_killed") == Some(&Value::Bool(true)) {
-            parts.push("out of memory".to_owned());
-        }
-        writeln!(out, "exit:       {}", parts.join(", "))?;
+        let summary = crate::present::exit_summary(
+            e.get("code").and_then(Value::as_i64),
+            e.get("signal").and_then(Value::as_i64),
+            e.get("timed_out") == Some(&Value::Bool(true)),
+            e.get("oom_killed") == Some(&Value::Bool(true)),
+        );
+        writeln!(out, "exit:       {summary}")?;
     }
     if let Some(pid) = s["supervisor_pid"].as_i64() {
         writeln!(out, "supervisor: pid {pid}")?;

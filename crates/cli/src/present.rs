@@ -167,6 +167,24 @@ pub fn net_log(entries: &[NetLogEntry], json: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// How a sandbox ended, for `inspect`: "code 0", "signal 9, out of memory"…
+pub fn exit_summary(code: Option<i64>, signal: Option<i64>, timed_out: bool, oom_killed: bool) -> String {
+    let mut parts = Vec::new();
+    if let Some(code) = code {
+        parts.push(format!("code {code}"));
+    }
+    if let Some(signal) = signal {
+        parts.push(format!("signal {signal}"));
+    }
+    if timed_out {
+        parts.push("timed out".to_owned());
+    }
+    if oom_killed {
+        parts.push("out of memory".to_owned());
+    }
+    parts.join(", ")
+}
+
 pub fn inspect(i: &Inspection, json: bool) -> io::Result<()> {
     let mut out = io::stdout().lock();
     if json {
@@ -195,6 +213,10 @@ pub fn inspect(i: &Inspection, json: bool) -> io::Result<()> {
     }
     if !m.degraded.is_empty() {
         writeln!(out, "running without: {}", m.degraded.join(", "))?;
+    }
+    if let Some(e) = &m.exit {
+        let summary = exit_summary(e.code.map(i64::from), e.signal.map(i64::from), e.timed_out, e.oom_killed);
+        writeln!(out, "exit:       {summary}")?;
     }
     writeln!(out, "state dir:  {}", i.path.display())?;
     Ok(())

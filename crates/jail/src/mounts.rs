@@ -231,7 +231,11 @@ pub fn build_root(plan: &JailPlan) -> Result<(), MountError> {
     // host's is still mounted at /proc at this point.
     let proc_dir = under(root, Path::new("/proc"));
     mkdir_all(&proc_dir)?;
-    mount_fs("proc", &proc_dir, "proc", SAFE | MountFlags::NOEXEC, "").ctx("mount /proc", &proc_dir)?;
+    // Read-only: nothing inside needs to write /proc, and a writable one
+    // would let a process lower its own OOM score to the agent's floor
+    // where Landlock is not there to stop it.
+    mount_fs("proc", &proc_dir, "proc", SAFE | MountFlags::NOEXEC | MountFlags::RDONLY, "")
+        .ctx("mount /proc", &proc_dir)?;
 
     // /sys, read-only. A kernel that refuses sysfs here (it does when /sys is
     // partly hidden on the host) leaves an empty directory: no tool we know of

@@ -230,6 +230,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
 }
 
 /// Why the sandbox stops.
+#[derive(Clone, Copy)]
 enum StopReason {
     Requested,
     Deadline,
@@ -431,7 +432,7 @@ impl Supervisor {
         if let Some(cg) = &cgroup {
             let _ = cg.kill_all();
         }
-        let _ = airlock_jail::sys::wait_pid(agent_pid);
+        let agent_status = airlock_jail::sys::wait_pid(agent_pid).ok();
         drop(control);
         if let Ok(agent) = self.agent.lock() {
             let _ = agent.shutdown(std::net::Shutdown::Both);
@@ -448,10 +449,22 @@ impl Supervisor {
         }
         stdio.release_child_ends();
         stdio.finish();
+        // Stopped by the supervisor, the sandbox ended normally (code 0).
+        // An agent that ended by itself (killed by the OOM killer, say) is
+        // recorded as it ended, so that `ls` and `inspect` do not call it
+        // a clean stop.
+        let (code, signal) = match (reason, agent_status) {
+            (StopReason::AgentGone, Some(status)) if libc::WIFSIGNALED(status) => {
+                (None, Some(libc::WTERMSIG(status)))
+            }
+            (StopReason::AgentGone, Some(status)) => (Some(libc::WEXITSTATUS(status)), None),
+            _ => (Some(0), None),
+        };
         let ending = Ending {
             timed_out: matches!(reason, StopReason::Deadline),
             confined: true,
-            code: Some(0),
+            code,
+            signal,
             ..Ending::default()
         };
         let mut notices = Vec::new();

@@ -26,6 +26,20 @@ fn state_of(env: &Env, name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Processes whose parent is `pid`, from /proc.
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).map(str::trim);
+        if ppid == Some(pid.to_string().as_str()) {
+            found.push(child);
+        }
+    }
+    found
+}
+
 fn supervisor_pid(env: &Env, name: &str) -> i32 {
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.sandbox_dir(name).join("meta.json")).unwrap()).unwrap();
@@ -336,4 +350,57 @@ fn signals_to_airlock_exec_reach_the_process() {
     assert_eq!(lines.next().unwrap().unwrap(), "got-term");
     assert_eq!(child.wait().unwrap().code(), Some(7));
     let _ = env.airlock(["rm", "sig"]).output();
+}
+
+/// The agent is PID 1: if the OOM killer took it, one greedy exec would end
+/// the whole sandbox. Filling the sandbox's tmpfs is the case where the
+/// agent is the biggest process there (the memory belongs to no process).
+#[test]
+fn an_exec_that_exhausts_memory_dies_and_the_sandbox_lives() {
+    if !require(is_root(), "root (cgroup limits)") {
+        return;
+    }
+    let env = Env::new();
+    let o = create(&env, "oom", &["--mode", "none", "--memory", "64M"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+
+    // What the OOM killer goes by: everything started ranks ahead of the
+    // agent, and cannot change that.
+    let o = exec(
+        &env,
+        "oom",
+        "cat /proc/1/oom_score_adj /proc/self/oom_score_adj; \
+         echo 0 > /proc/self/oom_score_adj && echo lowered; true",
+    );
+    assert_eq!(stdout(&o), "0\n500\n", "{}", show(&o));
+
+    // dd is killed (the shell around it too, or not: either ranks ahead of
+    // the agent); the sandbox stays.
+    let o = exec(&env, "oom", "dd if=/dev/zero of=/tmp/fill bs=1M count=200 2>/dev/null; echo dd $?");
+    assert!(matches!(stdout(&o).as_str(), "dd 137\n" | ""), "{}", show(&o));
+    assert_eq!(state_of(&env, "oom"), "running", "{}", show(&o));
+    let o = exec(&env, "oom", "rm /tmp/fill && echo alive");
+    assert_eq!(stdout(&o), "alive\n", "{}", show(&o));
+    assert_eq!(env.airlock(["stop", "oom"]).output().unwrap().status.code(), Some(0));
+}
+
+/// A sandbox whose agent ends by itself is recorded as it ended, not as a
+/// clean stop.
+#[test]
+fn an_agent_that_dies_is_recorded_as_it_died() {
+    let env = Env::new();
+    let o = create(&env, "gone", &["--mode", "none"]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    // The agent is the supervisor's only child process.
+    let supervisor = supervisor_pid(&env, "gone");
+    let agents = children_of(supervisor);
+    assert_eq!(agents.len(), 1, "children of the supervisor: {agents:?}");
+    let killed = std::process::Command::new("kill").args(["-KILL", &agents[0].to_string()]).status().unwrap();
+    assert!(killed.success());
+    assert!(wait_until(10, || state_of(&env, "gone") == "stopped"), "state {}", state_of(&env, "gone"));
+    let o = env.airlock(["inspect", "gone"]).output().unwrap();
+    assert!(stdout(&o).contains("exit:       signal 9"), "{}", show(&o));
+    let o = env.airlock(["ls"]).output().unwrap();
+    let row = stdout(&o).lines().find(|l| l.starts_with("gone ")).unwrap_or_default().to_string();
+    assert!(row.contains(" 137 "), "{}", show(&o));
 }

@@ -81,7 +81,8 @@ fn rootless_run_confines_and_keeps_changes_for_review() {
     let script = format!(
         "id -u; cat /proc/self/uid_map; grep CapEff /proc/self/status; \
          echo patched >> src/lib.c; (echo pwned > {}) 2>/dev/null; (echo x > /etc/evil) 2>/dev/null; \
-         echo procs:$(ls -d /proc/[0-9]* | wc -l); exit 5",
+         echo procs:$(ls -d /proc/[0-9]* | wc -l); \
+         echo oom:$(cat /proc/1/oom_score_adj),$(cat /proc/self/oom_score_adj); exit 5",
         outside.display()
     );
     let o = r.run_sh("rootless", &[], &script);
@@ -96,6 +97,9 @@ fn rootless_run_confines_and_keeps_changes_for_review() {
     assert!(!Path::new("/etc/evil").exists());
     let procs: usize = out.lines().find_map(|l| l.strip_prefix("procs:")).unwrap().trim().parse().unwrap();
     assert!(procs < 10, "{}", show(&o));
+    // Raising a score takes no privilege: the OOM killer prefers the
+    // command to the agent in a rootless sandbox too.
+    assert!(out.contains("oom:0,500\n"), "{}", show(&o));
     // Without root there are no cgroups or disk quota: dev allows running
     // weaker, and says so.
     if is_root() {
