@@ -15,6 +15,25 @@ pub struct Env {
     pub workspace: PathBuf,
 }
 
+/// A test that fails half-way can leave long-lived sandboxes running, and
+/// their supervisors would outlive it with their cgroups and mounts: stop
+/// what is still running and let `gc` release what is left.
+impl Drop for Env {
+    fn drop(&mut self) {
+        if !self.state.is_dir() {
+            return;
+        }
+        let Ok(o) = self.airlock(["ls", "--json"]).output() else { return };
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        for s in list.iter().filter(|s| s["state"] == "running") {
+            if let Some(name) = s["name"].as_str() {
+                let _ = self.airlock(["stop", name]).output();
+            }
+        }
+        let _ = self.airlock(["gc"]).output();
+    }
+}
+
 impl Env {
     pub fn new() -> Env {
         let dir = tempfile::Builder::new().prefix("airlock-test-").tempdir_in(test_root()).unwrap();
