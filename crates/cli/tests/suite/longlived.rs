@@ -374,10 +374,11 @@ fn an_exec_that_exhausts_memory_dies_and_the_sandbox_lives() {
     );
     assert_eq!(stdout(&o), "0\n500\n", "{}", show(&o));
 
-    // dd is killed (the shell around it too, or not: either ranks ahead of
-    // the agent); the sandbox stays.
+    // dd does not finish: the OOM killer ends it (here: "dd 137"), or the
+    // shell around it too, or a kernel refuses its write instead. Whichever,
+    // the sandbox stays.
     let o = exec(&env, "oom", "dd if=/dev/zero of=/tmp/fill bs=1M count=200 2>/dev/null; echo dd $?");
-    assert!(matches!(stdout(&o).as_str(), "dd 137\n" | ""), "{}", show(&o));
+    assert_ne!(stdout(&o), "dd 0\n", "{}", show(&o));
     assert_eq!(state_of(&env, "oom"), "running", "{}", show(&o));
     let o = exec(&env, "oom", "rm /tmp/fill && echo alive");
     assert_eq!(stdout(&o), "alive\n", "{}", show(&o));
