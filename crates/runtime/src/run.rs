@@ -98,6 +98,14 @@ pub(crate) fn check(
         return Err(RunError::TierUnavailable);
     }
     let workspace = resolve_workspace(&policy, workspace)?;
+    if let Some(repo) = workspace.as_deref().and_then(git_dir_outside) {
+        notify(Notice::Warning(format!(
+            "the workspace's git repository is outside it ({}, named by .git): only the workspace is \
+             visible inside, so git there will find no repository; for git inside, make the \
+             repository's main checkout the workspace",
+            repo.display()
+        )));
+    }
     if policy.workspace.mode == WorkspaceMode::Rw && workspace.is_some() {
         notify(Notice::Warning(
             "workspace mode rw: the sandbox writes straight into the host directory, with no review".into(),
@@ -129,6 +137,46 @@ pub(crate) fn check(
         )));
     }
     Ok(Checked { policy, workspace, host, degraded })
+}
+
+/// Where the workspace's git directory is, when that is outside the
+/// workspace: `.git` as a symlink, or as a file naming a `gitdir:` elsewhere
+/// (a worktree, a submodule). Agents work in worktrees often; inside the
+/// sandbox such a repository is missing and git says only "not a git
+/// repository". Reads the user's own directory, before anything runs.
+fn git_dir_outside(workspace: &Path) -> Option<PathBuf> {
+    use std::io::Read;
+    let dot_git = workspace.join(".git");
+    let kind = std::fs::symlink_metadata(&dot_git).ok()?.file_type();
+    let named = if kind.is_symlink() {
+        std::fs::read_link(&dot_git).ok()?
+    } else if kind.is_file() {
+        let mut text = String::new();
+        std::fs::File::open(&dot_git).ok()?.take(4096).read_to_string(&mut text).ok()?;
+        PathBuf::from(text.lines().find_map(|l| l.strip_prefix("gitdir:"))?.trim())
+    } else {
+        return None;
+    };
+    let named = workspace.join(named);
+    // A gitdir that does not exist (any more) is still outside or not.
+    let resolved = named.canonicalize().unwrap_or_else(|_| lexically_normal(&named));
+    (!resolved.starts_with(workspace)).then_some(resolved)
+}
+
+/// `path` with `.` and `..` resolved by name alone.
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn resolve_workspace(policy: &Policy, requested: Option<&Path>) -> Result<Option<PathBuf>, RunError> {
@@ -313,5 +361,50 @@ pub(crate) fn record_failure(sandbox: &SandboxDir, error: &RunError) {
         meta.state = SandboxState::Failed;
         meta.finished_at = Some(now_rfc3339());
         let _ = sandbox.write_meta(&meta);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_git_directory_outside_the_workspace_is_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let main_git = root.join("main/.git");
+        std::fs::create_dir_all(main_git.join("worktrees/wt")).unwrap();
+        let plain = root.join("main");
+        assert_eq!(git_dir_outside(&plain), None, "a repository's own checkout");
+
+        let worktree = root.join("wt");
+        std::fs::create_dir(&worktree).unwrap();
+        std::fs::write(
+            worktree.join(".git"),
+            format!("gitdir: {}\n", main_git.join("worktrees/wt").display()),
+        )
+        .unwrap();
+        assert_eq!(git_dir_outside(&worktree), Some(main_git.join("worktrees/wt")));
+
+        // Relative, as submodules write it; and a symlink.
+        let sub = root.join("main/sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join(".git"), "gitdir: ../.git/modules/sub\n").unwrap();
+        assert_eq!(git_dir_outside(&sub), Some(main_git.join("modules/sub")), "missing gitdir");
+        std::fs::create_dir_all(main_git.join("modules/sub")).unwrap();
+        assert_eq!(git_dir_outside(&sub), Some(main_git.join("modules/sub")));
+        let linked = root.join("linked");
+        std::fs::create_dir(&linked).unwrap();
+        std::os::unix::fs::symlink(&main_git, linked.join(".git")).unwrap();
+        assert_eq!(git_dir_outside(&linked), Some(main_git.clone()));
+
+        // Inside the workspace, or no repository at all: nothing to say.
+        let inside = root.join("inside");
+        std::fs::create_dir_all(inside.join("gitdir")).unwrap();
+        std::fs::write(inside.join(".git"), "gitdir: gitdir\n").unwrap();
+        assert_eq!(git_dir_outside(&inside), None);
+        assert_eq!(git_dir_outside(&root), None);
     }
 }

@@ -156,3 +156,23 @@ fn artifacts_matching_the_policy_are_captured() {
     let captured = env.sandbox_dir("artifacts").join("artifacts/out/junit-report.xml");
     assert_eq!(std::fs::read_to_string(captured).unwrap(), "<testsuite/>\n");
 }
+
+/// A worktree's `.git` names a directory outside the workspace, which the
+/// sandbox cannot see: airlock says so before git inside says only "not a
+/// git repository".
+#[test]
+fn a_repository_outside_the_workspace_is_pointed_out() {
+    let env = Env::new();
+    let main_git = env.dir.path().join("main/.git/worktrees/repo");
+    std::fs::create_dir_all(&main_git).unwrap();
+    std::fs::write(env.workspace.join(".git"), format!("gitdir: {}\n", main_git.display())).unwrap();
+    let o = env.run_sh("worktree", &["--rm"], "test -e .git && echo seen");
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o), "seen\n");
+    assert!(stderr(&o).contains("the workspace's git repository is outside it"), "{}", show(&o));
+
+    std::fs::remove_file(env.workspace.join(".git")).unwrap();
+    std::fs::create_dir(env.workspace.join(".git")).unwrap();
+    let o = env.run_sh("own-repo", &["--rm"], "true");
+    assert!(!stderr(&o).contains("git repository"), "{}", show(&o));
+}
