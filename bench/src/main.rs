@@ -506,16 +506,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
 
     let egress = if sections.egress {
         // The first sample was taken before the other sections ran: take another.
-        if (sections.startup || sections.diff)
-            && let Some(busy) = cpu_busy(Duration::from_secs(1))
-        {
-            header
-                .push(format!("cpu busy:   {busy:.0}% of all cores in the second before the egress section"));
-            if busy > 20.0 {
-                notes.push(format!(
-                    "the machine was not idle before the egress section ({busy:.0}% CPU busy): its numbers are noisy"
-                ));
-            }
+        if sections.startup || sections.diff {
+            note_cpu_busy("egress", &mut header, &mut notes);
         }
         let tools =
             EgressTools { curl: curl.as_deref(), socat: socat.as_deref(), tinyproxy: tinyproxy.as_deref() };
@@ -525,16 +517,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     };
 
     let daemon = if sections.daemon {
-        if (sections.startup || sections.diff || sections.egress)
-            && let Some(busy) = cpu_busy(Duration::from_secs(1))
-        {
-            header
-                .push(format!("cpu busy:   {busy:.0}% of all cores in the second before the daemon section"));
-            if busy > 20.0 {
-                notes.push(format!(
-                    "the machine was not idle before the daemon section ({busy:.0}% CPU busy): its numbers are noisy"
-                ));
-            }
+        if sections.startup || sections.diff || sections.egress {
+            note_cpu_busy("daemon", &mut header, &mut notes);
         }
         let plan = daemon::Plan {
             iterations: opts.iterations,
@@ -738,6 +722,19 @@ fn peer_line(path: Option<&Path>, wanted: bool, version_flag: &str) -> String {
 
 fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// Samples how busy the CPUs are just before `section` runs (other
+/// sections ran before it) and says so, with a note when it is too busy to
+/// trust the numbers.
+fn note_cpu_busy(section: &str, header: &mut Vec<String>, notes: &mut Vec<String>) {
+    let Some(busy) = cpu_busy(Duration::from_secs(1)) else { return };
+    header.push(format!("cpu busy:   {busy:.0}% of all cores in the second before the {section} section"));
+    if busy > 20.0 {
+        notes.push(format!(
+            "the machine was not idle before the {section} section ({busy:.0}% CPU busy): its numbers are noisy"
+        ));
+    }
 }
 
 /// How busy the CPUs are over `window` while we sleep, in percent of all

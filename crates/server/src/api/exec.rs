@@ -197,8 +197,9 @@ pub async fn exec(
     Ok(crate::body::streamed("application/x-ndjson", ChannelBody::new(rx)))
 }
 
-/// Checks the caller may exec in `name` and reaches its supervisor; also
-/// answers the sandbox's owner.
+/// Checks the caller may run processes in `name` (execs, and the files
+/// API's in-sandbox scripts) and reaches its supervisor; also answers the
+/// sandbox's owner (for the event log).
 pub(super) async fn connect(
     app: &Arc<App>,
     peer: Peer,

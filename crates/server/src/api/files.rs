@@ -41,7 +41,7 @@ use crate::auth::Peer;
 use crate::body::{ChannelBody, ChannelReader, base64};
 use crate::error::ApiError;
 use crate::extract::{QueryPairs, SandboxName};
-use crate::sandbox::{self, ApiState};
+use crate::sandbox;
 
 /// Largest body `PUT .../files` accepts. It is streamed into the sandbox,
 /// never held in memory; the sandbox's own disk limit usually ends it first.
@@ -110,28 +110,6 @@ fn query_path(query: &QueryPairs) -> Result<String, ApiError> {
         return Err(invalid("path must be at most 4096 bytes without NUL".into()));
     }
     Ok(path.to_owned())
-}
-
-/// The supervisor of a running sandbox `peer` may use, and the sandbox's
-/// owner (for the event log).
-async fn running(app: &Arc<App>, peer: Peer, name: String) -> Result<(SupervisorClient, u32), ApiError> {
-    app.blocking(move |app| {
-        let loaded = sandbox::authorize(app, &peer, &name)?;
-        if loaded.state != ApiState::Running {
-            return Err(ApiError::conflict(
-                "not_running",
-                format!("sandbox {name} is not running (state: {})", loaded.state.as_str()),
-            ));
-        }
-        let client = SupervisorClient::connect(&loaded.dir).map_err(|e| {
-            ApiError::conflict(
-                "not_managed",
-                format!("sandbox {name} has no supervisor to run processes ({e})"),
-            )
-        })?;
-        Ok((client, loaded.owner_uid))
-    })
-    .await
 }
 
 fn spec(script: &str, args: &[&str], timeout_secs: Option<u64>) -> ExecSpec {
@@ -324,7 +302,7 @@ pub async fn read(
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let path = query_path(&query)?;
-    let (client, owner) = running(&app, peer, name.clone()).await?;
+    let (client, owner) = super::exec::connect(&app, peer, &name).await?;
     let spec = spec(READ_SCRIPT, &[&path], None);
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
     tokio::task::spawn_blocking(move || stream_read(&client, &spec, &tx));
@@ -395,7 +373,7 @@ pub async fn write(
     body: Body,
 ) -> Result<Response, ApiError> {
     let path = query_path(&query)?;
-    let (client, owner) = running(&app, peer, name.clone()).await?;
+    let (client, owner) = super::exec::connect(&app, peer, &name).await?;
     let (stdin, stdin_rx) = mpsc::channel::<Vec<u8>>(8);
     let target = path.clone();
     let upload = tokio::task::spawn_blocking(move || {
@@ -509,7 +487,7 @@ async fn find(
     format: &'static str,
 ) -> Result<Vec<Entry>, ApiError> {
     let path = query_path(query)?;
-    let (client, _) = running(app, peer, name).await?;
+    let (client, _) = super::exec::connect(app, peer, &name).await?;
     let target = path.clone();
     let (out, over, finish) = tokio::task::spawn_blocking(move || {
         collect(&client, &spec(script, &[&target, format], Some(60)), None, LIST_LIMIT)
