@@ -349,6 +349,12 @@ impl Supervisor {
             audit,
             max_deadline: unix_now() + max_runtime.as_secs(),
             max_runtime_secs: max_runtime.as_secs(),
+            memory: launched
+                .meta
+                .cgroup
+                .as_deref()
+                .and_then(airlock_jail::cgroup::SandboxCgroup::open)
+                .map(|cgroup| Arc::new(MemoryWatch { cgroup, limit: policy.limits.memory })),
         };
         std::thread::Builder::new()
             .name("clients".into())
@@ -594,6 +600,24 @@ struct Server {
     /// to it); unbounded within a week when the policy allows raising.
     max_deadline: u64,
     max_runtime_secs: u64,
+    memory: Option<Arc<MemoryWatch>>,
+}
+
+/// The sandbox's cgroup and memory limit, to tell a client why its exec was
+/// killed: a SIGKILL alone does not say that the OOM killer sent it.
+struct MemoryWatch {
+    cgroup: airlock_jail::cgroup::SandboxCgroup,
+    limit: u64,
+}
+
+impl MemoryWatch {
+    fn explain(&self) -> String {
+        format!(
+            "airlock: the kernel's OOM killer ended this process: the sandbox reached its memory limit ({}). \
+             Free memory inside (files in /tmp count too), or create the sandbox with a larger --memory.\n",
+            airlock_policy::format_size(self.limit)
+        )
+    }
 }
 
 impl Server {
@@ -712,6 +736,7 @@ impl Server {
         let deadline = spec.timeout_secs.map(|s| started + Duration::from_secs(s));
         let mut timed_out = false;
         let mut pid = None;
+        let oom_kills_before = self.memory.as_ref().map(|m| m.cgroup.oom_kills());
         loop {
             let wait =
                 deadline.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
@@ -740,6 +765,16 @@ impl Server {
                 other => other,
             };
             let last = matches!(event, ExecEvent::Exited { .. });
+            if let (ExecEvent::Exited { signal: Some(libc::SIGKILL), timed_out: false, .. }, Some(memory)) =
+                (&event, &self.memory)
+                && oom_kills_before.is_some_and(|before| memory.cgroup.oom_kills() > before)
+            {
+                let data = memory.explain().into_bytes();
+                let _ = airlock_proto::send(
+                    conn,
+                    &Reply::Exec(ExecEvent::Output { stream: Stream::Stderr, data }),
+                );
+            }
             if let ExecEvent::Exited { code, signal, timed_out } = &event {
                 if pid.is_none() {
                     self.record(AuditEvent::ExecStarted { id, argv: spec.argv.clone(), pid: None });

@@ -374,13 +374,21 @@ fn an_exec_that_exhausts_memory_dies_and_the_sandbox_lives() {
     );
     assert_eq!(stdout(&o), "0\n500\n", "{}", show(&o));
 
-    // dd does not finish: the OOM killer ends it (here: "dd 137"), or the
-    // shell around it too, or a kernel refuses its write instead. Whichever,
-    // the sandbox stays.
-    let o = exec(&env, "oom", "dd if=/dev/zero of=/tmp/fill bs=1M count=200 2>/dev/null; echo dd $?");
-    assert_ne!(stdout(&o), "dd 0\n", "{}", show(&o));
+    // The OOM killer ends dd, and the client is told why rather than left
+    // with a bare 137. The sandbox stays.
+    let o = env
+        .airlock(["exec", "oom", "--", "dd", "if=/dev/zero", "of=/tmp/fill", "bs=1M", "count=200"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(137), "{}", show(&o));
+    assert!(stderr(&o).contains("OOM killer ended this process"), "{}", show(&o));
+    assert!(stderr(&o).contains("memory limit (64M)"), "{}", show(&o));
+    // A process killed otherwise gets no such explanation.
+    let o = exec(&env, "oom", "rm /tmp/fill; kill -KILL $$");
+    assert_eq!(o.status.code(), Some(137), "{}", show(&o));
+    assert!(!stderr(&o).contains("OOM"), "{}", show(&o));
     assert_eq!(state_of(&env, "oom"), "running", "{}", show(&o));
-    let o = exec(&env, "oom", "rm /tmp/fill && echo alive");
+    let o = exec(&env, "oom", "echo alive");
     assert_eq!(stdout(&o), "alive\n", "{}", show(&o));
     assert_eq!(env.airlock(["stop", "oom"]).output().unwrap().status.code(), Some(0));
 }
