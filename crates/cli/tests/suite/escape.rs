@@ -90,10 +90,15 @@ fn host_processes_are_invisible_and_pid1_is_the_agent() {
         &format!(
             "echo count:$(ls -d /proc/[0-9]* | wc -l); [ -e /proc/{me} ] && echo SEE-HOST; \
              echo init:$(tr '\\0' ' ' < /proc/1/cmdline); \
-             cat /proc/1/environ >/dev/null 2>&1 && echo READ-AGENT-ENV; true"
+             cat /proc/1/environ >/dev/null 2>&1 && echo READ-AGENT-ENV; \
+             echo procmount:$(awk '$5 == \"/proc\" {{print $6}}' /proc/self/mountinfo); true"
         ),
     );
     let out = stdout(&o);
+    // Read-only as mounted, not only through Landlock: what a process could
+    // write there (its OOM score, say) stays as the agent set it.
+    let proc_opts = out.lines().find_map(|l| l.strip_prefix("procmount:")).unwrap_or_default();
+    assert!(proc_opts.split(',').any(|o| o == "ro"), "{}", show(&o));
     let count: usize = out.lines().find_map(|l| l.strip_prefix("count:")).unwrap().trim().parse().unwrap();
     assert!(count < 10, "{}", show(&o));
     assert!(out.contains("init:airlock-agent"), "{}", show(&o));
