@@ -16,4 +16,5 @@ mod escape;
 mod lifecycle;
 mod longlived;
 mod rootless;
+mod security;
 mod workspace;
