@@ -31,6 +31,9 @@ pub enum DenyAction {
     /// Fail with ENOSYS: "this kernel lacks the call", so libc and libraries
     /// fall back to an older interface (clone3 → clone).
     Enosys,
+    /// Fail with EAFNOSUPPORT: "this kernel has no such address family", the
+    /// answer programs already expect when probing for a socket family.
+    Eafnosupport,
 }
 
 impl DenyAction {
@@ -39,6 +42,7 @@ impl DenyAction {
         match self {
             DenyAction::Eperm => libc::EPERM,
             DenyAction::Enosys => libc::ENOSYS,
+            DenyAction::Eafnosupport => libc::EAFNOSUPPORT,
         }
     }
 }
@@ -244,7 +248,8 @@ fn parse_rule(raw: RawRule) -> Result<SeccompRule, String> {
     let action = match raw.errno.as_str() {
         "EPERM" => DenyAction::Eperm,
         "ENOSYS" => DenyAction::Enosys,
-        other => return Err(format!("errno `{other}` is not EPERM or ENOSYS")),
+        "EAFNOSUPPORT" => DenyAction::Eafnosupport,
+        other => return Err(format!("errno `{other}` is not EPERM, ENOSYS or EAFNOSUPPORT")),
     };
     if let Some(a) = raw.arches.iter().find(|a| !KNOWN_ARCHES.contains(&a.as_str())) {
         return Err(format!("unknown architecture `{a}` in `arches`"));
@@ -544,6 +549,19 @@ mod tests {
         assert_eq!(socket(libc::AF_NETLINK, libc::NETLINK_NETFILTER), eperm());
         assert_eq!(socket(libc::AF_UNIX, 0), allow);
         assert_eq!(socket(libc::AF_INET, 6), allow);
+        assert_eq!(socket(libc::AF_INET6, 6), allow);
+        let no_family = bpf::errno_ret(libc::EAFNOSUPPORT);
+        for family in [libc::AF_VSOCK, libc::AF_PACKET, libc::AF_ALG, libc::AF_TIPC, libc::AF_XDP, 0, 4096] {
+            assert_eq!(socket(family, 0), no_family, "family {family}");
+        }
+        // The family is an `int`: garbage in the high half changes nothing.
+        assert_eq!(verdict(&prog, "socket", [(1 << 32) | libc::AF_VSOCK as u64, 1, 0, 0, 0, 0]), no_family);
+        assert_eq!(verdict(&prog, "socket", [(1 << 32) | libc::AF_UNIX as u64, 1, 0, 0, 0, 0]), allow);
+
+        let socketpair = |family: i32| verdict(&prog, "socketpair", [family as u64, 1, 0, 0, 0, 0]);
+        assert_eq!(socketpair(libc::AF_UNIX), allow);
+        assert_eq!(socketpair(libc::AF_TIPC), no_family);
+        assert_eq!(socketpair(libc::AF_INET), no_family);
     }
 
     #[test]
@@ -652,6 +670,26 @@ mod tests {
             )),
             libc::ENOSYS
         );
+    }
+
+    #[test]
+    fn installed_filter_refuses_socket_families_outside_the_allowlist() {
+        let socket = |family: libc::c_int, kind: libc::c_int| {
+            errno_under_filter(move || raw_syscall(libc::SYS_socket, [family.into(), kind.into(), 0, 0, 0]))
+        };
+        assert_eq!(socket(libc::AF_VSOCK, libc::SOCK_STREAM), libc::EAFNOSUPPORT);
+        assert_eq!(socket(libc::AF_ALG, libc::SOCK_SEQPACKET), libc::EAFNOSUPPORT);
+        assert_eq!(socket(libc::AF_UNIX, libc::SOCK_STREAM), 0);
+        assert_eq!(socket(libc::AF_INET, libc::SOCK_STREAM), 0);
+        let pair = |family: libc::c_int| {
+            errno_under_filter(move || {
+                let mut fds = [0 as libc::c_int; 2];
+                let out = fds.as_mut_ptr() as libc::c_long;
+                raw_syscall(libc::SYS_socketpair, [family.into(), libc::SOCK_STREAM.into(), 0, out, 0])
+            })
+        };
+        assert_eq!(pair(libc::AF_UNIX), 0);
+        assert_eq!(pair(libc::AF_TIPC), libc::EAFNOSUPPORT);
     }
 
     #[test]

@@ -74,6 +74,7 @@ const COMMON: &[(&str, c_long)] = &[
     ("setns", libc::SYS_setns),
     ("settimeofday", libc::SYS_settimeofday),
     ("socket", libc::SYS_socket),
+    ("socketpair", libc::SYS_socketpair),
     ("swapoff", libc::SYS_swapoff),
     ("swapon", libc::SYS_swapon),
     ("syslog", libc::SYS_syslog),
