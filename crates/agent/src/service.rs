@@ -62,16 +62,20 @@ pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter) -> i32 {
     }
     loop {
         // The supervisor gone: the sandbox ends with us.
-        if closed_rx.try_recv().is_ok() {
+        if !matches!(closed_rx.try_recv(), Err(mpsc::TryRecvError::Empty)) {
             return 0;
         }
-        match waiter.next_signal(Duration::from_secs(1)) {
-            // SIGTERM from the supervisor ends the sandbox; others are
-            // meant for a command, and execs get theirs by request.
-            Some(libc::SIGTERM) => return 0,
+        let Some(received) = waiter.next_signal(Duration::from_secs(1)) else { continue };
+        match received.signal {
+            // Only airlock stops a long-lived sandbox: the supervisor ends
+            // the agent itself, and a SIGTERM from the host (outside the PID
+            // namespace) is honoured too. From inside — `kill -TERM 1` in one
+            // exec — it would end every other exec; execs get their signals
+            // by request, so every other signal is dropped as well.
+            libc::SIGTERM if !received.from_inside => return 0,
             // Reaping holds the table's lock: a spawn in progress holds it
             // too, and must reap its own child if its exec fails.
-            Some(libc::SIGCHLD) => {
+            libc::SIGCHLD => {
                 let Ok(mut table) = table.lock() else { return crate::AGENT_FAILED };
                 for (pid, status) in reap_any() {
                     if let Some(running) = table.remove(&pid) {
@@ -85,21 +89,42 @@ pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter) -> i32 {
 }
 
 /// Reports an exec's end once its output has been sent (bounded wait).
+///
+/// The threads count against the sandbox's pids limit, which a process
+/// inside can exhaust: where one cannot start, the end is reported at once
+/// (trailing output may then come after it) rather than taking the agent
+/// down with a panic.
 fn finish(writer: &Writer, running: Running, status: crate::signals::ExitStatus) {
-    let writer = writer.clone();
-    std::thread::spawn(move || {
-        let (done_tx, done_rx) = mpsc::channel();
-        let pumps = running.pumps;
-        std::thread::spawn(move || {
-            for pump in pumps {
-                let _ = pump.join();
+    let Running { id, stdin, pumps, .. } = running;
+    let ended = AgentMessage::ExecEnded { id, code: status.code, signal: status.signal };
+    let (report_tx, report_rx) = mpsc::channel::<(AgentMessage, Option<Box<dyn Write + Send>>)>();
+    let reporter = {
+        let writer = writer.clone();
+        std::thread::Builder::new().name("exec-end".into()).spawn(move || {
+            let Ok((ended, stdin)) = report_rx.recv() else { return };
+            let (done_tx, done_rx) = mpsc::channel();
+            let joiner = std::thread::Builder::new().name("exec-output".into()).spawn(move || {
+                for pump in pumps {
+                    let _ = pump.join();
+                }
+                let _ = done_tx.send(());
+            });
+            if joiner.is_ok() {
+                let _ = done_rx.recv_timeout(OUTPUT_GRACE);
             }
-            let _ = done_tx.send(());
-        });
-        let _ = done_rx.recv_timeout(OUTPUT_GRACE);
-        drop(running.stdin);
-        send(&writer, AgentMessage::ExecEnded { id: running.id, code: status.code, signal: status.signal });
-    });
+            drop(stdin);
+            send(&writer, ended);
+        })
+    };
+    match reporter {
+        Ok(_) => {
+            let _ = report_tx.send((ended, stdin));
+        }
+        Err(_) => {
+            drop(stdin);
+            send(writer, ended);
+        }
+    }
 }
 
 fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, launch: &Launch) {
@@ -218,23 +243,35 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
     let pid = child.id() as i32;
     send(writer, AgentMessage::ExecStarted { id: req.id, pid });
     let mut pumps = Vec::new();
+    let mut relayed = Ok(());
     let (stdin, master): (Option<Box<dyn Write + Send>>, Option<OwnedFd>) = match terminal {
         Some((master, slave)) => {
             drop(slave);
             let (Ok(reader), Ok(input)) = (master.try_clone(), master.try_clone()) else { return };
-            pumps.push(pump(writer.clone(), req.id, Stream::Stdout, std::fs::File::from(reader)));
+            relayed = pump(writer.clone(), req.id, Stream::Stdout, std::fs::File::from(reader))
+                .map(|p| pumps.push(p));
             (Some(Box::new(std::fs::File::from(input))), Some(master))
         }
         None => {
             if let Some(out) = child.stdout.take() {
-                pumps.push(pump(writer.clone(), req.id, Stream::Stdout, out));
+                relayed = pump(writer.clone(), req.id, Stream::Stdout, out).map(|p| pumps.push(p));
             }
-            if let Some(err) = child.stderr.take() {
-                pumps.push(pump(writer.clone(), req.id, Stream::Stderr, err));
+            if let Some(err) = child.stderr.take()
+                && relayed.is_ok()
+            {
+                relayed = pump(writer.clone(), req.id, Stream::Stderr, err).map(|p| pumps.push(p));
             }
             (child.stdin.take().map(|s| Box::new(s) as Box<dyn Write + Send>), None)
         }
     };
+    if let Err(e) = relayed {
+        // No thread to carry its output (the sandbox's pids limit is
+        // reached): the process would run unseen, so it is ended and its
+        // end reported by the reaper as for any other.
+        let data = format!("airlock: cannot relay this process's output ({e}); it was killed\n").into_bytes();
+        send(writer, AgentMessage::ExecOutput { id: req.id, stream: Stream::Stderr, data });
+        crate::signals::signal_group(pid, libc::SIGKILL);
+    }
     t.insert(pid, Running { id: req.id, stdin, terminal: master, pumps });
 }
 
@@ -255,8 +292,13 @@ pub(crate) fn open_terminal(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedF
     Ok((master, slave))
 }
 
-fn pump(writer: Writer, id: u32, stream: Stream, mut source: impl Read + Send + 'static) -> JoinHandle<()> {
-    std::thread::spawn(move || {
+fn pump(
+    writer: Writer,
+    id: u32,
+    stream: Stream,
+    mut source: impl Read + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("exec-pump".into()).spawn(move || {
         let mut buf = vec![0u8; CHUNK];
         loop {
             match source.read(&mut buf) {

@@ -102,9 +102,17 @@ fn reap_all(command: i32) -> Option<ExitStatus> {
     }
 }
 
+/// A signal the agent received, and whether it came from inside the sandbox.
+pub struct Received {
+    pub signal: i32,
+    /// Sent by a process of the sandbox's own PID namespace. The kernel
+    /// reports a sender outside the namespace (the host) as pid 0.
+    pub from_inside: bool,
+}
+
 impl Waiter {
     /// Waits up to `timeout` for a forwarded signal or SIGCHLD.
-    pub fn next_signal(&self, timeout: std::time::Duration) -> Option<i32> {
+    pub fn next_signal(&self, timeout: std::time::Duration) -> Option<Received> {
         let ts = libc::timespec {
             tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
             tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
@@ -113,7 +121,13 @@ impl Waiter {
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: the set, the out-pointer and the timeout are valid.
         let sig = unsafe { libc::sigtimedwait(&self.set, &mut info, &ts) };
-        (sig > 0).then_some(sig)
+        if sig <= 0 {
+            return None;
+        }
+        // SAFETY: the kernel filled `info` for the signal just taken; si_pid
+        // is valid to read for every signal (0 where it carries no sender).
+        let sender = unsafe { info.si_pid() };
+        Some(Received { signal: sig, from_inside: sender > 0 })
     }
 }
 
