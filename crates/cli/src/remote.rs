@@ -404,3 +404,47 @@ fn remote_events(
         Err(e) => Err(e.into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn tail_of(chunks: &[&[u8]]) -> Tail<Vec<u8>> {
+        let mut tail = Tail::new(Vec::new());
+        for chunk in chunks {
+            tail.write_all(chunk).unwrap();
+        }
+        tail
+    }
+
+    #[test]
+    fn the_digest_is_read_from_the_last_line_however_the_text_arrives() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let text = format!("{}\n 1 file changed\nchange {digest}\n", "+line\n".repeat(500));
+        let bytes = text.as_bytes();
+        for split in [1, 7, 80, bytes.len() - 3, bytes.len()] {
+            let (a, b) = bytes.split_at(split);
+            let tail = tail_of(&[a, b]);
+            assert_eq!(tail.digest().unwrap().to_string(), digest);
+            assert_eq!(tail.inner, bytes, "passed through unchanged");
+        }
+    }
+
+    #[test]
+    fn a_text_without_its_digest_line_is_an_error() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        for text in [
+            String::new(),
+            "+a\n".to_string(),
+            // The daemon's note when the sandbox rewrote a file mid-render.
+            format!("change {digest}\n+a\n\nairlock: a.txt changed in the sandbox\n"),
+            format!("change {digest}"),
+            format!("change {}\n", &digest[..20]),
+        ] {
+            let err = tail_of(&[text.as_bytes()]).digest().unwrap_err();
+            assert!(err.to_string().contains("without its digest line"), "{text:?}: {err}");
+        }
+    }
+}
