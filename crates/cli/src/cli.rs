@@ -65,7 +65,8 @@ enum Command {
     },
     /// Stop a long-lived sandbox (it stays until `rm`, for review).
     Stop { name: String },
-    /// Show what a sandbox changed in its workspace.
+    /// Show what a sandbox changed in its workspace, ending with the
+    /// change's digest (`change sha256:…`) for `apply --expect`.
     Diff {
         name: String,
         /// Files changed and lines added/removed, instead of the full diff.
@@ -83,6 +84,11 @@ enum Command {
         /// Also write protected paths (.git/hooks, shell rc files, editor config, …).
         #[arg(long)]
         allow_protected: bool,
+        /// Write only if the change is still exactly the one `airlock diff`
+        /// showed with this digest (`sha256:…`, its last line); otherwise
+        /// refuse and write nothing.
+        #[arg(long, value_name = "DIGEST")]
+        expect: Option<ops::ChangeDigest>,
     },
     /// List sandboxes.
     Ls {
@@ -349,7 +355,7 @@ fn direct(command: Command, forced: bool) -> CliResult {
             present::diff(&view, stat, json)?;
             Ok(0)
         }
-        Command::Apply { name, yes, allow_protected } => apply(&name, yes, allow_protected),
+        Command::Apply { name, yes, allow_protected, expect } => apply(&name, yes, allow_protected, expect),
         Command::Ls { json } => {
             present::list(&ops::list(&state()?)?, json)?;
             Ok(0)
@@ -635,30 +641,35 @@ enum Confirmed {
     Done(i32),
 }
 
-fn apply(name: &str, yes: bool, allow_protected: bool) -> CliResult {
-    match confirm_apply(name, yes, allow_protected)? {
+fn apply(name: &str, yes: bool, allow_protected: bool, expect: Option<ops::ChangeDigest>) -> CliResult {
+    match confirm_apply(name, yes, allow_protected, expect)? {
         Confirmed::Done(code) => Ok(code),
         Confirmed::Apply(pending) => apply_locally(pending),
     }
 }
 
+/// Writes the prepared change, exactly the one its digest names.
 fn apply_locally(pending: ops::PendingApply) -> CliResult {
     let mut progress = present::ProgressLine::stderr("apply");
     let report = ops::apply(pending, &mut |n| progress.update(n))?;
     drop(progress);
-    println!("applied: {} written, {} deleted", report.written.len(), report.deleted.len());
+    let digest = report.digest.map(|d| format!(" (change {d})")).unwrap_or_default();
+    println!("applied: {} written, {} deleted{digest}", report.written.len(), report.deleted.len());
     Ok(0)
 }
 
-/// Checks the changes, shows their summary and asks (unless `yes`).
+/// Checks the changes (against `expect`, when given), shows their summary
+/// and digest, and asks (unless `yes`). What is then written is held to
+/// the digest shown.
 fn confirm_apply(
     name: &str,
     yes: bool,
     allow_protected: bool,
+    expect: Option<ops::ChangeDigest>,
 ) -> Result<Confirmed, Box<dyn std::error::Error>> {
     let root = state()?;
     let mut progress = present::ProgressLine::stderr("diff");
-    let pending = ops::prepare_apply(&root, name, allow_protected, &mut |n| progress.update(n))?;
+    let pending = ops::prepare_apply(&root, name, allow_protected, expect, &mut |n| progress.update(n))?;
     drop(progress);
     if pending.view.diff.is_empty() {
         println!("sandbox {name} changed nothing; nothing to apply");
@@ -667,22 +678,24 @@ fn confirm_apply(
     let mut out = io::stdout().lock();
     pending.view.diff.render_stat(&mut out)?;
     drop(out);
-    if !yes && !ask_to_apply(name, &pending.view.lower.display().to_string())? {
+    let digest = pending.digest().to_string();
+    if !yes && !ask_to_apply(name, &pending.view.lower.display().to_string(), &digest)? {
         return Ok(Confirmed::Done(1));
     }
     Ok(Confirmed::Apply(pending))
 }
 
-/// Asks whether to apply `name`'s changes (shown above) to `workspace`;
-/// refuses to guess when nobody can answer.
-fn ask_to_apply(name: &str, workspace: &str) -> Result<bool, Box<dyn std::error::Error>> {
+/// Asks whether to apply `name`'s change (shown above, with its `digest`)
+/// to `workspace`; refuses to guess when nobody can answer.
+fn ask_to_apply(name: &str, workspace: &str, digest: &str) -> Result<bool, Box<dyn std::error::Error>> {
     if !io::stdin().is_terminal() {
         return Err(format!(
-            "refusing to apply without confirmation: stdin is not a terminal; pass --yes to apply {name}"
+            "refusing to apply without confirmation: stdin is not a terminal; pass --yes to apply {name} \
+             (with --expect {digest} to write only this change)"
         )
         .into());
     }
-    print!("Apply these changes to {workspace}? [y/N] ");
+    print!("Apply change {digest} to {workspace}? [y/N] ");
     io::stdout().flush()?;
     let mut answer = String::new();
     io::stdin().lock().read_line(&mut answer)?;

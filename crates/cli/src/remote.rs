@@ -66,11 +66,16 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
             } else {
                 let format = if stat { "stat" } else { "patch" };
                 let path = sandbox_path(&name, &format!("/diff?format={format}"));
-                daemon.download(&path, &mut io::stdout().lock())?;
+                let mut out = Tail::new(io::stdout().lock());
+                daemon.download(&path, &mut out)?;
+                out.flush()?;
+                out.digest()?;
             }
             Ok(0)
         }
-        Command::Apply { name, yes, allow_protected } => remote_apply(daemon, &name, yes, allow_protected),
+        Command::Apply { name, yes, allow_protected, expect } => {
+            remote_apply(daemon, &name, yes, allow_protected, expect)
+        }
         Command::Events { follow, sandbox, since, json } => {
             remote_events(daemon, follow, sandbox, since, json)
         }
@@ -87,34 +92,103 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
     }
 }
 
+/// Passes a diff's text through and keeps its end: the text the daemon
+/// renders ends with `change sha256:…` only when all of it was rendered
+/// and matched that digest.
+struct Tail<W: Write> {
+    inner: W,
+    end: Vec<u8>,
+}
+
+/// Enough for the digest line (78 bytes) and its newline.
+const TAIL_LEN: usize = 256;
+
+impl<W: Write> Tail<W> {
+    fn new(inner: W) -> Tail<W> {
+        Tail { inner, end: Vec::new() }
+    }
+
+    /// The digest on the last line, or why there is none.
+    fn digest(&self) -> Result<ops::ChangeDigest, Box<dyn std::error::Error>> {
+        let text = String::from_utf8_lossy(&self.end);
+        text.strip_suffix('\n')
+            .and_then(|t| t.rsplit('\n').next())
+            .and_then(|line| line.strip_prefix("change "))
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(|| {
+                "the daemon's diff ended without its digest line (`change sha256:…`): it was cut short \
+                 or the sandbox changed a file while it was shown (see above); run `airlock diff` again"
+                    .into()
+            })
+    }
+}
+
+impl<W: Write> Write for Tail<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.end.extend_from_slice(buf.get(..n).unwrap_or_default());
+        if self.end.len() > TAIL_LEN {
+            self.end.drain(..self.end.len() - TAIL_LEN);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// `airlock apply` through the daemon: the summary and the workspace come
 /// from the API, the daemon writes. A root daemon writes only for root, so
-/// a user applies the same changes as themself.
-fn remote_apply(daemon: &Daemon, name: &str, yes: bool, allow_protected: bool) -> CliResult {
+/// a user applies the same changes as themself. Either way, what is written
+/// is held to the digest shown (or to `expect`).
+fn remote_apply(
+    daemon: &Daemon,
+    name: &str,
+    yes: bool,
+    allow_protected: bool,
+    expect: Option<ops::ChangeDigest>,
+) -> CliResult {
     use hyper::Method;
     let sandbox = |rest: &str| format!("/v1/sandboxes/{}{rest}", daemon_client::encode(name));
     let diff = daemon.json(Method::GET, &sandbox("/diff"), None)?;
-    if diff["changes"].as_array().is_none_or(Vec::is_empty) {
+    let empty_digest = diff["digest"].as_str().and_then(|d| d.parse::<ops::ChangeDigest>().ok());
+    if diff["changes"].as_array().is_none_or(Vec::is_empty) && (expect.is_none() || expect == empty_digest) {
         println!("sandbox {name} changed nothing; nothing to apply");
         return Ok(0);
     }
-    daemon.download(&sandbox("/diff?format=stat"), &mut io::stdout().lock())?;
+    let mut stat = Tail::new(io::stdout().lock());
+    daemon.download(&sandbox("/diff?format=stat"), &mut stat)?;
+    stat.flush()?;
+    let shown = stat.digest()?;
+    drop(stat);
+    if let Some(expected) = expect
+        && expected != shown
+    {
+        return Err(ops::ApplyError::DigestMismatch { expected, found: shown }.into());
+    }
     if !yes {
         let info = daemon.json(Method::GET, &sandbox(""), None)?;
-        if !ask_to_apply(name, info["workspace"].as_str().unwrap_or("its workspace"))? {
+        let workspace = info["workspace"].as_str().unwrap_or("its workspace");
+        if !ask_to_apply(name, workspace, &shown.to_string())? {
             return Ok(1);
         }
     }
-    let body = json!({ "allow_protected": allow_protected });
+    let body = json!({ "allow_protected": allow_protected, "expect": shown.to_string() });
     match daemon.json(Method::POST, &sandbox("/apply"), Some(&body)) {
         Ok(answer) => {
             let count = |key: &str| answer[key].as_array().map_or(0, Vec::len);
-            println!("applied: {} written, {} deleted", count("written"), count("deleted"));
+            let digest = answer["digest"].as_str().map(|d| format!(" (change {d})")).unwrap_or_default();
+            println!("applied: {} written, {} deleted{digest}", count("written"), count("deleted"));
             Ok(0)
         }
-        Err(e) if e.code() == Some("forbidden") => {
-            apply_locally(ops::prepare_apply(&super::state()?, name, allow_protected, &mut |_| {})?)
-        }
+        Err(e) if e.code() == Some("forbidden") => apply_locally(ops::prepare_apply(
+            &super::state()?,
+            name,
+            allow_protected,
+            Some(shown),
+            &mut |_| {},
+        )?),
         Err(e) => Err(e.into()),
     }
 }
@@ -328,5 +402,49 @@ fn remote_events(
         // A reader that stops early (`airlock events -f | head`) is not an error.
         Err(DaemonError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(0),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn tail_of(chunks: &[&[u8]]) -> Tail<Vec<u8>> {
+        let mut tail = Tail::new(Vec::new());
+        for chunk in chunks {
+            tail.write_all(chunk).unwrap();
+        }
+        tail
+    }
+
+    #[test]
+    fn the_digest_is_read_from_the_last_line_however_the_text_arrives() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let text = format!("{}\n 1 file changed\nchange {digest}\n", "+line\n".repeat(500));
+        let bytes = text.as_bytes();
+        for split in [1, 7, 80, bytes.len() - 3, bytes.len()] {
+            let (a, b) = bytes.split_at(split);
+            let tail = tail_of(&[a, b]);
+            assert_eq!(tail.digest().unwrap().to_string(), digest);
+            assert_eq!(tail.inner, bytes, "passed through unchanged");
+        }
+    }
+
+    #[test]
+    fn a_text_without_its_digest_line_is_an_error() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        for text in [
+            String::new(),
+            "+a\n".to_string(),
+            // The daemon's note when the sandbox rewrote a file mid-render.
+            format!("change {digest}\n+a\n\nairlock: a.txt changed in the sandbox\n"),
+            format!("change {digest}"),
+            format!("change {}\n", &digest[..20]),
+        ] {
+            let err = tail_of(&[text.as_bytes()]).digest().unwrap_err();
+            assert!(err.to_string().contains("without its digest line"), "{text:?}: {err}");
+        }
     }
 }

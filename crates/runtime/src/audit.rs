@@ -112,6 +112,9 @@ pub enum AuditEvent {
         deleted: Vec<PathBuf>,
         allow_protected: bool,
         by_uid: u32,
+        /// The change digest written (`sha256:…`), as `airlock diff` showed it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     ApplyRefused {
         reason: String,
@@ -744,6 +747,7 @@ mod tests {
             deleted: vec![],
             allow_protected: false,
             by_uid: 1000,
+            digest: Some(format!("sha256:{}", "0".repeat(64))),
         };
         let mut log = AuditLog::open(&path).unwrap();
         log.record(event.clone()).unwrap();

@@ -4,6 +4,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use airlock_policy::{CleanupAction, Policy, Writeback};
+/// The digest of a change (as `airlock diff` shows it and `apply --expect`
+/// takes it), and why an apply did not happen.
+pub use airlock_workspace::{ApplyError, ChangeDigest};
 use airlock_workspace::{ApplyOptions, ApplyReport, Diff};
 use serde::Serialize;
 
@@ -129,11 +132,22 @@ pub struct PendingApply {
     options: ApplyOptions,
 }
 
-/// Validates everything `apply` would do, without writing.
+impl PendingApply {
+    /// The digest of the change [`apply`] will write: show it with the
+    /// change, it is what the write is held to.
+    pub fn digest(&self) -> ChangeDigest {
+        self.view.diff.digest()
+    }
+}
+
+/// Validates everything `apply` would do, without writing. With `expect`,
+/// refuses unless the change's digest is that one (the change reviewed
+/// with `airlock diff`).
 pub fn prepare_apply(
     root: &StateRoot,
     name: &str,
     allow_protected: bool,
+    expect: Option<ChangeDigest>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<PendingApply, OpError> {
     let sandbox = root.open(name)?;
@@ -146,7 +160,7 @@ pub fn prepare_apply(
         return Err(OpError::WritebackForbidden { name: name.to_string(), policy: meta.policy });
     }
     let view = diff(root, name, progress)?;
-    let options = ApplyOptions { allow_protected, protected: policy.workspace.protected.clone() };
+    let options = ApplyOptions { allow_protected, protected: policy.workspace.protected.clone(), expect };
     if let Err(e) = airlock_workspace::check_apply(&view.diff, &view.upper, &view.lower, &options) {
         let mut audit = AuditLog::open(&sandbox.audit_path())?;
         audit.record(AuditEvent::ApplyRefused { reason: e.to_string() })?;
@@ -155,9 +169,12 @@ pub fn prepare_apply(
     Ok(PendingApply { sandbox, view, options })
 }
 
+/// Writes exactly the change that was prepared (and shown, with its
+/// digest): each file's bytes are checked against it as they are copied.
 /// `progress` hears how many entries have been written or removed.
 pub fn apply(pending: PendingApply, progress: &mut dyn FnMut(u64)) -> Result<ApplyReport, OpError> {
-    let PendingApply { sandbox, view, options } = pending;
+    let PendingApply { sandbox, view, mut options } = pending;
+    options.expect.get_or_insert(view.diff.digest());
     let mut audit = AuditLog::open(&sandbox.audit_path())?;
     let report = match airlock_workspace::apply_with(&view.diff, &view.upper, &view.lower, &options, progress)
     {
@@ -172,6 +189,7 @@ pub fn apply(pending: PendingApply, progress: &mut dyn FnMut(u64)) -> Result<App
         deleted: report.deleted.clone(),
         allow_protected: options.allow_protected,
         by_uid: rustix::process::getuid().as_raw(),
+        digest: report.digest.map(|d| d.to_string()),
     })?;
     let mut meta = sandbox.read_meta()?;
     meta.applied_at = Some(now_rfc3339());

@@ -5,7 +5,7 @@ use std::io;
 use std::path::PathBuf;
 
 use airlock_runtime::RunError;
-use airlock_runtime::ops::OpError;
+use airlock_runtime::ops::{ApplyError, OpError};
 use airlock_runtime::state::StateError;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -117,6 +117,9 @@ impl From<OpError> for ApiError {
             OpError::StillRunning { .. } => ApiError::conflict("still_running", message),
             OpError::WritebackForbidden { .. } => {
                 ApiError::new(StatusCode::FORBIDDEN, "writeback_forbidden", message)
+            }
+            OpError::Apply(ApplyError::DigestMismatch { .. } | ApplyError::ChangedWhileApplying { .. }) => {
+                ApiError::conflict("digest_mismatch", message)
             }
             OpError::Apply(_) => ApiError::conflict("apply_refused", message),
             _ => ApiError::internal(message),

@@ -14,13 +14,23 @@
 //!    is undone in reverse and the workspace is as before. On success the
 //!    set-aside entries are deleted.
 //!
+//! Apply writes the change the diff describes and nothing else: modes and
+//! link texts come from the diff itself, and each file's bytes are hashed
+//! while they are copied into their temporary file and compared with the
+//! hash the diff recorded *before* that file is moved into place. A sandbox
+//! that still rewrites its layer can make apply fail (and roll back), never
+//! make it write something else. [`ApplyOptions::expect`] binds the whole
+//! apply to the digest a person reviewed ([`Diff::digest`]); the digest of
+//! what was written, computed from the hashes of the bytes copied, must
+//! equal it before the set-aside entries are deleted.
+//!
 //! All host paths are resolved beneath the workspace descriptor with
 //! symlinks refused (see [`crate::fsx`]); symlinks from the diff are
 //! created with their link text verbatim and never resolved. New entries
 //! get at most `0o777` permission bits (setuid, setgid and sticky are
 //! stripped and reported) and belong to the user running apply.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -33,6 +43,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rustix::fs::{Mode, OFlags, RenameFlags};
 
 use crate::diff::{Change, ChangeKind, Diff, EntryType};
+use crate::digest::{self, ChangeDigest, ContentHash, ContentHasher};
 use crate::error::{ApplyError, Refusal, RefusalReason};
 use crate::fsx::{self, MAX_DEPTH, Meta};
 use crate::names;
@@ -50,6 +61,9 @@ pub struct ApplyOptions {
     /// directory is protected when anything inside it on the host matches.
     /// `*` also matches `/` here, so `*.env` protects at any depth.
     pub protected: Vec<String>,
+    /// The digest of the change that was reviewed: apply refuses, writing
+    /// nothing, unless the change is still exactly that.
+    pub expect: Option<ChangeDigest>,
 }
 
 /// What apply did.
@@ -68,6 +82,9 @@ pub struct ApplyReport {
     /// Non-fatal problems after the changes were in place (for example a
     /// set-aside copy that could not be removed).
     pub warnings: Vec<String>,
+    /// The digest of what was written, from the hashes of the bytes
+    /// copied (equal to the diff's digest, or apply fails).
+    pub digest: Option<ChangeDigest>,
 }
 
 /// Runs the validation pass alone: `Ok` means [`apply`] would not refuse
@@ -103,7 +120,7 @@ pub fn apply_with(
 ) -> Result<ApplyReport, ApplyError> {
     let roots = Roots::open(upper, workspace)?;
     let plan = validate(diff, &roots, opts)?;
-    execute(&roots, plan, progress)
+    execute(&roots, diff, plan, progress)
 }
 
 struct Roots {
@@ -131,6 +148,8 @@ enum Op {
     WriteFile {
         mode: u32,
         replace: bool,
+        /// The hash the copied bytes must have.
+        content: ContentHash,
     },
     Symlink {
         target: PathBuf,
@@ -152,6 +171,8 @@ struct Plan {
     removes: Vec<Step>,
     creates: Vec<Step>,
     report: ApplyReport,
+    /// What the written change's digest must be.
+    digest: ChangeDigest,
 }
 
 /// Whether a path lies inside something the plan replaces.
@@ -223,6 +244,12 @@ struct Validator<'a> {
 }
 
 fn validate(diff: &Diff, roots: &Roots, opts: &ApplyOptions) -> Result<Plan, ApplyError> {
+    let digest = diff.digest();
+    if let Some(expected) = opts.expect
+        && expected != digest
+    {
+        return Err(ApplyError::DigestMismatch { expected, found: digest });
+    }
     let mut changes: Vec<&Change> = diff.changes.iter().collect();
     changes.sort_by(|a, b| a.path.cmp(&b.path));
     let mut v = Validator {
@@ -232,7 +259,7 @@ fn validate(diff: &Diff, roots: &Roots, opts: &ApplyOptions) -> Result<Plan, App
         refusals: Vec::new(),
         fresh: BTreeSet::new(),
         removed: BTreeSet::new(),
-        plan: Plan { removes: Vec::new(), creates: Vec::new(), report: ApplyReport::default() },
+        plan: Plan { removes: Vec::new(), creates: Vec::new(), report: ApplyReport::default(), digest },
     };
     let mut seen = BTreeSet::new();
     for c in changes {
@@ -350,6 +377,11 @@ impl Validator<'_> {
                 HostLookup::Refused => return Ok(()),
             },
         };
+        if digest::writes_content(c) && c.content_sha256.is_none() {
+            // Without it, apply could not tell the reviewed bytes from others.
+            self.refuse(c, RefusalReason::Malformed("a file record without the hash of its content"));
+            return Ok(());
+        }
         self.plan_change(c, host)
     }
 
@@ -452,7 +484,7 @@ impl Validator<'_> {
                 let op = match c.new_type {
                     Some(EntryType::Dir) => Op::Chmod { mode, dir: true },
                     Some(EntryType::File) if !c.content_changed => Op::Chmod { mode, dir: false },
-                    Some(EntryType::File) => Op::WriteFile { mode, replace: true },
+                    Some(EntryType::File) => Op::WriteFile { mode, replace: true, content: content_hash(c)? },
                     Some(EntryType::Symlink) => {
                         Op::Symlink { target: c.symlink_target.clone().unwrap_or_default(), replace: true }
                     }
@@ -510,7 +542,7 @@ impl Validator<'_> {
                 if stripped {
                     self.plan.report.stripped_mode_bits.push(path.clone());
                 }
-                Op::WriteFile { mode, replace: false }
+                Op::WriteFile { mode, replace: false, content: content_hash(c)? }
             }
             Some(EntryType::Symlink) => {
                 Op::Symlink { target: c.symlink_target.clone().unwrap_or_default(), replace: false }
@@ -573,17 +605,17 @@ impl Validator<'_> {
         Ok(None)
     }
 
-    /// For an addition the host already has: is it the same thing?
+    /// For an addition the host already has: is it the same thing? A file
+    /// is when its bytes have the hash the diff recorded.
     fn host_matches_upper(&self, c: &Change, host: Meta) -> Result<bool, ApplyError> {
         let ws = self.roots.ws.as_fd();
-        let upper = self.roots.upper.as_fd();
         match host.ty {
             EntryType::Dir => Ok(true),
             EntryType::File => {
-                let a = fsx::open_file(ws, &c.path).map_err(|e| Self::io_err("open", &c.path, e))?;
-                let b = fsx::open_file(upper, &c.path)
-                    .map_err(|e| Self::io_err("open upper file", &c.path, e))?;
-                fsx::same_content(a, b).map_err(|e| Self::io_err("read", &c.path, e))
+                let mut file = fsx::open_file(ws, &c.path).map_err(|e| Self::io_err("open", &c.path, e))?;
+                let (hash, _) =
+                    ContentHash::of_reader(&mut file).map_err(|e| Self::io_err("read", &c.path, e))?;
+                Ok(c.content_sha256 == Some(hash))
             }
             EntryType::Symlink => {
                 let t = fsx::read_link(ws, &c.path).map_err(|e| Self::io_err("read link", &c.path, e))?;
@@ -592,6 +624,16 @@ impl Validator<'_> {
             EntryType::Other => Ok(false),
         }
     }
+}
+
+/// The content hash of a change that writes a file (checked present by
+/// the validator before planning).
+fn content_hash(c: &Change) -> Result<ContentHash, ApplyError> {
+    c.content_sha256.ok_or_else(|| ApplyError::Validate {
+        op: "plan",
+        path: c.path.clone(),
+        source: io::Error::other("a file record without the hash of its content"),
+    })
 }
 
 enum HostLookup {
@@ -632,14 +674,38 @@ thread_local! {
         const { std::cell::Cell::new(None) };
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Test hook: runs once validation is done, right before the first
+    /// write (where a sandbox could rewrite its layer).
+    pub(crate) static BEFORE_WRITE: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 struct Writer<'a> {
     roots: &'a Roots,
     undo: Vec<Undo>,
     backups: Vec<(PathBuf, OsString)>,
     steps_done: usize,
+    /// The hash of the bytes copied into each file written.
+    written: BTreeMap<PathBuf, ContentHash>,
 }
 
-type WriteResult<T> = Result<T, (&'static str, PathBuf, io::Error)>;
+/// Why the write phase stopped.
+enum WriteFailure {
+    /// An operation failed: what, on which path, and the OS error.
+    Io(&'static str, PathBuf, io::Error),
+    /// The bytes copied for this file are not the reviewed ones.
+    ContentChanged(Option<PathBuf>),
+}
+
+impl From<(&'static str, PathBuf, io::Error)> for WriteFailure {
+    fn from((op, path, source): (&'static str, PathBuf, io::Error)) -> WriteFailure {
+        WriteFailure::Io(op, path, source)
+    }
+}
+
+type WriteResult<T> = Result<T, WriteFailure>;
 
 impl Writer<'_> {
     /// Called before every mutation; lets tests inject a failure anywhere.
@@ -648,7 +714,7 @@ impl Writer<'_> {
         #[cfg(test)]
         {
             if FAIL_AT_STEP.with(|f| f.get()) == Some(self.steps_done) {
-                return Err((
+                return Err(WriteFailure::Io(
                     "continue (injected failure)",
                     path.to_path_buf(),
                     io::Error::other("injected failure"),
@@ -720,11 +786,12 @@ impl Writer<'_> {
         Ok(())
     }
 
-    fn write_file(&mut self, path: &Path, mode: u32, replace: bool) -> WriteResult<()> {
+    fn write_file(&mut self, path: &Path, mode: u32, replace: bool, content: ContentHash) -> WriteResult<()> {
         // The source is opened with O_NOFOLLOW and checked to be a regular
         // file: a symlink in the layer is never read through.
         let mut src = fsx::open_file(self.roots.upper.as_fd(), path)
             .map_err(|e| ("open upper file", path.to_path_buf(), e))?;
+        let mut copied = None;
         self.install(path, replace, |dir, tmp| {
             let fd = rustix::fs::openat(
                 dir,
@@ -734,17 +801,28 @@ impl Writer<'_> {
             )
             .map_err(|e| ("create", path.to_path_buf(), e.into()))?;
             let mut dst = File::from(fd);
-            io::copy(&mut src, &mut dst).map_err(|e| ("write", path.to_path_buf(), e))?;
+            // The hash is of the very bytes written, compared before the
+            // file is moved into place: what the sandbox changes later, or
+            // while we read, cannot reach the workspace unnoticed.
+            let hash = copy_hashing(&mut src, &mut dst).map_err(|e| ("write", path.to_path_buf(), e))?;
+            copied = Some(hash);
+            if hash != content {
+                return Err(WriteFailure::ContentChanged(Some(path.to_path_buf())));
+            }
             rustix::fs::fchmod(&dst, Mode::from_raw_mode(mode))
                 .map_err(|e| ("set mode of", path.to_path_buf(), e.into()))?;
             Ok(())
-        })
+        })?;
+        if let Some(hash) = copied {
+            self.written.insert(path.to_path_buf(), hash);
+        }
+        Ok(())
     }
 
     fn symlink(&mut self, path: &Path, target: &Path, replace: bool) -> WriteResult<()> {
         self.install(path, replace, |dir, tmp| {
             rustix::fs::symlinkat(target, dir, tmp)
-                .map_err(|e| ("create symlink", path.to_path_buf(), e.into()))
+                .map_err(|e| WriteFailure::Io("create symlink", path.to_path_buf(), e.into()))
         })
     }
 
@@ -804,9 +882,40 @@ fn set_mode(ws: BorrowedFd<'_>, path: &Path, mode: u32, is_dir: bool) -> io::Res
     Ok(old)
 }
 
-fn execute(roots: &Roots, plan: Plan, progress: &mut dyn FnMut(u64)) -> Result<ApplyReport, ApplyError> {
-    let Plan { mut removes, creates, mut report } = plan;
-    let mut w = Writer { roots, undo: Vec::new(), backups: Vec::new(), steps_done: 0 };
+/// Copies `src` to `dst` and returns the hash of the bytes written.
+fn copy_hashing(src: &mut File, dst: &mut File) -> io::Result<ContentHash> {
+    use std::io::{Read, Write};
+    let mut hasher = ContentHasher::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = buf.get(..n).unwrap_or_default();
+        hasher.update(chunk);
+        dst.write_all(chunk)?;
+    }
+    Ok(hasher.finish())
+}
+
+fn execute(
+    roots: &Roots,
+    diff: &Diff,
+    plan: Plan,
+    progress: &mut dyn FnMut(u64),
+) -> Result<ApplyReport, ApplyError> {
+    let Plan { mut removes, creates, mut report, digest: expected } = plan;
+    let mut w =
+        Writer { roots, undo: Vec::new(), backups: Vec::new(), steps_done: 0, written: BTreeMap::new() };
+    #[cfg(test)]
+    BEFORE_WRITE.with(|hook| {
+        if let Some(hook) = hook.borrow_mut().as_mut() {
+            hook();
+        }
+    });
     // Deepest first, so a removed parent never hides a child we still
     // want to set aside.
     removes.sort_by(|a, b| b.path.cmp(&a.path));
@@ -826,7 +935,9 @@ fn execute(roots: &Roots, plan: Plan, progress: &mut dyn FnMut(u64)) -> Result<A
                     w.mkdir(&step.path)?;
                     new_dirs.push((step.path.clone(), *mode));
                 }
-                Op::WriteFile { mode, replace } => w.write_file(&step.path, *mode, *replace)?,
+                Op::WriteFile { mode, replace, content } => {
+                    w.write_file(&step.path, *mode, *replace, *content)?
+                }
                 Op::Symlink { target, replace } => w.symlink(&step.path, target, *replace)?,
                 Op::Chmod { mode, dir } => w.chmod(&step.path, *mode, *dir)?,
                 Op::Remove => {}
@@ -838,11 +949,33 @@ fn execute(roots: &Roots, plan: Plan, progress: &mut dyn FnMut(u64)) -> Result<A
         for (path, mode) in new_dirs.iter().rev() {
             w.chmod(path, *mode, true)?;
         }
+        // The last moment to take it all back: the digest of what was
+        // written (the copied bytes' hashes; a file the host already had,
+        // identical, by the hash checked during validation) must be the
+        // reviewed one.
+        let unchanged: BTreeSet<&Path> = report.unchanged.iter().map(PathBuf::as_path).collect();
+        let written = digest::digest_of(&diff.changes, |c| {
+            w.written
+                .get(&c.path)
+                .copied()
+                .or(c.content_sha256.filter(|_| unchanged.contains(c.path.as_path())))
+        });
+        if written != expected {
+            return Err(WriteFailure::ContentChanged(None));
+        }
+        report.digest = Some(written);
         Ok(())
     })();
-    if let Err((op, path, source)) = result {
-        let rollback_errors = w.rollback();
-        return Err(ApplyError::Write { op, path, source, rollback_errors });
+    match result {
+        Ok(()) => {}
+        Err(WriteFailure::Io(op, path, source)) => {
+            let rollback_errors = w.rollback();
+            return Err(ApplyError::Write { op, path, source, rollback_errors });
+        }
+        Err(WriteFailure::ContentChanged(path)) => {
+            let rollback_errors = w.rollback();
+            return Err(ApplyError::ChangedWhileApplying { path, expected, rollback_errors });
+        }
     }
     for (parent, backup) in &w.backups {
         let removed =
@@ -939,6 +1072,7 @@ mod tests {
                 lines_added: None,
                 lines_removed: None,
                 content_changed: true,
+                content_sha256: None,
             });
         }
         let before = snapshot(&ws);
@@ -967,6 +1101,51 @@ mod tests {
         assert!(!after.contains_key(Path::new("deldir")));
         assert!(!after.contains_key(Path::new("del.txt")));
         assert!(after.keys().all(|p| !p.to_string_lossy().contains(".airlock-")));
+    }
+
+    /// The sandbox rewrites a file (same size, so validation's size check
+    /// cannot see it) after the plan and before the write: apply stops
+    /// before moving that file into place and takes back what it wrote.
+    #[test]
+    fn layer_rewritten_between_plan_and_write_is_refused_and_rolled_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = tmp.path().join("ws");
+        let upper = tmp.path().join("upper");
+        put(&ws, "a.txt", b"old a\n");
+        put(&upper, "a.txt", b"new a\n");
+        put(&upper, "b/new.txt", b"new\n");
+        // Last in path order: everything before it is written first.
+        put(&upper, "z.txt", b"zzz\n");
+        let diff = compute_diff(&ws, &upper).unwrap();
+        let reviewed = diff.digest();
+        let before = snapshot(&ws);
+        for expect in [Some(reviewed), None] {
+            let hooked_upper = upper.clone();
+            BEFORE_WRITE.with(|h| {
+                *h.borrow_mut() = Some(Box::new(move || put(&hooked_upper, "z.txt", b"BAD\n")));
+            });
+            let opts = ApplyOptions { expect, ..ApplyOptions::default() };
+            let result = apply(&diff, &upper, &ws, &opts);
+            BEFORE_WRITE.with(|h| *h.borrow_mut() = None);
+            match result {
+                Err(ref e @ ApplyError::ChangedWhileApplying { ref path, expected, ref rollback_errors }) => {
+                    assert_eq!(path.as_deref(), Some(Path::new("z.txt")));
+                    assert_eq!(expected, reviewed);
+                    assert!(rollback_errors.is_empty(), "{rollback_errors:?}");
+                    let msg = e.to_string();
+                    assert!(msg.contains("z.txt") && msg.contains(&reviewed.to_string()), "{msg}");
+                    assert!(msg.contains("airlock diff") && msg.contains("rolled back"), "{msg}");
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            assert_eq!(snapshot(&ws), before, "expect {expect:?}: the workspace changed");
+            put(&upper, "z.txt", b"zzz\n");
+        }
+        // The reviewed bytes back in the layer: the same digest applies.
+        let opts = ApplyOptions { expect: Some(reviewed), ..ApplyOptions::default() };
+        let report = apply(&diff, &upper, &ws, &opts).unwrap();
+        assert_eq!(report.digest, Some(reviewed));
+        assert_eq!(fs::read(ws.join("z.txt")).unwrap(), b"zzz\n");
     }
 
     #[test]

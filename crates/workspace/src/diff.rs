@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::digest::{self, ChangeDigest, ContentHash};
 use crate::error::WorkspaceError;
 use crate::fsx::{self, MAX_DEPTH, Meta};
 use crate::layer::{self, UpperEntry};
@@ -79,6 +80,11 @@ pub struct Change {
     pub lines_removed: Option<u64>,
     /// File bytes or link text differ (false for a mode-only change).
     pub content_changed: bool,
+    /// SHA-256 of the new file's content, when apply writes content (an
+    /// added or retyped file, or a file whose bytes changed). Apply writes
+    /// a file only if the bytes it copies have this hash; a file record
+    /// that needs one and lacks it is refused.
+    pub content_sha256: Option<ContentHash>,
 }
 
 impl Change {
@@ -97,6 +103,7 @@ impl Change {
             lines_added: None,
             lines_removed: None,
             content_changed: kind != ChangeKind::Modified,
+            content_sha256: None,
         }
     }
 
@@ -165,10 +172,17 @@ impl Diff {
         s
     }
 
+    /// The digest of everything apply would write for this diff (see
+    /// [`crate::digest`]): what `--expect` compares with.
+    pub fn digest(&self) -> ChangeDigest {
+        digest::digest_of(&self.changes, |c| c.content_sha256)
+    }
+
     /// The diff as JSON. The shape is stable (`"version": 1`):
     ///
     /// ```text
     /// { "version": 1,
+    ///   "digest": "sha256:<64 hex digits>",
     ///   "stat": { "files_added": n, "files_modified": n, "files_deleted": n,
     ///             "type_changed": n, "dirs_added": n, "dirs_deleted": n,
     ///             "lines_added": n, "lines_removed": n, "binary_files": n },
@@ -179,7 +193,8 @@ impl Diff {
     ///                  "size": n|null, "binary": false,
     ///                  "symlink_target": "..."|null, "old_symlink_target": "..."|null,
     ///                  "lines_added": n|null, "lines_removed": n|null,
-    ///                  "content_changed": true } ] }
+    ///                  "content_changed": true,
+    ///                  "content_sha256": "<64 hex digits>"|null } ] }
     /// ```
     ///
     /// Paths and link targets that are not UTF-8 are converted lossily and
@@ -206,11 +221,13 @@ impl Diff {
                     "lines_added": c.lines_added,
                     "lines_removed": c.lines_removed,
                     "content_changed": c.content_changed,
+                    "content_sha256": c.content_sha256.map(|h| h.to_hex()),
                 })
             })
             .collect();
         serde_json::json!({
             "version": 1,
+            "digest": self.digest(),
             "stat": self.stat(),
             "changes": changes,
         })
@@ -432,6 +449,7 @@ impl<'p> Walker<'p> {
                 };
                 c.content_changed = !same;
                 if !same {
+                    self.hash_new(&mut c, rel)?;
                     let old = self.sniff(Side::Lower, rel)?;
                     let new = self.sniff(Side::Upper, rel)?;
                     c.binary = old.binary || new.binary;
@@ -524,6 +542,7 @@ impl<'p> Walker<'p> {
         match u.ty {
             EntryType::File => {
                 c.size = Some(u.size);
+                self.hash_new(c, rel)?;
                 let new = self.sniff(Side::Upper, rel)?;
                 c.binary = new.binary;
                 if !c.binary {
@@ -538,6 +557,19 @@ impl<'p> Walker<'p> {
             }
             EntryType::Dir | EntryType::Other => {}
         }
+        Ok(())
+    }
+
+    /// Hashes the new file's content, the bytes the digest and apply bind
+    /// to. Its size is taken from what was read: a file the sandbox is
+    /// still writing is described as it was hashed.
+    fn hash_new(&self, c: &mut Change, rel: &Path) -> Result<(), WorkspaceError> {
+        let mut file = fsx::open_file(self.upper.as_fd(), rel)
+            .map_err(|e| WorkspaceError::io("open upper file", rel, e))?;
+        let (hash, len) =
+            ContentHash::of_reader(&mut file).map_err(|e| WorkspaceError::io("read", rel, e))?;
+        c.content_sha256 = Some(hash);
+        c.size = Some(len);
         Ok(())
     }
 

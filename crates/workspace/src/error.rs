@@ -4,6 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::digest::ChangeDigest;
 use crate::names::quote;
 
 /// Failures of diffing, persisting a layer and capturing artifacts.
@@ -250,6 +251,41 @@ pub enum ApplyError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+
+    /// The change is no longer the one whose digest was expected (the
+    /// sandbox's layer or the workspace changed since it was reviewed);
+    /// nothing was written.
+    #[error(
+        "apply refused, nothing was written: the change is now {found}, not the {expected} that was \
+         expected; the sandbox's layer or the workspace changed since that digest was shown. Review \
+         the change again (`airlock diff`) and apply it with --expect set to the digest printed there"
+    )]
+    DigestMismatch {
+        /// The digest asked for.
+        expected: ChangeDigest,
+        /// The digest of the change as it is now.
+        found: ChangeDigest,
+    },
+
+    /// A file's bytes, read while they were copied, are not the reviewed
+    /// ones (the sandbox rewrote its layer during apply); everything
+    /// written was rolled back.
+    #[error(
+        "apply stopped: {} changed in the sandbox's layer while it was being applied, so it is no \
+         longer the reviewed change {expected}; {}. Stop the sandbox, review the change again \
+         (`airlock diff`) and apply the digest printed there",
+        path.as_deref().map_or_else(|| "the change".to_string(), quote),
+        rollback_summary(rollback_errors)
+    )]
+    ChangedWhileApplying {
+        /// The file whose bytes differed (`None`: found by the digest of
+        /// everything written).
+        path: Option<PathBuf>,
+        /// The digest that was to be written.
+        expected: ChangeDigest,
+        /// Undo steps that failed; empty when the rollback was complete.
+        rollback_errors: Vec<String>,
     },
 
     /// A write failed; the workspace was rolled back to its prior state

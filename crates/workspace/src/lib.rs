@@ -5,6 +5,7 @@
 //! layer owned by airlock. After the run this crate
 //!
 //! - computes what changed from the upper layer alone ([`compute_diff`]),
+//!   with a digest of everything apply would write ([`Diff::digest`]),
 //! - presents it for review ([`Diff::render_unified`], [`Diff::render_stat`],
 //!   [`Diff::to_json`]),
 //! - applies it back all-or-nothing without ever writing outside the
@@ -19,6 +20,7 @@
 mod apply;
 mod artifacts;
 mod diff;
+pub mod digest;
 mod error;
 mod fsx;
 mod layer;
@@ -29,6 +31,7 @@ mod render;
 pub use apply::{ApplyOptions, ApplyReport, apply, apply_with, check_apply};
 pub use artifacts::capture_artifacts;
 pub use diff::{Change, ChangeKind, Diff, DiffStat, EntryType, compute_diff, compute_diff_with};
+pub use digest::{ChangeDigest, ContentHash, DigestParseError};
 pub use error::{ApplyError, Refusal, RefusalReason, WorkspaceError};
 pub use fsx::MAX_DEPTH;
 pub use names::quote;

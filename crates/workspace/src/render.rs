@@ -13,6 +13,7 @@ use std::time::Duration;
 use similar::{Algorithm, ChangeTag, TextDiff};
 
 use crate::diff::{Change, ChangeKind, Diff, EntryType, TEXT_LIMIT, looks_binary};
+use crate::digest::ContentHash;
 use crate::fsx;
 use crate::names::{quote, quote_prefixed};
 
@@ -65,16 +66,38 @@ impl Sides<'_> {
         let root = if upper { self.upper } else { self.lower };
         match fsx::read_file_bounded(root, &c.path, TEXT_LIMIT)? {
             None => Ok(Content::TooLarge(c.size.unwrap_or(0))),
+            Some(bytes) if upper && c.content_sha256.is_some_and(|h| h != ContentHash::of_bytes(&bytes)) => {
+                Err(changed_while_shown(c))
+            }
             Some(bytes) if looks_binary(&bytes) => Ok(Content::Binary),
             Some(bytes) => Ok(String::from_utf8(bytes).map_or(Content::Binary, Content::Text)),
         }
     }
 }
 
+/// The content shown is not the content the diff's digest names: the
+/// sandbox rewrote the file after the diff was computed.
+fn changed_while_shown(c: &Change) -> io::Error {
+    io::Error::other(format!(
+        "{} changed in the sandbox while the diff was being shown, so the text above is not the change \
+         its digest names; run `airlock diff` again (stop the sandbox first for a review that stays valid)",
+        quote(&c.path)
+    ))
+}
+
 impl Diff {
-    /// Writes a git-style unified diff of every change. `lower` and
-    /// `upper` must be the trees the diff was computed from; files are
-    /// read from them without following symlinks.
+    /// The line that ends `render_unified` and `render_stat`:
+    /// `change sha256:<64 hex digits>`, the digest `apply --expect` takes.
+    pub fn digest_line(&self) -> String {
+        format!("change {}", self.digest())
+    }
+
+    /// Writes a git-style unified diff of every change, then
+    /// [`Diff::digest_line`]. `lower` and `upper` must be the trees the diff
+    /// was computed from; files are read from them without following
+    /// symlinks. A new file whose bytes no longer have the hash recorded in
+    /// the diff (the sandbox rewrote it since) fails the rendering before
+    /// the digest line, so the digest printed always names what was shown.
     pub fn render_unified(&self, lower: &Path, upper: &Path, out: &mut dyn Write) -> io::Result<()> {
         let lower_fd = fsx::open_root(lower)?;
         let upper_fd = fsx::open_root(upper)?;
@@ -82,10 +105,11 @@ impl Diff {
         for c in &self.changes {
             render_change(&sides, c, out)?;
         }
-        Ok(())
+        writeln!(out, "{}", self.digest_line())
     }
 
-    /// Writes a `git diff --stat`-style summary (directories omitted).
+    /// Writes a `git diff --stat`-style summary (directories omitted),
+    /// then [`Diff::digest_line`].
     pub fn render_stat(&self, out: &mut dyn Write) -> io::Result<()> {
         let rows: Vec<(String, String, u64, u64)> = self
             .changes
@@ -128,7 +152,8 @@ impl Diff {
         if s.lines_removed > 0 {
             write!(out, ", {} deletion{}(-)", s.lines_removed, if s.lines_removed == 1 { "" } else { "s" })?;
         }
-        writeln!(out)
+        writeln!(out)?;
+        writeln!(out, "{}", self.digest_line())
     }
 }
 

@@ -428,9 +428,13 @@ pub async fn extend(
     Ok(Json(view))
 }
 
+/// The response header naming the change's digest (`sha256:…`), on every
+/// form of the diff: what `apply`'s `expect` takes.
+pub const DIGEST_HEADER: &str = "x-airlock-change-digest";
+
 /// `GET /v1/sandboxes/{name}/diff[?format=json|stat|patch]`: the changes as
 /// JSON (the default), or as `airlock diff --stat` / `airlock diff` print
-/// them (text, streamed while it is rendered).
+/// them (text, streamed while it is rendered, ending with the digest line).
 pub async fn diff(
     State(app): State<Arc<App>>,
     peer: Peer,
@@ -451,22 +455,30 @@ pub async fn diff(
             Ok(ops::diff(&app.root, &name, &mut |_| {})?)
         })
         .await?;
-    if format == "json" {
-        return Ok(Json(view.diff.to_json()).into_response());
-    }
-    let (tx, rx) = mpsc::channel::<Bytes>(8);
-    tokio::task::spawn_blocking(move || {
-        let mut out = ChannelWriter::new(tx);
-        let rendered = if format == "stat" {
-            view.diff.render_stat(&mut out)
-        } else {
-            view.diff.render_unified(&view.lower, &view.upper, &mut out)
-        };
-        if let Err(e) = rendered {
-            tracing::debug!(error = %e, "rendering a diff stopped");
-        }
-    });
-    Ok(crate::body::streamed("text/plain; charset=utf-8", ChannelBody::new(rx)))
+    let digest = axum::http::HeaderValue::try_from(view.diff.digest().to_string())
+        .map_err(|e| ApiError::internal(format!("digest header: {e}")))?;
+    let mut response = if format == "json" {
+        Json(view.diff.to_json()).into_response()
+    } else {
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        tokio::task::spawn_blocking(move || {
+            let mut out = ChannelWriter::new(tx);
+            let rendered = if format == "stat" {
+                view.diff.render_stat(&mut out)
+            } else {
+                view.diff.render_unified(&view.lower, &view.upper, &mut out)
+            };
+            if let Err(e) = rendered {
+                // Too late for a status: the text ends without its digest
+                // line, and says why (unless the client is gone).
+                tracing::debug!(error = %e, "rendering a diff stopped");
+                let _ = std::io::Write::write_all(&mut out, format!("\nairlock: {e}\n").as_bytes());
+            }
+        });
+        crate::body::streamed("text/plain; charset=utf-8", ChannelBody::new(rx))
+    };
+    response.headers_mut().insert(DIGEST_HEADER, digest);
+    Ok(response)
 }
 
 /// `GET /v1/sandboxes/{name}/logs?stream=stdout|stderr`: the sandbox's
@@ -529,6 +541,9 @@ pub async fn logs(
 pub struct ApplyBody {
     #[serde(default)]
     pub allow_protected: bool,
+    /// The digest of the reviewed change (`sha256:…`, from the diff):
+    /// apply writes only if the change is still exactly that.
+    pub expect: Option<String>,
 }
 
 pub async fn apply(
@@ -553,17 +568,28 @@ pub async fn apply(
                     "apply through the daemon is available to root only for now; run `airlock apply {name}`"
                 )));
             }
-            let pending = ops::prepare_apply(&app.root, &name, body.allow_protected, &mut |_| {})?;
+            let expect = body
+                .expect
+                .as_deref()
+                .map(str::parse::<ops::ChangeDigest>)
+                .transpose()
+                .map_err(|e| ApiError::bad_request("invalid_request", format!("expect: {e}")))?;
+            let pending = ops::prepare_apply(&app.root, &name, body.allow_protected, expect, &mut |_| {})?;
+            let digest = pending.digest();
             if pending.view.diff.is_empty() {
-                return Ok(serde_json::json!({ "applied": false, "written": [], "deleted": [] }));
+                return Ok(serde_json::json!({
+                    "applied": false, "written": [], "deleted": [], "digest": digest,
+                }));
             }
             let report = ops::apply(pending, &mut |_| {})?;
             let paths =
                 |v: &[PathBuf]| v.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>();
+            let digest = report.digest.unwrap_or(digest);
             let json = serde_json::json!({
                 "applied": true,
                 "written": paths(&report.written),
                 "deleted": paths(&report.deleted),
+                "digest": digest,
             });
             app.record_event(
                 Some(&name),
@@ -573,6 +599,7 @@ pub async fn apply(
                     "written": report.written.len(),
                     "deleted": report.deleted.len(),
                     "allow_protected": body.allow_protected,
+                    "digest": digest,
                 }),
             );
             Ok(json)
@@ -651,5 +678,7 @@ mod tests {
         assert!(err.to_string().contains("unknown field"), "{err}");
         assert!(serde_json::from_str::<ExtendBody>(r#"{"seconds": 5, "x": 1}"#).is_err());
         assert!(serde_json::from_str::<ApplyBody>(r#"{"allow": true}"#).is_err());
+        let body: ApplyBody = serde_json::from_str(r#"{"expect": "sha256:00"}"#).unwrap();
+        assert_eq!(body.expect.as_deref(), Some("sha256:00"));
     }
 }

@@ -5,8 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use airlock_workspace::{
-    ApplyError, ApplyOptions, Change, ChangeKind, Diff, EntryType, RefusalReason, apply, check_apply,
-    compute_diff,
+    ApplyError, ApplyOptions, Change, ChangeKind, ContentHash, Diff, EntryType, RefusalReason, apply,
+    check_apply, compute_diff,
 };
 
 use super::common::*;
@@ -20,6 +20,7 @@ fn protected_opts(allow: bool) -> ApplyOptions {
     ApplyOptions {
         allow_protected: allow,
         protected: vec![".git/hooks".into(), ".git/config".into(), "*.env".into()],
+        ..ApplyOptions::default()
     }
 }
 
@@ -39,6 +40,7 @@ fn change(path: &str, kind: ChangeKind, old: Option<EntryType>, new: Option<Entr
         lines_added: None,
         lines_removed: None,
         content_changed: true,
+        content_sha256: None,
     }
 }
 
@@ -164,7 +166,9 @@ fn traversal_names_are_all_refused() {
     let bad = ["../victim/x", "a/../../victim/x", "/tmp/abs", "a//b", "./a", "a/."];
     let mut changes: Vec<Change> =
         bad.iter().map(|p| change(p, ChangeKind::Added, None, Some(EntryType::File))).collect();
-    changes.push(change("ok", ChangeKind::Added, None, Some(EntryType::File)));
+    let mut ok = change("ok", ChangeKind::Added, None, Some(EntryType::File));
+    ok.content_sha256 = Some(ContentHash::of_bytes(b"fine\n"));
+    changes.push(ok);
     let diff = Diff { changes };
     let refused = refusals(apply(&diff, &f.upper, &f.lower, &opts()).unwrap_err());
     assert_eq!(refused.len(), bad.len(), "{refused:?}");
@@ -434,4 +438,117 @@ fn failed_write_rolls_back_for_real() {
         other => panic!("expected a write failure, got {other:?}"),
     }
     assert_eq!(after, before, "rolled back to byte-identical");
+}
+
+/// `expect` binds the apply to a reviewed digest: a change that differs in
+/// any way (here: content, a file more, a mode) is refused, nothing written.
+#[test]
+fn a_wrong_expectation_writes_nothing() {
+    let f = Fixture::new();
+    write(&f.lower, "a.txt", b"old\n");
+    write(&f.upper, "a.txt", b"reviewed\n");
+    let reviewed = compute_diff(&f.lower, &f.upper).unwrap().digest();
+    let before = snapshot(&f.lower);
+    let edits: [(&str, &dyn Fn()); 3] = [
+        ("content", &|| write(&f.upper, "a.txt", b"REVIEWED\n")),
+        ("a file more", &|| write(&f.upper, "extra.txt", b"x\n")),
+        ("a mode", &|| {
+            fs::set_permissions(f.upper.join("a.txt"), fs::Permissions::from_mode(0o755)).unwrap()
+        }),
+    ];
+    for (what, edit) in edits {
+        edit();
+        let diff = compute_diff(&f.lower, &f.upper).unwrap();
+        let found = diff.digest();
+        assert_ne!(found, reviewed, "{what}");
+        let opts = ApplyOptions { expect: Some(reviewed), ..opts() };
+        for result in [
+            check_apply(&diff, &f.upper, &f.lower, &opts).map(|_| ()),
+            apply(&diff, &f.upper, &f.lower, &opts).map(|_| ()),
+        ] {
+            match result {
+                Err(e @ ApplyError::DigestMismatch { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(&found.to_string()) && msg.contains(&reviewed.to_string()), "{msg}");
+                    assert!(msg.contains("nothing was written") && msg.contains("airlock diff"), "{msg}");
+                }
+                other => panic!("{what}: expected a digest mismatch, got {other:?}"),
+            }
+        }
+        assert_eq!(snapshot(&f.lower), before, "{what}: something was written");
+    }
+    // The digest of the change as it now is applies it, and is reported.
+    let diff = compute_diff(&f.lower, &f.upper).unwrap();
+    let report =
+        apply(&diff, &f.upper, &f.lower, &ApplyOptions { expect: Some(diff.digest()), ..opts() }).unwrap();
+    assert_eq!(report.digest, Some(diff.digest()));
+    assert_eq!(fs::read(f.lower.join("a.txt")).unwrap(), b"REVIEWED\n");
+}
+
+/// A record that writes a file without naming its content's hash cannot
+/// be held to the review: refused.
+#[test]
+fn a_file_record_without_its_hash_is_refused() {
+    let f = Fixture::new();
+    write(&f.upper, "new.txt", b"x\n");
+    let diff = Diff { changes: vec![change("new.txt", ChangeKind::Added, None, Some(EntryType::File))] };
+    let refused = refusals(apply(&diff, &f.upper, &f.lower, &opts()).unwrap_err());
+    assert!(matches!(refused[0].1, RefusalReason::Malformed(m) if m.contains("hash")), "{refused:?}");
+    assert!(snapshot(&f.lower).is_empty());
+}
+
+/// A sandbox that keeps rewriting its file while apply copies it: every
+/// apply either writes the reviewed bytes or refuses and leaves the
+/// workspace as it was; the other content never lands.
+#[test]
+fn apply_while_the_layer_is_rewritten_writes_the_reviewed_bytes_or_nothing() {
+    use std::io::{Seek, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let f = Fixture::new();
+    // Big enough that a copy takes many reads, so the writer interleaves.
+    let reviewed = vec![b'a'; 4 << 20];
+    let other = vec![b'b'; 4 << 20];
+    write(&f.lower, "big.bin", b"host\n");
+    write(&f.upper, "big.bin", &reviewed);
+    let diff = compute_diff(&f.lower, &f.upper).unwrap();
+    let expect = diff.digest();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), f.upper.join("big.bin"));
+        let (reviewed, other) = (reviewed.clone(), other.clone());
+        std::thread::spawn(move || {
+            let mut file = fs::OpenOptions::new().write(true).open(path).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                for content in [&other, &reviewed] {
+                    file.rewind().unwrap();
+                    file.write_all(content).unwrap();
+                }
+            }
+        })
+    };
+    let (mut applied, mut refused) = (0, 0);
+    for _ in 0..20 {
+        match apply(&diff, &f.upper, &f.lower, &ApplyOptions { expect: Some(expect), ..opts() }) {
+            Ok(report) => {
+                assert_eq!(report.digest, Some(expect));
+                assert!(fs::read(f.lower.join("big.bin")).unwrap() == reviewed, "unreviewed bytes written");
+                applied += 1;
+                write(&f.lower, "big.bin", b"host\n");
+            }
+            Err(ApplyError::ChangedWhileApplying { rollback_errors, .. }) => {
+                assert!(rollback_errors.is_empty(), "{rollback_errors:?}");
+                assert_eq!(fs::read(f.lower.join("big.bin")).unwrap(), b"host\n");
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+        let leftovers: Vec<_> =
+            snapshot(&f.lower).into_keys().filter(|p| p.to_string_lossy().contains(".airlock-")).collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    eprintln!("{applied} applied with the reviewed bytes, {refused} refused");
+    assert!(refused > 0, "the rewriting never overlapped a copy: the test did not test");
 }

@@ -186,7 +186,10 @@ fn mode_only_change() {
     assert!(c.is_mode_only());
     assert_eq!((c.old_mode, c.new_mode), (Some(0o644), Some(0o755)));
     let text = unified(&diff, &f);
-    assert_eq!(text, "diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n");
+    let digest = format!("change {}\n", diff.digest());
+    assert_eq!(text, format!("diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n{digest}"));
+    // A mode-only change writes no content: none is bound.
+    assert_eq!(c.content_sha256, None);
 }
 
 #[test]
@@ -279,7 +282,8 @@ fn stat_counts_and_render() {
     let text = String::from_utf8(out).unwrap();
     assert!(text.contains(" m.txt        |   3 ++-\n"), "{text}");
     assert!(text.contains(" img.png      | Bin\n"), "{text}");
-    assert!(text.ends_with(" 5 files changed, 3 insertions(+), 4 deletions(-)\n"), "{text}");
+    let last = format!(" 5 files changed, 3 insertions(+), 4 deletions(-)\nchange {}\n", diff.digest());
+    assert!(text.ends_with(&last), "{text}");
 }
 
 #[test]
@@ -299,6 +303,7 @@ fn json_shape_is_stable() {
         [
             "binary",
             "content_changed",
+            "content_sha256",
             "kind",
             "lines_added",
             "lines_removed",
@@ -320,6 +325,10 @@ fn json_shape_is_stable() {
     assert_eq!(c["new_mode"], 0o644);
     assert_eq!(c["size"], 4);
     assert_eq!(c["lines_added"], 2);
+    // sha256("x\ny\n"), and the change's digest as `apply --expect` takes it.
+    assert_eq!(c["content_sha256"], "09834d488008f5f1ef589a2d7cedc52425bee9dd23b2212e4c1d673c5cbb54e4");
+    assert_eq!(json["digest"], diff.digest().to_string());
+    assert_eq!(json["changes"][1]["content_sha256"], serde_json::Value::Null);
     assert_eq!(json["changes"][1]["new_type"], "symlink");
     assert_eq!(json["changes"][1]["symlink_target"], "a.txt");
 }
@@ -366,4 +375,23 @@ fn diff_and_apply_report_progress() {
         airlock_workspace::apply_with(&diff, &f.upper, &f.lower, &opts, &mut |n| written.push(n)).unwrap();
     assert_eq!(report.written.len(), 55);
     assert_eq!(written, (1..=55).collect::<Vec<u64>>());
+}
+
+/// The sandbox rewrites a file between the diff and its rendering: the
+/// text shown would not be what the digest names, so rendering fails
+/// before the digest line is printed.
+#[test]
+fn rendering_refuses_content_rewritten_after_the_diff() {
+    let f = Fixture::new();
+    write(&f.upper, "a.txt", b"what the digest names\n");
+    let diff = compute_diff(&f.lower, &f.upper).unwrap();
+    let mut out = Vec::new();
+    diff.render_unified(&f.lower, &f.upper, &mut out).unwrap();
+    assert!(String::from_utf8_lossy(&out).ends_with(&format!("change {}\n", diff.digest())));
+    write(&f.upper, "a.txt", b"something else shown\n");
+    let mut out = Vec::new();
+    let err = diff.render_unified(&f.lower, &f.upper, &mut out).unwrap_err();
+    assert!(err.to_string().contains("a.txt") && err.to_string().contains("airlock diff"), "{err}");
+    let shown = String::from_utf8_lossy(&out);
+    assert!(!shown.contains("change sha256:"), "a digest under a text it does not name: {shown}");
 }
