@@ -589,6 +589,18 @@ pub(crate) mod path_repr {
         }
     }
 
+    pub(crate) mod plain {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+            to_repr(path).serialize(s)
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+            from_repr(Repr::deserialize(d)?)
+        }
+    }
+
     pub(crate) mod vec {
         use super::*;
 

@@ -4,6 +4,7 @@
 //! existing sandboxes lives in [`ops`].
 
 pub mod audit;
+pub mod idblocks;
 mod layer;
 mod lifecycle;
 pub mod names;
@@ -42,6 +43,8 @@ pub enum RunError {
     StateDir(#[from] state::StateError),
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    #[error(transparent)]
+    IdBlocks(#[from] idblocks::IdBlockError),
     #[error("cgroup: {0}")]
     Cgroup(#[from] airlock_jail::cgroup::CgroupError),
     #[error(transparent)]

@@ -13,6 +13,7 @@ use airlock_policy::{CleanupAction, Policy, WorkspaceMode};
 use airlock_proto::HostMessage;
 
 use crate::audit::{AuditEvent, AuditLog};
+use crate::idblocks::{IdBlock, Registry};
 use crate::layer::WritableLayer;
 use crate::network::Network;
 use crate::plan::{self, HostFacts, LaunchInput, SandboxPaths};
@@ -61,7 +62,10 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o711))
             .map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     }
-    let id_map = IdMap::for_current_user(host_id_base(&name));
+    // As root, the sandbox's ids are a block of its own, held until its
+    // directory is removed; given back at once if the launch fails below.
+    let id_block = if host.is_root { Some(Registry::host()?.allocate(sandbox.path())?) } else { None };
+    let id_map = IdMap::for_current_user(id_block.as_ref().map_or(0, IdBlock::first_host_uid));
     std::fs::write(sandbox.policy_path(), policy.to_toml())
         .map_err(|e| RunError::State(sandbox.policy_path(), e))?;
 
@@ -75,6 +79,7 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         state: SandboxState::Creating,
         supervisor_pid: Some(std::process::id() as i32),
         host_uid: Some(id_map.host_root_uid),
+        id_block: id_block.as_ref().map(IdBlock::index),
         cgroup: None,
         started_at: None,
         finished_at: None,
@@ -208,16 +213,18 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     meta.state = SandboxState::Running;
     meta.started_at = Some(now_rfc3339());
     sandbox.write_meta(&meta)?;
+    if let Some(block) = id_block {
+        block.keep();
+    }
 
     Ok(Launched { name, meta, audit, cgroup, layer, network, secret_values, stdio, agent_pid, control })
 }
 
-/// Host uid that root inside this sandbox becomes (root only): one block of
-/// 65536 ids per sandbox, picked from its name, far above ordinary users.
-fn host_id_base(name: &str) -> u32 {
-    let hash =
-        name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    1_000_000_000 + ((hash % 15_000) as u32) * 65_536
+/// Removes a sandbox's directory, then gives back the id block it held.
+pub(crate) fn remove_sandbox_dir(sandbox: &SandboxDir, id_block: Option<u32>) -> Result<(), RunError> {
+    sandbox.remove_all()?;
+    crate::idblocks::release_for(sandbox.path(), id_block);
+    Ok(())
 }
 
 fn workspace_mode_name(policy: &Policy, workspace: Option<&Path>) -> String {
@@ -292,6 +299,9 @@ pub(crate) fn finalize(
         if let Some(layer) = layer {
             let _ = layer.discard();
         }
+        // The agent is gone and no untrusted code ran: nothing is owned
+        // by the block's ids any more.
+        crate::idblocks::release_for(sandbox.path(), meta.id_block);
         return Err(RunError::SetupFailed(reason.clone()));
     }
     if let Some((_, message)) = &ending.exec_failed {
@@ -382,7 +392,7 @@ pub(crate) fn finalize(
         })?;
         drop(audit);
         drop(live);
-        sandbox.remove_all()?;
+        remove_sandbox_dir(sandbox, meta.id_block)?;
     }
     tracing::debug!("phase: cleaned up");
     Ok(RunOutcome {

@@ -220,7 +220,20 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     } else {
         base.limits.timeout
     };
-    let mut supervisor = Supervisor::start(&sandbox, &checked.policy, launched, &spec, req, max_runtime)?;
+    let (agent_pid, id_block) = (launched.agent_pid, launched.meta.id_block);
+    let mut supervisor = match Supervisor::start(&sandbox, &checked.policy, launched, &spec, req, max_runtime)
+    {
+        Ok(supervisor) => supervisor,
+        Err(e) => {
+            // Nothing ran in the sandbox yet: end its agent, and its id
+            // block is free again.
+            kill_agent(agent_pid);
+            let _ = airlock_jail::sys::wait_pid(agent_pid);
+            crate::run::record_failure(&sandbox, &e);
+            crate::idblocks::release_for(sandbox.path(), id_block);
+            return Err(e);
+        }
+    };
     // Said once, then the descriptor is closed: the creator returns now.
     if let Some(mut ready) = ready.take() {
         let _ = writeln!(ready, "ready {}", sandbox.name());
