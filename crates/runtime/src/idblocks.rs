@@ -165,8 +165,11 @@ impl Registry {
     /// directory is `sandbox` (which must exist), reclaiming stale entries
     /// on the way.
     pub fn allocate(&self, sandbox: &Path) -> Result<IdBlock, IdBlockError> {
-        let identity = std::fs::symlink_metadata(sandbox)
-            .map_err(|source| IdBlockError::Io { action: "inspect", path: sandbox.to_path_buf(), source })?;
+        let identity = std::fs::symlink_metadata(sandbox).map_err(|source| IdBlockError::Io {
+            action: "inspect",
+            path: sandbox.to_path_buf(),
+            source,
+        })?;
         let _lock = self.lock(true)?;
         let mut taken = std::collections::BTreeSet::new();
         for (index, entry) in self.entries()? {
@@ -287,12 +290,16 @@ impl Registry {
     /// An unreadable entry still counts as taken: giving its block out
     /// could put two sandboxes on it.
     fn entries(&self) -> Result<Vec<(u32, Option<Entry>)>, IdBlockError> {
-        let listing = std::fs::read_dir(&self.dir)
-            .map_err(|source| IdBlockError::Io { action: "list", path: self.dir.clone(), source })?;
+        let listing = std::fs::read_dir(&self.dir).map_err(|source| IdBlockError::Io {
+            action: "list",
+            path: self.dir.clone(),
+            source,
+        })?;
         let mut out = Vec::new();
         for item in listing.flatten() {
             let name = item.file_name();
-            let Some(index) = name.to_str().and_then(|n| n.parse::<u32>().ok()).filter(|i| *i < BLOCKS) else {
+            let Some(index) = name.to_str().and_then(|n| n.parse::<u32>().ok()).filter(|i| *i < BLOCKS)
+            else {
                 continue;
             };
             if let Some(entry) = self.read_entry(index)? {
@@ -316,9 +323,11 @@ impl Registry {
             Err(source) => return Err(IdBlockError::Io { action: "open", path, source }),
         };
         let mut text = Vec::new();
-        file.take(64 * 1024)
-            .read_to_end(&mut text)
-            .map_err(|source| IdBlockError::Io { action: "read", path: path.clone(), source })?;
+        file.take(64 * 1024).read_to_end(&mut text).map_err(|source| IdBlockError::Io {
+            action: "read",
+            path: path.clone(),
+            source,
+        })?;
         match serde_json::from_slice(&text) {
             Ok(entry) => Ok(Some(Some(entry))),
             Err(e) => {

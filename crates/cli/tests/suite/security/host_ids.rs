@@ -194,7 +194,9 @@ fn a_hundred_live_sandboxes_hold_distinct_blocks_and_free_them() {
     assert_eq!(blocks.len(), 100);
     let registered = registry_entries_below(&env.state);
     assert_eq!(registered.keys().collect::<Vec<_>>(), blocks.keys().collect::<Vec<_>>());
-    eprintln!("100 sandboxes on 100 blocks; the old hash would have put {old_collisions} of them on a taken one");
+    eprintln!(
+        "100 sandboxes on 100 blocks; the old hash would have put {old_collisions} of them on a taken one"
+    );
 
     let o = env.airlock(["rm"]).args(&names).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
@@ -278,13 +280,11 @@ fn egress_listeners_survive_a_failed_hand_over() {
     }
     let env = Env::new();
     std::fs::write(env.workspace.join("inflight.py"), INFLIGHT_PROBE).unwrap();
-    let o = env
-        .airlock(["run", "--rm", "--timeout", "2m", "--", "python3", "inflight.py"])
-        .output()
-        .unwrap();
+    let o = env.airlock(["run", "--rm", "--timeout", "2m", "--", "python3", "inflight.py"]).output().unwrap();
     let out = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
-    let line = |tag: &str| out.lines().find(|l| l.starts_with(tag)).unwrap_or_else(|| panic!("no {tag}:\n{out}"));
+    let line =
+        |tag: &str| out.lines().find(|l| l.starts_with(tag)).unwrap_or_else(|| panic!("no {tag}:\n{out}"));
     assert!(line("full ").ends_with(" errno 109"), "the in-flight limit was not reached:\n{out}");
     for port in ["http", "socks"] {
         assert!(line(&format!("during {port} ")).ends_with("no answer"), "{out}");
