@@ -4,6 +4,7 @@
 //! existing sandboxes lives in [`ops`].
 
 pub mod audit;
+pub mod caps;
 pub mod idblocks;
 mod layer;
 mod lifecycle;
@@ -124,6 +125,8 @@ fn limits_json(policy: &Policy) -> serde_json::Value {
         "cpus": policy.limits.cpus,
         "disk": policy.limits.disk,
         "nofile": policy.limits.nofile,
+        "log_size": policy.limits.log_size,
+        "audit_size": policy.limits.audit_size,
     })
 }
 

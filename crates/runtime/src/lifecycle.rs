@@ -13,6 +13,7 @@ use airlock_policy::{CleanupAction, Policy, WorkspaceMode};
 use airlock_proto::HostMessage;
 
 use crate::audit::{AuditEvent, AuditLog};
+use crate::caps::{CappedLog, SharedLog};
 use crate::idblocks::{IdBlock, Registry};
 use crate::layer::WritableLayer;
 use crate::network::Network;
@@ -32,8 +33,26 @@ pub(crate) struct Launched {
     pub network: Option<Network>,
     pub secret_values: Vec<(String, Vec<u8>)>,
     pub stdio: SandboxStdio,
+    pub logs: OutputLogs,
     pub agent_pid: i32,
     pub control: UnixStream,
+}
+
+/// The sandbox's output logs, capped at the policy's `limits.log_size`
+/// each and shared by everything that writes to them.
+#[derive(Clone)]
+pub(crate) struct OutputLogs {
+    pub stdout: SharedLog,
+    pub stderr: SharedLog,
+}
+
+impl OutputLogs {
+    fn open(sandbox: &SandboxDir, limit: u64) -> Result<OutputLogs, RunError> {
+        let open = |path: PathBuf| {
+            CappedLog::open(&path, limit).map(CappedLog::shared).map_err(|e| RunError::State(path, e))
+        };
+        Ok(OutputLogs { stdout: open(sandbox.stdout_log())?, stderr: open(sandbox.stderr_log())? })
+    }
 }
 
 /// What a sandbox is launched with.
@@ -92,7 +111,7 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         idle_timeout_secs: None,
     };
     sandbox.write_meta(&meta)?;
-    let mut audit = AuditLog::open(&sandbox.audit_path())?;
+    let mut audit = AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size);
     audit.record(AuditEvent::Created {
         policy: policy.name.clone(),
         workspace: meta.workspace.clone(),
@@ -150,7 +169,8 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     let network = crate::network::Network::start(policy, &name, sandbox.path(), &sandbox.audit_path())?;
     let secret_values = network.as_ref().map(|n| n.secret_values()).unwrap_or_default();
     let network_env = network.as_ref().map(|n| n.environment()).unwrap_or_default();
-    let mut stdio = SandboxStdio::new(&sandbox.stdout_log(), &sandbox.stderr_log(), terminal, &secret_values)
+    let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
+    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), terminal, &secret_values)
         .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let host_env = |k: &str| std::env::var(k).ok();
@@ -217,7 +237,7 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         block.keep();
     }
 
-    Ok(Launched { name, meta, audit, cgroup, layer, network, secret_values, stdio, agent_pid, control })
+    Ok(Launched { name, meta, audit, cgroup, layer, network, secret_values, stdio, logs, agent_pid, control })
 }
 
 /// Removes a sandbox's directory, then gives back the id block it held.
