@@ -2,4 +2,5 @@
 //! hostile neighbour) made, with its variants, and what airlock must hold
 //! against it. One module per promise; SECURITY.md names each test.
 
+mod budgets;
 mod host_ids;
