@@ -81,10 +81,6 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o711))
             .map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     }
-    // As root, the sandbox's ids are a block of its own, held until its
-    // directory is removed; given back at once if the launch fails below.
-    let id_block = if host.is_root { Some(Registry::host()?.allocate(sandbox.path())?) } else { None };
-    let id_map = IdMap::for_current_user(id_block.as_ref().map_or(0, IdBlock::first_host_uid));
     std::fs::write(sandbox.policy_path(), policy.to_toml())
         .map_err(|e| RunError::State(sandbox.policy_path(), e))?;
 
@@ -97,8 +93,8 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         command: command.to_vec(),
         state: SandboxState::Creating,
         supervisor_pid: Some(std::process::id() as i32),
-        host_uid: Some(id_map.host_root_uid),
-        id_block: id_block.as_ref().map(IdBlock::index),
+        host_uid: None,
+        id_block: None,
         cgroup: None,
         started_at: None,
         finished_at: None,
@@ -119,6 +115,16 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         limits: crate::limits_json(policy),
         degraded: degraded.clone(),
     })?;
+
+    // As root, the sandbox's ids are a block of its own, held until its
+    // directory is removed; given back at once if the launch fails below.
+    // Taken once meta.json exists, so that a sandbox refused for want of a
+    // block is listed (failed) and can be removed.
+    let id_block = if host.is_root { Some(Registry::host()?.allocate(sandbox.path())?) } else { None };
+    let id_map = IdMap::for_current_user(id_block.as_ref().map_or(0, IdBlock::first_host_uid));
+    meta.host_uid = Some(id_map.host_root_uid);
+    meta.id_block = id_block.as_ref().map(IdBlock::index);
+    sandbox.write_meta(&meta)?;
 
     tracing::debug!("phase: state directory ready");
     let cgroup = if host.cgroups {

@@ -237,6 +237,12 @@ fn running_out_is_a_clear_error_and_blocks_come_back() {
         }
     };
     refused(&create(&env, "three", &pool));
+    // The refused sandbox is listed, failed, holding no block.
+    let o = env.airlock(["ls", "--json"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let three = list.as_array().unwrap().iter().find(|s| s["name"] == "three").expect("three is listed");
+    assert_eq!(three["state"], "failed", "{three}");
+    assert!(meta(&env.state, "three")["id_block"].is_null());
     let mut run = env.airlock(["run", "--rm", "--", "true"]);
     refused(&run.envs(pool).output().unwrap());
 
