@@ -93,6 +93,8 @@ fn blank() -> Policy {
             cpus: 0.0,
             disk: 0,
             nofile: 0,
+            log_size: 0,
+            audit_size: 0,
             allow_raise: false,
         },
         network: Network {

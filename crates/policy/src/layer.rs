@@ -45,6 +45,8 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         cpus => p.limits.cpus,
         disk => p.limits.disk,
         nofile => p.limits.nofile,
+        log_size => p.limits.log_size,
+        audit_size => p.limits.audit_size,
         allow_raise => p.limits.allow_raise,
         egress => p.network.egress,
         allow => p.network.allow,

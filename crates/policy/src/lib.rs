@@ -89,8 +89,22 @@ pub struct Limits {
     pub disk: u64,
     /// RLIMIT_NOFILE.
     pub nofile: u64,
+    /// Bytes each of the sandbox's output logs (`logs/stdout.log`,
+    /// `logs/stderr.log`) may take on the host; later output still reaches
+    /// the caller, it is not logged.
+    #[serde(default = "default_host_file_size")]
+    pub log_size: u64,
+    /// Bytes the sandbox's audit log may take before events the sandbox can
+    /// cause in numbers (network decisions, execs) are no longer recorded.
+    #[serde(default = "default_host_file_size")]
+    pub audit_size: u64,
     /// Whether CLI flags may raise limits above these values.
     pub allow_raise: bool,
+}
+
+/// For limits deserialized from a form written before they existed.
+fn default_host_file_size() -> u64 {
+    32 << 20
 }
 
 /// Files copied out of the workspace after the run.

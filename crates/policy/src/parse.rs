@@ -41,7 +41,8 @@ const TOP_KEYS: &[&str] = &[
 const ISOLATION_KEYS: &[&str] = &["tier", "allow_weaker"];
 const FILESYSTEM_KEYS: &[&str] = &["read_only", "hidden", "tmp_size"];
 const WORKSPACE_KEYS: &[&str] = &["mode", "writeback", "protected"];
-const LIMITS_KEYS: &[&str] = &["timeout", "memory", "pids", "cpus", "disk", "nofile", "allow_raise"];
+const LIMITS_KEYS: &[&str] =
+    &["timeout", "memory", "pids", "cpus", "disk", "nofile", "log_size", "audit_size", "allow_raise"];
 const NETWORK_KEYS: &[&str] = &["egress", "allow", "deny", "allow_flag", "extra_roots", "rule"];
 /// The `[network]` keys a built-in must set; `rule` is an array of tables a
 /// profile may leave out.
@@ -83,6 +84,8 @@ pub(crate) struct Layer {
     pub cpus: Option<f64>,
     pub disk: Option<u64>,
     pub nofile: Option<u64>,
+    pub log_size: Option<u64>,
+    pub audit_size: Option<u64>,
     pub allow_raise: Option<bool>,
     pub egress: Option<Egress>,
     pub allow: Option<Vec<HostPattern>>,
@@ -173,6 +176,9 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
         layer.disk = s.size_at_least("disk", MIB)?;
         // The kernel refuses more than fs.nr_open (1048576 by default).
         layer.nofile = s.integer_between("nofile", 16, 1 << 20)?;
+        // Room for a useful log and the marker saying it was cut.
+        layer.log_size = s.size_at_least("log_size", 64 * 1024)?;
+        layer.audit_size = s.size_at_least("audit_size", MIB)?;
         layer.allow_raise = s.boolean("allow_raise")?;
         layer.keys_set.extend(s.present());
     }
@@ -779,7 +785,7 @@ mod tests {
         assert_eq!(
             msg,
             "my-policy.toml:5:3: unknown key `timout` in [limits] \
-             (expected one of: timeout, memory, pids, cpus, disk, nofile, allow_raise)"
+             (expected one of: timeout, memory, pids, cpus, disk, nofile, log_size, audit_size, allow_raise)"
         );
     }
 

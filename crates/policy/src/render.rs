@@ -92,6 +92,8 @@ pub(crate) fn to_toml(p: &Policy) -> String {
          cpus = {cpus}\n\
          disk = {disk}\n\
          nofile = {nofile}\n\
+         log_size = {log_size}\n\
+         audit_size = {audit_size}\n\
          allow_raise = {allow_raise}\n\
          \n\
          [network]\n\
@@ -130,6 +132,8 @@ pub(crate) fn to_toml(p: &Policy) -> String {
         cpus = p.limits.cpus,
         disk = quote(&format_size(p.limits.disk)),
         nofile = p.limits.nofile,
+        log_size = quote(&format_size(p.limits.log_size)),
+        audit_size = quote(&format_size(p.limits.audit_size)),
         allow_raise = p.limits.allow_raise,
         egress = quote(p.network.egress.as_str()),
         capture = list(&p.artifacts.capture),

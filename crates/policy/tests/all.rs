@@ -91,6 +91,7 @@ fn builtin_values_match_the_brief() {
     assert_eq!(dev.limits.timeout, Duration::from_secs(2 * 3600));
     assert_eq!((dev.limits.memory, dev.limits.pids, dev.limits.cpus), (4 * GIB, 4096, 2.0));
     assert_eq!((dev.limits.disk, dev.limits.nofile), (10 * GIB, 4096));
+    assert_eq!((dev.limits.log_size, dev.limits.audit_size), (32 * MIB, 32 * MIB));
     assert!(dev.limits.allow_raise);
     assert!(dev.artifacts.capture.is_empty());
     assert_eq!(dev.env.pass, ["TERM", "LANG", "LC_ALL", "COLORTERM"]);
@@ -115,6 +116,7 @@ fn builtin_values_match_the_brief() {
     assert_eq!(plugin.limits.timeout, Duration::from_secs(300));
     assert_eq!((plugin.limits.memory, plugin.limits.pids, plugin.limits.cpus), (512 * MIB, 256, 1.0));
     assert_eq!((plugin.limits.disk, plugin.limits.nofile), (256 * MIB, 1024));
+    assert_eq!((plugin.limits.log_size, plugin.limits.audit_size), (4 * MIB, 4 * MIB));
     assert_eq!(plugin.filesystem.tmp_size, 64 * MIB);
     assert_eq!(
         (plugin.cleanup.on_success, plugin.cleanup.on_failure),
@@ -677,4 +679,23 @@ fn limits_beyond_what_the_kernel_takes_are_refused_where_written() {
     assert!(err.to_string().contains("at most 1048576"), "{err}");
     let ok = write(dir.path(), "ok.toml", "[limits]\npids = 4194304\nnofile = 1048576\n");
     assert_eq!(Policy::load_file(&ok).unwrap().limits.pids, 4_194_304);
+}
+
+#[test]
+fn host_file_caps_are_sizes_with_a_floor_and_survive_a_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = write(dir.path(), "small.toml", "[limits]\nlog_size = \"1K\"\n");
+    let err = Policy::load_file(&small).unwrap_err();
+    assert_eq!(file_error(&err).2, "limits.log_size");
+    let small = write(dir.path(), "audit.toml", "[limits]\naudit_size = 1000\n");
+    assert_eq!(file_error(&Policy::load_file(&small).unwrap_err()).2, "limits.audit_size");
+    let bad = write(dir.path(), "bad.toml", "[limits]\nlog_size = \"lots\"\n");
+    assert_eq!(file_error(&Policy::load_file(&bad).unwrap_err()).2, "limits.log_size");
+
+    let ok =
+        write(dir.path(), "ok.toml", "extends = \"ci\"\n[limits]\nlog_size = \"64K\"\naudit_size = \"2M\"\n");
+    let p = Policy::load_file(&ok).unwrap();
+    assert_eq!((p.limits.log_size, p.limits.audit_size), (64 * 1024, 2 * MIB));
+    let again = write(dir.path(), "again.toml", &p.to_toml());
+    assert_eq!(Policy::load_file(&again).unwrap().limits, p.limits);
 }

@@ -9,6 +9,15 @@
 //! file grew behind its back, so `seq` stays strictly increasing across writers
 //! and reopenings.
 //!
+//! The log is bounded (`limits.audit_size`, or [`DEFAULT_LIMIT`] where the
+//! policy is not at hand): once it would pass its limit less a reserve, the
+//! events a sandbox can cause in numbers (network decisions, execs) are no
+//! longer written, and one `audit_capped` record says so; the events of its
+//! life (created, exited, stopped, applied, removed, …) are still written,
+//! into the reserve. The state is in the file, so every writer — in any
+//! process — holds the same cap. Every field of every event is capped too
+//! (`caps`), with a marker saying how long it was.
+//!
 //! Paths in events come from inside the sandbox and may not be UTF-8; they are
 //! written as a JSON string when they are UTF-8 and as
 //! `{"non_utf8_hex": "…"}` otherwise, so a weird file name can neither make an
@@ -145,6 +154,12 @@ pub enum AuditEvent {
     Stopped {
         reason: String,
     },
+    /// The log reached its limit: network and exec events after this one
+    /// were not recorded.
+    AuditCapped {
+        limit: u64,
+        message: String,
+    },
 }
 
 impl AuditEvent {
@@ -166,6 +181,69 @@ impl AuditEvent {
             AuditEvent::ExecStarted { .. } => "exec_started",
             AuditEvent::ExecEnded { .. } => "exec_ended",
             AuditEvent::Stopped { .. } => "stopped",
+            AuditEvent::AuditCapped { .. } => "audit_capped",
+        }
+    }
+
+    /// Events a sandbox can cause without bound (a request, an exec): the
+    /// ones dropped once the log is full. The rest mark its life and are
+    /// few.
+    fn is_bulk(&self) -> bool {
+        matches!(self, AuditEvent::Network(_) | AuditEvent::ExecStarted { .. } | AuditEvent::ExecEnded { .. })
+    }
+
+    /// The event with every field capped (see `caps`).
+    fn capped(self) -> AuditEvent {
+        use crate::caps::{MAX_FIELD, MAX_MESSAGE, cap_list, cap_path, cap_paths, cap_str};
+        let field = |s: String| cap_str(&s, MAX_FIELD);
+        let message = |s: String| cap_str(&s, MAX_MESSAGE);
+        match self {
+            AuditEvent::Created { policy, workspace, workspace_mode, limits, degraded } => {
+                AuditEvent::Created {
+                    policy: field(policy),
+                    workspace: workspace.map(|w| cap_path(&w, MAX_FIELD)),
+                    workspace_mode: field(workspace_mode),
+                    limits: crate::caps::cap_json(limits),
+                    degraded: cap_list(&degraded),
+                }
+            }
+            AuditEvent::CommandStarted { argv, pid } => {
+                AuditEvent::CommandStarted { argv: cap_list(&argv), pid }
+            }
+            AuditEvent::SupervisorLost { detail } => AuditEvent::SupervisorLost { detail: message(detail) },
+            AuditEvent::ArtifactsCaptured { files, bytes } => {
+                AuditEvent::ArtifactsCaptured { files: cap_paths(&files), bytes }
+            }
+            AuditEvent::Applied { written, deleted, allow_protected, by_uid } => AuditEvent::Applied {
+                written: cap_paths(&written),
+                deleted: cap_paths(&deleted),
+                allow_protected,
+                by_uid,
+            },
+            AuditEvent::ApplyRefused { reason } => AuditEvent::ApplyRefused { reason: message(reason) },
+            AuditEvent::Removed { reason } => AuditEvent::Removed { reason: message(reason) },
+            AuditEvent::Error { stage, message: text } => {
+                AuditEvent::Error { stage: field(stage), message: message(text) }
+            }
+            AuditEvent::Network(mut e) => {
+                e.via = field(e.via);
+                e.host = field(e.host);
+                e.address = e.address.map(field);
+                e.method = e.method.map(field);
+                e.path = e.path.map(field);
+                e.rule = field(e.rule);
+                e.secrets = cap_list(&e.secrets);
+                AuditEvent::Network(e)
+            }
+            AuditEvent::ExecStarted { id, argv, pid } => {
+                AuditEvent::ExecStarted { id, argv: cap_list(&argv), pid }
+            }
+            AuditEvent::Stopped { reason } => AuditEvent::Stopped { reason: message(reason) },
+            other @ (AuditEvent::Exited { .. }
+            | AuditEvent::TimeLimitHit { .. }
+            | AuditEvent::DiffSummary { .. }
+            | AuditEvent::ExecEnded { .. }
+            | AuditEvent::AuditCapped { .. }) => other,
         }
     }
 
@@ -184,6 +262,15 @@ impl AuditEvent {
     }
 }
 
+/// The limit of a log opened without the policy's `limits.audit_size`.
+pub const DEFAULT_LIMIT: u64 = 32 << 20;
+/// Room kept below the limit for the `audit_capped` record and the events
+/// of the sandbox's life after it.
+const RESERVE: u64 = 64 << 10;
+/// How the `audit_capped` record starts in the file (serde writes the tag
+/// right after the flattened fields' `ts` and `seq`).
+const CAPPED_TAG: &[u8] = br#""event":"audit_capped""#;
+
 /// An open, append-only audit log.
 #[derive(Debug)]
 pub struct AuditLog {
@@ -194,6 +281,9 @@ pub struct AuditLog {
     /// another writer (or a crash) changed the tail and `next_seq` must be
     /// re-read. `None` forces a re-read.
     known_len: Option<u64>,
+    limit: u64,
+    /// This writer has seen (or written) the `audit_capped` record.
+    capped: bool,
 }
 
 impl AuditLog {
@@ -209,9 +299,23 @@ impl AuditLog {
             .custom_flags(OFlags::NOFOLLOW.bits() as i32)
             .open(path)
             .map_err(|source| AuditError::Io { action: "open", path: path.to_path_buf(), source })?;
-        let mut log = AuditLog { file, path: path.to_path_buf(), next_seq: 1, known_len: None };
+        let mut log = AuditLog {
+            file,
+            path: path.to_path_buf(),
+            next_seq: 1,
+            known_len: None,
+            limit: DEFAULT_LIMIT,
+            capped: false,
+        };
         log.locked(AuditLog::resync)?;
         Ok(log)
+    }
+
+    /// The same log, bounded by `limit` bytes (the policy's
+    /// `limits.audit_size`) instead of [`DEFAULT_LIMIT`].
+    pub fn with_limit(mut self, limit: u64) -> AuditLog {
+        self.limit = limit.max(2 * RESERVE);
+        self
     }
 
     /// The path this log appends to.
@@ -219,17 +323,22 @@ impl AuditLog {
         &self.path
     }
 
-    /// Appends `event` with the next sequence number and the current time.
+    /// Appends `event` with the next sequence number and the current time,
+    /// its fields capped; an event the sandbox can cause in numbers is
+    /// dropped instead once the log is full (see the module comment).
     pub fn record(&mut self, event: AuditEvent) -> Result<(), AuditError> {
+        let event = event.capped();
         self.locked(|log| {
             log.resync()?;
+            let bulk = event.is_bulk();
             let record = AuditRecord { ts: rfc3339_utc(SystemTime::now()), seq: log.next_seq, event };
-            let mut line = serde_json::to_vec(&record).map_err(|source| AuditError::Encode {
-                event: record.event.kind(),
-                path: log.path.clone(),
-                source,
-            })?;
+            let mut line = log.encode(&record)?;
             line.push(b'\n');
+            let len = log.known_len.unwrap_or(0);
+            let soft_limit = log.limit - RESERVE;
+            if bulk && len + line.len() as u64 > soft_limit {
+                return log.mark_capped(len, soft_limit);
+            }
             if let Err(source) = (&log.file).write_all(&line) {
                 // A short write may have left a partial line; the next
                 // record's resync repairs it.
@@ -243,6 +352,69 @@ impl AuditLog {
             }
             Ok(())
         })
+    }
+
+    fn encode(&self, record: &AuditRecord) -> Result<Vec<u8>, AuditError> {
+        serde_json::to_vec(record).map_err(|source| AuditError::Encode {
+            event: record.event.kind(),
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Writes the `audit_capped` record unless the log has one. It is
+    /// padded (with spaces, which JSON ignores) to pass the soft limit, so
+    /// that every writer, whatever it knows, drops later bulk events. Must
+    /// run under the lock, after `resync`.
+    fn mark_capped(&mut self, len: u64, soft_limit: u64) -> Result<(), AuditError> {
+        if !self.capped {
+            self.capped = self.contains_capped_record(len).map_err(|source| self.io_error("read", source))?;
+        }
+        if self.capped {
+            return Ok(());
+        }
+        let event = AuditEvent::AuditCapped {
+            limit: self.limit,
+            message: format!(
+                "the audit log reached its limit of {} (limits.audit_size): network and exec events after \
+                 this one were not recorded; the sandbox's lifecycle events still are. To keep more, raise \
+                 limits.audit_size in the sandbox's policy",
+                airlock_policy::format_size(self.limit)
+            ),
+        };
+        let record = AuditRecord { ts: rfc3339_utc(SystemTime::now()), seq: self.next_seq, event };
+        let mut line = self.encode(&record)?;
+        let padding = (soft_limit + 1).saturating_sub(len + line.len() as u64 + 1);
+        line.resize(line.len() + padding as usize, b' ');
+        line.push(b'\n');
+        if let Err(source) = (&self.file).write_all(&line) {
+            self.known_len = None;
+            return Err(self.io_error("append to", source));
+        }
+        self.known_len = Some(len + line.len() as u64);
+        self.next_seq += 1;
+        self.capped = true;
+        Ok(())
+    }
+
+    /// Whether the first `len` bytes hold an `audit_capped` record; read
+    /// in chunks that overlap by the tag's length.
+    fn contains_capped_record(&self, len: u64) -> io::Result<bool> {
+        let mut buf = vec![0u8; 1 << 20];
+        let overlap = CAPPED_TAG.len() as u64;
+        let mut pos = 0u64;
+        while pos < len {
+            let want = (len - pos).min(buf.len() as u64) as usize;
+            self.file.read_exact_at(&mut buf[..want], pos)?;
+            if buf[..want].windows(CAPPED_TAG.len()).any(|w| w == CAPPED_TAG) {
+                return Ok(true);
+            }
+            if pos + want as u64 >= len {
+                break;
+            }
+            pos += (want as u64).saturating_sub(overlap).max(1);
+        }
+        Ok(false)
     }
 
     /// Reads every record. A torn last line (a crash mid-write) is skipped
@@ -592,6 +764,18 @@ pub(crate) mod path_repr {
         }
     }
 
+    pub(crate) mod plain {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+            to_repr(path).serialize(s)
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+            from_repr(Repr::deserialize(d)?)
+        }
+    }
+
     pub(crate) mod vec {
         use super::*;
 
@@ -755,6 +939,79 @@ mod tests {
         assert!(text.contains(r#"{"non_utf8_hex":"7372632ffffe2e7273"}"#), "{text}");
         let records = AuditLog::read_all(&path).unwrap();
         assert_eq!(records[0].event, event);
+    }
+
+    fn refused_request(path_len: usize) -> AuditEvent {
+        AuditEvent::Network(airlock_egress::NetEvent {
+            via: "http".into(),
+            host: "example.net".into(),
+            port: 80,
+            address: None,
+            method: Some("GET".into()),
+            path: Some(format!("/{}", "a".repeat(path_len))),
+            allowed: false,
+            rule: "no allow entry matches example.net:80".into(),
+            handling: airlock_egress::Handling::Refused,
+            bytes_out: 0,
+            bytes_in: 0,
+            duration_ms: 0,
+            secrets: vec![],
+        })
+    }
+
+    #[test]
+    fn fields_are_capped_with_their_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.record(refused_request(60_000)).unwrap();
+        let argv: Vec<String> = (0..90_000).map(|i| format!("a{i:07}")).collect();
+        log.record(AuditEvent::CommandStarted { argv, pid: None }).unwrap();
+        log.record(AuditEvent::Error { stage: "run".into(), message: "m".repeat(100_000) }).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.len() < 20_000, "{}", text.len());
+        let records = AuditLog::read_all(&path).unwrap();
+        let AuditEvent::Network(e) = &records[0].event else { panic!() };
+        assert!(e.path.as_deref().unwrap().ends_with("[cut by airlock: 60001 bytes in all]"));
+        let AuditEvent::CommandStarted { argv, .. } = &records[1].event else { panic!() };
+        assert_eq!(argv[0], "a0000000");
+        assert!(argv.last().unwrap().contains("more items"), "{argv:?}");
+        let AuditEvent::Error { message, .. } = &records[2].event else { panic!() };
+        assert!(message.ends_with("[cut by airlock: 100000 bytes in all]"));
+    }
+
+    #[test]
+    fn a_full_log_drops_bulk_events_once_marked_and_keeps_lifecycle_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let limit = 256 * 1024;
+        let mut proxy = AuditLog::open(&path).unwrap().with_limit(limit);
+        for _ in 0..1000 {
+            proxy.record(refused_request(2000)).unwrap();
+        }
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len <= limit - RESERVE + 4096, "{len}");
+        // Another writer, which never saw the marker: no more bulk events,
+        // no second marker; lifecycle events still go in.
+        let mut other = AuditLog::open(&path).unwrap().with_limit(limit);
+        other.record(AuditEvent::ExecStarted { id: 1, argv: vec!["true".into()], pid: None }).unwrap();
+        other.record(refused_request(1)).unwrap();
+        other.record(removed("done")).unwrap();
+        let records = AuditLog::read_all(&path).unwrap();
+        let kinds: Vec<&str> = records.iter().map(|r| r.event.kind()).collect();
+        assert_eq!(kinds.iter().filter(|k| **k == "audit_capped").count(), 1, "{kinds:?}");
+        let at = kinds.iter().position(|k| *k == "audit_capped").unwrap();
+        assert_eq!(&kinds[at + 1..], ["removed"]);
+        assert!(kinds[..at].iter().all(|k| *k == "network"));
+        let AuditEvent::AuditCapped { message, .. } = &records[at].event else { panic!() };
+        assert!(message.contains("limits.audit_size") && message.contains("256K"), "{message}");
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "seq stays continuous");
+        assert!(std::fs::metadata(&path).unwrap().len() <= limit);
+        // Reopened later (another process): still capped.
+        let mut third = AuditLog::open(&path).unwrap().with_limit(limit);
+        third.record(refused_request(1)).unwrap();
+        assert_eq!(AuditLog::read_all(&path).unwrap().len(), records.len());
     }
 
     #[test]

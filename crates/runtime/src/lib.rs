@@ -4,6 +4,8 @@
 //! existing sandboxes lives in [`ops`].
 
 pub mod audit;
+pub mod caps;
+pub mod idblocks;
 mod layer;
 mod lifecycle;
 pub mod names;
@@ -42,6 +44,8 @@ pub enum RunError {
     StateDir(#[from] state::StateError),
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    #[error(transparent)]
+    IdBlocks(#[from] idblocks::IdBlockError),
     #[error("cgroup: {0}")]
     Cgroup(#[from] airlock_jail::cgroup::CgroupError),
     #[error(transparent)]
@@ -121,6 +125,8 @@ fn limits_json(policy: &Policy) -> serde_json::Value {
         "cpus": policy.limits.cpus,
         "disk": policy.limits.disk,
         "nofile": policy.limits.nofile,
+        "log_size": policy.limits.log_size,
+        "audit_size": policy.limits.audit_size,
     })
 }
 

@@ -13,6 +13,8 @@ use airlock_policy::{CleanupAction, Policy, WorkspaceMode};
 use airlock_proto::HostMessage;
 
 use crate::audit::{AuditEvent, AuditLog};
+use crate::caps::{CappedLog, SharedLog};
+use crate::idblocks::{IdBlock, Registry};
 use crate::layer::WritableLayer;
 use crate::network::Network;
 use crate::plan::{self, HostFacts, LaunchInput, SandboxPaths};
@@ -31,8 +33,26 @@ pub(crate) struct Launched {
     pub network: Option<Network>,
     pub secret_values: Vec<(String, Vec<u8>)>,
     pub stdio: SandboxStdio,
+    pub logs: OutputLogs,
     pub agent_pid: i32,
     pub control: UnixStream,
+}
+
+/// The sandbox's output logs, capped at the policy's `limits.log_size`
+/// each and shared by everything that writes to them.
+#[derive(Clone)]
+pub(crate) struct OutputLogs {
+    pub stdout: SharedLog,
+    pub stderr: SharedLog,
+}
+
+impl OutputLogs {
+    fn open(sandbox: &SandboxDir, limit: u64) -> Result<OutputLogs, RunError> {
+        let open = |path: PathBuf| {
+            CappedLog::open(&path, limit).map(CappedLog::shared).map_err(|e| RunError::State(path, e))
+        };
+        Ok(OutputLogs { stdout: open(sandbox.stdout_log())?, stderr: open(sandbox.stderr_log())? })
+    }
 }
 
 /// What a sandbox is launched with.
@@ -61,7 +81,6 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o711))
             .map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     }
-    let id_map = IdMap::for_current_user(host_id_base(&name));
     std::fs::write(sandbox.policy_path(), policy.to_toml())
         .map_err(|e| RunError::State(sandbox.policy_path(), e))?;
 
@@ -74,7 +93,8 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         command: command.to_vec(),
         state: SandboxState::Creating,
         supervisor_pid: Some(std::process::id() as i32),
-        host_uid: Some(id_map.host_root_uid),
+        host_uid: None,
+        id_block: None,
         cgroup: None,
         started_at: None,
         finished_at: None,
@@ -87,7 +107,7 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         idle_timeout_secs: None,
     };
     sandbox.write_meta(&meta)?;
-    let mut audit = AuditLog::open(&sandbox.audit_path())?;
+    let mut audit = AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size);
     audit.record(AuditEvent::Created {
         policy: policy.name.clone(),
         workspace: meta.workspace.clone(),
@@ -95,6 +115,16 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         limits: crate::limits_json(policy),
         degraded: degraded.clone(),
     })?;
+
+    // As root, the sandbox's ids are a block of its own, held until its
+    // directory is removed; given back at once if the launch fails below.
+    // Taken once meta.json exists, so that a sandbox refused for want of a
+    // block is listed (failed) and can be removed.
+    let id_block = if host.is_root { Some(Registry::host()?.allocate(sandbox.path())?) } else { None };
+    let id_map = IdMap::for_current_user(id_block.as_ref().map_or(0, IdBlock::first_host_uid));
+    meta.host_uid = Some(id_map.host_root_uid);
+    meta.id_block = id_block.as_ref().map(IdBlock::index);
+    sandbox.write_meta(&meta)?;
 
     tracing::debug!("phase: state directory ready");
     let cgroup = if host.cgroups {
@@ -145,7 +175,8 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     let network = crate::network::Network::start(policy, &name, sandbox.path(), &sandbox.audit_path())?;
     let secret_values = network.as_ref().map(|n| n.secret_values()).unwrap_or_default();
     let network_env = network.as_ref().map(|n| n.environment()).unwrap_or_default();
-    let mut stdio = SandboxStdio::new(&sandbox.stdout_log(), &sandbox.stderr_log(), terminal, &secret_values)
+    let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
+    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), terminal, &secret_values)
         .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let host_env = |k: &str| std::env::var(k).ok();
@@ -208,16 +239,18 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     meta.state = SandboxState::Running;
     meta.started_at = Some(now_rfc3339());
     sandbox.write_meta(&meta)?;
+    if let Some(block) = id_block {
+        block.keep();
+    }
 
-    Ok(Launched { name, meta, audit, cgroup, layer, network, secret_values, stdio, agent_pid, control })
+    Ok(Launched { name, meta, audit, cgroup, layer, network, secret_values, stdio, logs, agent_pid, control })
 }
 
-/// Host uid that root inside this sandbox becomes (root only): one block of
-/// 65536 ids per sandbox, picked from its name, far above ordinary users.
-fn host_id_base(name: &str) -> u32 {
-    let hash =
-        name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    1_000_000_000 + ((hash % 15_000) as u32) * 65_536
+/// Removes a sandbox's directory, then gives back the id block it held.
+pub(crate) fn remove_sandbox_dir(sandbox: &SandboxDir, id_block: Option<u32>) -> Result<(), RunError> {
+    sandbox.remove_all()?;
+    crate::idblocks::release_for(sandbox.path(), id_block);
+    Ok(())
 }
 
 fn workspace_mode_name(policy: &Policy, workspace: Option<&Path>) -> String {
@@ -292,6 +325,9 @@ pub(crate) fn finalize(
         if let Some(layer) = layer {
             let _ = layer.discard();
         }
+        // The agent is gone and no untrusted code ran: nothing is owned
+        // by the block's ids any more.
+        crate::idblocks::release_for(sandbox.path(), meta.id_block);
         return Err(RunError::SetupFailed(reason.clone()));
     }
     if let Some((_, message)) = &ending.exec_failed {
@@ -382,7 +418,7 @@ pub(crate) fn finalize(
         })?;
         drop(audit);
         drop(live);
-        sandbox.remove_all()?;
+        remove_sandbox_dir(sandbox, meta.id_block)?;
     }
     tracing::debug!("phase: cleaned up");
     Ok(RunOutcome {

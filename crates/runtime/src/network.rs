@@ -76,7 +76,7 @@ impl Network {
         let bundle = state_dir.join("ca-bundle.pem");
         write_public(&bundle, bundle_text.as_bytes()).map_err(|e| RunError::State(bundle.clone(), e))?;
 
-        let audit = Mutex::new(AuditLog::open(audit_path)?);
+        let audit = Mutex::new(AuditLog::open(audit_path)?.with_limit(policy.limits.audit_size));
         let scrub: Vec<(String, Vec<u8>)> = redactions_of(&secrets);
         let sink = move |mut event: NetEvent| {
             // A request line can carry a value the sandbox got echoed back.

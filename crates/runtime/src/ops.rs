@@ -212,7 +212,9 @@ pub fn remove(root: &StateRoot, name: &str) -> Result<(), OpError> {
     if let Ok(mut audit) = AuditLog::open(&sandbox.audit_path()) {
         let _ = audit.record(AuditEvent::Removed { reason: "airlock rm".into() });
     }
-    sandbox.remove_all()?;
+    // Unreadable metadata: the registry is searched for the directory.
+    let id_block = sandbox.read_meta().ok().and_then(|m| m.id_block);
+    crate::lifecycle::remove_sandbox_dir(&sandbox, id_block)?;
     Ok(())
 }
 
@@ -319,8 +321,18 @@ pub fn gc(root: &StateRoot) -> Result<GcReport, OpError> {
         if remove {
             audit.record(AuditEvent::Removed { reason: "gc: cleanup rule for failed sandboxes".into() })?;
             drop(audit);
-            sandbox.remove_all()?;
+            crate::lifecycle::remove_sandbox_dir(&sandbox, meta.id_block)?;
             report.removed.push(meta.name.clone());
+        }
+    }
+    // Id blocks whose sandbox directory is gone, in any state root (the
+    // registry is host-wide; a block is stale only once its directory is).
+    if rustix::process::geteuid().is_root() {
+        match crate::idblocks::Registry::host().and_then(|r| r.reclaim_stale()) {
+            Ok(freed) => report.released.extend(
+                freed.into_iter().map(|(block, dir)| format!("id block {block} of {}", dir.display())),
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not reclaim stale host id blocks"),
         }
     }
     // Cgroups whose sandbox directory is gone: only those that were made

@@ -217,6 +217,7 @@ fn supervise(
         network,
         secret_values,
         mut stdio,
+        logs: _,
         agent_pid,
         mut control,
     } = launch_sandbox(LaunchSpec {
@@ -237,7 +238,7 @@ fn supervise(
     let first = airlock_proto::recv::<_, AgentMessage>(&mut control);
     if terminal && matches!(first, Ok(Some(AgentMessage::Confined { .. }))) {
         let master = airlock_proto::recv_fd(&control).map_err(RunError::Terminal)?;
-        stdio.attach_terminal(master, &sandbox.stdout_log()).map_err(RunError::Terminal)?;
+        stdio.attach_terminal(master).map_err(RunError::Terminal)?;
     }
     let _ = control.set_read_timeout(None);
 

@@ -326,8 +326,13 @@ pub struct SandboxMeta {
     pub command: Vec<String>,
     pub state: SandboxState,
     pub supervisor_pid: Option<i32>,
-    /// The uid that created the sandbox; `apply` writes files back as it.
+    /// The host uid that root inside the sandbox is: the first id of its
+    /// id block as root, the calling user's uid rootless.
     pub host_uid: Option<u32>,
+    /// As root: the host id block the sandbox holds until it is removed
+    /// (see `idblocks`).
+    #[serde(default)]
+    pub id_block: Option<u32>,
     /// cgroup path, when the sandbox got one.
     pub cgroup: Option<String>,
     pub started_at: Option<String>,
@@ -794,6 +799,7 @@ mod tests {
             state: SandboxState::Running,
             supervisor_pid: Some(42),
             host_uid: Some(1000),
+            id_block: None,
             cgroup: None,
             started_at: None,
             finished_at: None,

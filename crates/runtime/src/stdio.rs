@@ -8,11 +8,12 @@
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
 use std::thread::JoinHandle;
 
 use airlock_egress::redact::Redactor;
 use rustix::termios::{self, OptionalActions, Termios};
+
+use crate::caps::{self, SharedLog};
 
 /// The sandbox's side of its streams plus the threads copying them.
 pub struct SandboxStdio {
@@ -21,6 +22,7 @@ pub struct SandboxStdio {
     copiers: Vec<JoinHandle<()>>,
     pub tty: Option<Pty>,
     secrets: Vec<(String, Vec<u8>)>,
+    stdout_log: SharedLog,
 }
 
 /// A pseudo-terminal relayed to the caller's terminal.
@@ -40,10 +42,10 @@ impl SandboxStdio {
     /// one, the agent gets /dev/null and the command gets a pseudo-terminal
     /// later ([`SandboxStdio::attach_terminal`]).
     /// Secret values in `secrets` are redacted from both the caller's copy
-    /// and the logs.
+    /// and the logs. The logs stop at their cap; the caller gets everything.
     pub fn new(
-        stdout_log: &Path,
-        stderr_log: &Path,
+        stdout_log: SharedLog,
+        stderr_log: SharedLog,
         terminal: bool,
         secrets: &[(String, Vec<u8>)],
     ) -> io::Result<SandboxStdio> {
@@ -55,24 +57,25 @@ impl SandboxStdio {
         let (out_read, out_write) = pipe()?;
         let (err_read, err_write) = pipe()?;
         let copiers = vec![
-            tee(out_read, Box::new(io::stdout()), create_log(stdout_log)?, redactor(secrets)),
-            tee(err_read, Box::new(io::stderr()), create_log(stderr_log)?, redactor(secrets)),
+            tee(out_read, Box::new(io::stdout()), stdout_log.clone(), redactor(secrets)),
+            tee(err_read, Box::new(io::stderr()), stderr_log, redactor(secrets)),
         ];
         Ok(SandboxStdio {
             child: [stdin, out_write, err_write],
             copiers,
             tty: None,
             secrets: secrets.to_vec(),
+            stdout_log,
         })
     }
 
     /// Relays the sandbox's terminal (its master end, opened inside the
     /// sandbox) to the caller's terminal, in raw mode until the run ends.
-    pub fn attach_terminal(&mut self, master: OwnedFd, log: &Path) -> io::Result<()> {
+    pub fn attach_terminal(&mut self, master: OwnedFd) -> io::Result<()> {
         if let Ok(size) = termios::tcgetwinsize(io::stdin()) {
             let _ = termios::tcsetwinsize(&master, size);
         }
-        let log = create_log(log)?;
+        let log = self.stdout_log.clone();
         let output = File::from(master.try_clone()?);
         let mut input = File::from(master.try_clone()?);
         let saved = enter_raw_mode();
@@ -148,25 +151,17 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
-fn create_log(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    File::options().create(true).append(true).mode(0o600).open(path)
-}
-
 fn redactor(secrets: &[(String, Vec<u8>)]) -> Option<Redactor> {
     (!secrets.is_empty()).then(|| Redactor::new(secrets))
 }
 
 /// Copies everything from `source` to the caller and to the log, with
 /// secret values redacted. A caller that stops reading (a closed pipe) does
-/// not stop the log.
+/// not stop the log, and a full log does not stop the caller's copy.
 fn tee(
     source: OwnedFd,
     mut caller: Box<dyn Write + Send>,
-    mut log: File,
+    log: SharedLog,
     mut redactor: Option<Redactor>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
@@ -188,7 +183,7 @@ fn tee(
             if caller_open && (caller.write_all(&chunk).is_err() || caller.flush().is_err()) {
                 caller_open = false;
             }
-            let _ = log.write_all(&chunk);
+            let _ = caps::lock(&log).write(&chunk);
         }
         if let Some(r) = redactor.as_mut() {
             let rest = r.finish();
@@ -196,7 +191,7 @@ fn tee(
                 let _ = caller.write_all(&rest);
                 let _ = caller.flush();
             }
-            let _ = log.write_all(&rest);
+            let _ = caps::lock(&log).write(&rest);
         }
     })
 }

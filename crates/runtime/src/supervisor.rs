@@ -220,7 +220,20 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     } else {
         base.limits.timeout
     };
-    let mut supervisor = Supervisor::start(&sandbox, &checked.policy, launched, &spec, req, max_runtime)?;
+    let (agent_pid, id_block) = (launched.agent_pid, launched.meta.id_block);
+    let mut supervisor = match Supervisor::start(&sandbox, &checked.policy, launched, &spec, req, max_runtime)
+    {
+        Ok(supervisor) => supervisor,
+        Err(e) => {
+            // Nothing ran in the sandbox yet: end its agent, and its id
+            // block is free again.
+            kill_agent(agent_pid);
+            let _ = airlock_jail::sys::wait_pid(agent_pid);
+            crate::run::record_failure(&sandbox, &e);
+            crate::idblocks::release_for(sandbox.path(), id_block);
+            return Err(e);
+        }
+    };
     // Said once, then the descriptor is closed: the creator returns now.
     if let Some(mut ready) = ready.take() {
         let _ = writeln!(ready, "ready {}", sandbox.name());
@@ -333,8 +346,9 @@ impl Supervisor {
         let last_activity = Arc::new(Mutex::new(Instant::now()));
         let running_execs = Arc::new(AtomicU32::new(0));
         let deadline = Arc::new(AtomicU64::new(deadline));
-        let logs = Logs::open(sandbox, &launched.secret_values)?;
-        let audit = Arc::new(Mutex::new(AuditLog::open(&sandbox.audit_path())?));
+        let logs = Logs { files: launched.logs.clone(), secrets: launched.secret_values.clone() };
+        let audit =
+            Arc::new(Mutex::new(AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size)));
 
         spawn_agent_reader(agent_reader, routes.clone(), control_tx.clone(), last_activity.clone(), logs);
         let server = Server {
@@ -430,6 +444,7 @@ impl Supervisor {
             network,
             secret_values,
             mut stdio,
+            logs: _,
             agent_pid,
             control,
         } = launched;
@@ -498,25 +513,14 @@ fn kill_agent(pid: i32) {
     let _ = rustix::process::kill_process(pid_of(pid), rustix::process::Signal::KILL);
 }
 
-/// Exec output goes to the sandbox's logs too, redacted like `run`'s.
+/// Exec output goes to the sandbox's logs too, redacted like `run`'s, and
+/// capped with them (the same shared files): the client gets all of it.
 struct Logs {
-    out: std::fs::File,
-    err: std::fs::File,
+    files: crate::lifecycle::OutputLogs,
     secrets: Vec<(String, Vec<u8>)>,
 }
 
 impl Logs {
-    fn open(sandbox: &SandboxDir, secrets: &[(String, Vec<u8>)]) -> Result<Logs, RunError> {
-        let open = |p: PathBuf| {
-            std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| RunError::State(p, e))
-        };
-        Ok(Logs {
-            out: open(sandbox.stdout_log())?,
-            err: open(sandbox.stderr_log())?,
-            secrets: secrets.to_vec(),
-        })
-    }
-
     /// Redacts `data` and, when `logged`, appends it to its stream's log.
     /// Returns what the client gets (redacted either way).
     fn write(&mut self, stream: Stream, data: &[u8], logged: bool) -> Vec<u8> {
@@ -527,10 +531,10 @@ impl Logs {
         };
         if logged {
             let file = match stream {
-                Stream::Stdout => &mut self.out,
-                Stream::Stderr => &mut self.err,
+                Stream::Stdout => &self.files.stdout,
+                Stream::Stderr => &self.files.stderr,
             };
-            let _ = file.write_all(&data);
+            let _ = crate::caps::lock(file).write(&data);
         }
         data
     }

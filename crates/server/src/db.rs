@@ -46,7 +46,15 @@ const MIGRATIONS: &[&str] = &[
         detail    TEXT NOT NULL DEFAULT '{}'
     );
     CREATE INDEX events_by_owner ON events(owner_uid, id);",
+    // 2: events by sandbox, to keep each sandbox's history bounded.
+    "CREATE INDEX events_by_sandbox ON events(sandbox, id);",
 ];
+
+/// Events kept per sandbox name: the oldest go once a sandbox (or the
+/// names it was reused for) has more. Tenants choose argv and paths, and a
+/// long-lived sandbox can run execs without end: the index must not grow
+/// with them.
+pub const EVENTS_PER_SANDBOX: i64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -103,6 +111,7 @@ pub struct ExecEnd {
 pub struct Db {
     path: PathBuf,
     conn: Mutex<Connection>,
+    events_per_sandbox: i64,
 }
 
 impl Db {
@@ -131,7 +140,7 @@ impl Db {
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(())).map_err(sqlite(path))?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(sqlite(path))?;
         migrate(path, &mut conn)?;
-        Ok(Db { path: path.to_path_buf(), conn: Mutex::new(conn) })
+        Ok(Db { path: path.to_path_buf(), conn: Mutex::new(conn), events_per_sandbox: EVENTS_PER_SANDBOX })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -213,7 +222,8 @@ impl Db {
         pid: Option<i32>,
         ts: &str,
     ) -> Result<i64, DbError> {
-        let argv = serde_json::to_string(argv).unwrap_or_else(|_| "[]".to_owned());
+        let argv =
+            serde_json::to_string(&airlock_runtime::caps::cap_list(argv)).unwrap_or_else(|_| "[]".to_owned());
         let conn = self.conn();
         conn.execute(
             "INSERT INTO execs (sandbox, argv, pid, started_at) VALUES (?1, ?2, ?3, ?4)",
@@ -252,7 +262,9 @@ impl Db {
             .map_err(self.err())
     }
 
-    /// Appends an event; returns its id.
+    /// Appends an event, its detail's strings and lists capped (with a
+    /// marker saying so); then drops the sandbox's oldest events beyond
+    /// [`EVENTS_PER_SANDBOX`]. Returns the new event's id.
     pub fn record_event(
         &self,
         ts: &str,
@@ -261,13 +273,23 @@ impl Db {
         kind: &str,
         detail: &serde_json::Value,
     ) -> Result<i64, DbError> {
+        let detail = airlock_runtime::caps::cap_json(detail.clone());
         let conn = self.conn();
         conn.execute(
             "INSERT INTO events (ts, sandbox, owner_uid, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![ts, sandbox, owner_uid, kind, detail.to_string()],
         )
         .map_err(self.err())?;
-        Ok(conn.last_insert_rowid())
+        let id = conn.last_insert_rowid();
+        if let Some(sandbox) = sandbox {
+            conn.execute(
+                "DELETE FROM events WHERE sandbox = ?1 AND id <= (
+                     SELECT id FROM events WHERE sandbox = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                params![sandbox, self.events_per_sandbox],
+            )
+            .map_err(self.err())?;
+        }
+        Ok(id)
     }
 
     /// Events after `after`, oldest first, at most `limit`; only those of
@@ -424,5 +446,37 @@ mod tests {
         assert_eq!(db.events_after(first, Some(1000), None, 100).unwrap().len(), 1);
         assert_eq!(db.events_after(0, None, Some("b"), 100).unwrap().len(), 1);
         assert_eq!(db.events_after(0, None, None, 2).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn event_details_are_capped_and_each_sandbox_keeps_its_latest() {
+        let mut db = Db::in_memory().unwrap();
+        // The same query as with EVENTS_PER_SANDBOX, on fewer rows.
+        const KEEP: i64 = 200;
+        db.events_per_sandbox = KEEP;
+        let argv = vec!["x".repeat(900_000)];
+        db.record_event("t", Some("a"), Some(1), "exec_started", &serde_json::json!({ "argv": argv }))
+            .unwrap();
+        let stored = &db.events_after(0, None, None, 10).unwrap()[0];
+        let text = stored.detail.to_string();
+        assert!(text.len() < 2000 && text.contains("[cut by airlock: 900000 bytes in all]"), "{text}");
+        let exec = db.exec_started("a", &argv, None, "t").unwrap();
+        let kept: String =
+            db.conn().query_row("SELECT argv FROM execs WHERE id = ?1", params![exec], |r| r.get(0)).unwrap();
+        assert!(kept.len() < 2000, "{}", kept.len());
+
+        let other = db.record_event("t", Some("b"), Some(1), "created", &serde_json::json!({})).unwrap();
+        for i in 0..KEEP + 50 {
+            db.record_event("t", Some("a"), Some(1), "exec_ended", &serde_json::json!({ "i": i })).unwrap();
+        }
+        let count = |name: &str| -> i64 {
+            db.conn()
+                .query_row("SELECT COUNT(*) FROM events WHERE sandbox = ?1", params![name], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count("a"), KEEP);
+        assert_eq!(count("b"), 1, "another sandbox's events are not touched");
+        let latest = db.events_after(other, None, Some("a"), 100_000).unwrap();
+        assert_eq!(latest.last().unwrap().detail["i"], KEEP + 49);
     }
 }

@@ -244,6 +244,8 @@ pub fn inspect(app: &App, loaded: &Loaded) -> SandboxView {
             "cpus": p.limits.cpus,
             "disk": p.limits.disk,
             "nofile": p.limits.nofile,
+            "log_size": p.limits.log_size,
+            "audit_size": p.limits.audit_size,
         })
     });
     let mut deadline_unix = loaded.raw.get("deadline_unix").and_then(|v| v.as_u64());

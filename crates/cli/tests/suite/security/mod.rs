@@ -4,4 +4,6 @@
 
 mod agent_signals;
 mod apply_digest;
+mod budgets;
+mod host_ids;
 mod socket_families;
