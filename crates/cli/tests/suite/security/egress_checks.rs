@@ -18,7 +18,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::suite::egress::{TestTls, echo_one, event, is, needs_clients, net_log, run_in, test_tls};
+use crate::suite::egress::{
+    TestTls, echo_one, event, is, needs_clients, net_log, run_in, secret_value, test_tls, write_ca,
+    write_policy,
+};
 use crate::suite::support::*;
 
 // ---------------------------------------------------------------------------
@@ -121,6 +124,146 @@ fn serve_recorded(
     echo_one(&mut stream, &seen)?;
     stream.conn.send_close_notify();
     stream.flush()
+}
+
+/// An HTTP or HTTPS server on 127.0.0.1 that serves any number of requests
+/// per connection (so a proxy can send it a second request on one
+/// connection) and remembers each. `/reflect…` paths send the request's
+/// Authorization value back, as a reflecting server would: in the status
+/// line, in headers and in the body (`/reflect`: chunked, the value split
+/// between two chunks written 100 ms apart; `/reflect-length`: with a
+/// Content-Length; `/reflect-gzip`: labelled gzip-encoded). Other paths
+/// answer with the request itself.
+struct KeepAliveServer {
+    port: u16,
+    seen: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KeepAliveServer {
+    fn start(tls: Option<Arc<rustls::ServerConfig>>) -> KeepAliveServer {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((conn, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    let (seen, tls) = (seen.clone(), tls.clone());
+                    std::thread::spawn(move || {
+                        let _ = serve_keep_alive(conn, tls, &seen);
+                    });
+                }
+            })
+        };
+        KeepAliveServer { port, seen, stop, thread: Some(thread) }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The request lines seen.
+    fn request_lines(&self) -> Vec<String> {
+        self.seen().iter().map(|r| r.lines().next().unwrap_or_default().to_string()).collect()
+    }
+}
+
+impl Drop for KeepAliveServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_keep_alive(
+    conn: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    seen: &Mutex<Vec<String>>,
+) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    match tls {
+        None => answer_each(conn, seen),
+        Some(config) => {
+            let session = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+            answer_each(rustls::StreamOwned::new(session, conn), seen)
+        }
+    }
+}
+
+fn answer_each(mut stream: impl Read + Write, seen: &Mutex<Vec<String>>) -> io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        let length: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        while buf.len() < head_end + length {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let request = String::from_utf8_lossy(&buf[..head_end + length]).into_owned();
+        buf.drain(..head_end + length);
+        seen.lock().unwrap().push(request.clone());
+        let path = request.split_whitespace().nth(1).unwrap_or_default().to_string();
+        let value = header("authorization").unwrap_or_default();
+        let value = value.strip_prefix("Bearer ").unwrap_or(&value).to_string();
+        let reflected = format!("X-Reflected: {value}\r\nSet-Cookie: token={value}; Path=/\r\n");
+        match path.as_str() {
+            "/reflect" => {
+                let (a, b) = value.split_at(value.len() / 2);
+                write!(stream, "HTTP/1.1 200 OK {value}\r\n{reflected}Transfer-Encoding: chunked\r\n\r\n")?;
+                let first = format!("first half: {a}");
+                write!(stream, "{:x}\r\n{first}\r\n", first.len())?;
+                stream.flush()?;
+                std::thread::sleep(Duration::from_millis(100));
+                let second = format!("{b} (second half)\n");
+                write!(stream, "{:x}\r\n{second}\r\n0\r\n\r\n", second.len())?;
+            }
+            "/reflect-length" | "/reflect-gzip" => {
+                let body = format!("value={value}\n");
+                let encoding = if path == "/reflect-gzip" { "Content-Encoding: gzip\r\n" } else { "" };
+                write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\n{reflected}{encoding}Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )?;
+            }
+            _ => {
+                let body = format!("seen:\n{request}\n");
+                write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+            }
+        }
+        stream.flush()?;
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -427,4 +570,271 @@ fn tunnels_carry_only_a_whole_client_hello_that_names_the_destination() {
     let refusal = event(&log, "a refused tunnel", |e| is(e, "allowed", false));
     assert!(is(refusal, "handling", "refused") && is(refusal, "port", p), "{refusal}");
     assert_eq!(refusal["address"], format!("127.0.0.1:{p}"), "{refusal}");
+}
+
+// ---------------------------------------------------------------------------
+// Host names in requests
+// ---------------------------------------------------------------------------
+
+/// The sandbox's side of the request checks: one connection through the
+/// proxy (plain: absolute-form requests to the proxy port; tls: CONNECT,
+/// then TLS trusting the sandbox's CA) carrying the given requests one
+/// after the other. A request is `METHOD TARGET|Header: value|…`, with
+/// `{token}` standing for $EXAMPLE_TOKEN. Prints `label#N=STATUS DENIED`.
+const REQUESTS: &str = r#"
+import http.client, os, socket, ssl, sys
+
+def connection(kind, host, port):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+    if kind == "plain":
+        return s
+    s.sendall(("CONNECT %s:%s HTTP/1.1\r\nHost: %s:%s\r\n\r\n" % (host, port, host, port)).encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        b = s.recv(1)
+        if not b:
+            raise ConnectionError("proxy closed: %r" % head)
+        head += b
+    return ssl.create_default_context().wrap_socket(s, server_hostname=host)
+
+def exchange(label, kind, host, port, *requests):
+    s = connection(kind, host, port)
+    for i, spec in enumerate(requests, 1):
+        line, *headers = spec.replace("{token}", os.environ.get("EXAMPLE_TOKEN", "")).split("|")
+        try:
+            s.sendall((line + " HTTP/1.1\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode())
+            r = http.client.HTTPResponse(s)
+            r.begin()
+            r.read()
+            print("%s#%d=%d %s" % (label, i, r.status, r.getheader("x-airlock-denied") or ""), flush=True)
+        except Exception as e:
+            print("%s#%d=failed %s" % (label, i, type(e).__name__), flush=True)
+            return
+
+exchange(*sys.argv[1:])
+"#;
+
+/// Runs each `(label, arguments)` exchange of [`REQUESTS`] in one sandbox,
+/// one after the other, and returns the output.
+fn exchanges(
+    env: &Env,
+    name: &str,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+    runs: &[(&str, String)],
+) -> String {
+    std::fs::write(env.workspace.join("requests.py"), REQUESTS).unwrap();
+    let script: String =
+        runs.iter().map(|(label, args)| format!("python3 requests.py {label} {args}; ")).collect();
+    let o = run_in(env, name, extra, vars, &format!("{script}echo done"));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("done"), "{}", show(&o));
+    stdout(&o)
+}
+
+/// Whether every expected `label#N` result (`label` alone: its first
+/// request) holds; lists those that do not.
+fn check_results(out: &str, expected: &[(&str, &str)]) {
+    let wrong: Vec<String> = expected
+        .iter()
+        .filter_map(|(label, want)| {
+            let label = if label.contains('#') { label.to_string() } else { format!("{label}#1") };
+            let got = result(out, &label);
+            (!got.starts_with(want)).then(|| format!("{label}: expected {want:?}, got {got:?}"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}\n{out}");
+}
+
+/// A request naming another host than the one connected to — in its Host
+/// header (another name, another port, none where the port is not the
+/// default, twice), in an absolute target (also with user information), in
+/// X-Forwarded-Host — is refused with a 403 and the proxy's header, on
+/// plain HTTP and intercepted HTTPS alike, and on every request of a
+/// keep-alive connection, not only the first. Case, a trailing dot and an
+/// explicit default port pass.
+#[test]
+fn requests_naming_another_host_are_refused_on_every_request() {
+    if !needs_clients() {
+        return;
+    }
+    let env = Env::new();
+    let tls = test_tls();
+    let plain = KeepAliveServer::start(None);
+    let https = KeepAliveServer::start(Some(tls.server.clone()));
+    let (h, s) = (plain.port, https.port);
+    let ca = write_ca(&env, &tls);
+    let policy = write_policy(
+        &env,
+        "hosts.toml",
+        &format!(
+            "extends = \"dev\"\n\
+             [network]\nallow = [\"localhost\", \"127.0.0.1:{h}\", \"127.0.0.1:{s}\"]\nextra_roots = [{ca:?}]\n\
+             [[network.rule]]\nhost = \"127.0.0.1\"\nmethods = [\"GET\"]\n\
+             [[network.rule]]\nhost = \"localhost\"\nmethods = [\"GET\"]\n"
+        ),
+    );
+    let other = "other.example.org";
+    let ok = |path: &str, port: u16| format!("'GET {path}|Host: 127.0.0.1:{port}'");
+    let abs = |path: &str, host: &str| format!("'GET http://127.0.0.1:{h}{path}|Host: {host}'");
+    let runs = vec![
+        (
+            "plain-keepalive",
+            format!(
+                "plain - - 'GET http://127.0.0.1:{h}/one|Host: 127.0.0.1:{h}' {} 'GET http://127.0.0.1:{h}/three'",
+                abs("/two", other)
+            ),
+        ),
+        ("plain-port", format!("plain - - {}", abs("/port", "127.0.0.1:1"))),
+        ("plain-no-port", format!("plain - - {}", abs("/no-port", "127.0.0.1"))),
+        ("plain-name", format!("plain - - {}", abs("/name", &format!("localhost:{h}")))),
+        ("plain-dup", format!("plain - - 'GET http://127.0.0.1:{h}/dup|Host: 127.0.0.1:{h}|Host: {other}'")),
+        (
+            "plain-userinfo",
+            format!("plain - - 'GET http://{other}@127.0.0.1:{h}/userinfo|Host: 127.0.0.1:{h}'"),
+        ),
+        ("plain-xfh", format!("plain - - 'GET http://127.0.0.1:{h}/xfh|X-Forwarded-Host: {other}'")),
+        ("plain-case-dot", format!("plain - - 'GET http://localhost:{h}/case-dot|Host: LocalHost.:{h}'")),
+        (
+            "tls-keepalive",
+            format!("tls 127.0.0.1 {s} {} 'GET /two|Host: {other}' {}", ok("/one", s), ok("/three", s)),
+        ),
+        ("tls-absolute", format!("tls 127.0.0.1 {s} 'GET https://{other}/absolute|Host: 127.0.0.1:{s}'")),
+        ("tls-no-port", format!("tls 127.0.0.1 {s} 'GET /no-port|Host: 127.0.0.1'")),
+        ("tls-dup", format!("tls 127.0.0.1 {s} 'GET /dup|Host: 127.0.0.1:{s}|Host: 127.0.0.1:{s}'")),
+        ("tls-connect", format!("tls 127.0.0.1 {s} 'CONNECT {other}:443|Host: {other}:443'")),
+        ("tls-case-dot", format!("tls localhost {s} 'GET /case-dot|Host: LOCALHOST.:{s}'")),
+    ];
+    let out = exchanges(&env, "hosts", &["--policy", policy.to_str().unwrap()], &[], &runs);
+    let denied = "403 the Host header";
+    check_results(
+        &out,
+        &[
+            ("plain-keepalive#1", "200"),
+            (
+                "plain-keepalive#2",
+                &format!("{denied} \"{other}\" names another host than the destination 127.0.0.1:{h}"),
+            ),
+            ("plain-keepalive#3", "200"),
+            ("plain-port", denied),
+            ("plain-no-port", denied),
+            ("plain-name", denied),
+            ("plain-dup", "403 the request has 2 Host headers"),
+            ("plain-userinfo", "403 the request target carries user information"),
+            ("plain-xfh", "403 the X-Forwarded-Host header"),
+            ("plain-case-dot", "200"),
+            ("tls-keepalive#1", "200"),
+            (
+                "tls-keepalive#2",
+                &format!("{denied} \"{other}\" names another host than the destination 127.0.0.1:{s}"),
+            ),
+            ("tls-keepalive#3", "200"),
+            ("tls-absolute", "403 the request target"),
+            ("tls-no-port", denied),
+            ("tls-dup", "403 the request has 2 Host headers"),
+            ("tls-connect", "403 CONNECT inside an intercepted connection"),
+            ("tls-case-dot", "200"),
+        ],
+    );
+
+    // Only the requests naming their destination reached the servers.
+    let paths = |server: &KeepAliveServer| -> Vec<String> {
+        server
+            .request_lines()
+            .iter()
+            .map(|l| l.split_whitespace().nth(1).unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(paths(&plain), ["/one", "/three", "/case-dot"]);
+    assert_eq!(paths(&https), ["/one", "/three", "/case-dot"]);
+    let everything: String = plain.seen().concat() + &https.seen().concat();
+    assert!(!everything.contains(other), "{everything}");
+
+    // Each refusal is audited, with the request and the reason.
+    let log = net_log(&env, "hosts");
+    let refused = event(&log, "the keep-alive refusal", |e| is(e, "path", "/two") && is(e, "port", s));
+    assert!(is(refused, "allowed", false) && is(refused, "handling", "refused"), "{refused}");
+    assert!(refused["rule"].as_str().unwrap().contains("names another host"), "{refused}");
+    assert_eq!(refusals(&log).len(), 12, "{:#?}", refusals(&log));
+}
+
+/// A secret is substituted only into requests whose own Host is one of the
+/// secret's hosts: a request on a connection to the secret's host that
+/// names another host gets no value (it is refused), nor does one on a
+/// connection to another host that names the secret's host.
+#[test]
+fn secrets_go_only_to_requests_whose_host_is_the_secrets_host() {
+    if !needs_clients() {
+        return;
+    }
+    let env = Env::new();
+    let tls = test_tls();
+    let a = KeepAliveServer::start(Some(tls.server.clone()));
+    let b = KeepAliveServer::start(Some(tls.server.clone()));
+    let (pa, pb) = (a.port, b.port);
+    let policy = secret_policy(&env, &tls, &[pa, pb], pa);
+    let value = secret_value();
+    let auth = "Authorization: Bearer {token}";
+    let runs = vec![
+        (
+            "to-a",
+            format!(
+                "tls 127.0.0.1 {pa} 'GET /a|Host: 127.0.0.1:{pa}|{auth}' 'GET /a-naming-b|Host: 127.0.0.1:{pb}|{auth}' \
+             'GET /a-forwarded-b|Host: 127.0.0.1:{pa}|X-Forwarded-Host: 127.0.0.1:{pb}|{auth}'"
+            ),
+        ),
+        (
+            "to-b",
+            format!(
+                "tls 127.0.0.1 {pb} 'GET /b-naming-a|Host: 127.0.0.1:{pa}|{auth}' 'GET /b|Host: 127.0.0.1:{pb}|{auth}'"
+            ),
+        ),
+    ];
+    let out = exchanges(&env, "secret-hosts", &["--policy", &policy], &[("EXAMPLE_TOKEN", &value)], &runs);
+    check_results(
+        &out,
+        &[("to-a#1", "200"), ("to-a#2", "403"), ("to-a#3", "403"), ("to-b#1", "403"), ("to-b#2", "200")],
+    );
+    assert!(!out.contains(&value), "{out}");
+
+    let seen_a = a.seen();
+    assert_eq!(seen_a.len(), 1, "{seen_a:#?}");
+    assert!(
+        seen_a[0].starts_with("GET /a ") && seen_a[0].contains(&format!("Bearer {value}\r\n")),
+        "{seen_a:#?}"
+    );
+    let seen_b = b.seen();
+    assert_eq!(seen_b.len(), 1, "{seen_b:#?}");
+    assert!(
+        seen_b[0].starts_with("GET /b ") && seen_b[0].contains("Bearer airlock-placeholder-EXAMPLE_TOKEN-")
+    );
+    assert!(!seen_b[0].contains(&value), "B got the value: {seen_b:#?}");
+
+    let log = net_log(&env, "secret-hosts");
+    let sent = event(&log, "the request to A", |e| is(e, "path", "/a"));
+    assert_eq!(sent["secrets"], serde_json::json!(["EXAMPLE_TOKEN"]), "{sent}");
+    for path in ["/a-naming-b", "/a-forwarded-b", "/b-naming-a"] {
+        let refused = event(&log, path, |e| is(e, "path", path));
+        assert!(is(refused, "allowed", false) && refused["secrets"] == serde_json::json!([]), "{refused}");
+    }
+}
+
+/// A policy allowing the given HTTPS ports on 127.0.0.1, all intercepted (a
+/// rule on the host), with the test CA trusted upstream and EXAMPLE_TOKEN a
+/// secret for 127.0.0.1:`secret_port`.
+fn secret_policy(env: &Env, tls: &TestTls, ports: &[u16], secret_port: u16) -> String {
+    let ca = write_ca(env, tls);
+    let allow: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let path = write_policy(
+        env,
+        "secret.toml",
+        &format!(
+            "extends = \"dev\"\n\
+             [network]\nallow = [{}]\nextra_roots = [{ca:?}]\n\
+             [[network.rule]]\nhost = \"127.0.0.1\"\nmethods = [\"GET\", \"HEAD\"]\n\
+             [secrets.EXAMPLE_TOKEN]\nfrom = \"env:EXAMPLE_TOKEN\"\nhosts = [\"127.0.0.1:{secret_port}\"]\n",
+            allow.join(", ")
+        ),
+    );
+    path.to_str().unwrap().to_string()
 }
