@@ -259,16 +259,41 @@ pub(crate) async fn forward(
 ) -> Response<ProxyBody> {
     let out = Arc::new(AtomicU64::new(0));
     let inbound = Arc::new(AtomicU64::new(0));
-    let req = req.map(|b| Counted::new(b, out.clone()));
-    let record =
+    let head_request = req.method() == Method::HEAD;
+    let mut req = req.map(|b| Counted::new(b, out.clone()));
+    // A secret's value can come back from its hosts: their responses must
+    // be readable to have it replaced (see response.rs).
+    let secret_host = !shared.secrets_for(&ev.host, ev.port).is_empty();
+    if secret_host {
+        req.headers_mut().insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
+    let mut record =
         RecordOnDrop { event, out, inbound: inbound.clone(), started: ev.started, sink: shared.sink.clone() };
-    match sender.send_request(req).await {
-        Ok(resp) => resp.map(|b| Counted::recording(b, inbound, record).boxed()),
+    let resp = match sender.send_request(req).await {
+        Ok(resp) => resp,
         Err(e) => {
             drop(record);
-            text(StatusCode::BAD_GATEWAY, &format!("airlock: upstream {host}: {e}"), None)
+            return text(StatusCode::BAD_GATEWAY, &format!("airlock: upstream {host}: {e}"), None);
         }
+    };
+    if secret_host && let Some(reason) = crate::response::unreadable_encoding(resp.headers(), host) {
+        record.event.allowed = false;
+        record.event.handling = crate::event::Handling::Refused;
+        record.event.rule.clone_from(&reason);
+        drop(resp);
+        drop(record);
+        return text(
+            StatusCode::BAD_GATEWAY,
+            &format!("airlock: refused the response: {reason}"),
+            Some(&reason),
+        );
     }
+    let resp = resp.map(|b| Counted::recording(b, inbound, record));
+    let replacements = crate::response::Replacements::of(shared);
+    if replacements.is_empty() {
+        return resp.map(BodyExt::boxed);
+    }
+    crate::response::replace_values(&Arc::new(replacements), resp, head_request).map(BodyExt::boxed)
 }
 
 /// Rewrites a proxy request for the origin server: origin-form target, a

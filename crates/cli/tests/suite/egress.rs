@@ -114,7 +114,9 @@ fn serve_connection(
     }
 }
 
-/// Reads one request and answers it with itself.
+/// Reads one request and answers it with itself; each line reversed when
+/// the request has an `X-Echo-Reversed` header (a transformation the proxy
+/// cannot see through, so a reflected secret arrives).
 pub(crate) fn echo_one(mut stream: impl Read + Write, seen: &Mutex<Vec<String>>) -> io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -148,7 +150,14 @@ pub(crate) fn echo_one(mut stream: impl Read + Write, seen: &Mutex<Vec<String>>)
     }
     let request = String::from_utf8_lossy(&buf).into_owned();
     seen.lock().unwrap().push(request.clone());
-    let body = format!("echo-server saw:\n{request}\n");
+    let mut body = format!("echo-server saw:\n{request}\n");
+    if head.to_ascii_lowercase().contains("\r\nx-echo-reversed:") {
+        body = body
+            .split('\n')
+            .map(|line| line.chars().rev().collect::<String>())
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
     write!(
         stream,
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -1007,9 +1016,9 @@ fn secrets_are_substituted_only_in_headers_to_their_hosts() {
         "the value leaked into output\n{}",
         show(&o)
     );
-    // A echoes the substituted header: the output shows it redacted.
+    // A echoes the substituted header: the proxy put the placeholder back.
     let a_out = section(&out, "a");
-    assert!(a_out.contains("Bearer [REDACTED:EXAMPLE_TOKEN]"), "{}", show(&o));
+    assert!(a_out.contains(&format!("Bearer {placeholder}")), "{}", show(&o));
 
     let seen_a = a.seen();
     assert_eq!(seen_a.len(), 1, "{seen_a:#?}");
@@ -1039,7 +1048,9 @@ fn secrets_are_substituted_only_in_headers_to_their_hosts() {
 }
 
 /// After a run whose output, a workspace file and a captured artifact all
-/// contain the echoed secret, no file in the state directory holds it.
+/// contain the echoed secret, no file in the state directory holds it. (The
+/// proxy replaces a value a server reflects as it is; this server reflects
+/// it reversed, which the proxy cannot catch, so the value does arrive.)
 #[test]
 fn secret_value_is_absent_from_the_state_directory() {
     if !needs_clients() {
@@ -1053,11 +1064,12 @@ fn secret_value_is_absent_from_the_state_directory() {
         &["--policy", &policy],
         &[("EXAMPLE_TOKEN", &value)],
         &format!(
-            "c -H \"Authorization: Bearer $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}/echo | tee echoed.txt; \
-             c -H \"Authorization: Bearer $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}/stderr >&2; \
-             mkdir -p out && c -H \"Authorization: Bearer $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}/nested \
-               -o out/nested.bin; \
-             v=$(c -H \"X-Echo: $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}/split | sed -n 's/^[Xx]-[Ee]cho: //p' | tr -d '\\r'); \
+            "r='-H X-Echo-Reversed:1'; \
+             c $r -H \"Authorization: Bearer $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}/echo | rev | tee echoed.txt; \
+             c $r -H \"Authorization: Bearer $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}/stderr | rev >&2; \
+             mkdir -p out && c $r -H \"Authorization: Bearer $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}/nested \
+               | rev > out/nested.bin; \
+             v=$(c $r -H \"X-Echo: $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}/split | rev | sed -n 's/^[Xx]-[Ee]cho: //p' | tr -d '\\r'); \
              printf 'split:%s' \"$(echo \"$v\" | cut -c1-9)\"; sleep 0.3; echo \"$v\" | cut -c10-; \
              echo done",
             pa = a.port
@@ -1111,7 +1123,7 @@ fn secret_value_is_absent_from_names_and_links_in_the_state_directory() {
         &["--policy", &policy],
         &[("EXAMPLE_TOKEN", &value)],
         &format!(
-            "v=$(c -H \"X-Echo: $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}/get | sed -n 's/^[Xx]-[Ee]cho: //p' | tr -d '\\r'); \
+            "v=$(c -H X-Echo-Reversed:1 -H \"X-Echo: $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}/get | rev | sed -n 's/^[Xx]-[Ee]cho: //p' | tr -d '\\r'); \
              [ ${{#v}} -gt 20 ] && [ \"$v\" != \"$EXAMPLE_TOKEN\" ] && echo got-value; \
              echo x > \"$v.txt\"; mkdir \"dir-$v\"; echo y > \"dir-$v/f\"; ln -s \"/target/$v\" link; echo done",
             pa = a.port

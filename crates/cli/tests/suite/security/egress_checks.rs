@@ -19,14 +19,17 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::suite::egress::{
-    TestTls, echo_one, event, is, needs_clients, net_log, run_in, secret_value, test_tls, write_ca,
-    write_policy,
+    TestTls, after_connect, echo_one, event, is, needs_clients, net_log, run_in, secret_value, section,
+    test_tls, write_ca, write_policy,
 };
 use crate::suite::support::*;
 
 // ---------------------------------------------------------------------------
 // Servers
 // ---------------------------------------------------------------------------
+
+/// The bytes one connection sent, filled in as they arrive.
+type ConnectionBytes = Arc<Mutex<Vec<u8>>>;
 
 /// A server on 127.0.0.1 that records every byte each connection sent it,
 /// then answers: TLS (with the test certificate) when the first byte is a
@@ -35,7 +38,7 @@ use crate::suite::support::*;
 struct RecordingServer {
     port: u16,
     /// Bytes received, one entry per accepted connection.
-    received: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    received: Arc<Mutex<Vec<ConnectionBytes>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -45,7 +48,7 @@ impl RecordingServer {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
-        let received: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let received: Arc<Mutex<Vec<ConnectionBytes>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (received, stop, config) = (received.clone(), stop.clone(), tls.server.clone());
@@ -85,7 +88,7 @@ impl Drop for RecordingServer {
 /// A stream that keeps a copy of everything read from it.
 struct Recorded {
     inner: TcpStream,
-    record: Arc<Mutex<Vec<u8>>>,
+    record: ConnectionBytes,
 }
 
 impl Read for Recorded {
@@ -107,7 +110,7 @@ impl Write for Recorded {
 
 fn serve_recorded(
     conn: TcpStream,
-    record: Arc<Mutex<Vec<u8>>>,
+    record: ConnectionBytes,
     config: Arc<rustls::ServerConfig>,
 ) -> io::Result<()> {
     conn.set_nonblocking(false)?;
@@ -837,4 +840,79 @@ fn secret_policy(env: &Env, tls: &TestTls, ports: &[u16], secret_port: u16) -> S
         ),
     );
     path.to_str().unwrap().to_string()
+}
+
+// ---------------------------------------------------------------------------
+// Secrets reflected by a server
+// ---------------------------------------------------------------------------
+
+/// A server that sends the secret's value back — in its status line, a
+/// header, a cookie, and a chunked body with the value split between two
+/// chunks written apart, or a body with a Content-Length — hands the
+/// sandbox only the placeholder, and the bodies arrive whole. A response
+/// the proxy cannot read (gzip, although it asked for identity) is refused.
+#[test]
+fn a_reflected_secret_reaches_the_sandbox_only_as_its_placeholder() {
+    if !needs_clients() {
+        return;
+    }
+    let env = Env::new();
+    let tls = test_tls();
+    let a = KeepAliveServer::start(Some(tls.server.clone()));
+    let pa = a.port;
+    let policy = secret_policy(&env, &tls, &[pa], pa);
+    let value = secret_value();
+    let get = format!("c -D - -H \"Authorization: Bearer $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}");
+    let o = run_in(
+        &env,
+        "reflect",
+        &["--policy", &policy],
+        &[("EXAMPLE_TOKEN", &value)],
+        &format!(
+            "sec placeholder; echo \"$EXAMPLE_TOKEN\"; \
+             sec chunked; {get}/reflect; echo \"curl=$?\"; \
+             sec length; {get}/reflect-length --compressed; echo \"curl=$?\"; \
+             sec gzip; {get}/reflect-gzip; echo \"curl=$?\"; \
+             sec file; {get}/reflect -o reflected.txt >/dev/null; grep -o \"$EXAMPLE_TOKEN\" reflected.txt | wc -l; \
+             sec end"
+        ),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = stdout(&o);
+    let placeholder = section(&out, "placeholder").trim().to_string();
+    assert!(placeholder.starts_with("airlock-placeholder-EXAMPLE_TOKEN-"), "{}", show(&o));
+    // Nothing for the output redaction to catch: the value never arrived.
+    assert!(!out.contains(&value) && !out.contains("[REDACTED"), "{}", show(&o));
+
+    let chunked = after_connect(section(&out, "chunked"));
+    for expected in [
+        format!("HTTP/1.1 200 OK {placeholder}\r\n"),
+        format!("x-reflected: {placeholder}\r\n"),
+        format!("set-cookie: token={placeholder}; Path=/\r\n"),
+        "transfer-encoding: chunked\r\n".to_string(),
+        format!("first half: {placeholder} (second half)\ncurl=0"),
+    ] {
+        assert!(chunked.contains(&expected), "missing {expected:?}\n{}", show(&o));
+    }
+    let length = after_connect(section(&out, "length"));
+    assert!(length.contains(&format!("x-reflected: {placeholder}\r\n")), "{}", show(&o));
+    assert!(!length.to_ascii_lowercase().contains("content-length"), "{}", show(&o));
+    assert!(length.contains(&format!("\r\n\r\nvalue={placeholder}\ncurl=0")), "{}", show(&o));
+    let gzip = after_connect(section(&out, "gzip"));
+    assert!(gzip.starts_with("HTTP/1.1 502"), "{}", show(&o));
+    assert!(gzip.contains("x-airlock-denied: the response from 127.0.0.1 is encoded (gzip)"), "{}", show(&o));
+    assert!(!gzip.contains(&placeholder), "the refused body was relayed\n{}", show(&o));
+    assert_eq!(section(&out, "file").trim(), "1", "{}", show(&o));
+
+    // The server did get the value each time, and was asked for identity.
+    let seen = a.seen();
+    assert_eq!(seen.len(), 4, "{seen:#?}");
+    for request in &seen {
+        assert!(request.contains(&format!("Bearer {value}\r\n")), "{request}");
+        assert!(request.to_ascii_lowercase().contains("accept-encoding: identity\r\n"), "{request}");
+    }
+    let log = net_log(&env, "reflect");
+    let refused = event(&log, "the gzip refusal", |e| is(e, "path", "/reflect-gzip"));
+    assert!(is(refused, "allowed", false) && is(refused, "handling", "refused"), "{refused}");
+    assert!(refused["rule"].as_str().unwrap().contains("encoded (gzip)"), "{refused}");
 }
