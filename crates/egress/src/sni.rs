@@ -57,8 +57,10 @@ pub struct ClientHello {
 pub enum ClientHelloPeek {
     /// A whole, well-formed ClientHello.
     Complete(ClientHello),
-    /// So far a plausible ClientHello; more bytes are needed.
-    NeedMore,
+    /// So far a plausible ClientHello; more bytes are needed: the input
+    /// must be at least `at_least` bytes long before the answer can change
+    /// (so a caller fed in small pieces need not parse after each one).
+    NeedMore { at_least: usize },
     /// Does not start like TLS: the first bytes are not a TLS record header.
     NotTls,
     /// Starts like TLS but is not a well-formed ClientHello; why.
@@ -74,8 +76,8 @@ pub enum ClientHelloPeek {
 pub fn peek_client_hello(buf: &[u8]) -> ClientHelloPeek {
     // "Starts like TLS": a record content type, then major version 3.
     let starts_like_tls = match buf {
-        [] => return ClientHelloPeek::NeedMore,
-        [content] if CONTENT_TYPES.contains(content) => return ClientHelloPeek::NeedMore,
+        [] => return ClientHelloPeek::NeedMore { at_least: 1 },
+        [content] if CONTENT_TYPES.contains(content) => return ClientHelloPeek::NeedMore { at_least: 2 },
         [content, ..] => CONTENT_TYPES.contains(content) && buf.get(1) == Some(&3),
     };
     if !starts_like_tls {
@@ -90,8 +92,15 @@ pub fn peek_client_hello(buf: &[u8]) -> ClientHelloPeek {
             Ok(hello) => ClientHelloPeek::Complete(hello),
             Err(why) => ClientHelloPeek::Malformed(why),
         },
-        Reassembled::NeedMore if buf.len() >= MAX_CLIENT_HELLO => ClientHelloPeek::TooLarge,
-        Reassembled::NeedMore => ClientHelloPeek::NeedMore,
+        Reassembled::NeedMore { missing } => {
+            let at_least = window.len() + missing;
+            // It cannot be whole within the cap, however it is framed.
+            if at_least > MAX_CLIENT_HELLO {
+                ClientHelloPeek::TooLarge
+            } else {
+                ClientHelloPeek::NeedMore { at_least }
+            }
+        }
         Reassembled::TooLarge => ClientHelloPeek::TooLarge,
         Reassembled::Malformed(why) => ClientHelloPeek::Malformed(why),
     }
@@ -100,7 +109,11 @@ pub fn peek_client_hello(buf: &[u8]) -> ClientHelloPeek {
 enum Reassembled {
     /// The ClientHello body (after the handshake header).
     Hello(Vec<u8>),
-    NeedMore,
+    /// At least `missing` more bytes are needed (handshake bytes still
+    /// missing once its length is known, otherwise 1).
+    NeedMore {
+        missing: usize,
+    },
     TooLarge,
     Malformed(&'static str),
 }
@@ -115,7 +128,7 @@ fn reassemble(mut input: &[u8]) -> Reassembled {
             return Reassembled::Malformed(why);
         }
         if input.len() < RECORD_HEADER {
-            return Reassembled::NeedMore;
+            return Reassembled::NeedMore { missing: missing_handshake_bytes(&handshake) };
         }
         let fragment_len = usize::from(u16::from_be_bytes([input[3], input[4]]));
         // Zero-length handshake fragments are forbidden (RFC 8446 §5.1).
@@ -147,10 +160,21 @@ fn reassemble(mut input: &[u8]) -> Reassembled {
             }
         }
         if available < fragment_len {
-            return Reassembled::NeedMore;
+            return Reassembled::NeedMore { missing: missing_handshake_bytes(&handshake) };
         }
         input = &body[fragment_len..];
     }
+}
+
+/// How many handshake bytes the ClientHello still lacks, once its header
+/// says how long it is (at least 1).
+fn missing_handshake_bytes(handshake: &[u8]) -> usize {
+    if handshake.len() < HANDSHAKE_HEADER {
+        return 1;
+    }
+    let hello_len =
+        usize::from(handshake[1]) << 16 | usize::from(handshake[2]) << 8 | usize::from(handshake[3]);
+    (HANDSHAKE_HEADER + hello_len).saturating_sub(handshake.len()).max(1)
 }
 
 /// Checks the bytes present of a record header that must carry the
@@ -333,6 +357,10 @@ mod tests {
         out
     }
 
+    fn needs_more(input: &[u8]) -> bool {
+        matches!(peek_client_hello(input), ClientHelloPeek::NeedMore { .. })
+    }
+
     fn named(name: &str) -> ClientHelloPeek {
         ClientHelloPeek::Complete(ClientHello { sni: Some(name.to_owned()), hidden_name: None })
     }
@@ -369,7 +397,28 @@ mod tests {
     fn every_truncation_needs_more() {
         let hello = rustls_hello("api.example.com", true);
         for cut in 0..hello.len() {
-            assert_eq!(peek_client_hello(&hello[..cut]), ClientHelloPeek::NeedMore, "cut at {cut}");
+            assert!(needs_more(&hello[..cut]), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn need_more_says_how_much_at_least() {
+        let hello = rustls_hello("api.example.com", true);
+        // In one record: once the handshake header is in, all of it.
+        for cut in RECORD_HEADER + HANDSHAKE_HEADER..hello.len() {
+            let got = peek_client_hello(&hello[..cut]);
+            assert_eq!(got, ClientHelloPeek::NeedMore { at_least: hello.len() }, "cut at {cut}");
+        }
+        // In records of 7 bytes: a lower bound that moves forward.
+        let split = split_records(&hello, 7);
+        let mut last = 0;
+        for cut in 0..split.len() {
+            let ClientHelloPeek::NeedMore { at_least } = peek_client_hello(&split[..cut]) else { panic!() };
+            assert!(
+                at_least > cut && at_least <= split.len() && at_least >= last,
+                "cut at {cut}: {at_least}"
+            );
+            last = at_least;
         }
     }
 
@@ -382,8 +431,7 @@ mod tests {
             let split = split_records(&hello, max);
             assert_eq!(peek_client_hello(&split), named("api.example.com"), "fragments of {max}");
             for cut in 0..split.len() {
-                let got = peek_client_hello(&split[..cut]);
-                assert_eq!(got, ClientHelloPeek::NeedMore, "fragments of {max}, cut at {cut}");
+                assert!(needs_more(&split[..cut]), "fragments of {max}, cut at {cut}");
             }
         }
     }
@@ -408,8 +456,7 @@ mod tests {
         ] {
             assert_eq!(peek_client_hello(input), ClientHelloPeek::NotTls, "{input:?}");
         }
-        assert_eq!(peek_client_hello(b"\x16"), ClientHelloPeek::NeedMore);
-        assert_eq!(peek_client_hello(b"\x17"), ClientHelloPeek::NeedMore);
+        assert!(needs_more(b"\x16") && needs_more(b"\x17"));
     }
 
     #[test]
@@ -457,7 +504,9 @@ mod tests {
         while input.len() < MAX_CLIENT_HELLO + 10 {
             input.extend_from_slice(&[CONTENT_HANDSHAKE, 3, 1, 0, 1, 0]);
         }
-        assert_eq!(peek_client_hello(&input[..MAX_CLIENT_HELLO - 1]), ClientHelloPeek::NeedMore);
+        // Known as soon as what is left cannot fit in what the cap leaves.
+        assert!(needs_more(&input[..100]));
+        assert_eq!(peek_client_hello(&input[..MAX_CLIENT_HELLO / 2]), ClientHelloPeek::TooLarge);
         assert_eq!(peek_client_hello(&input), ClientHelloPeek::TooLarge);
     }
 
@@ -569,14 +618,14 @@ mod tests {
             assert!(input.len() > 2 * MAX_FRAGMENT && input.len() < MAX_CLIENT_HELLO);
             assert_eq!(peek_client_hello(&input), named("www.example.org"), "records of {max}");
             for cut in (0..input.len()).step_by(997) {
-                assert_eq!(peek_client_hello(&input[..cut]), ClientHelloPeek::NeedMore, "cut at {cut}");
+                assert!(needs_more(&input[..cut]), "cut at {cut}");
             }
         }
         // Past the cap once framed in small records: too large.
         let ext = [extension(21, &vec![0; 65_000]), server_name_ext(&[(0, b"www.example.org")])].concat();
         let input = records(&hello_message(&ext), 500);
         assert!(input.len() > MAX_CLIENT_HELLO);
-        assert_eq!(peek_client_hello(&input[..100]), ClientHelloPeek::NeedMore);
+        assert!(needs_more(&input[..100]));
         assert_eq!(peek_client_hello(&input), ClientHelloPeek::TooLarge);
     }
 

@@ -140,6 +140,7 @@ where
     let mut from_client = vec![0u8; 16 * 1024];
     let mut from_upstream = vec![0u8; 16 * 1024];
     let mut relayed_in = 0u64;
+    let mut decide_at = 1;
     let started = tokio::time::Instant::now();
     // A name needs a ClientHello from the start; an address only once the
     // client began one.
@@ -158,8 +159,14 @@ where
                     Ok(n) => n,
                 };
                 first.extend_from_slice(&from_client[..n]);
+                // Parsing again after every small piece would cost the
+                // square of the hello's size: wait until it can matter.
+                if first.len() < decide_at {
+                    continue;
+                }
                 match decide(&first, destination) {
-                    Verdict::Undecided => {
+                    Verdict::Undecided { at_least } => {
+                        decide_at = at_least;
                         deadline.get_or_insert(started + timeout);
                     }
                     Verdict::Pass => return (FirstFlight::Pass(first), relayed_in),
@@ -189,7 +196,10 @@ where
 }
 
 enum Verdict {
-    Undecided,
+    /// Ask again once the client sent at least `at_least` bytes.
+    Undecided {
+        at_least: usize,
+    },
     Pass,
     Refuse(String),
 }
@@ -198,7 +208,7 @@ enum Verdict {
 fn decide(first: &[u8], destination: &Destination) -> Verdict {
     let to = destination.shown();
     match peek_client_hello(first) {
-        ClientHelloPeek::NeedMore => Verdict::Undecided,
+        ClientHelloPeek::NeedMore { at_least } => Verdict::Undecided { at_least },
         ClientHelloPeek::TooLarge => Verdict::Refuse(format!(
             "the TLS ClientHello to {to} is larger than {} KiB",
             MAX_CLIENT_HELLO / 1024
@@ -232,7 +242,7 @@ fn decide(first: &[u8], destination: &Destination) -> Verdict {
                 if SSH_IDENTIFICATIONS.iter().any(|id| first.starts_with(id)) {
                     Verdict::Pass
                 } else if SSH_IDENTIFICATIONS.iter().any(|id| prefix_of(id)) {
-                    Verdict::Undecided
+                    Verdict::Undecided { at_least: first.len() + 1 }
                 } else {
                     Verdict::Refuse(format!(
                         "the tunnel to {to} does not start with TLS (or SSH), so the server it reaches cannot \
@@ -252,7 +262,7 @@ mod tests {
 
     use super::*;
 
-    const TIMEOUT: Duration = Duration::from_millis(300);
+    const TIMEOUT: Duration = Duration::from_secs(1);
 
     /// A ClientHello with the given server_name host names (none: no
     /// extension) and extra extensions, in records of `fragment` bytes.
@@ -300,7 +310,7 @@ mod tests {
         match decide(first, &Destination::of(to)) {
             Verdict::Pass => Ok(()),
             Verdict::Refuse(reason) => Err(reason),
-            Verdict::Undecided => Err("undecided".into()),
+            Verdict::Undecided { .. } => Err("undecided".into()),
         }
     }
 
@@ -379,7 +389,9 @@ mod tests {
         let server = (!close_upstream).then_some(server);
         let sandbox_task = tokio::spawn(async move {
             for piece in pieces {
-                tokio::time::sleep(pause).await;
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
                 if sandbox.write_all(&piece).await.is_err() {
                     break;
                 }
@@ -404,6 +416,20 @@ mod tests {
             flight("api.example.com", vec![a.to_vec(), b.to_vec()], Duration::from_millis(100), b"", false)
                 .await;
         assert_eq!(outcome, FirstFlight::Pass(good.clone()));
+
+        // Byte by byte, in records of one byte each.
+        let trickled = hello(&["api.example.com"], &padding(100), 1);
+        let pieces: Vec<Vec<u8>> = trickled.iter().map(|b| vec![*b]).collect();
+        let (outcome, _) = flight("api.example.com", pieces, Duration::ZERO, b"", false).await;
+        let passed = matches!(&outcome, FirstFlight::Pass(bytes) if *bytes == trickled);
+        assert!(
+            passed,
+            "{}",
+            match outcome {
+                FirstFlight::Pass(bytes) => format!("passed {} bytes", bytes.len()),
+                other => format!("{other:?}"),
+            }
+        );
 
         let bad = hello(&["other.example.org"], &[], 16384);
         let (outcome, _) = flight("api.example.com", vec![bad], Duration::from_millis(100), b"", false).await;
