@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use crate::event::Handling;
-use crate::http::{ProxyBody, refuse_request, to_origin_form};
+use crate::http::{ProxyBody, names_only, refuse_request, to_origin_form};
 use crate::proxy::{EventBuilder, Shared};
 use crate::rules::Decision;
 
@@ -85,12 +85,24 @@ async fn request(
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let what = format!("{method} https://{host}:{port}{path}");
+    if req.method() == http::Method::CONNECT {
+        let reason = "CONNECT inside an intercepted connection";
+        return refuse_request(&shared, &ev, &what, reason, &method, &path);
+    }
+    // Every request on the connection, not only the first: each names its
+    // own host, and only the destination's passes.
+    let (named_host, named_port) = match names_only(&req, &host, port, "https") {
+        Ok(named) => named,
+        Err(reason) => return refuse_request(&shared, &ev, &what, &reason, &method, &path),
+    };
     let rule = match shared.rules.decide_request(&host, port, &method, &path) {
         Decision::Allow { rule } => rule,
         Decision::Deny { reason } => return refuse_request(&shared, &ev, &what, &reason, &method, &path),
     };
     let mut req = to_origin_form(req, &host, port, true);
-    let secrets = shared.secrets_for(&host, port);
+    // The request's own Host decides which secrets it may carry (checked
+    // above to be the destination).
+    let secrets = shared.secrets_for(&named_host, named_port);
     let mut used = Vec::new();
     if !secrets.is_empty() {
         for value in req.headers_mut().values_mut() {

@@ -15,6 +15,7 @@ mod http;
 mod intercept;
 pub mod proxy;
 pub mod redact;
+mod response;
 pub mod rules;
 pub mod secrets;
 pub mod sni;

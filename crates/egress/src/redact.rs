@@ -12,13 +12,20 @@
 //!
 //! The streaming [`Redactor`] gives exactly the output [`redact_all`] gives
 //! for the same bytes, however they are split into chunks. It holds back
-//! only bytes that could still be the start of a secret, so ordinary output
-//! passes through without delay.
+//! only bytes that could still be the start of a secret (at most the
+//! longest value's length less one), so ordinary output passes through
+//! without delay.
+//!
+//! The label is `[REDACTED:NAME]` for captured output; the egress proxy
+//! puts each secret's placeholder there instead, in the responses it
+//! relays ([`Redactor::replacing`]).
 
 /// A streaming redactor for one output stream.
 pub struct Redactor {
     /// Secret names, indexed by `Pattern::name`.
     names: Vec<String>,
+    /// What replaces each secret's run, indexed like `names`.
+    labels: Vec<Vec<u8>>,
     /// Candidate patterns by first byte, longest first (so the first full
     /// match at a position is the longest there).
     by_first_byte: Vec<Vec<Pattern>>,
@@ -63,9 +70,15 @@ enum MatchAt {
 }
 
 impl Redactor {
-    /// A redactor for `(name, value)` pairs. Empty values are ignored (an
-    /// empty secret is refused earlier, when secrets are read).
+    /// A redactor for `(name, value)` pairs, labelling each run
+    /// `[REDACTED:NAME]`. Empty values are ignored (an empty secret is
+    /// refused earlier, when secrets are read).
     pub fn new(secrets: &[(String, Vec<u8>)]) -> Redactor {
+        Redactor::replacing(secrets, |name| format!("[REDACTED:{name}]").into_bytes())
+    }
+
+    /// A redactor that puts `label(NAME)` where a secret's value was.
+    pub fn replacing(secrets: &[(String, Vec<u8>)], label: impl Fn(&str) -> Vec<u8>) -> Redactor {
         let mut names = Vec::new();
         let mut by_first_byte: Vec<Vec<Pattern>> = (0..=u8::MAX).map(|_| Vec::new()).collect();
         for (name, value) in secrets {
@@ -80,7 +93,8 @@ impl Redactor {
             // Stable: of equal values, the first given names them.
             patterns.sort_by_key(|pattern| std::cmp::Reverse(pattern.value.len()));
         }
-        Redactor { names, by_first_byte, pending: Vec::new(), run: None }
+        let labels = names.iter().map(|name| label(name)).collect();
+        Redactor { names, labels, by_first_byte, pending: Vec::new(), run: None }
     }
 
     /// True when there is nothing to redact: no non-empty secret value was
@@ -99,6 +113,13 @@ impl Redactor {
         self.pending.extend_from_slice(chunk);
         let mut out = Vec::with_capacity(chunk.len());
         self.process(false, &mut out);
+        out
+    }
+
+    /// Redacts one whole piece (a header value) as a stream of its own.
+    pub fn redact(&mut self, data: &[u8]) -> Vec<u8> {
+        let mut out = self.feed(data);
+        out.extend(self.finish());
         out
     }
 
@@ -168,9 +189,7 @@ impl Redactor {
     fn close_run(&mut self, out: &mut Vec<u8>) {
         if let Some(run) = self.run.take() {
             for name in run.names {
-                out.extend_from_slice(b"[REDACTED:");
-                out.extend_from_slice(self.names[name].as_bytes());
-                out.push(b']');
+                out.extend_from_slice(&self.labels[name]);
             }
         }
     }
@@ -339,6 +358,31 @@ mod tests {
         // A run is labelled as soon as nothing can extend it.
         assert_eq!(r.feed(b"s3cret"), b"[REDACTED:T]");
         assert_eq!(r.finish(), b"");
+    }
+
+    #[test]
+    fn replacing_puts_the_given_label_and_streams_the_same() {
+        let list = secrets(&[("TOKEN", "tok-123456"), ("OTHER", "abc")]);
+        let label = |name: &str| format!("placeholder-{name}").into_bytes();
+        let data = b"a: tok-123456, b: abcabc, c: tok-12345".as_slice();
+        let mut r = Redactor::replacing(&list, label);
+        let whole = r.redact(data);
+        assert_eq!(whole, b"a: placeholder-TOKEN, b: placeholder-OTHERplaceholder-OTHER, c: tok-12345");
+        // Every split into two or three pieces gives the same.
+        for a in 0..=data.len() {
+            for b in a..=data.len() {
+                let mut r = Redactor::replacing(&list, label);
+                let mut out = r.feed(&data[..a]);
+                out.extend(r.feed(&data[a..b]));
+                out.extend(r.feed(&data[b..]));
+                out.extend(r.finish());
+                assert_eq!(out, whole, "split at {a} and {b}");
+            }
+        }
+        // What is held back is never more than a value's length less one.
+        let mut r = Redactor::replacing(&list, label);
+        assert_eq!(r.feed(b"xx tok-12345"), b"xx ");
+        assert_eq!(r.feed(b"6"), b"placeholder-TOKEN");
     }
 
     #[test]

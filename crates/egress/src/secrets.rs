@@ -4,7 +4,8 @@
 //! (from an environment variable of the airlock process, a file, or a
 //! command's output). The sandbox's environment gets a placeholder instead
 //! of the value; the egress proxy swaps the value in, in request headers
-//! only, on requests to that secret's hosts ([`substitute`]).
+//! only, on requests to that secret's hosts ([`substitute`]), and back to
+//! the placeholder in the responses it relays (`response.rs`).
 //!
 //! A value only ever travels in an HTTP header, so values that a header
 //! cannot carry (line breaks, NUL and other control characters) are refused

@@ -5,5 +5,6 @@
 mod agent_signals;
 mod apply_digest;
 mod budgets;
+mod egress_checks;
 mod host_ids;
 mod socket_families;
