@@ -214,13 +214,15 @@ impl AuditEvent {
             AuditEvent::ArtifactsCaptured { files, bytes } => {
                 AuditEvent::ArtifactsCaptured { files: cap_paths(&files), bytes }
             }
-            AuditEvent::Applied { written, deleted, allow_protected, by_uid, digest } => AuditEvent::Applied {
-                written: cap_paths(&written),
-                deleted: cap_paths(&deleted),
-                allow_protected,
-                by_uid,
-                digest: digest.map(field),
-            },
+            AuditEvent::Applied { written, deleted, allow_protected, by_uid, digest } => {
+                AuditEvent::Applied {
+                    written: cap_paths(&written),
+                    deleted: cap_paths(&deleted),
+                    allow_protected,
+                    by_uid,
+                    digest: digest.map(field),
+                }
+            }
             AuditEvent::ApplyRefused { reason } => AuditEvent::ApplyRefused { reason: message(reason) },
             AuditEvent::Removed { reason } => AuditEvent::Removed { reason: message(reason) },
             AuditEvent::Error { stage, message: text } => {
