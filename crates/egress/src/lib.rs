@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod redact;
 pub mod rules;
 pub mod secrets;
+pub mod setup;
 pub mod sni;
 mod socks;
 mod tunnel;
