@@ -299,11 +299,19 @@ fn unix_secs(at: SystemTime) -> u64 {
 }
 
 /// A PEM file's bytes, read on the host side, with its path for messages.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The bytes travel to the proxy process after the setup's JSON, not in it
+/// (see `setup`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PemFile {
     pub path: PathBuf,
-    #[serde(with = "base64_bytes")]
+    #[serde(skip)]
     pub pem: Vec<u8>,
+}
+
+impl fmt::Debug for PemFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PemFile").field("path", &self.path).field("bytes", &self.pem.len()).finish()
+    }
 }
 
 impl PemFile {
@@ -332,6 +340,15 @@ impl RootSources {
     /// certificates are parsed when the proxy first needs them.
     pub fn read(extra_roots: &[PathBuf]) -> Result<RootSources, CaError> {
         RootSources::read_from(&host_bundle_candidates(), extra_roots)
+    }
+
+    /// The host bundle (if any), then the extra root files.
+    pub fn files(&self) -> impl Iterator<Item = &PemFile> {
+        self.host.iter().chain(&self.extra)
+    }
+
+    pub(crate) fn files_mut(&mut self) -> impl Iterator<Item = &mut PemFile> {
+        self.host.iter_mut().chain(self.extra.iter_mut())
     }
 
     fn read_from(candidates: &[PathBuf], extra_roots: &[PathBuf]) -> Result<RootSources, CaError> {

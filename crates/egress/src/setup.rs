@@ -8,11 +8,14 @@
 //! processes' memory. The proxy answers on another pipe with
 //! [`ProxyReport`]s: ready (or why not), then one event per decision.
 //!
-//! The setup's secret-bearing bytes are overwritten when they are dropped,
-//! and the setup is written without an intermediate buffer and read into
-//! one of exactly its size, so no copy is left in freed memory by a growing
-//! buffer. (Copies that rustls, ring and rcgen make of the CA key inside
-//! their own types are out of reach.)
+//! On the pipe, the setup is an 8-byte length and JSON, then the bytes of
+//! each root certificate file, raw, each after its 8-byte length (a host
+//! bundle as base64 inside JSON would cost more than the rest of a
+//! sandbox's start). The JSON, which holds the secrets, is built in and read
+//! into buffers of exactly its size that are overwritten afterwards, so no
+//! growing buffer leaves a copy in freed memory; the secret-bearing fields
+//! are overwritten when dropped. (Copies that ring and rcgen make of the CA
+//! key inside their own types are out of reach.)
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -33,6 +36,9 @@ const MAX_SETUP: u64 = 64 << 20;
 /// Everything the proxy process decides and connects with.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ProxySetup {
+    /// As root: the uid and gid the proxy process becomes (its caller
+    /// confines it; this crate only carries the value).
+    pub run_as: Option<(u32, u32)>,
     /// For messages: "policy dev refused …".
     pub policy_name: String,
     /// The policy's `[network]` section.
@@ -85,20 +91,22 @@ pub enum ProxyReport {
 pub enum SetupError {
     #[error("reading the proxy's setup: {0}")]
     Io(#[from] io::Error),
-    #[error("the proxy's setup is {0} bytes, more than the {MAX_SETUP} accepted")]
+    #[error("a part of the proxy's setup is {0} bytes, more than the {MAX_SETUP} accepted")]
     TooLarge(u64),
+    #[error("the proxy's setup names {named} root files but carries {sent}")]
+    Roots { named: usize, sent: usize },
     #[error("the proxy's setup does not parse: {0}")]
     Malformed(#[from] serde_json::Error),
     #[error("the sandbox's CA: {0}")]
     Ca(#[from] CaError),
 }
 
-/// Counts what serde_json writes, so the length goes first without a buffer.
-struct Counter(u64);
+/// Counts what serde_json writes, to size its buffer exactly.
+struct Counter(usize);
 
 impl Write for Counter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len() as u64;
+        self.0 += buf.len();
         Ok(buf.len())
     }
 
@@ -107,19 +115,44 @@ impl Write for Counter {
     }
 }
 
-/// Writes the setup: an 8-byte big-endian length, then JSON, written
-/// straight to `w` (a pipe) without a buffer holding the secrets.
+/// Writes the setup to `w` (a pipe): the JSON, then each root file's bytes.
 pub fn write_setup(w: &mut impl Write, setup: &ProxySetup) -> io::Result<()> {
     let mut counter = Counter(0);
     serde_json::to_writer(&mut counter, setup).map_err(io::Error::other)?;
-    w.write_all(&counter.0.to_be_bytes())?;
-    serde_json::to_writer(&mut *w, setup).map_err(io::Error::other)?;
+    let mut json = Zeroizing::new(Vec::with_capacity(counter.0));
+    serde_json::to_writer(&mut *json, setup).map_err(io::Error::other)?;
+    write_part(w, &json)?;
+    for file in setup.roots.files() {
+        write_part(w, &file.pem)?;
+    }
     w.flush()
 }
 
-/// Reads what [`write_setup`] wrote, into a buffer of exactly its size that
-/// is overwritten once parsed.
+fn write_part(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(&(bytes.len() as u64).to_be_bytes())?;
+    w.write_all(bytes)
+}
+
+/// Reads what [`write_setup`] wrote.
 pub fn read_setup(r: &mut impl Read) -> Result<ProxySetup, SetupError> {
+    let json = read_part(r)?;
+    let mut setup: ProxySetup = serde_json::from_slice(&json)?;
+    drop(json);
+    let named = setup.roots.files().count();
+    for (sent, file) in setup.roots.files_mut().enumerate() {
+        file.pem = read_part(r).map(|bytes| bytes.to_vec()).map_err(|e| match e {
+            SetupError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                SetupError::Roots { named, sent }
+            }
+            other => other,
+        })?;
+    }
+    Ok(setup)
+}
+
+/// One length-prefixed part, into a buffer of exactly its size that is
+/// overwritten when dropped.
+fn read_part(r: &mut impl Read) -> Result<Zeroizing<Vec<u8>>, SetupError> {
     let mut len = [0u8; 8];
     r.read_exact(&mut len)?;
     let len = u64::from_be_bytes(len);
@@ -128,7 +161,7 @@ pub fn read_setup(r: &mut impl Read) -> Result<ProxySetup, SetupError> {
     }
     let mut body = Zeroizing::new(vec![0u8; len as usize]);
     r.read_exact(&mut body)?;
-    Ok(serde_json::from_slice(&body)?)
+    Ok(body)
 }
 
 impl ProxySetup {
@@ -220,6 +253,7 @@ mod tests {
         network.allow = vec![airlock_policy::HostPattern::parse("api.example.com:443").unwrap()];
         let ca = SandboxCa::generate("wire").unwrap();
         ProxySetup {
+            run_as: Some((999_000_001, 999_000_001)),
             policy_name: "wire-test".into(),
             network,
             ca: ca.material(),
@@ -230,7 +264,7 @@ mod tests {
                 hosts: vec!["api.example.com".into()],
             }],
             roots: RootSources {
-                host: None,
+                host: Some(crate::ca::PemFile { path: "/etc/ssl/b.pem".into(), pem: b"HOST PEM".to_vec() }),
                 extra: vec![crate::ca::PemFile { path: "/etc/x.pem".into(), pem: b"PEM".to_vec() }],
                 searched: "/etc/ssl/certs/ca-certificates.crt".into(),
             },
@@ -242,8 +276,9 @@ mod tests {
         let mut wire = Vec::new();
         write_setup(&mut wire, &setup()).unwrap();
         let back = read_setup(&mut wire.as_slice()).unwrap();
+        assert_eq!(back.run_as, Some((999_000_001, 999_000_001)));
         assert_eq!(back.secrets[0].value.as_slice(), b"s3cr3t-v4lue");
-        assert_eq!(back.roots.extra[0].pem, b"PEM");
+        assert_eq!(back.roots, setup().roots);
         assert!(!format!("{back:?}").contains("s3cr3t"), "Debug shows a secret value");
         let config = back.into_config().unwrap();
         assert_eq!(config.secrets[0].value.expose(), b"s3cr3t-v4lue");
@@ -258,7 +293,14 @@ mod tests {
     fn cut_or_oversized_setups_are_refused() {
         let mut wire = Vec::new();
         write_setup(&mut wire, &setup()).unwrap();
-        assert!(matches!(read_setup(&mut &wire[..wire.len() - 1]), Err(SetupError::Io(_))));
+        let err = read_setup(&mut &wire[..wire.len() - 1]).unwrap_err();
+        assert!(matches!(err, SetupError::Roots { named: 2, sent: 1 }), "{err}");
+        let err = read_setup(&mut &wire[..20]).unwrap_err();
+        assert!(matches!(err, SetupError::Io(_)), "{err}");
+        // Cut after the JSON: the root files it names are missing.
+        let json_len = u64::from_be_bytes(wire[..8].try_into().unwrap()) as usize;
+        let err = read_setup(&mut &wire[..8 + json_len]).unwrap_err();
+        assert!(matches!(err, SetupError::Roots { named: 2, sent: 0 }), "{err}");
         let huge = (MAX_SETUP + 1).to_be_bytes();
         assert!(matches!(read_setup(&mut &huge[..]), Err(SetupError::TooLarge(_))));
     }

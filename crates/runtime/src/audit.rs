@@ -142,6 +142,14 @@ pub enum AuditEvent {
     Stopped {
         reason: String,
     },
+    /// The egress proxy process ended while its sandbox ran (killed, or a
+    /// call outside its seccomp allowlist): the sandbox's connections fail
+    /// from then on.
+    EgressProxyEnded {
+        code: Option<i32>,
+        signal: Option<i32>,
+        detail: String,
+    },
 }
 
 impl AuditEvent {
@@ -163,6 +171,7 @@ impl AuditEvent {
             AuditEvent::ExecStarted { .. } => "exec_started",
             AuditEvent::ExecEnded { .. } => "exec_ended",
             AuditEvent::Stopped { .. } => "stopped",
+            AuditEvent::EgressProxyEnded { .. } => "egress_proxy_ended",
         }
     }
 
@@ -177,6 +186,7 @@ impl AuditEvent {
                 | AuditEvent::Removed { .. }
                 | AuditEvent::Applied { .. }
                 | AuditEvent::Stopped { .. }
+                | AuditEvent::EgressProxyEnded { .. }
         )
     }
 }

@@ -379,6 +379,37 @@ mod tests {
         assert_eq!(ioctl(libc::TIOCLINUX), KILL);
         assert_eq!(ioctl(libc::TIOCSCTTY), KILL);
 
+        let socketpair = |family: i32| verdict(&prog, "socketpair", [family as u64, 1, 0, 0, 0, 0]);
+        assert_eq!(socketpair(libc::AF_UNIX), ALLOW);
+        assert_eq!(socketpair(libc::AF_INET), KILL);
+
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let exec = libc::PROT_EXEC as u64;
+        for call in ["mmap", "mprotect"] {
+            assert_eq!(verdict(&prog, call, [0, 4096, rw, 0, 0, 0]), ALLOW, "{call}");
+            assert_eq!(verdict(&prog, call, [0, 4096, rw | exec, 0, 0, 0]), KILL, "{call}");
+            assert_eq!(
+                verdict(&prog, call, [0, 4096, libc::PROT_READ as u64 | exec, 0, 0, 0]),
+                KILL,
+                "{call}"
+            );
+        }
+
+        let fcntl = |cmd: i32| verdict(&prog, "fcntl", [3, cmd as u64, 0, 0, 0, 0]);
+        for cmd in [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL, libc::F_DUPFD_CLOEXEC] {
+            assert_eq!(fcntl(cmd), ALLOW, "{cmd}");
+        }
+        for cmd in [
+            libc::F_SETOWN,
+            10, /* F_SETSIG */
+            libc::F_SETLEASE,
+            libc::F_NOTIFY,
+            libc::F_SETLK,
+            libc::F_DUPFD,
+        ] {
+            assert_eq!(fcntl(cmd), KILL, "{cmd}");
+        }
+
         let prctl = |op: i32| verdict(&prog, "prctl", [op as u64, 0, 0, 0, 0, 0]);
         assert_eq!(prctl(libc::PR_SET_NAME), ALLOW);
         assert_eq!(prctl(libc::PR_SET_DUMPABLE), KILL);
