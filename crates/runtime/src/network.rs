@@ -99,32 +99,7 @@ impl Network {
         let mut audit = AuditLog::open(audit_path)?;
         let scrub = redactions.clone();
         let notice = move |notice: ProxyNotice| {
-            let event = match notice {
-                ProxyNotice::Event(mut event) => {
-                    // A request line can carry a value the sandbox got echoed back.
-                    event.path = event.path.map(|p| redact_str(&p, &scrub));
-                    event.host = redact_str(&event.host, &scrub);
-                    event.rule = redact_str(&event.rule, &scrub);
-                    AuditEvent::Network(event)
-                }
-                ProxyNotice::Ended { status, killed_by_us } => {
-                    let detail = if killed_by_us {
-                        "killed by the supervisor: it did not exit once the sandbox was gone".to_string()
-                    } else {
-                        tracing::error!(
-                            "the egress proxy ended ({}); the sandbox's connections are refused from now on",
-                            proxy_process::describe(&status)
-                        );
-                        format!(
-                            "{}; the sandbox's connections are refused from now on",
-                            proxy_process::describe(&status)
-                        )
-                    };
-                    use std::os::unix::process::ExitStatusExt;
-                    AuditEvent::EgressProxyEnded { code: status.code(), signal: status.signal(), detail }
-                }
-            };
-            let _ = audit.record(event);
+            let _ = audit.record(audit_event(notice, &scrub));
         };
         let (host_end, agent_end) =
             UnixStream::pair().map_err(|e| fail("creating the egress channel", &e))?;
@@ -204,6 +179,33 @@ impl Network {
     pub fn stop(mut self) {
         if let Some(proxy) = self.proxy.take() {
             proxy.stop();
+        }
+    }
+}
+
+/// What the supervisor records of what its proxy told it. Events are
+/// redacted: a request line or host name can carry a value the sandbox got
+/// echoed back.
+fn audit_event(notice: ProxyNotice, secrets: &[(String, Vec<u8>)]) -> AuditEvent {
+    match notice {
+        ProxyNotice::Event(mut event) => {
+            event.path = event.path.map(|p| redact_str(&p, secrets));
+            event.host = redact_str(&event.host, secrets);
+            event.rule = redact_str(&event.rule, secrets);
+            AuditEvent::Network(event)
+        }
+        ProxyNotice::Ended { status, killed_by_us } => {
+            use std::os::unix::process::ExitStatusExt;
+            let how = proxy_process::describe(&status);
+            let detail = if killed_by_us {
+                format!("{how}: killed by the supervisor, as it did not exit once the sandbox was gone")
+            } else {
+                tracing::error!(
+                    "the egress proxy ended ({how}); the sandbox's connections are refused from now on"
+                );
+                format!("{how}; the sandbox's connections are refused from now on")
+            };
+            AuditEvent::EgressProxyEnded { code: status.code(), signal: status.signal(), detail }
         }
     }
 }

@@ -391,9 +391,8 @@ fn the_proxy_dies_with_its_supervisor() {
     let supervisor = meta(&env, "orphan")["supervisor_pid"].as_i64().unwrap() as i32;
     let proxy = proxy_of("orphan").expect("no egress proxy process for the sandbox");
     assert!(Command::new("kill").args(["-KILL", &supervisor.to_string()]).status().unwrap().success());
-    let gone = || {
-        std::fs::read_to_string(format!("/proc/{proxy}/status")).map_or(true, |s| s.contains("State:\tZ"))
-    };
+    let gone =
+        || std::fs::read_to_string(format!("/proc/{proxy}/status")).map_or(true, |s| s.contains("State:\tZ"));
     assert!(wait_until(10, gone), "the proxy outlived its supervisor");
     let o = env.airlock(["gc"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
@@ -455,6 +454,24 @@ fn a_proxy_that_cannot_start_fails_the_sandboxs_creation_clearly() {
         assert_eq!(meta(&env, name)["state"], "failed", "{name}");
     }
     assert!(!env.workspace.join("ran").exists());
+}
+
+/// The proxy reads no host file for its roots: airlock reads the policy's
+/// extra roots when the sandbox starts, and one it cannot read stops the
+/// start with its name (rather than failing each intercepted connection).
+#[test]
+fn an_unreadable_extra_root_stops_the_start_with_its_name() {
+    let env = Env::new();
+    let missing = env.dir.path().join("no-such-root.pem");
+    let policy = env.dir.path().join("roots.toml");
+    std::fs::write(&policy, format!("extends = \"dev\"\n[network]\nextra_roots = [{missing:?}]\n")).unwrap();
+    let o = env
+        .airlock(["run", "--name", "roots", "--policy", policy.to_str().unwrap(), "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+    assert!(stderr(&o).contains("no-such-root.pem"), "{}", show(&o));
+    assert!(proxy_of("roots").is_none());
 }
 
 /// Names resolve in the proxy's view as on the host: /etc/hosts through
