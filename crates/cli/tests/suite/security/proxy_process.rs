@@ -214,6 +214,20 @@ fn create(env: &Env, name: &str, extra: &[&str], vars: &[(&str, &str)]) -> Outpu
     cmd.output().unwrap()
 }
 
+/// `airlock stop NAME`, which only asks, then waits until the supervisor
+/// has finished with the sandbox and exited (so the test's directory can go).
+fn stop(env: &Env, name: &str) {
+    let supervisor = meta(env, name)["supervisor_pid"].as_i64().unwrap();
+    let o = env.airlock(["stop", name]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{supervisor}/status"))
+            .map_or(true, |s| s.contains("State:\tZ"))
+    };
+    assert!(wait_until(30, gone), "{name}'s supervisor did not finish");
+    assert_eq!(meta(env, name)["state"], "stopped");
+}
+
 fn exec_background(env: &Env, name: &str, script: &str) -> Child {
     env.airlock(["exec", name, "--", "sh", "-c", script])
         .stdout(Stdio::piped())
@@ -334,7 +348,7 @@ fn the_proxy_runs_unprivileged_and_confined_and_the_supervisor_keeps_no_network(
     assert_eq!(stdout(&out), "held-server answered\n", "{}", show(&out));
     assert!(!stdout(&out).contains(&secret));
 
-    assert_eq!(env.airlock(["stop", "conf"]).output().unwrap().status.code(), Some(0));
+    stop(&env, "conf");
     assert!(wait_until(10, || proxy_of("conf").is_none()), "the proxy outlived its sandbox");
 }
 
@@ -378,11 +392,12 @@ fn a_killed_proxy_fails_the_sandboxs_egress_closed_and_is_recorded() {
     // The sandbox lives on; only its way out is gone.
     let o = exec(&env, "cut", "echo alive");
     assert_eq!(stdout(&o), "alive\n", "{}", show(&o));
-    assert_eq!(env.airlock(["stop", "cut"]).output().unwrap().status.code(), Some(0));
+    stop(&env, "cut");
 }
 
-/// A supervisor killed outright takes its proxy with it (the parent-death
-/// signal), so no proxy outlives the sandbox it served.
+/// A supervisor killed outright takes its proxy with it (its parent-death
+/// signal, and the egress channel closing with the agent), so no proxy
+/// outlives the sandbox it served.
 #[test]
 fn the_proxy_dies_with_its_supervisor() {
     let env = Env::new();
