@@ -10,12 +10,16 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // The same binary is the in-sandbox agent and each long-lived sandbox's
-    // supervisor; those roles take no flags.
+    // The same binary is the in-sandbox agent, each long-lived sandbox's
+    // supervisor and each sandbox's egress proxy; those roles take no flags.
     match std::env::args().nth(1).as_deref() {
         Some(airlock_runtime::AGENT_ROLE) => return code(airlock_agent::main()),
         Some(airlock_runtime::supervisor::SUPERVISOR_ROLE) => {
             return code(airlock_runtime::supervisor::main());
+        }
+        Some(airlock_runtime::proxy_process::EGRESS_ROLE) => {
+            init_logging();
+            return code(airlock_runtime::proxy_process::main());
         }
         _ => {}
     }

@@ -1,13 +1,17 @@
 //! The per-sandbox certificate authority, used where the policy needs to see
 //! inside a TLS connection (method/path rules, secret injection).
 //!
-//! Each sandbox gets a CA generated for it alone: a fresh ECDSA P-256 key that
-//! lives only in this process's memory, a certificate valid for a week, and
-//! leaf certificates issued on demand for the hosts the sandbox connects to.
-//! The CA certificate (never the key) goes into the sandbox's trust store.
+//! Each sandbox gets a CA generated for it alone: a fresh ECDSA P-256 key, a
+//! certificate valid for a week, and leaf certificates issued on demand for
+//! the hosts the sandbox connects to. The supervisor generates it and hands
+//! it to the proxy process ([`CaMaterial`]), whose memory is the only place
+//! it stays; it is never written anywhere. The CA certificate (never the
+//! key) goes into the sandbox's trust store.
 //!
 //! Upstream connections are verified against the host's own roots plus the
-//! roots the policy adds; see [`upstream_client_config`].
+//! roots the policy adds, read by the supervisor ([`RootSources`]) because
+//! the proxy's mount view has no certificate store; see
+//! [`upstream_client_config_from`].
 //!
 //! Everything here uses rustls's ring provider explicitly, so nothing depends
 //! on a process-wide default provider being installed.
@@ -28,6 +32,10 @@ use rcgen::{
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::setup::{base64_bytes, secret_bytes};
 
 /// Where the host's CA bundle is looked for, in order; the first that exists
 /// is used. `SSL_CERT_FILE`, when set for the airlock process, comes first.
@@ -73,6 +81,9 @@ pub enum CaError {
     #[error("cannot read the CA bundle {}: {source}", path.display())]
     ReadBundle { path: PathBuf, source: io::Error },
 
+    #[error("the sandbox's CA key handed to the proxy does not parse: {0}")]
+    Key(#[source] rcgen::Error),
+
     #[error("{} contains no PEM certificate (expected a -----BEGIN CERTIFICATE----- block)", path.display())]
     EmptyBundle { path: PathBuf },
 
@@ -115,21 +126,13 @@ impl SandboxCa {
     pub fn generate(sandbox_name: &str) -> Result<SandboxCa, CaError> {
         let generate_err = |source| CaError::Generate { sandbox: sandbox_name.to_owned(), source };
 
-        let now = SystemTime::now();
+        // Whole seconds, as a certificate carries them, so that the proxy
+        // process rebuilds exactly these parameters from [`CaMaterial`].
+        let now = UNIX_EPOCH + Duration::from_secs(unix_secs(SystemTime::now()));
         let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
         let not_after = now.checked_add(LIFETIME).unwrap_or(now);
 
-        let mut params = CertificateParams::default();
-        set_validity(&mut params, not_before, not_after)?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("airlock sandbox {sandbox_name} CA"));
-        dn.push(DnType::OrganizationName, "airlock");
-        params.distinguished_name = dn;
-        // Path length 0: this CA signs leaves only, never another CA.
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-
+        let params = ca_params(sandbox_name, not_before, not_after)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate_err)?;
         let cert = params.self_signed(&key).map_err(generate_err)?;
         let issuer = Issuer::new(params, key);
@@ -139,6 +142,38 @@ impl SandboxCa {
             issuer,
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
+            not_before,
+            not_after,
+            leaves: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// What the proxy process needs to act as this CA, key included: the
+    /// supervisor generates the CA and hands this over its setup channel.
+    pub fn material(&self) -> CaMaterial {
+        CaMaterial {
+            sandbox: self.sandbox.clone(),
+            not_before_unix: unix_secs(self.not_before),
+            not_after_unix: unix_secs(self.not_after),
+            cert_pem: self.cert_pem.clone(),
+            cert_der: self.cert_der.to_vec(),
+            key_pkcs8: Zeroizing::new(self.issuer.key().serialized_der().to_vec()),
+        }
+    }
+
+    /// The CA again, from what [`SandboxCa::material`] gave: the same
+    /// subject, validity and key, so its leaves chain to the certificate
+    /// the sandbox trusts.
+    pub fn from_material(material: &CaMaterial) -> Result<SandboxCa, CaError> {
+        let not_before = UNIX_EPOCH + Duration::from_secs(material.not_before_unix);
+        let not_after = UNIX_EPOCH + Duration::from_secs(material.not_after_unix);
+        let params = ca_params(&material.sandbox, not_before, not_after)?;
+        let key = KeyPair::try_from(material.key_pkcs8.as_slice()).map_err(CaError::Key)?;
+        Ok(SandboxCa {
+            sandbox: material.sandbox.clone(),
+            issuer: Issuer::new(params, key),
+            cert_pem: material.cert_pem.clone(),
+            cert_der: CertificateDer::from(material.cert_der.clone()),
             not_before,
             not_after,
             leaves: Mutex::new(HashMap::new()),
@@ -218,30 +253,136 @@ impl SandboxCa {
     }
 }
 
-/// The rustls client configuration for the proxy's upstream connections:
-/// the host's roots (see [`HOST_BUNDLE_PATHS`]) plus the PEM root files the
-/// policy adds. ALPN offers http/1.1 only.
-///
-/// Every file in `extra_roots` must exist and hold at least one usable
-/// certificate. A missing host bundle is tolerated when extra roots are
-/// given; with neither, this fails rather than trust nothing silently.
-pub fn upstream_client_config(extra_roots: &[PathBuf]) -> Result<Arc<ClientConfig>, CaError> {
-    let roots = load_roots(&host_bundle_candidates(), extra_roots)?;
-    client_config_with_roots(roots)
+/// A sandbox CA as it travels from the supervisor to the proxy process.
+/// The key is overwritten when this is dropped.
+#[derive(Serialize, Deserialize)]
+pub struct CaMaterial {
+    pub sandbox: String,
+    pub not_before_unix: u64,
+    pub not_after_unix: u64,
+    pub cert_pem: String,
+    #[serde(with = "base64_bytes")]
+    pub cert_der: Vec<u8>,
+    /// The private key, PKCS#8 DER.
+    #[serde(with = "secret_bytes")]
+    pub key_pkcs8: Zeroizing<Vec<u8>>,
 }
 
-/// A PEM bundle for inside the sandbox: the host's bundle (found as for
-/// [`upstream_client_config`]) followed by the sandbox CA, so that tools
-/// reading one file trust both. Without a host bundle, the CA alone.
-pub fn sandbox_trust_bundle(ca_pem: &str) -> Result<String, CaError> {
-    let candidates = host_bundle_candidates();
-    let mut bundle = match find_host_bundle(&candidates) {
-        Some(path) => {
-            std::fs::read_to_string(&path).map_err(|source| CaError::ReadBundle { path, source })?
-        }
+impl fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaMaterial").field("sandbox", &self.sandbox).finish_non_exhaustive()
+    }
+}
+
+/// The CA certificate's parameters; a pure function of its inputs, so the
+/// proxy process rebuilds the issuer the supervisor generated.
+fn ca_params(
+    sandbox_name: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    set_validity(&mut params, not_before, not_after)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("airlock sandbox {sandbox_name} CA"));
+    dn.push(DnType::OrganizationName, "airlock");
+    params.distinguished_name = dn;
+    // Path length 0: this CA signs leaves only, never another CA.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
+fn unix_secs(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A PEM file's bytes, read on the host side, with its path for messages.
+/// The bytes travel to the proxy process after the setup's JSON, not in it
+/// (see `setup`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PemFile {
+    pub path: PathBuf,
+    #[serde(skip)]
+    pub pem: Vec<u8>,
+}
+
+impl fmt::Debug for PemFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PemFile").field("path", &self.path).field("bytes", &self.pem.len()).finish()
+    }
+}
+
+impl PemFile {
+    fn read(path: &Path) -> Result<PemFile, CaError> {
+        let pem =
+            std::fs::read(path).map_err(|source| CaError::ReadBundle { path: path.to_path_buf(), source })?;
+        Ok(PemFile { path: path.to_path_buf(), pem })
+    }
+}
+
+/// The roots upstream TLS is verified against: the host's bundle (see
+/// [`HOST_BUNDLE_PATHS`]) and the PEM files the policy adds, read by the
+/// supervisor and handed to the proxy process as bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootSources {
+    pub host: Option<PemFile>,
+    pub extra: Vec<PemFile>,
+    /// Where the host bundle was looked for, for messages.
+    pub searched: String,
+}
+
+impl RootSources {
+    /// Reads the host's bundle (the first of [`HOST_BUNDLE_PATHS`] that
+    /// exists, `SSL_CERT_FILE` first when set) and every extra root file.
+    /// A policy's root file that cannot be read is an error naming it; the
+    /// certificates are parsed when the proxy first needs them.
+    pub fn read(extra_roots: &[PathBuf]) -> Result<RootSources, CaError> {
+        RootSources::read_from(&host_bundle_candidates(), extra_roots)
+    }
+
+    /// The host bundle (if any), then the extra root files.
+    pub fn files(&self) -> impl Iterator<Item = &PemFile> {
+        self.host.iter().chain(&self.extra)
+    }
+
+    pub(crate) fn files_mut(&mut self) -> impl Iterator<Item = &mut PemFile> {
+        self.host.iter_mut().chain(self.extra.iter_mut())
+    }
+
+    fn read_from(candidates: &[PathBuf], extra_roots: &[PathBuf]) -> Result<RootSources, CaError> {
+        let host = find_host_bundle(candidates).map(|path| PemFile::read(&path)).transpose()?;
+        let extra = extra_roots.iter().map(|path| PemFile::read(path)).collect::<Result<_, _>>()?;
+        Ok(RootSources { host, extra, searched: display_paths(candidates) })
+    }
+}
+
+/// The rustls client configuration for the proxy's upstream connections:
+/// the host's roots plus the PEM root files the policy adds. ALPN offers
+/// http/1.1 only.
+///
+/// Every extra root file must hold at least one usable certificate. A
+/// missing host bundle is tolerated when extra roots are given; with
+/// neither, this fails rather than trust nothing silently.
+pub fn upstream_client_config_from(roots: &RootSources) -> Result<Arc<ClientConfig>, CaError> {
+    client_config_with_roots(load_roots(roots)?)
+}
+
+/// [`upstream_client_config_from`] with the roots read from the host now.
+pub fn upstream_client_config(extra_roots: &[PathBuf]) -> Result<Arc<ClientConfig>, CaError> {
+    upstream_client_config_from(&RootSources::read(extra_roots)?)
+}
+
+/// A PEM bundle for inside the sandbox: the host's bundle followed by the
+/// sandbox CA, so that tools reading one file trust both. Without a host
+/// bundle, the CA alone.
+pub fn sandbox_trust_bundle_from(roots: &RootSources, ca_pem: &str) -> String {
+    let mut bundle = match &roots.host {
+        Some(host) => String::from_utf8_lossy(&host.pem).into_owned(),
         None => {
             tracing::warn!(
-                searched = %display_paths(&candidates),
+                searched = %roots.searched,
                 "no host CA bundle found; the sandbox will trust only its own CA"
             );
             String::new()
@@ -254,7 +395,12 @@ pub fn sandbox_trust_bundle(ca_pem: &str) -> Result<String, CaError> {
     if !bundle.ends_with('\n') {
         bundle.push('\n');
     }
-    Ok(bundle)
+    bundle
+}
+
+/// [`sandbox_trust_bundle_from`] with the host's bundle read now.
+pub fn sandbox_trust_bundle(ca_pem: &str) -> Result<String, CaError> {
+    Ok(sandbox_trust_bundle_from(&RootSources::read(&[])?, ca_pem))
 }
 
 /// The ring crypto provider, passed explicitly to every config builder.
@@ -290,32 +436,33 @@ fn display_paths(paths: &[PathBuf]) -> String {
     paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
-/// Builds the upstream root store: the first existing host bundle among
-/// `candidates` (unparseable entries skipped, as distributions ship a few)
-/// and every certificate of every `extra` file (strict: the policy named
-/// them, so a bad one is an error).
-fn load_roots(candidates: &[PathBuf], extra: &[PathBuf]) -> Result<RootCertStore, CaError> {
+/// Builds the upstream root store: the host bundle (unparseable entries
+/// skipped, as distributions ship a few) and every certificate of every
+/// extra file (strict: the policy named them, so a bad one is an error).
+fn load_roots(sources: &RootSources) -> Result<RootCertStore, CaError> {
     let mut roots = RootCertStore::empty();
 
-    match find_host_bundle(candidates) {
-        Some(path) => {
-            let (certs, malformed) = read_pem_certs(&path)?;
+    match &sources.host {
+        Some(host) => {
+            let (certs, malformed) = pem_certs(host)?;
             let (added, ignored) = roots.add_parsable_certificates(certs);
-            tracing::debug!(bundle = %path.display(), added, ignored, malformed, "loaded host CA bundle");
+            let bundle = host.path.display();
+            tracing::debug!(%bundle, added, ignored, malformed, "loaded host CA bundle");
             if added == 0 {
-                tracing::warn!(bundle = %path.display(), "the host CA bundle holds no usable root");
+                tracing::warn!(%bundle, "the host CA bundle holds no usable root");
             }
         }
         None => {
-            if extra.is_empty() {
-                return Err(CaError::NoRoots { searched: display_paths(candidates) });
+            if sources.extra.is_empty() {
+                return Err(CaError::NoRoots { searched: sources.searched.clone() });
             }
-            tracing::warn!(searched = %display_paths(candidates), "no host CA bundle found");
+            tracing::warn!(searched = %sources.searched, "no host CA bundle found");
         }
     }
 
-    for path in extra {
-        let (certs, malformed) = read_pem_certs(path)?;
+    for file in &sources.extra {
+        let (certs, malformed) = pem_certs(file)?;
+        let path = &file.path;
         if malformed > 0 || certs.is_empty() {
             return Err(CaError::EmptyBundle { path: path.clone() });
         }
@@ -325,24 +472,22 @@ fn load_roots(candidates: &[PathBuf], extra: &[PathBuf]) -> Result<RootCertStore
     }
 
     if roots.is_empty() {
-        return Err(CaError::NoRoots { searched: display_paths(candidates) });
+        return Err(CaError::NoRoots { searched: sources.searched.clone() });
     }
     Ok(roots)
 }
 
-/// Reads every CERTIFICATE block of a PEM file; returns the certificates and
-/// how many blocks could not be decoded.
-fn read_pem_certs(path: &Path) -> Result<(Vec<CertificateDer<'static>>, usize), CaError> {
-    let file = std::fs::File::open(path)
-        .map_err(|source| CaError::ReadBundle { path: path.to_path_buf(), source })?;
-    let mut reader = BufReader::new(file);
+/// Every CERTIFICATE block of a PEM file's bytes; returns the certificates
+/// and how many blocks could not be decoded.
+fn pem_certs(file: &PemFile) -> Result<(Vec<CertificateDer<'static>>, usize), CaError> {
+    let mut reader = BufReader::new(file.pem.as_slice());
     let mut certs = Vec::new();
     let mut malformed = 0;
     for item in rustls_pemfile::certs(&mut reader) {
         match item {
             Ok(cert) => certs.push(cert),
             Err(err) if err.kind() == io::ErrorKind::InvalidData => malformed += 1,
-            Err(source) => return Err(CaError::ReadBundle { path: path.to_path_buf(), source }),
+            Err(source) => return Err(CaError::ReadBundle { path: file.path.clone(), source }),
         }
     }
     Ok((certs, malformed))
@@ -554,7 +699,7 @@ mod tests {
             eprintln!("no host CA bundle at {}; skipping", display_paths(&candidates));
             return;
         }
-        let roots = load_roots(&candidates, &[]).unwrap();
+        let roots = load_roots(&RootSources::read_from(&candidates, &[]).unwrap()).unwrap();
         assert!(!roots.is_empty());
         upstream_client_config(&[]).unwrap();
     }
@@ -601,7 +746,8 @@ mod tests {
 
         // …and with the extra root alone.
         let missing = vec![dir.path().join("no-bundle.pem")];
-        let roots = load_roots(&missing, std::slice::from_ref(&path)).unwrap();
+        let roots =
+            load_roots(&RootSources::read_from(&missing, std::slice::from_ref(&path)).unwrap()).unwrap();
         assert_eq!(roots.len(), 1);
         let client = client_config_with_roots(roots).unwrap();
         handshake(server.clone(), client.clone(), "upstream.example.net").await.unwrap();
@@ -613,16 +759,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let none = vec![dir.path().join("no-bundle.pem")];
 
-        let err = load_roots(&none, &[]).unwrap_err();
+        let load = |extra: &PathBuf| load_roots(&RootSources::read_from(&none, std::slice::from_ref(extra))?);
+        let err = load_roots(&RootSources::read_from(&none, &[]).unwrap()).unwrap_err();
         assert!(matches!(err, CaError::NoRoots { .. }), "{err:?}");
 
+        // Read on the host side: a missing file is an error at once.
         let absent = dir.path().join("absent.pem");
-        let err = load_roots(&none, std::slice::from_ref(&absent)).unwrap_err();
+        let err = RootSources::read_from(&none, std::slice::from_ref(&absent)).unwrap_err();
         assert!(matches!(err, CaError::ReadBundle { .. }) && err.to_string().contains("absent.pem"), "{err}");
 
         let garbage = dir.path().join("garbage.pem");
         std::fs::write(&garbage, "not a certificate\n").unwrap();
-        let err = load_roots(&none, std::slice::from_ref(&garbage)).unwrap_err();
+        let err = load(&garbage).unwrap_err();
         assert!(
             matches!(err, CaError::EmptyBundle { .. }) && err.to_string().contains("garbage.pem"),
             "{err}"
@@ -630,7 +778,35 @@ mod tests {
 
         let broken = dir.path().join("broken.pem");
         std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n").unwrap();
-        assert!(load_roots(&none, std::slice::from_ref(&broken)).is_err());
+        assert!(load(&broken).is_err());
+    }
+
+    /// The proxy process rebuilds the CA from what the supervisor sent:
+    /// its leaves chain to the certificate the sandbox trusts.
+    #[tokio::test]
+    async fn a_ca_rebuilt_from_its_material_issues_leaves_the_sandbox_trusts() {
+        let ca = SandboxCa::generate("handed-over").unwrap();
+        let material = ca.material();
+        assert!(!format!("{material:?}").contains(&format!("{:?}", &material.key_pkcs8[..8])));
+        let json = serde_json::to_string(&material).unwrap();
+        let back: CaMaterial = serde_json::from_str(&json).unwrap();
+        let rebuilt = SandboxCa::from_material(&back).unwrap();
+        assert_eq!(rebuilt.cert_der(), ca.cert_der());
+        assert_eq!(rebuilt.cert_pem(), ca.cert_pem());
+        let client = client_trusting(&ca.cert_pem());
+        handshake(rebuilt.server_config("api.example.com").unwrap(), client.clone(), "api.example.com")
+            .await
+            .unwrap();
+        // Another sandbox's material does not pass for this one.
+        let other =
+            SandboxCa::from_material(&SandboxCa::generate("handed-over").unwrap().material()).unwrap();
+        handshake(other.server_config("api.example.com").unwrap(), client, "api.example.com")
+            .await
+            .unwrap_err();
+
+        let mut broken = ca.material();
+        broken.key_pkcs8 = Zeroizing::new(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        assert!(matches!(SandboxCa::from_material(&broken), Err(CaError::Key(_))));
     }
 
     #[test]

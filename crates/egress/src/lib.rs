@@ -18,6 +18,7 @@ pub mod redact;
 mod response;
 pub mod rules;
 pub mod secrets;
+pub mod setup;
 pub mod sni;
 mod socks;
 mod tunnel;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use airlock_policy::HostPattern;
 use tokio::net::TcpStream;
 
-use crate::ca::SandboxCa;
+use crate::ca::{RootSources, SandboxCa};
 use crate::event::{EventSink, Handling, NetEvent};
 use crate::rules::{Decision, NetRules};
 use crate::secrets::ResolvedSecret;
@@ -53,8 +53,8 @@ pub struct ProxyConfig {
     pub policy_name: String,
     pub rules: NetRules,
     pub ca: Arc<SandboxCa>,
-    /// Extra PEM roots the policy trusts for upstream TLS, besides the host's.
-    pub extra_roots: Vec<std::path::PathBuf>,
+    /// The host's roots and the policy's extra ones, for upstream TLS.
+    pub roots: RootSources,
     pub secrets: Vec<ResolvedSecret>,
 }
 
@@ -68,7 +68,7 @@ pub(crate) struct Shared {
     pub policy_name: String,
     pub rules: NetRules,
     pub ca: Arc<SandboxCa>,
-    extra_roots: Vec<std::path::PathBuf>,
+    roots: RootSources,
     /// Built on first use: parsing the host's roots costs more than most
     /// sandboxes' whole network use, and many never intercept anything.
     upstream_tls: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
@@ -79,7 +79,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn upstream_tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
         self.upstream_tls
-            .get_or_init(|| crate::ca::upstream_client_config(&self.extra_roots).map_err(|e| e.to_string()))
+            .get_or_init(|| crate::ca::upstream_client_config_from(&self.roots).map_err(|e| e.to_string()))
             .clone()
     }
 
@@ -141,7 +141,7 @@ impl Proxy {
             policy_name: config.policy_name,
             rules: config.rules,
             ca: config.ca,
-            extra_roots: config.extra_roots,
+            roots: config.roots,
             upstream_tls: std::sync::OnceLock::new(),
             secrets,
             sink,

@@ -11,7 +11,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use airlock_policy::{Egress, HostMatch, HostPattern, HostRule, Policy};
+use airlock_policy::{Egress, HostMatch, HostPattern, HostRule, Network, Policy};
 use globset::GlobSet;
 
 use crate::addr::{AddressClass, classify};
@@ -110,11 +110,17 @@ impl CompiledRule {
 
 impl NetRules {
     pub fn from_policy(p: &Policy) -> NetRules {
+        NetRules::from_network(&p.network)
+    }
+
+    /// The rules of a policy's `[network]` section alone (what the proxy
+    /// process receives).
+    pub fn from_network(n: &Network) -> NetRules {
         NetRules {
-            egress: p.network.egress,
-            allow: p.network.allow.clone(),
-            deny: p.network.deny.clone(),
-            rules: p.network.rules.iter().map(CompiledRule::new).collect(),
+            egress: n.egress,
+            allow: n.allow.clone(),
+            deny: n.deny.clone(),
+            rules: n.rules.iter().map(CompiledRule::new).collect(),
         }
     }
 

@@ -4,7 +4,8 @@
 //! Host side: [`spawn`] (clone into namespaces, id maps, cgroup placement),
 //! [`cgroup`], [`probe`]. Sandbox side, run by the agent on itself:
 //! [`setup::confine`], which uses [`mounts`], [`rlimit`], [`privileges`],
-//! [`landlock_rules`] and [`seccomp`].
+//! [`landlock_rules`] and [`seccomp`]. airlock's own host-side processes that
+//! read hostile bytes (the egress proxy) confine themselves with [`service`].
 
 pub mod cgroup;
 pub mod landlock_rules;
@@ -14,6 +15,7 @@ pub mod privileges;
 pub mod probe;
 pub mod rlimit;
 pub mod seccomp;
+pub mod service;
 pub mod setup;
 pub mod spawn;
 pub mod sys;

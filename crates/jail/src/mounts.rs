@@ -282,6 +282,48 @@ pub fn build_root(plan: &JailPlan) -> Result<(), MountError> {
     pivot(root)
 }
 
+/// Makes a fresh, otherwise empty root holding only `files` and pivots into
+/// it: a tmpfs mounted over `mountpoint` (any existing directory: it is
+/// only covered in this mount namespace), each host file that exists bound
+/// read-only at its own path (symlinks followed, so the file itself is
+/// seen), then the root itself made read-only. For airlock's own host-side
+/// processes (the egress proxy): run in a new mount namespace the caller
+/// holds CAP_SYS_ADMIN over. Nothing else of the host's tree stays
+/// reachable: no /proc, /sys, /dev, home or state directory.
+pub fn enter_file_root(mountpoint: &Path, files: &[PathBuf]) -> Result<(), MountError> {
+    check_not_below(mountpoint, files)?;
+    let slash = Path::new("/");
+    mount_change(slash, MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
+        .ctx("make all mounts private", slash)?;
+    tmpfs(mountpoint, 1 << 20, 0o755, SAFE | MountFlags::NOEXEC)?;
+    for file in files {
+        match fs::metadata(file) {
+            Ok(meta) if meta.is_file() => {}
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).ctx("inspect host file", file),
+        }
+        let target = under(mountpoint, file);
+        touch(&target)?;
+        mount_bind_recursive(file.as_path(), &target).ctx("bind host file", file)?;
+        make_read_only(&target, false)?;
+    }
+    pivot(mountpoint)
+}
+
+/// A file below the mount point would be covered by the new root's tmpfs
+/// before it is bound.
+pub(crate) fn check_not_below(mountpoint: &Path, files: &[PathBuf]) -> Result<(), MountError> {
+    match files.iter().find(|f| f.starts_with(mountpoint)) {
+        Some(file) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("it lies below the mount point {}", mountpoint.display()),
+        ))
+        .ctx("bind host file", file),
+        None => Ok(()),
+    }
+}
+
 fn build_dev(root: &Path, shm_size: u64) -> Result<(), MountError> {
     let dev = under(root, Path::new("/dev"));
     mkdir_all(&dev)?;

@@ -123,6 +123,7 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 /// Capability numbers (linux/capability.h).
 pub const CAP_SETGID: u32 = 6;
 pub const CAP_SETUID: u32 = 7;
+pub const CAP_SYS_ADMIN: u32 = 21;
 
 /// What a long-lived sandbox's agent keeps so that an exec can run as
 /// another user of the sandbox: switching ids (setgroups, setgid, setuid)
@@ -176,6 +177,56 @@ pub fn drop_capabilities_except(keep: &[u32]) -> Result<(), PrivError> {
         });
     }
     Ok(())
+}
+
+/// Becomes `uid` and `gid` with no supplementary groups. As root this also
+/// empties the effective and permitted capability sets: the kernel clears
+/// them when every uid of a thread leaves 0. Changes the calling thread
+/// only (ids are per thread in the kernel): call it while single-threaded.
+pub fn switch_ids(uid: u32, gid: u32) -> Result<(), PrivError> {
+    use rustix::process::{Gid, Uid};
+    let fail = |what: &'static str| move |e: rustix::io::Errno| PrivError::Prctl { what, source: e.into() };
+    rustix::thread::set_thread_groups(&[]).map_err(fail("setgroups"))?;
+    let gid = Gid::from_raw(gid);
+    rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(fail("setresgid"))?;
+    let uid = Uid::from_raw(uid);
+    rustix::thread::set_thread_res_uid(uid, uid, uid).map_err(fail("setresuid"))?;
+    Ok(())
+}
+
+/// Empties the calling thread's effective, permitted and inheritable sets.
+/// Needs no capability (a thread may always give up what it holds); the
+/// bounding set must have been emptied before, while CAP_SETPCAP was held.
+pub fn clear_capability_sets() -> Result<(), PrivError> {
+    capset_only(&[]).map_err(PrivError::Capset)
+}
+
+/// Whether the calling thread holds no capability in any of its five sets,
+/// asked of the kernel itself (capget, PR_CAPBSET_READ, PR_CAP_AMBIENT_IS_SET)
+/// rather than through /proc: for a process whose mount view has none.
+pub fn holds_no_capabilities() -> bool {
+    let Ok(sets) = rustix::thread::capabilities(None) else { return false };
+    if !(sets.effective.is_empty() && sets.permitted.is_empty() && sets.inheritable.is_empty()) {
+        return false;
+    }
+    // Every capability number a kernel may know; past the highest one the
+    // kernel answers EINVAL, which means absent.
+    let absent = |answer: io::Result<libc::c_int>| match answer {
+        Ok(held) => held == 0,
+        Err(e) => e.raw_os_error() == Some(libc::EINVAL),
+    };
+    (0..64u32).all(|cap| {
+        absent(prctl(libc::PR_CAPBSET_READ, libc::c_ulong::from(cap)))
+            && absent(prctl2(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_IS_SET as libc::c_ulong, cap.into()))
+    })
+}
+
+/// `prctl` with two integer arguments.
+fn prctl2(option: libc::c_int, arg2: libc::c_ulong, arg3: libc::c_ulong) -> io::Result<libc::c_int> {
+    let zero: libc::c_ulong = 0;
+    // SAFETY: as for `prctl`: only integer arguments, full-width longs.
+    let rc = unsafe { libc::prctl(option, arg2, arg3, zero, zero) };
+    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
 /// The CapInh/CapPrm/CapEff/CapBnd/CapAmb lines of a status file.
@@ -331,6 +382,63 @@ mod tests {
                 Err(_) => 5,
                 Ok(()) => 6,
             }
+        });
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn switching_ids_as_root_leaves_nothing_and_the_check_needs_no_proc() {
+        if !have_root("switching_ids_as_root_leaves_nothing_and_the_check_needs_no_proc") {
+            return;
+        }
+        assert!(!holds_no_capabilities(), "root holds capabilities");
+        let code = run_in_child(|| {
+            // As the egress proxy does: empty the bounding set, keep what
+            // switching ids needs, switch, and nothing is left.
+            if drop_capabilities_except(&[CAP_SETUID, CAP_SETGID]).is_err() {
+                return 1;
+            }
+            if holds_no_capabilities() {
+                return 2;
+            }
+            if switch_ids(4242, 4343).is_err() {
+                return 3;
+            }
+            let groups = rustix::process::getgroups().unwrap_or_default();
+            if rustix::process::getuid().as_raw() != 4242
+                || rustix::process::getegid().as_raw() != 4343
+                || !groups.is_empty()
+            {
+                return 4;
+            }
+            if !holds_no_capabilities() || !capabilities_are_empty() {
+                return 5;
+            }
+            // No way back.
+            if switch_ids(0, 0).is_ok() {
+                return 6;
+            }
+            0
+        });
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn clearing_the_sets_after_the_bounding_set_leaves_nothing() {
+        if !have_root("clearing_the_sets_after_the_bounding_set_leaves_nothing") {
+            return;
+        }
+        let code = run_in_child(|| {
+            if drop_capabilities_except(&[CAP_SYS_ADMIN]).is_err() {
+                return 1;
+            }
+            if clear_capability_sets().is_err() {
+                return 2;
+            }
+            if !holds_no_capabilities() {
+                return 3;
+            }
+            0
         });
         assert_eq!(code, 0);
     }

@@ -465,6 +465,20 @@ pub fn landlock_abi() -> io::Result<libc::c_long> {
     })
 }
 
+/// Loads a shared library (by name, as the dynamic loader finds it) for the
+/// rest of the process's life; false if it cannot be loaded. A process
+/// about to lose its view of the host's files loads now what glibc would
+/// load later (its name-service modules, which glibc then finds already
+/// loaded by name).
+pub fn load_library_for_good(name: &CStr) -> bool {
+    // SAFETY: `name` is a valid C string for the call. Loading runs the
+    // library's initialisers in this process; callers load only glibc's
+    // name-service modules, which glibc itself loads into any process that
+    // resolves a name. RTLD_NODELETE: the handle is never closed anyway.
+    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NODELETE) };
+    !handle.is_null()
+}
+
 /// Marks every descriptor from `first` up close-on-exec
 /// (`close_range(first, ~0, CLOSE_RANGE_CLOEXEC)`).
 pub fn cloexec_from(first: c_int) -> io::Result<()> {

@@ -160,6 +160,14 @@ pub enum AuditEvent {
         limit: u64,
         message: String,
     },
+    /// The egress proxy process ended while its sandbox ran (killed, or a
+    /// call outside its seccomp allowlist): the sandbox's connections fail
+    /// from then on.
+    EgressProxyEnded {
+        code: Option<i32>,
+        signal: Option<i32>,
+        detail: String,
+    },
 }
 
 impl AuditEvent {
@@ -182,6 +190,7 @@ impl AuditEvent {
             AuditEvent::ExecEnded { .. } => "exec_ended",
             AuditEvent::Stopped { .. } => "stopped",
             AuditEvent::AuditCapped { .. } => "audit_capped",
+            AuditEvent::EgressProxyEnded { .. } => "egress_proxy_ended",
         }
     }
 
@@ -242,6 +251,9 @@ impl AuditEvent {
                 AuditEvent::ExecStarted { id, argv: cap_list(&argv), pid }
             }
             AuditEvent::Stopped { reason } => AuditEvent::Stopped { reason: message(reason) },
+            AuditEvent::EgressProxyEnded { code, signal, detail } => {
+                AuditEvent::EgressProxyEnded { code, signal, detail: message(detail) }
+            }
             other @ (AuditEvent::Exited { .. }
             | AuditEvent::TimeLimitHit { .. }
             | AuditEvent::DiffSummary { .. }
@@ -261,6 +273,7 @@ impl AuditEvent {
                 | AuditEvent::Removed { .. }
                 | AuditEvent::Applied { .. }
                 | AuditEvent::Stopped { .. }
+                | AuditEvent::EgressProxyEnded { .. }
         )
     }
 }

@@ -12,6 +12,7 @@ pub mod names;
 pub mod network;
 pub mod ops;
 pub mod plan;
+pub mod proxy_process;
 pub mod run;
 mod signals;
 pub mod state;

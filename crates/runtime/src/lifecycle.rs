@@ -172,7 +172,13 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     };
 
     tracing::debug!("phase: id-mapped workspace ready");
-    let network = crate::network::Network::start(policy, &name, sandbox.path(), &sandbox.audit_path())?;
+    let network = crate::network::Network::start(
+        policy,
+        &name,
+        sandbox.path(),
+        &sandbox.audit_path(),
+        id_map.host_root_uid,
+    )?;
     let secret_values = network.as_ref().map(|n| n.secret_values()).unwrap_or_default();
     let network_env = network.as_ref().map(|n| n.environment()).unwrap_or_default();
     let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
@@ -229,6 +235,16 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         return Err(e.into());
     }
     tracing::debug!("phase: agent in its cgroup");
+    // The proxy has been starting meanwhile; no untrusted code runs
+    // without it.
+    if let Some(n) = &network
+        && let Err(e) = n.wait_ready()
+    {
+        let _ = rustix::process::kill_process(pid_of(agent_pid), rustix::process::Signal::KILL);
+        let _ = airlock_jail::sys::wait_pid(agent_pid);
+        return Err(e);
+    }
+    tracing::debug!("phase: egress proxy ready");
     airlock_proto::send(&mut control, &HostMessage::Proceed)?;
     let mut network = network;
     if let Some(n) = network.as_mut() {

@@ -1,24 +1,22 @@
-//! The sandbox's network as the supervisor sets it up: the egress proxy with
-//! this sandbox's CA, rules and secrets; the channel over which the agent
-//! hands it connections; and what the sandbox needs to use it (environment,
-//! trust bundle, secret placeholders).
+//! The sandbox's network as the supervisor sets it up: the egress proxy
+//! process with this sandbox's CA, rules and secrets (`proxy_process`); the
+//! channel over which the agent hands it connections; and what the sandbox
+//! needs to use it (environment, trust bundle, secret placeholders).
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use airlock_egress::ca::{self, SandboxCa};
-use airlock_egress::proxy::{Port, Proxy, ProxyConfig};
-use airlock_egress::rules::NetRules;
+use airlock_egress::ca::{self, RootSources, SandboxCa};
 use airlock_egress::secrets::{self, SecretSourceSpec};
-use airlock_egress::{HTTP_PROXY_PORT, NetEvent, SOCKS_PROXY_PORT};
+use airlock_egress::setup::{ProxySetup, SecretSetup};
+use airlock_egress::{HTTP_PROXY_PORT, SOCKS_PROXY_PORT};
 use airlock_policy::{Egress, HostMatch, HostPattern, Policy, SecretSource};
 use airlock_proto::EgressPorts;
 
 use crate::RunError;
 use crate::audit::{AuditEvent, AuditLog};
+use crate::proxy_process::{self, ProxyNotice, ProxyProcess};
 
 /// Where the trust bundle appears inside the sandbox.
 pub const SANDBOX_CA_BUNDLE: &str = "/run/airlock/ca-bundle.pem";
@@ -28,33 +26,43 @@ pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// A running egress setup for one sandbox.
 pub struct Network {
-    /// Runs the proxy; returns it when the sandbox is gone, for shutdown.
-    pump: Option<JoinHandle<Option<Proxy>>>,
+    /// The proxy process; stopped once the sandbox is gone.
+    proxy: Option<ProxyProcess>,
     /// The agent's end of the egress channel (placed at fd 5 in the agent).
     pub agent_end: Option<OwnedFd>,
     pub ports: EgressPorts,
     pub bundle: PathBuf,
     /// (variable, placeholder) for the sandbox's environment.
     placeholders: Vec<(String, String)>,
-    /// (name, value) for redaction; the values never leave this process.
+    /// (name, value) for redaction; the values never leave this process
+    /// and the proxy's.
     redactions: Vec<(String, Vec<u8>)>,
     /// The policy allows some host loopback address explicitly.
     host_loopback_allowed: bool,
 }
 
 impl Network {
-    /// Starts the proxy for `policy`, or returns None when the policy gives
-    /// the sandbox no network at all.
+    /// Starts the proxy process for `policy`, or returns None when the
+    /// policy gives the sandbox no network at all. `block_first_uid` is the
+    /// first host uid of the sandbox's id block (as root, the proxy's own
+    /// uid derives from it).
     pub fn start(
         policy: &Policy,
         name: &str,
         state_dir: &Path,
         audit_path: &Path,
+        block_first_uid: u32,
     ) -> Result<Option<Network>, RunError> {
         if policy.network.egress == Egress::None {
             return Ok(None);
         }
         let fail = |what: &str, e: &dyn std::fmt::Display| RunError::Egress(format!("{what}: {e}"));
+        let ids = if rustix::process::geteuid().is_root() {
+            let id = proxy_process::proxy_id(block_first_uid)?;
+            Some((id, id))
+        } else {
+            None
+        };
         let specs: Vec<(String, SecretSourceSpec, Vec<String>)> = policy
             .secrets
             .iter()
@@ -70,63 +78,34 @@ impl Network {
         let secrets = secrets::resolve(&specs).map_err(|e| fail("reading the policy's secrets", &e))?;
         let placeholders = secrets.iter().map(|s| (s.name.clone(), s.placeholder.clone())).collect();
         let redactions = redactions_of(&secrets);
+        let roots = RootSources::read(&policy.network.extra_roots)
+            .map_err(|e| fail("reading the roots for upstream TLS", &e))?;
         let sandbox_ca = SandboxCa::generate(name).map_err(|e| fail("creating the sandbox's CA", &e))?;
-        let bundle_text = ca::sandbox_trust_bundle(&sandbox_ca.cert_pem())
-            .map_err(|e| fail("building the trust bundle", &e))?;
+        let bundle_text = ca::sandbox_trust_bundle_from(&roots, &sandbox_ca.cert_pem());
         let bundle = state_dir.join("ca-bundle.pem");
         write_public(&bundle, bundle_text.as_bytes()).map_err(|e| RunError::State(bundle.clone(), e))?;
-
-        let audit = Mutex::new(AuditLog::open(audit_path)?.with_limit(policy.limits.audit_size));
-        let scrub: Vec<(String, Vec<u8>)> = redactions_of(&secrets);
-        let sink = move |mut event: NetEvent| {
-            // A request line can carry a value the sandbox got echoed back.
-            event.path = event.path.map(|p| redact_str(&p, &scrub));
-            event.host = redact_str(&event.host, &scrub);
-            event.rule = redact_str(&event.rule, &scrub);
-            if let Ok(mut log) = audit.lock() {
-                let _ = log.record(AuditEvent::Network(event));
-            }
-        };
-        let config = ProxyConfig {
+        let setup = ProxySetup {
+            run_as: ids,
             policy_name: policy.name.clone(),
-            rules: NetRules::from_policy(policy),
-            ca: Arc::new(sandbox_ca),
-            extra_roots: policy.network.extra_roots.clone(),
-            secrets,
+            network: policy.network.clone(),
+            // The key leaves with the setup; this process keeps no CA.
+            ca: sandbox_ca.material(),
+            secrets: secrets.iter().map(SecretSetup::of).collect(),
+            roots,
+        };
+        drop(sandbox_ca);
+        drop(secrets);
+
+        let mut audit = AuditLog::open(audit_path)?.with_limit(policy.limits.audit_size);
+        let scrub = redactions.clone();
+        let notice = move |notice: ProxyNotice| {
+            let _ = audit.record(audit_event(notice, &scrub));
         };
         let (host_end, agent_end) =
             UnixStream::pair().map_err(|e| fail("creating the egress channel", &e))?;
-        // The proxy's runtime starts on this thread, in parallel with the
-        // sandbox's own start; connections queue on the channel meanwhile.
-        let pump = std::thread::Builder::new()
-            .name("egress-pump".into())
-            .spawn(move || {
-                let proxy = match Proxy::start(config, Arc::new(sink)) {
-                    Ok(proxy) => proxy,
-                    Err(e) => {
-                        // Fail closed: the sandbox's connections are refused.
-                        tracing::error!("egress proxy did not start: {e}");
-                        return None;
-                    }
-                };
-                // Ends when the agent (and with it the sandbox) is gone; a
-                // malformed message is dropped, not fatal.
-                loop {
-                    match airlock_proto::recv_tagged_fd(&host_end) {
-                        Ok((tag, fd)) => {
-                            if let Some(port) = Port::from_tag(tag) {
-                                proxy.serve(fd, port);
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
-                        Err(_) => break,
-                    }
-                }
-                Some(proxy)
-            })
-            .map_err(|e| fail("starting the egress channel", &e))?;
+        let proxy = proxy_process::start(name, setup, host_end.into(), notice)?;
         Ok(Some(Network {
-            pump: Some(pump),
+            proxy: Some(proxy),
             agent_end: Some(agent_end.into()),
             ports: EgressPorts { http: HTTP_PROXY_PORT, socks: SOCKS_PROXY_PORT },
             bundle,
@@ -134,6 +113,17 @@ impl Network {
             redactions,
             host_loopback_allowed: policy.network.allow.iter().any(names_loopback),
         }))
+    }
+
+    /// Waits until the proxy process serves; before the sandbox's code may
+    /// run. A proxy that did not start fails the sandbox's creation.
+    pub fn wait_ready(&self) -> Result<(), RunError> {
+        match &self.proxy {
+            Some(proxy) => proxy
+                .wait_ready()
+                .map_err(|e| RunError::Egress(format!("the egress proxy did not start: {e}"))),
+            None => Ok(()),
+        }
     }
 
     /// Variables that point tools at the proxy and the trust bundle, and
@@ -184,12 +174,38 @@ impl Network {
         self.redactions.clone()
     }
 
-    /// Stops the proxy once the sandbox is gone; the events are recorded.
+    /// Stops the proxy once the sandbox is gone; its last events are
+    /// recorded before this returns.
     pub fn stop(mut self) {
-        if let Some(pump) = self.pump.take()
-            && let Ok(Some(proxy)) = pump.join()
-        {
-            drop(proxy);
+        if let Some(proxy) = self.proxy.take() {
+            proxy.stop();
+        }
+    }
+}
+
+/// What the supervisor records of what its proxy told it. Events are
+/// redacted: a request line or host name can carry a value the sandbox got
+/// echoed back.
+fn audit_event(notice: ProxyNotice, secrets: &[(String, Vec<u8>)]) -> AuditEvent {
+    match notice {
+        ProxyNotice::Event(mut event) => {
+            event.path = event.path.map(|p| redact_str(&p, secrets));
+            event.host = redact_str(&event.host, secrets);
+            event.rule = redact_str(&event.rule, secrets);
+            AuditEvent::Network(event)
+        }
+        ProxyNotice::Ended { status, killed_by_us } => {
+            use std::os::unix::process::ExitStatusExt;
+            let how = proxy_process::describe(&status);
+            let detail = if killed_by_us {
+                format!("{how}: killed by the supervisor, as it did not exit once the sandbox was gone")
+            } else {
+                tracing::error!(
+                    "the egress proxy ended ({how}); the sandbox's connections are refused from now on"
+                );
+                format!("{how}; the sandbox's connections are refused from now on")
+            };
+            AuditEvent::EgressProxyEnded { code: status.code(), signal: status.signal(), detail }
         }
     }
 }

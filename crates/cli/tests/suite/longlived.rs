@@ -402,10 +402,15 @@ fn an_agent_that_dies_is_recorded_as_it_died() {
     let env = Env::new();
     let o = create(&env, "gone", &["--mode", "none"]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
-    // The agent is the supervisor's only child process.
+    // The agent is one of the supervisor's two children (the other is the
+    // sandbox's egress proxy).
     let supervisor = supervisor_pid(&env, "gone");
-    let agents = children_of(supervisor);
-    assert_eq!(agents.len(), 1, "children of the supervisor: {agents:?}");
+    let is_agent = |pid: &i32| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        cmdline.split(|b| *b == 0).nth(1) == Some(b"__agent".as_slice())
+    };
+    let agents: Vec<i32> = children_of(supervisor).into_iter().filter(is_agent).collect();
+    assert_eq!(agents.len(), 1, "agents among the supervisor's children: {agents:?}");
     let killed = std::process::Command::new("kill").args(["-KILL", &agents[0].to_string()]).status().unwrap();
     assert!(killed.success());
     assert!(wait_until(10, || state_of(&env, "gone") == "stopped"), "state {}", state_of(&env, "gone"));

@@ -10,9 +10,9 @@ use super::support::*;
 
 const USER: &str = "airlock-test";
 
-struct Rootless {
-    env: Env,
-    uid: u32,
+pub(super) struct Rootless {
+    pub(super) env: Env,
+    pub(super) uid: u32,
 }
 
 fn user_ids(name: &str) -> Option<(u32, u32)> {
@@ -33,7 +33,7 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) {
 }
 
 /// A test environment owned by the unprivileged user, or None (skipped).
-fn setup() -> Option<Rootless> {
+pub(super) fn setup() -> Option<Rootless> {
     let env = Env::new();
     if !is_root() {
         // Already unprivileged: the whole suite is the rootless run.
@@ -50,7 +50,7 @@ fn setup() -> Option<Rootless> {
 }
 
 impl Rootless {
-    fn airlock(&self, args: &[&str]) -> Command {
+    pub(super) fn airlock(&self, args: &[&str]) -> Command {
         let mut cmd = if is_root() {
             let mut c = Command::new("setpriv");
             c.args(["--reuid", USER, "--regid", USER, "--init-groups", "--"]).arg(public_bin());

@@ -151,16 +151,29 @@ fn emit_rule(name: &str, rule: &CompiledRule) -> Result<Vec<sock_filter>, Seccom
     Ok(out)
 }
 
+/// Builds the whole program of a denylist: every call no rule matches is
+/// allowed. See [`emit_with_default`].
+pub(crate) fn emit(
+    audit_arch: u32,
+    x32_guard: bool,
+    syscalls: &[SyscallRules],
+) -> Result<Vec<sock_filter>, SeccompError> {
+    emit_with_default(audit_arch, x32_guard, syscalls, libc::SECCOMP_RET_ALLOW)
+}
+
 /// Builds the whole program.
 ///
 /// Layout: check the audit architecture (foreign ABI → kill the process), load
 /// the syscall number, optionally answer x32 numbers with ENOSYS, then one block
 /// per syscall (`jeq nr` → its rules, each block ending in `ret`), then
-/// `ret ALLOW`.
-pub(crate) fn emit(
+/// `ret default_ret`. A call whose syscall has rules but none of whose
+/// conditions hold also gets `default_ret`: ALLOW for a denylist, the
+/// refusal for an allowlist.
+pub(crate) fn emit_with_default(
     audit_arch: u32,
     x32_guard: bool,
     syscalls: &[SyscallRules],
+    default_ret: u32,
 ) -> Result<Vec<sock_filter>, SeccompError> {
     let mut prog = vec![
         stmt(LD_W_ABS, DATA_ARCH),
@@ -177,16 +190,16 @@ pub(crate) fn emit(
         for rule in &sc.rules {
             body.extend(emit_rule(&sc.name, rule)?);
         }
-        // Conditional rules fall through when none matched: the call is allowed.
+        // Conditional rules fall through when none matched: the default.
         if sc.rules.iter().any(|r| !r.conditions.is_empty()) {
-            body.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
+            body.push(stmt(RET_K, default_ret));
         }
         let skip =
             u8::try_from(body.len()).map_err(|_| SeccompError::JumpTooFar { syscall: sc.name.clone() })?;
         prog.push(jump(JMP_JEQ_K, sc.nr, 0, skip));
         prog.extend(body);
     }
-    prog.push(stmt(RET_K, libc::SECCOMP_RET_ALLOW));
+    prog.push(stmt(RET_K, default_ret));
     if prog.len() > MAX_INSNS {
         return Err(SeccompError::TooLong { len: prog.len() });
     }

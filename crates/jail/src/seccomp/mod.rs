@@ -1,5 +1,6 @@
 //! The sandbox's seccomp filter: a reviewed denylist, compiled at run time for
-//! the architecture airlock runs on.
+//! the architecture airlock runs on. (airlock's own host-side processes that
+//! read hostile bytes get allowlists instead: [`allowlist`].)
 //!
 //! Why a denylist with default ALLOW: the command is arbitrary developer
 //! tooling (compilers, package managers, language runtimes), so an allowlist
@@ -15,8 +16,11 @@
 //! execve, wait, kill, read, write) and the Landlock syscalls, so the order
 //! "Landlock, drop capabilities, no_new_privs, seccomp" works.
 
+pub mod allowlist;
 mod bpf;
 mod syscalls;
+
+pub use allowlist::{AllowRule, Allowlist, DefaultAction, RuleAction, egress_proxy};
 
 use serde::Deserialize;
 
@@ -119,6 +123,27 @@ pub enum SeccompError {
     /// An entry parses but makes no sense.
     #[error("seccomp rule #{index} (`{syscall}`) in deny.toml is invalid: {problem}; fix the entry")]
     InvalidRule {
+        /// Position of the entry in the file, from 0.
+        index: usize,
+        /// The entry's syscall.
+        syscall: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// An allowlist's embedded data is not valid TOML or has unknown fields.
+    #[error("the embedded seccomp allowlist {file} does not parse: {source}")]
+    AllowlistParse {
+        /// The data file, as named in the source tree.
+        file: &'static str,
+        /// The parser's error.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// An allowlist entry parses but makes no sense.
+    #[error("seccomp rule #{index} (`{syscall}`) in {file} is invalid: {problem}; fix the entry")]
+    AllowlistRule {
+        /// The data file, as named in the source tree.
+        file: &'static str,
         /// Position of the entry in the file, from 0.
         index: usize,
         /// The entry's syscall.

@@ -3,9 +3,10 @@
 //!
 //! The numbers come from libc's `SYS_*` constants, so a name that libc does not
 //! know for this architecture fails to compile here instead of silently
-//! producing a filter that matches the wrong call. The table only lists what
-//! `deny.toml` needs (plus what the tests exercise); adding an entry to the data
-//! means adding its name here, which keeps both under review together.
+//! producing a filter that matches the wrong call. The tables only list what
+//! `deny.toml` and `egress_proxy.toml` need (plus what the tests exercise);
+//! adding an entry to the data means adding its name here, which keeps both
+//! under review together.
 
 use libc::c_long;
 
@@ -87,12 +88,96 @@ const COMMON: &[(&str, c_long)] = &[
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 const COMMON: &[(&str, c_long)] = &[];
 
+/// Further syscalls on every architecture airlock supports, for the
+/// allowlists of airlock's own processes (`allowlist.rs`) and their tests.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const PROCESS: &[(&str, c_long)] = &[
+    ("accept4", libc::SYS_accept4),
+    ("bind", libc::SYS_bind),
+    ("brk", libc::SYS_brk),
+    ("capset", libc::SYS_capset),
+    ("clock_gettime", libc::SYS_clock_gettime),
+    ("close", libc::SYS_close),
+    ("connect", libc::SYS_connect),
+    ("epoll_create1", libc::SYS_epoll_create1),
+    ("epoll_ctl", libc::SYS_epoll_ctl),
+    ("epoll_pwait", libc::SYS_epoll_pwait),
+    ("eventfd2", libc::SYS_eventfd2),
+    ("execve", libc::SYS_execve),
+    ("execveat", libc::SYS_execveat),
+    ("exit", libc::SYS_exit),
+    ("exit_group", libc::SYS_exit_group),
+    ("fchmodat", libc::SYS_fchmodat),
+    ("fchownat", libc::SYS_fchownat),
+    ("fcntl", libc::SYS_fcntl),
+    ("fstat", libc::SYS_fstat),
+    ("futex", libc::SYS_futex),
+    ("getpid", libc::SYS_getpid),
+    ("getrandom", libc::SYS_getrandom),
+    ("getsockname", libc::SYS_getsockname),
+    ("getsockopt", libc::SYS_getsockopt),
+    ("gettid", libc::SYS_gettid),
+    ("kill", libc::SYS_kill),
+    ("linkat", libc::SYS_linkat),
+    ("listen", libc::SYS_listen),
+    ("lseek", libc::SYS_lseek),
+    ("madvise", libc::SYS_madvise),
+    ("memfd_create", libc::SYS_memfd_create),
+    ("mkdirat", libc::SYS_mkdirat),
+    ("mknodat", libc::SYS_mknodat),
+    ("mmap", libc::SYS_mmap),
+    ("mprotect", libc::SYS_mprotect),
+    ("mremap", libc::SYS_mremap),
+    ("munmap", libc::SYS_munmap),
+    ("newfstatat", libc::SYS_newfstatat),
+    ("openat", libc::SYS_openat),
+    ("pidfd_open", libc::SYS_pidfd_open),
+    ("ppoll", libc::SYS_ppoll),
+    ("prctl", libc::SYS_prctl),
+    ("read", libc::SYS_read),
+    ("recvfrom", libc::SYS_recvfrom),
+    ("recvmsg", libc::SYS_recvmsg),
+    ("renameat2", libc::SYS_renameat2),
+    ("restart_syscall", libc::SYS_restart_syscall),
+    ("rseq", libc::SYS_rseq),
+    ("rt_sigaction", libc::SYS_rt_sigaction),
+    ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+    ("rt_sigreturn", libc::SYS_rt_sigreturn),
+    ("sched_getaffinity", libc::SYS_sched_getaffinity),
+    ("sched_yield", libc::SYS_sched_yield),
+    ("seccomp", libc::SYS_seccomp),
+    ("sendmmsg", libc::SYS_sendmmsg),
+    ("sendto", libc::SYS_sendto),
+    ("set_robust_list", libc::SYS_set_robust_list),
+    ("setgid", libc::SYS_setgid),
+    ("setgroups", libc::SYS_setgroups),
+    ("setresuid", libc::SYS_setresuid),
+    ("setsockopt", libc::SYS_setsockopt),
+    ("setuid", libc::SYS_setuid),
+    ("shutdown", libc::SYS_shutdown),
+    ("sigaltstack", libc::SYS_sigaltstack),
+    ("socketpair", libc::SYS_socketpair),
+    ("symlinkat", libc::SYS_symlinkat),
+    ("tgkill", libc::SYS_tgkill),
+    ("truncate", libc::SYS_truncate),
+    ("uname", libc::SYS_uname),
+    ("unlinkat", libc::SYS_unlinkat),
+    ("write", libc::SYS_write),
+    ("writev", libc::SYS_writev),
+];
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const PROCESS: &[(&str, c_long)] = &[];
+
 /// Syscalls that exist only on x86_64.
 #[cfg(target_arch = "x86_64")]
 const ARCH_ONLY: &[(&str, c_long)] = &[
+    ("epoll_wait", libc::SYS_epoll_wait),
     ("ioperm", libc::SYS_ioperm),
     ("iopl", libc::SYS_iopl),
     ("modify_ldt", libc::SYS_modify_ldt),
+    ("poll", libc::SYS_poll),
+    ("stat", libc::SYS_stat),
     ("uselib", libc::SYS_uselib),
 ];
 
@@ -101,5 +186,5 @@ const ARCH_ONLY: &[(&str, c_long)] = &[];
 
 /// The number of `name` on this build's architecture, if the table knows it.
 pub(crate) fn number(name: &str) -> Option<c_long> {
-    COMMON.iter().chain(ARCH_ONLY).find(|(n, _)| *n == name).map(|(_, nr)| *nr)
+    COMMON.iter().chain(PROCESS).chain(ARCH_ONLY).find(|(n, _)| *n == name).map(|(_, nr)| *nr)
 }

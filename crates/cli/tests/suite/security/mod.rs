@@ -7,4 +7,5 @@ mod apply_digest;
 mod budgets;
 mod egress_checks;
 mod host_ids;
+mod proxy_process;
 mod socket_families;

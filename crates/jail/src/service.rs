@@ -1,0 +1,206 @@
+//! Confining one of airlock's own host-side processes that reads hostile
+//! bytes (the egress proxy): it confines itself, once, before it reads any.
+//!
+//! The order is part of the design:
+//! 1. Load what must be loaded while the host's files are still visible
+//!    (glibc's name-service modules).
+//! 2. Enter a mount namespace of its own (and an IPC namespace, so no host
+//!    System V object is reachable). Rootless, a user namespace first, in
+//!    which the calling user is root: that is what lets it mount.
+//! 3. Empty the capability bounding set while CAP_SETPCAP is still held,
+//!    keeping in the effective set only what steps 4 and 5 need.
+//! 4. Build a root that holds nothing but the files it reads, and pivot into
+//!    it; the old root is detached.
+//! 5. As root: become the process's own unprivileged uid and gid with no
+//!    supplementary groups, which empties the remaining sets. Rootless: empty
+//!    them directly. Then check, asking the kernel (no /proc is left), that
+//!    all five sets are empty.
+//! 6. Non-dumpable, no_new_privs and the parent-death signal — after the
+//!    id change, which would reset the dumpable flag and the death signal —
+//!    then check that the parent is still there.
+//! 7. The seccomp allowlist, last: nothing above would pass it.
+
+use std::ffi::CString;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::mounts::{self, MountError};
+use crate::privileges::{self, CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN, PrivError};
+use crate::seccomp::{self, SeccompError};
+use crate::sys;
+
+/// How a host-side process confines itself.
+pub struct ServiceJail<'a> {
+    /// Host files it keeps reading, bound read-only at their own paths in
+    /// an otherwise empty root (missing ones are left out).
+    pub files: &'a [PathBuf],
+    /// Shared libraries to load while the host's files are still visible.
+    pub libraries: &'a [CString],
+    /// An existing directory the new root's tmpfs is mounted over (covered
+    /// only in the process's own mount namespace).
+    pub mountpoint: &'a Path,
+    /// As root: the uid and gid to become. None (rootless): stay the
+    /// calling user, inside a user namespace of the process's own.
+    pub ids: Option<(u32, u32)>,
+    /// The process it must not outlive (its supervisor, which started it).
+    pub parent: rustix::process::Pid,
+    pub filter: &'a seccompiler::BpfProgram,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceJailError {
+    #[error("a process confines itself while it has one thread, and this one has {0}")]
+    Threads(usize),
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("building its mount view: {0}")]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Privileges(#[from] PrivError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error("capabilities are still held after dropping them")]
+    CapabilitiesLeft,
+    #[error("its supervisor (pid {0}) is gone")]
+    ParentGone(i32),
+}
+
+fn os(what: &'static str) -> impl FnOnce(io::Error) -> ServiceJailError {
+    move |source| ServiceJailError::Os { what, source }
+}
+
+/// The number of threads of the calling process.
+fn thread_count() -> Result<usize, ServiceJailError> {
+    let tasks = std::fs::read_dir("/proc/self/task").map_err(os("listing /proc/self/task"))?;
+    Ok(tasks.count())
+}
+
+/// Confines the calling process for good; see the module's steps. Must run
+/// while the process has a single thread: ids and capabilities change per
+/// thread.
+pub fn confine(jail: &ServiceJail<'_>) -> Result<(), ServiceJailError> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(ServiceJailError::Threads(threads));
+    }
+    for library in jail.libraries {
+        if !sys::load_library_for_good(library) {
+            tracing::debug!(?library, "not loaded (glibc would not find it either)");
+        }
+    }
+
+    let namespaces = libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
+    if jail.ids.is_some() {
+        sys::raw_unshare(namespaces).map_err(os("entering a mount namespace of its own"))?;
+    } else {
+        let uid = rustix::process::geteuid().as_raw();
+        let gid = rustix::process::getegid().as_raw();
+        sys::raw_unshare(libc::CLONE_NEWUSER | namespaces)
+            .map_err(os("entering a user and mount namespace of its own"))?;
+        // The calling user maps to itself; an unprivileged process may map
+        // only its own ids, and must give up setgroups to map its group.
+        std::fs::write("/proc/self/setgroups", "deny").map_err(os("denying setgroups"))?;
+        std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1\n"))
+            .map_err(os("writing its uid map"))?;
+        std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1\n"))
+            .map_err(os("writing its gid map"))?;
+    }
+
+    privileges::drop_capabilities_except(&[CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID])?;
+    mounts::enter_file_root(jail.mountpoint, jail.files)?;
+    match jail.ids {
+        Some((uid, gid)) => privileges::switch_ids(uid, gid)?,
+        None => privileges::clear_capability_sets()?,
+    }
+    if !privileges::holds_no_capabilities() {
+        return Err(ServiceJailError::CapabilitiesLeft);
+    }
+
+    privileges::set_non_dumpable()?;
+    privileges::set_no_new_privs()?;
+    sys::raw_set_pdeathsig(libc::SIGKILL).map_err(os("setting its parent-death signal"))?;
+    // The supervisor may have died before the signal was armed.
+    if rustix::process::getppid() != Some(jail.parent) {
+        return Err(ServiceJailError::ParentGone(jail.parent.as_raw_nonzero().get()));
+    }
+    seccomp::install(jail.filter)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::privileges::test_fork::{have_root, run_in_child};
+
+    /// As root, in a forked child: the process ends up with the ids it was
+    /// given, no capability, a root holding only the named file, and a
+    /// filter. (The sandbox's filter stands in for the proxy's here so the
+    /// child can still ask the kernel about itself afterwards.)
+    #[test]
+    fn a_confined_process_sees_only_its_files_and_holds_nothing() {
+        if !have_root("a_confined_process_sees_only_its_files_and_holds_nothing") {
+            return;
+        }
+        let kept = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let content = std::fs::read(&kept).unwrap();
+        let filter = seccomp::compile().unwrap();
+        let parent = rustix::process::getpid();
+        let code = run_in_child(|| {
+            let jail = ServiceJail {
+                files: std::slice::from_ref(&kept),
+                libraries: &[],
+                mountpoint: Path::new("/tmp"),
+                ids: Some((4242, 4343)),
+                parent,
+                filter: &filter,
+            };
+            if let Err(e) = confine(&jail) {
+                eprintln!("{e}");
+                return 1;
+            }
+            if std::fs::read(&kept).ok().as_deref() != Some(content.as_slice()) {
+                return 2;
+            }
+            for gone in ["/etc/passwd", "/proc/self/status", "/root", "/home", "/dev/null", "/usr"] {
+                if std::fs::symlink_metadata(gone).is_ok() {
+                    eprintln!("{gone} is visible");
+                    return 3;
+                }
+            }
+            if std::fs::write(&kept, b"x").is_ok() || std::fs::write("/new-file", b"x").is_ok() {
+                return 4;
+            }
+            if rustix::process::getuid().as_raw() != 4242 || rustix::process::getgid().as_raw() != 4343 {
+                return 5;
+            }
+            if !privileges::holds_no_capabilities() {
+                return 6;
+            }
+            let get = |op| {
+                // SAFETY: these prctl options take no pointer arguments.
+                unsafe { libc::prctl(op, 0, 0, 0, 0) }
+            };
+            if get(libc::PR_GET_DUMPABLE) != 0 || get(libc::PR_GET_NO_NEW_PRIVS) != 1 {
+                return 7;
+            }
+            if get(libc::PR_GET_SECCOMP) != 2 {
+                return 8;
+            }
+            0
+        });
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn a_file_below_the_mount_point_is_refused() {
+        let err = mounts::check_not_below(Path::new("/tmp"), &[PathBuf::from("/tmp/resolv.conf")]);
+        assert!(err.is_err());
+        assert!(mounts::check_not_below(Path::new("/tmp"), &[PathBuf::from("/etc/hosts")]).is_ok());
+    }
+}
