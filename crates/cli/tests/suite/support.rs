@@ -216,6 +216,23 @@ pub fn pids_running(needle: &str) -> Vec<i32> {
     out
 }
 
+/// Shell for inside a sandbox: tries a TCP connection to 127.0.0.1:`port`
+/// with Python (scripts/test.sh installs it) and prints `connect:` and
+/// `connected` or the errno's name. A tool that is missing shows as a
+/// missing line, not as a connection that failed.
+pub fn connect_probe(port: u16) -> String {
+    format!(
+        r#"python3 -c 'import errno, socket
+s = socket.socket()
+s.settimeout(5)
+try:
+    s.connect(("127.0.0.1", {port}))
+    print("connect:connected")
+except OSError as e:
+    print("connect:" + errno.errorcode.get(e.errno, str(e)))'"#
+    )
+}
+
 /// Polls `f` for up to `secs` seconds.
 pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
