@@ -354,10 +354,25 @@ fn cli_exec_cp_and_logs_go_through_the_daemon() {
         .spawn()
         .unwrap();
     let mut input = child.stdin.take().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let (mut from, output) = (child.stdout.take().unwrap(), output.clone());
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut from, &mut chunk) {
+                output.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        })
+    };
+    // Keys typed before the exec runs would be flushed when the CLI puts
+    // the terminal in raw mode: type once the process inside has answered.
+    let answered = wait_until(30, || String::from_utf8_lossy(&output.lock().unwrap()).contains("41 123"));
     std::io::Write::write_all(&mut input, b"typed\r").unwrap();
-    let o = child.wait_with_output().unwrap();
+    let mut o = child.wait_with_output().unwrap();
     drop(input);
+    reader.join().unwrap();
+    o.stdout = output.lock().unwrap().clone();
+    assert!(answered, "the process never printed its terminal's size\n{}", show(&o));
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(stdout(&o).contains("41 123"), "{}", show(&o));
     assert!(stdout(&o).contains("got:typed"), "{}", show(&o));

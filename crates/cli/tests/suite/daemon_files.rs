@@ -361,7 +361,9 @@ fn daemon_files_write_streams_and_replaces_atomically() {
         "PUT /v1/sandboxes/big/files?path=/tmp/tool HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\npartial"
     )
     .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Broken off while the upload is under way: its temporary file exists.
+    let uploading = || sum(&["sh", "-c", "ls -a /tmp | grep -c airlock-upload"]) == "1\n";
+    assert!(wait_until(10, uploading), "the upload never started: {}", sum(&["ls", "-a", "/tmp"]));
     conn.shutdown(std::net::Shutdown::Both).unwrap();
     let mut rest = Vec::new();
     let _ = conn.read_to_end(&mut rest);

@@ -242,6 +242,31 @@ fn judge(i: usize, sandbox: &str, outcome: &Outcome) -> Option<String> {
     }
 }
 
+/// Whether a SIGHUP waits for delivery to process `pid` or to one of its
+/// threads (the pending masks in /proc; SIGHUP is bit 0).
+fn hangup_pending(pid: i32) -> bool {
+    let pending = |status: &str, field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & 1 != 0)
+    };
+    let process = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    pending(&process, "ShdPnd:")
+        || threads
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .any(|s| pending(&s, "SigPnd:"))
+}
+
+/// Whether process `pid` runs (and is not a zombie waiting to be reaped).
+fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
+    state.is_some_and(|s| s != "Z" && s != "X")
+}
+
 fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
@@ -353,9 +378,11 @@ fn daemon_answers_2000_concurrent_bad_requests_and_stays_whole() {
     // SIGHUP (a reload, for a daemon with a TCP listener) stops nothing.
     rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::HUP)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Once delivered, it has been handled, or it has ended the daemon.
+    assert!(wait_until(10, || !hangup_pending(pid)), "SIGHUP was never delivered: {}", d.log());
     let (status, _) = d.request("GET", "/v1/health", None);
     assert_eq!(status, 200, "the daemon did not survive SIGHUP: {}", d.log());
+    assert!(alive(pid), "the daemon did not survive SIGHUP: {}", d.log());
     let log = d.log();
     assert!(!log.contains("panicked") && !log.contains("Too many open files"), "{log}");
 

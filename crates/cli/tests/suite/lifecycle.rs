@@ -166,10 +166,13 @@ fn pid1_reaps_orphans() {
     let o = env.run_sh(
         "reaper",
         &["--rm"],
-        "for i in 1 2 3 4 5; do (sleep 0.05 &) ; done; sleep 1; \
-         echo zombies:$(cat /proc/[0-9]*/stat 2>/dev/null | awk '$3 == \"Z\"' | wc -l)",
+        // Waits until no orphan is left, running or unreaped (10 s at most).
+        "for i in 1 2 3 4 5; do (sleep 0.05 &) ; done; n=0; \
+         left() { cat /proc/[0-9]*/stat 2>/dev/null | awk '$2 == \"(sleep)\"' | wc -l; }; \
+         while [ $(left) -gt 0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; \
+         echo left:$(left) zombies:$(cat /proc/[0-9]*/stat 2>/dev/null | awk '$3 == \"Z\"' | wc -l)",
     );
-    assert!(stdout(&o).contains("zombies:0"), "{}", show(&o));
+    assert!(stdout(&o).contains("left:0 zombies:0"), "{}", show(&o));
 }
 
 #[test]

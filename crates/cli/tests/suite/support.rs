@@ -2,7 +2,7 @@
 //! built binary, and host-feature requirements that fail loudly in CI.
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -81,21 +81,40 @@ impl Env {
     }
 }
 
-/// Where test directories go: not /tmp, which the sandbox replaces with its
-/// own tmpfs (a workspace there would still work, but escapes would be
-/// harder to see). The sandbox's unprivileged root and the rootless tests'
-/// user must be able to walk to it, so a checkout below a private directory
-/// (say /root) falls back to /var/tmp.
+/// Where test directories go: the target directory's own (a checkout
+/// anywhere keeps its tests' files to itself). The sandbox's unprivileged
+/// root and the rootless tests' user must be able to walk to it, so a
+/// checkout below a private directory (say /root) falls back to a directory
+/// of this user's in /var/tmp.
 pub fn test_root() -> PathBuf {
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf();
     std::fs::create_dir_all(&target).unwrap();
     if searchable_by_others(&target) {
         return target;
     }
-    let fallback = Path::new("/var/tmp/airlock-tests").to_path_buf();
-    std::fs::create_dir_all(&fallback).unwrap();
-    std::fs::set_permissions(&fallback, std::fs::Permissions::from_mode(0o755)).unwrap();
-    fallback
+    fallback_root()
+}
+
+/// `/var/tmp/airlock-tests-UID`: one per user, so that runs as root and as
+/// an ordinary user do not lock each other out, and checked to be this
+/// user's own directory: anyone may create names in /var/tmp first.
+fn fallback_root() -> PathBuf {
+    let uid = rustix::process::geteuid().as_raw();
+    let root = PathBuf::from(format!("/var/tmp/airlock-tests-{uid}"));
+    match std::fs::DirBuilder::new().mode(0o755).create(&root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => panic!("cannot create {}: {e}", root.display()),
+    }
+    let meta = std::fs::symlink_metadata(&root).unwrap();
+    assert!(
+        meta.is_dir() && meta.uid() == uid,
+        "{} is not a directory of uid {uid}: remove it and run the tests again",
+        root.display()
+    );
+    // Whatever the umask made of it: others must be able to walk through.
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    root
 }
 
 fn searchable_by_others(path: &Path) -> bool {
@@ -103,8 +122,14 @@ fn searchable_by_others(path: &Path) -> bool {
         .all(|p| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o001 != 0).unwrap_or(false))
 }
 
+/// Name of a test process's copy of the binary in the fallback root.
+const BIN_COPY_PREFIX: &str = "airlock-bin-";
+
 /// The airlock binary at a path every user can reach (the rootless tests
-/// run it as another user): the built one, or a copy in the test root.
+/// run it as another user): the built one, or a copy in the test root named
+/// after this process, so that concurrent runs (from two checkouts, say)
+/// each keep their own. Copies of processes that have ended are removed
+/// first; nothing else would, and each is as big as the build.
 pub fn public_bin() -> PathBuf {
     static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     COPY.get_or_init(|| {
@@ -112,12 +137,31 @@ pub fn public_bin() -> PathBuf {
         if searchable_by_others(built.parent().unwrap()) {
             return built;
         }
-        let copy = test_root().join(format!("airlock-{}", std::process::id()));
-        std::fs::copy(&built, &copy).unwrap();
+        let root = test_root();
+        remove_copies_of_ended_runs(&root);
+        let copy = root.join(format!("{BIN_COPY_PREFIX}{}", std::process::id()));
+        let _ = std::fs::remove_file(&copy);
+        // A hard link costs nothing where the file system allows it.
+        if std::fs::hard_link(&built, &copy).is_err() {
+            std::fs::copy(&built, &copy).unwrap();
+        }
         std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
         copy
     })
     .clone()
+}
+
+fn remove_copies_of_ended_runs(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(BIN_COPY_PREFIX).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 pub fn cgroup_parent() -> String {
@@ -170,6 +214,23 @@ pub fn pids_running(needle: &str) -> Vec<i32> {
         }
     }
     out
+}
+
+/// Shell for inside a sandbox: tries a TCP connection to 127.0.0.1:`port`
+/// with Python (scripts/test.sh installs it) and prints `connect:` and
+/// `connected` or the errno's name. A tool that is missing shows as a
+/// missing line, not as a connection that failed.
+pub fn connect_probe(port: u16) -> String {
+    format!(
+        r#"python3 -c 'import errno, socket
+s = socket.socket()
+s.settimeout(5)
+try:
+    s.connect(("127.0.0.1", {port}))
+    print("connect:connected")
+except OSError as e:
+    print("connect:" + errno.errorcode.get(e.errno, str(e)))'"#
+    )
 }
 
 /// Polls `f` for up to `secs` seconds.
