@@ -269,7 +269,8 @@ fn exec_end(name: &str, end: &Value) -> CliResult {
 
 /// `airlock cp` through the files API, streamed both ways: into the sandbox
 /// the file replaces the target only once it has all arrived; out of it,
-/// the host file is removed again if the copy fails.
+/// the host file is replaced only once the whole file arrived (the daemon
+/// refuses what is not a regular file within the sandbox's disk budget).
 fn remote_cp(daemon: &Daemon, copy: Copy<'_>) -> CliResult {
     let files = |name: &str, path: &str| {
         format!("/v1/sandboxes/{}/files?path={}", daemon_client::encode(name), daemon_client::encode(path))
@@ -280,12 +281,10 @@ fn remote_cp(daemon: &Daemon, copy: Copy<'_>) -> CliResult {
             daemon.put_file(&files(name, &path), input)?;
         }
         Copy::Out { name, path, file } => {
-            let mut output = std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            if let Err(e) = daemon.download(&files(name, path), &mut output) {
-                drop(output);
-                let _ = std::fs::remove_file(&file);
-                return Err(e.into());
-            }
+            let mut staged =
+                super::Staged::create(&file, 0o666).map_err(|e| format!("{}: {e}", file.display()))?;
+            daemon.download(&files(name, path), &mut staged)?;
+            staged.commit().map_err(|e| format!("{}: {e}", file.display()))?;
         }
     }
     Ok(0)

@@ -142,6 +142,14 @@ pub enum AuditEvent {
     Stopped {
         reason: String,
     },
+    /// A file was read out of a long-lived sandbox (`airlock cp`, the
+    /// daemon's files API): how many bytes left it, and why it was refused
+    /// or broke off when it was.
+    FileRead {
+        path: String,
+        bytes: u64,
+        refused: Option<String>,
+    },
 }
 
 impl AuditEvent {
@@ -163,6 +171,7 @@ impl AuditEvent {
             AuditEvent::ExecStarted { .. } => "exec_started",
             AuditEvent::ExecEnded { .. } => "exec_ended",
             AuditEvent::Stopped { .. } => "stopped",
+            AuditEvent::FileRead { .. } => "file_read",
         }
     }
 

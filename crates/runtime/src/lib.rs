@@ -4,6 +4,7 @@
 //! existing sandboxes lives in [`ops`].
 
 pub mod audit;
+pub mod files;
 mod layer;
 mod lifecycle;
 pub mod names;

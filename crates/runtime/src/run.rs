@@ -297,7 +297,8 @@ fn supervise(
                 | AgentMessage::ExecStarted { .. }
                 | AgentMessage::ExecOutput { .. }
                 | AgentMessage::ExecRefused { .. }
-                | AgentMessage::ExecEnded { .. },
+                | AgentMessage::ExecEnded { .. }
+                | AgentMessage::File { .. },
             ) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }

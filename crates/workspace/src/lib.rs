@@ -31,5 +31,5 @@ pub use artifacts::capture_artifacts;
 pub use diff::{Change, ChangeKind, Diff, DiffStat, EntryType, compute_diff, compute_diff_with};
 pub use error::{ApplyError, Refusal, RefusalReason, WorkspaceError};
 pub use fsx::MAX_DEPTH;
-pub use names::quote;
+pub use names::{printable, quote, quote_bytes};
 pub use persist::persist_layer;

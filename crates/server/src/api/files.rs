@@ -1,13 +1,17 @@
 //! Files inside a running sandbox, and the artifacts of any sandbox:
 //!
-//! - `GET  /v1/sandboxes/{name}/files?path=/abs` — a regular file's bytes;
+//! - `GET  /v1/sandboxes/{name}/files?path=/abs` — a regular file's bytes,
+//!   read by the sandbox's agent (`runtime::files`): no link followed at the
+//!   last component, nothing but a regular file, at most the disk budget;
 //! - `PUT  /v1/sandboxes/{name}/files?path=/abs` — writes the body there;
 //! - `GET  /v1/sandboxes/{name}/files/list?path=/abs/dir` — a directory's entries;
 //! - `GET  /v1/sandboxes/{name}/files/stat?path=/abs` — one entry;
 //! - `GET  /v1/sandboxes/{name}/artifacts` — the captured artifacts as a tar stream.
 //!
-//! The file operations never touch the host's filesystem: each is a process
-//! (`cat`, `find`) run *inside* the sandbox through its supervisor, so a path
+//! The file operations never touch the host's filesystem: a read is done
+//! by the agent, the others by a process (`sh`, `find`) run *inside* the
+//! sandbox through its supervisor (until they too become typed operations),
+//! so a path
 //! means what it means to the sandbox's own processes, `..` and symlinks
 //! included, and nothing outside the sandbox's view can be named. The names
 //! `find` reports are untrusted bytes, read NUL-separated.
@@ -27,6 +31,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use airlock_proto::Stream;
 use airlock_proto::supervisor::{ExecEvent, ExecSpec};
+use airlock_runtime::files::{self, ReadError};
 use airlock_runtime::supervisor::{ExecControl, SupervisorClient};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -56,12 +61,6 @@ const STDERR_LIMIT: usize = 2048;
 const MISSING: i32 = 3;
 /// The exit status the scripts below use for "not the right kind of file".
 const WRONG_KIND: i32 = 4;
-
-/// Reads a regular file (following symlinks, as the sandbox sees them).
-/// FIFOs and devices are refused: they could block or never end.
-const READ_SCRIPT: &str = r#"if [ ! -e "$1" ]; then exit 3; fi
-if [ ! -f "$1" ]; then echo "$1: not a regular file" >&2; exit 4; fi
-exec cat -- "$1""#;
 
 /// Writes stdin to a new temporary file beside the target (whose directory
 /// must exist; an existing target must be a regular file) and prints its
@@ -237,8 +236,10 @@ fn collect(
 
 /// What the blocking reader of `GET .../files` sends the response body.
 enum Chunk {
+    /// The file is open and regular: the answer can start.
+    Opened,
     Data(Bytes),
-    End(Finish),
+    End(Result<u64, ReadError>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +249,6 @@ struct ReadBrokeOff(String);
 /// The streamed bytes of a file; an error ends the response abnormally, so
 /// a client never mistakes a cut-off file for a whole one.
 struct FileBody {
-    first: Option<Bytes>,
     rx: mpsc::Receiver<Chunk>,
     done: bool,
 }
@@ -261,40 +261,70 @@ impl http_body::Body for FileBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ReadBrokeOff>>> {
-        if let Some(first) = self.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(first))));
-        }
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match self.rx.poll_recv(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Chunk::Data(bytes))) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
-            Poll::Ready(Some(Chunk::End(finish))) => {
-                self.done = true;
-                if finish.ok() {
-                    Poll::Ready(None)
-                } else {
-                    Poll::Ready(Some(Err(ReadBrokeOff(finish.error("read", "the file").message))))
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            return match self.rx.poll_recv(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Chunk::Opened)) => continue,
+                Poll::Ready(Some(Chunk::Data(bytes))) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Poll::Ready(Some(Chunk::End(result))) => {
+                    self.done = true;
+                    match result {
+                        Ok(_) => Poll::Ready(None),
+                        Err(e) => Poll::Ready(Some(Err(ReadBrokeOff(e.to_string())))),
+                    }
                 }
-            }
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(Some(Err(ReadBrokeOff("the reader ended without a status".into()))))
-            }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    Poll::Ready(Some(Err(ReadBrokeOff("the reader ended without a status".into()))))
+                }
+            };
         }
     }
 }
 
-/// The blocking half of a read: streams stdout to `tx`; kills the process
-/// when the client hangs up.
-fn stream_read(client: &SupervisorClient, spec: &ExecSpec, tx: &mpsc::Sender<Chunk>) {
-    let finish =
-        run_script(client, spec, None, &mut |data| tx.blocking_send(Chunk::Data(Bytes::from(data))).is_ok());
-    let _ = tx.blocking_send(Chunk::End(finish));
+/// Hands the bytes of a read to the response body, chunk by chunk; fails
+/// (and so ends the read) once the client has hung up.
+struct ChunkSender<'a>(&'a mpsc::Sender<Chunk>);
+
+impl Write for ChunkSender<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.0
+            .blocking_send(Chunk::Data(Bytes::copy_from_slice(data)))
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
-/// `GET /v1/sandboxes/{name}/files?path=…`
+/// The API's answer to a read that failed before it began.
+fn read_refusal(e: ReadError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        ReadError::NotFound { .. } => ApiError::new(StatusCode::NOT_FOUND, "file_not_found", message),
+        ReadError::NotRegular { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "wrong_file_type", message)
+        }
+        ReadError::TooLarge { .. } | ReadError::Grew { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "file_too_large", message)
+        }
+        ReadError::Os { .. } | ReadError::Aborted { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "file_error", message)
+        }
+        ReadError::Supervisor { .. } => ApiError::conflict("not_running", message),
+        ReadError::Output { .. } => ApiError::internal(message),
+    }
+}
+
+/// `GET /v1/sandboxes/{name}/files?path=…`: a regular file, read by the
+/// sandbox's agent (the last component is not followed if it is a link; a
+/// FIFO, device, socket or directory is refused; at most the sandbox's disk
+/// budget), streamed as it is read.
 pub async fn read(
     State(app): State<Arc<App>>,
     peer: Peer,
@@ -303,20 +333,30 @@ pub async fn read(
 ) -> Result<Response, ApiError> {
     let path = query_path(&query)?;
     let (client, owner) = super::exec::connect(&app, peer, &name).await?;
-    let spec = spec(READ_SCRIPT, &[&path], None);
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
-    tokio::task::spawn_blocking(move || stream_read(&client, &spec, &tx));
-    // Nothing is promised until the first bytes (or the end) arrive: a
-    // missing file is a 404, not an empty 200.
-    let first = match rx.recv().await {
-        Some(Chunk::Data(bytes)) => Some(bytes),
-        Some(Chunk::End(finish)) if finish.ok() => None,
-        Some(Chunk::End(finish)) => return Err(finish.error("read", &path)),
-        None => return Err(ApiError::internal("the file reader ended without a status")),
-    };
-    let done = first.is_none();
+    let target = path.clone();
+    tokio::task::spawn_blocking(move || {
+        let opened = tx.clone();
+        let result = files::read_file(
+            &client,
+            &target,
+            None,
+            &mut |_| opened.blocking_send(Chunk::Opened).map_err(|_| io::ErrorKind::BrokenPipe.into()),
+            &mut ChunkSender(&tx),
+        );
+        let _ = tx.blocking_send(Chunk::End(result));
+    });
+    // Nothing is promised until the file is known to be readable: a
+    // missing file is a 404, a FIFO a 422, not a 200 that breaks off.
+    match rx.recv().await {
+        Some(Chunk::Opened) => {}
+        Some(Chunk::End(Err(e))) => return Err(read_refusal(e)),
+        Some(Chunk::Data(_) | Chunk::End(Ok(_))) | None => {
+            return Err(ApiError::internal("the file reader ended without opening the file"));
+        }
+    }
     app.record_event(Some(&name), Some(owner), "file_read", serde_json::json!({ "path": path }));
-    Ok(crate::body::streamed("application/octet-stream", FileBody { first, rx, done }))
+    Ok(crate::body::streamed("application/octet-stream", FileBody { rx, done: false }))
 }
 
 /// Feeds the request body to a process's stdin, refusing more than `limit`
