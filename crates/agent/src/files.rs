@@ -216,8 +216,14 @@ mod tests {
         );
         // A FIFO with no writer: the open must not wait for one.
         let fifo = dir.path().join("fifo");
-        rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, Mode::from_raw_mode(0o600), 0)
-            .unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         assert_eq!(refusal(&fifo, 9), FileError::NotRegular { found: FileKind::Fifo, link_target: None });
         assert_eq!(
             refusal(Path::new("/dev/null"), 9),

@@ -58,10 +58,18 @@ enum Command {
         json: bool,
     },
     /// The sandbox's captured output (stdout; --stderr for the other one).
+    ///
+    /// Written by the sandbox, so at a terminal its control characters
+    /// (escape sequences, carriage returns), invalid UTF-8 and bidi controls
+    /// are shown escaped; piped or redirected, the bytes are exact.
     Logs {
         name: String,
         #[arg(long)]
         stderr: bool,
+        /// At a terminal too, write the bytes as they are (colours and
+        /// escape sequences take effect: only for output you trust).
+        #[arg(long)]
+        raw: bool,
     },
     /// Stop a long-lived sandbox (it stays until `rm`, for review).
     Stop { name: String },
@@ -327,11 +335,13 @@ fn direct(command: Command, forced: bool) -> CliResult {
             present::inspect(&ops::inspect(&state()?, &name)?, json)?;
             Ok(0)
         }
-        Command::Logs { name, stderr } => {
+        Command::Logs { name, stderr, raw } => {
             let (out, err) = ops::log_paths(&state()?, &name)?;
             let path = if stderr { err } else { out };
             let mut file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            std::io::copy(&mut file, &mut std::io::stdout().lock())?;
+            let mut out = present::SandboxOutput::stdout(raw);
+            std::io::copy(&mut file, &mut out)?;
+            out.flush()?;
             Ok(0)
         }
         Command::Stop { name } => {

@@ -75,12 +75,10 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
             remote_events(daemon, follow, sandbox, since, json)
         }
         Command::Cp { source, destination } => remote_cp(daemon, Copy::plan(&source, &destination)?),
-        Command::Logs { name, stderr } => {
+        Command::Logs { name, stderr, raw } => {
             let stream = if stderr { "stderr" } else { "stdout" };
-            daemon.download(
-                &sandbox_path(&name, &format!("/logs?stream={stream}")),
-                &mut io::stdout().lock(),
-            )?;
+            let mut out = crate::present::SandboxOutput::stdout(raw);
+            daemon.download(&sandbox_path(&name, &format!("/logs?stream={stream}")), &mut out)?;
             Ok(0)
         }
         other => direct(other, false),

@@ -50,7 +50,11 @@ impl FileOp {
 pub enum FileReply {
     /// Read: the file is open and regular; `size` is what fstat said, and at
     /// most `limit` bytes will follow.
-    Opened { size: u64, mode: u32, limit: u64 },
+    Opened {
+        size: u64,
+        mode: u32,
+        limit: u64,
+    },
     /// Read: the next bytes of the file.
     Data {
         #[serde(with = "crate::bytes")]

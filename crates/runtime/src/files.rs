@@ -64,7 +64,11 @@ fn not_regular(found: FileKind, target: Option<&str>) -> String {
 }
 
 fn fmt_size(bytes: u64) -> String {
-    if bytes < 1024 { format!("{bytes}") } else { format!("{bytes} ({})", airlock_policy::format_size(bytes)) }
+    if bytes < 1024 {
+        format!("{bytes}")
+    } else {
+        format!("{bytes} ({})", airlock_policy::format_size(bytes))
+    }
 }
 
 impl ReadError {
@@ -124,9 +128,8 @@ pub fn read_file(
                 }
             }
             (FileReply::Done, Some(_)) => {
-                outcome = Some(
-                    sink.flush().map_err(|source| ReadError::Output { path: shown.clone(), source }),
-                );
+                outcome =
+                    Some(sink.flush().map_err(|source| ReadError::Output { path: shown.clone(), source }));
                 return false;
             }
             (FileReply::Failed(FileError::TooLarge { size, limit }), Some(_)) if size > limit => {

@@ -932,7 +932,9 @@ impl FileRelay {
             }
             FileReply::Done if self.opened => FileReply::Done,
             FileReply::Failed(FileError::Aborted) => FileReply::Failed(FileError::Aborted),
-            FileReply::Failed(e) if !self.opened || matches!(e, FileError::TooLarge { .. } | FileError::Os { .. }) => {
+            FileReply::Failed(e)
+                if !self.opened || matches!(e, FileError::TooLarge { .. } | FileError::Os { .. }) =>
+            {
                 FileReply::Failed(e)
             }
             _ => FileReply::Failed(FileError::Aborted),

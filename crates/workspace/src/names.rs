@@ -181,7 +181,9 @@ mod tests {
         assert_eq!(printable("a\u{9b}31mb\x7f".as_bytes()), "a\\302\\23331mb\\177");
         assert_eq!(printable(b"caf\xe9"), "caf\\351");
         // A right-to-left override, a zero-width space, an invisible tag.
-        assert_eq!(printable("x\u{202E}y\u{200B}z\u{E0041}".as_bytes()),
-            "x\\342\\200\\256y\\342\\200\\213z\\363\\240\\201\\201");
+        assert_eq!(
+            printable("x\u{202E}y\u{200B}z\u{E0041}".as_bytes()),
+            "x\\342\\200\\256y\\342\\200\\213z\\363\\240\\201\\201"
+        );
     }
 }

@@ -40,9 +40,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use http_body::Frame;
-use serde::Serialize;
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::app::App;
@@ -161,7 +161,8 @@ impl Finish {
             (None, Some(signal), _) => format!("signal {signal}"),
             (None, None, _) => "no exit status".to_owned(),
         };
-        let stderr = String::from_utf8_lossy(&self.stderr);
+        // The sandbox's own words: escaped, for clients that print them.
+        let stderr = airlock_workspace::printable(&self.stderr);
         let stderr = stderr.trim();
         let code = if self.code == Some(WRONG_KIND) { "wrong_file_type" } else { "file_error" };
         ApiError::new(
