@@ -86,6 +86,10 @@ pub struct Created {
 /// sandbox runs (or says why it could not).
 pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError> {
     // Validate here, so that a bad request fails fast with the real error.
+    let owner_uid = req.owner_uid.unwrap_or_else(|| rustix::process::getuid().as_raw());
+    if let Some(name) = &req.name {
+        crate::state::check_name_owner(name, owner_uid)?;
+    }
     let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
     drop(policy);
     let o = &req.overrides;
@@ -98,7 +102,7 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
         env: o.env.iter().cloned().chain(req.env.iter().cloned()).collect(),
         workspace_mode: o.workspace_mode.map(|m| m.to_string()),
         allow: o.allow.clone(),
-        owner_uid: req.owner_uid.unwrap_or_else(|| rustix::process::getuid().as_raw()),
+        owner_uid,
     };
     let spec_json = serde_json::to_vec(&spec).map_err(|e| RunError::Supervisor(e.to_string()))?;
     let exe = std::env::current_exe().map_err(RunError::SelfExe)?;

@@ -5,13 +5,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, UNIX_EPOCH};
 
-use airlock_runtime::state::{SandboxDir, SandboxMeta, SandboxState};
+use airlock_runtime::state::{SandboxDir, SandboxMeta, SandboxState, StateError};
 use serde::Serialize;
 
 use crate::app::App;
 use crate::auth::Peer;
 use crate::db::SandboxRow;
 use crate::error::ApiError;
+use crate::scope::Scope;
 
 /// The states the API reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -134,29 +135,59 @@ pub fn load(app: &App, dir: SandboxDir, row: Option<&SandboxRow>) -> Result<Load
     })
 }
 
-/// The sandbox `name` if `peer` may see it; a sandbox of another user is
-/// "not found", exactly like one that does not exist (and the denial is
-/// logged).
+/// The sandbox `peer` calls `name`, if they may see it; a sandbox of
+/// another user is "not found", exactly like one that does not exist (and
+/// the denial is logged). Names are the caller's own (`scope`): the
+/// returned sandbox's `name()` is its stored name, for the runtime and the
+/// index; messages quote `name`.
 pub fn authorize(app: &App, peer: &Peer, name: &str) -> Result<Loaded, ApiError> {
-    let dir = app.root.open(name)?;
-    let row = app.db.sandbox(name)?;
+    let scope = app.scope(peer);
+    let stored = scope.stored(name)?;
+    let dir = match app.root.open(&stored) {
+        Ok(dir) => dir,
+        Err(StateError::NotFound { .. }) => match scope.legacy(name).map(|legacy| app.root.open(&legacy)) {
+            Some(Ok(dir)) => dir,
+            Some(Err(StateError::NotFound { .. })) | None => return Err(ApiError::no_sandbox(name)),
+            Some(Err(e)) => return Err(scope.reword(e.into(), &stored, name)),
+        },
+        Err(e) => return Err(scope.reword(e.into(), &stored, name)),
+    };
+    let row = app.db.sandbox(dir.name())?;
     let loaded = load(app, dir, row.as_ref())?;
-    if !peer.may_access(loaded.owner_uid) {
-        tracing::warn!(uid = peer.uid, pid = ?peer.pid, sandbox = name, owner = loaded.owner_uid, "denied: sandbox of another user");
+    if !peer.may_access(loaded.owner_uid) || scope.shown(loaded.name(), loaded.owner_uid).is_none() {
+        tracing::warn!(uid = peer.uid, pid = ?peer.pid, sandbox = loaded.name(), owner = loaded.owner_uid, "denied: sandbox of another user");
         return Err(ApiError::no_sandbox(name));
     }
     Ok(loaded)
 }
 
-/// Every sandbox `peer` may see, oldest first.
+/// Every sandbox `peer` may see, oldest first. A user's listing loads only
+/// their own sandboxes (their prefix, or an index row of theirs): how long
+/// it takes does not depend on anyone else's.
 pub fn visible(app: &App, peer: &Peer) -> Result<Vec<Loaded>, ApiError> {
+    let scope = app.scope(peer);
     let rows: HashMap<String, SandboxRow> =
         app.db.sandboxes()?.into_iter().map(|r| (r.name.clone(), r)).collect();
     let mut out = Vec::new();
     for dir in app.root.list()? {
         let row = rows.get(dir.name());
+        let candidate = match scope.tenant() {
+            None => true,
+            Some(uid) => {
+                dir.name().starts_with(&airlock_runtime::state::tenant_prefix(uid))
+                    || row.is_some_and(|r| r.owner_uid == uid && scope.may_hold(&r.name))
+            }
+        };
+        if !candidate {
+            continue;
+        }
         match load(app, dir, row) {
-            Ok(loaded) if peer.may_access(loaded.owner_uid) => out.push(loaded),
+            Ok(loaded)
+                if peer.may_access(loaded.owner_uid)
+                    && scope.shown(loaded.name(), loaded.owner_uid).is_some() =>
+            {
+                out.push(loaded)
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!("skipping a sandbox in the listing: {e}"),
         }
@@ -207,10 +238,11 @@ pub struct Detail {
     pub applied_at: Option<String>,
 }
 
-pub fn view(loaded: &Loaded) -> SandboxView {
+/// What `scope`'s caller is shown of `loaded`: under their own name.
+pub fn view(loaded: &Loaded, scope: &Scope) -> SandboxView {
     let meta = loaded.meta.as_ref();
     SandboxView {
-        name: loaded.name().to_owned(),
+        name: scope.shown(loaded.name(), loaded.owner_uid).unwrap_or_else(|| loaded.name().to_owned()),
         state: loaded.state,
         lost: loaded.lost,
         policy: loaded.policy(),
@@ -233,8 +265,8 @@ pub fn view(loaded: &Loaded) -> SandboxView {
 
 /// The view with the detail inspect adds. Blocks: it reads the stored
 /// policy and asks a live supervisor for its current deadline.
-pub fn inspect(app: &App, loaded: &Loaded) -> SandboxView {
-    let mut v = view(loaded);
+pub fn inspect(app: &App, loaded: &Loaded, scope: &Scope) -> SandboxView {
+    let mut v = view(loaded, scope);
     let meta = loaded.meta.as_ref();
     let limits = airlock_policy::Policy::load_file(&loaded.dir.policy_path()).ok().map(|p| {
         serde_json::json!({

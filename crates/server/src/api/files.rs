@@ -337,7 +337,7 @@ pub async fn read(
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let path = query_path(&query)?;
-    let (client, owner) = super::exec::connect(&app, peer, &name).await?;
+    let super::exec::Target { client, owner, stored } = super::exec::connect(&app, peer, &name).await?;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
     let target = path.clone();
     tokio::task::spawn_blocking(move || {
@@ -360,7 +360,7 @@ pub async fn read(
             return Err(ApiError::internal("the file reader ended without opening the file"));
         }
     }
-    app.record_event(Some(&name), Some(owner), "file_read", serde_json::json!({ "path": path }));
+    app.record_event(Some(&stored), Some(owner), "file_read", serde_json::json!({ "path": path }));
     Ok(crate::body::streamed("application/octet-stream", FileBody { rx, done: false }))
 }
 
@@ -418,7 +418,7 @@ pub async fn write(
     body: Body,
 ) -> Result<Response, ApiError> {
     let path = query_path(&query)?;
-    let (client, owner) = super::exec::connect(&app, peer, &name).await?;
+    let super::exec::Target { client, owner, stored } = super::exec::connect(&app, peer, &name).await?;
     let (stdin, stdin_rx) = mpsc::channel::<Vec<u8>>(8);
     let target = path.clone();
     let upload = tokio::task::spawn_blocking(move || {
@@ -450,7 +450,7 @@ pub async fn write(
         return Err(committed.error("write", &path));
     }
     app.record_event(
-        Some(&name),
+        Some(&stored),
         Some(owner),
         "file_written",
         serde_json::json!({ "path": path, "size": size }),
@@ -532,7 +532,7 @@ async fn find(
     format: &'static str,
 ) -> Result<Vec<Entry>, ApiError> {
     let path = query_path(query)?;
-    let (client, _) = super::exec::connect(app, peer, &name).await?;
+    let client = super::exec::connect(app, peer, &name).await?.client;
     let target = path.clone();
     let (out, over, finish) = tokio::task::spawn_blocking(move || {
         collect(&client, &spec(script, &[&target, format], Some(60)), None, LIST_LIMIT)

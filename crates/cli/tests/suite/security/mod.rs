@@ -3,3 +3,4 @@
 //! against it. One module per promise; SECURITY.md names each test.
 
 mod hostile_output;
+mod tenancy;
