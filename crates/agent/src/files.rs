@@ -151,15 +151,23 @@ fn read(writer: &Writer, flow: &Flow, id: u32, path: &Path, limit: u64) {
 /// most `limit` bytes: (descriptor, size, permission bits).
 fn open_regular(path: &Path, limit: u64) -> Result<(OwnedFd, u64, u32), FileError> {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let fd = match rustix::fs::open(path, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::NOENT | Errno::NOTDIR) => return Err(FileError::NotFound),
-        // A symlink as the last component (O_NOFOLLOW), or a socket or a
-        // device without a driver: say what it is.
-        Err(errno @ (Errno::LOOP | Errno::NXIO | Errno::NODEV)) => {
-            return Err(describe_unopened(path).unwrap_or(FileError::Os { errno: errno.raw_os_error() }));
+    // The sandbox can swap the path between the open and the look that
+    // says why it failed; a few tries settle on one answer.
+    let mut tries = 0;
+    let fd = loop {
+        tries += 1;
+        match rustix::fs::open(path, flags, Mode::empty()) {
+            Ok(fd) => break fd,
+            Err(Errno::NOENT | Errno::NOTDIR) => return Err(FileError::NotFound),
+            // A symlink as the last component (O_NOFOLLOW), or a socket or a
+            // device without a driver: say what it is.
+            Err(errno @ (Errno::LOOP | Errno::NXIO | Errno::NODEV)) => match describe_unopened(path) {
+                Some(described) => return Err(described),
+                None if tries < 3 => continue,
+                None => return Err(FileError::Os { errno: errno.raw_os_error() }),
+            },
+            Err(errno) => return Err(FileError::Os { errno: errno.raw_os_error() }),
         }
-        Err(errno) => return Err(FileError::Os { errno: errno.raw_os_error() }),
     };
     let stat = rustix::fs::fstat(&fd).map_err(|errno| FileError::Os { errno: errno.raw_os_error() })?;
     let found = FileKind::from_mode(stat.st_mode);
@@ -173,13 +181,19 @@ fn open_regular(path: &Path, limit: u64) -> Result<(OwnedFd, u64, u32), FileErro
     Ok((fd, size, stat.st_mode & 0o7777))
 }
 
-/// What a path that could not be opened is, without opening it.
+/// What a path that could not be opened is, without opening it; `None`
+/// when it is (now) a regular file or gone, or a link no longer: it changed
+/// under us, and the open is worth another try.
 fn describe_unopened(path: &Path) -> Option<FileError> {
     let stat = rustix::fs::lstat(path).ok()?;
     let found = FileKind::from_mode(stat.st_mode);
-    let link_target = (found == FileKind::Symlink)
-        .then(|| rustix::fs::readlink(path, Vec::new()).ok().map(|t| t.into_bytes()))
-        .flatten();
+    if found == FileKind::Regular {
+        return None;
+    }
+    let link_target = match found {
+        FileKind::Symlink => Some(rustix::fs::readlink(path, Vec::new()).ok()?.into_bytes()),
+        _ => None,
+    };
     Some(FileError::NotRegular { found, link_target })
 }
 
