@@ -8,6 +8,7 @@
 //! behind in the PID namespace.
 
 mod egress;
+mod files;
 mod oom;
 mod service;
 mod signals;

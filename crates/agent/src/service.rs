@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Launch, Stream};
 
+use crate::files::{self, Reads};
 use crate::signals::{Waiter, reap_any};
 
 /// Largest output chunk per message.
@@ -27,7 +28,7 @@ const CHUNK: usize = 64 * 1024;
 /// background child can hold the pipe open forever).
 const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 
-type Writer = Arc<Mutex<UnixStream>>;
+pub(crate) type Writer = Arc<Mutex<UnixStream>>;
 
 struct Running {
     id: u32,
@@ -47,13 +48,14 @@ pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter) -> i32 {
         Err(_) => return crate::AGENT_FAILED,
     };
     let table: Table = Arc::new(Mutex::new(HashMap::new()));
+    let reads = Reads::default();
     send(&writer, AgentMessage::Serving);
 
     let (closed_tx, closed_rx) = mpsc::channel::<()>();
     {
         let (writer, table, launch) = (writer.clone(), table.clone(), launch.clone());
         let spawned = std::thread::Builder::new().name("requests".into()).spawn(move || {
-            read_requests(control, &writer, &table, &launch);
+            read_requests(control, &writer, &table, &reads, &launch);
             let _ = closed_tx.send(());
         });
         if spawned.is_err() {
@@ -127,10 +129,13 @@ fn finish(writer: &Writer, running: Running, status: crate::signals::ExitStatus)
     }
 }
 
-fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, launch: &Launch) {
+fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, reads: &Reads, launch: &Launch) {
     while let Ok(Some(msg)) = airlock_proto::recv::<_, HostMessage>(&mut control) {
         match msg {
             HostMessage::Exec(req) => start(writer, table, launch, &req),
+            HostMessage::File { id, op } => files::start(writer, reads, id, op),
+            HostMessage::FileAck { id } => reads.ack(id),
+            HostMessage::FileCancel { id } => reads.cancel(id),
             HostMessage::Stdin { id, data } => {
                 if let Ok(mut t) = table.lock()
                     && let Some(running) = t.values_mut().find(|r| r.id == id)
@@ -311,7 +316,7 @@ fn pump(
     })
 }
 
-fn send(writer: &Writer, msg: AgentMessage) {
+pub(crate) fn send(writer: &Writer, msg: AgentMessage) {
     if let Ok(mut w) = writer.lock() {
         let _ = airlock_proto::send(&mut *w, &msg);
     }

@@ -58,10 +58,18 @@ enum Command {
         json: bool,
     },
     /// The sandbox's captured output (stdout; --stderr for the other one).
+    ///
+    /// Written by the sandbox, so at a terminal its control characters
+    /// (escape sequences, carriage returns), invalid UTF-8 and bidi controls
+    /// are shown escaped; piped or redirected, the bytes are exact.
     Logs {
         name: String,
         #[arg(long)]
         stderr: bool,
+        /// At a terminal too, write the bytes as they are (colours and
+        /// escape sequences take effect: only for output you trust).
+        #[arg(long)]
+        raw: bool,
     },
     /// Stop a long-lived sandbox (it stays until `rm`, for review).
     Stop { name: String },
@@ -333,11 +341,13 @@ fn direct(command: Command, forced: bool) -> CliResult {
             present::inspect(&ops::inspect(&state()?, &name)?, json)?;
             Ok(0)
         }
-        Command::Logs { name, stderr } => {
+        Command::Logs { name, stderr, raw } => {
             let (out, err) = ops::log_paths(&state()?, &name)?;
             let path = if stderr { err } else { out };
             let mut file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            std::io::copy(&mut file, &mut std::io::stdout().lock())?;
+            let mut out = present::SandboxOutput::stdout(raw);
+            std::io::copy(&mut file, &mut out)?;
+            out.flush()?;
             Ok(0)
         }
         Command::Stop { name } => {
@@ -577,9 +587,71 @@ if ! cat > "$t" || [ "$(wc -c < "$t")" != "$2" ]; then rm -f -- "$t"; echo "the 
 if [ -f "$1" ]; then chmod --reference="$1" -- "$t"; else chmod a+r -- "$t"; fi
 exec mv -f -- "$t" "$1""#;
 
-/// Files only: the copy runs `cat` inside the sandbox, so the path is
-/// resolved in the sandbox's view and can reach nothing else. Directories
-/// coming out of a sandbox would be untrusted archives; use diff/apply.
+/// A copy out of a sandbox, written beside its destination and renamed over
+/// it only once complete: a copy that fails or is refused leaves whatever
+/// was there before untouched, and no partial file behind.
+pub(crate) struct Staged {
+    temp: PathBuf,
+    destination: PathBuf,
+    file: std::fs::File,
+    committed: bool,
+}
+
+impl Staged {
+    /// A new temporary file for `destination`: with the permission bits of
+    /// the file it replaces, else `mode` (the umask applies, as for `cp`).
+    pub(crate) fn create(destination: &std::path::Path, mode: u32) -> io::Result<Staged> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let mode = match std::fs::metadata(destination) {
+            Ok(meta) if meta.is_file() => meta.mode() & 0o777,
+            _ => mode & 0o777,
+        };
+        let base = destination.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let parent = match destination.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temp = parent.join(format!(".{base}.airlock-cp-{}-{n}", std::process::id()));
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp)?;
+        Ok(Staged { temp, destination: destination.to_path_buf(), file, committed: false })
+    }
+
+    /// Puts the finished copy in place.
+    pub(crate) fn commit(mut self) -> io::Result<()> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.temp, &self.destination)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Write for Staged {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.file.write(data)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Files only. Into a sandbox the copy runs a shell script inside it, so
+/// the path resolves in the sandbox's view (a link there leads only to
+/// somewhere the sandbox could write itself). Out of it, the sandbox's agent
+/// opens the file without following a link and refuses anything but a
+/// regular file within the sandbox's disk budget (`runtime::files`).
+/// Directories coming out of a sandbox would be untrusted archives; use
+/// diff/apply.
 fn cp(copy: Copy<'_>) -> CliResult {
     let root = state()?;
     let client = |name: &str| -> Result<supervisor::SupervisorClient, Box<dyn std::error::Error>> {
@@ -615,22 +687,44 @@ fn cp(copy: Copy<'_>) -> CliResult {
                 .exec_with_input(&spec, Some(Box::new(input)), &mut |e| collect(e, &mut std::io::sink()))?;
         }
         Copy::Out { name, path, file } => {
-            let mut output = std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let spec = airlock_proto::supervisor::ExecSpec {
-                argv: vec!["cat".into(), "--".into(), path.into()],
-                transfer: true,
-                ..Default::default()
-            };
-            client(name)?.exec(&spec, &mut |e| collect(e, &mut output))?;
-            if failed.is_some() {
-                drop(output);
-                let _ = std::fs::remove_file(&file);
+            let client = client(name)?;
+            let staged = std::cell::RefCell::new(None);
+            airlock_runtime::files::read_file(
+                &client,
+                path,
+                None,
+                &mut |opened| {
+                    let created = Staged::create(&file, opened.mode)
+                        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
+                    *staged.borrow_mut() = Some(created);
+                    Ok(())
+                },
+                &mut StagedSink(&staged),
+            )?;
+            if let Some(staged) = staged.into_inner() {
+                staged.commit().map_err(|e| format!("{}: {e}", file.display()))?;
             }
         }
     }
     match failed {
         Some(code) => Err(format!("copy failed inside the sandbox (exit {})", code.unwrap_or(-1)).into()),
         None => Ok(0),
+    }
+}
+
+/// Writes into the staged copy once it exists.
+struct StagedSink<'a>(&'a std::cell::RefCell<Option<Staged>>);
+
+impl Write for StagedSink<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self.0.borrow_mut().as_mut() {
+            Some(staged) => staged.write(data),
+            None => Err(io::Error::other("no destination file yet")),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.borrow_mut().as_mut().map_or(Ok(()), |staged| staged.flush())
     }
 }
 

@@ -426,17 +426,18 @@ pub fn print_inspect(s: &Value, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "policy:     {}", text(&s["policy"]))?;
     writeln!(out, "workspace:  {} ({})", text(&s["workspace"]), text(&s["workspace_mode"]))?;
     writeln!(out, "created:    {}", text(&s["created_at"]))?;
-    if let Some(f) = s["finished_at"].as_str() {
-        writeln!(out, "finished:   {f}")?;
+    if s["finished_at"].is_string() {
+        writeln!(out, "finished:   {}", text(&s["finished_at"]))?;
     }
-    if let Some(d) = s["deadline"].as_str() {
-        writeln!(out, "deadline:   {d}")?;
+    if s["deadline"].is_string() {
+        writeln!(out, "deadline:   {}", text(&s["deadline"]))?;
     }
     if let Some(idle) = s["idle_timeout_secs"].as_u64() {
         writeln!(out, "idle after: {idle}s")?;
     }
     if let Some(labels) = s["labels"].as_object().filter(|l| !l.is_empty()) {
-        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={}", text(v))).collect();
+        let labels: Vec<String> =
+            labels.iter().map(|(k, v)| format!("{}={}", crate::present::shown(k), text(v))).collect();
         writeln!(out, "labels:     {}", labels.join(", "))?;
     }
     if let Some(degraded) = s["degraded"].as_array().filter(|d| !d.is_empty()) {
@@ -461,12 +462,18 @@ pub fn print_inspect(s: &Value, out: &mut dyn Write) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One line per event: `ID TIME SANDBOX KIND DETAIL`.
+/// One line per event: `ID TIME SANDBOX KIND DETAIL`, the detail as
+/// `key=value` pairs whose strings (arguments, paths, messages: often the
+/// sandbox's) are quoted when odd.
 pub fn print_event(event: &Value, out: &mut dyn Write) -> std::io::Result<()> {
     let detail = match &event["detail"] {
         Value::Null => String::new(),
-        Value::Object(m) if m.is_empty() => String::new(),
-        other => other.to_string(),
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| format!("{}={}", crate::present::shown(k), detail(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => detail(other),
     };
     writeln!(
         out,
@@ -478,11 +485,29 @@ pub fn print_event(event: &Value, out: &mut dyn Write) -> std::io::Result<()> {
     )
 }
 
-/// A JSON value as a person reads it: strings bare, nothing as `-`.
+/// A JSON value as a person reads it: strings bare (quoted and escaped when
+/// they hold anything odd), nothing as `-`.
 fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => crate::present::shown(s),
+        other => detail(other),
+    }
+}
+
+/// A value inside an event's detail: strings as [`text`], lists as
+/// `[a, b]`, objects as `{k: v}`.
+fn detail(v: &Value) -> String {
+    match v {
+        Value::String(s) => crate::present::shown(s),
+        Value::Array(items) => format!("[{}]", items.iter().map(detail).collect::<Vec<_>>().join(", ")),
+        Value::Object(m) => format!(
+            "{{{}}}",
+            m.iter()
+                .map(|(k, v)| format!("{}: {}", crate::present::shown(k), detail(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         other => other.to_string(),
     }
 }
@@ -510,6 +535,26 @@ mod tests {
     fn encode_escapes_everything_but_unreserved() {
         assert_eq!(encode("ci-42"), "ci-42");
         assert_eq!(encode("a=b c/d"), "a%3Db%20c%2Fd");
+    }
+
+    #[test]
+    fn events_show_hostile_arguments_escaped_on_one_line() {
+        let event = serde_json::json!({
+            "id": 7, "ts": "t", "sandbox": "box", "kind": "exec_started",
+            "detail": { "argv": ["sh", "-c", "echo \u{1b}]0;owned\u{7}\nid: 8 allow", "a\u{202e}b"] }
+        });
+        let mut out = Vec::new();
+        print_event(&event, &mut out).unwrap();
+        let line = String::from_utf8(out).unwrap();
+        assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+        assert!(
+            !line.contains('\u{1b}') && !line.contains('\u{7}') && !line.contains('\u{202e}'),
+            "{line:?}"
+        );
+        assert!(
+            line.contains(r#"argv=[sh, -c, "echo \033]0;owned\007\nid: 8 allow", "a\342\200\256b"]"#),
+            "{line}"
+        );
     }
 
     #[test]

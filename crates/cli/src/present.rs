@@ -1,20 +1,39 @@
 //! Everything the person at the terminal reads: results, notices, errors.
 //! Output that scripts read (--json) goes to stdout; airlock's own remarks
 //! during `run` go to stderr so they never mix with the command's output.
+//!
+//! Much of what is shown was chosen inside a sandbox (host names it asked
+//! for, paths, labels and arguments an agent picked, its output): every
+//! such value goes through `airlock_workspace::quote_bytes` (one token,
+//! quoted when odd) or `printable` (running text), so no escape sequence,
+//! carriage return, bidi control or forged line reaches the terminal.
+//! `--json` output stays JSON: serde escapes what JSON must.
 
 use std::io::{self, IsTerminal, Write};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use airlock_jail::probe::{HostReport, Status};
 use airlock_runtime::ops::{DiffView, GcReport, Inspection, NetLogEntry, SandboxSummary};
 use airlock_runtime::{Notice, RunOutcome};
+use airlock_workspace::{printable, quote, quote_bytes};
 
-/// Prints an error and its whole chain of causes, once.
+/// A value that may come from a sandbox, as one token for a table or a line.
+pub fn shown(text: &str) -> String {
+    quote_bytes(text.as_bytes())
+}
+
+fn shown_path(path: &Path) -> String {
+    quote(path)
+}
+
+/// Prints an error and its whole chain of causes, once. Messages can quote
+/// what a sandbox said; they are made printable.
 pub fn error(err: &dyn std::error::Error) {
-    let mut msg = format!("airlock: error: {err}");
+    let mut msg = format!("airlock: error: {}", printable(err.to_string().as_bytes()));
     let mut source = err.source();
     while let Some(cause) = source {
-        let text = cause.to_string();
+        let text = printable(cause.to_string().as_bytes());
         if !msg.contains(&text) {
             msg.push_str(&format!("\n  caused by: {text}"));
         }
@@ -25,8 +44,8 @@ pub fn error(err: &dyn std::error::Error) {
 
 pub fn notice(n: Notice) {
     match n {
-        Notice::Warning(text) => eprintln!("airlock: warning: {text}"),
-        Notice::Info(text) => eprintln!("airlock: {text}"),
+        Notice::Warning(text) => eprintln!("airlock: warning: {}", printable(text.as_bytes())),
+        Notice::Info(text) => eprintln!("airlock: {}", printable(text.as_bytes())),
     }
 }
 
@@ -85,11 +104,15 @@ pub fn list(items: &[SandboxSummary], json: bool) -> io::Result<()> {
     writeln!(out, "{:<24} {:<8} {:<12} {:<5} {:<8} WORKSPACE", "NAME", "STATE", "POLICY", "EXIT", "MODE")?;
     for s in items {
         let exit = s.exit_code.map_or("-".to_string(), |c| c.to_string());
-        let ws = s.workspace.as_ref().map_or("-".to_string(), |p| p.display().to_string());
+        let ws = s.workspace.as_deref().map_or("-".to_string(), shown_path);
         writeln!(
             out,
             "{:<24} {:<8} {:<12} {:<5} {:<8} {ws}",
-            s.name, s.state, s.policy, exit, s.workspace_mode
+            shown(&s.name),
+            shown(&s.state),
+            shown(&s.policy),
+            exit,
+            shown(&s.workspace_mode)
         )?;
     }
     Ok(())
@@ -102,13 +125,13 @@ pub fn gc(report: &GcReport, json: bool) -> io::Result<()> {
         return writeln!(out);
     }
     for name in &report.lost {
-        writeln!(out, "sandbox {name}: supervisor gone, marked failed")?;
+        writeln!(out, "sandbox {}: supervisor gone, marked failed", shown(name))?;
     }
     for name in &report.removed {
-        writeln!(out, "sandbox {name}: removed (cleanup rule)")?;
+        writeln!(out, "sandbox {}: removed (cleanup rule)", shown(name))?;
     }
     for what in &report.released {
-        writeln!(out, "released {what}")?;
+        writeln!(out, "released {}", printable(what.as_bytes()))?;
     }
     if report.lost.is_empty() && report.removed.is_empty() && report.released.is_empty() {
         writeln!(out, "nothing to clean up")?;
@@ -151,17 +174,26 @@ pub fn net_log(entries: &[NetLogEntry], json: bool) -> io::Result<()> {
     if entries.is_empty() {
         return writeln!(out, "no network activity recorded");
     }
+    // The host, method, path and the rule's wording (which can repeat the
+    // host) are the sandbox's choice: each is one quoted token when odd.
     for e in entries {
         let ev = &e.event;
         let verdict = if ev.allowed { "allow" } else { "DENY " };
         let request = match (&ev.method, &ev.path) {
-            (Some(m), Some(p)) => format!(" {m} {p}"),
+            (Some(m), Some(p)) => format!(" {} {}", shown(m), shown(p)),
             _ => String::new(),
         };
         writeln!(
             out,
             "{} {verdict} {:<5} {}:{}{request}  [{}] out={}B in={}B {}ms",
-            e.ts, ev.via, ev.host, ev.port, ev.rule, ev.bytes_out, ev.bytes_in, ev.duration_ms
+            shown(&e.ts),
+            shown(&ev.via),
+            shown(&ev.host),
+            ev.port,
+            shown(&ev.rule),
+            ev.bytes_out,
+            ev.bytes_in,
+            ev.duration_ms
         )?;
     }
     Ok(())
@@ -192,14 +224,14 @@ pub fn inspect(i: &Inspection, json: bool) -> io::Result<()> {
         return writeln!(out);
     }
     let m = &i.meta;
-    writeln!(out, "name:       {}", i.name)?;
-    writeln!(out, "state:      {}", i.state)?;
-    writeln!(out, "policy:     {}", m.policy)?;
-    let ws = m.workspace.as_ref().map_or("-".to_string(), |p| p.display().to_string());
-    writeln!(out, "workspace:  {ws} ({})", m.workspace_mode)?;
-    writeln!(out, "created:    {}", m.created_at)?;
+    writeln!(out, "name:       {}", shown(&i.name))?;
+    writeln!(out, "state:      {}", shown(&i.state))?;
+    writeln!(out, "policy:     {}", shown(&m.policy))?;
+    let ws = m.workspace.as_deref().map_or("-".to_string(), shown_path);
+    writeln!(out, "workspace:  {ws} ({})", shown(&m.workspace_mode))?;
+    writeln!(out, "created:    {}", shown(&m.created_at))?;
     if let Some(f) = &m.finished_at {
-        writeln!(out, "finished:   {f}")?;
+        writeln!(out, "finished:   {}", shown(f))?;
     }
     if let Some(d) = m.deadline_unix {
         writeln!(out, "deadline:   {d} (unix seconds)")?;
@@ -208,18 +240,82 @@ pub fn inspect(i: &Inspection, json: bool) -> io::Result<()> {
         writeln!(out, "idle after: {idle}s")?;
     }
     if !m.labels.is_empty() {
-        let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let labels: Vec<String> =
+            m.labels.iter().map(|(k, v)| format!("{}={}", shown(k), shown(v))).collect();
         writeln!(out, "labels:     {}", labels.join(", "))?;
     }
     if !m.degraded.is_empty() {
-        writeln!(out, "running without: {}", m.degraded.join(", "))?;
+        let degraded: Vec<String> = m.degraded.iter().map(|d| shown(d)).collect();
+        writeln!(out, "running without: {}", degraded.join(", "))?;
     }
     if let Some(e) = &m.exit {
         let summary = exit_summary(e.code.map(i64::from), e.signal.map(i64::from), e.timed_out, e.oom_killed);
         writeln!(out, "exit:       {summary}")?;
     }
-    writeln!(out, "state dir:  {}", i.path.display())?;
+    writeln!(out, "state dir:  {}", shown_path(&i.path))?;
     Ok(())
+}
+
+/// Where a sandbox's captured output goes (`airlock logs`): the bytes as
+/// they are into a pipe or a file (or with `--raw`), made [`printable`] at
+/// a terminal. A character split across two writes is held back until it is
+/// whole, so it is not escaped as if it were broken.
+pub struct SandboxOutput<W: Write = io::Stdout> {
+    out: W,
+    escape: bool,
+    pending: Vec<u8>,
+}
+
+impl SandboxOutput {
+    pub fn stdout(raw: bool) -> SandboxOutput {
+        let out = io::stdout();
+        let escape = !raw && out.is_terminal();
+        SandboxOutput { out, escape, pending: Vec::new() }
+    }
+}
+
+impl<W: Write> SandboxOutput<W> {
+    /// Where the incomplete UTF-8 sequence at the end of `bytes` starts, if
+    /// it ends with the beginning of a multibyte character.
+    fn incomplete_tail(bytes: &[u8]) -> usize {
+        for back in 1..=bytes.len().min(3) {
+            let at = bytes.len() - back;
+            let b = bytes[at];
+            if b & 0xC0 == 0x80 {
+                continue;
+            }
+            let needs = match b {
+                0xC2..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF4 => 4,
+                _ => return bytes.len(),
+            };
+            return if back < needs { at } else { bytes.len() };
+        }
+        bytes.len()
+    }
+}
+
+impl<W: Write> Write for SandboxOutput<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if !self.escape {
+            return self.out.write(data);
+        }
+        self.pending.extend_from_slice(data);
+        let whole = Self::incomplete_tail(&self.pending);
+        let text = printable(&self.pending[..whole]);
+        self.out.write_all(text.as_bytes())?;
+        self.pending.drain(..whole);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            let text = printable(&std::mem::take(&mut self.pending));
+            self.out.write_all(text.as_bytes())?;
+        }
+        self.out.flush()
+    }
 }
 
 /// A one-line count on stderr while long work goes on (a diff or an apply
@@ -278,6 +374,34 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn sandbox_output_is_escaped_for_a_terminal_across_writes() {
+        let mut out = SandboxOutput { out: Vec::new(), escape: true, pending: Vec::new() };
+        let text = "ok \u{2713}\n\x1b[2Jfake\rline\n".as_bytes();
+        // One byte at a time: the check mark is split over three writes.
+        for byte in text {
+            out.write_all(std::slice::from_ref(byte)).unwrap();
+        }
+        out.flush().unwrap();
+        assert_eq!(String::from_utf8(out.out).unwrap(), "ok \u{2713}\n\\033[2Jfake\\rline\n");
+        // A sequence that never completes is escaped at the end.
+        let mut out = SandboxOutput { out: Vec::new(), escape: true, pending: Vec::new() };
+        out.write_all(b"x\xe2\x9c").unwrap();
+        out.flush().unwrap();
+        assert_eq!(String::from_utf8(out.out).unwrap(), "x\\342\\234");
+        let mut raw = SandboxOutput { out: Vec::new(), escape: false, pending: Vec::new() };
+        raw.write_all(b"\x1b[31m").unwrap();
+        assert_eq!(raw.out, b"\x1b[31m");
+    }
+
+    #[test]
+    fn net_log_lines_cannot_be_forged() {
+        let hostile = "evil.example.com\x1b[2K\r2024-01-01T00:00:00Z allow http  bank.example.com:443\n";
+        let line = format!("{} {}", shown(hostile), shown("GET"));
+        assert!(!line.contains('\n') && !line.contains('\r') && !line.contains('\x1b'), "{line:?}");
+        assert!(line.starts_with('"'), "an odd value is quoted: {line}");
+    }
 
     #[test]
     fn progress_appears_late_changes_seldom_and_is_wiped() {

@@ -80,12 +80,10 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
             remote_events(daemon, follow, sandbox, since, json)
         }
         Command::Cp { source, destination } => remote_cp(daemon, Copy::plan(&source, &destination)?),
-        Command::Logs { name, stderr } => {
+        Command::Logs { name, stderr, raw } => {
             let stream = if stderr { "stderr" } else { "stdout" };
-            daemon.download(
-                &sandbox_path(&name, &format!("/logs?stream={stream}")),
-                &mut io::stdout().lock(),
-            )?;
+            let mut out = crate::present::SandboxOutput::stdout(raw);
+            daemon.download(&sandbox_path(&name, &format!("/logs?stream={stream}")), &mut out)?;
             Ok(0)
         }
         other => direct(other, false),
@@ -343,7 +341,8 @@ fn exec_end(name: &str, end: &Value) -> CliResult {
 
 /// `airlock cp` through the files API, streamed both ways: into the sandbox
 /// the file replaces the target only once it has all arrived; out of it,
-/// the host file is removed again if the copy fails.
+/// the host file is replaced only once the whole file arrived (the daemon
+/// refuses what is not a regular file within the sandbox's disk budget).
 fn remote_cp(daemon: &Daemon, copy: Copy<'_>) -> CliResult {
     let files = |name: &str, path: &str| {
         format!("/v1/sandboxes/{}/files?path={}", daemon_client::encode(name), daemon_client::encode(path))
@@ -354,12 +353,10 @@ fn remote_cp(daemon: &Daemon, copy: Copy<'_>) -> CliResult {
             daemon.put_file(&files(name, &path), input)?;
         }
         Copy::Out { name, path, file } => {
-            let mut output = std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            if let Err(e) = daemon.download(&files(name, path), &mut output) {
-                drop(output);
-                let _ = std::fs::remove_file(&file);
-                return Err(e.into());
-            }
+            let mut staged =
+                super::Staged::create(&file, 0o666).map_err(|e| format!("{}: {e}", file.display()))?;
+            daemon.download(&files(name, path), &mut staged)?;
+            staged.commit().map_err(|e| format!("{}: {e}", file.display()))?;
         }
     }
     Ok(0)

@@ -39,6 +39,24 @@ impl<'de> Visitor<'de> for BytesVisitor {
     }
 }
 
+/// The same for an optional payload (`null` or absent is `None`).
+pub mod option {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(data: &Option<Vec<u8>>, serializer: S) -> Result<S::Ok, S::Error> {
+        match data {
+            Some(data) => super::serialize(data, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<u8>>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "super")] Vec<u8>);
+        Ok(Option::<Wrapped>::deserialize(deserializer)?.map(|Wrapped(data)| data))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

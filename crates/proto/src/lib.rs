@@ -39,6 +39,14 @@ pub enum HostMessage {
     Signal { id: u32, signal: i32 },
     /// Resize an exec's terminal.
     Resize { id: u32, rows: u16, cols: u16 },
+    /// Service mode: a file operation (`file::FileOp`), answered by
+    /// `AgentMessage::File` messages with the same id.
+    File { id: u32, op: file::FileOp },
+    /// The host passed on one more data chunk of file operation `id`: the
+    /// agent may send another (see `file::FILE_WINDOW`).
+    FileAck { id: u32 },
+    /// Stop file operation `id` (its client went away); no answer follows.
+    FileCancel { id: u32 },
 }
 
 /// One process to start in a sandbox in service mode.
@@ -117,6 +125,8 @@ pub enum AgentMessage {
     ExecRefused { id: u32, exit_code: i32, message: String },
     /// Service mode: an exec ended; all its output was sent before this.
     ExecEnded { id: u32, code: Option<i32>, signal: Option<i32> },
+    /// Service mode: an answer to file operation `id`.
+    File { id: u32, reply: file::FileReply },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +228,7 @@ pub fn recv_tagged_fd(socket: impl AsFd) -> io::Result<(u8, OwnedFd)> {
 
 pub mod bytes;
 pub mod exec_stream;
+pub mod file;
 pub mod supervisor;
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use crate::Stream;
+pub use crate::file::{FileOp, FileReply};
 
 /// What a client asks a supervisor, first message on a connection.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -32,6 +33,9 @@ pub enum Request {
     Signal { signal: i32 },
     /// After Exec: the client's terminal changed size.
     Resize { rows: u16, cols: u16 },
+    /// A file operation inside the sandbox; the connection then carries
+    /// `Reply::File` answers until `Done` or `Failed`.
+    File(FileOp),
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -64,6 +68,7 @@ pub enum Reply {
     Ok,
     Status { running: bool, deadline_unix: u64, idle_timeout_secs: Option<u64>, execs_running: u32 },
     Error { message: String },
+    File(FileReply),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -168,6 +168,14 @@ pub enum AuditEvent {
         signal: Option<i32>,
         detail: String,
     },
+    /// A file was read out of a long-lived sandbox (`airlock cp`, the
+    /// daemon's files API): how many bytes left it, and why it was refused
+    /// or broke off when it was.
+    FileRead {
+        path: String,
+        bytes: u64,
+        refused: Option<String>,
+    },
 }
 
 impl AuditEvent {
@@ -191,6 +199,7 @@ impl AuditEvent {
             AuditEvent::Stopped { .. } => "stopped",
             AuditEvent::AuditCapped { .. } => "audit_capped",
             AuditEvent::EgressProxyEnded { .. } => "egress_proxy_ended",
+            AuditEvent::FileRead { .. } => "file_read",
         }
     }
 
@@ -251,6 +260,9 @@ impl AuditEvent {
                 AuditEvent::ExecStarted { id, argv: cap_list(&argv), pid }
             }
             AuditEvent::Stopped { reason } => AuditEvent::Stopped { reason: message(reason) },
+            AuditEvent::FileRead { path, bytes, refused } => {
+                AuditEvent::FileRead { path: field(path), bytes, refused: refused.map(message) }
+            }
             AuditEvent::EgressProxyEnded { code, signal, detail } => {
                 AuditEvent::EgressProxyEnded { code, signal, detail: message(detail) }
             }

@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod caps;
+pub mod files;
 pub mod idblocks;
 mod layer;
 mod lifecycle;

@@ -51,7 +51,7 @@ pub fn generate() -> String {
 /// Four random bytes from the kernel; when /dev/urandom cannot be read (an odd
 /// chroot), the clock and pid still make consecutive calls differ, which is
 /// all a name needs.
-pub(crate) fn random_u32() -> u32 {
+pub fn random_u32() -> u32 {
     let mut buf = [0u8; 4];
     let from_kernel = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
     if from_kernel.is_ok() {

@@ -59,6 +59,9 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
     }
     let checked = check(&req.policy, &req.overrides, req.workspace.as_deref(), notify)?;
     tracing::debug!("phase: start: policy resolved, host checked");
+    if let Some(name) = &req.name {
+        crate::state::check_name_owner(name, rustix::process::getuid().as_raw())?;
+    }
     let root = StateRoot::from_env()?;
     crate::prepare_state_root(&root, checked.host.is_root)?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
@@ -298,7 +301,8 @@ fn supervise(
                 | AgentMessage::ExecStarted { .. }
                 | AgentMessage::ExecOutput { .. }
                 | AgentMessage::ExecRefused { .. }
-                | AgentMessage::ExecEnded { .. },
+                | AgentMessage::ExecEnded { .. }
+                | AgentMessage::File { .. },
             ) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }

@@ -113,6 +113,37 @@ pub enum StateError {
          outside the sandbox directory was touched, run the removal again"
     )]
     ChangedDuringRemoval { path: PathBuf },
+    #[error(
+        "sandbox name {name:?} is reserved: names of the form u<UID>-… hold the sandboxes the daemon keeps \
+         for user {tenant} (each user's names are their own); choose another name"
+    )]
+    ReservedName { name: String, tenant: u32 },
+}
+
+/// The prefix the daemon gives the sandboxes of a user other than root and
+/// itself: user 1000's `ci` is stored as `u1000-ci`, so each user's names
+/// are their own (`airlock daemon`, docs/api.md "Names").
+pub fn tenant_prefix(uid: u32) -> String {
+    format!("u{uid}-")
+}
+
+/// The user whose daemon namespace `name` is in (`u<UID>-…`), if any.
+pub fn tenant_of(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('u')?;
+    let (digits, tail) = rest.split_once('-')?;
+    // One spelling per uid: no leading zeros.
+    let canonical = !digits.is_empty() && (digits.len() == 1 || !digits.starts_with('0'));
+    (canonical && !tail.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())?
+}
+
+/// Refuses a name in another user's daemon namespace for a sandbox owned
+/// by `owner`: only the daemon creates `u<UID>-…` names, for user UID.
+pub fn check_name_owner(name: &str, owner: u32) -> Result<(), StateError> {
+    match tenant_of(name) {
+        Some(tenant) if tenant != owner => Err(StateError::ReservedName { name: name.to_owned(), tenant }),
+        _ => Ok(()),
+    }
 }
 
 /// Checks a sandbox name: `[a-z0-9][a-z0-9_.-]{0,62}`. Names become path
@@ -882,6 +913,21 @@ mod tests {
         let generated = root.create_sandbox(None).unwrap();
         validate_name(generated.name()).unwrap();
         assert!(generated.path().is_dir());
+    }
+
+    #[test]
+    fn tenant_names_are_recognised_and_reserved() {
+        assert_eq!(tenant_of(&format!("{}ci", tenant_prefix(1000))), Some(1000));
+        assert_eq!(tenant_of("u0-x"), Some(0));
+        for other in ["ci", "u-x", "ux-1", "u1000", "u1000-", "u01-x", "uu1-x", "u99999999999-x"] {
+            assert_eq!(tenant_of(other), None, "{other}");
+        }
+        assert!(check_name_owner("u1000-ci", 1000).is_ok());
+        assert!(check_name_owner("ci", 0).is_ok());
+        assert!(matches!(
+            check_name_owner("u1000-ci", 0),
+            Err(StateError::ReservedName { tenant: 1000, .. })
+        ));
     }
 
     #[test]

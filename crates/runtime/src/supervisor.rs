@@ -20,11 +20,12 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use airlock_policy::{Overrides, Policy};
+use airlock_proto::file::{FILE_CHUNK, FILE_WINDOW, FileError, FileOp, FileReply};
 use airlock_proto::supervisor::{ExecEvent, ExecSpec, Reply, Request};
 use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Stream};
 use serde::{Deserialize, Serialize};
@@ -85,6 +86,10 @@ pub struct Created {
 /// sandbox runs (or says why it could not).
 pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError> {
     // Validate here, so that a bad request fails fast with the real error.
+    let owner_uid = req.owner_uid.unwrap_or_else(|| rustix::process::getuid().as_raw());
+    if let Some(name) = &req.name {
+        crate::state::check_name_owner(name, owner_uid)?;
+    }
     let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
     drop(policy);
     let o = &req.overrides;
@@ -97,7 +102,7 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
         env: o.env.iter().cloned().chain(req.env.iter().cloned()).collect(),
         workspace_mode: o.workspace_mode.map(|m| m.to_string()),
         allow: o.allow.clone(),
-        owner_uid: req.owner_uid.unwrap_or_else(|| rustix::process::getuid().as_raw()),
+        owner_uid,
     };
     let spec_json = serde_json::to_vec(&spec).map_err(|e| RunError::Supervisor(e.to_string()))?;
     let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
@@ -270,6 +275,15 @@ enum Control {
 
 type ExecRoutes = Arc<Mutex<HashMap<u32, Route>>>;
 
+/// Where the agent's answers to each file operation go. Bounded: the agent
+/// may run `FILE_WINDOW` chunks ahead of our acknowledgements and no more;
+/// one that does anyway loses its route (the operation fails), so a hostile
+/// agent cannot make the supervisor buffer without limit.
+type FileRoutes = Arc<Mutex<HashMap<u32, SyncSender<FileReply>>>>;
+
+/// How long a file operation waits for the agent's next answer.
+const FILE_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Where an exec's events go, and whether its output is the sandbox's
 /// (logged) or a file being copied (not).
 struct Route {
@@ -342,6 +356,7 @@ impl Supervisor {
             launched.control.try_clone().map_err(|e| RunError::Supervisor(e.to_string()))?,
         ));
         let routes: ExecRoutes = Arc::new(Mutex::new(HashMap::new()));
+        let file_routes: FileRoutes = Arc::new(Mutex::new(HashMap::new()));
         let (control_tx, control_rx) = mpsc::channel();
         let last_activity = Arc::new(Mutex::new(Instant::now()));
         let running_execs = Arc::new(AtomicU32::new(0));
@@ -350,10 +365,19 @@ impl Supervisor {
         let audit =
             Arc::new(Mutex::new(AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size)));
 
-        spawn_agent_reader(agent_reader, routes.clone(), control_tx.clone(), last_activity.clone(), logs);
+        spawn_agent_reader(
+            agent_reader,
+            routes.clone(),
+            file_routes.clone(),
+            control_tx.clone(),
+            last_activity.clone(),
+            logs,
+        );
         let server = Server {
             agent: agent.clone(),
             routes: routes.clone(),
+            file_routes,
+            file_limit: policy.limits.disk,
             control: control_tx,
             deadline: deadline.clone(),
             idle_timeout: req.idle_timeout,
@@ -543,6 +567,7 @@ impl Logs {
 fn spawn_agent_reader(
     mut agent: UnixStream,
     routes: ExecRoutes,
+    file_routes: FileRoutes,
     control: Sender<Control>,
     last_activity: Arc<Mutex<Instant>>,
     mut logs: Logs,
@@ -572,6 +597,10 @@ fn spawn_agent_reader(
                 AgentMessage::ExecEnded { id, code, signal } => {
                     (id, ExecEvent::Exited { code, signal, timed_out: false }, true)
                 }
+                AgentMessage::File { id, reply } => {
+                    route_file_reply(&file_routes, id, reply);
+                    continue;
+                }
                 _ => continue,
             };
             if let Ok(mut r) = routes.lock() {
@@ -587,11 +616,26 @@ fn spawn_agent_reader(
     });
 }
 
+/// Hands an agent's answer to the file operation waiting for it. An agent
+/// that runs past its window loses the route: the operation then fails.
+fn route_file_reply(file_routes: &FileRoutes, id: u32, reply: FileReply) {
+    let Ok(mut routes) = file_routes.lock() else { return };
+    let last = matches!(reply, FileReply::Done | FileReply::Failed(_));
+    let delivered = routes.get(&id).is_some_and(|tx| tx.try_send(reply).is_ok());
+    if last || !delivered {
+        routes.remove(&id);
+    }
+}
+
 /// Serves client connections; cloned per connection.
 #[derive(Clone)]
 struct Server {
     agent: Arc<Mutex<UnixStream>>,
     routes: ExecRoutes,
+    file_routes: FileRoutes,
+    /// The most a read may return: the policy's disk budget, which is also
+    /// the largest file anything in the sandbox can write (RLIMIT_FSIZE).
+    file_limit: u64,
     control: Sender<Control>,
     deadline: Arc<AtomicU64>,
     idle_timeout: Option<Duration>,
@@ -636,6 +680,7 @@ impl Server {
         };
         let reply = match request {
             Request::Exec(spec) => return self.exec(conn, spec),
+            Request::File(op) => return self.file(conn, op),
             Request::Stop => {
                 let _ = self.control.send(Control::Stop);
                 Reply::Ok
@@ -799,9 +844,108 @@ impl Server {
         }
     }
 
+    /// Runs a file operation in the agent and relays its answers, checking
+    /// each against what was asked: the agent is inside the sandbox.
+    fn file(&self, mut conn: UnixStream, op: FileOp) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (op, limit) = match op {
+            FileOp::Read { path, max_bytes } => {
+                let limit = max_bytes.map_or(self.file_limit, |m| m.min(self.file_limit));
+                (FileOp::Read { path, max_bytes: Some(limit) }, limit)
+            }
+        };
+        let path = op.path().to_string_lossy().into_owned();
+        let (tx, rx) = mpsc::sync_channel(FILE_WINDOW as usize + 2);
+        if let Ok(mut routes) = self.file_routes.lock() {
+            routes.insert(id, tx);
+        }
+        let to_agent = |msg: &HostMessage| {
+            self.agent.lock().map(|mut a| airlock_proto::send(&mut *a, msg).is_ok()).unwrap_or(false)
+        };
+        let mut relay = FileRelay { limit, opened: false, received: 0 };
+        let outcome = if to_agent(&HostMessage::File { id, op }) {
+            loop {
+                let reply = match rx.recv_timeout(FILE_ANSWER_TIMEOUT) {
+                    Ok(reply) => relay.check(reply),
+                    Err(_) => FileReply::Failed(FileError::Aborted),
+                };
+                let data = matches!(reply, FileReply::Data { .. });
+                let end = match &reply {
+                    FileReply::Done => Some(Ok(())),
+                    FileReply::Failed(e) => Some(Err(e.clone())),
+                    _ => None,
+                };
+                if airlock_proto::send(&mut conn, &Reply::File(reply)).is_err() {
+                    break Err(FileError::Aborted);
+                }
+                if let Some(end) = end {
+                    break end;
+                }
+                if data {
+                    to_agent(&HostMessage::FileAck { id });
+                }
+            }
+        } else {
+            let _ = airlock_proto::send(&mut conn, &Reply::File(FileReply::Failed(FileError::Aborted)));
+            Err(FileError::Aborted)
+        };
+        let gone = self.file_routes.lock().map(|mut r| r.remove(&id).is_some()).unwrap_or(false);
+        if gone || outcome.is_err() {
+            // Still running in the agent (its client left, or it broke the
+            // rules): stop it. The agent ignores ids it no longer knows.
+            to_agent(&HostMessage::FileCancel { id });
+        }
+        self.record(AuditEvent::FileRead {
+            path,
+            bytes: relay.received,
+            refused: outcome.err().map(|e| format!("{e:?}")),
+        });
+        if let Ok(mut t) = self.last_activity.lock() {
+            *t = Instant::now();
+        }
+    }
+
     fn record(&self, event: AuditEvent) {
         if let Ok(mut audit) = self.audit.lock() {
             let _ = audit.record(event);
+        }
+    }
+}
+
+/// The supervisor's view of one read: what the agent may still send.
+struct FileRelay {
+    limit: u64,
+    opened: bool,
+    received: u64,
+}
+
+impl FileRelay {
+    /// The answer to pass on: the agent's, or the failure it earned by
+    /// breaking the protocol or the cap.
+    fn check(&mut self, reply: FileReply) -> FileReply {
+        match reply {
+            FileReply::Opened { size, mode, .. } if !self.opened => {
+                self.opened = true;
+                if size > self.limit {
+                    return FileReply::Failed(FileError::TooLarge { size, limit: self.limit });
+                }
+                FileReply::Opened { size, mode, limit: self.limit }
+            }
+            FileReply::Data { data } if self.opened && data.len() <= FILE_CHUNK => {
+                self.received += data.len() as u64;
+                if self.received > self.limit {
+                    return FileReply::Failed(FileError::TooLarge { size: self.received, limit: self.limit });
+                }
+                FileReply::Data { data }
+            }
+            FileReply::Done if self.opened => FileReply::Done,
+            FileReply::Failed(FileError::Aborted) => FileReply::Failed(FileError::Aborted),
+            FileReply::Failed(e)
+                if !self.opened || matches!(e, FileError::TooLarge { .. } | FileError::Os { .. }) =>
+            {
+                FileReply::Failed(e)
+            }
+            _ => FileReply::Failed(FileError::Aborted),
         }
     }
 }
@@ -917,6 +1061,27 @@ impl SupervisorClient {
         }
     }
 
+    /// Runs a file operation and hands each answer to `on_reply`, until the
+    /// last (`Done` or `Failed`) or until `on_reply` answers false (the
+    /// operation is then abandoned: the connection closes and the
+    /// supervisor cancels it).
+    pub fn file(&self, op: &FileOp, on_reply: &mut dyn FnMut(FileReply) -> bool) -> io::Result<()> {
+        let mut conn = self.request(&Request::File(op.clone()))?;
+        loop {
+            match airlock_proto::recv::<_, Reply>(&mut conn).map_err(io::Error::other)? {
+                Some(Reply::File(reply)) => {
+                    let last = matches!(reply, FileReply::Done | FileReply::Failed(_));
+                    if !on_reply(reply) || last {
+                        return Ok(());
+                    }
+                }
+                Some(Reply::Error { message }) => return Err(io::Error::other(message)),
+                Some(_) => return Err(io::Error::other("the supervisor answered out of turn")),
+                None => return Err(io::Error::other("the sandbox stopped during the file operation")),
+            }
+        }
+    }
+
     pub fn stop(&self) -> io::Result<()> {
         self.simple(&Request::Stop).map(drop)
     }
@@ -927,5 +1092,61 @@ impl SupervisorClient {
 
     pub fn status(&self) -> io::Result<Reply> {
         self.simple(&Request::Status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn data(n: usize) -> FileReply {
+        FileReply::Data { data: vec![7; n] }
+    }
+
+    #[test]
+    fn the_relay_holds_the_agent_to_the_cap_and_the_protocol() {
+        let mut relay = FileRelay { limit: 100, opened: false, received: 0 };
+        // Data before the file is open is a broken protocol.
+        assert_eq!(relay.check(data(1)), FileReply::Failed(FileError::Aborted));
+        // The agent cannot raise the cap it was given.
+        assert_eq!(
+            relay.check(FileReply::Opened { size: 10, mode: 0o644, limit: u64::MAX }),
+            FileReply::Opened { size: 10, mode: 0o644, limit: 100 }
+        );
+        assert_eq!(relay.check(data(60)), data(60));
+        assert_eq!(
+            relay.check(data(41)),
+            FileReply::Failed(FileError::TooLarge { size: 101, limit: 100 }),
+            "more bytes than the cap, whatever fstat said"
+        );
+        let mut relay = FileRelay { limit: 1 << 30, opened: true, received: 0 };
+        assert_eq!(relay.check(data(FILE_CHUNK + 1)), FileReply::Failed(FileError::Aborted));
+        assert_eq!(
+            relay.check(FileReply::Failed(FileError::NotFound)),
+            FileReply::Failed(FileError::Aborted),
+            "a file found missing after it was opened is a lie"
+        );
+        let mut relay = FileRelay { limit: 5, opened: false, received: 0 };
+        assert_eq!(
+            relay.check(FileReply::Opened { size: 6, mode: 0o644, limit: 5 }),
+            FileReply::Failed(FileError::TooLarge { size: 6, limit: 5 })
+        );
+    }
+
+    #[test]
+    fn an_agent_past_its_window_loses_its_route() {
+        let routes: FileRoutes = Arc::new(Mutex::new(HashMap::new()));
+        let (tx, rx) = mpsc::sync_channel(2);
+        routes.lock().unwrap().insert(4, tx);
+        route_file_reply(&routes, 4, data(1));
+        route_file_reply(&routes, 4, data(1));
+        assert!(routes.lock().unwrap().contains_key(&4));
+        route_file_reply(&routes, 4, data(1));
+        assert!(!routes.lock().unwrap().contains_key(&4), "a full window drops the route");
+        assert_eq!(rx.iter().count(), 2, "and the waiting side sees the end");
+        // Unknown ids are ignored.
+        route_file_reply(&routes, 9, FileReply::Done);
     }
 }

@@ -2,7 +2,6 @@
 //! notifier, the metrics, and the names being created right now.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use airlock_runtime::state::StateRoot;
@@ -89,6 +88,11 @@ impl App {
         Ok(BusyGuard { app: self.clone(), name: name.to_owned() })
     }
 
+    /// Whose names `peer` uses (see `scope`).
+    pub fn scope(&self, peer: &crate::auth::Peer) -> crate::scope::Scope {
+        crate::scope::Scope::of(peer, self.daemon_uid)
+    }
+
     pub fn busy_with(&self, name: &str) -> Option<Op> {
         self.busy.lock().unwrap_or_else(|p| p.into_inner()).get(name).copied()
     }
@@ -124,28 +128,63 @@ impl Drop for BusyGuard {
     }
 }
 
-/// Counters for `/metrics` (since this daemon started).
+/// Counters for `/metrics` (since this daemon started), kept per user so
+/// that each caller is shown their own totals (root: everyone's).
 #[derive(Default)]
 pub struct Metrics {
-    execs: AtomicU64,
-    responses: Mutex<BTreeMap<u16, u64>>,
+    /// Execs started, by the owner of the sandbox they ran in.
+    execs: Mutex<BTreeMap<u32, u64>>,
+    /// Responses by caller (`None`: one that could not be identified) and
+    /// status.
+    responses: Mutex<BTreeMap<(Option<u32>, u16), u64>>,
 }
 
 impl Metrics {
-    pub fn count_exec(&self) {
-        self.execs.fetch_add(1, Ordering::Relaxed);
+    pub fn count_exec(&self, owner: u32) {
+        *self.execs.lock().unwrap_or_else(|p| p.into_inner()).entry(owner).or_default() += 1;
     }
 
-    pub fn execs(&self) -> u64 {
-        self.execs.load(Ordering::Relaxed)
+    /// Execs in the sandboxes of `owner`, or in all of them (`None`).
+    pub fn execs(&self, owner: Option<u32>) -> u64 {
+        let execs = self.execs.lock().unwrap_or_else(|p| p.into_inner());
+        execs.iter().filter(|(uid, _)| owner.is_none_or(|o| o == **uid)).map(|(_, n)| n).sum()
     }
 
-    pub fn count_response(&self, status: StatusCode) {
+    pub fn count_response(&self, caller: Option<u32>, status: StatusCode) {
         let mut responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
-        *responses.entry(status.as_u16()).or_default() += 1;
+        *responses.entry((caller, status.as_u16())).or_default() += 1;
     }
 
-    pub fn responses(&self) -> BTreeMap<u16, u64> {
-        self.responses.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// Responses by status to `caller`, or to everyone (`None`).
+    pub fn responses(&self, caller: Option<u32>) -> BTreeMap<u16, u64> {
+        let responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = BTreeMap::new();
+        for ((uid, status), n) in responses.iter() {
+            if caller.is_none() || *uid == caller {
+                *out.entry(*status).or_default() += n;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_caller_counts_alone_and_root_counts_all() {
+        let m = Metrics::default();
+        m.count_exec(1000);
+        m.count_exec(0);
+        m.count_exec(0);
+        m.count_response(Some(1000), StatusCode::OK);
+        m.count_response(Some(0), StatusCode::OK);
+        m.count_response(Some(0), StatusCode::NOT_FOUND);
+        m.count_response(None, StatusCode::FORBIDDEN);
+        assert_eq!((m.execs(Some(1000)), m.execs(Some(1001)), m.execs(None)), (1, 0, 3));
+        assert_eq!(m.responses(Some(1000)), BTreeMap::from([(200, 1)]));
+        assert!(m.responses(Some(1001)).is_empty());
+        assert_eq!(m.responses(None), BTreeMap::from([(200, 2), (403, 1), (404, 1)]));
     }
 }

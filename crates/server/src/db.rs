@@ -48,6 +48,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_by_owner ON events(owner_uid, id);",
     // 2: events by sandbox, to keep each sandbox's history bounded.
     "CREATE INDEX events_by_sandbox ON events(sandbox, id);",
+    // 3: events numbered per owner, so a user's event ids say nothing of
+    // how many events other users' sandboxes made in between.
+    "ALTER TABLE events ADD COLUMN owner_seq INTEGER;
+    UPDATE events SET owner_seq = (
+        SELECT COUNT(*) FROM events AS e WHERE e.owner_uid = events.owner_uid AND e.id <= events.id
+    ) WHERE owner_uid IS NOT NULL;
+    CREATE UNIQUE INDEX events_by_owner_seq ON events(owner_uid, owner_seq);",
 ];
 
 /// Events kept per sandbox name: the oldest go once a sandbox (or the
@@ -91,6 +98,8 @@ pub struct SandboxRow {
 /// One row of `events`, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventRow {
+    /// For root, the event's number in the whole log; for a user, in their
+    /// own events (see [`Db::events_after`]).
     pub id: i64,
     pub ts: String,
     pub sandbox: Option<String>,
@@ -262,9 +271,10 @@ impl Db {
             .map_err(self.err())
     }
 
-    /// Appends an event, its detail's strings and lists capped (with a
-    /// marker saying so); then drops the sandbox's oldest events beyond
-    /// [`EVENTS_PER_SANDBOX`]. Returns the new event's id.
+    /// Appends an event, numbered in the whole log and among its owner's,
+    /// its detail's strings and lists capped (with a marker saying so);
+    /// then drops the sandbox's oldest events beyond
+    /// [`EVENTS_PER_SANDBOX`]. Returns its id in the whole log.
     pub fn record_event(
         &self,
         ts: &str,
@@ -276,7 +286,9 @@ impl Db {
         let detail = airlock_runtime::caps::cap_json(detail.clone());
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO events (ts, sandbox, owner_uid, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO events (ts, sandbox, owner_uid, kind, detail, owner_seq) VALUES (?1, ?2, ?3, ?4, ?5,
+                 CASE WHEN ?3 IS NULL THEN NULL
+                      ELSE (SELECT COALESCE(MAX(owner_seq), 0) + 1 FROM events WHERE owner_uid = ?3) END)",
             params![ts, sandbox, owner_uid, kind, detail.to_string()],
         )
         .map_err(self.err())?;
@@ -292,25 +304,36 @@ impl Db {
         Ok(id)
     }
 
-    /// Events after `after`, oldest first, at most `limit`; only those of
-    /// `owner` unless it is `None` (root sees all). `sandbox` narrows further.
+    /// Events after `after`, oldest first, at most `limit`. With `owner`
+    /// `None` (root) every event, numbered in the whole log; with an owner
+    /// only theirs, numbered among theirs (1, 2, 3, … with no gaps where
+    /// other users' events fall). `sandboxes`, when not empty, narrows to
+    /// events of those (stored) names.
     pub fn events_after(
         &self,
         after: i64,
         owner: Option<u32>,
-        sandbox: Option<&str>,
+        sandboxes: &[String],
         limit: u32,
     ) -> Result<Vec<EventRow>, DbError> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
+        let names = (!sandboxes.is_empty()).then(|| serde_json::json!(sandboxes).to_string());
+        let sql = match owner {
+            None => {
                 "SELECT id, ts, sandbox, kind, detail FROM events
-                 WHERE id > ?1 AND (?2 IS NULL OR owner_uid = ?2) AND (?3 IS NULL OR sandbox = ?3)
-                 ORDER BY id LIMIT ?4",
-            )
-            .map_err(self.err())?;
+                 WHERE id > ?1 AND ?2 IS NULL AND (?3 IS NULL OR sandbox IN (SELECT value FROM json_each(?3)))
+                 ORDER BY id LIMIT ?4"
+            }
+            Some(_) => {
+                "SELECT owner_seq, ts, sandbox, kind, detail FROM events
+                 WHERE owner_uid = ?2 AND owner_seq > ?1
+                   AND (?3 IS NULL OR sandbox IN (SELECT value FROM json_each(?3)))
+                 ORDER BY owner_seq LIMIT ?4"
+            }
+        };
+        let mut stmt = conn.prepare(sql).map_err(self.err())?;
         let rows = stmt
-            .query_map(params![after, owner, sandbox, limit], |r| {
+            .query_map(params![after, owner, names, limit], |r| {
                 let detail: String = r.get(4)?;
                 Ok(EventRow {
                     id: r.get(0)?,
@@ -435,17 +458,49 @@ mod tests {
     fn events_are_filtered_by_owner_and_sandbox() {
         let db = Db::in_memory().unwrap();
         let detail = serde_json::json!({"k": 1});
-        let first = db.record_event("t", Some("a"), Some(1000), "created", &detail).unwrap();
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        db.record_event("t", Some("a"), Some(1000), "created", &detail).unwrap();
         db.record_event("t", Some("b"), Some(0), "created", &detail).unwrap();
+        db.record_event("t", Some("b"), Some(0), "stopped", &detail).unwrap();
+        db.record_event("t", None, None, "daemon", &detail).unwrap();
         db.record_event("t", Some("a"), Some(1000), "stopped", &detail).unwrap();
-        let all = db.events_after(0, None, None, 100).unwrap();
-        assert_eq!(all.len(), 3);
-        let mine = db.events_after(0, Some(1000), None, 100).unwrap();
+        let all = db.events_after(0, None, &[], 100).unwrap();
+        assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        let mine = db.events_after(0, Some(1000), &[], 100).unwrap();
         assert_eq!(mine.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["created", "stopped"]);
+        // Numbered among the owner's own: no gap where root's events fell.
+        assert_eq!(mine.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(mine[0].detail, detail);
-        assert_eq!(db.events_after(first, Some(1000), None, 100).unwrap().len(), 1);
-        assert_eq!(db.events_after(0, None, Some("b"), 100).unwrap().len(), 1);
-        assert_eq!(db.events_after(0, None, None, 2).unwrap().len(), 2);
+        assert_eq!(db.events_after(1, Some(1000), &[], 100).unwrap().len(), 1);
+        assert_eq!(db.events_after(0, None, &names(&["b"]), 100).unwrap().len(), 2);
+        assert_eq!(db.events_after(0, Some(1000), &names(&["b"]), 100).unwrap().len(), 0);
+        assert_eq!(db.events_after(0, None, &names(&["a", "b"]), 100).unwrap().len(), 4);
+        assert_eq!(db.events_after(0, None, &[], 2).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn migration_3_numbers_existing_events_per_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(
+            "PRAGMA user_version = 1;
+             INSERT INTO events (ts, sandbox, owner_uid, kind) VALUES
+               ('t', 'a', 1000, 'created'), ('t', 'r', 0, 'created'), ('t', NULL, NULL, 'x'),
+               ('t', 'a', 1000, 'stopped');",
+        )
+        .unwrap();
+        drop(conn);
+        let db = Db::open(&path).unwrap();
+        let mine = db.events_after(0, Some(1000), &[], 100).unwrap();
+        assert_eq!(
+            mine.iter().map(|e| (e.id, e.kind.as_str())).collect::<Vec<_>>(),
+            [(1, "created"), (2, "stopped")]
+        );
+        db.record_event("t", Some("a"), Some(1000), "destroyed", &serde_json::json!({})).unwrap();
+        assert_eq!(db.events_after(2, Some(1000), &[], 100).unwrap()[0].id, 3);
+        assert_eq!(db.events_after(0, Some(0), &[], 100).unwrap()[0].id, 1);
     }
 
     #[test]
@@ -457,7 +512,7 @@ mod tests {
         let argv = vec!["x".repeat(900_000)];
         db.record_event("t", Some("a"), Some(1), "exec_started", &serde_json::json!({ "argv": argv }))
             .unwrap();
-        let stored = &db.events_after(0, None, None, 10).unwrap()[0];
+        let stored = &db.events_after(0, None, &[], 10).unwrap()[0];
         let text = stored.detail.to_string();
         assert!(text.len() < 2000 && text.contains("[cut by airlock: 900000 bytes in all]"), "{text}");
         let exec = db.exec_started("a", &argv, None, "t").unwrap();
@@ -476,7 +531,7 @@ mod tests {
         };
         assert_eq!(count("a"), KEEP);
         assert_eq!(count("b"), 1, "another sandbox's events are not touched");
-        let latest = db.events_after(other, None, Some("a"), 100_000).unwrap();
+        let latest = db.events_after(other, None, &["a".to_string()], 100_000).unwrap();
         assert_eq!(latest.last().unwrap().detail["i"], KEEP + 49);
     }
 }

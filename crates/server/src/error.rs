@@ -78,7 +78,9 @@ impl From<StateError> for ApiError {
     fn from(e: StateError) -> ApiError {
         let message = e.to_string();
         match e {
-            StateError::InvalidName { .. } => ApiError::bad_request("invalid_name", message),
+            StateError::InvalidName { .. } | StateError::ReservedName { .. } => {
+                ApiError::bad_request("invalid_name", message)
+            }
             StateError::NotFound { name } => ApiError::no_sandbox(&name),
             StateError::Exists { .. } | StateError::Busy { .. } => ApiError::conflict("conflict", message),
             StateError::CorruptMeta { .. } => {

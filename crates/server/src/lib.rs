@@ -17,6 +17,7 @@
 //! api/*     handlers, one file per resource (exec_session: the interactive exec)
 //! sandbox   state dir + index row → what the API shows; tenancy checks
 //! auth      the caller (Peer), and what a user may name on the host
+//! scope     sandbox names per owner (stored `u<UID>-NAME` for other users)
 //! db        SQLite schema, migrations, queries
 //! reconcile index ↔ state directories, dead supervisors
 //! ```
@@ -31,6 +32,7 @@ mod extract;
 mod reconcile;
 pub mod routes;
 mod sandbox;
+mod scope;
 mod serve;
 mod tcp;
 

@@ -244,7 +244,7 @@ mod tests {
         assert_eq!(app.db.sandbox("orphan").unwrap().unwrap().state, "failed");
         assert!(app.db.sandbox("gone").unwrap().is_none());
         let kinds: Vec<String> =
-            app.db.events_after(0, None, None, 100).unwrap().into_iter().map(|e| e.kind).collect();
+            app.db.events_after(0, None, &[], 100).unwrap().into_iter().map(|e| e.kind).collect();
         assert!(kinds.contains(&"supervisor_lost".to_string()), "{kinds:?}");
         assert!(kinds.contains(&"destroyed".to_string()), "{kinds:?}");
 

@@ -5,13 +5,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, UNIX_EPOCH};
 
-use airlock_runtime::state::{SandboxDir, SandboxMeta, SandboxState};
+use airlock_runtime::state::{SandboxDir, SandboxMeta, SandboxState, StateError};
 use serde::Serialize;
 
 use crate::app::App;
 use crate::auth::Peer;
 use crate::db::SandboxRow;
 use crate::error::ApiError;
+use crate::scope::Scope;
 
 /// The states the API reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -134,29 +135,68 @@ pub fn load(app: &App, dir: SandboxDir, row: Option<&SandboxRow>) -> Result<Load
     })
 }
 
-/// The sandbox `name` if `peer` may see it; a sandbox of another user is
-/// "not found", exactly like one that does not exist (and the denial is
-/// logged).
+/// The sandbox `peer` calls `name`, if they may see it; a sandbox of
+/// another user is "not found", exactly like one that does not exist (and
+/// the denial is logged). Names are the caller's own (`scope`): the
+/// returned sandbox's `name()` is its stored name, for the runtime and the
+/// index; messages quote `name`.
 pub fn authorize(app: &App, peer: &Peer, name: &str) -> Result<Loaded, ApiError> {
-    let dir = app.root.open(name)?;
-    let row = app.db.sandbox(name)?;
+    let scope = app.scope(peer);
+    let stored = scope.stored(name)?;
+    let dir = match app.root.open(&stored) {
+        Ok(dir) => dir,
+        Err(StateError::NotFound { .. }) => {
+            // A plain name can still be the caller's own sandbox from before
+            // names were per owner. The index decides, not the directory:
+            // someone else's sandbox of that name is not even read, so the
+            // answer takes no longer for it than for a name nobody has.
+            let own_legacy = scope.legacy(name).filter(|legacy| {
+                app.db.sandbox(legacy).ok().flatten().is_some_and(|r| r.owner_uid == peer.uid)
+            });
+            match own_legacy.map(|legacy| app.root.open(&legacy)) {
+                Some(Ok(dir)) => dir,
+                Some(Err(StateError::NotFound { .. })) | None => return Err(ApiError::no_sandbox(name)),
+                Some(Err(e)) => return Err(scope.reword(e.into(), &stored, name)),
+            }
+        }
+        Err(e) => return Err(scope.reword(e.into(), &stored, name)),
+    };
+    let row = app.db.sandbox(dir.name())?;
     let loaded = load(app, dir, row.as_ref())?;
-    if !peer.may_access(loaded.owner_uid) {
-        tracing::warn!(uid = peer.uid, pid = ?peer.pid, sandbox = name, owner = loaded.owner_uid, "denied: sandbox of another user");
+    if !peer.may_access(loaded.owner_uid) || scope.shown(loaded.name(), loaded.owner_uid).is_none() {
+        tracing::warn!(uid = peer.uid, pid = ?peer.pid, sandbox = loaded.name(), owner = loaded.owner_uid, "denied: sandbox of another user");
         return Err(ApiError::no_sandbox(name));
     }
     Ok(loaded)
 }
 
-/// Every sandbox `peer` may see, oldest first.
+/// Every sandbox `peer` may see, oldest first. A user's listing loads only
+/// their own sandboxes (their prefix, or an index row of theirs): how long
+/// it takes does not depend on anyone else's.
 pub fn visible(app: &App, peer: &Peer) -> Result<Vec<Loaded>, ApiError> {
+    let scope = app.scope(peer);
     let rows: HashMap<String, SandboxRow> =
         app.db.sandboxes()?.into_iter().map(|r| (r.name.clone(), r)).collect();
     let mut out = Vec::new();
     for dir in app.root.list()? {
         let row = rows.get(dir.name());
+        let candidate = match scope.tenant() {
+            None => true,
+            Some(uid) => {
+                dir.name().starts_with(&airlock_runtime::state::tenant_prefix(uid))
+                    || row.is_some_and(|r| r.owner_uid == uid && scope.may_hold(&r.name))
+            }
+        };
+        if !candidate {
+            continue;
+        }
         match load(app, dir, row) {
-            Ok(loaded) if peer.may_access(loaded.owner_uid) => out.push(loaded),
+            Ok(loaded)
+                if peer.may_access(loaded.owner_uid)
+                    && scope.shown(loaded.name(), loaded.owner_uid).is_some() =>
+            {
+                out.push(loaded)
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!("skipping a sandbox in the listing: {e}"),
         }
@@ -207,10 +247,11 @@ pub struct Detail {
     pub applied_at: Option<String>,
 }
 
-pub fn view(loaded: &Loaded) -> SandboxView {
+/// What `scope`'s caller is shown of `loaded`: under their own name.
+pub fn view(loaded: &Loaded, scope: &Scope) -> SandboxView {
     let meta = loaded.meta.as_ref();
     SandboxView {
-        name: loaded.name().to_owned(),
+        name: scope.shown(loaded.name(), loaded.owner_uid).unwrap_or_else(|| loaded.name().to_owned()),
         state: loaded.state,
         lost: loaded.lost,
         policy: loaded.policy(),
@@ -233,8 +274,8 @@ pub fn view(loaded: &Loaded) -> SandboxView {
 
 /// The view with the detail inspect adds. Blocks: it reads the stored
 /// policy and asks a live supervisor for its current deadline.
-pub fn inspect(app: &App, loaded: &Loaded) -> SandboxView {
-    let mut v = view(loaded);
+pub fn inspect(app: &App, loaded: &Loaded, scope: &Scope) -> SandboxView {
+    let mut v = view(loaded, scope);
     let meta = loaded.meta.as_ref();
     let limits = airlock_policy::Policy::load_file(&loaded.dir.policy_path()).ok().map(|p| {
         serde_json::json!({
@@ -326,5 +367,80 @@ mod tests {
         assert_eq!(api_state(Some(&meta(SandboxState::Failed)), false, false), (Failed, false));
         assert_eq!(ApiState::parse("stopped").ok(), Some(Stopped));
         assert!(ApiState::parse("exited").is_err());
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeMap;
+
+    use airlock_runtime::state::StateRoot;
+
+    use super::*;
+    use crate::db::Db;
+
+    /// A stopped sandbox `name` owned by `owner`, indexed.
+    fn sandbox(app: &App, name: &str, owner: u32) {
+        let dir = app.root.create_sandbox(Some(name)).unwrap();
+        let meta = serde_json::json!({
+            "name": name, "created_at": "2026-01-01T00:00:00.000Z", "policy": "dev", "workspace": null,
+            "workspace_mode": "none", "command": [], "state": "stopped", "supervisor_pid": null,
+            "host_uid": null, "cgroup": null, "started_at": null, "finished_at": null,
+            "exit": null, "applied_at": null, "degraded": [], "owner_uid": owner
+        });
+        std::fs::write(dir.meta_path(), serde_json::to_vec(&meta).unwrap()).unwrap();
+        let row = SandboxRow {
+            name: name.into(),
+            owner_uid: owner,
+            labels: BTreeMap::new(),
+            policy: "dev".into(),
+            state: "stopped".into(),
+            created_at: "t".into(),
+        };
+        app.db.upsert_sandbox(&row).unwrap();
+    }
+
+    #[test]
+    fn users_reach_their_own_names_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let app = App::with_db(StateRoot::at(tmp.path().to_path_buf()), Db::in_memory().unwrap());
+        let (root, alice, bob) = (
+            Peer { uid: 0, gid: 0, pid: None },
+            Peer { uid: 1000, gid: 1000, pid: None },
+            Peer { uid: 1001, gid: 1001, pid: None },
+        );
+        sandbox(&app, "shared", 0);
+        sandbox(&app, "u1000-shared", 1000);
+        sandbox(&app, "u1001-shared", 1001);
+        // From before names were per owner: a plain name, owned by alice.
+        sandbox(&app, "old", 1000);
+
+        assert_eq!(authorize(&app, &alice, "shared").unwrap().name(), "u1000-shared");
+        assert_eq!(authorize(&app, &bob, "shared").unwrap().name(), "u1001-shared");
+        assert_eq!(authorize(&app, &root, "shared").unwrap().name(), "shared");
+        assert_eq!(authorize(&app, &root, "u1000-shared").unwrap().owner_uid, 1000);
+        assert_eq!(authorize(&app, &alice, "old").unwrap().name(), "old");
+        for (peer, name) in
+            [(&bob, "old"), (&bob, "u1000-shared"), (&alice, "u1001-shared"), (&alice, "nope")]
+        {
+            let err = authorize(&app, peer, name).err().unwrap();
+            assert_eq!(
+                (err.code, err.message.as_str()),
+                ("not_found", format!("no sandbox named {name}").as_str())
+            );
+        }
+
+        let shown = |peer: &Peer| {
+            let scope = app.scope(peer);
+            let mut names: Vec<String> =
+                visible(&app, peer).unwrap().iter().map(|l| view(l, &scope).name).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(shown(&alice), ["old", "shared"]);
+        assert_eq!(shown(&bob), ["shared"]);
+        assert_eq!(shown(&root), ["old", "shared", "u1000-shared", "u1001-shared"]);
     }
 }

@@ -272,7 +272,7 @@ async fn serve_connection(stream: UnixStream, router: axum::Router, app: Arc<App
                 }
                 Err(e) => refusal(&e),
             };
-            app.metrics.count_response(response.status());
+            app.metrics.count_response(peer.map(|p| p.uid), response.status());
             Ok::<_, std::convert::Infallible>(response)
         }
     });

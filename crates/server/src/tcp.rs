@@ -319,6 +319,7 @@ async fn serve_connection(
         async move {
             let admitted = authenticate(&tokens.current(), request.headers(), remote)
                 .and_then(|peer| crate::serve::admit(Some(peer), &app));
+            let caller = admitted.as_ref().ok().map(|peer| peer.uid);
             let response = match admitted {
                 Ok(peer) => {
                     request.extensions_mut().insert(peer);
@@ -338,7 +339,7 @@ async fn serve_connection(
                     response
                 }
             };
-            app.metrics.count_response(response.status());
+            app.metrics.count_response(caller, response.status());
             Ok::<Response<Body>, std::convert::Infallible>(response)
         }
     });

@@ -34,5 +34,5 @@ pub use diff::{Change, ChangeKind, Diff, DiffStat, EntryType, compute_diff, comp
 pub use digest::{ChangeDigest, ContentHash, DigestParseError};
 pub use error::{ApplyError, Refusal, RefusalReason, WorkspaceError};
 pub use fsx::MAX_DEPTH;
-pub use names::quote;
+pub use names::{printable, quote, quote_bytes};
 pub use persist::persist_layer;

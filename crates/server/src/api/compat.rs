@@ -19,6 +19,7 @@ use crate::auth::Peer;
 use crate::error::ApiError;
 use crate::extract::{JsonBody, SandboxName};
 use crate::sandbox::{self, Loaded};
+use crate::scope::Scope;
 
 pub const AGENT_LABEL: &str = "agent_name";
 
@@ -40,10 +41,12 @@ pub struct CreatedVm {
     pub ca_cert_path: Option<String>,
 }
 
-fn vm(loaded: &Loaded) -> Vm {
+/// `loaded` as a VM, under the name its caller knows it by.
+fn vm(loaded: &Loaded, scope: &Scope) -> Vm {
+    let name = scope.shown(loaded.name(), loaded.owner_uid).unwrap_or_else(|| loaded.name().to_owned());
     Vm {
-        vm_id: loaded.name().to_owned(),
-        vm_name: loaded.name().to_owned(),
+        vm_id: name.clone(),
+        vm_name: name,
         agent_name: loaded.labels.get(AGENT_LABEL).cloned().unwrap_or_default(),
         workspace_dir: loaded
             .meta
@@ -56,7 +59,12 @@ fn vm(loaded: &Loaded) -> Vm {
 
 /// `GET /vm`: the caller's sandboxes.
 pub async fn list(State(app): State<Arc<App>>, peer: Peer) -> Result<Json<Vec<Vm>>, ApiError> {
-    let vms = app.blocking(move |app| Ok(sandbox::visible(app, &peer)?.iter().map(vm).collect())).await?;
+    let vms = app
+        .blocking(move |app| {
+            let scope = app.scope(&peer);
+            Ok(sandbox::visible(app, &peer)?.iter().map(|l| vm(l, &scope)).collect())
+        })
+        .await?;
     Ok(Json(vms))
 }
 
@@ -85,7 +93,7 @@ pub async fn create(
             let loaded = create_sandbox(app, &peer, prepared)?;
             let bundle = loaded.dir.path().join("ca-bundle.pem");
             Ok(CreatedVm {
-                vm: vm(&loaded),
+                vm: vm(&loaded, &app.scope(&peer)),
                 docker_socket: None,
                 ca_cert_path: bundle.exists().then(|| bundle.to_string_lossy().into_owned()),
             })

@@ -11,7 +11,10 @@
 //! comment line every 15 s keeps idle connections alive). `since=ID` (or a
 //! `Last-Event-ID` header, as browsers send on reconnect) starts after that
 //! event; `sandbox=NAME` narrows to one sandbox. A user sees the events of
-//! their own sandboxes only.
+//! their own sandboxes only, under their own names, numbered among their
+//! own (ids without gaps where other users' events fall), and the stream's
+//! keepalives keep their own schedule: nothing in it moves with anyone
+//! else's activity.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +31,7 @@ use crate::body::ChannelBody;
 use crate::db::EventRow;
 use crate::error::ApiError;
 use crate::extract::QueryPairs;
+use crate::scope::Scope;
 
 const PAGE: u32 = 500;
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -47,29 +51,35 @@ pub async fn events(
             })?,
             None => 0,
         };
-    let sandbox = query.get("sandbox").map(str::to_owned);
-    if let Some(name) = &sandbox {
+    let scope = app.scope(&peer);
+    let mut sandboxes = Vec::new();
+    if let Some(name) = query.get("sandbox") {
         airlock_runtime::state::validate_name(name)?;
+        sandboxes.push(scope.stored(name)?);
+        sandboxes.extend(scope.legacy(name));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
-    tokio::spawn(stream(app, peer.owner_filter(), sandbox, since, follow, tx));
+    tokio::spawn(stream(app, peer.owner_filter(), scope, sandboxes, since, follow, tx));
     Ok(crate::body::streamed("text/event-stream", ChannelBody::new(rx)))
 }
 
 async fn stream(
     app: Arc<App>,
     owner: Option<u32>,
-    sandbox: Option<String>,
+    scope: Scope,
+    sandboxes: Vec<String>,
     mut last: i64,
     follow: bool,
     tx: mpsc::Sender<Bytes>,
 ) {
     // Subscribe before the first read, so nothing recorded in between is missed.
     let mut newest = app.subscribe_events();
+    // Keepalives on a fixed schedule: one that restarted with every event
+    // anywhere would tell a user when other users' sandboxes were busy.
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     loop {
-        let filter = sandbox.clone();
-        let page =
-            app.blocking(move |app| Ok(app.db.events_after(last, owner, filter.as_deref(), PAGE)?)).await;
+        let filter = sandboxes.clone();
+        let page = app.blocking(move |app| Ok(app.db.events_after(last, owner, &filter, PAGE)?)).await;
         let page = match page {
             Ok(page) => page,
             Err(e) => {
@@ -79,8 +89,11 @@ async fn stream(
             }
         };
         let full = page.len() as u32 == PAGE;
-        for event in page {
+        for mut event in page {
             last = event.id;
+            if let (Some(stored), Some(uid)) = (&event.sandbox, owner) {
+                event.sandbox = scope.shown(stored, uid);
+            }
             if tx.send(sse(&event)).await.is_err() {
                 return;
             }
@@ -93,7 +106,7 @@ async fn stream(
         }
         tokio::select! {
             changed = newest.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(KEEPALIVE) => {
+            _ = keepalive.tick() => {
                 if tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
                     return;
                 }

@@ -172,7 +172,7 @@ pub async fn exec(
     }
     let JsonBody(body) = JsonBody::<ExecBody>::from_request(request, &app).await?;
     let spec = exec_spec(body)?;
-    let client = connect(&app, peer, &name).await?;
+    let target = connect(&app, peer, &name).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let (control_tx, control_rx) = watch::channel(None);
     let (done_tx, done_rx) = oneshot::channel::<()>();
@@ -183,28 +183,23 @@ pub async fn exec(
     let worker = app.clone();
     tokio::task::spawn_blocking(move || {
         let mut out = Output { tx: &tx, gone: false, raw: false, cancelled };
-        run(
-            &worker,
-            &client,
-            &spec,
-            &name,
-            None,
-            &mut |control| _ = control_tx.send(Some(control)),
-            &mut out,
-        );
+        run(&worker, &target, &spec, None, &mut |control| _ = control_tx.send(Some(control)), &mut out);
         let _ = done_tx.send(());
     });
     Ok(crate::body::streamed("application/x-ndjson", ChannelBody::new(rx)))
 }
 
+/// A running sandbox the caller may run processes in: its supervisor, its
+/// owner and its stored name (for the index and the event log).
+pub(super) struct Target {
+    pub client: SupervisorClient,
+    pub owner: u32,
+    pub stored: String,
+}
+
 /// Checks the caller may run processes in `name` (execs, and the files
-/// API's in-sandbox scripts) and reaches its supervisor; also answers the
-/// sandbox's owner (for the event log).
-pub(super) async fn connect(
-    app: &Arc<App>,
-    peer: Peer,
-    name: &str,
-) -> Result<(SupervisorClient, u32), ApiError> {
+/// API's operations) and reaches its supervisor.
+pub(super) async fn connect(app: &Arc<App>, peer: Peer, name: &str) -> Result<Target, ApiError> {
     let target = name.to_string();
     app.blocking(move |app| {
         let loaded = sandbox::authorize(app, &peer, &target)?;
@@ -220,7 +215,7 @@ pub(super) async fn connect(
                 format!("sandbox {target} has no supervisor to run processes ({e})"),
             )
         })?;
-        Ok((client, loaded.owner_uid))
+        Ok(Target { client, owner: loaded.owner_uid, stored: loaded.name().to_owned() })
     })
     .await
 }
@@ -308,15 +303,14 @@ impl Output<'_> {
 /// The blocking half: runs the exec, sends its output, records it.
 pub(super) fn run(
     app: &App,
-    (client, owner): &(SupervisorClient, u32),
+    target: &Target,
     spec: &ExecSpec,
-    name: &str,
     input: Option<Box<dyn Read + Send>>,
     session: &mut dyn FnMut(ExecControl),
     out: &mut Output<'_>,
 ) {
-    let owner = *owner;
-    app.metrics.count_exec();
+    let (client, owner, name) = (&target.client, target.owner, target.stored.as_str());
+    app.metrics.count_exec(owner);
     let ts = airlock_runtime::now_rfc3339();
     let id = app
         .db

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 
 use airlock_proto::exec_stream as frames;
 use airlock_proto::supervisor::ExecSpec;
-use airlock_runtime::supervisor::{ExecControl, SupervisorClient};
+use airlock_runtime::supervisor::ExecControl;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
@@ -22,7 +22,7 @@ use axum::response::Response;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::exec::{ExecBody, Output, cancel_on_hangup, connect, exec_spec, run};
+use super::exec::{ExecBody, Output, Target, cancel_on_hangup, connect, exec_spec, run};
 use crate::app::App;
 use crate::auth::Peer;
 use crate::body::{ChannelBody, ChannelReader};
@@ -127,8 +127,8 @@ pub(super) async fn exec_raw(
     let body: ExecBody = serde_json::from_slice(&line)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON request line: {e}")))?;
     let spec = exec_spec(body)?;
-    let client = connect(&app, peer, &name).await?;
-    let output = start_session(app, client, spec, name, incoming, None);
+    let target = connect(&app, peer, &name).await?;
+    let output = start_session(app, target, spec, incoming, None);
     Ok(crate::body::streamed(STREAM_TYPE, ChannelBody::new(output)))
 }
 
@@ -144,7 +144,7 @@ pub(super) async fn exec_upgraded(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let JsonBody(body) = JsonBody::<ExecBody>::from_request(request, &app).await?;
     let spec = exec_spec(body)?;
-    let client = connect(&app, peer, &name).await?;
+    let target = connect(&app, peer, &name).await?;
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -173,7 +173,7 @@ pub(super) async fn exec_upgraded(
         });
         let incoming =
             Incoming { body: Body::new(ChannelBody::new(chunks_rx)), buf: Vec::new(), ended: false };
-        let mut output = start_session(app, client, spec, name, incoming, Some(gone_rx));
+        let mut output = start_session(app, target, spec, incoming, Some(gone_rx));
         while let Some(chunk) = output.recv().await {
             if writer.write_all(&chunk).await.is_err() {
                 break;
@@ -196,9 +196,8 @@ pub(super) async fn exec_upgraded(
 /// `client_gone` fires.
 fn start_session(
     app: Arc<App>,
-    client: (SupervisorClient, u32),
+    target: Target,
     spec: ExecSpec,
-    name: String,
     incoming: Incoming,
     client_gone: Option<oneshot::Receiver<()>>,
 ) -> mpsc::Receiver<Bytes> {
@@ -236,9 +235,8 @@ fn start_session(
         let mut out = Output { tx: &tx, gone: false, raw: true, cancelled };
         run(
             &app,
-            &client,
+            &target,
             &spec,
-            &name,
             Some(Box::new(input)),
             &mut |control| _ = control_tx.send(Some(control)),
             &mut out,

@@ -1,13 +1,17 @@
 //! Files inside a running sandbox, and the artifacts of any sandbox:
 //!
-//! - `GET  /v1/sandboxes/{name}/files?path=/abs` — a regular file's bytes;
+//! - `GET  /v1/sandboxes/{name}/files?path=/abs` — a regular file's bytes,
+//!   read by the sandbox's agent (`runtime::files`): no link followed at the
+//!   last component, nothing but a regular file, at most the disk budget;
 //! - `PUT  /v1/sandboxes/{name}/files?path=/abs` — writes the body there;
 //! - `GET  /v1/sandboxes/{name}/files/list?path=/abs/dir` — a directory's entries;
 //! - `GET  /v1/sandboxes/{name}/files/stat?path=/abs` — one entry;
 //! - `GET  /v1/sandboxes/{name}/artifacts` — the captured artifacts as a tar stream.
 //!
-//! The file operations never touch the host's filesystem: each is a process
-//! (`cat`, `find`) run *inside* the sandbox through its supervisor, so a path
+//! The file operations never touch the host's filesystem: a read is done
+//! by the agent, the others by a process (`sh`, `find`) run *inside* the
+//! sandbox through its supervisor (until they too become typed operations),
+//! so a path
 //! means what it means to the sandbox's own processes, `..` and symlinks
 //! included, and nothing outside the sandbox's view can be named. The names
 //! `find` reports are untrusted bytes, read NUL-separated.
@@ -18,7 +22,8 @@
 use std::cell::OnceCell;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,19 +31,23 @@ use std::task::{Context, Poll};
 use std::time::{Duration, UNIX_EPOCH};
 
 use airlock_proto::Stream;
+use airlock_proto::file::FileKind;
 use airlock_proto::supervisor::{ExecEvent, ExecSpec};
+use airlock_runtime::files::{self, ReadError};
 use airlock_runtime::supervisor::{ExecControl, SupervisorClient};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use http_body::Frame;
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::app::App;
 use crate::auth::Peer;
-use crate::body::{ChannelBody, ChannelReader, base64};
+use crate::body::{ChannelReader, base64};
 use crate::error::ApiError;
 use crate::extract::{QueryPairs, SandboxName};
 use crate::sandbox;
@@ -56,12 +65,6 @@ const STDERR_LIMIT: usize = 2048;
 const MISSING: i32 = 3;
 /// The exit status the scripts below use for "not the right kind of file".
 const WRONG_KIND: i32 = 4;
-
-/// Reads a regular file (following symlinks, as the sandbox sees them).
-/// FIFOs and devices are refused: they could block or never end.
-const READ_SCRIPT: &str = r#"if [ ! -e "$1" ]; then exit 3; fi
-if [ ! -f "$1" ]; then echo "$1: not a regular file" >&2; exit 4; fi
-exec cat -- "$1""#;
 
 /// Writes stdin to a new temporary file beside the target (whose directory
 /// must exist; an existing target must be a regular file) and prints its
@@ -158,7 +161,8 @@ impl Finish {
             (None, Some(signal), _) => format!("signal {signal}"),
             (None, None, _) => "no exit status".to_owned(),
         };
-        let stderr = String::from_utf8_lossy(&self.stderr);
+        // The sandbox's own words: escaped, for clients that print them.
+        let stderr = airlock_workspace::printable(&self.stderr);
         let stderr = stderr.trim();
         let code = if self.code == Some(WRONG_KIND) { "wrong_file_type" } else { "file_error" };
         ApiError::new(
@@ -237,8 +241,10 @@ fn collect(
 
 /// What the blocking reader of `GET .../files` sends the response body.
 enum Chunk {
+    /// The file is open and regular: the answer can start.
+    Opened,
     Data(Bytes),
-    End(Finish),
+    End(Result<u64, ReadError>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +254,6 @@ struct ReadBrokeOff(String);
 /// The streamed bytes of a file; an error ends the response abnormally, so
 /// a client never mistakes a cut-off file for a whole one.
 struct FileBody {
-    first: Option<Bytes>,
     rx: mpsc::Receiver<Chunk>,
     done: bool,
 }
@@ -261,40 +266,70 @@ impl http_body::Body for FileBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ReadBrokeOff>>> {
-        if let Some(first) = self.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(first))));
-        }
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match self.rx.poll_recv(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Chunk::Data(bytes))) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
-            Poll::Ready(Some(Chunk::End(finish))) => {
-                self.done = true;
-                if finish.ok() {
-                    Poll::Ready(None)
-                } else {
-                    Poll::Ready(Some(Err(ReadBrokeOff(finish.error("read", "the file").message))))
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            return match self.rx.poll_recv(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Chunk::Opened)) => continue,
+                Poll::Ready(Some(Chunk::Data(bytes))) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Poll::Ready(Some(Chunk::End(result))) => {
+                    self.done = true;
+                    match result {
+                        Ok(_) => Poll::Ready(None),
+                        Err(e) => Poll::Ready(Some(Err(ReadBrokeOff(e.to_string())))),
+                    }
                 }
-            }
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(Some(Err(ReadBrokeOff("the reader ended without a status".into()))))
-            }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    Poll::Ready(Some(Err(ReadBrokeOff("the reader ended without a status".into()))))
+                }
+            };
         }
     }
 }
 
-/// The blocking half of a read: streams stdout to `tx`; kills the process
-/// when the client hangs up.
-fn stream_read(client: &SupervisorClient, spec: &ExecSpec, tx: &mpsc::Sender<Chunk>) {
-    let finish =
-        run_script(client, spec, None, &mut |data| tx.blocking_send(Chunk::Data(Bytes::from(data))).is_ok());
-    let _ = tx.blocking_send(Chunk::End(finish));
+/// Hands the bytes of a read to the response body, chunk by chunk; fails
+/// (and so ends the read) once the client has hung up.
+struct ChunkSender<'a>(&'a mpsc::Sender<Chunk>);
+
+impl Write for ChunkSender<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.0
+            .blocking_send(Chunk::Data(Bytes::copy_from_slice(data)))
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
-/// `GET /v1/sandboxes/{name}/files?path=…`
+/// The API's answer to a read that failed before it began.
+fn read_refusal(e: ReadError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        ReadError::NotFound { .. } => ApiError::new(StatusCode::NOT_FOUND, "file_not_found", message),
+        ReadError::NotRegular { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "wrong_file_type", message)
+        }
+        ReadError::TooLarge { .. } | ReadError::Grew { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "file_too_large", message)
+        }
+        ReadError::Os { .. } | ReadError::Aborted { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "file_error", message)
+        }
+        ReadError::Supervisor { .. } => ApiError::conflict("not_running", message),
+        ReadError::Output { .. } => ApiError::internal(message),
+    }
+}
+
+/// `GET /v1/sandboxes/{name}/files?path=…`: a regular file, read by the
+/// sandbox's agent (the last component is not followed if it is a link; a
+/// FIFO, device, socket or directory is refused; at most the sandbox's disk
+/// budget), streamed as it is read.
 pub async fn read(
     State(app): State<Arc<App>>,
     peer: Peer,
@@ -302,21 +337,31 @@ pub async fn read(
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let path = query_path(&query)?;
-    let (client, owner) = super::exec::connect(&app, peer, &name).await?;
-    let spec = spec(READ_SCRIPT, &[&path], None);
+    let super::exec::Target { client, owner, stored } = super::exec::connect(&app, peer, &name).await?;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
-    tokio::task::spawn_blocking(move || stream_read(&client, &spec, &tx));
-    // Nothing is promised until the first bytes (or the end) arrive: a
-    // missing file is a 404, not an empty 200.
-    let first = match rx.recv().await {
-        Some(Chunk::Data(bytes)) => Some(bytes),
-        Some(Chunk::End(finish)) if finish.ok() => None,
-        Some(Chunk::End(finish)) => return Err(finish.error("read", &path)),
-        None => return Err(ApiError::internal("the file reader ended without a status")),
-    };
-    let done = first.is_none();
-    app.record_event(Some(&name), Some(owner), "file_read", serde_json::json!({ "path": path }));
-    Ok(crate::body::streamed("application/octet-stream", FileBody { first, rx, done }))
+    let target = path.clone();
+    tokio::task::spawn_blocking(move || {
+        let opened = tx.clone();
+        let result = files::read_file(
+            &client,
+            &target,
+            None,
+            &mut |_| opened.blocking_send(Chunk::Opened).map_err(|_| io::ErrorKind::BrokenPipe.into()),
+            &mut ChunkSender(&tx),
+        );
+        let _ = tx.blocking_send(Chunk::End(result));
+    });
+    // Nothing is promised until the file is known to be readable: a
+    // missing file is a 404, a FIFO a 422, not a 200 that breaks off.
+    match rx.recv().await {
+        Some(Chunk::Opened) => {}
+        Some(Chunk::End(Err(e))) => return Err(read_refusal(e)),
+        Some(Chunk::Data(_) | Chunk::End(Ok(_))) | None => {
+            return Err(ApiError::internal("the file reader ended without opening the file"));
+        }
+    }
+    app.record_event(Some(&stored), Some(owner), "file_read", serde_json::json!({ "path": path }));
+    Ok(crate::body::streamed("application/octet-stream", FileBody { rx, done: false }))
 }
 
 /// Feeds the request body to a process's stdin, refusing more than `limit`
@@ -373,7 +418,7 @@ pub async fn write(
     body: Body,
 ) -> Result<Response, ApiError> {
     let path = query_path(&query)?;
-    let (client, owner) = super::exec::connect(&app, peer, &name).await?;
+    let super::exec::Target { client, owner, stored } = super::exec::connect(&app, peer, &name).await?;
     let (stdin, stdin_rx) = mpsc::channel::<Vec<u8>>(8);
     let target = path.clone();
     let upload = tokio::task::spawn_blocking(move || {
@@ -405,7 +450,7 @@ pub async fn write(
         return Err(committed.error("write", &path));
     }
     app.record_event(
-        Some(&name),
+        Some(&stored),
         Some(owner),
         "file_written",
         serde_json::json!({ "path": path, "size": size }),
@@ -487,7 +532,7 @@ async fn find(
     format: &'static str,
 ) -> Result<Vec<Entry>, ApiError> {
     let path = query_path(query)?;
-    let (client, _) = super::exec::connect(app, peer, &name).await?;
+    let client = super::exec::connect(app, peer, &name).await?.client;
     let target = path.clone();
     let (out, over, finish) = tokio::task::spawn_blocking(move || {
         collect(&client, &spec(script, &[&target, format], Some(60)), None, LIST_LIMIT)
@@ -538,29 +583,93 @@ pub async fn stat(
     }
 }
 
-/// `GET /v1/sandboxes/{name}/artifacts`: works in any state.
+/// `GET /v1/sandboxes/{name}/artifacts`: works in any state. The files
+/// were copied out of the sandbox by the runtime (regular files only, within
+/// the policy's artifact budget), so their names and bytes are the
+/// sandbox's: the walk follows no link, takes only directories and regular
+/// files, and stops with an error (the body ends abnormally) past the
+/// budget, [`ARTIFACT_MAX_DEPTH`] or [`ARTIFACT_MAX_ENTRIES`].
 pub async fn artifacts(
     State(app): State<Arc<App>>,
     peer: Peer,
     SandboxName(name): SandboxName,
 ) -> Result<Response, ApiError> {
-    let dir = app.blocking(move |app| Ok(sandbox::authorize(app, &peer, &name)?.dir.artifacts_dir())).await?;
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let (dir, budget) = app
+        .blocking(move |app| {
+            let loaded = sandbox::authorize(app, &peer, &name)?;
+            let budget = airlock_policy::Policy::load_file(&loaded.dir.policy_path())
+                .map_or(ARTIFACT_FALLBACK_BUDGET, |p| p.artifacts.max_bytes);
+            Ok((loaded.dir.artifacts_dir(), budget))
+        })
+        .await?;
+    let (tx, rx) = mpsc::channel::<TarChunk>(16);
     tokio::task::spawn_blocking(move || {
-        let mut tar = Tar::new(ChunkWriter { tx, buf: Vec::with_capacity(CHUNK) });
+        let failed = tx.clone();
+        let limits = TarLimits { bytes: budget, entries: ARTIFACT_MAX_ENTRIES, depth: ARTIFACT_MAX_DEPTH };
+        let mut tar = Tar::new(ChunkWriter { tx, buf: Vec::with_capacity(CHUNK) }, limits);
         // A client that hangs up ends the walk with a broken pipe.
         if let Err(e) = tar.append_tree(&dir).and_then(|()| tar.finish()) {
             tracing::debug!(error = %e, "the artifacts stream ended early");
+            let _ = failed.blocking_send(TarChunk::Failed(e.to_string()));
         }
     });
-    Ok(crate::body::streamed("application/x-tar", ChannelBody::new(rx)))
+    Ok(crate::body::streamed("application/x-tar", TarBody { rx, done: false }))
 }
+
+/// Deepest directory the artifacts tar descends into.
+const ARTIFACT_MAX_DEPTH: usize = 512;
+/// Most entries (files and directories) the artifacts tar holds.
+const ARTIFACT_MAX_ENTRIES: u64 = 100_000;
+/// The byte budget when the sandbox's policy cannot be read.
+const ARTIFACT_FALLBACK_BUDGET: u64 = 1 << 30;
 
 const CHUNK: usize = 64 * 1024;
 
-/// Buffers writes into chunks for a [`ChannelBody`].
+enum TarChunk {
+    Data(Bytes),
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the artifacts archive broke off: {0}")]
+struct TarBrokeOff(String);
+
+/// The archive as it is written; a failure ends it abnormally, so a client
+/// never takes a cut-off archive for a whole one.
+struct TarBody {
+    rx: mpsc::Receiver<TarChunk>,
+    done: bool,
+}
+
+impl http_body::Body for TarBody {
+    type Data = Bytes;
+    type Error = TarBrokeOff;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, TarBrokeOff>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(TarChunk::Data(bytes))) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+            Poll::Ready(Some(TarChunk::Failed(message))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(TarBrokeOff(message))))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+/// Buffers writes into chunks for a [`TarBody`].
 struct ChunkWriter {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<TarChunk>,
     buf: Vec<u8>,
 }
 
@@ -570,7 +679,7 @@ impl ChunkWriter {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx.blocking_send(chunk).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
+        self.tx.blocking_send(TarChunk::Data(chunk)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
     }
 }
 
@@ -588,44 +697,87 @@ impl Write for ChunkWriter {
     }
 }
 
+/// How much of a tree a [`Tar`] takes before it refuses the rest.
+#[derive(Debug, Clone, Copy)]
+struct TarLimits {
+    bytes: u64,
+    entries: u64,
+    depth: usize,
+}
+
 /// A minimal ustar writer: regular files and directories only.
 struct Tar<W: Write> {
     out: W,
+    limits: TarLimits,
+    bytes: u64,
+    entries: u64,
 }
 
 /// The largest size an 11-digit octal field holds.
 const USTAR_MAX_SIZE: u64 = 0o77_777_777_777;
 
+fn over_limit(what: String) -> io::Error {
+    io::Error::other(what)
+}
+
 impl<W: Write> Tar<W> {
-    fn new(out: W) -> Tar<W> {
-        Tar { out }
+    fn new(out: W, limits: TarLimits) -> Tar<W> {
+        Tar { out, limits, bytes: 0, entries: 0 }
     }
 
     /// Every directory and regular file below `root`, in name order, named
-    /// relative to it; symlinks and other kinds are skipped, never followed.
+    /// relative to it. Each directory is reached from `root` one component
+    /// at a time, never through a symlink; symlinks and special files are
+    /// skipped, never followed or opened.
     fn append_tree(&mut self, root: &Path) -> io::Result<()> {
+        let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let root = match rustix::fs::open(root, dir_flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         let mut stack: Vec<PathBuf> = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
-            let entries = match std::fs::read_dir(root.join(&rel)) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && rel.as_os_str().is_empty() => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let mut names: Vec<_> = entries.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
+            let depth = rel.components().count();
+            if depth > self.limits.depth {
+                return Err(over_limit(format!(
+                    "the artifacts are nested deeper than {} directories",
+                    self.limits.depth
+                )));
+            }
+            let mut dir = root.try_clone()?;
+            for component in rel.components() {
+                dir = rustix::fs::openat(&dir, component.as_os_str(), dir_flags, Mode::empty())?;
+            }
+            let mut names = Vec::new();
+            for entry in rustix::fs::Dir::read_from(&dir)? {
+                let name = entry?.file_name().to_bytes().to_vec();
+                if name != b"." && name != b".." {
+                    names.push(std::ffi::OsString::from_vec(name));
+                }
+            }
             names.sort();
             let mut subdirs = Vec::new();
             for name in names {
+                self.entries += 1;
+                if self.entries > self.limits.entries {
+                    return Err(over_limit(format!(
+                        "the artifacts hold more than {} entries",
+                        self.limits.entries
+                    )));
+                }
                 let rel = rel.join(&name);
-                let full = root.join(&rel);
-                let meta = std::fs::symlink_metadata(&full)?;
-                if meta.is_dir() {
-                    if self.header(&rel, &meta, b'5', 0)? {
-                        subdirs.push(rel);
+                let stat = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+                match FileKind::from_mode(stat.st_mode) {
+                    FileKind::Directory => {
+                        if self.header(&rel, stat.st_mode, stat.st_mtime, b'5', 0)? {
+                            subdirs.push(rel);
+                        }
                     }
-                } else if meta.is_file() {
-                    self.append_file(&rel, &full)?;
-                } else {
-                    tracing::warn!(path = %full.display(), "artifacts: skipping an entry that is not a file or directory");
+                    FileKind::Regular => self.append_file(&dir, &name, &rel)?,
+                    _ => {
+                        tracing::warn!(path = %rel.display(), "artifacts: skipping an entry that is not a file or directory");
+                    }
                 }
             }
             // Popped in name order.
@@ -634,21 +786,28 @@ impl<W: Write> Tar<W> {
         Ok(())
     }
 
-    fn append_file(&mut self, rel: &Path, full: &Path) -> io::Result<()> {
-        let nofollow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
-        let file = match File::options().read(true).custom_flags(nofollow).open(full) {
-            Ok(f) => f,
+    fn append_file(&mut self, dir: &OwnedFd, name: &std::ffi::OsStr, rel: &Path) -> io::Result<()> {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+        let file = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+            Ok(fd) => File::from(fd),
             Err(e) => {
-                tracing::warn!(path = %full.display(), error = %e, "artifacts: skipping an unreadable file");
+                tracing::warn!(path = %rel.display(), error = %e, "artifacts: skipping an unreadable file");
                 return Ok(());
             }
         };
-        let meta = file.metadata()?;
-        if !meta.is_file() {
+        let stat = rustix::fs::fstat(&file)?;
+        if FileKind::from_mode(stat.st_mode) != FileKind::Regular {
             return Ok(());
         }
-        let size = meta.len();
-        if !self.header(rel, &meta, b'0', size)? {
+        let size = u64::try_from(stat.st_size).unwrap_or(0);
+        if self.bytes.saturating_add(size) > self.limits.bytes {
+            return Err(over_limit(format!(
+                "the artifacts hold more than their budget of {} bytes",
+                self.limits.bytes
+            )));
+        }
+        self.bytes += size;
+        if !self.header(rel, stat.st_mode, stat.st_mtime, b'0', size)? {
             return Ok(());
         }
         // Exactly `size` bytes, whatever the file does meanwhile.
@@ -669,12 +828,12 @@ impl<W: Write> Tar<W> {
 
     /// Writes a header; false (and a warning) when the entry cannot be
     /// represented and is skipped.
-    fn header(&mut self, rel: &Path, meta: &std::fs::Metadata, kind: u8, size: u64) -> io::Result<bool> {
+    fn header(&mut self, rel: &Path, mode: u32, mtime: i64, kind: u8, size: u64) -> io::Result<bool> {
         let mut name = rel.as_os_str().as_encoded_bytes().to_vec();
         if kind == b'5' {
             name.push(b'/');
         }
-        match ustar_header(&name, meta.mode() & 0o7777, size, meta.mtime().max(0).unsigned_abs(), kind) {
+        match ustar_header(&name, mode & 0o7777, size, mtime.max(0).unsigned_abs(), kind) {
             Some(block) => {
                 self.out.write_all(&block)?;
                 Ok(true)
@@ -820,7 +979,7 @@ mod tests {
         std::fs::write(tmp.path().join("top.txt"), "x".repeat(600)).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", tmp.path().join("link")).unwrap();
         let mut out = Vec::new();
-        let mut tar = Tar::new(&mut out);
+        let mut tar = Tar::new(&mut out, TarLimits { bytes: 1 << 20, entries: 100, depth: 10 });
         tar.append_tree(tmp.path()).unwrap();
         tar.finish().unwrap();
         assert_eq!(out.len() % 512, 0);
@@ -835,7 +994,32 @@ mod tests {
         }
         assert_eq!(names, ["out/", "top.txt", "out/deep/", "out/junit.xml"]);
         let mut empty = Vec::new();
-        Tar::new(&mut empty).append_tree(&tmp.path().join("absent")).unwrap();
+        Tar::new(&mut empty, TarLimits { bytes: 0, entries: 0, depth: 0 })
+            .append_tree(&tmp.path().join("absent"))
+            .unwrap();
         assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn a_tree_past_its_limits_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("a/b/c")).unwrap();
+        std::fs::write(tmp.path().join("a/b/c/deep.txt"), "x".repeat(10)).unwrap();
+        let tar = |limits| Tar::new(Vec::new(), limits).append_tree(tmp.path());
+        assert!(tar(TarLimits { bytes: 10, entries: 4, depth: 3 }).is_ok());
+        for (limits, want) in [
+            (TarLimits { bytes: 9, entries: 4, depth: 3 }, "budget"),
+            (TarLimits { bytes: 10, entries: 3, depth: 3 }, "entries"),
+            (TarLimits { bytes: 10, entries: 4, depth: 2 }, "deeper"),
+        ] {
+            let err = tar(limits).unwrap_err().to_string();
+            assert!(err.contains(want), "{limits:?}: {err}");
+        }
+        // The root itself must not be a link.
+        let link = tmp.path().with_extension("link");
+        std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
+        let err = Tar::new(Vec::new(), TarLimits { bytes: 10, entries: 4, depth: 3 }).append_tree(&link);
+        let _ = std::fs::remove_file(&link);
+        assert!(err.is_err());
     }
 }

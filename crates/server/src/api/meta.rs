@@ -26,9 +26,12 @@ pub async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-/// `GET /metrics`, Prometheus text format. Sandbox counts cover the
-/// sandboxes the caller may see (all of them for root).
+/// `GET /metrics`, Prometheus text format. Every total is the caller's
+/// own: their sandboxes, the execs in them, the responses to their
+/// requests; root's cover everyone. A user learns nothing of the others'
+/// activity from it.
 pub async fn metrics(State(app): State<Arc<App>>, peer: Peer) -> Result<impl IntoResponse, ApiError> {
+    let owner = peer.owner_filter();
     let by_state = app
         .blocking(move |app| {
             let mut counts: BTreeMap<&'static str, u64> =
@@ -45,14 +48,18 @@ pub async fn metrics(State(app): State<Arc<App>>, peer: Peer) -> Result<impl Int
     for (state, n) in &by_state {
         let _ = writeln!(out, "airlock_sandboxes{{state=\"{state}\"}} {n}");
     }
-    let _ =
-        writeln!(out, "# HELP airlock_execs_total Processes started through this daemon since it started.");
+    let _ = writeln!(
+        out,
+        "# HELP airlock_execs_total Processes started in your sandboxes through this daemon since it started."
+    );
     let _ = writeln!(out, "# TYPE airlock_execs_total counter");
-    let _ = writeln!(out, "airlock_execs_total {}", app.metrics.execs());
-    let _ =
-        writeln!(out, "# HELP airlock_http_requests_total API responses by status since the daemon started.");
+    let _ = writeln!(out, "airlock_execs_total {}", app.metrics.execs(owner));
+    let _ = writeln!(
+        out,
+        "# HELP airlock_http_requests_total API responses to your requests by status since the daemon started."
+    );
     let _ = writeln!(out, "# TYPE airlock_http_requests_total counter");
-    for (status, n) in app.metrics.responses() {
+    for (status, n) in app.metrics.responses(owner) {
         let _ = writeln!(out, "airlock_http_requests_total{{status=\"{status}\"}} {n}");
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out))

@@ -68,6 +68,7 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
     if let Some(name) = &body.name {
         airlock_runtime::state::validate_name(name)?;
     }
+    // `name` stays the caller's; `create_sandbox` stores it in their scope.
     let policy = body.policy.unwrap_or_else(|| "dev".to_owned());
     let builtin = Policy::builtin_names().contains(&policy.as_str());
     if !builtin {
@@ -153,29 +154,81 @@ pub async fn create(
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<(StatusCode, Json<SandboxView>), ApiError> {
     let prepared = prepare_create(&peer, body)?;
-    let view =
-        app.blocking(move |app| create_sandbox(app, &peer, prepared).map(|l| sandbox::view(&l))).await?;
+    let view = app
+        .blocking(move |app| {
+            create_sandbox(app, &peer, prepared).map(|l| sandbox::view(&l, &app.scope(&peer)))
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-/// Creates a sandbox for `peer` and indexes it. Blocks until it runs.
+/// Creates a sandbox for `peer` and indexes it. Blocks until it runs. The
+/// name (given or generated) is in the caller's own namespace (`scope`):
+/// another user's sandbox of the same name neither blocks it nor shows.
 pub fn create_sandbox(app: &Arc<App>, peer: &Peer, prepared: PreparedCreate) -> Result<Loaded, ApiError> {
-    let PreparedCreate { request, checked_workspace } = prepared;
-    let _guard = match &request.name {
+    let PreparedCreate { mut request, checked_workspace } = prepared;
+    let scope = app.scope(peer);
+    let shown = match (&request.name, scope.tenant()) {
+        (Some(name), _) => Some(name.clone()),
+        // Generated here, in the caller's namespace (the runtime would
+        // generate one in the shared one).
+        (None, Some(_)) => Some(unused_name(app, &scope)?),
+        (None, None) => None,
+    };
+    let _guard = match &shown {
         Some(name) => {
-            let guard = app.claim(name, Op::Create).map_err(|op| {
+            let stored = scope.creatable(name)?;
+            let guard = app.claim(&stored, Op::Create).map_err(|op| {
                 ApiError::conflict("conflict", format!("a sandbox named {name} is {}", op.doing()))
             })?;
-            if app.root.open(name).is_ok() {
+            let legacy_own = scope
+                .legacy(name)
+                .and_then(|legacy| app.db.sandbox(&legacy).ok().flatten())
+                .is_some_and(|row| row.owner_uid == peer.uid);
+            if app.root.open(&stored).is_ok() || legacy_own {
                 return Err(ApiError::conflict(
                     "conflict",
                     format!("a sandbox named {name} already exists; choose another name"),
                 ));
             }
+            request.name = Some(stored);
             Some(guard)
         }
         None => None,
     };
+    let reword = |e: ApiError| match (&request.name, &shown) {
+        (Some(stored), Some(shown)) => scope.reword(e, stored, shown),
+        _ => e,
+    };
+    create_claimed(app, peer, request.clone(), checked_workspace).map_err(reword)
+}
+
+/// A generated name free in `scope`'s namespace.
+fn unused_name(app: &App, scope: &crate::scope::Scope) -> Result<String, ApiError> {
+    for attempt in 0..64 {
+        let name = if attempt < 32 {
+            airlock_runtime::names::generate()
+        } else {
+            format!(
+                "{}-{}",
+                airlock_runtime::names::generate(),
+                airlock_runtime::names::random_u32() % 10_000
+            )
+        };
+        if app.root.open(&scope.stored(&name)?).is_err() {
+            return Ok(name);
+        }
+    }
+    Err(ApiError::conflict("conflict", "no unused sandbox name found; pass a name"))
+}
+
+/// [`create_sandbox`] once the stored name is claimed.
+fn create_claimed(
+    app: &Arc<App>,
+    peer: &Peer,
+    request: CreateRequest,
+    checked_workspace: Option<PathBuf>,
+) -> Result<Loaded, ApiError> {
     let started = Instant::now();
     let created = match supervisor::create(&app.root, &request) {
         Ok(created) => created,
@@ -258,11 +311,12 @@ pub async fn list(
     let states = query.all("state").map(ApiState::parse).collect::<Result<Vec<_>, _>>()?;
     let sandboxes = app
         .blocking(move |app| {
+            let scope = app.scope(&peer);
             Ok(sandbox::visible(app, &peer)?
                 .iter()
                 .filter(|l| states.is_empty() || states.contains(&l.state))
                 .filter(|l| labels.iter().all(|(k, v)| l.labels.get(k) == Some(v)))
-                .map(sandbox::view)
+                .map(|l| sandbox::view(l, &scope))
                 .collect())
         })
         .await?;
@@ -278,41 +332,40 @@ pub async fn inspect(
     let view = app
         .blocking(move |app| {
             let loaded = sandbox::authorize(app, &peer, &name)?;
-            Ok(sandbox::inspect(app, &loaded))
+            Ok(sandbox::inspect(app, &loaded, &app.scope(&peer)))
         })
         .await?;
     Ok(Json(view))
 }
 
-fn client_for(loaded: &Loaded) -> Result<SupervisorClient, ApiError> {
+/// `loaded`'s supervisor; `name` is what the caller calls it.
+fn client_for(loaded: &Loaded, name: &str) -> Result<SupervisorClient, ApiError> {
     if loaded.state != ApiState::Running {
         return Err(ApiError::conflict(
             "not_running",
-            format!("sandbox {} is not running (state: {})", loaded.name(), loaded.state.as_str()),
+            format!("sandbox {name} is not running (state: {})", loaded.state.as_str()),
         ));
     }
     SupervisorClient::connect(&loaded.dir).map_err(|e| {
         ApiError::conflict(
             "not_managed",
             format!(
-                "sandbox {} has no supervisor to talk to ({e}); a sandbox of `airlock run` ends with its \
-                 command or with `airlock rm`",
-                loaded.name()
+                "sandbox {name} has no supervisor to talk to ({e}); a sandbox of `airlock run` ends with its \
+                 command or with `airlock rm`"
             ),
         )
     })
 }
 
 /// Asks the supervisor to stop and waits until it has finished the sandbox.
-fn stop_and_wait(loaded: &Loaded) -> Result<(), ApiError> {
-    let client = client_for(loaded)?;
-    client.stop().map_err(|e| ApiError::internal(format!("stopping sandbox {}: {e}", loaded.name())))?;
+fn stop_and_wait(loaded: &Loaded, name: &str) -> Result<(), ApiError> {
+    let client = client_for(loaded, name)?;
+    client.stop().map_err(|e| ApiError::internal(format!("stopping sandbox {name}: {e}")))?;
     let deadline = Instant::now() + STOP_WAIT;
     while loaded.dir.is_live() {
         if Instant::now() > deadline {
             return Err(ApiError::internal(format!(
-                "sandbox {} did not finish within {}s of being asked to stop",
-                loaded.name(),
+                "sandbox {name} did not finish within {}s of being asked to stop",
                 STOP_WAIT.as_secs()
             )));
         }
@@ -333,23 +386,25 @@ pub async fn stop(
 }
 
 fn stop_sandbox(app: &Arc<App>, peer: &Peer, name: &str) -> Result<SandboxView, ApiError> {
+    let scope = app.scope(peer);
     let loaded = sandbox::authorize(app, peer, name)?;
     if matches!(loaded.state, ApiState::Stopped | ApiState::Failed) {
-        return Ok(sandbox::view(&loaded));
+        return Ok(sandbox::view(&loaded, &scope));
     }
+    let stored = loaded.name().to_owned();
     let _guard = app
-        .claim(name, Op::Stop)
+        .claim(&stored, Op::Stop)
         .map_err(|op| ApiError::conflict("busy", format!("sandbox {name} is {}", op.doing())))?;
-    stop_and_wait(&loaded)?;
+    stop_and_wait(&loaded, name)?;
     let after = sandbox::authorize(app, peer, name)?;
-    app.db.set_state(name, after.state.as_str())?;
+    app.db.set_state(&stored, after.state.as_str())?;
     app.record_event(
-        Some(name),
+        Some(&stored),
         Some(after.owner_uid),
         "stopped",
         serde_json::json!({ "reason": "requested" }),
     );
-    Ok(sandbox::view(&after))
+    Ok(sandbox::view(&after, &scope))
 }
 
 #[derive(serde::Serialize)]
@@ -370,19 +425,20 @@ pub async fn remove(
 
 pub fn remove_sandbox(app: &Arc<App>, peer: &Peer, name: &str) -> Result<Removed, ApiError> {
     let loaded = sandbox::authorize(app, peer, name)?;
+    let stored = loaded.name().to_owned();
     let _guard = app
-        .claim(name, Op::Remove)
+        .claim(&stored, Op::Remove)
         .map_err(|op| ApiError::conflict("busy", format!("sandbox {name} is {}", op.doing())))?;
     if loaded.state == ApiState::Running
-        && let Err(e) = stop_and_wait(&loaded)
+        && let Err(e) = stop_and_wait(&loaded, name)
     {
         // `ops::remove` kills what is still live.
         tracing::debug!("orderly stop before removal failed: {e}");
     }
-    ops::remove(&app.root, name)?;
-    app.db.delete_sandbox(name)?;
+    ops::remove(&app.root, &stored).map_err(|e| app.scope(peer).reword(e.into(), &stored, name))?;
+    app.db.delete_sandbox(&stored)?;
     app.record_event(
-        Some(name),
+        Some(&stored),
         Some(loaded.owner_uid),
         "destroyed",
         serde_json::json!({ "reason": "requested" }),
@@ -412,17 +468,17 @@ pub async fn extend(
     let view = app
         .blocking(move |app| {
             let loaded = sandbox::authorize(app, &peer, &name)?;
-            let client = client_for(&loaded)?;
+            let client = client_for(&loaded, &name)?;
             client
                 .extend(body.seconds)
                 .map_err(|e| ApiError::conflict("extend_refused", format!("extending {name}: {e}")))?;
             app.record_event(
-                Some(&name),
+                Some(loaded.name()),
                 Some(loaded.owner_uid),
                 "extended",
                 serde_json::json!({ "seconds": body.seconds }),
             );
-            Ok(sandbox::inspect(app, &loaded))
+            Ok(sandbox::inspect(app, &loaded, &app.scope(&peer)))
         })
         .await?;
     Ok(Json(view))
@@ -451,8 +507,9 @@ pub async fn diff(
     }
     let view = app
         .blocking(move |app| {
-            sandbox::authorize(app, &peer, &name)?;
-            Ok(ops::diff(&app.root, &name, &mut |_| {})?)
+            let stored = sandbox::authorize(app, &peer, &name)?.name().to_owned();
+            ops::diff(&app.root, &stored, &mut |_| {})
+                .map_err(|e| app.scope(&peer).reword(e.into(), &stored, &name))
         })
         .await?;
     let digest = axum::http::HeaderValue::try_from(view.diff.digest().to_string())
@@ -503,8 +560,8 @@ pub async fn logs(
     };
     let file = app
         .blocking(move |app| {
-            sandbox::authorize(app, &peer, &name)?;
-            let (stdout, stderr_log) = ops::log_paths(&app.root, &name)?;
+            let stored = sandbox::authorize(app, &peer, &name)?.name().to_owned();
+            let (stdout, stderr_log) = ops::log_paths(&app.root, &stored)?;
             let path = if stderr { stderr_log } else { stdout };
             // The state directory is the host's, but a link there is never
             // followed: logs are files the runtime wrote.
@@ -574,14 +631,17 @@ pub async fn apply(
                 .map(str::parse::<ops::ChangeDigest>)
                 .transpose()
                 .map_err(|e| ApiError::bad_request("invalid_request", format!("expect: {e}")))?;
-            let pending = ops::prepare_apply(&app.root, &name, body.allow_protected, expect, &mut |_| {})?;
+            let stored = loaded.name().to_owned();
+            let reword = |e: ops::OpError| app.scope(&peer).reword(e.into(), &stored, &name);
+            let pending = ops::prepare_apply(&app.root, &stored, body.allow_protected, expect, &mut |_| {})
+                .map_err(reword)?;
             let digest = pending.digest();
             if pending.view.diff.is_empty() {
                 return Ok(serde_json::json!({
                     "applied": false, "written": [], "deleted": [], "digest": digest,
                 }));
             }
-            let report = ops::apply(pending, &mut |_| {})?;
+            let report = ops::apply(pending, &mut |_| {}).map_err(reword)?;
             let paths =
                 |v: &[PathBuf]| v.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>();
             let digest = report.digest.unwrap_or(digest);
@@ -592,7 +652,7 @@ pub async fn apply(
                 "digest": digest,
             });
             app.record_event(
-                Some(&name),
+                Some(&stored),
                 Some(loaded.owner_uid),
                 "applied",
                 serde_json::json!({

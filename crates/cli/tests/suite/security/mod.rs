@@ -7,5 +7,7 @@ mod apply_digest;
 mod budgets;
 mod egress_checks;
 mod host_ids;
+mod hostile_output;
 mod proxy_process;
 mod socket_families;
+mod tenancy;
