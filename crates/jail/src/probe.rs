@@ -442,7 +442,7 @@ fn check_idmapped_mounts(root: bool) -> Check {
             "run airlock as root to map workspace ownership with idmapped mounts",
         );
     }
-    let dir = std::env::temp_dir().join(format!("airlock-idmap-probe-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("airlock-idmap-probe-{}", unique_tag()));
     if let Err(e) = fs::create_dir(&dir) {
         return CHECK.missing(
             format!("cannot create the probe directory {}: {e}", dir.display()),
@@ -639,7 +639,7 @@ fn try_cgroup(verdict: Check, controller: &str) -> Check {
         "pids" => CgroupLimits { pids: Some(64), ..CgroupLimits::default() },
         _ => CgroupLimits { cpus: Some(1.0), ..CgroupLimits::default() },
     };
-    let name = format!("doctor-{}-{controller}", std::process::id());
+    let name = format!("doctor-{}-{controller}", unique_tag());
     match SandboxCgroup::create(&name, &limits).and_then(|cg| cg.remove()) {
         Ok(()) => {
             check.ok(format!("{where_}; a test cgroup with a {controller} limit was created and removed"))
@@ -726,6 +726,14 @@ fn check_kvm() -> Check {
 
 // ---------------------------------------------------------------------------
 // Child processes
+
+/// This process's id and a sequence number: names of what a trial creates,
+/// so that two probes at once (two tests, two daemon requests) never meet.
+fn unique_tag() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
 
 /// A failed step in a probe child: 1-based step number and errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
