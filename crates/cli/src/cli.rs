@@ -397,7 +397,7 @@ fn direct(command: Command, forced: bool) -> CliResult {
             Ok(0)
         }
         Command::Doctor { json } => {
-            let report = airlock_jail::probe::probe_host();
+            let report = airlock_jail::probe::probe_host(airlock_jail::probe::Depth::Doctor);
             present::doctor(&report, json)?;
             Ok(0)
         }

@@ -13,7 +13,7 @@ use std::io::{self, IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use airlock_jail::probe::{HostReport, Status};
+use airlock_jail::probe::{Feature, HostReport, Status};
 use airlock_runtime::ops::{DiffView, GcReport, Inspection, NetLogEntry, SandboxSummary};
 use airlock_runtime::{Notice, RunOutcome};
 use airlock_workspace::{printable, quote, quote_bytes};
@@ -142,9 +142,25 @@ pub fn gc(report: &GcReport, json: bool) -> io::Result<()> {
 pub fn doctor(report: &HostReport, json: bool) -> io::Result<()> {
     let mut out = io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, report)?;
+        serde_json::to_writer_pretty(&mut out, &doctor_json(report)?)?;
         return writeln!(out);
     }
+    render_doctor(report, &mut out)
+}
+
+/// The report with what it means for policies: `enforces` holds, per
+/// feature a policy may require, the verdict `run` and `create` plan by.
+fn doctor_json(report: &HostReport) -> io::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(report)?;
+    let enforces: serde_json::Map<String, serde_json::Value> =
+        Feature::ALL.iter().map(|f| (f.as_str().to_owned(), report.enforces(*f).into())).collect();
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("enforces".to_owned(), enforces.into());
+    }
+    Ok(value)
+}
+
+fn render_doctor(report: &HostReport, out: &mut dyn Write) -> io::Result<()> {
     writeln!(out, "kernel: {}", report.kernel)?;
     writeln!(
         out,
@@ -161,6 +177,15 @@ pub fn doctor(report: &HostReport, json: bool) -> io::Result<()> {
         if let Some(fix) = &c.fix {
             writeln!(out, "          fix: {fix}")?;
         }
+    }
+    writeln!(
+        out,
+        "features a policy may require (a policy refuses to run without one unless it lists it in \
+         isolation.allow_weaker):"
+    )?;
+    for feature in Feature::ALL {
+        let verdict = if report.enforces(feature) { "enforced" } else { "MISSING" };
+        writeln!(out, "  {:<12} {verdict} ({})", feature.as_str(), feature.checks().join(", "))?;
     }
     Ok(())
 }
@@ -426,5 +451,55 @@ mod tests {
             line.update_at(5, start + Duration::from_millis(10));
         }
         assert!(quiet.is_empty());
+    }
+    /// A report from the probe's own verdict function, on a made-up host.
+    fn report(root: bool, cgroups_writable: bool, landlock: bool) -> HostReport {
+        use airlock_jail::cgroup::{CgroupSupport, Placement};
+        let v1 = |c: &str| Some(Placement::V1(format!("/sys/fs/cgroup/{c}").into()));
+        airlock_jail::probe::launch_report(&airlock_jail::probe::HostFacts {
+            running_as_root: root,
+            kernel: "6.1.0".into(),
+            cgroups: CgroupSupport {
+                memory: v1("memory"),
+                pids: v1("pids"),
+                cpu: v1("cpu"),
+                writable: cgroups_writable,
+                detail: String::new(),
+            },
+            landlock_abi: if landlock { Ok(3) } else { Err(38) },
+        })
+    }
+
+    #[test]
+    fn doctor_shows_what_the_plan_decides() {
+        let dev = airlock_policy::Policy::builtin("dev").unwrap();
+        for (root, cgroups, landlock) in
+            [(true, true, true), (false, false, true), (false, true, false), (true, false, false)]
+        {
+            let report = report(root, cgroups, landlock);
+            let mut text = Vec::new();
+            render_doctor(&report, &mut text).unwrap();
+            let text = String::from_utf8(text).unwrap();
+            let json = doctor_json(&report).unwrap();
+            let missing: Vec<String> = airlock_runtime::plan::shortfalls(&dev, &report)
+                .iter()
+                .map(|s| s.feature.to_string())
+                .collect();
+            for feature in Feature::ALL {
+                let name = feature.as_str();
+                let line = text.lines().find(|l| l.trim_start().starts_with(&format!("{name} "))).unwrap();
+                let lacks = missing.iter().any(|m| m == name);
+                assert_eq!(line.contains("MISSING"), lacks, "{name}: {text}\nplan: {missing:?}");
+                assert_eq!(json["enforces"][name], !lacks, "{name}: {json}");
+                // And every check behind a missing feature says why, with a fix.
+                for id in feature.checks() {
+                    let check = report.get(id).unwrap();
+                    if lacks && check.status != Status::Ok {
+                        assert!(text.contains(&format!("[MISSING] {id}")), "{id}: {text}");
+                    }
+                }
+            }
+            assert_eq!(missing.is_empty(), (root && cgroups && landlock), "{missing:?}");
+        }
     }
 }

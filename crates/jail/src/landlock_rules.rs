@@ -33,9 +33,6 @@ use landlock::{
     RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus, Scope,
 };
 
-/// `LANDLOCK_CREATE_RULESET_VERSION` (linux/landlock.h): query the ABI version.
-const CREATE_RULESET_VERSION: libc::c_uint = 1;
-
 /// The newest ABI whose rights airlock requests (best effort on older kernels).
 const TARGET_ABI: ABI = ABI::V10;
 
@@ -110,11 +107,7 @@ pub enum LandlockError {
 
 /// The running kernel's Landlock ABI version, or `None` without Landlock.
 pub fn abi_version() -> Option<i32> {
-    let null: *const libc::c_void = std::ptr::null();
-    // SAFETY: LANDLOCK_CREATE_RULESET_VERSION with a null attribute pointer and
-    // size 0 only queries the version; the kernel reads no memory.
-    let v = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, null, 0usize, CREATE_RULESET_VERSION) };
-    i32::try_from(v).ok().filter(|v| *v > 0)
+    crate::sys::landlock_abi().ok().and_then(|v| i32::try_from(v).ok()).filter(|v| *v > 0)
 }
 
 /// Restricts the calling thread and its future children to `rules`.

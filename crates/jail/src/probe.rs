@@ -1,9 +1,20 @@
-//! What this host can do for the process tier, found by trying it.
+//! What this host can do for the process tier: one report that `airlock
+//! run`, `airlock create` and `airlock doctor` all decide from.
 //!
-//! `airlock doctor` prints this report. Every check exercises the real
-//! mechanism (a child creates a user namespace, mounts an overlay, installs a
-//! seccomp filter, …) instead of guessing from kernel versions, because
-//! distributions backport features and restrict others by sysctl or LSM.
+//! The probe has two depths. [`Depth::Launch`] reads what launching needs
+//! (the cgroup hierarchies and whether they are writable, the Landlock ABI,
+//! root or not) in well under a millisecond, so `run` pays nothing for it.
+//! [`Depth::Doctor`] starts from exactly those verdicts and then exercises
+//! the real mechanisms (a child creates a user namespace, mounts an overlay,
+//! installs a seccomp filter, a test cgroup is created, …) instead of
+//! guessing from kernel versions, because distributions backport features
+//! and restrict others by sysctl or LSM. A trial can only turn an Ok into a
+//! Missing, so doctor never reports a feature that a launch would refuse
+//! for want of it.
+//!
+//! The system calls are in [`HostFacts::read`]; the verdicts of a launch
+//! come from [`launch_report`], a pure function of those facts, so that the
+//! decisions built on them are unit-tested with made-up hosts.
 //!
 //! Checks that change process state run in a forked child so this process
 //! stays untouched (a multi-threaded process cannot even `unshare` a user
@@ -21,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::cgroup::{self, CgroupError, CgroupLimits, Placement, SandboxCgroup};
+use crate::cgroup::{self, CgroupError, CgroupLimits, CgroupSupport, Placement, SandboxCgroup};
 use crate::sys;
 
 /// Outcome of one check.
@@ -49,7 +60,45 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
-/// Everything `airlock doctor` reports about the host.
+/// A host feature a policy may require, or let the runtime do without
+/// (`isolation.allow_weaker`); spelled as the policy spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Feature {
+    Cgroups,
+    Landlock,
+    DiskQuota,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 3] = [Feature::Cgroups, Feature::Landlock, Feature::DiskQuota];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feature::Cgroups => "cgroups",
+            Feature::Landlock => "landlock",
+            Feature::DiskQuota => "disk-quota",
+        }
+    }
+
+    /// The checks that must all be Ok for the host to enforce the feature.
+    pub fn checks(self) -> &'static [&'static str] {
+        match self {
+            Feature::Cgroups => &["cgroup-memory", "cgroup-pids", "cgroup-cpu"],
+            Feature::Landlock => &["landlock"],
+            Feature::DiskQuota => &["disk-quota"],
+        }
+    }
+}
+
+impl std::fmt::Display for Feature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What this host can do: `airlock doctor` prints it, and `run` and
+/// `create` plan from it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostReport {
     pub checks: Vec<Check>,
@@ -63,29 +112,96 @@ impl HostReport {
     pub fn get(&self, id: &str) -> Option<&Check> {
         self.checks.iter().find(|c| c.id == id)
     }
+
+    /// Whether the host enforces `feature`: every check behind it is Ok.
+    /// The one rule by which a launch plans and doctor summarises.
+    pub fn enforces(&self, feature: Feature) -> bool {
+        feature.checks().iter().all(|id| self.get(id).is_some_and(|c| c.status == Status::Ok))
+    }
 }
 
-/// Runs every check. Takes well under a second; never fails (a check that
-/// cannot run reports Missing with the reason).
-pub fn probe_host() -> HostReport {
-    let root = rustix::process::geteuid().is_root();
-    let uname = rustix::system::uname();
-    let kernel = format!("{} {}", uname.release().to_string_lossy(), uname.version().to_string_lossy());
-    let support = cgroup::probe();
+/// How far [`probe_host`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Only what a launch decides from, read without trying anything.
+    Launch,
+    /// Everything, each mechanism tried for real (`airlock doctor`).
+    Doctor,
+}
+
+/// What the host says before anything is tried: the inputs of every
+/// launch decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostFacts {
+    pub running_as_root: bool,
+    /// `uname -r` and `uname -v`.
+    pub kernel: String,
+    pub cgroups: CgroupSupport,
+    /// The Landlock ABI version, or the errno of asking for it.
+    pub landlock_abi: Result<libc::c_long, i32>,
+}
+
+impl HostFacts {
+    /// Reads the facts from this host (no child, no trial, nothing changed).
+    pub fn read() -> HostFacts {
+        let uname = rustix::system::uname();
+        HostFacts {
+            running_as_root: rustix::process::geteuid().is_root(),
+            kernel: format!("{} {}", uname.release().to_string_lossy(), uname.version().to_string_lossy()),
+            cgroups: cgroup::probe(),
+            landlock_abi: sys::landlock_abi().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+}
+
+/// Probes the host. Never fails (a check that cannot run reports Missing
+/// with the reason). [`Depth::Launch`] takes well under a millisecond,
+/// [`Depth::Doctor`] well under a second.
+pub fn probe_host(depth: Depth) -> HostReport {
+    let facts = HostFacts::read();
+    match depth {
+        Depth::Launch => launch_report(&facts),
+        Depth::Doctor => doctor_report(&facts),
+    }
+}
+
+/// The verdicts a launch decides from, from the facts alone: Landlock, the
+/// three cgroup controllers and the writable layer's size limit.
+pub fn launch_report(facts: &HostFacts) -> HostReport {
+    let support = &facts.cgroups;
+    let checks = vec![
+        check_landlock(facts.landlock_abi),
+        check_cgroup("cgroup-memory", "memory", support.memory.as_ref(), support),
+        check_cgroup("cgroup-pids", "pids", support.pids.as_ref(), support),
+        check_cgroup("cgroup-cpu", "cpu", support.cpu.as_ref(), support),
+        check_disk_quota(facts.running_as_root),
+    ];
+    HostReport { checks, running_as_root: facts.running_as_root, kernel: facts.kernel.clone() }
+}
+
+/// Every check, starting from the launch verdicts and trying each mechanism.
+fn doctor_report(facts: &HostFacts) -> HostReport {
+    let root = facts.running_as_root;
+    let launch = launch_report(facts);
+    let verdict = |id: &str| {
+        launch.get(id).cloned().unwrap_or_else(|| {
+            Subject { id: "unknown", title: id }.missing("the launch probe has no such check", "report a bug")
+        })
+    };
     let checks = vec![
         check_user_namespaces(root),
         check_namespaces(),
         check_overlay_in_userns(),
         check_idmapped_mounts(root),
         check_seccomp(),
-        check_landlock(),
-        check_cgroup("cgroup-memory", "memory", support.memory.as_ref(), &support),
-        check_cgroup("cgroup-pids", "pids", support.pids.as_ref(), &support),
-        check_cgroup("cgroup-cpu", "cpu", support.cpu.as_ref(), &support),
-        check_disk_quota(root),
+        verdict("landlock"),
+        try_cgroup(verdict("cgroup-memory"), "memory"),
+        try_cgroup(verdict("cgroup-pids"), "pids"),
+        try_cgroup(verdict("cgroup-cpu"), "cpu"),
+        try_disk_quota(verdict("disk-quota")),
         check_kvm(),
     ];
-    HostReport { checks, running_as_root: root, kernel }
+    HostReport { checks, running_as_root: root, kernel: launch.kernel }
 }
 
 /// What one check is about; builds its outcomes, so that a fix comes with
@@ -326,7 +442,7 @@ fn check_idmapped_mounts(root: bool) -> Check {
             "run airlock as root to map workspace ownership with idmapped mounts",
         );
     }
-    let dir = std::env::temp_dir().join(format!("airlock-idmap-probe-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("airlock-idmap-probe-{}", unique_tag()));
     if let Err(e) = fs::create_dir(&dir) {
         return CHECK.missing(
             format!("cannot create the probe directory {}: {e}", dir.display()),
@@ -451,17 +567,17 @@ fn check_seccomp() -> Check {
     )
 }
 
-fn check_landlock() -> Check {
+fn check_landlock(abi: Result<libc::c_long, i32>) -> Check {
     const CHECK: Subject<'static> = Subject { id: "landlock", title: "Landlock" };
-    match sys::landlock_abi() {
+    match abi {
         Ok(abi) => CHECK.ok(format!("Landlock ABI version {abi}")),
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => CHECK.missing(
+        Err(libc::EOPNOTSUPP) => CHECK.missing(
             "the kernel has Landlock but it is not enabled at boot",
             "add landlock to the kernel's lsm= boot parameter (e.g. \
              lsm=landlock,lockdown,yama,integrity,apparmor,bpf) and reboot",
         ),
-        Err(e) => CHECK.missing(
-            format!("landlock_create_ruleset failed: {e}"),
+        Err(errno) => CHECK.missing(
+            format!("landlock_create_ruleset failed: {}", io::Error::from_raw_os_error(errno)),
             "use Linux 5.13+ built with CONFIG_SECURITY_LANDLOCK=y",
         ),
     }
@@ -474,7 +590,7 @@ fn check_cgroup(
     id: &'static str,
     controller: &str,
     placement: Option<&Placement>,
-    support: &cgroup::CgroupSupport,
+    support: &CgroupSupport,
 ) -> Check {
     let title = format!("cgroup {controller} limits");
     let check = Subject { id, title: &title };
@@ -488,18 +604,42 @@ fn check_cgroup(
             ),
         );
     };
-    let where_ = match placement {
+    let where_ = placement_name(placement);
+    if !support.writable {
+        return check.missing(
+            format!(
+                "{where_}, but this user may not create cgroups in every hierarchy used ({})",
+                support.detail
+            ),
+            "run airlock as root, or use a policy that allows running without cgroup limits \
+             (isolation.allow_weaker = [\"cgroups\"], as `dev` does)",
+        );
+    }
+    check.ok(format!("{where_}, writable"))
+}
+
+fn placement_name(placement: &Placement) -> String {
+    match placement {
         Placement::V1(p) => format!("v1 at {}", p.display()),
         Placement::V2(p) => format!("v2 at {}", p.display()),
-    };
+    }
+}
+
+/// Confirms an Ok cgroup verdict by really creating a cgroup with a limit
+/// on `controller`: write access to the mount point says little about
+/// enabling controllers or writing limit files.
+fn try_cgroup(verdict: Check, controller: &str) -> Check {
+    if verdict.status != Status::Ok {
+        return verdict;
+    }
+    let check = Subject { id: verdict.id, title: &verdict.title };
+    let where_ = verdict.detail.trim_end_matches(", writable");
     let limits = match controller {
         "memory" => CgroupLimits { memory: Some(64 << 20), ..CgroupLimits::default() },
         "pids" => CgroupLimits { pids: Some(64), ..CgroupLimits::default() },
         _ => CgroupLimits { cpus: Some(1.0), ..CgroupLimits::default() },
     };
-    // Really create one: write access to the mount point says little about
-    // enabling controllers or writing limit files.
-    let name = format!("doctor-{}-{controller}", std::process::id());
+    let name = format!("doctor-{}-{controller}", unique_tag());
     match SandboxCgroup::create(&name, &limits).and_then(|cg| cg.remove()) {
         Ok(()) => {
             check.ok(format!("{where_}; a test cgroup with a {controller} limit was created and removed"))
@@ -507,12 +647,24 @@ fn check_cgroup(
         Err(CgroupError::NotPermitted { fix, source, path }) => {
             check.missing(format!("{where_}, but cannot create {}: {source}", path.display()), fix)
         }
-        Err(CgroupError::ControllerMissing { fix, .. }) => check.missing(where_, fix),
+        Err(CgroupError::ControllerMissing { fix, .. }) => check.missing(where_.to_owned(), fix),
         Err(e) => check.missing(
             format!("{where_}, but a test cgroup failed: {e}"),
             "run `airlock gc`, then retry; report a bug if it persists",
         ),
     }
+}
+
+const DISK_QUOTA: Subject<'static> = Subject { id: "disk-quota", title: "size limit for the writable layer" };
+
+fn check_disk_quota(root: bool) -> Check {
+    if !root {
+        return DISK_QUOTA.missing(
+            "the workspace's writable layer cannot be size-limited without root",
+            "run airlock as root to cap the writable layer's size",
+        );
+    }
+    DISK_QUOTA.ok("as root, the writable layer goes on a tmpfs of the policy's disk size")
 }
 
 const DISK_QUOTA_STEPS: &[&str] = &[
@@ -523,16 +675,14 @@ const DISK_QUOTA_STEPS: &[&str] = &[
     "check the tmpfs size (it was not limited)",
 ];
 
-fn check_disk_quota(root: bool) -> Check {
-    const CHECK: Subject<'static> = Subject { id: "disk-quota", title: "size limit for the writable layer" };
-    if !root {
-        return CHECK.missing(
-            "the workspace's writable layer cannot be size-limited without root",
-            "run airlock as root to cap the writable layer's size",
-        );
+/// Confirms an Ok disk-quota verdict: a child mounts a small tmpfs and the
+/// kernel must report its size as limited.
+fn try_disk_quota(verdict: Check) -> Check {
+    if verdict.status != Status::Ok {
+        return verdict;
     }
     let Ok(dir) = CString::new(std::env::temp_dir().as_os_str().as_bytes()) else {
-        return CHECK
+        return DISK_QUOTA
             .missing("the temporary directory path contains a NUL byte", "set TMPDIR to a plain path");
     };
     const LIMIT: u64 = 1 << 20;
@@ -546,7 +696,7 @@ fn check_disk_quota(root: bool) -> Check {
         }
         Ok(())
     });
-    CHECK.after_child(
+    DISK_QUOTA.after_child(
         result,
         DISK_QUOTA_STEPS,
         "a child mounted a 1 MiB tmpfs in its own mount namespace and the kernel enforced the size",
@@ -576,6 +726,14 @@ fn check_kvm() -> Check {
 
 // ---------------------------------------------------------------------------
 // Child processes
+
+/// This process's id and a sequence number: names of what a trial creates,
+/// so that two probes at once (two tests, two daemon requests) never meet.
+fn unique_tag() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
 
 /// A failed step in a probe child: 1-based step number and errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -673,9 +831,91 @@ mod tests {
         assert!(f.describe(&["a", "do b"]).starts_with("failed to do b: Permission denied"));
     }
 
+    fn facts(root: bool, writable: bool, pids: bool, landlock: Result<libc::c_long, i32>) -> HostFacts {
+        let v2 = || Some(Placement::V2(PathBuf::from("/sys/fs/cgroup")));
+        HostFacts {
+            running_as_root: root,
+            kernel: "6.1.0 #1 SMP".to_owned(),
+            cgroups: CgroupSupport {
+                memory: v2(),
+                pids: if pids { v2() } else { None },
+                cpu: v2(),
+                writable,
+                detail: "v2 at /sys/fs/cgroup offers [memory cpu]".to_owned(),
+            },
+            landlock_abi: landlock,
+        }
+    }
+
+    fn statuses(report: &HostReport) -> Vec<(&str, Status)> {
+        report.checks.iter().map(|c| (c.id, c.status)).collect()
+    }
+
+    #[test]
+    fn launch_report_follows_the_facts() {
+        let full = launch_report(&facts(true, true, true, Ok(4)));
+        assert!(Feature::ALL.iter().all(|f| full.enforces(*f)), "{full:?}");
+        assert_eq!(full.get("landlock").unwrap().detail, "Landlock ABI version 4");
+        assert!(full.get("cgroup-pids").unwrap().detail.starts_with("v2 at /sys/fs/cgroup"));
+
+        // Rootless on a host that delegates nothing: no cgroups, no size limit.
+        let rootless = launch_report(&facts(false, false, true, Ok(4)));
+        assert_eq!(
+            statuses(&rootless),
+            [
+                ("landlock", Status::Ok),
+                ("cgroup-memory", Status::Missing),
+                ("cgroup-pids", Status::Missing),
+                ("cgroup-cpu", Status::Missing),
+                ("disk-quota", Status::Missing),
+            ]
+        );
+        assert!(!rootless.enforces(Feature::Cgroups) && !rootless.enforces(Feature::DiskQuota));
+        assert!(rootless.enforces(Feature::Landlock));
+        assert!(rootless.checks.iter().all(|c| c.fix.is_some() == (c.status != Status::Ok)));
+
+        // One controller missing is enough to lose the cgroups feature.
+        let no_pids = launch_report(&facts(true, true, false, Ok(1)));
+        assert_eq!(no_pids.get("cgroup-pids").unwrap().status, Status::Missing);
+        assert_eq!(no_pids.get("cgroup-memory").unwrap().status, Status::Ok);
+        assert!(!no_pids.enforces(Feature::Cgroups));
+
+        // Landlock built in but not enabled at boot names the boot parameter.
+        let off = launch_report(&facts(true, true, true, Err(libc::EOPNOTSUPP)));
+        assert!(!off.enforces(Feature::Landlock));
+        assert!(off.get("landlock").unwrap().fix.as_deref().unwrap().contains("lsm="));
+        let absent = launch_report(&facts(true, true, true, Err(libc::ENOSYS)));
+        assert!(absent.get("landlock").unwrap().fix.as_deref().unwrap().contains("5.13"));
+    }
+
+    #[test]
+    fn doctor_never_reports_a_feature_a_launch_would_miss() {
+        let launch = probe_host(Depth::Launch);
+        let doctor = probe_host(Depth::Doctor);
+        assert_eq!(launch.running_as_root, doctor.running_as_root);
+        for feature in Feature::ALL {
+            // A trial may find more wrong than the facts show, never less.
+            assert!(
+                !doctor.enforces(feature) || launch.enforces(feature),
+                "{feature}: {doctor:?} {launch:?}"
+            );
+            for id in feature.checks() {
+                let (l, d) = (launch.get(id).unwrap(), doctor.get(id).unwrap());
+                if l.status != Status::Ok {
+                    assert_eq!(l, d, "doctor must show the launch verdict for {id}");
+                }
+            }
+        }
+        if require_root("doctor_never_reports_a_feature_a_launch_would_miss") {
+            for feature in Feature::ALL {
+                assert!(launch.enforces(feature) && doctor.enforces(feature), "{feature}: {doctor:?}");
+            }
+        }
+    }
+
     #[test]
     fn host_report_on_this_machine() {
-        let report = probe_host();
+        let report = probe_host(Depth::Doctor);
         let ids: Vec<&str> = report.checks.iter().map(|c| c.id).collect();
         assert_eq!(
             ids,

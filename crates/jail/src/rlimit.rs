@@ -14,6 +14,8 @@
 
 use std::io;
 
+use crate::sys;
+
 /// Limits to apply; `None` leaves a resource as inherited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rlimits {
@@ -54,36 +56,19 @@ pub enum RlimitError {
     },
 }
 
-/// libc's type for `RLIMIT_*` differs between glibc and musl.
-#[cfg(target_env = "gnu")]
-type RawResource = libc::__rlimit_resource_t;
-#[cfg(not(target_env = "gnu"))]
-type RawResource = libc::c_int;
-
 /// A resource as libc names it, with its human name for errors and logs.
-type Resource = (RawResource, &'static str);
+type Resource = (sys::RlimitResource, &'static str);
 
 fn get(resource: Resource) -> Result<libc::rlimit, RlimitError> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
-    let rc = unsafe { libc::getrlimit(resource.0, &mut lim) };
-    if rc == -1 {
-        return Err(RlimitError::Get { resource: resource.1, source: io::Error::last_os_error() });
-    }
-    Ok(lim)
+    sys::get_rlimit(resource.0).map_err(|source| RlimitError::Get { resource: resource.1, source })
 }
 
 fn set(resource: Resource, lim: libc::rlimit) -> Result<(), RlimitError> {
-    // SAFETY: `lim` is a valid rlimit the kernel only reads.
-    let rc = unsafe { libc::setrlimit(resource.0, &lim) };
-    if rc == -1 {
-        return Err(RlimitError::Set {
-            resource: resource.1,
-            value: lim.rlim_max,
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    sys::set_rlimit(resource.0, lim).map_err(|source| RlimitError::Set {
+        resource: resource.1,
+        value: lim.rlim_max,
+        source,
+    })
 }
 
 /// Sets soft and hard limit of `resource` to `wanted`, clamped to the current

@@ -508,3 +508,127 @@ pub unsafe fn fork() -> io::Result<Option<i32>> {
         pid => Ok(Some(pid)),
     }
 }
+
+// ---------------------------------------------------------------------------
+// Signals and children (PID 1 inside the sandbox)
+
+/// A set of signals (`sigset_t`), for blocking and waiting.
+#[derive(Clone, Copy)]
+pub struct SignalSet(libc::sigset_t);
+
+impl SignalSet {
+    /// The empty set. Async-signal-safe (no allocation).
+    pub fn empty() -> SignalSet {
+        // SAFETY: sigset_t is plain data; sigemptyset initializes it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: set is a valid sigset_t.
+        unsafe { libc::sigemptyset(&mut set) };
+        SignalSet(set)
+    }
+
+    /// The set of `signals`.
+    pub fn of(signals: &[c_int]) -> SignalSet {
+        let mut set = SignalSet::empty();
+        for &sig in signals {
+            // SAFETY: set.0 is a valid, initialized sigset_t.
+            unsafe { libc::sigaddset(&mut set.0, sig) };
+        }
+        set
+    }
+}
+
+/// Adds `set` to this thread's blocked signals (`sigprocmask(SIG_BLOCK)`).
+pub fn block_signals(set: &SignalSet) -> io::Result<()> {
+    // SAFETY: the set is initialized; the old mask is not needed.
+    check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set.0, std::ptr::null_mut()) }.into()).map(drop)
+}
+
+/// Unblocks every signal (`sigprocmask(SIG_SETMASK, empty)`).
+/// Async-signal-safe: usable between fork and exec.
+pub fn unblock_all_signals() -> io::Result<()> {
+    let empty = SignalSet::empty();
+    // SAFETY: the set is initialized; the old mask is not needed.
+    check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty.0, std::ptr::null_mut()) }.into()).map(drop)
+}
+
+extern "C" fn ignore_signal(_: c_int) {}
+
+/// Installs a handler for `sig` that does nothing (with `SA_RESTART`): the
+/// kernel drops signals to a namespace's init that has no handler.
+pub fn install_noop_handler(sig: c_int) -> io::Result<()> {
+    // SAFETY: sigaction is plain data; zeroed is a valid empty action.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = ignore_signal as *const () as usize;
+    action.sa_flags = libc::SA_RESTART;
+    // SAFETY: action is initialized; the handler does nothing and is
+    // async-signal-safe.
+    check(unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) }.into()).map(drop)
+}
+
+/// Waits for a signal of `set` (which must be blocked): `sigwaitinfo`.
+pub fn wait_signal(set: &SignalSet) -> io::Result<c_int> {
+    // SAFETY: siginfo_t is plain data written by the kernel.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the set and the out-pointer are valid.
+    check(unsafe { libc::sigwaitinfo(&set.0, &mut info) }.into()).map(|sig| sig as c_int)
+}
+
+/// Waits up to `timeout` for a signal of `set` (which must be blocked):
+/// `sigtimedwait`. Returns the signal and its sender's pid as the kernel
+/// reports it (0 for a sender outside this PID namespace), or `None` on
+/// timeout or interruption.
+pub fn wait_signal_timeout(set: &SignalSet, timeout: std::time::Duration) -> Option<(c_int, i32)> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+    };
+    // SAFETY: siginfo_t is plain data written by the kernel.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the set, the out-pointer and the timeout are valid.
+    let sig = unsafe { libc::sigtimedwait(&set.0, &mut info, &ts) };
+    if sig <= 0 {
+        return None;
+    }
+    // SAFETY: the kernel filled `info` for the signal just taken; si_pid is
+    // valid to read for every signal (0 where it carries no sender).
+    let sender = unsafe { info.si_pid() };
+    Some((sig, sender))
+}
+
+/// `kill(2)`: sends `sig` to `pid` (a negative pid names a process group).
+pub fn send_signal(pid: i32, sig: c_int) -> io::Result<()> {
+    // SAFETY: kill takes plain integers; it has no memory-safety requirements.
+    check(unsafe { libc::kill(pid, sig) }.into()).map(drop)
+}
+
+/// Reaps one exited child without blocking (`waitpid(-1, WNOHANG)`): its pid
+/// and wait status, or `None` when no child has exited (or none is left).
+pub fn try_reap_any() -> Option<(i32, c_int)> {
+    let mut status: c_int = 0;
+    // SAFETY: status is a valid out-pointer.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    (pid > 0).then_some((pid, status))
+}
+
+// ---------------------------------------------------------------------------
+// Resource limits
+
+/// libc's type for `RLIMIT_*` differs between glibc and musl.
+#[cfg(target_env = "gnu")]
+pub type RlimitResource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+pub type RlimitResource = libc::c_int;
+
+/// `getrlimit(2)`: the soft and hard limit of `resource`.
+pub fn get_rlimit(resource: RlimitResource) -> io::Result<libc::rlimit> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    check(unsafe { libc::getrlimit(resource, &mut lim) }.into())?;
+    Ok(lim)
+}
+
+/// `setrlimit(2)`: sets the soft and hard limit of `resource`.
+pub fn set_rlimit(resource: RlimitResource, lim: libc::rlimit) -> io::Result<()> {
+    // SAFETY: `lim` is a valid rlimit the kernel only reads.
+    check(unsafe { libc::setrlimit(resource, &lim) }.into()).map(drop)
+}

@@ -7,7 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use airlock_jail::cgroup::{CgroupLimits, SandboxCgroup};
+use airlock_jail::cgroup::SandboxCgroup;
+use airlock_jail::probe::HostReport;
 use airlock_jail::spawn::{self, IdMap, SpawnRequest};
 use airlock_policy::{CleanupAction, Policy, WorkspaceMode};
 use airlock_proto::HostMessage;
@@ -17,7 +18,7 @@ use crate::caps::{CappedLog, SharedLog};
 use crate::idblocks::{IdBlock, Registry};
 use crate::layer::WritableLayer;
 use crate::network::Network;
-use crate::plan::{self, HostFacts, LaunchInput, SandboxPaths};
+use crate::plan::{self, LaunchInput, SandboxPaths};
 use crate::run::{Notice, RunOutcome};
 use crate::state::{ExitInfo, LiveLock, SandboxDir, SandboxMeta, SandboxState};
 use crate::stdio::SandboxStdio;
@@ -60,7 +61,7 @@ pub(crate) struct LaunchSpec<'a> {
     pub sandbox: &'a SandboxDir,
     pub policy: &'a Policy,
     pub workspace: Option<&'a Path>,
-    pub host: &'a HostFacts,
+    pub host: &'a HostReport,
     pub degraded: Vec<String>,
     /// Empty: the agent serves processes on request (long-lived sandboxes).
     pub command: &'a [String],
@@ -74,7 +75,8 @@ pub(crate) struct LaunchSpec<'a> {
 pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError> {
     let LaunchSpec { sandbox, policy, workspace, host, degraded, command, terminal, workspace_owner } = spec;
     let name = sandbox.name().to_string();
-    if host.is_root {
+    let provisions = plan::provisions(policy, workspace.is_some(), host);
+    if provisions.own_ids {
         // Searchable (not listable) by the sandbox's unprivileged root, which
         // must reach its mount points below.
         use std::os::unix::fs::PermissionsExt;
@@ -120,21 +122,16 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     // directory is removed; given back at once if the launch fails below.
     // Taken once meta.json exists, so that a sandbox refused for want of a
     // block is listed (failed) and can be removed.
-    let id_block = if host.is_root { Some(Registry::host()?.allocate(sandbox.path())?) } else { None };
+    let id_block = if provisions.own_ids { Some(Registry::host()?.allocate(sandbox.path())?) } else { None };
     let id_map = IdMap::for_current_user(id_block.as_ref().map_or(0, IdBlock::first_host_uid));
     meta.host_uid = Some(id_map.host_root_uid);
     meta.id_block = id_block.as_ref().map(IdBlock::index);
     sandbox.write_meta(&meta)?;
 
     tracing::debug!("phase: state directory ready");
-    let cgroup = if host.cgroups {
-        let limits = CgroupLimits {
-            memory: Some(policy.limits.memory),
-            pids: Some(policy.limits.pids),
-            cpus: Some(policy.limits.cpus),
-        };
+    let cgroup = if let Some(limits) = &provisions.cgroup {
         let cgroup_name = crate::cgroup_name(sandbox);
-        let cg = SandboxCgroup::create(&cgroup_name, &limits)?;
+        let cg = SandboxCgroup::create(&cgroup_name, limits)?;
         meta.cgroup = Some(cgroup_name);
         // Recorded at once: if this supervisor dies, gc finds the cgroup by it.
         sandbox.write_meta(&meta)?;
@@ -144,15 +141,9 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     };
 
     tracing::debug!("phase: cgroup created");
-    let overlay = workspace.is_some() && policy.workspace.mode == WorkspaceMode::Overlay;
-    let layer = if overlay {
-        Some(WritableLayer::create(
-            sandbox,
-            host.disk_quota.then_some(policy.limits.disk),
-            id_map.host_root_uid,
-        )?)
-    } else {
-        None
+    let layer = match &provisions.layer {
+        Some(l) => Some(WritableLayer::create(sandbox, l.size_limit, id_map.host_root_uid)?),
+        None => None,
     };
     let rootfs = sandbox.path().join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| RunError::State(rootfs.clone(), e))?;
@@ -167,7 +158,7 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     // stays an unprivileged host uid.
     tracing::debug!("phase: writable layer ready");
     let tree = match workspace {
-        Some(ws) if host.is_root => Some(spawn::idmapped_tree(ws, &id_map, workspace_owner)?),
+        Some(ws) if provisions.own_ids => Some(spawn::idmapped_tree(ws, &id_map, workspace_owner)?),
         _ => None,
     };
 

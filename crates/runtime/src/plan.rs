@@ -4,22 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use airlock_jail::cgroup::CgroupLimits;
 use airlock_jail::plan::{
     FileBind, JailPlan, LandlockPlan, RlimitPlan, WorkspaceMount, WorkspaceMountMode, WorkspaceSource,
 };
+use airlock_jail::probe::{Feature, HostReport};
 use airlock_jail::spawn::AGENT_WORKSPACE_FD;
 use airlock_policy::{Policy, Weakening, WorkspaceMode};
 use airlock_proto::Launch;
-
-/// What the host can enforce, as far as a policy cares.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostFacts {
-    pub is_root: bool,
-    pub cgroups: bool,
-    pub landlock: bool,
-    /// The writable layer can be size-limited (a tmpfs the supervisor mounts).
-    pub disk_quota: bool,
-}
 
 /// A host feature the policy needs and the host lacks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,20 +20,62 @@ pub struct Shortfall {
     pub allowed: bool,
 }
 
-/// Which required features are missing, and whether the policy tolerates it.
-pub fn shortfalls(policy: &Policy, host: &HostFacts) -> Vec<Shortfall> {
-    let mut out = Vec::new();
-    let mut check = |present: bool, feature: Weakening| {
-        if !present {
-            out.push(Shortfall { allowed: policy.allows_weaker(feature), feature });
-        }
-    };
-    check(host.cgroups, Weakening::Cgroups);
-    check(host.landlock, Weakening::Landlock);
-    if policy.workspace.mode == WorkspaceMode::Overlay {
-        check(host.disk_quota, Weakening::DiskQuota);
+/// The probe's name for a feature a policy may do without.
+pub fn host_feature(w: Weakening) -> Feature {
+    match w {
+        Weakening::Cgroups => Feature::Cgroups,
+        Weakening::Landlock => Feature::Landlock,
+        Weakening::DiskQuota => Feature::DiskQuota,
     }
-    out
+}
+
+/// Which required features the host does not enforce (by the same rule
+/// `airlock doctor` summarises with), and whether the policy tolerates it.
+pub fn shortfalls(policy: &Policy, host: &HostReport) -> Vec<Shortfall> {
+    let mut needed = vec![Weakening::Cgroups, Weakening::Landlock];
+    if policy.workspace.mode == WorkspaceMode::Overlay {
+        needed.push(Weakening::DiskQuota);
+    }
+    needed
+        .into_iter()
+        .filter(|w| !host.enforces(host_feature(*w)))
+        .map(|feature| Shortfall { allowed: policy.allows_weaker(feature), feature })
+        .collect()
+}
+
+/// What to set up around a sandbox on this host: the decisions of a launch
+/// that depend on the host, apart from the launch itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provisions {
+    /// As root: the sandbox's ids are a block of its own, its directory is
+    /// searchable by that block's root, and the workspace is seen through an
+    /// id-mapped mount.
+    pub own_ids: bool,
+    /// The sandbox's cgroup and its limits, when the host enforces cgroups.
+    pub cgroup: Option<CgroupLimits>,
+    /// A writable layer over the workspace (overlay mode).
+    pub layer: Option<LayerProvision>,
+}
+
+/// The writable layer of an overlay workspace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerProvision {
+    /// Its size cap, when the host can enforce one (a tmpfs of that size).
+    pub size_limit: Option<u64>,
+}
+
+pub fn provisions(policy: &Policy, has_workspace: bool, host: &HostReport) -> Provisions {
+    Provisions {
+        own_ids: host.running_as_root,
+        cgroup: host.enforces(Feature::Cgroups).then_some(CgroupLimits {
+            memory: Some(policy.limits.memory),
+            pids: Some(policy.limits.pids),
+            cpus: Some(policy.limits.cpus),
+        }),
+        layer: (has_workspace && policy.workspace.mode == WorkspaceMode::Overlay).then(|| LayerProvision {
+            size_limit: host.enforces(Feature::DiskQuota).then_some(policy.limits.disk),
+        }),
+    }
 }
 
 /// Where the sandbox's host-side pieces live.
@@ -60,7 +94,7 @@ pub struct LaunchInput<'a> {
     /// The caller's working directory, kept when it lies in the workspace.
     pub cwd: &'a Path,
     pub paths: &'a SandboxPaths,
-    pub host: &'a HostFacts,
+    pub host: &'a HostReport,
     /// The workspace arrives as an id-mapped tree (root only).
     pub idmapped_workspace: bool,
     pub tty: bool,
@@ -132,7 +166,7 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
             fsize: Some(policy.limits.disk),
         },
         landlock: LandlockPlan {
-            enabled: input.host.landlock,
+            enabled: input.host.enforces(Feature::Landlock),
             required: !policy.allows_weaker(Weakening::Landlock),
         },
         seccomp: true,
@@ -182,6 +216,8 @@ fn environment(policy: &Policy, input: &LaunchInput<'_>) -> BTreeMap<String, Str
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use airlock_jail::cgroup::{CgroupSupport, Placement};
+    use airlock_jail::probe::{HostFacts, launch_report};
 
     fn paths() -> SandboxPaths {
         SandboxPaths {
@@ -191,8 +227,25 @@ mod tests {
         }
     }
 
-    fn host() -> HostFacts {
-        HostFacts { is_root: true, cgroups: true, landlock: true, disk_quota: true }
+    /// A report made by the probe's own verdict function from made-up facts.
+    fn report(root: bool, cgroups_writable: bool, landlock: bool) -> HostReport {
+        let v2 = || Some(Placement::V2("/sys/fs/cgroup".into()));
+        launch_report(&HostFacts {
+            running_as_root: root,
+            kernel: "6.1.0".into(),
+            cgroups: CgroupSupport {
+                memory: v2(),
+                pids: v2(),
+                cpu: v2(),
+                writable: cgroups_writable,
+                detail: String::new(),
+            },
+            landlock_abi: if landlock { Ok(4) } else { Err(libc::EOPNOTSUPP) },
+        })
+    }
+
+    fn host() -> HostReport {
+        report(true, true, true)
     }
 
     fn plan_for(policy: &Policy, cwd: &str, idmapped: bool) -> Launch {
@@ -261,12 +314,73 @@ mod tests {
 
     #[test]
     fn missing_features_are_reported_with_the_policy_verdict() {
-        let weak = HostFacts { is_root: false, cgroups: false, landlock: true, disk_quota: false };
+        // Rootless, no delegated cgroups: no cgroups, no size limit.
+        let weak = report(false, false, true);
         let dev = shortfalls(&Policy::builtin("dev").unwrap(), &weak);
         assert!(dev.iter().all(|s| s.allowed), "{dev:?}");
         assert_eq!(dev.len(), 2);
         let ci = shortfalls(&Policy::builtin("ci").unwrap(), &weak);
         assert!(ci.iter().all(|s| !s.allowed));
+        assert!(shortfalls(&Policy::builtin("ci").unwrap(), &host()).is_empty());
+        let no_landlock = shortfalls(&Policy::builtin("ci").unwrap(), &report(true, true, false));
+        assert_eq!(no_landlock, [Shortfall { feature: Weakening::Landlock, allowed: false }]);
+        // Without an overlay there is no layer to size-limit.
+        let plugin = Policy::builtin("plugin").unwrap();
+        assert_ne!(plugin.workspace.mode, WorkspaceMode::Overlay);
+        assert!(shortfalls(&plugin, &weak).iter().all(|s| s.feature != Weakening::DiskQuota));
+    }
+
+    #[test]
+    fn provisions_follow_the_host() {
+        let dev = Policy::builtin("dev").unwrap();
+        let full = provisions(&dev, true, &host());
+        assert!(full.own_ids);
+        assert_eq!(
+            full.cgroup,
+            Some(CgroupLimits {
+                memory: Some(dev.limits.memory),
+                pids: Some(dev.limits.pids),
+                cpus: Some(dev.limits.cpus)
+            })
+        );
+        assert_eq!(full.layer, Some(LayerProvision { size_limit: Some(dev.limits.disk) }));
+
+        let rootless = provisions(&dev, true, &report(false, false, true));
+        assert_eq!(
+            rootless,
+            Provisions { own_ids: false, cgroup: None, layer: Some(LayerProvision { size_limit: None }) }
+        );
+        // Delegated cgroups without root: limits, but an unlimited layer.
+        let delegated = provisions(&dev, true, &report(false, true, true));
+        assert!(delegated.cgroup.is_some() && delegated.layer == Some(LayerProvision { size_limit: None }));
+
+        assert_eq!(provisions(&dev, false, &host()).layer, None);
+        assert_eq!(provisions(&Policy::builtin("plugin").unwrap(), true, &host()).layer, None);
+    }
+
+    #[test]
+    fn landlock_follows_the_report() {
+        let ci = Policy::builtin("ci").unwrap();
+        assert!(plan_for(&ci, "/", false).jail.landlock.enabled);
+        let command = vec!["true".to_string()];
+        let paths = paths();
+        let host = report(true, true, false);
+        let l = launch(
+            &ci,
+            &LaunchInput {
+                name: "n",
+                command: &command,
+                workspace: None,
+                cwd: Path::new("/"),
+                paths: &paths,
+                host: &host,
+                idmapped_workspace: false,
+                tty: false,
+                host_env: &|_| None,
+                network: None,
+            },
+        );
+        assert!(!l.jail.landlock.enabled && l.jail.landlock.required);
     }
 
     #[test]

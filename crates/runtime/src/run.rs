@@ -15,10 +15,11 @@ use airlock_proto::AgentMessage;
 
 use crate::audit::{AuditEvent, AuditLog};
 use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, pid_of};
-use crate::plan::{self, HostFacts};
+use crate::plan;
 use crate::state::{SandboxDir, SandboxState, StateRoot};
 use crate::stdio::SandboxStdio;
 use crate::{RunError, now_rfc3339};
+use airlock_jail::probe::{self, HostReport};
 
 /// What the caller asked for.
 #[derive(Debug, Clone, Default)]
@@ -63,7 +64,7 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
         crate::state::check_name_owner(name, rustix::process::getuid().as_raw())?;
     }
     let root = StateRoot::from_env()?;
-    crate::prepare_state_root(&root, checked.host.is_root)?;
+    crate::prepare_state_root(&root, checked.host.running_as_root)?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
     let result = supervise(
         &sandbox,
@@ -84,7 +85,7 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
 pub(crate) struct Checked {
     pub policy: Policy,
     pub workspace: Option<PathBuf>,
-    pub host: HostFacts,
+    pub host: HostReport,
     pub degraded: Vec<String>,
 }
 
@@ -114,17 +115,8 @@ pub(crate) fn check(
             "workspace mode rw: the sandbox writes straight into the host directory, with no review".into(),
         ));
     }
-    let is_root = rustix::process::geteuid().is_root();
-    let cgroup_support = airlock_jail::cgroup::probe();
-    let host = HostFacts {
-        is_root,
-        cgroups: cgroup_support.writable
-            && cgroup_support.memory.is_some()
-            && cgroup_support.pids.is_some()
-            && cgroup_support.cpu.is_some(),
-        landlock: airlock_jail::landlock_rules::abi_version().is_some(),
-        disk_quota: is_root,
-    };
+    // The same report `airlock doctor` prints, without its trials.
+    let host = probe::probe_host(probe::Depth::Launch);
     let mut degraded = Vec::new();
     for s in plan::shortfalls(&policy, &host) {
         if !s.allowed {
@@ -204,7 +196,7 @@ fn supervise(
     sandbox: &SandboxDir,
     policy: &Policy,
     workspace: Option<&Path>,
-    host: &HostFacts,
+    host: &HostReport,
     degraded: Vec<String>,
     req: &RunRequest,
     notify: &mut dyn FnMut(Notice),

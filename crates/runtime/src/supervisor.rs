@@ -198,7 +198,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     let req = &spec.request;
     let checked = crate::run::check(&req.policy, &overrides, req.workspace.as_deref(), &mut |_| {})?;
     let root = StateRoot::from_env()?;
-    crate::prepare_state_root(&root, checked.host.is_root)?;
+    crate::prepare_state_root(&root, checked.host.running_as_root)?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
     let live = sandbox.lock_live()?;
     let launched = match launch_sandbox(LaunchSpec {

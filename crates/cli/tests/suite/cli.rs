@@ -93,6 +93,19 @@ fn doctor_reports_every_check_as_json() {
     for id in ["user-namespaces", "seccomp", "landlock", "cgroup-memory", "overlayfs-in-userns"] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
+    // The verdict per feature a policy may require, as run and create plan by.
+    let ok =
+        |id: &str| report["checks"].as_array().unwrap().iter().any(|c| c["id"] == id && c["status"] == "ok");
+    assert_eq!(report["enforces"]["landlock"], ok("landlock"), "{report}");
+    assert_eq!(report["enforces"]["disk-quota"], ok("disk-quota"), "{report}");
+    let cgroups = ok("cgroup-memory") && ok("cgroup-pids") && ok("cgroup-cpu");
+    assert_eq!(report["enforces"]["cgroups"], cgroups, "{report}");
+    let text = env.airlock(["doctor"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("features a policy may require"),
+        "{}",
+        show(&text)
+    );
 }
 
 #[test]
