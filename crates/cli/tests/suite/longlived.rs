@@ -26,20 +26,6 @@ fn state_of(env: &Env, name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Processes whose parent is `pid`, from /proc.
-fn children_of(pid: i32) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
-        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).map(str::trim);
-        if ppid == Some(pid.to_string().as_str()) {
-            found.push(child);
-        }
-    }
-    found
-}
-
 fn supervisor_pid(env: &Env, name: &str) -> i32 {
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.sandbox_dir(name).join("meta.json")).unwrap()).unwrap();

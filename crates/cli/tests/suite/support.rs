@@ -233,6 +233,20 @@ except OSError as e:
     )
 }
 
+/// Processes whose parent is `pid`, from /proc.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).map(str::trim);
+        if ppid == Some(pid.to_string().as_str()) {
+            found.push(child);
+        }
+    }
+    found
+}
+
 /// Polls `f` for up to `secs` seconds.
 pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);

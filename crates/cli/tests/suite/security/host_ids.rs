@@ -76,19 +76,6 @@ fn parse_uid_map(map: &str) -> u64 {
     fields[1]
 }
 
-fn children_of(pid: i32) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
-        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).map(str::trim);
-        if ppid == Some(pid.to_string().as_str()) {
-            found.push(child);
-        }
-    }
-    found
-}
-
 /// Registry entries (block → sandbox directory) naming a directory below
 /// `state`.
 fn registry_entries_below(state: &Path) -> BTreeMap<u64, String> {
