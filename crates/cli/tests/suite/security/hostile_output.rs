@@ -210,6 +210,7 @@ fn cp_out_of_a_file_swapped_for_a_link_mid_copy() {
     let swap = "head -c 4194304 /dev/zero | tr '\\0' a > /tmp/real
 nohup sh -c 'while :; do ln -f /tmp/real /tmp/s.file; mv -fT /tmp/s.file /tmp/swap; \
 ln -sfn /dev/zero /tmp/s.link; mv -fT /tmp/s.link /tmp/swap; done' >/dev/null 2>&1 &
+while [ ! -e /tmp/swap ] && [ ! -L /tmp/swap ]; do sleep 0.01; done
 echo swapping";
     let o = env.airlock(["exec", "swapper", "--", "sh", "-c", swap]).output().unwrap();
     assert!(stdout(&o).contains("swapping"), "{}", show(&o));
