@@ -169,6 +169,7 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
         sandbox.path(),
         &sandbox.audit_path(),
         id_map.host_root_uid,
+        cgroup.as_ref(),
     )?;
     let secret_values = network.as_ref().map(|n| n.secret_values()).unwrap_or_default();
     let network_env = network.as_ref().map(|n| n.environment()).unwrap_or_default();

@@ -52,6 +52,7 @@ impl Network {
         state_dir: &Path,
         audit_path: &Path,
         block_first_uid: u32,
+        cgroup: Option<&airlock_jail::cgroup::SandboxCgroup>,
     ) -> Result<Option<Network>, RunError> {
         if policy.network.egress == Egress::None {
             return Ok(None);
@@ -103,7 +104,13 @@ impl Network {
         };
         let (host_end, agent_end) =
             UnixStream::pair().map_err(|e| fail("creating the egress channel", &e))?;
-        let proxy = proxy_process::start(name, setup, host_end.into(), notice)?;
+        // The proxy's memory, CPU and threads are the sandbox's traffic:
+        // they count against its limits, so that opening connections
+        // cannot grow the host beyond them.
+        let join = cgroup.cloned().map(|cg| -> proxy_process::JoinBudget {
+            Box::new(move |pid| cg.add_pid(pid).map_err(|e| e.to_string()))
+        });
+        let proxy = proxy_process::start(name, setup, host_end.into(), join, notice)?;
         Ok(Some(Network {
             proxy: Some(proxy),
             agent_end: Some(agent_end.into()),
@@ -172,6 +179,15 @@ impl Network {
     /// (name, value) of every secret, for redacting output and files.
     pub fn secret_values(&self) -> Vec<(String, Vec<u8>)> {
         self.redactions.clone()
+    }
+
+    /// Says the sandbox is being ended with everything in its cgroup, the
+    /// proxy among it: that the proxy is killed is then expected, not an
+    /// event. Call before killing the cgroup.
+    pub fn ending(&self) {
+        if let Some(proxy) = &self.proxy {
+            proxy.expect_end();
+        }
     }
 
     /// Stops the proxy once the sandbox is gone; its last events are

@@ -223,6 +223,9 @@ pub(crate) enum ProxyNotice {
     Ended { status: ExitStatus, killed_by_us: bool },
 }
 
+/// Puts the proxy process (by pid) into the sandbox's resource budgets.
+pub(crate) type JoinBudget = Box<dyn FnOnce(i32) -> Result<(), String> + Send>;
+
 /// A running proxy process. Dropping it kills the process.
 pub(crate) struct ProxyProcess {
     pidfd: Option<OwnedFd>,
@@ -230,16 +233,26 @@ pub(crate) struct ProxyProcess {
     /// Closed when the report reader has reaped the process.
     done: mpsc::Receiver<()>,
     stopping: Arc<AtomicBool>,
+    /// Set when the sandbox is ended with everything in its cgroup: the
+    /// proxy's death is then part of that end, not news.
+    ending_with_sandbox: Arc<AtomicBool>,
 }
 
 /// Starts the proxy process for sandbox `name` with the host end of its
 /// egress channel; the setup is written from a thread so that the sandbox's
 /// own start goes on in parallel. `notice` runs on the report reader's
 /// thread.
+///
+/// `join` (the sandbox's cgroup) runs on that thread first, with the
+/// process's pid, before any report is read: only that thread reaps the
+/// process, so the pid cannot have been reused yet, and the proxy is in the
+/// sandbox's budgets before it reports ready. If it fails, the proxy is
+/// killed and the sandbox does not start.
 pub(crate) fn start(
     name: &str,
     setup: ProxySetup,
     channel: OwnedFd,
+    join: Option<JoinBudget>,
     notice: impl FnMut(ProxyNotice) + Send + 'static,
 ) -> Result<ProxyProcess, RunError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| RunError::Egress(format!("{what}: {e}"));
@@ -303,12 +316,26 @@ pub(crate) fn start(
     let (done_tx, done) = mpsc::channel::<()>();
     let stopping = Arc::new(AtomicBool::new(false));
     let stopping_seen = stopping.clone();
+    let ending_with_sandbox = Arc::new(AtomicBool::new(false));
+    let ending_seen = ending_with_sandbox.clone();
     let mut notice = notice;
     std::thread::Builder::new()
         .name("egress-reports".into())
         .spawn(move || {
             let mut reports = File::from(report_read);
             let mut ready_tx = Some(ready_tx);
+            if let Some(join) = join
+                && let Err(e) = join(pid)
+            {
+                let _ = child.kill();
+                drop(reports);
+                let _ = child.wait();
+                if let Some(tx) = ready_tx.take() {
+                    let _ = tx.send(Err(format!("could not put it into the sandbox's cgroup: {e}")));
+                }
+                drop(done_tx);
+                return;
+            }
             // The proxy is untrusted once it serves: frames are size-capped
             // and decode into a closed enum; anything else ends the reading.
             while let Ok(Some(message)) = airlock_proto::recv::<_, ProxyReport>(&mut reports) {
@@ -334,7 +361,7 @@ pub(crate) fn start(
                     let how = status.map_or_else(|e| e.to_string(), |s| describe(&s));
                     let _ = tx.send(Err(format!("the proxy process ended before it was ready ({how})")));
                 }
-                (None, Ok(status)) if !status.success() => {
+                (None, Ok(status)) if !status.success() && !ending_seen.load(Ordering::SeqCst) => {
                     notice(ProxyNotice::Ended { status, killed_by_us: stopping_seen.load(Ordering::SeqCst) })
                 }
                 (None, _) => {}
@@ -343,7 +370,7 @@ pub(crate) fn start(
         })
         .map_err(|e| fail("starting the proxy's report reader", &e))?;
 
-    Ok(ProxyProcess { pidfd, ready, done, stopping })
+    Ok(ProxyProcess { pidfd, ready, done, stopping, ending_with_sandbox })
 }
 
 /// How a process ended, for messages.
@@ -382,6 +409,12 @@ impl ProxyProcess {
             let _ = self.done.recv();
         }
         self.pidfd = None;
+    }
+
+    /// The sandbox is being ended, proxy included (a cgroup kill): its end
+    /// is then not news for the audit log.
+    pub(crate) fn expect_end(&self) {
+        self.ending_with_sandbox.store(true, Ordering::SeqCst);
     }
 
     fn kill(&self) {

@@ -282,6 +282,9 @@ fn supervise(
                 // PID 1 dying takes the whole PID namespace with it; the
                 // cgroup kill catches anything that raced out of it.
                 let _ = rustix::process::kill_process(pid_of(agent_pid), rustix::process::Signal::KILL);
+                if let Some(n) = &network {
+                    n.ending();
+                }
                 if let Some(cg) = &cgroup {
                     let _ = cg.kill_all();
                 }

@@ -474,6 +474,9 @@ impl Supervisor {
         } = launched;
         audit.record(AuditEvent::Stopped { reason: reason.text().to_string() })?;
         kill_agent(agent_pid);
+        if let Some(n) = &network {
+            n.ending();
+        }
         if let Some(cg) = &cgroup {
             let _ = cg.kill_all();
         }

@@ -570,3 +570,34 @@ fn the_rootless_proxy_is_the_calling_user_in_its_own_namespaces_with_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_eq!(stdout(&out), "held-server answered\n", "{}", show(&out));
 }
+
+/// The proxy's memory, CPU and threads are the sandbox's traffic: it runs
+/// in the sandbox's cgroup (every hierarchy), so opening connections cannot
+/// grow the host beyond the sandbox's limits. Ending the sandbox kills it
+/// with the rest, which is no news for the audit log.
+#[test]
+fn the_proxy_counts_against_the_sandboxs_budgets() {
+    if !require(is_root(), "root (cgroup limits)") {
+        return;
+    }
+    let env = Env::new();
+    let o = create(&env, "budget", &["--mode", "none"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let proxy = proxy_of("budget").expect("no egress proxy process for the sandbox");
+    let dirs = cgroup_dirs("budget");
+    assert!(!dirs.is_empty(), "the sandbox has no cgroup");
+    for dir in &dirs {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l.trim() == proxy.to_string()),
+            "the proxy {proxy} is not in {}: {procs:?}",
+            dir.display()
+        );
+    }
+    stop(&env, "budget");
+    assert!(
+        !audit(&env, "budget").iter().any(|e| e["event"] == "egress_proxy_ended"),
+        "ending the sandbox recorded its proxy's end as news: {:?}",
+        audit(&env, "budget")
+    );
+}
