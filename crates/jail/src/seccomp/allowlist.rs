@@ -9,7 +9,7 @@
 
 use serde::Deserialize;
 
-use super::{ArgCondition, DenyAction, RawCondition, SeccompError, bpf, parse_condition, syscalls};
+use super::{ArgCondition, DenyAction, RawCondition, SeccompError, bpf, check_entry, syscalls};
 
 /// The egress proxy's rules, embedded so the binary cannot run with another list.
 const EGRESS_PROXY_TOML: &str = include_str!("egress_proxy.toml");
@@ -69,10 +69,7 @@ pub struct AllowRule {
 impl AllowRule {
     /// Whether the rule is part of the filter on this build's architecture.
     pub fn applies_here(&self) -> bool {
-        match syscalls::ARCH {
-            Some((arch, _)) => self.arches.is_empty() || self.arches.iter().any(|a| a == arch),
-            None => false,
-        }
+        super::applies_here(&self.arches)
     }
 }
 
@@ -105,22 +102,14 @@ struct RawRule {
 }
 
 fn parse_rule(raw: RawRule) -> Result<AllowRule, String> {
-    if raw.syscall.trim().is_empty() {
-        return Err("empty syscall name".into());
-    }
-    if raw.reason.trim().is_empty() {
-        return Err("empty reason; every entry must say why the process needs it".into());
-    }
+    let conditions =
+        check_entry(&raw.syscall, &raw.reason, "why the process needs it", &raw.arches, &raw.when)?;
     let action = match raw.action.as_str() {
         "allow" => RuleAction::Allow,
         "EPERM" => RuleAction::Errno(DenyAction::Eperm),
         "ENOSYS" => RuleAction::Errno(DenyAction::Enosys),
         other => return Err(format!("action `{other}` is not allow, EPERM or ENOSYS")),
     };
-    if let Some(a) = raw.arches.iter().find(|a| !super::KNOWN_ARCHES.contains(&a.as_str())) {
-        return Err(format!("unknown architecture `{a}` in `arches`"));
-    }
-    let conditions = raw.when.iter().map(parse_condition).collect::<Result<Vec<_>, _>>()?;
     Ok(AllowRule { syscall: raw.syscall, action, conditions, arches: raw.arches, reason: raw.reason })
 }
 

@@ -107,10 +107,7 @@ impl SeccompRule {
     /// Whether this rule is part of the filter on the architecture airlock was
     /// built for.
     pub fn applies_here(&self) -> bool {
-        match syscalls::ARCH {
-            Some((arch, _)) => self.arches.is_empty() || self.arches.iter().any(|a| a == arch),
-            None => false,
-        }
+        applies_here(&self.arches)
     }
 }
 
@@ -263,23 +260,45 @@ fn parse_condition(raw: &RawCondition) -> Result<ArgCondition, String> {
     Ok(ArgCondition { arg: raw.arg, width, op })
 }
 
-fn parse_rule(raw: RawRule) -> Result<SeccompRule, String> {
-    if raw.syscall.trim().is_empty() {
+/// Whether an entry for `arches` (empty: every one) is part of a filter on
+/// the architecture airlock was built for.
+fn applies_here(arches: &[String]) -> bool {
+    match syscalls::ARCH {
+        Some((arch, _)) => arches.is_empty() || arches.iter().any(|a| a == arch),
+        None => false,
+    }
+}
+
+/// What every reviewed entry must hold, denylist or allowlist: a syscall
+/// name, a reason (`why` says what it must explain), known architectures
+/// and well-formed conditions, which it returns parsed.
+fn check_entry(
+    syscall: &str,
+    reason: &str,
+    why: &str,
+    arches: &[String],
+    when: &[RawCondition],
+) -> Result<Vec<ArgCondition>, String> {
+    if syscall.trim().is_empty() {
         return Err("empty syscall name".into());
     }
-    if raw.reason.trim().is_empty() {
-        return Err("empty reason; every entry must say why it is denied".into());
+    if reason.trim().is_empty() {
+        return Err(format!("empty reason; every entry must say {why}"));
     }
+    if let Some(a) = arches.iter().find(|a| !KNOWN_ARCHES.contains(&a.as_str())) {
+        return Err(format!("unknown architecture `{a}` in `arches`"));
+    }
+    when.iter().map(parse_condition).collect()
+}
+
+fn parse_rule(raw: RawRule) -> Result<SeccompRule, String> {
+    let conditions = check_entry(&raw.syscall, &raw.reason, "why it is denied", &raw.arches, &raw.when)?;
     let action = match raw.errno.as_str() {
         "EPERM" => DenyAction::Eperm,
         "ENOSYS" => DenyAction::Enosys,
         "EAFNOSUPPORT" => DenyAction::Eafnosupport,
         other => return Err(format!("errno `{other}` is not EPERM, ENOSYS or EAFNOSUPPORT")),
     };
-    if let Some(a) = raw.arches.iter().find(|a| !KNOWN_ARCHES.contains(&a.as_str())) {
-        return Err(format!("unknown architecture `{a}` in `arches`"));
-    }
-    let conditions = raw.when.iter().map(parse_condition).collect::<Result<Vec<_>, _>>()?;
     Ok(SeccompRule { syscall: raw.syscall, action, conditions, arches: raw.arches, reason: raw.reason })
 }
 
