@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod caps;
+pub mod create_failure;
 pub mod files;
 pub mod idblocks;
 mod layer;
@@ -82,6 +83,19 @@ pub enum RunError {
     SelfExe(#[source] io::Error),
     #[error("sandbox supervisor: {0}")]
     Supervisor(String),
+    /// The host cannot give what the policy requires, as a sandbox's
+    /// supervisor reported it (the message is the original error's).
+    #[error("{0}")]
+    HostUnsupported(String),
+    /// An invalid policy, as a sandbox's supervisor reported it.
+    #[error("{0}")]
+    PolicyRefused(String),
+    /// An unusable workspace, as a sandbox's supervisor reported it.
+    #[error("{0}")]
+    WorkspaceRefused(String),
+    /// Any other failure a sandbox's supervisor reported while starting it.
+    #[error("{0}")]
+    CreateFailed(String),
     #[error("egress proxy: {0}")]
     Egress(String),
     #[error("cannot connect the sandbox's terminal: {0}")]

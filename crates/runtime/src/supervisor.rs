@@ -32,13 +32,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::RunError;
 use crate::audit::{AuditEvent, AuditLog};
+use crate::create_failure::{CreateFailure, Report};
 use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, pid_of};
 use crate::run::Notice;
 use crate::state::{SandboxDir, SandboxState, StateRoot};
 
 /// argv[1] of the supervisor role.
 pub const SUPERVISOR_ROLE: &str = "__supervise";
-/// The descriptor on which the supervisor reports "ready NAME" or "error …".
+/// The descriptor on which the supervisor reports, in one JSON line, that
+/// the sandbox runs or why it could not ([`Report`]).
 const READY_FD: i32 = 3;
 /// The socket clients reach the supervisor on, inside the sandbox's state dir.
 pub const SOCKET: &str = "supervisor.sock";
@@ -133,12 +135,20 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
     let _ = io::BufRead::read_line(&mut io::BufReader::new(std::fs::File::from(ready_read)), &mut answer);
     // The first process exits as soon as it has forked the real supervisor.
     let _ = child.wait();
-    let answer = answer.trim();
-    match answer.split_once(' ') {
-        Some(("ready", name)) => Ok(Created { name: name.to_string() }),
-        Some(("error", message)) => Err(RunError::Supervisor(message.to_string())),
-        _ => Err(RunError::Supervisor(format!("the supervisor ended without saying why ({answer:?})"))),
+    match Report::from_line(&answer) {
+        Report::Ready { name } => Ok(Created { name }),
+        Report::Failed(failure) => Err(failure.into()),
     }
+}
+
+/// Writes the supervisor's one report to its creator.
+fn report(ready: &mut std::fs::File, report: &Report) {
+    let _ = ready.write_all(report.to_line().as_bytes());
+}
+
+/// A failure before the request could be served, as its creator sees it.
+fn failed_early(message: String) -> Report {
+    Report::Failed(CreateFailure::Other { message: format!("sandbox supervisor: {message}") })
 }
 
 /// The supervisor role's entry point (`airlock __supervise`).
@@ -153,13 +163,13 @@ pub fn main() -> i32 {
         Ok(Some(_)) => return 0,
         Ok(None) => {}
         Err(e) => {
-            let _ = writeln!(ready, "error cannot detach: {e}");
+            report(&mut ready, &failed_early(format!("cannot detach: {e}")));
             return 1;
         }
     }
     let mut input = Vec::new();
     if let Err(e) = io::stdin().read_to_end(&mut input) {
-        let _ = writeln!(ready, "error cannot read the request: {e}");
+        report(&mut ready, &failed_early(format!("cannot read the request: {e}")));
         return 1;
     }
     let mut ready = Some(ready);
@@ -167,17 +177,13 @@ pub fn main() -> i32 {
         Ok(()) => 0,
         Err(e) => {
             if let Some(ready) = ready.as_mut() {
-                let _ = writeln!(ready, "error {}", one_line(&e.to_string()));
+                report(ready, &Report::Failed(CreateFailure::from(&e)));
             } else {
                 tracing::error!("sandbox supervisor failed: {e}");
             }
             1
         }
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.replace('\n', " ")
 }
 
 fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunError> {
@@ -241,7 +247,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     };
     // Said once, then the descriptor is closed: the creator returns now.
     if let Some(mut ready) = ready.take() {
-        let _ = writeln!(ready, "ready {}", sandbox.name());
+        report(&mut ready, &Report::Ready { name: sandbox.name().to_string() });
     }
     let outcome = supervisor.run();
     supervisor.finish(&sandbox, &checked.policy, checked.workspace.as_deref(), live, outcome)

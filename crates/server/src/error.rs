@@ -82,7 +82,12 @@ impl From<StateError> for ApiError {
                 ApiError::bad_request("invalid_name", message)
             }
             StateError::NotFound { name } => ApiError::no_sandbox(&name),
-            StateError::Exists { .. } | StateError::Busy { .. } => ApiError::conflict("conflict", message),
+            // Without the host path of the state directory: not the API's business.
+            StateError::Exists { name, .. } => ApiError::conflict(
+                "conflict",
+                format!("a sandbox named {name} already exists; choose another name or remove it"),
+            ),
+            StateError::Busy { .. } => ApiError::conflict("conflict", message),
             StateError::CorruptMeta { .. } => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_state", message)
             }
@@ -95,12 +100,14 @@ impl From<RunError> for ApiError {
     fn from(e: RunError) -> ApiError {
         let message = e.to_string();
         match e {
-            RunError::Policy(_) => ApiError::bad_request("invalid_policy", message),
+            RunError::Policy(_) | RunError::PolicyRefused(_) => {
+                ApiError::bad_request("invalid_policy", message)
+            }
             RunError::StateDir(e) => e.into(),
-            RunError::HostLacks { .. } | RunError::TierUnavailable => {
+            RunError::HostLacks { .. } | RunError::TierUnavailable | RunError::HostUnsupported(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "host_unsupported", message)
             }
-            RunError::WorkspaceDir(..) | RunError::WorkspaceIsRoot => {
+            RunError::WorkspaceDir(..) | RunError::WorkspaceIsRoot | RunError::WorkspaceRefused(_) => {
                 ApiError::bad_request("invalid_workspace", message)
             }
             RunError::NoCommand => ApiError::bad_request("invalid_request", message),

@@ -3,6 +3,7 @@ pub mod support;
 mod cgroup_v2;
 mod cli;
 mod cli_daemon;
+mod create_errors;
 mod daemon;
 mod daemon_attach;
 mod daemon_files;

@@ -181,11 +181,14 @@ pub fn create_sandbox(app: &Arc<App>, peer: &Peer, prepared: PreparedCreate) -> 
             let guard = app.claim(&stored, Op::Create).map_err(|op| {
                 ApiError::conflict("conflict", format!("a sandbox named {name} is {}", op.doing()))
             })?;
+            // A sandbox the caller made before names were per owner holds
+            // the name too; one in the state directory is the runtime's to
+            // refuse (it answers "name taken" across the supervisor's fork).
             let legacy_own = scope
                 .legacy(name)
                 .and_then(|legacy| app.db.sandbox(&legacy).ok().flatten())
                 .is_some_and(|row| row.owner_uid == peer.uid);
-            if app.root.open(&stored).is_ok() || legacy_own {
+            if legacy_own {
                 return Err(ApiError::conflict(
                     "conflict",
                     format!("a sandbox named {name} already exists; choose another name"),
@@ -241,8 +244,10 @@ fn create_claimed(
                 serde_json::json!({ "error": err.message, "policy": request.policy }),
             );
             // A named sandbox that got as far as a state directory stays
-            // for inspection: index it so its owner can see and remove it.
+            // for inspection: index it so its owner can see and remove it
+            // (unless the name was taken: that directory is another sandbox).
             if let Some(name) = &request.name
+                && err.status != StatusCode::CONFLICT
                 && let Ok(dir) = app.root.open(name)
                 && let Ok(mut loaded) = sandbox::load(app, dir, None)
             {
