@@ -125,6 +125,10 @@ fn rootless_refuses_a_policy_that_needs_what_it_lacks() {
     let o = r.run_sh("strict", &["--policy", "ci"], "true");
     assert_eq!(o.status.code(), Some(125), "{}", show(&o));
     assert!(stderr(&o).contains("cgroups") && stderr(&o).contains("airlock doctor"), "{}", show(&o));
+    // `create` decides in the supervisor's child, and says it the same way.
+    let created = r.airlock(&["create", "--name", "strict-ll", "--policy", "ci"]).output().unwrap();
+    assert_eq!(created.status.code(), Some(125), "{}", show(&created));
+    assert_eq!(stderr(&created), stderr(&o), "{}", show(&created));
 }
 
 #[test]
