@@ -161,3 +161,48 @@ fn rootless_exec_user_other_than_root_is_refused() {
     let o = r.airlock(&["rm", "rl-users"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
 }
+
+/// A daemon run by an ordinary user answers a policy its host cannot run
+/// with 422 and the message `airlock create` prints, not a 500.
+#[test]
+fn rootless_daemon_answers_422_for_a_policy_that_needs_what_it_lacks() {
+    if !require(is_root(), "root, to run airlock as a user without delegated cgroups") {
+        return;
+    }
+    let Some(r) = setup() else { return };
+    let direct = r.airlock(&["create", "--name", "strict-d", "--policy", "ci"]).output().unwrap();
+    assert_eq!(direct.status.code(), Some(125), "{}", show(&direct));
+    let message = stderr(&direct).trim_end().strip_prefix("airlock: error: ").unwrap().to_string();
+
+    let run_dir = r.env.dir.path().join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    chown_tree(&run_dir, r.uid, r.uid);
+    let socket = run_dir.join("airlock.sock");
+    let mut daemon = r
+        .airlock(&["daemon", "--socket", &socket.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let curl = |method: &str, path: &str, body: Option<&str>| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-m", "60", "-X", method, "-w", "\n%{http_code}", "--unix-socket"]).arg(&socket);
+        if let Some(body) = body {
+            cmd.args(["-H", "content-type: application/json", "--data-binary", body]);
+        }
+        let out = cmd.arg(format!("http://airlock{path}")).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse::<u16>().unwrap_or(0), body.to_string())
+    };
+    let up = wait_until(20, || curl("GET", "/v1/health", None).0 == 200);
+    let answer = up.then(|| curl("POST", "/v1/sandboxes", Some(r#"{"name": "strict-d", "policy": "ci"}"#)));
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    assert!(up, "the rootless daemon did not come up on {}", socket.display());
+    let (status, body) = answer.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(v["error"]["code"], "host_unsupported", "{body}");
+    assert_eq!(v["error"]["message"], message.as_str(), "{body}");
+}
