@@ -352,10 +352,14 @@ fn direct(command: Command, forced: bool) -> CliResult {
         }
         Command::Stop { name } => {
             let root = state()?;
-            supervisor::SupervisorClient::connect(&root.open(&name)?)
-                .map_err(|e| format!("sandbox {name} is not running ({e}); see `airlock ls`, or start one with `airlock create`"))?
-                .stop()?;
-            println!("stopping {name}");
+            if !root.open(&name)?.is_live() {
+                return Err(format!(
+                    "sandbox {name} is not running; see `airlock ls`, or start one with `airlock create`"
+                )
+                .into());
+            }
+            ops::stop(&root, &name)?;
+            println!("stopped {name}");
             Ok(0)
         }
         Command::Diff { name, stat, json } => {

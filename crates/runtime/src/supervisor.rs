@@ -473,6 +473,9 @@ impl Supervisor {
             control,
         } = launched;
         audit.record(AuditEvent::Stopped { reason: reason.text().to_string() })?;
+        if !matches!(reason, StopReason::AgentGone) {
+            self.end_execs(policy.limits.stop_grace);
+        }
         kill_agent(agent_pid);
         if let Some(n) = &network {
             n.ending();
@@ -533,6 +536,32 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+}
+
+impl Supervisor {
+    /// Asks every running exec to end (SIGTERM to its process group) and
+    /// waits up to `grace` for all of them to finish; whatever is left dies
+    /// with the sandbox.
+    fn end_execs(&self, grace: Duration) {
+        let running: Vec<u32> = self.routes.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
+        if running.is_empty() {
+            return;
+        }
+        tracing::debug!(sandbox = %self.name, execs = running.len(), "asking the sandbox's processes to end");
+        if let Ok(mut agent) = self.agent.lock() {
+            for id in running {
+                let _ = airlock_proto::send(&mut *agent, &HostMessage::Signal { id, signal: libc::SIGTERM });
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.routes.lock().map_or(true, |r| r.is_empty()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::debug!(sandbox = %self.name, "grace period over; killing the sandbox's processes");
     }
 }
 
