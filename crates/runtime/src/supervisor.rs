@@ -257,6 +257,10 @@ enum StopReason {
 }
 
 impl StopReason {
+    const ALL: [StopReason; 4] =
+        [StopReason::Requested, StopReason::Deadline, StopReason::Idle, StopReason::AgentGone];
+
+    /// What the audit log's `stopped` record says.
     fn text(&self) -> &'static str {
         match self {
             StopReason::Requested => "stopped on request",
@@ -265,6 +269,29 @@ impl StopReason {
             StopReason::AgentGone => "the sandbox's agent ended",
         }
     }
+
+    /// The short word the daemon's `stopped` event carries.
+    fn code(&self) -> &'static str {
+        match self {
+            StopReason::Requested => "requested",
+            StopReason::Deadline => "deadline",
+            StopReason::Idle => "idle",
+            StopReason::AgentGone => "ended",
+        }
+    }
+}
+
+/// Why the sandbox last stopped, read from its audit log's latest `stopped`
+/// record: the daemon's short word (`requested`, `deadline`, `idle`,
+/// `ended`) and the record's text. None before it has stopped.
+pub fn last_stop(sandbox: &SandboxDir) -> Option<(&'static str, String)> {
+    let records = crate::audit::AuditLog::read_all(&sandbox.audit_path()).ok()?;
+    let text = records.into_iter().rev().find_map(|r| match r.event {
+        AuditEvent::Stopped { reason } => Some(reason),
+        _ => None,
+    })?;
+    let code = StopReason::ALL.iter().find(|r| r.text() == text).map_or("ended", StopReason::code);
+    Some((code, text))
 }
 
 /// Messages to the supervisor's main thread.

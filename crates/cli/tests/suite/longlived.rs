@@ -110,9 +110,17 @@ fn execs_run_concurrently() {
 fn idle_timeout_and_deadline_stop_the_sandbox() {
     let env = Env::new();
     assert_eq!(create(&env, "idle", &["--idle-timeout", "2s"]).status.code(), Some(0));
-    assert_eq!(create(&env, "deadline", &["--timeout", "2s"]).status.code(), Some(0));
+    assert_eq!(create(&env, "deadline", &["--timeout", "3s"]).status.code(), Some(0));
+    // The deadline is the same stop: SIGTERM first, then the grace period.
+    let child = background_exec(
+        &env,
+        "deadline",
+        "trap 'echo cleaned up; exit 0' TERM; echo ready; while :; do sleep 0.1; done",
+    );
     assert!(wait_until(15, || state_of(&env, "idle") == "stopped"));
     assert!(wait_until(15, || state_of(&env, "deadline") == "stopped"));
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cleaned up"), "{}", show(&out));
     let idle = std::fs::read_to_string(env.sandbox_dir("idle").join("audit.jsonl")).unwrap();
     assert!(idle.contains("idle timeout reached"), "{idle}");
     let deadline = std::fs::read_to_string(env.sandbox_dir("deadline").join("audit.jsonl")).unwrap();

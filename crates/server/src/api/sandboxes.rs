@@ -385,13 +385,21 @@ fn stop_sandbox(app: &Arc<App>, peer: &Peer, name: &str) -> Result<SandboxView, 
     stop_and_wait(app, &stored, name)?;
     let after = sandbox::authorize(app, peer, name)?;
     app.db.set_state(&stored, after.state.as_str())?;
-    app.record_event(
-        Some(&stored),
-        Some(after.owner_uid),
-        "stopped",
-        serde_json::json!({ "reason": "requested" }),
-    );
+    record_stopped(app, &after, after.state.as_str(), "requested");
     Ok(sandbox::view(&after, &scope))
+}
+
+/// The daemon's `stopped` event, with the reason the sandbox's own audit
+/// log recorded, whoever stopped it (`fallback` when it recorded none).
+pub(crate) fn record_stopped(app: &App, loaded: &Loaded, state: &str, fallback: &'static str) {
+    let (reason, message) = airlock_runtime::supervisor::last_stop(&loaded.dir)
+        .map_or((fallback, None), |(code, text)| (code, Some(text)));
+    app.record_event(
+        Some(loaded.name()),
+        Some(loaded.owner_uid),
+        "stopped",
+        serde_json::json!({ "reason": reason, "message": message, "state": state }),
+    );
 }
 
 #[derive(serde::Serialize)]
@@ -416,11 +424,15 @@ pub fn remove_sandbox(app: &Arc<App>, peer: &Peer, name: &str) -> Result<Removed
     let _guard = app
         .claim(&stored, Op::Remove)
         .map_err(|op| ApiError::conflict("busy", format!("sandbox {name} is {}", op.doing())))?;
-    if loaded.state == ApiState::Running
-        && let Err(e) = stop_and_wait(app, &stored, name)
-    {
-        // `ops::remove` kills what is still live.
-        tracing::debug!("orderly stop before removal failed: {e}");
+    if loaded.state == ApiState::Running {
+        match stop_and_wait(app, &stored, name) {
+            Ok(()) => {
+                let _ = app.db.set_state(&stored, ApiState::Stopped.as_str());
+                record_stopped(app, &loaded, ApiState::Stopped.as_str(), "requested");
+            }
+            // `ops::remove` kills what is still live.
+            Err(e) => tracing::debug!("orderly stop before removal failed: {e}"),
+        }
     }
     ops::remove(&app.root, &stored).map_err(|e| app.scope(peer).reword(e.into(), &stored, name))?;
     app.db.delete_sandbox(&stored)?;
@@ -658,6 +670,8 @@ pub async fn apply(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
 
     use super::*;
 
