@@ -352,12 +352,17 @@ fn direct(command: Command, forced: bool) -> CliResult {
         }
         Command::Stop { name } => {
             let root = state()?;
-            if !root.open(&name)?.is_live() {
+            let sandbox = root.open(&name)?;
+            if !sandbox.is_live() {
                 return Err(format!(
                     "sandbox {name} is not running; see `airlock ls`, or start one with `airlock create`"
                 )
                 .into());
             }
+            // A foreground `airlock run` has no supervisor to ask.
+            supervisor::SupervisorClient::connect(&sandbox).map_err(|e| {
+                format!("sandbox {name} has no supervisor to stop it ({e}): end its `airlock run`, or `airlock rm {name}`")
+            })?;
             ops::stop(&root, &name)?;
             println!("stopped {name}");
             Ok(0)

@@ -523,3 +523,19 @@ fn rm_of_a_running_sandbox_stops_it_the_same_way() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("cleaned up"), "{}", show(&out));
     assert!(!env.sandbox_dir("rmgrace").exists());
 }
+
+/// A foreground `airlock run` has no supervisor: `stop` says how to end it
+/// instead of killing it behind its terminal's back.
+#[test]
+fn stop_of_a_foreground_run_says_how_to_end_it() {
+    let env = Env::new();
+    let mut run = env.airlock(["run", "--name", "fg", "--", "sleep", "60"]).spawn().unwrap();
+    assert!(wait_until(15, || state_of(&env, "fg") == "running"), "state {}", state_of(&env, "fg"));
+    let o = env.airlock(["stop", "fg"]).output().unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("no supervisor"), "{}", show(&o));
+    assert_eq!(state_of(&env, "fg"), "running");
+    let o = env.airlock(["rm", "fg"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let _ = run.wait();
+}
