@@ -352,10 +352,19 @@ fn direct(command: Command, forced: bool) -> CliResult {
         }
         Command::Stop { name } => {
             let root = state()?;
-            supervisor::SupervisorClient::connect(&root.open(&name)?)
-                .map_err(|e| format!("sandbox {name} is not running ({e}); see `airlock ls`, or start one with `airlock create`"))?
-                .stop()?;
-            println!("stopping {name}");
+            let sandbox = root.open(&name)?;
+            if !sandbox.is_live() {
+                return Err(format!(
+                    "sandbox {name} is not running; see `airlock ls`, or start one with `airlock create`"
+                )
+                .into());
+            }
+            // A foreground `airlock run` has no supervisor to ask.
+            supervisor::SupervisorClient::connect(&sandbox).map_err(|e| {
+                format!("sandbox {name} has no supervisor to stop it ({e}): end its `airlock run`, or `airlock rm {name}`")
+            })?;
+            ops::stop(&root, &name)?;
+            println!("stopped {name}");
             Ok(0)
         }
         Command::Diff { name, stat, json } => {

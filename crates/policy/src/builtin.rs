@@ -95,6 +95,7 @@ fn blank() -> Policy {
             nofile: 0,
             log_size: 0,
             audit_size: 0,
+            stop_grace: crate::DEFAULT_STOP_GRACE,
             allow_raise: false,
         },
         network: Network {

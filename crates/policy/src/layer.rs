@@ -47,6 +47,7 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         nofile => p.limits.nofile,
         log_size => p.limits.log_size,
         audit_size => p.limits.audit_size,
+        stop_grace => p.limits.stop_grace,
         allow_raise => p.limits.allow_raise,
         egress => p.network.egress,
         allow => p.network.allow,

@@ -98,6 +98,10 @@ pub struct Limits {
     /// cause in numbers (network decisions, execs) are no longer recorded.
     #[serde(default = "default_host_file_size")]
     pub audit_size: u64,
+    /// How long a stopping sandbox's processes get between SIGTERM and
+    /// SIGKILL.
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace: Duration,
     /// Whether CLI flags may raise limits above these values.
     pub allow_raise: bool,
 }
@@ -105,6 +109,16 @@ pub struct Limits {
 /// For limits deserialized from a form written before they existed.
 fn default_host_file_size() -> u64 {
     32 << 20
+}
+
+/// The grace period of a policy written before `stop_grace` existed.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The longest `stop_grace` a policy may set: a stop must end.
+pub const MAX_STOP_GRACE: Duration = Duration::from_secs(600);
+
+fn default_stop_grace() -> Duration {
+    DEFAULT_STOP_GRACE
 }
 
 /// Files copied out of the workspace after the run.

@@ -41,8 +41,18 @@ const TOP_KEYS: &[&str] = &[
 const ISOLATION_KEYS: &[&str] = &["tier", "allow_weaker"];
 const FILESYSTEM_KEYS: &[&str] = &["read_only", "hidden", "tmp_size"];
 const WORKSPACE_KEYS: &[&str] = &["mode", "writeback", "protected"];
-const LIMITS_KEYS: &[&str] =
-    &["timeout", "memory", "pids", "cpus", "disk", "nofile", "log_size", "audit_size", "allow_raise"];
+const LIMITS_KEYS: &[&str] = &[
+    "timeout",
+    "memory",
+    "pids",
+    "cpus",
+    "disk",
+    "nofile",
+    "log_size",
+    "audit_size",
+    "stop_grace",
+    "allow_raise",
+];
 const NETWORK_KEYS: &[&str] = &["egress", "allow", "deny", "allow_flag", "extra_roots", "rule"];
 /// The `[network]` keys a built-in must set; `rule` is an array of tables a
 /// profile may leave out.
@@ -86,6 +96,7 @@ pub(crate) struct Layer {
     pub nofile: Option<u64>,
     pub log_size: Option<u64>,
     pub audit_size: Option<u64>,
+    pub stop_grace: Option<Duration>,
     pub allow_raise: Option<bool>,
     pub egress: Option<Egress>,
     pub allow: Option<Vec<HostPattern>>,
@@ -179,6 +190,7 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
         // Room for a useful log and the marker saying it was cut.
         layer.log_size = s.size_at_least("log_size", 64 * 1024)?;
         layer.audit_size = s.size_at_least("audit_size", MIB)?;
+        layer.stop_grace = s.duration_at_most("stop_grace", crate::MAX_STOP_GRACE)?;
         layer.allow_raise = s.boolean("allow_raise")?;
         layer.keys_set.extend(s.present());
     }
@@ -548,6 +560,17 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
         Ok(Some(d))
     }
 
+    /// A positive duration no longer than `max`.
+    fn duration_at_most(&self, key: &str, max: Duration) -> Result<Option<Duration>, PolicyError> {
+        let Some(d) = self.duration_positive(key)? else { return Ok(None) };
+        if d > max {
+            let span = self.entry(key).map(|(_, v)| v.span()).unwrap_or(0..0);
+            let reason = format!("must be at most {}", crate::units::format_duration(max));
+            return Err(self.invalid(span, key, reason));
+        }
+        Ok(Some(d))
+    }
+
     fn cpus(&self, key: &str) -> Result<Option<f64>, PolicyError> {
         let Some((_, v)) = self.entry(key) else {
             return Ok(None);
@@ -785,7 +808,7 @@ mod tests {
         assert_eq!(
             msg,
             "my-policy.toml:5:3: unknown key `timout` in [limits] \
-             (expected one of: timeout, memory, pids, cpus, disk, nofile, log_size, audit_size, allow_raise)"
+             (expected one of: timeout, memory, pids, cpus, disk, nofile, log_size, audit_size, stop_grace, allow_raise)"
         );
     }
 
@@ -863,6 +886,8 @@ mod tests {
             ("[limits]\ncpus = nan\n", "greater than 0"),
             ("[limits]\ntimeout = 0\n", "longer than zero"),
             ("[limits]\ntimeout = \"0s\"\n", "longer than zero"),
+            ("[limits]\nstop_grace = 0\n", "longer than zero"),
+            ("[limits]\nstop_grace = \"11m\"\n", "at most 10m"),
             ("[filesystem]\ntmp_size = \"512K\"\n", "at least 1M"),
         ] {
             let (msg, _, _, _) = err(text);
@@ -877,6 +902,8 @@ mod tests {
         assert_eq!(layer.memory, Some(32 * MIB));
         assert_eq!(layer.cpus, Some(2.0));
         assert_eq!(layer.pids, Some(1000));
+        let layer = parse("[limits]\nstop_grace = \"1500ms\"\n").unwrap();
+        assert_eq!(layer.stop_grace, Some(Duration::from_millis(1500)));
     }
 
     #[test]

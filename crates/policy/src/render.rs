@@ -94,6 +94,7 @@ pub(crate) fn to_toml(p: &Policy) -> String {
          nofile = {nofile}\n\
          log_size = {log_size}\n\
          audit_size = {audit_size}\n\
+         stop_grace = {stop_grace}\n\
          allow_raise = {allow_raise}\n\
          \n\
          [network]\n\
@@ -134,6 +135,7 @@ pub(crate) fn to_toml(p: &Policy) -> String {
         nofile = p.limits.nofile,
         log_size = quote(&format_size(p.limits.log_size)),
         audit_size = quote(&format_size(p.limits.audit_size)),
+        stop_grace = quote(&format_duration(p.limits.stop_grace)),
         allow_raise = p.limits.allow_raise,
         egress = quote(p.network.egress.as_str()),
         capture = list(&p.artifacts.capture),

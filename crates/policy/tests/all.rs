@@ -92,6 +92,7 @@ fn builtin_values_match_the_brief() {
     assert_eq!((dev.limits.memory, dev.limits.pids, dev.limits.cpus), (4 * GIB, 4096, 2.0));
     assert_eq!((dev.limits.disk, dev.limits.nofile), (10 * GIB, 4096));
     assert_eq!((dev.limits.log_size, dev.limits.audit_size), (32 * MIB, 32 * MIB));
+    assert_eq!(dev.limits.stop_grace, Duration::from_secs(10));
     assert!(dev.limits.allow_raise);
     assert!(dev.artifacts.capture.is_empty());
     assert_eq!(dev.env.pass, ["TERM", "LANG", "LC_ALL", "COLORTERM"]);
@@ -698,4 +699,22 @@ fn host_file_caps_are_sizes_with_a_floor_and_survive_a_round_trip() {
     assert_eq!((p.limits.log_size, p.limits.audit_size), (64 * 1024, 2 * MIB));
     let again = write(dir.path(), "again.toml", &p.to_toml());
     assert_eq!(Policy::load_file(&again).unwrap().limits, p.limits);
+}
+
+#[test]
+fn stop_grace_is_a_bounded_duration_and_survives_a_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("zero.toml", "stop_grace = 0"),
+        ("long.toml", "stop_grace = \"1h\""),
+        ("bad.toml", "stop_grace = \"soon\""),
+    ] {
+        let file = write(dir.path(), name, &format!("[limits]\n{text}\n"));
+        assert_eq!(file_error(&Policy::load_file(&file).unwrap_err()).2, "limits.stop_grace", "{text}");
+    }
+    let ok = write(dir.path(), "ok.toml", "extends = \"ci\"\n[limits]\nstop_grace = \"1500ms\"\n");
+    let p = Policy::load_file(&ok).unwrap();
+    assert_eq!(p.limits.stop_grace, Duration::from_millis(1500));
+    let again = write(dir.path(), "again.toml", &p.to_toml());
+    assert_eq!(Policy::load_file(&again).unwrap().limits.stop_grace, Duration::from_millis(1500));
 }

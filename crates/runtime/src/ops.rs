@@ -206,7 +206,7 @@ fn stored_policy(sandbox: &SandboxDir) -> Result<Policy, OpError> {
 pub fn remove(root: &StateRoot, name: &str) -> Result<(), OpError> {
     let sandbox = root.open(name)?;
     if sandbox.is_live() {
-        stop(&sandbox)?;
+        stop_sandbox(&sandbox)?;
     }
     release_leftovers(&sandbox, false);
     if let Ok(mut audit) = AuditLog::open(&sandbox.audit_path()) {
@@ -218,14 +218,34 @@ pub fn remove(root: &StateRoot, name: &str) -> Result<(), OpError> {
     Ok(())
 }
 
-/// Stops a running sandbox: a long-lived one is asked to stop (it then
-/// finalizes itself); anything that does not go within seconds — or a
-/// foreground `airlock run` — has its supervisor killed, and its agent dies
-/// with it (parent-death signal), the PID namespace with the agent.
-fn stop(sandbox: &SandboxDir) -> Result<(), OpError> {
+/// How long a stopping supervisor may take to finalize (persist the layer,
+/// capture artifacts, unmount) after its processes' grace period, before
+/// it is killed.
+const FINALIZE_WAIT: Duration = Duration::from_secs(60);
+
+/// The one stop of every front end (`airlock stop` and `rm`, with or without
+/// a daemon, the API's stop and destroy). Returns once the sandbox is
+/// finalized: state `stopped`, layer persisted, mounts gone. A sandbox that
+/// is not running is left as it is.
+pub fn stop(root: &StateRoot, name: &str) -> Result<(), OpError> {
+    let sandbox = root.open(name)?;
+    if sandbox.is_live() {
+        stop_sandbox(&sandbox)?;
+    }
+    Ok(())
+}
+
+/// A long-lived sandbox's supervisor is asked to stop: it sends SIGTERM to
+/// every exec's process group, waits the policy's `limits.stop_grace`,
+/// kills what is left, records `stopped` and finalizes. One that does not
+/// finish by then — or a foreground `airlock run` — has its supervisor
+/// killed, and its agent dies with it (parent-death signal), the PID
+/// namespace with the agent.
+fn stop_sandbox(sandbox: &SandboxDir) -> Result<(), OpError> {
+    let grace = stored_policy(sandbox).map_or(airlock_policy::DEFAULT_STOP_GRACE, |p| p.limits.stop_grace);
     if let Ok(client) = crate::supervisor::SupervisorClient::connect(sandbox)
         && client.stop().is_ok()
-        && wait_not_live(sandbox, Duration::from_secs(10))
+        && wait_not_live(sandbox, grace + FINALIZE_WAIT)
     {
         return Ok(());
     }

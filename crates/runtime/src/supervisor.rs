@@ -263,6 +263,10 @@ enum StopReason {
 }
 
 impl StopReason {
+    const ALL: [StopReason; 4] =
+        [StopReason::Requested, StopReason::Deadline, StopReason::Idle, StopReason::AgentGone];
+
+    /// What the audit log's `stopped` record says.
     fn text(&self) -> &'static str {
         match self {
             StopReason::Requested => "stopped on request",
@@ -271,6 +275,29 @@ impl StopReason {
             StopReason::AgentGone => "the sandbox's agent ended",
         }
     }
+
+    /// The short word the daemon's `stopped` event carries.
+    fn code(&self) -> &'static str {
+        match self {
+            StopReason::Requested => "requested",
+            StopReason::Deadline => "deadline",
+            StopReason::Idle => "idle",
+            StopReason::AgentGone => "ended",
+        }
+    }
+}
+
+/// Why the sandbox last stopped, read from its audit log's latest `stopped`
+/// record: the daemon's short word (`requested`, `deadline`, `idle`,
+/// `ended`) and the record's text. None before it has stopped.
+pub fn last_stop(sandbox: &SandboxDir) -> Option<(&'static str, String)> {
+    let records = crate::audit::AuditLog::read_all(&sandbox.audit_path()).ok()?;
+    let text = records.into_iter().rev().find_map(|r| match r.event {
+        AuditEvent::Stopped { reason } => Some(reason),
+        _ => None,
+    })?;
+    let code = StopReason::ALL.iter().find(|r| r.text() == text).map_or("ended", StopReason::code);
+    Some((code, text))
 }
 
 /// Messages to the supervisor's main thread.
@@ -479,6 +506,9 @@ impl Supervisor {
             control,
         } = launched;
         audit.record(AuditEvent::Stopped { reason: reason.text().to_string() })?;
+        if !matches!(reason, StopReason::AgentGone) {
+            self.end_execs(policy.limits.stop_grace);
+        }
         kill_agent(agent_pid);
         if let Some(n) = &network {
             n.ending();
@@ -539,6 +569,32 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+}
+
+impl Supervisor {
+    /// Asks every running exec to end (SIGTERM to its process group) and
+    /// waits up to `grace` for all of them to finish; whatever is left dies
+    /// with the sandbox.
+    fn end_execs(&self, grace: Duration) {
+        let running: Vec<u32> = self.routes.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
+        if running.is_empty() {
+            return;
+        }
+        tracing::debug!(sandbox = %self.name, execs = running.len(), "asking the sandbox's processes to end");
+        if let Ok(mut agent) = self.agent.lock() {
+            for id in running {
+                let _ = airlock_proto::send(&mut *agent, &HostMessage::Signal { id, signal: libc::SIGTERM });
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.routes.lock().map_or(true, |r| r.is_empty()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::debug!(sandbox = %self.name, "grace period over; killing the sandbox's processes");
     }
 }
 

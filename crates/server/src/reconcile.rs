@@ -73,16 +73,7 @@ pub fn periodic(app: &App) {
         }
         match app.db.set_state(l.name(), l.state.as_str()) {
             Ok(Some(previous)) if previous == "running" && l.state != ApiState::Running => {
-                let exit = l.meta.as_ref().and_then(|m| m.exit);
-                app.record_event(
-                    Some(l.name()),
-                    Some(l.owner_uid),
-                    "stopped",
-                    serde_json::json!({
-                        "reason": if exit.is_some_and(|e| e.timed_out) { "deadline" } else { "ended" },
-                        "state": l.state.as_str(),
-                    }),
-                );
+                crate::api::sandboxes::record_stopped(app, l, l.state.as_str(), "ended");
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, sandbox = l.name(), "could not update the index"),

@@ -268,3 +268,116 @@ fn daemon_serves_the_committed_openapi_document() {
         "served document differs from crates/server/openapi.json"
     );
 }
+
+/// Starts `airlock exec NAME -- sh -c SCRIPT` through the daemon in the
+/// background and waits for its first line, "ready".
+fn background_exec(d: &TestDaemon, name: &str, script: &str) -> std::process::Child {
+    let mut child = d
+        .env
+        .airlock(["exec", name, "--", "sh", "-c", script])
+        .env("AIRLOCK_SOCKET", &d.socket)
+        .env("AIRLOCK_CGROUP_PARENT", &d.cgroup_parent)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while stdout.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        first.push(byte[0]);
+    }
+    assert_eq!(first, b"ready", "the exec did not start");
+    child.stdout = Some(stdout);
+    child
+}
+
+/// The API's stop and destroy are the runtime's one stop: SIGTERM, the
+/// policy's grace period, then the answer with the sandbox finalized —
+/// `stopped`, no mount left, the same `stopped` audit record as the CLI's.
+#[test]
+fn api_stop_and_destroy_use_the_one_stop() {
+    let d = TestDaemon::start_args("api-stop", &[]);
+    let policy = d.env.dir.path().join("grace.toml");
+    std::fs::write(&policy, "extends = \"dev\"\n\n[limits]\nstop_grace = \"20s\"\n").unwrap();
+    let ws = d.env.workspace.display().to_string();
+    let script = "trap 'echo cleaned up; exit 0' TERM; echo ready; while :; do sleep 0.1; done";
+    for name in ["st", "ds"] {
+        let body = json!({ "name": name, "workspace": ws, "policy": policy.display().to_string() });
+        let (status, created) = d.json("POST", "/v1/sandboxes", Some(body));
+        assert_eq!(status, 201, "{created}");
+    }
+
+    let child = background_exec(&d, "st", script);
+    let started = std::time::Instant::now();
+    let (status, stopped) = d.json("POST", "/v1/sandboxes/st/stop", None);
+    assert_eq!(status, 200, "{stopped}");
+    assert!(started.elapsed() < Duration::from_secs(15), "stop took {:?}", started.elapsed());
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    let dir = d.env.sandbox_dir("st");
+    assert_eq!(mounts_containing(&dir.to_string_lossy()), Vec::<String>::new());
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cleaned up"), "{}", show(&out));
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    assert_eq!(audit.matches("\"stopped\"").count(), 1, "{audit}");
+    assert!(audit.contains("stopped on request"), "{audit}");
+
+    let child = background_exec(&d, "ds", script);
+    let (status, removed) = d.json("DELETE", "/v1/sandboxes/ds", None);
+    assert_eq!(status, 200, "{removed}");
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cleaned up"), "{}", show(&out));
+    assert!(!d.env.sandbox_dir("ds").exists());
+
+    // One `stopped` each, before `destroyed`, with the audit log's reason.
+    for name in ["st", "ds"] {
+        let (status, text) = d.request("GET", &format!("/v1/events?sandbox={name}"), None);
+        assert_eq!(status, 200, "{text}");
+        let events: Vec<Value> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let stopped: Vec<&Value> = events.iter().filter(|e| e["kind"] == "stopped").collect();
+        assert_eq!(stopped.len(), 1, "{text}");
+        assert_eq!(stopped[0]["detail"]["reason"], "requested", "{text}");
+        assert_eq!(stopped[0]["detail"]["message"], "stopped on request", "{text}");
+        assert_eq!(stopped[0]["detail"]["state"], "stopped", "{text}");
+    }
+    let kinds = event_kinds(&d, "?sandbox=ds");
+    assert_eq!(kinds.iter().rev().take(2).collect::<Vec<_>>(), ["destroyed", "stopped"], "{kinds:?}");
+}
+
+/// The `stopped` events the daemon recorded for `name`.
+fn stopped_events(d: &TestDaemon, name: &str) -> Vec<Value> {
+    let (status, text) = d.request("GET", &format!("/v1/events?sandbox={name}"), None);
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["kind"] == "stopped")
+        .collect()
+}
+
+/// A sandbox the supervisor stops by itself (idle timeout, deadline) gets
+/// the daemon's `stopped` event with the reason its audit log recorded.
+#[test]
+fn api_events_say_why_the_supervisor_stopped_a_sandbox() {
+    let d = TestDaemon::start_args("api-idle", &[]);
+    let ws = d.env.workspace.display().to_string();
+    for (name, body) in [
+        ("idl", json!({ "name": "idl", "workspace": ws, "idle_timeout": "2s" })),
+        ("dl", json!({ "name": "dl", "workspace": ws, "timeout": "2s" })),
+    ] {
+        let (status, created) = d.json("POST", "/v1/sandboxes", Some(body));
+        assert_eq!(status, 201, "{name}: {created}");
+    }
+    for (name, reason, message) in
+        [("idl", "idle", "idle timeout reached"), ("dl", "deadline", "maximum runtime reached")]
+    {
+        assert!(wait_until(30, || !stopped_events(&d, name).is_empty()), "{name} was not seen to stop");
+        let events = stopped_events(&d, name);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["detail"]["reason"], reason, "{events:?}");
+        assert_eq!(events[0]["detail"]["message"], message, "{events:?}");
+    }
+}

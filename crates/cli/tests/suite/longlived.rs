@@ -110,9 +110,17 @@ fn execs_run_concurrently() {
 fn idle_timeout_and_deadline_stop_the_sandbox() {
     let env = Env::new();
     assert_eq!(create(&env, "idle", &["--idle-timeout", "2s"]).status.code(), Some(0));
-    assert_eq!(create(&env, "deadline", &["--timeout", "2s"]).status.code(), Some(0));
+    assert_eq!(create(&env, "deadline", &["--timeout", "3s"]).status.code(), Some(0));
+    // The deadline is the same stop: SIGTERM first, then the grace period.
+    let child = background_exec(
+        &env,
+        "deadline",
+        "trap 'echo cleaned up; exit 0' TERM; echo ready; while :; do sleep 0.1; done",
+    );
     assert!(wait_until(15, || state_of(&env, "idle") == "stopped"));
     assert!(wait_until(15, || state_of(&env, "deadline") == "stopped"));
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cleaned up"), "{}", show(&out));
     let idle = std::fs::read_to_string(env.sandbox_dir("idle").join("audit.jsonl")).unwrap();
     assert!(idle.contains("idle timeout reached"), "{idle}");
     let deadline = std::fs::read_to_string(env.sandbox_dir("deadline").join("audit.jsonl")).unwrap();
@@ -408,4 +416,126 @@ fn an_agent_that_dies_is_recorded_as_it_died() {
     let o = env.airlock(["ls"]).output().unwrap();
     let row = stdout(&o).lines().find(|l| l.starts_with("gone ")).unwrap_or_default().to_string();
     assert!(row.contains(" 137 "), "{}", show(&o));
+}
+
+/// A policy file in the test's directory extending `dev` with the given
+/// `stop_grace`.
+fn grace_policy(env: &Env, grace: &str) -> String {
+    let path = env.dir.path().join("grace.toml");
+    std::fs::write(&path, format!("extends = \"dev\"\n\n[limits]\nstop_grace = \"{grace}\"\n")).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Starts `airlock exec NAME -- sh -c SCRIPT` in the background and waits
+/// for its first line of output (the script says it is ready).
+fn background_exec(env: &Env, name: &str, script: &str) -> std::process::Child {
+    use std::io::Read;
+    let mut child = env
+        .airlock(["exec", name, "--", "sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while stdout.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        first.push(byte[0]);
+    }
+    assert_eq!(first, b"ready", "the exec did not start");
+    child.stdout = Some(stdout);
+    child
+}
+
+/// `airlock stop` sends SIGTERM to the sandbox's processes: one that
+/// handles it gets to clean up (its output reaches its client and the
+/// sandbox's log, its file the layer), and `stop` returns with the sandbox
+/// finalized — `stopped`, no mount left, `stopped` audited once.
+#[test]
+fn stop_lets_processes_clean_up_and_returns_finalized() {
+    let env = Env::new();
+    let policy = grace_policy(&env, "20s");
+    let o = create(&env, "grace", &["--policy", &policy]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let script = "trap 'echo cleaned up; echo done > cleanup.txt; exit 0' TERM; echo ready; \
+                  while :; do sleep 0.1; done";
+    let child = background_exec(&env, "grace", script);
+
+    let started = std::time::Instant::now();
+    let o = env.airlock(["stop", "grace"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    // It ended on SIGTERM, well before the 20 s grace period.
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "stop took {:?}", started.elapsed());
+    // No wait: stop returned with the sandbox finalized.
+    assert_eq!(state_of(&env, "grace"), "stopped");
+    let dir = env.sandbox_dir("grace");
+    assert_eq!(mounts_containing(&dir.to_string_lossy()), Vec::<String>::new());
+
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cleaned up"), "{}", show(&out));
+    let log = std::fs::read_to_string(dir.join("logs/stdout.log")).unwrap();
+    assert!(log.contains("cleaned up"), "{log}");
+    let o = env.airlock(["diff", "grace", "--stat"]).output().unwrap();
+    assert!(stdout(&o).contains("cleanup.txt"), "{}", show(&o));
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    assert_eq!(audit.matches("\"stopped\"").count(), 1, "{audit}");
+    assert!(audit.contains("stopped on request"), "{audit}");
+    let o = env.airlock(["rm", "grace"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+}
+
+/// A process that ignores SIGTERM is killed once the policy's grace period
+/// is over, and not before.
+#[test]
+fn a_process_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let env = Env::new();
+    let policy = grace_policy(&env, "2s");
+    let o = create(&env, "stubborn", &["--policy", &policy]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let child = background_exec(&env, "stubborn", "trap '' TERM; echo ready; while :; do sleep 0.1; done");
+
+    let started = std::time::Instant::now();
+    let o = env.airlock(["stop", "stubborn"]).output().unwrap();
+    let took = started.elapsed();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(took >= std::time::Duration::from_secs(2), "killed before the grace period: {took:?}");
+    assert!(took < std::time::Duration::from_secs(12), "stop took {took:?}");
+    assert_eq!(state_of(&env, "stubborn"), "stopped");
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(mounts_containing(&env.sandbox_dir("stubborn").to_string_lossy()), Vec::<String>::new());
+}
+
+/// `rm` of a running sandbox is the same stop: the process gets SIGTERM
+/// first, and the audit log says `stopped` before `removed`.
+#[test]
+fn rm_of_a_running_sandbox_stops_it_the_same_way() {
+    let env = Env::new();
+    let policy = grace_policy(&env, "20s");
+    assert_eq!(create(&env, "rmgrace", &["--policy", &policy]).status.code(), Some(0));
+    let child = background_exec(
+        &env,
+        "rmgrace",
+        "trap 'echo cleaned up; exit 0' TERM; echo ready; while :; do sleep 0.1; done",
+    );
+    let o = env.airlock(["rm", "rmgrace"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cleaned up"), "{}", show(&out));
+    assert!(!env.sandbox_dir("rmgrace").exists());
+}
+
+/// A foreground `airlock run` has no supervisor: `stop` says how to end it
+/// instead of killing it behind its terminal's back.
+#[test]
+fn stop_of_a_foreground_run_says_how_to_end_it() {
+    let env = Env::new();
+    let mut run = env.airlock(["run", "--name", "fg", "--", "sleep", "60"]).spawn().unwrap();
+    assert!(wait_until(15, || state_of(&env, "fg") == "running"), "state {}", state_of(&env, "fg"));
+    let o = env.airlock(["stop", "fg"]).output().unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("no supervisor"), "{}", show(&o));
+    assert_eq!(state_of(&env, "fg"), "running");
+    let o = env.airlock(["rm", "fg"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let _ = run.wait();
 }

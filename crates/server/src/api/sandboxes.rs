@@ -5,7 +5,7 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use airlock_policy::{Overrides, Policy, WorkspaceMode};
 use airlock_runtime::ops;
@@ -27,8 +27,6 @@ use crate::error::ApiError;
 use crate::extract::{JsonBody, QueryPairs, SandboxName};
 use crate::sandbox::{self, ApiState, Loaded, SandboxView};
 
-/// How long stop waits for the supervisor to finish the sandbox.
-const STOP_WAIT: Duration = Duration::from_secs(60);
 /// Longest single extension of a deadline.
 const MAX_EXTEND_SECS: u64 = 7 * 24 * 3600;
 
@@ -362,21 +360,10 @@ fn client_for(loaded: &Loaded, name: &str) -> Result<SupervisorClient, ApiError>
     })
 }
 
-/// Asks the supervisor to stop and waits until it has finished the sandbox.
-fn stop_and_wait(loaded: &Loaded, name: &str) -> Result<(), ApiError> {
-    let client = client_for(loaded, name)?;
-    client.stop().map_err(|e| ApiError::internal(format!("stopping sandbox {name}: {e}")))?;
-    let deadline = Instant::now() + STOP_WAIT;
-    while loaded.dir.is_live() {
-        if Instant::now() > deadline {
-            return Err(ApiError::internal(format!(
-                "sandbox {name} did not finish within {}s of being asked to stop",
-                STOP_WAIT.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+/// The runtime's one stop: SIGTERM, the policy's grace period, SIGKILL;
+/// returns once the sandbox is finalized.
+fn stop_and_wait(app: &App, stored: &str, name: &str) -> Result<(), ApiError> {
+    ops::stop(&app.root, stored).map_err(|e| ApiError::internal(format!("stopping sandbox {name}: {e}")))
 }
 
 /// `POST /v1/sandboxes/{name}/stop`. Stopping a sandbox that is not running
@@ -400,16 +387,24 @@ fn stop_sandbox(app: &Arc<App>, peer: &Peer, name: &str) -> Result<SandboxView, 
     let _guard = app
         .claim(&stored, Op::Stop)
         .map_err(|op| ApiError::conflict("busy", format!("sandbox {name} is {}", op.doing())))?;
-    stop_and_wait(&loaded, name)?;
+    stop_and_wait(app, &stored, name)?;
     let after = sandbox::authorize(app, peer, name)?;
     app.db.set_state(&stored, after.state.as_str())?;
-    app.record_event(
-        Some(&stored),
-        Some(after.owner_uid),
-        "stopped",
-        serde_json::json!({ "reason": "requested" }),
-    );
+    record_stopped(app, &after, after.state.as_str(), "requested");
     Ok(sandbox::view(&after, &scope))
+}
+
+/// The daemon's `stopped` event, with the reason the sandbox's own audit
+/// log recorded, whoever stopped it (`fallback` when it recorded none).
+pub(crate) fn record_stopped(app: &App, loaded: &Loaded, state: &str, fallback: &'static str) {
+    let (reason, message) = airlock_runtime::supervisor::last_stop(&loaded.dir)
+        .map_or((fallback, None), |(code, text)| (code, Some(text)));
+    app.record_event(
+        Some(loaded.name()),
+        Some(loaded.owner_uid),
+        "stopped",
+        serde_json::json!({ "reason": reason, "message": message, "state": state }),
+    );
 }
 
 #[derive(serde::Serialize)]
@@ -434,11 +429,15 @@ pub fn remove_sandbox(app: &Arc<App>, peer: &Peer, name: &str) -> Result<Removed
     let _guard = app
         .claim(&stored, Op::Remove)
         .map_err(|op| ApiError::conflict("busy", format!("sandbox {name} is {}", op.doing())))?;
-    if loaded.state == ApiState::Running
-        && let Err(e) = stop_and_wait(&loaded, name)
-    {
-        // `ops::remove` kills what is still live.
-        tracing::debug!("orderly stop before removal failed: {e}");
+    if loaded.state == ApiState::Running {
+        match stop_and_wait(app, &stored, name) {
+            Ok(()) => {
+                let _ = app.db.set_state(&stored, ApiState::Stopped.as_str());
+                record_stopped(app, &loaded, ApiState::Stopped.as_str(), "requested");
+            }
+            // `ops::remove` kills what is still live.
+            Err(e) => tracing::debug!("orderly stop before removal failed: {e}"),
+        }
     }
     ops::remove(&app.root, &stored).map_err(|e| app.scope(peer).reword(e.into(), &stored, name))?;
     app.db.delete_sandbox(&stored)?;
@@ -676,6 +675,8 @@ pub async fn apply(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
 
     use super::*;
 
