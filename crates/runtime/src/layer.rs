@@ -69,6 +69,12 @@ impl WritableLayer {
         Ok(())
     }
 
+    /// A layer said to live on a tmpfs at `tmpfs` (unit tests of its release).
+    #[cfg(test)]
+    pub(crate) fn on_tmpfs_for_test(upper: PathBuf, work: PathBuf, tmpfs: PathBuf) -> WritableLayer {
+        WritableLayer { upper, work, tmpfs: Some(tmpfs) }
+    }
+
     /// Drops the layer without keeping it (the sandbox never ran).
     pub fn discard(self) -> io::Result<()> {
         match &self.tmpfs {

@@ -10,6 +10,7 @@ pub mod files;
 pub mod idblocks;
 mod layer;
 mod lifecycle;
+pub use lifecycle::UndoFailed;
 pub mod names;
 pub mod network;
 pub mod ops;
@@ -104,6 +105,12 @@ pub enum RunError {
     Signals(#[source] io::Error),
     #[error("waiting for the sandbox: {0}")]
     Wait(#[source] io::Error),
+    /// A launch failed half-way and undoing what it had set up failed too.
+    #[error(transparent)]
+    LaunchUndo(Box<lifecycle::UndoFailed>),
+    /// A failure injected by a test (`AIRLOCK_TEST_FAIL_AT`, debug builds only).
+    #[error("failure injected for a test at launch phase {0}")]
+    InjectedFailure(String),
 }
 
 impl From<airlock_policy::PolicyError> for RunError {

@@ -71,8 +71,105 @@ pub(crate) struct LaunchSpec<'a> {
     pub workspace_owner: Option<u32>,
 }
 
-/// Creates everything around the sandbox and starts its agent.
+/// The environment variable a test sets to a launch phase's name (see
+/// [`LAUNCH_PHASES`]) to make the launch fail right after that phase.
+/// Read only by debug builds.
+pub(crate) const FAIL_AT_ENV: &str = "AIRLOCK_TEST_FAIL_AT";
+
+/// The phases of a launch, in order, as [`FAIL_AT_ENV`] names them.
+pub(crate) const LAUNCH_PHASES: &[&str] =
+    &["state", "cgroup", "layer", "idmapped", "network", "spawned", "joined", "proxy-ready", "running"];
+
+/// Marks a phase of the launch as done; fails there when a test asked to.
+fn phase_done(phase: &'static str) -> Result<(), RunError> {
+    debug_assert!(LAUNCH_PHASES.contains(&phase), "phase {phase} is not listed");
+    tracing::debug!(phase, "launch phase done");
+    if cfg!(debug_assertions) && std::env::var(FAIL_AT_ENV).is_ok_and(|at| at == phase) {
+        return Err(RunError::InjectedFailure(phase.to_string()));
+    }
+    Ok(())
+}
+
+/// A launch that failed half-way, and undoing what it had set up failed
+/// too: both are kept, the launch's error first.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}; undoing the launch also failed: {}", undo.join("; "))]
+pub struct UndoFailed {
+    #[source]
+    pub error: RunError,
+    /// What could not be released, one line each.
+    pub undo: Vec<String>,
+}
+
+/// What a launch has set up so far. A launch that fails half-way undoes it
+/// at once (and so does dropping it, say on a panic): the agent is killed,
+/// the proxy with it, the cgroup and the layer's tmpfs are removed, and
+/// only then is the id block given back, since those ran as its ids.
+#[derive(Default)]
+struct LaunchGuard {
+    id_block: Option<IdBlock>,
+    cgroup: Option<SandboxCgroup>,
+    layer: Option<WritableLayer>,
+    network: Option<Network>,
+    agent_pid: Option<i32>,
+}
+
+impl LaunchGuard {
+    /// Releases everything held, last made first; what failed, one line each.
+    fn undo(&mut self) -> Vec<String> {
+        let mut failed = Vec::new();
+        if let Some(pid) = self.agent_pid.take() {
+            let _ = rustix::process::kill_process(pid_of(pid), rustix::process::Signal::KILL);
+            if let Err(e) = airlock_jail::sys::wait_pid(pid) {
+                failed.push(format!("reaping the agent (pid {pid}): {e}"));
+            }
+        }
+        if let Some(network) = self.network.take() {
+            network.abort();
+        }
+        if let Some(cg) = self.cgroup.take()
+            && let Err(e) = cg.remove()
+        {
+            failed.push(format!("removing cgroup {}: {e}", cg.name()));
+        }
+        if let Some(layer) = self.layer.take() {
+            let upper = layer.upper.clone();
+            if let Err(e) = layer.discard() {
+                failed.push(format!("releasing the writable layer of {}: {e}", upper.display()));
+            }
+        }
+        // Dropped without being kept: given back to the registry.
+        drop(self.id_block.take());
+        failed
+    }
+}
+
+impl Drop for LaunchGuard {
+    fn drop(&mut self) {
+        for failure in self.undo() {
+            tracing::warn!(%failure, "undoing a failed launch");
+        }
+    }
+}
+
+/// Creates everything around the sandbox and starts its agent. A failure
+/// half-way releases at once what was set up; nothing is left for `gc`.
 pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError> {
+    let mut guard = LaunchGuard::default();
+    match launch_steps(spec, &mut guard) {
+        Ok(launched) => Ok(launched),
+        Err(error) => {
+            let undo = guard.undo();
+            if undo.is_empty() {
+                Err(error)
+            } else {
+                Err(RunError::LaunchUndo(Box::new(UndoFailed { error, undo })))
+            }
+        }
+    }
+}
+
+fn launch_steps(spec: LaunchSpec<'_>, guard: &mut LaunchGuard) -> Result<Launched, RunError> {
     let LaunchSpec { sandbox, policy, workspace, host, degraded, command, terminal, workspace_owner } = spec;
     let name = sandbox.name().to_string();
     let provisions = plan::provisions(policy, workspace.is_some(), host);
@@ -122,57 +219,58 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     // directory is removed; given back at once if the launch fails below.
     // Taken once meta.json exists, so that a sandbox refused for want of a
     // block is listed (failed) and can be removed.
-    let id_block = if provisions.own_ids { Some(Registry::host()?.allocate(sandbox.path())?) } else { None };
-    let id_map = IdMap::for_current_user(id_block.as_ref().map_or(0, IdBlock::first_host_uid));
+    if provisions.own_ids {
+        guard.id_block = Some(Registry::host()?.allocate(sandbox.path())?);
+    }
+    let id_map = IdMap::for_current_user(guard.id_block.as_ref().map_or(0, IdBlock::first_host_uid));
     meta.host_uid = Some(id_map.host_root_uid);
-    meta.id_block = id_block.as_ref().map(IdBlock::index);
+    meta.id_block = guard.id_block.as_ref().map(IdBlock::index);
     sandbox.write_meta(&meta)?;
 
-    tracing::debug!("phase: state directory ready");
-    let cgroup = if let Some(limits) = &provisions.cgroup {
+    phase_done("state")?;
+    if let Some(limits) = &provisions.cgroup {
         let cgroup_name = crate::cgroup_name(sandbox);
-        let cg = SandboxCgroup::create(&cgroup_name, limits)?;
+        guard.cgroup = Some(SandboxCgroup::create(&cgroup_name, limits)?);
         meta.cgroup = Some(cgroup_name);
         // Recorded at once: if this supervisor dies, gc finds the cgroup by it.
         sandbox.write_meta(&meta)?;
-        Some(cg)
-    } else {
-        None
-    };
+    }
 
-    tracing::debug!("phase: cgroup created");
-    let layer = match &provisions.layer {
-        Some(l) => Some(WritableLayer::create(sandbox, l.size_limit, id_map.host_root_uid)?),
-        None => None,
-    };
+    phase_done("cgroup")?;
+    if let Some(l) = &provisions.layer {
+        guard.layer = Some(WritableLayer::create(sandbox, l.size_limit, id_map.host_root_uid)?);
+    }
+    let layer = guard.layer.as_ref();
     let rootfs = sandbox.path().join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| RunError::State(rootfs.clone(), e))?;
     let paths = SandboxPaths {
         rootfs,
-        upper: layer.as_ref().map_or_else(|| sandbox.upper_dir(), |l| l.upper.clone()),
-        work: layer.as_ref().map_or_else(|| sandbox.work_dir(), |l| l.work.clone()),
+        upper: layer.map_or_else(|| sandbox.upper_dir(), |l| l.upper.clone()),
+        work: layer.map_or_else(|| sandbox.work_dir(), |l| l.work.clone()),
     };
 
     // As root the workspace is seen through an id-mapped mount, so that files
     // owned by host users keep their owners inside while the sandbox's root
     // stays an unprivileged host uid.
-    tracing::debug!("phase: writable layer ready");
+    phase_done("layer")?;
+    // A detached mount: closing its descriptor releases it.
     let tree = match workspace {
         Some(ws) if provisions.own_ids => Some(spawn::idmapped_tree(ws, &id_map, workspace_owner)?),
         _ => None,
     };
 
-    tracing::debug!("phase: id-mapped workspace ready");
-    let network = crate::network::Network::start(
+    phase_done("idmapped")?;
+    guard.network = crate::network::Network::start(
         policy,
         &name,
         sandbox.path(),
         &sandbox.audit_path(),
         id_map.host_root_uid,
-        cgroup.as_ref(),
+        guard.cgroup.as_ref(),
     )?;
-    let secret_values = network.as_ref().map(|n| n.secret_values()).unwrap_or_default();
-    let network_env = network.as_ref().map(|n| n.environment()).unwrap_or_default();
+    let network = guard.network.as_ref();
+    let secret_values = network.map(|n| n.secret_values()).unwrap_or_default();
+    let network_env = network.map(|n| n.environment()).unwrap_or_default();
     let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
     let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), terminal, &secret_values)
         .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
@@ -190,7 +288,7 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
             idmapped_workspace: tree.is_some(),
             tty: terminal,
             host_env: &host_env,
-            network: network.as_ref().map(|n| plan::NetworkInput {
+            network: network.map(|n| plan::NetworkInput {
                 ports: n.ports,
                 env: &network_env,
                 bundle: &n.bundle,
@@ -200,46 +298,39 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     );
 
     let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
-    tracing::debug!("phase: network ready");
+    phase_done("network")?;
     let spawned = spawn::spawn(
         &SpawnRequest {
             agent_exe: &exe,
             agent_args: &["airlock-agent", crate::AGENT_ROLE],
             stdio: stdio.child_fds(),
             workspace_tree: tree.as_ref().map(|t| std::os::fd::AsFd::as_fd(t)),
-            egress_channel: network.as_ref().and_then(|n| n.agent_end.as_ref()).map(std::os::fd::AsFd::as_fd),
+            egress_channel: network.and_then(|n| n.agent_end.as_ref()).map(std::os::fd::AsFd::as_fd),
             id_map: &id_map,
         },
         |_| Ok(()),
     )?;
     drop(tree);
-    stdio.release_child_ends();
     let agent_pid = spawned.pid;
+    guard.agent_pid = Some(agent_pid);
+    stdio.release_child_ends();
     let mut control = spawned.control;
+    phase_done("spawned")?;
     airlock_proto::send(&mut control, &HostMessage::Launch(Box::new(launch)))?;
     // While the agent builds the root filesystem: the cgroup write, which
     // may wait for a kernel grace period. Untrusted code waits for Proceed.
-    if let Some(cg) = &cgroup
-        && let Err(e) = cg.add_pid(agent_pid)
-    {
-        let _ = rustix::process::kill_process(pid_of(agent_pid), rustix::process::Signal::KILL);
-        let _ = airlock_jail::sys::wait_pid(agent_pid);
-        return Err(e.into());
+    if let Some(cg) = &guard.cgroup {
+        cg.add_pid(agent_pid)?;
     }
-    tracing::debug!("phase: agent in its cgroup");
+    phase_done("joined")?;
     // The proxy has been starting meanwhile; no untrusted code runs
     // without it.
-    if let Some(n) = &network
-        && let Err(e) = n.wait_ready()
-    {
-        let _ = rustix::process::kill_process(pid_of(agent_pid), rustix::process::Signal::KILL);
-        let _ = airlock_jail::sys::wait_pid(agent_pid);
-        return Err(e);
+    if let Some(n) = &guard.network {
+        n.wait_ready()?;
     }
-    tracing::debug!("phase: egress proxy ready");
+    phase_done("proxy-ready")?;
     airlock_proto::send(&mut control, &HostMessage::Proceed)?;
-    let mut network = network;
-    if let Some(n) = network.as_mut() {
+    if let Some(n) = guard.network.as_mut() {
         // The agent holds its own copy now.
         drop(n.agent_end.take());
     }
@@ -247,10 +338,14 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
     meta.state = SandboxState::Running;
     meta.started_at = Some(now_rfc3339());
     sandbox.write_meta(&meta)?;
-    if let Some(block) = id_block {
+    phase_done("running")?;
+
+    // Up: from here on the sandbox's owner releases all of it.
+    if let Some(block) = guard.id_block.take() {
         block.keep();
     }
-
+    guard.agent_pid = None;
+    let (cgroup, layer, network) = (guard.cgroup.take(), guard.layer.take(), guard.network.take());
     Ok(Launched { name, meta, audit, cgroup, layer, network, secret_values, stdio, logs, agent_pid, control })
 }
 
@@ -466,5 +561,46 @@ impl Ending {
             (None, Some(sig)) => 128 + sig,
             (None, None) => exit_codes::AIRLOCK_FAILED,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn an_undo_that_fails_is_kept_beside_the_launch_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Said to be on a tmpfs, but not a mount point: releasing it fails.
+        let not_mounted = tmp.path().join("layer");
+        std::fs::create_dir(&not_mounted).unwrap();
+        let mut guard = LaunchGuard::default();
+        guard.layer = Some(WritableLayer::on_tmpfs_for_test(
+            not_mounted.join("upper"),
+            not_mounted.join("work"),
+            not_mounted.clone(),
+        ));
+        let undo = guard.undo();
+        assert_eq!(undo.len(), 1, "{undo:?}");
+        assert!(undo[0].contains("writable layer"), "{undo:?}");
+        assert!(guard.layer.is_none(), "released once, not again on drop");
+
+        let error = RunError::LaunchUndo(Box::new(UndoFailed {
+            error: RunError::InjectedFailure("layer".into()),
+            undo,
+        }));
+        let text = error.to_string();
+        assert!(text.starts_with("failure injected for a test at launch phase layer; undoing"), "{text}");
+        assert!(text.contains("writable layer"), "{text}");
+        let RunError::LaunchUndo(both) = &error else { unreachable!() };
+        let source = std::error::Error::source(both.as_ref()).unwrap();
+        assert_eq!(source.to_string(), RunError::InjectedFailure("layer".into()).to_string());
+    }
+
+    #[test]
+    fn an_empty_guard_undoes_nothing() {
+        assert!(LaunchGuard::default().undo().is_empty());
     }
 }

@@ -190,6 +190,16 @@ impl Network {
         }
     }
 
+    /// Kills the proxy of a sandbox whose launch failed, without waiting
+    /// for it to finish by itself; returns once it is reaped.
+    pub fn abort(mut self) {
+        drop(self.agent_end.take());
+        if let Some(proxy) = self.proxy.take() {
+            proxy.expect_end();
+            proxy.abort();
+        }
+    }
+
     /// Stops the proxy once the sandbox is gone; its last events are
     /// recorded before this returns.
     pub fn stop(mut self) {

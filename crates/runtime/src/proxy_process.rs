@@ -411,6 +411,15 @@ impl ProxyProcess {
         self.pidfd = None;
     }
 
+    /// A launch failed before the sandbox ran: the proxy is killed at once
+    /// and reaped before this returns.
+    pub(crate) fn abort(mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.kill();
+        let _ = self.done.recv();
+        self.pidfd = None;
+    }
+
     /// The sandbox is being ended, proxy included (a cgroup kill): its end
     /// is then not news for the audit log.
     pub(crate) fn expect_end(&self) {
