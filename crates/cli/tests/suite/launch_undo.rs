@@ -99,3 +99,47 @@ fn a_launch_failing_after_any_phase_leaves_nothing_behind() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
 }
+
+/// The same through `airlock create`: the long-lived sandbox's supervisor
+/// launches with the same code and undoes the same way.
+#[test]
+fn a_create_failing_after_any_phase_leaves_nothing_behind() {
+    if !require(is_root(), "root (cgroups, the layer's tmpfs and id blocks are made only as root)") {
+        return;
+    }
+    let env = Env::new();
+    for phase in PHASES {
+        let name = format!("undo-create-{phase}");
+        let o = env
+            .airlock(["create", "--name", &name, "--memory", "64M"])
+            .env("AIRLOCK_TEST_FAIL_AT", phase)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(125), "phase {phase}: {}", show(&o));
+        assert!(
+            stderr(&o).contains(&format!("failure injected for a test at launch phase {phase}")),
+            "phase {phase}: {}",
+            show(&o)
+        );
+        let dir = env.sandbox_dir(&name);
+        assert_eq!(cgroup_dirs(&name), Vec::<std::path::PathBuf>::new(), "phase {phase}: cgroup left");
+        assert_eq!(
+            mounts_containing(&dir.display().to_string()),
+            Vec::<String>::new(),
+            "phase {phase}: mount left"
+        );
+        assert_eq!(registry_entries_below(&env.state), Vec::<String>::new(), "phase {phase}: id block kept");
+        assert_eq!(pids_running(&format!("__egress {name}")), Vec::<i32>::new(), "phase {phase}: proxy left");
+        if let Ok(meta) = std::fs::read(dir.join("meta.json")) {
+            let meta: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+            if let Some(first) = meta["host_uid"].as_u64() {
+                let first = u32::try_from(first).unwrap();
+                assert_eq!(processes_in_block(first), Vec::new(), "phase {phase}: processes of its ids left");
+            }
+        }
+    }
+    let o = env.airlock(["create", "--name", "undo-create-none", "--memory", "64M"]).output().unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    let o = env.airlock(["rm", "undo-create-none"]).output().unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+}
