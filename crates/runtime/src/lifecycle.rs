@@ -370,13 +370,31 @@ pub(crate) fn pid_of(pid: i32) -> rustix::process::Pid {
     rustix::process::Pid::from_raw(pid).unwrap_or(rustix::process::Pid::INIT)
 }
 
-/// What is left of a sandbox once its agent has ended.
+/// Ends everything still running in a sandbox: its agent (PID 1, whose
+/// death takes the PID namespace down), then whatever raced out of it into
+/// the cgroup, the proxy among it (whose end is then expected, not news).
+/// The agent is still to be reaped.
+pub(crate) fn kill_sandbox(agent_pid: i32, network: Option<&Network>, cgroup: Option<&SandboxCgroup>) {
+    let _ = rustix::process::kill_process(pid_of(agent_pid), rustix::process::Signal::KILL);
+    if let Some(n) = network {
+        n.ending();
+    }
+    if let Some(cg) = cgroup {
+        let _ = cg.kill_all();
+    }
+}
+
+/// What is left of a sandbox once its agent has ended (and been reaped).
 pub(crate) struct Remains {
     pub name: String,
     pub meta: SandboxMeta,
     pub audit: AuditLog,
     pub cgroup: Option<SandboxCgroup>,
     pub layer: Option<WritableLayer>,
+    /// Stopped first: the proxy's last events reach the audit log before
+    /// the sandbox's end is recorded.
+    pub network: Option<Network>,
+    pub stdio: SandboxStdio,
     pub secret_values: Vec<(String, Vec<u8>)>,
     /// The state to record when it ended normally: `exited` for a command,
     /// `stopped` for a long-lived sandbox. Written before the live lock is
@@ -384,8 +402,10 @@ pub(crate) struct Remains {
     pub final_state: SandboxState,
 }
 
-/// Records how the sandbox ended, releases its kernel objects, keeps (or
-/// summarizes) its layer, captures artifacts and applies the cleanup rule.
+/// The one teardown of a sandbox whose agent is gone, for `run` and the
+/// supervisor alike: stops the proxy, flushes the output, records how the
+/// sandbox ended, releases its kernel objects, keeps (or summarizes) its
+/// layer, captures artifacts and applies the cleanup rule.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn finalize(
     sandbox: &SandboxDir,
@@ -400,7 +420,13 @@ pub(crate) fn finalize(
     live: LiveLock,
     notify: &mut dyn FnMut(Notice),
 ) -> Result<RunOutcome, RunError> {
-    let Remains { name, mut meta, mut audit, cgroup, layer, secret_values, final_state } = remains;
+    let Remains { name, mut meta, mut audit, cgroup, layer, network, mut stdio, secret_values, final_state } =
+        remains;
+    if let Some(n) = network {
+        n.stop();
+    }
+    stdio.release_child_ends();
+    stdio.finish();
     let oom_killed = cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
     let exit_code = ending.exit_code();
     audit.record(AuditEvent::Exited {

@@ -14,7 +14,7 @@ use airlock_policy::{Overrides, Policy, WorkspaceMode};
 use airlock_proto::AgentMessage;
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, pid_of};
+use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, kill_sandbox, launch_sandbox};
 use crate::plan;
 use crate::state::{SandboxDir, SandboxState, StateRoot};
 use crate::stdio::SandboxStdio;
@@ -279,15 +279,7 @@ fn supervise(
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 ending.timed_out = true;
                 audit.record(AuditEvent::TimeLimitHit { limit_secs: policy.limits.timeout.as_secs() })?;
-                // PID 1 dying takes the whole PID namespace with it; the
-                // cgroup kill catches anything that raced out of it.
-                let _ = rustix::process::kill_process(pid_of(agent_pid), rustix::process::Signal::KILL);
-                if let Some(n) = &network {
-                    n.ending();
-                }
-                if let Some(cg) = &cgroup {
-                    let _ = cg.kill_all();
-                }
+                kill_sandbox(agent_pid, network.as_ref(), cgroup.as_ref());
                 break;
             }
             // Service-mode messages never come for a one-shot command.
@@ -305,11 +297,7 @@ fn supervise(
     tracing::debug!("phase: command ended");
     let status = airlock_jail::sys::wait_pid(agent_pid).map_err(RunError::Wait)?;
     let _ = reader.join();
-    if let Some(n) = network {
-        n.stop();
-    }
     drop(forwarder);
-    stdio.finish();
     let duration = started.elapsed();
 
     if !ending.confined && !ending.timed_out && ending.setup_failed.is_none() {
@@ -329,7 +317,17 @@ fn supervise(
         sandbox,
         policy,
         workspace,
-        Remains { name, meta, audit, cgroup, layer, secret_values, final_state: SandboxState::Exited },
+        Remains {
+            name,
+            meta,
+            audit,
+            cgroup,
+            layer,
+            network,
+            stdio,
+            secret_values,
+            final_state: SandboxState::Exited,
+        },
         ending,
         duration,
         if req.remove_after { Some(true) } else { None },

@@ -33,7 +33,9 @@ use serde::{Deserialize, Serialize};
 use crate::RunError;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::create_failure::{CreateFailure, Report};
-use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, pid_of};
+use crate::lifecycle::{
+    Ending, LaunchSpec, Launched, Remains, finalize, kill_sandbox, launch_sandbox, pid_of,
+};
 use crate::run::Notice;
 use crate::state::{SandboxDir, SandboxState, StateRoot};
 
@@ -500,7 +502,7 @@ impl Supervisor {
             layer,
             network,
             secret_values,
-            mut stdio,
+            stdio,
             logs: _,
             agent_pid,
             control,
@@ -509,13 +511,7 @@ impl Supervisor {
         if !matches!(reason, StopReason::AgentGone) {
             self.end_execs(policy.limits.stop_grace);
         }
-        kill_agent(agent_pid);
-        if let Some(n) = &network {
-            n.ending();
-        }
-        if let Some(cg) = &cgroup {
-            let _ = cg.kill_all();
-        }
+        kill_sandbox(agent_pid, network.as_ref(), cgroup.as_ref());
         let agent_status = airlock_jail::sys::wait_pid(agent_pid).ok();
         drop(control);
         if let Ok(agent) = self.agent.lock() {
@@ -528,11 +524,6 @@ impl Supervisor {
                 let _ = route.tx.send(ended);
             }
         }
-        if let Some(n) = network {
-            n.stop();
-        }
-        stdio.release_child_ends();
-        stdio.finish();
         // Stopped by the supervisor, the sandbox ended normally (code 0).
         // An agent that ended by itself (killed by the OOM killer, say) is
         // recorded as it ended, so that `ls` and `inspect` do not call it
@@ -556,7 +547,17 @@ impl Supervisor {
             sandbox,
             policy,
             workspace,
-            Remains { name, meta, audit, cgroup, layer, secret_values, final_state: SandboxState::Stopped },
+            Remains {
+                name,
+                meta,
+                audit,
+                cgroup,
+                layer,
+                network,
+                stdio,
+                secret_values,
+                final_state: SandboxState::Stopped,
+            },
             ending,
             self.started.elapsed(),
             Some(false),
