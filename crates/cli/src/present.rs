@@ -460,6 +460,31 @@ mod tests {
     }
 
     #[test]
+    fn ls_and_inspect_escape_what_a_sandbox_chose_whoever_answered() {
+        let hostile = "x\x1b[2J\rforged\n";
+        // As a daemon's answer reads back: the one view plus its facts.
+        let answer = serde_json::json!({
+            "name": hostile, "state": "failed", "lost": true, "policy": hostile,
+            "workspace": hostile, "workspace_mode": "none", "created_at": hostile,
+            "started_at": null, "finished_at": hostile,
+            "exit": {"code": null, "signal": 9, "timed_out": false, "oom_killed": false},
+            "degraded": [hostile], "owner_uid": 0, "labels": {hostile: hostile},
+            "execs_total": 2, "execs_running": 0
+        });
+        let view: SandboxView = serde_json::from_value(answer.clone()).unwrap();
+        let facts: DaemonFacts = serde_json::from_value(answer).unwrap();
+        let mut out = Vec::new();
+        render_list(std::slice::from_ref(&view), &mut out).unwrap();
+        render_inspect(&view, &facts, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains('\x1b') && !text.contains('\r') && !text.contains("\nforged"), "{text:?}");
+        assert!(text.contains(" lost ") && text.contains(" 137 "), "lost and 128+signal: {text}");
+        assert!(text.contains("state:      failed (supervisor lost)"), "{text}");
+        assert!(text.contains("execs:      2 (0 running)"), "{text}");
+        assert_eq!(text.lines().count(), 2 + 10, "one line per row and field: {text}");
+    }
+
+    #[test]
     fn progress_appears_late_changes_seldom_and_is_wiped() {
         let mut buf = Vec::new();
         let start = Instant::now();
