@@ -338,7 +338,12 @@ fn direct(command: Command, forced: bool) -> CliResult {
         Command::Exec(args) => exec(args),
         Command::Cp { source, destination } => cp(Copy::plan(&source, &destination)?),
         Command::Inspect { name, json } => {
-            present::inspect(&ops::inspect(&state()?, &name)?, json)?;
+            let root = state()?;
+            let view = ops::inspect(&root, &name)?;
+            // Labels given at `airlock create` are kept with the sandbox.
+            let labels = root.open(&name)?.read_meta()?.labels;
+            let facts = airlock_runtime::view::DaemonFacts { labels, ..Default::default() };
+            present::inspect(&view, &view, &facts, json)?;
             Ok(0)
         }
         Command::Logs { name, stderr, raw } => {
@@ -376,7 +381,8 @@ fn direct(command: Command, forced: bool) -> CliResult {
         }
         Command::Apply { name, yes, allow_protected, expect } => apply(&name, yes, allow_protected, expect),
         Command::Ls { json } => {
-            present::list(&ops::list(&state()?)?, json)?;
+            let views = ops::list(&state()?)?;
+            present::list(&views, &views, json)?;
             Ok(0)
         }
         Command::Events { .. } if forced => {

@@ -10,21 +10,18 @@
 //! `--json` output stays JSON: serde escapes what JSON must.
 
 use std::io::{self, IsTerminal, Write};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use airlock_jail::probe::{Feature, HostReport, Status};
-use airlock_runtime::ops::{DiffView, GcReport, Inspection, NetLogEntry, SandboxSummary};
+use airlock_runtime::ops::{DiffView, GcReport, NetLogEntry};
+use airlock_runtime::view::DaemonFacts;
+use airlock_runtime::view::SandboxView;
 use airlock_runtime::{Notice, RunOutcome};
-use airlock_workspace::{printable, quote, quote_bytes};
+use airlock_workspace::{printable, quote_bytes};
 
 /// A value that may come from a sandbox, as one token for a table or a line.
 pub fn shown(text: &str) -> String {
     quote_bytes(text.as_bytes())
-}
-
-fn shown_path(path: &Path) -> String {
-    quote(path)
 }
 
 /// Prints an error and its whole chain of causes, once. Messages can quote
@@ -95,24 +92,41 @@ pub fn diff(view: &DiffView, stat: bool, json: bool) -> io::Result<()> {
     out.flush()
 }
 
-pub fn list(items: &[SandboxSummary], json: bool) -> io::Result<()> {
+/// `airlock ls`, whether the runtime or a daemon answered: JSON as it
+/// came (the one view, which a daemon extends), or a table.
+pub fn list<T: serde::Serialize>(items: &[T], views: &[SandboxView], json: bool) -> io::Result<()> {
     let mut out = io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, items)?;
         return writeln!(out);
     }
+    render_list(views, &mut out)
+}
+
+fn state_text(v: &SandboxView) -> &'static str {
+    if v.lost { "lost" } else { v.state.as_str() }
+}
+
+fn render_list(views: &[SandboxView], out: &mut dyn Write) -> io::Result<()> {
     writeln!(out, "{:<24} {:<8} {:<12} {:<5} {:<8} WORKSPACE", "NAME", "STATE", "POLICY", "EXIT", "MODE")?;
-    for s in items {
-        let exit = s.exit_code.map_or("-".to_string(), |c| c.to_string());
-        let ws = s.workspace.as_deref().map_or("-".to_string(), shown_path);
+    for s in views {
+        // As `airlock run` would have exited: 124 for a time limit, 128+N
+        // for signal N.
+        let exit = match &s.exit {
+            Some(e) if e.timed_out => airlock_runtime::exit_codes::TIMED_OUT.to_string(),
+            Some(e) => e.code.or(e.signal.map(|n| 128 + n)).map_or("-".to_owned(), |c| c.to_string()),
+            None => "-".to_owned(),
+        };
+        let opt = |v: &Option<String>| v.as_deref().map_or("-".to_owned(), shown);
         writeln!(
             out,
-            "{:<24} {:<8} {:<12} {:<5} {:<8} {ws}",
+            "{:<24} {:<8} {:<12} {:<5} {:<8} {}",
             shown(&s.name),
-            shown(&s.state),
+            state_text(s),
             shown(&s.policy),
             exit,
-            shown(&s.workspace_mode)
+            opt(&s.workspace_mode),
+            opt(&s.workspace)
         )?;
     }
     Ok(())
@@ -242,42 +256,59 @@ pub fn exit_summary(code: Option<i64>, signal: Option<i64>, timed_out: bool, oom
     parts.join(", ")
 }
 
-pub fn inspect(i: &Inspection, json: bool) -> io::Result<()> {
+/// `airlock inspect`, whether the runtime or a daemon answered: JSON as it
+/// came, or the view (and what a daemon adds) as lines.
+pub fn inspect<T: serde::Serialize>(
+    item: &T,
+    view: &SandboxView,
+    facts: &DaemonFacts,
+    json: bool,
+) -> io::Result<()> {
     let mut out = io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, i)?;
+        serde_json::to_writer_pretty(&mut out, item)?;
         return writeln!(out);
     }
-    let m = &i.meta;
-    writeln!(out, "name:       {}", shown(&i.name))?;
-    writeln!(out, "state:      {}", shown(&i.state))?;
-    writeln!(out, "policy:     {}", shown(&m.policy))?;
-    let ws = m.workspace.as_deref().map_or("-".to_string(), shown_path);
-    writeln!(out, "workspace:  {ws} ({})", shown(&m.workspace_mode))?;
-    writeln!(out, "created:    {}", shown(&m.created_at))?;
-    if let Some(f) = &m.finished_at {
+    render_inspect(view, facts, &mut out)
+}
+
+fn render_inspect(v: &SandboxView, facts: &DaemonFacts, out: &mut dyn Write) -> io::Result<()> {
+    let opt = |v: &Option<String>| v.as_deref().map_or("-".to_owned(), shown);
+    writeln!(out, "name:       {}", shown(&v.name))?;
+    let lost = if v.lost { " (supervisor lost)" } else { "" };
+    writeln!(out, "state:      {}{lost}", v.state.as_str())?;
+    writeln!(out, "policy:     {}", shown(&v.policy))?;
+    writeln!(out, "workspace:  {} ({})", opt(&v.workspace), opt(&v.workspace_mode))?;
+    writeln!(out, "created:    {}", shown(&v.created_at))?;
+    if let Some(f) = &v.finished_at {
         writeln!(out, "finished:   {}", shown(f))?;
     }
-    if let Some(d) = m.deadline_unix {
-        writeln!(out, "deadline:   {d} (unix seconds)")?;
+    let detail = v.detail.clone().unwrap_or_default();
+    if let Some(d) = &detail.deadline {
+        writeln!(out, "deadline:   {}", shown(d))?;
     }
-    if let Some(idle) = m.idle_timeout_secs {
+    if let Some(idle) = detail.idle_timeout_secs {
         writeln!(out, "idle after: {idle}s")?;
     }
-    if !m.labels.is_empty() {
+    if !facts.labels.is_empty() {
         let labels: Vec<String> =
-            m.labels.iter().map(|(k, v)| format!("{}={}", shown(k), shown(v))).collect();
+            facts.labels.iter().map(|(k, v)| format!("{}={}", shown(k), shown(v))).collect();
         writeln!(out, "labels:     {}", labels.join(", "))?;
     }
-    if !m.degraded.is_empty() {
-        let degraded: Vec<String> = m.degraded.iter().map(|d| shown(d)).collect();
+    if !detail.degraded.is_empty() {
+        let degraded: Vec<String> = detail.degraded.iter().map(|d| shown(d)).collect();
         writeln!(out, "running without: {}", degraded.join(", "))?;
     }
-    if let Some(e) = &m.exit {
+    if let Some(e) = &v.exit {
         let summary = exit_summary(e.code.map(i64::from), e.signal.map(i64::from), e.timed_out, e.oom_killed);
         writeln!(out, "exit:       {summary}")?;
     }
-    writeln!(out, "state dir:  {}", shown_path(&i.path))?;
+    if let Some(pid) = detail.supervisor_pid {
+        writeln!(out, "supervisor: pid {pid}")?;
+    }
+    if let Some(total) = facts.execs_total {
+        writeln!(out, "execs:      {total} ({} running)", facts.execs_running.unwrap_or(0))?;
+    }
     Ok(())
 }
 
@@ -426,6 +457,31 @@ mod tests {
         let line = format!("{} {}", shown(hostile), shown("GET"));
         assert!(!line.contains('\n') && !line.contains('\r') && !line.contains('\x1b'), "{line:?}");
         assert!(line.starts_with('"'), "an odd value is quoted: {line}");
+    }
+
+    #[test]
+    fn ls_and_inspect_escape_what_a_sandbox_chose_whoever_answered() {
+        let hostile = "x\x1b[2J\rforged\n";
+        // As a daemon's answer reads back: the one view plus its facts.
+        let answer = serde_json::json!({
+            "name": hostile, "state": "failed", "lost": true, "policy": hostile,
+            "workspace": hostile, "workspace_mode": "none", "created_at": hostile,
+            "started_at": null, "finished_at": hostile,
+            "exit": {"code": null, "signal": 9, "timed_out": false, "oom_killed": false},
+            "degraded": [hostile], "owner_uid": 0, "labels": {hostile: hostile},
+            "execs_total": 2, "execs_running": 0
+        });
+        let view: SandboxView = serde_json::from_value(answer.clone()).unwrap();
+        let facts: DaemonFacts = serde_json::from_value(answer).unwrap();
+        let mut out = Vec::new();
+        render_list(std::slice::from_ref(&view), &mut out).unwrap();
+        render_inspect(&view, &facts, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains('\x1b') && !text.contains('\r') && !text.contains("\nforged"), "{text:?}");
+        assert!(text.contains(" lost ") && text.contains(" 137 "), "lost and 128+signal: {text}");
+        assert!(text.contains("state:      failed (supervisor lost)"), "{text}");
+        assert!(text.contains("execs:      2 (0 running)"), "{text}");
+        assert_eq!(text.lines().count(), 2 + 10, "one line per row and field: {text}");
     }
 
     #[test]

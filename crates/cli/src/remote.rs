@@ -7,6 +7,8 @@ use std::io::{self, Read, Write};
 use airlock_policy::{Policy, WorkspaceMode};
 use airlock_proto::exec_stream as frames;
 use airlock_runtime::ops;
+use airlock_runtime::view::DaemonFacts;
+use airlock_runtime::view::SandboxView;
 use serde_json::{Value, json};
 
 use super::daemon_client::{self, Daemon, DaemonError};
@@ -25,24 +27,18 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
         Command::Ls { json } => {
             let answer = daemon.json(Method::GET, "/v1/sandboxes", None)?;
             let sandboxes = answer["sandboxes"].as_array().cloned().unwrap_or_default();
-            let mut out = io::stdout().lock();
-            if json {
-                serde_json::to_writer_pretty(&mut out, &sandboxes)?;
-                writeln!(out)?;
-            } else {
-                daemon_client::print_list(&sandboxes, &mut out)?;
-            }
+            let views = sandboxes
+                .iter()
+                .map(|s| serde_json::from_value::<SandboxView>(s.clone()))
+                .collect::<Result<Vec<_>, _>>()?;
+            crate::present::list(&sandboxes, &views, json)?;
             Ok(0)
         }
         Command::Inspect { name, json } => {
             let answer = daemon.json(Method::GET, &sandbox_path(&name, ""), None)?;
-            let mut out = io::stdout().lock();
-            if json {
-                serde_json::to_writer_pretty(&mut out, &answer)?;
-                writeln!(out)?;
-            } else {
-                daemon_client::print_inspect(&answer, &mut out)?;
-            }
+            let view: SandboxView = serde_json::from_value(answer.clone())?;
+            let facts: DaemonFacts = serde_json::from_value(answer.clone())?;
+            crate::present::inspect(&answer, &view, &facts, json)?;
             Ok(0)
         }
         Command::Stop { name } => {

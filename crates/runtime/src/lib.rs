@@ -21,6 +21,7 @@ mod signals;
 pub mod state;
 mod stdio;
 pub mod supervisor;
+pub mod view;
 
 use std::io;
 use std::path::PathBuf;

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::layer;
 use crate::state::{SandboxDir, SandboxMeta, SandboxState, StateRoot};
+use crate::view::{Detail, SandboxView, State};
 use crate::{RunError, now_rfc3339};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,60 +44,16 @@ pub enum OpError {
     StopFailed(String),
 }
 
-/// One line of `airlock ls`.
-#[derive(Debug, Clone, Serialize)]
-pub struct SandboxSummary {
-    pub name: String,
-    pub state: String,
-    pub live: bool,
-    pub policy: String,
-    pub workspace: Option<PathBuf>,
-    pub workspace_mode: String,
-    pub created_at: String,
-    pub exit_code: Option<i32>,
-    pub timed_out: bool,
-    pub command: Vec<String>,
-}
-
-pub fn list(root: &StateRoot) -> Result<Vec<SandboxSummary>, OpError> {
+/// Every sandbox, as `airlock ls` shows it (the one view of
+/// [`crate::view`], without inspect's detail).
+pub fn list(root: &StateRoot) -> Result<Vec<SandboxView>, OpError> {
     let mut out = Vec::new();
     for sandbox in root.list()? {
         let Ok(meta) = sandbox.read_meta() else { continue };
-        let live = sandbox.is_live();
-        let state = match (&meta.state, live) {
-            (SandboxState::Running | SandboxState::Creating, false) => "lost".to_string(),
-            (s, _) => state_name(s).to_string(),
-        };
-        out.push(SandboxSummary {
-            name: meta.name.clone(),
-            state,
-            live,
-            policy: meta.policy.clone(),
-            workspace: meta.workspace.clone(),
-            workspace_mode: meta.workspace_mode.clone(),
-            created_at: meta.created_at.clone(),
-            exit_code: meta.exit.as_ref().and_then(|e| {
-                if e.timed_out {
-                    Some(crate::exit_codes::TIMED_OUT)
-                } else {
-                    e.code.or(e.signal.map(|s| 128 + s))
-                }
-            }),
-            timed_out: meta.exit.as_ref().is_some_and(|e| e.timed_out),
-            command: meta.command.clone(),
-        });
+        let state = State::of(Some(&meta), sandbox.is_live(), false);
+        out.push(SandboxView::of(sandbox.name(), Some(&meta), state));
     }
     Ok(out)
-}
-
-fn state_name(state: &SandboxState) -> &'static str {
-    match state {
-        SandboxState::Creating => "creating",
-        SandboxState::Running => "running",
-        SandboxState::Exited => "exited",
-        SandboxState::Failed => "failed",
-        SandboxState::Stopped => "stopped",
-    }
 }
 
 /// A sandbox's change, with the two trees it was computed from.
@@ -406,37 +363,16 @@ pub fn net_log(root: &StateRoot, name: &str) -> Result<Vec<NetLogEntry>, OpError
         .collect())
 }
 
-/// Everything known about one sandbox, for `airlock inspect`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Inspection {
-    pub name: String,
-    /// creating, running, stopped, exited, failed, or lost (supervisor died).
-    pub state: String,
-    pub live: bool,
-    pub path: PathBuf,
-    /// The recorded metadata (its `state` is as last written; `state` above
-    /// also knows when the supervisor is gone).
-    pub meta: SandboxMeta,
-    /// The resolved policy the sandbox runs under, as TOML.
-    pub policy_toml: Option<String>,
-}
-
-pub fn inspect(root: &StateRoot, name: &str) -> Result<Inspection, OpError> {
+/// Everything known about one sandbox, for `airlock inspect`: the view
+/// with inspect's detail.
+pub fn inspect(root: &StateRoot, name: &str) -> Result<SandboxView, OpError> {
     let sandbox = root.open(name)?;
     let meta = sandbox.read_meta()?;
     let live = sandbox.is_live();
-    let state = match (&meta.state, live) {
-        (SandboxState::Running | SandboxState::Creating, false) => "lost".to_string(),
-        (s, _) => state_name(s).to_string(),
-    };
-    Ok(Inspection {
-        name: meta.name.clone(),
-        state,
-        live,
-        path: sandbox.path().to_path_buf(),
-        policy_toml: std::fs::read_to_string(sandbox.policy_path()).ok(),
-        meta,
-    })
+    let state = State::of(Some(&meta), live, false);
+    let mut view = SandboxView::of(sandbox.name(), Some(&meta), state);
+    view.detail = Some(Detail::read(&sandbox, Some(&meta), state.0, live).0);
+    Ok(view)
 }
 
 /// The sandbox's captured output: (stdout log, stderr log).

@@ -3,10 +3,11 @@
 //! for list, inspect and events.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, UNIX_EPOCH};
 
-use airlock_runtime::state::{SandboxDir, SandboxMeta, SandboxState, StateError};
+use airlock_runtime::state::{SandboxDir, SandboxMeta, StateError};
 use serde::Serialize;
+
+pub use airlock_runtime::view::DaemonFacts;
 
 use crate::app::App;
 use crate::auth::Peer;
@@ -14,61 +15,23 @@ use crate::db::SandboxRow;
 use crate::error::ApiError;
 use crate::scope::Scope;
 
-/// The states the API reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ApiState {
-    Creating,
-    Running,
-    Stopped,
-    Failed,
-}
+/// The states the API reports: the runtime's one vocabulary.
+pub use airlock_runtime::view::State as ApiState;
 
-impl ApiState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ApiState::Creating => "creating",
-            ApiState::Running => "running",
-            ApiState::Stopped => "stopped",
-            ApiState::Failed => "failed",
-        }
-    }
-
-    pub const ALL: [ApiState; 4] =
-        [ApiState::Creating, ApiState::Running, ApiState::Stopped, ApiState::Failed];
-
-    pub fn parse(s: &str) -> Result<ApiState, ApiError> {
-        ApiState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("unknown state {s:?}; states are creating, running, stopped, failed"),
-            )
-        })
-    }
-}
-
-/// State from the metadata and the supervisor's lock. A sandbox whose meta
-/// says it runs while nobody holds its lock lost its supervisor: `failed`,
-/// with `lost` set (reconcile cleans it up shortly).
-pub fn api_state(meta: Option<&SandboxMeta>, live: bool, creating: bool) -> (ApiState, bool) {
-    match meta.map(|m| m.state) {
-        None if live || creating => (ApiState::Creating, false),
-        None => (ApiState::Failed, false),
-        Some(SandboxState::Creating) if live || creating => (ApiState::Creating, false),
-        Some(SandboxState::Running) if live => (ApiState::Running, false),
-        Some(SandboxState::Creating | SandboxState::Running) => (ApiState::Failed, true),
-        Some(SandboxState::Exited | SandboxState::Stopped) => (ApiState::Stopped, false),
-        Some(SandboxState::Failed) => (ApiState::Failed, false),
-    }
+/// A `state` query value.
+pub fn parse_state(s: &str) -> Result<ApiState, ApiError> {
+    ApiState::parse(s).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("unknown state {s:?}; states are creating, running, stopped, failed"),
+        )
+    })
 }
 
 /// One sandbox, loaded.
 pub struct Loaded {
     pub dir: SandboxDir,
     pub meta: Option<SandboxMeta>,
-    /// meta.json as written, for fields this build's `SandboxMeta` may not
-    /// know (owner_uid, labels, deadline_unix).
-    pub raw: serde_json::Value,
     pub owner_uid: u32,
     pub labels: BTreeMap<String, String>,
     pub live: bool,
@@ -108,7 +71,7 @@ pub fn load(app: &App, dir: SandboxDir, row: Option<&SandboxRow>) -> Result<Load
     let meta = serde_json::from_value::<SandboxMeta>(raw.clone()).ok();
     let live = dir.is_live();
     let (state, lost) =
-        api_state(meta.as_ref(), live, app.busy_with(dir.name()) == Some(crate::app::Op::Create));
+        ApiState::of(meta.as_ref(), live, app.busy_with(dir.name()) == Some(crate::app::Op::Create));
     let owner_uid = row
         .map(|r| r.owner_uid)
         .or_else(|| raw.get("owner_uid").and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok()))
@@ -124,7 +87,6 @@ pub fn load(app: &App, dir: SandboxDir, row: Option<&SandboxRow>) -> Result<Load
     Ok(Loaded {
         dir,
         meta,
-        raw,
         owner_uid,
         labels,
         live,
@@ -204,71 +166,31 @@ pub fn visible(app: &App, peer: &Peer) -> Result<Vec<Loaded>, ApiError> {
     Ok(out)
 }
 
-#[derive(Debug, Serialize)]
-pub struct ExitView {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-    pub timed_out: bool,
-    pub oom_killed: bool,
-}
-
-/// What list and inspect show.
+/// What list and inspect show: the runtime's one view, and what only the
+/// daemon knows (owner, labels; exec counts in inspect).
 #[derive(Debug, Serialize)]
 pub struct SandboxView {
-    pub name: String,
-    pub state: ApiState,
-    /// The supervisor died without finishing the sandbox.
-    pub lost: bool,
-    pub policy: String,
-    pub workspace: Option<String>,
-    pub workspace_mode: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub created_at: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub owner_uid: u32,
-    pub exit: Option<ExitView>,
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<Detail>,
-}
-
-/// What only inspect shows.
-#[derive(Debug, Serialize)]
-pub struct Detail {
-    pub limits: Option<serde_json::Value>,
-    /// When the sandbox will be stopped (RFC 3339, UTC), while it runs.
-    pub deadline: Option<String>,
-    pub deadline_unix: Option<u64>,
-    pub idle_timeout_secs: Option<u64>,
-    pub degraded: Vec<String>,
-    pub supervisor_pid: Option<i32>,
-    pub execs_total: u64,
-    pub execs_running: u64,
-    pub applied_at: Option<String>,
+    #[serde(flatten)]
+    pub view: airlock_runtime::view::SandboxView,
+    #[serde(flatten)]
+    pub daemon: DaemonFacts,
 }
 
 /// What `scope`'s caller is shown of `loaded`: under their own name.
 pub fn view(loaded: &Loaded, scope: &Scope) -> SandboxView {
-    let meta = loaded.meta.as_ref();
+    let name = scope.shown(loaded.name(), loaded.owner_uid).unwrap_or_else(|| loaded.name().to_owned());
+    let mut view =
+        airlock_runtime::view::SandboxView::of(&name, loaded.meta.as_ref(), (loaded.state, loaded.lost));
+    view.policy = loaded.policy();
+    view.created_at = loaded.created_at();
     SandboxView {
-        name: scope.shown(loaded.name(), loaded.owner_uid).unwrap_or_else(|| loaded.name().to_owned()),
-        state: loaded.state,
-        lost: loaded.lost,
-        policy: loaded.policy(),
-        workspace: meta.and_then(|m| m.workspace.as_ref()).map(|p| p.to_string_lossy().into_owned()),
-        workspace_mode: meta.map(|m| m.workspace_mode.clone()),
-        labels: loaded.labels.clone(),
-        created_at: loaded.created_at(),
-        started_at: meta.and_then(|m| m.started_at.clone()),
-        finished_at: meta.and_then(|m| m.finished_at.clone()),
-        owner_uid: loaded.owner_uid,
-        exit: meta.and_then(|m| m.exit).map(|e| ExitView {
-            code: e.code,
-            signal: e.signal,
-            timed_out: e.timed_out,
-            oom_killed: e.oom_killed,
-        }),
-        detail: None,
+        view,
+        daemon: DaemonFacts {
+            owner_uid: Some(loaded.owner_uid),
+            labels: loaded.labels.clone(),
+            execs_total: None,
+            execs_running: None,
+        },
     }
 }
 
@@ -276,50 +198,14 @@ pub fn view(loaded: &Loaded, scope: &Scope) -> SandboxView {
 /// policy and asks a live supervisor for its current deadline.
 pub fn inspect(app: &App, loaded: &Loaded, scope: &Scope) -> SandboxView {
     let mut v = view(loaded, scope);
-    let meta = loaded.meta.as_ref();
-    let limits = airlock_policy::Policy::load_file(&loaded.dir.policy_path()).ok().map(|p| {
-        serde_json::json!({
-            "timeout_secs": p.limits.timeout.as_secs(),
-            "memory": p.limits.memory,
-            "pids": p.limits.pids,
-            "cpus": p.limits.cpus,
-            "disk": p.limits.disk,
-            "nofile": p.limits.nofile,
-            "log_size": p.limits.log_size,
-            "audit_size": p.limits.audit_size,
-        })
-    });
-    let mut deadline_unix = loaded.raw.get("deadline_unix").and_then(|v| v.as_u64());
-    let mut idle_timeout_secs = loaded.raw.get("idle_timeout_secs").and_then(|v| v.as_u64());
-    let mut execs_running = None;
-    if loaded.state == ApiState::Running
-        && let Ok(client) = airlock_runtime::supervisor::SupervisorClient::connect(&loaded.dir)
-        && let Ok(airlock_proto::supervisor::Reply::Status {
-            deadline_unix: d,
-            idle_timeout_secs: i,
-            execs_running: r,
-            ..
-        }) = client.status()
-    {
-        deadline_unix = Some(d);
-        idle_timeout_secs = i;
-        execs_running = Some(u64::from(r));
-    }
+    let (detail, status) =
+        airlock_runtime::view::Detail::read(&loaded.dir, loaded.meta.as_ref(), loaded.state, loaded.live);
     let running = loaded.state == ApiState::Running;
     let (execs_total, execs_indexed) = app.db.exec_counts(loaded.name()).unwrap_or((0, 0));
-    v.detail = Some(Detail {
-        limits,
-        deadline: deadline_unix
-            .filter(|_| running)
-            .map(|s| airlock_runtime::audit::rfc3339_utc(UNIX_EPOCH + Duration::from_secs(s))),
-        deadline_unix: deadline_unix.filter(|_| running),
-        idle_timeout_secs,
-        degraded: meta.map(|m| m.degraded.clone()).unwrap_or_default(),
-        supervisor_pid: meta.and_then(|m| m.supervisor_pid).filter(|_| loaded.live),
-        execs_total,
-        execs_running: execs_running.unwrap_or(if running { execs_indexed } else { 0 }),
-        applied_at: meta.and_then(|m| m.applied_at.clone()),
-    });
+    v.view.detail = Some(detail);
+    v.daemon.execs_total = Some(execs_total);
+    v.daemon.execs_running =
+        Some(status.map_or(if running { execs_indexed } else { 0 }, |s| s.execs_running));
     v
 }
 
@@ -332,41 +218,6 @@ pub fn row_for(loaded: &Loaded) -> SandboxRow {
         policy: loaded.policy(),
         state: loaded.state.as_str().to_owned(),
         created_at: loaded.created_at(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    fn meta(state: SandboxState) -> SandboxMeta {
-        let mut meta: SandboxMeta = serde_json::from_value(serde_json::json!({
-            "name": "x", "created_at": "", "policy": "dev", "workspace": null,
-            "workspace_mode": "none", "command": [], "state": "running", "supervisor_pid": null,
-            "host_uid": null, "cgroup": null, "started_at": null, "finished_at": null,
-            "exit": null, "applied_at": null, "degraded": []
-        }))
-        .unwrap();
-        meta.state = state;
-        meta
-    }
-
-    #[test]
-    fn states_from_meta_and_lock() {
-        use ApiState::*;
-        assert_eq!(api_state(None, false, true), (Creating, false));
-        assert_eq!(api_state(None, true, false), (Creating, false));
-        assert_eq!(api_state(None, false, false), (Failed, false));
-        assert_eq!(api_state(Some(&meta(SandboxState::Running)), true, false), (Running, false));
-        assert_eq!(api_state(Some(&meta(SandboxState::Running)), false, false), (Failed, true));
-        assert_eq!(api_state(Some(&meta(SandboxState::Creating)), false, false), (Failed, true));
-        assert_eq!(api_state(Some(&meta(SandboxState::Exited)), false, false), (Stopped, false));
-        assert_eq!(api_state(Some(&meta(SandboxState::Stopped)), false, false), (Stopped, false));
-        assert_eq!(api_state(Some(&meta(SandboxState::Failed)), false, false), (Failed, false));
-        assert_eq!(ApiState::parse("stopped").ok(), Some(Stopped));
-        assert!(ApiState::parse("exited").is_err());
     }
 }
 
@@ -435,7 +286,7 @@ mod scope_tests {
         let shown = |peer: &Peer| {
             let scope = app.scope(peer);
             let mut names: Vec<String> =
-                visible(&app, peer).unwrap().iter().map(|l| view(l, &scope).name).collect();
+                visible(&app, peer).unwrap().iter().map(|l| view(l, &scope).view.name).collect();
             names.sort();
             names
         };

@@ -116,8 +116,9 @@ fn ls_lists_and_rm_removes() {
     let o = env.airlock(["ls", "--json"]).output().unwrap();
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let entry = list.as_array().unwrap().iter().find(|s| s["name"] == "listed").unwrap();
-    assert_eq!(entry["state"], "exited");
-    assert_eq!(entry["exit_code"], 0);
+    assert_eq!(entry["state"], "stopped");
+    assert_eq!(entry["lost"], false);
+    assert_eq!(entry["exit"]["code"], 0);
     let o = env.airlock(["rm", "listed"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(!env.sandbox_dir("listed").exists());

@@ -243,6 +243,63 @@ fn cli_direct_flag_bypasses_a_running_daemon() {
     ok(&d.airlock(&["--direct", "rm", "cdd"]));
 }
 
+/// The keys only a daemon knows (docs/api.md): what it adds to the one view.
+const DAEMON_ONLY: [&str; 4] = ["owner_uid", "labels", "execs_total", "execs_running"];
+
+/// `ls --json` and `inspect --json` print one shape whoever answers: the
+/// same keys (a daemon adds only [`DAEMON_ONLY`]) and the same state
+/// vocabulary, for the same sandbox running and stopped.
+#[test]
+fn cli_ls_and_inspect_print_one_shape_with_and_without_the_daemon() {
+    let d = Daemon::start("shape");
+    ok(&d.airlock(&["create", "--name", "cds", "--label", "team=infra"]));
+    ok(&d.airlock(&["exec", "cds", "--", "true"]));
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let compare = |when: &str, want_state: &str| {
+        let entry = |args: &[&str]| {
+            let o = d.airlock(args);
+            ok(&o);
+            json(&o).as_array().unwrap().iter().find(|s| s["name"] == "cds").cloned().unwrap()
+        };
+        let inspect = |args: &[&str]| {
+            let o = d.airlock(args);
+            ok(&o);
+            json(&o)
+        };
+        let pairs = [
+            ("ls", entry(&["--direct", "ls", "--json"]), entry(&["ls", "--json"])),
+            (
+                "inspect",
+                inspect(&["--direct", "inspect", "cds", "--json"]),
+                inspect(&["inspect", "cds", "--json"]),
+            ),
+        ];
+        for (what, direct, daemon) in pairs {
+            let extra: Vec<String> =
+                keys(&daemon).into_iter().filter(|k| !keys(&direct).contains(k)).collect();
+            let missing: Vec<String> =
+                keys(&direct).into_iter().filter(|k| !keys(&daemon).contains(k)).collect();
+            assert!(missing.is_empty(), "{when} {what}: the daemon lacks {missing:?}\n{direct}\n{daemon}");
+            assert!(
+                extra.iter().all(|k| DAEMON_ONLY.contains(&k.as_str())),
+                "{when} {what}: the daemon adds {extra:?}\n{direct}\n{daemon}"
+            );
+            for key in ["state", "lost", "name", "policy", "exit"] {
+                assert_eq!(direct[key], daemon[key], "{when} {what} {key}\n{direct}\n{daemon}");
+            }
+            assert_eq!(direct["state"], want_state, "{when} {what}\n{direct}");
+        }
+    };
+    compare("running", "running");
+    ok(&d.airlock(&["stop", "cds"]));
+    compare("stopped", "stopped");
+    ok(&d.airlock(&["rm", "cds"]));
+}
+
 /// Without a daemon (no socket, or a socket nobody answers on) the same
 /// commands work on the state directory.
 #[test]

@@ -78,7 +78,7 @@ fn supervisor_death_kills_the_sandbox_and_gc_cleans_up() {
 
     let o = env.airlock(["ls", "--json"]).output().unwrap();
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(list[0]["state"], "lost", "{list}");
+    assert_eq!((&list[0]["state"], &list[0]["lost"]), (&"failed".into(), &true.into()), "{list}");
 
     let o = env.airlock(["gc", "--json"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));

@@ -22,7 +22,7 @@ fn state_of(env: &Env, name: &str) -> String {
         .unwrap()
         .iter()
         .find(|s| s["name"] == name)
-        .map(|s| s["state"].as_str().unwrap().to_string())
+        .map(|s| if s["lost"] == true { "lost".into() } else { s["state"].as_str().unwrap().to_string() })
         .unwrap_or_default()
 }
 
@@ -61,7 +61,7 @@ fn create_exec_stop_and_review() {
     let o = env.airlock(["inspect", "svc", "--json"]).output().unwrap();
     let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(info["state"], "running", "{info}");
-    assert!(info["meta"]["deadline_unix"].as_u64().is_some(), "{info}");
+    assert!(info["deadline_unix"].as_u64().is_some(), "{info}");
     let o = env.airlock(["logs", "svc"]).output().unwrap();
     assert!(stdout(&o).contains("out\n"), "{}", show(&o));
 

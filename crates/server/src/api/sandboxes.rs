@@ -311,7 +311,7 @@ pub async fn list(
 ) -> Result<Json<SandboxList>, ApiError> {
     query.only(&["label", "state"])?;
     let labels = query.all("label").map(label_filter).collect::<Result<Vec<_>, _>>()?;
-    let states = query.all("state").map(ApiState::parse).collect::<Result<Vec<_>, _>>()?;
+    let states = query.all("state").map(sandbox::parse_state).collect::<Result<Vec<_>, _>>()?;
     let sandboxes = app
         .blocking(move |app| {
             let scope = app.scope(&peer);

@@ -52,7 +52,7 @@ fn stop(airlock: Airlock<'_>, name: &str) {
         let o = airlock(&["inspect", name, "--json"]).output().unwrap();
         // Finalized, and its supervisor gone (apply refuses a live one).
         serde_json::from_slice::<serde_json::Value>(&o.stdout)
-            .is_ok_and(|v| v["state"] == "stopped" && v["live"] != true)
+            .is_ok_and(|v| v["state"] == "stopped" && v["supervisor_pid"].is_null())
     });
     assert!(stopped, "{name} did not stop");
 }
