@@ -272,23 +272,9 @@ fn daemon_serves_the_committed_openapi_document() {
 /// Starts `airlock exec NAME -- sh -c SCRIPT` through the daemon in the
 /// background and waits for its first line, "ready".
 fn background_exec(d: &TestDaemon, name: &str, script: &str) -> std::process::Child {
-    let mut child = d
-        .env
-        .airlock(["exec", name, "--", "sh", "-c", script])
-        .env("AIRLOCK_SOCKET", &d.socket)
-        .env("AIRLOCK_CGROUP_PARENT", &d.cgroup_parent)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut first = Vec::new();
-    let mut byte = [0u8; 1];
-    while stdout.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
-        first.push(byte[0]);
-    }
-    assert_eq!(first, b"ready", "the exec did not start");
-    child.stdout = Some(stdout);
-    child
+    let mut cmd = d.env.airlock(["exec", name, "--", "sh", "-c", script]);
+    cmd.env("AIRLOCK_SOCKET", &d.socket).env("AIRLOCK_CGROUP_PARENT", &d.cgroup_parent);
+    spawn_until_ready(cmd)
 }
 
 /// The API's stop and destroy are the runtime's one stop: SIGTERM, the

@@ -429,21 +429,7 @@ fn grace_policy(env: &Env, grace: &str) -> String {
 /// Starts `airlock exec NAME -- sh -c SCRIPT` in the background and waits
 /// for its first line of output (the script says it is ready).
 fn background_exec(env: &Env, name: &str, script: &str) -> std::process::Child {
-    use std::io::Read;
-    let mut child = env
-        .airlock(["exec", name, "--", "sh", "-c", script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut first = Vec::new();
-    let mut byte = [0u8; 1];
-    while stdout.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
-        first.push(byte[0]);
-    }
-    assert_eq!(first, b"ready", "the exec did not start");
-    child.stdout = Some(stdout);
-    child
+    spawn_until_ready(env.airlock(["exec", name, "--", "sh", "-c", script]))
 }
 
 /// `airlock stop` sends SIGTERM to the sandbox's processes: one that

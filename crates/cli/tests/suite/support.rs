@@ -247,6 +247,22 @@ pub fn children_of(pid: i32) -> Vec<i32> {
     found
 }
 
+/// Spawns `cmd` (an exec whose script prints `ready` once its set-up is
+/// done) with its stdout piped, and returns once that first line came.
+pub fn spawn_until_ready(mut cmd: Command) -> std::process::Child {
+    use std::io::Read;
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = Vec::new();
+    let mut byte = [0u8; 1];
+    while stdout.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        first.push(byte[0]);
+    }
+    assert_eq!(first, b"ready", "the exec did not start");
+    child.stdout = Some(stdout);
+    child
+}
+
 /// Polls `f` for up to `secs` seconds.
 pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
