@@ -3,7 +3,8 @@
 //! As root it lives on a tmpfs the supervisor mounts with the policy's disk
 //! budget as its size: a disk-filling loop inside fills the tmpfs, not the
 //! host's disk. When the run ends the upper layer is copied to the state
-//! directory (so reviews survive a reboot) and the tmpfs is unmounted.
+//! directory (so reviews survive a reboot) and the tmpfs is unmounted;
+//! a sandbox's owner that fails unmounts it at once (see `lifecycle::Held`).
 //! Without root the layer is a plain directory and the budget is not
 //! enforced; the policy must allow that ("disk-quota").
 
@@ -60,13 +61,20 @@ impl WritableLayer {
         Ok(WritableLayer { upper, work, tmpfs })
     }
 
-    /// Moves the upper layer to the state directory and releases the tmpfs.
-    pub fn persist(self, sandbox: &SandboxDir) -> Result<(), RunError> {
-        if let Some(mount) = &self.tmpfs {
+    /// Copies the upper layer from its tmpfs to the state directory (a
+    /// layer outside a tmpfs is there already). The tmpfs stays mounted
+    /// until [`WritableLayer::discard`]: a failed copy loses nothing.
+    pub fn copy_to_state(&self, sandbox: &SandboxDir) -> Result<(), RunError> {
+        if self.tmpfs.is_some() {
             airlock_workspace::persist_layer(&self.upper, &sandbox.upper_dir())?;
-            release(mount).map_err(|e| RunError::Layer(mount.clone(), e))?;
         }
         Ok(())
+    }
+
+    /// Whether the layer lives on a tmpfs of its own (and so leaves nothing
+    /// on disk once released).
+    pub fn on_tmpfs(&self) -> bool {
+        self.tmpfs.is_some()
     }
 
     /// A layer said to live on a tmpfs at `tmpfs` (unit tests of its release).
@@ -75,7 +83,7 @@ impl WritableLayer {
         WritableLayer { upper, work, tmpfs: Some(tmpfs) }
     }
 
-    /// Drops the layer without keeping it (the sandbox never ran).
+    /// Releases the layer's tmpfs, and with it whatever was not copied.
     pub fn discard(self) -> io::Result<()> {
         match &self.tmpfs {
             Some(mount) => release(mount),

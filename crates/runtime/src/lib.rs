@@ -106,11 +106,13 @@ pub enum RunError {
     Signals(#[source] io::Error),
     #[error("waiting for the sandbox: {0}")]
     Wait(#[source] io::Error),
-    /// A launch failed half-way and undoing what it had set up failed too.
+    /// A launch (or the sandbox's owner after it) failed half-way, and
+    /// releasing what the sandbox held failed too.
     #[error(transparent)]
     LaunchUndo(Box<lifecycle::UndoFailed>),
-    /// A failure injected by a test (`AIRLOCK_TEST_FAIL_AT`, debug builds only).
-    #[error("failure injected for a test at launch phase {0}")]
+    /// A failure injected by a test (`AIRLOCK_TEST_FAIL_AT`, debug builds
+    /// only) at a launch phase or a later step.
+    #[error("failure injected for a test at {0}")]
     InjectedFailure(String),
 }
 

@@ -29,9 +29,8 @@ pub(crate) struct Launched {
     pub name: String,
     pub meta: SandboxMeta,
     pub audit: AuditLog,
-    pub cgroup: Option<SandboxCgroup>,
-    pub layer: Option<WritableLayer>,
-    pub network: Option<Network>,
+    /// Released by [`finalize`], or at once when this is dropped unfinished.
+    pub held: Held,
     pub secret_values: Vec<(String, Vec<u8>)>,
     pub stdio: SandboxStdio,
     pub logs: OutputLogs,
@@ -71,27 +70,42 @@ pub(crate) struct LaunchSpec<'a> {
     pub workspace_owner: Option<u32>,
 }
 
-/// The environment variable a test sets to a launch phase's name (see
-/// [`LAUNCH_PHASES`]) to make the launch fail right after that phase.
-/// Read only by debug builds.
+/// The environment variable a test sets to a launch phase's or a later
+/// step's name (see [`LAUNCH_PHASES`], [`LATER_STEPS`]) to make the
+/// sandbox's owner fail right after it. Read only by debug builds.
 pub(crate) const FAIL_AT_ENV: &str = "AIRLOCK_TEST_FAIL_AT";
 
 /// The phases of a launch, in order, as [`FAIL_AT_ENV`] names them.
 pub(crate) const LAUNCH_PHASES: &[&str] =
     &["state", "cgroup", "layer", "idmapped", "network", "spawned", "joined", "proxy-ready", "running"];
 
+/// The steps after a launch at which a failure can be injected: `run`'s
+/// (attached, relaying, reaped), the supervisor's (serving, stopping) and
+/// the shared finalize's (exit-recorded, persisted, artifacts).
+pub(crate) const LATER_STEPS: &[&str] =
+    &["attached", "relaying", "reaped", "serving", "stopping", "exit-recorded", "persisted", "artifacts"];
+
 /// Marks a phase of the launch as done; fails there when a test asked to.
 fn phase_done(phase: &'static str) -> Result<(), RunError> {
     debug_assert!(LAUNCH_PHASES.contains(&phase), "phase {phase} is not listed");
     tracing::debug!(phase, "launch phase done");
-    if cfg!(debug_assertions) && std::env::var(FAIL_AT_ENV).is_ok_and(|at| at == phase) {
-        return Err(RunError::InjectedFailure(phase.to_string()));
-    }
-    Ok(())
+    injected_failure(phase)
+        .map_or(Ok(()), |_| Err(RunError::InjectedFailure(format!("launch phase {phase}"))))
 }
 
-/// A launch that failed half-way, and undoing what it had set up failed
-/// too: both are kept, the launch's error first.
+/// Marks a step after the launch as done; fails there when a test asked to.
+pub(crate) fn step_done(step: &'static str) -> Result<(), RunError> {
+    debug_assert!(LATER_STEPS.contains(&step), "step {step} is not listed");
+    injected_failure(step).map_or(Ok(()), |_| Err(RunError::InjectedFailure(format!("step {step}"))))
+}
+
+/// Some(()) when a test asked (through [`FAIL_AT_ENV`]) to fail at `at`.
+fn injected_failure(at: &str) -> Option<()> {
+    (cfg!(debug_assertions) && std::env::var(FAIL_AT_ENV).is_ok_and(|wanted| wanted == at)).then_some(())
+}
+
+/// A launch (or a sandbox's owner after it) failed, and releasing what the
+/// sandbox held failed too: both are kept, the original error first.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}; undoing the launch also failed: {}", undo.join("; "))]
 pub struct UndoFailed {
@@ -101,53 +115,209 @@ pub struct UndoFailed {
     pub undo: Vec<String>,
 }
 
-/// What a launch has set up so far. A launch that fails half-way undoes it
-/// at once (and so does dropping it, say on a panic): the agent is killed,
-/// the proxy with it, the cgroup and the layer's tmpfs are removed, and
-/// only then is the id block given back, since those ran as its ids.
-#[derive(Default)]
-struct LaunchGuard {
-    id_block: Option<IdBlock>,
-    cgroup: Option<SandboxCgroup>,
-    layer: Option<WritableLayer>,
-    network: Option<Network>,
-    agent_pid: Option<i32>,
+/// One thing a sandbox holds on the host, as [`undo_order`] releases it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// SIGKILL to the agent (PID 1: its PID namespace dies with it), reaped.
+    Agent,
+    /// The egress proxy, killed and reaped.
+    Proxy,
+    /// Whatever is left in the cgroup is killed, then its directories go.
+    Cgroup,
+    /// The writable layer's tmpfs is unmounted (its content discarded).
+    Layer,
+    /// The id block is given back to the registry — or kept with the
+    /// sandbox's directory, see [`block_fate`].
+    IdBlock,
 }
 
-impl LaunchGuard {
-    /// Releases everything held, last made first; what failed, one line each.
-    fn undo(&mut self) -> Vec<String> {
-        let mut failed = Vec::new();
-        if let Some(pid) = self.agent_pid.take() {
-            let _ = rustix::process::kill_process(pid_of(pid), rustix::process::Signal::KILL);
-            if let Err(e) = airlock_jail::sys::wait_pid(pid) {
-                failed.push(format!("reaping the agent (pid {pid}): {e}"));
-            }
-        }
-        if let Some(network) = self.network.take() {
-            network.abort();
-        }
-        if let Some(cg) = self.cgroup.take()
-            && let Err(e) = cg.remove()
-        {
-            failed.push(format!("removing cgroup {}: {e}", cg.name()));
-        }
-        if let Some(layer) = self.layer.take() {
-            let upper = layer.upper.clone();
-            if let Err(e) = layer.discard() {
-                failed.push(format!("releasing the writable layer of {}: {e}", upper.display()));
-            }
-        }
-        // Dropped without being kept: given back to the registry.
-        drop(self.id_block.take());
-        failed
+/// What a sandbox holds at one moment, for [`undo_order`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Holding {
+    pub agent: bool,
+    pub proxy: bool,
+    pub cgroup: bool,
+    pub layer: bool,
+    pub id_block: bool,
+}
+
+/// The order of an undo: first every process (the agent, then the proxy,
+/// then whatever raced out into the cgroup), then the kernel objects they
+/// used, and the id block last, since those ran as its ids.
+pub(crate) fn undo_order(holding: Holding) -> Vec<Release> {
+    [
+        (holding.agent, Release::Agent),
+        (holding.proxy, Release::Proxy),
+        (holding.cgroup, Release::Cgroup),
+        (holding.layer, Release::Layer),
+        (holding.id_block, Release::IdBlock),
+    ]
+    .into_iter()
+    .filter_map(|(held, release)| held.then_some(release))
+    .collect()
+}
+
+/// What becomes of the id block at the end of an undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockFate {
+    /// Given back: nothing owned by its ids is left.
+    Release,
+    /// Kept with the sandbox's directory until `airlock rm`: files owned
+    /// by its ids stay there (a layer outside a tmpfs, or one persisted).
+    KeptForFiles,
+    /// Kept: a process of the sandbox may have survived (the agent or the
+    /// cgroup could not be ended), and its ids must not go to another
+    /// sandbox while it lives. `airlock rm`/`gc` release it later.
+    KeptForSurvivors,
+}
+
+/// Decides the id block's fate once the other releases have run.
+pub(crate) fn block_fate(files_on_disk: bool, processes_may_survive: bool) -> BlockFate {
+    if processes_may_survive {
+        BlockFate::KeptForSurvivors
+    } else if files_on_disk {
+        BlockFate::KeptForFiles
+    } else {
+        BlockFate::Release
     }
 }
 
-impl Drop for LaunchGuard {
+/// What a sandbox holds on the host, from its launch to its teardown.
+/// Whatever is still held when it is dropped — a launch that failed
+/// half-way, `run` or the supervisor failing after the launch (relaying,
+/// writing the audit log, persisting the layer), a panic — is released at
+/// once, in [`undo_order`]. The normal teardown ([`finalize`]) takes each
+/// piece out as it releases it properly.
+#[derive(Default)]
+pub(crate) struct Held {
+    id_block: Option<IdBlock>,
+    pub cgroup: Option<SandboxCgroup>,
+    pub layer: Option<WritableLayer>,
+    pub network: Option<Network>,
+    /// The agent, until it has been reaped.
+    agent_pid: Option<i32>,
+    /// Files owned by the block's ids are on disk in the sandbox's
+    /// directory: the block stays with it (see [`block_fate`]).
+    block_owns_files: bool,
+}
+
+impl Held {
+    fn holding(&self) -> Holding {
+        Holding {
+            agent: self.agent_pid.is_some(),
+            proxy: self.network.is_some(),
+            cgroup: self.cgroup.is_some(),
+            layer: self.layer.is_some(),
+            id_block: self.id_block.is_some(),
+        }
+    }
+
+    /// Ends everything still running in the sandbox: its agent (PID 1,
+    /// whose death takes the PID namespace down), then whatever raced out
+    /// of it into the cgroup, the proxy among it (whose end is then
+    /// expected, not news). The agent is still to be reaped.
+    pub fn kill_all(&self) {
+        if let Some(pid) = self.agent_pid {
+            let _ = rustix::process::kill_process(pid_of(pid), rustix::process::Signal::KILL);
+        }
+        if let Some(n) = &self.network {
+            n.ending();
+        }
+        if let Some(cg) = &self.cgroup {
+            let _ = cg.kill_all();
+        }
+    }
+
+    /// The agent has been reaped: there is no process to kill any more.
+    pub fn agent_reaped(&mut self) {
+        self.agent_pid = None;
+    }
+
+    /// The sandbox's directory now holds files owned by the block's ids.
+    pub fn block_owns_files(&mut self) {
+        self.block_owns_files = true;
+    }
+
+    /// The sandbox is kept: it holds its block until its directory is removed.
+    pub fn keep_id_block(&mut self) {
+        if let Some(block) = self.id_block.take() {
+            block.keep();
+        }
+    }
+
+    /// Releases everything still held, in [`undo_order`]; what failed,
+    /// one line each.
+    pub fn undo(&mut self) -> Vec<String> {
+        let mut failed = Vec::new();
+        let mut may_survive = false;
+        for release in undo_order(self.holding()) {
+            match release {
+                Release::Agent => {
+                    if let Some(pid) = self.agent_pid.take() {
+                        let _ = rustix::process::kill_process(pid_of(pid), rustix::process::Signal::KILL);
+                        if let Err(e) = airlock_jail::sys::wait_pid(pid) {
+                            may_survive = true;
+                            failed.push(format!("reaping the agent (pid {pid}): {e}"));
+                        }
+                    }
+                }
+                Release::Proxy => {
+                    if let Some(network) = self.network.take() {
+                        network.abort();
+                    }
+                }
+                Release::Cgroup => {
+                    if let Some(cg) = self.cgroup.take()
+                        && let Err(e) = cg.remove()
+                    {
+                        may_survive = true;
+                        failed.push(format!("removing cgroup {}: {e}", cg.name()));
+                    }
+                }
+                Release::Layer => {
+                    if let Some(layer) = self.layer.take() {
+                        let upper = layer.upper.clone();
+                        if let Err(e) = layer.discard() {
+                            failed.push(format!("releasing the writable layer of {}: {e}", upper.display()));
+                        }
+                    }
+                }
+                Release::IdBlock => {
+                    let Some(block) = self.id_block.take() else { continue };
+                    match block_fate(self.block_owns_files, may_survive) {
+                        // Dropped without being kept: given back to the registry.
+                        BlockFate::Release => drop(block),
+                        BlockFate::KeptForFiles => {
+                            block.keep();
+                        }
+                        BlockFate::KeptForSurvivors => {
+                            let index = block.keep();
+                            failed.push(format!(
+                                "host id block {index} stays taken until `airlock rm` or `airlock gc`, \
+                                 as a process of the sandbox may have survived"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        failed
+    }
+
+    /// Passes `result` on; when it is an error, first releases at once what
+    /// is still held, and keeps the undo's failures beside the error.
+    pub fn or_undo<T>(&mut self, result: Result<T, RunError>) -> Result<T, RunError> {
+        result.map_err(|error| {
+            let undo = self.undo();
+            if undo.is_empty() { error } else { RunError::LaunchUndo(Box::new(UndoFailed { error, undo })) }
+        })
+    }
+}
+
+impl Drop for Held {
     fn drop(&mut self) {
         for failure in self.undo() {
-            tracing::warn!(%failure, "undoing a failed launch");
+            tracing::warn!(%failure, "releasing what a failed sandbox held");
         }
     }
 }
@@ -155,21 +325,12 @@ impl Drop for LaunchGuard {
 /// Creates everything around the sandbox and starts its agent. A failure
 /// half-way releases at once what was set up; nothing is left for `gc`.
 pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError> {
-    let mut guard = LaunchGuard::default();
-    match launch_steps(spec, &mut guard) {
-        Ok(launched) => Ok(launched),
-        Err(error) => {
-            let undo = guard.undo();
-            if undo.is_empty() {
-                Err(error)
-            } else {
-                Err(RunError::LaunchUndo(Box::new(UndoFailed { error, undo })))
-            }
-        }
-    }
+    let mut held = Held::default();
+    let result = launch_steps(spec, &mut held);
+    held.or_undo(result)
 }
 
-fn launch_steps(spec: LaunchSpec<'_>, guard: &mut LaunchGuard) -> Result<Launched, RunError> {
+fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunError> {
     let LaunchSpec { sandbox, policy, workspace, host, degraded, command, terminal, workspace_owner } = spec;
     let name = sandbox.name().to_string();
     let provisions = plan::provisions(policy, workspace.is_some(), host);
@@ -220,17 +381,17 @@ fn launch_steps(spec: LaunchSpec<'_>, guard: &mut LaunchGuard) -> Result<Launche
     // Taken once meta.json exists, so that a sandbox refused for want of a
     // block is listed (failed) and can be removed.
     if provisions.own_ids {
-        guard.id_block = Some(Registry::host()?.allocate(sandbox.path())?);
+        held.id_block = Some(Registry::host()?.allocate(sandbox.path())?);
     }
-    let id_map = IdMap::for_current_user(guard.id_block.as_ref().map_or(0, IdBlock::first_host_uid));
+    let id_map = IdMap::for_current_user(held.id_block.as_ref().map_or(0, IdBlock::first_host_uid));
     meta.host_uid = Some(id_map.host_root_uid);
-    meta.id_block = guard.id_block.as_ref().map(IdBlock::index);
+    meta.id_block = held.id_block.as_ref().map(IdBlock::index);
     sandbox.write_meta(&meta)?;
 
     phase_done("state")?;
     if let Some(limits) = &provisions.cgroup {
         let cgroup_name = crate::cgroup_name(sandbox);
-        guard.cgroup = Some(SandboxCgroup::create(&cgroup_name, limits)?);
+        held.cgroup = Some(SandboxCgroup::create(&cgroup_name, limits)?);
         meta.cgroup = Some(cgroup_name);
         // Recorded at once: if this supervisor dies, gc finds the cgroup by it.
         sandbox.write_meta(&meta)?;
@@ -238,9 +399,9 @@ fn launch_steps(spec: LaunchSpec<'_>, guard: &mut LaunchGuard) -> Result<Launche
 
     phase_done("cgroup")?;
     if let Some(l) = &provisions.layer {
-        guard.layer = Some(WritableLayer::create(sandbox, l.size_limit, id_map.host_root_uid)?);
+        held.layer = Some(WritableLayer::create(sandbox, l.size_limit, id_map.host_root_uid)?);
     }
-    let layer = guard.layer.as_ref();
+    let layer = held.layer.as_ref();
     let rootfs = sandbox.path().join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| RunError::State(rootfs.clone(), e))?;
     let paths = SandboxPaths {
@@ -260,15 +421,15 @@ fn launch_steps(spec: LaunchSpec<'_>, guard: &mut LaunchGuard) -> Result<Launche
     };
 
     phase_done("idmapped")?;
-    guard.network = crate::network::Network::start(
+    held.network = crate::network::Network::start(
         policy,
         &name,
         sandbox.path(),
         &sandbox.audit_path(),
         id_map.host_root_uid,
-        guard.cgroup.as_ref(),
+        held.cgroup.as_ref(),
     )?;
-    let network = guard.network.as_ref();
+    let network = held.network.as_ref();
     let secret_values = network.map(|n| n.secret_values()).unwrap_or_default();
     let network_env = network.map(|n| n.environment()).unwrap_or_default();
     let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
@@ -312,25 +473,30 @@ fn launch_steps(spec: LaunchSpec<'_>, guard: &mut LaunchGuard) -> Result<Launche
     )?;
     drop(tree);
     let agent_pid = spawned.pid;
-    guard.agent_pid = Some(agent_pid);
+    held.agent_pid = Some(agent_pid);
     stdio.release_child_ends();
     let mut control = spawned.control;
     phase_done("spawned")?;
     airlock_proto::send(&mut control, &HostMessage::Launch(Box::new(launch)))?;
     // While the agent builds the root filesystem: the cgroup write, which
     // may wait for a kernel grace period. Untrusted code waits for Proceed.
-    if let Some(cg) = &guard.cgroup {
+    if let Some(cg) = &held.cgroup {
         cg.add_pid(agent_pid)?;
     }
     phase_done("joined")?;
     // The proxy has been starting meanwhile; no untrusted code runs
     // without it.
-    if let Some(n) = &guard.network {
+    if let Some(n) = &held.network {
         n.wait_ready()?;
     }
     phase_done("proxy-ready")?;
     airlock_proto::send(&mut control, &HostMessage::Proceed)?;
-    if let Some(n) = guard.network.as_mut() {
+    // Untrusted code may write from here on: a layer outside a tmpfs then
+    // holds files owned by the block's ids.
+    if held.layer.as_ref().is_some_and(|l| !l.on_tmpfs()) {
+        held.block_owns_files();
+    }
+    if let Some(n) = held.network.as_mut() {
         // The agent holds its own copy now.
         drop(n.agent_end.take());
     }
@@ -340,13 +506,10 @@ fn launch_steps(spec: LaunchSpec<'_>, guard: &mut LaunchGuard) -> Result<Launche
     sandbox.write_meta(&meta)?;
     phase_done("running")?;
 
-    // Up: from here on the sandbox's owner releases all of it.
-    if let Some(block) = guard.id_block.take() {
-        block.keep();
-    }
-    guard.agent_pid = None;
-    let (cgroup, layer, network) = (guard.cgroup.take(), guard.layer.take(), guard.network.take());
-    Ok(Launched { name, meta, audit, cgroup, layer, network, secret_values, stdio, logs, agent_pid, control })
+    // Up: from here on the sandbox's owner releases all of it, through
+    // `finalize` or, failing, by dropping what it holds.
+    let held = std::mem::take(held);
+    Ok(Launched { name, meta, audit, held, secret_values, stdio, logs, agent_pid, control })
 }
 
 /// Removes a sandbox's directory, then gives back the id block it held.
@@ -370,30 +533,15 @@ pub(crate) fn pid_of(pid: i32) -> rustix::process::Pid {
     rustix::process::Pid::from_raw(pid).unwrap_or(rustix::process::Pid::INIT)
 }
 
-/// Ends everything still running in a sandbox: its agent (PID 1, whose
-/// death takes the PID namespace down), then whatever raced out of it into
-/// the cgroup, the proxy among it (whose end is then expected, not news).
-/// The agent is still to be reaped.
-pub(crate) fn kill_sandbox(agent_pid: i32, network: Option<&Network>, cgroup: Option<&SandboxCgroup>) {
-    let _ = rustix::process::kill_process(pid_of(agent_pid), rustix::process::Signal::KILL);
-    if let Some(n) = network {
-        n.ending();
-    }
-    if let Some(cg) = cgroup {
-        let _ = cg.kill_all();
-    }
-}
-
 /// What is left of a sandbox once its agent has ended (and been reaped).
 pub(crate) struct Remains {
     pub name: String,
     pub meta: SandboxMeta,
     pub audit: AuditLog,
-    pub cgroup: Option<SandboxCgroup>,
-    pub layer: Option<WritableLayer>,
-    /// Stopped first: the proxy's last events reach the audit log before
-    /// the sandbox's end is recorded.
-    pub network: Option<Network>,
+    /// The agent reaped. Its proxy is stopped first, so that the proxy's
+    /// last events reach the audit log before the sandbox's end is
+    /// recorded; what finalize does not get to is released on its error.
+    pub held: Held,
     pub stdio: SandboxStdio,
     pub secret_values: Vec<(String, Vec<u8>)>,
     /// The state to record when it ended normally: `exited` for a command,
@@ -417,17 +565,67 @@ pub(crate) fn finalize(
     // Some(true): remove now (`--rm`); Some(false): keep whatever the policy
     // says (long-lived sandboxes, removed by request); None: the policy's rule.
     remove: Option<bool>,
-    live: LiveLock,
+    // Given up before the directory is removed; otherwise the caller keeps
+    // it until it has recorded a failure.
+    live: &mut Option<LiveLock>,
     notify: &mut dyn FnMut(Notice),
 ) -> Result<RunOutcome, RunError> {
-    let Remains { name, mut meta, mut audit, cgroup, layer, network, mut stdio, secret_values, final_state } =
-        remains;
-    if let Some(n) = network {
+    let Remains { name, mut meta, mut audit, mut held, mut stdio, secret_values, final_state } = remains;
+    let result = finalize_steps(
+        sandbox,
+        policy,
+        workspace,
+        (&mut meta, &mut audit, &mut held, &mut stdio, &secret_values),
+        final_state,
+        &ending,
+        duration,
+        remove,
+        notify,
+    );
+    let (outcome, removing) = held.or_undo(result)?;
+    if removing {
+        audit.record(AuditEvent::Removed {
+            reason: if remove == Some(true) {
+                "--rm".into()
+            } else {
+                format!("cleanup rule of policy {}", policy.name)
+            },
+        })?;
+        drop(audit);
+        drop(live.take());
+        remove_sandbox_dir(sandbox, meta.id_block)?;
+    } else {
+        held.keep_id_block();
+    }
+    tracing::debug!("phase: cleaned up");
+    Ok(RunOutcome { name, ..outcome })
+}
+
+/// What [`finalize`] works on, borrowed from the [`Remains`].
+type Parts<'a> =
+    (&'a mut SandboxMeta, &'a mut AuditLog, &'a mut Held, &'a mut SandboxStdio, &'a [(String, Vec<u8>)]);
+
+/// The steps of [`finalize`] up to the cleanup rule; the outcome (without
+/// the name) and whether the sandbox is to be removed. Each releases what
+/// it is done with; what an error leaves is released by the caller.
+#[allow(clippy::too_many_arguments)]
+fn finalize_steps(
+    sandbox: &SandboxDir,
+    policy: &Policy,
+    workspace: Option<&Path>,
+    (meta, audit, held, stdio, secret_values): Parts<'_>,
+    final_state: SandboxState,
+    ending: &Ending,
+    duration: Duration,
+    remove: Option<bool>,
+    notify: &mut dyn FnMut(Notice),
+) -> Result<(RunOutcome, bool), RunError> {
+    if let Some(n) = held.network.take() {
         n.stop();
     }
     stdio.release_child_ends();
     stdio.finish();
-    let oom_killed = cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
+    let oom_killed = held.cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
     let exit_code = ending.exit_code();
     audit.record(AuditEvent::Exited {
         code: ending.code,
@@ -435,7 +633,8 @@ pub(crate) fn finalize(
         duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         oom_killed,
     })?;
-    if let Some(cg) = &cgroup
+    step_done("exit-recorded")?;
+    if let Some(cg) = held.cgroup.take()
         && let Err(e) = cg.remove()
     {
         notify(Notice::Warning(format!(
@@ -447,16 +646,13 @@ pub(crate) fn finalize(
     meta.finished_at = Some(now_rfc3339());
     meta.exit =
         Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });
-    sandbox.write_meta(&meta)?;
+    sandbox.write_meta(meta)?;
 
     if let Some(reason) = &ending.setup_failed {
         audit.record(AuditEvent::Error { stage: "setup".into(), message: reason.clone() })?;
-        if let Some(layer) = layer {
-            let _ = layer.discard();
-        }
-        // The agent is gone and no untrusted code ran: nothing is owned
-        // by the block's ids any more.
-        crate::idblocks::release_for(sandbox.path(), meta.id_block);
+        // The agent is gone and no untrusted code ran: nothing is owned by
+        // the block's ids any more; the caller's undo gives it back.
+        held.block_owns_files = false;
         return Err(RunError::SetupFailed(reason.clone()));
     }
     if let Some((_, message)) = &ending.exec_failed {
@@ -465,28 +661,32 @@ pub(crate) fn finalize(
 
     let succeeded = exit_code == 0;
     let action = if succeeded { policy.cleanup.on_success } else { policy.cleanup.on_failure };
-    let remove_after = remove == Some(true);
     let remove = remove.unwrap_or(action == CleanupAction::Remove);
 
     // Finalize: persist the writable layer, summarize the change, capture artifacts.
     let mut changes = None;
     let mut artifacts = Vec::new();
-    if let (Some(layer), Some(ws)) = (layer, workspace) {
+    let live_upper = held.layer.as_ref().map(|l| l.upper.clone());
+    if let (Some(live_upper), Some(ws)) = (live_upper, workspace) {
         // Scrubbed before it is copied to disk (as root it is still on its
         // tmpfs here): an echoed credential never reaches the state dir.
-        if let Err(e) = crate::network::scrub_tree(&layer.upper, &secret_values) {
+        if let Err(e) = crate::network::scrub_tree(&live_upper, secret_values) {
             notify(Notice::Warning(format!("could not scrub secrets from the layer: {e}")));
         }
         // A sandbox about to be removed is summarized from its live layer;
         // copying it to disk first would be wasted work.
-        let live_upper = layer.upper.clone();
-        let unpersisted = if remove {
-            Some(layer)
+        let review_upper = if remove {
+            live_upper
         } else {
-            layer.persist(sandbox)?;
-            None
+            if let Some(layer) = &held.layer {
+                layer.copy_to_state(sandbox)?;
+            }
+            // Its files, owned by the block's ids, are on disk now.
+            held.block_owns_files();
+            release_layer(held, notify);
+            sandbox.upper_dir()
         };
-        let review_upper = if remove { live_upper } else { sandbox.upper_dir() };
+        step_done("persisted")?;
         let diff = airlock_workspace::compute_diff(ws, &review_upper)?;
         let stat = diff.stat();
         audit.record(AuditEvent::DiffSummary {
@@ -495,10 +695,8 @@ pub(crate) fn finalize(
             deleted: stat.files_deleted + stat.dirs_deleted,
         })?;
         changes = Some(stat);
-        if let Some(layer) = unpersisted {
-            let _ = layer.discard();
-        }
     }
+    release_layer(held, notify);
     // Artifacts of a sandbox about to be removed would go with it.
     if let Some(ws) = workspace
         && !policy.artifacts.capture.is_empty()
@@ -520,7 +718,7 @@ pub(crate) fn finalize(
                     .sum();
                 let names = files
                     .iter()
-                    .map(|f| PathBuf::from(crate::network::redact_str(&f.to_string_lossy(), &secret_values)))
+                    .map(|f| PathBuf::from(crate::network::redact_str(&f.to_string_lossy(), secret_values)))
                     .collect();
                 audit.record(AuditEvent::ArtifactsCaptured { files: names, bytes })?;
                 artifacts = files;
@@ -531,34 +729,36 @@ pub(crate) fn finalize(
 
     // A credential echoed back by a server must not stay on disk.
     for dir in [sandbox.artifacts_dir()] {
-        if let Err(e) = crate::network::scrub_tree(&dir, &secret_values) {
+        if let Err(e) = crate::network::scrub_tree(&dir, secret_values) {
             notify(Notice::Warning(format!("could not scrub secrets from {}: {e}", dir.display())));
         }
     }
-
+    step_done("artifacts")?;
     tracing::debug!("phase: finalized");
-    if remove {
-        audit.record(AuditEvent::Removed {
-            reason: if remove_after {
-                "--rm".into()
-            } else {
-                format!("cleanup rule of policy {}", policy.name)
-            },
-        })?;
-        drop(audit);
-        drop(live);
-        remove_sandbox_dir(sandbox, meta.id_block)?;
-    }
-    tracing::debug!("phase: cleaned up");
-    Ok(RunOutcome {
-        name,
+    let outcome = RunOutcome {
+        name: String::new(),
         exit_code,
         timed_out: ending.timed_out,
         oom_killed,
         changes,
         removed: remove,
         artifacts,
-    })
+    };
+    Ok((outcome, remove))
+}
+
+/// Unmounts the writable layer's tmpfs (its content is on disk or not
+/// wanted by now).
+fn release_layer(held: &mut Held, notify: &mut dyn FnMut(Notice)) {
+    if let Some(layer) = held.layer.take() {
+        let upper = layer.upper.clone();
+        if let Err(e) = layer.discard() {
+            notify(Notice::Warning(format!(
+                "could not release the writable layer of {}: {e}; `airlock gc` will retry",
+                upper.display()
+            )));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -602,31 +802,101 @@ mod tests {
         // Said to be on a tmpfs, but not a mount point: releasing it fails.
         let not_mounted = tmp.path().join("layer");
         std::fs::create_dir(&not_mounted).unwrap();
-        let mut guard = LaunchGuard::default();
-        guard.layer = Some(WritableLayer::on_tmpfs_for_test(
+        let mut held = Held::default();
+        held.layer = Some(WritableLayer::on_tmpfs_for_test(
             not_mounted.join("upper"),
             not_mounted.join("work"),
             not_mounted.clone(),
         ));
-        let undo = guard.undo();
+        let undo = held.undo();
         assert_eq!(undo.len(), 1, "{undo:?}");
         assert!(undo[0].contains("writable layer"), "{undo:?}");
-        assert!(guard.layer.is_none(), "released once, not again on drop");
+        assert!(held.layer.is_none(), "released once, not again on drop");
 
-        let error = RunError::LaunchUndo(Box::new(UndoFailed {
-            error: RunError::InjectedFailure("layer".into()),
-            undo,
-        }));
+        let injected = || RunError::InjectedFailure("launch phase layer".into());
+        let error = RunError::LaunchUndo(Box::new(UndoFailed { error: injected(), undo }));
         let text = error.to_string();
         assert!(text.starts_with("failure injected for a test at launch phase layer; undoing"), "{text}");
         assert!(text.contains("writable layer"), "{text}");
         let RunError::LaunchUndo(both) = &error else { unreachable!() };
         let source = std::error::Error::source(both.as_ref()).unwrap();
-        assert_eq!(source.to_string(), RunError::InjectedFailure("layer".into()).to_string());
+        assert_eq!(source.to_string(), injected().to_string());
     }
 
     #[test]
     fn an_empty_guard_undoes_nothing() {
-        assert!(LaunchGuard::default().undo().is_empty());
+        assert!(Held::default().undo().is_empty());
+        assert_eq!(undo_order(Holding::default()), Vec::new());
+    }
+
+    #[test]
+    fn processes_go_first_and_the_id_block_last() {
+        let all = Holding { agent: true, proxy: true, cgroup: true, layer: true, id_block: true };
+        assert_eq!(
+            undo_order(all),
+            vec![Release::Agent, Release::Proxy, Release::Cgroup, Release::Layer, Release::IdBlock]
+        );
+        // After the agent was reaped and the proxy stopped (a finalize that
+        // failed half-way): the rest, in the same order.
+        let late = Holding { cgroup: true, layer: true, id_block: true, ..Holding::default() };
+        assert_eq!(undo_order(late), vec![Release::Cgroup, Release::Layer, Release::IdBlock]);
+        let no_cgroup = Holding { agent: true, id_block: true, ..Holding::default() };
+        assert_eq!(undo_order(no_cgroup), vec![Release::Agent, Release::IdBlock]);
+    }
+
+    #[test]
+    fn the_block_is_given_back_only_when_nothing_of_its_ids_is_left() {
+        assert_eq!(block_fate(false, false), BlockFate::Release);
+        assert_eq!(block_fate(true, false), BlockFate::KeptForFiles);
+        assert_eq!(block_fate(false, true), BlockFate::KeptForSurvivors);
+        assert_eq!(block_fate(true, true), BlockFate::KeptForSurvivors);
+    }
+
+    /// A registry in a temporary directory and a sandbox directory that
+    /// holds a block of it.
+    fn block_for_test(tmp: &Path) -> (Registry, PathBuf, IdBlock) {
+        let registry = Registry::at(tmp.join("registry"), 0..4);
+        let sandbox = tmp.join("sandbox");
+        std::fs::create_dir(&sandbox).unwrap();
+        let block = registry.allocate(&sandbox).unwrap();
+        (registry, sandbox, block)
+    }
+
+    #[test]
+    fn dropping_what_a_failed_sandbox_held_gives_its_block_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (registry, sandbox, block) = block_for_test(tmp.path());
+        let index = block.index();
+        let mut held = Held::default();
+        held.id_block = Some(block);
+        assert_eq!(registry.holder(index).unwrap(), Some(sandbox.clone()));
+        drop(held);
+        assert_eq!(registry.holder(index).unwrap(), None, "released on drop");
+    }
+
+    #[test]
+    fn a_block_whose_ids_own_files_on_disk_stays_with_the_sandbox() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (registry, sandbox, block) = block_for_test(tmp.path());
+        let index = block.index();
+        let mut held = Held::default();
+        held.id_block = Some(block);
+        held.block_owns_files();
+        assert_eq!(held.undo(), Vec::<String>::new());
+        assert_eq!(registry.holder(index).unwrap(), Some(sandbox), "kept for the layer on disk");
+    }
+
+    #[test]
+    fn a_failure_is_passed_on_after_the_undo() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (registry, _sandbox, block) = block_for_test(tmp.path());
+        let index = block.index();
+        let mut held = Held::default();
+        held.id_block = Some(block);
+        let result: Result<(), RunError> = Err(RunError::InjectedFailure("step relaying".into()));
+        let error = held.or_undo(result).unwrap_err();
+        assert!(matches!(&error, RunError::InjectedFailure(at) if at == "step relaying"), "{error}");
+        assert_eq!(registry.holder(index).unwrap(), None, "released before the error is returned");
+        assert!(held.or_undo(Ok(7)).is_ok_and(|v| v == 7));
     }
 }

@@ -14,9 +14,9 @@ use airlock_policy::{Overrides, Policy, WorkspaceMode};
 use airlock_proto::AgentMessage;
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, kill_sandbox, launch_sandbox};
+use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, step_done};
 use crate::plan;
-use crate::state::{SandboxDir, SandboxState, StateRoot};
+use crate::state::{LiveLock, SandboxDir, SandboxState, StateRoot};
 use crate::stdio::SandboxStdio;
 use crate::{RunError, now_rfc3339};
 use airlock_jail::probe::{self, HostReport};
@@ -66,18 +66,14 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
     let root = StateRoot::from_env()?;
     crate::prepare_state_root(&root, checked.host.running_as_root)?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
-    let result = supervise(
-        &sandbox,
-        &checked.policy,
-        checked.workspace.as_deref(),
-        &checked.host,
-        checked.degraded,
-        req,
-        notify,
-    );
+    // Held until a failure is recorded: whoever waits for it to go sees
+    // the sandbox's final state.
+    let mut live = None;
+    let result = supervise(&sandbox, checked, req, &mut live, notify);
     if let Err(e) = &result {
         record_failure(&sandbox, e);
     }
+    drop(live);
     result
 }
 
@@ -194,22 +190,22 @@ fn resolve_workspace(policy: &Policy, requested: Option<&Path>) -> Result<Option
 
 fn supervise(
     sandbox: &SandboxDir,
-    policy: &Policy,
-    workspace: Option<&Path>,
-    host: &HostReport,
-    degraded: Vec<String>,
+    checked: Checked,
     req: &RunRequest,
+    live: &mut Option<LiveLock>,
     notify: &mut dyn FnMut(Notice),
 ) -> Result<RunOutcome, RunError> {
-    let live = sandbox.lock_live()?;
+    let Checked { policy, workspace, host, degraded } = checked;
+    let (policy, workspace, host) = (&policy, workspace.as_deref(), &host);
+    *live = Some(sandbox.lock_live()?);
     let terminal = SandboxStdio::caller_has_terminal();
+    // From here on, an error returned early drops `held`, which ends the
+    // sandbox and releases its cgroup, layer and id block at once.
     let Launched {
         name,
         meta,
         mut audit,
-        cgroup,
-        layer,
-        network,
+        mut held,
         secret_values,
         mut stdio,
         logs: _,
@@ -236,6 +232,7 @@ fn supervise(
         stdio.attach_terminal(master).map_err(RunError::Terminal)?;
     }
     let _ = control.set_read_timeout(None);
+    step_done("attached")?;
 
     let forwarder =
         crate::signals::Forwarder::start(agent_pid, stdio.tty.as_ref().and_then(|p| p.resize_handle().ok()))
@@ -264,6 +261,7 @@ fn supervise(
             }
             Ok(AgentMessage::Started { pid }) => {
                 audit.record(AuditEvent::CommandStarted { argv: req.command.clone(), pid: Some(pid) })?;
+                step_done("relaying")?;
             }
             Ok(AgentMessage::SetupFailed { step, message }) => {
                 ending.setup_failed = Some(format!("{step}: {}", truncate(&message)));
@@ -279,7 +277,7 @@ fn supervise(
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 ending.timed_out = true;
                 audit.record(AuditEvent::TimeLimitHit { limit_secs: policy.limits.timeout.as_secs() })?;
-                kill_sandbox(agent_pid, network.as_ref(), cgroup.as_ref());
+                held.kill_all();
                 break;
             }
             // Service-mode messages never come for a one-shot command.
@@ -296,9 +294,11 @@ fn supervise(
     }
     tracing::debug!("phase: command ended");
     let status = airlock_jail::sys::wait_pid(agent_pid).map_err(RunError::Wait)?;
+    held.agent_reaped();
     let _ = reader.join();
     drop(forwarder);
     let duration = started.elapsed();
+    step_done("reaped")?;
 
     if !ending.confined && !ending.timed_out && ending.setup_failed.is_none() {
         ending.setup_failed = Some(format!(
@@ -317,17 +317,7 @@ fn supervise(
         sandbox,
         policy,
         workspace,
-        Remains {
-            name,
-            meta,
-            audit,
-            cgroup,
-            layer,
-            network,
-            stdio,
-            secret_values,
-            final_state: SandboxState::Exited,
-        },
+        Remains { name, meta, audit, held, stdio, secret_values, final_state: SandboxState::Exited },
         ending,
         duration,
         if req.remove_after { Some(true) } else { None },

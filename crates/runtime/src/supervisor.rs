@@ -33,9 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::RunError;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::create_failure::{CreateFailure, Report};
-use crate::lifecycle::{
-    Ending, LaunchSpec, Launched, Remains, finalize, kill_sandbox, launch_sandbox, pid_of,
-};
+use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, step_done};
 use crate::run::Notice;
 use crate::state::{SandboxDir, SandboxState, StateRoot};
 
@@ -208,7 +206,9 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     let root = StateRoot::from_env()?;
     crate::prepare_state_root(&root, checked.host.running_as_root)?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
-    let live = sandbox.lock_live()?;
+    // Held until a failure is recorded: whoever waits for it to go (`airlock
+    // stop`) sees the sandbox's final state.
+    let mut live = Some(sandbox.lock_live()?);
     let launched = match launch_sandbox(LaunchSpec {
         sandbox: &sandbox,
         policy: &checked.policy,
@@ -233,17 +233,13 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     } else {
         base.limits.timeout
     };
-    let (agent_pid, id_block) = (launched.agent_pid, launched.meta.id_block);
+    // A failure from here on has already released what the sandbox held
+    // (its agent, cgroup, layer and id block) by the time it returns.
     let mut supervisor = match Supervisor::start(&sandbox, &checked.policy, launched, &spec, req, max_runtime)
     {
         Ok(supervisor) => supervisor,
         Err(e) => {
-            // Nothing ran in the sandbox yet: end its agent, and its id
-            // block is free again.
-            kill_agent(agent_pid);
-            let _ = airlock_jail::sys::wait_pid(agent_pid);
             crate::run::record_failure(&sandbox, &e);
-            crate::idblocks::release_for(sandbox.path(), id_block);
             return Err(e);
         }
     };
@@ -252,7 +248,14 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
         report(&mut ready, &Report::Ready { name: sandbox.name().to_string() });
     }
     let outcome = supervisor.run();
-    supervisor.finish(&sandbox, &checked.policy, checked.workspace.as_deref(), live, outcome)
+    let finished =
+        supervisor.finish(&sandbox, &checked.policy, checked.workspace.as_deref(), &mut live, outcome);
+    if let Err(e) = &finished {
+        // Nobody waits for this process's answer any more: the sandbox's
+        // state and audit log say what went wrong.
+        crate::run::record_failure(&sandbox, e);
+    }
+    finished
 }
 
 /// Why the sandbox stops.
@@ -358,17 +361,18 @@ impl Supervisor {
         for _ in 0..2 {
             match airlock_proto::recv::<_, AgentMessage>(&mut launched.control) {
                 Ok(Some(AgentMessage::Confined { .. } | AgentMessage::Serving)) => {}
+                // Returning drops `launched`, which ends the sandbox and
+                // releases what it held.
                 Ok(Some(AgentMessage::SetupFailed { step, message })) => {
-                    kill_agent(launched.agent_pid);
                     return Err(RunError::SetupFailed(format!("{step}: {message}")));
                 }
                 other => {
-                    kill_agent(launched.agent_pid);
                     return Err(RunError::SetupFailed(format!("the agent did not come up: {other:?}")));
                 }
             }
         }
         let _ = launched.control.set_read_timeout(None);
+        step_done("serving")?;
 
         let deadline = unix_now() + policy.limits.timeout.as_secs();
         launched.meta.owner_uid = Some(spec.owner_uid);
@@ -489,30 +493,23 @@ impl Supervisor {
         sandbox: &SandboxDir,
         policy: &Policy,
         workspace: Option<&Path>,
-        live: crate::state::LiveLock,
+        live: &mut Option<crate::state::LiveLock>,
         reason: StopReason,
     ) -> Result<(), RunError> {
         let _ = std::fs::remove_file(&self.socket);
         let Some(launched) = self.launched.take() else { return Ok(()) };
-        let Launched {
-            name,
-            meta,
-            mut audit,
-            cgroup,
-            layer,
-            network,
-            secret_values,
-            stdio,
-            logs: _,
-            agent_pid,
-            control,
-        } = launched;
+        let Launched { name, meta, mut audit, mut held, secret_values, stdio, logs: _, agent_pid, control } =
+            launched;
+        // An error returned early drops `held`, which ends the sandbox and
+        // releases its cgroup, layer and id block at once.
         audit.record(AuditEvent::Stopped { reason: reason.text().to_string() })?;
+        step_done("stopping")?;
         if !matches!(reason, StopReason::AgentGone) {
             self.end_execs(policy.limits.stop_grace);
         }
-        kill_sandbox(agent_pid, network.as_ref(), cgroup.as_ref());
+        held.kill_all();
         let agent_status = airlock_jail::sys::wait_pid(agent_pid).ok();
+        held.agent_reaped();
         drop(control);
         if let Ok(agent) = self.agent.lock() {
             let _ = agent.shutdown(std::net::Shutdown::Both);
@@ -524,40 +521,13 @@ impl Supervisor {
                 let _ = route.tx.send(ended);
             }
         }
-        // Stopped by the supervisor, the sandbox ended normally (code 0).
-        // An agent that ended by itself (killed by the OOM killer, say) is
-        // recorded as it ended, so that `ls` and `inspect` do not call it
-        // a clean stop.
-        let (code, signal) = match (reason, agent_status) {
-            (StopReason::AgentGone, Some(status)) if libc::WIFSIGNALED(status) => {
-                (None, Some(libc::WTERMSIG(status)))
-            }
-            (StopReason::AgentGone, Some(status)) => (Some(libc::WEXITSTATUS(status)), None),
-            _ => (Some(0), None),
-        };
-        let ending = Ending {
-            timed_out: matches!(reason, StopReason::Deadline),
-            confined: true,
-            code,
-            signal,
-            ..Ending::default()
-        };
+        let ending = ending_of(reason, agent_status);
         let mut notices = Vec::new();
         finalize(
             sandbox,
             policy,
             workspace,
-            Remains {
-                name,
-                meta,
-                audit,
-                cgroup,
-                layer,
-                network,
-                stdio,
-                secret_values,
-                final_state: SandboxState::Stopped,
-            },
+            Remains { name, meta, audit, held, stdio, secret_values, final_state: SandboxState::Stopped },
             ending,
             self.started.elapsed(),
             Some(false),
@@ -599,8 +569,26 @@ impl Supervisor {
     }
 }
 
-fn kill_agent(pid: i32) {
-    let _ = rustix::process::kill_process(pid_of(pid), rustix::process::Signal::KILL);
+/// How a long-lived sandbox ended. Stopped by the supervisor (on request,
+/// at its deadline, when idle), it ended normally (code 0), even though its
+/// agent was killed. An agent that ended by itself (killed by the OOM
+/// killer, say) is recorded as it ended, so that `ls` and `inspect` do not
+/// call it a clean stop.
+fn ending_of(reason: StopReason, agent_status: Option<i32>) -> Ending {
+    let (code, signal) = match (reason, agent_status) {
+        (StopReason::AgentGone, Some(status)) if libc::WIFSIGNALED(status) => {
+            (None, Some(libc::WTERMSIG(status)))
+        }
+        (StopReason::AgentGone, Some(status)) => (Some(libc::WEXITSTATUS(status)), None),
+        _ => (Some(0), None),
+    };
+    Ending {
+        timed_out: matches!(reason, StopReason::Deadline),
+        confined: true,
+        code,
+        signal,
+        ..Ending::default()
+    }
 }
 
 /// Exec output goes to the sandbox's logs too, redacted like `run`'s, and
