@@ -17,6 +17,8 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
+use crate::sys;
+
 /// Why a privilege change failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PrivError {
@@ -65,14 +67,9 @@ pub enum PrivError {
 
 const CAP_LAST_CAP: &str = "/proc/sys/kernel/cap_last_cap";
 
-/// `prctl` with integer arguments, turning -1 into the OS error.
+/// `prctl` with one integer argument.
 fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<libc::c_int> {
-    let zero: libc::c_ulong = 0;
-    // SAFETY: every option passed here takes only integer arguments; no memory
-    // is handed to the kernel. All variadic arguments are full-width longs, as
-    // the kernel reads them (PR_CAP_AMBIENT rejects non-zero unused ones).
-    let rc = unsafe { libc::prctl(option, arg2, zero, zero, zero) };
-    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    sys::prctl_ints(option, arg2, 0)
 }
 
 /// Sets no_new_privs: execve can never again grant privileges (setuid bits,
@@ -102,24 +99,6 @@ fn last_cap() -> Result<u32, PrivError> {
     })
 }
 
-/// `struct __user_cap_header_struct` (linux/capability.h).
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-/// `struct __user_cap_data_struct`; version 3 uses two of them (caps 0-31, 32-63).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
 /// Capability numbers (linux/capability.h).
 pub const CAP_SETGID: u32 = 6;
 pub const CAP_SETUID: u32 = 7;
@@ -133,17 +112,16 @@ pub const ID_SWITCHING: &[u32] = &[CAP_SETGID, CAP_SETUID];
 /// Sets the calling thread's effective and permitted capabilities to `keep`
 /// (all below 64) and its inheritable ones to empty.
 fn capset_only(keep: &[u32]) -> io::Result<()> {
-    let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
-    let mut data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
-    for &cap in keep {
-        let word = &mut data[(cap / 32) as usize];
-        word.effective |= 1 << (cap % 32);
-        word.permitted |= 1 << (cap % 32);
+    sys::capset_thread(capability_masks(keep))
+}
+
+/// `keep` as the two 32-bit words of a capability set.
+fn capability_masks(keep: &[u32]) -> [u32; 2] {
+    let mut masks = [0u32; 2];
+    for &cap in keep.iter().filter(|&&cap| cap < 64) {
+        masks[(cap / 32) as usize] |= 1 << (cap % 32);
     }
-    // SAFETY: `header` and `data` are valid, correctly laid out (repr(C)) and
-    // live for the whole call; version 3 reads exactly two data structs.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
-    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    masks
 }
 
 /// Drops every capability for good: the bounding set (every capability up to
@@ -223,10 +201,7 @@ pub fn holds_no_capabilities() -> bool {
 
 /// `prctl` with two integer arguments.
 fn prctl2(option: libc::c_int, arg2: libc::c_ulong, arg3: libc::c_ulong) -> io::Result<libc::c_int> {
-    let zero: libc::c_ulong = 0;
-    // SAFETY: as for `prctl`: only integer arguments, full-width longs.
-    let rc = unsafe { libc::prctl(option, arg2, arg3, zero, zero) };
-    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    sys::prctl_ints(option, arg2, arg3)
 }
 
 /// The CapInh/CapPrm/CapEff/CapBnd/CapAmb lines of a status file.
@@ -312,6 +287,15 @@ mod tests {
     use super::test_fork::{have_root, run_in_child};
     use super::*;
     use std::os::unix::fs::chown;
+
+    #[test]
+    fn capability_numbers_become_the_two_words_capset_takes() {
+        assert_eq!(capability_masks(&[]), [0, 0]);
+        assert_eq!(capability_masks(ID_SWITCHING), [(1 << CAP_SETGID) | (1 << CAP_SETUID), 0]);
+        assert_eq!(capability_masks(&[CAP_SYS_ADMIN, 33, 40]), [1 << CAP_SYS_ADMIN, (1 << 1) | (1 << 8)]);
+        // A number past 63 names nothing a kernel has; it must not wrap.
+        assert_eq!(capability_masks(&[64, 100]), [0, 0]);
+    }
 
     #[test]
     fn no_new_privs_is_set() {

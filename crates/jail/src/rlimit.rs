@@ -174,8 +174,7 @@ mod tests {
         let path = dir.path().join("big");
         let code = run_in_child(|| {
             // SIGXFSZ would kill the child; ignore it so write returns EFBIG.
-            // SAFETY: setting a signal to SIG_IGN installs no handler code.
-            unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+            crate::sys::set_signal_ignored(libc::SIGXFSZ).unwrap();
             let r = Rlimits { fsize: Some(4096), ..Rlimits::default() };
             if apply(&r).is_err() {
                 return 1;

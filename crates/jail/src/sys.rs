@@ -120,6 +120,58 @@ pub fn raw_set_no_new_privs() -> io::Result<()> {
     raw_prctl(libc::PR_SET_NO_NEW_PRIVS, 1)
 }
 
+/// `prctl(2)` with up to two integer arguments (the others zero); its
+/// non-negative result. For the options that take integers only (no_new_privs,
+/// dumpable, the bounding and ambient capability sets).
+pub fn prctl_ints(option: c_int, arg2: libc::c_ulong, arg3: libc::c_ulong) -> io::Result<c_int> {
+    let zero: libc::c_ulong = 0;
+    // SAFETY: the options this is used with take integer arguments only; no
+    // memory is handed to the kernel. All variadic arguments are full-width
+    // longs, as the kernel reads them (PR_CAP_AMBIENT rejects non-zero
+    // unused ones).
+    let rc = unsafe { libc::prctl(option, arg2, arg3, zero, zero) };
+    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+/// `struct __user_cap_header_struct` (linux/capability.h).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: c_int,
+}
+
+/// `struct __user_cap_data_struct`; version 3 uses two of them (caps 0-31, 32-63).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// `capset(2)` for the calling thread: its effective and permitted sets
+/// become `held` (bit masks: capabilities 0-31, then 32-63), its
+/// inheritable set empty.
+pub fn capset_thread(held: [u32; 2]) -> io::Result<()> {
+    let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let data = held.map(|mask| CapData { effective: mask, permitted: mask, inheritable: 0 });
+    // SAFETY: `header` and `data` are valid, correctly laid out (repr(C)) and
+    // live for the whole call; version 3 reads exactly two data structs.
+    check(unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) }).map(drop)
+}
+
+/// Sets `signal`'s disposition to ignored (SIGXFSZ, say, so that a write
+/// past RLIMIT_FSIZE fails with EFBIG instead of killing the process).
+pub fn set_signal_ignored(signal: c_int) -> io::Result<()> {
+    // SAFETY: SIG_IGN installs no handler code; `signal` is an integer.
+    if unsafe { libc::signal(signal, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `seccomp(SECCOMP_SET_MODE_FILTER, 0, prog)`: installs a seccomp filter.
 pub fn raw_seccomp_set_filter(prog: &libc::sock_fprog) -> io::Result<()> {
     // SAFETY: prog points at a valid program that outlives the call; the
