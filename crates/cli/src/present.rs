@@ -521,6 +521,7 @@ mod tests {
                 cpu: v1("cpu"),
                 writable: cgroups_writable,
                 detail: String::new(),
+                hierarchies: Default::default(),
             },
             landlock_abi: if landlock { Ok(3) } else { Err(38) },
         })

@@ -105,6 +105,11 @@ pub struct HostReport {
     pub running_as_root: bool,
     /// `uname -r` and `uname -v`.
     pub kernel: String,
+    /// The cgroup hierarchies the verdicts were made from; a sandbox's
+    /// cgroup is created in them (`SandboxCgroup::create_on`), and so are
+    /// the doctor's trial cgroups.
+    #[serde(skip)]
+    pub cgroups: CgroupSupport,
 }
 
 impl HostReport {
@@ -176,7 +181,12 @@ pub fn launch_report(facts: &HostFacts) -> HostReport {
         check_cgroup("cgroup-cpu", "cpu", support.cpu.as_ref(), support),
         check_disk_quota(facts.running_as_root),
     ];
-    HostReport { checks, running_as_root: facts.running_as_root, kernel: facts.kernel.clone() }
+    HostReport {
+        checks,
+        running_as_root: facts.running_as_root,
+        kernel: facts.kernel.clone(),
+        cgroups: facts.cgroups.clone(),
+    }
 }
 
 /// Every check, starting from the launch verdicts and trying each mechanism.
@@ -195,13 +205,13 @@ fn doctor_report(facts: &HostFacts) -> HostReport {
         check_idmapped_mounts(root),
         check_seccomp(),
         verdict("landlock"),
-        try_cgroup(verdict("cgroup-memory"), "memory"),
-        try_cgroup(verdict("cgroup-pids"), "pids"),
-        try_cgroup(verdict("cgroup-cpu"), "cpu"),
+        try_cgroup(verdict("cgroup-memory"), "memory", &facts.cgroups),
+        try_cgroup(verdict("cgroup-pids"), "pids", &facts.cgroups),
+        try_cgroup(verdict("cgroup-cpu"), "cpu", &facts.cgroups),
         try_disk_quota(verdict("disk-quota")),
         check_kvm(),
     ];
-    HostReport { checks, running_as_root: root, kernel: launch.kernel }
+    HostReport { checks, running_as_root: root, kernel: launch.kernel, cgroups: launch.cgroups }
 }
 
 /// What one check is about; builds its outcomes, so that a fix comes with
@@ -626,9 +636,10 @@ fn placement_name(placement: &Placement) -> String {
 }
 
 /// Confirms an Ok cgroup verdict by really creating a cgroup with a limit
-/// on `controller`: write access to the mount point says little about
-/// enabling controllers or writing limit files.
-fn try_cgroup(verdict: Check, controller: &str) -> Check {
+/// on `controller`, in the hierarchies a sandbox would use (`support`):
+/// write access to the mount point says little about enabling controllers
+/// or writing limit files.
+fn try_cgroup(verdict: Check, controller: &str, support: &CgroupSupport) -> Check {
     if verdict.status != Status::Ok {
         return verdict;
     }
@@ -640,7 +651,7 @@ fn try_cgroup(verdict: Check, controller: &str) -> Check {
         _ => CgroupLimits { cpus: Some(1.0), ..CgroupLimits::default() },
     };
     let name = format!("doctor-{}-{controller}", unique_tag());
-    match SandboxCgroup::create(&name, &limits).and_then(|cg| cg.remove()) {
+    match SandboxCgroup::create_on(support, &name, &limits).and_then(|cg| cg.remove()) {
         Ok(()) => {
             check.ok(format!("{where_}; a test cgroup with a {controller} limit was created and removed"))
         }
@@ -842,6 +853,7 @@ mod tests {
                 cpu: v2(),
                 writable,
                 detail: "v2 at /sys/fs/cgroup offers [memory cpu]".to_owned(),
+                hierarchies: Default::default(),
             },
             landlock_abi: landlock,
         }

@@ -391,7 +391,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     phase_done("state")?;
     if let Some(limits) = &provisions.cgroup {
         let cgroup_name = crate::cgroup_name(sandbox);
-        held.cgroup = Some(SandboxCgroup::create(&cgroup_name, limits)?);
+        held.cgroup = Some(SandboxCgroup::create_on(&host.cgroups, &cgroup_name, limits)?);
         meta.cgroup = Some(cgroup_name);
         // Recorded at once: if this supervisor dies, gc finds the cgroup by it.
         sandbox.write_meta(&meta)?;

@@ -239,6 +239,7 @@ mod tests {
                 cpu: v2(),
                 writable: cgroups_writable,
                 detail: String::new(),
+                hierarchies: Default::default(),
             },
             landlock_abi: if landlock { Ok(4) } else { Err(libc::EOPNOTSUPP) },
         })

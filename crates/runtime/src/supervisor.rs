@@ -544,28 +544,40 @@ impl Supervisor {
 }
 
 impl Supervisor {
-    /// Asks every running exec to end (SIGTERM to its process group) and
-    /// waits up to `grace` for all of them to finish; whatever is left dies
-    /// with the sandbox.
+    /// Asks every running exec to end and waits up to `grace`; whatever is
+    /// left dies with the sandbox.
     fn end_execs(&self, grace: Duration) {
-        let running: Vec<u32> = self.routes.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
-        if running.is_empty() {
-            return;
+        if !ask_execs_to_end(&self.routes, &self.agent, grace) {
+            tracing::debug!(sandbox = %self.name, "grace period over; killing the sandbox's processes");
         }
-        tracing::debug!(sandbox = %self.name, execs = running.len(), "asking the sandbox's processes to end");
-        if let Ok(mut agent) = self.agent.lock() {
-            for id in running {
-                let _ = airlock_proto::send(&mut *agent, &HostMessage::Signal { id, signal: libc::SIGTERM });
-            }
+    }
+}
+
+/// Sends SIGTERM to every running exec's process group through the agent,
+/// then waits up to `grace` for all of them to end (their routes go when
+/// the agent reports the end); whether they did. An agent that does not
+/// answer costs the grace period and no more: the caller kills the sandbox
+/// either way.
+fn ask_execs_to_end<W: Write>(routes: &ExecRoutes, agent: &Mutex<W>, grace: Duration) -> bool {
+    let running: Vec<u32> = routes.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
+    if running.is_empty() {
+        return true;
+    }
+    tracing::debug!(execs = running.len(), "asking the sandbox's processes to end");
+    if let Ok(mut agent) = agent.lock() {
+        for id in running {
+            let _ = airlock_proto::send(&mut *agent, &HostMessage::Signal { id, signal: libc::SIGTERM });
         }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if self.routes.lock().map_or(true, |r| r.is_empty()) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        if routes.lock().map_or(true, |r| r.is_empty()) {
+            return true;
         }
-        tracing::debug!(sandbox = %self.name, "grace period over; killing the sandbox's processes");
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -1187,6 +1199,95 @@ mod tests {
             relay.check(FileReply::Opened { size: 6, mode: 0o644, limit: 5 }),
             FileReply::Failed(FileError::TooLarge { size: 6, limit: 5 })
         );
+    }
+
+    fn routes_of(ids: &[u32]) -> (ExecRoutes, Vec<Receiver<ExecEvent>>) {
+        let routes: ExecRoutes = Arc::new(Mutex::new(HashMap::new()));
+        let mut receivers = Vec::new();
+        for &id in ids {
+            let (tx, rx) = mpsc::channel();
+            routes.lock().unwrap().insert(id, Route { tx, logged: true });
+            receivers.push(rx);
+        }
+        (routes, receivers)
+    }
+
+    /// The frames the agent got, until none is left.
+    fn frames(mut agent_side: UnixStream) -> Vec<HostMessage> {
+        agent_side.set_nonblocking(true).unwrap();
+        let mut out = Vec::new();
+        while let Ok(Some(msg)) = airlock_proto::recv::<_, HostMessage>(&mut agent_side) {
+            out.push(msg);
+        }
+        out
+    }
+
+    #[test]
+    fn a_stop_waits_the_grace_period_for_an_agent_that_does_not_answer_and_no_longer() {
+        let (ours, agent_side) = UnixStream::pair().unwrap();
+        let (routes, _rx) = routes_of(&[3, 5]);
+        let started = Instant::now();
+        let ended = ask_execs_to_end(&routes, &Mutex::new(ours), Duration::from_millis(300));
+        let waited = started.elapsed();
+        assert!(!ended, "nobody answered");
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        assert!(waited < Duration::from_secs(3), "{waited:?}");
+        let mut sent: Vec<(u32, i32)> = frames(agent_side)
+            .into_iter()
+            .map(|m| match m {
+                HostMessage::Signal { id, signal } => (id, signal),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        sent.sort_unstable();
+        assert_eq!(sent, vec![(3, libc::SIGTERM), (5, libc::SIGTERM)], "each exec was asked once");
+    }
+
+    #[test]
+    fn a_stop_goes_on_as_soon_as_every_exec_has_ended() {
+        let (ours, agent_side) = UnixStream::pair().unwrap();
+        let (routes, _rx) = routes_of(&[1]);
+        // What the agent reader does when the agent reports the end.
+        let reader = {
+            let routes = routes.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                routes.lock().unwrap().remove(&1);
+            })
+        };
+        let started = Instant::now();
+        assert!(ask_execs_to_end(&routes, &Mutex::new(ours), Duration::from_secs(30)));
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        reader.join().unwrap();
+        assert_eq!(frames(agent_side).len(), 1);
+
+        // Nothing running: nothing is sent, nothing is waited for.
+        let (ours, agent_side) = UnixStream::pair().unwrap();
+        let (routes, _) = routes_of(&[]);
+        assert!(ask_execs_to_end(&routes, &Mutex::new(ours), Duration::from_secs(30)));
+        assert!(frames(agent_side).is_empty());
+    }
+
+    #[test]
+    fn how_a_long_lived_sandbox_ended() {
+        let exited = |code: i32| code << 8;
+        let killed_by = |signal: i32| signal;
+        // Stopped by the supervisor: a clean end, whatever killing the agent did.
+        for reason in [StopReason::Requested, StopReason::Idle] {
+            let e = ending_of(reason, Some(killed_by(libc::SIGKILL)));
+            assert_eq!((e.code, e.signal, e.timed_out, e.exit_code()), (Some(0), None, false, 0));
+        }
+        let e = ending_of(StopReason::Deadline, Some(killed_by(libc::SIGKILL)));
+        assert!(e.timed_out);
+        assert_eq!(e.exit_code(), crate::exit_codes::TIMED_OUT);
+        // An agent that ended by itself is recorded as it ended.
+        let e = ending_of(StopReason::AgentGone, Some(killed_by(libc::SIGKILL)));
+        assert_eq!((e.code, e.signal), (None, Some(libc::SIGKILL)));
+        assert_eq!(e.exit_code(), 128 + libc::SIGKILL);
+        let e = ending_of(StopReason::AgentGone, Some(exited(3)));
+        assert_eq!((e.code, e.signal, e.exit_code()), (Some(3), None, 3));
+        // One that could not be reaped still counts as stopped cleanly.
+        assert_eq!(ending_of(StopReason::AgentGone, None).code, Some(0));
     }
 
     #[test]

@@ -83,8 +83,10 @@ impl Placement {
     }
 }
 
-/// What the host offers for sandbox cgroups, for `airlock doctor`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// What the host offers for sandbox cgroups: `airlock doctor` prints it,
+/// and a sandbox's cgroup is created in the hierarchies it found
+/// ([`SandboxCgroup::create_on`]), so v1 or v2 is decided once, here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CgroupSupport {
     pub memory: Option<Placement>,
     pub pids: Option<Placement>,
@@ -93,7 +95,30 @@ pub struct CgroupSupport {
     pub writable: bool,
     /// One line per hierarchy, for humans.
     pub detail: String,
+    /// The hierarchies found (none when mountinfo could not be read).
+    #[serde(skip)]
+    pub hierarchies: Hierarchies,
 }
+
+impl CgroupSupport {
+    /// Where a sandbox cgroup `name` under `parent` goes, one directory per
+    /// hierarchy used: the v2 tree whenever mounted (for `cgroup.kill` and
+    /// freezing), each v1 mount serving a controller airlock limits, and the
+    /// v1 freezer when there is no v2 tree.
+    pub fn sandbox_dirs(&self, parent: &str, name: &str) -> Vec<Placement> {
+        plan(&self.hierarchies.0, parent, name)
+            .iter()
+            .map(|part| match part {
+                Hierarchy::V1(c) => Placement::V1(c.dir.path.clone()),
+                Hierarchy::V2(c) => Placement::V2(c.dir.path.clone()),
+            })
+            .collect()
+    }
+}
+
+/// The cgroup hierarchies mounted on the host, as [`probe`] found them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hierarchies(Layout);
 
 /// The controllers airlock sets limits with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -287,18 +312,22 @@ impl Hierarchy {
 /// Reports where each controller lives and whether this process can use it.
 /// Never fails: an unreadable host shows up as missing placements and detail.
 pub fn probe() -> CgroupSupport {
-    let layout = match Layout::discover() {
-        Ok(l) => l,
-        Err(e) => {
-            return CgroupSupport {
-                memory: None,
-                pids: None,
-                cpu: None,
-                writable: false,
-                detail: format!("cannot read /proc/self/mountinfo: {e}"),
-            };
-        }
-    };
+    match Layout::discover() {
+        Ok(layout) => support_of(layout),
+        Err(e) => CgroupSupport {
+            memory: None,
+            pids: None,
+            cpu: None,
+            writable: false,
+            detail: format!("cannot read /proc/self/mountinfo: {e}"),
+            hierarchies: Hierarchies::default(),
+        },
+    }
+}
+
+/// What `layout` offers, and whether this process may create cgroups in
+/// every hierarchy a sandbox would use.
+fn support_of(layout: Layout) -> CgroupSupport {
     let parent = parent_from_env().unwrap_or_else(|_| DEFAULT_PARENT.to_owned());
     let mut lines = Vec::new();
     let mut writable = true;
@@ -324,6 +353,7 @@ pub fn probe() -> CgroupSupport {
         cpu: layout.placement(Controller::Cpu),
         writable,
         detail: lines.join("; "),
+        hierarchies: Hierarchies(layout),
     }
 }
 
@@ -354,6 +384,22 @@ impl SandboxCgroup {
     /// `<parent>` from [`parent_from_env`], and writes the limits.
     pub fn create(name: &str, limits: &CgroupLimits) -> Result<SandboxCgroup, CgroupError> {
         SandboxCgroup::create_in(&parent_from_env()?, name, limits)
+    }
+
+    /// Creates `<mount>/<parent>/<name>` in every hierarchy `support` (the
+    /// host probe's) says a sandbox uses, with `<parent>` from
+    /// [`parent_from_env`], and writes the limits. The hierarchies are not
+    /// looked up again: what the probe decided (and planned from) is used.
+    pub fn create_on(
+        support: &CgroupSupport,
+        name: &str,
+        limits: &CgroupLimits,
+    ) -> Result<SandboxCgroup, CgroupError> {
+        let parent = parent_from_env()?;
+        validate_parent(&parent)?;
+        validate_name(name)?;
+        validate_limits(limits)?;
+        SandboxCgroup::create_with(&support.hierarchies.0, &parent, name, limits)
     }
 
     /// [`SandboxCgroup::create`] under an explicit parent segment, for

@@ -282,3 +282,88 @@ fn without_cgroup_kill_the_v1_freezer_is_used() {
     }
     assert_parents_removed(&paths);
 }
+
+const HYBRID_MOUNTS: &str = "\
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+37 31 0:34 / /sys/fs/cgroup/freezer rw - cgroup cgroup rw,freezer
+39 31 0:36 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+";
+
+/// The probe's report for a host mounted as `mountinfo`, whose v2 root
+/// offers `v2_controllers`.
+fn report_for(mountinfo: &str, v2_controllers: &[&str]) -> CgroupSupport {
+    let mut layout = layout::parse_mountinfo(mountinfo);
+    if let Some(v2) = layout.v2.as_mut() {
+        v2.controllers = v2_controllers.iter().map(|c| c.to_string()).collect();
+    }
+    support_of(layout)
+}
+
+#[test]
+fn a_sandbox_cgroup_goes_where_the_probe_report_says() {
+    let v1 = |p: &str| Placement::V1(PathBuf::from(p));
+    let v2 = |p: &str| Placement::V2(PathBuf::from(p));
+
+    // Hybrid: limits in v1, the empty v2 tree for cgroup.kill; no freezer.
+    let hybrid = report_for(HYBRID_MOUNTS, &[]);
+    assert_eq!(hybrid.memory, Some(v1("/sys/fs/cgroup/memory")));
+    assert_eq!(
+        hybrid.sandbox_dirs("airlock", "box"),
+        vec![
+            v2("/sys/fs/cgroup/unified/airlock/box"),
+            v1("/sys/fs/cgroup/cpu,cpuacct/airlock/box"),
+            v1("/sys/fs/cgroup/memory/airlock/box"),
+            v1("/sys/fs/cgroup/pids/airlock/box"),
+        ]
+    );
+
+    // The same mounts with pids offered by v2: pids moves there.
+    let moved = report_for(HYBRID_MOUNTS, &["pids"]);
+    assert_eq!(moved.pids, Some(v2("/sys/fs/cgroup/unified")));
+    assert!(!moved.sandbox_dirs("airlock", "box").contains(&v1("/sys/fs/cgroup/pids/airlock/box")));
+
+    // Pure v2: one directory.
+    let pure = report_for(
+        "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n",
+        &["cpu", "memory", "pids"],
+    );
+    assert_eq!(pure.sandbox_dirs("airlock", "box"), vec![v2("/sys/fs/cgroup/airlock/box")]);
+
+    // Pure v1: no v2 tree to kill or freeze with, so the v1 freezer joins.
+    let pure_v1: String =
+        HYBRID_MOUNTS.lines().filter(|l| !l.contains("cgroup2")).map(|l| format!("{l}\n")).collect();
+    let dirs = report_for(&pure_v1, &[]).sandbox_dirs("airlock", "box");
+    assert!(dirs.contains(&v1("/sys/fs/cgroup/freezer/airlock/box")), "{dirs:?}");
+
+    // Nothing mounted: nothing to create, and nothing is writable.
+    let none = report_for("", &[]);
+    assert!(none.sandbox_dirs("airlock", "box").is_empty());
+    assert!(!none.writable);
+}
+
+/// Creation uses the hierarchies of the report it is given, not a second
+/// look at the host: a report naming a v2 tree in a temporary directory
+/// gets the sandbox's directory there (no root needed, nothing written to
+/// the real cgroupfs).
+#[test]
+fn creation_follows_the_report_it_is_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("cgroup2");
+    fs::create_dir(&tree).unwrap();
+    let mountinfo = format!("30 23 0:26 / {} rw - cgroup2 cgroup2 rw\n", tree.display());
+    let report = report_for(&mountinfo, &[]);
+    let name = format!("report-{}", std::process::id());
+    let cgroup = SandboxCgroup::create_on(&report, &name, &CgroupLimits::default()).unwrap();
+    let parent = parent_from_env().unwrap();
+    assert_eq!(cgroup.paths(), vec![tree.join(&parent).join(&name)]);
+    assert!(tree.join(&parent).join(&name).is_dir());
+    cgroup.remove().unwrap();
+    assert!(!tree.join(&parent).exists(), "removed with its parent");
+
+    // A limit the report's hierarchies cannot serve is refused up front.
+    let limits = CgroupLimits { memory: Some(64 << 20), ..CgroupLimits::default() };
+    let err = SandboxCgroup::create_on(&report, &name, &limits).unwrap_err();
+    assert!(matches!(err, CgroupError::ControllerMissing { controller: "memory", .. }), "{err}");
+}
