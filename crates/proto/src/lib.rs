@@ -10,9 +10,10 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
-use airlock_jail::JailPlan;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::plan::JailPlan;
 
 /// Largest frame either side accepts. A plan is a few KiB; anything near this
 /// is a bug or an attack.
@@ -229,6 +230,7 @@ pub fn recv_tagged_fd(socket: impl AsFd) -> io::Result<(u8, OwnedFd)> {
 pub mod bytes;
 pub mod exec_stream;
 pub mod file;
+pub mod plan;
 pub mod supervisor;
 
 #[cfg(test)]
@@ -253,6 +255,16 @@ mod tests {
         let mut got = [0u8; 1];
         std::fs::File::from(fd).read_exact(&mut got).unwrap();
         assert_eq!(&got, b"x");
+    }
+
+    /// The protocol is plain data: a guest agent built on it must not link
+    /// the jail's machinery (seccompiler, landlock, cgroups).
+    #[test]
+    fn the_protocol_does_not_depend_on_the_jail() {
+        let manifest = include_str!("../Cargo.toml");
+        for crate_name in ["airlock-jail", "seccompiler", "landlock"] {
+            assert!(!manifest.contains(crate_name), "proto depends on {crate_name}");
+        }
     }
 
     #[test]
