@@ -345,8 +345,11 @@ fn remote_cp(daemon: &Daemon, copy: Copy<'_>) -> CliResult {
     };
     match copy {
         Copy::In { file, name, path } => {
+            use std::os::unix::fs::PermissionsExt;
             let input = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            daemon.put_file(&files(name, &path), input)?;
+            // A new file gets the source's permission bits, as directly.
+            let mode = input.metadata().map_err(|e| format!("{}: {e}", file.display()))?.permissions().mode();
+            daemon.put_file(&format!("{}&mode={:o}", files(name, &path), mode & 0o777), input)?;
         }
         Copy::Out { name, path, file } => {
             let mut staged =

@@ -43,9 +43,17 @@ pub enum HostMessage {
     /// Service mode: a file operation (`file::FileOp`), answered by
     /// `AgentMessage::File` messages with the same id.
     File { id: u32, op: file::FileOp },
-    /// The host passed on one more data chunk of file operation `id`: the
-    /// agent may send another (see `file::FILE_WINDOW`).
+    /// The host passed on one more windowed answer (data chunk, list batch,
+    /// watch event) of file operation `id`: the agent may send another (see
+    /// `file::FILE_WINDOW`).
     FileAck { id: u32 },
+    /// The next bytes of write `id`; at most `file::FILE_WINDOW` chunks
+    /// ahead of the agent's `file::FileReply::Ack`.
+    FileData {
+        id: u32,
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
     /// Stop file operation `id` (its client went away); no answer follows.
     FileCancel { id: u32 },
 }
