@@ -15,6 +15,8 @@ use crate::present;
 
 #[path = "daemon_client.rs"]
 mod daemon_client;
+#[path = "files_cmd.rs"]
+mod files_cmd;
 #[path = "remote.rs"]
 mod remote;
 
@@ -51,6 +53,10 @@ enum Command {
     /// Copy a file into or out of a long-lived sandbox: `cp FILE NAME:/path`,
     /// `cp NAME:/path FILE`.
     Cp { source: String, destination: String },
+    /// File operations on a long-lived sandbox, done by its agent (nothing
+    /// inside the sandbox is needed): ls, stat, mkdir, rm, mv, watch.
+    #[command(subcommand)]
+    Files(files_cmd::FilesCommand),
     /// Everything known about a sandbox: state, limits, deadline, policy.
     Inspect {
         name: String,
@@ -310,6 +316,7 @@ impl Command {
                 | Command::Diff { .. }
                 | Command::Exec(_)
                 | Command::Cp { .. }
+                | Command::Files(_)
                 | Command::Logs { .. }
                 | Command::Ls { .. }
                 | Command::Inspect { .. }
@@ -337,6 +344,7 @@ fn direct(command: Command, forced: bool) -> CliResult {
         Command::Create(args) => create(args),
         Command::Exec(args) => exec(args),
         Command::Cp { source, destination } => cp(Copy::plan(&source, &destination)?),
+        Command::Files(command) => files_cmd::direct(command),
         Command::Inspect { name, json } => {
             let root = state()?;
             let view = ops::inspect(&root, &name)?;

@@ -76,6 +76,7 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
             remote_events(daemon, follow, sandbox, since, json)
         }
         Command::Cp { source, destination } => remote_cp(daemon, Copy::plan(&source, &destination)?),
+        Command::Files(command) => super::files_cmd::through_daemon(daemon, command),
         Command::Logs { name, stderr, raw } => {
             let stream = if stderr { "stderr" } else { "stdout" };
             let mut out = crate::present::SandboxOutput::stdout(raw);

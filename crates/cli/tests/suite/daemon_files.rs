@@ -364,13 +364,13 @@ fn daemon_files_write_streams_and_replaces_atomically() {
     )
     .unwrap();
     // Broken off while the upload is under way: its temporary file exists.
-    let uploading = || sum(&["sh", "-c", "ls -a /tmp | grep -c airlock-upload"]) == "1\n";
+    let uploading = || sum(&["sh", "-c", "ls -a /tmp | grep -c airlock-write"]) == "1\n";
     assert!(wait_until(10, uploading), "the upload never started: {}", sum(&["ls", "-a", "/tmp"]));
     conn.shutdown(std::net::Shutdown::Both).unwrap();
     let mut rest = Vec::new();
     let _ = conn.read_to_end(&mut rest);
     assert!(
-        wait_until(10, || sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp | grep -c airlock-upload"])
+        wait_until(10, || sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp | grep -c airlock-write"])
             == "new0\n"),
         "{}",
         sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp"])
@@ -385,5 +385,5 @@ fn daemon_files_write_streams_and_replaces_atomically() {
     let mut answer = [0u8; 12];
     conn.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&answer));
-    assert_eq!(sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp | grep -c airlock-upload"]), "new0\n");
+    assert_eq!(sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp | grep -c airlock-write"]), "new0\n");
 }

@@ -44,7 +44,9 @@ pub enum FilesError {
     #[error("{path} grew past {} while it was read (the most a copy out of this sandbox may take); nothing was kept", fmt_size(*limit))]
     Grew { path: String, limit: u64 },
     #[error(
-        "{path}: the source changed size while it was copied ({expected} bytes announced, {received} sent); the file in the sandbox is unchanged, copy again"
+        "the copy to {path} broke off: the source changed size while it was read ({expected} bytes announced, {}); \
+         the file in the sandbox is unchanged, copy again",
+        if received > expected { "more arrived".to_owned() } else { format!("{received} arrived") }
     )]
     SizeMismatch { path: String, expected: u64, received: u64 },
     #[error("watching {path}: the sandbox allows at most {limit} {}; watch fewer directories (not recursively) or stop another watch", if *limit > 100 { "watched directories" } else { "watches at once" })]

@@ -6,6 +6,7 @@
 //! ([`FilesError`]), quoting whatever came from inside.
 
 mod error;
+pub mod view;
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
@@ -238,6 +239,11 @@ pub fn write_file(
     let shown = shown(path.as_bytes());
     let op = FileOp::Write { path: path.into(), size, mode };
     check_paths(&op)?;
+    // An empty file is complete as soon as the agent has it open: a source
+    // that was not empty after all must be caught before.
+    if size == 0 && grew(source) {
+        return Err(FilesError::SizeMismatch { path: shown, expected: 0, received: 1 });
+    }
     let supervisor = |source| FilesError::Supervisor { op: "write", path: shown.clone(), source };
     let mut session = client.file_session(&op).map_err(supervisor)?;
     match session.next().map_err(supervisor)? {
@@ -269,9 +275,6 @@ pub fn write_file(
         }
         session.send_data(buf[..n].to_vec()).map_err(supervisor)?;
         sent += n as u64;
-    }
-    if size == 0 && grew(source) {
-        return Err(FilesError::SizeMismatch { path: shown, expected: 0, received: 1 });
     }
     match session.next().map_err(supervisor)? {
         FileReply::Done => Ok(sent),

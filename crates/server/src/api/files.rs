@@ -29,9 +29,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, UNIX_EPOCH};
 
-use airlock_proto::file::{FileInfo, FileKind, WatchEvent, WatchEventKind};
+use airlock_proto::file::FileKind;
+use airlock_runtime::files::view::{Entry, WatchLine, entry};
 use airlock_runtime::files::{self, FailureKind, FilesError};
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -45,7 +45,7 @@ use tokio::sync::mpsc;
 
 use crate::app::App;
 use crate::auth::Peer;
-use crate::body::{ChannelBody, ChannelReader, base64};
+use crate::body::{ChannelBody, ChannelReader};
 use crate::error::ApiError;
 use crate::extract::{QueryPairs, SandboxName};
 use crate::sandbox;
@@ -300,81 +300,6 @@ pub async fn write(
     Ok(axum::Json(Written { path, size }).into_response())
 }
 
-/// One directory entry, as `files/list` and `files/stat` answer it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Entry {
-    /// The name (for a listing, the path below the directory), lossily
-    /// decoded when it is not UTF-8.
-    pub name: String,
-    /// The name's bytes in base64, only when they are not UTF-8.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name_b64: Option<String>,
-    /// `file`, `dir`, `symlink` or `other`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub size: u64,
-    /// Permission bits (`0o644` is 420).
-    pub mode: u32,
-    /// RFC 3339, UTC.
-    pub mtime: String,
-    /// Owner, as numbers inside the sandbox.
-    pub uid: u32,
-    pub gid: u32,
-    /// A symlink's target, lossily decoded; exact in `link_target_b64`
-    /// when not UTF-8.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub link_target: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub link_target_b64: Option<String>,
-}
-
-/// Text and, when the bytes are not UTF-8, their exact base64.
-fn text_and_b64(bytes: &[u8]) -> (String, Option<String>) {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => (text.to_owned(), None),
-        Err(_) => (String::from_utf8_lossy(bytes).into_owned(), Some(base64(bytes))),
-    }
-}
-
-fn kind_name(kind: FileKind) -> &'static str {
-    match kind {
-        FileKind::Regular => "file",
-        FileKind::Directory => "dir",
-        FileKind::Symlink => "symlink",
-        _ => "other",
-    }
-}
-
-/// Seconds and nanoseconds since the epoch as RFC 3339.
-fn mtime(secs: i64, nanos: u32) -> String {
-    let t = if secs >= 0 {
-        UNIX_EPOCH.checked_add(Duration::new(secs.unsigned_abs(), nanos.min(999_999_999)))
-    } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
-    };
-    airlock_runtime::audit::rfc3339_utc(t.unwrap_or(UNIX_EPOCH))
-}
-
-fn entry(name: &[u8], info: FileInfo) -> Entry {
-    let (name, name_b64) = text_and_b64(name);
-    let (link_target, link_target_b64) = match info.link_target.as_deref().map(text_and_b64) {
-        Some((text, b64)) => (Some(text), b64),
-        None => (None, None),
-    };
-    Entry {
-        name,
-        name_b64,
-        kind: kind_name(info.kind),
-        size: info.size,
-        mode: info.mode,
-        mtime: mtime(info.mtime, info.mtime_nsec),
-        uid: info.uid,
-        gid: info.gid,
-        link_target,
-        link_target_b64,
-    }
-}
-
 /// Runs a blocking file operation against the named sandbox.
 async fn on_sandbox<T: Send + 'static>(
     app: &Arc<App>,
@@ -492,46 +417,6 @@ pub async fn rename(
     Ok(axum::Json(Changed { path: from, to: Some(to) }))
 }
 
-/// One line of `files/watch`.
-#[derive(Debug, Serialize)]
-struct WatchLine {
-    event: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name_b64: Option<String>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    dir: bool,
-    #[serde(skip_serializing_if = "is_zero")]
-    cookie: u32,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-fn event_name(kind: WatchEventKind) -> &'static str {
-    match kind {
-        WatchEventKind::Created => "created",
-        WatchEventKind::Modified => "modified",
-        WatchEventKind::Removed => "removed",
-        WatchEventKind::RenamedFrom => "renamed_from",
-        WatchEventKind::RenamedTo => "renamed_to",
-        WatchEventKind::Overflow => "overflow",
-        WatchEventKind::Gone => "gone",
-    }
-}
-
-fn watch_line(event: &WatchEvent) -> WatchLine {
-    let (name, name_b64) = if event.name.is_empty() {
-        (None, None)
-    } else {
-        let (name, b64) = text_and_b64(&event.name);
-        (Some(name), b64)
-    };
-    WatchLine { event: event_name(event.kind), name, name_b64, dir: event.dir, cookie: event.cookie }
-}
-
 fn ndjson(line: &impl Serialize) -> Bytes {
     let mut text = serde_json::to_vec(line).unwrap_or_default();
     text.push(b'\n');
@@ -557,15 +442,14 @@ pub async fn watch(
         let result = files::watch(&client, &path, recursive, &mut |event| {
             if let Some(started) = started.take() {
                 let _ = started.send(Ok(()));
-                let line = WatchLine { event: "watching", name: None, name_b64: None, dir: true, cookie: 0 };
-                return tx.blocking_send(ndjson(&line)).is_ok();
+                return tx.blocking_send(ndjson(&WatchLine::watching())).is_ok();
             }
             match event {
                 // Quiet: is anyone still listening?
                 None => !tx.is_closed(),
                 // A client too slow to take the events is dropped, not
                 // waited for: the agent's own queue reports what it lost.
-                Some(event) => tx.blocking_send(ndjson(&watch_line(event))).is_ok(),
+                Some(event) => tx.blocking_send(ndjson(&WatchLine::from(event))).is_ok(),
             }
         });
         match (started.take(), result) {
@@ -920,40 +804,6 @@ mod tests {
         assert_eq!(number_param(&q("mode=0640"), "mode", true, 0o7777).unwrap(), Some(0o640));
         assert!(number_param(&q("mode=9"), "mode", true, 0o7777).is_err());
         assert!(number_param(&q("depth=65"), "depth", false, 64).is_err());
-    }
-
-    #[test]
-    fn entries_keep_names_exact() {
-        let info = FileInfo {
-            kind: FileKind::Symlink,
-            size: 3,
-            mode: 0o777,
-            mtime: 1_732_812_345,
-            mtime_nsec: 500_000_000,
-            uid: 0,
-            gid: 0,
-            link_target: Some(b"\xff".to_vec()),
-        };
-        let e = entry(b"a\xfe", info);
-        assert_eq!(e.name_b64.as_deref(), Some("Yf4="));
-        assert_eq!(e.link_target_b64.as_deref(), Some("/w=="));
-        assert_eq!(e.kind, "symlink");
-        assert_eq!(e.mtime, "2024-11-28T16:45:45.500Z");
-        let plain = entry(b"a.txt", FileInfo { kind: FileKind::Regular, link_target: None, ..e_info() });
-        assert_eq!((plain.name.as_str(), plain.name_b64, plain.kind), ("a.txt", None, "file"));
-    }
-
-    fn e_info() -> FileInfo {
-        FileInfo {
-            kind: FileKind::Regular,
-            size: 0,
-            mode: 0o644,
-            mtime: 0,
-            mtime_nsec: 0,
-            uid: 0,
-            gid: 0,
-            link_target: None,
-        }
     }
 
     #[test]
