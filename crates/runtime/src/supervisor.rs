@@ -1092,7 +1092,7 @@ pub struct FileSession {
 
 impl FileSession {
     /// The next answer.
-    pub fn next(&mut self) -> io::Result<FileReply> {
+    pub fn answer(&mut self) -> io::Result<FileReply> {
         match airlock_proto::recv::<_, Reply>(&mut self.conn).map_err(io::Error::other)? {
             Some(Reply::File(reply)) => Ok(reply),
             Some(Reply::Error { message }) => Err(io::Error::other(message)),

@@ -399,7 +399,8 @@ fn daemon_files_mkdir_remove_rename_watch_and_deep_listings() {
     assert_eq!(status, 201, "{created}");
     let base = "/v1/sandboxes/ops/files";
 
-    let (status, body) = curl(&d, "POST", &format!("{base}/mkdir?path=/tmp/m/n&parents=true&mode=0700"), None);
+    let (status, body) =
+        curl(&d, "POST", &format!("{base}/mkdir?path=/tmp/m/n&parents=true&mode=0700"), None);
     assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
     assert_eq!(as_json(&body), json!({ "path": "/tmp/m/n" }));
     let (status, body) = curl(&d, "POST", &format!("{base}/mkdir?path=/tmp/m/n"), None);
@@ -418,7 +419,20 @@ fn daemon_files_mkdir_remove_rename_watch_and_deep_listings() {
     let stat = as_json(&stat);
     assert_eq!((stat["mode"].as_u64(), stat["uid"].as_u64()), (Some(0o600), Some(0)), "{stat}");
     let chunked = Command::new("curl")
-        .args(["-sS", "-m", "60", "-X", "PUT", "-w", "\n%{http_code}", "-H", "transfer-encoding: chunked", "--data-binary", "@-", "--unix-socket"])
+        .args([
+            "-sS",
+            "-m",
+            "60",
+            "-X",
+            "PUT",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "transfer-encoding: chunked",
+            "--data-binary",
+            "@-",
+            "--unix-socket",
+        ])
         .arg(&d.socket)
         .arg(format!("http://airlock{base}?path=/tmp/chunked"))
         .stdin(Stdio::null())
@@ -430,7 +444,8 @@ fn daemon_files_mkdir_remove_rename_watch_and_deep_listings() {
     let (status, list) = curl(&d, "GET", &format!("{base}/list?path=/tmp/m&depth=3"), None);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&list));
     let list = as_json(&list);
-    let names: Vec<&str> = list["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        list["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert_eq!((names, &list["truncated"]), (vec!["n", "n/f"], &json!(false)), "{list}");
     let (_, list) = curl(&d, "GET", &format!("{base}/list?path=/tmp/m&depth=3&max_entries=1"), None);
     assert_eq!(as_json(&list)["truncated"], true);
@@ -438,14 +453,19 @@ fn daemon_files_mkdir_remove_rename_watch_and_deep_listings() {
     // Rename, refusing to replace on request.
     let (status, _) = curl(&d, "PUT", &format!("{base}?path=/tmp/m/g"), Some(&small));
     assert_eq!(status, 200);
-    let (status, body) = curl(&d, "POST", &format!("{base}/rename?from=/tmp/m/g&to=/tmp/m/n/f&replace=false"), None);
+    let (status, body) =
+        curl(&d, "POST", &format!("{base}/rename?from=/tmp/m/g&to=/tmp/m/n/f&replace=false"), None);
     assert_error(status, &body, 409, "file_exists");
     let (status, body) = curl(&d, "POST", &format!("{base}/rename?from=/tmp/m/g&to=/tmp/m/h"), None);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(as_json(&body), json!({ "path": "/tmp/m/g", "to": "/tmp/m/h" }));
 
     // Remove: a non-empty directory only recursively; a symlink itself.
-    exec_stdout(&d, "ops", &["sh", "-c", "mkdir -p /tmp/keep && echo kept > /tmp/keep/x && ln -s /tmp/keep /tmp/m/link"]);
+    exec_stdout(
+        &d,
+        "ops",
+        &["sh", "-c", "mkdir -p /tmp/keep && echo kept > /tmp/keep/x && ln -s /tmp/keep /tmp/m/link"],
+    );
     let (status, body) = curl(&d, "DELETE", &format!("{base}?path=/tmp/m"), None);
     assert_error(status, &body, 409, "not_empty");
     let (status, body) = curl(&d, "DELETE", &format!("{base}?path=/tmp/m&recursive=true"), None);

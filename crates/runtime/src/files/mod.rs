@@ -63,7 +63,7 @@ fn simple(client: &SupervisorClient, op: FileOp, shown: &str) -> Result<Option<F
     })?;
     let mut answer = None;
     loop {
-        match session.next() {
+        match session.answer() {
             Ok(FileReply::Done) => return Ok(answer),
             Ok(FileReply::Failed(e)) => return Err(FilesError::from_agent(name, shown, e)),
             Ok(reply) if answer.is_none() => answer = Some(reply),
@@ -115,7 +115,7 @@ pub fn list(
     let mut session = client.file_session(&op).map_err(supervisor)?;
     let mut listing = Listing::default();
     loop {
-        match session.next().map_err(supervisor)? {
+        match session.answer().map_err(supervisor)? {
             FileReply::Entries { entries, truncated } => {
                 listing.entries.extend(entries);
                 listing.truncated |= truncated;
@@ -246,7 +246,7 @@ pub fn write_file(
     }
     let supervisor = |source| FilesError::Supervisor { op: "write", path: shown.clone(), source };
     let mut session = client.file_session(&op).map_err(supervisor)?;
-    match session.next().map_err(supervisor)? {
+    match session.answer().map_err(supervisor)? {
         FileReply::Ready => {}
         FileReply::Failed(e) => return Err(FilesError::from_agent("write", &shown, e)),
         _ => return Err(FilesError::Protocol { op: "write", path: shown }),
@@ -268,7 +268,7 @@ pub fn write_file(
         // The agent may have failed meanwhile (a full disk): its answer
         // waits on the connection.
         if session.wait(Duration::ZERO).map_err(supervisor)? {
-            return match session.next().map_err(supervisor)? {
+            return match session.answer().map_err(supervisor)? {
                 FileReply::Failed(e) => Err(FilesError::from_agent("write", &shown, e)),
                 _ => Err(FilesError::Protocol { op: "write", path: shown }),
             };
@@ -276,7 +276,7 @@ pub fn write_file(
         session.send_data(buf[..n].to_vec()).map_err(supervisor)?;
         sent += n as u64;
     }
-    match session.next().map_err(supervisor)? {
+    match session.answer().map_err(supervisor)? {
         FileReply::Done => Ok(sent),
         FileReply::Failed(e) => Err(FilesError::from_agent("write", &shown, e)),
         _ => Err(FilesError::Protocol { op: "write", path: shown }),
@@ -315,7 +315,7 @@ pub fn watch(
     check_paths(&op)?;
     let supervisor = |source| FilesError::Supervisor { op: "watch", path: shown.clone(), source };
     let mut session: FileSession = client.file_session(&op).map_err(supervisor)?;
-    match session.next().map_err(supervisor)? {
+    match session.answer().map_err(supervisor)? {
         FileReply::Watching { .. } => {}
         FileReply::Failed(e) => return Err(FilesError::from_agent("watch", &shown, e)),
         _ => return Err(FilesError::Protocol { op: "watch", path: shown }),
@@ -330,7 +330,7 @@ pub fn watch(
             }
             continue;
         }
-        match session.next().map_err(supervisor)? {
+        match session.answer().map_err(supervisor)? {
             FileReply::Event(event) => {
                 if !on_event(Some(&event)) {
                     return Ok(());
