@@ -303,4 +303,86 @@ mod tests {
         let received: Vec<_> = rx.iter().collect();
         assert_eq!(received.len(), FILE_WINDOW as usize, "the channel closed after what it held");
     }
+
+    /// Every answer on the other end of `writer`, until `want` sees one it
+    /// waits for.
+    fn answers_until(
+        theirs: &mut std::os::unix::net::UnixStream,
+        want: impl Fn(u32, &FileReply) -> bool,
+    ) -> Vec<(u32, FileReply)> {
+        let mut seen = Vec::new();
+        while let Some(AgentMessage::File { id, reply }) = airlock_proto::recv(theirs).unwrap() {
+            let done = want(id, &reply);
+            seen.push((id, reply));
+            if done {
+                break;
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn a_sandbox_runs_a_bounded_number_of_watches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let writer: Writer = Arc::new(Mutex::new(ours));
+        let files = Files::default();
+        let watch = FileOp::Watch { path: dir.path().to_path_buf(), recursive: false };
+        for id in 0..WATCH_MAX_ACTIVE {
+            start(&writer, &files, id, watch.clone());
+        }
+        let started = answers_until(&mut theirs, |id, _| id == WATCH_MAX_ACTIVE - 1);
+        assert!(started.iter().all(|(_, r)| matches!(r, FileReply::Watching { dirs: 1 })), "{started:?}");
+        start(&writer, &files, 99, watch.clone());
+        let refused = answers_until(&mut theirs, |id, _| id == 99);
+        assert_eq!(
+            refused.last().unwrap().1,
+            FileReply::Failed(FileError::LimitReached { limit: WATCH_MAX_ACTIVE })
+        );
+        // A cancelled watch frees its place.
+        files.cancel(0);
+        assert!(
+            (0..100).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                files.watches.load(Ordering::SeqCst) < WATCH_MAX_ACTIVE
+            }),
+            "the cancelled watch still counts"
+        );
+        start(&writer, &files, 100, watch);
+        let again = answers_until(&mut theirs, |id, _| id == 100);
+        assert!(matches!(again.last().unwrap().1, FileReply::Watching { .. }), "{again:?}");
+        for id in 1..=100 {
+            files.cancel(id);
+        }
+    }
+
+    #[test]
+    fn a_cancelled_write_leaves_the_old_file_and_no_temporary_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"old").unwrap();
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let writer: Writer = Arc::new(Mutex::new(ours));
+        let files = Files::default();
+        start(&writer, &files, 1, FileOp::Write { path: target.clone(), size: 10, mode: None });
+        answers_until(&mut theirs, |_, r| *r == FileReply::Ready);
+        files.data(1, b"new".to_vec());
+        answers_until(&mut theirs, |_, r| *r == FileReply::Ack);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "the temporary file is there mid-way");
+        files.cancel(1);
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::fs::read_dir(dir.path()).unwrap().count() == 1
+        });
+        assert!(gone, "the temporary file was left behind");
+        assert_eq!(std::fs::read(&target).unwrap(), b"old");
+
+        // A complete one replaces the target.
+        start(&writer, &files, 2, FileOp::Write { path: target.clone(), size: 3, mode: None });
+        answers_until(&mut theirs, |_, r| *r == FileReply::Ready);
+        files.data(2, b"new".to_vec());
+        answers_until(&mut theirs, |_, r| *r == FileReply::Done);
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 }
