@@ -60,15 +60,28 @@ fn entry_info(dir: &impl AsFd, name: &[u8]) -> Result<FileInfo, Errno> {
 
 /// A directory's names, sorted, without `.` and `..`.
 fn names(dir: &OwnedFd) -> Result<Vec<Vec<u8>>, Errno> {
+    names_up_to(dir, usize::MAX).map(|(names, _)| names)
+}
+
+/// At most `limit` of a directory's names (in the order the directory
+/// gives them), sorted; true when there were more. A listing never holds
+/// more names than it may still send, however large the directory.
+fn names_up_to(dir: &OwnedFd, limit: usize) -> Result<(Vec<Vec<u8>>, bool), Errno> {
     let mut names = Vec::new();
+    let mut more = false;
     for entry in rustix::fs::Dir::read_from(dir)? {
         let name = entry?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            names.push(name);
+        if name == b"." || name == b".." {
+            continue;
         }
+        if names.len() == limit {
+            more = true;
+            break;
+        }
+        names.push(name);
     }
     names.sort();
-    Ok(names)
+    Ok((names, more))
 }
 
 /// Opens the directory a listing or watch starts from. The path resolves
@@ -100,13 +113,10 @@ pub(super) fn list(
     let root = open_dir(path)?;
     let mut batch = Vec::new();
     let mut count = 0usize;
-    let mut truncated = false;
+    let (root_names, mut truncated) = names_up_to(&root, cap).map_err(errno_error)?;
     // (directory, its path below the root, its names not yet visited)
-    let mut stack: Vec<(OwnedFd, Vec<u8>, std::vec::IntoIter<Vec<u8>>)> = vec![(
-        root.try_clone().map_err(|e| super::os_error(&e))?,
-        Vec::new(),
-        names(&root).map_err(errno_error)?.into_iter(),
-    )];
+    let mut stack: Vec<(OwnedFd, Vec<u8>, std::vec::IntoIter<Vec<u8>>)> =
+        vec![(root.try_clone().map_err(|e| super::os_error(&e))?, Vec::new(), root_names.into_iter())];
     loop {
         let level = stack.len();
         let Some((dir, prefix, pending)) = stack.last_mut() else { break };
@@ -136,8 +146,9 @@ pub(super) fn list(
         }
         if descend
             && let Ok(child) = rustix::fs::openat(&*dir, name.as_slice(), DIR_FLAGS, Mode::empty())
-            && let Ok(child_names) = names(&child)
+            && let Ok((child_names, more)) = names_up_to(&child, cap - count)
         {
+            truncated |= more;
             stack.push((child, full, child_names.into_iter()));
         }
     }
@@ -347,6 +358,8 @@ mod tests {
             std::fs::write(many.join(format!("{i:04}")), b"").unwrap();
         }
         assert_eq!(listing(&many, 1, None).0.len(), LIST_BATCH * 2 + 3);
+        let (some, truncated) = listing(&many, 1, Some(10));
+        assert_eq!((some.len(), truncated), (10, true), "a large directory is read only up to the cap");
         assert!(matches!(
             open_dir(&dir.path().join("d/e/f")).unwrap_err(),
             FileError::NotDirectory { found: FileKind::Regular, .. }
