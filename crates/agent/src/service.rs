@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Launch, Stream};
 
-use crate::files::{self, Reads};
+use crate::files::{self, Files};
 use crate::signals::{Waiter, reap_any};
 
 /// Largest output chunk per message.
@@ -48,14 +48,14 @@ pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter) -> i32 {
         Err(_) => return crate::AGENT_FAILED,
     };
     let table: Table = Arc::new(Mutex::new(HashMap::new()));
-    let reads = Reads::default();
+    let files = Files::default();
     send(&writer, AgentMessage::Serving);
 
     let (closed_tx, closed_rx) = mpsc::channel::<()>();
     {
         let (writer, table, launch) = (writer.clone(), table.clone(), launch.clone());
         let spawned = std::thread::Builder::new().name("requests".into()).spawn(move || {
-            read_requests(control, &writer, &table, &reads, &launch);
+            read_requests(control, &writer, &table, &files, &launch);
             let _ = closed_tx.send(());
         });
         if spawned.is_err() {
@@ -129,13 +129,14 @@ fn finish(writer: &Writer, running: Running, status: crate::signals::ExitStatus)
     }
 }
 
-fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, reads: &Reads, launch: &Launch) {
+fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, files: &Files, launch: &Launch) {
     while let Ok(Some(msg)) = airlock_proto::recv::<_, HostMessage>(&mut control) {
         match msg {
             HostMessage::Exec(req) => start(writer, table, launch, &req),
-            HostMessage::File { id, op } => files::start(writer, reads, id, op),
-            HostMessage::FileAck { id } => reads.ack(id),
-            HostMessage::FileCancel { id } => reads.cancel(id),
+            HostMessage::File { id, op } => files::start(writer, files, id, op),
+            HostMessage::FileAck { id } => files.ack(id),
+            HostMessage::FileData { id, data } => files.data(id, data),
+            HostMessage::FileCancel { id } => files.cancel(id),
             HostMessage::Stdin { id, data } => {
                 if let Ok(mut t) = table.lock()
                     && let Some(running) = t.values_mut().find(|r| r.id == id)

@@ -15,6 +15,8 @@ use crate::present;
 
 #[path = "daemon_client.rs"]
 mod daemon_client;
+#[path = "files_cmd.rs"]
+mod files_cmd;
 #[path = "remote.rs"]
 mod remote;
 
@@ -51,6 +53,10 @@ enum Command {
     /// Copy a file into or out of a long-lived sandbox: `cp FILE NAME:/path`,
     /// `cp NAME:/path FILE`.
     Cp { source: String, destination: String },
+    /// File operations on a long-lived sandbox, done by its agent (nothing
+    /// inside the sandbox is needed): ls, stat, mkdir, rm, mv, watch.
+    #[command(subcommand)]
+    Files(files_cmd::FilesCommand),
     /// Everything known about a sandbox: state, limits, deadline, policy.
     Inspect {
         name: String,
@@ -310,6 +316,7 @@ impl Command {
                 | Command::Diff { .. }
                 | Command::Exec(_)
                 | Command::Cp { .. }
+                | Command::Files(_)
                 | Command::Logs { .. }
                 | Command::Ls { .. }
                 | Command::Inspect { .. }
@@ -337,6 +344,7 @@ fn direct(command: Command, forced: bool) -> CliResult {
         Command::Create(args) => create(args),
         Command::Exec(args) => exec(args),
         Command::Cp { source, destination } => cp(Copy::plan(&source, &destination)?),
+        Command::Files(command) => files_cmd::direct(command),
         Command::Inspect { name, json } => {
             let root = state()?;
             let view = ops::inspect(&root, &name)?;
@@ -591,17 +599,6 @@ impl<'a> Copy<'a> {
     }
 }
 
-/// Writes stdin beside `$1` and renames it into place only when all `$2`
-/// bytes arrived, so a copy that breaks off leaves the old file as it was;
-/// a replaced file keeps its mode.
-const COPY_IN_SCRIPT: &str = r#"d=$(dirname -- "$1")
-if [ ! -d "$d" ]; then echo "$d: no such directory in the sandbox" >&2; exit 1; fi
-if [ -e "$1" ] && [ ! -f "$1" ]; then echo "$1: exists and is not a regular file" >&2; exit 1; fi
-t=$(mktemp -- "$d/.airlock-upload.XXXXXXXXXX") || exit 1
-if ! cat > "$t" || [ "$(wc -c < "$t")" != "$2" ]; then rm -f -- "$t"; echo "the copy broke off (the source changed size while it was read); $1 is unchanged, copy again" >&2; exit 1; fi
-if [ -f "$1" ]; then chmod --reference="$1" -- "$t"; else chmod a+r -- "$t"; fi
-exec mv -f -- "$t" "$1""#;
-
 /// A copy out of a sandbox, written beside its destination and renamed over
 /// it only once complete: a copy that fails or is refused leaves whatever
 /// was there before untouched, and no partial file behind.
@@ -660,49 +657,27 @@ impl Drop for Staged {
     }
 }
 
-/// Files only. Into a sandbox the copy runs a shell script inside it, so
-/// the path resolves in the sandbox's view (a link there leads only to
-/// somewhere the sandbox could write itself). Out of it, the sandbox's agent
-/// opens the file without following a link and refuses anything but a
-/// regular file within the sandbox's disk budget (`runtime::files`).
-/// Directories coming out of a sandbox would be untrusted archives; use
-/// diff/apply.
+/// Files only, both ways a typed operation the sandbox's agent carries out
+/// (`runtime::files`), so the path resolves in the sandbox's view and
+/// nothing inside the sandbox is needed. Into it, the file replaces the
+/// target only once all of it arrived (keeping the target's mode; a new
+/// file gets the source's permission bits). Out of it, the agent opens the
+/// file without following a link and refuses anything but a regular file
+/// within the sandbox's disk budget. Directories coming out of a sandbox
+/// would be untrusted archives; use diff/apply.
 fn cp(copy: Copy<'_>) -> CliResult {
     let root = state()?;
-    let client = |name: &str| -> Result<supervisor::SupervisorClient, Box<dyn std::error::Error>> {
-        Ok(supervisor::SupervisorClient::connect(&root.open(name)?).map_err(|e| {
-            format!(
-                "sandbox {name} is not running ({e}); see `airlock ls`, or start one with `airlock create`"
-            )
-        })?)
-    };
-    let mut failed = None;
-    let mut collect = |event: ExecEvent, sink: &mut dyn Write| match event {
-        ExecEvent::Output { stream: Stream::Stdout, data } => {
-            let _ = sink.write_all(&data);
-        }
-        ExecEvent::Output { stream: Stream::Stderr, data } => {
-            let _ = std::io::stderr().write_all(&data);
-        }
-        ExecEvent::Exited { code, signal, .. } if code != Some(0) => {
-            failed = Some(code.or(signal.map(|s| 128 + s)))
-        }
-        _ => {}
-    };
     match copy {
         Copy::In { file, name, path } => {
-            let input = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let size = input.metadata()?.len().to_string();
-            let spec = airlock_proto::supervisor::ExecSpec {
-                argv: vec!["sh".into(), "-c".into(), COPY_IN_SCRIPT.into(), "sh".into(), path, size],
-                transfer: true,
-                ..Default::default()
-            };
-            client(name)?
-                .exec_with_input(&spec, Some(Box::new(input)), &mut |e| collect(e, &mut std::io::sink()))?;
+            use std::os::unix::fs::PermissionsExt;
+            let client = running(&root, name)?;
+            let mut input = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let meta = input.metadata().map_err(|e| format!("{}: {e}", file.display()))?;
+            let mode = meta.permissions().mode() & 0o777;
+            airlock_runtime::files::write_file(&client, &path, meta.len(), Some(mode), &mut input)?;
         }
         Copy::Out { name, path, file } => {
-            let client = client(name)?;
+            let client = running(&root, name)?;
             let staged = std::cell::RefCell::new(None);
             airlock_runtime::files::read_file(
                 &client,
@@ -721,10 +696,14 @@ fn cp(copy: Copy<'_>) -> CliResult {
             }
         }
     }
-    match failed {
-        Some(code) => Err(format!("copy failed inside the sandbox (exit {})", code.unwrap_or(-1)).into()),
-        None => Ok(0),
-    }
+    Ok(0)
+}
+
+/// The supervisor of a running sandbox, or why there is none.
+fn running(root: &StateRoot, name: &str) -> Result<supervisor::SupervisorClient, Box<dyn std::error::Error>> {
+    Ok(supervisor::SupervisorClient::connect(&root.open(name)?).map_err(|e| {
+        format!("sandbox {name} is not running ({e}); see `airlock ls`, or start one with `airlock create`")
+    })?)
 }
 
 /// Writes into the staged copy once it exists.

@@ -76,6 +76,7 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
             remote_events(daemon, follow, sandbox, since, json)
         }
         Command::Cp { source, destination } => remote_cp(daemon, Copy::plan(&source, &destination)?),
+        Command::Files(command) => super::files_cmd::through_daemon(daemon, command),
         Command::Logs { name, stderr, raw } => {
             let stream = if stderr { "stderr" } else { "stdout" };
             let mut out = crate::present::SandboxOutput::stdout(raw);
@@ -345,8 +346,11 @@ fn remote_cp(daemon: &Daemon, copy: Copy<'_>) -> CliResult {
     };
     match copy {
         Copy::In { file, name, path } => {
+            use std::os::unix::fs::PermissionsExt;
             let input = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            daemon.put_file(&files(name, &path), input)?;
+            // A new file gets the source's permission bits, as directly.
+            let mode = input.metadata().map_err(|e| format!("{}: {e}", file.display()))?.permissions().mode();
+            daemon.put_file(&format!("{}&mode={:o}", files(name, &path), mode & 0o777), input)?;
         }
         Copy::Out { name, path, file } => {
             let mut staged =

@@ -10,7 +10,8 @@
 pub mod cgroup;
 pub mod landlock_rules;
 pub mod mounts;
-pub mod plan;
+/// The plan's data types live in the protocol crate; re-exported here.
+pub use airlock_proto::plan;
 pub mod privileges;
 pub mod probe;
 pub mod rlimit;

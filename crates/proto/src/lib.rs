@@ -10,9 +10,10 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
-use airlock_jail::JailPlan;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::plan::JailPlan;
 
 /// Largest frame either side accepts. A plan is a few KiB; anything near this
 /// is a bug or an attack.
@@ -42,9 +43,17 @@ pub enum HostMessage {
     /// Service mode: a file operation (`file::FileOp`), answered by
     /// `AgentMessage::File` messages with the same id.
     File { id: u32, op: file::FileOp },
-    /// The host passed on one more data chunk of file operation `id`: the
-    /// agent may send another (see `file::FILE_WINDOW`).
+    /// The host passed on one more windowed answer (data chunk, list batch,
+    /// watch event) of file operation `id`: the agent may send another (see
+    /// `file::FILE_WINDOW`).
     FileAck { id: u32 },
+    /// The next bytes of write `id`; at most `file::FILE_WINDOW` chunks
+    /// ahead of the agent's `file::FileReply::Ack`.
+    FileData {
+        id: u32,
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
     /// Stop file operation `id` (its client went away); no answer follows.
     FileCancel { id: u32 },
 }
@@ -229,6 +238,7 @@ pub fn recv_tagged_fd(socket: impl AsFd) -> io::Result<(u8, OwnedFd)> {
 pub mod bytes;
 pub mod exec_stream;
 pub mod file;
+pub mod plan;
 pub mod supervisor;
 
 #[cfg(test)]
@@ -253,6 +263,16 @@ mod tests {
         let mut got = [0u8; 1];
         std::fs::File::from(fd).read_exact(&mut got).unwrap();
         assert_eq!(&got, b"x");
+    }
+
+    /// The protocol is plain data: a guest agent built on it must not link
+    /// the jail's machinery (seccompiler, landlock, cgroups).
+    #[test]
+    fn the_protocol_does_not_depend_on_the_jail() {
+        let manifest = include_str!("../Cargo.toml");
+        for crate_name in ["airlock-jail", "seccompiler", "landlock"] {
+            assert!(!manifest.contains(crate_name), "proto depends on {crate_name}");
+        }
     }
 
     #[test]

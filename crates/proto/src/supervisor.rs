@@ -34,8 +34,14 @@ pub enum Request {
     /// After Exec: the client's terminal changed size.
     Resize { rows: u16, cols: u16 },
     /// A file operation inside the sandbox; the connection then carries
-    /// `Reply::File` answers until `Done` or `Failed`.
+    /// `Reply::File` answers until `Done` or `Failed`. For a write, the
+    /// client sends `FileData` after `Ready`, as the socket takes them.
     File(FileOp),
+    /// After `File(Write)`: the next bytes of the file.
+    FileData {
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -176,6 +176,17 @@ pub enum AuditEvent {
         bytes: u64,
         refused: Option<String>,
     },
+    /// The host changed the sandbox's files (`airlock cp` in, the daemon's
+    /// files API): a write (with its bytes), mkdir, remove or rename (with
+    /// its destination), and why it was refused when it was.
+    FileChanged {
+        op: String,
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        bytes: u64,
+        refused: Option<String>,
+    },
 }
 
 impl AuditEvent {
@@ -200,6 +211,7 @@ impl AuditEvent {
             AuditEvent::AuditCapped { .. } => "audit_capped",
             AuditEvent::EgressProxyEnded { .. } => "egress_proxy_ended",
             AuditEvent::FileRead { .. } => "file_read",
+            AuditEvent::FileChanged { .. } => "file_changed",
         }
     }
 
@@ -263,6 +275,13 @@ impl AuditEvent {
             AuditEvent::FileRead { path, bytes, refused } => {
                 AuditEvent::FileRead { path: field(path), bytes, refused: refused.map(message) }
             }
+            AuditEvent::FileChanged { op, path, to, bytes, refused } => AuditEvent::FileChanged {
+                op: field(op),
+                path: field(path),
+                to: to.map(field),
+                bytes,
+                refused: refused.map(message),
+            },
             AuditEvent::EgressProxyEnded { code, signal, detail } => {
                 AuditEvent::EgressProxyEnded { code, signal, detail: message(detail) }
             }

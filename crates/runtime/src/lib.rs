@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod caps;
 pub mod create_failure;
+mod file_relay;
 pub mod files;
 pub mod idblocks;
 mod layer;

@@ -20,12 +20,12 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use airlock_policy::{Overrides, Policy};
-use airlock_proto::file::{FILE_CHUNK, FILE_WINDOW, FileError, FileOp, FileReply};
+use airlock_proto::file::{FileOp, FileReply};
 use airlock_proto::supervisor::{ExecEvent, ExecSpec, Reply, Request};
 use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Stream};
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::RunError;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::create_failure::{CreateFailure, Report};
+use crate::file_relay::{FileRoutes, Relay, route_file_reply};
 use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, step_done};
 use crate::run::Notice;
 use crate::state::{SandboxDir, SandboxState, StateRoot};
@@ -312,15 +313,6 @@ enum Control {
 }
 
 type ExecRoutes = Arc<Mutex<HashMap<u32, Route>>>;
-
-/// Where the agent's answers to each file operation go. Bounded: the agent
-/// may run `FILE_WINDOW` chunks ahead of our acknowledgements and no more;
-/// one that does anyway loses its route (the operation fails), so a hostile
-/// agent cannot make the supervisor buffer without limit.
-type FileRoutes = Arc<Mutex<HashMap<u32, SyncSender<FileReply>>>>;
-
-/// How long a file operation waits for the agent's next answer.
-const FILE_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where an exec's events go, and whether its output is the sandbox's
 /// (logged) or a file being copied (not).
@@ -682,17 +674,6 @@ fn spawn_agent_reader(
     });
 }
 
-/// Hands an agent's answer to the file operation waiting for it. An agent
-/// that runs past its window loses the route: the operation then fails.
-fn route_file_reply(file_routes: &FileRoutes, id: u32, reply: FileReply) {
-    let Ok(mut routes) = file_routes.lock() else { return };
-    let last = matches!(reply, FileReply::Done | FileReply::Failed(_));
-    let delivered = routes.get(&id).is_some_and(|tx| tx.try_send(reply).is_ok());
-    if last || !delivered {
-        routes.remove(&id);
-    }
-}
-
 /// Serves client connections; cloned per connection.
 #[derive(Clone)]
 struct Server {
@@ -765,7 +746,11 @@ impl Server {
                     Reply::Ok
                 }
             }
-            Request::Stdin { .. } | Request::CloseStdin | Request::Signal { .. } | Request::Resize { .. } => {
+            Request::Stdin { .. }
+            | Request::CloseStdin
+            | Request::Signal { .. }
+            | Request::Resize { .. }
+            | Request::FileData { .. } => {
                 Reply::Error { message: "no exec on this connection: send Exec first".into() }
             }
             Request::Status => Reply::Status {
@@ -911,61 +896,29 @@ impl Server {
     }
 
     /// Runs a file operation in the agent and relays its answers, checking
-    /// each against what was asked: the agent is inside the sandbox.
+    /// each against what was asked: the agent is inside the sandbox
+    /// (`file_relay`). Reads and changes are recorded in the audit log.
     fn file(&self, mut conn: UnixStream, op: FileOp) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (op, limit) = match op {
-            FileOp::Read { path, max_bytes } => {
-                let limit = max_bytes.map_or(self.file_limit, |m| m.min(self.file_limit));
-                (FileOp::Read { path, max_bytes: Some(limit) }, limit)
-            }
-        };
         let path = op.path().to_string_lossy().into_owned();
-        let (tx, rx) = mpsc::sync_channel(FILE_WINDOW as usize + 2);
-        if let Ok(mut routes) = self.file_routes.lock() {
-            routes.insert(id, tx);
-        }
-        let to_agent = |msg: &HostMessage| {
-            self.agent.lock().map(|mut a| airlock_proto::send(&mut *a, msg).is_ok()).unwrap_or(false)
+        let (name, to) = match &op {
+            FileOp::Rename { to, .. } => (op.name(), Some(to.to_string_lossy().into_owned())),
+            _ => (op.name(), None),
         };
-        let mut relay = FileRelay { limit, opened: false, received: 0 };
-        let outcome = if to_agent(&HostMessage::File { id, op }) {
-            loop {
-                let reply = match rx.recv_timeout(FILE_ANSWER_TIMEOUT) {
-                    Ok(reply) => relay.check(reply),
-                    Err(_) => FileReply::Failed(FileError::Aborted),
-                };
-                let data = matches!(reply, FileReply::Data { .. });
-                let end = match &reply {
-                    FileReply::Done => Some(Ok(())),
-                    FileReply::Failed(e) => Some(Err(e.clone())),
-                    _ => None,
-                };
-                if airlock_proto::send(&mut conn, &Reply::File(reply)).is_err() {
-                    break Err(FileError::Aborted);
-                }
-                if let Some(end) = end {
-                    break end;
-                }
-                if data {
-                    to_agent(&HostMessage::FileAck { id });
-                }
-            }
-        } else {
-            let _ = airlock_proto::send(&mut conn, &Reply::File(FileReply::Failed(FileError::Aborted)));
-            Err(FileError::Aborted)
-        };
-        let gone = self.file_routes.lock().map(|mut r| r.remove(&id).is_some()).unwrap_or(false);
-        if gone || outcome.is_err() {
-            // Still running in the agent (its client left, or it broke the
-            // rules): stop it. The agent ignores ids it no longer knows.
-            to_agent(&HostMessage::FileCancel { id });
+        let relay = Relay { agent: &self.agent, routes: &self.file_routes, id, disk_limit: self.file_limit };
+        let outcome = relay.run(&mut conn, op);
+        let refused = outcome.result.err().map(|e| format!("{e:?}"));
+        match name {
+            "read" => self.record(AuditEvent::FileRead { path, bytes: outcome.bytes, refused }),
+            "write" | "mkdir" | "remove" | "rename" => self.record(AuditEvent::FileChanged {
+                op: name.to_owned(),
+                path,
+                to,
+                bytes: outcome.bytes,
+                refused,
+            }),
+            _ => {}
         }
-        self.record(AuditEvent::FileRead {
-            path,
-            bytes: relay.received,
-            refused: outcome.err().map(|e| format!("{e:?}")),
-        });
         if let Ok(mut t) = self.last_activity.lock() {
             *t = Instant::now();
         }
@@ -974,44 +927,6 @@ impl Server {
     fn record(&self, event: AuditEvent) {
         if let Ok(mut audit) = self.audit.lock() {
             let _ = audit.record(event);
-        }
-    }
-}
-
-/// The supervisor's view of one read: what the agent may still send.
-struct FileRelay {
-    limit: u64,
-    opened: bool,
-    received: u64,
-}
-
-impl FileRelay {
-    /// The answer to pass on: the agent's, or the failure it earned by
-    /// breaking the protocol or the cap.
-    fn check(&mut self, reply: FileReply) -> FileReply {
-        match reply {
-            FileReply::Opened { size, mode, .. } if !self.opened => {
-                self.opened = true;
-                if size > self.limit {
-                    return FileReply::Failed(FileError::TooLarge { size, limit: self.limit });
-                }
-                FileReply::Opened { size, mode, limit: self.limit }
-            }
-            FileReply::Data { data } if self.opened && data.len() <= FILE_CHUNK => {
-                self.received += data.len() as u64;
-                if self.received > self.limit {
-                    return FileReply::Failed(FileError::TooLarge { size: self.received, limit: self.limit });
-                }
-                FileReply::Data { data }
-            }
-            FileReply::Done if self.opened => FileReply::Done,
-            FileReply::Failed(FileError::Aborted) => FileReply::Failed(FileError::Aborted),
-            FileReply::Failed(e)
-                if !self.opened || matches!(e, FileError::TooLarge { .. } | FileError::Os { .. }) =>
-            {
-                FileReply::Failed(e)
-            }
-            _ => FileReply::Failed(FileError::Aborted),
         }
     }
 }
@@ -1148,6 +1063,13 @@ impl SupervisorClient {
         }
     }
 
+    /// Starts a file operation and returns its connection, for operations
+    /// that send as well as receive (a write's data) or wait on their own
+    /// terms (a watch).
+    pub fn file_session(&self, op: &FileOp) -> io::Result<FileSession> {
+        Ok(FileSession { conn: self.request(&Request::File(op.clone()))? })
+    }
+
     pub fn stop(&self) -> io::Result<()> {
         self.simple(&Request::Stop).map(drop)
     }
@@ -1161,45 +1083,49 @@ impl SupervisorClient {
     }
 }
 
+/// One file operation's connection to the supervisor. Dropping it abandons
+/// the operation: the supervisor cancels it in the agent (a write then
+/// leaves the target as it was).
+pub struct FileSession {
+    conn: UnixStream,
+}
+
+impl FileSession {
+    /// The next answer.
+    pub fn answer(&mut self) -> io::Result<FileReply> {
+        match airlock_proto::recv::<_, Reply>(&mut self.conn).map_err(io::Error::other)? {
+            Some(Reply::File(reply)) => Ok(reply),
+            Some(Reply::Error { message }) => Err(io::Error::other(message)),
+            Some(_) => Err(io::Error::other("the supervisor answered out of turn")),
+            None => Err(io::Error::other("the sandbox stopped during the file operation")),
+        }
+    }
+
+    /// Waits up to `timeout` for an answer to arrive: false when none did.
+    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        let timeout = rustix::event::Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        let mut fds = [rustix::event::PollFd::new(&self.conn, rustix::event::PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(n) => Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A write's next chunk (at most `FILE_CHUNK` bytes).
+    pub fn send_data(&mut self, data: Vec<u8>) -> io::Result<()> {
+        airlock_proto::send(&mut self.conn, &Request::FileData { data }).map_err(io::Error::other)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    fn data(n: usize) -> FileReply {
-        FileReply::Data { data: vec![7; n] }
-    }
-
-    #[test]
-    fn the_relay_holds_the_agent_to_the_cap_and_the_protocol() {
-        let mut relay = FileRelay { limit: 100, opened: false, received: 0 };
-        // Data before the file is open is a broken protocol.
-        assert_eq!(relay.check(data(1)), FileReply::Failed(FileError::Aborted));
-        // The agent cannot raise the cap it was given.
-        assert_eq!(
-            relay.check(FileReply::Opened { size: 10, mode: 0o644, limit: u64::MAX }),
-            FileReply::Opened { size: 10, mode: 0o644, limit: 100 }
-        );
-        assert_eq!(relay.check(data(60)), data(60));
-        assert_eq!(
-            relay.check(data(41)),
-            FileReply::Failed(FileError::TooLarge { size: 101, limit: 100 }),
-            "more bytes than the cap, whatever fstat said"
-        );
-        let mut relay = FileRelay { limit: 1 << 30, opened: true, received: 0 };
-        assert_eq!(relay.check(data(FILE_CHUNK + 1)), FileReply::Failed(FileError::Aborted));
-        assert_eq!(
-            relay.check(FileReply::Failed(FileError::NotFound)),
-            FileReply::Failed(FileError::Aborted),
-            "a file found missing after it was opened is a lie"
-        );
-        let mut relay = FileRelay { limit: 5, opened: false, received: 0 };
-        assert_eq!(
-            relay.check(FileReply::Opened { size: 6, mode: 0o644, limit: 5 }),
-            FileReply::Failed(FileError::TooLarge { size: 6, limit: 5 })
-        );
-    }
 
     fn routes_of(ids: &[u32]) -> (ExecRoutes, Vec<Receiver<ExecEvent>>) {
         let routes: ExecRoutes = Arc::new(Mutex::new(HashMap::new()));
@@ -1288,20 +1214,5 @@ mod tests {
         assert_eq!((e.code, e.signal, e.exit_code()), (Some(3), None, 3));
         // One that could not be reaped still counts as stopped cleanly.
         assert_eq!(ending_of(StopReason::AgentGone, None).code, Some(0));
-    }
-
-    #[test]
-    fn an_agent_past_its_window_loses_its_route() {
-        let routes: FileRoutes = Arc::new(Mutex::new(HashMap::new()));
-        let (tx, rx) = mpsc::sync_channel(2);
-        routes.lock().unwrap().insert(4, tx);
-        route_file_reply(&routes, 4, data(1));
-        route_file_reply(&routes, 4, data(1));
-        assert!(routes.lock().unwrap().contains_key(&4));
-        route_file_reply(&routes, 4, data(1));
-        assert!(!routes.lock().unwrap().contains_key(&4), "a full window drops the route");
-        assert_eq!(rx.iter().count(), 2, "and the waiting side sees the end");
-        // Unknown ids are ignored.
-        route_file_reply(&routes, 9, FileReply::Done);
     }
 }

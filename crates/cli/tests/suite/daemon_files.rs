@@ -364,13 +364,13 @@ fn daemon_files_write_streams_and_replaces_atomically() {
     )
     .unwrap();
     // Broken off while the upload is under way: its temporary file exists.
-    let uploading = || sum(&["sh", "-c", "ls -a /tmp | grep -c airlock-upload"]) == "1\n";
+    let uploading = || sum(&["sh", "-c", "ls -a /tmp | grep -c airlock-write"]) == "1\n";
     assert!(wait_until(10, uploading), "the upload never started: {}", sum(&["ls", "-a", "/tmp"]));
     conn.shutdown(std::net::Shutdown::Both).unwrap();
     let mut rest = Vec::new();
     let _ = conn.read_to_end(&mut rest);
     assert!(
-        wait_until(10, || sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp | grep -c airlock-upload"])
+        wait_until(10, || sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp | grep -c airlock-write"])
             == "new0\n"),
         "{}",
         sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp"])
@@ -385,5 +385,122 @@ fn daemon_files_write_streams_and_replaces_atomically() {
     let mut answer = [0u8; 12];
     conn.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&answer));
-    assert_eq!(sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp | grep -c airlock-upload"]), "new0\n");
+    assert_eq!(sum(&["sh", "-c", "cat /tmp/tool; ls -a /tmp | grep -c airlock-write"]), "new0\n");
+}
+
+/// The routes beyond read and write — mkdir, remove, rename, watch, and a
+/// listing to a depth — each done by the sandbox's agent, answered with
+/// the documented codes.
+#[test]
+fn daemon_files_mkdir_remove_rename_watch_and_deep_listings() {
+    use std::io::{BufRead, BufReader};
+    let d = TestDaemon::start("files-ops");
+    let (status, created) = d.json("POST", "/v1/sandboxes", Some(json!({ "name": "ops" })));
+    assert_eq!(status, 201, "{created}");
+    let base = "/v1/sandboxes/ops/files";
+
+    let (status, body) =
+        curl(&d, "POST", &format!("{base}/mkdir?path=/tmp/m/n&parents=true&mode=0700"), None);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(as_json(&body), json!({ "path": "/tmp/m/n" }));
+    let (status, body) = curl(&d, "POST", &format!("{base}/mkdir?path=/tmp/m/n"), None);
+    assert_error(status, &body, 409, "file_exists");
+    let (status, body) = curl(&d, "POST", &format!("{base}/mkdir?path=/tmp/none/x"), None);
+    assert_error(status, &body, 404, "file_not_found");
+    let (_, stat) = curl(&d, "GET", &format!("{base}/stat?path=/tmp/m/n"), None);
+    assert_eq!(as_json(&stat)["mode"], 0o700);
+
+    // A new file gets the mode asked for; a body without a length is refused.
+    let small = d.env.dir.path().join("small.txt");
+    std::fs::write(&small, b"12345").unwrap();
+    let (status, _) = curl(&d, "PUT", &format!("{base}?path=/tmp/m/n/f&mode=0600"), Some(&small));
+    assert_eq!(status, 200);
+    let (_, stat) = curl(&d, "GET", &format!("{base}/stat?path=/tmp/m/n/f"), None);
+    let stat = as_json(&stat);
+    assert_eq!((stat["mode"].as_u64(), stat["uid"].as_u64()), (Some(0o600), Some(0)), "{stat}");
+    let chunked = Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            "60",
+            "-X",
+            "PUT",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "transfer-encoding: chunked",
+            "--data-binary",
+            "@-",
+            "--unix-socket",
+        ])
+        .arg(&d.socket)
+        .arg(format!("http://airlock{base}?path=/tmp/chunked"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(stdout(&chunked).ends_with("\n411"), "{}", show(&chunked));
+
+    // A deep listing, and a capped one.
+    let (status, list) = curl(&d, "GET", &format!("{base}/list?path=/tmp/m&depth=3"), None);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&list));
+    let list = as_json(&list);
+    let names: Vec<&str> =
+        list["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!((names, &list["truncated"]), (vec!["n", "n/f"], &json!(false)), "{list}");
+    let (_, list) = curl(&d, "GET", &format!("{base}/list?path=/tmp/m&depth=3&max_entries=1"), None);
+    assert_eq!(as_json(&list)["truncated"], true);
+
+    // Rename, refusing to replace on request.
+    let (status, _) = curl(&d, "PUT", &format!("{base}?path=/tmp/m/g"), Some(&small));
+    assert_eq!(status, 200);
+    let (status, body) =
+        curl(&d, "POST", &format!("{base}/rename?from=/tmp/m/g&to=/tmp/m/n/f&replace=false"), None);
+    assert_error(status, &body, 409, "file_exists");
+    let (status, body) = curl(&d, "POST", &format!("{base}/rename?from=/tmp/m/g&to=/tmp/m/h"), None);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(as_json(&body), json!({ "path": "/tmp/m/g", "to": "/tmp/m/h" }));
+
+    // Remove: a non-empty directory only recursively; a symlink itself.
+    exec_stdout(
+        &d,
+        "ops",
+        &["sh", "-c", "mkdir -p /tmp/keep && echo kept > /tmp/keep/x && ln -s /tmp/keep /tmp/m/link"],
+    );
+    let (status, body) = curl(&d, "DELETE", &format!("{base}?path=/tmp/m"), None);
+    assert_error(status, &body, 409, "not_empty");
+    let (status, body) = curl(&d, "DELETE", &format!("{base}?path=/tmp/m&recursive=true"), None);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(exec_stdout(&d, "ops", &["cat", "/tmp/keep/x"]), b"kept\n", "the link's target is untouched");
+    let (status, body) = curl(&d, "DELETE", &format!("{base}?path=/tmp/m"), None);
+    assert_error(status, &body, 404, "file_not_found");
+    let (status, body) = curl(&d, "DELETE", &format!("{base}?path=/&recursive=true"), None);
+    assert_error(status, &body, 400, "invalid_path");
+
+    // Watch: NDJSON, first `watching`, then what an exec does.
+    let (status, body) = curl(&d, "GET", &format!("{base}/watch?path=/tmp/keep/x"), None);
+    assert_error(status, &body, 422, "wrong_file_type");
+    let mut watch = Command::new("curl")
+        .args(["-sS", "-N", "-m", "60", "--unix-socket"])
+        .arg(&d.socket)
+        .arg(format!("http://airlock{base}/watch?path=/tmp/keep"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "watching", "{first}");
+    exec_stdout(&d, "ops", &["sh", "-c", "echo y > /tmp/keep/new; rm /tmp/keep/x"]);
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        let done = v["event"] == "removed";
+        seen.push(v);
+        if done {
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(seen.contains(&json!({ "event": "created", "name": "new" })), "{seen:?}");
+    assert!(seen.contains(&json!({ "event": "removed", "name": "x" })), "{seen:?}");
 }

@@ -93,6 +93,8 @@ fn schemathesis_installed() -> bool {
 /// The committed document, adjusted for fuzzing on this host:
 /// - `GET /v1/events` loses its `follow` parameter: a followed stream never
 ///   ends, which would only measure the request timeout;
+/// - `GET …/files/watch` is left out: a watch streams until its client
+///   goes away;
 /// - the workspace of `POST /v1/sandboxes` and `POST /vm` is the test's
 ///   own: as root the daemon would mount (and `apply` write back into) any
 ///   directory the fuzzer happens to name, `/` included.
@@ -110,6 +112,13 @@ fn fuzzing_document(workspace: &Path) -> Value {
     let before = params.len();
     params.retain(|p| p["name"] != "Upgrade");
     assert_eq!(params.len() + 1, before, "no Upgrade parameter on POST …/exec: update this test");
+    // A watch that is set up streams until its client goes away: like a
+    // followed event stream, it would only measure the request timeout.
+    let paths = doc["paths"].as_object_mut().unwrap();
+    assert!(
+        paths.remove("/v1/sandboxes/{name}/files/watch").is_some(),
+        "no files/watch route: update this test"
+    );
     let ws = json!({ "type": "string", "enum": [workspace.display().to_string()] });
     for (schema, field) in [("CreateSandbox", "workspace"), ("CreateVm", "workspace_dir")] {
         let slot = &mut doc["components"]["schemas"][schema]["properties"][field];

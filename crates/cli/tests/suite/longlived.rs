@@ -181,7 +181,7 @@ fn stdin_reaches_an_exec_and_cp_copies_both_ways() {
     exec(&env, "io", "chmod 751 /tmp/fixture.json");
     let o = env.airlock(["cp"]).arg(&fixture).arg("io:/tmp/fixture.json").output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
-    let o = exec(&env, "io", "stat -c %a /tmp/fixture.json; ls -a /tmp | grep -c airlock-upload");
+    let o = exec(&env, "io", "stat -c %a /tmp/fixture.json; ls -a /tmp | grep -c airlock-write");
     assert_eq!(stdout(&o), "751\n0\n", "{}", show(&o));
     let o = env.airlock(["cp"]).arg(&fixture).arg("io:/nowhere/x").output().unwrap();
     assert_ne!(o.status.code(), Some(0), "{}", show(&o));
@@ -198,7 +198,7 @@ fn stdin_reaches_an_exec_and_cp_copies_both_ways() {
     let _ = feeder.join();
     assert_ne!(o.status.code(), Some(0), "{}", show(&o));
     assert!(stderr(&o).contains("broke off"), "{}", show(&o));
-    let o = exec(&env, "io", "cat /tmp/fixture.json; ls -a /tmp | grep -c airlock-upload");
+    let o = exec(&env, "io", "cat /tmp/fixture.json; ls -a /tmp | grep -c airlock-write");
     assert_eq!(stdout(&o), "{\"a\": 1}\n0\n", "{}", show(&o));
     let back = env.dir.path().join("back.txt");
     let o = env.airlock(["cp", "io:/tmp/back.txt"]).arg(&back).output().unwrap();

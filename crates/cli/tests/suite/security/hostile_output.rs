@@ -127,8 +127,9 @@ fn cp_out_of_a_sandbox_takes_only_regular_files_within_the_disk_budget() {
     assert!(reads.iter().any(|r| r["path"] == "/tmp/zero" && r["bytes"] == 0 && r["refused"].is_string()));
     assert!(reads.iter().any(|r| r["path"] == "/tmp/ok" && r["bytes"] == 7 && r["refused"].is_null()));
 
-    // Copying in through a link the sandbox planted replaces the link inside
-    // the sandbox; the file it pointed to (the host's, seen through the
+    // Copying in onto a link the sandbox planted is refused, naming the
+    // link and its target: the link is not followed, and not silently
+    // replaced either; the file it points to (the host's, seen through the
     // overlay) is not written.
     let o = env
         .airlock([
@@ -146,16 +147,17 @@ fn cp_out_of_a_sandbox_takes_only_regular_files_within_the_disk_budget() {
     let upload = env.dir.path().join("upload.txt");
     std::fs::write(&upload, "uploaded").unwrap();
     let o = env.airlock(["cp"]).arg(&upload).arg("hostile-cp:/tmp/planted").output().unwrap();
-    assert!(o.status.success(), "{}", show(&o));
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(stderr(&o).contains("symbolic link to") && stderr(&o).contains("README"), "{}", show(&o));
     assert_eq!(std::fs::read_to_string(env.workspace.join("README")).unwrap(), "hello\n");
-    let check = "test -f /tmp/planted && ! test -L /tmp/planted && cat /tmp/planted README";
+    let check = "test -L /tmp/planted && cat README && ls -a /tmp | grep -c airlock-write";
     let o = env
         .airlock(["exec", "hostile-cp", "--cwd"])
         .arg(&env.workspace)
         .args(["--", "sh", "-c", check])
         .output()
         .unwrap();
-    assert_eq!(stdout(&o), "uploadedhello\n", "{}", show(&o));
+    assert_eq!(stdout(&o), "hello\n0\n", "{}", show(&o));
 
     let o = env.airlock(["rm", "hostile-cp"]).output().unwrap();
     assert!(o.status.success(), "{}", show(&o));

@@ -1,123 +1,21 @@
-//! Service mode: file operations for the host (`airlock cp`, the daemon's
-//! files API), done here rather than by a shell inside so that what is
-//! opened is checked on the descriptor itself. Paths resolve in the
-//! sandbox's own view (the agent is confined like everything else in it).
-//!
-//! A read opens the last component without following a symlink and without
-//! blocking (a FIFO opens at once and is then refused), checks with fstat
-//! that it holds a regular file, refuses one larger than the cap, and
-//! streams it on its own thread. It sends at most `FILE_WINDOW` chunks
-//! ahead of the host's acknowledgements, so a slow client of the host never
-//! makes the host buffer more.
+//! Reading a regular file out of the sandbox. The last component is opened
+//! without following a symlink and without blocking (a FIFO opens at once
+//! and is then refused), checked with fstat to hold a regular file, refused
+//! when larger than the cap, and streamed at most `FILE_WINDOW` chunks ahead
+//! of the host's acknowledgements.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
 
-use airlock_proto::AgentMessage;
-use airlock_proto::file::{FILE_CHUNK, FILE_WINDOW, FileError, FileKind, FileOp, FileReply};
+use airlock_proto::file::{FILE_CHUNK, FileError, FileKind, FileReply};
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::service::{Writer, send};
+use super::{Flow, Replier, os_error};
 
-/// The reads in progress, by id: how many chunks each has in flight, and
-/// whether the host cancelled it.
-#[derive(Clone, Default)]
-pub(crate) struct Reads {
-    flows: Arc<Mutex<HashMap<u32, Arc<Flow>>>>,
-}
-
-#[derive(Default)]
-struct Flow {
-    state: Mutex<FlowState>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct FlowState {
-    in_flight: u32,
-    cancelled: bool,
-}
-
-impl Reads {
-    pub(crate) fn ack(&self, id: u32) {
-        self.update(id, |s| s.in_flight = s.in_flight.saturating_sub(1));
-    }
-
-    pub(crate) fn cancel(&self, id: u32) {
-        self.update(id, |s| s.cancelled = true);
-    }
-
-    fn update(&self, id: u32, change: impl FnOnce(&mut FlowState)) {
-        let flow = self.flows.lock().ok().and_then(|f| f.get(&id).cloned());
-        if let Some(flow) = flow
-            && let Ok(mut state) = flow.state.lock()
-        {
-            change(&mut state);
-            flow.changed.notify_all();
-        }
-    }
-
-    fn register(&self, id: u32) -> Option<Arc<Flow>> {
-        let mut flows = self.flows.lock().ok()?;
-        if flows.contains_key(&id) {
-            return None;
-        }
-        let flow = Arc::new(Flow::default());
-        flows.insert(id, flow.clone());
-        Some(flow)
-    }
-
-    fn forget(&self, id: u32) {
-        if let Ok(mut flows) = self.flows.lock() {
-            flows.remove(&id);
-        }
-    }
-}
-
-impl Flow {
-    /// Waits for room to send one more chunk; false once cancelled.
-    fn reserve(&self) -> bool {
-        let Ok(mut state) = self.state.lock() else { return false };
-        while !state.cancelled && state.in_flight >= FILE_WINDOW {
-            state = match self.changed.wait(state) {
-                Ok(state) => state,
-                Err(_) => return false,
-            };
-        }
-        if state.cancelled {
-            return false;
-        }
-        state.in_flight += 1;
-        true
-    }
-}
-
-pub(crate) fn start(writer: &Writer, reads: &Reads, id: u32, op: FileOp) {
-    let reply = |reply| send(writer, AgentMessage::File { id, reply });
-    match op {
-        FileOp::Read { path, max_bytes } => {
-            let Some(flow) = reads.register(id) else {
-                return reply(FileReply::Failed(FileError::Aborted));
-            };
-            let (thread_writer, thread_reads) = (writer.clone(), reads.clone());
-            let spawned = std::thread::Builder::new().name("file-read".into()).spawn(move || {
-                read(&thread_writer, &flow, id, &path, max_bytes.unwrap_or(u64::MAX));
-                thread_reads.forget(id);
-            });
-            if let Err(e) = spawned {
-                reads.forget(id);
-                reply(FileReply::Failed(os_error(&e)));
-            }
-        }
-    }
-}
-
-fn read(writer: &Writer, flow: &Flow, id: u32, path: &Path, limit: u64) {
-    let reply = |reply| send(writer, AgentMessage::File { id, reply });
+pub(super) fn read(replier: &Replier, flow: &Flow, path: &Path, limit: u64) {
+    let reply = |reply| replier.send(reply);
     let file = match open_regular(path, limit) {
         Ok((file, size, mode)) => {
             reply(FileReply::Opened { size, mode, limit });
@@ -197,10 +95,6 @@ fn describe_unopened(path: &Path) -> Option<FileError> {
     Some(FileError::NotRegular { found, link_target })
 }
 
-fn os_error(e: &io::Error) -> FileError {
-    FileError::Os { errno: e.raw_os_error().unwrap_or(libc::EIO) }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -250,25 +144,5 @@ mod tests {
         let socket = dir.path().join("socket");
         let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
         assert_eq!(refusal(&socket, 9), FileError::NotRegular { found: FileKind::Socket, link_target: None });
-    }
-
-    #[test]
-    fn a_cancelled_flow_stops_waiting_for_room() {
-        let reads = Reads::default();
-        let flow = reads.register(7).unwrap();
-        assert!(reads.register(7).is_none(), "an id in use is refused");
-        for _ in 0..FILE_WINDOW {
-            assert!(flow.reserve());
-        }
-        reads.ack(7);
-        assert!(flow.reserve(), "an acknowledgement makes room for one more");
-        let waiter = {
-            let flow = flow.clone();
-            std::thread::spawn(move || flow.reserve())
-        };
-        reads.cancel(7);
-        assert!(!waiter.join().unwrap());
-        reads.forget(7);
-        reads.ack(7);
     }
 }

@@ -1,6 +1,8 @@
 //! The launch plan: everything the in-sandbox side needs to build the
 //! sandbox's view of the world. The runtime computes it from a resolved policy
-//! with a pure function; the jail only carries it out.
+//! with a pure function; the jail only carries it out. Plain data, kept in
+//! the protocol crate so that the protocol (and a guest agent built on it)
+//! links none of the jail's machinery (seccomp, Landlock, cgroups).
 
 use std::path::PathBuf;
 
@@ -16,7 +18,7 @@ pub struct JailPlan {
     pub root_mountpoint: PathBuf,
     /// Host paths bound read-only at the same place (missing ones are skipped).
     pub read_only: Vec<PathBuf>,
-    /// Host paths masked inside, on top of [`crate::mounts::ALWAYS_HIDDEN`].
+    /// Host paths masked inside, on top of the jail's own always-hidden list (`airlock_jail::mounts::ALWAYS_HIDDEN`).
     pub hidden: Vec<PathBuf>,
     /// Size of each private tmpfs (/tmp, /var/tmp, /run, $HOME, /dev/shm).
     pub tmp_size: u64,
