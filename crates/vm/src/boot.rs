@@ -1,0 +1,231 @@
+//! Starting a guest: QEMU's `microvm` machine with the fewest devices — a
+//! serial console (a log file), one virtio-serial port (the agent's
+//! channel), one 9p share (the host's root, read-only) — and the agent's
+//! first word over the channel.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use airlock_proto::AgentMessage;
+
+use crate::engine::{Accel, QEMU};
+use crate::guest::Guest;
+use crate::init::{PORT_NAME, RootEntry, share_tag};
+use crate::{GUEST_ROLE, VmError};
+
+/// What a guest gets.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    pub accel: Accel,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    /// How long the guest may take to boot to its agent.
+    pub deadline: Duration,
+    /// The guest's root: what of the host it sees, read-only.
+    pub root: Vec<RootEntry>,
+}
+
+/// A running guest; killed (and its directory removed) when dropped.
+pub struct Vm {
+    child: Child,
+    dir: PathBuf,
+    /// The agent's channel.
+    pub channel: UnixStream,
+    /// From starting QEMU to the agent's `Serving`.
+    pub boot_time: Duration,
+}
+
+/// The QEMU child dies with the process that started it.
+pub(crate) fn die_with_parent(command: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and makes one prctl
+    // system call, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            Ok(())
+        });
+    }
+}
+
+/// The host's TSC rate in kHz, for a guest under emulation (the microvm
+/// machine has no timer the kernel can calibrate against there).
+fn tsc_khz() -> u64 {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map_or(2_000_000, |mhz| (mhz * 1000.0) as u64)
+}
+
+/// The kernel's command line: quiet, reboot (and so QEMU's exit) on panic,
+/// and the agent's role for /init.
+fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> String {
+    let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
+    if accel == Accel::Tcg {
+        line.push_str(&format!(" tsc_early_khz={}", tsc_khz()));
+    }
+    line.push_str(&format!(" -- {GUEST_ROLE}"));
+    for entry in root {
+        line.push(' ');
+        line.push_str(&entry.to_arg());
+    }
+    line
+}
+
+fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> Vec<String> {
+    let mut args: Vec<String> =
+        vec!["-M".into(), "microvm".into(), "-accel".into(), spec.accel.as_str().into()];
+    if spec.accel == Accel::Kvm {
+        args.extend(["-cpu".into(), "host".into()]);
+    }
+    let path = |p: &Path| p.to_string_lossy().replace(',', ",,");
+    args.extend([
+        "-m".into(),
+        format!("{}M", spec.memory_mib),
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-serial".into(),
+        format!("file:{}", path(console)),
+        "-kernel".into(),
+        guest.kernel.to_string_lossy().into_owned(),
+        "-initrd".into(),
+        guest.initramfs.to_string_lossy().into_owned(),
+        "-append".into(),
+        kernel_command_line(spec.accel, &spec.root),
+        "-chardev".into(),
+        format!("socket,id=agent,path={}", path(socket)),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-device".into(),
+        format!("virtserialport,chardev=agent,name={PORT_NAME}"),
+    ]);
+    let shares = spec.root.iter().filter_map(|e| match e {
+        RootEntry::Share(p) => Some(p),
+        _ => None,
+    });
+    for (index, share) in shares.enumerate() {
+        let tag = share_tag(index);
+        args.extend([
+            "-fsdev".into(),
+            format!("local,id={tag},path={},security_model=none,readonly=on,multidevs=remap", path(share)),
+            "-device".into(),
+            format!("virtio-9p-device,fsdev={tag},mount_tag={tag}"),
+        ]);
+    }
+    args
+}
+
+impl Vm {
+    /// Boots `guest`, with its sockets and logs in `dir` (created here,
+    /// removed with the VM).
+    pub fn boot(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Vm, VmError> {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| VmError::io(dir, e))?;
+        let socket = dir.join("agent.sock");
+        let console = dir.join("console.log");
+        let listener = UnixListener::bind(&socket).map_err(|e| VmError::io(&socket, e))?;
+        listener.set_nonblocking(true).map_err(|e| VmError::io(&socket, e))?;
+        let qemu_log = dir.join("qemu.log");
+        let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
+        let mut command = Command::new(QEMU);
+        command
+            .args(qemu_args(guest, spec, &socket, &console))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        die_with_parent(&mut command);
+        let started = Instant::now();
+        let child = command.spawn().map_err(|e| VmError::Boot(format!("cannot start {QEMU}: {e}")))?;
+        let mut vm = Vm { child, dir: dir.to_path_buf(), channel: placeholder()?, boot_time: Duration::ZERO };
+        let deadline = started + spec.deadline;
+        vm.channel = vm.accept(&listener, deadline)?;
+        vm.await_agent(deadline)?;
+        vm.boot_time = started.elapsed();
+        tracing::info!(
+            ms = vm.boot_time.as_millis() as u64,
+            accel = spec.accel.as_str(),
+            "guest agent serving"
+        );
+        Ok(vm)
+    }
+
+    fn accept(&mut self, listener: &UnixListener, deadline: Instant) -> Result<UnixStream, VmError> {
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).map_err(|e| VmError::io(&self.dir, e))?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(VmError::io(&self.dir, e)),
+            }
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                return Err(self.failure("QEMU did not connect to the agent's channel in time"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn await_agent(&mut self, deadline: Instant) -> Result<(), VmError> {
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        self.channel.set_read_timeout(Some(remaining)).map_err(|e| VmError::io(&self.dir, e))?;
+        let first = airlock_proto::recv::<_, AgentMessage>(&mut self.channel);
+        self.channel.set_read_timeout(None).map_err(|e| VmError::io(&self.dir, e))?;
+        match first {
+            Ok(Some(AgentMessage::Serving)) => Ok(()),
+            Ok(Some(other)) => Err(self.failure(&format!("the guest's agent said {other:?} first"))),
+            Ok(None) => Err(self.failure("the guest ended before its agent started")),
+            Err(airlock_proto::ProtoError::Io(e))
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+            {
+                Err(self.failure("the guest's agent did not start in time"))
+            }
+            Err(e) => Err(self.failure(&format!("the guest's agent: {e}"))),
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<(), VmError> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(self.failure(&format!("QEMU ended ({status})"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// An error that carries the end of QEMU's log and of the guest's console.
+    pub fn failure(&self, what: &str) -> VmError {
+        let tail = |name: &str| {
+            let text = fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            lines[lines.len().saturating_sub(12)..].join("\n")
+        };
+        VmError::Guest { what: what.to_owned(), qemu: tail("qemu.log"), console: tail("console.log") }
+    }
+}
+
+/// A stand-in until QEMU connects.
+fn placeholder() -> Result<UnixStream, VmError> {
+    UnixStream::pair().map(|(a, _)| a).map_err(|e| VmError::Boot(format!("socket pair: {e}")))
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
