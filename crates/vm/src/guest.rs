@@ -118,6 +118,15 @@ pub fn setup(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<Setup, VmEr
     if let Some(guest) = current(cache)? {
         return Ok(Setup::UpToDate(guest));
     }
+    // One builder at a time; whoever waited finds the guest built.
+    fs::create_dir_all(cache).map_err(|e| VmError::io(cache, e))?;
+    let lock_path = cache.join("setup.lock");
+    let lock = fs::File::create(&lock_path).map_err(|e| VmError::io(&lock_path, e))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| VmError::io(&lock_path, e.into()))?;
+    if let Some(guest) = current(cache)? {
+        return Ok(Setup::UpToDate(guest));
+    }
     let started = Instant::now();
     let kernel = find_kernel().ok_or(VmError::NoKernel)?;
     let exe = std::env::current_exe().map_err(|e| VmError::io(Path::new("/proc/self/exe"), e))?;

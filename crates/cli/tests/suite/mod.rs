@@ -17,6 +17,7 @@ mod escape;
 mod launch_undo;
 mod lifecycle;
 mod longlived;
+mod microvm;
 mod rootless;
 mod security;
 mod workspace;
