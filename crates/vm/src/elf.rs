@@ -10,6 +10,10 @@ use std::io;
 
 const PT_LOAD: u32 = 1;
 const PT_INTERP: u32 = 3;
+const PT_NOTE: u32 = 4;
+/// Xen's ELF note type for the 32-bit PVH entry point, which QEMU uses to
+/// boot an uncompressed kernel directly.
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 /// One program header's fields that matter here.
 struct Segment {
@@ -71,6 +75,28 @@ pub fn interpreter(bytes: &[u8]) -> io::Result<Option<String>> {
     String::from_utf8(text.to_vec()).map(Some).map_err(|_| bad("interpreter path is not UTF-8"))
 }
 
+/// Whether an uncompressed kernel (`vmlinux`) has a PVH entry point, so
+/// that QEMU can start it without its decompressor.
+pub fn has_pvh_entry(bytes: &[u8]) -> io::Result<bool> {
+    for note in segments(bytes)?.into_iter().filter(|s| s.kind == PT_NOTE) {
+        let start = usize::try_from(note.offset).map_err(|_| bad("note offset"))?;
+        let end = start + usize::try_from(note.file_size).map_err(|_| bad("note size"))?;
+        let notes = bytes.get(start..end).ok_or_else(|| bad("notes outside the file"))?;
+        let mut at = 0;
+        while at + 12 <= notes.len() {
+            let name_size = u32_at(notes, at)? as usize;
+            let desc_size = u32_at(notes, at + 4)? as usize;
+            let kind = u32_at(notes, at + 8)?;
+            let name = notes.get(at + 12..at + 12 + name_size).unwrap_or_default();
+            if kind == XEN_ELFNOTE_PHYS32_ENTRY && name.starts_with(b"Xen") {
+                return Ok(true);
+            }
+            at += 12 + name_size.next_multiple_of(4) + desc_size.next_multiple_of(4);
+        }
+    }
+    Ok(false)
+}
+
 /// The executable cut after the last byte any segment covers, without
 /// section headers: what the loader maps, and nothing else.
 pub fn loadable(bytes: &[u8]) -> io::Result<Vec<u8>> {
@@ -118,6 +144,39 @@ mod tests {
         let out = std::process::Command::new(&path).arg("--list").output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).contains("the_cut_executable_still_runs"));
+    }
+
+    /// An ELF header, one PT_NOTE program header and the notes it covers.
+    fn elf_with_notes(notes: &[(&[u8], u32)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (name, kind) in notes {
+            body.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            body.extend_from_slice(&4u32.to_le_bytes());
+            body.extend_from_slice(&kind.to_le_bytes());
+            body.extend_from_slice(name);
+            body.resize(body.len().next_multiple_of(4), 0);
+            body.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        let mut elf = vec![0u8; 0x40 + 0x38];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        elf[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        elf[0x40..0x44].copy_from_slice(&PT_NOTE.to_le_bytes());
+        elf[0x48..0x50].copy_from_slice(&(0x78u64).to_le_bytes());
+        elf[0x60..0x68].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        elf.extend_from_slice(&body);
+        elf
+    }
+
+    #[test]
+    fn the_pvh_entry_is_found_among_the_kernels_notes() {
+        let with = elf_with_notes(&[(b"GNU\0", 3), (b"Xen\0", 6), (b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY)]);
+        assert!(has_pvh_entry(&with).unwrap());
+        let without = elf_with_notes(&[(b"GNU\0", 3), (b"Xen\0", 6)]);
+        assert!(!has_pvh_entry(&without).unwrap());
+        // The type alone is not enough: it must be Xen's note.
+        assert!(!has_pvh_entry(&elf_with_notes(&[(b"GNU\0", XEN_ELFNOTE_PHYS32_ENTRY)])).unwrap());
     }
 
     #[test]
