@@ -289,3 +289,51 @@ fn a_missing_command_is_127_as_in_the_process_tier() {
     assert_eq!(out.status.code(), Some(127), "{}", show(&out));
     assert!(stderr(&out).contains("/no/such/program"), "{}", show(&out));
 }
+
+#[test]
+fn a_signal_and_the_time_limit_end_the_command_as_in_the_process_tier() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let policy = emulation_policy(&env);
+    let policy = policy.to_str().unwrap();
+    let killed =
+        airlock_vm(&env, &shared_cache(), &["run", "--policy", policy, "--", "sh", "-c", "kill -KILL $$"]);
+    assert_eq!(killed.status.code(), Some(128 + 9), "{}", show(&killed));
+    // The limit covers the whole run, boot included; the guest dies with it.
+    let started = Instant::now();
+    let limited = airlock_vm(
+        &env,
+        &shared_cache(),
+        &["run", "--policy", policy, "--timeout", "20s", "--", "sleep", "600"],
+    );
+    assert_eq!(limited.status.code(), Some(124), "{}", show(&limited));
+    assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
+}
+
+#[test]
+fn the_guest_dies_with_airlock() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    let mut cmd =
+        env.airlock(["run", "--policy", policy.to_str().unwrap(), "--", "sh", "-c", "echo ready; sleep 600"]);
+    cmd.env("AIRLOCK_VM_CACHE", &cache);
+    let mut run = spawn_until_ready(cmd);
+    let needle = format!("{}/run/{}-", cache.display(), run.id());
+    assert_eq!(pids_running(&needle).len(), 1, "one QEMU for this run");
+    // SIGKILL: airlock cannot clean up. QEMU ends by two ways, either
+    // enough: the kernel's parent-death signal, and the guest's agent
+    // seeing its channel close and powering the guest off.
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert!(
+        wait_until(20, || pids_running(&needle).is_empty()),
+        "QEMU outlived airlock: {:?}",
+        pids_running(&needle)
+    );
+}
