@@ -53,6 +53,25 @@ pub(crate) fn die_with_parent(command: &mut Command) {
     }
 }
 
+/// First of the host ids QEMU runs as when airlock is root: below the
+/// egress proxies' (999,000,000) and the sandboxes' (1,000,000,000) ranges.
+pub const QEMU_FIRST_UID: u32 = 998_000_000;
+
+/// The ids QEMU runs as, as root: a uid of its own per airlock process
+/// (pids of live processes are distinct, so two running microVMs never
+/// share one, and a reused pid's QEMU died with its airlock); the group of
+/// `/dev/kvm` when it uses KVM, else the same number as the uid. It then
+/// reads only what the world may read of the shared directories.
+fn qemu_ids(accel: Accel) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let uid = QEMU_FIRST_UID + std::process::id();
+    let gid = match accel {
+        Accel::Kvm => fs::metadata("/dev/kvm").map_or(uid, |m| m.gid()),
+        Accel::Tcg => uid,
+    };
+    (uid, gid)
+}
+
 /// The host's TSC rate in kHz, for a guest under emulation (the microvm
 /// machine has no timer the kernel can calibrate against there).
 fn tsc_khz() -> u64 {
@@ -96,6 +115,10 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> V
         spec.cpus.to_string(),
         "-nodefaults".into(),
         "-no-user-config".into(),
+        // QEMU's own seccomp filter: no obsolete system calls, no change of
+        // ids, no new processes, no scheduling or resource changes.
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
         "-display".into(),
         "none".into(),
         "-no-reboot".into(),
@@ -134,7 +157,18 @@ impl Vm {
     /// Boots `guest`, with its sockets and logs in `dir` (created here,
     /// removed with the VM).
     pub fn boot(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Vm, VmError> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| VmError::io(dir, e))?;
+        // The runs' directory is searchable (QEMU, under its own uid, must
+        // reach its run's socket) but not listable; each run's is QEMU's own.
+        if let Some(runs) = dir.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(runs)
+                .map_err(|e| VmError::io(runs, e))?;
+            fs::set_permissions(runs, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+                .map_err(|e| VmError::io(runs, e))?;
+        }
+        fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| VmError::io(dir, e))?;
         let socket = dir.join("agent.sock");
         let console = dir.join("console.log");
         let listener = UnixListener::bind(&socket).map_err(|e| VmError::io(&socket, e))?;
@@ -147,6 +181,21 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if rustix::process::geteuid().is_root() {
+            let (uid, gid) = qemu_ids(spec.accel);
+            // QEMU creates the console log and connects to the socket as itself.
+            for path in [dir, socket.as_path()] {
+                rustix::fs::chown(
+                    path,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )
+                .map_err(|e| VmError::io(path, e.into()))?;
+            }
+            // std drops the supplementary groups, then sets gid and uid.
+            command.uid(uid).gid(gid);
+        }
+        // After the change of ids, which would clear it.
         die_with_parent(&mut command);
         let started = Instant::now();
         let child = command.spawn().map_err(|e| VmError::Boot(format!("cannot start {QEMU}: {e}")))?;

@@ -313,7 +313,7 @@ fn a_signal_and_the_time_limit_end_the_command_as_in_the_process_tier() {
 }
 
 #[test]
-fn the_guest_dies_with_airlock() {
+fn qemu_runs_unprivileged_and_dies_with_airlock() {
     if !ready() {
         return;
     }
@@ -322,10 +322,23 @@ fn the_guest_dies_with_airlock() {
     let policy = emulation_policy(&env);
     let mut cmd =
         env.airlock(["run", "--policy", policy.to_str().unwrap(), "--", "sh", "-c", "echo ready; sleep 600"]);
-    cmd.env("AIRLOCK_VM_CACHE", &cache);
+    cmd.env("AIRLOCK_VM_CACHE", &cache).stderr(Stdio::null());
     let mut run = spawn_until_ready(cmd);
     let needle = format!("{}/run/{}-", cache.display(), run.id());
-    assert_eq!(pids_running(&needle).len(), 1, "one QEMU for this run");
+    let qemu = pids_running(&needle);
+    assert_eq!(qemu.len(), 1, "one QEMU for this run");
+    // QEMU runs as an unprivileged uid of its own, with no capabilities,
+    // under its own seccomp filter.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).unwrap();
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).unwrap_or_default()
+    };
+    let uid: u32 = field("Uid:").split_whitespace().next().unwrap().parse().unwrap();
+    assert!(uid >= 998_000_000 && uid < 999_000_000, "QEMU runs as uid {uid}");
+    assert!(field("Uid:").split_whitespace().all(|u| u == uid.to_string()), "{}", field("Uid:"));
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    assert_eq!(field("Seccomp:"), "2", "QEMU's -sandbox filter");
+    assert_eq!(field("Groups:"), "", "no supplementary groups");
     // SIGKILL: airlock cannot clean up. QEMU ends by two ways, either
     // enough: the kernel's parent-death signal, and the guest's agent
     // seeing its channel close and powering the guest off.
