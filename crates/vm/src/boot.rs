@@ -238,7 +238,7 @@ impl Vm {
         match first {
             Ok(Some(AgentMessage::Serving)) => Ok(()),
             Ok(Some(other)) => Err(self.failure(&format!("the guest's agent said {other:?} first"))),
-            Ok(None) => Err(self.failure("the guest ended before its agent started")),
+            Ok(None) => Err(self.ended("before its agent started")),
             Err(airlock_proto::ProtoError::Io(e))
                 if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
             {
@@ -255,15 +255,47 @@ impl Vm {
         }
     }
 
+    /// Why the guest ended on its own (its channel closed): a kernel panic,
+    /// a power-off, or QEMU's end, read from the guest's console once QEMU
+    /// has exited (briefly waited for; it flushes the console as it goes).
+    pub fn ended(&mut self, during: &str) -> VmError {
+        let waited = Instant::now();
+        while waited.elapsed() < Duration::from_secs(2) && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+        let what = if let Some(panic) = console.lines().find(|l| l.contains("Kernel panic")) {
+            let reason =
+                panic.split_once("Kernel panic").map_or("", |(_, r)| r).trim_start_matches([' ', '-']);
+            format!("the guest's kernel panicked {during} ({})", printable(reason.trim()))
+        } else if console.contains("reboot: Power down") || console.contains("reboot: System halted") {
+            format!("the guest powered off {during}")
+        } else if console.contains("reboot: Restarting system") {
+            format!("the guest rebooted {during}")
+        } else {
+            match self.child.try_wait() {
+                Ok(Some(status)) => format!("QEMU ended ({status}) {during}"),
+                _ => format!("the guest closed its channel {during}"),
+            }
+        };
+        self.failure(&what)
+    }
+
     /// An error that carries the end of QEMU's log and of the guest's console.
     pub fn failure(&self, what: &str) -> VmError {
         let tail = |name: &str| {
             let text = fs::read_to_string(self.dir.join(name)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            let lines: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(printable).collect();
             lines[lines.len().saturating_sub(12)..].join("\n")
         };
         VmError::Guest { what: what.to_owned(), qemu: tail("qemu.log"), console: tail("console.log") }
     }
+}
+
+/// The guest writes its console: shown to a person, every control
+/// character (escape sequences, carriage returns) becomes `?`.
+fn printable(line: &str) -> String {
+    line.chars().map(|c| if c.is_control() && c != '\t' { '?' } else { c }).collect()
 }
 
 /// A stand-in until QEMU connects.
@@ -276,5 +308,15 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guests_console_is_shown_without_control_characters() {
+        assert_eq!(printable("ok\x1b[2J\rforged\tline"), "ok?[2J?forged\tline");
     }
 }

@@ -121,7 +121,7 @@ fn exec(vm: &mut Vm, req: &VmRun, timeout: Duration) -> Result<(i32, bool), VmEr
         vm.channel.set_read_timeout(Some(remaining)).map_err(|e| VmError::Boot(format!("channel: {e}")))?;
         let message = match airlock_proto::recv::<_, AgentMessage>(&mut vm.channel) {
             Ok(Some(m)) => m,
-            Ok(None) => return Err(vm.failure("the guest ended while the command ran")),
+            Ok(None) => return Err(vm.ended("while the command ran")),
             Err(airlock_proto::ProtoError::Io(e))
                 if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
             {

@@ -50,7 +50,9 @@ fn emulation_policy(env: &Env) -> PathBuf {
     let path = env.dir.path().join("microvm.toml");
     std::fs::write(
         &path,
-        "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n[limits]\ntimeout = \"10m\"\n",
+        // One vCPU: under emulation a second one costs most of a second of boot.
+        "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n\
+         [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\n",
     )
     .unwrap();
     path
@@ -349,4 +351,31 @@ fn qemu_runs_unprivileged_and_dies_with_airlock() {
         "QEMU outlived airlock: {:?}",
         pids_running(&needle)
     );
+}
+
+#[test]
+fn a_guest_that_panics_or_powers_off_ends_the_run_with_the_reason() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let policy = emulation_policy(&env);
+    let policy = policy.to_str().unwrap();
+    let cache = shared_cache();
+    let panic = "echo c > /proc/sysrq-trigger; sleep 60";
+    let panicked = airlock_vm(&env, &cache, &["run", "--policy", policy, "--", "sh", "-c", panic]);
+    assert_eq!(panicked.status.code(), Some(125), "{}", show(&panicked));
+    assert!(
+        stderr(&panicked).contains("the guest's kernel panicked while the command ran"),
+        "{}",
+        show(&panicked)
+    );
+    // Before powering off, the guest writes escape sequences to its console,
+    // which the error message quotes: they arrive as `?`.
+    let power_off = "printf '\\033[2Jforged\\r\\n' > /dev/console; echo o > /proc/sysrq-trigger; sleep 60";
+    let off = airlock_vm(&env, &cache, &["run", "--policy", policy, "--", "sh", "-c", power_off]);
+    assert_eq!(off.status.code(), Some(125), "{}", show(&off));
+    assert!(stderr(&off).contains("the guest powered off while the command ran"), "{}", show(&off));
+    assert!(stderr(&off).contains("?[2Jforged?"), "the console is quoted: {}", show(&off));
+    assert!(!stderr(&off).contains('\x1b') && !stderr(&off).contains('\r'), "{}", show(&off));
 }
