@@ -336,7 +336,7 @@ fn qemu_runs_unprivileged_and_dies_with_airlock() {
         status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).unwrap_or_default()
     };
     let uid: u32 = field("Uid:").split_whitespace().next().unwrap().parse().unwrap();
-    assert!(uid >= 998_000_000 && uid < 999_000_000, "QEMU runs as uid {uid}");
+    assert!((998_000_000..999_000_000).contains(&uid), "QEMU runs as uid {uid}");
     assert!(field("Uid:").split_whitespace().all(|u| u == uid.to_string()), "{}", field("Uid:"));
     assert_eq!(field("CapEff:"), "0000000000000000");
     assert_eq!(field("Seccomp:"), "2", "QEMU's -sandbox filter");
