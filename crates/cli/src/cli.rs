@@ -345,11 +345,13 @@ impl Command {
 /// given); works on the state directory directly otherwise.
 pub fn dispatch(cli: Cli) -> CliResult {
     // Long-lived microVMs are not in this version: refused here, before
-    // either path (direct or daemon) could drop the flag.
+    // either path (direct or daemon) could drop the flag, as a policy that
+    // says microvm is refused.
     if let Command::Create(args) = &cli.command
         && args.sandbox.tier == Some(Tier::Microvm)
     {
-        return Err(airlock_runtime::RunError::TierUnavailable.into());
+        let policy = Policy::resolve(&args.sandbox.policy)?.apply_overrides(&args.sandbox.overrides())?;
+        return Err(airlock_runtime::microvm::refuse_long_lived(&policy).into());
     }
     let daemon = if cli.direct || !cli.command.daemon_capable() { None } else { Daemon::detect() };
     match daemon {

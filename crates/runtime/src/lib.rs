@@ -10,7 +10,7 @@ pub mod files;
 pub mod idblocks;
 mod layer;
 mod lifecycle;
-mod microvm;
+pub mod microvm;
 pub use lifecycle::UndoFailed;
 pub mod names;
 pub mod network;

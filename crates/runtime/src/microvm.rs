@@ -25,6 +25,8 @@ pub(crate) fn run(
         Some(name) => name.clone(),
         None => crate::names::generate(),
     };
+    // Refused before anything else is said or built.
+    engine_choice(policy)?;
     if policy.network.has_egress() {
         notify(Notice::Warning(
             "the microVM tier has no network yet: the guest has no network device, so the policy's egress \
@@ -63,6 +65,25 @@ pub(crate) fn run(
         removed: true,
         artifacts: Vec::new(),
     })
+}
+
+/// Why a long-lived sandbox on the microVM tier is refused: the host's
+/// case first (so that `create`, the daemon and `run` give the same
+/// message on a host without usable KVM), else that this version has no
+/// long-lived microVMs.
+pub fn refuse_long_lived(policy: &Policy) -> RunError {
+    if let Err(e) = engine_choice(policy) {
+        return e;
+    }
+    RunError::TierUnavailable
+}
+
+/// The accelerator this policy gets on this host, or the refusal.
+fn engine_choice(policy: &Policy) -> Result<airlock_vm::engine::Choice, RunError> {
+    let cache = airlock_vm::cache_dir()?;
+    let kernel = airlock_vm::guest::find_kernel().ok_or(airlock_vm::VmError::NoKernel)?;
+    let report = airlock_vm::engine::probe_cached(&cache, Some(&kernel.vmlinuz));
+    Ok(airlock_vm::engine::choose(&report, policy.allows_weaker(Weakening::Kvm), &policy.name)?)
 }
 
 /// The host's directories the guest sees, read-only: the policy's

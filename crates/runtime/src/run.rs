@@ -104,7 +104,7 @@ pub(crate) fn check(
 ) -> Result<Checked, RunError> {
     let policy = Policy::resolve(policy)?.apply_overrides(overrides)?;
     if policy.isolation.tier == airlock_policy::Tier::Microvm {
-        return Err(RunError::TierUnavailable);
+        return Err(crate::microvm::refuse_long_lived(&policy));
     }
     let workspace = resolve_workspace(&policy, workspace)?;
     if let Some(repo) = workspace.as_deref().and_then(git_dir_outside) {

@@ -29,8 +29,8 @@ pub enum VmError {
     #[error("the microVM tier needs {qemu}, which is not installed: install qemu-system-x86", qemu = engine::QEMU)]
     NoQemu,
     #[error(
-        "the microVM tier needs KVM, and {case}; fix: {fix}; or let the policy run microVMs under software \
-         emulation (slow) by listing \"kvm\" in isolation.allow_weaker (policy {policy} does not)"
+        "policy {policy} runs on the microvm tier, which needs KVM, and {case}; fix: {fix}; or let the policy \
+         run microVMs under software emulation (slow) by listing \"kvm\" in isolation.allow_weaker"
     )]
     NoKvm { case: String, fix: String, policy: String },
     #[error(

@@ -189,7 +189,7 @@ fn without_kvm_the_tier_is_refused_unless_the_policy_allows_emulation() {
         _ => "cannot run an ordinary guest",
     };
     assert!(err.contains(case) && err.contains("fix:"), "the case and its fix: {err}");
-    assert!(err.contains("allow_weaker") && err.contains("policy ci"), "{err}");
+    assert!(err.contains("allow_weaker") && err.contains("policy ci runs on the microvm tier"), "{err}");
     // The flag never weakens a policy that requires the microVM tier.
     let policy = emulation_policy(&env);
     let weaker = airlock_vm(
@@ -199,10 +199,17 @@ fn without_kvm_the_tier_is_refused_unless_the_policy_allows_emulation() {
     );
     assert_eq!(weaker.status.code(), Some(125), "{}", show(&weaker));
     assert!(stderr(&weaker).contains("requires the microvm tier"), "{}", show(&weaker));
-    // Long-lived microVMs are not in this version: refused, not downgraded.
-    let create = airlock_vm(&env, &cache, &["create", "--tier", "microvm", "--name", "vm1"]);
+    // Long-lived microVMs: the host's case first, the same message as run's…
+    let create =
+        airlock_vm(&env, &cache, &["create", "--tier", "microvm", "--policy", "ci", "--name", "vm1"]);
+    assert_eq!(create.status.code(), Some(125), "{}", show(&create));
+    assert_eq!(stderr(&create), err, "create and run refuse alike");
+    // …and where the policy would run it, not in this version: refused, not downgraded.
+    let create = airlock_vm(&env, &cache, &["create", "--policy", policy.to_str().unwrap(), "--name", "vm2"]);
     assert_eq!(create.status.code(), Some(125), "{}", show(&create));
     assert!(stderr(&create).contains("not in this version"), "{}", show(&create));
+    let listed = airlock_vm(&env, &cache, &["ls", "--json"]);
+    assert_eq!(stdout(&listed).trim(), "[]", "nothing was created: {}", show(&listed));
 }
 
 #[test]
