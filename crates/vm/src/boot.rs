@@ -168,6 +168,9 @@ impl Vm {
             fs::set_permissions(runs, std::os::unix::fs::PermissionsExt::from_mode(0o711))
                 .map_err(|e| VmError::io(runs, e))?;
         }
+        if let Some(runs) = dir.parent() {
+            sweep_runs(runs);
+        }
         fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| VmError::io(dir, e))?;
         let socket = dir.join("agent.sock");
         let console = dir.join("console.log");
@@ -289,6 +292,22 @@ impl Vm {
             lines[lines.len().saturating_sub(12)..].join("\n")
         };
         VmError::Guest { what: what.to_owned(), qemu: tail("qemu.log"), console: tail("console.log") }
+    }
+}
+
+/// Removes the directories of runs whose airlock is gone (killed before it
+/// could clean up): each is named `<pid>-<n>` after the airlock that made it.
+pub fn sweep_runs(runs: &Path) {
+    let Ok(entries) = fs::read_dir(runs) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -115,6 +115,7 @@ pub fn current(cache: &Path) -> Result<Option<Guest>, VmError> {
 
 /// Builds the guest unless the cached one is current; `progress` hears each step.
 pub fn setup(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<Setup, VmError> {
+    crate::boot::sweep_runs(&cache.join("run"));
     if let Some(guest) = current(cache)? {
         return Ok(Setup::UpToDate(guest));
     }

@@ -358,6 +358,19 @@ fn qemu_runs_unprivileged_and_dies_with_airlock() {
         "QEMU outlived airlock: {:?}",
         pids_running(&needle)
     );
+    // Its directory (socket, console log) stays until the next setup or run sweeps it.
+    let runs = cache.join("run");
+    let left = |runs: &Path| {
+        std::fs::read_dir(runs)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{}-", run.id())))
+            .count()
+    };
+    assert_eq!(left(&runs), 1);
+    let setup = airlock_vm(&env, &cache, &["vm", "setup"]);
+    assert!(setup.status.success(), "{}", show(&setup));
+    assert_eq!(left(&runs), 0, "the dead run's directory was swept");
 }
 
 #[test]
