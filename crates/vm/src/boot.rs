@@ -33,8 +33,7 @@ pub struct BootSpec {
 
 /// A running guest; killed (and its directory removed) when dropped.
 pub struct Vm {
-    child: Child,
-    dir: PathBuf,
+    qemu: Qemu,
     /// The agent's channel.
     pub channel: UnixStream,
     /// From starting QEMU to the agent's `Serving`.
@@ -88,7 +87,11 @@ fn tsc_khz() -> u64 {
 
 /// The kernel's command line: quiet, reboot (and so QEMU's exit) on panic,
 /// and the agent's role for /init.
-fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> String {
+/// The longest command line an x86 kernel keeps (COMMAND_LINE_SIZE, its
+/// NUL included); it cuts longer ones silently, which would drop masks.
+const MAX_COMMAND_LINE: usize = 2047;
+
+fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel == Accel::Tcg {
         line.push_str(&format!(" tsc_early_khz={}", tsc_khz()));
@@ -98,10 +101,17 @@ fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> String {
         line.push(' ');
         line.push_str(&entry.to_arg());
     }
-    line
+    if line.len() > MAX_COMMAND_LINE {
+        return Err(VmError::Boot(format!(
+            "the guest's root does not fit the kernel's command line ({} bytes, at most {MAX_COMMAND_LINE}): \
+             list fewer or shorter paths in filesystem.read_only and filesystem.hidden",
+            line.len()
+        )));
+    }
+    Ok(line)
 }
 
-fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> Vec<String> {
+fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> Result<Vec<String>, VmError> {
     let mut args: Vec<String> =
         vec!["-M".into(), "microvm".into(), "-accel".into(), spec.accel.as_str().into()];
     if spec.accel == Accel::Kvm {
@@ -129,7 +139,7 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> V
         "-initrd".into(),
         guest.initramfs.to_string_lossy().into_owned(),
         "-append".into(),
-        kernel_command_line(spec.accel, &spec.root),
+        kernel_command_line(spec.accel, &spec.root)?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
         "-device".into(),
@@ -150,7 +160,7 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> V
             format!("virtio-9p-device,fsdev={tag},mount_tag={tag}"),
         ]);
     }
-    args
+    Ok(args)
 }
 
 impl Vm {
@@ -180,7 +190,7 @@ impl Vm {
         let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
         let mut command = Command::new(QEMU);
         command
-            .args(qemu_args(guest, spec, &socket, &console))
+            .args(qemu_args(guest, spec, &socket, &console)?)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -202,11 +212,11 @@ impl Vm {
         die_with_parent(&mut command);
         let started = Instant::now();
         let child = command.spawn().map_err(|e| VmError::Boot(format!("cannot start {QEMU}: {e}")))?;
-        let mut vm = Vm { child, dir: dir.to_path_buf(), channel: placeholder()?, boot_time: Duration::ZERO };
+        let mut qemu = Qemu { child, dir: dir.to_path_buf() };
         let deadline = started + spec.deadline;
-        vm.channel = vm.accept(&listener, deadline)?;
-        vm.await_agent(deadline)?;
-        vm.boot_time = started.elapsed();
+        let mut channel = qemu.accept(&listener, deadline)?;
+        qemu.await_agent(&mut channel, deadline)?;
+        let vm = Vm { qemu, channel, boot_time: started.elapsed() };
         tracing::info!(
             ms = vm.boot_time.as_millis() as u64,
             accel = spec.accel.as_str(),
@@ -215,6 +225,24 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Why the guest ended on its own (see [`Qemu::ended`]).
+    pub fn ended(&mut self, during: &str) -> VmError {
+        self.qemu.ended(during)
+    }
+
+    /// An error that carries the end of QEMU's log and of the guest's console.
+    pub fn failure(&self, what: &str) -> VmError {
+        self.qemu.failure(what)
+    }
+}
+
+/// The QEMU process and its run's directory; killed and removed when dropped.
+struct Qemu {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Qemu {
     fn accept(&mut self, listener: &UnixListener, deadline: Instant) -> Result<UnixStream, VmError> {
         loop {
             match listener.accept() {
@@ -233,11 +261,11 @@ impl Vm {
         }
     }
 
-    fn await_agent(&mut self, deadline: Instant) -> Result<(), VmError> {
+    fn await_agent(&mut self, channel: &mut UnixStream, deadline: Instant) -> Result<(), VmError> {
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        self.channel.set_read_timeout(Some(remaining)).map_err(|e| VmError::io(&self.dir, e))?;
-        let first = airlock_proto::recv::<_, AgentMessage>(&mut self.channel);
-        self.channel.set_read_timeout(None).map_err(|e| VmError::io(&self.dir, e))?;
+        channel.set_read_timeout(Some(remaining)).map_err(|e| VmError::io(&self.dir, e))?;
+        let first = airlock_proto::recv::<_, AgentMessage>(channel);
+        channel.set_read_timeout(None).map_err(|e| VmError::io(&self.dir, e))?;
         match first {
             Ok(Some(AgentMessage::Serving)) => Ok(()),
             Ok(Some(other)) => Err(self.failure(&format!("the guest's agent said {other:?} first"))),
@@ -261,7 +289,7 @@ impl Vm {
     /// Why the guest ended on its own (its channel closed): a kernel panic,
     /// a power-off, or QEMU's end, read from the guest's console once QEMU
     /// has exited (briefly waited for; it flushes the console as it goes).
-    pub fn ended(&mut self, during: &str) -> VmError {
+    fn ended(&mut self, during: &str) -> VmError {
         let waited = Instant::now();
         while waited.elapsed() < Duration::from_secs(2) && matches!(self.child.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(10));
@@ -284,8 +312,7 @@ impl Vm {
         self.failure(&what)
     }
 
-    /// An error that carries the end of QEMU's log and of the guest's console.
-    pub fn failure(&self, what: &str) -> VmError {
+    fn failure(&self, what: &str) -> VmError {
         let tail = |name: &str| {
             let text = fs::read_to_string(self.dir.join(name)).unwrap_or_default();
             let lines: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(printable).collect();
@@ -317,12 +344,7 @@ fn printable(line: &str) -> String {
     line.chars().map(|c| if c.is_control() && c != '\t' { '?' } else { c }).collect()
 }
 
-/// A stand-in until QEMU connects.
-fn placeholder() -> Result<UnixStream, VmError> {
-    UnixStream::pair().map(|(a, _)| a).map_err(|e| VmError::Boot(format!("socket pair: {e}")))
-}
-
-impl Drop for Vm {
+impl Drop for Qemu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -332,7 +354,19 @@ impl Drop for Vm {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
+        let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
+        let fits: Vec<RootEntry> = (0..20).map(hide).collect();
+        let line = kernel_command_line(Accel::Tcg, &fits).unwrap();
+        assert!(line.ends_with("hide:/etc/secret-0019-with-a-long-name"), "{line}");
+        let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
+        let err = kernel_command_line(Accel::Tcg, &too_many).unwrap_err().to_string();
+        assert!(err.contains("filesystem.hidden"), "{err}");
+    }
 
     #[test]
     fn the_guests_console_is_shown_without_control_characters() {

@@ -45,6 +45,9 @@ pub enum Note {
     Progress(String),
 }
 
+/// `timeout`'s exit code, as the process tier gives it.
+const TIMED_OUT: i32 = 124;
+
 /// The guest's RAM: the policy's memory limit, but enough to boot.
 const MIN_GUEST_MIB: u64 = 256;
 
@@ -116,7 +119,7 @@ fn exec(vm: &mut Vm, req: &VmRun, timeout: Duration) -> Result<(i32, bool), VmEr
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Ok((airlock_policy_timed_out(), true));
+            return Ok((TIMED_OUT, true));
         }
         vm.channel.set_read_timeout(Some(remaining)).map_err(|e| VmError::Boot(format!("channel: {e}")))?;
         let message = match airlock_proto::recv::<_, AgentMessage>(&mut vm.channel) {
@@ -125,7 +128,7 @@ fn exec(vm: &mut Vm, req: &VmRun, timeout: Duration) -> Result<(i32, bool), VmEr
             Err(airlock_proto::ProtoError::Io(e))
                 if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
             {
-                return Ok((airlock_policy_timed_out(), true));
+                return Ok((TIMED_OUT, true));
             }
             Err(e) => return Err(e.into()),
         };
@@ -156,9 +159,4 @@ fn exec(vm: &mut Vm, req: &VmRun, timeout: Duration) -> Result<(i32, bool), VmEr
             _ => {}
         }
     }
-}
-
-/// `timeout`'s exit code, as the process tier gives it.
-fn airlock_policy_timed_out() -> i32 {
-    124
 }
