@@ -1,11 +1,10 @@
 //! `airlock run` on the microVM tier: the policy picked the tier; the
 //! engine (`airlock_vm`) runs the command in a guest with its own kernel.
 //!
-//! What this tier does not have yet, it refuses rather than pretends: a
-//! workspace (the guest sees none; `--mode none` is implied only when the
-//! policy's mode is none or no workspace is mounted), egress (the guest has
-//! no network device at all), state, audit log and review. See the README's
-//! microVM section.
+//! What this tier does not have yet it says, rather than pretends: the
+//! workspace (the guest sees none: a warning unless the mode is `none`),
+//! egress (no network device at all: a warning when the policy has egress),
+//! state, audit log and review. See the README's microVM section.
 
 use std::path::Path;
 
@@ -27,6 +26,16 @@ pub(crate) fn run(
     };
     // Refused before anything else is said or built.
     engine_choice(policy)?;
+    if policy.workspace.mode != airlock_policy::WorkspaceMode::None {
+        let which = match &req.workspace {
+            Some(dir) => dir.display().to_string(),
+            None => "the current directory".to_owned(),
+        };
+        notify(Notice::Warning(format!(
+            "the microVM tier has no workspace yet: {which} is not visible in the guest (use --mode none to \
+             say so)"
+        )));
+    }
     if policy.network.has_egress() {
         notify(Notice::Warning(
             "the microVM tier has no network yet: the guest has no network device, so the policy's egress \
