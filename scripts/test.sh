@@ -25,7 +25,10 @@ if [ "$(id -u)" = 0 ]; then
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
         fi
         # The pure-cgroup-v2 test boots a Debian kernel in QEMU (software
-        # emulation) with a busybox initramfs: suite/cgroup_v2.rs.
+        # emulation) with a busybox initramfs: suite/cgroup_v2.rs. The
+        # microVM tier (suite/microvm.rs) boots the same kernel under QEMU's
+        # microvm machine (its firmware, qemu-system-data, and 9p come with
+        # qemu-system-x86) with an initramfs airlock writes itself.
         vm_missing=()
         for pkg in qemu-system-x86 busybox-static linux-image-amd64 cpio; do
             dpkg -s "$pkg" >/dev/null 2>&1 || vm_missing+=("$pkg")

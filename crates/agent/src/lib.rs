@@ -90,6 +90,48 @@ pub fn main() -> i32 {
     run_command(&mut control, &launch)
 }
 
+/// The agent of a microVM guest (`airlock_vm`'s PID 1): the guest's kernel
+/// and the VM are the boundary, so no jail is built; the agent serves
+/// execs and file operations as in a long-lived sandbox. `connect` opens
+/// the channel to the host once the signals the agent waits for are
+/// blocked, so that threads it starts inherit the mask.
+pub fn serve_guest(env: Vec<(String, String)>, connect: impl FnOnce() -> io::Result<UnixStream>) -> i32 {
+    oom::keep_handle();
+    let waiter = match signals::Waiter::install() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("airlock guest agent: cannot install signal handlers: {e}");
+            return AGENT_FAILED;
+        }
+    };
+    let control = match connect() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("airlock guest agent: cannot open the channel to the host: {e}");
+            return AGENT_FAILED;
+        }
+    };
+    let launch =
+        Launch { jail: guest_plan(), command: Vec::new(), env, cwd: "/".into(), tty: false, egress: None };
+    service::serve(control, &launch, waiter)
+}
+
+/// The plan a `Launch` carries; a guest applies none of it.
+fn guest_plan() -> airlock_jail::JailPlan {
+    airlock_jail::JailPlan {
+        hostname: "airlock".into(),
+        root_mountpoint: "/".into(),
+        read_only: Vec::new(),
+        hidden: Vec::new(),
+        tmp_size: 0,
+        workspace: None,
+        files: Vec::new(),
+        rlimits: airlock_jail::plan::RlimitPlan::default(),
+        landlock: airlock_jail::plan::LandlockPlan { enabled: false, required: false },
+        seccomp: false,
+    }
+}
+
 fn setup_failed(control: &mut UnixStream, step: &str, err: &dyn std::fmt::Display) -> i32 {
     report(control, AgentMessage::SetupFailed { step: step.into(), message: err.to_string() });
     AGENT_FAILED

@@ -4,7 +4,7 @@
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
-use airlock_policy::{Overrides, Policy, WorkspaceMode, parse_duration, parse_size};
+use airlock_policy::{Overrides, Policy, Tier, WorkspaceMode, parse_duration, parse_size};
 use airlock_proto::Stream;
 use airlock_proto::supervisor::ExecEvent;
 use airlock_runtime::state::StateRoot;
@@ -145,6 +145,9 @@ enum Command {
     /// The sandbox's network: every connection and request the egress proxy decided.
     #[command(subcommand)]
     Net(NetCommand),
+    /// The microVM tier's guest (`vm setup` builds it).
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// Serve the HTTP/JSON API on a Unix socket (sandboxes outlive it).
     Daemon {
         /// Socket path (default: /run/airlock/airlock.sock as root, else
@@ -171,6 +174,14 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "listen")]
         tokens: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Build (or check) the guest kernel and initramfs the microVM tier
+    /// boots, in the cache ($AIRLOCK_VM_CACHE, default /var/cache/airlock/vm
+    /// as root); rebuilt only when airlock or the kernel changed.
+    Setup,
 }
 
 #[derive(Subcommand)]
@@ -228,6 +239,10 @@ struct SandboxArgs {
     /// Set an environment variable inside (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Isolation tier: process, or microvm (a guest with its own kernel;
+    /// `run` only so far). Never weaker than the policy's.
+    #[arg(long, value_parser = parse_tier)]
+    tier: Option<Tier>,
 }
 
 impl SandboxArgs {
@@ -240,8 +255,13 @@ impl SandboxArgs {
             env: self.env.clone(),
             workspace_mode: self.mode,
             allow: self.allow.clone(),
+            tier: self.tier,
         }
     }
+}
+
+fn parse_tier(s: &str) -> Result<Tier, String> {
+    s.parse()
 }
 
 #[derive(Args)]
@@ -331,6 +351,15 @@ impl Command {
 /// Uses the daemon when one answers on its socket (and `--direct` was not
 /// given); works on the state directory directly otherwise.
 pub fn dispatch(cli: Cli) -> CliResult {
+    // Long-lived microVMs are not in this version: refused here, before
+    // either path (direct or daemon) could drop the flag, as a policy that
+    // says microvm is refused.
+    if let Command::Create(args) = &cli.command
+        && args.sandbox.tier == Some(Tier::Microvm)
+    {
+        let policy = Policy::resolve(&args.sandbox.policy)?.apply_overrides(&args.sandbox.overrides())?;
+        return Err(airlock_runtime::microvm::refuse_long_lived(&policy).into());
+    }
     let daemon = if cli.direct || !cli.command.daemon_capable() { None } else { Daemon::detect() };
     match daemon {
         Some(daemon) => remote::through_daemon(&daemon, cli.command),
@@ -421,7 +450,23 @@ fn direct(command: Command, forced: bool) -> CliResult {
         }
         Command::Doctor { json } => {
             let report = airlock_jail::probe::probe_host(airlock_jail::probe::Depth::Doctor);
-            present::doctor(&report, json)?;
+            let microvm = microvm_report();
+            present::doctor(&report, &microvm, json)?;
+            Ok(0)
+        }
+        Command::Vm(VmCommand::Setup) => {
+            let cache = airlock_vm::cache_dir()?;
+            let setup = airlock_vm::guest::setup(&cache, &mut |step| eprintln!("airlock: {step}"))?;
+            match setup {
+                airlock_vm::guest::Setup::UpToDate(g) => {
+                    eprintln!(
+                        "airlock: the guest is up to date (kernel {}, {})",
+                        g.kernel_release,
+                        g.initramfs.display()
+                    )
+                }
+                airlock_vm::guest::Setup::Built(_) => {}
+            }
             Ok(0)
         }
         Command::Policy(cmd) => policy(cmd),
@@ -450,6 +495,19 @@ fn direct(command: Command, forced: bool) -> CliResult {
             Ok(0)
         }
     }
+}
+
+/// The microVM engine, tried afresh (the verdict is kept for launches),
+/// and the guest's cache.
+fn microvm_report() -> present::MicrovmReport {
+    let kernel = airlock_vm::guest::find_kernel();
+    let engine = airlock_vm::engine::probe(kernel.as_ref().map(|k| k.vmlinuz.as_path()));
+    let cache = airlock_vm::cache_dir().ok();
+    if let Some(cache) = &cache {
+        airlock_vm::engine::remember_fresh(cache, kernel.as_ref().map(|k| k.vmlinuz.as_path()), &engine);
+    }
+    let guest = cache.as_deref().and_then(|c| airlock_vm::guest::current(c).ok().flatten());
+    present::MicrovmReport { engine, kernel: kernel.map(|k| k.release), cache, guest }
 }
 
 fn state() -> Result<StateRoot, Box<dyn std::error::Error>> {

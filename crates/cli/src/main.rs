@@ -14,6 +14,8 @@ fn main() -> ExitCode {
     // supervisor and each sandbox's egress proxy; those roles take no flags.
     match std::env::args().nth(1).as_deref() {
         Some(airlock_runtime::AGENT_ROLE) => return code(airlock_agent::main()),
+        // PID 1 of a microVM guest, started by its kernel from the initramfs.
+        Some(airlock_vm::GUEST_ROLE) => return code(airlock_vm::init::main()),
         Some(airlock_runtime::supervisor::SUPERVISOR_ROLE) => {
             return code(airlock_runtime::supervisor::main());
         }

@@ -153,28 +153,82 @@ pub fn gc(report: &GcReport, json: bool) -> io::Result<()> {
     Ok(())
 }
 
-pub fn doctor(report: &HostReport, json: bool) -> io::Result<()> {
+/// The microVM tier's part of `airlock doctor`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MicrovmReport {
+    pub engine: airlock_vm::engine::EngineReport,
+    /// The guest kernel's release, when one is installed.
+    pub kernel: Option<String>,
+    pub cache: Option<std::path::PathBuf>,
+    /// The cached guest, when it is current.
+    pub guest: Option<airlock_vm::guest::Guest>,
+}
+
+impl MicrovmReport {
+    /// The check `kvm` in doctor's list.
+    fn check(&self) -> airlock_jail::probe::Check {
+        use airlock_vm::engine::Kvm;
+        let status = match &self.engine.kvm {
+            Kvm::Usable { .. } => Status::Ok,
+            Kvm::NoPermission { .. } => Status::Limited,
+            Kvm::Missing | Kvm::Unusable { .. } | Kvm::Untested { .. } => Status::Missing,
+        };
+        airlock_jail::probe::Check {
+            id: "kvm",
+            title: "KVM for the microVM tier".into(),
+            status,
+            detail: format!("{} (tried in {} ms)", self.engine.kvm.describe(), self.engine.trial_ms),
+            fix: self.engine.kvm.fix(),
+        }
+    }
+
+    /// How a microVM would run here, for people.
+    fn verdict(&self) -> String {
+        let accel = match (&self.engine.qemu, &self.engine.kvm) {
+            (None, _) => format!("cannot run: {} is not installed", airlock_vm::engine::QEMU),
+            (Some(_), airlock_vm::engine::Kvm::Usable { .. }) => "runs with KVM".to_owned(),
+            (Some(_), _) => "runs only under software emulation (TCG), for policies that list \"kvm\" in \
+                             isolation.allow_weaker; refused otherwise"
+                .to_owned(),
+        };
+        let guest = match (&self.guest, &self.kernel) {
+            (Some(g), _) => format!("guest built (kernel {})", g.kernel_release),
+            (None, Some(k)) => format!("guest not built yet for kernel {k}: `airlock vm setup`"),
+            (None, None) => "no guest kernel: install linux-image-amd64".to_owned(),
+        };
+        format!("{accel}; {guest}")
+    }
+}
+
+pub fn doctor(report: &HostReport, microvm: &MicrovmReport, json: bool) -> io::Result<()> {
     let mut out = io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, &doctor_json(report)?)?;
+        serde_json::to_writer_pretty(&mut out, &doctor_json(report, microvm)?)?;
         return writeln!(out);
     }
-    render_doctor(report, &mut out)
+    render_doctor(report, microvm, &mut out)
 }
 
 /// The report with what it means for policies: `enforces` holds, per
-/// feature a policy may require, the verdict `run` and `create` plan by.
-fn doctor_json(report: &HostReport) -> io::Result<serde_json::Value> {
-    let mut value = serde_json::to_value(report)?;
+/// feature a policy may require, the verdict `run` and `create` plan by;
+/// `microvm` the engine's state.
+fn doctor_json(report: &HostReport, microvm: &MicrovmReport) -> io::Result<serde_json::Value> {
+    let mut report = report.clone();
+    report.checks.push(microvm.check());
+    let mut value = serde_json::to_value(&report)?;
     let enforces: serde_json::Map<String, serde_json::Value> =
         Feature::ALL.iter().map(|f| (f.as_str().to_owned(), report.enforces(*f).into())).collect();
     if let Some(fields) = value.as_object_mut() {
         fields.insert("enforces".to_owned(), enforces.into());
+        fields.insert("microvm".to_owned(), serde_json::to_value(microvm)?);
     }
     Ok(value)
 }
 
-fn render_doctor(report: &HostReport, out: &mut dyn Write) -> io::Result<()> {
+fn render_doctor(report: &HostReport, microvm: &MicrovmReport, out: &mut dyn Write) -> io::Result<()> {
+    let mut report = report.clone();
+    report.checks.push(microvm.check());
+    let report = &report;
     writeln!(out, "kernel: {}", report.kernel)?;
     writeln!(
         out,
@@ -201,6 +255,7 @@ fn render_doctor(report: &HostReport, out: &mut dyn Write) -> io::Result<()> {
         let verdict = if report.enforces(feature) { "enforced" } else { "MISSING" };
         writeln!(out, "  {:<12} {verdict} ({})", feature.as_str(), feature.checks().join(", "))?;
     }
+    writeln!(out, "microvm tier: {}", microvm.verdict())?;
     Ok(())
 }
 
@@ -527,6 +582,21 @@ mod tests {
         })
     }
 
+    /// A host like the development machine: KVM there runs only guests
+    /// built for its hypervisor.
+    fn nested_kvm() -> MicrovmReport {
+        MicrovmReport {
+            engine: airlock_vm::engine::EngineReport {
+                qemu: Some("/usr/bin/qemu-system-x86_64".into()),
+                kvm: airlock_vm::engine::Kvm::Unusable { reason: "printed nothing within 5 s".into() },
+                trial_ms: 5000,
+            },
+            kernel: Some("6.1.0-57-amd64".into()),
+            cache: None,
+            guest: None,
+        }
+    }
+
     #[test]
     fn doctor_shows_what_the_plan_decides() {
         let dev = airlock_policy::Policy::builtin("dev").unwrap();
@@ -534,10 +604,18 @@ mod tests {
             [(true, true, true), (false, false, true), (false, true, false), (true, false, false)]
         {
             let report = report(root, cgroups, landlock);
+            let microvm = nested_kvm();
             let mut text = Vec::new();
-            render_doctor(&report, &mut text).unwrap();
+            render_doctor(&report, &microvm, &mut text).unwrap();
             let text = String::from_utf8(text).unwrap();
-            let json = doctor_json(&report).unwrap();
+            let json = doctor_json(&report, &microvm).unwrap();
+            // The microVM engine's case, its fix, and what it means for policies.
+            assert!(
+                text.contains("[MISSING] kvm") && text.contains("cannot run an ordinary guest"),
+                "{text}"
+            );
+            assert!(text.contains("microvm tier: runs only under software emulation"), "{text}");
+            assert_eq!(json["microvm"]["engine"]["kvm"]["state"], "unusable", "{json}");
             let missing: Vec<String> = airlock_runtime::plan::shortfalls(&dev, &report)
                 .iter()
                 .map(|s| s.feature.to_string())

@@ -209,7 +209,6 @@ fn doctor_report(facts: &HostFacts) -> HostReport {
         try_cgroup(verdict("cgroup-pids"), "pids", &facts.cgroups),
         try_cgroup(verdict("cgroup-cpu"), "cpu", &facts.cgroups),
         try_disk_quota(verdict("disk-quota")),
-        check_kvm(),
     ];
     HostReport { checks, running_as_root: root, kernel: launch.kernel, cgroups: launch.cgroups }
 }
@@ -715,26 +714,6 @@ fn try_disk_quota(verdict: Check) -> Check {
     )
 }
 
-fn check_kvm() -> Check {
-    const CHECK: Subject<'static> = Subject { id: "kvm", title: "KVM for the microVM tier" };
-    const LATER: &str = "the microVM tier is not in this version, so nothing uses it yet";
-    let path = Path::new("/dev/kvm");
-    if !path.exists() {
-        return CHECK.missing(
-            format!("/dev/kvm does not exist; {LATER}"),
-            "enable virtualization in the firmware and load kvm_intel or kvm_amd \
-             (on a cloud VM: pick an instance type with nested virtualization)",
-        );
-    }
-    match fs::OpenOptions::new().read(true).write(true).open(path) {
-        Ok(_) => CHECK.ok(format!("/dev/kvm opens read-write; {LATER}")),
-        Err(e) => CHECK.limited(
-            format!("/dev/kvm exists but cannot be opened read-write: {e}; {LATER}"),
-            "add your user to the kvm group (`sudo usermod -aG kvm $USER`), then log in again",
-        ),
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Child processes
 
@@ -947,8 +926,7 @@ mod tests {
                 "cgroup-memory",
                 "cgroup-pids",
                 "cgroup-cpu",
-                "disk-quota",
-                "kvm"
+                "disk-quota"
             ]
         );
         for c in &report.checks {
@@ -976,7 +954,6 @@ mod tests {
             let c = report.get(id).unwrap();
             assert_eq!(c.status, Status::Ok, "{c:?}");
         }
-        assert!(report.get("kvm").unwrap().detail.contains("microVM tier"));
         assert!(report.get("no-such-check").is_none());
         // The doctor's test cgroups are gone again.
         let pid = std::process::id().to_string();

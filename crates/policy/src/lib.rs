@@ -195,7 +195,7 @@ keyword_enum! {
     Tier {
         /// Namespaces, seccomp, Landlock and cgroups on the host kernel.
         Process => "process",
-        /// Own guest kernel under QEMU microvm; parsed now, refused by the runtime until it ships.
+        /// Own guest kernel under QEMU's microvm machine (`airlock run` only, so far).
         Microvm => "microvm",
     }
 }
@@ -206,6 +206,8 @@ keyword_enum! {
         Cgroups => "cgroups",
         Landlock => "landlock",
         DiskQuota => "disk-quota",
+        /// The microVM tier without KVM: QEMU's software emulation (TCG).
+        Kvm => "kvm",
     }
 }
 

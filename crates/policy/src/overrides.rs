@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::error::PolicyError;
 use crate::parse::check_env_name;
-use crate::{HostPattern, Policy, WorkspaceMode, Writeback, format_duration, format_size};
+use crate::{HostPattern, Policy, Tier, WorkspaceMode, Writeback, format_duration, format_size};
 
 /// Values given on the command line; `None` keeps the policy's value.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -22,6 +22,8 @@ pub struct Overrides {
     /// `--allow HOST[:PORT]`, appended to `network.allow`; refused unless the
     /// policy has egress and `allow_flag = true`.
     pub allow: Vec<String>,
+    /// `--tier`: may move a sandbox to a stronger tier, never to a weaker one.
+    pub tier: Option<Tier>,
 }
 
 const MIN_MEMORY: u64 = 16 * 1024 * 1024;
@@ -114,6 +116,16 @@ pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError>
             return Err(PolicyError::RwWithoutWriteback { policy: base.name.clone() });
         }
         p.workspace.mode = mode;
+    }
+    if let Some(tier) = o.tier {
+        if base.isolation.tier == Tier::Microvm && tier == Tier::Process {
+            return Err(invalid(
+                "--tier",
+                tier.as_str().to_owned(),
+                &format!("policy {} requires the microvm tier", base.name),
+            ));
+        }
+        p.isolation.tier = tier;
     }
     for entry in &o.allow {
         let pattern =

@@ -429,6 +429,27 @@ fn microvm_tier_parses() {
 }
 
 #[test]
+fn running_microvms_without_kvm_is_a_weakening_no_builtin_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "tcg.toml", "[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n");
+    let policy = Policy::load_file(&path).unwrap();
+    assert!(policy.allows_weaker(Weakening::Kvm));
+    for name in ["dev", "ci", "plugin", "remediation"] {
+        assert!(!Policy::builtin(name).unwrap().allows_weaker(Weakening::Kvm), "{name}");
+    }
+}
+
+#[test]
+fn the_tier_flag_strengthens_but_never_weakens() {
+    let ci = Policy::builtin("ci").unwrap();
+    let vm = ci.apply_overrides(&Overrides { tier: Some(Tier::Microvm), ..Overrides::default() }).unwrap();
+    assert_eq!(vm.isolation.tier, Tier::Microvm);
+    let err =
+        vm.apply_overrides(&Overrides { tier: Some(Tier::Process), ..Overrides::default() }).unwrap_err();
+    assert!(err.to_string().contains("requires the microvm tier"), "{err}");
+}
+
+#[test]
 fn enums_display_as_toml_and_serialize_kebab_case() {
     assert_eq!(Weakening::DiskQuota.to_string(), "disk-quota");
     assert_eq!("disk-quota".parse::<Weakening>().unwrap(), Weakening::DiskQuota);

@@ -74,6 +74,9 @@ impl From<&RunError> for CreateFailure {
             RunError::TierUnavailable | RunError::HostUnsupported(_) => {
                 CreateFailure::HostUnsupported { message, feature: None, policy: None }
             }
+            RunError::Vm(vm) if vm.is_host_unsupported() => {
+                CreateFailure::HostUnsupported { message, feature: None, policy: None }
+            }
             RunError::StateDir(StateError::Exists { name, path }) => {
                 CreateFailure::NameTaken { name: name.clone(), path: path.clone() }
             }

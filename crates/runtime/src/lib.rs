@@ -11,6 +11,7 @@ pub mod files;
 pub mod idblocks;
 mod layer;
 mod lifecycle;
+pub mod microvm;
 pub use lifecycle::UndoFailed;
 pub mod names;
 pub mod network;
@@ -66,8 +67,14 @@ pub enum RunError {
         "this host lacks {feature}, which policy {policy} requires; run `airlock doctor` for how to fix it, or use a policy that lists \"{feature}\" in isolation.allow_weaker"
     )]
     HostLacks { feature: String, policy: String },
-    #[error("the microvm tier is not available in this version of airlock; use tier = \"process\"")]
+    #[error(
+        "long-lived microVM sandboxes (create, the daemon) are not in this version of airlock: `airlock run` \
+         runs a command in a microVM; for create use tier = \"process\""
+    )]
     TierUnavailable,
+    /// The microVM tier: the host lacks what it needs, or the guest failed.
+    #[error(transparent)]
+    Vm(#[from] airlock_vm::VmError),
     #[error("no command given: put it after `--`, e.g. `airlock run -- make test`")]
     NoCommand,
     #[error("workspace {0}: {1}")]

@@ -20,12 +20,14 @@ pub struct Shortfall {
     pub allowed: bool,
 }
 
-/// The probe's name for a feature a policy may do without.
-pub fn host_feature(w: Weakening) -> Feature {
+/// The probe's name for a feature a policy may do without; `kvm` is the
+/// microVM engine's (`airlock_vm::engine`), not the process tier's.
+pub fn host_feature(w: Weakening) -> Option<Feature> {
     match w {
-        Weakening::Cgroups => Feature::Cgroups,
-        Weakening::Landlock => Feature::Landlock,
-        Weakening::DiskQuota => Feature::DiskQuota,
+        Weakening::Cgroups => Some(Feature::Cgroups),
+        Weakening::Landlock => Some(Feature::Landlock),
+        Weakening::DiskQuota => Some(Feature::DiskQuota),
+        Weakening::Kvm => None,
     }
 }
 
@@ -38,7 +40,7 @@ pub fn shortfalls(policy: &Policy, host: &HostReport) -> Vec<Shortfall> {
     }
     needed
         .into_iter()
-        .filter(|w| !host.enforces(host_feature(*w)))
+        .filter(|w| host_feature(*w).is_some_and(|f| !host.enforces(f)))
         .map(|feature| Shortfall { allowed: policy.allows_weaker(feature), feature })
         .collect()
 }
@@ -184,6 +186,17 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
 /// The command's environment: a fixed base, the host variables the policy
 /// passes through, then the policy's (and the command line's) fixed values.
 fn environment(policy: &Policy, input: &LaunchInput<'_>) -> BTreeMap<String, String> {
+    let network = input.network.as_ref().map_or(&[][..], |n| n.env);
+    environment_of(policy, input.name, input.host_env, network)
+}
+
+/// [`environment`] from its parts; the microVM tier's too.
+pub(crate) fn environment_of(
+    policy: &Policy,
+    name: &str,
+    host_env: &dyn Fn(&str) -> Option<String>,
+    network: &[(String, String)],
+) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     let base = [
         ("PATH", SANDBOX_PATH),
@@ -195,16 +208,14 @@ fn environment(policy: &Policy, input: &LaunchInput<'_>) -> BTreeMap<String, Str
     for (k, v) in base {
         env.insert(k.to_string(), v.to_string());
     }
-    env.insert("AIRLOCK_SANDBOX".to_string(), input.name.to_string());
-    for name in &policy.env.pass {
-        if let Some(value) = (input.host_env)(name) {
-            env.insert(name.clone(), value);
+    env.insert("AIRLOCK_SANDBOX".to_string(), name.to_string());
+    for var in &policy.env.pass {
+        if let Some(value) = host_env(var) {
+            env.insert(var.clone(), value);
         }
     }
-    if let Some(network) = &input.network {
-        for (k, v) in network.env {
-            env.insert(k.clone(), v.clone());
-        }
+    for (k, v) in network {
+        env.insert(k.clone(), v.clone());
     }
     for (k, v) in &policy.env.set {
         env.insert(k.clone(), v.clone());

@@ -58,6 +58,11 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
     if req.command.is_empty() {
         return Err(RunError::NoCommand);
     }
+    // The tier decides the engine; the microVM tier's is `airlock_vm`.
+    let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
+    if policy.isolation.tier == airlock_policy::Tier::Microvm {
+        return crate::microvm::run(req, &policy, notify);
+    }
     let checked = check(&req.policy, &req.overrides, req.workspace.as_deref(), notify)?;
     tracing::debug!("phase: start: policy resolved, host checked");
     if let Some(name) = &req.name {
@@ -95,7 +100,7 @@ pub(crate) fn check(
 ) -> Result<Checked, RunError> {
     let policy = Policy::resolve(policy)?.apply_overrides(overrides)?;
     if policy.isolation.tier == airlock_policy::Tier::Microvm {
-        return Err(RunError::TierUnavailable);
+        return Err(crate::microvm::refuse_long_lived(&policy));
     }
     let workspace = resolve_workspace(&policy, workspace)?;
     if let Some(repo) = workspace.as_deref().and_then(git_dir_outside) {

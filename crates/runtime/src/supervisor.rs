@@ -201,6 +201,9 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
         env: spec.env.clone(),
         workspace_mode: mode,
         allow: spec.allow.clone(),
+        // Long-lived microVMs are not in this version: the policy's tier
+        // decides, and `check` refuses microvm.
+        tier: None,
     };
     let req = &spec.request;
     let checked = crate::run::check(&req.policy, &overrides, req.workspace.as_deref(), &mut |_| {})?;

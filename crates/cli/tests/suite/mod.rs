@@ -18,6 +18,7 @@ mod files;
 mod launch_undo;
 mod lifecycle;
 mod longlived;
+mod microvm;
 mod rootless;
 mod security;
 mod workspace;

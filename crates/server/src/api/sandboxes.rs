@@ -131,6 +131,9 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
         // workspace, nothing is mounted.
         workspace_mode,
         allow: body.allow,
+        // Long-lived microVMs are not in this version: the policy's tier
+        // decides, and `check` refuses microvm.
+        tier: None,
     };
     let request = CreateRequest {
         name: body.name,

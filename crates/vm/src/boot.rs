@@ -1,0 +1,375 @@
+//! Starting a guest: QEMU's `microvm` machine with the fewest devices — a
+//! serial console (a log file), one virtio-serial port (the agent's
+//! channel), one 9p share (the host's root, read-only) — and the agent's
+//! first word over the channel.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use airlock_proto::AgentMessage;
+
+use crate::engine::{Accel, QEMU};
+use crate::guest::Guest;
+use crate::init::{PORT_NAME, RootEntry, share_tag};
+use crate::{GUEST_ROLE, VmError};
+
+/// What a guest gets.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    pub accel: Accel,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    /// How long the guest may take to boot to its agent.
+    pub deadline: Duration,
+    /// The guest's root: what of the host it sees, read-only.
+    pub root: Vec<RootEntry>,
+}
+
+/// A running guest; killed (and its directory removed) when dropped.
+pub struct Vm {
+    qemu: Qemu,
+    /// The agent's channel.
+    pub channel: UnixStream,
+    /// From starting QEMU to the agent's `Serving`.
+    pub boot_time: Duration,
+}
+
+/// The QEMU child dies with the process that started it.
+pub(crate) fn die_with_parent(command: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and makes one prctl
+    // system call, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            Ok(())
+        });
+    }
+}
+
+/// First of the host ids QEMU runs as when airlock is root: below the
+/// egress proxies' (999,000,000) and the sandboxes' (1,000,000,000) ranges.
+pub const QEMU_FIRST_UID: u32 = 998_000_000;
+
+/// The ids QEMU runs as, as root: a uid of its own per airlock process
+/// (pids of live processes are distinct, so two running microVMs never
+/// share one, and a reused pid's QEMU died with its airlock); the group of
+/// `/dev/kvm` when it uses KVM, else the same number as the uid. It then
+/// reads only what the world may read of the shared directories.
+fn qemu_ids(accel: Accel) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let uid = QEMU_FIRST_UID + std::process::id();
+    let gid = match accel {
+        Accel::Kvm => fs::metadata("/dev/kvm").map_or(uid, |m| m.gid()),
+        Accel::Tcg => uid,
+    };
+    (uid, gid)
+}
+
+/// The host's TSC rate in kHz, for a guest under emulation (the microvm
+/// machine has no timer the kernel can calibrate against there).
+fn tsc_khz() -> u64 {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map_or(2_000_000, |mhz| (mhz * 1000.0) as u64)
+}
+
+/// The kernel's command line: quiet, reboot (and so QEMU's exit) on panic,
+/// and the agent's role for /init.
+/// The longest command line an x86 kernel keeps (COMMAND_LINE_SIZE, its
+/// NUL included); it cuts longer ones silently, which would drop masks.
+const MAX_COMMAND_LINE: usize = 2047;
+
+fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> Result<String, VmError> {
+    let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
+    if accel == Accel::Tcg {
+        line.push_str(&format!(" tsc_early_khz={}", tsc_khz()));
+    }
+    line.push_str(&format!(" -- {GUEST_ROLE}"));
+    for entry in root {
+        line.push(' ');
+        line.push_str(&entry.to_arg());
+    }
+    if line.len() > MAX_COMMAND_LINE {
+        return Err(VmError::Boot(format!(
+            "the guest's root does not fit the kernel's command line ({} bytes, at most {MAX_COMMAND_LINE}): \
+             list fewer or shorter paths in filesystem.read_only and filesystem.hidden",
+            line.len()
+        )));
+    }
+    Ok(line)
+}
+
+fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> Result<Vec<String>, VmError> {
+    let mut args: Vec<String> =
+        vec!["-M".into(), "microvm".into(), "-accel".into(), spec.accel.as_str().into()];
+    if spec.accel == Accel::Kvm {
+        args.extend(["-cpu".into(), "host".into()]);
+    }
+    let path = |p: &Path| p.to_string_lossy().replace(',', ",,");
+    args.extend([
+        "-m".into(),
+        format!("{}M", spec.memory_mib),
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        // QEMU's own seccomp filter: no obsolete system calls, no change of
+        // ids, no new processes, no scheduling or resource changes.
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-serial".into(),
+        format!("file:{}", path(console)),
+        "-kernel".into(),
+        guest.kernel.to_string_lossy().into_owned(),
+        "-initrd".into(),
+        guest.initramfs.to_string_lossy().into_owned(),
+        "-append".into(),
+        kernel_command_line(spec.accel, &spec.root)?,
+        "-chardev".into(),
+        format!("socket,id=agent,path={}", path(socket)),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-device".into(),
+        format!("virtserialport,chardev=agent,name={PORT_NAME}"),
+    ]);
+    let shares = spec.root.iter().filter_map(|e| match e {
+        RootEntry::Share(p) => Some(p),
+        _ => None,
+    });
+    for (index, share) in shares.enumerate() {
+        let tag = share_tag(index);
+        args.extend([
+            "-fsdev".into(),
+            format!("local,id={tag},path={},security_model=none,readonly=on,multidevs=remap", path(share)),
+            "-device".into(),
+            format!("virtio-9p-device,fsdev={tag},mount_tag={tag}"),
+        ]);
+    }
+    Ok(args)
+}
+
+impl Vm {
+    /// Boots `guest`, with its sockets and logs in `dir` (created here,
+    /// removed with the VM).
+    pub fn boot(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Vm, VmError> {
+        // The runs' directory is searchable (QEMU, under its own uid, must
+        // reach its run's socket) but not listable; each run's is QEMU's own.
+        if let Some(runs) = dir.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(runs)
+                .map_err(|e| VmError::io(runs, e))?;
+            fs::set_permissions(runs, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+                .map_err(|e| VmError::io(runs, e))?;
+        }
+        if let Some(runs) = dir.parent() {
+            sweep_runs(runs);
+        }
+        fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| VmError::io(dir, e))?;
+        let socket = dir.join("agent.sock");
+        let console = dir.join("console.log");
+        let listener = UnixListener::bind(&socket).map_err(|e| VmError::io(&socket, e))?;
+        listener.set_nonblocking(true).map_err(|e| VmError::io(&socket, e))?;
+        let qemu_log = dir.join("qemu.log");
+        let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
+        let mut command = Command::new(QEMU);
+        command
+            .args(qemu_args(guest, spec, &socket, &console)?)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if rustix::process::geteuid().is_root() {
+            let (uid, gid) = qemu_ids(spec.accel);
+            // QEMU creates the console log and connects to the socket as itself.
+            for path in [dir, socket.as_path()] {
+                rustix::fs::chown(
+                    path,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )
+                .map_err(|e| VmError::io(path, e.into()))?;
+            }
+            // std drops the supplementary groups, then sets gid and uid.
+            command.uid(uid).gid(gid);
+        }
+        // After the change of ids, which would clear it.
+        die_with_parent(&mut command);
+        let started = Instant::now();
+        let child = command.spawn().map_err(|e| VmError::Boot(format!("cannot start {QEMU}: {e}")))?;
+        let mut qemu = Qemu { child, dir: dir.to_path_buf() };
+        let deadline = started + spec.deadline;
+        let mut channel = qemu.accept(&listener, deadline)?;
+        qemu.await_agent(&mut channel, deadline)?;
+        let vm = Vm { qemu, channel, boot_time: started.elapsed() };
+        tracing::info!(
+            ms = vm.boot_time.as_millis() as u64,
+            accel = spec.accel.as_str(),
+            "guest agent serving"
+        );
+        Ok(vm)
+    }
+
+    /// Why the guest ended on its own (see [`Qemu::ended`]).
+    pub fn ended(&mut self, during: &str) -> VmError {
+        self.qemu.ended(during)
+    }
+
+    /// An error that carries the end of QEMU's log and of the guest's console.
+    pub fn failure(&self, what: &str) -> VmError {
+        self.qemu.failure(what)
+    }
+}
+
+/// The QEMU process and its run's directory; killed and removed when dropped.
+struct Qemu {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Qemu {
+    fn accept(&mut self, listener: &UnixListener, deadline: Instant) -> Result<UnixStream, VmError> {
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).map_err(|e| VmError::io(&self.dir, e))?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(VmError::io(&self.dir, e)),
+            }
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                return Err(self.failure("QEMU did not connect to the agent's channel in time"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn await_agent(&mut self, channel: &mut UnixStream, deadline: Instant) -> Result<(), VmError> {
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        channel.set_read_timeout(Some(remaining)).map_err(|e| VmError::io(&self.dir, e))?;
+        let first = airlock_proto::recv::<_, AgentMessage>(channel);
+        channel.set_read_timeout(None).map_err(|e| VmError::io(&self.dir, e))?;
+        match first {
+            Ok(Some(AgentMessage::Serving)) => Ok(()),
+            Ok(Some(other)) => Err(self.failure(&format!("the guest's agent said {other:?} first"))),
+            Ok(None) => Err(self.ended("before its agent started")),
+            Err(airlock_proto::ProtoError::Io(e))
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+            {
+                Err(self.failure("the guest's agent did not start in time"))
+            }
+            Err(e) => Err(self.failure(&format!("the guest's agent: {e}"))),
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<(), VmError> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(self.failure(&format!("QEMU ended ({status})"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Why the guest ended on its own (its channel closed): a kernel panic,
+    /// a power-off, or QEMU's end, read from the guest's console once QEMU
+    /// has exited (briefly waited for; it flushes the console as it goes).
+    fn ended(&mut self, during: &str) -> VmError {
+        let waited = Instant::now();
+        while waited.elapsed() < Duration::from_secs(2) && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+        let what = if let Some(panic) = console.lines().find(|l| l.contains("Kernel panic")) {
+            let reason =
+                panic.split_once("Kernel panic").map_or("", |(_, r)| r).trim_start_matches([' ', '-']);
+            format!("the guest's kernel panicked {during} ({})", printable(reason.trim()))
+        } else if console.contains("reboot: Power down") || console.contains("reboot: System halted") {
+            format!("the guest powered off {during}")
+        } else if console.contains("reboot: Restarting system") {
+            format!("the guest rebooted {during}")
+        } else {
+            match self.child.try_wait() {
+                Ok(Some(status)) => format!("QEMU ended ({status}) {during}"),
+                _ => format!("the guest closed its channel {during}"),
+            }
+        };
+        self.failure(&what)
+    }
+
+    fn failure(&self, what: &str) -> VmError {
+        let tail = |name: &str| {
+            let text = fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(printable).collect();
+            lines[lines.len().saturating_sub(12)..].join("\n")
+        };
+        VmError::Guest { what: what.to_owned(), qemu: tail("qemu.log"), console: tail("console.log") }
+    }
+}
+
+/// Removes the directories of runs whose airlock is gone (killed before it
+/// could clean up): each is named `<pid>-<n>` after the airlock that made it.
+pub fn sweep_runs(runs: &Path) {
+    let Ok(entries) = fs::read_dir(runs) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The guest writes its console: shown to a person, every control
+/// character (escape sequences, carriage returns) becomes `?`.
+fn printable(line: &str) -> String {
+    line.chars().map(|c| if c.is_control() && c != '\t' { '?' } else { c }).collect()
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
+        let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
+        let fits: Vec<RootEntry> = (0..20).map(hide).collect();
+        let line = kernel_command_line(Accel::Tcg, &fits).unwrap();
+        assert!(line.ends_with("hide:/etc/secret-0019-with-a-long-name"), "{line}");
+        let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
+        let err = kernel_command_line(Accel::Tcg, &too_many).unwrap_err().to_string();
+        assert!(err.contains("filesystem.hidden"), "{err}");
+    }
+
+    #[test]
+    fn the_guests_console_is_shown_without_control_characters() {
+        assert_eq!(printable("ok\x1b[2J\rforged\tline"), "ok?[2J?forged\tline");
+    }
+}

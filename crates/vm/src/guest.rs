@@ -1,0 +1,418 @@
+//! The guest: the distribution's kernel and an initramfs whose PID 1 is
+//! airlock's own agent, built once and cached.
+//!
+//! The initramfs holds only what is needed before the host's root is
+//! mounted: airlock's executable (its loaded part, see `elf`), the dynamic
+//! loader and the libraries it was linked against (read from this
+//! process's own mappings, so they are exactly the ones in use), and the
+//! kernel modules for virtio-mmio, the virtio console and 9p (with what
+//! they depend on, from `modules.dep`). Everything else — the programs a
+//! sandbox runs — comes from the host's root, read-only over 9p.
+//!
+//! The cache is rebuilt when its key changes: airlock's executable (path,
+//! size, modification time) or the kernel (release, size, modification
+//! time), and the layout version below.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::VmError;
+use crate::cpio::{self, Archive};
+
+/// Bumped whenever what goes into the initramfs changes.
+const LAYOUT: u32 = 2;
+
+/// The modules the guest loads, by name; their dependencies come along.
+const WANTED_MODULES: [&str; 5] = ["virtio_mmio", "virtio_console", "9pnet_virtio", "9p", "overlay"];
+
+/// Where the initramfs keeps the modules and their load order.
+pub const MODULE_DIR: &str = "/modules";
+pub const MODULE_ORDER: &str = "/modules/order";
+
+/// A kernel the guest can boot, with its modules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kernel {
+    pub release: String,
+    pub vmlinuz: PathBuf,
+    pub modules: PathBuf,
+}
+
+/// The newest kernel in /boot whose modules include 9p.
+pub fn find_kernel() -> Option<Kernel> {
+    let mut found: Vec<Kernel> = fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let release = name.strip_prefix("vmlinuz-")?.to_owned();
+            let modules = Path::new("/lib/modules").join(&release);
+            modules.join("modules.dep").exists().then(|| Kernel { release, vmlinuz: e.path(), modules })
+        })
+        .collect();
+    found.sort_by(|a, b| a.release.cmp(&b.release));
+    found.pop()
+}
+
+/// A built guest, as its manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guest {
+    pub key: String,
+    pub kernel_release: String,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub initramfs_bytes: u64,
+}
+
+/// What `setup` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Setup {
+    UpToDate(Guest),
+    Built(Guest),
+}
+
+impl Setup {
+    pub fn guest(&self) -> &Guest {
+        match self {
+            Setup::UpToDate(g) | Setup::Built(g) => g,
+        }
+    }
+}
+
+fn guest_dir(cache: &Path) -> PathBuf {
+    cache.join("guest")
+}
+
+fn key(kernel: &Kernel, exe: &Path) -> Result<String, VmError> {
+    use std::os::unix::fs::MetadataExt;
+    let stamp = |path: &Path| -> Result<String, VmError> {
+        let m = fs::metadata(path).map_err(|e| VmError::io(path, e))?;
+        Ok(format!("{}:{}:{}.{}", path.display(), m.size(), m.mtime(), m.mtime_nsec()))
+    };
+    Ok(format!(
+        "layout {LAYOUT}; airlock {} {}; kernel {} {}",
+        env!("CARGO_PKG_VERSION"),
+        stamp(exe)?,
+        kernel.release,
+        stamp(&kernel.vmlinuz)?
+    ))
+}
+
+/// The cached guest if it is current, without building anything.
+pub fn current(cache: &Path) -> Result<Option<Guest>, VmError> {
+    let Some(kernel) = find_kernel() else { return Err(VmError::NoKernel) };
+    let exe = std::env::current_exe().map_err(|e| VmError::io(Path::new("/proc/self/exe"), e))?;
+    let key = key(&kernel, &exe)?;
+    let manifest = guest_dir(cache).join("guest.json");
+    let Ok(text) = fs::read_to_string(&manifest) else { return Ok(None) };
+    let Ok(guest) = serde_json::from_str::<Guest>(&text) else { return Ok(None) };
+    Ok((guest.key == key && guest.kernel.exists() && guest.initramfs.exists()).then_some(guest))
+}
+
+/// Builds the guest unless the cached one is current; `progress` hears each step.
+pub fn setup(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<Setup, VmError> {
+    crate::boot::sweep_runs(&cache.join("run"));
+    if let Some(guest) = current(cache)? {
+        return Ok(Setup::UpToDate(guest));
+    }
+    // One builder at a time; whoever waited finds the guest built.
+    fs::create_dir_all(cache).map_err(|e| VmError::io(cache, e))?;
+    let lock_path = cache.join("setup.lock");
+    let lock = fs::File::create(&lock_path).map_err(|e| VmError::io(&lock_path, e))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| VmError::io(&lock_path, e.into()))?;
+    if let Some(guest) = current(cache)? {
+        return Ok(Setup::UpToDate(guest));
+    }
+    let started = Instant::now();
+    let kernel = find_kernel().ok_or(VmError::NoKernel)?;
+    let exe = std::env::current_exe().map_err(|e| VmError::io(Path::new("/proc/self/exe"), e))?;
+    let key = key(&kernel, &exe)?;
+    progress(&format!("kernel {} ({})", kernel.release, kernel.vmlinuz.display()));
+    fs::create_dir_all(cache).map_err(|e| VmError::io(cache, e))?;
+    // Built beside the old one and renamed into place: a guest is complete or absent.
+    let building = cache.join(format!("guest.building.{}", std::process::id()));
+    let _ = fs::remove_dir_all(&building);
+    fs::create_dir_all(&building).map_err(|e| VmError::io(&building, e))?;
+    let result = build(&building, &kernel, &exe, &key, progress);
+    let guest = match result {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&building);
+            return Err(e);
+        }
+    };
+    let dir = guest_dir(cache);
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&building, &dir).map_err(|e| VmError::io(&dir, e))?;
+    let kernel_file = guest.kernel.file_name().map(|n| dir.join(n)).unwrap_or_else(|| dir.join("vmlinuz"));
+    let guest = Guest { kernel: kernel_file, initramfs: dir.join("initramfs.cpio"), ..guest };
+    let manifest = serde_json::to_string_pretty(&guest).map_err(|e| VmError::Manifest(e.to_string()))?;
+    fs::write(dir.join("guest.json"), manifest).map_err(|e| VmError::io(&dir, e))?;
+    progress(&format!(
+        "guest ready in {} ({} MiB initramfs, built in {} ms)",
+        dir.display(),
+        guest.initramfs_bytes >> 20,
+        started.elapsed().as_millis()
+    ));
+    Ok(Setup::Built(guest))
+}
+
+fn build(
+    dir: &Path,
+    kernel: &Kernel,
+    exe: &Path,
+    key: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Guest, VmError> {
+    let vmlinuz = kernel_image(&kernel.vmlinuz, dir, progress)?;
+    let image = dir.join("initramfs.cpio");
+    let file = fs::File::create(&image).map_err(|e| VmError::io(&image, e))?;
+    let mut archive = Archive::new(BufWriter::new(file));
+    let mut dirs = Directories::default();
+    let io = |e| VmError::io(&image, e);
+    for d in ["/proc", "/sys", "/dev", "/newroot", MODULE_DIR] {
+        dirs.ensure(&mut archive, d).map_err(io)?;
+    }
+
+    let binary = fs::read(exe).map_err(|e| VmError::io(exe, e))?;
+    let interp = crate::elf::interpreter(&binary).map_err(|e| VmError::io(exe, e))?;
+    let init = crate::elf::loadable(&binary).map_err(|e| VmError::io(exe, e))?;
+    progress(&format!(
+        "airlock {} ({} MiB loaded part of {} MiB)",
+        exe.display(),
+        init.len() >> 20,
+        binary.len() >> 20
+    ));
+    archive.file("/init", cpio::EXECUTABLE, &init).map_err(io)?;
+    drop(binary);
+
+    // The loader at the path the executable names, and each library at the
+    // path it is mapped from (the loader's default directories).
+    let mut libraries = mapped_libraries()?;
+    if let Some(interp) = &interp {
+        libraries.insert(PathBuf::from(interp));
+    }
+    for lib in &libraries {
+        let data = fs::read(lib).map_err(|e| VmError::io(lib, e))?;
+        let path = lib.to_string_lossy();
+        if let Some(parent) = lib.parent() {
+            dirs.ensure(&mut archive, &parent.to_string_lossy()).map_err(io)?;
+        }
+        archive.file(&path, cpio::EXECUTABLE, &data).map_err(io)?;
+    }
+    progress(&format!("{} libraries and the loader", libraries.len()));
+
+    let modules = module_order(&kernel.modules)?;
+    let mut order = String::new();
+    for (i, module) in modules.iter().enumerate() {
+        let data = fs::read(module).map_err(|e| VmError::io(module, e))?;
+        let name = format!("{i:02}-{}", module.file_name().unwrap_or_default().to_string_lossy());
+        archive.file(&format!("{MODULE_DIR}/{name}"), cpio::REGULAR, &data).map_err(io)?;
+        order.push_str(&name);
+        order.push('\n');
+    }
+    archive.file(MODULE_ORDER, cpio::REGULAR, order.as_bytes()).map_err(io)?;
+    progress(&format!(
+        "{} kernel modules (virtio-mmio, virtio console, 9p, overlay and their dependencies)",
+        modules.len()
+    ));
+    let (mut out, bytes) = archive.finish().map_err(io)?;
+    out.flush().map_err(io)?;
+    Ok(Guest {
+        key: key.to_owned(),
+        kernel_release: kernel.release.clone(),
+        kernel: vmlinuz,
+        initramfs: image,
+        initramfs_bytes: bytes,
+    })
+}
+
+/// The kernel QEMU boots. A bzImage decompresses itself, which under
+/// software emulation takes most of the boot (29 s against 6 s to a panic
+/// on the development machine); so when its payload is xz (Debian's) and
+/// the kernel inside has a PVH entry point, the uncompressed kernel is
+/// written instead and QEMU starts it directly. Otherwise the bzImage.
+fn kernel_image(bzimage: &Path, dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, VmError> {
+    let data = fs::read(bzimage).map_err(|e| VmError::io(bzimage, e))?;
+    match uncompressed(&data) {
+        Ok(vmlinux) => {
+            let path = dir.join("vmlinux");
+            fs::write(&path, &vmlinux).map_err(|e| VmError::io(&path, e))?;
+            progress(&format!("kernel decompressed ({} MiB, started at its PVH entry)", vmlinux.len() >> 20));
+            Ok(path)
+        }
+        Err(why) => {
+            let path = dir.join("vmlinuz");
+            fs::write(&path, &data).map_err(|e| VmError::io(&path, e))?;
+            progress(&format!("kernel kept compressed ({why}): it decompresses itself at every boot"));
+            Ok(path)
+        }
+    }
+}
+
+/// The kernel inside a bzImage: its payload (located by the boot
+/// protocol's setup header), when xz-compressed and bootable by PVH.
+fn uncompressed(bzimage: &[u8]) -> Result<Vec<u8>, String> {
+    let byte = |at: usize| bzimage.get(at).copied().ok_or("not a bzImage");
+    let word = |at: usize| -> Result<usize, String> {
+        let b = bzimage.get(at..at + 4).ok_or("not a bzImage")?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    if bzimage.get(0x202..0x206) != Some(b"HdrS".as_slice()) {
+        return Err("not a bzImage".into());
+    }
+    let setup_sectors = match byte(0x1f1)? {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let start = (setup_sectors + 1) * 512 + word(0x248)?;
+    let payload = bzimage.get(start..start + word(0x24c)?).ok_or("payload outside the file")?;
+    if !payload.starts_with(b"\xfd7zXZ\0") {
+        return Err("its payload is not xz".into());
+    }
+    let mut vmlinux = Vec::new();
+    std::io::Read::read_to_end(&mut liblzma::read::XzDecoder::new(payload), &mut vmlinux)
+        .map_err(|e| format!("xz: {e}"))?;
+    match crate::elf::has_pvh_entry(&vmlinux) {
+        Ok(true) => Ok(vmlinux),
+        Ok(false) => Err("the kernel has no PVH entry point".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Directories already in the archive, so each is written once, parents first.
+#[derive(Default)]
+struct Directories(BTreeSet<String>);
+
+impl Directories {
+    fn ensure<W: Write>(&mut self, archive: &mut Archive<W>, path: &str) -> std::io::Result<()> {
+        let mut sofar = String::new();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            sofar.push('/');
+            sofar.push_str(part);
+            if self.0.insert(sofar.clone()) {
+                archive.directory(&sofar)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The shared objects this process has mapped: airlock's libraries.
+fn mapped_libraries() -> Result<BTreeSet<PathBuf>, VmError> {
+    let maps =
+        fs::read_to_string("/proc/self/maps").map_err(|e| VmError::io(Path::new("/proc/self/maps"), e))?;
+    Ok(maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.starts_with('/') && p.contains(".so"))
+        .map(PathBuf::from)
+        .collect())
+}
+
+/// The wanted modules and their dependencies, each after what it needs.
+fn module_order(modules: &Path) -> Result<Vec<PathBuf>, VmError> {
+    let dep_file = modules.join("modules.dep");
+    let text = fs::read_to_string(&dep_file).map_err(|e| VmError::io(&dep_file, e))?;
+    let deps: Vec<(String, Vec<String>)> = text
+        .lines()
+        .filter_map(|l| {
+            let (module, needs) = l.split_once(':')?;
+            Some((module.trim().to_owned(), needs.split_whitespace().map(str::to_owned).collect()))
+        })
+        .collect();
+    let name_of = |path: &str| {
+        Path::new(path)
+            .file_name()
+            .map(|n| n.to_string_lossy().split('.').next().unwrap_or_default().replace('-', "_"))
+    };
+    let mut order: Vec<String> = Vec::new();
+    fn visit(module: &str, deps: &[(String, Vec<String>)], order: &mut Vec<String>, depth: usize) {
+        if order.iter().any(|m| m == module) || depth > 64 {
+            return;
+        }
+        if let Some((_, needs)) = deps.iter().find(|(m, _)| m == module) {
+            for need in needs {
+                visit(need, deps, order, depth + 1);
+            }
+        }
+        order.push(module.to_owned());
+    }
+    for wanted in WANTED_MODULES {
+        let Some((path, _)) = deps.iter().find(|(m, _)| name_of(m).as_deref() == Some(wanted)) else {
+            // Built into this kernel (or absent): nothing to load.
+            continue;
+        };
+        let path = path.clone();
+        visit(&path, &deps, &mut order, 0);
+    }
+    let missing: Vec<&str> = ["9p", "9pnet_virtio", "virtio_console"]
+        .into_iter()
+        .filter(|w| !order.iter().any(|m| name_of(m).as_deref() == Some(*w)))
+        .filter(|w| !builtin(modules, w))
+        .collect();
+    if !missing.is_empty() {
+        return Err(VmError::Modules(format!("{} has no {}", modules.display(), missing.join(", "))));
+    }
+    Ok(order.into_iter().map(|m| modules.join(m)).collect())
+}
+
+fn builtin(modules: &Path, name: &str) -> bool {
+    fs::read_to_string(modules.join("modules.builtin"))
+        .is_ok_and(|t| t.lines().any(|l| l.rsplit('/').next().is_some_and(|f| f == format!("{name}.ko"))))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn modules_come_after_what_they_need() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/fs/9p/9p.ko: kernel/fs/netfs/netfs.ko kernel/net/9p/9pnet.ko\n\
+             kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko kernel/drivers/virtio/virtio_ring.ko\n\
+             kernel/net/9p/9pnet.ko:\nkernel/fs/netfs/netfs.ko:\nkernel/drivers/virtio/virtio_ring.ko:\n\
+             kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko\n",
+        )
+        .unwrap();
+        let order: Vec<String> = module_order(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        let at = |m: &str| order.iter().position(|o| o == m).unwrap();
+        assert!(at("virtio_ring.ko") < at("virtio_console.ko"));
+        assert!(at("9pnet.ko") < at("9pnet_virtio.ko"));
+        assert!(at("netfs.ko") < at("9p.ko"));
+        assert_eq!(order.iter().filter(|m| *m == "9pnet.ko").count(), 1);
+    }
+
+    #[test]
+    fn only_an_xz_bzimage_is_decompressed() {
+        assert_eq!(uncompressed(b"MZ not a kernel").unwrap_err(), "not a bzImage");
+        // A setup header whose payload is not xz.
+        let mut image = vec![0u8; 8192];
+        image[0x1f1] = 1;
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x248..0x24c].copy_from_slice(&16u32.to_le_bytes());
+        image[0x24c..0x250].copy_from_slice(&64u32.to_le_bytes());
+        image[1024 + 16..1024 + 20].copy_from_slice(b"\x1f\x8b\x08\x00");
+        assert_eq!(uncompressed(&image).unwrap_err(), "its payload is not xz");
+    }
+
+    #[test]
+    fn a_kernel_without_9p_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("modules.dep"), "kernel/drivers/char/virtio_console.ko:\n").unwrap();
+        let err = module_order(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("9p"), "{err}");
+    }
+}

@@ -1,0 +1,258 @@
+//! PID 1 of the guest (`airlock __vm-init`, started by the kernel from the
+//! initramfs): load the modules, mount the host's root read-only over 9p,
+//! switch into it, and serve the host's requests over the virtio-serial
+//! port as the process tier's agent does over its socket. No udev, no
+//! systemd, no network, no shell: this process and what the host asks it
+//! to run are all that runs in the guest.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::mount::{MountFlags, mount, mount_move};
+
+use crate::guest::{MODULE_DIR, MODULE_ORDER};
+
+/// The guest's virtio-serial port's name.
+pub const PORT_NAME: &str = "airlock.agent";
+
+/// The guest's PATH (each exec adds the environment the host sends).
+const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The guest's entry point; never returns while the guest lives.
+pub fn main() -> i32 {
+    let code = match prepare() {
+        Ok(port) => {
+            let env = vec![("PATH".to_owned(), GUEST_PATH.to_owned())];
+            airlock_agent::serve_guest(env, || connect(&port))
+        }
+        Err(e) => {
+            eprintln!("airlock guest: {e}");
+            125
+        }
+    };
+    // Nothing is written to keep (the root is read-only): power off at once.
+    rustix::fs::sync();
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::Restart);
+    code
+}
+
+#[derive(Debug, thiserror::Error)]
+enum InitError {
+    #[error("{what}: {source}")]
+    Step { what: String, source: io::Error },
+    #[error("no virtio-serial port named {PORT_NAME} appeared")]
+    NoPort,
+}
+
+fn step<E: Into<io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> InitError {
+    let what = what.into();
+    move |e| InitError::Step { what, source: e.into() }
+}
+
+/// One piece of the guest's root, as the host lists it after the role on
+/// the kernel's command line (the command line splits on spaces, so paths
+/// with spaces are not shared; the host leaves them out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootEntry {
+    /// A host directory shared read-only over 9p, with tag `ro<index>`.
+    Share(PathBuf),
+    /// A symbolic link (the host's `/bin -> usr/bin`).
+    Link { path: PathBuf, target: PathBuf },
+    /// A path masked inside (an empty file or directory over it).
+    Hide(PathBuf),
+}
+
+impl RootEntry {
+    /// The word on the kernel's command line.
+    pub fn to_arg(&self) -> String {
+        match self {
+            RootEntry::Share(p) => format!("share:{}", p.display()),
+            RootEntry::Link { path, target } => format!("link:{}={}", path.display(), target.display()),
+            RootEntry::Hide(p) => format!("hide:{}", p.display()),
+        }
+    }
+
+    pub fn from_arg(arg: &str) -> Option<RootEntry> {
+        let (kind, rest) = arg.split_once(':')?;
+        match kind {
+            "share" => Some(RootEntry::Share(rest.into())),
+            "link" => rest.split_once('=').map(|(p, t)| RootEntry::Link { path: p.into(), target: t.into() }),
+            "hide" => Some(RootEntry::Hide(rest.into())),
+            _ => None,
+        }
+    }
+
+    /// Whether `path` can travel on the kernel's command line.
+    pub fn fits(path: &Path) -> bool {
+        path.to_str().is_some_and(|p| {
+            p.starts_with('/') && p.chars().all(|c| c.is_ascii_graphic() && c != '"' && c != '=')
+        })
+    }
+}
+
+/// The 9p tag of the `index`th share.
+pub fn share_tag(index: usize) -> String {
+    format!("ro{index}")
+}
+
+fn prepare() -> Result<PathBuf, InitError> {
+    mount("proc", "/proc", "proc", MountFlags::empty(), None).map_err(step("mount /proc"))?;
+    mount("sysfs", "/sys", "sysfs", MountFlags::empty(), None).map_err(step("mount /sys"))?;
+    mount("devtmpfs", "/dev", "devtmpfs", MountFlags::empty(), None).map_err(step("mount /dev"))?;
+    load_modules()?;
+    let entries: Vec<RootEntry> = std::env::args().skip(2).filter_map(|a| RootEntry::from_arg(&a)).collect();
+    // The guest's root is a tmpfs of its own (in guest memory); the host's
+    // system directories are mounted read-only into it.
+    mount("tmpfs", "/newroot", "tmpfs", MountFlags::NOSUID, Some(c"mode=0755"))
+        .map_err(step("mount the root"))?;
+    let options = c"trans=virtio,version=9p2000.L,cache=loose,msize=512000";
+    let mut shares = 0;
+    for entry in &entries {
+        match entry {
+            RootEntry::Share(path) => {
+                let target = under_new_root(path);
+                fs::create_dir_all(&target).map_err(step(format!("create {}", path.display())))?;
+                let tag = share_tag(shares);
+                shares += 1;
+                retry(|| {
+                    mount(tag.as_str(), &target, "9p", MountFlags::RDONLY | MountFlags::NODEV, Some(options))
+                })
+                .map_err(step(format!("mount {} over 9p", path.display())))?;
+            }
+            RootEntry::Link { path, target } => {
+                let at = under_new_root(path);
+                if let Some(parent) = at.parent() {
+                    let _ = fs::create_dir_all(parent);
+                }
+                std::os::unix::fs::symlink(target, &at).map_err(step(format!("link {}", path.display())))?;
+            }
+            RootEntry::Hide(_) => {}
+        }
+    }
+    for dir in ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/home", "/var/tmp"] {
+        let _ = fs::create_dir_all(under_new_root(Path::new(dir)));
+    }
+    mount("proc", "/newroot/proc", "proc", MountFlags::empty(), None)
+        .map_err(step("mount the root's /proc"))?;
+    mount("sysfs", "/newroot/sys", "sysfs", MountFlags::empty(), None)
+        .map_err(step("mount the root's /sys"))?;
+    mount("devtmpfs", "/newroot/dev", "devtmpfs", MountFlags::empty(), None)
+        .map_err(step("mount the root's /dev"))?;
+    for (dir, fs_type, options) in [
+        ("/newroot/dev/pts", "devpts", c"ptmxmode=0666,mode=0620"),
+        ("/newroot/dev/shm", "tmpfs", c"mode=1777"),
+    ] {
+        let _ = fs::create_dir(dir);
+        mount(fs_type, dir, fs_type, MountFlags::NOSUID, Some(options))
+            .map_err(step(format!("mount {dir}")))?;
+    }
+    for entry in &entries {
+        if let RootEntry::Hide(path) = entry {
+            hide(&under_new_root(path)).map_err(step(format!("hide {}", path.display())))?;
+        }
+    }
+    let port = find_port()?;
+    // The initramfs cannot be pivoted away from: move the new root over it
+    // and enter it (what switch_root does). The initramfs's memory stays:
+    // this executable runs from it.
+    std::env::set_current_dir("/newroot").map_err(step("enter the new root"))?;
+    mount_move(".", "/").map_err(step("move the new root to /"))?;
+    rustix::process::chroot(".").map_err(step("chroot into the new root"))?;
+    std::env::set_current_dir("/").map_err(step("enter /"))?;
+    Ok(port)
+}
+
+fn under_new_root(path: &Path) -> PathBuf {
+    Path::new("/newroot").join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// An empty read-only tmpfs over a directory, /dev/null over a file.
+fn hide(path: &Path) -> rustix::io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_dir() => mount("tmpfs", path, "tmpfs", MountFlags::RDONLY, Some(c"mode=0000")),
+        Ok(_) => rustix::mount::mount_bind("/dev/null", path),
+    }
+}
+
+/// Loads each module of the initramfs in the order recorded at setup.
+fn load_modules() -> Result<(), InitError> {
+    let order = fs::read_to_string(MODULE_ORDER).map_err(step(format!("read {MODULE_ORDER}")))?;
+    for name in order.lines().filter(|l| !l.is_empty()) {
+        let path = format!("{MODULE_DIR}/{name}");
+        let file = fs::File::open(&path).map_err(step(format!("open {path}")))?;
+        match rustix::system::finit_module(&file, c"", 0) {
+            Ok(()) => {}
+            // Built in, or loaded already as another's dependency.
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(step(format!("load module {name}"))(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Device probes finish asynchronously on some kernels: retry briefly.
+fn retry<T>(mut attempt: impl FnMut() -> rustix::io::Result<T>) -> rustix::io::Result<T> {
+    let started = Instant::now();
+    loop {
+        match attempt() {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() > Duration::from_secs(5) => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// The device node of the port named [`PORT_NAME`], as the new root's /dev shows it.
+fn find_port() -> Result<PathBuf, InitError> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if let Ok(entries) = fs::read_dir("/sys/class/virtio-ports") {
+            for entry in entries.flatten() {
+                let name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+                let device = Path::new("/newroot/dev").join(entry.file_name());
+                if name.trim() == PORT_NAME && device.exists() {
+                    return Ok(Path::new("/dev").join(entry.file_name()));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(InitError::NoPort)
+}
+
+/// Opens the port and relays it to one end of a socket pair, whose other
+/// end the agent serves: the agent speaks to a socket in both tiers.
+/// Called with every signal the agent waits for blocked, so the relay
+/// threads inherit the mask and never take them.
+fn connect(port: &Path) -> io::Result<UnixStream> {
+    let device = fs::OpenOptions::new().read(true).write(true).open(port)?;
+    let (agent_end, relay_end) = UnixStream::pair()?;
+    let (mut from_host, mut to_agent) = (device.try_clone()?, relay_end.try_clone()?);
+    std::thread::Builder::new().name("port-in".into()).spawn(move || {
+        let _ = copy(&mut from_host, &mut to_agent);
+        // The host hung up: the agent sees the end of its requests.
+        let _ = to_agent.shutdown(std::net::Shutdown::Write);
+    })?;
+    let (mut from_agent, mut to_host) = (relay_end, device);
+    std::thread::Builder::new().name("port-out".into()).spawn(move || {
+        let _ = copy(&mut from_agent, &mut to_host);
+    })?;
+    Ok(agent_end)
+}
+
+fn copy(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+    }
+}
