@@ -481,12 +481,14 @@ fn create(args: CreateArgs) -> CliResult {
 fn exec(args: ExecArgs) -> CliResult {
     use std::io::IsTerminal;
     let root = state()?;
-    let client = supervisor::SupervisorClient::connect(&root.open(&args.name)?).map_err(|e| {
+    // Connected by the exec itself: one connection, not a probe and then it.
+    let client = supervisor::SupervisorClient::at(&root.open(&args.name)?);
+    let not_running = |e: &io::Error| {
         format!(
             "sandbox {} is not running ({e}); see `airlock ls`, or start one with `airlock create`",
             args.name
         )
-    })?;
+    };
     let terminal = args.tty.then(crate::terminal::size).map(|s| s.unwrap_or((24, 80)));
     let spec = airlock_proto::supervisor::ExecSpec {
         argv: args.command,
@@ -530,7 +532,15 @@ fn exec(args: ExecArgs) -> CliResult {
             }
             forwarder = crate::terminal::forward_signals(move |signal| control.signal(signal).is_ok()).ok();
         },
-    )?;
+    )
+    .map_err(|e| -> Box<dyn std::error::Error> {
+        // Nobody listens on the supervisor's socket (or it is gone).
+        if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) {
+            not_running(&e).into()
+        } else {
+            e.into()
+        }
+    })?;
     drop(resizer);
     drop(forwarder);
     Ok(code)

@@ -225,15 +225,14 @@ fn launch_steps(spec: LaunchSpec<'_>, guard: &mut LaunchGuard) -> Result<Launche
     let id_map = IdMap::for_current_user(guard.id_block.as_ref().map_or(0, IdBlock::first_host_uid));
     meta.host_uid = Some(id_map.host_root_uid);
     meta.id_block = guard.id_block.as_ref().map(IdBlock::index);
+    // Named in the same write as the ids, before it exists (one write, and
+    // one sync, fewer per launch); gc finds a cgroup by the sandbox's name.
+    meta.cgroup = provisions.cgroup.as_ref().map(|_| crate::cgroup_name(sandbox));
     sandbox.write_meta(&meta)?;
 
     phase_done("state")?;
-    if let Some(limits) = &provisions.cgroup {
-        let cgroup_name = crate::cgroup_name(sandbox);
-        guard.cgroup = Some(SandboxCgroup::create(&cgroup_name, limits)?);
-        meta.cgroup = Some(cgroup_name);
-        // Recorded at once: if this supervisor dies, gc finds the cgroup by it.
-        sandbox.write_meta(&meta)?;
+    if let (Some(limits), Some(cgroup_name)) = (&provisions.cgroup, &meta.cgroup) {
+        guard.cgroup = Some(SandboxCgroup::create(cgroup_name, limits)?);
     }
 
     phase_done("cgroup")?;

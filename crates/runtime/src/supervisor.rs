@@ -1050,6 +1050,13 @@ impl SupervisorClient {
         Ok(SupervisorClient { socket })
     }
 
+    /// A client that connects only with its first request (whose error
+    /// then says that nobody listens): one connection fewer for a caller
+    /// that has a single request to make.
+    pub fn at(sandbox: &SandboxDir) -> SupervisorClient {
+        SupervisorClient { socket: sandbox.path().join(SOCKET) }
+    }
+
     fn request(&self, request: &Request) -> io::Result<UnixStream> {
         let mut conn = UnixStream::connect(&self.socket)?;
         airlock_proto::send(&mut conn, request).map_err(io::Error::other)?;
