@@ -426,6 +426,9 @@ pub(crate) fn finalize(
     }
     stdio.release_child_ends();
     stdio.finish();
+    if remove == Some(true) && ending.setup_failed.is_none() {
+        audit.about_to_be_removed();
+    }
     let oom_killed = cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
     let exit_code = ending.exit_code();
     audit.record(AuditEvent::Exited {
