@@ -1102,22 +1102,28 @@ impl SupervisorClient {
         // One writer for input and control, so their frames never interleave.
         let control = ExecControl { conn: Arc::new(Mutex::new(conn.try_clone()?)) };
         session(control.clone());
-        std::thread::spawn(move || {
-            if let Some(mut input) = input {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match input.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if control.send(&Request::Stdin { data: buf[..n].to_vec() }).is_err() {
-                                return;
+        match input {
+            Some(mut input) => {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match input.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if control.send(&Request::Stdin { data: buf[..n].to_vec() }).is_err() {
+                                    return;
+                                }
                             }
                         }
                     }
-                }
+                    let _ = control.send(&Request::CloseStdin);
+                });
             }
-            let _ = control.send(&Request::CloseStdin);
-        });
+            // No input: closed at once, without a thread to do it.
+            None => {
+                let _ = control.send(&Request::CloseStdin);
+            }
+        }
         loop {
             match airlock_proto::recv::<_, Reply>(&mut conn).map_err(io::Error::other)? {
                 Some(Reply::Exec(event)) => {
