@@ -426,7 +426,9 @@ pub(crate) fn finalize(
     }
     stdio.release_child_ends();
     stdio.finish();
-    if remove == Some(true) && ending.setup_failed.is_none() {
+    // Removed as soon as it is finalized: nothing of it needs forcing to disk.
+    let removed_at_once = remove == Some(true) && ending.setup_failed.is_none();
+    if removed_at_once {
         audit.about_to_be_removed();
     }
     let oom_killed = cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
@@ -449,7 +451,11 @@ pub(crate) fn finalize(
     meta.finished_at = Some(now_rfc3339());
     meta.exit =
         Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });
-    sandbox.write_meta(&meta)?;
+    if removed_at_once {
+        sandbox.write_meta_before_removal(&meta)?;
+    } else {
+        sandbox.write_meta(&meta)?;
+    }
 
     if let Some(reason) = &ending.setup_failed {
         audit.record(AuditEvent::Error { stage: "setup".into(), message: reason.clone() })?;

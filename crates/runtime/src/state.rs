@@ -490,6 +490,18 @@ impl SandboxDir {
     /// gone after a reboot whatever it says, and `ls`/`gc` treat a
     /// sandbox that claims to run without a live lock as lost.
     pub fn write_meta(&self, meta: &SandboxMeta) -> Result<(), StateError> {
+        self.replace_meta(meta, true)
+    }
+
+    /// [`SandboxDir::write_meta`] without the sync, for the last state of a
+    /// sandbox whose directory is removed right after (`run --rm`): readers
+    /// meanwhile still see whole versions, and no crash can make a file
+    /// about to be deleted matter.
+    pub(crate) fn write_meta_before_removal(&self, meta: &SandboxMeta) -> Result<(), StateError> {
+        self.replace_meta(meta, false)
+    }
+
+    fn replace_meta(&self, meta: &SandboxMeta, sync: bool) -> Result<(), StateError> {
         let path = self.meta_path();
         let mut bytes = serde_json::to_vec_pretty(meta)
             .map_err(|source| StateError::EncodeMeta { path: path.clone(), source })?;
@@ -513,7 +525,9 @@ impl SandboxDir {
                 .open(&tmp)
                 .map_err(io_err("create", &tmp))?;
             file.write_all(&bytes).map_err(io_err("write", &tmp))?;
-            file.sync_data().map_err(io_err("sync", &tmp))?;
+            if sync {
+                file.sync_data().map_err(io_err("sync", &tmp))?;
+            }
             std::fs::rename(&tmp, &path).map_err(io_err("replace", &path))
         })();
         if result.is_err() {

@@ -19,4 +19,5 @@ mod lifecycle;
 mod longlived;
 mod rootless;
 mod security;
+mod startup_work;
 mod workspace;
