@@ -519,6 +519,10 @@ fn first_exec(d: &Daemon, plan: &Plan) -> (Outcome, Outcome, Outcome) {
     (summarize(&total), summarize(&create), summarize(&exec))
 }
 
+/// One CLI route of the exec round trip: its label, the command, the times
+/// and the first error.
+type CliRoute = (&'static str, fn(&Daemon, &str) -> Command, Vec<Duration>, Option<String>);
+
 /// `true` in one running sandbox, round by round: through the daemon's API
 /// from this process, `airlock exec` through the daemon, and `airlock
 /// --direct exec`.
@@ -531,8 +535,7 @@ fn exec_round_trip(d: &Daemon, plan: &Plan) -> (Outcome, Outcome, Outcome) {
     let warm = plan.warmup.max(1);
     let mut via_daemon = Vec::new();
     let mut daemon_err = None;
-    // (label, command, walls, first error) per CLI route.
-    let mut cli_routes: [(&str, fn(&Daemon, &str) -> Command, Vec<Duration>, Option<String>); 2] = [
+    let mut cli_routes: [CliRoute; 2] = [
         ("airlock exec", Daemon::cli_exec_through_daemon, Vec::new(), None),
         ("airlock --direct exec", Daemon::cli_exec, Vec::new(), None),
     ];

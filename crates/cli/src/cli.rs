@@ -509,7 +509,7 @@ fn exec(args: ExecArgs) -> CliResult {
     let mut err = std::io::stderr();
     let mut resizer = None;
     let mut forwarder = None;
-    client.exec_session(
+    let ended = client.exec_session(
         &spec,
         input,
         &mut |event| match event {
@@ -532,15 +532,14 @@ fn exec(args: ExecArgs) -> CliResult {
             }
             forwarder = crate::terminal::forward_signals(move |signal| control.signal(signal).is_ok()).ok();
         },
-    )
-    .map_err(|e| -> Box<dyn std::error::Error> {
-        // Nobody listens on the supervisor's socket (or it is gone).
-        if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) {
-            not_running(&e).into()
-        } else {
-            e.into()
-        }
-    })?;
+    );
+    // Nobody listens on the supervisor's socket (or it is gone).
+    if let Err(e) = &ended
+        && matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused)
+    {
+        return Err(not_running(e).into());
+    }
+    ended?;
     drop(resizer);
     drop(forwarder);
     Ok(code)

@@ -57,16 +57,15 @@ fn an_exec_connects_once_and_starts_one_thread() {
     let env = Env::new();
     let o = env.airlock(["create", "--name", "counted"]).output().unwrap();
     assert!(o.status.success(), "{}", show(&o));
-    let lines = traced(
-        &env,
-        "connect,clone,clone3",
-        &env.airlock(["--direct", "exec", "counted", "--", "true"]),
-    );
+    let lines =
+        traced(&env, "connect,clone,clone3", &env.airlock(["--direct", "exec", "counted", "--", "true"]));
     let connects: Vec<&String> = lines.iter().filter(|l| l.contains("supervisor.sock")).collect();
     assert_eq!(connects.len(), 1, "connections to the supervisor:\n{}", lines.join("\n"));
     // The signal forwarder only: no thread just to close stdin.
-    let threads =
-        lines.iter().filter(|l| (l.contains("clone(") || l.contains("clone3(")) && !l.contains("resumed")).count();
+    let threads = lines
+        .iter()
+        .filter(|l| (l.contains("clone(") || l.contains("clone3(")) && !l.contains("resumed"))
+        .count();
     assert!(threads <= 1, "{threads} threads started for one exec:\n{}", lines.join("\n"));
     let o = env.airlock(["stop", "counted"]).output().unwrap();
     assert!(o.status.success(), "{}", show(&o));
