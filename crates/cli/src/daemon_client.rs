@@ -8,12 +8,16 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+
+/// How long the daemon has to answer the health check.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -60,21 +64,22 @@ pub fn socket_path() -> Option<PathBuf> {
     }
 }
 
-/// A daemon that listens on its socket.
+/// A daemon that answered its health check.
 pub struct Daemon {
     socket: PathBuf,
     runtime: tokio::runtime::Runtime,
 }
 
 impl Daemon {
-    /// The daemon on [`socket_path`], if one listens there. A connection
-    /// is enough to tell: a socket file left by a daemon that is gone
-    /// refuses it. Asking `/v1/health` first would cost every command a
-    /// round trip through the daemon before its own request.
+    /// The daemon on [`socket_path`], if one answers there within a second.
     pub fn detect() -> Option<Daemon> {
         let socket = socket_path()?;
-        std::os::unix::net::UnixStream::connect(&socket).ok()?;
-        Daemon::at(socket).ok()
+        // No socket file: no daemon, and no need to start a runtime.
+        if !socket.exists() {
+            return None;
+        }
+        let daemon = Daemon::at(socket).ok()?;
+        daemon.healthy().then_some(daemon)
     }
 
     pub fn at(socket: PathBuf) -> Result<Daemon, DaemonError> {
@@ -83,6 +88,19 @@ impl Daemon {
             .build()
             .map_err(DaemonError::Runtime)?;
         Ok(Daemon { socket, runtime })
+    }
+
+    fn healthy(&self) -> bool {
+        let check = async {
+            let response = self.send(Method::GET, "/v1/health", None).await?;
+            let ok = response.status() == StatusCode::OK;
+            let body = response.into_body().collect().await?.to_bytes();
+            let value: Value = serde_json::from_slice(&body)?;
+            Ok::<bool, DaemonError>(ok && value["status"] == "ok")
+        };
+        self.runtime
+            .block_on(async { tokio::time::timeout(HEALTH_TIMEOUT, check).await })
+            .is_ok_and(|r| r.unwrap_or(false))
     }
 
     /// Sends one request on a connection of its own.
