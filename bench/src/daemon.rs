@@ -6,9 +6,10 @@
 //! - create → first exec: `POST /v1/sandboxes`, then `POST …/exec` of
 //!   `true`; wall time from writing the create request to reading the exec's
 //!   `exit` line;
-//! - exec round trip into a running sandbox: `true` through the daemon, and
-//!   `airlock exec NAME -- true` (which goes to the sandbox's supervisor
-//!   directly), interleaved;
+//! - exec round trip into a running sandbox: `true` through the daemon's
+//!   API from this process, `airlock exec NAME -- true` through the daemon
+//!   (the CLI finds it on its socket) and `airlock --direct exec NAME --
+//!   true` (straight to the sandbox's supervisor), interleaved;
 //! - N sandboxes created concurrently (rate), left idle, their host memory
 //!   measured (PSS of each sandbox's supervisor and everything below it, plus
 //!   the daemon's PSS divided by N), then removed concurrently and checked to
@@ -31,7 +32,10 @@ use crate::{BenchError, Outcome, fixtures};
 /// Median exec round trip through the daemon, at most.
 pub const MAX_EXEC_ROUND_TRIP: Duration = Duration::from_millis(5);
 /// Median create → first exec, at most.
-pub const MAX_CREATE_TO_EXEC: Duration = Duration::from_millis(50);
+pub const MAX_CREATE_TO_EXEC: Duration = Duration::from_millis(25);
+/// Median `airlock exec NAME -- true` as a process, through the daemon and
+/// directly, at most.
+pub const MAX_CLI_EXEC: Duration = Duration::from_millis(3);
 /// This many idle sandboxes must fit at once…
 pub const MIN_IDLE_SANDBOXES: usize = 200;
 /// …each costing the host at most this much (KiB).
@@ -55,13 +59,15 @@ pub struct DaemonResults {
     pub first_exec_only: Outcome,
     pub exec_daemon: Outcome,
     pub exec_cli: Outcome,
+    /// `airlock exec` (a process) through the daemon.
+    pub exec_cli_daemon: Outcome,
     pub scale: Vec<Scale>,
 }
 
 impl DaemonResults {
     pub fn failed(&self) -> bool {
         self.skipped.is_some()
-            || [&self.first_exec, &self.exec_daemon, &self.exec_cli]
+            || [&self.first_exec, &self.exec_daemon, &self.exec_cli, &self.exec_cli_daemon]
                 .iter()
                 .any(|o| matches!(o, Outcome::Failed(_)))
             || self.scale.iter().any(|s| s.created < s.wanted || !s.left.is_empty())
@@ -366,12 +372,21 @@ impl Daemon {
             .unwrap_or_default()
     }
 
-    /// `airlock exec NAME -- true`, straight to the supervisor.
+    /// `airlock --direct exec NAME -- true`, straight to the supervisor.
     pub fn cli_exec(&self, name: &str) -> Command {
         let mut c = Command::new(&self.airlock);
         c.env("AIRLOCK_STATE_DIR", &self.state)
             .env_remove("AIRLOCK_SOCKET")
             .args(["--direct", "exec", name, "--", "true"]);
+        c
+    }
+
+    /// `airlock exec NAME -- true`, which finds this daemon on its socket.
+    pub fn cli_exec_through_daemon(&self, name: &str) -> Command {
+        let mut c = Command::new(&self.airlock);
+        c.env("AIRLOCK_STATE_DIR", &self.state)
+            .env("AIRLOCK_SOCKET", &self.socket)
+            .args(["exec", name, "--", "true"]);
         c
     }
 }
@@ -421,6 +436,7 @@ pub fn run(airlock: &Path, dir: &Path, plan: &Plan, notes: &mut Vec<String>) -> 
                 first_exec_only: not_run("no daemon"),
                 exec_daemon: not_run("no daemon"),
                 exec_cli: not_run("no daemon"),
+                exec_cli_daemon: not_run("no daemon"),
                 scale: Vec::new(),
             };
         }
@@ -434,7 +450,7 @@ pub fn run(airlock: &Path, dir: &Path, plan: &Plan, notes: &mut Vec<String>) -> 
     let (first_exec, first_create, first_exec_only) = first_exec(&daemon, plan);
 
     eprintln!("airlock-bench: daemon, exec round trip, {} execs each way, interleaved", plan.execs);
-    let (exec_daemon, exec_cli) = exec_round_trip(&daemon, plan);
+    let (exec_daemon, exec_cli, exec_cli_daemon) = exec_round_trip(&daemon, plan);
 
     let mut scale = Vec::new();
     for &n in &plan.counts {
@@ -458,7 +474,16 @@ pub fn run(airlock: &Path, dir: &Path, plan: &Plan, notes: &mut Vec<String>) -> 
             notes.push(format!("  {line}"));
         }
     }
-    DaemonResults { skipped: None, first_exec, first_create, first_exec_only, exec_daemon, exec_cli, scale }
+    DaemonResults {
+        skipped: None,
+        first_exec,
+        first_create,
+        first_exec_only,
+        exec_daemon,
+        exec_cli,
+        exec_cli_daemon,
+        scale,
+    }
 }
 
 fn summarize(walls: &[Duration]) -> Outcome {
@@ -494,16 +519,26 @@ fn first_exec(d: &Daemon, plan: &Plan) -> (Outcome, Outcome, Outcome) {
     (summarize(&total), summarize(&create), summarize(&exec))
 }
 
-/// `true` in one running sandbox, through the daemon and through `airlock
-/// exec`, alternately.
-fn exec_round_trip(d: &Daemon, plan: &Plan) -> (Outcome, Outcome) {
+/// One CLI route of the exec round trip: its label, the command, the times
+/// and the first error.
+type CliRoute = (&'static str, fn(&Daemon, &str) -> Command, Vec<Duration>, Option<String>);
+
+/// `true` in one running sandbox, round by round: through the daemon's API
+/// from this process, `airlock exec` through the daemon, and `airlock
+/// --direct exec`.
+fn exec_round_trip(d: &Daemon, plan: &Plan) -> (Outcome, Outcome, Outcome) {
     let name = "bench-exec";
     if let Err(e) = d.create(name) {
-        return (Outcome::Failed(e.to_string()), Outcome::Failed(e.to_string()));
+        let f = || Outcome::Failed(e.to_string());
+        return (f(), f(), f());
     }
     let warm = plan.warmup.max(1);
-    let (mut via_daemon, mut via_cli) = (Vec::new(), Vec::new());
-    let (mut daemon_err, mut cli_err) = (None, None);
+    let mut via_daemon = Vec::new();
+    let mut daemon_err = None;
+    let mut cli_routes: [CliRoute; 2] = [
+        ("airlock exec", Daemon::cli_exec_through_daemon, Vec::new(), None),
+        ("airlock --direct exec", Daemon::cli_exec, Vec::new(), None),
+    ];
     for i in 0..warm + plan.execs {
         if daemon_err.is_none() {
             let t0 = Instant::now();
@@ -513,31 +548,36 @@ fn exec_round_trip(d: &Daemon, plan: &Plan) -> (Outcome, Outcome) {
                 Err(e) => daemon_err = Some(format!("exec {}: {e}", i + 1)),
             }
         }
-        if cli_err.is_none() {
-            let label = format!("airlock exec {name} -- true");
+        for (route, command, walls, err) in cli_routes.iter_mut() {
+            if err.is_some() {
+                continue;
+            }
+            let label = format!("{route} {name} -- true");
             let r = if i < warm {
-                measure::checked(d.cli_exec(name), &label).map(|_| None)
+                measure::checked(command(d, name), &label).map(|_| None)
             } else {
-                measure::timed(d.cli_exec(name), &label).map(|s| Some(s.wall))
+                measure::timed(command(d, name), &label).map(|s| Some(s.wall))
             };
             match r {
-                Ok(Some(w)) => via_cli.push(w),
+                Ok(Some(w)) => walls.push(w),
                 Ok(None) => {}
-                Err(e) => cli_err = Some(format!("exec {}: {e}", i + 1)),
+                Err(e) => *err = Some(format!("exec {}: {e}", i + 1)),
             }
         }
     }
     let removed = d.delete(name);
-    let outcome = |err: Option<String>, walls: &[Duration]| match err {
-        Some(e) => Outcome::Failed(e),
+    let outcome = |err: &Option<String>, walls: &[Duration]| match err {
+        Some(e) => Outcome::Failed(e.clone()),
         None => summarize(walls),
     };
-    let cli = outcome(cli_err, &via_cli);
+    let [(_, _, through_walls, through_err), (_, _, direct_walls, direct_err)] = &cli_routes;
+    let cli_daemon = outcome(through_err, through_walls);
+    let cli = outcome(direct_err, direct_walls);
     let daemon = match removed {
         Err(e) if daemon_err.is_none() => Outcome::Failed(format!("removing the sandbox: {e}")),
-        _ => outcome(daemon_err, &via_daemon),
+        _ => outcome(&daemon_err, &via_daemon),
     };
-    (daemon, cli)
+    (daemon, cli, cli_daemon)
 }
 
 /// Runs `job` for each name on its own thread, all released together;
@@ -783,7 +823,14 @@ pub fn print(r: &DaemonResults, problems: &mut Vec<String>) {
         problems,
     );
     report::time_row(
-        "airlock exec NAME -- true (CLI, to the supervisor)",
+        "airlock exec NAME -- true (CLI, through the daemon)",
+        &r.exec_cli_daemon,
+        String::new(),
+        String::new(),
+        problems,
+    );
+    report::time_row(
+        "airlock --direct exec NAME -- true (CLI, to the supervisor)",
         &r.exec_cli,
         String::new(),
         String::new(),
@@ -874,16 +921,34 @@ pub fn targets(r: &DaemonResults, target: &mut impl FnMut(Option<bool>, String))
         Some(s) => target(
             Some(s.median <= MAX_EXEC_ROUND_TRIP),
             format!(
-                "exec round trip through the daemon: median {} (≤ {}){}",
+                "exec round trip through the daemon's API: median {} (≤ {})",
                 report::ms(s.median),
                 report::ms(MAX_EXEC_ROUND_TRIP),
-                r.exec_cli.summary().map_or_else(String::new, |c| format!(
-                    "; airlock exec directly: {}",
-                    report::ms(c.median)
-                ))
             ),
         ),
         None => target(None, "exec round trip through the daemon: not measured".into()),
+    }
+    // What a process start adds shows as the ratio to the API's round trip.
+    let api = r.exec_daemon.summary().map(|s| s.median);
+    for (route, outcome) in
+        [("airlock exec, through the daemon", &r.exec_cli_daemon), ("airlock --direct exec", &r.exec_cli)]
+    {
+        match outcome.summary() {
+            Some(s) => target(
+                Some(s.median <= MAX_CLI_EXEC),
+                format!(
+                    "{route} (a process): median {} (≤ {}, {:.0}% of it){}",
+                    report::ms(s.median),
+                    report::ms(MAX_CLI_EXEC),
+                    100.0 * s.median.as_secs_f64() / MAX_CLI_EXEC.as_secs_f64(),
+                    api.filter(|a| !a.is_zero()).map_or_else(String::new, |a| format!(
+                        "; {:.2}x the API's round trip",
+                        s.median.as_secs_f64() / a.as_secs_f64()
+                    ))
+                ),
+            ),
+            None => target(None, format!("{route}: not measured")),
+        }
     }
     match r.first_exec.summary() {
         Some(s) => target(

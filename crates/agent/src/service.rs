@@ -14,7 +14,6 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Launch, Stream};
@@ -36,7 +35,9 @@ struct Running {
     stdin: Option<Box<dyn Write + Send>>,
     /// The terminal's master end, for resizing.
     terminal: Option<OwnedFd>,
-    pumps: Vec<JoinHandle<()>>,
+    /// Disconnected once every thread copying the process's output has
+    /// ended (each holds a sender), so the end can be reported after them.
+    output_done: mpsc::Receiver<()>,
 }
 
 /// pid → the exec it belongs to.
@@ -97,23 +98,16 @@ pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter) -> i32 {
 /// (trailing output may then come after it) rather than taking the agent
 /// down with a panic.
 fn finish(writer: &Writer, running: Running, status: crate::signals::ExitStatus) {
-    let Running { id, stdin, pumps, .. } = running;
+    let Running { id, stdin, output_done, .. } = running;
     let ended = AgentMessage::ExecEnded { id, code: status.code, signal: status.signal };
     let (report_tx, report_rx) = mpsc::channel::<(AgentMessage, Option<Box<dyn Write + Send>>)>();
     let reporter = {
         let writer = writer.clone();
         std::thread::Builder::new().name("exec-end".into()).spawn(move || {
             let Ok((ended, stdin)) = report_rx.recv() else { return };
-            let (done_tx, done_rx) = mpsc::channel();
-            let joiner = std::thread::Builder::new().name("exec-output".into()).spawn(move || {
-                for pump in pumps {
-                    let _ = pump.join();
-                }
-                let _ = done_tx.send(());
-            });
-            if joiner.is_ok() {
-                let _ = done_rx.recv_timeout(OUTPUT_GRACE);
-            }
+            // Nothing is ever sent: this returns when the last pump has
+            // dropped its sender, or after the grace.
+            let _ = output_done.recv_timeout(OUTPUT_GRACE);
             drop(stdin);
             send(&writer, ended);
         })
@@ -248,24 +242,23 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
     drop(cmd);
     let pid = child.id() as i32;
     send(writer, AgentMessage::ExecStarted { id: req.id, pid });
-    let mut pumps = Vec::new();
+    let (output_tx, output_done) = mpsc::channel::<()>();
     let mut relayed = Ok(());
     let (stdin, master): (Option<Box<dyn Write + Send>>, Option<OwnedFd>) = match terminal {
         Some((master, slave)) => {
             drop(slave);
             let (Ok(reader), Ok(input)) = (master.try_clone(), master.try_clone()) else { return };
-            relayed = pump(writer.clone(), req.id, Stream::Stdout, std::fs::File::from(reader))
-                .map(|p| pumps.push(p));
+            relayed = pump(writer.clone(), req.id, Stream::Stdout, std::fs::File::from(reader), output_tx);
             (Some(Box::new(std::fs::File::from(input))), Some(master))
         }
         None => {
             if let Some(out) = child.stdout.take() {
-                relayed = pump(writer.clone(), req.id, Stream::Stdout, out).map(|p| pumps.push(p));
+                relayed = pump(writer.clone(), req.id, Stream::Stdout, out, output_tx.clone());
             }
             if let Some(err) = child.stderr.take()
                 && relayed.is_ok()
             {
-                relayed = pump(writer.clone(), req.id, Stream::Stderr, err).map(|p| pumps.push(p));
+                relayed = pump(writer.clone(), req.id, Stream::Stderr, err, output_tx);
             }
             (child.stdin.take().map(|s| Box::new(s) as Box<dyn Write + Send>), None)
         }
@@ -278,7 +271,7 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
         send(writer, AgentMessage::ExecOutput { id: req.id, stream: Stream::Stderr, data });
         crate::signals::signal_group(pid, libc::SIGKILL);
     }
-    t.insert(pid, Running { id: req.id, stdin, terminal: master, pumps });
+    t.insert(pid, Running { id: req.id, stdin, terminal: master, output_done });
 }
 
 /// A terminal pair from the sandbox's own devpts, of the given size.
@@ -303,8 +296,11 @@ fn pump(
     id: u32,
     stream: Stream,
     mut source: impl Read + Send + 'static,
-) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("exec-pump".into()).spawn(move || {
+    done: mpsc::Sender<()>,
+) -> io::Result<()> {
+    let copy = move || {
+        // Dropped when the copy ends: the reporter waits for that.
+        let _done = done;
         let mut buf = vec![0u8; CHUNK];
         loop {
             match source.read(&mut buf) {
@@ -314,7 +310,8 @@ fn pump(
                 Err(_) => return,
             }
         }
-    })
+    };
+    std::thread::Builder::new().name("exec-pump".into()).spawn(copy).map(drop)
 }
 
 pub(crate) fn send(writer: &Writer, msg: AgentMessage) {

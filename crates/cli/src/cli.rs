@@ -547,12 +547,14 @@ fn create(args: CreateArgs) -> CliResult {
 fn exec(args: ExecArgs) -> CliResult {
     use std::io::IsTerminal;
     let root = state()?;
-    let client = supervisor::SupervisorClient::connect(&root.open(&args.name)?).map_err(|e| {
+    // Connected by the exec itself: one connection, not a probe and then it.
+    let client = supervisor::SupervisorClient::at(&root.open(&args.name)?);
+    let not_running = |e: &io::Error| {
         format!(
             "sandbox {} is not running ({e}); see `airlock ls`, or start one with `airlock create`",
             args.name
         )
-    })?;
+    };
     let terminal = args.tty.then(crate::terminal::size).map(|s| s.unwrap_or((24, 80)));
     let spec = airlock_proto::supervisor::ExecSpec {
         argv: args.command,
@@ -573,7 +575,7 @@ fn exec(args: ExecArgs) -> CliResult {
     let mut err = std::io::stderr();
     let mut resizer = None;
     let mut forwarder = None;
-    client.exec_session(
+    let ended = client.exec_session(
         &spec,
         input,
         &mut |event| match event {
@@ -596,7 +598,14 @@ fn exec(args: ExecArgs) -> CliResult {
             }
             forwarder = crate::terminal::forward_signals(move |signal| control.signal(signal).is_ok()).ok();
         },
-    )?;
+    );
+    // Nobody listens on the supervisor's socket (or it is gone).
+    if let Err(e) = &ended
+        && matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused)
+    {
+        return Err(not_running(e).into());
+    }
+    ended?;
     drop(resizer);
     drop(forwarder);
     Ok(code)

@@ -331,6 +331,9 @@ pub struct AuditLog {
     limit: u64,
     /// This writer has seen (or written) the `audit_capped` record.
     capped: bool,
+    /// Whether events that close a chapter are forced to disk (see
+    /// [`AuditEvent::must_sync`]); off only for a log about to be deleted.
+    durable: bool,
 }
 
 impl AuditLog {
@@ -353,6 +356,7 @@ impl AuditLog {
             known_len: None,
             limit: DEFAULT_LIMIT,
             capped: false,
+            durable: true,
         };
         log.locked(AuditLog::resync)?;
         Ok(log)
@@ -363,6 +367,13 @@ impl AuditLog {
     pub fn with_limit(mut self, limit: u64) -> AuditLog {
         self.limit = limit.max(2 * RESERVE);
         self
+    }
+
+    /// Stops forcing events to disk: for the log of a sandbox whose
+    /// directory, this log with it, is removed as soon as it has ended
+    /// (`run --rm`), where a sync would only delay the removal.
+    pub(crate) fn about_to_be_removed(&mut self) {
+        self.durable = false;
     }
 
     /// The path this log appends to.
@@ -394,7 +405,7 @@ impl AuditLog {
             }
             log.known_len = log.known_len.map(|len| len + line.len() as u64);
             log.next_seq += 1;
-            if record.event.must_sync() {
+            if log.durable && record.event.must_sync() {
                 log.file.sync_data().map_err(|source| log.io_error("sync", source))?;
             }
             Ok(())

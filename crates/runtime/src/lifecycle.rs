@@ -386,15 +386,14 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     let id_map = IdMap::for_current_user(held.id_block.as_ref().map_or(0, IdBlock::first_host_uid));
     meta.host_uid = Some(id_map.host_root_uid);
     meta.id_block = held.id_block.as_ref().map(IdBlock::index);
+    // Named in the same write as the ids, before it exists (one write, and
+    // one sync, fewer per launch); gc finds a cgroup by the sandbox's name.
+    meta.cgroup = provisions.cgroup.as_ref().map(|_| crate::cgroup_name(sandbox));
     sandbox.write_meta(&meta)?;
 
     phase_done("state")?;
-    if let Some(limits) = &provisions.cgroup {
-        let cgroup_name = crate::cgroup_name(sandbox);
-        held.cgroup = Some(SandboxCgroup::create_on(&host.cgroups, &cgroup_name, limits)?);
-        meta.cgroup = Some(cgroup_name);
-        // Recorded at once: if this supervisor dies, gc finds the cgroup by it.
-        sandbox.write_meta(&meta)?;
+    if let (Some(limits), Some(cgroup_name)) = (&provisions.cgroup, &meta.cgroup) {
+        held.cgroup = Some(SandboxCgroup::create_on(&host.cgroups, cgroup_name, limits)?);
     }
 
     phase_done("cgroup")?;
@@ -625,6 +624,11 @@ fn finalize_steps(
     }
     stdio.release_child_ends();
     stdio.finish();
+    // Removed as soon as it is finalized: nothing of it needs forcing to disk.
+    let removed_at_once = remove == Some(true) && ending.setup_failed.is_none();
+    if removed_at_once {
+        audit.about_to_be_removed();
+    }
     let oom_killed = held.cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
     let exit_code = ending.exit_code();
     audit.record(AuditEvent::Exited {
@@ -646,7 +650,11 @@ fn finalize_steps(
     meta.finished_at = Some(now_rfc3339());
     meta.exit =
         Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });
-    sandbox.write_meta(meta)?;
+    if removed_at_once {
+        sandbox.write_meta_before_removal(meta)?;
+    } else {
+        sandbox.write_meta(meta)?;
+    }
 
     if let Some(reason) = &ending.setup_failed {
         audit.record(AuditEvent::Error { stage: "setup".into(), message: reason.clone() })?;

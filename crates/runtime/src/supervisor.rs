@@ -968,6 +968,13 @@ impl SupervisorClient {
         Ok(SupervisorClient { socket })
     }
 
+    /// A client that connects only with its first request (whose error
+    /// then says that nobody listens): one connection fewer for a caller
+    /// that has a single request to make.
+    pub fn at(sandbox: &SandboxDir) -> SupervisorClient {
+        SupervisorClient { socket: sandbox.path().join(SOCKET) }
+    }
+
     fn request(&self, request: &Request) -> io::Result<UnixStream> {
         let mut conn = UnixStream::connect(&self.socket)?;
         airlock_proto::send(&mut conn, request).map_err(io::Error::other)?;
@@ -1013,22 +1020,28 @@ impl SupervisorClient {
         // One writer for input and control, so their frames never interleave.
         let control = ExecControl { conn: Arc::new(Mutex::new(conn.try_clone()?)) };
         session(control.clone());
-        std::thread::spawn(move || {
-            if let Some(mut input) = input {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match input.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if control.send(&Request::Stdin { data: buf[..n].to_vec() }).is_err() {
-                                return;
+        match input {
+            Some(mut input) => {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match input.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if control.send(&Request::Stdin { data: buf[..n].to_vec() }).is_err() {
+                                    return;
+                                }
                             }
                         }
                     }
-                }
+                    let _ = control.send(&Request::CloseStdin);
+                });
             }
-            let _ = control.send(&Request::CloseStdin);
-        });
+            // No input: closed at once, without a thread to do it.
+            None => {
+                let _ = control.send(&Request::CloseStdin);
+            }
+        }
         loop {
             match airlock_proto::recv::<_, Reply>(&mut conn).map_err(io::Error::other)? {
                 Some(Reply::Exec(event)) => {

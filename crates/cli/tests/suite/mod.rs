@@ -21,4 +21,5 @@ mod longlived;
 mod microvm;
 mod rootless;
 mod security;
+mod startup_work;
 mod workspace;
