@@ -7,16 +7,16 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use airlock_jail::cgroup::SandboxCgroup;
 use airlock_proto::AgentMessage;
 
-use crate::engine::{Accel, QEMU};
+use crate::engine::Accel;
 use crate::guest::Guest;
 use crate::init::{PORT_NAME, RootEntry, share_tag};
+use crate::jail;
 use crate::{GUEST_ROLE, VmError};
 
 /// What a guest gets.
@@ -29,6 +29,9 @@ pub struct BootSpec {
     pub deadline: Duration,
     /// The guest's root: what of the host it sees, read-only.
     pub root: Vec<RootEntry>,
+    /// The cgroup QEMU runs in (its limits cover QEMU as a whole: guest
+    /// RAM, vCPUs and what QEMU spends itself); placed before it starts.
+    pub cgroup: Option<SandboxCgroup>,
 }
 
 /// A running guest; killed (and its directory removed) when dropped.
@@ -40,8 +43,9 @@ pub struct Vm {
     pub boot_time: Duration,
 }
 
-/// The QEMU child dies with the process that started it.
-pub(crate) fn die_with_parent(command: &mut Command) {
+/// A QEMU child (the KVM trial's) dies with the process that started it.
+pub(crate) fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs between fork and exec and makes one prctl
     // system call, which is async-signal-safe.
     unsafe {
@@ -188,13 +192,31 @@ impl Vm {
         listener.set_nonblocking(true).map_err(|e| VmError::io(&socket, e))?;
         let qemu_log = dir.join("qemu.log");
         let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
-        let mut command = Command::new(QEMU);
-        command
-            .args(qemu_args(guest, spec, &socket, &console)?)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        if rustix::process::geteuid().is_root() {
+        let program = jail::qemu_program()?;
+        let needs = jail::Needs {
+            accel: spec.accel,
+            kernel: &guest.kernel,
+            initramfs: &guest.initramfs,
+            shares: spec
+                .root
+                .iter()
+                .filter_map(|e| match e {
+                    RootEntry::Share(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .collect(),
+            hidden: spec
+                .root
+                .iter()
+                .filter_map(|e| match e {
+                    RootEntry::Hide(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .collect(),
+            run_dir: dir,
+        };
+        let plan = jail::plan(&program, qemu_args(guest, spec, &socket, &console)?, &needs)?;
+        let ids = if rustix::process::geteuid().is_root() {
             let (uid, gid) = qemu_ids(spec.accel);
             // QEMU creates the console log and connects to the socket as itself.
             for path in [dir, socket.as_path()] {
@@ -205,14 +227,13 @@ impl Vm {
                 )
                 .map_err(|e| VmError::io(path, e.into()))?;
             }
-            // std drops the supplementary groups, then sets gid and uid.
-            command.uid(uid).gid(gid);
-        }
-        // After the change of ids, which would clear it.
-        die_with_parent(&mut command);
+            Some((uid, gid))
+        } else {
+            None
+        };
         let started = Instant::now();
-        let child = command.spawn().map_err(|e| VmError::Boot(format!("cannot start {QEMU}: {e}")))?;
-        let mut qemu = Qemu { child, dir: dir.to_path_buf() };
+        let pid = jail::spawn(&jail::Start { plan: &plan, ids, stderr: &log, cgroup: spec.cgroup.as_ref() })?;
+        let mut qemu = Qemu { pid, status: None, dir: dir.to_path_buf() };
         let deadline = started + spec.deadline;
         let mut channel = qemu.accept(&listener, deadline)?;
         qemu.await_agent(&mut channel, deadline)?;
@@ -238,7 +259,10 @@ impl Vm {
 
 /// The QEMU process and its run's directory; killed and removed when dropped.
 struct Qemu {
-    child: Child,
+    /// Host pid of QEMU (PID 1 of its own PID namespace), our child.
+    pid: i32,
+    /// How it ended, once reaped.
+    status: Option<String>,
     dir: PathBuf,
 }
 
@@ -279,10 +303,26 @@ impl Qemu {
         }
     }
 
+    /// How QEMU ended, if it has (reaped here).
+    fn try_wait(&mut self) -> Option<String> {
+        if self.status.is_none()
+            && let Some(pid) = rustix::process::Pid::from_raw(self.pid)
+            && let Ok(Some((_, status))) =
+                rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG)
+        {
+            self.status = Some(match (status.exit_status(), status.terminating_signal()) {
+                (Some(code), _) => format!("exit status: {code}"),
+                (None, Some(signal)) => format!("signal: {signal}"),
+                _ => "ended".to_owned(),
+            });
+        }
+        self.status.clone()
+    }
+
     fn check_alive(&mut self) -> Result<(), VmError> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Err(self.failure(&format!("QEMU ended ({status})"))),
-            _ => Ok(()),
+        match self.try_wait() {
+            Some(status) => Err(self.failure(&format!("QEMU ended ({status})"))),
+            None => Ok(()),
         }
     }
 
@@ -291,7 +331,7 @@ impl Qemu {
     /// has exited (briefly waited for; it flushes the console as it goes).
     fn ended(&mut self, during: &str) -> VmError {
         let waited = Instant::now();
-        while waited.elapsed() < Duration::from_secs(2) && matches!(self.child.try_wait(), Ok(None)) {
+        while waited.elapsed() < Duration::from_secs(2) && self.try_wait().is_none() {
             std::thread::sleep(Duration::from_millis(10));
         }
         let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
@@ -304,9 +344,9 @@ impl Qemu {
         } else if console.contains("reboot: Restarting system") {
             format!("the guest rebooted {during}")
         } else {
-            match self.child.try_wait() {
-                Ok(Some(status)) => format!("QEMU ended ({status}) {during}"),
-                _ => format!("the guest closed its channel {during}"),
+            match self.try_wait() {
+                Some(status) => format!("QEMU ended ({status}) {during}"),
+                None => format!("the guest closed its channel {during}"),
             }
         };
         self.failure(&what)
@@ -346,8 +386,9 @@ fn printable(line: &str) -> String {
 
 impl Drop for Qemu {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if self.try_wait().is_none() {
+            airlock_jail::sys::kill_and_reap(self.pid);
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
