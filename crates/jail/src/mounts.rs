@@ -538,3 +538,85 @@ fn pivot(root: &Path) -> Result<(), MountError> {
     make_read_only(Path::new("/"), false)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::privileges::test_fork::{have_root, run_in_child};
+
+    #[test]
+    fn a_mount_point_apart_from_every_path_is_chosen() {
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("x");
+        let paths = [inside.clone()];
+        let tmp = dir.path().to_str().unwrap();
+        // The directory holding a path, and the root above everything, are passed over.
+        assert_eq!(mountpoint_apart(&[tmp, "/", "/no/such/dir"], &paths), None);
+        assert_eq!(mountpoint_apart(&[tmp, "/proc"], &paths), Some(Path::new("/proc")));
+        assert!(check_apart(Path::new("/proc"), &[PathBuf::from("/proc/self")]).is_err());
+    }
+
+    /// As root, in a forked child with a mount namespace of its own: the
+    /// view holds its read-only file read-only, its writable directory
+    /// writable, its hidden file masked, and nothing else of the host.
+    #[test]
+    fn a_view_holds_only_its_paths() {
+        if !have_root("a_view_holds_only_its_paths") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join("kept.txt");
+        fs::write(&kept, b"kept").unwrap();
+        let shared = dir.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::write(shared.join("secret"), b"secret").unwrap();
+        fs::write(shared.join("plain"), b"plain").unwrap();
+        let writable = dir.path().join("run");
+        fs::create_dir(&writable).unwrap();
+        let view = View {
+            read_only: vec![kept.clone(), shared.clone(), dir.path().join("missing")],
+            writable: vec![writable.clone()],
+            devices: Vec::new(),
+            hidden: vec![shared.join("secret")],
+        };
+        let every = [kept.clone(), shared.clone(), writable.clone()];
+        let mountpoint = mountpoint_apart(&["/mnt", "/srv", "/media", "/opt", "/var/tmp", "/tmp"], &every)
+            .unwrap()
+            .to_path_buf();
+        let code = run_in_child(|| {
+            if sys::raw_unshare(libc::CLONE_NEWNS).is_err() {
+                return 1;
+            }
+            if let Err(e) = enter_view(&mountpoint, &view) {
+                eprintln!("{e}");
+                return 2;
+            }
+            if fs::read(&kept).ok().as_deref() != Some(b"kept".as_slice()) || fs::write(&kept, b"x").is_ok() {
+                return 3;
+            }
+            if fs::read(shared.join("plain")).ok().as_deref() != Some(b"plain".as_slice()) {
+                return 4;
+            }
+            if fs::read(shared.join("secret")).map(|b| b.is_empty()) != Ok(true) {
+                return 5;
+            }
+            if fs::write(writable.join("log"), b"x").is_err() {
+                return 6;
+            }
+            for gone in ["/etc/passwd", "/proc/self", "/sys/kernel", "/dev/null", "/root", "/home"] {
+                if fs::symlink_metadata(gone).is_ok() {
+                    eprintln!("{gone} is visible");
+                    return 7;
+                }
+            }
+            if fs::symlink_metadata(dir.path().join("missing")).is_ok() || fs::write("/new", b"x").is_ok() {
+                return 8;
+            }
+            0
+        });
+        assert_eq!(code, 0);
+        assert_eq!(fs::read(writable.join("log")).unwrap(), b"x", "the writable directory is the host's");
+    }
+}

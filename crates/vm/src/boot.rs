@@ -115,9 +115,17 @@ fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> Result<String, VmErr
     Ok(line)
 }
 
+/// The size of TCG's translation buffer, in MiB (QEMU's default is 1 GiB).
+pub const TCG_TRANSLATION_MIB: u64 = 128;
+
 fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> Result<Vec<String>, VmError> {
-    let mut args: Vec<String> =
-        vec!["-M".into(), "microvm".into(), "-accel".into(), spec.accel.as_str().into()];
+    let accel = match spec.accel {
+        // TCG's translated code is held to a bounded buffer, so QEMU's
+        // memory beyond the guest's RAM stays within its cgroup's allowance.
+        Accel::Tcg => format!("tcg,tb-size={TCG_TRANSLATION_MIB}"),
+        Accel::Kvm => "kvm".to_owned(),
+    };
+    let mut args: Vec<String> = vec!["-M".into(), "microvm".into(), "-accel".into(), accel];
     if spec.accel == Accel::Kvm {
         args.extend(["-cpu".into(), "host".into()]);
     }
@@ -363,20 +371,39 @@ impl Qemu {
 }
 
 /// Removes the directories of runs whose airlock is gone (killed before it
-/// could clean up): each is named `<pid>-<n>` after the airlock that made it.
+/// could clean up): each is named `<pid>-<n>` after the airlock that made
+/// it; and their QEMU cgroups (`vm-<pid>-<n>`).
 pub fn sweep_runs(runs: &Path) {
-    let Ok(entries) = fs::read_dir(runs) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-            let _ = fs::remove_dir_all(entry.path());
+    let gone = |run: &str| {
+        run.split('-').next().and_then(|p| p.parse::<u32>().ok()).is_some_and(|pid| {
+            pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
+        })
+    };
+    if let Ok(entries) = fs::read_dir(runs) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(gone) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    for name in SandboxCgroup::list() {
+        if let Some(run) = name.strip_prefix(QEMU_CGROUP_PREFIX)
+            && gone(run)
+            && let Some(cgroup) = SandboxCgroup::open(&name)
+            // Whatever is left in it is a QEMU whose airlock is gone (and
+            // which its parent-death signal is ending): killed, waited for.
+            && let Err(e) = cgroup.remove()
+        {
+            tracing::debug!(error = %e, cgroup = name, "a dead run's QEMU cgroup was not removed");
         }
     }
 }
+
+/// QEMU's cgroup for the run `<pid>-<n>` is `vm-<pid>-<n>`.
+pub const QEMU_CGROUP_PREFIX: &str = "vm-";
 
 /// The guest writes its console: shown to a person, every control
 /// character (escape sequences, carriage returns) becomes `?`.

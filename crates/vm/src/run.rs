@@ -73,8 +73,6 @@ pub fn run(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<VmOutcome, VmErr
     if let Some(warning) = choice.warning {
         notify(Note::Warning(warning));
     }
-    let setup =
-        guest::setup(&cache, &mut |step| notify(Note::Progress(format!("building the guest: {step}"))))?;
     let run_id = format!("{}-{}", std::process::id(), unique());
     let memory_mib = (req.memory >> 20).max(MIN_GUEST_MIB);
     let cpus = (req.cpus.ceil() as u32).clamp(1, 64);
@@ -84,7 +82,10 @@ pub fn run(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<VmOutcome, VmErr
         cpus: Some(req.cpus),
     };
     // Declared before the VM, so dropped after it: QEMU is gone by then.
-    let cgroup = qemu_cgroup(&format!("vm-{run_id}"), &limits, req, notify)?;
+    // Refused (no cgroup where the policy needs one) before anything is built.
+    let cgroup = qemu_cgroup(&format!("{}{run_id}", crate::boot::QEMU_CGROUP_PREFIX), &limits, req, notify)?;
+    let setup =
+        guest::setup(&cache, &mut |step| notify(Note::Progress(format!("building the guest: {step}"))))?;
     let spec = BootSpec {
         accel: choice.accel,
         memory_mib,
