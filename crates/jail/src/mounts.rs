@@ -599,7 +599,7 @@ mod tests {
             if fs::read(shared.join("plain")).ok().as_deref() != Some(b"plain".as_slice()) {
                 return 4;
             }
-            if fs::read(shared.join("secret")).map(|b| b.is_empty()) != Ok(true) {
+            if fs::read(shared.join("secret")).is_ok_and(|b| !b.is_empty()) {
                 return 5;
             }
             if fs::write(writable.join("log"), b"x").is_err() {
