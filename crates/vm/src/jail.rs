@@ -241,16 +241,17 @@ pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
         control.set_read_timeout(Some(JAIL_DEADLINE)).map_err(fail("reading its answer"))?;
         let mut answer = String::new();
         let read = control.read_to_string(&mut answer);
-        match answer.strip_prefix("exec\n") {
-            Some(_) => Ok(()),
-            None if !answer.is_empty() => {
-                Err(VmError::Boot(format!("confining QEMU: {}", answer.trim().replace(['\n', '\r'], " "))))
-            }
-            None => Err(VmError::Boot(match read {
-                Err(e) => format!("confining QEMU: no answer from its jail: {e}"),
-                Ok(_) => "confining QEMU: its jail ended without an answer".to_owned(),
-            })),
+        // "exec", then the end of the channel as the exec closes it; or
+        // an error, before or instead of the exec.
+        if read.is_ok() && answer == "exec\n" {
+            return Ok(());
         }
+        let error = answer.trim_start_matches("exec\n").trim();
+        Err(VmError::Boot(match (error.strip_prefix("error: "), read) {
+            (Some(error), _) => format!("confining QEMU: {}", error.replace(['\n', '\r'], " ")),
+            (None, Err(e)) => format!("confining QEMU: no answer from its jail: {e}"),
+            (None, Ok(_)) => "confining QEMU: its jail ended without an answer".to_owned(),
+        }))
     })();
     match result {
         Ok(()) => Ok(pid),
