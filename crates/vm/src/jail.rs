@@ -332,6 +332,44 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// With this host's QEMU: the plan holds its binary, loader, libraries
+    /// and firmware; the TCG module only under TCG; /dev/kvm only with KVM.
+    #[test]
+    fn the_plan_holds_what_qemu_loads_and_kvm_only_with_kvm() {
+        let Ok(program) = qemu_program() else {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "needs qemu-system-x86_64 under CI=true");
+            eprintln!("skipping: no {}", crate::engine::QEMU);
+            return;
+        };
+        let run = tempfile::tempdir().unwrap();
+        let needs = |accel| Needs {
+            accel,
+            kernel: Path::new("/boot/vmlinuz"),
+            initramfs: Path::new("/boot/initrd.img"),
+            shares: vec![PathBuf::from("/opt")],
+            hidden: vec![PathBuf::from("/etc/shadow")],
+            run_dir: run.path(),
+        };
+        let tcg = plan(&program, vec!["-M".into(), "microvm".into()], &needs(Accel::Tcg)).unwrap();
+        assert!(tcg.read_only.contains(&program));
+        assert!(tcg.read_only.iter().any(|p| p.to_string_lossy().contains("libc.so")), "{:?}", tcg.read_only);
+        assert!(tcg.read_only.iter().any(|p| p.ends_with("bios-microvm.bin")), "{:?}", tcg.read_only);
+        assert!(tcg.read_only.contains(&PathBuf::from("/opt")));
+        assert_eq!(tcg.writable, [run.path().to_path_buf()]);
+        assert!(tcg.devices.is_empty());
+        assert_eq!(tcg.hidden, [PathBuf::from("/etc/shadow")]);
+        assert!(
+            !tcg.read_only.iter().any(|p| p.starts_with(&tcg.mountpoint) || tcg.mountpoint.starts_with(p))
+        );
+        let kvm = plan(&program, Vec::new(), &needs(Accel::Kvm)).unwrap();
+        assert_eq!(kvm.devices, [PathBuf::from("/dev/kvm")]);
+        let module = |p: &Plan| p.read_only.iter().any(|p| p.ends_with("accel-tcg-x86_64.so"));
+        assert!(!module(&kvm), "the TCG module is in a KVM guest's view");
+        let has_module = module_dirs(program.parent().unwrap().parent().unwrap())
+            .any(|d| d.join("accel-tcg-x86_64.so").exists());
+        assert_eq!(module(&tcg), has_module);
+    }
+
     #[test]
     fn the_loaders_list_gives_every_path_and_no_vdso() {
         let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x00007f)\n\
