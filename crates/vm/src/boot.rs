@@ -194,53 +194,14 @@ impl Vm {
             sweep_runs(runs);
         }
         fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| VmError::io(dir, e))?;
-        let socket = dir.join("agent.sock");
-        let console = dir.join("console.log");
-        let listener = UnixListener::bind(&socket).map_err(|e| VmError::io(&socket, e))?;
-        listener.set_nonblocking(true).map_err(|e| VmError::io(&socket, e))?;
-        let qemu_log = dir.join("qemu.log");
-        let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
-        let program = jail::qemu_program()?;
-        let needs = jail::Needs {
-            accel: spec.accel,
-            kernel: &guest.kernel,
-            initramfs: &guest.initramfs,
-            shares: spec
-                .root
-                .iter()
-                .filter_map(|e| match e {
-                    RootEntry::Share(p) => Some(p.clone()),
-                    _ => None,
-                })
-                .collect(),
-            hidden: spec
-                .root
-                .iter()
-                .filter_map(|e| match e {
-                    RootEntry::Hide(p) => Some(p.clone()),
-                    _ => None,
-                })
-                .collect(),
-            run_dir: dir,
-        };
-        let plan = jail::plan(&program, qemu_args(guest, spec, &socket, &console)?, &needs)?;
-        let ids = if rustix::process::geteuid().is_root() {
-            let (uid, gid) = qemu_ids(spec.accel);
-            // QEMU creates the console log and connects to the socket as itself.
-            for path in [dir, socket.as_path()] {
-                rustix::fs::chown(
-                    path,
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                )
-                .map_err(|e| VmError::io(path, e.into()))?;
+        // Removed again if QEMU does not start; once it has, its guard removes it.
+        let (pid, listener, started) = match start_qemu(guest, spec, dir) {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = fs::remove_dir_all(dir);
+                return Err(e);
             }
-            Some((uid, gid))
-        } else {
-            None
         };
-        let started = Instant::now();
-        let pid = jail::spawn(&jail::Start { plan: &plan, ids, stderr: &log, cgroup: spec.cgroup.as_ref() })?;
         let mut qemu = Qemu { pid, status: None, dir: dir.to_path_buf() };
         let deadline = started + spec.deadline;
         let mut channel = qemu.accept(&listener, deadline)?;
@@ -263,6 +224,59 @@ impl Vm {
     pub fn failure(&self, what: &str) -> VmError {
         self.qemu.failure(what)
     }
+}
+
+/// Starts QEMU, jailed, for a guest whose run directory `dir` exists:
+/// its pid, the agent's listening socket, and when it started.
+fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<(i32, UnixListener, Instant), VmError> {
+    let socket = dir.join("agent.sock");
+    let console = dir.join("console.log");
+    let listener = UnixListener::bind(&socket).map_err(|e| VmError::io(&socket, e))?;
+    listener.set_nonblocking(true).map_err(|e| VmError::io(&socket, e))?;
+    let qemu_log = dir.join("qemu.log");
+    let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
+    let program = jail::qemu_program()?;
+    let needs = jail::Needs {
+        accel: spec.accel,
+        kernel: &guest.kernel,
+        initramfs: &guest.initramfs,
+        shares: spec
+            .root
+            .iter()
+            .filter_map(|e| match e {
+                RootEntry::Share(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect(),
+        hidden: spec
+            .root
+            .iter()
+            .filter_map(|e| match e {
+                RootEntry::Hide(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect(),
+        run_dir: dir,
+    };
+    let plan = jail::plan(&program, qemu_args(guest, spec, &socket, &console)?, &needs)?;
+    let ids = if rustix::process::geteuid().is_root() {
+        let (uid, gid) = qemu_ids(spec.accel);
+        // QEMU creates the console log and connects to the socket as itself.
+        for path in [dir, socket.as_path()] {
+            rustix::fs::chown(
+                path,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(|e| VmError::io(path, e.into()))?;
+        }
+        Some((uid, gid))
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let pid = jail::spawn(&jail::Start { plan: &plan, ids, stderr: &log, cgroup: spec.cgroup.as_ref() })?;
+    Ok((pid, listener, started))
 }
 
 /// The QEMU process and its run's directory; killed and removed when dropped.

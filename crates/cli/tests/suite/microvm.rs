@@ -620,3 +620,49 @@ fn rootless_qemu_runs_jailed_as_the_caller_and_without_cgroups_only_if_the_polic
     assert_eq!(stdout(&out).trim(), "guest got hello", "{}", show(&out));
     assert!(stderr(&out).contains("QEMU runs without a cgroup"), "said: {}", show(&out));
 }
+
+#[test]
+fn a_view_qemu_cannot_be_given_is_a_clear_error_that_leaves_nothing() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    // A directory shared with the guest that QEMU's own uid cannot reach
+    // (inside one only root may enter).
+    let private = env.dir.path().join("private");
+    let shared = private.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let policy = env.dir.path().join("unreachable.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n\
+             [filesystem]\nread_only = [\"/usr\", \"{}\"]\n[limits]\ntimeout = \"10m\"\ncpus = 1\n",
+            shared.display()
+        ),
+    )
+    .unwrap();
+    let child = env
+        .airlock(["run", "--policy", policy.to_str().unwrap(), "--", "true"])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("confining QEMU")
+            && err.contains(&shared.display().to_string())
+            && err.contains("denied"),
+        "the jail says what it could not give QEMU: {err}"
+    );
+    assert!(pids_running(&format!("{}/run/{pid}-", cache.display())).is_empty(), "a QEMU was left running");
+    assert_eq!(cgroup_dirs(&format!("vm-{pid}")), Vec::<PathBuf>::new(), "QEMU's cgroup was left");
+    let runs = std::fs::read_dir(cache.join("run")).unwrap().flatten();
+    assert_eq!(runs.filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{pid}-"))).count(), 0);
+}
