@@ -16,6 +16,8 @@ fn main() -> ExitCode {
         Some(airlock_runtime::AGENT_ROLE) => return code(airlock_agent::main()),
         // PID 1 of a microVM guest, started by its kernel from the initramfs.
         Some(airlock_vm::GUEST_ROLE) => return code(airlock_vm::init::main()),
+        // QEMU's jailer: confines itself, then becomes QEMU.
+        Some(airlock_vm::jail::JAIL_ROLE) => return code(airlock_vm::jail::main()),
         Some(airlock_runtime::supervisor::SUPERVISOR_ROLE) => {
             return code(airlock_runtime::supervisor::main());
         }

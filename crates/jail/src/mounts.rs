@@ -311,6 +311,105 @@ pub fn enter_file_root(mountpoint: &Path, files: &[PathBuf]) -> Result<(), Mount
     pivot(mountpoint)
 }
 
+/// What one of airlock's host-side programs (QEMU) sees, each path at its
+/// own place in an otherwise empty root: see [`enter_view`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    /// Files and directories bound read-only (directories with what is
+    /// mounted below them); symlinks followed, so the path's target is seen
+    /// at the path. One below a directory already listed is seen through it.
+    pub read_only: Vec<PathBuf>,
+    /// Directories bound writable (nosuid, nodev, noexec).
+    pub writable: Vec<PathBuf>,
+    /// Device nodes bound as they are (nosuid, noexec; not nodev, or they
+    /// could not be opened).
+    pub devices: Vec<PathBuf>,
+    /// Paths masked once the rest is in place (see the sandbox's masks).
+    pub hidden: Vec<PathBuf>,
+}
+
+/// Makes a fresh root holding only `view` and pivots into it: a tmpfs over
+/// `mountpoint` (an existing directory no path of the view lies in or
+/// above: it is covered only in this mount namespace), the view's paths
+/// bound at their own places, masks, then the root made read-only. Nothing
+/// else of the host's tree stays reachable: no /proc, /sys, /dev, home or
+/// state directory. Runs in a new mount namespace the caller holds
+/// CAP_SYS_ADMIN over. A read-only path that does not exist is left out; a
+/// writable one or a device that does not exist is an error.
+pub fn enter_view(mountpoint: &Path, view: &View) -> Result<(), MountError> {
+    let every = view.read_only.iter().chain(&view.writable).chain(&view.devices);
+    check_apart(mountpoint, &every.cloned().collect::<Vec<_>>())?;
+    let slash = Path::new("/");
+    mount_change(slash, MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
+        .ctx("make all mounts private", slash)?;
+    tmpfs(mountpoint, 1 << 20, 0o755, SAFE | MountFlags::NOEXEC)?;
+    let mut read_only = view.read_only.clone();
+    read_only.sort();
+    let mut directories: Vec<&Path> = Vec::new();
+    for path in &read_only {
+        if directories.iter().any(|d| path.starts_with(d)) {
+            continue;
+        }
+        let meta = match fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).ctx("inspect host path", path),
+        };
+        let target = under(mountpoint, path);
+        if meta.is_dir() {
+            mkdir_all(&target)?;
+            directories.push(path);
+        } else {
+            touch(&target)?;
+        }
+        mount_bind_recursive(path.as_path(), &target).ctx("bind host path", path)?;
+        make_read_only(&target, true)?;
+    }
+    for dir in &view.writable {
+        let target = under(mountpoint, dir);
+        if fs::symlink_metadata(&target).is_err() {
+            mkdir_all(&target)?;
+        }
+        mount_bind_recursive(dir.as_path(), &target).ctx("bind writable directory", dir)?;
+        let set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC;
+        sys::mount_setattr(None, &cstr(&target)?, libc::AT_RECURSIVE as libc::c_uint, set, 0, None)
+            .ctx("make writable directory nosuid", &target)?;
+    }
+    for device in &view.devices {
+        let target = under(mountpoint, device);
+        if fs::symlink_metadata(&target).is_err() {
+            touch(&target)?;
+        }
+        mount_bind_recursive(device.as_path(), &target).ctx("bind device", device)?;
+        let set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NOEXEC;
+        sys::mount_setattr(None, &cstr(&target)?, 0, set, 0, None).ctx("make device nosuid", &target)?;
+    }
+    for path in &view.hidden {
+        mask(&under(mountpoint, path))?;
+    }
+    pivot(mountpoint)
+}
+
+/// The first of `candidates` that is an existing directory neither in nor
+/// above any of `paths`: a tmpfs mounted over it hides none of them.
+pub fn mountpoint_apart<'a>(candidates: &[&'a str], paths: &[PathBuf]) -> Option<&'a Path> {
+    candidates.iter().map(|c| Path::new(*c)).find(|c| c.is_dir() && check_apart(c, paths).is_ok())
+}
+
+/// A path in or above the mount point would be covered by the new root's
+/// tmpfs (or cover it) before it is bound.
+fn check_apart(mountpoint: &Path, paths: &[PathBuf]) -> Result<(), MountError> {
+    check_not_below(mountpoint, paths)?;
+    match paths.iter().find(|p| mountpoint.starts_with(p)) {
+        Some(path) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the mount point {} lies in it", mountpoint.display()),
+        ))
+        .ctx("bind host path", path),
+        None => Ok(()),
+    }
+}
+
 /// A file below the mount point would be covered by the new root's tmpfs
 /// before it is bound.
 pub(crate) fn check_not_below(mountpoint: &Path, files: &[PathBuf]) -> Result<(), MountError> {
@@ -438,4 +537,86 @@ fn pivot(root: &Path) -> Result<(), MountError> {
     rustix::process::chdir("/").ctx("enter new root", root)?;
     make_read_only(Path::new("/"), false)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::privileges::test_fork::{have_root, run_in_child};
+
+    #[test]
+    fn a_mount_point_apart_from_every_path_is_chosen() {
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("x");
+        let paths = [inside.clone()];
+        let tmp = dir.path().to_str().unwrap();
+        // The directory holding a path, and the root above everything, are passed over.
+        assert_eq!(mountpoint_apart(&[tmp, "/", "/no/such/dir"], &paths), None);
+        assert_eq!(mountpoint_apart(&[tmp, "/proc"], &paths), Some(Path::new("/proc")));
+        assert!(check_apart(Path::new("/proc"), &[PathBuf::from("/proc/self")]).is_err());
+    }
+
+    /// As root, in a forked child with a mount namespace of its own: the
+    /// view holds its read-only file read-only, its writable directory
+    /// writable, its hidden file masked, and nothing else of the host.
+    #[test]
+    fn a_view_holds_only_its_paths() {
+        if !have_root("a_view_holds_only_its_paths") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join("kept.txt");
+        fs::write(&kept, b"kept").unwrap();
+        let shared = dir.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::write(shared.join("secret"), b"secret").unwrap();
+        fs::write(shared.join("plain"), b"plain").unwrap();
+        let writable = dir.path().join("run");
+        fs::create_dir(&writable).unwrap();
+        let view = View {
+            read_only: vec![kept.clone(), shared.clone(), dir.path().join("missing")],
+            writable: vec![writable.clone()],
+            devices: Vec::new(),
+            hidden: vec![shared.join("secret")],
+        };
+        let every = [kept.clone(), shared.clone(), writable.clone()];
+        let mountpoint = mountpoint_apart(&["/mnt", "/srv", "/media", "/opt", "/var/tmp", "/tmp"], &every)
+            .unwrap()
+            .to_path_buf();
+        let code = run_in_child(|| {
+            if sys::raw_unshare(libc::CLONE_NEWNS).is_err() {
+                return 1;
+            }
+            if let Err(e) = enter_view(&mountpoint, &view) {
+                eprintln!("{e}");
+                return 2;
+            }
+            if fs::read(&kept).ok().as_deref() != Some(b"kept".as_slice()) || fs::write(&kept, b"x").is_ok() {
+                return 3;
+            }
+            if fs::read(shared.join("plain")).ok().as_deref() != Some(b"plain".as_slice()) {
+                return 4;
+            }
+            if fs::read(shared.join("secret")).is_ok_and(|b| !b.is_empty()) {
+                return 5;
+            }
+            if fs::write(writable.join("log"), b"x").is_err() {
+                return 6;
+            }
+            for gone in ["/etc/passwd", "/proc/self", "/sys/kernel", "/dev/null", "/root", "/home"] {
+                if fs::symlink_metadata(gone).is_ok() {
+                    eprintln!("{gone} is visible");
+                    return 7;
+                }
+            }
+            if fs::symlink_metadata(dir.path().join("missing")).is_ok() || fs::write("/new", b"x").is_ok() {
+                return 8;
+            }
+            0
+        });
+        assert_eq!(code, 0);
+        assert_eq!(fs::read(writable.join("log")).unwrap(), b"x", "the writable directory is the host's");
+    }
 }

@@ -48,6 +48,7 @@ pub(crate) fn run(
     let vm_run = VmRun {
         policy: policy.name.clone(),
         allow_emulation: policy.allows_weaker(Weakening::Kvm),
+        allow_no_cgroups: policy.allows_weaker(Weakening::Cgroups),
         argv: req.command.clone(),
         env: env.into_iter().collect(),
         cwd: None,

@@ -7,16 +7,16 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use airlock_jail::cgroup::SandboxCgroup;
 use airlock_proto::AgentMessage;
 
-use crate::engine::{Accel, QEMU};
+use crate::engine::Accel;
 use crate::guest::Guest;
 use crate::init::{PORT_NAME, RootEntry, share_tag};
+use crate::jail;
 use crate::{GUEST_ROLE, VmError};
 
 /// What a guest gets.
@@ -29,6 +29,9 @@ pub struct BootSpec {
     pub deadline: Duration,
     /// The guest's root: what of the host it sees, read-only.
     pub root: Vec<RootEntry>,
+    /// The cgroup QEMU runs in (its limits cover QEMU as a whole: guest
+    /// RAM, vCPUs and what QEMU spends itself); placed before it starts.
+    pub cgroup: Option<SandboxCgroup>,
 }
 
 /// A running guest; killed (and its directory removed) when dropped.
@@ -40,8 +43,9 @@ pub struct Vm {
     pub boot_time: Duration,
 }
 
-/// The QEMU child dies with the process that started it.
-pub(crate) fn die_with_parent(command: &mut Command) {
+/// A QEMU child (the KVM trial's) dies with the process that started it.
+pub(crate) fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs between fork and exec and makes one prctl
     // system call, which is async-signal-safe.
     unsafe {
@@ -111,9 +115,17 @@ fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> Result<String, VmErr
     Ok(line)
 }
 
+/// The size of TCG's translation buffer, in MiB (QEMU's default is 1 GiB).
+pub const TCG_TRANSLATION_MIB: u64 = 128;
+
 fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> Result<Vec<String>, VmError> {
-    let mut args: Vec<String> =
-        vec!["-M".into(), "microvm".into(), "-accel".into(), spec.accel.as_str().into()];
+    let accel = match spec.accel {
+        // TCG's translated code is held to a bounded buffer, so QEMU's
+        // memory beyond the guest's RAM stays within its cgroup's allowance.
+        Accel::Tcg => format!("tcg,tb-size={TCG_TRANSLATION_MIB}"),
+        Accel::Kvm => "kvm".to_owned(),
+    };
+    let mut args: Vec<String> = vec!["-M".into(), "microvm".into(), "-accel".into(), accel];
     if spec.accel == Accel::Kvm {
         args.extend(["-cpu".into(), "host".into()]);
     }
@@ -182,37 +194,15 @@ impl Vm {
             sweep_runs(runs);
         }
         fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| VmError::io(dir, e))?;
-        let socket = dir.join("agent.sock");
-        let console = dir.join("console.log");
-        let listener = UnixListener::bind(&socket).map_err(|e| VmError::io(&socket, e))?;
-        listener.set_nonblocking(true).map_err(|e| VmError::io(&socket, e))?;
-        let qemu_log = dir.join("qemu.log");
-        let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
-        let mut command = Command::new(QEMU);
-        command
-            .args(qemu_args(guest, spec, &socket, &console)?)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        if rustix::process::geteuid().is_root() {
-            let (uid, gid) = qemu_ids(spec.accel);
-            // QEMU creates the console log and connects to the socket as itself.
-            for path in [dir, socket.as_path()] {
-                rustix::fs::chown(
-                    path,
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                )
-                .map_err(|e| VmError::io(path, e.into()))?;
+        // Removed again if QEMU does not start; once it has, its guard removes it.
+        let (pid, listener, started) = match start_qemu(guest, spec, dir) {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = fs::remove_dir_all(dir);
+                return Err(e);
             }
-            // std drops the supplementary groups, then sets gid and uid.
-            command.uid(uid).gid(gid);
-        }
-        // After the change of ids, which would clear it.
-        die_with_parent(&mut command);
-        let started = Instant::now();
-        let child = command.spawn().map_err(|e| VmError::Boot(format!("cannot start {QEMU}: {e}")))?;
-        let mut qemu = Qemu { child, dir: dir.to_path_buf() };
+        };
+        let mut qemu = Qemu { pid, status: None, dir: dir.to_path_buf() };
         let deadline = started + spec.deadline;
         let mut channel = qemu.accept(&listener, deadline)?;
         qemu.await_agent(&mut channel, deadline)?;
@@ -236,9 +226,65 @@ impl Vm {
     }
 }
 
+/// Starts QEMU, jailed, for a guest whose run directory `dir` exists:
+/// its pid, the agent's listening socket, and when it started.
+fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<(i32, UnixListener, Instant), VmError> {
+    let socket = dir.join("agent.sock");
+    let console = dir.join("console.log");
+    let listener = UnixListener::bind(&socket).map_err(|e| VmError::io(&socket, e))?;
+    listener.set_nonblocking(true).map_err(|e| VmError::io(&socket, e))?;
+    let qemu_log = dir.join("qemu.log");
+    let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
+    let program = jail::qemu_program()?;
+    let needs = jail::Needs {
+        accel: spec.accel,
+        kernel: &guest.kernel,
+        initramfs: &guest.initramfs,
+        shares: spec
+            .root
+            .iter()
+            .filter_map(|e| match e {
+                RootEntry::Share(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect(),
+        hidden: spec
+            .root
+            .iter()
+            .filter_map(|e| match e {
+                RootEntry::Hide(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect(),
+        run_dir: dir,
+    };
+    let plan = jail::plan(&program, qemu_args(guest, spec, &socket, &console)?, &needs)?;
+    let ids = if rustix::process::geteuid().is_root() {
+        let (uid, gid) = qemu_ids(spec.accel);
+        // QEMU creates the console log and connects to the socket as itself.
+        for path in [dir, socket.as_path()] {
+            rustix::fs::chown(
+                path,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(|e| VmError::io(path, e.into()))?;
+        }
+        Some((uid, gid))
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let pid = jail::spawn(&jail::Start { plan: &plan, ids, stderr: &log, cgroup: spec.cgroup.as_ref() })?;
+    Ok((pid, listener, started))
+}
+
 /// The QEMU process and its run's directory; killed and removed when dropped.
 struct Qemu {
-    child: Child,
+    /// Host pid of QEMU (PID 1 of its own PID namespace), our child.
+    pid: i32,
+    /// How it ended, once reaped.
+    status: Option<String>,
     dir: PathBuf,
 }
 
@@ -279,10 +325,26 @@ impl Qemu {
         }
     }
 
+    /// How QEMU ended, if it has (reaped here).
+    fn try_wait(&mut self) -> Option<String> {
+        if self.status.is_none()
+            && let Some(pid) = rustix::process::Pid::from_raw(self.pid)
+            && let Ok(Some((_, status))) =
+                rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG)
+        {
+            self.status = Some(match (status.exit_status(), status.terminating_signal()) {
+                (Some(code), _) => format!("exit status: {code}"),
+                (None, Some(signal)) => format!("signal: {signal}"),
+                _ => "ended".to_owned(),
+            });
+        }
+        self.status.clone()
+    }
+
     fn check_alive(&mut self) -> Result<(), VmError> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Err(self.failure(&format!("QEMU ended ({status})"))),
-            _ => Ok(()),
+        match self.try_wait() {
+            Some(status) => Err(self.failure(&format!("QEMU ended ({status})"))),
+            None => Ok(()),
         }
     }
 
@@ -291,7 +353,7 @@ impl Qemu {
     /// has exited (briefly waited for; it flushes the console as it goes).
     fn ended(&mut self, during: &str) -> VmError {
         let waited = Instant::now();
-        while waited.elapsed() < Duration::from_secs(2) && matches!(self.child.try_wait(), Ok(None)) {
+        while waited.elapsed() < Duration::from_secs(2) && self.try_wait().is_none() {
             std::thread::sleep(Duration::from_millis(10));
         }
         let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
@@ -304,9 +366,9 @@ impl Qemu {
         } else if console.contains("reboot: Restarting system") {
             format!("the guest rebooted {during}")
         } else {
-            match self.child.try_wait() {
-                Ok(Some(status)) => format!("QEMU ended ({status}) {during}"),
-                _ => format!("the guest closed its channel {during}"),
+            match self.try_wait() {
+                Some(status) => format!("QEMU ended ({status}) {during}"),
+                None => format!("the guest closed its channel {during}"),
             }
         };
         self.failure(&what)
@@ -323,20 +385,39 @@ impl Qemu {
 }
 
 /// Removes the directories of runs whose airlock is gone (killed before it
-/// could clean up): each is named `<pid>-<n>` after the airlock that made it.
+/// could clean up): each is named `<pid>-<n>` after the airlock that made
+/// it; and their QEMU cgroups (`vm-<pid>-<n>`).
 pub fn sweep_runs(runs: &Path) {
-    let Ok(entries) = fs::read_dir(runs) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-            let _ = fs::remove_dir_all(entry.path());
+    let gone = |run: &str| {
+        run.split('-').next().and_then(|p| p.parse::<u32>().ok()).is_some_and(|pid| {
+            pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
+        })
+    };
+    if let Ok(entries) = fs::read_dir(runs) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(gone) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    for name in SandboxCgroup::list() {
+        if let Some(run) = name.strip_prefix(QEMU_CGROUP_PREFIX)
+            && gone(run)
+            && let Some(cgroup) = SandboxCgroup::open(&name)
+            // Whatever is left in it is a QEMU whose airlock is gone (and
+            // which its parent-death signal is ending): killed, waited for.
+            && let Err(e) = cgroup.remove()
+        {
+            tracing::debug!(error = %e, cgroup = name, "a dead run's QEMU cgroup was not removed");
         }
     }
 }
+
+/// QEMU's cgroup for the run `<pid>-<n>` is `vm-<pid>-<n>`.
+pub const QEMU_CGROUP_PREFIX: &str = "vm-";
 
 /// The guest writes its console: shown to a person, every control
 /// character (escape sequences, carriage returns) becomes `?`.
@@ -346,8 +427,9 @@ fn printable(line: &str) -> String {
 
 impl Drop for Qemu {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if self.try_wait().is_none() {
+            airlock_jail::sys::kill_and_reap(self.pid);
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

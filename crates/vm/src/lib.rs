@@ -8,6 +8,8 @@
 //!   either changes (`cpio`, `elf` build it).
 //! - `init`: the guest's PID 1 (`airlock __vm-init`): modules, the host's
 //!   root read-only over 9p, then the agent over virtio-serial.
+//! - `jail`: QEMU confined (`airlock __vm-jail`): namespaces of its own, a
+//!   mount view with only what it needs, no capability, its cgroup.
 //! - `boot`, `run`: starting a guest and running one command in it.
 
 pub mod boot;
@@ -16,6 +18,7 @@ pub mod elf;
 pub mod engine;
 pub mod guest;
 pub mod init;
+pub mod jail;
 pub mod run;
 
 use std::io;
@@ -50,6 +53,13 @@ pub enum VmError {
     Guest { what: String, qemu: String, console: String },
     #[error("microVM agent: {0}")]
     Protocol(#[from] airlock_proto::ProtoError),
+    #[error(
+        "this host lacks cgroups, which policy {policy} requires to limit QEMU's memory, CPU and tasks; run \
+         `airlock doctor` for how to fix it, or use a policy that lists \"cgroups\" in isolation.allow_weaker"
+    )]
+    NoCgroups { policy: String },
+    #[error("QEMU's cgroup: {0}")]
+    Cgroup(#[from] airlock_jail::cgroup::CgroupError),
     #[error("no cache directory: set AIRLOCK_VM_CACHE, XDG_CACHE_HOME or HOME")]
     NoCacheDir,
 }
@@ -61,7 +71,14 @@ impl VmError {
 
     /// The host lacks what the tier needs (a refusal, not a failure).
     pub fn is_host_unsupported(&self) -> bool {
-        matches!(self, VmError::NoQemu | VmError::NoKvm { .. } | VmError::NoKernel | VmError::Modules(_))
+        matches!(
+            self,
+            VmError::NoQemu
+                | VmError::NoKvm { .. }
+                | VmError::NoKernel
+                | VmError::Modules(_)
+                | VmError::NoCgroups { .. }
+        )
     }
 }
 

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Stream};
 
+use airlock_jail::cgroup::{CgroupLimits, SandboxCgroup};
+use airlock_jail::probe;
+
 use crate::boot::{BootSpec, Vm};
 use crate::engine::{self, Accel};
 use crate::{VmError, guest};
@@ -19,6 +22,9 @@ pub struct VmRun {
     pub policy: String,
     /// The policy lists "kvm" in `isolation.allow_weaker`.
     pub allow_emulation: bool,
+    /// The policy lists "cgroups" in `isolation.allow_weaker`: QEMU may run
+    /// without a cgroup where the host cannot give it one (rootless).
+    pub allow_no_cgroups: bool,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<PathBuf>,
@@ -51,6 +57,14 @@ const TIMED_OUT: i32 = 124;
 /// The guest's RAM: the policy's memory limit, but enough to boot.
 const MIN_GUEST_MIB: u64 = 256;
 
+/// What QEMU may use beyond the guest's RAM (its own code and heap, device
+/// buffers, TCG's translated code): the bound of its cgroup's memory limit.
+pub const QEMU_OVERHEAD_MIB: u64 = 256;
+
+/// Tasks QEMU may have: its main loop, RCU and signal threads, one thread
+/// per vCPU and up to 64 workers of its thread pool (9p's file I/O).
+const QEMU_BASE_TASKS: u64 = 96;
+
 pub fn run(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<VmOutcome, VmError> {
     let cache = crate::cache_dir()?;
     let kernel = guest::find_kernel().ok_or(VmError::NoKernel)?;
@@ -59,24 +73,70 @@ pub fn run(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<VmOutcome, VmErr
     if let Some(warning) = choice.warning {
         notify(Note::Warning(warning));
     }
+    let run_id = format!("{}-{}", std::process::id(), unique());
+    let memory_mib = (req.memory >> 20).max(MIN_GUEST_MIB);
+    let cpus = (req.cpus.ceil() as u32).clamp(1, 64);
+    let limits = CgroupLimits {
+        memory: Some((memory_mib + QEMU_OVERHEAD_MIB) << 20),
+        pids: Some(QEMU_BASE_TASKS + u64::from(cpus)),
+        cpus: Some(req.cpus),
+    };
+    // Declared before the VM, so dropped after it: QEMU is gone by then.
+    // Refused (no cgroup where the policy needs one) before anything is built.
+    let cgroup = qemu_cgroup(&format!("{}{run_id}", crate::boot::QEMU_CGROUP_PREFIX), &limits, req, notify)?;
     let setup =
         guest::setup(&cache, &mut |step| notify(Note::Progress(format!("building the guest: {step}"))))?;
     let spec = BootSpec {
         accel: choice.accel,
-        memory_mib: (req.memory >> 20).max(MIN_GUEST_MIB),
-        cpus: (req.cpus.ceil() as u32).clamp(1, 64),
+        memory_mib,
+        cpus,
         deadline: match choice.accel {
             Accel::Kvm => Duration::from_secs(30),
             Accel::Tcg => Duration::from_secs(300),
         },
         root: req.root.clone(),
+        cgroup: cgroup.as_ref().map(|c| c.0.clone()),
     };
-    let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));
+    let dir = cache.join("run").join(run_id);
     let started = Instant::now();
     let mut vm = Vm::boot(setup.guest(), &spec, &dir)?;
     let remaining = req.timeout.saturating_sub(started.elapsed());
     let (exit_code, timed_out) = exec(&mut vm, req, remaining)?;
     Ok(VmOutcome { exit_code, timed_out, accel: choice.accel, boot_time: vm.boot_time })
+}
+
+/// QEMU's cgroup, removed (with anything left in it) when dropped.
+struct QemuCgroup(SandboxCgroup);
+
+impl Drop for QemuCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.remove() {
+            tracing::warn!(error = %e, cgroup = self.0.name(), "QEMU's cgroup was not removed");
+        }
+    }
+}
+
+/// A cgroup with `limits` for QEMU, where the host gives one; without, a
+/// refusal unless the policy allows running without cgroups (then said).
+fn qemu_cgroup(
+    name: &str,
+    limits: &CgroupLimits,
+    req: &VmRun,
+    notify: &mut dyn FnMut(Note),
+) -> Result<Option<QemuCgroup>, VmError> {
+    let host = probe::probe_host(probe::Depth::Launch);
+    if host.enforces(probe::Feature::Cgroups) {
+        return Ok(Some(QemuCgroup(SandboxCgroup::create_on(&host.cgroups, name, limits)?)));
+    }
+    if !req.allow_no_cgroups {
+        return Err(VmError::NoCgroups { policy: req.policy.clone() });
+    }
+    notify(Note::Warning(format!(
+        "QEMU runs without a cgroup (this host gives none): its memory, CPU and tasks are bounded only by the \
+         guest's RAM and vCPUs (policy {} allows it: isolation.allow_weaker has \"cgroups\")",
+        req.policy
+    )));
+    Ok(None)
 }
 
 fn unique() -> u128 {

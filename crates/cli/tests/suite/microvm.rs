@@ -370,9 +370,13 @@ fn qemu_runs_unprivileged_and_dies_with_airlock() {
             .count()
     };
     assert_eq!(left(&runs), 1);
+    // So does QEMU's cgroup, empty.
+    let cgroup = format!("vm-{}", run.id());
+    assert!(!cgroup_dirs(&cgroup).is_empty(), "QEMU ran in a cgroup of its own");
     let setup = airlock_vm(&env, &cache, &["vm", "setup"]);
     assert!(setup.status.success(), "{}", show(&setup));
     assert_eq!(left(&runs), 0, "the dead run's directory was swept");
+    assert_eq!(cgroup_dirs(&cgroup), Vec::<PathBuf>::new(), "the dead run's cgroup was swept");
 }
 
 #[test]
@@ -400,4 +404,265 @@ fn a_guest_that_panics_or_powers_off_ends_the_run_with_the_reason() {
     assert!(stderr(&off).contains("the guest powered off while the command ran"), "{}", show(&off));
     assert!(stderr(&off).contains("?[2Jforged?"), "the console is quoted: {}", show(&off));
     assert!(!stderr(&off).contains('\x1b') && !stderr(&off).contains('\r'), "{}", show(&off));
+}
+
+/// The values of QEMU's options `-kernel`, `-initrd` and each 9p share's
+/// `path=`, from its command line: what its view must hold.
+fn qemu_inputs(pid: i32) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> =
+        cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let mut files = Vec::new();
+    let mut shares = Vec::new();
+    for pair in args.windows(2) {
+        match pair[0].as_str() {
+            "-kernel" | "-initrd" => files.push(PathBuf::from(&pair[1])),
+            "-fsdev" => {
+                let path = pair[1].split(',').find_map(|o| o.strip_prefix("path=")).unwrap();
+                shares.push(PathBuf::from(path));
+            }
+            _ => {}
+        }
+    }
+    (files, shares)
+}
+
+/// The limit file `name` of the cgroup QEMU is in for `controller` (v1), or
+/// of its v2 cgroup, as text.
+fn cgroup_limit(pid: i32, controller: &str, v1: &str, v2: &str) -> Option<String> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let file = if controllers.split(',').any(|c| c == controller) {
+            PathBuf::from(format!("/sys/fs/cgroup/{controller}{path}/{v1}"))
+        } else if controllers.is_empty() {
+            PathBuf::from(format!("/sys/fs/cgroup{path}/{v2}"))
+        } else {
+            continue;
+        };
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            return Some(text.trim().to_owned());
+        }
+    }
+    None
+}
+
+/// QEMU `qemu` of the run whose directory is `run_dir` is jailed: its own
+/// namespaces, PID 1 of its own, no capability, a mount view with only
+/// what it needs (none of `absent`), no network but loopback.
+fn assert_jailed(qemu: i32, run_dir: &Path, absent: &[&Path]) {
+    let proc = PathBuf::from(format!("/proc/{qemu}"));
+    // Namespaces of its own: user, mount, PID, network, IPC.
+    for ns in ["user", "mnt", "pid", "net", "ipc"] {
+        let theirs = std::fs::read_link(proc.join("ns").join(ns)).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "QEMU shares the host's {ns} namespace");
+    }
+    let status = std::fs::read_to_string(proc.join("status")).unwrap();
+    let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap().to_owned();
+    assert_eq!(nspid.split_whitespace().last(), Some("1"), "QEMU is PID 1 of its own namespace: {nspid}");
+    assert!(status.lines().any(|l| l == "CapBnd:\t0000000000000000"), "{status}");
+
+    // Its mount view holds what it needs and nothing else.
+    let (files, shares) = qemu_inputs(qemu);
+    assert_eq!(files.len(), 2, "a kernel and an initramfs");
+    let mountinfo = std::fs::read_to_string(proc.join("mountinfo")).unwrap();
+    let mut seen = Vec::new();
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (point, options) = (PathBuf::from(fields[4]), fields[5]);
+        let library = |p: &Path| {
+            ["/lib", "/lib64", "/usr/lib"].iter().any(|d| p.starts_with(d))
+                && p.to_string_lossy().contains(".so")
+        };
+        let allowed = point == Path::new("/")
+            || files.contains(&point)
+            || shares.iter().any(|s| point.starts_with(s))
+            || point == run_dir
+            || library(&point)
+            || point == Path::new("/etc/ld.so.cache")
+            || point.starts_with("/usr/share/qemu")
+            || point.starts_with("/usr/bin/qemu-system");
+        assert!(allowed, "QEMU's view holds {} ({line})", point.display());
+        if point != run_dir {
+            assert!(options.split(',').any(|o| o == "ro"), "{} is writable in QEMU's view", point.display());
+        }
+        seen.push(point);
+    }
+    assert!(seen.iter().any(|p| p == run_dir), "the run's directory is in QEMU's view:\n{mountinfo}");
+    for file in &files {
+        assert!(seen.contains(file), "{} is not in QEMU's view:\n{mountinfo}", file.display());
+    }
+    // Seen from the host through its root: no /proc (host processes), /sys,
+    // /dev (no KVM here), home, state or test directory.
+    let root = proc.join("root");
+    let hidden =
+        [Path::new("/proc"), Path::new("/sys"), Path::new("/dev"), Path::new("/root"), Path::new("/home")];
+    for path in hidden.iter().chain(absent) {
+        let inside = root.join(path.strip_prefix("/").unwrap());
+        let visible = shares.iter().any(|s| path.starts_with(s));
+        assert!(visible || !inside.exists(), "QEMU sees {}", path.display());
+    }
+    assert!(root.join("usr/bin").exists() || shares.iter().any(|s| s == Path::new("/usr")));
+
+    // No network interface but loopback.
+    let net = std::fs::read_to_string(proc.join("net/dev")).unwrap();
+    let interfaces: Vec<&str> =
+        net.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    assert_eq!(interfaces, ["lo"], "{net}");
+}
+
+#[test]
+fn qemu_runs_in_namespaces_a_mount_view_and_a_cgroup_of_its_own() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    let mut cmd = env.airlock([
+        "run",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo ready; read line; echo \"guest got $line\"",
+    ]);
+    cmd.env("AIRLOCK_VM_CACHE", &cache).stdin(Stdio::piped()).stderr(Stdio::piped());
+    let mut run = spawn_until_ready(cmd);
+    let needle = format!("{}/run/{}-", cache.display(), run.id());
+    let qemu = pids_running(&needle);
+    assert_eq!(qemu.len(), 1, "one QEMU for this run");
+    let qemu = qemu[0];
+    let run_dir = std::fs::read_dir(cache.join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{}-", run.id())))
+        .unwrap();
+    assert_jailed(qemu, &run_dir, &[env.state.as_path(), env.dir.path()]);
+
+    // A cgroup whose limits cover QEMU: the guest's RAM (512M) plus a
+    // bounded overhead, and a task limit.
+    let memory: u64 = cgroup_limit(qemu, "memory", "memory.limit_in_bytes", "memory.max")
+        .expect("QEMU is in a memory cgroup")
+        .parse()
+        .expect("a memory limit");
+    assert!((512 << 20..=1024 << 20).contains(&memory), "memory limit {memory}");
+    let pids: u64 = cgroup_limit(qemu, "pids", "pids.max", "pids.max")
+        .expect("QEMU is in a pids cgroup")
+        .parse()
+        .expect("a task limit");
+    assert!((8..=256).contains(&pids), "pids limit {pids}");
+
+    // And the guest still runs the command.
+    std::io::Write::write_all(&mut run.stdin.take().unwrap(), b"hello\n").unwrap();
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out).trim(), "guest got hello", "{}", show(&out));
+}
+
+#[test]
+fn rootless_qemu_runs_jailed_as_the_caller_and_without_cgroups_only_if_the_policy_allows() {
+    if !ready() {
+        return;
+    }
+    let Some(r) = super::rootless::setup() else { return };
+    let cache = r.env.dir.path().join("vm-cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::os::unix::fs::chown(&cache, Some(r.uid), None).unwrap();
+    // An ordinary user gets no cgroup: refused, before anything is built,
+    // unless the policy allows it.
+    let strict = emulation_policy(&r.env);
+    let refused = r
+        .airlock(&["run", "--policy", strict.to_str().unwrap(), "--", "true"])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(125), "{}", show(&refused));
+    assert!(
+        stderr(&refused).contains("lacks cgroups") && stderr(&refused).contains("allow_weaker"),
+        "{}",
+        show(&refused)
+    );
+    assert!(!cache.join("guest").exists(), "the guest was built for a refused run");
+    let policy = r.env.dir.path().join("rootless-microvm.toml");
+    std::fs::write(
+        &policy,
+        "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\", \"cgroups\"]\n\
+         [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\n",
+    )
+    .unwrap();
+    let mut cmd = r.airlock(&[
+        "run",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo ready; read line; echo \"guest got $line\"",
+    ]);
+    cmd.env("AIRLOCK_VM_CACHE", &cache).stdin(Stdio::piped()).stderr(Stdio::piped());
+    let mut run = spawn_until_ready(cmd);
+    let needle = format!("{}/run/{}-", cache.display(), run.id());
+    let qemu = pids_running(&needle);
+    assert_eq!(qemu.len(), 1, "one QEMU for this run");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).unwrap();
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
+    assert!(uid.split_whitespace().all(|u| u == r.uid.to_string()), "QEMU runs as the caller: {uid}");
+    let run_dir = std::fs::read_dir(cache.join("run")).unwrap().flatten().map(|e| e.path()).next().unwrap();
+    assert_jailed(qemu[0], &run_dir, &[r.env.state.as_path(), Path::new("/home/airlock-test")]);
+    std::io::Write::write_all(&mut run.stdin.take().unwrap(), b"hello\n").unwrap();
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out).trim(), "guest got hello", "{}", show(&out));
+    assert!(stderr(&out).contains("QEMU runs without a cgroup"), "said: {}", show(&out));
+}
+
+#[test]
+fn a_view_qemu_cannot_be_given_is_a_clear_error_that_leaves_nothing() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    // A directory shared with the guest that QEMU's own uid cannot reach
+    // (inside one only root may enter).
+    let private = env.dir.path().join("private");
+    let shared = private.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let policy = env.dir.path().join("unreachable.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n\
+             [filesystem]\nread_only = [\"/usr\", \"{}\"]\n[limits]\ntimeout = \"10m\"\ncpus = 1\n",
+            shared.display()
+        ),
+    )
+    .unwrap();
+    let child = env
+        .airlock(["run", "--policy", policy.to_str().unwrap(), "--", "true"])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("confining QEMU")
+            && err.contains(&shared.display().to_string())
+            && err.contains("denied"),
+        "the jail says what it could not give QEMU: {err}"
+    );
+    assert!(pids_running(&format!("{}/run/{pid}-", cache.display())).is_empty(), "a QEMU was left running");
+    assert_eq!(cgroup_dirs(&format!("vm-{pid}")), Vec::<PathBuf>::new(), "QEMU's cgroup was left");
+    let runs = std::fs::read_dir(cache.join("run")).unwrap().flatten();
+    assert_eq!(runs.filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{pid}-"))).count(), 0);
 }

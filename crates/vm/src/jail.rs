@@ -1,0 +1,382 @@
+//! QEMU confined, as Firecracker's jailer confines Firecracker.
+//!
+//! The host side ([`spawn`]) starts `airlock __vm-jail` with the jail
+//! crate's `spawn` — the same clone as a sandbox's agent: new user, mount,
+//! PID, network, IPC and UTS namespaces, id maps written by the host, the
+//! process placed in the VM's cgroup before it may run on. Its user
+//! namespace maps one host uid and gid: QEMU's own as root, the caller's
+//! rootless. It then sends the jailer a [`Plan`] over the control channel.
+//!
+//! The jailer ([`main`]), single-threaded and root only of that namespace:
+//! 1. builds QEMU's mount view (`mounts::enter_view`): QEMU's binary, the
+//!    libraries and firmware it loads, the kernel and initramfs and the
+//!    directories shared with the guest, read-only; the run's directory
+//!    (sockets, console log) writable; `/dev/kvm` with KVM; the guest's
+//!    masked paths masked here too. No /proc, /sys, /dev, home or state
+//!    directory; the network namespace has only a loopback device (down).
+//! 2. empties all five capability sets (bounding set included) and sets
+//!    no_new_privs, so QEMU, though root of its namespace, starts with no
+//!    capability anywhere.
+//! 3. re-arms the parent-death signal (the clone's id change cleared it) and
+//!    tells the host it is about to exec — a write that fails if airlock
+//!    died before the signal was armed.
+//! 4. execs QEMU with an empty environment; QEMU's own seccomp sandbox
+//!    (`-sandbox`) is the last layer.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use airlock_jail::cgroup::SandboxCgroup;
+use airlock_jail::mounts::{self, View};
+use airlock_jail::spawn::{self as jail_spawn, AGENT_CONTROL_FD, IdMap, SpawnRequest};
+use airlock_jail::{privileges, sys};
+use serde::{Deserialize, Serialize};
+
+use crate::VmError;
+use crate::engine::Accel;
+
+/// argv[1] of the jailer.
+pub const JAIL_ROLE: &str = "__vm-jail";
+
+/// Existing directories the view's empty root may be mounted over (in the
+/// jailer's mount namespace only): the first that no path of the view lies
+/// in or above.
+const MOUNTPOINTS: &[&str] = &["/mnt", "/srv", "/media", "/tmp", "/var/tmp", "/home", "/root"];
+
+/// Firmware QEMU's microvm machine loads from its data directory: its BIOS
+/// (qboot), and the option ROM that starts a PVH kernel or a bzImage.
+const FIRMWARE: &[&str] = &["bios-microvm.bin", "pvh.bin", "linuxboot_dma.bin"];
+
+/// What the jailer does: QEMU's command and its mount view.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Plan {
+    /// QEMU's binary, at the path it has in the view (and on the host).
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub mountpoint: PathBuf,
+    pub read_only: Vec<PathBuf>,
+    pub writable: Vec<PathBuf>,
+    pub devices: Vec<PathBuf>,
+    pub hidden: Vec<PathBuf>,
+}
+
+/// What QEMU needs to see.
+pub struct Needs<'a> {
+    pub accel: Accel,
+    pub kernel: &'a Path,
+    pub initramfs: &'a Path,
+    /// Directories shared with the guest (read-only).
+    pub shares: Vec<PathBuf>,
+    /// Paths the guest masks; masked in QEMU's view too.
+    pub hidden: Vec<PathBuf>,
+    /// The run's directory: sockets and the console log.
+    pub run_dir: &'a Path,
+}
+
+/// QEMU's binary, found on PATH, with symbolic links resolved (QEMU finds
+/// its data and modules next to where it runs from).
+pub fn qemu_program() -> Result<PathBuf, VmError> {
+    let found = crate::engine::find_program(crate::engine::QEMU).ok_or(VmError::NoQemu)?;
+    fs::canonicalize(&found).map_err(|e| VmError::io(&found, e))
+}
+
+/// The plan for QEMU `program` with `args`.
+pub fn plan(program: &Path, args: Vec<String>, needs: &Needs<'_>) -> Result<Plan, VmError> {
+    let prefix = program.parent().and_then(Path::parent).unwrap_or(Path::new("/usr"));
+    let mut read_only =
+        vec![program.to_path_buf(), needs.kernel.to_path_buf(), needs.initramfs.to_path_buf()];
+    read_only.push(PathBuf::from("/etc/ld.so.cache"));
+    let data = prefix.join("share/qemu");
+    read_only.extend(FIRMWARE.iter().map(|f| data.join(f)).filter(|p| p.exists()));
+    let mut loaded = vec![program.to_path_buf()];
+    // TCG is a module QEMU loads at start-up (Debian builds it so).
+    if needs.accel == Accel::Tcg
+        && let Some(module) = module_dirs(prefix).map(|d| d.join("accel-tcg-x86_64.so")).find(|m| m.exists())
+    {
+        read_only.push(module.clone());
+        loaded.push(module);
+    }
+    for object in &loaded {
+        read_only.extend(libraries(object)?);
+    }
+    read_only.extend(needs.shares.iter().cloned());
+    read_only.sort();
+    read_only.dedup();
+    let writable = vec![needs.run_dir.to_path_buf()];
+    let devices = match needs.accel {
+        Accel::Kvm => vec![PathBuf::from("/dev/kvm")],
+        Accel::Tcg => Vec::new(),
+    };
+    let every: Vec<PathBuf> = read_only.iter().chain(&writable).chain(&devices).cloned().collect();
+    let mountpoint = mounts::mountpoint_apart(MOUNTPOINTS, &every)
+        .ok_or_else(|| {
+            VmError::Boot(format!(
+                "no directory to build QEMU's view on: each of {} is missing or holds a path QEMU needs",
+                MOUNTPOINTS.join(", ")
+            ))
+        })?
+        .to_path_buf();
+    Ok(Plan {
+        program: program.to_path_buf(),
+        args,
+        mountpoint,
+        read_only,
+        writable,
+        devices,
+        hidden: needs.hidden.clone(),
+    })
+}
+
+/// Where QEMU looks for its modules below its installation prefix.
+fn module_dirs(prefix: &Path) -> impl Iterator<Item = PathBuf> + '_ {
+    ["lib/x86_64-linux-gnu/qemu", "lib64/qemu", "lib/qemu"].into_iter().map(move |d| prefix.join(d))
+}
+
+/// The shared objects `object` loads, its program interpreter (the dynamic
+/// loader) included, as the loader itself lists them.
+fn libraries(object: &Path) -> Result<Vec<PathBuf>, VmError> {
+    let loader = loader_of(object)?;
+    let out = Command::new(&loader)
+        .arg("--list")
+        .arg(object)
+        .env_clear()
+        .output()
+        .map_err(|e| VmError::Boot(format!("cannot list the libraries of {}: {e}", object.display())))?;
+    if !out.status.success() {
+        return Err(VmError::Boot(format!(
+            "cannot list the libraries of {}: {}",
+            object.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let mut found = parse_library_list(&String::from_utf8_lossy(&out.stdout));
+    found.push(loader);
+    Ok(found)
+}
+
+/// The program interpreter an ELF object names, or the system's loader for
+/// a shared library (which names none).
+fn loader_of(object: &Path) -> Result<PathBuf, VmError> {
+    let mut head = Vec::new();
+    fs::File::open(object)
+        .and_then(|f| f.take(64 * 1024).read_to_end(&mut head))
+        .map_err(|e| VmError::io(object, e))?;
+    match crate::elf::interpreter(&head).map_err(|e| VmError::io(object, e))? {
+        Some(interpreter) => Ok(PathBuf::from(interpreter)),
+        None => Ok(PathBuf::from("/lib64/ld-linux-x86-64.so.2")),
+    }
+}
+
+/// The paths in the loader's `--list` output (`name => /path (0x…)`, or a
+/// bare `/path (0x…)` for the loader); the vDSO has none.
+fn parse_library_list(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.trim(),
+                None => line,
+            };
+            let path = path.rsplit_once(" (").map_or(path, |(p, _)| p).trim();
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// How the jailer is started.
+pub struct Start<'a> {
+    pub plan: &'a Plan,
+    /// As root: QEMU's host uid and gid. None: the calling user (rootless).
+    pub ids: Option<(u32, u32)>,
+    /// QEMU's stderr (its log).
+    pub stderr: &'a fs::File,
+    /// The cgroup QEMU runs in, placed before the jailer runs on.
+    pub cgroup: Option<&'a SandboxCgroup>,
+}
+
+/// How long the jailer may take to build QEMU's view.
+const JAIL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Starts the jailer, which becomes QEMU; returns QEMU's host pid once the
+/// jailer said it execs it. On error nothing is left running.
+pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
+    let fail =
+        |what: &'static str| move |e: io::Error| VmError::Boot(format!("starting QEMU's jail: {what}: {e}"));
+    let exe = std::env::current_exe().map_err(fail("finding airlock's own binary"))?;
+    let null = fs::File::open("/dev/null").map_err(fail("opening /dev/null"))?;
+    let id_map = match start.ids {
+        Some((uid, gid)) => IdMap {
+            uid_map: format!("0 {uid} 1\n"),
+            gid_map: format!("0 {gid} 1\n"),
+            deny_setgroups: false,
+            host_root_uid: uid,
+        },
+        None => IdMap::for_current_user(0),
+    };
+    let request = SpawnRequest {
+        agent_exe: &exe,
+        agent_args: &["airlock", JAIL_ROLE],
+        stdio: [null.as_fd(), null.as_fd(), start.stderr.as_fd()],
+        workspace_tree: None,
+        egress_channel: None,
+        id_map: &id_map,
+    };
+    let spawned = jail_spawn::spawn(&request, |pid| match start.cgroup {
+        Some(cgroup) => cgroup.add_pid(pid).map_err(|e| e.to_string()),
+        None => Ok(()),
+    })
+    .map_err(|e| VmError::Boot(format!("starting QEMU's jail: {e}")))?;
+    let pid = spawned.pid;
+    let result = (|| {
+        let mut control = spawned.control;
+        let plan = serde_json::to_vec(start.plan).map_err(|e| VmError::Boot(format!("QEMU's plan: {e}")))?;
+        control.write_all(&plan).map_err(fail("sending the plan"))?;
+        control.shutdown(std::net::Shutdown::Write).map_err(fail("sending the plan"))?;
+        control.set_read_timeout(Some(JAIL_DEADLINE)).map_err(fail("reading its answer"))?;
+        let mut answer = String::new();
+        let read = control.read_to_string(&mut answer);
+        // "exec", then the end of the channel as the exec closes it; or
+        // an error, before or instead of the exec.
+        if read.is_ok() && answer == "exec\n" {
+            return Ok(());
+        }
+        let error = answer.trim_start_matches("exec\n").trim();
+        Err(VmError::Boot(match (error.strip_prefix("error: "), read) {
+            (Some(error), _) => format!("confining QEMU: {}", error.replace(['\n', '\r'], " ")),
+            (None, Err(e)) => format!("confining QEMU: no answer from its jail: {e}"),
+            (None, Ok(_)) => "confining QEMU: its jail ended without an answer".to_owned(),
+        }))
+    })();
+    match result {
+        Ok(()) => Ok(pid),
+        Err(e) => {
+            sys::kill_and_reap(pid);
+            Err(e)
+        }
+    }
+}
+
+/// `airlock __vm-jail`: confines itself by the plan read from its control
+/// channel, then becomes QEMU. Returns only on failure (exit code 125),
+/// having told the host why.
+pub fn main() -> i32 {
+    // SAFETY: the host placed the control channel at this descriptor and
+    // nothing else in this process owns it.
+    let mut control = unsafe { UnixStream::from_raw_fd(AGENT_CONTROL_FD) };
+    let error = match confine_and_exec(&mut control) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    let _ = control.write_all(format!("error: {error}\n").as_bytes());
+    125
+}
+
+/// Why the jailer could not become QEMU.
+#[derive(Debug, thiserror::Error)]
+enum JailError {
+    #[error("reading its plan: {0}")]
+    Plan(String),
+    #[error("building QEMU's mount view: {0}")]
+    Mount(#[from] mounts::MountError),
+    #[error(transparent)]
+    Privileges(#[from] privileges::PrivError),
+    #[error("capabilities are still held after dropping them")]
+    CapabilitiesLeft,
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+enum Never {}
+
+fn confine_and_exec(control: &mut UnixStream) -> Result<Never, JailError> {
+    let os = |what: &'static str| move |source: io::Error| JailError::Os { what, source };
+    let mut bytes = Vec::new();
+    control.read_to_end(&mut bytes).map_err(|e| JailError::Plan(e.to_string()))?;
+    let plan: Plan = serde_json::from_slice(&bytes).map_err(|e| JailError::Plan(e.to_string()))?;
+    let view = View {
+        read_only: plan.read_only,
+        writable: plan.writable,
+        devices: plan.devices,
+        hidden: plan.hidden,
+    };
+    // The bounding set is emptied while /proc still shows how many
+    // capabilities there are; only what the mounts need is kept meanwhile.
+    privileges::drop_capabilities_except(&[privileges::CAP_SYS_ADMIN])?;
+    mounts::enter_view(&plan.mountpoint, &view)?;
+    privileges::clear_capability_sets()?;
+    if !privileges::holds_no_capabilities() {
+        return Err(JailError::CapabilitiesLeft);
+    }
+    privileges::set_no_new_privs()?;
+    sys::raw_set_pdeathsig(libc::SIGKILL).map_err(os("setting the parent-death signal"))?;
+    // A host that died before the signal was armed has closed its end.
+    control.write_all(b"exec\n").map_err(os("telling the host"))?;
+    // Only stdin, stdout and stderr pass to QEMU; the control channel closes.
+    sys::cloexec_from(AGENT_CONTROL_FD).map_err(os("closing the control channel on exec"))?;
+    let error = Command::new(&plan.program).args(&plan.args).env_clear().exec();
+    Err(JailError::Os { what: "executing QEMU", source: error })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// With this host's QEMU: the plan holds its binary, loader, libraries
+    /// and firmware; the TCG module only under TCG; /dev/kvm only with KVM.
+    #[test]
+    fn the_plan_holds_what_qemu_loads_and_kvm_only_with_kvm() {
+        let Ok(program) = qemu_program() else {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "needs qemu-system-x86_64 under CI=true");
+            eprintln!("skipping: no {}", crate::engine::QEMU);
+            return;
+        };
+        let run = tempfile::tempdir().unwrap();
+        let needs = |accel| Needs {
+            accel,
+            kernel: Path::new("/boot/vmlinuz"),
+            initramfs: Path::new("/boot/initrd.img"),
+            shares: vec![PathBuf::from("/opt")],
+            hidden: vec![PathBuf::from("/etc/shadow")],
+            run_dir: run.path(),
+        };
+        let tcg = plan(&program, vec!["-M".into(), "microvm".into()], &needs(Accel::Tcg)).unwrap();
+        assert!(tcg.read_only.contains(&program));
+        assert!(tcg.read_only.iter().any(|p| p.to_string_lossy().contains("libc.so")), "{:?}", tcg.read_only);
+        assert!(tcg.read_only.iter().any(|p| p.ends_with("bios-microvm.bin")), "{:?}", tcg.read_only);
+        assert!(tcg.read_only.contains(&PathBuf::from("/opt")));
+        assert_eq!(tcg.writable, [run.path().to_path_buf()]);
+        assert!(tcg.devices.is_empty());
+        assert_eq!(tcg.hidden, [PathBuf::from("/etc/shadow")]);
+        assert!(
+            !tcg.read_only.iter().any(|p| p.starts_with(&tcg.mountpoint) || tcg.mountpoint.starts_with(p))
+        );
+        let kvm = plan(&program, Vec::new(), &needs(Accel::Kvm)).unwrap();
+        assert_eq!(kvm.devices, [PathBuf::from("/dev/kvm")]);
+        let module = |p: &Plan| p.read_only.iter().any(|p| p.ends_with("accel-tcg-x86_64.so"));
+        assert!(!module(&kvm), "the TCG module is in a KVM guest's view");
+        let has_module = module_dirs(program.parent().unwrap().parent().unwrap())
+            .any(|d| d.join("accel-tcg-x86_64.so").exists());
+        assert_eq!(module(&tcg), has_module);
+    }
+
+    #[test]
+    fn the_loaders_list_gives_every_path_and_no_vdso() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x00007f)\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_library_list(text),
+            [PathBuf::from("/lib/x86_64-linux-gnu/libz.so.1"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
+        );
+    }
+}
