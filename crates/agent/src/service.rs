@@ -32,7 +32,7 @@ pub(crate) type Writer = Arc<Mutex<UnixStream>>;
 struct Running {
     id: u32,
     /// The process's stdin pipe, or its terminal's master end.
-    stdin: Option<Box<dyn Write + Send>>,
+    stdin: Input,
     /// The terminal's master end, for resizing.
     terminal: Option<OwnedFd>,
     /// Disconnected once every thread copying the process's output has
@@ -100,7 +100,7 @@ pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter) -> i32 {
 fn finish(writer: &Writer, running: Running, status: crate::signals::ExitStatus) {
     let Running { id, stdin, output_done, .. } = running;
     let ended = AgentMessage::ExecEnded { id, code: status.code, signal: status.signal };
-    let (report_tx, report_rx) = mpsc::channel::<(AgentMessage, Option<Box<dyn Write + Send>>)>();
+    let (report_tx, report_rx) = mpsc::channel::<(AgentMessage, Input)>();
     let reporter = {
         let writer = writer.clone();
         std::thread::Builder::new().name("exec-end".into()).spawn(move || {
@@ -123,6 +123,84 @@ fn finish(writer: &Writer, running: Running, status: crate::signals::ExitStatus)
     }
 }
 
+/// An exec's input. Bytes are written by a thread of their own, started on
+/// the first chunk, so a process that does not read its stdin holds up only
+/// that thread: never the requests of other execs, file operations or stops.
+/// The host sends at most `STDIN_WINDOW` chunks ahead of the
+/// acknowledgements, which bounds what waits here.
+enum Input {
+    /// Not fed yet: no thread.
+    Unfed(Box<dyn Write + Send>),
+    /// Chunks go to the writing thread.
+    Feeding(mpsc::SyncSender<Vec<u8>>),
+    /// Closed (by the host, or the process no longer takes input).
+    Closed,
+}
+
+impl Input {
+    /// Passes one chunk on; an empty one closes the input once everything
+    /// before it is written.
+    fn feed(&mut self, writer: &Writer, id: u32, data: Vec<u8>) {
+        if data.is_empty() {
+            *self = Input::Closed;
+            return;
+        }
+        if let Input::Unfed(_) = self {
+            let Input::Unfed(pipe) = std::mem::replace(self, Input::Closed) else { return };
+            match start_input_writer(writer.clone(), id, pipe) {
+                Ok(feed) => *self = Input::Feeding(feed),
+                Err(e) => {
+                    let data = format!(
+                        "airlock: cannot pass input to this process ({e}: the sandbox's pids limit?); its stdin is closed\n"
+                    )
+                    .into_bytes();
+                    send(writer, AgentMessage::ExecOutput { id, stream: Stream::Stderr, data });
+                }
+            }
+        }
+        let refused = match self {
+            Input::Feeding(feed) => match feed.try_send(data) {
+                Ok(()) => false,
+                // More than the window: the host broke the protocol.
+                Err(mpsc::TrySendError::Full(_)) => true,
+                Err(mpsc::TrySendError::Disconnected(_)) => true,
+            },
+            Input::Unfed(_) | Input::Closed => true,
+        };
+        if refused {
+            // Dropped, and acknowledged, so the host's window never stalls
+            // on an input that is gone.
+            if matches!(self, Input::Feeding(_)) {
+                *self = Input::Closed;
+            }
+            send(writer, AgentMessage::StdinAck { id });
+        }
+    }
+}
+
+/// The thread that writes an exec's input, acknowledging each chunk once it
+/// is written (or dropped: a process that closed its stdin takes no more).
+fn start_input_writer(
+    writer: Writer,
+    id: u32,
+    pipe: Box<dyn Write + Send>,
+) -> io::Result<mpsc::SyncSender<Vec<u8>>> {
+    let window = airlock_proto::window::STDIN_WINDOW as usize;
+    let (feed, chunks) = mpsc::sync_channel::<Vec<u8>>(window);
+    std::thread::Builder::new().name("exec-stdin".into()).spawn(move || {
+        let mut pipe = Some(pipe);
+        for chunk in chunks {
+            if let Some(p) = pipe.as_mut()
+                && p.write_all(&chunk).is_err()
+            {
+                pipe = None;
+            }
+            send(&writer, AgentMessage::StdinAck { id });
+        }
+    })?;
+    Ok(feed)
+}
+
 fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, files: &Files, launch: &Launch) {
     while let Ok(Some(msg)) = airlock_proto::recv::<_, HostMessage>(&mut control) {
         match msg {
@@ -135,13 +213,7 @@ fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, files:
                 if let Ok(mut t) = table.lock()
                     && let Some(running) = t.values_mut().find(|r| r.id == id)
                 {
-                    if data.is_empty() {
-                        running.stdin = None;
-                    } else if let Some(stdin) = running.stdin.as_mut()
-                        && stdin.write_all(&data).is_err()
-                    {
-                        running.stdin = None;
-                    }
+                    running.stdin.feed(writer, id, data);
                 }
             }
             HostMessage::Signal { id, signal } => {
@@ -271,6 +343,7 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
         send(writer, AgentMessage::ExecOutput { id: req.id, stream: Stream::Stderr, data });
         crate::signals::signal_group(pid, libc::SIGKILL);
     }
+    let stdin = stdin.map_or(Input::Closed, Input::Unfed);
     t.insert(pid, Running { id: req.id, stdin, terminal: master, output_done });
 }
 

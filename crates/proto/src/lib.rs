@@ -30,7 +30,10 @@ pub enum HostMessage {
     Proceed,
     /// Service mode (a Launch without a command): start another process.
     Exec(Box<ExecRequest>),
-    /// Input for an exec's stdin; empty data closes it.
+    /// Input for an exec's stdin; empty data closes it. At most
+    /// [`window::STDIN_WINDOW`] chunks may be on their way ahead of the
+    /// agent's [`AgentMessage::StdinAck`]s, so a process that does not read
+    /// its input holds up no more than that (and nothing else the agent does).
     Stdin {
         id: u32,
         #[serde(with = "crate::bytes")]
@@ -134,6 +137,9 @@ pub enum AgentMessage {
     ExecRefused { id: u32, exit_code: i32, message: String },
     /// Service mode: an exec ended; all its output was sent before this.
     ExecEnded { id: u32, code: Option<i32>, signal: Option<i32> },
+    /// Service mode: one stdin chunk of exec `id` was written to its process
+    /// (or dropped, its input being closed): the host may send another.
+    StdinAck { id: u32 },
     /// Service mode: an answer to file operation `id`.
     File { id: u32, reply: file::FileReply },
 }
@@ -240,6 +246,7 @@ pub mod exec_stream;
 pub mod file;
 pub mod plan;
 pub mod supervisor;
+pub mod window;
 
 #[cfg(test)]
 mod tests {

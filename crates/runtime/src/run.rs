@@ -292,6 +292,7 @@ fn supervise(
                 | AgentMessage::ExecOutput { .. }
                 | AgentMessage::ExecRefused { .. }
                 | AgentMessage::ExecEnded { .. }
+                | AgentMessage::StdinAck { .. }
                 | AgentMessage::File { .. },
             ) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use airlock_policy::{Overrides, Policy};
 use airlock_proto::file::{FileOp, FileReply};
 use airlock_proto::supervisor::{ExecEvent, ExecSpec, Reply, Request};
+use airlock_proto::window::{STDIN_WINDOW, Take, Window};
 use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Stream};
 use serde::{Deserialize, Serialize};
 
@@ -322,6 +323,9 @@ type ExecRoutes = Arc<Mutex<HashMap<u32, Route>>>;
 struct Route {
     tx: Sender<ExecEvent>,
     logged: bool,
+    /// Credit for the exec's stdin chunks, given back by the agent's
+    /// `StdinAck`s and closed when the exec ends.
+    stdin: Arc<Window>,
 }
 
 struct Supervisor {
@@ -625,6 +629,35 @@ impl Logs {
     }
 }
 
+/// Whether a chunk of stdin may go to the agent.
+enum Credit {
+    Granted,
+    ExecEnded,
+    ClientGone,
+}
+
+/// Waits for room in an exec's stdin window, watching meanwhile for its
+/// client to go away (it is not read while this waits).
+fn wait_for_credit(window: &Window, client: &UnixStream) -> Credit {
+    loop {
+        match window.take(Duration::from_millis(250)) {
+            Take::Taken => return Credit::Granted,
+            Take::Closed => return Credit::ExecEnded,
+            Take::TimedOut if peer_hung_up(client) => return Credit::ClientGone,
+            Take::TimedOut => {}
+        }
+    }
+}
+
+/// The other end of `socket` is closed (without reading what it sent).
+fn peer_hung_up(socket: &UnixStream) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(socket, PollFlags::RDHUP)];
+    let now = Timespec { tv_sec: 0, tv_nsec: 0 };
+    matches!(poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+        && fds[0].revents().intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+}
+
 fn spawn_agent_reader(
     mut agent: UnixStream,
     routes: ExecRoutes,
@@ -662,14 +695,22 @@ fn spawn_agent_reader(
                     route_file_reply(&file_routes, id, reply);
                     continue;
                 }
+                AgentMessage::StdinAck { id } => {
+                    if let Ok(r) = routes.lock()
+                        && let Some(route) = r.get(&id)
+                    {
+                        route.stdin.give_back();
+                    }
+                    continue;
+                }
                 _ => continue,
             };
             if let Ok(mut r) = routes.lock() {
                 if let Some(route) = r.get(&id) {
                     let _ = route.tx.send(event);
                 }
-                if last {
-                    r.remove(&id);
+                if last && let Some(route) = r.remove(&id) {
+                    route.stdin.close();
                 }
             }
         }
@@ -769,8 +810,9 @@ impl Server {
     fn exec(&self, mut conn: UnixStream, spec: ExecSpec) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
+        let stdin = Arc::new(Window::new(STDIN_WINDOW));
         if let Ok(mut r) = self.routes.lock() {
-            r.insert(id, Route { tx, logged: !spec.transfer });
+            r.insert(id, Route { tx, logged: !spec.transfer, stdin: stdin.clone() });
         }
         self.running_execs.fetch_add(1, Ordering::Relaxed);
         let request = HostMessage::Exec(Box::new(ExecRequest {
@@ -784,7 +826,7 @@ impl Server {
         let sent =
             self.agent.lock().map(|mut a| airlock_proto::send(&mut *a, &request).is_ok()).unwrap_or(false);
         if sent {
-            self.forward_input(&conn, id);
+            self.forward_input(&conn, id, stdin.clone());
             self.relay_exec(&mut conn, id, &spec, &rx);
         } else {
             let message = "the sandbox's agent is gone".to_string();
@@ -793,6 +835,7 @@ impl Server {
         if let Ok(mut r) = self.routes.lock() {
             r.remove(&id);
         }
+        stdin.close();
         self.running_execs.fetch_sub(1, Ordering::Relaxed);
         if let Ok(mut t) = self.last_activity.lock() {
             *t = Instant::now();
@@ -800,14 +843,21 @@ impl Server {
     }
 
     /// Passes what the client sends after Exec (stdin, signals) to the agent,
-    /// until the client closes its side.
-    fn forward_input(&self, conn: &UnixStream, id: u32) {
+    /// until the client closes its side. Stdin goes within the exec's window:
+    /// while its process does not read, this stops reading the client (whose
+    /// sends then wait), and nothing else in the sandbox waits with it.
+    fn forward_input(&self, conn: &UnixStream, id: u32, window: Arc<Window>) {
         let Ok(mut reader) = conn.try_clone() else { return };
         let agent = self.agent.clone();
         std::thread::spawn(move || {
             while let Ok(Some(request)) = airlock_proto::recv::<_, Request>(&mut reader) {
                 let msg = match request {
-                    Request::Stdin { data } if !data.is_empty() => HostMessage::Stdin { id, data },
+                    Request::Stdin { data } if !data.is_empty() => match wait_for_credit(&window, &reader) {
+                        Credit::Granted => HostMessage::Stdin { id, data },
+                        // The exec ended: its input goes nowhere.
+                        Credit::ExecEnded => continue,
+                        Credit::ClientGone => break,
+                    },
                     Request::Stdin { .. } | Request::CloseStdin => {
                         HostMessage::Stdin { id, data: Vec::new() }
                     }

@@ -156,6 +156,87 @@ fn the_supervisor_is_detached_and_its_death_is_cleaned_up() {
     assert!(audit.contains("\"supervisor_lost\""), "{audit}");
 }
 
+/// An exec whose process does not read its input, while a client streams
+/// it, holds up nothing else: the agent writes each exec's stdin from a
+/// thread of its own within a window, so other execs, file operations and
+/// the stop go on; and every byte still arrives once the process reads.
+#[test]
+fn an_exec_that_does_not_read_its_input_holds_up_nothing_else() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const SENT: u64 = 16 << 20;
+    let env = Env::new();
+    assert_eq!(create(&env, "stall", &[]).status.code(), Some(0));
+    let mut reader = env
+        .airlock([
+            "exec",
+            "-i",
+            "stall",
+            "--",
+            "sh",
+            "-c",
+            "while [ ! -e /tmp/go ]; do sleep 0.1; done; wc -c",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let mut input = reader.stdin.take().unwrap();
+        let written = written.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            while written.load(Ordering::Relaxed) < SENT {
+                input.write_all(&chunk).unwrap();
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    // Wait until the input is stuck: nothing more goes for a second.
+    let mut last = u64::MAX;
+    assert!(
+        wait_until(60, || {
+            let now = written.load(Ordering::Relaxed);
+            let stalled = now == last;
+            last = now;
+            if !stalled {
+                std::thread::sleep(std::time::Duration::from_millis(950));
+            }
+            stalled
+        }),
+        "the input never stalled"
+    );
+    assert!(written.load(Ordering::Relaxed) < SENT, "the process read nothing, yet all input was taken");
+
+    // Meanwhile another exec and a file operation are served.
+    let mut other = env
+        .airlock(["exec", "stall", "--", "echo", "served"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut other_status = None;
+    assert!(
+        wait_until(30, || {
+            other_status = other.try_wait().unwrap();
+            other_status.is_some()
+        }),
+        "an exec waited behind another exec's unread input"
+    );
+    let o = other.wait_with_output().unwrap();
+    assert_eq!(stdout(&o), "served\n", "{}", show(&o));
+    let o = env.airlock(["files", "stat", "stall:/tmp"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+
+    // Once the process reads, every byte arrives, in order of sending.
+    let o = exec(&env, "stall", "touch /tmp/go");
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    writer.join().unwrap();
+    let o = reader.wait_with_output().unwrap();
+    assert_eq!(stdout(&o).trim(), SENT.to_string(), "{}", show(&o));
+}
+
 #[test]
 fn stdin_reaches_an_exec_and_cp_copies_both_ways() {
     use std::io::Write;
