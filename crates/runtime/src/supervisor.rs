@@ -1198,7 +1198,10 @@ mod tests {
         let mut receivers = Vec::new();
         for &id in ids {
             let (tx, rx) = mpsc::channel();
-            routes.lock().unwrap().insert(id, Route { tx, logged: true });
+            routes
+                .lock()
+                .unwrap()
+                .insert(id, Route { tx, logged: true, stdin: Arc::new(Window::new(STDIN_WINDOW)) });
             receivers.push(rx);
         }
         (routes, receivers)
