@@ -563,7 +563,6 @@ fn exec(args: ExecArgs) -> CliResult {
         timeout_secs: args.timeout.map(|d| d.as_secs().max(1)),
         tty: terminal,
         user: args.user,
-        transfer: false,
     };
     // Raw mode only for a real interactive session; restored on drop.
     let _raw = (args.tty && args.interactive && std::io::stdin().is_terminal())

@@ -60,10 +60,6 @@ pub struct ExecSpec {
     /// Run as this user of the sandbox (see `ExecRequest::user`).
     #[serde(default)]
     pub user: Option<String>,
-    /// A file transfer (`airlock cp`, the daemon's files API): its output is
-    /// a file's bytes, not the sandbox's output, so it stays out of the logs.
-    #[serde(default)]
-    pub transfer: bool,
 }
 
 /// What a supervisor sends back.

@@ -318,11 +318,9 @@ enum Control {
 
 type ExecRoutes = Arc<Mutex<HashMap<u32, Route>>>;
 
-/// Where an exec's events go, and whether its output is the sandbox's
-/// (logged) or a file being copied (not).
+/// Where an exec's events go.
 struct Route {
     tx: Sender<ExecEvent>,
-    logged: bool,
     /// Credit for the exec's stdin chunks, given back by the agent's
     /// `StdinAck`s and closed when the exec ends.
     stdin: Arc<Window>,
@@ -610,21 +608,19 @@ struct Logs {
 }
 
 impl Logs {
-    /// Redacts `data` and, when `logged`, appends it to its stream's log.
-    /// Returns what the client gets (redacted either way).
-    fn write(&mut self, stream: Stream, data: &[u8], logged: bool) -> Vec<u8> {
+    /// Redacts `data` and appends it to its stream's log. Returns what the
+    /// client gets.
+    fn write(&mut self, stream: Stream, data: &[u8]) -> Vec<u8> {
         let data = if self.secrets.is_empty() {
             data.to_vec()
         } else {
             airlock_egress::redact::redact_all(data, &self.secrets)
         };
-        if logged {
-            let file = match stream {
-                Stream::Stdout => &self.files.stdout,
-                Stream::Stderr => &self.files.stderr,
-            };
-            let _ = crate::caps::lock(file).write(&data);
-        }
+        let file = match stream {
+            Stream::Stdout => &self.files.stdout,
+            Stream::Stderr => &self.files.stderr,
+        };
+        let _ = crate::caps::lock(file).write(&data);
         data
     }
 }
@@ -671,16 +667,14 @@ fn spawn_agent_reader(
             if let Ok(mut t) = last_activity.lock() {
                 *t = Instant::now();
             }
-            let logged =
-                |id: u32| routes.lock().ok().and_then(|r| r.get(&id).map(|r| r.logged)).unwrap_or(true);
             let (id, event, last) = match msg {
                 AgentMessage::ExecStarted { id, pid } => (id, ExecEvent::Started { pid }, false),
                 AgentMessage::ExecOutput { id, stream, data } => {
-                    let data = logs.write(stream, &data, logged(id));
+                    let data = logs.write(stream, &data);
                     (id, ExecEvent::Output { stream, data }, false)
                 }
                 AgentMessage::ExecRefused { id, exit_code, message } => {
-                    let data = logs.write(Stream::Stderr, format!("airlock: {message}\n").as_bytes(), true);
+                    let data = logs.write(Stream::Stderr, format!("airlock: {message}\n").as_bytes());
                     if let Ok(r) = routes.lock()
                         && let Some(route) = r.get(&id)
                     {
@@ -812,7 +806,7 @@ impl Server {
         let (tx, rx) = mpsc::channel();
         let stdin = Arc::new(Window::new(STDIN_WINDOW));
         if let Ok(mut r) = self.routes.lock() {
-            r.insert(id, Route { tx, logged: !spec.transfer, stdin: stdin.clone() });
+            r.insert(id, Route { tx, stdin: stdin.clone() });
         }
         self.running_execs.fetch_add(1, Ordering::Relaxed);
         let request = HostMessage::Exec(Box::new(ExecRequest {
@@ -1198,10 +1192,7 @@ mod tests {
         let mut receivers = Vec::new();
         for &id in ids {
             let (tx, rx) = mpsc::channel();
-            routes
-                .lock()
-                .unwrap()
-                .insert(id, Route { tx, logged: true, stdin: Arc::new(Window::new(STDIN_WINDOW)) });
+            routes.lock().unwrap().insert(id, Route { tx, stdin: Arc::new(Window::new(STDIN_WINDOW)) });
             receivers.push(rx);
         }
         (routes, receivers)

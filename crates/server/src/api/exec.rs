@@ -126,7 +126,6 @@ pub fn exec_spec(body: ExecBody) -> Result<ExecSpec, ApiError> {
             .map(|d| d.as_secs().max(1)),
         tty,
         user: body.user,
-        transfer: false,
     })
 }
 
