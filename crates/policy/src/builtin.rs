@@ -79,7 +79,7 @@ fn blank() -> Policy {
         name: String::new(),
         description: String::new(),
         extends_chain: Vec::new(),
-        isolation: Isolation { tier: Tier::Process, allow_weaker: BTreeSet::new() },
+        isolation: Isolation { tier: Tier::Process, allow_weaker: BTreeSet::new(), weaker_tier_than: None },
         filesystem: Filesystem { read_only: Vec::new(), hidden: Vec::new(), tmp_size: 0 },
         workspace: WorkspacePolicy {
             mode: WorkspaceMode::None,

@@ -59,6 +59,15 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         on_failure => p.cleanup.on_failure,
         pass => p.env.pass,
     }
+    // A file may move a policy that requires the microvm tier back to the
+    // process tier (its author decided); the runtime says so at every start.
+    match layer.tier {
+        Some(crate::Tier::Process) if base.isolation.tier == crate::Tier::Microvm => {
+            p.isolation.weaker_tier_than = Some(base.name.clone());
+        }
+        Some(crate::Tier::Microvm) => p.isolation.weaker_tier_than = None,
+        _ => {}
+    }
     if let Some(mode) = &layer.mode {
         p.workspace.mode = *mode.get_ref();
     }

@@ -54,6 +54,11 @@ pub struct Policy {
 pub struct Isolation {
     pub tier: Tier,
     pub allow_weaker: BTreeSet<Weakening>,
+    /// The policy this one extends that requires the microvm tier, when a
+    /// layer moved it back to the process tier: allowed, since the file says
+    /// so, and printed at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weaker_tier_than: Option<String>,
 }
 
 /// The host filesystem as seen from inside the sandbox.

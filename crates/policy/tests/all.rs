@@ -440,6 +440,34 @@ fn running_microvms_without_kvm_is_a_weakening_no_builtin_allows() {
 }
 
 #[test]
+fn plugin_and_remediation_require_the_microvm_tier_and_a_file_may_lower_it_on_the_record() {
+    for name in ["plugin", "remediation"] {
+        let policy = Policy::builtin(name).unwrap();
+        assert_eq!(policy.isolation.tier, Tier::Microvm, "{name}");
+        assert_eq!(policy.isolation.weaker_tier_than, None, "{name}");
+    }
+    for name in ["dev", "ci"] {
+        assert_eq!(Policy::builtin(name).unwrap().isolation.tier, Tier::Process, "{name}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lowered =
+        write(dir.path(), "lowered.toml", "extends = \"plugin\"\n[isolation]\ntier = \"process\"\n");
+    let policy = Policy::load_file(&lowered).unwrap();
+    assert_eq!(policy.isolation.tier, Tier::Process);
+    assert_eq!(policy.isolation.weaker_tier_than.as_deref(), Some("plugin"));
+    // Further layers keep the record, unless one goes back to the microvm tier.
+    let path = lowered.to_str().unwrap();
+    let child = write(dir.path(), "child.toml", &format!("extends = {path:?}\n[limits]\npids = 100\n"));
+    assert_eq!(Policy::load_file(&child).unwrap().isolation.weaker_tier_than.as_deref(), Some("plugin"));
+    let back =
+        write(dir.path(), "back.toml", &format!("extends = {path:?}\n[isolation]\ntier = \"microvm\"\n"));
+    assert_eq!(Policy::load_file(&back).unwrap().isolation.weaker_tier_than, None);
+    // A file that only keeps the tier records nothing.
+    let kept = write(dir.path(), "kept.toml", "extends = \"plugin\"\n[limits]\npids = 100\n");
+    assert_eq!(Policy::load_file(&kept).unwrap().isolation.weaker_tier_than, None);
+}
+
+#[test]
 fn the_tier_flag_strengthens_but_never_weakens() {
     let ci = Policy::builtin("ci").unwrap();
     let vm = ci.apply_overrides(&Overrides { tier: Some(Tier::Microvm), ..Overrides::default() }).unwrap();

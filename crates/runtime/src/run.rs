@@ -99,6 +99,13 @@ pub(crate) fn check(
     notify: &mut dyn FnMut(Notice),
 ) -> Result<Checked, RunError> {
     let policy = Policy::resolve(policy)?.apply_overrides(overrides)?;
+    if let Some(required_by) = &policy.isolation.weaker_tier_than {
+        notify(Notice::Warning(format!(
+            "policy {} runs on the process tier, sharing the host's kernel, although {required_by}, which it \
+             extends, requires the microvm tier",
+            policy.name
+        )));
+    }
     if policy.isolation.tier == airlock_policy::Tier::Microvm {
         return Err(crate::microvm::refuse_long_lived(&policy));
     }

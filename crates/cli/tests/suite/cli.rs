@@ -60,6 +60,33 @@ fn flags_cannot_raise_limits_the_policy_fixes() {
     assert!(stderr(&o).contains("timeout"), "{}", show(&o));
 }
 
+/// The least trusted profiles get a kernel of their own: on a host whose KVM
+/// cannot run them (this development machine and its CI) they are refused
+/// with the case and the fix, and no flag moves them to the process tier.
+#[test]
+fn plugin_and_remediation_run_only_in_a_microvm() {
+    let env = Env::new();
+    for name in ["plugin", "remediation"] {
+        let o = env.airlock(["run", "--policy", name, "--tier", "process", "--", "true"]).output().unwrap();
+        assert_eq!(o.status.code(), Some(125), "{}", show(&o));
+        assert!(stderr(&o).contains("requires the microvm tier"), "{}", show(&o));
+
+        let o = env.airlock(["run", "--policy", name, "--", "cat", "/proc/1/cmdline"]).output().unwrap();
+        if o.status.code() == Some(125) {
+            let err = stderr(&o);
+            assert!(
+                err.contains(&format!("policy {name} runs on the microvm tier, which needs KVM")),
+                "{err}"
+            );
+            assert!(err.contains("fix:") && err.contains("allow_weaker"), "{err}");
+        } else {
+            // A host whose KVM works: PID 1 is the guest's init.
+            assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+            assert!(stdout(&o).contains("__vm-init"), "{}", show(&o));
+        }
+    }
+}
+
 #[test]
 fn policy_commands() {
     let env = Env::new();

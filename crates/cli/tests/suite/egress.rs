@@ -1199,8 +1199,16 @@ fn allow_flag_and_no_egress() {
 
     let script = "echo vars:$(env | grep -ciE '_proxy=|^SSL_CERT_FILE=|CA_BUNDLE=' ); cat /proc/net/tcp; \
                   ls /run/airlock 2>/dev/null; echo end";
-    let o = env.run_sh("plugin", &["--policy", "plugin"], script);
+    // plugin itself runs in a microVM; its process-tier form, on the record.
+    let lowered = env.dir.path().join("plugin-process.toml");
+    std::fs::write(&lowered, "extends = \"plugin\"\n[isolation]\ntier = \"process\"\n").unwrap();
+    let o = env.run_sh("plugin", &["--policy", lowered.to_str().unwrap()], script);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("runs on the process tier, sharing the host's kernel, although plugin"),
+        "the lowered tier is not said\n{}",
+        show(&o)
+    );
     let out = stdout(&o);
     assert!(out.contains("vars:0"), "{}", show(&o));
     assert!(listening_ports(&out).is_empty(), "something listens inside a plugin sandbox\n{}", show(&o));
