@@ -1,10 +1,15 @@
-//! `airlock run` on the microVM tier: the policy picked the tier; the
-//! engine (`airlock_vm`) runs the command in a guest with its own kernel.
+//! The microVM tier: the policy picked the tier; the engine (`airlock_vm`)
+//! boots a guest with its own kernel.
+//!
+//! A long-lived sandbox (`create`, the daemon) is launched by the same
+//! lifecycle as the process tier's ([`boot`] is its launch step), served by
+//! the same supervisor and finalized the same way. `airlock run` still runs
+//! its one command here, without state or audit log ([`run`]).
 //!
 //! What this tier does not have yet it says, rather than pretends: the
 //! workspace (the guest sees none: a warning unless the mode is `none`),
-//! egress (no network device at all: a warning when the policy has egress),
-//! state, audit log and review. See the README's microVM section.
+//! egress (no network device at all: a warning when the policy has egress).
+//! See the README's microVM section.
 
 use std::path::Path;
 
@@ -26,22 +31,8 @@ pub(crate) fn run(
     };
     // Refused before anything else is said or built.
     engine_choice(policy)?;
-    if policy.workspace.mode != airlock_policy::WorkspaceMode::None {
-        let which = match &req.workspace {
-            Some(dir) => dir.display().to_string(),
-            None => "the current directory".to_owned(),
-        };
-        notify(Notice::Warning(format!(
-            "the microVM tier has no workspace yet: {which} is not visible in the guest (use --mode none to \
-             say so)"
-        )));
-    }
-    if policy.network.has_egress() {
-        notify(Notice::Warning(
-            "the microVM tier has no network yet: the guest has no network device, so the policy's egress \
-             rules allow nothing"
-                .into(),
-        ));
+    for warning in shortfalls(policy, req.workspace.as_deref()) {
+        notify(Notice::Warning(warning));
     }
     let host_env = |k: &str| std::env::var(k).ok();
     let env = plan::environment_of(policy, &name, &host_env, &[]);
@@ -76,15 +67,85 @@ pub(crate) fn run(
     })
 }
 
-/// Why a long-lived sandbox on the microVM tier is refused: the host's
-/// case first (so that `create`, the daemon and `run` give the same
-/// message on a host without usable KVM), else that this version has no
-/// long-lived microVMs.
-pub fn refuse_long_lived(policy: &Policy) -> RunError {
-    if let Err(e) = engine_choice(policy) {
-        return e;
+/// What the tier does not do yet that this policy and request ask for,
+/// one warning each.
+pub(crate) fn shortfalls(policy: &Policy, workspace: Option<&Path>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if policy.workspace.mode != airlock_policy::WorkspaceMode::None {
+        let which = match workspace {
+            Some(dir) => dir.display().to_string(),
+            None => "the current directory".to_owned(),
+        };
+        warnings.push(format!(
+            "the microVM tier has no workspace yet: {which} is not visible in the guest (use --mode none to \
+             say so)"
+        ));
     }
-    RunError::TierUnavailable
+    if policy.network.has_egress() {
+        warnings.push(
+            "the microVM tier has no network yet: the guest has no network device, so the policy's egress \
+             rules allow nothing"
+                .into(),
+        );
+    }
+    warnings
+}
+
+/// A long-lived sandbox's launch step on this tier: boots its guest, with
+/// the agent serving on the channel the VM returns. Whether emulation is
+/// allowed was decided (and said) by [`check`]; the build of a missing
+/// guest and the boot are logged.
+pub(crate) fn boot(policy: &Policy, name: &str) -> Result<airlock_vm::boot::Vm, RunError> {
+    let host_env = |k: &str| std::env::var(k).ok();
+    let env = plan::environment_of(policy, name, &host_env, &[]);
+    let vm_run = VmRun {
+        policy: policy.name.clone(),
+        allow_emulation: policy.allows_weaker(Weakening::Kvm),
+        argv: Vec::new(),
+        env: env.into_iter().collect(),
+        cwd: None,
+        memory: policy.limits.memory,
+        cpus: policy.limits.cpus,
+        timeout: policy.limits.timeout,
+        root: guest_root(policy, &mut |notice| {
+            if let Notice::Warning(w) = notice {
+                tracing::warn!(sandbox = name, "{w}");
+            }
+        }),
+    };
+    let (vm, accel) = airlock_vm::run::start(&vm_run, &mut |note| match note {
+        Note::Warning(w) => tracing::warn!(sandbox = name, "{w}"),
+        Note::Progress(p) => tracing::info!(sandbox = name, "{p}"),
+    })?;
+    tracing::info!(
+        sandbox = name,
+        ms = vm.boot_time.as_millis() as u64,
+        accel = accel.as_str(),
+        "microVM booted"
+    );
+    Ok(vm)
+}
+
+/// The checks of a long-lived sandbox's request on this tier: the host can
+/// run it (the same refusal as `airlock run`'s), and what the tier does
+/// not do yet is said. Emulation, when the policy allows it and the host
+/// needs it, is said and recorded among what the sandbox runs without
+/// (`kvm`).
+pub(crate) fn check(
+    policy: &Policy,
+    workspace: Option<&Path>,
+    notify: &mut dyn FnMut(Notice),
+) -> Result<Vec<String>, RunError> {
+    let choice = engine_choice(policy)?;
+    let mut degraded = Vec::new();
+    if let Some(warning) = choice.warning {
+        notify(Notice::Warning(warning));
+        degraded.push(Weakening::Kvm.as_str().to_owned());
+    }
+    for warning in shortfalls(policy, workspace) {
+        notify(Notice::Warning(warning));
+    }
+    Ok(degraded)
 }
 
 /// The accelerator this policy gets on this host, or the refusal.
@@ -129,4 +190,45 @@ fn guest_root(policy: &Policy, notify: &mut dyn FnMut(Notice)) -> Vec<RootEntry>
         }
     }
     entries
+}
+
+/// For `airlock gc`: QEMU processes whose airlock (a supervisor, a run) is
+/// gone, found by their run directory on their command line
+/// (`<cache>/run/<pid>-<n>`), are killed, and those directories removed.
+/// QEMU dies with its airlock by the parent-death signal already; this is
+/// for a QEMU that did not. The killed, one line each.
+pub fn reap_orphaned_vms() -> Vec<String> {
+    let Ok(cache) = airlock_vm::cache_dir() else { return Vec::new() };
+    let runs = cache.join("run");
+    let Ok(entries) = std::fs::read_dir(&runs) else { return Vec::new() };
+    let orphaned: Vec<std::path::PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let owner = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+            owner.is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists())
+        })
+        .map(|e| e.path())
+        .collect();
+    let mut killed = Vec::new();
+    if !orphaned.is_empty()
+        && let Ok(processes) = std::fs::read_dir("/proc")
+    {
+        for process in processes.flatten() {
+            let Some(pid) = process.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(process.path().join("cmdline")) else { continue };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if let Some(dir) = orphaned.iter().find(|d| cmdline.contains(&format!("{}/", d.display()))) {
+                let _ = rustix::process::kill_process(
+                    crate::lifecycle::pid_of(pid),
+                    rustix::process::Signal::KILL,
+                );
+                killed.push(format!("QEMU pid {pid} of {}", dir.display()));
+            }
+        }
+    }
+    airlock_vm::boot::sweep_runs(&runs);
+    killed
 }

@@ -100,7 +100,11 @@ pub(crate) fn check(
 ) -> Result<Checked, RunError> {
     let policy = Policy::resolve(policy)?.apply_overrides(overrides)?;
     if policy.isolation.tier == airlock_policy::Tier::Microvm {
-        return Err(crate::microvm::refuse_long_lived(&policy));
+        // The guest has its own kernel: none of the host's jail features
+        // apply, and it sees no workspace yet.
+        let degraded = crate::microvm::check(&policy, workspace, notify)?;
+        let host = probe::probe_host(probe::Depth::Launch);
+        return Ok(Checked { policy, workspace: None, host, degraded });
     }
     let workspace = resolve_workspace(&policy, workspace)?;
     if let Some(repo) = workspace.as_deref().and_then(git_dir_outside) {
@@ -216,6 +220,7 @@ fn supervise(
         logs: _,
         agent_pid,
         mut control,
+        agent_serving: _,
     } = launch_sandbox(LaunchSpec {
         sandbox,
         policy,

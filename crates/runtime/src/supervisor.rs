@@ -78,6 +78,8 @@ struct Spec {
     env: Vec<(String, String)>,
     workspace_mode: Option<String>,
     allow: Vec<String>,
+    #[serde(default)]
+    tier: Option<airlock_policy::Tier>,
     owner_uid: u32,
 }
 
@@ -105,6 +107,7 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
         env: o.env.iter().cloned().chain(req.env.iter().cloned()).collect(),
         workspace_mode: o.workspace_mode.map(|m| m.to_string()),
         allow: o.allow.clone(),
+        tier: o.tier,
         owner_uid,
     };
     let spec_json = serde_json::to_vec(&spec).map_err(|e| RunError::Supervisor(e.to_string()))?;
@@ -201,9 +204,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
         env: spec.env.clone(),
         workspace_mode: mode,
         allow: spec.allow.clone(),
-        // Long-lived microVMs are not in this version: the policy's tier
-        // decides, and `check` refuses microvm.
-        tier: None,
+        tier: spec.tier,
     };
     let req = &spec.request;
     let checked = crate::run::check(&req.policy, &overrides, req.workspace.as_deref(), &mut |_| {})?;
@@ -353,7 +354,8 @@ impl Supervisor {
     ) -> Result<Supervisor, RunError> {
         // The agent first confirms it is confined, then that it serves.
         let _ = launched.control.set_read_timeout(Some(Duration::from_secs(60)));
-        for _ in 0..2 {
+        let greetings = if launched.agent_serving { 0 } else { 2 };
+        for _ in 0..greetings {
             match airlock_proto::recv::<_, AgentMessage>(&mut launched.control) {
                 Ok(Some(AgentMessage::Confined { .. } | AgentMessage::Serving)) => {}
                 // Returning drops `launched`, which ends the sandbox and
@@ -493,8 +495,7 @@ impl Supervisor {
     ) -> Result<(), RunError> {
         let _ = std::fs::remove_file(&self.socket);
         let Some(launched) = self.launched.take() else { return Ok(()) };
-        let Launched { name, meta, mut audit, mut held, secret_values, stdio, logs: _, agent_pid, control } =
-            launched;
+        let Launched { name, meta, mut audit, mut held, secret_values, stdio, control, .. } = launched;
         // An error returned early drops `held`, which ends the sandbox and
         // releases its cgroup, layer and id block at once.
         audit.record(AuditEvent::Stopped { reason: reason.text().to_string() })?;
@@ -503,8 +504,7 @@ impl Supervisor {
             self.end_execs(policy.limits.stop_grace);
         }
         held.kill_all();
-        let agent_status = airlock_jail::sys::wait_pid(agent_pid).ok();
-        held.agent_reaped();
+        let agent_status = held.reap_agent();
         drop(control);
         if let Ok(agent) = self.agent.lock() {
             let _ = agent.shutdown(std::net::Shutdown::Both);

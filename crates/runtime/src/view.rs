@@ -4,6 +4,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use airlock_policy::Tier;
 use serde::{Deserialize, Serialize};
 
 use crate::state::{SandboxDir, SandboxMeta, SandboxState};
@@ -61,6 +62,10 @@ pub struct ExitView {
     pub oom_killed: bool,
 }
 
+fn process_tier() -> Tier {
+    Tier::Process
+}
+
 /// What list and inspect show.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxView {
@@ -69,6 +74,9 @@ pub struct SandboxView {
     /// The supervisor died without finishing the sandbox.
     pub lost: bool,
     pub policy: String,
+    /// `process` or `microvm`.
+    #[serde(default = "process_tier")]
+    pub tier: Tier,
     pub workspace: Option<String>,
     pub workspace_mode: Option<String>,
     pub created_at: String,
@@ -109,6 +117,7 @@ impl SandboxView {
             state,
             lost,
             policy: meta.map(|m| m.policy.clone()).unwrap_or_default(),
+            tier: meta.map_or(Tier::Process, |m| m.tier),
             workspace: meta.and_then(|m| m.workspace.as_ref()).map(|p| p.to_string_lossy().into_owned()),
             workspace_mode: meta.map(|m| m.workspace_mode.clone()),
             created_at: meta.map(|m| m.created_at.clone()).unwrap_or_default(),

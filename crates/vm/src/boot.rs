@@ -234,6 +234,18 @@ impl Vm {
     pub fn failure(&self, what: &str) -> VmError {
         self.qemu.failure(what)
     }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.qemu.child.id()
+    }
+
+    /// Kills QEMU (and the guest with it) and reaps it: its wait status,
+    /// unless it could not be reaped. Its directory goes when this is dropped.
+    pub fn kill(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = self.qemu.child.kill();
+        self.qemu.child.wait().ok()
+    }
 }
 
 /// The QEMU process and its run's directory; killed and removed when dropped.

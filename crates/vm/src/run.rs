@@ -52,6 +52,18 @@ const TIMED_OUT: i32 = 124;
 const MIN_GUEST_MIB: u64 = 256;
 
 pub fn run(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<VmOutcome, VmError> {
+    let started = Instant::now();
+    let (mut vm, accel) = start(req, notify)?;
+    let remaining = req.timeout.saturating_sub(started.elapsed());
+    let (exit_code, timed_out) = exec(&mut vm, req, remaining)?;
+    Ok(VmOutcome { exit_code, timed_out, accel, boot_time: vm.boot_time })
+}
+
+/// Boots a guest for `req` (its command is not run): chooses the
+/// accelerator, builds the guest if it is not cached, and returns the VM
+/// with its agent serving, and the accelerator it runs under. A sandbox's
+/// owner runs its processes through the VM's channel.
+pub fn start(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<(Vm, Accel), VmError> {
     let cache = crate::cache_dir()?;
     let kernel = guest::find_kernel().ok_or(VmError::NoKernel)?;
     let report = engine::probe_cached(&cache, Some(&kernel.vmlinuz));
@@ -72,11 +84,8 @@ pub fn run(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<VmOutcome, VmErr
         root: req.root.clone(),
     };
     let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));
-    let started = Instant::now();
-    let mut vm = Vm::boot(setup.guest(), &spec, &dir)?;
-    let remaining = req.timeout.saturating_sub(started.elapsed());
-    let (exit_code, timed_out) = exec(&mut vm, req, remaining)?;
-    Ok(VmOutcome { exit_code, timed_out, accel: choice.accel, boot_time: vm.boot_time })
+    let vm = Vm::boot(setup.guest(), &spec, &dir)?;
+    Ok((vm, choice.accel))
 }
 
 fn unique() -> u128 {
