@@ -206,7 +206,7 @@ pub fn reap_orphaned_vms() -> Vec<String> {
         .filter(|e| {
             let name = e.file_name();
             let owner = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<u32>().ok());
-            owner.is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists())
+            owner.is_some_and(|pid| !process_alive(pid))
         })
         .map(|e| e.path())
         .collect();
@@ -229,6 +229,29 @@ pub fn reap_orphaned_vms() -> Vec<String> {
             }
         }
     }
-    airlock_vm::boot::sweep_runs(&runs);
+    for dir in &orphaned {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     killed
+}
+
+/// Whether process `pid` runs: it exists and is not a zombie (a killed
+/// supervisor stays one until init reaps it).
+fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the command's closing parenthesis.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_is_alive_until_it_is_gone() {
+        assert!(process_alive(std::process::id()));
+        // Above the kernel's largest pid (4194304): never a process.
+        assert!(!process_alive(5_000_000));
+    }
 }
