@@ -849,6 +849,7 @@ mod tests {
             labels: Default::default(),
             deadline_unix: None,
             idle_timeout_secs: None,
+            tier: airlock_policy::Tier::Process,
         }
     }
 

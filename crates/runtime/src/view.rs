@@ -228,6 +228,23 @@ mod tests {
     }
 
     #[test]
+    fn the_view_says_the_tier_and_metadata_from_before_tiers_is_process() {
+        let old = meta(SandboxState::Running);
+        assert_eq!(old.tier, Tier::Process, "metadata without a tier");
+        let view = SandboxView::of("x", Some(&old), (State::Running, false));
+        assert_eq!(serde_json::to_value(&view).unwrap()["tier"], "process");
+        let mut vm = old.clone();
+        vm.tier = Tier::Microvm;
+        let view = SandboxView::of("x", Some(&vm), (State::Running, false));
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["tier"], "microvm");
+        // A view from a daemon that predates the field reads as process.
+        let mut older = json.clone();
+        older.as_object_mut().unwrap().remove("tier");
+        assert_eq!(serde_json::from_value::<SandboxView>(older).unwrap().tier, Tier::Process);
+    }
+
+    #[test]
     fn states_from_meta_and_lock() {
         use State::*;
         assert_eq!(State::of(None, false, true), (Creating, false));
