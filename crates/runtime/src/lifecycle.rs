@@ -261,6 +261,12 @@ impl Held {
         status
     }
 
+    /// The microVM tier: why the guest ended on its own (a kernel panic, a
+    /// power-off, QEMU's end), read from its console and QEMU's log.
+    pub fn vm_ended(&mut self, during: &str) -> Option<airlock_vm::VmError> {
+        self.vm.as_mut().map(|vm| vm.ended(during))
+    }
+
     /// The sandbox's directory now holds files owned by the block's ids.
     pub fn block_owns_files(&mut self) {
         self.block_owns_files = true;
@@ -407,7 +413,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         degraded: degraded.clone(),
     })?;
     if policy.isolation.tier == Tier::Microvm {
-        return launch_vm(sandbox, policy, meta, audit, held);
+        return launch_vm(sandbox, policy, meta, audit, held, !command.is_empty());
     }
 
     // As root, the sandbox's ids are a block of its own, held until its
@@ -569,14 +575,21 @@ fn launch_vm(
     mut meta: SandboxMeta,
     audit: AuditLog,
     held: &mut Held,
+    // `airlock run`: its command's output, arriving over the channel, is
+    // written to the stdio's sandbox ends, and so reaches the caller and
+    // the logs as the process tier's does.
+    one_command: bool,
 ) -> Result<Launched, RunError> {
     let name = meta.name.clone();
     phase_done("state")?;
     let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
-    // Output arrives over the channel, not from a child's descriptors.
+    // Output arrives over the channel, not from a child's descriptors; the
+    // guest has no terminal of the caller's (`-t`) yet.
     let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), false, &[])
         .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
-    stdio.release_child_ends();
+    if !one_command {
+        stdio.release_child_ends();
+    }
     let vm = crate::microvm::boot(policy, &name)?;
     let agent_pid = i32::try_from(vm.pid()).unwrap_or(i32::MAX);
     let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;

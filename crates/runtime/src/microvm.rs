@@ -1,10 +1,10 @@
 //! The microVM tier: the policy picked the tier; the engine (`airlock_vm`)
 //! boots a guest with its own kernel.
 //!
-//! A long-lived sandbox (`create`, the daemon) is launched by the same
-//! lifecycle as the process tier's ([`boot`] is its launch step), served by
-//! the same supervisor and finalized the same way. `airlock run` still runs
-//! its one command here, without state or audit log ([`run`]).
+//! A sandbox on this tier is launched by the same lifecycle as the process
+//! tier's ([`check`] is its host check, [`boot`] its launch step), served
+//! by the same supervisor (`create`, the daemon) or run's relay, and
+//! finalized the same way: state, logs and audit log alike.
 //!
 //! What this tier does not have yet it says, rather than pretends: the
 //! workspace (the guest sees none: a warning unless the mode is `none`),
@@ -17,55 +17,8 @@ use airlock_policy::{Policy, Weakening};
 use airlock_vm::init::RootEntry;
 use airlock_vm::run::{Note, VmRun};
 
-use crate::run::{Notice, RunOutcome, RunRequest};
+use crate::run::Notice;
 use crate::{RunError, plan};
-
-pub(crate) fn run(
-    req: &RunRequest,
-    policy: &Policy,
-    notify: &mut dyn FnMut(Notice),
-) -> Result<RunOutcome, RunError> {
-    let name = match &req.name {
-        Some(name) => name.clone(),
-        None => crate::names::generate(),
-    };
-    // Refused before anything else is said or built.
-    engine_choice(policy)?;
-    for warning in shortfalls(policy, req.workspace.as_deref()) {
-        notify(Notice::Warning(warning));
-    }
-    let host_env = |k: &str| std::env::var(k).ok();
-    let env = plan::environment_of(policy, &name, &host_env, &[]);
-    let vm_run = VmRun {
-        policy: policy.name.clone(),
-        allow_emulation: policy.allows_weaker(Weakening::Kvm),
-        argv: req.command.clone(),
-        env: env.into_iter().collect(),
-        cwd: None,
-        memory: policy.limits.memory,
-        cpus: policy.limits.cpus,
-        timeout: policy.limits.timeout,
-        root: guest_root(policy, notify),
-    };
-    let outcome = airlock_vm::run::run(&vm_run, &mut |note| match note {
-        Note::Warning(w) => notify(Notice::Warning(w)),
-        Note::Progress(p) => notify(Notice::Info(p)),
-    })?;
-    tracing::info!(
-        ms = outcome.boot_time.as_millis() as u64,
-        accel = outcome.accel.as_str(),
-        "microVM booted"
-    );
-    Ok(RunOutcome {
-        name,
-        exit_code: outcome.exit_code,
-        timed_out: outcome.timed_out,
-        oom_killed: false,
-        changes: None,
-        removed: true,
-        artifacts: Vec::new(),
-    })
-}
 
 /// What the tier does not do yet that this policy and request ask for,
 /// one warning each.
@@ -114,7 +67,8 @@ pub(crate) fn boot(policy: &Policy, name: &str) -> Result<airlock_vm::boot::Vm, 
         }),
     };
     let (vm, accel) = airlock_vm::run::start(&vm_run, &mut |note| match note {
-        Note::Warning(w) => tracing::warn!(sandbox = name, "{w}"),
+        // Said by `check` already, before the sandbox existed.
+        Note::Warning(w) => tracing::debug!(sandbox = name, "{w}"),
         Note::Progress(p) => tracing::info!(sandbox = name, "{p}"),
     })?;
     tracing::info!(
@@ -145,6 +99,10 @@ pub(crate) fn check(
     for warning in shortfalls(policy, workspace) {
         notify(Notice::Warning(warning));
     }
+    // Built (when missing or stale) before the sandbox exists, with progress.
+    airlock_vm::guest::setup(&airlock_vm::cache_dir()?, &mut |step| {
+        notify(Notice::Info(format!("building the guest: {step}")))
+    })?;
     Ok(degraded)
 }
 

@@ -58,11 +58,6 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
     if req.command.is_empty() {
         return Err(RunError::NoCommand);
     }
-    // The tier decides the engine; the microVM tier's is `airlock_vm`.
-    let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
-    if policy.isolation.tier == airlock_policy::Tier::Microvm {
-        return crate::microvm::run(req, &policy, notify);
-    }
     let checked = check(&req.policy, &req.overrides, req.workspace.as_deref(), notify)?;
     tracing::debug!("phase: start: policy resolved, host checked");
     if let Some(name) = &req.name {
@@ -207,9 +202,26 @@ fn supervise(
     let Checked { policy, workspace, host, degraded } = checked;
     let (policy, workspace, host) = (&policy, workspace.as_deref(), &host);
     *live = Some(sandbox.lock_live()?);
-    let terminal = SandboxStdio::caller_has_terminal();
+    let microvm = policy.isolation.tier == airlock_policy::Tier::Microvm;
+    // A guest has no terminal of the caller's yet: its command gets pipes.
+    let terminal = SandboxStdio::caller_has_terminal() && !microvm;
+    // A microVM's time limit covers its boot.
+    let launch_started = Instant::now();
     // From here on, an error returned early drops `held`, which ends the
     // sandbox and releases its cgroup, layer and id block at once.
+    let launched = launch_sandbox(LaunchSpec {
+        sandbox,
+        policy,
+        workspace,
+        host,
+        degraded,
+        command: &req.command,
+        terminal,
+        workspace_owner: None,
+    })?;
+    if microvm {
+        return supervise_vm(sandbox, policy, req, launched, launch_started, live, notify);
+    }
     let Launched {
         name,
         meta,
@@ -221,16 +233,7 @@ fn supervise(
         agent_pid,
         mut control,
         agent_serving: _,
-    } = launch_sandbox(LaunchSpec {
-        sandbox,
-        policy,
-        workspace,
-        host,
-        degraded,
-        command: &req.command,
-        terminal,
-        workspace_owner: None,
-    })?;
+    } = launched;
 
     // The first message says whether the sandbox came up; with a terminal,
     // its master end follows it. Bounded, so a wedged setup cannot hang us.
@@ -330,6 +333,149 @@ fn supervise(
         Remains { name, meta, audit, held, stdio, secret_values, final_state: SandboxState::Exited },
         ending,
         duration,
+        if req.remove_after { Some(true) } else { None },
+        live,
+        notify,
+    )
+}
+
+/// `airlock run`'s command on the microVM tier, launched by the same
+/// lifecycle: it runs as exec 1 of the guest's agent, its output written to
+/// the stdio's sandbox ends (so it reaches the caller and the logs as the
+/// process tier's does), stdin and signals passed on over the channel, the
+/// time limit (boot included) enforced here; then the same finalize. A
+/// guest that ends by itself (a panic, a power-off) fails the run with the
+/// reason.
+fn supervise_vm(
+    sandbox: &SandboxDir,
+    policy: &Policy,
+    req: &RunRequest,
+    launched: Launched,
+    started: Instant,
+    live: &mut Option<LiveLock>,
+    notify: &mut dyn FnMut(Notice),
+) -> Result<RunOutcome, RunError> {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+
+    use airlock_proto::{ExecRequest, HostMessage, Stream};
+
+    const ID: u32 = 1;
+    let Launched { name, meta, mut audit, mut held, secret_values, stdio, mut control, .. } = launched;
+    let channel_error = |e: io::Error| RunError::State(sandbox.path().to_path_buf(), e);
+    let host_env = |k: &str| std::env::var(k).ok();
+    let env = plan::environment_of(policy, &name, &host_env, &[]);
+    let request = ExecRequest {
+        id: ID,
+        argv: req.command.clone(),
+        env: env.into_iter().collect(),
+        cwd: None,
+        tty: None,
+        user: None,
+    };
+    let writer = Arc::new(Mutex::new(control.try_clone().map_err(channel_error)?));
+    if let Ok(mut w) = writer.lock() {
+        airlock_proto::send(&mut *w, &HostMessage::Exec(Box::new(request)))?;
+    }
+    // stdin from a thread of its own (not joined: it may block on a
+    // terminal); its end closes the command's.
+    let input = writer.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut stdin = io::stdin().lock();
+        loop {
+            let data = match stdin.read(&mut buf) {
+                Ok(n) => buf[..n].to_vec(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => Vec::new(),
+            };
+            let done = data.is_empty();
+            let sent = input.lock().is_ok_and(|mut w| {
+                airlock_proto::send(&mut *w, &HostMessage::Stdin { id: ID, data }).is_ok()
+            });
+            if !sent || done {
+                return;
+            }
+        }
+    });
+    let signals = writer.clone();
+    let forwarder = crate::signals::Forwarder::start_with(None, move |signal| {
+        if let Ok(mut w) = signals.lock() {
+            let _ = airlock_proto::send(&mut *w, &HostMessage::Signal { id: ID, signal });
+        }
+    })
+    .map_err(RunError::Signals)?;
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        while let Ok(Some(msg)) = airlock_proto::recv::<_, AgentMessage>(&mut control) {
+            if tx.send(msg).is_err() {
+                break;
+            }
+        }
+    });
+    let [_, out, err] = stdio.child_fds();
+    let mut out = std::fs::File::from(out.try_clone_to_owned().map_err(channel_error)?);
+    let mut err = std::fs::File::from(err.try_clone_to_owned().map_err(channel_error)?);
+
+    let deadline = started + policy.limits.timeout;
+    // The guest's own kernel confines it.
+    let mut ending = Ending { confined: true, ..Ending::default() };
+    let mut guest_failure = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(AgentMessage::ExecStarted { id: ID, pid }) => {
+                audit.record(AuditEvent::CommandStarted { argv: req.command.clone(), pid: Some(pid) })?;
+                step_done("relaying")?;
+            }
+            Ok(AgentMessage::ExecOutput { id: ID, stream, data }) => {
+                let target = match stream {
+                    Stream::Stdout => &mut out,
+                    Stream::Stderr => &mut err,
+                };
+                // A reader that went away (`| head`) stops the output, not the run.
+                let _ = target.write_all(&data);
+            }
+            Ok(AgentMessage::ExecRefused { id: ID, exit_code, message }) => {
+                ending.exec_failed = Some((exit_code, truncate(&message)));
+                break;
+            }
+            Ok(AgentMessage::ExecEnded { id: ID, code, signal }) => {
+                ending.code = code;
+                ending.signal = signal;
+                break;
+            }
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                ending.timed_out = true;
+                audit.record(AuditEvent::TimeLimitHit { limit_secs: policy.limits.timeout.as_secs() })?;
+                held.kill_all();
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                guest_failure = held.vm_ended("while the command ran");
+                break;
+            }
+        }
+    }
+    drop((out, err));
+    drop(forwarder);
+    // The guest served its one command: QEMU goes, and the channel with it.
+    held.kill_all();
+    let _ = held.reap_agent();
+    let _ = reader.join();
+    step_done("reaped")?;
+    if let Some(failure) = guest_failure {
+        // Recorded (failed, with the reason) by the caller.
+        return Err(failure.into());
+    }
+    finalize(
+        sandbox,
+        policy,
+        None,
+        Remains { name, meta, audit, held, stdio, secret_values, final_state: SandboxState::Exited },
+        ending,
+        started.elapsed(),
         if req.remove_after { Some(true) } else { None },
         live,
         notify,

@@ -272,6 +272,24 @@ fn a_command_runs_in_a_guest_with_its_own_kernel() {
     assert!(stderr(&out).contains("to-stderr"), "{}", show(&out));
     // What the tier does not do yet it says: no workspace in the guest.
     assert!(stderr(&out).contains("no workspace yet"), "{}", show(&out));
+    // The run went through the sandbox lifecycle: listed with its tier and
+    // exit code, its output in its logs, its start and end in its audit log.
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["ls", "--json"]))).unwrap();
+    assert_eq!(
+        (listed[0]["tier"].as_str(), listed[0]["exit"]["code"].as_i64()),
+        (Some("microvm"), Some(7)),
+        "{listed}"
+    );
+    let name = listed[0]["name"].as_str().unwrap();
+    let logs = airlock_vm(&env, &cache, &["logs", name]);
+    assert!(stdout(&logs).contains(&format!("release={release}\n")), "{}", show(&logs));
+    let stderr_log = airlock_vm(&env, &cache, &["logs", "--stderr", name]);
+    assert!(stdout(&stderr_log).contains("to-stderr"), "{}", show(&stderr_log));
+    let audit = std::fs::read_to_string(env.sandbox_dir(name).join("audit.jsonl")).unwrap();
+    for event in ["\"created\"", "\"command_started\"", "\"exited\""] {
+        assert!(audit.contains(event), "no {event} in the audit log:\n{audit}");
+    }
     let accel = if stderr(&out).contains("software emulation (TCG)") { "tcg" } else { "kvm" };
     let boot = stderr(&out)
         .lines()
