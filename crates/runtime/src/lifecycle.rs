@@ -42,6 +42,10 @@ pub(crate) struct Launched {
     /// The agent already said it serves (a guest's agent says so while the
     /// VM boots); the process tier's confirms its confinement first.
     pub agent_serving: bool,
+    /// The sandbox's environment, put under each exec's own: the microVM
+    /// tier's (its guest's agent got none at launch); empty for the
+    /// process tier, whose agent has it from its launch plan.
+    pub exec_env: Vec<(String, String)>,
 }
 
 /// The sandbox's output logs, capped at the policy's `limits.log_size`
@@ -560,6 +564,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         agent_pid,
         control,
         agent_serving: false,
+        exec_env: Vec::new(),
     })
 }
 
@@ -590,6 +595,8 @@ fn launch_vm(
     if !one_command {
         stdio.release_child_ends();
     }
+    let host_env = |k: &str| std::env::var(k).ok();
+    let exec_env = plan::environment_of(policy, &name, &host_env, &[]).into_iter().collect();
     let vm = crate::microvm::boot(policy, &name)?;
     let agent_pid = i32::try_from(vm.pid()).unwrap_or(i32::MAX);
     let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
@@ -611,6 +618,7 @@ fn launch_vm(
         agent_pid,
         control,
         agent_serving: true,
+        exec_env,
     })
 }
 

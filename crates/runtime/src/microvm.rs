@@ -18,7 +18,7 @@ use airlock_vm::init::RootEntry;
 use airlock_vm::run::{Note, VmRun};
 
 use crate::run::Notice;
-use crate::{RunError, plan};
+use crate::RunError;
 
 /// What the tier does not do yet that this policy and request ask for,
 /// one warning each.
@@ -49,13 +49,12 @@ pub(crate) fn shortfalls(policy: &Policy, workspace: Option<&Path>) -> Vec<Strin
 /// allowed was decided (and said) by [`check`]; the build of a missing
 /// guest and the boot are logged.
 pub(crate) fn boot(policy: &Policy, name: &str) -> Result<airlock_vm::boot::Vm, RunError> {
-    let host_env = |k: &str| std::env::var(k).ok();
-    let env = plan::environment_of(policy, name, &host_env, &[]);
     let vm_run = VmRun {
         policy: policy.name.clone(),
         allow_emulation: policy.allows_weaker(Weakening::Kvm),
+        // No command at boot: the sandbox's environment goes with each exec.
         argv: Vec::new(),
-        env: env.into_iter().collect(),
+        env: Vec::new(),
         cwd: None,
         memory: policy.limits.memory,
         cpus: policy.limits.cpus,

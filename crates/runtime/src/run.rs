@@ -233,6 +233,7 @@ fn supervise(
         agent_pid,
         mut control,
         agent_serving: _,
+        exec_env: _,
     } = launched;
 
     // The first message says whether the sandbox came up; with a terminal,
@@ -361,18 +362,11 @@ fn supervise_vm(
     use airlock_proto::{ExecRequest, HostMessage, Stream};
 
     const ID: u32 = 1;
-    let Launched { name, meta, mut audit, mut held, secret_values, stdio, mut control, .. } = launched;
+    let Launched { name, meta, mut audit, mut held, secret_values, stdio, mut control, exec_env, .. } =
+        launched;
     let channel_error = |e: io::Error| RunError::State(sandbox.path().to_path_buf(), e);
-    let host_env = |k: &str| std::env::var(k).ok();
-    let env = plan::environment_of(policy, &name, &host_env, &[]);
-    let request = ExecRequest {
-        id: ID,
-        argv: req.command.clone(),
-        env: env.into_iter().collect(),
-        cwd: None,
-        tty: None,
-        user: None,
-    };
+    let request =
+        ExecRequest { id: ID, argv: req.command.clone(), env: exec_env, cwd: None, tty: None, user: None };
     let writer = Arc::new(Mutex::new(control.try_clone().map_err(channel_error)?));
     if let Ok(mut w) = writer.lock() {
         airlock_proto::send(&mut *w, &HostMessage::Exec(Box::new(request)))?;

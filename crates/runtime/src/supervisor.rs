@@ -410,6 +410,7 @@ impl Supervisor {
             logs,
         );
         let server = Server {
+            exec_env: Arc::new(launched.exec_env.clone()),
             agent: agent.clone(),
             routes: routes.clone(),
             file_routes,
@@ -680,6 +681,8 @@ fn spawn_agent_reader(
 /// Serves client connections; cloned per connection.
 #[derive(Clone)]
 struct Server {
+    /// Put under each exec's environment (see `Launched::exec_env`).
+    exec_env: Arc<Vec<(String, String)>>,
     agent: Arc<Mutex<UnixStream>>,
     routes: ExecRoutes,
     file_routes: FileRoutes,
@@ -776,7 +779,8 @@ impl Server {
         let request = HostMessage::Exec(Box::new(ExecRequest {
             id,
             argv: spec.argv.clone(),
-            env: spec.env.clone(),
+            // The exec's own variables last: they win.
+            env: self.exec_env.iter().chain(&spec.env).cloned().collect(),
             cwd: spec.cwd.clone(),
             tty: spec.tty,
             user: spec.user.clone(),

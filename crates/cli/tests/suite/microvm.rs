@@ -453,7 +453,11 @@ fn a_long_lived_microvm_is_served_like_a_process_tier_sandbox() {
     let policy = emulation_policy(&env);
     let policy = policy.to_str().unwrap();
     // One guest for every check.
-    let created = airlock_vm(&env, &cache, &["create", "--policy", policy, "--name", "lv", "--mode", "none"]);
+    let created = airlock_vm(
+        &env,
+        &cache,
+        &["create", "--policy", policy, "--name", "lv", "--mode", "none", "--env", "GREETING=hi"],
+    );
     assert!(created.status.success(), "{}", show(&created));
     assert_eq!(stdout(&created).trim(), "lv");
     let supervisor = supervisor_pid(&env, "lv");
@@ -471,10 +475,15 @@ fn a_long_lived_microvm_is_served_like_a_process_tier_sandbox() {
 
     // exec: the guest's kernel, output on both streams, the exit code, stdin.
     let (release, _) = guest_kernel().unwrap();
-    let script = "uname -r; echo to-stderr >&2; read line; echo \"stdin=$line\"; exit 3";
-    let out = airlock_with_input(&env, &["exec", "-i", "lv", "--", "sh", "-c", script], b"from the host\n");
+    // The sandbox's environment (the policy's, `create --env`) under the exec's own.
+    let script = "uname -r; echo to-stderr >&2; read line; echo \"stdin=$line $GREETING $AIRLOCK_SANDBOX $OWN\"; exit 3";
+    let out = airlock_with_input(
+        &env,
+        &["exec", "-i", "--env", "OWN=mine", "lv", "--", "sh", "-c", script],
+        b"from the host\n",
+    );
     assert_eq!(out.status.code(), Some(3), "{}", show(&out));
-    assert_eq!(stdout(&out), format!("{release}\nstdin=from the host\n"), "{}", show(&out));
+    assert_eq!(stdout(&out), format!("{release}\nstdin=from the host hi lv mine\n"), "{}", show(&out));
     assert!(stderr(&out).contains("to-stderr"), "{}", show(&out));
     // A missing program, a signal, and the exec's own time limit (the
     // supervisor kills through the agent) end as in the process tier.
