@@ -17,8 +17,8 @@ use airlock_policy::{Policy, Weakening};
 use airlock_vm::init::RootEntry;
 use airlock_vm::run::{Note, VmRun};
 
-use crate::run::Notice;
 use crate::RunError;
+use crate::run::Notice;
 
 /// What the tier does not do yet that this policy and request ask for,
 /// one warning each.

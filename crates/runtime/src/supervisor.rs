@@ -499,6 +499,16 @@ impl Supervisor {
         let Launched { name, meta, mut audit, mut held, secret_values, stdio, control, .. } = launched;
         // An error returned early drops `held`, which ends the sandbox and
         // releases its cgroup, layer and id block at once.
+        // A microVM's guest that ended by itself (a kernel panic, a
+        // power-off): why, read from its console, before QEMU is reaped.
+        let guest_end = if matches!(reason, StopReason::AgentGone) {
+            held.vm_ended("while the sandbox ran")
+        } else {
+            None
+        };
+        if let Some(end) = &guest_end {
+            audit.record(AuditEvent::Error { stage: "guest".into(), message: end.to_string() })?;
+        }
         audit.record(AuditEvent::Stopped { reason: reason.text().to_string() })?;
         step_done("stopping")?;
         if !matches!(reason, StopReason::AgentGone) {
@@ -517,7 +527,12 @@ impl Supervisor {
                 let _ = route.tx.send(ended);
             }
         }
-        let ending = ending_of(reason, agent_status);
+        let mut ending = ending_of(reason, agent_status);
+        if guest_end.is_some() {
+            // QEMU's own status says nothing of the guest's: no code, no
+            // signal (125 where an exit code is asked for).
+            (ending.code, ending.signal) = (None, None);
+        }
         let mut notices = Vec::new();
         finalize(
             sandbox,

@@ -639,6 +639,25 @@ fn the_daemon_creates_a_microvm_sandbox_and_execs_in_it() {
     assert_eq!(lines.last().unwrap()["code"], 5, "{body}");
     let (_, inspected) = d.json("GET", "/v1/sandboxes/dvm", None);
     assert_eq!(inspected["tier"], "microvm", "{inspected}");
+    assert_eq!(qemus_of(inspected["supervisor_pid"].as_i64().unwrap()).len(), 1, "{inspected}");
+    // A guest that powers off ends the sandbox, with the reason in its audit log.
+    let (_, body) = d.request(
+        "POST",
+        "/v1/sandboxes/dvm/exec",
+        Some(r#"{"argv":["sh","-c","echo o > /proc/sysrq-trigger; sleep 60"]}"#),
+    );
+    assert!(body.lines().last().is_some_and(|l| l.contains("exit") || l.contains("error")), "{body}");
+    assert!(
+        wait_until(30, || d.json("GET", "/v1/sandboxes/dvm", None).1["state"] == "stopped"),
+        "{}",
+        d.json("GET", "/v1/sandboxes/dvm", None).1
+    );
+    let (_, ended) = d.json("GET", "/v1/sandboxes/dvm", None);
+    assert_eq!((ended["exit"]["code"].as_i64(), ended["exit"]["signal"].as_i64()), (None, None), "{ended}");
+    let audit = std::fs::read_to_string(d.env.sandbox_dir("dvm").join("audit.jsonl")).unwrap();
+    assert!(audit.contains("the guest powered off while the sandbox ran"), "{audit}");
+    let supervisor = inspected["supervisor_pid"].as_i64().unwrap();
+    assert!(qemus_of(supervisor).is_empty(), "QEMU outlived its guest: {:?}", qemus_of(supervisor));
     let (status, removed) = d.json("DELETE", "/v1/sandboxes/dvm", None);
     assert_eq!(status, 200, "{removed}");
     assert!(!d.env.sandbox_dir("dvm").exists());
