@@ -551,13 +551,34 @@ fn a_long_lived_microvm_is_served_like_a_process_tier_sandbox() {
 }
 
 #[test]
-fn a_microvm_whose_supervisor_is_killed_leaves_no_qemu() {
+fn a_failed_launch_or_a_killed_supervisor_leaves_no_qemu() {
     if !ready() {
         return;
     }
     let env = Env::new();
     let cache = shared_cache();
     let policy = emulation_policy(&env);
+    // A launch that fails once the guest is up (a failure injected after
+    // the sandbox is recorded running) kills and reaps QEMU at once.
+    let failed = env
+        .airlock(["create", "--policy", policy.to_str().unwrap(), "--name", "halfway", "--mode", "none"])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .env("AIRLOCK_TEST_FAIL_AT", "running")
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(125), "{}", show(&failed));
+    assert!(stderr(&failed).contains("launch phase running"), "{}", show(&failed));
+    let halfway = supervisor_pid(&env, "halfway");
+    assert!(qemus_of(halfway).is_empty(), "QEMU outlived a failed launch: {:?}", qemus_of(halfway));
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["ls", "--json"]))).unwrap();
+    assert_eq!(listed[0]["state"], "failed", "{listed}");
+    let runs = std::fs::read_dir(cache.join("run")).unwrap().flatten();
+    let left: Vec<_> =
+        runs.filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{halfway}-"))).collect();
+    assert!(left.is_empty(), "the failed launch's VM directory is gone: {left:?}");
+    assert!(airlock_vm(&env, &cache, &["rm", "halfway"]).status.success());
+
     let created = airlock_vm(
         &env,
         &cache,
