@@ -46,6 +46,9 @@ pub(crate) struct Launched {
     /// tier's (its guest's agent got none at launch); empty for the
     /// process tier, whose agent has it from its launch plan.
     pub exec_env: Vec<(String, String)>,
+    /// Where an exec without a directory of its own starts: the microVM
+    /// tier's workspace; None for the process tier (its launch plan's).
+    pub exec_cwd: Option<PathBuf>,
 }
 
 /// The sandbox's output logs, capped at the policy's `limits.log_size`
@@ -417,7 +420,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         degraded: degraded.clone(),
     })?;
     if policy.isolation.tier == Tier::Microvm {
-        return launch_vm(sandbox, policy, meta, audit, held, !command.is_empty());
+        return launch_vm(sandbox, policy, workspace, meta, audit, held, !command.is_empty());
     }
 
     // As root, the sandbox's ids are a block of its own, held until its
@@ -565,6 +568,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         control,
         agent_serving: false,
         exec_env: Vec::new(),
+        exec_cwd: None,
     })
 }
 
@@ -577,6 +581,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
 fn launch_vm(
     sandbox: &SandboxDir,
     policy: &Policy,
+    workspace: Option<&Path>,
     mut meta: SandboxMeta,
     audit: AuditLog,
     held: &mut Held,
@@ -595,9 +600,10 @@ fn launch_vm(
     if !one_command {
         stdio.release_child_ends();
     }
+    phase_done("layer")?;
     let host_env = |k: &str| std::env::var(k).ok();
     let exec_env = plan::environment_of(policy, &name, &host_env, &[]).into_iter().collect();
-    let vm = crate::microvm::boot(policy, &name)?;
+    let vm = crate::microvm::boot(policy, &name, workspace)?;
     let agent_pid = i32::try_from(vm.pid()).unwrap_or(i32::MAX);
     let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     held.vm = Some(vm);
@@ -619,6 +625,7 @@ fn launch_vm(
         control,
         agent_serving: true,
         exec_env,
+        exec_cwd: workspace.map(Path::to_path_buf),
     })
 }
 

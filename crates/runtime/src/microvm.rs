@@ -13,25 +13,34 @@
 
 use std::path::Path;
 
-use airlock_policy::{Policy, Weakening};
+use airlock_policy::{Policy, Weakening, WorkspaceMode};
 use airlock_vm::init::RootEntry;
 use airlock_vm::run::{Note, VmRun};
 
 use crate::RunError;
 use crate::run::Notice;
 
+/// Whether the guest can have the workspace in this mode: only ro so far
+/// (one more read-only share). Overlay needs the layer's upper directory
+/// on the host, which 9p from an unprivileged QEMU cannot hold (see
+/// ARCHITECTURE.md); rw would let QEMU write the host's directory.
+pub(crate) fn supports_workspace(mode: WorkspaceMode) -> bool {
+    mode == WorkspaceMode::Ro
+}
+
 /// What the tier does not do yet that this policy and request ask for,
 /// one warning each.
 pub(crate) fn shortfalls(policy: &Policy, workspace: Option<&Path>) -> Vec<String> {
     let mut warnings = Vec::new();
-    if policy.workspace.mode != airlock_policy::WorkspaceMode::None {
+    let mode = policy.workspace.mode;
+    if mode != WorkspaceMode::None && !supports_workspace(mode) {
         let which = match workspace {
             Some(dir) => dir.display().to_string(),
             None => "the current directory".to_owned(),
         };
         warnings.push(format!(
-            "the microVM tier has no workspace yet: {which} is not visible in the guest (use --mode none to \
-             say so)"
+            "the microVM tier has no {mode} workspace yet: {which} is not visible in the guest (use --mode ro \
+             to see it read-only, or --mode none)"
         ));
     }
     if policy.network.has_egress() {
@@ -48,7 +57,19 @@ pub(crate) fn shortfalls(policy: &Policy, workspace: Option<&Path>) -> Vec<Strin
 /// the agent serving on the channel the VM returns. Whether emulation is
 /// allowed was decided (and said) by [`check`]; the build of a missing
 /// guest and the boot are logged.
-pub(crate) fn boot(policy: &Policy, name: &str) -> Result<airlock_vm::boot::Vm, RunError> {
+pub(crate) fn boot(
+    policy: &Policy,
+    name: &str,
+    workspace: Option<&Path>,
+) -> Result<airlock_vm::boot::Vm, RunError> {
+    let mut root = guest_root(policy, &mut |notice| {
+        if let Notice::Warning(w) = notice {
+            tracing::warn!(sandbox = name, "{w}");
+        }
+    });
+    if let Some(ws) = workspace {
+        root.push(RootEntry::Workspace(ws.to_path_buf()));
+    }
     let vm_run = VmRun {
         policy: policy.name.clone(),
         allow_emulation: policy.allows_weaker(Weakening::Kvm),
@@ -59,11 +80,7 @@ pub(crate) fn boot(policy: &Policy, name: &str) -> Result<airlock_vm::boot::Vm, 
         memory: policy.limits.memory,
         cpus: policy.limits.cpus,
         timeout: policy.limits.timeout,
-        root: guest_root(policy, &mut |notice| {
-            if let Notice::Warning(w) = notice {
-                tracing::warn!(sandbox = name, "{w}");
-            }
-        }),
+        root,
     };
     let (vm, accel) = airlock_vm::run::start(&vm_run, &mut |note| match note {
         // Said by `check` already, before the sandbox existed.
@@ -97,6 +114,15 @@ pub(crate) fn check(
     }
     for warning in shortfalls(policy, workspace) {
         notify(Notice::Warning(warning));
+    }
+    if let Some(ws) = workspace.filter(|_| supports_workspace(policy.workspace.mode))
+        && !RootEntry::fits(ws)
+    {
+        return Err(RunError::WorkspaceRefused(format!(
+            "{}: the microVM tier cannot share a workspace whose path has spaces or characters the kernel's \
+             command line cannot carry",
+            ws.display()
+        )));
     }
     // Built (when missing or stale) before the sandbox exists, with progress.
     airlock_vm::guest::setup(&airlock_vm::cache_dir()?, &mut |step| {

@@ -96,10 +96,16 @@ pub(crate) fn check(
     let policy = Policy::resolve(policy)?.apply_overrides(overrides)?;
     if policy.isolation.tier == airlock_policy::Tier::Microvm {
         // The guest has its own kernel: none of the host's jail features
-        // apply, and it sees no workspace yet.
-        let degraded = crate::microvm::check(&policy, workspace, notify)?;
+        // apply; the workspace in the modes the tier has.
+        let requested = workspace;
+        let workspace = if crate::microvm::supports_workspace(policy.workspace.mode) {
+            resolve_workspace(&policy, requested)?
+        } else {
+            None
+        };
+        let degraded = crate::microvm::check(&policy, workspace.as_deref().or(requested), notify)?;
         let host = probe::probe_host(probe::Depth::Launch);
-        return Ok(Checked { policy, workspace: None, host, degraded });
+        return Ok(Checked { policy, workspace, host, degraded });
     }
     let workspace = resolve_workspace(&policy, workspace)?;
     if let Some(repo) = workspace.as_deref().and_then(git_dir_outside) {
@@ -220,7 +226,7 @@ fn supervise(
         workspace_owner: None,
     })?;
     if microvm {
-        return supervise_vm(sandbox, policy, req, launched, launch_started, live, notify);
+        return supervise_vm(sandbox, policy, workspace, req, launched, launch_started, live, notify);
     }
     let Launched {
         name,
@@ -234,6 +240,7 @@ fn supervise(
         mut control,
         agent_serving: _,
         exec_env: _,
+        exec_cwd: _,
     } = launched;
 
     // The first message says whether the sandbox came up; with a terminal,
@@ -347,9 +354,11 @@ fn supervise(
 /// time limit (boot included) enforced here; then the same finalize. A
 /// guest that ends by itself (a panic, a power-off) fails the run with the
 /// reason.
+#[allow(clippy::too_many_arguments)]
 fn supervise_vm(
     sandbox: &SandboxDir,
     policy: &Policy,
+    workspace: Option<&Path>,
     req: &RunRequest,
     launched: Launched,
     started: Instant,
@@ -362,11 +371,27 @@ fn supervise_vm(
     use airlock_proto::{ExecRequest, HostMessage, Stream};
 
     const ID: u32 = 1;
-    let Launched { name, meta, mut audit, mut held, secret_values, stdio, mut control, exec_env, .. } =
-        launched;
+    let Launched {
+        name,
+        meta,
+        mut audit,
+        mut held,
+        secret_values,
+        stdio,
+        mut control,
+        exec_env,
+        exec_cwd,
+        ..
+    } = launched;
     let channel_error = |e: io::Error| RunError::State(sandbox.path().to_path_buf(), e);
-    let request =
-        ExecRequest { id: ID, argv: req.command.clone(), env: exec_env, cwd: None, tty: None, user: None };
+    let request = ExecRequest {
+        id: ID,
+        argv: req.command.clone(),
+        env: exec_env,
+        cwd: exec_cwd,
+        tty: None,
+        user: None,
+    };
     let writer = Arc::new(Mutex::new(control.try_clone().map_err(channel_error)?));
     if let Ok(mut w) = writer.lock() {
         airlock_proto::send(&mut *w, &HostMessage::Exec(Box::new(request)))?;
@@ -466,7 +491,7 @@ fn supervise_vm(
     finalize(
         sandbox,
         policy,
-        None,
+        workspace,
         Remains { name, meta, audit, held, stdio, secret_values, final_state: SandboxState::Exited },
         ending,
         started.elapsed(),

@@ -411,6 +411,7 @@ impl Supervisor {
         );
         let server = Server {
             exec_env: Arc::new(launched.exec_env.clone()),
+            exec_cwd: launched.exec_cwd.clone(),
             agent: agent.clone(),
             routes: routes.clone(),
             file_routes,
@@ -698,6 +699,8 @@ fn spawn_agent_reader(
 struct Server {
     /// Put under each exec's environment (see `Launched::exec_env`).
     exec_env: Arc<Vec<(String, String)>>,
+    /// Where an exec without a directory of its own starts (see `Launched::exec_cwd`).
+    exec_cwd: Option<PathBuf>,
     agent: Arc<Mutex<UnixStream>>,
     routes: ExecRoutes,
     file_routes: FileRoutes,
@@ -796,7 +799,7 @@ impl Server {
             argv: spec.argv.clone(),
             // The exec's own variables last: they win.
             env: self.exec_env.iter().chain(&spec.env).cloned().collect(),
-            cwd: spec.cwd.clone(),
+            cwd: spec.cwd.clone().or_else(|| self.exec_cwd.clone()),
             tty: spec.tty,
             user: spec.user.clone(),
         }));

@@ -16,7 +16,7 @@ use airlock_proto::AgentMessage;
 
 use crate::engine::{Accel, QEMU};
 use crate::guest::Guest;
-use crate::init::{PORT_NAME, RootEntry, share_tag};
+use crate::init::{PORT_NAME, RootEntry, WORKSPACE_TAG, share_tag};
 use crate::{GUEST_ROLE, VmError};
 
 /// What a guest gets.
@@ -151,8 +151,12 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> R
         RootEntry::Share(p) => Some(p),
         _ => None,
     });
-    for (index, share) in shares.enumerate() {
-        let tag = share_tag(index);
+    // The workspace (mode ro) is one more read-only share, with a tag of its own.
+    let workspace = spec.root.iter().find_map(|e| match e {
+        RootEntry::Workspace(path) => Some((WORKSPACE_TAG.to_owned(), path)),
+        _ => None,
+    });
+    for (tag, share) in shares.enumerate().map(|(i, p)| (share_tag(i), p)).chain(workspace) {
         args.extend([
             "-fsdev".into(),
             format!("local,id={tag},path={},security_model=none,readonly=on,multidevs=remap", path(share)),

@@ -271,7 +271,7 @@ fn a_command_runs_in_a_guest_with_its_own_kernel() {
     assert_eq!(value("stdin"), "from the host");
     assert!(stderr(&out).contains("to-stderr"), "{}", show(&out));
     // What the tier does not do yet it says: no workspace in the guest.
-    assert!(stderr(&out).contains("no workspace yet"), "{}", show(&out));
+    assert!(stderr(&out).contains("no overlay workspace yet"), "{}", show(&out));
     // The run went through the sandbox lifecycle: listed with its tier and
     // exit code, its output in its logs, its start and end in its audit log.
     let listed: serde_json::Value =
@@ -456,7 +456,19 @@ fn a_long_lived_microvm_is_served_like_a_process_tier_sandbox() {
     let created = airlock_vm(
         &env,
         &cache,
-        &["create", "--policy", policy, "--name", "lv", "--mode", "none", "--env", "GREETING=hi"],
+        &[
+            "create",
+            "--policy",
+            policy,
+            "--name",
+            "lv",
+            "--workspace",
+            env.workspace.to_str().unwrap(),
+            "--mode",
+            "ro",
+            "--env",
+            "GREETING=hi",
+        ],
     );
     assert!(created.status.success(), "{}", show(&created));
     assert_eq!(stdout(&created).trim(), "lv");
@@ -471,6 +483,7 @@ fn a_long_lived_microvm_is_served_like_a_process_tier_sandbox() {
     let inspected: serde_json::Value =
         serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["inspect", "--json", "lv"]))).unwrap();
     assert_eq!(inspected["tier"], "microvm", "{inspected}");
+    assert_eq!(inspected["workspace_mode"], "ro", "{inspected}");
     assert!(inspected["degraded"].as_array().unwrap().iter().any(|d| d == "kvm") || !in_ci(), "{inspected}");
 
     // exec: the guest's kernel, output on both streams, the exit code, stdin.
@@ -493,6 +506,14 @@ fn a_long_lived_microvm_is_served_like_a_process_tier_sandbox() {
     assert_eq!(killed.status.code(), Some(128 + 15), "{}", show(&killed));
     let limited = airlock_vm(&env, &cache, &["exec", "--timeout", "2s", "lv", "--", "sleep", "600"]);
     assert_eq!(limited.status.code(), Some(124), "{}", show(&limited));
+
+    // The workspace, read-only (mode ro), at its own path, where execs start.
+    let seen =
+        airlock_vm(&env, &cache, &["exec", "lv", "--", "sh", "-c", "pwd; cat README; echo x > README"]);
+    assert_eq!(seen.status.code(), Some(2), "{}", show(&seen));
+    assert_eq!(stdout(&seen), format!("{}\nhello\n", env.workspace.display()), "{}", show(&seen));
+    assert!(stderr(&seen).contains("Read-only file system"), "{}", show(&seen));
+    assert_eq!(std::fs::read_to_string(env.workspace.join("README")).unwrap(), "hello\n");
 
     // cp both ways, files ls and stat, through the agent's typed file operations.
     let host_file = env.dir.path().join("in.txt");
