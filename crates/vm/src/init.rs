@@ -272,3 +272,22 @@ fn copy(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
         to.write_all(&buf[..n])?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_root_entry_travels_on_the_command_line_and_back() {
+        let entries = [
+            RootEntry::Share("/usr".into()),
+            RootEntry::Link { path: "/bin".into(), target: "usr/bin".into() },
+            RootEntry::Hide("/etc/shadow".into()),
+            RootEntry::Workspace("/srv/repo".into()),
+        ];
+        for entry in entries {
+            assert_eq!(RootEntry::from_arg(&entry.to_arg()), Some(entry.clone()), "{}", entry.to_arg());
+        }
+        assert_eq!(RootEntry::from_arg("unknown:/x"), None);
+    }
+}
