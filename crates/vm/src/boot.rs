@@ -15,7 +15,7 @@ use airlock_proto::AgentMessage;
 
 use crate::engine::Accel;
 use crate::guest::Guest;
-use crate::init::{PORT_NAME, RootEntry, share_tag};
+use crate::init::{PORT_NAME, RootEntry, WORKSPACE_TAG, share_tag};
 use crate::jail;
 use crate::{GUEST_ROLE, VmError};
 
@@ -163,8 +163,12 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> R
         RootEntry::Share(p) => Some(p),
         _ => None,
     });
-    for (index, share) in shares.enumerate() {
-        let tag = share_tag(index);
+    // The workspace (mode ro) is one more read-only share, with a tag of its own.
+    let workspace = spec.root.iter().find_map(|e| match e {
+        RootEntry::Workspace(path) => Some((WORKSPACE_TAG.to_owned(), path)),
+        _ => None,
+    });
+    for (tag, share) in shares.enumerate().map(|(i, p)| (share_tag(i), p)).chain(workspace) {
         args.extend([
             "-fsdev".into(),
             format!("local,id={tag},path={},security_model=none,readonly=on,multidevs=remap", path(share)),
@@ -224,6 +228,27 @@ impl Vm {
     pub fn failure(&self, what: &str) -> VmError {
         self.qemu.failure(what)
     }
+
+    /// QEMU's host process id (PID 1 of its own PID namespace).
+    pub fn pid(&self) -> i32 {
+        self.qemu.pid
+    }
+
+    /// Kills QEMU (and the guest with it) and reaps it: its raw wait
+    /// status, unless it was reaped before or could not be. Its directory
+    /// goes when this is dropped.
+    pub fn kill(&mut self) -> Option<i32> {
+        if self.qemu.status.is_some() {
+            return None;
+        }
+        // QEMU is our unreaped child: its pid cannot have been reused.
+        if let Some(pid) = rustix::process::Pid::from_raw(self.qemu.pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        let status = airlock_jail::sys::wait_pid(self.qemu.pid).ok();
+        self.qemu.status = Some("killed".to_owned());
+        status
+    }
 }
 
 /// Starts QEMU, jailed, for a guest whose run directory `dir` exists:
@@ -240,11 +265,12 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<(i32, UnixLi
         accel: spec.accel,
         kernel: &guest.kernel,
         initramfs: &guest.initramfs,
+        // The workspace (mode ro) is shared read-only like the root's directories.
         shares: spec
             .root
             .iter()
             .filter_map(|e| match e {
-                RootEntry::Share(p) => Some(p.clone()),
+                RootEntry::Share(p) | RootEntry::Workspace(p) => Some(p.clone()),
                 _ => None,
             })
             .collect(),
@@ -386,7 +412,8 @@ impl Qemu {
 
 /// Removes the directories of runs whose airlock is gone (killed before it
 /// could clean up): each is named `<pid>-<n>` after the airlock that made
-/// it; and their QEMU cgroups (`vm-<pid>-<n>`).
+/// it. Their QEMU died with that airlock (its parent-death signal), and
+/// its cgroup, the sandbox's, is `airlock gc`'s to remove.
 pub fn sweep_runs(runs: &Path) {
     let gone = |run: &str| {
         run.split('-').next().and_then(|p| p.parse::<u32>().ok()).is_some_and(|pid| {
@@ -400,24 +427,7 @@ pub fn sweep_runs(runs: &Path) {
             }
         }
     }
-    if !rustix::process::geteuid().is_root() {
-        return;
-    }
-    for name in SandboxCgroup::list() {
-        if let Some(run) = name.strip_prefix(QEMU_CGROUP_PREFIX)
-            && gone(run)
-            && let Some(cgroup) = SandboxCgroup::open(&name)
-            // Whatever is left in it is a QEMU whose airlock is gone (and
-            // which its parent-death signal is ending): killed, waited for.
-            && let Err(e) = cgroup.remove()
-        {
-            tracing::debug!(error = %e, cgroup = name, "a dead run's QEMU cgroup was not removed");
-        }
-    }
 }
-
-/// QEMU's cgroup for the run `<pid>-<n>` is `vm-<pid>-<n>`.
-pub const QEMU_CGROUP_PREFIX: &str = "vm-";
 
 /// The guest writes its console: shown to a person, every control
 /// character (escape sequences, carriage returns) becomes `?`.

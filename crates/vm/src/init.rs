@@ -63,7 +63,13 @@ pub enum RootEntry {
     Link { path: PathBuf, target: PathBuf },
     /// A path masked inside (an empty file or directory over it).
     Hide(PathBuf),
+    /// The workspace at its own path, read-only, shared with tag
+    /// [`WORKSPACE_TAG`].
+    Workspace(PathBuf),
 }
+
+/// The 9p tag of the workspace's share.
+pub const WORKSPACE_TAG: &str = "ws";
 
 impl RootEntry {
     /// The word on the kernel's command line.
@@ -72,6 +78,7 @@ impl RootEntry {
             RootEntry::Share(p) => format!("share:{}", p.display()),
             RootEntry::Link { path, target } => format!("link:{}={}", path.display(), target.display()),
             RootEntry::Hide(p) => format!("hide:{}", p.display()),
+            RootEntry::Workspace(p) => format!("workspace:{}", p.display()),
         }
     }
 
@@ -81,6 +88,7 @@ impl RootEntry {
             "share" => Some(RootEntry::Share(rest.into())),
             "link" => rest.split_once('=').map(|(p, t)| RootEntry::Link { path: p.into(), target: t.into() }),
             "hide" => Some(RootEntry::Hide(rest.into())),
+            "workspace" => Some(RootEntry::Workspace(rest.into())),
             _ => None,
         }
     }
@@ -128,6 +136,14 @@ fn prepare() -> Result<PathBuf, InitError> {
                     let _ = fs::create_dir_all(parent);
                 }
                 std::os::unix::fs::symlink(target, &at).map_err(step(format!("link {}", path.display())))?;
+            }
+            RootEntry::Workspace(path) => {
+                let target = under_new_root(path);
+                fs::create_dir_all(&target)
+                    .map_err(step(format!("create the workspace {}", path.display())))?;
+                let flags = MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID;
+                retry(|| mount(WORKSPACE_TAG, &target, "9p", flags, Some(options)))
+                    .map_err(step(format!("mount the workspace {} over 9p", path.display())))?;
             }
             RootEntry::Hide(_) => {}
         }
@@ -254,5 +270,24 @@ fn copy(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
             Err(e) => return Err(e),
         };
         to.write_all(&buf[..n])?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_root_entry_travels_on_the_command_line_and_back() {
+        let entries = [
+            RootEntry::Share("/usr".into()),
+            RootEntry::Link { path: "/bin".into(), target: "usr/bin".into() },
+            RootEntry::Hide("/etc/shadow".into()),
+            RootEntry::Workspace("/srv/repo".into()),
+        ];
+        for entry in entries {
+            assert_eq!(RootEntry::from_arg(&entry.to_arg()), Some(entry.clone()), "{}", entry.to_arg());
+        }
+        assert_eq!(RootEntry::from_arg("unknown:/x"), None);
     }
 }
