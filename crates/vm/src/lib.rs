@@ -9,9 +9,12 @@
 //! - `init`: the guest's PID 1 (`airlock __vm-init`): modules, the host's
 //!   root read-only over 9p, then the agent over virtio-serial.
 //! - `boot`, `run`: starting a guest and running one command in it.
+//! - `egress_port`: the guest's connections to the egress proxy, over a
+//!   virtio-serial port of their own.
 
 pub mod boot;
 pub mod cpio;
+pub mod egress_port;
 pub mod elf;
 pub mod engine;
 pub mod guest;
