@@ -12,6 +12,7 @@ pub mod idblocks;
 mod layer;
 mod lifecycle;
 pub mod microvm;
+mod microvm_egress;
 pub use lifecycle::UndoFailed;
 pub mod names;
 pub mod network;

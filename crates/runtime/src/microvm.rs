@@ -1,10 +1,10 @@
 //! `airlock run` on the microVM tier: the policy picked the tier; the
 //! engine (`airlock_vm`) runs the command in a guest with its own kernel.
 //!
-//! What this tier does not have yet it says, rather than pretends: the
-//! workspace (the guest sees none: a warning unless the mode is `none`),
-//! egress (no network device at all: a warning when the policy has egress),
-//! state, audit log and review. See the README's microVM section.
+//! Egress is the process tier's proxy, over the guest's egress port
+//! (`microvm_egress`). What this tier does not have yet it says, rather
+//! than pretends: the workspace (the guest sees none: a warning unless the
+//! mode is `none`) and review. See the README's microVM section.
 
 use std::path::Path;
 
@@ -36,15 +36,12 @@ pub(crate) fn run(
              say so)"
         )));
     }
-    if policy.network.has_egress() {
-        notify(Notice::Warning(
-            "the microVM tier has no network yet: the guest has no network device, so the policy's egress \
-             rules allow nothing"
-                .into(),
-        ));
-    }
+    // The guest's only way out: the sandbox's egress proxy, with its
+    // directory and audit log (None: the policy gives it no network).
+    let mut egress = crate::microvm_egress::VmEgress::start(policy, &name, &req.command)?;
+    let network_env = egress.as_ref().map(|e| e.environment()).unwrap_or_default();
     let host_env = |k: &str| std::env::var(k).ok();
-    let env = plan::environment_of(policy, &name, &host_env, &[]);
+    let env = plan::environment_of(policy, &name, &host_env, &network_env);
     let vm_run = VmRun {
         policy: policy.name.clone(),
         allow_emulation: policy.allows_weaker(Weakening::Kvm),
@@ -56,10 +53,23 @@ pub(crate) fn run(
         timeout: policy.limits.timeout,
         root: guest_root(policy, notify),
     };
-    let outcome = airlock_vm::run::run(&vm_run, &mut |note| match note {
+    let host_egress = egress.as_mut().map(|e| e.host_egress()).transpose()?;
+    let started = std::time::Instant::now();
+    let result = airlock_vm::run::run(&vm_run, host_egress, &mut |note| match note {
         Note::Warning(w) => notify(Notice::Warning(w)),
         Note::Progress(p) => notify(Notice::Info(p)),
-    })?;
+    })
+    .map_err(RunError::from);
+    let removed = match egress {
+        Some(egress) => egress.finish(
+            policy,
+            result.as_ref().map(|o| (o.exit_code, o.timed_out)),
+            started.elapsed(),
+            req.remove_after,
+        )?,
+        None => true,
+    };
+    let outcome = result?;
     tracing::info!(
         ms = outcome.boot_time.as_millis() as u64,
         accel = outcome.accel.as_str(),
@@ -71,7 +81,7 @@ pub(crate) fn run(
         timed_out: outcome.timed_out,
         oom_killed: false,
         changes: None,
-        removed: true,
+        removed,
         artifacts: Vec::new(),
     })
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use airlock_proto::AgentMessage;
 
+use crate::egress_port::HostEgress;
 use crate::engine::{Accel, QEMU};
 use crate::guest::Guest;
 use crate::init::{PORT_NAME, RootEntry, share_tag};
@@ -29,6 +30,9 @@ pub struct BootSpec {
     pub deadline: Duration,
     /// The guest's root: what of the host it sees, read-only.
     pub root: Vec<RootEntry>,
+    /// The guest has egress: a second virtio-serial port, served by
+    /// [`crate::egress_port`], and loopback with the proxy ports inside.
+    pub egress: bool,
 }
 
 /// A running guest; killed (and its directory removed) when dropped.
@@ -91,12 +95,20 @@ fn tsc_khz() -> u64 {
 /// NUL included); it cuts longer ones silently, which would drop masks.
 const MAX_COMMAND_LINE: usize = 2047;
 
-fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> Result<String, VmError> {
+/// The word on the kernel's command line that tells the guest it has an
+/// egress port.
+pub const EGRESS_ARG: &str = "egress:on";
+
+fn kernel_command_line(accel: Accel, root: &[RootEntry], egress: bool) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel == Accel::Tcg {
         line.push_str(&format!(" tsc_early_khz={}", tsc_khz()));
     }
     line.push_str(&format!(" -- {GUEST_ROLE}"));
+    if egress {
+        line.push(' ');
+        line.push_str(EGRESS_ARG);
+    }
     for entry in root {
         line.push(' ');
         line.push_str(&entry.to_arg());
@@ -111,7 +123,13 @@ fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> Result<String, VmErr
     Ok(line)
 }
 
-fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> Result<Vec<String>, VmError> {
+fn qemu_args(
+    guest: &Guest,
+    spec: &BootSpec,
+    socket: &Path,
+    egress_socket: &Path,
+    console: &Path,
+) -> Result<Vec<String>, VmError> {
     let mut args: Vec<String> =
         vec!["-M".into(), "microvm".into(), "-accel".into(), spec.accel.as_str().into()];
     if spec.accel == Accel::Kvm {
@@ -139,7 +157,7 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> R
         "-initrd".into(),
         guest.initramfs.to_string_lossy().into_owned(),
         "-append".into(),
-        kernel_command_line(spec.accel, &spec.root)?,
+        kernel_command_line(spec.accel, &spec.root, spec.egress)?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
         "-device".into(),
@@ -147,6 +165,15 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> R
         "-device".into(),
         format!("virtserialport,chardev=agent,name={PORT_NAME}"),
     ]);
+    if spec.egress {
+        // The guest's only way out: a port of its own to the egress proxy.
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=egress,path={}", path(egress_socket)),
+            "-device".into(),
+            format!("virtserialport,chardev=egress,name={}", crate::egress_port::PORT_NAME),
+        ]);
+    }
     let shares = spec.root.iter().filter_map(|e| match e {
         RootEntry::Share(p) => Some(p),
         _ => None,
@@ -165,8 +192,14 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> R
 
 impl Vm {
     /// Boots `guest`, with its sockets and logs in `dir` (created here,
-    /// removed with the VM).
-    pub fn boot(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Vm, VmError> {
+    /// removed with the VM); `egress` serves its egress port when
+    /// `spec.egress` asks for one.
+    pub fn boot(
+        guest: &Guest,
+        spec: &BootSpec,
+        dir: &Path,
+        egress: Option<HostEgress>,
+    ) -> Result<Vm, VmError> {
         // The runs' directory is searchable (QEMU, under its own uid, must
         // reach its run's socket) but not listable; each run's is QEMU's own.
         if let Some(runs) = dir.parent() {
@@ -186,18 +219,32 @@ impl Vm {
         let console = dir.join("console.log");
         let listener = UnixListener::bind(&socket).map_err(|e| VmError::io(&socket, e))?;
         listener.set_nonblocking(true).map_err(|e| VmError::io(&socket, e))?;
+        let egress_socket = dir.join("egress.sock");
+        let egress = match (spec.egress, egress) {
+            (true, Some(egress)) => {
+                let listener =
+                    UnixListener::bind(&egress_socket).map_err(|e| VmError::io(&egress_socket, e))?;
+                listener.set_nonblocking(true).map_err(|e| VmError::io(&egress_socket, e))?;
+                Some((listener, egress))
+            }
+            (false, None) => None,
+            _ => return Err(VmError::Boot("an egress port without its proxy, or the reverse".into())),
+        };
         let qemu_log = dir.join("qemu.log");
         let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
         let mut command = Command::new(QEMU);
         command
-            .args(qemu_args(guest, spec, &socket, &console)?)
+            .args(qemu_args(guest, spec, &socket, &egress_socket, &console)?)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
         if rustix::process::geteuid().is_root() {
             let (uid, gid) = qemu_ids(spec.accel);
             // QEMU creates the console log and connects to the socket as itself.
-            for path in [dir, socket.as_path()] {
+            for path in [dir, socket.as_path(), egress_socket.as_path()] {
+                if !path.exists() {
+                    continue;
+                }
                 rustix::fs::chown(
                     path,
                     Some(rustix::fs::Uid::from_raw(uid)),
@@ -215,6 +262,13 @@ impl Vm {
         let mut qemu = Qemu { child, dir: dir.to_path_buf() };
         let deadline = started + spec.deadline;
         let mut channel = qemu.accept(&listener, deadline)?;
+        if let Some((listener, egress)) = egress {
+            // Served from now on: the guest reads its trust bundle before
+            // its agent says it serves.
+            let port = qemu.accept(&listener, deadline)?;
+            crate::egress_port::serve_host(port, egress)
+                .map_err(|e| VmError::Boot(format!("cannot serve the egress port: {e}")))?;
+        }
         qemu.await_agent(&mut channel, deadline)?;
         let vm = Vm { qemu, channel, boot_time: started.elapsed() };
         tracing::info!(
@@ -361,10 +415,10 @@ mod tests {
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &fits).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &fits, false).unwrap();
         assert!(line.ends_with("hide:/etc/secret-0019-with-a-long-name"), "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_many).unwrap_err().to_string();
+        let err = kernel_command_line(Accel::Tcg, &too_many, false).unwrap_err().to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
     }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Stream};
 
 use crate::boot::{BootSpec, Vm};
+use crate::egress_port::HostEgress;
 use crate::engine::{self, Accel};
 use crate::{VmError, guest};
 
@@ -51,7 +52,13 @@ const TIMED_OUT: i32 = 124;
 /// The guest's RAM: the policy's memory limit, but enough to boot.
 const MIN_GUEST_MIB: u64 = 256;
 
-pub fn run(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<VmOutcome, VmError> {
+/// `egress`: the egress proxy's channel and trust bundle, when the policy
+/// gives the guest a way out (its only one: the guest has no network device).
+pub fn run(
+    req: &VmRun,
+    egress: Option<HostEgress>,
+    notify: &mut dyn FnMut(Note),
+) -> Result<VmOutcome, VmError> {
     let cache = crate::cache_dir()?;
     let kernel = guest::find_kernel().ok_or(VmError::NoKernel)?;
     let report = engine::probe_cached(&cache, Some(&kernel.vmlinuz));
@@ -70,10 +77,11 @@ pub fn run(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<VmOutcome, VmErr
             Accel::Tcg => Duration::from_secs(300),
         },
         root: req.root.clone(),
+        egress: egress.is_some(),
     };
     let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));
     let started = Instant::now();
-    let mut vm = Vm::boot(setup.guest(), &spec, &dir)?;
+    let mut vm = Vm::boot(setup.guest(), &spec, &dir, egress)?;
     let remaining = req.timeout.saturating_sub(started.elapsed());
     let (exit_code, timed_out) = exec(&mut vm, req, remaining)?;
     Ok(VmOutcome { exit_code, timed_out, accel: choice.accel, boot_time: vm.boot_time })

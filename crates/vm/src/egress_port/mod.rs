@@ -52,11 +52,27 @@ const MAX_BUNDLE: usize = 16 * 1024 * 1024;
 // ---------------------------------------------------------------------------
 // The host's side
 
+/// What the host serves a guest's egress port with.
+pub struct HostEgress {
+    /// The egress proxy's channel: each connection's far end goes over it
+    /// as a tagged descriptor, as from the process tier's agent.
+    pub handover: OwnedFd,
+    /// The sandbox's trust bundle (host roots and its CA's certificate).
+    pub bundle: Vec<u8>,
+}
+
+impl std::fmt::Debug for HostEgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostEgress").field("bundle_bytes", &self.bundle.len()).finish_non_exhaustive()
+    }
+}
+
 /// Serves the guest's end of the egress port from threads of its own:
 /// sends the trust bundle, then turns each connection the guest opens into
 /// a socket pair whose far end goes over `handover` (the egress proxy's
 /// channel) tagged with the guest's port. Ends when the guest does.
-pub fn serve_host(port: UnixStream, handover: OwnedFd, bundle: Vec<u8>) -> io::Result<()> {
+pub fn serve_host(port: UnixStream, egress: HostEgress) -> io::Result<()> {
+    let HostEgress { handover, bundle } = egress;
     std::thread::Builder::new().name("egress-port".into()).spawn(move || {
         let mut writer = &port;
         let sent = bundle
