@@ -193,3 +193,21 @@ impl Drop for VmEgress {
         drop(self.id_block.take());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use airlock_egress::proxy::Port;
+    use airlock_vm::egress_port as port;
+
+    /// The guest listens where the process tier's agent does and tags its
+    /// connections as the proxy expects them.
+    #[test]
+    fn the_guest_uses_the_process_tiers_ports_and_tags() {
+        assert_eq!(port::HTTP_PORT, airlock_egress::HTTP_PROXY_PORT);
+        assert_eq!(port::SOCKS_PORT, airlock_egress::SOCKS_PROXY_PORT);
+        assert!(matches!(Port::from_tag(port::HTTP_TAG), Some(Port::Http)));
+        assert!(matches!(Port::from_tag(port::SOCKS_TAG), Some(Port::Socks)));
+        assert_eq!(port::GUEST_CA_BUNDLE, crate::network::SANDBOX_CA_BUNDLE);
+        assert_eq!(port::GUEST_SYSTEM_BUNDLE, crate::network::SYSTEM_CA_BUNDLE);
+    }
+}

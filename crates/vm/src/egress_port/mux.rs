@@ -295,11 +295,12 @@ fn port_reader(shared: &Arc<Shared>, mut port: File, opener: Option<Opener>) {
             }
         };
         match frame {
-            Frame::Open { id, tag } => match &opener {
-                Some(open) => accept(shared, id, tag, open),
-                // The host never opens a connection into the guest.
-                None => {}
-            },
+            // The host never opens a connection into the guest (no opener there).
+            Frame::Open { id, tag } => {
+                if let Some(open) = &opener {
+                    accept(shared, id, tag, open);
+                }
+            }
             Frame::Data { id, data } => {
                 let mut st = lock(shared);
                 let window = shared.limits.window as usize;
