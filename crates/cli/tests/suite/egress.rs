@@ -420,13 +420,20 @@ pub(crate) const MICROVM_POLICY: &str = "[isolation]\ntier = \"microvm\"\nallow_
      [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\n";
 
 /// Whether the tier can run here (the microVM tier needs QEMU and a kernel).
-fn tier_ready(tier: Tier) -> bool {
+pub(crate) fn tier_ready(tier: Tier) -> bool {
     needs_clients() && (tier == Tier::Process || super::microvm::ready())
 }
 
 /// [`run_in`] on `tier`. A microVM guest has no workspace yet: the probe
 /// is written to its /tmp, which the script starts in.
-fn run_on(tier: Tier, env: &Env, name: &str, extra: &[&str], vars: &[(&str, &str)], script: &str) -> Output {
+pub(crate) fn run_on(
+    tier: Tier,
+    env: &Env,
+    name: &str,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+    script: &str,
+) -> Output {
     match tier {
         Tier::Process => run_in(env, name, extra, vars, script),
         Tier::Microvm => microvm_command(env, name, extra, vars, script).output().unwrap(),
