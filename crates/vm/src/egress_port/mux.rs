@@ -58,7 +58,16 @@ struct Shared {
     state: Mutex<State>,
     /// The port writer waits here.
     port_wake: Condvar,
+    /// The port reader waits here while the control queue is full.
+    control_room: Condvar,
     limits: Limits,
+}
+
+/// Control frames (opens, resets) queued for the port at most: a peer that
+/// sends opens but reads nothing makes this end stop reading it, rather
+/// than queue a refusal for each.
+fn control_cap(limits: &Limits) -> usize {
+    4 * limits.max_conns + 64
 }
 
 #[derive(Default)]
@@ -117,6 +126,7 @@ impl Mux {
         let shared = Arc::new(Shared {
             state: Mutex::new(State { next_id: 1, ..State::default() }),
             port_wake: Condvar::new(),
+            control_room: Condvar::new(),
             limits,
         });
         let reader = File::from(port);
@@ -170,6 +180,11 @@ impl Mux {
     pub fn buffered_bytes(&self) -> usize {
         let st = lock(&self.shared);
         st.stream_bytes + st.conns.values().map(|c| c.inbox_bytes).sum::<usize>()
+    }
+
+    /// Control frames queued for the port.
+    pub fn queued_control(&self) -> usize {
+        lock(&self.shared).control.len()
     }
 }
 
@@ -240,6 +255,7 @@ fn half_done(st: &mut State, id: u32) {
 fn close(shared: &Shared) {
     let mut st = lock(shared);
     st.closed = true;
+    shared.control_room.notify_all();
     let ids: Vec<u32> = st.conns.keys().copied().collect();
     for id in ids {
         forget(&mut st, id);
@@ -253,6 +269,7 @@ fn port_writer(shared: &Arc<Shared>, mut port: File) {
             let mut st = lock(shared);
             loop {
                 if let Some(frame) = st.control.pop_front() {
+                    shared.control_room.notify_all();
                     break frame;
                 }
                 if let Some((id, credit)) = st.credits.pop_first() {
@@ -286,6 +303,16 @@ fn port_writer(shared: &Arc<Shared>, mut port: File) {
 
 fn port_reader(shared: &Arc<Shared>, mut port: File, opener: Option<Opener>) {
     loop {
+        {
+            // Backpressure: the peer is not reading what it asked for.
+            let mut st = lock(shared);
+            while st.control.len() >= control_cap(&shared.limits) && !st.closed {
+                st = wait(&shared.control_room, st);
+            }
+            if st.closed {
+                break;
+            }
+        }
         let frame = match Frame::read_from(&mut port) {
             Ok(Some(frame)) => frame,
             Ok(None) => break,

@@ -222,3 +222,30 @@ fn the_guest_reads_the_trust_bundle_first() {
     let cut = &bytes[..bytes.len() / 2];
     assert!(read_bundle(&mut &cut[..]).is_err(), "a bundle cut short");
 }
+
+#[test]
+fn a_guest_that_opens_without_reading_is_read_no_further() {
+    let (port, host, _accepted) = hostile_guest(SMALL);
+    let mut writer = port.try_clone().unwrap();
+    // Opens past the cap, each refused with a reset the guest never reads:
+    // the host stops reading once its queue of refusals is full.
+    std::thread::spawn(move || {
+        for id in 1..=1_000_000u32 {
+            let open = Frame::Open { id, tag: HTTP_TAG };
+            if open.write_to(&mut writer).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let queued = host.queued_control();
+    assert!(queued <= 4 * SMALL.max_conns + 64, "{queued} frames queued");
+    let refused = host.refused();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        host.refused() - refused < 1000,
+        "the host kept reading: {} more refusals",
+        host.refused() - refused
+    );
+    drop(port);
+}
