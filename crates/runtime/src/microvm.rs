@@ -53,23 +53,34 @@ pub(crate) fn run(
         timeout: policy.limits.timeout,
         root: guest_root(policy, notify),
     };
-    let host_egress = egress.as_mut().map(|e| e.host_egress()).transpose()?;
+    let host_egress = match egress.as_mut().map(|e| e.host_egress()).transpose() {
+        Ok(host_egress) => host_egress,
+        // The proxy did not start: recorded, and the guest never boots.
+        Err(error) => {
+            if let Some(egress) = egress.take() {
+                egress.finish(policy, Err(&error), std::time::Duration::ZERO, req.remove_after)?;
+            }
+            return Err(error);
+        }
+    };
     let started = std::time::Instant::now();
     let result = airlock_vm::run::run(&vm_run, host_egress, &mut |note| match note {
         Note::Warning(w) => notify(Notice::Warning(w)),
         Note::Progress(p) => notify(Notice::Info(p)),
     })
     .map_err(RunError::from);
-    let removed = match egress {
+    let finished = match egress {
         Some(egress) => egress.finish(
             policy,
             result.as_ref().map(|o| (o.exit_code, o.timed_out)),
             started.elapsed(),
             req.remove_after,
-        )?,
-        None => true,
+        ),
+        None => Ok(true),
     };
+    // The run's own error first; recording its end failing comes second.
     let outcome = result?;
+    let removed = finished?;
     tracing::info!(
         ms = outcome.boot_time.as_millis() as u64,
         accel = outcome.accel.as_str(),
