@@ -567,7 +567,8 @@ fn allowed_requests_reach_the_host_and_others_are_refused_with_the_reason() {
 
 /// The same from a microVM guest, which has no network device: its
 /// connections cross the egress port to the same proxy, policy and audit
-/// log. In the same guest (boots cost seconds of emulation), a flood of
+/// log; around the proxy it reaches nothing (its loopback is its own, it
+/// has no other interface). In the same guest (boots cost seconds of emulation), a flood of
 /// connections meets the relay's cap: those past it are closed, the host's
 /// side of the relay holds no more threads and memory than the cap allows,
 /// and a request after the flood still goes through.
@@ -585,8 +586,18 @@ fn a_microvm_guest_reaches_allowed_hosts_only_through_the_same_proxy() {
     let allow_after = format!("127.0.0.1:{}", after.port);
     let upload = "u".repeat(1000);
     const FLOOD: usize = 400;
+    // Around the proxy: the guest's loopback is its own, and it has no
+    // other interface (the host's own address, if it has one besides
+    // loopback, listens here).
+    let other = host_non_loopback_v4().map(|ip| TcpListener::bind((ip, 0)).unwrap());
+    let other_addr =
+        other.as_ref().map_or("10.255.255.1:9".to_string(), |l| l.local_addr().unwrap().to_string());
+    let (other_host, other_port) = other_addr.split_once(':').unwrap();
     let script = format!(
-        "{}sec flood; python3 probe.py flood {pa} {FLOOD}; sec after-flood; c http://127.0.0.1:{pa}/after; sec end",
+        "{}sec bypass; c --noproxy '*' http://127.0.0.1:{p}/direct; echo \"curl=$?\"; \
+         python3 probe.py connect 127.0.0.1 {p}; python3 probe.py connect {other_host} {other_port}; \
+         python3 probe.py udp {other_host} {other_port}; \
+         sec flood; python3 probe.py flood {pa} {FLOOD}; sec after-flood; c http://127.0.0.1:{pa}/after; sec end",
         allowed_and_refused_script(p, &upload),
         pa = after.port,
     );
@@ -624,6 +635,15 @@ fn a_microvm_guest_reaches_allowed_hosts_only_through_the_same_proxy() {
     check_allowed_and_refused(&env, "vm-http", "microvm-dev", &o, &server, &upload);
 
     let out = stdout(&o);
+    let bypass = section(&out, "bypass");
+    assert!(bypass.contains("curl=7"), "curl connected around the proxy\n{}", show(&o));
+    assert!(bypass.contains(&format!("connect 127.0.0.1:{p}=failed ECONNREFUSED")), "{}", show(&o));
+    assert!(bypass.contains(&format!("connect {other_addr}=failed ENETUNREACH")), "{}", show(&o));
+    assert!(bypass.contains(&format!("udp {other_addr}=failed ENETUNREACH")), "{}", show(&o));
+    if let Some(listener) = &other {
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.accept().is_err(), "the guest reached the host's own address");
+    }
     let flood = section(&out, "flood");
     let count = |key: &str| -> usize {
         flood
