@@ -13,8 +13,11 @@
 
 use std::time::Duration;
 
+use airlock_egress::redact::Redactor;
 use airlock_policy::{CleanupAction, Policy};
+use airlock_proto::Stream;
 use airlock_vm::egress_port::HostEgress;
+use airlock_vm::run::OutputFilter;
 
 use crate::audit::{AuditEvent, AuditLog};
 use crate::idblocks::{IdBlock, Registry};
@@ -118,7 +121,12 @@ impl VmEgress {
         self.meta.state = SandboxState::Running;
         self.meta.started_at = Some(now_rfc3339());
         self.sandbox.write_meta(&self.meta)?;
-        Ok(HostEgress { handover, bundle })
+        let secrets = network.secret_values();
+        let output: Option<Box<dyn OutputFilter>> = (!secrets.is_empty()).then(|| {
+            Box::new(Redacted { stdout: Redactor::new(&secrets), stderr: Redactor::new(&secrets) })
+                as Box<dyn OutputFilter>
+        });
+        Ok(HostEgress { handover, bundle, output })
     }
 
     /// The run ended (the VM is gone): the proxy's last events are
@@ -176,6 +184,32 @@ impl VmEgress {
         drop(self.live.take());
         crate::lifecycle::remove_sandbox_dir(&self.sandbox, None)?;
         Ok(true)
+    }
+}
+
+/// The guest's output with the secrets' values redacted, as the process
+/// tier's (`stdio`), each stream on its own.
+struct Redacted {
+    stdout: Redactor,
+    stderr: Redactor,
+}
+
+impl Redacted {
+    fn of(&mut self, stream: Stream) -> &mut Redactor {
+        match stream {
+            Stream::Stdout => &mut self.stdout,
+            Stream::Stderr => &mut self.stderr,
+        }
+    }
+}
+
+impl OutputFilter for Redacted {
+    fn filter(&mut self, stream: Stream, data: &[u8]) -> Vec<u8> {
+        self.of(stream).feed(data)
+    }
+
+    fn finish(&mut self, stream: Stream) -> Vec<u8> {
+        self.of(stream).finish()
     }
 }
 

@@ -40,6 +40,16 @@ pub struct VmOutcome {
     pub boot_time: Duration,
 }
 
+/// What the guest's output passes through before it reaches the caller:
+/// the runtime redacts the sandbox's secret values from it, as it does the
+/// process tier's output.
+pub trait OutputFilter: Send {
+    /// The bytes of `stream` that may be written now.
+    fn filter(&mut self, stream: Stream, data: &[u8]) -> Vec<u8>;
+    /// What is still held back at the end of `stream`.
+    fn finish(&mut self, stream: Stream) -> Vec<u8>;
+}
+
 /// Something for the person at the terminal.
 pub enum Note {
     Warning(String),
@@ -56,9 +66,10 @@ const MIN_GUEST_MIB: u64 = 256;
 /// gives the guest a way out (its only one: the guest has no network device).
 pub fn run(
     req: &VmRun,
-    egress: Option<HostEgress>,
+    mut egress: Option<HostEgress>,
     notify: &mut dyn FnMut(Note),
 ) -> Result<VmOutcome, VmError> {
+    let mut filter = egress.as_mut().and_then(|e| e.output.take());
     let cache = crate::cache_dir()?;
     let kernel = guest::find_kernel().ok_or(VmError::NoKernel)?;
     let report = engine::probe_cached(&cache, Some(&kernel.vmlinuz));
@@ -83,7 +94,13 @@ pub fn run(
     let started = Instant::now();
     let mut vm = Vm::boot(setup.guest(), &spec, &dir, egress)?;
     let remaining = req.timeout.saturating_sub(started.elapsed());
-    let (exit_code, timed_out) = exec(&mut vm, req, remaining)?;
+    let ended = exec(&mut vm, req, remaining, &mut filter);
+    if let Some(filter) = filter.as_deref_mut() {
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            write_out(stream, &filter.finish(stream));
+        }
+    }
+    let (exit_code, timed_out) = ended?;
     Ok(VmOutcome { exit_code, timed_out, accel: choice.accel, boot_time: vm.boot_time })
 }
 
@@ -92,7 +109,21 @@ fn unique() -> u128 {
 }
 
 /// Runs the command as exec 1 of the guest's agent; (exit code, timed out).
-fn exec(vm: &mut Vm, req: &VmRun, timeout: Duration) -> Result<(i32, bool), VmError> {
+/// Writes output of the guest to ours; a reader that went away (`| head`)
+/// stops the output, not the run.
+fn write_out(stream: Stream, data: &[u8]) {
+    let _ = match stream {
+        Stream::Stdout => io::stdout().lock().write_all(data).and_then(|()| io::stdout().flush()),
+        Stream::Stderr => io::stderr().lock().write_all(data),
+    };
+}
+
+fn exec(
+    vm: &mut Vm,
+    req: &VmRun,
+    timeout: Duration,
+    filter: &mut Option<Box<dyn OutputFilter>>,
+) -> Result<(i32, bool), VmError> {
     const ID: u32 = 1;
     let request = ExecRequest {
         id: ID,
@@ -141,16 +172,10 @@ fn exec(vm: &mut Vm, req: &VmRun, timeout: Duration) -> Result<(i32, bool), VmEr
             Err(e) => return Err(e.into()),
         };
         match message {
-            AgentMessage::ExecOutput { id: ID, stream, data } => {
-                let written = match stream {
-                    Stream::Stdout => {
-                        io::stdout().lock().write_all(&data).and_then(|()| io::stdout().flush())
-                    }
-                    Stream::Stderr => io::stderr().lock().write_all(&data),
-                };
-                // A reader that went away (`| head`) stops the output, not the run.
-                let _ = written;
-            }
+            AgentMessage::ExecOutput { id: ID, stream, data } => match filter.as_deref_mut() {
+                Some(filter) => write_out(stream, &filter.filter(stream, &data)),
+                None => write_out(stream, &data),
+            },
             AgentMessage::ExecRefused { id: ID, exit_code, message } => {
                 let shown: String = message.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
                 eprintln!("airlock: {shown}");

@@ -59,6 +59,8 @@ pub struct HostEgress {
     pub handover: OwnedFd,
     /// The sandbox's trust bundle (host roots and its CA's certificate).
     pub bundle: Vec<u8>,
+    /// What the guest's output passes through (the secrets' redaction).
+    pub output: Option<Box<dyn crate::run::OutputFilter>>,
 }
 
 impl std::fmt::Debug for HostEgress {
@@ -72,7 +74,7 @@ impl std::fmt::Debug for HostEgress {
 /// a socket pair whose far end goes over `handover` (the egress proxy's
 /// channel) tagged with the guest's port. Ends when the guest does.
 pub fn serve_host(port: UnixStream, egress: HostEgress) -> io::Result<()> {
-    let HostEgress { handover, bundle } = egress;
+    let HostEgress { handover, bundle, output: _ } = egress;
     std::thread::Builder::new().name("egress-port".into()).spawn(move || {
         let mut writer = &port;
         let sent = bundle

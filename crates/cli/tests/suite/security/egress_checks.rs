@@ -856,8 +856,8 @@ fn a_reflected_secret_reaches_the_sandbox_only_as_its_placeholder() {
     reflected_secret(Tier::Process);
 }
 
-/// The same in a microVM guest, whose output airlock does not redact: the
-/// proxy's replacement is what keeps the value out.
+/// The same in a microVM guest: the proxy's replacement keeps the value
+/// out of the guest, not only out of airlock's (redacted) output.
 #[test]
 fn a_reflected_secret_reaches_a_microvm_guest_only_as_its_placeholder() {
     reflected_secret(Tier::Microvm);
