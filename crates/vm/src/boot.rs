@@ -423,6 +423,15 @@ mod tests {
     }
 
     #[test]
+    fn the_guest_is_told_of_its_egress_port_only_when_it_has_one() {
+        let with = kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true).unwrap();
+        assert!(with.contains(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} share:/usr")), "{with}");
+        let without = kernel_command_line(Accel::Tcg, &[], false).unwrap();
+        assert!(!without.contains("egress"), "{without}");
+        assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
+    }
+
+    #[test]
     fn the_guests_console_is_shown_without_control_characters() {
         assert_eq!(printable("ok\x1b[2J\rforged\tline"), "ok?[2J?forged\tline");
     }
