@@ -442,7 +442,13 @@ pub(crate) fn run_on(
 
 /// `airlock run` of `script` on the microVM tier, with the probe in the
 /// guest's working directory and the microVM suite's guest cache.
-fn microvm_command(env: &Env, name: &str, extra: &[&str], vars: &[(&str, &str)], script: &str) -> Command {
+pub(crate) fn microvm_command(
+    env: &Env,
+    name: &str,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+    script: &str,
+) -> Command {
     let mut args: Vec<&str> = vec!["run", "--name", name, "--timeout", "5m"];
     args.extend_from_slice(extra);
     let script =
