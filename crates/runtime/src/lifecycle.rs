@@ -590,33 +590,70 @@ fn launch_vm(
 ) -> Result<Launched, RunError> {
     let name = meta.name.clone();
     // QEMU runs in the sandbox's own cgroup, sized for it (the guest's RAM
-    // and QEMU's overhead). Named in meta.json before it exists, so that
-    // gc finds it should this process die; `check` refused a host without
-    // cgroups unless the policy allows that.
-    let cgroup_name =
-        host.enforces(airlock_jail::probe::Feature::Cgroups).then(|| crate::cgroup_name(sandbox));
-    if cgroup_name.is_some() {
-        meta.cgroup = cgroup_name.clone();
+    // and QEMU's overhead, and the egress proxy's allowance). Named in
+    // meta.json before it exists, so that gc finds it should this process
+    // die; `check` refused a host without cgroups unless the policy allows
+    // that.
+    meta.cgroup = host.enforces(airlock_jail::probe::Feature::Cgroups).then(|| crate::cgroup_name(sandbox));
+    // As root, the egress proxy's own uid derives from an id block of the
+    // sandbox's (as for the process tier); the guest itself needs none.
+    let egress = policy.network.has_egress();
+    if egress && host.running_as_root {
+        held.id_block = Some(Registry::host()?.allocate(sandbox.path())?);
+        meta.id_block = held.id_block.as_ref().map(IdBlock::index);
+    }
+    let first_uid =
+        held.id_block.as_ref().map_or_else(|| rustix::process::getuid().as_raw(), IdBlock::first_host_uid);
+    if meta.cgroup.is_some() || meta.id_block.is_some() {
         sandbox.write_meta(&meta)?;
     }
     phase_done("state")?;
-    if let Some(cgroup_name) = &cgroup_name {
+    if let Some(cgroup_name) = &meta.cgroup {
         let limits = crate::microvm::cgroup_limits(policy);
         held.cgroup = Some(SandboxCgroup::create_on(&host.cgroups, cgroup_name, &limits)?);
     }
     phase_done("cgroup")?;
+    phase_done("layer")?;
+    // The sandbox's egress proxy, as the process tier's (in the sandbox's
+    // cgroup); its channel goes to the guest's egress port instead of to
+    // an agent's network namespace.
+    held.network = Network::start(
+        policy,
+        &name,
+        sandbox.path(),
+        &sandbox.audit_path(),
+        first_uid,
+        held.cgroup.as_ref(),
+    )?;
+    let network = held.network.as_ref();
+    let secret_values = network.map(|n| n.secret_values()).unwrap_or_default();
+    let network_env = network.map(|n| n.environment()).unwrap_or_default();
     let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
     // Output arrives over the channel, not from a child's descriptors; the
-    // guest has no terminal of the caller's (`-t`) yet.
-    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), false, &[])
+    // guest has no terminal of the caller's (`-t`) yet. Written to the
+    // stdio's sandbox ends, it is redacted there as the process tier's is.
+    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), false, &secret_values)
         .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
     if !one_command {
         stdio.release_child_ends();
     }
-    phase_done("layer")?;
     let host_env = |k: &str| std::env::var(k).ok();
-    let exec_env = plan::environment_of(policy, &name, &host_env, &[]).into_iter().collect();
-    let vm = crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref())?;
+    let exec_env = plan::environment_of(policy, &name, &host_env, &network_env).into_iter().collect();
+    phase_done("network")?;
+    // No untrusted code runs without the proxy: ready before the guest boots.
+    let host_egress = match held.network.as_mut() {
+        Some(network) => {
+            network.wait_ready()?;
+            let handover =
+                network.agent_end.take().ok_or_else(|| RunError::Egress("no egress channel".into()))?;
+            let bundle =
+                std::fs::read(&network.bundle).map_err(|e| RunError::State(network.bundle.clone(), e))?;
+            Some(airlock_vm::egress_port::HostEgress { handover, bundle })
+        }
+        None => None,
+    };
+    phase_done("proxy-ready")?;
+    let vm = crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref(), host_egress)?;
     let agent_pid = vm.pid();
     let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     held.vm = Some(vm);
@@ -631,7 +668,7 @@ fn launch_vm(
         meta,
         audit,
         held,
-        secret_values: Vec::new(),
+        secret_values,
         stdio,
         logs,
         agent_pid,

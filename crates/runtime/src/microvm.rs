@@ -6,16 +6,19 @@
 //! by the same supervisor (`create`, the daemon) or run's relay, and
 //! finalized the same way: state, logs and audit log alike.
 //!
+//! Egress is the process tier's: the lifecycle starts the sandbox's
+//! egress proxy as for a process-tier sandbox, and the guest's connections
+//! reach it over a virtio-serial port of their own (`airlock_vm::egress_port`).
 //! What this tier does not have yet it says, rather than pretends: the
-//! workspace (the guest sees none: a warning unless the mode is `none`),
-//! egress (no network device at all: a warning when the policy has egress).
-//! See the README's microVM section.
+//! workspace in modes overlay and rw (the guest sees none: a warning), and
+//! so no review. See the README's microVM section.
 
 use std::path::Path;
 
 use airlock_jail::cgroup::{CgroupLimits, SandboxCgroup};
 use airlock_jail::probe::{Feature, HostReport};
 use airlock_policy::{Policy, Weakening, WorkspaceMode};
+use airlock_vm::egress_port::HostEgress;
 use airlock_vm::init::RootEntry;
 use airlock_vm::run::{Note, VmStart};
 
@@ -45,13 +48,6 @@ pub(crate) fn shortfalls(policy: &Policy, workspace: Option<&Path>) -> Vec<Strin
              to see it read-only, or --mode none)"
         ));
     }
-    if policy.network.has_egress() {
-        warnings.push(
-            "the microVM tier has no network yet: the guest has no network device, so the policy's egress \
-             rules allow nothing"
-                .into(),
-        );
-    }
     warnings
 }
 
@@ -67,6 +63,7 @@ pub(crate) fn boot(
     name: &str,
     workspace: Option<&Path>,
     cgroup: Option<&SandboxCgroup>,
+    egress: Option<HostEgress>,
 ) -> Result<airlock_vm::boot::Vm, RunError> {
     let mut root = guest_root(policy, &mut |notice| {
         if let Notice::Warning(w) = notice {
@@ -84,7 +81,7 @@ pub(crate) fn boot(
         root,
         cgroup: cgroup.cloned(),
     };
-    let (vm, accel) = airlock_vm::run::start(&start, &mut |note| match note {
+    let (vm, accel) = airlock_vm::run::start(&start, egress, &mut |note| match note {
         // Said by `check` already, before the sandbox existed.
         Note::Warning(w) => tracing::debug!(sandbox = name, "{w}"),
         Note::Progress(p) => tracing::info!(sandbox = name, "{p}"),
@@ -147,10 +144,22 @@ pub(crate) fn check(
     Ok(degraded)
 }
 
-/// The limits of a microVM sandbox's cgroup, which holds QEMU: the
-/// guest's RAM and QEMU's overhead, QEMU's tasks, the policy's CPU share.
+/// What the sandbox's egress proxy may use beside QEMU in the sandbox's
+/// cgroup: its memory, and its tasks (two workers, its resolver's and
+/// relay's threads).
+const PROXY_MEMORY_MIB: u64 = 64;
+const PROXY_TASKS: u64 = 64;
+
+/// The limits of a microVM sandbox's cgroup, which holds QEMU and, with
+/// egress, the proxy: the guest's RAM and QEMU's overhead, QEMU's tasks,
+/// the proxy's allowance, the policy's CPU share.
 pub(crate) fn cgroup_limits(policy: &Policy) -> CgroupLimits {
-    airlock_vm::run::qemu_limits(policy.limits.memory, policy.limits.cpus)
+    let mut limits = airlock_vm::run::qemu_limits(policy.limits.memory, policy.limits.cpus);
+    if policy.network.has_egress() {
+        limits.memory = limits.memory.map(|m| m + (PROXY_MEMORY_MIB << 20));
+        limits.pids = limits.pids.map(|p| p + PROXY_TASKS);
+    }
+    limits
 }
 
 /// The accelerator this policy gets on this host, or the refusal.
@@ -252,6 +261,20 @@ fn process_alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The guest listens where the process tier's agent does and tags its
+    /// connections as the proxy expects them.
+    #[test]
+    fn the_guest_uses_the_process_tiers_ports_and_tags() {
+        use airlock_egress::proxy::Port;
+        use airlock_vm::egress_port as port;
+        assert_eq!(port::HTTP_PORT, airlock_egress::HTTP_PROXY_PORT);
+        assert_eq!(port::SOCKS_PORT, airlock_egress::SOCKS_PROXY_PORT);
+        assert!(matches!(Port::from_tag(port::HTTP_TAG), Some(Port::Http)));
+        assert!(matches!(Port::from_tag(port::SOCKS_TAG), Some(Port::Socks)));
+        assert_eq!(port::GUEST_CA_BUNDLE, crate::network::SANDBOX_CA_BUNDLE);
+        assert_eq!(port::GUEST_SYSTEM_BUNDLE, crate::network::SYSTEM_CA_BUNDLE);
+    }
 
     #[test]
     fn a_process_is_alive_until_it_is_gone() {

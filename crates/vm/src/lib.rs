@@ -11,9 +11,12 @@
 //! - `jail`: QEMU confined (`airlock __vm-jail`): namespaces of its own, a
 //!   mount view with only what it needs, no capability, its cgroup.
 //! - `boot`, `run`: starting a guest and running one command in it.
+//! - `egress_port`: the guest's connections to the egress proxy, over a
+//!   virtio-serial port of their own.
 
 pub mod boot;
 pub mod cpio;
+pub mod egress_port;
 pub mod elf;
 pub mod engine;
 pub mod guest;

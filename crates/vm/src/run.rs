@@ -8,6 +8,7 @@ use std::time::Duration;
 use airlock_jail::cgroup::{CgroupLimits, SandboxCgroup};
 
 use crate::boot::{BootSpec, Vm};
+use crate::egress_port::HostEgress;
 use crate::engine::{self, Accel};
 use crate::{VmError, guest};
 
@@ -69,7 +70,15 @@ pub fn qemu_limits(memory: u64, cpus: f64) -> CgroupLimits {
 /// is not cached, and returns the VM with its agent serving, and the
 /// accelerator it runs under. Call it from a thread that lives as long as
 /// the VM: QEMU's parent-death signal fires when that thread ends.
-pub fn start(req: &VmStart, notify: &mut dyn FnMut(Note)) -> Result<(Vm, Accel), VmError> {
+///
+/// `egress`: the egress proxy's channel and trust bundle, when the policy
+/// gives the guest a way out (its only one: the guest has no network
+/// device); its port is served from threads of this process.
+pub fn start(
+    req: &VmStart,
+    egress: Option<HostEgress>,
+    notify: &mut dyn FnMut(Note),
+) -> Result<(Vm, Accel), VmError> {
     let cache = crate::cache_dir()?;
     let kernel = guest::find_kernel().ok_or(VmError::NoKernel)?;
     let report = engine::probe_cached(&cache, Some(&kernel.vmlinuz));
@@ -89,9 +98,10 @@ pub fn start(req: &VmStart, notify: &mut dyn FnMut(Note)) -> Result<(Vm, Accel),
         },
         root: req.root.clone(),
         cgroup: req.cgroup.clone(),
+        egress: egress.is_some(),
     };
     let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));
-    let vm = Vm::boot(setup.guest(), &spec, &dir)?;
+    let vm = Vm::boot(setup.guest(), &spec, &dir, egress)?;
     Ok((vm, choice.accel))
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::support::*;
 
 /// What the tier needs on the host: QEMU and a kernel with its modules.
-fn ready() -> bool {
+pub(crate) fn ready() -> bool {
     let qemu = Command::new("sh")
         .args(["-c", "command -v qemu-system-x86_64"])
         .output()
@@ -41,7 +41,7 @@ fn guest_kernel() -> Option<(String, PathBuf)> {
 }
 
 /// The guest cache the booting tests share (built once per build of airlock).
-fn shared_cache() -> PathBuf {
+pub(crate) fn shared_cache() -> PathBuf {
     test_root().join("microvm-cache")
 }
 
