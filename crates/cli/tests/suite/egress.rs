@@ -571,6 +571,72 @@ fn allowed_requests_reach_the_host_and_others_are_refused_with_the_reason() {
     check_allowed_and_refused(&env, "http", "dev", &o, &server, &upload);
 }
 
+/// A long-lived microVM (`create --tier microvm`) gets the same egress as
+/// `run`'s: its exec reaches an allowed server through the sandbox's proxy
+/// (started by the one lifecycle, in the sandbox's cgroup), a host without
+/// an allow entry is refused, and `net log` has both decisions.
+#[test]
+fn a_long_lived_microvm_reaches_allowed_hosts_through_its_proxy() {
+    if !tier_ready(Tier::Microvm) {
+        return;
+    }
+    let env = Env::new();
+    let server = EchoServer::http();
+    let p = server.port;
+    let policy = write_policy(&env, "microvm-dev.toml", &format!("extends = \"dev\"\n{MICROVM_POLICY}"));
+    let allow = format!("127.0.0.1:{p}");
+    let vm = |args: &[&str]| {
+        env.airlock(args).env("AIRLOCK_VM_CACHE", super::microvm::shared_cache()).output().unwrap()
+    };
+    let created = vm(&[
+        "create",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--name",
+        "lvnet",
+        "--mode",
+        "none",
+        "--allow",
+        &allow,
+    ]);
+    assert_eq!(created.status.code(), Some(0), "{}", show(&created));
+    let script = format!(
+        "{PRELUDE}sec allowed; c -D - http://127.0.0.1:{p}/from-exec; \
+         sec denied; c -D - http://example.net/x; echo \"curl=$?\"; sec end"
+    );
+    let o = vm(&["exec", "lvnet", "--", "sh", "-c", &script]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = stdout(&o);
+    let allowed = section(&out, "allowed");
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{}", show(&o));
+    assert!(allowed.contains("echo-server saw:\nGET /from-exec HTTP/1.1"), "{}", show(&o));
+    assert!(section(&out, "denied").starts_with("HTTP/1.1 403"), "{}", show(&o));
+    assert!(server.seen().iter().any(|r| r.starts_with("GET /from-exec ")), "{:#?}", server.seen());
+
+    let log = net_log(&env, "lvnet");
+    let seen = event(&log, "GET /from-exec", |e| is(e, "path", "/from-exec"));
+    assert!(is(seen, "allowed", true) && is(seen, "rule", format!("allow \"{allow}\"")), "{seen}");
+    let refused = event(&log, "example.net", |e| is(e, "host", "example.net"));
+    assert!(is(refused, "allowed", false), "{refused}");
+
+    // The proxy is the sandbox's: in its cgroup, beside QEMU.
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(env.sandbox_dir("lvnet").join("meta.json")).unwrap()).unwrap();
+    let cgroup = meta["cgroup"].as_str().expect("the sandbox has a cgroup").to_owned();
+    let proxies = pids_running("__egress lvnet");
+    assert_eq!(proxies.len(), 1, "one proxy for the sandbox");
+    let placed = std::fs::read_to_string(format!("/proc/{}/cgroup", proxies[0])).unwrap();
+    assert!(
+        placed.lines().any(|l| l.ends_with(&format!("/{cgroup}"))),
+        "the proxy is not in {cgroup}: {placed}"
+    );
+
+    let stopped = vm(&["stop", "lvnet"]);
+    assert_eq!(stopped.status.code(), Some(0), "{}", show(&stopped));
+    assert!(pids_running("__egress lvnet").is_empty(), "the proxy outlived the sandbox");
+    assert_eq!(vm(&["rm", "lvnet"]).status.code(), Some(0));
+}
+
 /// The same from a microVM guest, which has no network device: its
 /// connections cross the egress port to the same proxy, policy and audit
 /// log; around the proxy it reaches nothing (its loopback is its own, it
