@@ -299,6 +299,27 @@ fn a_command_runs_in_a_guest_with_its_own_kernel() {
     eprintln!("microVM ({accel}): run to exit {:.1} s; {boot}", took.as_secs_f64());
 }
 
+/// `run`'s stdin reaches the guest's command whole however much there is:
+/// it is sent within the exec's window of the agent's acknowledgements
+/// (the agent closes the stdin of an exec whose host sends past it), so a
+/// command that reads late still gets every byte.
+#[test]
+fn runs_stdin_arrives_whole_within_the_window_however_late_it_is_read() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let policy = emulation_policy(&env);
+    let input = vec![b'x'; 4 << 20];
+    let out = airlock_with_input(
+        &env,
+        &["run", "--policy", policy.to_str().unwrap(), "--", "sh", "-c", "sleep 3; wc -c"],
+        &input,
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out).trim(), input.len().to_string(), "{}", show(&out));
+}
+
 #[test]
 fn a_missing_command_is_127_as_in_the_process_tier() {
     if !ready() {
