@@ -1,7 +1,8 @@
-//! Starting a guest: QEMU's `microvm` machine with the fewest devices — a
-//! serial console (a log file), one virtio-serial port (the agent's
-//! channel), one 9p share (the host's root, read-only) — and the agent's
-//! first word over the channel.
+//! Starting a guest: QEMU's `microvm` machine, jailed, with the fewest
+//! devices — a serial console (a log file), one virtio-serial port (the
+//! agent's channel), a second one for egress when the sandbox has any,
+//! read-only 9p shares (the host's directories, the workspace in mode
+//! ro) — and the agent's first word over the channel.
 
 use std::fs;
 use std::io;
