@@ -351,15 +351,6 @@ impl Command {
 /// Uses the daemon when one answers on its socket (and `--direct` was not
 /// given); works on the state directory directly otherwise.
 pub fn dispatch(cli: Cli) -> CliResult {
-    // Long-lived microVMs are not in this version: refused here, before
-    // either path (direct or daemon) could drop the flag, as a policy that
-    // says microvm is refused.
-    if let Command::Create(args) = &cli.command
-        && args.sandbox.tier == Some(Tier::Microvm)
-    {
-        let policy = Policy::resolve(&args.sandbox.policy)?.apply_overrides(&args.sandbox.overrides())?;
-        return Err(airlock_runtime::microvm::refuse_long_lived(&policy).into());
-    }
     let daemon = if cli.direct || !cli.command.daemon_capable() { None } else { Daemon::detect() };
     match daemon {
         Some(daemon) => remote::through_daemon(&daemon, cli.command),

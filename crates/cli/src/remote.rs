@@ -246,6 +246,9 @@ fn remote_create(daemon: &Daemon, args: CreateArgs) -> CliResult {
     if !s.allow.is_empty() {
         body.insert("allow".into(), json!(s.allow));
     }
+    if let Some(tier) = s.tier {
+        body.insert("tier".into(), json!(tier.as_str()));
+    }
     let created = daemon.json(hyper::Method::POST, "/v1/sandboxes", Some(&Value::Object(body)))?;
     println!("{}", created["name"].as_str().unwrap_or_default());
     Ok(0)

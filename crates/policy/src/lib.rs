@@ -200,7 +200,7 @@ keyword_enum! {
     Tier {
         /// Namespaces, seccomp, Landlock and cgroups on the host kernel.
         Process => "process",
-        /// Own guest kernel under QEMU's microvm machine (`airlock run` only, so far).
+        /// Own guest kernel under QEMU's microvm machine.
         Microvm => "microvm",
     }
 }

@@ -71,7 +71,7 @@ impl From<&RunError> for CreateFailure {
                 feature: Some(feature.clone()),
                 policy: Some(policy.clone()),
             },
-            RunError::TierUnavailable | RunError::HostUnsupported(_) => {
+            RunError::HostUnsupported(_) => {
                 CreateFailure::HostUnsupported { message, feature: None, policy: None }
             }
             RunError::Vm(vm) if vm.is_host_unsupported() => {
@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn each_kind_keeps_its_kind_and_message() {
-        let tier = RunError::TierUnavailable;
+        let tier = RunError::Vm(airlock_vm::VmError::NoQemu);
         let message = tier.to_string();
         let back = across(tier);
         assert!(matches!(back, RunError::HostUnsupported(_)));

@@ -67,11 +67,6 @@ pub enum RunError {
         "this host lacks {feature}, which policy {policy} requires; run `airlock doctor` for how to fix it, or use a policy that lists \"{feature}\" in isolation.allow_weaker"
     )]
     HostLacks { feature: String, policy: String },
-    #[error(
-        "long-lived microVM sandboxes (create, the daemon) are not in this version of airlock: `airlock run` \
-         runs a command in a microVM; for create use tier = \"process\""
-    )]
-    TierUnavailable,
     /// The microVM tier: the host lacks what it needs, or the guest failed.
     #[error(transparent)]
     Vm(#[from] airlock_vm::VmError),

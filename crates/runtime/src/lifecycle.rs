@@ -10,7 +10,7 @@ use std::time::Duration;
 use airlock_jail::cgroup::SandboxCgroup;
 use airlock_jail::probe::HostReport;
 use airlock_jail::spawn::{self, IdMap, SpawnRequest};
-use airlock_policy::{CleanupAction, Policy, WorkspaceMode};
+use airlock_policy::{CleanupAction, Policy, Tier, WorkspaceMode};
 use airlock_proto::HostMessage;
 
 use crate::audit::{AuditEvent, AuditLog};
@@ -34,8 +34,21 @@ pub(crate) struct Launched {
     pub secret_values: Vec<(String, Vec<u8>)>,
     pub stdio: SandboxStdio,
     pub logs: OutputLogs,
+    /// The agent's pid (the process tier), or QEMU's (the microVM tier).
     pub agent_pid: i32,
+    /// The agent's control stream: the socketpair of the process tier, the
+    /// virtio-serial channel of the microVM tier.
     pub control: UnixStream,
+    /// The agent already said it serves (a guest's agent says so while the
+    /// VM boots); the process tier's confirms its confinement first.
+    pub agent_serving: bool,
+    /// The sandbox's environment, put under each exec's own: the microVM
+    /// tier's (its guest's agent got none at launch); empty for the
+    /// process tier, whose agent has it from its launch plan.
+    pub exec_env: Vec<(String, String)>,
+    /// Where an exec without a directory of its own starts: the microVM
+    /// tier's workspace; None for the process tier (its launch plan's).
+    pub exec_cwd: Option<PathBuf>,
 }
 
 /// The sandbox's output logs, capped at the policy's `limits.log_size`
@@ -118,7 +131,9 @@ pub struct UndoFailed {
 /// One thing a sandbox holds on the host, as [`undo_order`] releases it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Release {
-    /// SIGKILL to the agent (PID 1: its PID namespace dies with it), reaped.
+    /// SIGKILL to the agent (PID 1: its PID namespace dies with it), reaped;
+    /// on the microVM tier, to QEMU (the guest dies with it), reaped, and
+    /// its directory (sockets, console log) removed.
     Agent,
     /// The egress proxy, killed and reaped.
     Proxy,
@@ -196,6 +211,8 @@ pub(crate) struct Held {
     pub network: Option<Network>,
     /// The agent, until it has been reaped.
     agent_pid: Option<i32>,
+    /// The microVM tier: QEMU, in place of an agent process on the host.
+    vm: Option<airlock_vm::boot::Vm>,
     /// Files owned by the block's ids are on disk in the sandbox's
     /// directory: the block stays with it (see [`block_fate`]).
     block_owns_files: bool,
@@ -204,7 +221,7 @@ pub(crate) struct Held {
 impl Held {
     fn holding(&self) -> Holding {
         Holding {
-            agent: self.agent_pid.is_some(),
+            agent: self.agent_pid.is_some() || self.vm.is_some(),
             proxy: self.network.is_some(),
             cgroup: self.cgroup.is_some(),
             layer: self.layer.is_some(),
@@ -220,6 +237,9 @@ impl Held {
         if let Some(pid) = self.agent_pid {
             let _ = rustix::process::kill_process(pid_of(pid), rustix::process::Signal::KILL);
         }
+        if let Some(vm) = &self.vm {
+            let _ = rustix::process::kill_process(pid_of(vm.pid()), rustix::process::Signal::KILL);
+        }
         if let Some(n) = &self.network {
             n.ending();
         }
@@ -231,6 +251,24 @@ impl Held {
     /// The agent has been reaped: there is no process to kill any more.
     pub fn agent_reaped(&mut self) {
         self.agent_pid = None;
+    }
+
+    /// Reaps the agent (after [`Held::kill_all`]), or kills and reaps QEMU
+    /// and removes its directory: the wait status, unless it could not be
+    /// reaped.
+    pub fn reap_agent(&mut self) -> Option<i32> {
+        if let Some(mut vm) = self.vm.take() {
+            return vm.kill();
+        }
+        let status = self.agent_pid.and_then(|pid| airlock_jail::sys::wait_pid(pid).ok());
+        self.agent_pid = None;
+        status
+    }
+
+    /// The microVM tier: why the guest ended on its own (a kernel panic, a
+    /// power-off, QEMU's end), read from its console and QEMU's log.
+    pub fn vm_ended(&mut self, during: &str) -> Option<airlock_vm::VmError> {
+        self.vm.as_mut().map(|vm| vm.ended(during))
     }
 
     /// The sandbox's directory now holds files owned by the block's ids.
@@ -253,6 +291,8 @@ impl Held {
         for release in undo_order(self.holding()) {
             match release {
                 Release::Agent => {
+                    // Dropping the VM kills and reaps QEMU, and removes its directory.
+                    drop(self.vm.take());
                     if let Some(pid) = self.agent_pid.take() {
                         let _ = rustix::process::kill_process(pid_of(pid), rustix::process::Signal::KILL);
                         if let Err(e) = airlock_jail::sys::wait_pid(pid) {
@@ -365,6 +405,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         labels: Default::default(),
         deadline_unix: None,
         idle_timeout_secs: None,
+        tier: policy.isolation.tier,
     };
     sandbox.write_meta(&meta)?;
     let mut audit = AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size);
@@ -375,6 +416,9 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         limits: crate::limits_json(policy),
         degraded: degraded.clone(),
     })?;
+    if policy.isolation.tier == Tier::Microvm {
+        return launch_vm(sandbox, policy, workspace, host, meta, audit, held, !command.is_empty());
+    }
 
     // As root, the sandbox's ids are a block of its own, held until its
     // directory is removed; given back at once if the launch fails below.
@@ -508,7 +552,131 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     // Up: from here on the sandbox's owner releases all of it, through
     // `finalize` or, failing, by dropping what it holds.
     let held = std::mem::take(held);
-    Ok(Launched { name, meta, audit, held, secret_values, stdio, logs, agent_pid, control })
+    Ok(Launched {
+        name,
+        meta,
+        audit,
+        held,
+        secret_values,
+        stdio,
+        logs,
+        agent_pid,
+        control,
+        agent_serving: false,
+        exec_env: Vec::new(),
+        exec_cwd: None,
+    })
+}
+
+/// The microVM tier's launch, from the sandbox's recorded creation on: the
+/// guest boots (QEMU held from its spawn on, killed on undo) and its
+/// agent's channel is the control stream. What the process tier builds on
+/// the host — id block, cgroup, writable layer, jail — the guest's own
+/// kernel replaces; the supervisor, relays, logs, audit and finalize are
+/// the same.
+#[allow(clippy::too_many_arguments)]
+fn launch_vm(
+    sandbox: &SandboxDir,
+    policy: &Policy,
+    workspace: Option<&Path>,
+    host: &HostReport,
+    mut meta: SandboxMeta,
+    audit: AuditLog,
+    held: &mut Held,
+    // `airlock run`: its command's output, arriving over the channel, is
+    // written to the stdio's sandbox ends, and so reaches the caller and
+    // the logs as the process tier's does.
+    one_command: bool,
+) -> Result<Launched, RunError> {
+    let name = meta.name.clone();
+    // QEMU runs in the sandbox's own cgroup, sized for it (the guest's RAM
+    // and QEMU's overhead, and the egress proxy's allowance). Named in
+    // meta.json before it exists, so that gc finds it should this process
+    // die; `check` refused a host without cgroups unless the policy allows
+    // that.
+    meta.cgroup = host.enforces(airlock_jail::probe::Feature::Cgroups).then(|| crate::cgroup_name(sandbox));
+    // As root, the egress proxy's own uid derives from an id block of the
+    // sandbox's (as for the process tier); the guest itself needs none.
+    let egress = policy.network.has_egress();
+    if egress && host.running_as_root {
+        held.id_block = Some(Registry::host()?.allocate(sandbox.path())?);
+        meta.id_block = held.id_block.as_ref().map(IdBlock::index);
+    }
+    let first_uid =
+        held.id_block.as_ref().map_or_else(|| rustix::process::getuid().as_raw(), IdBlock::first_host_uid);
+    if meta.cgroup.is_some() || meta.id_block.is_some() {
+        sandbox.write_meta(&meta)?;
+    }
+    phase_done("state")?;
+    if let Some(cgroup_name) = &meta.cgroup {
+        let limits = crate::microvm::cgroup_limits(policy);
+        held.cgroup = Some(SandboxCgroup::create_on(&host.cgroups, cgroup_name, &limits)?);
+    }
+    phase_done("cgroup")?;
+    phase_done("layer")?;
+    // The sandbox's egress proxy, as the process tier's (in the sandbox's
+    // cgroup); its channel goes to the guest's egress port instead of to
+    // an agent's network namespace.
+    held.network = Network::start(
+        policy,
+        &name,
+        sandbox.path(),
+        &sandbox.audit_path(),
+        first_uid,
+        held.cgroup.as_ref(),
+    )?;
+    let network = held.network.as_ref();
+    let secret_values = network.map(|n| n.secret_values()).unwrap_or_default();
+    let network_env = network.map(|n| n.environment()).unwrap_or_default();
+    let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
+    // Output arrives over the channel, not from a child's descriptors; the
+    // guest has no terminal of the caller's (`-t`) yet. Written to the
+    // stdio's sandbox ends, it is redacted there as the process tier's is.
+    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), false, &secret_values)
+        .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
+    if !one_command {
+        stdio.release_child_ends();
+    }
+    let host_env = |k: &str| std::env::var(k).ok();
+    let exec_env = plan::environment_of(policy, &name, &host_env, &network_env).into_iter().collect();
+    phase_done("network")?;
+    // No untrusted code runs without the proxy: ready before the guest boots.
+    let host_egress = match held.network.as_mut() {
+        Some(network) => {
+            network.wait_ready()?;
+            let handover =
+                network.agent_end.take().ok_or_else(|| RunError::Egress("no egress channel".into()))?;
+            let bundle =
+                std::fs::read(&network.bundle).map_err(|e| RunError::State(network.bundle.clone(), e))?;
+            Some(airlock_vm::egress_port::HostEgress { handover, bundle })
+        }
+        None => None,
+    };
+    phase_done("proxy-ready")?;
+    let vm = crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref(), host_egress)?;
+    let agent_pid = vm.pid();
+    let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
+    held.vm = Some(vm);
+    phase_done("spawned")?;
+    meta.state = SandboxState::Running;
+    meta.started_at = Some(now_rfc3339());
+    sandbox.write_meta(&meta)?;
+    phase_done("running")?;
+    let held = std::mem::take(held);
+    Ok(Launched {
+        name,
+        meta,
+        audit,
+        held,
+        secret_values,
+        stdio,
+        logs,
+        agent_pid,
+        control,
+        agent_serving: true,
+        exec_env,
+        exec_cwd: workspace.map(Path::to_path_buf),
+    })
 }
 
 /// Removes a sandbox's directory, then gives back the id block it held.

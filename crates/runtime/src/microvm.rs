@@ -1,91 +1,165 @@
-//! `airlock run` on the microVM tier: the policy picked the tier; the
-//! engine (`airlock_vm`) runs the command in a guest with its own kernel.
+//! The microVM tier: the policy picked the tier; the engine (`airlock_vm`)
+//! boots a guest with its own kernel.
 //!
+//! A sandbox on this tier is launched by the same lifecycle as the process
+//! tier's ([`check`] is its host check, [`boot`] its launch step), served
+//! by the same supervisor (`create`, the daemon) or run's relay, and
+//! finalized the same way: state, logs and audit log alike.
+//!
+//! Egress is the process tier's: the lifecycle starts the sandbox's
+//! egress proxy as for a process-tier sandbox, and the guest's connections
+//! reach it over a virtio-serial port of their own (`airlock_vm::egress_port`).
 //! What this tier does not have yet it says, rather than pretends: the
-//! workspace (the guest sees none: a warning unless the mode is `none`),
-//! egress (no network device at all: a warning when the policy has egress),
-//! state, audit log and review. See the README's microVM section.
+//! workspace in modes overlay and rw (the guest sees none: a warning), and
+//! so no review. See the README's microVM section.
 
 use std::path::Path;
 
-use airlock_policy::{Policy, Weakening};
+use airlock_jail::cgroup::{CgroupLimits, SandboxCgroup};
+use airlock_jail::probe::{Feature, HostReport};
+use airlock_policy::{Policy, Weakening, WorkspaceMode};
+use airlock_vm::egress_port::HostEgress;
 use airlock_vm::init::RootEntry;
-use airlock_vm::run::{Note, VmRun};
+use airlock_vm::run::{Note, VmStart};
 
-use crate::run::{Notice, RunOutcome, RunRequest};
-use crate::{RunError, plan};
+use crate::RunError;
+use crate::run::Notice;
 
-pub(crate) fn run(
-    req: &RunRequest,
-    policy: &Policy,
-    notify: &mut dyn FnMut(Notice),
-) -> Result<RunOutcome, RunError> {
-    let name = match &req.name {
-        Some(name) => name.clone(),
-        None => crate::names::generate(),
-    };
-    // Refused before anything else is said or built.
-    engine_choice(policy)?;
-    if policy.workspace.mode != airlock_policy::WorkspaceMode::None {
-        let which = match &req.workspace {
+/// Whether the guest can have the workspace in this mode: only ro so far
+/// (one more read-only share). Overlay needs the layer's upper directory
+/// on the host, which 9p from an unprivileged QEMU cannot hold (see
+/// ARCHITECTURE.md); rw would let QEMU write the host's directory.
+pub(crate) fn supports_workspace(mode: WorkspaceMode) -> bool {
+    mode == WorkspaceMode::Ro
+}
+
+/// What the tier does not do yet that this policy and request ask for,
+/// one warning each.
+pub(crate) fn shortfalls(policy: &Policy, workspace: Option<&Path>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let mode = policy.workspace.mode;
+    if mode != WorkspaceMode::None && !supports_workspace(mode) {
+        let which = match workspace {
             Some(dir) => dir.display().to_string(),
             None => "the current directory".to_owned(),
         };
-        notify(Notice::Warning(format!(
-            "the microVM tier has no workspace yet: {which} is not visible in the guest (use --mode none to \
-             say so)"
-        )));
-    }
-    if policy.network.has_egress() {
-        notify(Notice::Warning(
-            "the microVM tier has no network yet: the guest has no network device, so the policy's egress \
-             rules allow nothing"
-                .into(),
+        warnings.push(format!(
+            "the microVM tier has no {mode} workspace yet: {which} is not visible in the guest (use --mode ro \
+             to see it read-only, or --mode none)"
         ));
     }
-    let host_env = |k: &str| std::env::var(k).ok();
-    let env = plan::environment_of(policy, &name, &host_env, &[]);
-    let vm_run = VmRun {
-        policy: policy.name.clone(),
-        allow_emulation: policy.allows_weaker(Weakening::Kvm),
-        allow_no_cgroups: policy.allows_weaker(Weakening::Cgroups),
-        argv: req.command.clone(),
-        env: env.into_iter().collect(),
-        cwd: None,
-        memory: policy.limits.memory,
-        cpus: policy.limits.cpus,
-        timeout: policy.limits.timeout,
-        root: guest_root(policy, notify),
-    };
-    let outcome = airlock_vm::run::run(&vm_run, &mut |note| match note {
-        Note::Warning(w) => notify(Notice::Warning(w)),
-        Note::Progress(p) => notify(Notice::Info(p)),
-    })?;
-    tracing::info!(
-        ms = outcome.boot_time.as_millis() as u64,
-        accel = outcome.accel.as_str(),
-        "microVM booted"
-    );
-    Ok(RunOutcome {
-        name,
-        exit_code: outcome.exit_code,
-        timed_out: outcome.timed_out,
-        oom_killed: false,
-        changes: None,
-        removed: true,
-        artifacts: Vec::new(),
-    })
+    warnings
 }
 
-/// Why a long-lived sandbox on the microVM tier is refused: the host's
-/// case first (so that `create`, the daemon and `run` give the same
-/// message on a host without usable KVM), else that this version has no
-/// long-lived microVMs.
-pub fn refuse_long_lived(policy: &Policy) -> RunError {
-    if let Err(e) = engine_choice(policy) {
-        return e;
+/// A sandbox's launch step on this tier: boots its guest, jailed, with
+/// QEMU in `cgroup` (the sandbox's own, sized by [`cgroup_limits`]) and the
+/// agent serving on the channel the VM returns. Whether emulation is
+/// allowed was decided (and said) by [`check`]; the build of a missing
+/// guest and the boot are logged. QEMU dies with the calling thread (its
+/// parent-death signal): the sandbox's owner calls this from the thread
+/// that owns the sandbox to its end.
+pub(crate) fn boot(
+    policy: &Policy,
+    name: &str,
+    workspace: Option<&Path>,
+    cgroup: Option<&SandboxCgroup>,
+    egress: Option<HostEgress>,
+) -> Result<airlock_vm::boot::Vm, RunError> {
+    let mut root = guest_root(policy, &mut |notice| {
+        if let Notice::Warning(w) = notice {
+            tracing::warn!(sandbox = name, "{w}");
+        }
+    });
+    if let Some(ws) = workspace {
+        root.push(RootEntry::Workspace(ws.to_path_buf()));
     }
-    RunError::TierUnavailable
+    let start = VmStart {
+        policy: policy.name.clone(),
+        allow_emulation: policy.allows_weaker(Weakening::Kvm),
+        memory: policy.limits.memory,
+        cpus: policy.limits.cpus,
+        root,
+        cgroup: cgroup.cloned(),
+    };
+    let (vm, accel) = airlock_vm::run::start(&start, egress, &mut |note| match note {
+        // Said by `check` already, before the sandbox existed.
+        Note::Warning(w) => tracing::debug!(sandbox = name, "{w}"),
+        Note::Progress(p) => tracing::info!(sandbox = name, "{p}"),
+    })?;
+    tracing::info!(
+        sandbox = name,
+        ms = vm.boot_time.as_millis() as u64,
+        accel = accel.as_str(),
+        "microVM booted"
+    );
+    Ok(vm)
+}
+
+/// The checks of a long-lived sandbox's request on this tier: the host can
+/// run it (the same refusal as `airlock run`'s), and what the tier does
+/// not do yet is said. Emulation, when the policy allows it and the host
+/// needs it, is said and recorded among what the sandbox runs without
+/// (`kvm`).
+pub(crate) fn check(
+    policy: &Policy,
+    workspace: Option<&Path>,
+    host: &HostReport,
+    notify: &mut dyn FnMut(Notice),
+) -> Result<Vec<String>, RunError> {
+    let choice = engine_choice(policy)?;
+    let mut degraded = Vec::new();
+    if let Some(warning) = choice.warning {
+        notify(Notice::Warning(warning));
+        degraded.push(Weakening::Kvm.as_str().to_owned());
+    }
+    // QEMU's cgroup (the sandbox's): refused where the host gives none
+    // (rootless) unless the policy allows it, before the guest is built.
+    if !host.enforces(Feature::Cgroups) {
+        if !policy.allows_weaker(Weakening::Cgroups) {
+            return Err(airlock_vm::VmError::NoCgroups { policy: policy.name.clone() }.into());
+        }
+        notify(Notice::Warning(format!(
+            "QEMU runs without a cgroup (this host gives none): its memory, CPU and tasks are bounded only by \
+             the guest's RAM and vCPUs (policy {} allows it: isolation.allow_weaker has \"cgroups\")",
+            policy.name
+        )));
+        degraded.push(Weakening::Cgroups.as_str().to_owned());
+    }
+    for warning in shortfalls(policy, workspace) {
+        notify(Notice::Warning(warning));
+    }
+    if let Some(ws) = workspace.filter(|_| supports_workspace(policy.workspace.mode))
+        && !RootEntry::fits(ws)
+    {
+        return Err(RunError::WorkspaceRefused(format!(
+            "{}: the microVM tier cannot share a workspace whose path has spaces or characters the kernel's \
+             command line cannot carry",
+            ws.display()
+        )));
+    }
+    // Built (when missing or stale) before the sandbox exists, with progress.
+    airlock_vm::guest::setup(&airlock_vm::cache_dir()?, &mut |step| {
+        notify(Notice::Info(format!("building the guest: {step}")))
+    })?;
+    Ok(degraded)
+}
+
+/// What the sandbox's egress proxy may use beside QEMU in the sandbox's
+/// cgroup: its memory, and its tasks (two workers, its resolver's and
+/// relay's threads).
+const PROXY_MEMORY_MIB: u64 = 64;
+const PROXY_TASKS: u64 = 64;
+
+/// The limits of a microVM sandbox's cgroup, which holds QEMU and, with
+/// egress, the proxy: the guest's RAM and QEMU's overhead, QEMU's tasks,
+/// the proxy's allowance, the policy's CPU share.
+pub(crate) fn cgroup_limits(policy: &Policy) -> CgroupLimits {
+    let mut limits = airlock_vm::run::qemu_limits(policy.limits.memory, policy.limits.cpus);
+    if policy.network.has_egress() {
+        limits.memory = limits.memory.map(|m| m + (PROXY_MEMORY_MIB << 20));
+        limits.pids = limits.pids.map(|p| p + PROXY_TASKS);
+    }
+    limits
 }
 
 /// The accelerator this policy gets on this host, or the refusal.
@@ -130,4 +204,82 @@ fn guest_root(policy: &Policy, notify: &mut dyn FnMut(Notice)) -> Vec<RootEntry>
         }
     }
     entries
+}
+
+/// For `airlock gc`: QEMU processes whose airlock (a supervisor, a run) is
+/// gone, found by their run directory on their command line
+/// (`<cache>/run/<pid>-<n>`), are killed, and those directories removed.
+/// QEMU dies with its airlock by the parent-death signal already; this is
+/// for a QEMU that did not. The killed, one line each.
+pub fn reap_orphaned_vms() -> Vec<String> {
+    let Ok(cache) = airlock_vm::cache_dir() else { return Vec::new() };
+    let runs = cache.join("run");
+    let Ok(entries) = std::fs::read_dir(&runs) else { return Vec::new() };
+    let orphaned: Vec<std::path::PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let owner = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+            owner.is_some_and(|pid| !process_alive(pid))
+        })
+        .map(|e| e.path())
+        .collect();
+    let mut killed = Vec::new();
+    if !orphaned.is_empty()
+        && let Ok(processes) = std::fs::read_dir("/proc")
+    {
+        for process in processes.flatten() {
+            let Some(pid) = process.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(process.path().join("cmdline")) else { continue };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if let Some(dir) = orphaned.iter().find(|d| cmdline.contains(&format!("{}/", d.display()))) {
+                let _ = rustix::process::kill_process(
+                    crate::lifecycle::pid_of(pid),
+                    rustix::process::Signal::KILL,
+                );
+                killed.push(format!("QEMU pid {pid} of {}", dir.display()));
+            }
+        }
+    }
+    for dir in &orphaned {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    killed
+}
+
+/// Whether process `pid` runs: it exists and is not a zombie (a killed
+/// supervisor stays one until init reaps it).
+fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the command's closing parenthesis.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guest listens where the process tier's agent does and tags its
+    /// connections as the proxy expects them.
+    #[test]
+    fn the_guest_uses_the_process_tiers_ports_and_tags() {
+        use airlock_egress::proxy::Port;
+        use airlock_vm::egress_port as port;
+        assert_eq!(port::HTTP_PORT, airlock_egress::HTTP_PROXY_PORT);
+        assert_eq!(port::SOCKS_PORT, airlock_egress::SOCKS_PROXY_PORT);
+        assert!(matches!(Port::from_tag(port::HTTP_TAG), Some(Port::Http)));
+        assert!(matches!(Port::from_tag(port::SOCKS_TAG), Some(Port::Socks)));
+        assert_eq!(port::GUEST_CA_BUNDLE, crate::network::SANDBOX_CA_BUNDLE);
+        assert_eq!(port::GUEST_SYSTEM_BUNDLE, crate::network::SYSTEM_CA_BUNDLE);
+    }
+
+    #[test]
+    fn a_process_is_alive_until_it_is_gone() {
+        assert!(process_alive(std::process::id()));
+        // Above the kernel's largest pid (4194304): never a process.
+        assert!(!process_alive(5_000_000));
+    }
 }

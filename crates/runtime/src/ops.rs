@@ -326,6 +326,8 @@ pub fn gc(root: &StateRoot) -> Result<GcReport, OpError> {
             report.released.push(format!("cgroup {name}"));
         }
     }
+    // microVMs whose supervisor died: QEMU and its run directory.
+    report.released.extend(crate::microvm::reap_orphaned_vms());
     Ok(report)
 }
 

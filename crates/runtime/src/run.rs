@@ -8,10 +8,11 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use airlock_policy::{Overrides, Policy, WorkspaceMode};
 use airlock_proto::AgentMessage;
+use airlock_proto::window::{STDIN_WINDOW, Take, Window};
 
 use crate::audit::{AuditEvent, AuditLog};
 use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, step_done};
@@ -58,11 +59,6 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
     if req.command.is_empty() {
         return Err(RunError::NoCommand);
     }
-    // The tier decides the engine; the microVM tier's is `airlock_vm`.
-    let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
-    if policy.isolation.tier == airlock_policy::Tier::Microvm {
-        return crate::microvm::run(req, &policy, notify);
-    }
     let checked = check(&req.policy, &req.overrides, req.workspace.as_deref(), notify)?;
     tracing::debug!("phase: start: policy resolved, host checked");
     if let Some(name) = &req.name {
@@ -107,7 +103,17 @@ pub(crate) fn check(
         )));
     }
     if policy.isolation.tier == airlock_policy::Tier::Microvm {
-        return Err(crate::microvm::refuse_long_lived(&policy));
+        // The guest has its own kernel: none of the host's jail features
+        // apply; the workspace in the modes the tier has.
+        let requested = workspace;
+        let workspace = if crate::microvm::supports_workspace(policy.workspace.mode) {
+            resolve_workspace(&policy, requested)?
+        } else {
+            None
+        };
+        let host = probe::probe_host(probe::Depth::Launch);
+        let degraded = crate::microvm::check(&policy, workspace.as_deref().or(requested), &host, notify)?;
+        return Ok(Checked { policy, workspace, host, degraded });
     }
     let workspace = resolve_workspace(&policy, workspace)?;
     if let Some(repo) = workspace.as_deref().and_then(git_dir_outside) {
@@ -210,9 +216,26 @@ fn supervise(
     let Checked { policy, workspace, host, degraded } = checked;
     let (policy, workspace, host) = (&policy, workspace.as_deref(), &host);
     *live = Some(sandbox.lock_live()?);
-    let terminal = SandboxStdio::caller_has_terminal();
+    let microvm = policy.isolation.tier == airlock_policy::Tier::Microvm;
+    // A guest has no terminal of the caller's yet: its command gets pipes.
+    let terminal = SandboxStdio::caller_has_terminal() && !microvm;
+    // A microVM's time limit covers its boot.
+    let launch_started = Instant::now();
     // From here on, an error returned early drops `held`, which ends the
     // sandbox and releases its cgroup, layer and id block at once.
+    let launched = launch_sandbox(LaunchSpec {
+        sandbox,
+        policy,
+        workspace,
+        host,
+        degraded,
+        command: &req.command,
+        terminal,
+        workspace_owner: None,
+    })?;
+    if microvm {
+        return supervise_vm(sandbox, policy, workspace, req, launched, launch_started, live, notify);
+    }
     let Launched {
         name,
         meta,
@@ -223,16 +246,10 @@ fn supervise(
         logs: _,
         agent_pid,
         mut control,
-    } = launch_sandbox(LaunchSpec {
-        sandbox,
-        policy,
-        workspace,
-        host,
-        degraded,
-        command: &req.command,
-        terminal,
-        workspace_owner: None,
-    })?;
+        agent_serving: _,
+        exec_env: _,
+        exec_cwd: _,
+    } = launched;
 
     // The first message says whether the sandbox came up; with a terminal,
     // its master end follows it. Bounded, so a wedged setup cannot hang us.
@@ -337,6 +354,189 @@ fn supervise(
         live,
         notify,
     )
+}
+
+/// `airlock run`'s command on the microVM tier, launched by the same
+/// lifecycle: it runs as exec 1 of the guest's agent, its output written to
+/// the stdio's sandbox ends (so it reaches the caller and the logs as the
+/// process tier's does), stdin and signals passed on over the channel, the
+/// time limit (boot included) enforced here; then the same finalize. A
+/// guest that ends by itself (a panic, a power-off) fails the run with the
+/// reason.
+#[allow(clippy::too_many_arguments)]
+fn supervise_vm(
+    sandbox: &SandboxDir,
+    policy: &Policy,
+    workspace: Option<&Path>,
+    req: &RunRequest,
+    launched: Launched,
+    started: Instant,
+    live: &mut Option<LiveLock>,
+    notify: &mut dyn FnMut(Notice),
+) -> Result<RunOutcome, RunError> {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+
+    use airlock_proto::{ExecRequest, HostMessage, Stream};
+
+    const ID: u32 = 1;
+    let Launched {
+        name,
+        meta,
+        mut audit,
+        mut held,
+        secret_values,
+        stdio,
+        mut control,
+        exec_env,
+        exec_cwd,
+        ..
+    } = launched;
+    let channel_error = |e: io::Error| RunError::State(sandbox.path().to_path_buf(), e);
+    let request = ExecRequest {
+        id: ID,
+        argv: req.command.clone(),
+        env: exec_env,
+        cwd: exec_cwd,
+        tty: None,
+        user: None,
+    };
+    let writer = Arc::new(Mutex::new(control.try_clone().map_err(channel_error)?));
+    if let Ok(mut w) = writer.lock() {
+        airlock_proto::send(&mut *w, &HostMessage::Exec(Box::new(request)))?;
+    }
+    // stdin from a thread of its own (not joined: it may block on a
+    // terminal); its end closes the command's. Each chunk takes a credit of
+    // the exec's window, given back by the agent's StdinAck: a command that
+    // does not read its input holds up only this thread.
+    let window = Arc::new(Window::new(STDIN_WINDOW));
+    let input = writer.clone();
+    let credit = window.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut stdin = io::stdin().lock();
+        loop {
+            let data = match stdin.read(&mut buf) {
+                Ok(n) => buf[..n].to_vec(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => Vec::new(),
+            };
+            let done = data.is_empty();
+            // The end of input (empty) takes no credit, as the supervisor's.
+            if !done && !take_credit(&credit) {
+                return;
+            }
+            let sent = input.lock().is_ok_and(|mut w| {
+                airlock_proto::send(&mut *w, &HostMessage::Stdin { id: ID, data }).is_ok()
+            });
+            if !sent || done {
+                return;
+            }
+        }
+    });
+    let signals = writer.clone();
+    let forwarder = crate::signals::Forwarder::start_with(None, move |signal| {
+        if let Ok(mut w) = signals.lock() {
+            let _ = airlock_proto::send(&mut *w, &HostMessage::Signal { id: ID, signal });
+        }
+    })
+    .map_err(RunError::Signals)?;
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        while let Ok(Some(msg)) = airlock_proto::recv::<_, AgentMessage>(&mut control) {
+            match &msg {
+                AgentMessage::StdinAck { id: ID } => window.give_back(),
+                AgentMessage::ExecEnded { id: ID, .. } | AgentMessage::ExecRefused { id: ID, .. } => {
+                    window.close()
+                }
+                _ => {}
+            }
+            if tx.send(msg).is_err() {
+                break;
+            }
+        }
+        // The guest is gone: its input goes nowhere.
+        window.close();
+    });
+    let [_, out, err] = stdio.child_fds();
+    let mut out = std::fs::File::from(out.try_clone_to_owned().map_err(channel_error)?);
+    let mut err = std::fs::File::from(err.try_clone_to_owned().map_err(channel_error)?);
+
+    let deadline = started + policy.limits.timeout;
+    // The guest's own kernel confines it.
+    let mut ending = Ending { confined: true, ..Ending::default() };
+    let mut guest_failure = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(AgentMessage::ExecStarted { id: ID, pid }) => {
+                audit.record(AuditEvent::CommandStarted { argv: req.command.clone(), pid: Some(pid) })?;
+                step_done("relaying")?;
+            }
+            Ok(AgentMessage::ExecOutput { id: ID, stream, data }) => {
+                let target = match stream {
+                    Stream::Stdout => &mut out,
+                    Stream::Stderr => &mut err,
+                };
+                // A reader that went away (`| head`) stops the output, not the run.
+                let _ = target.write_all(&data);
+            }
+            Ok(AgentMessage::ExecRefused { id: ID, exit_code, message }) => {
+                ending.exec_failed = Some((exit_code, truncate(&message)));
+                break;
+            }
+            Ok(AgentMessage::ExecEnded { id: ID, code, signal }) => {
+                ending.code = code;
+                ending.signal = signal;
+                break;
+            }
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                ending.timed_out = true;
+                audit.record(AuditEvent::TimeLimitHit { limit_secs: policy.limits.timeout.as_secs() })?;
+                held.kill_all();
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                guest_failure = held.vm_ended("while the command ran");
+                break;
+            }
+        }
+    }
+    drop((out, err));
+    drop(forwarder);
+    // The guest served its one command: QEMU goes, and the channel with it.
+    held.kill_all();
+    let _ = held.reap_agent();
+    let _ = reader.join();
+    step_done("reaped")?;
+    if let Some(failure) = guest_failure {
+        // Recorded (failed, with the reason) by the caller.
+        return Err(failure.into());
+    }
+    finalize(
+        sandbox,
+        policy,
+        workspace,
+        Remains { name, meta, audit, held, stdio, secret_values, final_state: SandboxState::Exited },
+        ending,
+        started.elapsed(),
+        if req.remove_after { Some(true) } else { None },
+        live,
+        notify,
+    )
+}
+
+/// Waits for a credit of the command's stdin window: false once the exec
+/// (or the guest) has ended.
+fn take_credit(window: &Window) -> bool {
+    loop {
+        match window.take(Duration::from_secs(1)) {
+            Take::Taken => return true,
+            Take::Closed => return false,
+            Take::TimedOut => {}
+        }
+    }
 }
 
 /// Messages from the agent are untrusted; keep what we print bounded.

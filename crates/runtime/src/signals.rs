@@ -16,6 +16,18 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn start(agent_pid: i32, pty: Option<OwnedFd>) -> io::Result<Forwarder> {
+        Forwarder::start_with(pty, move |sig| {
+            if let (Some(pid), Some(sig)) =
+                (rustix::process::Pid::from_raw(agent_pid), rustix::process::Signal::from_named_raw(sig))
+            {
+                let _ = rustix::process::kill_process(pid, sig);
+            }
+        })
+    }
+
+    /// Hands each signal but SIGWINCH to `forward` (the microVM tier sends
+    /// it to the command through the guest's agent).
+    pub fn start_with(pty: Option<OwnedFd>, forward: impl Fn(i32) + Send + 'static) -> io::Result<Forwarder> {
         let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH])?;
         let handle = signals.handle();
         let thread = std::thread::spawn(move || {
@@ -26,11 +38,7 @@ impl Forwarder {
                     }
                     continue;
                 }
-                if let (Some(pid), Some(sig)) =
-                    (rustix::process::Pid::from_raw(agent_pid), rustix::process::Signal::from_named_raw(sig))
-                {
-                    let _ = rustix::process::kill_process(pid, sig);
-                }
+                forward(sig);
             }
         });
         Ok(Forwarder { handle, thread: Some(thread) })

@@ -384,6 +384,14 @@ pub struct SandboxMeta {
     pub deadline_unix: Option<u64>,
     #[serde(default)]
     pub idle_timeout_secs: Option<u64>,
+    /// The isolation tier it runs on (`process` for metadata written
+    /// before there was a choice).
+    #[serde(default = "process_tier")]
+    pub tier: airlock_policy::Tier,
+}
+
+fn process_tier() -> airlock_policy::Tier {
+    airlock_policy::Tier::Process
 }
 
 /// Where a sandbox is in its life. Written as a lowercase string.
@@ -862,6 +870,7 @@ mod tests {
             labels: Default::default(),
             deadline_unix: None,
             idle_timeout_secs: None,
+            tier: airlock_policy::Tier::Process,
         }
     }
 

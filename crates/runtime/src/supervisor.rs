@@ -79,6 +79,8 @@ struct Spec {
     env: Vec<(String, String)>,
     workspace_mode: Option<String>,
     allow: Vec<String>,
+    #[serde(default)]
+    tier: Option<airlock_policy::Tier>,
     owner_uid: u32,
 }
 
@@ -106,6 +108,7 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
         env: o.env.iter().cloned().chain(req.env.iter().cloned()).collect(),
         workspace_mode: o.workspace_mode.map(|m| m.to_string()),
         allow: o.allow.clone(),
+        tier: o.tier,
         owner_uid,
     };
     let spec_json = serde_json::to_vec(&spec).map_err(|e| RunError::Supervisor(e.to_string()))?;
@@ -202,9 +205,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
         env: spec.env.clone(),
         workspace_mode: mode,
         allow: spec.allow.clone(),
-        // Long-lived microVMs are not in this version: the policy's tier
-        // decides, and `check` refuses microvm.
-        tier: None,
+        tier: spec.tier,
     };
     let req = &spec.request;
     let checked = crate::run::check(&req.policy, &overrides, req.workspace.as_deref(), &mut |_| {})?;
@@ -355,7 +356,8 @@ impl Supervisor {
     ) -> Result<Supervisor, RunError> {
         // The agent first confirms it is confined, then that it serves.
         let _ = launched.control.set_read_timeout(Some(Duration::from_secs(60)));
-        for _ in 0..2 {
+        let greetings = if launched.agent_serving { 0 } else { 2 };
+        for _ in 0..greetings {
             match airlock_proto::recv::<_, AgentMessage>(&mut launched.control) {
                 Ok(Some(AgentMessage::Confined { .. } | AgentMessage::Serving)) => {}
                 // Returning drops `launched`, which ends the sandbox and
@@ -410,6 +412,8 @@ impl Supervisor {
             logs,
         );
         let server = Server {
+            exec_env: Arc::new(launched.exec_env.clone()),
+            exec_cwd: launched.exec_cwd.clone(),
             agent: agent.clone(),
             routes: routes.clone(),
             file_routes,
@@ -495,18 +499,26 @@ impl Supervisor {
     ) -> Result<(), RunError> {
         let _ = std::fs::remove_file(&self.socket);
         let Some(launched) = self.launched.take() else { return Ok(()) };
-        let Launched { name, meta, mut audit, mut held, secret_values, stdio, logs: _, agent_pid, control } =
-            launched;
+        let Launched { name, meta, mut audit, mut held, secret_values, stdio, control, .. } = launched;
         // An error returned early drops `held`, which ends the sandbox and
         // releases its cgroup, layer and id block at once.
+        // A microVM's guest that ended by itself (a kernel panic, a
+        // power-off): why, read from its console, before QEMU is reaped.
+        let guest_end = if matches!(reason, StopReason::AgentGone) {
+            held.vm_ended("while the sandbox ran")
+        } else {
+            None
+        };
+        if let Some(end) = &guest_end {
+            audit.record(AuditEvent::Error { stage: "guest".into(), message: end.to_string() })?;
+        }
         audit.record(AuditEvent::Stopped { reason: reason.text().to_string() })?;
         step_done("stopping")?;
         if !matches!(reason, StopReason::AgentGone) {
             self.end_execs(policy.limits.stop_grace);
         }
         held.kill_all();
-        let agent_status = airlock_jail::sys::wait_pid(agent_pid).ok();
-        held.agent_reaped();
+        let agent_status = held.reap_agent();
         drop(control);
         if let Ok(agent) = self.agent.lock() {
             let _ = agent.shutdown(std::net::Shutdown::Both);
@@ -518,7 +530,12 @@ impl Supervisor {
                 let _ = route.tx.send(ended);
             }
         }
-        let ending = ending_of(reason, agent_status);
+        let mut ending = ending_of(reason, agent_status);
+        if guest_end.is_some() {
+            // QEMU's own status says nothing of the guest's: no code, no
+            // signal (125 where an exit code is asked for).
+            (ending.code, ending.signal) = (None, None);
+        }
         let mut notices = Vec::new();
         finalize(
             sandbox,
@@ -715,6 +732,10 @@ fn spawn_agent_reader(
 /// Serves client connections; cloned per connection.
 #[derive(Clone)]
 struct Server {
+    /// Put under each exec's environment (see `Launched::exec_env`).
+    exec_env: Arc<Vec<(String, String)>>,
+    /// Where an exec without a directory of its own starts (see `Launched::exec_cwd`).
+    exec_cwd: Option<PathBuf>,
     agent: Arc<Mutex<UnixStream>>,
     routes: ExecRoutes,
     file_routes: FileRoutes,
@@ -812,8 +833,9 @@ impl Server {
         let request = HostMessage::Exec(Box::new(ExecRequest {
             id,
             argv: spec.argv.clone(),
-            env: spec.env.clone(),
-            cwd: spec.cwd.clone(),
+            // The exec's own variables last: they win.
+            env: self.exec_env.iter().chain(&spec.env).cloned().collect(),
+            cwd: spec.cwd.clone().or_else(|| self.exec_cwd.clone()),
             tty: spec.tty,
             user: spec.user.clone(),
         }));

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use airlock_policy::Tier;
 use serde::{Deserialize, Serialize};
 
 use crate::state::{SandboxDir, SandboxMeta, SandboxState};
@@ -61,6 +62,10 @@ pub struct ExitView {
     pub oom_killed: bool,
 }
 
+fn process_tier() -> Tier {
+    Tier::Process
+}
+
 /// What list and inspect show.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxView {
@@ -69,6 +74,9 @@ pub struct SandboxView {
     /// The supervisor died without finishing the sandbox.
     pub lost: bool,
     pub policy: String,
+    /// `process` or `microvm`.
+    #[serde(default = "process_tier")]
+    pub tier: Tier,
     pub workspace: Option<String>,
     pub workspace_mode: Option<String>,
     pub created_at: String,
@@ -109,6 +117,7 @@ impl SandboxView {
             state,
             lost,
             policy: meta.map(|m| m.policy.clone()).unwrap_or_default(),
+            tier: meta.map_or(Tier::Process, |m| m.tier),
             workspace: meta.and_then(|m| m.workspace.as_ref()).map(|p| p.to_string_lossy().into_owned()),
             workspace_mode: meta.map(|m| m.workspace_mode.clone()),
             created_at: meta.map(|m| m.created_at.clone()).unwrap_or_default(),
@@ -216,6 +225,23 @@ mod tests {
         .unwrap();
         meta.state = state;
         meta
+    }
+
+    #[test]
+    fn the_view_says_the_tier_and_metadata_from_before_tiers_is_process() {
+        let old = meta(SandboxState::Running);
+        assert_eq!(old.tier, Tier::Process, "metadata without a tier");
+        let view = SandboxView::of("x", Some(&old), (State::Running, false));
+        assert_eq!(serde_json::to_value(&view).unwrap()["tier"], "process");
+        let mut vm = old.clone();
+        vm.tier = Tier::Microvm;
+        let view = SandboxView::of("x", Some(&vm), (State::Running, false));
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["tier"], "microvm");
+        // A view from a daemon that predates the field reads as process.
+        let mut older = json.clone();
+        older.as_object_mut().unwrap().remove("tier");
+        assert_eq!(serde_json::from_value::<SandboxView>(older).unwrap().tier, Tier::Process);
     }
 
     #[test]

@@ -104,7 +104,10 @@ impl From<RunError> for ApiError {
                 ApiError::bad_request("invalid_policy", message)
             }
             RunError::StateDir(e) => e.into(),
-            RunError::HostLacks { .. } | RunError::TierUnavailable | RunError::HostUnsupported(_) => {
+            RunError::HostLacks { .. } | RunError::HostUnsupported(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "host_unsupported", message)
+            }
+            RunError::Vm(vm) if vm.is_host_unsupported() => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "host_unsupported", message)
             }
             RunError::WorkspaceDir(..) | RunError::WorkspaceIsRoot | RunError::WorkspaceRefused(_) => {

@@ -1,7 +1,8 @@
-//! Starting a guest: QEMU's `microvm` machine with the fewest devices — a
-//! serial console (a log file), one virtio-serial port (the agent's
-//! channel), one 9p share (the host's root, read-only) — and the agent's
-//! first word over the channel.
+//! Starting a guest: QEMU's `microvm` machine, jailed, with the fewest
+//! devices — a serial console (a log file), one virtio-serial port (the
+//! agent's channel), a second one for egress when the sandbox has any,
+//! read-only 9p shares (the host's directories, the workspace in mode
+//! ro) — and the agent's first word over the channel.
 
 use std::fs;
 use std::io;
@@ -13,9 +14,10 @@ use std::time::{Duration, Instant};
 use airlock_jail::cgroup::SandboxCgroup;
 use airlock_proto::AgentMessage;
 
+use crate::egress_port::HostEgress;
 use crate::engine::Accel;
 use crate::guest::Guest;
-use crate::init::{PORT_NAME, RootEntry, share_tag};
+use crate::init::{PORT_NAME, RootEntry, WORKSPACE_TAG, share_tag};
 use crate::jail;
 use crate::{GUEST_ROLE, VmError};
 
@@ -32,6 +34,9 @@ pub struct BootSpec {
     /// The cgroup QEMU runs in (its limits cover QEMU as a whole: guest
     /// RAM, vCPUs and what QEMU spends itself); placed before it starts.
     pub cgroup: Option<SandboxCgroup>,
+    /// The guest has egress: a second virtio-serial port, served by
+    /// [`crate::egress_port`], and loopback with the proxy ports inside.
+    pub egress: bool,
 }
 
 /// A running guest; killed (and its directory removed) when dropped.
@@ -95,12 +100,20 @@ fn tsc_khz() -> u64 {
 /// NUL included); it cuts longer ones silently, which would drop masks.
 const MAX_COMMAND_LINE: usize = 2047;
 
-fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> Result<String, VmError> {
+/// The word on the kernel's command line that tells the guest it has an
+/// egress port.
+pub const EGRESS_ARG: &str = "egress:on";
+
+fn kernel_command_line(accel: Accel, root: &[RootEntry], egress: bool) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel == Accel::Tcg {
         line.push_str(&format!(" tsc_early_khz={}", tsc_khz()));
     }
     line.push_str(&format!(" -- {GUEST_ROLE}"));
+    if egress {
+        line.push(' ');
+        line.push_str(EGRESS_ARG);
+    }
     for entry in root {
         line.push(' ');
         line.push_str(&entry.to_arg());
@@ -118,7 +131,13 @@ fn kernel_command_line(accel: Accel, root: &[RootEntry]) -> Result<String, VmErr
 /// The size of TCG's translation buffer, in MiB (QEMU's default is 1 GiB).
 pub const TCG_TRANSLATION_MIB: u64 = 128;
 
-fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> Result<Vec<String>, VmError> {
+fn qemu_args(
+    guest: &Guest,
+    spec: &BootSpec,
+    socket: &Path,
+    egress_socket: &Path,
+    console: &Path,
+) -> Result<Vec<String>, VmError> {
     let accel = match spec.accel {
         // TCG's translated code is held to a bounded buffer, so QEMU's
         // memory beyond the guest's RAM stays within its cgroup's allowance.
@@ -151,7 +170,7 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> R
         "-initrd".into(),
         guest.initramfs.to_string_lossy().into_owned(),
         "-append".into(),
-        kernel_command_line(spec.accel, &spec.root)?,
+        kernel_command_line(spec.accel, &spec.root, spec.egress)?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
         "-device".into(),
@@ -159,12 +178,25 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> R
         "-device".into(),
         format!("virtserialport,chardev=agent,name={PORT_NAME}"),
     ]);
+    if spec.egress {
+        // The guest's only way out: a port of its own to the egress proxy.
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=egress,path={}", path(egress_socket)),
+            "-device".into(),
+            format!("virtserialport,chardev=egress,name={}", crate::egress_port::PORT_NAME),
+        ]);
+    }
     let shares = spec.root.iter().filter_map(|e| match e {
         RootEntry::Share(p) => Some(p),
         _ => None,
     });
-    for (index, share) in shares.enumerate() {
-        let tag = share_tag(index);
+    // The workspace (mode ro) is one more read-only share, with a tag of its own.
+    let workspace = spec.root.iter().find_map(|e| match e {
+        RootEntry::Workspace(path) => Some((WORKSPACE_TAG.to_owned(), path)),
+        _ => None,
+    });
+    for (tag, share) in shares.enumerate().map(|(i, p)| (share_tag(i), p)).chain(workspace) {
         args.extend([
             "-fsdev".into(),
             format!("local,id={tag},path={},security_model=none,readonly=on,multidevs=remap", path(share)),
@@ -177,8 +209,14 @@ fn qemu_args(guest: &Guest, spec: &BootSpec, socket: &Path, console: &Path) -> R
 
 impl Vm {
     /// Boots `guest`, with its sockets and logs in `dir` (created here,
-    /// removed with the VM).
-    pub fn boot(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Vm, VmError> {
+    /// removed with the VM); `egress` serves its egress port when
+    /// `spec.egress` asks for one.
+    pub fn boot(
+        guest: &Guest,
+        spec: &BootSpec,
+        dir: &Path,
+        egress: Option<HostEgress>,
+    ) -> Result<Vm, VmError> {
         // The runs' directory is searchable (QEMU, under its own uid, must
         // reach its run's socket) but not listable; each run's is QEMU's own.
         if let Some(runs) = dir.parent() {
@@ -193,9 +231,12 @@ impl Vm {
         if let Some(runs) = dir.parent() {
             sweep_runs(runs);
         }
+        if spec.egress != egress.is_some() {
+            return Err(VmError::Boot("an egress port without its proxy, or the reverse".into()));
+        }
         fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| VmError::io(dir, e))?;
         // Removed again if QEMU does not start; once it has, its guard removes it.
-        let (pid, listener, started) = match start_qemu(guest, spec, dir) {
+        let Started { pid, agent, egress_port, started } = match start_qemu(guest, spec, dir) {
             Ok(started) => started,
             Err(e) => {
                 let _ = fs::remove_dir_all(dir);
@@ -204,7 +245,14 @@ impl Vm {
         };
         let mut qemu = Qemu { pid, status: None, dir: dir.to_path_buf() };
         let deadline = started + spec.deadline;
-        let mut channel = qemu.accept(&listener, deadline)?;
+        let mut channel = qemu.accept(&agent, deadline)?;
+        if let (Some(listener), Some(egress)) = (egress_port, egress) {
+            // Served from now on: the guest reads its trust bundle before
+            // its agent says it serves.
+            let port = qemu.accept(&listener, deadline)?;
+            crate::egress_port::serve_host(port, egress)
+                .map_err(|e| VmError::Boot(format!("cannot serve the egress port: {e}")))?;
+        }
         qemu.await_agent(&mut channel, deadline)?;
         let vm = Vm { qemu, channel, boot_time: started.elapsed() };
         tracing::info!(
@@ -224,15 +272,53 @@ impl Vm {
     pub fn failure(&self, what: &str) -> VmError {
         self.qemu.failure(what)
     }
+
+    /// QEMU's host process id (PID 1 of its own PID namespace).
+    pub fn pid(&self) -> i32 {
+        self.qemu.pid
+    }
+
+    /// Kills QEMU (and the guest with it) and reaps it: its raw wait
+    /// status, unless it was reaped before or could not be. Its directory
+    /// goes when this is dropped.
+    pub fn kill(&mut self) -> Option<i32> {
+        if self.qemu.status.is_some() {
+            return None;
+        }
+        // QEMU is our unreaped child: its pid cannot have been reused.
+        if let Some(pid) = rustix::process::Pid::from_raw(self.qemu.pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        let status = airlock_jail::sys::wait_pid(self.qemu.pid).ok();
+        self.qemu.status = Some("killed".to_owned());
+        status
+    }
 }
 
-/// Starts QEMU, jailed, for a guest whose run directory `dir` exists:
-/// its pid, the agent's listening socket, and when it started.
-fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<(i32, UnixListener, Instant), VmError> {
+/// A jailed QEMU just started.
+struct Started {
+    pid: i32,
+    /// Where QEMU connects the agent's port.
+    agent: UnixListener,
+    /// Where QEMU connects the egress port, when the guest has one.
+    egress_port: Option<UnixListener>,
+    started: Instant,
+}
+
+/// Starts QEMU, jailed, for a guest whose run directory `dir` exists. Its
+/// sockets are there, beside the console log: the run's directory is the
+/// only path QEMU may write in its view.
+fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmError> {
     let socket = dir.join("agent.sock");
     let console = dir.join("console.log");
-    let listener = UnixListener::bind(&socket).map_err(|e| VmError::io(&socket, e))?;
-    listener.set_nonblocking(true).map_err(|e| VmError::io(&socket, e))?;
+    let listen = |path: &Path| -> Result<UnixListener, VmError> {
+        let listener = UnixListener::bind(path).map_err(|e| VmError::io(path, e))?;
+        listener.set_nonblocking(true).map_err(|e| VmError::io(path, e))?;
+        Ok(listener)
+    };
+    let agent = listen(&socket)?;
+    let egress_socket = dir.join("egress.sock");
+    let egress_port = if spec.egress { Some(listen(&egress_socket)?) } else { None };
     let qemu_log = dir.join("qemu.log");
     let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
     let program = jail::qemu_program()?;
@@ -240,11 +326,12 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<(i32, UnixLi
         accel: spec.accel,
         kernel: &guest.kernel,
         initramfs: &guest.initramfs,
+        // The workspace (mode ro) is shared read-only like the root's directories.
         shares: spec
             .root
             .iter()
             .filter_map(|e| match e {
-                RootEntry::Share(p) => Some(p.clone()),
+                RootEntry::Share(p) | RootEntry::Workspace(p) => Some(p.clone()),
                 _ => None,
             })
             .collect(),
@@ -258,11 +345,12 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<(i32, UnixLi
             .collect(),
         run_dir: dir,
     };
-    let plan = jail::plan(&program, qemu_args(guest, spec, &socket, &console)?, &needs)?;
+    let plan = jail::plan(&program, qemu_args(guest, spec, &socket, &egress_socket, &console)?, &needs)?;
     let ids = if rustix::process::geteuid().is_root() {
         let (uid, gid) = qemu_ids(spec.accel);
-        // QEMU creates the console log and connects to the socket as itself.
-        for path in [dir, socket.as_path()] {
+        // QEMU creates the console log and connects to the sockets as itself.
+        let sockets = std::iter::once(&socket).chain(spec.egress.then_some(&egress_socket));
+        for path in std::iter::once(dir).chain(sockets.map(PathBuf::as_path)) {
             rustix::fs::chown(
                 path,
                 Some(rustix::fs::Uid::from_raw(uid)),
@@ -276,7 +364,7 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<(i32, UnixLi
     };
     let started = Instant::now();
     let pid = jail::spawn(&jail::Start { plan: &plan, ids, stderr: &log, cgroup: spec.cgroup.as_ref() })?;
-    Ok((pid, listener, started))
+    Ok(Started { pid, agent, egress_port, started })
 }
 
 /// The QEMU process and its run's directory; killed and removed when dropped.
@@ -386,7 +474,8 @@ impl Qemu {
 
 /// Removes the directories of runs whose airlock is gone (killed before it
 /// could clean up): each is named `<pid>-<n>` after the airlock that made
-/// it; and their QEMU cgroups (`vm-<pid>-<n>`).
+/// it. Their QEMU died with that airlock (its parent-death signal), and
+/// its cgroup, the sandbox's, is `airlock gc`'s to remove.
 pub fn sweep_runs(runs: &Path) {
     let gone = |run: &str| {
         run.split('-').next().and_then(|p| p.parse::<u32>().ok()).is_some_and(|pid| {
@@ -400,24 +489,7 @@ pub fn sweep_runs(runs: &Path) {
             }
         }
     }
-    if !rustix::process::geteuid().is_root() {
-        return;
-    }
-    for name in SandboxCgroup::list() {
-        if let Some(run) = name.strip_prefix(QEMU_CGROUP_PREFIX)
-            && gone(run)
-            && let Some(cgroup) = SandboxCgroup::open(&name)
-            // Whatever is left in it is a QEMU whose airlock is gone (and
-            // which its parent-death signal is ending): killed, waited for.
-            && let Err(e) = cgroup.remove()
-        {
-            tracing::debug!(error = %e, cgroup = name, "a dead run's QEMU cgroup was not removed");
-        }
-    }
 }
-
-/// QEMU's cgroup for the run `<pid>-<n>` is `vm-<pid>-<n>`.
-pub const QEMU_CGROUP_PREFIX: &str = "vm-";
 
 /// The guest writes its console: shown to a person, every control
 /// character (escape sequences, carriage returns) becomes `?`.
@@ -443,11 +515,20 @@ mod tests {
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &fits).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &fits, false).unwrap();
         assert!(line.ends_with("hide:/etc/secret-0019-with-a-long-name"), "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_many).unwrap_err().to_string();
+        let err = kernel_command_line(Accel::Tcg, &too_many, false).unwrap_err().to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
+    }
+
+    #[test]
+    fn the_guest_is_told_of_its_egress_port_only_when_it_has_one() {
+        let with = kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true).unwrap();
+        assert!(with.contains(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} share:/usr")), "{with}");
+        let without = kernel_command_line(Accel::Tcg, &[], false).unwrap();
+        assert!(!without.contains("egress"), "{without}");
+        assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! initramfs): load the modules, mount the host's root read-only over 9p,
 //! switch into it, and serve the host's requests over the virtio-serial
 //! port as the process tier's agent does over its socket. No udev, no
-//! systemd, no network, no shell: this process and what the host asks it
-//! to run are all that runs in the guest.
+//! systemd, no network device, no shell: this process and what the host asks it
+//! to run are all that runs in the guest. With egress, loopback and the
+//! proxy ports relayed over a port of their own (`egress_port`).
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -13,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use rustix::mount::{MountFlags, mount, mount_move};
 
+use crate::boot::EGRESS_ARG;
+use crate::egress_port::{GuestEgress, GuestEgressError, PORT_NAME as EGRESS_PORT};
 use crate::guest::{MODULE_DIR, MODULE_ORDER};
 
 /// The guest's virtio-serial port's name.
@@ -23,10 +26,18 @@ const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 
 /// The guest's entry point; never returns while the guest lives.
 pub fn main() -> i32 {
-    let code = match prepare() {
-        Ok(port) => {
+    let code = match prepare().and_then(|(port, egress)| Ok((port, egress.map(prepare_egress).transpose()?)))
+    {
+        Ok((port, egress)) => {
             let env = vec![("PATH".to_owned(), GUEST_PATH.to_owned())];
-            airlock_agent::serve_guest(env, || connect(&port))
+            // The egress relay's threads start once the agent has blocked
+            // its signals, so that they inherit the mask.
+            airlock_agent::serve_guest(env, move || {
+                if let Some(egress) = egress {
+                    egress.serve()?;
+                }
+                connect(&port)
+            })
         }
         Err(e) => {
             eprintln!("airlock guest: {e}");
@@ -43,8 +54,15 @@ pub fn main() -> i32 {
 enum InitError {
     #[error("{what}: {source}")]
     Step { what: String, source: io::Error },
-    #[error("no virtio-serial port named {PORT_NAME} appeared")]
-    NoPort,
+    #[error("no virtio-serial port named {0} appeared")]
+    NoPort(&'static str),
+    #[error("egress: {0}")]
+    Egress(#[from] GuestEgressError),
+}
+
+/// In the final root: the trust bundle, loopback and the proxy ports.
+fn prepare_egress(device: PathBuf) -> Result<GuestEgress, InitError> {
+    Ok(GuestEgress::prepare(&device)?)
 }
 
 fn step<E: Into<io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> InitError {
@@ -63,7 +81,13 @@ pub enum RootEntry {
     Link { path: PathBuf, target: PathBuf },
     /// A path masked inside (an empty file or directory over it).
     Hide(PathBuf),
+    /// The workspace at its own path, read-only, shared with tag
+    /// [`WORKSPACE_TAG`].
+    Workspace(PathBuf),
 }
+
+/// The 9p tag of the workspace's share.
+pub const WORKSPACE_TAG: &str = "ws";
 
 impl RootEntry {
     /// The word on the kernel's command line.
@@ -72,6 +96,7 @@ impl RootEntry {
             RootEntry::Share(p) => format!("share:{}", p.display()),
             RootEntry::Link { path, target } => format!("link:{}={}", path.display(), target.display()),
             RootEntry::Hide(p) => format!("hide:{}", p.display()),
+            RootEntry::Workspace(p) => format!("workspace:{}", p.display()),
         }
     }
 
@@ -81,6 +106,7 @@ impl RootEntry {
             "share" => Some(RootEntry::Share(rest.into())),
             "link" => rest.split_once('=').map(|(p, t)| RootEntry::Link { path: p.into(), target: t.into() }),
             "hide" => Some(RootEntry::Hide(rest.into())),
+            "workspace" => Some(RootEntry::Workspace(rest.into())),
             _ => None,
         }
     }
@@ -98,7 +124,8 @@ pub fn share_tag(index: usize) -> String {
     format!("ro{index}")
 }
 
-fn prepare() -> Result<PathBuf, InitError> {
+/// The agent's port, and the egress port when the host gave the guest one.
+fn prepare() -> Result<(PathBuf, Option<PathBuf>), InitError> {
     mount("proc", "/proc", "proc", MountFlags::empty(), None).map_err(step("mount /proc"))?;
     mount("sysfs", "/sys", "sysfs", MountFlags::empty(), None).map_err(step("mount /sys"))?;
     mount("devtmpfs", "/dev", "devtmpfs", MountFlags::empty(), None).map_err(step("mount /dev"))?;
@@ -129,6 +156,14 @@ fn prepare() -> Result<PathBuf, InitError> {
                 }
                 std::os::unix::fs::symlink(target, &at).map_err(step(format!("link {}", path.display())))?;
             }
+            RootEntry::Workspace(path) => {
+                let target = under_new_root(path);
+                fs::create_dir_all(&target)
+                    .map_err(step(format!("create the workspace {}", path.display())))?;
+                let flags = MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID;
+                retry(|| mount(WORKSPACE_TAG, &target, "9p", flags, Some(options)))
+                    .map_err(step(format!("mount the workspace {} over 9p", path.display())))?;
+            }
             RootEntry::Hide(_) => {}
         }
     }
@@ -154,7 +189,8 @@ fn prepare() -> Result<PathBuf, InitError> {
             hide(&under_new_root(path)).map_err(step(format!("hide {}", path.display())))?;
         }
     }
-    let port = find_port()?;
+    let port = find_port(PORT_NAME)?;
+    let egress = if std::env::args().any(|a| a == EGRESS_ARG) { Some(find_port(EGRESS_PORT)?) } else { None };
     // The initramfs cannot be pivoted away from: move the new root over it
     // and enter it (what switch_root does). The initramfs's memory stays:
     // this executable runs from it.
@@ -162,7 +198,7 @@ fn prepare() -> Result<PathBuf, InitError> {
     mount_move(".", "/").map_err(step("move the new root to /"))?;
     rustix::process::chroot(".").map_err(step("chroot into the new root"))?;
     std::env::set_current_dir("/").map_err(step("enter /"))?;
-    Ok(port)
+    Ok((port, egress))
 }
 
 fn under_new_root(path: &Path) -> PathBuf {
@@ -206,22 +242,22 @@ fn retry<T>(mut attempt: impl FnMut() -> rustix::io::Result<T>) -> rustix::io::R
     }
 }
 
-/// The device node of the port named [`PORT_NAME`], as the new root's /dev shows it.
-fn find_port() -> Result<PathBuf, InitError> {
+/// The device node of the port named `wanted`, as the new root's /dev shows it.
+fn find_port(wanted: &'static str) -> Result<PathBuf, InitError> {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
         if let Ok(entries) = fs::read_dir("/sys/class/virtio-ports") {
             for entry in entries.flatten() {
                 let name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
                 let device = Path::new("/newroot/dev").join(entry.file_name());
-                if name.trim() == PORT_NAME && device.exists() {
+                if name.trim() == wanted && device.exists() {
                     return Ok(Path::new("/dev").join(entry.file_name()));
                 }
             }
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Err(InitError::NoPort)
+    Err(InitError::NoPort(wanted))
 }
 
 /// Opens the port and relays it to one end of a socket pair, whose other
@@ -254,5 +290,24 @@ fn copy(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
             Err(e) => return Err(e),
         };
         to.write_all(&buf[..n])?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_root_entry_travels_on_the_command_line_and_back() {
+        let entries = [
+            RootEntry::Share("/usr".into()),
+            RootEntry::Link { path: "/bin".into(), target: "usr/bin".into() },
+            RootEntry::Hide("/etc/shadow".into()),
+            RootEntry::Workspace("/srv/repo".into()),
+        ];
+        for entry in entries {
+            assert_eq!(RootEntry::from_arg(&entry.to_arg()), Some(entry.clone()), "{}", entry.to_arg());
+        }
+        assert_eq!(RootEntry::from_arg("unknown:/x"), None);
     }
 }

@@ -10,10 +10,14 @@
 //!   root read-only over 9p, then the agent over virtio-serial.
 //! - `jail`: QEMU confined (`airlock __vm-jail`): namespaces of its own, a
 //!   mount view with only what it needs, no capability, its cgroup.
-//! - `boot`, `run`: starting a guest and running one command in it.
+//! - `boot`, `run`: starting a sandbox's guest (its owner, the runtime's
+//!   lifecycle, runs commands in it over the agent's channel).
+//! - `egress_port`: the guest's connections to the egress proxy, over a
+//!   virtio-serial port of their own.
 
 pub mod boot;
 pub mod cpio;
+pub mod egress_port;
 pub mod elf;
 pub mod engine;
 pub mod guest;

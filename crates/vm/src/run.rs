@@ -1,48 +1,31 @@
-//! One command in a fresh microVM (`airlock run --tier microvm`): choose
-//! the accelerator, make sure the guest is built, boot, run the command
-//! through the agent with output streamed and stdin passed on, and return
-//! its exit code. The VM is gone when this returns.
+//! Starting a sandbox's guest: choose the accelerator, make sure the guest
+//! is built, and boot it (jailed, in the cgroup its owner gives). The
+//! sandbox's owner — the runtime's lifecycle, for `airlock run` and
+//! long-lived sandboxes alike — runs its processes over the VM's channel.
 
-use std::io::{self, Read, Write};
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
-
-use airlock_proto::{AgentMessage, ExecRequest, HostMessage, Stream};
+use std::time::Duration;
 
 use airlock_jail::cgroup::{CgroupLimits, SandboxCgroup};
-use airlock_jail::probe;
 
 use crate::boot::{BootSpec, Vm};
+use crate::egress_port::HostEgress;
 use crate::engine::{self, Accel};
 use crate::{VmError, guest};
 
-/// What to run, and within which limits.
+/// The guest a sandbox gets, and within which limits.
 #[derive(Debug, Clone)]
-pub struct VmRun {
+pub struct VmStart {
     pub policy: String,
     /// The policy lists "kvm" in `isolation.allow_weaker`.
     pub allow_emulation: bool,
-    /// The policy lists "cgroups" in `isolation.allow_weaker`: QEMU may run
-    /// without a cgroup where the host cannot give it one (rootless).
-    pub allow_no_cgroups: bool,
-    pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub cwd: Option<PathBuf>,
+    /// The policy's memory limit, in bytes (see [`guest_memory_mib`]).
     pub memory: u64,
     pub cpus: f64,
-    pub timeout: Duration,
     /// What of the host the guest sees, read-only.
     pub root: Vec<crate::init::RootEntry>,
-}
-
-/// How it ended.
-#[derive(Debug, Clone)]
-pub struct VmOutcome {
-    pub exit_code: i32,
-    pub timed_out: bool,
-    pub accel: Accel,
-    /// From starting QEMU to the agent's first word.
-    pub boot_time: Duration,
+    /// The cgroup QEMU runs in, sized by [`qemu_limits`] (None only where
+    /// the host gives none and the policy allows that).
+    pub cgroup: Option<SandboxCgroup>,
 }
 
 /// Something for the person at the terminal.
@@ -50,9 +33,6 @@ pub enum Note {
     Warning(String),
     Progress(String),
 }
-
-/// `timeout`'s exit code, as the process tier gives it.
-const TIMED_OUT: i32 = 124;
 
 /// The guest's RAM: the policy's memory limit, but enough to boot.
 const MIN_GUEST_MIB: u64 = 256;
@@ -65,7 +45,40 @@ pub const QEMU_OVERHEAD_MIB: u64 = 256;
 /// per vCPU and up to 64 workers of its thread pool (9p's file I/O).
 const QEMU_BASE_TASKS: u64 = 96;
 
-pub fn run(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<VmOutcome, VmError> {
+/// The guest's RAM in MiB for a policy's memory limit of `memory` bytes.
+pub fn guest_memory_mib(memory: u64) -> u64 {
+    (memory >> 20).max(MIN_GUEST_MIB)
+}
+
+/// The guest's vCPUs for a policy's `cpus`.
+fn guest_cpus(cpus: f64) -> u32 {
+    (cpus.ceil() as u32).clamp(1, 64)
+}
+
+/// The limits of a cgroup that holds QEMU for a policy's `memory` (bytes)
+/// and `cpus`: the guest's RAM and QEMU's own overhead, QEMU's tasks, and
+/// the policy's CPU share.
+pub fn qemu_limits(memory: u64, cpus: f64) -> CgroupLimits {
+    CgroupLimits {
+        memory: Some((guest_memory_mib(memory) + QEMU_OVERHEAD_MIB) << 20),
+        pids: Some(QEMU_BASE_TASKS + u64::from(guest_cpus(cpus))),
+        cpus: Some(cpus),
+    }
+}
+
+/// Boots a guest for `req`: chooses the accelerator, builds the guest if it
+/// is not cached, and returns the VM with its agent serving, and the
+/// accelerator it runs under. Call it from a thread that lives as long as
+/// the VM: QEMU's parent-death signal fires when that thread ends.
+///
+/// `egress`: the egress proxy's channel and trust bundle, when the policy
+/// gives the guest a way out (its only one: the guest has no network
+/// device); its port is served from threads of this process.
+pub fn start(
+    req: &VmStart,
+    egress: Option<HostEgress>,
+    notify: &mut dyn FnMut(Note),
+) -> Result<(Vm, Accel), VmError> {
     let cache = crate::cache_dir()?;
     let kernel = guest::find_kernel().ok_or(VmError::NoKernel)?;
     let report = engine::probe_cached(&cache, Some(&kernel.vmlinuz));
@@ -73,150 +86,25 @@ pub fn run(req: &VmRun, notify: &mut dyn FnMut(Note)) -> Result<VmOutcome, VmErr
     if let Some(warning) = choice.warning {
         notify(Note::Warning(warning));
     }
-    let run_id = format!("{}-{}", std::process::id(), unique());
-    let memory_mib = (req.memory >> 20).max(MIN_GUEST_MIB);
-    let cpus = (req.cpus.ceil() as u32).clamp(1, 64);
-    let limits = CgroupLimits {
-        memory: Some((memory_mib + QEMU_OVERHEAD_MIB) << 20),
-        pids: Some(QEMU_BASE_TASKS + u64::from(cpus)),
-        cpus: Some(req.cpus),
-    };
-    // Declared before the VM, so dropped after it: QEMU is gone by then.
-    // Refused (no cgroup where the policy needs one) before anything is built.
-    let cgroup = qemu_cgroup(&format!("{}{run_id}", crate::boot::QEMU_CGROUP_PREFIX), &limits, req, notify)?;
     let setup =
         guest::setup(&cache, &mut |step| notify(Note::Progress(format!("building the guest: {step}"))))?;
     let spec = BootSpec {
         accel: choice.accel,
-        memory_mib,
-        cpus,
+        memory_mib: guest_memory_mib(req.memory),
+        cpus: guest_cpus(req.cpus),
         deadline: match choice.accel {
             Accel::Kvm => Duration::from_secs(30),
             Accel::Tcg => Duration::from_secs(300),
         },
         root: req.root.clone(),
-        cgroup: cgroup.as_ref().map(|c| c.0.clone()),
+        cgroup: req.cgroup.clone(),
+        egress: egress.is_some(),
     };
-    let dir = cache.join("run").join(run_id);
-    let started = Instant::now();
-    let mut vm = Vm::boot(setup.guest(), &spec, &dir)?;
-    let remaining = req.timeout.saturating_sub(started.elapsed());
-    let (exit_code, timed_out) = exec(&mut vm, req, remaining)?;
-    Ok(VmOutcome { exit_code, timed_out, accel: choice.accel, boot_time: vm.boot_time })
-}
-
-/// QEMU's cgroup, removed (with anything left in it) when dropped.
-struct QemuCgroup(SandboxCgroup);
-
-impl Drop for QemuCgroup {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.remove() {
-            tracing::warn!(error = %e, cgroup = self.0.name(), "QEMU's cgroup was not removed");
-        }
-    }
-}
-
-/// A cgroup with `limits` for QEMU, where the host gives one; without, a
-/// refusal unless the policy allows running without cgroups (then said).
-fn qemu_cgroup(
-    name: &str,
-    limits: &CgroupLimits,
-    req: &VmRun,
-    notify: &mut dyn FnMut(Note),
-) -> Result<Option<QemuCgroup>, VmError> {
-    let host = probe::probe_host(probe::Depth::Launch);
-    if host.enforces(probe::Feature::Cgroups) {
-        return Ok(Some(QemuCgroup(SandboxCgroup::create_on(&host.cgroups, name, limits)?)));
-    }
-    if !req.allow_no_cgroups {
-        return Err(VmError::NoCgroups { policy: req.policy.clone() });
-    }
-    notify(Note::Warning(format!(
-        "QEMU runs without a cgroup (this host gives none): its memory, CPU and tasks are bounded only by the \
-         guest's RAM and vCPUs (policy {} allows it: isolation.allow_weaker has \"cgroups\")",
-        req.policy
-    )));
-    Ok(None)
+    let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));
+    let vm = Vm::boot(setup.guest(), &spec, &dir, egress)?;
+    Ok((vm, choice.accel))
 }
 
 fn unique() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
-}
-
-/// Runs the command as exec 1 of the guest's agent; (exit code, timed out).
-fn exec(vm: &mut Vm, req: &VmRun, timeout: Duration) -> Result<(i32, bool), VmError> {
-    const ID: u32 = 1;
-    let request = ExecRequest {
-        id: ID,
-        argv: req.argv.clone(),
-        env: req.env.clone(),
-        cwd: req.cwd.clone(),
-        tty: None,
-        user: None,
-    };
-    airlock_proto::send(&mut vm.channel, &HostMessage::Exec(Box::new(request)))?;
-    // stdin goes in from a thread of its own; its end closes the process's.
-    let mut input = vm.channel.try_clone().map_err(|e| VmError::Boot(format!("channel: {e}")))?;
-    std::thread::Builder::new()
-        .name("vm-stdin".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut stdin = io::stdin().lock();
-            loop {
-                let data = match stdin.read(&mut buf) {
-                    Ok(n) => buf[..n].to_vec(),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => Vec::new(),
-                };
-                let done = data.is_empty();
-                if airlock_proto::send(&mut input, &HostMessage::Stdin { id: ID, data }).is_err() || done {
-                    return;
-                }
-            }
-        })
-        .map_err(|e| VmError::Boot(format!("stdin thread: {e}")))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Ok((TIMED_OUT, true));
-        }
-        vm.channel.set_read_timeout(Some(remaining)).map_err(|e| VmError::Boot(format!("channel: {e}")))?;
-        let message = match airlock_proto::recv::<_, AgentMessage>(&mut vm.channel) {
-            Ok(Some(m)) => m,
-            Ok(None) => return Err(vm.ended("while the command ran")),
-            Err(airlock_proto::ProtoError::Io(e))
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
-            {
-                return Ok((TIMED_OUT, true));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match message {
-            AgentMessage::ExecOutput { id: ID, stream, data } => {
-                let written = match stream {
-                    Stream::Stdout => {
-                        io::stdout().lock().write_all(&data).and_then(|()| io::stdout().flush())
-                    }
-                    Stream::Stderr => io::stderr().lock().write_all(&data),
-                };
-                // A reader that went away (`| head`) stops the output, not the run.
-                let _ = written;
-            }
-            AgentMessage::ExecRefused { id: ID, exit_code, message } => {
-                let shown: String = message.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
-                eprintln!("airlock: {shown}");
-                return Ok((exit_code, false));
-            }
-            AgentMessage::ExecEnded { id: ID, code, signal } => {
-                let exit_code = match (code, signal) {
-                    (Some(code), _) => code,
-                    (None, Some(signal)) => 128 + signal,
-                    (None, None) => 125,
-                };
-                return Ok((exit_code, false));
-            }
-            _ => {}
-        }
-    }
 }

@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -217,7 +217,7 @@ pub(crate) fn test_tls() -> TestTls {
 /// Probes run inside with python3, one per sub-command; each prints
 /// `label=ok …` or `label=failed …` lines.
 const PROBE: &str = r#"
-import errno, os, socket, ssl, sys
+import errno, os, socket, ssl, sys, time
 
 def err(e):
     return errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
@@ -331,8 +331,37 @@ def resolve(name):
     except OSError as e:
         print("resolve %s=failed %s" % (name, type(e).__name__), flush=True)
 
+def flood(port, count):
+    # Many connections to the HTTP proxy port at once, each with an
+    # unfinished request so that the proxy holds it; held a few seconds,
+    # then counted: still open, or closed by the relay's cap.
+    held, failed = [], 0
+    for _ in range(int(count)):
+        try:
+            s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+            s.sendall(("GET http://127.0.0.1:%s/flood HTTP/1.1\r\n" % port).encode())
+            held.append(s)
+        except OSError:
+            failed += 1
+    time.sleep(3)
+    alive = closed = 0
+    for s in held:
+        s.setblocking(False)
+        try:
+            if s.recv(1) == b"":
+                closed += 1
+            else:
+                alive += 1
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            closed += 1
+    print("flood alive=%d closed=%d failed=%d" % (alive, closed, failed), flush=True)
+    for s in held:
+        s.close()
+
 cmd, args = sys.argv[1], sys.argv[2:]
-{"socks": socks, "fronting": fronting, "connect": connect, "udp": udp, "unix-host": unix_host,
+{"flood": flood, "socks": socks, "fronting": fronting, "connect": connect, "udp": udp, "unix-host": unix_host,
  "unix-inside": unix_inside, "resolve": resolve}[cmd](*args)
 "#;
 
@@ -374,6 +403,63 @@ pub(crate) fn run_in(env: &Env, name: &str, extra: &[&str], vars: &[(&str, &str)
         cmd.env(k, v);
     }
     cmd.output().unwrap()
+}
+
+/// The isolation tier a test's sandbox runs on: the egress tests hold both
+/// to the same proxy and policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tier {
+    Process,
+    Microvm,
+}
+
+/// Appended to a policy that extends a built-in, it puts it on the microVM
+/// tier, under software emulation where KVM cannot run it (as the microVM
+/// suite does; one vCPU boots fastest there).
+pub(crate) const MICROVM_POLICY: &str = "[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n\
+     [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\n";
+
+/// Whether the tier can run here (the microVM tier needs QEMU and a kernel).
+pub(crate) fn tier_ready(tier: Tier) -> bool {
+    needs_clients() && (tier == Tier::Process || super::microvm::ready())
+}
+
+/// [`run_in`] on `tier`. A microVM guest has no workspace yet: the probe
+/// is written to its /tmp, which the script starts in.
+pub(crate) fn run_on(
+    tier: Tier,
+    env: &Env,
+    name: &str,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+    script: &str,
+) -> Output {
+    match tier {
+        Tier::Process => run_in(env, name, extra, vars, script),
+        Tier::Microvm => microvm_command(env, name, extra, vars, script).output().unwrap(),
+    }
+}
+
+/// `airlock run` of `script` on the microVM tier, with the probe in the
+/// guest's working directory and the microVM suite's guest cache.
+pub(crate) fn microvm_command(
+    env: &Env,
+    name: &str,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+    script: &str,
+) -> Command {
+    let mut args: Vec<&str> = vec!["run", "--name", name, "--timeout", "5m"];
+    args.extend_from_slice(extra);
+    let script =
+        format!("cd /tmp && cat > probe.py <<'AIRLOCK_PROBE'\n{PROBE}\nAIRLOCK_PROBE\n{PRELUDE}{script}");
+    args.extend_from_slice(&["--", "sh", "-c", &script]);
+    let mut cmd = env.airlock(args);
+    cmd.env("AIRLOCK_VM_CACHE", super::microvm::shared_cache());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd
 }
 
 /// Writes a policy file next to the workspace and returns its path.
@@ -449,6 +535,22 @@ fn host_non_loopback_v4() -> Option<Ipv4Addr> {
 // Tests
 // ---------------------------------------------------------------------------
 
+/// Sections `env`, `allowed`, `post`, `denied`, `connect-denied`,
+/// `socks-allowed` and `socks-denied`: plain HTTP and SOCKS to the server
+/// on port `p`, and both to a host with no allow entry. The probe is in
+/// the working directory.
+fn allowed_and_refused_script(p: u16, upload: &str) -> String {
+    format!(
+        "sec env; echo \"proxy=$http_proxy no_proxy=[$NO_PROXY]\"; env | sort; \
+         sec allowed; c -D - http://127.0.0.1:{p}/hello; \
+         sec post; c -o /dev/null -w '%{{http_code}}' --data '{upload}' http://127.0.0.1:{p}/upload; \
+         sec denied; c -D - http://example.net/x; echo \"curl=$?\"; \
+         sec connect-denied; c https://example.net/; echo \"curl=$?\"; \
+         sec socks-allowed; python3 probe.py socks 127.0.0.1 {p} /via-socks; \
+         sec socks-denied; python3 probe.py socks example.net 80 /; "
+    )
+}
+
 /// Plain HTTP and SOCKS to an allowed loopback server go through; a host
 /// without an allow entry gets a 403 (HTTP) or reply 2 (SOCKS) that names
 /// the missing entry; `airlock net log --json` has every decision.
@@ -463,26 +565,196 @@ fn allowed_requests_reach_the_host_and_others_are_refused_with_the_reason() {
     let p = server.port;
     let allow = format!("127.0.0.1:{p}");
     let upload = "u".repeat(1000);
-    let o = run_in(
-        &env,
-        "http",
-        &["--allow", &allow],
-        &[],
-        &format!(
-            "sec env; echo \"proxy=$http_proxy no_proxy=[$NO_PROXY]\"; env | sort; \
-             sec allowed; c -D - http://127.0.0.1:{p}/hello; \
-             sec post; c -o /dev/null -w '%{{http_code}}' --data '{upload}' http://127.0.0.1:{p}/upload; \
-             sec denied; c -D - http://example.net/x; echo \"curl=$?\"; \
-             sec connect-denied; c https://example.net/; echo \"curl=$?\"; \
-             sec socks-allowed; python3 probe.py socks 127.0.0.1 {p} /via-socks; \
-             sec socks-denied; python3 probe.py socks example.net 80 /; \
-             sec end"
-        ),
+    let script = format!("{}sec end", allowed_and_refused_script(p, &upload));
+    let o = run_on(Tier::Process, &env, "http", &["--allow", &allow], &[], &script);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    check_allowed_and_refused(&env, "http", "dev", &o, &server, &upload);
+}
+
+/// A long-lived microVM (`create --tier microvm`) gets the same egress as
+/// `run`'s: its exec reaches an allowed server through the sandbox's proxy
+/// (started by the one lifecycle, in the sandbox's cgroup), a host without
+/// an allow entry is refused, and `net log` has both decisions.
+#[test]
+fn a_long_lived_microvm_reaches_allowed_hosts_through_its_proxy() {
+    if !tier_ready(Tier::Microvm) {
+        return;
+    }
+    let env = Env::new();
+    let server = EchoServer::http();
+    let p = server.port;
+    let policy = write_policy(&env, "microvm-dev.toml", &format!("extends = \"dev\"\n{MICROVM_POLICY}"));
+    let allow = format!("127.0.0.1:{p}");
+    let vm = |args: &[&str]| {
+        env.airlock(args).env("AIRLOCK_VM_CACHE", super::microvm::shared_cache()).output().unwrap()
+    };
+    let created = vm(&[
+        "create",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--name",
+        "lvnet",
+        "--mode",
+        "none",
+        "--allow",
+        &allow,
+    ]);
+    assert_eq!(created.status.code(), Some(0), "{}", show(&created));
+    let script = format!(
+        "{PRELUDE}sec allowed; c -D - http://127.0.0.1:{p}/from-exec; \
+         sec denied; c -D - http://example.net/x; echo \"curl=$?\"; sec end"
     );
+    let o = vm(&["exec", "lvnet", "--", "sh", "-c", &script]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let out = stdout(&o);
+    let allowed = section(&out, "allowed");
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{}", show(&o));
+    assert!(allowed.contains("echo-server saw:\nGET /from-exec HTTP/1.1"), "{}", show(&o));
+    assert!(section(&out, "denied").starts_with("HTTP/1.1 403"), "{}", show(&o));
+    assert!(server.seen().iter().any(|r| r.starts_with("GET /from-exec ")), "{:#?}", server.seen());
+
+    let log = net_log(&env, "lvnet");
+    let seen = event(&log, "GET /from-exec", |e| is(e, "path", "/from-exec"));
+    assert!(is(seen, "allowed", true) && is(seen, "rule", format!("allow \"{allow}\"")), "{seen}");
+    let refused = event(&log, "example.net", |e| is(e, "host", "example.net"));
+    assert!(is(refused, "allowed", false), "{refused}");
+
+    // The proxy is the sandbox's: in its cgroup, beside QEMU.
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(env.sandbox_dir("lvnet").join("meta.json")).unwrap()).unwrap();
+    let cgroup = meta["cgroup"].as_str().expect("the sandbox has a cgroup").to_owned();
+    let proxies = pids_running("__egress lvnet");
+    assert_eq!(proxies.len(), 1, "one proxy for the sandbox");
+    let placed = std::fs::read_to_string(format!("/proc/{}/cgroup", proxies[0])).unwrap();
+    assert!(
+        placed.lines().any(|l| l.ends_with(&format!("/{cgroup}"))),
+        "the proxy is not in {cgroup}: {placed}"
+    );
+
+    let stopped = vm(&["stop", "lvnet"]);
+    assert_eq!(stopped.status.code(), Some(0), "{}", show(&stopped));
+    assert!(pids_running("__egress lvnet").is_empty(), "the proxy outlived the sandbox");
+    assert_eq!(vm(&["rm", "lvnet"]).status.code(), Some(0));
+}
+
+/// The same from a microVM guest, which has no network device: its
+/// connections cross the egress port to the same proxy, policy and audit
+/// log; around the proxy it reaches nothing (its loopback is its own, it
+/// has no other interface). In the same guest (boots cost seconds of emulation), a flood of
+/// connections meets the relay's cap: those past it are closed, the host's
+/// side of the relay holds no more threads and memory than the cap allows,
+/// and a request after the flood still goes through.
+#[test]
+fn a_microvm_guest_reaches_allowed_hosts_only_through_the_same_proxy() {
+    if !tier_ready(Tier::Microvm) {
+        return;
+    }
+    let env = Env::new();
+    let server = EchoServer::http();
+    let after = EchoServer::http();
+    let p = server.port;
+    let policy = write_policy(&env, "microvm-dev.toml", &format!("extends = \"dev\"\n{MICROVM_POLICY}"));
+    let allow = format!("127.0.0.1:{p}");
+    let allow_after = format!("127.0.0.1:{}", after.port);
+    let upload = "u".repeat(1000);
+    const FLOOD: usize = 400;
+    // Around the proxy: the guest's loopback is its own, and it has no
+    // other interface (the host's own address, if it has one besides
+    // loopback, listens here).
+    let other = host_non_loopback_v4().map(|ip| TcpListener::bind((ip, 0)).unwrap());
+    let other_addr =
+        other.as_ref().map_or("10.255.255.1:9".to_string(), |l| l.local_addr().unwrap().to_string());
+    let (other_host, other_port) = other_addr.split_once(':').unwrap();
+    let script = format!(
+        "{}sec bypass; c --noproxy '*' http://127.0.0.1:{p}/direct; echo \"curl=$?\"; \
+         python3 probe.py connect 127.0.0.1 {p}; python3 probe.py connect {other_host} {other_port}; \
+         python3 probe.py udp {other_host} {other_port}; \
+         sec flood; python3 probe.py flood {pa} {FLOOD}; sec after-flood; c http://127.0.0.1:{pa}/after; sec end",
+        allowed_and_refused_script(p, &upload),
+        pa = after.port,
+    );
+    let extra = ["--policy", policy.to_str().unwrap(), "--allow", &allow, "--allow", &allow_after];
+    let mut cmd = microvm_command(&env, "vm-http", &extra, &[], &script);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // The host's side of the relay lives in this process (`airlock run`):
+    // its threads and memory, at their highest while the guest floods.
+    let status = format!("/proc/{}/status", child.id());
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let (mut threads, mut rss_kib) = (0u64, 0u64);
+            while !done.load(Ordering::SeqCst) {
+                if let Ok(text) = std::fs::read_to_string(&status) {
+                    let field = |name: &str| -> u64 {
+                        text.lines()
+                            .find_map(|l| l.strip_prefix(name))
+                            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                            .unwrap_or(0)
+                    };
+                    threads = threads.max(field("Threads:"));
+                    rss_kib = rss_kib.max(field("VmRSS:"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (threads, rss_kib)
+        })
+    };
+    let o = child.wait_with_output().unwrap();
+    done.store(true, Ordering::SeqCst);
+    let (threads, rss_kib) = sampler.join().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    check_allowed_and_refused(&env, "vm-http", "microvm-dev", &o, &server, &upload);
+
+    let out = stdout(&o);
+    let bypass = section(&out, "bypass");
+    assert!(bypass.contains("curl=7"), "curl connected around the proxy\n{}", show(&o));
+    assert!(bypass.contains(&format!("connect 127.0.0.1:{p}=failed ECONNREFUSED")), "{}", show(&o));
+    assert!(bypass.contains(&format!("connect {other_addr}=failed ENETUNREACH")), "{}", show(&o));
+    assert!(bypass.contains(&format!("udp {other_addr}=failed ENETUNREACH")), "{}", show(&o));
+    if let Some(listener) = &other {
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.accept().is_err(), "the guest reached the host's own address");
+    }
+    let flood = section(&out, "flood");
+    let count = |key: &str| -> usize {
+        flood
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}= in the flood's result\n{}", show(&o)))
+    };
+    let (alive, closed, failed) = (count("alive"), count("closed"), count("failed"));
+    const CAP: usize = 128;
+    assert_eq!(alive + closed + failed, FLOOD, "{flood}");
+    assert!(alive <= CAP, "more connections than the cap stayed open: {flood}");
+    assert!(closed + failed >= FLOOD - CAP, "connections past the cap were not refused: {flood}");
+    assert!(
+        section(&out, "after-flood").contains("echo-server saw:\nGET /after HTTP/1.1"),
+        "a request after the flood: {}",
+        show(&o)
+    );
+    // Two relay threads per connection within the cap, a few of its own.
+    assert!(threads <= (2 * CAP + 40) as u64, "airlock run had {threads} threads during the flood");
+    assert!(rss_kib < 256 * 1024, "airlock run grew to {rss_kib} KiB during the flood");
+    eprintln!("flood of {FLOOD}: {}; airlock run peaked at {threads} threads, {rss_kib} KiB", flood.trim());
+}
+
+/// What either tier must show for [`allowed_and_refused_script`] run as
+/// sandbox `name` under policy `policy`, which allows only the server.
+pub(crate) fn check_allowed_and_refused(
+    env: &Env,
+    name: &str,
+    policy: &str,
+    o: &Output,
+    server: &EchoServer,
+    upload: &str,
+) {
+    let p = server.port;
+    let allow = format!("127.0.0.1:{p}");
+    let out = stdout(o);
     let vars = section(&out, "env");
-    assert!(vars.contains("proxy=http://127.0.0.1:3128 no_proxy=[]"), "{}", show(&o));
+    assert!(vars.contains("proxy=http://127.0.0.1:3128 no_proxy=[]"), "{}", show(o));
     for expected in [
         "HTTP_PROXY=http://127.0.0.1:3128",
         "HTTPS_PROXY=http://127.0.0.1:3128",
@@ -503,32 +775,34 @@ fn allowed_requests_reach_the_host_and_others_are_refused_with_the_reason() {
         "CURL_CA_BUNDLE=/run/airlock/ca-bundle.pem",
         "GIT_SSL_CAINFO=/run/airlock/ca-bundle.pem",
     ] {
-        assert!(vars.lines().any(|l| l == expected), "missing {expected}\n{}", show(&o));
+        assert!(vars.lines().any(|l| l == expected), "missing {expected}\n{}", show(o));
     }
 
     let allowed = section(&out, "allowed");
-    assert!(allowed.starts_with("HTTP/1.1 200"), "{}", show(&o));
-    assert!(allowed.contains("echo-server saw:\nGET /hello HTTP/1.1"), "{}", show(&o));
-    assert_eq!(section(&out, "post").trim(), "200", "{}", show(&o));
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{}", show(o));
+    assert!(allowed.contains("echo-server saw:\nGET /hello HTTP/1.1"), "{}", show(o));
+    assert_eq!(section(&out, "post").trim(), "200", "{}", show(o));
 
     let denied = section(&out, "denied");
-    assert!(denied.starts_with("HTTP/1.1 403"), "{}", show(&o));
-    assert!(denied.contains("x-airlock-denied: no allow entry matches example.net:80"), "{}", show(&o));
+    assert!(denied.starts_with("HTTP/1.1 403"), "{}", show(o));
+    assert!(denied.contains("x-airlock-denied: no allow entry matches example.net:80"), "{}", show(o));
     assert!(
-        denied.contains("airlock: policy dev refused GET http://example.net:80/x: no allow entry matches"),
+        denied.contains(&format!(
+            "airlock: policy {policy} refused GET http://example.net:80/x: no allow entry matches"
+        )),
         "the body names the policy and the reason\n{}",
-        show(&o)
+        show(o)
     );
     // curl: "CONNECT tunnel failed" (56) after the proxy's 403.
-    assert!(section(&out, "connect-denied").contains("curl=56"), "{}", show(&o));
+    assert!(section(&out, "connect-denied").contains("curl=56"), "{}", show(o));
 
     let socks_ok = section(&out, "socks-allowed");
-    assert!(socks_ok.contains("socks-reply=0"), "{}", show(&o));
-    assert!(socks_ok.contains("GET /via-socks HTTP/1.0"), "{}", show(&o));
+    assert!(socks_ok.contains("socks-reply=0"), "{}", show(o));
+    assert!(socks_ok.contains("GET /via-socks HTTP/1.0"), "{}", show(o));
     assert!(
         section(&out, "socks-denied").contains("socks-reply=2"),
         "SOCKS 'not allowed by ruleset'\n{}",
-        show(&o)
+        show(o)
     );
 
     let seen = server.seen();
@@ -536,7 +810,7 @@ fn allowed_requests_reach_the_host_and_others_are_refused_with_the_reason() {
     assert!(seen.iter().any(|r| r.starts_with("GET /hello ")), "{seen:#?}");
     assert!(seen.iter().any(|r| r.starts_with("POST /upload ") && r.ends_with(&upload)), "{seen:#?}");
 
-    let log = net_log(&env, "http");
+    let log = net_log(env, name);
     let rule = format!("allow \"{allow}\"");
     let hello = event(&log, "GET /hello", |e| is(e, "path", "/hello"));
     assert!(is(hello, "via", "http") && is(hello, "host", "127.0.0.1") && is(hello, "port", p), "{hello}");
@@ -569,7 +843,7 @@ fn allowed_requests_reach_the_host_and_others_are_refused_with_the_reason() {
         "a 1000-byte request body is not counted in bytes_out: {post}"
     );
 
-    let text = env.airlock(["net", "log", "http"]).output().unwrap();
+    let text = env.airlock(["net", "log", name]).output().unwrap();
     let text = stdout(&text);
     assert!(text.contains("DENY") && text.contains("example.net:80 GET /x"), "{text}");
 }
@@ -979,6 +1253,19 @@ fn secrets_policy(env: &Env, tls: &TestTls, a: u16, b: u16, c: u16) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// Sections `placeholder`, `a`, `b`, `c`: the secret's placeholder, and
+/// a request carrying it to each of the [`SecretsRig`]'s servers.
+fn secrets_script(a: u16, b: u16, c: u16) -> String {
+    let auth = "-H \"Authorization: Bearer $EXAMPLE_TOKEN\"";
+    format!(
+        "sec placeholder; echo \"$EXAMPLE_TOKEN\"; \
+         sec a; c {auth} -H \"X-Other: x$EXAMPLE_TOKEN\" --data \"body=$EXAMPLE_TOKEN\" \
+           \"https://127.0.0.1:{a}/a?q=$EXAMPLE_TOKEN\"; \
+         sec b; c {auth} https://127.0.0.1:{b}/b; \
+         sec c; c {auth} http://127.0.0.1:{c}/c; "
+    )
+}
+
 /// The placeholder is replaced with the value in request headers to the
 /// secret's hosts only: not in the URL or body, not on another intercepted
 /// host, never over plain HTTP.
@@ -989,38 +1276,62 @@ fn secrets_are_substituted_only_in_headers_to_their_hosts() {
     }
     let SecretsRig { env, a, b, c, policy } = SecretsRig::new();
     let value = secret_value();
-    let auth = "-H \"Authorization: Bearer $EXAMPLE_TOKEN\"";
-    let o = run_in(
+    let script = format!("{}sec end", secrets_script(a.port, b.port, c.port));
+    let o =
+        run_on(Tier::Process, &env, "secrets", &["--policy", &policy], &[("EXAMPLE_TOKEN", &value)], &script);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    check_secrets(&env, "secrets", &o, [&a, &b, &c], &value);
+}
+
+/// The same from a microVM guest: its only way out is the egress port to
+/// the same proxy, and the guest trusts the sandbox's CA as the process
+/// tier's sandbox does.
+#[test]
+fn secrets_are_substituted_only_in_headers_to_their_hosts_from_a_microvm() {
+    if !tier_ready(Tier::Microvm) {
+        return;
+    }
+    let SecretsRig { env, a, b, c, policy } = SecretsRig::new();
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(MICROVM_POLICY);
+    std::fs::write(&policy, text).unwrap();
+    let value = secret_value();
+    // A reflects the value reversed, which the proxy cannot see through:
+    // the guest then prints the value, and airlock's output has it redacted.
+    let script = format!(
+        "{}sec reflected; c -H X-Echo-Reversed:1 -H \"Authorization: Bearer $EXAMPLE_TOKEN\" \
+         https://127.0.0.1:{pa}/reflect | rev; sec end",
+        secrets_script(a.port, b.port, c.port),
+        pa = a.port
+    );
+    let o = run_on(
+        Tier::Microvm,
         &env,
-        "secrets",
+        "vm-secrets",
         &["--policy", &policy],
         &[("EXAMPLE_TOKEN", &value)],
-        &format!(
-            "sec placeholder; echo \"$EXAMPLE_TOKEN\"; \
-             sec a; c {auth} -H \"X-Other: x$EXAMPLE_TOKEN\" --data \"body=$EXAMPLE_TOKEN\" \
-               \"https://127.0.0.1:{pa}/a?q=$EXAMPLE_TOKEN\"; \
-             sec b; c {auth} https://127.0.0.1:{pb}/b; \
-             sec c; c {auth} http://127.0.0.1:{pc}/c; \
-             sec end",
-            pa = a.port,
-            pb = b.port,
-            pc = c.port
-        ),
+        &script,
     );
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
-    let out = stdout(&o);
+    check_secrets(&env, "vm-secrets", &o, [&a, &b, &c], &value);
+    let reflected = section(&stdout(&o), "reflected").to_string();
+    assert!(reflected.contains("Bearer [REDACTED:EXAMPLE_TOKEN]"), "{}", show(&o));
+    assert!(a.seen().iter().any(|r| r.starts_with("GET /reflect ") && r.contains(&value)), "{:#?}", a.seen());
+}
+
+/// What either tier must show for [`secrets_script`] run as sandbox `name`
+/// with the secret's `value`.
+fn check_secrets(env: &Env, name: &str, o: &Output, [a, b, c]: [&EchoServer; 3], value: &str) {
+    let out = stdout(o);
     let placeholder = section(&out, "placeholder").trim().to_string();
-    assert!(placeholder.starts_with("airlock-placeholder-EXAMPLE_TOKEN-"), "{}", show(&o));
-    assert!(
-        !out.contains(&value) && !stderr(&o).contains(&value),
-        "the value leaked into output\n{}",
-        show(&o)
-    );
+    assert!(placeholder.starts_with("airlock-placeholder-EXAMPLE_TOKEN-"), "{}", show(o));
+    assert!(!out.contains(value) && !stderr(o).contains(value), "the value leaked into output\n{}", show(o));
     // A echoes the substituted header: the proxy put the placeholder back.
     let a_out = section(&out, "a");
-    assert!(a_out.contains(&format!("Bearer {placeholder}")), "{}", show(&o));
+    assert!(a_out.contains(&format!("Bearer {placeholder}")), "{}", show(o));
 
-    let seen_a = a.seen();
+    // (The microVM run also asks A to reflect the value: see there.)
+    let seen_a: Vec<String> = a.seen().into_iter().filter(|r| !r.starts_with("GET /reflect ")).collect();
     assert_eq!(seen_a.len(), 1, "{seen_a:#?}");
     let req = &seen_a[0];
     assert!(req.contains(&format!("Bearer {value}\r\n")), "A did not get the value: {req}");
@@ -1031,14 +1342,14 @@ fn secrets_are_substituted_only_in_headers_to_their_hosts() {
     );
     assert!(req.ends_with(&format!("body={placeholder}")), "the body keeps the placeholder: {req}");
 
-    for (server, what) in [(&b, "another intercepted host"), (&c, "plain HTTP")] {
+    for (server, what) in [(b, "another intercepted host"), (c, "plain HTTP")] {
         let seen = server.seen();
         assert_eq!(seen.len(), 1, "{what}: {seen:#?}");
         assert!(seen[0].contains(&format!("Bearer {placeholder}\r\n")), "{what}: {}", seen[0]);
-        assert!(!seen[0].contains(&value), "{what} got the secret: {}", seen[0]);
+        assert!(!seen[0].contains(value), "{what} got the secret: {}", seen[0]);
     }
 
-    let log = net_log(&env, "secrets");
+    let log = net_log(env, name);
     let to_a = event(&log, "the request to A", |e| is(e, "path", "/a"));
     assert!(is(to_a, "handling", "intercepted") && to_a["secrets"] == serde_json::json!(["EXAMPLE_TOKEN"]));
     let to_b = event(&log, "the request to B", |e| is(e, "path", "/b"));

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::support::*;
 
 /// What the tier needs on the host: QEMU and a kernel with its modules.
-fn ready() -> bool {
+pub(crate) fn ready() -> bool {
     let qemu = Command::new("sh")
         .args(["-c", "command -v qemu-system-x86_64"])
         .output()
@@ -41,7 +41,7 @@ fn guest_kernel() -> Option<(String, PathBuf)> {
 }
 
 /// The guest cache the booting tests share (built once per build of airlock).
-fn shared_cache() -> PathBuf {
+pub(crate) fn shared_cache() -> PathBuf {
     test_root().join("microvm-cache")
 }
 
@@ -199,15 +199,11 @@ fn without_kvm_the_tier_is_refused_unless_the_policy_allows_emulation() {
     );
     assert_eq!(weaker.status.code(), Some(125), "{}", show(&weaker));
     assert!(stderr(&weaker).contains("requires the microvm tier"), "{}", show(&weaker));
-    // Long-lived microVMs: the host's case first, the same message as run's…
+    // A long-lived microVM is refused with the same message as run's.
     let create =
         airlock_vm(&env, &cache, &["create", "--tier", "microvm", "--policy", "ci", "--name", "vm1"]);
     assert_eq!(create.status.code(), Some(125), "{}", show(&create));
     assert_eq!(stderr(&create), err, "create and run refuse alike");
-    // …and where the policy would run it, not in this version: refused, not downgraded.
-    let create = airlock_vm(&env, &cache, &["create", "--policy", policy.to_str().unwrap(), "--name", "vm2"]);
-    assert_eq!(create.status.code(), Some(125), "{}", show(&create));
-    assert!(stderr(&create).contains("not in this version"), "{}", show(&create));
     let listed = airlock_vm(&env, &cache, &["ls", "--json"]);
     assert_eq!(stdout(&listed).trim(), "[]", "nothing was created: {}", show(&listed));
 }
@@ -275,7 +271,25 @@ fn a_command_runs_in_a_guest_with_its_own_kernel() {
     assert_eq!(value("stdin"), "from the host");
     assert!(stderr(&out).contains("to-stderr"), "{}", show(&out));
     // What the tier does not do yet it says: no workspace in the guest.
-    assert!(stderr(&out).contains("no workspace yet"), "{}", show(&out));
+    assert!(stderr(&out).contains("no overlay workspace yet"), "{}", show(&out));
+    // The run went through the sandbox lifecycle: listed with its tier and
+    // exit code, its output in its logs, its start and end in its audit log.
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["ls", "--json"]))).unwrap();
+    assert_eq!(
+        (listed[0]["tier"].as_str(), listed[0]["exit"]["code"].as_i64()),
+        (Some("microvm"), Some(7)),
+        "{listed}"
+    );
+    let name = listed[0]["name"].as_str().unwrap();
+    let logs = airlock_vm(&env, &cache, &["logs", name]);
+    assert!(stdout(&logs).contains(&format!("release={release}\n")), "{}", show(&logs));
+    let stderr_log = airlock_vm(&env, &cache, &["logs", "--stderr", name]);
+    assert!(stdout(&stderr_log).contains("to-stderr"), "{}", show(&stderr_log));
+    let audit = std::fs::read_to_string(env.sandbox_dir(name).join("audit.jsonl")).unwrap();
+    for event in ["\"created\"", "\"command_started\"", "\"exited\""] {
+        assert!(audit.contains(event), "no {event} in the audit log:\n{audit}");
+    }
     let accel = if stderr(&out).contains("software emulation (TCG)") { "tcg" } else { "kvm" };
     let boot = stderr(&out)
         .lines()
@@ -283,6 +297,27 @@ fn a_command_runs_in_a_guest_with_its_own_kernel() {
         .map(str::to_owned)
         .unwrap_or_default();
     eprintln!("microVM ({accel}): run to exit {:.1} s; {boot}", took.as_secs_f64());
+}
+
+/// `run`'s stdin reaches the guest's command whole however much there is:
+/// it is sent within the exec's window of the agent's acknowledgements
+/// (the agent closes the stdin of an exec whose host sends past it), so a
+/// command that reads late still gets every byte.
+#[test]
+fn runs_stdin_arrives_whole_within_the_window_however_late_it_is_read() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let policy = emulation_policy(&env);
+    let input = vec![b'x'; 4 << 20];
+    let out = airlock_with_input(
+        &env,
+        &["run", "--policy", policy.to_str().unwrap(), "--", "sh", "-c", "sleep 3; wc -c"],
+        &input,
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(stdout(&out).trim(), input.len().to_string(), "{}", show(&out));
 }
 
 #[test]
@@ -331,8 +366,17 @@ fn qemu_runs_unprivileged_and_dies_with_airlock() {
     let env = Env::new();
     let cache = shared_cache();
     let policy = emulation_policy(&env);
-    let mut cmd =
-        env.airlock(["run", "--policy", policy.to_str().unwrap(), "--", "sh", "-c", "echo ready; sleep 600"]);
+    let mut cmd = env.airlock([
+        "run",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--name",
+        "pdeath",
+        "--",
+        "sh",
+        "-c",
+        "echo ready; sleep 600",
+    ]);
     cmd.env("AIRLOCK_VM_CACHE", &cache).stderr(Stdio::null());
     let mut run = spawn_until_ready(cmd);
     let needle = format!("{}/run/{}-", cache.display(), run.id());
@@ -370,13 +414,15 @@ fn qemu_runs_unprivileged_and_dies_with_airlock() {
             .count()
     };
     assert_eq!(left(&runs), 1);
-    // So does QEMU's cgroup, empty.
-    let cgroup = format!("vm-{}", run.id());
-    assert!(!cgroup_dirs(&cgroup).is_empty(), "QEMU ran in a cgroup of its own");
+    // So does QEMU's cgroup, the sandbox's, empty.
+    assert!(!cgroup_dirs("pdeath").is_empty(), "QEMU ran in the sandbox's cgroup");
     let setup = airlock_vm(&env, &cache, &["vm", "setup"]);
     assert!(setup.status.success(), "{}", show(&setup));
     assert_eq!(left(&runs), 0, "the dead run's directory was swept");
-    assert_eq!(cgroup_dirs(&cgroup), Vec::<PathBuf>::new(), "the dead run's cgroup was swept");
+    // gc finds the sandbox lost and removes its cgroup.
+    let gc = airlock_vm(&env, &cache, &["gc"]);
+    assert!(gc.status.success(), "{}", show(&gc));
+    assert_eq!(cgroup_dirs("pdeath"), Vec::<PathBuf>::new(), "the dead run's cgroup was swept");
 }
 
 #[test]
@@ -645,7 +691,7 @@ fn a_view_qemu_cannot_be_given_is_a_clear_error_that_leaves_nothing() {
     )
     .unwrap();
     let child = env
-        .airlock(["run", "--policy", policy.to_str().unwrap(), "--", "true"])
+        .airlock(["run", "--policy", policy.to_str().unwrap(), "--name", "noview", "--", "true"])
         .env("AIRLOCK_VM_CACHE", &cache)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -662,7 +708,324 @@ fn a_view_qemu_cannot_be_given_is_a_clear_error_that_leaves_nothing() {
         "the jail says what it could not give QEMU: {err}"
     );
     assert!(pids_running(&format!("{}/run/{pid}-", cache.display())).is_empty(), "a QEMU was left running");
-    assert_eq!(cgroup_dirs(&format!("vm-{pid}")), Vec::<PathBuf>::new(), "QEMU's cgroup was left");
+    assert_eq!(cgroup_dirs("noview"), Vec::<PathBuf>::new(), "QEMU's cgroup was left");
     let runs = std::fs::read_dir(cache.join("run")).unwrap().flatten();
     assert_eq!(runs.filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{pid}-"))).count(), 0);
+}
+
+/// `airlock` with the shared guest cache, its output collected; `input`
+/// goes to its stdin.
+fn airlock_with_input(env: &Env, args: &[&str], input: &[u8]) -> Output {
+    let mut child = env
+        .airlock(args)
+        .env("AIRLOCK_VM_CACHE", shared_cache())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The QEMU processes started by supervisor `pid` (their run directory,
+/// `<cache>/run/<pid>-<n>`, is on their command line).
+fn qemus_of(pid: i64) -> Vec<i32> {
+    pids_running(&format!("{}/run/{pid}-", shared_cache().display()))
+}
+
+fn supervisor_pid(env: &Env, name: &str) -> i64 {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.sandbox_dir(name).join("meta.json")).unwrap()).unwrap();
+    meta["supervisor_pid"].as_i64().unwrap()
+}
+
+#[test]
+fn a_long_lived_microvm_is_served_like_a_process_tier_sandbox() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    let policy = policy.to_str().unwrap();
+    // One guest for every check.
+    let created = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "create",
+            "--policy",
+            policy,
+            "--name",
+            "lv",
+            "--workspace",
+            env.workspace.to_str().unwrap(),
+            "--mode",
+            "ro",
+            "--env",
+            "GREETING=hi",
+        ],
+    );
+    assert!(created.status.success(), "{}", show(&created));
+    assert_eq!(stdout(&created).trim(), "lv");
+    let supervisor = supervisor_pid(&env, "lv");
+    assert_eq!(qemus_of(supervisor).len(), 1, "one QEMU, started by the sandbox's supervisor");
+    // Jailed as `run`'s QEMU is, inside the sandbox's own cgroup (the one
+    // meta.json names, which gc sweeps), sized for it.
+    let qemu = qemus_of(supervisor)[0];
+    let run_dir = std::fs::read_dir(cache.join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{supervisor}-")))
+        .unwrap();
+    assert_jailed(qemu, &run_dir, &[env.state.as_path()]);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.sandbox_dir("lv").join("meta.json")).unwrap()).unwrap();
+    let cgroup = meta["cgroup"].as_str().expect("the sandbox has a cgroup").to_owned();
+    let placed = std::fs::read_to_string(format!("/proc/{qemu}/cgroup")).unwrap();
+    for controller in ["memory", "pids"] {
+        let line = placed
+            .lines()
+            .find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == controller)));
+        let line = line.or_else(|| placed.lines().find(|l| l.starts_with("0::"))).unwrap();
+        assert!(
+            line.ends_with(&format!("/{cgroup}")),
+            "QEMU's {controller} cgroup is not {cgroup}: {placed}"
+        );
+    }
+    let memory: u64 =
+        cgroup_limit(qemu, "memory", "memory.limit_in_bytes", "memory.max").unwrap().parse().unwrap();
+    assert!((512 << 20..=1024 << 20).contains(&memory), "memory limit {memory}");
+
+    // ls and inspect show the tier, in the one view.
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["ls", "--json"]))).unwrap();
+    assert_eq!(listed[0]["tier"], "microvm", "{listed}");
+    assert_eq!(listed[0]["state"], "running", "{listed}");
+    let inspected: serde_json::Value =
+        serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["inspect", "--json", "lv"]))).unwrap();
+    assert_eq!(inspected["tier"], "microvm", "{inspected}");
+    assert_eq!(inspected["workspace_mode"], "ro", "{inspected}");
+    assert!(inspected["degraded"].as_array().unwrap().iter().any(|d| d == "kvm") || !in_ci(), "{inspected}");
+
+    // exec: the guest's kernel, output on both streams, the exit code, stdin.
+    let (release, _) = guest_kernel().unwrap();
+    // The sandbox's environment (the policy's, `create --env`) under the exec's own.
+    let script = "uname -r; echo to-stderr >&2; read line; echo \"stdin=$line $GREETING $AIRLOCK_SANDBOX $OWN\"; exit 3";
+    let out = airlock_with_input(
+        &env,
+        &["exec", "-i", "--env", "OWN=mine", "lv", "--", "sh", "-c", script],
+        b"from the host\n",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert_eq!(stdout(&out), format!("{release}\nstdin=from the host hi lv mine\n"), "{}", show(&out));
+    assert!(stderr(&out).contains("to-stderr"), "{}", show(&out));
+    // A missing program, a signal, and the exec's own time limit (the
+    // supervisor kills through the agent) end as in the process tier.
+    let missing = airlock_vm(&env, &cache, &["exec", "lv", "--", "/no/such/program"]);
+    assert_eq!(missing.status.code(), Some(127), "{}", show(&missing));
+    let killed = airlock_vm(&env, &cache, &["exec", "lv", "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(killed.status.code(), Some(128 + 15), "{}", show(&killed));
+    let limited = airlock_vm(&env, &cache, &["exec", "--timeout", "2s", "lv", "--", "sleep", "600"]);
+    assert_eq!(limited.status.code(), Some(124), "{}", show(&limited));
+
+    // The workspace, read-only (mode ro), at its own path, where execs start.
+    let seen =
+        airlock_vm(&env, &cache, &["exec", "lv", "--", "sh", "-c", "pwd; cat README; echo x > README"]);
+    assert_eq!(seen.status.code(), Some(2), "{}", show(&seen));
+    assert_eq!(stdout(&seen), format!("{}\nhello\n", env.workspace.display()), "{}", show(&seen));
+    assert!(stderr(&seen).contains("Read-only file system"), "{}", show(&seen));
+    assert_eq!(std::fs::read_to_string(env.workspace.join("README")).unwrap(), "hello\n");
+
+    // cp both ways, files ls and stat, through the agent's typed file operations.
+    let host_file = env.dir.path().join("in.txt");
+    std::fs::write(&host_file, "copied in\n").unwrap();
+    let cp_in = airlock_vm(&env, &cache, &["cp", host_file.to_str().unwrap(), "lv:/tmp/in.txt"]);
+    assert!(cp_in.status.success(), "{}", show(&cp_in));
+    let shown = airlock_vm(
+        &env,
+        &cache,
+        &["exec", "lv", "--", "sh", "-c", "cat /tmp/in.txt; echo made > /tmp/out.txt"],
+    );
+    assert_eq!(stdout(&shown), "copied in\n", "{}", show(&shown));
+    let back = env.dir.path().join("out.txt");
+    let cp_out = airlock_vm(&env, &cache, &["cp", "lv:/tmp/out.txt", back.to_str().unwrap()]);
+    assert!(cp_out.status.success(), "{}", show(&cp_out));
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "made\n");
+    let listing = airlock_vm(&env, &cache, &["files", "ls", "lv:/tmp"]);
+    assert!(listing.status.success(), "{}", show(&listing));
+    assert!(
+        stdout(&listing).contains("in.txt") && stdout(&listing).contains("out.txt"),
+        "{}",
+        show(&listing)
+    );
+    let stat = airlock_vm(&env, &cache, &["files", "stat", "lv:/tmp/in.txt"]);
+    assert!(stat.status.success() && stdout(&stat).split_whitespace().any(|w| w == "10"), "{}", show(&stat));
+
+    // The sandbox's logs and audit log, as for the process tier.
+    let logs = airlock_vm(&env, &cache, &["logs", "lv"]);
+    assert!(
+        stdout(&logs).contains(&format!("{release}\n")) && stdout(&logs).contains("copied in"),
+        "{}",
+        show(&logs)
+    );
+    let audit = std::fs::read_to_string(env.sandbox_dir("lv").join("audit.jsonl")).unwrap();
+    for event in ["\"created\"", "\"exec_started\"", "\"exec_ended\"", "\"file_changed\"", "\"file_read\""] {
+        assert!(audit.contains(event), "no {event} in the audit log:\n{audit}");
+    }
+
+    // stop: QEMU is gone at once; the sandbox is stopped, and rm leaves nothing.
+    let stopped = airlock_vm(&env, &cache, &["stop", "lv"]);
+    assert!(stopped.status.success(), "{}", show(&stopped));
+    assert!(qemus_of(supervisor).is_empty(), "QEMU outlived the stop: {:?}", qemus_of(supervisor));
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["ls", "--json"]))).unwrap();
+    assert_eq!(listed[0]["state"], "stopped", "{listed}");
+    assert_eq!(listed[0]["exit"]["code"], 0, "{listed}");
+    let audit = std::fs::read_to_string(env.sandbox_dir("lv").join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"stopped\"") && audit.contains("\"exited\""), "{audit}");
+    let removed = airlock_vm(&env, &cache, &["rm", "lv"]);
+    assert!(removed.status.success(), "{}", show(&removed));
+    assert!(!env.sandbox_dir("lv").exists(), "the sandbox's state is gone");
+    assert_eq!(cgroup_dirs("lv"), Vec::<PathBuf>::new(), "the sandbox's cgroup is gone");
+    let runs = std::fs::read_dir(cache.join("run")).unwrap().flatten();
+    let left: Vec<_> =
+        runs.filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{supervisor}-"))).collect();
+    assert!(left.is_empty(), "the VM's directory is gone: {left:?}");
+}
+
+#[test]
+fn a_failed_launch_or_a_killed_supervisor_leaves_no_qemu() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    // A launch that fails once the guest is up (a failure injected after
+    // the sandbox is recorded running) kills and reaps QEMU at once.
+    let failed = env
+        .airlock(["create", "--policy", policy.to_str().unwrap(), "--name", "halfway", "--mode", "none"])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .env("AIRLOCK_TEST_FAIL_AT", "running")
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(125), "{}", show(&failed));
+    assert!(stderr(&failed).contains("launch phase running"), "{}", show(&failed));
+    let halfway = supervisor_pid(&env, "halfway");
+    assert!(qemus_of(halfway).is_empty(), "QEMU outlived a failed launch: {:?}", qemus_of(halfway));
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["ls", "--json"]))).unwrap();
+    assert_eq!(listed[0]["state"], "failed", "{listed}");
+    let runs = std::fs::read_dir(cache.join("run")).unwrap().flatten();
+    let left: Vec<_> =
+        runs.filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{halfway}-"))).collect();
+    assert!(left.is_empty(), "the failed launch's VM directory is gone: {left:?}");
+    assert!(airlock_vm(&env, &cache, &["rm", "halfway"]).status.success());
+
+    let created = airlock_vm(
+        &env,
+        &cache,
+        &["create", "--policy", policy.to_str().unwrap(), "--name", "orphan", "--mode", "none"],
+    );
+    assert!(created.status.success(), "{}", show(&created));
+    let supervisor = supervisor_pid(&env, "orphan");
+    assert_eq!(qemus_of(supervisor).len(), 1);
+    // SIGKILL: the supervisor cannot clean up. QEMU dies with it (the
+    // parent-death signal); gc finds the sandbox lost and sweeps the rest.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(supervisor as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    assert!(
+        wait_until(20, || qemus_of(supervisor).is_empty()),
+        "QEMU outlived its supervisor: {:?}",
+        qemus_of(supervisor)
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["ls", "--json"]))).unwrap();
+    assert_eq!(
+        (listed[0]["state"].as_str(), listed[0]["lost"].as_bool()),
+        (Some("failed"), Some(true)),
+        "{listed}"
+    );
+    let gc = airlock_vm(&env, &cache, &["gc"]);
+    assert!(gc.status.success(), "{}", show(&gc));
+    assert!(stdout(&gc).contains("orphan"), "{}", show(&gc));
+    let audit = std::fs::read_to_string(env.sandbox_dir("orphan").join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"supervisor_lost\""), "{audit}");
+    let runs = std::fs::read_dir(cache.join("run")).unwrap().flatten();
+    let left: Vec<_> =
+        runs.filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{supervisor}-"))).collect();
+    assert!(left.is_empty(), "gc swept the VM's directory: {left:?}");
+    let removed = airlock_vm(&env, &cache, &["rm", "orphan"]);
+    assert!(removed.status.success(), "{}", show(&removed));
+}
+
+#[test]
+fn the_daemon_creates_a_microvm_sandbox_and_execs_in_it() {
+    if !ready() {
+        return;
+    }
+    let d = super::daemon_harness::TestDaemon::start_with("microvm", |cmd| {
+        cmd.env("AIRLOCK_VM_CACHE", shared_cache());
+    });
+    let policy = emulation_policy(&d.env);
+    let policy = policy.to_str().unwrap();
+    // The host's refusal, as the CLI says it: 422 (on a host where KVM
+    // runs ordinary guests, this policy runs).
+    let (_, kvm_only) = d.json(
+        "POST",
+        "/v1/sandboxes",
+        Some(serde_json::json!({ "name": "refused", "policy": "ci", "tier": "microvm" })),
+    );
+    let (state, _) = doctor_kvm_state(&d.env, &shared_cache());
+    if state != "usable" {
+        assert_eq!(kvm_only["error"]["code"], "host_unsupported", "{kvm_only}");
+        assert!(kvm_only["error"]["message"].as_str().unwrap().contains("allow_weaker"), "{kvm_only}");
+    }
+    let (status, bad) =
+        d.json("POST", "/v1/sandboxes", Some(serde_json::json!({ "policy": policy, "tier": "vm" })));
+    assert_eq!((status, bad["error"]["code"].as_str()), (400, Some("invalid_request")), "{bad}");
+    // The policy's tier, or the request's.
+    let (status, created) =
+        d.json("POST", "/v1/sandboxes", Some(serde_json::json!({ "name": "dvm", "policy": policy })));
+    assert_eq!(status, 201, "{created}\n{}", d.log());
+    assert_eq!(created["tier"], "microvm", "{created}");
+    let (status, body) =
+        d.request("POST", "/v1/sandboxes/dvm/exec", Some(r#"{"argv":["sh","-c","uname -r; exit 5"]}"#));
+    assert_eq!(status, 200, "{body}");
+    let lines: Vec<serde_json::Value> =
+        body.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (release, _) = guest_kernel().unwrap();
+    let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{release}\n"));
+    assert!(lines.iter().any(|l| l["type"] == "stdout" && l["data"] == encoded.as_str()), "{body}");
+    assert_eq!(lines.last().unwrap()["code"], 5, "{body}");
+    let (_, inspected) = d.json("GET", "/v1/sandboxes/dvm", None);
+    assert_eq!(inspected["tier"], "microvm", "{inspected}");
+    assert_eq!(qemus_of(inspected["supervisor_pid"].as_i64().unwrap()).len(), 1, "{inspected}");
+    // A guest that powers off ends the sandbox, with the reason in its audit log.
+    let (_, body) = d.request(
+        "POST",
+        "/v1/sandboxes/dvm/exec",
+        Some(r#"{"argv":["sh","-c","echo o > /proc/sysrq-trigger; sleep 60"]}"#),
+    );
+    assert!(body.lines().last().is_some_and(|l| l.contains("exit") || l.contains("error")), "{body}");
+    assert!(
+        wait_until(30, || d.json("GET", "/v1/sandboxes/dvm", None).1["state"] == "stopped"),
+        "{}",
+        d.json("GET", "/v1/sandboxes/dvm", None).1
+    );
+    let (_, ended) = d.json("GET", "/v1/sandboxes/dvm", None);
+    assert_eq!((ended["exit"]["code"].as_i64(), ended["exit"]["signal"].as_i64()), (None, None), "{ended}");
+    let audit = std::fs::read_to_string(d.env.sandbox_dir("dvm").join("audit.jsonl")).unwrap();
+    assert!(audit.contains("the guest powered off while the sandbox ran"), "{audit}");
+    let supervisor = inspected["supervisor_pid"].as_i64().unwrap();
+    assert!(qemus_of(supervisor).is_empty(), "QEMU outlived its guest: {:?}", qemus_of(supervisor));
+    let (status, removed) = d.json("DELETE", "/v1/sandboxes/dvm", None);
+    assert_eq!(status, 200, "{removed}");
+    assert!(!d.env.sandbox_dir("dvm").exists());
 }

@@ -51,6 +51,9 @@ pub struct CreateBody {
     /// overlay, ro, rw or none; the policy's mode when absent (none
     /// without a workspace). The policy decides which it permits.
     pub workspace_mode: Option<String>,
+    /// process or microvm; the policy's tier when absent. A policy that
+    /// requires microvm refuses process.
+    pub tier: Option<String>,
 }
 
 /// A create request checked against the caller's rights, ready for the
@@ -106,6 +109,13 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
     {
         return Err(ApiError::bad_request("invalid_request", "cpus must be a positive number"));
     }
+    let tier = match &body.tier {
+        None => None,
+        Some(text) => Some(
+            text.parse::<airlock_policy::Tier>()
+                .map_err(|e| ApiError::bad_request("invalid_request", format!("tier: {e}")))?,
+        ),
+    };
     let workspace_mode = match &body.workspace_mode {
         None => workspace.is_none().then_some(WorkspaceMode::None),
         Some(text) => {
@@ -131,9 +141,7 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
         // workspace, nothing is mounted.
         workspace_mode,
         allow: body.allow,
-        // Long-lived microVMs are not in this version: the policy's tier
-        // decides, and `check` refuses microvm.
-        tier: None,
+        tier,
     };
     let request = CreateRequest {
         name: body.name,

@@ -19,8 +19,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::suite::egress::{
-    TestTls, after_connect, echo_one, event, is, needs_clients, net_log, run_in, secret_value, section,
-    test_tls, write_ca, write_policy,
+    MICROVM_POLICY, TestTls, Tier, after_connect, echo_one, event, is, needs_clients, net_log, run_in,
+    run_on, secret_value, section, test_tls, tier_ready, write_ca, write_policy,
 };
 use crate::suite::support::*;
 
@@ -853,7 +853,18 @@ fn secret_policy(env: &Env, tls: &TestTls, ports: &[u16], secret_port: u16) -> S
 /// the proxy cannot read (gzip, although it asked for identity) is refused.
 #[test]
 fn a_reflected_secret_reaches_the_sandbox_only_as_its_placeholder() {
-    if !needs_clients() {
+    reflected_secret(Tier::Process);
+}
+
+/// The same in a microVM guest: the proxy's replacement keeps the value
+/// out of the guest, not only out of airlock's (redacted) output.
+#[test]
+fn a_reflected_secret_reaches_a_microvm_guest_only_as_its_placeholder() {
+    reflected_secret(Tier::Microvm);
+}
+
+fn reflected_secret(tier: Tier) {
+    if !tier_ready(tier) {
         return;
     }
     let env = Env::new();
@@ -861,9 +872,15 @@ fn a_reflected_secret_reaches_the_sandbox_only_as_its_placeholder() {
     let a = KeepAliveServer::start(Some(tls.server.clone()));
     let pa = a.port;
     let policy = secret_policy(&env, &tls, &[pa], pa);
+    if tier == Tier::Microvm {
+        let mut text = std::fs::read_to_string(&policy).unwrap();
+        text.push_str(MICROVM_POLICY);
+        std::fs::write(&policy, text).unwrap();
+    }
     let value = secret_value();
     let get = format!("c -D - -H \"Authorization: Bearer $EXAMPLE_TOKEN\" https://127.0.0.1:{pa}");
-    let o = run_in(
+    let o = run_on(
+        tier,
         &env,
         "reflect",
         &["--policy", &policy],

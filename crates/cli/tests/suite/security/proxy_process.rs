@@ -395,6 +395,64 @@ fn a_killed_proxy_fails_the_sandboxs_egress_closed_and_is_recorded() {
     stop(&env, "cut");
 }
 
+/// The same from a microVM guest: its connections cross the egress port
+/// to the proxy, and with the proxy gone each is refused (the hand-over
+/// fails), while the guest's command runs on; the audit log says so.
+#[test]
+fn a_killed_proxy_fails_a_microvm_guests_egress_closed_and_is_recorded() {
+    use crate::suite::egress::{MICROVM_POLICY, Tier, microvm_command, tier_ready};
+    use std::io::BufRead;
+    if !clients() || !tier_ready(Tier::Microvm) {
+        return;
+    }
+    let env = Env::new();
+    let server = HeldServer::start();
+    server.answer_all();
+    let policy = env.dir.path().join("microvm-dev.toml");
+    std::fs::write(&policy, format!("extends = \"dev\"\n{MICROVM_POLICY}")).unwrap();
+    let allow = format!("127.0.0.1:{}", server.port);
+    let get = |via: &str| {
+        format!(
+            "curl -sS --max-time 10 -o /dev/null -w '%{{http_code}}\\n' {via} http://127.0.0.1:{}/ || echo failed",
+            server.port
+        )
+    };
+    let (http, socks) = (get(""), get("-x socks5h://127.0.0.1:1080"));
+    // The guest waits (long enough for the host to kill the proxy) between
+    // the requests before and after.
+    let script = format!("{http}; {socks}; echo ready; sleep 20; {http}; {socks}");
+    let mut cmd = microvm_command(
+        &env,
+        "vm-cut",
+        &["--policy", policy.to_str().unwrap(), "--allow", &allow],
+        &[],
+        &script,
+    );
+    let mut run = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = std::io::BufReader::new(run.stdout.take().unwrap()).lines();
+    let mut before = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line == "ready" {
+            break;
+        }
+        before.push(line);
+    }
+    assert_eq!(before, ["200", "200"], "egress must work before the kill");
+    assert_eq!(server.requests.try_iter().count(), 2);
+    let proxy = proxy_of("vm-cut").expect("no egress proxy process for the microVM run");
+    assert!(Command::new("kill").args(["-KILL", &proxy.to_string()]).status().unwrap().success());
+    let recorded = || audit(&env, "vm-cut").into_iter().find(|e| e["event"] == "egress_proxy_ended");
+    assert!(wait_until(10, || recorded().is_some()), "the proxy's death is not in the audit log");
+    assert_eq!(recorded().unwrap()["signal"], 9);
+    let after: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "the guest's command ran on: {after:?}");
+    assert_eq!(after.iter().filter(|a| *a == "failed").count(), 2, "both requests fail: {after:?}");
+    assert!(after.iter().all(|a| !a.contains("200")), "egress still works after the proxy died: {after:?}");
+    assert_eq!(server.requests.try_iter().count(), 0, "a request reached the server without a proxy");
+}
+
 /// A supervisor killed outright takes its proxy with it (its parent-death
 /// signal, and the egress channel closing with the agent), so no proxy
 /// outlives the sandbox it served.
