@@ -3,9 +3,10 @@
 #
 #   bench/run.sh [harness options]      e.g. bench/run.sh --iterations 100
 #
-# 1. As root, installs the peers it compares against (bubblewrap, runc, socat)
-#    and curl (the egress benchmarks' client) with apt-get when they are
-#    missing.
+# 1. As root, installs the peers it compares against (bubblewrap, runc, socat),
+#    curl (the egress benchmarks' client) and QEMU (the microVM tier's engine)
+#    with apt-get when they are missing, and a kernel for the microVM guest
+#    (linux-image-amd64) when /boot has none.
 #    One that cannot be installed is reported and its rows are skipped; the
 #    rest still runs.
 # 2. Builds airlock and the harness in release mode.
@@ -23,17 +24,27 @@ warn() { printf '!! %s\n' "$*" >&2; }
 # command -> Debian package: the peers, and curl for the egress benchmarks
 # (tinyproxy is compared against where installed, but not installed here: its
 # package starts a system proxy service.)
-declare -A PEERS=([bwrap]=bubblewrap [runc]=runc [curl]=curl [socat]=socat)
+declare -A PEERS=([bwrap]=bubblewrap [runc]=runc [curl]=curl [socat]=socat
+    [qemu-system-x86_64]=qemu-system-x86)
 # what is lost without it
 declare -A USED_BY=([bwrap]="benchmarks against bwrap" [runc]="benchmarks against runc" [curl]="egress benchmarks"
-    [socat]="egress rows through a bare relay")
+    [socat]="egress rows through a bare relay" [qemu-system-x86_64]="microvm benchmarks")
 
 missing=()
 for cmd in "${!PEERS[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
 
-if [ "${#missing[@]}" -gt 0 ]; then
+# The microVM guest boots the distribution's kernel (with its modules).
+kernel_missing=
+if ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
+    kernel_missing=1
+fi
+
+wanted=("${missing[@]}")
+[ -n "$kernel_missing" ] && wanted+=("linux-image-amd64")
+if [ "${#wanted[@]}" -gt 0 ]; then
+    missing=("${wanted[@]}")
     if [ "$(id -u)" != 0 ]; then
         warn "not root: cannot install ${missing[*]}; what needs them is skipped"
     elif ! command -v apt-get >/dev/null 2>&1; then
@@ -43,7 +54,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
         if ! apt-get update -qq; then
             warn "apt-get update failed; trying to install from the existing package lists"
         fi
+        if [ -n "$kernel_missing" ]; then
+            if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-image-amd64 \
+                >/dev/null; then
+                say "installed linux-image-amd64 (the microVM guest's kernel)"
+            else
+                warn "could not install linux-image-amd64: microvm benchmarks are skipped"
+            fi
+        fi
         for cmd in "${missing[@]}"; do
+            [ "$cmd" = linux-image-amd64 ] && continue
             pkg="${PEERS[$cmd]}"
             if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null \
                 && command -v "$cmd" >/dev/null 2>&1; then

@@ -2,12 +2,15 @@
 //! takes as the workspace grows, how much memory a run needs, beside
 //! bubblewrap and runc doing the same job; what the egress proxy costs a
 //! download and a request against going direct; and how `airlock daemon`
-//! creates, execs in and holds many sandboxes. See bench/README.md.
+//! creates, execs in and holds many sandboxes; and what a microVM sandbox
+//! costs to boot, to exec in and to keep. See bench/README.md.
 
 mod daemon;
 mod egress;
 mod fixtures;
 mod measure;
+mod microvm;
+mod procmem;
 mod report;
 
 use std::fmt;
@@ -43,7 +46,9 @@ Runs airlock's startup, diff and memory benchmarks, and the same startup with
 bubblewrap and runc where they are installed, and the egress benchmarks
 (a download and small requests through airlock's proxy and direct, with curl),
 and the daemon benchmarks (create → first exec, exec round trip, concurrent
-creates and memory per idle sandbox, against its own `airlock daemon`);
+creates and memory per idle sandbox, against its own `airlock daemon`), and
+the microVM benchmarks (boot to first exec, exec round trip, host memory per
+idle VM, with KVM where it works and under emulation otherwise);
 prints medians, p90 and ratios.
 
 options:
@@ -59,7 +64,7 @@ options:
   --no-bwrap           skip bubblewrap even if installed
   --no-runc            skip runc even if installed
   --only LIST          run only these sections, comma-separated: startup, diff,
-                       egress, daemon (startup includes peak memory)
+                       egress, daemon, microvm (startup includes peak memory)
   --egress-runs N      timed runs per egress case (default 5)
   --egress-requests N  small requests per latency run (default 200)
   --download-mib N     size of the egress download in MiB (default 256)
@@ -67,6 +72,12 @@ options:
                        benchmark (default 200)
   --daemon-counts LIST sandboxes held at once by the daemon, comma-separated
                        (default 1,10,200)
+  --vm-iterations N    timed rounds of the microVM boot cases (default 3)
+  --vm-warmup N        untimed rounds before them (default 1)
+  --vm-execs N         execs of `true` per route into a running microVM
+                       (default 20)
+  --vm-cache DIR       the guest cache (default: $AIRLOCK_VM_CACHE, else
+                       vm-cache in the work directory, kept between runs)
   --keep               keep the scratch directory afterwards
   --strict             exit 2 when a target is missed
   -h, --help           this text";
@@ -90,6 +101,10 @@ pub struct Options {
     pub download_mib: u64,
     pub daemon_execs: usize,
     pub daemon_counts: Vec<usize>,
+    pub vm_iterations: usize,
+    pub vm_warmup: usize,
+    pub vm_execs: usize,
+    pub vm_cache: Option<PathBuf>,
 }
 
 /// Which groups of benchmarks to run.
@@ -100,11 +115,13 @@ pub struct Sections {
     pub diff: bool,
     pub egress: bool,
     pub daemon: bool,
+    pub microvm: bool,
 }
 
 impl Sections {
-    const ALL: Sections = Sections { startup: true, diff: true, egress: true, daemon: true };
-    const NONE: Sections = Sections { startup: false, diff: false, egress: false, daemon: false };
+    const ALL: Sections = Sections { startup: true, diff: true, egress: true, daemon: true, microvm: true };
+    const NONE: Sections =
+        Sections { startup: false, diff: false, egress: false, daemon: false, microvm: false };
 
     fn parse(list: &str) -> Result<Sections, BenchError> {
         let mut s = Sections::NONE;
@@ -114,15 +131,18 @@ impl Sections {
                 "diff" => s.diff = true,
                 "egress" => s.egress = true,
                 "daemon" => s.daemon = true,
+                "microvm" => s.microvm = true,
                 other => {
                     return Err(BenchError::new(format!(
-                        "--only: unknown section {other:?} (startup, diff, egress, daemon)"
+                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm)"
                     )));
                 }
             }
         }
         if s == Sections::NONE {
-            return Err(BenchError::new("--only needs at least one section (startup, diff, egress, daemon)"));
+            return Err(BenchError::new(
+                "--only needs at least one section (startup, diff, egress, daemon, microvm)",
+            ));
         }
         Ok(s)
     }
@@ -153,6 +173,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
         download_mib: 256,
         daemon_execs: 200,
         daemon_counts: vec![1, 10, 200],
+        vm_iterations: 3,
+        vm_warmup: 1,
+        vm_execs: 20,
+        vm_cache: None,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -201,6 +225,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
             }
             "--daemon-execs" => o.daemon_execs = number("--daemon-execs", value("--daemon-execs")?, 1)?,
             "--daemon-counts" => o.daemon_counts = daemon::parse_counts(&value("--daemon-counts")?)?,
+            "--vm-iterations" => o.vm_iterations = number("--vm-iterations", value("--vm-iterations")?, 1)?,
+            "--vm-warmup" => o.vm_warmup = number("--vm-warmup", value("--vm-warmup")?, 0)?,
+            "--vm-execs" => o.vm_execs = number("--vm-execs", value("--vm-execs")?, 1)?,
+            "--vm-cache" => o.vm_cache = Some(PathBuf::from(value("--vm-cache")?)),
             other => return Err(BenchError::new(format!("unknown argument {other:?}; see --help"))),
         }
     }
@@ -347,6 +375,8 @@ pub struct Results {
     pub egress: Option<EgressResults>,
     /// None when the section was not selected.
     pub daemon: Option<daemon::DaemonResults>,
+    /// None when the section was not selected.
+    pub microvm: Option<microvm::MicrovmResults>,
 }
 
 /// The egress section's outcome: per case, the pooled values of all timed
@@ -429,12 +459,29 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             opts.daemon_counts.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
         ));
     }
+    // The guest cache outlives the run's scratch directory, so a guest is
+    // built once per airlock build, not once per run.
+    let vm_cache = opts
+        .vm_cache
+        .clone()
+        .or_else(|| std::env::var_os("AIRLOCK_VM_CACHE").filter(|v| !v.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| work_root.join("vm-cache"));
+    if sections.microvm {
+        header.push(format!(
+            "microvm:    {} boot rounds after {} warm-up; {} execs per route; guest cache {}",
+            opts.vm_iterations,
+            opts.vm_warmup,
+            opts.vm_execs,
+            vm_cache.display()
+        ));
+    }
     if sections != Sections::ALL {
         let names: Vec<&str> = [
             (sections.startup, "startup"),
             (sections.diff, "diff"),
             (sections.egress, "egress"),
             (sections.daemon, "daemon"),
+            (sections.microvm, "microvm"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -531,6 +578,21 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         None
     };
 
+    let microvm = if sections.microvm {
+        if sections.startup || sections.diff || sections.egress || sections.daemon {
+            note_cpu_busy("microvm", &mut header, &mut notes);
+        }
+        let plan = microvm::Plan {
+            iterations: opts.vm_iterations,
+            warmup: opts.vm_warmup,
+            execs: opts.vm_execs,
+            cache: vm_cache,
+        };
+        Some(microvm::run(&airlock, &scratch.join("microvm"), &plan, &mut notes))
+    } else {
+        None
+    };
+
     let results = Results {
         opts: opts.clone(),
         header,
@@ -546,6 +608,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         diff_stats,
         egress,
         daemon,
+        microvm,
     };
     let verdict = report::print(&results);
 
@@ -560,7 +623,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             .iter()
             .any(|o| matches!(o, Outcome::Failed(_)))
             || results.egress.as_ref().is_some_and(EgressResults::failed)
-            || results.daemon.as_ref().is_some_and(daemon::DaemonResults::failed);
+            || results.daemon.as_ref().is_some_and(daemon::DaemonResults::failed)
+            || results.microvm.as_ref().is_some_and(microvm::MicrovmResults::failed);
     Ok(if airlock_failed {
         1
     } else if opts.strict && !verdict.all_met {
@@ -968,5 +1032,13 @@ mod tests {
         };
         assert_eq!(o.sections, Sections { daemon: true, ..Sections::NONE });
         assert_eq!((o.daemon_counts, o.daemon_execs), (vec![1, 5], 20));
+        let Parsed::Run(o) =
+            parse(&["--airlock", "/a", "--only", "microvm", "--vm-iterations=5", "--vm-execs", "7"]).unwrap()
+        else {
+            panic!("help")
+        };
+        assert_eq!(o.sections, Sections { microvm: true, ..Sections::NONE });
+        assert_eq!((o.vm_iterations, o.vm_warmup, o.vm_execs, o.vm_cache), (5, 1, 7, None));
+        assert!(parse(&["--airlock", "/a", "--vm-iterations", "0"]).is_err());
     }
 }

@@ -102,6 +102,9 @@ pub fn print(r: &Results) -> Verdict {
     if let Some(d) = &r.daemon {
         crate::daemon::print(d, &mut problems);
     }
+    if let Some(m) = &r.microvm {
+        crate::microvm::print(m, &mut problems);
+    }
 
     println!();
     println!("== targets");
@@ -145,6 +148,9 @@ pub fn print(r: &Results) -> Verdict {
         } else {
             crate::daemon::targets(d, &mut target);
         }
+    }
+    if let Some(m) = &r.microvm {
+        crate::microvm::targets(m, &mut target);
     }
 
     if !r.notes.is_empty() || !problems.is_empty() {
