@@ -829,6 +829,10 @@ pub fn print(r: &MicrovmResults, problems: &mut Vec<String>) {
                 mib(q.beyond_guest_kib()),
                 mib(q.beyond_guest_pss_kib())
             );
+            println!(
+                "      of which anonymous (memory QEMU wrote: not reclaimable)       {:>10}; the rest is clean file pages",
+                mib(q.anon_beyond_guest_kib)
+            );
             if accel == Accel::Tcg {
                 println!(
                     "      without TCG's buffer (what KVM would not have)                {:>10}",

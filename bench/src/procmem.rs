@@ -15,6 +15,9 @@ pub struct Mapping {
     pub size_kib: u64,
     pub rss_kib: u64,
     pub pss_kib: u64,
+    /// Anonymous pages: of an anonymous mapping, or copied on write in a
+    /// private file mapping.
+    pub anon_kib: u64,
 }
 
 impl Mapping {
@@ -55,6 +58,7 @@ pub fn parse_smaps(text: &str) -> Vec<Mapping> {
             "Size" => current.size_kib = value,
             "Rss" => current.rss_kib = value,
             "Pss" => current.pss_kib = value,
+            "Anonymous" => current.anon_kib = value,
             _ => {}
         }
     }
@@ -75,7 +79,7 @@ fn parse_header(line: &str) -> Option<Mapping> {
     // offset, device, inode; the path (which may hold spaces) is the rest.
     let (_offset, _dev, _inode) = (fields.next()?, fields.next()?, fields.next()?);
     let path = fields.next().unwrap_or("").trim().to_string();
-    Some(Mapping { perms: perms.to_string(), path, size_kib: 0, rss_kib: 0, pss_kib: 0 })
+    Some(Mapping { perms: perms.to_string(), path, size_kib: 0, rss_kib: 0, pss_kib: 0, anon_kib: 0 })
 }
 
 /// A QEMU's resident memory, KiB, split by what holds it. The classes do
@@ -98,6 +102,9 @@ pub struct QemuMemory {
     pub file_pss_kib: u64,
     /// Everything else: QEMU's heap, thread stacks, device state.
     pub other_kib: u64,
+    /// Anonymous pages outside the guest's RAM: memory QEMU itself wrote,
+    /// which (unlike clean file pages) cannot be dropped and re-read.
+    pub anon_beyond_guest_kib: u64,
 }
 
 impl QemuMemory {
@@ -133,7 +140,10 @@ pub fn qemu_memory(maps: &[Mapping], guest_mib: u64) -> QemuMemory {
         q.pss_kib += m.pss_kib;
         if Some(i) == ram {
             q.guest_ram_kib = Some(m.rss_kib);
-        } else if m.anonymous() && m.executable() {
+            continue;
+        }
+        q.anon_beyond_guest_kib += m.anon_kib;
+        if m.anonymous() && m.executable() {
             q.translation_kib += m.rss_kib;
         } else if m.file_backed() {
             q.file_kib += m.rss_kib;
@@ -181,6 +191,7 @@ Pss_Dirty:             0 kB
 Size:              17408 kB
 Rss:               12000 kB
 Pss:               12000 kB
+Anonymous:         12000 kB
 7fb38fe00000-7fb393cdb000 rw-p 00000000 fe:00 10018936                   /var/cache/airlock/vm/guest/vmlinux
 Size:              64364 kB
 Rss:               61440 kB
@@ -189,10 +200,12 @@ Pss:               30720 kB
 Size:             524288 kB
 Rss:               92160 kB
 Pss:               92160 kB
+Anonymous:         92160 kB
 7fb3b4000000-7fb3bbfff000 rwxp 00000000 00:00 0 
 Size:             131068 kB
 Rss:                8192 kB
 Pss:                8192 kB
+Anonymous:          8192 kB
 7fb3bc021000-7fb3c0000000 ---p 00000000 00:00 0 
 Size:              65404 kB
 Rss:                   0 kB
@@ -234,6 +247,8 @@ Pss:                  40 kB
         assert_eq!(q.guest_ram_kib.unwrap() + q.translation_kib + q.file_kib + q.other_kib, q.rss_kib);
         assert_eq!(q.beyond_guest_kib(), q.rss_kib - 92160);
         assert_eq!(q.beyond_guest_pss_kib(), q.pss_kib - 92160);
+        // The heap and the translated code; the kernel image is clean.
+        assert_eq!(q.anon_beyond_guest_kib, 12000 + 8192);
     }
 
     #[test]
