@@ -22,4 +22,5 @@ mod microvm;
 mod rootless;
 mod security;
 mod startup_work;
+mod vm_compat;
 mod workspace;

@@ -1,8 +1,9 @@
 //! The seed's sandboxd primitives, for tools written against Docker's
 //! sandbox daemon: `GET /vm`, `POST /vm`, `DELETE /vm/{name}`. A "VM" is an
-//! airlock sandbox (process tier, policy `dev`), its `vm_id` and `vm_name`
-//! the sandbox's name, its `agent_name` the `agent_name` label. This surface
-//! is frozen; new features go to `/v1`.
+//! airlock sandbox (policy `dev` on the process tier unless the request
+//! names another policy or the microVM tier), its `vm_id` and `vm_name` the
+//! sandbox's name, its `agent_name` the `agent_name` label. This surface is
+//! frozen but for choosing the policy and tier; new features go to `/v1`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -73,6 +74,14 @@ pub async fn list(State(app): State<Arc<App>>, peer: Peer) -> Result<Json<Vec<Vm
 pub struct CreateVm {
     pub agent_name: String,
     pub workspace_dir: PathBuf,
+    /// A built-in policy or (root only) a policy file, as in `POST
+    /// /v1/sandboxes`; default `dev`. Its tier applies unless `tier` says.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// `process` or `microvm`, as in `POST /v1/sandboxes`: a real VM, a
+    /// guest with its own kernel, for callers that expect one.
+    #[serde(default)]
+    pub tier: Option<String>,
 }
 
 /// `POST /vm`.
@@ -82,7 +91,8 @@ pub async fn create(
     JsonBody(body): JsonBody<CreateVm>,
 ) -> Result<(StatusCode, Json<CreatedVm>), ApiError> {
     let request = CreateBody {
-        policy: Some("dev".to_owned()),
+        policy: Some(body.policy.unwrap_or_else(|| "dev".to_owned())),
+        tier: body.tier,
         workspace: Some(body.workspace_dir),
         labels: BTreeMap::from([(AGENT_LABEL.to_owned(), body.agent_name)]),
         ..CreateBody::default()
