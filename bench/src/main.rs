@@ -149,7 +149,7 @@ impl Sections {
 }
 
 enum Parsed {
-    Run(Options),
+    Run(Box<Options>),
     Help,
 }
 
@@ -233,7 +233,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
         }
     }
     o.airlock = airlock.ok_or_else(|| BenchError::new("--airlock PATH is required; see --help"))?;
-    Ok(Parsed::Run(o))
+    Ok(Parsed::Run(Box::new(o)))
 }
 
 fn main() {
