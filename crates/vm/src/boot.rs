@@ -686,6 +686,52 @@ mod tests {
     }
 
     #[test]
+    fn a_writable_layer_is_a_virtio_fs_share_with_shared_guest_memory_and_said_to_the_guest() {
+        let guest = Guest {
+            key: String::new(),
+            kernel_release: "6.1".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            initramfs_bytes: 0,
+        };
+        let mut spec = BootSpec {
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            cpus: 1,
+            deadline: Duration::from_secs(1),
+            root: vec![RootEntry::Workspace("/w".into())],
+            cgroup: None,
+            egress: false,
+            layer: None,
+        };
+        let run = Path::new("/run/x");
+        let args = |spec: &BootSpec| {
+            qemu_args(&guest, spec, &run.join("a"), &run.join("e"), &run.join("layer.sock"), &run.join("c"))
+                .unwrap()
+                .join(" ")
+        };
+        let without = args(&spec);
+        assert!(!without.contains("vhost-user-fs") && !without.contains(LAYER_ARG), "{without}");
+        assert!(
+            without.contains("fsdev=ws,mount_tag=ws"),
+            "the workspace is a read-only 9p share: {without}"
+        );
+        spec.layer = Some(LayerShare { dir: "/s/layer".into(), first_host_uid: Some(1_000_065_536) });
+        let with = args(&spec);
+        for part in [
+            "-M microvm,memory-backend=ram ",
+            "memory-backend-memfd,id=ram,size=256M,share=on",
+            "virtio-mmio.force-legacy=false",
+            "socket,id=layer,path=/run/x/layer.sock",
+            "vhost-user-fs-device,chardev=layer,tag=layer",
+            "fsdev=ws,mount_tag=ws",
+        ] {
+            assert!(with.contains(part), "{part} missing: {with}");
+        }
+        assert!(with.contains(&format!(" {LAYER_ARG}")), "the guest is told: {with}");
+    }
+
+    #[test]
     fn the_guests_console_is_shown_without_control_characters() {
         assert_eq!(printable("ok\x1b[2J\rforged\tline"), "ok?[2J?forged\tline");
     }

@@ -443,4 +443,30 @@ mod tests {
             [PathBuf::from("/lib/x86_64-linux-gnu/libz.so.1"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
         );
     }
+
+    #[test]
+    fn virtiofsd_sees_its_binary_and_the_layer_and_keeps_only_its_capabilities() {
+        let program = Path::new(VIRTIOFSD);
+        if !program.exists() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "needs {VIRTIOFSD} under CI=true");
+            eprintln!("skipping: no {VIRTIOFSD}");
+            return;
+        }
+        let layer = tempfile::tempdir().unwrap();
+        let plan = plan_virtiofsd(program, vec!["--fd=0".into()], layer.path()).unwrap();
+        assert_eq!(plan.writable, [layer.path().to_path_buf()]);
+        assert!(plan.read_only.contains(&program.to_path_buf()));
+        assert!(
+            plan.read_only.iter().all(|p| p == program
+                || p == Path::new("/etc/ld.so.cache")
+                || p.to_string_lossy().contains(".so")),
+            "{:?}",
+            plan.read_only
+        );
+        assert!(plan.devices.is_empty() && plan.proc);
+        // Never CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_NET_ADMIN or CAP_SYS_MODULE.
+        for forbidden in [21, 19, 12, 16] {
+            assert!(!plan.keep_capabilities.contains(&forbidden), "{forbidden}");
+        }
+    }
 }
