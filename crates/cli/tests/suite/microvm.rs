@@ -527,7 +527,7 @@ fn assert_jailed(qemu: i32, run_dir: &Path, absent: &[&Path]) {
         };
         // With an overlay workspace, a /proc of QEMU's own PID namespace
         // (its 9p server reads xattrs through /proc/self/fd); checked below.
-        let own_proc = point == Path::new("/proc") && fields.iter().any(|f| *f == "proc");
+        let own_proc = point == Path::new("/proc") && fields.contains(&"proc");
         let allowed = own_proc
             || point == Path::new("/")
             || files.contains(&point)
