@@ -570,10 +570,11 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
 
 /// The microVM tier's launch, from the sandbox's recorded creation on: the
 /// guest boots (QEMU held from its spawn on, killed on undo) and its
-/// agent's channel is the control stream. What the process tier builds on
-/// the host — id block, cgroup, writable layer, jail — the guest's own
-/// kernel replaces; the supervisor, relays, logs, audit and finalize are
-/// the same.
+/// agent's channel is the control stream. The cgroup (sized for QEMU),
+/// the id block (for the proxy's uid and virtiofsd's id map) and an overlay
+/// workspace's writable layer are the process tier's; the jail and the
+/// id-mapped workspace the guest's own kernel replaces; the supervisor,
+/// relays, logs, audit and finalize are the same.
 #[allow(clippy::too_many_arguments)]
 fn launch_vm(
     sandbox: &SandboxDir,

@@ -943,11 +943,24 @@ fn a_failed_launch_or_a_killed_supervisor_leaves_no_qemu() {
     let created = airlock_vm(
         &env,
         &cache,
-        &["create", "--policy", policy.to_str().unwrap(), "--name", "orphan", "--mode", "none"],
+        &[
+            "create",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--name",
+            "orphan",
+            "--workspace",
+            env.workspace.to_str().unwrap(),
+            "--mode",
+            "overlay",
+        ],
     );
     assert!(created.status.success(), "{}", show(&created));
     let supervisor = supervisor_pid(&env, "orphan");
     assert_eq!(qemus_of(supervisor).len(), 1);
+    let layer = env.sandbox_dir("orphan").join("layer");
+    let virtiofsd = || pids_running(&format!("source={}", layer.display()));
+    assert_eq!(virtiofsd().len(), 1, "the overlay workspace's virtiofsd");
     // SIGKILL: the supervisor cannot clean up. QEMU dies with it (the
     // parent-death signal); gc finds the sandbox lost and sweeps the rest.
     rustix::process::kill_process(
@@ -959,6 +972,13 @@ fn a_failed_launch_or_a_killed_supervisor_leaves_no_qemu() {
         wait_until(20, || qemus_of(supervisor).is_empty()),
         "QEMU outlived its supervisor: {:?}",
         qemus_of(supervisor)
+    );
+    // virtiofsd's parent-death signal is cleared by its own fsuid changes;
+    // it ends when QEMU's end closes its vhost-user connection.
+    assert!(
+        wait_until(20, || virtiofsd().is_empty()),
+        "virtiofsd outlived its supervisor: {:?}",
+        virtiofsd()
     );
     let listed: serde_json::Value =
         serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["ls", "--json"]))).unwrap();
