@@ -53,9 +53,14 @@ pub(crate) fn shortfalls(policy: &Policy, workspace: Option<&Path>, host: &HostR
             Some(dir) => dir.display().to_string(),
             None => "the current directory".to_owned(),
         };
+        let why = match mode {
+            // Its writable layer must be a tmpfs of its own, for virtiofsd
+            // to share without the sandbox's state beside it.
+            WorkspaceMode::Overlay => "an overlay workspace in a microVM needs root".to_owned(),
+            _ => format!("the microVM tier has no {mode} workspace yet"),
+        };
         warnings.push(format!(
-            "the microVM tier has no {mode} workspace yet: {which} is not visible in the guest (use --mode ro \
-             to see it read-only, or --mode none)"
+            "{why}: {which} is not visible in the guest (use --mode ro to see it read-only, or --mode none)"
         ));
     }
     warnings
