@@ -257,11 +257,13 @@ pub struct Start<'a> {
 /// How long the jailer may take to build QEMU's view.
 const JAIL_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Starts the jailer, which becomes QEMU; returns QEMU's host pid once the
-/// jailer said it execs it. On error nothing is left running.
+/// Starts the jailer, which becomes the plan's program (QEMU, or
+/// virtiofsd); returns its host pid once the jailer said it execs it. On
+/// error nothing is left running.
 pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
+    let who = if start.plan.program.ends_with("virtiofsd") { "virtiofsd" } else { "QEMU" };
     let fail =
-        |what: &'static str| move |e: io::Error| VmError::Boot(format!("starting QEMU's jail: {what}: {e}"));
+        |what: &'static str| move |e: io::Error| VmError::Boot(format!("starting {who}'s jail: {what}: {e}"));
     let exe = std::env::current_exe().map_err(fail("finding airlock's own binary"))?;
     let null = fs::File::open("/dev/null").map_err(fail("opening /dev/null"))?;
     let id_map = match start.ids {
@@ -285,11 +287,11 @@ pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
         Some(cgroup) => cgroup.add_pid(pid).map_err(|e| e.to_string()),
         None => Ok(()),
     })
-    .map_err(|e| VmError::Boot(format!("starting QEMU's jail: {e}")))?;
+    .map_err(|e| VmError::Boot(format!("starting {who}'s jail: {e}")))?;
     let pid = spawned.pid;
     let result = (|| {
         let mut control = spawned.control;
-        let plan = serde_json::to_vec(start.plan).map_err(|e| VmError::Boot(format!("QEMU's plan: {e}")))?;
+        let plan = serde_json::to_vec(start.plan).map_err(|e| VmError::Boot(format!("{who}'s plan: {e}")))?;
         control.write_all(&plan).map_err(fail("sending the plan"))?;
         control.shutdown(std::net::Shutdown::Write).map_err(fail("sending the plan"))?;
         control.set_read_timeout(Some(JAIL_DEADLINE)).map_err(fail("reading its answer"))?;
@@ -302,9 +304,9 @@ pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
         }
         let error = answer.trim_start_matches("exec\n").trim();
         Err(VmError::Boot(match (error.strip_prefix("error: "), read) {
-            (Some(error), _) => format!("confining QEMU: {}", error.replace(['\n', '\r'], " ")),
-            (None, Err(e)) => format!("confining QEMU: no answer from its jail: {e}"),
-            (None, Ok(_)) => "confining QEMU: its jail ended without an answer".to_owned(),
+            (Some(error), _) => format!("confining {who}: {}", error.replace(['\n', '\r'], " ")),
+            (None, Err(e)) => format!("confining {who}: no answer from its jail: {e}"),
+            (None, Ok(_)) => format!("confining {who}: its jail ended without an answer"),
         }))
     })();
     match result {
