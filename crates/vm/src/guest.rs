@@ -382,7 +382,9 @@ mod tests {
             "kernel/fs/9p/9p.ko: kernel/fs/netfs/netfs.ko kernel/net/9p/9pnet.ko\n\
              kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko kernel/drivers/virtio/virtio_ring.ko\n\
              kernel/net/9p/9pnet.ko:\nkernel/fs/netfs/netfs.ko:\nkernel/drivers/virtio/virtio_ring.ko:\n\
-             kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko\n",
+             kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko\n\
+             kernel/fs/fuse/fuse.ko:\nkernel/fs/fuse/virtiofs.ko: kernel/drivers/virtio/virtio_ring.ko \
+             kernel/fs/fuse/fuse.ko\n",
         )
         .unwrap();
         let order: Vec<String> = module_order(dir.path())
@@ -395,6 +397,8 @@ mod tests {
         assert!(at("9pnet.ko") < at("9pnet_virtio.ko"));
         assert!(at("netfs.ko") < at("9p.ko"));
         assert_eq!(order.iter().filter(|m| *m == "9pnet.ko").count(), 1);
+        // virtio-fs, for an overlay workspace's writable layer, after FUSE.
+        assert!(at("fuse.ko") < at("virtiofs.ko"));
     }
 
     #[test]
