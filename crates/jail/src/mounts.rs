@@ -326,6 +326,9 @@ pub struct View {
     pub devices: Vec<PathBuf>,
     /// Paths masked once the rest is in place (see the sandbox's masks).
     pub hidden: Vec<PathBuf>,
+    /// A /proc of the process's own PID namespace, read-only (virtiofsd
+    /// reaches its open files through /proc/self/fd).
+    pub proc: bool,
 }
 
 /// Makes a fresh root holding only `view` and pivots into it: a tmpfs over
@@ -383,6 +386,12 @@ pub fn enter_view(mountpoint: &Path, view: &View) -> Result<(), MountError> {
         mount_bind_recursive(device.as_path(), &target).ctx("bind device", device)?;
         let set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NOEXEC;
         sys::mount_setattr(None, &cstr(&target)?, 0, set, 0, None).ctx("make device nosuid", &target)?;
+    }
+    if view.proc {
+        let target = under(mountpoint, Path::new("/proc"));
+        mkdir_all(&target)?;
+        let flags = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        rustix::mount::mount("proc", &target, "proc", flags, None).ctx("mount proc", &target)?;
     }
     for path in &view.hidden {
         mask(&under(mountpoint, path))?;
@@ -580,6 +589,7 @@ mod tests {
             writable: vec![writable.clone()],
             devices: Vec::new(),
             hidden: vec![shared.join("secret")],
+            proc: false,
         };
         let every = [kept.clone(), shared.clone(), writable.clone()];
         let mountpoint = mountpoint_apart(&["/mnt", "/srv", "/media", "/opt", "/var/tmp", "/tmp"], &every)

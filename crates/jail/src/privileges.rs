@@ -157,6 +157,24 @@ pub fn drop_capabilities_except(keep: &[u32]) -> Result<(), PrivError> {
     Ok(())
 }
 
+/// Empties the bounding and ambient sets but for `keep`, and leaves the
+/// calling thread's effective and permitted sets as they are: a program it
+/// then executes as (namespace) root holds exactly `keep`. For a helper
+/// such as virtiofsd that needs a few capabilities in its own user
+/// namespace and drops them further itself.
+pub fn limit_bounding_set(keep: &[u32]) -> Result<(), PrivError> {
+    for cap in (0..=last_cap()?).filter(|cap| !keep.contains(cap)) {
+        match prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap)) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(source) => return Err(PrivError::BoundingDrop { cap, source }),
+        }
+    }
+    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong)
+        .map_err(|source| PrivError::Prctl { what: "PR_CAP_AMBIENT_CLEAR_ALL", source })?;
+    Ok(())
+}
+
 /// Becomes `uid` and `gid` with no supplementary groups. As root this also
 /// empties the effective and permitted capability sets: the kernel clears
 /// them when every uid of a thread leaves 0. Changes the calling thread

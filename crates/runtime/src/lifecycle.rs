@@ -570,10 +570,11 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
 
 /// The microVM tier's launch, from the sandbox's recorded creation on: the
 /// guest boots (QEMU held from its spawn on, killed on undo) and its
-/// agent's channel is the control stream. What the process tier builds on
-/// the host — id block, cgroup, writable layer, jail — the guest's own
-/// kernel replaces; the supervisor, relays, logs, audit and finalize are
-/// the same.
+/// agent's channel is the control stream. The cgroup (sized for QEMU),
+/// the id block (for the proxy's uid and virtiofsd's id map) and an overlay
+/// workspace's writable layer are the process tier's; the jail and the
+/// id-mapped workspace the guest's own kernel replaces; the supervisor,
+/// relays, logs, audit and finalize are the same.
 #[allow(clippy::too_many_arguments)]
 fn launch_vm(
     sandbox: &SandboxDir,
@@ -598,7 +599,13 @@ fn launch_vm(
     // As root, the egress proxy's own uid derives from an id block of the
     // sandbox's (as for the process tier); the guest itself needs none.
     let egress = policy.network.has_egress();
-    if egress && host.running_as_root {
+    // An overlay workspace's writable layer, as the process tier's (a
+    // tmpfs of the policy's disk size), served to the guest by a
+    // virtiofsd whose user namespace maps the guest's ids to the sandbox's
+    // id block: the same upper directory, owned as a process-tier
+    // sandbox's, that the diff reads.
+    let layer_size = plan::provisions(policy, workspace.is_some(), host).layer.and_then(|l| l.size_limit);
+    if (egress || layer_size.is_some()) && host.running_as_root {
         held.id_block = Some(Registry::host()?.allocate(sandbox.path())?);
         meta.id_block = held.id_block.as_ref().map(IdBlock::index);
     }
@@ -613,6 +620,16 @@ fn launch_vm(
         held.cgroup = Some(SandboxCgroup::create_on(&host.cgroups, cgroup_name, &limits)?);
     }
     phase_done("cgroup")?;
+    let layer_share = match layer_size {
+        Some(size) => {
+            let layer = held.layer.insert(WritableLayer::create(sandbox, Some(size), first_uid)?);
+            layer.upper.parent().map(|dir| airlock_vm::boot::LayerShare {
+                dir: dir.to_path_buf(),
+                first_host_uid: held.id_block.as_ref().map(IdBlock::first_host_uid),
+            })
+        }
+        None => None,
+    };
     phase_done("layer")?;
     // The sandbox's egress proxy, as the process tier's (in the sandbox's
     // cgroup); its channel goes to the guest's egress port instead of to
@@ -653,7 +670,7 @@ fn launch_vm(
         None => None,
     };
     phase_done("proxy-ready")?;
-    let vm = crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref(), host_egress)?;
+    let vm = crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref(), host_egress, layer_share)?;
     let agent_pid = vm.pid();
     let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     held.vm = Some(vm);

@@ -9,9 +9,15 @@
 //! Egress is the process tier's: the lifecycle starts the sandbox's
 //! egress proxy as for a process-tier sandbox, and the guest's connections
 //! reach it over a virtio-serial port of their own (`airlock_vm::egress_port`).
-//! What this tier does not have yet it says, rather than pretends: the
-//! workspace in modes overlay and rw (the guest sees none: a warning), and
-//! so no review. See the README's microVM section.
+//! The workspace in mode overlay is the process tier's: its writable
+//! layer (upper and work) lives on the host, in the sandbox's layer tmpfs,
+//! served to the guest over virtio-fs by a jailed virtiofsd; the guest's
+//! kernel mounts the overlay (the workspace read-only over 9p below), so the
+//! process tier's diff and apply read the same upper directory. What this
+//! tier does not have yet it says, rather than pretends: the workspace in
+//! mode rw, and overlay without root (no layer tmpfs to share apart from the
+//! sandbox's state), are not visible in the guest (a warning). See the
+//! README's microVM section.
 
 use std::path::Path;
 
@@ -25,27 +31,36 @@ use airlock_vm::run::{Note, VmStart};
 use crate::RunError;
 use crate::run::Notice;
 
-/// Whether the guest can have the workspace in this mode: only ro so far
-/// (one more read-only share). Overlay needs the layer's upper directory
-/// on the host, which 9p from an unprivileged QEMU cannot hold (see
-/// ARCHITECTURE.md); rw would let QEMU write the host's directory.
-pub(crate) fn supports_workspace(mode: WorkspaceMode) -> bool {
-    mode == WorkspaceMode::Ro
+/// Whether the guest can have the workspace in this mode: ro (one more
+/// read-only share), and overlay where the layer gets a tmpfs of its own
+/// (as root: virtiofsd then shares that tmpfs and nothing else of the
+/// sandbox's state); rw would let QEMU write the host's directory.
+pub(crate) fn supports_workspace(mode: WorkspaceMode, host: &HostReport) -> bool {
+    match mode {
+        WorkspaceMode::Ro => true,
+        WorkspaceMode::Overlay => host.enforces(Feature::DiskQuota),
+        WorkspaceMode::Rw | WorkspaceMode::None => false,
+    }
 }
 
 /// What the tier does not do yet that this policy and request ask for,
 /// one warning each.
-pub(crate) fn shortfalls(policy: &Policy, workspace: Option<&Path>) -> Vec<String> {
+pub(crate) fn shortfalls(policy: &Policy, workspace: Option<&Path>, host: &HostReport) -> Vec<String> {
     let mut warnings = Vec::new();
     let mode = policy.workspace.mode;
-    if mode != WorkspaceMode::None && !supports_workspace(mode) {
+    if mode != WorkspaceMode::None && !supports_workspace(mode, host) {
         let which = match workspace {
             Some(dir) => dir.display().to_string(),
             None => "the current directory".to_owned(),
         };
+        let why = match mode {
+            // Its writable layer must be a tmpfs of its own, for virtiofsd
+            // to share without the sandbox's state beside it.
+            WorkspaceMode::Overlay => "an overlay workspace in a microVM needs root".to_owned(),
+            _ => format!("the microVM tier has no {mode} workspace yet"),
+        };
         warnings.push(format!(
-            "the microVM tier has no {mode} workspace yet: {which} is not visible in the guest (use --mode ro \
-             to see it read-only, or --mode none)"
+            "{why}: {which} is not visible in the guest (use --mode ro to see it read-only, or --mode none)"
         ));
     }
     warnings
@@ -64,6 +79,7 @@ pub(crate) fn boot(
     workspace: Option<&Path>,
     cgroup: Option<&SandboxCgroup>,
     egress: Option<HostEgress>,
+    layer: Option<airlock_vm::boot::LayerShare>,
 ) -> Result<airlock_vm::boot::Vm, RunError> {
     let mut root = guest_root(policy, &mut |notice| {
         if let Notice::Warning(w) = notice {
@@ -80,6 +96,7 @@ pub(crate) fn boot(
         cpus: policy.limits.cpus,
         root,
         cgroup: cgroup.cloned(),
+        layer,
     };
     let (vm, accel) = airlock_vm::run::start(&start, egress, &mut |note| match note {
         // Said by `check` already, before the sandbox existed.
@@ -125,10 +142,10 @@ pub(crate) fn check(
         )));
         degraded.push(Weakening::Cgroups.as_str().to_owned());
     }
-    for warning in shortfalls(policy, workspace) {
+    for warning in shortfalls(policy, workspace, host) {
         notify(Notice::Warning(warning));
     }
-    if let Some(ws) = workspace.filter(|_| supports_workspace(policy.workspace.mode))
+    if let Some(ws) = workspace.filter(|_| supports_workspace(policy.workspace.mode, host))
         && !RootEntry::fits(ws)
     {
         return Err(RunError::WorkspaceRefused(format!(

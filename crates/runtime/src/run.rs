@@ -106,12 +106,12 @@ pub(crate) fn check(
         // The guest has its own kernel: none of the host's jail features
         // apply; the workspace in the modes the tier has.
         let requested = workspace;
-        let workspace = if crate::microvm::supports_workspace(policy.workspace.mode) {
+        let host = probe::probe_host(probe::Depth::Launch);
+        let workspace = if crate::microvm::supports_workspace(policy.workspace.mode, &host) {
             resolve_workspace(&policy, requested)?
         } else {
             None
         };
-        let host = probe::probe_host(probe::Depth::Launch);
         let degraded = crate::microvm::check(&policy, workspace.as_deref().or(requested), &host, notify)?;
         return Ok(Checked { policy, workspace, host, degraded });
     }

@@ -37,6 +37,22 @@ pub struct BootSpec {
     /// The guest has egress: a second virtio-serial port, served by
     /// [`crate::egress_port`], and loopback with the proxy ports inside.
     pub egress: bool,
+    /// The workspace's writable layer on the host, served writable over
+    /// virtio-fs by a jailed virtiofsd; the guest mounts the workspace as
+    /// an overlay over it.
+    pub layer: Option<LayerShare>,
+}
+
+/// The workspace's writable layer, as the guest gets it.
+#[derive(Debug, Clone)]
+pub struct LayerShare {
+    /// The directory holding `upper` and `work`, and nothing else.
+    pub dir: PathBuf,
+    /// As root: the first of the sandbox's block of 65536 host ids, which
+    /// virtiofsd's user namespace maps 0–65535 to (the layer's owner is its
+    /// root, the block's first id, as a process-tier sandbox's). None: the
+    /// caller's own uid, alone.
+    pub first_host_uid: Option<u32>,
 }
 
 /// A running guest; killed (and its directory removed) when dropped.
@@ -104,7 +120,19 @@ const MAX_COMMAND_LINE: usize = 2047;
 /// egress port.
 pub const EGRESS_ARG: &str = "egress:on";
 
-fn kernel_command_line(accel: Accel, root: &[RootEntry], egress: bool) -> Result<String, VmError> {
+/// The word on the kernel's command line that tells the guest its
+/// workspace is an overlay whose writable layer is the virtio-fs share.
+pub const LAYER_ARG: &str = "layer:on";
+
+/// The virtio-fs share's tag.
+pub const LAYER_TAG: &str = "layer";
+
+fn kernel_command_line(
+    accel: Accel,
+    root: &[RootEntry],
+    egress: bool,
+    layer: bool,
+) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel == Accel::Tcg {
         line.push_str(&format!(" tsc_early_khz={}", tsc_khz()));
@@ -113,6 +141,10 @@ fn kernel_command_line(accel: Accel, root: &[RootEntry], egress: bool) -> Result
     if egress {
         line.push(' ');
         line.push_str(EGRESS_ARG);
+    }
+    if layer {
+        line.push(' ');
+        line.push_str(LAYER_ARG);
     }
     for entry in root {
         line.push(' ');
@@ -136,6 +168,7 @@ fn qemu_args(
     spec: &BootSpec,
     socket: &Path,
     egress_socket: &Path,
+    layer_socket: &Path,
     console: &Path,
 ) -> Result<Vec<String>, VmError> {
     let accel = match spec.accel {
@@ -144,7 +177,9 @@ fn qemu_args(
         Accel::Tcg => format!("tcg,tb-size={TCG_TRANSLATION_MIB}"),
         Accel::Kvm => "kvm".to_owned(),
     };
-    let mut args: Vec<String> = vec!["-M".into(), "microvm".into(), "-accel".into(), accel];
+    // virtio-fs needs the guest's RAM shared with virtiofsd: a memfd.
+    let machine = if spec.layer.is_some() { "microvm,memory-backend=ram" } else { "microvm" };
+    let mut args: Vec<String> = vec!["-M".into(), machine.into(), "-accel".into(), accel];
     if spec.accel == Accel::Kvm {
         args.extend(["-cpu".into(), "host".into()]);
     }
@@ -170,7 +205,7 @@ fn qemu_args(
         "-initrd".into(),
         guest.initramfs.to_string_lossy().into_owned(),
         "-append".into(),
-        kernel_command_line(spec.accel, &spec.root, spec.egress)?,
+        kernel_command_line(spec.accel, &spec.root, spec.egress, spec.layer.is_some())?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
         "-device".into(),
@@ -185,6 +220,20 @@ fn qemu_args(
             format!("socket,id=egress,path={}", path(egress_socket)),
             "-device".into(),
             format!("virtserialport,chardev=egress,name={}", crate::egress_port::PORT_NAME),
+        ]);
+    }
+    if spec.layer.is_some() {
+        args.extend([
+            // virtiofsd serves virtio 1.0 only; microvm's virtio-mmio
+            // devices are legacy unless told otherwise.
+            "-global".into(),
+            "virtio-mmio.force-legacy=false".into(),
+            "-object".into(),
+            format!("memory-backend-memfd,id=ram,size={}M,share=on", spec.memory_mib),
+            "-chardev".into(),
+            format!("socket,id={LAYER_TAG},path={}", path(layer_socket)),
+            "-device".into(),
+            format!("vhost-user-fs-device,chardev={LAYER_TAG},tag={LAYER_TAG}"),
         ]);
     }
     let shares = spec.root.iter().filter_map(|e| match e {
@@ -236,14 +285,14 @@ impl Vm {
         }
         fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| VmError::io(dir, e))?;
         // Removed again if QEMU does not start; once it has, its guard removes it.
-        let Started { pid, agent, egress_port, started } = match start_qemu(guest, spec, dir) {
+        let Started { pid, virtiofsd, agent, egress_port, started } = match start_qemu(guest, spec, dir) {
             Ok(started) => started,
             Err(e) => {
                 let _ = fs::remove_dir_all(dir);
                 return Err(e);
             }
         };
-        let mut qemu = Qemu { pid, status: None, dir: dir.to_path_buf() };
+        let mut qemu = Qemu { pid, virtiofsd, status: None, dir: dir.to_path_buf() };
         let deadline = started + spec.deadline;
         let mut channel = qemu.accept(&agent, deadline)?;
         if let (Some(listener), Some(egress)) = (egress_port, egress) {
@@ -278,6 +327,11 @@ impl Vm {
         self.qemu.pid
     }
 
+    /// virtiofsd's host process id, when the guest has a writable layer.
+    pub fn virtiofsd_pid(&self) -> Option<i32> {
+        self.qemu.virtiofsd
+    }
+
     /// Kills QEMU (and the guest with it) and reaps it: its raw wait
     /// status, unless it was reaped before or could not be. Its directory
     /// goes when this is dropped.
@@ -291,6 +345,9 @@ impl Vm {
         }
         let status = airlock_jail::sys::wait_pid(self.qemu.pid).ok();
         self.qemu.status = Some("killed".to_owned());
+        if let Some(virtiofsd) = self.qemu.virtiofsd.take() {
+            airlock_jail::sys::kill_and_reap(virtiofsd);
+        }
         status
     }
 }
@@ -298,6 +355,7 @@ impl Vm {
 /// A jailed QEMU just started.
 struct Started {
     pid: i32,
+    virtiofsd: Option<i32>,
     /// Where QEMU connects the agent's port.
     agent: UnixListener,
     /// Where QEMU connects the egress port, when the guest has one.
@@ -319,6 +377,13 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
     let agent = listen(&socket)?;
     let egress_socket = dir.join("egress.sock");
     let egress_port = if spec.egress { Some(listen(&egress_socket)?) } else { None };
+    let layer_socket = dir.join("layer.sock");
+    let virtiofsd = match &spec.layer {
+        Some(layer) => Some(start_virtiofsd(layer, &layer_socket, dir, spec.cgroup.as_ref())?),
+        None => None,
+    };
+    // QEMU's start failing below leaves no virtiofsd behind.
+    let virtiofsd_guard = KillOnDrop(virtiofsd);
     let qemu_log = dir.join("qemu.log");
     let log = fs::File::create(&qemu_log).map_err(|e| VmError::io(&qemu_log, e))?;
     let program = jail::qemu_program()?;
@@ -344,12 +409,20 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
             })
             .collect(),
         run_dir: dir,
+        // The overlay's lower layer: 9p answers its xattr questions.
+        proc: spec.layer.is_some(),
     };
-    let plan = jail::plan(&program, qemu_args(guest, spec, &socket, &egress_socket, &console)?, &needs)?;
+    let plan = jail::plan(
+        &program,
+        qemu_args(guest, spec, &socket, &egress_socket, &layer_socket, &console)?,
+        &needs,
+    )?;
     let ids = if rustix::process::geteuid().is_root() {
         let (uid, gid) = qemu_ids(spec.accel);
         // QEMU creates the console log and connects to the sockets as itself.
-        let sockets = std::iter::once(&socket).chain(spec.egress.then_some(&egress_socket));
+        let sockets = std::iter::once(&socket)
+            .chain(spec.egress.then_some(&egress_socket))
+            .chain(spec.layer.is_some().then_some(&layer_socket));
         for path in std::iter::once(dir).chain(sockets.map(PathBuf::as_path)) {
             rustix::fs::chown(
                 path,
@@ -363,14 +436,87 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
         None
     };
     let started = Instant::now();
-    let pid = jail::spawn(&jail::Start { plan: &plan, ids, stderr: &log, cgroup: spec.cgroup.as_ref() })?;
-    Ok(Started { pid, agent, egress_port, started })
+    let pid = jail::spawn(&jail::Start {
+        plan: &plan,
+        ids,
+        id_count: 1,
+        stderr: &log,
+        stdin: None,
+        cgroup: spec.cgroup.as_ref(),
+    })?;
+    let virtiofsd = virtiofsd_guard.defuse();
+    Ok(Started { pid, virtiofsd, agent, egress_port, started })
+}
+
+/// A helper's pid, killed and reaped when dropped unless defused.
+struct KillOnDrop(Option<i32>);
+
+impl KillOnDrop {
+    fn defuse(mut self) -> Option<i32> {
+        self.0.take()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            airlock_jail::sys::kill_and_reap(pid);
+        }
+    }
+}
+
+/// Starts virtiofsd, jailed, serving `layer` writable on a socket at
+/// `socket` (bound here, handed over as its standard input): root of a user
+/// namespace of its own that maps the guest's ids 0–65535 to the sandbox's
+/// block of unprivileged host ids (its root, the block's first, owns the
+/// layer), in a mount view holding its binary, its libraries and the layer,
+/// where it chroots into the layer.
+/// Guest-written xattrs are kept (overlay's `user.overlay.*` markers);
+/// they land on the host as what they are, read by the diff as data.
+fn start_virtiofsd(
+    share: &LayerShare,
+    socket: &Path,
+    dir: &Path,
+    cgroup: Option<&SandboxCgroup>,
+) -> Result<i32, VmError> {
+    let layer = share.dir.as_path();
+    let listener = UnixListener::bind(socket).map_err(|e| VmError::io(socket, e))?;
+    let log_path = dir.join("virtiofsd.log");
+    let log = fs::File::create(&log_path).map_err(|e| VmError::io(&log_path, e))?;
+    let program = PathBuf::from(jail::VIRTIOFSD);
+    if !program.exists() {
+        return Err(VmError::Boot(format!(
+            "{} is missing: the microVM tier's overlay workspace needs virtiofsd (Debian: qemu-system-x86)",
+            program.display()
+        )));
+    }
+    let args = vec![
+        "--fd=0".to_owned(),
+        "-o".to_owned(),
+        format!("source={}", layer.to_string_lossy().replace(',', "\\,")),
+        "-o".to_owned(),
+        "sandbox=chroot,xattr,cache=auto".to_owned(),
+        "--rlimit-nofile=0".to_owned(),
+    ];
+    let plan = jail::plan_virtiofsd(&program, args, layer)?;
+    let ids = share.first_host_uid.map(|uid| (uid, uid));
+    use std::os::fd::AsFd;
+    jail::spawn(&jail::Start {
+        plan: &plan,
+        ids,
+        id_count: 65_536,
+        stderr: &log,
+        stdin: Some(listener.as_fd()),
+        cgroup,
+    })
 }
 
 /// The QEMU process and its run's directory; killed and removed when dropped.
 struct Qemu {
     /// Host pid of QEMU (PID 1 of its own PID namespace), our child.
     pid: i32,
+    /// Host pid of virtiofsd, our child too, when the guest has a layer.
+    virtiofsd: Option<i32>,
     /// How it ended, once reaped.
     status: Option<String>,
     dir: PathBuf,
@@ -468,7 +614,12 @@ impl Qemu {
             let lines: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(printable).collect();
             lines[lines.len().saturating_sub(12)..].join("\n")
         };
-        VmError::Guest { what: what.to_owned(), qemu: tail("qemu.log"), console: tail("console.log") }
+        let mut qemu = tail("qemu.log");
+        let virtiofsd = tail("virtiofsd.log");
+        if !virtiofsd.is_empty() {
+            qemu.push_str(&format!("\n  virtiofsd said: {virtiofsd}"));
+        }
+        VmError::Guest { what: what.to_owned(), qemu, console: tail("console.log") }
     }
 }
 
@@ -502,6 +653,9 @@ impl Drop for Qemu {
         if self.try_wait().is_none() {
             airlock_jail::sys::kill_and_reap(self.pid);
         }
+        if let Some(virtiofsd) = self.virtiofsd.take() {
+            airlock_jail::sys::kill_and_reap(virtiofsd);
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -515,20 +669,66 @@ mod tests {
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &fits, false).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &fits, false, false).unwrap();
         assert!(line.ends_with("hide:/etc/secret-0019-with-a-long-name"), "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_many, false).unwrap_err().to_string();
+        let err = kernel_command_line(Accel::Tcg, &too_many, false, false).unwrap_err().to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
     }
 
     #[test]
     fn the_guest_is_told_of_its_egress_port_only_when_it_has_one() {
-        let with = kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true).unwrap();
+        let with = kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true, false).unwrap();
         assert!(with.contains(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} share:/usr")), "{with}");
-        let without = kernel_command_line(Accel::Tcg, &[], false).unwrap();
+        let without = kernel_command_line(Accel::Tcg, &[], false, false).unwrap();
         assert!(!without.contains("egress"), "{without}");
         assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
+    }
+
+    #[test]
+    fn a_writable_layer_is_a_virtio_fs_share_with_shared_guest_memory_and_said_to_the_guest() {
+        let guest = Guest {
+            key: String::new(),
+            kernel_release: "6.1".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            initramfs_bytes: 0,
+        };
+        let mut spec = BootSpec {
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            cpus: 1,
+            deadline: Duration::from_secs(1),
+            root: vec![RootEntry::Workspace("/w".into())],
+            cgroup: None,
+            egress: false,
+            layer: None,
+        };
+        let run = Path::new("/run/x");
+        let args = |spec: &BootSpec| {
+            qemu_args(&guest, spec, &run.join("a"), &run.join("e"), &run.join("layer.sock"), &run.join("c"))
+                .unwrap()
+                .join(" ")
+        };
+        let without = args(&spec);
+        assert!(!without.contains("vhost-user-fs") && !without.contains(LAYER_ARG), "{without}");
+        assert!(
+            without.contains("fsdev=ws,mount_tag=ws"),
+            "the workspace is a read-only 9p share: {without}"
+        );
+        spec.layer = Some(LayerShare { dir: "/s/layer".into(), first_host_uid: Some(1_000_065_536) });
+        let with = args(&spec);
+        for part in [
+            "-M microvm,memory-backend=ram ",
+            "memory-backend-memfd,id=ram,size=256M,share=on",
+            "virtio-mmio.force-legacy=false",
+            "socket,id=layer,path=/run/x/layer.sock",
+            "vhost-user-fs-device,chardev=layer,tag=layer",
+            "fsdev=ws,mount_tag=ws",
+        ] {
+            assert!(with.contains(part), "{part} missing: {with}");
+        }
+        assert!(with.contains(&format!(" {LAYER_ARG}")), "the guest is told: {with}");
     }
 
     #[test]

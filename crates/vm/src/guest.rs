@@ -5,7 +5,8 @@
 //! mounted: airlock's executable (its loaded part, see `elf`), the dynamic
 //! loader and the libraries it was linked against (read from this
 //! process's own mappings, so they are exactly the ones in use), and the
-//! kernel modules for virtio-mmio, the virtio console and 9p (with what
+//! kernel modules for virtio-mmio, the virtio console, 9p, virtiofs and
+//! overlay (with what
 //! they depend on, from `modules.dep`). Everything else — the programs a
 //! sandbox runs — comes from the host's root, read-only over 9p.
 //!
@@ -28,7 +29,8 @@ use crate::cpio::{self, Archive};
 const LAYOUT: u32 = 2;
 
 /// The modules the guest loads, by name; their dependencies come along.
-const WANTED_MODULES: [&str; 5] = ["virtio_mmio", "virtio_console", "9pnet_virtio", "9p", "overlay"];
+const WANTED_MODULES: [&str; 6] =
+    ["virtio_mmio", "virtio_console", "9pnet_virtio", "9p", "overlay", "virtiofs"];
 
 /// Where the initramfs keeps the modules and their load order.
 pub const MODULE_DIR: &str = "/modules";
@@ -218,7 +220,7 @@ fn build(
     }
     archive.file(MODULE_ORDER, cpio::REGULAR, order.as_bytes()).map_err(io)?;
     progress(&format!(
-        "{} kernel modules (virtio-mmio, virtio console, 9p, overlay and their dependencies)",
+        "{} kernel modules (virtio-mmio, virtio console, 9p, virtiofs, overlay and their dependencies)",
         modules.len()
     ));
     let (mut out, bytes) = archive.finish().map_err(io)?;
@@ -380,7 +382,9 @@ mod tests {
             "kernel/fs/9p/9p.ko: kernel/fs/netfs/netfs.ko kernel/net/9p/9pnet.ko\n\
              kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko kernel/drivers/virtio/virtio_ring.ko\n\
              kernel/net/9p/9pnet.ko:\nkernel/fs/netfs/netfs.ko:\nkernel/drivers/virtio/virtio_ring.ko:\n\
-             kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko\n",
+             kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko\n\
+             kernel/fs/fuse/fuse.ko:\nkernel/fs/fuse/virtiofs.ko: kernel/drivers/virtio/virtio_ring.ko \
+             kernel/fs/fuse/fuse.ko\n",
         )
         .unwrap();
         let order: Vec<String> = module_order(dir.path())
@@ -393,6 +397,8 @@ mod tests {
         assert!(at("9pnet.ko") < at("9pnet_virtio.ko"));
         assert!(at("netfs.ko") < at("9p.ko"));
         assert_eq!(order.iter().filter(|m| *m == "9pnet.ko").count(), 1);
+        // virtio-fs, for an overlay workspace's writable layer, after FUSE.
+        assert!(at("fuse.ko") < at("virtiofs.ko"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use rustix::mount::{MountFlags, mount, mount_move};
 
-use crate::boot::EGRESS_ARG;
+use crate::boot::{EGRESS_ARG, LAYER_ARG, LAYER_TAG};
 use crate::egress_port::{GuestEgress, GuestEgressError, PORT_NAME as EGRESS_PORT};
 use crate::guest::{MODULE_DIR, MODULE_ORDER};
 
@@ -136,6 +136,7 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>), InitError> {
     mount("tmpfs", "/newroot", "tmpfs", MountFlags::NOSUID, Some(c"mode=0755"))
         .map_err(step("mount the root"))?;
     let options = c"trans=virtio,version=9p2000.L,cache=loose,msize=512000";
+    let layered = std::env::args().any(|a| a == LAYER_ARG);
     let mut shares = 0;
     for entry in &entries {
         match entry {
@@ -161,8 +162,15 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>), InitError> {
                 fs::create_dir_all(&target)
                     .map_err(step(format!("create the workspace {}", path.display())))?;
                 let flags = MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID;
-                retry(|| mount(WORKSPACE_TAG, &target, "9p", flags, Some(options)))
-                    .map_err(step(format!("mount the workspace {} over 9p", path.display())))?;
+                if layered {
+                    mount_overlay(&target, options).map_err(step(format!(
+                        "mount the workspace {} as an overlay over virtio-fs",
+                        path.display()
+                    )))?;
+                } else {
+                    retry(|| mount(WORKSPACE_TAG, &target, "9p", flags, Some(options)))
+                        .map_err(step(format!("mount the workspace {} over 9p", path.display())))?;
+                }
             }
             RootEntry::Hide(_) => {}
         }
@@ -199,6 +207,24 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>), InitError> {
     rustix::process::chroot(".").map_err(step("chroot into the new root"))?;
     std::env::set_current_dir("/").map_err(step("enter /"))?;
     Ok((port, egress))
+}
+
+/// The workspace as an overlay: the host's directory (read-only 9p) below,
+/// the host's writable layer (virtio-fs) above. `userxattr`: overlay's
+/// markers are `user.overlay.*` xattrs, which virtiofsd, unprivileged on
+/// the host, can write (`trusted.*` would need the host's CAP_SYS_ADMIN);
+/// whiteouts are 0:0 character devices, which Linux ≥ 5.8 lets anyone make.
+fn mount_overlay(target: &Path, options: &std::ffi::CStr) -> rustix::io::Result<()> {
+    let (lower, layer) = (Path::new("/ws-lower"), Path::new("/ws-layer"));
+    for dir in [lower, layer] {
+        fs::create_dir_all(dir).map_err(|_| rustix::io::Errno::IO)?;
+    }
+    let read_only = MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID;
+    retry(|| mount(WORKSPACE_TAG, lower, "9p", read_only, Some(options)))?;
+    retry(|| mount(LAYER_TAG, layer, "virtiofs", MountFlags::NODEV | MountFlags::NOSUID, None))?;
+    let overlay =
+        c"lowerdir=/ws-lower,upperdir=/ws-layer/upper,workdir=/ws-layer/work,userxattr,index=off,xino=off";
+    mount("overlay", target, "overlay", MountFlags::NODEV | MountFlags::NOSUID, Some(overlay))
 }
 
 fn under_new_root(path: &Path) -> PathBuf {

@@ -64,6 +64,16 @@ pub struct Plan {
     pub writable: Vec<PathBuf>,
     pub devices: Vec<PathBuf>,
     pub hidden: Vec<PathBuf>,
+    /// Capabilities the program may still hold in its own user namespace
+    /// (virtiofsd's: it serves files as their owners and drops what it
+    /// does not need itself); QEMU's is empty.
+    #[serde(default)]
+    pub keep_capabilities: Vec<u32>,
+    /// A /proc of its own PID namespace: virtiofsd reaches its open files
+    /// through /proc/self/fd, and QEMU's 9p server reads xattrs (the
+    /// overlay's lower layer is asked for `user.overlay.*`) that way.
+    #[serde(default)]
+    pub proc: bool,
 }
 
 /// What QEMU needs to see.
@@ -77,6 +87,8 @@ pub struct Needs<'a> {
     pub hidden: Vec<PathBuf>,
     /// The run's directory: sockets and the console log.
     pub run_dir: &'a Path,
+    /// A /proc of QEMU's own PID namespace (see [`Plan::proc`]).
+    pub proc: bool,
 }
 
 /// QEMU's binary, found on PATH, with symbolic links resolved (QEMU finds
@@ -130,6 +142,43 @@ pub fn plan(program: &Path, args: Vec<String>, needs: &Needs<'_>) -> Result<Plan
         writable,
         devices,
         hidden: needs.hidden.clone(),
+        keep_capabilities: Vec::new(),
+        proc: needs.proc,
+    })
+}
+
+/// virtiofsd, as Debian's QEMU ships it.
+pub const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+
+/// What virtiofsd keeps (linux/capability.h): what it needs to serve files
+/// as the guest's users (chown, dac_override, fowner, fsetid, setgid,
+/// setuid, mknod, setfcap), sys_chroot for its own chroot into the shared
+/// directory, and setpcap to narrow its bounding set to the first eight
+/// once there. All of them count in its user namespace only.
+pub const VIRTIOFSD_CAPABILITIES: &[u32] = &[0, 1, 3, 4, 6, 7, 27, 31, 18, 8];
+
+/// virtiofsd's jail: its binary and libraries read-only, and the one
+/// directory it serves writable (the writable layer: upper and work).
+pub fn plan_virtiofsd(program: &Path, args: Vec<String>, shared: &Path) -> Result<Plan, VmError> {
+    let mut read_only = vec![program.to_path_buf(), PathBuf::from("/etc/ld.so.cache")];
+    read_only.extend(libraries(program)?);
+    read_only.sort();
+    read_only.dedup();
+    let writable = vec![shared.to_path_buf()];
+    let every: Vec<PathBuf> = read_only.iter().chain(&writable).cloned().collect();
+    let mountpoint = mounts::mountpoint_apart(MOUNTPOINTS, &every)
+        .ok_or_else(|| VmError::Boot("no directory to build virtiofsd's view on".to_owned()))?
+        .to_path_buf();
+    Ok(Plan {
+        program: program.to_path_buf(),
+        args,
+        mountpoint,
+        read_only,
+        writable,
+        devices: Vec::new(),
+        hidden: Vec::new(),
+        keep_capabilities: VIRTIOFSD_CAPABILITIES.to_vec(),
+        proc: true,
     })
 }
 
@@ -194,8 +243,13 @@ pub struct Start<'a> {
     pub plan: &'a Plan,
     /// As root: QEMU's host uid and gid. None: the calling user (rootless).
     pub ids: Option<(u32, u32)>,
+    /// How many ids from `ids` on its user namespace maps (from 0): 1 for
+    /// QEMU; virtiofsd serves files as the guest's users, 65536.
+    pub id_count: u32,
     /// QEMU's stderr (its log).
     pub stderr: &'a fs::File,
+    /// The program's standard input (virtiofsd's listening socket).
+    pub stdin: Option<std::os::fd::BorrowedFd<'a>>,
     /// The cgroup QEMU runs in, placed before the jailer runs on.
     pub cgroup: Option<&'a SandboxCgroup>,
 }
@@ -203,17 +257,19 @@ pub struct Start<'a> {
 /// How long the jailer may take to build QEMU's view.
 const JAIL_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Starts the jailer, which becomes QEMU; returns QEMU's host pid once the
-/// jailer said it execs it. On error nothing is left running.
+/// Starts the jailer, which becomes the plan's program (QEMU, or
+/// virtiofsd); returns its host pid once the jailer said it execs it. On
+/// error nothing is left running.
 pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
+    let who = if start.plan.program.ends_with("virtiofsd") { "virtiofsd" } else { "QEMU" };
     let fail =
-        |what: &'static str| move |e: io::Error| VmError::Boot(format!("starting QEMU's jail: {what}: {e}"));
+        |what: &'static str| move |e: io::Error| VmError::Boot(format!("starting {who}'s jail: {what}: {e}"));
     let exe = std::env::current_exe().map_err(fail("finding airlock's own binary"))?;
     let null = fs::File::open("/dev/null").map_err(fail("opening /dev/null"))?;
     let id_map = match start.ids {
         Some((uid, gid)) => IdMap {
-            uid_map: format!("0 {uid} 1\n"),
-            gid_map: format!("0 {gid} 1\n"),
+            uid_map: format!("0 {uid} {}\n", start.id_count),
+            gid_map: format!("0 {gid} {}\n", start.id_count),
             deny_setgroups: false,
             host_root_uid: uid,
         },
@@ -222,7 +278,7 @@ pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
     let request = SpawnRequest {
         agent_exe: &exe,
         agent_args: &["airlock", JAIL_ROLE],
-        stdio: [null.as_fd(), null.as_fd(), start.stderr.as_fd()],
+        stdio: [start.stdin.unwrap_or(null.as_fd()), null.as_fd(), start.stderr.as_fd()],
         workspace_tree: None,
         egress_channel: None,
         id_map: &id_map,
@@ -231,11 +287,11 @@ pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
         Some(cgroup) => cgroup.add_pid(pid).map_err(|e| e.to_string()),
         None => Ok(()),
     })
-    .map_err(|e| VmError::Boot(format!("starting QEMU's jail: {e}")))?;
+    .map_err(|e| VmError::Boot(format!("starting {who}'s jail: {e}")))?;
     let pid = spawned.pid;
     let result = (|| {
         let mut control = spawned.control;
-        let plan = serde_json::to_vec(start.plan).map_err(|e| VmError::Boot(format!("QEMU's plan: {e}")))?;
+        let plan = serde_json::to_vec(start.plan).map_err(|e| VmError::Boot(format!("{who}'s plan: {e}")))?;
         control.write_all(&plan).map_err(fail("sending the plan"))?;
         control.shutdown(std::net::Shutdown::Write).map_err(fail("sending the plan"))?;
         control.set_read_timeout(Some(JAIL_DEADLINE)).map_err(fail("reading its answer"))?;
@@ -248,9 +304,9 @@ pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
         }
         let error = answer.trim_start_matches("exec\n").trim();
         Err(VmError::Boot(match (error.strip_prefix("error: "), read) {
-            (Some(error), _) => format!("confining QEMU: {}", error.replace(['\n', '\r'], " ")),
-            (None, Err(e)) => format!("confining QEMU: no answer from its jail: {e}"),
-            (None, Ok(_)) => "confining QEMU: its jail ended without an answer".to_owned(),
+            (Some(error), _) => format!("confining {who}: {}", error.replace(['\n', '\r'], " ")),
+            (None, Err(e)) => format!("confining {who}: no answer from its jail: {e}"),
+            (None, Ok(_)) => format!("confining {who}: its jail ended without an answer"),
         }))
     })();
     match result {
@@ -308,14 +364,23 @@ fn confine_and_exec(control: &mut UnixStream) -> Result<Never, JailError> {
         writable: plan.writable,
         devices: plan.devices,
         hidden: plan.hidden,
+        proc: plan.proc,
     };
     // The bounding set is emptied while /proc still shows how many
     // capabilities there are; only what the mounts need is kept meanwhile.
-    privileges::drop_capabilities_except(&[privileges::CAP_SYS_ADMIN])?;
-    mounts::enter_view(&plan.mountpoint, &view)?;
-    privileges::clear_capability_sets()?;
-    if !privileges::holds_no_capabilities() {
-        return Err(JailError::CapabilitiesLeft);
+    if plan.keep_capabilities.is_empty() {
+        privileges::drop_capabilities_except(&[privileges::CAP_SYS_ADMIN])?;
+        mounts::enter_view(&plan.mountpoint, &view)?;
+        privileges::clear_capability_sets()?;
+        if !privileges::holds_no_capabilities() {
+            return Err(JailError::CapabilitiesLeft);
+        }
+    } else {
+        // Root of its own user namespace, it execs holding the bounding
+        // set's capabilities, none of them over anything of the host's
+        // but the files owned by its own uid.
+        privileges::limit_bounding_set(&plan.keep_capabilities)?;
+        mounts::enter_view(&plan.mountpoint, &view)?;
     }
     privileges::set_no_new_privs()?;
     sys::raw_set_pdeathsig(libc::SIGKILL).map_err(os("setting the parent-death signal"))?;
@@ -349,6 +414,7 @@ mod tests {
             shares: vec![PathBuf::from("/opt")],
             hidden: vec![PathBuf::from("/etc/shadow")],
             run_dir: run.path(),
+            proc: false,
         };
         let tcg = plan(&program, vec!["-M".into(), "microvm".into()], &needs(Accel::Tcg)).unwrap();
         assert!(tcg.read_only.contains(&program));
@@ -378,5 +444,31 @@ mod tests {
             parse_library_list(text),
             [PathBuf::from("/lib/x86_64-linux-gnu/libz.so.1"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
         );
+    }
+
+    #[test]
+    fn virtiofsd_sees_its_binary_and_the_layer_and_keeps_only_its_capabilities() {
+        let program = Path::new(VIRTIOFSD);
+        if !program.exists() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "needs {VIRTIOFSD} under CI=true");
+            eprintln!("skipping: no {VIRTIOFSD}");
+            return;
+        }
+        let layer = tempfile::tempdir().unwrap();
+        let plan = plan_virtiofsd(program, vec!["--fd=0".into()], layer.path()).unwrap();
+        assert_eq!(plan.writable, [layer.path().to_path_buf()]);
+        assert!(plan.read_only.contains(&program.to_path_buf()));
+        assert!(
+            plan.read_only.iter().all(|p| p == program
+                || p == Path::new("/etc/ld.so.cache")
+                || p.to_string_lossy().contains(".so")),
+            "{:?}",
+            plan.read_only
+        );
+        assert!(plan.devices.is_empty() && plan.proc);
+        // Never CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_NET_ADMIN or CAP_SYS_MODULE.
+        for forbidden in [21, 19, 12, 16] {
+            assert!(!plan.keep_capabilities.contains(&forbidden), "{forbidden}");
+        }
     }
 }

@@ -424,8 +424,8 @@ pub(crate) fn tier_ready(tier: Tier) -> bool {
     needs_clients() && (tier == Tier::Process || super::microvm::ready())
 }
 
-/// [`run_in`] on `tier`. A microVM guest has no workspace yet: the probe
-/// is written to its /tmp, which the script starts in.
+/// [`run_in`] on `tier`. In a microVM guest the probe is written to its
+/// /tmp (its own memory, not the workspace), which the script starts in.
 pub(crate) fn run_on(
     tier: Tier,
     env: &Env,

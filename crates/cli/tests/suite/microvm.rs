@@ -230,7 +230,9 @@ fn a_command_runs_in_a_guest_with_its_own_kernel() {
         read line; echo "stdin=$line"
         echo to-stderr >&2
         exit 7"#,
-        env.dir.path().display()
+        // The test's directory holds the workspace (whose path the guest
+        // has) and, beside it, the policy, which the guest must not see.
+        policy.display()
     );
     let started = Instant::now();
     let mut child = env
@@ -270,8 +272,9 @@ fn a_command_runs_in_a_guest_with_its_own_kernel() {
     assert_eq!(value("host_dir"), "absent", "only the policy's system directories are shared");
     assert_eq!(value("stdin"), "from the host");
     assert!(stderr(&out).contains("to-stderr"), "{}", show(&out));
-    // What the tier does not do yet it says: no workspace in the guest.
-    assert!(stderr(&out).contains("no overlay workspace yet"), "{}", show(&out));
+    // The workspace (the current directory, mode overlay) is the guest's:
+    // no warning that it is missing.
+    assert!(!stderr(&out).contains("workspace yet"), "{}", show(&out));
     // The run went through the sandbox lifecycle: listed with its tier and
     // exit code, its output in its logs, its start and end in its audit log.
     let listed: serde_json::Value =
@@ -522,7 +525,11 @@ fn assert_jailed(qemu: i32, run_dir: &Path, absent: &[&Path]) {
             ["/lib", "/lib64", "/usr/lib"].iter().any(|d| p.starts_with(d))
                 && p.to_string_lossy().contains(".so")
         };
-        let allowed = point == Path::new("/")
+        // With an overlay workspace, a /proc of QEMU's own PID namespace
+        // (its 9p server reads xattrs through /proc/self/fd); checked below.
+        let own_proc = point == Path::new("/proc") && fields.contains(&"proc");
+        let allowed = own_proc
+            || point == Path::new("/")
             || files.contains(&point)
             || shares.iter().any(|s| point.starts_with(s))
             || point == run_dir
@@ -543,8 +550,16 @@ fn assert_jailed(qemu: i32, run_dir: &Path, absent: &[&Path]) {
     // Seen from the host through its root: no /proc (host processes), /sys,
     // /dev (no KVM here), home, state or test directory.
     let root = proc.join("root");
-    let hidden =
-        [Path::new("/proc"), Path::new("/sys"), Path::new("/dev"), Path::new("/root"), Path::new("/home")];
+    if seen.iter().any(|p| p == Path::new("/proc")) {
+        let pids: Vec<String> = std::fs::read_dir(root.join("proc"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.parse::<u32>().is_ok())
+            .collect();
+        assert_eq!(pids, ["1"], "QEMU's /proc shows processes beyond its own");
+    }
+    let hidden = [Path::new("/sys"), Path::new("/dev"), Path::new("/root"), Path::new("/home")];
     for path in hidden.iter().chain(absent) {
         let inside = root.join(path.strip_prefix("/").unwrap());
         let visible = shares.iter().any(|s| path.starts_with(s));
@@ -588,7 +603,7 @@ fn qemu_runs_in_namespaces_a_mount_view_and_a_cgroup_of_its_own() {
         .map(|e| e.path())
         .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{}-", run.id())))
         .unwrap();
-    assert_jailed(qemu, &run_dir, &[env.state.as_path(), env.dir.path()]);
+    assert_jailed(qemu, &run_dir, &[env.state.as_path(), policy.as_path()]);
 
     // A cgroup whose limits cover QEMU: the guest's RAM (512M) plus a
     // bounded overhead, and a task limit.
@@ -928,11 +943,24 @@ fn a_failed_launch_or_a_killed_supervisor_leaves_no_qemu() {
     let created = airlock_vm(
         &env,
         &cache,
-        &["create", "--policy", policy.to_str().unwrap(), "--name", "orphan", "--mode", "none"],
+        &[
+            "create",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--name",
+            "orphan",
+            "--workspace",
+            env.workspace.to_str().unwrap(),
+            "--mode",
+            "overlay",
+        ],
     );
     assert!(created.status.success(), "{}", show(&created));
     let supervisor = supervisor_pid(&env, "orphan");
     assert_eq!(qemus_of(supervisor).len(), 1);
+    let layer = env.sandbox_dir("orphan").join("layer");
+    let virtiofsd = || pids_running(&format!("source={}", layer.display()));
+    assert_eq!(virtiofsd().len(), 1, "the overlay workspace's virtiofsd");
     // SIGKILL: the supervisor cannot clean up. QEMU dies with it (the
     // parent-death signal); gc finds the sandbox lost and sweeps the rest.
     rustix::process::kill_process(
@@ -944,6 +972,13 @@ fn a_failed_launch_or_a_killed_supervisor_leaves_no_qemu() {
         wait_until(20, || qemus_of(supervisor).is_empty()),
         "QEMU outlived its supervisor: {:?}",
         qemus_of(supervisor)
+    );
+    // virtiofsd's parent-death signal is cleared by its own fsuid changes;
+    // it ends when QEMU's end closes its vhost-user connection.
+    assert!(
+        wait_until(20, || virtiofsd().is_empty()),
+        "virtiofsd outlived its supervisor: {:?}",
+        virtiofsd()
     );
     let listed: serde_json::Value =
         serde_json::from_str(&stdout(&airlock_vm(&env, &cache, &["ls", "--json"]))).unwrap();
@@ -1028,4 +1063,183 @@ fn the_daemon_creates_a_microvm_sandbox_and_execs_in_it() {
     let (status, removed) = d.json("DELETE", "/v1/sandboxes/dvm", None);
     assert_eq!(status, 200, "{removed}");
     assert!(!d.env.sandbox_dir("dvm").exists());
+}
+
+/// What `diff --json` lists for sandbox `name`: each change's path, kind
+/// and new type, in order.
+fn listed_changes(env: &Env, name: &str) -> Vec<(String, String, String)> {
+    let out = env.airlock(["diff", name, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (text("path"), text("kind"), text("new_type"))
+        })
+        .collect()
+}
+
+/// Every file under `dir` with its content (directories as `<dir>`).
+fn tree_of(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let rel = entry.path().strip_prefix(dir).unwrap().display().to_string();
+            if entry.file_type().unwrap().is_dir() {
+                out.push((rel, "<dir>".to_owned()));
+                stack.push(entry.path());
+            } else {
+                out.push((rel, std::fs::read_to_string(entry.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn fill_workspace(dir: &Path) {
+    std::fs::create_dir_all(dir.join("gone")).unwrap();
+    std::fs::create_dir_all(dir.join("kept")).unwrap();
+    std::fs::write(dir.join("old"), "old\n").unwrap();
+    std::fs::write(dir.join("edited"), "one\n").unwrap();
+    std::fs::write(dir.join("gone/a"), "a\n").unwrap();
+    std::fs::write(dir.join("kept/b"), "b\n").unwrap();
+}
+
+#[test]
+fn an_overlay_workspace_in_a_microvm_is_reviewed_and_applied_as_the_process_tiers() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let review = "[workspace]\nmode = \"overlay\"\nwriteback = \"review\"\n\
+                  [cleanup]\non_success = \"keep\"\non_failure = \"keep\"\n";
+    let vm_policy = env.dir.path().join("overlay-vm.toml");
+    std::fs::write(
+        &vm_policy,
+        format!(
+            "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n\
+             [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\n{review}"
+        ),
+    )
+    .unwrap();
+    let process_policy = env.dir.path().join("overlay-process.toml");
+    std::fs::write(&process_policy, format!("extends = \"ci\"\n{review}")).unwrap();
+    let vm_ws = env.dir.path().join("vm-ws");
+    let process_ws = env.dir.path().join("process-ws");
+    fill_workspace(&vm_ws);
+    fill_workspace(&process_ws);
+    let before = tree_of(&vm_ws);
+    let script = "echo x > new && rm old && echo two >> edited && rm -r gone && mkdir -p made/deep \
+                  && echo y > made/deep/f && echo c > kept/c";
+
+    let created = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "create",
+            "--policy",
+            vm_policy.to_str().unwrap(),
+            "--name",
+            "ov",
+            "--workspace",
+            vm_ws.to_str().unwrap(),
+        ],
+    );
+    assert!(created.status.success(), "{}", show(&created));
+    let supervisor = supervisor_pid(&env, "ov");
+
+    // virtiofsd, serving the layer tmpfs and nothing else, is confined:
+    // the sandbox's id block (root of its own user namespace), namespaces
+    // of its own, at most the capabilities it serves files with, no new
+    // privileges, chrooted into the layer, in the sandbox's cgroup.
+    let layer = env.sandbox_dir("ov").join("layer");
+    let virtiofsd = pids_running(&format!("source={}", layer.display()));
+    assert_eq!(virtiofsd.len(), 1, "one virtiofsd for the sandbox");
+    let virtiofsd = virtiofsd[0];
+    let proc = PathBuf::from(format!("/proc/{virtiofsd}"));
+    let status = std::fs::read_to_string(proc.join("status")).unwrap();
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().to_owned();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.sandbox_dir("ov").join("meta.json")).unwrap()).unwrap();
+    let block_root = 1_000_000_000 + 65_536 * meta["id_block"].as_u64().expect("an id block");
+    for id in field("Uid:").split_whitespace().chain(field("Gid:").split_whitespace()) {
+        assert_eq!(id.parse::<u64>().unwrap(), block_root, "virtiofsd's ids: {status}");
+    }
+    let served_with: u64 = [0, 1, 3, 4, 6, 7, 27, 31].iter().map(|c| 1u64 << c).sum();
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        let held = u64::from_str_radix(&field(set), 16).unwrap();
+        assert_eq!(held & !served_with, 0, "virtiofsd holds more than it serves files with: {status}");
+    }
+    assert_eq!(field("CapInh:"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    for ns in ["user", "mnt", "pid", "net", "ipc"] {
+        let theirs = std::fs::read_link(proc.join("ns").join(ns)).unwrap();
+        assert_ne!(theirs, std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(), "shares {ns}");
+    }
+    let root = proc.join("root");
+    assert!(root.join("upper").is_dir() && root.join("work").is_dir(), "virtiofsd's root is the layer");
+    for absent in ["usr", "etc", "proc", "meta.json"] {
+        assert!(!root.join(absent).exists(), "virtiofsd sees /{absent}");
+    }
+    let cgroup = meta["cgroup"].as_str().expect("the sandbox has a cgroup").to_owned();
+    let placed = std::fs::read_to_string(proc.join("cgroup")).unwrap();
+    assert!(placed.lines().all(|l| l.ends_with(&format!("/{cgroup}")) || l.ends_with(":/")), "{placed}");
+    assert!(placed.contains(&format!("/{cgroup}")), "{placed}");
+
+    // The same changes in the guest and in a process-tier sandbox.
+    let exec = airlock_vm(&env, &cache, &["exec", "ov", "--", "sh", "-c", script]);
+    assert!(exec.status.success(), "{}", show(&exec));
+    let process = env
+        .airlock([
+            "run",
+            "--policy",
+            process_policy.to_str().unwrap(),
+            "--name",
+            "pr",
+            "--workspace",
+            process_ws.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap();
+    assert!(process.status.success(), "{}", show(&process));
+    assert_eq!(tree_of(&vm_ws), before, "the host's workspace changed before apply");
+    let vm_changes = listed_changes(&env, "ov");
+    assert_eq!(vm_changes, listed_changes(&env, "pr"), "the two tiers' diffs differ");
+    for expected in [("new", "added"), ("old", "deleted"), ("edited", "modified"), ("made/deep/f", "added")] {
+        assert!(
+            vm_changes.iter().any(|(p, k, _)| p == expected.0 && k == expected.1),
+            "{expected:?} not in {vm_changes:?}"
+        );
+    }
+    assert!(vm_changes.iter().any(|(p, k, _)| p.starts_with("gone") && k == "deleted"), "{vm_changes:?}");
+
+    // Stopped, then applied: the host's workspace is the process tier's.
+    let stopped = airlock_vm(&env, &cache, &["stop", "ov"]);
+    assert!(stopped.status.success(), "{}", show(&stopped));
+    assert_eq!(listed_changes(&env, "ov"), vm_changes, "the diff survives the guest");
+    for name in ["ov", "pr"] {
+        let applied = env.airlock(["apply", name, "--yes"]).output().unwrap();
+        assert!(applied.status.success(), "{}", show(&applied));
+    }
+    assert_eq!(tree_of(&vm_ws), tree_of(&process_ws));
+    assert!(
+        vm_ws.join("made/deep/f").exists() && !vm_ws.join("old").exists() && !vm_ws.join("gone").exists()
+    );
+    assert_eq!(std::fs::read_to_string(vm_ws.join("edited")).unwrap(), "one\ntwo\n");
+
+    // Gone with the sandbox.
+    let removed = env.airlock(["rm", "ov"]).output().unwrap();
+    assert!(removed.status.success(), "{}", show(&removed));
+    assert!(!proc.exists(), "virtiofsd outlived its sandbox");
+    assert!(qemus_of(supervisor).is_empty(), "QEMU outlived its sandbox");
 }
