@@ -911,6 +911,49 @@ fn a_long_lived_microvm_is_served_like_a_process_tier_sandbox() {
     assert!(left.is_empty(), "the VM's directory is gone: {left:?}");
 }
 
+/// The idle timeout and the maximum runtime stop a long-lived microVM as
+/// they stop a process-tier sandbox: the same supervisor, the same stop, the
+/// same audit record, and no QEMU left.
+#[test]
+fn the_idle_timeout_and_the_deadline_stop_a_microvm() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    let policy = policy.to_str().unwrap();
+    let mut supervisors = Vec::new();
+    for (name, flag, value) in [("idle", "--idle-timeout", "3s"), ("deadline", "--timeout", "40s")] {
+        let o = airlock_vm(
+            &env,
+            &cache,
+            &["create", "--policy", policy, "--name", name, "--mode", "none", flag, value],
+        );
+        assert!(o.status.success(), "{}", show(&o));
+        let supervisor = supervisor_pid(&env, name);
+        assert_eq!(qemus_of(supervisor).len(), 1, "{name}: one QEMU");
+        supervisors.push(supervisor);
+    }
+    let stopped = |name: &str| {
+        let o = env.airlock(["inspect", name, "--json"]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).is_ok_and(|v| v["state"] == "stopped")
+    };
+    assert!(wait_until(120, || stopped("idle")), "the idle microVM was not stopped");
+    assert!(wait_until(120, || stopped("deadline")), "the microVM past its deadline was not stopped");
+    for (name, why) in [("idle", "idle timeout reached"), ("deadline", "maximum runtime reached")] {
+        let audit = std::fs::read_to_string(env.sandbox_dir(name).join("audit.jsonl")).unwrap();
+        assert!(audit.contains(why), "{name}: {audit}");
+    }
+    for supervisor in supervisors {
+        assert!(wait_until(30, || qemus_of(supervisor).is_empty()), "a QEMU outlived its stopped sandbox");
+    }
+    for name in ["idle", "deadline"] {
+        let o = env.airlock(["rm", name]).output().unwrap();
+        assert!(o.status.success(), "{}", show(&o));
+    }
+}
+
 #[test]
 fn a_failed_launch_or_a_killed_supervisor_leaves_no_qemu() {
     if !ready() {
