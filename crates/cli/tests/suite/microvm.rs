@@ -382,12 +382,11 @@ fn qemu_runs_unprivileged_and_dies_with_airlock() {
     ]);
     cmd.env("AIRLOCK_VM_CACHE", &cache).stderr(Stdio::null());
     let mut run = spawn_until_ready(cmd);
+    let (qemu, _) = guest_of(&cache, run.id());
     let needle = format!("{}/run/{}-", cache.display(), run.id());
-    let qemu = pids_running(&needle);
-    assert_eq!(qemu.len(), 1, "one QEMU for this run");
     // QEMU runs as an unprivileged uid of its own, with no capabilities,
     // under its own seccomp filter.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
     let field = |name: &str| {
         status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).unwrap_or_default()
     };
@@ -593,16 +592,7 @@ fn qemu_runs_in_namespaces_a_mount_view_and_a_cgroup_of_its_own() {
     ]);
     cmd.env("AIRLOCK_VM_CACHE", &cache).stdin(Stdio::piped()).stderr(Stdio::piped());
     let mut run = spawn_until_ready(cmd);
-    let needle = format!("{}/run/{}-", cache.display(), run.id());
-    let qemu = pids_running(&needle);
-    assert_eq!(qemu.len(), 1, "one QEMU for this run");
-    let qemu = qemu[0];
-    let run_dir = std::fs::read_dir(cache.join("run"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{}-", run.id())))
-        .unwrap();
+    let (qemu, run_dir) = guest_of(&cache, run.id());
     assert_jailed(qemu, &run_dir, &[env.state.as_path(), policy.as_path()]);
 
     // A cgroup whose limits cover QEMU: the guest's RAM (512M) plus a
@@ -667,14 +657,11 @@ fn rootless_qemu_runs_jailed_as_the_caller_and_without_cgroups_only_if_the_polic
     ]);
     cmd.env("AIRLOCK_VM_CACHE", &cache).stdin(Stdio::piped()).stderr(Stdio::piped());
     let mut run = spawn_until_ready(cmd);
-    let needle = format!("{}/run/{}-", cache.display(), run.id());
-    let qemu = pids_running(&needle);
-    assert_eq!(qemu.len(), 1, "one QEMU for this run");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).unwrap();
+    let (qemu, run_dir) = guest_of(&cache, run.id());
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
     let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
     assert!(uid.split_whitespace().all(|u| u == r.uid.to_string()), "QEMU runs as the caller: {uid}");
-    let run_dir = std::fs::read_dir(cache.join("run")).unwrap().flatten().map(|e| e.path()).next().unwrap();
-    assert_jailed(qemu[0], &run_dir, &[r.env.state.as_path(), Path::new("/home/airlock-test")]);
+    assert_jailed(qemu, &run_dir, &[r.env.state.as_path(), Path::new("/home/airlock-test")]);
     std::io::Write::write_all(&mut run.stdin.take().unwrap(), b"hello\n").unwrap();
     let out = run.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", show(&out));
@@ -749,6 +736,21 @@ fn qemus_of(pid: i64) -> Vec<i32> {
     pids_running(&format!("{}/run/{pid}-", shared_cache().display()))
 }
 
+/// The one QEMU that airlock process `owner` (a `run`, or a sandbox's
+/// supervisor) started from `cache`, and its run directory.
+fn guest_of(cache: &Path, owner: impl std::fmt::Display) -> (i32, PathBuf) {
+    let prefix = format!("{owner}-");
+    let qemu = pids_running(&format!("{}/run/{prefix}", cache.display()));
+    assert_eq!(qemu.len(), 1, "one QEMU started by {owner}: {qemu:?}");
+    let run_dir = std::fs::read_dir(cache.join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&prefix))
+        .expect("the QEMU's run directory");
+    (qemu[0], run_dir)
+}
+
 fn supervisor_pid(env: &Env, name: &str) -> i64 {
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.sandbox_dir(name).join("meta.json")).unwrap()).unwrap();
@@ -785,16 +787,10 @@ fn a_long_lived_microvm_is_served_like_a_process_tier_sandbox() {
     assert!(created.status.success(), "{}", show(&created));
     assert_eq!(stdout(&created).trim(), "lv");
     let supervisor = supervisor_pid(&env, "lv");
-    assert_eq!(qemus_of(supervisor).len(), 1, "one QEMU, started by the sandbox's supervisor");
-    // Jailed as `run`'s QEMU is, inside the sandbox's own cgroup (the one
-    // meta.json names, which gc sweeps), sized for it.
-    let qemu = qemus_of(supervisor)[0];
-    let run_dir = std::fs::read_dir(cache.join("run"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{supervisor}-")))
-        .unwrap();
+    // One QEMU, started by the sandbox's supervisor; jailed as `run`'s QEMU
+    // is, inside the sandbox's own cgroup (the one meta.json names, which gc
+    // sweeps), sized for it.
+    let (qemu, run_dir) = guest_of(&cache, supervisor);
     assert_jailed(qemu, &run_dir, &[env.state.as_path()]);
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.sandbox_dir("lv").join("meta.json")).unwrap()).unwrap();
