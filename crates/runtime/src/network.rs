@@ -271,8 +271,9 @@ pub fn redact_str(text: &str, secrets: &[(String, Vec<u8>)]) -> String {
 /// Removes secret values from everything below `dir` that the sandbox
 /// wrote (the writable layer, the artifacts): file contents, file and
 /// directory names, symlink targets. A server that echoes a credential back
-/// must not leave it in the state directory. Never follows symlinks; keeps
-/// going past entries it cannot read, and reports how many it changed.
+/// must not leave it in the state directory. Never follows symlinks (`dir`
+/// itself being one is an error); keeps going past entries it cannot read,
+/// and reports how many it changed.
 pub fn scrub_tree(dir: &Path, secrets: &[(String, Vec<u8>)]) -> std::io::Result<usize> {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     fn redact_bytes(data: &[u8], secrets: &[(String, Vec<u8>)]) -> Option<Vec<u8>> {
@@ -313,9 +314,48 @@ pub fn scrub_tree(dir: &Path, secrets: &[(String, Vec<u8>)]) -> std::io::Result<
             }
         }
     }
+    // A microVM's guest can replace its upper layer by a link (it sees the
+    // directory holding it): the tree's own name is not followed either.
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is a symbolic link, not a layer", dir.display()),
+        ));
+    }
     let mut changed = 0;
     if !secrets.is_empty() {
         walk(dir, secrets, 0, &mut changed);
     }
     Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A layer whose own name is a link (a microVM's guest can put one in
+    /// its place) is refused; a link inside it is rewritten, never entered.
+    #[test]
+    fn scrubbing_never_follows_a_link_not_even_the_trees_own_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        std::fs::create_dir(&host).unwrap();
+        std::fs::write(host.join("file"), "token=s3cret\n").unwrap();
+        let secrets = vec![("TOKEN".to_owned(), b"s3cret".to_vec())];
+        let swapped = dir.path().join("upper");
+        std::os::unix::fs::symlink(&host, &swapped).unwrap();
+        assert!(scrub_tree(&swapped, &secrets).is_err());
+        assert_eq!(std::fs::read_to_string(host.join("file")).unwrap(), "token=s3cret\n");
+
+        let layer = dir.path().join("layer");
+        std::fs::create_dir(&layer).unwrap();
+        std::fs::write(layer.join("out"), "s3cret").unwrap();
+        std::os::unix::fs::symlink(&host, layer.join("link")).unwrap();
+        assert_eq!(scrub_tree(&layer, &secrets).unwrap(), 1);
+        assert!(!std::fs::read_to_string(layer.join("out")).unwrap().contains("s3cret"));
+        assert_eq!(std::fs::read_to_string(host.join("file")).unwrap(), "token=s3cret\n");
+        // Nothing to scrub where there is nothing.
+        assert_eq!(scrub_tree(&dir.path().join("missing"), &secrets).unwrap(), 0);
+    }
 }
