@@ -353,6 +353,25 @@ pub fn compile() -> Result<seccompiler::BpfProgram, SeccompError> {
     bpf::emit(audit_arch, cfg!(target_arch = "x86_64"), &grouped)
 }
 
+/// A filter under which `setgroups` succeeds and does nothing, every other
+/// call allowed. For a program that insists on dropping its supplementary
+/// groups (virtiofsd exits when it cannot) started rootless: in a user
+/// namespace an ordinary user made, setgroups is denied for good, so the
+/// groups cannot go; the program keeps the caller's, as every rootless
+/// process of a sandbox does (they give it nothing the caller has not).
+pub fn setgroups_noop() -> Result<seccompiler::BpfProgram, SeccompError> {
+    let (arch, audit_arch) =
+        syscalls::ARCH.ok_or(SeccompError::UnsupportedArch { arch: std::env::consts::ARCH })?;
+    let syscall = "setgroups";
+    let nr = syscalls::number(syscall)
+        .and_then(|nr| u32::try_from(nr).ok())
+        .ok_or_else(|| SeccompError::UnknownSyscall { index: 0, syscall: syscall.into(), arch })?;
+    // SECCOMP_RET_ERRNO with 0: the call returns 0 without running.
+    let rule = bpf::CompiledRule { conditions: Vec::new(), ret: bpf::errno_ret(0) };
+    let rules = [bpf::SyscallRules { name: syscall.into(), nr, rules: vec![rule] }];
+    bpf::emit(audit_arch, cfg!(target_arch = "x86_64"), &rules)
+}
+
 /// Installs `prog` on every thread of the calling process (seccomp TSYNC), so
 /// no thread of the agent stays unfiltered and every child inherits it.
 ///
@@ -659,6 +678,33 @@ mod tests {
     /// A pid above the kernel's maximum, so an unfiltered ptrace or
     /// process_vm_readv would fail with ESRCH instead of touching a process.
     const NO_SUCH_PID: libc::c_long = 0x3fff_fff0;
+
+    #[test]
+    fn setgroups_succeeds_without_effect_under_its_noop_filter() {
+        let prog = setgroups_noop().unwrap();
+        assert_eq!(verdict(&prog, "setgroups", [0; 6]), libc::SECCOMP_RET_ERRNO);
+        assert_eq!(verdict(&prog, "getpid", [0; 6]), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(verdict(&prog, "setresuid", [0; 6]), libc::SECCOMP_RET_ALLOW);
+        // Installed in a child: asked for a group it is not in, the call
+        // answers 0 and the groups stay what they were.
+        let code = run_in_child(|| {
+            let before = rustix::process::getgroups().ok();
+            if install(&prog).is_err() {
+                return 1;
+            }
+            let wanted: [libc::gid_t; 1] = [4242];
+            // SAFETY: the kernel reads one gid from a live array (were the
+            // call not filtered; it is) and writes nothing.
+            if unsafe { libc::syscall(libc::SYS_setgroups, 1, wanted.as_ptr()) } != 0 {
+                return 2;
+            }
+            if rustix::process::getgroups().ok() != before {
+                return 3;
+            }
+            0
+        });
+        assert_eq!(code, 0);
+    }
 
     #[test]
     fn installed_filter_denies_with_eperm() {
