@@ -314,6 +314,9 @@ pub fn scrub_tree(dir: &Path, secrets: &[(String, Vec<u8>)]) -> std::io::Result<
             }
         }
     }
+    if secrets.is_empty() {
+        return Ok(0);
+    }
     // A microVM's guest can replace its upper layer by a link (it sees the
     // directory holding it): the tree's own name is not followed either.
     if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -323,9 +326,7 @@ pub fn scrub_tree(dir: &Path, secrets: &[(String, Vec<u8>)]) -> std::io::Result<
         ));
     }
     let mut changed = 0;
-    if !secrets.is_empty() {
-        walk(dir, secrets, 0, &mut changed);
-    }
+    walk(dir, secrets, 0, &mut changed);
     Ok(changed)
 }
 

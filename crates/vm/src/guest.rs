@@ -397,7 +397,7 @@ mod tests {
         assert!(at("9pnet.ko") < at("9pnet_virtio.ko"));
         assert!(at("netfs.ko") < at("9p.ko"));
         assert_eq!(order.iter().filter(|m| *m == "9pnet.ko").count(), 1);
-        // virtio-fs, for an overlay workspace's writable layer, after FUSE.
+        // virtio-fs, for an overlay workspace's layer or a rw workspace, after FUSE.
         assert!(at("fuse.ko") < at("virtiofs.ko"));
     }
 

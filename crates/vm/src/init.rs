@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use rustix::mount::{MountFlags, mount, mount_move};
 
-use crate::boot::{EGRESS_ARG, LAYER_ARG, LAYER_TAG};
+use crate::boot::{EGRESS_ARG, LAYER_ARG, LAYER_TAG, RW_ARG, RW_TAG};
 use crate::egress_port::{GuestEgress, GuestEgressError, PORT_NAME as EGRESS_PORT};
 use crate::guest::{MODULE_DIR, MODULE_ORDER};
 
@@ -81,8 +81,9 @@ pub enum RootEntry {
     Link { path: PathBuf, target: PathBuf },
     /// A path masked inside (an empty file or directory over it).
     Hide(PathBuf),
-    /// The workspace at its own path, read-only, shared with tag
-    /// [`WORKSPACE_TAG`].
+    /// The workspace at its own path: read-only over 9p with tag
+    /// [`WORKSPACE_TAG`], the lower layer of an overlay (`layer:on`), or
+    /// the virtio-fs share itself (`rw:on`).
     Workspace(PathBuf),
 }
 
@@ -137,6 +138,7 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>), InitError> {
         .map_err(step("mount the root"))?;
     let options = c"trans=virtio,version=9p2000.L,cache=loose,msize=512000";
     let layered = std::env::args().any(|a| a == LAYER_ARG);
+    let writable = std::env::args().any(|a| a == RW_ARG);
     let mut shares = 0;
     for entry in &entries {
         match entry {
@@ -167,6 +169,11 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>), InitError> {
                         "mount the workspace {} as an overlay over virtio-fs",
                         path.display()
                     )))?;
+                } else if writable {
+                    // Mode rw: the host's directory itself, served by virtiofsd.
+                    let flags = MountFlags::NODEV | MountFlags::NOSUID;
+                    retry(|| mount(RW_TAG, &target, "virtiofs", flags, None))
+                        .map_err(step(format!("mount the workspace {} over virtio-fs", path.display())))?;
                 } else {
                     retry(|| mount(WORKSPACE_TAG, &target, "9p", flags, Some(options)))
                         .map_err(step(format!("mount the workspace {} over 9p", path.display())))?;

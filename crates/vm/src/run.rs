@@ -26,8 +26,8 @@ pub struct VmStart {
     /// The cgroup QEMU runs in, sized by [`qemu_limits`] (None only where
     /// the host gives none and the policy allows that).
     pub cgroup: Option<SandboxCgroup>,
-    /// The workspace's writable layer on the host (see [`BootSpec::layer`]).
-    pub layer: Option<crate::boot::LayerShare>,
+    /// The host directory the guest writes (see [`BootSpec::writable`]).
+    pub writable: Option<crate::boot::WritableShare>,
 }
 
 /// Something for the person at the terminal.
@@ -101,7 +101,7 @@ pub fn start(
         root: req.root.clone(),
         cgroup: req.cgroup.clone(),
         egress: egress.is_some(),
-        layer: req.layer.clone(),
+        writable: req.writable.clone(),
     };
     let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));
     let vm = Vm::boot(setup.guest(), &spec, &dir, egress)?;
