@@ -716,6 +716,11 @@ fn launch_vm(
     let agent_pid = vm.pid();
     let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     held.vm = Some(vm);
+    // The guest may write from here on: a layer outside a tmpfs (as root,
+    // only where the host could not give one) then holds the block's files.
+    if held.id_block.is_some() && held.layer.as_ref().is_some_and(|l| !l.on_tmpfs()) {
+        held.block_owns_files();
+    }
     phase_done("spawned")?;
     meta.state = SandboxState::Running;
     meta.started_at = Some(now_rfc3339());
