@@ -93,7 +93,16 @@ pub fn confine(plan: &JailPlan, keep: AgentPrivileges) -> Result<Confinement, Se
     privileges::drop_capabilities_except(kept).map_err(step("drop capabilities"))?;
     privileges::set_no_new_privs().map_err(step("set no_new_privs"))?;
     if plan.seccomp {
-        let filter = seccomp::compile().map_err(step("compile the seccomp filter"))?;
+        // A workspace written in place takes files as the sandbox marks
+        // them: no setuid or setgid bit may reach the host's tree.
+        let writes_host_tree =
+            plan.workspace.as_ref().is_some_and(|ws| matches!(ws.mode, WorkspaceMountMode::ReadWrite));
+        let sets: &[seccomp::RuleSet] = if writes_host_tree {
+            &[seccomp::RuleSet::Sandbox, seccomp::RuleSet::NoSetIdBits]
+        } else {
+            &[seccomp::RuleSet::Sandbox]
+        };
+        let filter = seccomp::compile_sets(sets).map_err(step("compile the seccomp filter"))?;
         seccomp::install(&filter).map_err(step("install the seccomp filter"))?;
     }
     Ok(Confinement { landlock })

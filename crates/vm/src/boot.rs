@@ -576,6 +576,9 @@ fn virtiofsd_plan(program: &Path, share: &WritableShare) -> Result<jail::Plan, V
     // Rootless its user namespace denies setgroups for good; virtiofsd
     // exits unless dropping the caller's supplementary groups succeeds.
     plan.setgroups_noop = share.first_host_uid.is_none();
+    // The workspace's files land in the host's tree as the guest marks
+    // them: no setuid or setgid bit (EPERM to the guest).
+    plan.no_setid_bits = share.writes == Writes::Workspace;
     Ok(plan)
 }
 
@@ -874,7 +877,9 @@ mod tests {
         assert!(!rw.keep_capabilities.contains(&jail::CAP_SETFCAP));
         assert_eq!(rw.writable, [dir.path().to_path_buf()], "rootless: bound");
         assert!(rw.setgroups_noop, "rootless, setgroups cannot drop the caller's groups");
+        assert!(rw.no_setid_bits, "a rw workspace takes no setuid or setgid bit");
         let layer = virtiofsd_plan(program, &share(Writes::Layer)).unwrap();
+        assert!(!layer.no_setid_bits, "the layer's bits are stripped by apply");
         assert!(!layer.args.iter().any(|a| a.contains("modcaps")), "{:?}", layer.args);
         assert_eq!(layer.keep_capabilities, jail::VIRTIOFSD_CAPABILITIES);
         let as_root = virtiofsd_plan(

@@ -84,6 +84,11 @@ pub struct Plan {
     /// caller's supplementary groups, exits unless its attempt succeeds.
     #[serde(default)]
     pub setgroups_noop: bool,
+    /// No setuid or setgid bit on any file it writes
+    /// (`seccomp::RuleSet::NoSetIdBits`): virtiofsd serving a workspace in
+    /// mode rw, whose files land in the host's tree as the guest marks them.
+    #[serde(default)]
+    pub no_setid_bits: bool,
 }
 
 /// What QEMU needs to see.
@@ -156,6 +161,7 @@ pub fn plan(program: &Path, args: Vec<String>, needs: &Needs<'_>) -> Result<Plan
         proc: needs.proc,
         attach: None,
         setgroups_noop: false,
+        no_setid_bits: false,
     })
 }
 
@@ -220,6 +226,7 @@ pub fn plan_virtiofsd(
         proc: true,
         attach,
         setgroups_noop: false,
+        no_setid_bits: false,
     })
 }
 
@@ -442,6 +449,10 @@ fn confine_and_exec(control: &mut UnixStream) -> Result<Never, JailError> {
     privileges::set_no_new_privs()?;
     if plan.setgroups_noop {
         airlock_jail::seccomp::install(&airlock_jail::seccomp::setgroups_noop()?)?;
+    }
+    if plan.no_setid_bits {
+        let sets = [airlock_jail::seccomp::RuleSet::NoSetIdBits];
+        airlock_jail::seccomp::install(&airlock_jail::seccomp::compile_sets(&sets)?)?;
     }
     sys::raw_set_pdeathsig(libc::SIGKILL).map_err(os("setting the parent-death signal"))?;
     // A host that died before the signal was armed has closed its end.

@@ -1427,7 +1427,8 @@ fn a_rw_workspace_in_a_microvm_is_written_through_a_jailed_virtiofsd_with_the_pr
     // The guest writes and removes host files; its links stay links.
     let script = format!(
         "echo new > new && rm gone && echo two >> old && mkdir d && touch d/f && chown 1234:2345 d/f \
-         && ln -s / escape && ln -s ../outside up && {{ cat escape{outside}/secret up/secret; true; }} && {fcap}",
+         && ln -s / escape && ln -s ../outside up && {{ cat escape{outside}/secret up/secret; true; }} && {fcap} \
+         && cp /bin/true tool && {{ chmod 4755 tool && echo SUID-SET; chmod 2755 tool && echo SGID-SET; true; }}",
         outside = outside.display(),
         fcap = set_file_capability("new"),
     );
@@ -1440,6 +1441,11 @@ fn a_rw_workspace_in_a_microvm_is_written_through_a_jailed_virtiofsd_with_the_pr
     );
     assert!(stdout(&exec).contains("fcap errno 1"), "a file capability was not refused: {}", show(&exec));
     assert_eq!(std::fs::read_to_string(ws.join("new")).unwrap(), "new\n");
+    // No setuid or setgid bit reaches the host's tree through virtiofsd.
+    assert!(!stdout(&exec).contains("SUID-SET") && !stdout(&exec).contains("SGID-SET"), "{}", show(&exec));
+    let tool_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(ws.join("tool")).unwrap().permissions());
+    assert_eq!(tool_mode & 0o6000, 0, "a set-id bit reached the host: {tool_mode:o}");
     assert!(!ws.join("gone").exists(), "a file removed in the guest is still on the host");
     assert_eq!(std::fs::read_to_string(ws.join("old")).unwrap(), "one\ntwo\n");
     assert_eq!(owner_of(&ws.join("old")), (1000, 1000), "an edited file keeps its owner");
@@ -1642,7 +1648,8 @@ fn rootless_a_rw_workspace_in_a_microvm_is_written_as_the_caller() {
     std::fs::write(ws.join("old"), "one\n").unwrap();
     super::rootless::chown_tree(&ws, r.uid, r.uid);
     let script = "echo new > new && rm gone && echo two >> old && mkdir d && echo f > d/f \
-                  && { chown 1234 d/f 2>/dev/null && echo chowned || echo 'chown refused'; }";
+                  && { chown 1234 d/f 2>/dev/null && echo chowned || echo 'chown refused'; } \
+                  && cp /bin/true tool && { chmod 4755 tool && echo SUID-SET; chmod 2755 tool && echo SGID-SET; true; }";
     let run = r
         .airlock(&["run", "--policy", policy.to_str().unwrap(), "--workspace", ws.to_str().unwrap()])
         .args(["--", "sh", "-c", script])
@@ -1653,6 +1660,11 @@ fn rootless_a_rw_workspace_in_a_microvm_is_written_as_the_caller() {
     assert!(stdout(&run).contains("chown refused"), "{}", show(&run));
     assert!(stderr(&run).contains("workspace mode rw"), "the warning is said: {}", show(&run));
     assert_eq!(std::fs::read_to_string(ws.join("new")).unwrap(), "new\n");
+    // No setuid or setgid bit reaches the host's tree through virtiofsd.
+    assert!(!stdout(&run).contains("SUID-SET") && !stdout(&run).contains("SGID-SET"), "{}", show(&run));
+    let tool_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(ws.join("tool")).unwrap().permissions());
+    assert_eq!(tool_mode & 0o6000, 0, "a set-id bit reached the host: {tool_mode:o}");
     assert!(!ws.join("gone").exists(), "a file removed in the guest is still on the host");
     assert_eq!(std::fs::read_to_string(ws.join("old")).unwrap(), "one\ntwo\n");
     for made in ["new", "d", "d/f", "old"] {
