@@ -129,6 +129,7 @@ fn guest_plan() -> airlock_jail::JailPlan {
         rlimits: airlock_jail::plan::RlimitPlan::default(),
         landlock: airlock_jail::plan::LandlockPlan { enabled: false, required: false },
         seccomp: false,
+        redirect: None,
     }
 }
 

@@ -172,6 +172,7 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
             required: !policy.allows_weaker(Weakening::Landlock),
         },
         seccomp: true,
+        redirect: None,
     };
     Launch {
         jail,
