@@ -13,7 +13,10 @@
 //!   one event per decision, which the supervisor redacts and records;
 //! - fd 5, the host end of the egress channel: the agent inside the sandbox
 //!   sends each connection it accepts straight here, so a tunnel's bytes
-//!   take one relay (this process), as before the move.
+//!   take one relay (this process), as before the move; each descriptor
+//!   comes with a `HandOver` (which listener, and for a redirected
+//!   connection its destination), and with transparent egress the
+//!   resolver's UDP socket comes once.
 //!
 //! The process confines itself before it reads a byte from the sandbox
 //! (`airlock_jail::service`): its own unprivileged uid and gid (as root:
@@ -34,7 +37,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use airlock_egress::NetEvent;
-use airlock_egress::proxy::{Port, Proxy};
+use airlock_egress::proxy::Proxy;
 use airlock_egress::setup::{ProxyReport, ProxySetup, SetupError, read_setup, write_setup};
 use airlock_jail::service::{ServiceJail, ServiceJailError};
 
@@ -166,12 +169,8 @@ fn serve(
     // Ends when the agent (and with it the sandbox) is gone; a malformed
     // message is dropped, not fatal.
     loop {
-        match airlock_proto::recv_tagged_fd(&channel) {
-            Ok((tag, fd)) => {
-                if let Some(port) = Port::from_tag(tag) {
-                    proxy.serve(fd, port);
-                }
-            }
+        match airlock_proto::handover::recv(&channel) {
+            Ok((what, fd)) => proxy.serve(fd, what),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
             Err(_) => break,
         }
