@@ -182,7 +182,7 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
         }
     };
     if let Some(ports) = launch.egress
-        && let Err(e) = egress::listen(ports)
+        && let Err(e) = egress::listen(ports, launch.jail.redirect)
     {
         return setup_failed(control, "listen for the egress proxy", &e);
     }
