@@ -288,7 +288,9 @@ pub(crate) async fn serve_datagrams(shared: Arc<Shared>, socket: UdpSocket) {
         let (n, from) = match socket.recv_from(&mut buf).await {
             Ok(got) => got,
             // An ICMP error for an earlier answer, or a signal: go on.
-            Err(e) if matches!(e.raw_os_error(), Some(libc_errno::ECONNREFUSED | libc_errno::EINTR)) => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc_errno::ECONNREFUSED | libc_errno::EINTR)) => {
+                continue;
+            }
             Err(e) => {
                 tracing::debug!("the resolver's socket failed: {e}");
                 return;
@@ -369,7 +371,12 @@ mod tests {
     fn query(id: u16, name: &str, qtype: TYPE) -> Vec<u8> {
         let mut packet = Packet::new_query(id);
         packet.set_flags(PacketFlag::RECURSION_DESIRED);
-        packet.questions.push(Question::new(Name::new_unchecked(name), qtype.into(), CLASS::IN.into(), false));
+        packet.questions.push(Question::new(
+            Name::new_unchecked(name),
+            qtype.into(),
+            CLASS::IN.into(),
+            false,
+        ));
         packet.build_bytes_vec().unwrap()
     }
 

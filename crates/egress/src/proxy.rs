@@ -193,10 +193,8 @@ impl ProxyHandle {
     /// socket pairs) or, once, the resolver's datagram socket.
     pub fn serve(&self, fd: OwnedFd, what: HandOver) {
         let shared = self.shared.clone();
-        let redirected = matches!(
-            what,
-            HandOver::Transparent { .. } | HandOver::DnsStream | HandOver::DnsDatagram
-        );
+        let redirected =
+            matches!(what, HandOver::Transparent { .. } | HandOver::DnsStream | HandOver::DnsDatagram);
         if redirected && !shared.transparent {
             // Only an agent planned without transparent egress, or one
             // that lies, sends these: closed unread.

@@ -409,7 +409,9 @@ paths = ["/v1/*"]
         assert!(!r.decide_name("a b").is_allow());
         assert!(!r.decide_name("").is_allow());
         // A deny entry with a port refuses that port only: the name resolves.
-        let ported = rules("[network]\negress = \"proxy\"\nallow = [\"db.example.com\"]\ndeny = [\"db.example.com:22\"]\n");
+        let ported = rules(
+            "[network]\negress = \"proxy\"\nallow = [\"db.example.com\"]\ndeny = [\"db.example.com:22\"]\n",
+        );
         assert!(ported.decide_name("db.example.com").is_allow());
         assert!(!ported.decide_target("db.example.com", 22).is_allow());
         let none = rules("[network]\negress = \"none\"\n");

@@ -588,7 +588,10 @@ mod tests {
     #[test]
     fn a_symlinks_target_is_resolved_by_name_inside_the_root() {
         let n = |p: &str| normalize_lexically(Path::new(p));
-        assert_eq!(n("/etc/../run/systemd/resolve/stub-resolv.conf"), Path::new("/run/systemd/resolve/stub-resolv.conf"));
+        assert_eq!(
+            n("/etc/../run/systemd/resolve/stub-resolv.conf"),
+            Path::new("/run/systemd/resolve/stub-resolv.conf")
+        );
         assert_eq!(n("/etc/./hosts"), Path::new("/etc/hosts"));
         // Never above the root.
         assert_eq!(n("/../../x"), Path::new("/x"));

@@ -118,7 +118,14 @@ fn add_default_route(lo: u32, source: IpAddr) -> Result<(), RedirectError> {
     header.rtm_scope = RT_SCOPE_LINK;
     header.rtm_type = RTN_UNICAST;
     let mut chain = rt_route::Chained::new(1);
-    chain.request().set_create().set_excl().op_newroute_do(&header).encode().push_oif(lo).push_prefsrc(source);
+    chain
+        .request()
+        .set_create()
+        .set_excl()
+        .op_newroute_do(&header)
+        .encode()
+        .push_oif(lo)
+        .push_prefsrc(source);
     let chain = chain.finalize();
     // NETLINK_ROUTE is protocol 0: the default.
     let socket = open(None, "routes")?;
@@ -168,10 +175,16 @@ pub(crate) fn ruleset(plan: &Redirect, first_seq: u32) -> Batch {
     // as it is, then every other TCP connection goes to the listener.
     for family in &families {
         for proto in [IPPROTO_UDP, IPPROTO_TCP] {
-            let rule = Rule::new().family(*family).l4proto(proto).dport(DNS_PORT).redirect(*family, plan.dns_port);
+            let rule =
+                Rule::new().family(*family).l4proto(proto).dport(DNS_PORT).redirect(*family, plan.dns_port);
             append(&mut c, &inet, NAT_CHAIN, rule);
         }
-        append(&mut c, &inet, NAT_CHAIN, Rule::new().family(*family).loopback_destination(*family).verdict(VerdictCode::Accept));
+        append(
+            &mut c,
+            &inet,
+            NAT_CHAIN,
+            Rule::new().family(*family).loopback_destination(*family).verdict(VerdictCode::Accept),
+        );
         let rule = Rule::new().family(*family).l4proto(IPPROTO_TCP).redirect(*family, plan.tcp_port);
         append(&mut c, &inet, NAT_CHAIN, rule);
     }
@@ -198,11 +211,7 @@ pub(crate) fn ruleset(plan: &Redirect, first_seq: u32) -> Batch {
 
 fn append(c: &mut nftables::Chained<'static>, header: &Nfgenmsg, chain: &CStr, rule: Rule) {
     let mut op = c.request().set_create().set_append().op_newrule_do(header);
-    let mut list = op
-        .encode()
-        .push_table(TABLE)
-        .push_chain(chain)
-        .nested_expressions();
+    let mut list = op.encode().push_table(TABLE).push_chain(chain).nested_expressions();
     for expr in rule.exprs {
         list = match expr {
             Expr::Meta { key } => list
@@ -368,8 +377,9 @@ impl Rule {
 }
 
 fn open(protocol: Option<rustix::net::Protocol>, what: &'static str) -> Result<OwnedFd, RedirectError> {
-    let fd = rustix::net::socket_with(AddressFamily::NETLINK, SocketType::RAW, SocketFlags::CLOEXEC, protocol)
-        .map_err(|e| RedirectError::Socket { what, source: e.into() })?;
+    let fd =
+        rustix::net::socket_with(AddressFamily::NETLINK, SocketType::RAW, SocketFlags::CLOEXEC, protocol)
+            .map_err(|e| RedirectError::Socket { what, source: e.into() })?;
     rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Recv, Some(ANSWER_TIMEOUT))
         .map_err(|e| RedirectError::Socket { what, source: e.into() })?;
     Ok(fd)
@@ -378,7 +388,12 @@ fn open(protocol: Option<rustix::net::Protocol>, what: &'static str) -> Result<O
 /// Sends `request` (whole netlink messages) in one write, as nftables
 /// requires of a transaction, and reads answers until every sequence
 /// number in `expect_acks` is acknowledged; the first error wins.
-fn exchange(socket: &OwnedFd, request: &[u8], expect_acks: &[u32], what: &'static str) -> Result<(), RedirectError> {
+fn exchange(
+    socket: &OwnedFd,
+    request: &[u8],
+    expect_acks: &[u32],
+    what: &'static str,
+) -> Result<(), RedirectError> {
     let sent = rustix::net::send(socket, request, rustix::net::SendFlags::empty())
         .map_err(|e| RedirectError::Socket { what, source: e.into() })?;
     if sent != request.len() {

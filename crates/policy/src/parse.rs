@@ -53,7 +53,8 @@ const LIMITS_KEYS: &[&str] = &[
     "stop_grace",
     "allow_raise",
 ];
-const NETWORK_KEYS: &[&str] = &["egress", "transparent", "allow", "deny", "allow_flag", "extra_roots", "rule"];
+const NETWORK_KEYS: &[&str] =
+    &["egress", "transparent", "allow", "deny", "allow_flag", "extra_roots", "rule"];
 /// The `[network]` keys a built-in must set; `rule` is an array of tables a
 /// profile may leave out.
 const NETWORK_REQUIRED: &[&str] = &["egress", "transparent", "allow", "deny", "allow_flag", "extra_roots"];

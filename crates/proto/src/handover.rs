@@ -96,7 +96,9 @@ impl HandOver {
                 let mut octets = [0u8; 16];
                 octets.copy_from_slice(&rest[..16]);
                 let port = u16::from_be_bytes([rest[16], rest[17]]);
-                Some(HandOver::Transparent { destination: SocketAddr::new(Ipv6Addr::from(octets).into(), port) })
+                Some(HandOver::Transparent {
+                    destination: SocketAddr::new(Ipv6Addr::from(octets).into(), port),
+                })
             }
             _ => None,
         }

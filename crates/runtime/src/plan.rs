@@ -159,7 +159,9 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         files: name_files(input.paths)
             .into_iter()
             .chain(input.network.iter().flat_map(|n| {
-                n.bundle_targets.iter().map(|t| FileBind { source: n.bundle.to_path_buf(), target: PathBuf::from(t) })
+                n.bundle_targets
+                    .iter()
+                    .map(|t| FileBind { source: n.bundle.to_path_buf(), target: PathBuf::from(t) })
             }))
             .collect(),
         rlimits: RlimitPlan {
