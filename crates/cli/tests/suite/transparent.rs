@@ -2,8 +2,8 @@
 //! fetch, a raw Python socket, getent) get the policy, not a dead network.
 //!
 //! Each test makes its own test network: a network namespace holding the
-//! servers at documentation addresses (203.0.113.0/24 for the hosts, a
-//! 192.0.2.0/24 address for an "outside" resolver), reached from the host,
+//! servers at documentation addresses (203.0.113.0/24, for the hosts and
+//! for an "outside" resolver), reached from the host,
 //! where the egress proxy runs, over a veth pair with addresses from
 //! 198.51.100.0/24 and host routes. The test's policy names the servers'
 //! addresses with their ports, which the private-range guard requires for
@@ -58,6 +58,17 @@ impl TestNet {
         {
             return None;
         }
+        // The test's host routes must shadow nothing of the machine's own
+        // networks (documentation ranges are sometimes real lab networks:
+        // a route to the gateway through the veth would cut the machine off).
+        let taken = host_addresses();
+        let clash = taken.iter().find(|a| {
+            let [a0, a1, a2, _] = a.octets();
+            [a0, a1, a2] == [203, 0, 113] || [a0, a1, a2] == [198, 51, 100]
+        });
+        if !require(clash.is_none(), "203.0.113.0/24 and 198.51.100.0/24 unused by this host's interfaces") {
+            return None;
+        }
         // Unique per test and per test process: names and a /30 of their own.
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let k = ((std::process::id() * 7 + n) % 60) as u8;
@@ -66,7 +77,7 @@ impl TestNet {
             ns: format!("al-tr-{tag}"),
             host_if: format!("alh{tag}"),
             server: Ipv4Addr::new(203, 0, 113, k + 1),
-            resolver: Ipv4Addr::new(192, 0, 2, k + 1),
+            resolver: Ipv4Addr::new(203, 0, 113, k + 101),
             routes: Vec::new(),
         };
         let ns_if = format!("aln{tag}");
@@ -143,6 +154,19 @@ impl TestNet {
             .unwrap()
         })
     }
+}
+
+/// The IPv4 addresses of the host's interfaces.
+fn host_addresses() -> Vec<Ipv4Addr> {
+    let o = Command::new("ip").args(["-4", "-o", "addr", "show"]).output().unwrap();
+    stdout(&o)
+        .lines()
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "inet")?;
+            words.get(at + 1)?.split('/').next()?.parse().ok()
+        })
+        .collect()
 }
 
 impl Drop for TestNet {
