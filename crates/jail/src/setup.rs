@@ -48,7 +48,13 @@ pub fn build(plan: &JailPlan) -> Result<(), SetupError> {
     // While the agent still holds CAP_NET_ADMIN in the sandbox's user
     // namespace: the command never does, so it cannot undo this.
     if let Some(plan) = &plan.redirect {
-        redirect::install(plan).map_err(step("redirect the sandbox's connections to airlock"))?;
+        redirect::install(plan).map_err(|e| SetupError {
+            step: "redirect the sandbox's connections to airlock (transparent egress)",
+            message: format!(
+                "{e}; this needs nf_tables with NAT in the kernel: without it, set network.transparent = false \
+                 in the policy (programs that ignore the proxy settings then get no network)"
+            ),
+        })?;
     }
     Ok(())
 }
