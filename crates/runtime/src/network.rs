@@ -218,7 +218,8 @@ impl Network {
 /// echoed back.
 fn audit_event(notice: ProxyNotice, secrets: &[(String, Vec<u8>)]) -> AuditEvent {
     match notice {
-        ProxyNotice::Event(mut event) => {
+        ProxyNotice::Event(event) => {
+            let mut event = *event;
             event.path = event.path.map(|p| redact_str(&p, secrets));
             event.host = redact_str(&event.host, secrets);
             event.rule = redact_str(&event.rule, secrets);

@@ -216,7 +216,7 @@ fn name_service_modules(nsswitch: &str) -> Vec<CString> {
 /// What the supervisor hears of its proxy besides readiness.
 pub(crate) enum ProxyNotice {
     /// One decision, to redact and record.
-    Event(NetEvent),
+    Event(Box<NetEvent>),
     /// The proxy ended while the sandbox was running (or was killed when it
     /// would not stop): the sandbox's connections fail from now on.
     Ended { status: ExitStatus, killed_by_us: bool },
@@ -349,7 +349,9 @@ pub(crate) fn start(
                             let _ = tx.send(Err(message));
                         }
                     }
-                    ProxyReport::Event(event) if ready_tx.is_none() => notice(ProxyNotice::Event(event)),
+                    ProxyReport::Event(event) if ready_tx.is_none() => {
+                        notice(ProxyNotice::Event(Box::new(event)))
+                    }
                     ProxyReport::Event(_) => {}
                 }
             }
