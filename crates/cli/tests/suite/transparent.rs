@@ -58,21 +58,29 @@ impl TestNet {
         {
             return None;
         }
-        // The test's host routes must shadow nothing of the machine's own
-        // networks (documentation ranges are sometimes real lab networks:
-        // a route to the gateway through the veth would cut the machine off).
-        let taken = host_addresses();
-        let clash = taken.iter().find(|a| {
-            let [a0, a1, a2, _] = a.octets();
-            [a0, a1, a2] == [203, 0, 113] || [a0, a1, a2] == [198, 51, 100]
-        });
-        if !require(clash.is_none(), "203.0.113.0/24 and 198.51.100.0/24 unused by this host's interfaces") {
-            return None;
-        }
         // Unique per test and per test process: names and a /30 of their own.
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let k = ((std::process::id() * 7 + n) % 60) as u8;
         let tag = format!("{:x}{n}", std::process::id() % 0xfffff);
+        // The test's host routes must shadow nothing of the machine's own
+        // networks (documentation ranges are sometimes real lab networks: a
+        // route to the gateway through the veth would cut the machine off):
+        // no host address in 203.0.113.0/24 or in this test's /30.
+        let ours = |a: &Ipv4Addr| {
+            let [a0, a1, a2, a3] = a.octets();
+            [a0, a1, a2] == [203, 0, 113] || ([a0, a1, a2] == [198, 51, 100] && a3 / 4 == k)
+        };
+        let clash: Vec<String> = host_addresses()
+            .into_iter()
+            .filter(|(_, a)| ours(a))
+            .map(|(i, a)| format!("{a} on {i}"))
+            .collect();
+        if !require(
+            clash.is_empty(),
+            &format!("203.0.113.0/24 free on this host (it has {})", clash.join(", ")),
+        ) {
+            return None;
+        }
         let mut net = TestNet {
             ns: format!("al-tr-{tag}"),
             host_if: format!("alh{tag}"),
@@ -156,15 +164,16 @@ impl TestNet {
     }
 }
 
-/// The IPv4 addresses of the host's interfaces.
-fn host_addresses() -> Vec<Ipv4Addr> {
+/// The IPv4 addresses of the host's interfaces, with the interface.
+fn host_addresses() -> Vec<(String, Ipv4Addr)> {
     let o = Command::new("ip").args(["-4", "-o", "addr", "show"]).output().unwrap();
     stdout(&o)
         .lines()
         .filter_map(|l| {
             let words: Vec<&str> = l.split_whitespace().collect();
             let at = words.iter().position(|w| *w == "inet")?;
-            words.get(at + 1)?.split('/').next()?.parse().ok()
+            let ip = words.get(at + 1)?.split('/').next()?.parse().ok()?;
+            Some((words.get(1)?.to_string(), ip))
         })
         .collect()
 }
