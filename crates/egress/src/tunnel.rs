@@ -49,6 +49,10 @@ const RELAY_BUFFER: usize = 1024 * 1024;
 /// The identification lines an SSH client starts with (RFC 4253 §4.2).
 const SSH_IDENTIFICATIONS: [&[u8]; 2] = [b"SSH-2.0-", b"SSH-1.99-"];
 
+/// Relays a tunnel to its end. Returns the client when its first flight
+/// was refused (or a side closed before it was decided), for the caller to
+/// end as its path ends refusals: a CONNECT or SOCKS client with a close, a
+/// transparent connection with a reset.
 pub(crate) async fn relay<C>(
     shared: Arc<Shared>,
     mut client: C,
@@ -56,12 +60,13 @@ pub(crate) async fn relay<C>(
     addr: SocketAddr,
     rule: String,
     ev: EventBuilder,
-) where
+) -> Option<C>
+where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if shared.must_intercept(&ev.host, ev.port) {
         crate::intercept::run(shared, client, upstream, addr, ev).await;
-        return;
+        return None;
     }
     let destination = Destination::of(&ev.host);
     let (outcome, first_in) = first_flight(&mut client, &mut upstream, &destination, HELLO_TIMEOUT).await;
@@ -75,8 +80,7 @@ pub(crate) async fn relay<C>(
         FirstFlight::Pass(first) => first,
         FirstFlight::Refused(_) | FirstFlight::Closed => {
             shared.sink.record(event);
-            let _ = client.shutdown().await;
-            return;
+            return Some(client);
         }
     };
     let mut out = first.len() as u64;
@@ -90,6 +94,7 @@ pub(crate) async fn relay<C>(
     event.bytes_out = out + more_out;
     event.bytes_in += more_in;
     shared.sink.record(event);
+    None
 }
 
 /// What the tunnel was asked for, as the first flight is checked against it.

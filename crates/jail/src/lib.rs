@@ -14,6 +14,7 @@ pub mod mounts;
 pub use airlock_proto::plan;
 pub mod privileges;
 pub mod probe;
+pub mod redirect;
 pub mod rlimit;
 pub mod seccomp;
 pub mod service;

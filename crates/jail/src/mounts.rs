@@ -546,13 +546,43 @@ fn mount_workspace(root: &Path, ws: &crate::plan::WorkspaceMount) -> Result<(), 
 /// skipped when its directory does not exist and cannot be made, as for a
 /// host without /etc/ssl/certs).
 fn bind_file(root: &Path, source: &Path, target: &Path) -> Result<(), MountError> {
-    let inside = under(root, target);
+    let mut inside = under(root, target);
+    // A mount follows a symlink at its target: the host's /etc/resolv.conf
+    // is often one (into /run, a fresh tmpfs inside), so the file it names
+    // is made inside the new root and the bind goes there.
+    if fs::symlink_metadata(&inside).is_ok_and(|m| m.file_type().is_symlink())
+        && let Ok(link) = fs::read_link(&inside)
+    {
+        let named = if link.is_absolute() {
+            under(root, &link)
+        } else {
+            let dir = inside.parent().unwrap_or(root).to_path_buf();
+            let relative = dir.strip_prefix(root).map(Path::to_path_buf).unwrap_or_default();
+            under(root, &normalize_lexically(&Path::new("/").join(relative).join(&link)))
+        };
+        inside = named;
+    }
     if fs::symlink_metadata(&inside).is_err() && touch(&inside).is_err() {
         tracing::debug!("not binding {}: cannot create it inside", target.display());
         return Ok(());
     }
     mount_bind_recursive(source, &inside).ctx("bind file", target)?;
     make_read_only(&inside, false)
+}
+
+/// `path` (absolute) with `.` and `..` resolved by name, never above `/`.
+fn normalize_lexically(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(part) => out.push(part),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 /// overlayfs splits its options on ',' and its layer lists on ':'; both
@@ -585,6 +615,19 @@ mod tests {
 
     use super::*;
     use crate::privileges::test_fork::{have_root, run_in_child};
+
+    #[test]
+    fn a_symlinks_target_is_resolved_by_name_inside_the_root() {
+        let n = |p: &str| normalize_lexically(Path::new(p));
+        assert_eq!(
+            n("/etc/../run/systemd/resolve/stub-resolv.conf"),
+            Path::new("/run/systemd/resolve/stub-resolv.conf")
+        );
+        assert_eq!(n("/etc/./hosts"), Path::new("/etc/hosts"));
+        // Never above the root.
+        assert_eq!(n("/../../x"), Path::new("/x"));
+        assert_eq!(under(Path::new("/r"), &n("/etc/../../../etc/hosts")), Path::new("/r/etc/hosts"));
+    }
 
     #[test]
     fn a_mount_point_apart_from_every_path_is_chosen() {

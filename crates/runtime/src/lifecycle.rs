@@ -449,10 +449,13 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     let layer = held.layer.as_ref();
     let rootfs = sandbox.path().join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| RunError::State(rootfs.clone(), e))?;
+    let (hosts, resolv_conf) = crate::network::write_name_files(sandbox.path(), &name)?;
     let paths = SandboxPaths {
         rootfs,
         upper: layer.map_or_else(|| sandbox.upper_dir(), |l| l.upper.clone()),
         work: layer.map_or_else(|| sandbox.work_dir(), |l| l.work.clone()),
+        hosts,
+        resolv_conf,
     };
 
     // As root the workspace is seen through an id-mapped mount, so that files
@@ -499,6 +502,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
                 env: &network_env,
                 bundle: &n.bundle,
                 bundle_targets: &[crate::network::SANDBOX_CA_BUNDLE, crate::network::SYSTEM_CA_BUNDLE],
+                redirect: n.redirect,
             }),
         },
     );

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use airlock_egress::ca::{self, RootSources, SandboxCa};
 use airlock_egress::secrets::{self, SecretSourceSpec};
 use airlock_egress::setup::{ProxySetup, SecretSetup};
-use airlock_egress::{HTTP_PROXY_PORT, SOCKS_PROXY_PORT};
+use airlock_egress::{HTTP_PROXY_PORT, RESOLVER_PORT, SOCKS_PROXY_PORT, TRANSPARENT_PORT};
+use airlock_jail::plan::Redirect;
 use airlock_policy::{Egress, HostMatch, HostPattern, Policy, SecretSource};
 use airlock_proto::EgressPorts;
 
@@ -39,6 +40,8 @@ pub struct Network {
     redactions: Vec<(String, Vec<u8>)>,
     /// The policy allows some host loopback address explicitly.
     host_loopback_allowed: bool,
+    /// Transparent egress: what the agent redirects, and where to.
+    pub redirect: Option<Redirect>,
 }
 
 impl Network {
@@ -119,6 +122,7 @@ impl Network {
             placeholders,
             redactions,
             host_loopback_allowed: policy.network.allow.iter().any(names_loopback),
+            redirect: redirect_of(&policy.network),
         }))
     }
 
@@ -214,7 +218,8 @@ impl Network {
 /// echoed back.
 fn audit_event(notice: ProxyNotice, secrets: &[(String, Vec<u8>)]) -> AuditEvent {
     match notice {
-        ProxyNotice::Event(mut event) => {
+        ProxyNotice::Event(event) => {
+            let mut event = *event;
             event.path = event.path.map(|p| redact_str(&p, secrets));
             event.host = redact_str(&event.host, secrets);
             event.rule = redact_str(&event.rule, secrets);
@@ -234,6 +239,45 @@ fn audit_event(notice: ProxyNotice, secrets: &[(String, Vec<u8>)]) -> AuditEvent
             AuditEvent::EgressProxyEnded { code: status.code(), signal: status.signal(), detail }
         }
     }
+}
+
+/// The redirection a policy asks for: with transparent egress, TCP to the
+/// transparent port and DNS to the resolver's; IPv6 only where an allow
+/// entry names an IPv6 address (names are answered with IPv4 addresses).
+pub fn redirect_of(network: &airlock_policy::Network) -> Option<Redirect> {
+    network.redirects().then(|| Redirect {
+        tcp_port: TRANSPARENT_PORT,
+        dns_port: RESOLVER_PORT,
+        ipv6: network.allows_ipv6(),
+    })
+}
+
+/// The address the sandbox's resolv.conf names. Every query to port 53
+/// is redirected to airlock's resolver whatever its address; this one is
+/// where glibc looks when nothing else is named.
+pub const SANDBOX_NAMESERVER: &str = "127.0.0.1";
+
+/// Writes the sandbox's own `/etc/hosts` (loopback names and its
+/// hostname) and `/etc/resolv.conf` (airlock's resolver) into its state
+/// directory; returns their paths. Without transparent egress nothing
+/// answers on port 53, so a lookup fails at once (the port is closed).
+pub fn write_name_files(state_dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), RunError> {
+    let hosts = state_dir.join("hosts");
+    let resolv = state_dir.join("resolv.conf");
+    let hosts_text = format!(
+        "# airlock: this sandbox's own names; the host's are not its business.\n\
+         127.0.0.1\tlocalhost\n\
+         ::1\tlocalhost ip6-localhost ip6-loopback\n\
+         127.0.1.1\t{hostname}\n"
+    );
+    let resolv_text = format!(
+        "# airlock: every DNS query, to any address, is answered by airlock's resolver\n\
+         # (names the policy allows) or not at all; none leaves the sandbox.\n\
+         nameserver {SANDBOX_NAMESERVER}\n"
+    );
+    write_public(&hosts, hosts_text.as_bytes()).map_err(|e| RunError::State(hosts.clone(), e))?;
+    write_public(&resolv, resolv_text.as_bytes()).map_err(|e| RunError::State(resolv.clone(), e))?;
+    Ok((hosts, resolv))
 }
 
 fn names_loopback(pattern: &HostPattern) -> bool {

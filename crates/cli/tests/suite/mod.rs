@@ -22,5 +22,6 @@ mod microvm;
 mod rootless;
 mod security;
 mod startup_work;
+mod transparent;
 mod vm_compat;
 mod workspace;
