@@ -10,7 +10,7 @@ use crate::error::{FileErrorKind, PolicyError};
 use crate::layer::{apply, check_combined};
 use crate::parse::{SCHEMA, Source, parse_layer};
 use crate::{
-    Artifacts, Cleanup, CleanupAction, Egress, EnvPolicy, Filesystem, Isolation, Limits, Network, Policy,
+    Artifacts, AuditPolicy, Cleanup, CleanupAction, Egress, EnvPolicy, Filesystem, Isolation, Limits, Network, Policy,
     Tier, WorkspaceMode, WorkspacePolicy, Writeback,
 };
 
@@ -110,6 +110,7 @@ fn blank() -> Policy {
         artifacts: Artifacts { capture: Vec::new(), max_bytes: 0 },
         cleanup: Cleanup { on_success: CleanupAction::Keep, on_failure: CleanupAction::Keep },
         env: EnvPolicy { pass: Vec::new(), set: BTreeMap::new() },
+        audit: AuditPolicy { exec_trace: false },
         secrets: Vec::new(),
     }
 }

@@ -59,6 +59,7 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         on_success => p.cleanup.on_success,
         on_failure => p.cleanup.on_failure,
         pass => p.env.pass,
+        exec_trace => p.audit.exec_trace,
     }
     // A file may move a policy that requires the microvm tier back to the
     // process tier (its author decided); the runtime says so at every start.

@@ -42,6 +42,9 @@ pub struct Policy {
     pub network: Network,
     pub artifacts: Artifacts,
     pub cleanup: Cleanup,
+    /// What the sandbox's audit log records beyond its life and network.
+    #[serde(default)]
+    pub audit: AuditPolicy,
     pub env: EnvPolicy,
     /// Credentials injected by the egress proxy, sorted by name.
     #[serde(default)]
@@ -133,6 +136,22 @@ pub struct Artifacts {
     pub capture: Vec<String>,
     /// Total bytes copied; the rest is skipped with a warning.
     pub max_bytes: u64,
+}
+
+/// What the audit log records of what runs inside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditPolicy {
+    /// Record every execve and execveat inside the sandbox (the process
+    /// tier: a seccomp user-notification filter whose listener is on the
+    /// host). On in every built-in profile; off only to measure its cost.
+    pub exec_trace: bool,
+}
+
+impl Default for AuditPolicy {
+    /// A form written before the setting existed: traced, as built-ins are.
+    fn default() -> AuditPolicy {
+        AuditPolicy { exec_trace: true }
+    }
 }
 
 /// What happens to the sandbox's state after it ends.

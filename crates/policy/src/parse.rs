@@ -37,6 +37,7 @@ const TOP_KEYS: &[&str] = &[
     "cleanup",
     "env",
     "secrets",
+    "audit",
 ];
 const ISOLATION_KEYS: &[&str] = &["tier", "allow_weaker"];
 const FILESYSTEM_KEYS: &[&str] = &["read_only", "hidden", "tmp_size"];
@@ -63,6 +64,7 @@ const SECRET_KEYS: &[&str] = &["from", "hosts"];
 const ARTIFACTS_KEYS: &[&str] = &["capture", "max_bytes"];
 const CLEANUP_KEYS: &[&str] = &["on_success", "on_failure"];
 const ENV_KEYS: &[&str] = &["pass", "set"];
+const AUDIT_KEYS: &[&str] = &["exec_trace"];
 
 /// Every section and its keys; a built-in profile must set all of them.
 pub(crate) const SCHEMA: &[(&str, &[&str])] = &[
@@ -74,6 +76,7 @@ pub(crate) const SCHEMA: &[(&str, &[&str])] = &[
     ("artifacts", ARTIFACTS_KEYS),
     ("cleanup", CLEANUP_KEYS),
     ("env", ENV_KEYS),
+    ("audit", AUDIT_KEYS),
 ];
 
 /// The keys one policy file sets; `None` means "inherit from the base".
@@ -112,6 +115,7 @@ pub(crate) struct Layer {
     pub on_failure: Option<CleanupAction>,
     pub pass: Option<Vec<String>>,
     pub set: Option<BTreeMap<String, String>>,
+    pub exec_trace: Option<bool>,
     /// Secrets this file defines, each with the span of its table.
     pub secrets: Vec<(Span, Secret)>,
     /// "section.key" for every key present, with the span of its value: to
@@ -219,6 +223,10 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
     if let Some(s) = top.section("env", ENV_KEYS)? {
         layer.pass = s.env_names("pass")?;
         layer.set = s.env_map("set")?;
+        layer.keys_set.extend(s.present());
+    }
+    if let Some(s) = top.section("audit", AUDIT_KEYS)? {
+        layer.exec_trace = s.boolean("exec_trace")?;
         layer.keys_set.extend(s.present());
     }
     layer.secrets = top.secrets("secrets")?;

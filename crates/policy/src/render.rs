@@ -116,7 +116,10 @@ pub(crate) fn to_toml(p: &Policy) -> String {
          \n\
          [env]\n\
          pass = {pass}\n\
-         set = {set}\n",
+         set = {set}\n\
+         \n\
+         [audit]\n\
+         exec_trace = {exec_trace}\n",
         name = p.name,
         root = quote(root),
         description = quote(&p.description),
@@ -150,6 +153,7 @@ pub(crate) fn to_toml(p: &Policy) -> String {
         allow_flag = p.network.allow_flag,
         extra_roots = paths(&p.network.extra_roots),
         rules = rules(p),
+        exec_trace = p.audit.exec_trace,
     );
     for secret in &p.secrets {
         let _ = write!(

@@ -767,3 +767,28 @@ fn stop_grace_is_a_bounded_duration_and_survives_a_round_trip() {
     let again = write(dir.path(), "again.toml", &p.to_toml());
     assert_eq!(Policy::load_file(&again).unwrap().limits.stop_grace, Duration::from_millis(1500));
 }
+
+#[test]
+fn every_builtin_traces_execs_and_a_file_may_turn_it_off() {
+    for name in Policy::builtin_names() {
+        assert!(Policy::builtin(name).unwrap().audit.exec_trace, "{name}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let off = write(dir.path(), "off.toml", "extends = \"dev\"\n[audit]\nexec_trace = false\n");
+    let p = Policy::load_file(&off).unwrap();
+    assert!(!p.audit.exec_trace);
+    let again = write(dir.path(), "again.toml", &p.to_toml());
+    assert!(!Policy::load_file(&again).unwrap().audit.exec_trace, "survives a round trip");
+    let bad = write(dir.path(), "bad.toml", "[audit]\nexec_trace = \"sometimes\"\n");
+    assert_eq!(file_error(&Policy::load_file(&bad).unwrap_err()).2, "audit.exec_trace");
+    let unknown = write(dir.path(), "unknown.toml", "[audit]\nexec_rate = 5\n");
+    assert!(Policy::load_file(&unknown).unwrap_err().to_string().contains("unknown key `exec_rate` in [audit]"));
+    // A form stored before the setting existed reads as traced.
+    let stored: Policy =
+        serde_json::from_value(serde_json::to_value(Policy::builtin("ci").unwrap()).map(|mut v| {
+            v.as_object_mut().unwrap().remove("audit");
+            v
+        }).unwrap())
+        .unwrap();
+    assert!(stored.audit.exec_trace);
+}
