@@ -84,7 +84,21 @@ pub fn main() -> i32 {
         setup::AgentPrivileges::None
     };
     match setup::confine(&launch.jail, keep) {
-        Ok(confinement) => report(&mut control, AgentMessage::Confined { landlock: confinement.landlock }),
+        Ok(confinement) => {
+            let exec_trace = confinement.exec_listener.is_some();
+            report(&mut control, AgentMessage::Confined { landlock: confinement.landlock, exec_trace });
+            // Right behind Confined: the listener every exec now waits on.
+            // The agent keeps no copy, so only the host can answer.
+            if let Some(listener) = confinement.exec_listener
+                && let Err(e) = airlock_proto::send_tagged_fd(
+                    &control,
+                    airlock_proto::EXEC_LISTENER_TAG,
+                    listener.as_fd(),
+                )
+            {
+                return setup_failed(&mut control, "hand the exec trace's listener to the host", &e);
+            }
+        }
         Err(e) => return setup_failed(&mut control, e.step, &e.message),
     }
     run_command(&mut control, &launch)
@@ -130,6 +144,7 @@ fn guest_plan() -> airlock_jail::JailPlan {
         landlock: airlock_jail::plan::LandlockPlan { enabled: false, required: false },
         seccomp: false,
         redirect: None,
+        exec_trace: false,
     }
 }
 

@@ -102,6 +102,7 @@ fn last_cap() -> Result<u32, PrivError> {
 /// Capability numbers (linux/capability.h).
 pub const CAP_SETGID: u32 = 6;
 pub const CAP_SETUID: u32 = 7;
+pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_ADMIN: u32 = 21;
 
 /// What a long-lived sandbox's agent keeps so that an exec can run as
@@ -190,6 +191,13 @@ pub fn switch_ids(uid: u32, gid: u32) -> Result<(), PrivError> {
     Ok(())
 }
 
+/// Keeps only `keep` in the calling thread's effective and permitted sets
+/// (their subset it holds), and empties its inheritable set. Needs no
+/// capability: a thread may always give up what it holds.
+pub fn keep_only(keep: &[u32]) -> Result<(), PrivError> {
+    capset_only(keep).map_err(PrivError::Capset)
+}
+
 /// Empties the calling thread's effective, permitted and inheritable sets.
 /// Needs no capability (a thread may always give up what it holds); the
 /// bounding set must have been emptied before, while CAP_SETPCAP was held.
@@ -201,8 +209,17 @@ pub fn clear_capability_sets() -> Result<(), PrivError> {
 /// asked of the kernel itself (capget, PR_CAPBSET_READ, PR_CAP_AMBIENT_IS_SET)
 /// rather than through /proc: for a process whose mount view has none.
 pub fn holds_no_capabilities() -> bool {
+    holds_exactly(&[])
+}
+
+/// Whether the calling thread's effective and permitted sets are exactly
+/// `keep` and its inheritable, bounding and ambient sets empty, asked of
+/// the kernel itself (see [`holds_no_capabilities`]).
+pub fn holds_exactly(keep: &[u32]) -> bool {
     let Ok(sets) = rustix::thread::capabilities(None) else { return false };
-    if !(sets.effective.is_empty() && sets.permitted.is_empty() && sets.inheritable.is_empty()) {
+    let masks = capability_masks(keep);
+    let wanted = u64::from(masks[0]) | (u64::from(masks[1]) << 32);
+    if sets.effective.bits() != wanted || sets.permitted.bits() != wanted || !sets.inheritable.is_empty() {
         return false;
     }
     // Every capability number a kernel may know; past the highest one the

@@ -63,7 +63,7 @@ pub enum ServiceJailError {
     Privileges(#[from] PrivError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
-    #[error("capabilities are still held after dropping them")]
+    #[error("capabilities are still held after dropping them (or not the one it keeps)")]
     CapabilitiesLeft,
     #[error("its supervisor (pid {0}) is gone")]
     ParentGone(i32),
@@ -124,6 +124,84 @@ pub fn confine(jail: &ServiceJail<'_>) -> Result<(), ServiceJailError> {
     privileges::set_no_new_privs()?;
     sys::raw_set_pdeathsig(libc::SIGKILL).map_err(os("setting its parent-death signal"))?;
     // The supervisor may have died before the signal was armed.
+    if rustix::process::getppid() != Some(jail.parent) {
+        return Err(ServiceJailError::ParentGone(jail.parent.as_raw_nonzero().get()));
+    }
+    seccomp::install(jail.filter)?;
+    Ok(())
+}
+
+/// How the exec trace's listener confines itself: as [`confine`] does,
+/// except that it must read the memory of the sandbox's processes, so it
+/// joins the sandbox's user namespace and keeps CAP_SYS_PTRACE there, and
+/// nothing else.
+pub struct TracerJail<'a> {
+    /// The sandbox's user namespace (`/proc/AGENT/ns/user`).
+    pub user_ns: std::os::fd::BorrowedFd<'a>,
+    /// As root: the uid and gid to become first, none of the sandbox's.
+    /// None (rootless): stay the calling user, who owns the namespace.
+    pub ids: Option<(u32, u32)>,
+    /// An existing directory the new, empty root's tmpfs is mounted over.
+    pub mountpoint: &'a Path,
+    /// The process it must not outlive.
+    pub parent: rustix::process::Pid,
+    pub filter: &'a seccompiler::BpfProgram,
+}
+
+/// Confines the exec trace's listener for good. The order:
+/// 1. As root, become its own unprivileged uid and gid (no supplementary
+///    groups) while keeping its capabilities for the next step: the ids
+///    must be chosen in the host's namespace, where they exist.
+/// 2. Join the sandbox's user namespace (allowed to its owner, and to a
+///    holder of CAP_SYS_ADMIN above it). There it holds every capability
+///    of that namespace, and none anywhere else.
+/// 3. New mount, IPC and network namespaces (owned by the sandbox's user
+///    namespace): no host file, System V object or network.
+/// 4. Empty the bounding set, keeping CAP_SYS_ADMIN (for the root) and
+///    CAP_SYS_PTRACE; then an empty root, pivoted into.
+/// 5. Keep CAP_SYS_PTRACE alone: the right to read the sandbox's
+///    processes (their memory, directories and exit codes), which are all
+///    of that namespace. Checked by asking the kernel.
+/// 6. Non-dumpable, no_new_privs, the parent-death signal (after every
+///    change of credentials, which resets it), the parent checked.
+/// 7. The seccomp allowlist, last.
+///
+/// Descriptors opened before (the host's /proc, the listener's channel)
+/// stay usable: they are how it reaches what its view no longer holds.
+pub fn confine_tracer(jail: &TracerJail<'_>) -> Result<(), ServiceJailError> {
+    use crate::privileges::CAP_SYS_PTRACE;
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(ServiceJailError::Threads(threads));
+    }
+    if let Some((uid, gid)) = jail.ids {
+        rustix::thread::set_keep_capabilities(true).map_err(|e| os("keeping capabilities")(e.into()))?;
+        privileges::switch_ids(uid, gid)?;
+        // Kept in the permitted set only; the next step needs them effective.
+        let sets =
+            rustix::thread::capabilities(None).map_err(|e| os("reading its capabilities")(e.into()))?;
+        let raised = rustix::thread::CapabilitySets {
+            effective: sets.permitted,
+            permitted: sets.permitted,
+            inheritable: rustix::thread::CapabilitySet::empty(),
+        };
+        rustix::thread::set_capabilities(None, raised)
+            .map_err(|e| os("raising its capabilities")(e.into()))?;
+        rustix::thread::set_keep_capabilities(false).map_err(|e| os("keeping capabilities")(e.into()))?;
+    }
+    rustix::thread::move_into_link_name_space(jail.user_ns, Some(rustix::thread::LinkNameSpaceType::User))
+        .map_err(|e| os("joining the sandbox's user namespace")(e.into()))?;
+    sys::raw_unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET)
+        .map_err(os("entering mount, IPC and network namespaces of its own"))?;
+    privileges::drop_capabilities_except(&[CAP_SYS_ADMIN, CAP_SYS_PTRACE])?;
+    mounts::enter_file_root(jail.mountpoint, &[])?;
+    privileges::keep_only(&[CAP_SYS_PTRACE])?;
+    if !privileges::holds_exactly(&[CAP_SYS_PTRACE]) {
+        return Err(ServiceJailError::CapabilitiesLeft);
+    }
+    privileges::set_non_dumpable()?;
+    privileges::set_no_new_privs()?;
+    sys::raw_set_pdeathsig(libc::SIGKILL).map_err(os("setting its parent-death signal"))?;
     if rustix::process::getppid() != Some(jail.parent) {
         return Err(ServiceJailError::ParentGone(jail.parent.as_raw_nonzero().get()));
     }

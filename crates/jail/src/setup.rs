@@ -11,7 +11,9 @@
 //! - Landlock before the capability drop (it needs no privilege, but it
 //!   must be in place before seccomp forbids nothing it needs);
 //! - capabilities dropped, then no_new_privs, then seccomp last, as close to
-//!   the command's exec as possible, so the filter governs everything after.
+//!   the command's exec as possible, so the filter governs everything after;
+//!   the exec trace's filter after it, so that its listener exists only once
+//!   nothing but the command is left to start.
 
 use std::path::{Path, PathBuf};
 
@@ -32,9 +34,13 @@ fn step<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> SetupErro
 }
 
 /// What the confinement achieved, for the supervisor to report.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Confinement {
     pub landlock: String,
+    /// With an exec trace: the listener of the filter that hands every
+    /// exec to the host. The agent sends it to its supervisor and keeps
+    /// no copy.
+    pub exec_listener: Option<std::os::fd::OwnedFd>,
 }
 
 /// Builds the sandbox's view of the world: the root filesystem, hostname,
@@ -117,7 +123,15 @@ pub fn confine(plan: &JailPlan, keep: AgentPrivileges) -> Result<Confinement, Se
         let filter = seccomp::compile_sets(sets).map_err(step("compile the seccomp filter"))?;
         seccomp::install(&filter).map_err(step("install the seccomp filter"))?;
     }
-    Ok(Confinement { landlock })
+    // Last: from here on every exec, the command's first, waits for the
+    // host to record it.
+    let exec_listener = if plan.exec_trace {
+        let filter = seccomp::exec_notify().map_err(step("compile the exec trace's filter"))?;
+        Some(seccomp::install_with_listener(&filter).map_err(step("install the exec trace's filter"))?)
+    } else {
+        None
+    };
+    Ok(Confinement { landlock, exec_listener })
 }
 
 /// Landlock's view: everything readable, writes only where the sandbox has

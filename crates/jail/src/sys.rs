@@ -722,3 +722,222 @@ pub fn set_rlimit(resource: RlimitResource, lim: libc::rlimit) -> io::Result<()>
     // SAFETY: `lim` is a valid rlimit the kernel only reads.
     check(unsafe { libc::setrlimit(resource, &lim) }.into()).map(drop)
 }
+
+// ---------------------------------------------------------------------------
+// Exec trace: seccomp user notifications, another process's memory, pidfds
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER | TSYNC | TSYNC_ESRCH,
+/// prog)`: installs a filter on every thread of the calling process and
+/// returns its notification listener (close-on-exec). TSYNC_ESRCH lets
+/// TSYNC and a listener go together (Linux ≥ 5.7).
+pub fn seccomp_filter_with_listener(prog: &libc::sock_fprog) -> io::Result<OwnedFd> {
+    let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER
+        | libc::SECCOMP_FILTER_FLAG_TSYNC
+        | libc::SECCOMP_FILTER_FLAG_TSYNC_ESRCH;
+    // SAFETY: prog points at a valid program that outlives the call; the
+    // kernel copies it and returns a new descriptor, owned from here on.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags as libc::c_uint,
+            prog as *const libc::sock_fprog,
+        )
+    })?;
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel just created this descriptor for us alone.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// One system call a seccomp filter handed to its listener.
+#[derive(Debug, Clone, Copy)]
+pub struct NotifiedCall {
+    /// The notification's cookie, for [`seccomp_notif_id_valid`] and
+    /// [`seccomp_notif_continue`].
+    pub id: u64,
+    /// The calling thread, in the listener's PID namespace (0 when it is
+    /// not visible there).
+    pub pid: u32,
+    /// The system call number.
+    pub nr: i32,
+    /// `AUDIT_ARCH_*` of the call.
+    pub arch: u32,
+    /// Its six arguments as the caller passed them.
+    pub args: [u64; 6],
+}
+
+/// Bytes the kernel writes for `SECCOMP_IOCTL_NOTIF_RECV`
+/// (`SECCOMP_GET_NOTIF_SIZES`): it may be larger than the struct this
+/// build knows, so the receive buffer is sized from it.
+pub fn seccomp_notif_size() -> io::Result<usize> {
+    let mut sizes = libc::seccomp_notif_sizes { seccomp_notif: 0, seccomp_notif_resp: 0, seccomp_data: 0 };
+    // SAFETY: `sizes` is a valid, writable struct of the layout the kernel fills.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_GET_NOTIF_SIZES,
+            0 as libc::c_uint,
+            &mut sizes as *mut libc::seccomp_notif_sizes,
+        )
+    })?;
+    Ok(usize::from(sizes.seccomp_notif).max(std::mem::size_of::<libc::seccomp_notif>()))
+}
+
+/// Receives the next notification (`SECCOMP_IOCTL_NOTIF_RECV`), blocking
+/// unless the listener has one pending. `buffer` holds at least
+/// [`seccomp_notif_size`] bytes, in 8-byte words for alignment; it is
+/// zeroed first, as the kernel requires. ENOENT: the caller went away
+/// before it could be received.
+pub fn seccomp_notif_recv(listener: BorrowedFd<'_>, buffer: &mut [u64]) -> io::Result<NotifiedCall> {
+    let needed = std::mem::size_of::<libc::seccomp_notif>().div_ceil(8);
+    if buffer.len() < needed {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    buffer.fill(0);
+    // SAFETY: the buffer is zeroed, 8-byte aligned and at least as large as
+    // the kernel's struct (the caller sized it from SECCOMP_GET_NOTIF_SIZES);
+    // the kernel writes one `struct seccomp_notif` into it.
+    check(
+        unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, buffer.as_mut_ptr()) }
+            .into(),
+    )?;
+    // SAFETY: the kernel filled the start of the buffer with a
+    // `seccomp_notif`, a plain-data struct; the buffer is aligned for it.
+    let notif = unsafe { std::ptr::read(buffer.as_ptr().cast::<libc::seccomp_notif>()) };
+    Ok(NotifiedCall {
+        id: notif.id,
+        pid: notif.pid,
+        nr: notif.data.nr,
+        arch: notif.data.arch,
+        args: notif.data.args,
+    })
+}
+
+/// `SECCOMP_IOCTL_NOTIF_ID_VALID`: Ok while the call `id` still waits for
+/// its answer (its caller has not died, and so its pid cannot have been
+/// reused since it was received); ENOENT otherwise.
+pub fn seccomp_notif_id_valid(listener: BorrowedFd<'_>, id: u64) -> io::Result<()> {
+    // SAFETY: the kernel reads one u64 from a valid pointer.
+    check(
+        unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id as *const u64) }
+            .into(),
+    )
+    .map(drop)
+}
+
+/// Answers call `id` with `SECCOMP_USER_NOTIF_FLAG_CONTINUE`: the kernel
+/// carries the call out as if no filter had stopped it.
+pub fn seccomp_notif_continue(listener: BorrowedFd<'_>, id: u64) -> io::Result<()> {
+    let response = libc::seccomp_notif_resp {
+        id,
+        val: 0,
+        error: 0,
+        flags: libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+    };
+    // SAFETY: the kernel reads one `seccomp_notif_resp` from a valid pointer.
+    check(
+        unsafe {
+            libc::ioctl(
+                listener.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_SEND,
+                &response as *const libc::seccomp_notif_resp,
+            )
+        }
+        .into(),
+    )
+    .map(drop)
+}
+
+/// Asks the kernel to wake the listener's reader synchronously, on the
+/// CPU the caller leaves (`SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`, Linux ≥
+/// 6.6): a traced call then costs fewer scheduler round trips. Older
+/// kernels answer EINVAL, and the listener works as before.
+pub fn seccomp_notif_sync_wake_up(listener: BorrowedFd<'_>) -> io::Result<()> {
+    const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
+    // SAFETY: the kernel reads the flags as the ioctl's integer argument.
+    check(
+        unsafe {
+            libc::ioctl(
+                listener.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+                SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP,
+            )
+        }
+        .into(),
+    )
+    .map(drop)
+}
+
+/// Copies up to `buf.len()` bytes at `address` in process `pid`'s memory
+/// (`process_vm_readv`); returns how many arrived, fewer where the range
+/// runs into unmapped memory. Needs ptrace-attach rights over `pid`.
+pub fn process_vm_read(pid: i32, address: u64, buf: &mut [u8]) -> io::Result<usize> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // The remote address is only a number to this process: the kernel
+    // reads it in the other process's address space.
+    let remote = libc::iovec { iov_base: address as usize as *mut libc::c_void, iov_len: buf.len() };
+    // SAFETY: `local` describes `buf`, valid and writable for its length;
+    // `remote` is never dereferenced here.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// `struct pidfd_info` (linux/pidfd.h), its first published size.
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    pid: u32,
+    tgid: u32,
+    ppid: u32,
+    ruid: u32,
+    rgid: u32,
+    euid: u32,
+    egid: u32,
+    suid: u32,
+    sgid: u32,
+    fsuid: u32,
+    fsgid: u32,
+    exit_code: i32,
+}
+
+/// `PIDFD_GET_INFO`: `_IOWR(0xFF, 11, struct pidfd_info)`.
+const PIDFD_GET_INFO: libc::Ioctl =
+    ((3 << 30) | ((std::mem::size_of::<PidfdInfo>() as u32) << 16) | (0xFF << 8) | 11) as libc::Ioctl;
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+
+/// How a process ended, as its pidfd tells once it has been reaped (by
+/// whoever reaped it): its wait status. `Ok(None)` while it has not been
+/// reaped yet (running, or a zombie). ENOTTY or EINVAL: this kernel keeps
+/// no exit status for pidfds (before Linux 6.15).
+pub fn pidfd_exit_status(pidfd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
+    let mut info = PidfdInfo { mask: PIDFD_INFO_EXIT, ..PidfdInfo::default() };
+    // SAFETY: `info` is a valid, writable struct of the size the request
+    // number encodes; the kernel fills at most that many bytes.
+    check(unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info as *mut PidfdInfo) }.into())?;
+    Ok((info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code))
+}
+
+/// Whether the process behind `pidfd` has not been reaped yet (it may be a
+/// zombie): `pidfd_send_signal` with signal 0, which delivers nothing.
+pub fn pidfd_not_reaped(pidfd: BorrowedFd<'_>) -> bool {
+    // SAFETY: signal 0 with a null siginfo and no flags only checks that
+    // the process exists and may be signalled; no memory is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0 as c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+    rc == 0
+}

@@ -10,8 +10,8 @@ use crate::error::{FileErrorKind, PolicyError};
 use crate::layer::{apply, check_combined};
 use crate::parse::{SCHEMA, Source, parse_layer};
 use crate::{
-    Artifacts, AuditPolicy, Cleanup, CleanupAction, Egress, EnvPolicy, Filesystem, Isolation, Limits, Network, Policy,
-    Tier, WorkspaceMode, WorkspacePolicy, Writeback,
+    Artifacts, AuditPolicy, Cleanup, CleanupAction, Egress, EnvPolicy, Filesystem, Isolation, Limits,
+    Network, Policy, Tier, WorkspaceMode, WorkspacePolicy, Writeback,
 };
 
 pub(crate) const NAMES: &[&str] = &["dev", "ci", "plugin", "remediation"];

@@ -782,13 +782,18 @@ fn every_builtin_traces_execs_and_a_file_may_turn_it_off() {
     let bad = write(dir.path(), "bad.toml", "[audit]\nexec_trace = \"sometimes\"\n");
     assert_eq!(file_error(&Policy::load_file(&bad).unwrap_err()).2, "audit.exec_trace");
     let unknown = write(dir.path(), "unknown.toml", "[audit]\nexec_rate = 5\n");
-    assert!(Policy::load_file(&unknown).unwrap_err().to_string().contains("unknown key `exec_rate` in [audit]"));
+    assert!(
+        Policy::load_file(&unknown).unwrap_err().to_string().contains("unknown key `exec_rate` in [audit]")
+    );
     // A form stored before the setting existed reads as traced.
-    let stored: Policy =
-        serde_json::from_value(serde_json::to_value(Policy::builtin("ci").unwrap()).map(|mut v| {
-            v.as_object_mut().unwrap().remove("audit");
-            v
-        }).unwrap())
-        .unwrap();
+    let stored: Policy = serde_json::from_value(
+        serde_json::to_value(Policy::builtin("ci").unwrap())
+            .map(|mut v| {
+                v.as_object_mut().unwrap().remove("audit");
+                v
+            })
+            .unwrap(),
+    )
+    .unwrap();
     assert!(stored.audit.exec_trace);
 }

@@ -113,7 +113,14 @@ pub struct EgressPorts {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMessage {
     /// The sandbox is built and confined; the command is about to start.
-    Confined { landlock: String },
+    /// With `exec_trace`, the listener of the exec trace's filter follows
+    /// at once as a descriptor tagged [`EXEC_LISTENER_TAG`] (before the
+    /// terminal's, when there is one).
+    Confined {
+        landlock: String,
+        #[serde(default)]
+        exec_trace: bool,
+    },
     /// A setup step failed; nothing untrusted ran.
     SetupFailed { step: String, message: String },
     /// The command runs as this pid (inside the sandbox's PID namespace).
@@ -204,6 +211,9 @@ pub fn recv_fd(socket: impl AsFd) -> io::Result<OwnedFd> {
     }
     Ok(fd)
 }
+
+/// The tag of the exec trace's seccomp listener on the control channel.
+pub const EXEC_LISTENER_TAG: u8 = 0xe7;
 
 /// Passes a descriptor with a one-byte tag (which listener it came from).
 pub fn send_tagged_fd(socket: impl AsFd, tag: u8, fd: BorrowedFd<'_>) -> io::Result<()> {

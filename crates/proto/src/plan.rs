@@ -36,6 +36,11 @@ pub struct JailPlan {
     /// only the proxy ports lead out.
     #[serde(default)]
     pub redirect: Option<Redirect>,
+    /// Hand every execve and execveat of the sandbox to a listener on the
+    /// host (a seccomp user-notification filter the agent installs last,
+    /// sending the listener to its supervisor), which records each one.
+    #[serde(default)]
+    pub exec_trace: bool,
 }
 
 /// Where the sandbox's own network namespace sends what it did not address

@@ -11,7 +11,8 @@
 //!
 //! The log is bounded (`limits.audit_size`, or [`DEFAULT_LIMIT`] where the
 //! policy is not at hand): once it would pass its limit less a reserve, the
-//! events a sandbox can cause in numbers (network decisions, execs) are no
+//! events a sandbox can cause in numbers (network decisions, execs, the
+//! exec trace's events) are no
 //! longer written, and one `audit_capped` record says so; the events of its
 //! life (created, exited, stopped, applied, removed, …) are still written,
 //! into the reserve. The state is in the file, so every writer — in any
@@ -187,6 +188,20 @@ pub enum AuditEvent {
         bytes: u64,
         refused: Option<String>,
     },
+    /// A process of the sandbox called execve or execveat (the exec trace),
+    /// with what it claimed.
+    ProcessExec(crate::exec_trace::ProcessExec),
+    /// A process whose exec was recorded ended.
+    ProcessExit(crate::exec_trace::ProcessExit),
+    /// Execs past the trace's rate in one second, counted.
+    ProcessExecSummary(crate::exec_trace::ProcessExecSummary),
+    /// The exec trace's listener process ended while the sandbox could
+    /// still exec: its execs fail from then on.
+    ExecTraceEnded {
+        code: Option<i32>,
+        signal: Option<i32>,
+        detail: String,
+    },
 }
 
 impl AuditEvent {
@@ -212,6 +227,10 @@ impl AuditEvent {
             AuditEvent::EgressProxyEnded { .. } => "egress_proxy_ended",
             AuditEvent::FileRead { .. } => "file_read",
             AuditEvent::FileChanged { .. } => "file_changed",
+            AuditEvent::ProcessExec(_) => "process_exec",
+            AuditEvent::ProcessExit(_) => "process_exit",
+            AuditEvent::ProcessExecSummary(_) => "process_exec_summary",
+            AuditEvent::ExecTraceEnded { .. } => "exec_trace_ended",
         }
     }
 
@@ -219,7 +238,15 @@ impl AuditEvent {
     /// ones dropped once the log is full. The rest mark its life and are
     /// few.
     fn is_bulk(&self) -> bool {
-        matches!(self, AuditEvent::Network(_) | AuditEvent::ExecStarted { .. } | AuditEvent::ExecEnded { .. })
+        matches!(
+            self,
+            AuditEvent::Network(_)
+                | AuditEvent::ExecStarted { .. }
+                | AuditEvent::ExecEnded { .. }
+                | AuditEvent::ProcessExec(_)
+                | AuditEvent::ProcessExit(_)
+                | AuditEvent::ProcessExecSummary(_)
+        )
     }
 
     /// The event with every field capped (see `caps`).
@@ -286,6 +313,16 @@ impl AuditEvent {
             AuditEvent::EgressProxyEnded { code, signal, detail } => {
                 AuditEvent::EgressProxyEnded { code, signal, detail: message(detail) }
             }
+            AuditEvent::ProcessExec(e) => AuditEvent::ProcessExec(e.capped()),
+            AuditEvent::ProcessExit(mut e) => {
+                e.at = field(e.at);
+                e.unknown = e.unknown.map(field);
+                AuditEvent::ProcessExit(e)
+            }
+            AuditEvent::ProcessExecSummary(s) => AuditEvent::ProcessExecSummary(s.capped()),
+            AuditEvent::ExecTraceEnded { code, signal, detail } => {
+                AuditEvent::ExecTraceEnded { code, signal, detail: message(detail) }
+            }
             other @ (AuditEvent::Exited { .. }
             | AuditEvent::TimeLimitHit { .. }
             | AuditEvent::DiffSummary { .. }
@@ -306,6 +343,7 @@ impl AuditEvent {
                 | AuditEvent::Applied { .. }
                 | AuditEvent::Stopped { .. }
                 | AuditEvent::EgressProxyEnded { .. }
+                | AuditEvent::ExecTraceEnded { .. }
         )
     }
 }

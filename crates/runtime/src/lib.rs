@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod caps;
 pub mod create_failure;
+pub mod exec_trace;
 mod file_relay;
 pub mod files;
 pub mod idblocks;
@@ -103,6 +104,8 @@ pub enum RunError {
     CreateFailed(String),
     #[error("egress proxy: {0}")]
     Egress(String),
+    #[error("exec trace: {0}")]
+    ExecTrace(String),
     #[error("cannot connect the sandbox's terminal: {0}")]
     Terminal(#[source] io::Error),
     #[error("cannot forward signals to the sandbox: {0}")]

@@ -138,6 +138,8 @@ pub(crate) enum Release {
     Agent,
     /// The egress proxy, killed and reaped.
     Proxy,
+    /// The exec trace's listener process, killed and reaped.
+    Tracer,
     /// Whatever is left in the cgroup is killed, then its directories go.
     Cgroup,
     /// The writable layer's tmpfs is unmounted (its content discarded).
@@ -152,6 +154,7 @@ pub(crate) enum Release {
 pub(crate) struct Holding {
     pub agent: bool,
     pub proxy: bool,
+    pub tracer: bool,
     pub cgroup: bool,
     pub layer: bool,
     pub id_block: bool,
@@ -164,6 +167,7 @@ pub(crate) fn undo_order(holding: Holding) -> Vec<Release> {
     [
         (holding.agent, Release::Agent),
         (holding.proxy, Release::Proxy),
+        (holding.tracer, Release::Tracer),
         (holding.cgroup, Release::Cgroup),
         (holding.layer, Release::Layer),
         (holding.id_block, Release::IdBlock),
@@ -210,6 +214,8 @@ pub(crate) struct Held {
     pub cgroup: Option<SandboxCgroup>,
     pub layer: Option<WritableLayer>,
     pub network: Option<Network>,
+    /// The exec trace's listener process.
+    pub exec_trace: Option<crate::exec_trace::ExecTracer>,
     /// The agent, until it has been reaped.
     agent_pid: Option<i32>,
     /// The microVM tier: QEMU, in place of an agent process on the host.
@@ -224,6 +230,7 @@ impl Held {
         Holding {
             agent: self.agent_pid.is_some() || self.vm.is_some(),
             proxy: self.network.is_some(),
+            tracer: self.exec_trace.is_some(),
             cgroup: self.cgroup.is_some(),
             layer: self.layer.is_some(),
             id_block: self.id_block.is_some(),
@@ -305,6 +312,11 @@ impl Held {
                 Release::Proxy => {
                     if let Some(network) = self.network.take() {
                         network.abort();
+                    }
+                }
+                Release::Tracer => {
+                    if let Some(tracer) = self.exec_trace.take() {
+                        tracer.abort();
                     }
                 }
                 Release::Cgroup => {
@@ -525,6 +537,13 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     held.agent_pid = Some(agent_pid);
     stdio.release_child_ends();
     let mut control = spawned.control;
+    // The exec trace's listener process confines itself while the agent
+    // builds the sandbox; it needs the sandbox's user namespace, which
+    // exists from here on.
+    if launch.jail.exec_trace {
+        held.exec_trace =
+            Some(start_exec_trace(sandbox, policy, &name, agent_pid, id_map.host_root_uid, &secret_values)?);
+    }
     phase_done("spawned")?;
     airlock_proto::send(&mut control, &HostMessage::Launch(Box::new(launch)))?;
     // While the agent builds the root filesystem: the cgroup write, which
@@ -537,6 +556,10 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     // without it.
     if let Some(n) = &held.network {
         n.wait_ready()?;
+    }
+    // Nor without the exec trace: every exec waits for its listener.
+    if let Some(tracer) = &held.exec_trace {
+        tracer.wait_ready()?;
     }
     phase_done("proxy-ready")?;
     airlock_proto::send(&mut control, &HostMessage::Proceed)?;
@@ -572,6 +595,45 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         exec_env: Vec::new(),
         exec_cwd: None,
     })
+}
+
+/// Starts the exec trace's listener process for the sandbox whose agent
+/// is `agent_pid`; its events go to the audit log, redacted.
+fn start_exec_trace(
+    sandbox: &SandboxDir,
+    policy: &Policy,
+    name: &str,
+    agent_pid: i32,
+    block_first_uid: u32,
+    secret_values: &[(String, Vec<u8>)],
+) -> Result<crate::exec_trace::ExecTracer, RunError> {
+    let run_as = if rustix::process::geteuid().is_root() {
+        let id = crate::exec_trace::tracer_id(block_first_uid)?;
+        Some((id, id))
+    } else {
+        None
+    };
+    let mut audit = AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size);
+    let secrets = secret_values.to_vec();
+    let notice = move |notice| {
+        let _ = audit.record(crate::exec_trace::audit_event(notice, &secrets));
+    };
+    crate::exec_trace::start(name, agent_pid, run_as, notice)
+}
+
+/// Takes the exec trace's listener, which the agent sends right behind
+/// `Confined { exec_trace: true }`, and hands it to the listener process.
+pub(crate) fn take_exec_listener(control: &UnixStream, held: &mut Held) -> Result<(), RunError> {
+    let (tag, listener) = airlock_proto::recv_tagged_fd(control)
+        .map_err(|e| RunError::ExecTrace(format!("receiving the sandbox's exec listener: {e}")))?;
+    if tag != airlock_proto::EXEC_LISTENER_TAG {
+        return Err(RunError::ExecTrace("the agent sent another descriptor than its exec listener".into()));
+    }
+    match held.exec_trace.as_mut() {
+        Some(tracer) => tracer.hand_over(listener),
+        // Not asked for: nobody would answer its execs.
+        None => Err(RunError::ExecTrace("the agent traces execs, which its plan did not ask for".into())),
+    }
 }
 
 /// What a microVM's launch needs beyond the process tier's arguments.
@@ -858,6 +920,10 @@ fn finalize_steps(
     if let Some(n) = held.network.take() {
         n.stop();
     }
+    // The last ends (processes killed with the sandbox) before its own.
+    if let Some(tracer) = held.exec_trace.take() {
+        tracer.stop();
+    }
     stdio.release_child_ends();
     stdio.finish();
     // Removed as soon as it is finalized: nothing of it needs forcing to disk.
@@ -1075,10 +1141,18 @@ mod tests {
 
     #[test]
     fn processes_go_first_and_the_id_block_last() {
-        let all = Holding { agent: true, proxy: true, cgroup: true, layer: true, id_block: true };
+        let all =
+            Holding { agent: true, proxy: true, tracer: true, cgroup: true, layer: true, id_block: true };
         assert_eq!(
             undo_order(all),
-            vec![Release::Agent, Release::Proxy, Release::Cgroup, Release::Layer, Release::IdBlock]
+            vec![
+                Release::Agent,
+                Release::Proxy,
+                Release::Tracer,
+                Release::Cgroup,
+                Release::Layer,
+                Release::IdBlock
+            ]
         );
         // After the agent was reaped and the proxy stopped (a finalize that
         // failed half-way): the rest, in the same order.

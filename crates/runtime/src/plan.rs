@@ -177,6 +177,7 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         },
         seccomp: true,
         redirect: input.network.as_ref().and_then(|n| n.redirect),
+        exec_trace: policy.audit.exec_trace,
     };
     Launch {
         jail,

@@ -256,6 +256,9 @@ fn supervise(
     let _ = control.set_read_timeout(Some(SETUP_TIMEOUT));
     tracing::debug!("phase: waiting for the agent");
     let first = airlock_proto::recv::<_, AgentMessage>(&mut control);
+    if matches!(first, Ok(Some(AgentMessage::Confined { exec_trace: true, .. }))) {
+        crate::lifecycle::take_exec_listener(&control, &mut held)?;
+    }
     if terminal && matches!(first, Ok(Some(AgentMessage::Confined { .. }))) {
         let master = airlock_proto::recv_fd(&control).map_err(RunError::Terminal)?;
         stdio.attach_terminal(master).map_err(RunError::Terminal)?;
@@ -284,7 +287,7 @@ fn supervise(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(AgentMessage::Confined { landlock }) => {
+            Ok(AgentMessage::Confined { landlock, .. }) => {
                 ending.confined = true;
                 tracing::debug!(%landlock, "sandbox confined");
             }

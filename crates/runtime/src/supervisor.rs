@@ -359,6 +359,9 @@ impl Supervisor {
         let greetings = if launched.agent_serving { 0 } else { 2 };
         for _ in 0..greetings {
             match airlock_proto::recv::<_, AgentMessage>(&mut launched.control) {
+                Ok(Some(AgentMessage::Confined { exec_trace: true, .. })) => {
+                    crate::lifecycle::take_exec_listener(&launched.control, &mut launched.held)?;
+                }
                 Ok(Some(AgentMessage::Confined { .. } | AgentMessage::Serving)) => {}
                 // Returning drops `launched`, which ends the sandbox and
                 // releases what it held.

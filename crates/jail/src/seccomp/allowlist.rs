@@ -14,6 +14,9 @@ use super::{ArgCondition, DenyAction, RawCondition, SeccompError, bpf, check_ent
 /// The egress proxy's rules, embedded so the binary cannot run with another list.
 const EGRESS_PROXY_TOML: &str = include_str!("egress_proxy.toml");
 const EGRESS_PROXY_FILE: &str = "crates/jail/src/seccomp/egress_proxy.toml";
+/// The exec trace's listener's rules.
+const EXEC_TRACE_TOML: &str = include_str!("exec_trace.toml");
+const EXEC_TRACE_FILE: &str = "crates/jail/src/seccomp/exec_trace.toml";
 
 /// What every system call that no rule allows gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +148,11 @@ pub fn egress_proxy() -> Result<Allowlist, SeccompError> {
     parse(EGRESS_PROXY_FILE, EGRESS_PROXY_TOML)
 }
 
+/// The exec trace's listener process's allowlist (`exec_trace.toml`).
+pub fn exec_trace() -> Result<Allowlist, SeccompError> {
+    parse(EXEC_TRACE_FILE, EXEC_TRACE_TOML)
+}
+
 impl Allowlist {
     /// Compiles the rules that apply on this build's architecture: foreign
     /// syscall ABIs kill the process, x32 syscalls get ENOSYS, listed calls
@@ -209,6 +217,65 @@ mod tests {
 
     const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
     const KILL: u32 = libc::SECCOMP_RET_KILL_PROCESS;
+
+    /// The exec trace's listener: its requests are the kernel's numbers,
+    /// and what a taken-over listener would reach for kills it.
+    #[test]
+    fn the_exec_trace_list_allows_its_requests_and_nothing_it_does_not_need() {
+        let list = exec_trace().unwrap();
+        assert_eq!(list.default, DefaultAction::KillProcess);
+        for r in &list.rules {
+            assert!(r.reason.trim().len() > 10, "{} has no real reason", r.syscall);
+        }
+        let prog = list.compile().unwrap();
+        for rule in list.rules.iter().filter(|r| r.applies_here()) {
+            assert_eq!(
+                verdict(&prog, &rule.syscall, satisfying(rule)),
+                rule.action.ret(),
+                "{}",
+                rule.syscall
+            );
+        }
+        #[allow(clippy::unnecessary_cast)]
+        let ioctl = |req: u64| verdict(&prog, "ioctl", [3, req, 0, 0, 0, 0]);
+        for req in [
+            libc::SECCOMP_IOCTL_NOTIF_RECV as u64,
+            libc::SECCOMP_IOCTL_NOTIF_SEND as u64,
+            libc::SECCOMP_IOCTL_NOTIF_ID_VALID as u64,
+        ] {
+            assert_eq!(ioctl(req), ALLOW, "{req:#x}");
+        }
+        assert_eq!(ioctl(libc::SECCOMP_IOCTL_NOTIF_ADDFD as u64), KILL, "no descriptor into the sandbox");
+        assert_eq!(ioctl(libc::TIOCSTI as u64), KILL);
+        assert_eq!(verdict(&prog, "pidfd_send_signal", [3, 9, 0, 0, 0, 0]), KILL, "no signal but 0");
+        assert_eq!(verdict(&prog, "openat", [0, 0, libc::O_RDWR as u64, 0, 0, 0]), KILL);
+        for name in [
+            "execve",
+            "execveat",
+            "ptrace",
+            "process_vm_writev",
+            "openat2",
+            "socket",
+            "connect",
+            "clone",
+            "clone3",
+            "unshare",
+            "setns",
+            "mount",
+            "kill",
+            "pidfd_getfd",
+            "setuid",
+            "capset",
+            "seccomp",
+            "mkdirat",
+            "unlinkat",
+            "memfd_create",
+            "bpf",
+            "io_uring_setup",
+        ] {
+            assert_eq!(verdict(&prog, name, [0; 6]), KILL, "{name}");
+        }
+    }
 
     #[test]
     fn data_parses_with_a_reason_per_entry_and_kills_by_default() {

@@ -20,7 +20,7 @@ pub mod allowlist;
 mod bpf;
 mod syscalls;
 
-pub use allowlist::{AllowRule, Allowlist, DefaultAction, RuleAction, egress_proxy};
+pub use allowlist::{AllowRule, Allowlist, DefaultAction, RuleAction, egress_proxy, exec_trace};
 
 use serde::Deserialize;
 
@@ -214,6 +214,12 @@ pub enum SeccompError {
          (run `airlock doctor`)"
     )]
     Install(#[source] seccompiler::Error),
+    /// The kernel refused the exec trace's filter or its listener.
+    #[error(
+        "installing the exec trace's seccomp filter with a listener failed: {0}; the kernel needs \
+         seccomp user notifications with TSYNC (Linux 5.7 or later)"
+    )]
+    Listener(#[source] std::io::Error),
 }
 
 #[derive(Deserialize)]
@@ -409,6 +415,36 @@ pub fn setgroups_noop() -> Result<seccompiler::BpfProgram, SeccompError> {
     let rule = bpf::CompiledRule { conditions: Vec::new(), ret: bpf::errno_ret(0) };
     let rules = [bpf::SyscallRules { name: syscall.into(), nr, rules: vec![rule] }];
     bpf::emit(audit_arch, cfg!(target_arch = "x86_64"), &rules)
+}
+
+/// The exec trace's filter: every `execve` and `execveat` is handed to a
+/// listener outside the sandbox (SECCOMP_RET_USER_NOTIF), which records
+/// it and lets the kernel carry it out; every other call passes. Foreign
+/// syscall ABIs kill the process and x32 numbers get ENOSYS, as under the
+/// sandbox's own filter, so no second way to exec goes unseen. Stacked
+/// with that filter, a call it refuses (its errno) is refused before any
+/// notification: the kernel takes the strictest verdict of all filters.
+pub fn exec_notify() -> Result<seccompiler::BpfProgram, SeccompError> {
+    let (arch, audit_arch) =
+        syscalls::ARCH.ok_or(SeccompError::UnsupportedArch { arch: std::env::consts::ARCH })?;
+    let mut rules = Vec::new();
+    for (index, syscall) in ["execve", "execveat"].into_iter().enumerate() {
+        let nr = syscalls::number(syscall)
+            .and_then(|nr| u32::try_from(nr).ok())
+            .ok_or_else(|| SeccompError::UnknownSyscall { index, syscall: syscall.into(), arch })?;
+        let rule = bpf::CompiledRule { conditions: Vec::new(), ret: libc::SECCOMP_RET_USER_NOTIF };
+        rules.push(bpf::SyscallRules { name: syscall.into(), nr, rules: vec![rule] });
+    }
+    bpf::emit(audit_arch, cfg!(target_arch = "x86_64"), &rules)
+}
+
+/// Installs `prog` on every thread of the calling process and returns the
+/// listener its notifications go to (for [`exec_notify`]). Needs
+/// no_new_privs (or CAP_SYS_ADMIN), like any unprivileged filter.
+pub fn install_with_listener(prog: &seccompiler::BpfProgram) -> Result<std::os::fd::OwnedFd, SeccompError> {
+    let len = u16::try_from(prog.len()).map_err(|_| SeccompError::TooLong { len: prog.len() })?;
+    let fprog = libc::sock_fprog { len, filter: prog.as_ptr().cast_mut().cast() };
+    crate::sys::seccomp_filter_with_listener(&fprog).map_err(SeccompError::Listener)
 }
 
 /// Installs `prog` on every thread of the calling process (seccomp TSYNC), so

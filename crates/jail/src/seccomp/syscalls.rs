@@ -4,7 +4,7 @@
 //! The numbers come from libc's `SYS_*` constants, so a name that libc does not
 //! know for this architecture fails to compile here instead of silently
 //! producing a filter that matches the wrong call. The tables only list what
-//! `deny.toml`, `no_setid.toml` and `egress_proxy.toml` need (plus what the tests exercise);
+//! `deny.toml`, `no_setid.toml`, `egress_proxy.toml` and `exec_trace.toml` need (plus what the tests exercise);
 //! adding an entry to the data means adding its name here, which keeps both
 //! under review together.
 
@@ -116,6 +116,7 @@ const PROCESS: &[(&str, c_long)] = &[
     ("fchownat", libc::SYS_fchownat),
     ("fcntl", libc::SYS_fcntl),
     ("fstat", libc::SYS_fstat),
+    ("fstatfs", libc::SYS_fstatfs),
     ("futex", libc::SYS_futex),
     ("getpid", libc::SYS_getpid),
     ("getrandom", libc::SYS_getrandom),
@@ -137,6 +138,8 @@ const PROCESS: &[(&str, c_long)] = &[
     ("newfstatat", libc::SYS_newfstatat),
     ("openat", libc::SYS_openat),
     ("pidfd_open", libc::SYS_pidfd_open),
+    ("pidfd_send_signal", libc::SYS_pidfd_send_signal),
+    ("readlinkat", libc::SYS_readlinkat),
     ("ppoll", libc::SYS_ppoll),
     ("prctl", libc::SYS_prctl),
     ("read", libc::SYS_read),

@@ -1,0 +1,337 @@
+//! The exec trace of the process tier: every execve and execveat inside a
+//! sandbox, by any of its processes, recorded in its audit log with what
+//! the process claimed (program, arguments, working directory), its pid
+//! and parent inside, and, once it ends, how and after how long.
+//!
+//! No ptrace. The agent installs a seccomp filter that hands both calls to
+//! a listener (SECCOMP_RET_USER_NOTIF) as the last step of its confinement
+//! and sends the listener to its supervisor, keeping no copy. The
+//! supervisor passes it to a process of its own (`airlock __exectrace
+//! NAME`, [`tracer`]): that process, not the supervisor, reads the
+//! sandbox's memory, so the bytes a hostile sandbox chose are parsed by a
+//! process that can do little (its own uid as root, CAP_SYS_PTRACE in the
+//! sandbox's user namespace alone, an empty mount view, no network, its
+//! seccomp allowlist `exec_trace.toml`). It answers each call with
+//! SECCOMP_USER_NOTIF_FLAG_CONTINUE once it has read it: the sandbox waits
+//! for that reading, no longer. Its events reach the supervisor over a
+//! pipe, as size-capped frames of a closed enum; the supervisor redacts
+//! secret values and records them (`AuditEvent::ProcessExec`, …).
+//!
+//! The descriptors of the listener process:
+//! - fd 3, a socket from the supervisor: its setup ([`TraceSetup`]), then
+//!   the seccomp listener (SCM_RIGHTS) once the agent sent it;
+//! - fd 4, the report pipe: ready (or why not), then [`TraceReport`]s;
+//! - fd 5, the sandbox's user namespace (`/proc/AGENT/ns/user`).
+//!
+//! If the listener process dies, nobody answers the filter: the sandbox's
+//! exec calls fail (ENOSYS) from then on, which is failing closed, and the
+//! supervisor records `exec_trace_ended`.
+
+mod claim;
+pub mod event;
+mod lookup;
+mod rate;
+mod tracer;
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::RunError;
+use crate::audit::AuditEvent;
+pub use event::{Claimed, ProcessExec, ProcessExecSummary, ProcessExit, ProgramCount};
+pub use tracer::main;
+
+/// argv[1] of the listener process's role.
+pub const TRACE_ROLE: &str = "__exectrace";
+
+const CONTROL_FD: i32 = 3;
+const REPORT_FD: i32 = 4;
+const USERNS_FD: i32 = 5;
+
+/// The listeners' own ids, below the proxies' (999,000,000 + k) and above
+/// every ordinary, system and subordinate id: one per sandbox id block.
+const TRACER_IDS_START: u32 = 997_000_000;
+const SANDBOX_IDS_START: u32 = 1_000_000_000;
+const SANDBOX_BLOCK: u32 = 65_536;
+/// Block indexes that have a listener id (the registry hands out fewer).
+const TRACER_IDS: u32 = 1_000_000;
+
+/// How long the listener may take to confine itself and say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the listener may take to record the last ends and exit once
+/// the sandbox is gone, before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the supervisor tells the listener process before it confines itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TraceSetup {
+    /// As root: its uid and gid. None rootless (it stays the caller).
+    pub run_as: Option<(u32, u32)>,
+    /// Execs recorded one by one per second (the default when None).
+    #[serde(default)]
+    pub itemized_per_second: Option<u32>,
+}
+
+/// What the listener process tells its supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum TraceReport {
+    Ready,
+    Failed { message: String },
+    Exec(ProcessExec),
+    Exit(ProcessExit),
+    Summary(ProcessExecSummary),
+}
+
+/// The uid (and gid) of the listener of the sandbox whose id block starts
+/// at host uid `block_first_uid` (as root).
+pub fn tracer_id(block_first_uid: u32) -> Result<u32, RunError> {
+    let offset = block_first_uid.checked_sub(SANDBOX_IDS_START);
+    match offset {
+        Some(offset) if offset % SANDBOX_BLOCK == 0 && offset / SANDBOX_BLOCK < TRACER_IDS => {
+            Ok(TRACER_IDS_START + offset / SANDBOX_BLOCK)
+        }
+        _ => Err(RunError::ExecTrace(format!(
+            "host uid {block_first_uid} does not start a sandbox id block, so the exec trace has no id of its own \
+             to run as"
+        ))),
+    }
+}
+
+/// What the supervisor hears from its listener process besides readiness.
+pub(crate) enum TraceNotice {
+    /// An event to redact and record.
+    Event(Box<AuditEvent>),
+    /// The listener ended while the sandbox could still exec: its execs
+    /// fail from now on.
+    Ended { status: ExitStatus },
+}
+
+/// A running listener process. Dropping it kills the process.
+pub(crate) struct ExecTracer {
+    pidfd: Option<OwnedFd>,
+    /// Where the seccomp listener goes once the agent sent it.
+    control: Option<UnixStream>,
+    ready: mpsc::Receiver<Result<(), String>>,
+    /// Closed when the report reader has reaped the process.
+    done: mpsc::Receiver<()>,
+    /// Its end is expected (the launch failed, or it was killed at stop).
+    ending: Arc<AtomicBool>,
+}
+
+/// Starts the listener process for the sandbox whose agent is `agent_pid`
+/// (its user namespace is the sandbox's). `notice` runs on the report
+/// reader's thread.
+pub(crate) fn start(
+    name: &str,
+    agent_pid: i32,
+    run_as: Option<(u32, u32)>,
+    notice: impl FnMut(TraceNotice) + Send + 'static,
+) -> Result<ExecTracer, RunError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| RunError::ExecTrace(format!("{what}: {e}"));
+    let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
+    // The agent is our child and not reaped: its pid is still its own.
+    let userns = File::open(format!("/proc/{agent_pid}/ns/user"))
+        .map_err(|e| fail("opening the sandbox's user namespace", &e))?;
+    let (control, child_control) = UnixStream::pair().map_err(|e| fail("creating its channel", &e))?;
+    let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| fail("creating its report pipe", &e))?;
+    let high = |fd: std::os::fd::BorrowedFd<'_>| airlock_jail::sys::dup_above(fd, 10);
+    let mut sources = Vec::new();
+    for (fd, to) in
+        [(child_control.as_fd(), CONTROL_FD), (report_write.as_fd(), REPORT_FD), (userns.as_fd(), USERNS_FD)]
+    {
+        sources.push((high(fd).map_err(|e| fail("passing descriptors to it", &e))?, to));
+    }
+    let raw: Vec<(i32, i32)> = sources.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect();
+    let mut cmd = Command::new(&exe);
+    cmd.arg(TRACE_ROLE)
+        .arg(name)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(level) = std::env::var_os("AIRLOCK_LOG") {
+        cmd.env("AIRLOCK_LOG", level);
+    }
+    // SAFETY: between fork and exec this only calls raw dup3 and
+    // close_range, async-signal-safe system calls on integers prepared
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (from, to) in &raw {
+                airlock_jail::sys::raw_dup_to(*from, *to)?;
+            }
+            airlock_jail::sys::raw_close_from(USERNS_FD + 1);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| fail("starting it", &e))?;
+    drop((sources, child_control, report_write, userns));
+    let pid = child.id() as i32;
+    let pidfd = rustix::process::Pid::from_raw(pid)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    let mut control = control;
+    airlock_proto::send(&mut control, &TraceSetup { run_as, itemized_per_second: None })
+        .map_err(|e| fail("sending its setup", &e))?;
+
+    let (ready_tx, ready) = mpsc::channel();
+    let (done_tx, done) = mpsc::channel::<()>();
+    let ending = Arc::new(AtomicBool::new(false));
+    let ending_seen = ending.clone();
+    let mut notice = notice;
+    std::thread::Builder::new()
+        .name("exec-trace".into())
+        .spawn(move || {
+            let mut reports = File::from(report_read);
+            let mut ready_tx = Some(ready_tx);
+            // The listener reads hostile bytes: its reports are size-capped
+            // frames of a closed enum, and end the reading otherwise.
+            while let Ok(Some(report)) = airlock_proto::recv::<_, TraceReport>(&mut reports) {
+                let event = match report {
+                    TraceReport::Ready => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                        continue;
+                    }
+                    TraceReport::Failed { message } => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(Err(message));
+                        }
+                        continue;
+                    }
+                    _ if ready_tx.is_some() => continue,
+                    TraceReport::Exec(e) => AuditEvent::ProcessExec(e),
+                    TraceReport::Exit(e) => AuditEvent::ProcessExit(e),
+                    TraceReport::Summary(s) => AuditEvent::ProcessExecSummary(s),
+                };
+                notice(TraceNotice::Event(Box::new(event)));
+            }
+            drop(reports);
+            let status = child.wait();
+            match (ready_tx.take(), status) {
+                (Some(tx), status) => {
+                    let how = status.map_or_else(|e| e.to_string(), |s| crate::proxy_process::describe(&s));
+                    let _ = tx.send(Err(format!("it ended before it was ready ({how})")));
+                }
+                (None, Ok(status)) if !status.success() && !ending_seen.load(Ordering::SeqCst) => {
+                    notice(TraceNotice::Ended { status })
+                }
+                (None, _) => {}
+            }
+            drop(done_tx);
+        })
+        .map_err(|e| fail("starting its report reader", &e))?;
+    Ok(ExecTracer { pidfd, control: Some(control), ready, done, ending })
+}
+
+impl ExecTracer {
+    /// Waits until the listener process has confined itself.
+    pub(crate) fn wait_ready(&self) -> Result<(), RunError> {
+        let answer = match self.ready.recv_timeout(READY_TIMEOUT) {
+            Ok(answer) => answer,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.kill();
+                Err(format!("it did not get ready within {} s", READY_TIMEOUT.as_secs()))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err("it ended".to_string()),
+        };
+        answer.map_err(|e| RunError::ExecTrace(format!("the exec trace did not start: {e}")))
+    }
+
+    /// Hands the sandbox's seccomp listener over; the supervisor keeps no
+    /// copy, so only the listener process can answer the sandbox's execs.
+    pub(crate) fn hand_over(&mut self, listener: OwnedFd) -> Result<(), RunError> {
+        let control = self
+            .control
+            .take()
+            .ok_or_else(|| RunError::ExecTrace("the listener was handed over already".into()))?;
+        airlock_proto::send_tagged_fd(&control, airlock_proto::EXEC_LISTENER_TAG, listener.as_fd())
+            .map_err(|e| RunError::ExecTrace(format!("handing the sandbox's exec listener over: {e}")))
+    }
+
+    /// Once the sandbox is gone: the listener records the last ends and
+    /// exits; it is killed if it does not within a few seconds. Returns
+    /// when its last events are recorded.
+    pub(crate) fn stop(mut self) {
+        // A listener never handed over (a launch that failed) has nothing to wait for.
+        drop(self.control.take());
+        if matches!(self.done.recv_timeout(STOP_TIMEOUT), Err(mpsc::RecvTimeoutError::Timeout)) {
+            self.ending.store(true, Ordering::SeqCst);
+            self.kill();
+            let _ = self.done.recv();
+        }
+        self.pidfd = None;
+    }
+
+    /// A launch failed: killed at once, reaped before this returns.
+    pub(crate) fn abort(mut self) {
+        self.ending.store(true, Ordering::SeqCst);
+        self.kill();
+        let _ = self.done.recv();
+        self.pidfd = None;
+    }
+
+    fn kill(&self) {
+        if let Some(pidfd) = &self.pidfd {
+            let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+impl Drop for ExecTracer {
+    fn drop(&mut self) {
+        if self.pidfd.is_some() {
+            self.ending.store(true, Ordering::SeqCst);
+            self.kill();
+        }
+    }
+}
+
+/// What the supervisor records of a notice: events redacted (an argument
+/// can carry a secret value the sandbox got echoed back), the listener's
+/// end as `exec_trace_ended`.
+pub(crate) fn audit_event(notice: TraceNotice, secrets: &[(String, Vec<u8>)]) -> AuditEvent {
+    match notice {
+        TraceNotice::Event(event) => match *event {
+            AuditEvent::ProcessExec(e) => AuditEvent::ProcessExec(e.redacted(secrets)),
+            AuditEvent::ProcessExecSummary(s) => AuditEvent::ProcessExecSummary(s.redacted(secrets)),
+            other => other,
+        },
+        TraceNotice::Ended { status } => {
+            let how = crate::proxy_process::describe(&status);
+            tracing::error!("the exec trace ended ({how}); the sandbox's execs fail from now on");
+            AuditEvent::ExecTraceEnded {
+                code: status.code(),
+                signal: status.signal(),
+                detail: format!("{how}; the sandbox's execs fail from now on"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn listener_ids_are_one_per_block_and_apart_from_the_proxies() {
+        assert_eq!(tracer_id(1_000_000_000).unwrap(), 997_000_000);
+        assert_eq!(tracer_id(1_000_000_000 + 14_999 * 65_536).unwrap(), 997_014_999);
+        assert!(tracer_id(1_000_000_000 + 14_999 * 65_536).unwrap() < 999_000_000, "below every proxy id");
+        for bad in [0, 1000, 999_999_999, 1_000_000_001] {
+            assert!(tracer_id(bad).is_err(), "{bad}");
+        }
+    }
+}
