@@ -300,6 +300,8 @@ impl Tracer {
         let program =
             claim.program.as_ref().map(|p| self.program_path(pid, execveat, &call.args, p, cwd.as_deref()));
         let no_such_file = program.as_ref().is_some_and(|p| self.names_no_file(pid, p.as_bytes()));
+        let (tgid, inner) = status.as_ref().map_or((pid, 0), |s| (s.tgid, s.inner()));
+        let pidfd = self.pidfd_for(tgid);
         // What was read belongs to the caller only if its call is still
         // pending: a process killed meanwhile, its pid taken by another,
         // would otherwise be misattributed. Such a call never runs.
@@ -309,8 +311,9 @@ impl Tracer {
         if sys::seccomp_notif_continue(self.listener.as_fd(), call.id).is_err() {
             return;
         }
-        let (tgid, inner) = status.as_ref().map_or((pid, 0), |s| (s.tgid, s.inner()));
-        self.track(tgid, inner, now);
+        if let Some(pidfd) = pidfd {
+            self.track(tgid, pidfd, inner, now);
+        }
         let event = ProcessExec {
             at: crate::audit::rfc3339_utc(wall),
             pid: inner,
@@ -374,16 +377,19 @@ impl Tracer {
         if parent.nstgid.len() == status.nstgid.len() { parent.inner() } else { 0 }
     }
 
-    /// Waits for the end of process `tgid` (unless it is awaited already,
-    /// or too many are).
-    fn track(&mut self, tgid: i32, inner: i32, now: Instant) {
+    /// A pidfd for process `tgid`, unless its end is awaited already (or
+    /// too many are). Opened while its exec call waits, so it is that
+    /// process's (the call being still valid afterwards says so).
+    fn pidfd_for(&self, tgid: i32) -> Option<OwnedFd> {
         if self.tracked.contains_key(&tgid) || self.tracked.len() >= MAX_TRACKED {
-            return;
+            return None;
         }
-        let Some(pid) = rustix::process::Pid::from_raw(tgid) else { return };
-        let Ok(pidfd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
-            return;
-        };
+        let pid = rustix::process::Pid::from_raw(tgid)?;
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+    }
+
+    /// Waits for the end of process `tgid` on its pidfd.
+    fn track(&mut self, tgid: i32, pidfd: OwnedFd, inner: i32, now: Instant) {
         let token = epoll::EventData::new_u64(PROCESS + tgid as u64);
         if epoll::add(&self.poll, &pidfd, token, epoll::EventFlags::IN).is_ok() {
             self.tracked.insert(tgid, Tracked { pidfd, inner, first_exec: now });
