@@ -142,6 +142,17 @@ enum Command {
     /// List, show and check policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The sandbox's timeline from its audit log: its life, every program
+    /// run inside (pid, parent, arguments, directory, how it ended),
+    /// network decisions.
+    ///
+    /// What the sandbox chose (arguments, paths, hosts) is shown escaped;
+    /// `--json` prints the records exactly, one per line.
+    Audit {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// The sandbox's network: every connection and request the egress proxy decided.
     #[command(subcommand)]
     Net(NetCommand),
@@ -461,6 +472,10 @@ fn direct(command: Command, forced: bool) -> CliResult {
             Ok(0)
         }
         Command::Policy(cmd) => policy(cmd),
+        Command::Audit { name, json } => {
+            present::audit(&ops::audit(&state()?, &name)?, json)?;
+            Ok(0)
+        }
         Command::Net(NetCommand::Log { name, json }) => {
             present::net_log(&ops::net_log(&state()?, &name)?, json)?;
             Ok(0)

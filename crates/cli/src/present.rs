@@ -13,6 +13,7 @@ use std::io::{self, IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use airlock_jail::probe::{Feature, HostReport, Status};
+use airlock_runtime::audit::{AuditEvent, AuditRecord};
 use airlock_runtime::ops::{DiffView, GcReport, NetLogEntry};
 use airlock_runtime::view::DaemonFacts;
 use airlock_runtime::view::SandboxView;
@@ -295,6 +296,112 @@ pub fn net_log(entries: &[NetLogEntry], json: bool) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `airlock audit`: the timeline, one line per record; or, with `json`,
+/// each record as the audit log holds it, one per line.
+pub fn audit(records: &[AuditRecord], json: bool) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    for record in records {
+        if json {
+            serde_json::to_writer(&mut out, record)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{}", audit_line(record))?;
+        }
+    }
+    Ok(())
+}
+
+/// One record as a line: its time, its kind, then what it says. Every
+/// value a sandbox chose is one escaped token (an argument with a space
+/// is quoted), so no record can forge another line or reach the terminal.
+fn audit_line(record: &AuditRecord) -> String {
+    let what = match &record.event {
+        AuditEvent::ProcessExec(e) => {
+            let mut line = format!("exec      pid {} (parent {})", e.pid, e.ppid);
+            match &e.path {
+                Some(path) => line.push_str(&format!(" {}", arg(path.as_bytes()))),
+                None => line.push_str(" (program unreadable)"),
+            }
+            if e.no_such_file {
+                line.push_str(" (no such file)");
+            } else {
+                let argv: Vec<String> = e.argv.iter().map(|a| arg(a.as_bytes())).collect();
+                line.push_str(&format!(" argv: {}", argv.join(" ")));
+                if let Some(cwd) = &e.cwd {
+                    line.push_str(&format!(" in {}", arg(cwd.as_bytes())));
+                }
+            }
+            if let Some(why) = &e.unreadable {
+                line.push_str(&format!(" (unreadable: {})", shown(why)));
+            }
+            if e.syscall != "execve" {
+                line.push_str(&format!(" [{}]", shown(&e.syscall)));
+            }
+            line
+        }
+        AuditEvent::ProcessExit(e) => {
+            let how = match (e.code, e.signal, &e.unknown) {
+                (Some(code), _, _) => format!("code {code}"),
+                (None, Some(signal), _) => format!("signal {signal}"),
+                (None, None, Some(why)) => format!("status unknown: {}", shown(why)),
+                (None, None, None) => "status unknown".to_owned(),
+            };
+            format!("exit      pid {} {how} after {} ms", e.pid, e.duration_ms)
+        }
+        AuditEvent::ProcessExecSummary(s) => {
+            let programs: Vec<String> =
+                s.programs.iter().map(|p| format!("{} ×{}", arg(p.path.as_bytes()), p.count)).collect();
+            let mut line = format!(
+                "execs     {} more from {} to {}, beyond {} a second, counted: {}",
+                s.execs,
+                shown(&s.from),
+                shown(&s.until),
+                s.itemized_per_second,
+                programs.join(", ")
+            );
+            if s.other > 0 {
+                line.push_str(&format!(", {} others", s.other));
+            }
+            if s.lost > 0 {
+                line.push_str(&format!("; {} events lost (the supervisor fell behind)", s.lost));
+            }
+            line
+        }
+        other => generic_line(other),
+    };
+    format!("{} {what}", shown(&record.ts))
+}
+
+/// An argument or path as one token: escaped when odd, quoted when it
+/// holds a space (or is empty), so the words of a command line stay apart.
+fn arg(bytes: &[u8]) -> String {
+    let token = quote_bytes(bytes);
+    if token.starts_with('"') || (!bytes.is_empty() && !bytes.contains(&b' ')) {
+        token
+    } else {
+        format!("\"{token}\"")
+    }
+}
+
+/// Any other record: its kind, then its fields as `key=value`, each value
+/// one escaped token.
+fn generic_line(event: &AuditEvent) -> String {
+    let mut line = format!("{:<9}", event.kind());
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(event) {
+        for (key, value) in fields {
+            if key == "event" || value.is_null() {
+                continue;
+            }
+            let text = match value {
+                serde_json::Value::String(s) => shown(&s),
+                other => shown(&other.to_string()),
+            };
+            line.push_str(&format!(" {key}={text}"));
+        }
+    }
+    line
 }
 
 /// How a sandbox ended, for `inspect`: "code 0", "signal 9, out of memory"…

@@ -368,6 +368,13 @@ pub fn net_log(root: &StateRoot, name: &str) -> Result<Vec<NetLogEntry>, OpError
         .collect())
 }
 
+/// A sandbox's audit log, every record in order (`airlock audit`): its
+/// life, the egress proxy's decisions, every exec the trace saw.
+pub fn audit(root: &StateRoot, name: &str) -> Result<Vec<crate::audit::AuditRecord>, OpError> {
+    let sandbox = root.open(name)?;
+    Ok(AuditLog::read_all(&sandbox.audit_path())?)
+}
+
 /// Everything known about one sandbox, for `airlock inspect`: the view
 /// with inspect's detail.
 pub fn inspect(root: &StateRoot, name: &str) -> Result<SandboxView, OpError> {

@@ -14,6 +14,7 @@ mod daemon_scale;
 mod daemon_tcp;
 mod egress;
 mod escape;
+mod exec_trace;
 mod files;
 mod launch_undo;
 mod lifecycle;
