@@ -3,10 +3,12 @@
 //! bubblewrap and runc doing the same job; what the egress proxy costs a
 //! download and a request against going direct; and how `airlock daemon`
 //! creates, execs in and holds many sandboxes; and what a microVM sandbox
-//! costs to boot, to exec in and to keep. See bench/README.md.
+//! costs to boot, to exec in and to keep; and what recording every exec
+//! costs a loop of execs. See bench/README.md.
 
 mod daemon;
 mod egress;
+mod exectrace;
 mod fixtures;
 mod measure;
 mod microvm;
@@ -64,7 +66,8 @@ options:
   --no-bwrap           skip bubblewrap even if installed
   --no-runc            skip runc even if installed
   --only LIST          run only these sections, comma-separated: startup, diff,
-                       egress, daemon, microvm (startup includes peak memory)
+                       egress, daemon, microvm, exectrace (startup includes
+                       peak memory)
   --egress-runs N      timed runs per egress case (default 5)
   --egress-requests N  small requests per latency run (default 200)
   --download-mib N     size of the egress download in MiB (default 256)
@@ -78,6 +81,9 @@ options:
                        (default 20)
   --vm-cache DIR       the guest cache (default: $AIRLOCK_VM_CACHE, else
                        vm-cache in the work directory, kept between runs)
+  --exec-loop N        /bin/true execs per run of the exec trace's loop
+                       (default 1000)
+  --exec-iterations N  timed runs per exec trace case (default 10)
   --keep               keep the scratch directory afterwards
   --strict             exit 2 when a target is missed
   -h, --help           this text";
@@ -105,6 +111,8 @@ pub struct Options {
     pub vm_warmup: usize,
     pub vm_execs: usize,
     pub vm_cache: Option<PathBuf>,
+    pub exec_loop: usize,
+    pub exec_iterations: usize,
 }
 
 /// Which groups of benchmarks to run.
@@ -116,12 +124,20 @@ pub struct Sections {
     pub egress: bool,
     pub daemon: bool,
     pub microvm: bool,
+    pub exectrace: bool,
 }
 
 impl Sections {
-    const ALL: Sections = Sections { startup: true, diff: true, egress: true, daemon: true, microvm: true };
-    const NONE: Sections =
-        Sections { startup: false, diff: false, egress: false, daemon: false, microvm: false };
+    const ALL: Sections =
+        Sections { startup: true, diff: true, egress: true, daemon: true, microvm: true, exectrace: true };
+    const NONE: Sections = Sections {
+        startup: false,
+        diff: false,
+        egress: false,
+        daemon: false,
+        microvm: false,
+        exectrace: false,
+    };
 
     fn parse(list: &str) -> Result<Sections, BenchError> {
         let mut s = Sections::NONE;
@@ -132,16 +148,17 @@ impl Sections {
                 "egress" => s.egress = true,
                 "daemon" => s.daemon = true,
                 "microvm" => s.microvm = true,
+                "exectrace" => s.exectrace = true,
                 other => {
                     return Err(BenchError::new(format!(
-                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm)"
+                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm, exectrace)"
                     )));
                 }
             }
         }
         if s == Sections::NONE {
             return Err(BenchError::new(
-                "--only needs at least one section (startup, diff, egress, daemon, microvm)",
+                "--only needs at least one section (startup, diff, egress, daemon, microvm, exectrace)",
             ));
         }
         Ok(s)
@@ -177,6 +194,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
         vm_warmup: 1,
         vm_execs: 20,
         vm_cache: None,
+        exec_loop: 1000,
+        exec_iterations: 10,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -229,6 +248,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
             "--vm-warmup" => o.vm_warmup = number("--vm-warmup", value("--vm-warmup")?, 0)?,
             "--vm-execs" => o.vm_execs = number("--vm-execs", value("--vm-execs")?, 1)?,
             "--vm-cache" => o.vm_cache = Some(PathBuf::from(value("--vm-cache")?)),
+            "--exec-loop" => o.exec_loop = number("--exec-loop", value("--exec-loop")?, 1)?,
+            "--exec-iterations" => {
+                o.exec_iterations = number("--exec-iterations", value("--exec-iterations")?, 1)?;
+            }
             other => return Err(BenchError::new(format!("unknown argument {other:?}; see --help"))),
         }
     }
@@ -377,6 +400,8 @@ pub struct Results {
     pub daemon: Option<daemon::DaemonResults>,
     /// None when the section was not selected.
     pub microvm: Option<microvm::MicrovmResults>,
+    /// None when the section was not selected.
+    pub exectrace: Option<exectrace::ExecTraceResults>,
 }
 
 /// The egress section's outcome: per case, the pooled values of all timed
@@ -482,6 +507,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             (sections.egress, "egress"),
             (sections.daemon, "daemon"),
             (sections.microvm, "microvm"),
+            (sections.exectrace, "exectrace"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -593,6 +619,15 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         None
     };
 
+    let exectrace = if sections.exectrace {
+        if sections.startup || sections.diff || sections.egress || sections.daemon || sections.microvm {
+            note_cpu_busy("exectrace", &mut header, &mut notes);
+        }
+        Some(exectrace::run(&airlock, &scratch.join("exectrace"), opts)?)
+    } else {
+        None
+    };
+
     let results = Results {
         opts: opts.clone(),
         header,
@@ -609,6 +644,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         egress,
         daemon,
         microvm,
+        exectrace,
     };
     let verdict = report::print(&results);
 
@@ -624,7 +660,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             .any(|o| matches!(o, Outcome::Failed(_)))
             || results.egress.as_ref().is_some_and(EgressResults::failed)
             || results.daemon.as_ref().is_some_and(daemon::DaemonResults::failed)
-            || results.microvm.as_ref().is_some_and(microvm::MicrovmResults::failed);
+            || results.microvm.as_ref().is_some_and(microvm::MicrovmResults::failed)
+            || results.exectrace.as_ref().is_some_and(exectrace::ExecTraceResults::failed);
     Ok(if airlock_failed {
         1
     } else if opts.strict && !verdict.all_met {

@@ -108,6 +108,9 @@ pub fn print(r: &Results) -> Verdict {
     if let Some(m) = &r.microvm {
         crate::microvm::print(m, &mut problems);
     }
+    if let Some(x) = &r.exectrace {
+        crate::exectrace::print(x, &mut problems);
+    }
 
     println!();
     println!("== targets");
@@ -154,6 +157,9 @@ pub fn print(r: &Results) -> Verdict {
     }
     if let Some(m) = &r.microvm {
         crate::microvm::targets(m, &mut target);
+    }
+    if let Some(x) = &r.exectrace {
+        crate::exectrace::targets(x, &mut target);
     }
 
     if !r.notes.is_empty() || !problems.is_empty() {

@@ -158,10 +158,16 @@ fn audit_trail_records_the_life_of_a_sandbox() {
     assert_eq!(o.status.code(), Some(3), "{}", show(&o));
     let audit = std::fs::read_to_string(env.sandbox_dir("audited").join("audit.jsonl")).unwrap();
     let events: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    // Its life, in order; between them the exec trace's records of what
+    // ran inside (`suite::exec_trace` looks at those).
+    let life: Vec<&serde_json::Value> =
+        events.iter().filter(|e| !e["event"].as_str().unwrap_or_default().starts_with("process_")).collect();
+    let kinds: Vec<&str> = life.iter().filter_map(|e| e["event"].as_str()).collect();
     assert_eq!(kinds, ["created", "command_started", "exited", "diff_summary"], "{audit}");
-    assert_eq!(events[2]["code"], 3);
-    assert_eq!(events[3]["modified"], 1);
+    assert_eq!(life[2]["code"], 3);
+    assert_eq!(life[3]["modified"], 1);
+    let ran = events.iter().filter(|e| e["event"] == "process_exec" && e.get("no_such_file").is_none());
+    assert_eq!(ran.count(), 1, "sh, and nothing else: {audit}");
     // The resolved policy is kept beside it.
     let policy = std::fs::read_to_string(env.sandbox_dir("audited").join("policy.toml")).unwrap();
     assert!(policy.contains("[limits]"));
