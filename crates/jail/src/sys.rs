@@ -772,14 +772,15 @@ pub struct NotifiedCall {
 pub fn seccomp_notif_size() -> io::Result<usize> {
     let mut sizes = libc::seccomp_notif_sizes { seccomp_notif: 0, seccomp_notif_resp: 0, seccomp_data: 0 };
     // SAFETY: `sizes` is a valid, writable struct of the layout the kernel fills.
-    check(unsafe {
+    let rc = unsafe {
         libc::syscall(
             libc::SYS_seccomp,
             libc::SECCOMP_GET_NOTIF_SIZES,
             0 as libc::c_uint,
             &mut sizes as *mut libc::seccomp_notif_sizes,
         )
-    })?;
+    };
+    check(rc)?;
     Ok(usize::from(sizes.seccomp_notif).max(std::mem::size_of::<libc::seccomp_notif>()))
 }
 
@@ -797,10 +798,9 @@ pub fn seccomp_notif_recv(listener: BorrowedFd<'_>, buffer: &mut [u64]) -> io::R
     // SAFETY: the buffer is zeroed, 8-byte aligned and at least as large as
     // the kernel's struct (the caller sized it from SECCOMP_GET_NOTIF_SIZES);
     // the kernel writes one `struct seccomp_notif` into it.
-    check(
-        unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, buffer.as_mut_ptr()) }
-            .into(),
-    )?;
+    let rc =
+        unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, buffer.as_mut_ptr()) };
+    check(rc.into())?;
     // SAFETY: the kernel filled the start of the buffer with a
     // `seccomp_notif`, a plain-data struct; the buffer is aligned for it.
     let notif = unsafe { std::ptr::read(buffer.as_ptr().cast::<libc::seccomp_notif>()) };
@@ -818,11 +818,9 @@ pub fn seccomp_notif_recv(listener: BorrowedFd<'_>, buffer: &mut [u64]) -> io::R
 /// reused since it was received); ENOENT otherwise.
 pub fn seccomp_notif_id_valid(listener: BorrowedFd<'_>, id: u64) -> io::Result<()> {
     // SAFETY: the kernel reads one u64 from a valid pointer.
-    check(
-        unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id as *const u64) }
-            .into(),
-    )
-    .map(drop)
+    let rc =
+        unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id as *const u64) };
+    check(rc.into()).map(drop)
 }
 
 /// Answers call `id` with `SECCOMP_USER_NOTIF_FLAG_CONTINUE`: the kernel
@@ -835,17 +833,14 @@ pub fn seccomp_notif_continue(listener: BorrowedFd<'_>, id: u64) -> io::Result<(
         flags: libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
     };
     // SAFETY: the kernel reads one `seccomp_notif_resp` from a valid pointer.
-    check(
-        unsafe {
-            libc::ioctl(
-                listener.as_raw_fd(),
-                libc::SECCOMP_IOCTL_NOTIF_SEND,
-                &response as *const libc::seccomp_notif_resp,
-            )
-        }
-        .into(),
-    )
-    .map(drop)
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SEND,
+            &response as *const libc::seccomp_notif_resp,
+        )
+    };
+    check(rc.into()).map(drop)
 }
 
 /// Asks the kernel to wake the listener's reader synchronously, on the
@@ -855,17 +850,14 @@ pub fn seccomp_notif_continue(listener: BorrowedFd<'_>, id: u64) -> io::Result<(
 pub fn seccomp_notif_sync_wake_up(listener: BorrowedFd<'_>) -> io::Result<()> {
     const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
     // SAFETY: the kernel reads the flags as the ioctl's integer argument.
-    check(
-        unsafe {
-            libc::ioctl(
-                listener.as_raw_fd(),
-                libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
-                SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP,
-            )
-        }
-        .into(),
-    )
-    .map(drop)
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+            SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP,
+        )
+    };
+    check(rc.into()).map(drop)
 }
 
 /// Copies up to `buf.len()` bytes at `address` in process `pid`'s memory
@@ -921,7 +913,8 @@ pub fn pidfd_exit_status(pidfd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
     let mut info = PidfdInfo { mask: PIDFD_INFO_EXIT, ..PidfdInfo::default() };
     // SAFETY: `info` is a valid, writable struct of the size the request
     // number encodes; the kernel fills at most that many bytes.
-    check(unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info as *mut PidfdInfo) }.into())?;
+    let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info as *mut PidfdInfo) };
+    check(rc.into())?;
     Ok((info.mask & PIDFD_INFO_EXIT != 0).then_some(info.exit_code))
 }
 

@@ -221,6 +221,8 @@ mod tests {
     /// The exec trace's listener: its requests are the kernel's numbers,
     /// and what a taken-over listener would reach for kills it.
     #[test]
+    // libc's ioctl request type is u64 on glibc and i32 on musl.
+    #[allow(clippy::unnecessary_cast)]
     fn the_exec_trace_list_allows_its_requests_and_nothing_it_does_not_need() {
         let list = exec_trace().unwrap();
         assert_eq!(list.default, DefaultAction::KillProcess);
@@ -236,7 +238,6 @@ mod tests {
                 rule.syscall
             );
         }
-        #[allow(clippy::unnecessary_cast)]
         let ioctl = |req: u64| verdict(&prog, "ioctl", [3, req, 0, 0, 0, 0]);
         for req in [
             libc::SECCOMP_IOCTL_NOTIF_RECV as u64,

@@ -861,6 +861,64 @@ mod tests {
         assert_eq!(code, 0);
     }
 
+    /// The exec trace's filter stops execve and execveat alone; its listener
+    /// sees the caller and what it passed, and CONTINUE lets the exec run.
+    /// Once nobody holds the listener, an exec fails (ENOSYS) and runs not.
+    #[test]
+    fn the_exec_listener_sees_each_exec_and_lets_it_run() {
+        use std::os::fd::AsFd;
+        let prog = exec_notify().unwrap();
+        assert_eq!(verdict(&prog, "execve", [0; 6]), libc::SECCOMP_RET_USER_NOTIF);
+        assert_eq!(verdict(&prog, "execveat", [0; 6]), libc::SECCOMP_RET_USER_NOTIF);
+        assert_eq!(verdict(&prog, "getpid", [0; 6]), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(verdict(&prog, "clone", [0; 6]), libc::SECCOMP_RET_ALLOW);
+        let exec_true = || {
+            let path = c"/bin/true";
+            let argv = [path.as_ptr(), c"from-the-test".as_ptr(), std::ptr::null()];
+            // SAFETY: the child only execs, then leaves with the errno; both
+            // are async-signal-safe and use data prepared before the fork.
+            unsafe {
+                crate::sys::fork_child(move || {
+                    libc::execv(path.as_ptr(), argv.as_ptr());
+                    *libc::__errno_location()
+                })
+            }
+        };
+        let code = run_in_child(|| {
+            if crate::privileges::set_no_new_privs().is_err() {
+                return 200;
+            }
+            let Ok(listener) = install_with_listener(&prog) else { return 201 };
+            let Ok(pid) = exec_true() else { return 202 };
+            let mut buf = vec![0u64; crate::sys::seccomp_notif_size().unwrap_or(80).div_ceil(8)];
+            let Ok(call) = crate::sys::seccomp_notif_recv(listener.as_fd(), &mut buf) else { return 3 };
+            if call.pid != pid as u32 || i64::from(call.nr) != libc::SYS_execve {
+                return 4;
+            }
+            let mut name = [0u8; 10];
+            if crate::sys::process_vm_read(pid, call.args[0], &mut name).ok() != Some(10)
+                || &name != b"/bin/true\0"
+            {
+                return 5;
+            }
+            if crate::sys::seccomp_notif_id_valid(listener.as_fd(), call.id).is_err()
+                || crate::sys::seccomp_notif_continue(listener.as_fd(), call.id).is_err()
+            {
+                return 6;
+            }
+            if crate::sys::wait_pid(pid).ok() != Some(0) {
+                return 7;
+            }
+            drop(listener);
+            let Ok(pid) = exec_true() else { return 202 };
+            match crate::sys::wait_pid(pid) {
+                Ok(status) if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == libc::ENOSYS => 0,
+                _ => 8,
+            }
+        });
+        assert_eq!(code, 0);
+    }
+
     #[test]
     fn installed_filter_denies_with_eperm() {
         let null = 0;

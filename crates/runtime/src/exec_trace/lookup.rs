@@ -37,6 +37,8 @@ fn open_path(dir: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<OwnedFd> {
     rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
 }
 
+// f_type's type differs between architectures and libcs.
+#[allow(clippy::unnecessary_cast)]
 fn on_procfs(dir: BorrowedFd<'_>) -> bool {
     rustix::fs::fstatfs(dir).map_or(true, |fs| fs.f_type as i64 == PROC_SUPER_MAGIC)
 }
