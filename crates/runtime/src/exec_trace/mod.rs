@@ -75,9 +75,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct TraceSetup {
     /// As root: its uid and gid. None rootless (it stays the caller).
     pub run_as: Option<(u32, u32)>,
-    /// Execs recorded one by one per second (the default when None).
-    #[serde(default)]
-    pub itemized_per_second: Option<u32>,
 }
 
 /// What the listener process tells its supervisor.
@@ -180,7 +177,7 @@ pub(crate) fn start(
     let pidfd = rustix::process::Pid::from_raw(pid)
         .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     let mut control = control;
-    airlock_proto::send(&mut control, &TraceSetup { run_as, itemized_per_second: None })
+    airlock_proto::send(&mut control, &TraceSetup { run_as })
         .map_err(|e| fail("sending its setup", &e))?;
 
     let (ready_tx, ready) = mpsc::channel();
@@ -245,7 +242,7 @@ impl ExecTracer {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err("it ended".to_string()),
         };
-        answer.map_err(|e| RunError::ExecTrace(format!("the exec trace did not start: {e}")))
+        answer.map_err(|e| RunError::ExecTrace(format!("its listener process did not start: {e}")))
     }
 
     /// Hands the sandbox's seccomp listener over; the supervisor keeps no

@@ -141,12 +141,15 @@ fn serve(
         Err(e) => return Err(os("receiving the listener")(e)),
     };
     drop(control);
+    // The caller sleeps while it is read: wake this process on the CPU it
+    // leaves (Linux ≥ 6.6; older kernels refuse, and it works as before).
+    let _ = sys::seccomp_notif_sync_wake_up(listener.as_fd());
     let mut tracer = Tracer {
         proc,
         listener,
         poll,
         notif: vec![0u64; notif_words],
-        rate: Rate::new(setup.itemized_per_second.unwrap_or(ITEMIZED_PER_SECOND)),
+        rate: Rate::new(ITEMIZED_PER_SECOND),
         tracked: HashMap::new(),
         unsettled: Vec::new(),
         writing: false,
@@ -235,7 +238,7 @@ impl Tracer {
                             let _ = epoll::delete(&self.poll, &self.listener);
                         }
                     }
-                    REPORTS => reports.flush(&mut self.rate),
+                    REPORTS => reports.flush(),
                     pid => self.ended(i32::try_from(pid - PROCESS).unwrap_or(0), reports),
                 }
             }
@@ -523,11 +526,11 @@ impl Reports {
         }
         self.queued += frame.len();
         self.queue.push_back(frame);
-        self.flush(rate);
+        self.flush();
     }
 
     /// Writes queued frames until the pipe is full.
-    fn flush(&mut self, _rate: &mut Rate) {
+    fn flush(&mut self) {
         use std::io::Write;
         while let Some(front) = self.queue.front() {
             match (&self.pipe).write(&front[self.offset..]) {
