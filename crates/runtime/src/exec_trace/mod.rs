@@ -177,8 +177,7 @@ pub(crate) fn start(
     let pidfd = rustix::process::Pid::from_raw(pid)
         .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     let mut control = control;
-    airlock_proto::send(&mut control, &TraceSetup { run_as })
-        .map_err(|e| fail("sending its setup", &e))?;
+    airlock_proto::send(&mut control, &TraceSetup { run_as }).map_err(|e| fail("sending its setup", &e))?;
 
     let (ready_tx, ready) = mpsc::channel();
     let (done_tx, done) = mpsc::channel::<()>();
