@@ -30,6 +30,10 @@ const DENIED_HOST: &str = "denied.example.net";
 /// The raw socket's allowed and refused ports on the server's address.
 const RAW_PORT: u16 = 7000;
 const DENIED_PORT: u16 = 7001;
+/// A database-like server on an allowed name: it speaks first, then
+/// echoes a binary message (no TLS, no HTTP).
+const OPAQUE_PORT: u16 = 5432;
+const OPAQUE_BANNER: &[u8] = b"db ready\n";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -201,15 +205,28 @@ struct Servers {
 fn start_servers(net: &TestNet) -> Servers {
     let tls = test_tls_for(&[SECRET_HOST, TUNNEL_HOST], &[IpAddr::V4(net.server)]);
     let (server, resolver) = (net.server, net.resolver);
-    let (l443, l80, lraw, dns) = net.enter(|| {
+    let (l443, l80, lraw, lopaque, dns) = net.enter(|| {
         (
             TcpListener::bind((server, 443)).unwrap(),
             TcpListener::bind((server, 80)).unwrap(),
             TcpListener::bind((server, RAW_PORT)).unwrap(),
+            TcpListener::bind((server, OPAQUE_PORT)).unwrap(),
             UdpSocket::bind((resolver, 53)).unwrap(),
         )
     });
     dns.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut conn in lopaque.incoming().flatten() {
+            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+            let mut buf = [0u8; 64];
+            if conn.write_all(OPAQUE_BANNER).is_ok()
+                && let Ok(n) = conn.read(&mut buf)
+            {
+                let _ = conn.write_all(&buf[..n]);
+            }
+        }
+    });
     Servers {
         https: EchoServer::serve_on(l443, Some(tls.server.clone())),
         http: EchoServer::serve_on(l80, None),
@@ -227,7 +244,7 @@ fn policy_text(net: &TestNet, ca: &Path) -> String {
     format!(
         "extends = \"dev\"\n\
          [network]\ntransparent = true\n\
-         allow = [\"{SECRET_HOST}\", \"{TUNNEL_HOST}\", \"{s}:443\", \"{s}:80\", \"{s}:{RAW_PORT}\"]\n\
+         allow = [\"{SECRET_HOST}\", \"{TUNNEL_HOST}\", \"{s}:443\", \"{s}:80\", \"{s}:{RAW_PORT}\", \"{s}:{OPAQUE_PORT}\"]\n\
          extra_roots = [{ca:?}]\n\
          [secrets.EXAMPLE_TOKEN]\nfrom = \"env:EXAMPLE_TOKEN\"\nhosts = [\"{SECRET_HOST}\"]\n"
     )
@@ -308,6 +325,15 @@ def http(port):
 timed("raw", lambda: http(raw))
 timed("denied-port", lambda: http(denied))
 
+def opaque(name, port):
+    s = socket.create_connection((name, port), timeout=5)
+    banner = s.recv(64)
+    s.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")
+    echo = s.recv(64)
+    return f"{banner.decode().strip()} {echo.hex()}"
+if len(sys.argv) > 6:
+    timed("opaque-name", lambda: opaque(sys.argv[5], int(sys.argv[6])))
+
 def query(name):
     q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
     q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
@@ -380,7 +406,7 @@ fn programs_that_ignore_the_proxy_get_the_policy() {
          sec node; cat /run/airlock/ca-bundle.pem test-ca.pem > /tmp/ca.pem; \
          env -u NODE_USE_ENV_PROXY -u HTTP_PROXY -u http_proxy -u HTTPS_PROXY -u https_proxy -u ALL_PROXY -u all_proxy \
            NODE_EXTRA_CA_CERTS=/tmp/ca.pem node fetch.js; \
-         sec python; python3 probe.py {} {} {RAW_PORT} {DENIED_PORT}; \
+         sec python; python3 probe.py {} {} {RAW_PORT} {DENIED_PORT} {TUNNEL_HOST} {OPAQUE_PORT}; \
          sec end",
         net.server, net.resolver
     );
@@ -417,6 +443,14 @@ fn programs_that_ignore_the_proxy_get_the_policy() {
 
     let python = section(&out, "python");
     assert!(outcome(python, "raw").starts_with("ok HTTP/1.1 200 OK"), "{}", show(&o));
+    // A server that speaks first, on an allowed name, with a protocol
+    // that names no server: its banner and its echo pass.
+    assert_eq!(
+        outcome(python, "opaque-name").rsplit_once(' ').unwrap().0,
+        "ok db ready 0000000804d2162f",
+        "{}",
+        show(&o)
+    );
     let denied = outcome(python, "denied-port");
     assert!(denied.starts_with("failed ECONNRESET"), "{}", show(&o));
     assert!(took(denied) < 2.0, "the refused port was not reset at once\n{}", show(&o));
