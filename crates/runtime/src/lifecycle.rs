@@ -711,7 +711,9 @@ fn launch_vm(
                 network.agent_end.take().ok_or_else(|| RunError::Egress("no egress channel".into()))?;
             let bundle =
                 std::fs::read(&network.bundle).map_err(|e| RunError::State(network.bundle.clone(), e))?;
-            Some(airlock_vm::egress_port::HostEgress { handover, bundle })
+            // With transparent egress the guest redirects as the process
+            // tier's agent does, and the host takes what it redirected.
+            Some(airlock_vm::egress_port::HostEgress { handover, bundle, redirect: network.redirect })
         }
         None => None,
     };

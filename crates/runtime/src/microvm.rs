@@ -256,18 +256,34 @@ fn process_alive(pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// The guest listens where the process tier's agent does and tags its
-    /// connections as the proxy expects them.
+    /// The guest listens where the process tier's agent does, and the host
+    /// takes the redirected connections of a transparent sandbox only.
     #[test]
-    fn the_guest_uses_the_process_tiers_ports_and_tags() {
-        use airlock_egress::proxy::Port;
+    fn the_guest_uses_the_process_tiers_ports_and_hand_overs() {
+        use airlock_proto::handover::HandOver;
         use airlock_vm::egress_port as port;
         assert_eq!(port::HTTP_PORT, airlock_egress::HTTP_PROXY_PORT);
         assert_eq!(port::SOCKS_PORT, airlock_egress::SOCKS_PROXY_PORT);
-        assert!(matches!(Port::from_tag(port::HTTP_TAG), Some(Port::Http)));
-        assert!(matches!(Port::from_tag(port::SOCKS_TAG), Some(Port::Socks)));
+        let to = HandOver::Transparent { destination: "203.0.113.9:22".parse().unwrap() };
+        for transparent in [false, true] {
+            assert!(port::host_takes(&HandOver::Http, transparent));
+            assert!(port::host_takes(&HandOver::Socks, transparent));
+            assert_eq!(port::host_takes(&to, transparent), transparent);
+            assert_eq!(port::host_takes(&HandOver::DnsStream, transparent), transparent);
+            // A datagram socket is never the guest's to hand over.
+            assert!(!port::host_takes(&HandOver::DnsDatagram, transparent));
+        }
+        // The guest redirects to the process tier's ports.
+        let mut policy = airlock_policy::Policy::builtin("dev").unwrap();
+        policy.network.transparent = true;
+        let plan = crate::network::redirect_of(&policy.network).unwrap();
+        assert_eq!(
+            (plan.tcp_port, plan.dns_port),
+            (airlock_egress::TRANSPARENT_PORT, airlock_egress::RESOLVER_PORT)
+        );
         assert_eq!(port::GUEST_CA_BUNDLE, crate::network::SANDBOX_CA_BUNDLE);
         assert_eq!(port::GUEST_SYSTEM_BUNDLE, crate::network::SYSTEM_CA_BUNDLE);
     }

@@ -41,6 +41,9 @@ pub struct BootSpec {
     /// The guest has egress: a second virtio-serial port, served by
     /// [`crate::egress_port`], and loopback with the proxy ports inside.
     pub egress: bool,
+    /// Transparent egress (with `egress` only): the redirection the guest's
+    /// PID 1 installs before any command runs, said on its command line.
+    pub redirect: Option<airlock_jail::plan::Redirect>,
     /// The host directory the guest writes (an overlay workspace's layer,
     /// or the workspace in mode rw), served over virtio-fs by a jailed
     /// virtiofsd, never by QEMU.
@@ -138,8 +141,14 @@ fn tsc_khz() -> u64 {
 const MAX_COMMAND_LINE: usize = 2047;
 
 /// The word on the kernel's command line that tells the guest it has an
-/// egress port.
+/// egress port (with transparent egress, the word says what it redirects:
+/// [`crate::egress_port::egress_arg`]).
 pub const EGRESS_ARG: &str = "egress:on";
+
+/// The most words the kernel passes its init after `--` (its
+/// MAX_INIT_ARGS, 32; argv[0] comes on top). One more panics the kernel at
+/// boot ("Too many boot init vars").
+const MAX_INIT_WORDS: usize = 32;
 
 /// The word on the kernel's command line that tells the guest its
 /// workspace is an overlay whose writable layer is the virtio-fs share.
@@ -170,6 +179,7 @@ fn kernel_command_line(
     root: &[RootEntry],
     egress: bool,
     writes: Option<Writes>,
+    redirect: Option<&airlock_jail::plan::Redirect>,
 ) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel == Accel::Tcg {
@@ -178,7 +188,7 @@ fn kernel_command_line(
     line.push_str(&format!(" -- {GUEST_ROLE}"));
     if egress {
         line.push(' ');
-        line.push_str(EGRESS_ARG);
+        line.push_str(&crate::egress_port::egress_arg(redirect));
     }
     if let Some(writes) = writes {
         line.push(' ');
@@ -187,6 +197,13 @@ fn kernel_command_line(
     for entry in root {
         line.push(' ');
         line.push_str(&entry.to_arg());
+    }
+    let words = line.split_once(" -- ").map_or(0, |(_, init)| init.split(' ').count());
+    if words > MAX_INIT_WORDS {
+        return Err(VmError::Boot(format!(
+            "the guest's root is too many pieces for the kernel's command line ({words} words for its init, \
+             at most {MAX_INIT_WORDS}): list fewer paths in filesystem.read_only and filesystem.hidden"
+        )));
     }
     if line.len() > MAX_COMMAND_LINE {
         return Err(VmError::Boot(format!(
@@ -244,7 +261,7 @@ fn qemu_args(
         "-initrd".into(),
         guest.initramfs.to_string_lossy().into_owned(),
         "-append".into(),
-        kernel_command_line(spec.accel, &spec.root, spec.egress, writes)?,
+        kernel_command_line(spec.accel, &spec.root, spec.egress, writes, spec.redirect.as_ref())?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
         "-device".into(),
@@ -740,20 +757,73 @@ mod tests {
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &fits, false, None).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &fits, false, None, None).unwrap();
         assert!(line.ends_with("hide:/etc/secret-0019-with-a-long-name"), "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_many, false, None).unwrap_err().to_string();
+        let err = kernel_command_line(Accel::Tcg, &too_many, false, None, None).unwrap_err().to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
+        // Few pieces, but long ones.
+        let long = |i: usize| RootEntry::Hide(format!("/{}{i}", "x".repeat(80)).into());
+        let too_long: Vec<RootEntry> = (0..28).map(long).collect();
+        let err = kernel_command_line(Accel::Tcg, &too_long, false, None, None).unwrap_err().to_string();
+        assert!(err.contains("filesystem.hidden") && err.contains("2047"), "{err}");
+    }
+
+    /// The kernel panics at boot when its init gets more than 32 words:
+    /// refused before, with what to do. The egress word is one word,
+    /// whatever it redirects.
+    #[test]
+    fn a_root_of_too_many_pieces_for_the_kernels_init_is_refused() {
+        let plan = airlock_jail::plan::Redirect { tcp_port: 3129, dns_port: 3053, ipv6: true };
+        let hide = |i: usize| RootEntry::Hide(format!("/h{i}").into());
+        let layer = Some(Writes::Layer);
+        // The role, the egress word, the layer word and 29 pieces: 32.
+        let most: Vec<RootEntry> = (0..29).map(hide).collect();
+        let line = kernel_command_line(Accel::Tcg, &most, true, layer, Some(&plan)).unwrap();
+        assert_eq!(line.split_once(" -- ").unwrap().1.split(' ').count(), 32, "{line}");
+        let one_more: Vec<RootEntry> = (0..30).map(hide).collect();
+        let err =
+            kernel_command_line(Accel::Tcg, &one_more, true, layer, Some(&plan)).unwrap_err().to_string();
+        assert!(err.contains("33 words") && err.contains("filesystem.hidden"), "{err}");
     }
 
     #[test]
     fn the_guest_is_told_of_its_egress_port_only_when_it_has_one() {
-        let with = kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true, None).unwrap();
+        let with =
+            kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true, None, None).unwrap();
         assert!(with.contains(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} share:/usr")), "{with}");
-        let without = kernel_command_line(Accel::Tcg, &[], false, None).unwrap();
+        let without = kernel_command_line(Accel::Tcg, &[], false, None, None).unwrap();
         assert!(!without.contains("egress"), "{without}");
         assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
+    }
+
+    #[test]
+    fn the_guest_is_told_what_to_redirect_in_its_egress_word() {
+        use crate::egress_port::{egress_arg, egress_from_arg};
+        let plan = airlock_jail::plan::Redirect { tcp_port: 3129, dns_port: 3053, ipv6: false };
+        let line = kernel_command_line(Accel::Tcg, &[], true, None, Some(&plan)).unwrap();
+        assert!(line.ends_with(&format!(" -- {GUEST_ROLE} egress:3129:3053:4")), "{line}");
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words.iter().find_map(|w| egress_from_arg(w)), Some(Some(plan)));
+        assert_eq!(egress_from_arg(EGRESS_ARG), Some(None));
+        assert_eq!(egress_arg(None), EGRESS_ARG);
+        // No egress port, nothing to redirect to.
+        let none = kernel_command_line(Accel::Tcg, &[], false, None, Some(&plan)).unwrap();
+        assert!(!none.contains("egress"), "{none}");
+        let v6 = airlock_jail::plan::Redirect { ipv6: true, ..plan };
+        assert_eq!(egress_from_arg(&egress_arg(Some(&v6))), Some(Some(v6)));
+        for bad in [
+            "egress:",
+            "egress:off",
+            "egress:1:2",
+            "egress:1:2:5",
+            "egress:1:2:4:9",
+            "egress:x:2:4",
+            "share:/usr",
+        ] {
+            assert_eq!(egress_from_arg(bad), None, "{bad}");
+        }
+        assert_eq!(RootEntry::from_arg(&egress_arg(Some(&plan))), None, "not a piece of the guest's root");
     }
 
     #[test]
@@ -773,6 +843,7 @@ mod tests {
             root: vec![RootEntry::Workspace("/w".into())],
             cgroup: None,
             egress: false,
+            redirect: None,
             writable: None,
         };
         let run = Path::new("/run/x");
@@ -827,6 +898,7 @@ mod tests {
             root: vec![RootEntry::Share("/usr".into()), RootEntry::Workspace("/w".into())],
             cgroup: None,
             egress: false,
+            redirect: None,
             writable: Some(WritableShare {
                 writes: Writes::Workspace,
                 dir: "/w".into(),

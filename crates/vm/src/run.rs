@@ -101,6 +101,7 @@ pub fn start(
         root: req.root.clone(),
         cgroup: req.cgroup.clone(),
         egress: egress.is_some(),
+        redirect: egress.as_ref().and_then(|e| e.redirect),
         writable: req.writable.clone(),
     };
     let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));

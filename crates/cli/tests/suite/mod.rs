@@ -23,5 +23,6 @@ mod rootless;
 mod security;
 mod startup_work;
 mod transparent;
+mod transparent_vm;
 mod vm_compat;
 mod workspace;

@@ -23,13 +23,13 @@ use super::egress::{EchoServer, event, is, net_log, secret_value, section, test_
 use super::support::*;
 
 /// The allowed names: one intercepted (it has a secret), one tunnelled.
-const SECRET_HOST: &str = "api.example.com";
-const TUNNEL_HOST: &str = "www.example.org";
+pub(crate) const SECRET_HOST: &str = "api.example.com";
+pub(crate) const TUNNEL_HOST: &str = "www.example.org";
 /// A name the policy does not allow.
-const DENIED_HOST: &str = "denied.example.net";
+pub(crate) const DENIED_HOST: &str = "denied.example.net";
 /// The raw socket's allowed and refused ports on the server's address.
-const RAW_PORT: u16 = 7000;
-const DENIED_PORT: u16 = 7001;
+pub(crate) const RAW_PORT: u16 = 7000;
+pub(crate) const DENIED_PORT: u16 = 7001;
 /// A database-like server on an allowed name: it speaks first, then
 /// echoes a binary message (no TLS, no HTTP).
 const OPAQUE_PORT: u16 = 5432;
@@ -39,13 +39,13 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A network namespace with a veth pair to the host and routes to its
 /// addresses; all of it removed on drop.
-struct TestNet {
+pub(crate) struct TestNet {
     ns: String,
     host_if: String,
     /// The hosts' address (servers listen here).
-    server: Ipv4Addr,
+    pub(crate) server: Ipv4Addr,
     /// An address with a DNS server on it, which the sandbox must never reach.
-    resolver: Ipv4Addr,
+    pub(crate) resolver: Ipv4Addr,
     routes: Vec<String>,
 }
 
@@ -56,7 +56,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 impl TestNet {
     /// None (skipped, or a failure under CI) without root or `ip`.
-    fn new() -> Option<TestNet> {
+    pub(crate) fn new() -> Option<TestNet> {
         if !require(is_root(), "root, to create a network namespace and a veth pair")
             || !require(Path::new("/usr/sbin/ip").exists() || Path::new("/sbin/ip").exists(), "ip (iproute2)")
         {
@@ -194,15 +194,15 @@ impl Drop for TestNet {
 
 /// The servers: HTTPS on 443 (a leaf for both allowed names), HTTP on 80
 /// and on [`RAW_PORT`], and a UDP socket on the outside resolver's port 53.
-struct Servers {
-    https: EchoServer,
-    http: EchoServer,
-    raw: EchoServer,
-    dns: UdpSocket,
-    ca_pem: String,
+pub(crate) struct Servers {
+    pub(crate) https: EchoServer,
+    pub(crate) http: EchoServer,
+    pub(crate) raw: EchoServer,
+    pub(crate) dns: UdpSocket,
+    pub(crate) ca_pem: String,
 }
 
-fn start_servers(net: &TestNet) -> Servers {
+pub(crate) fn start_servers(net: &TestNet) -> Servers {
     let tls = test_tls_for(&[SECRET_HOST, TUNNEL_HOST], &[IpAddr::V4(net.server)]);
     let (server, resolver) = (net.server, net.resolver);
     let (l443, l80, lraw, lopaque, dns) = net.enter(|| {
@@ -239,7 +239,7 @@ fn start_servers(net: &TestNet) -> Servers {
 /// The test policy: the two names, the server's address on the ports used
 /// (documentation space needs the address and port named), the test CA
 /// for upstream TLS, and a secret for [`SECRET_HOST`].
-fn policy_text(net: &TestNet, ca: &Path) -> String {
+pub(crate) fn policy_text(net: &TestNet, ca: &Path) -> String {
     let s = net.server;
     format!(
         "extends = \"dev\"\n\
@@ -253,7 +253,7 @@ fn policy_text(net: &TestNet, ca: &Path) -> String {
 /// `airlock run` in a mount namespace of its own where /etc/hosts names
 /// the test's hosts: the egress proxy (airlock's child) resolves them
 /// there, and nothing else on the machine sees that file.
-fn run_with_hosts(env: &Env, net: &TestNet, args: &[&str], vars: &[(&str, &str)]) -> Output {
+pub(crate) fn run_with_hosts(env: &Env, net: &TestNet, args: &[&str], vars: &[(&str, &str)]) -> Output {
     let hosts = env.dir.path().join("test-hosts");
     std::fs::write(&hosts, format!("127.0.0.1 localhost\n{} {SECRET_HOST} {TUNNEL_HOST}\n", net.server))
         .unwrap();
@@ -278,7 +278,7 @@ fn run_with_hosts(env: &Env, net: &TestNet, args: &[&str], vars: &[(&str, &str)]
 /// Node's fetch, with the proxy variables removed so that only the
 /// transparent path can carry it (newer Node versions honour them), and
 /// the test CA trusted beside the sandbox's bundle.
-const NODE: &str = r#"
+pub(crate) const NODE: &str = r#"
 const token = process.env.EXAMPLE_TOKEN;
 const cases = [
   ["https-tunnel", "https://www.example.org/tunnel", {}],
@@ -364,17 +364,17 @@ timed("ping-raw", lambda: icmp(socket.SOCK_RAW))
 "#;
 
 /// The one outcome line for `label`.
-fn outcome<'a>(out: &'a str, label: &str) -> &'a str {
+pub(crate) fn outcome<'a>(out: &'a str, label: &str) -> &'a str {
     let prefix = format!("{label}=");
     out.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {label}= in:\n{out}"))
 }
 
 /// Seconds a probe took (its last word).
-fn took(line: &str) -> f64 {
+pub(crate) fn took(line: &str) -> f64 {
     line.rsplit(' ').next().and_then(|t| t.strip_suffix('s')).and_then(|t| t.parse().ok()).unwrap_or(f64::MAX)
 }
 
-fn transparent_events<'a>(log: &'a [Value], host: &str, port: u16) -> Vec<&'a Value> {
+pub(crate) fn transparent_events<'a>(log: &'a [Value], host: &str, port: u16) -> Vec<&'a Value> {
     log.iter().filter(|e| is(e, "via", "transparent") && is(e, "host", host) && is(e, "port", port)).collect()
 }
 
