@@ -7,7 +7,7 @@
 //! ends, the agent exits, and the kernel kills whatever the command left
 //! behind in the PID namespace.
 
-mod egress;
+pub mod egress;
 mod files;
 mod oom;
 mod service;

@@ -29,7 +29,7 @@ pub mod mux;
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use airlock_agent::egress::{Listener, handover_for};
 use airlock_jail::plan::Redirect;
 use airlock_proto::handover::{self, HandOver};
 use frame::{Frame, MAX_DATA};
@@ -281,35 +282,6 @@ fn install_bundle(bundle: &[u8]) -> io::Result<()> {
         rustix::mount::mount_bind(path, GUEST_SYSTEM_BUNDLE)?;
     }
     Ok(())
-}
-
-/// Which of the guest's listeners a connection came from, and so what the
-/// host is told it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Listener {
-    Http,
-    Socks,
-    Transparent,
-    DnsStream,
-}
-
-/// What goes over with an accepted connection; `None` when it must not go:
-/// a connection to the transparent listener that the kernel did not
-/// redirect (its destination is loopback: a program connected to the
-/// listener itself), or whose destination cannot be read.
-fn handover_for(kind: Listener, conn: &TcpStream) -> Option<HandOver> {
-    Some(match kind {
-        Listener::Http => HandOver::Http,
-        Listener::Socks => HandOver::Socks,
-        Listener::DnsStream => HandOver::DnsStream,
-        Listener::Transparent => {
-            let destination = airlock_jail::sys::original_destination(conn.as_fd()).ok()?;
-            if destination.ip().to_canonical().is_loopback() {
-                return None;
-            }
-            HandOver::Transparent { destination }
-        }
-    })
 }
 
 /// What waits after an accept error that retrying at once cannot fix.

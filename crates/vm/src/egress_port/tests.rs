@@ -407,13 +407,3 @@ fn a_dns_datagram_is_asked_over_a_stream_of_its_own() {
     assert!(asker.recv_from(&mut buf).is_err(), "an answer to a query the proxy left unanswered");
     wait_for("the streams to end", || guest.open_connections() == 0);
 }
-
-#[test]
-fn a_connection_to_the_transparent_listener_itself_is_not_relayed() {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (accepted, _) = listener.accept().unwrap();
-    assert_eq!(handover_for(Listener::Transparent, &accepted), None);
-    assert_eq!(handover_for(Listener::Http, &accepted), Some(HandOver::Http));
-    assert_eq!(handover_for(Listener::DnsStream, &accepted), Some(HandOver::DnsStream));
-}
