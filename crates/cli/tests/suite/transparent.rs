@@ -300,9 +300,12 @@ const cases = [
 })();
 "#;
 
-/// A raw socket to an allowed and a refused port, a DNS query to an
-/// outside resolver, UDP and ICMP: what each got, and how fast.
-const PYTHON: &str = r#"
+/// What a program that knows nothing of proxies gets, in either tier: a raw
+/// socket to an allowed and a refused port (with and without having sent
+/// anything: a refusal is a reset, never an orderly end), DNS over UDP and
+/// TCP to an outside resolver, other UDP and ICMP; with a name and port,
+/// a protocol that names no server to a server that speaks first.
+pub(crate) const PYTHON: &str = r#"
 import errno, socket, struct, sys, time
 server, resolver = sys.argv[1], sys.argv[2]
 raw, denied = int(sys.argv[3]), int(sys.argv[4])
@@ -319,11 +322,15 @@ def http(port):
     s = socket.create_connection((server, port), timeout=5)
     s.sendall(b"GET /raw HTTP/1.0\r\nHost: " + server.encode() + b"\r\n\r\n")
     data = s.recv(4096)
-    if not data:
-        raise OSError(errno.ECONNRESET, "closed")
-    return data.split(b"\r\n")[0].decode()
+    return data.split(b"\r\n")[0].decode() if data else "closed"
 timed("raw", lambda: http(raw))
 timed("denied-port", lambda: http(denied))
+
+def silent(port):
+    s = socket.create_connection((server, port), timeout=5)
+    data = s.recv(16)
+    return repr(data) if data else "closed"
+timed("denied-silent", lambda: silent(denied))
 
 def opaque(name, port):
     s = socket.create_connection((name, port), timeout=5)
@@ -334,18 +341,34 @@ def opaque(name, port):
 if len(sys.argv) > 6:
     timed("opaque-name", lambda: opaque(sys.argv[5], int(sys.argv[6])))
 
-def query(name):
+def exactly(s, n):
+    data = b""
+    while len(data) < n:
+        more = s.recv(n - len(data))
+        if not more:
+            raise OSError(errno.ECONNRESET, "closed")
+        data += more
+    return data
+
+def query(name, tcp=False):
     q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
     q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(3)
-    s.sendto(q, (resolver, 53))
-    data, frm = s.recvfrom(512)
+    if tcp:
+        s = socket.create_connection((resolver, 53), timeout=5)
+        s.sendall(struct.pack("!H", len(q)) + q)
+        data = exactly(s, struct.unpack("!H", exactly(s, 2))[0])
+        frm = s.getpeername()
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        s.sendto(q, (resolver, 53))
+        data, frm = s.recvfrom(512)
     rcode = data[3] & 0xf
     answer = socket.inet_ntoa(data[-4:]) if struct.unpack("!H", data[6:8])[0] else "-"
     return f"from={frm[0]}:{frm[1]} rcode={rcode} answer={answer}"
 timed("dns-outside", lambda: query("www.example.org"))
 timed("dns-denied", lambda: query("denied.example.net"))
+timed("dns-tcp", lambda: query("www.example.org", tcp=True))
 
 def udp():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -15,85 +15,9 @@ use super::egress::{
 };
 use super::support::*;
 use super::transparent::{
-    DENIED_HOST, DENIED_PORT, NODE, RAW_PORT, SECRET_HOST, TUNNEL_HOST, TestNet, outcome, policy_text,
-    run_with_hosts, start_servers, took, transparent_events,
+    DENIED_HOST, DENIED_PORT, NODE, PYTHON, RAW_PORT, SECRET_HOST, TUNNEL_HOST, TestNet, outcome,
+    policy_text, run_with_hosts, start_servers, took, transparent_events,
 };
-
-/// What a program that knows nothing of proxies gets in the guest: a raw
-/// socket to an allowed and a refused port (with and without having sent
-/// anything: a refusal is a reset, never an orderly end), DNS over UDP and
-/// TCP to an outside resolver, other UDP and ICMP.
-const PYTHON: &str = r#"
-import errno, socket, struct, sys, time
-server, resolver = sys.argv[1], sys.argv[2]
-raw, denied = int(sys.argv[3]), int(sys.argv[4])
-
-def timed(label, f):
-    t = time.time()
-    try:
-        print(f"{label}=ok {f()}", end="")
-    except OSError as e:
-        print(f"{label}=failed {errno.errorcode.get(e.errno, e.errno)}", end="")
-    print(f" {time.time() - t:.2f}s", flush=True)
-
-def http(port):
-    s = socket.create_connection((server, port), timeout=5)
-    s.sendall(b"GET /raw HTTP/1.0\r\nHost: " + server.encode() + b"\r\n\r\n")
-    data = s.recv(4096)
-    return data.split(b"\r\n")[0].decode() if data else "closed"
-timed("raw", lambda: http(raw))
-timed("denied-port", lambda: http(denied))
-
-def silent(port):
-    s = socket.create_connection((server, port), timeout=5)
-    data = s.recv(16)
-    return repr(data) if data else "closed"
-timed("denied-silent", lambda: silent(denied))
-
-def exactly(s, n):
-    data = b""
-    while len(data) < n:
-        more = s.recv(n - len(data))
-        if not more:
-            raise OSError(errno.ECONNRESET, "closed")
-        data += more
-    return data
-
-def query(name, tcp=False):
-    q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
-    q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
-    if tcp:
-        s = socket.create_connection((resolver, 53), timeout=5)
-        s.sendall(struct.pack("!H", len(q)) + q)
-        data = exactly(s, struct.unpack("!H", exactly(s, 2))[0])
-        frm = s.getpeername()
-    else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(5)
-        s.sendto(q, (resolver, 53))
-        data, frm = s.recvfrom(512)
-    rcode = data[3] & 0xf
-    answer = socket.inet_ntoa(data[-4:]) if struct.unpack("!H", data[6:8])[0] else "-"
-    return f"from={frm[0]}:{frm[1]} rcode={rcode} answer={answer}"
-timed("dns-outside", lambda: query("www.example.org"))
-timed("dns-denied", lambda: query("denied.example.net"))
-timed("dns-tcp", lambda: query("www.example.org", tcp=True))
-
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.sendto(b"x", (server, 9))
-    s.settimeout(2)
-    return s.recv(10)
-timed("udp", udp)
-
-def icmp(kind):
-    s = socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP)
-    s.settimeout(2)
-    s.sendto(b"\x08\x00\xf7\xff\x00\x00\x00\x00", (server, 0))
-    return s.recv(64)
-timed("ping-dgram", lambda: icmp(socket.SOCK_DGRAM))
-timed("ping-raw", lambda: icmp(socket.SOCK_RAW))
-"#;
 
 /// In one long-lived guest: airlock's own name files; `getent` of an
 /// allowed and a denied name; a raw Python socket to an allowed address
