@@ -106,23 +106,36 @@ fn facts(sandbox: &SandboxDir, meta: Option<&SandboxMeta>) -> SandboxFacts {
     }
 }
 
+/// How much of an audit log a report reads. The log is bounded by the
+/// policy's `limits.audit_size` (32M unless a policy file raises it); a
+/// report made in the daemon must stay bounded whatever a policy says.
+const MAX_LOG_READ: u64 = 128 << 20;
+
 /// Every record of the audit log as it is in the file, whatever its kind,
 /// and what is wrong with the file (a line that is not a JSON object). A
 /// last line without its newline is being written (or was cut by a
 /// crash) and is left out.
 pub fn read_events(path: &Path) -> std::io::Result<(Vec<Value>, Vec<String>)> {
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)?;
+    let size = file.metadata()?.len();
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
+    file.take(MAX_LOG_READ).read_to_end(&mut bytes)?;
+    let mut problems = Vec::new();
+    if size > MAX_LOG_READ {
+        problems.push(format!(
+            "The audit log is {}; this page shows its first {} (the log itself has the rest).",
+            format_size(size),
+            format_size(MAX_LOG_READ)
+        ));
+    }
     let complete = match bytes.iter().rposition(|&b| b == b'\n') {
         Some(end) => &bytes[..=end],
         None => &[][..],
     };
     let mut events = Vec::new();
-    let mut problems = Vec::new();
     for (i, line) in complete.split(|&b| b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
