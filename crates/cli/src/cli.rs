@@ -142,6 +142,17 @@ enum Command {
     /// List, show and check policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// One self-contained HTML page about a sandbox for a reviewer: its
+    /// timeline (with filters), process tree, workspace diff, network
+    /// decisions, limits and policy. It loads nothing from anywhere and runs
+    /// nothing the sandbox wrote.
+    Report {
+        name: String,
+        /// Where to write the page (`-` for standard output). A new file is
+        /// readable by you only: it holds what the sandbox ran and reached.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
+    },
     /// The sandbox's network: every connection and request the egress proxy decided.
     #[command(subcommand)]
     Net(NetCommand),
@@ -344,6 +355,7 @@ impl Command {
                 | Command::Rm { .. }
                 | Command::Apply { .. }
                 | Command::Events { .. }
+                | Command::Report { .. }
         )
     }
 }
@@ -461,6 +473,11 @@ fn direct(command: Command, forced: bool) -> CliResult {
             Ok(0)
         }
         Command::Policy(cmd) => policy(cmd),
+        Command::Report { name, output } => {
+            let page = airlock_runtime::report::render(&state()?, &name, &name)?;
+            write_report(&output, |out| Ok(out.write_all(page.as_bytes())?))?;
+            Ok(0)
+        }
         Command::Net(NetCommand::Log { name, json }) => {
             present::net_log(&ops::net_log(&state()?, &name)?, json)?;
             Ok(0)
@@ -486,6 +503,26 @@ fn direct(command: Command, forced: bool) -> CliResult {
             Ok(0)
         }
     }
+}
+
+/// Writes a report to `output` (`-`: standard output) with `write`: into a
+/// new file beside it, renamed over it only once complete, so a report that
+/// failed half-way never replaces a good one. A new file is mode 0600 (less
+/// the umask).
+pub(crate) fn write_report<F>(output: &std::path::Path, write: F) -> Result<(), Box<dyn std::error::Error>>
+where
+    F: FnOnce(&mut dyn Write) -> Result<(), Box<dyn std::error::Error>>,
+{
+    if output == std::path::Path::new("-") {
+        let mut out = io::stdout().lock();
+        write(&mut out)?;
+        return Ok(out.flush()?);
+    }
+    let mut staged = Staged::create(output, 0o600).map_err(|e| format!("{}: {e}", output.display()))?;
+    write(&mut staged)?;
+    staged.commit().map_err(|e| format!("{}: {e}", output.display()))?;
+    eprintln!("airlock: wrote the report to {}", output.display());
+    Ok(())
 }
 
 /// The microVM engine, tried afresh (the verdict is kept for launches),

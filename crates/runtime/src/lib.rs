@@ -18,6 +18,7 @@ pub mod network;
 pub mod ops;
 pub mod plan;
 pub mod proxy_process;
+pub mod report;
 pub mod run;
 mod signals;
 pub mod state;
