@@ -813,6 +813,12 @@ impl AuditLog {
         AuditLog::entries_of(&data, path)
     }
 
+    /// The log's bytes and its head as they stand between two appends (read
+    /// under a shared lock): what an export bundle carries.
+    pub fn snapshot(path: &Path) -> Result<(Vec<u8>, io::Result<Option<Head>>), AuditError> {
+        read_locked(path, true)
+    }
+
     /// Checks the chain of the log at `path` against its head file and
     /// `anchors` (the daemon's record). Both files are read under a shared
     /// lock, so a writer's append and head never fall between them.

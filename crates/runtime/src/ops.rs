@@ -117,7 +117,11 @@ pub fn prepare_apply(
     }
     let policy = stored_policy(&sandbox)?;
     if policy.workspace.writeback == Writeback::Never {
-        return Err(OpError::WritebackForbidden { name: name.to_string(), policy: meta.policy });
+        let refusal = OpError::WritebackForbidden { name: name.to_string(), policy: meta.policy };
+        // A policy refusal is part of the sandbox's history.
+        AuditLog::open(&sandbox.audit_path())?
+            .record(AuditEvent::ApplyRefused { reason: refusal.to_string() })?;
+        return Err(refusal);
     }
     let view = diff(root, name, progress)?;
     let options = ApplyOptions { allow_protected, protected: policy.workspace.protected.clone(), expect };

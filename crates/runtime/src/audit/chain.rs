@@ -78,7 +78,7 @@ struct HeadText {
 
 impl Head {
     /// The head file's text: one JSON object, padded to [`HEAD_LEN`].
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let text = HeadText { v: super::SCHEMA_VERSION, seq: self.seq, hash: hex(&self.hash) };
         let mut line = serde_json::to_vec(&text).unwrap_or_default();
         line.resize(HEAD_LEN - 1, b' ');
