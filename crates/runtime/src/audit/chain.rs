@@ -374,8 +374,8 @@ pub fn verify(data: &[u8], anchors: &[Anchor], head_expected: bool) -> ChainRepo
                         format!("event seq {seq} (line 1) links to an event before it, which is gone")
                     }
                     Some(_) => format!(
-                        "event seq {} (line {}) was edited: the link event seq {seq} (line {line_no}) \
-                         holds is not its hash (or that link was edited)",
+                        "event seq {} (line {}) was edited: its hash is not the link event seq {seq} \
+                         (line {line_no}) holds (or that link was edited)",
                         prev_seq.unwrap_or(0),
                         line_no - 1
                     ),
