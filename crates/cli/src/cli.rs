@@ -556,13 +556,14 @@ fn direct(command: Command, forced: bool) -> CliResult {
 /// `airlock audit`: the timeline, `verify`, `key`.
 fn audit(args: AuditArgs) -> CliResult {
     use airlock_runtime::bundle::{self, BundleError};
-    let opened = |from: &BundleArgs| -> Result<Result<bundle::Opened, BundleError>, Box<dyn std::error::Error>> {
-        let Some(path) = &from.bundle else { return Err("no bundle".into()) };
-        match bundle::open(path, from.key.as_deref()) {
-            Err(e @ (BundleError::Refused { .. } | BundleError::Tampered { .. })) => Ok(Err(e)),
-            other => Ok(Ok(other?)),
-        }
-    };
+    let opened =
+        |from: &BundleArgs| -> Result<Result<bundle::Opened, BundleError>, Box<dyn std::error::Error>> {
+            let Some(path) = &from.bundle else { return Err("no bundle".into()) };
+            match bundle::open(path, from.key.as_deref()) {
+                Err(e @ (BundleError::Refused { .. } | BundleError::Tampered { .. })) => Ok(Err(e)),
+                other => Ok(Ok(other?)),
+            }
+        };
     match args.command {
         Some(AuditCommand::Key) => {
             let key = bundle::host_key(&state()?)?;
@@ -596,7 +597,8 @@ fn audit(args: AuditArgs) -> CliResult {
         None if args.from.bundle.is_some() => match opened(&args.from)? {
             Ok(opened) => {
                 let audit = opened.audit.as_deref().unwrap_or_default();
-                let origin = args.from.bundle.clone().unwrap_or_default().join(airlock_runtime::bundle::AUDIT);
+                let origin =
+                    args.from.bundle.clone().unwrap_or_default().join(airlock_runtime::bundle::AUDIT);
                 let entries = airlock_runtime::audit::AuditLog::entries_of(audit, &origin)?;
                 present::bundle_header(&opened, args.json);
                 present::audit_timeline(&entries, args.json)?;

@@ -316,7 +316,13 @@ pub fn audit_timeline(entries: &[airlock_runtime::audit::Entry], json: bool) -> 
     for e in entries {
         let value = serde_json::to_value(&e.record.event).unwrap_or_default();
         let kind = e.record.event.kind();
-        writeln!(out, "{} {:>5} {kind:<18} {}", shown(&e.record.ts), e.record.seq, event_summary(kind, &value))?;
+        writeln!(
+            out,
+            "{} {:>5} {kind:<18} {}",
+            shown(&e.record.ts),
+            e.record.seq,
+            event_summary(kind, &value)
+        )?;
     }
     out.flush()
 }
@@ -364,24 +370,68 @@ fn event_summary(kind: &str, v: &serde_json::Value) -> String {
         Some(serde_json::Value::String(why)) => format!(" REFUSED: {}", shown(why)),
         _ => String::new(),
     };
-    let ended = || exit_summary(v.get("code").and_then(|c| c.as_i64()), v.get("signal").and_then(|c| c.as_i64()), v.get("timed_out").and_then(|t| t.as_bool()).unwrap_or(false), v.get("oom_killed").and_then(|t| t.as_bool()).unwrap_or(false));
+    let ended = || {
+        exit_summary(
+            v.get("code").and_then(|c| c.as_i64()),
+            v.get("signal").and_then(|c| c.as_i64()),
+            v.get("timed_out").and_then(|t| t.as_bool()).unwrap_or(false),
+            v.get("oom_killed").and_then(|t| t.as_bool()).unwrap_or(false),
+        )
+    };
     match kind {
-        "created" => format!("policy {} workspace {} ({}) degraded [{}]", f("policy"), f("workspace"), f("workspace_mode"), f("degraded")),
+        "created" => format!(
+            "policy {} workspace {} ({}) degraded [{}]",
+            f("policy"),
+            f("workspace"),
+            f("workspace_mode"),
+            f("degraded")
+        ),
         "command_started" => format!("pid {}: {}", f("pid"), f("argv")),
         "exec_started" => format!("exec #{} pid {}: {}", f("id"), f("pid"), f("argv")),
         "exited" => format!("{} after {} ms", ended(), n("duration_ms")),
         "exec_ended" => format!("exec #{} {} after {} ms", f("id"), ended(), n("duration_ms")),
         "time_limit_hit" => format!("after {} s", n("limit_secs")),
-        "diff_summary" => format!("{} added, {} modified, {} deleted; change {}", n("added"), n("modified"), n("deleted"), f("digest")),
-        "workspace_changed" => format!("{} {} ({} → {}) size {} sha256 {}", f("kind"), f("path"), f("old_type"), f("new_type"), f("size"), f("sha256")),
-        "artifacts_captured" => format!("{} files, {} bytes: {}", v.get("files").and_then(|l| l.as_array()).map_or(0, Vec::len), n("bytes"), f("files")),
-        "applied" => format!("written [{}] deleted [{}] change {} by uid {}{}", f("written"), f("deleted"), f("digest"), n("by_uid"), if v.get("allow_protected").and_then(|b| b.as_bool()) == Some(true) { " (protected paths allowed)" } else { "" }),
+        "diff_summary" => format!(
+            "{} added, {} modified, {} deleted; change {}",
+            n("added"),
+            n("modified"),
+            n("deleted"),
+            f("digest")
+        ),
+        "workspace_changed" => format!(
+            "{} {} ({} → {}) size {} sha256 {}",
+            f("kind"),
+            f("path"),
+            f("old_type"),
+            f("new_type"),
+            f("size"),
+            f("sha256")
+        ),
+        "artifacts_captured" => format!(
+            "{} files, {} bytes: {}",
+            v.get("files").and_then(|l| l.as_array()).map_or(0, Vec::len),
+            n("bytes"),
+            f("files")
+        ),
+        "applied" => format!(
+            "written [{}] deleted [{}] change {} by uid {}{}",
+            f("written"),
+            f("deleted"),
+            f("digest"),
+            n("by_uid"),
+            if v.get("allow_protected").and_then(|b| b.as_bool()) == Some(true) {
+                " (protected paths allowed)"
+            } else {
+                ""
+            }
+        ),
         "apply_refused" | "removed" | "stopped" => f("reason"),
         "supervisor_lost" | "egress_proxy_ended" => f("detail"),
         "error" => format!("{}: {}", f("stage"), f("message")),
         "audit_capped" => f("message"),
         "network" => {
-            let verdict = if v.get("allowed").and_then(|a| a.as_bool()) == Some(true) { "allow" } else { "DENY" };
+            let verdict =
+                if v.get("allowed").and_then(|a| a.as_bool()) == Some(true) { "allow" } else { "DENY" };
             let request = match (v.get("method"), v.get("path")) {
                 (Some(m), Some(p)) if !m.is_null() => format!(" {} {}", token(Some(m)), token(Some(p))),
                 _ => String::new(),
@@ -390,7 +440,11 @@ fn event_summary(kind: &str, v: &serde_json::Value) -> String {
         }
         "file_read" => format!("{} {} bytes{}", f("path"), n("bytes"), refused()),
         "file_changed" => {
-            let to = v.get("to").filter(|t| !t.is_null()).map(|t| format!(" → {}", token(Some(t)))).unwrap_or_default();
+            let to = v
+                .get("to")
+                .filter(|t| !t.is_null())
+                .map(|t| format!(" → {}", token(Some(t))))
+                .unwrap_or_default();
             format!("{} {}{to} {} bytes{}", f("op"), f("path"), n("bytes"), refused())
         }
         "file_inspected" => format!("{} {} {} entries{}", f("op"), f("path"), n("entries"), refused()),
@@ -536,7 +590,10 @@ pub fn bundle_refused(err: &BundleError, json: bool) -> io::Result<i32> {
     if json {
         let mut out = io::stdout().lock();
         let kind = if matches!(err, BundleError::Refused { .. }) { "refused" } else { "tampered" };
-        serde_json::to_writer_pretty(&mut out, &serde_json::json!({ "verified": false, kind: err.to_string() }))?;
+        serde_json::to_writer_pretty(
+            &mut out,
+            &serde_json::json!({ "verified": false, kind: err.to_string() }),
+        )?;
         writeln!(out)?;
     } else {
         eprintln!("airlock: {}", printable(err.to_string().as_bytes()));

@@ -442,7 +442,7 @@ fn redact_event(event: AuditEvent, secrets: &[(String, Vec<u8>)]) -> AuditEvent 
             Value::Array(items) => items.iter_mut().for_each(|v| walk(v, secrets, false)),
             Value::Object(map) => {
                 if let (1, Some(Value::String(hex))) = (map.len(), map.get_mut("non_utf8_hex")) {
-                    if let Some(bytes) = decode_hex(hex) {
+                    if let Some(bytes) = chain::decode_hex(hex) {
                         let clean = airlock_egress::redact::redact_all(&bytes, secrets);
                         *hex = chain::hex(&clean);
                     }
@@ -465,17 +465,6 @@ fn redact_event(event: AuditEvent, secrets: &[(String, Vec<u8>)]) -> AuditEvent 
         stage: "audit".into(),
         message: format!("a {kind} event was not recorded: it could not be redacted ({e})"),
     })
-}
-
-fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    let bytes = hex.as_bytes();
-    if bytes.len() % 2 != 0 {
-        return None;
-    }
-    bytes
-        .chunks(2)
-        .map(|pair| Some(((pair[0] as char).to_digit(16)? * 16 + (pair[1] as char).to_digit(16)?) as u8))
-        .collect()
 }
 
 /// The limit of a log opened without the policy's `limits.audit_size`.

@@ -512,8 +512,10 @@ fn write_archive(
         .mode(0o600)
         .open(tmp)
         .map_err(|e| io("create", e))?;
-    let encoder =
+    let mut encoder =
         zstd::stream::write::Encoder::new(BufWriter::new(file), 3).map_err(|e| io("compress", e))?;
+    // A damaged frame is told apart from a changed member before any is read.
+    encoder.include_checksum(true).map_err(|e| io("compress", e))?;
     let mut tar = tar::Builder::new(encoder);
     let mtime = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     for (name, bytes) in [(MANIFEST, manifest), (SIGNATURE, signature)] {
@@ -744,10 +746,10 @@ fn check_signature(manifest: &[u8], signature: &[u8], trusted: Option<&str>) -> 
     if sig.algorithm != "ed25519" {
         return Err(format!("{SIGNATURE} uses {:?}, not ed25519", sig.algorithm));
     }
-    let key = decode_hex(&sig.public_key)
+    let key = chain::decode_hex(&sig.public_key)
         .filter(|k| k.len() == 32)
         .ok_or("the signing key is not an Ed25519 key")?;
-    let value = decode_hex(&sig.signature).ok_or("the signature is not hex")?;
+    let value = chain::decode_hex(&sig.signature).ok_or("the signature is not hex")?;
     let signer = format!("ed25519:{}", chain::hex(&key));
     UnparsedPublicKey::new(&ED25519, &key).verify(manifest, &value).map_err(|_| {
         format!("the manifest's signature is not valid for key {signer}: the manifest was changed")
@@ -823,17 +825,6 @@ fn bad_member_path(name: &[u8]) -> Option<&'static str> {
         }
     }
     None
-}
-
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    if bytes.len() % 2 != 0 {
-        return None;
-    }
-    bytes
-        .chunks(2)
-        .map(|pair| Some(((pair[0] as char).to_digit(16)? * 16 + (pair[1] as char).to_digit(16)?) as u8))
-        .collect()
 }
 
 #[cfg(test)]

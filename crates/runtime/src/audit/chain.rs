@@ -61,6 +61,18 @@ pub fn parse_hash(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Hex digits (either case) as bytes; `None` when they are not.
+pub(crate) fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(2) {
+        return None;
+    }
+    bytes
+        .chunks(2)
+        .map(|pair| Some(((pair[0] as char).to_digit(16)? * 16 + (pair[1] as char).to_digit(16)?) as u8))
+        .collect()
+}
+
 /// The last record of a log as someone recorded it: its sequence number
 /// and the SHA-256 of its line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
