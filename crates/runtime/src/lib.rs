@@ -4,6 +4,7 @@
 //! existing sandboxes lives in [`ops`].
 
 pub mod audit;
+pub mod bundle;
 pub mod caps;
 pub mod create_failure;
 mod file_relay;

@@ -100,7 +100,8 @@ impl Network {
         drop(sandbox_ca);
         drop(secrets);
 
-        let mut audit = AuditLog::open(audit_path)?.with_limit(policy.limits.audit_size);
+        let mut audit =
+            AuditLog::open(audit_path)?.with_limit(policy.limits.audit_size).redacting(&redactions);
         let scrub = redactions.clone();
         let notice = move |notice: ProxyNotice| {
             let _ = audit.record(audit_event(notice, &scrub));

@@ -159,9 +159,19 @@ fn audit_trail_records_the_life_of_a_sandbox() {
     let audit = std::fs::read_to_string(env.sandbox_dir("audited").join("audit.jsonl")).unwrap();
     let events: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
-    assert_eq!(kinds, ["created", "command_started", "exited", "diff_summary"], "{audit}");
+    assert_eq!(
+        kinds,
+        ["created", "command_started", "exited", "diff_summary", "workspace_changed"],
+        "{audit}"
+    );
     assert_eq!(events[2]["code"], 3);
     assert_eq!(events[3]["modified"], 1);
+    assert!(events[3]["digest"].as_str().unwrap().starts_with("sha256:"), "{audit}");
+    // Each changed path, with the size and hash of its new content.
+    assert_eq!(events[4]["path"], "README");
+    assert_eq!(events[4]["kind"], "modified");
+    assert_eq!(events[4]["size"], 13);
+    assert_eq!(events[4]["sha256"].as_str().unwrap().len(), 64);
     // The resolved policy is kept beside it.
     let policy = std::fs::read_to_string(env.sandbox_dir("audited").join("policy.toml")).unwrap();
     assert!(policy.contains("[limits]"));

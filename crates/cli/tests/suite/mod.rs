@@ -1,5 +1,6 @@
 pub mod support;
 
+mod audit;
 mod cgroup_v2;
 mod cli;
 mod cli_daemon;
