@@ -94,6 +94,7 @@ pub(crate) fn boot(
         allow_emulation: policy.allows_weaker(Weakening::Kvm),
         memory: policy.limits.memory,
         cpus: policy.limits.cpus,
+        limits: airlock_vm::limits::GuestLimits { pids: policy.limits.pids, disk: policy.limits.disk },
         root,
         cgroup: cgroup.cloned(),
         layer,

@@ -19,6 +19,7 @@ use crate::engine::Accel;
 use crate::guest::Guest;
 use crate::init::{PORT_NAME, RootEntry, WORKSPACE_TAG, share_tag};
 use crate::jail;
+use crate::limits::GuestLimits;
 use crate::{GUEST_ROLE, VmError};
 
 /// What a guest gets.
@@ -41,6 +42,8 @@ pub struct BootSpec {
     /// virtio-fs by a jailed virtiofsd; the guest mounts the workspace as
     /// an overlay over it.
     pub layer: Option<LayerShare>,
+    /// The policy's limits the guest enforces inside.
+    pub limits: GuestLimits,
 }
 
 /// The workspace's writable layer, as the guest gets it.
@@ -132,11 +135,14 @@ fn kernel_command_line(
     root: &[RootEntry],
     egress: bool,
     layer: bool,
+    limits: GuestLimits,
 ) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel == Accel::Tcg {
         line.push_str(&format!(" tsc_early_khz={}", tsc_khz()));
     }
+    // What follows `--` is init's argv: a few words, whatever the policy
+    // (the kernel panics past 32 of them).
     line.push_str(&format!(" -- {GUEST_ROLE}"));
     if egress {
         line.push(' ');
@@ -146,10 +152,10 @@ fn kernel_command_line(
         line.push(' ');
         line.push_str(LAYER_ARG);
     }
-    for entry in root {
-        line.push(' ');
-        line.push_str(&entry.to_arg());
-    }
+    line.push(' ');
+    line.push_str(&limits.to_arg());
+    line.push(' ');
+    line.push_str(&RootEntry::list_to_arg(root));
     if line.len() > MAX_COMMAND_LINE {
         return Err(VmError::Boot(format!(
             "the guest's root does not fit the kernel's command line ({} bytes, at most {MAX_COMMAND_LINE}): \
@@ -205,7 +211,7 @@ fn qemu_args(
         "-initrd".into(),
         guest.initramfs.to_string_lossy().into_owned(),
         "-append".into(),
-        kernel_command_line(spec.accel, &spec.root, spec.egress, spec.layer.is_some())?,
+        kernel_command_line(spec.accel, &spec.root, spec.egress, spec.layer.is_some(), spec.limits)?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
         "-device".into(),
@@ -665,22 +671,32 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    const LIMITS: GuestLimits = GuestLimits { pids: 256, disk: 1 << 30 };
+
     #[test]
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &fits, false, false).unwrap();
-        assert!(line.ends_with("hide:/etc/secret-0019-with-a-long-name"), "{line}");
+        let line = kernel_command_line(Accel::Tcg, &fits, false, false, LIMITS).unwrap();
+        assert!(line.ends_with("|hide:/etc/secret-0019-with-a-long-name"), "{line}");
+        // However many entries, init gets few arguments (the kernel's
+        // limit is 32).
+        let (_, init_args) = line.split_once(" -- ").unwrap();
+        assert_eq!(init_args.split(' ').count(), 3, "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_many, false, false).unwrap_err().to_string();
+        let err = kernel_command_line(Accel::Tcg, &too_many, false, false, LIMITS).unwrap_err().to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
     }
 
     #[test]
     fn the_guest_is_told_of_its_egress_port_only_when_it_has_one() {
-        let with = kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true, false).unwrap();
-        assert!(with.contains(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} share:/usr")), "{with}");
-        let without = kernel_command_line(Accel::Tcg, &[], false, false).unwrap();
+        let with =
+            kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true, false, LIMITS).unwrap();
+        assert!(
+            with.ends_with(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} limits:256:1073741824 root:share:/usr")),
+            "{with}"
+        );
+        let without = kernel_command_line(Accel::Tcg, &[], false, false, LIMITS).unwrap();
         assert!(!without.contains("egress"), "{without}");
         assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
     }
@@ -703,6 +719,7 @@ mod tests {
             cgroup: None,
             egress: false,
             layer: None,
+            limits: LIMITS,
         };
         let run = Path::new("/run/x");
         let args = |spec: &BootSpec| {

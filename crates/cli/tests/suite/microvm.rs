@@ -1282,3 +1282,136 @@ fn an_overlay_workspace_in_a_microvm_is_reviewed_and_applied_as_the_process_tier
     assert!(!proc.exists(), "virtiofsd outlived its sandbox");
     assert!(qemus_of(supervisor).is_empty(), "QEMU outlived its sandbox");
 }
+
+/// Reads one of the workload cgroup's files in sandbox `name` with shell
+/// builtins only (which need no new process: the workload may be at its
+/// pids limit).
+fn workload_file(env: &Env, name: &str, file: &str) -> String {
+    let script = format!("read v < /sys/fs/cgroup/workload/{file}; echo \"$v\"");
+    let out = airlock_vm(env, &shared_cache(), &["exec", name, "--", "sh", "-c", &script]);
+    assert!(out.status.success(), "{}", show(&out));
+    stdout(&out).trim().to_owned()
+}
+
+/// The policy's limits inside the guest, which QEMU's cgroup on the host
+/// cannot give: what the agent starts is in a cgroup of the guest's own
+/// with `limits.pids` and the memory the guest can spare beside its agent,
+/// so a fork bomb ends at the limit and an OOM kills a process, not the
+/// agent, and the sandbox stays usable after both; the guest's writable
+/// places are one tmpfs of `limits.disk`, so filling it is ENOSPC.
+#[test]
+fn the_policys_limits_hold_inside_a_microvm_and_it_stays_usable() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = env.dir.path().join("limits.toml");
+    std::fs::write(
+        &policy,
+        "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n\
+         [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\npids = 64\ndisk = \"64M\"\n",
+    )
+    .unwrap();
+    let created = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "create",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--name",
+            "lim",
+            "--workspace",
+            env.workspace.to_str().unwrap(),
+        ],
+    );
+    assert!(created.status.success(), "{}", show(&created));
+
+    // Where the limits are: the exec's own cgroup, read-only to it.
+    let seen = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "exec",
+            "lim",
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/self/cgroup /sys/fs/cgroup/workload/pids.max /sys/fs/cgroup/workload/memory.max; \
+             df -k / /tmp /dev/shm | tail -n +2 | awk '{print $2}'; \
+             echo max > /sys/fs/cgroup/workload/pids.max || echo read-only",
+        ],
+    );
+    assert!(seen.status.success(), "{}", show(&seen));
+    let text = stdout(&seen);
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    assert_eq!(lines.first().copied(), Some("0::/workload"), "{}", show(&seen));
+    assert_eq!(lines.get(1).copied(), Some("64"), "pids.max is the policy's: {}", show(&seen));
+    let memory_max: u64 = lines[2].parse().unwrap();
+    assert!(
+        (256 << 20..512 << 20).contains(&memory_max),
+        "memory.max below the guest's 512 MiB, with room for the agent: {memory_max}"
+    );
+    // One tmpfs of limits.disk for the root (/tmp with it) and /dev/shm.
+    assert_eq!(&lines[3..6], ["65536", "65536", "65536"], "{}", show(&seen));
+    assert_eq!(lines.last().copied(), Some("read-only"), "{}", show(&seen));
+
+    // Writing past limits.disk outside the workspace: ENOSPC, and the
+    // sandbox goes on.
+    let filled = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "exec",
+            "lim",
+            "--",
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/tmp/fill bs=1M count=100; e=$?; rm /tmp/fill; exit $e",
+        ],
+    );
+    assert_ne!(filled.status.code(), Some(0), "{}", show(&filled));
+    assert!(stderr(&filled).contains("No space left on device"), "{}", show(&filled));
+
+    // More memory than the guest has: the process is killed, not the agent.
+    let hog = "a = []\nwhile True: a.append(bytearray(b'x') * (16 << 20))\n";
+    let oom = airlock_vm(&env, &cache, &["exec", "lim", "--", "python3", "-c", hog]);
+    assert_eq!(oom.status.code(), Some(128 + 9), "{}", show(&oom));
+    let events =
+        airlock_vm(&env, &cache, &["exec", "lim", "--", "cat", "/sys/fs/cgroup/workload/memory.events"]);
+    let kills = stdout(&events)
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(kills >= 1, "the kill was the workload cgroup's: {}", show(&events));
+
+    // A fork bomb ends at the limit; execs work during it (started by the
+    // agent, outside the limit, and moved in) and after it.
+    let bomb = airlock_vm(
+        &env,
+        &cache,
+        &["exec", "--timeout", "60s", "lim", "--", "sh", "-c", "b() { b | b & }; b; wait"],
+    );
+    // Its shell returns at once (its children go on); served, not an
+    // airlock failure.
+    assert!(bomb.status.code().is_some_and(|c| c != 125), "{}", show(&bomb));
+    assert!(
+        wait_until(180, || workload_file(&env, "lim", "pids.current").parse::<u64>().is_ok_and(|n| n <= 1)),
+        "the bomb's processes did not end"
+    );
+    let events = workload_file(&env, "lim", "pids.events");
+    let refused: u64 = events.strip_prefix("max ").and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(refused > 0, "no fork was refused at the limit: {events}");
+    let peak: u64 = workload_file(&env, "lim", "pids.peak").parse().unwrap();
+    // An exec moved in at the limit may pass it by one or two.
+    assert!((60..=68).contains(&peak), "pids.peak {peak}");
+    let after = airlock_vm(&env, &cache, &["exec", "lim", "--", "sh", "-c", "echo $(echo forked)"]);
+    assert_eq!(stdout(&after), "forked\n", "{}", show(&after));
+
+    let stopped = airlock_vm(&env, &cache, &["stop", "lim"]);
+    assert!(stopped.status.success(), "{}", show(&stopped));
+    let removed = airlock_vm(&env, &cache, &["rm", "lim"]);
+    assert!(removed.status.success(), "{}", show(&removed));
+}
