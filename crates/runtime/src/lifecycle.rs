@@ -417,7 +417,8 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         degraded: degraded.clone(),
     })?;
     if policy.isolation.tier == Tier::Microvm {
-        return launch_vm(sandbox, policy, workspace, host, meta, audit, held, !command.is_empty());
+        let run = (!command.is_empty()).then_some(OneCommand { terminal });
+        return launch_vm(sandbox, policy, workspace, host, meta, audit, held, run);
     }
 
     // As root, the sandbox's ids are a block of its own, held until its
@@ -587,7 +588,7 @@ fn launch_vm(
     // `airlock run`: its command's output, arriving over the channel, is
     // written to the stdio's sandbox ends, and so reaches the caller and
     // the logs as the process tier's does.
-    one_command: bool,
+    one_command: Option<OneCommand>,
 ) -> Result<Launched, RunError> {
     let name = meta.name.clone();
     // QEMU runs in the sandbox's own cgroup, sized for it (the guest's RAM
@@ -646,12 +647,14 @@ fn launch_vm(
     let secret_values = network.map(|n| n.secret_values()).unwrap_or_default();
     let network_env = network.map(|n| n.environment()).unwrap_or_default();
     let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
-    // Output arrives over the channel, not from a child's descriptors; the
-    // guest has no terminal of the caller's (`-t`) yet. Written to the
-    // stdio's sandbox ends, it is redacted there as the process tier's is.
-    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), false, &secret_values)
+    // Output arrives over the channel, not from a child's descriptors (a
+    // terminal's too: the guest's agent opens it and relays it). Written
+    // to the stdio's sandbox ends, it is redacted there as the process
+    // tier's is.
+    let terminal = one_command.is_some_and(|c| c.terminal);
+    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), terminal, &secret_values)
         .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
-    if !one_command {
+    if one_command.is_none() {
         stdio.release_child_ends();
     }
     let host_env = |k: &str| std::env::var(k).ok();
@@ -694,6 +697,13 @@ fn launch_vm(
         exec_env,
         exec_cwd: workspace.map(Path::to_path_buf),
     })
+}
+
+/// `airlock run`'s one command on the microVM tier.
+#[derive(Clone, Copy)]
+struct OneCommand {
+    /// The caller sits at a terminal: the command gets one in the guest.
+    terminal: bool,
 }
 
 /// Removes a sandbox's directory, then gives back the id block it held.

@@ -1283,6 +1283,106 @@ fn an_overlay_workspace_in_a_microvm_is_reviewed_and_applied_as_the_process_tier
     assert!(qemus_of(supervisor).is_empty(), "QEMU outlived its sandbox");
 }
 
+/// `airlock run` at a terminal (script(1) makes one), as the process tier's
+/// `lifecycle::a_terminal_gets_a_fresh_pty_inside`: the command gets a
+/// terminal of its own in the guest (from the guest's devpts) of the
+/// caller's size, which follows the caller's changes; the caller's terminal
+/// is in raw mode meanwhile and restored after; the exit code is the
+/// command's. The same run's artifacts are captured from its overlay
+/// workspace as a process-tier run's (one boot for both).
+#[test]
+fn a_run_at_a_terminal_gets_one_in_the_guest_and_its_artifacts_are_captured() {
+    if !ready()
+        || !require(Command::new("script").arg("--version").output().is_ok(), "script(1) from util-linux")
+    {
+        return;
+    }
+    let env = Env::new();
+    let policy = emulation_policy(&env);
+    // In the workspace, where the command starts: no quoting through two shells.
+    std::fs::write(
+        env.workspace.join("guest.sh"),
+        "tty; stty size; test -t 0 && echo stdin-is-tty\n\
+         n=0; while [ \"$(stty size)\" = \"41 123\" ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n+1)); done\n\
+         echo \"resized to $(stty size)\"\n\
+         mkdir -p out && echo '<testsuite/>' > out/junit-report.xml\n\
+         exit 5\n",
+    )
+    .unwrap();
+    // The caller's terminal changes size once the guest has shown the first
+    // (the test writes to this FIFO then); it then gets SIGWINCH.
+    let resize = env.dir.path().join("resize");
+    let made = Command::new("mkfifo").arg(&resize).status().unwrap();
+    assert!(made.success());
+    let command = format!(
+        "stty rows 41 cols 123; before=$(stty -g); \
+         (read go < {resize}; stty rows 50 cols 100 < /dev/tty) & \
+         {BIN} run --policy {policy} --name term -- sh guest.sh; echo \"code=$?\"; \
+         [ \"$before\" = \"$(stty -g)\" ] && echo restored",
+        resize = resize.display(),
+        policy = policy.display(),
+    );
+    let mut script = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("AIRLOCK_STATE_DIR", &env.state)
+        .env("AIRLOCK_CGROUP_PARENT", cgroup_parent())
+        .env("AIRLOCK_SOCKET", env.dir.path().join("no-daemon.sock"))
+        .env("AIRLOCK_VM_CACHE", shared_cache())
+        .current_dir(&env.workspace)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let (seen, mut out) = (seen.clone(), script.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let shown = wait_until(300, || text().contains("41 123") || script.try_wait().unwrap().is_some())
+        && text().contains("41 123");
+    // Wakes the resizer if it still waits (not when the run ended early:
+    // non-blocking, so nothing hangs without a reader).
+    use rustix::fs::{Mode, OFlags};
+    if let Ok(fifo) = rustix::fs::open(&resize, OFlags::WRONLY | OFlags::NONBLOCK, Mode::empty()) {
+        let _ = rustix::io::write(&fifo, b"go\n");
+    }
+    let status = script.wait().unwrap();
+    reader.join().unwrap();
+    let out = text();
+    let mut stderr_text = String::new();
+    std::io::Read::read_to_string(&mut script.stderr.take().unwrap(), &mut stderr_text).unwrap();
+    let context = format!("status {status:?}\n--- output\n{out}\n--- stderr\n{stderr_text}");
+    assert!(shown, "the guest never showed the caller's size: {context}");
+    assert!(out.contains("/dev/pts/"), "a terminal of the guest's devpts: {context}");
+    assert!(out.contains("stdin-is-tty"), "{context}");
+    assert!(out.contains("resized to 50 100"), "the size change reached the guest: {context}");
+    assert!(out.contains("code=5"), "the command's exit code: {context}");
+    assert!(out.contains("restored"), "the caller's terminal was left changed: {context}");
+    // The listing: a microVM run that kept its workspace (exit 5: ci keeps it).
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&airlock_vm(&env, &shared_cache(), &["ls", "--json"]))).unwrap();
+    assert_eq!((listed[0]["tier"].as_str(), listed[0]["exit"]["code"].as_i64()), (Some("microvm"), Some(5)));
+    // Its output went to its log too, as the process tier's terminal does.
+    let logs = airlock_vm(&env, &shared_cache(), &["logs", "term"]);
+    assert!(stdout(&logs).contains("stdin-is-tty"), "{}", show(&logs));
+    let captured = env.sandbox_dir("term").join("artifacts/out/junit-report.xml");
+    assert_eq!(std::fs::read_to_string(&captured).unwrap_or_default(), "<testsuite/>\n", "{context}");
+    let audit = std::fs::read_to_string(env.sandbox_dir("term").join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"artifacts_captured\"") && audit.contains("out/junit-report.xml"), "{audit}");
+    // The workspace on the host is untouched.
+    assert!(!env.workspace.join("out").exists());
+}
+
 /// Reads one of the workload cgroup's files in sandbox `name` with shell
 /// builtins only (which need no new process: the workload may be at its
 /// pids limit).
@@ -1298,7 +1398,8 @@ fn workload_file(env: &Env, name: &str, file: &str) -> String {
 /// with `limits.pids` and the memory the guest can spare beside its agent,
 /// so a fork bomb ends at the limit and an OOM kills a process, not the
 /// agent, and the sandbox stays usable after both; the guest's writable
-/// places are one tmpfs of `limits.disk`, so filling it is ENOSPC.
+/// places are one tmpfs of `limits.disk`, so filling it is ENOSPC. The
+/// same guest's artifacts are captured when it stops.
 #[test]
 fn the_policys_limits_hold_inside_a_microvm_and_it_stays_usable() {
     if !ready() {
@@ -1410,8 +1511,18 @@ fn the_policys_limits_hold_inside_a_microvm_and_it_stays_usable() {
     let after = airlock_vm(&env, &cache, &["exec", "lim", "--", "sh", "-c", "echo $(echo forked)"]);
     assert_eq!(stdout(&after), "forked\n", "{}", show(&after));
 
+    // Artifacts: written in the workspace, captured when the sandbox stops.
+    let wrote = airlock_vm(
+        &env,
+        &cache,
+        &["exec", "lim", "--", "sh", "-c", "mkdir -p test-results && echo ok > test-results/r.txt"],
+    );
+    assert!(wrote.status.success(), "{}", show(&wrote));
     let stopped = airlock_vm(&env, &cache, &["stop", "lim"]);
     assert!(stopped.status.success(), "{}", show(&stopped));
+    let captured = env.sandbox_dir("lim").join("artifacts/test-results/r.txt");
+    assert_eq!(std::fs::read_to_string(&captured).unwrap_or_default(), "ok\n");
+    assert!(!env.workspace.join("test-results").exists());
     let removed = airlock_vm(&env, &cache, &["rm", "lim"]);
     assert!(removed.status.success(), "{}", show(&removed));
 }
