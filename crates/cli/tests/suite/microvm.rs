@@ -1457,6 +1457,25 @@ fn the_policys_limits_hold_inside_a_microvm_and_it_stays_usable() {
     // One tmpfs of limits.disk for the root (/tmp with it) and /dev/shm.
     assert_eq!(&lines[3..6], ["65536", "65536", "65536"], "{}", show(&seen));
     assert_eq!(lines.last().copied(), Some("read-only"), "{}", show(&seen));
+    // An exec as another user moves in too (the move is checked against
+    // the credentials of whoever opened cgroup.procs: the guest's PID 1),
+    // and may write the guest's /tmp.
+    let other = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "exec",
+            "--user",
+            "1000:1000",
+            "lim",
+            "--",
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/cgroup; echo x > /tmp/mine",
+        ],
+    );
+    assert_eq!(stdout(&other), "1000\n0::/workload\n", "{}", show(&other));
+    assert!(other.status.success(), "{}", show(&other));
 
     // Writing past limits.disk outside the workspace: ENOSPC, and the
     // sandbox goes on.
