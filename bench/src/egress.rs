@@ -11,6 +11,15 @@
 //! any proxy that copies bytes between two sockets costs on this machine,
 //! with no proxy protocol, policy or sandbox) and tinyproxy (an HTTP proxy
 //! with CONNECT, no sandbox).
+//!
+//! Transparent egress (as root): a second listener of the same server on
+//! [`TRANSPARENT_ADDRESS`], an address the harness puts on the host's
+//! loopback for the run ([`LoopbackAddress`]), so that a connection from
+//! inside a sandbox to it is not the sandbox's own loopback and is
+//! redirected to airlock; curl inside ignores the proxy settings. Its
+//! bytes then take the same path as the CONNECT tunnel's (the proxy relays
+//! a tunnel to an address), from a redirected connection instead of a
+//! CONNECT.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -51,15 +60,20 @@ const PROXY_VARS: [&str; 8] = [
 /// `big_bytes` zero bytes, `GET /small…` a 32-byte body, anything else 404.
 /// One thread per connection. Stops when dropped.
 pub struct Server {
-    addr: SocketAddr,
+    pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
 }
 
 impl Server {
     pub fn start(big_bytes: u64) -> Result<Server, BenchError> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .map_err(|e| BenchError::new(format!("cannot listen on 127.0.0.1: {e}")))?;
+        Server::start_on(Ipv4Addr::LOCALHOST, big_bytes)
+    }
+
+    /// The same server on another local address.
+    pub fn start_on(ip: Ipv4Addr, big_bytes: u64) -> Result<Server, BenchError> {
+        let listener =
+            TcpListener::bind((ip, 0)).map_err(|e| BenchError::new(format!("cannot listen on {ip}: {e}")))?;
         let addr = listener.local_addr().map_err(|e| BenchError::new(format!("listener address: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop_seen = stop.clone();
@@ -205,6 +219,10 @@ pub enum Route {
     /// Inside a sandbox, through the proxy as plain HTTP (absolute-form
     /// requests): the proxy decides each request and forwards it.
     Plain,
+    /// Inside a sandbox, no proxy settings: the connection to an address
+    /// is redirected by the sandbox's kernel and relayed by the proxy as a
+    /// tunnel to that address.
+    Transparent,
 }
 
 impl Route {
@@ -215,6 +233,7 @@ impl Route {
             Route::PeerProxy => "host, tinyproxy CONNECT tunnel (curl -p)",
             Route::Tunnel => "sandbox, proxy CONNECT tunnel (curl -p)",
             Route::Plain => "sandbox, proxy plain HTTP (absolute URL)",
+            Route::Transparent => "sandbox, transparent (redirected, no proxy)",
         }
     }
 }
@@ -246,6 +265,9 @@ pub struct Endpoints {
     pub relay: Option<u16>,
     /// tinyproxy's listening port, when it runs.
     pub peer_proxy: Option<u16>,
+    /// The server's listener on a non-loopback local address, when the
+    /// harness could make one (root).
+    pub transparent: Option<SocketAddr>,
 }
 
 impl Endpoints {
@@ -260,6 +282,9 @@ impl Endpoints {
             routes.push(Route::PeerProxy);
         }
         routes.extend([Route::Tunnel, Route::Plain]);
+        if self.transparent.is_some() {
+            routes.push(Route::Transparent);
+        }
         routes
     }
 }
@@ -269,21 +294,27 @@ pub fn command(ends: &Endpoints, route: Route, job: Job) -> Result<Command, Benc
     let missing = |what: &str| BenchError::new(format!("{what} is not running"));
     // The relay is the only route whose URL names another port: curl
     // believes it talks to the server.
-    let port = match route {
-        Route::Relay => ends.relay.ok_or_else(|| missing("socat"))?,
-        _ => ends.server,
+    let target = match route {
+        Route::Relay => SocketAddr::from((Ipv4Addr::LOCALHOST, ends.relay.ok_or_else(|| missing("socat"))?)),
+        Route::Transparent => {
+            ends.transparent.ok_or_else(|| missing("the server's listener beside loopback"))?
+        }
+        _ => SocketAddr::from((Ipv4Addr::LOCALHOST, ends.server)),
     };
     let url = match job {
-        Job::Download { .. } => format!("http://127.0.0.1:{port}{BIG_PATH}"),
+        Job::Download { .. } => format!("http://{target}{BIG_PATH}"),
         // curl's URL globbing: N transfers in one process, reusing the
         // connection (to the server, or to the proxy and through it).
-        Job::Requests { requests } => format!("http://127.0.0.1:{port}{SMALL_PATH}?[1-{requests}]"),
+        Job::Requests { requests } => format!("http://{target}{SMALL_PATH}?[1-{requests}]"),
     };
     // -sS: no progress meter, but an error still says what went wrong.
     let mut curl_args: Vec<String> = vec!["-sS".into(), "-o".into(), "/dev/null".into()];
     match route {
         // No proxy from the environment, whatever the caller's is.
-        Route::Direct | Route::Relay => curl_args.extend(["--noproxy".into(), "*".into()]),
+        // Transparent: curl inside ignores the sandbox's proxy settings.
+        Route::Direct | Route::Relay | Route::Transparent => {
+            curl_args.extend(["--noproxy".into(), "*".into()])
+        }
         Route::PeerProxy => {
             let proxy = ends.peer_proxy.ok_or_else(|| missing("tinyproxy"))?;
             curl_args.extend(["-p".into(), "-x".into(), format!("http://127.0.0.1:{proxy}")]);
@@ -303,19 +334,61 @@ pub fn command(ends: &Endpoints, route: Route, job: Job) -> Result<Command, Benc
             c.args(curl_args);
             c
         }
-        Route::Tunnel | Route::Plain => {
+        Route::Tunnel | Route::Plain | Route::Transparent => {
             let sandbox = &ends.sandbox;
             let mut c = Command::new(&sandbox.airlock);
+            // dev: transparent egress on, and --allow takes the address
+            // with its port (which the private-range guard requires).
             c.env("AIRLOCK_STATE_DIR", &sandbox.state)
                 .current_dir(&sandbox.cwd)
                 .args(["run", "--rm", "--mode", "none", "--allow"])
-                .arg(format!("127.0.0.1:{port}"))
+                .arg(target.to_string())
                 .arg("--")
                 .arg(&ends.curl)
                 .args(curl_args);
             c
         }
     })
+}
+
+/// The address the transparent case's server listens on: documentation
+/// space, put on the host's loopback device for the run only.
+pub const TRANSPARENT_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 80);
+
+/// An address added to the host's loopback device (`ip addr add … dev
+/// lo`), removed when dropped. Traffic to it never leaves the machine.
+pub struct LoopbackAddress {
+    ip: Ipv4Addr,
+}
+
+impl LoopbackAddress {
+    /// Needs root; refuses an address the host already has.
+    pub fn add(ip: Ipv4Addr) -> Result<LoopbackAddress, BenchError> {
+        if TcpListener::bind((ip, 0)).is_ok() {
+            return Err(BenchError::new(format!("{ip} is already one of this host's addresses")));
+        }
+        let o = Command::new("ip")
+            .args(["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| BenchError::new(format!("ip: {e}")))?;
+        if !o.status.success() {
+            return Err(BenchError::new(format!(
+                "cannot add {ip} to loopback: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )));
+        }
+        Ok(LoopbackAddress { ip })
+    }
+}
+
+impl Drop for LoopbackAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["addr", "del", &format!("{}/32", self.ip), "dev", "lo"])
+            .stdin(Stdio::null())
+            .output();
+    }
 }
 
 /// A peer process serving on a loopback port; killed when dropped.
@@ -444,7 +517,7 @@ pub fn measure(
     let once = |c: &EgressCase| -> Result<Vec<f64>, BenchError> {
         let what = match c.route {
             Route::Direct | Route::Relay | Route::PeerProxy => "curl",
-            Route::Tunnel | Route::Plain => "airlock run … -- curl",
+            Route::Tunnel | Route::Plain | Route::Transparent => "airlock run … -- curl",
         };
         let out = measure::checked(command(ends, c.route, c.job)?, what)?;
         parse_write_out(&out, c.job).map_err(|e| BenchError::new(format!("{what}: {e}")))
@@ -505,6 +578,7 @@ mod tests {
             sandbox: Sandbox { airlock: "/bin/airlock".into(), state: "/s".into(), cwd: "/".into() },
             relay,
             peer_proxy,
+            transparent: Some("203.0.113.80:8001".parse().unwrap()),
         }
     }
 
@@ -516,7 +590,10 @@ mod tests {
     fn each_route_reaches_the_server_its_own_way() {
         let job = Job::Download { bytes: 1 };
         let e = ends(Some(9001), Some(9002));
-        assert_eq!(e.routes(), [Route::Direct, Route::Relay, Route::PeerProxy, Route::Tunnel, Route::Plain]);
+        assert_eq!(
+            e.routes(),
+            [Route::Direct, Route::Relay, Route::PeerProxy, Route::Tunnel, Route::Plain, Route::Transparent]
+        );
 
         // The relay: curl talks to socat's port as if it were the server.
         let relay = command(&e, Route::Relay, job).unwrap();
@@ -536,11 +613,18 @@ mod tests {
         let a = args(&tunnel);
         assert!(a.windows(2).any(|w| w == ["--allow", "127.0.0.1:8000"]), "{a:?}");
         assert!(a.contains(&"-p".to_string()) && a.contains(&"http://127.0.0.1:8000/big".to_string()));
+
+        // Transparent: no proxy for curl, the address beside loopback allowed.
+        let a = args(&command(&e, Route::Transparent, job).unwrap());
+        assert!(a.windows(2).any(|w| w == ["--allow", "203.0.113.80:8001"]), "{a:?}");
+        assert!(a.windows(2).any(|w| w == ["--noproxy", "*"]), "{a:?}");
+        assert!(a.contains(&"http://203.0.113.80:8001/big".to_string()), "{a:?}");
     }
 
     #[test]
     fn a_peer_that_is_not_running_has_no_route() {
-        let e = ends(None, None);
+        let mut e = ends(None, None);
+        e.transparent = None;
         assert_eq!(e.routes(), [Route::Direct, Route::Tunnel, Route::Plain]);
         let job = Job::Requests { requests: 2 };
         assert!(command(&e, Route::Relay, job).is_err());

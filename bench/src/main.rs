@@ -725,6 +725,22 @@ fn egress_section(
     };
     let relay = tools.socat.and_then(|s| peer(egress::start_relay(s, server.port())));
     let peer_proxy = tools.tinyproxy.and_then(|t| peer(egress::start_peer_proxy(t, scratch)));
+    // Transparent egress needs a destination that is not the sandbox's own
+    // loopback: the same server on an address added to the host's.
+    let beside = if fixtures::is_root() {
+        match egress::LoopbackAddress::add(egress::TRANSPARENT_ADDRESS)
+            .and_then(|alias| Ok((egress::Server::start_on(egress::TRANSPARENT_ADDRESS, bytes)?, alias)))
+        {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                notes.push(format!("{e}: the transparent egress rows are skipped"));
+                None
+            }
+        }
+    } else {
+        notes.push("not root: no address beside loopback, so the transparent egress rows are skipped".into());
+        None
+    };
     let ends = egress::Endpoints {
         curl: curl.to_path_buf(),
         server: server.port(),
@@ -735,6 +751,7 @@ fn egress_section(
         },
         relay: relay.as_ref().map(|p| p.port),
         peer_proxy: peer_proxy.as_ref().map(|p| p.port),
+        transparent: beside.as_ref().map(|(s, _)| s.addr),
     };
     let routes = ends.routes();
     let group = |job: Job, what: &str| {
@@ -752,7 +769,8 @@ fn egress_section(
         Job::Requests { requests: opts.egress_requests },
         &format!("{} small requests", opts.egress_requests),
     );
-    drop((relay, peer_proxy, server));
+    // The server on the added address goes before the address.
+    drop((relay, peer_proxy, server, beside));
     let state = &ends.sandbox.state;
     let left = std::fs::read_dir(state).map(|d| d.count()).unwrap_or(0);
     if left > 0 {

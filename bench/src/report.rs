@@ -17,6 +17,9 @@ pub const MAX_DIFF_GROWTH: f64 = 1.5;
 /// A download through a CONNECT tunnel must reach at least this share of the
 /// direct download's throughput.
 pub const MIN_TUNNEL_SHARE: f64 = 0.80;
+/// A transparent connection is relayed as a CONNECT tunnel is: its download
+/// must reach the tunnel's, less what runs of one case vary by here.
+pub const MIN_TRANSPARENT_SHARE: f64 = 0.95;
 /// The proxy may add at most this much to the median time of a request.
 pub const MAX_ADDED_LATENCY: Duration = Duration::from_millis(1);
 
@@ -411,9 +414,26 @@ fn egress_targets(e: &EgressMedians, target: &mut impl FnMut(Option<bool>, Strin
         }
         _ => target(None, "download through a CONNECT tunnel vs direct: not measured".into()),
     }
+    // A redirected connection is relayed as a tunnel is: it should cost no
+    // more (within what runs of the same case vary by here).
+    match (median_of(&e.download, Route::Transparent), median_of(&e.download, Route::Tunnel)) {
+        (Some(t), Some(c)) if c > 0.0 => target(
+            Some(t >= c * MIN_TRANSPARENT_SHARE),
+            format!(
+                "download through a transparent connection: {t:.0} MiB/s, {:.0}% of the CONNECT tunnel's {c:.0} MiB/s (≥ {:.0}%)",
+                t / c * 100.0,
+                MIN_TRANSPARENT_SHARE * 100.0
+            ),
+        ),
+        _ => target(None, "download through a transparent connection vs the tunnel: not measured".into()),
+    }
     let limit_ms = MAX_ADDED_LATENCY.as_secs_f64() * 1e3;
     let direct = median_of(&e.latency, Route::Direct);
-    for (route, what) in [(Route::Tunnel, "a CONNECT tunnel"), (Route::Plain, "plain HTTP proxying")] {
+    for (route, what) in [
+        (Route::Tunnel, "a CONNECT tunnel"),
+        (Route::Plain, "plain HTTP proxying"),
+        (Route::Transparent, "a transparent connection"),
+    ] {
         match (median_of(&e.latency, route), direct) {
             (Some(p), Some(d)) => {
                 let added = p - d;
@@ -443,6 +463,38 @@ mod tests {
         assert_eq!(count(100_000), "100k");
         assert_eq!(count(1234), "1234");
         assert_eq!(count(10), "10");
+    }
+
+    /// The transparent route is judged against the CONNECT tunnel's
+    /// download, and its latency like the other proxied routes'.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_transparent_connection_is_held_to_the_tunnels_speed() {
+        let judged = |transparent: f64| {
+            let e = EgressMedians {
+                download: vec![
+                    (Route::Direct, Some(1000.0)),
+                    (Route::Tunnel, Some(800.0)),
+                    (Route::Transparent, Some(transparent)),
+                ],
+                latency: vec![
+                    (Route::Direct, Some(0.0001)),
+                    (Route::Tunnel, Some(0.0002)),
+                    (Route::Transparent, Some(0.0003)),
+                ],
+            };
+            let mut lines = Vec::new();
+            egress_targets(&e, &mut |ok, line| lines.push((ok, line)));
+            lines
+        };
+        let lines = judged(790.0);
+        let (ok, line) = lines.iter().find(|(_, l)| l.contains("transparent connection:")).unwrap();
+        assert_eq!(*ok, Some(true), "{line}");
+        assert!(line.contains("99% of the CONNECT tunnel's 800 MiB/s"), "{line}");
+        assert!(lines.iter().any(|(ok, l)| l.contains("latency through a transparent") && *ok == Some(true)));
+        let lines = judged(700.0);
+        let (ok, _) = lines.iter().find(|(_, l)| l.contains("transparent connection:")).unwrap();
+        assert_eq!(*ok, Some(false));
     }
 
     #[test]

@@ -1,8 +1,14 @@
 //! The sandbox's side of the egress proxy: listeners on loopback for the
 //! HTTP proxy and SOCKS ports. Each accepted connection is handed, as a file
-//! descriptor, to the host's proxy; the agent never reads a byte of it. A
-//! program that ignores the proxy settings finds nothing else: the network
-//! namespace has only loopback.
+//! descriptor, to the host's proxy; the agent never reads a byte of it.
+//!
+//! With transparent egress (`Redirect` in the plan) the kernel sends every
+//! other TCP connection to one more listener, and DNS (UDP and TCP) to a
+//! resolver port: a redirected connection goes over with the destination
+//! the sandbox asked for (read from conntrack), a DNS stream as such, and
+//! the resolver's UDP socket once, for the proxy to answer on. Without it
+//! a program that ignores the proxy settings finds nothing else: the
+//! network namespace has only loopback.
 //!
 //! The listeners live as long as the sandbox. Code inside can make a hand-
 //! over fail — too many descriptors in flight for the sandbox's uid
@@ -12,34 +18,83 @@
 //! ends a listener, and then the sandbox is going anyway.
 
 use std::io;
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
+use airlock_jail::plan::Redirect;
 use airlock_jail::spawn::AGENT_EGRESS_FD;
 use airlock_proto::EgressPorts;
+use airlock_proto::handover::{self, HandOver};
 
-const HTTP: u8 = b'h';
-const SOCKS: u8 = b's';
+/// Which of the agent's listeners a connection came from, and so how it is
+/// handed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    Http,
+    Socks,
+    /// Redirected TCP: handed over with its original destination.
+    Transparent,
+    /// DNS over TCP, redirected from port 53.
+    DnsStream,
+}
 
 /// How long accept waits before trying again after an error that retrying
 /// at once cannot fix (no descriptor or memory left): the connection stays
 /// queued meanwhile, and the CPU is not spun.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Binds both ports now (so they are ready before the command starts) and
-/// serves them from two threads. The threads inherit the agent's blocked
+/// Binds every port now (so they are ready before the command starts) and
+/// serves them from a thread each; with `redirect`, hands the resolver's
+/// UDP sockets to the proxy. The threads inherit the agent's blocked
 /// signal mask, so signals still reach the main thread's sigwaitinfo.
-pub fn listen(ports: EgressPorts) -> io::Result<()> {
-    let http = TcpListener::bind((Ipv4Addr::LOCALHOST, ports.http))?;
-    let socks = TcpListener::bind((Ipv4Addr::LOCALHOST, ports.socks))?;
-    for (listener, tag) in [(http, HTTP), (socks, SOCKS)] {
-        std::thread::Builder::new().name("egress".into()).spawn(move || serve(listener, tag))?;
+pub fn listen(ports: EgressPorts, redirect: Option<Redirect>) -> io::Result<()> {
+    let mut listeners = vec![
+        (TcpListener::bind((Ipv4Addr::LOCALHOST, ports.http))?, Listener::Http),
+        (TcpListener::bind((Ipv4Addr::LOCALHOST, ports.socks))?, Listener::Socks),
+    ];
+    if let Some(redirect) = redirect {
+        let mut loopbacks = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        if redirect.ipv6 {
+            loopbacks.push(IpAddr::V6(Ipv6Addr::LOCALHOST));
+        }
+        // SAFETY: as in `serve`.
+        let channel = unsafe { BorrowedFd::borrow_raw(AGENT_EGRESS_FD) };
+        for ip in loopbacks {
+            listeners.push((TcpListener::bind((ip, redirect.tcp_port))?, Listener::Transparent));
+            listeners.push((TcpListener::bind((ip, redirect.dns_port))?, Listener::DnsStream));
+            let resolver = UdpSocket::bind((ip, redirect.dns_port))?;
+            // The proxy answers on this socket from now on; the agent's
+            // copy closes here.
+            hand_over(channel, HandOver::DnsDatagram, resolver.as_fd())?;
+        }
+    }
+    for (listener, kind) in listeners {
+        std::thread::Builder::new().name("egress".into()).spawn(move || serve(listener, kind))?;
     }
     Ok(())
 }
 
-fn serve(listener: TcpListener, tag: u8) {
+/// What goes over with an accepted connection; `None` when it must not go
+/// at all: a transparent connection whose destination is loopback was not
+/// redirected (a program connected to the listener itself), and one whose
+/// destination cannot be read cannot be decided.
+fn handover_for(kind: Listener, conn: &TcpStream) -> Option<HandOver> {
+    Some(match kind {
+        Listener::Http => HandOver::Http,
+        Listener::Socks => HandOver::Socks,
+        Listener::DnsStream => HandOver::DnsStream,
+        Listener::Transparent => {
+            let destination = airlock_jail::sys::original_destination(conn.as_fd()).ok()?;
+            if destination.ip().to_canonical().is_loopback() {
+                return None;
+            }
+            HandOver::Transparent { destination }
+        }
+    })
+}
+
+fn serve(listener: TcpListener, kind: Listener) {
     // SAFETY: the supervisor placed the egress channel at this descriptor
     // number for the agent's whole life; it is only borrowed here.
     let channel = unsafe { BorrowedFd::borrow_raw(AGENT_EGRESS_FD) };
@@ -53,7 +108,8 @@ fn serve(listener: TcpListener, tag: u8) {
                 continue;
             }
         };
-        match hand_over(channel, tag, &conn) {
+        let Some(what) = handover_for(kind, &conn) else { continue };
+        match hand_over(channel, what, conn.as_fd()) {
             Ok(()) => {}
             Err(e) if channel_gone(&e) => return,
             // This connection fails (closed when `conn` drops); the
@@ -63,9 +119,9 @@ fn serve(listener: TcpListener, tag: u8) {
     }
 }
 
-fn hand_over(channel: BorrowedFd<'_>, tag: u8, conn: &TcpStream) -> io::Result<()> {
+fn hand_over(channel: BorrowedFd<'_>, what: HandOver, fd: BorrowedFd<'_>) -> io::Result<()> {
     loop {
-        match airlock_proto::send_tagged_fd(channel, tag, conn.as_fd()) {
+        match handover::send(channel, &what, fd) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             other => return other,
         }
@@ -125,11 +181,24 @@ mod tests {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
-        hand_over(agent.as_fd(), HTTP, &accepted).unwrap();
-        let (tag, _fd) = airlock_proto::recv_tagged_fd(&host).unwrap();
-        assert_eq!(tag, HTTP);
+        hand_over(agent.as_fd(), HandOver::Http, accepted.as_fd()).unwrap();
+        let (what, _fd) = handover::recv(&host).unwrap();
+        assert_eq!(what, HandOver::Http);
         drop(host);
-        let err = hand_over(agent.as_fd(), SOCKS, &accepted).unwrap_err();
+        let err = hand_over(agent.as_fd(), HandOver::Socks, accepted.as_fd()).unwrap_err();
         assert!(channel_gone(&err), "{err}");
+    }
+
+    /// A connection made to the transparent listener itself (not
+    /// redirected) reads as going to loopback and is not handed over; the
+    /// other listeners' connections always are.
+    #[test]
+    fn only_redirected_connections_go_over_as_transparent() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert_eq!(handover_for(Listener::Transparent, &accepted), None);
+        assert_eq!(handover_for(Listener::Http, &accepted), Some(HandOver::Http));
+        assert_eq!(handover_for(Listener::DnsStream, &accepted), Some(HandOver::DnsStream));
     }
 }

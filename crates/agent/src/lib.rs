@@ -138,6 +138,7 @@ fn guest_plan() -> airlock_jail::JailPlan {
         rlimits: airlock_jail::plan::RlimitPlan::default(),
         landlock: airlock_jail::plan::LandlockPlan { enabled: false, required: false },
         seccomp: false,
+        redirect: None,
     }
 }
 
@@ -199,7 +200,7 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
         }
     };
     if let Some(ports) = launch.egress
-        && let Err(e) = egress::listen(ports)
+        && let Err(e) = egress::listen(ports, launch.jail.redirect)
     {
         return setup_failed(control, "listen for the egress proxy", &e);
     }

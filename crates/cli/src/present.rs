@@ -273,10 +273,14 @@ pub fn net_log(entries: &[NetLogEntry], json: bool) -> io::Result<()> {
     for e in entries {
         let ev = &e.event;
         let verdict = if ev.allowed { "allow" } else { "DENY " };
-        let request = match (&ev.method, &ev.path) {
+        let mut request = match (&ev.method, &ev.path) {
             (Some(m), Some(p)) => format!(" {} {}", shown(m), shown(p)),
             _ => String::new(),
         };
+        // A transparent connection: the address the sandbox itself used.
+        if let Some(destination) = &ev.destination {
+            request.push_str(&format!(" (to {})", shown(destination)));
+        }
         writeln!(
             out,
             "{} {verdict} {:<5} {}:{}{request}  [{}] out={}B in={}B {}ms",

@@ -14,12 +14,16 @@ pub enum Handling {
     Plain,
     /// Refused before any upstream connection.
     Refused,
+    /// A DNS question answered by airlock's resolver (with a mapped address).
+    Answered,
 }
 
 /// One decision, for the audit log and `airlock net log`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetEvent {
-    /// "http" (the HTTP proxy port) or "socks".
+    /// Which path the sandbox took: "http" (the HTTP proxy port), "socks",
+    /// "transparent" (a connection redirected inside the sandbox) or "dns"
+    /// (a question to airlock's resolver).
     pub via: String,
     pub host: String,
     pub port: u16,
@@ -37,6 +41,10 @@ pub struct NetEvent {
     pub duration_ms: u64,
     /// Names of secrets substituted into this request.
     pub secrets: Vec<String>,
+    /// Transparent connections: the address and port the sandbox itself
+    /// connected to (for a name, the address airlock's resolver gave it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
 }
 
 /// Where events go. Implemented by the runtime (audit log) and by tests.

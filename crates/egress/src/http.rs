@@ -67,7 +67,11 @@ async fn connect(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyB
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                crate::tunnel::relay(shared, TokioIo::new(upgraded), upstream, addr, rule, ev).await;
+                let refused =
+                    crate::tunnel::relay(shared, TokioIo::new(upgraded), upstream, addr, rule, ev).await;
+                if let Some(mut refused) = refused {
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut refused).await;
+                }
             }
             Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
         }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -55,9 +56,51 @@ pub(crate) async fn run<C>(
         Ok(s) => s,
         Err(e) => return fail(format!("upstream {} failed TLS verification: {e}", ev.host)),
     };
-    let (sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream_tls)).await {
+    serve_requests(shared, client_tls, upstream_tls, addr, ev, Scheme::Https).await;
+}
+
+/// Whether the requests served are TLS the proxy terminated or plain HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scheme {
+    /// Intercepted TLS: secrets may be substituted.
+    Https,
+    /// Plain HTTP (a transparent connection to port 80): decided per
+    /// request as the HTTP proxy port decides one; never given secrets,
+    /// which could be read on the way.
+    Http,
+}
+
+impl Scheme {
+    fn name(self) -> &'static str {
+        match self {
+            Scheme::Https => "https",
+            Scheme::Http => "http",
+        }
+    }
+}
+
+/// Serves the client's HTTP/1 requests one by one over `upstream`, each
+/// decided on its own (host named, method and path rules), with one event
+/// per request.
+pub(crate) async fn serve_requests<C, U>(
+    shared: Arc<Shared>,
+    client: C,
+    upstream: U,
+    addr: SocketAddr,
+    ev: EventBuilder,
+    scheme: Scheme,
+) where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
         Ok(pair) => pair,
-        Err(e) => return fail(format!("upstream {}: {e}", ev.host)),
+        Err(e) => {
+            let mut event = ev.event(false, &format!("upstream {}: {e}", ev.host), Handling::Refused);
+            event.address = Some(addr.to_string());
+            shared.sink.record(event);
+            return;
+        }
     };
     tokio::spawn(async move {
         let _ = conn.await;
@@ -66,32 +109,33 @@ pub(crate) async fn run<C>(
     let ev = Arc::new(ev);
     let service = service_fn(move |req| {
         let (shared, sender, ev) = (shared.clone(), sender.clone(), ev.clone());
-        async move { Ok::<_, Infallible>(request(shared, sender, ev, addr, req).await) }
+        async move { Ok::<_, Infallible>(request(shared, sender, ev, addr, req, scheme).await) }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .preserve_header_case(true)
-        .serve_connection(TokioIo::new(client_tls), service)
+        .serve_connection(TokioIo::new(client), service)
         .await;
 }
 
 async fn request(
     shared: Arc<Shared>,
-    sender: Arc<Mutex<hyper::client::conn::http1::SendRequest<crate::count::Counted<Incoming>>>>,
+    sender: Arc<Mutex<SendRequest<crate::count::Counted<Incoming>>>>,
     ev: Arc<EventBuilder>,
     addr: SocketAddr,
     req: Request<Incoming>,
+    scheme: Scheme,
 ) -> Response<ProxyBody> {
     let (host, port) = (ev.host.clone(), ev.port);
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
-    let what = format!("{method} https://{host}:{port}{path}");
+    let what = format!("{method} {}://{host}:{port}{path}", scheme.name());
     if req.method() == http::Method::CONNECT {
         let reason = "CONNECT inside an intercepted connection";
         return refuse_request(&shared, &ev, &what, reason, &method, &path);
     }
     // Every request on the connection, not only the first: each names its
     // own host, and only the destination's passes.
-    let (named_host, named_port) = match names_only(&req, &host, port, "https") {
+    let (named_host, named_port) = match names_only(&req, &host, port, scheme.name()) {
         Ok(named) => named,
         Err(reason) => return refuse_request(&shared, &ev, &what, &reason, &method, &path),
     };
@@ -99,10 +143,13 @@ async fn request(
         Decision::Allow { rule } => rule,
         Decision::Deny { reason } => return refuse_request(&shared, &ev, &what, &reason, &method, &path),
     };
-    let mut req = to_origin_form(req, &host, port, true);
+    let mut req = to_origin_form(req, &host, port, scheme == Scheme::Https);
     // The request's own Host decides which secrets it may carry (checked
-    // above to be the destination).
-    let secrets = shared.secrets_for(&named_host, named_port);
+    // above to be the destination); plain HTTP carries none.
+    let secrets = match scheme {
+        Scheme::Https => shared.secrets_for(&named_host, named_port),
+        Scheme::Http => Vec::new(),
+    };
     let mut used = Vec::new();
     if !secrets.is_empty() {
         for value in req.headers_mut().values_mut() {
@@ -114,7 +161,11 @@ async fn request(
         // Which secrets went out, by name, for the audit log.
         used = secrets.iter().map(|s| s.name.clone()).collect();
     }
-    let mut event = ev.event(true, &rule, Handling::Intercepted);
+    let handling = match scheme {
+        Scheme::Https => Handling::Intercepted,
+        Scheme::Http => Handling::Plain,
+    };
+    let mut event = ev.event(true, &rule, handling);
     event.address = Some(addr.to_string());
     event.method = Some(method);
     event.path = Some(path);

@@ -5,11 +5,15 @@
 //!
 //! Connections reach it as file descriptors: the agent accepts them on its
 //! loopback ports inside the sandbox and passes each one over a socketpair
-//! ([`proxy::Port`] tags which port). No host socket is visible inside.
+//! with a [`HandOver`] saying which listener took it (and, for a connection
+//! the sandbox's kernel redirected, where it was going). No host socket is
+//! visible inside. With transparent egress the proxy also answers the
+//! sandbox's DNS ([`dns`]).
 
 pub mod addr;
 pub mod ca;
 mod count;
+pub mod dns;
 pub mod event;
 mod http;
 mod intercept;
@@ -21,12 +25,17 @@ pub mod secrets;
 pub mod setup;
 pub mod sni;
 mod socks;
+mod transparent;
 mod tunnel;
 
 pub use event::{EventSink, Handling, NetEvent};
 pub use http::DENIED_HEADER;
-pub use proxy::{Port, Proxy, ProxyConfig, ProxyError, ProxyHandle};
+pub use proxy::{HandOver, Port, Proxy, ProxyConfig, ProxyError, ProxyHandle};
 
 /// The agent's listening ports on the sandbox's loopback.
 pub const HTTP_PROXY_PORT: u16 = 3128;
 pub const SOCKS_PROXY_PORT: u16 = 1080;
+/// Transparent egress: the loopback port the sandbox's kernel redirects
+/// TCP connections to, and the one (UDP and TCP) DNS queries go to.
+pub const TRANSPARENT_PORT: u16 = 3129;
+pub const RESOLVER_PORT: u16 = 3053;

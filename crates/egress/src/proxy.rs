@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use airlock_policy::HostPattern;
+pub use airlock_proto::handover::HandOver;
 use tokio::net::TcpStream;
 
 use crate::ca::{RootSources, SandboxCa};
@@ -21,20 +22,19 @@ use crate::secrets::ResolvedSecret;
 pub enum Port {
     Http,
     Socks,
+    /// A connection the sandbox's kernel redirected (transparent egress).
+    Transparent,
+    /// airlock's resolver.
+    Dns,
 }
 
 impl Port {
-    pub fn tag(self) -> u8 {
-        match self {
-            Port::Http => b'h',
-            Port::Socks => b's',
-        }
-    }
-
+    /// The proxy port a one-byte hand-over tag names (the microVM tier's
+    /// relay sends these).
     pub fn from_tag(tag: u8) -> Option<Port> {
-        match tag {
-            b'h' => Some(Port::Http),
-            b's' => Some(Port::Socks),
+        match HandOver::decode(&[tag])? {
+            HandOver::Http => Some(Port::Http),
+            HandOver::Socks => Some(Port::Socks),
             _ => None,
         }
     }
@@ -43,6 +43,8 @@ impl Port {
         match self {
             Port::Http => "http",
             Port::Socks => "socks",
+            Port::Transparent => "transparent",
+            Port::Dns => "dns",
         }
     }
 }
@@ -56,6 +58,9 @@ pub struct ProxyConfig {
     /// The host's roots and the policy's extra ones, for upstream TLS.
     pub roots: RootSources,
     pub secrets: Vec<ResolvedSecret>,
+    /// Transparent egress (`network.transparent`): redirected connections
+    /// and DNS are served; without it such hand-overs are closed.
+    pub transparent: bool,
 }
 
 /// A secret and the host patterns it may be sent to.
@@ -74,6 +79,9 @@ pub(crate) struct Shared {
     upstream_tls: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
     pub secrets: Vec<ScopedSecret>,
     pub sink: Arc<dyn EventSink>,
+    pub transparent: bool,
+    /// The names airlock's resolver gave addresses for.
+    pub names: std::sync::Mutex<crate::dns::NamePool>,
 }
 
 impl Shared {
@@ -145,14 +153,16 @@ impl Proxy {
             upstream_tls: std::sync::OnceLock::new(),
             secrets,
             sink,
+            transparent: config.transparent,
+            names: std::sync::Mutex::new(crate::dns::NamePool::new()),
         });
         Ok(Proxy { runtime: Some(runtime), shared })
     }
 
-    /// Serves one connection accepted inside the sandbox.
-    pub fn serve(&self, fd: OwnedFd, port: Port) {
+    /// Serves one descriptor handed over from the sandbox.
+    pub fn serve(&self, fd: OwnedFd, what: HandOver) {
         if let Some(handle) = self.handle() {
-            handle.serve(fd, port);
+            handle.serve(fd, what);
         }
     }
 
@@ -178,17 +188,44 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    pub fn serve(&self, fd: OwnedFd, port: Port) {
+    /// Serves one descriptor handed over from the sandbox: a connection
+    /// (any stream socket: the process tier's TCP, the microVM tier's
+    /// socket pairs) or, once, the resolver's datagram socket.
+    pub fn serve(&self, fd: OwnedFd, what: HandOver) {
         let shared = self.shared.clone();
+        let redirected =
+            matches!(what, HandOver::Transparent { .. } | HandOver::DnsStream | HandOver::DnsDatagram);
+        if redirected && !shared.transparent {
+            // Only an agent planned without transparent egress, or one
+            // that lies, sends these: closed unread.
+            tracing::debug!("a {what:?} hand-over without transparent egress: closed");
+            return;
+        }
+        if what == HandOver::DnsDatagram {
+            let socket = std::net::UdpSocket::from(fd);
+            self.runtime.spawn(async move {
+                if socket.set_nonblocking(true).is_err() {
+                    return;
+                }
+                let Ok(socket) = tokio::net::UdpSocket::from_std(socket) else { return };
+                crate::dns::serve_datagrams(shared, socket).await;
+            });
+            return;
+        }
         let std_stream = std::net::TcpStream::from(fd);
         self.runtime.spawn(async move {
             if std_stream.set_nonblocking(true).is_err() {
                 return;
             }
             let Ok(stream) = TcpStream::from_std(std_stream) else { return };
-            match port {
-                Port::Http => crate::http::serve(shared, stream).await,
-                Port::Socks => crate::socks::serve(shared, stream).await,
+            match what {
+                HandOver::Http => crate::http::serve(shared, stream).await,
+                HandOver::Socks => crate::socks::serve(shared, stream).await,
+                HandOver::Transparent { destination } => {
+                    crate::transparent::serve(shared, stream, destination).await
+                }
+                HandOver::DnsStream => crate::dns::serve_stream(shared, stream).await,
+                HandOver::DnsDatagram => {}
             }
         });
     }
@@ -260,11 +297,13 @@ pub(crate) struct EventBuilder {
     pub host: String,
     pub port: u16,
     pub started: Instant,
+    /// Transparent connections: where the sandbox connected.
+    pub destination: Option<SocketAddr>,
 }
 
 impl EventBuilder {
     pub fn new(via: Port, host: &str, port: u16) -> EventBuilder {
-        EventBuilder { via, host: host.to_string(), port, started: Instant::now() }
+        EventBuilder { via, host: host.to_string(), port, started: Instant::now(), destination: None }
     }
 
     pub fn event(&self, allowed: bool, rule: &str, handling: Handling) -> NetEvent {
@@ -282,6 +321,7 @@ impl EventBuilder {
             bytes_in: 0,
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             secrets: Vec::new(),
+            destination: self.destination.map(|d| d.to_string()),
         }
     }
 }

@@ -145,6 +145,29 @@ impl NetRules {
         }
     }
 
+    /// May airlock's resolver give the sandbox an address for `host`? Yes
+    /// when an allow entry names it (on whatever port: which ports it may
+    /// be reached on is decided per connection) and no deny entry without a
+    /// port does. Addresses are not names, and no query for one is answered.
+    pub fn decide_name(&self, host: &str) -> Decision {
+        let name = normalize_host(host);
+        if name.parse::<IpAddr>().is_ok() {
+            return Decision::deny(format!("{name} is an address, not a name"));
+        }
+        // Any port passes the port checks; 53 is what was asked on.
+        if let Some(refusal) = self.precheck(&name, host, 53) {
+            return refusal;
+        }
+        if let Some(entry) = self.deny.iter().find(|d| d.port.is_none() && d.matches_name(&name, 53)) {
+            return Decision::deny(format!("deny {:?}", entry.source));
+        }
+        let named = |a: &&HostPattern| !a.is_address() && a.matches_name(&name, a.port.unwrap_or(53));
+        match self.allow.iter().find(named) {
+            Some(entry) => Decision::allowed_by(entry),
+            None => Decision::deny(format!("no allow entry names {name}")),
+        }
+    }
+
     /// After resolving `host`: may the proxy connect to `ip:port`?
     ///
     /// A deny entry matching the address or the name wins; the name (or the
@@ -364,6 +387,35 @@ paths = ["/v1/*"]
 
     fn deny(reason: &str) -> Decision {
         Decision::Deny { reason: reason.to_string() }
+    }
+
+    #[test]
+    fn names_the_resolver_answers() {
+        let r = rules(EXAMPLE);
+        let cases: &[(&str, Decision)] = &[
+            ("api.example.com", allow("allow \"api.example.com\"")),
+            ("API.Example.com.", allow("allow \"api.example.com\"")),
+            // An entry with a port still names the name.
+            ("a.example.org", allow("allow \"*.example.org:443\"")),
+            ("example.org", deny("no allow entry names example.org")),
+            ("uploads.example.org", deny("deny \"uploads.example.org\"")),
+            ("elsewhere.example.net", deny("no allow entry names elsewhere.example.net")),
+            ("93.184.215.14", deny("93.184.215.14 is an address, not a name")),
+            ("::1", deny("::1 is an address, not a name")),
+        ];
+        for (name, expected) in cases {
+            assert_eq!(&r.decide_name(name), expected, "{name}");
+        }
+        assert!(!r.decide_name("a b").is_allow());
+        assert!(!r.decide_name("").is_allow());
+        // A deny entry with a port refuses that port only: the name resolves.
+        let ported = rules(
+            "[network]\negress = \"proxy\"\nallow = [\"db.example.com\"]\ndeny = [\"db.example.com:22\"]\n",
+        );
+        assert!(ported.decide_name("db.example.com").is_allow());
+        assert!(!ported.decide_target("db.example.com", 22).is_allow());
+        let none = rules("[network]\negress = \"none\"\n");
+        assert!(!none.decide_name("db.example.com").is_allow());
     }
 
     #[test]

@@ -185,6 +185,7 @@ impl ProxySetup {
             ca: Arc::new(ca),
             roots: self.roots,
             secrets,
+            transparent: self.network.redirects(),
         })
     }
 }

@@ -29,7 +29,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut client: TcpStream) {
             if reply(&mut client, REPLY_OK).await.is_err() {
                 return;
             }
-            crate::tunnel::relay(shared, client, upstream, addr, rule, ev).await;
+            if let Some(mut refused) = crate::tunnel::relay(shared, client, upstream, addr, rule, ev).await {
+                let _ = refused.shutdown().await;
+            }
         }
         Err(refusal) => {
             let code = match refusal {

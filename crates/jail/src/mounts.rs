@@ -340,7 +340,27 @@ pub struct View {
 /// CAP_SYS_ADMIN over. A read-only path that does not exist is left out; a
 /// writable one or a device that does not exist is an error.
 pub fn enter_view(mountpoint: &Path, view: &View) -> Result<(), MountError> {
-    let every = view.read_only.iter().chain(&view.writable).chain(&view.devices);
+    enter_view_attaching(mountpoint, view, None)
+}
+
+/// A detached mount the host prepared (as root, an id-mapped tree of a
+/// directory: the caller could not reach or map it itself), to be attached
+/// in a view at `path`.
+#[derive(Debug, Clone, Copy)]
+pub struct Attach<'a> {
+    pub tree: std::os::fd::BorrowedFd<'a>,
+    pub path: &'a Path,
+}
+
+/// [`enter_view`], with `attach` attached writable (nosuid, nodev, noexec)
+/// at its path, as a writable directory would be bound there.
+pub fn enter_view_attaching(
+    mountpoint: &Path,
+    view: &View,
+    attach: Option<Attach<'_>>,
+) -> Result<(), MountError> {
+    let attached = attach.map(|a| a.path.to_path_buf());
+    let every = view.read_only.iter().chain(&view.writable).chain(&view.devices).chain(&attached);
     check_apart(mountpoint, &every.cloned().collect::<Vec<_>>())?;
     let slash = Path::new("/");
     mount_change(slash, MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
@@ -377,6 +397,17 @@ pub fn enter_view(mountpoint: &Path, view: &View) -> Result<(), MountError> {
         let set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC;
         sys::mount_setattr(None, &cstr(&target)?, libc::AT_RECURSIVE as libc::c_uint, set, 0, None)
             .ctx("make writable directory nosuid", &target)?;
+    }
+    if let Some(Attach { tree, path }) = attach {
+        let target = under(mountpoint, path);
+        if fs::symlink_metadata(&target).is_err() {
+            mkdir_all(&target)?;
+        }
+        move_mount(tree, c"", rustix::fs::CWD, &target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+            .ctx("attach the host's tree", path)?;
+        let set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC;
+        sys::mount_setattr(None, &cstr(&target)?, libc::AT_RECURSIVE as libc::c_uint, set, 0, None)
+            .ctx("make the attached tree nosuid", &target)?;
     }
     for device in &view.devices {
         let target = under(mountpoint, device);
@@ -515,13 +546,43 @@ fn mount_workspace(root: &Path, ws: &crate::plan::WorkspaceMount) -> Result<(), 
 /// skipped when its directory does not exist and cannot be made, as for a
 /// host without /etc/ssl/certs).
 fn bind_file(root: &Path, source: &Path, target: &Path) -> Result<(), MountError> {
-    let inside = under(root, target);
+    let mut inside = under(root, target);
+    // A mount follows a symlink at its target: the host's /etc/resolv.conf
+    // is often one (into /run, a fresh tmpfs inside), so the file it names
+    // is made inside the new root and the bind goes there.
+    if fs::symlink_metadata(&inside).is_ok_and(|m| m.file_type().is_symlink())
+        && let Ok(link) = fs::read_link(&inside)
+    {
+        let named = if link.is_absolute() {
+            under(root, &link)
+        } else {
+            let dir = inside.parent().unwrap_or(root).to_path_buf();
+            let relative = dir.strip_prefix(root).map(Path::to_path_buf).unwrap_or_default();
+            under(root, &normalize_lexically(&Path::new("/").join(relative).join(&link)))
+        };
+        inside = named;
+    }
     if fs::symlink_metadata(&inside).is_err() && touch(&inside).is_err() {
         tracing::debug!("not binding {}: cannot create it inside", target.display());
         return Ok(());
     }
     mount_bind_recursive(source, &inside).ctx("bind file", target)?;
     make_read_only(&inside, false)
+}
+
+/// `path` (absolute) with `.` and `..` resolved by name, never above `/`.
+fn normalize_lexically(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(part) => out.push(part),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 /// overlayfs splits its options on ',' and its layer lists on ':'; both
@@ -554,6 +615,19 @@ mod tests {
 
     use super::*;
     use crate::privileges::test_fork::{have_root, run_in_child};
+
+    #[test]
+    fn a_symlinks_target_is_resolved_by_name_inside_the_root() {
+        let n = |p: &str| normalize_lexically(Path::new(p));
+        assert_eq!(
+            n("/etc/../run/systemd/resolve/stub-resolv.conf"),
+            Path::new("/run/systemd/resolve/stub-resolv.conf")
+        );
+        assert_eq!(n("/etc/./hosts"), Path::new("/etc/hosts"));
+        // Never above the root.
+        assert_eq!(n("/../../x"), Path::new("/x"));
+        assert_eq!(under(Path::new("/r"), &n("/etc/../../../etc/hosts")), Path::new("/r/etc/hosts"));
+    }
 
     #[test]
     fn a_mount_point_apart_from_every_path_is_chosen() {
@@ -628,5 +702,62 @@ mod tests {
         });
         assert_eq!(code, 0);
         assert_eq!(fs::read(writable.join("log")).unwrap(), b"x", "the writable directory is the host's");
+    }
+
+    /// As root, in a forked child: a detached tree the host cloned (as the
+    /// microVM tier does with an id-mapped workspace for virtiofsd) is
+    /// attached at its path in the view, writable through to the host's
+    /// directory, and nosuid, nodev and noexec there.
+    #[test]
+    fn a_view_attaches_a_detached_tree_writable() {
+        if !have_root("a_view_attaches_a_detached_tree_writable") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let workspace = dir.path().join("ws");
+        fs::create_dir(&workspace).unwrap();
+        fs::write(workspace.join("old"), b"old").unwrap();
+        fs::write(dir.path().join("beside"), b"beside").unwrap();
+        let tree = sys::clone_tree_checked(&workspace, None).unwrap();
+        let view = View::default();
+        let mountpoint = mountpoint_apart(
+            &["/mnt", "/srv", "/media", "/opt", "/var/tmp", "/tmp"],
+            std::slice::from_ref(&workspace),
+        )
+        .unwrap()
+        .to_path_buf();
+        let code = run_in_child(|| {
+            if sys::raw_unshare(libc::CLONE_NEWNS).is_err() {
+                return 1;
+            }
+            let attach = Attach { tree: std::os::fd::AsFd::as_fd(&tree), path: &workspace };
+            if let Err(e) = enter_view_attaching(&mountpoint, &view, Some(attach)) {
+                eprintln!("{e}");
+                return 2;
+            }
+            if fs::read(workspace.join("old")).ok().as_deref() != Some(b"old".as_slice()) {
+                return 3;
+            }
+            if fs::write(workspace.join("new"), b"new").is_err()
+                || fs::remove_file(workspace.join("old")).is_err()
+            {
+                return 4;
+            }
+            let Ok(st) = rustix::fs::statvfs(&workspace) else { return 5 };
+            let wanted = rustix::fs::StatVfsMountFlags::NOSUID
+                | rustix::fs::StatVfsMountFlags::NODEV
+                | rustix::fs::StatVfsMountFlags::NOEXEC;
+            if !st.f_flag.contains(wanted) {
+                return 6;
+            }
+            if fs::symlink_metadata(dir.path().join("beside")).is_ok() || fs::symlink_metadata("/etc").is_ok()
+            {
+                return 7;
+            }
+            0
+        });
+        assert_eq!(code, 0);
+        assert_eq!(fs::read(workspace.join("new")).unwrap(), b"new", "written through to the host");
+        assert!(!workspace.join("old").exists(), "removed on the host");
     }
 }

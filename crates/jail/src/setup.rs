@@ -2,7 +2,8 @@
 //! in order, before it starts any untrusted code.
 //!
 //! Why this order:
-//! - mounts while we still hold CAP_SYS_ADMIN in our user namespace
+//! - mounts while we still hold CAP_SYS_ADMIN in our user namespace, and
+//!   the network's redirection while we hold CAP_NET_ADMIN there
 //!   ([`build`], overlapping the supervisor's cgroup placement);
 //! - cgroup namespace once the supervisor says we are in our cgroup, so its
 //!   root is the sandbox's own cgroup;
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use crate::landlock_rules::{self, LandlockOutcome, LandlockRules};
 use crate::mounts;
 use crate::plan::{JailPlan, WorkspaceMountMode};
-use crate::{privileges, rlimit, seccomp, sys};
+use crate::{privileges, redirect, rlimit, seccomp, sys};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{step}: {message}")]
@@ -36,14 +37,25 @@ pub struct Confinement {
     pub landlock: String,
 }
 
-/// Builds the sandbox's view of the world: the root filesystem, hostname
-/// and loopback. Runs before the supervisor has placed the agent in its
+/// Builds the sandbox's view of the world: the root filesystem, hostname,
+/// loopback and (transparent egress) the redirection of everything else. Runs before the supervisor has placed the agent in its
 /// cgroup (that write can take a kernel grace period; overlapping it with
 /// this work saves most of it); only airlock's own code runs here.
 pub fn build(plan: &JailPlan) -> Result<(), SetupError> {
     mounts::build_root(plan).map_err(step("build the root filesystem"))?;
     rustix::system::sethostname(plan.hostname.as_bytes()).map_err(step("set the hostname"))?;
     sys::set_loopback_up().map_err(step("bring up loopback"))?;
+    // While the agent still holds CAP_NET_ADMIN in the sandbox's user
+    // namespace: the command never does, so it cannot undo this.
+    if let Some(plan) = &plan.redirect {
+        redirect::install(plan).map_err(|e| SetupError {
+            step: "redirect the sandbox's connections to airlock (transparent egress)",
+            message: format!(
+                "{e}; this needs nf_tables with NAT in the kernel: without it, set network.transparent = false \
+                 in the policy (programs that ignore the proxy settings then get no network)"
+            ),
+        })?;
+    }
     Ok(())
 }
 
@@ -93,7 +105,16 @@ pub fn confine(plan: &JailPlan, keep: AgentPrivileges) -> Result<Confinement, Se
     privileges::drop_capabilities_except(kept).map_err(step("drop capabilities"))?;
     privileges::set_no_new_privs().map_err(step("set no_new_privs"))?;
     if plan.seccomp {
-        let filter = seccomp::compile().map_err(step("compile the seccomp filter"))?;
+        // A workspace written in place takes files as the sandbox marks
+        // them: no setuid or setgid bit may reach the host's tree.
+        let writes_host_tree =
+            plan.workspace.as_ref().is_some_and(|ws| matches!(ws.mode, WorkspaceMountMode::ReadWrite));
+        let sets: &[seccomp::RuleSet] = if writes_host_tree {
+            &[seccomp::RuleSet::Sandbox, seccomp::RuleSet::NoSetIdBits]
+        } else {
+            &[seccomp::RuleSet::Sandbox]
+        };
+        let filter = seccomp::compile_sets(sets).map_err(step("compile the seccomp filter"))?;
         seccomp::install(&filter).map_err(step("install the seccomp filter"))?;
     }
     Ok(Confinement { landlock })

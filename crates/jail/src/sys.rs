@@ -501,6 +501,44 @@ pub fn set_loopback_up() -> io::Result<()> {
     result
 }
 
+/// Where a connection the kernel redirected (DNAT on the OUTPUT hook) was
+/// first addressed, from conntrack: `SO_ORIGINAL_DST` for an IPv4 socket,
+/// `IP6T_SO_ORIGINAL_DST` for IPv6 (both option 80). A connection that was
+/// not translated reads as its own local address. ENOENT when conntrack
+/// has no entry for it.
+pub fn original_destination(fd: BorrowedFd<'_>) -> io::Result<std::net::SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    const SO_ORIGINAL_DST: c_int = 80;
+    let local = rustix::net::getsockname(fd)?;
+    let v6 = local.address_family() == rustix::net::AddressFamily::INET6;
+    // SAFETY: sockaddr_in6 is plain old data (larger than sockaddr_in);
+    // zeroed is a valid value.
+    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    let level = if v6 { libc::SOL_IPV6 } else { libc::SOL_IP };
+    // SAFETY: the kernel writes at most `len` bytes into `addr`, which we
+    // own, and stores the length it wrote in `len`.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (&mut addr as *mut libc::sockaddr_in6).cast(),
+            &mut len,
+        )
+    } as libc::c_long)?;
+    if v6 {
+        let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
+        Ok(SocketAddr::new(ip.into(), u16::from_be(addr.sin6_port)))
+    } else {
+        // SAFETY: for an IPv4 socket the kernel wrote a sockaddr_in, which
+        // fits in (and is laid out at the start of) the buffer.
+        let v4: libc::sockaddr_in = unsafe { std::ptr::read((&addr as *const libc::sockaddr_in6).cast()) };
+        let ip = Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+        Ok(SocketAddr::new(ip.into(), u16::from_be(v4.sin_port)))
+    }
+}
+
 /// The Landlock ABI version the kernel offers; EOPNOTSUPP when Landlock is
 /// built in but not enabled at boot.
 pub fn landlock_abi() -> io::Result<libc::c_long> {

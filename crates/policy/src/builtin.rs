@@ -100,6 +100,7 @@ fn blank() -> Policy {
         },
         network: Network {
             egress: Egress::None,
+            transparent: false,
             allow: Vec::new(),
             deny: Vec::new(),
             allow_flag: false,
@@ -127,5 +128,17 @@ mod tests {
             assert!(!policy.description.is_empty());
         }
         assert!(load("nope").is_none());
+    }
+
+    /// Transparent egress is on where the proxy is (dev, ci, remediation);
+    /// plugin has no network at all.
+    #[test]
+    fn transparent_egress_where_the_proxy_is() {
+        for name in NAMES {
+            let policy = load_checked(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let expected = *name != "plugin";
+            assert_eq!(policy.network.transparent, expected, "{name}");
+            assert_eq!(policy.network.has_egress(), expected, "{name}");
+        }
     }
 }

@@ -50,6 +50,7 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         stop_grace => p.limits.stop_grace,
         allow_raise => p.limits.allow_raise,
         egress => p.network.egress,
+        transparent => p.network.transparent,
         allow => p.network.allow,
         allow_flag => p.network.allow_flag,
         extra_roots => p.network.extra_roots,

@@ -24,6 +24,13 @@ use crate::parse::{check_host_path, check_portable_env_name};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     pub egress: Egress,
+    /// Transparent egress: with `egress = "proxy"`, every TCP connection the
+    /// sandbox opens (and every DNS query it sends) is redirected to airlock
+    /// inside its network namespace and decided as a proxy connection to
+    /// the same destination, so programs that ignore the proxy settings get
+    /// the policy rather than no network. Off: only the proxy ports lead out.
+    #[serde(default)]
+    pub transparent: bool,
     /// Destinations the proxy may connect to (replaced by a refining layer).
     #[serde(default)]
     pub allow: Vec<HostPattern>,
@@ -46,6 +53,22 @@ impl Network {
     /// Whether the sandbox has any way out at all.
     pub fn has_egress(&self) -> bool {
         self.egress == Egress::Proxy
+    }
+
+    /// Whether the sandbox's connections are redirected to the proxy
+    /// (`transparent`, which means nothing without egress).
+    pub fn redirects(&self) -> bool {
+        self.has_egress() && self.transparent
+    }
+
+    /// Whether an allow entry names an IPv6 address or network: only then
+    /// does a transparent sandbox get an IPv6 route out.
+    pub fn allows_ipv6(&self) -> bool {
+        self.allow.iter().any(|a| match &a.host {
+            HostMatch::Ip(ip) => ip.is_ipv6() && ip.to_canonical().is_ipv6(),
+            HostMatch::Cidr(net) => matches!(net, IpNet::V6(_)),
+            HostMatch::Exact(_) | HostMatch::Suffix(_) => false,
+        })
     }
 }
 

@@ -53,10 +53,11 @@ const LIMITS_KEYS: &[&str] = &[
     "stop_grace",
     "allow_raise",
 ];
-const NETWORK_KEYS: &[&str] = &["egress", "allow", "deny", "allow_flag", "extra_roots", "rule"];
+const NETWORK_KEYS: &[&str] =
+    &["egress", "transparent", "allow", "deny", "allow_flag", "extra_roots", "rule"];
 /// The `[network]` keys a built-in must set; `rule` is an array of tables a
 /// profile may leave out.
-const NETWORK_REQUIRED: &[&str] = &["egress", "allow", "deny", "allow_flag", "extra_roots"];
+const NETWORK_REQUIRED: &[&str] = &["egress", "transparent", "allow", "deny", "allow_flag", "extra_roots"];
 const RULE_KEYS: &[&str] = &["host", "methods", "paths"];
 const SECRET_KEYS: &[&str] = &["from", "hosts"];
 const ARTIFACTS_KEYS: &[&str] = &["capture", "max_bytes"];
@@ -99,6 +100,7 @@ pub(crate) struct Layer {
     pub stop_grace: Option<Duration>,
     pub allow_raise: Option<bool>,
     pub egress: Option<Egress>,
+    pub transparent: Option<bool>,
     pub allow: Option<Vec<HostPattern>>,
     pub deny: Option<Vec<HostPattern>>,
     pub allow_flag: Option<bool>,
@@ -196,6 +198,7 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
     }
     if let Some(s) = top.section("network", NETWORK_KEYS)? {
         layer.egress = s.keyword::<Egress>("egress")?.map(Spanned::into_inner);
+        layer.transparent = s.boolean("transparent")?;
         layer.allow = s.host_list("allow", true)?;
         layer.deny = s.host_list("deny", true)?;
         layer.allow_flag = s.boolean("allow_flag")?;
@@ -952,6 +955,7 @@ mod tests {
         let text = r#"
 [network]
 egress = "proxy"
+transparent = false
 allow = ["api.example.com", "*.example.org:443", "127.0.0.1:8080", "10.1.0.0/16:5432", "[::1]:8080"]
 deny  = ["uploads.example.org"]
 allow_flag = true
@@ -976,6 +980,7 @@ hosts = ["*.example.org:443", "10.0.0.0/8"]
 "#;
         let layer = parse(text).unwrap();
         assert_eq!(layer.egress, Some(Egress::Proxy));
+        assert_eq!(layer.transparent, Some(false));
         let allow: Vec<String> = layer.allow.unwrap().into_iter().map(String::from).collect();
         assert_eq!(
             allow,
@@ -1028,7 +1033,7 @@ hosts = ["*.example.org:443", "10.0.0.0/8"]
                 "[network]\negres = \"proxy\"\n",
                 (2, 1),
                 "network.egres",
-                "expected one of: egress, allow, deny",
+                "expected one of: egress, transparent, allow, deny",
             ),
             ("[network]\nrule = { host = \"a.example.com\" }\n", (2, 8), "network.rule", "[[network.rule]]"),
             ("[network]\nrule = [\"a.example.com\"]\n", (2, 9), "network.rule", "expected a table"),

@@ -99,6 +99,7 @@ pub(crate) fn to_toml(p: &Policy) -> String {
          \n\
          [network]\n\
          egress = {egress}\n\
+         transparent = {transparent}\n\
          allow = {allow}\n\
          deny = {deny}\n\
          allow_flag = {allow_flag}\n\
@@ -138,6 +139,7 @@ pub(crate) fn to_toml(p: &Policy) -> String {
         stop_grace = quote(&format_duration(p.limits.stop_grace)),
         allow_raise = p.limits.allow_raise,
         egress = quote(p.network.egress.as_str()),
+        transparent = p.network.transparent,
         capture = list(&p.artifacts.capture),
         max_bytes = quote(&format_size(p.artifacts.max_bytes)),
         on_success = quote(p.cleanup.on_success.as_str()),

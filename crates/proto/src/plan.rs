@@ -31,6 +31,26 @@ pub struct JailPlan {
     pub landlock: LandlockPlan,
     /// Install the seccomp filter (always true outside of tests of the jail itself).
     pub seccomp: bool,
+    /// Transparent egress: the kernel redirection the agent installs in the
+    /// sandbox's network namespace before anything untrusted runs. None:
+    /// only the proxy ports lead out.
+    #[serde(default)]
+    pub redirect: Option<Redirect>,
+}
+
+/// Where the sandbox's own network namespace sends what it did not address
+/// to loopback: every TCP connection to the agent's transparent listener,
+/// every DNS query (UDP or TCP, port 53, any address, loopback included) to
+/// its resolver port; other UDP and ICMP are rejected at once.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Redirect {
+    /// The loopback port TCP connections are redirected to.
+    pub tcp_port: u16,
+    /// The loopback port (UDP and TCP) DNS queries are redirected to.
+    pub dns_port: u16,
+    /// Route and redirect IPv6 too (the policy names an IPv6 address);
+    /// otherwise IPv6 beyond loopback has no route and is rejected.
+    pub ipv6: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -262,6 +262,7 @@ impl AuditEvent {
                 e.via = field(e.via);
                 e.host = field(e.host);
                 e.address = e.address.map(field);
+                e.destination = e.destination.map(field);
                 e.method = e.method.map(field);
                 e.path = e.path.map(field);
                 e.rule = field(e.rule);
@@ -1014,6 +1015,7 @@ mod tests {
             bytes_in: 0,
             duration_ms: 0,
             secrets: vec![],
+            destination: None,
         })
     }
 

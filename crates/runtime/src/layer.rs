@@ -6,7 +6,10 @@
 //! directory (so reviews survive a reboot) and the tmpfs is unmounted;
 //! a sandbox's owner that fails unmounts it at once (see `lifecycle::Held`).
 //! Without root the layer is a plain directory and the budget is not
-//! enforced; the policy must allow that ("disk-quota").
+//! enforced; the policy must allow that ("disk-quota"). A rootless
+//! microVM's layer is kept apart from the rest of the sandbox's directory
+//! while it runs (`layer/upper`, `layer/work`), since virtiofsd serves the
+//! directory that holds them to the guest.
 
 use std::fs;
 use std::io;
@@ -23,6 +26,9 @@ pub struct WritableLayer {
     pub work: PathBuf,
     /// The tmpfs mount point when the layer is size-limited.
     tmpfs: Option<PathBuf>,
+    /// The plain directory holding `upper` and `work` (and nothing else of
+    /// the sandbox's) when it is apart ([`WritableLayer::create_apart`]).
+    apart: Option<PathBuf>,
 }
 
 impl WritableLayer {
@@ -58,7 +64,25 @@ impl WritableLayer {
                 chown(dir, Some(owner), Some(owner)).map_err(err(dir))?;
             }
         }
-        Ok(WritableLayer { upper, work, tmpfs })
+        Ok(WritableLayer { upper, work, tmpfs, apart: None })
+    }
+
+    /// Without root, for a microVM: `upper` and `work` as plain directories
+    /// in `layer/`, which alone is given to virtiofsd (the guest then sees
+    /// them and nothing else of the sandbox's directory). No size cap, as
+    /// for the process tier's rootless layer; moved to where that one lives
+    /// when the sandbox ends ([`WritableLayer::copy_to_state`]).
+    pub fn create_apart(sandbox: &SandboxDir, owner: u32) -> Result<WritableLayer, RunError> {
+        let dir = sandbox.layer_dir();
+        let (upper, work) = (dir.join("upper"), dir.join("work"));
+        for (path, mode) in [(&dir, 0o700), (&upper, 0o755), (&work, 0o755)] {
+            let err = |e| RunError::Layer(path.clone(), e);
+            fs::DirBuilder::new().mode(mode).create(path).map_err(err)?;
+            if rustix::process::geteuid().is_root() {
+                chown(path, Some(owner), Some(owner)).map_err(err)?;
+            }
+        }
+        Ok(WritableLayer { upper, work, tmpfs: None, apart: Some(dir) })
     }
 
     /// Copies the upper layer from its tmpfs to the state directory (a
@@ -67,6 +91,9 @@ impl WritableLayer {
     pub fn copy_to_state(&self, sandbox: &SandboxDir) -> Result<(), RunError> {
         if self.tmpfs.is_some() {
             airlock_workspace::persist_layer(&self.upper, &sandbox.upper_dir())?;
+        }
+        if let Some(dir) = &self.apart {
+            move_apart(dir, sandbox)?;
         }
         Ok(())
     }
@@ -80,7 +107,7 @@ impl WritableLayer {
     /// A layer said to live on a tmpfs at `tmpfs` (unit tests of its release).
     #[cfg(test)]
     pub(crate) fn on_tmpfs_for_test(upper: PathBuf, work: PathBuf, tmpfs: PathBuf) -> WritableLayer {
-        WritableLayer { upper, work, tmpfs: Some(tmpfs) }
+        WritableLayer { upper, work, tmpfs: Some(tmpfs), apart: None }
     }
 
     /// Releases the layer's tmpfs, and with it whatever was not copied.
@@ -90,6 +117,25 @@ impl WritableLayer {
             None => Ok(()),
         }
     }
+}
+
+/// Moves a layer kept apart to where a rootless layer lives (`upper/`,
+/// `work/`), renaming, never copying. The guest could reach `layer/`: an
+/// `upper` or `work` that is no longer a directory (a link to a host path)
+/// is refused, not followed; whatever else it left in `layer/` stays there
+/// until the sandbox is removed.
+fn move_apart(dir: &Path, sandbox: &SandboxDir) -> Result<(), RunError> {
+    for (from, to) in [(dir.join("upper"), sandbox.upper_dir()), (dir.join("work"), sandbox.work_dir())] {
+        let kind = fs::symlink_metadata(&from).map_err(|e| RunError::Layer(from.clone(), e))?.file_type();
+        if !kind.is_dir() {
+            let e = io::Error::new(io::ErrorKind::InvalidData, "not a directory: the guest replaced it");
+            return Err(RunError::Layer(from, e));
+        }
+        fs::rename(&from, &to).map_err(|e| RunError::Layer(from.clone(), e))?;
+    }
+    // Empty unless the guest left something beside them.
+    let _ = fs::remove_dir(dir);
+    Ok(())
 }
 
 /// Unmounts a layer tmpfs left mounted (by a crashed supervisor, for `gc`).
@@ -105,4 +151,49 @@ pub fn is_mount_point(path: &Path) -> bool {
         return false;
     };
     fs::symlink_metadata(parent).is_ok_and(|p| p.dev() != me.dev())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::state::StateRoot;
+
+    /// A layer apart holds `upper` and `work` alone in `layer/` while the
+    /// sandbox runs, and ends where a rootless layer lives.
+    #[test]
+    fn a_layer_apart_is_alone_in_its_directory_and_moves_to_the_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = StateRoot::at(tmp.path().to_path_buf());
+        let sandbox = root.create_sandbox(Some("apart")).unwrap();
+        let layer = WritableLayer::create_apart(&sandbox, rustix::process::getuid().as_raw()).unwrap();
+        assert_eq!(layer.upper, sandbox.layer_dir().join("upper"));
+        assert_eq!(layer.work, sandbox.layer_dir().join("work"));
+        let mut held: Vec<_> =
+            fs::read_dir(sandbox.layer_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        held.sort();
+        assert_eq!(held, ["upper", "work"]);
+        assert!(!layer.on_tmpfs());
+        fs::write(layer.upper.join("made"), "x").unwrap();
+        layer.copy_to_state(&sandbox).unwrap();
+        assert_eq!(fs::read_to_string(sandbox.upper_dir().join("made")).unwrap(), "x");
+        assert!(sandbox.work_dir().is_dir());
+        assert!(!sandbox.layer_dir().exists());
+        layer.discard().unwrap();
+        assert!(sandbox.upper_dir().join("made").exists(), "discarding leaves the files, as rootless");
+    }
+
+    /// The guest put a link where `upper` was: nothing is moved or followed.
+    #[test]
+    fn a_layer_apart_whose_upper_became_a_link_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = StateRoot::at(tmp.path().to_path_buf());
+        let sandbox = root.create_sandbox(Some("swapped")).unwrap();
+        let layer = WritableLayer::create_apart(&sandbox, rustix::process::getuid().as_raw()).unwrap();
+        fs::remove_dir(&layer.upper).unwrap();
+        std::os::unix::fs::symlink("/", &layer.upper).unwrap();
+        let err = layer.copy_to_state(&sandbox).unwrap_err().to_string();
+        assert!(err.contains("replaced"), "{err}");
+        assert!(fs::symlink_metadata(sandbox.upper_dir()).is_err());
+    }
 }

@@ -12,6 +12,7 @@ use airlock_jail::probe::HostReport;
 use airlock_jail::spawn::{self, IdMap, SpawnRequest};
 use airlock_policy::{CleanupAction, Policy, Tier, WorkspaceMode};
 use airlock_proto::HostMessage;
+use airlock_vm::boot::{WritableShare, Writes};
 
 use crate::audit::{AuditEvent, AuditLog};
 use crate::caps::{CappedLog, SharedLog};
@@ -417,8 +418,9 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         degraded: degraded.clone(),
     })?;
     if policy.isolation.tier == Tier::Microvm {
-        let run = (!command.is_empty()).then_some(OneCommand { terminal });
-        return launch_vm(sandbox, policy, workspace, host, meta, audit, held, run);
+        let one_command = (!command.is_empty()).then_some(OneCommand { terminal });
+        let guest = GuestSpec { workspace, workspace_owner, one_command };
+        return launch_vm(sandbox, policy, guest, host, meta, audit, held);
     }
 
     // As root, the sandbox's ids are a block of its own, held until its
@@ -448,10 +450,13 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     let layer = held.layer.as_ref();
     let rootfs = sandbox.path().join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| RunError::State(rootfs.clone(), e))?;
+    let (hosts, resolv_conf) = crate::network::write_name_files(sandbox.path(), &name)?;
     let paths = SandboxPaths {
         rootfs,
         upper: layer.map_or_else(|| sandbox.upper_dir(), |l| l.upper.clone()),
         work: layer.map_or_else(|| sandbox.work_dir(), |l| l.work.clone()),
+        hosts,
+        resolv_conf,
     };
 
     // As root the workspace is seen through an id-mapped mount, so that files
@@ -498,6 +503,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
                 env: &network_env,
                 bundle: &n.bundle,
                 bundle_targets: &[crate::network::SANDBOX_CA_BUNDLE, crate::network::SYSTEM_CA_BUNDLE],
+                redirect: n.redirect,
             }),
         },
     );
@@ -569,27 +575,36 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     })
 }
 
+/// What a microVM's launch needs beyond the process tier's arguments.
+struct GuestSpec<'a> {
+    workspace: Option<&'a Path>,
+    /// The uid that must own the workspace (a sandbox the daemon makes for
+    /// another user), checked on the tree virtiofsd gets in mode rw.
+    workspace_owner: Option<u32>,
+    /// `airlock run`: its command's output, arriving over the channel, is
+    /// written to the stdio's sandbox ends, and so reaches the caller and
+    /// the logs as the process tier's does.
+    one_command: Option<OneCommand>,
+}
+
 /// The microVM tier's launch, from the sandbox's recorded creation on: the
 /// guest boots (QEMU held from its spawn on, killed on undo) and its
 /// agent's channel is the control stream. The cgroup (sized for QEMU),
-/// the id block (for the proxy's uid and virtiofsd's id map) and an overlay
-/// workspace's writable layer are the process tier's; the jail and the
-/// id-mapped workspace the guest's own kernel replaces; the supervisor,
+/// the id block (for the proxy's uid and virtiofsd's id map), an overlay
+/// workspace's writable layer and, in mode rw, the id-mapped workspace are
+/// the process tier's (what the guest writes reaches them through a jailed
+/// virtiofsd); the jail the guest's own kernel replaces; the supervisor,
 /// relays, logs, audit and finalize are the same.
-#[allow(clippy::too_many_arguments)]
 fn launch_vm(
     sandbox: &SandboxDir,
     policy: &Policy,
-    workspace: Option<&Path>,
+    guest: GuestSpec<'_>,
     host: &HostReport,
     mut meta: SandboxMeta,
     audit: AuditLog,
     held: &mut Held,
-    // `airlock run`: its command's output, arriving over the channel, is
-    // written to the stdio's sandbox ends, and so reaches the caller and
-    // the logs as the process tier's does.
-    one_command: Option<OneCommand>,
 ) -> Result<Launched, RunError> {
+    let GuestSpec { workspace, workspace_owner, one_command } = guest;
     let name = meta.name.clone();
     // QEMU runs in the sandbox's own cgroup, sized for it (the guest's RAM
     // and QEMU's overhead, and the egress proxy's allowance). Named in
@@ -598,15 +613,18 @@ fn launch_vm(
     // that.
     meta.cgroup = host.enforces(airlock_jail::probe::Feature::Cgroups).then(|| crate::cgroup_name(sandbox));
     // As root, the egress proxy's own uid derives from an id block of the
-    // sandbox's (as for the process tier); the guest itself needs none.
+    // sandbox's (as for the process tier), and so do virtiofsd's ids; the
+    // guest itself needs none.
     let egress = policy.network.has_egress();
-    // An overlay workspace's writable layer, as the process tier's (a
-    // tmpfs of the policy's disk size), served to the guest by a
+    // An overlay workspace's writable layer, as the process tier's (as
+    // root a tmpfs of the policy's disk size), served to the guest by a
     // virtiofsd whose user namespace maps the guest's ids to the sandbox's
     // id block: the same upper directory, owned as a process-tier
     // sandbox's, that the diff reads.
-    let layer_size = plan::provisions(policy, workspace.is_some(), host).layer.and_then(|l| l.size_limit);
-    if (egress || layer_size.is_some()) && host.running_as_root {
+    let layer = plan::provisions(policy, workspace.is_some(), host).layer;
+    // Mode rw: the workspace itself, served by virtiofsd (never QEMU).
+    let rw_workspace = workspace.filter(|_| policy.workspace.mode == WorkspaceMode::Rw);
+    if (egress || layer.is_some() || rw_workspace.is_some()) && host.running_as_root {
         held.id_block = Some(Registry::host()?.allocate(sandbox.path())?);
         meta.id_block = held.id_block.as_ref().map(IdBlock::index);
     }
@@ -621,15 +639,43 @@ fn launch_vm(
         held.cgroup = Some(SandboxCgroup::create_on(&host.cgroups, cgroup_name, &limits)?);
     }
     phase_done("cgroup")?;
-    let layer_share = match layer_size {
-        Some(size) => {
-            let layer = held.layer.insert(WritableLayer::create(sandbox, Some(size), first_uid)?);
-            layer.upper.parent().map(|dir| airlock_vm::boot::LayerShare {
+    let block_uid = held.id_block.as_ref().map(IdBlock::first_host_uid);
+    let writable = match (layer, rw_workspace) {
+        (Some(layer), _) => {
+            // Rootless there is no tmpfs: the layer is kept apart, so that
+            // virtiofsd serves its directory and nothing else of the
+            // sandbox's (its size then unbounded, as the process tier's).
+            let layer = held.layer.insert(match layer.size_limit {
+                Some(size) => WritableLayer::create(sandbox, Some(size), first_uid)?,
+                None => WritableLayer::create_apart(sandbox, first_uid)?,
+            });
+            layer.upper.parent().map(|dir| WritableShare {
+                writes: Writes::Layer,
                 dir: dir.to_path_buf(),
-                first_host_uid: held.id_block.as_ref().map(IdBlock::first_host_uid),
+                first_host_uid: block_uid,
+                tree: None,
             })
         }
-        None => None,
+        (None, Some(ws)) => {
+            // As root the process tier's id-mapped tree, so the guest's
+            // ids are the host's there and its root is the workspace's
+            // (rootless virtiofsd is the caller, and binds it).
+            let tree = match block_uid {
+                Some(uid) => Some(std::sync::Arc::new(spawn::idmapped_tree(
+                    ws,
+                    &IdMap::for_current_user(uid),
+                    workspace_owner,
+                )?)),
+                None => None,
+            };
+            Some(WritableShare {
+                writes: Writes::Workspace,
+                dir: ws.to_path_buf(),
+                first_host_uid: block_uid,
+                tree,
+            })
+        }
+        (None, None) => None,
     };
     phase_done("layer")?;
     // The sandbox's egress proxy, as the process tier's (in the sandbox's
@@ -668,15 +714,22 @@ fn launch_vm(
                 network.agent_end.take().ok_or_else(|| RunError::Egress("no egress channel".into()))?;
             let bundle =
                 std::fs::read(&network.bundle).map_err(|e| RunError::State(network.bundle.clone(), e))?;
-            Some(airlock_vm::egress_port::HostEgress { handover, bundle })
+            // With transparent egress the guest redirects as the process
+            // tier's agent does, and the host takes what it redirected.
+            Some(airlock_vm::egress_port::HostEgress { handover, bundle, redirect: network.redirect })
         }
         None => None,
     };
     phase_done("proxy-ready")?;
-    let vm = crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref(), host_egress, layer_share)?;
+    let vm = crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref(), host_egress, writable)?;
     let agent_pid = vm.pid();
     let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     held.vm = Some(vm);
+    // The guest may write from here on: a layer outside a tmpfs (as root,
+    // only where the host could not give one) then holds the block's files.
+    if held.id_block.is_some() && held.layer.as_ref().is_some_and(|l| !l.on_tmpfs()) {
+        held.block_owns_files();
+    }
     phase_done("spawned")?;
     meta.state = SandboxState::Running;
     meta.started_at = Some(now_rfc3339());

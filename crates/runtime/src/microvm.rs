@@ -10,61 +10,26 @@
 //! egress proxy as for a process-tier sandbox, and the guest's connections
 //! reach it over a virtio-serial port of their own (`airlock_vm::egress_port`).
 //! The workspace in mode overlay is the process tier's: its writable
-//! layer (upper and work) lives on the host, in the sandbox's layer tmpfs,
+//! layer (upper and work) lives on the host (as root in the sandbox's layer
+//! tmpfs; rootless in `layer/` of its directory, apart from the rest),
 //! served to the guest over virtio-fs by a jailed virtiofsd; the guest's
 //! kernel mounts the overlay (the workspace read-only over 9p below), so the
-//! process tier's diff and apply read the same upper directory. What this
-//! tier does not have yet it says, rather than pretends: the workspace in
-//! mode rw, and overlay without root (no layer tmpfs to share apart from the
-//! sandbox's state), are not visible in the guest (a warning). See the
-//! README's microVM section.
+//! process tier's diff and apply read the same upper directory. In mode rw
+//! the jailed virtiofsd serves the workspace itself (as root the process
+//! tier's id-mapped tree), and QEMU gets no share of it. See the README's
+//! microVM section.
 
 use std::path::Path;
 
 use airlock_jail::cgroup::{CgroupLimits, SandboxCgroup};
 use airlock_jail::probe::{Feature, HostReport};
-use airlock_policy::{Policy, Weakening, WorkspaceMode};
+use airlock_policy::{Policy, Weakening};
 use airlock_vm::egress_port::HostEgress;
 use airlock_vm::init::RootEntry;
 use airlock_vm::run::{Note, VmStart};
 
-use crate::RunError;
 use crate::run::Notice;
-
-/// Whether the guest can have the workspace in this mode: ro (one more
-/// read-only share), and overlay where the layer gets a tmpfs of its own
-/// (as root: virtiofsd then shares that tmpfs and nothing else of the
-/// sandbox's state); rw would let QEMU write the host's directory.
-pub(crate) fn supports_workspace(mode: WorkspaceMode, host: &HostReport) -> bool {
-    match mode {
-        WorkspaceMode::Ro => true,
-        WorkspaceMode::Overlay => host.enforces(Feature::DiskQuota),
-        WorkspaceMode::Rw | WorkspaceMode::None => false,
-    }
-}
-
-/// What the tier does not do yet that this policy and request ask for,
-/// one warning each.
-pub(crate) fn shortfalls(policy: &Policy, workspace: Option<&Path>, host: &HostReport) -> Vec<String> {
-    let mut warnings = Vec::new();
-    let mode = policy.workspace.mode;
-    if mode != WorkspaceMode::None && !supports_workspace(mode, host) {
-        let which = match workspace {
-            Some(dir) => dir.display().to_string(),
-            None => "the current directory".to_owned(),
-        };
-        let why = match mode {
-            // Its writable layer must be a tmpfs of its own, for virtiofsd
-            // to share without the sandbox's state beside it.
-            WorkspaceMode::Overlay => "an overlay workspace in a microVM needs root".to_owned(),
-            _ => format!("the microVM tier has no {mode} workspace yet"),
-        };
-        warnings.push(format!(
-            "{why}: {which} is not visible in the guest (use --mode ro to see it read-only, or --mode none)"
-        ));
-    }
-    warnings
-}
+use crate::{RunError, plan};
 
 /// A sandbox's launch step on this tier: boots its guest, jailed, with
 /// QEMU in `cgroup` (the sandbox's own, sized by [`cgroup_limits`]) and the
@@ -79,7 +44,7 @@ pub(crate) fn boot(
     workspace: Option<&Path>,
     cgroup: Option<&SandboxCgroup>,
     egress: Option<HostEgress>,
-    layer: Option<airlock_vm::boot::LayerShare>,
+    writable: Option<airlock_vm::boot::WritableShare>,
 ) -> Result<airlock_vm::boot::Vm, RunError> {
     let mut root = guest_root(policy, &mut |notice| {
         if let Notice::Warning(w) = notice {
@@ -97,7 +62,7 @@ pub(crate) fn boot(
         limits: airlock_vm::limits::GuestLimits { pids: policy.limits.pids, disk: policy.limits.disk },
         root,
         cgroup: cgroup.cloned(),
-        layer,
+        writable,
     };
     let (vm, accel) = airlock_vm::run::start(&start, egress, &mut |note| match note {
         // Said by `check` already, before the sandbox existed.
@@ -143,10 +108,24 @@ pub(crate) fn check(
         )));
         degraded.push(Weakening::Cgroups.as_str().to_owned());
     }
-    for warning in shortfalls(policy, workspace, host) {
-        notify(Notice::Warning(warning));
+    // An overlay workspace's layer without root has no tmpfs to cap it:
+    // refused, or run without the cap, by the process tier's own rule.
+    let disk = plan::shortfalls(policy, host).into_iter().filter(|s| s.feature == Weakening::DiskQuota);
+    for shortfall in disk {
+        if !shortfall.allowed {
+            return Err(RunError::HostLacks {
+                feature: shortfall.feature.to_string(),
+                policy: policy.name.clone(),
+            });
+        }
+        notify(Notice::Warning(format!(
+            "running weaker than the host could with root: without {} (the overlay workspace's layer has no size \
+             cap; policy {} allows it; see `airlock doctor`)",
+            shortfall.feature, policy.name
+        )));
+        degraded.push(shortfall.feature.to_string());
     }
-    if let Some(ws) = workspace.filter(|_| supports_workspace(policy.workspace.mode, host))
+    if let Some(ws) = workspace
         && !RootEntry::fits(ws)
     {
         return Err(RunError::WorkspaceRefused(format!(
@@ -278,18 +257,34 @@ fn process_alive(pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// The guest listens where the process tier's agent does and tags its
-    /// connections as the proxy expects them.
+    /// The guest listens where the process tier's agent does, and the host
+    /// takes the redirected connections of a transparent sandbox only.
     #[test]
-    fn the_guest_uses_the_process_tiers_ports_and_tags() {
-        use airlock_egress::proxy::Port;
+    fn the_guest_uses_the_process_tiers_ports_and_hand_overs() {
+        use airlock_proto::handover::HandOver;
         use airlock_vm::egress_port as port;
         assert_eq!(port::HTTP_PORT, airlock_egress::HTTP_PROXY_PORT);
         assert_eq!(port::SOCKS_PORT, airlock_egress::SOCKS_PROXY_PORT);
-        assert!(matches!(Port::from_tag(port::HTTP_TAG), Some(Port::Http)));
-        assert!(matches!(Port::from_tag(port::SOCKS_TAG), Some(Port::Socks)));
+        let to = HandOver::Transparent { destination: "203.0.113.9:22".parse().unwrap() };
+        for transparent in [false, true] {
+            assert!(port::host_takes(&HandOver::Http, transparent));
+            assert!(port::host_takes(&HandOver::Socks, transparent));
+            assert_eq!(port::host_takes(&to, transparent), transparent);
+            assert_eq!(port::host_takes(&HandOver::DnsStream, transparent), transparent);
+            // A datagram socket is never the guest's to hand over.
+            assert!(!port::host_takes(&HandOver::DnsDatagram, transparent));
+        }
+        // The guest redirects to the process tier's ports.
+        let mut policy = airlock_policy::Policy::builtin("dev").unwrap();
+        policy.network.transparent = true;
+        let plan = crate::network::redirect_of(&policy.network).unwrap();
+        assert_eq!(
+            (plan.tcp_port, plan.dns_port),
+            (airlock_egress::TRANSPARENT_PORT, airlock_egress::RESOLVER_PORT)
+        );
         assert_eq!(port::GUEST_CA_BUNDLE, crate::network::SANDBOX_CA_BUNDLE);
         assert_eq!(port::GUEST_SYSTEM_BUNDLE, crate::network::SYSTEM_CA_BUNDLE);
     }

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use airlock_egress::ca::{self, RootSources, SandboxCa};
 use airlock_egress::secrets::{self, SecretSourceSpec};
 use airlock_egress::setup::{ProxySetup, SecretSetup};
-use airlock_egress::{HTTP_PROXY_PORT, SOCKS_PROXY_PORT};
+use airlock_egress::{HTTP_PROXY_PORT, RESOLVER_PORT, SOCKS_PROXY_PORT, TRANSPARENT_PORT};
+use airlock_jail::plan::Redirect;
 use airlock_policy::{Egress, HostMatch, HostPattern, Policy, SecretSource};
 use airlock_proto::EgressPorts;
 
@@ -39,6 +40,8 @@ pub struct Network {
     redactions: Vec<(String, Vec<u8>)>,
     /// The policy allows some host loopback address explicitly.
     host_loopback_allowed: bool,
+    /// Transparent egress: what the agent redirects, and where to.
+    pub redirect: Option<Redirect>,
 }
 
 impl Network {
@@ -119,6 +122,7 @@ impl Network {
             placeholders,
             redactions,
             host_loopback_allowed: policy.network.allow.iter().any(names_loopback),
+            redirect: redirect_of(&policy.network),
         }))
     }
 
@@ -214,7 +218,8 @@ impl Network {
 /// echoed back.
 fn audit_event(notice: ProxyNotice, secrets: &[(String, Vec<u8>)]) -> AuditEvent {
     match notice {
-        ProxyNotice::Event(mut event) => {
+        ProxyNotice::Event(event) => {
+            let mut event = *event;
             event.path = event.path.map(|p| redact_str(&p, secrets));
             event.host = redact_str(&event.host, secrets);
             event.rule = redact_str(&event.rule, secrets);
@@ -234,6 +239,32 @@ fn audit_event(notice: ProxyNotice, secrets: &[(String, Vec<u8>)]) -> AuditEvent
             AuditEvent::EgressProxyEnded { code: status.code(), signal: status.signal(), detail }
         }
     }
+}
+
+/// The redirection a policy asks for: with transparent egress, TCP to the
+/// transparent port and DNS to the resolver's; IPv6 only where an allow
+/// entry names an IPv6 address (names are answered with IPv4 addresses).
+pub fn redirect_of(network: &airlock_policy::Network) -> Option<Redirect> {
+    network.redirects().then(|| Redirect {
+        tcp_port: TRANSPARENT_PORT,
+        dns_port: RESOLVER_PORT,
+        ipv6: network.allows_ipv6(),
+    })
+}
+
+/// Writes the sandbox's own `/etc/hosts` (loopback names and its
+/// hostname) and `/etc/resolv.conf` (airlock's resolver) into its state
+/// directory; returns their paths. The microVM tier's guest writes the
+/// same text itself. Without transparent egress nothing answers on port
+/// 53, so a lookup fails at once (the port is closed).
+pub fn write_name_files(state_dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), RunError> {
+    let hosts = state_dir.join("hosts");
+    let resolv = state_dir.join("resolv.conf");
+    let hosts_text = airlock_jail::names::hosts(Some(hostname));
+    let resolv_text = airlock_jail::names::resolv_conf();
+    write_public(&hosts, hosts_text.as_bytes()).map_err(|e| RunError::State(hosts.clone(), e))?;
+    write_public(&resolv, resolv_text.as_bytes()).map_err(|e| RunError::State(resolv.clone(), e))?;
+    Ok((hosts, resolv))
 }
 
 fn names_loopback(pattern: &HostPattern) -> bool {
@@ -271,8 +302,9 @@ pub fn redact_str(text: &str, secrets: &[(String, Vec<u8>)]) -> String {
 /// Removes secret values from everything below `dir` that the sandbox
 /// wrote (the writable layer, the artifacts): file contents, file and
 /// directory names, symlink targets. A server that echoes a credential back
-/// must not leave it in the state directory. Never follows symlinks; keeps
-/// going past entries it cannot read, and reports how many it changed.
+/// must not leave it in the state directory. Never follows symlinks (`dir`
+/// itself being one is an error); keeps going past entries it cannot read,
+/// and reports how many it changed.
 pub fn scrub_tree(dir: &Path, secrets: &[(String, Vec<u8>)]) -> std::io::Result<usize> {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     fn redact_bytes(data: &[u8], secrets: &[(String, Vec<u8>)]) -> Option<Vec<u8>> {
@@ -313,9 +345,49 @@ pub fn scrub_tree(dir: &Path, secrets: &[(String, Vec<u8>)]) -> std::io::Result<
             }
         }
     }
-    let mut changed = 0;
-    if !secrets.is_empty() {
-        walk(dir, secrets, 0, &mut changed);
+    if secrets.is_empty() {
+        return Ok(0);
     }
+    // A microVM's guest can replace its upper layer by a link (it sees the
+    // directory holding it): the tree's own name is not followed either.
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is a symbolic link, not a layer", dir.display()),
+        ));
+    }
+    let mut changed = 0;
+    walk(dir, secrets, 0, &mut changed);
     Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A layer whose own name is a link (a microVM's guest can put one in
+    /// its place) is refused; a link inside it is rewritten, never entered.
+    #[test]
+    fn scrubbing_never_follows_a_link_not_even_the_trees_own_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host");
+        std::fs::create_dir(&host).unwrap();
+        std::fs::write(host.join("file"), "token=s3cret\n").unwrap();
+        let secrets = vec![("TOKEN".to_owned(), b"s3cret".to_vec())];
+        let swapped = dir.path().join("upper");
+        std::os::unix::fs::symlink(&host, &swapped).unwrap();
+        assert!(scrub_tree(&swapped, &secrets).is_err());
+        assert_eq!(std::fs::read_to_string(host.join("file")).unwrap(), "token=s3cret\n");
+
+        let layer = dir.path().join("layer");
+        std::fs::create_dir(&layer).unwrap();
+        std::fs::write(layer.join("out"), "s3cret").unwrap();
+        std::os::unix::fs::symlink(&host, layer.join("link")).unwrap();
+        assert_eq!(scrub_tree(&layer, &secrets).unwrap(), 1);
+        assert!(!std::fs::read_to_string(layer.join("out")).unwrap().contains("s3cret"));
+        assert_eq!(std::fs::read_to_string(host.join("file")).unwrap(), "token=s3cret\n");
+        // Nothing to scrub where there is nothing.
+        assert_eq!(scrub_tree(&dir.path().join("missing"), &secrets).unwrap(), 0);
+    }
 }

@@ -76,9 +76,12 @@ fn layers(sandbox: &SandboxDir, meta: &SandboxMeta) -> Result<(PathBuf, PathBuf)
     let Some(lower) = meta.workspace.clone().filter(|_| meta.workspace_mode == "overlay") else {
         return Err(OpError::NoOverlay(meta.name.clone()));
     };
-    // While it runs (as root) the layer is still on its tmpfs.
+    // While it runs the layer is still in `layer/`: as root on its tmpfs,
+    // for a rootless microVM apart from the rest of the sandbox's directory.
+    // (A link the guest put there is refused when it is opened.)
     let live_upper = sandbox.layer_dir().join("upper");
-    let upper = if layer::is_mount_point(&sandbox.layer_dir()) { live_upper } else { sandbox.upper_dir() };
+    let live = layer::is_mount_point(&sandbox.layer_dir()) || std::fs::symlink_metadata(&live_upper).is_ok();
+    let upper = if live { live_upper } else { sandbox.upper_dir() };
     Ok((lower, upper))
 }
 

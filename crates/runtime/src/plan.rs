@@ -86,6 +86,10 @@ pub struct SandboxPaths {
     pub rootfs: PathBuf,
     pub upper: PathBuf,
     pub work: PathBuf,
+    /// airlock's own `/etc/hosts` and `/etc/resolv.conf` for the sandbox
+    /// (`network::write_name_files`), bound over the host's.
+    pub hosts: PathBuf,
+    pub resolv_conf: PathBuf,
 }
 
 /// Everything the plan depends on besides the policy.
@@ -113,6 +117,8 @@ pub struct NetworkInput<'a> {
     /// The trust bundle on the host, and where it goes inside.
     pub bundle: &'a Path,
     pub bundle_targets: &'a [&'a str],
+    /// Transparent egress: the redirection the agent installs.
+    pub redirect: Option<airlock_jail::plan::Redirect>,
 }
 
 /// Standard search path inside the sandbox.
@@ -150,16 +156,14 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         hidden: policy.filesystem.hidden.clone(),
         tmp_size: policy.filesystem.tmp_size,
         workspace,
-        files: input
-            .network
-            .as_ref()
-            .map(|n| {
+        files: name_files(input.paths)
+            .into_iter()
+            .chain(input.network.iter().flat_map(|n| {
                 n.bundle_targets
                     .iter()
                     .map(|t| FileBind { source: n.bundle.to_path_buf(), target: PathBuf::from(t) })
-                    .collect()
-            })
-            .unwrap_or_default(),
+            }))
+            .collect(),
         rlimits: RlimitPlan {
             nofile: Some(policy.limits.nofile),
             // Counted per user namespace on current kernels: a second fence
@@ -172,6 +176,7 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
             required: !policy.allows_weaker(Weakening::Landlock),
         },
         seccomp: true,
+        redirect: input.network.as_ref().and_then(|n| n.redirect),
     };
     Launch {
         jail,
@@ -181,6 +186,16 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         tty: input.tty,
         egress: input.network.as_ref().map(|n| n.ports),
     }
+}
+
+/// The sandbox's own name files over the host's: which names and
+/// addresses the host knows is none of the sandbox's business, and its
+/// resolver is airlock's.
+fn name_files(paths: &SandboxPaths) -> Vec<FileBind> {
+    vec![
+        FileBind { source: paths.hosts.clone(), target: PathBuf::from("/etc/hosts") },
+        FileBind { source: paths.resolv_conf.clone(), target: PathBuf::from("/etc/resolv.conf") },
+    ]
 }
 
 /// The command's environment: a fixed base, the host variables the policy
@@ -235,6 +250,8 @@ mod tests {
             rootfs: "/s/rootfs".into(),
             upper: "/s/layer/upper".into(),
             work: "/s/layer/work".into(),
+            hosts: "/s/hosts".into(),
+            resolv_conf: "/s/resolv.conf".into(),
         }
     }
 
@@ -284,6 +301,69 @@ mod tests {
                 network: None,
             },
         )
+    }
+
+    #[test]
+    fn the_sandbox_gets_airlocks_name_files_and_the_redirection_asked_for() {
+        let policy = Policy::builtin("dev").unwrap();
+        let l = plan_for(&policy, "/home/u/repo", false);
+        let bound: Vec<(&Path, &Path)> =
+            l.jail.files.iter().map(|f| (f.source.as_path(), f.target.as_path())).collect();
+        assert_eq!(
+            bound,
+            [
+                (Path::new("/s/hosts"), Path::new("/etc/hosts")),
+                (Path::new("/s/resolv.conf"), Path::new("/etc/resolv.conf"))
+            ]
+        );
+        // Without network there is nothing to redirect to.
+        assert_eq!(l.jail.redirect, None);
+
+        let redirect = crate::network::redirect_of(&policy.network);
+        assert_eq!(
+            redirect,
+            Some(airlock_jail::plan::Redirect {
+                tcp_port: airlock_egress::TRANSPARENT_PORT,
+                dns_port: airlock_egress::RESOLVER_PORT,
+                ipv6: false
+            })
+        );
+        let mut v6 = policy.clone();
+        v6.network.allow = vec![airlock_policy::HostPattern::parse("[2001:db8::7]:443").unwrap()];
+        assert!(crate::network::redirect_of(&v6.network).unwrap().ipv6);
+        let mut off = policy.clone();
+        off.network.transparent = false;
+        assert_eq!(crate::network::redirect_of(&off.network), None);
+        let plugin = Policy::builtin("plugin").unwrap();
+        assert_eq!(crate::network::redirect_of(&plugin.network), None);
+
+        let paths = paths();
+        let host = host();
+        let env = |_: &str| None;
+        let no_env: Vec<(String, String)> = Vec::new();
+        let with_network = launch(
+            &policy,
+            &LaunchInput {
+                name: "brave-otter",
+                command: &[],
+                workspace: None,
+                cwd: Path::new("/"),
+                paths: &paths,
+                host: &host,
+                idmapped_workspace: false,
+                tty: false,
+                host_env: &env,
+                network: Some(NetworkInput {
+                    ports: airlock_proto::EgressPorts { http: 3128, socks: 1080 },
+                    env: &no_env,
+                    bundle: Path::new("/s/ca-bundle.pem"),
+                    bundle_targets: &["/run/airlock/ca-bundle.pem"],
+                    redirect,
+                }),
+            },
+        );
+        assert_eq!(with_network.jail.redirect, redirect);
+        assert_eq!(with_network.jail.files.len(), 3);
     }
 
     #[test]

@@ -13,7 +13,10 @@
 //!   one event per decision, which the supervisor redacts and records;
 //! - fd 5, the host end of the egress channel: the agent inside the sandbox
 //!   sends each connection it accepts straight here, so a tunnel's bytes
-//!   take one relay (this process), as before the move.
+//!   take one relay (this process), as before the move; each descriptor
+//!   comes with a `HandOver` (which listener, and for a redirected
+//!   connection its destination), and with transparent egress the
+//!   resolver's UDP socket comes once.
 //!
 //! The process confines itself before it reads a byte from the sandbox
 //! (`airlock_jail::service`): its own unprivileged uid and gid (as root:
@@ -34,7 +37,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use airlock_egress::NetEvent;
-use airlock_egress::proxy::{Port, Proxy};
+use airlock_egress::proxy::Proxy;
 use airlock_egress::setup::{ProxyReport, ProxySetup, SetupError, read_setup, write_setup};
 use airlock_jail::service::{ServiceJail, ServiceJailError};
 
@@ -166,12 +169,8 @@ fn serve(
     // Ends when the agent (and with it the sandbox) is gone; a malformed
     // message is dropped, not fatal.
     loop {
-        match airlock_proto::recv_tagged_fd(&channel) {
-            Ok((tag, fd)) => {
-                if let Some(port) = Port::from_tag(tag) {
-                    proxy.serve(fd, port);
-                }
-            }
+        match airlock_proto::handover::recv(&channel) {
+            Ok((what, fd)) => proxy.serve(fd, what),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
             Err(_) => break,
         }
@@ -217,7 +216,7 @@ fn name_service_modules(nsswitch: &str) -> Vec<CString> {
 /// What the supervisor hears of its proxy besides readiness.
 pub(crate) enum ProxyNotice {
     /// One decision, to redact and record.
-    Event(NetEvent),
+    Event(Box<NetEvent>),
     /// The proxy ended while the sandbox was running (or was killed when it
     /// would not stop): the sandbox's connections fail from now on.
     Ended { status: ExitStatus, killed_by_us: bool },
@@ -350,7 +349,9 @@ pub(crate) fn start(
                             let _ = tx.send(Err(message));
                         }
                     }
-                    ProxyReport::Event(event) if ready_tx.is_none() => notice(ProxyNotice::Event(event)),
+                    ProxyReport::Event(event) if ready_tx.is_none() => {
+                        notice(ProxyNotice::Event(Box::new(event)))
+                    }
                     ProxyReport::Event(_) => {}
                 }
             }

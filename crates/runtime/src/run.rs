@@ -78,6 +78,10 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
     result
 }
 
+/// Said whenever a sandbox gets the workspace in mode rw, on either tier.
+const RW_WARNING: &str =
+    "workspace mode rw: the sandbox writes straight into the host directory, with no review";
+
 /// A request checked against the policy and the host, before anything exists.
 pub(crate) struct Checked {
     pub policy: Policy,
@@ -104,15 +108,13 @@ pub(crate) fn check(
     }
     if policy.isolation.tier == airlock_policy::Tier::Microvm {
         // The guest has its own kernel: none of the host's jail features
-        // apply; the workspace in the modes the tier has.
-        let requested = workspace;
+        // apply (an overlay's layer without root is `check`'s to say).
         let host = probe::probe_host(probe::Depth::Launch);
-        let workspace = if crate::microvm::supports_workspace(policy.workspace.mode, &host) {
-            resolve_workspace(&policy, requested)?
-        } else {
-            None
-        };
-        let degraded = crate::microvm::check(&policy, workspace.as_deref().or(requested), &host, notify)?;
+        let workspace = resolve_workspace(&policy, workspace)?;
+        if policy.workspace.mode == WorkspaceMode::Rw && workspace.is_some() {
+            notify(Notice::Warning(RW_WARNING.into()));
+        }
+        let degraded = crate::microvm::check(&policy, workspace.as_deref(), &host, notify)?;
         return Ok(Checked { policy, workspace, host, degraded });
     }
     let workspace = resolve_workspace(&policy, workspace)?;
@@ -125,9 +127,7 @@ pub(crate) fn check(
         )));
     }
     if policy.workspace.mode == WorkspaceMode::Rw && workspace.is_some() {
-        notify(Notice::Warning(
-            "workspace mode rw: the sandbox writes straight into the host directory, with no review".into(),
-        ));
+        notify(Notice::Warning(RW_WARNING.into()));
     }
     // The same report `airlock doctor` prints, without its trials.
     let host = probe::probe_host(probe::Depth::Launch);

@@ -1,14 +1,18 @@
 //! Starting a guest: QEMU's `microvm` machine, jailed, with the fewest
 //! devices — a serial console (a log file), one virtio-serial port (the
 //! agent's channel), a second one for egress when the sandbox has any,
-//! read-only 9p shares (the host's directories, the workspace in mode
-//! ro) — and the agent's first word over the channel.
+//! read-only 9p shares (the host's directories, the workspace in modes ro
+//! and overlay), and one virtio-fs device for what the guest writes (an
+//! overlay workspace's layer, or the workspace in mode rw), served by a
+//! jailed virtiofsd — and the agent's first word over the channel.
 
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use airlock_jail::cgroup::SandboxCgroup;
@@ -38,24 +42,44 @@ pub struct BootSpec {
     /// The guest has egress: a second virtio-serial port, served by
     /// [`crate::egress_port`], and loopback with the proxy ports inside.
     pub egress: bool,
-    /// The workspace's writable layer on the host, served writable over
-    /// virtio-fs by a jailed virtiofsd; the guest mounts the workspace as
-    /// an overlay over it.
-    pub layer: Option<LayerShare>,
+    /// Transparent egress (with `egress` only): the redirection the guest's
+    /// PID 1 installs before any command runs, said on its command line.
+    pub redirect: Option<airlock_jail::plan::Redirect>,
+    /// The host directory the guest writes (an overlay workspace's layer,
+    /// or the workspace in mode rw), served over virtio-fs by a jailed
+    /// virtiofsd, never by QEMU.
+    pub writable: Option<WritableShare>,
     /// The policy's limits the guest enforces inside.
     pub limits: GuestLimits,
 }
 
-/// The workspace's writable layer, as the guest gets it.
+/// What the guest does with the host directory it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// An overlay workspace's writable layer: the guest mounts the
+    /// workspace (read-only 9p) as an overlay over its `upper` and `work`.
+    Layer,
+    /// The workspace itself (mode rw), mounted at its own path.
+    Workspace,
+}
+
+/// A host directory the guest writes, as virtiofsd serves it.
 #[derive(Debug, Clone)]
-pub struct LayerShare {
-    /// The directory holding `upper` and `work`, and nothing else.
+pub struct WritableShare {
+    pub writes: Writes,
+    /// What virtiofsd serves and chroots into: the layer directory (holding
+    /// `upper` and `work`, and nothing else), or the workspace.
     pub dir: PathBuf,
     /// As root: the first of the sandbox's block of 65536 host ids, which
     /// virtiofsd's user namespace maps 0–65535 to (the layer's owner is its
     /// root, the block's first id, as a process-tier sandbox's). None: the
     /// caller's own uid, alone.
     pub first_host_uid: Option<u32>,
+    /// As root, for the workspace: a detached id-mapped tree of it with the
+    /// block's map (host id u is u in the guest, as in a process-tier
+    /// sandbox's workspace), which virtiofsd's jail attaches in place of a
+    /// bind. Rootless, the workspace is bound, the caller's ids alone.
+    pub tree: Option<Arc<OwnedFd>>,
 }
 
 /// A running guest; killed (and its directory removed) when dropped.
@@ -120,21 +144,45 @@ fn tsc_khz() -> u64 {
 const MAX_COMMAND_LINE: usize = 2047;
 
 /// The word on the kernel's command line that tells the guest it has an
-/// egress port.
+/// egress port (with transparent egress, the word says what it redirects:
+/// [`crate::egress_port::egress_arg`]).
 pub const EGRESS_ARG: &str = "egress:on";
+
+/// The most words the kernel passes its init after `--` (its
+/// MAX_INIT_ARGS, 32; argv[0] comes on top). One more panics the kernel at
+/// boot ("Too many boot init vars").
+const MAX_INIT_WORDS: usize = 32;
 
 /// The word on the kernel's command line that tells the guest its
 /// workspace is an overlay whose writable layer is the virtio-fs share.
 pub const LAYER_ARG: &str = "layer:on";
 
-/// The virtio-fs share's tag.
+/// The virtio-fs share's tag when it is an overlay's layer.
 pub const LAYER_TAG: &str = "layer";
+
+/// The word on the kernel's command line that tells the guest its
+/// workspace is the virtio-fs share itself (mode rw).
+pub const RW_ARG: &str = "rw:on";
+
+/// The virtio-fs share's tag when it is the workspace.
+pub const RW_TAG: &str = "rw";
+
+impl Writes {
+    /// The virtio-fs share's tag, and the word that tells the guest.
+    fn tag_and_arg(self) -> (&'static str, &'static str) {
+        match self {
+            Writes::Layer => (LAYER_TAG, LAYER_ARG),
+            Writes::Workspace => (RW_TAG, RW_ARG),
+        }
+    }
+}
 
 fn kernel_command_line(
     accel: Accel,
     root: &[RootEntry],
     egress: bool,
-    layer: bool,
+    writes: Option<Writes>,
+    redirect: Option<&airlock_jail::plan::Redirect>,
     limits: GuestLimits,
 ) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
@@ -146,16 +194,24 @@ fn kernel_command_line(
     line.push_str(&format!(" -- {GUEST_ROLE}"));
     if egress {
         line.push(' ');
-        line.push_str(EGRESS_ARG);
+        line.push_str(&crate::egress_port::egress_arg(redirect));
     }
-    if layer {
+    if let Some(writes) = writes {
         line.push(' ');
-        line.push_str(LAYER_ARG);
+        line.push_str(writes.tag_and_arg().1);
     }
     line.push(' ');
     line.push_str(&limits.to_arg());
     line.push(' ');
     line.push_str(&RootEntry::list_to_arg(root));
+    // A path with a space would split into words of its own.
+    let words = line.split_once(" -- ").map_or(0, |(_, init)| init.split(' ').count());
+    if words > MAX_INIT_WORDS {
+        return Err(VmError::Boot(format!(
+            "the guest's init would get {words} words on the kernel's command line (at most {MAX_INIT_WORDS}): \
+             a path of the guest's root has spaces, which the command line cannot carry"
+        )));
+    }
     if line.len() > MAX_COMMAND_LINE {
         return Err(VmError::Boot(format!(
             "the guest's root does not fit the kernel's command line ({} bytes, at most {MAX_COMMAND_LINE}): \
@@ -174,7 +230,7 @@ fn qemu_args(
     spec: &BootSpec,
     socket: &Path,
     egress_socket: &Path,
-    layer_socket: &Path,
+    fs_socket: &Path,
     console: &Path,
 ) -> Result<Vec<String>, VmError> {
     let accel = match spec.accel {
@@ -183,8 +239,9 @@ fn qemu_args(
         Accel::Tcg => format!("tcg,tb-size={TCG_TRANSLATION_MIB}"),
         Accel::Kvm => "kvm".to_owned(),
     };
+    let writes = spec.writable.as_ref().map(|w| w.writes);
     // virtio-fs needs the guest's RAM shared with virtiofsd: a memfd.
-    let machine = if spec.layer.is_some() { "microvm,memory-backend=ram" } else { "microvm" };
+    let machine = if writes.is_some() { "microvm,memory-backend=ram" } else { "microvm" };
     let mut args: Vec<String> = vec!["-M".into(), machine.into(), "-accel".into(), accel];
     if spec.accel == Accel::Kvm {
         args.extend(["-cpu".into(), "host".into()]);
@@ -211,7 +268,14 @@ fn qemu_args(
         "-initrd".into(),
         guest.initramfs.to_string_lossy().into_owned(),
         "-append".into(),
-        kernel_command_line(spec.accel, &spec.root, spec.egress, spec.layer.is_some(), spec.limits)?,
+        kernel_command_line(
+            spec.accel,
+            &spec.root,
+            spec.egress,
+            writes,
+            spec.redirect.as_ref(),
+            spec.limits,
+        )?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
         "-device".into(),
@@ -228,7 +292,8 @@ fn qemu_args(
             format!("virtserialport,chardev=egress,name={}", crate::egress_port::PORT_NAME),
         ]);
     }
-    if spec.layer.is_some() {
+    if let Some(writes) = writes {
+        let tag = writes.tag_and_arg().0;
         args.extend([
             // virtiofsd serves virtio 1.0 only; microvm's virtio-mmio
             // devices are legacy unless told otherwise.
@@ -237,18 +302,21 @@ fn qemu_args(
             "-object".into(),
             format!("memory-backend-memfd,id=ram,size={}M,share=on", spec.memory_mib),
             "-chardev".into(),
-            format!("socket,id={LAYER_TAG},path={}", path(layer_socket)),
+            format!("socket,id={tag},path={}", path(fs_socket)),
             "-device".into(),
-            format!("vhost-user-fs-device,chardev={LAYER_TAG},tag={LAYER_TAG}"),
+            format!("vhost-user-fs-device,chardev={tag},tag={tag}"),
         ]);
     }
     let shares = spec.root.iter().filter_map(|e| match e {
         RootEntry::Share(p) => Some(p),
         _ => None,
     });
-    // The workspace (mode ro) is one more read-only share, with a tag of its own.
+    // The workspace (modes ro and overlay) is one more read-only share,
+    // with a tag of its own; in mode rw QEMU gets no share of it at all.
     let workspace = spec.root.iter().find_map(|e| match e {
-        RootEntry::Workspace(path) => Some((WORKSPACE_TAG.to_owned(), path)),
+        RootEntry::Workspace(path) if writes != Some(Writes::Workspace) => {
+            Some((WORKSPACE_TAG.to_owned(), path))
+        }
         _ => None,
     });
     for (tag, share) in shares.enumerate().map(|(i, p)| (share_tag(i), p)).chain(workspace) {
@@ -333,7 +401,7 @@ impl Vm {
         self.qemu.pid
     }
 
-    /// virtiofsd's host process id, when the guest has a writable layer.
+    /// virtiofsd's host process id, when the guest writes a host directory.
     pub fn virtiofsd_pid(&self) -> Option<i32> {
         self.qemu.virtiofsd
     }
@@ -383,9 +451,10 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
     let agent = listen(&socket)?;
     let egress_socket = dir.join("egress.sock");
     let egress_port = if spec.egress { Some(listen(&egress_socket)?) } else { None };
-    let layer_socket = dir.join("layer.sock");
-    let virtiofsd = match &spec.layer {
-        Some(layer) => Some(start_virtiofsd(layer, &layer_socket, dir, spec.cgroup.as_ref())?),
+    let fs_socket = dir.join("fs.sock");
+    let writes = spec.writable.as_ref().map(|w| w.writes);
+    let virtiofsd = match &spec.writable {
+        Some(share) => Some(start_virtiofsd(share, &fs_socket, dir, spec.cgroup.as_ref())?),
         None => None,
     };
     // QEMU's start failing below leaves no virtiofsd behind.
@@ -397,12 +466,14 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
         accel: spec.accel,
         kernel: &guest.kernel,
         initramfs: &guest.initramfs,
-        // The workspace (mode ro) is shared read-only like the root's directories.
+        // The workspace (modes ro and overlay) is shared read-only like the
+        // root's directories; in mode rw QEMU does not see it.
         shares: spec
             .root
             .iter()
             .filter_map(|e| match e {
-                RootEntry::Share(p) | RootEntry::Workspace(p) => Some(p.clone()),
+                RootEntry::Share(p) => Some(p.clone()),
+                RootEntry::Workspace(p) if writes != Some(Writes::Workspace) => Some(p.clone()),
                 _ => None,
             })
             .collect(),
@@ -416,19 +487,16 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
             .collect(),
         run_dir: dir,
         // The overlay's lower layer: 9p answers its xattr questions.
-        proc: spec.layer.is_some(),
+        proc: writes == Some(Writes::Layer),
     };
-    let plan = jail::plan(
-        &program,
-        qemu_args(guest, spec, &socket, &egress_socket, &layer_socket, &console)?,
-        &needs,
-    )?;
+    let plan =
+        jail::plan(&program, qemu_args(guest, spec, &socket, &egress_socket, &fs_socket, &console)?, &needs)?;
     let ids = if rustix::process::geteuid().is_root() {
         let (uid, gid) = qemu_ids(spec.accel);
         // QEMU creates the console log and connects to the sockets as itself.
         let sockets = std::iter::once(&socket)
             .chain(spec.egress.then_some(&egress_socket))
-            .chain(spec.layer.is_some().then_some(&layer_socket));
+            .chain(writes.is_some().then_some(&fs_socket));
         for path in std::iter::once(dir).chain(sockets.map(PathBuf::as_path)) {
             rustix::fs::chown(
                 path,
@@ -448,6 +516,7 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
         id_count: 1,
         stderr: &log,
         stdin: None,
+        tree: None,
         cgroup: spec.cgroup.as_ref(),
     })?;
     let virtiofsd = virtiofsd_guard.defuse();
@@ -471,40 +540,37 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Starts virtiofsd, jailed, serving `layer` writable on a socket at
+/// Starts virtiofsd, jailed, serving `share` writable on a socket at
 /// `socket` (bound here, handed over as its standard input): root of a user
 /// namespace of its own that maps the guest's ids 0–65535 to the sandbox's
 /// block of unprivileged host ids (its root, the block's first, owns the
-/// layer), in a mount view holding its binary, its libraries and the layer,
-/// where it chroots into the layer.
-/// Guest-written xattrs are kept (overlay's `user.overlay.*` markers);
-/// they land on the host as what they are, read by the diff as data.
+/// layer) — or, rootless, to the caller alone — in a mount view holding
+/// its binary, its libraries and the shared directory, where it chroots
+/// into that directory, so a symlink the guest writes resolves inside it
+/// (virtiofsd opens what it serves without following links, relative to
+/// directories it holds open) and nothing else of the host is there to
+/// reach. The workspace as root is the id-mapped tree of `share`, so the
+/// guest's ids are the host's there, as in a process-tier sandbox's.
+/// Guest-written xattrs are kept (overlay's `user.overlay.*` markers, and
+/// the workspace's own); in the workspace file capabilities are refused.
 fn start_virtiofsd(
-    share: &LayerShare,
+    share: &WritableShare,
     socket: &Path,
     dir: &Path,
     cgroup: Option<&SandboxCgroup>,
 ) -> Result<i32, VmError> {
-    let layer = share.dir.as_path();
     let listener = UnixListener::bind(socket).map_err(|e| VmError::io(socket, e))?;
     let log_path = dir.join("virtiofsd.log");
     let log = fs::File::create(&log_path).map_err(|e| VmError::io(&log_path, e))?;
     let program = PathBuf::from(jail::VIRTIOFSD);
     if !program.exists() {
         return Err(VmError::Boot(format!(
-            "{} is missing: the microVM tier's overlay workspace needs virtiofsd (Debian: qemu-system-x86)",
+            "{} is missing: the microVM tier's workspace in modes overlay and rw needs virtiofsd (Debian: \
+             qemu-system-x86)",
             program.display()
         )));
     }
-    let args = vec![
-        "--fd=0".to_owned(),
-        "-o".to_owned(),
-        format!("source={}", layer.to_string_lossy().replace(',', "\\,")),
-        "-o".to_owned(),
-        "sandbox=chroot,xattr,cache=auto".to_owned(),
-        "--rlimit-nofile=0".to_owned(),
-    ];
-    let plan = jail::plan_virtiofsd(&program, args, layer)?;
+    let plan = virtiofsd_plan(&program, share)?;
     let ids = share.first_host_uid.map(|uid| (uid, uid));
     use std::os::fd::AsFd;
     jail::spawn(&jail::Start {
@@ -513,8 +579,38 @@ fn start_virtiofsd(
         id_count: 65_536,
         stderr: &log,
         stdin: Some(listener.as_fd()),
+        tree: share.tree.as_deref().map(AsFd::as_fd),
         cgroup,
     })
+}
+
+/// virtiofsd's command line and jail for `share`.
+fn virtiofsd_plan(program: &Path, share: &WritableShare) -> Result<jail::Plan, VmError> {
+    let mut options = "sandbox=chroot,xattr,cache=auto".to_owned();
+    let mut keep = jail::VIRTIOFSD_CAPABILITIES.to_vec();
+    if share.writes == Writes::Workspace {
+        // Set through the id-mapped workspace, a file capability would be
+        // stored for host root and hold on the host: refused (EPERM).
+        options.push_str(",modcaps=-setfcap");
+        keep.retain(|c| *c != jail::CAP_SETFCAP);
+    }
+    let args = vec![
+        "--fd=0".to_owned(),
+        "-o".to_owned(),
+        format!("source={}", share.dir.to_string_lossy().replace(',', "\\,")),
+        "-o".to_owned(),
+        options,
+        "--rlimit-nofile=0".to_owned(),
+    ];
+    let served = if share.tree.is_some() { jail::Served::Attached } else { jail::Served::Bound };
+    let mut plan = jail::plan_virtiofsd(program, args, &share.dir, served, &keep)?;
+    // Rootless its user namespace denies setgroups for good; virtiofsd
+    // exits unless dropping the caller's supplementary groups succeeds.
+    plan.setgroups_noop = share.first_host_uid.is_none();
+    // The workspace's files land in the host's tree as the guest marks
+    // them: no setuid or setgid bit (EPERM to the guest).
+    plan.no_setid_bits = share.writes == Writes::Workspace;
+    Ok(plan)
 }
 
 /// The QEMU process and its run's directory; killed and removed when dropped.
@@ -677,28 +773,100 @@ mod tests {
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &fits, false, false, LIMITS).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &fits, false, None, None, LIMITS).unwrap();
         assert!(line.ends_with("|hide:/etc/secret-0019-with-a-long-name"), "{line}");
         // However many entries, init gets few arguments (the kernel's
         // limit is 32).
         let (_, init_args) = line.split_once(" -- ").unwrap();
         assert_eq!(init_args.split(' ').count(), 3, "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_many, false, false, LIMITS).unwrap_err().to_string();
+        let err =
+            kernel_command_line(Accel::Tcg, &too_many, false, None, None, LIMITS).unwrap_err().to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
+        // Few pieces, but long ones.
+        let long = |i: usize| RootEntry::Hide(format!("/{}{i}", "x".repeat(80)).into());
+        let too_long: Vec<RootEntry> = (0..28).map(long).collect();
+        let err =
+            kernel_command_line(Accel::Tcg, &too_long, false, None, None, LIMITS).unwrap_err().to_string();
+        assert!(err.contains("filesystem.hidden") && err.contains("2047"), "{err}");
+    }
+
+    /// The kernel panics at boot when its init gets more than 32 words:
+    /// however many pieces the root has, the egress word (whatever it
+    /// redirects), the layer word, the limits and the root are five; a
+    /// line that would split into more is refused before, with the reason.
+    #[test]
+    fn a_root_of_too_many_pieces_for_the_kernels_init_is_refused() {
+        let plan = airlock_jail::plan::Redirect { tcp_port: 3129, dns_port: 3053, ipv6: true };
+        let hide = |i: usize| RootEntry::Hide(format!("/h{i}").into());
+        let layer = Some(Writes::Layer);
+        let many: Vec<RootEntry> = (0..100).map(hide).collect();
+        let line = kernel_command_line(Accel::Tcg, &many, true, layer, Some(&plan), LIMITS).unwrap();
+        let init = line.split_once(" -- ").unwrap().1;
+        assert_eq!(
+            init.split(' ').collect::<Vec<_>>(),
+            [
+                GUEST_ROLE,
+                "egress:3129:3053:6",
+                LAYER_ARG,
+                "limits:256:1073741824",
+                &RootEntry::list_to_arg(&many)
+            ],
+            "{line}"
+        );
+        // A path with spaces (the runtime leaves such paths out) would be
+        // many words: refused, not left to the kernel.
+        let spaced = [RootEntry::Hide(format!("/h{}", " x".repeat(28)).into())];
+        let err = kernel_command_line(Accel::Tcg, &spaced, true, layer, Some(&plan), LIMITS)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("33 words") && err.contains("spaces"), "{err}");
     }
 
     #[test]
     fn the_guest_is_told_of_its_egress_port_only_when_it_has_one() {
         let with =
-            kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true, false, LIMITS).unwrap();
+            kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true, None, None, LIMITS)
+                .unwrap();
         assert!(
             with.ends_with(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} limits:256:1073741824 root:share:/usr")),
             "{with}"
         );
-        let without = kernel_command_line(Accel::Tcg, &[], false, false, LIMITS).unwrap();
+        let without = kernel_command_line(Accel::Tcg, &[], false, None, None, LIMITS).unwrap();
         assert!(!without.contains("egress"), "{without}");
         assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
+    }
+
+    #[test]
+    fn the_guest_is_told_what_to_redirect_in_its_egress_word() {
+        use crate::egress_port::{egress_arg, egress_from_arg};
+        let plan = airlock_jail::plan::Redirect { tcp_port: 3129, dns_port: 3053, ipv6: false };
+        let line = kernel_command_line(Accel::Tcg, &[], true, None, Some(&plan), LIMITS).unwrap();
+        assert!(
+            line.ends_with(&format!(" -- {GUEST_ROLE} egress:3129:3053:4 limits:256:1073741824 root:")),
+            "{line}"
+        );
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words.iter().find_map(|w| egress_from_arg(w)), Some(Some(plan)));
+        assert_eq!(egress_from_arg(EGRESS_ARG), Some(None));
+        assert_eq!(egress_arg(None), EGRESS_ARG);
+        // No egress port, nothing to redirect to.
+        let none = kernel_command_line(Accel::Tcg, &[], false, None, Some(&plan), LIMITS).unwrap();
+        assert!(!none.contains("egress"), "{none}");
+        let v6 = airlock_jail::plan::Redirect { ipv6: true, ..plan };
+        assert_eq!(egress_from_arg(&egress_arg(Some(&v6))), Some(Some(v6)));
+        for bad in [
+            "egress:",
+            "egress:off",
+            "egress:1:2",
+            "egress:1:2:5",
+            "egress:1:2:4:9",
+            "egress:x:2:4",
+            "share:/usr",
+        ] {
+            assert_eq!(egress_from_arg(bad), None, "{bad}");
+        }
+        assert_eq!(RootEntry::from_arg(&egress_arg(Some(&plan))), None, "not a piece of the guest's root");
     }
 
     #[test]
@@ -718,12 +886,13 @@ mod tests {
             root: vec![RootEntry::Workspace("/w".into())],
             cgroup: None,
             egress: false,
-            layer: None,
+            redirect: None,
+            writable: None,
             limits: LIMITS,
         };
         let run = Path::new("/run/x");
         let args = |spec: &BootSpec| {
-            qemu_args(&guest, spec, &run.join("a"), &run.join("e"), &run.join("layer.sock"), &run.join("c"))
+            qemu_args(&guest, spec, &run.join("a"), &run.join("e"), &run.join("fs.sock"), &run.join("c"))
                 .unwrap()
                 .join(" ")
         };
@@ -733,19 +902,110 @@ mod tests {
             without.contains("fsdev=ws,mount_tag=ws"),
             "the workspace is a read-only 9p share: {without}"
         );
-        spec.layer = Some(LayerShare { dir: "/s/layer".into(), first_host_uid: Some(1_000_065_536) });
+        spec.writable = Some(WritableShare {
+            writes: Writes::Layer,
+            dir: "/s/layer".into(),
+            first_host_uid: Some(1_000_065_536),
+            tree: None,
+        });
         let with = args(&spec);
         for part in [
             "-M microvm,memory-backend=ram ",
             "memory-backend-memfd,id=ram,size=256M,share=on",
             "virtio-mmio.force-legacy=false",
-            "socket,id=layer,path=/run/x/layer.sock",
+            "socket,id=layer,path=/run/x/fs.sock",
             "vhost-user-fs-device,chardev=layer,tag=layer",
             "fsdev=ws,mount_tag=ws",
         ] {
             assert!(with.contains(part), "{part} missing: {with}");
         }
         assert!(with.contains(&format!(" {LAYER_ARG}")), "the guest is told: {with}");
+        assert!(!with.contains(RW_ARG), "{with}");
+    }
+
+    /// Mode rw: the workspace is the virtio-fs share (virtiofsd's), and
+    /// QEMU has no share of it at all, so it cannot write host files.
+    #[test]
+    fn a_rw_workspace_is_a_virtio_fs_share_and_no_9p_share_of_qemus() {
+        let guest = Guest {
+            key: String::new(),
+            kernel_release: "6.1".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            initramfs_bytes: 0,
+        };
+        let spec = BootSpec {
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            cpus: 1,
+            deadline: Duration::from_secs(1),
+            root: vec![RootEntry::Share("/usr".into()), RootEntry::Workspace("/w".into())],
+            cgroup: None,
+            egress: false,
+            redirect: None,
+            writable: Some(WritableShare {
+                writes: Writes::Workspace,
+                dir: "/w".into(),
+                first_host_uid: None,
+                tree: None,
+            }),
+            limits: LIMITS,
+        };
+        let run = Path::new("/run/x");
+        let args =
+            qemu_args(&guest, &spec, &run.join("a"), &run.join("e"), &run.join("fs.sock"), &run.join("c"))
+                .unwrap()
+                .join(" ");
+        for part in [
+            "memory-backend-memfd,id=ram,size=256M,share=on",
+            "socket,id=rw,path=/run/x/fs.sock",
+            "vhost-user-fs-device,chardev=rw,tag=rw",
+            "path=/usr,security_model=none,readonly=on",
+        ] {
+            assert!(args.contains(part), "{part} missing: {args}");
+        }
+        assert!(
+            !args.contains("path=/w,") && !args.contains("mount_tag=ws"),
+            "QEMU shares the workspace: {args}"
+        );
+        assert!(args.contains(&format!(" {RW_ARG} ")) && !args.contains(LAYER_ARG), "{args}");
+        assert!(args.contains("workspace:/w"), "the guest still learns the workspace's path: {args}");
+    }
+
+    /// virtiofsd serving the workspace keeps no CAP_SETFCAP and says so to
+    /// itself; serving a layer it keeps what it had.
+    #[test]
+    fn virtiofsd_serving_the_workspace_cannot_set_file_capabilities() {
+        let program = Path::new(jail::VIRTIOFSD);
+        if !program.exists() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "needs {} under CI=true", jail::VIRTIOFSD);
+            eprintln!("skipping: no {}", jail::VIRTIOFSD);
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let share = |writes| WritableShare {
+            writes,
+            dir: dir.path().to_path_buf(),
+            first_host_uid: None,
+            tree: None,
+        };
+        let rw = virtiofsd_plan(program, &share(Writes::Workspace)).unwrap();
+        assert!(rw.args.iter().any(|a| a.contains("modcaps=-setfcap")), "{:?}", rw.args);
+        assert!(!rw.keep_capabilities.contains(&jail::CAP_SETFCAP));
+        assert_eq!(rw.writable, [dir.path().to_path_buf()], "rootless: bound");
+        assert!(rw.setgroups_noop, "rootless, setgroups cannot drop the caller's groups");
+        assert!(rw.no_setid_bits, "a rw workspace takes no setuid or setgid bit");
+        let layer = virtiofsd_plan(program, &share(Writes::Layer)).unwrap();
+        assert!(!layer.no_setid_bits, "the layer's bits are stripped by apply");
+        assert!(!layer.args.iter().any(|a| a.contains("modcaps")), "{:?}", layer.args);
+        assert_eq!(layer.keep_capabilities, jail::VIRTIOFSD_CAPABILITIES);
+        let as_root = virtiofsd_plan(
+            program,
+            &WritableShare { first_host_uid: Some(1_000_000_000), ..share(Writes::Layer) },
+        )
+        .unwrap();
+        assert!(!as_root.setgroups_noop, "as root virtiofsd drops its groups itself");
+        assert!(rw.args.contains(&format!("source={}", dir.path().display())), "{:?}", rw.args);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! port as the process tier's agent does over its socket. No udev, no
 //! systemd, no network device, no shell: this process and what the host asks it
 //! to run are all that runs in the guest. With egress, loopback and the
-//! proxy ports relayed over a port of their own (`egress_port`).
+//! proxy ports relayed over a port of their own (`egress_port`); with
+//! transparent egress, the netfilter modules loaded and the process tier's
+//! redirection installed before the agent serves. The guest's /etc/hosts
+//! and /etc/resolv.conf are airlock's own, as a process-tier sandbox's.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -17,9 +20,9 @@ use std::os::unix::fs::PermissionsExt;
 
 use rustix::mount::{MountFlags, mount, mount_bind, mount_move};
 
-use crate::boot::{EGRESS_ARG, LAYER_ARG, LAYER_TAG};
+use crate::boot::{LAYER_ARG, LAYER_TAG, RW_ARG, RW_TAG};
 use crate::egress_port::{GuestEgress, GuestEgressError, PORT_NAME as EGRESS_PORT};
-use crate::guest::{MODULE_DIR, MODULE_ORDER};
+use crate::guest::{MODULE_DIR, MODULE_ORDER, TRANSPARENT_ORDER};
 use crate::limits::{Budget, GuestLimits};
 
 /// The guest's virtio-serial port's name.
@@ -63,13 +66,90 @@ enum InitError {
     NoPort(&'static str),
     #[error("egress: {0}")]
     Egress(#[from] GuestEgressError),
-    #[error("the host gave no limits (pids:N disk:BYTES) on the kernel's command line")]
+    #[error("the host gave no limits (limits:PIDS:DISK) on the kernel's command line")]
     NoLimits,
 }
 
-/// In the final root: the trust bundle, loopback and the proxy ports.
+/// In the final root: the trust bundle, loopback and the proxy ports, and
+/// the redirection when the host asked for it.
 fn prepare_egress(device: PathBuf) -> Result<GuestEgress, InitError> {
-    Ok(GuestEgress::prepare(&device)?)
+    Ok(GuestEgress::prepare(&device, redirect_requested())?)
+}
+
+/// What the host's command line says of egress: none, through the proxy
+/// ports (`Some(None)`), or transparent too (`Some(Some(plan))`).
+fn egress_requested() -> Option<Option<airlock_jail::plan::Redirect>> {
+    std::env::args().find_map(|a| crate::egress_port::egress_from_arg(&a))
+}
+
+/// The redirection the host's command line asks for, if any.
+fn redirect_requested() -> Option<airlock_jail::plan::Redirect> {
+    egress_requested().flatten()
+}
+
+/// Transparent egress: nftables, NAT and conntrack, loaded (before the
+/// initramfs is left behind) only for a guest that redirects.
+fn load_transparent_modules() -> Result<(), InitError> {
+    if redirect_requested().is_some() { load_module_list(TRANSPARENT_ORDER) } else { Ok(()) }
+}
+
+/// The guest's /etc/hosts and /etc/resolv.conf: airlock's own (the same
+/// text as a process-tier sandbox's, `airlock_jail::names`), written to the
+/// guest's memory and bound read-only over the host's files, which /etc's
+/// share would show. Where the host has neither, the guest has nothing to
+/// hide and nothing is bound.
+fn install_name_files() -> Result<(), InitError> {
+    let dir = Path::new("/run/airlock");
+    fs::create_dir_all(dir).map_err(step("create /run/airlock"))?;
+    let uname = rustix::system::uname();
+    let hostname = uname.nodename().to_str().ok().filter(|n| !n.is_empty() && *n != "(none)");
+    for (name, text) in
+        [("hosts", airlock_jail::names::hosts(hostname)), ("resolv.conf", airlock_jail::names::resolv_conf())]
+    {
+        let own = dir.join(name);
+        fs::write(&own, text).map_err(step(format!("write {}", own.display())))?;
+        let target = Path::new("/etc").join(name);
+        bind_over(&own, &target).map_err(step(format!("put airlock's own {} in place", target.display())))?;
+    }
+    Ok(())
+}
+
+/// Binds `source` read-only over the file at `target`, following a
+/// symlink there as a mount does: a dangling one (the host's resolv.conf
+/// into /run, which in the guest is its own memory) gets its file made
+/// first. Nothing at `target` at all: nothing to cover.
+fn bind_over(source: &Path, target: &Path) -> io::Result<()> {
+    let mut at = target.to_path_buf();
+    if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) && fs::metadata(&at).is_err() {
+        let link = fs::read_link(&at)?;
+        let named = at.parent().unwrap_or(Path::new("/")).join(link);
+        at = lexically_normal(&named);
+        if let Some(parent) = at.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::File::create(&at)?;
+    } else if fs::symlink_metadata(&at).is_err() {
+        return Ok(());
+    }
+    rustix::mount::mount_bind(source, &at)?;
+    rustix::mount::mount_remount(&at, MountFlags::BIND | MountFlags::RDONLY, c"")?;
+    Ok(())
+}
+
+/// An absolute path with `.` and `..` resolved by name, never above `/`.
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::from("/");
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 fn step<E: Into<io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> InitError {
@@ -91,8 +171,9 @@ pub enum RootEntry {
     Link { path: PathBuf, target: PathBuf },
     /// A path masked inside (an empty file or directory over it).
     Hide(PathBuf),
-    /// The workspace at its own path, read-only, shared with tag
-    /// [`WORKSPACE_TAG`].
+    /// The workspace at its own path: read-only over 9p with tag
+    /// [`WORKSPACE_TAG`], the lower layer of an overlay (`layer:on`), or
+    /// the virtio-fs share itself (`rw:on`).
     Workspace(PathBuf),
 }
 
@@ -165,6 +246,7 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
     mount("sysfs", "/sys", "sysfs", MountFlags::empty(), None).map_err(step("mount /sys"))?;
     mount("devtmpfs", "/dev", "devtmpfs", MountFlags::empty(), None).map_err(step("mount /dev"))?;
     load_modules()?;
+    load_transparent_modules()?;
     let entries = RootEntry::list_from_args(std::env::args().skip(2));
     let limits = GuestLimits::from_args(std::env::args().skip(2)).ok_or(InitError::NoLimits)?;
     // Read before anything is written to the guest's tmpfs.
@@ -180,6 +262,7 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
         .map_err(step("mount the root"))?;
     let options = c"trans=virtio,version=9p2000.L,cache=loose,msize=512000";
     let layered = std::env::args().any(|a| a == LAYER_ARG);
+    let writable = std::env::args().any(|a| a == RW_ARG);
     let mut shares = 0;
     for entry in &entries {
         match entry {
@@ -210,6 +293,11 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
                         "mount the workspace {} as an overlay over virtio-fs",
                         path.display()
                     )))?;
+                } else if writable {
+                    // Mode rw: the host's directory itself, served by virtiofsd.
+                    let flags = MountFlags::NODEV | MountFlags::NOSUID;
+                    retry(|| mount(RW_TAG, &target, "virtiofs", flags, None))
+                        .map_err(step(format!("mount the workspace {} over virtio-fs", path.display())))?;
                 } else {
                     retry(|| mount(WORKSPACE_TAG, &target, "9p", flags, Some(options)))
                         .map_err(step(format!("mount the workspace {} over 9p", path.display())))?;
@@ -251,7 +339,7 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
         }
     }
     let port = find_port(PORT_NAME)?;
-    let egress = if std::env::args().any(|a| a == EGRESS_ARG) { Some(find_port(EGRESS_PORT)?) } else { None };
+    let egress = if egress_requested().is_some() { Some(find_port(EGRESS_PORT)?) } else { None };
     // The initramfs cannot be pivoted away from: move the new root over it
     // and enter it (what switch_root does). The initramfs's memory stays:
     // this executable runs from it.
@@ -259,6 +347,7 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
     mount_move(".", "/").map_err(step("move the new root to /"))?;
     rustix::process::chroot(".").map_err(step("chroot into the new root"))?;
     std::env::set_current_dir("/").map_err(step("enter /"))?;
+    install_name_files()?;
     Ok((port, egress, workload))
 }
 
@@ -312,7 +401,12 @@ fn hide(path: &Path) -> rustix::io::Result<()> {
 
 /// Loads each module of the initramfs in the order recorded at setup.
 fn load_modules() -> Result<(), InitError> {
-    let order = fs::read_to_string(MODULE_ORDER).map_err(step(format!("read {MODULE_ORDER}")))?;
+    load_module_list(MODULE_ORDER)
+}
+
+/// Loads the modules an order file of the initramfs lists, in its order.
+fn load_module_list(order_file: &str) -> Result<(), InitError> {
+    let order = fs::read_to_string(order_file).map_err(step(format!("read {order_file}")))?;
     for name in order.lines().filter(|l| !l.is_empty()) {
         let path = format!("{MODULE_DIR}/{name}");
         let file = fs::File::open(&path).map_err(step(format!("open {path}")))?;
@@ -410,5 +504,16 @@ mod tests {
         assert_eq!(word, "root:share:/usr|link:/bin=usr/bin|hide:/etc/shadow|workspace:/srv/repo");
         assert_eq!(RootEntry::list_from_args(["egress:on", word.as_str(), "limits:1:2"]), entries);
         assert!(!RootEntry::fits(Path::new("/a|b")), "the separator cannot be in a path");
+    }
+
+    #[test]
+    fn a_symlinked_name_file_is_followed_by_name() {
+        let n = |p: &str| lexically_normal(Path::new(p));
+        assert_eq!(
+            n("/etc/../run/systemd/resolve/stub-resolv.conf"),
+            Path::new("/run/systemd/resolve/stub-resolv.conf")
+        );
+        assert_eq!(n("/etc/./hosts"), Path::new("/etc/hosts"));
+        assert_eq!(n("/../../x"), Path::new("/x"));
     }
 }

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use airlock_jail::cgroup::SandboxCgroup;
 use airlock_jail::mounts::{self, View};
-use airlock_jail::spawn::{self as jail_spawn, AGENT_CONTROL_FD, IdMap, SpawnRequest};
+use airlock_jail::spawn::{self as jail_spawn, AGENT_CONTROL_FD, AGENT_WORKSPACE_FD, IdMap, SpawnRequest};
 use airlock_jail::{privileges, sys};
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +74,21 @@ pub struct Plan {
     /// overlay's lower layer is asked for `user.overlay.*`) that way.
     #[serde(default)]
     pub proc: bool,
+    /// Where the detached tree the host passed at [`AGENT_WORKSPACE_FD`] is
+    /// attached, writable, in place of a bind (as root, virtiofsd's
+    /// id-mapped workspace in mode rw).
+    #[serde(default)]
+    pub attach: Option<PathBuf>,
+    /// setgroups succeeds without effect (`seccomp::setgroups_noop`):
+    /// virtiofsd started rootless, whose user namespace can never drop the
+    /// caller's supplementary groups, exits unless its attempt succeeds.
+    #[serde(default)]
+    pub setgroups_noop: bool,
+    /// No setuid or setgid bit on any file it writes
+    /// (`seccomp::RuleSet::NoSetIdBits`): virtiofsd serving a workspace in
+    /// mode rw, whose files land in the host's tree as the guest marks them.
+    #[serde(default)]
+    pub no_setid_bits: bool,
 }
 
 /// What QEMU needs to see.
@@ -144,6 +159,9 @@ pub fn plan(program: &Path, args: Vec<String>, needs: &Needs<'_>) -> Result<Plan
         hidden: needs.hidden.clone(),
         keep_capabilities: Vec::new(),
         proc: needs.proc,
+        attach: None,
+        setgroups_noop: false,
+        no_setid_bits: false,
     })
 }
 
@@ -157,15 +175,42 @@ pub const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
 /// once there. All of them count in its user namespace only.
 pub const VIRTIOFSD_CAPABILITIES: &[u32] = &[0, 1, 3, 4, 6, 7, 27, 31, 18, 8];
 
+/// CAP_SETFCAP: not kept when virtiofsd serves the host's workspace itself
+/// (mode rw). A file capability set through an id-mapped mount is stored
+/// for the id the guest's root maps to, host root, and would hold for
+/// anyone who runs that file on the host.
+pub const CAP_SETFCAP: u32 = 31;
+
+/// How virtiofsd reaches the directory it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Bound from the host's tree (the layer; the workspace rootless).
+    Bound,
+    /// The id-mapped tree the host passes it at [`AGENT_WORKSPACE_FD`]
+    /// (the workspace as root): the guest's ids are then the host's, as
+    /// in a process-tier sandbox's id-mapped workspace.
+    Attached,
+}
+
 /// virtiofsd's jail: its binary and libraries read-only, and the one
-/// directory it serves writable (the writable layer: upper and work).
-pub fn plan_virtiofsd(program: &Path, args: Vec<String>, shared: &Path) -> Result<Plan, VmError> {
+/// directory it serves writable (the writable layer: upper and work; or
+/// the workspace in mode rw). `keep`: the capabilities it may hold.
+pub fn plan_virtiofsd(
+    program: &Path,
+    args: Vec<String>,
+    shared: &Path,
+    served: Served,
+    keep: &[u32],
+) -> Result<Plan, VmError> {
     let mut read_only = vec![program.to_path_buf(), PathBuf::from("/etc/ld.so.cache")];
     read_only.extend(libraries(program)?);
     read_only.sort();
     read_only.dedup();
-    let writable = vec![shared.to_path_buf()];
-    let every: Vec<PathBuf> = read_only.iter().chain(&writable).cloned().collect();
+    let (writable, attach) = match served {
+        Served::Bound => (vec![shared.to_path_buf()], None),
+        Served::Attached => (Vec::new(), Some(shared.to_path_buf())),
+    };
+    let every: Vec<PathBuf> = read_only.iter().chain(&writable).chain(&attach).cloned().collect();
     let mountpoint = mounts::mountpoint_apart(MOUNTPOINTS, &every)
         .ok_or_else(|| VmError::Boot("no directory to build virtiofsd's view on".to_owned()))?
         .to_path_buf();
@@ -177,8 +222,11 @@ pub fn plan_virtiofsd(program: &Path, args: Vec<String>, shared: &Path) -> Resul
         writable,
         devices: Vec::new(),
         hidden: Vec::new(),
-        keep_capabilities: VIRTIOFSD_CAPABILITIES.to_vec(),
+        keep_capabilities: keep.to_vec(),
         proc: true,
+        attach,
+        setgroups_noop: false,
+        no_setid_bits: false,
     })
 }
 
@@ -250,6 +298,8 @@ pub struct Start<'a> {
     pub stderr: &'a fs::File,
     /// The program's standard input (virtiofsd's listening socket).
     pub stdin: Option<std::os::fd::BorrowedFd<'a>>,
+    /// The detached tree the plan attaches ([`Plan::attach`]).
+    pub tree: Option<std::os::fd::BorrowedFd<'a>>,
     /// The cgroup QEMU runs in, placed before the jailer runs on.
     pub cgroup: Option<&'a SandboxCgroup>,
 }
@@ -279,7 +329,7 @@ pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
         agent_exe: &exe,
         agent_args: &["airlock", JAIL_ROLE],
         stdio: [start.stdin.unwrap_or(null.as_fd()), null.as_fd(), start.stderr.as_fd()],
-        workspace_tree: None,
+        workspace_tree: start.tree,
         egress_channel: None,
         id_map: &id_map,
     };
@@ -344,6 +394,8 @@ enum JailError {
     Privileges(#[from] privileges::PrivError),
     #[error("capabilities are still held after dropping them")]
     CapabilitiesLeft,
+    #[error(transparent)]
+    Seccomp(#[from] airlock_jail::seccomp::SeccompError),
     #[error("{what}: {source}")]
     Os {
         what: &'static str,
@@ -366,11 +418,21 @@ fn confine_and_exec(control: &mut UnixStream) -> Result<Never, JailError> {
         hidden: plan.hidden,
         proc: plan.proc,
     };
+    let tree = plan.attach.as_ref().map(|_| {
+        // SAFETY: the host placed the tree at this descriptor (the plan
+        // says so) and nothing else in this process owns it.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(AGENT_WORKSPACE_FD) }
+    });
+    let attach = plan
+        .attach
+        .as_deref()
+        .zip(tree.as_ref())
+        .map(|(path, tree)| mounts::Attach { tree: tree.as_fd(), path });
     // The bounding set is emptied while /proc still shows how many
     // capabilities there are; only what the mounts need is kept meanwhile.
     if plan.keep_capabilities.is_empty() {
         privileges::drop_capabilities_except(&[privileges::CAP_SYS_ADMIN])?;
-        mounts::enter_view(&plan.mountpoint, &view)?;
+        mounts::enter_view_attaching(&plan.mountpoint, &view, attach)?;
         privileges::clear_capability_sets()?;
         if !privileges::holds_no_capabilities() {
             return Err(JailError::CapabilitiesLeft);
@@ -380,9 +442,18 @@ fn confine_and_exec(control: &mut UnixStream) -> Result<Never, JailError> {
         // set's capabilities, none of them over anything of the host's
         // but the files owned by its own uid.
         privileges::limit_bounding_set(&plan.keep_capabilities)?;
-        mounts::enter_view(&plan.mountpoint, &view)?;
+        mounts::enter_view_attaching(&plan.mountpoint, &view, attach)?;
     }
+    // Attached: the mount stays with the view, the descriptor is not passed on.
+    drop(tree);
     privileges::set_no_new_privs()?;
+    if plan.setgroups_noop {
+        airlock_jail::seccomp::install(&airlock_jail::seccomp::setgroups_noop()?)?;
+    }
+    if plan.no_setid_bits {
+        let sets = [airlock_jail::seccomp::RuleSet::NoSetIdBits];
+        airlock_jail::seccomp::install(&airlock_jail::seccomp::compile_sets(&sets)?)?;
+    }
     sys::raw_set_pdeathsig(libc::SIGKILL).map_err(os("setting the parent-death signal"))?;
     // A host that died before the signal was armed has closed its end.
     control.write_all(b"exec\n").map_err(os("telling the host"))?;
@@ -455,7 +526,14 @@ mod tests {
             return;
         }
         let layer = tempfile::tempdir().unwrap();
-        let plan = plan_virtiofsd(program, vec!["--fd=0".into()], layer.path()).unwrap();
+        let plan = plan_virtiofsd(
+            program,
+            vec!["--fd=0".into()],
+            layer.path(),
+            Served::Bound,
+            VIRTIOFSD_CAPABILITIES,
+        )
+        .unwrap();
         assert_eq!(plan.writable, [layer.path().to_path_buf()]);
         assert!(plan.read_only.contains(&program.to_path_buf()));
         assert!(
@@ -470,5 +548,20 @@ mod tests {
         for forbidden in [21, 19, 12, 16] {
             assert!(!plan.keep_capabilities.contains(&forbidden), "{forbidden}");
         }
+        assert_eq!(plan.attach, None);
+
+        // The workspace as root: attached from the host's id-mapped tree,
+        // not bound; the plan travels to the jailer and back whole.
+        let workspace = tempfile::tempdir().unwrap();
+        let keep: Vec<u32> = VIRTIOFSD_CAPABILITIES.iter().copied().filter(|c| *c != CAP_SETFCAP).collect();
+        let plan = plan_virtiofsd(program, Vec::new(), workspace.path(), Served::Attached, &keep).unwrap();
+        assert!(plan.writable.is_empty());
+        assert_eq!(plan.attach.as_deref(), Some(workspace.path()));
+        assert!(!plan.keep_capabilities.contains(&CAP_SETFCAP));
+        assert!(
+            !workspace.path().starts_with(&plan.mountpoint) && !plan.mountpoint.starts_with(workspace.path())
+        );
+        let sent: Plan = serde_json::from_slice(&serde_json::to_vec(&plan).unwrap()).unwrap();
+        assert_eq!(sent, plan);
     }
 }

@@ -29,8 +29,8 @@ pub struct VmStart {
     /// The cgroup QEMU runs in, sized by [`qemu_limits`] (None only where
     /// the host gives none and the policy allows that).
     pub cgroup: Option<SandboxCgroup>,
-    /// The workspace's writable layer on the host (see [`BootSpec::layer`]).
-    pub layer: Option<crate::boot::LayerShare>,
+    /// The host directory the guest writes (see [`BootSpec::writable`]).
+    pub writable: Option<crate::boot::WritableShare>,
 }
 
 /// Something for the person at the terminal.
@@ -104,7 +104,8 @@ pub fn start(
         root: req.root.clone(),
         cgroup: req.cgroup.clone(),
         egress: egress.is_some(),
-        layer: req.layer.clone(),
+        redirect: egress.as_ref().and_then(|e| e.redirect),
+        writable: req.writable.clone(),
         limits: req.limits,
     };
     let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));

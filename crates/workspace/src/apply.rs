@@ -130,10 +130,14 @@ struct Roots {
 
 impl Roots {
     fn open(upper: &Path, workspace: &Path) -> Result<Roots, ApplyError> {
-        let open = |op, p: &Path| {
-            fsx::open_root(p).map_err(|source| ApplyError::Open { op, path: p.to_path_buf(), source })
+        let err = |op, p: &Path| {
+            let path = p.to_path_buf();
+            move |source| ApplyError::Open { op, path, source }
         };
-        Ok(Roots { upper: open("open upper layer", upper)?, ws: open("open workspace", workspace)? })
+        Ok(Roots {
+            upper: fsx::open_layer_root(upper).map_err(err("open upper layer", upper))?,
+            ws: fsx::open_root(workspace).map_err(err("open workspace", workspace))?,
+        })
     }
 }
 

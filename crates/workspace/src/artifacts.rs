@@ -32,7 +32,8 @@ pub fn capture_artifacts(
     max_bytes: u64,
 ) -> Result<Vec<PathBuf>, WorkspaceError> {
     let set = build(globs)?;
-    let upper_fd = fsx::open_root(upper).map_err(|e| WorkspaceError::io("open upper layer", upper, e))?;
+    let upper_fd =
+        fsx::open_layer_root(upper).map_err(|e| WorkspaceError::io("open upper layer", upper, e))?;
     let lower_fd = fsx::open_root(lower).map_err(|e| WorkspaceError::io("open workspace", lower, e))?;
     std::fs::create_dir_all(dest).map_err(|e| WorkspaceError::io("create directory", dest, e))?;
     let dest_fd = fsx::open_root(dest).map_err(|e| WorkspaceError::io("open directory", dest, e))?;

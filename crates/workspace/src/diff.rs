@@ -284,7 +284,8 @@ pub(crate) struct Walker<'p> {
 impl<'p> Walker<'p> {
     pub(crate) fn open(lower: &Path, upper: &Path) -> Result<Walker<'p>, WorkspaceError> {
         let lower_fd = fsx::open_root(lower).map_err(|e| WorkspaceError::io("open workspace", lower, e))?;
-        let upper_fd = fsx::open_root(upper).map_err(|e| WorkspaceError::io("open upper layer", upper, e))?;
+        let upper_fd =
+            fsx::open_layer_root(upper).map_err(|e| WorkspaceError::io("open upper layer", upper, e))?;
         Ok(Walker {
             lower: lower_fd,
             upper: upper_fd,

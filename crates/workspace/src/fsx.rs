@@ -70,6 +70,16 @@ pub(crate) fn open_root(path: &Path) -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
 }
 
+/// Opens the root of an upper layer: its directories above are the host's,
+/// but its own name is not followed if it is a symlink. A microVM's guest
+/// sees the directory that holds `upper` (virtio-fs serves it) and can
+/// replace `upper` with a link to any host path; the host must then refuse
+/// it, never walk, copy or scrub where it points.
+pub(crate) fn open_layer_root(path: &Path) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    Ok(rustix::fs::open(path, flags, Mode::empty())?)
+}
+
 /// Opens directory `rel` beneath `root` without following any symlink.
 /// `rel` must already be validated (only normal components).
 pub(crate) fn open_dir(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {

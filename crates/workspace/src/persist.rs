@@ -27,7 +27,7 @@ pub fn persist_layer(from: &Path, to: &Path) -> Result<(), WorkspaceError> {
     if std::fs::symlink_metadata(to).is_ok() {
         return Err(WorkspaceError::DestinationExists { path: to.to_path_buf() });
     }
-    let src = fsx::open_root(from).map_err(|e| WorkspaceError::io("open layer", from, e))?;
+    let src = fsx::open_layer_root(from).map_err(|e| WorkspaceError::io("open layer", from, e))?;
     if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| WorkspaceError::io("create directory", parent, e))?;
     }

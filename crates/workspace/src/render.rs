@@ -100,7 +100,7 @@ impl Diff {
     /// the digest line, so the digest printed always names what was shown.
     pub fn render_unified(&self, lower: &Path, upper: &Path, out: &mut dyn Write) -> io::Result<()> {
         let lower_fd = fsx::open_root(lower)?;
-        let upper_fd = fsx::open_root(upper)?;
+        let upper_fd = fsx::open_layer_root(upper)?;
         let sides = Sides { lower: lower_fd.as_fd(), upper: upper_fd.as_fd() };
         for c in &self.changes {
             render_change(&sides, c, out)?;

@@ -45,7 +45,11 @@ impl EchoServer {
     }
 
     fn start(tls: Option<Arc<rustls::ServerConfig>>) -> EchoServer {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        EchoServer::serve_on(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap(), tls)
+    }
+
+    /// Serves on a listener bound elsewhere (in another network namespace).
+    pub(crate) fn serve_on(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> EchoServer {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -175,6 +179,11 @@ pub(crate) struct TestTls {
 }
 
 pub(crate) fn test_tls() -> TestTls {
+    test_tls_for(&["localhost"], &[Ipv4Addr::LOCALHOST.into()])
+}
+
+/// [`test_tls`] with a leaf for these names and addresses.
+pub(crate) fn test_tls_for(names: &[&str], ips: &[std::net::IpAddr]) -> TestTls {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
     };
@@ -190,11 +199,12 @@ pub(crate) fn test_tls() -> TestTls {
 
     let leaf_key = KeyPair::generate().unwrap();
     let mut leaf_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    leaf_params.subject_alt_names = vec![
-        SanType::IpAddress(Ipv4Addr::LOCALHOST.into()),
-        SanType::DnsName("localhost".try_into().unwrap()),
-    ];
-    leaf_params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+    leaf_params.subject_alt_names = ips
+        .iter()
+        .map(|ip| SanType::IpAddress(*ip))
+        .chain(names.iter().map(|n| SanType::DnsName((*n).try_into().unwrap())))
+        .collect();
+    leaf_params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("airlock test"));
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -653,7 +663,13 @@ fn a_microvm_guest_reaches_allowed_hosts_only_through_the_same_proxy() {
     let server = EchoServer::http();
     let after = EchoServer::http();
     let p = server.port;
-    let policy = write_policy(&env, "microvm-dev.toml", &format!("extends = \"dev\"\n{MICROVM_POLICY}"));
+    // The opaque guest: without transparent egress nothing is redirected
+    // (with it, `suite::transparent_vm`).
+    let policy = write_policy(
+        &env,
+        "microvm-dev.toml",
+        &format!("extends = \"dev\"\n[network]\ntransparent = false\n{MICROVM_POLICY}"),
+    );
     let allow = format!("127.0.0.1:{p}");
     let allow_after = format!("127.0.0.1:{}", after.port);
     let upload = "u".repeat(1000);
@@ -1099,9 +1115,11 @@ fn tls_server_name_differing_from_the_connect_host_is_refused() {
     assert_eq!(tunnels, 2, "{}", serde_json::to_string_pretty(&log).unwrap());
 }
 
-/// A program that ignores the proxy settings gets nothing: not the host's
-/// loopback, not its other addresses, not its abstract Unix sockets, no UDP
-/// out. Programs inside still talk to each other over Unix sockets.
+/// Without transparent egress, a program that ignores the proxy settings
+/// gets nothing: not the host's loopback, not its other addresses, not its
+/// abstract Unix sockets, no UDP out. Programs inside still talk to each
+/// other over Unix sockets. (With it, such connections go to the proxy:
+/// `suite::transparent`.)
 #[test]
 fn connections_that_bypass_the_proxy_fail() {
     if !needs_clients() {
@@ -1131,11 +1149,12 @@ fn connections_that_bypass_the_proxy_fail() {
     udp.set_nonblocking(true).unwrap();
     let udp_port = udp.local_addr().unwrap().port();
 
+    let policy = write_policy(&env, "opaque.toml", "extends = \"dev\"\n[network]\ntransparent = false\n");
     // Even with the host server allowed through the proxy.
     let o = run_in(
         &env,
         "bypass",
-        &["--allow", &format!("127.0.0.1:{p}")],
+        &["--policy", policy.to_str().unwrap(), "--allow", &format!("127.0.0.1:{p}")],
         &[],
         &format!(
             "sec noproxy; c --noproxy '*' http://127.0.0.1:{p}/direct; echo \"curl=$?\"; \
@@ -1175,8 +1194,9 @@ fn connections_that_bypass_the_proxy_fail() {
     assert!(udp.recv_from(&mut buf).is_err(), "a UDP datagram from the sandbox reached the host");
 }
 
-/// No resolver inside: lookups fail there, and names go to the proxy, which
-/// applies the policy before resolving them.
+/// No name the policy does not allow resolves inside (airlock's resolver
+/// answers NXDOMAIN), and names given to the proxy are decided before they
+/// are resolved.
 #[test]
 fn dns_lookups_inside_fail() {
     if !needs_clients() {
@@ -1530,7 +1550,9 @@ fn allow_flag_and_no_egress() {
     assert!(!out.contains("vars:0"), "{}", show(&o));
     let mut ports = listening_ports(&out);
     ports.sort_unstable();
-    assert_eq!(ports, [1080, 3128], "{}", show(&o));
+    // The proxy ports, and (transparent egress) the resolver's and the
+    // redirected connections' listeners.
+    assert_eq!(ports, [1080, 3053, 3128, 3129], "{}", show(&o));
 }
 
 /// Each sandbox gets its own CA; its key stays on the host (neither inside

@@ -642,7 +642,8 @@ fn rootless_qemu_runs_jailed_as_the_caller_and_without_cgroups_only_if_the_polic
     let policy = r.env.dir.path().join("rootless-microvm.toml");
     std::fs::write(
         &policy,
-        "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\", \"cgroups\"]\n\
+        // (disk-quota: ci's overlay workspace has no size cap rootless.)
+        "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\", \"cgroups\", \"disk-quota\"]\n\
          [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\n",
     )
     .unwrap();
@@ -1543,5 +1544,469 @@ fn the_policys_limits_hold_inside_a_microvm_and_it_stays_usable() {
     assert_eq!(std::fs::read_to_string(&captured).unwrap_or_default(), "ok\n");
     assert!(!env.workspace.join("test-results").exists());
     let removed = airlock_vm(&env, &cache, &["rm", "lim"]);
+    assert!(removed.status.success(), "{}", show(&removed));
+}
+
+/// The process ids of the one virtiofsd serving `dir`, and its status.
+fn virtiofsd_serving(dir: &Path) -> (i32, String) {
+    let pids = pids_running(&format!("source={}", dir.display()));
+    assert_eq!(pids.len(), 1, "one virtiofsd serving {}: {pids:?}", dir.display());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    (pids[0], status)
+}
+
+/// A status field of a process, trimmed.
+fn status_field(status: &str, name: &str) -> String {
+    status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default().trim().to_owned()
+}
+
+/// The owner and group of `path` on the host (not following a link).
+fn owner_of(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    (meta.uid(), meta.gid())
+}
+
+/// In the guest: tries to give `file` a file capability (a valid v2
+/// `security.capability`, CAP_SETUID permitted and effective) and prints
+/// `fcap set` or `fcap errno N`.
+fn set_file_capability(file: &str) -> String {
+    format!(
+        r#"python3 -c 'import os, struct
+try:
+    os.setxattr("{file}", "security.capability", struct.pack("<5I", 0x02000001, 1 << 7, 0, 0, 0))
+    print("fcap set")
+except OSError as e:
+    print("fcap errno", e.errno)'"#
+    )
+}
+
+/// Mode rw: the guest writes the host's workspace itself, through a
+/// virtiofsd jailed as the overlay's is, while QEMU has no share of it; the
+/// ids are the process tier's (as root an id-mapped tree: the guest's root
+/// writes as host root, other ids as themselves); a file capability is
+/// refused; and a symlink to / the guest writes leads to the guest's own
+/// root, never to the host's files.
+#[test]
+fn a_rw_workspace_in_a_microvm_is_written_through_a_jailed_virtiofsd_with_the_process_tiers_ids() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let rw = "[workspace]\nmode = \"rw\"\nwriteback = \"review\"\n";
+    let policy = env.dir.path().join("rw-vm.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n\
+             [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\n{rw}"
+        ),
+    )
+    .unwrap();
+    let ws = env.dir.path().join("rw-ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("old"), "one\n").unwrap();
+    std::os::unix::fs::chown(ws.join("old"), Some(1000), Some(1000)).unwrap();
+    std::fs::write(ws.join("gone"), "gone\n").unwrap();
+    let outside = env.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), "host only\n").unwrap();
+
+    let created = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "create",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--name",
+            "rw",
+            "--workspace",
+            ws.to_str().unwrap(),
+        ],
+    );
+    assert!(created.status.success(), "{}", show(&created));
+    let supervisor = supervisor_pid(&env, "rw");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.sandbox_dir("rw").join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["workspace_mode"], "rw", "{meta}");
+
+    // QEMU is jailed as ever and has no share of the workspace at all.
+    let (qemu, run_dir) = guest_of(&cache, supervisor);
+    let (_, shares) = qemu_inputs(qemu);
+    assert!(!shares.iter().any(|s| ws.starts_with(s)), "QEMU shares the workspace: {shares:?}");
+    assert_jailed(qemu, &run_dir, &[ws.as_path(), env.state.as_path()]);
+
+    // virtiofsd serves it: the sandbox's id block, namespaces of its own,
+    // no CAP_SETFCAP among what it may hold, chrooted into the workspace
+    // (an id-mapped mount of it), in the sandbox's cgroup.
+    let (virtiofsd, status) = virtiofsd_serving(&ws);
+    let block_root = 1_000_000_000 + 65_536 * meta["id_block"].as_u64().expect("an id block");
+    for id in status_field(&status, "Uid:")
+        .split_whitespace()
+        .chain(status_field(&status, "Gid:").split_whitespace())
+    {
+        assert_eq!(id.parse::<u64>().unwrap(), block_root, "virtiofsd's ids: {status}");
+    }
+    let served_with: u64 = [0, 1, 3, 4, 6, 7, 27].iter().map(|c| 1u64 << c).sum();
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        let held = u64::from_str_radix(&status_field(&status, set), 16).unwrap();
+        assert_eq!(
+            held & !served_with,
+            0,
+            "virtiofsd holds more than it serves the workspace with: {status}"
+        );
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "{status}");
+    let proc = PathBuf::from(format!("/proc/{virtiofsd}"));
+    for ns in ["user", "mnt", "pid", "net", "ipc"] {
+        let theirs = std::fs::read_link(proc.join("ns").join(ns)).unwrap();
+        assert_ne!(theirs, std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(), "shares {ns}");
+    }
+    let root = proc.join("root");
+    assert!(root.join("old").is_file() && root.join("gone").is_file(), "virtiofsd's root is the workspace");
+    for absent in ["usr", "etc", "proc", "outside"] {
+        assert!(!root.join(absent).exists(), "virtiofsd sees /{absent}");
+    }
+    // Seen from its chroot, the one mount is the workspace's directory at
+    // its root: id-mapped, nosuid, nodev, noexec.
+    let mountinfo = std::fs::read_to_string(proc.join("mountinfo")).unwrap();
+    let served = mountinfo.lines().find(|l| {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        fields.get(3) == Some(&ws.to_str().unwrap()) && fields.get(4) == Some(&"/")
+    });
+    let served = served.unwrap_or_else(|| panic!("virtiofsd's root is not the workspace:\n{mountinfo}"));
+    for option in ["idmapped", "nosuid", "nodev", "noexec"] {
+        assert!(
+            served.split_whitespace().nth(5).unwrap().split(',').any(|o| o == option),
+            "{option}: {served}"
+        );
+    }
+    let cgroup = meta["cgroup"].as_str().expect("the sandbox has a cgroup").to_owned();
+    let placed = std::fs::read_to_string(proc.join("cgroup")).unwrap();
+    assert!(placed.contains(&format!("/{cgroup}")), "{placed}");
+
+    // The guest writes and removes host files; its links stay links.
+    let script = format!(
+        "echo new > new && rm gone && echo two >> old && mkdir d && touch d/f && chown 1234:2345 d/f \
+         && ln -s / escape && ln -s ../outside up && {{ cat escape{outside}/secret up/secret; true; }} && {fcap} \
+         && cp /bin/true tool && {{ chmod 4755 tool && echo SUID-SET; chmod 2755 tool && echo SGID-SET; true; }}",
+        outside = outside.display(),
+        fcap = set_file_capability("new"),
+    );
+    let exec = airlock_vm(&env, &cache, &["exec", "rw", "--", "sh", "-c", &script]);
+    assert!(exec.status.success(), "{}", show(&exec));
+    assert!(
+        !stdout(&exec).contains("host only"),
+        "the guest read a host file through its link: {}",
+        show(&exec)
+    );
+    assert!(stdout(&exec).contains("fcap errno 1"), "a file capability was not refused: {}", show(&exec));
+    assert_eq!(std::fs::read_to_string(ws.join("new")).unwrap(), "new\n");
+    // No setuid or setgid bit reaches the host's tree through virtiofsd.
+    assert!(!stdout(&exec).contains("SUID-SET") && !stdout(&exec).contains("SGID-SET"), "{}", show(&exec));
+    let tool_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(ws.join("tool")).unwrap().permissions());
+    assert_eq!(tool_mode & 0o6000, 0, "a set-id bit reached the host: {tool_mode:o}");
+    assert!(!ws.join("gone").exists(), "a file removed in the guest is still on the host");
+    assert_eq!(std::fs::read_to_string(ws.join("old")).unwrap(), "one\ntwo\n");
+    assert_eq!(owner_of(&ws.join("old")), (1000, 1000), "an edited file keeps its owner");
+    assert_eq!(owner_of(&ws.join("d/f")), (1234, 2345), "the guest's ids are the host's");
+    assert_eq!(std::fs::read_link(ws.join("escape")).unwrap(), Path::new("/"));
+    assert_eq!(std::fs::read_link(ws.join("up")).unwrap(), Path::new("../outside"));
+    assert_eq!(std::fs::read_to_string(outside.join("secret")).unwrap(), "host only\n");
+    let mut value = [0u8; 64];
+    assert_eq!(
+        rustix::fs::lgetxattr(ws.join("new"), "security.capability", &mut value).err(),
+        Some(rustix::io::Errno::NODATA),
+        "a file capability reached the host"
+    );
+    // The guest's root writes as a process-tier rw sandbox's root does.
+    let process_ws = env.dir.path().join("process-ws");
+    std::fs::create_dir(&process_ws).unwrap();
+    let process_policy = env.dir.path().join("rw-process.toml");
+    std::fs::write(&process_policy, format!("extends = \"ci\"\n{rw}")).unwrap();
+    let process = env
+        .airlock([
+            "run",
+            "--policy",
+            process_policy.to_str().unwrap(),
+            "--workspace",
+            process_ws.to_str().unwrap(),
+        ])
+        .args(["--", "sh", "-c", "echo p > p"])
+        .output()
+        .unwrap();
+    assert!(process.status.success(), "{}", show(&process));
+    assert_eq!(
+        owner_of(&ws.join("new")),
+        owner_of(&process_ws.join("p")),
+        "owners differ from the process tier's"
+    );
+    assert_eq!(owner_of(&ws.join("new")), (0, 0));
+
+    // Stopped and removed: virtiofsd and QEMU go, the workspace stays.
+    let removed = env.airlock(["rm", "rw"]).output().unwrap();
+    assert!(removed.status.success(), "{}", show(&removed));
+    assert!(!proc.exists(), "virtiofsd outlived its sandbox");
+    assert!(qemus_of(supervisor).is_empty(), "QEMU outlived its sandbox");
+    assert_eq!(std::fs::read_to_string(ws.join("new")).unwrap(), "new\n");
+}
+
+/// A rootless microVM's cache: its own, owned by the rootless user.
+fn rootless_cache(r: &super::rootless::Rootless) -> PathBuf {
+    let cache = r.env.dir.path().join("vm-cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::os::unix::fs::chown(&cache, Some(r.uid), None).unwrap();
+    cache
+}
+
+/// A rootless policy on the microVM tier (no cgroups there), allowing
+/// `extra` too, with `tail` appended.
+fn rootless_policy(r: &super::rootless::Rootless, name: &str, extra: &str, tail: &str) -> PathBuf {
+    let path = r.env.dir.path().join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\", \"cgroups\"{extra}]\n\
+             [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\n{tail}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Without root an overlay workspace's layer is a plain directory of the
+/// sandbox's, as the process tier's is, with no size cap: refused unless
+/// the policy allows that, as for the process tier. Allowed, virtiofsd,
+/// running as the caller, serves the directory holding `upper` and `work`
+/// and nothing else of the sandbox's, and the diff and apply are the
+/// process tier's.
+#[test]
+fn rootless_an_overlay_workspace_in_a_microvm_is_reviewed_and_applied() {
+    if !ready() {
+        return;
+    }
+    let Some(r) = super::rootless::setup() else { return };
+    let cache = rootless_cache(&r);
+    let keep = "[workspace]\nmode = \"overlay\"\nwriteback = \"review\"\n\
+                [cleanup]\non_success = \"keep\"\non_failure = \"keep\"\n";
+    let strict = rootless_policy(&r, "strict.toml", "", keep);
+    let refused = r
+        .airlock(&["run", "--policy", strict.to_str().unwrap(), "--", "true"])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(125), "{}", show(&refused));
+    assert!(stderr(&refused).contains("lacks disk-quota"), "{}", show(&refused));
+    assert!(!cache.join("guest").exists(), "the guest was built for a refused run");
+    // The process tier refuses the same policy (on its own tier) alike.
+    let process = r.env.dir.path().join("process.toml");
+    std::fs::write(
+        &process,
+        format!("extends = \"ci\"\n[isolation]\nallow_weaker = [\"cgroups\", \"landlock\"]\n{keep}"),
+    )
+    .unwrap();
+    let refused = r.airlock(&["run", "--policy", process.to_str().unwrap(), "--", "true"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(125), "{}", show(&refused));
+    assert!(stderr(&refused).contains("lacks disk-quota"), "{}", show(&refused));
+
+    let policy = rootless_policy(&r, "overlay.toml", ", \"disk-quota\"", keep);
+    let ws = r.env.dir.path().join("ov-ws");
+    fill_workspace(&ws);
+    super::rootless::chown_tree(&ws, r.uid, r.uid);
+    let before = tree_of(&ws);
+    let created = r
+        .airlock(&[
+            "create",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--name",
+            "rov",
+            "--workspace",
+            ws.to_str().unwrap(),
+        ])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", show(&created));
+    let sandbox = r.env.sandbox_dir("rov");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sandbox.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["workspace_mode"], "overlay", "{meta}");
+    let degraded: Vec<&str> =
+        meta["degraded"].as_array().unwrap().iter().filter_map(|d| d.as_str()).collect();
+    assert!(degraded.contains(&"disk-quota"), "{meta}");
+
+    // virtiofsd: the caller, serving `layer/`, which holds upper and work alone.
+    let layer = sandbox.join("layer");
+    let (virtiofsd, status) = virtiofsd_serving(&layer);
+    for id in status_field(&status, "Uid:").split_whitespace() {
+        assert_eq!(id, r.uid.to_string(), "virtiofsd runs as the caller: {status}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "{status}");
+    let mut held: Vec<String> = std::fs::read_dir(format!("/proc/{virtiofsd}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    held.sort();
+    assert_eq!(held, ["upper", "work"], "virtiofsd's root is the layer and nothing else");
+
+    let script = "echo x > new && rm old && echo two >> edited && rm -r gone && mkdir -p made/deep \
+                  && echo y > made/deep/f && echo c > kept/c";
+    let exec = r
+        .airlock(&["exec", "rov", "--", "sh", "-c", script])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(exec.status.success(), "{}", show(&exec));
+    assert_eq!(tree_of(&ws), before, "the host's workspace changed before apply");
+    let diff = |r: &super::rootless::Rootless| {
+        let out = r.airlock(&["diff", "rov", "--json"]).output().unwrap();
+        assert!(out.status.success(), "{}", show(&out));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut changes: Vec<(String, String)> = json["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["path"].as_str().unwrap().to_owned(), c["kind"].as_str().unwrap().to_owned()))
+            .collect();
+        changes.sort();
+        changes
+    };
+    let running = diff(&r);
+    for expected in [("new", "added"), ("old", "deleted"), ("edited", "modified"), ("made/deep/f", "added")] {
+        assert!(
+            running.iter().any(|(p, k)| p == expected.0 && k == expected.1),
+            "{expected:?} not in {running:?}"
+        );
+    }
+    let stopped = r.airlock(&["stop", "rov"]).env("AIRLOCK_VM_CACHE", &cache).output().unwrap();
+    assert!(stopped.status.success(), "{}", show(&stopped));
+    assert!(!std::path::Path::new(&format!("/proc/{virtiofsd}")).exists(), "virtiofsd outlived its guest");
+    assert_eq!(diff(&r), running, "the diff survives the guest");
+    assert!(sandbox.join("upper").is_dir() && !layer.exists(), "the layer is where a rootless one lives");
+    let applied = r.airlock(&["apply", "rov", "--yes"]).output().unwrap();
+    assert!(applied.status.success(), "{}", show(&applied));
+    assert!(ws.join("made/deep/f").exists() && !ws.join("old").exists() && !ws.join("gone").exists());
+    assert_eq!(std::fs::read_to_string(ws.join("edited")).unwrap(), "one\ntwo\n");
+    assert_eq!(owner_of(&ws.join("new")), (r.uid, r.uid));
+}
+
+/// Without root, mode rw: the guest writes the workspace as the caller,
+/// as a rootless process-tier sandbox does (one id: the guest's root is
+/// the caller, and no other id can own a file).
+#[test]
+fn rootless_a_rw_workspace_in_a_microvm_is_written_as_the_caller() {
+    if !ready() {
+        return;
+    }
+    let Some(r) = super::rootless::setup() else { return };
+    let cache = rootless_cache(&r);
+    let policy = rootless_policy(&r, "rw.toml", "", "[workspace]\nmode = \"rw\"\nwriteback = \"review\"\n");
+    let ws = r.env.dir.path().join("rw-ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("gone"), "gone\n").unwrap();
+    std::fs::write(ws.join("old"), "one\n").unwrap();
+    super::rootless::chown_tree(&ws, r.uid, r.uid);
+    let script = "echo new > new && rm gone && echo two >> old && mkdir d && echo f > d/f \
+                  && { chown 1234 d/f 2>/dev/null && echo chowned || echo 'chown refused'; } \
+                  && cp /bin/true tool && { chmod 4755 tool && echo SUID-SET; chmod 2755 tool && echo SGID-SET; true; }";
+    let run = r
+        .airlock(&["run", "--policy", policy.to_str().unwrap(), "--workspace", ws.to_str().unwrap()])
+        .args(["--", "sh", "-c", script])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", show(&run));
+    assert!(stdout(&run).contains("chown refused"), "{}", show(&run));
+    assert!(stderr(&run).contains("workspace mode rw"), "the warning is said: {}", show(&run));
+    assert_eq!(std::fs::read_to_string(ws.join("new")).unwrap(), "new\n");
+    // No setuid or setgid bit reaches the host's tree through virtiofsd.
+    assert!(!stdout(&run).contains("SUID-SET") && !stdout(&run).contains("SGID-SET"), "{}", show(&run));
+    let tool_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(ws.join("tool")).unwrap().permissions());
+    assert_eq!(tool_mode & 0o6000, 0, "a set-id bit reached the host: {tool_mode:o}");
+    assert!(!ws.join("gone").exists(), "a file removed in the guest is still on the host");
+    assert_eq!(std::fs::read_to_string(ws.join("old")).unwrap(), "one\ntwo\n");
+    for made in ["new", "d", "d/f", "old"] {
+        assert_eq!(owner_of(&ws.join(made)), (r.uid, r.uid), "{made} is not the caller's");
+    }
+    // As a rootless process-tier sandbox writes.
+    let process_ws = r.env.dir.path().join("process-ws");
+    std::fs::create_dir(&process_ws).unwrap();
+    super::rootless::chown_tree(&process_ws, r.uid, r.uid);
+    let process = r
+        .airlock(&["run", "--policy", "dev", "--mode", "rw", "--workspace", process_ws.to_str().unwrap()])
+        .args(["--", "sh", "-c", "echo p > p"])
+        .output()
+        .unwrap();
+    assert!(process.status.success(), "{}", show(&process));
+    assert_eq!(owner_of(&process_ws.join("p")), owner_of(&ws.join("new")));
+}
+
+/// The guest sees the directory that holds its upper layer (virtio-fs
+/// serves it) and its root can mount that share again and put a link to a
+/// host directory where `upper` was. airlock, as root, then refuses the
+/// layer when it persists and diffs it, never copying or reading the host
+/// directory the link names.
+#[test]
+fn a_guest_that_puts_a_link_in_place_of_its_upper_layer_gets_it_refused_not_followed() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = env.dir.path().join("swap.toml");
+    std::fs::write(
+        &policy,
+        "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n\
+         [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\n\
+         [workspace]\nmode = \"overlay\"\nwriteback = \"review\"\n\
+         [cleanup]\non_success = \"keep\"\non_failure = \"keep\"\n",
+    )
+    .unwrap();
+    let host = env.dir.path().join("host-only");
+    std::fs::create_dir(&host).unwrap();
+    std::fs::write(host.join("secret"), "host only\n").unwrap();
+    std::fs::set_permissions(&host, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let script = format!(
+        r#"import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+os.makedirs("/tmp/layer", exist_ok=True)
+if libc.mount(b"layer", b"/tmp/layer", b"virtiofs", 0, None) != 0:
+    raise SystemExit("mount: " + os.strerror(ctypes.get_errno()))
+open("made", "w").write("x")
+os.rename("/tmp/layer/upper", "/tmp/layer/real")
+os.symlink("{host}", "/tmp/layer/upper")
+print("swapped")"#,
+        host = host.display()
+    );
+    let out = airlock_vm(
+        &env,
+        &cache,
+        &["run", "--policy", policy.to_str().unwrap(), "--name", "swap", "--", "python3", "-c", &script],
+    );
+    assert!(stdout(&out).contains("swapped"), "the guest did not get to swap: {}", show(&out));
+    assert_eq!(out.status.code(), Some(125), "{}", show(&out));
+    assert!(stderr(&out).contains("layer/upper"), "the refusal names the layer: {}", show(&out));
+    let diff = env.airlock(["diff", "swap"]).output().unwrap();
+    assert!(!diff.status.success(), "{}", show(&diff));
+    assert!(!stdout(&diff).contains("host only"), "{}", show(&diff));
+    // Nothing of the host directory was copied into the state directory.
+    let sandbox = env.sandbox_dir("swap");
+    let mut stack = vec![sandbox.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let kind = entry.file_type().unwrap();
+            assert!(entry.file_name() != "secret", "copied into the state: {}", entry.path().display());
+            if kind.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    assert_eq!(std::fs::read_to_string(host.join("secret")).unwrap(), "host only\n");
+    let removed = env.airlock(["rm", "swap"]).output().unwrap();
     assert!(removed.status.success(), "{}", show(&removed));
 }

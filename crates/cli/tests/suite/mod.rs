@@ -22,5 +22,7 @@ mod microvm;
 mod rootless;
 mod security;
 mod startup_work;
+mod transparent;
+mod transparent_vm;
 mod vm_compat;
 mod workspace;

@@ -23,7 +23,7 @@ fn user_ids(name: &str) -> Option<(u32, u32)> {
     })
 }
 
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
+pub(super) fn chown_tree(path: &Path, uid: u32, gid: u32) {
     chown(path, Some(uid), Some(gid)).unwrap();
     if path.is_dir() && !path.is_symlink() {
         for entry in std::fs::read_dir(path).unwrap() {

@@ -133,6 +133,32 @@ fn read_only_and_read_write_modes() {
     assert_eq!(std::fs::read_to_string(env.workspace.join("README")).unwrap(), "direct\n");
 }
 
+/// A workspace written in place takes no setuid or setgid bit, however the
+/// sandbox tries (chmod, a creating open with the bits in its mode), while
+/// ordinary modes still work: as root the sandbox's root writes as the
+/// host's owners there, so a set-id file would be one for the host.
+#[test]
+fn a_rw_workspace_takes_no_setuid_or_setgid_bit() {
+    let env = Env::new();
+    let script = "cp /bin/true tool && chmod 755 tool && echo MODE-OK; \
+                  chmod u+s tool && echo SUID-SET; chmod g+s tool && echo SGID-SET; \
+                  python3 -c 'import os; os.open(\"made\", os.O_CREAT | os.O_WRONLY, 0o4755)' 2>/dev/null && echo CREATED-SUID; \
+                  python3 -c 'import os; os.open(\"plain\", os.O_CREAT | os.O_WRONLY, 0o755)' && echo CREATED-PLAIN; true";
+    let o = env.run_sh("rw-setid", &["--mode", "rw", "--rm"], script);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = stdout(&o);
+    assert!(out.contains("MODE-OK") && out.contains("CREATED-PLAIN"), "{}", show(&o));
+    for refused in ["SUID-SET", "SGID-SET", "CREATED-SUID"] {
+        assert!(!out.contains(refused), "{refused}: {}", show(&o));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["tool", "plain"] {
+        let mode = std::fs::metadata(env.workspace.join(file)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755, "{file}: {mode:o}");
+    }
+    assert!(!env.workspace.join("made").exists(), "a set-id file was created on the host");
+}
+
 #[test]
 fn writeback_never_refuses_apply() {
     let env = Env::new();

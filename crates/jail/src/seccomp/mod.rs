@@ -26,6 +26,29 @@ use serde::Deserialize;
 
 /// The reviewed rules, embedded so the binary cannot run with a different list.
 const DENY_TOML: &str = include_str!("deny.toml");
+/// Setting the setuid and setgid bits: added where files land in the host's
+/// tree as written (see the file's header).
+const NO_SETID_TOML: &str = include_str!("no_setid.toml");
+
+/// A list of reviewed rules a filter is compiled from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleSet {
+    /// The sandbox's own (`deny.toml`).
+    Sandbox,
+    /// No setuid or setgid bit set on any file (`no_setid.toml`): for a
+    /// sandbox writing the host's workspace directly, and for the virtiofsd
+    /// that serves one to a microVM.
+    NoSetIdBits,
+}
+
+impl RuleSet {
+    fn data(self) -> &'static str {
+        match self {
+            RuleSet::Sandbox => DENY_TOML,
+            RuleSet::NoSetIdBits => NO_SETID_TOML,
+        }
+    }
+}
 
 /// What a denied syscall returns to the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,10 +325,16 @@ fn parse_rule(raw: RawRule) -> Result<SeccompRule, String> {
     Ok(SeccompRule { syscall: raw.syscall, action, conditions, arches: raw.arches, reason: raw.reason })
 }
 
-/// The rules of the embedded filter data, for every architecture (see
-/// [`SeccompRule::applies_here`]); `airlock doctor` and reviews print them.
+/// The rules of the sandbox's embedded filter data, for every architecture
+/// (see [`SeccompRule::applies_here`]); `airlock doctor` and reviews print
+/// them.
 pub fn rules() -> Result<Vec<SeccompRule>, SeccompError> {
-    let file: RawFile = toml::from_str(DENY_TOML).map_err(SeccompError::Parse)?;
+    rules_of(RuleSet::Sandbox)
+}
+
+/// The rules of one embedded list, for every architecture.
+pub fn rules_of(set: RuleSet) -> Result<Vec<SeccompRule>, SeccompError> {
+    let file: RawFile = toml::from_str(set.data()).map_err(SeccompError::Parse)?;
     file.deny
         .into_iter()
         .enumerate()
@@ -316,14 +345,24 @@ pub fn rules() -> Result<Vec<SeccompRule>, SeccompError> {
         .collect()
 }
 
-/// Compiles the embedded rules into a BPF program for the architecture airlock
-/// was built for: foreign syscall ABIs kill the process, x32 syscalls get
-/// ENOSYS, listed calls get their errno, everything else is allowed.
+/// Compiles the sandbox's embedded rules into a BPF program for the
+/// architecture airlock was built for: foreign syscall ABIs kill the
+/// process, x32 syscalls get ENOSYS, listed calls get their errno,
+/// everything else is allowed.
 pub fn compile() -> Result<seccompiler::BpfProgram, SeccompError> {
+    compile_sets(&[RuleSet::Sandbox])
+}
+
+/// [`compile`] for the rules of several lists together.
+pub fn compile_sets(sets: &[RuleSet]) -> Result<seccompiler::BpfProgram, SeccompError> {
     let (arch, audit_arch) =
         syscalls::ARCH.ok_or(SeccompError::UnsupportedArch { arch: std::env::consts::ARCH })?;
+    let mut all = Vec::new();
+    for set in sets {
+        all.extend(rules_of(*set)?);
+    }
     let mut grouped: Vec<bpf::SyscallRules> = Vec::new();
-    for (index, rule) in rules()?.into_iter().enumerate() {
+    for (index, rule) in all.into_iter().enumerate() {
         if !rule.applies_here() {
             continue;
         }
@@ -351,6 +390,25 @@ pub fn compile() -> Result<seccompiler::BpfProgram, SeccompError> {
         }
     }
     bpf::emit(audit_arch, cfg!(target_arch = "x86_64"), &grouped)
+}
+
+/// A filter under which `setgroups` succeeds and does nothing, every other
+/// call allowed. For a program that insists on dropping its supplementary
+/// groups (virtiofsd exits when it cannot) started rootless: in a user
+/// namespace an ordinary user made, setgroups is denied for good, so the
+/// groups cannot go; the program keeps the caller's, as every rootless
+/// process of a sandbox does (they give it nothing the caller has not).
+pub fn setgroups_noop() -> Result<seccompiler::BpfProgram, SeccompError> {
+    let (arch, audit_arch) =
+        syscalls::ARCH.ok_or(SeccompError::UnsupportedArch { arch: std::env::consts::ARCH })?;
+    let syscall = "setgroups";
+    let nr = syscalls::number(syscall)
+        .and_then(|nr| u32::try_from(nr).ok())
+        .ok_or_else(|| SeccompError::UnknownSyscall { index: 0, syscall: syscall.into(), arch })?;
+    // SECCOMP_RET_ERRNO with 0: the call returns 0 without running.
+    let rule = bpf::CompiledRule { conditions: Vec::new(), ret: bpf::errno_ret(0) };
+    let rules = [bpf::SyscallRules { name: syscall.into(), nr, rules: vec![rule] }];
+    bpf::emit(audit_arch, cfg!(target_arch = "x86_64"), &rules)
 }
 
 /// Installs `prog` on every thread of the calling process (seccomp TSYNC), so
@@ -387,20 +445,100 @@ mod tests {
         bpf::errno_ret(libc::EPERM)
     }
 
+    const SETS: [RuleSet; 2] = [RuleSet::Sandbox, RuleSet::NoSetIdBits];
+
     #[test]
     fn data_parses_and_every_entry_has_a_reason() {
         let rules = rules().unwrap();
         assert!(rules.len() > 50, "only {} rules", rules.len());
-        for r in &rules {
-            assert!(!r.reason.trim().is_empty(), "{} has no reason", r.syscall);
+        for set in SETS {
+            for r in &rules_of(set).unwrap() {
+                assert!(!r.reason.trim().is_empty(), "{} has no reason", r.syscall);
+            }
         }
     }
 
     #[test]
     fn every_rule_resolves_on_this_arch() {
-        for r in rules().unwrap().iter().filter(|r| r.applies_here()) {
-            assert!(syscalls::number(&r.syscall).is_some(), "{} does not resolve", r.syscall);
+        for set in SETS {
+            for r in rules_of(set).unwrap().iter().filter(|r| r.applies_here()) {
+                assert!(syscalls::number(&r.syscall).is_some(), "{} does not resolve", r.syscall);
+            }
         }
+    }
+
+    /// Both lists compile together (no syscall unconditional in one and
+    /// narrowed in the other).
+    #[test]
+    fn the_sandbox_and_the_setid_lists_compile_together() {
+        compile_sets(&SETS).unwrap();
+    }
+
+    /// Every way to set the setuid or setgid bit is refused, and modes
+    /// without them, or a mode the kernel ignores (no O_CREAT), are not.
+    #[test]
+    fn no_setid_refuses_both_bits_and_only_them() {
+        let prog = compile_sets(&[RuleSet::NoSetIdBits]).unwrap();
+        let allow = libc::SECCOMP_RET_ALLOW;
+        let creat = libc::O_CREAT as u64 | libc::O_WRONLY as u64;
+        let tmpfile = libc::O_TMPFILE as u64 | libc::O_RDWR as u64;
+        let cases: &[(&str, [u64; 6], u32)] = &[
+            ("fchmod", [3, 0o4755, 0, 0, 0, 0], eperm()),
+            ("fchmod", [3, 0o2755, 0, 0, 0, 0], eperm()),
+            ("fchmod", [3, 0o6755, 0, 0, 0, 0], eperm()),
+            ("fchmod", [3, 0o1777, 0, 0, 0, 0], allow),
+            ("fchmod", [3, 0o755, 0, 0, 0, 0], allow),
+            // The high half of an `int` mode is ignored by the kernel.
+            ("fchmod", [3, 0xffff_ffff_0000_0000 | 0o755, 0, 0, 0, 0], allow),
+            ("fchmodat", [3, 0, 0o4700, 0, 0, 0], eperm()),
+            ("fchmodat", [3, 0, 0o644, 0, 0, 0], allow),
+            ("fchmodat2", [3, 0, 0o2700, 0, 0, 0], eperm()),
+            ("openat", [3, 0, creat, 0o4755, 0, 0], eperm()),
+            ("openat", [3, 0, creat, 0o2755, 0, 0], eperm()),
+            ("openat", [3, 0, creat, 0o755, 0, 0], allow),
+            ("openat", [3, 0, tmpfile, 0o4755, 0, 0], eperm()),
+            ("openat", [3, 0, tmpfile, 0o6755, 0, 0], eperm()),
+            ("openat", [3, 0, libc::O_RDONLY as u64, 0o4755, 0, 0], allow),
+            ("mknodat", [3, 0, libc::S_IFREG as u64 | 0o4755, 0, 0, 0], eperm()),
+            ("openat2", [3, 0, 0, 24, 0, 0], bpf::errno_ret(libc::ENOSYS)),
+        ];
+        for (name, args, want) in cases {
+            assert_eq!(verdict(&prog, name, *args), *want, "{name} {args:?}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(verdict(&prog, "chmod", [0, 0o4755, 0, 0, 0, 0]), eperm());
+            assert_eq!(verdict(&prog, "creat", [0, 0o2755, 0, 0, 0, 0]), eperm());
+            assert_eq!(verdict(&prog, "open", [0, creat, 0o4755, 0, 0, 0]), eperm());
+            assert_eq!(verdict(&prog, "open", [0, creat, 0o755, 0, 0, 0]), allow);
+            assert_eq!(verdict(&prog, "mknod", [0, libc::S_IFREG as u64 | 0o2755, 0, 0, 0, 0]), eperm());
+        }
+    }
+
+    /// Under the installed list, a file can be made executable but not
+    /// setuid, and keeps its mode.
+    #[test]
+    fn installed_no_setid_keeps_the_bit_off_a_real_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"#!/bin/sh\n").unwrap();
+        let prog = compile_sets(&[RuleSet::NoSetIdBits]).unwrap();
+        let child_path = path.clone();
+        let code = run_in_child(move || {
+            if install(&prog).is_err() {
+                return 200;
+            }
+            if std::fs::set_permissions(&child_path, std::fs::Permissions::from_mode(0o755)).is_err() {
+                return 1;
+            }
+            match std::fs::set_permissions(&child_path, std::fs::Permissions::from_mode(0o4755)) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => 0,
+                _ => 2,
+            }
+        });
+        assert_eq!(code, 0);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o755);
     }
 
     #[test]
@@ -659,6 +797,33 @@ mod tests {
     /// A pid above the kernel's maximum, so an unfiltered ptrace or
     /// process_vm_readv would fail with ESRCH instead of touching a process.
     const NO_SUCH_PID: libc::c_long = 0x3fff_fff0;
+
+    #[test]
+    fn setgroups_succeeds_without_effect_under_its_noop_filter() {
+        let prog = setgroups_noop().unwrap();
+        assert_eq!(verdict(&prog, "setgroups", [0; 6]), libc::SECCOMP_RET_ERRNO);
+        assert_eq!(verdict(&prog, "getpid", [0; 6]), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(verdict(&prog, "setresuid", [0; 6]), libc::SECCOMP_RET_ALLOW);
+        // Installed in a child: asked for a group it is not in, the call
+        // answers 0 and the groups stay what they were.
+        let code = run_in_child(|| {
+            let before = rustix::process::getgroups().ok();
+            if install(&prog).is_err() {
+                return 1;
+            }
+            let wanted: [libc::gid_t; 1] = [4242];
+            // SAFETY: the kernel reads one gid from a live array (were the
+            // call not filtered; it is) and writes nothing.
+            if unsafe { libc::syscall(libc::SYS_setgroups, 1, wanted.as_ptr()) } != 0 {
+                return 2;
+            }
+            if rustix::process::getgroups().ok() != before {
+                return 3;
+            }
+            0
+        });
+        assert_eq!(code, 0);
+    }
 
     #[test]
     fn installed_filter_denies_with_eperm() {

@@ -4,7 +4,7 @@
 //! The numbers come from libc's `SYS_*` constants, so a name that libc does not
 //! know for this architecture fails to compile here instead of silently
 //! producing a filter that matches the wrong call. The tables only list what
-//! `deny.toml` and `egress_proxy.toml` need (plus what the tests exercise);
+//! `deny.toml`, `no_setid.toml` and `egress_proxy.toml` need (plus what the tests exercise);
 //! adding an entry to the data means adding its name here, which keeps both
 //! under review together.
 
@@ -22,6 +22,8 @@ pub(crate) const ARCH: Option<(&str, u32)> = None;
 /// `open_tree_attr` (Linux 6.15) is newer than libc's tables; syscalls added
 /// since Linux 5.1 share one number on every architecture.
 const SYS_OPEN_TREE_ATTR: c_long = 467;
+/// `fchmodat2` (Linux 6.6), likewise.
+const SYS_FCHMODAT2: c_long = 452;
 
 /// Syscalls present on every architecture airlock supports.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -36,6 +38,8 @@ const COMMON: &[(&str, c_long)] = &[
     ("clone", libc::SYS_clone),
     ("clone3", libc::SYS_clone3),
     ("delete_module", libc::SYS_delete_module),
+    ("fchmod", libc::SYS_fchmod),
+    ("fchmodat2", SYS_FCHMODAT2),
     ("finit_module", libc::SYS_finit_module),
     ("fsconfig", libc::SYS_fsconfig),
     ("fsmount", libc::SYS_fsmount),
@@ -59,6 +63,7 @@ const COMMON: &[(&str, c_long)] = &[
     ("open_by_handle_at", libc::SYS_open_by_handle_at),
     ("open_tree", libc::SYS_open_tree),
     ("open_tree_attr", SYS_OPEN_TREE_ATTR),
+    ("openat2", libc::SYS_openat2),
     ("perf_event_open", libc::SYS_perf_event_open),
     ("personality", libc::SYS_personality),
     ("pidfd_getfd", libc::SYS_pidfd_getfd),
@@ -172,10 +177,14 @@ const PROCESS: &[(&str, c_long)] = &[];
 /// Syscalls that exist only on x86_64.
 #[cfg(target_arch = "x86_64")]
 const ARCH_ONLY: &[(&str, c_long)] = &[
+    ("chmod", libc::SYS_chmod),
+    ("creat", libc::SYS_creat),
     ("epoll_wait", libc::SYS_epoll_wait),
     ("ioperm", libc::SYS_ioperm),
     ("iopl", libc::SYS_iopl),
+    ("mknod", libc::SYS_mknod),
     ("modify_ldt", libc::SYS_modify_ldt),
+    ("open", libc::SYS_open),
     ("poll", libc::SYS_poll),
     ("stat", libc::SYS_stat),
     ("uselib", libc::SYS_uselib),

@@ -78,3 +78,27 @@ fn existing_destination_is_refused() {
     let err = persist_layer(&f.upper, &to).unwrap_err();
     assert!(matches!(err, WorkspaceError::DestinationExists { .. }), "{err}");
 }
+
+/// A microVM's guest sees the directory that holds its upper layer and can
+/// put a link to any host path in its place: persist, diff, apply and
+/// artifact capture refuse that layer rather than read where it points.
+#[test]
+fn an_upper_layer_replaced_by_a_symlink_is_refused_not_followed() {
+    let f = Fixture::new();
+    let host = f.outside("host");
+    write(&host, "secret", b"host only\n");
+    let upper = f.root.join("swapped");
+    std::os::unix::fs::symlink(&host, &upper).unwrap();
+
+    let to = f.root.join("copy");
+    let err = persist_layer(&upper, &to).unwrap_err();
+    assert!(err.to_string().contains("open layer"), "{err}");
+    assert!(!to.join("secret").exists(), "the link's target was copied");
+    let err = compute_diff(&f.lower, &upper).unwrap_err();
+    assert!(err.to_string().contains("open upper layer"), "{err}");
+    let diff = compute_diff(&f.lower, &f.upper).unwrap();
+    assert!(airlock_workspace::apply(&diff, &upper, &f.lower, &Default::default()).is_err());
+    let dest = f.root.join("artifacts");
+    assert!(airlock_workspace::capture_artifacts(&upper, &f.lower, &["*".into()], &dest, 1 << 20).is_err());
+    assert!(!f.lower.join("secret").exists() && !dest.join("secret").exists());
+}
