@@ -216,6 +216,13 @@ impl RootEntry {
         })
     }
 
+    /// Whether a link's `target` (relative or absolute) can travel on the
+    /// kernel's command line: a space or separator in it would cut the
+    /// root's one word, and the entries after it (masks too) would be lost.
+    pub fn target_fits(target: &Path) -> bool {
+        RootEntry::fits(&Path::new("/").join(target))
+    }
+
     /// The one word on the kernel's command line that lists `entries`, in
     /// order.
     pub fn list_to_arg(entries: &[RootEntry]) -> String {
@@ -504,6 +511,12 @@ mod tests {
         assert_eq!(word, "root:share:/usr|link:/bin=usr/bin|hide:/etc/shadow|workspace:/srv/repo");
         assert_eq!(RootEntry::list_from_args(["egress:on", word.as_str(), "limits:1:2"]), entries);
         assert!(!RootEntry::fits(Path::new("/a|b")), "the separator cannot be in a path");
+        assert!(
+            RootEntry::target_fits(Path::new("usr/bin")) && RootEntry::target_fits(Path::new("/usr/bin"))
+        );
+        for target in ["usr/a b", "a|hide:/x", "../x y"] {
+            assert!(!RootEntry::target_fits(Path::new(target)), "{target}");
+        }
     }
 
     #[test]
