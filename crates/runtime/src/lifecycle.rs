@@ -418,7 +418,8 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         degraded: degraded.clone(),
     })?;
     if policy.isolation.tier == Tier::Microvm {
-        let guest = GuestSpec { workspace, workspace_owner, one_command: !command.is_empty() };
+        let one_command = (!command.is_empty()).then_some(OneCommand { terminal });
+        let guest = GuestSpec { workspace, workspace_owner, one_command };
         return launch_vm(sandbox, policy, guest, host, meta, audit, held);
     }
 
@@ -584,7 +585,7 @@ struct GuestSpec<'a> {
     /// `airlock run`: its command's output, arriving over the channel, is
     /// written to the stdio's sandbox ends, and so reaches the caller and
     /// the logs as the process tier's does.
-    one_command: bool,
+    one_command: Option<OneCommand>,
 }
 
 /// The microVM tier's launch, from the sandbox's recorded creation on: the
@@ -694,12 +695,14 @@ fn launch_vm(
     keep_secrets_out(sandbox, policy, &mut meta, &mut audit, &secret_values)?;
     let network_env = network.map(|n| n.environment()).unwrap_or_default();
     let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
-    // Output arrives over the channel, not from a child's descriptors; the
-    // guest has no terminal of the caller's (`-t`) yet. Written to the
-    // stdio's sandbox ends, it is redacted there as the process tier's is.
-    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), false, &secret_values)
+    // Output arrives over the channel, not from a child's descriptors (a
+    // terminal's too: the guest's agent opens it and relays it). Written
+    // to the stdio's sandbox ends, it is redacted there as the process
+    // tier's is.
+    let terminal = one_command.is_some_and(|c| c.terminal);
+    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), terminal, &secret_values)
         .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
-    if !one_command {
+    if one_command.is_none() {
         stdio.release_child_ends();
     }
     let host_env = |k: &str| std::env::var(k).ok();
@@ -749,6 +752,13 @@ fn launch_vm(
         exec_env,
         exec_cwd: workspace.map(Path::to_path_buf),
     })
+}
+
+/// `airlock run`'s one command on the microVM tier.
+#[derive(Clone, Copy)]
+struct OneCommand {
+    /// The caller sits at a terminal: the command gets one in the guest.
+    terminal: bool,
 }
 
 /// Removes a sandbox's directory, then gives back the id block it held.

@@ -59,6 +59,7 @@ pub(crate) fn boot(
         allow_emulation: policy.allows_weaker(Weakening::Kvm),
         memory: policy.limits.memory,
         cpus: policy.limits.cpus,
+        limits: airlock_vm::limits::GuestLimits { pids: policy.limits.pids, disk: policy.limits.disk },
         root,
         cgroup: cgroup.cloned(),
         writable,
@@ -181,11 +182,18 @@ fn guest_root(policy: &Policy, notify: &mut dyn FnMut(Notice)) -> Vec<RootEntry>
             continue;
         }
         match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_symlink() => {
-                if let Ok(target) = std::fs::read_link(path) {
-                    entries.push(RootEntry::Link { path: path.clone(), target });
+            Ok(m) if m.file_type().is_symlink() => match std::fs::read_link(path) {
+                Ok(target) if RootEntry::target_fits(&target) => {
+                    entries.push(RootEntry::Link { path: path.clone(), target })
                 }
-            }
+                Ok(target) => notify(Notice::Warning(format!(
+                    "{} is not shared with the microVM: its link's target {} has spaces or characters the \
+                     kernel's command line cannot carry",
+                    path.display(),
+                    target.display()
+                ))),
+                Err(_) => {}
+            },
             Ok(m) if m.is_dir() => entries.push(RootEntry::Share(path.clone())),
             _ => {}
         }
@@ -286,6 +294,30 @@ mod tests {
         );
         assert_eq!(port::GUEST_CA_BUNDLE, crate::network::SANDBOX_CA_BUNDLE);
         assert_eq!(port::GUEST_SYSTEM_BUNDLE, crate::network::SYSTEM_CA_BUNDLE);
+    }
+
+    /// A link whose target could not travel in the root's one word is left
+    /// out, said, and the masks after it still reach the guest.
+    #[test]
+    fn a_link_whose_target_cannot_travel_is_left_out_and_the_masks_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, bad) = (dir.path().join("good"), dir.path().join("bad"));
+        std::os::unix::fs::symlink("usr/bin", &good).unwrap();
+        std::os::unix::fs::symlink("a b|hide:/x", &bad).unwrap();
+        let mut policy = airlock_policy::Policy::builtin("dev").unwrap();
+        policy.filesystem.read_only = vec![good.clone(), bad.clone()];
+        let mut warnings = Vec::new();
+        let root = guest_root(&policy, &mut |n| {
+            if let Notice::Warning(w) = n {
+                warnings.push(w);
+            }
+        });
+        assert_eq!(root[0], RootEntry::Link { path: good, target: "usr/bin".into() });
+        assert!(!root.iter().any(|e| matches!(e, RootEntry::Link { path, .. } if *path == bad)), "{root:?}");
+        assert!(warnings.len() == 1 && warnings[0].contains("bad"), "{warnings:?}");
+        assert!(root.contains(&RootEntry::Hide("/etc/shadow".into())), "{root:?}");
+        let word = RootEntry::list_to_arg(&root);
+        assert_eq!(RootEntry::list_from_args([word.as_str()]), root);
     }
 
     #[test]
