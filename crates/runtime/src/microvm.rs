@@ -134,6 +134,16 @@ pub(crate) fn check(
             ws.display()
         )));
     }
+    // A path the policy hides must be masked in the guest too: one that
+    // cannot travel to it is a refusal, never a silent omission.
+    if let Some(path) = unmaskable_hidden(policy) {
+        return Err(RunError::PolicyRefused(format!(
+            "filesystem.hidden: {} cannot be masked in a microVM (its path has spaces or characters the \
+             kernel's command line cannot carry); rename it, or hide a parent directory whose path can be \
+             carried",
+            path.display()
+        )));
+    }
     // Built (when missing or stale) before the sandbox exists, with progress.
     airlock_vm::guest::setup(&airlock_vm::cache_dir()?, &mut |step| {
         notify(Notice::Info(format!("building the guest: {step}")))
@@ -208,6 +218,12 @@ fn guest_root(policy: &Policy, notify: &mut dyn FnMut(Notice)) -> Vec<RootEntry>
         }
     }
     entries
+}
+
+/// The first path the policy hides that the guest could not be told to
+/// mask.
+fn unmaskable_hidden(policy: &Policy) -> Option<&Path> {
+    policy.filesystem.hidden.iter().map(|p| p.as_path()).find(|p| !RootEntry::fits(p))
 }
 
 /// For `airlock gc`: QEMU processes whose airlock (a supervisor, a run) is
@@ -318,6 +334,18 @@ mod tests {
         assert!(root.contains(&RootEntry::Hide("/etc/shadow".into())), "{root:?}");
         let word = RootEntry::list_to_arg(&root);
         assert_eq!(RootEntry::list_from_args([word.as_str()]), root);
+    }
+
+    /// A hidden path the guest cannot be told to mask is found (and the
+    /// launch refused), not dropped.
+    #[test]
+    fn a_hidden_path_that_cannot_travel_is_found() {
+        let mut policy = airlock_policy::Policy::builtin("dev").unwrap();
+        policy.filesystem.hidden = vec!["/srv/keys".into()];
+        assert_eq!(unmaskable_hidden(&policy), None);
+        policy.filesystem.hidden.push("/srv/team keys".into());
+        policy.filesystem.hidden.push("/srv/a|b".into());
+        assert_eq!(unmaskable_hidden(&policy), Some(Path::new("/srv/team keys")));
     }
 
     #[test]
