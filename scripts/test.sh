@@ -38,6 +38,13 @@ if [ "$(id -u)" = 0 ]; then
             apt-get update -qq
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${vm_missing[@]}"
         fi
+        # The HTML report is checked in headless Chromium (suite/report.rs):
+        # it must load with nothing on its console and show what it should.
+        if ! dpkg -s chromium >/dev/null 2>&1; then
+            say "installing chromium"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+        fi
     fi
     # The rootless tests run airlock as this ordinary user.
     if ! id airlock-test >/dev/null 2>&1; then

@@ -27,10 +27,10 @@ use airlock_jail::spawn::AGENT_EGRESS_FD;
 use airlock_proto::EgressPorts;
 use airlock_proto::handover::{self, HandOver};
 
-/// Which of the agent's listeners a connection came from, and so how it is
-/// handed over.
+/// Which of airlock's listeners inside a sandbox (the agent's, or a
+/// microVM guest's) a connection came from, and so how it is handed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Listener {
+pub enum Listener {
     Http,
     Socks,
     /// Redirected TCP: handed over with its original destination.
@@ -79,7 +79,7 @@ pub fn listen(ports: EgressPorts, redirect: Option<Redirect>) -> io::Result<()> 
 /// at all: a transparent connection whose destination is loopback was not
 /// redirected (a program connected to the listener itself), and one whose
 /// destination cannot be read cannot be decided.
-fn handover_for(kind: Listener, conn: &TcpStream) -> Option<HandOver> {
+pub fn handover_for(kind: Listener, conn: &TcpStream) -> Option<HandOver> {
     Some(match kind {
         Listener::Http => HandOver::Http,
         Listener::Socks => HandOver::Socks,

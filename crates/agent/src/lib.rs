@@ -7,12 +7,13 @@
 //! ends, the agent exits, and the kernel kills whatever the command left
 //! behind in the PID namespace.
 
-mod egress;
+pub mod egress;
 mod files;
 mod oom;
 mod service;
 mod signals;
 mod users;
+mod workload;
 
 use std::io;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
@@ -108,9 +109,17 @@ pub fn main() -> i32 {
 /// and the VM are the boundary, so no jail is built; the agent serves
 /// execs and file operations as in a long-lived sandbox. `connect` opens
 /// the channel to the host once the signals the agent waits for are
-/// blocked, so that threads it starts inherit the mask.
-pub fn serve_guest(env: Vec<(String, String)>, connect: impl FnOnce() -> io::Result<UnixStream>) -> i32 {
+/// blocked, so that threads it starts inherit the mask. `workload`: the
+/// `cgroup.procs` of the cgroup every process it starts goes into.
+pub fn serve_guest(
+    env: Vec<(String, String)>,
+    workload: Option<OwnedFd>,
+    connect: impl FnOnce() -> io::Result<UnixStream>,
+) -> i32 {
     oom::keep_handle();
+    if let Some(procs) = workload {
+        workload::set(procs);
+    }
     let waiter = match signals::Waiter::install() {
         Ok(w) => w,
         Err(e) => {
@@ -164,16 +173,25 @@ fn open_terminal(control: &UnixStream) -> io::Result<OwnedFd> {
 /// Starts `cmd` in its own session and process group, with no signal
 /// blocked (the agent's sigwaitinfo mask would otherwise survive exec), and
 /// with its stdin as controlling terminal when `tty`: signals are forwarded
-/// to the whole group.
+/// to the whole group. Where the workload has a cgroup of its own (a
+/// microVM guest), the process moves there before it runs anything.
 pub(crate) fn in_own_session(cmd: &mut Command, tty: bool) {
+    let workload = workload::procs();
     // SAFETY: the closure runs between fork and exec and makes only raw
-    // system calls (sigprocmask, setsid, ioctl), which are async-signal-safe.
+    // system calls (sigprocmask, setsid, ioctl, write), which are
+    // async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             crate::signals::unblock_all()?;
             rustix::process::setsid()?;
             if tty {
                 rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+            }
+            // "0": the writing process. The descriptor was opened by root,
+            // whose credentials the kernel checks, so this works after
+            // `exec --user` changed ids.
+            if let Some(procs) = workload {
+                rustix::io::write(procs, b"0")?;
             }
             Ok(())
         });

@@ -142,20 +142,32 @@ enum Command {
     /// List, show and check policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// The sandbox's timeline from its audit log: its life, every program
-    /// run inside (pid, parent, arguments, directory, how it ended),
-    /// network decisions.
-    ///
-    /// What the sandbox chose (arguments, paths, hosts) is shown escaped;
-    /// `--json` prints the records exactly, one per line.
-    Audit {
+    /// One self-contained HTML page about a sandbox for a reviewer: its
+    /// timeline (with filters), process tree, workspace diff, network
+    /// decisions, limits and policy. It loads nothing from anywhere and runs
+    /// nothing the sandbox wrote.
+    Report {
         name: String,
-        #[arg(long)]
-        json: bool,
+        /// Where to write the page (`-` for standard output). A new file is
+        /// readable by you only: it holds what the sandbox ran and reached.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
     },
     /// The sandbox's network: every connection and request the egress proxy decided.
     #[command(subcommand)]
     Net(NetCommand),
+    /// The sandbox's timeline: lifecycle, execs, file access, network
+    /// decisions, workspace changes, apply; `audit verify` checks its chain.
+    Audit(AuditArgs),
+    /// Write everything a reviewer needs about a stopped sandbox into one
+    /// signed bundle: logs, diff, audit and network logs, artifacts,
+    /// resolved policy, metadata.
+    Export {
+        name: String,
+        /// The bundle to write (default: NAME.tar.zst here).
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// The microVM tier's guest (`vm setup` builds it).
     #[command(subcommand)]
     Vm(VmCommand),
@@ -193,6 +205,51 @@ enum VmCommand {
     /// boots, in the cache ($AIRLOCK_VM_CACHE, default /var/cache/airlock/vm
     /// as root); rebuilt only when airlock or the kernel changed.
     Setup,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AuditArgs {
+    #[command(subcommand)]
+    command: Option<AuditCommand>,
+    /// The sandbox (or --bundle).
+    #[arg(required_unless_present = "bundle")]
+    name: Option<String>,
+    #[command(flatten)]
+    from: BundleArgs,
+    /// One event per line, each the record as written (docs/audit.md).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Reading an export bundle instead of the state directory.
+#[derive(Args)]
+struct BundleArgs {
+    /// An export bundle (`airlock export`), checked first: its signature,
+    /// every member's hash, the audit chain. No state directory needed.
+    #[arg(long, value_name = "FILE", conflicts_with = "name")]
+    bundle: Option<PathBuf>,
+    /// Require the bundle to be signed by this key (`ed25519:HEX`, as
+    /// `airlock audit key` prints it on the exporting host).
+    #[arg(long, value_name = "KEY", requires = "bundle")]
+    key: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the audit log's hash chain and its recorded heads: says which
+    /// event was removed, reordered, inserted or edited. Exit 0 intact,
+    /// 1 not intact, 2 written before the chain (nothing to check).
+    Verify {
+        #[arg(required_unless_present = "bundle")]
+        name: Option<String>,
+        #[command(flatten)]
+        from: BundleArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print this host's public key for export bundles (created on first use).
+    Key,
 }
 
 #[derive(Subcommand)]
@@ -355,6 +412,7 @@ impl Command {
                 | Command::Rm { .. }
                 | Command::Apply { .. }
                 | Command::Events { .. }
+                | Command::Report { .. }
         )
     }
 }
@@ -472,12 +530,21 @@ fn direct(command: Command, forced: bool) -> CliResult {
             Ok(0)
         }
         Command::Policy(cmd) => policy(cmd),
-        Command::Audit { name, json } => {
-            present::audit(&ops::audit(&state()?, &name)?, json)?;
+        Command::Report { name, output } => {
+            let page = airlock_runtime::report::render(&state()?, &name, &name)?;
+            write_report(&output, |out| Ok(out.write_all(page.as_bytes())?))?;
             Ok(0)
         }
         Command::Net(NetCommand::Log { name, json }) => {
             present::net_log(&ops::net_log(&state()?, &name)?, json)?;
+            Ok(0)
+        }
+        Command::Audit(args) => audit(args),
+        Command::Export { name, output } => {
+            let root = state()?;
+            let output = output.unwrap_or_else(|| PathBuf::from(format!("{name}.tar.zst")));
+            let report = airlock_runtime::bundle::export(&root, &name, &output)?;
+            present::exported(&report);
             Ok(0)
         }
         Command::Daemon { socket, group, listen, tls_cert, tls_key, tokens } => {
@@ -498,6 +565,87 @@ fn direct(command: Command, forced: bool) -> CliResult {
                 state_dir: None,
                 tcp,
             })?;
+            Ok(0)
+        }
+    }
+}
+
+/// Writes a report to `output` (`-`: standard output) with `write`: into a
+/// new file beside it, renamed over it only once complete, so a report that
+/// failed half-way never replaces a good one. A new file is mode 0600 (less
+/// the umask).
+pub(crate) fn write_report<F>(output: &std::path::Path, write: F) -> Result<(), Box<dyn std::error::Error>>
+where
+    F: FnOnce(&mut dyn Write) -> Result<(), Box<dyn std::error::Error>>,
+{
+    if output == std::path::Path::new("-") {
+        let mut out = io::stdout().lock();
+        write(&mut out)?;
+        return Ok(out.flush()?);
+    }
+    let mut staged = Staged::create(output, 0o600).map_err(|e| format!("{}: {e}", output.display()))?;
+    write(&mut staged)?;
+    staged.commit().map_err(|e| format!("{}: {e}", output.display()))?;
+    eprintln!("airlock: wrote the report to {}", output.display());
+    Ok(())
+}
+
+/// `airlock audit`: the timeline, `verify`, `key`.
+fn audit(args: AuditArgs) -> CliResult {
+    use airlock_runtime::bundle::{self, BundleError};
+    let opened =
+        |from: &BundleArgs| -> Result<Result<bundle::Opened, BundleError>, Box<dyn std::error::Error>> {
+            let Some(path) = &from.bundle else { return Err("no bundle".into()) };
+            match bundle::open(path, from.key.as_deref()) {
+                Err(e @ (BundleError::Refused { .. } | BundleError::Tampered { .. })) => Ok(Err(e)),
+                other => Ok(Ok(other?)),
+            }
+        };
+    match args.command {
+        Some(AuditCommand::Key) => {
+            let key = bundle::host_key(&state()?)?;
+            println!("{}", bundle::public_key_text(&key));
+            Ok(0)
+        }
+        Some(AuditCommand::Verify { name, from, json }) => {
+            if from.bundle.is_some() {
+                return Ok(match opened(&from)? {
+                    Ok(opened) => present::bundle_verified(&opened, json)?,
+                    Err(e) => present::bundle_refused(&e, json)?,
+                });
+            }
+            let name = name.ok_or("name a sandbox, or --bundle FILE")?;
+            let root = state()?;
+            // The daemon's index keeps a copy of the head outside the
+            // sandbox's directory; one that cannot be read is not needed.
+            let index = airlock_server::db::index_path(root.path());
+            let recorded = match airlock_server::db::recorded_audit_head(&index, &name) {
+                Ok(head) => head,
+                Err(e) => {
+                    present::notice(airlock_runtime::Notice::Warning(format!(
+                        "not checking against the daemon's record: {e}"
+                    )));
+                    None
+                }
+            };
+            let report = ops::verify_audit(&root, &name, recorded)?;
+            Ok(present::chain_report(&name, &report, json)?)
+        }
+        None if args.from.bundle.is_some() => match opened(&args.from)? {
+            Ok(opened) => {
+                let audit = opened.audit.as_deref().unwrap_or_default();
+                let origin =
+                    args.from.bundle.clone().unwrap_or_default().join(airlock_runtime::bundle::AUDIT);
+                let entries = airlock_runtime::audit::AuditLog::entries_of(audit, &origin)?;
+                present::bundle_header(&opened, args.json);
+                present::audit_timeline(&entries, args.json)?;
+                Ok(0)
+            }
+            Err(e) => present::bundle_refused(&e, args.json).map_err(Into::into),
+        },
+        None => {
+            let name = args.name.ok_or("name a sandbox, or --bundle FILE")?;
+            present::audit_timeline(&ops::audit_entries(&state()?, &name)?, args.json)?;
             Ok(0)
         }
     }

@@ -13,7 +13,8 @@ use std::io::{self, IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use airlock_jail::probe::{Feature, HostReport, Status};
-use airlock_runtime::audit::{AuditEvent, AuditRecord};
+use airlock_runtime::audit::chain::{AnchorSource, ChainReport, Verdict};
+use airlock_runtime::bundle::{BundleError, ExportReport, Opened};
 use airlock_runtime::ops::{DiffView, GcReport, NetLogEntry};
 use airlock_runtime::view::DaemonFacts;
 use airlock_runtime::view::SandboxView;
@@ -298,110 +299,375 @@ pub fn net_log(entries: &[NetLogEntry], json: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// `airlock audit`: the timeline, one line per record; or, with `json`,
-/// each record as the audit log holds it, one per line.
-pub fn audit(records: &[AuditRecord], json: bool) -> io::Result<()> {
+/// `airlock audit`: one line per event (time, seq, kind, summary, every
+/// value the sandbox may have chose escaped), or with `--json` each
+/// record exactly as written.
+pub fn audit_timeline(entries: &[airlock_runtime::audit::Entry], json: bool) -> io::Result<()> {
     let mut out = io::stdout().lock();
-    for record in records {
-        if json {
-            serde_json::to_writer(&mut out, record)?;
-            writeln!(out)?;
-        } else {
-            writeln!(out, "{}", audit_line(record))?;
+    if json {
+        for e in entries {
+            writeln!(out, "{}", e.raw)?;
         }
+        return out.flush();
+    }
+    if entries.is_empty() {
+        return writeln!(out, "no events recorded");
+    }
+    for e in entries {
+        let value = serde_json::to_value(&e.record.event).unwrap_or_default();
+        let kind = e.record.event.kind();
+        writeln!(
+            out,
+            "{} {:>5} {kind:<18} {}",
+            shown(&e.record.ts),
+            e.record.seq,
+            event_summary(kind, &value)
+        )?;
+    }
+    out.flush()
+}
+
+/// A field's value as one printable token: strings (and paths that are
+/// not UTF-8) escaped, `-` for nothing.
+fn token(value: Option<&serde_json::Value>) -> String {
+    use serde_json::Value;
+    match value {
+        None | Some(Value::Null) => "-".to_owned(),
+        Some(Value::String(s)) => shown(s),
+        Some(Value::Object(map)) if map.len() == 1 && map.contains_key("non_utf8_hex") => {
+            let hex = map.get("non_utf8_hex").and_then(Value::as_str).unwrap_or_default();
+            let bytes: Vec<u8> = hex
+                .as_bytes()
+                .chunks(2)
+                .filter_map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
+                .collect();
+            quote_bytes(&bytes)
+        }
+        Some(Value::Array(items)) => items.iter().map(argument).collect::<Vec<_>>().join(" "),
+        Some(other) => printable(other.to_string().as_bytes()),
+    }
+}
+
+/// One item of a list (an argument, a path) as a token that a space inside
+/// it cannot split: quoted when odd, as `shown` does, or when it holds a
+/// space or a quote.
+fn argument(item: &serde_json::Value) -> String {
+    let token = token(Some(item));
+    match item.as_str() {
+        Some(s) if !token.starts_with('"') && (s.is_empty() || s.contains([' ', '"', '\'', '\\'])) => {
+            format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+        }
+        _ => token,
+    }
+}
+
+/// What one event says, in a line. Read from the event's JSON, so an event
+/// kind this list does not know is still shown, field by field.
+fn event_summary(kind: &str, v: &serde_json::Value) -> String {
+    let f = |key: &str| token(v.get(key));
+    let n = |key: &str| v.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let refused = || match v.get("refused") {
+        Some(serde_json::Value::String(why)) => format!(" REFUSED: {}", shown(why)),
+        _ => String::new(),
+    };
+    let ended = || {
+        exit_summary(
+            v.get("code").and_then(|c| c.as_i64()),
+            v.get("signal").and_then(|c| c.as_i64()),
+            v.get("timed_out").and_then(|t| t.as_bool()).unwrap_or(false),
+            v.get("oom_killed").and_then(|t| t.as_bool()).unwrap_or(false),
+        )
+    };
+    match kind {
+        "created" => format!(
+            "policy {} workspace {} ({}) degraded [{}]",
+            f("policy"),
+            f("workspace"),
+            f("workspace_mode"),
+            f("degraded")
+        ),
+        "command_started" => format!("pid {}: {}", f("pid"), f("argv")),
+        "exec_started" => format!("exec #{} pid {}: {}", f("id"), f("pid"), f("argv")),
+        "exited" => format!("{} after {} ms", ended(), n("duration_ms")),
+        "exec_ended" => format!("exec #{} {} after {} ms", f("id"), ended(), n("duration_ms")),
+        "time_limit_hit" => format!("after {} s", n("limit_secs")),
+        "diff_summary" => format!(
+            "{} added, {} modified, {} deleted; change {}",
+            n("added"),
+            n("modified"),
+            n("deleted"),
+            f("digest")
+        ),
+        "workspace_changed" => format!(
+            "{} {} ({} → {}) size {} sha256 {}",
+            f("kind"),
+            f("path"),
+            f("old_type"),
+            f("new_type"),
+            f("size"),
+            f("sha256")
+        ),
+        "artifacts_captured" => format!(
+            "{} files, {} bytes: {}",
+            v.get("files").and_then(|l| l.as_array()).map_or(0, Vec::len),
+            n("bytes"),
+            f("files")
+        ),
+        "applied" => format!(
+            "written [{}] deleted [{}] change {} by uid {}{}",
+            f("written"),
+            f("deleted"),
+            f("digest"),
+            n("by_uid"),
+            if v.get("allow_protected").and_then(|b| b.as_bool()) == Some(true) {
+                " (protected paths allowed)"
+            } else {
+                ""
+            }
+        ),
+        "apply_refused" | "removed" | "stopped" => f("reason"),
+        "supervisor_lost" | "egress_proxy_ended" => f("detail"),
+        "error" => format!("{}: {}", f("stage"), f("message")),
+        "audit_capped" => f("message"),
+        "network" => {
+            let verdict =
+                if v.get("allowed").and_then(|a| a.as_bool()) == Some(true) { "allow" } else { "DENY" };
+            let request = match (v.get("method"), v.get("path")) {
+                (Some(m), Some(p)) if !m.is_null() => format!(" {} {}", token(Some(m)), token(Some(p))),
+                _ => String::new(),
+            };
+            format!("{verdict} {} {}:{}{request} [{}]", f("via"), f("host"), n("port"), f("rule"))
+        }
+        "file_read" => format!("{} {} bytes{}", f("path"), n("bytes"), refused()),
+        "file_changed" => {
+            let to = v
+                .get("to")
+                .filter(|t| !t.is_null())
+                .map(|t| format!(" → {}", token(Some(t))))
+                .unwrap_or_default();
+            format!("{} {}{to} {} bytes{}", f("op"), f("path"), n("bytes"), refused())
+        }
+        "file_inspected" => format!("{} {} {} entries{}", f("op"), f("path"), n("entries"), refused()),
+        // The exec trace: what a process claimed when it called exec.
+        "process_exec" => {
+            let mut line = format!("pid {} (parent {}) {}", f("pid"), f("ppid"), f("path"));
+            if v.get("no_such_file").and_then(|b| b.as_bool()) == Some(true) {
+                line.push_str(" (no such file)");
+            } else {
+                line.push_str(&format!(": {} in {}", f("argv"), f("cwd")));
+            }
+            if let Some(serde_json::Value::String(why)) = v.get("unreadable") {
+                line.push_str(&format!(" (unreadable: {})", shown(why)));
+            }
+            if v.get("syscall").and_then(|s| s.as_str()) != Some("execve") {
+                line.push_str(&format!(" [{}]", f("syscall")));
+            }
+            line
+        }
+        "process_exit" => {
+            let how = match v.get("unknown") {
+                Some(serde_json::Value::String(why))
+                    if v.get("code").is_none_or(|c| c.is_null())
+                        && v.get("signal").is_none_or(|c| c.is_null()) =>
+                {
+                    format!("status unknown: {}", shown(why))
+                }
+                _ => ended(),
+            };
+            format!("pid {} {how} after {} ms", f("pid"), n("duration_ms"))
+        }
+        "process_exec_summary" => {
+            let programs: Vec<String> = v
+                .get("programs")
+                .and_then(|p| p.as_array())
+                .map(|list| {
+                    list.iter()
+                        .map(|p| format!("{} ×{}", argument(&p["path"]), token(p.get("count"))))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut line = format!(
+                "{} more execs from {} to {}, beyond {} a second, counted: {}",
+                n("execs"),
+                f("from"),
+                f("until"),
+                n("itemized_per_second"),
+                programs.join(", ")
+            );
+            if n("other") > 0 {
+                line.push_str(&format!(", {} others", n("other")));
+            }
+            if n("lost") > 0 {
+                line.push_str(&format!("; {} events lost (the supervisor fell behind)", n("lost")));
+            }
+            line
+        }
+        "exec_trace_ended" => f("detail"),
+        _ => match v.as_object() {
+            Some(map) => map
+                .iter()
+                .filter(|(k, _)| k.as_str() != "event")
+                .map(|(k, val)| format!("{}={}", shown(k), token(Some(val))))
+                .collect::<Vec<_>>()
+                .join(" "),
+            None => String::new(),
+        },
+    }
+}
+
+/// `airlock audit verify`: what the chain check found; the exit code (0
+/// intact, 1 not, 2 nothing to check).
+pub fn chain_report(name: &str, report: &ChainReport, json: bool) -> io::Result<i32> {
+    let code = match report.verdict {
+        Verdict::Intact => 0,
+        Verdict::Broken => 1,
+        Verdict::PredatesChain => 2,
+    };
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, report)?;
+        writeln!(out)?;
+        return Ok(code);
+    }
+    render_chain(&format!("audit log of {}", shown(name)), report, &mut out)?;
+    Ok(code)
+}
+
+fn render_chain(what: &str, report: &ChainReport, out: &mut dyn Write) -> io::Result<()> {
+    match report.verdict {
+        Verdict::Intact => {
+            write!(out, "{what}: intact: {} events", report.events)?;
+            if let Some(seq) = report.last_seq {
+                write!(out, ", the last seq {seq}")?;
+            }
+            writeln!(out)?;
+            if report.unchained > 0 {
+                writeln!(
+                    out,
+                    "  the first {} events were written before the chain (not covered by it)",
+                    report.unchained
+                )?;
+            }
+        }
+        Verdict::PredatesChain => writeln!(
+            out,
+            "{what}: written before airlock chained its audit logs ({} events): there is nothing to check",
+            report.events
+        )?,
+        Verdict::Broken => {
+            writeln!(out, "{what}: NOT INTACT")?;
+            for p in &report.problems {
+                writeln!(out, "  {}", printable(p.what.as_bytes()))?;
+            }
+        }
+    }
+    for a in &report.anchors {
+        let source = match a.source {
+            AnchorSource::HeadFile => "the head beside it (audit.head)",
+            AnchorSource::DaemonIndex => "the daemon's index",
+            AnchorSource::Bundle => "the bundle's signed manifest",
+        };
+        let verdict = if a.held { "holds" } else { "does NOT hold" };
+        writeln!(out, "  head seq {} recorded by {source}: {verdict}", a.seq)?;
+    }
+    if report.torn_tail {
+        writeln!(out, "  its last line is incomplete (a writer stopped mid-record); not an event")?;
     }
     Ok(())
 }
 
-/// One record as a line: its time, its kind, then what it says. Every
-/// value a sandbox chose is one escaped token (an argument with a space
-/// is quoted), so no record can forge another line or reach the terminal.
-fn audit_line(record: &AuditRecord) -> String {
-    let what = match &record.event {
-        AuditEvent::ProcessExec(e) => {
-            let mut line = format!("exec      pid {} (parent {})", e.pid, e.ppid);
-            match &e.path {
-                Some(path) => line.push_str(&format!(" {}", arg(path.as_bytes()))),
-                None => line.push_str(" (program unreadable)"),
-            }
-            if e.no_such_file {
-                line.push_str(" (no such file)");
-            } else {
-                let argv: Vec<String> = e.argv.iter().map(|a| arg(a.as_bytes())).collect();
-                line.push_str(&format!(" argv: {}", argv.join(" ")));
-                if let Some(cwd) = &e.cwd {
-                    line.push_str(&format!(" in {}", arg(cwd.as_bytes())));
-                }
-            }
-            if let Some(why) = &e.unreadable {
-                line.push_str(&format!(" (unreadable: {})", shown(why)));
-            }
-            if e.syscall != "execve" {
-                line.push_str(&format!(" [{}]", shown(&e.syscall)));
-            }
-            line
-        }
-        AuditEvent::ProcessExit(e) => {
-            let how = match (e.code, e.signal, &e.unknown) {
-                (Some(code), _, _) => format!("code {code}"),
-                (None, Some(signal), _) => format!("signal {signal}"),
-                (None, None, Some(why)) => format!("status unknown: {}", shown(why)),
-                (None, None, None) => "status unknown".to_owned(),
-            };
-            format!("exit      pid {} {how} after {} ms", e.pid, e.duration_ms)
-        }
-        AuditEvent::ProcessExecSummary(s) => {
-            let programs: Vec<String> =
-                s.programs.iter().map(|p| format!("{} ×{}", arg(p.path.as_bytes()), p.count)).collect();
-            let mut line = format!(
-                "execs     {} more from {} to {}, beyond {} a second, counted: {}",
-                s.execs,
-                shown(&s.from),
-                shown(&s.until),
-                s.itemized_per_second,
-                programs.join(", ")
-            );
-            if s.other > 0 {
-                line.push_str(&format!(", {} others", s.other));
-            }
-            if s.lost > 0 {
-                line.push_str(&format!("; {} events lost (the supervisor fell behind)", s.lost));
-            }
-            line
-        }
-        other => generic_line(other),
+/// `airlock audit verify --bundle`: the bundle passed its checks; the
+/// chain's verdict decides the exit code.
+pub fn bundle_verified(opened: &Opened, json: bool) -> io::Result<i32> {
+    let code = match opened.chain.as_ref().map(|c| c.verdict) {
+        Some(Verdict::Broken) => 1,
+        Some(Verdict::PredatesChain) => 2,
+        _ => 0,
     };
-    format!("{} {what}", shown(&record.ts))
+    let mut out = io::stdout().lock();
+    if json {
+        let value = serde_json::json!({
+            "verified": code == 0,
+            "signer": opened.signer,
+            "manifest": opened.manifest,
+            "chain": opened.chain,
+        });
+        serde_json::to_writer_pretty(&mut out, &value)?;
+        writeln!(out)?;
+        return Ok(code);
+    }
+    let m = &opened.manifest;
+    writeln!(
+        out,
+        "bundle of sandbox {}, exported {}: signature valid, by {}",
+        shown(&m.sandbox),
+        shown(&m.exported_at),
+        opened.signer
+    )?;
+    writeln!(out, "  {} members, each matching its SHA-256 in the signed manifest", m.members.len())?;
+    for note in &m.notes {
+        writeln!(out, "  note: {}", printable(note.as_bytes()))?;
+    }
+    match &opened.chain {
+        Some(chain) => render_chain("  its audit log", chain, &mut out)?,
+        None => writeln!(out, "  it holds no audit log")?,
+    }
+    writeln!(
+        out,
+        "  (the signature says which key signed it; compare {} with `airlock audit key` on the host it came \
+         from, or pass --key)",
+        opened.signer
+    )?;
+    Ok(code)
 }
 
-/// An argument or path as one token: escaped when odd, quoted when it
-/// holds a space (or is empty), so the words of a command line stay apart.
-fn arg(bytes: &[u8]) -> String {
-    let token = quote_bytes(bytes);
-    if token.starts_with('"') || (!bytes.is_empty() && !bytes.contains(&b' ')) {
-        token
+/// Before a bundle's timeline, on stderr: whose it is and that it checked.
+pub fn bundle_header(opened: &Opened, json: bool) {
+    if json {
+        return;
+    }
+    let chain = match opened.chain.as_ref().map(|c| c.verdict) {
+        Some(Verdict::Intact) => "its audit chain is intact",
+        Some(Verdict::Broken) => "its audit chain is NOT intact (airlock audit verify --bundle says where)",
+        Some(Verdict::PredatesChain) => "its audit log predates the chain",
+        None => "it holds no audit log",
+    };
+    eprintln!(
+        "airlock: bundle of sandbox {}, exported {}, signed by {}; {chain}",
+        shown(&opened.manifest.sandbox),
+        shown(&opened.manifest.exported_at),
+        opened.signer
+    );
+}
+
+/// A bundle refused or found changed: said, exit code 1.
+pub fn bundle_refused(err: &BundleError, json: bool) -> io::Result<i32> {
+    if json {
+        let mut out = io::stdout().lock();
+        let kind = if matches!(err, BundleError::Refused { .. }) { "refused" } else { "tampered" };
+        serde_json::to_writer_pretty(
+            &mut out,
+            &serde_json::json!({ "verified": false, kind: err.to_string() }),
+        )?;
+        writeln!(out)?;
     } else {
-        format!("\"{token}\"")
+        eprintln!("airlock: {}", printable(err.to_string().as_bytes()));
     }
+    Ok(1)
 }
 
-/// Any other record: its kind, then its fields as `key=value`, each value
-/// one escaped token.
-fn generic_line(event: &AuditEvent) -> String {
-    let mut line = format!("{:<9}", event.kind());
-    if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(event) {
-        for (key, value) in fields {
-            if key == "event" || value.is_null() {
-                continue;
-            }
-            let text = match value {
-                serde_json::Value::String(s) => shown(&s),
-                other => shown(&other.to_string()),
-            };
-            line.push_str(&format!(" {key}={text}"));
-        }
+/// What `airlock export` wrote.
+pub fn exported(report: &ExportReport) {
+    println!(
+        "exported {} ({} members, {} bytes before compression), signed by {}",
+        report.path.display(),
+        report.members,
+        report.bytes,
+        report.host_key
+    );
+    for note in &report.notes {
+        eprintln!("airlock: note: {}", printable(note.as_bytes()));
     }
-    line
 }
 
 /// How a sandbox ended, for `inspect`: "code 0", "signal 9, out of memory"…
@@ -623,6 +889,26 @@ mod tests {
         let line = format!("{} {}", shown(hostile), shown("GET"));
         assert!(!line.contains('\n') && !line.contains('\r') && !line.contains('\x1b'), "{line:?}");
         assert!(line.starts_with('"'), "an odd value is quoted: {line}");
+    }
+
+    #[test]
+    fn timeline_lines_escape_what_a_sandbox_chose_and_keep_arguments_apart() {
+        let event = serde_json::json!({
+            "event": "exec_started", "id": 1, "pid": 9,
+            "argv": ["sh", "-c", "echo a b", "\u{1b}]0;owned\u{7}\n{\"seq\":9}", "x\u{202e}y", ""],
+        });
+        let line = event_summary("exec_started", &event);
+        for raw in ['\n', '\r', '\x1b', '\x07', '\u{202e}'] {
+            assert!(!line.contains(raw), "{raw:?} in {line:?}");
+        }
+        assert!(line.contains(r#"sh -c "echo a b" "\033]0;owned\007\n{\"seq\":9}""#), "{line}");
+        assert!(line.ends_with(r#""x\342\200\256y" """#), "{line}");
+        // A path that is not UTF-8, and an event kind this airlock does not
+        // know: shown field by field, escaped all the same.
+        let path = serde_json::json!({ "non_utf8_hex": "61ff0a62" });
+        assert_eq!(token(Some(&path)), r#""a\377\nb""#);
+        let unknown = serde_json::json!({ "event": "from_the_future", "name": "a\u{1b}[2Jb" });
+        assert_eq!(event_summary("from_the_future", &unknown), r#"name="a\033[2Jb""#);
     }
 
     #[test]

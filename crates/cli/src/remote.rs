@@ -83,6 +83,13 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
             daemon.download(&sandbox_path(&name, &format!("/logs?stream={stream}")), &mut out)?;
             Ok(0)
         }
+        Command::Report { name, output } => {
+            super::write_report(&output, |out| {
+                daemon.download(&sandbox_path(&name, "/report"), out)?;
+                Ok(())
+            })?;
+            Ok(0)
+        }
         other => direct(other, false),
     }
 }

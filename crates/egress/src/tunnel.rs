@@ -69,7 +69,13 @@ where
         return None;
     }
     let destination = Destination::of(&ev.host);
-    let (outcome, first_in) = first_flight(&mut client, &mut upstream, &destination, HELLO_TIMEOUT).await;
+    // A program that opened its own socket to a name airlock's resolver
+    // gave it may speak any protocol there (a database's, say); what could
+    // pick another server behind the same address is still checked.
+    let plain =
+        if matches!(ev.via, crate::proxy::Port::Transparent) { Plain::Opaque } else { Plain::Refused };
+    let (outcome, first_in) =
+        first_flight(&mut client, &mut upstream, &destination, plain, HELLO_TIMEOUT).await;
     let mut event = match &outcome {
         FirstFlight::Refused(reason) => ev.event(false, reason, Handling::Refused),
         FirstFlight::Pass(_) | FirstFlight::Closed => ev.event(true, &rule, Handling::Tunnel),
@@ -96,6 +102,34 @@ where
     shared.sink.record(event);
     None
 }
+
+/// What a tunnel to a name may carry besides TLS and SSH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Plain {
+    /// Nothing: a CONNECT or SOCKS client names the host, and plain bytes
+    /// would reach whatever server the front end at that address picks.
+    Refused,
+    /// A transparent connection: any protocol but those whose bytes name
+    /// a server (HTTP/1 requests, whose Host a front end routes by, and
+    /// HTTP/2's prior-knowledge preface); a server that speaks first
+    /// (SMTP, MySQL) is waited for as it is for an address.
+    Opaque,
+}
+
+/// The requests a plain-HTTP front end routes by their Host header (and
+/// HTTP/2's cleartext preface, `PRI * HTTP/2.0`).
+const HTTP_REQUEST_STARTS: [&[u8]; 10] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+    b"PRI ",
+];
 
 /// What the tunnel was asked for, as the first flight is checked against it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +173,7 @@ pub(crate) async fn first_flight<C, U>(
     client: &mut C,
     upstream: &mut U,
     destination: &Destination,
+    plain: Plain,
     timeout: Duration,
 ) -> (FirstFlight, u64)
 where
@@ -153,7 +188,8 @@ where
     let started = tokio::time::Instant::now();
     // A name needs a ClientHello from the start; an address only once the
     // client began one.
-    let mut deadline = matches!(destination, Destination::Name(_)).then(|| started + timeout);
+    let mut deadline =
+        (matches!(destination, Destination::Name(_)) && plain == Plain::Refused).then(|| started + timeout);
     loop {
         let until_deadline = async {
             match deadline {
@@ -173,7 +209,7 @@ where
                 if first.len() < decide_at {
                     continue;
                 }
-                match decide(&first, destination) {
+                match decide(&first, destination, plain) {
                     Verdict::Undecided { at_least } => {
                         decide_at = at_least;
                         deadline.get_or_insert(started + timeout);
@@ -214,7 +250,7 @@ enum Verdict {
 }
 
 /// The decision on the client's first bytes (see the module's rules).
-fn decide(first: &[u8], destination: &Destination) -> Verdict {
+fn decide(first: &[u8], destination: &Destination, plain: Plain) -> Verdict {
     let to = destination.shown();
     match peek_client_hello(first) {
         ClientHelloPeek::NeedMore { at_least } => Verdict::Undecided { at_least },
@@ -246,6 +282,19 @@ fn decide(first: &[u8], destination: &Destination) -> Verdict {
         }
         ClientHelloPeek::NotTls => match destination {
             Destination::Address(_) => Verdict::Pass,
+            Destination::Name(_) if plain == Plain::Opaque => {
+                let prefix_of = |start: &[u8]| start.starts_with(&first[..first.len().min(start.len())]);
+                if HTTP_REQUEST_STARTS.iter().any(|start| first.starts_with(start)) {
+                    Verdict::Refuse(format!(
+                        "plain HTTP to {to} on a port other than 80, whose Host a front end could route by, is not \
+                         checked: use port 80 or https"
+                    ))
+                } else if HTTP_REQUEST_STARTS.iter().any(|start| prefix_of(start)) {
+                    Verdict::Undecided { at_least: first.len() + 1 }
+                } else {
+                    Verdict::Pass
+                }
+            }
             Destination::Name(_) => {
                 let prefix_of = |id: &[u8]| id.starts_with(&first[..first.len().min(id.len())]);
                 if SSH_IDENTIFICATIONS.iter().any(|id| first.starts_with(id)) {
@@ -316,7 +365,7 @@ mod tests {
     }
 
     fn verdict(first: &[u8], to: &str) -> Result<(), String> {
-        match decide(first, &Destination::of(to)) {
+        match decide(first, &Destination::of(to), Plain::Refused) {
             Verdict::Pass => Ok(()),
             Verdict::Refuse(reason) => Err(reason),
             Verdict::Undecided { .. } => Err("undecided".into()),
@@ -381,6 +430,71 @@ mod tests {
         }
     }
 
+    fn transparent_verdict(first: &[u8], to: &str) -> Result<(), String> {
+        match decide(first, &Destination::of(to), Plain::Opaque) {
+            Verdict::Pass => Ok(()),
+            Verdict::Refuse(reason) => Err(reason),
+            Verdict::Undecided { .. } => Err("undecided".into()),
+        }
+    }
+
+    /// A transparent connection to a name carries any protocol, but TLS
+    /// must still name the host and HTTP requests (and h2c's preface),
+    /// which a front end routes by Host, are refused off port 80.
+    #[test]
+    fn a_transparent_tunnel_to_a_name_carries_opaque_protocols_but_no_other_server_name() {
+        let to = "db.example.com";
+        // A PostgreSQL startup message, an SSLRequest, a MySQL client's
+        // answer, SSH: none names a server.
+        for opaque in [
+            &b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..],
+            b"\x00\x00\x00\x29\x00\x03\x00\x00user\x00app\x00",
+            b"SSH-2.0-x\r\n",
+            b"EHLO sandbox\r\n",
+        ] {
+            assert_eq!(transparent_verdict(opaque, to), Ok(()), "{opaque:?}");
+        }
+        assert_eq!(transparent_verdict(&hello(&["db.example.com"], &[], 16384), to), Ok(()));
+        let other = transparent_verdict(&hello(&["other.example.org"], &[], 16384), to);
+        assert!(other.as_ref().is_err_and(|r| r.contains("domain fronting")), "{other:?}");
+        for http in
+            [&b"GET / HTTP/1.1\r\nHost: other.example.org\r\n\r\n"[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]
+        {
+            let got = transparent_verdict(http, to);
+            assert!(got.as_ref().is_err_and(|r| r.contains("plain HTTP")), "{got:?}");
+        }
+        // What could still become a request waits for more.
+        assert_eq!(transparent_verdict(b"GE", to), Err("undecided".into()));
+        // The explicit proxy's tunnels keep refusing plain bytes to a name.
+        assert!(verdict(b"\x00\x00\x00\x08\x04\xd2\x16\x2f", to).is_err());
+    }
+
+    /// A server that speaks first (SMTP, MySQL) is waited for on a
+    /// transparent connection to a name, as it is for an address: its
+    /// banner reaches the client, and the client's answer passes.
+    #[tokio::test]
+    async fn a_transparent_tunnel_to_a_name_waits_for_a_server_that_speaks_first() {
+        let (mut proxy_side, mut sandbox) = duplex(1 << 16);
+        let (mut upstream, mut server) = duplex(1 << 16);
+        server.write_all(b"220 mail.example.com ESMTP\r\n").await.unwrap();
+        let client = tokio::spawn(async move {
+            let mut banner = [0u8; 28];
+            sandbox.read_exact(&mut banner).await.unwrap();
+            // Longer than the timeout a tunnel to a name otherwise gets.
+            tokio::time::sleep(TIMEOUT + Duration::from_millis(200)).await;
+            sandbox.write_all(b"EHLO sandbox\r\n").await.unwrap();
+            (banner, sandbox)
+        });
+        let destination = Destination::of("mail.example.com");
+        let (outcome, relayed) =
+            first_flight(&mut proxy_side, &mut upstream, &destination, Plain::Opaque, TIMEOUT).await;
+        let (banner, _sandbox) = client.await.unwrap();
+        assert_eq!(&banner, b"220 mail.example.com ESMTP\r\n");
+        assert_eq!(relayed, 28);
+        assert_eq!(outcome, FirstFlight::Pass(b"EHLO sandbox\r\n".to_vec()));
+        drop(server);
+    }
+
     /// Runs `first_flight` with a client that sends `pieces` with `pause`
     /// before each and then reads until the proxy lets go, and an upstream
     /// that sends `banner` at once (and then closes, if `close_upstream`).
@@ -409,7 +523,8 @@ mod tests {
             let _ = tokio::time::timeout(Duration::from_secs(5), sandbox.read_to_end(&mut got)).await;
             got
         });
-        let (outcome, _) = first_flight(&mut proxy_side, &mut upstream, &Destination::of(to), TIMEOUT).await;
+        let (outcome, _) =
+            first_flight(&mut proxy_side, &mut upstream, &Destination::of(to), Plain::Refused, TIMEOUT).await;
         drop(proxy_side);
         drop(server);
         (outcome, sandbox_task.await.unwrap())

@@ -10,6 +10,7 @@
 pub mod cgroup;
 pub mod landlock_rules;
 pub mod mounts;
+pub mod names;
 /// The plan's data types live in the protocol crate; re-exported here.
 pub use airlock_proto::plan;
 pub mod privileges;

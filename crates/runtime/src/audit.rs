@@ -19,6 +19,18 @@
 //! process — holds the same cap. Every field of every event is capped too
 //! (`caps`), with a marker saying how long it was.
 //!
+//! The log is a hash chain (`chain`): every record carries the schema
+//! version (`v`) and the SHA-256 of the previous line's exact bytes
+//! (`prev`), and after every append the writer rewrites the head (the last
+//! record's `seq` and hash) in `audit.head`, under the same lock.
+//! `airlock audit verify` holds the log to it. Records written before the
+//! chain have neither field and stay readable. Dropping bulk events at the
+//! limit keeps the chain whole: a dropped event was never written, and the
+//! `audit_capped` record that says so is itself a link.
+//!
+//! A log that knows the sandbox's secret values ([`AuditLog::redacting`])
+//! replaces them in every string of every event before it is written.
+//!
 //! Paths in events come from inside the sandbox and may not be UTF-8; they are
 //! written as a JSON string when they are UTF-8 and as
 //! `{"non_utf8_hex": "…"}` otherwise, so a weird file name can neither make an
@@ -34,6 +46,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{FlockOperation, OFlags, flock};
 use serde::{Deserialize, Serialize};
+
+pub mod chain;
+
+use chain::{Head, HeadFile};
+
+/// The version every record carries in `v`. Records without it were
+/// written before the chain: version 1.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Why the audit log could not be opened, read or appended to.
 #[derive(Debug, thiserror::Error)]
@@ -67,12 +87,24 @@ pub enum AuditError {
 /// One line of `audit.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
+    /// The schema version ([`SCHEMA_VERSION`]); 1 for a record written
+    /// before there was one.
+    #[serde(default = "first_version")]
+    pub v: u32,
     /// When the record was written: RFC 3339, UTC, milliseconds.
     pub ts: String,
     /// 1 for the first record of a sandbox, then +1 per record.
     pub seq: u64,
+    /// SHA-256 (hex) of the previous line's exact bytes, 64 zeros for the
+    /// first; absent in records written before the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
     #[serde(flatten)]
     pub event: AuditEvent,
+}
+
+fn first_version() -> u32 {
+    1
 }
 
 /// Something that happened to a sandbox, in the order the lifecycle produces
@@ -109,6 +141,9 @@ pub enum AuditEvent {
         added: u64,
         modified: u64,
         deleted: u64,
+        /// The change's digest (`sha256:…`), as `airlock diff` shows it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     ArtifactsCaptured {
         #[serde(with = "path_repr::vec")]
@@ -202,6 +237,29 @@ pub enum AuditEvent {
         signal: Option<i32>,
         detail: String,
     },
+    /// One path the sandbox changed in its workspace, from the diff at
+    /// finalize (after the `diff_summary`): what happened to it, its type
+    /// before and after, the size and SHA-256 of its new content (of a
+    /// file apply would write).
+    WorkspaceChanged {
+        #[serde(with = "path_repr::plain")]
+        path: PathBuf,
+        kind: String,
+        old_type: Option<String>,
+        new_type: Option<String>,
+        size: Option<u64>,
+        sha256: Option<String>,
+    },
+    /// The host looked into a long-lived sandbox's files (`airlock files`,
+    /// the daemon's files API): a stat, a listing (with how many entries
+    /// it gave) or a watch (with how many events), and why it was refused
+    /// when it was.
+    FileInspected {
+        op: String,
+        path: String,
+        entries: u64,
+        refused: Option<String>,
+    },
 }
 
 impl AuditEvent {
@@ -231,6 +289,8 @@ impl AuditEvent {
             AuditEvent::ProcessExit(_) => "process_exit",
             AuditEvent::ProcessExecSummary(_) => "process_exec_summary",
             AuditEvent::ExecTraceEnded { .. } => "exec_trace_ended",
+            AuditEvent::WorkspaceChanged { .. } => "workspace_changed",
+            AuditEvent::FileInspected { .. } => "file_inspected",
         }
     }
 
@@ -246,6 +306,8 @@ impl AuditEvent {
                 | AuditEvent::ProcessExec(_)
                 | AuditEvent::ProcessExit(_)
                 | AuditEvent::ProcessExecSummary(_)
+                | AuditEvent::WorkspaceChanged { .. }
+                | AuditEvent::FileInspected { .. }
         )
     }
 
@@ -323,6 +385,22 @@ impl AuditEvent {
             AuditEvent::ExecTraceEnded { code, signal, detail } => {
                 AuditEvent::ExecTraceEnded { code, signal, detail: message(detail) }
             }
+            AuditEvent::WorkspaceChanged { path, kind, old_type, new_type, size, sha256 } => {
+                AuditEvent::WorkspaceChanged {
+                    path: cap_path(&path, MAX_FIELD),
+                    kind: field(kind),
+                    old_type: old_type.map(field),
+                    new_type: new_type.map(field),
+                    size,
+                    sha256: sha256.map(field),
+                }
+            }
+            AuditEvent::FileInspected { op, path, entries, refused } => AuditEvent::FileInspected {
+                op: field(op),
+                path: field(path),
+                entries,
+                refused: refused.map(message),
+            },
             other @ (AuditEvent::Exited { .. }
             | AuditEvent::TimeLimitHit { .. }
             | AuditEvent::DiffSummary { .. }
@@ -348,6 +426,80 @@ impl AuditEvent {
     }
 }
 
+/// One record as read back: its line, its exact text and what it says.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub line: u64,
+    /// The line as written (without trailing padding).
+    pub raw: String,
+    pub record: AuditRecord,
+}
+
+/// A log's bytes (and, with `head`, its head), read under a shared lock.
+fn read_locked(path: &Path, head: bool) -> Result<(Vec<u8>, io::Result<Option<Head>>), AuditError> {
+    use std::io::Read;
+    let io_err = |action, source| AuditError::Io { action, path: path.to_path_buf(), source };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .map_err(|e| io_err("read", e))?;
+    flock(&file, FlockOperation::LockShared).map_err(|e| io_err("lock", e.into()))?;
+    let mut data = Vec::new();
+    let read = file.read_to_end(&mut data).map_err(|e| io_err("read", e));
+    let head = if head { chain::read_head(path) } else { Ok(None) };
+    let _ = flock(&file, FlockOperation::Unlock);
+    read?;
+    Ok((data, head))
+}
+
+/// What one append did.
+struct Appended {
+    /// A line was written (a bulk event past the limit may write none).
+    written: bool,
+    /// It closes a chapter: force it to disk.
+    must_sync: bool,
+}
+
+/// `event` with every secret value in its strings replaced by
+/// `[REDACTED:NAME]`: walked as JSON, so every field of every kind is
+/// covered, and a path that is not UTF-8 is redacted in its bytes.
+fn redact_event(event: AuditEvent, secrets: &[(String, Vec<u8>)]) -> AuditEvent {
+    if secrets.is_empty() {
+        return event;
+    }
+    fn walk(value: &mut serde_json::Value, secrets: &[(String, Vec<u8>)], top: bool) {
+        use serde_json::Value;
+        match value {
+            Value::String(text) => *text = crate::network::redact_str(text, secrets),
+            Value::Array(items) => items.iter_mut().for_each(|v| walk(v, secrets, false)),
+            Value::Object(map) => {
+                if let (1, Some(Value::String(hex))) = (map.len(), map.get_mut("non_utf8_hex")) {
+                    if let Some(bytes) = chain::decode_hex(hex) {
+                        let clean = airlock_egress::redact::redact_all(&bytes, secrets);
+                        *hex = chain::hex(&clean);
+                    }
+                    return;
+                }
+                for (key, v) in map.iter_mut() {
+                    // The tag names the kind; it is airlock's, not a value.
+                    if !(top && key == "event") {
+                        walk(v, secrets, false);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let kind = event.kind();
+    let Ok(mut value) = serde_json::to_value(&event) else { return event };
+    walk(&mut value, secrets, true);
+    serde_json::from_value(value).unwrap_or_else(|e| AuditEvent::Error {
+        stage: "audit".into(),
+        message: format!("a {kind} event was not recorded: it could not be redacted ({e})"),
+    })
+}
+
 /// The limit of a log opened without the policy's `limits.audit_size`.
 pub const DEFAULT_LIMIT: u64 = 32 << 20;
 /// Room kept below the limit for the `audit_capped` record and the events
@@ -362,7 +514,11 @@ const CAPPED_TAG: &[u8] = br#""event":"audit_capped""#;
 pub struct AuditLog {
     file: File,
     path: PathBuf,
+    /// `audit.head`, rewritten after every append (see `chain`).
+    head: HeadFile,
     next_seq: u64,
+    /// SHA-256 of the last line: the next record's `prev`.
+    last_hash: [u8; 32],
     /// File length right after our last append; a different length means
     /// another writer (or a crash) changed the tail and `next_seq` must be
     /// re-read. `None` forces a re-read.
@@ -373,6 +529,8 @@ pub struct AuditLog {
     /// Whether events that close a chapter are forced to disk (see
     /// [`AuditEvent::must_sync`]); off only for a log about to be deleted.
     durable: bool,
+    /// (name, value) of the sandbox's secrets, replaced in every event.
+    secrets: Vec<(String, Vec<u8>)>,
 }
 
 impl AuditLog {
@@ -388,14 +546,22 @@ impl AuditLog {
             .custom_flags(OFlags::NOFOLLOW.bits() as i32)
             .open(path)
             .map_err(|source| AuditError::Io { action: "open", path: path.to_path_buf(), source })?;
+        let head = HeadFile::open(path).map_err(|source| AuditError::Io {
+            action: "open",
+            path: chain::head_path(path),
+            source,
+        })?;
         let mut log = AuditLog {
             file,
             path: path.to_path_buf(),
+            head,
             next_seq: 1,
+            last_hash: chain::GENESIS,
             known_len: None,
             limit: DEFAULT_LIMIT,
             capped: false,
             durable: true,
+            secrets: Vec::new(),
         };
         log.locked(AuditLog::resync)?;
         Ok(log)
@@ -406,6 +572,19 @@ impl AuditLog {
     pub fn with_limit(mut self, limit: u64) -> AuditLog {
         self.limit = limit.max(2 * RESERVE);
         self
+    }
+
+    /// The same log, replacing the sandbox's secret values (name, value)
+    /// wherever they appear in an event (an argument, a path, a message)
+    /// with `[REDACTED:NAME]` before it is written.
+    pub fn redacting(mut self, secrets: &[(String, Vec<u8>)]) -> AuditLog {
+        self.redact(secrets);
+        self
+    }
+
+    /// From now on, as [`AuditLog::redacting`].
+    pub fn redact(&mut self, secrets: &[(String, Vec<u8>)]) {
+        self.secrets = secrets.iter().filter(|(_, v)| !v.is_empty()).cloned().collect();
     }
 
     /// Stops forcing events to disk: for the log of a sandbox whose
@@ -420,34 +599,89 @@ impl AuditLog {
         &self.path
     }
 
-    /// Appends `event` with the next sequence number and the current time,
-    /// its fields capped; an event the sandbox can cause in numbers is
+    /// Appends `event` with the next sequence number, the current time and
+    /// the link to the record before it, its fields capped (and its
+    /// secrets redacted); an event the sandbox can cause in numbers is
     /// dropped instead once the log is full (see the module comment).
     pub fn record(&mut self, event: AuditEvent) -> Result<(), AuditError> {
-        let event = event.capped();
+        self.record_all(std::iter::once(event))
+    }
+
+    /// [`AuditLog::record`] for many events under one lock (the changes
+    /// found at finalize): the head is rewritten once, after the last.
+    pub fn record_all(&mut self, events: impl IntoIterator<Item = AuditEvent>) -> Result<(), AuditError> {
+        let events: Vec<AuditEvent> =
+            events.into_iter().map(|e| redact_event(e.capped(), &self.secrets)).collect();
+        if events.is_empty() {
+            return Ok(());
+        }
         self.locked(|log| {
             log.resync()?;
-            let bulk = event.is_bulk();
-            let record = AuditRecord { ts: rfc3339_utc(SystemTime::now()), seq: log.next_seq, event };
-            let mut line = log.encode(&record)?;
-            line.push(b'\n');
-            let len = log.known_len.unwrap_or(0);
-            let soft_limit = log.limit - RESERVE;
-            if bulk && len + line.len() as u64 > soft_limit {
-                return log.mark_capped(len, soft_limit);
+            let mut sync = false;
+            let mut wrote = false;
+            let mut result = Ok(());
+            for event in events {
+                match log.append(event) {
+                    Ok(Appended { written, must_sync }) => {
+                        wrote |= written;
+                        sync |= must_sync;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
             }
-            if let Err(source) = (&log.file).write_all(&line) {
-                // A short write may have left a partial line; the next
-                // record's resync repairs it.
-                log.known_len = None;
-                return Err(log.io_error("append to", source));
-            }
-            log.known_len = log.known_len.map(|len| len + line.len() as u64);
-            log.next_seq += 1;
-            if log.durable && record.event.must_sync() {
+            // The log reaches the disk before the head that covers it.
+            if sync {
                 log.file.sync_data().map_err(|source| log.io_error("sync", source))?;
             }
-            Ok(())
+            if wrote {
+                // After a failed append too: what was written is covered.
+                log.write_head(sync)?;
+            }
+            result
+        })
+    }
+
+    /// Writes one record; must run under the lock, after `resync`.
+    fn append(&mut self, event: AuditEvent) -> Result<Appended, AuditError> {
+        let bulk = event.is_bulk();
+        let record = AuditRecord {
+            v: SCHEMA_VERSION,
+            ts: rfc3339_utc(SystemTime::now()),
+            seq: self.next_seq,
+            prev: Some(chain::hex(&self.last_hash)),
+            event,
+        };
+        let mut line = self.encode(&record)?;
+        let len = self.known_len.unwrap_or(0);
+        let soft_limit = self.limit - RESERVE;
+        if bulk && len + line.len() as u64 + 1 > soft_limit {
+            let written = self.mark_capped(len, soft_limit)?;
+            return Ok(Appended { written, must_sync: false });
+        }
+        let hash = chain::sha256(&line);
+        line.push(b'\n');
+        if let Err(source) = (&self.file).write_all(&line) {
+            // A short write may have left a partial line; the next
+            // record's resync repairs it.
+            self.known_len = None;
+            return Err(self.io_error("append to", source));
+        }
+        self.known_len = self.known_len.map(|len| len + line.len() as u64);
+        self.next_seq += 1;
+        self.last_hash = hash;
+        Ok(Appended { written: true, must_sync: self.durable && record.event.must_sync() })
+    }
+
+    /// Records the last record's seq and hash in `audit.head`.
+    fn write_head(&self, sync: bool) -> Result<(), AuditError> {
+        let head = Head { seq: self.next_seq - 1, hash: self.last_hash };
+        self.head.write(head, sync && self.durable).map_err(|source| AuditError::Io {
+            action: "record the head of",
+            path: self.head.path.clone(),
+            source,
         })
     }
 
@@ -459,30 +693,38 @@ impl AuditLog {
         })
     }
 
-    /// Writes the `audit_capped` record unless the log has one. It is
-    /// padded (with spaces, which JSON ignores) to pass the soft limit, so
-    /// that every writer, whatever it knows, drops later bulk events. Must
-    /// run under the lock, after `resync`.
-    fn mark_capped(&mut self, len: u64, soft_limit: u64) -> Result<(), AuditError> {
+    /// Writes the `audit_capped` record unless the log has one; whether it
+    /// wrote it. It is padded (with spaces, which JSON ignores) to pass the
+    /// soft limit, so that every writer, whatever it knows, drops later
+    /// bulk events; the padding is part of the line its successor's link
+    /// hashes. Must run under the lock, after `resync`.
+    fn mark_capped(&mut self, len: u64, soft_limit: u64) -> Result<bool, AuditError> {
         if !self.capped {
             self.capped = self.contains_capped_record(len).map_err(|source| self.io_error("read", source))?;
         }
         if self.capped {
-            return Ok(());
+            return Ok(false);
         }
         let event = AuditEvent::AuditCapped {
             limit: self.limit,
             message: format!(
-                "the audit log reached its limit of {} (limits.audit_size): network and exec events after \
-                 this one were not recorded; the sandbox's lifecycle events still are. To keep more, raise \
-                 limits.audit_size in the sandbox's policy",
+                "the audit log reached its limit of {} (limits.audit_size): network, exec and other bulk \
+                 events after this one were not recorded; the sandbox's lifecycle events still are. To keep \
+                 more, raise limits.audit_size in the sandbox's policy",
                 airlock_policy::format_size(self.limit)
             ),
         };
-        let record = AuditRecord { ts: rfc3339_utc(SystemTime::now()), seq: self.next_seq, event };
+        let record = AuditRecord {
+            v: SCHEMA_VERSION,
+            ts: rfc3339_utc(SystemTime::now()),
+            seq: self.next_seq,
+            prev: Some(chain::hex(&self.last_hash)),
+            event,
+        };
         let mut line = self.encode(&record)?;
         let padding = (soft_limit + 1).saturating_sub(len + line.len() as u64 + 1);
         line.resize(line.len() + padding as usize, b' ');
+        let hash = chain::sha256(&line);
         line.push(b'\n');
         if let Err(source) = (&self.file).write_all(&line) {
             self.known_len = None;
@@ -490,8 +732,9 @@ impl AuditLog {
         }
         self.known_len = Some(len + line.len() as u64);
         self.next_seq += 1;
+        self.last_hash = hash;
         self.capped = true;
-        Ok(())
+        Ok(true)
     }
 
     /// Whether the first `len` bytes hold an `audit_capped` record; read
@@ -558,6 +801,76 @@ impl AuditLog {
         Ok(records)
     }
 
+    /// Every record with its line number and its exact text (for `audit
+    /// --json`), from a log's bytes; `origin` names it in errors. A torn
+    /// last line is skipped; anything else unparseable is an error.
+    pub fn entries_of(data: &[u8], origin: &Path) -> Result<Vec<Entry>, AuditError> {
+        let mut entries = Vec::new();
+        let mut line_no = 0u64;
+        let mut lines = data.split_inclusive(|&b| b == b'\n').peekable();
+        while let Some(line) = lines.next() {
+            line_no += 1;
+            let complete = line.last() == Some(&b'\n');
+            let text = line.strip_suffix(b"\n").unwrap_or(line);
+            if text.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice::<AuditRecord>(text) {
+                Ok(record) => {
+                    let raw = String::from_utf8_lossy(text).trim_end().to_owned();
+                    entries.push(Entry { line: line_no, raw, record });
+                }
+                Err(_) if !complete && lines.peek().is_none() => {}
+                Err(source) => {
+                    return Err(AuditError::Corrupt { path: origin.to_path_buf(), line: line_no, source });
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    /// [`AuditLog::entries_of`] the log at `path`, read under a shared lock.
+    pub fn read_entries(path: &Path) -> Result<Vec<Entry>, AuditError> {
+        let (data, _) = read_locked(path, false)?;
+        AuditLog::entries_of(&data, path)
+    }
+
+    /// The log's bytes and its head as they stand between two appends (read
+    /// under a shared lock): what an export bundle carries.
+    pub fn snapshot(path: &Path) -> Result<(Vec<u8>, io::Result<Option<Head>>), AuditError> {
+        read_locked(path, true)
+    }
+
+    /// Checks the chain of the log at `path` against its head file and
+    /// `anchors` (the daemon's record). Both files are read under a shared
+    /// lock, so a writer's append and head never fall between them.
+    pub fn verify(path: &Path, anchors: &[chain::Anchor]) -> Result<chain::ChainReport, AuditError> {
+        let (data, head) = read_locked(path, true)?;
+        let (head, unreadable) = match head {
+            Ok(head) => (head, None),
+            // Evidence too: a head that is not one is a problem, not an error.
+            Err(e) => (None, Some(e)),
+        };
+        let mut all: Vec<chain::Anchor> = head
+            .map(|head| chain::Anchor { head, source: chain::AnchorSource::HeadFile })
+            .into_iter()
+            .collect();
+        all.extend_from_slice(anchors);
+        let mut report = chain::verify(&data, &all, unreadable.is_none());
+        if let Some(e) = unreadable {
+            report.problems.insert(
+                0,
+                chain::Problem {
+                    line: None,
+                    seq: None,
+                    what: format!("the head beside the log cannot be read: {e}"),
+                },
+            );
+            report.verdict = chain::Verdict::Broken;
+        }
+        Ok(report)
+    }
+
     /// Runs `f` while holding an exclusive flock on the log file.
     fn locked<T>(&mut self, f: impl FnOnce(&mut AuditLog) -> Result<T, AuditError>) -> Result<T, AuditError> {
         flock(&self.file, FlockOperation::LockExclusive).map_err(|e| self.io_error("lock", e.into()))?;
@@ -580,6 +893,7 @@ impl AuditLog {
         }
         if len == 0 {
             self.next_seq = 1;
+            self.last_hash = chain::GENESIS;
             self.known_len = Some(0);
             return Ok(());
         }
@@ -601,6 +915,7 @@ impl AuditLog {
         }
         if len == 0 {
             self.next_seq = 1;
+            self.last_hash = chain::GENESIS;
             self.known_len = Some(0);
             return Ok(());
         }
@@ -625,6 +940,7 @@ impl AuditLog {
             source,
         })?;
         self.next_seq = seq + 1;
+        self.last_hash = chain::sha256(&line);
         self.known_len = Some(len);
         Ok(())
     }
@@ -1005,6 +1321,8 @@ mod tests {
         assert!(matches!(err, AuditError::Corrupt { line: 2, .. }), "{err}");
         // A corrupt line followed by valid records is reported by read_all.
         let valid = serde_json::to_string(&AuditRecord {
+            v: SCHEMA_VERSION,
+            prev: None,
             ts: rfc3339_utc(SystemTime::now()),
             seq: 9,
             event: removed("x"),

@@ -51,6 +51,8 @@ pub(crate) fn route_file_reply(file_routes: &FileRoutes, id: u32, reply: FileRep
 pub(crate) struct Outcome {
     /// Bytes read or written.
     pub bytes: u64,
+    /// Entries listed, or events a watch passed on.
+    pub entries: u64,
     pub result: Result<(), FileError>,
 }
 
@@ -102,7 +104,7 @@ impl Relay<'_> {
             Ok(capped) => capped,
             Err(e) => {
                 let _ = airlock_proto::send(conn, &Reply::File(FileReply::Failed(e.clone())));
-                return Outcome { bytes: 0, result: Err(e) };
+                return Outcome { bytes: 0, entries: 0, result: Err(e) };
             }
         };
         let watch = matches!(op, FileOp::Watch { .. });
@@ -130,7 +132,7 @@ impl Relay<'_> {
             (Ok(()), Some(told)) => Err(told),
             (result, _) => result,
         };
-        Outcome { bytes: check.bytes, result }
+        Outcome { bytes: check.bytes, entries: check.entries, result }
     }
 
     /// Relays the agent's answers until the last one, acknowledging each
@@ -273,7 +275,7 @@ pub(crate) struct Check {
     expect: Expect,
     /// Read: opened; write: ready; stat: answered; watch: watching.
     started: bool,
-    /// Bytes read or written; entries listed.
+    /// Bytes read or written; entries listed (or watch events passed on).
     bytes: u64,
     entries: u64,
     /// A write's chunks sent, and the agent's acknowledgements of them.
@@ -378,6 +380,7 @@ impl Check {
             (Expect::Watch, FileReply::Event(event))
                 if self.started && event.name.len() <= NAME_MAX_BYTES * 4 =>
             {
+                self.entries += 1;
                 FileReply::Event(event)
             }
             (Expect::Watch, FileReply::Done) if self.started => FileReply::Done,

@@ -4,6 +4,7 @@
 //! existing sandboxes lives in [`ops`].
 
 pub mod audit;
+pub mod bundle;
 pub mod caps;
 pub mod create_failure;
 pub mod exec_trace;
@@ -19,6 +20,7 @@ pub mod network;
 pub mod ops;
 pub mod plan;
 pub mod proxy_process;
+pub mod report;
 pub mod run;
 mod signals;
 pub mod state;

@@ -430,7 +430,8 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         degraded: degraded.clone(),
     })?;
     if policy.isolation.tier == Tier::Microvm {
-        let guest = GuestSpec { workspace, workspace_owner, one_command: !command.is_empty() };
+        let one_command = (!command.is_empty()).then_some(OneCommand { terminal });
+        let guest = GuestSpec { workspace, workspace_owner, one_command };
         return launch_vm(sandbox, policy, guest, host, meta, audit, held);
     }
 
@@ -491,6 +492,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     )?;
     let network = held.network.as_ref();
     let secret_values = network.map(|n| n.secret_values()).unwrap_or_default();
+    keep_secrets_out(sandbox, policy, &mut meta, &mut audit, &secret_values)?;
     let network_env = network.map(|n| n.environment()).unwrap_or_default();
     let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
     let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), terminal, &secret_values)
@@ -613,10 +615,11 @@ fn start_exec_trace(
     } else {
         None
     };
-    let mut audit = AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size);
-    let secrets = secret_values.to_vec();
+    // Redacting: an argument can carry a value a server echoed back.
+    let mut audit =
+        AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size).redacting(secret_values);
     let notice = move |notice| {
-        let _ = audit.record(crate::exec_trace::audit_event(notice, &secrets));
+        let _ = audit.record(crate::exec_trace::audit_event(notice));
     };
     crate::exec_trace::start(name, agent_pid, run_as, notice)
 }
@@ -645,7 +648,7 @@ struct GuestSpec<'a> {
     /// `airlock run`: its command's output, arriving over the channel, is
     /// written to the stdio's sandbox ends, and so reaches the caller and
     /// the logs as the process tier's does.
-    one_command: bool,
+    one_command: Option<OneCommand>,
 }
 
 /// The microVM tier's launch, from the sandbox's recorded creation on: the
@@ -662,7 +665,7 @@ fn launch_vm(
     guest: GuestSpec<'_>,
     host: &HostReport,
     mut meta: SandboxMeta,
-    audit: AuditLog,
+    mut audit: AuditLog,
     held: &mut Held,
 ) -> Result<Launched, RunError> {
     let GuestSpec { workspace, workspace_owner, one_command } = guest;
@@ -752,14 +755,17 @@ fn launch_vm(
     )?;
     let network = held.network.as_ref();
     let secret_values = network.map(|n| n.secret_values()).unwrap_or_default();
+    keep_secrets_out(sandbox, policy, &mut meta, &mut audit, &secret_values)?;
     let network_env = network.map(|n| n.environment()).unwrap_or_default();
     let logs = OutputLogs::open(sandbox, policy.limits.log_size)?;
-    // Output arrives over the channel, not from a child's descriptors; the
-    // guest has no terminal of the caller's (`-t`) yet. Written to the
-    // stdio's sandbox ends, it is redacted there as the process tier's is.
-    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), false, &secret_values)
+    // Output arrives over the channel, not from a child's descriptors (a
+    // terminal's too: the guest's agent opens it and relays it). Written
+    // to the stdio's sandbox ends, it is redacted there as the process
+    // tier's is.
+    let terminal = one_command.is_some_and(|c| c.terminal);
+    let mut stdio = SandboxStdio::new(logs.stdout.clone(), logs.stderr.clone(), terminal, &secret_values)
         .map_err(|e| RunError::State(sandbox.stdout_log(), e))?;
-    if !one_command {
+    if one_command.is_none() {
         stdio.release_child_ends();
     }
     let host_env = |k: &str| std::env::var(k).ok();
@@ -773,7 +779,9 @@ fn launch_vm(
                 network.agent_end.take().ok_or_else(|| RunError::Egress("no egress channel".into()))?;
             let bundle =
                 std::fs::read(&network.bundle).map_err(|e| RunError::State(network.bundle.clone(), e))?;
-            Some(airlock_vm::egress_port::HostEgress { handover, bundle })
+            // With transparent egress the guest redirects as the process
+            // tier's agent does, and the host takes what it redirected.
+            Some(airlock_vm::egress_port::HostEgress { handover, bundle, redirect: network.redirect })
         }
         None => None,
     };
@@ -807,6 +815,13 @@ fn launch_vm(
         exec_env,
         exec_cwd: workspace.map(Path::to_path_buf),
     })
+}
+
+/// `airlock run`'s one command on the microVM tier.
+#[derive(Clone, Copy)]
+struct OneCommand {
+    /// The caller sits at a terminal: the command gets one in the guest.
+    terminal: bool,
 }
 
 /// Removes a sandbox's directory, then gives back the id block it held.
@@ -1003,7 +1018,17 @@ fn finalize_steps(
             added: stat.files_added + stat.dirs_added,
             modified: stat.files_modified + stat.type_changed,
             deleted: stat.files_deleted + stat.dirs_deleted,
+            digest: Some(diff.digest().to_string()),
         })?;
+        audit.record_all(diff.changes.iter().map(change_event))?;
+        if !remove && !secret_values.is_empty() {
+            // The workspace's side of the diff (context, removed lines) is
+            // the host's and may hold a secret's value: the patch an export
+            // carries is made now, while the values are known, redacted.
+            if let Err(e) = write_redacted_patch(sandbox, &diff, ws, &review_upper, secret_values) {
+                notify(Notice::Warning(format!("could not keep the redacted diff for export: {e}")));
+            }
+        }
         changes = Some(stat);
     }
     release_layer(held, notify);
@@ -1055,6 +1080,75 @@ fn finalize_steps(
         artifacts,
     };
     Ok((outcome, remove))
+}
+
+/// Once the secrets' values are known (read by the network's setup): the
+/// audit log redacts them from every event from now on, and the command
+/// line in meta.json and the resolved policy (whose `env.set` holds
+/// `--env` values) are rewritten without them, so a value passed on the
+/// command line stays out of the state directory and what is exported
+/// from it.
+fn keep_secrets_out(
+    sandbox: &SandboxDir,
+    policy: &Policy,
+    meta: &mut SandboxMeta,
+    audit: &mut AuditLog,
+    secrets: &[(String, Vec<u8>)],
+) -> Result<(), RunError> {
+    if secrets.is_empty() {
+        return Ok(());
+    }
+    audit.redact(secrets);
+    let command: Vec<String> = meta.command.iter().map(|a| crate::network::redact_str(a, secrets)).collect();
+    if command != meta.command {
+        meta.command = command;
+        sandbox.write_meta(meta)?;
+    }
+    let text = policy.to_toml();
+    let clean = crate::network::redact_str(&text, secrets);
+    if clean != text {
+        std::fs::write(sandbox.policy_path(), clean)
+            .map_err(|e| RunError::State(sandbox.policy_path(), e))?;
+    }
+    Ok(())
+}
+
+/// The audit event of one changed path.
+fn change_event(change: &airlock_workspace::Change) -> AuditEvent {
+    let name = |value: serde_json::Result<serde_json::Value>| {
+        value.ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    };
+    AuditEvent::WorkspaceChanged {
+        path: change.path.clone(),
+        kind: name(serde_json::to_value(change.kind)),
+        old_type: change.old_type.map(|t| name(serde_json::to_value(t))),
+        new_type: change.new_type.map(|t| name(serde_json::to_value(t))),
+        size: change.size,
+        sha256: change.content_sha256.map(|h| h.to_hex()),
+    }
+}
+
+/// Writes the sandbox's unified diff, secrets redacted, to
+/// [`SandboxDir::redacted_patch_path`] (0600, replaced atomically).
+fn write_redacted_patch(
+    sandbox: &SandboxDir,
+    diff: &airlock_workspace::Diff,
+    lower: &Path,
+    upper: &Path,
+    secrets: &[(String, Vec<u8>)],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = Vec::new();
+    diff.render_unified(lower, upper, &mut text)?;
+    let clean = airlock_egress::redact::redact_all(&text, secrets);
+    let path = sandbox.redacted_patch_path();
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    file.write_all(&clean)?;
+    drop(file);
+    std::fs::rename(&tmp, &path)
 }
 
 /// Unmounts the writable layer's tmpfs (its content is on disk or not

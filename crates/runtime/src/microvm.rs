@@ -59,6 +59,7 @@ pub(crate) fn boot(
         allow_emulation: policy.allows_weaker(Weakening::Kvm),
         memory: policy.limits.memory,
         cpus: policy.limits.cpus,
+        limits: airlock_vm::limits::GuestLimits { pids: policy.limits.pids, disk: policy.limits.disk },
         root,
         cgroup: cgroup.cloned(),
         writable,
@@ -133,6 +134,16 @@ pub(crate) fn check(
             ws.display()
         )));
     }
+    // A path the policy hides must be masked in the guest too: one that
+    // cannot travel to it is a refusal, never a silent omission.
+    if let Some(path) = unmaskable_hidden(policy) {
+        return Err(RunError::PolicyRefused(format!(
+            "filesystem.hidden: {} cannot be masked in a microVM (its path has spaces or characters the \
+             kernel's command line cannot carry); rename it, or hide a parent directory whose path can be \
+             carried",
+            path.display()
+        )));
+    }
     // Built (when missing or stale) before the sandbox exists, with progress.
     airlock_vm::guest::setup(&airlock_vm::cache_dir()?, &mut |step| {
         notify(Notice::Info(format!("building the guest: {step}")))
@@ -181,11 +192,18 @@ fn guest_root(policy: &Policy, notify: &mut dyn FnMut(Notice)) -> Vec<RootEntry>
             continue;
         }
         match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_symlink() => {
-                if let Ok(target) = std::fs::read_link(path) {
-                    entries.push(RootEntry::Link { path: path.clone(), target });
+            Ok(m) if m.file_type().is_symlink() => match std::fs::read_link(path) {
+                Ok(target) if RootEntry::target_fits(&target) => {
+                    entries.push(RootEntry::Link { path: path.clone(), target })
                 }
-            }
+                Ok(target) => notify(Notice::Warning(format!(
+                    "{} is not shared with the microVM: its link's target {} has spaces or characters the \
+                     kernel's command line cannot carry",
+                    path.display(),
+                    target.display()
+                ))),
+                Err(_) => {}
+            },
             Ok(m) if m.is_dir() => entries.push(RootEntry::Share(path.clone())),
             _ => {}
         }
@@ -200,6 +218,12 @@ fn guest_root(policy: &Policy, notify: &mut dyn FnMut(Notice)) -> Vec<RootEntry>
         }
     }
     entries
+}
+
+/// The first path the policy hides that the guest could not be told to
+/// mask.
+fn unmaskable_hidden(policy: &Policy) -> Option<&Path> {
+    policy.filesystem.hidden.iter().map(|p| p.as_path()).find(|p| !RootEntry::fits(p))
 }
 
 /// For `airlock gc`: QEMU processes whose airlock (a supervisor, a run) is
@@ -256,20 +280,72 @@ fn process_alive(pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// The guest listens where the process tier's agent does and tags its
-    /// connections as the proxy expects them.
+    /// The guest listens where the process tier's agent does, and the host
+    /// takes the redirected connections of a transparent sandbox only.
     #[test]
-    fn the_guest_uses_the_process_tiers_ports_and_tags() {
-        use airlock_egress::proxy::Port;
+    fn the_guest_uses_the_process_tiers_ports_and_hand_overs() {
+        use airlock_proto::handover::HandOver;
         use airlock_vm::egress_port as port;
         assert_eq!(port::HTTP_PORT, airlock_egress::HTTP_PROXY_PORT);
         assert_eq!(port::SOCKS_PORT, airlock_egress::SOCKS_PROXY_PORT);
-        assert!(matches!(Port::from_tag(port::HTTP_TAG), Some(Port::Http)));
-        assert!(matches!(Port::from_tag(port::SOCKS_TAG), Some(Port::Socks)));
+        let to = HandOver::Transparent { destination: "203.0.113.9:22".parse().unwrap() };
+        for transparent in [false, true] {
+            assert!(port::host_takes(&HandOver::Http, transparent));
+            assert!(port::host_takes(&HandOver::Socks, transparent));
+            assert_eq!(port::host_takes(&to, transparent), transparent);
+            assert_eq!(port::host_takes(&HandOver::DnsStream, transparent), transparent);
+            // A datagram socket is never the guest's to hand over.
+            assert!(!port::host_takes(&HandOver::DnsDatagram, transparent));
+        }
+        // The guest redirects to the process tier's ports.
+        let mut policy = airlock_policy::Policy::builtin("dev").unwrap();
+        policy.network.transparent = true;
+        let plan = crate::network::redirect_of(&policy.network).unwrap();
+        assert_eq!(
+            (plan.tcp_port, plan.dns_port),
+            (airlock_egress::TRANSPARENT_PORT, airlock_egress::RESOLVER_PORT)
+        );
         assert_eq!(port::GUEST_CA_BUNDLE, crate::network::SANDBOX_CA_BUNDLE);
         assert_eq!(port::GUEST_SYSTEM_BUNDLE, crate::network::SYSTEM_CA_BUNDLE);
+    }
+
+    /// A link whose target could not travel in the root's one word is left
+    /// out, said, and the masks after it still reach the guest.
+    #[test]
+    fn a_link_whose_target_cannot_travel_is_left_out_and_the_masks_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, bad) = (dir.path().join("good"), dir.path().join("bad"));
+        std::os::unix::fs::symlink("usr/bin", &good).unwrap();
+        std::os::unix::fs::symlink("a b|hide:/x", &bad).unwrap();
+        let mut policy = airlock_policy::Policy::builtin("dev").unwrap();
+        policy.filesystem.read_only = vec![good.clone(), bad.clone()];
+        let mut warnings = Vec::new();
+        let root = guest_root(&policy, &mut |n| {
+            if let Notice::Warning(w) = n {
+                warnings.push(w);
+            }
+        });
+        assert_eq!(root[0], RootEntry::Link { path: good, target: "usr/bin".into() });
+        assert!(!root.iter().any(|e| matches!(e, RootEntry::Link { path, .. } if *path == bad)), "{root:?}");
+        assert!(warnings.len() == 1 && warnings[0].contains("bad"), "{warnings:?}");
+        assert!(root.contains(&RootEntry::Hide("/etc/shadow".into())), "{root:?}");
+        let word = RootEntry::list_to_arg(&root);
+        assert_eq!(RootEntry::list_from_args([word.as_str()]), root);
+    }
+
+    /// A hidden path the guest cannot be told to mask is found (and the
+    /// launch refused), not dropped.
+    #[test]
+    fn a_hidden_path_that_cannot_travel_is_found() {
+        let mut policy = airlock_policy::Policy::builtin("dev").unwrap();
+        policy.filesystem.hidden = vec!["/srv/keys".into()];
+        assert_eq!(unmaskable_hidden(&policy), None);
+        policy.filesystem.hidden.push("/srv/team keys".into());
+        policy.filesystem.hidden.push("/srv/a|b".into());
+        assert_eq!(unmaskable_hidden(&policy), Some(Path::new("/srv/team keys")));
     }
 
     #[test]

@@ -100,7 +100,8 @@ impl Network {
         drop(sandbox_ca);
         drop(secrets);
 
-        let mut audit = AuditLog::open(audit_path)?.with_limit(policy.limits.audit_size);
+        let mut audit =
+            AuditLog::open(audit_path)?.with_limit(policy.limits.audit_size).redacting(&redactions);
         let scrub = redactions.clone();
         let notice = move |notice: ProxyNotice| {
             let _ = audit.record(audit_event(notice, &scrub));
@@ -252,29 +253,16 @@ pub fn redirect_of(network: &airlock_policy::Network) -> Option<Redirect> {
     })
 }
 
-/// The address the sandbox's resolv.conf names. Every query to port 53
-/// is redirected to airlock's resolver whatever its address; this one is
-/// where glibc looks when nothing else is named.
-pub const SANDBOX_NAMESERVER: &str = "127.0.0.1";
-
 /// Writes the sandbox's own `/etc/hosts` (loopback names and its
 /// hostname) and `/etc/resolv.conf` (airlock's resolver) into its state
-/// directory; returns their paths. Without transparent egress nothing
-/// answers on port 53, so a lookup fails at once (the port is closed).
+/// directory; returns their paths. The microVM tier's guest writes the
+/// same text itself. Without transparent egress nothing answers on port
+/// 53, so a lookup fails at once (the port is closed).
 pub fn write_name_files(state_dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), RunError> {
     let hosts = state_dir.join("hosts");
     let resolv = state_dir.join("resolv.conf");
-    let hosts_text = format!(
-        "# airlock: this sandbox's own names; the host's are not its business.\n\
-         127.0.0.1\tlocalhost\n\
-         ::1\tlocalhost ip6-localhost ip6-loopback\n\
-         127.0.1.1\t{hostname}\n"
-    );
-    let resolv_text = format!(
-        "# airlock: every DNS query, to any address, is answered by airlock's resolver\n\
-         # (names the policy allows) or not at all; none leaves the sandbox.\n\
-         nameserver {SANDBOX_NAMESERVER}\n"
-    );
+    let hosts_text = airlock_jail::names::hosts(Some(hostname));
+    let resolv_text = airlock_jail::names::resolv_conf();
     write_public(&hosts, hosts_text.as_bytes()).map_err(|e| RunError::State(hosts.clone(), e))?;
     write_public(&resolv, resolv_text.as_bytes()).map_err(|e| RunError::State(resolv.clone(), e))?;
     Ok((hosts, resolv))

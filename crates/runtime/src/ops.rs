@@ -117,7 +117,11 @@ pub fn prepare_apply(
     }
     let policy = stored_policy(&sandbox)?;
     if policy.workspace.writeback == Writeback::Never {
-        return Err(OpError::WritebackForbidden { name: name.to_string(), policy: meta.policy });
+        let refusal = OpError::WritebackForbidden { name: name.to_string(), policy: meta.policy };
+        // A policy refusal is part of the sandbox's history.
+        AuditLog::open(&sandbox.audit_path())?
+            .record(AuditEvent::ApplyRefused { reason: refusal.to_string() })?;
+        return Err(refusal);
     }
     let view = diff(root, name, progress)?;
     let options = ApplyOptions { allow_protected, protected: policy.workspace.protected.clone(), expect };
@@ -368,11 +372,26 @@ pub fn net_log(root: &StateRoot, name: &str) -> Result<Vec<NetLogEntry>, OpError
         .collect())
 }
 
-/// A sandbox's audit log, every record in order (`airlock audit`): its
-/// life, the egress proxy's decisions, every exec the trace saw.
-pub fn audit(root: &StateRoot, name: &str) -> Result<Vec<crate::audit::AuditRecord>, OpError> {
+/// Every record of a sandbox's audit log, oldest first, with its line and
+/// its exact text: the timeline `airlock audit` shows.
+pub fn audit_entries(root: &StateRoot, name: &str) -> Result<Vec<crate::audit::Entry>, OpError> {
     let sandbox = root.open(name)?;
-    Ok(AuditLog::read_all(&sandbox.audit_path())?)
+    Ok(AuditLog::read_entries(&sandbox.audit_path())?)
+}
+
+/// Checks a sandbox's audit log: its chain, the head beside it, and
+/// `recorded`, the head the daemon's index holds for it (when a daemon
+/// owns the sandbox and its index can be read).
+pub fn verify_audit(
+    root: &StateRoot,
+    name: &str,
+    recorded: Option<crate::audit::chain::Head>,
+) -> Result<crate::audit::chain::ChainReport, OpError> {
+    use crate::audit::chain::{Anchor, AnchorSource};
+    let sandbox = root.open(name)?;
+    let anchors: Vec<Anchor> =
+        recorded.map(|head| Anchor { head, source: AnchorSource::DaemonIndex }).into_iter().collect();
+    Ok(AuditLog::verify(&sandbox.audit_path(), &anchors)?)
 }
 
 /// Everything known about one sandbox, for `airlock inspect`: the view

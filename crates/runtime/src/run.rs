@@ -217,8 +217,8 @@ fn supervise(
     let (policy, workspace, host) = (&policy, workspace.as_deref(), &host);
     *live = Some(sandbox.lock_live()?);
     let microvm = policy.isolation.tier == airlock_policy::Tier::Microvm;
-    // A guest has no terminal of the caller's yet: its command gets pipes.
-    let terminal = SandboxStdio::caller_has_terminal() && !microvm;
+    // At a terminal the command gets one of its own, on either tier.
+    let terminal = SandboxStdio::caller_has_terminal();
     // A microVM's time limit covers its boot.
     let launch_started = Instant::now();
     // From here on, an error returned early drops `held`, which ends the
@@ -234,7 +234,8 @@ fn supervise(
         workspace_owner: None,
     })?;
     if microvm {
-        return supervise_vm(sandbox, policy, workspace, req, launched, launch_started, live, notify);
+        let vm = VmRun { terminal, started: launch_started };
+        return supervise_vm(sandbox, policy, workspace, req, launched, vm, live, notify);
     }
     let Launched {
         name,
@@ -359,12 +360,23 @@ fn supervise(
     )
 }
 
+/// How `airlock run` runs its command in a guest.
+struct VmRun {
+    /// The caller sits at a terminal: the command gets one in the guest.
+    terminal: bool,
+    /// When the launch began: the time limit covers the boot.
+    started: Instant,
+}
+
 /// `airlock run`'s command on the microVM tier, launched by the same
 /// lifecycle: it runs as exec 1 of the guest's agent, its output written to
 /// the stdio's sandbox ends (so it reaches the caller and the logs as the
 /// process tier's does), stdin and signals passed on over the channel, the
-/// time limit (boot included) enforced here; then the same finalize. A
-/// guest that ends by itself (a panic, a power-off) fails the run with the
+/// time limit (boot included) enforced here; then the same finalize. At a
+/// terminal, the agent gives the command a terminal of the caller's size
+/// in the guest, the caller's is in raw mode until the run ends (as for the
+/// process tier's relayed terminal), and size changes follow it. A guest
+/// that ends by itself (a panic, a power-off) fails the run with the
 /// reason.
 #[allow(clippy::too_many_arguments)]
 fn supervise_vm(
@@ -373,7 +385,7 @@ fn supervise_vm(
     workspace: Option<&Path>,
     req: &RunRequest,
     launched: Launched,
-    started: Instant,
+    VmRun { terminal, started }: VmRun,
     live: &mut Option<LiveLock>,
     notify: &mut dyn FnMut(Notice),
 ) -> Result<RunOutcome, RunError> {
@@ -389,21 +401,16 @@ fn supervise_vm(
         mut audit,
         mut held,
         secret_values,
-        stdio,
+        mut stdio,
         mut control,
         exec_env,
         exec_cwd,
         ..
     } = launched;
     let channel_error = |e: io::Error| RunError::State(sandbox.path().to_path_buf(), e);
-    let request = ExecRequest {
-        id: ID,
-        argv: req.command.clone(),
-        env: exec_env,
-        cwd: exec_cwd,
-        tty: None,
-        user: None,
-    };
+    let tty = terminal.then(|| stdio.attach_guest_terminal());
+    let request =
+        ExecRequest { id: ID, argv: req.command.clone(), env: exec_env, cwd: exec_cwd, tty, user: None };
     let writer = Arc::new(Mutex::new(control.try_clone().map_err(channel_error)?));
     if let Ok(mut w) = writer.lock() {
         airlock_proto::send(&mut *w, &HostMessage::Exec(Box::new(request)))?;
@@ -437,8 +444,18 @@ fn supervise_vm(
             }
         }
     });
+    let resize = tty.map(|_| -> Box<dyn Fn() + Send> {
+        let resizes = writer.clone();
+        Box::new(move || {
+            if let Some((rows, cols)) = crate::stdio::caller_window_size()
+                && let Ok(mut w) = resizes.lock()
+            {
+                let _ = airlock_proto::send(&mut *w, &HostMessage::Resize { id: ID, rows, cols });
+            }
+        })
+    });
     let signals = writer.clone();
-    let forwarder = crate::signals::Forwarder::start_with(None, move |signal| {
+    let forwarder = crate::signals::Forwarder::start_with(resize, move |signal| {
         if let Ok(mut w) = signals.lock() {
             let _ = airlock_proto::send(&mut *w, &HostMessage::Signal { id: ID, signal });
         }

@@ -16,7 +16,10 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn start(agent_pid: i32, pty: Option<OwnedFd>) -> io::Result<Forwarder> {
-        Forwarder::start_with(pty, move |sig| {
+        let resize = pty.map(|master| -> Box<dyn Fn() + Send> {
+            Box::new(move || crate::stdio::sync_window_size(master.as_fd()))
+        });
+        Forwarder::start_with(resize, move |sig| {
             if let (Some(pid), Some(sig)) =
                 (rustix::process::Pid::from_raw(agent_pid), rustix::process::Signal::from_named_raw(sig))
             {
@@ -25,16 +28,20 @@ impl Forwarder {
         })
     }
 
-    /// Hands each signal but SIGWINCH to `forward` (the microVM tier sends
-    /// it to the command through the guest's agent).
-    pub fn start_with(pty: Option<OwnedFd>, forward: impl Fn(i32) + Send + 'static) -> io::Result<Forwarder> {
+    /// Hands each signal but SIGWINCH to `forward`, and calls `resize` on
+    /// SIGWINCH, when the command has a terminal (the microVM tier sends
+    /// both to the command through the guest's agent).
+    pub fn start_with(
+        resize: Option<Box<dyn Fn() + Send>>,
+        forward: impl Fn(i32) + Send + 'static,
+    ) -> io::Result<Forwarder> {
         let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH])?;
         let handle = signals.handle();
         let thread = std::thread::spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGWINCH {
-                    if let Some(master) = &pty {
-                        crate::stdio::sync_window_size(master.as_fd());
+                    if let Some(resize) = &resize {
+                        resize();
                     }
                     continue;
                 }

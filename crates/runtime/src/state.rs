@@ -448,6 +448,12 @@ impl SandboxDir {
         self.path.join("audit.jsonl")
     }
 
+    /// The unified diff with the secrets' values redacted, kept at finalize
+    /// for a sandbox whose policy has secrets (what an export carries).
+    pub fn redacted_patch_path(&self) -> PathBuf {
+        self.path.join("diff.patch")
+    }
+
     pub fn stdout_log(&self) -> PathBuf {
         self.path.join("logs/stdout.log")
     }

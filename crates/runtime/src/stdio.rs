@@ -27,7 +27,9 @@ pub struct SandboxStdio {
 
 /// A pseudo-terminal relayed to the caller's terminal.
 pub struct Pty {
-    master: OwnedFd,
+    /// The sandbox's terminal's master end; None when it is in a microVM
+    /// guest, whose agent relays it as messages.
+    master: Option<OwnedFd>,
     saved: Option<Termios>,
 }
 
@@ -90,8 +92,21 @@ impl SandboxStdio {
                 }
             }
         });
-        self.tty = Some(Pty { master, saved });
+        self.tty = Some(Pty { master: Some(master), saved });
         Ok(())
+    }
+
+    /// The command's terminal is in a microVM guest: its agent opens it,
+    /// its output arrives as the exec's output (written to the stdout end,
+    /// so it reaches the caller and the log as a relayed terminal's does),
+    /// and its input and size changes go to the agent as messages. Here,
+    /// as for a terminal relayed from a process-tier sandbox, the caller's
+    /// terminal is put in raw mode until the run ends. Returns its size
+    /// (rows, columns), 24x80 where it has none.
+    pub fn attach_guest_terminal(&mut self) -> (u16, u16) {
+        let size = caller_window_size().unwrap_or((24, 80));
+        self.tty = Some(Pty { master: None, saved: enter_raw_mode() });
+        size
     }
 
     pub fn child_fds(&self) -> [BorrowedFd<'_>; 3] {
@@ -123,7 +138,10 @@ impl SandboxStdio {
 impl Pty {
     /// A descriptor of the terminal for copying window size changes to it.
     pub fn resize_handle(&self) -> io::Result<OwnedFd> {
-        self.master.try_clone()
+        match &self.master {
+            Some(master) => master.try_clone(),
+            None => Err(io::Error::other("the terminal is in a microVM guest")),
+        }
     }
 
     fn restore(&mut self) {
@@ -194,6 +212,15 @@ fn tee(
             let _ = caps::lock(&log).write(&rest);
         }
     })
+}
+
+/// The caller's window size (rows, columns), when stdin is a terminal that
+/// knows it (a terminal whose size was never set says 0x0).
+pub fn caller_window_size() -> Option<(u16, u16)> {
+    termios::tcgetwinsize(io::stdin())
+        .ok()
+        .map(|w| (w.ws_row, w.ws_col))
+        .filter(|&(rows, cols)| rows > 0 && cols > 0)
 }
 
 /// Copies the caller's window size to the sandbox's terminal.

@@ -403,8 +403,11 @@ impl Supervisor {
         let running_execs = Arc::new(AtomicU32::new(0));
         let deadline = Arc::new(AtomicU64::new(deadline));
         let logs = Logs { files: launched.logs.clone(), secrets: launched.secret_values.clone() };
-        let audit =
-            Arc::new(Mutex::new(AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size)));
+        let audit = Arc::new(Mutex::new(
+            AuditLog::open(&sandbox.audit_path())?
+                .with_limit(policy.limits.audit_size)
+                .redacting(&launched.secret_values),
+        ));
 
         spawn_agent_reader(
             agent_reader,
@@ -989,7 +992,12 @@ impl Server {
                 bytes: outcome.bytes,
                 refused,
             }),
-            _ => {}
+            _ => self.record(AuditEvent::FileInspected {
+                op: name.to_owned(),
+                path,
+                entries: outcome.entries,
+                refused,
+            }),
         }
         if let Ok(mut t) = self.last_activity.lock() {
             *t = Instant::now();

@@ -28,7 +28,7 @@ pub struct App {
 impl App {
     /// Opens the index in the state root.
     pub fn open(root: StateRoot) -> Result<App, DaemonError> {
-        let db = Db::open(&root.path().join("airlock.db"))?;
+        let db = Db::open(&crate::db::index_path(root.path()))?;
         Ok(App::with_db(root, db))
     }
 

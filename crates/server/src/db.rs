@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+use airlock_runtime::audit::chain::{self, Head};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
@@ -55,7 +56,16 @@ const MIGRATIONS: &[&str] = &[
         SELECT COUNT(*) FROM events AS e WHERE e.owner_uid = events.owner_uid AND e.id <= events.id
     ) WHERE owner_uid IS NOT NULL;
     CREATE UNIQUE INDEX events_by_owner_seq ON events(owner_uid, owner_seq);",
+    // 4: the head of each sandbox's audit chain as the daemon last saw it,
+    // a copy outside the sandbox's directory that `audit verify` checks.
+    "ALTER TABLE sandboxes ADD COLUMN audit_seq INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN audit_hash TEXT;",
 ];
+
+/// The index's file in a state root.
+pub fn index_path(state_root: &Path) -> PathBuf {
+    state_root.join("airlock.db")
+}
 
 /// Events kept per sandbox name: the oldest go once a sandbox (or the
 /// names it was reused for) has more. Tenants choose argv and paths, and a
@@ -175,7 +185,10 @@ impl Db {
                 "INSERT INTO sandboxes (name, owner_uid, labels, policy, state, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(name) DO UPDATE SET owner_uid = ?2, labels = ?3, policy = ?4,
-                     state = ?5, created_at = ?6",
+                     state = ?5, created_at = ?6,
+                     -- Another sandbox under the same name has a chain of its own.
+                     audit_seq = CASE WHEN created_at = ?6 THEN audit_seq END,
+                     audit_hash = CASE WHEN created_at = ?6 THEN audit_hash END",
                 params![row.name, row.owner_uid, labels, row.policy, row.state, row.created_at],
             )
             .map_err(self.err())?;
@@ -214,6 +227,39 @@ impl Db {
                 .map_err(self.err())?;
         }
         Ok(previous)
+    }
+
+    /// Records the head of a sandbox's audit chain, only ever forward: a
+    /// head behind the one recorded (a log cut short, or rewritten) is not
+    /// taken, and the answer says so with the recorded one.
+    pub fn record_audit_head(&self, name: &str, head: Head) -> Result<HeadUpdate, DbError> {
+        let conn = self.conn();
+        let recorded: Option<(Option<i64>, Option<String>)> = conn
+            .query_row("SELECT audit_seq, audit_hash FROM sandboxes WHERE name = ?1", params![name], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(self.err())?;
+        let Some(recorded) = recorded else { return Ok(HeadUpdate::Unknown) };
+        let recorded = head_of(recorded);
+        match recorded {
+            Some(old) if old.seq > head.seq => return Ok(HeadUpdate::Behind(old)),
+            Some(old) if old == head => return Ok(HeadUpdate::Same),
+            _ => {}
+        }
+        let seq = i64::try_from(head.seq).unwrap_or(i64::MAX);
+        conn.execute(
+            "UPDATE sandboxes SET audit_seq = ?2, audit_hash = ?3 WHERE name = ?1",
+            params![name, seq, chain::hex(&head.hash)],
+        )
+        .map_err(self.err())?;
+        Ok(HeadUpdate::Recorded)
+    }
+
+    /// The audit head recorded for a sandbox.
+    pub fn audit_head(&self, name: &str) -> Result<Option<Head>, DbError> {
+        let conn = self.conn();
+        audit_head_in(&conn, name).map_err(self.err())
     }
 
     /// Forgets a sandbox and its execs; its events stay (they are history).
@@ -348,6 +394,47 @@ impl Db {
     }
 }
 
+/// What [`Db::record_audit_head`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadUpdate {
+    Recorded,
+    Same,
+    /// The head found is behind this recorded one: kept.
+    Behind(Head),
+    /// No such sandbox in the index.
+    Unknown,
+}
+
+fn head_of((seq, hash): (Option<i64>, Option<String>)) -> Option<Head> {
+    Some(Head { seq: u64::try_from(seq?).ok()?, hash: chain::parse_hash(&hash?)? })
+}
+
+fn audit_head_in(conn: &Connection, name: &str) -> Result<Option<Head>, rusqlite::Error> {
+    let row: Option<(Option<i64>, Option<String>)> = conn
+        .query_row("SELECT audit_seq, audit_hash FROM sandboxes WHERE name = ?1", params![name], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    Ok(row.and_then(head_of))
+}
+
+/// The audit head the daemon's index at `path` holds for sandbox `name`,
+/// read without changing anything (the CLI's `audit verify`, beside a
+/// daemon that may be running). `None` when there is no index, no such
+/// row, or an index from before heads were recorded.
+pub fn recorded_audit_head(path: &Path, name: &str) -> Result<Option<Head>, DbError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(sqlite(path))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sqlite(path))?;
+    if user_version(&conn).map_err(sqlite(path))? < 4 {
+        return Ok(None);
+    }
+    audit_head_in(&conn, name).map_err(sqlite(path))
+}
+
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> DbError + '_ {
     move |source| DbError::Sqlite { path: path.to_path_buf(), source }
 }
@@ -418,6 +505,33 @@ mod tests {
         assert_eq!(db.sandbox("a").unwrap().unwrap(), row("a", 1000));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn audit_heads_are_recorded_only_forward_and_read_back_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.db");
+        let db = Db::open(&path).unwrap();
+        let head = |seq, byte| Head { seq, hash: [byte; 32] };
+        assert_eq!(db.record_audit_head("a", head(3, 1)).unwrap(), HeadUpdate::Unknown);
+        db.upsert_sandbox(&row("a", 1000)).unwrap();
+        assert_eq!(db.record_audit_head("a", head(3, 1)).unwrap(), HeadUpdate::Recorded);
+        assert_eq!(db.record_audit_head("a", head(3, 1)).unwrap(), HeadUpdate::Same);
+        assert_eq!(db.record_audit_head("a", head(5, 2)).unwrap(), HeadUpdate::Recorded);
+        // A log cut back to seq 4 does not move the record back.
+        assert_eq!(db.record_audit_head("a", head(4, 3)).unwrap(), HeadUpdate::Behind(head(5, 2)));
+        assert_eq!(db.audit_head("a").unwrap(), Some(head(5, 2)));
+        assert_eq!(recorded_audit_head(&path, "a").unwrap(), Some(head(5, 2)));
+        assert_eq!(recorded_audit_head(&path, "b").unwrap(), None);
+        assert_eq!(recorded_audit_head(&dir.path().join("none.db"), "a").unwrap(), None);
+        // Upserting the row again (reconcile) keeps the head; another
+        // sandbox under the name starts without one.
+        db.upsert_sandbox(&row("a", 1000)).unwrap();
+        assert_eq!(db.audit_head("a").unwrap(), Some(head(5, 2)));
+        let mut again = row("a", 1000);
+        again.created_at = "2026-02-01T00:00:00.000Z".into();
+        db.upsert_sandbox(&again).unwrap();
+        assert_eq!(db.audit_head("a").unwrap(), None);
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub fn startup(app: &App) -> Summary {
         if let Err(e) = app.db.upsert_sandbox(&sandbox::row_for(&loaded)) {
             tracing::warn!(error = %e, sandbox = loaded.name(), "could not index a sandbox");
         }
+        record_audit_head(app, &loaded);
         summary.known += 1;
     }
     summary.forgotten = forget_missing(app, &rows, &seen);
@@ -71,6 +72,7 @@ pub fn periodic(app: &App) {
         if !rows.contains_key(l.name()) || l.lost {
             continue;
         }
+        record_audit_head(app, l);
         match app.db.set_state(l.name(), l.state.as_str()) {
             Ok(Some(previous)) if previous == "running" && l.state != ApiState::Running => {
                 crate::api::sandboxes::record_stopped(app, l, l.state.as_str(), "ended");
@@ -86,6 +88,29 @@ pub fn periodic(app: &App) {
         }
     }
     forget_missing(app, &rows, &seen);
+}
+
+/// Copies the head of a sandbox's audit chain into the index: a record
+/// of it outside the sandbox's directory, which `airlock audit verify`
+/// holds the log to. Only ever forward; a head found behind the record is
+/// left for verify to report.
+fn record_audit_head(app: &App, l: &Loaded) {
+    use airlock_runtime::audit::chain;
+    let log = l.dir.audit_path();
+    match chain::read_head(&log) {
+        Ok(Some(head)) => match app.db.record_audit_head(l.name(), head) {
+            Ok(crate::db::HeadUpdate::Behind(recorded)) => tracing::debug!(
+                sandbox = l.name(),
+                recorded = recorded.seq,
+                found = head.seq,
+                "the audit log's head is behind the one the index recorded"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, sandbox = l.name(), "could not record an audit head"),
+        },
+        Ok(None) => {}
+        Err(e) => tracing::debug!(error = %e, sandbox = l.name(), "cannot read the audit head"),
+    }
 }
 
 fn rows(app: &App) -> HashMap<String, SandboxRow> {

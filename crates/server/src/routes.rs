@@ -10,7 +10,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter, on};
 
-use crate::api::{compat, events, exec, files, meta, sandboxes};
+use crate::api::{audit, compat, events, exec, files, meta, sandboxes};
 use crate::app::App;
 use crate::extract::BODY_LIMIT;
 
@@ -72,6 +72,8 @@ pub fn table() -> Vec<Route> {
         route(Post, "/v1/sandboxes/{name}/extend", sandboxes::extend),
         route(Get, "/v1/sandboxes/{name}/diff", sandboxes::diff),
         route(Get, "/v1/sandboxes/{name}/logs", sandboxes::logs),
+        route(Get, "/v1/sandboxes/{name}/audit", audit::audit),
+        route(Get, "/v1/sandboxes/{name}/report", audit::report),
         route(Post, "/v1/sandboxes/{name}/apply", sandboxes::apply),
         route(Get, "/v1/sandboxes/{name}/files", files::read),
         route(Put, "/v1/sandboxes/{name}/files", files::write),
@@ -182,6 +184,9 @@ mod tests {
         for (method, uri) in [
             ("GET", "/v1/sandboxes/roots"),
             ("GET", "/v1/sandboxes/roots/diff"),
+            ("GET", "/v1/sandboxes/roots/audit"),
+            ("GET", "/v1/sandboxes/roots/audit?follow=true"),
+            ("GET", "/v1/sandboxes/roots/report"),
             ("POST", "/v1/sandboxes/roots/stop"),
             ("DELETE", "/v1/sandboxes/roots"),
             ("DELETE", "/vm/roots"),
@@ -222,6 +227,61 @@ mod tests {
             (status, body["error"]["code"].as_str()),
             (StatusCode::BAD_REQUEST, Some("invalid_query"))
         );
+    }
+
+    /// (status, headers, body) of one request as `uid`.
+    async fn raw(router: &Router, uid: u32, uri: &str) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let mut request = Request::builder().uri(uri).body(Body::empty()).unwrap();
+        request.extensions_mut().insert(Peer { uid, gid: uid, pid: None });
+        let response = router.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        (parts.status, parts.headers, axum::body::to_bytes(body, 1 << 24).await.unwrap().to_vec())
+    }
+
+    #[tokio::test]
+    async fn the_audit_log_is_sent_as_written_and_the_report_as_html() {
+        let (tmp, router) = fixture();
+        // No log yet: an empty answer.
+        let (status, headers, body) = raw(&router, 0, "/v1/sandboxes/roots/audit").await;
+        assert_eq!((status, body.len()), (StatusCode::OK, 0));
+        assert_eq!(headers["content-type"], "application/x-ndjson");
+
+        let first = r#"{"ts":"2026-01-01T00:00:00.000Z","seq":1,"event":"created","policy":"dev","x":"<b>"}"#;
+        let second = r#"{"ts":"2026-01-01T00:00:01.000Z","seq":2,"event":"stopped","reason":"r"}   "#;
+        let torn = r#"{"ts":"2026-01-01T00:00:02.000Z","seq":3,"ev"#;
+        let log = tmp.path().join("roots/audit.jsonl");
+        std::fs::write(&log, format!("{first}\n{second}\n{torn}")).unwrap();
+        let (status, _, body) = raw(&router, 0, "/v1/sandboxes/roots/audit").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            format!("{first}\n{second}\n"),
+            "complete lines, byte for byte"
+        );
+
+        let (status, body) =
+            call(&router, Some(0), "GET", "/v1/sandboxes/roots/audit?follow=perhaps", "").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_query"))
+        );
+        let (status, body) = call(&router, Some(0), "GET", "/v1/sandboxes/roots/report?x=1", "").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_query"))
+        );
+
+        let (status, headers, body) = raw(&router, 0, "/v1/sandboxes/roots/report").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.starts_with("default-src 'none';") && csp.ends_with("frame-ancestors 'none'"), "{csp}");
+        let page = String::from_utf8(body).unwrap();
+        assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+        assert!(page.contains("Sandbox <span class=\"mono\">roots</span>"));
+        assert!(page.contains("created with policy dev") && page.contains("stopped: r"));
+        assert!(page.contains("&lt;b&gt;") && !page.contains("<b>"), "event fields are escaped");
     }
 
     /// The OpenAPI document and the router describe the same API.

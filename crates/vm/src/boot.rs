@@ -23,6 +23,7 @@ use crate::engine::Accel;
 use crate::guest::Guest;
 use crate::init::{PORT_NAME, RootEntry, WORKSPACE_TAG, share_tag};
 use crate::jail;
+use crate::limits::GuestLimits;
 use crate::{GUEST_ROLE, VmError};
 
 /// What a guest gets.
@@ -41,10 +42,15 @@ pub struct BootSpec {
     /// The guest has egress: a second virtio-serial port, served by
     /// [`crate::egress_port`], and loopback with the proxy ports inside.
     pub egress: bool,
+    /// Transparent egress (with `egress` only): the redirection the guest's
+    /// PID 1 installs before any command runs, said on its command line.
+    pub redirect: Option<airlock_jail::plan::Redirect>,
     /// The host directory the guest writes (an overlay workspace's layer,
     /// or the workspace in mode rw), served over virtio-fs by a jailed
     /// virtiofsd, never by QEMU.
     pub writable: Option<WritableShare>,
+    /// The policy's limits the guest enforces inside.
+    pub limits: GuestLimits,
 }
 
 /// What the guest does with the host directory it writes.
@@ -138,8 +144,14 @@ fn tsc_khz() -> u64 {
 const MAX_COMMAND_LINE: usize = 2047;
 
 /// The word on the kernel's command line that tells the guest it has an
-/// egress port.
+/// egress port (with transparent egress, the word says what it redirects:
+/// [`crate::egress_port::egress_arg`]).
 pub const EGRESS_ARG: &str = "egress:on";
+
+/// The most words the kernel passes its init after `--` (its
+/// MAX_INIT_ARGS, 32; argv[0] comes on top). One more panics the kernel at
+/// boot ("Too many boot init vars").
+const MAX_INIT_WORDS: usize = 32;
 
 /// The word on the kernel's command line that tells the guest its
 /// workspace is an overlay whose writable layer is the virtio-fs share.
@@ -170,23 +182,35 @@ fn kernel_command_line(
     root: &[RootEntry],
     egress: bool,
     writes: Option<Writes>,
+    redirect: Option<&airlock_jail::plan::Redirect>,
+    limits: GuestLimits,
 ) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel == Accel::Tcg {
         line.push_str(&format!(" tsc_early_khz={}", tsc_khz()));
     }
+    // What follows `--` is init's argv: a few words, whatever the policy
+    // (the kernel panics past 32 of them).
     line.push_str(&format!(" -- {GUEST_ROLE}"));
     if egress {
         line.push(' ');
-        line.push_str(EGRESS_ARG);
+        line.push_str(&crate::egress_port::egress_arg(redirect));
     }
     if let Some(writes) = writes {
         line.push(' ');
         line.push_str(writes.tag_and_arg().1);
     }
-    for entry in root {
-        line.push(' ');
-        line.push_str(&entry.to_arg());
+    line.push(' ');
+    line.push_str(&limits.to_arg());
+    line.push(' ');
+    line.push_str(&RootEntry::list_to_arg(root));
+    // A path with a space would split into words of its own.
+    let words = line.split_once(" -- ").map_or(0, |(_, init)| init.split(' ').count());
+    if words > MAX_INIT_WORDS {
+        return Err(VmError::Boot(format!(
+            "the guest's init would get {words} words on the kernel's command line (at most {MAX_INIT_WORDS}): \
+             a path of the guest's root has spaces, which the command line cannot carry"
+        )));
     }
     if line.len() > MAX_COMMAND_LINE {
         return Err(VmError::Boot(format!(
@@ -244,7 +268,14 @@ fn qemu_args(
         "-initrd".into(),
         guest.initramfs.to_string_lossy().into_owned(),
         "-append".into(),
-        kernel_command_line(spec.accel, &spec.root, spec.egress, writes)?,
+        kernel_command_line(
+            spec.accel,
+            &spec.root,
+            spec.egress,
+            writes,
+            spec.redirect.as_ref(),
+            spec.limits,
+        )?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
         "-device".into(),
@@ -736,24 +767,106 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    const LIMITS: GuestLimits = GuestLimits { pids: 256, disk: 1 << 30 };
+
     #[test]
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &fits, false, None).unwrap();
-        assert!(line.ends_with("hide:/etc/secret-0019-with-a-long-name"), "{line}");
+        let line = kernel_command_line(Accel::Tcg, &fits, false, None, None, LIMITS).unwrap();
+        assert!(line.ends_with("|hide:/etc/secret-0019-with-a-long-name"), "{line}");
+        // However many entries, init gets few arguments (the kernel's
+        // limit is 32).
+        let (_, init_args) = line.split_once(" -- ").unwrap();
+        assert_eq!(init_args.split(' ').count(), 3, "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_many, false, None).unwrap_err().to_string();
+        let err =
+            kernel_command_line(Accel::Tcg, &too_many, false, None, None, LIMITS).unwrap_err().to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
+        // Few pieces, but long ones.
+        let long = |i: usize| RootEntry::Hide(format!("/{}{i}", "x".repeat(80)).into());
+        let too_long: Vec<RootEntry> = (0..28).map(long).collect();
+        let err =
+            kernel_command_line(Accel::Tcg, &too_long, false, None, None, LIMITS).unwrap_err().to_string();
+        assert!(err.contains("filesystem.hidden") && err.contains("2047"), "{err}");
+    }
+
+    /// The kernel panics at boot when its init gets more than 32 words:
+    /// however many pieces the root has, the egress word (whatever it
+    /// redirects), the layer word, the limits and the root are five; a
+    /// line that would split into more is refused before, with the reason.
+    #[test]
+    fn a_root_of_too_many_pieces_for_the_kernels_init_is_refused() {
+        let plan = airlock_jail::plan::Redirect { tcp_port: 3129, dns_port: 3053, ipv6: true };
+        let hide = |i: usize| RootEntry::Hide(format!("/h{i}").into());
+        let layer = Some(Writes::Layer);
+        let many: Vec<RootEntry> = (0..100).map(hide).collect();
+        let line = kernel_command_line(Accel::Tcg, &many, true, layer, Some(&plan), LIMITS).unwrap();
+        let init = line.split_once(" -- ").unwrap().1;
+        assert_eq!(
+            init.split(' ').collect::<Vec<_>>(),
+            [
+                GUEST_ROLE,
+                "egress:3129:3053:6",
+                LAYER_ARG,
+                "limits:256:1073741824",
+                &RootEntry::list_to_arg(&many)
+            ],
+            "{line}"
+        );
+        // A path with spaces (the runtime leaves such paths out) would be
+        // many words: refused, not left to the kernel.
+        let spaced = [RootEntry::Hide(format!("/h{}", " x".repeat(28)).into())];
+        let err = kernel_command_line(Accel::Tcg, &spaced, true, layer, Some(&plan), LIMITS)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("33 words") && err.contains("spaces"), "{err}");
     }
 
     #[test]
     fn the_guest_is_told_of_its_egress_port_only_when_it_has_one() {
-        let with = kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true, None).unwrap();
-        assert!(with.contains(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} share:/usr")), "{with}");
-        let without = kernel_command_line(Accel::Tcg, &[], false, None).unwrap();
+        let with =
+            kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true, None, None, LIMITS)
+                .unwrap();
+        assert!(
+            with.ends_with(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} limits:256:1073741824 root:share:/usr")),
+            "{with}"
+        );
+        let without = kernel_command_line(Accel::Tcg, &[], false, None, None, LIMITS).unwrap();
         assert!(!without.contains("egress"), "{without}");
         assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
+    }
+
+    #[test]
+    fn the_guest_is_told_what_to_redirect_in_its_egress_word() {
+        use crate::egress_port::{egress_arg, egress_from_arg};
+        let plan = airlock_jail::plan::Redirect { tcp_port: 3129, dns_port: 3053, ipv6: false };
+        let line = kernel_command_line(Accel::Tcg, &[], true, None, Some(&plan), LIMITS).unwrap();
+        assert!(
+            line.ends_with(&format!(" -- {GUEST_ROLE} egress:3129:3053:4 limits:256:1073741824 root:")),
+            "{line}"
+        );
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words.iter().find_map(|w| egress_from_arg(w)), Some(Some(plan)));
+        assert_eq!(egress_from_arg(EGRESS_ARG), Some(None));
+        assert_eq!(egress_arg(None), EGRESS_ARG);
+        // No egress port, nothing to redirect to.
+        let none = kernel_command_line(Accel::Tcg, &[], false, None, Some(&plan), LIMITS).unwrap();
+        assert!(!none.contains("egress"), "{none}");
+        let v6 = airlock_jail::plan::Redirect { ipv6: true, ..plan };
+        assert_eq!(egress_from_arg(&egress_arg(Some(&v6))), Some(Some(v6)));
+        for bad in [
+            "egress:",
+            "egress:off",
+            "egress:1:2",
+            "egress:1:2:5",
+            "egress:1:2:4:9",
+            "egress:x:2:4",
+            "share:/usr",
+        ] {
+            assert_eq!(egress_from_arg(bad), None, "{bad}");
+        }
+        assert_eq!(RootEntry::from_arg(&egress_arg(Some(&plan))), None, "not a piece of the guest's root");
     }
 
     #[test]
@@ -773,7 +886,9 @@ mod tests {
             root: vec![RootEntry::Workspace("/w".into())],
             cgroup: None,
             egress: false,
+            redirect: None,
             writable: None,
+            limits: LIMITS,
         };
         let run = Path::new("/run/x");
         let args = |spec: &BootSpec| {
@@ -827,12 +942,14 @@ mod tests {
             root: vec![RootEntry::Share("/usr".into()), RootEntry::Workspace("/w".into())],
             cgroup: None,
             egress: false,
+            redirect: None,
             writable: Some(WritableShare {
                 writes: Writes::Workspace,
                 dir: "/w".into(),
                 first_host_uid: None,
                 tree: None,
             }),
+            limits: LIMITS,
         };
         let run = Path::new("/run/x");
         let args =

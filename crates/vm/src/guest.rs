@@ -7,7 +7,9 @@
 //! process's own mappings, so they are exactly the ones in use), and the
 //! kernel modules for virtio-mmio, the virtio console, 9p, virtiofs and
 //! overlay (with what
-//! they depend on, from `modules.dep`). Everything else — the programs a
+//! they depend on, from `modules.dep`), and apart from them those of
+//! nftables, NAT and conntrack that a guest with transparent egress loads
+//! too. Everything else — the programs a
 //! sandbox runs — comes from the host's root, read-only over 9p.
 //!
 //! The cache is rebuilt when its key changes: airlock's executable (path,
@@ -26,15 +28,32 @@ use crate::VmError;
 use crate::cpio::{self, Archive};
 
 /// Bumped whenever what goes into the initramfs changes.
-const LAYOUT: u32 = 2;
+const LAYOUT: u32 = 3;
 
 /// The modules the guest loads, by name; their dependencies come along.
 const WANTED_MODULES: [&str; 6] =
     ["virtio_mmio", "virtio_console", "9pnet_virtio", "9p", "overlay", "virtiofs"];
 
+/// The modules a guest with transparent egress loads besides, for the
+/// process tier's redirection (`airlock_jail::redirect`): nftables with
+/// its `nat` chain type and NAT expression (DNAT to the listeners, and so
+/// conntrack, which also answers `SO_ORIGINAL_DST`) and its `reject`
+/// expression for the `inet` family (TCP resets, ICMP errors). Meta,
+/// payload, compare and immediate are part of nf_tables itself.
+/// `crc32c_generic` first: libcrc32c (conntrack's and nf_tables'
+/// dependency) needs a crc32c implementation at load, a soft dependency
+/// that modules.dep does not list, and the guest has no modprobe to find
+/// one; the generic one, as the SSE 4.2 one needs a CPU that emulation
+/// may not offer.
+pub const TRANSPARENT_MODULES: [&str; 5] =
+    ["crc32c_generic", "nf_tables", "nft_chain_nat", "nft_nat", "nft_reject_inet"];
+
 /// Where the initramfs keeps the modules and their load order.
 pub const MODULE_DIR: &str = "/modules";
 pub const MODULE_ORDER: &str = "/modules/order";
+/// The load order of [`TRANSPARENT_MODULES`] and what they need that the
+/// others did not bring.
+pub const TRANSPARENT_ORDER: &str = "/modules/transparent";
 
 /// A kernel the guest can boot, with its modules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,18 +229,23 @@ fn build(
     progress(&format!("{} libraries and the loader", libraries.len()));
 
     let modules = module_order(&kernel.modules)?;
-    let mut order = String::new();
-    for (i, module) in modules.iter().enumerate() {
-        let data = fs::read(module).map_err(|e| VmError::io(module, e))?;
-        let name = format!("{i:02}-{}", module.file_name().unwrap_or_default().to_string_lossy());
-        archive.file(&format!("{MODULE_DIR}/{name}"), cpio::REGULAR, &data).map_err(io)?;
-        order.push_str(&name);
-        order.push('\n');
+    let transparent = transparent_module_order(&kernel.modules, &modules)?;
+    for (list, prefix, order_file) in [(&modules, "", MODULE_ORDER), (&transparent, "t", TRANSPARENT_ORDER)] {
+        let mut order = String::new();
+        for (i, module) in list.iter().enumerate() {
+            let data = fs::read(module).map_err(|e| VmError::io(module, e))?;
+            let name = format!("{prefix}{i:02}-{}", module.file_name().unwrap_or_default().to_string_lossy());
+            archive.file(&format!("{MODULE_DIR}/{name}"), cpio::REGULAR, &data).map_err(io)?;
+            order.push_str(&name);
+            order.push('\n');
+        }
+        archive.file(order_file, cpio::REGULAR, order.as_bytes()).map_err(io)?;
     }
-    archive.file(MODULE_ORDER, cpio::REGULAR, order.as_bytes()).map_err(io)?;
     progress(&format!(
-        "{} kernel modules (virtio-mmio, virtio console, 9p, virtiofs, overlay and their dependencies)",
-        modules.len()
+        "{} kernel modules (virtio-mmio, virtio console, 9p, virtiofs, overlay and their dependencies), \
+         and {} for transparent egress (nftables, NAT, conntrack)",
+        modules.len(),
+        transparent.len()
     ));
     let (mut out, bytes) = archive.finish().map_err(io)?;
     out.flush().map_err(io)?;
@@ -319,6 +343,42 @@ fn mapped_libraries() -> Result<BTreeSet<PathBuf>, VmError> {
 
 /// The wanted modules and their dependencies, each after what it needs.
 fn module_order(modules: &Path) -> Result<Vec<PathBuf>, VmError> {
+    let order = dependency_order(modules, &WANTED_MODULES)?;
+    let missing: Vec<&str> = ["9p", "9pnet_virtio", "virtio_console"]
+        .into_iter()
+        .filter(|w| !order.iter().any(|m| module_name(m).as_deref() == Some(*w)))
+        .filter(|w| !builtin(modules, w))
+        .collect();
+    if !missing.is_empty() {
+        return Err(VmError::Modules(format!("{} has no {}", modules.display(), missing.join(", "))));
+    }
+    Ok(order.into_iter().map(|m| modules.join(m)).collect())
+}
+
+/// [`TRANSPARENT_MODULES`] and their dependencies, each after what it
+/// needs, without those `loaded` (the guest's own) already has. A kernel
+/// that lacks some (built in, or not built) gets what it has: a guest that
+/// then cannot install the redirection says so, and its sandbox does not
+/// start.
+fn transparent_module_order(modules: &Path, loaded: &[PathBuf]) -> Result<Vec<PathBuf>, VmError> {
+    Ok(dependency_order(modules, &TRANSPARENT_MODULES)?
+        .into_iter()
+        .map(|m| modules.join(m))
+        .filter(|m| !loaded.contains(m))
+        .collect())
+}
+
+/// A module's name as the kernel knows it (`nf_tables` for
+/// `kernel/net/netfilter/nf_tables.ko`; dashes are underscores).
+fn module_name(path: &str) -> Option<String> {
+    Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().split('.').next().unwrap_or_default().replace('-', "_"))
+}
+
+/// `wanted`, in that order, each after the modules it needs (transitively,
+/// from `modules.dep`), every module once; as paths relative to `modules`.
+fn dependency_order(modules: &Path, wanted: &[&str]) -> Result<Vec<String>, VmError> {
     let dep_file = modules.join("modules.dep");
     let text = fs::read_to_string(&dep_file).map_err(|e| VmError::io(&dep_file, e))?;
     let deps: Vec<(String, Vec<String>)> = text
@@ -328,11 +388,6 @@ fn module_order(modules: &Path) -> Result<Vec<PathBuf>, VmError> {
             Some((module.trim().to_owned(), needs.split_whitespace().map(str::to_owned).collect()))
         })
         .collect();
-    let name_of = |path: &str| {
-        Path::new(path)
-            .file_name()
-            .map(|n| n.to_string_lossy().split('.').next().unwrap_or_default().replace('-', "_"))
-    };
     let mut order: Vec<String> = Vec::new();
     fn visit(module: &str, deps: &[(String, Vec<String>)], order: &mut Vec<String>, depth: usize) {
         if order.iter().any(|m| m == module) || depth > 64 {
@@ -345,23 +400,15 @@ fn module_order(modules: &Path) -> Result<Vec<PathBuf>, VmError> {
         }
         order.push(module.to_owned());
     }
-    for wanted in WANTED_MODULES {
-        let Some((path, _)) = deps.iter().find(|(m, _)| name_of(m).as_deref() == Some(wanted)) else {
+    for wanted in wanted {
+        let Some((path, _)) = deps.iter().find(|(m, _)| module_name(m).as_deref() == Some(*wanted)) else {
             // Built into this kernel (or absent): nothing to load.
             continue;
         };
         let path = path.clone();
         visit(&path, &deps, &mut order, 0);
     }
-    let missing: Vec<&str> = ["9p", "9pnet_virtio", "virtio_console"]
-        .into_iter()
-        .filter(|w| !order.iter().any(|m| name_of(m).as_deref() == Some(*w)))
-        .filter(|w| !builtin(modules, w))
-        .collect();
-    if !missing.is_empty() {
-        return Err(VmError::Modules(format!("{} has no {}", modules.display(), missing.join(", "))));
-    }
-    Ok(order.into_iter().map(|m| modules.join(m)).collect())
+    Ok(order)
 }
 
 fn builtin(modules: &Path, name: &str) -> bool {
@@ -399,6 +446,111 @@ mod tests {
         assert_eq!(order.iter().filter(|m| *m == "9pnet.ko").count(), 1);
         // virtio-fs, for an overlay workspace's layer or a rw workspace, after FUSE.
         assert!(at("fuse.ko") < at("virtiofs.ko"));
+    }
+
+    /// modules.dep of Debian's 6.1 kernel for the netfilter modules (the
+    /// lines the transparent set reaches, in the file's own order).
+    const NETFILTER_DEP: &str = "\
+kernel/crypto/crc32c_generic.ko:
+kernel/lib/libcrc32c.ko:
+kernel/net/netfilter/nfnetlink.ko:
+kernel/net/netfilter/nf_conntrack.ko: kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko kernel/lib/libcrc32c.ko
+kernel/net/netfilter/nf_nat.ko: kernel/net/netfilter/nf_conntrack.ko kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko kernel/lib/libcrc32c.ko
+kernel/net/netfilter/nf_tables.ko: kernel/net/netfilter/nfnetlink.ko kernel/lib/libcrc32c.ko
+kernel/net/netfilter/nft_nat.ko: kernel/net/netfilter/nf_tables.ko kernel/net/netfilter/nfnetlink.ko kernel/net/netfilter/nf_nat.ko kernel/net/netfilter/nf_conntrack.ko kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko kernel/lib/libcrc32c.ko
+kernel/net/netfilter/nft_reject.ko: kernel/net/netfilter/nf_tables.ko kernel/net/netfilter/nfnetlink.ko kernel/lib/libcrc32c.ko
+kernel/net/netfilter/nft_reject_inet.ko: kernel/net/ipv4/netfilter/nf_reject_ipv4.ko kernel/net/ipv6/netfilter/nf_reject_ipv6.ko kernel/net/netfilter/nft_reject.ko kernel/net/netfilter/nf_tables.ko kernel/net/netfilter/nfnetlink.ko kernel/lib/libcrc32c.ko
+kernel/net/netfilter/nft_chain_nat.ko: kernel/net/netfilter/nf_tables.ko kernel/net/netfilter/nfnetlink.ko kernel/net/netfilter/nf_nat.ko kernel/net/netfilter/nf_conntrack.ko kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko kernel/lib/libcrc32c.ko
+kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko:
+kernel/net/ipv4/netfilter/nf_reject_ipv4.ko:
+kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko:
+kernel/net/ipv6/netfilter/nf_reject_ipv6.ko:
+kernel/drivers/char/virtio_console.ko:
+kernel/net/9p/9pnet.ko:
+kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko
+kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko
+";
+
+    /// The transparent set: every module the redirection needs, once,
+    /// each after what it needs, the crc32c implementation before the
+    /// library that looks for it, and none of the guest's own again.
+    #[test]
+    fn transparent_egress_modules_come_in_dependency_order() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("modules.dep"), NETFILTER_DEP).unwrap();
+        let base = module_order(dir.path()).unwrap();
+        let order: Vec<String> = transparent_module_order(dir.path(), &base)
+            .unwrap()
+            .iter()
+            .map(|p| module_name(&p.to_string_lossy()).unwrap())
+            .collect();
+        let at = |m: &str| order.iter().position(|o| o == m).unwrap_or_else(|| panic!("no {m} in {order:?}"));
+        let expected = [
+            "crc32c_generic",
+            "libcrc32c",
+            "nfnetlink",
+            "nf_tables",
+            "nf_defrag_ipv4",
+            "nf_defrag_ipv6",
+            "nf_conntrack",
+            "nf_nat",
+            "nft_chain_nat",
+            "nft_nat",
+            "nf_reject_ipv4",
+            "nf_reject_ipv6",
+            "nft_reject",
+            "nft_reject_inet",
+        ];
+        assert_eq!(order.len(), expected.len(), "{order:?}");
+        for m in expected {
+            at(m);
+        }
+        for (before, after) in [
+            ("crc32c_generic", "libcrc32c"),
+            ("libcrc32c", "nf_tables"),
+            ("nfnetlink", "nf_tables"),
+            ("nf_defrag_ipv4", "nf_conntrack"),
+            ("nf_defrag_ipv6", "nf_conntrack"),
+            ("nf_conntrack", "nf_nat"),
+            ("nf_nat", "nft_chain_nat"),
+            ("nf_tables", "nft_chain_nat"),
+            ("nf_nat", "nft_nat"),
+            ("nft_reject", "nft_reject_inet"),
+            ("nf_reject_ipv4", "nft_reject_inet"),
+            ("nf_reject_ipv6", "nft_reject_inet"),
+        ] {
+            assert!(at(before) < at(after), "{before} after {after}: {order:?}");
+        }
+        let base: Vec<String> = base.iter().map(|p| module_name(&p.to_string_lossy()).unwrap()).collect();
+        assert!(order.iter().all(|m| !base.contains(m)), "{order:?} repeats {base:?}");
+        // A kernel without netfilter modules: nothing to load.
+        let bare = tempfile::tempdir().unwrap();
+        fs::write(bare.path().join("modules.dep"), "kernel/drivers/char/virtio_console.ko:\n").unwrap();
+        assert!(transparent_module_order(bare.path(), &[]).unwrap().is_empty());
+    }
+
+    /// The kernel `vm setup` would pick has every module of the set (or
+    /// has it built in): the guest it builds can redirect.
+    #[test]
+    fn the_installed_kernel_has_what_transparent_egress_needs() {
+        let Some(kernel) = find_kernel() else {
+            assert!(
+                std::env::var_os("CI").is_none_or(|v| v != "true"),
+                "no kernel in /boot with its modules, which CI's host has"
+            );
+            eprintln!("skipped: no kernel in /boot with its modules in /lib/modules");
+            return;
+        };
+        let order = transparent_module_order(&kernel.modules, &[]).unwrap();
+        let names: Vec<String> = order.iter().map(|p| module_name(&p.to_string_lossy()).unwrap()).collect();
+        for wanted in TRANSPARENT_MODULES {
+            assert!(
+                names.iter().any(|n| n == wanted) || builtin(&kernel.modules, wanted),
+                "{} has no {wanted}: {names:?}",
+                kernel.modules.display()
+            );
+        }
+        assert!(order.iter().all(|p| p.exists()), "{order:?}");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! port as the process tier's agent does over its socket. No udev, no
 //! systemd, no network device, no shell: this process and what the host asks it
 //! to run are all that runs in the guest. With egress, loopback and the
-//! proxy ports relayed over a port of their own (`egress_port`).
+//! proxy ports relayed over a port of their own (`egress_port`); with
+//! transparent egress, the netfilter modules loaded and the process tier's
+//! redirection installed before the agent serves. The guest's /etc/hosts
+//! and /etc/resolv.conf are airlock's own, as a process-tier sandbox's.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -12,11 +15,15 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rustix::mount::{MountFlags, mount, mount_move};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 
-use crate::boot::{EGRESS_ARG, LAYER_ARG, LAYER_TAG, RW_ARG, RW_TAG};
+use rustix::mount::{MountFlags, mount, mount_bind, mount_move};
+
+use crate::boot::{LAYER_ARG, LAYER_TAG, RW_ARG, RW_TAG};
 use crate::egress_port::{GuestEgress, GuestEgressError, PORT_NAME as EGRESS_PORT};
-use crate::guest::{MODULE_DIR, MODULE_ORDER};
+use crate::guest::{MODULE_DIR, MODULE_ORDER, TRANSPARENT_ORDER};
+use crate::limits::{Budget, GuestLimits};
 
 /// The guest's virtio-serial port's name.
 pub const PORT_NAME: &str = "airlock.agent";
@@ -26,13 +33,14 @@ const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 
 /// The guest's entry point; never returns while the guest lives.
 pub fn main() -> i32 {
-    let code = match prepare().and_then(|(port, egress)| Ok((port, egress.map(prepare_egress).transpose()?)))
-    {
-        Ok((port, egress)) => {
+    let prepared = prepare()
+        .and_then(|(port, egress, workload)| Ok((port, egress.map(prepare_egress).transpose()?, workload)));
+    let code = match prepared {
+        Ok((port, egress, workload)) => {
             let env = vec![("PATH".to_owned(), GUEST_PATH.to_owned())];
             // The egress relay's threads start once the agent has blocked
             // its signals, so that they inherit the mask.
-            airlock_agent::serve_guest(env, move || {
+            airlock_agent::serve_guest(env, Some(workload), move || {
                 if let Some(egress) = egress {
                     egress.serve()?;
                 }
@@ -58,11 +66,90 @@ enum InitError {
     NoPort(&'static str),
     #[error("egress: {0}")]
     Egress(#[from] GuestEgressError),
+    #[error("the host gave no limits (limits:PIDS:DISK) on the kernel's command line")]
+    NoLimits,
 }
 
-/// In the final root: the trust bundle, loopback and the proxy ports.
+/// In the final root: the trust bundle, loopback and the proxy ports, and
+/// the redirection when the host asked for it.
 fn prepare_egress(device: PathBuf) -> Result<GuestEgress, InitError> {
-    Ok(GuestEgress::prepare(&device)?)
+    Ok(GuestEgress::prepare(&device, redirect_requested())?)
+}
+
+/// What the host's command line says of egress: none, through the proxy
+/// ports (`Some(None)`), or transparent too (`Some(Some(plan))`).
+fn egress_requested() -> Option<Option<airlock_jail::plan::Redirect>> {
+    std::env::args().find_map(|a| crate::egress_port::egress_from_arg(&a))
+}
+
+/// The redirection the host's command line asks for, if any.
+fn redirect_requested() -> Option<airlock_jail::plan::Redirect> {
+    egress_requested().flatten()
+}
+
+/// Transparent egress: nftables, NAT and conntrack, loaded (before the
+/// initramfs is left behind) only for a guest that redirects.
+fn load_transparent_modules() -> Result<(), InitError> {
+    if redirect_requested().is_some() { load_module_list(TRANSPARENT_ORDER) } else { Ok(()) }
+}
+
+/// The guest's /etc/hosts and /etc/resolv.conf: airlock's own (the same
+/// text as a process-tier sandbox's, `airlock_jail::names`), written to the
+/// guest's memory and bound read-only over the host's files, which /etc's
+/// share would show. Where the host has neither, the guest has nothing to
+/// hide and nothing is bound.
+fn install_name_files() -> Result<(), InitError> {
+    let dir = Path::new("/run/airlock");
+    fs::create_dir_all(dir).map_err(step("create /run/airlock"))?;
+    let uname = rustix::system::uname();
+    let hostname = uname.nodename().to_str().ok().filter(|n| !n.is_empty() && *n != "(none)");
+    for (name, text) in
+        [("hosts", airlock_jail::names::hosts(hostname)), ("resolv.conf", airlock_jail::names::resolv_conf())]
+    {
+        let own = dir.join(name);
+        fs::write(&own, text).map_err(step(format!("write {}", own.display())))?;
+        let target = Path::new("/etc").join(name);
+        bind_over(&own, &target).map_err(step(format!("put airlock's own {} in place", target.display())))?;
+    }
+    Ok(())
+}
+
+/// Binds `source` read-only over the file at `target`, following a
+/// symlink there as a mount does: a dangling one (the host's resolv.conf
+/// into /run, which in the guest is its own memory) gets its file made
+/// first. Nothing at `target` at all: nothing to cover.
+fn bind_over(source: &Path, target: &Path) -> io::Result<()> {
+    let mut at = target.to_path_buf();
+    if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) && fs::metadata(&at).is_err() {
+        let link = fs::read_link(&at)?;
+        let named = at.parent().unwrap_or(Path::new("/")).join(link);
+        at = lexically_normal(&named);
+        if let Some(parent) = at.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::File::create(&at)?;
+    } else if fs::symlink_metadata(&at).is_err() {
+        return Ok(());
+    }
+    rustix::mount::mount_bind(source, &at)?;
+    rustix::mount::mount_remount(&at, MountFlags::BIND | MountFlags::RDONLY, c"")?;
+    Ok(())
+}
+
+/// An absolute path with `.` and `..` resolved by name, never above `/`.
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::from("/");
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 fn step<E: Into<io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> InitError {
@@ -71,8 +158,11 @@ fn step<E: Into<io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> InitEr
 }
 
 /// One piece of the guest's root, as the host lists it after the role on
-/// the kernel's command line (the command line splits on spaces, so paths
-/// with spaces are not shared; the host leaves them out).
+/// the kernel's command line: all of them in one word (the kernel gives
+/// init at most 32 arguments, and aborts the boot past that), separated by
+/// [`ROOT_SEPARATOR`]. The command line splits on spaces, so paths with
+/// spaces, or with that separator, are not shared; the host leaves them
+/// out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RootEntry {
     /// A host directory shared read-only over 9p, with tag `ro<index>`.
@@ -89,6 +179,12 @@ pub enum RootEntry {
 
 /// The 9p tag of the workspace's share.
 pub const WORKSPACE_TAG: &str = "ws";
+
+/// Between the entries of the guest's root in its one word.
+pub const ROOT_SEPARATOR: char = '|';
+
+/// The prefix of the word that lists the guest's root.
+const ROOT_WORD: &str = "root:";
 
 impl RootEntry {
     /// The word on the kernel's command line.
@@ -115,8 +211,33 @@ impl RootEntry {
     /// Whether `path` can travel on the kernel's command line.
     pub fn fits(path: &Path) -> bool {
         path.to_str().is_some_and(|p| {
-            p.starts_with('/') && p.chars().all(|c| c.is_ascii_graphic() && c != '"' && c != '=')
+            p.starts_with('/')
+                && p.chars().all(|c| c.is_ascii_graphic() && c != '"' && c != '=' && c != ROOT_SEPARATOR)
         })
+    }
+
+    /// Whether a link's `target` (relative or absolute) can travel on the
+    /// kernel's command line: a space or separator in it would cut the
+    /// root's one word, and the entries after it (masks too) would be lost.
+    pub fn target_fits(target: &Path) -> bool {
+        RootEntry::fits(&Path::new("/").join(target))
+    }
+
+    /// The one word on the kernel's command line that lists `entries`, in
+    /// order.
+    pub fn list_to_arg(entries: &[RootEntry]) -> String {
+        let listed: Vec<String> = entries.iter().map(RootEntry::to_arg).collect();
+        format!("{ROOT_WORD}{}", listed.join(&ROOT_SEPARATOR.to_string()))
+    }
+
+    /// The entries listed in the guest's arguments, in order.
+    pub fn list_from_args<S: AsRef<str>>(args: impl IntoIterator<Item = S>) -> Vec<RootEntry> {
+        args.into_iter()
+            .filter_map(|a| a.as_ref().strip_prefix(ROOT_WORD).map(str::to_owned))
+            .flat_map(|listed| {
+                listed.split(ROOT_SEPARATOR).filter_map(RootEntry::from_arg).collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 
@@ -125,16 +246,26 @@ pub fn share_tag(index: usize) -> String {
     format!("ro{index}")
 }
 
-/// The agent's port, and the egress port when the host gave the guest one.
-fn prepare() -> Result<(PathBuf, Option<PathBuf>), InitError> {
+/// The agent's port, the egress port when the host gave the guest one, and
+/// the workload cgroup's `cgroup.procs` (see [`crate::limits`]).
+fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
     mount("proc", "/proc", "proc", MountFlags::empty(), None).map_err(step("mount /proc"))?;
     mount("sysfs", "/sys", "sysfs", MountFlags::empty(), None).map_err(step("mount /sys"))?;
     mount("devtmpfs", "/dev", "devtmpfs", MountFlags::empty(), None).map_err(step("mount /dev"))?;
     load_modules()?;
-    let entries: Vec<RootEntry> = std::env::args().skip(2).filter_map(|a| RootEntry::from_arg(&a)).collect();
-    // The guest's root is a tmpfs of its own (in guest memory); the host's
-    // system directories are mounted read-only into it.
-    mount("tmpfs", "/newroot", "tmpfs", MountFlags::NOSUID, Some(c"mode=0755"))
+    load_transparent_modules()?;
+    let entries = RootEntry::list_from_args(std::env::args().skip(2));
+    let limits = GuestLimits::from_args(std::env::args().skip(2)).ok_or(InitError::NoLimits)?;
+    // Read before anything is written to the guest's tmpfs.
+    let budget =
+        Budget::new(crate::limits::mem_available().map_err(step("read /proc/meminfo"))?, limits.disk);
+    // The guest's root is a tmpfs of its own (in guest memory), which holds
+    // every place the guest may write but the workspace: sized, so that
+    // filling it is ENOSPC. The host's system directories are mounted
+    // read-only into it.
+    let root_options = std::ffi::CString::new(format!("mode=0755,size={}", budget.tmpfs))
+        .map_err(|e| step("size the root")(io::Error::other(e)))?;
+    mount("tmpfs", "/newroot", "tmpfs", MountFlags::NOSUID, Some(root_options.as_c_str()))
         .map_err(step("mount the root"))?;
     let options = c"trans=virtio,version=9p2000.L,cache=loose,msize=512000";
     let layered = std::env::args().any(|a| a == LAYER_ARG);
@@ -185,27 +316,37 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>), InitError> {
     for dir in ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/home", "/var/tmp"] {
         let _ = fs::create_dir_all(under_new_root(Path::new(dir)));
     }
+    for dir in ["/tmp", "/var/tmp"] {
+        let _ = fs::set_permissions(under_new_root(Path::new(dir)), fs::Permissions::from_mode(0o1777));
+    }
+    // /dev/shm is a directory of the root's tmpfs, so that it shares the
+    // one budget: made where devtmpfs will cover it, and held at /shm (in
+    // the initramfs) to be bound over /dev/shm once /dev is mounted.
+    let shm = Path::new("/newroot/dev/shm");
+    fs::create_dir_all(shm).map_err(step("create /dev/shm"))?;
+    fs::set_permissions(shm, fs::Permissions::from_mode(0o1777)).map_err(step("create /dev/shm"))?;
+    fs::create_dir_all("/shm").map_err(step("create /shm"))?;
+    mount_bind(shm, "/shm").map_err(step("hold /dev/shm"))?;
     mount("proc", "/newroot/proc", "proc", MountFlags::empty(), None)
         .map_err(step("mount the root's /proc"))?;
     mount("sysfs", "/newroot/sys", "sysfs", MountFlags::empty(), None)
         .map_err(step("mount the root's /sys"))?;
     mount("devtmpfs", "/newroot/dev", "devtmpfs", MountFlags::empty(), None)
         .map_err(step("mount the root's /dev"))?;
-    for (dir, fs_type, options) in [
-        ("/newroot/dev/pts", "devpts", c"ptmxmode=0666,mode=0620"),
-        ("/newroot/dev/shm", "tmpfs", c"mode=1777"),
-    ] {
-        let _ = fs::create_dir(dir);
-        mount(fs_type, dir, fs_type, MountFlags::NOSUID, Some(options))
-            .map_err(step(format!("mount {dir}")))?;
-    }
+    let pts = Path::new("/newroot/dev/pts");
+    let _ = fs::create_dir(pts);
+    mount("devpts", pts, "devpts", MountFlags::NOSUID, Some(c"ptmxmode=0666,mode=0620"))
+        .map_err(step("mount /newroot/dev/pts"))?;
+    let _ = fs::create_dir(shm);
+    mount_bind("/shm", shm).map_err(step("mount /newroot/dev/shm"))?;
+    let workload = workload_cgroup(limits.pids, &budget)?;
     for entry in &entries {
         if let RootEntry::Hide(path) = entry {
             hide(&under_new_root(path)).map_err(step(format!("hide {}", path.display())))?;
         }
     }
     let port = find_port(PORT_NAME)?;
-    let egress = if std::env::args().any(|a| a == EGRESS_ARG) { Some(find_port(EGRESS_PORT)?) } else { None };
+    let egress = if egress_requested().is_some() { Some(find_port(EGRESS_PORT)?) } else { None };
     // The initramfs cannot be pivoted away from: move the new root over it
     // and enter it (what switch_root does). The initramfs's memory stays:
     // this executable runs from it.
@@ -213,7 +354,25 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>), InitError> {
     mount_move(".", "/").map_err(step("move the new root to /"))?;
     rustix::process::chroot(".").map_err(step("chroot into the new root"))?;
     std::env::set_current_dir("/").map_err(step("enter /"))?;
-    Ok((port, egress))
+    install_name_files()?;
+    Ok((port, egress, workload))
+}
+
+/// The workload's cgroup (see [`crate::limits`]), made in a cgroup v2
+/// hierarchy mounted in the initramfs (where the agent's `cgroup.procs`
+/// stays open), and the same hierarchy shown read-only at the new root's
+/// /sys/fs/cgroup, so that the workload can read its limits.
+fn workload_cgroup(pids: u64, budget: &Budget) -> Result<OwnedFd, InitError> {
+    let own = Path::new("/cgroup");
+    fs::create_dir_all(own).map_err(step("create /cgroup"))?;
+    let cgroup2 = |at: &Path, flags: MountFlags| mount("cgroup2", at, "cgroup2", flags, None);
+    let safe = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    cgroup2(own, safe).map_err(step("mount cgroup2"))?;
+    let procs =
+        crate::limits::create_workload(own, pids, budget).map_err(step("create the workload's cgroup"))?;
+    cgroup2(Path::new("/newroot/sys/fs/cgroup"), safe | MountFlags::RDONLY)
+        .map_err(step("mount the root's /sys/fs/cgroup"))?;
+    Ok(procs)
 }
 
 /// The workspace as an overlay: the host's directory (read-only 9p) below,
@@ -249,7 +408,12 @@ fn hide(path: &Path) -> rustix::io::Result<()> {
 
 /// Loads each module of the initramfs in the order recorded at setup.
 fn load_modules() -> Result<(), InitError> {
-    let order = fs::read_to_string(MODULE_ORDER).map_err(step(format!("read {MODULE_ORDER}")))?;
+    load_module_list(MODULE_ORDER)
+}
+
+/// Loads the modules an order file of the initramfs lists, in its order.
+fn load_module_list(order_file: &str) -> Result<(), InitError> {
+    let order = fs::read_to_string(order_file).map_err(step(format!("read {order_file}")))?;
     for name in order.lines().filter(|l| !l.is_empty()) {
         let path = format!("{MODULE_DIR}/{name}");
         let file = fs::File::open(&path).map_err(step(format!("open {path}")))?;
@@ -338,9 +502,31 @@ mod tests {
             RootEntry::Hide("/etc/shadow".into()),
             RootEntry::Workspace("/srv/repo".into()),
         ];
-        for entry in entries {
+        for entry in &entries {
             assert_eq!(RootEntry::from_arg(&entry.to_arg()), Some(entry.clone()), "{}", entry.to_arg());
         }
         assert_eq!(RootEntry::from_arg("unknown:/x"), None);
+        // All in one word, in order, among the guest's other arguments.
+        let word = RootEntry::list_to_arg(&entries);
+        assert_eq!(word, "root:share:/usr|link:/bin=usr/bin|hide:/etc/shadow|workspace:/srv/repo");
+        assert_eq!(RootEntry::list_from_args(["egress:on", word.as_str(), "limits:1:2"]), entries);
+        assert!(!RootEntry::fits(Path::new("/a|b")), "the separator cannot be in a path");
+        assert!(
+            RootEntry::target_fits(Path::new("usr/bin")) && RootEntry::target_fits(Path::new("/usr/bin"))
+        );
+        for target in ["usr/a b", "a|hide:/x", "../x y"] {
+            assert!(!RootEntry::target_fits(Path::new(target)), "{target}");
+        }
+    }
+
+    #[test]
+    fn a_symlinked_name_file_is_followed_by_name() {
+        let n = |p: &str| lexically_normal(Path::new(p));
+        assert_eq!(
+            n("/etc/../run/systemd/resolve/stub-resolv.conf"),
+            Path::new("/run/systemd/resolve/stub-resolv.conf")
+        );
+        assert_eq!(n("/etc/./hosts"), Path::new("/etc/hosts"));
+        assert_eq!(n("/../../x"), Path::new("/x"));
     }
 }

@@ -10,6 +10,8 @@
 //!   root read-only over 9p, then the agent over virtio-serial.
 //! - `jail`: QEMU confined (`airlock __vm-jail`): namespaces of its own, a
 //!   mount view with only what it needs, no capability, its cgroup.
+//! - `limits`: the policy's pids, memory and disk limits inside the guest
+//!   (a cgroup for what the agent starts, a sized tmpfs for its files).
 //! - `boot`, `run`: starting a sandbox's guest (its owner, the runtime's
 //!   lifecycle, runs commands in it over the agent's channel).
 //! - `egress_port`: the guest's connections to the egress proxy, over a
@@ -23,6 +25,7 @@ pub mod engine;
 pub mod guest;
 pub mod init;
 pub mod jail;
+pub mod limits;
 pub mod run;
 
 use std::io;

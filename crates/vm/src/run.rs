@@ -21,6 +21,9 @@ pub struct VmStart {
     /// The policy's memory limit, in bytes (see [`guest_memory_mib`]).
     pub memory: u64,
     pub cpus: f64,
+    /// The policy's `limits.pids` and `limits.disk`, which the guest
+    /// enforces inside (see [`crate::limits`]).
+    pub limits: crate::limits::GuestLimits,
     /// What of the host the guest sees, read-only.
     pub root: Vec<crate::init::RootEntry>,
     /// The cgroup QEMU runs in, sized by [`qemu_limits`] (None only where
@@ -101,7 +104,9 @@ pub fn start(
         root: req.root.clone(),
         cgroup: req.cgroup.clone(),
         egress: egress.is_some(),
+        redirect: egress.as_ref().and_then(|e| e.redirect),
         writable: req.writable.clone(),
+        limits: req.limits,
     };
     let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));
     let vm = Vm::boot(setup.guest(), &spec, &dir, egress)?;

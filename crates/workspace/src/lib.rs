@@ -7,7 +7,7 @@
 //! - computes what changed from the upper layer alone ([`compute_diff`]),
 //!   with a digest of everything apply would write ([`Diff::digest`]),
 //! - presents it for review ([`Diff::render_unified`], [`Diff::render_stat`],
-//!   [`Diff::to_json`]),
+//!   [`Diff::to_json`], [`ChangeRenderer`] one change at a time),
 //! - applies it back all-or-nothing without ever writing outside the
 //!   workspace ([`apply`], [`check_apply`]),
 //! - keeps the layer on disk ([`persist_layer`]) and copies out artifacts
@@ -36,3 +36,4 @@ pub use error::{ApplyError, Refusal, RefusalReason, WorkspaceError};
 pub use fsx::MAX_DEPTH;
 pub use names::{printable, quote, quote_bytes};
 pub use persist::persist_layer;
+pub use render::ChangeRenderer;

@@ -6,7 +6,7 @@
 //! or hide lines ("Trojan Source").
 
 use std::io::{self, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -99,11 +99,9 @@ impl Diff {
     /// the diff (the sandbox rewrote it since) fails the rendering before
     /// the digest line, so the digest printed always names what was shown.
     pub fn render_unified(&self, lower: &Path, upper: &Path, out: &mut dyn Write) -> io::Result<()> {
-        let lower_fd = fsx::open_root(lower)?;
-        let upper_fd = fsx::open_layer_root(upper)?;
-        let sides = Sides { lower: lower_fd.as_fd(), upper: upper_fd.as_fd() };
+        let renderer = ChangeRenderer::open(lower, upper)?;
         for c in &self.changes {
-            render_change(&sides, c, out)?;
+            renderer.render(c, out)?;
         }
         writeln!(out, "{}", self.digest_line())
     }
@@ -154,6 +152,32 @@ impl Diff {
         }
         writeln!(out)?;
         writeln!(out, "{}", self.digest_line())
+    }
+}
+
+/// Renders one change at a time, as [`Diff::render_unified`] does for all
+/// of them: for a caller that shows each change apart (the HTML report,
+/// which highlights each file by its type and stops showing content past a
+/// budget). Holds both trees open, so every change is read from the trees
+/// the diff was computed from.
+pub struct ChangeRenderer {
+    lower: OwnedFd,
+    upper: OwnedFd,
+}
+
+impl ChangeRenderer {
+    /// Opens the two trees (the upper one without following a link at its
+    /// root, as [`Diff::render_unified`] does).
+    pub fn open(lower: &Path, upper: &Path) -> io::Result<ChangeRenderer> {
+        Ok(ChangeRenderer { lower: fsx::open_root(lower)?, upper: fsx::open_layer_root(upper)? })
+    }
+
+    /// Writes `c` as a git-style unified diff (nothing for a directory).
+    /// Fails for a new file whose bytes are no longer the ones the diff
+    /// recorded (the sandbox rewrote it since).
+    pub fn render(&self, c: &Change, out: &mut dyn Write) -> io::Result<()> {
+        let sides = Sides { lower: self.lower.as_fd(), upper: self.upper.as_fd() };
+        render_change(&sides, c, out)
     }
 }
 

@@ -163,9 +163,19 @@ fn audit_trail_records_the_life_of_a_sandbox() {
     let life: Vec<&serde_json::Value> =
         events.iter().filter(|e| !e["event"].as_str().unwrap_or_default().starts_with("process_")).collect();
     let kinds: Vec<&str> = life.iter().filter_map(|e| e["event"].as_str()).collect();
-    assert_eq!(kinds, ["created", "command_started", "exited", "diff_summary"], "{audit}");
+    assert_eq!(
+        kinds,
+        ["created", "command_started", "exited", "diff_summary", "workspace_changed"],
+        "{audit}"
+    );
     assert_eq!(life[2]["code"], 3);
     assert_eq!(life[3]["modified"], 1);
+    assert!(life[3]["digest"].as_str().unwrap().starts_with("sha256:"), "{audit}");
+    // Each changed path, with the size and hash of its new content.
+    assert_eq!(life[4]["path"], "README");
+    assert_eq!(life[4]["kind"], "modified");
+    assert_eq!(life[4]["size"], 13);
+    assert_eq!(life[4]["sha256"].as_str().unwrap().len(), 64);
     let ran = events.iter().filter(|e| e["event"] == "process_exec" && e.get("no_such_file").is_none());
     assert_eq!(ran.count(), 1, "sh, and nothing else: {audit}");
     // The resolved policy is kept beside it.

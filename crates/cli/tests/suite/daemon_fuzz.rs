@@ -91,8 +91,9 @@ fn schemathesis_installed() -> bool {
 }
 
 /// The committed document, adjusted for fuzzing on this host:
-/// - `GET /v1/events` loses its `follow` parameter: a followed stream never
-///   ends, which would only measure the request timeout;
+/// - `GET /v1/events` and `GET …/audit` lose their `follow` parameter: a
+///   followed stream never ends, which would only measure the request
+///   timeout;
 /// - `GET …/files/watch` is left out: a watch streams until its client
 ///   goes away;
 /// - the workspace of `POST /v1/sandboxes` and `POST /vm` is the test's
@@ -105,6 +106,10 @@ fn fuzzing_document(workspace: &Path) -> Value {
     let before = params.len();
     params.retain(|p| p["name"] != "follow");
     assert_eq!(params.len() + 1, before, "no follow parameter on GET /v1/events: update this test");
+    let params = doc["paths"]["/v1/sandboxes/{name}/audit"]["get"]["parameters"].as_array_mut().unwrap();
+    let before = params.len();
+    params.retain(|p| p["name"] != "follow");
+    assert_eq!(params.len() + 1, before, "no follow parameter on GET …/audit: update this test");
     // The Upgrade form switches the connection away from HTTP: not for a
     // fuzzer that expects an HTTP answer to each request (daemon_attach
     // tests it).

@@ -663,7 +663,13 @@ fn a_microvm_guest_reaches_allowed_hosts_only_through_the_same_proxy() {
     let server = EchoServer::http();
     let after = EchoServer::http();
     let p = server.port;
-    let policy = write_policy(&env, "microvm-dev.toml", &format!("extends = \"dev\"\n{MICROVM_POLICY}"));
+    // The opaque guest: without transparent egress nothing is redirected
+    // (with it, `suite::transparent_vm`).
+    let policy = write_policy(
+        &env,
+        "microvm-dev.toml",
+        &format!("extends = \"dev\"\n[network]\ntransparent = false\n{MICROVM_POLICY}"),
+    );
     let allow = format!("127.0.0.1:{p}");
     let allow_after = format!("127.0.0.1:{}", after.port);
     let upload = "u".repeat(1000);

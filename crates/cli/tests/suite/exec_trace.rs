@@ -133,10 +133,11 @@ fn every_exec_appears_once_with_its_parent_and_its_end() {
     let o = env.airlock(["audit", "tree"]).output().unwrap();
     let text = stdout(&o);
     assert!(
-        text.lines().any(|l| l.contains("exec ") && l.contains("/bin/echo argv: /bin/echo background-after")),
+        text.lines()
+            .any(|l| l.contains("process_exec ") && l.contains("/bin/echo: /bin/echo background-after in /")),
         "{text}"
     );
-    assert!(text.lines().any(|l| l.contains("exit ") && l.contains("code 7")), "{text}");
+    assert!(text.lines().any(|l| l.contains("process_exit ") && l.contains("code 7")), "{text}");
 }
 
 #[test]
@@ -186,7 +187,11 @@ fn an_exec_flood_is_summarized_while_the_supervisor_keeps_answering() {
     let per_second = summaries[0]["itemized_per_second"].as_u64().unwrap();
     assert!(itemized <= per_second * (summaries.len() as u64 + 2), "{itemized} itemized");
     let o = env.airlock(["audit", "flood"]).output().unwrap();
-    assert!(stdout(&o).lines().any(|l| l.contains("execs ") && l.contains("/bin/true ×")), "{}", show(&o));
+    assert!(
+        stdout(&o).lines().any(|l| l.contains("process_exec_summary") && l.contains("/bin/true ×")),
+        "{}",
+        show(&o)
+    );
     // The exec that ran meanwhile is in the timeline too (or counted).
     let meanwhile = execs_of(&records, "/bin/echo").len();
     let echo_counted: u64 = summaries
@@ -223,7 +228,10 @@ fn hostile_arguments_are_recorded_exactly_cut_and_shown_escaped() {
 
     let o = env.airlock(["audit", "hostile"]).output().unwrap();
     let text = stdout(&o);
-    let line = text.lines().find(|l| l.contains("/bin/echo argv:")).unwrap_or_else(|| panic!("{text}"));
+    let line = text
+        .lines()
+        .find(|l| l.contains("process_exec ") && l.contains("/bin/echo: "))
+        .unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains(r#""\377\376""#), "{line}");
     assert!(line.contains(r#""\033[2J\r\nforged line""#), "{line}");
     assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");

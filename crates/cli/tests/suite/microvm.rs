@@ -1284,6 +1284,269 @@ fn an_overlay_workspace_in_a_microvm_is_reviewed_and_applied_as_the_process_tier
     assert!(qemus_of(supervisor).is_empty(), "QEMU outlived its sandbox");
 }
 
+/// `airlock run` at a terminal (script(1) makes one), as the process tier's
+/// `lifecycle::a_terminal_gets_a_fresh_pty_inside`: the command gets a
+/// terminal of its own in the guest (from the guest's devpts) of the
+/// caller's size, which follows the caller's changes; the caller's terminal
+/// is in raw mode meanwhile and restored after; the exit code is the
+/// command's. The same run's artifacts are captured from its overlay
+/// workspace as a process-tier run's (one boot for both).
+#[test]
+fn a_run_at_a_terminal_gets_one_in_the_guest_and_its_artifacts_are_captured() {
+    if !ready()
+        || !require(Command::new("script").arg("--version").output().is_ok(), "script(1) from util-linux")
+    {
+        return;
+    }
+    let env = Env::new();
+    let policy = emulation_policy(&env);
+    // In the workspace, where the command starts: no quoting through two shells.
+    std::fs::write(
+        env.workspace.join("guest.sh"),
+        "tty; stty size; test -t 0 && echo stdin-is-tty\n\
+         n=0; while [ \"$(stty size)\" = \"41 123\" ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n+1)); done\n\
+         echo \"resized to $(stty size)\"\n\
+         mkdir -p out && echo '<testsuite/>' > out/junit-report.xml\n\
+         exit 5\n",
+    )
+    .unwrap();
+    // The caller's terminal changes size once the guest has shown the first
+    // (the test writes to this FIFO then); it then gets SIGWINCH.
+    let resize = env.dir.path().join("resize");
+    let made = Command::new("mkfifo").arg(&resize).status().unwrap();
+    assert!(made.success());
+    let command = format!(
+        "stty rows 41 cols 123; before=$(stty -g); \
+         (read go < {resize}; stty rows 50 cols 100 < /dev/tty) & \
+         {BIN} run --policy {policy} --name term -- sh guest.sh; echo \"code=$?\"; \
+         [ \"$before\" = \"$(stty -g)\" ] && echo restored",
+        resize = resize.display(),
+        policy = policy.display(),
+    );
+    let mut script = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("AIRLOCK_STATE_DIR", &env.state)
+        .env("AIRLOCK_CGROUP_PARENT", cgroup_parent())
+        .env("AIRLOCK_SOCKET", env.dir.path().join("no-daemon.sock"))
+        .env("AIRLOCK_VM_CACHE", shared_cache())
+        .current_dir(&env.workspace)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let (seen, mut out) = (seen.clone(), script.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let shown = wait_until(300, || text().contains("41 123") || script.try_wait().unwrap().is_some())
+        && text().contains("41 123");
+    // Wakes the resizer if it still waits (not when the run ended early:
+    // non-blocking, so nothing hangs without a reader).
+    use rustix::fs::{Mode, OFlags};
+    if let Ok(fifo) = rustix::fs::open(&resize, OFlags::WRONLY | OFlags::NONBLOCK, Mode::empty()) {
+        let _ = rustix::io::write(&fifo, b"go\n");
+    }
+    let status = script.wait().unwrap();
+    reader.join().unwrap();
+    let out = text();
+    let mut stderr_text = String::new();
+    std::io::Read::read_to_string(&mut script.stderr.take().unwrap(), &mut stderr_text).unwrap();
+    let context = format!("status {status:?}\n--- output\n{out}\n--- stderr\n{stderr_text}");
+    assert!(shown, "the guest never showed the caller's size: {context}");
+    assert!(out.contains("/dev/pts/"), "a terminal of the guest's devpts: {context}");
+    assert!(out.contains("stdin-is-tty"), "{context}");
+    assert!(out.contains("resized to 50 100"), "the size change reached the guest: {context}");
+    assert!(out.contains("code=5"), "the command's exit code: {context}");
+    assert!(out.contains("restored"), "the caller's terminal was left changed: {context}");
+    // The listing: a microVM run that kept its workspace (exit 5: ci keeps it).
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout(&airlock_vm(&env, &shared_cache(), &["ls", "--json"]))).unwrap();
+    assert_eq!((listed[0]["tier"].as_str(), listed[0]["exit"]["code"].as_i64()), (Some("microvm"), Some(5)));
+    // Its output went to its log too, as the process tier's terminal does.
+    let logs = airlock_vm(&env, &shared_cache(), &["logs", "term"]);
+    assert!(stdout(&logs).contains("stdin-is-tty"), "{}", show(&logs));
+    let captured = env.sandbox_dir("term").join("artifacts/out/junit-report.xml");
+    assert_eq!(std::fs::read_to_string(&captured).unwrap_or_default(), "<testsuite/>\n", "{context}");
+    let audit = std::fs::read_to_string(env.sandbox_dir("term").join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"artifacts_captured\"") && audit.contains("out/junit-report.xml"), "{audit}");
+    // The workspace on the host is untouched.
+    assert!(!env.workspace.join("out").exists());
+}
+
+/// Reads one of the workload cgroup's files in sandbox `name` with shell
+/// builtins only (which need no new process: the workload may be at its
+/// pids limit).
+fn workload_file(env: &Env, name: &str, file: &str) -> String {
+    let script = format!("read v < /sys/fs/cgroup/workload/{file}; echo \"$v\"");
+    let out = airlock_vm(env, &shared_cache(), &["exec", name, "--", "sh", "-c", &script]);
+    assert!(out.status.success(), "{}", show(&out));
+    stdout(&out).trim().to_owned()
+}
+
+/// The policy's limits inside the guest, which QEMU's cgroup on the host
+/// cannot give: what the agent starts is in a cgroup of the guest's own
+/// with `limits.pids` and the memory the guest can spare beside its agent,
+/// so a fork bomb ends at the limit and an OOM kills a process, not the
+/// agent, and the sandbox stays usable after both; the guest's writable
+/// places are one tmpfs of `limits.disk`, so filling it is ENOSPC. The
+/// same guest's artifacts are captured when it stops.
+#[test]
+fn the_policys_limits_hold_inside_a_microvm_and_it_stays_usable() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = env.dir.path().join("limits.toml");
+    std::fs::write(
+        &policy,
+        "extends = \"ci\"\n[isolation]\ntier = \"microvm\"\nallow_weaker = [\"kvm\"]\n\
+         [limits]\ntimeout = \"10m\"\ncpus = 1\nmemory = \"512M\"\npids = 64\ndisk = \"64M\"\n",
+    )
+    .unwrap();
+    let created = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "create",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--name",
+            "lim",
+            "--workspace",
+            env.workspace.to_str().unwrap(),
+        ],
+    );
+    assert!(created.status.success(), "{}", show(&created));
+
+    // Where the limits are: the exec's own cgroup, read-only to it.
+    let seen = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "exec",
+            "lim",
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/self/cgroup /sys/fs/cgroup/workload/pids.max /sys/fs/cgroup/workload/memory.max; \
+             df -k / /tmp /dev/shm | tail -n +2 | awk '{print $2}'; \
+             echo max > /sys/fs/cgroup/workload/pids.max || echo read-only",
+        ],
+    );
+    assert!(seen.status.success(), "{}", show(&seen));
+    let text = stdout(&seen);
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    assert_eq!(lines.first().copied(), Some("0::/workload"), "{}", show(&seen));
+    assert_eq!(lines.get(1).copied(), Some("64"), "pids.max is the policy's: {}", show(&seen));
+    let memory_max: u64 = lines[2].parse().unwrap();
+    assert!(
+        (256 << 20..512 << 20).contains(&memory_max),
+        "memory.max below the guest's 512 MiB, with room for the agent: {memory_max}"
+    );
+    // One tmpfs of limits.disk for the root (/tmp with it) and /dev/shm.
+    assert_eq!(&lines[3..6], ["65536", "65536", "65536"], "{}", show(&seen));
+    assert_eq!(lines.last().copied(), Some("read-only"), "{}", show(&seen));
+    // An exec as another user moves in too (the move is checked against
+    // the credentials of whoever opened cgroup.procs: the guest's PID 1),
+    // and may write the guest's /tmp.
+    let other = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "exec",
+            "--user",
+            "1000:1000",
+            "lim",
+            "--",
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/cgroup; echo x > /tmp/mine",
+        ],
+    );
+    assert_eq!(stdout(&other), "1000\n0::/workload\n", "{}", show(&other));
+    assert!(other.status.success(), "{}", show(&other));
+
+    // Writing past limits.disk outside the workspace: ENOSPC, and the
+    // sandbox goes on.
+    let filled = airlock_vm(
+        &env,
+        &cache,
+        &[
+            "exec",
+            "lim",
+            "--",
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/tmp/fill bs=1M count=100; e=$?; rm /tmp/fill; exit $e",
+        ],
+    );
+    assert_ne!(filled.status.code(), Some(0), "{}", show(&filled));
+    assert!(stderr(&filled).contains("No space left on device"), "{}", show(&filled));
+
+    // More memory than the guest has: the process is killed, not the agent.
+    let hog = "a = []\nwhile True: a.append(bytearray(b'x') * (16 << 20))\n";
+    let oom = airlock_vm(&env, &cache, &["exec", "lim", "--", "python3", "-c", hog]);
+    assert_eq!(oom.status.code(), Some(128 + 9), "{}", show(&oom));
+    let events =
+        airlock_vm(&env, &cache, &["exec", "lim", "--", "cat", "/sys/fs/cgroup/workload/memory.events"]);
+    let kills = stdout(&events)
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(kills >= 1, "the kill was the workload cgroup's: {}", show(&events));
+
+    // A fork bomb ends at the limit; execs work during it (started by the
+    // agent, outside the limit, and moved in) and after it.
+    let bomb = airlock_vm(
+        &env,
+        &cache,
+        &["exec", "--timeout", "60s", "lim", "--", "sh", "-c", "b() { b | b & }; b; wait"],
+    );
+    // Its shell returns at once (its children go on); served, not an
+    // airlock failure.
+    assert!(bomb.status.code().is_some_and(|c| c != 125), "{}", show(&bomb));
+    assert!(
+        wait_until(180, || workload_file(&env, "lim", "pids.current").parse::<u64>().is_ok_and(|n| n <= 1)),
+        "the bomb's processes did not end"
+    );
+    let events = workload_file(&env, "lim", "pids.events");
+    let refused: u64 = events.strip_prefix("max ").and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(refused > 0, "no fork was refused at the limit: {events}");
+    let peak: u64 = workload_file(&env, "lim", "pids.peak").parse().unwrap();
+    // An exec moved in at the limit may pass it by one or two.
+    assert!((60..=68).contains(&peak), "pids.peak {peak}");
+    let after = airlock_vm(&env, &cache, &["exec", "lim", "--", "sh", "-c", "echo $(echo forked)"]);
+    assert_eq!(stdout(&after), "forked\n", "{}", show(&after));
+
+    // Artifacts: written in the workspace, captured when the sandbox stops.
+    let wrote = airlock_vm(
+        &env,
+        &cache,
+        &["exec", "lim", "--", "sh", "-c", "mkdir -p test-results && echo ok > test-results/r.txt"],
+    );
+    assert!(wrote.status.success(), "{}", show(&wrote));
+    let stopped = airlock_vm(&env, &cache, &["stop", "lim"]);
+    assert!(stopped.status.success(), "{}", show(&stopped));
+    let captured = env.sandbox_dir("lim").join("artifacts/test-results/r.txt");
+    assert_eq!(std::fs::read_to_string(&captured).unwrap_or_default(), "ok\n");
+    assert!(!env.workspace.join("test-results").exists());
+    let removed = airlock_vm(&env, &cache, &["rm", "lim"]);
+    assert!(removed.status.success(), "{}", show(&removed));
+}
+
 /// The process ids of the one virtiofsd serving `dir`, and its status.
 fn virtiofsd_serving(dir: &Path) -> (i32, String) {
     let pids = pids_running(&format!("source={}", dir.display()));

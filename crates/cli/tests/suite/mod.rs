@@ -1,11 +1,13 @@
 pub mod support;
 
+mod audit;
 mod cgroup_v2;
 mod cli;
 mod cli_daemon;
 mod create_errors;
 mod daemon;
 mod daemon_attach;
+mod daemon_audit;
 mod daemon_files;
 mod daemon_flood;
 mod daemon_fuzz;
@@ -20,9 +22,11 @@ mod launch_undo;
 mod lifecycle;
 mod longlived;
 mod microvm;
+mod report;
 mod rootless;
 mod security;
 mod startup_work;
 mod transparent;
+mod transparent_vm;
 mod vm_compat;
 mod workspace;

@@ -23,25 +23,29 @@ use super::egress::{EchoServer, event, is, net_log, secret_value, section, test_
 use super::support::*;
 
 /// The allowed names: one intercepted (it has a secret), one tunnelled.
-const SECRET_HOST: &str = "api.example.com";
-const TUNNEL_HOST: &str = "www.example.org";
+pub(crate) const SECRET_HOST: &str = "api.example.com";
+pub(crate) const TUNNEL_HOST: &str = "www.example.org";
 /// A name the policy does not allow.
-const DENIED_HOST: &str = "denied.example.net";
+pub(crate) const DENIED_HOST: &str = "denied.example.net";
 /// The raw socket's allowed and refused ports on the server's address.
-const RAW_PORT: u16 = 7000;
-const DENIED_PORT: u16 = 7001;
+pub(crate) const RAW_PORT: u16 = 7000;
+pub(crate) const DENIED_PORT: u16 = 7001;
+/// A database-like server on an allowed name: it speaks first, then
+/// echoes a binary message (no TLS, no HTTP).
+const OPAQUE_PORT: u16 = 5432;
+const OPAQUE_BANNER: &[u8] = b"db ready\n";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A network namespace with a veth pair to the host and routes to its
 /// addresses; all of it removed on drop.
-struct TestNet {
+pub(crate) struct TestNet {
     ns: String,
     host_if: String,
     /// The hosts' address (servers listen here).
-    server: Ipv4Addr,
+    pub(crate) server: Ipv4Addr,
     /// An address with a DNS server on it, which the sandbox must never reach.
-    resolver: Ipv4Addr,
+    pub(crate) resolver: Ipv4Addr,
     routes: Vec<String>,
 }
 
@@ -52,7 +56,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 impl TestNet {
     /// None (skipped, or a failure under CI) without root or `ip`.
-    fn new() -> Option<TestNet> {
+    pub(crate) fn new() -> Option<TestNet> {
         if !require(is_root(), "root, to create a network namespace and a veth pair")
             || !require(Path::new("/usr/sbin/ip").exists() || Path::new("/sbin/ip").exists(), "ip (iproute2)")
         {
@@ -190,26 +194,39 @@ impl Drop for TestNet {
 
 /// The servers: HTTPS on 443 (a leaf for both allowed names), HTTP on 80
 /// and on [`RAW_PORT`], and a UDP socket on the outside resolver's port 53.
-struct Servers {
-    https: EchoServer,
-    http: EchoServer,
-    raw: EchoServer,
-    dns: UdpSocket,
-    ca_pem: String,
+pub(crate) struct Servers {
+    pub(crate) https: EchoServer,
+    pub(crate) http: EchoServer,
+    pub(crate) raw: EchoServer,
+    pub(crate) dns: UdpSocket,
+    pub(crate) ca_pem: String,
 }
 
-fn start_servers(net: &TestNet) -> Servers {
+pub(crate) fn start_servers(net: &TestNet) -> Servers {
     let tls = test_tls_for(&[SECRET_HOST, TUNNEL_HOST], &[IpAddr::V4(net.server)]);
     let (server, resolver) = (net.server, net.resolver);
-    let (l443, l80, lraw, dns) = net.enter(|| {
+    let (l443, l80, lraw, lopaque, dns) = net.enter(|| {
         (
             TcpListener::bind((server, 443)).unwrap(),
             TcpListener::bind((server, 80)).unwrap(),
             TcpListener::bind((server, RAW_PORT)).unwrap(),
+            TcpListener::bind((server, OPAQUE_PORT)).unwrap(),
             UdpSocket::bind((resolver, 53)).unwrap(),
         )
     });
     dns.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut conn in lopaque.incoming().flatten() {
+            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+            let mut buf = [0u8; 64];
+            if conn.write_all(OPAQUE_BANNER).is_ok()
+                && let Ok(n) = conn.read(&mut buf)
+            {
+                let _ = conn.write_all(&buf[..n]);
+            }
+        }
+    });
     Servers {
         https: EchoServer::serve_on(l443, Some(tls.server.clone())),
         http: EchoServer::serve_on(l80, None),
@@ -222,12 +239,12 @@ fn start_servers(net: &TestNet) -> Servers {
 /// The test policy: the two names, the server's address on the ports used
 /// (documentation space needs the address and port named), the test CA
 /// for upstream TLS, and a secret for [`SECRET_HOST`].
-fn policy_text(net: &TestNet, ca: &Path) -> String {
+pub(crate) fn policy_text(net: &TestNet, ca: &Path) -> String {
     let s = net.server;
     format!(
         "extends = \"dev\"\n\
          [network]\ntransparent = true\n\
-         allow = [\"{SECRET_HOST}\", \"{TUNNEL_HOST}\", \"{s}:443\", \"{s}:80\", \"{s}:{RAW_PORT}\"]\n\
+         allow = [\"{SECRET_HOST}\", \"{TUNNEL_HOST}\", \"{s}:443\", \"{s}:80\", \"{s}:{RAW_PORT}\", \"{s}:{OPAQUE_PORT}\"]\n\
          extra_roots = [{ca:?}]\n\
          [secrets.EXAMPLE_TOKEN]\nfrom = \"env:EXAMPLE_TOKEN\"\nhosts = [\"{SECRET_HOST}\"]\n"
     )
@@ -236,7 +253,7 @@ fn policy_text(net: &TestNet, ca: &Path) -> String {
 /// `airlock run` in a mount namespace of its own where /etc/hosts names
 /// the test's hosts: the egress proxy (airlock's child) resolves them
 /// there, and nothing else on the machine sees that file.
-fn run_with_hosts(env: &Env, net: &TestNet, args: &[&str], vars: &[(&str, &str)]) -> Output {
+pub(crate) fn run_with_hosts(env: &Env, net: &TestNet, args: &[&str], vars: &[(&str, &str)]) -> Output {
     let hosts = env.dir.path().join("test-hosts");
     std::fs::write(&hosts, format!("127.0.0.1 localhost\n{} {SECRET_HOST} {TUNNEL_HOST}\n", net.server))
         .unwrap();
@@ -261,7 +278,7 @@ fn run_with_hosts(env: &Env, net: &TestNet, args: &[&str], vars: &[(&str, &str)]
 /// Node's fetch, with the proxy variables removed so that only the
 /// transparent path can carry it (newer Node versions honour them), and
 /// the test CA trusted beside the sandbox's bundle.
-const NODE: &str = r#"
+pub(crate) const NODE: &str = r#"
 const token = process.env.EXAMPLE_TOKEN;
 const cases = [
   ["https-tunnel", "https://www.example.org/tunnel", {}],
@@ -283,9 +300,12 @@ const cases = [
 })();
 "#;
 
-/// A raw socket to an allowed and a refused port, a DNS query to an
-/// outside resolver, UDP and ICMP: what each got, and how fast.
-const PYTHON: &str = r#"
+/// What a program that knows nothing of proxies gets, in either tier: a raw
+/// socket to an allowed and a refused port (with and without having sent
+/// anything: a refusal is a reset, never an orderly end), DNS over UDP and
+/// TCP to an outside resolver, other UDP and ICMP; with a name and port,
+/// a protocol that names no server to a server that speaks first.
+pub(crate) const PYTHON: &str = r#"
 import errno, socket, struct, sys, time
 server, resolver = sys.argv[1], sys.argv[2]
 raw, denied = int(sys.argv[3]), int(sys.argv[4])
@@ -302,24 +322,53 @@ def http(port):
     s = socket.create_connection((server, port), timeout=5)
     s.sendall(b"GET /raw HTTP/1.0\r\nHost: " + server.encode() + b"\r\n\r\n")
     data = s.recv(4096)
-    if not data:
-        raise OSError(errno.ECONNRESET, "closed")
-    return data.split(b"\r\n")[0].decode()
+    return data.split(b"\r\n")[0].decode() if data else "closed"
 timed("raw", lambda: http(raw))
 timed("denied-port", lambda: http(denied))
 
-def query(name):
+def silent(port):
+    s = socket.create_connection((server, port), timeout=5)
+    data = s.recv(16)
+    return repr(data) if data else "closed"
+timed("denied-silent", lambda: silent(denied))
+
+def opaque(name, port):
+    s = socket.create_connection((name, port), timeout=5)
+    banner = s.recv(64)
+    s.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")
+    echo = s.recv(64)
+    return f"{banner.decode().strip()} {echo.hex()}"
+if len(sys.argv) > 6:
+    timed("opaque-name", lambda: opaque(sys.argv[5], int(sys.argv[6])))
+
+def exactly(s, n):
+    data = b""
+    while len(data) < n:
+        more = s.recv(n - len(data))
+        if not more:
+            raise OSError(errno.ECONNRESET, "closed")
+        data += more
+    return data
+
+def query(name, tcp=False):
     q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
     q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(3)
-    s.sendto(q, (resolver, 53))
-    data, frm = s.recvfrom(512)
+    if tcp:
+        s = socket.create_connection((resolver, 53), timeout=5)
+        s.sendall(struct.pack("!H", len(q)) + q)
+        data = exactly(s, struct.unpack("!H", exactly(s, 2))[0])
+        frm = s.getpeername()
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        s.sendto(q, (resolver, 53))
+        data, frm = s.recvfrom(512)
     rcode = data[3] & 0xf
     answer = socket.inet_ntoa(data[-4:]) if struct.unpack("!H", data[6:8])[0] else "-"
     return f"from={frm[0]}:{frm[1]} rcode={rcode} answer={answer}"
 timed("dns-outside", lambda: query("www.example.org"))
 timed("dns-denied", lambda: query("denied.example.net"))
+timed("dns-tcp", lambda: query("www.example.org", tcp=True))
 
 def udp():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -338,17 +387,17 @@ timed("ping-raw", lambda: icmp(socket.SOCK_RAW))
 "#;
 
 /// The one outcome line for `label`.
-fn outcome<'a>(out: &'a str, label: &str) -> &'a str {
+pub(crate) fn outcome<'a>(out: &'a str, label: &str) -> &'a str {
     let prefix = format!("{label}=");
     out.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {label}= in:\n{out}"))
 }
 
 /// Seconds a probe took (its last word).
-fn took(line: &str) -> f64 {
+pub(crate) fn took(line: &str) -> f64 {
     line.rsplit(' ').next().and_then(|t| t.strip_suffix('s')).and_then(|t| t.parse().ok()).unwrap_or(f64::MAX)
 }
 
-fn transparent_events<'a>(log: &'a [Value], host: &str, port: u16) -> Vec<&'a Value> {
+pub(crate) fn transparent_events<'a>(log: &'a [Value], host: &str, port: u16) -> Vec<&'a Value> {
     log.iter().filter(|e| is(e, "via", "transparent") && is(e, "host", host) && is(e, "port", port)).collect()
 }
 
@@ -380,7 +429,7 @@ fn programs_that_ignore_the_proxy_get_the_policy() {
          sec node; cat /run/airlock/ca-bundle.pem test-ca.pem > /tmp/ca.pem; \
          env -u NODE_USE_ENV_PROXY -u HTTP_PROXY -u http_proxy -u HTTPS_PROXY -u https_proxy -u ALL_PROXY -u all_proxy \
            NODE_EXTRA_CA_CERTS=/tmp/ca.pem node fetch.js; \
-         sec python; python3 probe.py {} {} {RAW_PORT} {DENIED_PORT}; \
+         sec python; python3 probe.py {} {} {RAW_PORT} {DENIED_PORT} {TUNNEL_HOST} {OPAQUE_PORT}; \
          sec end",
         net.server, net.resolver
     );
@@ -417,6 +466,14 @@ fn programs_that_ignore_the_proxy_get_the_policy() {
 
     let python = section(&out, "python");
     assert!(outcome(python, "raw").starts_with("ok HTTP/1.1 200 OK"), "{}", show(&o));
+    // A server that speaks first, on an allowed name, with a protocol
+    // that names no server: its banner and its echo pass.
+    assert_eq!(
+        outcome(python, "opaque-name").rsplit_once(' ').unwrap().0,
+        "ok db ready 0000000804d2162f",
+        "{}",
+        show(&o)
+    );
     let denied = outcome(python, "denied-port");
     assert!(denied.starts_with("failed ECONNRESET"), "{}", show(&o));
     assert!(took(denied) < 2.0, "the refused port was not reset at once\n{}", show(&o));

@@ -171,17 +171,6 @@ impl ProcessExec {
             ..self
         }
     }
-
-    pub(crate) fn redacted(mut self, secrets: &[(String, Vec<u8>)]) -> ProcessExec {
-        if secrets.is_empty() {
-            return self;
-        }
-        let clean = |c: Claimed| Claimed(airlock_egress::redact::redact_all(&c.0, secrets));
-        self.path = self.path.map(clean);
-        self.cwd = self.cwd.map(clean);
-        self.argv = self.argv.into_iter().map(clean).collect();
-        self
-    }
 }
 
 /// A process whose exec was recorded has ended.
@@ -234,13 +223,6 @@ impl ProcessExecSummary {
         self.programs.truncate(16);
         for p in &mut self.programs {
             p.path = recap(std::mem::take(&mut p.path));
-        }
-        self
-    }
-
-    pub(crate) fn redacted(mut self, secrets: &[(String, Vec<u8>)]) -> ProcessExecSummary {
-        for p in &mut self.programs {
-            p.path = Claimed(airlock_egress::redact::redact_all(&p.path.0, secrets));
         }
         self
     }
@@ -298,22 +280,32 @@ mod tests {
     }
 
     #[test]
-    fn secret_values_are_redacted_from_what_was_claimed() {
+    fn the_audit_log_redacts_secret_values_from_what_was_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
         let secrets = vec![("TOKEN".to_string(), b"s3cr3t-value".to_vec())];
+        let mut log = crate::audit::AuditLog::open(&path).unwrap().redacting(&secrets);
         let exec = ProcessExec {
             at: String::new(),
             pid: 3,
             ppid: 1,
             syscall: "execve".into(),
             path: Some("/usr/bin/curl".into()),
-            argv: vec!["curl".into(), "-H".into(), "Authorization: Bearer s3cr3t-value".into()],
+            argv: vec![
+                "curl".into(),
+                "Authorization: Bearer s3cr3t-value".into(),
+                Claimed(b"\xff s3cr3t-value".to_vec()),
+            ],
             argc: 3,
             cwd: Some("/work/s3cr3t-value".into()),
             unreadable: None,
             no_such_file: false,
-        }
-        .redacted(&secrets);
-        let json = serde_json::to_string(&exec).unwrap();
-        assert!(!json.contains("s3cr3t-value"), "{json}");
+        };
+        log.record(crate::audit::AuditEvent::ProcessExec(exec)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("s3cr3t-value"), "{text}");
+        let hex: String = b"s3cr3t-value".iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!text.contains(&hex), "{text}");
+        assert!(text.contains("[REDACTED:TOKEN]"), "{text}");
     }
 }

@@ -293,16 +293,12 @@ impl Drop for ExecTracer {
     }
 }
 
-/// What the supervisor records of a notice: events redacted (an argument
-/// can carry a secret value the sandbox got echoed back), the listener's
-/// end as `exec_trace_ended`.
-pub(crate) fn audit_event(notice: TraceNotice, secrets: &[(String, Vec<u8>)]) -> AuditEvent {
+/// What the supervisor records of a notice (the audit log redacts secret
+/// values from it): the listener's events as they are, its end as
+/// `exec_trace_ended`.
+pub(crate) fn audit_event(notice: TraceNotice) -> AuditEvent {
     match notice {
-        TraceNotice::Event(event) => match *event {
-            AuditEvent::ProcessExec(e) => AuditEvent::ProcessExec(e.redacted(secrets)),
-            AuditEvent::ProcessExecSummary(s) => AuditEvent::ProcessExecSummary(s.redacted(secrets)),
-            other => other,
-        },
+        TraceNotice::Event(event) => *event,
         TraceNotice::Ended { status } => {
             let how = crate::proxy_process::describe(&status);
             tracing::error!("the exec trace ended ({how}); the sandbox's execs fail from now on");

@@ -1,6 +1,7 @@
 //! The handlers, one file per resource. Each turns a request into calls on
 //! the runtime (on a blocking thread) and the result into JSON.
 
+pub mod audit;
 pub mod compat;
 pub mod events;
 pub mod exec;

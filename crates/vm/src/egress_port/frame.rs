@@ -2,9 +2,12 @@
 //! and at most [`MAX_DATA`] bytes of payload. The host reads them from a
 //! guest it does not trust, so a frame is checked before anything is
 //! allocated for it: an unknown kind or a length its kind does not allow
-//! ends the channel (a byte stream cannot be resynchronised).
+//! ends the channel (a byte stream cannot be resynchronised), and so does
+//! an open that says nothing the host knows.
 
 use std::io::{self, Read, Write};
+
+use airlock_proto::handover::{HandOver, MAX_HANDOVER};
 
 /// The most payload one data frame carries.
 pub const MAX_DATA: usize = 16 * 1024;
@@ -22,9 +25,11 @@ const HEADER: usize = 9;
 /// One frame of the egress port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// Guest → host: a connection was accepted on the port `tag` names
-    /// (the process tier's hand-over tags: `h` HTTP proxy, `s` SOCKS).
-    Open { id: u32, tag: u8 },
+    /// Guest → host: a connection was accepted, and what it is: the
+    /// process tier's hand-over message (which listener took it and, for
+    /// a redirected connection, where the guest's program sent it), at most
+    /// [`MAX_HANDOVER`] bytes.
+    Open { id: u32, to: HandOver },
     /// Bytes of connection `id`, in order; never empty.
     Data { id: u32, data: Vec<u8> },
     /// The receiver consumed `credit` more bytes of `id`: the sender may
@@ -49,13 +54,19 @@ pub enum FrameError {
     UnknownKind(u8),
     #[error("egress port: frame of kind {kind} with a length of {len}, which that kind does not allow")]
     BadLength { kind: u8, len: u32 },
+    #[error("egress port: an open of no known form")]
+    BadOpen,
 }
 
 impl Frame {
     /// The frame as bytes on the port.
     pub fn encode(&self) -> Vec<u8> {
+        let open;
         let (kind, id, len, payload): (u8, u32, u32, &[u8]) = match self {
-            Frame::Open { id, tag } => (OPEN, *id, 1, std::slice::from_ref(tag)),
+            Frame::Open { id, to } => {
+                open = to.encode();
+                (OPEN, *id, open.len() as u32, &open)
+            }
             Frame::Data { id, data } => (DATA, *id, data.len() as u32, data),
             Frame::Window { id, credit } => (WINDOW, *id, *credit, &[]),
             Frame::Eof { id } => (EOF, *id, 0, &[]),
@@ -98,7 +109,10 @@ impl Frame {
             Ok(data)
         };
         Ok(Some(match kind {
-            OPEN if len == 1 => Frame::Open { id, tag: payload(1)?[0] },
+            OPEN if len >= 1 && len as usize <= MAX_HANDOVER => {
+                let to = HandOver::decode(&payload(len)?).ok_or(FrameError::BadOpen)?;
+                Frame::Open { id, to }
+            }
             DATA if len >= 1 && len as usize <= MAX_DATA => Frame::Data { id, data: payload(len)? },
             WINDOW if len >= 1 => Frame::Window { id, credit: len },
             EOF if len == 0 => Frame::Eof { id },
@@ -119,7 +133,16 @@ mod tests {
     #[test]
     fn every_frame_survives_the_round_trip() {
         let frames = [
-            Frame::Open { id: 7, tag: b'h' },
+            Frame::Open { id: 7, to: HandOver::Http },
+            Frame::Open {
+                id: 8,
+                to: HandOver::Transparent { destination: "203.0.113.9:22".parse().unwrap() },
+            },
+            Frame::Open {
+                id: 9,
+                to: HandOver::Transparent { destination: "[2001:db8::7]:443".parse().unwrap() },
+            },
+            Frame::Open { id: 10, to: HandOver::DnsStream },
             Frame::Data { id: u32::MAX, data: vec![1, 2, 3] },
             Frame::Data { id: 1, data: vec![0xAB; MAX_DATA] },
             Frame::Window { id: 3, credit: 65_536 },
@@ -148,7 +171,8 @@ mod tests {
             (DATA, u32::MAX),
             (DATA, MAX_DATA as u32 + 1),
             (DATA, 0),
-            (OPEN, 2),
+            (OPEN, 0),
+            (OPEN, MAX_HANDOVER as u32 + 1),
             (EOF, 1),
             (RESET, 4),
             (WINDOW, 0),
@@ -161,6 +185,14 @@ mod tests {
         }
         let err = Frame::read_from(&mut &header(0x42, 0)[..]).unwrap_err();
         assert!(matches!(err, FrameError::UnknownKind(0x42)), "{err}");
+        // An open whose payload is no hand-over: a tag nobody knows, an
+        // address of the wrong length.
+        for payload in [&b"x"[..], b"hh", &[b't', 4, 203, 0, 113, 9, 0]] {
+            let mut bytes = header(OPEN, payload.len() as u32);
+            bytes.extend_from_slice(payload);
+            let err = Frame::read_from(&mut &bytes[..]).unwrap_err();
+            assert!(matches!(err, FrameError::BadOpen), "{payload:?}: {err}");
+        }
         // Cut inside a header or a payload: an error, not a clean end.
         assert!(Frame::read_from(&mut &header(DATA, 5)[..4]).is_err());
         assert!(Frame::read_from(&mut &header(DATA, 5)[..]).is_err());

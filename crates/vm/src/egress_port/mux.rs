@@ -1,7 +1,8 @@
 //! Many TCP connections over one virtio-serial port, both ends the same
 //! code: the guest opens connections (one per connection accepted on its
-//! proxy ports), the host accepts them (one socket pair each, handed to the
-//! egress proxy).
+//! proxy ports, or redirected to its transparent and DNS listeners, or per
+//! DNS datagram), each open saying what it is; the host accepts them (one
+//! socket pair each, handed to the egress proxy with that meaning).
 //!
 //! Each connection has its own window: a sender may have at most
 //! [`Limits::window`] bytes of a connection that the receiver has not yet
@@ -14,6 +15,13 @@
 //! (more than its window, an id it may not use) gets that connection reset;
 //! a frame that cannot be decoded ends the port.
 //!
+//! A connection ended abnormally — a reset from the other end, a socket
+//! error, the port gone — is aborted: a TCP socket (the guest's clients)
+//! with a reset, so a program inside fails at once with ECONNRESET as it
+//! would in the process tier. On the host, a proxy that closes its end
+//! whole without having sent a byte (what a refusal looks like over a
+//! socket pair, which carries no reset) resets the guest's connection.
+//!
 //! Threads: one reads the port, one writes it, and two per connection (its
 //! socket to the port, the port to its socket), all waiting on conditions
 //! of one lock, never on the port while holding it.
@@ -23,6 +31,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use airlock_proto::handover::HandOver;
 
 use super::frame::{Frame, MAX_DATA};
 
@@ -41,9 +51,9 @@ pub struct Limits {
 /// guest's connections' windows, and 1 MiB queued for the port.
 pub const LIMITS: Limits = Limits { max_conns: 128, window: 64 * 1024, outbox_bytes: 1024 * 1024 };
 
-/// Makes the host's end of a new connection (host side only): given the
-/// port's tag, a socket whose peer the egress proxy now holds.
-pub type Opener = Box<dyn Fn(u8) -> io::Result<OwnedFd> + Send>;
+/// Makes the host's end of a new connection (host side only): given what
+/// the guest says it is, a socket whose peer the egress proxy now holds.
+pub type Opener = Box<dyn Fn(HandOver) -> io::Result<OwnedFd> + Send>;
 
 /// Relay threads move bytes only; they need little stack.
 const CONN_STACK: usize = 128 * 1024;
@@ -61,6 +71,9 @@ struct Shared {
     /// The port reader waits here while the control queue is full.
     control_room: Condvar,
     limits: Limits,
+    /// This end accepts connections (the host's): its sockets' peers are
+    /// the egress proxy's.
+    host: bool,
 }
 
 /// Control frames (opens, resets) queued for the port at most: a peer that
@@ -128,6 +141,7 @@ impl Mux {
             port_wake: Condvar::new(),
             control_room: Condvar::new(),
             limits,
+            host: opener.is_some(),
         });
         let reader = File::from(port);
         let writer = reader.try_clone()?;
@@ -142,21 +156,26 @@ impl Mux {
         Ok(Mux { shared })
     }
 
-    /// Guest side: relays `socket` (a connection accepted on the port
-    /// `tag` names) to the host.
-    pub fn connect(&self, tag: u8, socket: OwnedFd) -> Result<(), Refused> {
+    /// Guest side: relays `socket` (a connection that is what `to` says)
+    /// to the host. A connection refused is aborted (a TCP client is reset).
+    pub fn connect(&self, to: HandOver, socket: OwnedFd) -> Result<(), Refused> {
         let shared = &self.shared;
         let mut st = lock(shared);
         if st.closed {
+            abort(&socket);
             return Err(Refused::Closed);
         }
         if st.conns.len() >= shared.limits.max_conns {
             st.refused += 1;
+            abort(&socket);
             return Err(Refused::TooMany(st.conns.len()));
         }
-        let Ok(id) = u32::try_from(st.next_id) else { return Err(Refused::Closed) };
+        let Ok(id) = u32::try_from(st.next_id) else {
+            abort(&socket);
+            return Err(Refused::Closed);
+        };
         st.next_id += 1;
-        st.control.push_back(Frame::Open { id, tag });
+        st.control.push_back(Frame::Open { id, to });
         shared.port_wake.notify_all();
         register(shared, &mut st, id, socket).map_err(Refused::Thread)
     }
@@ -227,18 +246,38 @@ fn reset_local(shared: &Shared, st: &mut State, id: u32) {
     }
 }
 
-/// Removes connection `id`; its socket is shut down so that a thread
+/// Removes connection `id`; its socket is aborted so that a thread
 /// blocked on it returns. Whether it was there.
 fn forget(st: &mut State, id: u32) -> bool {
     st.credits.remove(&id);
     match st.conns.remove(&id) {
         Some(conn) => {
-            let _ = rustix::net::shutdown(&*conn.socket, rustix::net::Shutdown::Both);
+            abort(&conn.socket);
             conn.wake.notify_all();
             true
         }
         None => false,
     }
+}
+
+/// Ends a connection's socket both ways at once. A TCP socket is
+/// disconnected (`connect` to AF_UNSPEC), which sends its peer a reset and
+/// wakes every thread blocked on it with an error; a socket pair has no
+/// reset and is shut down.
+fn abort(socket: &OwnedFd) {
+    if rustix::net::connect_unspec(socket).is_err() {
+        let _ = rustix::net::shutdown(socket, rustix::net::Shutdown::Both);
+    }
+}
+
+/// Whether the peer of a socket pair's end has closed it both ways (not
+/// only shut its writing down): poll says HUP once both directions are
+/// shut.
+fn closed_both_ways(socket: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(socket, rustix::event::PollFlags::IN)];
+    let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    rustix::event::poll(&mut fds, Some(&zero)).is_ok()
+        && fds[0].revents().contains(rustix::event::PollFlags::HUP)
 }
 
 /// One of the connection's two directions is done; both: it is gone.
@@ -323,9 +362,9 @@ fn port_reader(shared: &Arc<Shared>, mut port: File, opener: Option<Opener>) {
         };
         match frame {
             // The host never opens a connection into the guest (no opener there).
-            Frame::Open { id, tag } => {
+            Frame::Open { id, to } => {
                 if let Some(open) = &opener {
-                    accept(shared, id, tag, open);
+                    accept(shared, id, to, open);
                 }
             }
             Frame::Data { id, data } => {
@@ -372,7 +411,7 @@ fn port_reader(shared: &Arc<Shared>, mut port: File, opener: Option<Opener>) {
 
 /// Host side: a new connection from the guest, within the cap and with a
 /// fresh id, gets a socket whose peer the egress proxy holds.
-fn accept(shared: &Arc<Shared>, id: u32, tag: u8, open: &Opener) {
+fn accept(shared: &Arc<Shared>, id: u32, to: HandOver, open: &Opener) {
     {
         let mut st = lock(shared);
         if st.closed {
@@ -390,7 +429,7 @@ fn accept(shared: &Arc<Shared>, id: u32, tag: u8, open: &Opener) {
         st.next_id = u64::from(id) + 1;
     }
     // Outside the lock: handing the socket over may wait for the proxy.
-    let opened = open(tag);
+    let opened = open(to);
     let mut st = lock(shared);
     match opened {
         Ok(socket) if !st.closed => {
@@ -411,6 +450,7 @@ fn accept(shared: &Arc<Shared>, id: u32, tag: u8, open: &Opener) {
 /// outbox's room.
 fn socket_to_port(shared: &Arc<Shared>, id: u32, socket: &OwnedFd, wake: &Condvar) {
     let mut buf = vec![0u8; MAX_DATA];
+    let mut sent_any = false;
     loop {
         let want = {
             let mut st = lock(shared);
@@ -434,12 +474,20 @@ fn socket_to_port(shared: &Arc<Shared>, id: u32, socket: &OwnedFd, wake: &Condva
         }
         match read {
             Ok(0) => {
+                // The proxy refused it (closed its end whole, unanswered,
+                // while the guest's program still had its say): a reset.
+                let guest_done = st.conns.get(&id).is_some_and(|c| c.peer_eof);
+                if shared.host && !sent_any && !guest_done && closed_both_ways(socket) {
+                    reset_local(shared, &mut st, id);
+                    return;
+                }
                 st.stream.push_back(Frame::Eof { id });
                 shared.port_wake.notify_all();
                 half_done(&mut st, id);
                 return;
             }
             Ok(n) => {
+                sent_any = true;
                 if let Some(conn) = st.conns.get_mut(&id) {
                     conn.credit -= n as u32;
                 }
