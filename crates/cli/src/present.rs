@@ -450,11 +450,14 @@ fn event_summary(kind: &str, v: &serde_json::Value) -> String {
         "file_inspected" => format!("{} {} {} entries{}", f("op"), f("path"), n("entries"), refused()),
         // The exec trace: what a process claimed when it called exec.
         "process_exec" => {
-            let mut line = format!("pid {} (parent {}) {}", f("pid"), f("ppid"), f("path"));
+            // A path or directory with a space stays one token.
+            let one =
+                |key: &str| v.get(key).filter(|x| !x.is_null()).map_or_else(|| "-".to_owned(), argument);
+            let mut line = format!("pid {} (parent {}) {}", f("pid"), f("ppid"), one("path"));
             if v.get("no_such_file").and_then(|b| b.as_bool()) == Some(true) {
                 line.push_str(" (no such file)");
             } else {
-                line.push_str(&format!(": {} in {}", f("argv"), f("cwd")));
+                line.push_str(&format!(": {} in {}", f("argv"), one("cwd")));
             }
             if let Some(serde_json::Value::String(why)) = v.get("unreadable") {
                 line.push_str(&format!(" (unreadable: {})", shown(why)));
@@ -909,6 +912,45 @@ mod tests {
         assert_eq!(token(Some(&path)), r#""a\377\nb""#);
         let unknown = serde_json::json!({ "event": "from_the_future", "name": "a\u{1b}[2Jb" });
         assert_eq!(event_summary("from_the_future", &unknown), r#"name="a\033[2Jb""#);
+    }
+
+    /// The exec trace's records as lines: what the process claimed,
+    /// escaped; a PATH miss, an end with or without its status, a flood.
+    #[test]
+    fn exec_trace_records_read_as_lines_with_what_a_process_claimed_escaped() {
+        let exec = serde_json::json!({
+            "event": "process_exec", "pid": 7, "ppid": 6, "syscall": "execveat",
+            "path": {"non_utf8_hex": "2f746d702fff"}, "cwd": "/w s",
+            "argv": ["x", "\u{1b}[2J\nforged", {"non_utf8_hex": "fffe"}, "two words"], "argc": 4,
+        });
+        let line = event_summary("process_exec", &exec);
+        assert_eq!(
+            line,
+            r#"pid 7 (parent 6) "/tmp/\377": x "\033[2J\nforged" "\377\376" "two words" in "/w s" [execveat]"#
+        );
+        let miss = serde_json::json!({
+            "event": "process_exec", "pid": 7, "ppid": 6, "syscall": "execve",
+            "path": "/usr/local/bin/git", "argv": ["git"], "no_such_file": true,
+        });
+        assert_eq!(
+            event_summary("process_exec", &miss),
+            "pid 7 (parent 6) /usr/local/bin/git (no such file)"
+        );
+        let exit = serde_json::json!({"event": "process_exit", "pid": 7, "code": 3, "signal": null, "duration_ms": 12});
+        assert_eq!(event_summary("process_exit", &exit), "pid 7 code 3 after 12 ms");
+        let lost = serde_json::json!({
+            "event": "process_exit", "pid": 7, "code": null, "signal": null, "duration_ms": 1,
+            "unknown": "reaped\u{1b}"
+        });
+        assert_eq!(event_summary("process_exit", &lost), r#"pid 7 status unknown: "reaped\033" after 1 ms"#);
+        let flood = serde_json::json!({
+            "event": "process_exec_summary", "from": "a", "until": "b", "execs": 900,
+            "programs": [{"path": "/bin/true", "count": 899}], "other": 1, "itemized_per_second": 200, "lost": 0,
+        });
+        assert_eq!(
+            event_summary("process_exec_summary", &flood),
+            "900 more execs from a to b, beyond 200 a second, counted: /bin/true ×899, 1 others"
+        );
     }
 
     #[test]
