@@ -21,6 +21,7 @@ pub mod ops;
 pub mod plan;
 pub mod proxy_process;
 pub mod report;
+mod role_process;
 pub mod run;
 mod signals;
 pub mod state;

@@ -260,45 +260,11 @@ pub(crate) fn start(
         .map_err(|e| fail("creating the proxy's setup pipe", &e))?;
     let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| fail("creating the proxy's report pipe", &e))?;
-    // Copies above the target numbers, so placing them cannot clobber one
-    // another in the child.
-    let high = |fd: &OwnedFd| airlock_jail::sys::dup_above(fd.as_fd(), 10);
-    let placed =
-        [(high(&setup_read), SETUP_FD), (high(&report_write), REPORT_FD), (high(&channel), CHANNEL_FD)];
-    let mut sources = Vec::new();
-    for (fd, to) in placed {
-        sources.push((fd.map_err(|e| fail("passing descriptors to the proxy", &e))?, to));
-    }
-    let raw: Vec<(i32, i32)> = sources.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect();
-
-    let mut cmd = Command::new(&exe);
-    cmd.arg(EGRESS_ROLE)
-        .arg(name)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    if let Some(level) = std::env::var_os("AIRLOCK_LOG") {
-        cmd.env("AIRLOCK_LOG", level);
-    }
-    // SAFETY: between fork and exec this only calls raw dup3 and
-    // close_range, async-signal-safe system calls on integers prepared
-    // before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (from, to) in &raw {
-                airlock_jail::sys::raw_dup_to(*from, *to)?;
-            }
-            airlock_jail::sys::raw_close_from(CHANNEL_FD + 1);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| fail("starting the proxy process", &e))?;
-    drop((sources, setup_read, report_write, channel));
-    let pid = child.id() as i32;
-    // Signals go through the pidfd, so a reaped pid is never signalled.
-    let pidfd = rustix::process::Pid::from_raw(pid)
-        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    let placed = [(setup_read.as_fd(), SETUP_FD), (report_write.as_fd(), REPORT_FD), (channel.as_fd(), CHANNEL_FD)];
+    let started = crate::role_process::spawn(&exe, EGRESS_ROLE, name, &placed)
+        .map_err(|e| fail("starting the proxy process", &e))?;
+    drop((setup_read, report_write, channel));
+    let crate::role_process::Started { mut child, pid, pidfd } = started;
 
     std::thread::Builder::new()
         .name("egress-setup".into())

@@ -141,41 +141,10 @@ pub(crate) fn start(
     let (control, child_control) = UnixStream::pair().map_err(|e| fail("creating its channel", &e))?;
     let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| fail("creating its report pipe", &e))?;
-    let high = |fd: std::os::fd::BorrowedFd<'_>| airlock_jail::sys::dup_above(fd, 10);
-    let mut sources = Vec::new();
-    for (fd, to) in
-        [(child_control.as_fd(), CONTROL_FD), (report_write.as_fd(), REPORT_FD), (userns.as_fd(), USERNS_FD)]
-    {
-        sources.push((high(fd).map_err(|e| fail("passing descriptors to it", &e))?, to));
-    }
-    let raw: Vec<(i32, i32)> = sources.iter().map(|(fd, to)| (fd.as_raw_fd(), *to)).collect();
-    let mut cmd = Command::new(&exe);
-    cmd.arg(TRACE_ROLE)
-        .arg(name)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    if let Some(level) = std::env::var_os("AIRLOCK_LOG") {
-        cmd.env("AIRLOCK_LOG", level);
-    }
-    // SAFETY: between fork and exec this only calls raw dup3 and
-    // close_range, async-signal-safe system calls on integers prepared
-    // before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (from, to) in &raw {
-                airlock_jail::sys::raw_dup_to(*from, *to)?;
-            }
-            airlock_jail::sys::raw_close_from(USERNS_FD + 1);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| fail("starting it", &e))?;
-    drop((sources, child_control, report_write, userns));
-    let pid = child.id() as i32;
-    let pidfd = rustix::process::Pid::from_raw(pid)
-        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    let placed = [(child_control.as_fd(), CONTROL_FD), (report_write.as_fd(), REPORT_FD), (userns.as_fd(), USERNS_FD)];
+    let started = crate::role_process::spawn(&exe, TRACE_ROLE, name, &placed).map_err(|e| fail("starting it", &e))?;
+    drop((child_control, report_write, userns));
+    let crate::role_process::Started { mut child, pid, pidfd } = started;
     let mut control = control;
     airlock_proto::send(&mut control, &TraceSetup { run_as }).map_err(|e| fail("sending its setup", &e))?;
 
