@@ -28,10 +28,10 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -260,7 +260,8 @@ pub(crate) fn start(
         .map_err(|e| fail("creating the proxy's setup pipe", &e))?;
     let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| fail("creating the proxy's report pipe", &e))?;
-    let placed = [(setup_read.as_fd(), SETUP_FD), (report_write.as_fd(), REPORT_FD), (channel.as_fd(), CHANNEL_FD)];
+    let placed =
+        [(setup_read.as_fd(), SETUP_FD), (report_write.as_fd(), REPORT_FD), (channel.as_fd(), CHANNEL_FD)];
     let started = crate::role_process::spawn(&exe, EGRESS_ROLE, name, &placed)
         .map_err(|e| fail("starting the proxy process", &e))?;
     drop((setup_read, report_write, channel));

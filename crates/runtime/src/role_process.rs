@@ -20,7 +20,12 @@ pub(crate) struct Started {
 
 /// Runs `EXE ROLE NAME` (airlock's own executable) with each descriptor of
 /// `fds` at its number.
-pub(crate) fn spawn(exe: &Path, role: &str, name: &str, fds: &[(BorrowedFd<'_>, i32)]) -> io::Result<Started> {
+pub(crate) fn spawn(
+    exe: &Path,
+    role: &str,
+    name: &str,
+    fds: &[(BorrowedFd<'_>, i32)],
+) -> io::Result<Started> {
     // Copies above the target numbers, so placing them cannot clobber one
     // another in the child.
     let mut sources = Vec::with_capacity(fds.len());

@@ -34,10 +34,10 @@ mod rate;
 mod tracer;
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, ExitStatus, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
@@ -141,10 +141,12 @@ pub(crate) fn start(
     let (control, child_control) = UnixStream::pair().map_err(|e| fail("creating its channel", &e))?;
     let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| fail("creating its report pipe", &e))?;
-    let placed = [(child_control.as_fd(), CONTROL_FD), (report_write.as_fd(), REPORT_FD), (userns.as_fd(), USERNS_FD)];
-    let started = crate::role_process::spawn(&exe, TRACE_ROLE, name, &placed).map_err(|e| fail("starting it", &e))?;
+    let placed =
+        [(child_control.as_fd(), CONTROL_FD), (report_write.as_fd(), REPORT_FD), (userns.as_fd(), USERNS_FD)];
+    let started =
+        crate::role_process::spawn(&exe, TRACE_ROLE, name, &placed).map_err(|e| fail("starting it", &e))?;
     drop((child_control, report_write, userns));
-    let crate::role_process::Started { mut child, pid, pidfd } = started;
+    let crate::role_process::Started { mut child, pidfd, .. } = started;
     let mut control = control;
     airlock_proto::send(&mut control, &TraceSetup { run_as }).map_err(|e| fail("sending its setup", &e))?;
 
