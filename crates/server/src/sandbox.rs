@@ -221,6 +221,22 @@ pub fn row_for(loaded: &Loaded) -> SandboxRow {
     }
 }
 
+/// Opens a file the runtime wrote in a sandbox's state directory (a log,
+/// the audit log) for reading, never following a link there; `None` when
+/// it does not exist (yet).
+pub fn open_state_file(path: &std::path::Path) -> Result<Option<std::fs::File>, ApiError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::File::options()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path);
+    match opened {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ApiError::internal(format!("reading {}: {e}", path.display()))),
+    }
+}
+
 #[cfg(test)]
 mod scope_tests {
     #![allow(clippy::unwrap_used)]

@@ -7,7 +7,7 @@
 //! last line still being written waits for its newline.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,17 +44,7 @@ pub async fn audit(
     let file = app
         .blocking(move |app| {
             let loaded = sandbox::authorize(app, &peer, &name)?;
-            let path = loaded.dir.audit_path();
-            // The runtime writes the log; a link there is never followed.
-            let opened = File::options()
-                .read(true)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                .open(&path);
-            match opened {
-                Ok(file) => Ok(Some(file)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(ApiError::internal(format!("reading {}: {e}", path.display()))),
-            }
+            sandbox::open_state_file(&loaded.dir.audit_path())
         })
         .await?;
     let (tx, rx) = mpsc::channel::<Bytes>(16);

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -577,18 +576,7 @@ pub async fn logs(
         .blocking(move |app| {
             let stored = sandbox::authorize(app, &peer, &name)?.name().to_owned();
             let (stdout, stderr_log) = ops::log_paths(&app.root, &stored)?;
-            let path = if stderr { stderr_log } else { stdout };
-            // The state directory is the host's, but a link there is never
-            // followed: logs are files the runtime wrote.
-            let opened = std::fs::File::options()
-                .read(true)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                .open(&path);
-            match opened {
-                Ok(file) => Ok(Some(file)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(ApiError::internal(format!("reading {}: {e}", path.display()))),
-            }
+            sandbox::open_state_file(if stderr { &stderr_log } else { &stdout })
         })
         .await?;
     let (tx, rx) = mpsc::channel::<Bytes>(8);
