@@ -8,6 +8,7 @@
 //! read hostile bytes (the egress proxy) confine themselves with [`service`].
 
 pub mod cgroup;
+pub mod exec_claim;
 pub mod landlock_rules;
 pub mod mounts;
 pub mod names;

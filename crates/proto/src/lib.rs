@@ -252,6 +252,7 @@ pub fn recv_tagged_fd(socket: impl AsFd) -> io::Result<(u8, OwnedFd)> {
 }
 
 pub mod bytes;
+pub mod exec_record;
 pub mod exec_stream;
 pub mod file;
 pub mod handover;

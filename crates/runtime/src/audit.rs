@@ -49,6 +49,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod chain;
 
+use crate::exec_trace::event::Capped;
 use chain::{Head, HeadFile};
 
 /// The version every record carries in `v`. Records without it were

@@ -27,8 +27,7 @@
 //! exec calls fail (ENOSYS) from then on, which is failing closed, and the
 //! supervisor records `exec_trace_ended`.
 
-mod claim;
-pub mod event;
+pub(crate) mod event;
 mod lookup;
 mod rate;
 mod tracer;
@@ -46,7 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::RunError;
 use crate::audit::AuditEvent;
-pub use event::{Claimed, ProcessExec, ProcessExecSummary, ProcessExit, ProgramCount};
+pub use airlock_proto::exec_record::{Claimed, ProcessExec, ProcessExecSummary, ProcessExit, ProgramCount};
 pub use tracer::main;
 
 /// argv[1] of the listener process's role.

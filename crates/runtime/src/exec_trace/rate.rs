@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::event::{Claimed, ProcessExecSummary, ProgramCount};
+use airlock_proto::exec_record::{Claimed, ProcessExecSummary, ProgramCount};
 
 /// Execs recorded one by one per window.
 pub(crate) const ITEMIZED_PER_SECOND: u32 = 200;

@@ -22,10 +22,10 @@ use airlock_jail::service::{ServiceJailError, TracerJail};
 use airlock_jail::sys;
 use rustix::event::epoll;
 
-use super::claim::{self, Memory};
-use super::event::{Claimed, ProcessExec, ProcessExit};
 use super::rate::{ITEMIZED_PER_SECOND, Rate};
 use super::{CONTROL_FD, REPORT_FD, TraceReport, TraceSetup, USERNS_FD};
+use airlock_jail::exec_claim::{self as claim, Memory};
+use airlock_proto::exec_record::{Claimed, ProcessExec, ProcessExit};
 
 /// The existing directory the listener's empty root is mounted over.
 const ROOT_MOUNTPOINT: &str = "/tmp";
