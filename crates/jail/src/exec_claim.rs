@@ -18,6 +18,16 @@ pub trait Memory {
     fn read(&self, address: u64, buf: &mut [u8]) -> io::Result<usize>;
 }
 
+/// A process's memory, read with process_vm_readv (by its pid in the
+/// reader's view).
+pub struct ProcessMemory(pub i32);
+
+impl Memory for ProcessMemory {
+    fn read(&self, address: u64, buf: &mut [u8]) -> io::Result<usize> {
+        crate::sys::process_vm_read(self.0, address, buf)
+    }
+}
+
 /// Reads are split at page boundaries, so that one unmapped page ends a
 /// read exactly where it starts.
 const PAGE: u64 = 4096;

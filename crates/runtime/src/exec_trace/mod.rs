@@ -29,7 +29,6 @@
 
 pub(crate) mod event;
 mod lookup;
-mod rate;
 mod tracer;
 
 use std::fs::File;

@@ -22,9 +22,9 @@ use airlock_jail::service::{ServiceJailError, TracerJail};
 use airlock_jail::sys;
 use rustix::event::epoll;
 
-use super::rate::{ITEMIZED_PER_SECOND, Rate};
 use super::{CONTROL_FD, REPORT_FD, TraceReport, TraceSetup, USERNS_FD};
-use airlock_jail::exec_claim::{self as claim, Memory};
+use airlock_jail::exec_claim::{self as claim, ProcessMemory};
+use airlock_jail::exec_rate::{ITEMIZED_PER_SECOND, Rate};
 use airlock_proto::exec_record::{Claimed, ProcessExec, ProcessExit};
 
 /// The existing directory the listener's empty root is mounted over.
@@ -149,7 +149,7 @@ fn serve(
         listener,
         poll,
         notif: vec![0u64; notif_words],
-        rate: Rate::new(ITEMIZED_PER_SECOND),
+        rate: Rate::new(ITEMIZED_PER_SECOND, crate::audit::rfc3339_utc),
         tracked: HashMap::new(),
         unsettled: Vec::new(),
         writing: false,
@@ -492,15 +492,6 @@ fn read_link(proc: &OwnedFd, path: &str) -> Option<Vec<u8>> {
 /// Room for up to 64 events in `events`, as epoll wants it.
 fn spare(events: &mut Vec<epoll::Event>) -> rustix::buffer::SpareCapacity<'_, epoll::Event> {
     rustix::buffer::spare_capacity(events)
-}
-
-/// A sandbox process's memory, read with process_vm_readv.
-struct ProcessMemory(i32);
-
-impl Memory for ProcessMemory {
-    fn read(&self, address: u64, buf: &mut [u8]) -> io::Result<usize> {
-        sys::process_vm_read(self.0, address, buf)
-    }
 }
 
 /// Events on their way to the supervisor.
