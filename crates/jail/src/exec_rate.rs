@@ -110,6 +110,7 @@ impl Rate {
                 other: self.other + beyond,
                 itemized_per_second: self.limit,
                 lost: self.lost,
+                reported_by: None,
             }
         });
         self.programs.clear();

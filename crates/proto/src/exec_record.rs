@@ -165,6 +165,11 @@ pub struct ProcessExec {
     /// the call. One call per PATH directory a shell tries.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_such_file: bool,
+    /// Who reported it when not the host itself: `"guest"` for a microVM
+    /// guest's agent (the guest's kernel is not trusted, so the event is
+    /// only what the guest claimed). Set by the host as it records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_by: Option<String>,
 }
 
 /// A process whose exec was recorded has ended.
@@ -183,6 +188,11 @@ pub struct ProcessExit {
     /// Why the exit status is not known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unknown: Option<String>,
+    /// Who reported it when not the host itself: `"guest"` for a microVM
+    /// guest's agent (the guest's kernel is not trusted, so the event is
+    /// only what the guest claimed). Set by the host as it records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_by: Option<String>,
 }
 
 /// How often a program was started in a summarized window.
@@ -210,7 +220,25 @@ pub struct ProcessExecSummary {
     /// slower than the sandbox (its queue was full): execs and ends lost.
     #[serde(default)]
     pub lost: u64,
+    /// Who reported it when not the host itself: `"guest"` for a microVM
+    /// guest's agent (the guest's kernel is not trusted, so the event is
+    /// only what the guest claimed). Set by the host as it records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_by: Option<String>,
 }
+
+/// What a reporter other than the host's own listener (a microVM guest's
+/// agent) sends of the exec trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum TraceRecord {
+    Exec(ProcessExec),
+    Exit(ProcessExit),
+    Summary(ProcessExecSummary),
+}
+
+/// The value of `reported_by` on what a microVM guest reported.
+pub const REPORTED_BY_GUEST: &str = "guest";
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,7 @@ impl Capped for ProcessExec {
             argv: recap_list(self.argv),
             cwd: self.cwd.map(recap),
             unreadable: self.unreadable.map(|u| cap_str(&u, MAX_FIELD)),
+            reported_by: self.reported_by.map(|r| cap_str(&r, MAX_FIELD)),
             ..self
         }
     }
@@ -57,6 +58,7 @@ mod tests {
             cwd: Some(Claimed(vec![0xff; 9000])),
             unreadable: None,
             no_such_file: false,
+            reported_by: None,
         }
         .capped();
         let json = serde_json::to_string(&exec).unwrap();
@@ -85,6 +87,7 @@ mod tests {
             cwd: Some("/work/s3cr3t-value".into()),
             unreadable: None,
             no_such_file: false,
+            reported_by: None,
         };
         log.record(crate::audit::AuditEvent::ProcessExec(exec)).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();

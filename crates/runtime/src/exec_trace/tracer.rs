@@ -328,6 +328,7 @@ impl Tracer {
             cwd: cwd.map(Claimed),
             unreadable: claim.unreadable,
             no_such_file,
+            reported_by: None,
         };
         reports.push(&TraceReport::Exec(event), &mut self.rate);
     }
@@ -422,6 +423,7 @@ impl Tracer {
             signal,
             duration_ms: u64::try_from(lived.as_millis()).unwrap_or(u64::MAX),
             unknown,
+            reported_by: None,
         };
         reports.push(&TraceReport::Exit(event), &mut self.rate);
     }
