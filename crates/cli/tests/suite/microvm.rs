@@ -2116,3 +2116,38 @@ fn a_long_lived_guests_execs_are_recorded_by_its_supervisor_as_the_guests_report
     assert!(verify.status.success(), "{}", show(&verify));
     let _ = airlock_vm(&env, &cache, &["rm", "lvt"]);
 }
+
+#[test]
+fn a_guest_traces_no_exec_when_the_policy_turns_the_trace_off() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str("[audit]\nexec_trace = false\n");
+    std::fs::write(&policy, text).unwrap();
+    let out = env
+        .airlock([
+            "run",
+            "--name",
+            "untraced",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "sh -c true; exit 3",
+        ])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    let audit = env.airlock(["audit", "untraced", "--json"]).output().unwrap();
+    assert!(audit.status.success(), "{}", show(&audit));
+    let text = stdout(&audit);
+    assert!(text.contains("\"command_started\""), "{text}");
+    assert!(!text.contains("process_exec") && !text.contains("reported_by"), "{text}");
+}
