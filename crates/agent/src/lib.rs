@@ -9,6 +9,7 @@
 
 pub mod egress;
 mod files;
+mod guest_trace;
 mod oom;
 mod service;
 mod signals;
@@ -114,6 +115,7 @@ pub fn main() -> i32 {
 pub fn serve_guest(
     env: Vec<(String, String)>,
     workload: Option<OwnedFd>,
+    exec_trace: bool,
     connect: impl FnOnce() -> io::Result<UnixStream>,
 ) -> i32 {
     oom::keep_handle();
@@ -127,6 +129,19 @@ pub fn serve_guest(
             return AGENT_FAILED;
         }
     };
+    // Before anything is started, so that every process inherits it; a
+    // trace the policy asked for and that cannot be had is a refusal.
+    let trace = if exec_trace {
+        match guest_trace::install() {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                eprintln!("airlock guest agent: cannot install the exec trace's filter: {e}");
+                return AGENT_FAILED;
+            }
+        }
+    } else {
+        None
+    };
     let control = match connect() {
         Ok(c) => c,
         Err(e) => {
@@ -136,7 +151,7 @@ pub fn serve_guest(
     };
     let launch =
         Launch { jail: guest_plan(), command: Vec::new(), env, cwd: "/".into(), tty: false, egress: None };
-    service::serve(control, &launch, waiter)
+    service::serve(control, &launch, waiter, trace)
 }
 
 /// The plan a `Launch` carries; a guest applies none of it.
@@ -222,7 +237,7 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
     // No command: a long-lived sandbox that runs processes on request.
     let Some((program, args)) = launch.command.split_first() else {
         return match control.try_clone() {
-            Ok(stream) => service::serve(stream, launch, waiter),
+            Ok(stream) => service::serve(stream, launch, waiter, None),
             Err(e) => setup_failed(control, "start serving", &e),
         };
     };

@@ -43,11 +43,18 @@ struct Running {
 /// pid → the exec it belongs to.
 type Table = Arc<Mutex<HashMap<i32, Running>>>;
 
-pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter) -> i32 {
+/// `trace`: a microVM guest's exec trace listener, answered and reported
+/// from here on (see `guest_trace`).
+pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter, trace: Option<OwnedFd>) -> i32 {
     let writer: Writer = match control.try_clone() {
         Ok(w) => Arc::new(Mutex::new(w)),
         Err(_) => return crate::AGENT_FAILED,
     };
+    if let Some(listener) = trace
+        && crate::guest_trace::start(listener, writer.clone()).is_err()
+    {
+        return crate::AGENT_FAILED;
+    }
     let table: Table = Arc::new(Mutex::new(HashMap::new()));
     let files = Files::default();
     send(&writer, AgentMessage::Serving);

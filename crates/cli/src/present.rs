@@ -364,6 +364,15 @@ fn argument(item: &serde_json::Value) -> String {
 /// What one event says, in a line. Read from the event's JSON, so an event
 /// kind this list does not know is still shown, field by field.
 fn event_summary(kind: &str, v: &serde_json::Value) -> String {
+    let mut line = event_text(kind, v);
+    // What a microVM guest reported is its claim, not what the host saw.
+    if let Some(by) = v.get("reported_by").filter(|b| !b.is_null()) {
+        line.push_str(&format!(" (reported by the {})", token(Some(by))));
+    }
+    line
+}
+
+fn event_text(kind: &str, v: &serde_json::Value) -> String {
     let f = |key: &str| token(v.get(key));
     let n = |key: &str| v.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
     let refused = || match v.get("refused") {
@@ -938,6 +947,14 @@ mod tests {
         );
         let exit = serde_json::json!({"event": "process_exit", "pid": 7, "code": 3, "signal": null, "duration_ms": 12});
         assert_eq!(event_summary("process_exit", &exit), "pid 7 code 3 after 12 ms");
+        let guest = serde_json::json!({
+            "event": "process_exec", "pid": 9, "ppid": 1, "syscall": "execve",
+            "path": "/bin/sh", "argv": ["sh"], "cwd": "/", "reported_by": "guest",
+        });
+        assert_eq!(
+            event_summary("process_exec", &guest),
+            "pid 9 (parent 1) /bin/sh: sh in / (reported by the guest)"
+        );
         let lost = serde_json::json!({
             "event": "process_exit", "pid": 7, "code": null, "signal": null, "duration_ms": 1,
             "unknown": "reaped\u{1b}"

@@ -8,6 +8,8 @@
 //! read hostile bytes (the egress proxy) confine themselves with [`service`].
 
 pub mod cgroup;
+pub mod exec_claim;
+pub mod exec_rate;
 pub mod landlock_rules;
 pub mod mounts;
 pub mod names;

@@ -149,6 +149,10 @@ pub enum AgentMessage {
     StdinAck { id: u32 },
     /// Service mode: an answer to file operation `id`.
     File { id: u32, reply: file::FileReply },
+    /// A microVM guest's exec trace: one exec, end or flood summary its
+    /// agent saw inside the guest (what the guest claims; the host marks
+    /// it so). A process-tier agent never sends it, and its host ignores it.
+    ExecTrace { trace: exec_record::TraceRecord },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -252,11 +256,13 @@ pub fn recv_tagged_fd(socket: impl AsFd) -> io::Result<(u8, OwnedFd)> {
 }
 
 pub mod bytes;
+pub mod exec_record;
 pub mod exec_stream;
 pub mod file;
 pub mod handover;
 pub mod plan;
 pub mod supervisor;
+pub mod time;
 pub mod window;
 
 #[cfg(test)]

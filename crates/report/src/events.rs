@@ -107,6 +107,15 @@ pub(crate) fn ending(v: &Value) -> Option<(String, bool)> {
 
 /// What an event says, in a sentence, and how to colour it.
 pub(crate) fn summary(v: &Value) -> (String, Tone) {
+    let (mut text, tone) = summary_text(v);
+    // What a microVM guest reported is its claim, not what the host saw.
+    if let Some(by) = field(v, "reported_by") {
+        text.push_str(&format!(" (reported by the {by})"));
+    }
+    (text, tone)
+}
+
+fn summary_text(v: &Value) -> (String, Tone) {
     let get = |key: &str| field(v, key).unwrap_or_else(|| "-".to_owned());
     let refused = |text: String| match field(v, "refused") {
         Some(why) => (format!("{text}: refused ({why})"), Tone::Bad),
@@ -366,6 +375,11 @@ mod tests {
             "no_such_file": true
         }));
         assert_eq!(text, "tried /usr/local/bin/git (pid 12, parent 7): no such file");
+        let (text, _) = summary(&json!({
+            "event": "process_exec", "pid": 3, "ppid": 1, "argv": ["sh"], "cwd": "/", "path": "/bin/sh",
+            "reported_by": "guest"
+        }));
+        assert_eq!(text, "ran sh (pid 3, parent 1) in / (/bin/sh) (reported by the guest)");
         let (text, tone) = summary(&json!({"event": "exec_end", "pid": 12, "exit": 0, "duration_ms": 30}));
         assert_eq!((text.as_str(), tone), ("pid 12 exit 0 after 30 ms", Tone::Good));
     }

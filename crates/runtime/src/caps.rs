@@ -11,13 +11,12 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Longest string field recorded (a path, a host, a rule, an argument).
-pub const MAX_FIELD: usize = 1024;
+/// Longest string field recorded (a path, a host, a rule, an argument);
+/// and most bytes an argv or a list of paths takes in one record. Defined
+/// beside the exec trace's records, which cross channels to get here.
+pub use airlock_proto::exec_record::{MAX_FIELD, MAX_LIST_BYTES};
 /// Longest message recorded (an error, a reason).
 pub const MAX_MESSAGE: usize = 4096;
-/// Most bytes an argv or a list of paths takes in one record, all items
-/// together; the rest is replaced by one item saying how much was cut.
-pub const MAX_LIST_BYTES: usize = 8192;
 
 /// `text` if it fits in `max` bytes; else its start (cut at a character
 /// boundary) and a marker giving the whole length.

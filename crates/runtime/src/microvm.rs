@@ -63,6 +63,7 @@ pub(crate) fn boot(
         root,
         cgroup: cgroup.cloned(),
         writable,
+        exec_trace: policy.audit.exec_trace,
     };
     let (vm, accel) = airlock_vm::run::start(&start, egress, &mut |note| match note {
         // Said by `check` already, before the sandbox existed.

@@ -323,6 +323,11 @@ fn supervise(
                 | AgentMessage::StdinAck { .. }
                 | AgentMessage::File { .. },
             ) => {}
+            // The process tier's trace is its host's own listener; an agent
+            // inside the sandbox has no say in it.
+            Ok(AgentMessage::ExecTrace { .. }) => {
+                tracing::debug!("ignored an exec trace record from the agent")
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
@@ -510,6 +515,7 @@ fn supervise_vm(
                 ending.signal = signal;
                 break;
             }
+            Ok(AgentMessage::ExecTrace { trace }) => audit.record(crate::exec_trace::guest_event(trace))?,
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 ending.timed_out = true;
@@ -529,6 +535,13 @@ fn supervise_vm(
     held.kill_all();
     let _ = held.reap_agent();
     let _ = reader.join();
+    // What the guest's trace sent after the command's end (a background
+    // job's last records) until QEMU went.
+    for msg in rx.try_iter() {
+        if let AgentMessage::ExecTrace { trace } = msg {
+            audit.record(crate::exec_trace::guest_event(trace))?;
+        }
+    }
     step_done("reaped")?;
     if let Some(failure) = guest_failure {
         // Recorded (failed, with the reason) by the caller.

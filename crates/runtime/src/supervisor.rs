@@ -409,6 +409,10 @@ impl Supervisor {
                 .redacting(&launched.secret_values),
         ));
 
+        // Only a guest's agent reports an exec trace (its own kernel's); a
+        // process-tier agent is inside the sandbox, and its trace is the
+        // host's own listener's.
+        let guest_trace = (policy.isolation.tier == airlock_policy::Tier::Microvm).then(|| audit.clone());
         spawn_agent_reader(
             agent_reader,
             routes.clone(),
@@ -416,6 +420,7 @@ impl Supervisor {
             control_tx.clone(),
             last_activity.clone(),
             logs,
+            guest_trace,
         );
         let server = Server {
             exec_env: Arc::new(launched.exec_env.clone()),
@@ -684,6 +689,7 @@ fn spawn_agent_reader(
     control: Sender<Control>,
     last_activity: Arc<Mutex<Instant>>,
     mut logs: Logs,
+    guest_trace: Option<Arc<Mutex<AuditLog>>>,
 ) {
     std::thread::spawn(move || {
         while let Ok(Some(msg)) = airlock_proto::recv::<_, AgentMessage>(&mut agent) {
@@ -717,6 +723,19 @@ fn spawn_agent_reader(
                         && let Some(route) = r.get(&id)
                     {
                         route.stdin.give_back();
+                    }
+                    continue;
+                }
+                AgentMessage::ExecTrace { trace } => {
+                    match &guest_trace {
+                        Some(audit) => {
+                            if let Ok(mut audit) = audit.lock()
+                                && let Err(e) = audit.record(crate::exec_trace::guest_event(trace))
+                            {
+                                tracing::warn!("recording the guest's exec trace: {e}");
+                            }
+                        }
+                        None => tracing::debug!("ignored an exec trace record from a process-tier agent"),
                     }
                     continue;
                 }

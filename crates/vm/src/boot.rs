@@ -51,7 +51,13 @@ pub struct BootSpec {
     pub writable: Option<WritableShare>,
     /// The policy's limits the guest enforces inside.
     pub limits: GuestLimits,
+    /// The policy's `[audit] exec_trace`: the guest's agent records every
+    /// exec inside and reports it (said on its command line).
+    pub exec_trace: bool,
 }
+
+/// The word of init's command line that turns the guest's exec trace on.
+pub const EXEC_TRACE_ARG: &str = "exectrace";
 
 /// What the guest does with the host directory it writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +190,7 @@ fn kernel_command_line(
     writes: Option<Writes>,
     redirect: Option<&airlock_jail::plan::Redirect>,
     limits: GuestLimits,
+    exec_trace: bool,
 ) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel == Accel::Tcg {
@@ -199,6 +206,10 @@ fn kernel_command_line(
     if let Some(writes) = writes {
         line.push(' ');
         line.push_str(writes.tag_and_arg().1);
+    }
+    if exec_trace {
+        line.push(' ');
+        line.push_str(EXEC_TRACE_ARG);
     }
     line.push(' ');
     line.push_str(&limits.to_arg());
@@ -275,6 +286,7 @@ fn qemu_args(
             writes,
             spec.redirect.as_ref(),
             spec.limits,
+            spec.exec_trace,
         )?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
@@ -770,24 +782,34 @@ mod tests {
     const LIMITS: GuestLimits = GuestLimits { pids: 256, disk: 1 << 30 };
 
     #[test]
+    fn the_exec_trace_is_asked_for_on_inits_command_line_only_when_the_policy_wants_it() {
+        let on = kernel_command_line(Accel::Tcg, &[], false, None, None, LIMITS, true).unwrap();
+        assert!(on.split(' ').any(|w| w == EXEC_TRACE_ARG), "{on}");
+        let off = kernel_command_line(Accel::Tcg, &[], false, None, None, LIMITS, false).unwrap();
+        assert!(!off.split(' ').any(|w| w == EXEC_TRACE_ARG), "{off}");
+    }
+
+    #[test]
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &fits, false, None, None, LIMITS).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &fits, false, None, None, LIMITS, false).unwrap();
         assert!(line.ends_with("|hide:/etc/secret-0019-with-a-long-name"), "{line}");
         // However many entries, init gets few arguments (the kernel's
         // limit is 32).
         let (_, init_args) = line.split_once(" -- ").unwrap();
         assert_eq!(init_args.split(' ').count(), 3, "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err =
-            kernel_command_line(Accel::Tcg, &too_many, false, None, None, LIMITS).unwrap_err().to_string();
+        let err = kernel_command_line(Accel::Tcg, &too_many, false, None, None, LIMITS, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
         // Few pieces, but long ones.
         let long = |i: usize| RootEntry::Hide(format!("/{}{i}", "x".repeat(80)).into());
         let too_long: Vec<RootEntry> = (0..28).map(long).collect();
-        let err =
-            kernel_command_line(Accel::Tcg, &too_long, false, None, None, LIMITS).unwrap_err().to_string();
+        let err = kernel_command_line(Accel::Tcg, &too_long, false, None, None, LIMITS, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("filesystem.hidden") && err.contains("2047"), "{err}");
     }
 
@@ -801,7 +823,7 @@ mod tests {
         let hide = |i: usize| RootEntry::Hide(format!("/h{i}").into());
         let layer = Some(Writes::Layer);
         let many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &many, true, layer, Some(&plan), LIMITS).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &many, true, layer, Some(&plan), LIMITS, false).unwrap();
         let init = line.split_once(" -- ").unwrap().1;
         assert_eq!(
             init.split(' ').collect::<Vec<_>>(),
@@ -817,7 +839,7 @@ mod tests {
         // A path with spaces (the runtime leaves such paths out) would be
         // many words: refused, not left to the kernel.
         let spaced = [RootEntry::Hide(format!("/h{}", " x".repeat(28)).into())];
-        let err = kernel_command_line(Accel::Tcg, &spaced, true, layer, Some(&plan), LIMITS)
+        let err = kernel_command_line(Accel::Tcg, &spaced, true, layer, Some(&plan), LIMITS, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("33 words") && err.contains("spaces"), "{err}");
@@ -825,14 +847,21 @@ mod tests {
 
     #[test]
     fn the_guest_is_told_of_its_egress_port_only_when_it_has_one() {
-        let with =
-            kernel_command_line(Accel::Tcg, &[RootEntry::Share("/usr".into())], true, None, None, LIMITS)
-                .unwrap();
+        let with = kernel_command_line(
+            Accel::Tcg,
+            &[RootEntry::Share("/usr".into())],
+            true,
+            None,
+            None,
+            LIMITS,
+            false,
+        )
+        .unwrap();
         assert!(
             with.ends_with(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} limits:256:1073741824 root:share:/usr")),
             "{with}"
         );
-        let without = kernel_command_line(Accel::Tcg, &[], false, None, None, LIMITS).unwrap();
+        let without = kernel_command_line(Accel::Tcg, &[], false, None, None, LIMITS, false).unwrap();
         assert!(!without.contains("egress"), "{without}");
         assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
     }
@@ -841,7 +870,7 @@ mod tests {
     fn the_guest_is_told_what_to_redirect_in_its_egress_word() {
         use crate::egress_port::{egress_arg, egress_from_arg};
         let plan = airlock_jail::plan::Redirect { tcp_port: 3129, dns_port: 3053, ipv6: false };
-        let line = kernel_command_line(Accel::Tcg, &[], true, None, Some(&plan), LIMITS).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &[], true, None, Some(&plan), LIMITS, false).unwrap();
         assert!(
             line.ends_with(&format!(" -- {GUEST_ROLE} egress:3129:3053:4 limits:256:1073741824 root:")),
             "{line}"
@@ -851,7 +880,7 @@ mod tests {
         assert_eq!(egress_from_arg(EGRESS_ARG), Some(None));
         assert_eq!(egress_arg(None), EGRESS_ARG);
         // No egress port, nothing to redirect to.
-        let none = kernel_command_line(Accel::Tcg, &[], false, None, Some(&plan), LIMITS).unwrap();
+        let none = kernel_command_line(Accel::Tcg, &[], false, None, Some(&plan), LIMITS, false).unwrap();
         assert!(!none.contains("egress"), "{none}");
         let v6 = airlock_jail::plan::Redirect { ipv6: true, ..plan };
         assert_eq!(egress_from_arg(&egress_arg(Some(&v6))), Some(Some(v6)));
@@ -889,6 +918,7 @@ mod tests {
             redirect: None,
             writable: None,
             limits: LIMITS,
+            exec_trace: false,
         };
         let run = Path::new("/run/x");
         let args = |spec: &BootSpec| {
@@ -950,6 +980,7 @@ mod tests {
                 tree: None,
             }),
             limits: LIMITS,
+            exec_trace: false,
         };
         let run = Path::new("/run/x");
         let args =

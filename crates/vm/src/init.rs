@@ -40,7 +40,8 @@ pub fn main() -> i32 {
             let env = vec![("PATH".to_owned(), GUEST_PATH.to_owned())];
             // The egress relay's threads start once the agent has blocked
             // its signals, so that they inherit the mask.
-            airlock_agent::serve_guest(env, Some(workload), move || {
+            let exec_trace = std::env::args().any(|a| a == crate::boot::EXEC_TRACE_ARG);
+            airlock_agent::serve_guest(env, Some(workload), exec_trace, move || {
                 if let Some(egress) = egress {
                     egress.serve()?;
                 }

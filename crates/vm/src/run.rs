@@ -31,6 +31,8 @@ pub struct VmStart {
     pub cgroup: Option<SandboxCgroup>,
     /// The host directory the guest writes (see [`BootSpec::writable`]).
     pub writable: Option<crate::boot::WritableShare>,
+    /// The policy's `[audit] exec_trace` (see [`BootSpec::exec_trace`]).
+    pub exec_trace: bool,
 }
 
 /// Something for the person at the terminal.
@@ -107,6 +109,7 @@ pub fn start(
         redirect: egress.as_ref().and_then(|e| e.redirect),
         writable: req.writable.clone(),
         limits: req.limits,
+        exec_trace: req.exec_trace,
     };
     let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));
     let vm = Vm::boot(setup.guest(), &spec, &dir, egress)?;

@@ -2010,3 +2010,144 @@ print("swapped")"#,
     let removed = env.airlock(["rm", "swap"]).output().unwrap();
     assert!(removed.status.success(), "{}", show(&removed));
 }
+
+#[test]
+fn every_exec_in_the_guest_is_recorded_as_the_guests_report() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str("[audit]\nexec_trace = true\n");
+    std::fs::write(&policy, text).unwrap();
+    // A nested shell, and a background job (a subshell that execs) the
+    // command waits for.
+    let script = "sh -c 'echo nested-$((6*7))'; (/bin/echo background-job) & wait; exit 3";
+    let out = env
+        .airlock(["run", "--name", "vmtrace", "--policy", policy.to_str().unwrap(), "--", "sh", "-c", script])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(stdout(&out).contains("nested-42") && stdout(&out).contains("background-job"), "{}", show(&out));
+
+    let audit = env.airlock(["audit", "vmtrace", "--json"]).output().unwrap();
+    assert!(audit.status.success(), "{}", show(&audit));
+    let records: Vec<serde_json::Value> = stdout(&audit)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let execs: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["event"] == "process_exec" && r.get("no_such_file").is_none()).collect();
+    let argv = |r: &serde_json::Value| -> Vec<String> {
+        r["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap_or("<bytes>").to_owned()).collect()
+    };
+    let the_one = |arg: &str| -> &serde_json::Value {
+        let found: Vec<&&serde_json::Value> =
+            execs.iter().filter(|r| argv(r).iter().any(|a| a == arg)).collect();
+        assert_eq!(found.len(), 1, "{arg}: {execs:#?}");
+        found[0]
+    };
+    let command = the_one(script);
+    let nested = the_one("echo nested-$((6*7))");
+    let background = the_one("background-job");
+    for exec in [command, nested, background] {
+        assert_eq!(exec["reported_by"], "guest", "{exec}");
+        assert!(exec["pid"].as_i64().unwrap() > 1, "{exec}");
+        assert!(exec["ppid"].as_i64().unwrap() >= 1, "{exec}");
+        assert!(exec["cwd"].is_string(), "{exec}");
+    }
+    // The guest's agent (its PID 1) started the command; the command's
+    // shell started the nested one.
+    assert_eq!(command["ppid"], 1, "{command}");
+    assert_eq!(nested["ppid"], command["pid"], "{nested}");
+    assert_eq!(background["path"], "/bin/echo", "{background}");
+    assert_ne!(background["pid"], command["pid"], "{background}");
+    // What the host saw itself is not marked.
+    let host_seen: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["event"] == "command_started").collect();
+    assert!(
+        !host_seen.is_empty() && host_seen.iter().all(|r| r.get("reported_by").is_none()),
+        "{records:#?}"
+    );
+
+    let verify = env.airlock(["audit", "verify", "vmtrace"]).output().unwrap();
+    assert!(verify.status.success(), "{}", show(&verify));
+}
+
+#[test]
+fn a_long_lived_guests_execs_are_recorded_by_its_supervisor_as_the_guests_report() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    let created =
+        airlock_vm(&env, &cache, &["create", "--policy", policy.to_str().unwrap(), "--name", "lvt"]);
+    assert!(created.status.success(), "{}", show(&created));
+    let out =
+        airlock_vm(&env, &cache, &["exec", "lvt", "--", "sh", "-c", "sh -c 'echo long-lived-$((6*7))'"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(stdout(&out).contains("long-lived-42"), "{}", show(&out));
+    let stopped = airlock_vm(&env, &cache, &["stop", "lvt"]);
+    assert!(stopped.status.success(), "{}", show(&stopped));
+
+    let audit = airlock_vm(&env, &cache, &["audit", "lvt", "--json"]);
+    assert!(audit.status.success(), "{}", show(&audit));
+    let records: Vec<serde_json::Value> = stdout(&audit)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let nested: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| {
+            r["event"] == "process_exec"
+                && r["argv"].as_array().is_some_and(|a| a.iter().any(|x| x == "echo long-lived-$((6*7))"))
+        })
+        .collect();
+    assert_eq!(nested.len(), 1, "{records:#?}");
+    assert_eq!(nested[0]["reported_by"], "guest", "{}", nested[0]);
+    assert!(nested[0]["ppid"].as_i64().unwrap() > 1, "{}", nested[0]);
+    let verify = airlock_vm(&env, &cache, &["audit", "verify", "lvt"]);
+    assert!(verify.status.success(), "{}", show(&verify));
+    let _ = airlock_vm(&env, &cache, &["rm", "lvt"]);
+}
+
+#[test]
+fn a_guest_traces_no_exec_when_the_policy_turns_the_trace_off() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str("[audit]\nexec_trace = false\n");
+    std::fs::write(&policy, text).unwrap();
+    let out = env
+        .airlock([
+            "run",
+            "--name",
+            "untraced",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "sh -c true; exit 3",
+        ])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    let audit = env.airlock(["audit", "untraced", "--json"]).output().unwrap();
+    assert!(audit.status.success(), "{}", show(&audit));
+    let text = stdout(&audit);
+    assert!(text.contains("\"command_started\""), "{text}");
+    assert!(!text.contains("process_exec") && !text.contains("reported_by"), "{text}");
+}

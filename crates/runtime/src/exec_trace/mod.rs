@@ -27,10 +27,8 @@
 //! exec calls fail (ENOSYS) from then on, which is failing closed, and the
 //! supervisor records `exec_trace_ended`.
 
-mod claim;
-pub mod event;
+pub(crate) mod event;
 mod lookup;
-mod rate;
 mod tracer;
 
 use std::fs::File;
@@ -46,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::RunError;
 use crate::audit::AuditEvent;
-pub use event::{Claimed, ProcessExec, ProcessExecSummary, ProcessExit, ProgramCount};
+pub use airlock_proto::exec_record::{Claimed, ProcessExec, ProcessExecSummary, ProcessExit, ProgramCount};
 pub use tracer::main;
 
 /// argv[1] of the listener process's role.
@@ -177,9 +175,12 @@ pub(crate) fn start(
                         continue;
                     }
                     _ if ready_tx.is_some() => continue,
-                    TraceReport::Exec(e) => AuditEvent::ProcessExec(e),
-                    TraceReport::Exit(e) => AuditEvent::ProcessExit(e),
-                    TraceReport::Summary(s) => AuditEvent::ProcessExecSummary(s),
+                    // The host's own listener: never marked as another's report.
+                    TraceReport::Exec(e) => AuditEvent::ProcessExec(ProcessExec { reported_by: None, ..e }),
+                    TraceReport::Exit(e) => AuditEvent::ProcessExit(ProcessExit { reported_by: None, ..e }),
+                    TraceReport::Summary(s) => {
+                        AuditEvent::ProcessExecSummary(ProcessExecSummary { reported_by: None, ..s })
+                    }
                 };
                 notice(TraceNotice::Event(Box::new(event)));
             }
@@ -282,6 +283,20 @@ pub(crate) fn audit_event(notice: TraceNotice) -> AuditEvent {
     }
 }
 
+/// What a microVM guest's agent reported of its exec trace, as the audit
+/// log records it: marked as the guest's claim, whatever the guest set.
+pub(crate) fn guest_event(trace: airlock_proto::exec_record::TraceRecord) -> AuditEvent {
+    use airlock_proto::exec_record::{REPORTED_BY_GUEST, TraceRecord};
+    let by = Some(REPORTED_BY_GUEST.to_owned());
+    match trace {
+        TraceRecord::Exec(e) => AuditEvent::ProcessExec(ProcessExec { reported_by: by, ..e }),
+        TraceRecord::Exit(e) => AuditEvent::ProcessExit(ProcessExit { reported_by: by, ..e }),
+        TraceRecord::Summary(s) => {
+            AuditEvent::ProcessExecSummary(ProcessExecSummary { reported_by: by, ..s })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -295,6 +310,24 @@ mod tests {
         assert!(tracer_id(1_000_000_000 + 14_999 * 65_536).unwrap() < 999_000_000, "below every proxy id");
         for bad in [0, 1000, 999_999_999, 1_000_000_001] {
             assert!(tracer_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_guests_records_are_marked_as_its_own_whatever_it_claims() {
+        use airlock_proto::exec_record::{ProcessExit, TraceRecord};
+        let exit = ProcessExit {
+            at: String::new(),
+            pid: 5,
+            code: Some(0),
+            signal: None,
+            duration_ms: 1,
+            unknown: None,
+            reported_by: Some("host".into()),
+        };
+        match guest_event(TraceRecord::Exit(exit)) {
+            AuditEvent::ProcessExit(e) => assert_eq!(e.reported_by.as_deref(), Some("guest")),
+            other => panic!("{other:?}"),
         }
     }
 }

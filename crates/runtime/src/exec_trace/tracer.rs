@@ -22,10 +22,10 @@ use airlock_jail::service::{ServiceJailError, TracerJail};
 use airlock_jail::sys;
 use rustix::event::epoll;
 
-use super::claim::{self, Memory};
-use super::event::{Claimed, ProcessExec, ProcessExit};
-use super::rate::{ITEMIZED_PER_SECOND, Rate};
 use super::{CONTROL_FD, REPORT_FD, TraceReport, TraceSetup, USERNS_FD};
+use airlock_jail::exec_claim::{self as claim, ProcessMemory};
+use airlock_jail::exec_rate::{ITEMIZED_PER_SECOND, Rate};
+use airlock_proto::exec_record::{Claimed, ProcessExec, ProcessExit};
 
 /// The existing directory the listener's empty root is mounted over.
 const ROOT_MOUNTPOINT: &str = "/tmp";
@@ -149,7 +149,7 @@ fn serve(
         listener,
         poll,
         notif: vec![0u64; notif_words],
-        rate: Rate::new(ITEMIZED_PER_SECOND),
+        rate: Rate::new(ITEMIZED_PER_SECOND, crate::audit::rfc3339_utc),
         tracked: HashMap::new(),
         unsettled: Vec::new(),
         writing: false,
@@ -328,6 +328,7 @@ impl Tracer {
             cwd: cwd.map(Claimed),
             unreadable: claim.unreadable,
             no_such_file,
+            reported_by: None,
         };
         reports.push(&TraceReport::Exec(event), &mut self.rate);
     }
@@ -422,6 +423,7 @@ impl Tracer {
             signal,
             duration_ms: u64::try_from(lived.as_millis()).unwrap_or(u64::MAX),
             unknown,
+            reported_by: None,
         };
         reports.push(&TraceReport::Exit(event), &mut self.rate);
     }
@@ -492,15 +494,6 @@ fn read_link(proc: &OwnedFd, path: &str) -> Option<Vec<u8>> {
 /// Room for up to 64 events in `events`, as epoll wants it.
 fn spare(events: &mut Vec<epoll::Event>) -> rustix::buffer::SpareCapacity<'_, epoll::Event> {
     rustix::buffer::spare_capacity(events)
-}
-
-/// A sandbox process's memory, read with process_vm_readv.
-struct ProcessMemory(i32);
-
-impl Memory for ProcessMemory {
-    fn read(&self, address: u64, buf: &mut [u8]) -> io::Result<usize> {
-        sys::process_vm_read(self.0, address, buf)
-    }
 }
 
 /// Events on their way to the supervisor.

@@ -3,22 +3,28 @@
 //! window counted by program and recorded as one summary when it closes.
 //! A flood then costs the audit log one line a second, and the sandbox
 //! the least reading the trace can do per exec (its program's name).
+//! Shared by the process tier's listener process and a microVM guest's.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::event::{Claimed, ProcessExecSummary, ProgramCount};
+use airlock_proto::exec_record::{Claimed, ProcessExecSummary, ProgramCount};
 
 /// Execs recorded one by one per window.
-pub(crate) const ITEMIZED_PER_SECOND: u32 = 200;
+pub const ITEMIZED_PER_SECOND: u32 = 200;
 const WINDOW: Duration = Duration::from_secs(1);
 /// Programs counted apart per window; the rest are counted together.
 const DISTINCT_PROGRAMS: usize = 64;
 /// Programs a summary names.
 const NAMED_PROGRAMS: usize = 16;
 
-pub(crate) struct Rate {
+/// How a summary writes its window's bounds (the audit log's own format,
+/// which this crate does not link).
+pub type Stamp = fn(SystemTime) -> String;
+
+pub struct Rate {
     limit: u32,
+    stamp: Stamp,
     /// The current window: when it opened (monotonic and wall clock).
     opened: Option<(Instant, SystemTime)>,
     itemized: u32,
@@ -30,14 +36,23 @@ pub(crate) struct Rate {
 }
 
 impl Rate {
-    pub(crate) fn new(limit: u32) -> Rate {
-        Rate { limit, opened: None, itemized: 0, counted: 0, programs: HashMap::new(), other: 0, lost: 0 }
+    pub fn new(limit: u32, stamp: Stamp) -> Rate {
+        Rate {
+            limit,
+            stamp,
+            opened: None,
+            itemized: 0,
+            counted: 0,
+            programs: HashMap::new(),
+            other: 0,
+            lost: 0,
+        }
     }
 
     /// Whether the exec at `now` is recorded on its own (else it is to be
     /// [`Rate::count`]ed). A window that is over is closed first: its
     /// summary, if it has one, is returned too.
-    pub(crate) fn admit(&mut self, now: Instant, wall: SystemTime) -> (bool, Option<ProcessExecSummary>) {
+    pub fn admit(&mut self, now: Instant, wall: SystemTime) -> (bool, Option<ProcessExecSummary>) {
         let closed = self.close_if_over(now, wall);
         if self.opened.is_none() {
             self.opened = Some((now, wall));
@@ -50,7 +65,7 @@ impl Rate {
     }
 
     /// Counts an exec that is not recorded on its own.
-    pub(crate) fn count(&mut self, program: Claimed) {
+    pub fn count(&mut self, program: Claimed) {
         self.counted += 1;
         let distinct = self.programs.len();
         match self.programs.get_mut(&program) {
@@ -63,18 +78,18 @@ impl Rate {
     }
 
     /// An event the trace could not hand on.
-    pub(crate) fn lost(&mut self) {
+    pub fn lost(&mut self) {
         self.lost += 1;
     }
 
     /// When the current window closes, if anything waits to be summarized.
-    pub(crate) fn deadline(&self) -> Option<Instant> {
+    pub fn deadline(&self) -> Option<Instant> {
         let (opened, _) = self.opened?;
         (self.counted > 0 || self.lost > 0).then_some(opened + WINDOW)
     }
 
     /// The window's summary once it is over (None if it summarized nothing).
-    pub(crate) fn close_if_over(&mut self, now: Instant, wall: SystemTime) -> Option<ProcessExecSummary> {
+    pub fn close_if_over(&mut self, now: Instant, wall: SystemTime) -> Option<ProcessExecSummary> {
         let (opened, opened_wall) = self.opened?;
         if now < opened + WINDOW {
             return None;
@@ -88,13 +103,14 @@ impl Rate {
             let beyond: u64 = programs.iter().skip(NAMED_PROGRAMS).map(|p| p.count).sum();
             programs.truncate(NAMED_PROGRAMS);
             ProcessExecSummary {
-                from: crate::audit::rfc3339_utc(opened_wall),
-                until: crate::audit::rfc3339_utc(wall),
+                from: (self.stamp)(opened_wall),
+                until: (self.stamp)(wall),
                 execs: self.counted,
                 programs,
                 other: self.other + beyond,
                 itemized_per_second: self.limit,
                 lost: self.lost,
+                reported_by: None,
             }
         });
         self.programs.clear();
@@ -111,11 +127,15 @@ mod tests {
 
     use super::*;
 
+    fn stamp(t: SystemTime) -> String {
+        format!("{:?}", t)
+    }
+
     #[test]
     fn a_flood_is_itemized_up_to_the_limit_then_summarized_per_window() {
         let start = Instant::now();
         let wall = SystemTime::now();
-        let mut rate = Rate::new(3);
+        let mut rate = Rate::new(3, stamp);
         let mut itemized = 0;
         for i in 0..10 {
             let (one_by_one, closed) = rate.admit(start + Duration::from_millis(i), wall);
@@ -143,7 +163,7 @@ mod tests {
     fn a_quiet_window_has_no_summary_and_programs_are_bounded() {
         let start = Instant::now();
         let wall = SystemTime::now();
-        let mut rate = Rate::new(1);
+        let mut rate = Rate::new(1, stamp);
         assert!(rate.admit(start, wall).0);
         assert!(rate.close_if_over(start + WINDOW, wall).is_none());
         assert!(rate.admit(start + WINDOW * 2, wall).0);

@@ -9,13 +9,23 @@
 
 use std::io;
 
-use super::event::{Claimed, KEEP_PER_ITEM, KEEP_PER_LIST, cut_item, more_items};
+use airlock_proto::exec_record::{Claimed, KEEP_PER_ITEM, KEEP_PER_LIST, cut_item, more_items};
 
 /// Another process's memory.
-pub(crate) trait Memory {
+pub trait Memory {
     /// Copies what is readable at `address` into `buf`: how many bytes
     /// arrived (fewer where the range runs into unmapped memory).
     fn read(&self, address: u64, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+/// A process's memory, read with process_vm_readv (by its pid in the
+/// reader's view).
+pub struct ProcessMemory(pub i32);
+
+impl Memory for ProcessMemory {
+    fn read(&self, address: u64, buf: &mut [u8]) -> io::Result<usize> {
+        crate::sys::process_vm_read(self.0, address, buf)
+    }
 }
 
 /// Reads are split at page boundaries, so that one unmapped page ends a
@@ -23,15 +33,15 @@ pub(crate) trait Memory {
 const PAGE: u64 = 4096;
 /// Bytes read from the process per exec call, pointers and strings
 /// together: past it, lengths are given as "at least".
-pub(crate) const READ_BUDGET: usize = 1 << 20;
+pub const READ_BUDGET: usize = 1 << 20;
 /// The first read of a string; longer ones continue a page at a time.
 const FIRST_READ: usize = 256;
 /// Argument pointers followed per call; past them, "at least".
-pub(crate) const MAX_POINTERS: usize = 16_384;
+pub const MAX_POINTERS: usize = 16_384;
 
 /// What a process's argv and program were at the time of its call.
 #[derive(Debug, Default, PartialEq)]
-pub(crate) struct Claim {
+pub struct Claim {
     pub program: Option<Claimed>,
     pub argv: Vec<Claimed>,
     pub argc: u64,
@@ -62,7 +72,7 @@ fn read_paged(mem: &dyn Memory, address: u64, buf: &mut [u8]) -> io::Result<usiz
 
 /// A NUL-terminated string at `address`: its first `keep` bytes, its length
 /// as far as `budget` let it be scanned, and whether the NUL was found.
-pub(crate) fn read_string(
+pub fn read_string(
     mem: &dyn Memory,
     address: u64,
     keep: usize,
@@ -100,7 +110,7 @@ pub(crate) fn read_string(
 
 /// The pointers of a NULL-terminated array at `address` (an argv), at most
 /// `max`; whether its end was found.
-pub(crate) fn read_pointers(
+pub fn read_pointers(
     mem: &dyn Memory,
     address: u64,
     max: usize,
@@ -139,7 +149,7 @@ pub(crate) fn read_pointers(
 }
 
 /// Reads a call's program (`program_at`) and argv (`argv_at`), capped.
-pub(crate) fn read_claim(mem: &dyn Memory, program_at: u64, argv_at: u64) -> Claim {
+pub fn read_claim(mem: &dyn Memory, program_at: u64, argv_at: u64) -> Claim {
     let mut budget = READ_BUDGET;
     let mut claim = Claim::default();
     match read_string(mem, program_at, KEEP_PER_ITEM, &mut budget) {
@@ -190,7 +200,7 @@ pub(crate) fn read_claim(mem: &dyn Memory, program_at: u64, argv_at: u64) -> Cla
 
 /// The fields of `/proc/PID/status` the trace needs.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Status {
+pub struct Status {
     /// The thread group, in the reader's PID namespace.
     pub tgid: i32,
     /// Its parent there.
@@ -208,7 +218,7 @@ impl Status {
 
 /// Parses `/proc/PID/status` (kernel-written text, read from a file the
 /// process cannot change; still parsed strictly).
-pub(crate) fn parse_status(text: &str) -> Option<Status> {
+pub fn parse_status(text: &str) -> Option<Status> {
     let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
     let number = |name: &str| field(name)?.parse::<i32>().ok();
     let nstgid =
@@ -218,19 +228,19 @@ pub(crate) fn parse_status(text: &str) -> Option<Status> {
 
 /// The wait status in the `exit_code` field of `/proc/PID/stat` (the 52nd,
 /// counted after the command name, which may hold anything).
-pub(crate) fn stat_exit_code(text: &str) -> Option<i32> {
+pub fn stat_exit_code(text: &str) -> Option<i32> {
     let after_name = &text[text.rfind(')')? + 1..];
     // Fields 3 onwards; exit_code is field 52.
     after_name.split_whitespace().nth(52 - 3)?.parse().ok()
 }
 
 /// (code, signal) of a wait status.
-pub(crate) fn decode_wait_status(status: i32) -> (Option<i32>, Option<i32>) {
+pub fn decode_wait_status(status: i32) -> (Option<i32>, Option<i32>) {
     if status & 0x7f == 0 { (Some((status >> 8) & 0xff), None) } else { (None, Some(status & 0x7f)) }
 }
 
 /// `name` made absolute against `base` (a directory), by name only.
-pub(crate) fn absolute(base: Option<&[u8]>, name: &[u8]) -> Vec<u8> {
+pub fn absolute(base: Option<&[u8]>, name: &[u8]) -> Vec<u8> {
     if name.starts_with(b"/") {
         return name.to_vec();
     }
@@ -316,7 +326,7 @@ mod tests {
         assert_eq!(claim.argv[0].as_bytes(), b"\xff\xfe invalid");
         assert_eq!(claim.argv[1].as_bytes(), b"\x1b[2J\r\nforged");
         let cut = claim.argv[2].as_bytes();
-        assert!(cut.len() <= crate::caps::MAX_FIELD);
+        assert!(cut.len() <= airlock_proto::exec_record::MAX_FIELD);
         assert!(cut.ends_with("…[cut by airlock: 102400 bytes in all]".as_bytes()));
         assert_eq!(claim.argv[3].as_bytes(), b"after");
         assert_eq!(claim.argc, 4);
@@ -330,7 +340,7 @@ mod tests {
         let claim = read_claim(&mem, STRINGS, ARGV);
         assert_eq!(claim.argc, 100);
         let kept: usize = claim.argv.iter().map(|a| a.as_bytes().len()).sum();
-        assert!(kept <= crate::caps::MAX_LIST_BYTES, "{kept}");
+        assert!(kept <= airlock_proto::exec_record::MAX_LIST_BYTES, "{kept}");
         let last = String::from_utf8(claim.argv.last().unwrap().0.clone()).unwrap();
         assert!(last.contains("more arguments"), "{last}");
     }
