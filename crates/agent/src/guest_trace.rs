@@ -129,8 +129,11 @@ fn one_call(listener: &OwnedFd, notif: &mut [u64], rate: &mut Rate, tx: &SyncSen
     let ppid = status.as_ref().map_or(0, |s| s.ppid);
     let cwd = read_link(&format!("/proc/{pid}/cwd"));
     let claim = exec_claim::read_claim(&memory, path_at, argv_at);
-    let path =
-        claim.program.as_ref().map(|named| program_path(pid, execveat, &call.args, named, cwd.as_deref()));
+    let path = claim.program.as_ref().map(|named| {
+        exec_claim::program_path(execveat, &call.args, named, cwd.as_deref(), |fd| {
+            read_link(&format!("/proc/{pid}/fd/{fd}"))
+        })
+    });
     // Seen from the caller's root: a name that is not there (a shell's
     // PATH search) is refused by the kernel, no program runs.
     let no_such_file = path.as_ref().is_some_and(|p| {
@@ -161,27 +164,6 @@ fn one_call(listener: &OwnedFd, notif: &mut [u64], rate: &mut Rate, tx: &SyncSen
         reported_by: None,
     };
     queue(tx, TraceRecord::Exec(exec), rate);
-}
-
-/// The program a call names, made absolute against its working directory
-/// or the directory descriptor of an execveat (links not resolved).
-fn program_path(pid: i32, execveat: bool, args: &[u64; 6], named: &Claimed, cwd: Option<&[u8]>) -> Claimed {
-    let name = named.as_bytes();
-    if !execveat || name.starts_with(b"/") {
-        return Claimed(exec_claim::absolute(cwd, name));
-    }
-    // The directory is a descriptor (an `int`), or AT_FDCWD.
-    let dirfd = args[0] as u32 as i32;
-    let empty_path = args[4] & libc::AT_EMPTY_PATH as u64 != 0;
-    let dir = if dirfd == libc::AT_FDCWD {
-        cwd.map(<[u8]>::to_vec)
-    } else {
-        read_link(&format!("/proc/{pid}/fd/{dirfd}"))
-    };
-    if name.is_empty() && empty_path {
-        return Claimed(dir.unwrap_or_else(|| format!("(descriptor {dirfd})").into_bytes()));
-    }
-    Claimed(exec_claim::absolute(dir.as_deref(), name))
 }
 
 fn read_link(path: &str) -> Option<Vec<u8>> {

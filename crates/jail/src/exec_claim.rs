@@ -252,12 +252,56 @@ pub fn absolute(base: Option<&[u8]>, name: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The program an execve or execveat names (`args` the call's arguments),
+/// made absolute by name against the caller's working directory `cwd` or,
+/// for execveat, the directory its descriptor names (`dir_of(fd)` reads
+/// that descriptor's link; links are not resolved).
+pub fn program_path(
+    execveat: bool,
+    args: &[u64; 6],
+    named: &Claimed,
+    cwd: Option<&[u8]>,
+    dir_of: impl FnOnce(i32) -> Option<Vec<u8>>,
+) -> Claimed {
+    let name = named.as_bytes();
+    if !execveat || name.starts_with(b"/") {
+        return Claimed(absolute(cwd, name));
+    }
+    // The directory is a descriptor (an `int`), or AT_FDCWD.
+    let dirfd = args[0] as u32 as i32;
+    let empty_path = args[4] & libc::AT_EMPTY_PATH as u64 != 0;
+    let dir = if dirfd == libc::AT_FDCWD { cwd.map(<[u8]>::to_vec) } else { dir_of(dirfd) };
+    if name.is_empty() && empty_path {
+        return Claimed(dir.unwrap_or_else(|| format!("(descriptor {dirfd})").into_bytes()));
+    }
+    Claimed(absolute(dir.as_deref(), name))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
     use std::collections::BTreeMap;
+
+    /// execve names a path against the working directory; execveat against
+    /// its descriptor's directory, or is the descriptor itself (AT_EMPTY_PATH).
+    #[test]
+    fn the_program_is_named_against_the_directory_its_call_means() {
+        let named = |n: &str| Claimed(n.as_bytes().to_vec());
+        let dir_of = |fd: i32| (fd == 7).then(|| b"/opt/tools".to_vec());
+        let cwd = Some(&b"/work"[..]);
+        let path =
+            |execveat, args: [u64; 6], n: &str| program_path(execveat, &args, &named(n), cwd, dir_of).0;
+        assert_eq!(path(false, [0; 6], "bin/make"), b"/work/bin/make");
+        assert_eq!(path(false, [0; 6], "/usr/bin/make"), b"/usr/bin/make");
+        assert_eq!(path(true, [7, 0, 0, 0, 0, 0], "make"), b"/opt/tools/make");
+        let at_cwd = libc::AT_FDCWD as u32 as u64;
+        assert_eq!(path(true, [at_cwd, 0, 0, 0, 0, 0], "make"), b"/work/make");
+        let empty = libc::AT_EMPTY_PATH as u64;
+        assert_eq!(path(true, [7, 0, 0, 0, empty, 0], ""), b"/opt/tools");
+        assert_eq!(path(true, [9, 0, 0, 0, empty, 0], ""), b"(descriptor 9)");
+    }
 
     /// Memory of mapped pages at page-aligned addresses; the rest faults.
     #[derive(Default)]

@@ -300,8 +300,11 @@ impl Tracer {
         let ppid = status.as_ref().map_or(0, |s| self.inner_parent(s));
         let cwd = read_link(&self.proc, &format!("{pid}/cwd"));
         let claim = claim::read_claim(&memory, path_at, argv_at);
-        let program =
-            claim.program.as_ref().map(|p| self.program_path(pid, execveat, &call.args, p, cwd.as_deref()));
+        let program = claim.program.as_ref().map(|p| {
+            claim::program_path(execveat, &call.args, p, cwd.as_deref(), |fd| {
+                read_link(&self.proc, &format!("{pid}/fd/{fd}"))
+            })
+        });
         let no_such_file = program.as_ref().is_some_and(|p| self.names_no_file(pid, p.as_bytes()));
         let (tgid, inner) = status.as_ref().map_or((pid, 0), |s| (s.tgid, s.inner()));
         let pidfd = self.pidfd_for(tgid);
@@ -331,34 +334,6 @@ impl Tracer {
             reported_by: None,
         };
         reports.push(&TraceReport::Exec(event), &mut self.rate);
-    }
-
-    /// The program a call names, made absolute (by name) against the
-    /// directory it is relative to.
-    fn program_path(
-        &self,
-        pid: i32,
-        execveat: bool,
-        args: &[u64; 6],
-        named: &Claimed,
-        cwd: Option<&[u8]>,
-    ) -> Claimed {
-        let name = named.as_bytes();
-        if !execveat || name.starts_with(b"/") {
-            return Claimed(claim::absolute(cwd, name));
-        }
-        // execveat: the directory is a descriptor (an `int`), or AT_FDCWD.
-        let dirfd = args[0] as u32 as i32;
-        let empty_path = args[4] & libc::AT_EMPTY_PATH as u64 != 0;
-        let dir = if dirfd == libc::AT_FDCWD {
-            cwd.map(<[u8]>::to_vec)
-        } else {
-            read_link(&self.proc, &format!("{pid}/fd/{dirfd}"))
-        };
-        if name.is_empty() && empty_path {
-            return Claimed(dir.unwrap_or_else(|| format!("(descriptor {dirfd})").into_bytes()));
-        }
-        Claimed(claim::absolute(dir.as_deref(), name))
     }
 
     /// Whether `path` (absolute) names nothing in process `pid`'s view.
