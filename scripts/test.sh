@@ -69,6 +69,22 @@ if ! command -v schemathesis >/dev/null; then
     hash -r
 fi
 
+# The Python SDK's tests (crates/cli/tests/suite/python_sdk.rs) run pytest
+# and mypy from a venv of their own, the SDK installed in it editable.
+# Without them those tests fail loudly under CI=true.
+sdk_venv=target/test-deps/py-sdk
+if ! "$sdk_venv/bin/python" -c 'import pytest, mypy, airlock' >/dev/null 2>&1; then
+    say "installing pytest, mypy and the Python SDK into $sdk_venv"
+    if ! python3 -m venv --clear "$sdk_venv" >/dev/null 2>&1 \
+        && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        # Debian's Python makes venvs only with python3-venv.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+        python3 -m venv --clear "$sdk_venv" || true
+    fi
+    "$sdk_venv/bin/python" -m pip install --quiet -e 'sdk/python[test]' \
+        || say "could not set up $sdk_venv: the Python SDK tests will fail"
+fi
+
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 say "format"
