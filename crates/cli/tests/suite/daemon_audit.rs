@@ -1,7 +1,8 @@
 //! The daemon's `GET …/audit` (NDJSON, followed with `?follow=true`),
 //! `GET …/report` (the HTML page) and `GET …/export` (the signed bundle):
 //! what they send, when a followed stream ends, and that a caller sees only
-//! their own sandboxes' logs, reports and bundles.
+//! their own sandboxes' logs, reports and bundles. And what the daemon's
+//! index keeps of an exec: no secret value.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -368,5 +369,55 @@ fn daemon_export_is_the_signed_bundle_of_the_callers_own_stopped_sandbox() {
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
 
     let (status, body) = d.request("DELETE", "/v1/sandboxes/ex", None);
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn daemon_index_keeps_exec_argv_and_paths_with_secret_values_redacted() {
+    let value = "s3cr3t-index-4be1a07d-value";
+    let d = TestDaemon::start_with("audit-4", |cmd| {
+        cmd.env("EXAMPLE_TOKEN", value);
+    });
+    let policy = d.env.dir.path().join("secrets.toml");
+    std::fs::write(
+        &policy,
+        "extends = \"dev\"\n[secrets.EXAMPLE_TOKEN]\nfrom = \"env:EXAMPLE_TOKEN\"\nhosts = [\"api.example.com\"]\n",
+    )
+    .unwrap();
+    let (status, created) =
+        d.json("POST", "/v1/sandboxes", Some(json!({ "name": "sec", "policy": policy.to_str().unwrap() })));
+    assert_eq!(status, 201, "{created}");
+    let exec = json!({ "argv": ["sh", "-c", format!("echo {value} >/dev/null"), value] }).to_string();
+    let (status, body) = d.request("POST", "/v1/sandboxes/sec/exec", Some(&exec));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"code\":0,"), "{body}");
+    let (status, body) = d.request("POST", &format!("/v1/sandboxes/sec/files/mkdir?path=/tmp/{value}"), None);
+    assert_eq!(status, 201, "{body}");
+
+    // The index as its file holds it (and its write-ahead log, where the
+    // latest changes are until a checkpoint): not one copy of the value.
+    let index = d.env.state.join("airlock.db");
+    let db =
+        rusqlite::Connection::open_with_flags(&index, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let argv: String = db
+        .query_row("SELECT argv FROM execs WHERE sandbox = 'sec' ORDER BY id DESC LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&argv).unwrap(),
+        json!(["sh", "-c", "echo [REDACTED:EXAMPLE_TOKEN] >/dev/null", "[REDACTED:EXAMPLE_TOKEN]"]),
+        "argv is indexed as the audit log records it"
+    );
+    drop(db);
+    let mut bytes = std::fs::read(&index).unwrap();
+    bytes.extend(std::fs::read(index.with_extension("db-wal")).unwrap_or_default());
+    let marker = b"[REDACTED:EXAMPLE_TOKEN]";
+    assert!(bytes.windows(marker.len()).any(|w| w == marker), "the redaction marker is in the index");
+    assert!(!bytes.windows(value.len()).any(|w| w == value.as_bytes()), "the secret value is in the index");
+    // The events the API serves from it say the same.
+    let (status, events) = d.request("GET", "/v1/events?sandbox=sec", None);
+    assert_eq!(status, 200, "{events}");
+    assert!(events.contains("[REDACTED:EXAMPLE_TOKEN]") && !events.contains(value), "{events}");
+
+    let (status, body) = d.request("DELETE", "/v1/sandboxes/sec", None);
     assert_eq!(status, 200, "{body}");
 }
