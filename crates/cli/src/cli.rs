@@ -413,6 +413,7 @@ impl Command {
                 | Command::Apply { .. }
                 | Command::Events { .. }
                 | Command::Report { .. }
+                | Command::Export { .. }
         )
     }
 }
@@ -848,6 +849,11 @@ impl Staged {
         let temp = parent.join(format!(".{base}.airlock-cp-{}-{n}", std::process::id()));
         let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp)?;
         Ok(Staged { temp, destination: destination.to_path_buf(), file, committed: false })
+    }
+
+    /// Where the copy is until it is committed.
+    pub(crate) fn staged_path(&self) -> &std::path::Path {
+        &self.temp
     }
 
     /// Puts the finished copy in place.

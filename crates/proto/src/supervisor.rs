@@ -42,6 +42,11 @@ pub enum Request {
         #[serde(with = "crate::bytes")]
         data: Vec<u8>,
     },
+    /// These texts with the sandbox's secret values redacted, as its audit
+    /// log redacts every string of its events: for a record kept outside
+    /// the sandbox (the daemon's index), by a client that never holds the
+    /// values. Answered `Redacted`, one text for each, in order.
+    Redact { texts: Vec<String> },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -71,6 +76,7 @@ pub enum Reply {
     Status { running: bool, deadline_unix: u64, idle_timeout_secs: Option<u64>, execs_running: u32 },
     Error { message: String },
     File(FileReply),
+    Redacted { texts: Vec<String> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

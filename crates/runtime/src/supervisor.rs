@@ -436,6 +436,7 @@ impl Supervisor {
             running_execs: running_execs.clone(),
             next_id: Arc::new(AtomicU32::new(1)),
             audit,
+            secrets: Arc::new(launched.secret_values.clone()),
             max_deadline: unix_now() + max_runtime.as_secs(),
             max_runtime_secs: max_runtime.as_secs(),
             memory: launched
@@ -774,6 +775,9 @@ struct Server {
     running_execs: Arc<AtomicU32>,
     next_id: Arc<AtomicU32>,
     audit: Arc<Mutex<AuditLog>>,
+    /// The secret values (name, value) the audit log redacts, for
+    /// `Request::Redact`.
+    secrets: Arc<Vec<(String, Vec<u8>)>>,
     /// The latest deadline `extend` may set: the policy's maximum runtime
     /// from the start (a flag may shorten it, extend may give time back up
     /// to it); unbounded within a week when the policy allows raising.
@@ -837,6 +841,11 @@ impl Server {
             | Request::FileData { .. } => {
                 Reply::Error { message: "no exec on this connection: send Exec first".into() }
             }
+            // The same function the audit log applies to every string of an
+            // event; the values never leave this process.
+            Request::Redact { texts } => Reply::Redacted {
+                texts: texts.iter().map(|t| crate::network::redact_str(t, &self.secrets)).collect(),
+            },
             Request::Status => Reply::Status {
                 running: true,
                 deadline_unix: self.deadline.load(Ordering::Relaxed),
@@ -1052,6 +1061,7 @@ impl ExecControl {
 }
 
 /// A client of one sandbox's supervisor (the daemon, the CLI).
+#[derive(Debug, Clone)]
 pub struct SupervisorClient {
     socket: PathBuf,
 }
@@ -1192,6 +1202,19 @@ impl SupervisorClient {
 
     pub fn status(&self) -> io::Result<Reply> {
         self.simple(&Request::Status)
+    }
+
+    /// `texts` with the sandbox's secret values redacted by its supervisor,
+    /// exactly as its audit log redacts them (see `Request::Redact`).
+    pub fn redact(&self, texts: Vec<String>) -> io::Result<Vec<String>> {
+        let count = texts.len();
+        match self.simple(&Request::Redact { texts })? {
+            Reply::Redacted { texts } if texts.len() == count => Ok(texts),
+            Reply::Redacted { texts } => {
+                Err(io::Error::other(format!("the supervisor redacted {} texts of {count}", texts.len())))
+            }
+            _ => Err(io::Error::other("the supervisor answered out of turn")),
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use std::io;
 use std::path::PathBuf;
 
 use airlock_runtime::RunError;
+use airlock_runtime::bundle::BundleError;
 use airlock_runtime::ops::{ApplyError, OpError};
 use airlock_runtime::state::StateError;
 use axum::http::{StatusCode, header};
@@ -135,6 +136,17 @@ impl From<OpError> for ApiError {
             }
             OpError::Apply(_) => ApiError::conflict("apply_refused", message),
             _ => ApiError::internal(message),
+        }
+    }
+}
+
+impl From<BundleError> for ApiError {
+    fn from(e: BundleError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            BundleError::State(e) => e.into(),
+            BundleError::Running(_) => ApiError::conflict("still_running", message),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "export_failed", message),
         }
     }
 }
