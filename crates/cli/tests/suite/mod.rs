@@ -22,6 +22,7 @@ mod launch_undo;
 mod lifecycle;
 mod longlived;
 mod microvm;
+mod ports;
 mod report;
 mod rootless;
 mod security;
