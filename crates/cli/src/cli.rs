@@ -342,6 +342,11 @@ struct CreateArgs {
     /// A label K=V (repeatable), for finding sandboxes later.
     #[arg(long = "label", value_parser = parse_env)]
     labels: Vec<(String, String)>,
+    /// Publish a port the sandbox listens on: [HOST_ADDR:]HOST_PORT:SANDBOX_PORT
+    /// (repeatable). HOST_ADDR is 127.0.0.1 unless given; the policy must
+    /// allow it ([network] ports).
+    #[arg(long = "publish", short = 'p', value_name = "[HOST_ADDR:]HOST_PORT:SANDBOX_PORT")]
+    ports: Vec<airlock_runtime::ports::PortMapping>,
 }
 
 #[derive(Args)]
@@ -693,6 +698,7 @@ fn create(args: CreateArgs) -> CliResult {
         idle_timeout: args.idle_timeout,
         env: Vec::new(),
         owner_uid: None,
+        ports: args.ports,
     };
     let created = supervisor::create(&state()?, &req)?;
     println!("{}", created.name);

@@ -282,6 +282,9 @@ fn remote_create(daemon: &Daemon, args: CreateArgs) -> CliResult {
     if let Some(tier) = s.tier {
         body.insert("tier".into(), json!(tier.as_str()));
     }
+    if !args.ports.is_empty() {
+        body.insert("ports".into(), json!(args.ports.iter().map(ToString::to_string).collect::<Vec<_>>()));
+    }
     let created = daemon.json(hyper::Method::POST, "/v1/sandboxes", Some(&Value::Object(body)))?;
     println!("{}", created["name"].as_str().unwrap_or_default());
     Ok(0)

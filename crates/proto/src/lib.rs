@@ -261,6 +261,7 @@ pub mod exec_stream;
 pub mod file;
 pub mod handover;
 pub mod plan;
+pub mod port_connect;
 pub mod supervisor;
 pub mod time;
 pub mod window;

@@ -37,6 +37,10 @@ pub enum Request {
     /// `Reply::File` answers until `Done` or `Failed`. For a write, the
     /// client sends `FileData` after `Ready`, as the socket takes them.
     File(FileOp),
+    /// A connection to `port` on the sandbox's loopback: answered `Ok` once
+    /// it is made (or `Error`), after which this connection carries its
+    /// bytes both ways. `peer` says for the audit log whom it is for.
+    ConnectPort { port: u16, peer: String },
     /// After `File(Write)`: the next bytes of the file.
     FileData {
         #[serde(with = "crate::bytes")]

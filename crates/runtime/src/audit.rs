@@ -261,6 +261,25 @@ pub enum AuditEvent {
         entries: u64,
         refused: Option<String>,
     },
+    /// A connection to a published port (`create -p`) was accepted on the
+    /// host, or a client of the supervisor asked for one: from whom, on
+    /// which host address (None for the latter), to which port inside.
+    PortAccepted {
+        id: u64,
+        peer: String,
+        listen: Option<String>,
+        sandbox_port: u16,
+    },
+    /// That connection ended: the bytes that went into the sandbox
+    /// (`bytes_in`) and came out (`bytes_out`), how long it lasted, and
+    /// why it failed when the port inside could not be reached.
+    PortClosed {
+        id: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+        duration_ms: u64,
+        error: Option<String>,
+    },
 }
 
 impl AuditEvent {
@@ -292,6 +311,8 @@ impl AuditEvent {
             AuditEvent::ExecTraceEnded { .. } => "exec_trace_ended",
             AuditEvent::WorkspaceChanged { .. } => "workspace_changed",
             AuditEvent::FileInspected { .. } => "file_inspected",
+            AuditEvent::PortAccepted { .. } => "port_accepted",
+            AuditEvent::PortClosed { .. } => "port_closed",
         }
     }
 
@@ -309,6 +330,8 @@ impl AuditEvent {
                 | AuditEvent::ProcessExecSummary(_)
                 | AuditEvent::WorkspaceChanged { .. }
                 | AuditEvent::FileInspected { .. }
+                | AuditEvent::PortAccepted { .. }
+                | AuditEvent::PortClosed { .. }
         )
     }
 
@@ -402,6 +425,12 @@ impl AuditEvent {
                 entries,
                 refused: refused.map(message),
             },
+            AuditEvent::PortAccepted { id, peer, listen, sandbox_port } => {
+                AuditEvent::PortAccepted { id, peer: field(peer), listen: listen.map(field), sandbox_port }
+            }
+            AuditEvent::PortClosed { id, bytes_in, bytes_out, duration_ms, error } => {
+                AuditEvent::PortClosed { id, bytes_in, bytes_out, duration_ms, error: error.map(message) }
+            }
             other @ (AuditEvent::Exited { .. }
             | AuditEvent::TimeLimitHit { .. }
             | AuditEvent::DiffSummary { .. }

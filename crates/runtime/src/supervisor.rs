@@ -36,6 +36,7 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::create_failure::{CreateFailure, Report};
 use crate::file_relay::{FileRoutes, Relay, route_file_reply};
 use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, step_done};
+use crate::ports::PortAccess;
 use crate::run::Notice;
 use crate::state::{SandboxDir, SandboxState, StateRoot};
 
@@ -65,6 +66,9 @@ pub struct CreateRequest {
     /// the uid of the client it serves.
     #[serde(default)]
     pub owner_uid: Option<u32>,
+    /// Ports to publish (`-p`): host listeners relayed to ports inside.
+    #[serde(default)]
+    pub ports: Vec<crate::ports::PortMapping>,
 }
 
 /// The wire form of a request to the supervisor process (overrides are not
@@ -97,6 +101,7 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
         crate::state::check_name_owner(name, owner_uid)?;
     }
     let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
+    crate::ports::check(&req.ports, &policy)?;
     drop(policy);
     let o = &req.overrides;
     let spec = Spec {
@@ -209,6 +214,10 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     };
     let req = &spec.request;
     let checked = crate::run::check(&req.policy, &overrides, req.workspace.as_deref(), &mut |_| {})?;
+    crate::ports::check(&req.ports, &checked.policy)?;
+    // Before anything of the sandbox exists: a taken host port fails the
+    // create with nothing to clean up.
+    let listeners = crate::ports::bind_all(&req.ports)?;
     let root = StateRoot::from_env()?;
     crate::prepare_state_root(&root, checked.host.running_as_root)?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
@@ -241,14 +250,14 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     };
     // A failure from here on has already released what the sandbox held
     // (its agent, cgroup, layer and id block) by the time it returns.
-    let mut supervisor = match Supervisor::start(&sandbox, &checked.policy, launched, &spec, req, max_runtime)
-    {
-        Ok(supervisor) => supervisor,
-        Err(e) => {
-            crate::run::record_failure(&sandbox, &e);
-            return Err(e);
-        }
-    };
+    let mut supervisor =
+        match Supervisor::start(&sandbox, &checked.policy, launched, &spec, req, max_runtime, listeners) {
+            Ok(supervisor) => supervisor,
+            Err(e) => {
+                crate::run::record_failure(&sandbox, &e);
+                return Err(e);
+            }
+        };
     // Said once, then the descriptor is closed: the creator returns now.
     if let Some(mut ready) = ready.take() {
         report(&mut ready, &Report::Ready { name: sandbox.name().to_string() });
@@ -339,6 +348,7 @@ struct Supervisor {
     running_execs: Arc<AtomicU32>,
     started: Instant,
     socket: PathBuf,
+    ports: Arc<PortAccess>,
 }
 
 fn unix_now() -> u64 {
@@ -353,6 +363,7 @@ impl Supervisor {
         spec: &Spec,
         req: &CreateRequest,
         max_runtime: Duration,
+        listeners: Vec<(crate::ports::PortMapping, std::net::TcpListener)>,
     ) -> Result<Supervisor, RunError> {
         // The agent first confirms it is confined, then that it serves.
         let _ = launched.control.set_read_timeout(Some(Duration::from_secs(60)));
@@ -381,6 +392,7 @@ impl Supervisor {
         launched.meta.labels = req.labels.clone();
         launched.meta.deadline_unix = Some(deadline);
         launched.meta.idle_timeout_secs = req.idle_timeout.map(|d| d.as_secs());
+        launched.meta.ports = req.ports.clone();
         sandbox.write_meta(&launched.meta)?;
 
         let socket = sandbox.path().join(SOCKET);
@@ -413,6 +425,18 @@ impl Supervisor {
         // process-tier agent is inside the sandbox, and its trace is the
         // host's own listener's.
         let guest_trace = (policy.isolation.tier == airlock_policy::Tier::Microvm).then(|| audit.clone());
+        // Why a client's `ConnectPort` is refused, when it is.
+        let ports_refused = crate::ports::check(&[crate::ports::PortMapping::ANY], policy).err();
+        let ports = PortAccess::new(
+            sandbox.name(),
+            launched.agent_pid,
+            ports_refused.map(|e| e.to_string()),
+            audit.clone(),
+        );
+        if let Err(e) = ports.publish(listeners) {
+            ports.close();
+            return Err(e.into());
+        }
         spawn_agent_reader(
             agent_reader,
             routes.clone(),
@@ -439,6 +463,7 @@ impl Supervisor {
             secrets: Arc::new(launched.secret_values.clone()),
             max_deadline: unix_now() + max_runtime.as_secs(),
             max_runtime_secs: max_runtime.as_secs(),
+            ports: ports.clone(),
             memory: launched
                 .meta
                 .cgroup
@@ -469,6 +494,7 @@ impl Supervisor {
             running_execs,
             started: Instant::now(),
             socket,
+            ports,
         })
     }
 
@@ -510,6 +536,8 @@ impl Supervisor {
         reason: StopReason,
     ) -> Result<(), RunError> {
         let _ = std::fs::remove_file(&self.socket);
+        // The published ports stop listening with the sandbox.
+        self.ports.close();
         let Some(launched) = self.launched.take() else { return Ok(()) };
         let Launched { name, meta, mut audit, mut held, secret_values, stdio, control, .. } = launched;
         // An error returned early drops `held`, which ends the sandbox and
@@ -783,6 +811,7 @@ struct Server {
     /// to it); unbounded within a week when the policy allows raising.
     max_deadline: u64,
     max_runtime_secs: u64,
+    ports: Arc<PortAccess>,
     memory: Option<Arc<MemoryWatch>>,
 }
 
@@ -816,6 +845,7 @@ impl Server {
         let reply = match request {
             Request::Exec(spec) => return self.exec(conn, spec),
             Request::File(op) => return self.file(conn, op),
+            Request::ConnectPort { port, peer } => return self.connect_port(conn, port, peer),
             Request::Stop => {
                 let _ = self.control.send(Control::Stop);
                 Reply::Ok
@@ -1032,6 +1062,22 @@ impl Server {
         }
     }
 
+    /// Relays this client connection to `port` inside the sandbox, after
+    /// answering whether it could be made.
+    fn connect_port(&self, conn: UnixStream, port: u16, peer: String) {
+        let origin = crate::ports::Origin { peer, listen: None };
+        let answer = |conn: &mut UnixStream, failed: Option<&crate::ports::PortError>| {
+            let reply = match failed {
+                None => Reply::Ok,
+                Some(e) => Reply::Error { message: e.to_string() },
+            };
+            let _ = airlock_proto::send(conn, &reply);
+        };
+        if let Err(e) = self.ports.serve(conn, port, origin, answer) {
+            tracing::debug!("port {port}: {e}");
+        }
+    }
+
     fn record(&self, event: AuditEvent) {
         if let Ok(mut audit) = self.audit.lock() {
             let _ = audit.record(event);
@@ -1190,6 +1236,21 @@ impl SupervisorClient {
     /// terms (a watch).
     pub fn file_session(&self, op: &FileOp) -> io::Result<FileSession> {
         Ok(FileSession { conn: self.request(&Request::File(op.clone()))? })
+    }
+
+    /// A connection to `port` on the sandbox's loopback, made by its
+    /// supervisor: once this returns, the stream carries the port's bytes
+    /// both ways. `peer` names whom it is for in the audit log (an address,
+    /// a front end). Refused when the sandbox's policy forbids ports or its
+    /// tier cannot carry them, and when nothing listens on the port.
+    pub fn connect_port(&self, port: u16, peer: &str) -> io::Result<UnixStream> {
+        let mut conn = self.request(&Request::ConnectPort { port, peer: peer.to_owned() })?;
+        match airlock_proto::recv::<_, Reply>(&mut conn).map_err(io::Error::other)? {
+            Some(Reply::Ok) => Ok(conn),
+            Some(Reply::Error { message }) => Err(io::Error::other(message)),
+            Some(other) => Err(io::Error::other(format!("unexpected answer {other:?}"))),
+            None => Err(io::ErrorKind::UnexpectedEof.into()),
+        }
     }
 
     pub fn stop(&self) -> io::Result<()> {

@@ -23,6 +23,7 @@ mod lifecycle;
 mod longlived;
 mod microvm;
 mod python_sdk;
+mod ports;
 mod report;
 mod rootless;
 mod security;
