@@ -163,7 +163,12 @@ impl Daemon {
 
     /// Streams exactly `len` bytes of `source` as the body of a `PUT`; the
     /// answer is one JSON document.
-    pub fn put(&self, path: &str, len: u64, mut source: impl std::io::Read + Send + 'static) -> Result<Value, DaemonError> {
+    pub fn put(
+        &self,
+        path: &str,
+        len: u64,
+        mut source: impl std::io::Read + Send + 'static,
+    ) -> Result<Value, DaemonError> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
         std::thread::spawn(move || {
             loop {
