@@ -69,6 +69,26 @@ if ! command -v schemathesis >/dev/null; then
     hash -r
 fi
 
+# The MCP tests (crates/cli/tests/suite/mcp.rs) drive `airlock mcp` with the
+# official Python SDK, `mcp` from PyPI, pinned, in a venv of its own.
+MCP_PY_VERSION=2.3.0
+MCP_VENV=target/test-deps/py-mcp
+if ! "$MCP_VENV/bin/python" -c "import mcp, importlib.metadata as m; assert m.version('mcp') == '$MCP_PY_VERSION'" 2>/dev/null; then
+    say "installing the Python mcp package $MCP_PY_VERSION into $MCP_VENV"
+    if ! python3 -m venv --help >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    fi
+    rm -rf "$MCP_VENV"
+    if ! { python3 -m venv "$MCP_VENV" && "$MCP_VENV/bin/pip" install --quiet "mcp==$MCP_PY_VERSION"; }; then
+        # The tests fail loudly under CI=true without it; so does this.
+        if [ "${CI:-}" = true ]; then
+            echo "could not install the Python mcp package (needed by the MCP tests)" >&2
+            exit 1
+        fi
+        say "could not install the Python mcp package: the MCP tests will be skipped"
+    fi
+fi
+
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 say "format"
