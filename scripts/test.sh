@@ -69,21 +69,36 @@ if ! command -v schemathesis >/dev/null; then
     hash -r
 fi
 
-# The Python SDK's tests (crates/cli/tests/suite/python_sdk.rs) run pytest
-# and mypy from a venv of their own, the SDK installed in it editable.
-# Without them those tests fail loudly under CI=true.
-sdk_venv=target/test-deps/py-sdk
-if ! "$sdk_venv/bin/python" -c 'import pytest, mypy, airlock' >/dev/null 2>&1; then
-    say "installing pytest, mypy and the Python SDK into $sdk_venv"
-    if ! python3 -m venv --clear "$sdk_venv" >/dev/null 2>&1 \
-        && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+# Python clients the tests drive, each in a venv of its own under
+# target/test-deps (pinned where the test speaks someone else's protocol).
+# Without them those tests fail loudly under CI=true; so does this.
+python_venv() {  # DIR IMPORT-CHECK PIP-ARGS...
+    local dir=$1 check=$2
+    shift 2
+    if "$dir/bin/python" -c "$check" >/dev/null 2>&1; then
+        return
+    fi
+    say "installing $* into $dir"
+    if ! python3 -m venv --help >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         # Debian's Python makes venvs only with python3-venv.
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
-        python3 -m venv --clear "$sdk_venv" || true
     fi
-    "$sdk_venv/bin/python" -m pip install --quiet -e 'sdk/python[test]' \
-        || say "could not set up $sdk_venv: the Python SDK tests will fail"
-fi
+    rm -rf "$dir"
+    if ! { python3 -m venv "$dir" && "$dir/bin/python" -m pip install --quiet "$@"; }; then
+        if [ "${CI:-}" = true ]; then
+            echo "could not set up $dir (pip install $*)" >&2
+            exit 1
+        fi
+        say "could not set up $dir: the tests that need it will skip"
+    fi
+}
+
+# The Python SDK's tests (suite/python_sdk.rs): pytest and mypy, the SDK editable.
+python_venv target/test-deps/py-sdk 'import pytest, mypy, airlock' -e 'sdk/python[test]'
+# The MCP tests (suite/mcp.rs): the official Python SDK, `mcp` from PyPI.
+MCP_PY_VERSION=2.3.0
+python_venv target/test-deps/py-mcp \
+    "import importlib.metadata as m; assert m.version('mcp') == '$MCP_PY_VERSION'" "mcp==$MCP_PY_VERSION"
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 

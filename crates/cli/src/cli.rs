@@ -171,6 +171,20 @@ enum Command {
     /// The microVM tier's guest (`vm setup` builds it).
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Serve airlock's sandboxes as Model Context Protocol tools, on stdio
+    /// (or streamable HTTP with --listen); through the daemon when one
+    /// answers, directly otherwise. Sandboxes it creates outlive it until
+    /// their policy's deadline.
+    Mcp {
+        /// Also offer the `apply` tool, which writes a stopped sandbox's
+        /// reviewed changes into its workspace on the host.
+        #[arg(long)]
+        allow_apply: bool,
+        /// Serve streamable HTTP on this loopback address (ADDR:PORT; path
+        /// /mcp) instead of stdio. It has no authentication: loopback only.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Serve the HTTP/JSON API on a Unix socket (sandboxes outlive it).
     Daemon {
         /// Socket path (default: /run/airlock/airlock.sock as root, else
@@ -551,6 +565,10 @@ fn direct(command: Command, forced: bool) -> CliResult {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("{name}.tar.zst")));
             let report = airlock_runtime::bundle::export(&root, &name, &output)?;
             present::exported(&report);
+            Ok(0)
+        }
+        Command::Mcp { allow_apply, listen } => {
+            airlock_mcp::serve(airlock_mcp::Options { allow_apply, listen, direct: forced })?;
             Ok(0)
         }
         Command::Daemon { socket, group, listen, tls_cert, tls_key, tokens } => {

@@ -21,6 +21,7 @@ mod files;
 mod launch_undo;
 mod lifecycle;
 mod longlived;
+mod mcp;
 mod microvm;
 mod python_sdk;
 mod ports;
