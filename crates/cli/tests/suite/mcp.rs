@@ -14,6 +14,8 @@ use super::daemon_harness::TestDaemon;
 use super::support::*;
 
 const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/suite/mcp_client.py");
+/// The stdio server is started as the README's client configuration says.
+const README: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
 
 /// The venv's interpreter, or None (skipped outside CI, a failure in CI).
 fn python() -> Option<PathBuf> {
@@ -32,9 +34,17 @@ fn python() -> Option<PathBuf> {
 /// The client script, as `env`'s airlock would be run (its state
 /// directory, and `socket` as the daemon to look for).
 fn client(python: &PathBuf, env: &Env, socket: &std::path::Path, args: &[&str]) -> Output {
+    // `airlock` on PATH, as a client configured with the README's snippet finds it.
+    let bin_dir = std::path::Path::new(BIN).parent().unwrap();
+    let path = std::env::join_paths(
+        std::iter::once(bin_dir.to_path_buf())
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )
+    .unwrap();
     Command::new(python)
         .arg(CLIENT)
         .args(args)
+        .env("PATH", path)
         .env("AIRLOCK_STATE_DIR", &env.state)
         .env("AIRLOCK_CGROUP_PARENT", cgroup_parent())
         .env("AIRLOCK_SOCKET", socket)
@@ -90,7 +100,7 @@ fn mcp_tools_over_stdio_work_on_the_state_directory() {
     let env = Env::new();
     let ws = env.workspace.display().to_string();
     let no_daemon = env.dir.path().join("no-daemon.sock");
-    let o = client(&python, &env, &no_daemon, &["stdio", BIN, &ws]);
+    let o = client(&python, &env, &no_daemon, &["stdio", README, &ws]);
     assert_scenario(&o, false);
     // Without --allow-apply nothing reached the host's workspace.
     assert_eq!(std::fs::read_to_string(env.workspace.join("README")).unwrap(), "hello\n");
@@ -103,7 +113,7 @@ fn mcp_apply_is_offered_with_allow_apply_and_writes_the_reviewed_change() {
     let env = Env::new();
     let ws = env.workspace.display().to_string();
     let no_daemon = env.dir.path().join("no-daemon.sock");
-    let o = client(&python, &env, &no_daemon, &["stdio", BIN, &ws, "--allow-apply"]);
+    let o = client(&python, &env, &no_daemon, &["stdio", README, &ws, "--allow-apply"]);
     assert_scenario(&o, true);
     assert_eq!(std::fs::read_to_string(env.workspace.join("README")).unwrap(), "changed\n");
     assert_kept(&env);
@@ -114,7 +124,7 @@ fn mcp_tools_go_through_the_daemon_when_one_answers() {
     let Some(python) = python() else { return };
     let d = TestDaemon::start("mcp");
     let ws = d.env.workspace.display().to_string();
-    let o = client(&python, &d.env, &d.socket, &["stdio", BIN, &ws, "--allow-apply"]);
+    let o = client(&python, &d.env, &d.socket, &["stdio", README, &ws, "--allow-apply"]);
     assert_scenario(&o, true);
     assert_eq!(std::fs::read_to_string(d.env.workspace.join("README")).unwrap(), "changed\n");
     // The daemon served them: its event log has the sandbox's life and execs.

@@ -192,13 +192,26 @@ async def http_scenario(session):
     ok("streamable HTTP: create, exec, destroy")
 
 
+def readme_server(readme):
+    """The `airlock` server of the README's MCP client configuration."""
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    for block in text.split("```json\n")[1:]:
+        snippet = block.split("```", 1)[0]
+        if "mcpServers" in snippet:
+            return json.loads(snippet)["mcpServers"]["airlock"]
+    fail("README", "no ```json block with mcpServers")
+
+
 async def main():
     mode = sys.argv[1]
     if mode == "stdio":
-        binary, workspace = sys.argv[2], sys.argv[3]
+        readme, workspace = sys.argv[2], sys.argv[3]
         allow_apply = "--allow-apply" in sys.argv[4:]
-        args = ["mcp"] + (["--allow-apply"] if allow_apply else [])
-        server = StdioServerParameters(command=binary, args=args, env=dict(os.environ))
+        # Started as the README's client configuration says (airlock on PATH).
+        configured = readme_server(readme)
+        args = configured["args"] + (["--allow-apply"] if allow_apply else [])
+        server = StdioServerParameters(command=configured["command"], args=args, env=dict(os.environ))
         async with stdio_client(server) as (read, write):
             async with ClientSession(read, write) as session:
                 await session.initialize()
