@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod exec_claim;
+pub mod exec_ends;
 pub mod exec_rate;
 pub mod landlock_rules;
 pub mod mounts;
