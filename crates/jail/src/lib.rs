@@ -18,6 +18,7 @@ pub mod names;
 pub use airlock_proto::plan;
 pub mod privileges;
 pub mod probe;
+pub mod proc_events;
 pub mod redirect;
 pub mod rlimit;
 pub mod seccomp;
