@@ -232,11 +232,16 @@ pub enum AuditEvent {
     /// Execs past the trace's rate in one second, counted.
     ProcessExecSummary(crate::exec_trace::ProcessExecSummary),
     /// The exec trace's listener process ended while the sandbox could
-    /// still exec: its execs fail from then on.
+    /// still exec: its execs fail from then on. In a microVM guest, its
+    /// agent's trace thread ended (`reported_by: guest`; no code or signal).
     ExecTraceEnded {
         code: Option<i32>,
         signal: Option<i32>,
         detail: String,
+        /// As on the trace's other records: `"guest"` when a microVM
+        /// guest reported it; absent when the host saw its listener end.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reported_by: Option<String>,
     },
     /// One path the sandbox changed in its workspace, from the diff at
     /// finalize (after the `diff_summary`): what happened to it, its type
@@ -406,9 +411,12 @@ impl AuditEvent {
                 AuditEvent::ProcessExit(e)
             }
             AuditEvent::ProcessExecSummary(s) => AuditEvent::ProcessExecSummary(s.capped()),
-            AuditEvent::ExecTraceEnded { code, signal, detail } => {
-                AuditEvent::ExecTraceEnded { code, signal, detail: message(detail) }
-            }
+            AuditEvent::ExecTraceEnded { code, signal, detail, reported_by } => AuditEvent::ExecTraceEnded {
+                code,
+                signal,
+                detail: message(detail),
+                reported_by: reported_by.map(field),
+            },
             AuditEvent::WorkspaceChanged { path, kind, old_type, new_type, size, sha256 } => {
                 AuditEvent::WorkspaceChanged {
                     path: cap_path(&path, MAX_FIELD),

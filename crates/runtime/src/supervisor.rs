@@ -324,6 +324,9 @@ pub fn last_stop(sandbox: &SandboxDir) -> Option<(&'static str, String)> {
 enum Control {
     Stop,
     AgentGone,
+    /// A microVM guest killed what was left in it, and its trace's records
+    /// of those ends are recorded.
+    ProcessesEnded,
 }
 
 type ExecRoutes = Arc<Mutex<HashMap<u32, Route>>>;
@@ -521,7 +524,7 @@ impl Supervisor {
             match self.control_rx.recv_timeout(wait.min(Duration::from_secs(60))) {
                 Ok(Control::Stop) => return StopReason::Requested,
                 Ok(Control::AgentGone) => return StopReason::AgentGone,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(Control::ProcessesEnded) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return StopReason::AgentGone,
             }
         }
@@ -556,6 +559,9 @@ impl Supervisor {
         step_done("stopping")?;
         if !matches!(reason, StopReason::AgentGone) {
             self.end_execs(policy.limits.stop_grace);
+            if policy.isolation.tier == airlock_policy::Tier::Microvm {
+                self.end_guest_processes();
+            }
         }
         held.kill_all();
         let agent_status = held.reap_agent();
@@ -603,6 +609,27 @@ impl Supervisor {
     fn end_execs(&self, grace: Duration) {
         if !ask_execs_to_end(&self.routes, &self.agent, grace) {
             tracing::debug!(sandbox = %self.name, "grace period over; killing the sandbox's processes");
+        }
+    }
+
+    /// A microVM's guest: its agent kills whatever is left in it (a
+    /// background job) and answers once its trace's records of those ends
+    /// are sent (the agent reader records them first); waited for
+    /// [`crate::exec_trace::GUEST_LAST_ENDS`] at most.
+    fn end_guest_processes(&self) {
+        let sent = self
+            .agent
+            .lock()
+            .is_ok_and(|mut agent| airlock_proto::send(&mut *agent, &HostMessage::EndProcesses).is_ok());
+        if !sent {
+            return;
+        }
+        let until = Instant::now() + crate::exec_trace::GUEST_LAST_ENDS;
+        loop {
+            match self.control_rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(Control::Stop) => {}
+                Ok(Control::ProcessesEnded | Control::AgentGone) | Err(_) => return,
+            }
         }
     }
 }
@@ -753,6 +780,10 @@ fn spawn_agent_reader(
                     {
                         route.stdin.give_back();
                     }
+                    continue;
+                }
+                AgentMessage::ProcessesEnded => {
+                    let _ = control.send(Control::ProcessesEnded);
                     continue;
                 }
                 AgentMessage::ExecTrace { trace } => {
