@@ -147,7 +147,11 @@ enum Command {
     /// decisions, limits and policy. It loads nothing from anywhere and runs
     /// nothing the sandbox wrote.
     Report {
-        name: String,
+        /// The sandbox (or --bundle).
+        #[arg(required_unless_present = "bundle")]
+        name: Option<String>,
+        #[command(flatten)]
+        from: BundleArgs,
         /// Where to write the page (`-` for standard output). A new file is
         /// readable by you only: it holds what the sandbox ran and reached.
         #[arg(long, short = 'o', value_name = "FILE")]
@@ -431,7 +435,7 @@ impl Command {
                 | Command::Rm { .. }
                 | Command::Apply { .. }
                 | Command::Events { .. }
-                | Command::Report { .. }
+                | Command::Report { from: BundleArgs { bundle: None, .. }, .. }
                 | Command::Export { .. }
         )
     }
@@ -550,8 +554,21 @@ fn direct(command: Command, forced: bool) -> CliResult {
             Ok(0)
         }
         Command::Policy(cmd) => policy(cmd),
-        Command::Report { name, output } => {
-            let page = airlock_runtime::report::render(&state()?, &name, &name)?;
+        Command::Report { name, from, output } => {
+            let page = match (&from.bundle, name) {
+                (Some(path), _) => match airlock_runtime::bundle::open(path, from.key.as_deref()) {
+                    Ok(opened) => airlock_runtime::report::render_bundle(&opened),
+                    Err(
+                        e @ (airlock_runtime::bundle::BundleError::Refused { .. }
+                        | airlock_runtime::bundle::BundleError::Tampered { .. }),
+                    ) => {
+                        return Ok(present::bundle_refused(&e, false)?);
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                (None, Some(name)) => airlock_runtime::report::render(&state()?, &name, &name)?,
+                (None, None) => return Err("name a sandbox, or --bundle FILE".into()),
+            };
             write_report(&output, |out| Ok(out.write_all(page.as_bytes())?))?;
             Ok(0)
         }

@@ -84,7 +84,7 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
             daemon.download(&sandbox_path(&name, &format!("/logs?stream={stream}")), &mut out)?;
             Ok(0)
         }
-        Command::Report { name, output } => {
+        Command::Report { name: Some(name), output, .. } => {
             super::write_report(&output, |out| {
                 daemon.download(&sandbox_path(&name, "/report"), out)?;
                 Ok(())

@@ -192,6 +192,40 @@ pub(crate) fn load_file(path: &Path) -> Result<Policy, PolicyError> {
     load_chain(path, &mut visiting)
 }
 
+/// A stored policy's `text` (one airlock wrote: every key set, extending
+/// a built-in profile), from somewhere other than a file of this host (an
+/// export bundle): it may extend only a built-in profile. `shown_as`
+/// names it in errors.
+pub(crate) fn load_text(text: &str, shown_as: &Path) -> Result<Policy, PolicyError> {
+    let src = Source { path: shown_as, text };
+    let layer = parse_layer(&src)?;
+    let base = match &layer.extends {
+        None => builtin::load_checked("dev")?,
+        Some(name) if builtin::source(name.get_ref()).is_some() => builtin::load_checked(name.get_ref())?,
+        Some(name) => {
+            return Err(src.error(
+                name.span(),
+                FileErrorKind::InvalidValue {
+                    section: String::new(),
+                    key: "extends".to_string(),
+                    reason: format!(
+                        "{:?} is not a built-in profile ({}): a stored policy extends only those",
+                        name.get_ref(),
+                        builtin::NAMES.join(", ")
+                    ),
+                },
+            ));
+        }
+    };
+    let mut policy = apply(&base, &layer);
+    check_combined(&src, &layer, &policy)?;
+    policy.name = shown_as
+        .file_stem()
+        .map_or_else(|| shown_as.display().to_string(), |s| s.to_string_lossy().into_owned());
+    policy.extends_chain.push(shown_as.display().to_string());
+    Ok(policy)
+}
+
 /// Loads `path` and, recursively, what it extends. `visiting` holds the
 /// canonical paths of the files above this one, for cycle detection.
 fn load_chain(path: &Path, visiting: &mut Vec<(PathBuf, PathBuf)>) -> Result<Policy, PolicyError> {

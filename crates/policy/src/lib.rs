@@ -299,6 +299,12 @@ impl Policy {
         layer::load_file(path)
     }
 
+    /// A stored policy from `text` rather than a file of this host (an
+    /// export bundle's): it may extend only a built-in profile.
+    pub fn load_text(text: &str, shown_as: &Path) -> Result<Policy, PolicyError> {
+        layer::load_text(text, shown_as)
+    }
+
     /// A built-in profile by name, else a policy file at that path.
     pub fn resolve(name_or_path: &str) -> Result<Policy, PolicyError> {
         if let Some(policy) = Self::builtin(name_or_path) {

@@ -47,6 +47,10 @@ pub const SIGNATURE: &str = "manifest.sig";
 /// The audit log's member.
 pub const AUDIT: &str = "audit.jsonl";
 const AUDIT_HEAD: &str = "audit.head";
+/// Members [`open`] keeps for a report made from the bundle, and how big
+/// each may be to be kept (a bigger one is checked, not kept).
+pub const REPORT_PARTS: [(&str, u64); 4] =
+    [("meta.json", 1 << 20), ("policy.toml", 1 << 20), ("diff.json", 64 << 20), ("diff.patch", 64 << 20)];
 const FORMAT: &str = "airlock-bundle";
 const FORMAT_VERSION: u32 = 1;
 /// The host key's file in the state root.
@@ -576,6 +580,8 @@ pub struct Opened {
     pub audit: Option<Vec<u8>>,
     /// The audit log's chain, held to the manifest's head.
     pub chain: Option<ChainReport>,
+    /// The members of [`REPORT_PARTS`] the bundle has, within their size.
+    pub parts: HashMap<String, Vec<u8>>,
 }
 
 /// Reads and checks the bundle at `path`: the signature (by `trusted`,
@@ -602,6 +608,7 @@ pub fn open(path: &Path, trusted: Option<&str>) -> Result<Opened, BundleError> {
     let mut seen: Vec<bool> = Vec::new();
     let mut audit = None;
     let mut head_member = None;
+    let mut parts = HashMap::new();
     let mut long_name: Option<Vec<u8>> = None;
     let mut raw_entries = 0usize;
     let mut members = 0usize;
@@ -695,7 +702,11 @@ pub fn open(path: &Path, trusted: Option<&str>) -> Result<Opened, BundleError> {
                         listed.size
                     )));
                 }
-                let keep = name == AUDIT.as_bytes() || name == AUDIT_HEAD.as_bytes();
+                let part = REPORT_PARTS
+                    .iter()
+                    .find(|(part, cap)| name == part.as_bytes() && size <= *cap)
+                    .map(|(part, _)| *part);
+                let keep = name == AUDIT.as_bytes() || name == AUDIT_HEAD.as_bytes() || part.is_some();
                 if name == AUDIT.as_bytes() && size > MAX_AUDIT_BYTES {
                     return Err(refuse(format!(
                         "its audit log is {size} bytes, more than {MAX_AUDIT_BYTES}"
@@ -724,6 +735,8 @@ pub fn open(path: &Path, trusted: Option<&str>) -> Result<Opened, BundleError> {
                 }
                 if name == AUDIT.as_bytes() {
                     audit = Some(kept);
+                } else if let Some(part) = part {
+                    parts.insert(part.to_owned(), kept);
                 } else if keep {
                     head_member = Head::decode(&kept);
                 }
@@ -752,7 +765,7 @@ pub fn open(path: &Path, trusted: Option<&str>) -> Result<Opened, BundleError> {
         }
         chain::verify(log, &anchors, false)
     });
-    Ok(Opened { manifest, signer, audit, chain })
+    Ok(Opened { manifest, signer, audit, chain, parts })
 }
 
 /// The signer (`ed25519:<hex>`) when `signature` is a valid signature of

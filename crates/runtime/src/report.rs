@@ -31,6 +31,116 @@ pub fn render(root: &StateRoot, name: &str, shown: &str) -> Result<String, OpErr
     Ok(airlock_report::render(&input))
 }
 
+/// The report of an export bundle that passed [`crate::bundle::open`]'s
+/// checks, on any host: made from what the bundle holds (its audit log, the
+/// sandbox's metadata and stored policy, the diff and the patch it carries,
+/// redacted at finalize where the sandbox had secrets).
+pub fn render_bundle(opened: &crate::bundle::Opened) -> String {
+    let part = |name: &str| opened.parts.get(name).map(Vec::as_slice);
+    let mut problems = Vec::new();
+    let meta = part("meta.json").and_then(|bytes| {
+        serde_json::from_slice::<SandboxMeta>(bytes)
+            .map_err(|e| problems.push(format!("The bundle's meta.json could not be read: {e}")))
+            .ok()
+    });
+    let events = match opened.audit.as_deref() {
+        Some(bytes) => {
+            let (events, mut damaged) = events_of(bytes);
+            problems.append(&mut damaged);
+            events
+        }
+        None => {
+            problems.push("The bundle has no audit log.".to_owned());
+            Vec::new()
+        }
+    };
+    let policy = match part("policy.toml").map(policy_of) {
+        Some(Ok(policy)) => Some(policy_section(&policy)),
+        Some(Err(e)) => {
+            problems.push(format!("The bundle's policy.toml could not be read: {e}"));
+            None
+        }
+        None => None,
+    };
+    let name = &opened.manifest.sandbox;
+    let input = ReportInput {
+        sandbox: facts(name, meta.as_ref(), false),
+        events,
+        problems,
+        diff: bundle_diff(part("diff.json"), part("diff.patch")),
+        policy,
+        generated_at: crate::now_rfc3339(),
+        generator: format!("airlock {} (from an export bundle)", env!("CARGO_PKG_VERSION")),
+    };
+    airlock_report::render(&input)
+}
+
+/// A bundle's stored policy (it may extend only a built-in profile).
+fn policy_of(bytes: &[u8]) -> Result<Policy, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+    Policy::load_text(text, Path::new("policy.toml")).map_err(|e| e.to_string())
+}
+
+/// The diff section from a bundle's `diff.json` (the changes) and
+/// `diff.patch` (their text, as exported: redacted where it had to be).
+fn bundle_diff(json: Option<&[u8]>, patch: Option<&[u8]>) -> DiffSection {
+    let Some(json) = json else {
+        return DiffSection::Unavailable(
+            "The bundle holds no diff (the sandbox had no overlay workspace).".into(),
+        );
+    };
+    let diff: Value = match serde_json::from_slice(json) {
+        Ok(v) => v,
+        Err(e) => return DiffSection::Unavailable(format!("The bundle's diff.json could not be read: {e}")),
+    };
+    let mut sections = patch.map(|p| airlock_workspace::patch_sections(&String::from_utf8_lossy(p)));
+    let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let mut budget = DIFF_TEXT_BUDGET;
+    let files = diff
+        .get("changes")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            let path = std::path::PathBuf::from(text(c, "path"));
+            let entry = c.get("new_type").filter(|t| !t.is_null()).or(c.get("old_type"));
+            let entry = entry.and_then(Value::as_str).unwrap_or_default().to_owned();
+            let found = sections.as_mut().and_then(|s| s.remove(&airlock_workspace::header_line(&path)));
+            let content = match found {
+                _ if entry == "dir" => FileContent::Empty,
+                None if sections.is_none() => FileContent::NotShown("The bundle holds no patch.".into()),
+                None => FileContent::NotShown("Not in the bundle's patch.".into()),
+                Some(_) if budget == 0 => FileContent::NotShown(format!(
+                    "Not shown: the page holds at most {} of diff.",
+                    format_size(DIFF_TEXT_BUDGET as u64)
+                )),
+                Some(t) if t.len() > budget => {
+                    budget = 0;
+                    FileContent::NotShown(format!(
+                        "Not shown: its diff ({} bytes) is past what the page holds.",
+                        t.len()
+                    ))
+                }
+                Some(t) => {
+                    budget -= t.len();
+                    FileContent::Shown(t)
+                }
+            };
+            FileChange {
+                path: airlock_workspace::quote(&path),
+                kind: text(c, "kind"),
+                entry,
+                lines_added: c.get("lines_added").and_then(Value::as_u64),
+                lines_removed: c.get("lines_removed").and_then(Value::as_u64),
+                binary: c.get("binary").and_then(Value::as_bool).unwrap_or(false),
+                content,
+            }
+        })
+        .collect();
+    DiffSection::Changes { files, digest: text(&diff, "digest") }
+}
+
 /// The Content-Security-Policy every report carries, for a server to send
 /// as a header too.
 pub fn content_security_policy() -> String {
@@ -52,7 +162,11 @@ pub fn gather(root: &StateRoot, name: &str) -> Result<ReportInput, OpError> {
             Vec::new()
         }
     };
-    let policy = match Policy::load_file(&sandbox.policy_path()) {
+    let stored = Policy::load_file(&sandbox.policy_path());
+    // Unknown (no stored policy) counts as holding secrets: the diff's
+    // content is then shown only redacted.
+    let has_secrets = stored.as_ref().map_or(true, |p| !p.secrets.is_empty());
+    let policy = match stored {
         Ok(policy) => Some(policy_section(&policy)),
         Err(e) => {
             problems.push(format!("The sandbox's stored policy could not be read: {e}"));
@@ -60,19 +174,19 @@ pub fn gather(root: &StateRoot, name: &str) -> Result<ReportInput, OpError> {
         }
     };
     Ok(ReportInput {
-        sandbox: facts(&sandbox, meta.as_ref()),
+        sandbox: facts(sandbox.name(), meta.as_ref(), sandbox.is_live()),
         events,
         problems,
-        diff: diff_section(root, name, meta.as_ref()),
+        diff: diff_section(root, name, &sandbox, meta.as_ref(), has_secrets),
         policy,
         generated_at: crate::now_rfc3339(),
         generator: format!("airlock {}", env!("CARGO_PKG_VERSION")),
     })
 }
 
-fn facts(sandbox: &SandboxDir, meta: Option<&SandboxMeta>) -> SandboxFacts {
-    let (state, lost) = State::of(meta, sandbox.is_live(), false);
-    let view = SandboxView::of(sandbox.name(), meta, (state, lost));
+fn facts(name: &str, meta: Option<&SandboxMeta>, live: bool) -> SandboxFacts {
+    let (state, lost) = State::of(meta, live, false);
+    let view = SandboxView::of(name, meta, (state, lost));
     let exit = view.exit.as_ref().map(|e| {
         let mut text = match (e.code, e.signal) {
             (_, Some(s)) => format!("killed by signal {s}"),
@@ -131,6 +245,14 @@ pub fn read_events(path: &Path) -> std::io::Result<(Vec<Value>, Vec<String>)> {
             format_size(MAX_LOG_READ)
         ));
     }
+    let (events, mut damaged) = events_of(&bytes);
+    problems.append(&mut damaged);
+    Ok((events, problems))
+}
+
+/// The records of an audit log's bytes, and what is wrong with them.
+fn events_of(bytes: &[u8]) -> (Vec<Value>, Vec<String>) {
+    let mut problems = Vec::new();
     let complete = match bytes.iter().rposition(|&b| b == b'\n') {
         Some(end) => &bytes[..=end],
         None => &[][..],
@@ -148,10 +270,53 @@ pub fn read_events(path: &Path) -> std::io::Result<(Vec<Value>, Vec<String>)> {
             Err(e) => problems.push(format!("Line {} of the audit log is damaged: {e}.", i + 1)),
         }
     }
-    Ok((events, problems))
+    (events, problems)
 }
 
-fn diff_section(root: &StateRoot, name: &str, meta: Option<&SandboxMeta>) -> DiffSection {
+/// Where the text of each change comes from. The workspace's side of a
+/// diff (context, removed lines) is the host's and may hold a secret's
+/// value, which only the sandbox's supervisor knows: for a sandbox with
+/// secrets the text is the patch kept redacted at finalize, or, while it
+/// runs, what its supervisor gives back redacted; otherwise none is shown.
+enum ChangeText {
+    Layers(ChangeRenderer),
+    Kept(Vec<Option<String>>),
+    RedactedLive(ChangeRenderer, crate::supervisor::SupervisorClient),
+    Withheld(String),
+}
+
+impl ChangeText {
+    /// The text of change number `index`, or why it is not shown.
+    fn of(index: usize, change: &airlock_workspace::Change, from: &ChangeText) -> Result<String, String> {
+        let rendered = |renderer: &ChangeRenderer| {
+            let mut text = Vec::new();
+            renderer.render(change, &mut text).map_err(|e| format!("Not shown: {e}"))?;
+            Ok::<_, String>(String::from_utf8_lossy(&text).into_owned())
+        };
+        match from {
+            ChangeText::Layers(renderer) => rendered(renderer),
+            ChangeText::Kept(sections) => Ok(sections.get(index).cloned().flatten().unwrap_or_default()),
+            ChangeText::RedactedLive(renderer, supervisor) => {
+                let text = rendered(renderer)?;
+                match supervisor.redact(vec![text]) {
+                    Ok(mut texts) if texts.len() == 1 => Ok(texts.remove(0)),
+                    _ => Err(WITHHELD.to_owned()),
+                }
+            }
+            ChangeText::Withheld(why) => Err(why.clone()),
+        }
+    }
+}
+
+const WITHHELD: &str = "Withheld: the sandbox has secrets and its supervisor could not redact this text; `airlock diff` shows it.";
+
+fn diff_section(
+    root: &StateRoot,
+    name: &str,
+    sandbox: &SandboxDir,
+    meta: Option<&SandboxMeta>,
+    has_secrets: bool,
+) -> DiffSection {
     let mode = meta.map(|m| m.workspace_mode.as_str()).unwrap_or("none");
     if meta.is_none_or(|m| m.workspace.is_none()) || mode == "none" {
         return DiffSection::Unavailable("The sandbox has no workspace.".to_owned());
@@ -175,44 +340,55 @@ fn diff_section(root: &StateRoot, name: &str, meta: Option<&SandboxMeta>) -> Dif
         Ok(view) => view,
         Err(e) => return DiffSection::Unavailable(format!("The diff could not be computed: {e}")),
     };
-    let renderer = match ChangeRenderer::open(&view.lower, &view.upper) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            tracing::debug!(error = %e, "the report shows the diff without its content");
-            None
-        }
+    let renderer = ChangeRenderer::open(&view.lower, &view.upper).map_err(|e| {
+        tracing::debug!(error = %e, "the report shows the diff without its content");
+        "The sandbox's layer could not be opened to show it.".to_owned()
+    });
+    let kept = || {
+        std::fs::read_to_string(sandbox.redacted_patch_path()).map_err(|_| {
+            "Withheld: the sandbox has secrets and no diff kept redacted; `airlock diff` shows it.".to_owned()
+        })
+    };
+    let source = match (has_secrets, sandbox.is_live(), renderer) {
+        (false, _, Ok(renderer)) => ChangeText::Layers(renderer),
+        (true, false, _) => match kept() {
+            Ok(patch) => ChangeText::Kept(view.diff.sections_of(&patch)),
+            Err(why) => ChangeText::Withheld(why),
+        },
+        (true, true, Ok(renderer)) => match crate::supervisor::SupervisorClient::connect(sandbox) {
+            Ok(supervisor) => ChangeText::RedactedLive(renderer, supervisor),
+            Err(_) => ChangeText::Withheld(WITHHELD.to_owned()),
+        },
+        (_, _, Err(why)) => ChangeText::Withheld(why),
     };
     let mut budget = DIFF_TEXT_BUDGET;
     let files = view
         .diff
         .changes
         .iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(index, c)| {
             let entry = c.new_type.or(c.old_type);
-            let content = match (&renderer, entry) {
-                (_, Some(EntryType::Dir)) => FileContent::Empty,
-                (None, _) => FileContent::NotShown("The sandbox's layer could not be opened to show it.".into()),
-                (Some(_), _) if budget == 0 => FileContent::NotShown(format!(
+            let content = match entry {
+                Some(EntryType::Dir) => FileContent::Empty,
+                _ if budget == 0 => FileContent::NotShown(format!(
                     "Not shown: the page holds at most {} of diff; `airlock diff` shows all of it.",
                     format_size(DIFF_TEXT_BUDGET as u64)
                 )),
-                (Some(renderer), _) => {
-                    let mut text = Vec::new();
-                    match renderer.render(c, &mut text) {
-                        Ok(()) if text.len() > budget => {
-                            budget = 0;
-                            FileContent::NotShown(format!(
-                                "Not shown: its diff ({} bytes) is past what the page holds; `airlock diff` shows it.",
-                                text.len()
-                            ))
-                        }
-                        Ok(()) => {
-                            budget -= text.len();
-                            FileContent::Shown(String::from_utf8_lossy(&text).into_owned())
-                        }
-                        Err(e) => FileContent::NotShown(format!("Not shown: {e}")),
+                _ => match ChangeText::of(index, c, &source) {
+                    Ok(text) if text.len() > budget => {
+                        budget = 0;
+                        FileContent::NotShown(format!(
+                            "Not shown: its diff ({} bytes) is past what the page holds; `airlock diff` shows it.",
+                            text.len()
+                        ))
                     }
-                }
+                    Ok(text) => {
+                        budget -= text.len();
+                        FileContent::Shown(text)
+                    }
+                    Err(why) => FileContent::NotShown(why),
+                },
             };
             FileChange {
                 path: airlock_workspace::quote(&c.path),

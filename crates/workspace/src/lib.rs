@@ -36,4 +36,4 @@ pub use error::{ApplyError, Refusal, RefusalReason, WorkspaceError};
 pub use fsx::MAX_DEPTH;
 pub use names::{printable, quote, quote_bytes};
 pub use persist::persist_layer;
-pub use render::ChangeRenderer;
+pub use render::{ChangeRenderer, header_line, patch_sections};

@@ -106,6 +106,16 @@ impl Diff {
         writeln!(out, "{}", self.digest_line())
     }
 
+    /// Splits `patch`, a text [`Diff::render_unified`] wrote for this diff
+    /// (kept elsewhere, such as a copy with secret values redacted), into
+    /// what each change rendered to, in the order of `changes`: None for a
+    /// change that rendered nothing (a directory) or is not in the patch.
+    /// For a caller that holds the patch but not the trees.
+    pub fn sections_of(&self, patch: &str) -> Vec<Option<String>> {
+        let mut by_header = patch_sections(patch);
+        self.changes.iter().map(|c| by_header.remove(&header_line(&c.path))).collect()
+    }
+
     /// Writes a `git diff --stat`-style summary (directories omitted),
     /// then [`Diff::digest_line`].
     pub fn render_stat(&self, out: &mut dyn Write) -> io::Result<()> {
@@ -193,8 +203,35 @@ fn render_change(sides: &Sides<'_>, c: &Change, out: &mut dyn Write) -> io::Resu
     }
 }
 
+/// The first line of what a change to `path` renders to in a patch.
+pub fn header_line(path: &Path) -> String {
+    format!("diff --git {} {}", quote_prefixed("a/", path), quote_prefixed("b/", path))
+}
+
+/// A patch [`Diff::render_unified`] wrote, split by change: each header
+/// line ([`header_line`]) and the text rendered under it (both sides of a
+/// type change under the one header), the digest line left out.
+pub fn patch_sections(patch: &str) -> std::collections::HashMap<String, String> {
+    let mut sections: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut current: Option<String> = None;
+    for line in patch.split_inclusive('\n') {
+        // Content lines start with ' ', '+', '-', '@' or '\\': only a
+        // change's header starts with "diff --git ".
+        if line.starts_with("diff --git ") {
+            current = Some(line.trim_end_matches('\n').to_owned());
+        } else if line.starts_with("change sha256:") {
+            current = None;
+            continue;
+        }
+        if let Some(header) = &current {
+            sections.entry(header.clone()).or_default().push_str(line);
+        }
+    }
+    sections
+}
+
 fn header(c: &Change, out: &mut dyn Write) -> io::Result<()> {
-    writeln!(out, "diff --git {} {}", quote_prefixed("a/", &c.path), quote_prefixed("b/", &c.path))
+    writeln!(out, "{}", header_line(&c.path))
 }
 
 fn render_new(sides: &Sides<'_>, c: &Change, out: &mut dyn Write) -> io::Result<()> {
@@ -328,6 +365,7 @@ fn make_visible(bytes: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -342,6 +380,39 @@ mod tests {
     fn controls_are_made_visible() {
         let shown = make_visible("ok\t\u{1b}[2Jx\r\u{202e}evil\n".as_bytes());
         assert_eq!(String::from_utf8_lossy(&shown), "ok\t^[[2Jx^M<U+202E>evil\n");
+    }
+
+    #[test]
+    fn a_kept_patch_splits_into_what_each_change_rendered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lower, upper) = (dir.path().join("lower"), dir.path().join("upper"));
+        for d in [&lower, &upper] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(lower.join("a.txt"), "one\ntwo\n").unwrap();
+        std::fs::write(upper.join("a.txt"), "one\nTWO\n").unwrap();
+        std::fs::create_dir(upper.join("new dir")).unwrap();
+        std::fs::write(upper.join("new dir/b.txt"), "diff --git a/x b/x\n").unwrap();
+        let diff = crate::compute_diff(&lower, &upper).unwrap();
+        let mut patch = Vec::new();
+        diff.render_unified(&lower, &upper, &mut patch).unwrap();
+        let patch = String::from_utf8(patch).unwrap();
+        let sections = diff.sections_of(&patch);
+        assert_eq!(sections.len(), diff.changes.len());
+        let renderer = ChangeRenderer::open(&lower, &upper).unwrap();
+        for (c, section) in diff.changes.iter().zip(&sections) {
+            let mut one = Vec::new();
+            renderer.render(c, &mut one).unwrap();
+            let one = String::from_utf8(one).unwrap();
+            if one.is_empty() {
+                assert_eq!(section, &None, "{c:?}");
+            } else {
+                assert_eq!(section.as_deref(), Some(one.as_str()), "{c:?}");
+            }
+        }
+        // Every rendered byte but the digest line is in some section.
+        let joined: usize = sections.iter().flatten().map(String::len).sum();
+        assert_eq!(joined + diff.digest_line().len() + 1, patch.len());
     }
 
     #[test]

@@ -184,6 +184,25 @@ fn an_export_verifies_after_the_state_directory_is_gone_and_a_changed_one_does_n
         assert!(members.contains(&want), "{want} not in {members:?}");
     }
 
+    // The report, from the bundle alone: the timeline, the diff with its
+    // text, the policy.
+    let page = env.dir.path().join("exported.html");
+    let o = env
+        .airlock(["report", "--bundle"])
+        .arg(&bundle)
+        .args(["--key", &key, "-o"])
+        .arg(&page)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    let html = std::fs::read_to_string(&page).unwrap();
+    for want in ["exported", "added.txt", "+new", "+more", "src/lib.c", "echo done", "from an export bundle"]
+    {
+        assert!(html.contains(want), "the bundle's report has no {want:?}");
+    }
+    assert!(html.contains("limits"), "the bundle's report shows the policy's limits");
+    assert!(!env.state.exists(), "a report from a bundle made no state directory");
+
     // Another host's key is not this one.
     let other = format!("ed25519:{}", "0".repeat(64));
     let o =
@@ -197,7 +216,11 @@ fn an_export_verifies_after_the_state_directory_is_gone_and_a_changed_one_does_n
     bytes[at] ^= 0x20;
     let changed = env.dir.path().join("changed.tar.zst");
     std::fs::write(&changed, &bytes).unwrap();
-    for args in [&["audit", "verify", "--bundle"][..], &["audit", "--bundle"][..]] {
+    for args in [
+        &["audit", "verify", "--bundle"][..],
+        &["audit", "--bundle"][..],
+        &["report", "-o", "-", "--bundle"][..],
+    ] {
         let o = env.airlock(args).arg(&changed).output().unwrap();
         assert_eq!(o.status.code(), Some(1), "{}", show(&o));
         assert!(stderr(&o).contains("bundle"), "{}", show(&o));
@@ -205,7 +228,7 @@ fn an_export_verifies_after_the_state_directory_is_gone_and_a_changed_one_does_n
 }
 
 #[test]
-fn secret_values_in_argv_and_env_stay_out_of_the_audit_log_state_and_bundle() {
+fn secret_values_in_argv_and_env_stay_out_of_the_audit_log_state_bundle_and_report() {
     let env = Env::new();
     let value = "s3cr3t-6f1d2c9e-value";
     let policy = env.dir.path().join("secrets.toml");
@@ -273,6 +296,22 @@ fn secret_values_in_argv_and_env_stay_out_of_the_audit_log_state_and_bundle() {
         assert!(contains(&bytes, b"[REDACTED:EXAMPLE_TOKEN]"), "{name}: nothing redacted?");
         let o = env.airlock(["audit", "verify", "--bundle"]).arg(&bundle).output().unwrap();
         assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+        // The report, from the state directory and from the bundle.
+        for source in [["report", name], ["report", "--bundle"]] {
+            let page = env.dir.path().join(format!("{name}-{}.html", source[1].trim_start_matches('-')));
+            let mut cmd = env.airlock(source);
+            if source[1] == "--bundle" {
+                cmd.arg(&bundle);
+            }
+            let o = cmd.arg("-o").arg(&page).output().unwrap();
+            assert!(o.status.success(), "{}", show(&o));
+            let html = std::fs::read(&page).unwrap();
+            assert!(!contains(&html, value.as_bytes()), "{name}: the value is in the report ({source:?})");
+            assert!(
+                contains(&html, b"[REDACTED:EXAMPLE_TOKEN]"),
+                "{name}: the report shows the redacted argv"
+            );
+        }
     }
     // The run's diff in its bundle: the workspace's line holding the value
     // is there, redacted.
