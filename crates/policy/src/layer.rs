@@ -284,6 +284,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_stored_policy_extends_only_a_builtin_profile() {
+        let stored = Policy::builtin("ci").unwrap().to_toml();
+        let policy = load_text(&stored, Path::new("policy.toml")).unwrap();
+        assert_eq!(policy.limits, Policy::builtin("ci").unwrap().limits);
+        let err = load_text("extends = \"/etc/airlock/other.toml\"\n", Path::new("policy.toml")).unwrap_err();
+        assert!(err.to_string().contains("not a built-in profile"), "{err}");
+    }
+
+    #[test]
     fn union_keeps_base_order_and_drops_duplicates() {
         assert_eq!(union(&[1, 2], &[3, 2, 1, 4]), vec![1, 2, 3, 4]);
         assert_eq!(union::<u8>(&[], &[]), Vec::<u8>::new());
