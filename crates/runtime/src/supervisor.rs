@@ -315,6 +315,9 @@ pub fn last_stop(sandbox: &SandboxDir) -> Option<(&'static str, String)> {
 enum Control {
     Stop,
     AgentGone,
+    /// The deadline moved: look at it again now rather than at the end of
+    /// the current wait (which may be far later than an earlier deadline).
+    DeadlineMoved,
 }
 
 type ExecRoutes = Arc<Mutex<HashMap<u32, Route>>>;
@@ -494,7 +497,7 @@ impl Supervisor {
             match self.control_rx.recv_timeout(wait.min(Duration::from_secs(60))) {
                 Ok(Control::Stop) => return StopReason::Requested,
                 Ok(Control::AgentGone) => return StopReason::AgentGone,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(Control::DeadlineMoved) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return StopReason::AgentGone,
             }
         }
@@ -827,6 +830,20 @@ impl Server {
                     }
                 } else {
                     self.deadline.store(wanted, Ordering::Relaxed);
+                    Reply::Ok
+                }
+            }
+            Request::Deadline { unix } => {
+                if unix > self.max_deadline {
+                    Reply::Error {
+                        message: format!(
+                            "the policy caps this sandbox's runtime at {} s from its start; its deadline cannot be set past that",
+                            self.max_runtime_secs
+                        ),
+                    }
+                } else {
+                    self.deadline.store(unix, Ordering::Relaxed);
+                    let _ = self.control.send(Control::DeadlineMoved);
                     Reply::Ok
                 }
             }
@@ -1188,6 +1205,12 @@ impl SupervisorClient {
 
     pub fn extend(&self, seconds: u64) -> io::Result<()> {
         self.simple(&Request::Extend { seconds }).map(drop)
+    }
+
+    /// Sets the deadline to `unix` (seconds since the epoch), earlier or
+    /// later; the supervisor refuses a time past the policy's maximum.
+    pub fn set_deadline(&self, unix: u64) -> io::Result<()> {
+        self.simple(&Request::Deadline { unix }).map(drop)
     }
 
     pub fn status(&self) -> io::Result<Reply> {
