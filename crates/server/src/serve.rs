@@ -203,7 +203,8 @@ async fn reload_on_hangup(
         if stores.is_empty() {
             tracing::info!("SIGHUP: no TCP or E2B listener, so no tokens file to reload; nothing to do");
         }
-        for tokens in stores.iter().cloned() {
+        for tokens in &stores {
+            let tokens = tokens.clone();
             if let Err(e) = tokio::task::spawn_blocking(move || tokens.reload_and_log()).await {
                 tracing::warn!(error = %e, "SIGHUP: the reload task failed; the previous tokens stay in force");
             }

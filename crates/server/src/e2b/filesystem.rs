@@ -256,8 +256,13 @@ async fn remove(
 }
 
 /// A watch event as envd's `FilesystemEvent`; `None` for what it has no
-/// word for (lost events).
+/// word for (lost events) and for the temporary file of a write in
+/// progress (envd writes in place; its clients expect the target's events).
 fn filesystem_event(event: &WatchEvent) -> Option<serde_json::Value> {
+    let base = event.name.rsplit(|b| *b == b'/').next().unwrap_or(&event.name);
+    if base.starts_with(airlock_proto::file::WRITE_TEMP_PREFIX.as_bytes()) {
+        return None;
+    }
     let kind = match event.kind {
         WatchEventKind::Created | WatchEventKind::RenamedTo => "EVENT_TYPE_CREATE",
         WatchEventKind::Modified => "EVENT_TYPE_WRITE",
@@ -465,5 +470,7 @@ mod tests {
         assert_eq!(filesystem_event(&event(WatchEventKind::Created)).unwrap()["type"], "EVENT_TYPE_CREATE");
         assert_eq!(filesystem_event(&event(WatchEventKind::Modified)).unwrap()["type"], "EVENT_TYPE_WRITE");
         assert!(filesystem_event(&event(WatchEventKind::Overflow)).is_none());
+        let temp = WatchEvent { name: b"d/.airlock-write.1.1.ab".to_vec(), ..event(WatchEventKind::Created) };
+        assert!(filesystem_event(&temp).is_none());
     }
 }

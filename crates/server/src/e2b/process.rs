@@ -238,13 +238,14 @@ async fn start_process(
     let spec = exec_spec(body)?;
     let target = crate::api::exec::connect(&e2b.app, caller.peer, &caller.sandbox_id).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
-    let (stdin, input): (Option<mpsc::Sender<Vec<u8>>>, Option<Box<dyn Read + Send>>) =
-        if request.stdin.unwrap_or(false) || pty {
+    let (stdin, stdin_rx) = match request.stdin.unwrap_or(false) || pty {
+        true => {
             let (stdin_tx, stdin_rx) = mpsc::channel(16);
-            (Some(stdin_tx), Some(Box::new(ChannelReader::new(stdin_rx))))
-        } else {
-            (None, None)
-        };
+            (Some(stdin_tx), Some(stdin_rx))
+        }
+        false => (None, None),
+    };
+    let input = stdin_rx.map(|rx| Box::new(ChannelReader::new(rx)) as Box<dyn Read + Send>);
     let (events, _) = broadcast::channel(256);
     let control = Arc::new(Mutex::new(None::<ExecControl>));
     let mut sink = Sink {
