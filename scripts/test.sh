@@ -69,6 +69,31 @@ if ! command -v schemathesis >/dev/null; then
     hash -r
 fi
 
+# The E2B API tests (crates/cli/tests/suite/e2b.rs) drive the daemon with
+# E2B's own SDKs, unmodified, from their registries, pinned, into places
+# this script owns: a venv for Python `e2b`, a prefix for JavaScript `e2b`
+# (run on Node). Under CI=true a failed install fails here, loudly.
+E2B_PY_VERSION=2.64.0
+E2B_JS_VERSION=2.51.0
+deps=target/test-deps
+mkdir -p "$deps"
+e2b_failed() {
+    if [ "${CI:-}" = true ]; then
+        echo "could not install $1 for the E2B API tests" >&2
+        exit 1
+    fi
+    say "could not install $1: the E2B API tests will skip"
+}
+if ! "$deps/py-e2b/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('e2b') != '$E2B_PY_VERSION')" 2>/dev/null; then
+    say "installing Python e2b $E2B_PY_VERSION into $deps/py-e2b"
+    { python3 -m venv "$deps/py-e2b" && "$deps/py-e2b/bin/pip" install --quiet "e2b==$E2B_PY_VERSION"; } \
+        || e2b_failed "Python e2b $E2B_PY_VERSION"
+fi
+if [ "$(node -p "require('./$deps/node/node_modules/e2b/package.json').version" 2>/dev/null)" != "$E2B_JS_VERSION" ]; then
+    say "installing JavaScript e2b $E2B_JS_VERSION into $deps/node"
+    npm install --silent --prefix "$deps/node" "e2b@$E2B_JS_VERSION" || e2b_failed "JavaScript e2b $E2B_JS_VERSION"
+fi
+
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 say "format"

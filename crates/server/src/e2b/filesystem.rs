@@ -184,11 +184,7 @@ async fn list_dir(
     let path = absolute(&message.value.path)?;
     let depth = message.value.depth.clamp(1, airlock_proto::file::LIST_MAX_DEPTH);
     let target = path.clone();
-    let listing = on_files(&e2b, &caller, move |client| {
-        // A symlink to a directory is listed as the directory, as envd does.
-        files::list(client, &target, depth, None)
-    })
-    .await?;
+    let listing = on_files(&e2b, &caller, move |client| files::list(client, &target, depth, None)).await?;
     let mut entries: Vec<serde_json::Value> = listing
         .entries
         .iter()
