@@ -523,6 +523,6 @@ fn the_readme_example_runs() {
     let d = E2bDaemon::start();
     let (ok, out, err) = d.python(&python, ALICE, program);
     assert!(ok, "{out}\n{err}");
-    assert_eq!(out, "hi\n");
+    assert_eq!(out, "hi\n\n", "the command's output, then print's newline");
     assert!(d.daemon.sandbox_names().is_empty());
 }
