@@ -168,6 +168,10 @@ say("watch", events=events)
 ids = [x.sandbox_id for x in Sandbox.list(query=SandboxQuery(metadata={"suite": "e2b-sync"})).next_items()]
 other = [x.sandbox_id for x in Sandbox.list(query=SandboxQuery(metadata={"suite": "other"})).next_items()]
 say("list", ids=ids, other=other, metadata=s.get_info().metadata)
+again = Sandbox.connect(s.sandbox_id)
+metrics = s.get_metrics()
+say("connect", stdout=again.commands.run("echo via-connect").stdout, samples=len(metrics),
+    mem_used=metrics[0].mem_used, mem_total=metrics[0].mem_total)
 s.set_timeout(2)
 stopped = False
 for _ in range(40):
@@ -213,6 +217,12 @@ fn python_sync_sdk_drives_a_sandbox() {
     assert_eq!(s["list"]["ids"], serde_json::json!([id]));
     assert_eq!(s["list"]["other"], serde_json::json!([]));
     assert_eq!(s["list"]["metadata"]["suite"], "e2b-sync");
+    let connected = &s["connect"];
+    assert_eq!(
+        (connected["stdout"].as_str(), connected["samples"].as_u64()),
+        (Some("via-connect\n"), Some(1))
+    );
+    assert!(connected["mem_total"].as_u64() > Some(0), "{connected}");
     assert_eq!(
         (s["timeout"]["stopped"].as_bool(), s["timeout"]["listed"].as_bool()),
         (Some(true), Some(false))

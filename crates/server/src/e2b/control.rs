@@ -544,18 +544,8 @@ async fn metrics(
                 loaded.live,
             );
             let limits = detail.limits.unwrap_or_default();
-            let cgroup = loaded.meta.as_ref().and_then(|m| m.cgroup.clone());
-            let read = |file: &str| {
-                cgroup.as_ref().and_then(|c| std::fs::read_to_string(std::path::Path::new(c).join(file)).ok())
-            };
-            let mem_used = read("memory.current").and_then(|t| t.trim().parse::<u64>().ok()).unwrap_or(0);
-            let usage_usec = read("cpu.stat")
-                .and_then(|t| {
-                    t.lines().find_map(|l| {
-                        l.strip_prefix("usage_usec ").and_then(|v| v.trim().parse::<u64>().ok())
-                    })
-                })
-                .unwrap_or(0);
+            let usage = airlock_runtime::ops::usage(&loaded.dir);
+            let (mem_used, usage_usec) = usage.map_or((0, 0), |u| (u.memory_bytes, u.cpu_usec));
             let cpus = limits.get("cpus").and_then(|v| v.as_f64()).unwrap_or(1.0).max(0.01);
             let now = std::time::SystemTime::now();
             // The sandbox's directory was made when it was created.
