@@ -307,12 +307,20 @@ const { Sandbox, CommandExitError } = require('e2b');
   const r = await s.commands.run('echo from-node', { onStdout: (d) => out.push(d) });
   let code = null;
   try { await s.commands.run('exit 5'); } catch (e) { code = e instanceof CommandExitError ? e.exitCode : String(e); }
+  const events = [];
+  const watch = await s.files.watchDir('/tmp', (e) => events.push(e.name));
   await s.files.write('/tmp/node.txt', 'node data');
+  const bg = await s.commands.run('sleep 600', { background: true });
+  await bg.kill();
+  let bgCode = null;
+  try { await bg.wait(); } catch (e) { bgCode = e instanceof CommandExitError ? e.exitCode : String(e); }
+  for (let i = 0; i < 50 && !events.includes('node.txt'); i++) await new Promise((r) => setTimeout(r, 100));
+  await watch.stop();
   const text = await s.files.read('/tmp/node.txt');
   const names = (await s.files.list('/tmp')).map((e) => e.name);
   const listed = (await Sandbox.list().nextItems()).map((x) => x.sandboxId);
   const killed = await s.kill();
-  console.log(JSON.stringify({ step: 'node', id: s.sandboxId, stdout: r.stdout, streamed: out.join(''), code, text, has: names.includes('node.txt'), listed, killed }));
+  console.log(JSON.stringify({ step: 'node', id: s.sandboxId, stdout: r.stdout, streamed: out.join(''), code, text, has: names.includes('node.txt'), listed, killed, watched: events.includes('node.txt'), bgCode }));
 })().catch((e) => { console.error(e); process.exit(1); });
 "#;
 
@@ -339,6 +347,7 @@ fn javascript_sdk_on_node_drives_a_sandbox() {
     assert_eq!(s["code"], 5, "{s}");
     assert_eq!(s["text"], "node data");
     assert_eq!(s["has"], true);
+    assert_eq!((s["watched"].as_bool(), s["bgCode"].as_i64()), (Some(true), Some(-1)), "{s}");
     assert!(s["listed"].as_array().unwrap().contains(&s["id"]), "{s}");
     assert_eq!(s["killed"], true);
 }
