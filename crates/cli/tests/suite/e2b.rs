@@ -528,6 +528,44 @@ fn plain_http_is_refused_off_loopback() {
     assert!(err.contains("not a loopback address") && err.contains("--tls-cert"), "{err}");
 }
 
+#[test]
+fn the_listener_serves_tls_when_given_a_certificate() {
+    let port = free_port();
+    let mut cert = PathBuf::new();
+    let d = TestDaemon::start_prepared(&format!("e2b-tls-{port}"), |env| {
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        cert = env.dir.path().join("cert.pem");
+        let key = env.dir.path().join("key.pem");
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let tokens = write_tokens(env.dir.path(), &[(0, ALICE)]);
+        let path = |p: &Path| p.display().to_string();
+        vec![
+            "--e2b-listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--tokens".into(),
+            path(&tokens),
+            "--tls-cert".into(),
+            path(&cert),
+            "--tls-key".into(),
+            path(&key),
+        ]
+    });
+    let get = |scheme: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "-m", "20", "--cacert"])
+            .arg(&cert)
+            .args(["-H", &format!("X-API-KEY: {ALICE}"), "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("{scheme}://127.0.0.1:{port}/v2/sandboxes"))
+            .output()
+            .unwrap();
+        stdout(&out).trim().to_owned()
+    };
+    assert!(wait_until(20, || get("https") == "200"), "no TLS answer: {}", d.log());
+    assert_ne!(get("http"), "200", "plain HTTP was answered on the TLS port");
+}
+
 /// The README's example, as it stands there.
 #[test]
 fn the_readme_example_runs() {
