@@ -290,8 +290,10 @@ impl Db {
 
     /// Records an E2B envd access token (its SHA-256, hex) for one
     /// sandbox: its stored name, owner and creation time (a later sandbox
-    /// of the same name is another sandbox). Tokens of sandboxes gone for
-    /// a day are forgotten here.
+    /// of the same name is another sandbox). Tokens of sandboxes no longer
+    /// in the index and created over a day ago are forgotten here (a token
+    /// of a removed sandbox is kept a while so its holder learns "not
+    /// running" rather than "unauthorized").
     pub fn e2b_grant(&self, digest_hex: &str, access: &E2bAccess) -> Result<(), DbError> {
         let conn = self.conn();
         conn.execute(
@@ -541,6 +543,36 @@ mod tests {
             state: "running".into(),
             created_at: "2026-01-01T00:00:00.000Z".into(),
         }
+    }
+
+    #[test]
+    fn e2b_tokens_are_found_by_digest_and_old_ones_of_removed_sandboxes_forgotten() {
+        let db = Db::in_memory().unwrap();
+        let row = |name: &str| SandboxRow {
+            name: name.into(),
+            owner_uid: 1000,
+            labels: BTreeMap::new(),
+            policy: "dev".into(),
+            state: "running".into(),
+            created_at: "2020-01-01T00:00:00.000Z".into(),
+        };
+        let access = |name: &str| E2bAccess {
+            sandbox: name.into(),
+            owner_uid: 1000,
+            created_at: "2020-01-01T00:00:00.000Z".into(),
+        };
+        db.upsert_sandbox(&row("old")).unwrap();
+        db.e2b_grant("aa", &access("old")).unwrap();
+        assert_eq!(db.e2b_access("aa").unwrap(), Some(access("old")));
+        assert_eq!(db.e2b_access("bb").unwrap(), None);
+        // Removed long ago: its token goes at the next grant.
+        db.delete_sandbox("old").unwrap();
+        assert_eq!(db.e2b_access("aa").unwrap(), Some(access("old")), "kept until then");
+        db.upsert_sandbox(&row("new")).unwrap();
+        db.e2b_grant("cc", &access("new")).unwrap();
+        assert_eq!(db.e2b_access("aa").unwrap(), None);
+        assert_eq!(db.e2b_access("cc").unwrap(), Some(access("new")));
+        assert!(db.e2b_grant("cc", &access("new")).is_err(), "a digest is granted once");
     }
 
     #[test]

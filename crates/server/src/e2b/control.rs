@@ -383,13 +383,12 @@ async fn kill(
 }
 
 /// A `ListedSandbox` (and with `detail`, a `SandboxDetail`).
-fn listed(app: &crate::app::App, loaded: &Loaded, id: &str) -> serde_json::Value {
+fn listed(loaded: &Loaded, id: &str) -> serde_json::Value {
     let (detail, _) =
         airlock_runtime::view::Detail::read(&loaded.dir, loaded.meta.as_ref(), loaded.state, loaded.live);
     let limits = detail.limits.unwrap_or_default();
     let mb = |key: &str| limits.get(key).and_then(|v| v.as_u64()).map_or(0, |b| b >> 20);
     let cpus = limits.get("cpus").and_then(|v| v.as_f64()).map_or(1, |c| c.ceil().max(1.0) as u64);
-    let _ = app;
     serde_json::json!({
         "templateID": loaded.policy(),
         "alias": loaded.policy(),
@@ -416,7 +415,7 @@ async fn info(
         .app
         .blocking(move |app| {
             let loaded = running(app, &peer, &id)?;
-            let mut detail = listed(app, &loaded, &id);
+            let mut detail = listed(&loaded, &id);
             detail["domain"] = serde_json::Value::Null;
             Ok(detail)
         })
@@ -457,7 +456,7 @@ fn matching(
         .filter(|l| filter.iter().all(|(k, v)| l.labels.get(k) == Some(v)))
         .map(|l| {
             let id = scope.shown(l.name(), l.owner_uid).unwrap_or_else(|| l.name().to_owned());
-            listed(app, l, &id)
+            listed(l, &id)
         })
         .collect())
 }
