@@ -241,7 +241,9 @@ h = s.commands.run("cat; echo done", background=True, stdin=True)
 s.commands.send_stdin(h.pid, "typed\n")
 again = s.commands.connect(h.pid)
 s.commands.close_stdin(h.pid)
-r = again.wait()
+r = h.wait()
+# A connected client gets the events from when it connected on.
+r2 = again.wait()
 chunks = []
 t = s.pty.create(PtySize(rows=30, cols=100))
 s.pty.resize(t.pid, PtySize(rows=40, cols=120))
@@ -249,7 +251,7 @@ s.pty.send_stdin(t.pid, b"stty size; echo pty-$((6*7)); exit 4\n")
 for out, err, data in t:
     if data: chunks.append(data.decode(errors="replace"))
 s.kill()
-print(json.dumps(dict(step="interactive", stdin=r.stdout, pty="".join(chunks))))
+print(json.dumps(dict(step="interactive", stdin=r.stdout, connected=r2.stdout, code=r2.exit_code, pty="".join(chunks))))
 "#;
 
 #[test]
@@ -260,6 +262,7 @@ fn python_sdk_feeds_stdin_reconnects_and_drives_a_terminal() {
     assert!(ok, "{out}\n{err}\n{}", d.daemon.log());
     let s = &steps(&out)["interactive"];
     assert_eq!(s["stdin"], "typed\ndone\n", "{s}");
+    assert!(s["connected"].as_str().unwrap().ends_with("done\n") && s["code"] == 0, "{s}");
     let pty = s["pty"].as_str().unwrap();
     assert!(pty.contains("pty-42") && pty.contains("40 120"), "{pty:?}");
 }
