@@ -271,13 +271,14 @@ fn filesystem_event(event: &WatchEvent) -> Option<serde_json::Value> {
 
 /// Runs a watch of `path` on a blocking thread, handing each event to
 /// `deliver` until it answers false; `started` learns whether the watch
-/// began (or why not).
+/// began (or why not), and `ended`, once it began, how it ended.
 fn spawn_watch(
     client: SupervisorClient,
     path: String,
     recursive: bool,
     started: oneshot::Sender<Result<(), FilesError>>,
     mut deliver: impl FnMut(Option<serde_json::Value>) -> bool + Send + 'static,
+    ended: impl FnOnce(Result<(), FilesError>) + Send + 'static,
 ) {
     tokio::task::spawn_blocking(move || {
         let mut started = Some(started);
@@ -294,8 +295,12 @@ fn spawn_watch(
                 },
             }
         });
-        if let (Some(started), Err(e)) = (started.take(), result) {
-            let _ = started.send(Err(e));
+        match (started.take(), result) {
+            // It never began: the caller answers with why.
+            (Some(started), Err(e)) => {
+                let _ = started.send(Err(e));
+            }
+            (_, result) => ended(result),
         }
     });
 }
@@ -319,13 +324,20 @@ async fn watch_dir(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let (started_tx, started_rx) = oneshot::channel();
     let events = tx.clone();
-    spawn_watch(target.client, path, message.value.recursive, started_tx, move |event| match event {
+    let deliver = move |event: Option<serde_json::Value>| match event {
         // Quiet: go on while the client is there.
         None => !events.is_closed(),
         Some(json) => {
             events.blocking_send(connect::stream_message(&serde_json::json!({ "filesystem": json }))).is_ok()
         }
-    });
+    };
+    // A stream ends with its end envelope, whatever ended the watch.
+    let end = tx.clone();
+    let ended = move |result: Result<(), FilesError>| {
+        let error = result.err().map(|e| ConnectError::new("unavailable", e.to_string()));
+        let _ = end.blocking_send(connect::stream_end(error.as_ref()));
+    };
+    spawn_watch(target.client, path, message.value.recursive, started_tx, deliver, ended);
     match started_rx.await {
         Ok(Ok(())) => {
             let _ = tx.send(connect::stream_message(&serde_json::json!({ "start": {} }))).await;
@@ -344,6 +356,8 @@ struct Watcher {
     stored: String,
     events: Mutex<VecDeque<serde_json::Value>>,
     stop: AtomicBool,
+    /// The watch is over (removed, or its directory or sandbox went away).
+    ended: AtomicBool,
 }
 
 /// Every sandbox's polled watchers, by id.
@@ -373,7 +387,12 @@ async fn create_watcher(
     message: Message<WatchRequest>,
 ) -> Result<Response, ConnectError> {
     let path = absolute(&message.value.path)?;
-    let count = e2b.watchers.lock().values().filter(|w| w.stored == caller.stored).count();
+    let count = {
+        let mut watchers = e2b.watchers.lock();
+        // Ended watches hold no place: their directory or sandbox is gone.
+        watchers.retain(|_, w| !w.ended.load(Ordering::SeqCst));
+        watchers.values().filter(|w| w.stored == caller.stored).count()
+    };
     if count >= WATCHERS_PER_SANDBOX {
         return Err(ConnectError::new(
             "resource_exhausted",
@@ -385,19 +404,28 @@ async fn create_watcher(
         stored: caller.stored.clone(),
         events: Mutex::new(VecDeque::new()),
         stop: AtomicBool::new(false),
+        ended: AtomicBool::new(false),
     });
     let (started_tx, started_rx) = oneshot::channel();
     let kept = watcher.clone();
-    spawn_watch(target.client, path, message.value.recursive, started_tx, move |event| {
-        if let Some(json) = event {
-            let mut events = kept.events.lock().unwrap_or_else(|p| p.into_inner());
-            if events.len() >= WATCHER_BACKLOG {
-                events.pop_front();
+    let over = watcher.clone();
+    spawn_watch(
+        target.client,
+        path,
+        message.value.recursive,
+        started_tx,
+        move |event| {
+            if let Some(json) = event {
+                let mut events = kept.events.lock().unwrap_or_else(|p| p.into_inner());
+                if events.len() >= WATCHER_BACKLOG {
+                    events.pop_front();
+                }
+                events.push_back(json);
             }
-            events.push_back(json);
-        }
-        !kept.stop.load(Ordering::SeqCst)
-    });
+            !kept.stop.load(Ordering::SeqCst)
+        },
+        move |_| over.ended.store(true, Ordering::SeqCst),
+    );
     match started_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(ConnectError::from(crate::api::files::refusal(e))),
@@ -416,6 +444,13 @@ async fn get_watcher_events(
     let watcher = e2b.watchers.get(&caller, &message.value.watcher_id)?;
     let events: Vec<serde_json::Value> =
         watcher.events.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+    if events.is_empty() && watcher.ended.load(Ordering::SeqCst) {
+        e2b.watchers.lock().remove(&message.value.watcher_id);
+        return Err(ConnectError::new(
+            "not_found",
+            format!("watcher {:?} ended: its directory is gone", message.value.watcher_id),
+        ));
+    }
     Ok(connect::unary(&serde_json::json!({ "events": events })))
 }
 
