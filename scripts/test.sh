@@ -69,29 +69,52 @@ if ! command -v schemathesis >/dev/null; then
     hash -r
 fi
 
-# The E2B API tests (crates/cli/tests/suite/e2b.rs) drive the daemon with
-# E2B's own SDKs, unmodified, from their registries, pinned, into places
-# this script owns: a venv for Python `e2b`, a prefix for JavaScript `e2b`
-# (run on Node). Under CI=true a failed install fails here, loudly.
+# Python clients the tests drive, each in a venv of its own under
+# target/test-deps (pinned where the test speaks someone else's protocol).
+# Without them those tests fail loudly under CI=true; so does this.
+python_venv() {  # DIR IMPORT-CHECK PIP-ARGS...
+    local dir=$1 check=$2
+    shift 2
+    if "$dir/bin/python" -c "$check" >/dev/null 2>&1; then
+        return
+    fi
+    say "installing $* into $dir"
+    if ! python3 -m venv --help >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        # Debian's Python makes venvs only with python3-venv.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    fi
+    rm -rf "$dir"
+    if ! { python3 -m venv "$dir" && "$dir/bin/python" -m pip install --quiet "$@"; }; then
+        if [ "${CI:-}" = true ]; then
+            echo "could not set up $dir (pip install $*)" >&2
+            exit 1
+        fi
+        say "could not set up $dir: the tests that need it will skip"
+    fi
+}
+
+# The Python SDK's tests (suite/python_sdk.rs): pytest and mypy, the SDK editable.
+python_venv target/test-deps/py-sdk 'import pytest, mypy, airlock' -e 'sdk/python[test]'
+# The MCP tests (suite/mcp.rs): the official Python SDK, `mcp` from PyPI.
+MCP_PY_VERSION=2.3.0
+python_venv target/test-deps/py-mcp \
+    "import importlib.metadata as m; assert m.version('mcp') == '$MCP_PY_VERSION'" "mcp==$MCP_PY_VERSION"
+# The E2B API tests (suite/e2b.rs): E2B's own SDKs, unmodified and pinned,
+# from their registries: Python `e2b` in a venv, JavaScript `e2b` (run on
+# Node) under a prefix of its own.
 E2B_PY_VERSION=2.64.0
 E2B_JS_VERSION=2.51.0
-deps=target/test-deps
-mkdir -p "$deps"
-e2b_failed() {
-    if [ "${CI:-}" = true ]; then
-        echo "could not install $1 for the E2B API tests" >&2
-        exit 1
+python_venv target/test-deps/py-e2b \
+    "import importlib.metadata as m; assert m.version('e2b') == '$E2B_PY_VERSION'" "e2b==$E2B_PY_VERSION"
+if [ "$(node -p "require('./target/test-deps/node/node_modules/e2b/package.json').version" 2>/dev/null)" != "$E2B_JS_VERSION" ]; then
+    say "installing JavaScript e2b $E2B_JS_VERSION into target/test-deps/node"
+    if ! npm install --silent --prefix target/test-deps/node "e2b@$E2B_JS_VERSION"; then
+        if [ "${CI:-}" = true ]; then
+            echo "could not install JavaScript e2b $E2B_JS_VERSION (npm)" >&2
+            exit 1
+        fi
+        say "could not install JavaScript e2b: the tests that need it will skip"
     fi
-    say "could not install $1: the E2B API tests will skip"
-}
-if ! "$deps/py-e2b/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('e2b') != '$E2B_PY_VERSION')" 2>/dev/null; then
-    say "installing Python e2b $E2B_PY_VERSION into $deps/py-e2b"
-    { python3 -m venv "$deps/py-e2b" && "$deps/py-e2b/bin/pip" install --quiet "e2b==$E2B_PY_VERSION"; } \
-        || e2b_failed "Python e2b $E2B_PY_VERSION"
-fi
-if [ "$(node -p "require('./$deps/node/node_modules/e2b/package.json').version" 2>/dev/null)" != "$E2B_JS_VERSION" ]; then
-    say "installing JavaScript e2b $E2B_JS_VERSION into $deps/node"
-    npm install --silent --prefix "$deps/node" "e2b@$E2B_JS_VERSION" || e2b_failed "JavaScript e2b $E2B_JS_VERSION"
 fi
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"

@@ -133,9 +133,9 @@ pub fn serve_guest(
     // trace the policy asked for and that cannot be had is a refusal.
     let trace = if exec_trace {
         match guest_trace::install() {
-            Ok(listener) => Some(listener),
+            Ok(installed) => Some(installed),
             Err(e) => {
-                eprintln!("airlock guest agent: cannot install the exec trace's filter: {e}");
+                eprintln!("airlock guest agent: {e}");
                 return AGENT_FAILED;
             }
         }

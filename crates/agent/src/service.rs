@@ -43,18 +43,23 @@ struct Running {
 /// pid → the exec it belongs to.
 type Table = Arc<Mutex<HashMap<i32, Running>>>;
 
-/// `trace`: a microVM guest's exec trace listener, answered and reported
-/// from here on (see `guest_trace`).
-pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter, trace: Option<OwnedFd>) -> i32 {
+/// `trace`: a microVM guest's exec trace, answered and reported from here
+/// on (see `guest_trace`).
+pub(crate) fn serve(
+    control: UnixStream,
+    launch: &Launch,
+    waiter: Waiter,
+    trace: Option<crate::guest_trace::Installed>,
+) -> i32 {
     let writer: Writer = match control.try_clone() {
         Ok(w) => Arc::new(Mutex::new(w)),
         Err(_) => return crate::AGENT_FAILED,
     };
-    if let Some(listener) = trace
-        && crate::guest_trace::start(listener, writer.clone()).is_err()
-    {
-        return crate::AGENT_FAILED;
-    }
+    let trace = match trace.map(|installed| crate::guest_trace::start(installed, writer.clone())) {
+        Some(Ok(trace)) => Some(trace),
+        Some(Err(_)) => return crate::AGENT_FAILED,
+        None => None,
+    };
     let table: Table = Arc::new(Mutex::new(HashMap::new()));
     let files = Files::default();
     send(&writer, AgentMessage::Serving);
@@ -63,7 +68,7 @@ pub fn serve(control: UnixStream, launch: &Launch, waiter: Waiter, trace: Option
     {
         let (writer, table, launch) = (writer.clone(), table.clone(), launch.clone());
         let spawned = std::thread::Builder::new().name("requests".into()).spawn(move || {
-            read_requests(control, &writer, &table, &files, &launch);
+            read_requests(control, &writer, &table, &files, &launch, trace.as_ref());
             let _ = closed_tx.send(());
         });
         if spawned.is_err() {
@@ -208,7 +213,14 @@ fn start_input_writer(
     Ok(feed)
 }
 
-fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, files: &Files, launch: &Launch) {
+fn read_requests(
+    mut control: UnixStream,
+    writer: &Writer,
+    table: &Table,
+    files: &Files,
+    launch: &Launch,
+    trace: Option<&crate::guest_trace::GuestTrace>,
+) {
     while let Ok(Some(msg)) = airlock_proto::recv::<_, HostMessage>(&mut control) {
         match msg {
             HostMessage::Exec(req) => start(writer, table, launch, &req),
@@ -236,6 +248,16 @@ fn read_requests(mut control: UnixStream, writer: &Writer, table: &Table, files:
                     let size =
                         rustix::termios::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
                     let _ = rustix::termios::tcsetwinsize(master, size);
+                }
+            }
+            HostMessage::EndProcesses => {
+                // PID 1's kill(-1) reaches every process but itself; the
+                // kernel's threads ignore it.
+                let _ = airlock_jail::sys::send_signal(-1, libc::SIGKILL);
+                // With a trace, its answer comes after the records of
+                // these ends.
+                if !trace.is_some_and(|t| t.processes_killed()) {
+                    send(writer, AgentMessage::ProcessesEnded);
                 }
             }
             HostMessage::Launch(_) | HostMessage::Proceed => {}
@@ -397,5 +419,12 @@ fn pump(
 pub(crate) fn send(writer: &Writer, msg: AgentMessage) {
     if let Ok(mut w) = writer.lock() {
         let _ = airlock_proto::send(&mut *w, &msg);
+    }
+}
+
+/// Whole frames (`airlock_proto::send`'s), written at once.
+pub(crate) fn send_frames(writer: &Writer, frames: &[u8]) {
+    if let Ok(mut w) = writer.lock() {
+        let _ = w.write_all(frames);
     }
 }

@@ -171,6 +171,20 @@ enum Command {
     /// The microVM tier's guest (`vm setup` builds it).
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Serve airlock's sandboxes as Model Context Protocol tools, on stdio
+    /// (or streamable HTTP with --listen); through the daemon when one
+    /// answers, directly otherwise. Sandboxes it creates outlive it until
+    /// their policy's deadline.
+    Mcp {
+        /// Also offer the `apply` tool, which writes a stopped sandbox's
+        /// reviewed changes into its workspace on the host.
+        #[arg(long)]
+        allow_apply: bool,
+        /// Serve streamable HTTP on this loopback address (ADDR:PORT; path
+        /// /mcp) instead of stdio. It has no authentication: loopback only.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Serve the HTTP/JSON API on a Unix socket (sandboxes outlive it).
     Daemon {
         /// Socket path (default: /run/airlock/airlock.sock as root, else
@@ -348,6 +362,11 @@ struct CreateArgs {
     /// A label K=V (repeatable), for finding sandboxes later.
     #[arg(long = "label", value_parser = parse_env)]
     labels: Vec<(String, String)>,
+    /// Publish a port the sandbox listens on: [HOST_ADDR:]HOST_PORT:SANDBOX_PORT
+    /// (repeatable). HOST_ADDR is 127.0.0.1 unless given; the policy must
+    /// allow it ([network] ports).
+    #[arg(long = "publish", short = 'p', value_name = "[HOST_ADDR:]HOST_PORT:SANDBOX_PORT")]
+    ports: Vec<airlock_runtime::ports::PortMapping>,
 }
 
 #[derive(Args)]
@@ -419,6 +438,7 @@ impl Command {
                 | Command::Apply { .. }
                 | Command::Events { .. }
                 | Command::Report { .. }
+                | Command::Export { .. }
         )
     }
 }
@@ -551,6 +571,10 @@ fn direct(command: Command, forced: bool) -> CliResult {
             let output = output.unwrap_or_else(|| PathBuf::from(format!("{name}.tar.zst")));
             let report = airlock_runtime::bundle::export(&root, &name, &output)?;
             present::exported(&report);
+            Ok(0)
+        }
+        Command::Mcp { allow_apply, listen } => {
+            airlock_mcp::serve(airlock_mcp::Options { allow_apply, listen, direct: forced })?;
             Ok(0)
         }
         Command::Daemon { socket, group, listen, e2b_listen, tls_cert, tls_key, tokens } => {
@@ -711,6 +735,7 @@ fn create(args: CreateArgs) -> CliResult {
         idle_timeout: args.idle_timeout,
         env: Vec::new(),
         owner_uid: None,
+        ports: args.ports,
     };
     let created = supervisor::create(&state()?, &req)?;
     println!("{}", created.name);
@@ -867,6 +892,11 @@ impl Staged {
         let temp = parent.join(format!(".{base}.airlock-cp-{}-{n}", std::process::id()));
         let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&temp)?;
         Ok(Staged { temp, destination: destination.to_path_buf(), file, committed: false })
+    }
+
+    /// Where the copy is until it is committed.
+    pub(crate) fn staged_path(&self) -> &std::path::Path {
+        &self.temp
     }
 
     /// Puts the finished copy in place.

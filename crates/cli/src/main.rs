@@ -25,6 +25,11 @@ fn main() -> ExitCode {
             init_logging();
             return code(airlock_runtime::proxy_process::main());
         }
+        // The process that connects to a published port inside the sandbox.
+        Some(airlock_runtime::ports::CONNECTOR_ROLE) => {
+            init_logging();
+            return code(airlock_runtime::ports::connector_main());
+        }
         // The listener that records the sandbox's execs.
         Some(airlock_runtime::exec_trace::TRACE_ROLE) => {
             init_logging();

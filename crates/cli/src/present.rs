@@ -457,6 +457,27 @@ fn event_text(kind: &str, v: &serde_json::Value) -> String {
             format!("{} {}{to} {} bytes{}", f("op"), f("path"), n("bytes"), refused())
         }
         "file_inspected" => format!("{} {} {} entries{}", f("op"), f("path"), n("entries"), refused()),
+        "port_accepted" => {
+            let on = v
+                .get("listen")
+                .filter(|l| !l.is_null())
+                .map_or_else(|| "supervisor".to_owned(), |l| token(Some(l)));
+            format!("#{} {} via {on} → port {}", n("id"), f("peer"), n("sandbox_port"))
+        }
+        "port_closed" => {
+            let why = v
+                .get("error")
+                .filter(|e| !e.is_null())
+                .map(|e| format!(" ({})", token(Some(e))))
+                .unwrap_or_default();
+            format!(
+                "#{} {} bytes in, {} out, {} ms{why}",
+                n("id"),
+                n("bytes_in"),
+                n("bytes_out"),
+                n("duration_ms")
+            )
+        }
         // The exec trace: what a process claimed when it called exec.
         "process_exec" => {
             // A path or directory with a space stays one token.

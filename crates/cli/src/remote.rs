@@ -3,6 +3,7 @@
 //! the way the direct commands show theirs.
 
 use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
 
 use airlock_policy::{Policy, WorkspaceMode};
 use airlock_proto::exec_stream as frames;
@@ -90,8 +91,33 @@ pub(super) fn through_daemon(daemon: &Daemon, command: Command) -> CliResult {
             })?;
             Ok(0)
         }
+        Command::Export { name, output } => {
+            let output = output.unwrap_or_else(|| PathBuf::from(format!("{name}.tar.zst")));
+            remote_export(daemon, &sandbox_path(&name, "/export"), &output)
+        }
         other => direct(other, false),
     }
+}
+
+/// `airlock export` through the daemon: the bundle it made, checked here
+/// as any bundle is read (signature, every member, the audit chain) before
+/// it replaces `output`.
+fn remote_export(daemon: &Daemon, path: &str, output: &Path) -> CliResult {
+    use airlock_runtime::bundle;
+    let mut staged =
+        super::Staged::create(output, 0o600).map_err(|e| format!("{}: {e}", output.display()))?;
+    daemon.download(path, &mut staged)?;
+    let opened = bundle::open(staged.staged_path(), None)
+        .map_err(|e| format!("the daemon's bundle for {} does not check out: {e}", output.display()))?;
+    staged.commit().map_err(|e| format!("{}: {e}", output.display()))?;
+    crate::present::exported(&bundle::ExportReport {
+        path: output.to_path_buf(),
+        members: opened.manifest.members.len(),
+        bytes: opened.manifest.members.iter().map(|m| m.size).sum(),
+        host_key: opened.signer,
+        notes: opened.manifest.notes,
+    });
+    Ok(0)
 }
 
 /// Passes a diff's text through and keeps its end: the text the daemon
@@ -255,6 +281,9 @@ fn remote_create(daemon: &Daemon, args: CreateArgs) -> CliResult {
     }
     if let Some(tier) = s.tier {
         body.insert("tier".into(), json!(tier.as_str()));
+    }
+    if !args.ports.is_empty() {
+        body.insert("ports".into(), json!(args.ports.iter().map(ToString::to_string).collect::<Vec<_>>()));
     }
     let created = daemon.json(hyper::Method::POST, "/v1/sandboxes", Some(&Value::Object(body)))?;
     println!("{}", created["name"].as_str().unwrap_or_default());

@@ -226,12 +226,25 @@ pub fn parse_status(text: &str) -> Option<Status> {
     Some(Status { tgid: number("Tgid:")?, ppid: number("PPid:")?, nstgid })
 }
 
-/// The wait status in the `exit_code` field of `/proc/PID/stat` (the 52nd,
-/// counted after the command name, which may hold anything).
-pub fn stat_exit_code(text: &str) -> Option<i32> {
+/// Field `n` (counted from 1) of `/proc/PID/stat`, from the third on:
+/// counted after the command name, which may hold anything.
+fn stat_field(text: &str, n: usize) -> Option<&str> {
     let after_name = &text[text.rfind(')')? + 1..];
-    // Fields 3 onwards; exit_code is field 52.
-    after_name.split_whitespace().nth(52 - 3)?.parse().ok()
+    after_name.split_whitespace().nth(n.checked_sub(3)?)
+}
+
+/// The wait status in the `exit_code` field of `/proc/PID/stat` (the 52nd).
+pub fn stat_exit_code(text: &str) -> Option<i32> {
+    stat_field(text, 52)?.parse().ok()
+}
+
+/// What `/proc/PID/stat` says of a process that may have ended: when it
+/// started (clock ticks after boot, the 22nd field: with its pid, it names
+/// one process) and whether it has ended (a zombie, state `Z` or `X`).
+pub fn stat_start_and_end(text: &str) -> Option<(u64, bool)> {
+    let start = stat_field(text, 22)?.parse().ok()?;
+    let ended = matches!(stat_field(text, 3)?, "Z" | "X");
+    Some((start, ended))
 }
 
 /// (code, signal) of a wait status.
@@ -444,6 +457,9 @@ mod tests {
             stat.push_str(&format!(" {}", if i == 52 { 768 } else { i }));
         }
         assert_eq!(stat_exit_code(&stat), Some(768));
+        assert_eq!(stat_start_and_end(&stat), Some((22, true)));
+        assert_eq!(stat_start_and_end(&stat.replacen(") Z", ") S", 1)), Some((22, false)));
+        assert!(stat_start_and_end("77 (a) Z 4").is_none());
         assert_eq!(decode_wait_status(768), (Some(3), None));
         assert_eq!(decode_wait_status(9), (None, Some(9)));
         assert_eq!(decode_wait_status(0x8b), (None, Some(11)), "core dumped");

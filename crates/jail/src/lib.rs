@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod exec_claim;
+pub mod exec_ends;
 pub mod exec_rate;
 pub mod landlock_rules;
 pub mod mounts;
@@ -17,6 +18,7 @@ pub mod names;
 pub use airlock_proto::plan;
 pub mod privileges;
 pub mod probe;
+pub mod proc_events;
 pub mod redirect;
 pub mod rlimit;
 pub mod seccomp;

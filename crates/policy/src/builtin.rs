@@ -101,6 +101,7 @@ fn blank() -> Policy {
         network: Network {
             egress: Egress::None,
             transparent: false,
+            ports: false,
             allow: Vec::new(),
             deny: Vec::new(),
             allow_flag: false,

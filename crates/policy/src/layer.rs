@@ -51,6 +51,7 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         allow_raise => p.limits.allow_raise,
         egress => p.network.egress,
         transparent => p.network.transparent,
+        ports => p.network.ports,
         allow => p.network.allow,
         allow_flag => p.network.allow_flag,
         extra_roots => p.network.extra_roots,

@@ -31,6 +31,11 @@ pub struct Network {
     /// the policy rather than no network. Off: only the proxy ports lead out.
     #[serde(default)]
     pub transparent: bool,
+    /// Whether a long-lived sandbox may publish ports (`airlock create -p`):
+    /// a listener on the host whose connections the supervisor relays to a
+    /// port inside. Inbound only: the sandbox gains no route out.
+    #[serde(default)]
+    pub ports: bool,
     /// Destinations the proxy may connect to (replaced by a refining layer).
     #[serde(default)]
     pub allow: Vec<HostPattern>,

@@ -55,10 +55,11 @@ const LIMITS_KEYS: &[&str] = &[
     "allow_raise",
 ];
 const NETWORK_KEYS: &[&str] =
-    &["egress", "transparent", "allow", "deny", "allow_flag", "extra_roots", "rule"];
+    &["egress", "transparent", "ports", "allow", "deny", "allow_flag", "extra_roots", "rule"];
 /// The `[network]` keys a built-in must set; `rule` is an array of tables a
 /// profile may leave out.
-const NETWORK_REQUIRED: &[&str] = &["egress", "transparent", "allow", "deny", "allow_flag", "extra_roots"];
+const NETWORK_REQUIRED: &[&str] =
+    &["egress", "transparent", "ports", "allow", "deny", "allow_flag", "extra_roots"];
 const RULE_KEYS: &[&str] = &["host", "methods", "paths"];
 const SECRET_KEYS: &[&str] = &["from", "hosts"];
 const ARTIFACTS_KEYS: &[&str] = &["capture", "max_bytes"];
@@ -104,6 +105,7 @@ pub(crate) struct Layer {
     pub allow_raise: Option<bool>,
     pub egress: Option<Egress>,
     pub transparent: Option<bool>,
+    pub ports: Option<bool>,
     pub allow: Option<Vec<HostPattern>>,
     pub deny: Option<Vec<HostPattern>>,
     pub allow_flag: Option<bool>,
@@ -203,6 +205,7 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
     if let Some(s) = top.section("network", NETWORK_KEYS)? {
         layer.egress = s.keyword::<Egress>("egress")?.map(Spanned::into_inner);
         layer.transparent = s.boolean("transparent")?;
+        layer.ports = s.boolean("ports")?;
         layer.allow = s.host_list("allow", true)?;
         layer.deny = s.host_list("deny", true)?;
         layer.allow_flag = s.boolean("allow_flag")?;
@@ -1041,7 +1044,7 @@ hosts = ["*.example.org:443", "10.0.0.0/8"]
                 "[network]\negres = \"proxy\"\n",
                 (2, 1),
                 "network.egres",
-                "expected one of: egress, transparent, allow, deny",
+                "expected one of: egress, transparent, ports, allow, deny",
             ),
             ("[network]\nrule = { host = \"a.example.com\" }\n", (2, 8), "network.rule", "[[network.rule]]"),
             ("[network]\nrule = [\"a.example.com\"]\n", (2, 9), "network.rule", "expected a table"),

@@ -100,6 +100,7 @@ pub(crate) fn to_toml(p: &Policy) -> String {
          [network]\n\
          egress = {egress}\n\
          transparent = {transparent}\n\
+         ports = {ports}\n\
          allow = {allow}\n\
          deny = {deny}\n\
          allow_flag = {allow_flag}\n\
@@ -143,6 +144,7 @@ pub(crate) fn to_toml(p: &Policy) -> String {
         allow_raise = p.limits.allow_raise,
         egress = quote(p.network.egress.as_str()),
         transparent = p.network.transparent,
+        ports = p.network.ports,
         capture = list(&p.artifacts.capture),
         max_bytes = quote(&format_size(p.artifacts.max_bytes)),
         on_success = quote(p.cleanup.on_success.as_str()),

@@ -235,6 +235,11 @@ pub enum TraceRecord {
     Exec(ProcessExec),
     Exit(ProcessExit),
     Summary(ProcessExecSummary),
+    /// The reporter's trace ended (why): nothing is recorded from then on,
+    /// and the execs it answered fail.
+    Ended {
+        detail: String,
+    },
 }
 
 /// The value of `reported_by` on what a microVM guest reported.

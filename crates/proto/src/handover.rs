@@ -107,19 +107,25 @@ impl HandOver {
 
 /// Sends `fd` with its meaning over the egress channel.
 pub fn send(socket: impl AsFd, what: &HandOver, fd: BorrowedFd<'_>) -> io::Result<()> {
-    let bytes = what.encode();
-    let fds = [fd];
+    send_bytes(socket, &what.encode(), Some(fd))
+}
+
+/// Sends one small message, with at most one descriptor, whole: the form
+/// of a hand-over, also used by the port connector's answers
+/// (`port_connect`).
+pub fn send_bytes(socket: impl AsFd, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
-    if !control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)) {
+    if !fds.is_empty() && !control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)) {
         return Err(io::Error::other("control message buffer too small"));
     }
     let sent =
-        rustix::net::sendmsg(socket, &[IoSlice::new(&bytes)], &mut control, rustix::net::SendFlags::empty())?;
+        rustix::net::sendmsg(socket, &[IoSlice::new(bytes)], &mut control, rustix::net::SendFlags::empty())?;
     if sent != bytes.len() {
         // A stream socket takes small messages whole; anything else would
         // leave the channel out of step.
-        return Err(io::Error::other("the egress channel took part of a hand-over"));
+        return Err(io::Error::other("the channel took part of a message"));
     }
     Ok(())
 }
@@ -130,13 +136,26 @@ pub fn send(socket: impl AsFd, what: &HandOver, fd: BorrowedFd<'_>) -> io::Resul
 /// the next one.
 pub fn recv(socket: impl AsFd) -> io::Result<(HandOver, OwnedFd)> {
     let mut buf = [0u8; MAX_HANDOVER + 1];
+    let (len, fd) = recv_bytes(socket, &mut buf)?;
+    let Some(fd) = fd else {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "a hand-over arrived without a descriptor"));
+    };
+    match HandOver::decode(&buf[..len]) {
+        Some(what) => Ok((what, fd)),
+        None => Err(io::Error::new(io::ErrorKind::InvalidData, "a hand-over of no known form")),
+    }
+}
+
+/// Receives one message sent by [`send_bytes`] into `buf`: its length and
+/// its descriptor, if one came. End of stream is `UnexpectedEof`.
+pub fn recv_bytes(socket: impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
     // The kernel ends a read of a stream socket after the bytes that came
     // with descriptors, so one read is one sender's message.
     let msg = rustix::net::recvmsg(
         socket,
-        &mut [IoSliceMut::new(&mut buf)],
+        &mut [IoSliceMut::new(buf)],
         &mut control,
         rustix::net::RecvFlags::CMSG_CLOEXEC,
     )?;
@@ -151,13 +170,7 @@ pub fn recv(socket: impl AsFd) -> io::Result<(HandOver, OwnedFd)> {
             received = Some(fd);
         }
     }
-    let Some(fd) = received else {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "a hand-over arrived without a descriptor"));
-    };
-    match HandOver::decode(&buf[..msg.bytes]) {
-        Some(what) => Ok((what, fd)),
-        None => Err(io::Error::new(io::ErrorKind::InvalidData, "a hand-over of no known form")),
-    }
+    Ok((msg.bytes, received))
 }
 
 #[cfg(test)]

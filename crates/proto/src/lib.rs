@@ -59,6 +59,9 @@ pub enum HostMessage {
     },
     /// Stop file operation `id` (its client went away); no answer follows.
     FileCancel { id: u32 },
+    /// A microVM guest about to be stopped: kill every process left in it
+    /// and report their ends, then answer [`AgentMessage::ProcessesEnded`].
+    EndProcesses,
 }
 
 /// One process to start in a sandbox in service mode.
@@ -153,6 +156,10 @@ pub enum AgentMessage {
     /// agent saw inside the guest (what the guest claims; the host marks
     /// it so). A process-tier agent never sends it, and its host ignores it.
     ExecTrace { trace: exec_record::TraceRecord },
+    /// The answer to [`HostMessage::EndProcesses`]: every process left was
+    /// killed, and the exec trace's records of their ends were sent before
+    /// this (as far as they came within its wait).
+    ProcessesEnded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +268,7 @@ pub mod exec_stream;
 pub mod file;
 pub mod handover;
 pub mod plan;
+pub mod port_connect;
 pub mod supervisor;
 pub mod time;
 pub mod window;

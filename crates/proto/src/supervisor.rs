@@ -41,11 +41,20 @@ pub enum Request {
     /// `Reply::File` answers until `Done` or `Failed`. For a write, the
     /// client sends `FileData` after `Ready`, as the socket takes them.
     File(FileOp),
+    /// A connection to `port` on the sandbox's loopback: answered `Ok` once
+    /// it is made (or `Error`), after which this connection carries its
+    /// bytes both ways. `peer` says for the audit log whom it is for.
+    ConnectPort { port: u16, peer: String },
     /// After `File(Write)`: the next bytes of the file.
     FileData {
         #[serde(with = "crate::bytes")]
         data: Vec<u8>,
     },
+    /// These texts with the sandbox's secret values redacted, as its audit
+    /// log redacts every string of its events: for a record kept outside
+    /// the sandbox (the daemon's index), by a client that never holds the
+    /// values. Answered `Redacted`, one text for each, in order.
+    Redact { texts: Vec<String> },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -75,6 +84,7 @@ pub enum Reply {
     Status { running: bool, deadline_unix: u64, idle_timeout_secs: Option<u64>, execs_running: u32 },
     Error { message: String },
     File(FileReply),
+    Redacted { texts: Vec<String> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

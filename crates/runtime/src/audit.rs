@@ -232,11 +232,16 @@ pub enum AuditEvent {
     /// Execs past the trace's rate in one second, counted.
     ProcessExecSummary(crate::exec_trace::ProcessExecSummary),
     /// The exec trace's listener process ended while the sandbox could
-    /// still exec: its execs fail from then on.
+    /// still exec: its execs fail from then on. In a microVM guest, its
+    /// agent's trace thread ended (`reported_by: guest`; no code or signal).
     ExecTraceEnded {
         code: Option<i32>,
         signal: Option<i32>,
         detail: String,
+        /// As on the trace's other records: `"guest"` when a microVM
+        /// guest reported it; absent when the host saw its listener end.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reported_by: Option<String>,
     },
     /// One path the sandbox changed in its workspace, from the diff at
     /// finalize (after the `diff_summary`): what happened to it, its type
@@ -260,6 +265,25 @@ pub enum AuditEvent {
         path: String,
         entries: u64,
         refused: Option<String>,
+    },
+    /// A connection to a published port (`create -p`) was accepted on the
+    /// host, or a client of the supervisor asked for one: from whom, on
+    /// which host address (None for the latter), to which port inside.
+    PortAccepted {
+        id: u64,
+        peer: String,
+        listen: Option<String>,
+        sandbox_port: u16,
+    },
+    /// That connection ended: the bytes that went into the sandbox
+    /// (`bytes_in`) and came out (`bytes_out`), how long it lasted, and
+    /// why it failed when the port inside could not be reached.
+    PortClosed {
+        id: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+        duration_ms: u64,
+        error: Option<String>,
     },
 }
 
@@ -292,6 +316,8 @@ impl AuditEvent {
             AuditEvent::ExecTraceEnded { .. } => "exec_trace_ended",
             AuditEvent::WorkspaceChanged { .. } => "workspace_changed",
             AuditEvent::FileInspected { .. } => "file_inspected",
+            AuditEvent::PortAccepted { .. } => "port_accepted",
+            AuditEvent::PortClosed { .. } => "port_closed",
         }
     }
 
@@ -309,6 +335,8 @@ impl AuditEvent {
                 | AuditEvent::ProcessExecSummary(_)
                 | AuditEvent::WorkspaceChanged { .. }
                 | AuditEvent::FileInspected { .. }
+                | AuditEvent::PortAccepted { .. }
+                | AuditEvent::PortClosed { .. }
         )
     }
 
@@ -383,9 +411,12 @@ impl AuditEvent {
                 AuditEvent::ProcessExit(e)
             }
             AuditEvent::ProcessExecSummary(s) => AuditEvent::ProcessExecSummary(s.capped()),
-            AuditEvent::ExecTraceEnded { code, signal, detail } => {
-                AuditEvent::ExecTraceEnded { code, signal, detail: message(detail) }
-            }
+            AuditEvent::ExecTraceEnded { code, signal, detail, reported_by } => AuditEvent::ExecTraceEnded {
+                code,
+                signal,
+                detail: message(detail),
+                reported_by: reported_by.map(field),
+            },
             AuditEvent::WorkspaceChanged { path, kind, old_type, new_type, size, sha256 } => {
                 AuditEvent::WorkspaceChanged {
                     path: cap_path(&path, MAX_FIELD),
@@ -402,6 +433,12 @@ impl AuditEvent {
                 entries,
                 refused: refused.map(message),
             },
+            AuditEvent::PortAccepted { id, peer, listen, sandbox_port } => {
+                AuditEvent::PortAccepted { id, peer: field(peer), listen: listen.map(field), sandbox_port }
+            }
+            AuditEvent::PortClosed { id, bytes_in, bytes_out, duration_ms, error } => {
+                AuditEvent::PortClosed { id, bytes_in, bytes_out, duration_ms, error: error.map(message) }
+            }
             other @ (AuditEvent::Exited { .. }
             | AuditEvent::TimeLimitHit { .. }
             | AuditEvent::DiffSummary { .. }

@@ -224,16 +224,50 @@ struct Source {
 /// Writes the bundle of sandbox `name` to `out` (replacing it once
 /// complete). The sandbox must not be running.
 pub fn export(root: &StateRoot, name: &str, out: &Path) -> Result<ExportReport, BundleError> {
+    let io = |action, source| BundleError::Io { action, path: out.to_path_buf(), source };
+    // An unknown sandbox is the first thing to say, before any file is made.
+    root.open(name)?;
+    let tmp = temp_beside(out);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| BundleError::Io { action: "create", path: tmp.clone(), source: e })?;
+    let result = export_into(root, name, name, file, out).and_then(|(file, report)| {
+        file.sync_all().map_err(|e| io("sync", e))?;
+        std::fs::rename(&tmp, out).map_err(|e| io("write", e))?;
+        Ok(report)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes the bundle of sandbox `name` into `sink`, the manifest naming
+/// the sandbox `shown` (a daemon's caller knows it by a name of their
+/// own); errors call the bundle `bundle`. The sandbox must not be
+/// running. Returns `sink` once everything is written to it (and flushed);
+/// the report's `path` is `bundle`. A failure may leave part of a bundle in
+/// `sink`: the caller discards it.
+pub fn export_into<W: Write>(
+    root: &StateRoot,
+    name: &str,
+    shown: &str,
+    sink: W,
+    bundle: &Path,
+) -> Result<(W, ExportReport), BundleError> {
     let sandbox = root.open(name)?;
     if sandbox.is_live() {
-        return Err(BundleError::Running(name.to_owned()));
+        return Err(BundleError::Running(shown.to_owned()));
     }
     let key = host_key(root)?;
     let mut notes = Vec::new();
     let (sources, head) = gather(&sandbox, &mut notes)?;
     if sources.len() > MAX_MEMBERS {
         return Err(BundleError::Refused {
-            path: out.to_path_buf(),
+            path: bundle.to_path_buf(),
             reason: format!(
                 "the sandbox has {} files to export, more than a bundle holds ({MAX_MEMBERS})",
                 sources.len()
@@ -249,7 +283,7 @@ pub fn export(root: &StateRoot, name: &str, out: &Path) -> Result<ExportReport, 
     let manifest = Manifest {
         format: FORMAT.to_owned(),
         version: FORMAT_VERSION,
-        sandbox: name.to_owned(),
+        sandbox: shown.to_owned(),
         exported_at: crate::now_rfc3339(),
         airlock_version: env!("CARGO_PKG_VERSION").to_owned(),
         host_key: public_key_text(&key),
@@ -259,7 +293,7 @@ pub fn export(root: &StateRoot, name: &str, out: &Path) -> Result<ExportReport, 
     };
     let manifest_bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| BundleError::Io {
         action: "encode the manifest of",
-        path: out.to_path_buf(),
+        path: bundle.to_path_buf(),
         source: e.into(),
     })?;
     let signature = Signature {
@@ -269,30 +303,18 @@ pub fn export(root: &StateRoot, name: &str, out: &Path) -> Result<ExportReport, 
     };
     let signature_bytes = serde_json::to_vec_pretty(&signature).map_err(|e| BundleError::Io {
         action: "encode the signature of",
-        path: out.to_path_buf(),
+        path: bundle.to_path_buf(),
         source: e.into(),
     })?;
-
-    let tmp = temp_beside(out);
-    let result = write_archive(&tmp, &manifest_bytes, &signature_bytes, &sources, &manifest.members);
-    let result = result.and_then(|()| {
-        std::fs::rename(&tmp, out).map_err(|source| BundleError::Io {
-            action: "write",
-            path: out.to_path_buf(),
-            source,
-        })
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result?;
-    Ok(ExportReport {
-        path: out.to_path_buf(),
+    let sink = write_archive(sink, bundle, &manifest_bytes, &signature_bytes, &sources, &manifest.members)?;
+    let report = ExportReport {
+        path: bundle.to_path_buf(),
         members: manifest.members.len(),
         bytes: manifest.members.iter().map(|m| m.size).sum(),
         host_key: manifest.host_key,
         notes,
-    })
+    };
+    Ok((sink, report))
 }
 
 fn temp_beside(out: &Path) -> PathBuf {
@@ -498,22 +520,18 @@ fn header(size: u64, mtime: u64) -> tar::Header {
     header
 }
 
-fn write_archive(
-    tmp: &Path,
+/// Writes the archive into `sink`; `bundle` names it in errors.
+fn write_archive<W: Write>(
+    sink: W,
+    bundle: &Path,
     manifest: &[u8],
     signature: &[u8],
     sources: &[Source],
     members: &[Member],
-) -> Result<(), BundleError> {
-    let io = |action, source| BundleError::Io { action, path: tmp.to_path_buf(), source };
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(tmp)
-        .map_err(|e| io("create", e))?;
+) -> Result<W, BundleError> {
+    let io = |action, source| BundleError::Io { action, path: bundle.to_path_buf(), source };
     let mut encoder =
-        zstd::stream::write::Encoder::new(BufWriter::new(file), 3).map_err(|e| io("compress", e))?;
+        zstd::stream::write::Encoder::new(BufWriter::new(sink), 3).map_err(|e| io("compress", e))?;
     // A damaged frame is told apart from a changed member before any is read.
     encoder.include_checksum(true).map_err(|e| io("compress", e))?;
     let mut tar = tar::Builder::new(encoder);
@@ -545,8 +563,7 @@ fn write_archive(
     }
     let encoder = tar.into_inner().map_err(|e| io("write", e))?;
     let writer = encoder.finish().map_err(|e| io("compress", e))?;
-    let file = writer.into_inner().map_err(|e| io("write", e.into_error()))?;
-    file.sync_all().map_err(|e| io("sync", e))
+    writer.into_inner().map_err(|e| io("write", e.into_error()))
 }
 
 /// A bundle that passed every check.

@@ -28,6 +28,8 @@ pub enum CreateFailure {
     BadPolicy { message: String },
     /// The workspace cannot be used.
     BadWorkspace { message: String },
+    /// A published port's host address could not be listened on (taken).
+    PortUnavailable { message: String },
     /// Anything else: the sandbox could not be started.
     Other { message: String },
 }
@@ -84,6 +86,9 @@ impl From<&RunError> for CreateFailure {
             RunError::WorkspaceDir(..) | RunError::WorkspaceIsRoot | RunError::WorkspaceRefused(_) => {
                 CreateFailure::BadWorkspace { message }
             }
+            RunError::Ports(crate::ports::PortError::Bind { .. }) | RunError::PortUnavailable(_) => {
+                CreateFailure::PortUnavailable { message }
+            }
             _ => CreateFailure::Other { message },
         }
     }
@@ -101,6 +106,7 @@ impl From<CreateFailure> for RunError {
             CreateFailure::NameTaken { name, path } => RunError::StateDir(StateError::Exists { name, path }),
             CreateFailure::BadPolicy { message } => RunError::PolicyRefused(message),
             CreateFailure::BadWorkspace { message } => RunError::WorkspaceRefused(message),
+            CreateFailure::PortUnavailable { message } => RunError::PortUnavailable(message),
             CreateFailure::Other { message } => RunError::CreateFailed(message),
         }
     }
@@ -157,6 +163,15 @@ mod tests {
         let message = workspace.to_string();
         let back = across(workspace);
         assert!(matches!(back, RunError::WorkspaceRefused(_)));
+        assert_eq!(back.to_string(), message);
+
+        let taken = RunError::Ports(crate::ports::PortError::Bind {
+            addr: "127.0.0.1:8080".parse().unwrap(),
+            source: std::io::Error::from_raw_os_error(libc::EADDRINUSE),
+        });
+        let message = taken.to_string();
+        let back = across(taken);
+        assert!(matches!(back, RunError::PortUnavailable(_)));
         assert_eq!(back.to_string(), message);
 
         let other = RunError::SetupFailed("mount: no\nspace".into());

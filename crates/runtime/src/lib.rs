@@ -19,6 +19,7 @@ pub mod names;
 pub mod network;
 pub mod ops;
 pub mod plan;
+pub mod ports;
 pub mod proxy_process;
 pub mod report;
 mod role_process;
@@ -107,6 +108,13 @@ pub enum RunError {
     CreateFailed(String),
     #[error("egress proxy: {0}")]
     Egress(String),
+    /// A published port that cannot be, or its connector failed to start.
+    #[error(transparent)]
+    Ports(#[from] ports::PortError),
+    /// A host address for a published port that could not be listened on,
+    /// as a sandbox's supervisor reported it.
+    #[error("{0}")]
+    PortUnavailable(String),
     #[error("exec trace: {0}")]
     ExecTrace(String),
     #[error("cannot connect the sandbox's terminal: {0}")]

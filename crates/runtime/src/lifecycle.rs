@@ -419,6 +419,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         deadline_unix: None,
         idle_timeout_secs: None,
         tier: policy.isolation.tier,
+        ports: Vec::new(),
     };
     sandbox.write_meta(&meta)?;
     let mut audit = AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size);

@@ -387,14 +387,19 @@ pub struct NetLogEntry {
 /// Every egress decision recorded for a sandbox, oldest first.
 pub fn net_log(root: &StateRoot, name: &str) -> Result<Vec<NetLogEntry>, OpError> {
     let sandbox = root.open(name)?;
-    let records = AuditLog::read_all(&sandbox.audit_path())?;
-    Ok(records
+    Ok(network_events(AuditLog::read_all(&sandbox.audit_path())?))
+}
+
+/// The egress decisions among audit records, oldest first: `net_log` of a
+/// log read here, or of one a daemon sent (`GET …/audit`).
+pub fn network_events(records: impl IntoIterator<Item = crate::audit::AuditRecord>) -> Vec<NetLogEntry> {
+    records
         .into_iter()
         .filter_map(|r| match r.event {
             AuditEvent::Network(event) => Some(NetLogEntry { ts: r.ts, event }),
             _ => None,
         })
-        .collect())
+        .collect()
 }
 
 /// Every record of a sandbox's audit log, oldest first, with its line and

@@ -321,7 +321,8 @@ fn supervise(
                 | AgentMessage::ExecRefused { .. }
                 | AgentMessage::ExecEnded { .. }
                 | AgentMessage::StdinAck { .. }
-                | AgentMessage::File { .. },
+                | AgentMessage::File { .. }
+                | AgentMessage::ProcessesEnded,
             ) => {}
             // The process tier's trace is its host's own listener; an agent
             // inside the sandbox has no say in it.
@@ -363,6 +364,34 @@ fn supervise(
         live,
         notify,
     )
+}
+
+/// Asks the guest's agent to kill every process left in the guest, and
+/// records the guest's trace until its answer (which follows the records
+/// of those ends) or [`crate::exec_trace::GUEST_LAST_ENDS`].
+fn end_guest_processes(
+    writer: &std::sync::Mutex<std::os::unix::net::UnixStream>,
+    rx: &mpsc::Receiver<AgentMessage>,
+    audit: &mut AuditLog,
+) -> Result<(), RunError> {
+    let sent = writer
+        .lock()
+        .is_ok_and(|mut w| airlock_proto::send(&mut *w, &airlock_proto::HostMessage::EndProcesses).is_ok());
+    if !sent {
+        return Ok(());
+    }
+    let until = Instant::now() + crate::exec_trace::GUEST_LAST_ENDS;
+    loop {
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(AgentMessage::ExecTrace { trace }) => audit.record(crate::exec_trace::guest_event(trace))?,
+            Ok(AgentMessage::ProcessesEnded) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!("the guest did not answer for the end of its processes: {e}");
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// How `airlock run` runs its command in a guest.
@@ -531,6 +560,12 @@ fn supervise_vm(
     }
     drop((out, err));
     drop(forwarder);
+    // What the command left running in the guest (a background job) ends
+    // now, as a process-tier sandbox's does with its agent, and the
+    // trace's records of those ends come before the guest's answer.
+    if !ending.timed_out && guest_failure.is_none() {
+        end_guest_processes(&writer, &rx, &mut audit)?;
+    }
     // The guest served its one command: QEMU goes, and the channel with it.
     held.kill_all();
     let _ = held.reap_agent();

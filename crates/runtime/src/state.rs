@@ -388,6 +388,9 @@ pub struct SandboxMeta {
     /// before there was a choice).
     #[serde(default = "process_tier")]
     pub tier: airlock_policy::Tier,
+    /// Published ports (`create -p`), while and after it ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::ports::PortMapping>,
 }
 
 fn process_tier() -> airlock_policy::Tier {
@@ -877,6 +880,7 @@ mod tests {
             deadline_unix: None,
             idle_timeout_secs: None,
             tier: airlock_policy::Tier::Process,
+            ports: Vec::new(),
         }
     }
 

@@ -36,6 +36,7 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::create_failure::{CreateFailure, Report};
 use crate::file_relay::{FileRoutes, Relay, route_file_reply};
 use crate::lifecycle::{Ending, LaunchSpec, Launched, Remains, finalize, launch_sandbox, step_done};
+use crate::ports::PortAccess;
 use crate::run::Notice;
 use crate::state::{SandboxDir, SandboxState, StateRoot};
 
@@ -65,6 +66,9 @@ pub struct CreateRequest {
     /// the uid of the client it serves.
     #[serde(default)]
     pub owner_uid: Option<u32>,
+    /// Ports to publish (`-p`): host listeners relayed to ports inside.
+    #[serde(default)]
+    pub ports: Vec<crate::ports::PortMapping>,
 }
 
 /// The wire form of a request to the supervisor process (overrides are not
@@ -97,6 +101,7 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
         crate::state::check_name_owner(name, owner_uid)?;
     }
     let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
+    crate::ports::check(&req.ports, &policy)?;
     drop(policy);
     let o = &req.overrides;
     let spec = Spec {
@@ -209,6 +214,10 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     };
     let req = &spec.request;
     let checked = crate::run::check(&req.policy, &overrides, req.workspace.as_deref(), &mut |_| {})?;
+    crate::ports::check(&req.ports, &checked.policy)?;
+    // Before anything of the sandbox exists: a taken host port fails the
+    // create with nothing to clean up.
+    let listeners = crate::ports::bind_all(&req.ports)?;
     let root = StateRoot::from_env()?;
     crate::prepare_state_root(&root, checked.host.running_as_root)?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
@@ -241,14 +250,14 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     };
     // A failure from here on has already released what the sandbox held
     // (its agent, cgroup, layer and id block) by the time it returns.
-    let mut supervisor = match Supervisor::start(&sandbox, &checked.policy, launched, &spec, req, max_runtime)
-    {
-        Ok(supervisor) => supervisor,
-        Err(e) => {
-            crate::run::record_failure(&sandbox, &e);
-            return Err(e);
-        }
-    };
+    let mut supervisor =
+        match Supervisor::start(&sandbox, &checked.policy, launched, &spec, req, max_runtime, listeners) {
+            Ok(supervisor) => supervisor,
+            Err(e) => {
+                crate::run::record_failure(&sandbox, &e);
+                return Err(e);
+            }
+        };
     // Said once, then the descriptor is closed: the creator returns now.
     if let Some(mut ready) = ready.take() {
         report(&mut ready, &Report::Ready { name: sandbox.name().to_string() });
@@ -318,6 +327,9 @@ enum Control {
     /// The deadline moved: look at it again now rather than at the end of
     /// the current wait (which may be far later than an earlier deadline).
     DeadlineMoved,
+    /// A microVM guest killed what was left in it, and its trace's records
+    /// of those ends are recorded.
+    ProcessesEnded,
 }
 
 type ExecRoutes = Arc<Mutex<HashMap<u32, Route>>>;
@@ -342,6 +354,7 @@ struct Supervisor {
     running_execs: Arc<AtomicU32>,
     started: Instant,
     socket: PathBuf,
+    ports: Arc<PortAccess>,
 }
 
 fn unix_now() -> u64 {
@@ -356,6 +369,7 @@ impl Supervisor {
         spec: &Spec,
         req: &CreateRequest,
         max_runtime: Duration,
+        listeners: Vec<(crate::ports::PortMapping, std::net::TcpListener)>,
     ) -> Result<Supervisor, RunError> {
         // The agent first confirms it is confined, then that it serves.
         let _ = launched.control.set_read_timeout(Some(Duration::from_secs(60)));
@@ -384,6 +398,7 @@ impl Supervisor {
         launched.meta.labels = req.labels.clone();
         launched.meta.deadline_unix = Some(deadline);
         launched.meta.idle_timeout_secs = req.idle_timeout.map(|d| d.as_secs());
+        launched.meta.ports = req.ports.clone();
         sandbox.write_meta(&launched.meta)?;
 
         let socket = sandbox.path().join(SOCKET);
@@ -416,6 +431,18 @@ impl Supervisor {
         // process-tier agent is inside the sandbox, and its trace is the
         // host's own listener's.
         let guest_trace = (policy.isolation.tier == airlock_policy::Tier::Microvm).then(|| audit.clone());
+        // Why a client's `ConnectPort` is refused, when it is.
+        let ports_refused = crate::ports::check(&[crate::ports::PortMapping::ANY], policy).err();
+        let ports = PortAccess::new(
+            sandbox.name(),
+            launched.agent_pid,
+            ports_refused.map(|e| e.to_string()),
+            audit.clone(),
+        );
+        if let Err(e) = ports.publish(listeners) {
+            ports.close();
+            return Err(e.into());
+        }
         spawn_agent_reader(
             agent_reader,
             routes.clone(),
@@ -439,8 +466,10 @@ impl Supervisor {
             running_execs: running_execs.clone(),
             next_id: Arc::new(AtomicU32::new(1)),
             audit,
+            secrets: Arc::new(launched.secret_values.clone()),
             max_deadline: unix_now() + max_runtime.as_secs(),
             max_runtime_secs: max_runtime.as_secs(),
+            ports: ports.clone(),
             memory: launched
                 .meta
                 .cgroup
@@ -471,6 +500,7 @@ impl Supervisor {
             running_execs,
             started: Instant::now(),
             socket,
+            ports,
         })
     }
 
@@ -497,7 +527,8 @@ impl Supervisor {
             match self.control_rx.recv_timeout(wait.min(Duration::from_secs(60))) {
                 Ok(Control::Stop) => return StopReason::Requested,
                 Ok(Control::AgentGone) => return StopReason::AgentGone,
-                Ok(Control::DeadlineMoved) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(Control::DeadlineMoved | Control::ProcessesEnded)
+                | Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return StopReason::AgentGone,
             }
         }
@@ -512,6 +543,8 @@ impl Supervisor {
         reason: StopReason,
     ) -> Result<(), RunError> {
         let _ = std::fs::remove_file(&self.socket);
+        // The published ports stop listening with the sandbox.
+        self.ports.close();
         let Some(launched) = self.launched.take() else { return Ok(()) };
         let Launched { name, meta, mut audit, mut held, secret_values, stdio, control, .. } = launched;
         // An error returned early drops `held`, which ends the sandbox and
@@ -530,6 +563,9 @@ impl Supervisor {
         step_done("stopping")?;
         if !matches!(reason, StopReason::AgentGone) {
             self.end_execs(policy.limits.stop_grace);
+            if policy.isolation.tier == airlock_policy::Tier::Microvm {
+                self.end_guest_processes();
+            }
         }
         held.kill_all();
         let agent_status = held.reap_agent();
@@ -577,6 +613,28 @@ impl Supervisor {
     fn end_execs(&self, grace: Duration) {
         if !ask_execs_to_end(&self.routes, &self.agent, grace) {
             tracing::debug!(sandbox = %self.name, "grace period over; killing the sandbox's processes");
+        }
+    }
+
+    /// A microVM's guest: its agent kills whatever is left in it (a
+    /// background job) and answers once its trace's records of those ends
+    /// are sent (the agent reader records them first); waited for
+    /// [`crate::exec_trace::GUEST_LAST_ENDS`] at most.
+    fn end_guest_processes(&self) {
+        let sent = self
+            .agent
+            .lock()
+            .is_ok_and(|mut agent| airlock_proto::send(&mut *agent, &HostMessage::EndProcesses).is_ok());
+        if !sent {
+            return;
+        }
+        let until = Instant::now() + crate::exec_trace::GUEST_LAST_ENDS;
+        loop {
+            match self.control_rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                // Stopping already; a deadline no longer matters.
+                Ok(Control::Stop | Control::DeadlineMoved) => {}
+                Ok(Control::ProcessesEnded | Control::AgentGone) | Err(_) => return,
+            }
         }
     }
 }
@@ -729,6 +787,10 @@ fn spawn_agent_reader(
                     }
                     continue;
                 }
+                AgentMessage::ProcessesEnded => {
+                    let _ = control.send(Control::ProcessesEnded);
+                    continue;
+                }
                 AgentMessage::ExecTrace { trace } => {
                     match &guest_trace {
                         Some(audit) => {
@@ -777,11 +839,15 @@ struct Server {
     running_execs: Arc<AtomicU32>,
     next_id: Arc<AtomicU32>,
     audit: Arc<Mutex<AuditLog>>,
+    /// The secret values (name, value) the audit log redacts, for
+    /// `Request::Redact`.
+    secrets: Arc<Vec<(String, Vec<u8>)>>,
     /// The latest deadline `extend` may set: the policy's maximum runtime
     /// from the start (a flag may shorten it, extend may give time back up
     /// to it); unbounded within a week when the policy allows raising.
     max_deadline: u64,
     max_runtime_secs: u64,
+    ports: Arc<PortAccess>,
     memory: Option<Arc<MemoryWatch>>,
 }
 
@@ -815,6 +881,7 @@ impl Server {
         let reply = match request {
             Request::Exec(spec) => return self.exec(conn, spec),
             Request::File(op) => return self.file(conn, op),
+            Request::ConnectPort { port, peer } => return self.connect_port(conn, port, peer),
             Request::Stop => {
                 let _ = self.control.send(Control::Stop);
                 Reply::Ok
@@ -854,6 +921,11 @@ impl Server {
             | Request::FileData { .. } => {
                 Reply::Error { message: "no exec on this connection: send Exec first".into() }
             }
+            // The same function the audit log applies to every string of an
+            // event; the values never leave this process.
+            Request::Redact { texts } => Reply::Redacted {
+                texts: texts.iter().map(|t| crate::network::redact_str(t, &self.secrets)).collect(),
+            },
             Request::Status => Reply::Status {
                 running: true,
                 deadline_unix: self.deadline.load(Ordering::Relaxed),
@@ -1040,6 +1112,22 @@ impl Server {
         }
     }
 
+    /// Relays this client connection to `port` inside the sandbox, after
+    /// answering whether it could be made.
+    fn connect_port(&self, conn: UnixStream, port: u16, peer: String) {
+        let origin = crate::ports::Origin { peer, listen: None };
+        let answer = |conn: &mut UnixStream, failed: Option<&crate::ports::PortError>| {
+            let reply = match failed {
+                None => Reply::Ok,
+                Some(e) => Reply::Error { message: e.to_string() },
+            };
+            let _ = airlock_proto::send(conn, &reply);
+        };
+        if let Err(e) = self.ports.serve(conn, port, origin, answer) {
+            tracing::debug!("port {port}: {e}");
+        }
+    }
+
     fn record(&self, event: AuditEvent) {
         if let Ok(mut audit) = self.audit.lock() {
             let _ = audit.record(event);
@@ -1069,6 +1157,7 @@ impl ExecControl {
 }
 
 /// A client of one sandbox's supervisor (the daemon, the CLI).
+#[derive(Debug, Clone)]
 pub struct SupervisorClient {
     socket: PathBuf,
 }
@@ -1199,6 +1288,21 @@ impl SupervisorClient {
         Ok(FileSession { conn: self.request(&Request::File(op.clone()))? })
     }
 
+    /// A connection to `port` on the sandbox's loopback, made by its
+    /// supervisor: once this returns, the stream carries the port's bytes
+    /// both ways. `peer` names whom it is for in the audit log (an address,
+    /// a front end). Refused when the sandbox's policy forbids ports or its
+    /// tier cannot carry them, and when nothing listens on the port.
+    pub fn connect_port(&self, port: u16, peer: &str) -> io::Result<UnixStream> {
+        let mut conn = self.request(&Request::ConnectPort { port, peer: peer.to_owned() })?;
+        match airlock_proto::recv::<_, Reply>(&mut conn).map_err(io::Error::other)? {
+            Some(Reply::Ok) => Ok(conn),
+            Some(Reply::Error { message }) => Err(io::Error::other(message)),
+            Some(other) => Err(io::Error::other(format!("unexpected answer {other:?}"))),
+            None => Err(io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+
     pub fn stop(&self) -> io::Result<()> {
         self.simple(&Request::Stop).map(drop)
     }
@@ -1215,6 +1319,19 @@ impl SupervisorClient {
 
     pub fn status(&self) -> io::Result<Reply> {
         self.simple(&Request::Status)
+    }
+
+    /// `texts` with the sandbox's secret values redacted by its supervisor,
+    /// exactly as its audit log redacts them (see `Request::Redact`).
+    pub fn redact(&self, texts: Vec<String>) -> io::Result<Vec<String>> {
+        let count = texts.len();
+        match self.simple(&Request::Redact { texts })? {
+            Reply::Redacted { texts } if texts.len() == count => Ok(texts),
+            Reply::Redacted { texts } => {
+                Err(io::Error::other(format!("the supervisor redacted {} texts of {count}", texts.len())))
+            }
+            _ => Err(io::Error::other("the supervisor answered out of turn")),
+        }
     }
 }
 

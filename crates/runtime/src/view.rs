@@ -83,6 +83,10 @@ pub struct SandboxView {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub exit: Option<ExitView>,
+    /// Published ports (`create -p`): each host address and the port
+    /// inside its connections go to. Listening while the sandbox runs.
+    #[serde(default)]
+    pub ports: Vec<crate::ports::PortMapping>,
     /// What only inspect shows.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub detail: Option<Detail>,
@@ -129,6 +133,7 @@ impl SandboxView {
                 timed_out: e.timed_out,
                 oom_killed: e.oom_killed,
             }),
+            ports: meta.map(|m| m.ports.clone()).unwrap_or_default(),
             detail: None,
         }
     }
@@ -233,6 +238,7 @@ mod tests {
         assert_eq!(old.tier, Tier::Process, "metadata without a tier");
         let view = SandboxView::of("x", Some(&old), (State::Running, false));
         assert_eq!(serde_json::to_value(&view).unwrap()["tier"], "process");
+        assert_eq!(serde_json::to_value(&view).unwrap()["ports"], serde_json::json!([]));
         let mut vm = old.clone();
         vm.tier = Tier::Microvm;
         let view = SandboxView::of("x", Some(&vm), (State::Running, false));

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use airlock_runtime::state::StateRoot;
+use airlock_runtime::supervisor::SupervisorClient;
 use axum::http::StatusCode;
 use tokio::sync::watch;
 
@@ -70,6 +71,28 @@ impl App {
                 self.events.send_replace(id);
             }
             Err(e) => tracing::warn!(error = %e, kind, sandbox, "could not record an event"),
+        }
+    }
+
+    /// Records an event about a running sandbox whose strings came from
+    /// its caller (paths), each redacted by the sandbox's supervisor first
+    /// (`redact`), on a blocking thread.
+    pub async fn record_redacted(
+        self: &Arc<Self>,
+        client: SupervisorClient,
+        sandbox: String,
+        owner: u32,
+        kind: &'static str,
+        detail: serde_json::Value,
+    ) {
+        let app = self.clone();
+        let recorded = tokio::task::spawn_blocking(move || {
+            let detail = crate::redact::detail(&client, detail);
+            app.record_event(Some(&sandbox), Some(owner), kind, detail);
+        })
+        .await;
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, kind, "could not record an event");
         }
     }
 

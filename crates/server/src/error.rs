@@ -5,7 +5,9 @@ use std::io;
 use std::path::PathBuf;
 
 use airlock_runtime::RunError;
+use airlock_runtime::bundle::BundleError;
 use airlock_runtime::ops::{ApplyError, OpError};
+use airlock_runtime::ports::PortError;
 use airlock_runtime::state::StateError;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -100,8 +102,19 @@ impl From<RunError> for ApiError {
     fn from(e: RunError) -> ApiError {
         let message = e.to_string();
         match e {
-            RunError::Policy(_) | RunError::PolicyRefused(_) => {
+            RunError::Policy(_)
+            | RunError::PolicyRefused(_)
+            | RunError::Ports(PortError::Forbidden { .. }) => {
                 ApiError::bad_request("invalid_policy", message)
+            }
+            RunError::Ports(PortError::Syntax { .. } | PortError::Duplicate(_)) => {
+                ApiError::bad_request("invalid_request", message)
+            }
+            RunError::Ports(PortError::Microvm) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unsupported", message)
+            }
+            RunError::Ports(PortError::Bind { .. }) | RunError::PortUnavailable(_) => {
+                ApiError::conflict("port_unavailable", message)
             }
             RunError::StateDir(e) => e.into(),
             RunError::HostLacks { .. } | RunError::HostUnsupported(_) => {
@@ -135,6 +148,17 @@ impl From<OpError> for ApiError {
             }
             OpError::Apply(_) => ApiError::conflict("apply_refused", message),
             _ => ApiError::internal(message),
+        }
+    }
+}
+
+impl From<BundleError> for ApiError {
+    fn from(e: BundleError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            BundleError::State(e) => e.into(),
+            BundleError::Running(_) => ApiError::conflict("still_running", message),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "export_failed", message),
         }
     }
 }

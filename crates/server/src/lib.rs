@@ -20,6 +20,7 @@
 //! auth      the caller (Peer), and what a user may name on the host
 //! scope     sandbox names per owner (stored `u<UID>-NAME` for other users)
 //! db        SQLite schema, migrations, queries
+//! redact    secret values out of what the index keeps (the supervisor redacts)
 //! reconcile index ↔ state directories, dead supervisors
 //! ```
 
@@ -32,6 +33,7 @@ mod e2b;
 mod error;
 mod extract;
 mod reconcile;
+mod redact;
 pub mod routes;
 mod sandbox;
 mod scope;

@@ -74,6 +74,7 @@ pub fn table() -> Vec<Route> {
         route(Get, "/v1/sandboxes/{name}/logs", sandboxes::logs),
         route(Get, "/v1/sandboxes/{name}/audit", audit::audit),
         route(Get, "/v1/sandboxes/{name}/report", audit::report),
+        route(Get, "/v1/sandboxes/{name}/export", audit::export),
         route(Post, "/v1/sandboxes/{name}/apply", sandboxes::apply),
         route(Get, "/v1/sandboxes/{name}/files", files::read),
         route(Put, "/v1/sandboxes/{name}/files", files::write),
@@ -187,6 +188,7 @@ mod tests {
             ("GET", "/v1/sandboxes/roots/audit"),
             ("GET", "/v1/sandboxes/roots/audit?follow=true"),
             ("GET", "/v1/sandboxes/roots/report"),
+            ("GET", "/v1/sandboxes/roots/export"),
             ("POST", "/v1/sandboxes/roots/stop"),
             ("DELETE", "/v1/sandboxes/roots"),
             ("DELETE", "/vm/roots"),
@@ -282,6 +284,35 @@ mod tests {
         assert!(page.contains("Sandbox <span class=\"mono\">roots</span>"));
         assert!(page.contains("created with policy dev") && page.contains("stopped: r"));
         assert!(page.contains("&lt;b&gt;") && !page.contains("<b>"), "event fields are escaped");
+    }
+
+    #[tokio::test]
+    async fn the_export_is_a_bundle_that_checks_out() {
+        let (tmp, router) = fixture();
+        std::fs::write(tmp.path().join("roots/logs/stdout.log"), "exported-output\n").unwrap();
+        let (status, headers, body) = raw(&router, 0, "/v1/sandboxes/roots/export").await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(headers["content-type"], "application/zstd");
+        assert_eq!(headers["content-disposition"], "attachment; filename=\"roots.tar.zst\"");
+        assert_eq!(headers["content-length"], body.len().to_string().as_str());
+        let file = tmp.path().join("got.tar.zst");
+        std::fs::write(&file, &body).unwrap();
+        let opened = airlock_runtime::bundle::open(&file, None).unwrap();
+        assert_eq!(opened.manifest.sandbox, "roots");
+        assert!(opened.manifest.members.iter().any(|m| m.path == std::path::Path::new("logs/stdout.log")));
+        let (status, body) = call(&router, Some(0), "GET", "/v1/sandboxes/roots/export?x=1", "").await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_query"))
+        );
+        // Nothing of it is left in the state root.
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("export"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     /// The OpenAPI document and the router describe the same API.

@@ -1,6 +1,8 @@
-//! The daemon's `GET …/audit` (NDJSON, followed with `?follow=true`) and
-//! `GET …/report` (the HTML page): what they send, when a followed stream
-//! ends, and that a caller sees only their own sandboxes' logs and reports.
+//! The daemon's `GET …/audit` (NDJSON, followed with `?follow=true`),
+//! `GET …/report` (the HTML page) and `GET …/export` (the signed bundle):
+//! what they send, when a followed stream ends, and that a caller sees only
+//! their own sandboxes' logs, reports and bundles. And what the daemon's
+//! index keeps of an exec: no secret value.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -240,4 +242,182 @@ fn daemon_report_and_audit_are_each_callers_own() {
         };
         assert_eq!(status, 200, "{body}");
     }
+}
+
+/// Downloads `path` into `file` with curl as root or as `user`: (status,
+/// content type, the response's headers).
+fn download(d: &TestDaemon, user: Option<&str>, path: &str, file: &std::path::Path) -> (u16, String, String) {
+    let mut cmd = match user {
+        Some(user) => {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid", user, "--regid", user, "--init-groups", "--", "curl"]);
+            c
+        }
+        None => Command::new("curl"),
+    };
+    let headers = file.with_extension("headers");
+    let out = cmd
+        .args(["-sS", "-m", "120", "-w", "%{http_code} %{content_type}", "-D"])
+        .arg(&headers)
+        .arg("-o")
+        .arg(file)
+        .arg("--unix-socket")
+        .arg(&d.socket)
+        .arg(format!("http://airlock{path}"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, content_type) = text.split_once(' ').unwrap_or((&text, ""));
+    (
+        status.parse().unwrap_or(0),
+        content_type.to_owned(),
+        std::fs::read_to_string(&headers).unwrap_or_default(),
+    )
+}
+
+/// `airlock audit verify --bundle FILE [--key KEY]` against a state
+/// directory that never held the sandbox.
+fn verify_elsewhere(bundle: &std::path::Path, key: Option<&str>) -> std::process::Output {
+    let elsewhere = Env::new();
+    let mut cmd = elsewhere.airlock(["audit", "verify", "--bundle"]);
+    cmd.arg(bundle);
+    if let Some(key) = key {
+        cmd.args(["--key", key]);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn daemon_export_is_the_signed_bundle_of_the_callers_own_stopped_sandbox() {
+    if !require(is_root(), "root (to run requests as another user)") {
+        return;
+    }
+    let has_user = Command::new("id").arg(TEST_USER).output().is_ok_and(|o| o.status.success());
+    if !require(has_user, "the user airlock-test (created by scripts/test.sh)") {
+        return;
+    }
+    let d = TestDaemon::start_args("audit-3", &["--group", TEST_USER]);
+    let (status, created) = d.json("POST", "/v1/sandboxes", Some(json!({ "name": "ex" })));
+    assert_eq!(status, 201, "{created}");
+    let (status, body) =
+        d.request("POST", "/v1/sandboxes/ex/exec", Some(r#"{"argv":["echo","export-marker"]}"#));
+    assert_eq!(status, 200, "{body}");
+
+    // Running: refused as `airlock export` refuses it, with a typed error.
+    let (status, body) = d.json("GET", "/v1/sandboxes/ex/export", None);
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("still_running")), "{body}");
+    let (status, body) = d.json("GET", "/v1/sandboxes/ex/export?x=1", None);
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_query")), "{body}");
+    let (status, body) = d.json("POST", "/v1/sandboxes/ex/stop", None);
+    assert_eq!(status, 200, "{body}");
+
+    // Another user: no such sandbox, and no bundle.
+    let drop_box = d.env.dir.path().join("drop");
+    std::fs::create_dir(&drop_box).unwrap();
+    std::fs::set_permissions(&drop_box, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    let theirs = drop_box.join("theirs.tar.zst");
+    let (status, _, _) = download(&d, Some(TEST_USER), "/v1/sandboxes/ex/export", &theirs);
+    assert_eq!(status, 404);
+    let refusal = std::fs::read_to_string(&theirs).unwrap_or_default();
+    assert!(refusal.contains("not_found") && !refusal.contains("export-marker"), "{refusal}");
+
+    // The owner: the bundle, as an attachment, checked on a copy elsewhere
+    // against the daemon host's key.
+    let bundle = d.env.dir.path().join("ex.tar.zst");
+    let (status, content_type, headers) = download(&d, None, "/v1/sandboxes/ex/export", &bundle);
+    assert_eq!((status, content_type.as_str()), (200, "application/zstd"), "{headers}");
+    let headers = headers.to_ascii_lowercase();
+    assert!(headers.contains("content-disposition: attachment; filename=\"ex.tar.zst\""), "{headers}");
+    let length = std::fs::metadata(&bundle).unwrap().len();
+    assert!(headers.contains(&format!("content-length: {length}")), "{headers}");
+    let key = d.env.airlock(["audit", "key"]).output().unwrap();
+    assert!(key.status.success(), "{}", show(&key));
+    let key = stdout(&key).trim().to_owned();
+    let copy = tempfile::tempdir().unwrap();
+    let copied = copy.path().join("copy.tar.zst");
+    std::fs::copy(&bundle, &copied).unwrap();
+    let o = verify_elsewhere(&copied, Some(&key));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("bundle of sandbox ex"), "{}", show(&o));
+    let o = Env::new().airlock(["audit", "--bundle"]).arg(&copied).output().unwrap();
+    assert!(o.status.success() && stdout(&o).contains("export-marker"), "{}", show(&o));
+    // Nothing of the bundle stays behind in the daemon's state root.
+    let staged: Vec<_> = std::fs::read_dir(&d.env.state)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("export"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(staged.is_empty(), "{staged:?}");
+
+    // `airlock export` goes through the daemon when one answers: with a
+    // state directory of its own that does not hold the sandbox, only the
+    // daemon can have made this bundle.
+    let cli = Env::new();
+    let out = cli.dir.path().join("cli.tar.zst");
+    let o = cli
+        .airlock(["export", "ex", "-o", out.to_str().unwrap()])
+        .env("AIRLOCK_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains(&format!("signed by {key}")), "{}", show(&o));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&out).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+    let o = verify_elsewhere(&out, Some(&key));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+
+    let (status, body) = d.request("DELETE", "/v1/sandboxes/ex", None);
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn daemon_index_keeps_exec_argv_and_paths_with_secret_values_redacted() {
+    let value = "s3cr3t-index-4be1a07d-value";
+    let d = TestDaemon::start_with("audit-4", |cmd| {
+        cmd.env("EXAMPLE_TOKEN", value);
+    });
+    let policy = d.env.dir.path().join("secrets.toml");
+    std::fs::write(
+        &policy,
+        "extends = \"dev\"\n[secrets.EXAMPLE_TOKEN]\nfrom = \"env:EXAMPLE_TOKEN\"\nhosts = [\"api.example.com\"]\n",
+    )
+    .unwrap();
+    let (status, created) =
+        d.json("POST", "/v1/sandboxes", Some(json!({ "name": "sec", "policy": policy.to_str().unwrap() })));
+    assert_eq!(status, 201, "{created}");
+    let exec = json!({ "argv": ["sh", "-c", format!("echo {value} >/dev/null"), value] }).to_string();
+    let (status, body) = d.request("POST", "/v1/sandboxes/sec/exec", Some(&exec));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"code\":0,"), "{body}");
+    let (status, body) = d.request("POST", &format!("/v1/sandboxes/sec/files/mkdir?path=/tmp/{value}"), None);
+    assert_eq!(status, 201, "{body}");
+
+    // The index as its file holds it (and its write-ahead log, where the
+    // latest changes are until a checkpoint): not one copy of the value.
+    let index = d.env.state.join("airlock.db");
+    let db =
+        rusqlite::Connection::open_with_flags(&index, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let argv: String = db
+        .query_row("SELECT argv FROM execs WHERE sandbox = 'sec' ORDER BY id DESC LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&argv).unwrap(),
+        json!(["sh", "-c", "echo [REDACTED:EXAMPLE_TOKEN] >/dev/null", "[REDACTED:EXAMPLE_TOKEN]"]),
+        "argv is indexed as the audit log records it"
+    );
+    drop(db);
+    let mut bytes = std::fs::read(&index).unwrap();
+    bytes.extend(std::fs::read(index.with_extension("db-wal")).unwrap_or_default());
+    let marker = b"[REDACTED:EXAMPLE_TOKEN]";
+    assert!(bytes.windows(marker.len()).any(|w| w == marker), "the redaction marker is in the index");
+    assert!(!bytes.windows(value.len()).any(|w| w == value.as_bytes()), "the secret value is in the index");
+    // The events the API serves from it say the same.
+    let (status, events) = d.request("GET", "/v1/events?sandbox=sec", None);
+    assert_eq!(status, 200, "{events}");
+    assert!(events.contains("[REDACTED:EXAMPLE_TOKEN]") && !events.contains(value), "{events}");
+
+    let (status, body) = d.request("DELETE", "/v1/sandboxes/sec", None);
+    assert_eq!(status, 200, "{body}");
 }

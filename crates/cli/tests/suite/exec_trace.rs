@@ -147,6 +147,7 @@ fn an_exec_flood_is_summarized_while_the_supervisor_keeps_answering() {
     const EXECS: u64 = 10_000;
     let script = format!("i=0; while [ $i -lt {EXECS} ]; do /bin/true; i=$((i+1)); done; echo flood-done");
     let mut flood = env.airlock(["exec", "flood", "--", "/bin/sh", "-c", &script]);
+    let flood_started = Instant::now();
     let flood = flood.stdout(std::process::Stdio::piped()).spawn().unwrap();
     // Meanwhile the supervisor answers, and another exec runs.
     let started = Instant::now();
@@ -163,6 +164,7 @@ fn an_exec_flood_is_summarized_while_the_supervisor_keeps_answering() {
     assert_eq!(stdout(&o), "meanwhile\n", "{}", show(&o));
     assert!(asked.elapsed() < Duration::from_secs(10), "an exec during the flood took {:?}", asked.elapsed());
     let o = flood.wait_with_output().unwrap();
+    let flood_seconds = flood_started.elapsed().as_secs() + 1;
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert_eq!(stdout(&o), "flood-done\n");
     assert!(answered > 0);
@@ -183,9 +185,13 @@ fn an_exec_flood_is_summarized_while_the_supervisor_keeps_answering() {
         assert!(s["execs"].as_u64().unwrap() > 0);
     }
     assert_eq!(itemized + counted, EXECS, "{itemized} itemized, {counted} counted");
-    // At most the rate, one by one, in any one second.
+    // At most the rate, one by one, in any one second (a loaded machine
+    // runs the loop slower: some seconds stay under the rate, unsummarized).
     let per_second = summaries[0]["itemized_per_second"].as_u64().unwrap();
-    assert!(itemized <= per_second * (summaries.len() as u64 + 2), "{itemized} itemized");
+    assert!(
+        itemized <= per_second * (flood_seconds + 1),
+        "{itemized} itemized in {flood_seconds} s at {per_second} a second"
+    );
     let o = env.airlock(["audit", "flood"]).output().unwrap();
     assert!(
         stdout(&o).lines().any(|l| l.contains("process_exec_summary") && l.contains("/bin/true ×")),

@@ -2151,3 +2151,242 @@ fn a_guest_traces_no_exec_when_the_policy_turns_the_trace_off() {
     assert!(text.contains("\"command_started\""), "{text}");
     assert!(!text.contains("process_exec") && !text.contains("reported_by"), "{text}");
 }
+
+/// Every record of sandbox `name`'s audit log, as `airlock audit --json`
+/// prints them.
+fn audit_records(env: &Env, cache: &Path, name: &str) -> Vec<serde_json::Value> {
+    let audit = airlock_vm(env, cache, &["audit", name, "--json"]);
+    assert!(audit.status.success(), "{}", show(&audit));
+    stdout(&audit).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+}
+
+/// The execs that ran (not a PATH search's misses).
+fn ran(records: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    records.iter().filter(|r| r["event"] == "process_exec" && r.get("no_such_file").is_none()).collect()
+}
+
+/// The one `process_exit` of the process that made `exec`.
+fn end_of<'a>(records: &'a [serde_json::Value], exec: &serde_json::Value) -> &'a serde_json::Value {
+    let ends: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["event"] == "process_exit" && r["pid"] == exec["pid"]).collect();
+    assert_eq!(ends.len(), 1, "{exec}: {ends:#?}");
+    assert!(ends[0]["seq"].as_u64() > exec["seq"].as_u64(), "{exec} {}", ends[0]);
+    assert_eq!(ends[0]["reported_by"], "guest", "{}", ends[0]);
+    ends[0]
+}
+
+#[test]
+fn the_guest_reports_how_each_traced_process_ended_background_ones_too() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    // A fork that execs, a nested shell with its own code, a shell that a
+    // signal ends, and a background job the command leaves running.
+    let script = "(/bin/echo forked); /bin/sh -c 'exit 4'; /bin/sh -c 'kill -TERM $$'; \
+                  /bin/sleep 600 >/dev/null 2>&1 & exit 3";
+    let out = env
+        .airlock([
+            "run",
+            "--name",
+            "vmends",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(stdout(&out).contains("forked"), "{}", show(&out));
+
+    let records = audit_records(&env, &cache, "vmends");
+    let execs = ran(&records);
+    let the_one = |arg: &str| -> &serde_json::Value {
+        let found: Vec<&&serde_json::Value> = execs
+            .iter()
+            .filter(|r| r["argv"].as_array().unwrap().iter().any(|a| a.as_str() == Some(arg)))
+            .collect();
+        assert_eq!(found.len(), 1, "{arg}: {execs:#?}");
+        found[0]
+    };
+    let command = the_one(script);
+    let forked = the_one("forked");
+    let nested = the_one("exit 4");
+    let killed = the_one("kill -TERM $$");
+    let background = the_one("600");
+    assert_eq!(end_of(&records, command)["code"], 3);
+    assert_eq!(end_of(&records, forked)["code"], 0);
+    assert_eq!(end_of(&records, nested)["code"], 4);
+    let term = end_of(&records, killed);
+    assert_eq!((term["code"].as_i64(), term["signal"].as_i64()), (None, Some(15)), "SIGTERM: {term}");
+    // The background job outlived the command: it ended with the guest's
+    // processes, after the command, killed as a process-tier sandbox's is.
+    let sleep = end_of(&records, background);
+    assert_eq!((sleep["code"].as_i64(), sleep["signal"].as_i64()), (None, Some(9)), "SIGKILL: {sleep}");
+    assert!(sleep["seq"].as_u64() > end_of(&records, command)["seq"].as_u64(), "{sleep}");
+    // Every process whose exec was recorded has one end.
+    for exec in &execs {
+        let end = end_of(&records, exec);
+        assert!(end["code"].is_i64() || end["signal"].is_i64(), "{end}");
+        assert!(end["duration_ms"].is_u64(), "{end}");
+    }
+    let o = airlock_vm(&env, &cache, &["audit", "vmends"]);
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.contains("process_exit ") && l.contains("code 4") && l.contains("guest")),
+        "{}",
+        show(&o)
+    );
+    let verify = airlock_vm(&env, &cache, &["audit", "verify", "vmends"]);
+    assert!(verify.status.success(), "{}", show(&verify));
+}
+
+#[test]
+fn an_exec_flood_in_a_guest_is_summarized_while_its_supervisor_keeps_answering() {
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    let created =
+        airlock_vm(&env, &cache, &["create", "--policy", policy.to_str().unwrap(), "--name", "vmflood"]);
+    assert!(created.status.success(), "{}", show(&created));
+    // Under emulation a new process costs tens of milliseconds, far below
+    // the 200 execs a second the trace itemizes: the flood is exec calls
+    // the kernel refuses (a program that is not there: each is received,
+    // read and answered as any other, without building a process), then
+    // processes that run, whose ends are recorded.
+    const CALLS: u64 = 3_000;
+    const RUNS: u64 = 100;
+    let script = format!(
+        "/usr/bin/perl -e 'exec(\"/nonexistent/flood\") for 1..{CALLS}'; \
+         i=0; while [ $i -lt {RUNS} ]; do /bin/true; i=$((i+1)); done; echo flood-done"
+    );
+    let flood = env
+        .airlock(["exec", "vmflood", "--", "/bin/sh", "-c", &script])
+        .env("AIRLOCK_VM_CACHE", &cache)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        for args in [&["inspect", "vmflood", "--json"][..], &["ls"][..]] {
+            let asked = Instant::now();
+            let o = airlock_vm(&env, &cache, args);
+            assert!(o.status.success(), "{}", show(&o));
+            assert!(asked.elapsed() < Duration::from_secs(5), "{args:?} took {:?}", asked.elapsed());
+        }
+        answered += 1;
+    }
+    let o = flood.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o), "flood-done\n");
+    assert!(answered > 0);
+    let stopped = airlock_vm(&env, &cache, &["stop", "vmflood"]);
+    assert!(stopped.status.success(), "{}", show(&stopped));
+
+    let records = audit_records(&env, &cache, "vmflood");
+    let summaries: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["event"] == "process_exec_summary").collect();
+    assert!(!summaries.is_empty(), "a flood is summarized");
+    let counted_of = |path: &str| -> u64 {
+        summaries
+            .iter()
+            .flat_map(|s| s["programs"].as_array().unwrap().iter())
+            .filter(|p| p["path"] == path)
+            .map(|p| p["count"].as_u64().unwrap())
+            .sum()
+    };
+    let lost: u64 = summaries.iter().map(|s| s["lost"].as_u64().unwrap()).sum();
+    for s in &summaries {
+        assert_eq!(s["reported_by"], "guest", "{s}");
+    }
+    let execs_of = |path: &str| -> Vec<&serde_json::Value> {
+        records.iter().filter(|r| r["event"] == "process_exec" && r["path"] == path).collect()
+    };
+    // Each call itemized or counted (or, past the guest's queue, lost).
+    let refused = execs_of("/nonexistent/flood");
+    assert!(refused.iter().all(|r| r["no_such_file"] == true), "{:?}", refused.first());
+    let calls = refused.len() as u64 + counted_of("/nonexistent/flood");
+    assert!(calls <= CALLS && calls + lost >= CALLS, "{calls} calls, {lost} lost");
+    let runs = execs_of("/bin/true");
+    let run_calls = runs.len() as u64 + counted_of("/bin/true");
+    assert!(run_calls <= RUNS && run_calls + lost >= RUNS, "{run_calls} runs, {lost} lost");
+    // The itemized processes' ends, as far as the queue took them.
+    let ended = runs
+        .iter()
+        .filter(|t| {
+            records.iter().any(|r| r["event"] == "process_exit" && r["pid"] == t["pid"] && r["code"] == 0)
+        })
+        .count() as u64;
+    assert!(ended + lost >= runs.len() as u64, "{ended} of {} ends, {lost} lost", runs.len());
+    let o = airlock_vm(&env, &cache, &["audit", "vmflood"]);
+    assert!(
+        stdout(&o).lines().any(|l| l.contains("process_exec_summary") && l.contains("/nonexistent/flood ×")),
+        "{}",
+        show(&o)
+    );
+    let _ = airlock_vm(&env, &cache, &["rm", "vmflood"]);
+}
+
+#[test]
+fn a_daemons_microvm_sandbox_records_the_guests_execs_and_ends() {
+    if !ready() {
+        return;
+    }
+    let d = super::daemon_harness::TestDaemon::start_with("microvm-trace", |cmd| {
+        cmd.env("AIRLOCK_VM_CACHE", shared_cache());
+    });
+    let policy = emulation_policy(&d.env);
+    let (status, created) = d.json(
+        "POST",
+        "/v1/sandboxes",
+        Some(serde_json::json!({ "name": "dtrace", "policy": policy.to_str().unwrap() })),
+    );
+    assert_eq!(status, 201, "{created}\n{}", d.log());
+    assert_eq!(created["tier"], "microvm", "{created}");
+    let (status, body) = d.request(
+        "POST",
+        "/v1/sandboxes/dtrace/exec",
+        Some(r#"{"argv":["/bin/sh","-c","/bin/sh -c 'exit 4'"]}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let audit = || -> Vec<serde_json::Value> {
+        let (status, body) = d.request("GET", "/v1/sandboxes/dtrace/audit", None);
+        assert_eq!(status, 200, "{body}");
+        body.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let nested = |records: &[serde_json::Value]| -> Option<serde_json::Value> {
+        ran(records)
+            .into_iter()
+            .find(|r| r["argv"].as_array().is_some_and(|a| a.iter().any(|x| x == "exit 4")))
+            .cloned()
+    };
+    // The ends follow the exec's answer over the guest's channel.
+    assert!(
+        wait_until(20, || {
+            let records = audit();
+            nested(&records)
+                .is_some_and(|n| records.iter().any(|r| r["event"] == "process_exit" && r["pid"] == n["pid"]))
+        }),
+        "{:#?}",
+        audit()
+    );
+    let records = audit();
+    let exec = nested(&records).unwrap();
+    assert_eq!(exec["reported_by"], "guest", "{exec}");
+    assert_eq!(end_of(&records, &exec)["code"], 4);
+    let (status, removed) = d.json("DELETE", "/v1/sandboxes/dtrace", None);
+    assert_eq!(status, 200, "{removed}");
+}

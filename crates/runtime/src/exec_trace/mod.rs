@@ -278,10 +278,16 @@ pub(crate) fn audit_event(notice: TraceNotice) -> AuditEvent {
                 code: status.code(),
                 signal: status.signal(),
                 detail: format!("{how}; the sandbox's execs fail from now on"),
+                reported_by: None,
             }
         }
     }
 }
+
+/// How long the host waits for a microVM guest's agent to kill what is
+/// left in the guest and report those ends (the guest waits 2 s for them)
+/// before QEMU is killed.
+pub(crate) const GUEST_LAST_ENDS: Duration = Duration::from_secs(5);
 
 /// What a microVM guest's agent reported of its exec trace, as the audit
 /// log records it: marked as the guest's claim, whatever the guest set.
@@ -293,6 +299,17 @@ pub(crate) fn guest_event(trace: airlock_proto::exec_record::TraceRecord) -> Aud
         TraceRecord::Exit(e) => AuditEvent::ProcessExit(ProcessExit { reported_by: by, ..e }),
         TraceRecord::Summary(s) => {
             AuditEvent::ProcessExecSummary(ProcessExecSummary { reported_by: by, ..s })
+        }
+        TraceRecord::Ended { detail } => {
+            tracing::error!("the guest's exec trace ended ({detail}); its execs fail from now on");
+            AuditEvent::ExecTraceEnded {
+                code: None,
+                signal: None,
+                detail: format!(
+                    "the guest's trace thread ended: {detail}; the guest's execs fail from now on"
+                ),
+                reported_by: by,
+            }
         }
     }
 }
@@ -327,6 +344,14 @@ mod tests {
         };
         match guest_event(TraceRecord::Exit(exit)) {
             AuditEvent::ProcessExit(e) => assert_eq!(e.reported_by.as_deref(), Some("guest")),
+            other => panic!("{other:?}"),
+        }
+        // Its trace's end is the process tier's `exec_trace_ended`, marked.
+        match guest_event(TraceRecord::Ended { detail: "poll failed".into() }) {
+            AuditEvent::ExecTraceEnded { code: None, signal: None, detail, reported_by } => {
+                assert_eq!(reported_by.as_deref(), Some("guest"));
+                assert!(detail.contains("poll failed") && detail.contains("execs fail"), "{detail}");
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -10,7 +10,7 @@
 //! past that bound are counted as lost (in the next summary). A sandbox
 //! waits on its own exec for the reading of it alone.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -24,16 +24,14 @@ use rustix::event::epoll;
 
 use super::{CONTROL_FD, REPORT_FD, TraceReport, TraceSetup, USERNS_FD};
 use airlock_jail::exec_claim::{self as claim, ProcessMemory};
+use airlock_jail::exec_ends::{Awaited, EndStatus, Tracked, exit_record};
 use airlock_jail::exec_rate::{ITEMIZED_PER_SECOND, Rate};
-use airlock_proto::exec_record::{Claimed, ProcessExec, ProcessExit};
+use airlock_proto::exec_record::{Claimed, ProcessExec};
 
 /// The existing directory the listener's empty root is mounted over.
 const ROOT_MOUNTPOINT: &str = "/tmp";
 /// Bytes of events that may wait for the report pipe; past it, lost.
 const MAX_QUEUED: usize = 4 << 20;
-/// Processes whose end is awaited at once (a pidfd each); execs of more
-/// are recorded without their end.
-const MAX_TRACKED: usize = 4096;
 /// How long the listener waits for the last ends once the sandbox's
 /// processes are all gone.
 const LAST_ENDS: Duration = Duration::from_secs(2);
@@ -150,7 +148,7 @@ fn serve(
         poll,
         notif: vec![0u64; notif_words],
         rate: Rate::new(ITEMIZED_PER_SECOND, crate::audit::rfc3339_utc),
-        tracked: HashMap::new(),
+        tracked: Awaited::default(),
         unsettled: Vec::new(),
         writing: false,
     };
@@ -159,18 +157,11 @@ fn serve(
     tracer.run(reports)
 }
 
-/// A process whose exec was recorded, until its end is.
-struct Tracked {
-    pidfd: OwnedFd,
-    /// Its pid inside the sandbox.
-    inner: i32,
-    first_exec: Instant,
-}
-
 /// A process that ended, until its status is known (or given up on).
 struct Ending {
     tgid: i32,
-    tracked: Tracked,
+    /// Its pidfd is the watch.
+    tracked: Tracked<OwnedFd>,
     /// When its end was seen.
     seen: Instant,
     wall: SystemTime,
@@ -182,8 +173,8 @@ struct Tracer {
     poll: OwnedFd,
     notif: Vec<u64>,
     rate: Rate,
-    /// By pid in the listener's view.
-    tracked: HashMap<i32, Tracked>,
+    /// By pid in the listener's view, each with its pidfd.
+    tracked: Awaited<OwnedFd>,
     /// Ended, status not readable yet.
     unsettled: Vec<Ending>,
     /// The report pipe is in the event loop (events wait for room).
@@ -360,7 +351,7 @@ impl Tracer {
     /// too many are). Opened while its exec call waits, so it is that
     /// process's (the call being still valid afterwards says so).
     fn pidfd_for(&self, tgid: i32) -> Option<OwnedFd> {
-        if self.tracked.contains_key(&tgid) || self.tracked.len() >= MAX_TRACKED {
+        if !self.tracked.wants(tgid) {
             return None;
         }
         let pid = rustix::process::Pid::from_raw(tgid)?;
@@ -371,43 +362,33 @@ impl Tracer {
     fn track(&mut self, tgid: i32, pidfd: OwnedFd, inner: i32, now: Instant) {
         let token = epoll::EventData::new_u64(PROCESS + tgid as u64);
         if epoll::add(&self.poll, &pidfd, token, epoll::EventFlags::IN).is_ok() {
-            self.tracked.insert(tgid, Tracked { pidfd, inner, first_exec: now });
+            self.tracked.track(tgid, Tracked { watch: pidfd, inner, first_exec: now });
         }
     }
 
     /// Process `tgid` ended: how, as far as can be known.
     fn ended(&mut self, tgid: i32, reports: &mut Reports) {
-        let Some(tracked) = self.tracked.remove(&tgid) else { return };
-        let _ = epoll::delete(&self.poll, &tracked.pidfd);
+        let Some(tracked) = self.tracked.ended(tgid) else { return };
+        let _ = epoll::delete(&self.poll, &tracked.watch);
         self.settle(Ending { tgid, tracked, seen: Instant::now(), wall: SystemTime::now() }, reports);
     }
 
     /// Records an end once its status is known, or once it is given up on.
     fn settle(&mut self, end: Ending, reports: &mut Reports) {
-        let (status, unknown) = self.exit_status(end.tgid, end.tracked.pidfd.as_fd());
-        if status.is_none() && end.seen.elapsed() < STATUS_WAIT {
+        let status = self.exit_status(end.tgid, end.tracked.watch.as_fd());
+        if matches!(status, EndStatus::Unknown(_)) && end.seen.elapsed() < STATUS_WAIT {
             self.unsettled.push(end);
             return;
         }
-        let (code, signal) = status.map_or((None, None), claim::decode_wait_status);
-        let lived = end.seen.saturating_duration_since(end.tracked.first_exec);
-        let event = ProcessExit {
-            at: crate::audit::rfc3339_utc(end.wall),
-            pid: end.tracked.inner,
-            code,
-            signal,
-            duration_ms: u64::try_from(lived.as_millis()).unwrap_or(u64::MAX),
-            unknown,
-            reported_by: None,
-        };
+        let event = exit_record(&end.tracked, end.seen, crate::audit::rfc3339_utc(end.wall), status);
         reports.push(&TraceReport::Exit(event), &mut self.rate);
     }
 
     /// The wait status of a process that ended: from its pidfd once it has
     /// been reaped (Linux ≥ 6.15), else from /proc while it is a zombie.
-    fn exit_status(&self, tgid: i32, pidfd: BorrowedFd<'_>) -> (Option<i32>, Option<String>) {
+    fn exit_status(&self, tgid: i32, pidfd: BorrowedFd<'_>) -> EndStatus {
         match sys::pidfd_exit_status(pidfd) {
-            Ok(Some(status)) => return (Some(status), None),
+            Ok(Some(status)) => return EndStatus::Known(status),
             Ok(None) => {}
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
             Err(_) => {}
@@ -419,17 +400,14 @@ impl Tracer {
         if let Some(status) = from_stat
             && sys::pidfd_not_reaped(pidfd)
         {
-            return (Some(status), None);
+            return EndStatus::Known(status);
         }
         match sys::pidfd_exit_status(pidfd) {
-            Ok(Some(status)) => (Some(status), None),
-            _ => (
-                None,
-                Some(
-                    "its parent reaped it before airlock could read its status (Linux before 6.15 keeps no \
-                     exit status for a pidfd)"
-                        .into(),
-                ),
+            Ok(Some(status)) => EndStatus::Known(status),
+            _ => EndStatus::Unknown(
+                "its parent reaped it before airlock could read its status (Linux before 6.15 keeps no exit \
+                 status for a pidfd)"
+                    .into(),
             ),
         }
     }

@@ -1,5 +1,6 @@
 //! `GET /v1/sandboxes/{name}/audit` (the audit log as NDJSON, optionally
-//! followed) and `GET /v1/sandboxes/{name}/report` (the HTML report).
+//! followed), `GET /v1/sandboxes/{name}/report` (the HTML report) and
+//! `GET /v1/sandboxes/{name}/export` (the signed bundle).
 //!
 //! The audit lines are sent exactly as the file holds them, one JSON object
 //! per line, so what a client receives is what `audit.jsonl` says (and what
@@ -7,7 +8,9 @@
 //! last line still being written waits for its newline.
 
 use std::fs::File;
+use std::io::{Read, Seek};
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -148,4 +151,86 @@ pub async fn report(
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+/// `GET /v1/sandboxes/{name}/export`: the signed bundle `airlock export`
+/// writes, made by the same function. It is written whole into a file of
+/// the daemon's state root that has no name (so nothing is left behind if
+/// the daemon dies) before the answer starts: a failure is an error
+/// answer, never a bundle cut short, and its length is known.
+pub async fn export(
+    State(app): State<Arc<App>>,
+    peer: Peer,
+    SandboxName(name): SandboxName,
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
+    query.only(&[])?;
+    let (mut file, length, filename) = app
+        .blocking(move |app| {
+            let stored = sandbox::authorize(app, &peer, &name)?.name().to_owned();
+            let reword = |e: ApiError| app.scope(&peer).reword(e, &stored, &name);
+            let staging = unnamed_file(app.root.path())
+                .map_err(|e| ApiError::internal(format!("cannot stage the bundle of {name}: {e}")))?;
+            let filename = format!("{name}.tar.zst");
+            let (mut file, _) = airlock_runtime::bundle::export_into(
+                &app.root,
+                &stored,
+                &name,
+                staging,
+                Path::new(&filename),
+            )
+            .map_err(|e| reword(e.into()))?;
+            let length = file
+                .rewind()
+                .and_then(|()| file.metadata())
+                .map_err(|e| ApiError::internal(format!("reading the bundle of {name} back: {e}")))?
+                .len();
+            Ok((file, length, filename))
+        })
+        .await?;
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; CHUNK];
+        // Ends at the end of the bundle, on an error (the declared length
+        // is then not reached, which the client sees), or when the client
+        // hangs up.
+        while let Ok(n @ 1..) = file.read(&mut buf) {
+            if tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                break;
+            }
+        }
+    });
+    let disposition = HeaderValue::try_from(format!("attachment; filename=\"{filename}\""))
+        .map_err(|e| ApiError::internal(format!("bundle file name header: {e}")))?;
+    let mut response = crate::body::streamed("application/zstd", ChannelBody::new(rx));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_DISPOSITION, disposition);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    Ok(response)
+}
+
+/// A new file in `dir` that no name leads to (`O_TMPFILE`), readable and
+/// writable by this process alone; where the file system cannot make one,
+/// a file whose name is removed as soon as it is open.
+fn unnamed_file(dir: &Path) -> std::io::Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    let mode = Mode::from_raw_mode(0o600);
+    match rustix::fs::open(dir, OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC, mode) {
+        Ok(fd) => return Ok(File::from(fd)),
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // A dot name: a listing of the state root never takes it for a sandbox.
+    let path: PathBuf = dir.join(format!(".export-{}-{}.tmp", std::process::id(), unique()));
+    let fd = rustix::fs::open(&path, OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC, mode)?;
+    std::fs::remove_file(&path)?;
+    Ok(File::from(fd))
+}
+
+/// A number no other call of this process got.
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }

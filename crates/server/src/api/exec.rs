@@ -338,13 +338,15 @@ pub(crate) fn run(
 ) {
     let (client, owner, name) = (&target.client, target.owner, target.stored.as_str());
     app.metrics.count_exec(owner);
+    // The index keeps argv as the audit log does: secret values redacted.
+    let argv = crate::redact::texts(client, &spec.argv);
     let ts = airlock_runtime::now_rfc3339();
     let id = app
         .db
-        .exec_started(name, &spec.argv, None, &ts)
+        .exec_started(name, &argv, None, &ts)
         .map_err(|e| tracing::warn!(error = %e, "could not index an exec"))
         .ok();
-    app.record_event(Some(name), Some(owner), "exec_started", serde_json::json!({ "argv": spec.argv }));
+    app.record_event(Some(name), Some(owner), "exec_started", serde_json::json!({ "argv": argv }));
     let mut end = ExecEnd { code: None, signal: None, timed_out: false };
     let result = client.exec_session(
         spec,
@@ -379,7 +381,7 @@ pub(crate) fn run(
         Some(owner),
         "exec_ended",
         serde_json::json!({
-            "argv": spec.argv,
+            "argv": argv,
             "code": end.code,
             "signal": end.signal,
             "timed_out": end.timed_out,

@@ -201,6 +201,7 @@ pub(crate) async fn stream_file(
     let super::exec::Target { client, owner, stored } = target;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
     let source = path.clone();
+    let recorder = client.clone();
     tokio::task::spawn_blocking(move || {
         let opened = tx.clone();
         let result = files::read_file(
@@ -221,7 +222,7 @@ pub(crate) async fn stream_file(
             return Err(ApiError::internal("the file reader ended without opening the file"));
         }
     }
-    app.record_event(Some(&stored), Some(owner), "file_read", serde_json::json!({ "path": path }));
+    app.record_redacted(recorder, stored, owner, "file_read", serde_json::json!({ "path": path })).await;
     Ok(crate::body::streamed("application/octet-stream", FileBody { rx, done: false }))
 }
 
@@ -309,6 +310,7 @@ pub(crate) async fn write_body(
     let super::exec::Target { client, owner, stored } = target;
     let (chunks, chunks_rx) = mpsc::channel::<Vec<u8>>(8);
     let destination = path.to_owned();
+    let recorder = client.clone();
     let upload = tokio::task::spawn_blocking(move || {
         let mut input = ChannelReader::new(chunks_rx);
         files::write_file(&client, &destination, size, mode, &mut input)
@@ -318,12 +320,14 @@ pub(crate) async fn write_body(
     // the partial file either way.
     received?;
     let size = written?.map_err(refusal)?;
-    app.record_event(
-        Some(&stored),
-        Some(owner),
+    app.record_redacted(
+        recorder,
+        stored,
+        owner,
         "file_written",
         serde_json::json!({ "path": path, "size": size }),
-    );
+    )
+    .await;
     Ok(size)
 }
 
@@ -333,10 +337,11 @@ async fn on_sandbox<T: Send + 'static>(
     peer: Peer,
     name: &str,
     op: impl FnOnce(&airlock_runtime::supervisor::SupervisorClient) -> Result<T, FilesError> + Send + 'static,
-) -> Result<(T, u32, String), ApiError> {
-    let super::exec::Target { client, owner, stored } = super::exec::connect(app, peer, name).await?;
+) -> Result<(T, super::exec::Target), ApiError> {
+    let target = super::exec::connect(app, peer, name).await?;
+    let client = target.client.clone();
     let answer = tokio::task::spawn_blocking(move || op(&client)).await?;
-    Ok((answer.map_err(refusal)?, owner, stored))
+    Ok((answer.map_err(refusal)?, target))
 }
 
 #[derive(Debug, Serialize)]
@@ -359,7 +364,7 @@ pub async fn list(
     let depth = number_param(&query, "depth", false, LIST_MAX_DEPTH)?.unwrap_or(1).max(1);
     let max_entries = number_param(&query, "max_entries", false, LIST_MAX_ENTRIES)?;
     let target = path.clone();
-    let (listing, _, _) =
+    let (listing, _) =
         on_sandbox(&app, peer, &name, move |client| files::list(client, &target, depth, max_entries)).await?;
     let mut entries: Vec<Entry> = listing.entries.into_iter().map(|e| entry(&e.name, e.info)).collect();
     entries.sort_by(|a, b| a.name.cmp(&b.name));
@@ -376,7 +381,7 @@ pub async fn stat(
 ) -> Result<axum::Json<Entry>, ApiError> {
     let path = query_path(&query, &["path"])?;
     let target = path.clone();
-    let (info, _, _) = on_sandbox(&app, peer, &name, move |client| files::stat(client, &target)).await?;
+    let (info, _) = on_sandbox(&app, peer, &name, move |client| files::stat(client, &target)).await?;
     let base = path.trim_end_matches('/').rsplit('/').next().filter(|b| !b.is_empty()).unwrap_or("/");
     Ok(axum::Json(entry(base.as_bytes(), info)))
 }
@@ -399,9 +404,9 @@ pub async fn mkdir(
     let parents = query.flag("parents")?;
     let mode = number_param(&query, "mode", true, 0o7777)?;
     let target = path.clone();
-    let ((), owner, stored) =
+    let ((), t) =
         on_sandbox(&app, peer, &name, move |client| files::mkdir(client, &target, parents, mode)).await?;
-    app.record_event(Some(&stored), Some(owner), "file_mkdir", serde_json::json!({ "path": path }));
+    app.record_redacted(t.client, t.stored, t.owner, "file_mkdir", serde_json::json!({ "path": path })).await;
     Ok((StatusCode::CREATED, axum::Json(Changed { path, to: None })).into_response())
 }
 
@@ -415,9 +420,10 @@ pub async fn remove(
     let path = query_path(&query, &["path", "recursive"])?;
     let recursive = query.flag("recursive")?;
     let target = path.clone();
-    let ((), owner, stored) =
+    let ((), t) =
         on_sandbox(&app, peer, &name, move |client| files::remove(client, &target, recursive)).await?;
-    app.record_event(Some(&stored), Some(owner), "file_removed", serde_json::json!({ "path": path }));
+    app.record_redacted(t.client, t.stored, t.owner, "file_removed", serde_json::json!({ "path": path }))
+        .await;
     Ok(axum::Json(Changed { path, to: None }))
 }
 
@@ -433,14 +439,10 @@ pub async fn rename(
     let to = path_param(&query, "to")?;
     let replace = query.get("replace").is_none() || query.flag("replace")?;
     let (source, target) = (from.clone(), to.clone());
-    let ((), owner, stored) =
+    let ((), t) =
         on_sandbox(&app, peer, &name, move |client| files::rename(client, &source, &target, replace)).await?;
-    app.record_event(
-        Some(&stored),
-        Some(owner),
-        "file_renamed",
-        serde_json::json!({ "path": from, "to": to }),
-    );
+    let detail = serde_json::json!({ "path": from, "to": to });
+    app.record_redacted(t.client, t.stored, t.owner, "file_renamed", detail).await;
     Ok(axum::Json(Changed { path: from, to: Some(to) }))
 }
 

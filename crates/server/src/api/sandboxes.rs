@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use airlock_policy::{Overrides, Policy, WorkspaceMode};
 use airlock_runtime::ops;
+use airlock_runtime::ports::{PortError, PortMapping};
 use airlock_runtime::supervisor::{self, CreateRequest, SupervisorClient};
 
 use axum::Json;
@@ -53,6 +54,10 @@ pub struct CreateBody {
     /// process or microvm; the policy's tier when absent. A policy that
     /// requires microvm refuses process.
     pub tier: Option<String>,
+    /// Ports to publish, each `[HOST_ADDR:]HOST_PORT:SANDBOX_PORT` as
+    /// `airlock create -p` takes it.
+    #[serde(default)]
+    pub ports: Vec<String>,
 }
 
 /// A create request checked against the caller's rights, ready for the
@@ -62,6 +67,30 @@ pub struct PreparedCreate {
     /// The resolved workspace a non-root caller was allowed; checked again
     /// against what the sandbox actually got.
     pub checked_workspace: Option<PathBuf>,
+}
+
+/// The most ports one create may publish.
+const MAX_PORTS: usize = 64;
+
+/// Parses the ports to publish. The daemon listens as root on the caller's
+/// behalf, so a caller who is not root gets what it could bind itself and
+/// no more than loopback: no port below 1024, no other address.
+fn check_ports(peer: &Peer, ports: &[String]) -> Result<Vec<PortMapping>, ApiError> {
+    if ports.len() > MAX_PORTS {
+        return Err(ApiError::bad_request("invalid_request", format!("ports: at most {MAX_PORTS} entries")));
+    }
+    let mut mappings = Vec::with_capacity(ports.len());
+    for text in ports {
+        let mapping: PortMapping =
+            text.parse().map_err(|e: PortError| ApiError::bad_request("invalid_request", e.to_string()))?;
+        if !peer.is_root() && (mapping.host.port() < 1024 || !mapping.host.ip().is_loopback()) {
+            return Err(ApiError::forbidden(format!(
+                "port {text}: only root may publish on a host port below 1024 or on an address other than loopback"
+            )));
+        }
+        mappings.push(mapping);
+    }
+    Ok(mappings)
 }
 
 pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, ApiError> {
@@ -130,6 +159,7 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
             Some(mode)
         }
     };
+    let ports = check_ports(peer, &body.ports)?;
     let overrides = Overrides {
         timeout: body.timeout.as_ref().map(|t| t.get("timeout")).transpose()?,
         memory: body.memory.as_ref().map(|m| m.get("memory")).transpose()?,
@@ -151,6 +181,7 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
         idle_timeout: body.idle_timeout.as_ref().map(|t| t.get("idle_timeout")).transpose()?,
         env: Vec::new(),
         owner_uid: Some(peer.uid),
+        ports,
     };
     let checked_workspace = workspace.filter(|_| !peer.is_root());
     Ok(PreparedCreate { request, checked_workspace })

@@ -166,6 +166,7 @@ async fn write_one(
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.message))?;
+        // Making the directories is part of the write, which is recorded.
     }
     let target = crate::api::exec::connect(&e2b.app, caller.peer, &caller.sandbox_id).await?;
     crate::api::files::write_body(&e2b.app, target, path, None, size, body).await.map(drop)

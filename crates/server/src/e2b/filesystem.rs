@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::E2b;
 use super::access::EnvdCaller;
 use super::connect::{self, ConnectError, Message};
+use crate::api::exec::Target;
 
 /// Events a polled watcher keeps for its client; beyond, the oldest go.
 const WATCHER_BACKLOG: usize = 10_000;
@@ -93,21 +94,24 @@ pub(crate) fn absolute(path: &str) -> Result<String, ConnectError> {
     Ok(if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() })
 }
 
-/// Runs a file operation in the caller's sandbox.
+/// Runs a file operation in the caller's sandbox; answers its result and
+/// the sandbox it ran in (to record the event with).
 pub(crate) async fn on_files<T: Send + 'static>(
     e2b: &E2b,
     caller: &EnvdCaller,
     op: impl FnOnce(&SupervisorClient) -> Result<T, FilesError> + Send + 'static,
-) -> Result<T, ConnectError> {
+) -> Result<(T, Target), ConnectError> {
     let target = crate::api::exec::connect(&e2b.app, caller.peer, &caller.sandbox_id).await?;
-    let answer = tokio::task::spawn_blocking(move || op(&target.client))
-        .await
-        .map_err(crate::error::ApiError::from)?;
-    answer.map_err(|e| ConnectError::from(crate::api::files::refusal(e)))
+    let client = target.client.clone();
+    let answer =
+        tokio::task::spawn_blocking(move || op(&client)).await.map_err(crate::error::ApiError::from)?;
+    Ok((answer.map_err(|e| ConnectError::from(crate::api::files::refusal(e)))?, target))
 }
 
-fn record(e2b: &E2b, caller: &EnvdCaller, kind: &str, detail: serde_json::Value) {
-    e2b.app.record_event(Some(&caller.stored), Some(caller.peer.uid), kind, detail);
+/// Records a change to the sandbox's files, its paths redacted of secret
+/// values by the sandbox's supervisor, as the native files API does.
+async fn record(e2b: &E2b, target: Target, kind: &'static str, detail: serde_json::Value) {
+    e2b.app.record_redacted(target.client, target.stored, target.owner, kind, detail).await;
 }
 
 /// `EntryInfo` of the entry at `path`.
@@ -172,7 +176,7 @@ async fn stat(
 ) -> Result<Response, ConnectError> {
     let path = absolute(&message.value.path)?;
     let target = path.clone();
-    let info = on_files(&e2b, &caller, move |client| files::stat(client, &target)).await?;
+    let (info, _) = on_files(&e2b, &caller, move |client| files::stat(client, &target)).await?;
     Ok(connect::unary(&serde_json::json!({ "entry": entry_info(&path, &info) })))
 }
 
@@ -184,7 +188,8 @@ async fn list_dir(
     let path = absolute(&message.value.path)?;
     let depth = message.value.depth.clamp(1, airlock_proto::file::LIST_MAX_DEPTH);
     let target = path.clone();
-    let listing = on_files(&e2b, &caller, move |client| files::list(client, &target, depth, None)).await?;
+    let (listing, _) =
+        on_files(&e2b, &caller, move |client| files::list(client, &target, depth, None)).await?;
     let mut entries: Vec<serde_json::Value> = listing
         .entries
         .iter()
@@ -202,7 +207,7 @@ async fn make_dir(
     let path = absolute(&message.value.path)?;
     let target = path.clone();
     // envd makes the parents too, and says when the directory was there.
-    let made = on_files(&e2b, &caller, move |client| match files::stat(client, &target) {
+    let (made, sandbox) = on_files(&e2b, &caller, move |client| match files::stat(client, &target) {
         Ok(info) => Ok(Err(info.kind)),
         Err(FilesError::NotFound { .. }) => {
             files::mkdir(client, &target, true, None)?;
@@ -213,7 +218,7 @@ async fn make_dir(
     .await?;
     match made {
         Ok(info) => {
-            record(&e2b, &caller, "file_mkdir", serde_json::json!({ "path": path }));
+            record(&e2b, sandbox, "file_mkdir", serde_json::json!({ "path": path })).await;
             Ok(connect::unary(&serde_json::json!({ "entry": entry_info(&path, &info) })))
         }
         Err(found) => Err(ConnectError::new(
@@ -230,12 +235,12 @@ async fn move_entry(
 ) -> Result<Response, ConnectError> {
     let (from, to) = (absolute(&message.value.source)?, absolute(&message.value.destination)?);
     let (source, destination) = (from.clone(), to.clone());
-    let info = on_files(&e2b, &caller, move |client| {
+    let (info, sandbox) = on_files(&e2b, &caller, move |client| {
         files::rename(client, &source, &destination, true)?;
         files::stat(client, &destination)
     })
     .await?;
-    record(&e2b, &caller, "file_renamed", serde_json::json!({ "path": from, "to": to }));
+    record(&e2b, sandbox, "file_renamed", serde_json::json!({ "path": from, "to": to })).await;
     Ok(connect::unary(&serde_json::json!({ "entry": entry_info(&to, &info) })))
 }
 
@@ -246,8 +251,8 @@ async fn remove(
 ) -> Result<Response, ConnectError> {
     let path = absolute(&message.value.path)?;
     let target = path.clone();
-    on_files(&e2b, &caller, move |client| files::remove(client, &target, true)).await?;
-    record(&e2b, &caller, "file_removed", serde_json::json!({ "path": path }));
+    let ((), sandbox) = on_files(&e2b, &caller, move |client| files::remove(client, &target, true)).await?;
+    record(&e2b, sandbox, "file_removed", serde_json::json!({ "path": path })).await;
     Ok(connect::unary(&serde_json::json!({})))
 }
 
