@@ -230,26 +230,39 @@ impl Destination {
     }
 }
 
+/// Routes a request and counts its answer in `/metrics` (a refused one
+/// under no caller, as the other listeners count theirs).
 async fn dispatch(
+    state: &Arc<E2b>,
+    routers: &Routers,
+    request: Request<Body>,
+    remote: SocketAddr,
+) -> Response<Body> {
+    let (caller, response) = route(state, routers, request, remote).await;
+    state.app.metrics.count_response(caller, response.status());
+    response
+}
+
+async fn route(
     state: &Arc<E2b>,
     routers: &Routers,
     mut request: Request<Body>,
     remote: SocketAddr,
-) -> Response<Body> {
+) -> (Option<u32>, Response<Body>) {
     let (router, caller) = match Destination::of(request.headers()) {
         Destination::Control => match control_caller(state, request.headers(), remote) {
             Ok(peer) => {
                 request.extensions_mut().insert(peer);
                 (&routers.control, Some(peer.uid))
             }
-            Err(e) => return control::error_response(&e),
+            Err(e) => return (None, control::error_response(&e)),
         },
         Destination::Envd { sandbox_id, port } => {
             if let Some(port) = port.filter(|p| p.parse::<u16>() != Ok(ENVD_PORT)) {
                 let message = format!(
                     "sandbox {sandbox_id}: port {port} is not open (this listener serves envd, port {ENVD_PORT})"
                 );
-                return files::plain_error(StatusCode::BAD_GATEWAY, &message);
+                return (None, files::plain_error(StatusCode::BAD_GATEWAY, &message));
             }
             match access::envd_caller(state, request.headers(), &sandbox_id).await {
                 Ok(caller) => {
@@ -257,16 +270,14 @@ async fn dispatch(
                     request.extensions_mut().insert(caller);
                     (&routers.envd, Some(uid))
                 }
-                Err(refusal) => return refusal.into_response(),
+                Err(refusal) => return (None, refusal.into_response()),
             }
         }
     };
-    let response = match router.clone().oneshot(request).await {
-        Ok(response) => response,
+    match router.clone().oneshot(request).await {
+        Ok(response) => (caller, response),
         Err(never) => match never {},
-    };
-    state.app.metrics.count_response(caller, response.status());
-    response
+    }
 }
 
 /// The control plane's caller: the uid of the `X-API-KEY` token. The key
