@@ -99,6 +99,23 @@ python_venv target/test-deps/py-sdk 'import pytest, mypy, airlock' -e 'sdk/pytho
 MCP_PY_VERSION=2.3.0
 python_venv target/test-deps/py-mcp \
     "import importlib.metadata as m; assert m.version('mcp') == '$MCP_PY_VERSION'" "mcp==$MCP_PY_VERSION"
+# The E2B API tests (suite/e2b.rs): E2B's own SDKs, unmodified and pinned,
+# from their registries: Python `e2b` in a venv, JavaScript `e2b` (run on
+# Node) under a prefix of its own.
+E2B_PY_VERSION=2.64.0
+E2B_JS_VERSION=2.51.0
+python_venv target/test-deps/py-e2b \
+    "import importlib.metadata as m; assert m.version('e2b') == '$E2B_PY_VERSION'" "e2b==$E2B_PY_VERSION"
+if [ "$(node -p "require('./target/test-deps/node/node_modules/e2b/package.json').version" 2>/dev/null)" != "$E2B_JS_VERSION" ]; then
+    say "installing JavaScript e2b $E2B_JS_VERSION into target/test-deps/node"
+    if ! npm install --silent --prefix target/test-deps/node "e2b@$E2B_JS_VERSION"; then
+        if [ "${CI:-}" = true ]; then
+            echo "could not install JavaScript e2b $E2B_JS_VERSION (npm)" >&2
+            exit 1
+        fi
+        say "could not install JavaScript e2b: the tests that need it will skip"
+    fi
+fi
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 

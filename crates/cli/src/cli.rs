@@ -203,16 +203,22 @@ enum Command {
         /// needs --tls-cert, --tls-key and --tokens.
         #[arg(long, value_name = "ADDR:PORT", requires_all = ["tls_cert", "tls_key", "tokens"])]
         listen: Option<std::net::SocketAddr>,
-        /// PEM certificate chain for --listen.
-        #[arg(long, value_name = "CERT.pem", requires = "listen")]
+        /// Also serve the E2B-compatible API (control plane and every
+        /// sandbox's envd) on this address; needs --tokens, and --tls-cert
+        /// and --tls-key unless the address is loopback.
+        #[arg(long, value_name = "ADDR:PORT", requires = "tokens")]
+        e2b_listen: Option<std::net::SocketAddr>,
+        /// PEM certificate chain for --listen and --e2b-listen.
+        #[arg(long, value_name = "CERT.pem", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
-        /// PEM private key for --listen (not readable by others).
-        #[arg(long, value_name = "KEY.pem", requires = "listen")]
+        /// PEM private key for --listen and --e2b-listen (not readable by others).
+        #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
-        /// Bearer tokens for --listen: lines `<uid> <sha256-hex-of-token>
-        /// [comment]` (make one with `printf %s TOKEN | sha256sum`); the
-        /// file must be readable by its owner only.
-        #[arg(long, value_name = "FILE", requires = "listen")]
+        /// Bearer tokens for --listen (and API keys for --e2b-listen):
+        /// lines `<uid> <sha256-hex-of-token> [comment]` (make one with
+        /// `printf %s TOKEN | sha256sum`); the file must be readable by its
+        /// owner only.
+        #[arg(long, value_name = "FILE")]
         tokens: Option<PathBuf>,
     },
 }
@@ -588,23 +594,36 @@ fn direct(command: Command, forced: bool) -> CliResult {
             airlock_mcp::serve(airlock_mcp::Options { allow_apply, listen, direct: forced })?;
             Ok(0)
         }
-        Command::Daemon { socket, group, listen, tls_cert, tls_key, tokens } => {
-            let tcp = match (listen, tls_cert, tls_key, tokens) {
-                (None, None, None, None) => None,
-                (Some(listen), Some(cert), Some(key), Some(tokens)) => {
-                    Some(airlock_server::TcpOptions { listen, cert, key, tokens })
-                }
+        Command::Daemon { socket, group, listen, e2b_listen, tls_cert, tls_key, tokens } => {
+            let tcp = match (listen, &tls_cert, &tls_key, &tokens) {
+                (None, _, _, _) => None,
+                (Some(listen), Some(cert), Some(key), Some(tokens)) => Some(airlock_server::TcpOptions {
+                    listen,
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    tokens: tokens.clone(),
+                }),
                 _ => {
                     return Err("a TCP listener needs all of --listen, --tls-cert, --tls-key and --tokens \
                                 (it never serves without TLS and bearer tokens)"
                         .into());
                 }
             };
+            if listen.is_none() && e2b_listen.is_none() && (tokens.is_some() || tls_cert.is_some()) {
+                return Err("--tokens, --tls-cert and --tls-key are for --listen or --e2b-listen".into());
+            }
+            let e2b = match (e2b_listen, tokens) {
+                (Some(listen), Some(tokens)) => {
+                    Some(airlock_server::E2bOptions { listen, tokens, tls: tls_cert.zip(tls_key) })
+                }
+                _ => None,
+            };
             airlock_server::run_daemon(airlock_server::DaemonOptions {
                 socket,
                 group,
                 state_dir: None,
                 tcp,
+                e2b,
             })?;
             Ok(0)
         }

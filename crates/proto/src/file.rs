@@ -37,6 +37,9 @@ pub const LIST_BATCH: usize = 128;
 pub const WATCH_MAX_DIRS: u32 = 4096;
 /// Most watches a sandbox's agent runs at once.
 pub const WATCH_MAX_ACTIVE: u32 = 16;
+/// The prefix of the temporary file a write fills before renaming it over
+/// its target (hidden, and recognisable if the agent dies mid-write).
+pub const WRITE_TEMP_PREFIX: &str = ".airlock-write.";
 /// The mode of a file a write creates when the caller gives none.
 pub const DEFAULT_FILE_MODE: u32 = 0o644;
 /// The mode of a directory mkdir creates when the caller gives none.

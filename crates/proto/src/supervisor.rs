@@ -20,6 +20,10 @@ pub enum Request {
     Stop,
     /// Move the deadline later by this many seconds.
     Extend { seconds: u64 },
+    /// Set the deadline to this time (Unix seconds), earlier or later: what
+    /// an E2B client's `set_timeout` asks. Never past the policy's maximum
+    /// runtime; a time already past stops the sandbox at once.
+    Deadline { unix: u64 },
     /// How the sandbox is doing.
     Status,
     /// After Exec, on the same connection: input for the process's stdin.

@@ -238,6 +238,31 @@ fn wait_not_live(sandbox: &SandboxDir, limit: Duration) -> bool {
     true
 }
 
+/// What a running sandbox uses now, from its cgroup: memory in bytes and
+/// CPU time in microseconds since it started (cgroup v2's `memory.current`
+/// and `cpu.stat`, or v1's `memory.usage_in_bytes` and `cpuacct.usage`).
+/// `None` for a sandbox without a cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub memory_bytes: u64,
+    pub cpu_usec: u64,
+}
+
+pub fn usage(sandbox: &SandboxDir) -> Option<Usage> {
+    let cgroup = sandbox_cgroup(sandbox)?;
+    let read =
+        |file: &str| cgroup.paths().iter().find_map(|dir| std::fs::read_to_string(dir.join(file)).ok());
+    let number = |text: Option<String>| text.and_then(|t| t.trim().parse::<u64>().ok());
+    let memory_bytes = number(read("memory.current")).or_else(|| number(read("memory.usage_in_bytes")))?;
+    let cpu_usec = read("cpu.stat")
+        .and_then(|t| {
+            t.lines().find_map(|l| l.strip_prefix("usage_usec ").and_then(|v| v.trim().parse().ok()))
+        })
+        .or_else(|| number(read("cpuacct.usage")).map(|ns| ns / 1000))
+        .unwrap_or(0);
+    Some(Usage { memory_bytes, cpu_usec })
+}
+
 fn sandbox_cgroup(sandbox: &SandboxDir) -> Option<airlock_jail::cgroup::SandboxCgroup> {
     airlock_jail::cgroup::SandboxCgroup::open(&crate::cgroup_name(sandbox))
 }

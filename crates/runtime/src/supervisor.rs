@@ -324,6 +324,9 @@ pub fn last_stop(sandbox: &SandboxDir) -> Option<(&'static str, String)> {
 enum Control {
     Stop,
     AgentGone,
+    /// The deadline moved: look at it again now rather than at the end of
+    /// the current wait (which may be far later than an earlier deadline).
+    DeadlineMoved,
     /// A microVM guest killed what was left in it, and its trace's records
     /// of those ends are recorded.
     ProcessesEnded,
@@ -524,7 +527,8 @@ impl Supervisor {
             match self.control_rx.recv_timeout(wait.min(Duration::from_secs(60))) {
                 Ok(Control::Stop) => return StopReason::Requested,
                 Ok(Control::AgentGone) => return StopReason::AgentGone,
-                Ok(Control::ProcessesEnded) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(Control::DeadlineMoved | Control::ProcessesEnded)
+                | Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return StopReason::AgentGone,
             }
         }
@@ -627,7 +631,8 @@ impl Supervisor {
         let until = Instant::now() + crate::exec_trace::GUEST_LAST_ENDS;
         loop {
             match self.control_rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                Ok(Control::Stop) => {}
+                // Stopping already; a deadline no longer matters.
+                Ok(Control::Stop | Control::DeadlineMoved) => {}
                 Ok(Control::ProcessesEnded | Control::AgentGone) | Err(_) => return,
             }
         }
@@ -892,6 +897,20 @@ impl Server {
                     }
                 } else {
                     self.deadline.store(wanted, Ordering::Relaxed);
+                    Reply::Ok
+                }
+            }
+            Request::Deadline { unix } => {
+                if unix > self.max_deadline {
+                    Reply::Error {
+                        message: format!(
+                            "the policy caps this sandbox's runtime at {} s from its start; its deadline cannot be set past that",
+                            self.max_runtime_secs
+                        ),
+                    }
+                } else {
+                    self.deadline.store(unix, Ordering::Relaxed);
+                    let _ = self.control.send(Control::DeadlineMoved);
                     Reply::Ok
                 }
             }
@@ -1290,6 +1309,12 @@ impl SupervisorClient {
 
     pub fn extend(&self, seconds: u64) -> io::Result<()> {
         self.simple(&Request::Extend { seconds }).map(drop)
+    }
+
+    /// Sets the deadline to `unix` (seconds since the epoch), earlier or
+    /// later; the supervisor refuses a time past the policy's maximum.
+    pub fn set_deadline(&self, unix: u64) -> io::Result<()> {
+        self.simple(&Request::Deadline { unix }).map(drop)
     }
 
     pub fn status(&self) -> io::Result<Reply> {

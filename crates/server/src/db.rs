@@ -60,6 +60,15 @@ const MIGRATIONS: &[&str] = &[
     // a copy outside the sandbox's directory that `audit verify` checks.
     "ALTER TABLE sandboxes ADD COLUMN audit_seq INTEGER;
     ALTER TABLE sandboxes ADD COLUMN audit_hash TEXT;",
+    // 5: the E2B API's envd access tokens (SHA-256 of each, never the
+    // token), each bound to one sandbox (stored name) and its owner.
+    "CREATE TABLE e2b_access (
+        digest     TEXT PRIMARY KEY,
+        sandbox    TEXT NOT NULL,
+        owner_uid  INTEGER NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX e2b_access_by_sandbox ON e2b_access(sandbox);",
 ];
 
 /// The index's file in a state root.
@@ -115,6 +124,15 @@ pub struct EventRow {
     pub sandbox: Option<String>,
     pub kind: String,
     pub detail: serde_json::Value,
+}
+
+/// The sandbox an E2B envd access token opens: its stored name, owner and
+/// creation time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct E2bAccess {
+    pub sandbox: String,
+    pub owner_uid: u32,
+    pub created_at: String,
 }
 
 /// How an exec ended, for its row.
@@ -268,6 +286,40 @@ impl Db {
         conn.execute("DELETE FROM sandboxes WHERE name = ?1", params![name]).map_err(self.err())?;
         conn.execute("DELETE FROM execs WHERE sandbox = ?1", params![name]).map_err(self.err())?;
         Ok(())
+    }
+
+    /// Records an E2B envd access token (its SHA-256, hex) for one
+    /// sandbox: its stored name, owner and creation time (a later sandbox
+    /// of the same name is another sandbox). Tokens of sandboxes no longer
+    /// in the index and created over a day ago are forgotten here (a token
+    /// of a removed sandbox is kept a while so its holder learns "not
+    /// running" rather than "unauthorized").
+    pub fn e2b_grant(&self, digest_hex: &str, access: &E2bAccess) -> Result<(), DbError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO e2b_access (digest, sandbox, owner_uid, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![digest_hex, access.sandbox, access.owner_uid, access.created_at],
+        )
+        .map_err(self.err())?;
+        conn.execute(
+            "DELETE FROM e2b_access WHERE sandbox NOT IN (SELECT name FROM sandboxes)
+                AND created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')",
+            [],
+        )
+        .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// What an E2B envd access token with this SHA-256 (hex) was issued for.
+    pub fn e2b_access(&self, digest_hex: &str) -> Result<Option<E2bAccess>, DbError> {
+        self.conn()
+            .query_row(
+                "SELECT sandbox, owner_uid, created_at FROM e2b_access WHERE digest = ?1",
+                params![digest_hex],
+                |r| Ok(E2bAccess { sandbox: r.get(0)?, owner_uid: r.get(1)?, created_at: r.get(2)? }),
+            )
+            .optional()
+            .map_err(self.err())
     }
 
     pub fn exec_started(
@@ -491,6 +543,36 @@ mod tests {
             state: "running".into(),
             created_at: "2026-01-01T00:00:00.000Z".into(),
         }
+    }
+
+    #[test]
+    fn e2b_tokens_are_found_by_digest_and_old_ones_of_removed_sandboxes_forgotten() {
+        let db = Db::in_memory().unwrap();
+        let row = |name: &str| SandboxRow {
+            name: name.into(),
+            owner_uid: 1000,
+            labels: BTreeMap::new(),
+            policy: "dev".into(),
+            state: "running".into(),
+            created_at: "2020-01-01T00:00:00.000Z".into(),
+        };
+        let access = |name: &str| E2bAccess {
+            sandbox: name.into(),
+            owner_uid: 1000,
+            created_at: "2020-01-01T00:00:00.000Z".into(),
+        };
+        db.upsert_sandbox(&row("old")).unwrap();
+        db.e2b_grant("aa", &access("old")).unwrap();
+        assert_eq!(db.e2b_access("aa").unwrap(), Some(access("old")));
+        assert_eq!(db.e2b_access("bb").unwrap(), None);
+        // Removed long ago: its token goes at the next grant.
+        db.delete_sandbox("old").unwrap();
+        assert_eq!(db.e2b_access("aa").unwrap(), Some(access("old")), "kept until then");
+        db.upsert_sandbox(&row("new")).unwrap();
+        db.e2b_grant("cc", &access("new")).unwrap();
+        assert_eq!(db.e2b_access("aa").unwrap(), None);
+        assert_eq!(db.e2b_access("cc").unwrap(), Some(access("new")));
+        assert!(db.e2b_grant("cc", &access("new")).is_err(), "a digest is granted once");
     }
 
     #[test]

@@ -200,6 +200,11 @@ pub enum DaemonError {
          run `chmod o-w {path}` or pass another --socket"
     )]
     InsecureDir { path: PathBuf, mode: u32 },
+    #[error(
+        "--e2b-listen {0} is not a loopback address: the E2B API carries API keys and access tokens, so off \
+         this host it is served only over TLS; pass --tls-cert and --tls-key, or listen on 127.0.0.1"
+    )]
+    E2bNeedsTls(std::net::SocketAddr),
     #[error("unknown group {0:?} for --group: give a group name from /etc/group or a numeric gid")]
     UnknownGroup(String),
     #[error(transparent)]

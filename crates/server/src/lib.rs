@@ -13,6 +13,7 @@
 //! ```text
 //! serve     socket, peer credentials, accept loop, signals
 //! tcp       the optional TLS listener, bearer tokens → uid
+//! e2b/*     the optional E2B-compatible API: control plane and envd on one listener
 //! routes    the one route table (router + OpenAPI sync test)
 //! api/*     handlers, one file per resource (exec_session: the interactive exec)
 //! sandbox   state dir + index row → what the API shows; tenancy checks
@@ -28,6 +29,7 @@ mod app;
 mod auth;
 mod body;
 pub mod db;
+mod e2b;
 mod error;
 mod extract;
 mod reconcile;
@@ -38,6 +40,7 @@ mod scope;
 mod serve;
 mod tcp;
 
+pub use e2b::E2bOptions;
 pub use error::{ApiError, DaemonError};
 pub use serve::{DaemonOptions, default_socket, run_daemon};
 pub use tcp::TcpOptions;

@@ -47,6 +47,8 @@ pub struct DaemonOptions {
     pub state_dir: Option<PathBuf>,
     /// Also serve the API over TLS on TCP, for bearer-token tenants.
     pub tcp: Option<crate::tcp::TcpOptions>,
+    /// Also serve the E2B-compatible API (`e2b`).
+    pub e2b: Option<crate::e2b::E2bOptions>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -140,7 +142,20 @@ async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
         Some(tcp) => Some(crate::tcp::bind(tcp).await?),
         None => None,
     };
-    let reloader = tokio::spawn(reload_on_hangup(hangup, tcp.as_ref().map(|server| server.tokens.clone())));
+    let shared = tcp.as_ref().map(|server| server.tokens.clone());
+    let e2b = match &opts.e2b {
+        Some(e2b) => Some(crate::e2b::bind(e2b, shared.clone()).await?),
+        None => None,
+    };
+    // One reload per tokens file: the two listeners share a store when they
+    // name the same file.
+    let mut stores: Vec<Arc<crate::tcp::TokenStore>> = shared.into_iter().collect();
+    if let Some(server) = &e2b
+        && !stores.iter().any(|s| Arc::ptr_eq(s, &server.tokens))
+    {
+        stores.push(server.tokens.clone());
+    }
+    let reloader = tokio::spawn(reload_on_hangup(hangup, stores));
     let bound = bind(&socket, gid)?;
     tracing::info!(socket = %socket.display(), state = %app.root.path().display(), "airlock daemon listening");
     eprintln!("airlock daemon: listening on {}", socket.display());
@@ -150,12 +165,18 @@ async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
         eprintln!("airlock daemon: listening on https://{} (TLS, bearer tokens)", server.local);
         tokio::spawn(crate::tcp::accept_loop(server, app.clone(), MAX_CONNECTIONS, HEADER_TIMEOUT))
     });
+    let e2b = e2b.map(|server| {
+        let scheme = if server.tls() { "https" } else { "http" };
+        tracing::info!(listen = %server.local, scheme, "airlock daemon serving the E2B API");
+        eprintln!("airlock daemon: E2B API on {scheme}://{}", server.local);
+        tokio::spawn(crate::e2b::accept_loop(server, app.clone(), MAX_CONNECTIONS, HEADER_TIMEOUT))
+    });
     let reconciler = tokio::spawn(reconcile_loop(app.clone()));
     let result = accept_loop(&bound.listener, &socket, app.clone()).await;
     reconciler.abort();
     reloader.abort();
-    if let Some(tcp) = tcp {
-        tcp.abort();
+    for task in tcp.into_iter().chain(e2b) {
+        task.abort();
     }
     // Best effort: a stale socket is replaced at the next start anyway.
     let _ = std::fs::remove_file(&socket);
@@ -172,19 +193,21 @@ fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
         .ok()
 }
 
-/// On each SIGHUP, re-reads the tokens file of the TCP listener, if any.
+/// On each SIGHUP, re-reads the tokens files of the TCP and E2B listeners.
 async fn reload_on_hangup(
     hangup: Option<tokio::signal::unix::Signal>,
-    tokens: Option<Arc<crate::tcp::TokenStore>>,
+    stores: Vec<Arc<crate::tcp::TokenStore>>,
 ) {
     let Some(mut hangup) = hangup else { return };
     while hangup.recv().await.is_some() {
-        let Some(tokens) = tokens.clone() else {
-            tracing::info!("SIGHUP: no TCP listener, so no tokens file to reload; nothing to do");
-            continue;
-        };
-        if let Err(e) = tokio::task::spawn_blocking(move || tokens.reload_and_log()).await {
-            tracing::warn!(error = %e, "SIGHUP: the reload task failed; the previous tokens stay in force");
+        if stores.is_empty() {
+            tracing::info!("SIGHUP: no TCP or E2B listener, so no tokens file to reload; nothing to do");
+        }
+        for tokens in &stores {
+            let tokens = tokens.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || tokens.reload_and_log()).await {
+                tracing::warn!(error = %e, "SIGHUP: the reload task failed; the previous tokens stay in force");
+            }
         }
     }
 }

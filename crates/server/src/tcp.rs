@@ -37,7 +37,7 @@ use crate::auth::Peer;
 use crate::error::{ApiError, DaemonError};
 
 /// The TLS handshake must finish within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `airlock daemon --listen` was given: all of it is required.
 #[derive(Debug, Clone)]
@@ -73,7 +73,7 @@ pub enum TcpError {
     Tls(#[from] rustls::Error),
 }
 
-fn failed(action: &'static str, path: &Path) -> impl FnOnce(TcpError) -> DaemonError {
+pub(crate) fn failed(action: &'static str, path: &Path) -> impl FnOnce(TcpError) -> DaemonError {
     let path = path.to_path_buf();
     move |e| DaemonError::Io { action, path, source: std::io::Error::other(e) }
 }
@@ -121,7 +121,7 @@ impl Tokens {
 
     /// The uid whose token this is. Every entry is compared, each in
     /// constant time, so timing tells nothing about which digest is close.
-    fn lookup(&self, token: &str) -> Option<u32> {
+    pub(crate) fn lookup(&self, token: &str) -> Option<u32> {
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let mut found = None;
         for (known, uid) in &self.entries {
@@ -143,12 +143,17 @@ pub(crate) struct TokenStore {
 }
 
 impl TokenStore {
-    fn load(path: &Path) -> Result<TokenStore, TcpError> {
+    pub(crate) fn load(path: &Path) -> Result<TokenStore, TcpError> {
         Ok(TokenStore { path: path.to_path_buf(), current: RwLock::new(Arc::new(Tokens::load(path)?)) })
     }
 
+    /// The tokens file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The set in force now.
-    fn current(&self) -> Arc<Tokens> {
+    pub(crate) fn current(&self) -> Arc<Tokens> {
         // A writer cannot panic while holding the lock (it only assigns),
         // but a poisoned lock still holds a complete set.
         self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
@@ -215,7 +220,7 @@ fn check_private(path: &Path) -> Result<(), TcpError> {
     Ok(())
 }
 
-fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, DaemonError> {
+pub(crate) fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, DaemonError> {
     let certs = (|| {
         let mut reader = BufReader::new(std::fs::File::open(cert)?);
         let certs = rustls_pemfile::certs(&mut reader).collect::<Result<Vec<_>, _>>()?;
@@ -381,7 +386,7 @@ fn authenticate(tokens: &Tokens, headers: &HeaderMap, remote: SocketAddr) -> Res
 
 /// The uid's primary group from /etc/passwd; for a uid with no entry, a gid
 /// that matches no file's group.
-fn primary_gid(uid: u32) -> u32 {
+pub(crate) fn primary_gid(uid: u32) -> u32 {
     std::fs::read_to_string("/etc/passwd").ok().and_then(|text| gid_in(&text, uid)).unwrap_or(u32::MAX)
 }
 

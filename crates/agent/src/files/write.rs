@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
-use airlock_proto::file::{DEFAULT_FILE_MODE, FILE_CHUNK, FileError, FileKind, FileReply};
+use airlock_proto::file::{
+    DEFAULT_FILE_MODE, FILE_CHUNK, FileError, FileKind, FileReply, WRITE_TEMP_PREFIX as TEMP_PREFIX,
+};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
@@ -19,9 +21,6 @@ use super::{Flow, Replier, errno_error};
 
 /// How long a write waits for the host's next chunk before it gives up.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// The temporary files' prefix (hidden, and recognisable if the agent dies
-/// mid-write).
-const TEMP_PREFIX: &str = ".airlock-write.";
 
 pub(super) fn write(
     replier: &Replier,

@@ -14,6 +14,7 @@ mod daemon_fuzz;
 mod daemon_harness;
 mod daemon_scale;
 mod daemon_tcp;
+mod e2b;
 mod egress;
 mod escape;
 mod exec_trace;

@@ -190,7 +190,7 @@ pub async fn exec(
 
 /// A running sandbox the caller may run processes in: its supervisor, its
 /// owner and its stored name (for the index and the event log).
-pub(super) struct Target {
+pub(crate) struct Target {
     pub client: SupervisorClient,
     pub owner: u32,
     pub stored: String,
@@ -198,7 +198,7 @@ pub(super) struct Target {
 
 /// Checks the caller may run processes in `name` (execs, and the files
 /// API's operations) and reaches its supervisor.
-pub(super) async fn connect(app: &Arc<App>, peer: Peer, name: &str) -> Result<Target, ApiError> {
+pub(crate) async fn connect(app: &Arc<App>, peer: Peer, name: &str) -> Result<Target, ApiError> {
     let target = name.to_string();
     app.blocking(move |app| {
         let loaded = sandbox::authorize(app, &peer, &target)?;
@@ -276,7 +276,21 @@ impl Output<'_> {
             self.send(frame);
         }
     }
+}
 
+/// Where [`run`] sends what an exec does, whatever the front end: the
+/// native API's NDJSON lines or frames, or the E2B API's Connect events.
+pub(crate) trait ExecSink {
+    fn started(&mut self, pid: i32);
+    fn output(&mut self, stream: Stream, data: &[u8]);
+    fn exited(&mut self, code: Option<i32>, signal: Option<i32>, timed_out: bool);
+    /// The exec broke off (the sandbox stopped, the supervisor failed).
+    fn broke(&mut self, message: &str);
+    /// Whether the client hung up and the process was killed for it.
+    fn cancelled(&self) -> bool;
+}
+
+impl ExecSink for Output<'_> {
     fn started(&mut self, pid: i32) {
         if !self.raw {
             self.json(&serde_json::json!({ "type": "started", "pid": pid }));
@@ -297,16 +311,30 @@ impl Output<'_> {
         };
         self.json(&serde_json::json!({ "type": kind, "data": base64(data) }));
     }
+
+    fn exited(&mut self, code: Option<i32>, signal: Option<i32>, timed_out: bool) {
+        self.json(
+            &serde_json::json!({ "type": "exit", "code": code, "signal": signal, "timed_out": timed_out }),
+        );
+    }
+
+    fn broke(&mut self, message: &str) {
+        self.json(&serde_json::json!({ "type": "error", "message": message }));
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
 }
 
 /// The blocking half: runs the exec, sends its output, records it.
-pub(super) fn run(
+pub(crate) fn run(
     app: &App,
     target: &Target,
     spec: &ExecSpec,
     input: Option<Box<dyn Read + Send>>,
     session: &mut dyn FnMut(ExecControl),
-    out: &mut Output<'_>,
+    out: &mut dyn ExecSink,
 ) {
     let (client, owner, name) = (&target.client, target.owner, target.stored.as_str());
     app.metrics.count_exec(owner);
@@ -333,16 +361,14 @@ pub(super) fn run(
             ExecEvent::Output { stream, data } => out.output(stream, &data),
             ExecEvent::Exited { code, signal, timed_out } => {
                 end = ExecEnd { code, signal, timed_out };
-                out.json(
-                    &serde_json::json!({ "type": "exit", "code": code, "signal": signal, "timed_out": timed_out }),
-                );
+                out.exited(code, signal, timed_out);
             }
         },
         session,
     );
     let error = result.err().map(|e| e.to_string());
     if let Some(message) = &error {
-        out.json(&serde_json::json!({ "type": "error", "message": message }));
+        out.broke(message);
     }
     let ended = airlock_runtime::now_rfc3339();
     if let Some(id) = id
@@ -360,7 +386,7 @@ pub(super) fn run(
             "signal": end.signal,
             "timed_out": end.timed_out,
             "error": error,
-            "cancelled": out.cancelled.load(Ordering::SeqCst),
+            "cancelled": out.cancelled(),
         }),
     );
 }

@@ -92,7 +92,7 @@ fn number_param(query: &QueryPairs, key: &str, octal: bool, max: u32) -> Result<
 }
 
 /// The API's answer to a file operation that failed.
-fn refusal(e: FilesError) -> ApiError {
+pub(crate) fn refusal(e: FilesError) -> ApiError {
     let message = e.to_string();
     let (status, code) = match (&e, e.kind()) {
         (_, FailureKind::BadRequest) => (StatusCode::BAD_REQUEST, "invalid_path"),
@@ -187,15 +187,26 @@ pub async fn read(
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
     let path = query_path(&query, &["path"])?;
-    let super::exec::Target { client, owner, stored } = super::exec::connect(&app, peer, &name).await?;
+    let target = super::exec::connect(&app, peer, &name).await?;
+    stream_file(&app, target, path).await
+}
+
+/// Streams the regular file at `path` of `target` as the answer, once it
+/// is known to be readable; also the E2B API's `GET /files`.
+pub(crate) async fn stream_file(
+    app: &Arc<App>,
+    target: super::exec::Target,
+    path: String,
+) -> Result<Response, ApiError> {
+    let super::exec::Target { client, owner, stored } = target;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
-    let target = path.clone();
+    let source = path.clone();
     let recorder = client.clone();
     tokio::task::spawn_blocking(move || {
         let opened = tx.clone();
         let result = files::read_file(
             &client,
-            &target,
+            &source,
             None,
             &mut |_| opened.blocking_send(Chunk::Opened).map_err(|_| io::ErrorKind::BrokenPipe.into()),
             &mut ChunkSender(&tx),
@@ -280,13 +291,29 @@ pub async fn write(
     if size > FILE_LIMIT {
         return Err(too_large(FILE_LIMIT));
     }
-    let super::exec::Target { client, owner, stored } = super::exec::connect(&app, peer, &name).await?;
+    let target = super::exec::connect(&app, peer, &name).await?;
+    let size = write_body(&app, target, &path, mode, size, body).await?;
+    Ok(axum::Json(Written { path, size }).into_response())
+}
+
+/// Streams `body`, of exactly `size` bytes, into the file `path` of
+/// `target` (replaced only once every byte arrived); also the E2B API's
+/// `POST /files`. Answers the bytes written.
+pub(crate) async fn write_body(
+    app: &Arc<App>,
+    target: super::exec::Target,
+    path: &str,
+    mode: Option<u32>,
+    size: u64,
+    body: Body,
+) -> Result<u64, ApiError> {
+    let super::exec::Target { client, owner, stored } = target;
     let (chunks, chunks_rx) = mpsc::channel::<Vec<u8>>(8);
-    let target = path.clone();
+    let destination = path.to_owned();
     let recorder = client.clone();
     let upload = tokio::task::spawn_blocking(move || {
         let mut input = ChannelReader::new(chunks_rx);
-        files::write_file(&client, &target, size, mode, &mut input)
+        files::write_file(&client, &destination, size, mode, &mut input)
     });
     let (received, written) = tokio::join!(pump_body(body, chunks, FILE_LIMIT), upload);
     // A body that broke off is the first thing to say; the agent dropped
@@ -301,7 +328,7 @@ pub async fn write(
         serde_json::json!({ "path": path, "size": size }),
     )
     .await;
-    Ok(axum::Json(Written { path, size }).into_response())
+    Ok(size)
 }
 
 /// Runs a blocking file operation against the named sandbox.
