@@ -1,0 +1,4 @@
+//! OCI images as a sandbox's root: safe unpacking of hostile layers, a
+//! content-addressed store, and the sources images come from.
+
+pub mod unpack;
