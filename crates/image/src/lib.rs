@@ -1,4 +1,5 @@
 //! OCI images as a sandbox's root: safe unpacking of hostile layers, a
 //! content-addressed store, and the sources images come from.
 
+pub mod store;
 pub mod unpack;
