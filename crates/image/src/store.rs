@@ -131,6 +131,17 @@ pub struct ImageRecord {
     pub size: u64,
 }
 
+/// What an image's config asks of the process it runs: honoured where
+/// the user gives nothing of their own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+}
+
 pub struct Store {
     root: PathBuf,
     limits: Limits,
@@ -264,6 +275,26 @@ impl Store {
             });
         }
         Ok(bytes)
+    }
+
+    /// The image's config (Env, WorkingDir, User, Entrypoint, Cmd), read
+    /// from its verified config blob.
+    pub fn run_config(&self, record: &ImageRecord) -> Result<RunConfig, StoreError> {
+        let bytes = self.read_blob(&record.config)?;
+        let path = self.blob_path(&record.config);
+        let parsed =
+            oci_spec::image::ImageConfiguration::from_reader(&bytes[..]).map_err(|e| StoreError::Record {
+                path,
+                source: serde_json::Error::io(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+            })?;
+        let Some(config) = parsed.config() else { return Ok(RunConfig::default()) };
+        Ok(RunConfig {
+            env: config.env().clone().unwrap_or_default(),
+            working_dir: config.working_dir().clone().filter(|d| !d.is_empty()),
+            user: config.user().clone().filter(|u| !u.is_empty()),
+            entrypoint: config.entrypoint().clone().unwrap_or_default(),
+            cmd: config.cmd().clone().unwrap_or_default(),
+        })
     }
 
     /// Unpacks a layer blob once into `layers/sha256/<hex>`: into `tmp/`
