@@ -178,6 +178,7 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         seccomp: true,
         redirect: input.network.as_ref().and_then(|n| n.redirect),
         exec_trace: policy.audit.exec_trace,
+        image_layers: input.image.map(|i| i.layers.iter().rev().cloned().collect()).unwrap_or_default(),
     };
     Launch {
         jail,
