@@ -60,8 +60,14 @@ pub enum ImageSource {
     Registry { reference: String },
 }
 
-/// `PATH[:TAG]`: a tag is what follows the last ':' when it has no '/'.
+/// `PATH[:TAG]` or `PATH@sha256:HEX`: a tag is what follows the last ':'
+/// when it has no '/'; a digest is kept as the tag `sha256:HEX`.
 fn path_and_tag(text: &str) -> (PathBuf, Option<String>) {
+    if let Some((path, digest)) = text.rsplit_once('@')
+        && digest.starts_with("sha256:")
+    {
+        return (PathBuf::from(path), Some(digest.to_owned()));
+    }
     match text.rsplit_once(':') {
         Some((path, tag)) if !tag.contains('/') && !tag.is_empty() && !path.is_empty() => {
             (PathBuf::from(path), Some(tag.to_owned()))
@@ -101,7 +107,10 @@ impl ImageSource {
     pub fn pins_digest(&self) -> bool {
         match self {
             ImageSource::Registry { reference } => reference.contains("@sha256:"),
-            _ => false,
+            ImageSource::Layout { tag, .. } | ImageSource::OciArchive { tag, .. } => {
+                tag.as_deref().is_some_and(|t| Digest::parse(t).is_ok())
+            }
+            ImageSource::DockerArchive { .. } => false,
         }
     }
 }
@@ -265,19 +274,25 @@ fn layout_top(dir: &Path, tag: Option<&str>) -> Result<Digest, SourceError> {
     let index = ImageIndex::from_reader(io::BufReader::new(file))
         .map_err(|e| SourceError::Format { what: path.display().to_string(), detail: e.to_string() })?;
     let entries = index.manifests();
-    let chosen = match tag {
-        Some(tag) => entries
+    let pinned = tag.and_then(|t| Digest::parse(t).ok());
+    let chosen = if let Some(digest) = &pinned {
+        entries
+            .iter()
+            .find(|m| m.digest().as_ref() == digest.as_str())
+            .ok_or_else(|| SourceError::Choose(format!("{} has no image {digest}", dir.display())))?
+    } else if let Some(tag) = tag {
+        entries
             .iter()
             .find(|m| m.annotations().as_ref().and_then(|a| a.get(REF_NAME)).is_some_and(|t| t == tag))
-            .ok_or_else(|| SourceError::Choose(format!("{} has no image tagged {tag}", dir.display())))?,
-        None if entries.len() == 1 => &entries[0],
-        None => {
-            return Err(SourceError::Choose(format!(
-                "{} holds {} images: name one with :TAG",
-                dir.display(),
-                entries.len()
-            )));
-        }
+            .ok_or_else(|| SourceError::Choose(format!("{} has no image tagged {tag}", dir.display())))?
+    } else if let [only] = entries.as_slice() {
+        only
+    } else {
+        return Err(SourceError::Choose(format!(
+            "{} holds {} images: name one with :TAG or @sha256:…",
+            dir.display(),
+            entries.len()
+        )));
     };
     Ok(Digest::parse(chosen.digest().as_ref())?)
 }
@@ -637,6 +652,12 @@ mod tests {
             ImageSource::Layout { dir: "./dir".into(), tag: Some("v1".into()) }
         );
         assert_eq!(ImageSource::parse("oci:/a/b"), ImageSource::Layout { dir: "/a/b".into(), tag: None });
+        let pinned = ImageSource::parse(&format!("oci:/a/b@sha256:{}", "c".repeat(64)));
+        assert_eq!(
+            pinned,
+            ImageSource::Layout { dir: "/a/b".into(), tag: Some(format!("sha256:{}", "c".repeat(64))) }
+        );
+        assert!(pinned.pins_digest());
         assert_eq!(
             ImageSource::parse("oci-archive:x.tar"),
             ImageSource::OciArchive { file: "x.tar".into(), tag: None }
