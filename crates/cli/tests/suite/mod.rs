@@ -18,6 +18,7 @@ mod egress;
 mod escape;
 mod exec_trace;
 mod files;
+mod image;
 mod launch_undo;
 mod lifecycle;
 mod longlived;
