@@ -274,3 +274,33 @@ fn the_microvm_tier_refuses_an_image_for_now() {
     assert_ne!(o.status.code(), Some(0), "{}", show(&o));
     assert!(stderr(&o).contains("not yet"), "{}", show(&o));
 }
+
+#[test]
+fn a_rootless_sandbox_runs_on_an_image_it_pulled() {
+    let Some(r) = super::rootless::setup() else { return };
+    let layout = r.env.dir.path().join("layout");
+    let digest = busybox_layout(&layout);
+    if !require(digest.is_some(), "a static busybox at /bin/busybox (Debian: busybox-static)") {
+        return;
+    }
+    if is_root() {
+        let (uid, gid) = (r.uid, r.uid);
+        super::rootless::chown_tree(r.env.dir.path(), uid, gid);
+    }
+    let image = format!("oci:{}:v1", layout.display());
+    let o = r
+        .airlock(&[
+            "run",
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/image-release; test -e /etc/removed || echo whiteout-ok",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = stdout(&o);
+    assert!(out.contains("airlock-test-image 1") && out.contains("whiteout-ok"), "{}", show(&o));
+}
