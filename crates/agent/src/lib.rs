@@ -169,6 +169,7 @@ fn guest_plan() -> airlock_jail::JailPlan {
         seccomp: false,
         redirect: None,
         exec_trace: false,
+        image_layers: Vec::new(),
     }
 }
 

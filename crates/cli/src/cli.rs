@@ -175,6 +175,10 @@ enum Command {
     /// The microVM tier's guest (`vm setup` builds it).
     #[command(subcommand)]
     Vm(VmCommand),
+    /// OCI images in the local store (under the state directory): pull,
+    /// ls, rm, prune.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Serve airlock's sandboxes as Model Context Protocol tools, on stdio
     /// (or streamable HTTP with --listen); through the daemon when one
     /// answers, directly otherwise. Sandboxes it creates outlive it until
@@ -229,6 +233,32 @@ enum VmCommand {
     /// boots, in the cache ($AIRLOCK_VM_CACHE, default /var/cache/airlock/vm
     /// as root); rebuilt only when airlock or the kernel changed.
     Setup,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Pull an image into the store and print its digest: a registry
+    /// reference (registry.example.com/team/py:3.12 or …@sha256:…),
+    /// oci:DIR[:TAG|@sha256:…], oci-archive:FILE[:TAG] or docker-archive:FILE.
+    Pull {
+        reference: String,
+        /// Plain HTTP for this registry (a local test registry), not HTTPS.
+        #[arg(long)]
+        insecure: bool,
+        /// Also trust this CA (PEM) for the registry's certificate.
+        #[arg(long, value_name = "CA.pem")]
+        ca: Option<PathBuf>,
+    },
+    /// List the images in the store.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image (by name or digest) unless a sandbox uses it; its
+    /// layers go once no other image holds them.
+    Rm { reference: String },
+    /// Remove every image no sandbox uses, and what only they held.
+    Prune,
 }
 
 #[derive(Args)]
@@ -293,8 +323,9 @@ struct RunArgs {
     /// Remove the sandbox after the run, whatever the policy's cleanup rule.
     #[arg(long)]
     rm: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    /// The command and its arguments (with --image: the image's own
+    /// Entrypoint and Cmd when none is given).
+    #[arg(last = true, required_unless_present = "image")]
     command: Vec<String>,
 }
 
@@ -335,6 +366,11 @@ struct SandboxArgs {
     /// `run` only so far). Never weaker than the policy's.
     #[arg(long, value_parser = parse_tier)]
     tier: Option<Tier>,
+    /// Run on an OCI image's root instead of the host's system directories:
+    /// a registry reference, oci:DIR[:TAG], oci-archive:FILE or
+    /// docker-archive:FILE (pulled into the store when missing).
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
 }
 
 impl SandboxArgs {
@@ -348,6 +384,7 @@ impl SandboxArgs {
             workspace_mode: self.mode,
             allow: self.allow.clone(),
             tier: self.tier,
+            image: self.image.as_deref().map(airlock_runtime::image::canonical_name),
         }
     }
 }
@@ -560,6 +597,7 @@ fn direct(command: Command, forced: bool) -> CliResult {
             Ok(0)
         }
         Command::Policy(cmd) => policy(cmd),
+        Command::Image(cmd) => image(cmd),
         Command::Report { name, from, output } => {
             let page = match (&from.bundle, name) {
                 (Some(path), _) => match airlock_runtime::bundle::open(path, from.key.as_deref()) {
@@ -740,6 +778,60 @@ fn run(args: RunArgs) -> CliResult {
     let outcome = airlock_runtime::run(&req, &mut present::notice)?;
     present::run_summary(&outcome);
     Ok(outcome.exit_code)
+}
+
+fn image(cmd: ImageCommand) -> CliResult {
+    use airlock_runtime::image;
+    let root = state()?;
+    let store = image::store(root.path())?;
+    match cmd {
+        ImageCommand::Pull { reference, insecure, ca } => {
+            let mut options = airlock_image::source::RegistryOptions { insecure, ..Default::default() };
+            if let Some(ca) = ca {
+                options
+                    .extra_roots_pem
+                    .push(std::fs::read(&ca).map_err(|e| format!("{}: {e}", ca.display()))?);
+            }
+            let record = image::pull(&store, &reference, &options, &mut present::PullProgress)?;
+            println!("{}", record.manifest);
+            Ok(0)
+        }
+        ImageCommand::Ls { json } => {
+            present::images(&store.list()?, json)?;
+            Ok(0)
+        }
+        ImageCommand::Rm { reference } => {
+            let used = image_users(&root)?;
+            let name = image::canonical_name(&reference);
+            let removed = store.remove(&name, &|digest| used.get(digest.as_str()).cloned())?;
+            println!("removed {}", removed.manifest);
+            Ok(0)
+        }
+        ImageCommand::Prune => {
+            let used = image_users(&root)?;
+            let keep = used.keys().filter_map(|d| airlock_image::store::Digest::parse(d).ok()).collect();
+            for record in store.prune(&keep)? {
+                println!("removed {}", record.manifest);
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// The image digests the state root's sandboxes were made from, each with
+/// one sandbox that uses it.
+fn image_users(
+    root: &StateRoot,
+) -> Result<std::collections::HashMap<String, String>, Box<dyn std::error::Error>> {
+    let mut used = std::collections::HashMap::new();
+    for sandbox in root.list()? {
+        if let Ok(meta) = sandbox.read_meta()
+            && let Some(image) = meta.image
+        {
+            used.entry(image.digest).or_insert(meta.name);
+        }
+    }
+    Ok(used)
 }
 
 fn create(args: CreateArgs) -> CliResult {

@@ -134,6 +134,38 @@ fn render_list(views: &[SandboxView], out: &mut dyn Write) -> io::Result<()> {
     Ok(())
 }
 
+/// `image pull`'s progress, on stderr (stdout carries the digest alone).
+pub struct PullProgress;
+
+impl airlock_image::source::Progress for PullProgress {
+    fn blob(&mut self, digest: &airlock_image::store::Digest, size: u64, cached: bool) {
+        let what = if cached { "cached" } else { "fetched" };
+        eprintln!("airlock: layer {} {} ({what})", &digest.as_str()[..19], airlock_policy::format_size(size));
+    }
+}
+
+/// `image ls`: one line per image, or the store's records as JSON.
+pub fn images(images: &[airlock_image::store::ImageRecord], json: bool) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, images)?;
+        return writeln!(out);
+    }
+    writeln!(out, "{:<19}  {:>8}  {:>6}  NAMES", "DIGEST", "SIZE", "LAYERS")?;
+    for image in images {
+        let names: Vec<String> = image.names.iter().map(|n| printable(n.as_bytes())).collect();
+        writeln!(
+            out,
+            "{:<19}  {:>8}  {:>6}  {}",
+            &image.manifest.as_str()[..19],
+            airlock_policy::format_size(image.size),
+            image.layers.len(),
+            names.join(", ")
+        )?;
+    }
+    Ok(())
+}
+
 pub fn gc(report: &GcReport, json: bool) -> io::Result<()> {
     let mut out = io::stdout().lock();
     if json {
@@ -744,6 +776,9 @@ fn render_inspect(v: &SandboxView, facts: &DaemonFacts, out: &mut dyn Write) -> 
     writeln!(out, "state:      {}{lost}", v.state.as_str())?;
     writeln!(out, "policy:     {}", shown(&v.policy))?;
     writeln!(out, "workspace:  {} ({})", opt(&v.workspace), opt(&v.workspace_mode))?;
+    if let Some(image) = &v.image {
+        writeln!(out, "image:      {} ({})", printable(image.reference.as_bytes()), image.digest)?;
+    }
     writeln!(out, "created:    {}", shown(&v.created_at))?;
     if let Some(f) = &v.finished_at {
         writeln!(out, "finished:   {}", shown(f))?;

@@ -282,6 +282,9 @@ fn remote_create(daemon: &Daemon, args: CreateArgs) -> CliResult {
     if let Some(tier) = s.tier {
         body.insert("tier".into(), json!(tier.as_str()));
     }
+    if let Some(image) = &s.image {
+        body.insert("image".into(), json!(airlock_runtime::image::canonical_name(image)));
+    }
     if !args.ports.is_empty() {
         body.insert("ports".into(), json!(args.ports.iter().map(ToString::to_string).collect::<Vec<_>>()));
     }

@@ -219,12 +219,18 @@ pub fn build_root(plan: &JailPlan) -> Result<(), MountError> {
     mount_change(slash, MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
         .ctx("make all mounts private", slash)?;
 
-    let root = plan.root_mountpoint.as_path();
-    tmpfs(root, 16 << 20, 0o755, SAFE)?;
-
-    for host in &plan.read_only {
-        bind_read_only(root, host)?;
-    }
+    let mountpoint = plan.root_mountpoint.as_path();
+    tmpfs(mountpoint, 16 << 20, 0o755, SAFE)?;
+    let image_root;
+    let root = if plan.image_layers.is_empty() {
+        for host in &plan.read_only {
+            bind_read_only(mountpoint, host)?;
+        }
+        mountpoint
+    } else {
+        image_root = mount_image(mountpoint, plan)?;
+        image_root.as_path()
+    };
 
     // /proc for the new PID namespace. mount(2) of proc is only allowed when
     // this namespace already sees a fully visible /proc, which it does: the
@@ -280,6 +286,43 @@ pub fn build_root(plan: &JailPlan) -> Result<(), MountError> {
     }
 
     pivot(root)
+}
+
+/// Mounts an image's layers as the root: a read-only overlay (no upper
+/// layer, so nothing reaches the stored layers) of a skeleton holding the
+/// mount points this function's caller needs, above the image's layers.
+/// The skeleton and short links to the layers live on the tmpfs at
+/// `mountpoint`; the overlay goes on `mountpoint/root`, which is returned.
+/// The layer list is given relative to the tmpfs (the mount options are
+/// one page at most), and with `userxattr` (the user namespace's overlay:
+/// opaque directories are `user.overlay.opaque`, as the unpacker writes).
+fn mount_image(mountpoint: &Path, plan: &JailPlan) -> Result<PathBuf, MountError> {
+    let skeleton = mountpoint.join("skeleton");
+    let merged = mountpoint.join("root");
+    mkdir_all(&merged)?;
+    let dirs = ["/proc", "/sys", "/dev", "/etc"].iter().chain(PRIVATE_TMPFS).map(PathBuf::from);
+    for dir in dirs.chain(plan.workspace.iter().map(|ws| ws.path.clone())) {
+        mkdir_all(&under(&skeleton, &dir))?;
+    }
+    for file in &plan.files {
+        touch(&under(&skeleton, &file.target))?;
+    }
+    let var_run = under(&skeleton, Path::new("/var/run"));
+    mkdir_all(&under(&skeleton, Path::new("/var")))?;
+    symlink("../run", &var_run).ctx("create /var/run", &var_run)?;
+    let links = mountpoint.join("l");
+    mkdir_all(&links)?;
+    let mut lower = String::from("skeleton");
+    for (n, layer) in plan.image_layers.iter().enumerate() {
+        symlink(layer, links.join(n.to_string())).ctx("link image layer", layer)?;
+        lower.push_str(&format!(":l/{n}"));
+    }
+    rustix::process::chdir(mountpoint).ctx("enter the root's tmpfs", mountpoint)?;
+    let data = format!("lowerdir={lower},userxattr");
+    mount_fs("overlay", &merged, "overlay", SAFE | MountFlags::RDONLY, &data)
+        .ctx("mount image layers", &merged)?;
+    rustix::process::chdir("/").ctx("leave the root's tmpfs", mountpoint)?;
+    Ok(merged)
 }
 
 /// Makes a fresh, otherwise empty root holding only `files` and pivots into

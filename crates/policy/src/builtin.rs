@@ -113,6 +113,7 @@ fn blank() -> Policy {
         env: EnvPolicy { pass: Vec::new(), set: BTreeMap::new() },
         audit: AuditPolicy { exec_trace: false },
         secrets: Vec::new(),
+        image: crate::ImagePolicy::default(),
     }
 }
 

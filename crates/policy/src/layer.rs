@@ -61,6 +61,11 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         on_failure => p.cleanup.on_failure,
         pass => p.env.pass,
         exec_trace => p.audit.exec_trace,
+        require_digest => p.image.require_digest,
+        registries => p.image.registries,
+    }
+    if let Some(reference) = &layer.image_ref {
+        p.image.reference = Some(reference.clone());
     }
     // A file may move a policy that requires the microvm tier back to the
     // process tier (its author decided); the runtime says so at every start.

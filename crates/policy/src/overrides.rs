@@ -24,6 +24,9 @@ pub struct Overrides {
     pub allow: Vec<String>,
     /// `--tier`: may move a sandbox to a stronger tier, never to a weaker one.
     pub tier: Option<Tier>,
+    /// `--image REF`: the sandbox's root from this OCI image (the policy's
+    /// `image.require_digest` and `image.registries` still apply).
+    pub image: Option<String>,
 }
 
 const MIN_MEMORY: u64 = 16 * 1024 * 1024;
@@ -116,6 +119,9 @@ pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError>
             return Err(PolicyError::RwWithoutWriteback { policy: base.name.clone() });
         }
         p.workspace.mode = mode;
+    }
+    if let Some(image) = &o.image {
+        p.image.reference = Some(image.clone());
     }
     if let Some(tier) = o.tier {
         if base.isolation.tier == Tier::Microvm && tier == Tier::Process {

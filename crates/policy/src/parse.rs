@@ -38,6 +38,7 @@ const TOP_KEYS: &[&str] = &[
     "env",
     "secrets",
     "audit",
+    "image",
 ];
 const ISOLATION_KEYS: &[&str] = &["tier", "allow_weaker"];
 const FILESYSTEM_KEYS: &[&str] = &["read_only", "hidden", "tmp_size"];
@@ -66,6 +67,9 @@ const ARTIFACTS_KEYS: &[&str] = &["capture", "max_bytes"];
 const CLEANUP_KEYS: &[&str] = &["on_success", "on_failure"];
 const ENV_KEYS: &[&str] = &["pass", "set"];
 const AUDIT_KEYS: &[&str] = &["exec_trace"];
+const IMAGE_KEYS: &[&str] = &["ref", "require_digest", "registries"];
+/// The `[image]` keys a built-in must set: no built-in names an image.
+const IMAGE_REQUIRED: &[&str] = &["require_digest", "registries"];
 
 /// Every section and its keys; a built-in profile must set all of them.
 pub(crate) const SCHEMA: &[(&str, &[&str])] = &[
@@ -78,6 +82,7 @@ pub(crate) const SCHEMA: &[(&str, &[&str])] = &[
     ("cleanup", CLEANUP_KEYS),
     ("env", ENV_KEYS),
     ("audit", AUDIT_KEYS),
+    ("image", IMAGE_REQUIRED),
 ];
 
 /// The keys one policy file sets; `None` means "inherit from the base".
@@ -118,6 +123,9 @@ pub(crate) struct Layer {
     pub pass: Option<Vec<String>>,
     pub set: Option<BTreeMap<String, String>>,
     pub exec_trace: Option<bool>,
+    pub image_ref: Option<String>,
+    pub require_digest: Option<bool>,
+    pub registries: Option<Vec<String>>,
     /// Secrets this file defines, each with the span of its table.
     pub secrets: Vec<(Span, Secret)>,
     /// "section.key" for every key present, with the span of its value: to
@@ -230,6 +238,13 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
     }
     if let Some(s) = top.section("audit", AUDIT_KEYS)? {
         layer.exec_trace = s.boolean("exec_trace")?;
+        layer.keys_set.extend(s.present());
+    }
+    if let Some(s) = top.section("image", IMAGE_KEYS)? {
+        layer.image_ref = s.string("ref")?.map(Spanned::into_inner);
+        layer.require_digest = s.boolean("require_digest")?;
+        layer.registries =
+            s.string_list("registries")?.map(|l| l.into_iter().map(Spanned::into_inner).collect());
         layer.keys_set.extend(s.present());
     }
     layer.secrets = top.secrets("secrets")?;

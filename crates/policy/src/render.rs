@@ -120,7 +120,12 @@ pub(crate) fn to_toml(p: &Policy) -> String {
          set = {set}\n\
          \n\
          [audit]\n\
-         exec_trace = {exec_trace}\n",
+         exec_trace = {exec_trace}\n\
+         \n\
+         [image]\n\
+         {image_ref}\
+         require_digest = {require_digest}\n\
+         registries = {registries}\n",
         name = p.name,
         root = quote(root),
         description = quote(&p.description),
@@ -156,6 +161,9 @@ pub(crate) fn to_toml(p: &Policy) -> String {
         extra_roots = paths(&p.network.extra_roots),
         rules = rules(p),
         exec_trace = p.audit.exec_trace,
+        image_ref = p.image.reference.as_ref().map(|r| format!("ref = {}\n", quote(r))).unwrap_or_default(),
+        require_digest = p.image.require_digest,
+        registries = list(&p.image.registries),
     );
     for secret in &p.secrets {
         let _ = write!(

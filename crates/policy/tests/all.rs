@@ -797,3 +797,36 @@ fn every_builtin_traces_execs_and_a_file_may_turn_it_off() {
     .unwrap();
     assert!(stored.audit.exec_trace);
 }
+
+#[test]
+fn ci_and_remediation_refuse_image_tags_and_a_file_can_name_an_image() {
+    let pinned = format!("registry.example.com/team/py@sha256:{}", "a".repeat(64));
+    for name in ["ci", "remediation"] {
+        let policy = Policy::resolve(name).unwrap();
+        assert!(policy.image.require_digest, "{name}");
+        let refusal = policy.image.refusal("registry.example.com/team/py:3.12", Some("registry.example.com"));
+        assert!(refusal.unwrap().contains("require_digest"), "{name}");
+        assert_eq!(policy.image.refusal(&pinned, Some("registry.example.com")), None, "{name}");
+    }
+    for name in ["dev", "plugin"] {
+        let policy = Policy::resolve(name).unwrap();
+        assert_eq!(policy.image.refusal("oci:./layout:v1", None), None, "{name}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "img.toml",
+        &format!("extends = \"dev\"\n[image]\nref = \"{pinned}\"\nregistries = [\"registry.example.com\"]\n"),
+    );
+    let policy = Policy::resolve(file.to_str().unwrap()).unwrap();
+    assert_eq!(policy.image.reference.as_deref(), Some(pinned.as_str()));
+    let refusal = policy.image.refusal("registry.example.org/x:1", Some("registry.example.org")).unwrap();
+    assert!(refusal.contains("image.registries"), "{refusal}");
+    // `--image` replaces the file's image; the rules stay.
+    let overridden =
+        policy.apply_overrides(&Overrides { image: Some("oci:/l".into()), ..Overrides::default() }).unwrap();
+    assert_eq!(overridden.image.reference.as_deref(), Some("oci:/l"));
+    assert_eq!(overridden.image.registries, ["registry.example.com"]);
+    // What `policy show` prints reads back the same.
+    assert!(policy.to_toml().contains("[image]\nref = "), "{}", policy.to_toml());
+}

@@ -41,6 +41,12 @@ pub struct JailPlan {
     /// sending the listener to its supervisor), which records each one.
     #[serde(default)]
     pub exec_trace: bool,
+    /// An OCI image's unpacked layers, top first. When there are any, the
+    /// root is these layers as read-only overlayfs lower layers (under a
+    /// skeleton of airlock's mount points) instead of `read_only`'s host
+    /// directories; the stored layers are never written.
+    #[serde(default)]
+    pub image_layers: Vec<PathBuf>,
 }
 
 /// Where the sandbox's own network namespace sends what it did not address

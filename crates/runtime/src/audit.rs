@@ -120,6 +120,9 @@ pub enum AuditEvent {
         workspace_mode: String,
         limits: serde_json::Value,
         degraded: Vec<String>,
+        /// The OCI image the root came from, with its resolved digest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<crate::image::ImageMeta>,
     },
     CommandStarted {
         argv: Vec<String>,
@@ -346,8 +349,12 @@ impl AuditEvent {
         let field = |s: String| cap_str(&s, MAX_FIELD);
         let message = |s: String| cap_str(&s, MAX_MESSAGE);
         match self {
-            AuditEvent::Created { policy, workspace, workspace_mode, limits, degraded } => {
+            AuditEvent::Created { policy, workspace, workspace_mode, limits, degraded, image } => {
                 AuditEvent::Created {
+                    image: image.map(|i| crate::image::ImageMeta {
+                        reference: field(i.reference),
+                        digest: field(i.digest),
+                    }),
                     policy: field(policy),
                     workspace: workspace.map(|w| cap_path(&w, MAX_FIELD)),
                     workspace_mode: field(workspace_mode),
@@ -1218,6 +1225,7 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let mut log = AuditLog::open(&path).unwrap();
         log.record(AuditEvent::Created {
+            image: None,
             policy: "local-dev".into(),
             workspace: Some("/src/app".into()),
             workspace_mode: "overlay".into(),

@@ -11,6 +11,7 @@ pub mod exec_trace;
 mod file_relay;
 pub mod files;
 pub mod idblocks;
+pub mod image;
 mod layer;
 mod lifecycle;
 pub mod microvm;
@@ -83,6 +84,16 @@ pub enum RunError {
     WorkspaceIsRoot,
     #[error("writable layer {0}: {1}")]
     Layer(PathBuf, #[source] io::Error),
+    #[error("image: {0}")]
+    Image(#[source] Box<airlock_image::source::SourceError>),
+    #[error("image store: {0}")]
+    ImageStore(#[from] airlock_image::store::StoreError),
+    #[error("{0}")]
+    ImageRefused(String),
+    #[error(
+        "--image is not yet supported on the microvm tier; run it on the process tier (--tier process, where the policy allows)"
+    )]
+    ImageOnMicrovm,
     #[error("state directory {0}: {1}")]
     State(PathBuf, #[source] io::Error),
     #[error(

@@ -82,6 +82,8 @@ pub(crate) struct LaunchSpec<'a> {
     /// For a sandbox made on another user's behalf: the uid that must own
     /// the workspace directory that gets mounted.
     pub workspace_owner: Option<u32>,
+    /// The image the root comes from (process tier).
+    pub image: Option<&'a crate::image::ResolvedImage>,
 }
 
 /// The environment variable a test sets to a launch phase's or a later
@@ -384,7 +386,8 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
 }
 
 fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunError> {
-    let LaunchSpec { sandbox, policy, workspace, host, degraded, command, terminal, workspace_owner } = spec;
+    let LaunchSpec { sandbox, policy, workspace, host, degraded, command, terminal, workspace_owner, image } =
+        spec;
     let name = sandbox.name().to_string();
     let provisions = plan::provisions(policy, workspace.is_some(), host);
     if provisions.own_ids {
@@ -420,10 +423,12 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         idle_timeout_secs: None,
         tier: policy.isolation.tier,
         ports: Vec::new(),
+        image: image.map(|i| i.meta.clone()),
     };
     sandbox.write_meta(&meta)?;
     let mut audit = AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size);
     audit.record(AuditEvent::Created {
+        image: meta.image.clone(),
         policy: policy.name.clone(),
         workspace: meta.workspace.clone(),
         workspace_mode: meta.workspace_mode.clone(),
@@ -511,6 +516,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
             host,
             idmapped_workspace: tree.is_some(),
             tty: terminal,
+            image,
             host_env: &host_env,
             network: network.map(|n| plan::NetworkInput {
                 ports: n.ports,
@@ -770,7 +776,7 @@ fn launch_vm(
         stdio.release_child_ends();
     }
     let host_env = |k: &str| std::env::var(k).ok();
-    let exec_env = plan::environment_of(policy, &name, &host_env, &network_env).into_iter().collect();
+    let exec_env = plan::environment_of(policy, &name, &host_env, &[], &network_env).into_iter().collect();
     phase_done("network")?;
     // No untrusted code runs without the proxy: ready before the guest boots.
     let host_egress = match held.network.as_mut() {

@@ -104,6 +104,8 @@ pub struct LaunchInput<'a> {
     /// The workspace arrives as an id-mapped tree (root only).
     pub idmapped_workspace: bool,
     pub tty: bool,
+    /// The image the root comes from: its layers, Env and WorkingDir.
+    pub image: Option<&'a crate::image::ResolvedImage>,
     pub host_env: &'a dyn Fn(&str) -> Option<String>,
     /// The egress proxy, when the policy gives the sandbox network.
     pub network: Option<NetworkInput<'a>>,
@@ -147,7 +149,12 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
     let cwd = match &workspace {
         Some(ws) if input.cwd.starts_with(&ws.path) => input.cwd.to_path_buf(),
         Some(ws) => ws.path.clone(),
-        None => PathBuf::from(airlock_jail::mounts::SANDBOX_HOME),
+        // Without a workspace, the image's WorkingDir when it names one.
+        None => input
+            .image
+            .and_then(|i| i.config.working_dir.as_deref())
+            .filter(|d| d.starts_with('/'))
+            .map_or_else(|| PathBuf::from(airlock_jail::mounts::SANDBOX_HOME), PathBuf::from),
     };
     let jail = JailPlan {
         hostname: input.name.to_string(),
@@ -178,6 +185,8 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         seccomp: true,
         redirect: input.network.as_ref().and_then(|n| n.redirect),
         exec_trace: policy.audit.exec_trace,
+        // Overlayfs lists the top layer first.
+        image_layers: input.image.map(|i| i.layers.iter().rev().cloned().collect()).unwrap_or_default(),
     };
     Launch {
         jail,
@@ -203,7 +212,8 @@ fn name_files(paths: &SandboxPaths) -> Vec<FileBind> {
 /// passes through, then the policy's (and the command line's) fixed values.
 fn environment(policy: &Policy, input: &LaunchInput<'_>) -> BTreeMap<String, String> {
     let network = input.network.as_ref().map_or(&[][..], |n| n.env);
-    environment_of(policy, input.name, input.host_env, network)
+    let image_env = input.image.map_or(&[][..], |i| &i.config.env[..]);
+    environment_of(policy, input.name, input.host_env, image_env, network)
 }
 
 /// [`environment`] from its parts; the microVM tier's too.
@@ -211,6 +221,7 @@ pub(crate) fn environment_of(
     policy: &Policy,
     name: &str,
     host_env: &dyn Fn(&str) -> Option<String>,
+    image_env: &[String],
     network: &[(String, String)],
 ) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
@@ -223,6 +234,15 @@ pub(crate) fn environment_of(
     ];
     for (k, v) in base {
         env.insert(k.to_string(), v.to_string());
+    }
+    // The image's Env (its PATH included) over the base; the policy's
+    // values and airlock's own (proxy, CA paths) over the image's.
+    for entry in image_env {
+        if let Some((k, v)) = entry.split_once('=')
+            && !k.is_empty()
+        {
+            env.insert(k.to_string(), v.to_string());
+        }
     }
     env.insert("AIRLOCK_SANDBOX".to_string(), name.to_string());
     for var in &policy.env.pass {
@@ -298,6 +318,7 @@ mod tests {
                 host: &host,
                 idmapped_workspace: idmapped,
                 tty: false,
+                image: None,
                 host_env: &env,
                 network: None,
             },
@@ -353,6 +374,7 @@ mod tests {
                 host: &host,
                 idmapped_workspace: false,
                 tty: false,
+                image: None,
                 host_env: &env,
                 network: Some(NetworkInput {
                     ports: airlock_proto::EgressPorts { http: 3128, socks: 1080 },
@@ -469,6 +491,7 @@ mod tests {
                 host: &host,
                 idmapped_workspace: false,
                 tty: false,
+                image: None,
                 host_env: &|_| None,
                 network: None,
             },

@@ -56,7 +56,7 @@ pub struct RunOutcome {
 const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcome, RunError> {
-    if req.command.is_empty() {
+    if req.command.is_empty() && req.overrides.image.is_none() {
         return Err(RunError::NoCommand);
     }
     let checked = check(&req.policy, &req.overrides, req.workspace.as_deref(), notify)?;
@@ -66,11 +66,25 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
     }
     let root = StateRoot::from_env()?;
     crate::prepare_state_root(&root, checked.host.running_as_root)?;
+    let image = crate::image::resolve_for(&root, &checked.policy)?;
+    // The image's own command (Entrypoint, then Cmd) when the caller gives
+    // none; a command given replaces both.
+    let with_image_command;
+    let req = match &image {
+        Some(image) if req.command.is_empty() => {
+            with_image_command = RunRequest { command: image.command(), ..req.clone() };
+            &with_image_command
+        }
+        _ => req,
+    };
+    if req.command.is_empty() {
+        return Err(RunError::NoCommand);
+    }
     let sandbox = root.create_sandbox(req.name.as_deref())?;
     // Held until a failure is recorded: whoever waits for it to go sees
     // the sandbox's final state.
     let mut live = None;
-    let result = supervise(&sandbox, checked, req, &mut live, notify);
+    let result = supervise(&sandbox, checked, req, image.as_ref(), &mut live, notify);
     if let Err(e) = &result {
         record_failure(&sandbox, e);
     }
@@ -105,6 +119,9 @@ pub(crate) fn check(
              extends, requires the microvm tier",
             policy.name
         )));
+    }
+    if policy.image.reference.is_some() && policy.isolation.tier == airlock_policy::Tier::Microvm {
+        return Err(RunError::ImageOnMicrovm);
     }
     if policy.isolation.tier == airlock_policy::Tier::Microvm {
         // The guest has its own kernel: none of the host's jail features
@@ -210,6 +227,7 @@ fn supervise(
     sandbox: &SandboxDir,
     checked: Checked,
     req: &RunRequest,
+    image: Option<&crate::image::ResolvedImage>,
     live: &mut Option<LiveLock>,
     notify: &mut dyn FnMut(Notice),
 ) -> Result<RunOutcome, RunError> {
@@ -232,6 +250,7 @@ fn supervise(
         command: &req.command,
         terminal,
         workspace_owner: None,
+        image,
     })?;
     if microvm {
         let vm = VmRun { terminal, started: launch_started };

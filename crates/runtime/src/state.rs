@@ -391,6 +391,10 @@ pub struct SandboxMeta {
     /// Published ports (`create -p`), while and after it ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<crate::ports::PortMapping>,
+    /// The OCI image its root came from: the reference and the manifest
+    /// digest it resolved to (what `image prune` keeps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::image::ImageMeta>,
 }
 
 fn process_tier() -> airlock_policy::Tier {
@@ -881,6 +885,7 @@ mod tests {
             idle_timeout_secs: None,
             tier: airlock_policy::Tier::Process,
             ports: Vec::new(),
+            image: None,
         }
     }
 

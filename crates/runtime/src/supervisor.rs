@@ -86,6 +86,8 @@ struct Spec {
     #[serde(default)]
     tier: Option<airlock_policy::Tier>,
     owner_uid: u32,
+    #[serde(default)]
+    image: Option<String>,
 }
 
 pub struct Created {
@@ -102,6 +104,13 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
     }
     let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
     crate::ports::check(&req.ports, &policy)?;
+    // The image's rules fail the create here, before a supervisor starts.
+    if let Some(reference) = &policy.image.reference {
+        if policy.isolation.tier == airlock_policy::Tier::Microvm {
+            return Err(RunError::ImageOnMicrovm);
+        }
+        crate::image::check(&policy, reference)?;
+    }
     drop(policy);
     let o = &req.overrides;
     let spec = Spec {
@@ -115,6 +124,8 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
         allow: o.allow.clone(),
         tier: o.tier,
         owner_uid,
+        // Local paths made absolute: the supervisor runs elsewhere.
+        image: o.image.as_deref().map(crate::image::canonical_name),
     };
     let spec_json = serde_json::to_vec(&spec).map_err(|e| RunError::Supervisor(e.to_string()))?;
     let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
@@ -211,6 +222,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
         workspace_mode: mode,
         allow: spec.allow.clone(),
         tier: spec.tier,
+        image: spec.image.clone(),
     };
     let req = &spec.request;
     let checked = crate::run::check(&req.policy, &overrides, req.workspace.as_deref(), &mut |_| {})?;
@@ -220,6 +232,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     let listeners = crate::ports::bind_all(&req.ports)?;
     let root = StateRoot::from_env()?;
     crate::prepare_state_root(&root, checked.host.running_as_root)?;
+    let image = crate::image::resolve_for(&root, &checked.policy)?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
     // Held until a failure is recorded: whoever waits for it to go (`airlock
     // stop`) sees the sandbox's final state.
@@ -233,6 +246,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
         command: &[],
         terminal: false,
         workspace_owner: (spec.owner_uid != 0).then_some(spec.owner_uid),
+        image: image.as_ref(),
     }) {
         Ok(l) => l,
         Err(e) => {

@@ -87,6 +87,9 @@ pub struct SandboxView {
     /// inside its connections go to. Listening while the sandbox runs.
     #[serde(default)]
     pub ports: Vec<crate::ports::PortMapping>,
+    /// The OCI image its root came from (reference and resolved digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::image::ImageMeta>,
     /// What only inspect shows.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub detail: Option<Detail>,
@@ -134,6 +137,7 @@ impl SandboxView {
                 oom_killed: e.oom_killed,
             }),
             ports: meta.map(|m| m.ports.clone()).unwrap_or_default(),
+            image: meta.and_then(|m| m.image.clone()),
             detail: None,
         }
     }

@@ -104,6 +104,7 @@ impl From<RunError> for ApiError {
         match e {
             RunError::Policy(_)
             | RunError::PolicyRefused(_)
+            | RunError::ImageRefused(_)
             | RunError::Ports(PortError::Forbidden { .. }) => {
                 ApiError::bad_request("invalid_policy", message)
             }
@@ -126,7 +127,9 @@ impl From<RunError> for ApiError {
             RunError::WorkspaceDir(..) | RunError::WorkspaceIsRoot | RunError::WorkspaceRefused(_) => {
                 ApiError::bad_request("invalid_workspace", message)
             }
-            RunError::NoCommand => ApiError::bad_request("invalid_request", message),
+            RunError::NoCommand | RunError::ImageOnMicrovm => {
+                ApiError::bad_request("invalid_request", message)
+            }
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "create_failed", message),
         }
     }

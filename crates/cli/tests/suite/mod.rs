@@ -19,6 +19,7 @@ mod egress;
 mod escape;
 mod exec_trace;
 mod files;
+mod image;
 mod launch_undo;
 mod lifecycle;
 mod longlived;

@@ -58,6 +58,8 @@ pub struct CreateBody {
     /// `airlock create -p` takes it.
     #[serde(default)]
     pub ports: Vec<String>,
+    /// The OCI image the root comes from (`airlock create --image`).
+    pub image: Option<String>,
 }
 
 /// A create request checked against the caller's rights, ready for the
@@ -67,6 +69,20 @@ pub struct PreparedCreate {
     /// The resolved workspace a non-root caller was allowed; checked again
     /// against what the sandbox actually got.
     pub checked_workspace: Option<PathBuf>,
+}
+
+/// A caller who is not root names images by registry reference only: a
+/// local layout or archive would be read by the daemon, as root, from a
+/// path the caller may not be allowed to read.
+fn check_image(peer: &Peer, image: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(image) = image else { return Ok(None) };
+    let local = ["oci:", "oci-archive:", "docker-archive:"].iter().any(|p| image.starts_with(p));
+    if local && peer.uid != 0 {
+        return Err(ApiError::forbidden(
+            "only root may name a local image (oci:, oci-archive:, docker-archive:); use a registry reference",
+        ));
+    }
+    Ok(Some(image))
 }
 
 /// The most ports one create may publish.
@@ -171,6 +187,7 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
         workspace_mode,
         allow: body.allow,
         tier,
+        image: check_image(peer, body.image)?,
     };
     let request = CreateRequest {
         name: body.name,

@@ -1,0 +1,306 @@
+//! OCI images as a sandbox's root, all local: images built here from the
+//! host's static busybox, packed by hand as an OCI image layout (blobs,
+//! index.json, oci-layout), a gzip layer over a plain one with a whiteout.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::support::*;
+
+const BUSYBOX: &str = "/bin/busybox";
+
+fn sha256(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// A layer as tar entries: (name, kind, mode, link target, data). Names
+/// go into the header bytes as given, hostile ones included.
+type Entry<'a> = (&'a str, tar::EntryType, u32, &'a str, Vec<u8>);
+
+fn tar_layer(entries: &[Entry<'_>]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, mode, link, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        let gnu = header.as_gnu_mut().unwrap();
+        gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+        gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_entry_type(*kind);
+        header.set_mode(*mode);
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        builder.append(&header, &data[..]).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+fn put_blob(dir: &Path, bytes: &[u8]) -> String {
+    let digest = sha256(bytes);
+    fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    fs::write(dir.join("blobs/sha256").join(&digest["sha256:".len()..]), bytes).unwrap();
+    digest
+}
+
+/// Writes an OCI image layout at `dir` with one image tagged `tag` and
+/// returns its manifest digest.
+fn write_layout(dir: &Path, tag: &str, layers: &[(Vec<u8>, &str)], config: serde_json::Value) -> String {
+    let layer_descriptors: Vec<_> = layers
+        .iter()
+        .map(|(bytes, media_type)| {
+            serde_json::json!({"mediaType": media_type, "digest": put_blob(dir, bytes), "size": bytes.len()})
+        })
+        .collect();
+    let config = serde_json::to_vec(&config).unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put_blob(dir, &config), "size": config.len()},
+        "layers": layer_descriptors,
+    }))
+    .unwrap();
+    let digest = put_blob(dir, &manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    digest
+}
+
+const DIR: tar::EntryType = tar::EntryType::Directory;
+const FILE: tar::EntryType = tar::EntryType::Regular;
+const LINK: tar::EntryType = tar::EntryType::Symlink;
+
+/// A busybox image: layer 1 (plain tar) holds busybox, its applet links
+/// and `etc/removed`; layer 2 (gzip) adds `etc/image-release` and whites
+/// out `etc/removed`. Config: Env, WorkingDir and Cmd.
+fn busybox_layout(dir: &Path) -> Option<String> {
+    let busybox = fs::read(BUSYBOX).ok()?;
+    let mut base: Vec<Entry<'_>> = vec![
+        ("bin", DIR, 0o755, "", vec![]),
+        ("bin/busybox", FILE, 0o755, "", busybox),
+        ("etc", DIR, 0o755, "", vec![]),
+        ("etc/removed", FILE, 0o644, "", b"should be whited out\n".to_vec()),
+        ("srv", DIR, 0o755, "", vec![]),
+    ];
+    for applet in ["sh", "cat", "echo", "ls", "test", "id", "pwd", "env", "true"] {
+        base.push((Box::leak(format!("bin/{applet}").into_boxed_str()), LINK, 0o777, "busybox", vec![]));
+    }
+    let top = tar_layer(&[
+        ("etc/image-release", FILE, 0o644, "", b"airlock-test-image 1\n".to_vec()),
+        ("etc/.wh.removed", FILE, 0o644, "", vec![]),
+    ]);
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/bin", "IMAGE_VAR=from-image"],
+            "WorkingDir": "/srv",
+            "Cmd": ["/bin/sh", "-c", "echo cmd-from-image in $(pwd)"],
+        },
+        "rootfs": {"type": "layers", "diff_ids": []},
+    });
+    Some(write_layout(
+        dir,
+        "v1",
+        &[
+            (tar_layer(&base), "application/vnd.oci.image.layer.v1.tar"),
+            (gzip(&top), "application/vnd.oci.image.layer.v1.tar+gzip"),
+        ],
+        config,
+    ))
+}
+
+fn layout_or_skip(env: &Env) -> Option<(PathBuf, String)> {
+    let dir = env.dir.path().join("layout");
+    let digest = busybox_layout(&dir);
+    if !require(digest.is_some(), "a static busybox at /bin/busybox (Debian: busybox-static)") {
+        return None;
+    }
+    digest.map(|d| (dir, d))
+}
+
+#[test]
+fn a_sandbox_runs_on_an_image_with_its_layers_env_and_command() {
+    let env = Env::new();
+    let Some((layout, digest)) = layout_or_skip(&env) else { return };
+    let image = format!("oci:{}:v1", layout.display());
+    let script = "cat /etc/image-release; echo var=$IMAGE_VAR; \
+                  test -e /etc/removed && echo whiteout-failed; \
+                  test -e /usr/bin && echo host-usr-visible; \
+                  echo written > $AIRLOCK_PROBE/out; pwd";
+    let o = env
+        .airlock([
+            "run",
+            "--name",
+            "img",
+            "--image",
+            &image,
+            "-e",
+            &format!("AIRLOCK_PROBE={}", env.workspace.display()),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = stdout(&o);
+    assert!(out.contains("airlock-test-image 1"), "{out}");
+    assert!(out.contains("var=from-image"), "the image's Env: {out}");
+    assert!(!out.contains("whiteout-failed"), "layer 2's whiteout hides layer 1's file: {out}");
+    assert!(!out.contains("host-usr-visible"), "the root is the image's, not the host's: {out}");
+    assert!(out.contains(&env.workspace.display().to_string()), "the workspace at its own path: {out}");
+
+    // The resolved digest in inspect and in the audit log.
+    let o = env.airlock(["inspect", "--json", "img"]).output().unwrap();
+    let view: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(view["image"]["digest"], digest.as_str(), "{view}");
+    let audit = fs::read_to_string(env.sandbox_dir("img").join("audit.jsonl")).unwrap();
+    assert!(audit.contains(&digest), "{audit}");
+
+    // Without a command: the image's Cmd, in its WorkingDir (no workspace).
+    let o = env.airlock(["run", "--mode", "none", "--image", &image]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("cmd-from-image in /srv"), "{}", show(&o));
+
+    // The stored layers were not written by either sandbox.
+    let store = env.state.join("images/layers/sha256");
+    for layer in fs::read_dir(&store).unwrap() {
+        let layer = layer.unwrap().path();
+        assert!(!layer.join("root").exists() && !layer.join("tmp/out").exists(), "{}", layer.display());
+    }
+}
+
+#[test]
+fn image_pull_ls_rm_and_prune_keep_what_sandboxes_use() {
+    let env = Env::new();
+    let Some((layout, digest)) = layout_or_skip(&env) else { return };
+    let image = format!("oci:{}:v1", layout.display());
+    let o = env.airlock(["image", "pull", &image]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), digest, "the digest printed: {}", show(&o));
+    assert!(stderr(&o).contains("layer sha256:"), "progress on stderr: {}", show(&o));
+
+    let o = env.airlock(["image", "ls", "--json"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list[0]["manifest"], digest.as_str(), "{list}");
+    assert_eq!(list[0]["names"][0], image.as_str(), "{list}");
+
+    let o = env.airlock(["run", "--name", "user", "--image", &image, "--", "true"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = env.airlock(["image", "rm", &image]).output().unwrap();
+    assert_ne!(o.status.code(), Some(0), "in use by a sandbox: {}", show(&o));
+    assert!(stderr(&o).contains("user"), "{}", show(&o));
+    let o = env.airlock(["image", "prune"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(!stdout(&o).contains(&digest), "kept while a sandbox uses it: {}", show(&o));
+    assert_eq!(fs::read_dir(env.state.join("images/layers/sha256")).unwrap().count(), 2);
+
+    let o = env.airlock(["rm", "user"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = env.airlock(["image", "prune"]).output().unwrap();
+    assert!(stdout(&o).contains(&digest), "{}", show(&o));
+    assert_eq!(fs::read_dir(env.state.join("images/layers/sha256")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(env.state.join("images/blobs/sha256")).unwrap().count(), 0);
+}
+
+#[test]
+fn a_hostile_layer_is_refused_and_leaves_nothing() {
+    let env = Env::new();
+    let layout = env.dir.path().join("hostile");
+    let outside = env.dir.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let target = outside.display().to_string();
+    let layer =
+        tar_layer(&[("a", LINK, 0o777, &target, vec![]), ("a/x", FILE, 0o644, "", b"escaped".to_vec())]);
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}});
+    write_layout(&layout, "v1", &[(layer, "application/vnd.oci.image.layer.v1.tar")], config);
+    let o = env.airlock(["image", "pull", &format!("oci:{}:v1", layout.display())]).output().unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("symlink"), "{}", show(&o));
+    assert!(!outside.join("x").exists());
+    assert_eq!(fs::read_dir(env.state.join("images/layers/sha256")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(env.state.join("images/tmp")).unwrap().count(), 0);
+    let o = env.airlock(["image", "ls", "--json"]).output().unwrap();
+    assert_eq!(stdout(&o).trim(), "[]", "{}", show(&o));
+}
+
+#[test]
+fn a_policy_that_requires_digests_refuses_tags() {
+    let env = Env::new();
+    let Some((layout, digest)) = layout_or_skip(&env) else { return };
+    let o = env
+        .airlock(["run", "--policy", "ci", "--image", &format!("oci:{}:v1", layout.display()), "--", "true"])
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("require_digest"), "{}", show(&o));
+    assert!(
+        !env.state.join("images/layers").exists()
+            || fs::read_dir(env.state.join("images/layers/sha256")).unwrap().count() == 0
+    );
+    let pinned = format!("oci:{}@{digest}", layout.display());
+    let o = env
+        .airlock(["run", "--policy", "ci", "--image", &pinned, "--", "cat", "/etc/image-release"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("airlock-test-image"), "{}", show(&o));
+}
+
+#[test]
+fn the_microvm_tier_refuses_an_image_for_now() {
+    let env = Env::new();
+    let o = env
+        .airlock(["run", "--tier", "microvm", "--image", "oci:/nonexistent:v1", "--", "true"])
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("not yet"), "{}", show(&o));
+}
+
+#[test]
+fn a_rootless_sandbox_runs_on_an_image_it_pulled() {
+    let Some(r) = super::rootless::setup() else { return };
+    let layout = r.env.dir.path().join("layout");
+    let digest = busybox_layout(&layout);
+    if !require(digest.is_some(), "a static busybox at /bin/busybox (Debian: busybox-static)") {
+        return;
+    }
+    if is_root() {
+        let (uid, gid) = (r.uid, r.uid);
+        super::rootless::chown_tree(r.env.dir.path(), uid, gid);
+    }
+    let image = format!("oci:{}:v1", layout.display());
+    let o = r
+        .airlock(&[
+            "run",
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/image-release; test -e /etc/removed || echo whiteout-ok",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = stdout(&o);
+    assert!(out.contains("airlock-test-image 1") && out.contains("whiteout-ok"), "{}", show(&o));
+}

@@ -1,0 +1,6 @@
+//! OCI images as a sandbox's root: safe unpacking of hostile layers, a
+//! content-addressed store, and the sources images come from.
+
+pub mod source;
+pub mod store;
+pub mod unpack;

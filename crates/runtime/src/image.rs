@@ -1,0 +1,133 @@
+//! A sandbox's image: the policy's `image.ref` (or `--image`) checked
+//! against the policy's rules, found in the store under the state root or
+//! pulled into it, and turned into what the launch needs: the unpacked
+//! layers and the image's config.
+
+use std::path::{Path, PathBuf};
+
+use airlock_image::source::{self, ImageSource, RegistryOptions};
+use airlock_image::store::{Digest, RunConfig, Store};
+use airlock_policy::Policy;
+use serde::{Deserialize, Serialize};
+
+use crate::RunError;
+
+/// What a sandbox records of its image (meta.json, the view, the audit log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMeta {
+    /// The reference as the policy or `--image` gave it.
+    pub reference: String,
+    /// The manifest digest it resolved to.
+    pub digest: String,
+}
+
+/// An image ready to run on.
+pub struct ResolvedImage {
+    pub meta: ImageMeta,
+    /// Unpacked layers, bottom first.
+    pub layers: Vec<PathBuf>,
+    pub config: RunConfig,
+}
+
+impl ResolvedImage {
+    /// The image's own command (Entrypoint then Cmd), for a run that
+    /// names none.
+    pub fn command(&self) -> Vec<String> {
+        self.config.entrypoint.iter().chain(&self.config.cmd).cloned().collect()
+    }
+}
+
+/// The image store under a state root.
+pub fn store(state_root: &Path) -> Result<Store, RunError> {
+    Ok(Store::open(state_root.join("images"))?)
+}
+
+/// The name a reference is recorded under: local paths made absolute, so
+/// the same layout is one name wherever it was named from.
+pub fn canonical_name(reference: &str) -> String {
+    let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let with_tag = |path: &Path, tag: &Option<String>| match tag {
+        Some(tag) if Digest::parse(tag).is_ok() => format!("{}@{tag}", absolute(path).display()),
+        Some(tag) => format!("{}:{tag}", absolute(path).display()),
+        None => absolute(path).display().to_string(),
+    };
+    match ImageSource::parse(reference) {
+        ImageSource::Layout { dir, tag } => format!("oci:{}", with_tag(&dir, &tag)),
+        ImageSource::OciArchive { file, tag } => format!("oci-archive:{}", with_tag(&file, &tag)),
+        ImageSource::DockerArchive { file } => format!("docker-archive:{}", absolute(&file).display()),
+        ImageSource::Registry { reference } => reference,
+    }
+}
+
+/// Refuses what the policy does not allow of `reference`.
+pub fn check(policy: &Policy, reference: &str) -> Result<ImageSource, RunError> {
+    let source = ImageSource::parse(reference);
+    let registry = source.registry().map_err(image_error)?;
+    if let Some(reason) = policy.image.refusal(reference, registry.as_deref()) {
+        return Err(RunError::ImageRefused(reason));
+    }
+    Ok(source)
+}
+
+fn image_error(e: source::SourceError) -> RunError {
+    RunError::Image(Box::new(e))
+}
+
+/// Pulls (or imports) `reference` into the store, printing nothing.
+pub fn pull(
+    store: &Store,
+    reference: &str,
+    options: &RegistryOptions,
+    progress: &mut dyn source::Progress,
+) -> Result<airlock_image::store::ImageRecord, RunError> {
+    let source = ImageSource::parse(reference);
+    source::pull(store, &source, &canonical_name(reference), options, progress).map_err(image_error)
+}
+
+struct Quiet;
+
+impl source::Progress for Quiet {
+    fn blob(&mut self, digest: &Digest, size: u64, cached: bool) {
+        tracing::debug!(%digest, size, cached, "image blob");
+    }
+}
+
+/// The policy's image, if it names one: checked, then taken from the store
+/// (a registry reference already pulled) or pulled. A local layout or
+/// archive is imported again each time (cheap: its blobs are cached), so a
+/// layout changed under the same tag is seen.
+pub fn resolve(state_root: &Path, policy: &Policy) -> Result<Option<ResolvedImage>, RunError> {
+    let Some(reference) = &policy.image.reference else { return Ok(None) };
+    let source = check(policy, reference)?;
+    let store = store(state_root)?;
+    let name = canonical_name(reference);
+    let found = match source {
+        ImageSource::Registry { .. } => store.find(&name).ok(),
+        _ => None,
+    };
+    let record = match found {
+        Some(record) => record,
+        None => pull(&store, reference, &RegistryOptions::default(), &mut Quiet)?,
+    };
+    if record.layers.is_empty() {
+        return Err(RunError::ImageRefused(format!("image {reference} has no layers")));
+    }
+    let config = store.run_config(&record)?;
+    Ok(Some(ResolvedImage {
+        meta: ImageMeta { reference: reference.clone(), digest: record.manifest.to_string() },
+        layers: record.layers.iter().map(|l| store.layer_path(l)).collect(),
+        config,
+    }))
+}
+
+/// [`resolve`] under a state root, refusing the microVM tier first (before
+/// anything is pulled).
+pub fn resolve_for(
+    root: &crate::state::StateRoot,
+    policy: &Policy,
+) -> Result<Option<ResolvedImage>, RunError> {
+    if policy.image.reference.is_some() && policy.isolation.tier == airlock_policy::Tier::Microvm {
+        return Err(RunError::ImageOnMicrovm);
+    }
+    resolve(root.path(), policy)
+}
