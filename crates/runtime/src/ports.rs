@@ -130,6 +130,12 @@ pub enum PortError {
     },
 }
 
+/// Whether anything outside may reach the sandbox's ports under `policy`
+/// (a published port, or a front end through the supervisor).
+pub fn reachable(policy: &airlock_policy::Policy) -> Result<(), PortError> {
+    check(&[PortMapping::ANY], policy)
+}
+
 /// Whether `mappings` may be published under `policy`: the policy allows
 /// ports, the tier can carry them, and no host address is given twice.
 pub fn check(mappings: &[PortMapping], policy: &airlock_policy::Policy) -> Result<(), PortError> {
@@ -187,6 +193,9 @@ pub(crate) struct PortAccess {
 struct Connector {
     channel: UnixStream,
     started: Started,
+    /// Keeps the thread that started the connector (its parent, for the
+    /// parent-death signal) alive.
+    _alive: std::sync::mpsc::Sender<()>,
 }
 
 /// Where a connection into the sandbox came from, for its audit record.
@@ -263,18 +272,35 @@ impl PortAccess {
         };
         let (net_ns, user_ns) = (open_ns("net")?, open_ns("user")?);
         let (host_end, connector_end) = UnixStream::pair().map_err(PortError::Start)?;
-        let started = role_process::spawn(
-            &exe,
-            CONNECTOR_ROLE,
-            &self.name,
-            &[
-                (connector_end.as_fd(), CHANNEL_FD),
-                (net_ns.as_fd(), NET_NS_FD),
-                (user_ns.as_fd(), USER_NS_FD),
-            ],
-        )
-        .map_err(PortError::Start)?;
-        Ok(Connector { channel: host_end, started })
+        // The connector's parent-death signal follows the thread that
+        // started it, and a supervisor client's `ConnectPort` is served on
+        // a thread that ends with that connection: a thread of its own,
+        // alive until the connector is dropped, starts it.
+        let name = self.name.clone();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (alive, dropped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("port-connector".into())
+            .spawn(move || {
+                let fds = [
+                    (connector_end.as_fd(), CHANNEL_FD),
+                    (net_ns.as_fd(), NET_NS_FD),
+                    (user_ns.as_fd(), USER_NS_FD),
+                ];
+                let started = role_process::spawn(&exe, CONNECTOR_ROLE, &name, &fds);
+                drop((connector_end, net_ns, user_ns));
+                let spawned = started.is_ok();
+                if started_tx.send(started).is_ok() && spawned {
+                    // Returns once the `Connector` (its sender) is dropped.
+                    let _ = dropped.recv();
+                }
+            })
+            .map_err(PortError::Start)?;
+        let started = started_rx
+            .recv()
+            .map_err(|_| PortError::Start(io::Error::other("the port connector's thread ended")))?
+            .map_err(PortError::Start)?;
+        Ok(Connector { channel: host_end, started, _alive: alive })
     }
 
     /// A connection to `port` on the sandbox's loopback, made by its

@@ -446,7 +446,7 @@ impl Supervisor {
         // host's own listener's.
         let guest_trace = (policy.isolation.tier == airlock_policy::Tier::Microvm).then(|| audit.clone());
         // Why a client's `ConnectPort` is refused, when it is.
-        let ports_refused = crate::ports::check(&[crate::ports::PortMapping::ANY], policy).err();
+        let ports_refused = crate::ports::reachable(policy).err();
         let ports = PortAccess::new(
             sandbox.name(),
             launched.agent_pid,

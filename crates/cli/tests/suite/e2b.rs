@@ -437,6 +437,100 @@ print(json.dumps(dict(step="bob", listed=listed, info=info, connected=connected,
     assert_eq!(status, 204);
 }
 
+const PORTS_PROGRAM: &str = r#"
+import json
+from e2b import Sandbox
+s = Sandbox.create(timeout=120)
+s.files.write("/tmp/site/hello.txt", "served from inside")
+s.commands.run("nohup python3 -m http.server 8000 --bind 127.0.0.1 --directory /tmp/site >/tmp/http.log 2>&1 &")
+closed = Sandbox.create(template="CLOSED_POLICY", timeout=120)
+print(json.dumps(dict(step="ports", id=s.sandbox_id, token=s._envd_access_token, host=s.get_host(8000),
+    quiet=s.get_host(8001), closed=closed.get_host(8000), closed_token=closed._envd_access_token)))
+"#;
+
+/// `get_host(PORT)` names `PORT-ID.localhost:LISTENER_PORT`, which the
+/// listener relays to that port inside the sandbox.
+#[test]
+fn get_host_reaches_a_port_inside_the_sandbox() {
+    let Some(python) = python_sdk() else { return };
+    let d = E2bDaemon::start();
+    // dev, as the other sandbox, but with its ports closed to the outside.
+    let closed = d.daemon.env.dir.path().join("closed.toml");
+    std::fs::write(&closed, "extends = \"dev\"\n[network]\nports = false\n").unwrap();
+    let program = PORTS_PROGRAM.replace("CLOSED_POLICY", &closed.display().to_string());
+    let (ok, out, err) = d.python(&python, ALICE, &program);
+    assert!(ok, "{out}\n{err}\n{}", d.daemon.log());
+    let s = &steps(&out)["ports"];
+    let (id, token) = (s["id"].as_str().unwrap(), s["token"].as_str().unwrap());
+    let host = s["host"].as_str().unwrap();
+    assert_eq!(host, format!("8000-{id}.localhost:{}", d.port));
+    // curl, as a browser would, with the name resolved to the listener.
+    let get = |host: &str, headers: &[&str], path: &str| {
+        let (name, port) = host.rsplit_once(':').unwrap();
+        let resolve = format!("{name}:{port}:127.0.0.1");
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-m", "30", "-w", "\n%{http_code}", "--resolve", &resolve]);
+        for header in headers {
+            cmd.args(["-H", header]);
+        }
+        let out = cmd.arg(format!("http://{host}{path}")).stdin(Stdio::null()).output().unwrap();
+        let text = stdout(&out);
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse::<u16>().unwrap_or(0), body.to_owned())
+    };
+    let with_token = format!("X-Access-Token: {token}");
+    let mut answer = (0, String::new());
+    let served = wait_until(20, || {
+        answer = get(host, &[&with_token], "/hello.txt");
+        answer.0 == 200
+    });
+    assert!(served, "{answer:?}\n{}", d.daemon.log());
+    assert_eq!(answer.1, "served from inside");
+    // SDK-style headers name the same port.
+    let by_headers = [format!("E2b-Sandbox-Id: {id}"), "E2b-Sandbox-Port: 8000".into(), with_token.clone()];
+    let by_headers: Vec<&str> = by_headers.iter().flat_map(|h| ["-H", h.as_str()]).collect();
+    assert_eq!(d.curl(&by_headers, "GET", "/hello.txt", None), (200, "served from inside".into()));
+    // Each request was a connection into the sandbox, in its audit log.
+    let audit = d.daemon.env.airlock(["audit", id, "--json"]).output().unwrap();
+    let accepted = stdout(&audit)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["event"] == "port_accepted" && e["sandbox_port"] == 8000)
+        .count();
+    assert!(accepted >= 2, "{}", show(&audit));
+
+    // Without the sandbox's token, nothing is relayed.
+    let (status, body) = get(host, &[], "/hello.txt");
+    assert_eq!(status, 401, "{body}");
+    // Nothing listening inside: 502, saying so.
+    let (status, body) = get(s["quiet"].as_str().unwrap(), &[&with_token], "/");
+    assert!(status == 502 && body.contains("port 8001"), "{status} {body}");
+    // A policy that forbids ports: 403 with its reason.
+    let closed_token = format!("X-Access-Token: {}", s["closed_token"].as_str().unwrap());
+    let (status, body) = get(s["closed"].as_str().unwrap(), &[&closed_token], "/hello.txt");
+    assert!(status == 403 && body.contains("ports = false"), "{status} {body}");
+    // WebSocket is refused plainly.
+    let upgrade = ["Connection: Upgrade", "Upgrade: websocket", &with_token];
+    assert_eq!(get(host, &upgrade, "/").0, 501);
+
+    // Another tenant, with a token of their own sandbox, is told nothing
+    // of Alice's: 404, as for a sandbox that does not exist.
+    let (ok, out, err) = d.python(
+        &python,
+        BOB,
+        "import json\nfrom e2b import Sandbox\ns = Sandbox.create(timeout=60)\nprint(json.dumps(dict(step='bob', token=s._envd_access_token, host=s.get_host(8000))))",
+    );
+    assert!(ok, "{out}\n{err}");
+    let bob = &steps(&out)["bob"];
+    let bob_token = format!("X-Access-Token: {}", bob["token"].as_str().unwrap());
+    let (status, body) = get(host, &[&bob_token], "/hello.txt");
+    assert!(status == 404 && !body.contains("served"), "{status} {body}");
+    let (status, body) = get(&format!("8000-no-such-sandbox.localhost:{}", d.port), &[&bob_token], "/");
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = get(bob["host"].as_str().unwrap(), &[&bob_token], "/");
+    assert_eq!(status, 502, "Bob's own sandbox, nothing listening: {body}");
+}
+
 #[test]
 fn bad_requests_get_e2b_errors_and_hurt_nothing() {
     let d = E2bDaemon::start();

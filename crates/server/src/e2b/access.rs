@@ -28,8 +28,12 @@ pub(crate) struct EnvdCaller {
 
 /// Why an envd request was refused before it reached a handler.
 pub(crate) enum Refusal {
-    /// No token, or not this sandbox's.
+    /// No token, or one the daemon never issued.
     Unauthorized(&'static str),
+    /// A token the daemon issued, but for another sandbox than the one
+    /// named: envd answers 401; a port route answers as for a sandbox
+    /// that does not exist.
+    OtherSandbox(String),
     /// The token was this sandbox's, but the sandbox is gone or stopped:
     /// what E2B's proxy answers (the SDKs read "was not found" as "the
     /// sandbox is not running").
@@ -41,6 +45,10 @@ impl Refusal {
     pub(crate) fn into_response(self) -> Response<Body> {
         match self {
             Refusal::Unauthorized(message) => super::files::plain_error(StatusCode::UNAUTHORIZED, message),
+            Refusal::OtherSandbox(_) => super::files::plain_error(
+                StatusCode::UNAUTHORIZED,
+                "the access token is not valid for this sandbox",
+            ),
             Refusal::Gone(id) => super::files::plain_error(StatusCode::BAD_GATEWAY, &gone_message(&id)),
             Refusal::Failed(e) => super::files::plain_error(e.status, &e.message),
         }
@@ -92,44 +100,57 @@ pub(crate) async fn envd_caller(
     let app = state.app.clone();
     let checked = app
         .blocking(move |app| {
-            let Some(access) = app.db.e2b_access(&digest)? else { return Ok(Err(false)) };
+            let Some(access) = app.db.e2b_access(&digest)? else { return Ok(Checked::UnknownToken) };
             let peer =
                 Peer { uid: access.owner_uid, gid: crate::tcp::primary_gid(access.owner_uid), pid: None };
             // The token names a sandbox by its stored name; the request by
             // the owner's name for it. They must be the same sandbox.
-            let Ok(stored) = app.scope(&peer).stored(&id) else { return Ok(Err(false)) };
+            let Ok(stored) = app.scope(&peer).stored(&id) else { return Ok(Checked::OtherSandbox) };
             if stored != access.sandbox {
-                return Ok(Err(false));
+                return Ok(Checked::OtherSandbox);
             }
             let current = match crate::sandbox::authorize(app, &peer, &id) {
                 Ok(loaded) => loaded,
-                Err(e) if e.status == StatusCode::NOT_FOUND => return Ok(Err(true)),
+                Err(e) if e.status == StatusCode::NOT_FOUND => return Ok(Checked::Gone),
                 Err(e) => return Err(e),
             };
             if current.created_at() != access.created_at || current.owner_uid != access.owner_uid {
                 // A later sandbox of the same name: the token's is gone.
-                return Ok(Err(true));
+                return Ok(Checked::Gone);
             }
             if current.state != crate::sandbox::ApiState::Running {
-                return Ok(Err(true));
+                return Ok(Checked::Gone);
             }
-            Ok(Ok(EnvdCaller { peer, sandbox_id: id, stored }))
+            Ok(Checked::Caller(EnvdCaller { peer, sandbox_id: id, stored }))
         })
         .await;
+    let not_issued = |refusal: Refusal| {
+        tracing::warn!(
+            sandbox = sandbox_id,
+            "denied: envd request with an access token not issued for this sandbox"
+        );
+        Err(refusal)
+    };
     match checked {
-        Ok(Ok(caller)) => {
+        Ok(Checked::Caller(caller)) => {
             crate::serve::admit(Some(caller.peer), &state.app).map(|_| caller).map_err(Refusal::Failed)
         }
-        Ok(Err(true)) => Err(Refusal::Gone(sandbox_id.to_owned())),
-        Ok(Err(false)) => {
-            tracing::warn!(
-                sandbox = sandbox_id,
-                "denied: envd request with an access token not issued for this sandbox"
-            );
-            Err(Refusal::Unauthorized("the access token is not valid for this sandbox"))
+        Ok(Checked::Gone) => Err(Refusal::Gone(sandbox_id.to_owned())),
+        Ok(Checked::UnknownToken) => {
+            not_issued(Refusal::Unauthorized("the access token is not valid for this sandbox"))
         }
+        Ok(Checked::OtherSandbox) => not_issued(Refusal::OtherSandbox(sandbox_id.to_owned())),
         Err(e) => Err(Refusal::Failed(e)),
     }
+}
+
+/// What the index says of a token and the sandbox a request names.
+enum Checked {
+    Caller(EnvdCaller),
+    /// The token's sandbox, but it no longer runs.
+    Gone,
+    UnknownToken,
+    OtherSandbox,
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use airlock_policy::Policy;
 use airlock_runtime::supervisor::SupervisorClient;
 use axum::extract::{Extension, FromRequest, Path, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -104,7 +104,7 @@ fn sandbox_id(id: &str) -> Result<String, ApiError> {
     Ok(id.to_owned())
 }
 
-fn not_found(id: &str) -> ApiError {
+pub(crate) fn not_found(id: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -244,8 +244,33 @@ fn check_internet(policy: Option<&str>, wanted: bool, allowing: bool) -> Result<
     }
 }
 
+/// The `domain` a sandbox's ports are named under: the SDKs' `get_host(P)`
+/// is `P-ID.<domain>`, a name this listener routes to port P. It is the
+/// name the caller reached this listener by, with `localhost` for a
+/// loopback address (`*.localhost` resolves to loopback); `None` when the
+/// caller used another IP address, under which no name can be made.
+fn sandbox_domain(headers: &HeaderMap) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?.trim();
+    let (name, port_suffix) = match host.strip_prefix('[') {
+        Some(v6) => v6.split_once(']')?,
+        None => match host.rsplit_once(':') {
+            Some((name, _)) => (name, &host[name.len()..]),
+            None => (host, ""),
+        },
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return Some(format!("localhost{port_suffix}"));
+    }
+    if name.is_empty() || name.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    Some(host.to_owned())
+}
+
 /// The `Sandbox` answer to create and connect.
-fn created(loaded: &Loaded, id: &str, token: &str) -> serde_json::Value {
+fn created(loaded: &Loaded, id: &str, token: &str, domain: Option<String>) -> serde_json::Value {
     serde_json::json!({
         "templateID": loaded.policy(),
         "sandboxID": id,
@@ -253,7 +278,7 @@ fn created(loaded: &Loaded, id: &str, token: &str) -> serde_json::Value {
         "envdVersion": super::ENVD_VERSION,
         "envdAccessToken": token,
         "alias": loaded.policy(),
-        "domain": null,
+        "domain": domain,
     })
 }
 
@@ -268,8 +293,10 @@ fn access_of(loaded: &Loaded) -> E2bAccess {
 async fn create(
     State(e2b): State<Arc<E2b>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     Body(request): Body<NewSandbox>,
 ) -> Result<Response, ControlError> {
+    let domain = sandbox_domain(&headers);
     let prepared = prepare_create(&peer, create_body(request)?)?;
     let answer = e2b
         .app
@@ -280,7 +307,7 @@ async fn create(
                 .shown(loaded.name(), loaded.owner_uid)
                 .unwrap_or_else(|| loaded.name().to_owned());
             let token = super::access::issue(app, &access_of(&loaded))?;
-            Ok(created(&loaded, &id, &token))
+            Ok(created(&loaded, &id, &token, domain))
         })
         .await?;
     Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
@@ -337,9 +364,11 @@ async fn connect(
     State(e2b): State<Arc<E2b>>,
     Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     Body(body): Body<TimeoutBody>,
 ) -> Result<Response, ControlError> {
     let id = sandbox_id(&id)?;
+    let domain = sandbox_domain(&headers);
     let answer = e2b
         .app
         .blocking(move |app| {
@@ -361,7 +390,7 @@ async fn connect(
                 }
             }
             let token = super::access::issue(app, &access_of(&loaded))?;
-            Ok(created(&loaded, &id, &token))
+            Ok(created(&loaded, &id, &token, domain))
         })
         .await?;
     Ok(axum::Json(answer).into_response())
@@ -409,14 +438,16 @@ async fn info(
     State(e2b): State<Arc<E2b>>,
     Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ControlError> {
     let id = sandbox_id(&id)?;
+    let domain = sandbox_domain(&headers);
     let answer = e2b
         .app
         .blocking(move |app| {
             let loaded = running(app, &peer, &id)?;
             let mut detail = listed(&loaded, &id);
-            detail["domain"] = serde_json::Value::Null;
+            detail["domain"] = serde_json::json!(domain);
             Ok(detail)
         })
         .await?;
@@ -598,6 +629,21 @@ mod tests {
         }
         let allowed = body(r#"{"templateID":"base","network":{"allowOut":["example.com"]}}"#).unwrap();
         assert_eq!(allowed.allow, ["example.com"]);
+    }
+
+    #[test]
+    fn the_domain_is_the_name_the_listener_was_reached_by() {
+        let domain = |host: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, host.parse().unwrap());
+            sandbox_domain(&headers)
+        };
+        assert_eq!(domain("127.0.0.1:3000").as_deref(), Some("localhost:3000"));
+        assert_eq!(domain("[::1]:3000").as_deref(), Some("localhost:3000"));
+        assert_eq!(domain("localhost").as_deref(), Some("localhost"));
+        assert_eq!(domain("airlock.example.com:3000").as_deref(), Some("airlock.example.com:3000"));
+        assert_eq!(domain("192.0.2.7:3000"), None);
+        assert_eq!(sandbox_domain(&HeaderMap::new()), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! process    process.Process: start, connect, list, input, signals, pty
 //! filesystem filesystem.Filesystem: stat, list, mkdir, move, remove, watch
 //! files      envd's plain HTTP: GET/POST /files, GET /health
+//! port       any other port of a sandbox (`get_host`): HTTP relayed into it
 //! ```
 //!
 //! Every operation is one of the daemon's own: a sandbox is created by
@@ -27,6 +28,7 @@ mod connect;
 mod control;
 mod files;
 mod filesystem;
+mod port;
 mod process;
 
 use std::net::SocketAddr;
@@ -206,28 +208,59 @@ async fn serve_connection<S>(
 }
 
 /// Which part of the API a request is for. Requests are told apart here
-/// and nowhere else: a route by `Host` (a sandbox's port as
-/// `PORT-ID.<domain>`) belongs in [`Destination::of`] too.
+/// and nowhere else.
 #[derive(Debug, PartialEq, Eq)]
 enum Destination {
     /// E2B's control plane: `X-API-KEY` names the caller.
     Control,
-    /// A sandbox's envd, named by the SDK's `E2b-Sandbox-Id` header.
-    Envd { sandbox_id: String, port: Option<String> },
+    /// A sandbox's envd, named by the SDK's `E2b-Sandbox-Id` header (or a
+    /// Host for envd's port).
+    Envd { sandbox_id: String },
+    /// Another port of a sandbox: Host `PORT-ID.<domain>` (the SDKs'
+    /// `get_host`), or `E2b-Sandbox-Port` other than envd's.
+    Port { sandbox_id: String, port: u16 },
+    /// An `E2b-Sandbox-Port` that is no port number.
+    BadPort(String),
 }
 
 impl Destination {
     fn of(headers: &HeaderMap) -> Destination {
-        match headers.get("e2b-sandbox-id") {
-            Some(id) => Destination::Envd {
-                sandbox_id: String::from_utf8_lossy(id.as_bytes()).into_owned(),
-                port: headers
-                    .get("e2b-sandbox-port")
-                    .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()),
-            },
+        let text = |v: &axum::http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+        if let Some(id) = headers.get("e2b-sandbox-id") {
+            let sandbox_id = text(id);
+            return match headers.get("e2b-sandbox-port").map(text) {
+                None => Destination::Envd { sandbox_id },
+                Some(port) => match port_number(&port) {
+                    Some(ENVD_PORT) => Destination::Envd { sandbox_id },
+                    Some(port) => Destination::Port { sandbox_id, port },
+                    None => Destination::BadPort(port),
+                },
+            };
+        }
+        match headers.get(header::HOST).and_then(|h| h.to_str().ok()).and_then(sandbox_host) {
+            Some((ENVD_PORT, sandbox_id)) => Destination::Envd { sandbox_id },
+            Some((port, sandbox_id)) => Destination::Port { sandbox_id, port },
             None => Destination::Control,
         }
     }
+}
+
+/// The port and sandbox id of a Host `PORT-ID.<domain>`, as the SDKs'
+/// `get_host` builds it; `None` for any other name (the listener's own).
+fn sandbox_host(host: &str) -> Option<(u16, String)> {
+    let (label, _domain) = host.split_once('.')?;
+    let (port, id) = label.split_once('-')?;
+    let port = port_number(port)?;
+    (!id.is_empty()).then(|| (port, id.to_owned()))
+}
+
+/// 1-65535 in plain digits.
+fn port_number(text: &str) -> Option<u16> {
+    let text = text.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u16>().ok().filter(|p| *p != 0)
 }
 
 /// Routes a request and counts its answer in `/metrics` (a refused one
@@ -257,13 +290,14 @@ async fn route(
             }
             Err(e) => return (None, control::error_response(&e)),
         },
-        Destination::Envd { sandbox_id, port } => {
-            if let Some(port) = port.filter(|p| p.parse::<u16>() != Ok(ENVD_PORT)) {
-                let message = format!(
-                    "sandbox {sandbox_id}: port {port} is not open (this listener serves envd, port {ENVD_PORT})"
-                );
-                return (None, files::plain_error(StatusCode::BAD_GATEWAY, &message));
-            }
+        Destination::Port { sandbox_id, port } => {
+            return port::relay(state, request, &sandbox_id, port, remote).await;
+        }
+        Destination::BadPort(port) => {
+            let message = format!("E2b-Sandbox-Port must be a port number (1-65535), not {port:?}");
+            return (None, files::plain_error(StatusCode::BAD_REQUEST, &message));
+        }
+        Destination::Envd { sandbox_id } => {
             match access::envd_caller(state, request.headers(), &sandbox_id).await {
                 Ok(caller) => {
                     let uid = caller.peer.uid;
@@ -326,15 +360,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_are_told_apart_by_the_sandbox_header() {
+    fn requests_are_told_apart_by_the_sandbox_headers() {
         let mut headers = HeaderMap::new();
         assert_eq!(Destination::of(&headers), Destination::Control);
         headers.insert("E2b-Sandbox-Id", "brave-otter".parse().unwrap());
+        let envd = Destination::Envd { sandbox_id: "brave-otter".into() };
+        assert_eq!(Destination::of(&headers), envd);
         headers.insert("E2b-Sandbox-Port", "49983".parse().unwrap());
+        assert_eq!(Destination::of(&headers), envd);
+        headers.insert("E2b-Sandbox-Port", "8000".parse().unwrap());
         assert_eq!(
             Destination::of(&headers),
-            Destination::Envd { sandbox_id: "brave-otter".into(), port: Some("49983".into()) }
+            Destination::Port { sandbox_id: "brave-otter".into(), port: 8000 }
         );
+        headers.insert("E2b-Sandbox-Port", "+80".parse().unwrap());
+        assert_eq!(Destination::of(&headers), Destination::BadPort("+80".into()));
+    }
+
+    #[test]
+    fn a_sandbox_port_is_named_by_its_host() {
+        let of = |host: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, host.parse().unwrap());
+            Destination::of(&headers)
+        };
+        let port = |port: u16, id: &str| Destination::Port { sandbox_id: id.into(), port };
+        assert_eq!(of("8000-brave-otter.localhost:3000"), port(8000, "brave-otter"));
+        assert_eq!(of("8000-brave-otter.airlock.example.com"), port(8000, "brave-otter"));
+        assert_eq!(
+            of("49983-brave-otter.localhost:3000"),
+            Destination::Envd { sandbox_id: "brave-otter".into() }
+        );
+        for listener in
+            ["127.0.0.1:3000", "localhost:3000", "[::1]:3000", "my-airlock.example.com", "0-x.localhost"]
+        {
+            assert_eq!(of(listener), Destination::Control, "{listener}");
+        }
     }
 
     #[test]
