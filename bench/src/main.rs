@@ -4,12 +4,15 @@
 //! download and a request against going direct; and how `airlock daemon`
 //! creates, execs in and holds many sandboxes; and what a microVM sandbox
 //! costs to boot, to exec in and to keep; and what recording every exec
-//! costs a loop of execs. See bench/README.md.
+//! costs a loop of execs; and how long a first image pull takes against
+//! skopeo + umoci, and what a cached image adds to a sandbox's start. See
+//! bench/README.md.
 
 mod daemon;
 mod egress;
 mod exectrace;
 mod fixtures;
+mod images;
 mod measure;
 mod microvm;
 mod procmem;
@@ -50,8 +53,10 @@ bubblewrap and runc where they are installed, and the egress benchmarks
 and the daemon benchmarks (create → first exec, exec round trip, concurrent
 creates and memory per idle sandbox, against its own `airlock daemon`), and
 the microVM benchmarks (boot to first exec, exec round trip, host memory per
-idle VM, with KVM where it works and under emulation otherwise);
-prints medians, p90 and ratios.
+idle VM, with KVM where it works and under emulation otherwise), and the
+image benchmarks (first pull of a built ~100 MiB image from a local registry
+against skopeo copy + umoci unpack, and a sandbox start on the cached image
+against one on the host root); prints medians, p90 and ratios.
 
 options:
   --airlock PATH       the airlock binary to measure (build it with --release)
@@ -66,8 +71,8 @@ options:
   --no-bwrap           skip bubblewrap even if installed
   --no-runc            skip runc even if installed
   --only LIST          run only these sections, comma-separated: startup, diff,
-                       egress, daemon, microvm, exectrace (startup includes
-                       peak memory)
+                       egress, daemon, microvm, exectrace, images (startup
+                       includes peak memory)
   --egress-runs N      timed runs per egress case (default 5)
   --egress-requests N  small requests per latency run (default 200)
   --download-mib N     size of the egress download in MiB (default 256)
@@ -84,6 +89,10 @@ options:
   --exec-loop N        /bin/true execs per run of the exec trace's loop
                        (default 1000)
   --exec-iterations N  timed runs per exec trace case (default 10)
+  --image-mib N        size of the image the images section builds, in MiB
+                       (default 100)
+  --pull-iterations N  timed first pulls per case (default 5; the start cases
+                       use --iterations)
   --keep               keep the scratch directory afterwards
   --strict             exit 2 when a target is missed
   -h, --help           this text";
@@ -113,6 +122,8 @@ pub struct Options {
     pub vm_cache: Option<PathBuf>,
     pub exec_loop: usize,
     pub exec_iterations: usize,
+    pub image_mib: u64,
+    pub pull_iterations: usize,
 }
 
 /// Which groups of benchmarks to run.
@@ -125,11 +136,19 @@ pub struct Sections {
     pub daemon: bool,
     pub microvm: bool,
     pub exectrace: bool,
+    pub images: bool,
 }
 
 impl Sections {
-    const ALL: Sections =
-        Sections { startup: true, diff: true, egress: true, daemon: true, microvm: true, exectrace: true };
+    const ALL: Sections = Sections {
+        startup: true,
+        diff: true,
+        egress: true,
+        daemon: true,
+        microvm: true,
+        exectrace: true,
+        images: true,
+    };
     const NONE: Sections = Sections {
         startup: false,
         diff: false,
@@ -137,6 +156,7 @@ impl Sections {
         daemon: false,
         microvm: false,
         exectrace: false,
+        images: false,
     };
 
     fn parse(list: &str) -> Result<Sections, BenchError> {
@@ -149,16 +169,17 @@ impl Sections {
                 "daemon" => s.daemon = true,
                 "microvm" => s.microvm = true,
                 "exectrace" => s.exectrace = true,
+                "images" => s.images = true,
                 other => {
                     return Err(BenchError::new(format!(
-                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm, exectrace)"
+                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm, exectrace, images)"
                     )));
                 }
             }
         }
         if s == Sections::NONE {
             return Err(BenchError::new(
-                "--only needs at least one section (startup, diff, egress, daemon, microvm, exectrace)",
+                "--only needs at least one section (startup, diff, egress, daemon, microvm, exectrace, images)",
             ));
         }
         Ok(s)
@@ -196,6 +217,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
         vm_cache: None,
         exec_loop: 1000,
         exec_iterations: 10,
+        image_mib: 100,
+        pull_iterations: 5,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -251,6 +274,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
             "--exec-loop" => o.exec_loop = number("--exec-loop", value("--exec-loop")?, 1)?,
             "--exec-iterations" => {
                 o.exec_iterations = number("--exec-iterations", value("--exec-iterations")?, 1)?;
+            }
+            "--image-mib" => o.image_mib = number("--image-mib", value("--image-mib")?, 1)? as u64,
+            "--pull-iterations" => {
+                o.pull_iterations = number("--pull-iterations", value("--pull-iterations")?, 1)?;
             }
             other => return Err(BenchError::new(format!("unknown argument {other:?}; see --help"))),
         }
@@ -402,6 +429,8 @@ pub struct Results {
     pub microvm: Option<microvm::MicrovmResults>,
     /// None when the section was not selected.
     pub exectrace: Option<exectrace::ExecTraceResults>,
+    /// None when the section was not selected.
+    pub images: Option<images::ImageResults>,
 }
 
 /// The egress section's outcome: per case, the pooled values of all timed
@@ -508,6 +537,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             (sections.daemon, "daemon"),
             (sections.microvm, "microvm"),
             (sections.exectrace, "exectrace"),
+            (sections.images, "images"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -628,6 +658,26 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         None
     };
 
+    let images = if sections.images {
+        if sections.startup
+            || sections.diff
+            || sections.egress
+            || sections.daemon
+            || sections.microvm
+            || sections.exectrace
+        {
+            note_cpu_busy("images", &mut header, &mut notes);
+        }
+        let plan = images::Plan {
+            image_mib: opts.image_mib,
+            pull_iterations: opts.pull_iterations,
+            warmup: opts.warmup,
+            iterations: opts.iterations,
+        };
+        Some(images::run(&airlock, &scratch.join("images"), &plan, opts, &mut notes))
+    } else {
+        None
+    };
     let results = Results {
         opts: opts.clone(),
         header,
@@ -645,6 +695,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         daemon,
         microvm,
         exectrace,
+        images,
     };
     let verdict = report::print(&results);
 
@@ -661,7 +712,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             || results.egress.as_ref().is_some_and(EgressResults::failed)
             || results.daemon.as_ref().is_some_and(daemon::DaemonResults::failed)
             || results.microvm.as_ref().is_some_and(microvm::MicrovmResults::failed)
-            || results.exectrace.as_ref().is_some_and(exectrace::ExecTraceResults::failed);
+            || results.exectrace.as_ref().is_some_and(exectrace::ExecTraceResults::failed)
+            || results.images.as_ref().is_some_and(images::ImageResults::failed);
     Ok(if airlock_failed {
         1
     } else if opts.strict && !verdict.all_met {
@@ -1095,5 +1147,14 @@ mod tests {
         assert_eq!(o.sections, Sections { microvm: true, ..Sections::NONE });
         assert_eq!((o.vm_iterations, o.vm_warmup, o.vm_execs, o.vm_cache), (5, 1, 7, None));
         assert!(parse(&["--airlock", "/a", "--vm-iterations", "0"]).is_err());
+        let Parsed::Run(o) =
+            parse(&["--airlock", "/a", "--only", "images", "--image-mib=20", "--pull-iterations", "3"])
+                .unwrap()
+        else {
+            panic!("help")
+        };
+        assert_eq!(o.sections, Sections { images: true, ..Sections::NONE });
+        assert_eq!((o.image_mib, o.pull_iterations), (20, 3));
+        assert!(parse(&["--airlock", "/a", "--pull-iterations", "0"]).is_err());
     }
 }

@@ -797,7 +797,8 @@ fn image(cmd: ImageCommand) -> CliResult {
             Ok(0)
         }
         ImageCommand::Ls { json } => {
-            present::images(&store.list()?, json)?;
+            let size = present::StoreSize { usage: store.usage(), budget: store.budget() };
+            present::images(&store.list()?, &size, json)?;
             Ok(0)
         }
         ImageCommand::Rm { reference } => {

@@ -144,8 +144,15 @@ impl airlock_image::source::Progress for PullProgress {
     }
 }
 
-/// `image ls`: one line per image, or the store's records as JSON.
-pub fn images(images: &[airlock_image::store::ImageRecord], json: bool) -> io::Result<()> {
+/// What `image ls` says of the store as a whole.
+pub struct StoreSize {
+    pub usage: u64,
+    pub budget: Option<u64>,
+}
+
+/// `image ls`: one line per image and a line on the store's size against
+/// its budget, or the store's records as JSON (an array, as before budgets).
+pub fn images(images: &[airlock_image::store::ImageRecord], size: &StoreSize, json: bool) -> io::Result<()> {
     let mut out = io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, images)?;
@@ -163,7 +170,18 @@ pub fn images(images: &[airlock_image::store::ImageRecord], json: bool) -> io::R
             names.join(", ")
         )?;
     }
-    Ok(())
+    let used = airlock_image::store::human_size(size.usage);
+    match size.budget {
+        Some(budget) => writeln!(
+            out,
+            "store: {used} on disk of a {} budget ({})",
+            airlock_image::store::human_size(budget),
+            airlock_runtime::image::BUDGET_VAR
+        ),
+        None => {
+            writeln!(out, "store: {used} on disk, no budget ({} unset)", airlock_runtime::image::BUDGET_VAR)
+        }
+    }
 }
 
 pub fn gc(report: &GcReport, json: bool) -> io::Result<()> {

@@ -12,18 +12,27 @@
 //! Nothing is named by its final name before it is complete: a pull that
 //! fails half-way leaves only `tmp/` entries, which the next pull of the
 //! store removes.
+//!
+//! A store may have a disk budget: the bytes it may hold on disk (blobs,
+//! unpacked layers, records and work in progress, counted as `du` does).
+//! A blob or layer that would take the store past it is refused while it
+//! is written, and nothing is pruned to make room: what to remove is the
+//! user's choice (`airlock image rm`, `airlock image prune`). The store's
+//! size is measured when a store's first write starts and what it writes
+//! is added; a concurrent pull in another process can take it a little past.
 
 use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 
-use crate::unpack::{Limits, UnpackError, unpack_layer};
+use crate::unpack::{Limits, TOTAL_SIZE, UnpackError, unpack_layer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,6 +58,13 @@ pub enum StoreError {
     NoImage(String),
     #[error("image {name} is used by sandbox {sandbox}")]
     InUse { name: String, sandbox: String },
+    #[error(
+        "the image store's disk budget of {} would be exceeded: it holds {} and this pull needs at least {} more; \
+         remove images with `airlock image rm` or `airlock image prune` (which also removes what interrupted pulls \
+         left), or raise the budget (AIRLOCK_IMAGE_BUDGET)",
+        human_size(*budget), human_size(*used), human_size(*wanted)
+    )]
+    OverBudget { budget: u64, used: u64, wanted: u64 },
     #[error("image record {path}: {source}")]
     Record {
         path: PathBuf,
@@ -145,6 +161,10 @@ pub struct RunConfig {
 pub struct Store {
     root: PathBuf,
     limits: Limits,
+    budget: Option<u64>,
+    /// The store's size on disk as this handle last knew it: measured at
+    /// the first write under a budget, then grown by what it wrote.
+    known_usage: Mutex<Option<u64>>,
 }
 
 /// A held lock file (released when dropped).
@@ -161,12 +181,49 @@ impl Store {
             let path = root.join(dir);
             fs::DirBuilder::new().recursive(true).mode(0o711).create(&path).map_err(io_err(&path))?;
         }
-        Ok(Store { root, limits: Limits::default() })
+        Ok(Store { root, limits: Limits::default(), budget: None, known_usage: Mutex::new(None) })
     }
 
     pub fn with_limits(mut self, limits: Limits) -> Store {
         self.limits = limits;
         self
+    }
+
+    /// Bounds what the store may hold on disk, in bytes (None: unbounded).
+    pub fn with_budget(mut self, budget: Option<u64>) -> Store {
+        self.budget = budget;
+        self
+    }
+
+    pub fn budget(&self) -> Option<u64> {
+        self.budget
+    }
+
+    /// Bytes the store takes on disk, as `du` counts them: allocated blocks
+    /// of every file and directory under it, a hardlinked file once.
+    /// Entries that cannot be read (a layer's mode-000 directory when not
+    /// root) are not counted.
+    pub fn usage(&self) -> u64 {
+        let mut seen = HashSet::new();
+        disk_usage(&self.root, &mut seen)
+    }
+
+    /// What may still be written before the budget is reached (None: no
+    /// budget), measuring the store on the first call.
+    fn headroom(&self) -> Option<(u64, u64, u64)> {
+        let budget = self.budget?;
+        let mut known = self.known_usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let used = *known.get_or_insert_with(|| self.usage());
+        Some((budget, used, budget.saturating_sub(used)))
+    }
+
+    fn wrote(&self, bytes: u64) {
+        if self.budget.is_some() {
+            let mut known = self.known_usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(used) = known.as_mut() {
+                *used = used.saturating_add(bytes);
+            }
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -234,6 +291,8 @@ impl Store {
             return Ok(target);
         }
         let tmp = self.tmp_path("blob");
+        let headroom = self.headroom();
+        let mut written = 0u64;
         let result = (|| {
             let mut file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
             let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
@@ -242,6 +301,12 @@ impl Store {
                 let n = reader.read(&mut buf).map_err(io_err(&tmp))?;
                 if n == 0 {
                     break;
+                }
+                written = written.saturating_add(n as u64);
+                if let Some((budget, used, left)) = headroom
+                    && written > left
+                {
+                    return Err(StoreError::OverBudget { budget, used, wanted: written });
                 }
                 hasher.update(&buf[..n]);
                 file.write_all(&buf[..n]).map_err(io_err(&tmp))?;
@@ -255,6 +320,8 @@ impl Store {
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
+        } else {
+            self.wrote(written);
         }
         result.map(|()| target)
     }
@@ -313,15 +380,32 @@ impl Store {
         let tmp = self.tmp_path("layer");
         fs::DirBuilder::new().mode(0o755).create(&tmp).map_err(io_err(&tmp))?;
         let mut reader = HashingReader::new(file);
-        let result = unpack_layer(&mut reader, &tmp, &self.limits)
-            .map_err(|source| StoreError::Unpack { digest: digest.to_string(), source })
+        // The budget bounds the layer's unpacked size like the total-size
+        // limit does, so an unpack that would pass it stops at the header
+        // that says so, before the data is written.
+        let headroom = self.headroom();
+        let mut limits = self.limits;
+        if let Some((_, _, left)) = headroom {
+            limits.max_total_bytes = limits.max_total_bytes.min(left);
+        }
+        let result = unpack_layer(&mut reader, &tmp, &limits)
+            .map_err(|source| match (source, headroom) {
+                (UnpackError::Limit { what: TOTAL_SIZE, limit }, Some((budget, used, left)))
+                    if limit == left && left < self.limits.max_total_bytes =>
+                {
+                    StoreError::OverBudget { budget, used, wanted: left.saturating_add(1) }
+                }
+                (source, _) => StoreError::Unpack { digest: digest.to_string(), source },
+            })
             .and_then(|report| {
                 let actual = reader.finish().map_err(io_err(&blob))?;
                 if actual != digest.as_str() {
                     return Err(StoreError::DigestMismatch { expected: digest.to_string(), actual });
                 }
                 tracing::debug!(%digest, ?report, "layer unpacked");
-                fs::rename(&tmp, &target).map_err(io_err(&target))
+                fs::rename(&tmp, &target).map_err(io_err(&target))?;
+                self.wrote(report.bytes);
+                Ok(())
             });
         if result.is_err() {
             remove_tree(&tmp);
@@ -460,6 +544,39 @@ impl Store {
     }
 }
 
+/// `du`'s count below `path`: allocated blocks, each inode once.
+fn disk_usage(path: &Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
+    if !seen.insert((meta.dev(), meta.ino())) {
+        return 0;
+    }
+    let mut total = meta.blocks().saturating_mul(512);
+    if meta.is_dir()
+        && let Ok(entries) = fs::read_dir(path)
+    {
+        for entry in entries.flatten() {
+            total = total.saturating_add(disk_usage(&entry.path(), seen));
+        }
+    }
+    total
+}
+
+/// A size for people: `512 B`, `3.2 MiB`, `1.5 GiB`.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// Removes a file or a directory tree, making directories writable on the
 /// way (a layer may hold read-only ones).
 pub fn remove_tree(path: &Path) {
@@ -594,6 +711,78 @@ mod tests {
             assert_eq!(t.join().unwrap(), store.layer_path(&digest));
         }
         assert_eq!(fs::read(store.layer_path(&digest).join("f")).unwrap(), b"hi");
+    }
+
+    #[test]
+    fn a_blob_past_the_budget_is_refused_while_it_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path().join("images")).unwrap();
+        let used = store.usage();
+        let store = store.with_budget(Some(used + 100_000));
+        let small = vec![1u8; 10_000];
+        store.put_blob(&Digest::of(&small), &small[..]).unwrap();
+        let big = vec![2u8; 200_000];
+        let err = store.put_blob(&Digest::of(&big), &big[..]).unwrap_err();
+        match err {
+            StoreError::OverBudget { budget, used: held, wanted } => {
+                assert_eq!(budget, used + 100_000);
+                assert!(held >= used + 10_000, "what the first blob added is counted: {held}");
+                assert!(wanted > budget - held && wanted <= 200_000, "{wanted}");
+            }
+            other => panic!("{other}"),
+        }
+        assert!(!store.has_blob(&Digest::of(&big)));
+        assert!(fs::read_dir(tmp.path().join("images/tmp")).unwrap().next().is_none());
+        assert!(store.usage() <= used + 100_000);
+    }
+
+    #[test]
+    fn a_layer_whose_files_pass_the_budget_is_refused_before_they_are_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(300_000);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, "big", &vec![0u8; 300_000][..]).unwrap();
+        let compressed = {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            encoder.write_all(&builder.into_inner().unwrap()).unwrap();
+            encoder.finish().unwrap()
+        };
+        let digest = Digest::of(&compressed);
+        let store = Store::open(tmp.path().join("images")).unwrap();
+        let budget = store.usage() + compressed.len() as u64 + 100_000;
+        let store = store.with_budget(Some(budget));
+        store.put_blob(&digest, &compressed[..]).unwrap();
+        let err = store.unpack(&digest).unwrap_err();
+        assert!(matches!(err, StoreError::OverBudget { budget: b, .. } if b == budget), "{err}");
+        assert!(err.to_string().contains("airlock image prune"), "{err}");
+        assert!(!store.layer_path(&digest).exists());
+        assert!(fs::read_dir(tmp.path().join("images/tmp")).unwrap().next().is_none());
+
+        let roomy = Store::open(tmp.path().join("images")).unwrap().with_budget(Some(budget + 400_000));
+        assert_eq!(fs::metadata(roomy.unpack(&digest).unwrap().join("big")).unwrap().len(), 300_000);
+    }
+
+    #[test]
+    fn usage_counts_blocks_on_disk_and_a_hardlinked_file_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path().join("images")).unwrap();
+        let before = store.usage();
+        let blob = vec![3u8; 64 * 1024];
+        let path = store.put_blob(&Digest::of(&blob), &blob[..]).unwrap();
+        let after = store.usage();
+        assert!(after >= before + 64 * 1024, "{before} → {after}");
+        fs::hard_link(&path, store.root().join("tmp/link")).unwrap();
+        assert_eq!(store.usage(), after);
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(3 << 20), "3.0 MiB");
+        assert_eq!(human_size((3 << 30) / 2), "1.5 GiB");
     }
 
     #[test]

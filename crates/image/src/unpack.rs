@@ -48,6 +48,9 @@ impl Default for Limits {
     }
 }
 
+/// The limit on the sum of a layer's file sizes, as [`UnpackError::Limit`] names it.
+pub const TOTAL_SIZE: &str = "total size";
+
 /// What unpacking a layer did besides writing files.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct UnpackReport {
@@ -211,7 +214,7 @@ impl Unpacker {
         }
         self.report.bytes = self.report.bytes.saturating_add(size);
         if self.report.bytes > self.limits.max_total_bytes {
-            return Err(UnpackError::Limit { what: "total size", limit: self.limits.max_total_bytes });
+            return Err(UnpackError::Limit { what: TOTAL_SIZE, limit: self.limits.max_total_bytes });
         }
         let mode = entry.header().mode().map_err(read_error)?;
         if mode & 0o6000 != 0 && matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {

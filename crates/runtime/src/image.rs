@@ -37,9 +37,25 @@ impl ResolvedImage {
     }
 }
 
-/// The image store under a state root.
+/// The environment variable that bounds the image store's size on disk,
+/// host-wide like the state directory it lives in (`10G`, `512MiB`; unset
+/// or empty: no budget).
+pub const BUDGET_VAR: &str = "AIRLOCK_IMAGE_BUDGET";
+
+/// The image store under a state root, with the budget from
+/// [`BUDGET_VAR`].
 pub fn store(state_root: &Path) -> Result<Store, RunError> {
-    Ok(Store::open(state_root.join("images"))?)
+    let budget = parse_budget(std::env::var(BUDGET_VAR).ok().as_deref())?;
+    Ok(Store::open(state_root.join("images"))?.with_budget(budget))
+}
+
+fn parse_budget(value: Option<&str>) -> Result<Option<u64>, RunError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => airlock_policy::parse_size(text)
+            .map(Some)
+            .map_err(|reason| RunError::ImageBudget { value: text.to_owned(), reason }),
+    }
 }
 
 /// The name a reference is recorded under: local paths made absolute, so
@@ -130,4 +146,23 @@ pub fn resolve_for(
         return Err(RunError::ImageOnMicrovm);
     }
     resolve(root.path(), policy)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_budget_is_a_size_or_nothing() {
+        assert_eq!(parse_budget(None).unwrap(), None);
+        assert_eq!(parse_budget(Some(" ")).unwrap(), None);
+        assert_eq!(parse_budget(Some("10G")).unwrap(), Some(10 << 30));
+        assert_eq!(parse_budget(Some("512MiB")).unwrap(), Some(512 << 20));
+        let err = parse_budget(Some("lots")).unwrap_err();
+        assert!(
+            err.to_string().contains("AIRLOCK_IMAGE_BUDGET") && err.to_string().contains("lots"),
+            "{err}"
+        );
+    }
 }

@@ -90,6 +90,8 @@ pub enum RunError {
     ImageStore(#[from] airlock_image::store::StoreError),
     #[error("{0}")]
     ImageRefused(String),
+    #[error("AIRLOCK_IMAGE_BUDGET={value:?} is not a size (e.g. 10G, 512MiB): {reason}")]
+    ImageBudget { value: String, reason: String },
     #[error(
         "--image is not yet supported on the microvm tier; run it on the process tier (--tier process, where the policy allows)"
     )]

@@ -221,6 +221,36 @@ fn image_pull_ls_rm_and_prune_keep_what_sandboxes_use() {
 }
 
 #[test]
+fn a_pull_past_the_store_budget_is_refused_and_ls_shows_the_budget() {
+    let env = Env::new();
+    let Some((layout, digest)) = layout_or_skip(&env) else { return };
+    let image = format!("oci:{}:v1", layout.display());
+    // The busybox layer alone is about 1 MiB (2 with it unpacked).
+    let o = env.airlock(["image", "pull", &image]).env("AIRLOCK_IMAGE_BUDGET", "256K").output().unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("disk budget of 256.0 KiB would be exceeded"), "{}", show(&o));
+    assert!(stderr(&o).contains("airlock image prune"), "says what to do: {}", show(&o));
+    assert_eq!(fs::read_dir(env.state.join("images/layers/sha256")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(env.state.join("images/tmp")).unwrap().count(), 0);
+    let o = env.airlock(["image", "ls"]).env("AIRLOCK_IMAGE_BUDGET", "256K").output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(!stdout(&o).contains("sha256:"), "nothing recorded: {}", show(&o));
+    assert!(stdout(&o).contains("of a 256.0 KiB budget (AIRLOCK_IMAGE_BUDGET)"), "{}", show(&o));
+
+    let o = env.airlock(["image", "pull", &image]).env("AIRLOCK_IMAGE_BUDGET", "64M").output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), digest);
+    let o = env.airlock(["image", "ls"]).env("AIRLOCK_IMAGE_BUDGET", "64M").output().unwrap();
+    assert!(stdout(&o).contains("of a 64.0 MiB budget"), "{}", show(&o));
+    let o = env.airlock(["image", "ls"]).env_remove("AIRLOCK_IMAGE_BUDGET").output().unwrap();
+    assert!(stdout(&o).contains("no budget (AIRLOCK_IMAGE_BUDGET unset)"), "{}", show(&o));
+
+    let o = env.airlock(["image", "ls"]).env("AIRLOCK_IMAGE_BUDGET", "lots").output().unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("AIRLOCK_IMAGE_BUDGET=\"lots\" is not a size"), "{}", show(&o));
+}
+
+#[test]
 fn a_hostile_layer_is_refused_and_leaves_nothing() {
     let env = Env::new();
     let layout = env.dir.path().join("hostile");
