@@ -208,7 +208,7 @@ fn a_registry_image_pulls_by_tag_and_digest_with_tls_auth_and_the_policy() {
     let host = registry.host();
     let by_tag = format!("{host}/team/bb:1");
     let by_digest = format!("{host}/team/bb@{digest}");
-    let allow = format!("{host}");
+    let allow = host.clone();
     let ca_path = ca.ca.display().to_string();
     let good = docker_config(&work.join("docker-good"), &host, USER, PASSWORD);
     let bad = docker_config(&work.join("docker-bad"), &host, USER, "wrong-password");
