@@ -38,6 +38,19 @@ if [ "$(id -u)" = 0 ]; then
             apt-get update -qq
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${vm_missing[@]}"
         fi
+        # Registry pulls (suite/image_registry.rs) run against Debian's
+        # docker-registry started by the test, with images pushed by skopeo
+        # and an htpasswd file written by htpasswd (apache2-utils); umoci
+        # packs and unpacks OCI layouts for the image tests and benchmark.
+        registry_missing=()
+        for pkg in docker-registry skopeo umoci apache2-utils; do
+            dpkg -s "$pkg" >/dev/null 2>&1 || registry_missing+=("$pkg")
+        done
+        if [ "${#registry_missing[@]}" -gt 0 ]; then
+            say "installing ${registry_missing[*]}"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${registry_missing[@]}"
+        fi
         # The HTML report is checked in headless Chromium (suite/report.rs):
         # it must load with nothing on its console and show what it should.
         if ! dpkg -s chromium >/dev/null 2>&1; then
@@ -52,6 +65,17 @@ if [ "$(id -u)" = 0 ]; then
         useradd --create-home --shell /bin/sh airlock-test
     fi
 fi
+
+# Without them the registry tests fail loudly under CI=true; so does this.
+for bin in docker-registry skopeo umoci htpasswd; do
+    if ! command -v "$bin" >/dev/null; then
+        if [ "${CI:-}" = true ]; then
+            echo "$bin is missing (Debian: docker-registry, skopeo, umoci, apache2-utils)" >&2
+            exit 1
+        fi
+        say "$bin is missing: the registry tests will skip"
+    fi
+done
 
 # The API fuzz test (crates/cli/tests/suite/daemon_fuzz.rs) drives the
 # daemon with schemathesis, from PyPI. PIP_BREAK_SYSTEM_PACKAGES lets pip

@@ -245,9 +245,23 @@ enum ImageCommand {
         /// Plain HTTP for this registry (a local test registry), not HTTPS.
         #[arg(long)]
         insecure: bool,
-        /// Also trust this CA (PEM) for the registry's certificate.
+        /// Also trust this CA (PEM) for the registry's certificate
+        /// (repeatable; the policy's network.extra_roots are trusted too).
         #[arg(long, value_name = "CA.pem")]
-        ca: Option<PathBuf>,
+        ca: Vec<PathBuf>,
+        /// Registry credentials from this Docker-style config.json
+        /// (default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json).
+        #[arg(long, value_name = "FILE")]
+        authfile: Option<PathBuf>,
+        /// The policy whose image rules and network rules the pull follows:
+        /// a built-in name or a policy file. The registry must be allowed
+        /// by its network.allow (or --allow), like a sandbox's egress.
+        #[arg(long, default_value = "dev")]
+        policy: String,
+        /// Allow egress to HOST[:PORT] for this pull (repeatable), where
+        /// the policy permits the flag.
+        #[arg(long = "allow", value_name = "HOST[:PORT]")]
+        allow: Vec<String>,
     },
     /// List the images in the store.
     Ls {
@@ -785,14 +799,11 @@ fn image(cmd: ImageCommand) -> CliResult {
     let root = state()?;
     let store = image::store(root.path())?;
     match cmd {
-        ImageCommand::Pull { reference, insecure, ca } => {
-            let mut options = airlock_image::source::RegistryOptions { insecure, ..Default::default() };
-            if let Some(ca) = ca {
-                options
-                    .extra_roots_pem
-                    .push(std::fs::read(&ca).map_err(|e| format!("{}: {e}", ca.display()))?);
-            }
-            let record = image::pull(&store, &reference, &options, &mut present::PullProgress)?;
+        ImageCommand::Pull { reference, insecure, ca, authfile, policy, allow } => {
+            let policy =
+                Policy::resolve(&policy)?.apply_overrides(&Overrides { allow, ..Default::default() })?;
+            let options = image::PullOptions { insecure, ca, authfile };
+            let record = image::pull(&store, &policy, &reference, &options, &mut present::PullProgress)?;
             println!("{}", record.manifest);
             Ok(0)
         }

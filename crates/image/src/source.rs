@@ -51,6 +51,15 @@ pub enum SourceError {
     },
 }
 
+impl SourceError {
+    /// Whether the registry refused the credentials (or their absence).
+    pub fn is_unauthorized(&self) -> bool {
+        use oci_client::errors::OciDistributionError as E;
+        matches!(self, SourceError::Registry { source, .. }
+            if matches!(**source, E::UnauthorizedError { .. } | E::AuthenticationFailure(_)))
+    }
+}
+
 /// A parsed image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
@@ -102,6 +111,23 @@ impl ImageSource {
         }
     }
 
+    /// The names credentials for this registry may be filed under: the
+    /// reference's registry and the host it resolves to (`docker.io` is
+    /// served by `index.docker.io`).
+    pub fn registry_names(&self) -> Result<Vec<String>, SourceError> {
+        match self {
+            ImageSource::Registry { reference } => {
+                let parsed = parse_reference(reference)?;
+                let mut names = vec![parsed.registry().to_owned()];
+                if parsed.resolve_registry() != parsed.registry() {
+                    names.push(parsed.resolve_registry().to_owned());
+                }
+                Ok(names)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// Whether the reference pins a digest (a local layout or archive is
     /// pinned by being a file the caller holds; a registry tag is not).
     pub fn pins_digest(&self) -> bool {
@@ -135,6 +161,9 @@ pub struct RegistryOptions {
     pub extra_roots_pem: Vec<Vec<u8>>,
     /// `user:password` for basic auth; bearer tokens are negotiated by the client.
     pub basic_auth: Option<(String, String)>,
+    /// An HTTP proxy every connection of the pull goes through (airlock's
+    /// egress proxy, which applies the policy's network rules), as a URL.
+    pub proxy: Option<String>,
 }
 
 /// What a fetched digest is: registries serve manifests and indexes from
@@ -483,6 +512,14 @@ impl RegistryFetch {
                 .collect(),
             // The importer picks the platform from the index itself.
             platform_resolver: None,
+            // Both schemes through the proxy (when given): the registry,
+            // its token service and any host a blob is redirected to.
+            https_proxy: options.proxy.clone(),
+            http_proxy: options.proxy.clone(),
+            // A registry that stops sending fails the pull instead of
+            // holding it forever.
+            read_timeout: Some(std::time::Duration::from_secs(60)),
+            connect_timeout: Some(std::time::Duration::from_secs(30)),
             ..Default::default()
         };
         let client = oci_client::Client::try_from(config)

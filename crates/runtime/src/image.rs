@@ -5,12 +5,14 @@
 
 use std::path::{Path, PathBuf};
 
+use airlock_image::auth;
 use airlock_image::source::{self, ImageSource, RegistryOptions};
 use airlock_image::store::{Digest, RunConfig, Store};
 use airlock_policy::Policy;
 use serde::{Deserialize, Serialize};
 
 use crate::RunError;
+use crate::pull_gate::PullGate;
 
 /// What a sandbox records of its image (meta.json, the view, the audit log).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,15 +91,67 @@ fn image_error(e: source::SourceError) -> RunError {
     RunError::Image(Box::new(e))
 }
 
-/// Pulls (or imports) `reference` into the store, printing nothing.
+/// What the caller adds to a pull from a registry.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Plain HTTP for the reference's registry (`--insecure`).
+    pub insecure: bool,
+    /// CA files (PEM) trusted for the registry's certificate besides the
+    /// host's roots and the policy's `network.extra_roots` (`--ca`).
+    pub ca: Vec<PathBuf>,
+    /// The Docker-style config.json with credentials (`--authfile`);
+    /// default `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+    pub authfile: Option<PathBuf>,
+}
+
+/// Pulls (or imports) `reference` into the store as `policy` allows: its
+/// image rules (pinning, the registry allowlist) first, then, for a
+/// registry, every connection through airlock's egress proxy with the
+/// policy's network rules.
 pub fn pull(
     store: &Store,
+    policy: &Policy,
     reference: &str,
-    options: &RegistryOptions,
+    options: &PullOptions,
     progress: &mut dyn source::Progress,
 ) -> Result<airlock_image::store::ImageRecord, RunError> {
-    let source = ImageSource::parse(reference);
-    source::pull(store, &source, &canonical_name(reference), options, progress).map_err(image_error)
+    let source = check(policy, reference)?;
+    let name = canonical_name(reference);
+    if !matches!(source, ImageSource::Registry { .. }) {
+        return source::pull(store, &source, &name, &RegistryOptions::default(), progress)
+            .map_err(image_error);
+    }
+    let roots: Vec<PathBuf> = options.ca.iter().chain(&policy.network.extra_roots).cloned().collect();
+    let mut registry = RegistryOptions { insecure: options.insecure, ..Default::default() };
+    for path in &roots {
+        let pem = std::fs::read(path).map_err(|e| RunError::ImageCa(path.clone(), e))?;
+        registry.extra_roots_pem.push(pem);
+    }
+    let config = auth::config_path(options.authfile.as_deref());
+    if let Some(path) = &config {
+        let names = source.registry_names().map_err(image_error)?;
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        registry.basic_auth = auth::credentials(path, options.authfile.is_some(), &names)?;
+    }
+    let with = match (&registry.basic_auth, &config) {
+        (Some((user, _)), Some(path)) => format!("the credentials of {user} from {}", path.display()),
+        _ => "anonymous access (no credentials for it in a Docker config.json)".to_owned(),
+    };
+    let gate = PullGate::start(policy, &roots)?;
+    registry.extra_roots_pem.push(gate.ca_pem().as_bytes().to_vec());
+    registry.proxy = Some(gate.url());
+    source::pull(store, &source, &name, &registry, progress).map_err(|e| match gate.refusal() {
+        // The client only sees a refused tunnel; the proxy knows why.
+        Some(refusal) => RunError::ImageRefused(format!(
+            "policy {} refused the pull's connection to {refusal} (image pulls go through the policy's \
+             network rules: allow the registry, e.g. --allow HOST:PORT)",
+            policy.name
+        )),
+        None if e.is_unauthorized() => RunError::ImageRefused(format!(
+            "registry refused {with}: {e}; give credentials with --authfile FILE"
+        )),
+        None => image_error(e),
+    })
 }
 
 struct Quiet;
@@ -123,7 +177,7 @@ pub fn resolve(state_root: &Path, policy: &Policy) -> Result<Option<ResolvedImag
     };
     let record = match found {
         Some(record) => record,
-        None => pull(&store, reference, &RegistryOptions::default(), &mut Quiet)?,
+        None => pull(&store, policy, reference, &PullOptions::default(), &mut Quiet)?,
     };
     if record.layers.is_empty() {
         return Err(RunError::ImageRefused(format!("image {reference} has no layers")));

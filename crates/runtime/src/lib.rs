@@ -22,6 +22,7 @@ pub mod ops;
 pub mod plan;
 pub mod ports;
 pub mod proxy_process;
+pub mod pull_gate;
 pub mod report;
 mod role_process;
 pub mod run;
@@ -92,6 +93,12 @@ pub enum RunError {
     ImageRefused(String),
     #[error("AIRLOCK_IMAGE_BUDGET={value:?} is not a size (e.g. 10G, 512MiB): {reason}")]
     ImageBudget { value: String, reason: String },
+    #[error("registry CA file {0}: {1}")]
+    ImageCa(PathBuf, #[source] io::Error),
+    #[error(transparent)]
+    ImageAuth(#[from] airlock_image::auth::AuthError),
+    #[error(transparent)]
+    PullGate(#[from] crate::pull_gate::PullGateError),
     #[error(
         "--image is not yet supported on the microvm tier; run it on the process tier (--tier process, where the policy allows)"
     )]

@@ -88,7 +88,7 @@ const LINK: tar::EntryType = tar::EntryType::Symlink;
 /// A busybox image: layer 1 (plain tar) holds busybox, its applet links
 /// and `etc/removed`; layer 2 (gzip) adds `etc/image-release` and whites
 /// out `etc/removed`. Config: Env, WorkingDir and Cmd.
-fn busybox_layout(dir: &Path) -> Option<String> {
+pub(super) fn busybox_layout(dir: &Path) -> Option<String> {
     let busybox = fs::read(BUSYBOX).ok()?;
     let mut base: Vec<Entry<'_>> = vec![
         ("bin", DIR, 0o755, "", vec![]),

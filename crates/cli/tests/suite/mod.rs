@@ -20,6 +20,7 @@ mod escape;
 mod exec_trace;
 mod files;
 mod image;
+mod image_registry;
 mod launch_undo;
 mod lifecycle;
 mod longlived;

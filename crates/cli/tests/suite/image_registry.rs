@@ -1,0 +1,399 @@
+//! Registry pulls against a real registry on loopback: Debian's
+//! `docker-registry` (distribution 2.8), started here with its own storage,
+//! TLS from a CA made by the test and htpasswd basic auth, and a busybox
+//! image built by the test pushed into it with `skopeo copy`.
+//!
+//! Token auth is not covered here: it needs a token server whose JWTs the
+//! registry trusts, which this suite does not have yet.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use base64::Engine;
+
+use super::image::busybox_layout;
+use super::support::*;
+
+const USER: &str = "puller";
+const PASSWORD: &str = "right-password";
+
+/// What the tests need on the host; missing: a loud failure in CI.
+fn tools_or_skip() -> bool {
+    let have = |bin: &str| Path::new(bin).is_file();
+    require(
+        have("/usr/bin/docker-registry") && have("/usr/bin/skopeo") && have("/usr/bin/htpasswd"),
+        "docker-registry, skopeo and htpasswd (Debian: docker-registry, skopeo, apache2-utils)",
+    ) && require(
+        Path::new("/bin/busybox").is_file(),
+        "a static busybox at /bin/busybox (Debian: busybox-static)",
+    )
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A test CA and a registry certificate for 127.0.0.1 it signed, as files.
+struct TestCa {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn make_ca(dir: &Path) -> TestCa {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca_params.distinguished_name.push(DnType::CommonName, "airlock registry test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf_params.subject_alt_names = vec![SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())];
+    leaf_params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    // skopeo's --dest-cert-dir reads CAs from *.crt files and takes a
+    // *.key there for a client key: the CA gets a directory of its own.
+    let (trust, server) = (dir.join("tls/trust"), dir.join("tls/server"));
+    fs::create_dir_all(&trust).unwrap();
+    fs::create_dir_all(&server).unwrap();
+    fs::write(trust.join("ca.crt"), ca_cert.pem()).unwrap();
+    fs::write(server.join("registry.pem"), leaf.pem()).unwrap();
+    fs::write(server.join("registry.key"), leaf_key.serialize_pem()).unwrap();
+    TestCa { ca: trust.join("ca.crt"), cert: server.join("registry.pem"), key: server.join("registry.key") }
+}
+
+/// A running docker-registry; stopped (and its storage removed with the
+/// test's directory) when dropped.
+struct Registry {
+    child: Child,
+    port: u16,
+    storage: PathBuf,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// Starts a registry in `dir/NAME`: HTTPS with `tls` when given, basic
+    /// auth for USER:PASSWORD when `auth`.
+    fn start(dir: &Path, name: &str, tls: Option<&TestCa>, auth: bool) -> Registry {
+        let root = dir.join(name);
+        let storage = root.join("storage");
+        fs::create_dir_all(&storage).unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        if let Some(tls) = tls {
+            config +=
+                &format!("  tls:\n    certificate: {}\n    key: {}\n", tls.cert.display(), tls.key.display());
+        }
+        if auth {
+            let o = Command::new("htpasswd").args(["-nbB", USER, PASSWORD]).output().unwrap();
+            assert!(o.status.success(), "{}", show(&o));
+            fs::write(root.join("htpasswd"), &o.stdout).unwrap();
+            config += &format!(
+                "auth:\n  htpasswd:\n    realm: airlock-test\n    path: {}\n",
+                root.join("htpasswd").display()
+            );
+        }
+        fs::write(root.join("config.yml"), config).unwrap();
+        let child = Command::new("/usr/bin/docker-registry")
+            .args(["serve", &root.join("config.yml").display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(root.join("registry.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let registry = Registry { child, port, storage };
+        assert!(
+            wait_until(20, || TcpStream::connect(("127.0.0.1", port)).is_ok()),
+            "the registry did not listen: {}",
+            fs::read_to_string(root.join("registry.log")).unwrap_or_default()
+        );
+        registry
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Pushes the busybox layout's `v1` to `team/bb:1` with skopeo and
+    /// returns the pushed manifest's digest.
+    fn push(&self, layout: &Path, tls: Option<&TestCa>, auth: bool, work: &Path) -> String {
+        let digest_file = work.join(format!("pushed-{}", self.port));
+        let policy = work.join("skopeo-policy.json");
+        fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+        let mut cmd = Command::new("skopeo");
+        cmd.arg("--policy").arg(&policy).arg("copy").arg("--digestfile").arg(&digest_file);
+        match tls {
+            Some(tls) => cmd.arg("--dest-cert-dir").arg(tls.ca.parent().unwrap()),
+            None => cmd.arg("--dest-tls-verify=false"),
+        };
+        if auth {
+            cmd.arg("--dest-creds").arg(format!("{USER}:{PASSWORD}"));
+        }
+        cmd.arg(format!("oci:{}:v1", layout.display())).arg(format!("docker://{}/team/bb:1", self.host()));
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "skopeo copy: {}", show(&o));
+        fs::read_to_string(&digest_file).unwrap().trim().to_owned()
+    }
+
+    /// The file the registry keeps a blob's bytes in.
+    fn blob_data(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.storage.join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+/// A Docker config.json at `dir/config.json` with `auths` for `host`.
+fn docker_config(dir: &Path, host: &str, user: &str, password: &str) -> PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let json = serde_json::json!({"auths": {host: {"auth": auth}}});
+    fs::write(dir.join("config.json"), serde_json::to_vec(&json).unwrap()).unwrap();
+    dir.to_path_buf()
+}
+
+fn layers_of_manifest(registry: &Registry, manifest: &str) -> Vec<String> {
+    let bytes = fs::read(registry.blob_data(manifest)).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    manifest["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_owned()).collect()
+}
+
+/// Nothing in the store that looks complete: no image, none of `blobs`.
+fn assert_nothing_complete(env: &Env, blobs: &[String], what: &str) {
+    let o = env.airlock(["image", "ls", "--json"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list, serde_json::json!([]), "{what}: no image recorded");
+    for digest in blobs {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        assert!(
+            !env.state.join("images/blobs/sha256").join(hex).exists(),
+            "{what}: blob {digest} not stored"
+        );
+        assert!(
+            !env.state.join("images/layers/sha256").join(hex).exists(),
+            "{what}: layer {digest} not unpacked"
+        );
+    }
+}
+
+#[test]
+fn a_registry_image_pulls_by_tag_and_digest_with_tls_auth_and_the_policy() {
+    if !tools_or_skip() {
+        return;
+    }
+    let env = Env::new();
+    let work = env.dir.path().to_path_buf();
+    let layout = work.join("layout");
+    busybox_layout(&layout).unwrap();
+    let ca = make_ca(&work);
+    let registry = Registry::start(&work, "registry", Some(&ca), true);
+    let digest = registry.push(&layout, Some(&ca), true, &work);
+    let host = registry.host();
+    let by_tag = format!("{host}/team/bb:1");
+    let by_digest = format!("{host}/team/bb@{digest}");
+    let allow = host.clone();
+    let ca_path = ca.ca.display().to_string();
+    let good = docker_config(&work.join("docker-good"), &host, USER, PASSWORD);
+    let bad = docker_config(&work.join("docker-bad"), &host, USER, "wrong-password");
+    let pull = |args: &[&str], config: &Path| {
+        let mut cmd = env.airlock(["image", "pull"]);
+        cmd.args(args).env("DOCKER_CONFIG", config);
+        cmd.output().unwrap()
+    };
+
+    // The egress rules decide first: no allow entry, then a loopback
+    // address allowed without its port (the private-address guard).
+    let o = pull(&[&by_tag, "--ca", &ca_path], &good);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains(&format!("no allow entry matches {host}")), "{}", show(&o));
+    let o = pull(&[&by_tag, "--ca", &ca_path, "--allow", "127.0.0.1"], &good);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("loopback"), "the private-address guard: {}", show(&o));
+
+    // The test CA is trusted only when named.
+    let o = pull(&[&by_tag, "--allow", &allow], &good);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).to_lowercase().contains("certificate"), "{}", show(&o));
+
+    // Wrong credentials: a clear refusal, nothing stored.
+    let o = pull(&[&by_tag, "--allow", &allow, "--ca", &ca_path], &bad);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains(&format!("registry refused the credentials of {USER} from")), "{}", show(&o));
+    assert_nothing_complete(&env, &[], "wrong credentials");
+
+    // By tag: progress on stderr, the manifest's digest on stdout.
+    let o = pull(&[&by_tag, "--allow", &allow, "--ca", &ca_path], &good);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), digest, "{}", show(&o));
+    assert!(stderr(&o).contains("layer sha256:"), "progress: {}", show(&o));
+
+    // By digest, and a digest that is not the manifest's.
+    let o = pull(&[&by_digest, "--allow", &allow, "--ca", &ca_path], &good);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), digest, "{}", show(&o));
+    let other = format!("{host}/team/bb@sha256:{}", "0".repeat(64));
+    let o = pull(&[&other, "--allow", &allow, "--ca", &ca_path], &good);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+
+    // A sandbox on the pulled image.
+    let o = env
+        .airlock(["run", "--mode", "none", "--image", &by_tag, "--", "cat", "/etc/image-release"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("airlock-test-image 1"), "{}", show(&o));
+
+    // The policy's image rules: another registry refused, a tag refused
+    // where a digest is required.
+    let policy = work.join("only-example.toml");
+    fs::write(&policy, "extends = \"dev\"\n[image]\nregistries = [\"registry.example.com\"]\n").unwrap();
+    let policy = policy.display().to_string();
+    let o = pull(&[&by_tag, "--allow", &allow, "--ca", &ca_path, "--policy", &policy], &good);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("is not in the policy's image.registries"), "{}", show(&o));
+    let pinned = work.join("pinned.toml");
+    fs::write(&pinned, "extends = \"dev\"\n[image]\nrequire_digest = true\n").unwrap();
+    let pinned = pinned.display().to_string();
+    let o = pull(&[&by_tag, "--allow", &allow, "--ca", &ca_path, "--policy", &pinned], &good);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("require_digest"), "{}", show(&o));
+    let o = pull(&[&by_digest, "--allow", &allow, "--ca", &ca_path, "--policy", &pinned], &good);
+    assert_eq!(o.status.code(), Some(0), "a digest passes: {}", show(&o));
+}
+
+/// Forwards 127.0.0.1:<its port> to `upstream` and, while armed, cuts
+/// every connection once `budget` bytes have come back from upstream in
+/// all; after the cut it forwards everything.
+struct CuttingProxy {
+    port: u16,
+    armed: Arc<AtomicBool>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: u16, budget: u64) -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(true));
+        let sent = Arc::new(AtomicU64::new(0));
+        let flag = armed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(Shutdown::Write);
+                });
+                let (flag, sent) = (flag.clone(), sent.clone());
+                std::thread::spawn(move || {
+                    let (mut server, mut client) = (server, client);
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        let n = match server.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let total = sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                        if flag.load(Ordering::SeqCst) && total > budget {
+                            flag.store(false, Ordering::SeqCst);
+                            let _ = client.shutdown(Shutdown::Both);
+                            let _ = server.shutdown(Shutdown::Both);
+                            break;
+                        }
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        CuttingProxy { port, armed }
+    }
+}
+
+#[test]
+fn a_corrupted_or_interrupted_registry_pull_leaves_nothing_complete_and_a_retry_works() {
+    if !tools_or_skip() {
+        return;
+    }
+    let env = Env::new();
+    let work = env.dir.path().to_path_buf();
+    let layout = work.join("layout");
+    busybox_layout(&layout).unwrap();
+    let ca = make_ca(&work);
+    let registry = Registry::start(&work, "registry", Some(&ca), false);
+    let digest = registry.push(&layout, Some(&ca), false, &work);
+    let layers = layers_of_manifest(&registry, &digest);
+    let ca_path = ca.ca.display().to_string();
+    let pull = |host: &str| {
+        let reference = format!("{host}/team/bb:1");
+        env.airlock(["image", "pull", &reference, "--allow", host, "--ca", &ca_path]).output().unwrap()
+    };
+
+    // A layer corrupted in the registry's storage (same size): refused.
+    let data = registry.blob_data(&layers[0]);
+    let original = fs::read(&data).unwrap();
+    let mut corrupted = original.clone();
+    let middle = corrupted.len() / 2;
+    corrupted[middle] ^= 0xff;
+    fs::write(&data, &corrupted).unwrap();
+    let o = pull(&registry.host());
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("digest"), "{}", show(&o));
+    assert_nothing_complete(&env, &layers, "corrupted blob");
+    fs::write(&data, &original).unwrap();
+
+    // The connection cut in the middle of the big layer (the manifest and
+    // config are a few KiB; the busybox layer is about a megabyte or more).
+    let proxy = CuttingProxy::start(registry.port, 256 * 1024);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let o = pull(&host);
+    assert!(!proxy.armed.load(Ordering::SeqCst), "the proxy cut a connection");
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert_nothing_complete(&env, &layers, "interrupted pull");
+
+    // The retry, now uncut, completes.
+    let o = pull(&host);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), digest, "{}", show(&o));
+}
+
+#[test]
+fn a_plain_http_registry_is_refused_unless_insecure() {
+    if !tools_or_skip() {
+        return;
+    }
+    let env = Env::new();
+    let work = env.dir.path().to_path_buf();
+    let layout = work.join("layout");
+    busybox_layout(&layout).unwrap();
+    let registry = Registry::start(&work, "plain", None, false);
+    let digest = registry.push(&layout, None, false, &work);
+    let host = registry.host();
+    let reference = format!("{host}/team/bb:1");
+    let o = env.airlock(["image", "pull", &reference, "--allow", &host]).output().unwrap();
+    assert_ne!(o.status.code(), Some(0), "HTTPS is the default: {}", show(&o));
+    assert_nothing_complete(&env, &[], "plain HTTP without --insecure");
+    let o = env.airlock(["image", "pull", &reference, "--allow", &host, "--insecure"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), digest, "{}", show(&o));
+}
