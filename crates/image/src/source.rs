@@ -104,9 +104,7 @@ impl ImageSource {
     /// allowlist); None for local sources.
     pub fn registry(&self) -> Result<Option<String>, SourceError> {
         match self {
-            ImageSource::Registry { reference } => {
-                Ok(Some(parse_reference(reference)?.registry().to_owned()))
-            }
+            ImageSource::Registry { reference } => Ok(Some(registry_of(reference)?.to_owned())),
             _ => Ok(None),
         }
     }
@@ -138,6 +136,33 @@ impl ImageSource {
             }
             ImageSource::DockerArchive { .. } => false,
         }
+    }
+}
+
+/// The registry a reference names, by the distribution reference rule: its
+/// first component is a registry when it holds a `.` or a `:` or is
+/// `localhost`; otherwise the reference is Docker Hub's. Without the full
+/// parse, which compiles a regular expression per process: a start on a
+/// cached image needs only this (the full parse runs when pulling). A
+/// reference the rule cannot read is refused as the full parse would.
+fn registry_of(reference: &str) -> Result<&str, SourceError> {
+    let refused = || match parse_reference(reference) {
+        Err(e) => e,
+        // The rule is stricter than the grammar nowhere it matters here;
+        // should they disagree, the full parse decides.
+        Ok(_) => SourceError::Reference {
+            reference: reference.to_owned(),
+            source: oci_client::ParseError::ReferenceInvalidFormat,
+        },
+    };
+    let name = reference.split('@').next().unwrap_or(reference);
+    match name.split_once('/') {
+        Some((first, rest)) if first.is_empty() || rest.is_empty() => Err(refused()),
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => Ok(first),
+        _ if name.is_empty() || reference.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            Err(refused())
+        }
+        _ => Ok("docker.io"),
     }
 }
 
@@ -622,6 +647,30 @@ impl Read for StreamReader<'_> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_registry_rule_agrees_with_the_full_parse() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        for reference in [
+            "registry.example.com/team/py:3.12".to_owned(),
+            "registry.example.com:5000/team/py".to_owned(),
+            "127.0.0.1:5000/team/bb:1".to_owned(),
+            "localhost/bb".to_owned(),
+            "localhost:5000/a/b/c:tag".to_owned(),
+            "busybox".to_owned(),
+            "library/busybox:1".to_owned(),
+            "team/py:3.12".to_owned(),
+            format!("registry.example.com/team/py@{digest}"),
+            format!("team/py:1@{digest}"),
+        ] {
+            let full = parse_reference(&reference).unwrap();
+            assert_eq!(registry_of(&reference).unwrap(), full.registry(), "{reference}");
+        }
+        for bad in ["", "/x", "a b/c", "registry.example.com/"] {
+            assert!(parse_reference(bad).is_err(), "{bad:?}");
+            assert!(registry_of(bad).is_err(), "{bad:?}");
+        }
+    }
 
     struct Count(u32);
     impl Progress for Count {
