@@ -4,9 +4,11 @@
 //! download and a request against going direct; and how `airlock daemon`
 //! creates, execs in and holds many sandboxes; and what a microVM sandbox
 //! costs to boot, to exec in and to keep; and what recording every exec
-//! costs a loop of execs. See bench/README.md.
+//! costs a loop of execs; and create → first output through E2B's Python
+//! SDK beside the native API. See bench/README.md.
 
 mod daemon;
+mod e2b;
 mod egress;
 mod exectrace;
 mod fixtures;
@@ -50,7 +52,9 @@ bubblewrap and runc where they are installed, and the egress benchmarks
 and the daemon benchmarks (create → first exec, exec round trip, concurrent
 creates and memory per idle sandbox, against its own `airlock daemon`), and
 the microVM benchmarks (boot to first exec, exec round trip, host memory per
-idle VM, with KVM where it works and under emulation otherwise);
+idle VM, with KVM where it works and under emulation otherwise), the exec
+trace's cost, and create → first output through E2B's Python SDK beside the
+native API's create → first exec, against one daemon serving both;
 prints medians, p90 and ratios.
 
 options:
@@ -66,8 +70,8 @@ options:
   --no-bwrap           skip bubblewrap even if installed
   --no-runc            skip runc even if installed
   --only LIST          run only these sections, comma-separated: startup, diff,
-                       egress, daemon, microvm, exectrace (startup includes
-                       peak memory)
+                       egress, daemon, microvm, exectrace, e2b (startup
+                       includes peak memory)
   --egress-runs N      timed runs per egress case (default 5)
   --egress-requests N  small requests per latency run (default 200)
   --download-mib N     size of the egress download in MiB (default 256)
@@ -84,6 +88,10 @@ options:
   --exec-loop N        /bin/true execs per run of the exec trace's loop
                        (default 1000)
   --exec-iterations N  timed runs per exec trace case (default 10)
+  --e2b-python PATH    a Python with e2b==2.64.0 installed, for the e2b
+                       section (default: $CARGO_TARGET_DIR/bench-deps/py-e2b/
+                       bin/python, else bench-deps beside the airlock binary's
+                       target directory; bench/run.sh installs it there)
   --keep               keep the scratch directory afterwards
   --strict             exit 2 when a target is missed
   -h, --help           this text";
@@ -113,6 +121,7 @@ pub struct Options {
     pub vm_cache: Option<PathBuf>,
     pub exec_loop: usize,
     pub exec_iterations: usize,
+    pub e2b_python: Option<PathBuf>,
 }
 
 /// Which groups of benchmarks to run.
@@ -125,11 +134,19 @@ pub struct Sections {
     pub daemon: bool,
     pub microvm: bool,
     pub exectrace: bool,
+    pub e2b: bool,
 }
 
 impl Sections {
-    const ALL: Sections =
-        Sections { startup: true, diff: true, egress: true, daemon: true, microvm: true, exectrace: true };
+    const ALL: Sections = Sections {
+        startup: true,
+        diff: true,
+        egress: true,
+        daemon: true,
+        microvm: true,
+        exectrace: true,
+        e2b: true,
+    };
     const NONE: Sections = Sections {
         startup: false,
         diff: false,
@@ -137,6 +154,7 @@ impl Sections {
         daemon: false,
         microvm: false,
         exectrace: false,
+        e2b: false,
     };
 
     fn parse(list: &str) -> Result<Sections, BenchError> {
@@ -149,16 +167,17 @@ impl Sections {
                 "daemon" => s.daemon = true,
                 "microvm" => s.microvm = true,
                 "exectrace" => s.exectrace = true,
+                "e2b" => s.e2b = true,
                 other => {
                     return Err(BenchError::new(format!(
-                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm, exectrace)"
+                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm, exectrace, e2b)"
                     )));
                 }
             }
         }
         if s == Sections::NONE {
             return Err(BenchError::new(
-                "--only needs at least one section (startup, diff, egress, daemon, microvm, exectrace)",
+                "--only needs at least one section (startup, diff, egress, daemon, microvm, exectrace, e2b)",
             ));
         }
         Ok(s)
@@ -196,6 +215,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
         vm_cache: None,
         exec_loop: 1000,
         exec_iterations: 10,
+        e2b_python: None,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -252,6 +272,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
             "--exec-iterations" => {
                 o.exec_iterations = number("--exec-iterations", value("--exec-iterations")?, 1)?;
             }
+            "--e2b-python" => o.e2b_python = Some(PathBuf::from(value("--e2b-python")?)),
             other => return Err(BenchError::new(format!("unknown argument {other:?}; see --help"))),
         }
     }
@@ -402,6 +423,8 @@ pub struct Results {
     pub microvm: Option<microvm::MicrovmResults>,
     /// None when the section was not selected.
     pub exectrace: Option<exectrace::ExecTraceResults>,
+    /// None when the section was not selected.
+    pub e2b: Option<e2b::E2bResults>,
 }
 
 /// The egress section's outcome: per case, the pooled values of all timed
@@ -508,11 +531,24 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             (sections.daemon, "daemon"),
             (sections.microvm, "microvm"),
             (sections.exectrace, "exectrace"),
+            (sections.e2b, "e2b"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
         .collect();
         header.push(format!("sections:   {} (--only)", names.join(", ")));
+    }
+    let e2b_python = opts
+        .e2b_python
+        .clone()
+        .unwrap_or_else(|| e2b::default_python(std::env::var_os("CARGO_TARGET_DIR").as_deref(), &airlock));
+    if sections.e2b {
+        header.push(format!(
+            "e2b:        {} create → first output runs per route after {} warm-up; SDK python {}",
+            opts.iterations,
+            opts.warmup,
+            e2b_python.display()
+        ));
     }
     header.push(format!("scratch:    {}", scratch.display()));
 
@@ -628,6 +664,22 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         None
     };
 
+    let e2b = if sections.e2b {
+        if sections.startup
+            || sections.diff
+            || sections.egress
+            || sections.daemon
+            || sections.microvm
+            || sections.exectrace
+        {
+            note_cpu_busy("e2b", &mut header, &mut notes);
+        }
+        let plan = e2b::Plan { iterations: opts.iterations, warmup: opts.warmup, python: e2b_python };
+        Some(e2b::run(&airlock, &scratch.join("e2b"), &plan, &mut notes))
+    } else {
+        None
+    };
+
     let results = Results {
         opts: opts.clone(),
         header,
@@ -645,6 +697,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         daemon,
         microvm,
         exectrace,
+        e2b,
     };
     let verdict = report::print(&results);
 
@@ -661,7 +714,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             || results.egress.as_ref().is_some_and(EgressResults::failed)
             || results.daemon.as_ref().is_some_and(daemon::DaemonResults::failed)
             || results.microvm.as_ref().is_some_and(microvm::MicrovmResults::failed)
-            || results.exectrace.as_ref().is_some_and(exectrace::ExecTraceResults::failed);
+            || results.exectrace.as_ref().is_some_and(exectrace::ExecTraceResults::failed)
+            || results.e2b.as_ref().is_some_and(e2b::E2bResults::failed);
     Ok(if airlock_failed {
         1
     } else if opts.strict && !verdict.all_met {
@@ -1095,5 +1149,12 @@ mod tests {
         assert_eq!(o.sections, Sections { microvm: true, ..Sections::NONE });
         assert_eq!((o.vm_iterations, o.vm_warmup, o.vm_execs, o.vm_cache), (5, 1, 7, None));
         assert!(parse(&["--airlock", "/a", "--vm-iterations", "0"]).is_err());
+        let Parsed::Run(o) =
+            parse(&["--airlock", "/a", "--only", "e2b,daemon", "--e2b-python=/v/bin/python"]).unwrap()
+        else {
+            panic!("help")
+        };
+        assert_eq!(o.sections, Sections { e2b: true, daemon: true, ..Sections::NONE });
+        assert_eq!(o.e2b_python, Some(PathBuf::from("/v/bin/python")));
     }
 }

@@ -111,6 +111,9 @@ pub fn print(r: &Results) -> Verdict {
     if let Some(x) = &r.exectrace {
         crate::exectrace::print(x, &mut problems);
     }
+    if let Some(e) = &r.e2b {
+        crate::e2b::print(e, &mut problems);
+    }
 
     println!();
     println!("== targets");
@@ -160,6 +163,9 @@ pub fn print(r: &Results) -> Verdict {
     }
     if let Some(x) = &r.exectrace {
         crate::exectrace::targets(x, &mut target);
+    }
+    if let Some(e) = &r.e2b {
+        crate::e2b::targets(e, &mut target);
     }
 
     if !r.notes.is_empty() || !problems.is_empty() {
