@@ -52,7 +52,7 @@ pub struct Plan {
 
 /// The section's outcome.
 pub struct E2bResults {
-    /// Why nothing was measured (no SDK installed), if so.
+    /// Why nothing was measured (no SDK installed, or it did not import), if so.
     pub skipped: Option<String>,
     /// The SDK version the driver imported.
     pub sdk: Option<String>,
@@ -359,7 +359,12 @@ fn measure(
 
     let script = dir.join("e2b_driver.py");
     std::fs::write(&script, DRIVER).map_err(|e| BenchError::new(format!("{}: {e}", script.display())))?;
-    let (mut driver, sdk) = Driver::start(&plan.python, &script, &url, &token, &dir.join("driver.log"))?;
+    // A Python that cannot import the SDK is a missing peer, not airlock failing.
+    let log = dir.join("driver.log");
+    let (mut driver, sdk) = match Driver::start(&plan.python, &script, &url, &token, &log) {
+        Ok(started) => started,
+        Err(e) => return Ok(E2bResults::skipped(format!("the e2b driver did not start: {e}"))),
+    };
     if sdk != SDK_VERSION {
         notes.push(format!("e2b: the driver imported e2b {sdk}, not the pinned {SDK_VERSION}"));
     }
