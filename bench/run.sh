@@ -10,8 +10,11 @@
 #    (linux-image-amd64) when /boot has none.
 #    One that cannot be installed is reported and its rows are skipped; the
 #    rest still runs.
-# 2. Builds airlock and the harness in release mode.
-# 3. Runs the harness (bench/src) against that airlock binary. Options after
+# 2. Installs E2B's Python SDK, pinned, into a venv of its own
+#    ($CARGO_TARGET_DIR/bench-deps/py-e2b) for the e2b section; without it
+#    that section is skipped.
+# 3. Builds airlock and the harness in release mode.
+# 4. Runs the harness (bench/src) against that airlock binary. Options after
 #    run.sh are passed to it; `bench/run.sh --help` lists them.
 #
 # Scratch files go to $CARGO_TARGET_DIR/bench-work (default target/bench-work),
@@ -82,10 +85,28 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# The e2b section drives the daemon with E2B's own Python SDK, unmodified
+# and pinned (the version scripts/test.sh tests against), from PyPI.
+E2B_PY_VERSION=2.64.0
+E2B_VENV="$CARGO_TARGET_DIR/bench-deps/py-e2b"
+if ! "$E2B_VENV/bin/python" -c \
+    "import importlib.metadata as m; assert m.version('e2b') == '$E2B_PY_VERSION'" >/dev/null 2>&1; then
+    say "installing e2b==$E2B_PY_VERSION into $E2B_VENV"
+    if ! python3 -m venv --help >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        # Debian's Python makes venvs only with python3-venv.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null || true
+    fi
+    rm -rf "$E2B_VENV"
+    if ! { python3 -m venv "$E2B_VENV" && "$E2B_VENV/bin/python" -m pip install --quiet "e2b==$E2B_PY_VERSION"; }; then
+        warn "could not install e2b==$E2B_PY_VERSION: the e2b section is skipped"
+    fi
+fi
+
 say "building airlock (release)"
 cargo build --release -p airlock
 say "building the harness (release)"
 cargo build --release -p airlock-bench
 
 say "running the benchmarks"
-exec "$CARGO_TARGET_DIR/release/airlock-bench" --airlock "$CARGO_TARGET_DIR/release/airlock" "$@"
+exec "$CARGO_TARGET_DIR/release/airlock-bench" --airlock "$CARGO_TARGET_DIR/release/airlock" \
+    --e2b-python "$E2B_VENV/bin/python" "$@"

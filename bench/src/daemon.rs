@@ -258,6 +258,17 @@ impl Daemon {
         dir: &Path,
         env: &[(&str, &std::ffi::OsStr)],
     ) -> Result<Daemon, BenchError> {
+        Daemon::start_with(airlock, dir, &[], env)
+    }
+
+    /// Starts the daemon with `args` after `daemon --socket PATH` (another
+    /// listener) and `env` added to its environment.
+    pub fn start_with(
+        airlock: &Path,
+        dir: &Path,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Daemon, BenchError> {
         fixtures::make_dir_0755(dir)?;
         let socket = dir.join("run/airlock.sock");
         // sun_path holds 108 bytes with the terminating NUL.
@@ -275,6 +286,7 @@ impl Daemon {
             .arg("daemon")
             .arg("--socket")
             .arg(&socket)
+            .args(args)
             .env("AIRLOCK_STATE_DIR", &state)
             .env("AIRLOCK_SOCKET", &socket)
             .envs(env.iter().copied())
@@ -508,26 +520,39 @@ pub fn summarize(walls: &[Duration]) -> Outcome {
     Summary::of(&samples).map_or_else(|| Outcome::Failed("no samples".into()), Outcome::Measured)
 }
 
+/// One create → first exec: the times to the create's `201` and to the
+/// exec's exit line.
+pub struct FirstExec {
+    pub create: Duration,
+    pub total: Duration,
+}
+
+/// Creates `name`, runs `true` in it and removes it (untimed).
+pub fn create_then_exec(d: &Daemon, name: &str) -> Result<FirstExec, BenchError> {
+    let t0 = Instant::now();
+    let r = d.create(name).and_then(|()| {
+        let t1 = Instant::now();
+        d.exec_true(name).map(|t2| FirstExec { create: t1 - t0, total: t2 - t0 })
+    });
+    let removed = d.delete(name);
+    let times = r?;
+    removed?;
+    Ok(times)
+}
+
 /// create → first exec, one sandbox at a time, removed (untimed) after each.
 fn first_exec(d: &Daemon, plan: &Plan) -> (Outcome, Outcome, Outcome) {
     let (mut total, mut create, mut exec) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..plan.warmup + plan.iterations {
-        let name = format!("bench-first-{i}");
-        let t0 = Instant::now();
-        let r = d.create(&name).and_then(|()| {
-            let t1 = Instant::now();
-            d.exec_true(&name).map(|t2| (t1, t2))
-        });
-        let removed = d.delete(&name);
-        match (r, removed) {
-            (Ok((t1, t2)), Ok(())) => {
+        match create_then_exec(d, &format!("bench-first-{i}")) {
+            Ok(t) => {
                 if i >= plan.warmup {
-                    total.push(t2 - t0);
-                    create.push(t1 - t0);
-                    exec.push(t2 - t1);
+                    total.push(t.total);
+                    create.push(t.create);
+                    exec.push(t.total - t.create);
                 }
             }
-            (Err(e), _) | (Ok(_), Err(e)) => {
+            Err(e) => {
                 let f = || Outcome::Failed(format!("run {}: {e}", i + 1));
                 return (f(), f(), f());
             }

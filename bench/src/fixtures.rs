@@ -234,8 +234,13 @@ pub fn make_runc_bundle(
 }
 
 pub fn is_root() -> bool {
+    euid() == 0
+}
+
+/// The harness's effective uid.
+pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    unsafe { libc::geteuid() }
 }
 
 #[cfg(test)]

@@ -5,10 +5,12 @@
 //! creates, execs in and holds many sandboxes; and what a microVM sandbox
 //! costs to boot, to exec in and to keep; and what recording every exec
 //! costs a loop of execs; and how long a first image pull takes against
-//! skopeo + umoci, and what a cached image adds to a sandbox's start. See
-//! bench/README.md.
+//! skopeo + umoci, and what a cached image adds to a sandbox's start; and
+//! create → first output through E2B's Python SDK beside the native API.
+//! See bench/README.md.
 
 mod daemon;
+mod e2b;
 mod egress;
 mod exectrace;
 mod fixtures;
@@ -53,10 +55,12 @@ bubblewrap and runc where they are installed, and the egress benchmarks
 and the daemon benchmarks (create → first exec, exec round trip, concurrent
 creates and memory per idle sandbox, against its own `airlock daemon`), and
 the microVM benchmarks (boot to first exec, exec round trip, host memory per
-idle VM, with KVM where it works and under emulation otherwise), and the
-image benchmarks (first pull of a built ~100 MiB image from a local registry
-against skopeo copy + umoci unpack, and a sandbox start on the cached image
-against one on the host root); prints medians, p90 and ratios.
+idle VM, with KVM where it works and under emulation otherwise), the exec
+trace's cost, the image benchmarks (first pull of a built ~100 MiB image
+from a local registry against skopeo copy + umoci unpack, and a sandbox
+start on the cached image against one on the host root), and create →
+first output through E2B's Python SDK beside the native API's create →
+first exec, against one daemon serving both; prints medians, p90 and ratios.
 
 options:
   --airlock PATH       the airlock binary to measure (build it with --release)
@@ -71,7 +75,7 @@ options:
   --no-bwrap           skip bubblewrap even if installed
   --no-runc            skip runc even if installed
   --only LIST          run only these sections, comma-separated: startup, diff,
-                       egress, daemon, microvm, exectrace, images (startup
+                       egress, daemon, microvm, exectrace, images, e2b (startup
                        includes peak memory)
   --egress-runs N      timed runs per egress case (default 5)
   --egress-requests N  small requests per latency run (default 200)
@@ -93,6 +97,10 @@ options:
                        (default 100)
   --pull-iterations N  timed first pulls per case (default 5; the start cases
                        use --iterations)
+  --e2b-python PATH    a Python with e2b==2.64.0 installed, for the e2b
+                       section (default: $CARGO_TARGET_DIR/bench-deps/py-e2b/
+                       bin/python, else bench-deps beside the airlock binary's
+                       target directory; bench/run.sh installs it there)
   --keep               keep the scratch directory afterwards
   --strict             exit 2 when a target is missed
   -h, --help           this text";
@@ -124,6 +132,7 @@ pub struct Options {
     pub exec_iterations: usize,
     pub image_mib: u64,
     pub pull_iterations: usize,
+    pub e2b_python: Option<PathBuf>,
 }
 
 /// Which groups of benchmarks to run.
@@ -137,6 +146,7 @@ pub struct Sections {
     pub microvm: bool,
     pub exectrace: bool,
     pub images: bool,
+    pub e2b: bool,
 }
 
 impl Sections {
@@ -148,6 +158,7 @@ impl Sections {
         microvm: true,
         exectrace: true,
         images: true,
+        e2b: true,
     };
     const NONE: Sections = Sections {
         startup: false,
@@ -157,6 +168,7 @@ impl Sections {
         microvm: false,
         exectrace: false,
         images: false,
+        e2b: false,
     };
 
     fn parse(list: &str) -> Result<Sections, BenchError> {
@@ -170,16 +182,17 @@ impl Sections {
                 "microvm" => s.microvm = true,
                 "exectrace" => s.exectrace = true,
                 "images" => s.images = true,
+                "e2b" => s.e2b = true,
                 other => {
                     return Err(BenchError::new(format!(
-                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm, exectrace, images)"
+                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm, exectrace, images, e2b)"
                     )));
                 }
             }
         }
         if s == Sections::NONE {
             return Err(BenchError::new(
-                "--only needs at least one section (startup, diff, egress, daemon, microvm, exectrace, images)",
+                "--only needs at least one section (startup, diff, egress, daemon, microvm, exectrace, images, e2b)",
             ));
         }
         Ok(s)
@@ -219,6 +232,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
         exec_iterations: 10,
         image_mib: 100,
         pull_iterations: 5,
+        e2b_python: None,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -279,6 +293,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, BenchErr
             "--pull-iterations" => {
                 o.pull_iterations = number("--pull-iterations", value("--pull-iterations")?, 1)?;
             }
+            "--e2b-python" => o.e2b_python = Some(PathBuf::from(value("--e2b-python")?)),
             other => return Err(BenchError::new(format!("unknown argument {other:?}; see --help"))),
         }
     }
@@ -431,6 +446,7 @@ pub struct Results {
     pub exectrace: Option<exectrace::ExecTraceResults>,
     /// None when the section was not selected.
     pub images: Option<images::ImageResults>,
+    pub e2b: Option<e2b::E2bResults>,
 }
 
 /// The egress section's outcome: per case, the pooled values of all timed
@@ -538,11 +554,24 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             (sections.microvm, "microvm"),
             (sections.exectrace, "exectrace"),
             (sections.images, "images"),
+            (sections.e2b, "e2b"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
         .collect();
         header.push(format!("sections:   {} (--only)", names.join(", ")));
+    }
+    let e2b_python = opts
+        .e2b_python
+        .clone()
+        .unwrap_or_else(|| e2b::default_python(std::env::var_os("CARGO_TARGET_DIR").as_deref(), &airlock));
+    if sections.e2b {
+        header.push(format!(
+            "e2b:        {} create → first output runs per route after {} warm-up; SDK python {}",
+            opts.iterations,
+            opts.warmup,
+            e2b_python.display()
+        ));
     }
     header.push(format!("scratch:    {}", scratch.display()));
 
@@ -678,6 +707,23 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
     } else {
         None
     };
+    let e2b = if sections.e2b {
+        if sections.startup
+            || sections.diff
+            || sections.egress
+            || sections.daemon
+            || sections.microvm
+            || sections.exectrace
+            || sections.images
+        {
+            note_cpu_busy("e2b", &mut header, &mut notes);
+        }
+        let plan = e2b::Plan { iterations: opts.iterations, warmup: opts.warmup, python: e2b_python };
+        Some(e2b::run(&airlock, &scratch.join("e2b"), &plan, &mut notes))
+    } else {
+        None
+    };
+
     let results = Results {
         opts: opts.clone(),
         header,
@@ -696,6 +742,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         microvm,
         exectrace,
         images,
+        e2b,
     };
     let verdict = report::print(&results);
 
@@ -713,7 +760,8 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             || results.daemon.as_ref().is_some_and(daemon::DaemonResults::failed)
             || results.microvm.as_ref().is_some_and(microvm::MicrovmResults::failed)
             || results.exectrace.as_ref().is_some_and(exectrace::ExecTraceResults::failed)
-            || results.images.as_ref().is_some_and(images::ImageResults::failed);
+            || results.images.as_ref().is_some_and(images::ImageResults::failed)
+            || results.e2b.as_ref().is_some_and(e2b::E2bResults::failed);
     Ok(if airlock_failed {
         1
     } else if opts.strict && !verdict.all_met {
@@ -1156,5 +1204,12 @@ mod tests {
         assert_eq!(o.sections, Sections { images: true, ..Sections::NONE });
         assert_eq!((o.image_mib, o.pull_iterations), (20, 3));
         assert!(parse(&["--airlock", "/a", "--pull-iterations", "0"]).is_err());
+        let Parsed::Run(o) =
+            parse(&["--airlock", "/a", "--only", "e2b,daemon", "--e2b-python=/v/bin/python"]).unwrap()
+        else {
+            panic!("help")
+        };
+        assert_eq!(o.sections, Sections { e2b: true, daemon: true, ..Sections::NONE });
+        assert_eq!(o.e2b_python, Some(PathBuf::from("/v/bin/python")));
     }
 }

@@ -114,6 +114,9 @@ pub fn print(r: &Results) -> Verdict {
     if let Some(x) = &r.images {
         crate::images::print(x, &mut problems);
     }
+    if let Some(e) = &r.e2b {
+        crate::e2b::print(e, &mut problems);
+    }
 
     println!();
     println!("== targets");
@@ -166,6 +169,9 @@ pub fn print(r: &Results) -> Verdict {
     }
     if let Some(x) = &r.images {
         crate::images::targets(x, &mut target);
+    }
+    if let Some(e) = &r.e2b {
+        crate::e2b::targets(e, &mut target);
     }
 
     if !r.notes.is_empty() || !problems.is_empty() {

@@ -155,6 +155,12 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
+        // A streamed answer (a process's events) goes out in small writes;
+        // with Nagle's algorithm each one after the first waits for the
+        // client's delayed ACK, about 40 ms per command on Linux.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::warn!(%remote, error = %e, "E2B connection: cannot set TCP_NODELAY");
+        }
         let acceptor = server.acceptor.clone();
         let (state, routers) = (state.clone(), routers.clone());
         tokio::spawn(async move {
