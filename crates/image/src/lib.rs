@@ -4,3 +4,4 @@
 pub mod source;
 pub mod store;
 pub mod unpack;
+pub mod user;
