@@ -90,10 +90,6 @@ pub enum RunError {
     ImageStore(#[from] airlock_image::store::StoreError),
     #[error("{0}")]
     ImageRefused(String),
-    #[error(
-        "--image is not yet supported on the microvm tier; run it on the process tier (--tier process, where the policy allows)"
-    )]
-    ImageOnMicrovm,
     #[error("state directory {0}: {1}")]
     State(PathBuf, #[source] io::Error),
     #[error(

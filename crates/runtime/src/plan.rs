@@ -195,6 +195,7 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         cwd,
         tty: input.tty,
         egress: input.network.as_ref().map(|n| n.ports),
+        user: input.image.and_then(|i| i.user.clone()),
     }
 }
 
