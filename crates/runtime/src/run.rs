@@ -461,8 +461,14 @@ fn supervise_vm(
     } = launched;
     let channel_error = |e: io::Error| RunError::State(sandbox.path().to_path_buf(), e);
     let tty = terminal.then(|| stdio.attach_guest_terminal());
-    let request =
-        ExecRequest { id: ID, argv: req.command.clone(), env: exec_env, cwd: exec_cwd, tty, user: exec_user };
+    let request = ExecRequest {
+        id: ID,
+        argv: req.command.clone(),
+        env: crate::plan::base_env_for(&exec_env, exec_user.as_deref()).cloned().collect(),
+        cwd: exec_cwd,
+        tty,
+        user: exec_user,
+    };
     let writer = Arc::new(Mutex::new(control.try_clone().map_err(channel_error)?));
     if let Ok(mut w) = writer.lock() {
         airlock_proto::send(&mut *w, &HostMessage::Exec(Box::new(request)))?;

@@ -958,14 +958,16 @@ impl Server {
             r.insert(id, Route { tx, stdin: stdin.clone() });
         }
         self.running_execs.fetch_add(1, Ordering::Relaxed);
+        let user = spec.user.clone().or_else(|| self.exec_user.clone());
+        let base = crate::plan::base_env_for(&self.exec_env, user.as_deref());
         let request = HostMessage::Exec(Box::new(ExecRequest {
             id,
             argv: spec.argv.clone(),
             // The exec's own variables last: they win.
-            env: self.exec_env.iter().chain(&spec.env).cloned().collect(),
+            env: base.chain(&spec.env).cloned().collect(),
             cwd: spec.cwd.clone().or_else(|| self.exec_cwd.clone()),
             tty: spec.tty,
-            user: spec.user.clone().or_else(|| self.exec_user.clone()),
+            user,
         }));
         let sent =
             self.agent.lock().map(|mut a| airlock_proto::send(&mut *a, &request).is_ok()).unwrap_or(false);

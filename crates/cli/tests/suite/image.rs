@@ -392,6 +392,21 @@ fn the_images_user_runs_the_command_unless_the_caller_names_one() {
     let o = env.airlock(["stop", "imguser"]).output().unwrap();
     assert!(o.status.success(), "{}", show(&o));
 
+    // The same in a guest, whose agent looks the name up in the image's own
+    // /etc/passwd (the guest's root).
+    if super::microvm::ready() {
+        let pinned = format!("oci:{}@{}", layout.display(), digest.as_deref().unwrap_or_default());
+        let policy = super::microvm::emulation_policy(&env);
+        let run = ["run", "--policy", policy.to_str().unwrap(), "--mode", "none", "--image", &pinned, "--"];
+        let o = super::microvm::airlock_vm(
+            &env,
+            &super::microvm::shared_cache(),
+            &[&run[..], &["sh", "-c", "echo $(id -u):$(id -g) $USER"]].concat(),
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+        assert!(stdout(&o).contains("1000:1001 dev"), "in a microVM: {}", show(&o));
+    }
+
     // An /etc/passwd that links to the host's is not read.
     let hostile = env.dir.path().join("layout-link");
     busybox_layout_as(&hostile, Some("root"), &[("etc/passwd", LINK, 0o777, "/etc/passwd", vec![])]).unwrap();
