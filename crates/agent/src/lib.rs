@@ -79,8 +79,10 @@ pub fn main() -> i32 {
         Err(e) => return setup_failed(&mut control, "wait for the cgroup", &e),
     }
     // A long-lived sandbox (no command) may be asked to run an exec as
-    // another user; the agent keeps what switching ids takes, nothing more.
-    let keep = if launch.command.is_empty() {
+    // another user, and a command may run as its image's user; the agent
+    // keeps what switching ids takes, nothing more (the command's change of
+    // uid drops it).
+    let keep = if launch.command.is_empty() || launch.user.is_some() {
         setup::AgentPrivileges::SwitchIds
     } else {
         setup::AgentPrivileges::None
@@ -149,8 +151,15 @@ pub fn serve_guest(
             return AGENT_FAILED;
         }
     };
-    let launch =
-        Launch { jail: guest_plan(), command: Vec::new(), env, cwd: "/".into(), tty: false, egress: None };
+    let launch = Launch {
+        jail: guest_plan(),
+        command: Vec::new(),
+        env,
+        cwd: "/".into(),
+        tty: false,
+        egress: None,
+        user: None,
+    };
     service::serve(control, &launch, waiter, trace)
 }
 
@@ -245,6 +254,16 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
     let cwd = if launch.cwd.is_dir() { launch.cwd.clone() } else { "/".into() };
     let mut cmd = Command::new(program);
     cmd.args(args).env_clear().envs(launch.env.iter().cloned()).current_dir(&cwd);
+    // The image's user (resolved by the host to numbers), with its name
+    // and home from the sandbox's own /etc/passwd where it has an entry.
+    match launch.user.as_deref().map(users::resolve).transpose() {
+        Ok(Some(user)) => user.apply(&mut cmd),
+        Ok(None) => {}
+        Err(message) => {
+            report(control, AgentMessage::ExecFailed { exit_code: 126, message });
+            return 126;
+        }
+    }
     if launch.tty {
         // The terminal comes from the sandbox's own devpts instance, so that
         // it has a name inside (`tty` works); the supervisor gets its master

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -284,16 +283,7 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
     let mut cmd = Command::new(program);
     cmd.args(args).env_clear().envs(launch.env.iter().cloned());
     if let Some(user) = &user {
-        // std sets the group, drops supplementary groups (where the user
-        // namespace allows setgroups) and then the user, in the child; the
-        // change of uid takes the agent's id-switching capabilities with it.
-        cmd.uid(user.uid).gid(user.gid);
-        if let Some(name) = &user.name {
-            cmd.env("USER", name).env("LOGNAME", name);
-        }
-        if let Some(home) = &user.home {
-            cmd.env("HOME", home);
-        }
+        user.apply(&mut cmd);
     }
     cmd.envs(req.env.iter().cloned()).current_dir(&cwd);
     let terminal = match req.tty {

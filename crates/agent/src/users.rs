@@ -16,11 +16,43 @@ pub struct ExecUser {
     pub home: Option<PathBuf>,
 }
 
+impl ExecUser {
+    /// Makes `cmd` run as this user, with its USER, LOGNAME and HOME.
+    pub fn apply(&self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        // std sets the group, drops supplementary groups (where the user
+        // namespace allows setgroups) and then the user, in the child; the
+        // change of uid takes the agent's id-switching capabilities with it.
+        cmd.uid(self.uid).gid(self.gid);
+        if let Some(name) = &self.name {
+            cmd.env("USER", name).env("LOGNAME", name);
+        }
+        if let Some(home) = &self.home {
+            cmd.env("HOME", home);
+        }
+    }
+}
+
 /// Resolves `spec` against the sandbox's /etc/passwd and /etc/group.
 pub fn resolve(spec: &str) -> Result<ExecUser, String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    resolve_in(spec, &passwd, &group)
+    resolve_in(spec, &read_small("/etc/passwd"), &read_small("/etc/group"))
+}
+
+/// The most of /etc/passwd or /etc/group read.
+const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// A regular file's text, at most [`MAX_FILE_BYTES`] of it; empty for
+/// anything else. An image's /etc/passwd could be a link to /dev/zero,
+/// which would otherwise be read until the agent runs out of memory.
+fn read_small(path: &str) -> String {
+    use std::io::Read;
+    let Ok(file) = std::fs::File::open(path) else { return String::new() };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    let _ = file.take(MAX_FILE_BYTES).read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// One /etc/passwd line: name, uid, gid, home.
@@ -115,6 +147,15 @@ mod tests {
         // A number without an entry is taken as is, its group the same number.
         let bare = resolve_in("4242", PASSWD, GROUP).unwrap();
         assert_eq!((bare.uid, bare.gid, bare.name, bare.home), (4242, 4242, None, None));
+    }
+
+    #[test]
+    fn only_a_regular_file_is_read_and_only_so_much() {
+        assert_eq!(read_small("/dev/zero"), "");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("passwd");
+        std::fs::write(&big, vec![b'x'; (MAX_FILE_BYTES + 10) as usize]).unwrap();
+        assert_eq!(read_small(big.to_str().unwrap()).len() as u64, MAX_FILE_BYTES);
     }
 
     #[test]

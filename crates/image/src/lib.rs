@@ -5,3 +5,4 @@ pub mod auth;
 pub mod source;
 pub mod store;
 pub mod unpack;
+pub mod user;

@@ -102,6 +102,10 @@ pub struct Launch {
     /// Listen on these loopback ports and hand each accepted connection to
     /// the host's egress proxy. None: the sandbox has no network at all.
     pub egress: Option<EgressPorts>,
+    /// Run the command as this user (see [`ExecRequest::user`]): an
+    /// image's `User`, as `UID:GID`. Root inside when absent.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// The agent's loopback listeners for the egress proxy.

@@ -29,6 +29,10 @@ pub struct ResolvedImage {
     /// Unpacked layers, bottom first.
     pub layers: Vec<PathBuf>,
     pub config: RunConfig,
+    /// The image's `User` as `UID:GID` (names looked up in the image's
+    /// own files), for the command and every exec that names no user of
+    /// its own; None: root inside.
+    pub user: Option<String>,
 }
 
 impl ResolvedImage {
@@ -183,23 +187,72 @@ pub fn resolve(state_root: &Path, policy: &Policy) -> Result<Option<ResolvedImag
         return Err(RunError::ImageRefused(format!("image {reference} has no layers")));
     }
     let config = store.run_config(&record)?;
+    let layers: Vec<PathBuf> = record.layers.iter().map(|l| store.layer_path(l)).collect();
+    let user = match &config.user {
+        Some(spec) => user_within_ids(reference, spec, &layers)?,
+        None => None,
+    };
     Ok(Some(ResolvedImage {
         meta: ImageMeta { reference: reference.clone(), digest: record.manifest.to_string() },
-        layers: record.layers.iter().map(|l| store.layer_path(l)).collect(),
+        layers,
         config,
+        user,
     }))
 }
 
-/// [`resolve`] under a state root, refusing the microVM tier first (before
-/// anything is pulled).
+/// The ids a sandbox's user namespace maps: as root, 0–65535 (a block of
+/// host ids of its own); rootless, root alone (the caller).
+fn mapped_ids() -> u32 {
+    if rustix::process::geteuid().is_root() { 65_536 } else { 1 }
+}
+
+/// The image's `User`, resolved in its layers, as `UID:GID` when the
+/// sandbox's ids hold it. As root an id outside the block is refused;
+/// rootless, where root inside is the only id, a user other than root
+/// runs as root inside (said in the log: the caller is that one id anyway).
+fn user_within_ids(reference: &str, spec: &str, layers: &[PathBuf]) -> Result<Option<String>, RunError> {
+    let user = airlock_image::user::resolve(spec, layers)
+        .map_err(|e| RunError::ImageRefused(format!("image {reference}: {e}")))?;
+    let mapped = mapped_ids();
+    if user.uid < mapped && user.gid < mapped {
+        return Ok(Some(format!("{}:{}", user.uid, user.gid)));
+    }
+    if mapped == 1 {
+        tracing::warn!(
+            image = reference,
+            user = spec,
+            "the image's user runs as root inside: without root airlock maps only the caller's own id"
+        );
+        return Ok(None);
+    }
+    Err(RunError::ImageRefused(format!(
+        "image {reference}: its user {spec:?} is {}:{}, outside the sandbox's ids (0-{})",
+        user.uid,
+        user.gid,
+        mapped - 1
+    )))
+}
+
+/// [`resolve`] under a state root; on the microVM tier, an image of more
+/// layers than a guest takes (each is a device of its own) is refused.
 pub fn resolve_for(
     root: &crate::state::StateRoot,
     policy: &Policy,
 ) -> Result<Option<ResolvedImage>, RunError> {
-    if policy.image.reference.is_some() && policy.isolation.tier == airlock_policy::Tier::Microvm {
-        return Err(RunError::ImageOnMicrovm);
+    let image = resolve(root.path(), policy)?;
+    if let Some(image) = &image
+        && policy.isolation.tier == airlock_policy::Tier::Microvm
+        && image.layers.len() > airlock_vm::boot::MAX_IMAGE_LAYERS
+    {
+        return Err(RunError::ImageRefused(format!(
+            "image {} has {} layers; the microvm tier takes at most {} (each is a device of the guest's): \
+             flatten it, or run it on the process tier",
+            image.meta.reference,
+            image.layers.len(),
+            airlock_vm::boot::MAX_IMAGE_LAYERS
+        )));
     }
-    resolve(root.path(), policy)
+    Ok(image)
 }
 
 #[cfg(test)]

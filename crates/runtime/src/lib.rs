@@ -99,10 +99,6 @@ pub enum RunError {
     ImageAuth(#[from] airlock_image::auth::AuthError),
     #[error(transparent)]
     PullGate(#[from] crate::pull_gate::PullGateError),
-    #[error(
-        "--image is not yet supported on the microvm tier; run it on the process tier (--tier process, where the policy allows)"
-    )]
-    ImageOnMicrovm,
     #[error("state directory {0}: {1}")]
     State(PathBuf, #[source] io::Error),
     #[error(

@@ -50,6 +50,8 @@ pub(crate) struct Launched {
     /// Where an exec without a directory of its own starts: the microVM
     /// tier's workspace; None for the process tier (its launch plan's).
     pub exec_cwd: Option<PathBuf>,
+    /// Who an exec that names no user runs as: the image's `User`.
+    pub exec_user: Option<String>,
 }
 
 /// The sandbox's output logs, capped at the policy's `limits.log_size`
@@ -437,7 +439,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     })?;
     if policy.isolation.tier == Tier::Microvm {
         let one_command = (!command.is_empty()).then_some(OneCommand { terminal });
-        let guest = GuestSpec { workspace, workspace_owner, one_command };
+        let guest = GuestSpec { workspace, workspace_owner, one_command, image };
         return launch_vm(sandbox, policy, guest, host, meta, audit, held);
     }
 
@@ -603,6 +605,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         agent_serving: false,
         exec_env: Vec::new(),
         exec_cwd: None,
+        exec_user: image.and_then(|i| i.user.clone()),
     })
 }
 
@@ -656,6 +659,8 @@ struct GuestSpec<'a> {
     /// written to the stdio's sandbox ends, and so reaches the caller and
     /// the logs as the process tier's does.
     one_command: Option<OneCommand>,
+    /// The image the guest's root comes from (its layers, Env, WorkingDir).
+    image: Option<&'a crate::image::ResolvedImage>,
 }
 
 /// The microVM tier's launch, from the sandbox's recorded creation on: the
@@ -675,7 +680,7 @@ fn launch_vm(
     mut audit: AuditLog,
     held: &mut Held,
 ) -> Result<Launched, RunError> {
-    let GuestSpec { workspace, workspace_owner, one_command } = guest;
+    let GuestSpec { workspace, workspace_owner, one_command, image } = guest;
     let name = meta.name.clone();
     // QEMU runs in the sandbox's own cgroup, sized for it (the guest's RAM
     // and QEMU's overhead, and the egress proxy's allowance). Named in
@@ -776,7 +781,13 @@ fn launch_vm(
         stdio.release_child_ends();
     }
     let host_env = |k: &str| std::env::var(k).ok();
-    let exec_env = plan::environment_of(policy, &name, &host_env, &[], &network_env).into_iter().collect();
+    let image_env = image.map_or(&[][..], |i| &i.config.env[..]);
+    let exec_env =
+        plan::environment_of(policy, &name, &host_env, image_env, &network_env).into_iter().collect();
+    // Without a workspace, the image's WorkingDir (as on the process tier).
+    let exec_cwd = workspace.map(Path::to_path_buf).or_else(|| {
+        image.and_then(|i| i.config.working_dir.as_deref()).filter(|d| d.starts_with('/')).map(PathBuf::from)
+    });
     phase_done("network")?;
     // No untrusted code runs without the proxy: ready before the guest boots.
     let host_egress = match held.network.as_mut() {
@@ -793,7 +804,8 @@ fn launch_vm(
         None => None,
     };
     phase_done("proxy-ready")?;
-    let vm = crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref(), host_egress, writable)?;
+    let vm =
+        crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref(), host_egress, writable, image)?;
     let agent_pid = vm.pid();
     let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     held.vm = Some(vm);
@@ -820,7 +832,8 @@ fn launch_vm(
         control,
         agent_serving: true,
         exec_env,
-        exec_cwd: workspace.map(Path::to_path_buf),
+        exec_cwd,
+        exec_user: image.and_then(|i| i.user.clone()),
     })
 }
 

@@ -45,12 +45,17 @@ pub(crate) fn boot(
     cgroup: Option<&SandboxCgroup>,
     egress: Option<HostEgress>,
     writable: Option<airlock_vm::boot::WritableShare>,
+    image: Option<&crate::image::ResolvedImage>,
 ) -> Result<airlock_vm::boot::Vm, RunError> {
-    let mut root = guest_root(policy, &mut |notice| {
-        if let Notice::Warning(w) = notice {
-            tracing::warn!(sandbox = name, "{w}");
-        }
-    });
+    // On an image, none of the host's directories: its layers are the root.
+    let mut root = match image {
+        Some(_) => hidden_entries(policy),
+        None => guest_root(policy, &mut |notice| {
+            if let Notice::Warning(w) = notice {
+                tracing::warn!(sandbox = name, "{w}");
+            }
+        }),
+    };
     if let Some(ws) = workspace {
         root.push(RootEntry::Workspace(ws.to_path_buf()));
     }
@@ -61,6 +66,7 @@ pub(crate) fn boot(
         cpus: policy.limits.cpus,
         limits: airlock_vm::limits::GuestLimits { pids: policy.limits.pids, disk: policy.limits.disk },
         root,
+        image_layers: image.map(|i| i.layers.clone()).unwrap_or_default(),
         cgroup: cgroup.cloned(),
         writable,
         exec_trace: policy.audit.exec_trace,
@@ -209,16 +215,20 @@ fn guest_root(policy: &Policy, notify: &mut dyn FnMut(Notice)) -> Vec<RootEntry>
             _ => {}
         }
     }
-    let hidden = airlock_jail::mounts::ALWAYS_HIDDEN
+    entries.extend(hidden_entries(policy));
+    entries
+}
+
+/// The jail's always-hidden paths and the policy's `hidden`, masked in the
+/// guest (whatever its root: the host's directories or an image's).
+fn hidden_entries(policy: &Policy) -> Vec<RootEntry> {
+    airlock_jail::mounts::ALWAYS_HIDDEN
         .iter()
         .map(Path::new)
-        .chain(policy.filesystem.hidden.iter().map(|p| p.as_path()));
-    for path in hidden {
-        if RootEntry::fits(path) {
-            entries.push(RootEntry::Hide(path.to_path_buf()));
-        }
-    }
-    entries
+        .chain(policy.filesystem.hidden.iter().map(|p| p.as_path()))
+        .filter(|path| RootEntry::fits(path))
+        .map(|path| RootEntry::Hide(path.to_path_buf()))
+        .collect()
 }
 
 /// The first path the policy hides that the guest could not be told to

@@ -195,6 +195,7 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         cwd,
         tty: input.tty,
         egress: input.network.as_ref().map(|n| n.ports),
+        user: input.image.and_then(|i| i.user.clone()),
     }
 }
 
@@ -214,6 +215,20 @@ fn environment(policy: &Policy, input: &LaunchInput<'_>) -> BTreeMap<String, Str
     let network = input.network.as_ref().map_or(&[][..], |n| n.env);
     let image_env = input.image.map_or(&[][..], |i| &i.config.env[..]);
     environment_of(policy, input.name, input.host_env, image_env, network)
+}
+
+/// The variables of the base environment that name root as the user:
+/// left out of a guest's exec that runs as another user, whose agent sets
+/// them from that user's passwd entry.
+const ROOTS_OWN_VARS: &[&str] = &["HOME", "USER", "LOGNAME"];
+
+/// A microVM exec's base environment for `user` (None: root inside).
+pub(crate) fn base_env_for<'a>(
+    base: &'a [(String, String)],
+    user: Option<&str>,
+) -> impl Iterator<Item = &'a (String, String)> {
+    let as_other = user.is_some();
+    base.iter().filter(move |(k, _)| !(as_other && ROOTS_OWN_VARS.contains(&k.as_str())))
 }
 
 /// [`environment`] from its parts; the microVM tier's too.
@@ -414,6 +429,17 @@ mod tests {
         let l = plan_for(&policy, "/home/u/repo", false);
         assert_eq!(l.jail.workspace.unwrap().mode, WorkspaceMountMode::ReadOnly);
         assert_eq!(l.jail.rlimits.nproc, Some(policy.limits.pids));
+    }
+
+    #[test]
+    fn a_guests_exec_as_another_user_gets_no_roots_home_or_name() {
+        let base: Vec<(String, String)> =
+            [("HOME", "/root"), ("USER", "root"), ("LOGNAME", "root"), ("PATH", "/bin")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into();
+        let keys = |user| base_env_for(&base, user).map(|(k, _)| k.as_str()).collect::<Vec<_>>();
+        assert_eq!(keys(None), ["HOME", "USER", "LOGNAME", "PATH"]);
+        assert_eq!(keys(Some("1000:1000")), ["PATH"]);
     }
 
     #[test]

@@ -120,9 +120,6 @@ pub(crate) fn check(
             policy.name
         )));
     }
-    if policy.image.reference.is_some() && policy.isolation.tier == airlock_policy::Tier::Microvm {
-        return Err(RunError::ImageOnMicrovm);
-    }
     if policy.isolation.tier == airlock_policy::Tier::Microvm {
         // The guest has its own kernel: none of the host's jail features
         // apply (an overlay's layer without root is `check`'s to say).
@@ -269,6 +266,7 @@ fn supervise(
         agent_serving: _,
         exec_env: _,
         exec_cwd: _,
+        exec_user: _,
     } = launched;
 
     // The first message says whether the sandbox came up; with a terminal,
@@ -458,12 +456,19 @@ fn supervise_vm(
         mut control,
         exec_env,
         exec_cwd,
+        exec_user,
         ..
     } = launched;
     let channel_error = |e: io::Error| RunError::State(sandbox.path().to_path_buf(), e);
     let tty = terminal.then(|| stdio.attach_guest_terminal());
-    let request =
-        ExecRequest { id: ID, argv: req.command.clone(), env: exec_env, cwd: exec_cwd, tty, user: None };
+    let request = ExecRequest {
+        id: ID,
+        argv: req.command.clone(),
+        env: crate::plan::base_env_for(&exec_env, exec_user.as_deref()).cloned().collect(),
+        cwd: exec_cwd,
+        tty,
+        user: exec_user,
+    };
     let writer = Arc::new(Mutex::new(control.try_clone().map_err(channel_error)?));
     if let Ok(mut w) = writer.lock() {
         airlock_proto::send(&mut *w, &HostMessage::Exec(Box::new(request)))?;

@@ -106,9 +106,6 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
     crate::ports::check(&req.ports, &policy)?;
     // The image's rules fail the create here, before a supervisor starts.
     if let Some(reference) = &policy.image.reference {
-        if policy.isolation.tier == airlock_policy::Tier::Microvm {
-            return Err(RunError::ImageOnMicrovm);
-        }
         crate::image::check(&policy, reference)?;
     }
     drop(policy);
@@ -469,6 +466,7 @@ impl Supervisor {
         let server = Server {
             exec_env: Arc::new(launched.exec_env.clone()),
             exec_cwd: launched.exec_cwd.clone(),
+            exec_user: launched.exec_user.clone(),
             agent: agent.clone(),
             routes: routes.clone(),
             file_routes,
@@ -840,6 +838,8 @@ struct Server {
     exec_env: Arc<Vec<(String, String)>>,
     /// Where an exec without a directory of its own starts (see `Launched::exec_cwd`).
     exec_cwd: Option<PathBuf>,
+    /// Who an exec without a user of its own runs as (see `Launched::exec_user`).
+    exec_user: Option<String>,
     agent: Arc<Mutex<UnixStream>>,
     routes: ExecRoutes,
     file_routes: FileRoutes,
@@ -958,14 +958,16 @@ impl Server {
             r.insert(id, Route { tx, stdin: stdin.clone() });
         }
         self.running_execs.fetch_add(1, Ordering::Relaxed);
+        let user = spec.user.clone().or_else(|| self.exec_user.clone());
+        let base = crate::plan::base_env_for(&self.exec_env, user.as_deref());
         let request = HostMessage::Exec(Box::new(ExecRequest {
             id,
             argv: spec.argv.clone(),
             // The exec's own variables last: they win.
-            env: self.exec_env.iter().chain(&spec.env).cloned().collect(),
+            env: base.chain(&spec.env).cloned().collect(),
             cwd: spec.cwd.clone().or_else(|| self.exec_cwd.clone()),
             tty: spec.tty,
-            user: spec.user.clone(),
+            user,
         }));
         let sent =
             self.agent.lock().map(|mut a| airlock_proto::send(&mut *a, &request).is_ok()).unwrap_or(false);

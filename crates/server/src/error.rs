@@ -127,9 +127,7 @@ impl From<RunError> for ApiError {
             RunError::WorkspaceDir(..) | RunError::WorkspaceIsRoot | RunError::WorkspaceRefused(_) => {
                 ApiError::bad_request("invalid_workspace", message)
             }
-            RunError::NoCommand | RunError::ImageOnMicrovm => {
-                ApiError::bad_request("invalid_request", message)
-            }
+            RunError::NoCommand => ApiError::bad_request("invalid_request", message),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "create_failed", message),
         }
     }

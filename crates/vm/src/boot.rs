@@ -36,6 +36,10 @@ pub struct BootSpec {
     pub deadline: Duration,
     /// The guest's root: what of the host it sees, read-only.
     pub root: Vec<RootEntry>,
+    /// An image's unpacked layers, bottom first: each a read-only 9p share
+    /// (tag [`image_tag`]), which the guest stacks as overlay lowers for its
+    /// root in place of the host's directories.
+    pub image_layers: Vec<PathBuf>,
     /// The cgroup QEMU runs in (its limits cover QEMU as a whole: guest
     /// RAM, vCPUs and what QEMU spends itself); placed before it starts.
     pub cgroup: Option<SandboxCgroup>,
@@ -163,6 +167,28 @@ const MAX_INIT_WORDS: usize = 32;
 /// workspace is an overlay whose writable layer is the virtio-fs share.
 pub const LAYER_ARG: &str = "layer:on";
 
+/// The prefix of the word on the kernel's command line that tells the
+/// guest how many image layers it has (`image:N`): one word, whatever the
+/// number, since the guest needs only their tags.
+pub const IMAGE_ARG: &str = "image:";
+
+/// The most image layers a guest takes: each is a virtio device, and the
+/// microvm machine has 24 virtio-mmio slots, which the agent's and egress
+/// ports, the workspace and the writable share also use.
+pub const MAX_IMAGE_LAYERS: usize = 16;
+
+/// The 9p tag of the `index`th image layer (bottom first).
+pub fn image_tag(index: usize) -> String {
+    format!("img{index}")
+}
+
+/// The number of image layers the guest's arguments announce.
+pub fn image_layers_from_args<S: AsRef<str>>(args: impl IntoIterator<Item = S>) -> usize {
+    args.into_iter()
+        .find_map(|a| a.as_ref().strip_prefix(IMAGE_ARG).and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
 /// The virtio-fs share's tag when it is an overlay's layer.
 pub const LAYER_TAG: &str = "layer";
 
@@ -183,9 +209,11 @@ impl Writes {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn kernel_command_line(
     accel: Accel,
     root: &[RootEntry],
+    image_layers: usize,
     egress: bool,
     writes: Option<Writes>,
     redirect: Option<&airlock_jail::plan::Redirect>,
@@ -210,6 +238,9 @@ fn kernel_command_line(
     if exec_trace {
         line.push(' ');
         line.push_str(EXEC_TRACE_ARG);
+    }
+    if image_layers > 0 {
+        line.push_str(&format!(" {IMAGE_ARG}{image_layers}"));
     }
     line.push(' ');
     line.push_str(&limits.to_arg());
@@ -282,6 +313,7 @@ fn qemu_args(
         kernel_command_line(
             spec.accel,
             &spec.root,
+            spec.image_layers.len(),
             spec.egress,
             writes,
             spec.redirect.as_ref(),
@@ -331,7 +363,8 @@ fn qemu_args(
         }
         _ => None,
     });
-    for (tag, share) in shares.enumerate().map(|(i, p)| (share_tag(i), p)).chain(workspace) {
+    let layers = spec.image_layers.iter().enumerate().map(|(i, p)| (image_tag(i), p));
+    for (tag, share) in shares.enumerate().map(|(i, p)| (share_tag(i), p)).chain(workspace).chain(layers) {
         args.extend([
             "-fsdev".into(),
             format!("local,id={tag},path={},security_model=none,readonly=on,multidevs=remap", path(share)),
@@ -488,6 +521,7 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
                 RootEntry::Workspace(p) if writes != Some(Writes::Workspace) => Some(p.clone()),
                 _ => None,
             })
+            .chain(spec.image_layers.iter().cloned())
             .collect(),
         hidden: spec
             .root
@@ -498,8 +532,8 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
             })
             .collect(),
         run_dir: dir,
-        // The overlay's lower layer: 9p answers its xattr questions.
-        proc: writes == Some(Writes::Layer),
+        // An overlay's lower layers: 9p answers its xattr questions.
+        proc: writes == Some(Writes::Layer) || !spec.image_layers.is_empty(),
     };
     let plan =
         jail::plan(&program, qemu_args(guest, spec, &socket, &egress_socket, &fs_socket, &console)?, &needs)?;
@@ -783,9 +817,9 @@ mod tests {
 
     #[test]
     fn the_exec_trace_is_asked_for_on_inits_command_line_only_when_the_policy_wants_it() {
-        let on = kernel_command_line(Accel::Tcg, &[], false, None, None, LIMITS, true).unwrap();
+        let on = kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, true).unwrap();
         assert!(on.split(' ').any(|w| w == EXEC_TRACE_ARG), "{on}");
-        let off = kernel_command_line(Accel::Tcg, &[], false, None, None, LIMITS, false).unwrap();
+        let off = kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, false).unwrap();
         assert!(!off.split(' ').any(|w| w == EXEC_TRACE_ARG), "{off}");
     }
 
@@ -793,21 +827,21 @@ mod tests {
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &fits, false, None, None, LIMITS, false).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &fits, 0, false, None, None, LIMITS, false).unwrap();
         assert!(line.ends_with("|hide:/etc/secret-0019-with-a-long-name"), "{line}");
         // However many entries, init gets few arguments (the kernel's
         // limit is 32).
         let (_, init_args) = line.split_once(" -- ").unwrap();
         assert_eq!(init_args.split(' ').count(), 3, "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_many, false, None, None, LIMITS, false)
+        let err = kernel_command_line(Accel::Tcg, &too_many, 0, false, None, None, LIMITS, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
         // Few pieces, but long ones.
         let long = |i: usize| RootEntry::Hide(format!("/{}{i}", "x".repeat(80)).into());
         let too_long: Vec<RootEntry> = (0..28).map(long).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_long, false, None, None, LIMITS, false)
+        let err = kernel_command_line(Accel::Tcg, &too_long, 0, false, None, None, LIMITS, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("filesystem.hidden") && err.contains("2047"), "{err}");
@@ -823,7 +857,8 @@ mod tests {
         let hide = |i: usize| RootEntry::Hide(format!("/h{i}").into());
         let layer = Some(Writes::Layer);
         let many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &many, true, layer, Some(&plan), LIMITS, false).unwrap();
+        let line =
+            kernel_command_line(Accel::Tcg, &many, 0, true, layer, Some(&plan), LIMITS, false).unwrap();
         let init = line.split_once(" -- ").unwrap().1;
         assert_eq!(
             init.split(' ').collect::<Vec<_>>(),
@@ -839,7 +874,7 @@ mod tests {
         // A path with spaces (the runtime leaves such paths out) would be
         // many words: refused, not left to the kernel.
         let spaced = [RootEntry::Hide(format!("/h{}", " x".repeat(28)).into())];
-        let err = kernel_command_line(Accel::Tcg, &spaced, true, layer, Some(&plan), LIMITS, false)
+        let err = kernel_command_line(Accel::Tcg, &spaced, 0, true, layer, Some(&plan), LIMITS, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("33 words") && err.contains("spaces"), "{err}");
@@ -850,6 +885,7 @@ mod tests {
         let with = kernel_command_line(
             Accel::Tcg,
             &[RootEntry::Share("/usr".into())],
+            0,
             true,
             None,
             None,
@@ -861,7 +897,7 @@ mod tests {
             with.ends_with(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} limits:256:1073741824 root:share:/usr")),
             "{with}"
         );
-        let without = kernel_command_line(Accel::Tcg, &[], false, None, None, LIMITS, false).unwrap();
+        let without = kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, false).unwrap();
         assert!(!without.contains("egress"), "{without}");
         assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
     }
@@ -870,7 +906,7 @@ mod tests {
     fn the_guest_is_told_what_to_redirect_in_its_egress_word() {
         use crate::egress_port::{egress_arg, egress_from_arg};
         let plan = airlock_jail::plan::Redirect { tcp_port: 3129, dns_port: 3053, ipv6: false };
-        let line = kernel_command_line(Accel::Tcg, &[], true, None, Some(&plan), LIMITS, false).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &[], 0, true, None, Some(&plan), LIMITS, false).unwrap();
         assert!(
             line.ends_with(&format!(" -- {GUEST_ROLE} egress:3129:3053:4 limits:256:1073741824 root:")),
             "{line}"
@@ -880,7 +916,7 @@ mod tests {
         assert_eq!(egress_from_arg(EGRESS_ARG), Some(None));
         assert_eq!(egress_arg(None), EGRESS_ARG);
         // No egress port, nothing to redirect to.
-        let none = kernel_command_line(Accel::Tcg, &[], false, None, Some(&plan), LIMITS, false).unwrap();
+        let none = kernel_command_line(Accel::Tcg, &[], 0, false, None, Some(&plan), LIMITS, false).unwrap();
         assert!(!none.contains("egress"), "{none}");
         let v6 = airlock_jail::plan::Redirect { ipv6: true, ..plan };
         assert_eq!(egress_from_arg(&egress_arg(Some(&v6))), Some(Some(v6)));
@@ -913,6 +949,7 @@ mod tests {
             cpus: 1,
             deadline: Duration::from_secs(1),
             root: vec![RootEntry::Workspace("/w".into())],
+            image_layers: Vec::new(),
             cgroup: None,
             egress: false,
             redirect: None,
@@ -970,6 +1007,7 @@ mod tests {
             cpus: 1,
             deadline: Duration::from_secs(1),
             root: vec![RootEntry::Share("/usr".into()), RootEntry::Workspace("/w".into())],
+            image_layers: Vec::new(),
             cgroup: None,
             egress: false,
             redirect: None,
@@ -1001,6 +1039,52 @@ mod tests {
         );
         assert!(args.contains(&format!(" {RW_ARG} ")) && !args.contains(LAYER_ARG), "{args}");
         assert!(args.contains("workspace:/w"), "the guest still learns the workspace's path: {args}");
+    }
+
+    /// An image's layers are read-only 9p shares of their own, in order,
+    /// with no share of the host's directories beside them, and the guest
+    /// learns only their number, in one word.
+    #[test]
+    fn an_images_layers_are_read_only_shares_and_one_word_for_the_guest() {
+        let guest = Guest {
+            key: String::new(),
+            kernel_release: "6.1".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            initramfs_bytes: 0,
+        };
+        let spec = BootSpec {
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            cpus: 1,
+            deadline: Duration::from_secs(1),
+            root: vec![RootEntry::Hide("/etc/shadow".into())],
+            image_layers: vec!["/s/images/layers/sha256/aa".into(), "/s/images/layers/sha256/bb".into()],
+            cgroup: None,
+            egress: false,
+            redirect: None,
+            writable: None,
+            limits: LIMITS,
+            exec_trace: false,
+        };
+        let run = Path::new("/run/x");
+        let args =
+            qemu_args(&guest, &spec, &run.join("a"), &run.join("e"), &run.join("fs.sock"), &run.join("c"))
+                .unwrap()
+                .join(" ");
+        for part in [
+            "local,id=img0,path=/s/images/layers/sha256/aa,security_model=none,readonly=on",
+            "virtio-9p-device,fsdev=img0,mount_tag=img0",
+            "local,id=img1,path=/s/images/layers/sha256/bb,security_model=none,readonly=on",
+        ] {
+            assert!(args.contains(part), "{part} missing: {args}");
+        }
+        assert!(!args.contains("mount_tag=ro0"), "no host directory: {args}");
+        let line = kernel_command_line(Accel::Tcg, &spec.root, 2, false, None, None, LIMITS, false).unwrap();
+        let words: Vec<&str> = line.split(' ').collect();
+        assert!(words.contains(&"image:2") && !line.contains("sha256"), "{line}");
+        assert_eq!(image_layers_from_args(words), 2);
+        assert_eq!(image_layers_from_args(["limits:1:2"]), 0);
     }
 
     /// virtiofsd serving the workspace keeps no CAP_SETFCAP and says so to

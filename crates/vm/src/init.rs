@@ -266,9 +266,18 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
     // read-only into it.
     let root_options = std::ffi::CString::new(format!("mode=0755,size={}", budget.tmpfs))
         .map_err(|e| step("size the root")(io::Error::other(e)))?;
-    mount("tmpfs", "/newroot", "tmpfs", MountFlags::NOSUID, Some(root_options.as_c_str()))
-        .map_err(step("mount the root"))?;
     let options = c"trans=virtio,version=9p2000.L,cache=loose,msize=512000";
+    // On an image, the sized tmpfs holds the places the guest writes and
+    // the root is the image's read-only overlay; on the host's directories
+    // the tmpfs is the root itself.
+    let image_layers = crate::boot::image_layers_from_args(std::env::args().skip(2));
+    let scratch = if image_layers > 0 { Path::new("/scratch") } else { Path::new("/newroot") };
+    fs::create_dir_all(scratch).map_err(step("create the guest's tmpfs"))?;
+    mount("tmpfs", scratch, "tmpfs", MountFlags::NOSUID, Some(root_options.as_c_str()))
+        .map_err(step("mount the guest's tmpfs"))?;
+    if image_layers > 0 {
+        mount_image_root(image_layers, &entries, options)?;
+    }
     let layered = std::env::args().any(|a| a == LAYER_ARG);
     let writable = std::env::args().any(|a| a == RW_ARG);
     let mut shares = 0;
@@ -324,10 +333,12 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
     // one budget: made where devtmpfs will cover it, and held at /shm (in
     // the initramfs) to be bound over /dev/shm once /dev is mounted.
     let shm = Path::new("/newroot/dev/shm");
-    fs::create_dir_all(shm).map_err(step("create /dev/shm"))?;
-    fs::set_permissions(shm, fs::Permissions::from_mode(0o1777)).map_err(step("create /dev/shm"))?;
+    let shm_on_tmpfs = if image_layers > 0 { scratch.join("shm") } else { shm.to_path_buf() };
+    fs::create_dir_all(&shm_on_tmpfs).map_err(step("create /dev/shm"))?;
+    fs::set_permissions(&shm_on_tmpfs, fs::Permissions::from_mode(0o1777))
+        .map_err(step("create /dev/shm"))?;
     fs::create_dir_all("/shm").map_err(step("create /shm"))?;
-    mount_bind(shm, "/shm").map_err(step("hold /dev/shm"))?;
+    mount_bind(&shm_on_tmpfs, "/shm").map_err(step("hold /dev/shm"))?;
     mount("proc", "/newroot/proc", "proc", MountFlags::empty(), None)
         .map_err(step("mount the root's /proc"))?;
     mount("sysfs", "/newroot/sys", "sysfs", MountFlags::empty(), None)
@@ -374,6 +385,67 @@ fn workload_cgroup(pids: u64, budget: &Budget) -> Result<OwnedFd, InitError> {
     cgroup2(Path::new("/newroot/sys/fs/cgroup"), safe | MountFlags::RDONLY)
         .map_err(step("mount the root's /sys/fs/cgroup"))?;
     Ok(procs)
+}
+
+/// The directories of an image's root that are the guest's own, empty, on
+/// its tmpfs (a process-tier sandbox's private tmpfs mounts).
+const IMAGE_PRIVATE_DIRS: &[(&str, u32)] =
+    &[("/tmp", 0o1777), ("/var/tmp", 0o1777), ("/run", 0o755), ("/root", 0o755), ("/home", 0o755)];
+
+/// The files airlock puts over an image's own (or where it has none).
+const IMAGE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
+
+/// An image's root at /newroot: its layers (read-only 9p shares, tags
+/// `img0`… bottom first) stacked as the lowers of a read-only overlay,
+/// under a skeleton on the guest's tmpfs that holds every mount point the
+/// guest needs (so nothing is created in the image), as the process tier
+/// does. `userxattr`: opaque directories are `user.overlay.opaque`, as
+/// the host's unpacker wrote them; whiteouts are 0:0 character devices,
+/// which 9p shows as they are. The private directories are then bound from
+/// the tmpfs, so every write counts against the one budget.
+fn mount_image_root(layers: usize, entries: &[RootEntry], options: &std::ffi::CStr) -> Result<(), InitError> {
+    let scratch = Path::new("/scratch");
+    let skeleton = scratch.join("skeleton");
+    let under = |base: &Path, path: &Path| base.join(path.strip_prefix("/").unwrap_or(path));
+    let workspace = entries.iter().filter_map(|e| match e {
+        RootEntry::Workspace(path) => Some(path.as_path()),
+        _ => None,
+    });
+    let dirs =
+        ["/proc", "/sys", "/dev", "/etc"].into_iter().chain(IMAGE_PRIVATE_DIRS.iter().map(|(d, _)| *d));
+    for dir in dirs.map(Path::new).chain(workspace) {
+        fs::create_dir_all(under(&skeleton, dir))
+            .map_err(step(format!("create {} in the skeleton", dir.display())))?;
+    }
+    for file in IMAGE_FILES {
+        fs::File::create(under(&skeleton, Path::new(file)))
+            .map_err(step(format!("create {file} in the skeleton")))?;
+    }
+    std::os::unix::fs::symlink("../run", under(&skeleton, Path::new("/var/run")))
+        .map_err(step("create /var/run in the skeleton"))?;
+    let read_only = MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID;
+    let mut lower = skeleton.display().to_string();
+    for index in (0..layers).rev() {
+        let at = PathBuf::from(format!("/img/{index}"));
+        fs::create_dir_all(&at).map_err(step(format!("create {}", at.display())))?;
+        let tag = crate::boot::image_tag(index);
+        retry(|| mount(tag.as_str(), &at, "9p", read_only, Some(options)))
+            .map_err(step(format!("mount image layer {index} over 9p")))?;
+        lower.push_str(&format!(":{}", at.display()));
+    }
+    let data = std::ffi::CString::new(format!("lowerdir={lower},userxattr"))
+        .map_err(|e| step("list the image's layers")(io::Error::other(e)))?;
+    mount("overlay", "/newroot", "overlay", read_only, Some(data.as_c_str()))
+        .map_err(step("mount the image's layers as the root"))?;
+    for (dir, mode) in IMAGE_PRIVATE_DIRS {
+        let own = under(&scratch.join("private"), Path::new(dir));
+        fs::create_dir_all(&own).map_err(step(format!("create {}", own.display())))?;
+        fs::set_permissions(&own, fs::Permissions::from_mode(*mode))
+            .map_err(step(format!("set {dir}'s mode")))?;
+        mount_bind(&own, under(Path::new("/newroot"), Path::new(dir)))
+            .map_err(step(format!("mount {dir}")))?;
+    }
+    Ok(())
 }
 
 /// The workspace as an overlay: the host's directory (read-only 9p) below,

@@ -26,6 +26,9 @@ pub struct VmStart {
     pub limits: crate::limits::GuestLimits,
     /// What of the host the guest sees, read-only.
     pub root: Vec<crate::init::RootEntry>,
+    /// An image's unpacked layers, bottom first (see
+    /// [`BootSpec::image_layers`]); empty: the guest's root is the host's.
+    pub image_layers: Vec<std::path::PathBuf>,
     /// The cgroup QEMU runs in, sized by [`qemu_limits`] (None only where
     /// the host gives none and the policy allows that).
     pub cgroup: Option<SandboxCgroup>,
@@ -104,6 +107,7 @@ pub fn start(
             Accel::Tcg => Duration::from_secs(300),
         },
         root: req.root.clone(),
+        image_layers: req.image_layers.clone(),
         cgroup: req.cgroup.clone(),
         egress: egress.is_some(),
         redirect: egress.as_ref().and_then(|e| e.redirect),

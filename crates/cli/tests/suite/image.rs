@@ -89,6 +89,12 @@ const LINK: tar::EntryType = tar::EntryType::Symlink;
 /// and `etc/removed`; layer 2 (gzip) adds `etc/image-release` and whites
 /// out `etc/removed`. Config: Env, WorkingDir and Cmd.
 pub(super) fn busybox_layout(dir: &Path) -> Option<String> {
+    busybox_layout_as(dir, None, &[])
+}
+
+/// [`busybox_layout`] with a `User` in its config and `extra` entries in
+/// its top layer (an /etc/passwd).
+fn busybox_layout_as(dir: &Path, user: Option<&str>, extra: &[Entry<'_>]) -> Option<String> {
     let busybox = fs::read(BUSYBOX).ok()?;
     let mut base: Vec<Entry<'_>> = vec![
         ("bin", DIR, 0o755, "", vec![]),
@@ -100,11 +106,13 @@ pub(super) fn busybox_layout(dir: &Path) -> Option<String> {
     for applet in ["sh", "cat", "echo", "ls", "test", "id", "pwd", "env", "true"] {
         base.push((Box::leak(format!("bin/{applet}").into_boxed_str()), LINK, 0o777, "busybox", vec![]));
     }
-    let top = tar_layer(&[
+    let mut top = vec![
         ("etc/image-release", FILE, 0o644, "", b"airlock-test-image 1\n".to_vec()),
         ("etc/.wh.removed", FILE, 0o644, "", vec![]),
-    ]);
-    let config = serde_json::json!({
+    ];
+    top.extend(extra.iter().cloned());
+    let top = tar_layer(&top);
+    let mut config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {
@@ -114,6 +122,9 @@ pub(super) fn busybox_layout(dir: &Path) -> Option<String> {
         },
         "rootfs": {"type": "layers", "diff_ids": []},
     });
+    if let Some(user) = user {
+        config["config"]["User"] = user.into();
+    }
     Some(write_layout(
         dir,
         "v1",
@@ -294,15 +305,145 @@ fn a_policy_that_requires_digests_refuses_tags() {
     assert!(stdout(&o).contains("airlock-test-image"), "{}", show(&o));
 }
 
+/// The microVM tier on an image: the guest's root is the image's layers
+/// (shared read-only, stacked by the guest), not the host's directories;
+/// its Env, Cmd and WorkingDir as on the process tier; airlock's own files
+/// put over it; the workspace at its own path; the digest recorded.
 #[test]
-fn the_microvm_tier_refuses_an_image_for_now() {
+fn a_microvm_sandbox_runs_on_an_image() {
+    if !super::microvm::ready() {
+        return;
+    }
     let env = Env::new();
+    let Some((layout, digest)) = layout_or_skip(&env) else { return };
+    // Pinned: the tests' microVM policy extends ci, which requires digests.
+    let image = format!("oci:{}@{digest}", layout.display());
+    let policy = super::microvm::emulation_policy(&env);
+    let policy = policy.to_str().unwrap();
+    let cache = super::microvm::shared_cache();
+    let script = "cat /etc/image-release; echo var=$IMAGE_VAR; \
+                  test -e /etc/removed && echo whiteout-failed; \
+                  test -e /usr/bin && echo host-usr-visible; \
+                  grep -q localhost /etc/hosts && echo airlock-hosts; \
+                  echo written > /tmp/t && cat /tmp/t; \
+                  touch /etc/new 2>/dev/null && echo image-root-writable; \
+                  ls $AIRLOCK_PROBE >/dev/null && echo workspace-seen; pwd";
+    let probe = format!("AIRLOCK_PROBE={}", env.workspace.display());
+    let run =
+        ["run", "--policy", policy, "--name", "vmimg", "--image", &image, "-e", &probe, "--", "sh", "-c"];
+    let o = super::microvm::airlock_vm(&env, &cache, &[&run[..], &[script]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = stdout(&o);
+    assert!(out.contains("airlock-test-image 1"), "{out}");
+    assert!(out.contains("var=from-image"), "the image's Env: {out}");
+    assert!(!out.contains("whiteout-failed"), "layer 2's whiteout hides layer 1's file: {out}");
+    assert!(!out.contains("host-usr-visible"), "the root is the image's, not the host's: {out}");
+    assert!(out.contains("airlock-hosts"), "airlock's /etc/hosts where the image has none: {out}");
+    assert!(out.contains("written"), "/tmp is the guest's own: {out}");
+    assert!(!out.contains("image-root-writable"), "the image's root is read-only: {out}");
+    assert!(out.contains("workspace-seen"), "{out}");
+    assert!(out.contains(&env.workspace.display().to_string()), "the workspace at its own path: {out}");
+
+    // Long-lived: an exec gets the image's Env and, without a workspace,
+    // its WorkingDir; the digest is in inspect.
+    let create = ["create", "--policy", policy, "--name", "vmimg", "--mode", "none", "--image", &image];
+    let o = super::microvm::airlock_vm(&env, &cache, &create);
+    assert!(o.status.success(), "{}", show(&o));
+    let o = super::microvm::airlock_vm(
+        &env,
+        &cache,
+        &["exec", "vmimg", "--", "sh", "-c", "echo $IMAGE_VAR; pwd"],
+    );
+    assert_eq!(stdout(&o), "from-image\n/srv\n", "{}", show(&o));
+    let o = env.airlock(["inspect", "--json", "vmimg"]).output().unwrap();
+    let view: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(view["image"]["digest"], digest.as_str(), "{view}");
+    assert_eq!(view["tier"], "microvm", "{view}");
+    let o = env.airlock(["stop", "vmimg"]).output().unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+
+    // Without a command: the image's Cmd, in its WorkingDir (no workspace).
+    let o = super::microvm::airlock_vm(
+        &env,
+        &cache,
+        &["run", "--policy", policy, "--mode", "none", "--image", &image],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("cmd-from-image in /srv"), "{}", show(&o));
+
+    // The stored layers were not written.
+    let store = env.state.join("images/layers/sha256");
+    for layer in fs::read_dir(&store).unwrap() {
+        let layer = layer.unwrap().path();
+        assert!(!layer.join("tmp/t").exists() && !layer.join("etc/new").exists(), "{}", layer.display());
+    }
+}
+
+/// The image's `User`, a name looked up in its own /etc/passwd: the
+/// command and every exec that names no user run as it; `--user` wins; a
+/// passwd that is a link out of the image is not followed (refused).
+#[test]
+fn the_images_user_runs_the_command_unless_the_caller_names_one() {
+    let env = Env::new();
+    if !require(is_root(), "root (rootless, the sandbox maps root alone)") {
+        return;
+    }
+    let layout = env.dir.path().join("layout-user");
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\ndev:x:1000:1001:dev:/home/dev:/bin/sh\n".to_vec();
+    let digest = busybox_layout_as(&layout, Some("dev"), &[("etc/passwd", FILE, 0o644, "", passwd)]);
+    if !require(digest.is_some(), "a static busybox at /bin/busybox (Debian: busybox-static)") {
+        return;
+    }
+    let image = format!("oci:{}:v1", layout.display());
     let o = env
-        .airlock(["run", "--tier", "microvm", "--image", "oci:/nonexistent:v1", "--", "true"])
+        .airlock([
+            "run",
+            "--mode",
+            "none",
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo $(id -u):$(id -g) $USER",
+        ])
         .output()
         .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("1000:1001 dev"), "{}", show(&o));
+
+    let o =
+        env.airlock(["create", "--name", "imguser", "--mode", "none", "--image", &image]).output().unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    let o = env.airlock(["exec", "imguser", "--", "id", "-u"]).output().unwrap();
+    assert_eq!(stdout(&o).trim(), "1000", "an exec without --user: {}", show(&o));
+    let o = env.airlock(["exec", "--user", "0", "imguser", "--", "id", "-u"]).output().unwrap();
+    assert_eq!(stdout(&o).trim(), "0", "--user wins: {}", show(&o));
+    let o = env.airlock(["stop", "imguser"]).output().unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+
+    // The same in a guest, whose agent looks the name up in the image's own
+    // /etc/passwd (the guest's root).
+    if super::microvm::ready() {
+        let pinned = format!("oci:{}@{}", layout.display(), digest.as_deref().unwrap_or_default());
+        let policy = super::microvm::emulation_policy(&env);
+        let run = ["run", "--policy", policy.to_str().unwrap(), "--mode", "none", "--image", &pinned, "--"];
+        let o = super::microvm::airlock_vm(
+            &env,
+            &super::microvm::shared_cache(),
+            &[&run[..], &["sh", "-c", "echo $(id -u):$(id -g) $USER"]].concat(),
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+        assert!(stdout(&o).contains("1000:1001 dev"), "in a microVM: {}", show(&o));
+    }
+
+    // An /etc/passwd that links to the host's is not read.
+    let hostile = env.dir.path().join("layout-link");
+    busybox_layout_as(&hostile, Some("root"), &[("etc/passwd", LINK, 0o777, "/etc/passwd", vec![])]).unwrap();
+    let image = format!("oci:{}:v1", hostile.display());
+    let o = env.airlock(["run", "--mode", "none", "--image", &image, "--", "true"]).output().unwrap();
     assert_ne!(o.status.code(), Some(0), "{}", show(&o));
-    assert!(stderr(&o).contains("not yet"), "{}", show(&o));
+    assert!(stderr(&o).contains("symbolic link"), "{}", show(&o));
 }
 
 #[test]

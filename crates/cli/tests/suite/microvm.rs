@@ -46,7 +46,7 @@ pub(crate) fn shared_cache() -> PathBuf {
 }
 
 /// A policy on the microVM tier that may run it under emulation.
-fn emulation_policy(env: &Env) -> PathBuf {
+pub(crate) fn emulation_policy(env: &Env) -> PathBuf {
     let path = env.dir.path().join("microvm.toml");
     std::fs::write(
         &path,
@@ -58,7 +58,7 @@ fn emulation_policy(env: &Env) -> PathBuf {
     path
 }
 
-fn airlock_vm(env: &Env, cache: &Path, args: &[&str]) -> Output {
+pub(crate) fn airlock_vm(env: &Env, cache: &Path, args: &[&str]) -> Output {
     env.airlock(args).env("AIRLOCK_VM_CACHE", cache).stdin(Stdio::null()).output().unwrap()
 }
 
