@@ -166,6 +166,12 @@ fn registry_of(reference: &str) -> Result<&str, SourceError> {
     }
 }
 
+/// Whether `reference` is a registry reference the distribution grammar
+/// reads (the full parse).
+pub fn parse_registry_reference(reference: &str) -> Result<(), SourceError> {
+    parse_reference(reference).map(drop)
+}
+
 fn parse_reference(reference: &str) -> Result<oci_client::Reference, SourceError> {
     reference
         .parse::<oci_client::Reference>()

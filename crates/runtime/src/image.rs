@@ -81,6 +81,21 @@ pub fn canonical_name(reference: &str) -> String {
     }
 }
 
+/// Whether `reference` can name an image at all (a registry reference the
+/// distribution grammar reads, or a local source naming a path), before
+/// any policy or store is consulted: a caller's typo is its own error.
+pub fn check_reference(reference: &str) -> Result<(), String> {
+    let named = |path: &Path| !path.as_os_str().is_empty();
+    let ok = match ImageSource::parse(reference) {
+        ImageSource::Registry { reference } => {
+            return source::parse_registry_reference(&reference).map_err(|e| e.to_string());
+        }
+        ImageSource::Layout { dir, .. } => named(&dir),
+        ImageSource::OciArchive { file, .. } | ImageSource::DockerArchive { file } => named(&file),
+    };
+    if ok { Ok(()) } else { Err(format!("image {reference:?} names no path")) }
+}
+
 /// Refuses what the policy does not allow of `reference`.
 pub fn check(policy: &Policy, reference: &str) -> Result<ImageSource, RunError> {
     let source = ImageSource::parse(reference);

@@ -2299,7 +2299,24 @@ fn an_exec_flood_in_a_guest_is_summarized_while_its_supervisor_keeps_answering()
     let records = audit_records(&env, &cache, "vmflood");
     let summaries: Vec<&serde_json::Value> =
         records.iter().filter(|r| r["event"] == "process_exec_summary").collect();
-    assert!(!summaries.is_empty(), "a flood is summarized");
+    // A second with the itemized rate's worth of calls must have a summary
+    // of what went past it. Under emulation on a loaded host the guest may
+    // never reach that rate (each call crosses the emulated kernel): then
+    // every call is itemized, which the counts below check.
+    let mut per_second: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for r in records.iter().filter(|r| r["event"] == "process_exec") {
+        let second = r["at"].as_str().unwrap_or_default();
+        *per_second.entry(second.get(..19).unwrap_or(second)).or_default() += 1;
+    }
+    let busiest = per_second.values().copied().max().unwrap_or(0);
+    let rate = airlock_jail::exec_rate::ITEMIZED_PER_SECOND as u64;
+    if busiest >= rate {
+        assert!(!summaries.is_empty(), "{busiest} calls itemized in one second, and no summary");
+    } else {
+        eprintln!(
+            "note: the guest made at most {busiest} exec calls a second here (the rate is {rate}): none to summarize"
+        );
+    }
     let counted_of = |path: &str| -> u64 {
         summaries
             .iter()
@@ -2331,12 +2348,16 @@ fn an_exec_flood_in_a_guest_is_summarized_while_its_supervisor_keeps_answering()
         })
         .count() as u64;
     assert!(ended + lost >= runs.len() as u64, "{ended} of {} ends, {lost} lost", runs.len());
-    let o = airlock_vm(&env, &cache, &["audit", "vmflood"]);
-    assert!(
-        stdout(&o).lines().any(|l| l.contains("process_exec_summary") && l.contains("/nonexistent/flood ×")),
-        "{}",
-        show(&o)
-    );
+    if !summaries.is_empty() {
+        let o = airlock_vm(&env, &cache, &["audit", "vmflood"]);
+        assert!(
+            stdout(&o)
+                .lines()
+                .any(|l| l.contains("process_exec_summary") && l.contains("/nonexistent/flood ×")),
+            "{}",
+            show(&o)
+        );
+    }
     let _ = airlock_vm(&env, &cache, &["rm", "vmflood"]);
 }
 
