@@ -3,16 +3,17 @@
 //! TLS from a CA made by the test and htpasswd basic auth, and a busybox
 //! image built by the test pushed into it with `skopeo copy`.
 //!
-//! Token auth is not covered here: it needs a token server whose JWTs the
-//! registry trusts, which this suite does not have yet.
+//! Token auth runs against a token service started here: it checks basic
+//! credentials and answers with ES256 JWTs the registry verifies against
+//! the service's certificate (its `auth.token.rootcertbundle`).
 
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 
@@ -43,6 +44,8 @@ struct TestCa {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    /// The same certificate and key for a server in the test (the token service).
+    server: Arc<rustls::ServerConfig>,
 }
 
 fn make_ca(dir: &Path) -> TestCa {
@@ -69,7 +72,200 @@ fn make_ca(dir: &Path) -> TestCa {
     fs::write(trust.join("ca.crt"), ca_cert.pem()).unwrap();
     fs::write(server.join("registry.pem"), leaf.pem()).unwrap();
     fs::write(server.join("registry.key"), leaf_key.serialize_pem()).unwrap();
-    TestCa { ca: trust.join("ca.crt"), cert: server.join("registry.pem"), key: server.join("registry.key") }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls_server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    TestCa {
+        ca: trust.join("ca.crt"),
+        cert: server.join("registry.pem"),
+        key: server.join("registry.key"),
+        server: Arc::new(tls_server),
+    }
+}
+
+const TOKEN_SERVICE: &str = "airlock-test-registry";
+const TOKEN_ISSUER: &str = "airlock-test-token-issuer";
+
+/// A token service as distribution's token auth expects one, over HTTPS
+/// with the test CA's certificate: `GET /token?service=S&scope=...` with
+/// USER:PASSWORD gets a JWT granting the scopes asked for; no credentials
+/// get one granting nothing (as public token services answer); other
+/// credentials get 401. The JWT is signed with ES256 by a key whose
+/// self-signed certificate the registry trusts, named in the `x5c` header.
+struct TokenServer {
+    port: u16,
+    /// The signing key's certificate: the registry's rootcertbundle.
+    signer_cert: PathBuf,
+    /// "USER SCOPE" for every token issued with the right credentials.
+    issued: Arc<Mutex<Vec<String>>>,
+}
+
+impl TokenServer {
+    fn start(dir: &Path, tls: &TestCa) -> TokenServer {
+        use rcgen::{CertificateParams, DnType, KeyPair};
+        let signer_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "airlock test token issuer");
+        let signer = params.self_signed(&signer_key).unwrap();
+        let root = dir.join("token");
+        fs::create_dir_all(&root).unwrap();
+        let signer_cert = root.join("signer.pem");
+        fs::write(&signer_cert, signer.pem()).unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &signer_key.serialize_der(),
+            &rng,
+        )
+        .unwrap();
+        let x5c = base64::engine::general_purpose::STANDARD.encode(signer.der());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let issued = Arc::new(Mutex::new(Vec::new()));
+        let (config, log) = (tls.server.clone(), issued.clone());
+        std::thread::spawn(move || {
+            for (n, conn) in listener.incoming().enumerate() {
+                let Ok(conn) = conn else { continue };
+                let Ok(session) = rustls::ServerConnection::new(config.clone()) else { continue };
+                let mut stream = rustls::StreamOwned::new(session, conn);
+                let Some(head) = read_head(&mut stream) else { continue };
+                let response = token_response(&head, &key, &rng, &x5c, n, &log);
+                let _ = stream.write_all(response.as_bytes());
+                stream.conn.send_close_notify();
+                let _ = stream.flush();
+            }
+        });
+        TokenServer { port, signer_cert, issued }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn issued(&self) -> Vec<String> {
+        self.issued.lock().unwrap().clone()
+    }
+}
+
+/// A request's head (request line and headers), or None when the client
+/// went away first.
+fn read_head(stream: &mut impl Read) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    String::from_utf8(head).ok()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                out.push(u8::from_str_radix(&text[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// The HTTP response to one token request.
+fn token_response(
+    head: &str,
+    key: &ring::signature::EcdsaKeyPair,
+    rng: &ring::rand::SystemRandom,
+    x5c: &str,
+    serial: usize,
+    log: &Mutex<Vec<String>>,
+) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let target = head.split(' ').nth(1).unwrap_or("");
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let mut scopes = Vec::new();
+    for pair in query.split('&') {
+        if let Some(("scope", value)) = pair.split_once('=') {
+            scopes.push(percent_decode(value));
+        }
+    }
+    let basic = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("authorization")))
+        .map(|(_, value)| value.trim().to_owned());
+    let subject = match basic.as_deref().and_then(|v| v.strip_prefix("Basic ")) {
+        None => "",
+        Some(encoded) if b64.decode(encoded).ok() == Some(format!("{USER}:{PASSWORD}").into_bytes()) => USER,
+        Some(_) => {
+            let body = r#"{"details":"incorrect username or password"}"#;
+            return format!(
+                "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    };
+    let mut access = Vec::new();
+    if !subject.is_empty() {
+        for scope in &scopes {
+            let (kind, rest) = scope.split_once(':').unwrap();
+            let (name, actions) = rest.rsplit_once(':').unwrap();
+            let actions: Vec<&str> = actions.split(',').collect();
+            access.push(serde_json::json!({"type": kind, "name": name, "actions": actions}));
+            log.lock().unwrap().push(format!("{subject} {scope}"));
+        }
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [x5c]});
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER,
+        "sub": subject,
+        "aud": TOKEN_SERVICE,
+        "exp": now + 300,
+        "nbf": now - 10,
+        "iat": now,
+        "jti": format!("airlock-test-{now}-{serial}"),
+        "access": access,
+    });
+    let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let signing_input = format!(
+        "{}.{}",
+        url.encode(serde_json::to_vec(&header).unwrap()),
+        url.encode(serde_json::to_vec(&claims).unwrap())
+    );
+    let signature = key.sign(rng, signing_input.as_bytes()).unwrap();
+    let jwt = format!("{signing_input}.{}", url.encode(signature.as_ref()));
+    let body = serde_json::json!({"token": jwt, "access_token": jwt, "expires_in": 300}).to_string();
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// How a test registry checks who pulls and pushes.
+enum Auth<'a> {
+    Anonymous,
+    Htpasswd,
+    Token(&'a TokenServer),
 }
 
 /// A running docker-registry; stopped (and its storage removed with the
@@ -88,9 +284,9 @@ impl Drop for Registry {
 }
 
 impl Registry {
-    /// Starts a registry in `dir/NAME`: HTTPS with `tls` when given, basic
-    /// auth for USER:PASSWORD when `auth`.
-    fn start(dir: &Path, name: &str, tls: Option<&TestCa>, auth: bool) -> Registry {
+    /// Starts a registry in `dir/NAME`: HTTPS with `tls` when given, and
+    /// `auth`'s checks.
+    fn start(dir: &Path, name: &str, tls: Option<&TestCa>, auth: Auth) -> Registry {
         let root = dir.join(name);
         let storage = root.join("storage");
         fs::create_dir_all(&storage).unwrap();
@@ -103,14 +299,24 @@ impl Registry {
             config +=
                 &format!("  tls:\n    certificate: {}\n    key: {}\n", tls.cert.display(), tls.key.display());
         }
-        if auth {
-            let o = Command::new("htpasswd").args(["-nbB", USER, PASSWORD]).output().unwrap();
-            assert!(o.status.success(), "{}", show(&o));
-            fs::write(root.join("htpasswd"), &o.stdout).unwrap();
-            config += &format!(
-                "auth:\n  htpasswd:\n    realm: airlock-test\n    path: {}\n",
-                root.join("htpasswd").display()
-            );
+        match auth {
+            Auth::Anonymous => {}
+            Auth::Htpasswd => {
+                let o = Command::new("htpasswd").args(["-nbB", USER, PASSWORD]).output().unwrap();
+                assert!(o.status.success(), "{}", show(&o));
+                fs::write(root.join("htpasswd"), &o.stdout).unwrap();
+                config += &format!(
+                    "auth:\n  htpasswd:\n    realm: airlock-test\n    path: {}\n",
+                    root.join("htpasswd").display()
+                );
+            }
+            Auth::Token(tokens) => {
+                config += &format!(
+                    "auth:\n  token:\n    realm: https://{}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                    tokens.host(),
+                    tokens.signer_cert.display()
+                );
+            }
         }
         fs::write(root.join("config.yml"), config).unwrap();
         let child = Command::new("/usr/bin/docker-registry")
@@ -203,7 +409,7 @@ fn a_registry_image_pulls_by_tag_and_digest_with_tls_auth_and_the_policy() {
     let layout = work.join("layout");
     busybox_layout(&layout).unwrap();
     let ca = make_ca(&work);
-    let registry = Registry::start(&work, "registry", Some(&ca), true);
+    let registry = Registry::start(&work, "registry", Some(&ca), Auth::Htpasswd);
     let digest = registry.push(&layout, Some(&ca), true, &work);
     let host = registry.host();
     let by_tag = format!("{host}/team/bb:1");
@@ -278,6 +484,74 @@ fn a_registry_image_pulls_by_tag_and_digest_with_tls_auth_and_the_policy() {
     assert_eq!(o.status.code(), Some(0), "a digest passes: {}", show(&o));
 }
 
+#[test]
+fn a_registry_with_token_auth_pulls_with_a_bearer_token_from_its_token_service() {
+    if !tools_or_skip() {
+        return;
+    }
+    let env = Env::new();
+    let work = env.dir.path().to_path_buf();
+    let layout = work.join("layout");
+    busybox_layout(&layout).unwrap();
+    let ca = make_ca(&work);
+    let tokens = TokenServer::start(&work, &ca);
+    let registry = Registry::start(&work, "registry", Some(&ca), Auth::Token(&tokens));
+    // skopeo does the token dance itself: the push proves the registry
+    // takes the service's tokens.
+    let digest = registry.push(&layout, Some(&ca), true, &work);
+    let pushed = format!("{USER} repository:team/bb:pull,push");
+    assert!(tokens.issued().contains(&pushed), "skopeo's push token: {:?}", tokens.issued());
+    let (host, token_host) = (registry.host(), tokens.host());
+    let by_tag = format!("{host}/team/bb:1");
+    let ca_path = ca.ca.display().to_string();
+    let authfile = |dir: &str, password: &str| {
+        docker_config(&work.join(dir), &host, USER, password).join("config.json").display().to_string()
+    };
+    let (good, bad) = (authfile("docker-good", PASSWORD), authfile("docker-bad", "wrong-password"));
+    // No config.json of the host's: the default place is an empty directory.
+    let empty = work.join("docker-empty");
+    fs::create_dir_all(&empty).unwrap();
+    let pull = |args: &[&str]| {
+        let mut cmd = env.airlock(["image", "pull", &by_tag, "--ca", &ca_path, "--allow", &host]);
+        cmd.args(args).env("DOCKER_CONFIG", &empty);
+        cmd.output().unwrap()
+    };
+
+    // The token service is a connection of the pull's too: without an
+    // allow entry for it, the policy refuses it by name.
+    let o = pull(&["--authfile", &good]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains(&format!("refused the pull's connection to {token_host}")), "{}", show(&o));
+    assert_nothing_complete(&env, &[], "token service not allowed");
+
+    // Wrong credentials: the token service answers 401, the registry then
+    // refuses the request without a token; nothing stored.
+    let o = pull(&["--allow", &token_host, "--authfile", &bad]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains(&format!("registry refused the credentials of {USER} from")), "{}", show(&o));
+    assert_nothing_complete(&env, &[], "wrong credentials");
+
+    // No credentials: an anonymous token grants nothing here.
+    let o = pull(&["--allow", &token_host]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains("registry refused anonymous access"), "{}", show(&o));
+    assert_nothing_complete(&env, &[], "no credentials");
+
+    // The right credentials: a pull token from the service, then the
+    // image. The registry answers nothing without a token it verified, and
+    // the service saw airlock ask for exactly the pull scope.
+    let before = tokens.issued().len();
+    let o = pull(&["--allow", &token_host, "--authfile", &good]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), digest, "{}", show(&o));
+    let asked = tokens.issued()[before..].to_vec();
+    let pull_scope = format!("{USER} repository:team/bb:pull");
+    assert!(
+        !asked.is_empty() && asked.iter().all(|a| *a == pull_scope),
+        "airlock's token requests: {asked:?}"
+    );
+}
+
 /// Forwards 127.0.0.1:<its port> to `upstream` and, while armed, cuts
 /// every connection once `budget` bytes have come back from upstream in
 /// all; after the cut it forwards everything.
@@ -340,7 +614,7 @@ fn a_corrupted_or_interrupted_registry_pull_leaves_nothing_complete_and_a_retry_
     let layout = work.join("layout");
     busybox_layout(&layout).unwrap();
     let ca = make_ca(&work);
-    let registry = Registry::start(&work, "registry", Some(&ca), false);
+    let registry = Registry::start(&work, "registry", Some(&ca), Auth::Anonymous);
     let digest = registry.push(&layout, Some(&ca), false, &work);
     let layers = layers_of_manifest(&registry, &digest);
     let ca_path = ca.ca.display().to_string();
@@ -386,7 +660,7 @@ fn a_plain_http_registry_is_refused_unless_insecure() {
     let work = env.dir.path().to_path_buf();
     let layout = work.join("layout");
     busybox_layout(&layout).unwrap();
-    let registry = Registry::start(&work, "plain", None, false);
+    let registry = Registry::start(&work, "plain", None, Auth::Anonymous);
     let digest = registry.push(&layout, None, false, &work);
     let host = registry.host();
     let reference = format!("{host}/team/bb:1");
