@@ -52,6 +52,9 @@ pub(crate) struct Launched {
     pub exec_cwd: Option<PathBuf>,
     /// Who an exec that names no user runs as: the image's `User`.
     pub exec_user: Option<String>,
+    /// The way into a guest's ports (the microVM tier, where the policy
+    /// allows them); the process tier's go through its network namespace.
+    pub guest_ports: Option<airlock_vm::ports_port::HostPorts>,
 }
 
 /// The sandbox's output logs, capped at the policy's `limits.log_size`
@@ -606,6 +609,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         exec_env: Vec::new(),
         exec_cwd: None,
         exec_user: image.and_then(|i| i.user.clone()),
+        guest_ports: None,
     })
 }
 
@@ -807,6 +811,7 @@ fn launch_vm(
     let vm =
         crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref(), host_egress, writable, image)?;
     let agent_pid = vm.pid();
+    let guest_ports = vm.ports.clone();
     let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
     held.vm = Some(vm);
     // The guest may write from here on: a layer outside a tmpfs (as root,
@@ -834,6 +839,7 @@ fn launch_vm(
         exec_env,
         exec_cwd,
         exec_user: image.and_then(|i| i.user.clone()),
+        guest_ports,
     })
 }
 

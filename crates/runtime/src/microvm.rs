@@ -70,6 +70,7 @@ pub(crate) fn boot(
         cgroup: cgroup.cloned(),
         writable,
         exec_trace: policy.audit.exec_trace,
+        ports: policy.network.ports,
     };
     let (vm, accel) = airlock_vm::run::start(&start, egress, &mut |note| match note {
         // Said by `check` already, before the sandbox existed.

@@ -13,6 +13,12 @@
 //! between them; the sandbox gets no route out, and the connector never
 //! reads a byte of a connection.
 //!
+//! A microVM guest has no network namespace on the host: its ports are
+//! reached over a virtio-serial port of their own
+//! ([`airlock_vm::ports_port`]), where the guest's PID 1 makes the
+//! connection to its loopback and relays the bytes. The supervisor relays
+//! and records them the same way.
+//!
 //! One path leads into a sandbox's port, for the listeners here and for
 //! any other front end: [`PortAccess::serve`]. Other processes reach it
 //! through the supervisor's socket ([`crate::supervisor::SupervisorClient::connect_port`],
@@ -108,10 +114,6 @@ pub enum PortError {
         "policy {policy} does not allow publishing ports (its [network] ports = false); create the sandbox without -p, or with a policy that sets ports = true"
     )]
     Forbidden { policy: String },
-    #[error(
-        "publishing ports is not supported on the microvm tier yet: create the sandbox on the process tier (--tier process) or without -p"
-    )]
-    Microvm,
     #[error("host address {0} is published twice")]
     Duplicate(SocketAddr),
     #[error("cannot listen on host address {addr} (is the port taken?): {source}")]
@@ -137,16 +139,13 @@ pub fn reachable(policy: &airlock_policy::Policy) -> Result<(), PortError> {
 }
 
 /// Whether `mappings` may be published under `policy`: the policy allows
-/// ports, the tier can carry them, and no host address is given twice.
+/// ports, and no host address is given twice.
 pub fn check(mappings: &[PortMapping], policy: &airlock_policy::Policy) -> Result<(), PortError> {
     if mappings.is_empty() {
         return Ok(());
     }
     if !policy.network.ports {
         return Err(PortError::Forbidden { policy: policy.name.clone() });
-    }
-    if policy.isolation.tier == airlock_policy::Tier::Microvm {
-        return Err(PortError::Microvm);
     }
     for (i, m) in mappings.iter().enumerate() {
         if mappings[..i].iter().any(|earlier| earlier.host == m.host) {
@@ -172,13 +171,16 @@ pub(crate) fn bind_all(mappings: &[PortMapping]) -> Result<Vec<(PortMapping, Tcp
 // ---------------------------------------------------------------------------
 // The supervisor's side
 
-/// A sandbox's way into the ports of its network namespace: its port
+/// A sandbox's way into its ports: on the process tier its port
 /// connector, started with the sandbox when it publishes ports and
-/// otherwise at the first [`PortAccess::connect`], and the host listeners
-/// of its published ports. [`PortAccess::close`] ends both.
+/// otherwise at the first connection; on the microVM tier its guest's
+/// ports port. And the host listeners of its published ports.
+/// [`PortAccess::close`] ends them.
 pub(crate) struct PortAccess {
     name: String,
     agent_pid: i32,
+    /// A microVM guest's way in; None on the process tier.
+    guest: Option<airlock_vm::ports_port::HostPorts>,
     /// Why this sandbox's ports cannot be reached (the policy, the tier),
     /// or None.
     refused: Option<String>,
@@ -207,17 +209,19 @@ pub(crate) struct Origin {
 }
 
 impl PortAccess {
-    /// The access of the sandbox whose agent is `agent_pid`; `refused`
-    /// says why it has none.
+    /// The access of the sandbox whose agent is `agent_pid` (or whose
+    /// guest is reached through `guest`); `refused` says why it has none.
     pub(crate) fn new(
         name: &str,
         agent_pid: i32,
+        guest: Option<airlock_vm::ports_port::HostPorts>,
         refused: Option<String>,
         audit: Arc<Mutex<AuditLog>>,
     ) -> Arc<PortAccess> {
         Arc::new(PortAccess {
             name: name.to_owned(),
             agent_pid,
+            guest,
             refused,
             audit,
             connector: Mutex::new(None),
@@ -235,7 +239,9 @@ impl PortAccess {
         if listeners.is_empty() {
             return Ok(());
         }
-        self.with_connector(|_| Ok(()))?;
+        if self.guest.is_none() {
+            self.with_connector(|_| Ok(()))?;
+        }
         for (mapping, listener) in listeners {
             let clone = listener.try_clone().map_err(PortError::Start)?;
             if let Ok(mut listening) = self.listening.lock() {
@@ -304,16 +310,25 @@ impl PortAccess {
     }
 
     /// A connection to `port` on the sandbox's loopback, made by its
-    /// connector.
-    fn connect_inside(&self, port: u16) -> Result<TcpStream, PortError> {
+    /// connector, or by a guest's PID 1 (which resets it when nothing
+    /// listens there).
+    fn connect_inside(&self, port: u16) -> Result<Inside, PortError> {
         if let Some(why) = &self.refused {
             return Err(PortError::Connect { port, source: io::Error::other(why.clone()) });
+        }
+        if let Some(guest) = &self.guest {
+            return guest
+                .connect(port)
+                .map(Inside::Guest)
+                .map_err(|source| PortError::Connect { port, source });
         }
         let answer = self.with_connector(|c| {
             airlock_proto::port_connect::send_request(&c.channel, port)?;
             Ok(airlock_proto::port_connect::recv_answer(&c.channel))
         })?;
-        answer.map(TcpStream::from).map_err(|source| PortError::Connect { port, source })
+        answer
+            .map(|fd| Inside::Namespace(TcpStream::from(fd)))
+            .map_err(|source| PortError::Connect { port, source })
     }
 
     /// Relays `outside` to `port` inside the sandbox until both ends are
@@ -341,7 +356,11 @@ impl PortAccess {
         let inside = self.connect_inside(port);
         answer(&mut outside, inside.as_ref().err());
         let (bytes_in, bytes_out, result) = match inside {
-            Ok(inside) => {
+            Ok(Inside::Namespace(inside)) => {
+                let (into, out_of) = relay(outside, inside);
+                (into, out_of, Ok(()))
+            }
+            Ok(Inside::Guest(inside)) => {
                 let (into, out_of) = relay(outside, inside);
                 (into, out_of, Ok(()))
             }
@@ -395,6 +414,13 @@ impl PortAccess {
     }
 }
 
+/// A connection to a port inside: a TCP connection made in the sandbox's
+/// network namespace, or a stream a guest relays.
+enum Inside {
+    Namespace(TcpStream),
+    Guest(UnixStream),
+}
+
 /// A byte stream the relay can copy to and from: a TCP connection, or a
 /// supervisor client's socket.
 pub(crate) trait Duplex: io::Read + io::Write + Send + Sized + 'static {
@@ -430,9 +456,9 @@ fn record(audit: &Mutex<AuditLog>, event: AuditEvent) {
 
 /// Copies bytes both ways until both directions have ended; what went into
 /// the sandbox and what came out of it.
-pub(crate) fn relay<S: Duplex>(mut outside: S, mut inside: TcpStream) -> (u64, u64) {
+pub(crate) fn relay<S: Duplex, I: Duplex>(mut outside: S, mut inside: I) -> (u64, u64) {
     let Ok(mut outside_reader) = outside.another() else { return (0, 0) };
-    let Ok(mut inside_writer) = inside.try_clone() else { return (0, 0) };
+    let Ok(mut inside_writer) = inside.another() else { return (0, 0) };
     let into = std::thread::spawn(move || {
         let copied = io::copy(&mut outside_reader, &mut inside_writer).unwrap_or(0);
         // The sandbox's side learns the caller is done sending.
@@ -566,7 +592,7 @@ mod tests {
         );
         let mut vm = dev.clone();
         vm.isolation.tier = airlock_policy::Tier::Microvm;
-        assert!(matches!(check(&mappings, &vm), Err(PortError::Microvm)));
+        check(&mappings, &vm).unwrap();
         let twice = vec![mappings[0], "127.0.0.1:8080:4000".parse().unwrap()];
         assert!(matches!(check(&twice, &dev), Err(PortError::Duplicate(_))));
     }

@@ -267,6 +267,7 @@ fn supervise(
         exec_env: _,
         exec_cwd: _,
         exec_user: _,
+        guest_ports: _,
     } = launched;
 
     // The first message says whether the sandbox came up; with a terminal,

@@ -447,6 +447,7 @@ impl Supervisor {
         let ports = PortAccess::new(
             sandbox.name(),
             launched.agent_pid,
+            launched.guest_ports.clone(),
             ports_refused.map(|e| e.to_string()),
             audit.clone(),
         );

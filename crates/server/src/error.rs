@@ -111,9 +111,6 @@ impl From<RunError> for ApiError {
             RunError::Ports(PortError::Syntax { .. } | PortError::Duplicate(_)) => {
                 ApiError::bad_request("invalid_request", message)
             }
-            RunError::Ports(PortError::Microvm) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unsupported", message)
-            }
             RunError::Ports(PortError::Bind { .. }) | RunError::PortUnavailable(_) => {
                 ApiError::conflict("port_unavailable", message)
             }

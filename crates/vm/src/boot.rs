@@ -58,6 +58,9 @@ pub struct BootSpec {
     /// The policy's `[audit] exec_trace`: the guest's agent records every
     /// exec inside and reports it (said on its command line).
     pub exec_trace: bool,
+    /// The host connects to ports inside (published ports): a virtio-serial
+    /// port of its own, served by [`crate::ports_port`].
+    pub ports: bool,
 }
 
 /// The word of init's command line that turns the guest's exec trace on.
@@ -99,6 +102,8 @@ pub struct Vm {
     pub channel: UnixStream,
     /// From starting QEMU to the agent's `Serving`.
     pub boot_time: Duration,
+    /// The way into the guest's ports, when it has one.
+    pub ports: Option<crate::ports_port::HostPorts>,
 }
 
 /// A QEMU child (the KVM trial's) dies with the process that started it.
@@ -219,6 +224,7 @@ fn kernel_command_line(
     redirect: Option<&airlock_jail::plan::Redirect>,
     limits: GuestLimits,
     exec_trace: bool,
+    ports: bool,
 ) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel == Accel::Tcg {
@@ -238,6 +244,10 @@ fn kernel_command_line(
     if exec_trace {
         line.push(' ');
         line.push_str(EXEC_TRACE_ARG);
+    }
+    if ports {
+        line.push(' ');
+        line.push_str(crate::ports_port::PORTS_ARG);
     }
     if image_layers > 0 {
         line.push_str(&format!(" {IMAGE_ARG}{image_layers}"));
@@ -272,6 +282,7 @@ fn qemu_args(
     spec: &BootSpec,
     socket: &Path,
     egress_socket: &Path,
+    ports_socket: &Path,
     fs_socket: &Path,
     console: &Path,
 ) -> Result<Vec<String>, VmError> {
@@ -319,6 +330,7 @@ fn qemu_args(
             spec.redirect.as_ref(),
             spec.limits,
             spec.exec_trace,
+            spec.ports,
         )?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
@@ -334,6 +346,15 @@ fn qemu_args(
             format!("socket,id=egress,path={}", path(egress_socket)),
             "-device".into(),
             format!("virtserialport,chardev=egress,name={}", crate::egress_port::PORT_NAME),
+        ]);
+    }
+    if spec.ports {
+        // Published ports: the host's connections into the guest.
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=ports,path={}", path(ports_socket)),
+            "-device".into(),
+            format!("virtserialport,chardev=ports,name={}", crate::ports_port::PORT_NAME),
         ]);
     }
     if let Some(writes) = writes {
@@ -404,13 +425,14 @@ impl Vm {
         }
         fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| VmError::io(dir, e))?;
         // Removed again if QEMU does not start; once it has, its guard removes it.
-        let Started { pid, virtiofsd, agent, egress_port, started } = match start_qemu(guest, spec, dir) {
-            Ok(started) => started,
-            Err(e) => {
-                let _ = fs::remove_dir_all(dir);
-                return Err(e);
-            }
-        };
+        let Started { pid, virtiofsd, agent, egress_port, ports_port, started } =
+            match start_qemu(guest, spec, dir) {
+                Ok(started) => started,
+                Err(e) => {
+                    let _ = fs::remove_dir_all(dir);
+                    return Err(e);
+                }
+            };
         let mut qemu = Qemu { pid, virtiofsd, status: None, dir: dir.to_path_buf() };
         let deadline = started + spec.deadline;
         let mut channel = qemu.accept(&agent, deadline)?;
@@ -421,8 +443,18 @@ impl Vm {
             crate::egress_port::serve_host(port, egress)
                 .map_err(|e| VmError::Boot(format!("cannot serve the egress port: {e}")))?;
         }
+        let ports = match ports_port {
+            Some(listener) => {
+                let port = qemu.accept(&listener, deadline)?;
+                Some(
+                    crate::ports_port::HostPorts::serve(port)
+                        .map_err(|e| VmError::Boot(format!("cannot serve the ports port: {e}")))?,
+                )
+            }
+            None => None,
+        };
         qemu.await_agent(&mut channel, deadline)?;
-        let vm = Vm { qemu, channel, boot_time: started.elapsed() };
+        let vm = Vm { qemu, channel, boot_time: started.elapsed(), ports };
         tracing::info!(
             ms = vm.boot_time.as_millis() as u64,
             accel = spec.accel.as_str(),
@@ -479,6 +511,8 @@ struct Started {
     agent: UnixListener,
     /// Where QEMU connects the egress port, when the guest has one.
     egress_port: Option<UnixListener>,
+    /// Where QEMU connects the ports port, when the guest has one.
+    ports_port: Option<UnixListener>,
     started: Instant,
 }
 
@@ -496,6 +530,8 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
     let agent = listen(&socket)?;
     let egress_socket = dir.join("egress.sock");
     let egress_port = if spec.egress { Some(listen(&egress_socket)?) } else { None };
+    let ports_socket = dir.join("ports.sock");
+    let ports_port = if spec.ports { Some(listen(&ports_socket)?) } else { None };
     let fs_socket = dir.join("fs.sock");
     let writes = spec.writable.as_ref().map(|w| w.writes);
     let virtiofsd = match &spec.writable {
@@ -535,13 +571,17 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
         // An overlay's lower layers: 9p answers its xattr questions.
         proc: writes == Some(Writes::Layer) || !spec.image_layers.is_empty(),
     };
-    let plan =
-        jail::plan(&program, qemu_args(guest, spec, &socket, &egress_socket, &fs_socket, &console)?, &needs)?;
+    let plan = jail::plan(
+        &program,
+        qemu_args(guest, spec, &socket, &egress_socket, &ports_socket, &fs_socket, &console)?,
+        &needs,
+    )?;
     let ids = if rustix::process::geteuid().is_root() {
         let (uid, gid) = qemu_ids(spec.accel);
         // QEMU creates the console log and connects to the sockets as itself.
         let sockets = std::iter::once(&socket)
             .chain(spec.egress.then_some(&egress_socket))
+            .chain(spec.ports.then_some(&ports_socket))
             .chain(writes.is_some().then_some(&fs_socket));
         for path in std::iter::once(dir).chain(sockets.map(PathBuf::as_path)) {
             rustix::fs::chown(
@@ -566,7 +606,7 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
         cgroup: spec.cgroup.as_ref(),
     })?;
     let virtiofsd = virtiofsd_guard.defuse();
-    Ok(Started { pid, virtiofsd, agent, egress_port, started })
+    Ok(Started { pid, virtiofsd, agent, egress_port, ports_port, started })
 }
 
 /// A helper's pid, killed and reaped when dropped unless defused.
@@ -817,9 +857,9 @@ mod tests {
 
     #[test]
     fn the_exec_trace_is_asked_for_on_inits_command_line_only_when_the_policy_wants_it() {
-        let on = kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, true).unwrap();
+        let on = kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, true, false).unwrap();
         assert!(on.split(' ').any(|w| w == EXEC_TRACE_ARG), "{on}");
-        let off = kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, false).unwrap();
+        let off = kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, false, false).unwrap();
         assert!(!off.split(' ').any(|w| w == EXEC_TRACE_ARG), "{off}");
     }
 
@@ -827,21 +867,22 @@ mod tests {
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &fits, 0, false, None, None, LIMITS, false).unwrap();
+        let line =
+            kernel_command_line(Accel::Tcg, &fits, 0, false, None, None, LIMITS, false, false).unwrap();
         assert!(line.ends_with("|hide:/etc/secret-0019-with-a-long-name"), "{line}");
         // However many entries, init gets few arguments (the kernel's
         // limit is 32).
         let (_, init_args) = line.split_once(" -- ").unwrap();
         assert_eq!(init_args.split(' ').count(), 3, "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_many, 0, false, None, None, LIMITS, false)
+        let err = kernel_command_line(Accel::Tcg, &too_many, 0, false, None, None, LIMITS, false, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
         // Few pieces, but long ones.
         let long = |i: usize| RootEntry::Hide(format!("/{}{i}", "x".repeat(80)).into());
         let too_long: Vec<RootEntry> = (0..28).map(long).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_long, 0, false, None, None, LIMITS, false)
+        let err = kernel_command_line(Accel::Tcg, &too_long, 0, false, None, None, LIMITS, false, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("filesystem.hidden") && err.contains("2047"), "{err}");
@@ -857,8 +898,8 @@ mod tests {
         let hide = |i: usize| RootEntry::Hide(format!("/h{i}").into());
         let layer = Some(Writes::Layer);
         let many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let line =
-            kernel_command_line(Accel::Tcg, &many, 0, true, layer, Some(&plan), LIMITS, false).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &many, 0, true, layer, Some(&plan), LIMITS, false, false)
+            .unwrap();
         let init = line.split_once(" -- ").unwrap().1;
         assert_eq!(
             init.split(' ').collect::<Vec<_>>(),
@@ -874,7 +915,7 @@ mod tests {
         // A path with spaces (the runtime leaves such paths out) would be
         // many words: refused, not left to the kernel.
         let spaced = [RootEntry::Hide(format!("/h{}", " x".repeat(28)).into())];
-        let err = kernel_command_line(Accel::Tcg, &spaced, 0, true, layer, Some(&plan), LIMITS, false)
+        let err = kernel_command_line(Accel::Tcg, &spaced, 0, true, layer, Some(&plan), LIMITS, false, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("33 words") && err.contains("spaces"), "{err}");
@@ -891,13 +932,15 @@ mod tests {
             None,
             LIMITS,
             false,
+            false,
         )
         .unwrap();
         assert!(
             with.ends_with(&format!(" -- {GUEST_ROLE} {EGRESS_ARG} limits:256:1073741824 root:share:/usr")),
             "{with}"
         );
-        let without = kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, false).unwrap();
+        let without =
+            kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, false, false).unwrap();
         assert!(!without.contains("egress"), "{without}");
         assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
     }
@@ -906,7 +949,8 @@ mod tests {
     fn the_guest_is_told_what_to_redirect_in_its_egress_word() {
         use crate::egress_port::{egress_arg, egress_from_arg};
         let plan = airlock_jail::plan::Redirect { tcp_port: 3129, dns_port: 3053, ipv6: false };
-        let line = kernel_command_line(Accel::Tcg, &[], 0, true, None, Some(&plan), LIMITS, false).unwrap();
+        let line =
+            kernel_command_line(Accel::Tcg, &[], 0, true, None, Some(&plan), LIMITS, false, false).unwrap();
         assert!(
             line.ends_with(&format!(" -- {GUEST_ROLE} egress:3129:3053:4 limits:256:1073741824 root:")),
             "{line}"
@@ -916,7 +960,8 @@ mod tests {
         assert_eq!(egress_from_arg(EGRESS_ARG), Some(None));
         assert_eq!(egress_arg(None), EGRESS_ARG);
         // No egress port, nothing to redirect to.
-        let none = kernel_command_line(Accel::Tcg, &[], 0, false, None, Some(&plan), LIMITS, false).unwrap();
+        let none =
+            kernel_command_line(Accel::Tcg, &[], 0, false, None, Some(&plan), LIMITS, false, false).unwrap();
         assert!(!none.contains("egress"), "{none}");
         let v6 = airlock_jail::plan::Redirect { ipv6: true, ..plan };
         assert_eq!(egress_from_arg(&egress_arg(Some(&v6))), Some(Some(v6)));
@@ -956,12 +1001,21 @@ mod tests {
             writable: None,
             limits: LIMITS,
             exec_trace: false,
+            ports: false,
         };
         let run = Path::new("/run/x");
         let args = |spec: &BootSpec| {
-            qemu_args(&guest, spec, &run.join("a"), &run.join("e"), &run.join("fs.sock"), &run.join("c"))
-                .unwrap()
-                .join(" ")
+            qemu_args(
+                &guest,
+                spec,
+                &run.join("a"),
+                &run.join("e"),
+                &run.join("p"),
+                &run.join("fs.sock"),
+                &run.join("c"),
+            )
+            .unwrap()
+            .join(" ")
         };
         let without = args(&spec);
         assert!(!without.contains("vhost-user-fs") && !without.contains(LAYER_ARG), "{without}");
@@ -1019,12 +1073,20 @@ mod tests {
             }),
             limits: LIMITS,
             exec_trace: false,
+            ports: false,
         };
         let run = Path::new("/run/x");
-        let args =
-            qemu_args(&guest, &spec, &run.join("a"), &run.join("e"), &run.join("fs.sock"), &run.join("c"))
-                .unwrap()
-                .join(" ");
+        let args = qemu_args(
+            &guest,
+            &spec,
+            &run.join("a"),
+            &run.join("e"),
+            &run.join("p"),
+            &run.join("fs.sock"),
+            &run.join("c"),
+        )
+        .unwrap()
+        .join(" ");
         for part in [
             "memory-backend-memfd,id=ram,size=256M,share=on",
             "socket,id=rw,path=/run/x/fs.sock",
@@ -1066,12 +1128,20 @@ mod tests {
             writable: None,
             limits: LIMITS,
             exec_trace: false,
+            ports: false,
         };
         let run = Path::new("/run/x");
-        let args =
-            qemu_args(&guest, &spec, &run.join("a"), &run.join("e"), &run.join("fs.sock"), &run.join("c"))
-                .unwrap()
-                .join(" ");
+        let args = qemu_args(
+            &guest,
+            &spec,
+            &run.join("a"),
+            &run.join("e"),
+            &run.join("p"),
+            &run.join("fs.sock"),
+            &run.join("c"),
+        )
+        .unwrap()
+        .join(" ");
         for part in [
             "local,id=img0,path=/s/images/layers/sha256/aa,security_model=none,readonly=on",
             "virtio-9p-device,fsdev=img0,mount_tag=img0",
@@ -1080,7 +1150,8 @@ mod tests {
             assert!(args.contains(part), "{part} missing: {args}");
         }
         assert!(!args.contains("mount_tag=ro0"), "no host directory: {args}");
-        let line = kernel_command_line(Accel::Tcg, &spec.root, 2, false, None, None, LIMITS, false).unwrap();
+        let line =
+            kernel_command_line(Accel::Tcg, &spec.root, 2, false, None, None, LIMITS, false, false).unwrap();
         let words: Vec<&str> = line.split(' ').collect();
         assert!(words.contains(&"image:2") && !line.contains("sha256"), "{line}");
         assert_eq!(image_layers_from_args(words), 2);

@@ -5,6 +5,8 @@
 //! systemd, no network device, no shell: this process and what the host asks it
 //! to run are all that runs in the guest. With egress, loopback and the
 //! proxy ports relayed over a port of their own (`egress_port`); with
+//! published ports, the host's connections to loopback over another
+//! (`ports_port`); with
 //! transparent egress, the netfilter modules loaded and the process tier's
 //! redirection installed before the agent serves. The guest's /etc/hosts
 //! and /etc/resolv.conf are airlock's own, as a process-tier sandbox's.
@@ -24,6 +26,7 @@ use crate::boot::{LAYER_ARG, LAYER_TAG, RW_ARG, RW_TAG};
 use crate::egress_port::{GuestEgress, GuestEgressError, PORT_NAME as EGRESS_PORT};
 use crate::guest::{MODULE_DIR, MODULE_ORDER, TRANSPARENT_ORDER};
 use crate::limits::{Budget, GuestLimits};
+use crate::ports_port::PORT_NAME as PORTS_PORT;
 
 /// The guest's virtio-serial port's name.
 pub const PORT_NAME: &str = "airlock.agent";
@@ -33,10 +36,11 @@ const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 
 /// The guest's entry point; never returns while the guest lives.
 pub fn main() -> i32 {
-    let prepared = prepare()
-        .and_then(|(port, egress, workload)| Ok((port, egress.map(prepare_egress).transpose()?, workload)));
+    let prepared = prepare().and_then(|Prepared { port, egress, ports, workload }| {
+        Ok((port, egress.map(prepare_egress).transpose()?, ports, workload))
+    });
     let code = match prepared {
-        Ok((port, egress, workload)) => {
+        Ok((port, egress, ports, workload)) => {
             let env = vec![("PATH".to_owned(), GUEST_PATH.to_owned())];
             // The egress relay's threads start once the agent has blocked
             // its signals, so that they inherit the mask.
@@ -44,6 +48,12 @@ pub fn main() -> i32 {
             airlock_agent::serve_guest(env, Some(workload), exec_trace, move || {
                 if let Some(egress) = egress {
                     egress.serve()?;
+                }
+                // Without egress, loopback comes up here: the guest's
+                // programs listen on it for the host's connections.
+                if let Some(ports) = ports {
+                    airlock_jail::sys::set_loopback_up()?;
+                    crate::ports_port::serve_guest(&ports)?;
                 }
                 connect(&port)
             })
@@ -249,7 +259,7 @@ pub fn share_tag(index: usize) -> String {
 
 /// The agent's port, the egress port when the host gave the guest one, and
 /// the workload cgroup's `cgroup.procs` (see [`crate::limits`]).
-fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
+fn prepare() -> Result<Prepared, InitError> {
     mount("proc", "/proc", "proc", MountFlags::empty(), None).map_err(step("mount /proc"))?;
     mount("sysfs", "/sys", "sysfs", MountFlags::empty(), None).map_err(step("mount /sys"))?;
     mount("devtmpfs", "/dev", "devtmpfs", MountFlags::empty(), None).map_err(step("mount /dev"))?;
@@ -359,6 +369,7 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
     }
     let port = find_port(PORT_NAME)?;
     let egress = if egress_requested().is_some() { Some(find_port(EGRESS_PORT)?) } else { None };
+    let ports = if crate::ports_port::requested() { Some(find_port(PORTS_PORT)?) } else { None };
     // The initramfs cannot be pivoted away from: move the new root over it
     // and enter it (what switch_root does). The initramfs's memory stays:
     // this executable runs from it.
@@ -367,7 +378,17 @@ fn prepare() -> Result<(PathBuf, Option<PathBuf>, OwnedFd), InitError> {
     rustix::process::chroot(".").map_err(step("chroot into the new root"))?;
     std::env::set_current_dir("/").map_err(step("enter /"))?;
     install_name_files()?;
-    Ok((port, egress, workload))
+    Ok(Prepared { port, egress, ports, workload })
+}
+
+/// The guest's root in place, and what the agent serves from: its port,
+/// the egress and ports ports when the host gave them, and the workload's
+/// `cgroup.procs`.
+struct Prepared {
+    port: PathBuf,
+    egress: Option<PathBuf>,
+    ports: Option<PathBuf>,
+    workload: OwnedFd,
 }
 
 /// The workload's cgroup (see [`crate::limits`]), made in a cgroup v2

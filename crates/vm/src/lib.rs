@@ -16,6 +16,8 @@
 //!   lifecycle, runs commands in it over the agent's channel).
 //! - `egress_port`: the guest's connections to the egress proxy, over a
 //!   virtio-serial port of their own.
+//! - `ports_port`: the host's connections to ports inside (published
+//!   ports), over another, with the egress port's multiplexer.
 
 pub mod boot;
 pub mod cpio;
@@ -26,6 +28,7 @@ pub mod guest;
 pub mod init;
 pub mod jail;
 pub mod limits;
+pub mod ports_port;
 pub mod run;
 
 use std::io;

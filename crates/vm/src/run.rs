@@ -36,6 +36,9 @@ pub struct VmStart {
     pub writable: Option<crate::boot::WritableShare>,
     /// The policy's `[audit] exec_trace` (see [`BootSpec::exec_trace`]).
     pub exec_trace: bool,
+    /// The host connects to ports inside (the policy allows published
+    /// ports): see [`crate::ports_port`].
+    pub ports: bool,
 }
 
 /// Something for the person at the terminal.
@@ -114,6 +117,7 @@ pub fn start(
         writable: req.writable.clone(),
         limits: req.limits,
         exec_trace: req.exec_trace,
+        ports: req.ports,
     };
     let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));
     let vm = Vm::boot(setup.guest(), &spec, &dir, egress)?;

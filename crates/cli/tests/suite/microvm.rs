@@ -2411,3 +2411,73 @@ fn a_daemons_microvm_sandbox_records_the_guests_execs_and_ends() {
     let (status, removed) = d.json("DELETE", "/v1/sandboxes/dtrace", None);
     assert_eq!(status, 200, "{removed}");
 }
+
+/// Published ports reach into a guest as into a process-tier sandbox: a
+/// server in the guest answers on the host's port, each connection is in
+/// the audit log, a port nothing listens on inside is closed without a
+/// byte, and removing the sandbox frees the host's ports.
+#[test]
+fn a_published_port_reaches_a_server_in_the_guest_and_is_audited() {
+    use super::ports::{SERVE_3000, audit_events, free_port, get, port_free};
+    use std::io::Read;
+
+    if !ready() {
+        return;
+    }
+    let env = Env::new();
+    let cache = shared_cache();
+    let policy = emulation_policy(&env);
+    let (port, quiet) = (free_port(), free_port());
+    let (web, nobody) = (format!("{port}:3000"), format!("{quiet}:3999"));
+    let created = airlock_vm(
+        &env,
+        &cache,
+        &["create", "--policy", policy.to_str().unwrap(), "--name", "vweb", "-p", &web, "-p", &nobody],
+    );
+    assert!(created.status.success(), "{}", show(&created));
+    let served = airlock_vm(&env, &cache, &["exec", "vweb", "--", "sh", "-c", SERVE_3000]);
+    assert!(served.status.success(), "{}", show(&served));
+
+    // Python starts slowly under emulation.
+    let mut answer = None;
+    wait_until(120, || {
+        answer = get(port);
+        answer.is_some()
+    });
+    let answer = answer.unwrap_or_else(|| panic!("nothing answered on host port {port}"));
+    assert!(answer.starts_with("HTTP/1.0 200") && answer.contains("Directory listing"), "{answer}");
+
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", quiet)).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    assert_eq!(conn.read_to_end(&mut got).map(|_| got.len()).unwrap_or(0), 0);
+    // The relay ends once the client is done too.
+    drop(conn);
+
+    // The last connection to each port inside, and how it ended.
+    fn closed_for(events: &[serde_json::Value], sandbox_port: u16) -> Option<&serde_json::Value> {
+        let accepted =
+            events.iter().rfind(|e| e["event"] == "port_accepted" && e["sandbox_port"] == sandbox_port)?;
+        events.iter().find(|e| e["event"] == "port_closed" && e["id"] == accepted["id"])
+    }
+    let mut events = Vec::new();
+    wait_until(10, || {
+        events = audit_events(airlock_vm(&env, &cache, &["audit", "vweb", "--json"]));
+        closed_for(&events, 3000).is_some() && closed_for(&events, 3999).is_some()
+    });
+    let closed_for = |port| closed_for(&events, port).unwrap_or_else(|| panic!("{events:?}"));
+    let served = closed_for(3000);
+    assert!(
+        served["bytes_in"].as_u64().unwrap() > 0 && served["bytes_out"].as_u64().unwrap() > 0,
+        "{served}"
+    );
+    assert!(served["error"].is_null(), "{served}");
+    let refused = closed_for(3999);
+    assert_eq!(refused["bytes_out"], 0, "{refused}");
+
+    let stopped = airlock_vm(&env, &cache, &["stop", "vweb"]);
+    assert!(stopped.status.success(), "{}", show(&stopped));
+    let removed = airlock_vm(&env, &cache, &["rm", "vweb"]);
+    assert!(removed.status.success(), "{}", show(&removed));
+    assert!(wait_until(5, || port_free(port) && port_free(quiet)), "host ports still taken after rm");
+}

@@ -14,16 +14,17 @@ use super::daemon_harness::TestDaemon;
 use super::support::*;
 
 /// A host port free right now.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Starts Python's HTTP server on 127.0.0.1:3000 inside, in the background.
-const SERVE_3000: &str = "nohup python3 -m http.server 3000 --bind 127.0.0.1 >/tmp/http.log 2>&1 &";
+pub(crate) const SERVE_3000: &str =
+    "nohup python3 -m http.server 3000 --bind 127.0.0.1 >/tmp/http.log 2>&1 &";
 
 /// One GET / to 127.0.0.1:`port` from the host: the whole answer, or None
 /// while nothing answers yet.
-fn get(port: u16) -> Option<String> {
+pub(crate) fn get(port: u16) -> Option<String> {
     let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
     conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     conn.write_all(b"GET / HTTP/1.0\r\nHost: example.com\r\n\r\n").ok()?;
@@ -42,12 +43,12 @@ fn answer_through(port: u16) -> String {
     answer.unwrap_or_else(|| panic!("nothing answered on host port {port}"))
 }
 
-fn audit_events(env_audit: Output) -> Vec<Value> {
+pub(crate) fn audit_events(env_audit: Output) -> Vec<Value> {
     assert!(env_audit.status.success(), "{}", show(&env_audit));
     stdout(&env_audit).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
-fn port_free(port: u16) -> bool {
+pub(crate) fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
