@@ -77,7 +77,7 @@ pub struct PreparedCreate {
 fn check_image(peer: &Peer, image: Option<String>) -> Result<Option<String>, ApiError> {
     let Some(image) = image else { return Ok(None) };
     if let Err(reason) = airlock_runtime::image::check_reference(&image) {
-        return Err(ApiError::bad_request("invalid_request", &format!("image: {reason}")));
+        return Err(ApiError::bad_request("invalid_request", format!("image: {reason}")));
     }
     let local = ["oci:", "oci-archive:", "docker-archive:"].iter().any(|p| image.starts_with(p));
     if local && peer.uid != 0 {
