@@ -275,23 +275,44 @@ pub(crate) async fn accept_loop(
     header_timeout: Duration,
 ) {
     let router = crate::routes::router(app.clone());
+    accept_each(&server.listener, max_connections, "TCP", |stream, remote| {
+        let acceptor = server.acceptor.clone();
+        let tokens = server.tokens.clone();
+        let (router, app) = (router.clone(), app.clone());
+        async move { serve_connection(stream, remote, acceptor, tokens, router, app, header_timeout).await }
+    })
+    .await
+}
+
+/// The accept loop of a TCP listener (the API's and the E2B one): at most
+/// `max_connections` served at once, each by `serve` in a task of its own;
+/// a failed accept (descriptors exhausted) is retried after a pause.
+/// Every connection gets TCP_NODELAY: streamed answers (exec output, a
+/// process's events) go out in small writes, and with Nagle's algorithm
+/// each one after the first waits for the client's delayed ACK, about
+/// 40 ms on Linux.
+pub(crate) async fn accept_each<F, Fut>(listener: &TcpListener, max_connections: usize, what: &str, serve: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(max_connections));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
-        let (stream, remote) = match server.listener.accept().await {
+        let (stream, remote) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!(error = %e, "TCP accept failed; retrying");
+                tracing::warn!(error = %e, "{what} accept failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let acceptor = server.acceptor.clone();
-        let tokens = server.tokens.clone();
-        let router = router.clone();
-        let app = app.clone();
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::warn!(%remote, error = %e, "{what} connection: cannot set TCP_NODELAY");
+        }
+        let served = serve(stream, remote);
         tokio::spawn(async move {
-            serve_connection(stream, remote, acceptor, tokens, router, app, header_timeout).await;
+            served.await;
             drop(permit);
         });
     }

@@ -42,7 +42,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
@@ -144,26 +143,10 @@ pub(crate) async fn accept_loop(
     });
     let routers =
         Arc::new(Routers { control: control::router(state.clone()), envd: envd_router(state.clone()) });
-    let permits = Arc::new(Semaphore::new(max_connections));
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
-        let (stream, remote) = match server.listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "E2B accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // A streamed answer (a process's events) goes out in small writes;
-        // with Nagle's algorithm each one after the first waits for the
-        // client's delayed ACK, about 40 ms per command on Linux.
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::warn!(%remote, error = %e, "E2B connection: cannot set TCP_NODELAY");
-        }
+    crate::tcp::accept_each(&server.listener, max_connections, "E2B", |stream, remote| {
         let acceptor = server.acceptor.clone();
         let (state, routers) = (state.clone(), routers.clone());
-        tokio::spawn(async move {
+        async move {
             match acceptor {
                 None => serve_connection(stream, remote, state, routers, header_timeout).await,
                 Some(acceptor) => {
@@ -174,9 +157,9 @@ pub(crate) async fn accept_loop(
                     }
                 }
             }
-            drop(permit);
-        });
-    }
+        }
+    })
+    .await
 }
 
 struct Routers {
