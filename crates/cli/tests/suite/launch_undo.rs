@@ -18,6 +18,41 @@ const PHASES: &[&str] =
 const REGISTRY: &str = "/run/airlock/id-blocks";
 const BLOCK_SIZE: u32 = 65_536;
 
+/// A test environment whose sandboxes take their id blocks from a range of
+/// their own. A block given back after a failure can be taken at once by a
+/// sandbox of another test running in parallel, whose processes would then
+/// look like leftovers of this one.
+struct PrivateBlocks {
+    env: Env,
+    range: &'static str,
+}
+
+impl PrivateBlocks {
+    /// `range`: `FIRST-LAST` block indexes no other test allocates from
+    /// (others take the lowest free blocks; `security::host_ids` uses
+    /// 14990-14991).
+    fn new(range: &'static str) -> PrivateBlocks {
+        PrivateBlocks { env: Env::new(), range }
+    }
+
+    fn airlock<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = self.env.airlock(args);
+        cmd.env("AIRLOCK_TEST_ID_BLOCKS", self.range);
+        cmd
+    }
+}
+
+impl std::ops::Deref for PrivateBlocks {
+    type Target = Env;
+    fn deref(&self) -> &Env {
+        &self.env
+    }
+}
+
 /// Registry entries naming a directory below `state`.
 fn registry_entries_below(state: &Path) -> Vec<String> {
     let needle = state.display().to_string();
@@ -58,7 +93,7 @@ fn a_launch_failing_after_any_phase_leaves_nothing_behind() {
     if !require(is_root(), "root (cgroups, the layer's tmpfs and id blocks are made only as root)") {
         return;
     }
-    let env = Env::new();
+    let env = PrivateBlocks::new("14950-14959");
     for phase in PHASES {
         let name = format!("undo-{phase}");
         let o = env
@@ -110,7 +145,7 @@ fn a_create_failing_after_any_phase_leaves_nothing_behind() {
     if !require(is_root(), "root (cgroups, the layer's tmpfs and id blocks are made only as root)") {
         return;
     }
-    let env = Env::new();
+    let env = PrivateBlocks::new("14960-14969");
     for phase in PHASES {
         let name = format!("undo-create-{phase}");
         let o = env
@@ -181,7 +216,7 @@ fn a_run_failing_after_its_launch_leaves_nothing_behind() {
     if !require(is_root(), "root (cgroups, the layer's tmpfs and id blocks are made only as root)") {
         return;
     }
-    let env = Env::new();
+    let env = PrivateBlocks::new("14970-14979");
     for &(step, layer_on_disk) in RUN_STEPS {
         let name = format!("late-{step}");
         // Still running when the failure comes while relaying: the failure
@@ -232,7 +267,7 @@ fn a_supervisor_failing_after_the_launch_leaves_nothing_behind() {
     if !require(is_root(), "root (cgroups, the layer's tmpfs and id blocks are made only as root)") {
         return;
     }
-    let env = Env::new();
+    let env = PrivateBlocks::new("14980-14989");
     let name = "svc-late-serving";
     let o = env
         .airlock(["create", "--name", name, "--memory", "64M"])
@@ -260,6 +295,7 @@ fn a_supervisor_failing_after_the_launch_leaves_nothing_behind() {
         assert!(o.status.success(), "{step}: {}", show(&o));
         let spawned = Command::new(BIN)
             .args(["exec", &name, "--", "sleep", "30"])
+            .env("AIRLOCK_TEST_ID_BLOCKS", env.range)
             .env("AIRLOCK_STATE_DIR", &env.state)
             .env("AIRLOCK_CGROUP_PARENT", cgroup_parent())
             .env("AIRLOCK_SOCKET", env.dir.path().join("no-daemon.sock"))
