@@ -38,6 +38,7 @@ use crate::{RunError, plan};
 /// guest and the boot are logged. QEMU dies with the calling thread (its
 /// parent-death signal): the sandbox's owner calls this from the thread
 /// that owns the sandbox to its end.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn boot(
     policy: &Policy,
     name: &str,
