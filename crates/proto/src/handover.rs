@@ -231,10 +231,10 @@ mod tests {
         for bytes in bad {
             assert_eq!(HandOver::decode(&bytes), None, "{bytes:?}");
         }
-        // Every byte string up to two bytes: only the four single tags parse.
+        // Every byte string up to two bytes: only the five single tags parse.
         for a in 0..=255u8 {
             let parsed = HandOver::decode(&[a]);
-            assert_eq!(parsed.is_some(), b"hsdu".contains(&a), "{a}");
+            assert_eq!(parsed.is_some(), b"hsduc".contains(&a), "{a}");
             for b in 0..=255u8 {
                 assert_eq!(HandOver::decode(&[a, b]), None);
             }
