@@ -51,6 +51,20 @@ if [ "$(id -u)" = 0 ]; then
             apt-get update -qq
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${registry_missing[@]}"
         fi
+        # A container engine inside a microVM (suite/containers.rs): Debian's
+        # docker.io (dockerd, containerd, runc), which the guest runs from the
+        # host's /usr, and e2fsprogs, whose mkfs.ext4 formats its disk. The
+        # host's own dockerd is never started (policy-rc.d refuses it in
+        # containers; the tests neither start nor touch it).
+        engine_missing=()
+        for pkg in docker.io e2fsprogs; do
+            dpkg -s "$pkg" >/dev/null 2>&1 || engine_missing+=("$pkg")
+        done
+        if [ "${#engine_missing[@]}" -gt 0 ]; then
+            say "installing ${engine_missing[*]}"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${engine_missing[@]}"
+        fi
         # The HTML report is checked in headless Chromium (suite/report.rs):
         # it must load with nothing on its console and show what it should.
         if ! dpkg -s chromium >/dev/null 2>&1; then

@@ -385,6 +385,11 @@ struct SandboxArgs {
     /// docker-archive:FILE (pulled into the store when missing).
     #[arg(long, value_name = "REF")]
     image: Option<String>,
+    /// A container engine of the sandbox's own inside its microVM (its
+    /// socket: `inspect --json`'s containers.socket), where the policy
+    /// allows it.
+    #[arg(long)]
+    containers: bool,
 }
 
 impl SandboxArgs {
@@ -399,6 +404,7 @@ impl SandboxArgs {
             allow: self.allow.clone(),
             tier: self.tier,
             image: self.image.as_deref().map(airlock_runtime::image::canonical_name),
+            containers: self.containers,
         }
     }
 }

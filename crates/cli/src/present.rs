@@ -507,6 +507,14 @@ fn event_text(kind: &str, v: &serde_json::Value) -> String {
             format!("{} {}{to} {} bytes{}", f("op"), f("path"), n("bytes"), refused())
         }
         "file_inspected" => format!("{} {} {} entries{}", f("op"), f("path"), n("entries"), refused()),
+        "container_engine" => {
+            if v.get("ready").and_then(|b| b.as_bool()) == Some(true) {
+                format!("ready after {} ms", n("ms"))
+            } else {
+                format!("not ready after {} ms: {}", n("ms"), f("detail"))
+            }
+        }
+        "container_created" => format!("{} image {}: {}", f("id"), f("image"), f("command")),
         "port_accepted" => {
             let on = v
                 .get("listen")

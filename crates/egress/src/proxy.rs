@@ -201,6 +201,12 @@ impl ProxyHandle {
             tracing::debug!("a {what:?} hand-over without transparent egress: closed");
             return;
         }
+        if what == HandOver::ContainerEngine {
+            // The host's way into a guest's engine, never a sandbox's
+            // connection out: closed unread.
+            tracing::debug!("a container engine hand-over reached the proxy: closed");
+            return;
+        }
         if what == HandOver::DnsDatagram {
             let socket = std::net::UdpSocket::from(fd);
             self.runtime.spawn(async move {
@@ -225,7 +231,7 @@ impl ProxyHandle {
                     crate::transparent::serve(shared, stream, destination).await
                 }
                 HandOver::DnsStream => crate::dns::serve_stream(shared, stream).await,
-                HandOver::DnsDatagram => {}
+                HandOver::DnsDatagram | HandOver::ContainerEngine => {}
             }
         });
     }

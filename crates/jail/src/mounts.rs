@@ -362,7 +362,7 @@ pub struct View {
     /// mounted below them); symlinks followed, so the path's target is seen
     /// at the path. One below a directory already listed is seen through it.
     pub read_only: Vec<PathBuf>,
-    /// Directories bound writable (nosuid, nodev, noexec).
+    /// Directories (or files) bound writable (nosuid, nodev, noexec).
     pub writable: Vec<PathBuf>,
     /// Device nodes bound as they are (nosuid, noexec; not nodev, or they
     /// could not be opened).
@@ -434,7 +434,15 @@ pub fn enter_view_attaching(
     for dir in &view.writable {
         let target = under(mountpoint, dir);
         if fs::symlink_metadata(&target).is_err() {
-            mkdir_all(&target)?;
+            // A file (a microVM's engine disk) is bound onto a file.
+            if fs::metadata(dir).is_ok_and(|m| m.is_file()) {
+                if let Some(parent) = target.parent() {
+                    mkdir_all(parent)?;
+                }
+                touch(&target)?;
+            } else {
+                mkdir_all(&target)?;
+            }
         }
         mount_bind_recursive(dir.as_path(), &target).ctx("bind writable directory", dir)?;
         let set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOEXEC;

@@ -79,7 +79,13 @@ fn blank() -> Policy {
         name: String::new(),
         description: String::new(),
         extends_chain: Vec::new(),
-        isolation: Isolation { tier: Tier::Process, allow_weaker: BTreeSet::new(), weaker_tier_than: None },
+        isolation: Isolation {
+            tier: Tier::Process,
+            allow_weaker: BTreeSet::new(),
+            weaker_tier_than: None,
+            containers: false,
+            containers_flag: false,
+        },
         filesystem: Filesystem { read_only: Vec::new(), hidden: Vec::new(), tmp_size: 0 },
         workspace: WorkspacePolicy {
             mode: WorkspaceMode::None,

@@ -69,6 +69,15 @@ pub enum PolicyError {
     )]
     AllowFlagDisabled { policy: String, entry: String },
 
+    /// `--containers` on a policy that neither runs a container engine nor
+    /// lets the flag ask for one.
+    #[error(
+        "--containers: policy {policy:?} has no container engine and does not let --containers ask for one \
+         ([isolation] containers_flag = false); use a policy that allows it, or write one that extends \
+         {policy:?} with [isolation] containers = true"
+    )]
+    ContainersFlagDisabled { policy: String },
+
     /// `--env` named a variable the policy reserves for a secret's placeholder.
     #[error(
         "--env {name}: {name} is secret [secrets.{name}] of policy {policy:?}; inside the sandbox \

@@ -37,6 +37,8 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         description => p.description,
         tier => p.isolation.tier,
         allow_weaker => p.isolation.allow_weaker,
+        containers => p.isolation.containers,
+        containers_flag => p.isolation.containers_flag,
         read_only => p.filesystem.read_only,
         tmp_size => p.filesystem.tmp_size,
         timeout => p.limits.timeout,

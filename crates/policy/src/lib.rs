@@ -103,6 +103,15 @@ pub struct Isolation {
     /// so, and printed at every start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weaker_tier_than: Option<String>,
+    /// A container engine inside each microVM sandbox of this policy (its
+    /// own dockerd, reached through a socket of the sandbox's). The process
+    /// tier refuses it: nested containers need their own kernel here.
+    #[serde(default)]
+    pub containers: bool,
+    /// Whether `--containers` (the API's `"containers": true`) may ask for
+    /// one where `containers` is false.
+    #[serde(default)]
+    pub containers_flag: bool,
 }
 
 /// The host filesystem as seen from inside the sandbox.

@@ -27,6 +27,9 @@ pub struct Overrides {
     /// `--image REF`: the sandbox's root from this OCI image (the policy's
     /// `image.require_digest` and `image.registries` still apply).
     pub image: Option<String>,
+    /// `--containers`: a container engine inside the sandbox's microVM;
+    /// refused unless the policy has one or `containers_flag = true`.
+    pub containers: bool,
 }
 
 const MIN_MEMORY: u64 = 16 * 1024 * 1024;
@@ -132,6 +135,12 @@ pub(crate) fn apply(base: &Policy, o: &Overrides) -> Result<Policy, PolicyError>
             ));
         }
         p.isolation.tier = tier;
+    }
+    if o.containers && !base.isolation.containers {
+        if !base.isolation.containers_flag {
+            return Err(PolicyError::ContainersFlagDisabled { policy: base.name.clone() });
+        }
+        p.isolation.containers = true;
     }
     for entry in &o.allow {
         let pattern =

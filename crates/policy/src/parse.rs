@@ -40,7 +40,7 @@ const TOP_KEYS: &[&str] = &[
     "audit",
     "image",
 ];
-const ISOLATION_KEYS: &[&str] = &["tier", "allow_weaker"];
+const ISOLATION_KEYS: &[&str] = &["tier", "allow_weaker", "containers", "containers_flag"];
 const FILESYSTEM_KEYS: &[&str] = &["read_only", "hidden", "tmp_size"];
 const WORKSPACE_KEYS: &[&str] = &["mode", "writeback", "protected"];
 const LIMITS_KEYS: &[&str] = &[
@@ -92,6 +92,8 @@ pub(crate) struct Layer {
     pub description: Option<String>,
     pub tier: Option<Tier>,
     pub allow_weaker: Option<BTreeSet<Weakening>>,
+    pub containers: Option<bool>,
+    pub containers_flag: Option<bool>,
     pub read_only: Option<Vec<PathBuf>>,
     pub hidden: Option<Vec<PathBuf>>,
     pub tmp_size: Option<u64>,
@@ -181,6 +183,8 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
     if let Some(s) = top.section("isolation", ISOLATION_KEYS)? {
         layer.tier = s.keyword::<Tier>("tier")?.map(Spanned::into_inner);
         layer.allow_weaker = s.keyword_list::<Weakening>("allow_weaker")?.map(|v| v.into_iter().collect());
+        layer.containers = s.boolean("containers")?;
+        layer.containers_flag = s.boolean("containers_flag")?;
         layer.keys_set.extend(s.present());
     }
     if let Some(s) = top.section("filesystem", FILESYSTEM_KEYS)? {

@@ -74,6 +74,8 @@ pub(crate) fn to_toml(p: &Policy) -> String {
          [isolation]\n\
          tier = {tier}\n\
          allow_weaker = {allow_weaker}\n\
+         containers = {containers}\n\
+         containers_flag = {containers_flag}\n\
          \n\
          [filesystem]\n\
          read_only = {read_only}\n\
@@ -131,6 +133,8 @@ pub(crate) fn to_toml(p: &Policy) -> String {
         description = quote(&p.description),
         tier = quote(p.isolation.tier.as_str()),
         allow_weaker = list(p.isolation.allow_weaker.iter().map(|w| w.as_str())),
+        containers = p.isolation.containers,
+        containers_flag = p.isolation.containers_flag,
         read_only = paths(&p.filesystem.read_only),
         hidden = paths(&p.filesystem.hidden),
         tmp_size = quote(&format_size(p.filesystem.tmp_size)),

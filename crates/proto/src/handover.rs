@@ -17,6 +17,7 @@
 //! | `t` | transparent (redirected) TCP | family `4` or `6`, 4 or 16 address bytes, port (big-endian) |
 //! | `d` | DNS over a stream (RFC 1035 §4.2.2 two-byte length framing) | none |
 //! | `u` | a UDP socket the proxy answers DNS datagrams on | none |
+//! | `c` | a microVM's container engine's socket (host → guest only) | none |
 //!
 //! Every message carries exactly one descriptor. A message of a length its
 //! tag does not have is refused whole, so a channel can never be read out
@@ -35,6 +36,7 @@ const SOCKS: u8 = b's';
 const TRANSPARENT: u8 = b't';
 const DNS_STREAM: u8 = b'd';
 const DNS_DATAGRAM: u8 = b'u';
+const CONTAINER_ENGINE: u8 = b'c';
 
 /// One descriptor's meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +53,10 @@ pub enum HandOver {
     /// A datagram socket bound inside the sandbox: the proxy reads queries
     /// from it and answers each to its sender. Handed over once.
     DnsDatagram,
+    /// Not the proxy's: a connection the host opens into a microVM guest
+    /// (over its ports port) to the container engine's socket, a path
+    /// fixed by airlock that the host does not name.
+    ContainerEngine,
 }
 
 impl HandOver {
@@ -61,6 +67,7 @@ impl HandOver {
             HandOver::Socks => vec![SOCKS],
             HandOver::DnsStream => vec![DNS_STREAM],
             HandOver::DnsDatagram => vec![DNS_DATAGRAM],
+            HandOver::ContainerEngine => vec![CONTAINER_ENGINE],
             HandOver::Transparent { destination } => {
                 let mut out = vec![TRANSPARENT];
                 match destination.ip() {
@@ -87,6 +94,7 @@ impl HandOver {
             [SOCKS] => Some(HandOver::Socks),
             [DNS_STREAM] => Some(HandOver::DnsStream),
             [DNS_DATAGRAM] => Some(HandOver::DnsDatagram),
+            [CONTAINER_ENGINE] => Some(HandOver::ContainerEngine),
             [TRANSPARENT, 4, rest @ ..] if rest.len() == 4 + 2 => {
                 let ip = Ipv4Addr::new(rest[0], rest[1], rest[2], rest[3]);
                 let port = u16::from_be_bytes([rest[4], rest[5]]);
@@ -187,6 +195,7 @@ mod tests {
             HandOver::Socks,
             HandOver::DnsStream,
             HandOver::DnsDatagram,
+            HandOver::ContainerEngine,
             HandOver::Transparent { destination: "203.0.113.9:22".parse().unwrap() },
             HandOver::Transparent { destination: "[2001:db8::7]:443".parse().unwrap() },
             HandOver::Transparent { destination: "0.0.0.0:0".parse().unwrap() },
@@ -222,10 +231,10 @@ mod tests {
         for bytes in bad {
             assert_eq!(HandOver::decode(&bytes), None, "{bytes:?}");
         }
-        // Every byte string up to two bytes: only the four single tags parse.
+        // Every byte string up to two bytes: only the five single tags parse.
         for a in 0..=255u8 {
             let parsed = HandOver::decode(&[a]);
-            assert_eq!(parsed.is_some(), b"hsdu".contains(&a), "{a}");
+            assert_eq!(parsed.is_some(), b"hsduc".contains(&a), "{a}");
             for b in 0..=255u8 {
                 assert_eq!(HandOver::decode(&[a, b]), None);
             }

@@ -288,6 +288,24 @@ pub enum AuditEvent {
         duration_ms: u64,
         error: Option<String>,
     },
+    /// A microVM sandbox's container engine answered its socket (`ready`,
+    /// `ms` after the sandbox's supervisor started serving), or did not
+    /// within its time (`detail` says why). Seen through the engine's own
+    /// socket: `reported_by: guest`.
+    ContainerEngine {
+        ready: bool,
+        ms: u64,
+        detail: Option<String>,
+        reported_by: String,
+    },
+    /// The guest's container engine created a container: its id, image
+    /// and command as the engine reported them (`reported_by: guest`).
+    ContainerCreated {
+        id: String,
+        image: String,
+        command: Vec<String>,
+        reported_by: String,
+    },
 }
 
 impl AuditEvent {
@@ -321,6 +339,8 @@ impl AuditEvent {
             AuditEvent::FileInspected { .. } => "file_inspected",
             AuditEvent::PortAccepted { .. } => "port_accepted",
             AuditEvent::PortClosed { .. } => "port_closed",
+            AuditEvent::ContainerEngine { .. } => "container_engine",
+            AuditEvent::ContainerCreated { .. } => "container_created",
         }
     }
 
@@ -340,6 +360,7 @@ impl AuditEvent {
                 | AuditEvent::FileInspected { .. }
                 | AuditEvent::PortAccepted { .. }
                 | AuditEvent::PortClosed { .. }
+                | AuditEvent::ContainerCreated { .. }
         )
     }
 
@@ -445,6 +466,20 @@ impl AuditEvent {
             }
             AuditEvent::PortClosed { id, bytes_in, bytes_out, duration_ms, error } => {
                 AuditEvent::PortClosed { id, bytes_in, bytes_out, duration_ms, error: error.map(message) }
+            }
+            AuditEvent::ContainerEngine { ready, ms, detail, reported_by } => AuditEvent::ContainerEngine {
+                ready,
+                ms,
+                detail: detail.map(message),
+                reported_by: field(reported_by),
+            },
+            AuditEvent::ContainerCreated { id, image, command, reported_by } => {
+                AuditEvent::ContainerCreated {
+                    id: field(id),
+                    image: field(image),
+                    command: cap_list(&command),
+                    reported_by: field(reported_by),
+                }
             }
             other @ (AuditEvent::Exited { .. }
             | AuditEvent::TimeLimitHit { .. }

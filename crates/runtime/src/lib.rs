@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod bundle;
 pub mod caps;
+pub mod containers;
 pub mod create_failure;
 pub mod exec_trace;
 mod file_relay;

@@ -429,6 +429,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         tier: policy.isolation.tier,
         ports: Vec::new(),
         image: image.map(|i| i.meta.clone()),
+        containers_socket: None,
     };
     sandbox.write_meta(&meta)?;
     let mut audit = AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size);
@@ -786,8 +787,13 @@ fn launch_vm(
     }
     let host_env = |k: &str| std::env::var(k).ok();
     let image_env = image.map_or(&[][..], |i| &i.config.env[..]);
-    let exec_env =
+    let mut exec_env: Vec<(String, String)> =
         plan::environment_of(policy, &name, &host_env, image_env, &network_env).into_iter().collect();
+    if policy.isolation.containers {
+        // The docker CLI inside finds the guest's engine.
+        exec_env
+            .push(("DOCKER_HOST".to_owned(), format!("unix://{}", airlock_vm::containers::ENGINE_SOCKET)));
+    }
     // Without a workspace, the image's WorkingDir (as on the process tier).
     let exec_cwd = workspace.map(Path::to_path_buf).or_else(|| {
         image.and_then(|i| i.config.working_dir.as_deref()).filter(|d| d.starts_with('/')).map(PathBuf::from)
@@ -808,8 +814,22 @@ fn launch_vm(
         None => None,
     };
     phase_done("proxy-ready")?;
-    let vm =
-        crate::microvm::boot(policy, &name, workspace, held.cgroup.as_ref(), host_egress, writable, image)?;
+    // A container engine's disk: the guest's alone to format and mount;
+    // in the sandbox's directory, so it goes with the sandbox.
+    let engine_disk = match policy.isolation.containers {
+        true => Some(crate::containers::create_disk(sandbox, policy.limits.disk)?),
+        false => None,
+    };
+    let vm = crate::microvm::boot(
+        policy,
+        &name,
+        workspace,
+        held.cgroup.as_ref(),
+        host_egress,
+        writable,
+        image,
+        engine_disk,
+    )?;
     let agent_pid = vm.pid();
     let guest_ports = vm.ports.clone();
     let control = vm.channel.try_clone().map_err(|e| RunError::State(sandbox.path().to_path_buf(), e))?;
@@ -920,6 +940,9 @@ pub(crate) fn finalize(
         remove,
         notify,
     );
+    // A container engine's disk holds nothing once its guest is gone (the
+    // guest formats it at every boot): its space goes back now.
+    let _ = std::fs::remove_file(sandbox.path().join(crate::containers::DISK));
     let (outcome, removing) = held.or_undo(result)?;
     if removing {
         audit.record(AuditEvent::Removed {

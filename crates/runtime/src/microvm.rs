@@ -38,6 +38,7 @@ use crate::{RunError, plan};
 /// guest and the boot are logged. QEMU dies with the calling thread (its
 /// parent-death signal): the sandbox's owner calls this from the thread
 /// that owns the sandbox to its end.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn boot(
     policy: &Policy,
     name: &str,
@@ -46,6 +47,7 @@ pub(crate) fn boot(
     egress: Option<HostEgress>,
     writable: Option<airlock_vm::boot::WritableShare>,
     image: Option<&crate::image::ResolvedImage>,
+    engine_disk: Option<std::path::PathBuf>,
 ) -> Result<airlock_vm::boot::Vm, RunError> {
     // On an image, none of the host's directories: its layers are the root.
     let mut root = match image {
@@ -71,6 +73,7 @@ pub(crate) fn boot(
         writable,
         exec_trace: policy.audit.exec_trace,
         ports: policy.network.ports,
+        engine_disk,
     };
     let (vm, accel) = airlock_vm::run::start(&start, egress, &mut |note| match note {
         // Said by `check` already, before the sandbox existed.

@@ -113,6 +113,7 @@ pub(crate) fn check(
     notify: &mut dyn FnMut(Notice),
 ) -> Result<Checked, RunError> {
     let policy = Policy::resolve(policy)?.apply_overrides(overrides)?;
+    crate::containers::check(&policy, policy.image.reference.is_some())?;
     if let Some(required_by) = &policy.isolation.weaker_tier_than {
         notify(Notice::Warning(format!(
             "policy {} runs on the process tier, sharing the host's kernel, although {required_by}, which it \

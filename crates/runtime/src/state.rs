@@ -395,6 +395,10 @@ pub struct SandboxMeta {
     /// digest it resolved to (what `image prune` keeps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<crate::image::ImageMeta>,
+    /// The host's socket into its microVM's container engine, served by
+    /// its supervisor while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers_socket: Option<PathBuf>,
 }
 
 fn process_tier() -> airlock_policy::Tier {
@@ -886,6 +890,7 @@ mod tests {
             tier: airlock_policy::Tier::Process,
             ports: Vec::new(),
             image: None,
+            containers_socket: None,
         }
     }
 

@@ -88,6 +88,8 @@ struct Spec {
     owner_uid: u32,
     #[serde(default)]
     image: Option<String>,
+    #[serde(default)]
+    containers: bool,
 }
 
 pub struct Created {
@@ -104,6 +106,7 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
     }
     let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
     crate::ports::check(&req.ports, &policy)?;
+    crate::containers::check(&policy, policy.image.reference.is_some())?;
     // The image's rules fail the create here, before a supervisor starts.
     if let Some(reference) = &policy.image.reference {
         crate::image::check(&policy, reference)?;
@@ -123,6 +126,7 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
         owner_uid,
         // Local paths made absolute: the supervisor runs elsewhere.
         image: o.image.as_deref().map(crate::image::canonical_name),
+        containers: o.containers,
     };
     let spec_json = serde_json::to_vec(&spec).map_err(|e| RunError::Supervisor(e.to_string()))?;
     let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
@@ -220,6 +224,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
         allow: spec.allow.clone(),
         tier: spec.tier,
         image: spec.image.clone(),
+        containers: spec.containers,
     };
     let req = &spec.request;
     let checked = crate::run::check(&req.policy, &overrides, req.workspace.as_deref(), &mut |_| {})?;
@@ -410,6 +415,9 @@ impl Supervisor {
         launched.meta.deadline_unix = Some(deadline);
         launched.meta.idle_timeout_secs = req.idle_timeout.map(|d| d.as_secs());
         launched.meta.ports = req.ports.clone();
+        if policy.isolation.containers {
+            launched.meta.containers_socket = Some(sandbox.path().join(crate::containers::SOCKET));
+        }
         sandbox.write_meta(&launched.meta)?;
 
         let socket = sandbox.path().join(SOCKET);
@@ -454,6 +462,13 @@ impl Supervisor {
         if let Err(e) = ports.publish(listeners) {
             ports.close();
             return Err(e.into());
+        }
+        // The container engine's socket: into this guest's engine, nothing else.
+        if policy.isolation.containers {
+            let guest = launched.guest_ports.clone().ok_or_else(|| {
+                RunError::Supervisor("a container engine without the guest's ports port".into())
+            })?;
+            crate::containers::serve(sandbox, spec.owner_uid, guest, audit.clone())?;
         }
         spawn_agent_reader(
             agent_reader,
@@ -556,6 +571,7 @@ impl Supervisor {
         reason: StopReason,
     ) -> Result<(), RunError> {
         let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(sandbox.path().join(crate::containers::SOCKET));
         // The published ports stop listening with the sandbox.
         self.ports.close();
         let Some(launched) = self.launched.take() else { return Ok(()) };

@@ -90,9 +90,19 @@ pub struct SandboxView {
     /// The OCI image its root came from (reference and resolved digest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<crate::image::ImageMeta>,
+    /// Its container engine's socket on the host, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers: Option<ContainersView>,
     /// What only inspect shows.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub detail: Option<Detail>,
+}
+
+/// A sandbox's container engine, as the host reaches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainersView {
+    /// `unix://` + this is a `DOCKER_HOST`.
+    pub socket: String,
 }
 
 /// What only inspect shows.
@@ -138,6 +148,10 @@ impl SandboxView {
             }),
             ports: meta.map(|m| m.ports.clone()).unwrap_or_default(),
             image: meta.and_then(|m| m.image.clone()),
+            containers: meta
+                .filter(|_| state == State::Running)
+                .and_then(|m| m.containers_socket.as_ref())
+                .map(|s| ContainersView { socket: s.to_string_lossy().into_owned() }),
             detail: None,
         }
     }

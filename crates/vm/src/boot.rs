@@ -58,9 +58,15 @@ pub struct BootSpec {
     /// The policy's `[audit] exec_trace`: the guest's agent records every
     /// exec inside and reports it (said on its command line).
     pub exec_trace: bool,
-    /// The host connects to ports inside (published ports): a virtio-serial
-    /// port of its own, served by [`crate::ports_port`].
+    /// The host connects to ports inside (published ports, or the
+    /// container engine's socket): a virtio-serial port of its own, served
+    /// by [`crate::ports_port`].
     pub ports: bool,
+    /// A container engine in the guest (see [`crate::containers`]): its
+    /// disk, a raw file the guest alone formats and mounts, attached as a
+    /// virtio block device. Writable in QEMU's view; nothing else of the
+    /// host's is.
+    pub engine_disk: Option<PathBuf>,
 }
 
 /// The word of init's command line that turns the guest's exec trace on.
@@ -225,6 +231,7 @@ fn kernel_command_line(
     limits: GuestLimits,
     exec_trace: bool,
     ports: bool,
+    containers: bool,
 ) -> Result<String, VmError> {
     let mut line = String::from("console=ttyS0 quiet panic=-1 reboot=t");
     if accel == Accel::Tcg {
@@ -248,6 +255,10 @@ fn kernel_command_line(
     if ports {
         line.push(' ');
         line.push_str(crate::ports_port::PORTS_ARG);
+    }
+    if containers {
+        line.push(' ');
+        line.push_str(crate::containers::CONTAINERS_ARG);
     }
     if image_layers > 0 {
         line.push_str(&format!(" {IMAGE_ARG}{image_layers}"));
@@ -331,6 +342,7 @@ fn qemu_args(
             spec.limits,
             spec.exec_trace,
             spec.ports,
+            spec.engine_disk.is_some(),
         )?,
         "-chardev".into(),
         format!("socket,id=agent,path={}", path(socket)),
@@ -355,6 +367,18 @@ fn qemu_args(
             format!("socket,id=ports,path={}", path(ports_socket)),
             "-device".into(),
             format!("virtserialport,chardev=ports,name={}", crate::ports_port::PORT_NAME),
+        ]);
+    }
+    if let Some(disk) = &spec.engine_disk {
+        // The container engine's disk: raw, the guest's discards given back
+        // to the host; its flushes ignored (`cache=unsafe`), since the
+        // guest formats it anew at every boot and nothing on it outlives
+        // the VM.
+        args.extend([
+            "-drive".into(),
+            format!("file={},if=none,id=engine,format=raw,cache=unsafe,discard=unmap", path(disk)),
+            "-device".into(),
+            "virtio-blk-device,drive=engine".into(),
         ]);
     }
     if let Some(writes) = writes {
@@ -568,6 +592,7 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
             })
             .collect(),
         run_dir: dir,
+        disk: spec.engine_disk.as_deref(),
         // An overlay's lower layers: 9p answers its xattr questions.
         proc: writes == Some(Writes::Layer) || !spec.image_layers.is_empty(),
     };
@@ -582,7 +607,8 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
         let sockets = std::iter::once(&socket)
             .chain(spec.egress.then_some(&egress_socket))
             .chain(spec.ports.then_some(&ports_socket))
-            .chain(writes.is_some().then_some(&fs_socket));
+            .chain(writes.is_some().then_some(&fs_socket))
+            .chain(spec.engine_disk.as_ref());
         for path in std::iter::once(dir).chain(sockets.map(PathBuf::as_path)) {
             rustix::fs::chown(
                 path,
@@ -857,9 +883,11 @@ mod tests {
 
     #[test]
     fn the_exec_trace_is_asked_for_on_inits_command_line_only_when_the_policy_wants_it() {
-        let on = kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, true, false).unwrap();
+        let on =
+            kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, true, false, false).unwrap();
         assert!(on.split(' ').any(|w| w == EXEC_TRACE_ARG), "{on}");
-        let off = kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, false, false).unwrap();
+        let off =
+            kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, false, false, false).unwrap();
         assert!(!off.split(' ').any(|w| w == EXEC_TRACE_ARG), "{off}");
     }
 
@@ -867,24 +895,26 @@ mod tests {
     fn a_root_too_long_for_the_kernels_command_line_is_refused_not_cut() {
         let hide = |i: usize| RootEntry::Hide(format!("/etc/secret-{i:04}-with-a-long-name").into());
         let fits: Vec<RootEntry> = (0..20).map(hide).collect();
-        let line =
-            kernel_command_line(Accel::Tcg, &fits, 0, false, None, None, LIMITS, false, false).unwrap();
+        let line = kernel_command_line(Accel::Tcg, &fits, 0, false, None, None, LIMITS, false, false, false)
+            .unwrap();
         assert!(line.ends_with("|hide:/etc/secret-0019-with-a-long-name"), "{line}");
         // However many entries, init gets few arguments (the kernel's
         // limit is 32).
         let (_, init_args) = line.split_once(" -- ").unwrap();
         assert_eq!(init_args.split(' ').count(), 3, "{line}");
         let too_many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_many, 0, false, None, None, LIMITS, false, false)
-            .unwrap_err()
-            .to_string();
+        let err =
+            kernel_command_line(Accel::Tcg, &too_many, 0, false, None, None, LIMITS, false, false, false)
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("filesystem.hidden"), "{err}");
         // Few pieces, but long ones.
         let long = |i: usize| RootEntry::Hide(format!("/{}{i}", "x".repeat(80)).into());
         let too_long: Vec<RootEntry> = (0..28).map(long).collect();
-        let err = kernel_command_line(Accel::Tcg, &too_long, 0, false, None, None, LIMITS, false, false)
-            .unwrap_err()
-            .to_string();
+        let err =
+            kernel_command_line(Accel::Tcg, &too_long, 0, false, None, None, LIMITS, false, false, false)
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("filesystem.hidden") && err.contains("2047"), "{err}");
     }
 
@@ -898,8 +928,9 @@ mod tests {
         let hide = |i: usize| RootEntry::Hide(format!("/h{i}").into());
         let layer = Some(Writes::Layer);
         let many: Vec<RootEntry> = (0..100).map(hide).collect();
-        let line = kernel_command_line(Accel::Tcg, &many, 0, true, layer, Some(&plan), LIMITS, false, false)
-            .unwrap();
+        let line =
+            kernel_command_line(Accel::Tcg, &many, 0, true, layer, Some(&plan), LIMITS, false, false, false)
+                .unwrap();
         let init = line.split_once(" -- ").unwrap().1;
         assert_eq!(
             init.split(' ').collect::<Vec<_>>(),
@@ -915,9 +946,20 @@ mod tests {
         // A path with spaces (the runtime leaves such paths out) would be
         // many words: refused, not left to the kernel.
         let spaced = [RootEntry::Hide(format!("/h{}", " x".repeat(28)).into())];
-        let err = kernel_command_line(Accel::Tcg, &spaced, 0, true, layer, Some(&plan), LIMITS, false, false)
-            .unwrap_err()
-            .to_string();
+        let err = kernel_command_line(
+            Accel::Tcg,
+            &spaced,
+            0,
+            true,
+            layer,
+            Some(&plan),
+            LIMITS,
+            false,
+            false,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("33 words") && err.contains("spaces"), "{err}");
     }
 
@@ -933,6 +975,7 @@ mod tests {
             LIMITS,
             false,
             false,
+            false,
         )
         .unwrap();
         assert!(
@@ -940,7 +983,7 @@ mod tests {
             "{with}"
         );
         let without =
-            kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, false, false).unwrap();
+            kernel_command_line(Accel::Tcg, &[], 0, false, None, None, LIMITS, false, false, false).unwrap();
         assert!(!without.contains("egress"), "{without}");
         assert_eq!(RootEntry::from_arg(EGRESS_ARG), None, "not a piece of the guest's root");
     }
@@ -950,7 +993,8 @@ mod tests {
         use crate::egress_port::{egress_arg, egress_from_arg};
         let plan = airlock_jail::plan::Redirect { tcp_port: 3129, dns_port: 3053, ipv6: false };
         let line =
-            kernel_command_line(Accel::Tcg, &[], 0, true, None, Some(&plan), LIMITS, false, false).unwrap();
+            kernel_command_line(Accel::Tcg, &[], 0, true, None, Some(&plan), LIMITS, false, false, false)
+                .unwrap();
         assert!(
             line.ends_with(&format!(" -- {GUEST_ROLE} egress:3129:3053:4 limits:256:1073741824 root:")),
             "{line}"
@@ -961,7 +1005,8 @@ mod tests {
         assert_eq!(egress_arg(None), EGRESS_ARG);
         // No egress port, nothing to redirect to.
         let none =
-            kernel_command_line(Accel::Tcg, &[], 0, false, None, Some(&plan), LIMITS, false, false).unwrap();
+            kernel_command_line(Accel::Tcg, &[], 0, false, None, Some(&plan), LIMITS, false, false, false)
+                .unwrap();
         assert!(!none.contains("egress"), "{none}");
         let v6 = airlock_jail::plan::Redirect { ipv6: true, ..plan };
         assert_eq!(egress_from_arg(&egress_arg(Some(&v6))), Some(Some(v6)));
@@ -1002,6 +1047,7 @@ mod tests {
             limits: LIMITS,
             exec_trace: false,
             ports: false,
+            engine_disk: None,
         };
         let run = Path::new("/run/x");
         let args = |spec: &BootSpec| {
@@ -1074,6 +1120,7 @@ mod tests {
             limits: LIMITS,
             exec_trace: false,
             ports: false,
+            engine_disk: None,
         };
         let run = Path::new("/run/x");
         let args = qemu_args(
@@ -1129,6 +1176,7 @@ mod tests {
             limits: LIMITS,
             exec_trace: false,
             ports: false,
+            engine_disk: None,
         };
         let run = Path::new("/run/x");
         let args = qemu_args(
@@ -1151,7 +1199,8 @@ mod tests {
         }
         assert!(!args.contains("mount_tag=ro0"), "no host directory: {args}");
         let line =
-            kernel_command_line(Accel::Tcg, &spec.root, 2, false, None, None, LIMITS, false, false).unwrap();
+            kernel_command_line(Accel::Tcg, &spec.root, 2, false, None, None, LIMITS, false, false, false)
+                .unwrap();
         let words: Vec<&str> = line.split(' ').collect();
         assert!(words.contains(&"image:2") && !line.contains("sha256"), "{line}");
         assert_eq!(image_layers_from_args(words), 2);

@@ -28,7 +28,7 @@ use crate::VmError;
 use crate::cpio::{self, Archive};
 
 /// Bumped whenever what goes into the initramfs changes.
-const LAYOUT: u32 = 3;
+const LAYOUT: u32 = 4;
 
 /// The modules the guest loads, by name; their dependencies come along.
 const WANTED_MODULES: [&str; 6] =
@@ -48,12 +48,21 @@ const WANTED_MODULES: [&str; 6] =
 pub const TRANSPARENT_MODULES: [&str; 5] =
     ["crc32c_generic", "nf_tables", "nft_chain_nat", "nft_nat", "nft_reject_inet"];
 
+/// The modules a guest with a container engine loads besides
+/// (`crate::containers`): the virtio block device its engine's disk is,
+/// and ext4, which the guest formats it with. `crc32c_generic` first, as
+/// for transparent egress: ext4's metadata checksums need a crc32c.
+pub const CONTAINER_MODULES: [&str; 3] = ["crc32c_generic", "virtio_blk", "ext4"];
+
 /// Where the initramfs keeps the modules and their load order.
 pub const MODULE_DIR: &str = "/modules";
 pub const MODULE_ORDER: &str = "/modules/order";
 /// The load order of [`TRANSPARENT_MODULES`] and what they need that the
 /// others did not bring.
 pub const TRANSPARENT_ORDER: &str = "/modules/transparent";
+/// The load order of [`CONTAINER_MODULES`] and what they need that the
+/// base modules did not bring.
+pub const CONTAINERS_ORDER: &str = "/modules/containers";
 
 /// A kernel the guest can boot, with its modules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,8 +238,13 @@ fn build(
     progress(&format!("{} libraries and the loader", libraries.len()));
 
     let modules = module_order(&kernel.modules)?;
-    let transparent = transparent_module_order(&kernel.modules, &modules)?;
-    for (list, prefix, order_file) in [(&modules, "", MODULE_ORDER), (&transparent, "t", TRANSPARENT_ORDER)] {
+    let transparent = extra_module_order(&kernel.modules, &TRANSPARENT_MODULES, &modules)?;
+    let containers = extra_module_order(&kernel.modules, &CONTAINER_MODULES, &modules)?;
+    for (list, prefix, order_file) in [
+        (&modules, "", MODULE_ORDER),
+        (&transparent, "t", TRANSPARENT_ORDER),
+        (&containers, "c", CONTAINERS_ORDER),
+    ] {
         let mut order = String::new();
         for (i, module) in list.iter().enumerate() {
             let data = fs::read(module).map_err(|e| VmError::io(module, e))?;
@@ -243,9 +257,11 @@ fn build(
     }
     progress(&format!(
         "{} kernel modules (virtio-mmio, virtio console, 9p, virtiofs, overlay and their dependencies), \
-         and {} for transparent egress (nftables, NAT, conntrack)",
+         {} for transparent egress (nftables, NAT, conntrack) and {} for a container engine's disk \
+         (virtio-blk, ext4)",
         modules.len(),
-        transparent.len()
+        transparent.len(),
+        containers.len()
     ));
     let (mut out, bytes) = archive.finish().map_err(io)?;
     out.flush().map_err(io)?;
@@ -355,13 +371,14 @@ fn module_order(modules: &Path) -> Result<Vec<PathBuf>, VmError> {
     Ok(order.into_iter().map(|m| modules.join(m)).collect())
 }
 
-/// [`TRANSPARENT_MODULES`] and their dependencies, each after what it
+/// Modules a guest loads only when it needs them ([`TRANSPARENT_MODULES`],
+/// [`CONTAINER_MODULES`]) and their dependencies, each after what it
 /// needs, without those `loaded` (the guest's own) already has. A kernel
 /// that lacks some (built in, or not built) gets what it has: a guest that
-/// then cannot install the redirection says so, and its sandbox does not
-/// start.
-fn transparent_module_order(modules: &Path, loaded: &[PathBuf]) -> Result<Vec<PathBuf>, VmError> {
-    Ok(dependency_order(modules, &TRANSPARENT_MODULES)?
+/// then cannot install the redirection or mount its engine's disk says
+/// so, and its sandbox does not start.
+fn extra_module_order(modules: &Path, wanted: &[&str], loaded: &[PathBuf]) -> Result<Vec<PathBuf>, VmError> {
+    Ok(dependency_order(modules, wanted)?
         .into_iter()
         .map(|m| modules.join(m))
         .filter(|m| !loaded.contains(m))
@@ -479,7 +496,7 @@ kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("modules.dep"), NETFILTER_DEP).unwrap();
         let base = module_order(dir.path()).unwrap();
-        let order: Vec<String> = transparent_module_order(dir.path(), &base)
+        let order: Vec<String> = extra_module_order(dir.path(), &TRANSPARENT_MODULES, &base)
             .unwrap()
             .iter()
             .map(|p| module_name(&p.to_string_lossy()).unwrap())
@@ -526,7 +543,7 @@ kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko
         // A kernel without netfilter modules: nothing to load.
         let bare = tempfile::tempdir().unwrap();
         fs::write(bare.path().join("modules.dep"), "kernel/drivers/char/virtio_console.ko:\n").unwrap();
-        assert!(transparent_module_order(bare.path(), &[]).unwrap().is_empty());
+        assert!(extra_module_order(bare.path(), &TRANSPARENT_MODULES, &[]).unwrap().is_empty());
     }
 
     /// The kernel `vm setup` would pick has every module of the set (or
@@ -541,7 +558,7 @@ kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko
             eprintln!("skipped: no kernel in /boot with its modules in /lib/modules");
             return;
         };
-        let order = transparent_module_order(&kernel.modules, &[]).unwrap();
+        let order = extra_module_order(&kernel.modules, &TRANSPARENT_MODULES, &[]).unwrap();
         let names: Vec<String> = order.iter().map(|p| module_name(&p.to_string_lossy()).unwrap()).collect();
         for wanted in TRANSPARENT_MODULES {
             assert!(
@@ -551,6 +568,15 @@ kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko
             );
         }
         assert!(order.iter().all(|p| p.exists()), "{order:?}");
+        let order = extra_module_order(&kernel.modules, &CONTAINER_MODULES, &[]).unwrap();
+        let names: Vec<String> = order.iter().map(|p| module_name(&p.to_string_lossy()).unwrap()).collect();
+        for wanted in CONTAINER_MODULES {
+            assert!(
+                names.iter().any(|n| n == wanted) || builtin(&kernel.modules, wanted),
+                "{} has no {wanted}: {names:?}",
+                kernel.modules.display()
+            );
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use rustix::mount::{MountFlags, mount, mount_bind, mount_move};
 
 use crate::boot::{LAYER_ARG, LAYER_TAG, RW_ARG, RW_TAG};
 use crate::egress_port::{GuestEgress, GuestEgressError, PORT_NAME as EGRESS_PORT};
-use crate::guest::{MODULE_DIR, MODULE_ORDER, TRANSPARENT_ORDER};
+use crate::guest::{CONTAINERS_ORDER, MODULE_DIR, MODULE_ORDER, TRANSPARENT_ORDER};
 use crate::limits::{Budget, GuestLimits};
 use crate::ports_port::PORT_NAME as PORTS_PORT;
 
@@ -36,16 +36,17 @@ const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 
 /// The guest's entry point; never returns while the guest lives.
 pub fn main() -> i32 {
-    let prepared = prepare().and_then(|Prepared { port, egress, ports, workload }| {
-        Ok((port, egress.map(prepare_egress).transpose()?, ports, workload))
+    let prepared = prepare().and_then(|Prepared { port, egress, ports, workload, engine }| {
+        Ok((port, egress.map(prepare_egress).transpose()?, ports, workload, engine))
     });
     let code = match prepared {
-        Ok((port, egress, ports, workload)) => {
+        Ok((port, egress, ports, workload, engine)) => {
             let env = vec![("PATH".to_owned(), GUEST_PATH.to_owned())];
             // The egress relay's threads start once the agent has blocked
             // its signals, so that they inherit the mask.
             let exec_trace = std::env::args().any(|a| a == crate::boot::EXEC_TRACE_ARG);
             airlock_agent::serve_guest(env, Some(workload), exec_trace, move || {
+                let proxy = egress.is_some().then(crate::egress_port::guest_proxy_url);
                 if let Some(egress) = egress {
                     egress.serve()?;
                 }
@@ -54,6 +55,15 @@ pub fn main() -> i32 {
                 if let Some(ports) = ports {
                     airlock_jail::sys::set_loopback_up()?;
                     crate::ports_port::serve_guest(&ports)?;
+                }
+                // From a thread of its own, which starts it once the agent
+                // serves (its exec waits for the exec trace's answer).
+                if let Some(engine) = engine {
+                    std::thread::Builder::new().name("engine".into()).spawn(move || {
+                        if let Err(e) = crate::containers::start(&engine, proxy.as_deref()) {
+                            let _ = fs::write(crate::containers::ENGINE_LOG, format!("airlock: {e}\n"));
+                        }
+                    })?;
                 }
                 connect(&port)
             })
@@ -79,6 +89,8 @@ enum InitError {
     Egress(#[from] GuestEgressError),
     #[error("the host gave no limits (limits:PIDS:DISK) on the kernel's command line")]
     NoLimits,
+    #[error("container engine: {0}")]
+    Engine(#[from] crate::containers::EngineError),
 }
 
 /// In the final root: the trust bundle, loopback and the proxy ports, and
@@ -265,6 +277,10 @@ fn prepare() -> Result<Prepared, InitError> {
     mount("devtmpfs", "/dev", "devtmpfs", MountFlags::empty(), None).map_err(step("mount /dev"))?;
     load_modules()?;
     load_transparent_modules()?;
+    let containers = crate::containers::requested();
+    if containers {
+        load_module_list(CONTAINERS_ORDER)?;
+    }
     let entries = RootEntry::list_from_args(std::env::args().skip(2));
     let limits = GuestLimits::from_args(std::env::args().skip(2)).ok_or(InitError::NoLimits)?;
     // Read before anything is written to the guest's tmpfs.
@@ -361,11 +377,16 @@ fn prepare() -> Result<Prepared, InitError> {
         .map_err(step("mount /newroot/dev/pts"))?;
     let _ = fs::create_dir(shm);
     mount_bind("/shm", shm).map_err(step("mount /newroot/dev/shm"))?;
-    let workload = workload_cgroup(limits.pids, &budget)?;
+    let (workload, engine) = workload_cgroup(limits.pids, &budget, containers)?;
     for entry in &entries {
         if let RootEntry::Hide(path) = entry {
             hide(&under_new_root(path)).map_err(step(format!("hide {}", path.display())))?;
         }
+    }
+    // After the masks: the engine's own /etc/docker covers the host's
+    // (hidden or not), which it never sees.
+    if containers {
+        crate::containers::prepare_root(Path::new("/newroot"))?;
     }
     let port = find_port(PORT_NAME)?;
     let egress = if egress_requested().is_some() { Some(find_port(EGRESS_PORT)?) } else { None };
@@ -378,7 +399,7 @@ fn prepare() -> Result<Prepared, InitError> {
     rustix::process::chroot(".").map_err(step("chroot into the new root"))?;
     std::env::set_current_dir("/").map_err(step("enter /"))?;
     install_name_files()?;
-    Ok(Prepared { port, egress, ports, workload })
+    Ok(Prepared { port, egress, ports, workload, engine })
 }
 
 /// The guest's root in place, and what the agent serves from: its port,
@@ -389,13 +410,23 @@ struct Prepared {
     egress: Option<PathBuf>,
     ports: Option<PathBuf>,
     workload: OwnedFd,
+    /// With a container engine: its cgroup's `cgroup.procs`.
+    engine: Option<OwnedFd>,
 }
 
 /// The workload's cgroup (see [`crate::limits`]), made in a cgroup v2
 /// hierarchy mounted in the initramfs (where the agent's `cgroup.procs`
 /// stays open), and the same hierarchy shown read-only at the new root's
-/// /sys/fs/cgroup, so that the workload can read its limits.
-fn workload_cgroup(pids: u64, budget: &Budget) -> Result<OwnedFd, InitError> {
+/// /sys/fs/cgroup, so that the workload can read its limits. With a
+/// container engine the workload is nested (see
+/// [`crate::limits::nest_for_containers`]) and the new root's hierarchy
+/// writable: the engine makes its containers' cgroups there. Root in the
+/// guest could lift the limits either way.
+fn workload_cgroup(
+    pids: u64,
+    budget: &Budget,
+    containers: bool,
+) -> Result<(OwnedFd, Option<OwnedFd>), InitError> {
     let own = Path::new("/cgroup");
     fs::create_dir_all(own).map_err(step("create /cgroup"))?;
     let cgroup2 = |at: &Path, flags: MountFlags| mount("cgroup2", at, "cgroup2", flags, None);
@@ -403,9 +434,15 @@ fn workload_cgroup(pids: u64, budget: &Budget) -> Result<OwnedFd, InitError> {
     cgroup2(own, safe).map_err(step("mount cgroup2"))?;
     let procs =
         crate::limits::create_workload(own, pids, budget).map_err(step("create the workload's cgroup"))?;
-    cgroup2(Path::new("/newroot/sys/fs/cgroup"), safe | MountFlags::RDONLY)
-        .map_err(step("mount the root's /sys/fs/cgroup"))?;
-    Ok(procs)
+    let (procs, engine, shown) = if containers {
+        let (execs, engine) = crate::limits::nest_for_containers(own)
+            .map_err(step("nest the workload's cgroup for the container engine"))?;
+        (execs, Some(engine), safe)
+    } else {
+        (procs, None, safe | MountFlags::RDONLY)
+    };
+    cgroup2(Path::new("/newroot/sys/fs/cgroup"), shown).map_err(step("mount the root's /sys/fs/cgroup"))?;
+    Ok((procs, engine))
 }
 
 /// The directories of an image's root that are the guest's own, empty, on

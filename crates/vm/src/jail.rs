@@ -102,6 +102,9 @@ pub struct Needs<'a> {
     pub hidden: Vec<PathBuf>,
     /// The run's directory: sockets and the console log.
     pub run_dir: &'a Path,
+    /// A container engine's disk, the one host file besides the run's
+    /// directory that QEMU writes.
+    pub disk: Option<&'a Path>,
     /// A /proc of QEMU's own PID namespace (see [`Plan::proc`]).
     pub proc: bool,
 }
@@ -135,7 +138,8 @@ pub fn plan(program: &Path, args: Vec<String>, needs: &Needs<'_>) -> Result<Plan
     read_only.extend(needs.shares.iter().cloned());
     read_only.sort();
     read_only.dedup();
-    let writable = vec![needs.run_dir.to_path_buf()];
+    let mut writable = vec![needs.run_dir.to_path_buf()];
+    writable.extend(needs.disk.map(Path::to_path_buf));
     let devices = match needs.accel {
         Accel::Kvm => vec![PathBuf::from("/dev/kvm")],
         Accel::Tcg => Vec::new(),
@@ -485,6 +489,7 @@ mod tests {
             shares: vec![PathBuf::from("/opt")],
             hidden: vec![PathBuf::from("/etc/shadow")],
             run_dir: run.path(),
+            disk: None,
             proc: false,
         };
         let tcg = plan(&program, vec!["-M".into(), "microvm".into()], &needs(Accel::Tcg)).unwrap();

@@ -17,9 +17,12 @@
 //! - `egress_port`: the guest's connections to the egress proxy, over a
 //!   virtio-serial port of their own.
 //! - `ports_port`: the host's connections to ports inside (published
-//!   ports), over another, with the egress port's multiplexer.
+//!   ports), over another, with the egress port's multiplexer; and to the
+//!   container engine's socket.
+//! - `containers`: a container engine in the guest, on a disk of its own.
 
 pub mod boot;
+pub mod containers;
 pub mod cpio;
 pub mod egress_port;
 pub mod elf;

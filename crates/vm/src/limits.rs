@@ -130,6 +130,34 @@ pub fn create_workload(root: &Path, pids: u64, budget: &Budget) -> io::Result<Ow
     Ok(file.into())
 }
 
+/// With a container engine in the guest, the workload's cgroup becomes an
+/// inner node (cgroup v2 keeps processes out of a cgroup whose controllers
+/// its children use): the agent's processes go to `workload/execs`, the
+/// engine to `workload/engine`, and the engine puts each container below
+/// `workload/containers` itself, so the workload's limits bound all three
+/// together. Called before anything is in the workload; the `cgroup.procs`
+/// of `execs` and of `engine`, opened as [`create_workload`] opens its own.
+pub fn nest_for_containers(root: &Path) -> io::Result<(OwnedFd, OwnedFd)> {
+    let dir = root.join(WORKLOAD);
+    fs::write(dir.join("cgroup.subtree_control"), "+pids +memory +cpu")
+        .map_err(|e| io::Error::new(e.kind(), format!("enable controllers below {}: {e}", dir.display())))?;
+    let open = |name: &str| -> io::Result<OwnedFd> {
+        let child = dir.join(name);
+        match fs::create_dir(&child) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io::Error::new(e.kind(), format!("create {}: {e}", child.display()))),
+        }
+        let procs = child.join("cgroup.procs");
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", procs.display())))?;
+        Ok(file.into())
+    };
+    Ok((open("execs")?, open("engine")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

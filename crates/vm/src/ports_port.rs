@@ -53,6 +53,15 @@ impl HostPorts {
         Ok(HostPorts { mux: Mux::start(port.into(), LIMITS, None)? })
     }
 
+    /// A stream to the guest's container engine's socket
+    /// ([`crate::containers::ENGINE_SOCKET`]); it reads as closed when the
+    /// guest has no engine or it does not listen.
+    pub fn connect_engine(&self) -> io::Result<UnixStream> {
+        let (ours, relayed) = UnixStream::pair()?;
+        self.mux.connect(HandOver::ContainerEngine, relayed.into()).map_err(io::Error::other)?;
+        Ok(ours)
+    }
+
     /// A stream whose bytes go to `port` on the guest's loopback and back;
     /// it reads as closed (or reset) when the guest could not connect.
     pub fn connect(&self, port: u16) -> io::Result<UnixStream> {
@@ -77,17 +86,23 @@ pub fn requested() -> bool {
 /// mask (call it once the agent has blocked its signals).
 pub fn serve_guest(device: &Path) -> io::Result<()> {
     let port = std::fs::OpenOptions::new().read(true).write(true).open(device)?;
-    Mux::start(OwnedFd::from(port), LIMITS, Some(guest_opener()))?;
+    let engine = crate::containers::requested().then_some(Path::new(crate::containers::ENGINE_SOCKET));
+    Mux::start(OwnedFd::from(port), LIMITS, Some(guest_opener(engine)))?;
     Ok(())
 }
 
 /// Connects to what the host asks for, where it is the guest's own
-/// loopback; anything else is refused.
-fn guest_opener() -> Opener {
-    Box::new(|to| match to {
+/// loopback, or the container engine's socket (`engine`, airlock's fixed
+/// path, when the guest has one); anything else is refused.
+fn guest_opener(engine: Option<&'static Path>) -> Opener {
+    Box::new(move |to| match to {
         HandOver::Transparent { destination } if destination.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST) => {
             TcpStream::connect_timeout(&destination, CONNECT_TIMEOUT).map(OwnedFd::from)
         }
+        HandOver::ContainerEngine => match engine {
+            Some(socket) => UnixStream::connect(socket).map(OwnedFd::from),
+            None => Err(io::Error::new(io::ErrorKind::NotFound, "the guest has no container engine")),
+        },
         _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "not a port on the guest's loopback")),
     })
 }
@@ -107,7 +122,7 @@ mod tests {
     #[test]
     fn a_host_connection_reaches_the_guests_loopback() {
         let (host_end, guest_end) = UnixStream::pair().unwrap();
-        Mux::start(guest_end.into(), LIMITS, Some(guest_opener())).unwrap();
+        Mux::start(guest_end.into(), LIMITS, Some(guest_opener(None))).unwrap();
         let ports = HostPorts::serve(host_end).unwrap();
 
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
@@ -136,9 +151,10 @@ mod tests {
 
     #[test]
     fn the_guest_connects_only_to_its_own_loopback() {
-        let open = guest_opener();
+        let open = guest_opener(None);
         let elsewhere = HandOver::Transparent { destination: "192.0.2.1:80".parse().unwrap() };
         assert_eq!(open(elsewhere).unwrap_err().kind(), io::ErrorKind::InvalidInput);
         assert_eq!(open(HandOver::Http).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(open(HandOver::ContainerEngine).unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 }

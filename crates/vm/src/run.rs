@@ -39,6 +39,9 @@ pub struct VmStart {
     /// The host connects to ports inside (the policy allows published
     /// ports): see [`crate::ports_port`].
     pub ports: bool,
+    /// A container engine in the guest, on this disk (see
+    /// [`BootSpec::engine_disk`]); the guest then has the ports port too.
+    pub engine_disk: Option<std::path::PathBuf>,
 }
 
 /// Something for the person at the terminal.
@@ -117,7 +120,9 @@ pub fn start(
         writable: req.writable.clone(),
         limits: req.limits,
         exec_trace: req.exec_trace,
-        ports: req.ports,
+        // The host reaches the engine's socket over the ports port.
+        ports: req.ports || req.engine_disk.is_some(),
+        engine_disk: req.engine_disk.clone(),
     };
     let dir = cache.join("run").join(format!("{}-{}", std::process::id(), unique()));
     let vm = Vm::boot(setup.guest(), &spec, &dir, egress)?;

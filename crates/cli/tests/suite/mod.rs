@@ -4,6 +4,7 @@ mod audit;
 mod cgroup_v2;
 mod cli;
 mod cli_daemon;
+mod containers;
 mod create_errors;
 mod daemon;
 mod daemon_attach;

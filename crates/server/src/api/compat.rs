@@ -32,14 +32,25 @@ pub struct Vm {
     pub workspace_dir: String,
 }
 
-/// What `POST /vm` answers: the VM, plus where its egress CA bundle is.
-/// airlock runs no Docker daemon per sandbox, so `docker_socket` is null.
+/// What `POST /vm` answers: the VM, plus where its egress CA bundle is
+/// and, for a microVM with a container engine (`"containers": true`), the
+/// engine's socket on the host (`docker_socket`, and `vm_config.socketPath`
+/// as Docker's sandbox daemon names it); null without one.
 #[derive(Debug, Serialize)]
 pub struct CreatedVm {
     #[serde(flatten)]
     pub vm: Vm,
     pub docker_socket: Option<String>,
     pub ca_cert_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_config: Option<VmConfig>,
+}
+
+/// The VM's engine socket, under Docker's sandbox daemon's name for it.
+#[derive(Debug, Serialize)]
+pub struct VmConfig {
+    #[serde(rename = "socketPath")]
+    pub socket_path: String,
 }
 
 /// `loaded` as a VM, under the name its caller knows it by.
@@ -82,6 +93,10 @@ pub struct CreateVm {
     /// guest with its own kernel, for callers that expect one.
     #[serde(default)]
     pub tier: Option<String>,
+    /// A container engine inside the VM (microvm tier), as `POST
+    /// /v1/sandboxes` takes it.
+    #[serde(default)]
+    pub containers: Option<bool>,
 }
 
 /// `POST /vm`.
@@ -93,6 +108,7 @@ pub async fn create(
     let request = CreateBody {
         policy: Some(body.policy.unwrap_or_else(|| "dev".to_owned())),
         tier: body.tier,
+        containers: body.containers,
         workspace: Some(body.workspace_dir),
         labels: BTreeMap::from([(AGENT_LABEL.to_owned(), body.agent_name)]),
         ..CreateBody::default()
@@ -102,10 +118,16 @@ pub async fn create(
         .blocking(move |app| {
             let loaded = create_sandbox(app, &peer, prepared)?;
             let bundle = loaded.dir.path().join("ca-bundle.pem");
+            let socket = loaded
+                .meta
+                .as_ref()
+                .and_then(|m| m.containers_socket.as_ref())
+                .map(|s| s.to_string_lossy().into_owned());
             Ok(CreatedVm {
                 vm: vm(&loaded, &app.scope(&peer)),
-                docker_socket: None,
+                docker_socket: socket.clone(),
                 ca_cert_path: bundle.exists().then(|| bundle.to_string_lossy().into_owned()),
+                vm_config: socket.map(|socket_path| VmConfig { socket_path }),
             })
         })
         .await?;

@@ -60,6 +60,9 @@ pub struct CreateBody {
     pub ports: Vec<String>,
     /// The OCI image the root comes from (`airlock create --image`).
     pub image: Option<String>,
+    /// A container engine inside the sandbox's microVM (`airlock create
+    /// --containers`), where the policy allows it.
+    pub containers: Option<bool>,
 }
 
 /// A create request checked against the caller's rights, ready for the
@@ -191,6 +194,7 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
         allow: body.allow,
         tier,
         image: check_image(peer, body.image)?,
+        containers: body.containers.unwrap_or(false),
     };
     let request = CreateRequest {
         name: body.name,

@@ -48,6 +48,12 @@ pub const PORT_NAME: &str = "airlock.egress";
 
 /// The proxy ports inside, the process tier's (`airlock_egress`'s).
 pub const HTTP_PORT: u16 = 3128;
+
+/// The guest's HTTP proxy listener as a proxy variable's value (what the
+/// guest's container engine is given).
+pub fn guest_proxy_url() -> String {
+    format!("http://127.0.0.1:{HTTP_PORT}")
+}
 pub const SOCKS_PORT: u16 = 1080;
 
 /// Where the trust bundle is inside, as in the process tier
@@ -91,7 +97,8 @@ pub fn host_takes(to: &HandOver, transparent: bool) -> bool {
     match to {
         HandOver::Http | HandOver::Socks => true,
         HandOver::Transparent { .. } | HandOver::DnsStream => transparent,
-        HandOver::DnsDatagram => false,
+        // Never the proxy's: the host's own way into the guest's engine.
+        HandOver::DnsDatagram | HandOver::ContainerEngine => false,
     }
 }
 
