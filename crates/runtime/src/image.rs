@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use airlock_image::auth;
-use airlock_image::source::{self, ImageSource, RegistryOptions};
+use airlock_image::source::{self, BasicAuth, ImageSource, RegistryOptions};
 use airlock_image::store::{Digest, RunConfig, Store};
 use airlock_policy::Policy;
 use serde::{Deserialize, Serialize};
@@ -140,22 +140,17 @@ pub fn pull(
         return source::pull(store, &source, &name, &RegistryOptions::default(), progress)
             .map_err(image_error);
     }
+    let names = source.registry_names().map_err(image_error)?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let roots: Vec<PathBuf> = options.ca.iter().chain(&policy.network.extra_roots).cloned().collect();
-    let mut registry = RegistryOptions { insecure: options.insecure, ..Default::default() };
+    let insecure = options.insecure || policy.image.is_insecure(&names);
+    let mut registry = RegistryOptions { insecure, ..Default::default() };
     for path in &roots {
         let pem = std::fs::read(path).map_err(|e| RunError::ImageCa(path.clone(), e))?;
         registry.extra_roots_pem.push(pem);
     }
-    let config = auth::config_path(options.authfile.as_deref());
-    if let Some(path) = &config {
-        let names = source.registry_names().map_err(image_error)?;
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        registry.basic_auth = auth::credentials(path, options.authfile.is_some(), &names)?;
-    }
-    let with = match (&registry.basic_auth, &config) {
-        (Some((user, _)), Some(path)) => format!("the credentials of {user} from {}", path.display()),
-        _ => "anonymous access (no credentials for it in a Docker config.json)".to_owned(),
-    };
+    let (basic_auth, with) = credentials(policy, options, &names)?;
+    registry.basic_auth = basic_auth;
     let gate = PullGate::start(policy, &roots)?;
     registry.extra_roots_pem.push(gate.ca_pem().as_bytes().to_vec());
     registry.proxy = Some(gate.url());
@@ -167,9 +162,52 @@ pub fn pull(
             policy.name
         )),
         None if e.is_unauthorized() => RunError::ImageRefused(format!(
-            "registry refused {with}: {e}; give credentials with --authfile FILE"
+            "registry refused {with}: {e}; give credentials in the policy's image.credentials or with \
+             --authfile FILE"
         )),
         None => image_error(e),
+    })
+}
+
+/// The credentials of a pull from the registry known by `names`, and how a
+/// refusal names them: the policy's `image.credentials` for it first (the
+/// password read from its secret source now, on the host, because this
+/// pull needs it), else the Docker config.json's, else none.
+fn credentials(
+    policy: &Policy,
+    options: &PullOptions,
+    names: &[&str],
+) -> Result<(Option<BasicAuth>, String), RunError> {
+    if let Some((registry, credential)) = policy.image.credential_for(names) {
+        let spec = crate::network::source_spec(&credential.password);
+        let refused = |source| RunError::ImageCredential { registry: registry.to_owned(), source };
+        let value = airlock_egress::secrets::read_one("password", &spec).map_err(refused)?;
+        // The registry client takes the password as text.
+        let password = String::from_utf8(value.expose().to_vec()).map_err(|_| {
+            RunError::ImageCredentialNotText { registry: registry.to_owned(), from: spec.to_string() }
+        })?;
+        let with = format!(
+            "the credentials of {} from policy {} (image.credentials.{registry:?})",
+            credential.username, policy.name
+        );
+        return Ok((Some(BasicAuth { user: credential.username.clone(), password }), with));
+    }
+    let config = auth::config_path(options.authfile.as_deref());
+    let found = match &config {
+        Some(path) => auth::credentials(path, options.authfile.is_some(), names)?,
+        None => None,
+    };
+    Ok(match (found, &config) {
+        (Some((user, password)), Some(path)) => {
+            let with = format!("the credentials of {user} from {}", path.display());
+            (Some(BasicAuth { user, password }), with)
+        }
+        _ => (
+            None,
+            "anonymous access (no credentials for it in the policy's image.credentials or a Docker \
+             config.json)"
+                .to_owned(),
+        ),
     })
 }
 

@@ -97,6 +97,19 @@ pub enum RunError {
     ImageCa(PathBuf, #[source] io::Error),
     #[error(transparent)]
     ImageAuth(#[from] airlock_image::auth::AuthError),
+    /// The policy's password for a registry could not be read from its
+    /// source (the message names the source, never a value).
+    #[error("the policy's credentials for registry {registry} (image.credentials): {source}")]
+    ImageCredential {
+        registry: String,
+        #[source]
+        source: airlock_egress::secrets::SecretError,
+    },
+    #[error(
+        "the policy's credentials for registry {registry} (image.credentials): the password {from} gave is not \
+         UTF-8 text"
+    )]
+    ImageCredentialNotText { registry: String, from: String },
     #[error(transparent)]
     PullGate(#[from] crate::pull_gate::PullGateError),
     #[error("state directory {0}: {1}")]
