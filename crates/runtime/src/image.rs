@@ -52,7 +52,7 @@ pub const BUDGET_VAR: &str = "AIRLOCK_IMAGE_BUDGET";
 /// [`BUDGET_VAR`].
 pub fn store(state_root: &Path) -> Result<Store, RunError> {
     let budget = parse_budget(std::env::var(BUDGET_VAR).ok().as_deref())?;
-    Ok(Store::open(state_root.join("images"))?.with_budget(budget))
+    Ok(Store::open(state_root.join(crate::state::IMAGE_STORE_DIR))?.with_budget(budget))
 }
 
 fn parse_budget(value: Option<&str>) -> Result<Option<u64>, RunError> {
