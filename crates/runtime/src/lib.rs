@@ -110,6 +110,10 @@ pub enum RunError {
          UTF-8 text"
     )]
     ImageCredentialNotText { registry: String, from: String },
+    /// The image store's disk budget would be exceeded, as a sandbox's
+    /// supervisor reported it (the message is the original error's).
+    #[error("{0}")]
+    ImageStoreFull(String),
     #[error(transparent)]
     PullGate(#[from] crate::pull_gate::PullGateError),
     #[error("state directory {0}: {1}")]
@@ -160,6 +164,21 @@ pub enum RunError {
     /// only) at a launch phase or a later step.
     #[error("failure injected for a test at {0}")]
     InjectedFailure(String),
+}
+
+impl RunError {
+    /// Whether a pull was refused because the image store's disk budget
+    /// (`AIRLOCK_IMAGE_BUDGET`) would be exceeded: nothing is wrong with
+    /// the request, the host lacks room for it.
+    pub fn is_image_store_full(&self) -> bool {
+        use airlock_image::source::SourceError;
+        use airlock_image::store::StoreError;
+        match self {
+            RunError::ImageStoreFull(_) | RunError::ImageStore(StoreError::OverBudget { .. }) => true,
+            RunError::Image(e) => matches!(**e, SourceError::Store(StoreError::OverBudget { .. })),
+            _ => false,
+        }
+    }
 }
 
 impl From<airlock_policy::PolicyError> for RunError {

@@ -475,3 +475,42 @@ fn a_rootless_sandbox_runs_on_an_image_it_pulled() {
     let out = stdout(&o);
     assert!(out.contains("airlock-test-image 1") && out.contains("whiteout-ok"), "{}", show(&o));
 }
+
+/// Through the daemon: a create whose image would pass the image store's
+/// disk budget answers 507 with its own code, and leaves no sandbox.
+#[test]
+fn the_daemons_create_answers_507_when_the_image_store_budget_would_be_passed() {
+    use super::daemon_harness::TestDaemon;
+    if !require(is_root(), "root (the daemon reads a local image layout for root callers only)") {
+        return;
+    }
+    let mut d = TestDaemon::start_with("imgbudget", |cmd| {
+        cmd.env("AIRLOCK_IMAGE_BUDGET", "256K");
+    });
+    let layout = d.env.dir.path().join("layout");
+    if !require(
+        busybox_layout(&layout).is_some(),
+        "a static busybox at /bin/busybox (Debian: busybox-static)",
+    ) {
+        return;
+    }
+    let image = format!("oci:{}:v1", layout.display());
+    let (status, body) =
+        d.json("POST", "/v1/sandboxes", Some(serde_json::json!({"name": "big", "image": image})));
+    assert_eq!(status, 507, "{body}");
+    assert_eq!(body["error"]["code"], "image_budget_exceeded", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("disk budget of 256.0 KiB would be exceeded"), "{body}");
+    assert!(message.contains("airlock image prune"), "says what to do: {body}");
+    assert!(d.sandbox_names().is_empty(), "{:?}", d.sandbox_names());
+    let layers = d.env.state.join("images/layers/sha256");
+    assert!(!layers.exists() || fs::read_dir(&layers).unwrap().count() == 0, "nothing unpacked");
+
+    // Without the budget (a restart drops it), the same create runs.
+    d.restart();
+    let (status, created) =
+        d.json("POST", "/v1/sandboxes", Some(serde_json::json!({"name": "fits", "image": image})));
+    assert_eq!(status, 201, "{created}");
+    let (status, removed) = d.json("DELETE", "/v1/sandboxes/fits", None);
+    assert_eq!(status, 200, "{removed}");
+}
