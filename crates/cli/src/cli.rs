@@ -385,6 +385,11 @@ struct SandboxArgs {
     /// docker-archive:FILE (pulled into the store when missing).
     #[arg(long, value_name = "REF")]
     image: Option<String>,
+    /// Run as this user of the sandbox, UID[:GID] (numbers; a UID alone
+    /// takes its group from the image's /etc/passwd): the command, and
+    /// with `create` every exec that names no user. Over the image's User.
+    #[arg(long, short = 'u', value_name = "UID[:GID]", value_parser = parse_user)]
+    user: Option<String>,
 }
 
 impl SandboxArgs {
@@ -405,6 +410,10 @@ impl SandboxArgs {
 
 fn parse_tier(s: &str) -> Result<Tier, String> {
     s.parse()
+}
+
+fn parse_user(s: &str) -> Result<String, String> {
+    airlock_runtime::image::parse_user(s).map(|_| s.to_owned())
 }
 
 #[derive(Args)]
@@ -788,6 +797,7 @@ fn run(args: RunArgs) -> CliResult {
         name: args.sandbox.name,
         remove_after: args.rm,
         command: args.command,
+        user: args.sandbox.user,
     };
     let outcome = airlock_runtime::run(&req, &mut present::notice)?;
     present::run_summary(&outcome);
@@ -857,6 +867,7 @@ fn create(args: CreateArgs) -> CliResult {
         env: Vec::new(),
         owner_uid: None,
         ports: args.ports,
+        user: args.sandbox.user.clone(),
     };
     let created = supervisor::create(&state()?, &req)?;
     println!("{}", created.name);

@@ -32,6 +32,8 @@ pub enum CreateFailure {
     PortUnavailable { message: String },
     /// The image's pull would pass the image store's disk budget.
     ImageStoreFull { message: String },
+    /// The sandbox cannot run as the user asked for (`--user`).
+    BadUser { message: String },
     /// Anything else: the sandbox could not be started.
     Other { message: String },
 }
@@ -91,6 +93,7 @@ impl From<&RunError> for CreateFailure {
             RunError::Ports(crate::ports::PortError::Bind { .. }) | RunError::PortUnavailable(_) => {
                 CreateFailure::PortUnavailable { message }
             }
+            RunError::UserRefused(_) => CreateFailure::BadUser { message },
             e if e.is_image_store_full() => CreateFailure::ImageStoreFull { message },
             _ => CreateFailure::Other { message },
         }
@@ -111,6 +114,7 @@ impl From<CreateFailure> for RunError {
             CreateFailure::BadWorkspace { message } => RunError::WorkspaceRefused(message),
             CreateFailure::PortUnavailable { message } => RunError::PortUnavailable(message),
             CreateFailure::ImageStoreFull { message } => RunError::ImageStoreFull(message),
+            CreateFailure::BadUser { message } => RunError::UserRefused(message),
             CreateFailure::Other { message } => RunError::CreateFailed(message),
         }
     }
@@ -185,6 +189,10 @@ mod tests {
         let back = across(full);
         assert!(matches!(back, RunError::ImageStoreFull(_)) && back.is_image_store_full());
         assert_eq!(back.to_string(), message);
+
+        let user = RunError::UserRefused("user 70000 is outside the sandbox's ids".into());
+        let back = across(user);
+        assert!(matches!(&back, RunError::UserRefused(m) if m.contains("70000")));
 
         let other = RunError::SetupFailed("mount: no\nspace".into());
         let message = other.to_string();

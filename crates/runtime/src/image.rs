@@ -29,10 +29,6 @@ pub struct ResolvedImage {
     /// Unpacked layers, bottom first.
     pub layers: Vec<PathBuf>,
     pub config: RunConfig,
-    /// The image's `User` as `UID:GID` (names looked up in the image's
-    /// own files), for the command and every exec that names no user of
-    /// its own; None: root inside.
-    pub user: Option<String>,
 }
 
 impl ResolvedImage {
@@ -241,16 +237,91 @@ pub fn resolve(state_root: &Path, policy: &Policy) -> Result<Option<ResolvedImag
     }
     let config = store.run_config(&record)?;
     let layers: Vec<PathBuf> = record.layers.iter().map(|l| store.layer_path(l)).collect();
-    let user = match &config.user {
-        Some(spec) => user_within_ids(reference, spec, &layers)?,
-        None => None,
-    };
     Ok(Some(ResolvedImage {
         meta: ImageMeta { reference: reference.clone(), digest: record.manifest.to_string() },
         layers,
         config,
-        user,
     }))
+}
+
+/// Who the sandbox's command, and every exec that names no user of its
+/// own, runs as, as the launch passes it on (None: root inside):
+/// `requested` (`--user UID[:GID]`) when given, else the image's `User`
+/// (names looked up in the image's own files).
+pub fn run_as(requested: Option<&str>, image: Option<&ResolvedImage>) -> Result<Option<String>, RunError> {
+    match (requested, image) {
+        (Some(spec), image) => requested_user(spec, image).map(Some),
+        (None, Some(image)) => match &image.config.user {
+            Some(spec) => user_within_ids(&image.meta.reference, spec, &image.layers),
+            None => Ok(None),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+/// `--user UID[:GID]`: numbers, as the sandbox's own ids (a name would be
+/// looked up in files the sandbox's root may not yet have; `exec --user`
+/// takes names, inside). Returns the uid and the gid if given.
+pub fn parse_user(spec: &str) -> Result<(u32, Option<u32>), String> {
+    let number = |text: &str| {
+        (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| text.parse::<u32>().ok())
+            .flatten()
+    };
+    let parsed = match spec.split_once(':') {
+        Some((uid, gid)) => number(uid).zip(number(gid)).map(|(u, g)| (u, Some(g))),
+        None => number(spec).map(|u| (u, None)),
+    };
+    parsed.ok_or_else(|| {
+        format!(
+            "user {spec:?}: give UID or UID:GID, numbers among the sandbox's ids (e.g. 1000 or 1000:1000)"
+        )
+    })
+}
+
+/// [`parse_user`], then the ids held against those the sandbox's user
+/// namespace maps; for a check before anything is started.
+pub fn check_user(spec: &str) -> Result<(), RunError> {
+    let (uid, gid) = parse_user(spec).map_err(RunError::UserRefused)?;
+    within_ids(spec, uid, gid)
+}
+
+fn within_ids(spec: &str, uid: u32, gid: Option<u32>) -> Result<(), RunError> {
+    let mapped = mapped_ids();
+    if uid < mapped && gid.is_none_or(|g| g < mapped) {
+        return Ok(());
+    }
+    let why = if mapped == 1 {
+        "without root airlock maps only the caller's own id, which is root (0) inside".to_owned()
+    } else {
+        format!("the sandbox's ids are 0-{}", mapped - 1)
+    };
+    Err(RunError::UserRefused(format!("user {spec:?} is outside the sandbox's ids: {why}")))
+}
+
+/// A requested user as the launch passes it on: `UID:GID`, where a UID
+/// alone takes its group from the image's /etc/passwd (else the same
+/// number), as the image's own `User` would; without an image, a UID alone
+/// is left to the agent, which looks it up in the sandbox's /etc/passwd
+/// as `exec --user` does.
+fn requested_user(spec: &str, image: Option<&ResolvedImage>) -> Result<String, RunError> {
+    let (uid, gid) = parse_user(spec).map_err(RunError::UserRefused)?;
+    let gid = match (gid, image) {
+        (Some(gid), _) => Some(gid),
+        (None, Some(image)) => Some(
+            airlock_image::user::resolve(spec, &image.layers)
+                .map_err(|e| {
+                    RunError::UserRefused(format!("user {spec:?} in image {}: {e}", image.meta.reference))
+                })?
+                .gid,
+        ),
+        (None, None) => None,
+    };
+    within_ids(spec, uid, gid)?;
+    Ok(match gid {
+        Some(gid) => format!("{uid}:{gid}"),
+        None => uid.to_string(),
+    })
 }
 
 /// The ids a sandbox's user namespace maps: as root, 0–65535 (a block of
@@ -312,6 +383,31 @@ pub fn resolve_for(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_requested_user_is_numbers() {
+        assert_eq!(parse_user("1000").unwrap(), (1000, None));
+        assert_eq!(parse_user("0:0").unwrap(), (0, Some(0)));
+        assert_eq!(parse_user("1000:1001").unwrap(), (1000, Some(1001)));
+        for bad in ["", "dev", "1000:", ":1000", "-1", "+5", "1000:staff", "1:2:3", "99999999999", " 1"] {
+            let err = parse_user(bad).unwrap_err();
+            assert!(err.contains("give UID or UID:GID"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_requested_user_must_be_among_the_sandboxs_ids() {
+        assert!(check_user("0").is_ok(), "root inside exists rootless too");
+        let err = check_user("70000").unwrap_err().to_string();
+        assert!(err.contains("outside the sandbox's ids"), "{err}");
+        let err = check_user("0:70000").unwrap_err().to_string();
+        assert!(err.contains("outside the sandbox's ids"), "{err}");
+        assert!(matches!(check_user("x"), Err(RunError::UserRefused(_))));
+        // Without an image a UID alone goes to the agent as it is.
+        assert_eq!(run_as(Some("0"), None).unwrap().as_deref(), Some("0"));
+        assert_eq!(run_as(Some("0:0"), None).unwrap().as_deref(), Some("0:0"));
+        assert_eq!(run_as(None, None).unwrap(), None);
+    }
 
     #[test]
     fn the_budget_is_a_size_or_nothing() {

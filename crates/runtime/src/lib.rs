@@ -114,6 +114,9 @@ pub enum RunError {
     /// supervisor reported it (the message is the original error's).
     #[error("{0}")]
     ImageStoreFull(String),
+    /// A user (`--user`) the sandbox cannot run its processes as.
+    #[error("{0}")]
+    UserRefused(String),
     #[error(transparent)]
     PullGate(#[from] crate::pull_gate::PullGateError),
     #[error("state directory {0}: {1}")]
