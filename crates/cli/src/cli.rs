@@ -242,7 +242,8 @@ enum ImageCommand {
     /// oci:DIR[:TAG|@sha256:…], oci-archive:FILE[:TAG] or docker-archive:FILE.
     Pull {
         reference: String,
-        /// Plain HTTP for this registry (a local test registry), not HTTPS.
+        /// Plain HTTP for this registry (a local test registry), not HTTPS;
+        /// the policy's image.insecure marks registries for every pull.
         #[arg(long)]
         insecure: bool,
         /// Also trust this CA (PEM) for the registry's certificate
@@ -250,7 +251,8 @@ enum ImageCommand {
         #[arg(long, value_name = "CA.pem")]
         ca: Vec<PathBuf>,
         /// Registry credentials from this Docker-style config.json
-        /// (default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json).
+        /// (default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json),
+        /// for registries the policy's image.credentials do not name.
         #[arg(long, value_name = "FILE")]
         authfile: Option<PathBuf>,
         /// The policy whose image rules and network rules the pull follows:
