@@ -242,7 +242,8 @@ enum ImageCommand {
     /// oci:DIR[:TAG|@sha256:…], oci-archive:FILE[:TAG] or docker-archive:FILE.
     Pull {
         reference: String,
-        /// Plain HTTP for this registry (a local test registry), not HTTPS.
+        /// Plain HTTP for this registry (a local test registry), not HTTPS;
+        /// the policy's image.insecure marks registries for every pull.
         #[arg(long)]
         insecure: bool,
         /// Also trust this CA (PEM) for the registry's certificate
@@ -250,7 +251,8 @@ enum ImageCommand {
         #[arg(long, value_name = "CA.pem")]
         ca: Vec<PathBuf>,
         /// Registry credentials from this Docker-style config.json
-        /// (default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json).
+        /// (default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json),
+        /// for registries the policy's image.credentials do not name.
         #[arg(long, value_name = "FILE")]
         authfile: Option<PathBuf>,
         /// The policy whose image rules and network rules the pull follows:
@@ -390,6 +392,11 @@ struct SandboxArgs {
     /// allows it.
     #[arg(long)]
     containers: bool,
+    /// Run as this user of the sandbox, UID[:GID] (numbers; a UID alone
+    /// takes its group from the image's /etc/passwd): the command, and
+    /// with `create` every exec that names no user. Over the image's User.
+    #[arg(long, short = 'u', value_name = "UID[:GID]", value_parser = parse_user)]
+    user: Option<String>,
 }
 
 impl SandboxArgs {
@@ -411,6 +418,10 @@ impl SandboxArgs {
 
 fn parse_tier(s: &str) -> Result<Tier, String> {
     s.parse()
+}
+
+fn parse_user(s: &str) -> Result<String, String> {
+    airlock_runtime::image::parse_user(s).map(|_| s.to_owned())
 }
 
 #[derive(Args)]
@@ -794,6 +805,7 @@ fn run(args: RunArgs) -> CliResult {
         name: args.sandbox.name,
         remove_after: args.rm,
         command: args.command,
+        user: args.sandbox.user,
     };
     let outcome = airlock_runtime::run(&req, &mut present::notice)?;
     present::run_summary(&outcome);
@@ -863,6 +875,7 @@ fn create(args: CreateArgs) -> CliResult {
         env: Vec::new(),
         owner_uid: None,
         ports: args.ports,
+        user: args.sandbox.user.clone(),
     };
     let created = supervisor::create(&state()?, &req)?;
     println!("{}", created.name);

@@ -285,6 +285,9 @@ fn remote_create(daemon: &Daemon, args: CreateArgs) -> CliResult {
     if let Some(image) = &s.image {
         body.insert("image".into(), json!(airlock_runtime::image::canonical_name(image)));
     }
+    if let Some(user) = &s.user {
+        body.insert("user".into(), json!(user));
+    }
     if !args.ports.is_empty() {
         body.insert("ports".into(), json!(args.ports.iter().map(ToString::to_string).collect::<Vec<_>>()));
     }

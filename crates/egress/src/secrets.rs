@@ -218,6 +218,14 @@ fn resolve_with_timeout(
         .collect())
 }
 
+/// Reads one value from `spec` on the host, checked as every secret's is
+/// (not empty, at most [`MAX_VALUE_LEN`], no control character) but given
+/// no placeholder: for a credential the host side uses itself. `name`
+/// names it in errors.
+pub fn read_one(name: &str, spec: &SecretSourceSpec) -> Result<SecretValue, SecretError> {
+    read_value(name, spec, COMMAND_TIMEOUT)
+}
+
 /// Replaces every placeholder of `secrets` in one header value with the
 /// secret's value, in a single left-to-right pass (a substituted value is
 /// never scanned again). Returns the new value and whether anything changed.

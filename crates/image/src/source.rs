@@ -190,11 +190,26 @@ pub struct RegistryOptions {
     pub insecure: bool,
     /// Extra trust anchors (PEM), e.g. a test or company CA.
     pub extra_roots_pem: Vec<Vec<u8>>,
-    /// `user:password` for basic auth; bearer tokens are negotiated by the client.
-    pub basic_auth: Option<(String, String)>,
+    /// Credentials for basic auth; bearer tokens are negotiated with them by
+    /// the client.
+    pub basic_auth: Option<BasicAuth>,
     /// An HTTP proxy every connection of the pull goes through (airlock's
     /// egress proxy, which applies the policy's network rules), as a URL.
     pub proxy: Option<String>,
+}
+
+/// A registry user and password. Its `Debug` leaves the password out, so
+/// the options of a pull can be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BasicAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for BasicAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BasicAuth").field("user", &self.user).field("password", &"<redacted>").finish()
+    }
 }
 
 /// What a fetched digest is: registries serve manifests and indexes from
@@ -560,7 +575,7 @@ impl RegistryFetch {
             .build()
             .map_err(|source| SourceError::Io { path: PathBuf::from("tokio runtime"), source })?;
         let auth = match &options.basic_auth {
-            Some((user, password)) => {
+            Some(BasicAuth { user, password }) => {
                 oci_client::secrets::RegistryAuth::Basic(user.clone(), password.clone())
             }
             None => oci_client::secrets::RegistryAuth::Anonymous,
@@ -735,6 +750,16 @@ mod tests {
         fs::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
         fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
         manifest_digest
+    }
+
+    #[test]
+    fn the_options_of_a_pull_print_no_password() {
+        let options = RegistryOptions {
+            basic_auth: Some(BasicAuth { user: "ci".into(), password: "pa55-w0rd".into() }),
+            ..RegistryOptions::default()
+        };
+        let shown = format!("{options:?}");
+        assert!(shown.contains("ci") && !shown.contains("pa55-w0rd"), "{shown}");
     }
 
     #[test]

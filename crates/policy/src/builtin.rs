@@ -139,6 +139,16 @@ mod tests {
         assert!(load("nope").is_none());
     }
 
+    /// No built-in reaches a registry over plain HTTP or carries credentials.
+    #[test]
+    fn no_builtin_marks_a_registry_insecure_or_names_credentials() {
+        for name in NAMES {
+            let policy = load_checked(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(policy.image.insecure.is_empty(), "{name}");
+            assert!(policy.image.credentials.is_empty(), "{name}");
+        }
+    }
+
     /// Transparent egress is on where the proxy is (dev, ci, remediation);
     /// plugin has no network at all.
     #[test]

@@ -4,8 +4,10 @@
 //! `allow_weaker`, `network.allow`, `network.extra_roots`) are replaced when
 //! the refining layer names them; deny-like lists (`hidden`, `protected`,
 //! `network.deny`, `network.rule`) are unioned so no layer can remove a deny;
-//! `env.set` is merged key by key, and `secrets` name by name (a layer that
-//! defines a secret of the same name replaces the whole entry).
+//! `env.set` is merged key by key, `secrets` name by name (a layer that
+//! defines a secret of the same name replaces the whole entry), and
+//! `image.credentials` registry by registry. `image.insecure` is a grant:
+//! replaced, so a refining file can narrow it.
 
 use std::path::{Path, PathBuf};
 
@@ -65,6 +67,7 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         exec_trace => p.audit.exec_trace,
         require_digest => p.image.require_digest,
         registries => p.image.registries,
+        insecure => p.image.insecure,
     }
     if let Some(reference) = &layer.image_ref {
         p.image.reference = Some(reference.clone());
@@ -106,6 +109,10 @@ pub(crate) fn apply(base: &Policy, layer: &Layer) -> Policy {
         }
     }
     p.secrets.sort_by(|a, b| a.name.cmp(&b.name));
+    for (registry, credential) in &layer.credentials {
+        p.image.credentials.retain(|known, _| !known.eq_ignore_ascii_case(registry));
+        p.image.credentials.insert(registry.clone(), credential.clone());
+    }
     p
 }
 

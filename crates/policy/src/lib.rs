@@ -9,6 +9,7 @@
 
 mod builtin;
 mod error;
+mod image;
 mod layer;
 mod network;
 mod overrides;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use error::{FileErrorKind, MAX_EXTENDS_DEPTH, PolicyError};
+pub use image::{ImagePolicy, RegistryCredential};
 pub use network::{HostMatch, HostPattern, HostRule, Network, Secret, SecretSource};
 pub use overrides::Overrides;
 pub use units::{format_duration, format_size, parse_duration, parse_size};
@@ -52,44 +54,6 @@ pub struct Policy {
     /// The OCI image a sandbox's root comes from, and which images may be used.
     #[serde(default)]
     pub image: ImagePolicy,
-}
-
-/// `[image]`: the image a sandbox runs on, and what a pull may use.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImagePolicy {
-    /// The image the sandbox's root comes from (`--image` replaces it);
-    /// None: the host's own system directories, read-only.
-    #[serde(default, rename = "ref")]
-    pub reference: Option<String>,
-    /// Refuse references that do not pin a manifest digest (`@sha256:…`).
-    #[serde(default)]
-    pub require_digest: bool,
-    /// Registries a pull may come from (host or host:port); empty: any.
-    #[serde(default)]
-    pub registries: Vec<String>,
-}
-
-impl ImagePolicy {
-    /// Why this policy refuses `reference` (pinning and the registry
-    /// allowlist; `registry` is the reference's registry host, None for a
-    /// local layout or archive).
-    pub fn refusal(&self, reference: &str, registry: Option<&str>) -> Option<String> {
-        if self.require_digest && !reference.contains("@sha256:") {
-            return Some(format!(
-                "image {reference} is not pinned by digest and the policy requires one (image.require_digest): \
-                 name it as REF@sha256:…"
-            ));
-        }
-        match registry {
-            Some(host) if !self.registries.is_empty() && !self.registries.iter().any(|r| r == host) => {
-                Some(format!(
-                    "registry {host} is not in the policy's image.registries ({})",
-                    self.registries.join(", ")
-                ))
-            }
-            _ => None,
-        }
-    }
 }
 
 /// Which isolation mechanism runs the sandbox, and which host features may be

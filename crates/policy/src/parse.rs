@@ -15,10 +15,11 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::error::{FileErrorKind, PolicyError};
+use crate::image::{check_registry, check_username};
 use crate::network::{check_method, path_glob};
 use crate::{
-    CleanupAction, Egress, HostPattern, HostRule, Secret, SecretSource, Tier, Weakening, WorkspaceMode,
-    Writeback, parse_duration, parse_size,
+    CleanupAction, Egress, HostPattern, HostRule, RegistryCredential, Secret, SecretSource, Tier, Weakening,
+    WorkspaceMode, Writeback, parse_duration, parse_size,
 };
 
 pub(crate) type Span = Range<usize>;
@@ -67,9 +68,11 @@ const ARTIFACTS_KEYS: &[&str] = &["capture", "max_bytes"];
 const CLEANUP_KEYS: &[&str] = &["on_success", "on_failure"];
 const ENV_KEYS: &[&str] = &["pass", "set"];
 const AUDIT_KEYS: &[&str] = &["exec_trace"];
-const IMAGE_KEYS: &[&str] = &["ref", "require_digest", "registries"];
-/// The `[image]` keys a built-in must set: no built-in names an image.
-const IMAGE_REQUIRED: &[&str] = &["require_digest", "registries"];
+const IMAGE_KEYS: &[&str] = &["ref", "require_digest", "registries", "insecure", "credentials"];
+/// The `[image]` keys a built-in must set: no built-in names an image or
+/// credentials.
+const IMAGE_REQUIRED: &[&str] = &["require_digest", "registries", "insecure"];
+const CREDENTIAL_KEYS: &[&str] = &["username", "password"];
 
 /// Every section and its keys; a built-in profile must set all of them.
 pub(crate) const SCHEMA: &[(&str, &[&str])] = &[
@@ -128,6 +131,9 @@ pub(crate) struct Layer {
     pub image_ref: Option<String>,
     pub require_digest: Option<bool>,
     pub registries: Option<Vec<String>>,
+    pub insecure: Option<Vec<String>>,
+    /// Registry credentials this file defines, by registry.
+    pub credentials: BTreeMap<String, RegistryCredential>,
     /// Secrets this file defines, each with the span of its table.
     pub secrets: Vec<(Span, Secret)>,
     /// "section.key" for every key present, with the span of its value: to
@@ -249,10 +255,25 @@ pub(crate) fn parse_layer(src: &Source<'_>) -> Result<Layer, PolicyError> {
         layer.require_digest = s.boolean("require_digest")?;
         layer.registries =
             s.string_list("registries")?.map(|l| l.into_iter().map(Spanned::into_inner).collect());
+        layer.insecure = s.registry_list("insecure")?;
+        layer.credentials = s.registry_credentials("credentials")?;
         layer.keys_set.extend(s.present());
     }
     layer.secrets = top.secrets("secrets")?;
     Ok(layer)
+}
+
+/// A registry password's secret source. A value of no known kind is likely
+/// the password itself, written where its source belongs: the message does
+/// not repeat it.
+fn password_source(text: &str) -> Result<SecretSource, String> {
+    let known = ["env:", "file:", "cmd:"].iter().any(|kind| text.starts_with(kind));
+    if !known {
+        return Err("is not a secret source: write \"env:NAME\", \"file:/absolute/path\" or \
+                    \"cmd:COMMAND\" (the password itself never goes in a policy file)"
+            .to_string());
+    }
+    SecretSource::parse(text)
 }
 
 /// Checks an environment variable name; shared with CLI overrides.
@@ -747,6 +768,91 @@ impl<'s, 't, 'i> Section<'s, 't, 'i> {
         Ok(Some(rules))
     }
 
+    /// A list of registries, each `host` or `host:port`.
+    fn registry_list(&self, key: &str) -> Result<Option<Vec<String>>, PolicyError> {
+        let Some(items) = self.string_list(key)? else {
+            return Ok(None);
+        };
+        items
+            .into_iter()
+            .map(|s| {
+                check_registry(s.get_ref())
+                    .map_err(|reason| self.invalid(s.span(), key, reason))
+                    .map(|()| s.into_inner())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// `[image.credentials."REGISTRY"]` tables: a user name and the secret
+    /// source of the password.
+    fn registry_credentials(&self, key: &str) -> Result<BTreeMap<String, RegistryCredential>, PolicyError> {
+        let Some((_, v)) = self.entry(key) else {
+            return Ok(BTreeMap::new());
+        };
+        let DeValue::Table(table) = v.get_ref() else {
+            return Err(self.wrong_type(
+                key,
+                v,
+                "a table of registries, written [image.credentials.\"HOST:PORT\"]",
+            ));
+        };
+        // The keys of [image.credentials] are registries, not schema keys.
+        let all = Section { src: self.src, name: format!("{}.{key}", self.name), table, allowed: &[] };
+        let mut out = BTreeMap::new();
+        // In file order, so a registry named twice is reported where it is
+        // named again.
+        let mut entries: Vec<Entry<'t, 'i>> = table.iter().collect();
+        entries.sort_by_key(|(registry, _)| registry.span().start);
+        for (registry, value) in entries {
+            let registry_text = registry.get_ref().to_string();
+            check_registry(&registry_text)
+                .map_err(|reason| all.invalid(registry.span(), &registry_text, reason))?;
+            if out.keys().any(|known: &String| known.eq_ignore_ascii_case(&registry_text)) {
+                return Err(all.invalid(
+                    registry.span(),
+                    &registry_text,
+                    "names a registry that has credentials already (registries are compared without case)"
+                        .to_string(),
+                ));
+            }
+            let DeValue::Table(fields) = value.get_ref() else {
+                return Err(all.wrong_type(&registry_text, value, "a table with `username` and `password`"));
+            };
+            let credential = Section {
+                src: self.src,
+                name: format!("{}.{key}.{}", self.name, crate::render::quote(&registry_text)),
+                table: fields,
+                allowed: CREDENTIAL_KEYS,
+            };
+            credential.check_unknown()?;
+            let Some(username) = credential.string("username")? else {
+                return Err(credential.missing(
+                    value.span(),
+                    "username",
+                    "name the registry user, e.g. username = \"ci\"",
+                ));
+            };
+            check_username(username.get_ref())
+                .map_err(|reason| credential.invalid(username.span(), "username", reason))?;
+            let Some(password) = credential.string("password")? else {
+                return Err(credential.missing(
+                    value.span(),
+                    "password",
+                    "say where the password comes from: \"env:NAME\", \"file:/absolute/path\" or \"cmd:COMMAND\" \
+                     (never the password itself)",
+                ));
+            };
+            let source = password_source(password.get_ref())
+                .map_err(|reason| credential.invalid(password.span(), "password", reason))?;
+            out.insert(
+                registry_text,
+                RegistryCredential { username: username.into_inner(), password: source },
+            );
+        }
+        Ok(out)
+    }
+
     /// `[secrets.NAME]` tables, sorted by name, each with its table's span.
     fn secrets(&self, key: &'static str) -> Result<Vec<(Span, Secret)>, PolicyError> {
         let Some((_, v)) = self.entry(key) else {
@@ -1175,6 +1281,121 @@ hosts = ["*.example.org:443", "10.0.0.0/8"]
             assert_eq!(kind.key().as_deref(), Some(*key), "{text:?}: {msg}");
             assert!(msg.contains(needle), "{text:?}: {msg}");
         }
+    }
+
+    #[test]
+    fn image_insecure_registries_and_credentials_parse() {
+        let text = r#"
+[image]
+insecure = ["127.0.0.1:5000", "[::1]:5001"]
+
+[image.credentials."registry.example.com:5000"]
+username = "ci"
+password = "env:REGISTRY_PASSWORD"
+
+[image.credentials."registry.example.org"]
+username = "bot"
+password = "cmd:print-token registry"
+"#;
+        let layer = parse(text).unwrap();
+        assert_eq!(layer.insecure.unwrap(), ["127.0.0.1:5000", "[::1]:5001"]);
+        let ci = &layer.credentials["registry.example.com:5000"];
+        assert_eq!(ci.username, "ci");
+        assert_eq!(ci.password, SecretSource::Env("REGISTRY_PASSWORD".into()));
+        assert_eq!(
+            layer.credentials["registry.example.org"].password,
+            SecretSource::Cmd("print-token registry".into())
+        );
+        assert!(layer.keys_set.contains_key("image.credentials"));
+    }
+
+    /// Every `[image]` insecure and credentials error: (file, line, dotted key, text in the message).
+    #[test]
+    fn image_insecure_and_credentials_errors_point_at_the_key() {
+        let table = "[image.credentials.\"r.example.com\"]\n";
+        let cases: &[(String, usize, &str, &str)] = &[
+            ("[image]\ninsecure = [\"http://r.example.com\"]\n".into(), 2, "image.insecure", "has a scheme"),
+            (
+                "[image]\ninsecure = [\"r.example.com:99999\"]\n".into(),
+                2,
+                "image.insecure",
+                "from 1 to 65535",
+            ),
+            ("[image]\ninsecure = \"r.example.com\"\n".into(), 2, "image.insecure", "an array of strings"),
+            ("[image]\ncredentials = 3\n".into(), 2, "image.credentials", "a table of registries"),
+            (
+                "[image.credentials.\"r.example.com/team\"]\nusername = \"u\"\npassword = \"env:P\"\n".into(),
+                1,
+                "image.credentials.r.example.com/team",
+                "not a host[:port]",
+            ),
+            (
+                "[image.credentials]\n\"r.example.com\" = \"env:P\"\n".into(),
+                2,
+                "image.credentials.r.example.com",
+                "`username` and `password`",
+            ),
+            (
+                format!("{table}password = \"env:P\"\n"),
+                1,
+                "image.credentials.\"r.example.com\".username",
+                "missing key `username`",
+            ),
+            (
+                format!("{table}username = \"u\"\n"),
+                1,
+                "image.credentials.\"r.example.com\".password",
+                "never the password itself",
+            ),
+            (
+                format!("{table}username = \"u:v\"\npassword = \"env:P\"\n"),
+                2,
+                "image.credentials.\"r.example.com\".username",
+                "':'",
+            ),
+            (
+                format!("{table}username = \"u\"\npassword = \"hunter2\"\n"),
+                3,
+                "image.credentials.\"r.example.com\".password",
+                "is not a secret source",
+            ),
+            (
+                format!("{table}username = \"u\"\npassword = \"env:A-B\"\n"),
+                3,
+                "image.credentials.\"r.example.com\".password",
+                "must start with a letter",
+            ),
+            (
+                format!("{table}username = \"u\"\npassword = \"file:keys/p\"\n"),
+                3,
+                "image.credentials.\"r.example.com\".password",
+                "must be absolute",
+            ),
+            (
+                format!("{table}username = \"u\"\npassword = \"env:P\"\ntoken = \"env:T\"\n"),
+                4,
+                "image.credentials.\"r.example.com\".token",
+                "expected one of: username, password",
+            ),
+            (
+                format!(
+                    "{table}username = \"u\"\npassword = \"env:P\"\n[image.credentials.\"R.example.com\"]\nusername = \"u\"\npassword = \"env:P\"\n"
+                ),
+                4,
+                "image.credentials.R.example.com",
+                "has credentials already",
+            ),
+        ];
+        for (text, line, key, needle) in cases {
+            let (msg, at, _, kind) = err(text);
+            assert_eq!(at, *line, "{text:?}: {msg}");
+            assert_eq!(kind.key().as_deref(), Some(*key), "{text:?}: {msg}");
+            assert!(msg.contains(needle), "{text:?}: {msg}");
+        }
+        // A password given as a value is never echoed in the message.
+        let (msg, ..) = err(&format!("{table}username = \"u\"\npassword = \"vault:s3cret\"\n"));
+        assert!(msg.contains("[image.credentials.\"r.example.com\"] password"), "{msg}");
+        assert!(!msg.contains("s3cret"), "{msg}");
     }
 
     #[test]

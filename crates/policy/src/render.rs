@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use crate::{Policy, builtin, format_duration, format_size};
 
 /// A one-line TOML basic string, so every value sits on its key's line.
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -127,7 +127,9 @@ pub(crate) fn to_toml(p: &Policy) -> String {
          [image]\n\
          {image_ref}\
          require_digest = {require_digest}\n\
-         registries = {registries}\n",
+         registries = {registries}\n\
+         insecure = {insecure}\n\
+         {credentials}",
         name = p.name,
         root = quote(root),
         description = quote(&p.description),
@@ -168,6 +170,8 @@ pub(crate) fn to_toml(p: &Policy) -> String {
         image_ref = p.image.reference.as_ref().map(|r| format!("ref = {}\n", quote(r))).unwrap_or_default(),
         require_digest = p.image.require_digest,
         registries = list(&p.image.registries),
+        insecure = list(&p.image.insecure),
+        credentials = credentials(p),
     );
     for secret in &p.secrets {
         let _ = write!(
@@ -176,6 +180,22 @@ pub(crate) fn to_toml(p: &Policy) -> String {
             name = key(&secret.name),
             from = quote(&secret.from.to_string()),
             hosts = list(secret.hosts.iter().map(|h| h.source.as_str())),
+        );
+    }
+    out
+}
+
+/// `[image.credentials."REGISTRY"]` tables, right under `[image]`: the
+/// password's source, never a value.
+fn credentials(p: &Policy) -> String {
+    let mut out = String::new();
+    for (registry, credential) in &p.image.credentials {
+        let _ = write!(
+            out,
+            "\n[image.credentials.{}]\nusername = {}\npassword = {}\n",
+            quote(registry),
+            quote(&credential.username),
+            quote(&credential.password.to_string()),
         );
     }
     out

@@ -830,3 +830,41 @@ fn ci_and_remediation_refuse_image_tags_and_a_file_can_name_an_image() {
     // What `policy show` prints reads back the same.
     assert!(policy.to_toml().contains("[image]\nref = "), "{}", policy.to_toml());
 }
+
+/// `image.insecure` is a grant (replaced by a refining file, so one can
+/// narrow it); `image.credentials` are merged registry by registry, a
+/// refining file's entry replacing the one for the same registry. Both
+/// read back from `policy show`'s form.
+#[test]
+fn image_insecure_is_replaced_and_credentials_merge_by_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "team.toml",
+        "extends = \"ci\"\n[image]\ninsecure = [\"127.0.0.1:5000\"]\n\
+         [image.credentials.\"registry.example.com\"]\nusername = \"team\"\npassword = \"env:TEAM_PASSWORD\"\n\
+         [image.credentials.\"registry.example.org:5000\"]\nusername = \"bot\"\npassword = \"file:/run/keys/bot\"\n",
+    );
+    let team = Policy::resolve(dir.path().join("team.toml").to_str().unwrap()).unwrap();
+    assert!(team.image.is_insecure(&["127.0.0.1:5000"]));
+    assert!(team.image.require_digest, "the rest comes from ci");
+    let project = write(
+        dir.path(),
+        "project.toml",
+        "extends = \"team.toml\"\n[image]\ninsecure = []\n\
+         [image.credentials.\"Registry.Example.com\"]\nusername = \"project\"\npassword = \"cmd:print-token\"\n",
+    );
+    let policy = Policy::resolve(project.to_str().unwrap()).unwrap();
+    assert!(policy.image.insecure.is_empty(), "a refining file narrows the insecure list");
+    assert!(!policy.image.is_insecure(&["127.0.0.1:5000"]));
+    let (registry, credential) = policy.image.credential_for(&["registry.example.com"]).unwrap();
+    assert_eq!((registry, credential.username.as_str()), ("Registry.Example.com", "project"));
+    assert_eq!(credential.password, SecretSource::Cmd("print-token".into()));
+    assert_eq!(policy.image.credentials.len(), 2, "{:?}", policy.image.credentials);
+    let (_, bot) = policy.image.credential_for(&["registry.example.org:5000"]).unwrap();
+    assert_eq!(bot.password, SecretSource::File("/run/keys/bot".into()));
+
+    let shown = write(dir.path(), "shown.toml", &team.to_toml());
+    let back = Policy::resolve(shown.to_str().unwrap()).unwrap();
+    assert_eq!(back.image, team.image, "{}", team.to_toml());
+}

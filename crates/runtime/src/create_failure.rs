@@ -30,6 +30,10 @@ pub enum CreateFailure {
     BadWorkspace { message: String },
     /// A published port's host address could not be listened on (taken).
     PortUnavailable { message: String },
+    /// The image's pull would pass the image store's disk budget.
+    ImageStoreFull { message: String },
+    /// The sandbox cannot run as the user asked for (`--user`).
+    BadUser { message: String },
     /// Anything else: the sandbox could not be started.
     Other { message: String },
 }
@@ -89,6 +93,8 @@ impl From<&RunError> for CreateFailure {
             RunError::Ports(crate::ports::PortError::Bind { .. }) | RunError::PortUnavailable(_) => {
                 CreateFailure::PortUnavailable { message }
             }
+            RunError::UserRefused(_) => CreateFailure::BadUser { message },
+            e if e.is_image_store_full() => CreateFailure::ImageStoreFull { message },
             _ => CreateFailure::Other { message },
         }
     }
@@ -107,6 +113,8 @@ impl From<CreateFailure> for RunError {
             CreateFailure::BadPolicy { message } => RunError::PolicyRefused(message),
             CreateFailure::BadWorkspace { message } => RunError::WorkspaceRefused(message),
             CreateFailure::PortUnavailable { message } => RunError::PortUnavailable(message),
+            CreateFailure::ImageStoreFull { message } => RunError::ImageStoreFull(message),
+            CreateFailure::BadUser { message } => RunError::UserRefused(message),
             CreateFailure::Other { message } => RunError::CreateFailed(message),
         }
     }
@@ -173,6 +181,18 @@ mod tests {
         let back = across(taken);
         assert!(matches!(back, RunError::PortUnavailable(_)));
         assert_eq!(back.to_string(), message);
+
+        let full = RunError::Image(Box::new(airlock_image::source::SourceError::Store(
+            airlock_image::store::StoreError::OverBudget { budget: 1 << 20, used: 1 << 19, wanted: 1 << 20 },
+        )));
+        let message = full.to_string();
+        let back = across(full);
+        assert!(matches!(back, RunError::ImageStoreFull(_)) && back.is_image_store_full());
+        assert_eq!(back.to_string(), message);
+
+        let user = RunError::UserRefused("user 70000 is outside the sandbox's ids".into());
+        let back = across(user);
+        assert!(matches!(&back, RunError::UserRefused(m) if m.contains("70000")));
 
         let other = RunError::SetupFailed("mount: no\nspace".into());
         let message = other.to_string();

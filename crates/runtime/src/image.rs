@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use airlock_image::auth;
-use airlock_image::source::{self, ImageSource, RegistryOptions};
+use airlock_image::source::{self, BasicAuth, ImageSource, RegistryOptions};
 use airlock_image::store::{Digest, RunConfig, Store};
 use airlock_policy::Policy;
 use serde::{Deserialize, Serialize};
@@ -29,10 +29,6 @@ pub struct ResolvedImage {
     /// Unpacked layers, bottom first.
     pub layers: Vec<PathBuf>,
     pub config: RunConfig,
-    /// The image's `User` as `UID:GID` (names looked up in the image's
-    /// own files), for the command and every exec that names no user of
-    /// its own; None: root inside.
-    pub user: Option<String>,
 }
 
 impl ResolvedImage {
@@ -52,7 +48,7 @@ pub const BUDGET_VAR: &str = "AIRLOCK_IMAGE_BUDGET";
 /// [`BUDGET_VAR`].
 pub fn store(state_root: &Path) -> Result<Store, RunError> {
     let budget = parse_budget(std::env::var(BUDGET_VAR).ok().as_deref())?;
-    Ok(Store::open(state_root.join("images"))?.with_budget(budget))
+    Ok(Store::open(state_root.join(crate::state::IMAGE_STORE_DIR))?.with_budget(budget))
 }
 
 fn parse_budget(value: Option<&str>) -> Result<Option<u64>, RunError> {
@@ -140,22 +136,17 @@ pub fn pull(
         return source::pull(store, &source, &name, &RegistryOptions::default(), progress)
             .map_err(image_error);
     }
+    let names = source.registry_names().map_err(image_error)?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let roots: Vec<PathBuf> = options.ca.iter().chain(&policy.network.extra_roots).cloned().collect();
-    let mut registry = RegistryOptions { insecure: options.insecure, ..Default::default() };
+    let insecure = options.insecure || policy.image.is_insecure(&names);
+    let mut registry = RegistryOptions { insecure, ..Default::default() };
     for path in &roots {
         let pem = std::fs::read(path).map_err(|e| RunError::ImageCa(path.clone(), e))?;
         registry.extra_roots_pem.push(pem);
     }
-    let config = auth::config_path(options.authfile.as_deref());
-    if let Some(path) = &config {
-        let names = source.registry_names().map_err(image_error)?;
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        registry.basic_auth = auth::credentials(path, options.authfile.is_some(), &names)?;
-    }
-    let with = match (&registry.basic_auth, &config) {
-        (Some((user, _)), Some(path)) => format!("the credentials of {user} from {}", path.display()),
-        _ => "anonymous access (no credentials for it in a Docker config.json)".to_owned(),
-    };
+    let (basic_auth, with) = credentials(policy, options, &names)?;
+    registry.basic_auth = basic_auth;
     let gate = PullGate::start(policy, &roots)?;
     registry.extra_roots_pem.push(gate.ca_pem().as_bytes().to_vec());
     registry.proxy = Some(gate.url());
@@ -167,9 +158,52 @@ pub fn pull(
             policy.name
         )),
         None if e.is_unauthorized() => RunError::ImageRefused(format!(
-            "registry refused {with}: {e}; give credentials with --authfile FILE"
+            "registry refused {with}: {e}; give credentials in the policy's image.credentials or with \
+             --authfile FILE"
         )),
         None => image_error(e),
+    })
+}
+
+/// The credentials of a pull from the registry known by `names`, and how a
+/// refusal names them: the policy's `image.credentials` for it first (the
+/// password read from its secret source now, on the host, because this
+/// pull needs it), else the Docker config.json's, else none.
+fn credentials(
+    policy: &Policy,
+    options: &PullOptions,
+    names: &[&str],
+) -> Result<(Option<BasicAuth>, String), RunError> {
+    if let Some((registry, credential)) = policy.image.credential_for(names) {
+        let spec = crate::network::source_spec(&credential.password);
+        let refused = |source| RunError::ImageCredential { registry: registry.to_owned(), source };
+        let value = airlock_egress::secrets::read_one("password", &spec).map_err(refused)?;
+        // The registry client takes the password as text.
+        let password = String::from_utf8(value.expose().to_vec()).map_err(|_| {
+            RunError::ImageCredentialNotText { registry: registry.to_owned(), from: spec.to_string() }
+        })?;
+        let with = format!(
+            "the credentials of {} from policy {} (image.credentials.{registry:?})",
+            credential.username, policy.name
+        );
+        return Ok((Some(BasicAuth { user: credential.username.clone(), password }), with));
+    }
+    let config = auth::config_path(options.authfile.as_deref());
+    let found = match &config {
+        Some(path) => auth::credentials(path, options.authfile.is_some(), names)?,
+        None => None,
+    };
+    Ok(match (found, &config) {
+        (Some((user, password)), Some(path)) => {
+            let with = format!("the credentials of {user} from {}", path.display());
+            (Some(BasicAuth { user, password }), with)
+        }
+        _ => (
+            None,
+            "anonymous access (no credentials for it in the policy's image.credentials or a Docker \
+             config.json)"
+                .to_owned(),
+        ),
     })
 }
 
@@ -203,16 +237,91 @@ pub fn resolve(state_root: &Path, policy: &Policy) -> Result<Option<ResolvedImag
     }
     let config = store.run_config(&record)?;
     let layers: Vec<PathBuf> = record.layers.iter().map(|l| store.layer_path(l)).collect();
-    let user = match &config.user {
-        Some(spec) => user_within_ids(reference, spec, &layers)?,
-        None => None,
-    };
     Ok(Some(ResolvedImage {
         meta: ImageMeta { reference: reference.clone(), digest: record.manifest.to_string() },
         layers,
         config,
-        user,
     }))
+}
+
+/// Who the sandbox's command, and every exec that names no user of its
+/// own, runs as, as the launch passes it on (None: root inside):
+/// `requested` (`--user UID[:GID]`) when given, else the image's `User`
+/// (names looked up in the image's own files).
+pub fn run_as(requested: Option<&str>, image: Option<&ResolvedImage>) -> Result<Option<String>, RunError> {
+    match (requested, image) {
+        (Some(spec), image) => requested_user(spec, image).map(Some),
+        (None, Some(image)) => match &image.config.user {
+            Some(spec) => user_within_ids(&image.meta.reference, spec, &image.layers),
+            None => Ok(None),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+/// `--user UID[:GID]`: numbers, as the sandbox's own ids (a name would be
+/// looked up in files the sandbox's root may not yet have; `exec --user`
+/// takes names, inside). Returns the uid and the gid if given.
+pub fn parse_user(spec: &str) -> Result<(u32, Option<u32>), String> {
+    let number = |text: &str| {
+        (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| text.parse::<u32>().ok())
+            .flatten()
+    };
+    let parsed = match spec.split_once(':') {
+        Some((uid, gid)) => number(uid).zip(number(gid)).map(|(u, g)| (u, Some(g))),
+        None => number(spec).map(|u| (u, None)),
+    };
+    parsed.ok_or_else(|| {
+        format!(
+            "user {spec:?}: give UID or UID:GID, numbers among the sandbox's ids (e.g. 1000 or 1000:1000)"
+        )
+    })
+}
+
+/// [`parse_user`], then the ids held against those the sandbox's user
+/// namespace maps; for a check before anything is started.
+pub fn check_user(spec: &str) -> Result<(), RunError> {
+    let (uid, gid) = parse_user(spec).map_err(RunError::UserRefused)?;
+    within_ids(spec, uid, gid)
+}
+
+fn within_ids(spec: &str, uid: u32, gid: Option<u32>) -> Result<(), RunError> {
+    let mapped = mapped_ids();
+    if uid < mapped && gid.is_none_or(|g| g < mapped) {
+        return Ok(());
+    }
+    let why = if mapped == 1 {
+        "without root airlock maps only the caller's own id, which is root (0) inside".to_owned()
+    } else {
+        format!("the sandbox's ids are 0-{}", mapped - 1)
+    };
+    Err(RunError::UserRefused(format!("user {spec:?} is outside the sandbox's ids: {why}")))
+}
+
+/// A requested user as the launch passes it on: `UID:GID`, where a UID
+/// alone takes its group from the image's /etc/passwd (else the same
+/// number), as the image's own `User` would; without an image, a UID alone
+/// is left to the agent, which looks it up in the sandbox's /etc/passwd
+/// as `exec --user` does.
+fn requested_user(spec: &str, image: Option<&ResolvedImage>) -> Result<String, RunError> {
+    let (uid, gid) = parse_user(spec).map_err(RunError::UserRefused)?;
+    let gid = match (gid, image) {
+        (Some(gid), _) => Some(gid),
+        (None, Some(image)) => Some(
+            airlock_image::user::resolve(spec, &image.layers)
+                .map_err(|e| {
+                    RunError::UserRefused(format!("user {spec:?} in image {}: {e}", image.meta.reference))
+                })?
+                .gid,
+        ),
+        (None, None) => None,
+    };
+    within_ids(spec, uid, gid)?;
+    Ok(match gid {
+        Some(gid) => format!("{uid}:{gid}"),
+        None => uid.to_string(),
+    })
 }
 
 /// The ids a sandbox's user namespace maps: as root, 0–65535 (a block of
@@ -274,6 +383,31 @@ pub fn resolve_for(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_requested_user_is_numbers() {
+        assert_eq!(parse_user("1000").unwrap(), (1000, None));
+        assert_eq!(parse_user("0:0").unwrap(), (0, Some(0)));
+        assert_eq!(parse_user("1000:1001").unwrap(), (1000, Some(1001)));
+        for bad in ["", "dev", "1000:", ":1000", "-1", "+5", "1000:staff", "1:2:3", "99999999999", " 1"] {
+            let err = parse_user(bad).unwrap_err();
+            assert!(err.contains("give UID or UID:GID"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_requested_user_must_be_among_the_sandboxs_ids() {
+        assert!(check_user("0").is_ok(), "root inside exists rootless too");
+        let err = check_user("70000").unwrap_err().to_string();
+        assert!(err.contains("outside the sandbox's ids"), "{err}");
+        let err = check_user("0:70000").unwrap_err().to_string();
+        assert!(err.contains("outside the sandbox's ids"), "{err}");
+        assert!(matches!(check_user("x"), Err(RunError::UserRefused(_))));
+        // Without an image a UID alone goes to the agent as it is.
+        assert_eq!(run_as(Some("0"), None).unwrap().as_deref(), Some("0"));
+        assert_eq!(run_as(Some("0:0"), None).unwrap().as_deref(), Some("0:0"));
+        assert_eq!(run_as(None, None).unwrap(), None);
+    }
 
     #[test]
     fn the_budget_is_a_size_or_nothing() {

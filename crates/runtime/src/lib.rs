@@ -98,6 +98,26 @@ pub enum RunError {
     ImageCa(PathBuf, #[source] io::Error),
     #[error(transparent)]
     ImageAuth(#[from] airlock_image::auth::AuthError),
+    /// The policy's password for a registry could not be read from its
+    /// source (the message names the source, never a value).
+    #[error("the policy's credentials for registry {registry} (image.credentials): {source}")]
+    ImageCredential {
+        registry: String,
+        #[source]
+        source: airlock_egress::secrets::SecretError,
+    },
+    #[error(
+        "the policy's credentials for registry {registry} (image.credentials): the password {from} gave is not \
+         UTF-8 text"
+    )]
+    ImageCredentialNotText { registry: String, from: String },
+    /// The image store's disk budget would be exceeded, as a sandbox's
+    /// supervisor reported it (the message is the original error's).
+    #[error("{0}")]
+    ImageStoreFull(String),
+    /// A user (`--user`) the sandbox cannot run its processes as.
+    #[error("{0}")]
+    UserRefused(String),
     #[error(transparent)]
     PullGate(#[from] crate::pull_gate::PullGateError),
     #[error("state directory {0}: {1}")]
@@ -148,6 +168,21 @@ pub enum RunError {
     /// only) at a launch phase or a later step.
     #[error("failure injected for a test at {0}")]
     InjectedFailure(String),
+}
+
+impl RunError {
+    /// Whether a pull was refused because the image store's disk budget
+    /// (`AIRLOCK_IMAGE_BUDGET`) would be exceeded: nothing is wrong with
+    /// the request, the host lacks room for it.
+    pub fn is_image_store_full(&self) -> bool {
+        use airlock_image::source::SourceError;
+        use airlock_image::store::StoreError;
+        match self {
+            RunError::ImageStoreFull(_) | RunError::ImageStore(StoreError::OverBudget { .. }) => true,
+            RunError::Image(e) => matches!(**e, SourceError::Store(StoreError::OverBudget { .. })),
+            _ => false,
+        }
+    }
 }
 
 impl From<airlock_policy::PolicyError> for RunError {

@@ -89,6 +89,9 @@ pub(crate) struct LaunchSpec<'a> {
     pub workspace_owner: Option<u32>,
     /// The image the root comes from (process tier).
     pub image: Option<&'a crate::image::ResolvedImage>,
+    /// Who the command and every exec that names no user run as
+    /// ([`crate::image::run_as`]); None: root inside.
+    pub user: Option<&'a str>,
 }
 
 /// The environment variable a test sets to a launch phase's or a later
@@ -391,8 +394,18 @@ pub(crate) fn launch_sandbox(spec: LaunchSpec<'_>) -> Result<Launched, RunError>
 }
 
 fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunError> {
-    let LaunchSpec { sandbox, policy, workspace, host, degraded, command, terminal, workspace_owner, image } =
-        spec;
+    let LaunchSpec {
+        sandbox,
+        policy,
+        workspace,
+        host,
+        degraded,
+        command,
+        terminal,
+        workspace_owner,
+        image,
+        user,
+    } = spec;
     let name = sandbox.name().to_string();
     let provisions = plan::provisions(policy, workspace.is_some(), host);
     if provisions.own_ids {
@@ -443,7 +456,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     })?;
     if policy.isolation.tier == Tier::Microvm {
         let one_command = (!command.is_empty()).then_some(OneCommand { terminal });
-        let guest = GuestSpec { workspace, workspace_owner, one_command, image };
+        let guest = GuestSpec { workspace, workspace_owner, one_command, image, user };
         return launch_vm(sandbox, policy, guest, host, meta, audit, held);
     }
 
@@ -523,6 +536,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
             idmapped_workspace: tree.is_some(),
             tty: terminal,
             image,
+            user,
             host_env: &host_env,
             network: network.map(|n| plan::NetworkInput {
                 ports: n.ports,
@@ -609,7 +623,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         agent_serving: false,
         exec_env: Vec::new(),
         exec_cwd: None,
-        exec_user: image.and_then(|i| i.user.clone()),
+        exec_user: user.map(str::to_owned),
         guest_ports: None,
     })
 }
@@ -666,6 +680,8 @@ struct GuestSpec<'a> {
     one_command: Option<OneCommand>,
     /// The image the guest's root comes from (its layers, Env, WorkingDir).
     image: Option<&'a crate::image::ResolvedImage>,
+    /// Who the command and execs that name no user run as.
+    user: Option<&'a str>,
 }
 
 /// The microVM tier's launch, from the sandbox's recorded creation on: the
@@ -685,7 +701,7 @@ fn launch_vm(
     mut audit: AuditLog,
     held: &mut Held,
 ) -> Result<Launched, RunError> {
-    let GuestSpec { workspace, workspace_owner, one_command, image } = guest;
+    let GuestSpec { workspace, workspace_owner, one_command, image, user } = guest;
     let name = meta.name.clone();
     // QEMU runs in the sandbox's own cgroup, sized for it (the guest's RAM
     // and QEMU's overhead, and the egress proxy's allowance). Named in
@@ -858,7 +874,7 @@ fn launch_vm(
         agent_serving: true,
         exec_env,
         exec_cwd,
-        exec_user: image.and_then(|i| i.user.clone()),
+        exec_user: user.map(str::to_owned),
         guest_ports,
     })
 }

@@ -71,12 +71,7 @@ impl Network {
             .secrets
             .iter()
             .map(|s| {
-                let source = match &s.from {
-                    SecretSource::Env(v) => SecretSourceSpec::Env(v.clone()),
-                    SecretSource::File(p) => SecretSourceSpec::File(p.clone()),
-                    SecretSource::Cmd(c) => SecretSourceSpec::Cmd(c.clone()),
-                };
-                (s.name.clone(), source, s.hosts.iter().map(|h| h.source.clone()).collect())
+                (s.name.clone(), source_spec(&s.from), s.hosts.iter().map(|h| h.source.clone()).collect())
             })
             .collect();
         let secrets = secrets::resolve(&specs).map_err(|e| fail("reading the policy's secrets", &e))?;
@@ -360,6 +355,15 @@ pub fn scrub_tree(dir: &Path, secrets: &[(String, Vec<u8>)]) -> std::io::Result<
     let mut changed = 0;
     walk(dir, secrets, 0, &mut changed);
     Ok(changed)
+}
+
+/// Where the egress side reads a value the policy names by its source.
+pub(crate) fn source_spec(source: &SecretSource) -> SecretSourceSpec {
+    match source {
+        SecretSource::Env(v) => SecretSourceSpec::Env(v.clone()),
+        SecretSource::File(p) => SecretSourceSpec::File(p.clone()),
+        SecretSource::Cmd(c) => SecretSourceSpec::Cmd(c.clone()),
+    }
 }
 
 #[cfg(test)]

@@ -106,6 +106,8 @@ pub struct LaunchInput<'a> {
     pub tty: bool,
     /// The image the root comes from: its layers, Env and WorkingDir.
     pub image: Option<&'a crate::image::ResolvedImage>,
+    /// Who the command runs as ([`crate::image::run_as`]); None: root inside.
+    pub user: Option<&'a str>,
     pub host_env: &'a dyn Fn(&str) -> Option<String>,
     /// The egress proxy, when the policy gives the sandbox network.
     pub network: Option<NetworkInput<'a>>,
@@ -195,7 +197,7 @@ pub fn launch(policy: &Policy, input: &LaunchInput<'_>) -> Launch {
         cwd,
         tty: input.tty,
         egress: input.network.as_ref().map(|n| n.ports),
-        user: input.image.and_then(|i| i.user.clone()),
+        user: input.user.map(str::to_owned),
     }
 }
 
@@ -334,6 +336,7 @@ mod tests {
                 idmapped_workspace: idmapped,
                 tty: false,
                 image: None,
+                user: None,
                 host_env: &env,
                 network: None,
             },
@@ -390,6 +393,7 @@ mod tests {
                 idmapped_workspace: false,
                 tty: false,
                 image: None,
+                user: None,
                 host_env: &env,
                 network: Some(NetworkInput {
                     ports: airlock_proto::EgressPorts { http: 3128, socks: 1080 },
@@ -518,6 +522,7 @@ mod tests {
                 idmapped_workspace: false,
                 tty: false,
                 image: None,
+                user: None,
                 host_env: &|_| None,
                 network: None,
             },

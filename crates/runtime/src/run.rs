@@ -31,6 +31,9 @@ pub struct RunRequest {
     pub name: Option<String>,
     pub remove_after: bool,
     pub command: Vec<String>,
+    /// `--user UID[:GID]`: who the command runs as, over the image's
+    /// `User`; None: the image's, else root inside.
+    pub user: Option<String>,
 }
 
 /// Something the person at the terminal should know, as it happens.
@@ -66,7 +69,11 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
     }
     let root = StateRoot::from_env()?;
     crate::prepare_state_root(&root, checked.host.running_as_root)?;
+    if let Some(user) = &req.user {
+        crate::image::check_user(user)?;
+    }
     let image = crate::image::resolve_for(&root, &checked.policy)?;
+    let user = crate::image::run_as(req.user.as_deref(), image.as_ref())?;
     // The image's own command (Entrypoint, then Cmd) when the caller gives
     // none; a command given replaces both.
     let with_image_command;
@@ -84,7 +91,7 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
     // Held until a failure is recorded: whoever waits for it to go sees
     // the sandbox's final state.
     let mut live = None;
-    let result = supervise(&sandbox, checked, req, image.as_ref(), &mut live, notify);
+    let result = supervise(&sandbox, checked, req, image.as_ref(), user.as_deref(), &mut live, notify);
     if let Err(e) = &result {
         record_failure(&sandbox, e);
     }
@@ -226,6 +233,7 @@ fn supervise(
     checked: Checked,
     req: &RunRequest,
     image: Option<&crate::image::ResolvedImage>,
+    user: Option<&str>,
     live: &mut Option<LiveLock>,
     notify: &mut dyn FnMut(Notice),
 ) -> Result<RunOutcome, RunError> {
@@ -249,6 +257,7 @@ fn supervise(
         terminal,
         workspace_owner: None,
         image,
+        user,
     })?;
     if microvm {
         let vm = VmRun { terminal, started: launch_started };

@@ -146,6 +146,10 @@ pub fn check_name_owner(name: &str, owner: u32) -> Result<(), StateError> {
     }
 }
 
+/// The image store's directory in the state root (`image::store`): a name
+/// no sandbox may take, and no sandbox's directory.
+pub const IMAGE_STORE_DIR: &str = "images";
+
 /// Checks a sandbox name: `[a-z0-9][a-z0-9_.-]{0,62}`. Names become path
 /// components, cgroup names and hostnames, so the alphabet is deliberately
 /// small.
@@ -169,6 +173,9 @@ pub fn validate_name(name: &str) -> Result<(), StateError> {
     let allowed = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b);
     if !name.bytes().all(allowed) {
         return invalid("it contains a character other than a-z, 0-9, '_', '.', '-'");
+    }
+    if name == IMAGE_STORE_DIR {
+        return invalid("it is the image store's directory in the state directory");
     }
     Ok(())
 }
@@ -259,7 +266,7 @@ impl StateRoot {
                 entry.map_err(|source| StateError::Io { action: "list", path: self.path.clone(), source })?;
             let path = entry.path();
             let file_name = entry.file_name();
-            if file_name.as_bytes().starts_with(b".") {
+            if file_name.as_bytes().starts_with(b".") || file_name == IMAGE_STORE_DIR {
                 continue;
             }
             let meta = match std::fs::symlink_metadata(&path) {
@@ -912,6 +919,8 @@ mod tests {
             assert!(matches!(err, StateError::InvalidName { .. }), "{bad:?}");
             assert!(err.to_string().contains("a-z, 0-9"), "{err}");
         }
+        let err = validate_name(IMAGE_STORE_DIR).unwrap_err();
+        assert!(err.to_string().contains("image store"), "{err}");
     }
 
     #[test]
@@ -1002,6 +1011,7 @@ mod tests {
         std::fs::write(root.path().join("airlock.db"), b"").unwrap();
         std::fs::create_dir(root.path().join("Not-Valid")).unwrap();
         std::fs::create_dir(root.path().join(".tmp")).unwrap();
+        std::fs::create_dir(root.path().join(IMAGE_STORE_DIR)).unwrap();
         symlink("/", root.path().join("link")).unwrap();
         let names: Vec<String> = root.list().unwrap().iter().map(|d| d.name().to_owned()).collect();
         assert_eq!(names, ["zeta", "alpha", "mid"]);

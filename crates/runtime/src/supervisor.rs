@@ -69,6 +69,10 @@ pub struct CreateRequest {
     /// Ports to publish (`-p`): host listeners relayed to ports inside.
     #[serde(default)]
     pub ports: Vec<crate::ports::PortMapping>,
+    /// `--user UID[:GID]`: who execs that name no user run as, over the
+    /// image's `User`; None: the image's, else root inside.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// The wire form of a request to the supervisor process (overrides are not
@@ -107,6 +111,9 @@ pub fn create(root: &StateRoot, req: &CreateRequest) -> Result<Created, RunError
     let policy = Policy::resolve(&req.policy)?.apply_overrides(&req.overrides)?;
     crate::ports::check(&req.ports, &policy)?;
     crate::containers::check(&policy, policy.image.reference.is_some())?;
+    if let Some(user) = &req.user {
+        crate::image::check_user(user)?;
+    }
     // The image's rules fail the create here, before a supervisor starts.
     if let Some(reference) = &policy.image.reference {
         crate::image::check(&policy, reference)?;
@@ -235,6 +242,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
     let root = StateRoot::from_env()?;
     crate::prepare_state_root(&root, checked.host.running_as_root)?;
     let image = crate::image::resolve_for(&root, &checked.policy)?;
+    let user = crate::image::run_as(req.user.as_deref(), image.as_ref())?;
     let sandbox = root.create_sandbox(req.name.as_deref())?;
     // Held until a failure is recorded: whoever waits for it to go (`airlock
     // stop`) sees the sandbox's final state.
@@ -249,6 +257,7 @@ fn serve_new(input: &[u8], ready: &mut Option<std::fs::File>) -> Result<(), RunE
         terminal: false,
         workspace_owner: (spec.owner_uid != 0).then_some(spec.owner_uid),
         image: image.as_ref(),
+        user: user.as_deref(),
     }) {
         Ok(l) => l,
         Err(e) => {

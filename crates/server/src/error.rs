@@ -124,7 +124,14 @@ impl From<RunError> for ApiError {
             RunError::WorkspaceDir(..) | RunError::WorkspaceIsRoot | RunError::WorkspaceRefused(_) => {
                 ApiError::bad_request("invalid_workspace", message)
             }
-            RunError::NoCommand => ApiError::bad_request("invalid_request", message),
+            RunError::NoCommand | RunError::UserRefused(_) => {
+                ApiError::bad_request("invalid_request", message)
+            }
+            // The request is fine; the host has no room for its image
+            // within the budget its operator set.
+            e if e.is_image_store_full() => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "image_budget_exceeded", message)
+            }
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "create_failed", message),
         }
     }

@@ -475,3 +475,151 @@ fn a_rootless_sandbox_runs_on_an_image_it_pulled() {
     let out = stdout(&o);
     assert!(out.contains("airlock-test-image 1") && out.contains("whiteout-ok"), "{}", show(&o));
 }
+
+/// `run --user` and `create --user` over the image's `User`: numbers only,
+/// a UID alone taking its group (and its name, as USER) from the image's
+/// /etc/passwd; the command and, for `create`, every exec that names no
+/// user run as it, while `exec --user` still wins; without an image, the
+/// host root's command runs as it too. A value that is not UID[:GID], or
+/// lies outside the sandbox's ids, is refused before any sandbox exists.
+#[test]
+fn run_and_create_user_overrides_the_images_user() {
+    let env = Env::new();
+    if !require(is_root(), "root (rootless, the sandbox maps root alone)") {
+        return;
+    }
+    let layout = env.dir.path().join("layout-user");
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\ndev:x:1000:1001:dev:/home/dev:/bin/sh\n\
+                   ci:x:1002:1003:ci:/home/ci:/bin/sh\n"
+        .to_vec();
+    let digest = busybox_layout_as(&layout, Some("dev"), &[("etc/passwd", FILE, 0o644, "", passwd)]);
+    if !require(digest.is_some(), "a static busybox at /bin/busybox (Debian: busybox-static)") {
+        return;
+    }
+    let image = format!("oci:{}:v1", layout.display());
+    let ids = "echo $(id -u):$(id -g) $USER";
+    let run = |user: &str| {
+        env.airlock(["run", "--mode", "none", "--image", &image, "--user", user, "--", "sh", "-c", ids])
+            .output()
+            .unwrap()
+    };
+    for (user, expected) in [("1002", "1002:1003 ci"), ("0", "0:0 root"), ("2000:2001", "2000:2001")] {
+        let o = run(user);
+        assert_eq!(o.status.code(), Some(0), "--user {user}: {}", show(&o));
+        assert!(stdout(&o).starts_with(expected), "--user {user} over the image's dev: {}", show(&o));
+    }
+
+    let o = env
+        .airlock(["create", "--name", "as-ci", "--mode", "none", "--image", &image, "--user", "1002"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    let o = env.airlock(["exec", "as-ci", "--", "sh", "-c", ids]).output().unwrap();
+    assert!(stdout(&o).starts_with("1002:1003 ci"), "an exec without --user: {}", show(&o));
+    let o = env.airlock(["exec", "--user", "dev", "as-ci", "--", "id", "-u"]).output().unwrap();
+    assert_eq!(stdout(&o).trim(), "1000", "exec --user wins: {}", show(&o));
+    let o = env.airlock(["stop", "as-ci"]).output().unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+
+    // Without an image: the host's root, run as the ids given.
+    let o = env
+        .airlock(["run", "--mode", "none", "--user", "1234:1235", "--", "sh", "-c", "echo $(id -u):$(id -g)"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), "1234:1235", "{}", show(&o));
+
+    let sandboxes = |env: &Env| {
+        let o = env.airlock(["ls", "--json"]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap().as_array().unwrap().len()
+    };
+    let before = sandboxes(&env);
+    for (user, needle) in [
+        ("dev", "give UID or UID:GID"),
+        ("1000:", "give UID or UID:GID"),
+        ("-1", "give UID or UID:GID"),
+        ("70000", "outside the sandbox's ids: the sandbox's ids are 0-65535"),
+        ("0:70000", "outside the sandbox's ids"),
+    ] {
+        let flag = format!("--user={user}");
+        for args in [
+            vec!["run", "--mode", "none", "--image", &image, &flag, "--", "true"],
+            vec!["create", "--mode", "none", "--image", &image, &flag],
+        ] {
+            let verb = args[0];
+            let o = env.airlock(&args).output().unwrap();
+            assert_ne!(o.status.code(), Some(0), "{verb} --user {user}: {}", show(&o));
+            assert!(stderr(&o).contains(needle), "{verb} --user {user}: {}", show(&o));
+        }
+    }
+    assert_eq!(sandboxes(&env), before, "a refused --user leaves no sandbox");
+
+    // The same over a guest's: its agent looks the ids up in the image's
+    // own /etc/passwd (the guest's root).
+    if super::microvm::ready() {
+        let pinned = format!("oci:{}@{}", layout.display(), digest.as_deref().unwrap_or_default());
+        let policy = super::microvm::emulation_policy(&env);
+        let run = ["run", "--policy", policy.to_str().unwrap(), "--mode", "none", "--image", &pinned];
+        let o = super::microvm::airlock_vm(
+            &env,
+            &super::microvm::shared_cache(),
+            &[&run[..], &["--user", "1002", "--", "sh", "-c", ids]].concat(),
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+        assert!(stdout(&o).starts_with("1002:1003 ci"), "in a microVM: {}", show(&o));
+    }
+}
+
+/// Through the daemon: a create whose image would pass the image store's
+/// disk budget answers 507 with its own code, and leaves no sandbox; the
+/// create body's `user` runs the sandbox's execs.
+#[test]
+fn the_daemons_create_answers_507_when_the_image_store_budget_would_be_passed() {
+    use super::daemon_harness::TestDaemon;
+    if !require(is_root(), "root (the daemon reads a local image layout for root callers only)") {
+        return;
+    }
+    let mut d = TestDaemon::start_with("imgbudget", |cmd| {
+        cmd.env("AIRLOCK_IMAGE_BUDGET", "256K");
+    });
+    let layout = d.env.dir.path().join("layout");
+    if !require(
+        busybox_layout(&layout).is_some(),
+        "a static busybox at /bin/busybox (Debian: busybox-static)",
+    ) {
+        return;
+    }
+    let image = format!("oci:{}:v1", layout.display());
+    let (status, body) =
+        d.json("POST", "/v1/sandboxes", Some(serde_json::json!({"name": "big", "image": image})));
+    assert_eq!(status, 507, "{body}");
+    assert_eq!(body["error"]["code"], "image_budget_exceeded", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("disk budget of 256.0 KiB would be exceeded"), "{body}");
+    assert!(message.contains("airlock image prune"), "says what to do: {body}");
+    assert!(d.sandbox_names().is_empty(), "{:?}", d.sandbox_names());
+    let layers = d.env.state.join("images/layers/sha256");
+    assert!(!layers.exists() || fs::read_dir(&layers).unwrap().count() == 0, "nothing unpacked");
+
+    // Without the budget (a restart drops it), the same create runs, as
+    // the body's user.
+    d.restart();
+    for (user, code) in [("nobody", "invalid_request"), ("70000", "invalid_request")] {
+        let body = serde_json::json!({"name": "refused", "image": image, "user": user});
+        let (status, answer) = d.json("POST", "/v1/sandboxes", Some(body));
+        assert_eq!((status, answer["error"]["code"].as_str()), (400, Some(code)), "{user}: {answer}");
+    }
+    let body = serde_json::json!({"name": "fits", "image": image, "user": "1000:1001"});
+    let (status, created) = d.json("POST", "/v1/sandboxes", Some(body));
+    assert_eq!(status, 201, "{created}");
+    let o = d
+        .env
+        .airlock(["exec", "fits", "--", "sh", "-c", "echo $(id -u):$(id -g)"])
+        .env("AIRLOCK_SOCKET", &d.socket)
+        .env("AIRLOCK_CGROUP_PARENT", &d.cgroup_parent)
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o).trim(), "1000:1001", "{}", show(&o));
+    let (status, removed) = d.json("DELETE", "/v1/sandboxes/fits", None);
+    assert_eq!(status, 200, "{removed}");
+}

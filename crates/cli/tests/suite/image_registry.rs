@@ -550,6 +550,152 @@ fn a_registry_with_token_auth_pulls_with_a_bearer_token_from_its_token_service()
         !asked.is_empty() && asked.iter().all(|a| *a == pull_scope),
         "airlock's token requests: {asked:?}"
     );
+
+    // The policy's credentials get a token the same way (no config.json
+    // at all: the default place is empty).
+    let o = env.airlock(["image", "rm", &by_tag]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let policy = credentials_policy(&work, "token-creds", &host, &format!("env:{PASSWORD_VAR}"), "");
+    let before = tokens.issued().len();
+    let o = pull(&["--allow", &token_host, "--policy", &policy]);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stderr(&o).contains(PASSWORD_VAR), "{}", show(&o));
+    let o = {
+        let mut cmd = env.airlock(["image", "pull", &by_tag, "--ca", &ca_path, "--allow", &host]);
+        cmd.args(["--allow", &token_host, "--policy", &policy]).env("DOCKER_CONFIG", &empty);
+        cmd.env(PASSWORD_VAR, PASSWORD).output().unwrap()
+    };
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), digest, "{}", show(&o));
+    let asked = tokens.issued()[before..].to_vec();
+    assert!(!asked.is_empty() && asked.iter().all(|a| *a == pull_scope), "with the policy's: {asked:?}");
+}
+
+/// The environment variable the tests' policies read a registry password from.
+const PASSWORD_VAR: &str = "AIRLOCK_TEST_REGISTRY_PASSWORD";
+
+/// A policy file `dir/NAME.toml` that extends dev, gives `registry` the
+/// test user with its password from `source`, and adds `extra` (TOML).
+fn credentials_policy(dir: &Path, name: &str, registry: &str, source: &str, extra: &str) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "extends = \"dev\"\n{extra}\n[image.credentials.\"{registry}\"]\nusername = \"{USER}\"\npassword = \"{source}\"\n"
+    );
+    fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// Every file below `dir` that holds `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&at) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// The policy's `image.credentials`: the password read from its secret
+/// source (env, file, cmd) on the host, only when a pull needs it, and
+/// used before a Docker config.json's; a source that cannot be read names
+/// the registry and the source; the password reaches neither the sandbox
+/// nor anything airlock writes.
+#[test]
+fn the_policys_registry_credentials_come_from_their_source_and_before_a_docker_config() {
+    if !tools_or_skip() {
+        return;
+    }
+    let env = Env::new();
+    let work = env.dir.path().to_path_buf();
+    let layout = work.join("layout");
+    busybox_layout(&layout).unwrap();
+    let ca = make_ca(&work);
+    let registry = Registry::start(&work, "registry", Some(&ca), Auth::Htpasswd);
+    let digest = registry.push(&layout, Some(&ca), true, &work);
+    let host = registry.host();
+    let by_tag = format!("{host}/team/bb:1");
+    let ca_path = ca.ca.display().to_string();
+    let good = docker_config(&work.join("docker-good"), &host, USER, PASSWORD);
+    let bad = docker_config(&work.join("docker-bad"), &host, USER, "wrong-password");
+    let from_env = credentials_policy(&work, "from-env", &host, &format!("env:{PASSWORD_VAR}"), "");
+    let pull = |policy: &str, config: &Path, password: Option<&str>| {
+        let mut cmd = env.airlock(["image", "pull", &by_tag, "--allow", &host, "--ca", &ca_path]);
+        cmd.args(["--policy", policy]).env("DOCKER_CONFIG", config);
+        match password {
+            Some(password) => cmd.env(PASSWORD_VAR, password),
+            None => cmd.env_remove(PASSWORD_VAR),
+        };
+        cmd.output().unwrap()
+    };
+
+    // The source cannot be read: said with the registry and the source.
+    let o = pull(&from_env, &good, None);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("credentials for registry {host} (image.credentials)"))
+            && err.contains(&format!("environment variable {PASSWORD_VAR} is not set")),
+        "{}",
+        show(&o)
+    );
+    assert_nothing_complete(&env, &[], "an unreadable source");
+
+    // The policy's first: its right password over the config.json's wrong
+    // one, then its wrong password (a file) over the config.json's right one.
+    let o = pull(&from_env, &bad, Some(PASSWORD));
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), digest, "{}", show(&o));
+    let wrong = work.join("wrong-password");
+    fs::write(&wrong, "wrong-password\n").unwrap();
+    let from_file = credentials_policy(&work, "from-file", &host, &format!("file:{}", wrong.display()), "");
+    let o = pull(&from_file, &good, None);
+    assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(
+        stderr(&o).contains(&format!(
+            "registry refused the credentials of {USER} from policy from-file (image.credentials.{host:?})"
+        )),
+        "{}",
+        show(&o)
+    );
+
+    // A sandbox that pulls its image with a `cmd:` source (the test CA
+    // through the policy's extra_roots, as `run` takes no --ca).
+    let o = env.airlock(["image", "rm", &by_tag]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let right = work.join("password-file");
+    fs::write(&right, format!("{PASSWORD}\n")).unwrap();
+    let roots = format!("[network]\nextra_roots = [\"{ca_path}\"]\n");
+    let from_cmd =
+        credentials_policy(&work, "from-cmd", &host, &format!("cmd:cat {}", right.display()), &roots);
+    let run = |policy: &str| {
+        let args = ["run", "--name", "creds", "--mode", "none", "--policy", policy, "--allow", &host];
+        let mut cmd = env.airlock(args);
+        cmd.args(["--image", &by_tag, "--", "sh", "-c", "env; cat /etc/image-release"]);
+        cmd.env("DOCKER_CONFIG", &bad).env_remove(PASSWORD_VAR).output().unwrap()
+    };
+    let o = run(&from_cmd);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("airlock-test-image 1"), "{}", show(&o));
+    assert!(!stdout(&o).contains(PASSWORD), "the password is not in the sandbox: {}", show(&o));
+    // Read only when a pull needs it: the image is in the store now, and
+    // a sandbox on it starts with the variable unset.
+    let o = env.airlock(["rm", "creds"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = run(&from_env);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let holding = files_holding(&env.state, PASSWORD.as_bytes());
+    assert!(holding.is_empty(), "the password is in nothing airlock wrote: {holding:?}");
 }
 
 /// Forwards 127.0.0.1:<its port> to `upstream` and, while armed, cuts
@@ -668,6 +814,41 @@ fn a_plain_http_registry_is_refused_unless_insecure() {
     assert_ne!(o.status.code(), Some(0), "HTTPS is the default: {}", show(&o));
     assert_nothing_complete(&env, &[], "plain HTTP without --insecure");
     let o = env.airlock(["image", "pull", &reference, "--allow", &host, "--insecure"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), digest, "{}", show(&o));
+
+    // The policy's `image.insecure` does the same for the registries it
+    // lists, and for those only; a refining file that empties it narrows
+    // it. A sandbox pulls its image with it too.
+    let o = env.airlock(["image", "rm", &reference]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let write = |name: &str, text: String| {
+        let path = work.join(name);
+        fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let other = write("other.toml", "extends = \"dev\"\n[image]\ninsecure = [\"127.0.0.1:1\"]\n".into());
+    let listed = write("listed.toml", format!("extends = \"dev\"\n[image]\ninsecure = [\"{host}\"]\n"));
+    let narrowed = write("narrowed.toml", "extends = \"listed.toml\"\n[image]\ninsecure = []\n".into());
+    for (policy, what) in
+        [(&other, "another registry listed"), (&narrowed, "a refining file emptied the list")]
+    {
+        let o = env
+            .airlock(["image", "pull", &reference, "--allow", &host, "--policy", policy])
+            .output()
+            .unwrap();
+        assert_ne!(o.status.code(), Some(0), "{what}: TLS still: {}", show(&o));
+        assert_nothing_complete(&env, &[], what);
+    }
+    let o = env
+        .airlock(["run", "--mode", "none", "--policy", &listed, "--allow", &host, "--image", &reference])
+        .args(["--", "cat", "/etc/image-release"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(stdout(&o).contains("airlock-test-image 1"), "{}", show(&o));
+    let o =
+        env.airlock(["image", "pull", &reference, "--allow", &host, "--policy", &listed]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert_eq!(stdout(&o).trim(), digest, "{}", show(&o));
 }

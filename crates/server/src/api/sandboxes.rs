@@ -63,6 +63,9 @@ pub struct CreateBody {
     /// A container engine inside the sandbox's microVM (`airlock create
     /// --containers`), where the policy allows it.
     pub containers: Option<bool>,
+    /// `UID[:GID]` every exec that names no user runs as, over the
+    /// image's `User` (`airlock create --user`).
+    pub user: Option<String>,
 }
 
 /// A create request checked against the caller's rights, ready for the
@@ -182,6 +185,9 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
         }
     };
     let ports = check_ports(peer, &body.ports)?;
+    if let Some(user) = &body.user {
+        airlock_runtime::image::parse_user(user).map_err(|e| ApiError::bad_request("invalid_request", e))?;
+    }
     let overrides = Overrides {
         timeout: body.timeout.as_ref().map(|t| t.get("timeout")).transpose()?,
         memory: body.memory.as_ref().map(|m| m.get("memory")).transpose()?,
@@ -206,6 +212,7 @@ pub fn prepare_create(peer: &Peer, body: CreateBody) -> Result<PreparedCreate, A
         env: Vec::new(),
         owner_uid: Some(peer.uid),
         ports,
+        user: body.user,
     };
     let checked_workspace = workspace.filter(|_| !peer.is_root());
     Ok(PreparedCreate { request, checked_workspace })
