@@ -178,13 +178,16 @@ fn a_microvm_sandbox_runs_containers_in_its_own_engine_through_its_socket() {
     let inside = airlock(&["exec", "d1", "--", "docker", "images", "--format", "{{.Repository}}"]);
     assert!(stdout(&inside).contains("airlock-test/busybox"), "{}", show(&inside));
 
-    // rm: the VM, the socket and the disk go.
+    // rm: the VM, the socket and the disk go. (Other tests' guests share
+    // the cache: only this supervisor's QEMU counts.)
+    let supervisor = super::microvm::supervisor_pid(&env, "d1");
+    assert_eq!(super::microvm::qemus_of(supervisor).len(), 1, "d1's QEMU");
     let o = airlock(&["stop", "d1"]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(!env.state.join("d1/engine.img").exists(), "the engine's disk outlived its guest");
     let o = airlock(&["rm", "d1"]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(!Path::new(&socket).exists() && !env.state.join("d1").exists());
-    let qemu = Command::new("pgrep").args(["-f", &format!("{}/", cache.display())]).output().unwrap();
-    assert!(stdout(&qemu).trim().is_empty(), "a QEMU is left: {}", stdout(&qemu));
+    let left = super::microvm::qemus_of(supervisor);
+    assert!(left.is_empty(), "a QEMU is left: {left:?}");
 }
