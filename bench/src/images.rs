@@ -141,7 +141,12 @@ fn run_inner(
         eprintln!("airlock-bench: images, first pull from the registry, 2 cases interleaved");
         let peer_root = scratch.join("peer-registry");
         let slots = vec![
-            Slot::Run(airlock_pull_case(airlock, &scratch.join("state-pull-registry"), reference, true)),
+            Slot::Run(airlock_pull_case(
+                airlock,
+                &scratch.join("state-pull-registry"),
+                reference,
+                Some(&registry_address(reference)),
+            )),
             Slot::Run(peer_registry_case(skopeo, umoci, reference, &peer_root)),
         ];
         pair(crate::measure_interleaved(slots, &pull_opts))
@@ -149,7 +154,7 @@ fn run_inner(
 
     eprintln!("airlock-bench: images, first pull from the OCI layout, 2 cases interleaved");
     let layout_slots = vec![
-        Slot::Run(airlock_pull_case(airlock, &scratch.join("state-pull-layout"), &layout_source, false)),
+        Slot::Run(airlock_pull_case(airlock, &scratch.join("state-pull-layout"), &layout_source, None)),
         match &umoci {
             Some(umoci) => Slot::Run(peer_layout_case(umoci, &layout, &scratch.join("peer-layout"))),
             None => Slot::Done(Outcome::Skipped("umoci is not installed".into())),
@@ -169,7 +174,7 @@ fn run_inner(
     let mut pull = Command::new(airlock);
     pull.env("AIRLOCK_STATE_DIR", &state).args(["image", "pull"]);
     if start_source == "registry" {
-        pull.arg("--insecure");
+        pull.args(["--insecure", "--allow", &registry_address(&start_image)]);
     }
     pull.arg(&start_image);
     let start = match measure::checked(pull, "airlock image pull (for the start cases)") {
@@ -204,11 +209,19 @@ fn pair(outcomes: Vec<Outcome>) -> (Outcome, Outcome) {
     (next(), next())
 }
 
+/// The `HOST:PORT` a registry reference names: the loopback registry is
+/// a private address, which a pull's egress rules allow only by its port.
+fn registry_address(reference: &str) -> String {
+    reference.split_once('/').map_or(reference, |(address, _)| address).to_owned()
+}
+
 /// `airlock image pull` into an empty store each time: the store is pruned
-/// (untimed) after every run.
-fn airlock_pull_case(airlock: &Path, state: &Path, source: &str, insecure: bool) -> Case {
+/// (untimed) after every run. From a registry (`allow` names it) over plain
+/// HTTP, allowed through the pull's egress rules as a sandbox's egress is.
+fn airlock_pull_case(airlock: &Path, state: &Path, source: &str, allow: Option<&str>) -> Case {
     let (airlock, state, source) = (airlock.to_path_buf(), state.to_path_buf(), source.to_owned());
-    let label = if insecure {
+    let allow = allow.map(str::to_owned);
+    let label = if allow.is_some() {
         "airlock image pull --insecure (registry)".to_string()
     } else {
         "airlock image pull oci:LAYOUT:TAG".to_string()
@@ -219,8 +232,8 @@ fn airlock_pull_case(airlock: &Path, state: &Path, source: &str, insecure: bool)
         make: Box::new(move |_| {
             let mut c = Command::new(&airlock);
             c.env("AIRLOCK_STATE_DIR", &state).args(["image", "pull"]);
-            if insecure {
-                c.arg("--insecure");
+            if let Some(allow) = &allow {
+                c.args(["--insecure", "--allow", allow]);
             }
             c.arg(&source);
             c
@@ -670,6 +683,11 @@ mod tests {
         // Half of each file is random: gzip cannot take the image much below half.
         assert!(compressed > (1 << 20) * 2 / 5, "{compressed}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_pull_allows_the_registry_by_its_address_and_port() {
+        assert_eq!(registry_address("127.0.0.1:5000/bench/image:bench"), "127.0.0.1:5000");
     }
 
     fn tempfile_dir() -> PathBuf {
