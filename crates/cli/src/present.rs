@@ -140,7 +140,7 @@ pub struct PullProgress;
 impl airlock_image::source::Progress for PullProgress {
     fn blob(&mut self, digest: &airlock_image::store::Digest, size: u64, cached: bool) {
         let what = if cached { "cached" } else { "fetched" };
-        eprintln!("airlock: layer {} {} ({what})", &digest.as_str()[..19], airlock_policy::format_size(size));
+        eprintln!("airlock: layer {} {} ({what})", &digest.as_str()[..19], airlock_image::store::human_size(size));
     }
 }
 
@@ -158,14 +158,14 @@ pub fn images(images: &[airlock_image::store::ImageRecord], size: &StoreSize, js
         serde_json::to_writer_pretty(&mut out, images)?;
         return writeln!(out);
     }
-    writeln!(out, "{:<19}  {:>8}  {:>6}  NAMES", "DIGEST", "SIZE", "LAYERS")?;
+    writeln!(out, "{:<19}  {:>10}  {:>6}  NAMES", "DIGEST", "SIZE", "LAYERS")?;
     for image in images {
         let names: Vec<String> = image.names.iter().map(|n| printable(n.as_bytes())).collect();
         writeln!(
             out,
-            "{:<19}  {:>8}  {:>6}  {}",
+            "{:<19}  {:>10}  {:>6}  {}",
             &image.manifest.as_str()[..19],
-            airlock_policy::format_size(image.size),
+            airlock_image::store::human_size(image.size),
             image.layers.len(),
             names.join(", ")
         )?;
