@@ -733,7 +733,7 @@ fn airlock_with_input(env: &Env, args: &[&str], input: &[u8]) -> Output {
 
 /// The QEMU processes started by supervisor `pid` (their run directory,
 /// `<cache>/run/<pid>-<n>`, is on their command line).
-fn qemus_of(pid: i64) -> Vec<i32> {
+pub(crate) fn qemus_of(pid: i64) -> Vec<i32> {
     pids_running(&format!("{}/run/{pid}-", shared_cache().display()))
 }
 
@@ -752,7 +752,7 @@ fn guest_of(cache: &Path, owner: impl std::fmt::Display) -> (i32, PathBuf) {
     (qemu[0], run_dir)
 }
 
-fn supervisor_pid(env: &Env, name: &str) -> i64 {
+pub(crate) fn supervisor_pid(env: &Env, name: &str) -> i64 {
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.sandbox_dir(name).join("meta.json")).unwrap()).unwrap();
     meta["supervisor_pid"].as_i64().unwrap()
