@@ -357,3 +357,53 @@ fn a_microvm_sandbox_runs_containers_in_its_own_engine_through_its_socket() {
     assert_eq!(host_engine_traces(), host_engine, "the host's engine's state or socket changed");
     drop(registry);
 }
+
+/// The daemon's create with `"containers": true` answers with the socket
+/// of the sandbox's own engine, its caller's alone (0600, the caller's
+/// uid), and the engine answers the caller through it. The caller is root:
+/// without working KVM (here) only a policy file allows emulation, and only
+/// root may name one.
+#[test]
+fn the_daemons_create_answers_with_the_socket_of_the_sandboxs_own_engine() {
+    let docker_cli = Command::new("docker").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !super::egress::tier_ready(super::egress::Tier::Microvm)
+        || !require(Path::new("/usr/sbin/dockerd").exists(), "Debian's docker.io (dockerd) on the host")
+        || !require(docker_cli, "a docker CLI on the host")
+    {
+        return;
+    }
+    let d = super::daemon_harness::TestDaemon::start_with("containers", |cmd| {
+        cmd.env("AIRLOCK_VM_CACHE", super::microvm::shared_cache());
+    });
+    // The process tier refuses, saying why.
+    let (status, refused) =
+        d.json("POST", "/v1/sandboxes", Some(serde_json::json!({ "name": "dp", "containers": true })));
+    assert_eq!((status, refused["error"]["code"].as_str()), (400, Some("invalid_policy")), "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("nested containers need their own kernel"), "{refused}");
+
+    let policy = d.env.dir.path().join("containers.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let (status, created) = d.json(
+        "POST",
+        "/v1/sandboxes",
+        Some(serde_json::json!({
+            "name": "dd", "policy": policy, "tier": "microvm", "containers": true,
+        })),
+    );
+    assert_eq!(status, 201, "{created}\n{}", d.log());
+    let socket = created["containers"]["socket"].as_str().unwrap_or_else(|| panic!("{created}")).to_owned();
+    assert_eq!(Path::new(&socket), d.env.state.join("dd/containers.sock"));
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&socket).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600, "the socket is its owner's alone");
+        assert_eq!(meta.uid(), rustix::process::geteuid().as_raw(), "the caller owns the socket");
+    }
+    await_engine(&socket);
+    let (_, inspected) = d.json("GET", "/v1/sandboxes/dd", None);
+    assert_eq!(inspected["containers"]["socket"], socket.as_str(), "{inspected}");
+    let (status, removed) = d.json("DELETE", "/v1/sandboxes/dd", None);
+    assert_eq!(status, 200, "{removed}");
+    assert!(!Path::new(&socket).exists() && !d.env.sandbox_dir("dd").exists());
+}
