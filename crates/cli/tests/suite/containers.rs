@@ -4,7 +4,8 @@
 //! the host's static busybox and from one the engine pulls through the
 //! sandbox's egress proxy from a real docker-registry in the test's network
 //! (`suite::transparent`'s), while a registry the policy does not allow is
-//! refused with the proxy's reason in the engine's error; a bind mount of
+//! refused with the proxy's reason in the engine's error; a container's own
+//! traffic on the engine's bridge gets airlock's DNS and the policy; a bind mount of
 //! the workspace's path writes through the sandbox's copy-on-write layer
 //! (`airlock diff`); the audit log has the engine's start and each
 //! container created; a second sandbox's engine sees nothing of the
@@ -27,7 +28,9 @@ use super::egress::{event, is, net_log};
 use super::image_registry::{Auth, Registry, make_ca_for};
 use super::microvm::{qemus_of, supervisor_pid};
 use super::support::*;
-use super::transparent::{DENIED_HOST, REGISTRY_HOST, TestNet, run_with_hosts};
+use super::transparent::{
+    DENIED_HOST, DENIED_PORT, REGISTRY_HOST, TUNNEL_HOST, TestNet, run_with_hosts, start_servers,
+};
 
 /// A policy on the microVM tier under emulation, with room for dockerd.
 const POLICY: &str = "extends = \"dev\"\n[isolation]\ntier = \"microvm\"\n\
@@ -37,14 +40,16 @@ const POLICY: &str = "extends = \"dev\"\n[isolation]\ntier = \"microvm\"\n\
 /// The test registry's port, on the test network's servers' address.
 const REGISTRY_PORT: u16 = 5000;
 
-/// [`POLICY`] allowing the test registry (by name, and its documentation
-/// address with the port, as the private-range guard wants), trusting the
+/// [`POLICY`] allowing the test registry and plain HTTP to the test
+/// network's web server (by name, and their documentation address with the
+/// port, as the private-range guard wants), trusting the
 /// test's CA upstream; the rule (pulls only: GET and HEAD below /v2/)
 /// makes the proxy see each request, so the engine trusts the sandbox's
 /// CA, which its guest's system bundle holds.
 fn registry_policy(net: &TestNet, ca: &Path) -> String {
     format!(
-        "{POLICY}[network]\nallow = [\"{REGISTRY_HOST}:{REGISTRY_PORT}\", \"{}:{REGISTRY_PORT}\"]\n\
+        "{POLICY}[network]\nallow = [\"{REGISTRY_HOST}:{REGISTRY_PORT}\", \"{0}:{REGISTRY_PORT}\", \
+         \"{TUNNEL_HOST}:80\", \"{0}:80\"]\n\
          extra_roots = [{ca:?}]\n[[network.rule]]\nhost = \"{REGISTRY_HOST}\"\n\
          methods = [\"GET\", \"HEAD\"]\npaths = [\"/v2/**\"]\n",
         net.server
@@ -64,7 +69,7 @@ fn busybox_archive(path: &Path, tag: &str) -> bool {
     file.set_mode(0o755);
     file.set_size(busybox.len() as u64);
     layer.append_data(&mut file, "bin/busybox", &busybox[..]).unwrap();
-    for applet in ["sh", "echo", "true", "cat"] {
+    for applet in ["sh", "echo", "true", "cat", "wget", "nslookup"] {
         let mut link = tar::Header::new_gnu();
         link.set_entry_type(tar::EntryType::Symlink);
         link.set_mode(0o777);
@@ -174,6 +179,7 @@ fn a_microvm_sandbox_runs_containers_in_its_own_engine_through_its_socket() {
     if !require(busybox_archive(&archive, "airlock-test/busybox:v1"), "/bin/busybox (busybox-static)") {
         return;
     }
+    let servers = start_servers(&net);
     let host_engine = host_engine_traces();
     let dockerds_before = host_dockerds();
 
@@ -312,6 +318,47 @@ fn a_microvm_sandbox_runs_containers_in_its_own_engine_through_its_socket() {
         is(e, "host", DENIED_HOST) && is(e, "port", REGISTRY_PORT) && is(e, "allowed", false)
     });
     assert!(refused["rule"].as_str().is_some_and(|r| r.contains(&reason)), "{refused}");
+
+    // A container's own traffic, on the engine's default bridge, goes
+    // through the policy and shows in the net log: its DNS is airlock's
+    // (an allowed name resolves into airlock's pool, a denied one does
+    // not), plain HTTP to an allowed address and port reaches the server,
+    // a port the policy does not allow is refused. (The static busybox
+    // resolves nothing itself: without NSS modules its wget takes addresses.)
+    let server_text = net.server.to_string();
+    let script = format!(
+        "nslookup {TUNNEL_HOST}; echo \"lookup=$?\"; nslookup {DENIED_HOST}; echo \"denied=$?\"; \
+         wget -q -O - http://{server_text}/from-a-container; echo \"allowed=$?\"; \
+         wget -q -O - http://{server_text}:{DENIED_PORT}/; echo \"refused=$?\""
+    );
+    let o = docker(&socket2, &["run", "--rm", &image, "sh", "-c", &script]);
+    let out = stdout(&o);
+    assert!(out.contains("198.18.") && out.contains("lookup=0"), "{}", show(&o));
+    assert!(out.contains("denied=1"), "{}", show(&o));
+    assert!(out.contains("GET /from-a-container HTTP/1.1") && out.contains("allowed=0"), "{}", show(&o));
+    assert!(out.contains("refused=1"), "{}", show(&o));
+    assert!(
+        servers.http.seen().iter().any(|r| r.starts_with("GET /from-a-container")),
+        "{:?}",
+        servers.http.seen()
+    );
+    let log = net_log(&env, "d2");
+    event(&log, "the container's lookup", |e| {
+        is(e, "via", "dns") && is(e, "host", TUNNEL_HOST) && is(e, "allowed", true)
+    });
+    event(&log, "the container's denied lookup", |e| {
+        is(e, "via", "dns") && is(e, "host", DENIED_HOST) && is(e, "allowed", false)
+    });
+    event(&log, "the container's request", |e| {
+        is(e, "via", "transparent")
+            && is(e, "host", server_text.as_str())
+            && is(e, "port", 80)
+            && is(e, "allowed", true)
+    });
+    let refused = event(&log, "the container's refused port", |e| {
+        is(e, "via", "transparent") && is(e, "host", server_text.as_str()) && is(e, "port", DENIED_PORT)
+    });
+    assert!(is(refused, "allowed", false), "{refused}");
 
     let o = docker(&socket2, &["create", "--name", "made-in-d2", &image, "true"]);
     assert!(o.status.success(), "{}", show(&o));
