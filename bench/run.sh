@@ -5,8 +5,9 @@
 #
 # 1. As root, installs the peers it compares against (bubblewrap, runc, socat,
 #    skopeo, umoci), curl (the egress benchmarks' client), QEMU (the microVM
-#    tier's engine) and docker-registry (the images section's local registry)
-#    with apt-get when they are missing, and a kernel for the microVM guest
+#    tier's engine), docker-registry (the images section's local registry)
+#    and docker.io (the containers section's engine, run inside the guests:
+#    the host's own dockerd is never used) with apt-get when they are missing, and a kernel for the microVM guest
 #    (linux-image-amd64) when /boot has none.
 #    One that cannot be installed is reported and its rows are skipped; the
 #    rest still runs.
@@ -30,12 +31,13 @@ warn() { printf '!! %s\n' "$*" >&2; }
 # package starts a system proxy service.)
 declare -A PEERS=([bwrap]=bubblewrap [runc]=runc [curl]=curl [socat]=socat
     [qemu-system-x86_64]=qemu-system-x86 [skopeo]=skopeo [umoci]=umoci [docker-registry]=docker-registry
-    [busybox]=busybox-static)
+    [busybox]=busybox-static [dockerd]=docker.io)
 # what is lost without it
 declare -A USED_BY=([bwrap]="benchmarks against bwrap" [runc]="benchmarks against runc" [curl]="egress benchmarks"
     [socat]="egress rows through a bare relay" [qemu-system-x86_64]="microvm benchmarks"
     [skopeo]="image pulls from the local registry" [umoci]="image pull peers"
-    [docker-registry]="image pulls from the local registry" [busybox]="image benchmarks")
+    [docker-registry]="image pulls from the local registry" [busybox]="image benchmarks"
+    [dockerd]="containers benchmarks")
 
 missing=()
 for cmd in "${!PEERS[@]}"; do

@@ -9,6 +9,7 @@
 //! create → first output through E2B's Python SDK beside the native API.
 //! See bench/README.md.
 
+mod containers;
 mod daemon;
 mod e2b;
 mod egress;
@@ -75,8 +76,8 @@ options:
   --no-bwrap           skip bubblewrap even if installed
   --no-runc            skip runc even if installed
   --only LIST          run only these sections, comma-separated: startup, diff,
-                       egress, daemon, microvm, exectrace, images, e2b (startup
-                       includes peak memory)
+                       egress, daemon, microvm, containers, exectrace, images,
+                       e2b (startup includes peak memory)
   --egress-runs N      timed runs per egress case (default 5)
   --egress-requests N  small requests per latency run (default 200)
   --download-mib N     size of the egress download in MiB (default 256)
@@ -84,8 +85,9 @@ options:
                        benchmark (default 200)
   --daemon-counts LIST sandboxes held at once by the daemon, comma-separated
                        (default 1,10,200)
-  --vm-iterations N    timed rounds of the microVM boot cases (default 3)
-  --vm-warmup N        untimed rounds before them (default 1)
+  --vm-iterations N    timed rounds of the microVM boot cases, and guests of the
+                       containers section (default 3)
+  --vm-warmup N        untimed rounds (guests) before them (default 1)
   --vm-execs N         execs of `true` per route into a running microVM
                        (default 20)
   --vm-cache DIR       the guest cache (default: $AIRLOCK_VM_CACHE, else
@@ -144,6 +146,7 @@ pub struct Sections {
     pub egress: bool,
     pub daemon: bool,
     pub microvm: bool,
+    pub containers: bool,
     pub exectrace: bool,
     pub images: bool,
     pub e2b: bool,
@@ -156,6 +159,7 @@ impl Sections {
         egress: true,
         daemon: true,
         microvm: true,
+        containers: true,
         exectrace: true,
         images: true,
         e2b: true,
@@ -166,6 +170,7 @@ impl Sections {
         egress: false,
         daemon: false,
         microvm: false,
+        containers: false,
         exectrace: false,
         images: false,
         e2b: false,
@@ -180,19 +185,20 @@ impl Sections {
                 "egress" => s.egress = true,
                 "daemon" => s.daemon = true,
                 "microvm" => s.microvm = true,
+                "containers" => s.containers = true,
                 "exectrace" => s.exectrace = true,
                 "images" => s.images = true,
                 "e2b" => s.e2b = true,
                 other => {
                     return Err(BenchError::new(format!(
-                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm, exectrace, images, e2b)"
+                        "--only: unknown section {other:?} (startup, diff, egress, daemon, microvm, containers, exectrace, images, e2b)"
                     )));
                 }
             }
         }
         if s == Sections::NONE {
             return Err(BenchError::new(
-                "--only needs at least one section (startup, diff, egress, daemon, microvm, exectrace, images, e2b)",
+                "--only needs at least one section (startup, diff, egress, daemon, microvm, containers, exectrace, images, e2b)",
             ));
         }
         Ok(s)
@@ -443,6 +449,8 @@ pub struct Results {
     /// None when the section was not selected.
     pub microvm: Option<microvm::MicrovmResults>,
     /// None when the section was not selected.
+    pub containers: Option<containers::ContainersResults>,
+    /// None when the section was not selected.
     pub exectrace: Option<exectrace::ExecTraceResults>,
     /// None when the section was not selected.
     pub images: Option<images::ImageResults>,
@@ -545,6 +553,14 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             vm_cache.display()
         ));
     }
+    if sections.containers {
+        header.push(format!(
+            "containers: {} guests after {} warm-up, each: create --containers, /_ping, docker run --rm ×3; guest cache {}",
+            opts.vm_iterations,
+            opts.vm_warmup,
+            vm_cache.display()
+        ));
+    }
     if sections != Sections::ALL {
         let names: Vec<&str> = [
             (sections.startup, "startup"),
@@ -552,6 +568,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             (sections.egress, "egress"),
             (sections.daemon, "daemon"),
             (sections.microvm, "microvm"),
+            (sections.containers, "containers"),
             (sections.exectrace, "exectrace"),
             (sections.images, "images"),
             (sections.e2b, "e2b"),
@@ -671,15 +688,32 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             iterations: opts.vm_iterations,
             warmup: opts.vm_warmup,
             execs: opts.vm_execs,
-            cache: vm_cache,
+            cache: vm_cache.clone(),
         };
         Some(microvm::run(&airlock, &scratch.join("microvm"), &plan, &mut notes))
     } else {
         None
     };
 
-    let exectrace = if sections.exectrace {
+    let containers = if sections.containers {
         if sections.startup || sections.diff || sections.egress || sections.daemon || sections.microvm {
+            note_cpu_busy("containers", &mut header, &mut notes);
+        }
+        let plan =
+            containers::Plan { iterations: opts.vm_iterations, warmup: opts.vm_warmup, cache: vm_cache };
+        Some(containers::run(&airlock, &scratch.join("containers"), &plan, &mut notes))
+    } else {
+        None
+    };
+
+    let exectrace = if sections.exectrace {
+        if sections.startup
+            || sections.diff
+            || sections.egress
+            || sections.daemon
+            || sections.microvm
+            || sections.containers
+        {
             note_cpu_busy("exectrace", &mut header, &mut notes);
         }
         Some(exectrace::run(&airlock, &scratch.join("exectrace"), opts)?)
@@ -693,6 +727,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             || sections.egress
             || sections.daemon
             || sections.microvm
+            || sections.containers
             || sections.exectrace
         {
             note_cpu_busy("images", &mut header, &mut notes);
@@ -713,6 +748,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             || sections.egress
             || sections.daemon
             || sections.microvm
+            || sections.containers
             || sections.exectrace
             || sections.images
         {
@@ -740,6 +776,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
         egress,
         daemon,
         microvm,
+        containers,
         exectrace,
         images,
         e2b,
@@ -759,6 +796,7 @@ fn run(opts: &Options) -> Result<i32, BenchError> {
             || results.egress.as_ref().is_some_and(EgressResults::failed)
             || results.daemon.as_ref().is_some_and(daemon::DaemonResults::failed)
             || results.microvm.as_ref().is_some_and(microvm::MicrovmResults::failed)
+            || results.containers.as_ref().is_some_and(containers::ContainersResults::failed)
             || results.exectrace.as_ref().is_some_and(exectrace::ExecTraceResults::failed)
             || results.images.as_ref().is_some_and(images::ImageResults::failed)
             || results.e2b.as_ref().is_some_and(e2b::E2bResults::failed);

@@ -108,6 +108,9 @@ pub fn print(r: &Results) -> Verdict {
     if let Some(m) = &r.microvm {
         crate::microvm::print(m, &mut problems);
     }
+    if let Some(c) = &r.containers {
+        crate::containers::print(c, &mut problems);
+    }
     if let Some(x) = &r.exectrace {
         crate::exectrace::print(x, &mut problems);
     }
@@ -163,6 +166,9 @@ pub fn print(r: &Results) -> Verdict {
     }
     if let Some(m) = &r.microvm {
         crate::microvm::targets(m, &mut target);
+    }
+    if let Some(c) = &r.containers {
+        crate::containers::targets(c, &mut target);
     }
     if let Some(x) = &r.exectrace {
         crate::exectrace::targets(x, &mut target);

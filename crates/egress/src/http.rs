@@ -360,10 +360,19 @@ pub(crate) fn refuse_request(
     text(StatusCode::FORBIDDEN, &shared.refusal_text(what, reason), Some(reason))
 }
 
+/// The longest status line reason the proxy writes.
+const MAX_REASON: usize = 512;
+
+/// An answer of the proxy's own: `body` as text, and as the status line's
+/// reason too, since some clients show only that (Go's HTTP client, which
+/// dockerd pulls with, reports a refused CONNECT by its reason phrase).
 pub(crate) fn text(status: StatusCode, body: &str, denied: Option<&str>) -> Response<ProxyBody> {
     let mut resp =
         Response::new(Full::new(Bytes::from(format!("{body}\n"))).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
+    if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason_phrase(body)) {
+        resp.extensions_mut().insert(reason);
+    }
     resp.headers_mut()
         .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     if let Some(reason) = denied {
@@ -374,6 +383,18 @@ pub(crate) fn text(status: StatusCode, body: &str, denied: Option<&str>) -> Resp
         }
     }
     resp
+}
+
+/// `text` as a status line's reason: printable ASCII only, one line, at
+/// most [`MAX_REASON`] bytes.
+fn reason_phrase(text: &str) -> String {
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .take(MAX_REASON)
+        .collect()
 }
 
 pub(crate) fn empty() -> ProxyBody {
@@ -402,6 +423,19 @@ mod tests {
         scheme: &str,
     ) -> Result<(), String> {
         names_only(&request(target, headers), host, port, scheme).map(|_| ())
+    }
+
+    #[test]
+    fn a_refusal_carries_its_reason_in_the_status_line_too() {
+        let resp = text(
+            StatusCode::FORBIDDEN,
+            "airlock: policy p refused CONNECT x:1: no\u{1b}[1m entry\nmore",
+            None,
+        );
+        let reason = resp.extensions().get::<hyper::ext::ReasonPhrase>().unwrap();
+        assert_eq!(reason.as_bytes(), b"airlock: policy p refused CONNECT x:1: no?[1m entry");
+        let long = "x".repeat(MAX_REASON * 2);
+        assert_eq!(reason_phrase(&long).len(), MAX_REASON);
     }
 
     #[test]

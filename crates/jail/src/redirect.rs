@@ -35,7 +35,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use netlink_bindings::nftables::{self, CmpOps, MetaKeys, Nfgenmsg, PayloadBase, Registers, VerdictCode};
+use netlink_bindings::nftables::{
+    self, CmpOps, CtKeys, MetaKeys, Nfgenmsg, PayloadBase, Registers, VerdictCode,
+};
 use netlink_bindings::rt_route::{self, Rtmsg};
 use rustix::net::{AddressFamily, SocketFlags, SocketType, netlink};
 
@@ -45,11 +47,13 @@ pub use crate::plan::Redirect;
 pub const TABLE: &CStr = c"airlock";
 const NAT_CHAIN: &CStr = c"nat_output";
 const FILTER_CHAIN: &CStr = c"filter_output";
+const BRIDGED_CHAIN: &CStr = c"nat_prerouting";
 
 // Kernel constants the bindings do not name.
 const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
+const NF_INET_PRE_ROUTING: u32 = 0;
 const NF_INET_LOCAL_OUT: u32 = 3;
 const NF_ACCEPT: u32 = 1;
 const NF_IP_PRI_NAT_DST: i32 = -100;
@@ -61,6 +65,7 @@ const NFT_REJECT_TCP_RST: u32 = 1;
 const NFT_REJECT_ICMPX_UNREACH: u32 = 2;
 const NFT_REJECT_ICMPX_ADMIN_PROHIBITED: u8 = 3;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const IP_CT_DIR_REPLY: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
@@ -98,6 +103,69 @@ pub fn install(plan: &Redirect) -> Result<(), RedirectError> {
     let batch = ruleset(plan, 1);
     let socket = open(Some(netlink::NETFILTER), "nftables")?;
     exchange(&socket, &batch.bytes, &batch.expect_acks, "install the redirection ruleset")
+}
+
+/// Extends [`install`]'s redirection (which must be in place) to what
+/// arrives from the namespace's other interfaces: in a microVM guest, the
+/// bridges its container engine makes, whose containers' traffic enters
+/// on the PREROUTING hook, never OUTPUT. A `nat` chain there skips what
+/// comes from loopback and redirects DNS and every TCP connection (IPv4:
+/// the engine's default bridge has no IPv6) to the same listeners.
+///
+/// DNAT to 127.0.0.1 of a packet from another interface is dropped as a
+/// martian unless `route_localnet` is on, so it is turned on here for every
+/// interface (`conf/all`, which the kernel ORs with each interface's):
+/// only for a namespace whose every interface but loopback is one of these
+/// bridges. What is neither DNS nor TCP is not forwarded (forwarding stays
+/// off), so it reaches nothing.
+///
+/// The OUTPUT filter refuses whatever the namespace's own programs send
+/// beyond loopback; the listeners' answers to the bridges' connections are
+/// let through ahead of it (`ct direction reply`: only a peer that opened
+/// the connection gets them).
+pub fn install_for_bridges(plan: &Redirect) -> Result<(), RedirectError> {
+    std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", b"1")
+        .map_err(|e| RedirectError::Socket { what: "turn route_localnet on", source: e })?;
+    let batch = bridged_ruleset(plan, loopback_index()?, 1);
+    let socket = open(Some(netlink::NETFILTER), "nftables")?;
+    exchange(&socket, &batch.bytes, &batch.expect_acks, "redirect what the bridges bring")
+}
+
+/// [`install_for_bridges`]'s transaction: the PREROUTING chain in the
+/// existing table and its rules, numbered from `first_seq`.
+pub(crate) fn bridged_ruleset(plan: &Redirect, loopback: u32, first_seq: u32) -> Batch {
+    let mut c = nftables::Chained::new(first_seq);
+    let mut batch_header = Nfgenmsg::new();
+    batch_header.set_res_id(NFNL_SUBSYS_NFTABLES);
+    let inet = Nfgenmsg { nfgen_family: NFPROTO_INET, ..Default::default() };
+    c.request().op_batch_begin_do(&batch_header);
+    c.request()
+        .set_create()
+        .op_newchain_do(&inet)
+        .encode()
+        .push_table(TABLE)
+        .push_name(BRIDGED_CHAIN)
+        .push_type(c"nat")
+        .push_policy(NF_ACCEPT)
+        .nested_hook()
+        .push_num(NF_INET_PRE_ROUTING)
+        .push_priority(NF_IP_PRI_NAT_DST)
+        .end_nested();
+    add_rule(&mut c, &inet, FILTER_CHAIN, Rule::new().reply().verdict(VerdictCode::Accept), false);
+    append(&mut c, &inet, BRIDGED_CHAIN, Rule::new().input_interface(loopback).verdict(VerdictCode::Accept));
+    for proto in [IPPROTO_UDP, IPPROTO_TCP] {
+        let rule =
+            Rule::new().family(Family::V4).l4proto(proto).dport(DNS_PORT).redirect(Family::V4, plan.dns_port);
+        append(&mut c, &inet, BRIDGED_CHAIN, rule);
+    }
+    let rule = Rule::new().family(Family::V4).l4proto(IPPROTO_TCP).redirect(Family::V4, plan.tcp_port);
+    append(&mut c, &inet, BRIDGED_CHAIN, rule);
+    c.request().op_batch_end_do(&batch_header);
+    let chain = c.finalize();
+    let bytes = chain.buf().clone();
+    let count = count_messages(&bytes);
+    let expect_acks = (1..count.saturating_sub(1)).map(|i| first_seq.wrapping_add(i)).collect();
+    Batch { bytes, expect_acks }
 }
 
 fn loopback_index() -> Result<u32, RedirectError> {
@@ -210,13 +278,27 @@ pub(crate) fn ruleset(plan: &Redirect, first_seq: u32) -> Batch {
 }
 
 fn append(c: &mut nftables::Chained<'static>, header: &Nfgenmsg, chain: &CStr, rule: Rule) {
-    let mut op = c.request().set_create().set_append().op_newrule_do(header);
+    add_rule(c, header, chain, rule, true);
+}
+
+/// A rule at the end of `chain`, or at its start.
+fn add_rule(c: &mut nftables::Chained<'static>, header: &Nfgenmsg, chain: &CStr, rule: Rule, at_end: bool) {
+    let request = c.request().set_create();
+    let request = if at_end { request.set_append() } else { request };
+    let mut op = request.op_newrule_do(header);
     let mut list = op.encode().push_table(TABLE).push_chain(chain).nested_expressions();
     for expr in rule.exprs {
         list = match expr {
             Expr::Meta { key } => list
                 .nested_elem()
                 .nested_data_meta()
+                .push_key(key as u32)
+                .push_dreg(Registers::Reg1 as u32)
+                .end_nested()
+                .end_nested(),
+            Expr::Ct { key } => list
+                .nested_elem()
+                .nested_data_ct()
                 .push_key(key as u32)
                 .push_dreg(Registers::Reg1 as u32)
                 .end_nested()
@@ -301,6 +383,7 @@ impl Family {
 #[derive(Debug, Clone)]
 enum Expr {
     Meta { key: MetaKeys },
+    Ct { key: CtKeys },
     Payload { base: PayloadBase, offset: u32, len: u32 },
     CmpEq { value: Vec<u8> },
     Load { register: Registers, value: Vec<u8> },
@@ -331,6 +414,20 @@ impl Rule {
     fn l4proto(mut self, proto: u8) -> Rule {
         self.exprs.push(Expr::Meta { key: MetaKeys::L4Proto });
         self.exprs.push(Expr::CmpEq { value: vec![proto] });
+        self
+    }
+
+    /// `meta iif INDEX`
+    fn input_interface(mut self, index: u32) -> Rule {
+        self.exprs.push(Expr::Meta { key: MetaKeys::Iif });
+        self.exprs.push(Expr::CmpEq { value: index.to_ne_bytes().to_vec() });
+        self
+    }
+
+    /// `ct direction reply`: a packet answering a connection that came in.
+    fn reply(mut self) -> Rule {
+        self.exprs.push(Expr::Ct { key: CtKeys::Direction });
+        self.exprs.push(Expr::CmpEq { value: vec![IP_CT_DIR_REPLY] });
         self
     }
 
@@ -474,6 +571,15 @@ mod tests {
         // IPv6 adds its four nat rules.
         let with_v6 = ruleset(&Redirect { ipv6: true, ..PLAN }, 1);
         assert_eq!(count_messages(&with_v6.bytes), 17);
+    }
+
+    #[test]
+    fn the_bridges_chain_is_one_transaction_too() {
+        let batch = bridged_ruleset(&PLAN, 1, 10);
+        // begin, chain, replies' accept, loopback's accept, DNS over UDP
+        // and TCP, TCP, end
+        assert_eq!(count_messages(&batch.bytes), 8);
+        assert_eq!(batch.expect_acks, (11..17).collect::<Vec<_>>());
     }
 
     #[test]

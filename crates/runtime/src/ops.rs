@@ -267,11 +267,18 @@ fn sandbox_cgroup(sandbox: &SandboxDir) -> Option<airlock_jail::cgroup::SandboxC
     airlock_jail::cgroup::SandboxCgroup::open(&crate::cgroup_name(sandbox))
 }
 
-/// Kernel objects a dead supervisor may have left: the cgroup and the layer
-/// tmpfs. The layer is persisted first when `keep_layer`, so a review is
-/// still possible.
+/// What a dead supervisor may have left: the cgroup and the layer tmpfs
+/// (the layer is persisted first when `keep_layer`, so a review is still
+/// possible), and a container engine's disk and socket (the disk holds
+/// nothing once its guest is gone, the socket leads nowhere).
 fn release_leftovers(sandbox: &SandboxDir, keep_layer: bool) -> Vec<String> {
     let mut done = Vec::new();
+    for file in [crate::containers::DISK, crate::containers::SOCKET] {
+        let path = sandbox.path().join(file);
+        if std::fs::remove_file(&path).is_ok() {
+            done.push(format!("file {}", path.display()));
+        }
+    }
     if let Some(cg) = sandbox_cgroup(sandbox)
         && cg.remove().is_ok()
     {

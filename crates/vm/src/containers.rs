@@ -6,7 +6,7 @@
 //! policy's disk limit, a virtio-blk device) and says `containers` on init's
 //! command line. The guest's PID 1 then, before its agent serves,
 //!
-//! 1. loads virtio-blk and ext4 (in the initramfs), and readies the mount
+//! 1. loads virtio-blk, ext4, bridge and veth (in the initramfs), and readies the mount
 //!    points the engine writes (a tmpfs over /etc/docker, which the host's
 //!    read-only /etc would otherwise give it);
 //!
@@ -17,7 +17,10 @@
 //!    every boot — the host never mounts or reads it — and mounts it at
 //!    /var/lib/docker, where dockerd keeps images, containers and volumes
 //!    (and its containerd, its own state);
-//! 3. starts dockerd in the workload's cgroup, below which it puts each
+//! 3. with transparent egress, extends the guest's redirection to what
+//!    arrives from bridges (`airlock_jail::redirect::install_for_bridges`),
+//!    so that containers on the engine's default bridge get the policy;
+//! 4. starts dockerd in the workload's cgroup, below which it puts each
 //!    container's, so the policy's pids and memory cover the engine and
 //!    its containers together; with egress, the proxy variables of the
 //!    guest's proxy listener (the sandbox's trust bundle is already over
@@ -148,9 +151,19 @@ pub fn start(engine_procs: &OwnedFd, proxy: Option<&str>) -> Result<(), EngineEr
     mount(&device, DATA_ROOT, "ext4", MountFlags::NOSUID | MountFlags::NODEV, None).map_err(|e| {
         step(format!("mount the engine's disk at {DATA_ROOT} (was it formatted? see {ENGINE_LOG})"))(e.into())
     })?;
+    // With transparent egress, the containers get the engine's default
+    // bridge, and what they send through it is redirected as the guest's
+    // own traffic is; without it, no network of their own.
+    let redirect = std::env::args().find_map(|a| crate::egress_port::egress_from_arg(&a)).flatten();
+    if let Some(plan) = &redirect {
+        airlock_jail::redirect::install_for_bridges(plan).map_err(|e| EngineError::Step {
+            what: "redirect the containers' bridge".into(),
+            source: io::Error::other(e),
+        })?;
+    }
     let mut dockerd = Command::new(DOCKERD);
     dockerd
-        .args(dockerd_args())
+        .args(dockerd_args(redirect.is_some()))
         .env_clear()
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(Stdio::null())
@@ -195,19 +208,24 @@ fn await_end(pid: u32) {
 }
 
 /// dockerd's arguments: its socket and state where airlock put them, each
-/// container's cgroup below the workload's, and no network of its own:
-/// no bridge and no iptables rules (the guest has no network device to
-/// reach anything by, and its kernel's netfilter is airlock's transparent
-/// redirection), so containers get their own loopback only, or with
-/// `--network host` the guest's, where airlock's proxy and redirection
-/// are.
-pub fn dockerd_args() -> Vec<String> {
+/// container's cgroup below the workload's, and never iptables rules (the
+/// guest's netfilter is airlock's transparent redirection) nor forwarding
+/// (the guest has no network device to forward to). `bridge`: the engine's
+/// default bridge, whose traffic the guest redirects to airlock's proxy
+/// (`airlock_jail::redirect::install_for_bridges`); without it, none, so
+/// containers get their own loopback only, or with `--network host` the
+/// guest's, where airlock's proxy ports are.
+pub fn dockerd_args(bridge: bool) -> Vec<String> {
+    let network = if bridge { None } else { Some("--bridge=none") };
     [
         &format!("--host=unix://{ENGINE_SOCKET}"),
         &format!("--data-root={DATA_ROOT}"),
         "--exec-root=/run/docker",
         "--pidfile=/run/docker.pid",
-        "--bridge=none",
+    ]
+    .into_iter()
+    .chain(network)
+    .chain([
         "--iptables=false",
         "--ip6tables=false",
         "--ip-forward=false",
@@ -216,8 +234,7 @@ pub fn dockerd_args() -> Vec<String> {
         "--exec-opt=native.cgroupdriver=cgroupfs",
         &format!("--cgroup-parent={CONTAINERS_CGROUP}"),
         "--log-level=warn",
-    ]
-    .into_iter()
+    ])
     .map(str::to_owned)
     .collect()
 }
@@ -228,10 +245,15 @@ mod tests {
 
     #[test]
     fn the_engine_listens_where_the_host_expects_and_brings_no_network_of_its_own() {
-        let args = dockerd_args();
+        let args = dockerd_args(false);
         assert!(args.contains(&"--host=unix:///run/docker.sock".to_owned()), "{args:?}");
         assert!(args.contains(&"--bridge=none".to_owned()) && args.contains(&"--iptables=false".to_owned()));
         assert!(args.iter().any(|a| a == "--cgroup-parent=/workload/containers"), "{args:?}");
         assert!(args.iter().any(|a| a == "--data-root=/var/lib/docker"), "{args:?}");
+        let bridged = dockerd_args(true);
+        assert!(!bridged.iter().any(|a| a.starts_with("--bridge")), "the default bridge: {bridged:?}");
+        for never in ["--iptables=false", "--ip-forward=false", "--ip-masq=false"] {
+            assert!(bridged.contains(&never.to_owned()), "{never}: {bridged:?}");
+        }
     }
 }

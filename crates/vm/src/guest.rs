@@ -28,7 +28,7 @@ use crate::VmError;
 use crate::cpio::{self, Archive};
 
 /// Bumped whenever what goes into the initramfs changes.
-const LAYOUT: u32 = 4;
+const LAYOUT: u32 = 5;
 
 /// The modules the guest loads, by name; their dependencies come along.
 const WANTED_MODULES: [&str; 6] =
@@ -50,9 +50,11 @@ pub const TRANSPARENT_MODULES: [&str; 5] =
 
 /// The modules a guest with a container engine loads besides
 /// (`crate::containers`): the virtio block device its engine's disk is,
-/// and ext4, which the guest formats it with. `crc32c_generic` first, as
-/// for transparent egress: ext4's metadata checksums need a crc32c.
-pub const CONTAINER_MODULES: [&str; 3] = ["crc32c_generic", "virtio_blk", "ext4"];
+/// and ext4, which the guest formats it with; the bridge and veth pairs
+/// of the engine's default network (its containers' traffic is redirected
+/// from the bridge as the guest's own is). `crc32c_generic` first, as for
+/// transparent egress: ext4's metadata checksums need a crc32c.
+pub const CONTAINER_MODULES: [&str; 5] = ["crc32c_generic", "virtio_blk", "ext4", "bridge", "veth"];
 
 /// Where the initramfs keeps the modules and their load order.
 pub const MODULE_DIR: &str = "/modules";

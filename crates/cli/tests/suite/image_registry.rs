@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +24,7 @@ const USER: &str = "puller";
 const PASSWORD: &str = "right-password";
 
 /// What the tests need on the host; missing: a loud failure in CI.
-fn tools_or_skip() -> bool {
+pub(crate) fn tools_or_skip() -> bool {
     let have = |bin: &str| Path::new(bin).is_file();
     require(
         have("/usr/bin/docker-registry") && have("/usr/bin/skopeo") && have("/usr/bin/htpasswd"),
@@ -40,8 +40,8 @@ fn free_port() -> u16 {
 }
 
 /// A test CA and a registry certificate for 127.0.0.1 it signed, as files.
-struct TestCa {
-    ca: PathBuf,
+pub(crate) struct TestCa {
+    pub(crate) ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
     /// The same certificate and key for a server in the test (the token service).
@@ -49,6 +49,11 @@ struct TestCa {
 }
 
 fn make_ca(dir: &Path) -> TestCa {
+    make_ca_for(dir, &[], &[std::net::Ipv4Addr::LOCALHOST.into()])
+}
+
+/// [`make_ca`] with a registry certificate for `names` and `ips`.
+pub(crate) fn make_ca_for(dir: &Path, names: &[&str], ips: &[std::net::IpAddr]) -> TestCa {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
     };
@@ -61,8 +66,13 @@ fn make_ca(dir: &Path) -> TestCa {
     let issuer = Issuer::new(ca_params, ca_key);
     let leaf_key = KeyPair::generate().unwrap();
     let mut leaf_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    leaf_params.subject_alt_names = vec![SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())];
-    leaf_params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+    leaf_params.subject_alt_names = ips
+        .iter()
+        .map(|ip| SanType::IpAddress(*ip))
+        .chain(names.iter().map(|n| SanType::DnsName((*n).try_into().unwrap())))
+        .collect();
+    let common_name = names.first().map(|n| n.to_string()).or_else(|| ips.first().map(|ip| ip.to_string()));
+    leaf_params.distinguished_name.push(DnType::CommonName, common_name.unwrap_or_default());
     let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
     // skopeo's --dest-cert-dir reads CAs from *.crt files and takes a
     // *.key there for a client key: the CA gets a directory of its own.
@@ -99,7 +109,7 @@ const TOKEN_ISSUER: &str = "airlock-test-token-issuer";
 /// get one granting nothing (as public token services answer); other
 /// credentials get 401. The JWT is signed with ES256 by a key whose
 /// self-signed certificate the registry trusts, named in the `x5c` header.
-struct TokenServer {
+pub(crate) struct TokenServer {
     port: u16,
     /// The signing key's certificate: the registry's rootcertbundle.
     signer_cert: PathBuf,
@@ -262,7 +272,7 @@ fn token_response(
 }
 
 /// How a test registry checks who pulls and pushes.
-enum Auth<'a> {
+pub(crate) enum Auth<'a> {
     Anonymous,
     Htpasswd,
     Token(&'a TokenServer),
@@ -270,8 +280,9 @@ enum Auth<'a> {
 
 /// A running docker-registry; stopped (and its storage removed with the
 /// test's directory) when dropped.
-struct Registry {
+pub(crate) struct Registry {
     child: Child,
+    addr: SocketAddr,
     port: u16,
     storage: PathBuf,
 }
@@ -287,12 +298,26 @@ impl Registry {
     /// Starts a registry in `dir/NAME`: HTTPS with `tls` when given, and
     /// `auth`'s checks.
     fn start(dir: &Path, name: &str, tls: Option<&TestCa>, auth: Auth) -> Registry {
+        let addr = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, free_port()));
+        Registry::start_at(dir, name, tls, auth, Command::new("/usr/bin/docker-registry"), addr)
+    }
+
+    /// [`Registry::start`] listening on `addr`, run by `command`
+    /// (docker-registry, or it inside a test's network namespace).
+    pub(crate) fn start_at(
+        dir: &Path,
+        name: &str,
+        tls: Option<&TestCa>,
+        auth: Auth,
+        mut command: Command,
+        addr: SocketAddr,
+    ) -> Registry {
         let root = dir.join(name);
         let storage = root.join("storage");
         fs::create_dir_all(&storage).unwrap();
-        let port = free_port();
+        let port = addr.port();
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
             storage.display()
         );
         if let Some(tls) = tls {
@@ -319,15 +344,15 @@ impl Registry {
             }
         }
         fs::write(root.join("config.yml"), config).unwrap();
-        let child = Command::new("/usr/bin/docker-registry")
+        let child = command
             .args(["serve", &root.join("config.yml").display().to_string()])
             .stdout(Stdio::null())
             .stderr(fs::File::create(root.join("registry.log")).unwrap())
             .spawn()
             .unwrap();
-        let registry = Registry { child, port, storage };
+        let registry = Registry { child, addr, port, storage };
         assert!(
-            wait_until(20, || TcpStream::connect(("127.0.0.1", port)).is_ok()),
+            wait_until(20, || TcpStream::connect(addr).is_ok()),
             "the registry did not listen: {}",
             fs::read_to_string(root.join("registry.log")).unwrap_or_default()
         );
@@ -335,12 +360,17 @@ impl Registry {
     }
 
     fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.addr.to_string()
     }
 
     /// Pushes the busybox layout's `v1` to `team/bb:1` with skopeo and
     /// returns the pushed manifest's digest.
     fn push(&self, layout: &Path, tls: Option<&TestCa>, auth: bool, work: &Path) -> String {
+        self.push_from(&format!("oci:{}:v1", layout.display()), tls, auth, work)
+    }
+
+    /// [`Registry::push`] of the image skopeo names `source`.
+    pub(crate) fn push_from(&self, source: &str, tls: Option<&TestCa>, auth: bool, work: &Path) -> String {
         let digest_file = work.join(format!("pushed-{}", self.port));
         let policy = work.join("skopeo-policy.json");
         fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
@@ -353,7 +383,7 @@ impl Registry {
         if auth {
             cmd.arg("--dest-creds").arg(format!("{USER}:{PASSWORD}"));
         }
-        cmd.arg(format!("oci:{}:v1", layout.display())).arg(format!("docker://{}/team/bb:1", self.host()));
+        cmd.arg(source).arg(format!("docker://{}/team/bb:1", self.host()));
         let o = cmd.output().unwrap();
         assert!(o.status.success(), "skopeo copy: {}", show(&o));
         fs::read_to_string(&digest_file).unwrap().trim().to_owned()

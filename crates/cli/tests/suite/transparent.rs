@@ -25,6 +25,8 @@ use super::support::*;
 /// The allowed names: one intercepted (it has a secret), one tunnelled.
 pub(crate) const SECRET_HOST: &str = "api.example.com";
 pub(crate) const TUNNEL_HOST: &str = "www.example.org";
+/// A name for a registry of a test's own on the servers' address.
+pub(crate) const REGISTRY_HOST: &str = "registry.example.org";
 /// A name the policy does not allow.
 pub(crate) const DENIED_HOST: &str = "denied.example.net";
 /// The raw socket's allowed and refused ports on the server's address.
@@ -148,6 +150,13 @@ impl TestNet {
         Some(net)
     }
 
+    /// `program` to be run inside the namespace (a server of a test's own).
+    pub(crate) fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, program]);
+        cmd
+    }
+
     /// Runs `f` on a thread inside the namespace: sockets it makes belong
     /// to the namespace, whatever thread uses them later.
     fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
@@ -255,8 +264,11 @@ pub(crate) fn policy_text(net: &TestNet, ca: &Path) -> String {
 /// there, and nothing else on the machine sees that file.
 pub(crate) fn run_with_hosts(env: &Env, net: &TestNet, args: &[&str], vars: &[(&str, &str)]) -> Output {
     let hosts = env.dir.path().join("test-hosts");
-    std::fs::write(&hosts, format!("127.0.0.1 localhost\n{} {SECRET_HOST} {TUNNEL_HOST}\n", net.server))
-        .unwrap();
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{} {SECRET_HOST} {TUNNEL_HOST} {REGISTRY_HOST}\n", net.server),
+    )
+    .unwrap();
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
