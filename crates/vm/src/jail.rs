@@ -421,6 +421,7 @@ fn confine_and_exec(control: &mut UnixStream) -> Result<Never, JailError> {
         devices: plan.devices,
         hidden: plan.hidden,
         proc: plan.proc,
+        read_only_at: Vec::new(),
     };
     let tree = plan.attach.as_ref().map(|_| {
         // SAFETY: the host placed the tree at this descriptor (the plan
