@@ -312,17 +312,36 @@ fn mount_image(mountpoint: &Path, plan: &JailPlan) -> Result<PathBuf, MountError
     symlink("../run", &var_run).ctx("create /var/run", &var_run)?;
     let links = mountpoint.join("l");
     mkdir_all(&links)?;
-    let mut lower = String::from("skeleton");
     for (n, layer) in plan.image_layers.iter().enumerate() {
         symlink(layer, links.join(n.to_string())).ctx("link image layer", layer)?;
-        lower.push_str(&format!(":l/{n}"));
     }
     rustix::process::chdir(mountpoint).ctx("enter the root's tmpfs", mountpoint)?;
-    let data = format!("lowerdir={lower},userxattr");
+    let data = image_overlay_options(plan.image_layers.len());
     mount_fs("overlay", &merged, "overlay", SAFE | MountFlags::RDONLY, &data)
         .ctx("mount image layers", &merged)?;
     rustix::process::chdir("/").ctx("leave the root's tmpfs", mountpoint)?;
     Ok(merged)
+}
+
+/// The most layers an image may have: overlayfs stacks at most 500 lower
+/// layers (the kernel's OVL_MAX_STACK), and the skeleton is one of them.
+/// Both tiers' overlay options for that many fit the page they are given
+/// in.
+pub const MAX_IMAGE_LAYERS: usize = 499;
+
+/// The most bytes of options mount(2) passes a filesystem: one page, its
+/// NUL included.
+pub const MAX_MOUNT_OPTIONS: usize = 4095;
+
+/// The options of an image's overlay of `layers` layers, relative to the
+/// root's tmpfs: the skeleton on top, then `l/0`, `l/1`… (the plan's
+/// layers, top first).
+fn image_overlay_options(layers: usize) -> String {
+    let mut lower = String::from("skeleton");
+    for n in 0..layers {
+        lower.push_str(&format!(":l/{n}"));
+    }
+    format!("lowerdir={lower},userxattr")
 }
 
 /// Makes a fresh, otherwise empty root holding only `files` and pivots into
@@ -372,6 +391,18 @@ pub struct View {
     /// A /proc of the process's own PID namespace, read-only (virtiofsd
     /// reaches its open files through /proc/self/fd).
     pub proc: bool,
+    /// Host directories bound read-only at another place of the view
+    /// (a microVM's image layers, gathered under one directory that QEMU
+    /// shares whole). Each must exist; no other path of the view may lie in
+    /// or above a place.
+    pub read_only_at: Vec<BindAt>,
+}
+
+/// A host directory seen at another path of a [`View`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BindAt {
+    pub host: PathBuf,
+    pub at: PathBuf,
 }
 
 /// Makes a fresh root holding only `view` and pivots into it: a tmpfs over
@@ -403,8 +434,11 @@ pub fn enter_view_attaching(
     attach: Option<Attach<'_>>,
 ) -> Result<(), MountError> {
     let attached = attach.map(|a| a.path.to_path_buf());
+    let hosts = view.read_only_at.iter().map(|b| &b.host);
     let every = view.read_only.iter().chain(&view.writable).chain(&view.devices).chain(&attached);
-    check_apart(mountpoint, &every.cloned().collect::<Vec<_>>())?;
+    let every: Vec<PathBuf> = every.cloned().collect();
+    check_apart(mountpoint, &every.iter().chain(hosts).cloned().collect::<Vec<_>>())?;
+    check_places_apart(&view.read_only_at, &every)?;
     let slash = Path::new("/");
     mount_change(slash, MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
         .ctx("make all mounts private", slash)?;
@@ -429,6 +463,12 @@ pub fn enter_view_attaching(
             touch(&target)?;
         }
         mount_bind_recursive(path.as_path(), &target).ctx("bind host path", path)?;
+        make_read_only(&target, true)?;
+    }
+    for BindAt { host, at } in &view.read_only_at {
+        let target = under(mountpoint, at);
+        mkdir_all(&target)?;
+        mount_bind_recursive(host.as_path(), &target).ctx("bind host directory", host)?;
         make_read_only(&target, true)?;
     }
     for dir in &view.writable {
@@ -499,6 +539,22 @@ fn check_apart(mountpoint: &Path, paths: &[PathBuf]) -> Result<(), MountError> {
         .ctx("bind host path", path),
         None => Ok(()),
     }
+}
+
+/// A place of `binds` in or above a path of the view (or another place)
+/// would hide it, or be made inside a host directory bound there.
+fn check_places_apart(binds: &[BindAt], paths: &[PathBuf]) -> Result<(), MountError> {
+    for (n, BindAt { at, .. }) in binds.iter().enumerate() {
+        let others = binds.iter().enumerate().filter(|(m, _)| *m != n).map(|(_, b)| &b.at);
+        if let Some(path) = paths.iter().chain(others).find(|p| p.starts_with(at) || at.starts_with(p)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("it lies in or above {}, another path of the view", path.display()),
+            ))
+            .ctx("place a host directory", at);
+        }
+    }
+    Ok(())
 }
 
 /// A file below the mount point would be covered by the new root's tmpfs
@@ -709,14 +765,19 @@ mod tests {
         fs::write(shared.join("plain"), b"plain").unwrap();
         let writable = dir.path().join("run");
         fs::create_dir(&writable).unwrap();
+        let placed = dir.path().join("layer");
+        fs::create_dir(&placed).unwrap();
+        fs::write(placed.join("file"), b"placed").unwrap();
+        let place = PathBuf::from("/airlock-test-place/0");
         let view = View {
             read_only: vec![kept.clone(), shared.clone(), dir.path().join("missing")],
             writable: vec![writable.clone()],
             devices: Vec::new(),
             hidden: vec![shared.join("secret")],
             proc: false,
+            read_only_at: vec![BindAt { host: placed.clone(), at: place.clone() }],
         };
-        let every = [kept.clone(), shared.clone(), writable.clone()];
+        let every = [kept.clone(), shared.clone(), writable.clone(), placed.clone()];
         let mountpoint = mountpoint_apart(&["/mnt", "/srv", "/media", "/opt", "/var/tmp", "/tmp"], &every)
             .unwrap()
             .to_path_buf();
@@ -749,10 +810,37 @@ mod tests {
             if fs::symlink_metadata(dir.path().join("missing")).is_ok() || fs::write("/new", b"x").is_ok() {
                 return 8;
             }
+            // The placed directory is at its place alone, read-only.
+            if fs::read(place.join("file")).ok().as_deref() != Some(b"placed".as_slice())
+                || fs::write(place.join("new"), b"x").is_ok()
+                || fs::symlink_metadata(&placed).is_ok()
+            {
+                return 9;
+            }
             0
         });
         assert_eq!(code, 0);
         assert_eq!(fs::read(writable.join("log")).unwrap(), b"x", "the writable directory is the host's");
+    }
+
+    #[test]
+    fn the_overlay_options_of_the_most_layers_fit_a_page() {
+        assert_eq!(image_overlay_options(2), "lowerdir=skeleton:l/0:l/1,userxattr");
+        assert!(image_overlay_options(MAX_IMAGE_LAYERS).len() <= MAX_MOUNT_OPTIONS);
+    }
+
+    /// A place that would hide a path of the view, or lie inside one (and
+    /// be made in the host's directory bound there), is refused.
+    #[test]
+    fn a_place_in_or_above_another_path_of_the_view_is_refused() {
+        let at = |p: &str| BindAt { host: PathBuf::from("/store/layer"), at: PathBuf::from(p) };
+        let paths = [PathBuf::from("/work/ws"), PathBuf::from("/usr/bin/qemu")];
+        assert!(check_places_apart(&[at("/image/0"), at("/image/1")], &paths).is_ok());
+        for bad in ["/work", "/work/ws/sub", "/usr/bin/qemu"] {
+            let err = check_places_apart(&[at(bad)], &paths).unwrap_err();
+            assert_eq!(err.path, PathBuf::from(bad), "{err}");
+        }
+        assert!(check_places_apart(&[at("/image"), at("/image/1")], &paths).is_err());
     }
 
     /// As root, in a forked child: a detached tree the host cloned (as the

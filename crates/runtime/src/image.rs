@@ -357,26 +357,31 @@ fn user_within_ids(reference: &str, spec: &str, layers: &[PathBuf]) -> Result<Op
     )))
 }
 
-/// [`resolve`] under a state root; on the microVM tier, an image of more
-/// layers than a guest takes (each is a device of its own) is refused.
+/// [`resolve`] under a state root; an image of more layers than overlayfs
+/// stacks (on either tier: both make its root an overlay of its layers) is
+/// refused before anything starts.
 pub fn resolve_for(
     root: &crate::state::StateRoot,
     policy: &Policy,
 ) -> Result<Option<ResolvedImage>, RunError> {
     let image = resolve(root.path(), policy)?;
-    if let Some(image) = &image
-        && policy.isolation.tier == airlock_policy::Tier::Microvm
-        && image.layers.len() > airlock_vm::boot::MAX_IMAGE_LAYERS
-    {
-        return Err(RunError::ImageRefused(format!(
-            "image {} has {} layers; the microvm tier takes at most {} (each is a device of the guest's): \
-             flatten it, or run it on the process tier",
-            image.meta.reference,
-            image.layers.len(),
-            airlock_vm::boot::MAX_IMAGE_LAYERS
-        )));
+    if let Some(image) = &image {
+        check_layer_count(image)?;
     }
     Ok(image)
+}
+
+fn check_layer_count(image: &ResolvedImage) -> Result<(), RunError> {
+    let most = airlock_jail::mounts::MAX_IMAGE_LAYERS;
+    if image.layers.len() > most {
+        return Err(RunError::ImageRefused(format!(
+            "image {} has {} layers; a sandbox's root stacks at most {most} (the kernel's overlayfs limit): \
+             flatten it",
+            image.meta.reference,
+            image.layers.len(),
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -407,6 +412,18 @@ mod tests {
         assert_eq!(run_as(Some("0"), None).unwrap().as_deref(), Some("0"));
         assert_eq!(run_as(Some("0:0"), None).unwrap().as_deref(), Some("0:0"));
         assert_eq!(run_as(None, None).unwrap(), None);
+    }
+
+    #[test]
+    fn an_image_of_more_layers_than_an_overlay_stacks_is_refused() {
+        let image = |layers: usize| ResolvedImage {
+            meta: ImageMeta { reference: "example.com/deep:1".into(), digest: "sha256:00".into() },
+            layers: vec![PathBuf::from("/s/l"); layers],
+            config: RunConfig::default(),
+        };
+        assert!(check_layer_count(&image(499)).is_ok());
+        let err = check_layer_count(&image(500)).unwrap_err().to_string();
+        assert!(err.contains("500 layers") && err.contains("at most 499"), "{err}");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Starting a guest: QEMU's `microvm` machine, jailed, with the fewest
 //! devices — a serial console (a log file), one virtio-serial port (the
 //! agent's channel), a second one for egress when the sandbox has any,
-//! read-only 9p shares (the host's directories, the workspace in modes ro
-//! and overlay), and one virtio-fs device for what the guest writes (an
-//! overlay workspace's layer, or the workspace in mode rw), served by a
-//! jailed virtiofsd — and the agent's first word over the channel.
+//! read-only 9p shares (the host's directories, or an image's layers all
+//! in one; the workspace in modes ro and overlay), and one virtio-fs
+//! device for what the guest writes (an overlay workspace's layer, or the
+//! workspace in mode rw), served by a jailed virtiofsd — and the agent's
+//! first word over the channel.
 
 use std::fs;
 use std::io;
@@ -36,9 +37,11 @@ pub struct BootSpec {
     pub deadline: Duration,
     /// The guest's root: what of the host it sees, read-only.
     pub root: Vec<RootEntry>,
-    /// An image's unpacked layers, bottom first: each a read-only 9p share
-    /// (tag [`image_tag`]), which the guest stacks as overlay lowers for its
-    /// root in place of the host's directories.
+    /// An image's unpacked layers, bottom first, at most
+    /// [`MAX_IMAGE_LAYERS`]: gathered in QEMU's view under
+    /// [`jail::IMAGE_DIR`] and shared as one read-only 9p share (tag
+    /// [`IMAGE_TAG`]), whose directories the guest stacks as overlay lowers
+    /// for its root in place of the host's directories.
     pub image_layers: Vec<PathBuf>,
     /// The cgroup QEMU runs in (its limits cover QEMU as a whole: guest
     /// RAM, vCPUs and what QEMU spends itself); placed before it starts.
@@ -180,18 +183,18 @@ pub const LAYER_ARG: &str = "layer:on";
 
 /// The prefix of the word on the kernel's command line that tells the
 /// guest how many image layers it has (`image:N`): one word, whatever the
-/// number, since the guest needs only their tags.
+/// number, since the share names its layers' directories by number.
 pub const IMAGE_ARG: &str = "image:";
 
-/// The most image layers a guest takes: each is a virtio device, and the
-/// microvm machine has 24 virtio-mmio slots, which the agent's and egress
-/// ports, the workspace and the writable share also use.
-pub const MAX_IMAGE_LAYERS: usize = 16;
+/// The most image layers a guest takes: as many as the process tier's
+/// overlay stacks (the guest's overlay options for them fit a page: see
+/// [`crate::init`]'s tests). The layers take one device whatever their
+/// number.
+pub const MAX_IMAGE_LAYERS: usize = airlock_jail::mounts::MAX_IMAGE_LAYERS;
 
-/// The 9p tag of the `index`th image layer (bottom first).
-pub fn image_tag(index: usize) -> String {
-    format!("img{index}")
-}
+/// The 9p tag of the one share holding an image's layers, a directory
+/// each, named by its place from the bottom (`0`, `1`, …).
+pub const IMAGE_TAG: &str = "img";
 
 /// The number of image layers the guest's arguments announce.
 pub fn image_layers_from_args<S: AsRef<str>>(args: impl IntoIterator<Item = S>) -> usize {
@@ -408,8 +411,18 @@ fn qemu_args(
         }
         _ => None,
     });
-    let layers = spec.image_layers.iter().enumerate().map(|(i, p)| (image_tag(i), p));
-    for (tag, share) in shares.enumerate().map(|(i, p)| (share_tag(i), p)).chain(workspace).chain(layers) {
+    if spec.image_layers.len() > MAX_IMAGE_LAYERS {
+        return Err(VmError::Boot(format!(
+            "the image has {} layers; a guest stacks at most {MAX_IMAGE_LAYERS}",
+            spec.image_layers.len()
+        )));
+    }
+    let image_dir = PathBuf::from(jail::IMAGE_DIR);
+    let image = (!spec.image_layers.is_empty()).then(|| (IMAGE_TAG.to_owned(), &image_dir));
+    // `multidevs=remap`: a share that spans mounts (the image's directory
+    // on the view's tmpfs, its layers bound below it) keeps inode numbers
+    // apart for the guest.
+    for (tag, share) in shares.enumerate().map(|(i, p)| (share_tag(i), p)).chain(workspace).chain(image) {
         args.extend([
             "-fsdev".into(),
             format!("local,id={tag},path={},security_model=none,readonly=on,multidevs=remap", path(share)),
@@ -581,7 +594,6 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
                 RootEntry::Workspace(p) if writes != Some(Writes::Workspace) => Some(p.clone()),
                 _ => None,
             })
-            .chain(spec.image_layers.iter().cloned())
             .collect(),
         hidden: spec
             .root
@@ -595,6 +607,7 @@ fn start_qemu(guest: &Guest, spec: &BootSpec, dir: &Path) -> Result<Started, VmE
         disk: spec.engine_disk.as_deref(),
         // An overlay's lower layers: 9p answers its xattr questions.
         proc: writes == Some(Writes::Layer) || !spec.image_layers.is_empty(),
+        image_layers: &spec.image_layers,
     };
     let plan = jail::plan(
         &program,
@@ -1150,11 +1163,12 @@ mod tests {
         assert!(args.contains("workspace:/w"), "the guest still learns the workspace's path: {args}");
     }
 
-    /// An image's layers are read-only 9p shares of their own, in order,
-    /// with no share of the host's directories beside them, and the guest
-    /// learns only their number, in one word.
+    /// An image's layers, however many, are one read-only 9p share (of
+    /// the directory QEMU's view gathers them in), with no share of the
+    /// host's directories beside them, and the guest learns only their
+    /// number, in one word; past the most a guest stacks, refused.
     #[test]
-    fn an_images_layers_are_read_only_shares_and_one_word_for_the_guest() {
+    fn an_images_layers_are_one_read_only_share_and_one_word_for_the_guest() {
         let guest = Guest {
             key: String::new(),
             kernel_release: "6.1".into(),
@@ -1162,13 +1176,15 @@ mod tests {
             initramfs: "/i".into(),
             initramfs_bytes: 0,
         };
-        let spec = BootSpec {
+        let layers: Vec<PathBuf> =
+            (0..40).map(|n| format!("/s/images/layers/sha256/{n:064}").into()).collect();
+        let mut spec = BootSpec {
             accel: Accel::Tcg,
             memory_mib: 256,
             cpus: 1,
             deadline: Duration::from_secs(1),
             root: vec![RootEntry::Hide("/etc/shadow".into())],
-            image_layers: vec!["/s/images/layers/sha256/aa".into(), "/s/images/layers/sha256/bb".into()],
+            image_layers: layers,
             cgroup: None,
             egress: false,
             redirect: None,
@@ -1179,32 +1195,40 @@ mod tests {
             engine_disk: None,
         };
         let run = Path::new("/run/x");
-        let args = qemu_args(
-            &guest,
-            &spec,
-            &run.join("a"),
-            &run.join("e"),
-            &run.join("p"),
-            &run.join("fs.sock"),
-            &run.join("c"),
-        )
-        .unwrap()
-        .join(" ");
-        for part in [
-            "local,id=img0,path=/s/images/layers/sha256/aa,security_model=none,readonly=on",
-            "virtio-9p-device,fsdev=img0,mount_tag=img0",
-            "local,id=img1,path=/s/images/layers/sha256/bb,security_model=none,readonly=on",
-        ] {
-            assert!(args.contains(part), "{part} missing: {args}");
-        }
-        assert!(!args.contains("mount_tag=ro0"), "no host directory: {args}");
+        let args = |spec: &BootSpec| {
+            qemu_args(
+                &guest,
+                spec,
+                &run.join("a"),
+                &run.join("e"),
+                &run.join("p"),
+                &run.join("fs.sock"),
+                &run.join("c"),
+            )
+            .map(|a| a.join(" "))
+        };
+        let forty = args(&spec).unwrap();
+        assert!(
+            forty.contains(
+                "local,id=img,path=/airlock-image,security_model=none,readonly=on,multidevs=remap -device \
+                 virtio-9p-device,fsdev=img,mount_tag=img"
+            ),
+            "{forty}"
+        );
+        assert_eq!(forty.matches("virtio-9p-device").count(), 1, "one device for every layer: {forty}");
+        assert!(!forty.contains("sha256"), "QEMU's arguments name no layer: {forty}");
+        assert!(!forty.contains("mount_tag=ro0"), "no host directory: {forty}");
         let line =
-            kernel_command_line(Accel::Tcg, &spec.root, 2, false, None, None, LIMITS, false, false, false)
+            kernel_command_line(Accel::Tcg, &spec.root, 40, false, None, None, LIMITS, false, false, false)
                 .unwrap();
         let words: Vec<&str> = line.split(' ').collect();
-        assert!(words.contains(&"image:2") && !line.contains("sha256"), "{line}");
-        assert_eq!(image_layers_from_args(words), 2);
+        assert!(words.contains(&"image:40") && !line.contains("sha256"), "{line}");
+        assert_eq!(image_layers_from_args(words), 40);
         assert_eq!(image_layers_from_args(["limits:1:2"]), 0);
+
+        spec.image_layers = vec!["/s/l".into(); MAX_IMAGE_LAYERS + 1];
+        let err = args(&spec).unwrap_err().to_string();
+        assert!(err.contains("500 layers") && err.contains("at most 499"), "{err}");
     }
 
     /// virtiofsd serving the workspace keeps no CAP_SETFCAP and says so to

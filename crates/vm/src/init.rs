@@ -453,8 +453,9 @@ const IMAGE_PRIVATE_DIRS: &[(&str, u32)] =
 /// The files airlock puts over an image's own (or where it has none).
 const IMAGE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
 
-/// An image's root at /newroot: its layers (read-only 9p shares, tags
-/// `img0`… bottom first) stacked as the lowers of a read-only overlay,
+/// An image's root at /newroot: its layers (the directories `0`, `1`, …
+/// bottom first of one read-only 9p share, tag `img`, mounted at
+/// [`IMAGE_LAYERS_AT`]) stacked as the lowers of a read-only overlay,
 /// under a skeleton on the guest's tmpfs that holds every mount point the
 /// guest needs (so nothing is created in the image), as the process tier
 /// does. `userxattr`: opaque directories are `user.overlay.opaque`, as
@@ -482,16 +483,11 @@ fn mount_image_root(layers: usize, entries: &[RootEntry], options: &std::ffi::CS
     std::os::unix::fs::symlink("../run", under(&skeleton, Path::new("/var/run")))
         .map_err(step("create /var/run in the skeleton"))?;
     let read_only = MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID;
-    let mut lower = skeleton.display().to_string();
-    for index in (0..layers).rev() {
-        let at = PathBuf::from(format!("/img/{index}"));
-        fs::create_dir_all(&at).map_err(step(format!("create {}", at.display())))?;
-        let tag = crate::boot::image_tag(index);
-        retry(|| mount(tag.as_str(), &at, "9p", read_only, Some(options)))
-            .map_err(step(format!("mount image layer {index} over 9p")))?;
-        lower.push_str(&format!(":{}", at.display()));
-    }
-    let data = std::ffi::CString::new(format!("lowerdir={lower},userxattr"))
+    let at = Path::new(IMAGE_LAYERS_AT);
+    fs::create_dir_all(at).map_err(step(format!("create {IMAGE_LAYERS_AT}")))?;
+    retry(|| mount(crate::boot::IMAGE_TAG, at, "9p", read_only, Some(options)))
+        .map_err(step("mount the image's layers over 9p"))?;
+    let data = image_overlay_options(&skeleton, layers)
         .map_err(|e| step("list the image's layers")(io::Error::other(e)))?;
     mount("overlay", "/newroot", "overlay", read_only, Some(data.as_c_str()))
         .map_err(step("mount the image's layers as the root"))?;
@@ -504,6 +500,28 @@ fn mount_image_root(layers: usize, entries: &[RootEntry], options: &std::ffi::CS
             .map_err(step(format!("mount {dir}")))?;
     }
     Ok(())
+}
+
+/// Where the guest mounts the share of an image's layers: a short path,
+/// since every layer is named in the overlay's options, which hold a page.
+const IMAGE_LAYERS_AT: &str = "/l";
+
+/// The options of an image's overlay: `skeleton` on top, then the layers
+/// top first; refused (not cut) past the page mount(2) passes on.
+fn image_overlay_options(skeleton: &Path, layers: usize) -> Result<std::ffi::CString, String> {
+    let mut lower = skeleton.display().to_string();
+    for index in (0..layers).rev() {
+        lower.push_str(&format!(":{IMAGE_LAYERS_AT}/{index}"));
+    }
+    let options = format!("lowerdir={lower},userxattr");
+    if options.len() > airlock_jail::mounts::MAX_MOUNT_OPTIONS {
+        return Err(format!(
+            "{layers} layers make overlay options of {} bytes (at most {})",
+            options.len(),
+            airlock_jail::mounts::MAX_MOUNT_OPTIONS
+        ));
+    }
+    std::ffi::CString::new(options).map_err(|e| e.to_string())
 }
 
 /// The workspace as an overlay: the host's directory (read-only 9p) below,
@@ -623,6 +641,7 @@ fn copy(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -648,6 +667,23 @@ mod tests {
         for target in ["usr/a b", "a|hide:/x", "../x y"] {
             assert!(!RootEntry::target_fits(Path::new(target)), "{target}");
         }
+    }
+
+    /// The guest's overlay names every layer, top first, under the
+    /// skeleton; the most layers an image may have fit its page.
+    #[test]
+    fn an_images_overlay_stacks_its_layers_top_first_and_the_most_fit_a_page() {
+        let skeleton = Path::new("/scratch/skeleton");
+        let three = image_overlay_options(skeleton, 3).unwrap();
+        assert_eq!(three.to_str().unwrap(), "lowerdir=/scratch/skeleton:/l/2:/l/1:/l/0,userxattr");
+        let most = image_overlay_options(skeleton, crate::boot::MAX_IMAGE_LAYERS).unwrap();
+        assert!(
+            most.as_bytes().len() <= airlock_jail::mounts::MAX_MOUNT_OPTIONS,
+            "{}",
+            most.as_bytes().len()
+        );
+        let err = image_overlay_options(skeleton, 2000).unwrap_err();
+        assert!(err.contains("2000 layers"), "{err}");
     }
 
     #[test]

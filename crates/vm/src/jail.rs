@@ -10,7 +10,8 @@
 //! The jailer ([`main`]), single-threaded and root only of that namespace:
 //! 1. builds QEMU's mount view (`mounts::enter_view`): QEMU's binary, the
 //!    libraries and firmware it loads, the kernel and initramfs and the
-//!    directories shared with the guest, read-only; the run's directory
+//!    directories shared with the guest, read-only (an image's layers
+//!    gathered under [`IMAGE_DIR`], one share); the run's directory
 //!    (sockets, console log) writable; `/dev/kvm` with KVM; the guest's
 //!    masked paths masked here too. No /proc, /sys, /dev, home or state
 //!    directory; the network namespace has only a loopback device (down).
@@ -33,7 +34,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use airlock_jail::cgroup::SandboxCgroup;
-use airlock_jail::mounts::{self, View};
+use airlock_jail::mounts::{self, BindAt, View};
 use airlock_jail::spawn::{self as jail_spawn, AGENT_CONTROL_FD, AGENT_WORKSPACE_FD, IdMap, SpawnRequest};
 use airlock_jail::{privileges, sys};
 use serde::{Deserialize, Serialize};
@@ -64,6 +65,10 @@ pub struct Plan {
     pub writable: Vec<PathBuf>,
     pub devices: Vec<PathBuf>,
     pub hidden: Vec<PathBuf>,
+    /// Host directories bound read-only elsewhere in the view: an image's
+    /// layers, under [`IMAGE_DIR`].
+    #[serde(default)]
+    pub read_only_at: Vec<BindAt>,
     /// Capabilities the program may still hold in its own user namespace
     /// (virtiofsd's: it serves files as their owners and drops what it
     /// does not need itself); QEMU's is empty.
@@ -107,6 +112,21 @@ pub struct Needs<'a> {
     pub disk: Option<&'a Path>,
     /// A /proc of QEMU's own PID namespace (see [`Plan::proc`]).
     pub proc: bool,
+    /// An image's unpacked layers, bottom first: the `n`th is seen at
+    /// [`image_layer_dir`]`(n)`, and QEMU shares [`IMAGE_DIR`] whole.
+    pub image_layers: &'a [PathBuf],
+}
+
+/// Where QEMU's view gathers an image's layers, one directory each named
+/// by its place from the bottom (`0`, `1`, …): one 9p share holds them
+/// all, so an image of any number of layers takes one device of the
+/// guest's. A name of its own: no host path QEMU sees may lie in or above
+/// it (the jailer refuses the view otherwise).
+pub const IMAGE_DIR: &str = "/airlock-image";
+
+/// Where the `n`th layer from the bottom is in QEMU's view.
+pub fn image_layer_dir(n: usize) -> PathBuf {
+    Path::new(IMAGE_DIR).join(n.to_string())
 }
 
 /// QEMU's binary, found on PATH, with symbolic links resolved (QEMU finds
@@ -136,6 +156,12 @@ pub fn plan(program: &Path, args: Vec<String>, needs: &Needs<'_>) -> Result<Plan
         read_only.extend(libraries(object)?);
     }
     read_only.extend(needs.shares.iter().cloned());
+    let read_only_at = needs
+        .image_layers
+        .iter()
+        .enumerate()
+        .map(|(n, layer)| BindAt { host: layer.clone(), at: image_layer_dir(n) })
+        .collect();
     read_only.sort();
     read_only.dedup();
     let mut writable = vec![needs.run_dir.to_path_buf()];
@@ -144,7 +170,8 @@ pub fn plan(program: &Path, args: Vec<String>, needs: &Needs<'_>) -> Result<Plan
         Accel::Kvm => vec![PathBuf::from("/dev/kvm")],
         Accel::Tcg => Vec::new(),
     };
-    let every: Vec<PathBuf> = read_only.iter().chain(&writable).chain(&devices).cloned().collect();
+    let every: Vec<PathBuf> =
+        read_only.iter().chain(&writable).chain(&devices).chain(needs.image_layers).cloned().collect();
     let mountpoint = mounts::mountpoint_apart(MOUNTPOINTS, &every)
         .ok_or_else(|| {
             VmError::Boot(format!(
@@ -161,6 +188,7 @@ pub fn plan(program: &Path, args: Vec<String>, needs: &Needs<'_>) -> Result<Plan
         writable,
         devices,
         hidden: needs.hidden.clone(),
+        read_only_at,
         keep_capabilities: Vec::new(),
         proc: needs.proc,
         attach: None,
@@ -226,6 +254,7 @@ pub fn plan_virtiofsd(
         writable,
         devices: Vec::new(),
         hidden: Vec::new(),
+        read_only_at: Vec::new(),
         keep_capabilities: keep.to_vec(),
         proc: true,
         attach,
@@ -421,6 +450,7 @@ fn confine_and_exec(control: &mut UnixStream) -> Result<Never, JailError> {
         devices: plan.devices,
         hidden: plan.hidden,
         proc: plan.proc,
+        read_only_at: plan.read_only_at,
     };
     let tree = plan.attach.as_ref().map(|_| {
         // SAFETY: the host placed the tree at this descriptor (the plan
@@ -482,6 +512,7 @@ mod tests {
             return;
         };
         let run = tempfile::tempdir().unwrap();
+        let layers = [PathBuf::from("/s/layers/aa"), PathBuf::from("/s/layers/bb")];
         let needs = |accel| Needs {
             accel,
             kernel: Path::new("/boot/vmlinuz"),
@@ -491,6 +522,7 @@ mod tests {
             run_dir: run.path(),
             disk: None,
             proc: false,
+            image_layers: &layers,
         };
         let tcg = plan(&program, vec!["-M".into(), "microvm".into()], &needs(Accel::Tcg)).unwrap();
         assert!(tcg.read_only.contains(&program));
@@ -500,6 +532,16 @@ mod tests {
         assert_eq!(tcg.writable, [run.path().to_path_buf()]);
         assert!(tcg.devices.is_empty());
         assert_eq!(tcg.hidden, [PathBuf::from("/etc/shadow")]);
+        // An image's layers are gathered under one directory, bottom first,
+        // and seen nowhere else.
+        assert_eq!(
+            tcg.read_only_at,
+            [
+                BindAt { host: layers[0].clone(), at: PathBuf::from("/airlock-image/0") },
+                BindAt { host: layers[1].clone(), at: PathBuf::from("/airlock-image/1") },
+            ]
+        );
+        assert!(!tcg.read_only.iter().any(|p| p.starts_with("/s")), "{:?}", tcg.read_only);
         assert!(
             !tcg.read_only.iter().any(|p| p.starts_with(&tcg.mountpoint) || tcg.mountpoint.starts_with(p))
         );

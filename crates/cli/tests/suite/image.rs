@@ -379,6 +379,148 @@ fn a_microvm_sandbox_runs_on_an_image() {
     }
 }
 
+/// An image of `count` layers (at least 40): layer 0 holds busybox,
+/// `etc/replaced`, `etc/lower-only` and `opt/old/a`; layer n (1 to
+/// count-2) adds `layers/n`; layer 10 and then layer 25 replace
+/// `etc/replaced`; layer 20 makes `opt/old` opaque and adds `opt/old/b`;
+/// layer 30 whites out `etc/lower-only`, layer 35 `layers/5`; the top
+/// layer adds `etc/image-release`. Tagged `deep`.
+fn deep_layout(dir: &Path, count: usize) -> Option<String> {
+    assert!(count >= 40, "the layers named above must exist");
+    let busybox = fs::read(BUSYBOX).ok()?;
+    let mut base: Vec<Entry<'_>> = vec![
+        ("bin", DIR, 0o755, "", vec![]),
+        ("bin/busybox", FILE, 0o755, "", busybox),
+        ("etc", DIR, 0o755, "", vec![]),
+        ("etc/replaced", FILE, 0o644, "", b"from-layer-0".to_vec()),
+        ("etc/lower-only", FILE, 0o644, "", b"lower".to_vec()),
+        ("opt", DIR, 0o755, "", vec![]),
+        ("opt/old", DIR, 0o755, "", vec![]),
+        ("opt/old/a", FILE, 0o644, "", b"a".to_vec()),
+    ];
+    for applet in ["sh", "cat", "echo", "ls", "test", "wc", "true"] {
+        base.push((Box::leak(format!("bin/{applet}").into_boxed_str()), LINK, 0o777, "busybox", vec![]));
+    }
+    let mut layers = vec![(tar_layer(&base), "application/vnd.oci.image.layer.v1.tar")];
+    for n in 1..count - 1 {
+        let name: &str = Box::leak(format!("layers/{n}").into_boxed_str());
+        let mut entries: Vec<Entry<'_>> =
+            vec![("layers", DIR, 0o755, "", vec![]), (name, FILE, 0o644, "", n.to_string().into_bytes())];
+        match n {
+            10 | 25 => {
+                entries.push(("etc/replaced", FILE, 0o644, "", format!("from-layer-{n}").into_bytes()))
+            }
+            20 => {
+                entries.push(("opt/old/.wh..wh..opq", FILE, 0o644, "", vec![]));
+                entries.push(("opt/old/b", FILE, 0o644, "", b"b".to_vec()));
+            }
+            30 => entries.push(("etc/.wh.lower-only", FILE, 0o644, "", vec![])),
+            35 => entries.push(("layers/.wh.5", FILE, 0o644, "", vec![])),
+            _ => {}
+        }
+        // Half of them compressed, as registries serve most layers.
+        layers.push(if n % 2 == 0 {
+            (gzip(&tar_layer(&entries)), "application/vnd.oci.image.layer.v1.tar+gzip")
+        } else {
+            (tar_layer(&entries), "application/vnd.oci.image.layer.v1.tar")
+        });
+    }
+    let top = [("etc/image-release", FILE, 0o644, "", b"deep-image".to_vec())];
+    layers.push((tar_layer(&top), "application/vnd.oci.image.layer.v1.tar"));
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    });
+    Some(write_layout(dir, "deep", &layers, config))
+}
+
+/// What [`deep_layout`]'s merged root shows, in one line: the file of the
+/// highest layer that replaced it, every `layers/n` but the whited-out one,
+/// the opaque directory's new file alone, the top layer's file; and a word
+/// for each whiteout that failed.
+const DEEP_SCRIPT: &str = "echo replaced=$(cat /etc/replaced) layers=$(ls /layers | wc -l) \
+                           top=$(cat /layers/38) old=$(ls /opt/old) release=$(cat /etc/image-release); \
+                           test -e /layers/5 && echo whiteout-5-failed; \
+                           test -e /etc/lower-only && echo whiteout-failed; true";
+const DEEP_ROOT: &str = "replaced=from-layer-25 layers=37 top=38 old=b release=deep-image\n";
+
+/// An image of 40 layers (more than a guest once took, one device each)
+/// runs on the microVM tier, its layers one share: the merged root is the
+/// process tier's, whiteouts, an opaque directory and replaced files
+/// included. One boot.
+#[test]
+fn a_microvm_sandbox_runs_on_an_image_of_forty_layers() {
+    if !super::microvm::ready() {
+        return;
+    }
+    let env = Env::new();
+    let layout = env.dir.path().join("deep");
+    let digest = deep_layout(&layout, 40);
+    if !require(digest.is_some(), "a static busybox at /bin/busybox (Debian: busybox-static)") {
+        return;
+    }
+    let image = format!("oci:{}@{}", layout.display(), digest.unwrap_or_default());
+    let o = env
+        .airlock([
+            "run",
+            "--policy",
+            "ci",
+            "--mode",
+            "none",
+            "--image",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            DEEP_SCRIPT,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o), DEEP_ROOT, "the process tier's root: {}", show(&o));
+    let layers = fs::read_dir(env.state.join("images/layers/sha256")).unwrap().count();
+    assert_eq!(layers, 40, "each layer unpacked on its own");
+
+    let policy = super::microvm::emulation_policy(&env);
+    let run = ["run", "--policy", policy.to_str().unwrap(), "--mode", "none", "--image", &image];
+    let cache = super::microvm::shared_cache();
+    let o = super::microvm::airlock_vm(&env, &cache, &[&run[..], &["--", "sh", "-c", DEEP_SCRIPT]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(stdout(&o), DEEP_ROOT, "the guest's root is the process tier's: {}", show(&o));
+}
+
+/// An image of more layers than overlayfs stacks is refused before
+/// anything starts, on both tiers, saying why.
+#[test]
+fn an_image_of_more_layers_than_a_root_stacks_is_refused() {
+    let env = Env::new();
+    let layout = env.dir.path().join("deeper");
+    let digest = deep_layout(&layout, 500);
+    if !require(digest.is_some(), "a static busybox at /bin/busybox (Debian: busybox-static)") {
+        return;
+    }
+    let image = format!("oci:{}@{}", layout.display(), digest.unwrap_or_default());
+    let mut policies = vec!["ci".to_owned()];
+    if super::microvm::ready() {
+        policies.push(super::microvm::emulation_policy(&env).display().to_string());
+    }
+    for tier in &policies {
+        let o = env
+            .airlock(["run", "--policy", tier, "--mode", "none", "--image", &image, "--", "true"])
+            .output()
+            .unwrap();
+        assert_ne!(o.status.code(), Some(0), "{}", show(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("500 layers") && err.contains("at most 499") && err.contains("flatten"),
+            "{tier}: {}",
+            show(&o)
+        );
+    }
+}
+
 /// The image's `User`, a name looked up in its own /etc/passwd: the
 /// command and every exec that names no user run as it; `--user` wins; a
 /// passwd that is a link out of the image is not followed (refused).
