@@ -140,7 +140,11 @@ pub struct PullProgress;
 impl airlock_image::source::Progress for PullProgress {
     fn blob(&mut self, digest: &airlock_image::store::Digest, size: u64, cached: bool) {
         let what = if cached { "cached" } else { "fetched" };
-        eprintln!("airlock: layer {} {} ({what})", &digest.as_str()[..19], airlock_image::store::human_size(size));
+        eprintln!(
+            "airlock: layer {} {} ({what})",
+            &digest.as_str()[..19],
+            airlock_image::store::human_size(size)
+        );
     }
 }
 

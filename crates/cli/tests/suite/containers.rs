@@ -69,7 +69,7 @@ fn busybox_archive(path: &Path, tag: &str) -> bool {
     file.set_mode(0o755);
     file.set_size(busybox.len() as u64);
     layer.append_data(&mut file, "bin/busybox", &busybox[..]).unwrap();
-    for applet in ["sh", "echo", "true", "cat", "wget", "nslookup"] {
+    for applet in ["sh", "echo", "true", "cat", "sleep", "wget", "nslookup"] {
         let mut link = tar::Header::new_gnu();
         link.set_entry_type(tar::EntryType::Symlink);
         link.set_mode(0o777);
@@ -239,6 +239,41 @@ fn a_microvm_sandbox_runs_containers_in_its_own_engine_through_its_socket() {
             && e["reported_by"] == "guest"),
         "{created:?}"
     );
+
+    // Limits: the engine and every container run inside the guest's
+    // workload cgroup, under the policy's pids and memory limits there.
+    let o = docker(&socket, &["run", "-d", "--name", "held", "airlock-test/busybox:v1", "sleep", "600"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let o = airlock(&[
+        "exec",
+        "d1",
+        "--",
+        "sh",
+        "-c",
+        "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = dockerd ] && echo \"engine $(cat $p/cgroup)\"; done; \
+         echo \"container $(cat /proc/$(docker inspect -f '{{.State.Pid}}' held)/cgroup)\"; \
+         echo \"pids $(cat /sys/fs/cgroup/workload/pids.max)\"; echo \"memory $(cat /sys/fs/cgroup/workload/memory.max)\"",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let out = stdout(&o);
+    let line = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} line\n{}", show(&o)))
+            .to_owned()
+    };
+    assert_eq!(line("engine"), "0::/workload/engine", "{}", show(&o));
+    assert!(line("container").starts_with("0::/workload/containers/"), "{}", show(&o));
+    for limit in ["pids", "memory"] {
+        let value = line(limit);
+        assert!(
+            value != "max" && value.parse::<u64>().is_ok_and(|v| v > 0),
+            "{limit}.max {value}\n{}",
+            show(&o)
+        );
+    }
+    let o = docker(&socket, &["rm", "-f", "held"]);
+    assert!(o.status.success(), "{}", show(&o));
 
     // A bind mount of the workspace's path writes through the sandbox's
     // layer: the host's workspace is untouched until apply, diff shows it.
