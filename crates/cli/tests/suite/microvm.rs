@@ -1495,8 +1495,12 @@ fn the_policys_limits_hold_inside_a_microvm_and_it_stays_usable() {
     assert_ne!(filled.status.code(), Some(0), "{}", show(&filled));
     assert!(stderr(&filled).contains("No space left on device"), "{}", show(&filled));
 
-    // More memory than the guest has: the process is killed, not the agent.
-    let hog = "a = []\nwhile True: a.append(bytearray(b'x') * (16 << 20))\n";
+    // More memory than the workload may have: the process is killed, not
+    // the agent. One allocation past the limit: a program that creeps up
+    // to it in steps can instead thrash (the kernel reclaims and refaults
+    // its code pages, which counts as progress) until its deadline — see
+    // the README's "Not yet".
+    let hog = "m = int(open('/sys/fs/cgroup/workload/memory.max').read())\na = b'x' * (m + (64 << 20))\n";
     let oom = airlock_vm(&env, &cache, &["exec", "lim", "--", "python3", "-c", hog]);
     assert_eq!(oom.status.code(), Some(128 + 9), "{}", show(&oom));
     let events =
