@@ -160,12 +160,7 @@ pub(crate) fn bridged_ruleset(plan: &Redirect, loopback: u32, first_seq: u32) ->
     }
     let rule = Rule::new().family(Family::V4).l4proto(IPPROTO_TCP).redirect(Family::V4, plan.tcp_port);
     append(&mut c, &inet, BRIDGED_CHAIN, rule);
-    c.request().op_batch_end_do(&batch_header);
-    let chain = c.finalize();
-    let bytes = chain.buf().clone();
-    let count = count_messages(&bytes);
-    let expect_acks = (1..count.saturating_sub(1)).map(|i| first_seq.wrapping_add(i)).collect();
-    Batch { bytes, expect_acks }
+    end_batch(c, &batch_header, first_seq)
 }
 
 fn loopback_index() -> Result<u32, RedirectError> {
@@ -269,7 +264,14 @@ pub(crate) fn ruleset(plan: &Redirect, first_seq: u32) -> Batch {
         FILTER_CHAIN,
         Rule::new().reject(NFT_REJECT_ICMPX_UNREACH, NFT_REJECT_ICMPX_ADMIN_PROHIBITED),
     );
-    c.request().op_batch_end_do(&batch_header);
+    end_batch(c, &batch_header, first_seq)
+}
+
+/// Closes a batch begun at `first_seq`: its bytes, and the sequence
+/// numbers of the messages between begin and end, each of which the
+/// kernel acknowledges.
+fn end_batch(mut c: nftables::Chained<'static>, header: &Nfgenmsg, first_seq: u32) -> Batch {
+    c.request().op_batch_end_do(header);
     let chain = c.finalize();
     let bytes = chain.buf().clone();
     let count = count_messages(&bytes);
