@@ -11,6 +11,7 @@ pub mod egress;
 mod files;
 mod guest_trace;
 mod oom;
+mod program;
 mod service;
 mod signals;
 mod users;
@@ -252,17 +253,19 @@ fn run_command(control: &mut UnixStream, launch: &Launch) -> i32 {
         };
     };
     let cwd = if launch.cwd.is_dir() { launch.cwd.clone() } else { "/".into() };
-    let mut cmd = Command::new(program);
-    cmd.args(args).env_clear().envs(launch.env.iter().cloned()).current_dir(&cwd);
     // The image's user (resolved by the host to numbers), with its name
     // and home from the sandbox's own /etc/passwd where it has an entry.
-    match launch.user.as_deref().map(users::resolve).transpose() {
-        Ok(Some(user)) => user.apply(&mut cmd),
-        Ok(None) => {}
+    let user = match launch.user.as_deref().map(users::resolve).transpose() {
+        Ok(user) => user,
         Err(message) => {
             report(control, AgentMessage::ExecFailed { exit_code: 126, message });
             return 126;
         }
+    };
+    let mut cmd = program::command(program, &[&launch.env], &cwd, user.as_ref());
+    cmd.args(args).env_clear().envs(launch.env.iter().cloned()).current_dir(&cwd);
+    if let Some(user) = &user {
+        user.apply(&mut cmd);
     }
     if launch.tty {
         // The terminal comes from the sandbox's own devpts instance, so that

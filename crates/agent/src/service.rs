@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -280,7 +280,7 @@ fn start(writer: &Writer, table: &Table, launch: &Launch, req: &ExecRequest) {
             return;
         }
     };
-    let mut cmd = Command::new(program);
+    let mut cmd = crate::program::command(program, &[&launch.env, &req.env], &cwd, user.as_ref());
     cmd.args(args).env_clear().envs(launch.env.iter().cloned());
     if let Some(user) = &user {
         user.apply(&mut cmd);

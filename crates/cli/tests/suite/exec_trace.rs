@@ -244,6 +244,62 @@ fn hostile_arguments_are_recorded_exactly_cut_and_shown_escaped() {
     assert!(!text.lines().any(|l| l.starts_with("forged")), "{text}");
 }
 
+/// The process_exec records of programs named `name` (any directory), PATH
+/// misses included.
+fn attempts_of<'a>(records: &'a [Value], name: &str) -> Vec<&'a Value> {
+    of_kind(records, "process_exec")
+        .into_iter()
+        .filter(|r| r["path"].as_str().is_some_and(|p| p.rsplit('/').next() == Some(name)))
+        .collect()
+}
+
+#[test]
+fn a_command_given_by_name_is_one_exec_not_a_search_of_every_path_directory() {
+    let env = Env::new();
+    // `run`: the agent finds `true` on the PATH itself, so the trace sees
+    // one exec of the file that runs, named as the caller named it.
+    let o = env.airlock(["run", "--name", "by-name", "--mode", "none", "--", "true"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let records = audit_records(&env, "by-name");
+    let attempts = attempts_of(&records, "true");
+    assert_eq!(attempts.len(), 1, "{attempts:#?}");
+    assert!(attempts[0].get("no_such_file").is_none(), "{}", attempts[0]);
+    assert!(attempts[0]["path"].as_str().unwrap().starts_with('/'), "{}", attempts[0]);
+    assert_eq!(argv(attempts[0]), ["true"]);
+
+    // `exec`, with a PATH of the request's own: an entry that is missing, a
+    // file without the execute bit and a directory of that name are passed
+    // over as execvp passes them; as another user, that user's bits count.
+    create(&env, "lookup");
+    let setup = "mkdir -p /tmp/a /tmp/b/tool /tmp/c /tmp/d && \
+                 printf '#!/bin/sh\\necho not-executable\\n' > /tmp/a/tool && chmod 644 /tmp/a/tool && \
+                 printf '#!/bin/sh\\necho the-right-one\\n' > /tmp/c/tool && chmod 755 /tmp/c/tool && \
+                 printf '#!/bin/sh\\necho owner-only\\n' > /tmp/d/tool && chmod 700 /tmp/d/tool";
+    let o = env.airlock(["exec", "lookup", "--", "/bin/sh", "-c", setup]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let path = "PATH=/nonexistent:/tmp/a:/tmp/b:/tmp/c:/usr/bin:/bin";
+    let o = env.airlock(["exec", "-e", path, "lookup", "--", "tool", "arg"]).output().unwrap();
+    assert_eq!((o.status.code(), stdout(&o).as_str()), (Some(0), "the-right-one\n"), "{}", show(&o));
+    let owner_first = "PATH=/tmp/d:/tmp/c";
+    let o = env.airlock(["exec", "-e", owner_first, "lookup", "--", "tool"]).output().unwrap();
+    assert_eq!(stdout(&o), "owner-only\n", "{}", show(&o));
+    let o = env.airlock(["exec", "-e", owner_first, "-u", "1000", "lookup", "--", "tool"]).output().unwrap();
+    assert_eq!(stdout(&o), "the-right-one\n", "{}", show(&o));
+    // Nothing found: execvp's own search and error, as before.
+    let o = env.airlock(["exec", "-e", path, "lookup", "--", "no-such-tool"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(127), "{}", show(&o));
+    stop(&env, "lookup");
+
+    let records = audit_records(&env, "lookup");
+    let tools = attempts_of(&records, "tool");
+    let ran: Vec<&str> = tools.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(ran, ["/tmp/c/tool", "/tmp/d/tool", "/tmp/c/tool"], "{tools:#?}");
+    for r in &tools {
+        assert!(r.get("no_such_file").is_none(), "{r}");
+        assert_eq!(argv(r)[0], "tool", "{r}");
+    }
+}
+
 #[test]
 fn rootless_execs_are_traced_too() {
     let Some(r) = super::rootless::setup() else { return };
