@@ -478,6 +478,10 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     phase_done("state")?;
     if let (Some(limits), Some(cgroup_name)) = (&provisions.cgroup, &meta.cgroup) {
         held.cgroup = Some(SandboxCgroup::create_on(&host.cgroups, cgroup_name, limits)?);
+        // The agent's join below would wait for the kernel; that wait runs
+        // while the layer, the network and the agent are made. Not sooner:
+        // it holds the lock that creating a cgroup takes.
+        airlock_jail::cgroup::start_move_wait(&host.cgroups);
     }
 
     phase_done("cgroup")?;

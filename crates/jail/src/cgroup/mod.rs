@@ -19,6 +19,7 @@
 mod layout;
 mod v1;
 mod v2;
+mod warmup;
 
 #[cfg(test)]
 mod tests;
@@ -33,6 +34,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use layout::Layout;
+pub use warmup::start_move_wait;
 
 /// Parent segment used when `AIRLOCK_CGROUP_PARENT` is not set.
 pub const DEFAULT_PARENT: &str = "airlock";
