@@ -92,7 +92,9 @@ impl Network {
             run_as: ids,
             policy_name: policy.name.clone(),
             network: policy.network.clone(),
-            // The key leaves with the setup; this process keeps no CA.
+            // The key leaves with the setup, which the proxy's thread holds
+            // (zeroized when dropped) until the proxy starts and reads it;
+            // this process keeps no other copy.
             ca: sandbox_ca.material(),
             secrets: secrets.iter().map(SecretSetup::of).collect(),
             roots,
