@@ -6,7 +6,10 @@
 //! other TCP connection to one more listener, and DNS (UDP and TCP) to a
 //! resolver port: a redirected connection goes over with the destination
 //! the sandbox asked for (read from conntrack), a DNS stream as such, and
-//! the resolver's UDP socket once, for the proxy to answer on. Without it
+//! the resolver's UDP socket once, when its first query arrives, for the
+//! proxy to answer on. The host starts its proxy at the first hand-over, so
+//! a sandbox that connects nowhere and resolves no name never has one.
+//! Without it
 //! a program that ignores the proxy settings finds nothing else: the
 //! network namespace has only loopback.
 //!
@@ -45,34 +48,62 @@ pub enum Listener {
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Binds every port now (so they are ready before the command starts) and
-/// serves them from a thread each; with `redirect`, hands the resolver's
-/// UDP sockets to the proxy. The threads inherit the agent's blocked
-/// signal mask, so signals still reach the main thread's sigwaitinfo.
+/// serves them from a thread each; with `redirect`, hands each of the
+/// resolver's UDP sockets to the proxy at its first query. The threads
+/// inherit the agent's blocked signal mask, so signals still reach the
+/// main thread's sigwaitinfo.
 pub fn listen(ports: EgressPorts, redirect: Option<Redirect>) -> io::Result<()> {
     let mut listeners = vec![
         (TcpListener::bind((Ipv4Addr::LOCALHOST, ports.http))?, Listener::Http),
         (TcpListener::bind((Ipv4Addr::LOCALHOST, ports.socks))?, Listener::Socks),
     ];
+    let mut resolvers = Vec::new();
     if let Some(redirect) = redirect {
         let mut loopbacks = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
         if redirect.ipv6 {
             loopbacks.push(IpAddr::V6(Ipv6Addr::LOCALHOST));
         }
-        // SAFETY: as in `serve`.
-        let channel = unsafe { BorrowedFd::borrow_raw(AGENT_EGRESS_FD) };
         for ip in loopbacks {
             listeners.push((TcpListener::bind((ip, redirect.tcp_port))?, Listener::Transparent));
             listeners.push((TcpListener::bind((ip, redirect.dns_port))?, Listener::DnsStream));
-            let resolver = UdpSocket::bind((ip, redirect.dns_port))?;
-            // The proxy answers on this socket from now on; the agent's
-            // copy closes here.
-            hand_over(channel, HandOver::DnsDatagram, resolver.as_fd())?;
+            resolvers.push(UdpSocket::bind((ip, redirect.dns_port))?);
         }
     }
     for (listener, kind) in listeners {
         std::thread::Builder::new().name("egress".into()).spawn(move || serve(listener, kind))?;
     }
+    for resolver in resolvers {
+        // SAFETY: as in `serve`.
+        let channel = unsafe { BorrowedFd::borrow_raw(AGENT_EGRESS_FD) };
+        std::thread::Builder::new()
+            .name("egress-dns".into())
+            .spawn(move || hand_over_at_first_query(channel, &resolver))?;
+    }
     Ok(())
+}
+
+/// Hands the resolver's UDP socket to the proxy once a query waits on it
+/// (the query stays queued for the proxy to read); the agent's copy closes
+/// when this returns. A hand-over that fails for want of resources is
+/// tried again after a pause, the query still queued.
+fn hand_over_at_first_query(channel: BorrowedFd<'_>, resolver: &UdpSocket) {
+    use rustix::event::{PollFd, PollFlags};
+    loop {
+        let mut fds = [PollFd::new(resolver, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => {
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+        }
+        match hand_over(channel, HandOver::DnsDatagram, resolver.as_fd()) {
+            Ok(()) => return,
+            Err(e) if channel_gone(&e) => return,
+            Err(_) => std::thread::sleep(ACCEPT_BACKOFF),
+        }
+    }
 }
 
 /// What goes over with an accepted connection; `None` when it must not go
@@ -187,6 +218,29 @@ mod tests {
         drop(host);
         let err = hand_over(agent.as_fd(), HandOver::Socks, accepted.as_fd()).unwrap_err();
         assert!(channel_gone(&err), "{err}");
+    }
+
+    /// The resolver's socket goes over at its first query, not before,
+    /// with that query still queued on it for the proxy to read.
+    #[test]
+    fn the_resolver_goes_over_at_its_first_query_with_the_query() {
+        use std::os::unix::net::UnixStream;
+        let (host, agent) = UnixStream::pair().unwrap();
+        let resolver = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let address = resolver.local_addr().unwrap();
+        let waiter = std::thread::spawn(move || hand_over_at_first_query(agent.as_fd(), &resolver));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(rustix::io::ioctl_fionread(&host).unwrap(), 0, "handed over before any query");
+
+        let asker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        asker.send_to(b"query", address).unwrap();
+        waiter.join().unwrap();
+        let (what, fd) = handover::recv(&host).unwrap();
+        assert_eq!(what, HandOver::DnsDatagram);
+        let handed = UdpSocket::from(fd);
+        let mut buf = [0u8; 16];
+        let (n, from) = handed.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"query"[..], asker.local_addr().unwrap()));
     }
 
     /// A connection made to the transparent listener itself (not

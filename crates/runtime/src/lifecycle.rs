@@ -585,12 +585,9 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         cg.add_pid(agent_pid)?;
     }
     phase_done("joined")?;
-    // The proxy has been starting meanwhile; no untrusted code runs
-    // without it.
-    if let Some(n) = &held.network {
-        n.wait_ready()?;
-    }
-    // Nor without the exec trace: every exec waits for its listener.
+    // The egress proxy is not waited for: it starts at the sandbox's first
+    // connection, which waits in the egress channel until it serves. The
+    // exec trace is: every exec waits for its listener.
     if let Some(tracer) = &held.exec_trace {
         tracer.wait_ready()?;
     }
@@ -819,10 +816,10 @@ fn launch_vm(
         image.and_then(|i| i.config.working_dir.as_deref()).filter(|d| d.starts_with('/')).map(PathBuf::from)
     });
     phase_done("network")?;
-    // No untrusted code runs without the proxy: ready before the guest boots.
+    // The guest's connections reach the proxy over the egress channel, as
+    // the process tier's do: its process starts at the first of them.
     let host_egress = match held.network.as_mut() {
         Some(network) => {
-            network.wait_ready()?;
             let handover =
                 network.agent_end.take().ok_or_else(|| RunError::Egress("no egress channel".into()))?;
             let bundle =

@@ -1,7 +1,8 @@
 //! The sandbox's network as the supervisor sets it up: the egress proxy
-//! process with this sandbox's CA, rules and secrets (`proxy_process`); the
-//! channel over which the agent hands it connections; and what the sandbox
-//! needs to use it (environment, trust bundle, secret placeholders).
+//! process with this sandbox's CA, rules and secrets (`proxy_process`),
+//! started at the sandbox's first connection; the channel over which the
+//! agent hands it connections; and what the sandbox needs to use it
+//! (environment, trust bundle, secret placeholders).
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -27,7 +28,8 @@ pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// A running egress setup for one sandbox.
 pub struct Network {
-    /// The proxy process; stopped once the sandbox is gone.
+    /// The proxy, whose process starts at the sandbox's first connection;
+    /// stopped once the sandbox is gone.
     proxy: Option<ProxyProcess>,
     /// The agent's end of the egress channel (placed at fd 5 in the agent).
     pub agent_end: Option<OwnedFd>,
@@ -45,10 +47,13 @@ pub struct Network {
 }
 
 impl Network {
-    /// Starts the proxy process for `policy`, or returns None when the
-    /// policy gives the sandbox no network at all. `block_first_uid` is the
-    /// first host uid of the sandbox's id block (as root, the proxy's own
-    /// uid derives from it).
+    /// Sets up the egress of `policy`, or returns None when the policy
+    /// gives the sandbox no network at all. What the supervisor can check
+    /// is checked here, failing the launch (the secrets, the roots, the
+    /// CA); the proxy process itself starts when the sandbox first hands a
+    /// connection over (`proxy_process::start_on_first_use`).
+    /// `block_first_uid` is the first host uid of the sandbox's id block
+    /// (as root, the proxy's own uid derives from it).
     pub fn start(
         policy: &Policy,
         name: &str,
@@ -87,7 +92,9 @@ impl Network {
             run_as: ids,
             policy_name: policy.name.clone(),
             network: policy.network.clone(),
-            // The key leaves with the setup; this process keeps no CA.
+            // The key leaves with the setup, which the proxy's thread holds
+            // (zeroized when dropped) until the proxy starts and reads it;
+            // this process keeps no other copy.
             ca: sandbox_ca.material(),
             secrets: secrets.iter().map(SecretSetup::of).collect(),
             roots,
@@ -109,7 +116,7 @@ impl Network {
         let join = cgroup.cloned().map(|cg| -> proxy_process::JoinBudget {
             Box::new(move |pid| cg.add_pid(pid).map_err(|e| e.to_string()))
         });
-        let proxy = proxy_process::start(name, setup, host_end.into(), join, notice)?;
+        let proxy = proxy_process::start_on_first_use(name, setup, host_end.into(), join, notice)?;
         Ok(Some(Network {
             proxy: Some(proxy),
             agent_end: Some(agent_end.into()),
@@ -120,17 +127,6 @@ impl Network {
             host_loopback_allowed: policy.network.allow.iter().any(names_loopback),
             redirect: redirect_of(&policy.network),
         }))
-    }
-
-    /// Waits until the proxy process serves; before the sandbox's code may
-    /// run. A proxy that did not start fails the sandbox's creation.
-    pub fn wait_ready(&self) -> Result<(), RunError> {
-        match &self.proxy {
-            Some(proxy) => proxy
-                .wait_ready()
-                .map_err(|e| RunError::Egress(format!("the egress proxy did not start: {e}"))),
-            None => Ok(()),
-        }
     }
 
     /// Variables that point tools at the proxy and the trust bundle, and
@@ -183,15 +179,17 @@ impl Network {
 
     /// Says the sandbox is being ended with everything in its cgroup, the
     /// proxy among it: that the proxy is killed is then expected, not an
-    /// event. Call before killing the cgroup.
+    /// event, and one not started yet never starts. Call before killing
+    /// the cgroup.
     pub fn ending(&self) {
         if let Some(proxy) = &self.proxy {
             proxy.expect_end();
         }
     }
 
-    /// Kills the proxy of a sandbox whose launch failed, without waiting
-    /// for it to finish by itself; returns once it is reaped.
+    /// Kills the proxy of a sandbox whose launch failed, if it started,
+    /// without waiting for it to finish by itself; returns once it is
+    /// reaped (at once when it never started).
     pub fn abort(mut self) {
         drop(self.agent_end.take());
         if let Some(proxy) = self.proxy.take() {
@@ -201,7 +199,7 @@ impl Network {
     }
 
     /// Stops the proxy once the sandbox is gone; its last events are
-    /// recorded before this returns.
+    /// recorded before this returns (at once when it never started).
     pub fn stop(mut self) {
         if let Some(proxy) = self.proxy.take() {
             proxy.stop();
@@ -233,6 +231,22 @@ fn audit_event(notice: ProxyNotice, secrets: &[(String, Vec<u8>)]) -> AuditEvent
                 format!("{how}; the sandbox's connections are refused from now on")
             };
             AuditEvent::EgressProxyEnded { code: status.code(), signal: status.signal(), detail }
+        }
+        ProxyNotice::NotStarted { reason, status } => {
+            use std::os::unix::process::ExitStatusExt;
+            tracing::error!(
+                "the egress proxy did not start for the sandbox's first connection ({reason}); the sandbox's \
+                 connections are refused from now on"
+            );
+            AuditEvent::EgressProxyEnded {
+                code: status.and_then(|s| s.code()),
+                signal: status.and_then(|s| s.signal()),
+                detail: format!(
+                    "it did not start for the sandbox's first connection: {}; the sandbox's connections are \
+                     refused from now on",
+                    redact_str(&reason, secrets)
+                ),
+            }
         }
     }
 }

@@ -4,8 +4,9 @@
 //! no capabilities, no_new_privs, its seccomp filter, not dumpable, a mount
 //! view with only the resolver's files, no secret in its argv or
 //! environment — while the supervisor keeps no connection to the network.
-//! Killing the proxy closes the sandbox's way out and is recorded; a proxy
-//! that cannot start stops the sandbox from starting.
+//! It starts at the sandbox's first connection (or, with transparent
+//! egress, its first name lookup), never before. Killing the proxy closes
+//! the sandbox's way out and is recorded; so does a proxy that cannot start.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
@@ -240,6 +241,15 @@ fn exec(env: &Env, name: &str, script: &str) -> Output {
     env.airlock(["exec", name, "--", "sh", "-c", script]).output().unwrap()
 }
 
+/// The sandbox's first connection, through the HTTP proxy port to `server`
+/// (which answers at once, and which the sandbox's policy allows): it
+/// starts the sandbox's proxy, which then stays for the sandbox's life.
+fn connect_once(env: &Env, name: &str, server: &HeldServer) {
+    let o = exec(env, name, &format!("curl -sS --max-time 30 http://127.0.0.1:{}/first", server.port));
+    assert_eq!(stdout(&o), "held-server answered\n", "{}", show(&o));
+    assert_eq!(server.requests.recv_timeout(Duration::from_secs(5)).unwrap(), "GET /first HTTP/1.1");
+}
+
 /// As root: the proxy of a long-lived sandbox runs as an id of its own
 /// (neither root nor one of the sandbox's), with no group, no capability,
 /// no_new_privs, seccomp, not dumpable, seeing only the resolver's files;
@@ -269,6 +279,17 @@ fn the_proxy_runs_unprivileged_and_confined_and_the_supervisor_keeps_no_network(
     let meta = meta(&env, "conf");
     let supervisor = meta["supervisor_pid"].as_i64().unwrap() as i32;
     let block: u64 = meta["host_uid"].as_u64().unwrap();
+    assert_eq!(proxy_of("conf"), None, "a proxy runs before the sandbox's first connection");
+
+    // A request held open by the server: the sandbox's first connection
+    // starts the proxy, and its upstream connection belongs to the proxy.
+    let curl = exec_background(
+        &env,
+        "conf",
+        &format!("curl -sS -p --max-time 30 http://127.0.0.1:{}/held", server.port),
+    );
+    let line = server.requests.recv_timeout(Duration::from_secs(30)).expect("the request never arrived");
+    assert_eq!(line, "GET /held HTTP/1.1");
     let proxy = proxy_of("conf").expect("no egress proxy process for the sandbox");
     assert_eq!(parent_of(proxy), supervisor, "the supervisor starts the proxy");
 
@@ -306,15 +327,8 @@ fn the_proxy_runs_unprivileged_and_confined_and_the_supervisor_keeps_no_network(
         );
     }
 
-    // A request held open by the server: its upstream connection belongs
-    // to the proxy, and the supervisor has no internet socket at all.
-    let curl = exec_background(
-        &env,
-        "conf",
-        &format!("curl -sS -p --max-time 30 http://127.0.0.1:{}/held", server.port),
-    );
-    let line = server.requests.recv_timeout(Duration::from_secs(30)).expect("the request never arrived");
-    assert_eq!(line, "GET /held HTTP/1.1");
+    // The held request's upstream connection is the proxy's, and the
+    // supervisor has no internet socket at all.
     let upstream: Vec<u64> = tcp_sockets()
         .into_iter()
         .filter(|(_, remote, state, _)| *remote == server.port && state == "01")
@@ -350,6 +364,112 @@ fn the_proxy_runs_unprivileged_and_confined_and_the_supervisor_keeps_no_network(
 
     stop(&env, "conf");
     assert!(wait_until(10, || proxy_of("conf").is_none()), "the proxy outlived its sandbox");
+}
+
+/// The proxy process starts at the sandbox's first connection, not with
+/// the sandbox: a dev sandbox whose commands connect nowhere has none at
+/// any time (found in /proc, or in its cgroup), and its first connection
+/// through the HTTP proxy port starts one, a child of the supervisor in
+/// the sandbox's cgroup, which serves it, records it and serves the next.
+#[test]
+fn the_proxy_starts_at_the_first_connection_and_not_before() {
+    if !clients() {
+        return;
+    }
+    let env = Env::new();
+    let server = HeldServer::start();
+    server.answer_all();
+    let allow = format!("127.0.0.1:{}", server.port);
+    let o = create(&env, "lazy", &["--allow", &allow], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let supervisor = meta(&env, "lazy")["supervisor_pid"].as_i64().unwrap() as i32;
+    // The proxies in each of the sandbox's cgroup directories (one per
+    // hierarchy).
+    let in_cgroup = || -> Vec<Vec<i32>> {
+        cgroup_dirs("lazy")
+            .iter()
+            .map(|dir| {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                procs
+                    .lines()
+                    .filter_map(|pid| pid.trim().parse().ok())
+                    .filter(|pid| cmdline(*pid).get(1).is_some_and(|role| role == "__egress"))
+                    .collect()
+            })
+            .collect()
+    };
+    for step in ["ls / >/dev/null && echo quiet", "cat /etc/hostname >/dev/null && echo quiet"] {
+        let o = exec(&env, "lazy", step);
+        assert_eq!(stdout(&o), "quiet\n", "{}", show(&o));
+        assert_eq!(proxy_of("lazy"), None, "a proxy runs for a sandbox that made no connection");
+        let proxies = in_cgroup();
+        assert!(proxies.iter().all(Vec::is_empty), "a proxy is in the sandbox's cgroup: {proxies:?}");
+    }
+    assert!(
+        !audit(&env, "lazy").iter().any(|e| e["event"] == "network" || e["event"] == "egress_proxy_ended")
+    );
+
+    connect_once(&env, "lazy", &server);
+    let proxy = proxy_of("lazy").expect("the first connection started no proxy");
+    assert_eq!(parent_of(proxy), supervisor, "the supervisor starts the proxy");
+    if is_root() {
+        let proxies = in_cgroup();
+        assert!(!proxies.is_empty(), "the sandbox has no cgroup");
+        assert!(
+            proxies.iter().all(|p| *p == [proxy]),
+            "the proxy {proxy} is not in each cgroup: {proxies:?}"
+        );
+    }
+    let served = |path: &str| {
+        audit(&env, "lazy").into_iter().any(|e| {
+            e["event"] == "network" && e["via"] == "http" && e["path"] == path && e["allowed"] == true
+        })
+    };
+    assert!(wait_until(10, || served("/first")), "the first connection is not in the audit log");
+    let o = exec(&env, "lazy", &format!("curl -sS --max-time 30 http://127.0.0.1:{}/second", server.port));
+    assert_eq!(stdout(&o), "held-server answered\n", "{}", show(&o));
+    assert!(wait_until(10, || served("/second")), "the second connection is not in the audit log");
+    assert_eq!(proxy_of("lazy"), Some(proxy), "the second connection started another proxy");
+    stop(&env, "lazy");
+    assert!(wait_until(10, || proxy_of("lazy").is_none()), "the proxy outlived its sandbox");
+    assert!(!audit(&env, "lazy").iter().any(|e| e["event"] == "egress_proxy_ended"));
+}
+
+/// With transparent egress, the resolver's socket goes to the proxy at the
+/// sandbox's first name lookup, not before: a sandbox that resolves no
+/// name has no proxy, and its first lookup (a datagram) starts one, which
+/// answers that very query (no resolver timeout and retry) and records it.
+#[test]
+fn with_transparent_egress_the_first_name_lookup_starts_the_proxy() {
+    use crate::suite::transparent::DENIED_HOST;
+    if !require(Path::new("/usr/bin/getent").exists(), "getent in /usr/bin (inside the sandbox)") {
+        return;
+    }
+    let env = Env::new();
+    let policy = env.dir.path().join("transparent.toml");
+    std::fs::write(&policy, "extends = \"dev\"\n[network]\ntransparent = true\n").unwrap();
+    let o = create(&env, "lazy-dns", &["--policy", policy.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = exec(&env, "lazy-dns", "ls / >/dev/null && echo quiet");
+    assert_eq!(stdout(&o), "quiet\n", "{}", show(&o));
+    assert_eq!(proxy_of("lazy-dns"), None, "a proxy runs for a sandbox that resolved no name");
+
+    let started = std::time::Instant::now();
+    let o = exec(&env, "lazy-dns", &format!("getent hosts {DENIED_HOST}; echo \"getent=$?\""));
+    let took = started.elapsed();
+    // Refused by the policy: not found, at once (glibc waits 5 s for an
+    // answer before it asks again).
+    assert_eq!(stdout(&o), "getent=2\n", "{}", show(&o));
+    assert!(took < Duration::from_secs(4), "the first query was not answered: the lookup took {took:?}");
+    assert!(proxy_of("lazy-dns").is_some(), "the first lookup started no proxy");
+    let answered = || {
+        audit(&env, "lazy-dns").into_iter().any(|e| {
+            e["event"] == "network" && e["via"] == "dns" && e["host"] == DENIED_HOST && e["allowed"] == false
+        })
+    };
+    assert!(wait_until(10, answered), "the lookup is not in the audit log: {:?}", audit(&env, "lazy-dns"));
+    stop(&env, "lazy-dns");
+    assert!(wait_until(10, || proxy_of("lazy-dns").is_none()), "the proxy outlived its sandbox");
 }
 
 /// Killing the proxy closes the sandbox's way out on both ports, for good,
@@ -458,10 +578,19 @@ fn a_killed_proxy_fails_a_microvm_guests_egress_closed_and_is_recorded() {
 /// outlives the sandbox it served.
 #[test]
 fn the_proxy_dies_with_its_supervisor() {
+    if !clients() {
+        return;
+    }
     let env = Env::new();
-    let o = create(&env, "orphan", &["--mode", "none"], &[]);
+    let server = HeldServer::start();
+    server.answer_all();
+    let allow = format!("127.0.0.1:{}", server.port);
+    let o = create(&env, "orphan", &["--mode", "none", "--allow", &allow], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     let supervisor = meta(&env, "orphan")["supervisor_pid"].as_i64().unwrap() as i32;
+    // Started by a thread of the supervisor's (its parent-death signal
+    // follows that thread), at the first connection.
+    connect_once(&env, "orphan", &server);
     let proxy = proxy_of("orphan").expect("no egress proxy process for the sandbox");
     assert!(Command::new("kill").args(["-KILL", &supervisor.to_string()]).status().unwrap().success());
     let gone =
@@ -487,46 +616,67 @@ fn in_own_mount_namespace(env: &Env, script: &str) -> Output {
         .unwrap()
 }
 
-/// A proxy that cannot confine itself (here: the host's /etc/resolv.conf
-/// is a symlink loop, so its view cannot be built) stops the sandbox from
-/// starting, with an error that says why; nothing is left running and the
-/// command never ran.
+/// A proxy that cannot confine itself (here: the host's /etc/host.conf, one
+/// of the resolver's files it keeps, is a symlink loop, so its view cannot
+/// be built; the sandbox reads its own /etc/resolv.conf and /etc/hosts, so
+/// only the proxy is broken) fails the sandbox's
+/// connections closed when the first of them starts it: that connection and
+/// the next fail, nothing reaches the server, the audit log says why, once,
+/// and nothing of the proxy is left running. The sandbox runs on.
 #[test]
-fn a_proxy_that_cannot_start_fails_the_sandboxs_creation_clearly() {
-    if !require(is_root(), "root (a mount namespace to break /etc/resolv.conf in)")
+fn a_proxy_that_cannot_start_fails_the_sandboxs_connections_closed_and_is_recorded() {
+    if !require(is_root(), "root (a mount namespace to break /etc/host.conf in)")
         || !require(Path::new("/usr/bin/unshare").exists(), "unshare (util-linux)")
+        || !clients()
     {
         return;
     }
     let env = Env::new();
+    let server = HeldServer::start();
+    server.answer_all();
+    let allow = format!("127.0.0.1:{}", server.port);
     let real_etc = env.dir.path().join("real-etc");
     std::fs::create_dir(&real_etc).unwrap();
-    // /etc as symlinks to the real one, except a looping resolv.conf.
+    // /etc as symlinks to the real one, except a looping host.conf.
     let broken_etc = format!(
         "set -e; mount --bind /etc {real}; mount -t tmpfs tmpfs /etc; \
          for f in {real}/*; do ln -s \"$f\" \"/etc/${{f##*/}}\"; done; \
-         rm -f /etc/resolv.conf; ln -s resolv.conf /etc/resolv.conf; ",
+         rm -f /etc/host.conf; ln -s host.conf /etc/host.conf; ",
         real = real_etc.display()
     );
+    let get = format!(
+        "curl -sS --max-time 10 -o /dev/null -w '%{{http_code}}\\n' http://127.0.0.1:{}/ || echo failed",
+        server.port
+    );
+    let script = format!("{get}; {get}; echo ran");
     for (name, command) in [
-        ("broken-run", "\"$AIRLOCK\" run --name broken-run -- touch ran"),
-        ("broken-new", "\"$AIRLOCK\" create --name broken-new"),
+        ("broken-run", format!("\"$AIRLOCK\" run --name broken-run --allow {allow} -- sh -c \"{script}\"")),
+        (
+            "broken-new",
+            format!(
+                "\"$AIRLOCK\" create --name broken-new --allow {allow}; \
+                 \"$AIRLOCK\" exec broken-new -- sh -c \"{script}\""
+            ),
+        ),
     ] {
         let o = in_own_mount_namespace(&env, &format!("{broken_etc}{command}"));
-        assert_eq!(o.status.code(), Some(125), "{name}: {}", show(&o));
-        let err = stderr(&o);
-        assert!(err.contains("egress proxy did not start"), "{name}: {}", show(&o));
-        assert!(err.contains("/etc/resolv.conf") && err.contains("symbolic links"), "{name}: {}", show(&o));
-        assert!(
-            !audit(&env, name)
-                .iter()
-                .any(|e| e["event"] == "command_started" || e["event"] == "exec_started"),
-            "{name}: the command ran"
-        );
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", show(&o));
+        let out = stdout(&o);
+        assert!(out.ends_with("ran\n"), "{name}: the sandbox did not run on: {}", show(&o));
+        assert_eq!(out.lines().filter(|l| *l == "failed").count(), 2, "{name}: {}", show(&o));
+        assert!(!out.contains("200"), "{name}: a connection went through: {}", show(&o));
+        let recorded: Vec<Value> =
+            audit(&env, name).into_iter().filter(|e| e["event"] == "egress_proxy_ended").collect();
+        assert_eq!(recorded.len(), 1, "{name}: {recorded:?}");
+        let detail = recorded[0]["detail"].as_str().unwrap();
+        assert!(detail.contains("did not start"), "{name}: {detail}");
+        assert!(detail.contains("/etc/host.conf") && detail.contains("symbolic links"), "{name}: {detail}");
+        assert!(detail.contains("refused from now on"), "{name}: {detail}");
         assert!(wait_until(10, || proxy_of(name).is_none()), "{name}: its proxy is still running");
-        assert_eq!(meta(&env, name)["state"], "failed", "{name}");
     }
-    assert!(!env.workspace.join("ran").exists());
+    assert_eq!(server.requests.try_iter().count(), 0, "a request reached the server without a proxy");
+    assert_eq!(meta(&env, "broken-run")["state"], "exited");
+    stop(&env, "broken-new");
 }
 
 /// The proxy reads no host file for its roots: airlock reads the policy's
@@ -635,12 +785,16 @@ fn the_rootless_proxy_is_the_calling_user_in_its_own_namespaces_with_nothing() {
 /// with the rest, which is no news for the audit log.
 #[test]
 fn the_proxy_counts_against_the_sandboxs_budgets() {
-    if !require(is_root(), "root (cgroup limits)") {
+    if !require(is_root(), "root (cgroup limits)") || !clients() {
         return;
     }
     let env = Env::new();
-    let o = create(&env, "budget", &["--mode", "none"], &[]);
+    let server = HeldServer::start();
+    server.answer_all();
+    let allow = format!("127.0.0.1:{}", server.port);
+    let o = create(&env, "budget", &["--mode", "none", "--allow", &allow], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    connect_once(&env, "budget", &server);
     let proxy = proxy_of("budget").expect("no egress proxy process for the sandbox");
     let dirs = cgroup_dirs("budget");
     assert!(!dirs.is_empty(), "the sandbox has no cgroup");
