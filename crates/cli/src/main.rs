@@ -3,6 +3,7 @@
 
 mod cli;
 mod present;
+mod roles;
 mod terminal;
 
 use std::process::ExitCode;
@@ -10,10 +11,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // The same binary is the in-sandbox agent, each long-lived sandbox's
-    // supervisor and each sandbox's egress proxy; those roles take no flags.
-    match std::env::args().nth(1).as_deref() {
-        Some(airlock_runtime::AGENT_ROLE) => return code(airlock_agent::main()),
+    // The same binary is also every process airlock starts for a sandbox
+    // (`airlock-helper` serves some of them faster); those roles take no
+    // flags.
+    let role = std::env::args().nth(1);
+    if let Some(status) = role.as_deref().and_then(roles::run) {
+        return code(status);
+    }
+    match role.as_deref() {
         // PID 1 of a microVM guest, started by its kernel from the initramfs.
         Some(airlock_vm::GUEST_ROLE) => return code(airlock_vm::init::main()),
         // QEMU's jailer: confines itself, then becomes QEMU.
@@ -21,23 +26,14 @@ fn main() -> ExitCode {
         Some(airlock_runtime::supervisor::SUPERVISOR_ROLE) => {
             return code(airlock_runtime::supervisor::main());
         }
-        Some(airlock_runtime::proxy_process::EGRESS_ROLE) => {
-            init_logging();
-            return code(airlock_runtime::proxy_process::main());
-        }
         // The process that connects to a published port inside the sandbox.
         Some(airlock_runtime::ports::CONNECTOR_ROLE) => {
-            init_logging();
+            roles::init_logging();
             return code(airlock_runtime::ports::connector_main());
-        }
-        // The listener that records the sandbox's execs.
-        Some(airlock_runtime::exec_trace::TRACE_ROLE) => {
-            init_logging();
-            return code(airlock_runtime::exec_trace::main());
         }
         _ => {}
     }
-    init_logging();
+    roles::init_logging();
     let args = cli::Cli::parse();
     match cli::dispatch(args) {
         Ok(status) => code(status),
@@ -58,10 +54,4 @@ fn main() -> ExitCode {
 
 fn code(status: i32) -> ExitCode {
     ExitCode::from(u8::try_from(status).unwrap_or(1))
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }

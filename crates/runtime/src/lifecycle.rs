@@ -552,7 +552,7 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
         },
     );
 
-    let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
+    let exe = crate::role_process::helper_exe()?;
     phase_done("network")?;
     let spawned = spawn::spawn(
         &SpawnRequest {

@@ -1,14 +1,35 @@
 //! Starting one of airlock's own host-side roles (`__egress`,
-//! `__exectrace`) as a child process: the same executable, an empty
+//! `__exectrace`) as a child process: airlock's executable, an empty
 //! environment (but the log filter), stdout closed, and the descriptors it
 //! reads placed at the fixed numbers its role expects, every other one
-//! closed.
+//! closed. Which executable: [`helper_exe`].
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+/// The binary installed beside `airlock` that serves the roles a sandbox's
+/// launch starts (the agent, the exec trace's listener). It links only
+/// their code: the dynamic loader relocates about a tenth of what it does
+/// for `airlock` (whose CLI, daemon and image code they never run), and
+/// each start costs about half the CPU time, on every sandbox's launch.
+pub const HELPER_BINARY: &str = "airlock-helper";
+
+/// The executable for a sandbox's own processes: `airlock-helper` beside
+/// the running `airlock`, or `airlock` itself (which serves every role
+/// too) where the helper was not installed.
+pub fn helper_exe() -> Result<PathBuf, crate::RunError> {
+    let own = std::env::current_exe().map_err(crate::RunError::SelfExe)?;
+    let helper = own.with_file_name(HELPER_BINARY);
+    if helper.is_file() {
+        Ok(helper)
+    } else {
+        tracing::debug!(missing = %helper.display(), "no helper binary; airlock serves the sandbox's roles itself");
+        Ok(own)
+    }
+}
 
 /// A started role: its process, and a pidfd to signal it by (so a reaped
 /// pid is never signalled).

@@ -132,7 +132,7 @@ pub(crate) fn start(
     notice: impl FnMut(TraceNotice) + Send + 'static,
 ) -> Result<ExecTracer, RunError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| RunError::ExecTrace(format!("{what}: {e}"));
-    let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
+    let exe = crate::role_process::helper_exe()?;
     // The agent is our child and not reaped: its pid is still its own.
     let userns = File::open(format!("/proc/{agent_pid}/ns/user"))
         .map_err(|e| fail("opening the sandbox's user namespace", &e))?;

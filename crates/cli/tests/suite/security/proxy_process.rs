@@ -10,7 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -812,4 +812,80 @@ fn the_proxy_counts_against_the_sandboxs_budgets() {
         "ending the sandbox recorded its proxy's end as news: {:?}",
         audit(&env, "budget")
     );
+}
+
+/// The executable a process runs, as the kernel names it.
+fn exe_of(pid: i32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+/// The sandbox's own processes (its agent, its exec trace's listener, its
+/// proxy) run from `airlock-helper`, the small binary beside `airlock`;
+/// with no helper installed beside it, `airlock` serves those roles itself
+/// and the sandbox works the same.
+#[test]
+fn the_sandboxs_own_processes_run_from_the_helper_binary_or_from_airlock_without_it() {
+    if !clients() {
+        return;
+    }
+    let helper = Path::new(BIN).with_file_name("airlock-helper");
+    assert!(helper.is_file(), "cargo builds {} beside airlock", helper.display());
+    let roles_of = |supervisor: i32| -> Vec<(String, PathBuf)> {
+        let mut roles: Vec<(String, PathBuf)> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit(')').next()?.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    == Some(supervisor)
+            })
+            .filter_map(|pid| Some((cmdline(pid).get(1)?.clone(), exe_of(pid))))
+            .collect();
+        roles.sort();
+        roles
+    };
+
+    let env = Env::new();
+    let server = HeldServer::start();
+    server.answer_all();
+    let allow = format!("127.0.0.1:{}", server.port);
+    let o = create(&env, "helped", &["--allow", &allow], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    connect_once(&env, "helped", &server);
+    let supervisor = meta(&env, "helped")["supervisor_pid"].as_i64().unwrap() as i32;
+    assert!(wait_until(10, || roles_of(supervisor).len() == 3), "{:?}", roles_of(supervisor));
+    let roles = roles_of(supervisor);
+    let names: Vec<&str> = roles.iter().map(|(role, _)| role.as_str()).collect();
+    assert_eq!(names, ["__agent", "__egress", "__exectrace"], "{roles:?}");
+    for (role, exe) in &roles {
+        assert_eq!(exe, &helper, "{role} runs from {}", exe.display());
+    }
+    assert_eq!(exe_of(supervisor), Path::new(BIN));
+    stop(&env, "helped");
+
+    // airlock alone in a directory of its own (a hard link: same file).
+    let alone = env.dir.path().join("alone");
+    std::fs::create_dir(&alone).unwrap();
+    let lone = alone.join("airlock");
+    std::fs::hard_link(BIN, &lone).unwrap();
+    let template = env.airlock(["create", "--name", "unhelped", "--allow", &allow]);
+    let mut cmd = Command::new(&lone);
+    cmd.args(template.get_args()).current_dir(&env.workspace).stdin(Stdio::null());
+    for (key, value) in template.get_envs() {
+        match value {
+            Some(value) => cmd.env(key, value),
+            None => cmd.env_remove(key),
+        };
+    }
+    let o = cmd.output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let o = exec(&env, "unhelped", &format!("curl -sS --max-time 30 http://127.0.0.1:{}/alone", server.port));
+    assert_eq!(stdout(&o), "held-server answered\n", "{}", show(&o));
+    let supervisor = meta(&env, "unhelped")["supervisor_pid"].as_i64().unwrap() as i32;
+    assert!(wait_until(10, || roles_of(supervisor).len() == 3), "{:?}", roles_of(supervisor));
+    for (role, exe) in roles_of(supervisor) {
+        assert_eq!(exe, lone, "{role} runs from {}", exe.display());
+    }
+    stop(&env, "unhelped");
 }
