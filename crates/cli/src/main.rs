@@ -26,6 +26,10 @@ fn main() -> ExitCode {
         Some(airlock_runtime::supervisor::SUPERVISOR_ROLE) => {
             return code(airlock_runtime::supervisor::main());
         }
+        Some(airlock_runtime::proxy_process::EGRESS_ROLE) => {
+            roles::init_logging();
+            return code(airlock_runtime::proxy_process::main());
+        }
         // The process that connects to a published port inside the sandbox.
         Some(airlock_runtime::ports::CONNECTOR_ROLE) => {
             roles::init_logging();

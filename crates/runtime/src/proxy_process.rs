@@ -302,7 +302,7 @@ pub(crate) fn start_on_first_use(
     notice: impl FnMut(ProxyNotice) + Send + 'static,
 ) -> Result<ProxyProcess, RunError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| RunError::Egress(format!("{what}: {e}"));
-    let exe = crate::role_process::helper_exe()?;
+    let exe = std::env::current_exe().map_err(RunError::SelfExe)?;
     let (wake_read, wake) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| fail("creating the proxy's wake-up pipe", &e))?;
     let shared = Arc::new(Shared::default());

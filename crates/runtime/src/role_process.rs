@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 /// The binary installed beside `airlock` that serves the roles a sandbox's
-/// launch starts (the agent, the exec trace's listener). It links only
-/// their code: the dynamic loader relocates about a tenth of what it does
-/// for `airlock` (whose CLI, daemon and image code they never run), and
-/// each start costs about half the CPU time, on every sandbox's launch.
+/// launch starts and waits for (the agent, the exec trace's listener). It
+/// links only their code: the dynamic loader relocates about a tenth of
+/// what it does for `airlock` (whose CLI, daemon, image and egress code
+/// they never run), and each start costs about a third of the CPU time,
+/// on every sandbox's launch.
 pub const HELPER_BINARY: &str = "airlock-helper";
 
-/// The executable for a sandbox's own processes: `airlock-helper` beside
+/// The executable for those processes: `airlock-helper` beside
 /// the running `airlock`, or `airlock` itself (which serves every role
 /// too) where the helper was not installed.
 pub fn helper_exe() -> Result<PathBuf, crate::RunError> {

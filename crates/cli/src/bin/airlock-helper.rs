@@ -1,6 +1,6 @@
-//! `airlock-helper`: the processes airlock starts for each sandbox (the
-//! agent inside it, the exec trace's listener, the egress proxy), in a
-//! binary that links only their code. Started by airlock, never by hand;
+//! `airlock-helper`: the processes airlock starts for each sandbox's launch
+//! (the agent inside it, the exec trace's listener), in a binary that links
+//! only their code. Started by airlock, never by hand;
 //! see `role_process::helper_exe` in the runtime crate for why it exists.
 
 #[path = "../roles.rs"]
