@@ -215,6 +215,20 @@ fn create(env: &Env, name: &str, extra: &[&str], vars: &[(&str, &str)]) -> Outpu
     cmd.output().unwrap()
 }
 
+/// A server that answers at once, and the `--allow` entry for it.
+fn answering_server() -> (HeldServer, String) {
+    let server = HeldServer::start();
+    server.answer_all();
+    let allow = format!("127.0.0.1:{}", server.port);
+    (server, allow)
+}
+
+/// `airlock create --name NAME --allow ALLOW`, which must succeed.
+fn created(env: &Env, name: &str, allow: &str) {
+    let o = create(env, name, &["--allow", allow], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+}
+
 /// `airlock stop NAME`, which only asks, then waits until the supervisor
 /// has finished with the sandbox and exited (so the test's directory can go).
 fn stop(env: &Env, name: &str) {
@@ -377,11 +391,8 @@ fn the_proxy_starts_at_the_first_connection_and_not_before() {
         return;
     }
     let env = Env::new();
-    let server = HeldServer::start();
-    server.answer_all();
-    let allow = format!("127.0.0.1:{}", server.port);
-    let o = create(&env, "lazy", &["--allow", &allow], &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let (server, allow) = answering_server();
+    created(&env, "lazy", &allow);
     let supervisor = meta(&env, "lazy")["supervisor_pid"].as_i64().unwrap() as i32;
     // The proxies in each of the sandbox's cgroup directories (one per
     // hierarchy).
@@ -480,11 +491,8 @@ fn a_killed_proxy_fails_the_sandboxs_egress_closed_and_is_recorded() {
         return;
     }
     let env = Env::new();
-    let server = HeldServer::start();
-    server.answer_all();
-    let allow = format!("127.0.0.1:{}", server.port);
-    let o = create(&env, "cut", &["--allow", &allow], &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let (server, allow) = answering_server();
+    created(&env, "cut", &allow);
     let get = |via: &str| {
         format!(
             "curl -sS --max-time 10 -o /dev/null -w '%{{http_code}}\\n' {via} http://127.0.0.1:{}/ || echo failed",
@@ -847,11 +855,8 @@ fn the_sandboxs_own_processes_run_from_the_helper_binary_or_from_airlock_without
     };
 
     let env = Env::new();
-    let server = HeldServer::start();
-    server.answer_all();
-    let allow = format!("127.0.0.1:{}", server.port);
-    let o = create(&env, "helped", &["--allow", &allow], &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let (server, allow) = answering_server();
+    created(&env, "helped", &allow);
     connect_once(&env, "helped", &server);
     let supervisor = meta(&env, "helped")["supervisor_pid"].as_i64().unwrap() as i32;
     assert!(wait_until(10, || roles_of(supervisor).len() == 3), "{:?}", roles_of(supervisor));
