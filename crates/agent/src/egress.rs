@@ -9,9 +9,8 @@
 //! the resolver's UDP socket once, when its first query arrives, for the
 //! proxy to answer on. The host starts its proxy at the first hand-over, so
 //! a sandbox that connects nowhere and resolves no name never has one.
-//! Without it
-//! a program that ignores the proxy settings finds nothing else: the
-//! network namespace has only loopback.
+//! Without transparent egress a program that ignores the proxy settings
+//! finds nothing else: the network namespace has only loopback.
 //!
 //! The listeners live as long as the sandbox. Code inside can make a hand-
 //! over fail — too many descriptors in flight for the sandbox's uid
