@@ -1033,11 +1033,7 @@ fn finalize_steps(
     meta.finished_at = Some(now_rfc3339());
     meta.exit =
         Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });
-    if removed_at_once {
-        sandbox.write_meta_before_removal(meta)?;
-    } else {
-        sandbox.write_meta(meta)?;
-    }
+    sandbox.write_meta(meta)?;
 
     if let Some(reason) = &ending.setup_failed {
         audit.record(AuditEvent::Error { stage: "setup".into(), message: reason.clone() })?;

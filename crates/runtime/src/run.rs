@@ -88,6 +88,7 @@ pub fn run(req: &RunRequest, notify: &mut dyn FnMut(Notice)) -> Result<RunOutcom
         return Err(RunError::NoCommand);
     }
     let sandbox = root.create_sandbox(req.name.as_deref())?;
+    let sandbox = if req.remove_after { sandbox.removed_when_it_ends() } else { sandbox };
     // Held until a failure is recorded: whoever waits for it to go sees
     // the sandbox's final state.
     let mut live = None;
