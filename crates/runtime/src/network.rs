@@ -85,9 +85,9 @@ impl Network {
         let roots = RootSources::read(&policy.network.extra_roots)
             .map_err(|e| fail("reading the roots for upstream TLS", &e))?;
         let sandbox_ca = SandboxCa::generate(name).map_err(|e| fail("creating the sandbox's CA", &e))?;
-        let bundle_text = ca::sandbox_trust_bundle_from(&roots, &sandbox_ca.cert_pem());
+        let bundle_pem = ca::sandbox_trust_bundle_from(&roots, &sandbox_ca.cert_pem());
         let bundle = state_dir.join("ca-bundle.pem");
-        write_public(&bundle, bundle_text.as_bytes()).map_err(|e| RunError::State(bundle.clone(), e))?;
+        write_public(&bundle, &bundle_pem).map_err(|e| RunError::State(bundle.clone(), e))?;
         let setup = ProxySetup {
             run_as: ids,
             policy_name: policy.name.clone(),
