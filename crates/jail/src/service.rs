@@ -146,6 +146,27 @@ pub struct TracerJail<'a> {
     /// The process it must not outlive.
     pub parent: rustix::process::Pid,
     pub filter: &'a seccompiler::BpfProgram,
+    /// Network and IPC namespaces left already, as root, before the
+    /// sandbox existed ([`detach_network_and_ipc`]); None: left in step 3.
+    pub detached: Option<Detached>,
+}
+
+/// Proof that the calling process is in network and IPC namespaces of its
+/// own, made by [`detach_network_and_ipc`].
+#[derive(Debug)]
+pub struct Detached(());
+
+/// As root, before the sandbox's user namespace is known: new network and
+/// IPC namespaces, which belong to the host's user namespace, so that once
+/// the process joined the sandbox's it holds no capability over them. Done
+/// early because it is the slowest step of [`confine_tracer`] (a network
+/// namespace costs about a millisecond to make), and the exec trace's
+/// listener makes it while the supervisor makes the sandbox. Without root
+/// it fails (EPERM): the caller leaves them in [`confine_tracer`] instead.
+pub fn detach_network_and_ipc() -> Result<Detached, ServiceJailError> {
+    sys::raw_unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWNET)
+        .map_err(os("entering IPC and network namespaces of its own"))?;
+    Ok(Detached(()))
 }
 
 /// Confines the exec trace's listener for good. The order:
@@ -155,8 +176,9 @@ pub struct TracerJail<'a> {
 /// 2. Join the sandbox's user namespace (allowed to its owner, and to a
 ///    holder of CAP_SYS_ADMIN above it). There it holds every capability
 ///    of that namespace, and none anywhere else.
-/// 3. New mount, IPC and network namespaces (owned by the sandbox's user
-///    namespace): no host file, System V object or network.
+/// 3. A new mount namespace (owned by the sandbox's user namespace), and,
+///    unless they were left before ([`TracerJail::detached`]), new IPC and
+///    network namespaces: no host file, System V object or network.
 /// 4. Empty the bounding set, keeping CAP_SYS_ADMIN (for the root) and
 ///    CAP_SYS_PTRACE; then an empty root, pivoted into.
 /// 5. Keep CAP_SYS_PTRACE alone: the right to read the sandbox's
@@ -191,8 +213,13 @@ pub fn confine_tracer(jail: &TracerJail<'_>) -> Result<(), ServiceJailError> {
     }
     rustix::thread::move_into_link_name_space(jail.user_ns, Some(rustix::thread::LinkNameSpaceType::User))
         .map_err(|e| os("joining the sandbox's user namespace")(e.into()))?;
-    sys::raw_unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET)
-        .map_err(os("entering mount, IPC and network namespaces of its own"))?;
+    match jail.detached {
+        Some(Detached(())) => {
+            sys::raw_unshare(libc::CLONE_NEWNS).map_err(os("entering a mount namespace of its own"))?
+        }
+        None => sys::raw_unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET)
+            .map_err(os("entering mount, IPC and network namespaces of its own"))?,
+    }
     privileges::drop_capabilities_except(&[CAP_SYS_ADMIN, CAP_SYS_PTRACE])?;
     mounts::enter_file_root(jail.mountpoint, &[])?;
     privileges::keep_only(&[CAP_SYS_PTRACE])?;

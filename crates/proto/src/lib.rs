@@ -229,6 +229,9 @@ pub fn recv_fd(socket: impl AsFd) -> io::Result<OwnedFd> {
 
 /// The tag of the exec trace's seccomp listener on the control channel.
 pub const EXEC_LISTENER_TAG: u8 = 0xe7;
+/// The tag of the sandbox's user namespace, which the supervisor sends to
+/// the exec trace's listener process once the agent exists.
+pub const SANDBOX_USERNS_TAG: u8 = 0x05;
 
 /// Passes a descriptor with a one-byte tag (which listener it came from).
 pub fn send_tagged_fd(socket: impl AsFd, tag: u8, fd: BorrowedFd<'_>) -> io::Result<()> {

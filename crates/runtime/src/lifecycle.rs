@@ -476,6 +476,11 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     sandbox.write_meta(&meta)?;
 
     phase_done("state")?;
+    // The exec trace's listener process starts now and gets ready while
+    // the cgroup, the layer and the network are made (killed if the launch
+    // fails first); it confines itself once the agent below exists.
+    let traced = policy.audit.exec_trace;
+    let prepared_trace = if traced { Some(prepare_exec_trace(&name, id_map.host_root_uid)?) } else { None };
     if let (Some(limits), Some(cgroup_name)) = (&provisions.cgroup, &meta.cgroup) {
         held.cgroup = Some(SandboxCgroup::create_on(&host.cgroups, cgroup_name, limits)?);
         // The agent's join below would wait for the kernel; that wait runs
@@ -573,9 +578,9 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     // The exec trace's listener process confines itself while the agent
     // builds the sandbox; it needs the sandbox's user namespace, which
     // exists from here on.
-    if launch.jail.exec_trace {
-        held.exec_trace =
-            Some(start_exec_trace(sandbox, policy, &name, agent_pid, id_map.host_root_uid, &secret_values)?);
+    debug_assert_eq!(launch.jail.exec_trace, traced, "the plan traces execs as the policy says");
+    if let Some(prepared) = prepared_trace {
+        held.exec_trace = Some(start_exec_trace(prepared, sandbox, policy, agent_pid, &secret_values)?);
     }
     phase_done("spawned")?;
     airlock_proto::send(&mut control, &HostMessage::Launch(Box::new(launch)))?;
@@ -629,29 +634,37 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     })
 }
 
-/// Starts the exec trace's listener process for the sandbox whose agent
-/// is `agent_pid`; its events go to the audit log, redacted.
-fn start_exec_trace(
-    sandbox: &SandboxDir,
-    policy: &Policy,
+/// Starts the exec trace's listener process for sandbox `name`, ahead of
+/// its agent; as root it runs as the id of the sandbox's id block.
+fn prepare_exec_trace(
     name: &str,
-    agent_pid: i32,
     block_first_uid: u32,
-    secret_values: &[(String, Vec<u8>)],
-) -> Result<crate::exec_trace::ExecTracer, RunError> {
+) -> Result<crate::exec_trace::PreparedTracer, RunError> {
     let run_as = if rustix::process::geteuid().is_root() {
         let id = crate::exec_trace::tracer_id(block_first_uid)?;
         Some((id, id))
     } else {
         None
     };
+    crate::exec_trace::prepare(name, run_as)
+}
+
+/// Has the prepared listener confine itself in the sandbox of the agent
+/// `agent_pid`; its events go to the audit log, redacted.
+fn start_exec_trace(
+    prepared: crate::exec_trace::PreparedTracer,
+    sandbox: &SandboxDir,
+    policy: &Policy,
+    agent_pid: i32,
+    secret_values: &[(String, Vec<u8>)],
+) -> Result<crate::exec_trace::ExecTracer, RunError> {
     // Redacting: an argument can carry a value a server echoed back.
     let mut audit =
         AuditLog::open(&sandbox.audit_path())?.with_limit(policy.limits.audit_size).redacting(secret_values);
     let notice = move |notice| {
         let _ = audit.record(crate::exec_trace::audit_event(notice));
     };
-    crate::exec_trace::start(name, agent_pid, run_as, notice)
+    prepared.start(agent_pid, notice)
 }
 
 /// Takes the exec trace's listener, which the agent sends right behind

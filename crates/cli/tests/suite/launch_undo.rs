@@ -122,6 +122,12 @@ fn a_launch_failing_after_any_phase_leaves_nothing_behind() {
         );
         assert_eq!(registry_entries_below(&env.state), Vec::<String>::new(), "phase {phase}: id block kept");
         assert_eq!(pids_running(&format!("__egress {name}")), Vec::<i32>::new(), "phase {phase}: proxy left");
+        // The exec trace's listener starts before the agent, as its own id.
+        assert_eq!(
+            pids_running(&format!("__exectrace {name} ")),
+            Vec::<i32>::new(),
+            "phase {phase}: exec trace listener left"
+        );
         if let Some(first) = meta["host_uid"].as_u64() {
             let first = u32::try_from(first).unwrap();
             assert_eq!(processes_in_block(first), Vec::new(), "phase {phase}: processes of its ids left");
@@ -168,6 +174,12 @@ fn a_create_failing_after_any_phase_leaves_nothing_behind() {
         );
         assert_eq!(registry_entries_below(&env.state), Vec::<String>::new(), "phase {phase}: id block kept");
         assert_eq!(pids_running(&format!("__egress {name}")), Vec::<i32>::new(), "phase {phase}: proxy left");
+        // The exec trace's listener starts before the agent, as its own id.
+        assert_eq!(
+            pids_running(&format!("__exectrace {name} ")),
+            Vec::<i32>::new(),
+            "phase {phase}: exec trace listener left"
+        );
         if let Ok(meta) = std::fs::read(dir.join("meta.json")) {
             let meta: serde_json::Value = serde_json::from_slice(&meta).unwrap();
             if let Some(first) = meta["host_uid"].as_u64() {

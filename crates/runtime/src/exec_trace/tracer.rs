@@ -22,7 +22,7 @@ use airlock_jail::service::{ServiceJailError, TracerJail};
 use airlock_jail::sys;
 use rustix::event::epoll;
 
-use super::{CONTROL_FD, REPORT_FD, TraceReport, TraceSetup, USERNS_FD};
+use super::{CONTROL_FD, REPORT_FD, TraceReport, TraceSetup};
 use airlock_jail::exec_claim::{self as claim, ProcessMemory};
 use airlock_jail::exec_ends::{Awaited, EndStatus, Tracked, exit_record};
 use airlock_jail::exec_rate::{ITEMIZED_PER_SECOND, Rate};
@@ -74,17 +74,12 @@ fn errno(what: &'static str) -> impl FnOnce(rustix::io::Errno) -> TracerError {
 /// The role's entry point.
 pub fn main() -> i32 {
     let parent = rustix::process::getppid();
-    // SAFETY: the supervisor placed these three descriptors for this role
-    // alone (see `super::start`); nothing else in this process owns them.
-    let (control, reports, userns) = unsafe {
-        (
-            UnixStream::from_raw_fd(CONTROL_FD),
-            OwnedFd::from_raw_fd(REPORT_FD),
-            OwnedFd::from_raw_fd(USERNS_FD),
-        )
-    };
+    // SAFETY: the supervisor placed these two descriptors for this role
+    // alone (see `super::prepare`); nothing else in this process owns them.
+    let (control, reports) =
+        unsafe { (UnixStream::from_raw_fd(CONTROL_FD), OwnedFd::from_raw_fd(REPORT_FD)) };
     let mut reports = Reports { pipe: File::from(reports), queue: VecDeque::new(), queued: 0, offset: 0 };
-    match serve(parent, control, &mut reports, userns) {
+    match serve(parent, control, &mut reports) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("exec trace: {e}");
@@ -98,7 +93,6 @@ fn serve(
     parent: Option<rustix::process::Pid>,
     mut control: UnixStream,
     reports: &mut Reports,
-    userns: OwnedFd,
 ) -> Result<(), TracerError> {
     let setup: TraceSetup = airlock_proto::recv(&mut control)?
         .ok_or_else(|| os("reading its setup")(io::ErrorKind::UnexpectedEof.into()))?;
@@ -120,12 +114,27 @@ fn serve(
     let _ = rustix::pipe::fcntl_setpipe_size(&reports.pipe, 1 << 20);
     let filter = airlock_jail::seccomp::exec_trace()?.compile()?;
     let parent = parent.ok_or(ServiceJailError::ParentGone(0))?;
+    // As root, the network and IPC namespaces are made now, while the
+    // supervisor makes the sandbox; rootless, once in the sandbox's.
+    let detached = match setup.run_as {
+        Some(_) => Some(airlock_jail::service::detach_network_and_ipc()?),
+        None => None,
+    };
+    // The sandbox's user namespace, once its agent exists; none (the
+    // supervisor gave up on the launch) ends the listener.
+    let userns = match airlock_proto::recv_tagged_fd(&control) {
+        Ok((airlock_proto::SANDBOX_USERNS_TAG, fd)) => fd,
+        Ok(_) => return Err(os("receiving the sandbox's user namespace")(io::ErrorKind::InvalidData.into())),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+        Err(e) => return Err(os("receiving the sandbox's user namespace")(e)),
+    };
     airlock_jail::service::confine_tracer(&TracerJail {
         user_ns: userns.as_fd(),
         ids: setup.run_as,
         mountpoint: Path::new(ROOT_MOUNTPOINT),
         parent,
         filter: &filter,
+        detached,
     })?;
     drop(userns);
     reports.push_blocking(&TraceReport::Ready);
