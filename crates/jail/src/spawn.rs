@@ -101,6 +101,9 @@ pub struct SpawnRequest<'a> {
     /// The agent's end of the egress channel, handed over at [`AGENT_EGRESS_FD`].
     pub egress_channel: Option<BorrowedFd<'a>>,
     pub id_map: &'a IdMap,
+    /// The sandbox's cgroup when it lives in the v2 hierarchy alone (an
+    /// open descriptor of its directory): the agent is started in it.
+    pub cgroup: Option<BorrowedFd<'a>>,
 }
 
 /// A started agent: its host pid and the host end of its control channel.
@@ -108,6 +111,9 @@ pub struct SpawnRequest<'a> {
 pub struct Spawned {
     pub pid: i32,
     pub control: UnixStream,
+    /// Started in [`SpawnRequest::cgroup`]; false when none was given or
+    /// the kernel could not (then the caller moves it).
+    pub in_cgroup: bool,
 }
 
 const NAMESPACES: i32 = libc::CLONE_NEWUSER
@@ -167,7 +173,8 @@ pub fn spawn(
 
     // SAFETY: the child branch below only calls the async-signal-safe raw_*
     // helpers and ends in execve or _exit.
-    let pid = match unsafe { sys::clone_into_namespaces(NAMESPACES) }.map_err(SpawnError::Clone)? {
+    let (cloned, in_cgroup) = unsafe { clone_agent(req.cgroup) }.map_err(SpawnError::Clone)?;
+    let pid = match cloned {
         Some(pid) => pid,
         None => {
             // Child. Exit codes here are only seen if the agent never starts.
@@ -220,7 +227,29 @@ pub fn spawn(
     if let Err(e) = rustix::io::write(&sync_write, &[1]) {
         return Err(abort(SpawnError::Channel(e.into())));
     }
-    Ok(Spawned { pid, control: host_end })
+    Ok(Spawned { pid, control: host_end, in_cgroup })
+}
+
+/// Clones the agent's process into its namespaces and, given a cgroup v2
+/// directory, into that cgroup; where the kernel cannot (before 5.7, or
+/// not allowed), as before, into the caller's cgroup. Returns what the
+/// clone returned (None in the child) and whether the child starts in the
+/// cgroup.
+///
+/// # Safety
+/// As for [`sys::clone_into_namespaces`]: the caller's child branch uses
+/// only async-signal-safe operations until execve or _exit.
+unsafe fn clone_agent(cgroup: Option<BorrowedFd<'_>>) -> io::Result<(Option<i32>, bool)> {
+    if let Some(cgroup) = cgroup {
+        // SAFETY: passed on to the caller, as documented above.
+        match unsafe { sys::clone_into_namespaces_and_cgroup(NAMESPACES, cgroup) } {
+            Ok(cloned) => return Ok((cloned, true)),
+            // No child exists: only the caller's process is here.
+            Err(e) => tracing::debug!(error = %e, "cannot start the agent in its cgroup; it is moved there"),
+        }
+    }
+    // SAFETY: passed on to the caller, as documented above.
+    Ok((unsafe { sys::clone_into_namespaces(NAMESPACES) }?, false))
 }
 
 /// An id-mapped, detached copy of `path`'s mount (root only): on it, host

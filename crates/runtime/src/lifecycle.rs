@@ -120,6 +120,7 @@ fn phase_done(phase: &'static str) -> Result<(), RunError> {
 /// Marks a step after the launch as done; fails there when a test asked to.
 pub(crate) fn step_done(step: &'static str) -> Result<(), RunError> {
     debug_assert!(LATER_STEPS.contains(&step), "step {step} is not listed");
+    tracing::debug!(step, "step done");
     injected_failure(step).map_or(Ok(()), |_| Err(RunError::InjectedFailure(format!("step {step}"))))
 }
 
@@ -481,12 +482,19 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     // fails first); it confines itself once the agent below exists.
     let traced = policy.audit.exec_trace;
     let prepared_trace = if traced { Some(prepare_exec_trace(&name, id_map.host_root_uid)?) } else { None };
+    // On a pure v2 host the agent starts in its cgroup (clone3); elsewhere
+    // it is moved there once it exists.
+    let mut start_in_cgroup = None;
     if let (Some(limits), Some(cgroup_name)) = (&provisions.cgroup, &meta.cgroup) {
-        held.cgroup = Some(SandboxCgroup::create_on(&host.cgroups, cgroup_name, limits)?);
-        // The agent's join below would wait for the kernel; that wait runs
-        // while the layer, the network and the agent are made. Not sooner:
-        // it holds the lock that creating a cgroup takes.
-        airlock_jail::cgroup::start_move_wait(&host.cgroups);
+        let cgroup = SandboxCgroup::create_on(&host.cgroups, cgroup_name, limits)?;
+        start_in_cgroup = cgroup.start_target();
+        if start_in_cgroup.is_none() {
+            // The agent's move below would wait for the kernel; that wait
+            // runs while the layer, the network and the agent are made. Not
+            // sooner: it holds the lock that creating a cgroup takes.
+            airlock_jail::cgroup::start_move_wait(&host.cgroups);
+        }
+        held.cgroup = Some(cgroup);
     }
 
     phase_done("cgroup")?;
@@ -567,11 +575,13 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
             workspace_tree: tree.as_ref().map(|t| std::os::fd::AsFd::as_fd(t)),
             egress_channel: network.and_then(|n| n.agent_end.as_ref()).map(std::os::fd::AsFd::as_fd),
             id_map: &id_map,
+            cgroup: start_in_cgroup.as_ref().map(std::os::fd::AsFd::as_fd),
         },
         |_| Ok(()),
     )?;
-    drop(tree);
+    drop((tree, start_in_cgroup));
     let agent_pid = spawned.pid;
+    let agent_in_cgroup = spawned.in_cgroup;
     held.agent_pid = Some(agent_pid);
     stdio.release_child_ends();
     let mut control = spawned.control;
@@ -586,8 +596,10 @@ fn launch_steps(spec: LaunchSpec<'_>, held: &mut Held) -> Result<Launched, RunEr
     airlock_proto::send(&mut control, &HostMessage::Launch(Box::new(launch)))?;
     // While the agent builds the root filesystem: the cgroup write, which
     // may wait for a kernel grace period. Untrusted code waits for Proceed.
-    if let Some(cg) = &held.cgroup {
-        cg.add_pid(agent_pid)?;
+    match &held.cgroup {
+        Some(_) if agent_in_cgroup => tracing::debug!("the agent was cloned into its cgroup"),
+        Some(cg) => cg.add_pid(agent_pid)?,
+        None => {}
     }
     phase_done("joined")?;
     // The egress proxy is not waited for: it starts at the sandbox's first
@@ -1014,12 +1026,15 @@ fn finalize_steps(
     if let Some(n) = held.network.take() {
         n.stop();
     }
+    tracing::debug!("TMP network stopped");
     // The last ends (processes killed with the sandbox) before its own.
     if let Some(tracer) = held.exec_trace.take() {
         tracer.stop();
     }
+    tracing::debug!("TMP tracer stopped");
     stdio.release_child_ends();
     stdio.finish();
+    tracing::debug!("TMP stdio done");
     // Removed as soon as it is finalized: nothing of it needs forcing to disk.
     let removed_at_once = remove == Some(true) && ending.setup_failed.is_none();
     if removed_at_once {
@@ -1034,6 +1049,7 @@ fn finalize_steps(
         oom_killed,
     })?;
     step_done("exit-recorded")?;
+    tracing::debug!("TMP before cgroup remove");
     if let Some(cg) = held.cgroup.take()
         && let Err(e) = cg.remove()
     {
@@ -1047,6 +1063,7 @@ fn finalize_steps(
     meta.exit =
         Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });
     sandbox.write_meta(meta)?;
+    tracing::debug!("TMP meta written");
 
     if let Some(reason) = &ending.setup_failed {
         audit.record(AuditEvent::Error { stage: "setup".into(), message: reason.clone() })?;

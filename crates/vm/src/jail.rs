@@ -365,6 +365,7 @@ pub fn spawn(start: &Start<'_>) -> Result<i32, VmError> {
         workspace_tree: start.tree,
         egress_channel: None,
         id_map: &id_map,
+        cgroup: None,
     };
     let spawned = jail_spawn::spawn(&request, |pid| match start.cgroup {
         Some(cgroup) => cgroup.add_pid(pid).map_err(|e| e.to_string()),

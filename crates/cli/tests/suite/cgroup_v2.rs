@@ -176,6 +176,8 @@ check binary $(test -x "$A" && echo found || echo missing)
 for c in cgroup-memory cgroup-pids cgroup-cpu; do check $c $(grep -c "^\[ok *\] $c .*v2 at /sys/fs/cgroup" /tmp/doctor); done
 "$A" run --rm --policy ci --mode none -- sh -c 'echo inside' > /tmp/out 2>&1
 check run $? $(grep -c '^inside$' /tmp/out)
+AIRLOCK_LOG=debug NO_COLOR=1 "$A" run --rm --policy ci --mode none -- true > /tmp/out 2>&1
+check cloned-into-cgroup $? $(grep -c 'the agent was cloned into its cgroup' /tmp/out)
 "$A" run --rm --policy ci --mode none --pids 20 -- sh -c 'for i in $(seq 40); do sleep 5 & done; wait' > /tmp/out 2>&1
 check pids $(grep -c 'Cannot fork\|Resource temporarily unavailable' /tmp/out)
 "$A" run --rm --policy ci --mode none --memory 32M -- sh -c 'head -c 200M /dev/zero | tail > /dev/null; echo "hog $?"' > /tmp/out 2>&1
@@ -253,6 +255,9 @@ fn pure_cgroup_v2_host_in_a_vm() {
         assert_eq!(check(controller), "1", "doctor does not find {controller} on v2:\n{console}");
     }
     assert_eq!(check("run"), "0 1", "{console}");
+    // Started in its cgroup (clone3), not moved there; the limits below
+    // prove it is the right one.
+    assert_eq!(check("cloned-into-cgroup"), "0 1", "{console}");
     assert_ne!(check("pids"), "0", "the pids limit did not stop a fork bomb:\n{console}");
     // The hog is killed (or the whole sandbox with it) and airlock says why.
     assert_eq!(check("memory"), "1 0", "the memory limit did not hold:\n{console}");

@@ -525,6 +525,23 @@ impl SandboxCgroup {
     }
 
     /// Moves `pid` (the whole process) into the sandbox in every hierarchy.
+    /// This cgroup's directory opened for starting a process in it
+    /// (`clone3`'s `CLONE_INTO_CGROUP`), when the cgroup lives in the v2
+    /// hierarchy alone; None where it has v1 parts (a v1 hierarchy has no
+    /// such start, the process is moved into each) or cannot be opened.
+    pub fn start_target(&self) -> Option<std::os::fd::OwnedFd> {
+        use rustix::fs::{Mode, OFlags};
+        match self.parts.as_slice() {
+            [Hierarchy::V2(v2)] => rustix::fs::open(
+                &v2.dir.path,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .ok(),
+            _ => None,
+        }
+    }
+
     pub fn add_pid(&self, pid: i32) -> Result<(), CgroupError> {
         for part in &self.parts {
             part.manager().add_pid(pid)?;
