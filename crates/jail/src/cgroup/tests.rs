@@ -360,10 +360,37 @@ fn creation_follows_the_report_it_is_given() {
     assert_eq!(cgroup.paths(), vec![tree.join(&parent).join(&name)]);
     assert!(tree.join(&parent).join(&name).is_dir());
     cgroup.remove().unwrap();
-    assert!(!tree.join(&parent).exists(), "removed with its parent");
+    assert!(!tree.join(&parent).join(&name).exists());
+    // The shared default parent stays; a named one goes with it.
+    assert_eq!(tree.join(&parent).exists(), parent == DEFAULT_PARENT, "{parent}");
 
     // A limit the report's hierarchies cannot serve is refused up front.
     let limits = CgroupLimits { memory: Some(64 << 20), ..CgroupLimits::default() };
     let err = SandboxCgroup::create_on(&report, &name, &limits).unwrap_err();
     assert!(matches!(err, CgroupError::ControllerMissing { controller: "memory", .. }), "{err}");
+}
+
+/// The shared default parent stays when its last sandbox goes (the next
+/// `run` would only make it again); a named parent goes with its last one.
+#[test]
+fn the_default_parent_stays_and_a_named_one_goes_with_its_last_sandbox() {
+    if !require_root("the_default_parent_stays_and_a_named_one_goes_with_its_last_sandbox") {
+        return;
+    }
+    let limits = CgroupLimits { pids: Some(16), ..CgroupLimits::default() };
+    let name = format!("parent-kept-{}", std::process::id());
+    let cg = SandboxCgroup::create_in(DEFAULT_PARENT, &name, &limits).unwrap();
+    let paths = cg.paths();
+    assert!(!paths.is_empty());
+    cg.remove().unwrap();
+    for p in &paths {
+        assert!(!p.exists(), "{} left behind", p.display());
+        let parent = p.parent().unwrap();
+        assert_eq!(parent.file_name().unwrap(), DEFAULT_PARENT);
+        assert!(parent.is_dir(), "{} removed", parent.display());
+    }
+    let named = SandboxCgroup::create_in(&test_parent("named"), &name, &limits).unwrap();
+    let paths = named.paths();
+    named.remove().unwrap();
+    assert_parents_removed(&paths);
 }
