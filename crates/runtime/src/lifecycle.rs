@@ -1026,15 +1026,12 @@ fn finalize_steps(
     if let Some(n) = held.network.take() {
         n.stop();
     }
-    tracing::debug!("TMP network stopped");
     // The last ends (processes killed with the sandbox) before its own.
     if let Some(tracer) = held.exec_trace.take() {
         tracer.stop();
     }
-    tracing::debug!("TMP tracer stopped");
     stdio.release_child_ends();
     stdio.finish();
-    tracing::debug!("TMP stdio done");
     // Removed as soon as it is finalized: nothing of it needs forcing to disk.
     let removed_at_once = remove == Some(true) && ending.setup_failed.is_none();
     if removed_at_once {
@@ -1049,7 +1046,6 @@ fn finalize_steps(
         oom_killed,
     })?;
     step_done("exit-recorded")?;
-    tracing::debug!("TMP before cgroup remove");
     if let Some(cg) = held.cgroup.take()
         && let Err(e) = cg.remove()
     {
@@ -1063,7 +1059,6 @@ fn finalize_steps(
     meta.exit =
         Some(ExitInfo { code: ending.code, signal: ending.signal, timed_out: ending.timed_out, oom_killed });
     sandbox.write_meta(meta)?;
-    tracing::debug!("TMP meta written");
 
     if let Some(reason) = &ending.setup_failed {
         audit.record(AuditEvent::Error { stage: "setup".into(), message: reason.clone() })?;

@@ -363,7 +363,6 @@ fn supervise(
     }
     tracing::debug!("phase: command ended");
     let status = airlock_jail::sys::wait_pid(agent_pid).map_err(RunError::Wait)?;
-    tracing::debug!("TMP agent reaped");
     held.agent_reaped();
     let _ = reader.join();
     drop(forwarder);
