@@ -20,7 +20,7 @@
 //! The listener process starts before the sandbox's agent ([`prepare`]):
 //! its program's start, its own network and IPC namespaces and its filter
 //! are made while the supervisor makes the sandbox's cgroup and network,
-//! not after (on two cores this took 2-3 ms off every launch). It confines
+//! not after (on two cores, about 1 ms off every launch). It confines
 //! itself once it has the sandbox's user namespace ([`PreparedTracer::start`]).
 //!
 //! The descriptors of the listener process:
