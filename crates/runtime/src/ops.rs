@@ -49,9 +49,21 @@ pub enum OpError {
 pub fn list(root: &StateRoot) -> Result<Vec<SandboxView>, OpError> {
     let mut out = Vec::new();
     for sandbox in root.list()? {
-        let Ok(meta) = sandbox.read_meta() else { continue };
-        let state = State::of(Some(&meta), sandbox.is_live(), false);
-        out.push(SandboxView::of(sandbox.name(), Some(&meta), state));
+        let live = sandbox.is_live();
+        // One whose meta.json cannot be read (one being created has none
+        // yet; a crash can leave a torn one) is still listed, from what its
+        // directory says: failed unless its supervisor lives; `rm` works.
+        let meta = match sandbox.read_meta() {
+            Ok(meta) => Some(meta),
+            Err(e) => {
+                if !live {
+                    tracing::warn!(sandbox = sandbox.name(), error = %e, "listing a sandbox without its metadata");
+                }
+                None
+            }
+        };
+        let state = State::of(meta.as_ref(), live, false);
+        out.push(SandboxView::of(sandbox.name(), meta.as_ref(), state));
     }
     Ok(out)
 }

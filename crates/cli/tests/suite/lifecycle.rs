@@ -109,6 +109,30 @@ fn rm_flag_and_cleanup_rules_remove_the_sandbox() {
     assert!(env.sandbox_dir("ci-fail").exists());
 }
 
+/// A sandbox whose meta.json a crash tore (or someone garbled) is listed,
+/// failed, not skipped without a word; `rm` removes it.
+#[test]
+fn a_sandbox_with_unreadable_metadata_is_listed_failed_and_can_be_removed() {
+    let env = Env::new();
+    let o = env.run_sh("torn", &[], "true");
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    let meta = env.sandbox_dir("torn").join("meta.json");
+    let whole = std::fs::read(&meta).unwrap();
+    for garbled in [&whole[..whole.len() / 2], b"".as_slice(), b"\0\xff not json".as_slice()] {
+        std::fs::write(&meta, garbled).unwrap();
+        let ls = env.airlock(["ls", "--json"]).output().unwrap();
+        assert!(ls.status.success(), "{}", show(&ls));
+        let listed: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+        let torn = listed.as_array().unwrap().iter().find(|s| s["name"] == "torn");
+        let torn = torn.unwrap_or_else(|| panic!("not listed: {}", show(&ls)));
+        assert_eq!(torn["state"], "failed", "{torn}");
+        assert!(stderr(&ls).contains("torn"), "the warning names it: {}", show(&ls));
+    }
+    let rm = env.airlock(["rm", "torn"]).output().unwrap();
+    assert!(rm.status.success(), "{}", show(&rm));
+    assert!(!env.sandbox_dir("torn").exists());
+}
+
 #[test]
 fn fork_bomb_hits_the_pids_limit() {
     let env = Env::new();
