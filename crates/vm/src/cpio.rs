@@ -2,7 +2,7 @@
 //! initramfs. Twenty lines of format do not need a dependency, and the
 //! guest is then built without an external `cpio` program.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
 /// Entry modes (`st_mode`), type bits included.
 pub const DIRECTORY: u32 = 0o040_755;
@@ -32,6 +32,21 @@ impl<W: Write> Archive<W> {
         self.entry(path, mode, data)
     }
 
+    /// A file of `len` bytes read from `data`, which must have that many:
+    /// what the archive holds of it at once is a copy buffer, whatever its size.
+    pub fn file_from(&mut self, path: &str, mode: u32, len: u64, data: impl Read) -> io::Result<()> {
+        self.header(path, mode, len)?;
+        let copied = io::copy(&mut data.take(len), &mut self.out)?;
+        self.written += copied;
+        if copied != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{path}: {copied} of {len} bytes"),
+            ));
+        }
+        self.pad()
+    }
+
     /// A symbolic link to `target`.
     pub fn symlink(&mut self, path: &str, target: &str) -> io::Result<()> {
         self.entry(path, SYMLINK, target.as_bytes())
@@ -45,11 +60,18 @@ impl<W: Write> Archive<W> {
     }
 
     fn entry(&mut self, path: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+        self.header(path, mode, data.len() as u64)?;
+        self.put(data)?;
+        self.pad()
+    }
+
+    /// An entry's header and name, padded: its `size` bytes of data follow.
+    fn header(&mut self, path: &str, mode: u32, size: u64) -> io::Result<()> {
         let name = path.trim_start_matches('/');
         if name.is_empty() || name.contains('\0') {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad archive path {path:?}")));
         }
-        let size = u32::try_from(data.len())
+        let size = u32::try_from(size)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{path}: over 4 GiB")))?;
         let inode = if mode == 0 { 0 } else { self.next_inode };
         self.next_inode += 1;
@@ -64,8 +86,6 @@ impl<W: Write> Archive<W> {
         self.put(header.as_bytes())?;
         self.put(name.as_bytes())?;
         self.put(b"\0")?;
-        self.pad()?;
-        self.put(data)?;
         self.pad()
     }
 
@@ -107,6 +127,18 @@ mod tests {
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("bin/hello\0"));
         assert!(text.contains("TRAILER!!!\0"));
+    }
+
+    #[test]
+    fn a_streamed_file_is_the_same_entry_and_must_have_its_length() {
+        let mut whole = Archive::new(Vec::new());
+        whole.file("/f", REGULAR, b"hello").unwrap();
+        let mut streamed = Archive::new(Vec::new());
+        streamed.file_from("/f", REGULAR, 5, &b"hello, and more"[..]).unwrap();
+        assert_eq!(streamed.finish().unwrap(), whole.finish().unwrap());
+        let mut short = Archive::new(Vec::new());
+        let err = short.file_from("/f", REGULAR, 5, &b"hel"[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
     }
 
     #[test]

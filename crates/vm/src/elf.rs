@@ -1,12 +1,15 @@
 //! Just enough of ELF to put airlock's own executable into the guest: the
 //! program interpreter it names, and the part of the file the loader maps.
 //!
-//! A debug build is mostly debug sections (180 MB, of which the loader maps
-//! 34 MB); under software emulation every byte of the initramfs is copied by
-//! an emulated CPU, so the guest gets the mapped part only, with no section
-//! headers (the loader never reads them).
+//! A debug build is mostly debug sections (330 MB, of which the loader maps
+//! about 60 MB); under software emulation every byte of the initramfs is
+//! copied by an emulated CPU, so the guest gets the mapped part only, with no
+//! section headers (the loader never reads them). That part is found from
+//! the headers and streamed from the file, never read whole into memory.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 
 const PT_LOAD: u32 = 1;
 const PT_INTERP: u32 = 3;
@@ -43,26 +46,41 @@ fn u64_at(bytes: &[u8], at: usize) -> io::Result<u64> {
     Ok(u64::from_le_bytes(a))
 }
 
-fn segments(bytes: &[u8]) -> io::Result<Vec<Segment>> {
+/// Where the program header table is: its offset, entry size and count.
+fn program_table(bytes: &[u8]) -> io::Result<(u64, usize, usize)> {
     if bytes.get(..4) != Some(b"\x7fELF".as_slice()) || bytes.get(4) != Some(&2) || bytes.get(5) != Some(&1) {
         return Err(bad("wrong magic, class or byte order"));
     }
-    let table = usize::try_from(u64_at(bytes, 0x20)?).map_err(|_| bad("program header offset"))?;
     let entry_size = usize::from(u16_at(bytes, 0x36)?);
-    let count = usize::from(u16_at(bytes, 0x38)?);
     if entry_size < 0x38 {
         return Err(bad("program header size"));
     }
+    Ok((u64_at(bytes, 0x20)?, entry_size, usize::from(u16_at(bytes, 0x38)?)))
+}
+
+fn parse_segments(table: &[u8], entry_size: usize, count: usize) -> io::Result<Vec<Segment>> {
     (0..count)
         .map(|i| {
-            let at = table + i * entry_size;
+            let at = i * entry_size;
             Ok(Segment {
-                kind: u32_at(bytes, at)?,
-                offset: u64_at(bytes, at + 8)?,
-                file_size: u64_at(bytes, at + 0x20)?,
+                kind: u32_at(table, at)?,
+                offset: u64_at(table, at + 8)?,
+                file_size: u64_at(table, at + 0x20)?,
             })
         })
         .collect()
+}
+
+fn segments(bytes: &[u8]) -> io::Result<Vec<Segment>> {
+    let (offset, entry_size, count) = program_table(bytes)?;
+    let table =
+        usize::try_from(offset).ok().and_then(|at| bytes.get(at..)).ok_or_else(|| bad("truncated"))?;
+    parse_segments(table, entry_size, count)
+}
+
+fn interpreter_name(raw: &[u8]) -> io::Result<String> {
+    let text = raw.split(|b| *b == 0).next().unwrap_or_default();
+    String::from_utf8(text.to_vec()).map_err(|_| bad("interpreter path is not UTF-8"))
 }
 
 /// The program interpreter (dynamic loader) the executable names, if any.
@@ -71,22 +89,28 @@ pub fn interpreter(bytes: &[u8]) -> io::Result<Option<String>> {
     let start = usize::try_from(interp.offset).map_err(|_| bad("interpreter offset"))?;
     let end = start + usize::try_from(interp.file_size).map_err(|_| bad("interpreter size"))?;
     let raw = bytes.get(start..end).ok_or_else(|| bad("interpreter outside the file"))?;
-    let text = raw.split(|b| *b == 0).next().unwrap_or_default();
-    String::from_utf8(text.to_vec()).map(Some).map_err(|_| bad("interpreter path is not UTF-8"))
+    interpreter_name(raw).map(Some)
 }
 
+/// The most of a kernel's notes read (Linux's are a few hundred bytes).
+const MAX_NOTES: u64 = 64 * 1024;
+
 /// Whether an uncompressed kernel (`vmlinux`) has a PVH entry point, so
-/// that QEMU can start it without its decompressor.
-pub fn has_pvh_entry(bytes: &[u8]) -> io::Result<bool> {
-    for note in segments(bytes)?.into_iter().filter(|s| s.kind == PT_NOTE) {
-        let start = usize::try_from(note.offset).map_err(|_| bad("note offset"))?;
-        let end = start + usize::try_from(note.file_size).map_err(|_| bad("note size"))?;
-        let notes = bytes.get(start..end).ok_or_else(|| bad("notes outside the file"))?;
+/// that QEMU can start it without its decompressor: its notes are read
+/// from the file, not the whole kernel.
+pub fn has_pvh_entry(file: &File) -> io::Result<bool> {
+    let (_, _, segments) = file_segments(file)?;
+    for note in segments.into_iter().filter(|s| s.kind == PT_NOTE) {
+        if note.file_size > MAX_NOTES {
+            return Err(bad("notes too large"));
+        }
+        let mut notes = vec![0u8; note.file_size as usize];
+        file.read_exact_at(&mut notes, note.offset).map_err(|_| bad("notes outside the file"))?;
         let mut at = 0;
         while at + 12 <= notes.len() {
-            let name_size = u32_at(notes, at)? as usize;
-            let desc_size = u32_at(notes, at + 4)? as usize;
-            let kind = u32_at(notes, at + 8)?;
+            let name_size = u32_at(&notes, at)? as usize;
+            let desc_size = u32_at(&notes, at + 4)? as usize;
+            let kind = u32_at(&notes, at + 8)?;
             let name = notes.get(at + 12..at + 12 + name_size).unwrap_or_default();
             if kind == XEN_ELFNOTE_PHYS32_ENTRY && name.starts_with(b"Xen") {
                 return Ok(true);
@@ -97,25 +121,76 @@ pub fn has_pvh_entry(bytes: &[u8]) -> io::Result<bool> {
     Ok(false)
 }
 
-/// The executable cut after the last byte any segment covers, without
-/// section headers: what the loader maps, and nothing else.
-pub fn loadable(bytes: &[u8]) -> io::Result<Vec<u8>> {
-    let segments = segments(bytes)?;
-    if !segments.iter().any(|s| s.kind == PT_LOAD) {
-        return Err(bad("no loadable segment"));
+/// A file's ELF header and its program headers, read from their places:
+/// the header, where the program header table ends, and the segments.
+fn file_segments(file: &File) -> io::Result<([u8; ELF_HEADER], u64, Vec<Segment>)> {
+    let mut header = [0u8; ELF_HEADER];
+    file.read_exact_at(&mut header, 0).map_err(|_| bad("truncated"))?;
+    let (table_offset, entry_size, count) = program_table(&header)?;
+    let mut table = vec![0u8; entry_size * count];
+    file.read_exact_at(&mut table, table_offset).map_err(|_| bad("program headers outside the file"))?;
+    let segments = parse_segments(&table, entry_size, count)?;
+    Ok((header, table_offset + table.len() as u64, segments))
+}
+
+/// The ELF header's size (64-bit), which the cut's reader rewrites.
+const ELF_HEADER: usize = 0x40;
+
+/// The longest interpreter path read (the kernel's own limit).
+const MAX_INTERPRETER: u64 = 4096;
+
+/// What the loader maps of an executable file, found from its headers: the
+/// file's first [`Loadable::len`] bytes, without section headers (the
+/// loader never reads them). The file is never held whole: its other bytes
+/// are only streamed by [`Loadable::reader`] (a debug build of airlock is
+/// hundreds of MB, which its supervisor would otherwise hold at once).
+pub struct Loadable {
+    /// The ELF header, its section headers' fields cleared.
+    header: [u8; ELF_HEADER],
+    /// Bytes from the start of the file to the last any segment covers.
+    pub len: u64,
+    /// The program interpreter (dynamic loader) it names, if any.
+    pub interpreter: Option<String>,
+}
+
+impl Loadable {
+    /// Reads `file`'s ELF and program headers (and its interpreter's name).
+    pub fn of(file: &File) -> io::Result<Loadable> {
+        let (mut header, table_end, segments) = file_segments(file)?;
+        if !segments.iter().any(|s| s.kind == PT_LOAD) {
+            return Err(bad("no loadable segment"));
+        }
+        let mut len = table_end;
+        for s in &segments {
+            len = len.max(s.offset.checked_add(s.file_size).ok_or_else(|| bad("segment size"))?);
+        }
+        if len > file.metadata()?.len() {
+            return Err(bad("a segment lies outside the file"));
+        }
+        let interpreter = match segments.iter().find(|s| s.kind == PT_INTERP) {
+            Some(s) if s.file_size <= MAX_INTERPRETER => {
+                let mut raw = vec![0u8; s.file_size as usize];
+                file.read_exact_at(&mut raw, s.offset).map_err(|_| bad("interpreter outside the file"))?;
+                Some(interpreter_name(&raw)?)
+            }
+            Some(_) => return Err(bad("interpreter path too long")),
+            None => None,
+        };
+        // e_shoff, e_shnum, e_shstrndx: no section headers.
+        header[0x28..0x30].fill(0);
+        header[0x3c..0x40].fill(0);
+        Ok(Loadable { header, len: len.max(ELF_HEADER as u64), interpreter })
     }
-    let table_end = usize::try_from(u64_at(bytes, 0x20)?).map_err(|_| bad("program header offset"))?
-        + usize::from(u16_at(bytes, 0x36)?) * usize::from(u16_at(bytes, 0x38)?);
-    let mut end = table_end;
-    for s in &segments {
-        let last = s.offset.checked_add(s.file_size).ok_or_else(|| bad("segment size"))?;
-        end = end.max(usize::try_from(last).map_err(|_| bad("segment size"))?);
+
+    /// The cut executable's [`Loadable::len`] bytes: the rewritten header,
+    /// then `file`'s own bytes after it.
+    pub fn reader(
+        &self,
+        mut file: File,
+    ) -> io::Result<io::Chain<io::Cursor<[u8; ELF_HEADER]>, io::Take<File>>> {
+        file.seek(SeekFrom::Start(ELF_HEADER as u64))?;
+        Ok(io::Cursor::new(self.header).chain(file.take(self.len - ELF_HEADER as u64)))
     }
-    let mut cut = bytes.get(..end).ok_or_else(|| bad("a segment lies outside the file"))?.to_vec();
-    // e_shoff, e_shnum, e_shstrndx: no section headers.
-    cut[0x28..0x30].fill(0);
-    cut[0x3c..0x40].fill(0);
-    Ok(cut)
 }
 
 #[cfg(test)]
@@ -123,21 +198,35 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The test binary as [`Loadable`] cuts it.
+    fn cut_test_binary() -> Vec<u8> {
+        let exe = File::open("/proc/self/exe").unwrap();
+        let loadable = Loadable::of(&exe).unwrap();
+        let mut cut = Vec::new();
+        loadable.reader(exe).unwrap().read_to_end(&mut cut).unwrap();
+        assert_eq!(cut.len() as u64, loadable.len);
+        cut
+    }
+
     #[test]
     fn the_test_binary_names_its_loader_and_shrinks() {
         let exe = std::fs::read("/proc/self/exe").unwrap();
         let interp = interpreter(&exe).unwrap().unwrap();
         assert!(interp.contains("ld-linux"), "{interp}");
-        let cut = loadable(&exe).unwrap();
-        assert!(cut.len() <= exe.len());
+        let loadable = Loadable::of(&File::open("/proc/self/exe").unwrap()).unwrap();
+        assert_eq!(loadable.interpreter.as_deref(), Some(interp.as_str()));
+        let cut = cut_test_binary();
+        assert!(cut.len() < exe.len(), "a debug build has sections the loader never maps");
         assert_eq!(interpreter(&cut).unwrap().unwrap(), interp);
         assert_eq!(u16_at(&cut, 0x3c).unwrap(), 0);
+        // Beyond the header, the file's own bytes.
+        assert_eq!(cut[ELF_HEADER..], exe[ELF_HEADER..cut.len()]);
     }
 
     #[test]
     fn the_cut_executable_still_runs() {
         let dir = tempfile::tempdir().unwrap();
-        let cut = loadable(&std::fs::read("/proc/self/exe").unwrap()).unwrap();
+        let cut = cut_test_binary();
         let path = dir.path().join("cut");
         std::fs::write(&path, cut).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -171,17 +260,26 @@ mod tests {
 
     #[test]
     fn the_pvh_entry_is_found_among_the_kernels_notes() {
-        let with = elf_with_notes(&[(b"GNU\0", 3), (b"Xen\0", 6), (b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY)]);
-        assert!(has_pvh_entry(&with).unwrap());
-        let without = elf_with_notes(&[(b"GNU\0", 3), (b"Xen\0", 6)]);
-        assert!(!has_pvh_entry(&without).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let pvh = |elf: Vec<u8>| {
+            let path = dir.path().join("vmlinux");
+            std::fs::write(&path, elf).unwrap();
+            has_pvh_entry(&File::open(&path).unwrap()).unwrap()
+        };
+        assert!(pvh(elf_with_notes(&[(b"GNU\0", 3), (b"Xen\0", 6), (b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY)])));
+        assert!(!pvh(elf_with_notes(&[(b"GNU\0", 3), (b"Xen\0", 6)])));
         // The type alone is not enough: it must be Xen's note.
-        assert!(!has_pvh_entry(&elf_with_notes(&[(b"GNU\0", XEN_ELFNOTE_PHYS32_ENTRY)])).unwrap());
+        assert!(!pvh(elf_with_notes(&[(b"GNU\0", XEN_ELFNOTE_PHYS32_ENTRY)])));
     }
 
     #[test]
     fn garbage_is_refused() {
-        assert!(loadable(b"#!/bin/sh\n").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in [("script", &b"#!/bin/sh\n"[..]), ("notes-only", &elf_with_notes(&[])[..])] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            assert!(Loadable::of(&File::open(&path).unwrap()).is_err(), "{name}");
+        }
         assert!(interpreter(b"\x7fELF\x02\x01").is_err());
     }
 }

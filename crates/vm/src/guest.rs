@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::VmError;
 use crate::cpio::{self, Archive};
+use crate::elf::Loadable;
 
 /// Bumped whenever what goes into the initramfs changes.
 const LAYOUT: u32 = 5;
@@ -211,17 +212,20 @@ fn build(
         dirs.ensure(&mut archive, d).map_err(io)?;
     }
 
-    let binary = fs::read(exe).map_err(|e| VmError::io(exe, e))?;
-    let interp = crate::elf::interpreter(&binary).map_err(|e| VmError::io(exe, e))?;
-    let init = crate::elf::loadable(&binary).map_err(|e| VmError::io(exe, e))?;
+    // Streamed from the file: a debug build is hundreds of MB, which this
+    // process (a sandbox's supervisor, on its first run) would otherwise hold.
+    let binary = fs::File::open(exe).map_err(|e| VmError::io(exe, e))?;
+    let binary_bytes = binary.metadata().map_err(|e| VmError::io(exe, e))?.len();
+    let init = Loadable::of(&binary).map_err(|e| VmError::io(exe, e))?;
+    let reader = init.reader(binary).map_err(|e| VmError::io(exe, e))?;
+    archive.file_from("/init", cpio::EXECUTABLE, init.len, reader).map_err(io)?;
     progress(&format!(
         "airlock {} ({} MiB loaded part of {} MiB)",
         exe.display(),
-        init.len() >> 20,
-        binary.len() >> 20
+        init.len >> 20,
+        binary_bytes >> 20
     ));
-    archive.file("/init", cpio::EXECUTABLE, &init).map_err(io)?;
-    drop(binary);
+    let interp = init.interpreter;
 
     // The loader at the path the executable names, and each library at the
     // path it is mapped from (the loader's default directories).
@@ -283,25 +287,44 @@ fn build(
 /// written instead and QEMU starts it directly. Otherwise the bzImage.
 fn kernel_image(bzimage: &Path, dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, VmError> {
     let data = fs::read(bzimage).map_err(|e| VmError::io(bzimage, e))?;
-    match uncompressed(&data) {
-        Ok(vmlinux) => {
-            let path = dir.join("vmlinux");
-            fs::write(&path, &vmlinux).map_err(|e| VmError::io(&path, e))?;
-            progress(&format!("kernel decompressed ({} MiB, started at its PVH entry)", vmlinux.len() >> 20));
-            Ok(path)
+    let vmlinux = dir.join("vmlinux");
+    let why = match uncompress(&data, &vmlinux) {
+        Ok(bytes) => {
+            progress(&format!("kernel decompressed ({} MiB, started at its PVH entry)", bytes >> 20));
+            return Ok(vmlinux);
         }
-        Err(why) => {
-            let path = dir.join("vmlinuz");
-            fs::write(&path, &data).map_err(|e| VmError::io(&path, e))?;
-            progress(&format!("kernel kept compressed ({why}): it decompresses itself at every boot"));
-            Ok(path)
-        }
+        Err(why) => why,
+    };
+    let _ = fs::remove_file(&vmlinux);
+    let path = dir.join("vmlinuz");
+    fs::write(&path, &data).map_err(|e| VmError::io(&path, e))?;
+    progress(&format!("kernel kept compressed ({why}): it decompresses itself at every boot"));
+    Ok(path)
+}
+
+/// The kernel inside a bzImage, written to `to` as it decompresses (never
+/// held whole: it is some 60 MB), when its payload (located by the boot
+/// protocol's setup header) is xz-compressed and it is bootable by PVH.
+/// Its size, or why not.
+fn uncompress(bzimage: &[u8], to: &Path) -> Result<u64, String> {
+    let payload = xz_payload(bzimage)?;
+    let written = fs::File::create(to).and_then(|file| {
+        let mut out = BufWriter::new(file);
+        let bytes = std::io::copy(&mut liblzma::read::XzDecoder::new(payload), &mut out)?;
+        out.flush()?;
+        Ok(bytes)
+    });
+    let bytes = written.map_err(|e| format!("xz: {e}"))?;
+    let vmlinux = fs::File::open(to).map_err(|e| e.to_string())?;
+    match crate::elf::has_pvh_entry(&vmlinux) {
+        Ok(true) => Ok(bytes),
+        Ok(false) => Err("the kernel has no PVH entry point".into()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
-/// The kernel inside a bzImage: its payload (located by the boot
-/// protocol's setup header), when xz-compressed and bootable by PVH.
-fn uncompressed(bzimage: &[u8]) -> Result<Vec<u8>, String> {
+/// A bzImage's payload, when it is xz.
+fn xz_payload(bzimage: &[u8]) -> Result<&[u8], String> {
     let byte = |at: usize| bzimage.get(at).copied().ok_or("not a bzImage");
     let word = |at: usize| -> Result<usize, String> {
         let b = bzimage.get(at..at + 4).ok_or("not a bzImage")?;
@@ -319,14 +342,7 @@ fn uncompressed(bzimage: &[u8]) -> Result<Vec<u8>, String> {
     if !payload.starts_with(b"\xfd7zXZ\0") {
         return Err("its payload is not xz".into());
     }
-    let mut vmlinux = Vec::new();
-    std::io::Read::read_to_end(&mut liblzma::read::XzDecoder::new(payload), &mut vmlinux)
-        .map_err(|e| format!("xz: {e}"))?;
-    match crate::elf::has_pvh_entry(&vmlinux) {
-        Ok(true) => Ok(vmlinux),
-        Ok(false) => Err("the kernel has no PVH entry point".into()),
-        Err(e) => Err(e.to_string()),
-    }
+    Ok(payload)
 }
 
 /// Directories already in the archive, so each is written once, parents first.
@@ -583,7 +599,7 @@ kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko
 
     #[test]
     fn only_an_xz_bzimage_is_decompressed() {
-        assert_eq!(uncompressed(b"MZ not a kernel").unwrap_err(), "not a bzImage");
+        assert_eq!(xz_payload(b"MZ not a kernel").unwrap_err(), "not a bzImage");
         // A setup header whose payload is not xz.
         let mut image = vec![0u8; 8192];
         image[0x1f1] = 1;
@@ -591,7 +607,7 @@ kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko
         image[0x248..0x24c].copy_from_slice(&16u32.to_le_bytes());
         image[0x24c..0x250].copy_from_slice(&64u32.to_le_bytes());
         image[1024 + 16..1024 + 20].copy_from_slice(b"\x1f\x8b\x08\x00");
-        assert_eq!(uncompressed(&image).unwrap_err(), "its payload is not xz");
+        assert_eq!(xz_payload(&image).unwrap_err(), "its payload is not xz");
     }
 
     #[test]
