@@ -1568,8 +1568,10 @@ fn the_policys_limits_hold_inside_a_microvm_and_it_stays_usable() {
     // Its shell returns at once (its children go on); served, not an
     // airlock failure.
     assert!(bomb.status.code().is_some_and(|c| c != 125), "{}", show(&bomb));
+    // It dies out by itself once forks keep failing; under emulation on a
+    // host busy with other tests that took over 180 s once.
     assert!(
-        wait_until(180, || workload_file(&env, "lim", "pids.current").parse::<u64>().is_ok_and(|n| n <= 1)),
+        wait_until(360, || workload_file(&env, "lim", "pids.current").parse::<u64>().is_ok_and(|n| n <= 1)),
         "the bomb's processes did not end"
     );
     let events = workload_file(&env, "lim", "pids.events");
