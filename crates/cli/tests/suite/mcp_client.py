@@ -143,8 +143,14 @@ async def full_scenario(session, workspace, allow_apply):
         "sandbox": "mcp-box",
         "command": "curl -s -o /dev/null -w '%{http_code}' --max-time 20 http://example.net/; echo",
     })
-    log = await call(session, "network_log", {"sandbox": "mcp-box"})
-    hits = [e for e in log["entries"] if e.get("host") == "example.net"]
+    # The refusal reaches the audit log through the sandbox's supervisor, a
+    # moment after curl has its 403: asked until it is there (10 s at most).
+    for _ in range(200):
+        log = await call(session, "network_log", {"sandbox": "mcp-box"})
+        hits = [e for e in log["entries"] if e.get("host") == "example.net"]
+        if hits:
+            break
+        await asyncio.sleep(0.05)
     check("network_log", hits and all(e["allowed"] is False for e in hits), f"{log} (curl: {r})")
     ok("network_log has the refused request")
 
