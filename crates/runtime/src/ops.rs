@@ -57,7 +57,8 @@ pub fn list(root: &StateRoot) -> Result<Vec<SandboxView>, OpError> {
             Ok(meta) => Some(meta),
             Err(e) => {
                 if !live {
-                    tracing::warn!(sandbox = sandbox.name(), error = %e, "listing a sandbox without its metadata");
+                    // The error says what to do (`airlock rm`).
+                    tracing::warn!("sandbox {} is listed as failed: {e}", sandbox.name());
                 }
                 None
             }
